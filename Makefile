@@ -1,0 +1,47 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CORE   := $(wildcard src/shmkit/_core/*.c src/shmkit/_core/*.h)
+SO     := src/shmkit/.core-built
+
+.PHONY: all build demo test stress bench asan clean
+
+all: build
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
+	touch $@
+
+$(SO): $(STAMP) $(CORE)
+	$(BIN)/python setup.py -q build_ext --inplace
+	touch $@
+
+build: $(SO)
+
+demo: build
+	$(BIN)/shmkit demo
+
+test: build
+	$(BIN)/python -m pytest -q -m "not stress" tests
+
+stress: build
+	$(BIN)/python -m pytest -q -m stress tests -s
+
+bench: build
+	$(BIN)/pip install -q -e '.[bench]' --no-build-isolation
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+# The tests under AddressSanitizer: run once per change to the C code.
+asan: $(STAMP)
+	rm -f $(SO)
+	SHMKIT_ASAN=1 $(BIN)/python setup.py -q build_ext --inplace --force
+	ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+		$(BIN)/python -m pytest -q -m "not stress" -p no:cacheprovider tests
+	$(BIN)/python setup.py -q build_ext --inplace --force
+
+clean:
+	rm -rf build $(VENV) src/shmkit/*.so $(SO) src/*.egg-info

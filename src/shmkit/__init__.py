@@ -1,0 +1,53 @@
+"""shmkit: share memory between processes on one machine, by name.
+
+Raw segments, typed records and numpy arrays, crash-robust locks and events,
+message channels, a growable key-value store and a heap of movable blocks.
+
+>>> import shmkit
+>>> with shmkit.Segment(None, size=16) as seg:
+...     seg.write(b"hi"); seg.read(2)
+2
+b'hi'
+"""
+
+from .errors import (
+    BusyError,
+    ClosedError,
+    CorruptError,
+    ExistsError,
+    FormatVersionError,
+    InvalidNameError,
+    LayoutMismatchError,
+    NotFoundError,
+    OutOfSpaceError,
+    OwnerDiedWarning,
+    ReadOnlyError,
+    ShmkitError,
+    Timeout,
+    WouldBlock,
+    WrongKindError,
+)
+from .records import Array, Struct
+from .segment import Kind, Segment, list_segments, unlink
+from .sync import Condition, Event, Mutex, RWLock, Semaphore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Segment", "Kind", "list_segments", "unlink",
+    "Mutex", "RWLock", "Event", "Semaphore", "Condition",
+    "Struct", "Array",
+    "ShmkitError", "InvalidNameError", "NotFoundError", "ExistsError", "WrongKindError",
+    "FormatVersionError", "LayoutMismatchError", "CorruptError", "OutOfSpaceError",
+    "ReadOnlyError", "ClosedError", "BusyError", "Timeout", "WouldBlock",
+    "OwnerDiedWarning",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if hasattr(_obj, "__module__") and not isinstance(_obj, type(__builtins__)):
+        try:
+            _obj.__module__ = "shmkit"
+        except (AttributeError, TypeError):
+            pass
+del _name, _obj

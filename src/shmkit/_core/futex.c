@@ -1,0 +1,188 @@
+/* futex.c - sleeping on a shared u32 word, with timeouts and Ctrl-C.
+ *
+ * Shared (not FUTEX_PRIVATE) futexes: the kernel keys them on the page, so
+ * processes that map the segment at different addresses meet on one word.
+ * Sleeps are cut into slices so that a caller can run signal handlers and
+ * liveness checks between them; a signal delivered to the sleeping thread
+ * ends the sleep at once with EINTR.
+ *
+ *   futex_wait(mapping, offset, expected, timeout=None) -> bool
+ *   futex_wake(mapping, offset, n=1) -> int
+ */
+#include "shmkit.h"
+#include <errno.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define cpu_relax() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define cpu_relax() __asm__ __volatile__("yield")
+#else
+#define cpu_relax() ((void)0)
+#endif
+
+#define SLICE_NS (50 * 1000 * 1000LL) /* longest uninterrupted sleep */
+#define SPIN_NS (20 * 1000LL)         /* busy-wait before sleeping */
+
+int64_t
+shm_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+int64_t
+shm_deadline(PyObject *timeout)
+{
+    if (timeout == NULL || timeout == Py_None)
+        return SHM_FOREVER;
+    double t = PyFloat_AsDouble(timeout);
+    if (t == -1.0 && PyErr_Occurred())
+        return -1;
+    if (t != t) {
+        PyErr_SetString(PyExc_ValueError, "timeout must be a number, not NaN");
+        return -1;
+    }
+    if (t < 0)
+        t = 0; /* a negative timeout means "do not wait" */
+    if (t > 1e9)
+        return SHM_FOREVER;
+    return shm_now_ns() + (int64_t)(t * 1e9);
+}
+
+int
+shm_futex_wait(uint32_t *word, uint32_t expected, int64_t deadline, int64_t slice_ns)
+{
+    int64_t now = shm_now_ns();
+    if (now >= deadline)
+        return ETIMEDOUT;
+    int64_t wait = deadline - now;
+    if (slice_ns > 0 && wait > slice_ns)
+        wait = slice_ns;
+    struct timespec ts = {wait / 1000000000LL, wait % 1000000000LL};
+    long r = syscall(SYS_futex, word, FUTEX_WAIT, expected, &ts, NULL, 0);
+    if (r == 0)
+        return 0;
+    if (errno == EAGAIN)
+        return 0; /* the value had already changed */
+    return errno; /* ETIMEDOUT or EINTR */
+}
+
+int
+shm_futex_wake(uint32_t *word, int n)
+{
+    long r = syscall(SYS_futex, word, FUTEX_WAKE, n, NULL, NULL, 0);
+    return r < 0 ? 0 : (int)r;
+}
+
+int
+shm_wait_change(uint32_t *word, uint32_t expected, int64_t deadline)
+{
+    /* A short spin with the GIL held catches a partner that is about to
+     * answer; the longer spin and the sleep happen without it. */
+    for (int i = 0; i < 64; i++) {
+        if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != expected)
+            return 1;
+        cpu_relax();
+    }
+    int result = 0, err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    int64_t spin_end = shm_now_ns() + SPIN_NS;
+    if (spin_end > deadline)
+        spin_end = deadline;
+    for (;;) {
+        for (int i = 0; i < 128; i++) {
+            if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != expected) {
+                result = 1;
+                break;
+            }
+            cpu_relax();
+        }
+        if (result || shm_now_ns() >= spin_end)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    while (!result) {
+        if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != expected) {
+            result = 1;
+            break;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        err = shm_futex_wait(word, expected, deadline, SLICE_NS);
+        Py_END_ALLOW_THREADS
+        if (err == 0) {
+            if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != expected)
+                result = 1;
+            continue; /* spurious wake-up */
+        }
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+        if (err == ETIMEDOUT && shm_now_ns() >= deadline)
+            break;
+    }
+    return result;
+}
+
+static PyObject *
+py_futex_wait(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 3 || nargs > 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "futex_wait(mapping, offset, expected, timeout=None)");
+        return NULL;
+    }
+    long long off = PyLong_AsLongLong(args[1]);
+    if (off == -1 && PyErr_Occurred())
+        return NULL;
+    unsigned long expected = PyLong_AsUnsignedLongMask(args[2]);
+    if (expected == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    int64_t deadline = shm_deadline(nargs == 4 ? args[3] : NULL);
+    if (deadline < 0)
+        return NULL;
+    uint32_t *word = shm_addr(args[0], off, 4, 0);
+    if (word == NULL)
+        return NULL;
+    shm_pin(args[0]);
+    int r = shm_wait_change(word, (uint32_t)expected, deadline);
+    shm_unpin(args[0]);
+    if (r < 0)
+        return NULL;
+    return PyBool_FromLong(r);
+}
+
+static PyObject *
+py_futex_wake(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 2 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "futex_wake(mapping, offset, n=1)");
+        return NULL;
+    }
+    long long off = PyLong_AsLongLong(args[1]);
+    if (off == -1 && PyErr_Occurred())
+        return NULL;
+    int n = 1;
+    if (nargs == 3) {
+        n = PyLong_AsLong(args[2]);
+        if (n == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    uint32_t *word = shm_addr(args[0], off, 4, 0);
+    if (word == NULL)
+        return NULL;
+    return PyLong_FromLong(shm_futex_wake(word, n));
+}
+
+PyMethodDef shm_futex_methods[] = {
+    {"futex_wait", (PyCFunction)(void (*)(void))py_futex_wait, METH_FASTCALL,
+     "futex_wait(mapping, offset, expected, timeout=None) -> bool\n\n"
+     "Wait until the u32 at offset differs from expected; False on timeout.\n"
+     "Spins briefly, then sleeps with the GIL released; Ctrl-C interrupts."},
+    {"futex_wake", (PyCFunction)(void (*)(void))py_futex_wake, METH_FASTCALL,
+     "futex_wake(mapping, offset, n=1) -> int\n\nWake up to n sleepers on the word."},
+    {NULL}
+};

@@ -1,0 +1,306 @@
+/* lock.c - the crash-robust mutex on one shared u32.
+ *
+ * Word: 0 when free, else the owner's token (slot | generation << 10), with
+ * bit 31 set while a waiter may be asleep (Drepper, "Futexes are tricky",
+ * mutex #2).  Acquire is one CAS when free; release is one exchange and a
+ * wake only if bit 31 was set.  No system call when uncontended.
+ *
+ * A waiter that sleeps a whole slice without being woken asks the kernel
+ * whether the owner's attachment still exists (liveness.c).  If not, it
+ * takes the lock over with a CAS from the dead value, so exactly one waiter
+ * wins, and reports it: acquire returns "recovered" and the caller checks or
+ * repairs whatever the lock guards.
+ *
+ *   Lock(mapping, offset, what="lock")
+ *   .acquire(blocking=True, timeout=None) -> bool; .release(); with lock: ...
+ *   .recovered: True when the current holding was taken from a dead owner
+ */
+#include "shmkit.h"
+#include <errno.h>
+#include <structmember.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define cpu_relax() __builtin_ia32_pause()
+#else
+#define cpu_relax() ((void)0)
+#endif
+
+#define FIRST_SLICE_NS (1 * 1000 * 1000LL)
+#define SLICE_NS (50 * 1000 * 1000LL)
+#define SPINS 200
+
+static inline int
+cas(uint32_t *w, uint32_t expected, uint32_t desired)
+{
+    return __atomic_compare_exchange_n(w, &expected, desired, 0, __ATOMIC_ACQUIRE,
+                                       __ATOMIC_RELAXED);
+}
+
+int
+shm_lock_acquire(MappingObject *m, uint32_t *word, int64_t deadline)
+{
+    const uint32_t me = m->token;
+    if (me == 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "the segment is closed; open it again to use its locks");
+        return -1;
+    }
+    if (cas(word, 0, me))
+        return 1;
+    for (int i = 0; i < SPINS; i++) {
+        cpu_relax();
+        if (__atomic_load_n(word, __ATOMIC_RELAXED) == 0 && cas(word, 0, me))
+            return 1;
+    }
+    int64_t slice = FIRST_SLICE_NS;
+    int check_owner = 0;
+    for (;;) {
+        uint32_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
+        if (v == 0) {
+            /* Others may still sleep: keep the waiters bit. */
+            if (cas(word, 0, me | SHM_LOCK_WAITERS))
+                return 1;
+            continue;
+        }
+        if (check_owner) {
+            check_owner = 0;
+            if (!shm_token_alive(m, v & SHM_TOKEN_MASK)) {
+                if (cas(word, v, me | SHM_LOCK_WAITERS))
+                    return 2;
+                continue;
+            }
+        }
+        if (!(v & SHM_LOCK_WAITERS)) {
+            if (!cas(word, v, v | SHM_LOCK_WAITERS))
+                continue;
+            v |= SHM_LOCK_WAITERS;
+        }
+        if (shm_now_ns() >= deadline)
+            return 0;
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        err = shm_futex_wait(word, v, deadline, slice);
+        Py_END_ALLOW_THREADS
+        if (err == ETIMEDOUT) {
+            check_owner = 1; /* nobody woke us for a whole slice */
+            slice = SLICE_NS;
+        }
+        if (err != 0 && PyErr_CheckSignals() < 0)
+            return -1;
+    }
+}
+
+int
+shm_lock_release(MappingObject *m, uint32_t *word)
+{
+    uint32_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
+    if (m->token == 0 || (v & SHM_TOKEN_MASK) != m->token) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "release of a shmkit lock that this process does not hold");
+        return -1;
+    }
+    v = __atomic_exchange_n(word, 0, __ATOMIC_RELEASE);
+    if (v & SHM_LOCK_WAITERS)
+        shm_futex_wake(word, 1);
+    return 0;
+}
+
+int
+shm_warn_owner_died(const char *what)
+{
+    return PyErr_WarnFormat(shm_OwnerDiedWarning ? shm_OwnerDiedWarning
+                                                 : PyExc_RuntimeWarning,
+                            2,
+                            "%s: its previous holder died while holding it; "
+                            "the lock was recovered, check the data it guards",
+                            what);
+}
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *mapping;
+    long long offset;
+    PyObject *what;
+    int recovered;
+} LockObject;
+
+static int
+lock_init(LockObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"mapping", "offset", "what", NULL};
+    PyObject *mapping, *what = NULL;
+    long long offset;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!L|U", kwlist, &Mapping_Type,
+                                     &mapping, &offset, &what))
+        return -1;
+    if (shm_addr(mapping, offset, 4, 0) == NULL)
+        return -1;
+    Py_INCREF(mapping);
+    Py_XSETREF(self->mapping, mapping);
+    if (what == NULL)
+        what = PyUnicode_FromString("shmkit lock");
+    else
+        Py_INCREF(what);
+    Py_XSETREF(self->what, what);
+    self->offset = offset;
+    self->recovered = 0;
+    return 0;
+}
+
+static void
+lock_dealloc(LockObject *self)
+{
+    Py_XDECREF(self->mapping);
+    Py_XDECREF(self->what);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+do_acquire(LockObject *self, int64_t deadline)
+{
+    uint32_t *word = shm_addr(self->mapping, self->offset, 4, 1);
+    if (word == NULL)
+        return -1;
+    int r = shm_lock_acquire((MappingObject *)self->mapping, word, deadline);
+    if (r == 2) {
+        self->recovered = 1;
+        if (shm_warn_owner_died(PyUnicode_AsUTF8(self->what)) < 0) {
+            shm_lock_release((MappingObject *)self->mapping, word);
+            return -1;
+        }
+        return 1;
+    }
+    if (r == 1)
+        self->recovered = 0;
+    return r;
+}
+
+static PyObject *
+lock_acquire(LockObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"blocking", "timeout", NULL};
+    int blocking = 1;
+    PyObject *timeout = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|pO", kwlist, &blocking, &timeout))
+        return NULL;
+    int64_t deadline;
+    if (!blocking)
+        deadline = 0;
+    else if (timeout != Py_None && PyNumber_Check(timeout) &&
+             PyFloat_AsDouble(timeout) == -1.0)
+        deadline = SHM_FOREVER; /* threading.Lock's "no timeout" */
+    else if ((deadline = shm_deadline(timeout)) < 0)
+        return NULL;
+    shm_pin(self->mapping);
+    int r = do_acquire(self, deadline);
+    shm_unpin(self->mapping);
+    if (r < 0)
+        return NULL;
+    return PyBool_FromLong(r);
+}
+
+static PyObject *
+lock_enter(LockObject *self, PyObject *Py_UNUSED(ignored))
+{
+    shm_pin(self->mapping);
+    int r = do_acquire(self, SHM_FOREVER);
+    shm_unpin(self->mapping);
+    if (r < 0)
+        return NULL;
+    Py_INCREF(self);
+    return (PyObject *)self;
+}
+
+static PyObject *
+lock_release(LockObject *self, PyObject *Py_UNUSED(ignored))
+{
+    uint32_t *word = shm_addr(self->mapping, self->offset, 4, 1);
+    if (word == NULL || shm_lock_release((MappingObject *)self->mapping, word) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+lock_exit(LockObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return lock_release(self, NULL);
+}
+
+static PyObject *
+lock_locked(LockObject *self, PyObject *Py_UNUSED(ignored))
+{
+    uint32_t *word = shm_addr(self->mapping, self->offset, 4, 0);
+    if (word == NULL)
+        return NULL;
+    return PyBool_FromLong(__atomic_load_n(word, __ATOMIC_ACQUIRE) != 0);
+}
+
+static PyObject *
+lock_get_owner(LockObject *self, void *Py_UNUSED(c))
+{
+    uint32_t *word = shm_addr(self->mapping, self->offset, 4, 0);
+    if (word == NULL)
+        return NULL;
+    return PyLong_FromUnsignedLong(__atomic_load_n(word, __ATOMIC_ACQUIRE) &
+                                   SHM_TOKEN_MASK);
+}
+
+static PyObject *
+lock_get_waiters(LockObject *self, void *Py_UNUSED(c))
+{
+    uint32_t *word = shm_addr(self->mapping, self->offset, 4, 0);
+    if (word == NULL)
+        return NULL;
+    return PyBool_FromLong((__atomic_load_n(word, __ATOMIC_ACQUIRE) &
+                            SHM_LOCK_WAITERS) != 0);
+}
+
+static PyMethodDef lock_methods[] = {
+    {"acquire", (PyCFunction)(void (*)(void))lock_acquire, METH_VARARGS | METH_KEYWORDS,
+     "acquire(blocking=True, timeout=None) -> bool\n\n"
+     "Take the lock; False if the timeout passed first.  If its holder died,\n"
+     "the lock is taken over, OwnerDiedWarning is issued and .recovered is True."},
+    {"release", (PyCFunction)lock_release, METH_NOARGS, "release()"},
+    {"locked", (PyCFunction)lock_locked, METH_NOARGS, "locked() -> bool"},
+    {"__enter__", (PyCFunction)lock_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))lock_exit, METH_FASTCALL, NULL},
+    {NULL}
+};
+
+static PyMemberDef lock_members[] = {
+    {"recovered", T_BOOL, offsetof(LockObject, recovered), READONLY,
+     "True when the current holding was taken over from a dead holder"},
+    {"offset", T_LONGLONG, offsetof(LockObject, offset), READONLY, NULL},
+    {"mapping", T_OBJECT, offsetof(LockObject, mapping), READONLY, NULL},
+    {NULL}
+};
+
+static PyGetSetDef lock_getset[] = {
+    {"owner_token", (getter)lock_get_owner, NULL, "token of the holder, 0 if free", NULL},
+    {"has_waiters", (getter)lock_get_waiters, NULL, "True if a waiter may be asleep", NULL},
+    {NULL}
+};
+
+PyTypeObject Lock_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkit._core.Lock",
+    .tp_basicsize = sizeof(LockObject),
+    .tp_dealloc = (destructor)lock_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Lock(mapping, offset, what='shmkit lock')\n\n"
+              "The crash-robust mutex on the u32 at offset.",
+    .tp_methods = lock_methods,
+    .tp_members = lock_members,
+    .tp_getset = lock_getset,
+    .tp_init = (initproc)lock_init,
+    .tp_new = PyType_GenericNew,
+};
+
+int
+shm_init_lock(PyObject *module)
+{
+    if (PyType_Ready(&Lock_Type) < 0)
+        return -1;
+    Py_INCREF(&Lock_Type);
+    return PyModule_AddObject(module, "Lock", (PyObject *)&Lock_Type);
+}

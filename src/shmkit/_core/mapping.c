@@ -1,0 +1,250 @@
+/* mapping.c - a reserved shared mapping that exports buffers safely.
+ *
+ * Mapping(fd, reserve, length, readonly=False) maps `reserve` bytes of the
+ * file with MAP_NORESERVE.  Only the first `length` bytes (kept no larger
+ * than the file by the Python side) are ever exported or touched, so growing
+ * the file needs no remap: raise `length` and new views see more.
+ *
+ * Views keep the mapping alive.  close() unmaps at once when no buffer is
+ * exported; otherwise it returns False and the unmap happens when the last
+ * view is released.  A dangling view is therefore impossible.
+ */
+#include "shmkit.h"
+#include <sys/mman.h>
+#include <structmember.h>
+
+PyObject *shm_OwnerDiedWarning = NULL;
+PyObject *shm_CorruptError = NULL;
+PyObject *shm_TimeoutError = NULL;
+
+static int
+mapping_init(MappingObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "reserve", "length", "readonly", NULL};
+    int fd, readonly = 0;
+    Py_ssize_t reserve, length;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inn|p", kwlist, &fd, &reserve,
+                                     &length, &readonly))
+        return -1;
+    if (self->base != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Mapping is already initialised");
+        return -1;
+    }
+    if (reserve <= 0 || length < 0 || length > reserve) {
+        PyErr_Format(PyExc_ValueError,
+                     "need 0 <= length (%zd) <= reserve (%zd) and reserve > 0",
+                     length, reserve);
+        return -1;
+    }
+    int prot = readonly ? PROT_READ : PROT_READ | PROT_WRITE;
+    void *p;
+    Py_BEGIN_ALLOW_THREADS
+    p = mmap(NULL, (size_t)reserve, prot, MAP_SHARED | MAP_NORESERVE, fd, 0);
+    Py_END_ALLOW_THREADS
+    if (p == MAP_FAILED) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->base = p;
+    self->reserve = reserve;
+    self->length = length;
+    self->readonly = readonly;
+    self->fd = fd;
+    self->token = 0;
+    self->table_off = 0;
+    self->max_slots = 0;
+    return 0;
+}
+
+static void
+mapping_unmap(MappingObject *self)
+{
+    if (self->base != NULL) {
+        munmap(self->base, (size_t)self->reserve);
+        self->base = NULL;
+        self->length = 0;
+    }
+}
+
+static void
+mapping_dealloc(MappingObject *self)
+{
+    /* Exports hold a reference, so none can remain here. */
+    mapping_unmap(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+mapping_close(MappingObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->exports > 0) {
+        self->closing = 1;
+        Py_RETURN_FALSE;
+    }
+    mapping_unmap(self);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+mapping_set_length(MappingObject *self, PyObject *arg)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (self->base == NULL) {
+        PyErr_SetString(PyExc_ValueError, "mapping is closed");
+        return NULL;
+    }
+    if (n < 0 || n > self->reserve) {
+        PyErr_Format(PyExc_ValueError,
+                     "length %zd is outside the reserved %zd bytes", n, self->reserve);
+        return NULL;
+    }
+    self->length = n;
+    Py_RETURN_NONE;
+}
+
+static int
+mapping_getbuffer(MappingObject *self, Py_buffer *view, int flags)
+{
+    if (self->base == NULL || self->closing) {
+        PyErr_SetString(PyExc_ValueError, "mapping is closed");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->base, self->length,
+                          self->readonly, flags) < 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void
+mapping_releasebuffer(MappingObject *self, Py_buffer *Py_UNUSED(view))
+{
+    self->exports--;
+    if (self->exports == 0 && self->closing)
+        mapping_unmap(self);
+}
+
+static PyObject *
+mapping_get_address(MappingObject *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromVoidPtr(self->base);
+}
+
+static PyObject *
+mapping_get_closed(MappingObject *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->base == NULL || self->closing);
+}
+
+static PyMethodDef mapping_methods[] = {
+    {"close", (PyCFunction)mapping_close, METH_NOARGS,
+     "close() -> bool\n\nUnmap now and return True, or, while views are still "
+     "exported, return False and unmap when the last one is released."},
+    {"set_length", (PyCFunction)mapping_set_length, METH_O,
+     "set_length(n)\n\nSet how many bytes are safe to touch (at most reserve). "
+     "The caller guarantees the file is at least that long."},
+    {NULL}
+};
+
+static PyMemberDef mapping_members[] = {
+    {"reserve", T_PYSSIZET, offsetof(MappingObject, reserve), READONLY,
+     "bytes of address space reserved"},
+    {"length", T_PYSSIZET, offsetof(MappingObject, length), READONLY,
+     "bytes currently exported by new views"},
+    {"exports", T_PYSSIZET, offsetof(MappingObject, exports), READONLY,
+     "buffers exported and not yet released"},
+    {"readonly", T_INT, offsetof(MappingObject, readonly), READONLY, NULL},
+    {"fd", T_INT, offsetof(MappingObject, fd), 0, "the segment's file descriptor"},
+    {"token", T_UINT, offsetof(MappingObject, token), 0, "our lock-owner token"},
+    {"table_off", T_PYSSIZET, offsetof(MappingObject, table_off), 0,
+     "byte offset of the attach table"},
+    {"max_slots", T_UINT, offsetof(MappingObject, max_slots), 0,
+     "number of attach-table slots"},
+    {NULL}
+};
+
+static PyGetSetDef mapping_getset[] = {
+    {"address", (getter)mapping_get_address, NULL, "base address (for diagnostics)", NULL},
+    {"closed", (getter)mapping_get_closed, NULL, "True once close() was called", NULL},
+    {NULL}
+};
+
+static PyBufferProcs mapping_as_buffer = {
+    (getbufferproc)mapping_getbuffer,
+    (releasebufferproc)mapping_releasebuffer,
+};
+
+PyTypeObject Mapping_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkit._core.Mapping",
+    .tp_basicsize = sizeof(MappingObject),
+    .tp_dealloc = (destructor)mapping_dealloc,
+    .tp_as_buffer = &mapping_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Mapping(fd, reserve, length, readonly=False)\n\n"
+              "A shared mapping of `reserve` bytes of which the first `length` "
+              "are exported as buffers.",
+    .tp_methods = mapping_methods,
+    .tp_members = mapping_members,
+    .tp_getset = mapping_getset,
+    .tp_init = (initproc)mapping_init,
+    .tp_new = PyType_GenericNew,
+};
+
+void *
+shm_addr(PyObject *obj, long long off, Py_ssize_t size, int writable)
+{
+    if (Py_TYPE(obj) != &Mapping_Type) {
+        PyErr_Format(PyExc_TypeError, "expected a shmkit Mapping, got %.100s",
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    MappingObject *m = (MappingObject *)obj;
+    if (m->base == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the segment is closed");
+        return NULL;
+    }
+    if (off < 0 || size < 0 || off > (long long)m->length - size) {
+        PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_ValueError,
+                     "offset %lld (+%zd bytes) is outside the segment's %zd bytes",
+                     off, size, m->length);
+        return NULL;
+    }
+    if (size > 1 && (off % size) != 0) {
+        PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_ValueError,
+                     "offset %lld is not aligned to %zd bytes", off, size);
+        return NULL;
+    }
+    if (writable && m->readonly) {
+        PyErr_SetString(PyExc_PermissionError,
+                        "the segment was opened readonly=True; open it without "
+                        "readonly to change it");
+        return NULL;
+    }
+    return m->base + off;
+}
+
+void
+shm_pin(PyObject *obj)
+{
+    Py_INCREF(obj);
+    ((MappingObject *)obj)->exports++;
+}
+
+void
+shm_unpin(PyObject *obj)
+{
+    mapping_releasebuffer((MappingObject *)obj, NULL);
+    Py_DECREF(obj);
+}
+
+int
+shm_init_mapping(PyObject *module)
+{
+    if (PyType_Ready(&Mapping_Type) < 0)
+        return -1;
+    Py_INCREF(&Mapping_Type);
+    return PyModule_AddObject(module, "Mapping", (PyObject *)&Mapping_Type);
+}

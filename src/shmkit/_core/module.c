@@ -1,0 +1,60 @@
+/* module.c - shmkit._core: registers each part of the compiled core. */
+#include "shmkit.h"
+
+extern PyMethodDef shm_atomic_methods[];
+extern PyMethodDef shm_futex_methods[];
+extern PyMethodDef shm_liveness_methods[];
+extern PyMethodDef shm_event_methods[];
+extern PyTypeObject Lock_Type;
+
+static PyObject *
+set_classes(PyObject *mod, PyObject *args)
+{
+    PyObject *owner_died, *corrupt, *timeout;
+    if (!PyArg_ParseTuple(args, "OOO", &owner_died, &corrupt, &timeout))
+        return NULL;
+    Py_XSETREF(shm_OwnerDiedWarning, Py_NewRef(owner_died));
+    Py_XSETREF(shm_CorruptError, Py_NewRef(corrupt));
+    Py_XSETREF(shm_TimeoutError, Py_NewRef(timeout));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"set_classes", set_classes, METH_VARARGS,
+     "set_classes(OwnerDiedWarning, CorruptError, Timeout): the exception "
+     "classes the core raises (defined in Python)."},
+    {NULL}
+};
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT, "shmkit._core",
+    "The compiled core of shmkit: mappings, atomics, futexes, robust locks.", -1,
+    module_methods,
+};
+
+static int
+add_functions(PyObject *module, PyMethodDef *defs)
+{
+    return PyModule_AddFunctions(module, defs);
+}
+
+PyMODINIT_FUNC
+PyInit__core(void)
+{
+    PyObject *m = PyModule_Create(&core_module);
+    if (m == NULL)
+        return NULL;
+    if (shm_init_mapping(m) < 0 || shm_init_lock(m) < 0 ||
+        add_functions(m, shm_atomic_methods) < 0 ||
+        add_functions(m, shm_futex_methods) < 0 ||
+        add_functions(m, shm_liveness_methods) < 0 ||
+        add_functions(m, shm_event_methods) < 0 ||
+        PyModule_AddIntConstant(m, "SLOT_SIZE", SHM_SLOT_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "SLOT_LOCK_BASE", SHM_SLOT_LOCK_BASE) < 0 ||
+        PyModule_AddIntConstant(m, "INIT_LOCK_BYTE", SHM_INIT_LOCK_BYTE) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_SLOTS", SHM_MAX_SLOTS) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

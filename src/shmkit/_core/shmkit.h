@@ -1,0 +1,103 @@
+/* shmkit.h - the compiled core's shared declarations.
+ *
+ * The core does only what Python cannot do correctly or fast enough:
+ * reserve a mapping larger than the file, atomics on shared words, futex
+ * waits that release the GIL and let signals through, and the crash-robust
+ * lock whose hot path is one compare-and-swap.
+ *
+ * Shared memory holds plain integers only.  Every word the core touches is
+ * addressed as (Mapping, byte offset); offsets are bounds- and
+ * alignment-checked against the mapping's current safe length before use,
+ * because everything in shared memory is untrusted.
+ */
+#ifndef SHMKIT_H
+#define SHMKIT_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+/* ---- attach table (see docs/architecture.md) ----------------------------
+ * A process attached to a segment owns one slot of the segment's attach
+ * table.  Ownership is an OFD byte-range lock on byte SHM_SLOT_LOCK_BASE+slot
+ * of the segment's file: the kernel drops it when the process dies, which is
+ * what makes liveness kernel-backed.  Each slot entry starts with a u32
+ * generation, bumped by every new owner, so a token names one attachment. */
+#define SHM_SLOT_SIZE 64
+#define SHM_SLOT_LOCK_BASE 4096
+#define SHM_INIT_LOCK_BYTE 0
+#define SHM_MAX_SLOTS 1024
+
+/* A lock-owner token: slot in the low 10 bits, generation in the next 20. */
+#define SHM_TOKEN_SLOT(t) ((uint32_t)(t) & 0x3FFu)
+#define SHM_TOKEN_GEN(t) (((uint32_t)(t) >> 10) & 0xFFFFFu)
+#define SHM_TOKEN_MASK 0x3FFFFFFFu
+
+/* A process's view of one segment: the reserved mapping plus who we are in
+ * its attach table.  Python's segment module creates and owns it. */
+typedef struct {
+    PyObject_HEAD
+    char *base;          /* start of the reservation; NULL once unmapped */
+    Py_ssize_t reserve;  /* bytes of address space reserved */
+    Py_ssize_t length;   /* bytes safe to touch: never past the file's end */
+    Py_ssize_t exports;  /* buffers handed out and not yet released */
+    int readonly;
+    int closing;         /* close() asked for while buffers were exported */
+    int fd;              /* the segment's file; -1 when detached */
+    uint32_t token;      /* our lock-owner token; 0 when detached */
+    Py_ssize_t table_off;/* byte offset of the attach table */
+    uint32_t max_slots;
+} MappingObject;
+
+extern PyTypeObject Mapping_Type;
+extern PyObject *shm_OwnerDiedWarning; /* set from Python via set_classes() */
+extern PyObject *shm_CorruptError;
+extern PyObject *shm_TimeoutError;
+
+/* Return a pointer to `size` bytes at `off`, or NULL with an exception set
+ * when the mapping is closed, the range is out of bounds or misaligned. */
+void *shm_addr(PyObject *mapping, long long off, Py_ssize_t size, int writable);
+
+/* Hold the mapping across a blocking call: close() then defers the unmap, so
+ * a thread asleep on a word never wakes up to an unmapped page.  Call both
+ * with the GIL held. */
+void shm_pin(PyObject *mapping);
+void shm_unpin(PyObject *mapping);
+
+/* ---- futex.c ------------------------------------------------------------
+ * Deadlines are CLOCK_MONOTONIC nanoseconds; SHM_FOREVER waits forever. */
+#define SHM_FOREVER INT64_MAX
+int64_t shm_now_ns(void);
+int64_t shm_deadline(PyObject *timeout); /* None -> forever; -1 on error */
+
+/* Sleep while *word == expected, at most until min(deadline, now+slice_ns).
+ * Call without the GIL.  Returns 0 when woken or the value changed,
+ * ETIMEDOUT when the slice or deadline passed, EINTR on a signal. */
+int shm_futex_wait(uint32_t *word, uint32_t expected, int64_t deadline, int64_t slice_ns);
+int shm_futex_wake(uint32_t *word, int n);
+
+/* Spin briefly, then sleep, until *word != expected or the deadline passes.
+ * Releases the GIL while sleeping and runs signal handlers (Ctrl-C) between
+ * sleeps.  Returns 1 when the value changed, 0 on timeout, -1 with an
+ * exception set. */
+int shm_wait_change(uint32_t *word, uint32_t expected, int64_t deadline);
+
+/* ---- liveness.c --------------------------------------------------------- */
+/* 1 if the attachment named by token is alive, 0 if dead. */
+int shm_token_alive(MappingObject *m, uint32_t token);
+
+/* ---- lock.c -------------------------------------------------------------
+ * The robust mutex on one u32 word: 0 free, else owner token, bit 31 set
+ * while someone may sleep on it.  Usable from other C files. */
+#define SHM_LOCK_WAITERS 0x80000000u
+/* Returns 1 acquired, 2 acquired after its owner died, 0 timeout, -1 error. */
+int shm_lock_acquire(MappingObject *m, uint32_t *word, int64_t deadline);
+/* Returns 0, or -1 with RuntimeError when we do not hold it. */
+int shm_lock_release(MappingObject *m, uint32_t *word);
+int shm_warn_owner_died(const char *what);
+
+int shm_init_mapping(PyObject *module);
+int shm_init_atomics(PyObject *module);
+int shm_init_lock(PyObject *module);
+
+#endif

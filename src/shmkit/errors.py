@@ -1,0 +1,87 @@
+"""The exceptions and warnings shmkit raises.
+
+Every error derives from :class:`ShmkitError`; most also derive from the
+built-in exception a caller would already catch (``FileNotFoundError`` for a
+missing name, ``ValueError`` for a bad argument), so existing handlers keep
+working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ShmkitError",
+    "InvalidNameError",
+    "NotFoundError",
+    "ExistsError",
+    "WrongKindError",
+    "FormatVersionError",
+    "LayoutMismatchError",
+    "CorruptError",
+    "OutOfSpaceError",
+    "ReadOnlyError",
+    "ClosedError",
+    "BusyError",
+    "Timeout",
+    "WouldBlock",
+    "OwnerDiedWarning",
+]
+
+
+class ShmkitError(Exception):
+    """Base class of every shmkit error."""
+
+
+class InvalidNameError(ShmkitError, ValueError):
+    """A name is empty, too long, or contains characters a name cannot have."""
+
+
+class NotFoundError(ShmkitError, FileNotFoundError):
+    """No shared object has this name (open it with create, or check the name)."""
+
+
+class ExistsError(ShmkitError, FileExistsError):
+    """``create()`` was asked for a name that already exists."""
+
+
+class WrongKindError(ShmkitError, TypeError):
+    """The name holds another kind of object (a Channel opened as a Store, say)."""
+
+
+class FormatVersionError(ShmkitError):
+    """The segment was written by a shmkit with another data layout version."""
+
+
+class LayoutMismatchError(ShmkitError, TypeError):
+    """A record or array was opened with a dtype, type or shape other than its own."""
+
+
+class CorruptError(ShmkitError):
+    """Shared memory holds values no correct writer produces; nothing is trusted."""
+
+
+class OutOfSpaceError(ShmkitError, MemoryError):
+    """The file system behind the segment (usually /dev/shm) is full."""
+
+
+class ReadOnlyError(ShmkitError, PermissionError):
+    """A write through a segment opened with ``readonly=True``."""
+
+
+class ClosedError(ShmkitError, ValueError):
+    """The object was closed in this process."""
+
+
+class BusyError(ShmkitError):
+    """The object is in use in a way that forbids the call (all attach slots taken...)."""
+
+
+class Timeout(ShmkitError, TimeoutError):
+    """A blocking call's timeout passed before it could complete."""
+
+
+class WouldBlock(ShmkitError):
+    """A ``*_nowait`` call would have had to wait."""
+
+
+class OwnerDiedWarning(RuntimeWarning):
+    """A lock was taken over from a holder that died; check the data it guards."""

@@ -1,0 +1,265 @@
+"""Typed records and arrays mapped by name, built once by their creator.
+
+``Struct`` holds one record (a ctypes Structure or a numpy structured dtype);
+``Array`` holds an n-dimensional numpy array.  ``init`` runs exactly once, in
+the process that creates the segment, before any other process can open it.
+Opening with another layout raises :class:`LayoutMismatchError`; opening
+without a type rebuilds it from the layout stored in the header.
+
+>>> import numpy as np, shmkit
+>>> a = shmkit.Array(None, "float32", (2, 3), init=lambda arr: arr.fill(1.5))
+>>> float(a.array.sum())
+9.0
+>>> a.close(); a.unlink()
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import LayoutMismatchError
+from .segment import Kind, Segment
+
+__all__ = ["Struct", "Array"]
+
+
+def _dtype_layout(dt: np.dtype) -> Any:
+    """A JSON-able, exact description of a dtype (names, formats, offsets)."""
+    if dt.fields is None:
+        return dt.str
+    return {
+        "names": list(dt.names),
+        "formats": [_dtype_layout(dt.fields[n][0]) for n in dt.names],
+        "offsets": [dt.fields[n][1] for n in dt.names],
+        "itemsize": dt.itemsize,
+    }
+
+
+def _dtype_from_layout(layout: Any) -> np.dtype:
+    if isinstance(layout, str):
+        return np.dtype(layout)
+    return np.dtype({
+        "names": layout["names"],
+        "formats": [_dtype_from_layout(f) for f in layout["formats"]],
+        "offsets": layout["offsets"],
+        "itemsize": layout["itemsize"],
+    })
+
+
+def _as_dtype(t: Any) -> np.dtype:
+    try:
+        return np.dtype(t)
+    except TypeError as e:
+        raise TypeError(f"{t!r} is neither a ctypes type nor a numpy dtype: {e}") from None
+
+
+class _Typed(Segment):
+    """Shared construction: compare or adopt the layout stored in the header."""
+
+    def _open_typed(self, name: str | None, layout: dict | None, size: int | None,
+                    init: Callable[[Segment], None] | None, create: bool | None,
+                    kwargs: dict) -> None:
+        self._attach(name, kwargs.pop("path", None), size=size, create=create,
+                     layout=layout, init=init, **kwargs)
+        stored = self.layout
+        if layout is not None and not self.created and stored != layout:
+            self.close()
+            raise LayoutMismatchError(
+                f"{self.name!r} holds {_describe(stored)}, but was opened with "
+                f"{_describe(layout)}; open it with its own layout, or with no type "
+                "to adopt it")
+        return stored
+
+
+def _describe(layout: dict) -> str:
+    parts = [f"dtype {layout.get('dtype')}"]
+    if "shape" in layout:
+        parts.append(f"shape {tuple(layout['shape'])}")
+    return ", ".join(parts)
+
+
+class Struct(_Typed):
+    """One record in shared memory, by name.
+
+    Parameters
+    ----------
+    name:
+        The segment name (``None`` makes a unique one).
+    type:
+        A ``ctypes.Structure`` subclass or a numpy (structured) dtype.  Needed
+        to create; when opening, omit it to adopt the stored layout.
+    init:
+        Called once with the record by the creating process before the
+        segment becomes visible.
+    **kwargs:
+        As for :class:`Segment` (``path``, ``lifetime``, ``mode``...).
+
+    ``.record`` is the live record: a ctypes instance over the shared bytes
+    when ``type`` was a ctypes type, else a 0-d numpy array.  Hold ``.lock``
+    while changing several fields that readers must see together.
+
+    Example
+    -------
+    >>> import ctypes
+    >>> class Point(ctypes.Structure):
+    ...     _fields_ = [("x", ctypes.c_double), ("y", ctypes.c_double)]
+    >>> s = Struct(None, Point, init=lambda p: setattr(p, "x", 2.0))
+    >>> s.record.x
+    2.0
+    >>> s.close(); s.unlink()
+    """
+
+    _kind = Kind.STRUCT
+
+    def __init__(self, name: str | None = None, type: Any = None, *,
+                 init: Callable[[Any], None] | None = None, create: bool | None = None,
+                 **kwargs: Any) -> None:
+        ctype = type if isinstance(type, builtin_type) and issubclass(
+            type, (ctypes.Structure, ctypes.Union)) else None
+        layout = size = None
+        if type is not None:
+            dt = _as_dtype(type)
+            layout = {"dtype": _dtype_layout(dt), "itemsize": dt.itemsize}
+            size = dt.itemsize
+        elif create:
+            raise TypeError("Struct.create needs a type")
+        self._ctype = ctype
+        run = (lambda seg: init(seg._view())) if init is not None else None
+        stored = self._open_typed(name, layout, size, run, create, kwargs)
+        self._dtype = _dtype_from_layout(stored["dtype"])
+
+    @classmethod
+    def create(cls, name: str | None = None, type: Any = None, **kwargs: Any) -> "Struct":
+        return cls(name, type, create=True, **kwargs)
+
+    @classmethod
+    def open(cls, name: str | None = None, type: Any = None, **kwargs: Any) -> "Struct":
+        return cls(name, type, create=False, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        return (_reopen_struct, (self.name, self.path, self._ctype))
+
+    def _view(self) -> Any:
+        if getattr(self, "_ctype", None) is not None:
+            return self._ctype.from_buffer(self.buf)
+        dt = getattr(self, "_dtype", None)
+        if dt is None:
+            dt = _dtype_from_layout(self.layout["dtype"])
+        return np.ndarray((), dtype=dt, buffer=self.buf)
+
+    @property
+    def record(self) -> Any:
+        """The record itself, sharing memory with every other process."""
+        return self._view()
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def _describe(self) -> dict:
+        return {"record": {"dtype": str(self._dtype), "itemsize": self._dtype.itemsize}}
+
+
+builtin_type = type
+
+
+class Array(_Typed):
+    """An n-dimensional numpy array in shared memory, by name.
+
+    ``Array(name, dtype, shape, init=fn)`` creates or opens it; ``.array`` is
+    the ndarray (no copy) and the object itself works wherever numpy takes an
+    array (``np.asarray(a)``, ``a[0, 1] = 3``).  Opening with another dtype or
+    shape raises :class:`LayoutMismatchError`; ``Array.open(name)`` adopts the
+    stored one.
+
+    Example
+    -------
+    >>> a = Array(None, "int32", 4)
+    >>> a[:] = [1, 2, 3, 4]; int(a.array.sum())
+    10
+    >>> a.close(); a.unlink()
+    """
+
+    _kind = Kind.ARRAY
+
+    def __init__(self, name: str | None = None, dtype: Any = None, shape: Any = None, *,
+                 init: Callable[[np.ndarray], None] | None = None,
+                 create: bool | None = None, **kwargs: Any) -> None:
+        layout = size = None
+        if dtype is not None:
+            dt = _as_dtype(dtype)
+            if shape is None:
+                raise TypeError("Array needs a shape with its dtype")
+            shp = (int(shape),) if np.isscalar(shape) else tuple(int(d) for d in shape)
+            if any(d < 0 for d in shp):
+                raise ValueError(f"shape {shp} has a negative dimension")
+            layout = {"dtype": _dtype_layout(dt), "shape": list(shp)}
+            size = dt.itemsize * int(np.prod(shp, dtype=np.int64))
+        elif create:
+            raise TypeError("Array.create needs a dtype and a shape")
+        run = (lambda seg: init(seg._view())) if init is not None else None
+        stored = self._open_typed(name, layout, size, run, create, kwargs)
+        self._dtype = _dtype_from_layout(stored["dtype"])
+        self._shape = tuple(stored["shape"])
+
+    @classmethod
+    def create(cls, name: str | None = None, dtype: Any = None, shape: Any = None,
+               **kwargs: Any) -> "Array":
+        return cls(name, dtype, shape, create=True, **kwargs)
+
+    @classmethod
+    def open(cls, name: str | None = None, dtype: Any = None, shape: Any = None,
+             **kwargs: Any) -> "Array":
+        return cls(name, dtype, shape, create=False, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        return (_reopen_array, (self.name, self.path))
+
+    def _view(self) -> np.ndarray:
+        stored = self.layout if getattr(self, "_dtype", None) is None else None
+        dt = self._dtype if stored is None else _dtype_from_layout(stored["dtype"])
+        shape = self._shape if stored is None else tuple(stored["shape"])
+        arr = np.ndarray(shape, dtype=dt, buffer=self.buf)
+        if self.readonly:
+            arr.flags.writeable = False
+        return arr
+
+    @property
+    def array(self) -> np.ndarray:
+        """The shared ndarray (a new view object each time; same memory)."""
+        return self._view()
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def shape(self) -> tuple:
+        return self._shape
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self._view()
+        return arr if dtype is None else arr.astype(dtype)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._view()[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._view()[key] = value
+
+    def __len__(self) -> int:
+        return self._shape[0] if self._shape else 0
+
+    def _describe(self) -> dict:
+        return {"array": {"dtype": str(self._dtype), "shape": list(self._shape)}}
+
+
+def _reopen_struct(name: str, path: str, ctype: Any) -> Struct:
+    return Struct(name, ctype, create=False, path=path)
+
+
+def _reopen_array(name: str, path: str) -> Array:
+    return Array(name, create=False, path=path)

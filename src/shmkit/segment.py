@@ -1,0 +1,900 @@
+"""Named shared-memory segments: the layer every shmkit object stands on.
+
+A segment is a file in /dev/shm (or at a path of your choosing, to outlive a
+reboot) with a self-describing header, mapped at a reserved address range so
+it can grow without remapping.  Two programs started separately meet by name::
+
+    import shmkit
+    seg = shmkit.Segment("frames", size=1 << 20)   # create or open
+    seg.write(b"hello", offset=0)
+    assert seg.read(5, offset=0) == b"hello"
+    with seg.lock:                                 # the segment's robust mutex
+        ...
+    seg.close()
+
+File layout (native byte order, all offsets in bytes)::
+
+    0     header (4096 bytes)
+            0  magic      8  b"\\x89SHMKIT\\x00", written last when created
+            8  version    u32  FORMAT_VERSION
+           12  kind       u32  Kind
+           16  flags      u32  bit 0: removed when the last attachment closes
+           20  max_slots  u32  attach-table slots
+           24  hdr_size   u64  offset of the payload
+           32  size       u64  payload bytes in use (changes with resize)
+           40  max_size   u64  payload bytes reserved in every mapping
+           48  created    u64  wall-clock ns
+           56  creator    u32  pid of the creating process
+           60  lock       u32  the segment's robust mutex
+           64  resizes    u32  how many times the payload was resized
+           68  hwm        u32  highest attach slot ever used + 1
+           72  layout_len u32  bytes of layout JSON at offset 1024
+         1024  layout     JSON describing the payload (kind specific)
+    4096  attach table: max_slots entries of 64 bytes
+            0 gen u32, 4 pid u32, 8 attached ns u64, 24 comm 16 bytes
+    hdr_size  payload
+
+Liveness is kernel-backed: an attachment holds an OFD lock on byte
+4096+slot of the file (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import secrets
+import struct
+import threading
+import time
+import weakref
+from enum import IntEnum
+from typing import Any, Callable, Iterator
+
+from . import _core
+from .errors import (
+    BusyError,
+    ClosedError,
+    CorruptError,
+    ExistsError,
+    FormatVersionError,
+    InvalidNameError,
+    NotFoundError,
+    OutOfSpaceError,
+    OwnerDiedWarning,
+    ReadOnlyError,
+    Timeout,
+    WrongKindError,
+)
+
+__all__ = ["Segment", "Kind", "SegmentInfo", "segment_path", "list_segments", "unlink"]
+
+_core.set_classes(OwnerDiedWarning, CorruptError, Timeout)
+
+MAGIC = b"\x89SHMKIT\x00"
+FORMAT_VERSION = 1
+SHM_DIR = "/dev/shm"
+PREFIX = "shmkit."
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+_HEADER = struct.Struct("=8sIIIIQQQQIIIII")  # magic .. layout_len, 76 bytes
+_HEADER_BYTES = 4096
+_OFF_SIZE = 32
+_OFF_LOCK = 60
+_OFF_RESIZES = 64
+_OFF_HWM = 68
+_LAYOUT_OFF = 1024
+_LAYOUT_MAX = _HEADER_BYTES - _LAYOUT_OFF
+_SLOT = _core.SLOT_SIZE
+_SLOT_LOCK_BASE = _core.SLOT_LOCK_BASE
+_READER_BYTE = 1  # shared lock held by readonly attachments
+_FLAG_ATTACHED = 1
+
+DEFAULT_MAX_ATTACH = 256
+DEFAULT_RESERVE = 64 << 30  # address space only; nothing is allocated
+_OPEN_WAIT = 10.0  # seconds to wait for a creator to finish initialising
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.:@+-]{1,200}")
+
+
+class Kind(IntEnum):
+    """What a segment holds; stored in its header."""
+
+    RAW = 1
+    MUTEX = 2
+    RWLOCK = 3
+    EVENT = 4
+    SEMAPHORE = 5
+    CONDITION = 6
+    STRUCT = 7
+    ARRAY = 8
+    CHANNEL = 9
+    QUEUE = 10
+    STORE = 11
+    HEAP = 12
+
+
+def _validate_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise InvalidNameError(f"a segment name must be a str, not {type(name).__name__}")
+    if name in (".", "..") or not _NAME_RE.fullmatch(name):
+        raise InvalidNameError(
+            f"invalid segment name {name!r}: use 1 to 200 characters from "
+            "A-Z a-z 0-9 and _ . : @ + - (no '/', no '..'), or pass path= for a file"
+        )
+    return name
+
+
+def segment_path(name: str) -> str:
+    """The file that backs the segment called ``name``.
+
+    >>> segment_path("frames")
+    '/dev/shm/shmkit.frames'
+    """
+    return os.path.join(SHM_DIR, PREFIX + _validate_name(name))
+
+
+def _resolve(name: str | None, path: str | os.PathLike[str] | None) -> tuple[str, str]:
+    if path is not None:
+        p = os.path.abspath(os.fspath(path))
+        if os.path.basename(p) in ("", ".", ".."):
+            raise InvalidNameError(f"path {p!r} does not name a file")
+        return (name or p), p
+    if name is None:
+        name = "anon-" + secrets.token_hex(8)
+    return name, segment_path(name)
+
+
+def _align(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def _header_size(max_slots: int) -> int:
+    return _align(_HEADER_BYTES + max_slots * _SLOT, PAGE)
+
+
+class _Header:
+    """The fixed header fields, decoded and checked (everything is untrusted)."""
+
+    def __init__(self, raw: bytes, where: str, file_size: int) -> None:
+        (magic, self.version, kind, self.flags, self.max_slots, self.header_size,
+         self.size, self.max_size, self.created_ns, self.creator_pid, _lock,
+         self.resizes, self.hwm, layout_len) = _HEADER.unpack_from(raw)
+        if magic != MAGIC:
+            raise CorruptError(f"{where} is not a shmkit segment (bad magic {magic!r}); "
+                               "remove it with `shmkit rm` if it is yours")
+        if self.version != FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{where} has data format version {self.version}; this shmkit reads "
+                f"version {FORMAT_VERSION}. Use the shmkit that made it, or remove it "
+                "with `shmkit rm`")
+        try:
+            self.kind = Kind(kind)
+        except ValueError:
+            raise CorruptError(f"{where} has an unknown kind {kind}") from None
+        if not 1 <= self.max_slots <= _core.MAX_SLOTS:
+            raise CorruptError(f"{where} has an impossible attach-table size {self.max_slots}")
+        if self.header_size != _header_size(self.max_slots):
+            raise CorruptError(f"{where} has an inconsistent header size {self.header_size}")
+        if not (self.size <= self.max_size <= 1 << 46):
+            raise CorruptError(f"{where} has size {self.size} beyond its maximum {self.max_size}")
+        if file_size < self.header_size + self.size:
+            raise CorruptError(f"{where} claims {self.size} bytes but its file holds "
+                               f"{file_size - self.header_size}")
+        if layout_len > _LAYOUT_MAX:
+            raise CorruptError(f"{where} has a layout description of {layout_len} bytes")
+        text = raw[_LAYOUT_OFF:_LAYOUT_OFF + layout_len]
+        try:
+            self.layout = json.loads(text) if layout_len else {}
+        except ValueError:
+            raise CorruptError(f"{where} has an unreadable layout description") from None
+        if not isinstance(self.layout, dict):
+            raise CorruptError(f"{where} has a layout description that is not an object")
+
+
+class SegmentInfo(dict):
+    """A plain dict describing a segment, as ``shmkit info --json`` prints it."""
+
+
+_live: "weakref.WeakSet[Segment]" = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+class Segment:
+    """A named region of shared memory with a self-describing header.
+
+    ``Segment(name, size=n)`` opens ``name`` if it exists and creates it with
+    ``n`` zeroed bytes otherwise; ``.created`` is True only in the process that
+    made it (exactly one wins a race).  ``Segment.create`` and ``Segment.open``
+    insist on one or the other.
+
+    Parameters
+    ----------
+    name:
+        1 to 200 characters of ``A-Z a-z 0-9 _ . : @ + -``; ``None`` makes a
+        unique name (see ``.name``).
+    size:
+        Payload bytes when creating.  Required to create, ignored on open.
+    path:
+        Back the segment by this file instead of /dev/shm (survives reboots).
+    readonly:
+        Map read-only; writes raise :class:`ReadOnlyError`.
+    mode:
+        File permissions when creating (default 0o600: this user only).
+    lifetime:
+        ``"persistent"`` (default: until ``unlink()``) or ``"attached"``:
+        removed when the last attached process closes it.  Segments whose
+        attached processes all died are removed by ``shmkit gc``.
+    max_size:
+        Largest size ``resize`` may reach (address space only; default 64 GiB).
+    max_attach:
+        Attach-table slots: how many handles may be open at once (default 256).
+
+    Raises
+    ------
+    InvalidNameError, NotFoundError, ExistsError, WrongKindError,
+    FormatVersionError, CorruptError, OutOfSpaceError, BusyError
+
+    Example
+    -------
+    >>> with Segment(None, size=64) as seg:
+    ...     seg.write(b"abc", offset=1)
+    ...     seg.read(3, offset=1)
+    b'abc'
+    """
+
+    _kind = Kind.RAW
+    _closed = True
+    _fd = -1
+    _mapping: Any = None
+    _token = 0
+
+    def __init__(self, name: str | None = None, size: int | None = None, *,
+                 path: str | os.PathLike[str] | None = None, readonly: bool = False,
+                 mode: int = 0o600, lifetime: str = "persistent",
+                 max_size: int | None = None, max_attach: int = DEFAULT_MAX_ATTACH) -> None:
+        self._attach(name, path, size=size, create=None, readonly=readonly, mode=mode,
+                     lifetime=lifetime, max_size=max_size, max_attach=max_attach)
+
+    # -- construction -----------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str | None = None, size: int = 0, **kwargs: Any) -> "Segment":
+        """Create a new segment; :class:`ExistsError` if the name is taken.
+
+        >>> seg = Segment.create(size=16); seg.created
+        True
+        """
+        self = cls.__new__(cls)
+        self._attach(name, kwargs.pop("path", None), size=size, create=True, **kwargs)
+        return self
+
+    @classmethod
+    def open(cls, name: str | None = None, **kwargs: Any) -> "Segment":
+        """Open an existing segment; :class:`NotFoundError` if there is none.
+
+        >>> Segment.open("no-such-name")
+        Traceback (most recent call last):
+        shmkit.errors.NotFoundError: ...
+        """
+        self = cls.__new__(cls)
+        self._attach(name, kwargs.pop("path", None), size=None, create=False, **kwargs)
+        return self
+
+    def _attach(self, name: str | None, path: Any, *, size: int | None,
+                create: bool | None, readonly: bool = False, mode: int = 0o600,
+                lifetime: str = "persistent", max_size: int | None = None,
+                max_attach: int = DEFAULT_MAX_ATTACH, layout: dict | None = None,
+                init: Callable[["Segment"], None] | None = None,
+                kind: Kind | None = None) -> None:
+        kind = self._kind = kind or self._kind
+        if name is None and path is None and create is False:
+            raise InvalidNameError("open() needs a name or a path")
+        self._name, self._path = _resolve(name, path)
+        self._readonly = bool(readonly)
+        self._created = False
+        self._lock_obj = None
+        if lifetime not in ("persistent", "attached"):
+            raise ValueError(f"lifetime must be 'persistent' or 'attached', not {lifetime!r}")
+        if create is not False:
+            if size is None:
+                if create:
+                    raise ValueError("create() needs size=")
+            elif not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise ValueError(f"size must be a non-negative int, not {size!r}")
+            if not 1 <= max_attach <= _core.MAX_SLOTS:
+                raise ValueError(f"max_attach must be 1..{_core.MAX_SLOTS}, not {max_attach}")
+            if readonly and create:
+                raise ValueError("cannot create a segment readonly=True")
+        for _ in range(100):
+            if create is not False and size is not None and not readonly:
+                try:
+                    self._create_file(kind, size, mode, lifetime, max_size, max_attach,
+                                      layout or {}, init)
+                    return
+                except FileExistsError:
+                    if create:
+                        raise ExistsError(f"a segment named {self._name!r} already exists; "
+                                          "open it, or unlink it first") from None
+            try:
+                self._open_file(kind)
+                return
+            except FileNotFoundError:
+                if create is False or size is None:
+                    raise NotFoundError(
+                        f"no segment named {self._name!r} ({self._path}); create it "
+                        "with a size first, or check the name with `shmkit ls`") from None
+        raise BusyError(f"{self._name!r} was created and removed repeatedly while opening")
+
+    def _create_file(self, kind: Kind, size: int, mode: int, lifetime: str,
+                     max_size: int | None, max_attach: int, layout: dict,
+                     init: Callable[["Segment"], None] | None) -> None:
+        max_size = max(size, DEFAULT_RESERVE if max_size is None else max_size)
+        layout_bytes = json.dumps(layout, separators=(",", ":")).encode()
+        if len(layout_bytes) > _LAYOUT_MAX:
+            raise ValueError(f"layout description too long ({len(layout_bytes)} bytes)")
+        hsize = _header_size(max_attach)
+        directory = os.path.dirname(self._path)
+        # Build it under a hidden temporary name, then link it into place: the
+        # link is the atomic "first creator wins", and openers never see a
+        # file without its header and init lock.
+        tmp = os.path.join(directory, f".{os.path.basename(self._path)}."
+                                      f"{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, mode)
+        except FileNotFoundError:
+            raise NotFoundError(f"directory {directory!r} does not exist") from None
+        try:
+            os.fchmod(fd, mode)
+            _core.ofd_lock(fd, _core.INIT_LOCK_BYTE, 1)
+            try:
+                os.posix_fallocate(fd, 0, hsize + size)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                    raise OutOfSpaceError(
+                        f"not enough space in {directory} for {hsize + size} bytes "
+                        f"({e.strerror}); free some (shmkit ls / shmkit gc) or ask "
+                        "for less") from None
+                raise
+            mapping = _core.Mapping(fd, hsize + max_size, hsize + size)
+            flags = _FLAG_ATTACHED if lifetime == "attached" else 0
+            head = _HEADER.pack(b"\0" * 8, FORMAT_VERSION, int(kind), flags, max_attach,
+                                hsize, size, max_size, time.time_ns(), os.getpid(), 0, 0,
+                                0, len(layout_bytes))
+            view = memoryview(mapping)
+            view[:len(head)] = head
+            view[_LAYOUT_OFF:_LAYOUT_OFF + len(layout_bytes)] = layout_bytes
+            view.release()
+            try:
+                os.link(tmp, self._path, follow_symlinks=False)
+            finally:
+                os.unlink(tmp)
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        # From here on the name is visible; openers wait for the magic.
+        self._setup(fd, mapping, hsize)
+        self._created = True
+        try:
+            if init is not None:
+                init(self)
+        except BaseException:
+            self._abandon_creation()
+            raise
+        view = memoryview(mapping)
+        view[:8] = MAGIC  # publish: the header and init are complete
+        view.release()
+        _core.ofd_unlock(fd, _core.INIT_LOCK_BYTE, 1)
+
+    def _abandon_creation(self) -> None:
+        # init raised: the half-made segment must not be mistaken for a good one.
+        try:
+            if os.stat(self._path).st_ino == os.fstat(self._fd).st_ino:
+                os.unlink(self._path)
+        except OSError:
+            pass
+        self._detach()
+
+    def _open_file(self, kind: Kind) -> None:
+        flags = (os.O_RDONLY if self._readonly else os.O_RDWR) | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self._path, flags)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise InvalidNameError(f"{self._path} is a symbolic link; refusing to "
+                                       "follow it") from None
+            if e.errno == errno.EACCES:
+                raise PermissionError(e.errno, f"no permission to open segment "
+                                      f"{self._name!r}: {e.strerror}", self._path) from None
+            raise
+        try:
+            head = self._wait_ready(fd)
+            if head.kind != kind:
+                raise WrongKindError(
+                    f"{self._name!r} is a {head.kind.name.lower()}, not a "
+                    f"{kind.name.lower()}; open it as {head.kind.name.title()}")
+            mapping = _core.Mapping(fd, head.header_size + head.max_size,
+                                    head.header_size + head.size, readonly=self._readonly)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._setup(fd, mapping, head.header_size)
+        if os.fstat(fd).st_nlink == 0:  # removed while we attached: start over
+            self._detach()
+            raise FileNotFoundError(self._path)
+
+    def _wait_ready(self, fd: int) -> _Header:
+        deadline = time.monotonic() + _OPEN_WAIT
+        pause = 0.0005
+        while True:
+            st = os.fstat(fd)
+            raw = os.pread(fd, _HEADER_BYTES, 0) if st.st_size >= _HEADER_BYTES else b""
+            if raw[:8] == MAGIC:
+                return _Header(raw, repr(self._name), st.st_size)
+            if raw and raw[:8] != b"\0" * 8:
+                _Header(raw, repr(self._name), st.st_size)  # raises a precise error
+            if not _core.ofd_held(fd, _core.INIT_LOCK_BYTE, 1):
+                raw = os.pread(fd, 8, 0)
+                if raw == MAGIC:
+                    continue
+                raise CorruptError(
+                    f"{self._name!r} was left half-created by a process that died while "
+                    f"creating it; remove it with `shmkit rm {self._name}` and create it again")
+            if time.monotonic() > deadline:
+                raise Timeout(f"{self._name!r} is still being created after {_OPEN_WAIT} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
+    def _setup(self, fd: int, mapping: Any, header_size: int) -> None:
+        self._fd = fd
+        self._mapping = mapping
+        self._hsize = header_size
+        raw = bytes(memoryview(mapping)[:_HEADER.size])
+        (_m, _v, kind, flags, max_slots, _h, _s, max_size, created_ns, creator_pid, *_r
+         ) = _HEADER.unpack(raw)
+        self._flags = flags
+        self._max_slots = max_slots
+        self._max_size = max_size
+        self._created_ns = created_ns
+        self._creator_pid = creator_pid
+        mapping.table_off = _HEADER_BYTES
+        mapping.max_slots = max_slots
+        self._closed = False
+        self._claim_slot()
+        with _live_lock:
+            _live.add(self)
+
+    def _claim_slot(self) -> None:
+        fd, n = self._fd, self._max_slots
+        if self._readonly:
+            _core.ofd_lock(fd, _READER_BYTE, 1, False)
+            return
+        start = os.getpid() % n
+        for attempt in range(50):
+            for k in range(n):
+                slot = (start + k) % n
+                if _core.ofd_lock(fd, _SLOT_LOCK_BASE + slot, 1):
+                    self._fill_slot(slot)
+                    return
+            time.sleep(0.001)  # a closing process may hold every slot for a moment
+        self._detach()
+        raise BusyError(f"all {n} attach slots of {self._name!r} are in use; close unused "
+                        "handles, or create it with a larger max_attach=")
+
+    def _fill_slot(self, slot: int) -> None:
+        m, base = self._mapping, _HEADER_BYTES + slot * _SLOT
+        gen = (_core.add32(m, base, 1) + 1) & 0xFFFFF
+        if gen == 0:  # generation 0 would make token 0 possible
+            gen = (_core.add32(m, base, 1) + 1) & 0xFFFFF
+        _core.store32(m, base + 4, os.getpid())
+        _core.store64(m, base + 8, time.time_ns())
+        comm = _process_name().encode()[:16].ljust(16, b"\0")
+        view = memoryview(m)
+        view[base + 24:base + 40] = comm
+        view.release()
+        while True:
+            hwm = _core.load32(m, _OFF_HWM)
+            if hwm > slot or _core.cas32(m, _OFF_HWM, hwm, slot + 1):
+                break
+        self._token = m.token = (gen << 10) | slot
+
+    def _reattach_after_fork(self) -> None:
+        # The child shares the parent's open file, and so its locks: take a
+        # fresh open file and slot so each process is known on its own.
+        if self._closed:
+            return
+        old = self._fd
+        flags = (os.O_RDONLY if self._readonly else os.O_RDWR) | os.O_CLOEXEC
+        self._fd = os.open(f"/proc/self/fd/{old}", flags)
+        os.close(old)
+        self._mapping.fd = self._fd
+        self._mapping.token = 0
+        self._claim_slot()
+
+    # -- lifetime ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Detach from the segment.  Safe to call twice.
+
+        Views taken from ``.buf`` stay valid until released; the memory is
+        unmapped after the last one goes.  With ``lifetime="attached"`` the
+        last process to close removes the segment.
+        """
+        if self._closed:
+            return
+        unlink = (self._flags & _FLAG_ATTACHED) and not self._readonly
+        if self._readonly:
+            _core.ofd_unlock(self._fd, _READER_BYTE, 1)
+        elif self._token:
+            _core.ofd_unlock(self._fd, _SLOT_LOCK_BASE + (self._token & 0x3FF), 1)
+        if unlink and _core.ofd_lock(self._fd, 1, _SLOT_LOCK_BASE + self._max_slots - 1):
+            try:  # nobody else is attached, and nobody can attach while we hold this
+                if os.stat(self._path).st_ino == os.fstat(self._fd).st_ino:
+                    os.unlink(self._path)
+            except FileNotFoundError:
+                pass
+        self._detach()
+
+    def _detach(self) -> None:
+        self._closed = True
+        with _live_lock:
+            _live.discard(self)
+        if self._mapping is not None:
+            self._mapping.token = 0
+            self._mapping.fd = -1
+            self._mapping.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._token = 0
+
+    def unlink(self) -> None:
+        """Remove the name now; attached processes keep their mapping.
+
+        Raises :class:`NotFoundError` if it was already removed.
+        """
+        try:
+            os.unlink(self._path)
+        except FileNotFoundError:
+            raise NotFoundError(f"segment {self._name!r} was already removed") from None
+
+    def __enter__(self) -> "Segment":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __reduce__(self) -> tuple:
+        return (_reopen, (type(self), self._name, self._path, self._readonly))
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"size={self.size}"
+        return f"<shmkit.{type(self).__name__} {self._name!r} {state}>"
+
+    # -- properties -------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The segment's name (a generated one when created with ``name=None``)."""
+        return self._name
+
+    @property
+    def path(self) -> str:
+        """The file backing the segment."""
+        return self._path
+
+    @property
+    def created(self) -> bool:
+        """True only in the process whose call created the segment."""
+        return self._created
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    @property
+    def kind(self) -> Kind:
+        return self._kind
+
+    @property
+    def size(self) -> int:
+        """Payload bytes, as resized by any process."""
+        return self._sync_size()
+
+    @property
+    def max_size(self) -> int:
+        return self._max_size
+
+    @property
+    def layout(self) -> dict:
+        """The payload's layout description, as written by the creator."""
+        n = _core.load32(self._live_mapping(), 72)
+        if n > _LAYOUT_MAX:
+            raise CorruptError(f"{self._name!r} has a corrupt layout length {n}")
+        view = memoryview(self._mapping)
+        try:
+            return json.loads(bytes(view[_LAYOUT_OFF:_LAYOUT_OFF + n]) or b"{}")
+        except ValueError:
+            raise CorruptError(f"{self._name!r} has an unreadable layout description") from None
+        finally:
+            view.release()
+
+    @property
+    def buf(self) -> memoryview:
+        """A writable memoryview of the payload (read-only if opened so).
+
+        Release it (``del`` or ``.release()``) when done; ``close()`` keeps
+        the memory mapped until every view is gone.
+        """
+        size = self._sync_size()
+        view = memoryview(self._mapping)
+        try:
+            return view[self._hsize:self._hsize + size]
+        finally:
+            view.release()
+
+    @property
+    def lock(self) -> Any:
+        """The segment's own robust mutex (see :class:`shmkit.Mutex`)."""
+        if self._lock_obj is None:
+            from .sync import Mutex
+            self._lock_obj = Mutex._embedded(self, _OFF_LOCK, f"lock of {self._name!r}",
+                                             absolute=True)
+        return self._lock_obj
+
+    def _live_mapping(self) -> Any:
+        if self._closed:
+            raise ClosedError(f"segment {self._name!r} is closed in this process")
+        return self._mapping
+
+    def _sync_size(self) -> int:
+        m = self._live_mapping()
+        size = _core.load64(m, _OFF_SIZE)
+        end = self._hsize + size
+        if end > m.length:
+            if size > self._max_size or end > os.fstat(self._fd).st_size:
+                raise CorruptError(f"{self._name!r} claims {size} bytes, more than its "
+                                   "file holds")
+            m.set_length(end)
+        return size
+
+    # -- data access ------------------------------------------------------
+
+    def _check_range(self, offset: int, n: int) -> int:
+        size = self._sync_size()
+        if not isinstance(offset, int) or not isinstance(n, int):
+            raise TypeError("offset and length must be ints")
+        if offset < 0 or n < 0 or offset + n > size:
+            raise IndexError(f"bytes {offset}..{offset + n} are outside the segment's "
+                             f"{size} bytes; resize() it or use a smaller offset")
+        return self._hsize + offset
+
+    def read(self, n: int | None = None, offset: int = 0) -> bytes:
+        """Copy ``n`` bytes (default: to the end) starting at ``offset``.
+
+        >>> with Segment(None, size=8) as s:
+        ...     s.read(2, offset=6)
+        b'\\x00\\x00'
+        """
+        if n is None:
+            n = self._sync_size() - offset
+        start = self._check_range(offset, n)
+        view = memoryview(self._mapping)
+        try:
+            return bytes(view[start:start + n])
+        finally:
+            view.release()
+
+    def write(self, data: Any, offset: int = 0) -> int:
+        """Copy ``data`` (any bytes-like object) in at ``offset``; returns its length.
+
+        Raises :class:`IndexError` past the end and :class:`ReadOnlyError` on a
+        read-only segment.
+        """
+        if self._readonly:
+            raise ReadOnlyError(f"segment {self._name!r} was opened readonly=True; open it "
+                                "without readonly to write")
+        src = memoryview(data).cast("B")
+        start = self._check_range(offset, src.nbytes)
+        view = memoryview(self._mapping)
+        try:
+            view[start:start + src.nbytes] = src
+        finally:
+            view.release()
+        return src.nbytes
+
+    def ndarray(self, dtype: Any = "uint8", shape: Any = None, offset: int = 0) -> Any:
+        """A numpy array over the payload, sharing its memory (no copy).
+
+        >>> with Segment(None, size=32) as s:
+        ...     a = s.ndarray("int64", (4,)); a[:] = 7; int(s.ndarray("int64").sum())
+        28
+        """
+        import numpy as np
+
+        dt = np.dtype(dtype)
+        size = self._sync_size()
+        if shape is None:
+            shape = ((size - offset) // dt.itemsize,)
+        elif isinstance(shape, int):
+            shape = (shape,)
+        count = 1
+        for d in shape:
+            count *= d
+        self._check_range(offset, count * dt.itemsize)
+        arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=offset).reshape(shape)
+        if self._readonly:
+            arr.flags.writeable = False
+        return arr
+
+    def resize(self, size: int) -> None:
+        """Grow or shrink the payload while other processes use it.
+
+        Growth allocates the new pages now (raising :class:`OutOfSpaceError`
+        instead of a later SIGBUS); shrinking gives the memory back with a
+        hole punch, so stale views read zeros rather than faulting.  Other
+        processes see the new size on their next access.
+        """
+        if self._readonly:
+            raise ReadOnlyError(f"segment {self._name!r} was opened readonly=True")
+        if not isinstance(size, int) or size < 0:
+            raise ValueError(f"size must be a non-negative int, not {size!r}")
+        if size > self._max_size:
+            raise ValueError(f"{size} bytes is beyond this segment's max_size "
+                             f"{self._max_size}; create it with a larger max_size=")
+        with self.lock:
+            old = self._sync_size()
+            if size > old:
+                try:
+                    os.posix_fallocate(self._fd, self._hsize + old, size - old)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                        raise OutOfSpaceError(
+                            f"no space to grow {self._name!r} to {size} bytes "
+                            f"({e.strerror}); free some or ask for less") from None
+                    raise
+            elif size < old:
+                start = _align(self._hsize + size, PAGE)
+                end = self._hsize + old
+                if end > start:
+                    _punch_hole(self._fd, start, end - start)
+            _core.store64(self._mapping, _OFF_SIZE, size)
+            _core.add32(self._mapping, _OFF_RESIZES, 1)
+            self._sync_size()
+
+    # -- introspection ----------------------------------------------------
+
+    def attachments(self) -> list[dict]:
+        """The live attachments: ``[{"slot", "pid", "attached", "comm"}]``."""
+        m = self._live_mapping()
+        out = []
+        hwm = min(_core.load32(m, _OFF_HWM), self._max_slots)
+        view = memoryview(m)
+        try:
+            for slot in range(hwm):
+                base = _HEADER_BYTES + slot * _SLOT
+                mine = self._token and (self._token & 0x3FF) == slot
+                if not mine and not _core.ofd_held(self._fd, _SLOT_LOCK_BASE + slot, 1):
+                    continue
+                out.append({
+                    "slot": slot,
+                    "pid": _core.load32(m, base + 4),
+                    "attached": _core.load64(m, base + 8) / 1e9,
+                    "comm": bytes(view[base + 24:base + 40]).rstrip(b"\0").decode(
+                        "utf-8", "replace"),
+                })
+        finally:
+            view.release()
+        return out
+
+    def readonly_attached(self) -> bool:
+        """True if some other process has it open with ``readonly=True``."""
+        return _core.ofd_held(self._fd, _READER_BYTE, 1)
+
+    def owner_pid(self, token: int) -> int | None:
+        """The pid of the live attachment named by a lock-owner token."""
+        if token == 0:
+            return None
+        m = self._live_mapping()
+        slot = token & 0x3FF
+        if slot >= self._max_slots or not _core.token_alive(m, token):
+            return None
+        return _core.load32(m, _HEADER_BYTES + slot * _SLOT + 4)
+
+    def info(self) -> SegmentInfo:
+        """What ``shmkit info`` shows: header facts, attachments, kind detail."""
+        m = self._live_mapping()
+        lock = self.lock
+        holder = lock.owner_token
+        attached = self.attachments()
+        info = SegmentInfo(
+            name=self._name, path=self._path, kind=self._kind.name.lower(),
+            size=self.size, max_size=self._max_size,
+            file_bytes=os.fstat(self._fd).st_blocks * 512,
+            format_version=FORMAT_VERSION,
+            lifetime="attached" if self._flags & _FLAG_ATTACHED else "persistent",
+            created=self._created_ns / 1e9, creator_pid=self._creator_pid,
+            attached=attached, readonly_attached=self.readonly_attached(),
+            resizes=_core.load32(m, _OFF_RESIZES),
+            lock={"held": bool(holder), "holder_pid": self.owner_pid(holder),
+                  "holder_alive": bool(holder) and self.owner_pid(holder) is not None,
+                  "waiters": lock.has_waiters},
+            layout=self.layout,
+        )
+        info.update(self._describe())
+        return info
+
+    def _describe(self) -> dict:
+        """Kind-specific detail for ``info()``; subclasses extend it."""
+        return {}
+
+
+def _reopen(cls: type, name: str, path: str, readonly: bool) -> Segment:
+    return cls.open(name, path=path, readonly=readonly)
+
+
+def _process_name() -> str:
+    try:
+        with open("/proc/self/comm", "rb") as f:
+            return f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return "?"
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """Give the pages of a byte range back to the system; they then read as zeros."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+    r = libc.fallocate(ctypes.c_int(fd), ctypes.c_int(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE),
+                       ctypes.c_long(offset), ctypes.c_long(length))
+    if r != 0:
+        e = ctypes.get_errno()
+        if e != errno.EOPNOTSUPP:  # a file system without holes keeps the pages
+            raise OSError(e, os.strerror(e))
+
+
+def _after_fork_in_child() -> None:
+    for seg in list(_live):
+        seg._reattach_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def list_segments() -> Iterator[tuple[str, str]]:
+    """Yield ``(name, path)`` of every shmkit segment in /dev/shm."""
+    try:
+        entries = sorted(os.listdir(SHM_DIR))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.startswith(PREFIX) and not entry.endswith(".tmp"):
+            name = entry[len(PREFIX):]
+            if _NAME_RE.fullmatch(name):
+                yield name, os.path.join(SHM_DIR, entry)
+
+
+def unlink(name: str) -> None:
+    """Remove the segment called ``name``; :class:`NotFoundError` if missing."""
+    try:
+        os.unlink(segment_path(name))
+    except FileNotFoundError:
+        raise NotFoundError(f"no segment named {name!r}") from None

@@ -1,0 +1,720 @@
+"""Cross-process locks and events that survive their holders being killed.
+
+Each is opened by name (its own small segment) or placed inside another
+object's segment with ``.at(segment, offset)``; data structures embed them.
+Every blocking call takes ``timeout=``, releases the GIL while it waits and
+lets Ctrl-C through.  Uncontended calls make no system call.
+
+>>> import shmkit
+>>> m = shmkit.Mutex(None)                  # a fresh, uniquely named mutex
+>>> with m:
+...     pass                                # held here, by this process
+>>> m.close(); m.unlink()
+
+Crash robustness: if a holder dies (even by SIGKILL), the next acquirer gets
+the lock at once, :class:`OwnerDiedWarning` is issued and ``.recovered`` is
+True for that holding, so the caller can check the data the lock guards.
+
+Payload layouts (offsets from the object's start, native byte order)::
+
+    Mutex      0 u32 lock word (see _core/lock.c)
+    Event      0 u32 flag | waiters << 1
+    RWLock     0 u32 writers' mutex   4 u32 state (bit 0 writer in, bit 1 readers asleep)
+               8 u32 readers-left counter (the writer sleeps on it)
+              64 u64 per attach slot: generation << 32 | read holds
+    Semaphore  0 u32 mutex  4 i32 value  8 u32 change counter  12 u32 sleepers
+              16 u32 journal active  20 u32 journal slot  24 i32 old value
+              28 i32 old holds  32 i32 maximum (or -1)
+              64 u64 per attach slot: generation << 32 | holds (i32)
+    Condition  0 u32 mutex  4 u32 notify counter  8 u32 sleepers
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from . import _core
+from .errors import ClosedError, OwnerDiedWarning, Timeout, WouldBlock
+from .segment import Kind, Segment
+
+__all__ = ["Mutex", "RWLock", "Event", "Semaphore", "Condition"]
+
+_SLICE = 0.05  # seconds between liveness checks while asleep
+_ALL = 0x7FFFFFFF
+_GEN_MASK = 0xFFFFF
+
+
+def _deadline(timeout: float | None) -> float | None:
+    if timeout is None or timeout < 0:
+        return None
+    return time.monotonic() + timeout
+
+
+def _slice(deadline: float | None) -> float:
+    if deadline is None:
+        return _SLICE
+    return max(0.0, min(_SLICE, deadline - time.monotonic()))
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+class _Placed:
+    """Shared plumbing: where the object lives and how to open it by name."""
+
+    _kind: Kind
+    _seg: Segment
+    _own_segment = False
+
+    @classmethod
+    def _footprint(cls, max_slots: int) -> int:
+        return 64
+
+    def _place(self, seg: Segment, offset: int) -> None:
+        self._seg = seg
+        self._m = seg._live_mapping()
+        self._base = seg._hsize + offset
+        self._offset = offset
+
+    @classmethod
+    def _named_segment(cls, name: str | None, create: bool | None, layout: dict,
+                       init: Callable[[Segment], None] | None, kwargs: dict) -> Segment:
+        seg = Segment.__new__(Segment)
+        max_attach = kwargs.get("max_attach", 256)
+        size = cls._footprint(max_attach) if create is not False else None
+        seg._attach(name, kwargs.pop("path", None), size=size, create=create,
+                    kind=cls._kind, layout=layout, init=init, **kwargs)
+        return seg
+
+    @property
+    def name(self) -> str:
+        return self._seg.name
+
+    @property
+    def segment(self) -> Segment:
+        """The segment the object lives in."""
+        return self._seg
+
+    def close(self) -> None:
+        """Close this handle (and its segment if it has one of its own)."""
+        if self._own_segment:
+            self._seg.close()
+
+    def unlink(self) -> None:
+        """Remove the name (only for objects opened by name)."""
+        self._seg.unlink()
+
+    def __reduce__(self) -> tuple:
+        if self._own_segment:
+            return (_open_named, (type(self), self._seg))
+        return (type(self).at, (self._seg, self._offset))
+
+
+def _open_named(cls: type, seg: Segment) -> Any:
+    obj = cls.__new__(cls)
+    obj._adopt(seg)
+    return obj
+
+
+class Mutex(_core.Lock, _Placed):
+    """A crash-robust mutual-exclusion lock shared by name.
+
+    ``acquire(blocking=True, timeout=None)`` and ``release()`` behave like
+    :class:`threading.Lock` (any thread of the holding process may release);
+    ``with mutex:`` holds it for the block.
+
+    Parameters: as for :class:`shmkit.Segment` (``name``, ``path``,
+    ``lifetime``, ``mode``...); created if missing, opened if present.
+
+    Example
+    -------
+    >>> m = Mutex(None)
+    >>> m.acquire(timeout=1.0)
+    True
+    >>> m.locked(), m.recovered
+    (True, False)
+    >>> m.release(); m.close(); m.unlink()
+    """
+
+    _kind = Kind.MUTEX
+
+    def __init__(self, name: str | None = None, *, create: bool | None = None,
+                 **kwargs: Any) -> None:
+        self._adopt(self._named_segment(name, create, {}, None, kwargs))
+
+    def _adopt(self, seg: Segment) -> None:
+        self._own_segment = True
+        self._place(seg, 0)
+        super().__init__(self._m, self._base, f"mutex {seg.name!r}")
+
+    @classmethod
+    def create(cls, name: str | None = None, **kwargs: Any) -> "Mutex":
+        """Create a mutex; :class:`ExistsError` if the name is taken."""
+        return cls(name, create=True, **kwargs)
+
+    @classmethod
+    def open(cls, name: str, **kwargs: Any) -> "Mutex":
+        """Open an existing mutex; :class:`NotFoundError` if there is none."""
+        return cls(name, create=False, **kwargs)
+
+    @classmethod
+    def at(cls, segment: Segment, offset: int) -> "Mutex":
+        """The mutex stored at ``offset`` of ``segment``'s payload (4 bytes, zeroed = free)."""
+        return cls._embedded(segment, offset, f"mutex at {offset} of {segment.name!r}")
+
+    @classmethod
+    def _embedded(cls, segment: Segment, offset: int, what: str,
+                  absolute: bool = False) -> "Mutex":
+        obj = cls.__new__(cls)
+        obj._place(segment, offset)
+        if absolute:
+            obj._base = offset
+        _core.Lock.__init__(obj, obj._m, obj._base, what)
+        return obj
+
+    def acquire_nowait(self) -> None:
+        """Take the lock if it is free, else raise :class:`WouldBlock`."""
+        if not self.acquire(False):
+            raise WouldBlock(f"{self.name!r} is held")
+
+    @contextmanager
+    def held(self, timeout: float | None = None) -> Iterator["Mutex"]:
+        """``with m.held(timeout=1.0):`` holds the lock, or raises :class:`Timeout`."""
+        if not self.acquire(timeout=timeout):
+            raise Timeout(f"could not take mutex {self.name!r} within {timeout} s")
+        try:
+            yield self
+        finally:
+            self.release()
+
+    def holder_pid(self) -> int | None:
+        """The pid of the live holder, or None when free (or its holder died)."""
+        return self._seg.owner_pid(self.owner_token)
+
+    def statistics(self) -> dict:
+        """``{"locked", "holder_pid", "waiters", "recovered"}`` for this lock."""
+        return {"locked": self.locked(), "holder_pid": self.holder_pid(),
+                "waiters": self.has_waiters, "recovered": self.recovered}
+
+    def __repr__(self) -> str:
+        return f"<shmkit.Mutex {self.name!r} locked={self.locked()}>"
+
+
+class Event(_Placed):
+    """A cross-process event: ``set()``, ``clear()``, ``wait(timeout)``, ``is_set()``.
+
+    With ``auto_reset=True`` each ``set()`` releases exactly one waiter and the
+    flag clears itself (a Win32 auto-reset event); otherwise it stays set
+    until ``clear()`` (like :class:`threading.Event`).
+
+    Example
+    -------
+    >>> e = Event(None)
+    >>> e.set(); e.wait(timeout=0.1)
+    True
+    >>> e.close(); e.unlink()
+    """
+
+    _kind = Kind.EVENT
+
+    def __init__(self, name: str | None = None, *, auto_reset: bool = False,
+                 create: bool | None = None, **kwargs: Any) -> None:
+        self._adopt(self._named_segment(name, create, {"auto_reset": bool(auto_reset)},
+                                        None, kwargs))
+
+    def _adopt(self, seg: Segment) -> None:
+        self._own_segment = True
+        self._place(seg, 0)
+        self._auto = bool(seg.layout.get("auto_reset", False))
+
+    @classmethod
+    def at(cls, segment: Segment, offset: int, auto_reset: bool = False) -> "Event":
+        """The event stored at ``offset`` of ``segment``'s payload (4 bytes)."""
+        obj = cls.__new__(cls)
+        obj._place(segment, offset)
+        obj._auto = auto_reset
+        return obj
+
+    def __reduce__(self) -> tuple:
+        if self._own_segment:
+            return super().__reduce__()
+        return (type(self).at, (self._seg, self._offset, self._auto))
+
+    @property
+    def auto_reset(self) -> bool:
+        return self._auto
+
+    def set(self) -> None:
+        """Set the flag and wake the waiters (one waiter if auto-reset)."""
+        _core.event_set(self._m, self._base, self._auto)
+
+    def clear(self) -> None:
+        _core.event_clear(self._m, self._base)
+
+    def is_set(self) -> bool:
+        return bool(_core.load32(self._m, self._base) & 1)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until set; False if ``timeout`` seconds pass first."""
+        return _core.event_wait(self._m, self._base, timeout, self._auto)
+
+    def statistics(self) -> dict:
+        word = _core.load32(self._m, self._base)
+        return {"set": bool(word & 1), "waiters": word >> 1, "auto_reset": self._auto}
+
+
+class RWLock(_Placed):
+    """A writer-preferring reader/writer lock shared by name.
+
+    Any number of readers, or one writer.  A waiting writer stops new readers
+    from entering.  Readers are counted per attached process, so a reader
+    that dies never blocks writers: its holds are dropped and the writer gets
+    ``.recovered`` (and an :class:`OwnerDiedWarning`).
+
+    Example
+    -------
+    >>> rw = RWLock(None)
+    >>> with rw.read(): pass
+    >>> with rw.write(timeout=1.0): pass
+    >>> rw.close(); rw.unlink()
+    """
+
+    _kind = Kind.RWLOCK
+    recovered = False
+
+    def __init__(self, name: str | None = None, *, create: bool | None = None,
+                 **kwargs: Any) -> None:
+        self._adopt(self._named_segment(name, create, {}, None, kwargs))
+
+    @classmethod
+    def _footprint(cls, max_slots: int) -> int:
+        return 64 + 8 * max_slots
+
+    def _adopt(self, seg: Segment) -> None:
+        self._own_segment = True
+        self._setup(seg, 0)
+
+    def _setup(self, seg: Segment, offset: int) -> None:
+        self._place(seg, offset)
+        self._wlock = Mutex._embedded(seg, offset, f"write lock of {seg.name!r}")
+
+    @classmethod
+    def at(cls, segment: Segment, offset: int) -> "RWLock":
+        """The lock stored at ``offset`` (``64 + 8 * max_attach`` zeroed bytes)."""
+        obj = cls.__new__(cls)
+        obj._setup(segment, offset)
+        return obj
+
+    def _entry(self, slot: int) -> int:
+        return self._base + 64 + 8 * slot
+
+    def _count(self, delta: int) -> None:
+        m = self._m
+        token = m.token
+        if token == 0:
+            raise ClosedError(f"{self.name!r} is closed or was opened readonly")
+        off = self._entry(token & 0x3FF)
+        gen = token >> 10
+        while True:
+            v = _core.load64(m, off)
+            count = v & 0xFFFFFFFF if (v >> 32) == gen else 0
+            if count + delta < 0:
+                raise RuntimeError("release_read() without a matching acquire_read()")
+            if _core.cas64(m, off, v, (gen << 32) | (count + delta)):
+                return
+
+    def acquire_read(self, timeout: float | None = None) -> bool:
+        """Take a read hold; False if ``timeout`` passes first."""
+        m, state = self._m, self._base + 4
+        deadline = _deadline(timeout)
+        while True:
+            if not _core.load32(m, state) & 1:
+                self._count(+1)
+                if not _core.load32(m, state) & 1:
+                    return True
+                self._count(-1)  # a writer came in: step back and let it go first
+                self._readers_left()
+            s = _core.load32(m, state)
+            if s & 1:
+                if not s & 2 and not _core.cas32(m, state, s, s | 2):
+                    continue
+                if _expired(deadline):
+                    return False
+                if not _core.futex_wait(m, state, s | 2, _slice(deadline)):
+                    self._clear_dead_writer()
+
+    def _clear_dead_writer(self) -> None:
+        owner = self._wlock.owner_token
+        if owner and not _core.token_alive(self._m, owner):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", OwnerDiedWarning)
+                if not self._wlock.acquire(False):
+                    return
+            self._release_state()
+            self._wlock.release()
+
+    def _readers_left(self) -> None:
+        if _core.load32(self._m, self._base + 4) & 1:
+            _core.add32(self._m, self._base + 8, 1)
+            _core.futex_wake(self._m, self._base + 8, 1)
+
+    def release_read(self) -> None:
+        """Drop one read hold of this process."""
+        self._count(-1)
+        self._readers_left()
+
+    def acquire_write(self, timeout: float | None = None) -> bool:
+        """Take the write hold; False if ``timeout`` passes first."""
+        m = self._m
+        deadline = _deadline(timeout)
+        if not self._wlock.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        recovered = self._wlock.recovered
+        _core.store32(m, self._base + 4, 1 | (_core.load32(m, self._base + 4) & 2))
+        dead_readers = False
+        while True:
+            seq = _core.load32(m, self._base + 8)
+            busy = False
+            for slot in range(min(_core.load32(m, 68), self._m.max_slots)):
+                off = self._entry(slot)
+                v = _core.load64(m, off)
+                if not v & 0xFFFFFFFF:
+                    continue
+                token = ((v >> 32) & _GEN_MASK) << 10 | slot
+                if token != m.token and not _core.token_alive(m, token):
+                    _core.cas64(m, off, v, 0)  # a dead reader's holds
+                    dead_readers = True
+                    continue
+                busy = True
+            if not busy:
+                break
+            if _expired(deadline):
+                self._release_state()
+                self._wlock.release()
+                return False
+            _core.futex_wait(m, self._base + 8, seq, _slice(deadline))
+        self.recovered = recovered or dead_readers
+        if dead_readers and not recovered:
+            warnings.warn(f"write lock of {self.name!r}: a reader died while holding it; "
+                          "its holds were dropped", OwnerDiedWarning, stacklevel=2)
+        return True
+
+    def _release_state(self) -> None:
+        m, state = self._m, self._base + 4
+        while True:
+            s = _core.load32(m, state)
+            if _core.cas32(m, state, s, 0):
+                break
+        if s & 2:
+            _core.futex_wake(m, state, _ALL)
+
+    def release_write(self) -> None:
+        """Drop the write hold."""
+        if self._wlock.owner_token != self._m.token:
+            raise RuntimeError(f"release_write() of {self.name!r} without holding it")
+        self._release_state()
+        self._wlock.release()
+
+    @contextmanager
+    def read(self, timeout: float | None = None) -> Iterator[None]:
+        """``with rw.read():`` a read hold for the block; :class:`Timeout` if not in time."""
+        if not self.acquire_read(timeout):
+            raise Timeout(f"could not read-lock {self.name!r} within {timeout} s")
+        try:
+            yield
+        finally:
+            self.release_read()
+
+    @contextmanager
+    def write(self, timeout: float | None = None) -> Iterator[None]:
+        """``with rw.write():`` the write hold for the block; :class:`Timeout` if not in time."""
+        if not self.acquire_write(timeout):
+            raise Timeout(f"could not write-lock {self.name!r} within {timeout} s")
+        try:
+            yield
+        finally:
+            self.release_write()
+
+    def statistics(self) -> dict:
+        m = self._m
+        readers = {}
+        for slot in range(min(_core.load32(m, 68), m.max_slots)):
+            v = _core.load64(m, self._entry(slot))
+            token = ((v >> 32) & _GEN_MASK) << 10 | slot
+            if v & 0xFFFFFFFF and (token == m.token or _core.token_alive(m, token)):
+                pid = self._seg.owner_pid(token) or os.getpid()
+                readers[pid] = readers.get(pid, 0) + (v & 0xFFFFFFFF)
+        return {"writer_pid": self._wlock.holder_pid(), "readers": readers,
+                "writer_waiting_or_in": bool(_core.load32(m, self._base + 4) & 1)}
+
+
+class Semaphore(_Placed):
+    """A counting semaphore shared by name; counts held by dead processes return.
+
+    ``acquire(timeout)`` takes one unit, ``release()`` gives one back.  Each
+    process's holds are recorded in its attach slot, so when a process dies
+    its units go back to the pool.  With ``maximum=`` set, releasing beyond
+    it raises ``ValueError`` (a bounded semaphore).
+
+    Example
+    -------
+    >>> s = Semaphore(None, value=2)
+    >>> s.acquire(), s.acquire(), s.acquire(timeout=0)
+    (True, True, False)
+    >>> s.release(); s.value
+    1
+    >>> s.close(); s.unlink()
+    """
+
+    _kind = Kind.SEMAPHORE
+
+    def __init__(self, name: str | None = None, value: int = 1, *,
+                 maximum: int | None = None, create: bool | None = None,
+                 **kwargs: Any) -> None:
+        if not 0 <= value < 2**31 or (maximum is not None and not value <= maximum < 2**31):
+            raise ValueError("need 0 <= value <= maximum < 2**31")
+
+        def init(seg: Segment) -> None:
+            _core.store32(seg._mapping, seg._hsize + 4, value)
+            _core.store32(seg._mapping, seg._hsize + 32,
+                          0xFFFFFFFF if maximum is None else maximum)
+
+        self._adopt(self._named_segment(name, create, {"value": value, "maximum": maximum},
+                                        init, kwargs))
+
+    @classmethod
+    def _footprint(cls, max_slots: int) -> int:
+        return 64 + 8 * max_slots
+
+    def _adopt(self, seg: Segment) -> None:
+        self._own_segment = True
+        self._setup(seg, 0)
+
+    def _setup(self, seg: Segment, offset: int) -> None:
+        self._place(seg, offset)
+        self._lock = Mutex._embedded(seg, offset, f"semaphore {seg.name!r}")
+
+    @classmethod
+    def at(cls, segment: Segment, offset: int, value: int | None = None) -> "Semaphore":
+        """The semaphore at ``offset`` (``64 + 8 * max_attach`` bytes); ``value`` initialises it."""
+        obj = cls.__new__(cls)
+        obj._setup(segment, offset)
+        if value is not None:
+            _core.store32(obj._m, obj._base + 4, value)
+            _core.store32(obj._m, obj._base + 32, 0xFFFFFFFF)
+        return obj
+
+    def _i32(self, off: int) -> int:
+        v = _core.load32(self._m, self._base + off)
+        return v - (1 << 32) if v >= 1 << 31 else v
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OwnerDiedWarning)
+            self._lock.acquire()
+        try:
+            if self._lock.recovered:
+                self._roll_back()
+            yield
+        finally:
+            self._lock.release()
+
+    def _roll_back(self) -> None:
+        # A process died inside an update: undo it (its caller never returned).
+        m, b = self._m, self._base
+        if _core.load32(m, b + 16):
+            slot = _core.load32(m, b + 20)
+            if slot < m.max_slots:
+                _core.store32(m, b + 4, _core.load32(m, b + 24))
+                off = b + 64 + 8 * slot
+                v = _core.load64(m, off)
+                _core.store64(m, off, (v & ~0xFFFFFFFF) | _core.load32(m, b + 28))
+            _core.store32(m, b + 16, 0)
+
+    def _update(self, slot: int, value: int, held_delta: int) -> None:
+        m, b = self._m, self._base
+        off = b + 64 + 8 * slot
+        v = _core.load64(m, off)
+        gen = self._m.token >> 10 if slot == (m.token & 0x3FF) else v >> 32
+        held = v & 0xFFFFFFFF if (v >> 32) == gen else 0
+        _core.store32(m, b + 20, slot)
+        _core.store32(m, b + 24, self._i32(4) & 0xFFFFFFFF)
+        _core.store32(m, b + 28, held)
+        _core.store32(m, b + 16, 1)  # journal written: from here a crash rolls back
+        _core.store32(m, b + 4, value & 0xFFFFFFFF)
+        _core.store64(m, off, (gen << 32) | ((held + held_delta) & 0xFFFFFFFF))
+        _core.store32(m, b + 16, 0)
+
+    def _reclaim_dead(self) -> bool:
+        # Called with the internal lock held: give back what dead processes held.
+        m, b = self._m, self._base
+        freed = False
+        for slot in range(min(_core.load32(m, 68), m.max_slots)):
+            v = _core.load64(m, b + 64 + 8 * slot)
+            held = v & 0xFFFFFFFF
+            if not held:
+                continue
+            token = ((v >> 32) & _GEN_MASK) << 10 | slot
+            if token == m.token or _core.token_alive(m, token):
+                continue
+            held = held - (1 << 32) if held >= 1 << 31 else held
+            self._update(slot, self._i32(4) + max(held, 0), -held)
+            freed = freed or held > 0
+        return freed
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Take one unit; False if none is free within ``timeout`` seconds."""
+        m, b = self._m, self._base
+        if m.token == 0:
+            raise ClosedError(f"{self.name!r} is closed or was opened readonly")
+        deadline = _deadline(timeout if blocking else 0)
+        checked = False
+        while True:
+            seq = _core.load32(m, b + 8)
+            with self._locked():
+                if self._i32(4) <= 0 and not checked:
+                    checked = True
+                    self._reclaim_dead()
+                if self._i32(4) > 0:
+                    self._update(m.token & 0x3FF, self._i32(4) - 1, +1)
+                    return True
+            if _expired(deadline):
+                return False
+            _core.add32(m, b + 12, 1)
+            try:
+                if not _core.futex_wait(m, b + 8, seq, _slice(deadline)):
+                    checked = False  # slept a whole slice: look for dead holders again
+            finally:
+                _core.add32(m, b + 12, -1)
+
+    def release(self, n: int = 1) -> None:
+        """Give back ``n`` units and wake as many waiters."""
+        m, b = self._m, self._base
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        with self._locked():
+            value = self._i32(4) + n
+            maximum = _core.load32(m, b + 32)
+            if maximum != 0xFFFFFFFF and value > maximum:
+                raise ValueError(f"semaphore {self.name!r} released beyond its maximum "
+                                 f"{maximum}")
+            self._update(m.token & 0x3FF, value, -n)
+            _core.add32(m, b + 8, 1)
+        if _core.load32(m, b + 12):
+            _core.futex_wake(m, b + 8, n)
+
+    def acquire_nowait(self) -> None:
+        """Take a unit now or raise :class:`WouldBlock`."""
+        if not self.acquire(False):
+            raise WouldBlock(f"semaphore {self.name!r} has no free unit")
+
+    @property
+    def value(self) -> int:
+        """Units free now (dead processes' units count once someone waits)."""
+        return self._i32(4)
+
+    def __enter__(self) -> "Semaphore":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def statistics(self) -> dict:
+        return {"value": self.value, "waiters": _core.load32(self._m, self._base + 12)}
+
+
+class Condition(_Placed):
+    """A condition variable with its own robust mutex, shared by name.
+
+    Use it as :class:`threading.Condition`: hold it (``with cond:``), then
+    ``wait(timeout)`` / ``wait_for(predicate, timeout)`` or ``notify(n)`` /
+    ``notify_all()``.
+
+    Example
+    -------
+    >>> c = Condition(None)
+    >>> with c:
+    ...     c.notify_all()
+    ...     c.wait(timeout=0.01)
+    False
+    >>> c.close(); c.unlink()
+    """
+
+    _kind = Kind.CONDITION
+
+    def __init__(self, name: str | None = None, *, create: bool | None = None,
+                 **kwargs: Any) -> None:
+        self._adopt(self._named_segment(name, create, {}, None, kwargs))
+
+    def _adopt(self, seg: Segment) -> None:
+        self._own_segment = True
+        self._setup(seg, 0)
+
+    def _setup(self, seg: Segment, offset: int) -> None:
+        self._place(seg, offset)
+        self.lock = Mutex._embedded(seg, offset, f"condition {seg.name!r}")
+
+    @classmethod
+    def at(cls, segment: Segment, offset: int) -> "Condition":
+        """The condition at ``offset`` of the payload (12 zeroed bytes)."""
+        obj = cls.__new__(cls)
+        obj._setup(segment, offset)
+        return obj
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        return self.lock.acquire(blocking, -1 if timeout is None else timeout)
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> "Condition":
+        self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Release the lock, sleep until notified, re-take it; False on timeout."""
+        m, b = self._m, self._base
+        seq = _core.load32(m, b + 4)
+        _core.add32(m, b + 8, 1)
+        self.lock.release()
+        try:
+            woke = _core.futex_wait(m, b + 4, seq, timeout)
+        finally:
+            _core.add32(m, b + 8, -1)
+            self.lock.acquire()
+        return woke
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Wait until ``predicate()`` is true; returns its last value."""
+        deadline = _deadline(timeout)
+        result = predicate()
+        while not result:
+            if _expired(deadline):
+                break
+            self.wait(None if deadline is None else deadline - time.monotonic())
+            result = predicate()
+        return result
+
+    def notify(self, n: int = 1) -> None:
+        """Wake up to ``n`` waiters."""
+        m, b = self._m, self._base
+        _core.add32(m, b + 4, 1)
+        if _core.load32(m, b + 8):
+            _core.futex_wake(m, b + 4, n)
+
+    def notify_all(self) -> None:
+        self.notify(_ALL)
+
+    def statistics(self) -> dict:
+        return {"waiters": _core.load32(self._m, self._base + 8),
+                "holder_pid": self.lock.holder_pid()}
