@@ -1,0 +1,64 @@
+"""Fixtures shared by the test suite: unique names and real child processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import secrets
+import subprocess
+import sys
+import textwrap
+from typing import Any, Callable, Iterator
+
+import pytest
+
+SPAWN = multiprocessing.get_context("spawn")
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A segment name no other test (or concurrent test run) uses; removed afterwards."""
+    made = f"t-{secrets.token_hex(6)}"
+    yield made
+    _remove(made)
+
+
+@pytest.fixture
+def names() -> Iterator[Callable[[], str]]:
+    """A factory of unique names, all removed afterwards."""
+    made: list[str] = []
+
+    def make() -> str:
+        made.append(f"t-{secrets.token_hex(6)}")
+        return made[-1]
+
+    yield make
+    for n in made:
+        _remove(n)
+
+
+def _remove(name: str) -> None:
+    try:
+        os.unlink(f"/dev/shm/shmkit.{name}")
+    except FileNotFoundError:
+        pass
+
+
+def spawn(target: Callable[..., Any], *args: Any) -> multiprocessing.Process:
+    """Start ``target(*args)`` in a freshly spawned interpreter (not a fork)."""
+    p = SPAWN.Process(target=target, args=args, daemon=True)
+    p.start()
+    return p
+
+
+def run_python(code: str, *args: str, timeout: float = 60, check: bool = True,
+               **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run ``code`` in a separate python program, as an unrelated process would."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
