@@ -91,6 +91,16 @@ class _Placed:
                     kind=cls._kind, layout=layout, init=init, **kwargs)
         return seg
 
+    @classmethod
+    def create(cls, name: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Create it by name; :class:`ExistsError` if the name is taken."""
+        return cls(name, *args, create=True, **kwargs)
+
+    @classmethod
+    def open(cls, name: str, **kwargs: Any) -> Any:
+        """Open it by name; :class:`NotFoundError` if there is none."""
+        return cls(name, create=False, **kwargs)
+
     @property
     def name(self) -> str:
         return self._seg.name
@@ -151,16 +161,6 @@ class Mutex(_core.Lock, _Placed):
         self._own_segment = True
         self._place(seg, 0)
         super().__init__(self._m, self._base, f"mutex {seg.name!r}")
-
-    @classmethod
-    def create(cls, name: str | None = None, **kwargs: Any) -> "Mutex":
-        """Create a mutex; :class:`ExistsError` if the name is taken."""
-        return cls(name, create=True, **kwargs)
-
-    @classmethod
-    def open(cls, name: str, **kwargs: Any) -> "Mutex":
-        """Open an existing mutex; :class:`NotFoundError` if there is none."""
-        return cls(name, create=False, **kwargs)
 
     @classmethod
     def at(cls, segment: Segment, offset: int) -> "Mutex":
