@@ -64,7 +64,10 @@ class _Worker:
         return self.conn.recv()
 
     def stop(self) -> None:
-        self.conn.send(None)
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass  # already ended by multiprocessing's own exit handling
         self.proc.join(10)
 
 

@@ -46,7 +46,6 @@ import os
 import re
 import secrets
 import struct
-import threading
 import time
 import weakref
 from enum import IntEnum
@@ -197,8 +196,8 @@ class SegmentInfo(dict):
     """A plain dict describing a segment, as ``shmkit info --json`` prints it."""
 
 
-_live: "weakref.WeakSet[Segment]" = weakref.WeakSet()
-_live_lock = threading.Lock()
+# Open segments of this process, for the at-fork hook (weak: never keeps one open).
+_live: "dict[int, weakref.ref[Segment]]" = {}
 
 
 class Segment:
@@ -425,7 +424,8 @@ class Segment:
             os.close(fd)
             raise
         self._setup(fd, mapping, head.header_size)
-        if os.fstat(fd).st_nlink == 0:  # removed while we attached: start over
+        # A last "attached" closer may have removed it while we attached: start over.
+        if self._flags & _FLAG_ATTACHED and os.fstat(fd).st_nlink == 0:
             self._detach()
             raise FileNotFoundError(self._path)
 
@@ -455,9 +455,8 @@ class Segment:
         self._fd = fd
         self._mapping = mapping
         self._hsize = header_size
-        raw = bytes(memoryview(mapping)[:_HEADER.size])
         (_m, _v, kind, flags, max_slots, _h, _s, max_size, created_ns, creator_pid, *_r
-         ) = _HEADER.unpack(raw)
+         ) = _HEADER.unpack_from(mapping)
         self._flags = flags
         self._max_slots = max_slots
         self._max_size = max_size
@@ -467,8 +466,7 @@ class Segment:
         mapping.max_slots = max_slots
         self._closed = False
         self._claim_slot()
-        with _live_lock:
-            _live.add(self)
+        _live[id(self)] = weakref.ref(self)
 
     def _claim_slot(self) -> None:
         fd, n = self._fd, self._max_slots
@@ -494,7 +492,7 @@ class Segment:
             gen = (_core.add32(m, base, 1) + 1) & 0xFFFFF
         _core.store32(m, base + 4, os.getpid())
         _core.store64(m, base + 8, time.time_ns())
-        comm = _process_name().encode()[:16].ljust(16, b"\0")
+        comm = _process_name()
         view = memoryview(m)
         view[base + 24:base + 40] = comm
         view.release()
@@ -529,9 +527,9 @@ class Segment:
         if self._closed:
             return
         unlink = (self._flags & _FLAG_ATTACHED) and not self._readonly
-        if self._readonly:
-            _core.ofd_unlock(self._fd, _READER_BYTE, 1)
-        elif self._token:
+        # Closing the descriptor (in _detach) drops our slot's lock; only the
+        # "attached" lifetime needs it dropped first, to test for others.
+        if unlink:
             _core.ofd_unlock(self._fd, _SLOT_LOCK_BASE + (self._token & 0x3FF), 1)
         if unlink and _core.ofd_lock(self._fd, 1, _SLOT_LOCK_BASE + self._max_slots - 1):
             try:  # nobody else is attached, and nobody can attach while we hold this
@@ -543,8 +541,7 @@ class Segment:
 
     def _detach(self) -> None:
         self._closed = True
-        with _live_lock:
-            _live.discard(self)
+        _live.pop(id(self), None)
         if self._mapping is not None:
             self._mapping.token = 0
             self._mapping.fd = -1
@@ -849,12 +846,20 @@ def _reopen(cls: type, name: str, path: str, readonly: bool) -> Segment:
     return cls.open(name, path=path, readonly=readonly)
 
 
-def _process_name() -> str:
-    try:
-        with open("/proc/self/comm", "rb") as f:
-            return f.read().decode("utf-8", "replace").strip()
-    except OSError:
-        return "?"
+_comm: tuple[int, bytes] | None = None
+
+
+def _process_name() -> bytes:
+    """This process's name as the attach table stores it (16 bytes), cached per pid."""
+    global _comm
+    if _comm is None or _comm[0] != os.getpid():
+        try:
+            with open("/proc/self/comm", "rb") as f:
+                name = f.read().strip()
+        except OSError:
+            name = b"?"
+        _comm = (os.getpid(), name[:16].ljust(16, b"\0"))
+    return _comm[1]
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
@@ -872,8 +877,10 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
 
 
 def _after_fork_in_child() -> None:
-    for seg in list(_live):
-        seg._reattach_after_fork()
+    for ref in list(_live.values()):
+        seg = ref()
+        if seg is not None:
+            seg._reattach_after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
