@@ -271,17 +271,21 @@ def _pids(obj: dict[str, Any], limit: int = 6) -> str:
 
 def _objects_table(objects: list[dict[str, Any]], activity: bool = False,
                    title: str | None = None) -> Any:
+    from rich import box
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=title, title_justify="left", header_style="bold")
-    table.add_column("NAME", no_wrap=True, overflow="fold")
-    for column in ("KIND", "SIZE", "CREATOR", "ATTACHED", "LIFETIME"):
-        table.add_column(column, justify="right" if column in ("SIZE", "CREATOR") else "left",
-                         no_wrap=column != "ATTACHED")
+    table = Table(title=title, title_justify="left", header_style="bold",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("NAME", overflow="fold")
+    table.add_column("KIND", overflow="fold")
+    table.add_column("SIZE", justify="right", no_wrap=True)
+    table.add_column("CREATOR", justify="right", no_wrap=True)
+    table.add_column("ATTACHED", overflow="fold")
+    table.add_column("LIFETIME", overflow="fold")
     if activity:
-        table.add_column("ACTIVITY")
-    table.add_column("STATE")
+        table.add_column("ACTIVITY", overflow="fold")
+    table.add_column("STATE", overflow="fold")
     total = 0
     for obj in objects:
         size = obj["size"]
@@ -321,7 +325,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _lock_text(lock: dict[str, Any]) -> str:
-    waiters = ", processes waiting" if lock.get("waiters") else ""
+    waiters = ", processes may be waiting" if lock.get("waiters") else ""
     if not lock.get("held"):
         return "free" + waiters
     pid = lock.get("holder_pid")
@@ -374,7 +378,8 @@ def _kind_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     for key in ("record", "array"):
         if key in info:
             d = info[key]
-            text = d["dtype"]
+            fields = d.get("fields", [])
+            text = f"{len(fields)} fields" if fields else d["dtype"]
             if "shape" in d:
                 text += f", shape {tuple(d['shape'])}"
             if "itemsize" in d:
@@ -408,14 +413,14 @@ def _flatten(key: str, value: Any) -> list[tuple[str, str]]:
 
 
 def _info_table(info: dict[str, Any]) -> Any:
+    from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     state = info["state"]
     title = Text.assemble((info["name"], "bold"), "  ", (info["kind"] or "?", "cyan"), "  ",
                           (state, _state_style(state)))
-    table = Table(title=title, title_justify="left", show_header=False, box=None,
-                  padding=(0, 2, 0, 1))
+    table = Table(show_header=False, box=None, padding=(0, 2, 0, 1))
     table.add_column(style="dim", no_wrap=True)
     table.add_column(overflow="fold")
     rows: list[tuple[str, Any]] = [("path", info["path"])]
@@ -458,7 +463,7 @@ def _info_table(info: dict[str, Any]) -> Any:
         rows.append(("detail", Text(f"unavailable: {info['detail_error']}", style="red")))
     for k, v in rows:
         table.add_row(k, v if isinstance(v, Text) else Text(str(v)))
-    return table
+    return Group(title, table)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ segments created with ``path=``.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import importlib
 import os
@@ -148,7 +149,8 @@ def scan(target: str) -> dict[str, Any]:
             out.update(uid=st.st_uid, mode=stat.S_IMODE(st.st_mode), file_bytes=st.st_size)
         except OSError:
             pass
-        out["state"] = f"unreadable: {e.strerror}"
+        reason = "a symbolic link (never followed)" if e.errno == errno.ELOOP else e.strerror
+        out["state"] = f"unreadable: {reason}"
         return out
     try:
         st = os.fstat(fd)
