@@ -553,3 +553,93 @@ def test_bench_runs_the_checkouts_benchmarks() -> None:
         pytest.skip("this checkout has no benchmarks/ yet")
     proc = cli("bench", "--list", cwd="/")
     assert proc.stdout.strip()
+
+
+# -- hostile headers ----------------------------------------------------------
+
+
+def _patched(data: bytes, *edits: tuple[int, str, Any]) -> bytes:
+    raw = bytearray(data)
+    for off, fmt, value in edits:
+        struct.pack_into(fmt, raw, off, value)
+    return bytes(raw)
+
+
+def _hostile_variants(good: bytes) -> dict[str, bytes]:
+    """Copies of a valid segment file with one field made inconsistent."""
+    def layout(text: bytes) -> bytes:
+        raw = bytearray(_patched(good, (72, "=I", len(text))))
+        raw[1024:1024 + len(text)] = text
+        return bytes(raw)
+
+    payload = struct.unpack_from("=Q", good, 24)[0]
+    out = {
+        "layout_len": _patched(good, (72, "=I", 5000)),
+        "layout_json": layout(b"{not json"),
+        "layout_list": layout(b"[1, 2]"),
+        "layout_dtype": layout(b'{"dtype": {"names": ["a"], "formats": []}, "itemsize": 3}'),
+        "hwm": _patched(good, (68, "=I", 0xFFFFFFFF)),
+        "max_slots": _patched(good, (20, "=I", 5000)),
+        "hdr_size": _patched(good, (24, "=Q", 12345)),
+        "size": _patched(good, (32, "=Q", 1 << 40)),
+        # a mutex held by a token that no attachment can have (slot 1023 of 256)
+        "mutex_word": _patched(good, (12, "=I", int(shmkit.Kind.MUTEX)),
+                               (payload, "=I", 0x7FFFFFFF)),
+        "table": good[:4096] + os.urandom(4096) + good[8192:],
+    }
+    for kind in shmkit.Kind:  # every kind's reader over a 12-byte struct payload
+        out[f"kind_{kind.name.lower()}"] = _patched(good, (12, "=I", int(kind)))
+    return out
+
+
+def test_hostile_headers_never_crash_ls_or_info(names: Any, holder: Any) -> None:
+    src = names()
+    h = holder(f"s = shmkit.Struct({src!r}, np.dtype([('x', '<f8'), ('n', '<i4')]))")
+    h.stop()
+    with open(shm(src), "rb") as f:
+        good = f.read()
+    made = {}
+    for label, data in _hostile_variants(good).items():
+        made[label] = names()
+        _write(shm(made[label]), data)
+    by_name = {o["name"]: o for o in cli_json("info", *made.values())}
+    assert set(by_name) == set(made.values())
+    states = {label: by_name[n]["state"] for label, n in made.items()}
+    for label in ("layout_len", "layout_json", "layout_list", "max_slots", "hdr_size", "size"):
+        assert states[label].startswith("corrupt: "), (label, states[label])
+    for label in ("hwm", "table", "mutex_word", "layout_dtype"):
+        assert states[label] == "ok", (label, states[label])
+    assert by_name[made["hwm"]]["attached"] == []
+    assert "detail_error" in by_name[made["layout_dtype"]]  # Struct refused it, segment shown
+    assert by_name[made["mutex_word"]]["mutex"] == {
+        "held": True, "holder_pid": None, "holder_alive": False, "waiters": False}
+    assert "detail_error" in by_name[made["kind_rwlock"]]  # payload too small for one
+    for kind in shmkit.Kind:
+        got = by_name[made[f"kind_{kind.name.lower()}"]]
+        assert got["state"] == "ok" and got["kind"] == kind.name.lower()
+    cli("ls", *made.values())
+    cli("top", "--once")
+    text = cli("info", *made.values()).stdout
+    assert text.count("corrupt: ") >= 6
+
+
+def test_describing_is_invisible_to_a_closing_last_process(names: Any) -> None:
+    # While info has an object open, the last attached-lifetime process closing
+    # must still remove it (a read-only handle's lock on byte 1 would stop it).
+    for kind_open in (lambda n: shmkit.Segment(n, size=64, lifetime="attached"),
+                      lambda n: shmkit.Mutex(n, lifetime="attached")):
+        n = names()
+        obj = kind_open(n)
+        looker, why = inspect._open_readonly(
+            shmkit.Kind[inspect.scan(n)["kind"].upper()], n, shm(n))
+        try:
+            assert why is None
+            fd = os.open(shm(n), os.O_RDONLY)
+            try:
+                assert not shmkit._core.ofd_held(fd, 1, 1)
+            finally:
+                os.close(fd)
+            obj.close()
+            assert not os.path.exists(shm(n))
+        finally:
+            looker.close()

@@ -92,7 +92,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "top": ("a live view of every object (lock holders, event states), refreshed until "
             "Ctrl-C", _examples(
                 ("Watch every object, refreshed every second:", "shmkit top"),
-                ("Refresh five times a second:", "shmkit top --interval 0.2"),
+                ("Watch only the objects whose names start with \"jobs\", five times a "
+                 "second:", "shmkit top --interval 0.2 'jobs*'"),
                 ("Print one frame and exit:", "shmkit top --once"),
             )),
     "demo": ("run the demo: senders and a receiver meeting by name in shared memory",
@@ -163,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gc)
 
     p = command("top")
+    p.add_argument("patterns", nargs="*", metavar="PATTERN",
+                   help="only objects whose names match these shell patterns")
     p.add_argument("--interval", type=_positive, default=1.0, metavar="SECONDS",
                    help="seconds between refreshes (default 1)")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
@@ -535,13 +538,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def _top_frame() -> Any:
+def _top_frame(patterns: Sequence[str]) -> Any:
     from rich.console import Group
     from rich.text import Text
 
     from .inspect import list_objects
 
-    objects = list_objects()
+    objects = list_objects(patterns)
     stamp = datetime.datetime.now().strftime("%H:%M:%S")
     head = Text.assemble(("shmkit top", "bold"), f"  {stamp}  ",
                          ("Ctrl-C to quit", "dim"))
@@ -555,14 +558,14 @@ def cmd_top(args: argparse.Namespace) -> int:
 
     console = _console()
     if args.once:
-        console.print(_top_frame())
+        console.print(_top_frame(args.patterns))
         return 0
     try:
-        with Live(_top_frame(), console=console, auto_refresh=False,
+        with Live(_top_frame(args.patterns), console=console, auto_refresh=False,
                   screen=False, redirect_stdout=False) as live:
             while True:
                 time.sleep(args.interval)
-                live.update(_top_frame(), refresh=True)
+                live.update(_top_frame(args.patterns), refresh=True)
     except KeyboardInterrupt:
         return 0
 

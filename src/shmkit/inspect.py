@@ -267,15 +267,29 @@ def _open_readonly(kind: Kind, name: str, path: str) -> tuple[Any, str | None]:
             try:
                 opener = getattr(cls, "open", None)
                 if callable(opener):
-                    return opener(pname, path=path, readonly=True), None
-                return cls(pname, create=False, path=path, readonly=True), None
+                    return _unseen(opener(pname, path=path, readonly=True)), None
+                return _unseen(cls(pname, create=False, path=path, readonly=True)), None
             except NotFoundError:
                 raise
             except Exception as e:  # the class could not read it: say so, show the segment
                 why = f"{spec.split(':')[1]} could not open it: {e}"
     seg = Segment.__new__(Segment)
     seg._attach(pname, path, size=None, create=False, readonly=True, kind=kind)
-    return seg, why
+    return _unseen(seg), why
+
+
+def _unseen(obj: Any) -> Any:
+    """Drop the shared lock a read-only handle holds on byte 1.
+
+    While held, a last ``attached``-lifetime process closing would see a
+    reader and leave the segment behind for ``gc``; looking must not do that.
+    Without it we are invisible: if the segment is removed meanwhile, our
+    mapping stays valid and we read what it held.
+    """
+    seg = obj if isinstance(obj, Segment) else getattr(obj, "segment", None)
+    if isinstance(seg, Segment) and seg.readonly and not seg.closed:
+        _core.ofd_unlock(seg._fd, _READER_BYTE, 1)
+    return obj
 
 
 def _slot_pid(seg: Segment, token: int) -> int | None:
