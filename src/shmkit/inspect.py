@@ -637,6 +637,12 @@ def _reap_temp(path: str, pid: int | None, dry_run: bool) -> bool:
         os.close(fd)
 
 
+def _yours(uid: int | None) -> bool:
+    """Objects gc may clean: your own (root: everyone's)."""
+    euid = os.geteuid()
+    return euid == 0 or uid == euid
+
+
 def collect_garbage(dry_run: bool = False,
                     patterns: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Remove what crashed processes left behind in /dev/shm.
@@ -647,12 +653,13 @@ def collect_garbage(dry_run: bool = False,
     - hidden creation temp files (``.shmkit.*.tmp``) of dead creators.
 
     ``patterns`` (shell wildcards) limits it to the objects (and the temp
-    files of the objects) whose names match.  Never removes a persistent
-    segment, a corrupt one (``shmkit rm`` it if
-    you know it is garbage) or anything a live process holds.  Returns one
-    ``{"name", "path", "reason", "removed"}`` per object removed (or, with
-    ``dry_run=True``, that would be; ``removed`` is then False).  Objects it
-    may not touch (another user's) are skipped with ``"error"`` set.
+    files of the objects) whose names match.  Only your own objects are
+    considered (root: everyone's).  Never removes a persistent segment, a
+    corrupt one (``shmkit rm`` it if you know it is garbage) or anything a
+    live process holds.  Returns one ``{"name", "path", "reason",
+    "removed"}`` per object removed (or, with ``dry_run=True``, that would
+    be; ``removed`` is then False); one that could not be removed has
+    ``"error"`` set.
 
     >>> collect_garbage(dry_run=True)     # doctest: +SKIP
     [{'name': 'jobs', 'path': '/dev/shm/shmkit.jobs', 'reason': ..., 'removed': False}]
@@ -671,6 +678,8 @@ def collect_garbage(dry_run: bool = False,
                         "error": getattr(e, "strerror", None) or str(e)})
 
     for obj in list_objects(patterns):
+        if not _yours(obj["uid"]):
+            continue
         if obj["state"] == "stale":
             attempt(obj["name"], obj["path"],
                     "lifetime 'attached' and every attached process is gone",
@@ -679,7 +688,11 @@ def collect_garbage(dry_run: bool = False,
             attempt(obj["name"], obj["path"], "half-created: its creator died",
                     _reap_half_created)
     for name, path, pid in _temp_files():
-        if _matches(name, patterns):
+        try:
+            uid = os.lstat(path).st_uid
+        except FileNotFoundError:
+            continue
+        if _matches(name, patterns) and _yours(uid):
             attempt(os.path.basename(path), path, f"creation temp file of {name!r} left "
                     "by a process that died", _reap_temp, pid)
     return out
