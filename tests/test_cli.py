@@ -643,3 +643,20 @@ def test_describing_is_invisible_to_a_closing_last_process(names: Any) -> None:
             assert not os.path.exists(shm(n))
         finally:
             looker.close()
+
+
+def test_links_and_fifos_are_listed_never_followed_or_opened(names: Any,
+                                                             tmp_path: Any) -> None:
+    link, fifo = names(), names()
+    target = tmp_path / "precious"
+    target.write_bytes(MAGIC + bytes(8192))
+    os.symlink(target, shm(link))
+    os.mkfifo(shm(fifo), 0o600)  # opening it for reading would block a careless tool
+    states = {o["name"]: o["state"] for o in cli_json("ls", link, fifo)}
+    assert states == {link: "unreadable: a symbolic link (never followed)",
+                      fifo: "unreadable: not a regular file"}
+    (got,) = cli_json("info", link)
+    assert got["state"] == states[link]
+    assert cli_json("gc", link, fifo) == []
+    cli("rm", link)
+    assert not os.path.lexists(shm(link)) and target.exists()  # the link, not its target

@@ -172,8 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_top)
 
     p = command("demo")
-    p.add_argument("--senders", type=_count, metavar="N", help="sender processes")
-    p.add_argument("--records", type=_count, metavar="N", help="records each sender sends")
+    p.add_argument("--senders", type=_count, metavar="N",
+                   help="sender processes (default: the demo's own)")
+    p.add_argument("--records", type=_count, metavar="N",
+                   help="records each sender sends (default: the demo's own)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
     p.set_defaults(func=cmd_demo)
 
@@ -207,16 +209,14 @@ def _count(text: str) -> int:
 # -- output helpers -----------------------------------------------------------
 
 
-class _Failed(Exception):
-    """A command finished with errors it has already reported."""
-
-
-def _console(stderr: bool = False) -> Any:
+def _console() -> Any:
+    """A rich console for stdout: colours on a terminal, no markup or emoji codes in
+    names (``a:smile:`` is a valid name), 160 columns when piped."""
     from rich.console import Console
 
-    stream = sys.stderr if stderr else sys.stdout
-    wide = stream.isatty() or "COLUMNS" in os.environ
-    return Console(file=stream, highlight=False, width=None if wide else 160)
+    wide = sys.stdout.isatty() or "COLUMNS" in os.environ
+    return Console(highlight=False, markup=False, emoji=False,
+                   width=None if wide else 160)
 
 
 def _error(command: str | None, message: str) -> None:
