@@ -660,3 +660,29 @@ def test_links_and_fifos_are_listed_never_followed_or_opened(names: Any,
     assert cli_json("gc", link, fifo) == []
     cli("rm", link)
     assert not os.path.lexists(shm(link)) and target.exists()  # the link, not its target
+
+
+class Careless(shmkit.Segment):
+    """A kind's class whose open() drops readonly=True (attaches read-write)."""
+
+    _kind = shmkit.Kind.HEAP
+
+    @classmethod
+    def open(cls, name: str | None = None, **kwargs: Any) -> "Careless":
+        kwargs.pop("readonly", None)
+        return super().open(name, **kwargs)
+
+
+def test_a_class_ignoring_readonly_is_not_used_and_removes_nothing(
+        name: str, holder: Any, monkeypatch: Any) -> None:
+    h = holder(f"""
+        s = shmkit.Segment.__new__(shmkit.Segment)
+        s._attach({name!r}, None, size=64, create=True, kind=shmkit.Kind.HEAP,
+                  lifetime="attached")
+    """)
+    h.kill()  # describing must not become its last closer (that would remove it)
+    monkeypatch.setitem(inspect.KIND_CLASSES, shmkit.Kind.HEAP, f"{__name__}:Careless")
+    got = inspect.describe(name)
+    assert "ignores readonly=True" in got["detail_error"]
+    assert got["kind"] == "heap" and got["state"] == "stale" and got["size"] == 64
+    assert os.path.exists(shm(name))

@@ -259,6 +259,7 @@ def _open_readonly(kind: Kind, name: str, path: str) -> tuple[Any, str | None]:
     pname = None if "/" in name else name  # a path target is opened by path
     spec = KIND_CLASSES.get(kind)
     if spec is not None and spec != KIND_CLASSES[Kind.RAW]:
+        cls_name = spec.split(":")[1]
         try:
             cls = _import(spec)
         except (ImportError, AttributeError) as e:
@@ -267,15 +268,38 @@ def _open_readonly(kind: Kind, name: str, path: str) -> tuple[Any, str | None]:
             try:
                 opener = getattr(cls, "open", None)
                 if callable(opener):
-                    return _unseen(opener(pname, path=path, readonly=True)), None
-                return _unseen(cls(pname, create=False, path=path, readonly=True)), None
+                    obj = opener(pname, path=path, readonly=True)
+                else:
+                    obj = cls(pname, create=False, path=path, readonly=True)
             except NotFoundError:
                 raise
             except Exception as e:  # the class could not read it: say so, show the segment
-                why = f"{spec.split(':')[1]} could not open it: {e}"
+                why = f"{cls_name} could not open it read-only: {e}"
+            else:
+                seg = _segment_of(obj)
+                if seg is None or seg.readonly:
+                    return _unseen(obj), None
+                # It ignored readonly=True and attached read-write.  Leave without
+                # close(): as the last attachment that would remove the object.
+                seg._detach()
+                why = f"{cls_name} ignores readonly=True, so it is not used to look"
     seg = Segment.__new__(Segment)
     seg._attach(pname, path, size=None, create=False, readonly=True, kind=kind)
     return _unseen(seg), why
+
+
+def _segment_of(obj: Any) -> Segment | None:
+    """The Segment an object lives in (itself, ``.segment`` or ``._seg``)."""
+    if isinstance(obj, Segment):
+        return obj
+    for attr in ("segment", "_seg"):
+        try:
+            seg = getattr(obj, attr, None)
+        except Exception:
+            continue
+        if isinstance(seg, Segment):
+            return seg
+    return None
 
 
 def _unseen(obj: Any) -> Any:
@@ -286,8 +310,8 @@ def _unseen(obj: Any) -> Any:
     Without it we are invisible: if the segment is removed meanwhile, our
     mapping stays valid and we read what it held.
     """
-    seg = obj if isinstance(obj, Segment) else getattr(obj, "segment", None)
-    if isinstance(seg, Segment) and seg.readonly and not seg.closed:
+    seg = _segment_of(obj)
+    if seg is not None and seg.readonly and not seg.closed:
         _core.ofd_unlock(seg._fd, _READER_BYTE, 1)
     return obj
 
@@ -408,15 +432,19 @@ def describe(target: str) -> dict[str, Any]:
         out["detail_error"] = str(e)
         return out
     try:
-        seg = obj if isinstance(obj, Segment) else obj.segment
-        out.update(obj.info() if isinstance(obj, Segment) else seg.info())
-        out["state"] = "stale" if out["state"] == "stale" and not out["attached"] else "ok"
-        out["lock"] = _lock_state(seg, 60)
-        if not isinstance(obj, Segment):
+        seg = _segment_of(obj)
+        own_info = getattr(obj, "info", None)
+        if callable(own_info):  # segments, records, channels, stores, heaps
+            out.update(own_info())
+        elif seg is not None:   # sync objects: segment facts, then their locks
+            out.update(seg.info())
             out.update(_sync_detail(kind, obj))
+        out["state"] = "stale" if out["state"] == "stale" and not out["attached"] else "ok"
+        if seg is not None:
+            out["lock"] = _lock_state(seg, 60)
+        dtype = getattr(obj, "dtype", None)
         for key in ("record", "array"):
-            dtype = getattr(obj, "dtype", None)
-            if key in out and dtype is not None and dtype.fields is not None:
+            if key in out and getattr(dtype, "fields", None) is not None:
                 out[key]["fields"] = _fields(dtype)
         if why:
             out["detail_error"] = why
