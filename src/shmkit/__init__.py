@@ -30,6 +30,7 @@ from .errors import (
 from .records import Array, Struct
 from .segment import Kind, Segment, list_segments, unlink
 from .sync import Condition, Event, Mutex, RWLock, Semaphore
+from . import inspect  # shmkit.inspect: list, describe and clean up objects (not in __all__)
 
 __version__ = "0.1.0"
 

@@ -893,7 +893,7 @@ def list_segments() -> Iterator[tuple[str, str]]:
     except FileNotFoundError:
         return
     for entry in entries:
-        if entry.startswith(PREFIX) and not entry.endswith(".tmp"):
+        if entry.startswith(PREFIX):  # creation temp files start with "."
             name = entry[len(PREFIX):]
             if _NAME_RE.fullmatch(name):
                 yield name, os.path.join(SHM_DIR, entry)
