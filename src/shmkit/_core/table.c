@@ -2411,34 +2411,42 @@ typedef struct {
     uint64_t start, end;
 } Extent;
 
-/* Move records from the top of the heap into free space lower down, then
- * cut the free tail off.  Lock held (the caller shrinks the segment to the
- * returned heap end before unlocking). */
-static PyObject *
-table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
+/* Take `size` bytes from the lowest extent that fits (0 if none). */
+static uint64_t
+ext_take(char *P, THeader *h, Extent *fx, size_t nf, size_t *lo, uint64_t size,
+         unsigned flags, uint64_t below)
 {
-    if (t_enter(t) == 0)
-        return NULL;
-    if (t->lock_depth <= 0 || t_in_batch(t)) {
-        PyErr_SetString(PyExc_RuntimeError, "vacuum needs the lock, outside a batch");
-        return NULL;
+    uint64_t dst = 0;
+    for (size_t q = *lo; q < nf && fx[q].start < below; q++) {
+        uint64_t len = fx[q].end - fx[q].start;
+        if (len == size || len >= size + T_MIN_BLOCK) {
+            dst = fx[q].start;
+            fx[q].start += carve(P, h, dst, len, size, flags, 0);
+            break;
+        }
     }
+    while (*lo < nf && fx[*lo].end - fx[*lo].start < T_MIN_BLOCK)
+        (*lo)++;
+    return dst;
+}
+
+/* One compaction pass (lock held, right after a recycle): move records,
+ * highest first, into the lowest free space that fits below them.  Each
+ * move copies the record, republishes its index word and leaves the old
+ * copy pending, so readers are never shown a half-moved record.  With
+ * index_slots, a new index of that many words is first placed as low as
+ * possible.  The free lists are stale afterwards: recycle next. */
+static int
+t_compact(TableObject *t, uint64_t index_slots, uint64_t *moved)
+{
     char *P = PAY(t);
     THeader *h = HDR(t);
-    if (t_recycle(t) < 0)
-        return NULL;
-    /* the index: smallest power of two at most half full */
-    uint64_t n = T_MIN_SLOTS, count = LDR(&h->count);
-    while (n < count * 2)
-        n *= 2;
     uint64_t end = h->heap_end, off, nfree = 0, nused = 0;
     for (off = h->heap_start; off < end; off += LDR(W64(P, off)) & ~(uint64_t)B_FLAGS) {
-        if ((LDR(W64(P, off)) & ~(uint64_t)B_FLAGS) < T_MIN_BLOCK)
-        {
-            corrupt("block at %llu has a bad size", (unsigned long long)off);
-            return NULL;
-        }
-        if (LDR(W64(P, off)) & B_USED)
+        uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
+        if (size < T_MIN_BLOCK || size > end - off)
+            return corrupt("block at %llu has a bad size", (unsigned long long)off);
+        if (head & B_USED)
             nused++;
         else
             nfree++;
@@ -2449,9 +2457,9 @@ table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
         PyMem_Free(fx);
         PyMem_Free(ux);
         PyErr_NoMemory();
-        return NULL;
+        return -1;
     }
-    size_t nf = 0, nu = 0;
+    size_t nf = 0, nu = 0, lo = 0;
     for (off = h->heap_start; off < end; off += LDR(W64(P, off)) & ~(uint64_t)B_FLAGS) {
         uint64_t head = LDR(W64(P, off));
         if ((head & B_FLAGS) == B_USED)
@@ -2459,34 +2467,18 @@ table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
         else if (!(head & B_USED))
             fx[nf++] = (Extent){off, off + (head & ~(uint64_t)B_FLAGS)};
     }
-    /* From here the free lists are stale: nothing below allocates from
-     * them, and the final recycle rebuilds them. */
     memset(h->bins, 0, sizeof h->bins);
     h->top = 0;
     int err = 0;
-    size_t lo = 0;
-#define TAKE(size, flags, dst)                                                          \
-    do {                                                                               \
-        dst = 0;                                                                       \
-        for (size_t q = lo; q < nf; q++) {                                             \
-            uint64_t len = fx[q].end - fx[q].start;                                    \
-            if (len == (size) || len >= (size) + T_MIN_BLOCK) {                        \
-                dst = fx[q].start;                                                     \
-                fx[q].start += carve(P, h, dst, len, (size), (flags), 0);              \
-                break;                                                                 \
-            }                                                                          \
-        }                                                                              \
-        while (lo < nf && fx[lo].end - fx[lo].start < T_MIN_BLOCK)                     \
-            lo++;                                                                      \
-    } while (0)
-    uint64_t ibytes = (T_INDEX_HDR + 8 * n + 15) & ~(uint64_t)15, nix;
-    TAKE(ibytes, B_USED | B_INDEX, nix);
-    if (nix && t_rebuild(t, n, nix) < 0) /* also drops the tombstones */
-        err = 1;
+    if (index_slots) {
+        uint64_t ib = (T_INDEX_HDR + 8 * index_slots + 15) & ~(uint64_t)15;
+        uint64_t nix = ext_take(P, h, fx, nf, &lo, ib, B_USED | B_INDEX, end);
+        if (nix && t_rebuild(t, index_slots, nix) < 0) /* also drops tombstones */
+            err = 1;
+    }
     TIndex x;
     if (!err && t_index(t, &x) < 0)
         err = 1;
-    uint64_t moved = 0;
     for (size_t u = nu; u-- > 0 && !err;) {
         uint64_t src = ux[u];
         TRec r;
@@ -2495,14 +2487,9 @@ table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
             err = 1;
             break;
         }
-        uint64_t dst;
-        TAKE(r.size, B_USED, dst);
+        uint64_t dst = ext_take(P, h, fx, nf, &lo, r.size, B_USED, src);
         if (!dst)
             continue;
-        if (dst > src) { /* only ever move down */
-            STR(W64(P, dst), LDR(W64(P, dst)) & ~(uint64_t)B_FLAGS);
-            continue;
-        }
         uint64_t dsize = LDR(W64(P, dst)) & ~(uint64_t)B_FLAGS;
         memcpy(P + dst + 16, P + src + 16, r.size - 16);
         uint64_t w = rec_word(src, r.hash), s = r.hash & x.mask, j;
@@ -2515,15 +2502,37 @@ table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
         STA(&x.slots[s], rec_word(dst, r.hash));
         STR(&h->used, LDR(&h->used) + dsize);
         t_free(t, src);
-        moved++;
+        (*moved)++;
     }
-#undef TAKE
     PyMem_Free(fx);
     PyMem_Free(ux);
-    if (err || t_recycle(t) < 0)
+    return err ? -1 : 0;
+}
+
+/* Compact the heap and cut off its free tail.  Lock held; the caller
+ * shrinks the segment to the returned heap end before unlocking. */
+static PyObject *
+table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
+{
+    if (t_enter(t) == 0)
+        return NULL;
+    if (t->lock_depth <= 0 || t_in_batch(t)) {
+        PyErr_SetString(PyExc_RuntimeError, "vacuum needs the lock, outside a batch");
+        return NULL;
+    }
+    char *P = PAY(t);
+    THeader *h = HDR(t);
+    uint64_t n = T_MIN_SLOTS, count = LDR(&h->count), moved = 0;
+    while (n < count * 2)
+        n *= 2;
+    /* records down; the index into the lowest hole left; records into the
+     * hole the old index leaves */
+    if (t_recycle(t) < 0 || t_compact(t, 0, &moved) < 0 || t_recycle(t) < 0 ||
+        t_compact(t, n, &moved) < 0 || t_recycle(t) < 0 || t_compact(t, 0, &moved) < 0 ||
+        t_recycle(t) < 0)
         return NULL;
     /* cut the free tail, keeping the heap page-aligned in the file */
-    uint64_t top = h->top, tsize, new_end = end, page = 4096;
+    uint64_t end = h->heap_end, top = h->top, tsize, new_end = end, page = 4096;
     if (top && free_ok(P, h, top, &tsize) && top + tsize == end) {
         new_end = (top + T_MIN_BLOCK + page - 1) & ~(page - 1); /* poff is page-aligned */
         if (new_end + T_MIN_BLOCK <= end) {
