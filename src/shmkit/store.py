@@ -299,27 +299,34 @@ class Store(_core.Table, MutableMapping):  # type: ignore[misc]
         return _Values(self)
 
     def _entries(self, what: int) -> Iterator[Any]:
+        # Each _scan call reads up to _SCAN index words under one epoch.  A key
+        # can only come round twice if it sat in a probe run that wrapped past
+        # the end of the index (deleted and re-inserted further on), so the
+        # hashes of those are remembered; if the index itself is replaced,
+        # the scan starts over and skips every hash already given.
         ix, pos = 0, 0
         seen = array.array("Q")
-        skip: set[int] | None = None
+        skip: set[int] = set()
         unwrap = self._codec == "pickle" and what != 0
         while pos >= 0:
             got = self._scan(ix, pos, _SCAN, what)
-            if got is None:  # the index was rebuilt: start over, skipping what we gave
-                skip = set(seen)
+            if got is None:
+                skip.update(seen)
                 ix, pos = 0, 0
                 continue
-            pos, ix, entries, hashes = got
+            pos, ix, entries, hashes, wrapped = got
             if unwrap:
                 entries = [_unwrap(e, what) for e in entries]
-            if skip is None:
+            if not skip:
                 seen.frombytes(hashes)
+                skip.update(wrapped)
                 yield from entries
-            else:
-                for entry, h in zip(entries, memoryview(hashes).cast("Q")):
-                    if h not in skip:
-                        seen.append(h)
-                        yield entry
+                continue
+            for entry, h in zip(entries, memoryview(hashes).cast("Q")):
+                if h not in skip:
+                    seen.append(h)
+                    yield entry
+            skip.update(wrapped)
 
     # -- store operations ---------------------------------------------------
 

@@ -2034,7 +2034,8 @@ out:
 
 /* ---- scanning (iteration) --------------------------------------------------- */
 
-/* _scan(index, start, max, what) -> (next, index, [entries], hashes) or None
+/* _scan(index, start, max, what) -> (next, index, [entries], hashes, wrapped)
+ * or None
  * when `index` is no longer the current index (the caller restarts).
  * what: 0 keys, 1 values, 2 (key, value) pairs.  Entries of one call are
  * read under one epoch, so each is a value that was stored at some moment. */
@@ -2072,9 +2073,12 @@ table_scan(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
         if (want_ix && want_ix != ix)
             Py_RETURN_NONE;
         PyObject *list = PyList_New(0);
-        PyObject *hashes = NULL;
-        if (list == NULL)
+        PyObject *hashes = NULL, *wrapped = PyList_New(0);
+        if (list == NULL || wrapped == NULL) {
+            Py_XDECREF(list);
+            Py_XDECREF(wrapped);
             return NULL;
+        }
         uint64_t i = start, stop = start + maxn > nslots ? nslots : start + maxn;
         const uint64_t *slots = W64(P, ix + T_INDEX_HDR);
         int bad = 0;
@@ -2108,10 +2112,12 @@ table_scan(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
                     Py_XDECREF(kobj);
                     if (t->m->base == NULL) {
                         Py_DECREF(list);
+                        Py_DECREF(wrapped);
                         return NULL;
                     }
                     if (!race) {
                         Py_DECREF(list);
+                        Py_DECREF(wrapped);
                         return NULL;
                     }
                     bad = 1;
@@ -2124,6 +2130,7 @@ table_scan(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
                     if (vobj == NULL) {
                         Py_XDECREF(kobj);
                         Py_DECREF(list);
+                        Py_DECREF(wrapped);
                         return NULL;
                     }
                 }
@@ -2136,21 +2143,35 @@ table_scan(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
             if (item == NULL || PyList_Append(list, item) < 0) {
                 Py_XDECREF(item);
                 Py_DECREF(list);
+                Py_DECREF(wrapped);
                 return NULL;
             }
             Py_DECREF(item);
             hv[nh++] = r.hash;
+            if ((r.hash & x.mask) > i) { /* its probe run wrapped round the end */
+                PyObject *hh = PyLong_FromUnsignedLongLong(r.hash);
+                if (hh == NULL || PyList_Append(wrapped, hh) < 0) {
+                    Py_XDECREF(hh);
+                    Py_DECREF(list);
+                    Py_DECREF(wrapped);
+                    return NULL;
+                }
+                Py_DECREF(hh);
+            }
         }
         if (t->m->base == NULL) {
             Py_DECREF(list);
+            Py_DECREF(wrapped);
             return NULL;
         }
         if (!locked && !epoch_same(h, e)) {
             Py_DECREF(list);
+            Py_DECREF(wrapped);
             continue;
         }
         if (bad) {
             Py_DECREF(list);
+            Py_DECREF(wrapped);
             corrupt("a record listed in the index at slot %llu is damaged",
                     (unsigned long long)i);
             return NULL;
@@ -2158,10 +2179,11 @@ table_scan(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
         hashes = PyBytes_FromStringAndSize((const char *)hv, (Py_ssize_t)(nh * 8));
         if (hashes == NULL) {
             Py_DECREF(list);
+            Py_DECREF(wrapped);
             return NULL;
         }
         long long next = i >= nslots ? -1 : (long long)i;
-        return Py_BuildValue("LKNN", next, (unsigned long long)ix, list, hashes);
+        return Py_BuildValue("LKNNN", next, (unsigned long long)ix, list, hashes, wrapped);
     }
     PyErr_SetString(t_Busy ? t_Busy : PyExc_RuntimeError,
                     "writers kept changing the store while it was being listed; retry");
