@@ -33,6 +33,7 @@ import os
 import pickle
 import secrets
 import threading
+import warnings
 import weakref
 from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
 from typing import Any
@@ -45,6 +46,7 @@ from .errors import (
     KeyExistsError,
     LayoutMismatchError,
     OutOfSpaceError,
+    OwnerDiedWarning,
     ReadOnlyError,
     UnsupportedTypeError,
     ValueTooLargeError,
@@ -147,7 +149,11 @@ def _grow(seg: Segment, need: int) -> None:
             raise OutOfSpaceError(
                 f"store {seg.name!r} is full: it reached its max_size of {seg.max_size} "
                 "bytes; delete keys and vacuum(), or create it with a larger max_size=")
-    seg.resize(new)
+    with warnings.catch_warnings():
+        # A writer killed while resizing leaves the segment's own lock to be
+        # taken over; the store repairs itself, so this is not news.
+        warnings.simplefilter("ignore", OwnerDiedWarning)
+        seg.resize(new)
 
 
 class _StoreSegment(Segment):
