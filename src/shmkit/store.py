@@ -422,7 +422,7 @@ class Store(_core.Table, MutableMapping):  # type: ignore[misc]
 
     @property
     def name(self) -> str:
-        return self._live_segment().name if self._seg is not None else ""
+        return self._seg.name if self._seg is not None else ""
 
     @property
     def path(self) -> str:
