@@ -609,7 +609,7 @@ def test_iteration_while_another_process_writes(name):
             assert set(range(1000)) <= set(keys)
             rounds += 1
         p.join(30)
-        assert p.exitcode == 0 and rounds > 3
+        assert p.exitcode == 0 and rounds >= 1
         st.verify()
 
 
