@@ -140,7 +140,7 @@ class Struct(_Typed):
         return cls(name, type, create=False, **kwargs)
 
     def __reduce__(self) -> tuple:
-        return (_reopen_struct, (self.name, self.path, self._ctype))
+        return (_reopen_struct, (self.name, self.path, self._ctype, self.readonly))
 
     def _view(self) -> Any:
         if getattr(self, "_ctype", None) is not None:
@@ -216,7 +216,7 @@ class Array(_Typed):
         return cls(name, dtype, shape, create=False, **kwargs)
 
     def __reduce__(self) -> tuple:
-        return (_reopen_array, (self.name, self.path))
+        return (_reopen_array, (self.name, self.path, self.readonly))
 
     def _view(self) -> np.ndarray:
         stored = self.layout if getattr(self, "_dtype", None) is None else None
@@ -257,9 +257,9 @@ class Array(_Typed):
         return {"array": {"dtype": str(self._dtype), "shape": list(self._shape)}}
 
 
-def _reopen_struct(name: str, path: str, ctype: Any) -> Struct:
-    return Struct(name, ctype, create=False, path=path)
+def _reopen_struct(name: str, path: str, ctype: Any, readonly: bool = False) -> Struct:
+    return Struct(name, ctype, create=False, path=path, readonly=readonly)
 
 
-def _reopen_array(name: str, path: str) -> Array:
-    return Array(name, create=False, path=path)
+def _reopen_array(name: str, path: str, readonly: bool = False) -> Array:
+    return Array(name, create=False, path=path, readonly=readonly)

@@ -577,7 +577,7 @@ class Segment:
             pass
 
     def __reduce__(self) -> tuple:
-        return (_reopen, (type(self), self._name, self._path, self._readonly))
+        return (_reopen, (type(self), self._name, self._path, self._readonly, self._kind))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"size={self.size}"
@@ -845,8 +845,13 @@ class Segment:
         return {}
 
 
-def _reopen(cls: type, name: str, path: str, readonly: bool) -> Segment:
-    return cls.open(name, path=path, readonly=readonly)
+def _reopen(cls: type, name: str, path: str, readonly: bool,
+            kind: Kind = Kind.RAW) -> Segment:
+    # The kind travels too: a Segment carrying a Mutex or a Channel is a plain
+    # Segment instance whose class default kind is RAW.
+    seg = cls.__new__(cls)
+    seg._attach(name, path, size=None, create=False, readonly=readonly, kind=Kind(kind))
+    return seg
 
 
 def _process_name() -> str:
