@@ -5,8 +5,9 @@
  * mutex #2).  Acquire is one CAS when free; release is one exchange and a
  * wake only if bit 31 was set.  No system call when uncontended.
  *
- * A waiter that sleeps a whole slice without being woken asks the kernel
- * whether the owner's attachment still exists (liveness.c).  If not, it
+ * A waiter that sleeps a whole slice without being woken, or whose timeout
+ * ran out (a try-lock included), asks the kernel whether the owner's
+ * attachment still exists (liveness.c).  If not, it
  * takes the lock over with a CAS from the dead value, so exactly one waiter
  * wins, and reports it: acquire returns "recovered" and the caller checks or
  * repairs whatever the lock guards.
@@ -62,21 +63,25 @@ shm_lock_acquire(MappingObject *m, uint32_t *word, int64_t deadline)
                 return 1;
             continue;
         }
-        if (check_owner) {
+        /* Before giving up (a try-lock, or the deadline passed) and after a
+         * whole slice without a wake-up, ask whether the holder still lives:
+         * a dead holder's lock is free, whatever the timeout. */
+        int expired = shm_now_ns() >= deadline;
+        if (check_owner || expired) {
             check_owner = 0;
             if (!shm_token_alive(m, v & SHM_TOKEN_MASK)) {
                 if (cas(word, v, me | SHM_LOCK_WAITERS))
                     return 2;
                 continue;
             }
+            if (expired)
+                return 0;
         }
         if (!(v & SHM_LOCK_WAITERS)) {
             if (!cas(word, v, v | SHM_LOCK_WAITERS))
                 continue;
             v |= SHM_LOCK_WAITERS;
         }
-        if (shm_now_ns() >= deadline)
-            return 0;
         int err;
         Py_BEGIN_ALLOW_THREADS
         err = shm_futex_wait(word, v, deadline, slice);
