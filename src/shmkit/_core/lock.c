@@ -56,6 +56,13 @@ shm_lock_acquire(MappingObject *m, uint32_t *word, int64_t deadline)
     int64_t slice = FIRST_SLICE_NS;
     int check_owner = 0;
     for (;;) {
+        if (m->token != me) {
+            /* Closed by another thread while we waited: our token no longer
+             * names a live attachment, so we must not take the lock. */
+            PyErr_SetString(PyExc_ValueError,
+                            "the segment was closed while waiting for its lock");
+            return -1;
+        }
         uint32_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
         if (v == 0) {
             /* Others may still sleep: keep the waiters bit. */
