@@ -199,8 +199,11 @@ lock_acquire(LockObject *self, PyObject *args, PyObject *kwds)
     if (!blocking)
         deadline = 0;
     else if (timeout != Py_None && PyNumber_Check(timeout) &&
-             PyFloat_AsDouble(timeout) == -1.0)
+             PyFloat_AsDouble(timeout) == -1.0) {
+        if (PyErr_Occurred())
+            return NULL; /* e.g. an int too large for a float */
         deadline = SHM_FOREVER; /* threading.Lock's "no timeout" */
+    }
     else if ((deadline = shm_deadline(timeout)) < 0)
         return NULL;
     shm_pin(self->mapping);
