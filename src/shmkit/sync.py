@@ -397,7 +397,12 @@ class RWLock(_Placed):
                 self._release_state()
                 self._wlock.release()
                 return False
-            _core.futex_wait(m, self._base + 8, seq, _slice(deadline))
+            try:
+                _core.futex_wait(m, self._base + 8, seq, _slice(deadline))
+            except BaseException:  # Ctrl-C: do not leave the write hold behind
+                self._release_state()
+                self._wlock.release()
+                raise
         self.recovered = recovered or dead_readers
         if dead_readers and not recovered:
             warnings.warn(f"write lock of {self.name!r}: a reader died while holding it; "
