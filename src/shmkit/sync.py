@@ -332,10 +332,16 @@ class RWLock(_Placed):
         """Take a read hold; False if ``timeout`` passes first."""
         m, state = self._m, self._base + 4
         deadline = _deadline(timeout)
+        recovered = False
         while True:
             if not _core.load32(m, state) & 1:
                 self._count(+1)
                 if not _core.load32(m, state) & 1:
+                    self.recovered = recovered
+                    if recovered:
+                        warnings.warn(f"read lock of {self.name!r}: a writer died while "
+                                      "holding it; the lock was recovered, check the data "
+                                      "it guards", OwnerDiedWarning, stacklevel=2)
                     return True
                 self._count(-1)  # a writer came in: step back and let it go first
                 self._readers_left()
@@ -343,20 +349,28 @@ class RWLock(_Placed):
             if s & 1:
                 if not s & 2 and not _core.cas32(m, state, s, s | 2):
                     continue
-                if _expired(deadline):
-                    return False
-                if not _core.futex_wait(m, state, s | 2, _slice(deadline)):
-                    self._clear_dead_writer()
+                if (_expired(deadline)
+                        or not _core.futex_wait(m, state, s | 2, _slice(deadline))):
+                    # Nobody woke us: the writer may have died holding the lock.
+                    if self._clear_dead_writer():
+                        recovered = True
+                    elif _expired(deadline):
+                        return False
 
-    def _clear_dead_writer(self) -> None:
+    def _clear_dead_writer(self) -> bool:
         owner = self._wlock.owner_token
         if owner and not _core.token_alive(self._m, owner):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", OwnerDiedWarning)
                 if not self._wlock.acquire(False):
-                    return
+                    return False
+            if not self._wlock.recovered:  # a live writer got in first
+                self._wlock.release()
+                return False
             self._release_state()
             self._wlock.release()
+            return True
+        return False
 
     def _readers_left(self) -> None:
         if _core.load32(self._m, self._base + 4) & 1:
