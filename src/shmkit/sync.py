@@ -556,11 +556,14 @@ class Semaphore(_Placed):
                 _core.store64(m, off, (v & ~0xFFFFFFFF) | _core.load32(m, b + 28))
             _core.store32(m, b + 16, 0)
 
-    def _update(self, slot: int, value: int, held_delta: int) -> None:
+    def _update(self, slot: int, value: int, held_delta: int, gen: int | None = None) -> None:
+        # Journaled: set the value and change the holds of ``slot``'s entry by
+        # held_delta.  The entry is ours (gen None) or a dead one's (its gen).
         m, b = self._m, self._base
         off = b + 64 + 8 * slot
         v = _core.load64(m, off)
-        gen = self._m.token >> 10 if slot == (m.token & 0x3FF) else v >> 32
+        if gen is None:
+            gen = m.token >> 10
         held = v & 0xFFFFFFFF if (v >> 32) == gen else 0
         _core.store32(m, b + 20, slot)
         _core.store32(m, b + 24, self._i32(4) & 0xFFFFFFFF)
@@ -583,9 +586,20 @@ class Semaphore(_Placed):
             if token == m.token or _core.token_alive(m, token):
                 continue
             held = held - (1 << 32) if held >= 1 << 31 else held
-            self._update(slot, self._i32(4) + max(held, 0), -held)
+            self._update(slot, self._i32(4) + max(held, 0), -held, gen=v >> 32)
             freed = freed or held > 0
         return freed
+
+    def _reclaim_own_slot(self) -> None:
+        # Called with the internal lock held.  Our attach slot may have
+        # belonged to a process that died holding units: give them back
+        # before our first update overwrites its entry.
+        m = self._m
+        v = _core.load64(m, self._base + 64 + 8 * (m.token & 0x3FF))
+        held = v & 0xFFFFFFFF
+        if held and (v >> 32) != m.token >> 10:
+            held = held - (1 << 32) if held >= 1 << 31 else held
+            self._update(m.token & 0x3FF, self._i32(4) + max(held, 0), -held, gen=v >> 32)
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         """Take one unit; False if none is free within ``timeout`` seconds."""
@@ -597,6 +611,7 @@ class Semaphore(_Placed):
         while True:
             seq = _core.load32(m, b + 8)
             with self._locked():
+                self._reclaim_own_slot()
                 if self._i32(4) <= 0 and not checked:
                     checked = True
                     self._reclaim_dead()
@@ -618,6 +633,7 @@ class Semaphore(_Placed):
         if n < 1:
             raise ValueError("n must be at least 1")
         with self._locked():
+            self._reclaim_own_slot()
             value = self._i32(4) + n
             maximum = _core.load32(m, b + 32)
             if maximum != 0xFFFFFFFF and value > maximum:
