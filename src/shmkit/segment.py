@@ -528,18 +528,37 @@ class Segment:
         """
         if self._closed:
             return
-        unlink = (self._flags & _FLAG_ATTACHED) and not self._readonly
         if self._readonly:
             _core.ofd_unlock(self._fd, _READER_BYTE, 1)
         elif self._token:
             _core.ofd_unlock(self._fd, _SLOT_LOCK_BASE + (self._token & 0x3FF), 1)
-        if unlink and _core.ofd_lock(self._fd, 1, _SLOT_LOCK_BASE + self._max_slots - 1):
-            try:  # nobody else is attached, and nobody can attach while we hold this
-                if os.stat(self._path).st_ino == os.fstat(self._fd).st_ino:
-                    os.unlink(self._path)
-            except FileNotFoundError:
-                pass
+        if self._flags & _FLAG_ATTACHED:
+            self._remove_if_last()
         self._detach()
+
+    def _remove_if_last(self) -> None:
+        # Holding a write lock over the reader byte and every slot proves that
+        # nobody else is attached, and nobody can attach while we hold it.
+        fd = self._fd
+        if self._readonly:
+            # A read-only file cannot take that lock: open the name for
+            # writing just for the check (if we may; else `shmkit gc` will).
+            try:
+                fd = os.open(self._path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                return
+        try:
+            if _core.ofd_lock(fd, 1, _SLOT_LOCK_BASE + self._max_slots - 1):
+                try:
+                    here = os.stat(self._path, follow_symlinks=False)
+                    mine = os.fstat(self._fd)
+                    if (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
+                        os.unlink(self._path)
+                except FileNotFoundError:
+                    pass
+        finally:
+            if fd != self._fd:
+                os.close(fd)
 
     def _detach(self) -> None:
         self._closed = True
