@@ -473,8 +473,13 @@ class Segment:
     def _claim_slot(self) -> None:
         fd, n = self._fd, self._max_slots
         if self._readonly:
-            _core.ofd_lock(fd, _READER_BYTE, 1, False)
-            return
+            # Fails only while a last closer holds every slot to remove it.
+            for attempt in range(50):
+                if _core.ofd_lock(fd, _READER_BYTE, 1, False):
+                    return
+                time.sleep(0.001)
+            self._detach()
+            raise BusyError(f"{self._name!r} is being removed; open it again")
         start = os.getpid() % n
         for attempt in range(50):
             for k in range(n):
