@@ -321,7 +321,7 @@ class Segment:
                 self._open_file(kind)
                 return
             except FileNotFoundError:
-                if create is False or size is None:
+                if create is False or size is None or readonly:
                     raise NotFoundError(
                         f"no segment named {self._name!r} ({self._path}); create it "
                         "with a size first, or check the name with `shmkit ls`") from None
