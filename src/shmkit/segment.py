@@ -443,6 +443,8 @@ class Segment:
                 raw = os.pread(fd, 8, 0)
                 if raw == MAGIC:
                     continue
+                if os.fstat(fd).st_nlink == 0:  # its creator's init failed: start over
+                    raise FileNotFoundError(self._path)
                 raise CorruptError(
                     f"{self._name!r} was left half-created by a process that died while "
                     f"creating it; remove it with `shmkit rm {self._name}` and create it again")
