@@ -800,6 +800,15 @@ class Segment:
                 end = self._hsize + old
                 if end > start:
                     _punch_hole(self._fd, start, end - start)
+                # The rest of the last page is kept: zero it so that growing
+                # again shows zeros there too, never the old bytes.
+                tail = min(start, end) - (self._hsize + size)
+                if tail > 0:
+                    view = memoryview(self._mapping)
+                    try:
+                        view[self._hsize + size:self._hsize + size + tail] = bytes(tail)
+                    finally:
+                        view.release()
             _core.store64(self._mapping, _OFF_SIZE, size)
             _core.add32(self._mapping, _OFF_RESIZES, 1)
             self._sync_size()
