@@ -249,6 +249,11 @@ class Segment:
     _fd = -1
     _mapping: Any = None
     _token = 0
+    _name: str | None = None  # so repr() and close() work on a half-made object
+    _path: str | None = None
+    _readonly = False
+    _created = False
+    _flags = 0
 
     def __init__(self, name: str | None = None, size: int | None = None, *,
                  path: str | os.PathLike[str] | None = None, readonly: bool = False,
