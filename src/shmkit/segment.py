@@ -917,8 +917,19 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
 
 
 def _after_fork_in_child() -> None:
+    global _live_lock
+    _live_lock = threading.Lock()  # another thread may have held it at the fork
     for seg in list(_live):
-        seg._reattach_after_fork()
+        try:
+            seg._reattach_after_fork()
+        except Exception:
+            # Without its own slot this process would pass for its parent:
+            # close the handle here (its uses raise ClosedError) and go on
+            # with the others.
+            try:
+                seg._detach()
+            except Exception:
+                seg._closed = True
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
