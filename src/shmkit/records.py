@@ -51,9 +51,15 @@ def _dtype_from_layout(layout: Any) -> np.dtype:
 
 def _as_dtype(t: Any) -> np.dtype:
     try:
-        return np.dtype(t)
+        dt = np.dtype(t)
     except TypeError as e:
         raise TypeError(f"{t!r} is neither a ctypes type nor a numpy dtype: {e}") from None
+    if dt.hasobject:
+        # Python object references are addresses in one process: another
+        # process reading them would crash.
+        raise TypeError(f"{t!r} holds Python objects, which cannot live in shared "
+                        "memory; use plain numbers, bytes ('S10') or str ('U10') fields")
+    return dt
 
 
 class _Typed(Segment):
