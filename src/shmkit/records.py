@@ -20,14 +20,24 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import LayoutMismatchError
+from .errors import CorruptError, FormatVersionError, LayoutMismatchError
 from .segment import Kind, Segment
 
 __all__ = ["Struct", "Array"]
 
+# Version of the layout description below; bump it when the encoding changes.
+_FORMAT = 1
+
 
 def _dtype_layout(dt: np.dtype) -> Any:
-    """A JSON-able, exact description of a dtype (names, formats, offsets)."""
+    """A JSON-able, exact description of a dtype (names, formats, offsets).
+
+    A plain dtype is its ``.str`` ('<f8'); a sub-array field ('<i4', (3,)) is
+    ``{"subdtype": ..., "shape": [3]}``; a structured dtype lists its fields.
+    """
+    if dt.subdtype is not None:
+        base, shape = dt.subdtype
+        return {"subdtype": _dtype_layout(base), "shape": list(shape)}
     if dt.fields is None:
         return dt.str
     return {
@@ -41,6 +51,9 @@ def _dtype_layout(dt: np.dtype) -> Any:
 def _dtype_from_layout(layout: Any) -> np.dtype:
     if isinstance(layout, str):
         return np.dtype(layout)
+    if "subdtype" in layout:
+        return np.dtype((_dtype_from_layout(layout["subdtype"]),
+                         tuple(int(d) for d in layout["shape"])))
     return np.dtype({
         "names": layout["names"],
         "formats": [_dtype_from_layout(f) for f in layout["formats"]],
@@ -67,17 +80,48 @@ class _Typed(Segment):
 
     def _open_typed(self, name: str | None, layout: dict | None, size: int | None,
                     init: Callable[[Segment], None] | None, create: bool | None,
-                    kwargs: dict) -> None:
+                    kwargs: dict) -> tuple[np.dtype, tuple]:
         self._attach(name, kwargs.pop("path", None), size=size, create=create,
                      layout=layout, init=init, **kwargs)
-        stored = self.layout
-        if layout is not None and not self.created and stored != layout:
+        try:
+            stored = self.layout
+            dtype, shape = self._parse_layout(stored)
+            if layout is not None and not self.created and stored != layout:
+                raise LayoutMismatchError(
+                    f"{self.name!r} holds {_describe(stored)}, but was opened with "
+                    f"{_describe(layout)}; open it with its own layout, or with no type "
+                    "to adopt it")
+        except BaseException:
             self.close()
-            raise LayoutMismatchError(
-                f"{self.name!r} holds {_describe(stored)}, but was opened with "
-                f"{_describe(layout)}; open it with its own layout, or with no type "
-                "to adopt it")
-        return stored
+            raise
+        return dtype, shape
+
+    def _parse_layout(self, stored: dict) -> tuple[np.dtype, tuple]:
+        # The layout comes from shared memory: check all of it before use.
+        fmt = stored.get("format")
+        if fmt != _FORMAT:
+            raise FormatVersionError(
+                f"{self.name!r} describes its records in layout format {fmt}; this "
+                f"shmkit reads format {_FORMAT}. Use the shmkit that made it, or remove "
+                "it with `shmkit rm`")
+        array = self._kind == Kind.ARRAY
+        try:
+            dtype = _dtype_from_layout(stored["dtype"])
+            shape = tuple(stored["shape"]) if array else ()
+            valid = not dtype.hasobject and all(
+                type(d) is int and d >= 0 for d in shape)
+        except Exception:  # any malformed description, however it fails
+            valid = False
+        if not valid:
+            raise CorruptError(f"{self.name!r} has an unreadable record layout "
+                               f"{str(stored)[:200]}; remove it with `shmkit rm`")
+        need = dtype.itemsize
+        for d in shape:
+            need *= d
+        if need > self.size:
+            raise CorruptError(f"{self.name!r} describes {need} bytes of records but "
+                               f"holds {self.size}; remove it with `shmkit rm`")
+        return dtype, shape
 
 
 def _describe(layout: dict) -> str:
@@ -128,14 +172,13 @@ class Struct(_Typed):
         layout = size = None
         if type is not None:
             dt = _as_dtype(type)
-            layout = {"dtype": _dtype_layout(dt), "itemsize": dt.itemsize}
+            layout = {"format": _FORMAT, "dtype": _dtype_layout(dt), "itemsize": dt.itemsize}
             size = dt.itemsize
         elif create:
             raise TypeError("Struct.create needs a type")
         self._ctype = ctype
         run = (lambda seg: init(seg._view())) if init is not None else None
-        stored = self._open_typed(name, layout, size, run, create, kwargs)
-        self._dtype = _dtype_from_layout(stored["dtype"])
+        self._dtype, _ = self._open_typed(name, layout, size, run, create, kwargs)
 
     @classmethod
     def create(cls, name: str | None = None, type: Any = None, **kwargs: Any) -> "Struct":
@@ -202,14 +245,12 @@ class Array(_Typed):
             shp = (int(shape),) if np.isscalar(shape) else tuple(int(d) for d in shape)
             if any(d < 0 for d in shp):
                 raise ValueError(f"shape {shp} has a negative dimension")
-            layout = {"dtype": _dtype_layout(dt), "shape": list(shp)}
+            layout = {"format": _FORMAT, "dtype": _dtype_layout(dt), "shape": list(shp)}
             size = dt.itemsize * int(np.prod(shp, dtype=np.int64))
         elif create:
             raise TypeError("Array.create needs a dtype and a shape")
         run = (lambda seg: init(seg._view())) if init is not None else None
-        stored = self._open_typed(name, layout, size, run, create, kwargs)
-        self._dtype = _dtype_from_layout(stored["dtype"])
-        self._shape = tuple(stored["shape"])
+        self._dtype, self._shape = self._open_typed(name, layout, size, run, create, kwargs)
 
     @classmethod
     def create(cls, name: str | None = None, dtype: Any = None, shape: Any = None,
