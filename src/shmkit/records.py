@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import CorruptError, FormatVersionError, LayoutMismatchError
+from .errors import CorruptError, FormatVersionError, LayoutMismatchError, ReadOnlyError
 from .segment import Kind, Segment
 
 __all__ = ["Struct", "Array"]
@@ -193,6 +193,10 @@ class Struct(_Typed):
 
     def _view(self) -> Any:
         if getattr(self, "_ctype", None) is not None:
+            if self.readonly:
+                raise ReadOnlyError(
+                    f"{self.name!r} was opened readonly=True and a ctypes record is always "
+                    "writable; open it without a type for a read-only numpy record")
             return self._ctype.from_buffer(self.buf)
         dt = getattr(self, "_dtype", None)
         if dt is None:
