@@ -27,6 +27,7 @@ Payload layouts (offsets from the object's start, native byte order)::
               28 i32 old holds  32 i32 maximum (or -1)
               64 u64 per attach slot: generation << 32 | holds (i32)
     Condition  0 u32 mutex  4 u32 notify counter  8 u32 sleepers
+              12 u32 wake-ups granted by notify() and not yet taken
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from . import _core
-from .errors import ClosedError, OwnerDiedWarning, Timeout, WouldBlock
+from .errors import ClosedError, FormatVersionError, OwnerDiedWarning, Timeout, WouldBlock
 from .segment import Kind, Segment
 
 __all__ = ["Mutex", "RWLock", "Event", "Semaphore", "Condition"]
@@ -684,11 +685,21 @@ class Condition(_Placed):
 
     _kind = Kind.CONDITION
 
+    _FORMAT = 1  # version of the payload layout above
+
     def __init__(self, name: str | None = None, *, create: bool | None = None,
                  **kwargs: Any) -> None:
-        self._adopt(self._named_segment(name, create, {}, None, kwargs))
+        self._adopt(self._named_segment(name, create, {"format": self._FORMAT}, None,
+                                        kwargs))
 
     def _adopt(self, seg: Segment) -> None:
+        fmt = seg.layout.get("format")
+        if fmt != self._FORMAT:
+            seg.close()
+            raise FormatVersionError(
+                f"condition {seg.name!r} has layout format {fmt}; this shmkit reads "
+                f"format {self._FORMAT}. Use the shmkit that made it, or remove it with "
+                "`shmkit rm`")
         self._own_segment = True
         self._setup(seg, 0)
 
@@ -698,7 +709,7 @@ class Condition(_Placed):
 
     @classmethod
     def at(cls, segment: Segment, offset: int) -> "Condition":
-        """The condition at ``offset`` of the payload (12 zeroed bytes)."""
+        """The condition at ``offset`` of the payload (16 zeroed bytes)."""
         obj = cls.__new__(cls)
         obj._setup(segment, offset)
         return obj
@@ -716,18 +727,51 @@ class Condition(_Placed):
     def __exit__(self, *exc: object) -> None:
         self.lock.release()
 
+    def _held(self) -> bool:
+        return self._m.token != 0 and self.lock.owner_token == self._m.token
+
+    def _take_wakeup(self) -> bool:
+        m, off = self._m, self._base + 12
+        while True:
+            granted = _core.load32(m, off)
+            if granted == 0:
+                return False
+            if _core.cas32(m, off, granted, granted - 1):
+                return True
+
     def wait(self, timeout: float | None = None) -> bool:
-        """Release the lock, sleep until notified, re-take it; False on timeout."""
+        """Release the lock, sleep until notified, re-take it; False on timeout.
+
+        ``notify(n)`` grants n wake-ups to the processes already waiting;
+        each wait takes at most one, so no more than n waits return True.
+        """
         m, b = self._m, self._base
+        if not self._held():
+            raise RuntimeError(f"wait() on condition {self.name!r} without holding it")
         seq = _core.load32(m, b + 4)
         _core.add32(m, b + 8, 1)
         self.lock.release()
+        deadline = _deadline(timeout)
+        notified = False
         try:
-            woke = _core.futex_wait(m, b + 4, seq, timeout)
+            while True:
+                now = _core.load32(m, b + 4)
+                # Only a notify() since we started waiting is for us.
+                if now != seq and self._take_wakeup():
+                    notified = True
+                    break
+                if _expired(deadline):
+                    break
+                _core.futex_wait(m, b + 4, now,
+                                 None if deadline is None else deadline - time.monotonic())
         finally:
-            _core.add32(m, b + 8, -1)
             self.lock.acquire()
-        return woke
+            # A notify() that raced with our time-out counted us among the
+            # sleepers: take its wake-up, so none is left for nobody.
+            if not notified and _core.load32(m, b + 4) != seq and self._take_wakeup():
+                notified = True
+            _core.add32(m, b + 8, -1)
+        return notified
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
         """Wait until ``predicate()`` is true; returns its last value."""
@@ -741,11 +785,18 @@ class Condition(_Placed):
         return result
 
     def notify(self, n: int = 1) -> None:
-        """Wake up to ``n`` waiters."""
+        """Wake up to ``n`` waiters; the caller must hold the condition."""
         m, b = self._m, self._base
+        if not self._held():
+            raise RuntimeError(f"notify() on condition {self.name!r} without holding it")
+        # Sleepers not yet granted a wake-up (a waiter that was killed stays
+        # counted, which costs at most a spurious wake-up later).
+        k = min(n, _core.load32(m, b + 8) - _core.load32(m, b + 12))
+        if k <= 0:
+            return
+        _core.add32(m, b + 12, k)
         _core.add32(m, b + 4, 1)
-        if _core.load32(m, b + 8):
-            _core.futex_wake(m, b + 4, n)
+        _core.futex_wake(m, b + 4, k)
 
     def notify_all(self) -> None:
         self.notify(_ALL)
