@@ -201,7 +201,10 @@ class Struct(_Typed):
         dt = getattr(self, "_dtype", None)
         if dt is None:
             dt = _dtype_from_layout(self.layout["dtype"])
-        return np.ndarray((), dtype=dt, buffer=self.buf)
+        # frombuffer keeps the buffer exported for as long as the array lives,
+        # so close() cannot unmap under it; np.ndarray(buffer=) does not.
+        arr = np.frombuffer(self.buf, dtype=dt, count=1)
+        return arr.reshape(arr.shape[1:])
 
     @property
     def record(self) -> Any:
@@ -273,7 +276,12 @@ class Array(_Typed):
         stored = self.layout if getattr(self, "_dtype", None) is None else None
         dt = self._dtype if stored is None else _dtype_from_layout(stored["dtype"])
         shape = self._shape if stored is None else tuple(stored["shape"])
-        arr = np.ndarray(shape, dtype=dt, buffer=self.buf)
+        count = 1
+        for d in shape:
+            count *= d
+        # frombuffer keeps the buffer exported (see Struct._view).
+        arr = np.frombuffer(self.buf, dtype=dt, count=count)
+        arr = arr.reshape(tuple(shape) + arr.shape[1:])
         if self.readonly:
             arr.flags.writeable = False
         return arr
