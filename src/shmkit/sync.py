@@ -50,9 +50,16 @@ _GEN_MASK = 0xFFFFF
 
 
 def _deadline(timeout: float | None) -> float | None:
-    if timeout is None or timeout < 0:
+    # As in the C core and threading's waits: None waits forever, a negative
+    # timeout (a deadline already passed) does not wait at all.
+    if timeout is None:
         return None
-    return time.monotonic() + timeout
+    return time.monotonic() + max(0.0, timeout)
+
+
+def _acquire_deadline(timeout: float | None) -> float | None:
+    # Lock-style calls also take threading.Lock's timeout=-1 for "forever".
+    return _deadline(None if timeout == -1 else timeout)
 
 
 def _slice(deadline: float | None) -> float:
@@ -332,7 +339,7 @@ class RWLock(_Placed):
     def acquire_read(self, timeout: float | None = None) -> bool:
         """Take a read hold; False if ``timeout`` passes first."""
         m, state = self._m, self._base + 4
-        deadline = _deadline(timeout)
+        deadline = _acquire_deadline(timeout)
         recovered = False
         while True:
             if not _core.load32(m, state) & 1:
@@ -386,7 +393,7 @@ class RWLock(_Placed):
     def acquire_write(self, timeout: float | None = None) -> bool:
         """Take the write hold; False if ``timeout`` passes first."""
         m = self._m
-        deadline = _deadline(timeout)
+        deadline = _acquire_deadline(timeout)
         if not self._wlock.acquire(timeout=-1 if timeout is None else timeout):
             return False
         recovered = self._wlock.recovered
@@ -607,7 +614,7 @@ class Semaphore(_Placed):
         m, b = self._m, self._base
         if m.token == 0:
             raise ClosedError(f"{self.name!r} is closed or was opened readonly")
-        deadline = _deadline(timeout if blocking else 0)
+        deadline = _acquire_deadline(timeout if blocking else 0)
         checked = False
         while True:
             seq = _core.load32(m, b + 8)
