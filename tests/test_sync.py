@@ -163,6 +163,52 @@ def test_mutex_basics(name):
         m.acquire()
 
 
+def _release_later(obj, delay: float, how: str = "release") -> threading.Thread:
+    t = threading.Thread(target=lambda: (time.sleep(delay), getattr(obj, how)()))
+    t.start()
+    return t
+
+
+def test_none_and_minus_one_wait_forever(names):
+    """timeout=None (and threading's -1 for acquire) means no time limit, not 0."""
+    m = shmkit.Mutex(names())
+    rw = shmkit.RWLock(names())
+    sem = shmkit.Semaphore(names(), value=0)
+    cond = shmkit.Condition(names())
+    other_m, other_rw = shmkit.Mutex(m.name), shmkit.RWLock(rw.name)
+    other_cond = shmkit.Condition(cond.name)
+    for timeout in (None, -1):
+        other_m.acquire()
+        t = _release_later(other_m, 0.2)
+        (got, dt) = _elapsed(m.acquire, timeout=timeout)
+        assert got and dt > 0.1
+        m.release()
+        t.join()
+        other_cond.acquire()
+        t = _release_later(other_cond, 0.2)
+        got, dt = _elapsed(cond.acquire, timeout=timeout)
+        assert got and dt > 0.1
+        cond.release()
+        t.join()
+        other_rw.acquire_write()
+        t = _release_later(other_rw, 0.2, "release_write")
+        got, dt = _elapsed(rw.acquire_read, timeout=timeout)
+        assert got and dt > 0.1
+        rw.release_read()
+        t.join()
+        t = _release_later(sem, 0.2)
+        got, dt = _elapsed(sem.acquire, timeout=timeout)
+        assert got and dt > 0.1
+        t.join()
+    with cond:  # a wait whose deadline has passed returns at once
+        got, dt = _elapsed(cond.wait, -1)
+        assert got is False and dt < 0.5
+        got, dt = _elapsed(cond.wait_for, lambda: False, 0.05)
+        assert got is False and dt < 0.5
+    for o in (m, rw, sem, cond, other_m, other_rw, other_cond):
+        o.close()
+
+
 def test_embedded_objects(name):
     seg = shmkit.Segment(name, size=8192)
     m = shmkit.Mutex.at(seg, 0)
@@ -233,6 +279,12 @@ def test_timeouts_return_false_or_raise(names):
             m.acquire_nowait()
         with pytest.raises(shmkit.WouldBlock):
             sem.acquire_nowait()
+        # A negative timeout (a deadline already passed) never waits.
+        for case in (lambda: m.acquire(timeout=-0.5), lambda: rw_w.acquire_read(timeout=-0.5),
+                     lambda: rw_w.acquire_write(timeout=-2), lambda: sem.acquire(timeout=-0.5),
+                     lambda: cond.acquire(timeout=-0.5), lambda: ev.wait(-1)):
+            result, dt = _elapsed(case)
+            assert result is False and dt < 0.5
         with rw_r.read(timeout=0.5):  # readers share
             pass
         with pytest.raises(OverflowError):
