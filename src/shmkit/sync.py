@@ -123,6 +123,10 @@ class _Placed:
         return (type(self).at, (self._seg, self._offset))
 
 
+def _segment_lock(seg: Segment) -> "Mutex":
+    return seg.lock
+
+
 def _open_named(cls: type, seg: Segment) -> Any:
     obj = cls.__new__(cls)
     obj._adopt(seg)
@@ -182,8 +186,16 @@ class Mutex(_core.Lock, _Placed):
         obj._place(segment, offset)
         if absolute:
             obj._base = offset
+            obj._in_header = True
         _core.Lock.__init__(obj, obj._m, obj._base, what)
         return obj
+
+    _in_header = False
+
+    def __reduce__(self) -> tuple:
+        if self._in_header:  # a segment's own lock (header offset, not payload)
+            return (_segment_lock, (self._seg,))
+        return super().__reduce__()
 
     def acquire_nowait(self) -> None:
         """Take the lock if it is free, else raise :class:`WouldBlock`."""
