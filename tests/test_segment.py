@@ -838,6 +838,14 @@ def test_pickle_segment_of_another_kind(name):
         m.close()
 
 
+def test_pickle_the_segment_lock(name):
+    with shmkit.Segment(name, size=4096) as s:
+        with s.lock:
+            p = spawn(_pickled_mutex_try, s.lock)  # must see it held
+            p.join(30)
+            assert p.exitcode == 0
+
+
 def test_attach_table_shows_live_attachers(name):
     s = shmkit.Segment(name, size=64)
     ready = [SPAWN.Event() for _ in range(2)]
