@@ -93,6 +93,7 @@ _FLAG_ATTACHED = 1
 
 DEFAULT_MAX_ATTACH = 256
 DEFAULT_RESERVE = 64 << 30  # address space only; nothing is allocated
+_MAX_RESERVE = 1 << 46  # the largest max_size a header may claim (64 TiB)
 _OPEN_WAIT = 10.0  # seconds to wait for a creator to finish initialising
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:@+-]{1,200}")
@@ -177,7 +178,7 @@ class _Header:
             raise CorruptError(f"{where} has an impossible attach-table size {self.max_slots}")
         if self.header_size != _header_size(self.max_slots):
             raise CorruptError(f"{where} has an inconsistent header size {self.header_size}")
-        if not (self.size <= self.max_size <= 1 << 46):
+        if not (self.size <= self.max_size <= _MAX_RESERVE):
             raise CorruptError(f"{where} has size {self.size} beyond its maximum {self.max_size}")
         if file_size < self.header_size + self.size:
             raise CorruptError(f"{where} claims {self.size} bytes but its file holds "
@@ -306,8 +307,14 @@ class Segment:
             if size is None:
                 if create:
                     raise ValueError("create() needs size=")
-            elif not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise ValueError(f"size must be a non-negative int, not {size!r}")
+            elif (not isinstance(size, int) or isinstance(size, bool)
+                  or not 0 <= size <= _MAX_RESERVE):
+                raise ValueError(f"size must be an int from 0 to {_MAX_RESERVE}, not {size!r}")
+            if max_size is not None and (not isinstance(max_size, int)
+                                         or isinstance(max_size, bool)
+                                         or not 0 <= max_size <= _MAX_RESERVE):
+                raise ValueError(f"max_size must be an int from 0 to {_MAX_RESERVE} "
+                                 f"(64 TiB of address space), not {max_size!r}")
             if not 1 <= max_attach <= _core.MAX_SLOTS:
                 raise ValueError(f"max_attach must be 1..{_core.MAX_SLOTS}, not {max_attach}")
             if readonly and create:
