@@ -319,24 +319,27 @@ class Segment:
                 raise ValueError(f"max_attach must be 1..{_core.MAX_SLOTS}, not {max_attach}")
             if readonly and create:
                 raise ValueError("cannot create a segment readonly=True")
+        may_create = create is not False and size is not None and not readonly
         for _ in range(100):
-            if create is not False and size is not None and not readonly:
+            # Open first: creating builds a whole file (payload included)
+            # before it can find out that the name is taken.
+            if create is not True:
                 try:
-                    self._create_file(kind, size, mode, lifetime, max_size, max_attach,
-                                      layout or {}, init)
+                    self._open_file(kind)
                     return
-                except FileExistsError:
-                    if create:
-                        raise ExistsError(f"a segment named {self._name!r} already exists; "
-                                          "open it, or unlink it first") from None
+                except FileNotFoundError:
+                    if not may_create:
+                        raise NotFoundError(
+                            f"no segment named {self._name!r} ({self._path}); create it "
+                            "with a size first, or check the name with `shmkit ls`") from None
             try:
-                self._open_file(kind)
+                self._create_file(kind, size, mode, lifetime, max_size, max_attach,
+                                  layout or {}, init)
                 return
-            except FileNotFoundError:
-                if create is False or size is None or readonly:
-                    raise NotFoundError(
-                        f"no segment named {self._name!r} ({self._path}); create it "
-                        "with a size first, or check the name with `shmkit ls`") from None
+            except FileExistsError:
+                if create:
+                    raise ExistsError(f"a segment named {self._name!r} already exists; "
+                                      "open it, or unlink it first") from None
         raise BusyError(f"{self._name!r} was created and removed repeatedly while opening")
 
     def _create_file(self, kind: Kind, size: int, mode: int, lifetime: str,
