@@ -499,6 +499,13 @@ def test_out_of_space_is_an_exception(small_tmpfs):
         assert s.size == 1 << 20 and s.read(7, offset=100) == b"keep me"
         s.resize(2 << 20)  # what fits still works
         assert s.size == 2 << 20
+        # Opening an existing segment through create-or-open allocates nothing.
+        big = shmkit.Segment(None, size=5 << 20, path=small_tmpfs / "big")
+        again = shmkit.Segment(None, size=5 << 20, path=small_tmpfs / "big")
+        assert big.created and not again.created
+        assert sorted(os.listdir(small_tmpfs)) == ["big", "grow"]
+        again.close()
+        big.close()
     finally:
         s.close()
         s.unlink()
