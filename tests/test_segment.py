@@ -169,6 +169,19 @@ def test_create_open_and_created(name):
     assert not os.path.exists(_path(name))
 
 
+def test_listing_and_unlink_by_name(name):
+    shmkit.Segment(name, size=8).close()
+    assert (name, _path(name)) in list(shmkit.list_segments())
+    shmkit.unlink(name)
+    assert name not in dict(shmkit.list_segments())
+    with pytest.raises(shmkit.NotFoundError):
+        shmkit.unlink(name)
+    with pytest.raises(shmkit.InvalidNameError):
+        shmkit.unlink("../etc")
+    with pytest.raises(shmkit.InvalidNameError):
+        shmkit.Segment.open(None)  # nothing to open
+
+
 def test_context_manager_and_repr(name):
     with shmkit.Segment(name, size=16) as s:
         assert "size=16" in repr(s)

@@ -874,6 +874,9 @@ def kill_cycles(kind: str, cycles: int, names, victim=_Forked, victims: int = 2,
             stats["held"] += consistent
         stats["errors"] = int(d[ERRORS])
         stats["ops"] = int(d[OPS])
+        # Victims only open existing names: nothing half-made may be left.
+        stats["tmp_files"] = [f for f in os.listdir("/dev/shm") if f.endswith(".tmp")
+                              and (lock_name in f or data_name in f)]
     finally:
         arr.close()
         lock.close()
@@ -884,6 +887,7 @@ def _check(stats: dict) -> None:
     assert stats["held"] == stats["cycles"], stats
     assert stats["errors"] == 0, stats
     assert stats["worst"] < 2.0, stats
+    assert stats["tmp_files"] == [], stats
 
 
 @pytest.mark.parametrize("kind", ["mutex", "rwlock", "semaphore"])
