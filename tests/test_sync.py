@@ -209,6 +209,24 @@ def test_none_and_minus_one_wait_forever(names):
         o.close()
 
 
+def test_rwlock_basics(names):
+    rw = shmkit.RWLock(names())
+    with pytest.raises(RuntimeError):
+        rw.release_read()  # not held
+    with pytest.raises(RuntimeError):
+        rw.release_write()
+    with rw.read():
+        with rw.read(timeout=1):  # read holds nest
+            assert rw.statistics()["readers"] == {os.getpid(): 2}
+        assert rw.acquire_write(timeout=0.05) is False  # our own reader counts too
+    with rw.write():
+        assert rw.statistics()["writer_pid"] == os.getpid()
+        assert rw.acquire_read(timeout=0.05) is False
+    assert rw.statistics() == {"writer_pid": None, "readers": {},
+                               "writer_waiting_or_in": False}
+    rw.close()
+
+
 def test_embedded_objects(name):
     seg = shmkit.Segment(name, size=8192)
     m = shmkit.Mutex.at(seg, 0)
@@ -949,3 +967,16 @@ def test_uncontended_operations_make_no_system_call(tmp_path):
         counts.append(total)
     # 3000 rounds of 10 lock operations: a system call each would be 30000.
     assert counts[1] - counts[0] < 100, counts
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("kind", ["mutex", "semaphore"])
+def test_kill_spawned_stress(kind, names):
+    """Fewer cycles, but every victim a freshly spawned interpreter."""
+    cycles = int(os.environ.get("SHMKIT_STRESS_SPAWNED_CYCLES", "60"))
+    t = time.monotonic()
+    stats = kill_cycles(kind, cycles, names, victim=_Spawned, max_delay=0.05)
+    print(f"\n{kind} (spawned victims): {stats['held']}/{stats['cycles']} kill cycles "
+          f"recovered ({stats['recovered']} took over from a dead holder, worst acquire "
+          f"{stats['worst'] * 1e3:.1f} ms, {time.monotonic() - t:.0f} s)")
+    _check(stats)
