@@ -92,6 +92,7 @@ _FLAG_ATTACHED = 1
 
 DEFAULT_MAX_ATTACH = 256
 DEFAULT_RESERVE = 64 << 30  # address space only; nothing is allocated
+_MAX_RESERVE = 1 << 46  # the largest max_size a header may claim (64 TiB)
 _OPEN_WAIT = 10.0  # seconds to wait for a creator to finish initialising
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:@+-]{1,200}")
@@ -176,7 +177,7 @@ class _Header:
             raise CorruptError(f"{where} has an impossible attach-table size {self.max_slots}")
         if self.header_size != _header_size(self.max_slots):
             raise CorruptError(f"{where} has an inconsistent header size {self.header_size}")
-        if not (self.size <= self.max_size <= 1 << 46):
+        if not (self.size <= self.max_size <= _MAX_RESERVE):
             raise CorruptError(f"{where} has size {self.size} beyond its maximum {self.max_size}")
         if file_size < self.header_size + self.size:
             raise CorruptError(f"{where} claims {self.size} bytes but its file holds "
@@ -248,6 +249,11 @@ class Segment:
     _fd = -1
     _mapping: Any = None
     _token = 0
+    _name: str | None = None  # so repr() and close() work on a half-made object
+    _path: str | None = None
+    _readonly = False
+    _created = False
+    _flags = 0
 
     def __init__(self, name: str | None = None, size: int | None = None, *,
                  path: str | os.PathLike[str] | None = None, readonly: bool = False,
@@ -300,30 +306,39 @@ class Segment:
             if size is None:
                 if create:
                     raise ValueError("create() needs size=")
-            elif not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise ValueError(f"size must be a non-negative int, not {size!r}")
+            elif (not isinstance(size, int) or isinstance(size, bool)
+                  or not 0 <= size <= _MAX_RESERVE):
+                raise ValueError(f"size must be an int from 0 to {_MAX_RESERVE}, not {size!r}")
+            if max_size is not None and (not isinstance(max_size, int)
+                                         or isinstance(max_size, bool)
+                                         or not 0 <= max_size <= _MAX_RESERVE):
+                raise ValueError(f"max_size must be an int from 0 to {_MAX_RESERVE} "
+                                 f"(64 TiB of address space), not {max_size!r}")
             if not 1 <= max_attach <= _core.MAX_SLOTS:
                 raise ValueError(f"max_attach must be 1..{_core.MAX_SLOTS}, not {max_attach}")
             if readonly and create:
                 raise ValueError("cannot create a segment readonly=True")
+        may_create = create is not False and size is not None and not readonly
         for _ in range(100):
-            if create is not False and size is not None and not readonly:
+            # Open first: creating builds a whole file (payload included)
+            # before it can find out that the name is taken.
+            if create is not True:
                 try:
-                    self._create_file(kind, size, mode, lifetime, max_size, max_attach,
-                                      layout or {}, init)
+                    self._open_file(kind)
                     return
-                except FileExistsError:
-                    if create:
-                        raise ExistsError(f"a segment named {self._name!r} already exists; "
-                                          "open it, or unlink it first") from None
+                except FileNotFoundError:
+                    if not may_create:
+                        raise NotFoundError(
+                            f"no segment named {self._name!r} ({self._path}); create it "
+                            "with a size first, or check the name with `shmkit ls`") from None
             try:
-                self._open_file(kind)
+                self._create_file(kind, size, mode, lifetime, max_size, max_attach,
+                                  layout or {}, init)
                 return
-            except FileNotFoundError:
-                if create is False or size is None:
-                    raise NotFoundError(
-                        f"no segment named {self._name!r} ({self._path}); create it "
-                        "with a size first, or check the name with `shmkit ls`") from None
+            except FileExistsError:
+                if create:
+                    raise ExistsError(f"a segment named {self._name!r} already exists; "
+                                      "open it, or unlink it first") from None
         raise BusyError(f"{self._name!r} was created and removed repeatedly while opening")
 
     def _create_file(self, kind: Kind, size: int, mode: int, lifetime: str,
@@ -443,6 +458,8 @@ class Segment:
                 raw = os.pread(fd, 8, 0)
                 if raw == MAGIC:
                     continue
+                if os.fstat(fd).st_nlink == 0:  # its creator's init failed: start over
+                    raise FileNotFoundError(self._path)
                 raise CorruptError(
                     f"{self._name!r} was left half-created by a process that died while "
                     f"creating it; remove it with `shmkit rm {self._name}` and create it again")
@@ -471,8 +488,13 @@ class Segment:
     def _claim_slot(self) -> None:
         fd, n = self._fd, self._max_slots
         if self._readonly:
-            _core.ofd_lock(fd, _READER_BYTE, 1, False)
-            return
+            # Fails only while a last closer holds every slot to remove it.
+            for attempt in range(50):
+                if _core.ofd_lock(fd, _READER_BYTE, 1, False):
+                    return
+                time.sleep(0.001)
+            self._detach()
+            raise BusyError(f"{self._name!r} is being removed; open it again")
         start = os.getpid() % n
         for attempt in range(50):
             for k in range(n):
@@ -526,18 +548,39 @@ class Segment:
         """
         if self._closed:
             return
-        unlink = (self._flags & _FLAG_ATTACHED) and not self._readonly
-        # Closing the descriptor (in _detach) drops our slot's lock; only the
-        # "attached" lifetime needs it dropped first, to test for others.
-        if unlink:
-            _core.ofd_unlock(self._fd, _SLOT_LOCK_BASE + (self._token & 0x3FF), 1)
-        if unlink and _core.ofd_lock(self._fd, 1, _SLOT_LOCK_BASE + self._max_slots - 1):
-            try:  # nobody else is attached, and nobody can attach while we hold this
-                if os.stat(self._path).st_ino == os.fstat(self._fd).st_ino:
-                    os.unlink(self._path)
-            except FileNotFoundError:
-                pass
+        if self._flags & _FLAG_ATTACHED:
+            # Closing the descriptor (in _detach) drops our own lock; the
+            # "attached" lifetime drops it first, to test for others.
+            if self._readonly:
+                _core.ofd_unlock(self._fd, _READER_BYTE, 1)
+            elif self._token:
+                _core.ofd_unlock(self._fd, _SLOT_LOCK_BASE + (self._token & 0x3FF), 1)
+            self._remove_if_last()
         self._detach()
+
+    def _remove_if_last(self) -> None:
+        # Holding a write lock over the reader byte and every slot proves that
+        # nobody else is attached, and nobody can attach while we hold it.
+        fd = self._fd
+        if self._readonly:
+            # A read-only file cannot take that lock: open the name for
+            # writing just for the check (if we may; else `shmkit gc` will).
+            try:
+                fd = os.open(self._path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                return
+        try:
+            if _core.ofd_lock(fd, 1, _SLOT_LOCK_BASE + self._max_slots - 1):
+                try:
+                    here = os.stat(self._path, follow_symlinks=False)
+                    mine = os.fstat(self._fd)
+                    if (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
+                        os.unlink(self._path)
+                except FileNotFoundError:
+                    pass
+        finally:
+            if fd != self._fd:
+                os.close(fd)
 
     def _detach(self) -> None:
         self._closed = True
@@ -574,7 +617,7 @@ class Segment:
             pass
 
     def __reduce__(self) -> tuple:
-        return (_reopen, (type(self), self._name, self._path, self._readonly))
+        return (_reopen, (type(self), self._name, self._path, self._readonly, self._kind))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"size={self.size}"
@@ -771,6 +814,15 @@ class Segment:
                 end = self._hsize + old
                 if end > start:
                     _punch_hole(self._fd, start, end - start)
+                # The rest of the last page is kept: zero it so that growing
+                # again shows zeros there too, never the old bytes.
+                tail = min(start, end) - (self._hsize + size)
+                if tail > 0:
+                    view = memoryview(self._mapping)
+                    try:
+                        view[self._hsize + size:self._hsize + size + tail] = bytes(tail)
+                    finally:
+                        view.release()
             _core.store64(self._mapping, _OFF_SIZE, size)
             _core.add32(self._mapping, _OFF_RESIZES, 1)
             self._sync_size()
@@ -842,8 +894,13 @@ class Segment:
         return {}
 
 
-def _reopen(cls: type, name: str, path: str, readonly: bool) -> Segment:
-    return cls.open(name, path=path, readonly=readonly)
+def _reopen(cls: type, name: str, path: str, readonly: bool,
+            kind: Kind = Kind.RAW) -> Segment:
+    # The kind travels too: a Segment carrying a Mutex or a Channel is a plain
+    # Segment instance whose class default kind is RAW.
+    seg = cls.__new__(cls)
+    seg._attach(name, path, size=None, create=False, readonly=readonly, kind=Kind(kind))
+    return seg
 
 
 _comm: tuple[int, bytes] | None = None
@@ -879,8 +936,18 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
 def _after_fork_in_child() -> None:
     for ref in list(_live.values()):
         seg = ref()
-        if seg is not None:
+        if seg is None:
+            continue
+        try:
             seg._reattach_after_fork()
+        except Exception:
+            # Without its own slot this process would pass for its parent:
+            # close the handle here (its uses raise ClosedError) and go on
+            # with the others.
+            try:
+                seg._detach()
+            except Exception:
+                seg._closed = True
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
