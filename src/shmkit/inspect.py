@@ -451,7 +451,13 @@ def describe(target: str) -> dict[str, Any]:
     except Exception as e:  # kind detail is a bonus: never lose the header facts
         out["detail_error"] = f"{type(e).__name__}: {e}"
     finally:
-        obj.close()
+        # Detach without close(): closing an "attached"-lifetime object as its
+        # last user would remove it, and looking must not.
+        seg = _segment_of(obj)
+        if seg is not None:
+            seg._detach()
+        else:
+            obj.close()
     return out
 
 
