@@ -187,13 +187,57 @@ do_acquire(LockObject *self, int64_t deadline)
     return r;
 }
 
-static PyObject *
-lock_acquire(LockObject *self, PyObject *args, PyObject *kwds)
+/* The uncontended acquire: one CAS, with no pinning and no argument parsing.
+ * Anything unusual (closed, readonly, detached, held) takes the slow path,
+ * which reports it properly. */
+static inline int
+try_fast(LockObject *self)
 {
-    static char *kwlist[] = {"blocking", "timeout", NULL};
-    int blocking = 1;
-    PyObject *timeout = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|pO", kwlist, &blocking, &timeout))
+    MappingObject *m = (MappingObject *)self->mapping;
+    if (m->base == NULL || m->readonly || m->token == 0 ||
+        self->offset > (long long)m->length - 4)
+        return 0;
+    if (!cas((uint32_t *)(m->base + self->offset), 0, m->token))
+        return 0;
+    self->recovered = 0;
+    return 1;
+}
+
+static int
+slow_acquire(LockObject *self, int64_t deadline)
+{
+    shm_pin(self->mapping);
+    int r = do_acquire(self, deadline);
+    shm_unpin(self->mapping);
+    return r;
+}
+
+static PyObject *
+lock_acquire(LockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (nargs == 0 && kwnames == NULL && try_fast(self))
+        Py_RETURN_TRUE;
+    PyObject *blocking_obj = nargs > 0 ? args[0] : NULL;
+    PyObject *timeout = nargs > 1 ? args[1] : Py_None;
+    if (nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "acquire(blocking=True, timeout=None)");
+        return NULL;
+    }
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
+        if (PyUnicode_CompareWithASCIIString(key, "blocking") == 0 && blocking_obj == NULL)
+            blocking_obj = args[nargs + i];
+        else if (PyUnicode_CompareWithASCIIString(key, "timeout") == 0 && nargs < 2)
+            timeout = args[nargs + i];
+        else {
+            PyErr_Format(PyExc_TypeError, "acquire() got an unexpected or repeated "
+                         "argument %R", key);
+            return NULL;
+        }
+    }
+    int blocking = blocking_obj ? PyObject_IsTrue(blocking_obj) : 1;
+    if (blocking < 0)
         return NULL;
     int64_t deadline;
     if (!blocking)
@@ -206,9 +250,7 @@ lock_acquire(LockObject *self, PyObject *args, PyObject *kwds)
     }
     else if ((deadline = shm_deadline(timeout)) < 0)
         return NULL;
-    shm_pin(self->mapping);
-    int r = do_acquire(self, deadline);
-    shm_unpin(self->mapping);
+    int r = slow_acquire(self, deadline);
     if (r < 0)
         return NULL;
     return PyBool_FromLong(r);
@@ -217,10 +259,7 @@ lock_acquire(LockObject *self, PyObject *args, PyObject *kwds)
 static PyObject *
 lock_enter(LockObject *self, PyObject *Py_UNUSED(ignored))
 {
-    shm_pin(self->mapping);
-    int r = do_acquire(self, SHM_FOREVER);
-    shm_unpin(self->mapping);
-    if (r < 0)
+    if (!try_fast(self) && slow_acquire(self, SHM_FOREVER) < 0)
         return NULL;
     Py_INCREF(self);
     return (PyObject *)self;
@@ -271,7 +310,7 @@ lock_get_waiters(LockObject *self, void *Py_UNUSED(c))
 }
 
 static PyMethodDef lock_methods[] = {
-    {"acquire", (PyCFunction)(void (*)(void))lock_acquire, METH_VARARGS | METH_KEYWORDS,
+    {"acquire", (PyCFunction)(void (*)(void))lock_acquire, METH_FASTCALL | METH_KEYWORDS,
      "acquire(blocking=True, timeout=None) -> bool\n\n"
      "Take the lock; False if the timeout passed first.  If its holder died,\n"
      "the lock is taken over, OwnerDiedWarning is issued and .recovered is True."},
