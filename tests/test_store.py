@@ -333,6 +333,25 @@ def test_corrupt_store_raises_never_crashes(name, where):
     assert "corrupt:" in proc.stdout
 
 
+def poke(st: Store, off: int, value: int, size: int = 8) -> None:
+    """Write a little-endian word into the store header (payload offset)."""
+    view = st.segment.buf
+    view[off:off + size] = value.to_bytes(size, "little")
+    del view
+
+
+@pytest.mark.parametrize("count", [2**64 - 1, 2**63, 10**6])
+def test_damaged_key_count_never_hangs(name, count):
+    with Store(name, size=16 << 10, timeout=5) as st:
+        for i in range(100):
+            st[i] = i
+        poke(st, 72, count)  # THeader.count
+        for op in (lambda: len(st), lambda: st.__setitem__("new", 1),
+                   lambda: st.vacuum(), lambda: list(st.items())):
+            with pytest.raises(CorruptError, match="count"):
+                op()
+
+
 def test_closed_and_readonly(name):
     st = Store(name)
     st["a"] = 1

@@ -1195,9 +1195,10 @@ static uint64_t
 place(uint64_t *slots, uint64_t mask, uint64_t hash, Overlay *ov)
 {
     uint64_t i = hash & mask;
-    while (slots[i] != W_EMPTY || (ov && ov_find(ov, i)))
-        i = (i + 1) & mask;
-    return i;
+    for (uint64_t j = 0; j <= mask; j++, i = (i + 1) & mask)
+        if (slots[i] == W_EMPTY && !(ov && ov_find(ov, i)))
+            return i;
+    return UINT64_MAX; /* full: more records than the counts said */
 }
 
 /* Build a new index of nslots words from the published one and switch to
@@ -1232,9 +1233,10 @@ t_rebuild(TableObject *t, uint64_t nslots, uint64_t at)
         TRec r;
         if (rec_read(P, end, word_off(w), &r) < 0)
             return corrupt("index word %llu points at a bad record", (unsigned long long)i);
-        if (++count > nslots * 3 / 4)
+        uint64_t at_i = place(ns, mask, r.hash, NULL);
+        if (++count > nslots * 3 / 4 || at_i == UINT64_MAX)
             return corrupt("more records than the index can hold");
-        ns[place(ns, mask, r.hash, NULL)] = w;
+        ns[at_i] = w;
     }
     if (t->ov.n) {
         Overlay old = t->ov, nov = {0};
@@ -1260,6 +1262,10 @@ t_rebuild(TableObject *t, uint64_t nslots, uint64_t at)
                 if (rec_read(P, end, word_off(w), &r) < 0)
                     return corrupt("bad batch record during index rebuild");
                 ns_i = place(ns, mask, r.hash, &nov);
+                if (ns_i == UINT64_MAX) {
+                    ov_clear(&nov);
+                    return corrupt("more records than the index can hold");
+                }
                 nov.newslots++;
             }
             if (ov_set(&nov, ns_i, w) < 0) {
@@ -1278,12 +1284,26 @@ t_rebuild(TableObject *t, uint64_t nslots, uint64_t at)
 }
 
 /* Grow (or clean) the index before one more insertion if it would pass 3/4. */
+/* The key counters are derived data: check them against the index before
+ * anything is sized by them (a wrong count must not hang or over-allocate). */
+static int
+counts_ok(THeader *h, uint64_t nslots)
+{
+    uint64_t c = LDR(&h->count), tb = LDR(&h->tombstones);
+    if (c > nslots || tb > nslots - c)
+        return corrupt("the counters say %llu keys and %llu tombstones, more than the "
+                       "index's %llu words",
+                       (unsigned long long)c, (unsigned long long)tb,
+                       (unsigned long long)nslots);
+    return 0;
+}
+
 static int
 t_reserve(TableObject *t)
 {
     TIndex x;
     THeader *h = HDR(t);
-    if (t_index(t, &x) < 0)
+    if (t_index(t, &x) < 0 || counts_ok(h, x.nslots) < 0)
         return -1;
     uint64_t live = LDR(&h->count) + t->ov.newslots;
     if ((LDR(&h->count) + LDR(&h->tombstones) + t->ov.newslots + 1) * 4 <= x.nslots * 3)
@@ -1643,9 +1663,19 @@ table_nbytes(TableObject *t, PyObject *key)
 static Py_ssize_t
 table_length(TableObject *t)
 {
-    if (t_enter(t) == 0)
+    uint64_t end = t_enter(t), nslots;
+    if (end == 0)
         return -1;
+    if (!index_ok(PAY(t), end, LDA(&HDR(t)->index), &nslots)) {
+        corrupt("the index at %llu is damaged", (unsigned long long)LDR(&HDR(t)->index));
+        return -1;
+    }
     int64_t n = (int64_t)LDR(&HDR(t)->count);
+    if ((uint64_t)n > nslots) {
+        corrupt("the key count %llu is more than the index's %llu words",
+                (unsigned long long)n, (unsigned long long)nslots);
+        return -1;
+    }
     if (t_in_batch(t)) {
         /* count the batch's own changes */
         TIndex x;
@@ -2544,6 +2574,9 @@ table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
     }
     char *P = PAY(t);
     THeader *h = HDR(t);
+    TIndex x;
+    if (t_index(t, &x) < 0 || counts_ok(h, x.nslots) < 0)
+        return NULL;
     uint64_t n = T_MIN_SLOTS, count = LDR(&h->count), moved = 0;
     while (n < count * 2)
         n *= 2;
