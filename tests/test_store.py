@@ -352,6 +352,32 @@ def test_damaged_key_count_never_hangs(name, count):
                 op()
 
 
+def test_heap_bounds_in_the_header_are_checked(name):
+    with Store(name, size=16 << 10, timeout=5) as st:
+        for i in range(50):
+            st[i] = b"v" * 100
+        # the heap start is a constant: damage to it is reported, never used
+        poke(st, 24, 64)  # THeader.heap_start
+        for i in range(2000):
+            st[i % 80] = b"w" * (i % 300)
+        assert st[5] == b"w" * (1925 % 300)
+        with pytest.raises(CorruptError, match="heap start"):
+            st.verify()
+        poke(st, 24, 4096)
+        st.verify()
+        # an unaligned heap end is refused before anything is written there
+        end = int.from_bytes(st.segment.buf[32:40], "little")
+        poke(st, 32, end - 8)
+        for op in (lambda: st.__setitem__("big", b"x" * 200_000), lambda: st[5],
+                   lambda: st.verify()):
+            with pytest.raises(CorruptError, match="heap end"):
+                op()
+        poke(st, 32, end)
+        st.verify()
+        st["big"] = b"x" * 200_000
+        st.verify()
+
+
 def test_closed_and_readonly(name):
     st = Store(name)
     st["a"] = 1

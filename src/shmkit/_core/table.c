@@ -252,6 +252,7 @@ typedef struct {
     unsigned long lock_thread;
     int lock_depth;
     int batch_depth;
+    uint64_t end;         /* heap_end as checked when the lock was taken */
     Overlay ov;
 } TableObject;
 
@@ -327,7 +328,7 @@ t_enter(TableObject *t)
             return 0;
         }
     }
-    if (end < T_HEADER + T_INDEX_HDR) {
+    if (end < T_HEADER + T_INDEX_HDR || (end & 15)) {
         corrupt("heap end %llu is impossible", (unsigned long long)end);
         return 0;
     }
@@ -787,16 +788,17 @@ t_lock(TableObject *t)
     }
     t->lock_depth = 1;
     t->lock_thread = me;
-    if (r == 2 || (LDR(&HDR(t)->state) & (ST_COMMIT | ST_DIRTY))) {
-        if (t_recover(t) < 0) {
-            PyObject *et, *ev, *tb;
-            PyErr_Fetch(&et, &ev, &tb);
-            t->lock_depth = 0;
-            shm_lock_release(t->m, &HDR(t)->lock);
-            shm_unpin(t->mapping);
-            PyErr_Restore(et, ev, tb);
-            return -1;
-        }
+    /* Check the heap bound again now that no writer can move it; writers
+     * use t->end from here on.  After a writer's death, repair first. */
+    if ((t->end = t_enter(t)) == 0 ||
+        ((r == 2 || (LDR(&HDR(t)->state) & (ST_COMMIT | ST_DIRTY))) && t_recover(t) < 0)) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        t->lock_depth = 0;
+        shm_lock_release(t->m, &HDR(t)->lock);
+        shm_unpin(t->mapping);
+        PyErr_Restore(et, ev, tb);
+        return -1;
     }
     return 0;
 }
@@ -855,10 +857,9 @@ carve(char *P, THeader *h, uint64_t off, uint64_t bsize, uint64_t size, unsigned
 }
 
 static int
-free_ok(const char *P, THeader *h, uint64_t off, uint64_t *size)
+free_ok(const char *P, uint64_t end, uint64_t off, uint64_t *size)
 {
-    uint64_t end = h->heap_end;
-    if (off < h->heap_start || (off & 15) || off > end - T_MIN_BLOCK)
+    if (off < T_HEADER || (off & 15) || off > end - T_MIN_BLOCK)
         return 0;
     uint64_t head = LDR(W64(P, off));
     *size = head & ~(uint64_t)B_FLAGS;
@@ -877,7 +878,7 @@ t_alloc(TableObject *t, uint64_t size, unsigned flags)
         uint64_t *prev = &h->bins[b];
         for (int scan = 0; *prev && scan < 8; scan++) {
             uint64_t off = *prev;
-            if (!free_ok(P, h, off, &bsize) || bin_of(bsize) != b) {
+            if (!free_ok(P, t->end, off, &bsize) || bin_of(bsize) != b) {
                 h->state |= ST_DIRTY;
                 corrupt("free list %d holds a bad block at %llu", b, (unsigned long long)off);
                 return (uint64_t)-1;
@@ -892,7 +893,7 @@ t_alloc(TableObject *t, uint64_t size, unsigned flags)
     }
     uint64_t top = h->top;
     if (top) {
-        if (!free_ok(P, h, top, &bsize) || top + bsize != h->heap_end) {
+        if (!free_ok(P, t->end, top, &bsize) || top + bsize != t->end) {
             h->state |= ST_DIRTY;
             corrupt("the top block at %llu is bad", (unsigned long long)top);
             return (uint64_t)-1;
@@ -937,7 +938,7 @@ t_recycle(TableObject *t)
 {
     char *P = PAY(t);
     THeader *h = HDR(t);
-    uint64_t end = h->heap_end, off = h->heap_start, run = 0, runsize = 0;
+    uint64_t end = t->end, off = T_HEADER, run = 0, runsize = 0;
     epoch_bump(h, 2);
     memset(h->bins, 0, sizeof h->bins);
     h->top = 0;
@@ -981,7 +982,7 @@ t_extend(TableObject *t)
     char *P = PAY(t);
     THeader *h = HDR(t);
     uint64_t size = __atomic_load_n((uint64_t *)(t->m->base + 32), __ATOMIC_ACQUIRE);
-    uint64_t new_end = size & ~(uint64_t)15, old_end = h->heap_end;
+    uint64_t new_end = size & ~(uint64_t)15, old_end = t->end;
     if (new_end > t_lim(t))
         new_end = t_lim(t) & ~(uint64_t)15;
     if (new_end < old_end + T_MIN_BLOCK)
@@ -989,11 +990,12 @@ t_extend(TableObject *t)
     STR(W64(P, old_end + 8), 0);
     STR(W64(P, old_end), new_end - old_end);
     STA(&h->heap_end, new_end);
+    t->end = new_end;
     uint64_t top = h->top, tsize;
-    if (top && free_ok(P, h, top, &tsize) && top + tsize == old_end) {
+    if (top && free_ok(P, old_end, top, &tsize) && top + tsize == old_end) {
         STR(W64(P, top), tsize + (new_end - old_end));
     } else {
-        if (top && free_ok(P, h, top, &tsize))
+        if (top && free_ok(P, old_end, top, &tsize))
             bin_push(P, h, top, tsize);
         h->top = old_end;
     }
@@ -1046,7 +1048,7 @@ t_index(TableObject *t, TIndex *x)
     char *P = PAY(t);
     THeader *h = HDR(t);
     x->ix = LDR(&h->index);
-    if (!index_ok(P, h->heap_end, x->ix, &x->nslots) ||
+    if (!index_ok(P, t->end, x->ix, &x->nslots) ||
         !(LDR(W64(P, x->ix)) & B_INDEX) ||
         (LDR(W64(P, x->ix)) & ~(uint64_t)B_FLAGS) < T_INDEX_HDR + 8 * x->nslots)
         return corrupt("the index at %llu is damaged", (unsigned long long)x->ix);
@@ -1135,7 +1137,7 @@ probe_w(TableObject *t, TIndex *x, const TKey *k, uint64_t *slot, uint64_t *word
         int *from_ov)
 {
     char *P = PAY(t);
-    uint64_t end = HDR(t)->heap_end, i = k->h & x->mask, tag = W_TAG(k->h);
+    uint64_t end = t->end, i = k->h & x->mask, tag = W_TAG(k->h);
     int64_t first_free = -1;
     int fo;
     for (uint64_t j = 0; j < x->nslots; j++, i = (i + 1) & x->mask) {
@@ -1220,7 +1222,7 @@ t_rebuild(TableObject *t, uint64_t nslots, uint64_t at)
         return -1;
     char *P = PAY(t);
     THeader *h = HDR(t);
-    uint64_t end = h->heap_end, mask = nslots - 1;
+    uint64_t end = t->end, mask = nslots - 1;
     uint64_t *ns = W64(P, nix + T_INDEX_HDR);
     STR(W64(P, nix + 16), nslots);
     STR(W64(P, nix + 24), 0);
@@ -1318,7 +1320,7 @@ static int
 t_maybe_recycle(TableObject *t)
 {
     THeader *h = HDR(t);
-    uint64_t heap = h->heap_end - h->heap_start;
+    uint64_t heap = t->end - T_HEADER;
     if (h->pending > RECYCLE_MIN && h->pending > heap / 8)
         return t_recycle(t);
     return 0;
@@ -1355,10 +1357,8 @@ t_recover(TableObject *t)
     uint64_t end = t_enter(t);
     if (end == 0)
         return -1;
+    t->end = end;
     h->state |= ST_DIRTY;
-    if (h->heap_start != T_HEADER || (end & 15))
-        return corrupt("bad heap bounds %llu..%llu", (unsigned long long)h->heap_start,
-                       (unsigned long long)end);
     TIndex x;
     if (t_index(t, &x) < 0)
         return -1;
@@ -1406,7 +1406,7 @@ t_recover(TableObject *t)
         count++;
     }
     marked = count;
-    uint64_t off = h->heap_start;
+    uint64_t off = T_HEADER;
     while (off < end) {
         uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
         if (size < T_MIN_BLOCK || size > end - off || (head & 8)) {
@@ -1470,7 +1470,7 @@ lookup_locked(TableObject *t, const TKey *k, int mode, int *found)
         return Py_NewRef(Py_None);
     TRec rec;
     char *P = PAY(t);
-    if (rec_read(P, HDR(t)->heap_end, word_off(w), &rec) < 0) {
+    if (rec_read(P, t->end, word_off(w), &rec) < 0) {
         corrupt("record at %llu is damaged", (unsigned long long)word_off(w));
         return NULL;
     }
@@ -1825,7 +1825,7 @@ t_delete(TableObject *t, PyObject *key, int want_value, int *found)
     if (want_value) {
         TRec rec;
         int race, post;
-        if (rec_read(P, h->heap_end, word_off(old), &rec) < 0) {
+        if (rec_read(P, t->end, word_off(old), &rec) < 0) {
             corrupt("record at %llu is damaged", (unsigned long long)word_off(old));
             goto unlock;
         }
@@ -2243,9 +2243,9 @@ t_verify(TableObject *t, TWalk *out)
     THeader *h = HDR(t);
     uint8_t *bm = NULL;
     memset(out, 0, sizeof *out);
-    if (h->heap_start != T_HEADER || (end & 15))
-        VFAIL("bad heap bounds %llu..%llu", (unsigned long long)h->heap_start,
-              (unsigned long long)end);
+    if (h->heap_start != T_HEADER)
+        VFAIL("the heap start is %llu, not %u", (unsigned long long)h->heap_start,
+              T_HEADER);
     if (LDR(&h->epoch) & 1)
         VFAIL("the epoch is odd (%llu) with no batch being applied",
               (unsigned long long)LDR(&h->epoch));
@@ -2320,7 +2320,7 @@ t_verify(TableObject *t, TWalk *out)
         VFAIL("the index is over-full (%llu of %llu words)",
               (unsigned long long)(count + tombs), (unsigned long long)x.nslots);
     /* the chain */
-    uint64_t off = h->heap_start, used = 0, nfree = 0, last_free = 0, marked = count;
+    uint64_t off = T_HEADER, used = 0, nfree = 0, last_free = 0, marked = count;
     while (off < end) {
         uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
         if (size < T_MIN_BLOCK || size > end - off || (head & 8))
@@ -2362,14 +2362,14 @@ t_verify(TableObject *t, TWalk *out)
             uint64_t fs;
             if (!budget--)
                 VFAIL("free list %d loops", b);
-            if (!free_ok(P, h, f, &fs) || bin_of(fs) != b)
+            if (!free_ok(P, end, f, &fs) || bin_of(fs) != b)
                 VFAIL("free list %d holds a bad block at %llu", b, (unsigned long long)f);
             listed += fs;
         }
     }
     if (h->top) {
         uint64_t fs;
-        if (!free_ok(P, h, h->top, &fs) || h->top + fs != end || last_free != h->top)
+        if (!free_ok(P, end, h->top, &fs) || h->top + fs != end || last_free != h->top)
             VFAIL("the top block at %llu is bad", (unsigned long long)h->top);
         listed += fs;
     }
@@ -2414,12 +2414,11 @@ table_stats(TableObject *t, PyObject *Py_UNUSED(ignored))
         return NULL;
     THeader *h = HDR(t);
     char *P = PAY(t);
-    end = h->heap_end;
     uint64_t listed = 0, largest = 0, nfree = 0, budget = (end >> 5) + 1, nslots = 0;
     for (int b = 0; b < NBINS && budget; b++) {
         for (uint64_t f = h->bins[b]; f && budget; f = LDR(W64(P, f + 8)), budget--) {
             uint64_t fs;
-            if (!free_ok(P, h, f, &fs))
+            if (!free_ok(P, end, f, &fs))
                 break;
             listed += fs;
             nfree++;
@@ -2428,7 +2427,7 @@ table_stats(TableObject *t, PyObject *Py_UNUSED(ignored))
         }
     }
     uint64_t fs;
-    if (h->top && free_ok(P, h, h->top, &fs)) {
+    if (h->top && free_ok(P, end, h->top, &fs)) {
         listed += fs;
         nfree++;
         if (fs > largest)
@@ -2440,7 +2439,7 @@ table_stats(TableObject *t, PyObject *Py_UNUSED(ignored))
         "count", (unsigned long long)LDR(&h->count),
         "tombstones", (unsigned long long)LDR(&h->tombstones),
         "used_bytes", (unsigned long long)LDR(&h->used),
-        "heap_bytes", (unsigned long long)(end - h->heap_start),
+        "heap_bytes", (unsigned long long)(end - T_HEADER),
         "free_bytes", (unsigned long long)listed,
         "free_blocks", (unsigned long long)nfree,
         "largest_free", (unsigned long long)largest,
@@ -2493,9 +2492,10 @@ t_compact(TableObject *t, uint64_t index_slots, uint64_t *moved)
 {
     char *P = PAY(t);
     THeader *h = HDR(t);
-    uint64_t end = h->heap_end, off, nfree = 0, nused = 0;
-    for (off = h->heap_start; off < end; off += LDR(W64(P, off)) & ~(uint64_t)B_FLAGS) {
-        uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
+    uint64_t end = t->end, off, size, nfree = 0, nused = 0;
+    for (off = T_HEADER; off < end; off += size) {
+        uint64_t head = LDR(W64(P, off));
+        size = head & ~(uint64_t)B_FLAGS;
         if (size < T_MIN_BLOCK || size > end - off)
             return corrupt("block at %llu has a bad size", (unsigned long long)off);
         if (head & B_USED)
@@ -2512,12 +2512,15 @@ t_compact(TableObject *t, uint64_t index_slots, uint64_t *moved)
         return -1;
     }
     size_t nf = 0, nu = 0, lo = 0;
-    for (off = h->heap_start; off < end; off += LDR(W64(P, off)) & ~(uint64_t)B_FLAGS) {
+    for (off = T_HEADER; off < end && nu <= nused && nf <= nfree; off += size) {
         uint64_t head = LDR(W64(P, off));
-        if ((head & B_FLAGS) == B_USED)
+        size = head & ~(uint64_t)B_FLAGS;
+        if (size < T_MIN_BLOCK || size > end - off)
+            break; /* changed under us: not by a writer, they wait for the lock */
+        if ((head & B_FLAGS) == B_USED && nu < nused)
             ux[nu++] = off;
-        else if (!(head & B_USED))
-            fx[nf++] = (Extent){off, off + (head & ~(uint64_t)B_FLAGS)};
+        else if (!(head & B_USED) && nf < nfree)
+            fx[nf++] = (Extent){off, off + size};
     }
     memset(h->bins, 0, sizeof h->bins);
     h->top = 0;
@@ -2587,14 +2590,15 @@ table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
         t_recycle(t) < 0)
         return NULL;
     /* cut the free tail, keeping the heap page-aligned in the file */
-    uint64_t end = h->heap_end, top = h->top, tsize, new_end = end, page = 4096;
-    if (top && free_ok(P, h, top, &tsize) && top + tsize == end) {
+    uint64_t end = t->end, top = h->top, tsize, new_end = end, page = 4096;
+    if (top && free_ok(P, end, top, &tsize) && top + tsize == end) {
         new_end = (top + T_MIN_BLOCK + page - 1) & ~(page - 1); /* poff is page-aligned */
         if (new_end + T_MIN_BLOCK <= end) {
             STR(W64(P, new_end + 8), 0);
             STR(W64(P, new_end), end - new_end);
             STR(W64(P, top), new_end - top);
             STA(&h->heap_end, new_end);
+            t->end = new_end;
         } else {
             new_end = end;
         }
