@@ -1363,24 +1363,38 @@ t_recover(TableObject *t)
     if (t_index(t, &x) < 0)
         return -1;
     if (h->state & ST_COMMIT) {
-        uint64_t j = h->journal, n = h->journal_n, jsize;
+        /* Check the whole journal before storing any of it: every entry a
+         * slot of this index and a tombstone or a record with its tag. */
+        uint64_t j = h->journal, n = h->journal_n, jhead, jsize;
         if (j < T_HEADER || (j & 15) || j > end - T_JOURNAL_HDR)
             return corrupt("the batch journal offset %llu is bad", (unsigned long long)j);
-        jsize = LDR(W64(P, j)) & ~(uint64_t)B_FLAGS;
-        if (jsize > end - j || n > (jsize - T_JOURNAL_HDR) / 16 ||
+        jhead = LDR(W64(P, j));
+        jsize = jhead & ~(uint64_t)B_FLAGS;
+        if ((jhead & B_FLAGS) != (B_USED | B_JOURNAL) || jsize < T_JOURNAL_HDR ||
+            jsize > end - j || n > (jsize - T_JOURNAL_HDR) / 16 ||
             LDR(W64(P, j + 16)) != n || LDR(W64(P, j + 24)) != x.ix)
             return corrupt("the batch journal is inconsistent");
         const uint64_t *e = W64(P, j + T_JOURNAL_HDR);
         for (uint64_t i = 0; i < n; i++) {
-            uint64_t s = e[2 * i], w = e[2 * i + 1];
-            if (s >= x.nslots || (w > W_TOMB && word_off(w) > end - T_REC_HDR))
-                return corrupt("journal entry %llu is bad", (unsigned long long)i);
-            STA(&x.slots[s], w);
+            uint64_t s = LDR(&e[2 * i]), w = LDR(&e[2 * i + 1]);
+            TRec r;
+            if (s >= x.nslots || w == W_EMPTY ||
+                (w != W_TOMB && (rec_read(P, end, word_off(w), &r) < 0 ||
+                                 W_TAG(r.hash) != w >> 40)))
+                return corrupt("batch journal entry %llu is bad", (unsigned long long)i);
+        }
+        /* Redo it as the batch did: readers wait while the epoch is odd. */
+        if (!(LDR(&h->epoch) & 1))
+            epoch_bump(h, 1);
+        for (uint64_t i = 0; i < n; i++) {
+            uint64_t s = LDR(&e[2 * i]);
+            if (s < x.nslots)
+                STR(&x.slots[s], LDR(&e[2 * i + 1]));
         }
         h->state &= ~ST_COMMIT;
     }
     if (LDR(&h->epoch) & 1)
-        epoch_bump(h, 1);
+        epoch_bump(h, 1); /* even: publishes the redone words */
 
     uint8_t *bm = PyMem_Calloc((size_t)(end >> 7) + 1, 1);
     if (bm == NULL) {
