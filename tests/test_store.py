@@ -464,6 +464,25 @@ def test_recovery_survives_a_journal_of_a_hostile_size(name):
     assert proc.returncode == 0 and "journal" in proc.stdout, (proc.returncode, proc.stderr)
 
 
+@pytest.mark.parametrize("header", [b"(('<i4', (3,)) junk", b"('|V0', (1, 2**62))",
+                                    b"('<f8', (5,))", b"\xff\xfe"])
+def test_damaged_array_header_is_corrupt_not_valueerror(name, header):
+    with Store(name) as st:
+        st["arr"] = np.arange(3, dtype=np.int32)
+        _, val = st._locate("arr")
+        view = st.segment.buf
+        off = val - st.segment._hsize
+        hn = int.from_bytes(view[off:off + 4], "little")
+        view[off + 4:off + 4 + hn] = header[:hn].ljust(hn, b" ")
+        del view
+        for op in (lambda: st["arr"], lambda: list(st.items()), lambda: st.pop("arr")):
+            with pytest.raises(CorruptError, match="valid value|damaged|decoded"):
+                op()
+        with Store.open(name, readonly=True) as ro:
+            with pytest.raises(ShmkitError):
+                ro["arr"]
+
+
 def test_closed_and_readonly(name):
     st = Store(name)
     st["a"] = 1

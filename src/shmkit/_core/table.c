@@ -702,8 +702,8 @@ val_decode(TableObject *t, const char *P, uint64_t off, const TRec *r, uint64_t 
                 }
                 PyBuffer_Release(&b);
             }
-        } else if (!locked && PyErr_ExceptionMatches(PyExc_ValueError)) {
-            PyErr_Clear(); /* an unreadable header: torn or corrupt */
+        } else if (PyErr_ExceptionMatches(PyExc_ValueError)) {
+            PyErr_Clear(); /* an unreadable header: torn, or corrupt if locked */
             *race = 1;
         }
         shm_unpin(t->mapping);
