@@ -761,6 +761,16 @@ probe_ro(const char *P, uint64_t end, const TKey *k, uint64_t *off, TRec *rec)
 
 static int t_recover(TableObject *t);
 
+/* Call with the lock held and an exception pending: if it is damage, have
+ * the next writer run t_recover(), which rebuilds everything derived (free
+ * lists, counters) from the index and reports what it cannot repair. */
+static void
+t_mark_damage(TableObject *t)
+{
+    if (shm_CorruptError && PyErr_ExceptionMatches(shm_CorruptError) && t->m->base)
+        HDR(t)->state |= ST_DIRTY;
+}
+
 static int
 t_lock(TableObject *t)
 {
@@ -790,9 +800,12 @@ t_lock(TableObject *t)
     t->lock_thread = me;
     /* Check the heap bound again now that no writer can move it; writers
      * use t->end from here on.  After a writer's death, repair first. */
+    THeader *h = HDR(t);
     if ((t->end = t_enter(t)) == 0 ||
-        ((r == 2 || (LDR(&HDR(t)->state) & (ST_COMMIT | ST_DIRTY))) && t_recover(t) < 0)) {
+        ((r == 2 || (LDR(&h->state) & (ST_COMMIT | ST_DIRTY)) || (LDR(&h->epoch) & 1)) &&
+         t_recover(t) < 0)) {
         PyObject *et, *ev, *tb;
+        t_mark_damage(t);
         PyErr_Fetch(&et, &ev, &tb);
         t->lock_depth = 0;
         shm_lock_release(t->m, &HDR(t)->lock);
@@ -806,6 +819,8 @@ t_lock(TableObject *t)
 static void
 t_unlock(TableObject *t)
 {
+    if (PyErr_Occurred())
+        t_mark_damage(t);
     if (--t->lock_depth > 0)
         return;
     PyObject *et, *ev, *tb;
@@ -2593,7 +2608,7 @@ table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
     THeader *h = HDR(t);
     TIndex x;
     if (t_index(t, &x) < 0 || counts_ok(h, x.nslots) < 0)
-        return NULL;
+        goto fail;
     uint64_t n = T_MIN_SLOTS, count = LDR(&h->count), moved = 0;
     while (n < count * 2)
         n *= 2;
@@ -2602,7 +2617,7 @@ table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
     if (t_recycle(t) < 0 || t_compact(t, 0, &moved) < 0 || t_recycle(t) < 0 ||
         t_compact(t, n, &moved) < 0 || t_recycle(t) < 0 || t_compact(t, 0, &moved) < 0 ||
         t_recycle(t) < 0)
-        return NULL;
+        goto fail;
     /* cut the free tail, keeping the heap page-aligned in the file */
     uint64_t end = t->end, top = h->top, tsize, new_end = end, page = 4096;
     if (top && free_ok(P, end, top, &tsize) && top + tsize == end) {
@@ -2619,6 +2634,9 @@ table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
     }
     h->vacuums++;
     return Py_BuildValue("KK", (unsigned long long)new_end, (unsigned long long)moved);
+fail:
+    t_mark_damage(t); /* the caller holds the lock: t_unlock sees no error */
+    return NULL;
 }
 
 /* ---- setup -------------------------------------------------------------------- */
