@@ -751,6 +751,40 @@ def test_batch_is_all_or_nothing_and_private_until_published(name):
         st.verify()
 
 
+def _big_batches(name, ready, n, rounds):
+    st = Store.open(name)
+    ready.set()
+    for r in range(1, rounds + 1):
+        with st.batch():
+            for i in range(n):
+                st[i] = r
+            st["x"] = r
+    st.close()
+
+
+def test_readers_wait_out_a_long_batch_commit(name):
+    # publishing a batch of 200,000 words keeps the epoch odd for a while:
+    # readers (readonly ones too, and iterators) must wait, not give up
+    with Store(name, size=32 << 20) as st:
+        st["x"] = 0
+        ready = SPAWN.Event()
+        p = spawn(_big_batches, name, ready, 200_000, 3)
+        assert ready.wait(30)
+        ro = Store.open(name, readonly=True)
+        seen = set()
+        while p.is_alive():
+            seen.add(ro["x"])
+            for k in ro.keys():
+                pass
+        p.join(30)
+        assert p.exitcode == 0
+        seen.add(ro["x"])
+        assert seen >= {0, 3}
+        assert len(ro) == 200_001 and ro[199_999] == 3
+        ro.close()
+        st.verify()
+
+
 def _iter_writer(name, seconds):
     st = Store.open(name)
     rng = random.Random(3)
@@ -933,6 +967,33 @@ def test_write_times_out_behind_a_long_batch(name):
             p.kill()
             p.join()
         st["x"] = 1
+        st.verify()
+
+
+def test_odd_epoch_readers_time_out_while_the_writer_lives_and_repair_after(name):
+    with Store(name, timeout=0.3) as st:
+        st["kept"] = 1
+        ready = SPAWN.Event()
+        p = spawn(_hold_lock_and_die, name, ready)
+        try:
+            assert ready.wait(30)
+            poke(st, 0, u64(st.segment.buf, 0) + 1)  # "publishing", by a live writer
+            ro = Store.open(name, readonly=True, timeout=0.3)
+            for op in (lambda: st["kept"], lambda: ro["kept"], lambda: list(ro.items())):
+                t0 = time.monotonic()
+                with pytest.raises(shmkit.Timeout, match="batch"):
+                    op()
+                assert 0.25 < time.monotonic() - t0 < 5
+        finally:
+            p.kill()
+            p.join()
+        # the publisher is dead: readonly readers say so, a writable one repairs
+        with pytest.raises(BusyError, match="died"):
+            list(ro.items())
+        assert st["kept"] == 1 and "half" not in st
+        assert st.statistics()["recoveries"] == 1
+        assert ro["kept"] == 1
+        ro.close()
         st.verify()
 
 

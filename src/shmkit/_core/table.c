@@ -63,7 +63,7 @@
  */
 #include "shmkit.h"
 #include <errno.h>
-#include <sched.h>
+#include <time.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -622,6 +622,64 @@ epoch_same(THeader *h, uint64_t e)
 {
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     return LDR(&h->epoch) == e;
+}
+
+/* A reader found the epoch odd: a batch is being published.  Spin, then
+ * sleep (GIL released) until it is even again, however long the batch.
+ * Returns 0 with the even epoch in *e; 1 when nobody alive is publishing
+ * (its writer died, or damage), so the caller must read under the lock,
+ * which repairs; -1 with Timeout after the store's timeout, or on Ctrl-C. */
+static int
+t_wait_even(TableObject *t, uint64_t *e)
+{
+    THeader *h = HDR(t);
+    int64_t deadline = 0;
+    long pause_ns = 2000;
+    int r = 1;
+    if (t->lock_depth > 0 && t->lock_thread == PyThread_get_thread_ident())
+        return 1; /* we hold the lock: nobody else can be publishing */
+    shm_pin(t->mapping); /* we let other threads run: keep the memory mapped */
+    for (int i = 0;; i++) {
+        uint64_t v = LDA(&h->epoch);
+        if (!(v & 1)) {
+            *e = v;
+            r = 0;
+            break;
+        }
+        if (i < 256) {
+            cpu_relax();
+            continue;
+        }
+        int64_t now = shm_now_ns();
+        if (deadline == 0)
+            deadline = t->timeout_ns < 0 ? SHM_FOREVER : now + t->timeout_ns;
+        uint32_t owner = LDA(&h->lock) & SHM_TOKEN_MASK;
+        if (LDA(&h->epoch) != v)
+            continue;
+        if (owner == 0 || !shm_token_alive(t->m, owner))
+            break;
+        if (now >= deadline) {
+            PyErr_SetString(shm_TimeoutError ? shm_TimeoutError : PyExc_TimeoutError,
+                            "a batch was being published for longer than the store's "
+                            "timeout");
+            r = -1;
+            break;
+        }
+        struct timespec ts = {0, pause_ns};
+        Py_BEGIN_ALLOW_THREADS
+        nanosleep(&ts, NULL);
+        Py_END_ALLOW_THREADS
+        if (PyErr_CheckSignals() < 0) {
+            r = -1;
+            break;
+        }
+        if (pause_ns < 1000000)
+            pause_ns *= 2;
+    }
+    shm_unpin(t->mapping);
+    if (r >= 0 && t_live(t) < 0)
+        return -1;
+    return r;
 }
 
 /* Decode a record's value.  With *post set on return, the result is raw
@@ -1545,12 +1603,11 @@ t_lookup(TableObject *t, PyObject *key, int mode, int *found)
     for (int attempt = 0; attempt < MAX_RETRIES; attempt++) {
         uint64_t e = LDA(&h->epoch);
         if (e & 1) {
-            if (attempt > 8)
-                sched_yield();
-            else
-                for (int i = 0; i < 64; i++)
-                    cpu_relax();
-            continue;
+            int w = t_wait_even(t, &e);
+            if (w < 0)
+                break;
+            if (w > 0)
+                goto locked;
         }
         char *P = PAY(t);
         end = LDA(&h->heap_end);
@@ -2119,8 +2176,21 @@ table_scan(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
         char *P = PAY(t);
         uint64_t e = LDA(&h->epoch);
         if (e & 1 && !locked) {
-            sched_yield();
-            continue;
+            int w = t_wait_even(t, &e);
+            if (w < 0)
+                return NULL;
+            if (w > 0) { /* left odd by a dead writer: the lock repairs it */
+                if (t->readonly) {
+                    PyErr_SetString(t_Busy ? t_Busy : PyExc_RuntimeError,
+                                    "a writer died while publishing a batch; the next "
+                                    "write repairs the store (this handle is readonly)");
+                    return NULL;
+                }
+                if (t_lock(t) < 0)
+                    return NULL;
+                t_unlock(t);
+                continue;
+            }
         }
         uint64_t ix = LDA(&h->index), nslots;
         if (!index_ok(P, end, ix, &nslots)) {
