@@ -504,6 +504,30 @@ def test_damaged_array_header_is_corrupt_not_valueerror(name, header):
                 ro["arr"]
 
 
+def test_store_closed_by_code_run_during_iteration_never_crashes(name):
+    # the array hook runs Python code in the middle of a scan; closing the
+    # store there used to unmap the memory the scan went on reading
+    with Store(name) as st:
+        for i in range(2000):  # several scan chunks
+            st[i] = np.arange(i % 5 + 1)
+    proc = run_python(f"""
+        import shmkit, shmkit.store as S
+        st = shmkit.Store.open({name!r})
+        seg = st.segment
+
+        def closing_decode(*args):
+            st.close()
+            return S._decode(*args)
+
+        st._bind(seg._mapping, seg._hsize, decode=closing_decode, encode=S._encode_plain)
+        try:
+            print(len(list(st.items())))
+        except shmkit.ClosedError as e:
+            print("closed:", e)
+    """, check=False)
+    assert proc.returncode == 0 and "closed:" in proc.stdout, (proc.returncode, proc.stderr)
+
+
 def test_closed_and_readonly(name):
     st = Store(name)
     st["a"] = 1

@@ -2156,17 +2156,8 @@ out:
  * what: 0 keys, 1 values, 2 (key, value) pairs.  Entries of one call are
  * read under one epoch, so each is a value that was stored at some moment. */
 static PyObject *
-table_scan(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
+scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
 {
-    unsigned long long want_ix, start, maxn;
-    int what;
-    if (nargs != 4 || !PyArg_Parse(args[0], "K", &want_ix) ||
-        !PyArg_Parse(args[1], "K", &start) || !PyArg_Parse(args[2], "K", &maxn) ||
-        !PyArg_Parse(args[3], "i", &what)) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "_scan(index, start, max, what)");
-        return NULL;
-    }
     int locked = t_in_batch(t);
     for (int attempt = 0; attempt < MAX_RETRIES; attempt++) {
         uint64_t end = t_enter(t);
@@ -2317,6 +2308,30 @@ table_scan(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
     PyErr_SetString(t_Busy ? t_Busy : PyExc_RuntimeError,
                     "writers kept changing the store while it was being listed; retry");
     return NULL;
+}
+
+static PyObject *
+table_scan(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    unsigned long long want_ix, start, maxn;
+    int what;
+    if (nargs != 4 || !PyArg_Parse(args[0], "K", &want_ix) ||
+        !PyArg_Parse(args[1], "K", &start) || !PyArg_Parse(args[2], "K", &maxn) ||
+        !PyArg_Parse(args[3], "i", &what)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "_scan(index, start, max, what)");
+        return NULL;
+    }
+    if (t_live(t) < 0)
+        return NULL;
+    /* Building the entries runs Python code (the array hook, the garbage
+     * collector) that may close the store: keep the memory mapped. */
+    PyObject *mapping = Py_NewRef(t->mapping);
+    shm_pin(mapping);
+    PyObject *r = scan(t, want_ix, start, maxn, what);
+    shm_unpin(mapping);
+    Py_DECREF(mapping);
+    return r;
 }
 
 /* ---- verification, statistics, vacuum --------------------------------------- */
