@@ -1021,6 +1021,38 @@ def test_odd_epoch_readers_time_out_while_the_writer_lives_and_repair_after(name
         st.verify()
 
 
+def test_vacuum_and_dropped_batches_respect_the_lock_holder(name):
+    with Store(name) as st:
+        st["a"] = 1
+        st._lock()
+        errors = []
+
+        def other():
+            try:
+                st._vacuum()  # another thread: it does not hold the lock
+            except RuntimeError as e:
+                errors.append(e)
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        st._unlock()
+        assert len(errors) == 1 and "lock" in str(errors[0])
+        st.verify()
+    # a Store dropped with a batch open gives the batch's blocks back
+    code = f"""
+        import shmkit
+        st = shmkit.Store.open({name!r})
+        st._batch_begin()
+        for i in range(100):
+            st[i] = b"x" * 100
+        del st
+        st = shmkit.Store.open({name!r})
+        st.verify()
+        print(len(st))
+    """
+    assert run_python(code).stdout.split() == ["1"]
+
+
 def test_fork_child_uses_the_store(name):
     with Store(name) as st:
         st["parent"] = 1

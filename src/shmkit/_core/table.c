@@ -2685,7 +2685,8 @@ table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
 {
     if (t_enter(t) == 0)
         return NULL;
-    if (t->lock_depth <= 0 || t_in_batch(t)) {
+    if (t->lock_depth <= 0 || t->lock_thread != PyThread_get_thread_ident() ||
+        t_in_batch(t)) {
         PyErr_SetString(PyExc_RuntimeError, "vacuum needs the lock, outside a batch");
         return NULL;
     }
@@ -2845,6 +2846,8 @@ table_dealloc(TableObject *t)
 {
     PyObject_GC_UnTrack(t);
     if (t->lock_depth > 0 && t->m && t->m->base) {
+        if (t->batch_depth > 0)
+            batch_discard(t); /* else its blocks stay used by nothing */
         t->lock_depth = 1;
         t_unlock(t);
     }
