@@ -994,16 +994,6 @@ t_free(TableObject *t, uint64_t off)
         STR(&h->used, LDR(&h->used) - size);
 }
 
-/* Give back a block that was allocated but never published or counted. */
-static void
-t_unalloc(TableObject *t, uint64_t off)
-{
-    char *P = PAY(t);
-    uint64_t size = LDR(W64(P, off)) & ~(uint64_t)B_FLAGS;
-    STR(W64(P, off), size);
-    HDR(t)->pending += size;
-}
-
 /* Make pending space reusable: bump the epoch, then walk the chain,
  * merging runs of free blocks and rebuilding the free lists. */
 static int
@@ -1540,13 +1530,34 @@ enum { M_GET, M_CONTAINS, M_NBYTES };
 
 static PyObject *finish_pickle(TableObject *t, PyObject *raw);
 
+/* The value (or with nbytes, its size) of the record at off, read under
+ * the lock: CorruptError when it cannot be decoded. */
+static PyObject *
+value_locked(TableObject *t, uint64_t off, int nbytes)
+{
+    TRec rec;
+    int race, post;
+    char *P = PAY(t);
+    if (rec_read(P, t->end, off, &rec) < 0) {
+        corrupt("record at %llu is damaged", (unsigned long long)off);
+        return NULL;
+    }
+    if (nbytes)
+        return PyLong_FromUnsignedLongLong(rec.vlen);
+    PyObject *o = val_decode(t, P, off, &rec, 0, 1, &race, &post);
+    if (o == NULL && race && !PyErr_Occurred())
+        corrupt("the record at %llu does not hold a valid value of type %d",
+                (unsigned long long)off, rec.vtype);
+    return o != NULL && post ? finish_pickle(t, o) : o;
+}
+
 /* Look a key up under the lock (in a batch, or after readers kept losing). */
 static PyObject *
 lookup_locked(TableObject *t, const TKey *k, int mode, int *found)
 {
     TIndex x;
     uint64_t slot, w;
-    int fo, race, post;
+    int fo;
     if (t_index(t, &x) < 0)
         return NULL;
     int r = probe_w(t, &x, k, &slot, &w, &fo);
@@ -1555,22 +1566,7 @@ lookup_locked(TableObject *t, const TKey *k, int mode, int *found)
     *found = r == P_FOUND;
     if (!*found || mode == M_CONTAINS)
         return Py_NewRef(Py_None);
-    TRec rec;
-    char *P = PAY(t);
-    if (rec_read(P, t->end, word_off(w), &rec) < 0) {
-        corrupt("record at %llu is damaged", (unsigned long long)word_off(w));
-        return NULL;
-    }
-    if (mode == M_NBYTES)
-        return PyLong_FromUnsignedLongLong(rec.vlen);
-    PyObject *o = val_decode(t, P, word_off(w), &rec, 0, 1, &race, &post);
-    if (o == NULL && race && !PyErr_Occurred())
-        corrupt("the value of a %s key is not a valid value of type %d",
-                k->type == KT_STR ? "str" : k->type == KT_INT ? "int" : "bytes",
-                rec.vtype);
-    if (o != NULL && post)
-        return finish_pickle(t, o);
-    return o;
+    return value_locked(t, word_off(w), mode == M_NBYTES);
 }
 
 static PyObject *
@@ -1610,15 +1606,8 @@ t_lookup(TableObject *t, PyObject *key, int mode, int *found)
                 goto locked;
         }
         char *P = PAY(t);
-        end = LDA(&h->heap_end);
-        if (end > t_lim(t)) {
-            if (t_sync(t) < 0)
-                break;
-            if (end > t_lim(t)) {
-                corrupt("heap end beyond the segment");
-                break;
-            }
-        }
+        if ((end = t_enter(t)) == 0) /* picks up growth */
+            break;
         uint64_t off;
         TRec rec;
         int r = probe_ro(P, end, &k, &off, &rec);
@@ -1833,6 +1822,8 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
     if (t_index(t, &x) < 0) /* the grow hook may have run: the index is the same */
         goto unlock;
     char *P = PAY(t), *b = P + off;
+    THeader *h = HDR(t);
+    STR(&h->used, LDR(&h->used) + (LDR(W64(P, off)) & ~(uint64_t)B_FLAGS));
     STR((uint64_t *)(b + 16), k.h);
     STR((uint32_t *)(b + 24), (uint32_t)k.n);
     b[28] = (char)k.type;
@@ -1840,26 +1831,22 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
     b[30] = b[31] = 0;
     STR((uint64_t *)(b + 32), v.len);
     memcpy(b + T_REC_HDR, k.p, (size_t)k.n);
+    uint64_t w = rec_word(off, k.h);
     if (val_write(&v, b + T_REC_HDR + k.n) < 0) {
-        t_unalloc(t, off);
+        t_free(t, off); /* never published */
         goto unlock;
     }
-    THeader *h = HDR(t);
-    uint64_t bsize = LDR(W64(P, off)) & ~(uint64_t)B_FLAGS;
-    uint64_t w = rec_word(off, k.h);
     if (t_in_batch(t)) {
-        if (!fo && LDR(&x.slots[slot]) == W_EMPTY)
-            t->ov.newslots++;
+        int fresh = !fo && LDR(&x.slots[slot]) == W_EMPTY;
         if (ov_set(&t->ov, slot, w) < 0) {
-            t_unalloc(t, off);
+            t_free(t, off);
             goto unlock;
         }
+        t->ov.newslots += fresh;
         if (fo && old > W_TOMB)
             t_free(t, word_off(old)); /* this batch's own, never published */
-        STR(&h->used, LDR(&h->used) + bsize);
     } else {
         STA(&x.slots[slot], w); /* publish */
-        STR(&h->used, LDR(&h->used) + bsize);
         if (old > W_TOMB) {
             t_free(t, word_off(old));
         } else {
@@ -1906,22 +1893,9 @@ t_delete(TableObject *t, PyObject *key, int want_value, int *found)
         out = Py_NewRef(Py_None);
         goto unlock;
     }
-    char *P = PAY(t);
     THeader *h = HDR(t);
     if (want_value) {
-        TRec rec;
-        int race, post;
-        if (rec_read(P, t->end, word_off(old), &rec) < 0) {
-            corrupt("record at %llu is damaged", (unsigned long long)word_off(old));
-            goto unlock;
-        }
-        out = val_decode(t, P, word_off(old), &rec, 0, 1, &race, &post);
-        if (out == NULL) {
-            if (race && !PyErr_Occurred())
-                corrupt("a stored value cannot be decoded");
-            goto unlock;
-        }
-        if (post && (out = finish_pickle(t, out)) == NULL)
+        if ((out = value_locked(t, word_off(old), 0)) == NULL)
             goto unlock;
         if (t_index(t, &x) < 0) { /* a hook ran Python code */
             Py_CLEAR(out);
@@ -2192,97 +2166,61 @@ scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
         }
         if (want_ix && want_ix != ix)
             Py_RETURN_NONE;
-        PyObject *list = PyList_New(0);
-        PyObject *hashes = NULL, *wrapped = PyList_New(0);
-        if (list == NULL || wrapped == NULL) {
-            Py_XDECREF(list);
-            Py_XDECREF(wrapped);
-            return NULL;
-        }
+        PyObject *list = PyList_New(0), *wrapped = PyList_New(0), *hashes;
+        if (list == NULL || wrapped == NULL)
+            goto fail;
         uint64_t i = start, stop = start + maxn > nslots ? nslots : start + maxn;
         const uint64_t *slots = W64(P, ix + T_INDEX_HDR);
-        int bad = 0;
+        int bad = 0, err;
         uint64_t hv[1024];
         size_t nh = 0;
         TIndex x = {ix, nslots, nslots - 1, (uint64_t *)slots};
-        for (; i < stop && !bad && nh < 1024; i++) {
-            int fo;
-            uint64_t w = locked ? wword(t, &x, i, &fo) : LDA(&slots[i]);
+        for (; i < stop && nh < 1024; i++) {
+            int fo, race, post;
+            uint64_t w = locked ? wword(t, &x, i, &fo) : LDA(&slots[i]), off = word_off(w);
             if (w <= W_TOMB)
                 continue;
             TRec r;
-            uint64_t off = word_off(w);
-            if (rec_read(P, end, off, &r) < 0) {
-                bad = 1;
+            PyObject *k = NULL, *v = NULL, *item;
+            if (rec_read(P, end, off, &r) < 0 ||
+                (what != 1 &&
+                 (k = key_decode(r.ktype, P + off + T_REC_HDR, r.klen)) == NULL)) {
+                PyErr_Clear();
+                bad = 1; /* torn, or damaged if the epoch holds */
                 break;
             }
-            PyObject *kobj = NULL, *vobj = NULL, *item;
-            if (what != 1) {
-                kobj = key_decode(r.ktype, P + off + T_REC_HDR, r.klen);
-                if (kobj == NULL) {
-                    PyErr_Clear();
-                    bad = 1;
-                    break;
-                }
-            }
             if (what != 0) {
-                int race, post;
-                vobj = val_decode(t, P, off, &r, e, locked, &race, &post);
-                if (vobj == NULL) {
-                    Py_XDECREF(kobj);
-                    if (t->m->base == NULL) {
-                        Py_DECREF(list);
-                        Py_DECREF(wrapped);
-                        return NULL;
-                    }
-                    if (!race) {
-                        Py_DECREF(list);
-                        Py_DECREF(wrapped);
-                        return NULL;
-                    }
+                v = val_decode(t, P, off, &r, e, locked, &race, &post);
+                if (v == NULL) {
+                    Py_XDECREF(k);
+                    if (!race)
+                        goto fail;
                     bad = 1;
                     break;
                 }
-                if (post) {
-                    /* unpickled after validation, in Python */
-                    PyObject *tmp = Py_BuildValue("(N)", vobj);
-                    vobj = tmp;
-                    if (vobj == NULL) {
-                        Py_XDECREF(kobj);
-                        Py_DECREF(list);
-                        Py_DECREF(wrapped);
-                        return NULL;
-                    }
+                /* a pickle is unpickled in Python, after the epoch check */
+                if (post && (v = Py_BuildValue("(N)", v)) == NULL) {
+                    Py_XDECREF(k);
+                    goto fail;
                 }
             }
-            item = what == 0 ? kobj : what == 1 ? vobj : PyTuple_Pack(2, kobj, vobj);
+            item = what == 0 ? k : what == 1 ? v : PyTuple_Pack(2, k, v);
             if (what == 2) {
-                Py_DECREF(kobj);
-                Py_DECREF(vobj);
+                Py_DECREF(k);
+                Py_DECREF(v);
             }
-            if (item == NULL || PyList_Append(list, item) < 0) {
-                Py_XDECREF(item);
-                Py_DECREF(list);
-                Py_DECREF(wrapped);
-                return NULL;
-            }
-            Py_DECREF(item);
+            err = item == NULL || PyList_Append(list, item) < 0;
+            Py_XDECREF(item);
+            if (err)
+                goto fail;
             hv[nh++] = r.hash;
             if ((r.hash & x.mask) > i) { /* its probe run wrapped round the end */
                 PyObject *hh = PyLong_FromUnsignedLongLong(r.hash);
-                if (hh == NULL || PyList_Append(wrapped, hh) < 0) {
-                    Py_XDECREF(hh);
-                    Py_DECREF(list);
-                    Py_DECREF(wrapped);
-                    return NULL;
-                }
-                Py_DECREF(hh);
+                err = hh == NULL || PyList_Append(wrapped, hh) < 0;
+                Py_XDECREF(hh);
+                if (err)
+                    goto fail;
             }
-        }
-        if (t->m->base == NULL) {
-            Py_DECREF(list);
-            Py_DECREF(wrapped);
-            return NULL;
         }
         if (!locked && !epoch_same(h, e)) {
             Py_DECREF(list);
@@ -2290,20 +2228,19 @@ scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
             continue;
         }
         if (bad) {
-            Py_DECREF(list);
-            Py_DECREF(wrapped);
             corrupt("a record listed in the index at slot %llu is damaged",
                     (unsigned long long)i);
-            return NULL;
+            goto fail;
         }
         hashes = PyBytes_FromStringAndSize((const char *)hv, (Py_ssize_t)(nh * 8));
-        if (hashes == NULL) {
-            Py_DECREF(list);
-            Py_DECREF(wrapped);
-            return NULL;
-        }
+        if (hashes == NULL)
+            goto fail;
         long long next = i >= nslots ? -1 : (long long)i;
         return Py_BuildValue("LKNNN", next, (unsigned long long)ix, list, hashes, wrapped);
+    fail:
+        Py_XDECREF(list);
+        Py_XDECREF(wrapped);
+        return NULL;
     }
     PyErr_SetString(t_Busy ? t_Busy : PyExc_RuntimeError,
                     "writers kept changing the store while it was being listed; retry");
