@@ -2910,7 +2910,5 @@ shm_init_table(PyObject *module)
     Py_INCREF(&Table_Type);
     if (PyModule_AddObject(module, "Table", (PyObject *)&Table_Type) < 0)
         return -1;
-    if (PyModule_AddIntConstant(module, "TABLE_HEADER", T_HEADER) < 0)
-        return -1;
     return PyModule_AddFunctions(module, table_functions);
 }
