@@ -333,6 +333,201 @@ def test_corrupt_store_raises_never_crashes(name, where):
     assert "corrupt:" in proc.stdout
 
 
+def poke(st: Store, off: int, value: int, size: int = 8) -> None:
+    """Write a little-endian word into the store header (payload offset)."""
+    view = st.segment.buf
+    view[off:off + size] = value.to_bytes(size, "little")
+    del view
+
+
+@pytest.mark.parametrize("count", [2**64 - 1, 2**63, 10**6])
+def test_damaged_key_count_never_hangs(name, count):
+    with Store(name, size=16 << 10, timeout=5) as st:
+        for i in range(100):
+            st[i] = i
+        poke(st, 72, count)  # THeader.count
+        for op in (lambda: len(st), lambda: st.__setitem__("new", 1)):
+            with pytest.raises(CorruptError, match="count"):
+                op()
+        # the failed write marked the store for repair: the next one recounts
+        st["new"] = 1
+        assert len(st) == 101 and st.statistics()["recoveries"] == 1
+        st.verify()
+        poke(st, 72, count)
+        for op in (lambda: st.vacuum(), lambda: list(st.items())):
+            with pytest.raises(CorruptError, match="count"):
+                op()
+        st.verify()  # takes the lock: repairs first
+        assert len(st) == 101
+
+
+def test_an_odd_epoch_left_behind_is_repaired_by_the_next_writer(name):
+    with Store(name, size=16 << 10) as st:
+        for i in range(200):
+            st[i] = b"v" * (i % 90)
+        poke(st, 0, 7)  # as if a batch writer died while applying its words
+        st["after"] = 1
+        assert st.statistics()["recoveries"] == 1
+        assert st.statistics()["epoch"] % 2 == 0
+        assert all(st[i] == b"v" * (i % 90) for i in range(200))
+        st.verify()
+
+
+def test_heap_bounds_in_the_header_are_checked(name):
+    with Store(name, size=16 << 10, timeout=5) as st:
+        for i in range(50):
+            st[i] = b"v" * 100
+        # the heap start is a constant: damage to it is reported, never used
+        poke(st, 24, 64)  # THeader.heap_start
+        for i in range(2000):
+            st[i % 80] = b"w" * (i % 300)
+        assert st[5] == b"w" * (1925 % 300)
+        with pytest.raises(CorruptError, match="heap start"):
+            st.verify()
+        poke(st, 24, 4096)
+        st.verify()
+        # an unaligned heap end is refused before anything is written there
+        end = int.from_bytes(st.segment.buf[32:40], "little")
+        poke(st, 32, end - 8)
+        for op in (lambda: st.__setitem__("big", b"x" * 200_000), lambda: st[5],
+                   lambda: st.verify()):
+            with pytest.raises(CorruptError, match="heap end"):
+                op()
+        poke(st, 32, end)
+        st.verify()
+        st["big"] = b"x" * 200_000
+        st.verify()
+
+
+def u64(view, off: int) -> int:
+    return int.from_bytes(view[off:off + 8], "little")
+
+
+def _crash_mid_commit(st: Store) -> int:
+    """Commit a batch, then put the store back as a writer killed right after
+    marking it committing would leave it; returns the epoch it had."""
+    st["a"], st["b"] = 1, 2
+    view = st.segment.buf
+    pre = bytes(view)
+    with st.batch():
+        del st["a"]
+        st["b"] = 3
+        st["c"] = 4
+    ix, end = u64(view, 8), u64(view, 32)
+    assert u64(view, 8) == u64(pre, 8)  # the same index: no rebuild
+    nslots = u64(view, ix + 16)
+    view[ix + 32:ix + 32 + 8 * nslots] = pre[ix + 32:ix + 32 + 8 * nslots]
+    off = 4096
+    while off < end:  # the replaced records: used again
+        head = u64(pre, off)
+        if head & 15 == 1:
+            view[off:off + 8] = pre[off:off + 8]
+        off += head & ~15
+    j = u64(view, 112)  # THeader.journal, still naming the freed journal block
+    view[j:j + 8] = (u64(view, j) | 1 | 4).to_bytes(8, "little")
+    view[68:72] = (1).to_bytes(4, "little")  # state = committing
+    epoch = u64(pre, 0)
+    view[0:8] = pre[0:8]
+    del view
+    assert st.get("a") == 1 and st.get("b") == 2 and "c" not in st
+    return epoch
+
+
+def test_recovery_redoes_a_committing_batch_behind_an_odd_epoch(name):
+    with Store(name) as st:
+        epoch = _crash_mid_commit(st)
+        st["d"] = 5  # the next writer repairs first
+        assert "a" not in st and st["b"] == 3 and st["c"] == 4 and st["d"] == 5
+        assert st.statistics()["recoveries"] == 1
+        # odd while the words were stored, even after, then a recycle (+2)
+        assert st.statistics()["epoch"] == epoch + 4
+        st.verify()
+
+
+def test_recovery_checks_the_whole_journal_before_redoing_it(name):
+    with Store(name) as st:
+        _crash_mid_commit(st)
+        view = st.segment.buf
+        j = u64(view, 112)
+        # the last entry names a slot beyond the index: nothing may be stored
+        n = u64(view, j + 16)
+        view[j + 32 + 16 * (n - 1):j + 40 + 16 * (n - 1)] = (1 << 40).to_bytes(8, "little")
+        del view
+        with pytest.raises(CorruptError, match="journal entry"):
+            st["d"] = 5
+        assert st.get("a") == 1 and st.get("b") == 2 and "c" not in st
+
+
+def test_recovery_survives_a_journal_of_a_hostile_size(name):
+    # the journal claims a block of 16 bytes and 2**58 entries of zeros: the
+    # size check used to underflow and the redo ran off the end of the file
+    with Store(name) as st:
+        for i in range(20):
+            st[i] = b"x" * 200
+        view = st.segment.buf
+        ix = u64(view, 8)
+        j = u64(view, 104) + 32  # inside the free top block: zeros to the end
+        view[j:j + 8] = (16 | 1 | 4).to_bytes(8, "little")
+        view[j + 16:j + 24] = (1 << 58).to_bytes(8, "little")
+        view[j + 24:j + 32] = ix.to_bytes(8, "little")
+        view[112:120] = j.to_bytes(8, "little")
+        view[120:128] = (1 << 58).to_bytes(8, "little")
+        view[68:72] = (1).to_bytes(4, "little")
+        del view
+    proc = run_python(f"""
+        import shmkit
+        st = shmkit.Store.open({name!r})
+        try:
+            st["x"] = 1
+        except shmkit.CorruptError as e:
+            print("corrupt:", e)
+    """, check=False)
+    assert proc.returncode == 0 and "journal" in proc.stdout, (proc.returncode, proc.stderr)
+
+
+@pytest.mark.parametrize("header", [b"(('<i4', (3,)) junk", b"('|V0', (1, 2**62))",
+                                    b"('<f8', (5,))", b"\xff\xfe"])
+def test_damaged_array_header_is_corrupt_not_valueerror(name, header):
+    with Store(name) as st:
+        st["arr"] = np.arange(3, dtype=np.int32)
+        _, val = st._locate("arr")
+        view = st.segment.buf
+        off = val - st.segment._hsize
+        hn = int.from_bytes(view[off:off + 4], "little")
+        view[off + 4:off + 4 + hn] = header[:hn].ljust(hn, b" ")
+        del view
+        for op in (lambda: st["arr"], lambda: list(st.items()), lambda: st.pop("arr")):
+            with pytest.raises(CorruptError, match="valid value|damaged|decoded"):
+                op()
+        with Store.open(name, readonly=True) as ro:
+            with pytest.raises(ShmkitError):
+                ro["arr"]
+
+
+def test_store_closed_by_code_run_during_iteration_never_crashes(name):
+    # the array hook runs Python code in the middle of a scan; closing the
+    # store there used to unmap the memory the scan went on reading
+    with Store(name) as st:
+        for i in range(2000):  # several scan chunks
+            st[i] = np.arange(i % 5 + 1)
+    proc = run_python(f"""
+        import shmkit, shmkit.store as S
+        st = shmkit.Store.open({name!r})
+        seg = st.segment
+
+        def closing_decode(*args):
+            st.close()
+            return S._decode(*args)
+
+        st._bind(seg._mapping, seg._hsize, decode=closing_decode, encode=S._encode_plain)
+        try:
+            print(len(list(st.items())))
+        except shmkit.ClosedError as e:
+            print("closed:", e)
+    """, check=False)
+    assert proc.returncode == 0 and "closed:" in proc.stdout, (proc.returncode, proc.stderr)
+
+
 def test_closed_and_readonly(name):
     st = Store(name)
     st["a"] = 1
@@ -580,6 +775,40 @@ def test_batch_is_all_or_nothing_and_private_until_published(name):
         st.verify()
 
 
+def _big_batches(name, ready, n, rounds):
+    st = Store.open(name)
+    ready.set()
+    for r in range(1, rounds + 1):
+        with st.batch():
+            for i in range(n):
+                st[i] = r
+            st["x"] = r
+    st.close()
+
+
+def test_readers_wait_out_a_long_batch_commit(name):
+    # publishing a batch of 200,000 words keeps the epoch odd for a while:
+    # readers (readonly ones too, and iterators) must wait, not give up
+    with Store(name, size=32 << 20) as st:
+        st["x"] = 0
+        ready = SPAWN.Event()
+        p = spawn(_big_batches, name, ready, 200_000, 3)
+        assert ready.wait(30)
+        ro = Store.open(name, readonly=True)
+        seen = set()
+        while p.is_alive():
+            seen.add(ro["x"])
+            for k in ro.keys():
+                pass
+        p.join(30)
+        assert p.exitcode == 0
+        seen.add(ro["x"])
+        assert seen >= {0, 3}
+        assert len(ro) == 200_001 and ro[199_999] == 3
+        ro.close()
+        st.verify()
+
+
 def _iter_writer(name, seconds):
     st = Store.open(name)
     rng = random.Random(3)
@@ -763,6 +992,65 @@ def test_write_times_out_behind_a_long_batch(name):
             p.join()
         st["x"] = 1
         st.verify()
+
+
+def test_odd_epoch_readers_time_out_while_the_writer_lives_and_repair_after(name):
+    with Store(name, timeout=0.3) as st:
+        st["kept"] = 1
+        ready = SPAWN.Event()
+        p = spawn(_hold_lock_and_die, name, ready)
+        try:
+            assert ready.wait(30)
+            poke(st, 0, u64(st.segment.buf, 0) + 1)  # "publishing", by a live writer
+            ro = Store.open(name, readonly=True, timeout=0.3)
+            for op in (lambda: st["kept"], lambda: ro["kept"], lambda: list(ro.items())):
+                t0 = time.monotonic()
+                with pytest.raises(shmkit.Timeout, match="batch"):
+                    op()
+                assert 0.25 < time.monotonic() - t0 < 5
+        finally:
+            p.kill()
+            p.join()
+        # the publisher is dead: readonly readers say so, a writable one repairs
+        with pytest.raises(BusyError, match="died"):
+            list(ro.items())
+        assert st["kept"] == 1 and "half" not in st
+        assert st.statistics()["recoveries"] == 1
+        assert ro["kept"] == 1
+        ro.close()
+        st.verify()
+
+
+def test_vacuum_and_dropped_batches_respect_the_lock_holder(name):
+    with Store(name) as st:
+        st["a"] = 1
+        st._lock()
+        errors = []
+
+        def other():
+            try:
+                st._vacuum()  # another thread: it does not hold the lock
+            except RuntimeError as e:
+                errors.append(e)
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        st._unlock()
+        assert len(errors) == 1 and "lock" in str(errors[0])
+        st.verify()
+    # a Store dropped with a batch open gives the batch's blocks back
+    code = f"""
+        import shmkit
+        st = shmkit.Store.open({name!r})
+        st._batch_begin()
+        for i in range(100):
+            st[i] = b"x" * 100
+        del st
+        st = shmkit.Store.open({name!r})
+        st.verify()
+        print(len(st))
+    """
+    assert run_python(code).stdout.split() == ["1"]
 
 
 def test_fork_child_uses_the_store(name):

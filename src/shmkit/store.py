@@ -130,11 +130,12 @@ def _decode(vtype: int, data: bytes, body_len: int = 0) -> Any:
             if not isinstance(d, int) or d < 0:
                 raise ValueError(d)
             count *= d
+        if count * dtype.itemsize != body_len:
+            raise ValueError("array header does not match its data")
+        return np.empty(shape, dtype)
     except Exception:
+        # the C side retries (a torn read) or reports CorruptError
         raise ValueError("unreadable array header") from None
-    if count * dtype.itemsize != body_len:
-        raise ValueError("array header does not match its data")
-    return np.empty(shape, dtype)
 
 
 def _grow(seg: Segment, need: int) -> None:

@@ -63,7 +63,7 @@
  */
 #include "shmkit.h"
 #include <errno.h>
-#include <sched.h>
+#include <time.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -252,6 +252,7 @@ typedef struct {
     unsigned long lock_thread;
     int lock_depth;
     int batch_depth;
+    uint64_t end;         /* heap_end as checked when the lock was taken */
     Overlay ov;
 } TableObject;
 
@@ -327,7 +328,7 @@ t_enter(TableObject *t)
             return 0;
         }
     }
-    if (end < T_HEADER + T_INDEX_HDR) {
+    if (end < T_HEADER + T_INDEX_HDR || (end & 15)) {
         corrupt("heap end %llu is impossible", (unsigned long long)end);
         return 0;
     }
@@ -623,6 +624,64 @@ epoch_same(THeader *h, uint64_t e)
     return LDR(&h->epoch) == e;
 }
 
+/* A reader found the epoch odd: a batch is being published.  Spin, then
+ * sleep (GIL released) until it is even again, however long the batch.
+ * Returns 0 with the even epoch in *e; 1 when nobody alive is publishing
+ * (its writer died, or damage), so the caller must read under the lock,
+ * which repairs; -1 with Timeout after the store's timeout, or on Ctrl-C. */
+static int
+t_wait_even(TableObject *t, uint64_t *e)
+{
+    THeader *h = HDR(t);
+    int64_t deadline = 0;
+    long pause_ns = 2000;
+    int r = 1;
+    if (t->lock_depth > 0 && t->lock_thread == PyThread_get_thread_ident())
+        return 1; /* we hold the lock: nobody else can be publishing */
+    shm_pin(t->mapping); /* we let other threads run: keep the memory mapped */
+    for (int i = 0;; i++) {
+        uint64_t v = LDA(&h->epoch);
+        if (!(v & 1)) {
+            *e = v;
+            r = 0;
+            break;
+        }
+        if (i < 256) {
+            cpu_relax();
+            continue;
+        }
+        int64_t now = shm_now_ns();
+        if (deadline == 0)
+            deadline = t->timeout_ns < 0 ? SHM_FOREVER : now + t->timeout_ns;
+        uint32_t owner = LDA(&h->lock) & SHM_TOKEN_MASK;
+        if (LDA(&h->epoch) != v)
+            continue;
+        if (owner == 0 || !shm_token_alive(t->m, owner))
+            break;
+        if (now >= deadline) {
+            PyErr_SetString(shm_TimeoutError ? shm_TimeoutError : PyExc_TimeoutError,
+                            "a batch was being published for longer than the store's "
+                            "timeout");
+            r = -1;
+            break;
+        }
+        struct timespec ts = {0, pause_ns};
+        Py_BEGIN_ALLOW_THREADS
+        nanosleep(&ts, NULL);
+        Py_END_ALLOW_THREADS
+        if (PyErr_CheckSignals() < 0) {
+            r = -1;
+            break;
+        }
+        if (pause_ns < 1000000)
+            pause_ns *= 2;
+    }
+    shm_unpin(t->mapping);
+    if (r >= 0 && t_live(t) < 0)
+        return -1;
+    return r;
+}
+
 /* Decode a record's value.  With *post set on return, the result is raw
  * pickle bytes: the caller validates, then unpickles.  NULL with *race set
  * (and no exception) when the bytes looked inconsistent. */
@@ -701,8 +760,8 @@ val_decode(TableObject *t, const char *P, uint64_t off, const TRec *r, uint64_t 
                 }
                 PyBuffer_Release(&b);
             }
-        } else if (!locked && PyErr_ExceptionMatches(PyExc_ValueError)) {
-            PyErr_Clear(); /* an unreadable header: torn or corrupt */
+        } else if (PyErr_ExceptionMatches(PyExc_ValueError)) {
+            PyErr_Clear(); /* an unreadable header: torn, or corrupt if locked */
             *race = 1;
         }
         shm_unpin(t->mapping);
@@ -760,6 +819,16 @@ probe_ro(const char *P, uint64_t end, const TKey *k, uint64_t *off, TRec *rec)
 
 static int t_recover(TableObject *t);
 
+/* Call with the lock held and an exception pending: if it is damage, have
+ * the next writer run t_recover(), which rebuilds everything derived (free
+ * lists, counters) from the index and reports what it cannot repair. */
+static void
+t_mark_damage(TableObject *t)
+{
+    if (shm_CorruptError && PyErr_ExceptionMatches(shm_CorruptError) && t->m->base)
+        HDR(t)->state |= ST_DIRTY;
+}
+
 static int
 t_lock(TableObject *t)
 {
@@ -787,16 +856,20 @@ t_lock(TableObject *t)
     }
     t->lock_depth = 1;
     t->lock_thread = me;
-    if (r == 2 || (LDR(&HDR(t)->state) & (ST_COMMIT | ST_DIRTY))) {
-        if (t_recover(t) < 0) {
-            PyObject *et, *ev, *tb;
-            PyErr_Fetch(&et, &ev, &tb);
-            t->lock_depth = 0;
-            shm_lock_release(t->m, &HDR(t)->lock);
-            shm_unpin(t->mapping);
-            PyErr_Restore(et, ev, tb);
-            return -1;
-        }
+    /* Check the heap bound again now that no writer can move it; writers
+     * use t->end from here on.  After a writer's death, repair first. */
+    THeader *h = HDR(t);
+    if ((t->end = t_enter(t)) == 0 ||
+        ((r == 2 || (LDR(&h->state) & (ST_COMMIT | ST_DIRTY)) || (LDR(&h->epoch) & 1)) &&
+         t_recover(t) < 0)) {
+        PyObject *et, *ev, *tb;
+        t_mark_damage(t);
+        PyErr_Fetch(&et, &ev, &tb);
+        t->lock_depth = 0;
+        shm_lock_release(t->m, &HDR(t)->lock);
+        shm_unpin(t->mapping);
+        PyErr_Restore(et, ev, tb);
+        return -1;
     }
     return 0;
 }
@@ -804,6 +877,8 @@ t_lock(TableObject *t)
 static void
 t_unlock(TableObject *t)
 {
+    if (PyErr_Occurred())
+        t_mark_damage(t);
     if (--t->lock_depth > 0)
         return;
     PyObject *et, *ev, *tb;
@@ -855,10 +930,9 @@ carve(char *P, THeader *h, uint64_t off, uint64_t bsize, uint64_t size, unsigned
 }
 
 static int
-free_ok(const char *P, THeader *h, uint64_t off, uint64_t *size)
+free_ok(const char *P, uint64_t end, uint64_t off, uint64_t *size)
 {
-    uint64_t end = h->heap_end;
-    if (off < h->heap_start || (off & 15) || off > end - T_MIN_BLOCK)
+    if (off < T_HEADER || (off & 15) || off > end - T_MIN_BLOCK)
         return 0;
     uint64_t head = LDR(W64(P, off));
     *size = head & ~(uint64_t)B_FLAGS;
@@ -877,7 +951,7 @@ t_alloc(TableObject *t, uint64_t size, unsigned flags)
         uint64_t *prev = &h->bins[b];
         for (int scan = 0; *prev && scan < 8; scan++) {
             uint64_t off = *prev;
-            if (!free_ok(P, h, off, &bsize) || bin_of(bsize) != b) {
+            if (!free_ok(P, t->end, off, &bsize) || bin_of(bsize) != b) {
                 h->state |= ST_DIRTY;
                 corrupt("free list %d holds a bad block at %llu", b, (unsigned long long)off);
                 return (uint64_t)-1;
@@ -892,7 +966,7 @@ t_alloc(TableObject *t, uint64_t size, unsigned flags)
     }
     uint64_t top = h->top;
     if (top) {
-        if (!free_ok(P, h, top, &bsize) || top + bsize != h->heap_end) {
+        if (!free_ok(P, t->end, top, &bsize) || top + bsize != t->end) {
             h->state |= ST_DIRTY;
             corrupt("the top block at %llu is bad", (unsigned long long)top);
             return (uint64_t)-1;
@@ -920,16 +994,6 @@ t_free(TableObject *t, uint64_t off)
         STR(&h->used, LDR(&h->used) - size);
 }
 
-/* Give back a block that was allocated but never published or counted. */
-static void
-t_unalloc(TableObject *t, uint64_t off)
-{
-    char *P = PAY(t);
-    uint64_t size = LDR(W64(P, off)) & ~(uint64_t)B_FLAGS;
-    STR(W64(P, off), size);
-    HDR(t)->pending += size;
-}
-
 /* Make pending space reusable: bump the epoch, then walk the chain,
  * merging runs of free blocks and rebuilding the free lists. */
 static int
@@ -937,7 +1001,7 @@ t_recycle(TableObject *t)
 {
     char *P = PAY(t);
     THeader *h = HDR(t);
-    uint64_t end = h->heap_end, off = h->heap_start, run = 0, runsize = 0;
+    uint64_t end = t->end, off = T_HEADER, run = 0, runsize = 0;
     epoch_bump(h, 2);
     memset(h->bins, 0, sizeof h->bins);
     h->top = 0;
@@ -981,7 +1045,7 @@ t_extend(TableObject *t)
     char *P = PAY(t);
     THeader *h = HDR(t);
     uint64_t size = __atomic_load_n((uint64_t *)(t->m->base + 32), __ATOMIC_ACQUIRE);
-    uint64_t new_end = size & ~(uint64_t)15, old_end = h->heap_end;
+    uint64_t new_end = size & ~(uint64_t)15, old_end = t->end;
     if (new_end > t_lim(t))
         new_end = t_lim(t) & ~(uint64_t)15;
     if (new_end < old_end + T_MIN_BLOCK)
@@ -989,11 +1053,12 @@ t_extend(TableObject *t)
     STR(W64(P, old_end + 8), 0);
     STR(W64(P, old_end), new_end - old_end);
     STA(&h->heap_end, new_end);
+    t->end = new_end;
     uint64_t top = h->top, tsize;
-    if (top && free_ok(P, h, top, &tsize) && top + tsize == old_end) {
+    if (top && free_ok(P, old_end, top, &tsize) && top + tsize == old_end) {
         STR(W64(P, top), tsize + (new_end - old_end));
     } else {
-        if (top && free_ok(P, h, top, &tsize))
+        if (top && free_ok(P, old_end, top, &tsize))
             bin_push(P, h, top, tsize);
         h->top = old_end;
     }
@@ -1046,7 +1111,7 @@ t_index(TableObject *t, TIndex *x)
     char *P = PAY(t);
     THeader *h = HDR(t);
     x->ix = LDR(&h->index);
-    if (!index_ok(P, h->heap_end, x->ix, &x->nslots) ||
+    if (!index_ok(P, t->end, x->ix, &x->nslots) ||
         !(LDR(W64(P, x->ix)) & B_INDEX) ||
         (LDR(W64(P, x->ix)) & ~(uint64_t)B_FLAGS) < T_INDEX_HDR + 8 * x->nslots)
         return corrupt("the index at %llu is damaged", (unsigned long long)x->ix);
@@ -1135,7 +1200,7 @@ probe_w(TableObject *t, TIndex *x, const TKey *k, uint64_t *slot, uint64_t *word
         int *from_ov)
 {
     char *P = PAY(t);
-    uint64_t end = HDR(t)->heap_end, i = k->h & x->mask, tag = W_TAG(k->h);
+    uint64_t end = t->end, i = k->h & x->mask, tag = W_TAG(k->h);
     int64_t first_free = -1;
     int fo;
     for (uint64_t j = 0; j < x->nslots; j++, i = (i + 1) & x->mask) {
@@ -1195,9 +1260,10 @@ static uint64_t
 place(uint64_t *slots, uint64_t mask, uint64_t hash, Overlay *ov)
 {
     uint64_t i = hash & mask;
-    while (slots[i] != W_EMPTY || (ov && ov_find(ov, i)))
-        i = (i + 1) & mask;
-    return i;
+    for (uint64_t j = 0; j <= mask; j++, i = (i + 1) & mask)
+        if (slots[i] == W_EMPTY && !(ov && ov_find(ov, i)))
+            return i;
+    return UINT64_MAX; /* full: more records than the counts said */
 }
 
 /* Build a new index of nslots words from the published one and switch to
@@ -1219,7 +1285,7 @@ t_rebuild(TableObject *t, uint64_t nslots, uint64_t at)
         return -1;
     char *P = PAY(t);
     THeader *h = HDR(t);
-    uint64_t end = h->heap_end, mask = nslots - 1;
+    uint64_t end = t->end, mask = nslots - 1;
     uint64_t *ns = W64(P, nix + T_INDEX_HDR);
     STR(W64(P, nix + 16), nslots);
     STR(W64(P, nix + 24), 0);
@@ -1232,9 +1298,10 @@ t_rebuild(TableObject *t, uint64_t nslots, uint64_t at)
         TRec r;
         if (rec_read(P, end, word_off(w), &r) < 0)
             return corrupt("index word %llu points at a bad record", (unsigned long long)i);
-        if (++count > nslots * 3 / 4)
+        uint64_t at_i = place(ns, mask, r.hash, NULL);
+        if (++count > nslots * 3 / 4 || at_i == UINT64_MAX)
             return corrupt("more records than the index can hold");
-        ns[place(ns, mask, r.hash, NULL)] = w;
+        ns[at_i] = w;
     }
     if (t->ov.n) {
         Overlay old = t->ov, nov = {0};
@@ -1260,6 +1327,10 @@ t_rebuild(TableObject *t, uint64_t nslots, uint64_t at)
                 if (rec_read(P, end, word_off(w), &r) < 0)
                     return corrupt("bad batch record during index rebuild");
                 ns_i = place(ns, mask, r.hash, &nov);
+                if (ns_i == UINT64_MAX) {
+                    ov_clear(&nov);
+                    return corrupt("more records than the index can hold");
+                }
                 nov.newslots++;
             }
             if (ov_set(&nov, ns_i, w) < 0) {
@@ -1278,12 +1349,26 @@ t_rebuild(TableObject *t, uint64_t nslots, uint64_t at)
 }
 
 /* Grow (or clean) the index before one more insertion if it would pass 3/4. */
+/* The key counters are derived data: check them against the index before
+ * anything is sized by them (a wrong count must not hang or over-allocate). */
+static int
+counts_ok(THeader *h, uint64_t nslots)
+{
+    uint64_t c = LDR(&h->count), tb = LDR(&h->tombstones);
+    if (c > nslots || tb > nslots - c)
+        return corrupt("the counters say %llu keys and %llu tombstones, more than the "
+                       "index's %llu words",
+                       (unsigned long long)c, (unsigned long long)tb,
+                       (unsigned long long)nslots);
+    return 0;
+}
+
 static int
 t_reserve(TableObject *t)
 {
     TIndex x;
     THeader *h = HDR(t);
-    if (t_index(t, &x) < 0)
+    if (t_index(t, &x) < 0 || counts_ok(h, x.nslots) < 0)
         return -1;
     uint64_t live = LDR(&h->count) + t->ov.newslots;
     if ((LDR(&h->count) + LDR(&h->tombstones) + t->ov.newslots + 1) * 4 <= x.nslots * 3)
@@ -1298,7 +1383,7 @@ static int
 t_maybe_recycle(TableObject *t)
 {
     THeader *h = HDR(t);
-    uint64_t heap = h->heap_end - h->heap_start;
+    uint64_t heap = t->end - T_HEADER;
     if (h->pending > RECYCLE_MIN && h->pending > heap / 8)
         return t_recycle(t);
     return 0;
@@ -1335,32 +1420,44 @@ t_recover(TableObject *t)
     uint64_t end = t_enter(t);
     if (end == 0)
         return -1;
+    t->end = end;
     h->state |= ST_DIRTY;
-    if (h->heap_start != T_HEADER || (end & 15))
-        return corrupt("bad heap bounds %llu..%llu", (unsigned long long)h->heap_start,
-                       (unsigned long long)end);
     TIndex x;
     if (t_index(t, &x) < 0)
         return -1;
     if (h->state & ST_COMMIT) {
-        uint64_t j = h->journal, n = h->journal_n, jsize;
+        /* Check the whole journal before storing any of it: every entry a
+         * slot of this index and a tombstone or a record with its tag. */
+        uint64_t j = h->journal, n = h->journal_n, jhead, jsize;
         if (j < T_HEADER || (j & 15) || j > end - T_JOURNAL_HDR)
             return corrupt("the batch journal offset %llu is bad", (unsigned long long)j);
-        jsize = LDR(W64(P, j)) & ~(uint64_t)B_FLAGS;
-        if (jsize > end - j || n > (jsize - T_JOURNAL_HDR) / 16 ||
+        jhead = LDR(W64(P, j));
+        jsize = jhead & ~(uint64_t)B_FLAGS;
+        if ((jhead & B_FLAGS) != (B_USED | B_JOURNAL) || jsize < T_JOURNAL_HDR ||
+            jsize > end - j || n > (jsize - T_JOURNAL_HDR) / 16 ||
             LDR(W64(P, j + 16)) != n || LDR(W64(P, j + 24)) != x.ix)
             return corrupt("the batch journal is inconsistent");
         const uint64_t *e = W64(P, j + T_JOURNAL_HDR);
         for (uint64_t i = 0; i < n; i++) {
-            uint64_t s = e[2 * i], w = e[2 * i + 1];
-            if (s >= x.nslots || (w > W_TOMB && word_off(w) > end - T_REC_HDR))
-                return corrupt("journal entry %llu is bad", (unsigned long long)i);
-            STA(&x.slots[s], w);
+            uint64_t s = LDR(&e[2 * i]), w = LDR(&e[2 * i + 1]);
+            TRec r;
+            if (s >= x.nslots || w == W_EMPTY ||
+                (w != W_TOMB && (rec_read(P, end, word_off(w), &r) < 0 ||
+                                 W_TAG(r.hash) != w >> 40)))
+                return corrupt("batch journal entry %llu is bad", (unsigned long long)i);
+        }
+        /* Redo it as the batch did: readers wait while the epoch is odd. */
+        if (!(LDR(&h->epoch) & 1))
+            epoch_bump(h, 1);
+        for (uint64_t i = 0; i < n; i++) {
+            uint64_t s = LDR(&e[2 * i]);
+            if (s < x.nslots)
+                STR(&x.slots[s], LDR(&e[2 * i + 1]));
         }
         h->state &= ~ST_COMMIT;
     }
     if (LDR(&h->epoch) & 1)
-        epoch_bump(h, 1);
+        epoch_bump(h, 1); /* even: publishes the redone words */
 
     uint8_t *bm = PyMem_Calloc((size_t)(end >> 7) + 1, 1);
     if (bm == NULL) {
@@ -1386,7 +1483,7 @@ t_recover(TableObject *t)
         count++;
     }
     marked = count;
-    uint64_t off = h->heap_start;
+    uint64_t off = T_HEADER;
     while (off < end) {
         uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
         if (size < T_MIN_BLOCK || size > end - off || (head & 8)) {
@@ -1433,13 +1530,34 @@ enum { M_GET, M_CONTAINS, M_NBYTES };
 
 static PyObject *finish_pickle(TableObject *t, PyObject *raw);
 
+/* The value (or with nbytes, its size) of the record at off, read under
+ * the lock: CorruptError when it cannot be decoded. */
+static PyObject *
+value_locked(TableObject *t, uint64_t off, int nbytes)
+{
+    TRec rec;
+    int race, post;
+    char *P = PAY(t);
+    if (rec_read(P, t->end, off, &rec) < 0) {
+        corrupt("record at %llu is damaged", (unsigned long long)off);
+        return NULL;
+    }
+    if (nbytes)
+        return PyLong_FromUnsignedLongLong(rec.vlen);
+    PyObject *o = val_decode(t, P, off, &rec, 0, 1, &race, &post);
+    if (o == NULL && race && !PyErr_Occurred())
+        corrupt("the record at %llu does not hold a valid value of type %d",
+                (unsigned long long)off, rec.vtype);
+    return o != NULL && post ? finish_pickle(t, o) : o;
+}
+
 /* Look a key up under the lock (in a batch, or after readers kept losing). */
 static PyObject *
 lookup_locked(TableObject *t, const TKey *k, int mode, int *found)
 {
     TIndex x;
     uint64_t slot, w;
-    int fo, race, post;
+    int fo;
     if (t_index(t, &x) < 0)
         return NULL;
     int r = probe_w(t, &x, k, &slot, &w, &fo);
@@ -1448,22 +1566,7 @@ lookup_locked(TableObject *t, const TKey *k, int mode, int *found)
     *found = r == P_FOUND;
     if (!*found || mode == M_CONTAINS)
         return Py_NewRef(Py_None);
-    TRec rec;
-    char *P = PAY(t);
-    if (rec_read(P, HDR(t)->heap_end, word_off(w), &rec) < 0) {
-        corrupt("record at %llu is damaged", (unsigned long long)word_off(w));
-        return NULL;
-    }
-    if (mode == M_NBYTES)
-        return PyLong_FromUnsignedLongLong(rec.vlen);
-    PyObject *o = val_decode(t, P, word_off(w), &rec, 0, 1, &race, &post);
-    if (o == NULL && race && !PyErr_Occurred())
-        corrupt("the value of a %s key is not a valid value of type %d",
-                k->type == KT_STR ? "str" : k->type == KT_INT ? "int" : "bytes",
-                rec.vtype);
-    if (o != NULL && post)
-        return finish_pickle(t, o);
-    return o;
+    return value_locked(t, word_off(w), mode == M_NBYTES);
 }
 
 static PyObject *
@@ -1496,23 +1599,15 @@ t_lookup(TableObject *t, PyObject *key, int mode, int *found)
     for (int attempt = 0; attempt < MAX_RETRIES; attempt++) {
         uint64_t e = LDA(&h->epoch);
         if (e & 1) {
-            if (attempt > 8)
-                sched_yield();
-            else
-                for (int i = 0; i < 64; i++)
-                    cpu_relax();
-            continue;
+            int w = t_wait_even(t, &e);
+            if (w < 0)
+                break;
+            if (w > 0)
+                goto locked;
         }
         char *P = PAY(t);
-        end = LDA(&h->heap_end);
-        if (end > t_lim(t)) {
-            if (t_sync(t) < 0)
-                break;
-            if (end > t_lim(t)) {
-                corrupt("heap end beyond the segment");
-                break;
-            }
-        }
+        if ((end = t_enter(t)) == 0) /* picks up growth */
+            break;
         uint64_t off;
         TRec rec;
         int r = probe_ro(P, end, &k, &off, &rec);
@@ -1643,9 +1738,19 @@ table_nbytes(TableObject *t, PyObject *key)
 static Py_ssize_t
 table_length(TableObject *t)
 {
-    if (t_enter(t) == 0)
+    uint64_t end = t_enter(t), nslots;
+    if (end == 0)
         return -1;
+    if (!index_ok(PAY(t), end, LDA(&HDR(t)->index), &nslots)) {
+        corrupt("the index at %llu is damaged", (unsigned long long)LDR(&HDR(t)->index));
+        return -1;
+    }
     int64_t n = (int64_t)LDR(&HDR(t)->count);
+    if ((uint64_t)n > nslots) {
+        corrupt("the key count %llu is more than the index's %llu words",
+                (unsigned long long)n, (unsigned long long)nslots);
+        return -1;
+    }
     if (t_in_batch(t)) {
         /* count the batch's own changes */
         TIndex x;
@@ -1717,6 +1822,8 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
     if (t_index(t, &x) < 0) /* the grow hook may have run: the index is the same */
         goto unlock;
     char *P = PAY(t), *b = P + off;
+    THeader *h = HDR(t);
+    STR(&h->used, LDR(&h->used) + (LDR(W64(P, off)) & ~(uint64_t)B_FLAGS));
     STR((uint64_t *)(b + 16), k.h);
     STR((uint32_t *)(b + 24), (uint32_t)k.n);
     b[28] = (char)k.type;
@@ -1724,26 +1831,22 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
     b[30] = b[31] = 0;
     STR((uint64_t *)(b + 32), v.len);
     memcpy(b + T_REC_HDR, k.p, (size_t)k.n);
+    uint64_t w = rec_word(off, k.h);
     if (val_write(&v, b + T_REC_HDR + k.n) < 0) {
-        t_unalloc(t, off);
+        t_free(t, off); /* never published */
         goto unlock;
     }
-    THeader *h = HDR(t);
-    uint64_t bsize = LDR(W64(P, off)) & ~(uint64_t)B_FLAGS;
-    uint64_t w = rec_word(off, k.h);
     if (t_in_batch(t)) {
-        if (!fo && LDR(&x.slots[slot]) == W_EMPTY)
-            t->ov.newslots++;
+        int fresh = !fo && LDR(&x.slots[slot]) == W_EMPTY;
         if (ov_set(&t->ov, slot, w) < 0) {
-            t_unalloc(t, off);
+            t_free(t, off);
             goto unlock;
         }
+        t->ov.newslots += fresh;
         if (fo && old > W_TOMB)
             t_free(t, word_off(old)); /* this batch's own, never published */
-        STR(&h->used, LDR(&h->used) + bsize);
     } else {
         STA(&x.slots[slot], w); /* publish */
-        STR(&h->used, LDR(&h->used) + bsize);
         if (old > W_TOMB) {
             t_free(t, word_off(old));
         } else {
@@ -1790,22 +1893,9 @@ t_delete(TableObject *t, PyObject *key, int want_value, int *found)
         out = Py_NewRef(Py_None);
         goto unlock;
     }
-    char *P = PAY(t);
     THeader *h = HDR(t);
     if (want_value) {
-        TRec rec;
-        int race, post;
-        if (rec_read(P, h->heap_end, word_off(old), &rec) < 0) {
-            corrupt("record at %llu is damaged", (unsigned long long)word_off(old));
-            goto unlock;
-        }
-        out = val_decode(t, P, word_off(old), &rec, 0, 1, &race, &post);
-        if (out == NULL) {
-            if (race && !PyErr_Occurred())
-                corrupt("a stored value cannot be decoded");
-            goto unlock;
-        }
-        if (post && (out = finish_pickle(t, out)) == NULL)
+        if ((out = value_locked(t, word_off(old), 0)) == NULL)
             goto unlock;
         if (t_index(t, &x) < 0) { /* a hook ran Python code */
             Py_CLEAR(out);
@@ -2040,6 +2130,124 @@ out:
  * what: 0 keys, 1 values, 2 (key, value) pairs.  Entries of one call are
  * read under one epoch, so each is a value that was stored at some moment. */
 static PyObject *
+scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
+{
+    int locked = t_in_batch(t);
+    for (int attempt = 0; attempt < MAX_RETRIES; attempt++) {
+        uint64_t end = t_enter(t);
+        if (end == 0)
+            return NULL;
+        THeader *h = HDR(t);
+        char *P = PAY(t);
+        uint64_t e = LDA(&h->epoch);
+        if (e & 1 && !locked) {
+            int w = t_wait_even(t, &e);
+            if (w < 0)
+                return NULL;
+            if (w > 0) { /* left odd by a dead writer: the lock repairs it */
+                if (t->readonly) {
+                    PyErr_SetString(t_Busy ? t_Busy : PyExc_RuntimeError,
+                                    "a writer died while publishing a batch; the next "
+                                    "write repairs the store (this handle is readonly)");
+                    return NULL;
+                }
+                if (t_lock(t) < 0)
+                    return NULL;
+                t_unlock(t);
+                continue;
+            }
+        }
+        uint64_t ix = LDA(&h->index), nslots;
+        if (!index_ok(P, end, ix, &nslots)) {
+            if (!locked && !epoch_same(h, e))
+                continue;
+            corrupt("the index at %llu is damaged", (unsigned long long)ix);
+            return NULL;
+        }
+        if (want_ix && want_ix != ix)
+            Py_RETURN_NONE;
+        PyObject *list = PyList_New(0), *wrapped = PyList_New(0), *hashes;
+        if (list == NULL || wrapped == NULL)
+            goto fail;
+        uint64_t i = start, stop = start + maxn > nslots ? nslots : start + maxn;
+        const uint64_t *slots = W64(P, ix + T_INDEX_HDR);
+        int bad = 0, err;
+        uint64_t hv[1024];
+        size_t nh = 0;
+        TIndex x = {ix, nslots, nslots - 1, (uint64_t *)slots};
+        for (; i < stop && nh < 1024; i++) {
+            int fo, race, post;
+            uint64_t w = locked ? wword(t, &x, i, &fo) : LDA(&slots[i]), off = word_off(w);
+            if (w <= W_TOMB)
+                continue;
+            TRec r;
+            PyObject *k = NULL, *v = NULL, *item;
+            if (rec_read(P, end, off, &r) < 0 ||
+                (what != 1 &&
+                 (k = key_decode(r.ktype, P + off + T_REC_HDR, r.klen)) == NULL)) {
+                PyErr_Clear();
+                bad = 1; /* torn, or damaged if the epoch holds */
+                break;
+            }
+            if (what != 0) {
+                v = val_decode(t, P, off, &r, e, locked, &race, &post);
+                if (v == NULL) {
+                    Py_XDECREF(k);
+                    if (!race)
+                        goto fail;
+                    bad = 1;
+                    break;
+                }
+                /* a pickle is unpickled in Python, after the epoch check */
+                if (post && (v = Py_BuildValue("(N)", v)) == NULL) {
+                    Py_XDECREF(k);
+                    goto fail;
+                }
+            }
+            item = what == 0 ? k : what == 1 ? v : PyTuple_Pack(2, k, v);
+            if (what == 2) {
+                Py_DECREF(k);
+                Py_DECREF(v);
+            }
+            err = item == NULL || PyList_Append(list, item) < 0;
+            Py_XDECREF(item);
+            if (err)
+                goto fail;
+            hv[nh++] = r.hash;
+            if ((r.hash & x.mask) > i) { /* its probe run wrapped round the end */
+                PyObject *hh = PyLong_FromUnsignedLongLong(r.hash);
+                err = hh == NULL || PyList_Append(wrapped, hh) < 0;
+                Py_XDECREF(hh);
+                if (err)
+                    goto fail;
+            }
+        }
+        if (!locked && !epoch_same(h, e)) {
+            Py_DECREF(list);
+            Py_DECREF(wrapped);
+            continue;
+        }
+        if (bad) {
+            corrupt("a record listed in the index at slot %llu is damaged",
+                    (unsigned long long)i);
+            goto fail;
+        }
+        hashes = PyBytes_FromStringAndSize((const char *)hv, (Py_ssize_t)(nh * 8));
+        if (hashes == NULL)
+            goto fail;
+        long long next = i >= nslots ? -1 : (long long)i;
+        return Py_BuildValue("LKNNN", next, (unsigned long long)ix, list, hashes, wrapped);
+    fail:
+        Py_XDECREF(list);
+        Py_XDECREF(wrapped);
+        return NULL;
+    }
+    PyErr_SetString(t_Busy ? t_Busy : PyExc_RuntimeError,
+                    "writers kept changing the store while it was being listed; retry");
+    return NULL;
+}
+
+static PyObject *
 table_scan(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
 {
     unsigned long long want_ix, start, maxn;
@@ -2051,143 +2259,16 @@ table_scan(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
             PyErr_SetString(PyExc_TypeError, "_scan(index, start, max, what)");
         return NULL;
     }
-    int locked = t_in_batch(t);
-    for (int attempt = 0; attempt < MAX_RETRIES; attempt++) {
-        uint64_t end = t_enter(t);
-        if (end == 0)
-            return NULL;
-        THeader *h = HDR(t);
-        char *P = PAY(t);
-        uint64_t e = LDA(&h->epoch);
-        if (e & 1 && !locked) {
-            sched_yield();
-            continue;
-        }
-        uint64_t ix = LDA(&h->index), nslots;
-        if (!index_ok(P, end, ix, &nslots)) {
-            if (!locked && !epoch_same(h, e))
-                continue;
-            corrupt("the index at %llu is damaged", (unsigned long long)ix);
-            return NULL;
-        }
-        if (want_ix && want_ix != ix)
-            Py_RETURN_NONE;
-        PyObject *list = PyList_New(0);
-        PyObject *hashes = NULL, *wrapped = PyList_New(0);
-        if (list == NULL || wrapped == NULL) {
-            Py_XDECREF(list);
-            Py_XDECREF(wrapped);
-            return NULL;
-        }
-        uint64_t i = start, stop = start + maxn > nslots ? nslots : start + maxn;
-        const uint64_t *slots = W64(P, ix + T_INDEX_HDR);
-        int bad = 0;
-        uint64_t hv[1024];
-        size_t nh = 0;
-        TIndex x = {ix, nslots, nslots - 1, (uint64_t *)slots};
-        for (; i < stop && !bad && nh < 1024; i++) {
-            int fo;
-            uint64_t w = locked ? wword(t, &x, i, &fo) : LDA(&slots[i]);
-            if (w <= W_TOMB)
-                continue;
-            TRec r;
-            uint64_t off = word_off(w);
-            if (rec_read(P, end, off, &r) < 0) {
-                bad = 1;
-                break;
-            }
-            PyObject *kobj = NULL, *vobj = NULL, *item;
-            if (what != 1) {
-                kobj = key_decode(r.ktype, P + off + T_REC_HDR, r.klen);
-                if (kobj == NULL) {
-                    PyErr_Clear();
-                    bad = 1;
-                    break;
-                }
-            }
-            if (what != 0) {
-                int race, post;
-                vobj = val_decode(t, P, off, &r, e, locked, &race, &post);
-                if (vobj == NULL) {
-                    Py_XDECREF(kobj);
-                    if (t->m->base == NULL) {
-                        Py_DECREF(list);
-                        Py_DECREF(wrapped);
-                        return NULL;
-                    }
-                    if (!race) {
-                        Py_DECREF(list);
-                        Py_DECREF(wrapped);
-                        return NULL;
-                    }
-                    bad = 1;
-                    break;
-                }
-                if (post) {
-                    /* unpickled after validation, in Python */
-                    PyObject *tmp = Py_BuildValue("(N)", vobj);
-                    vobj = tmp;
-                    if (vobj == NULL) {
-                        Py_XDECREF(kobj);
-                        Py_DECREF(list);
-                        Py_DECREF(wrapped);
-                        return NULL;
-                    }
-                }
-            }
-            item = what == 0 ? kobj : what == 1 ? vobj : PyTuple_Pack(2, kobj, vobj);
-            if (what == 2) {
-                Py_DECREF(kobj);
-                Py_DECREF(vobj);
-            }
-            if (item == NULL || PyList_Append(list, item) < 0) {
-                Py_XDECREF(item);
-                Py_DECREF(list);
-                Py_DECREF(wrapped);
-                return NULL;
-            }
-            Py_DECREF(item);
-            hv[nh++] = r.hash;
-            if ((r.hash & x.mask) > i) { /* its probe run wrapped round the end */
-                PyObject *hh = PyLong_FromUnsignedLongLong(r.hash);
-                if (hh == NULL || PyList_Append(wrapped, hh) < 0) {
-                    Py_XDECREF(hh);
-                    Py_DECREF(list);
-                    Py_DECREF(wrapped);
-                    return NULL;
-                }
-                Py_DECREF(hh);
-            }
-        }
-        if (t->m->base == NULL) {
-            Py_DECREF(list);
-            Py_DECREF(wrapped);
-            return NULL;
-        }
-        if (!locked && !epoch_same(h, e)) {
-            Py_DECREF(list);
-            Py_DECREF(wrapped);
-            continue;
-        }
-        if (bad) {
-            Py_DECREF(list);
-            Py_DECREF(wrapped);
-            corrupt("a record listed in the index at slot %llu is damaged",
-                    (unsigned long long)i);
-            return NULL;
-        }
-        hashes = PyBytes_FromStringAndSize((const char *)hv, (Py_ssize_t)(nh * 8));
-        if (hashes == NULL) {
-            Py_DECREF(list);
-            Py_DECREF(wrapped);
-            return NULL;
-        }
-        long long next = i >= nslots ? -1 : (long long)i;
-        return Py_BuildValue("LKNNN", next, (unsigned long long)ix, list, hashes, wrapped);
-    }
-    PyErr_SetString(t_Busy ? t_Busy : PyExc_RuntimeError,
-                    "writers kept changing the store while it was being listed; retry");
-    return NULL;
+    if (t_live(t) < 0)
+        return NULL;
+    /* Building the entries runs Python code (the array hook, the garbage
+     * collector) that may close the store: keep the memory mapped. */
+    PyObject *mapping = Py_NewRef(t->mapping);
+    shm_pin(mapping);
+    PyObject *r = scan(t, want_ix, start, maxn, what);
+    shm_unpin(mapping);
+    Py_DECREF(mapping);
+    return r;
 }
 
 /* ---- verification, statistics, vacuum --------------------------------------- */
@@ -2213,9 +2294,9 @@ t_verify(TableObject *t, TWalk *out)
     THeader *h = HDR(t);
     uint8_t *bm = NULL;
     memset(out, 0, sizeof *out);
-    if (h->heap_start != T_HEADER || (end & 15))
-        VFAIL("bad heap bounds %llu..%llu", (unsigned long long)h->heap_start,
-              (unsigned long long)end);
+    if (h->heap_start != T_HEADER)
+        VFAIL("the heap start is %llu, not %u", (unsigned long long)h->heap_start,
+              T_HEADER);
     if (LDR(&h->epoch) & 1)
         VFAIL("the epoch is odd (%llu) with no batch being applied",
               (unsigned long long)LDR(&h->epoch));
@@ -2290,7 +2371,7 @@ t_verify(TableObject *t, TWalk *out)
         VFAIL("the index is over-full (%llu of %llu words)",
               (unsigned long long)(count + tombs), (unsigned long long)x.nslots);
     /* the chain */
-    uint64_t off = h->heap_start, used = 0, nfree = 0, last_free = 0, marked = count;
+    uint64_t off = T_HEADER, used = 0, nfree = 0, last_free = 0, marked = count;
     while (off < end) {
         uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
         if (size < T_MIN_BLOCK || size > end - off || (head & 8))
@@ -2332,14 +2413,14 @@ t_verify(TableObject *t, TWalk *out)
             uint64_t fs;
             if (!budget--)
                 VFAIL("free list %d loops", b);
-            if (!free_ok(P, h, f, &fs) || bin_of(fs) != b)
+            if (!free_ok(P, end, f, &fs) || bin_of(fs) != b)
                 VFAIL("free list %d holds a bad block at %llu", b, (unsigned long long)f);
             listed += fs;
         }
     }
     if (h->top) {
         uint64_t fs;
-        if (!free_ok(P, h, h->top, &fs) || h->top + fs != end || last_free != h->top)
+        if (!free_ok(P, end, h->top, &fs) || h->top + fs != end || last_free != h->top)
             VFAIL("the top block at %llu is bad", (unsigned long long)h->top);
         listed += fs;
     }
@@ -2384,12 +2465,11 @@ table_stats(TableObject *t, PyObject *Py_UNUSED(ignored))
         return NULL;
     THeader *h = HDR(t);
     char *P = PAY(t);
-    end = h->heap_end;
     uint64_t listed = 0, largest = 0, nfree = 0, budget = (end >> 5) + 1, nslots = 0;
     for (int b = 0; b < NBINS && budget; b++) {
         for (uint64_t f = h->bins[b]; f && budget; f = LDR(W64(P, f + 8)), budget--) {
             uint64_t fs;
-            if (!free_ok(P, h, f, &fs))
+            if (!free_ok(P, end, f, &fs))
                 break;
             listed += fs;
             nfree++;
@@ -2398,7 +2478,7 @@ table_stats(TableObject *t, PyObject *Py_UNUSED(ignored))
         }
     }
     uint64_t fs;
-    if (h->top && free_ok(P, h, h->top, &fs)) {
+    if (h->top && free_ok(P, end, h->top, &fs)) {
         listed += fs;
         nfree++;
         if (fs > largest)
@@ -2410,7 +2490,7 @@ table_stats(TableObject *t, PyObject *Py_UNUSED(ignored))
         "count", (unsigned long long)LDR(&h->count),
         "tombstones", (unsigned long long)LDR(&h->tombstones),
         "used_bytes", (unsigned long long)LDR(&h->used),
-        "heap_bytes", (unsigned long long)(end - h->heap_start),
+        "heap_bytes", (unsigned long long)(end - T_HEADER),
         "free_bytes", (unsigned long long)listed,
         "free_blocks", (unsigned long long)nfree,
         "largest_free", (unsigned long long)largest,
@@ -2463,9 +2543,10 @@ t_compact(TableObject *t, uint64_t index_slots, uint64_t *moved)
 {
     char *P = PAY(t);
     THeader *h = HDR(t);
-    uint64_t end = h->heap_end, off, nfree = 0, nused = 0;
-    for (off = h->heap_start; off < end; off += LDR(W64(P, off)) & ~(uint64_t)B_FLAGS) {
-        uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
+    uint64_t end = t->end, off, size, nfree = 0, nused = 0;
+    for (off = T_HEADER; off < end; off += size) {
+        uint64_t head = LDR(W64(P, off));
+        size = head & ~(uint64_t)B_FLAGS;
         if (size < T_MIN_BLOCK || size > end - off)
             return corrupt("block at %llu has a bad size", (unsigned long long)off);
         if (head & B_USED)
@@ -2482,12 +2563,15 @@ t_compact(TableObject *t, uint64_t index_slots, uint64_t *moved)
         return -1;
     }
     size_t nf = 0, nu = 0, lo = 0;
-    for (off = h->heap_start; off < end; off += LDR(W64(P, off)) & ~(uint64_t)B_FLAGS) {
+    for (off = T_HEADER; off < end && nu <= nused && nf <= nfree; off += size) {
         uint64_t head = LDR(W64(P, off));
-        if ((head & B_FLAGS) == B_USED)
+        size = head & ~(uint64_t)B_FLAGS;
+        if (size < T_MIN_BLOCK || size > end - off)
+            break; /* changed under us: not by a writer, they wait for the lock */
+        if ((head & B_FLAGS) == B_USED && nu < nused)
             ux[nu++] = off;
-        else if (!(head & B_USED))
-            fx[nf++] = (Extent){off, off + (head & ~(uint64_t)B_FLAGS)};
+        else if (!(head & B_USED) && nf < nfree)
+            fx[nf++] = (Extent){off, off + size};
     }
     memset(h->bins, 0, sizeof h->bins);
     h->top = 0;
@@ -2538,12 +2622,16 @@ table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
 {
     if (t_enter(t) == 0)
         return NULL;
-    if (t->lock_depth <= 0 || t_in_batch(t)) {
+    if (t->lock_depth <= 0 || t->lock_thread != PyThread_get_thread_ident() ||
+        t_in_batch(t)) {
         PyErr_SetString(PyExc_RuntimeError, "vacuum needs the lock, outside a batch");
         return NULL;
     }
     char *P = PAY(t);
     THeader *h = HDR(t);
+    TIndex x;
+    if (t_index(t, &x) < 0 || counts_ok(h, x.nslots) < 0)
+        goto fail;
     uint64_t n = T_MIN_SLOTS, count = LDR(&h->count), moved = 0;
     while (n < count * 2)
         n *= 2;
@@ -2552,22 +2640,26 @@ table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
     if (t_recycle(t) < 0 || t_compact(t, 0, &moved) < 0 || t_recycle(t) < 0 ||
         t_compact(t, n, &moved) < 0 || t_recycle(t) < 0 || t_compact(t, 0, &moved) < 0 ||
         t_recycle(t) < 0)
-        return NULL;
+        goto fail;
     /* cut the free tail, keeping the heap page-aligned in the file */
-    uint64_t end = h->heap_end, top = h->top, tsize, new_end = end, page = 4096;
-    if (top && free_ok(P, h, top, &tsize) && top + tsize == end) {
+    uint64_t end = t->end, top = h->top, tsize, new_end = end, page = 4096;
+    if (top && free_ok(P, end, top, &tsize) && top + tsize == end) {
         new_end = (top + T_MIN_BLOCK + page - 1) & ~(page - 1); /* poff is page-aligned */
         if (new_end + T_MIN_BLOCK <= end) {
             STR(W64(P, new_end + 8), 0);
             STR(W64(P, new_end), end - new_end);
             STR(W64(P, top), new_end - top);
             STA(&h->heap_end, new_end);
+            t->end = new_end;
         } else {
             new_end = end;
         }
     }
     h->vacuums++;
     return Py_BuildValue("KK", (unsigned long long)new_end, (unsigned long long)moved);
+fail:
+    t_mark_damage(t); /* the caller holds the lock: t_unlock sees no error */
+    return NULL;
 }
 
 /* ---- setup -------------------------------------------------------------------- */
@@ -2691,6 +2783,8 @@ table_dealloc(TableObject *t)
 {
     PyObject_GC_UnTrack(t);
     if (t->lock_depth > 0 && t->m && t->m->base) {
+        if (t->batch_depth > 0)
+            batch_discard(t); /* else its blocks stay used by nothing */
         t->lock_depth = 1;
         t_unlock(t);
     }
@@ -2815,8 +2909,6 @@ shm_init_table(PyObject *module)
         return -1;
     Py_INCREF(&Table_Type);
     if (PyModule_AddObject(module, "Table", (PyObject *)&Table_Type) < 0)
-        return -1;
-    if (PyModule_AddIntConstant(module, "TABLE_HEADER", T_HEADER) < 0)
         return -1;
     return PyModule_AddFunctions(module, table_functions);
 }
