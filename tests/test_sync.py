@@ -980,3 +980,19 @@ def test_kill_spawned_stress(kind, names):
           f"recovered ({stats['recovered']} took over from a dead holder, worst acquire "
           f"{stats['worst'] * 1e3:.1f} ms, {time.monotonic() - t:.0f} s)")
     _check(stats)
+
+
+def test_a_lock_word_damaged_to_hold_our_own_token_is_taken_over(name):
+    # A word naming this very attachment that no thread of ours locked can
+    # only be damage; waiting on it would be forever, so it is recovered.
+    m = shmkit.Mutex(name)
+    try:
+        _core.store32(m._m, m._base, m._m.token)
+        with pytest.warns(shmkit.OwnerDiedWarning):
+            assert m.acquire(timeout=None)
+        assert m.recovered
+        m.release()
+        assert m.acquire(timeout=1) and not m.recovered
+        m.release()
+    finally:
+        m.close()

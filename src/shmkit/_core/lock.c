@@ -37,8 +37,60 @@ cas(uint32_t *w, uint32_t expected, uint32_t desired)
                                        __ATOMIC_RELAXED);
 }
 
+/* The held list: a handful of entries per process, so a linear scan. */
+static int
+held_index(MappingObject *m, uint32_t *word)
+{
+    Py_ssize_t off = (char *)word - m->base;
+    for (Py_ssize_t i = 0; i < m->nheld; i++)
+        if (m->held[i] == off)
+            return (int)i;
+    return -1;
+}
+
+/* Record a lock we now hold.  Returns 0, or -1 (MemoryError) after undoing
+ * the acquire, so the caller reports failure with the lock free again. */
+static int
+held_add(MappingObject *m, uint32_t *word)
+{
+    if (m->nheld == m->capheld) {
+        Py_ssize_t cap = m->capheld ? 2 * m->capheld : 8;
+        Py_ssize_t *p = PyMem_Realloc(m->held, (size_t)cap * sizeof *p);
+        if (p == NULL) {
+            uint32_t v = __atomic_exchange_n(word, 0, __ATOMIC_RELEASE);
+            if (v & SHM_LOCK_WAITERS)
+                shm_futex_wake(word, 1);
+            PyErr_NoMemory();
+            return -1;
+        }
+        m->held = p;
+        m->capheld = cap;
+    }
+    m->held[m->nheld++] = (char *)word - m->base;
+    return 0;
+}
+
+static void
+held_remove(MappingObject *m, uint32_t *word)
+{
+    int i = held_index(m, word);
+    if (i >= 0)
+        m->held[i] = m->held[--m->nheld];
+}
+
+static int acquire_unlisted(MappingObject *m, uint32_t *word, int64_t deadline);
+
 int
 shm_lock_acquire(MappingObject *m, uint32_t *word, int64_t deadline)
+{
+    int r = acquire_unlisted(m, word, deadline);
+    if (r > 0 && held_add(m, word) < 0)
+        return -1;
+    return r;
+}
+
+static int
+acquire_unlisted(MappingObject *m, uint32_t *word, int64_t deadline)
 {
     const uint32_t me = m->token;
     if (me == 0) {
@@ -74,6 +126,13 @@ shm_lock_acquire(MappingObject *m, uint32_t *word, int64_t deadline)
          * whole slice without a wake-up, ask whether the holder still lives:
          * a dead holder's lock is free, whatever the timeout. */
         int expired = shm_now_ns() >= deadline;
+        if ((v & SHM_TOKEN_MASK) == me && held_index(m, word) < 0) {
+            /* Our token, but we never took it: damage.  Waiting would be
+             * forever, so take it over and report it like a dead holder. */
+            if (cas(word, v, me | SHM_LOCK_WAITERS))
+                return 2;
+            continue;
+        }
         if (check_owner || expired) {
             check_owner = 0;
             if (!shm_token_alive(m, v & SHM_TOKEN_MASK)) {
@@ -111,6 +170,7 @@ shm_lock_release(MappingObject *m, uint32_t *word)
                         "release of a shmkit lock that this process does not hold");
         return -1;
     }
+    held_remove(m, word);
     v = __atomic_exchange_n(word, 0, __ATOMIC_RELEASE);
     if (v & SHM_LOCK_WAITERS)
         shm_futex_wake(word, 1);
@@ -197,8 +257,11 @@ try_fast(LockObject *self)
     if (m->base == NULL || m->readonly || m->token == 0 ||
         self->offset > (long long)m->length - 4)
         return 0;
-    if (!cas((uint32_t *)(m->base + self->offset), 0, m->token))
+    uint32_t *word = (uint32_t *)(m->base + self->offset);
+    if (!cas(word, 0, m->token))
         return 0;
+    if (held_add(m, word) < 0)
+        return -1;
     self->recovered = 0;
     return 1;
 }
@@ -215,8 +278,13 @@ slow_acquire(LockObject *self, int64_t deadline)
 static PyObject *
 lock_acquire(LockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    if (nargs == 0 && kwnames == NULL && try_fast(self))
-        Py_RETURN_TRUE;
+    if (nargs == 0 && kwnames == NULL) {
+        int r = try_fast(self);
+        if (r < 0)
+            return NULL;
+        if (r > 0)
+            Py_RETURN_TRUE;
+    }
     PyObject *blocking_obj = nargs > 0 ? args[0] : NULL;
     PyObject *timeout = nargs > 1 ? args[1] : Py_None;
     if (nargs > 2) {
@@ -259,7 +327,8 @@ lock_acquire(LockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject
 static PyObject *
 lock_enter(LockObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (!try_fast(self) && slow_acquire(self, SHM_FOREVER) < 0)
+    int r = try_fast(self);
+    if (r < 0 || (r == 0 && slow_acquire(self, SHM_FOREVER) < 0))
         return NULL;
     Py_INCREF(self);
     return (PyObject *)self;

@@ -71,6 +71,7 @@ mapping_dealloc(MappingObject *self)
 {
     /* Exports hold a reference, so none can remain here. */
     mapping_unmap(self);
+    PyMem_Free(self->held);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 

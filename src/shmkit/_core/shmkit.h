@@ -47,6 +47,11 @@ typedef struct {
     uint32_t token;      /* our lock-owner token; 0 when detached */
     Py_ssize_t table_off;/* byte offset of the attach table */
     uint32_t max_slots;
+    /* Offsets of the lock words this attachment holds (lock.c).  A word that
+     * carries our token without being listed here was not locked by us: it
+     * is damage, and is taken over instead of waited on forever. */
+    Py_ssize_t *held;
+    Py_ssize_t nheld, capheld;
 } MappingObject;
 
 extern PyTypeObject Mapping_Type;
