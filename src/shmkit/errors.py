@@ -24,6 +24,10 @@ __all__ = [
     "Timeout",
     "WouldBlock",
     "OwnerDiedWarning",
+    # heap
+    "StaleHandleError",
+    "PinnedError",
+    "HeapFullError",
 ]
 
 
@@ -85,3 +89,19 @@ class WouldBlock(ShmkitError):
 
 class OwnerDiedWarning(RuntimeWarning):
     """A lock was taken over from a holder that died; check the data it guards."""
+
+
+# --- heap ---
+
+
+class StaleHandleError(ShmkitError, ValueError):
+    """A heap handle names no live block: its block was freed, or the handle
+    was forged or comes from another heap.  It never reaches anyone's data."""
+
+
+class PinnedError(BusyError):
+    """A pinned heap block cannot be freed or resized; leave the pin blocks first."""
+
+
+class HeapFullError(OutOfSpaceError):
+    """The heap has no room for the request, even after compacting it."""
