@@ -47,7 +47,7 @@ from .errors import (
 )
 from .segment import DEFAULT_MAX_ATTACH, Kind, Segment
 
-__all__ = ["Heap", "Handle", "Pin", "HeapFullError", "PinnedError", "StaleHandleError"]
+__all__ = ["Heap", "Handle", "Pin", "ArrayPin", "HeapFullError", "PinnedError", "StaleHandleError"]
 
 _core.heap_set_classes(StaleHandleError, PinnedError, HeapFullError)
 
@@ -56,7 +56,6 @@ _UNIT = 16
 _STEP_BUDGET = 256 << 10   # bytes a compaction step moves before releasing the lock
 _DEFAULT_PINS = 64
 _new = object.__new__
-_setattr = object.__setattr__
 
 
 class Handle:
@@ -79,13 +78,11 @@ class Handle:
     def __init__(self, index: int, generation: int) -> None:
         if not (0 <= index < 1 << 32 and 0 <= generation < 1 << 32):
             raise ValueError("a handle's index and generation are 32-bit unsigned ints")
-        _setattr(self, "_value", generation << 32 | index)
+        self._value = generation << 32 | index
 
-    @classmethod
-    def _make(cls, value: int) -> "Handle":
-        h = _new(cls)
-        _setattr(h, "_value", value)
-        return h
+    @staticmethod
+    def _make(value: int) -> "Handle":
+        return _handle(value)
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "Handle":
@@ -97,14 +94,14 @@ class Handle:
         raw = bytes(data)
         if len(raw) != 8:
             raise ValueError(f"a handle is 8 bytes, not {len(raw)}")
-        return cls._make(int.from_bytes(raw, "little"))
+        return _handle(int.from_bytes(raw, "little"))
 
     @classmethod
     def from_int(cls, value: int) -> "Handle":
         """The handle whose ``int()`` is ``value`` (a u64)."""
         if not 0 <= value < 1 << 64:
             raise ValueError("a handle is a 64-bit unsigned int")
-        return cls._make(value)
+        return _handle(value)
 
     @property
     def index(self) -> int:
@@ -130,101 +127,65 @@ class Handle:
     def __hash__(self) -> int:
         return hash(self._value)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("Handle is immutable")
-
     def __reduce__(self) -> tuple:
-        return (Handle._make, (self._value,))
+        return (_handle, (self._value,))
 
     def __repr__(self) -> str:
         return f"Handle(index={self.index}, generation={self.generation})"
 
 
-class Pin:
-    """A pinned block: its bytes stay where they are until :meth:`release`.
-
-    Made by :meth:`Heap.pin`; use it in a ``with`` block, which gives the
-    block's memoryview (for :meth:`Heap.pin_array`, a numpy array) and
-    releases the pin at the end.  The memoryview is released with the pin.
-    An array made from it that outlives the pin still points into the
-    mapping (it cannot crash), but the block may then move or be freed:
-    copy what you keep.
-    """
-
-    __slots__ = ("_heap", "_handle", "_view", "_token", "__weakref__")
-
-    def __init__(self, heap: "Heap", handle: Handle, view: memoryview) -> None:
-        self._heap = heap
-        self._handle = handle
-        self._view: memoryview | None = view
-        self._token = heap._mapping.token
-
-    @property
-    def handle(self) -> Handle:
-        return self._handle
-
-    @property
-    def view(self) -> memoryview:
-        """The block's bytes (writable unless the heap is read-only)."""
-        if self._view is None:
-            raise ValueError("this pin was released")
-        return self._view
-
-    @property
-    def released(self) -> bool:
-        return self._view is None
-
-    def release(self) -> None:
-        """Unpin the block.  Safe to call twice."""
-        view, self._view = self._view, None
-        if view is None:
-            return
-        try:
-            view.release()
-        except BufferError:
-            pass  # an array over it still exists; it keeps the mapping alive
-        heap = self._heap
-        core = heap._heapcore
-        if core is not None and heap._mapping.token == self._token:
-            core.unpin(self._handle._value)
-
-    def __enter__(self) -> memoryview:
-        return self.view
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def __del__(self) -> None:
-        try:
-            self.release()
-        except Exception:
-            pass
-
-    def __repr__(self) -> str:
-        state = "released" if self._view is None else f"{self._view.nbytes} bytes"
-        return f"<shmkit.Pin {self._handle!r} {state}>"
+def _handle(value: int, _cls: type = Handle) -> Handle:
+    h = _new(_cls)
+    h._value = value
+    return h
 
 
-class ArrayPin(Pin):
-    """A :class:`Pin` whose ``with`` gives a numpy array over the block."""
+Pin = _core.Pin
+# Pin (a C type, _core/heap.c): a pinned block; its bytes stay where they are
+# until release().  `with heap.pin(h) as view:` gives the block's memoryview
+# (.view) and releases the pin, and the view, at the end; a Pin that is
+# garbage collected releases itself.  An array made from the view that
+# outlives the pin still points into the mapping (it cannot crash), but the
+# block may then move or be freed: copy what you keep.
 
-    __slots__ = ("_array",)
 
-    def __init__(self, heap: "Heap", handle: Handle, view: memoryview, array: Any) -> None:
-        super().__init__(heap, handle, view)
+class ArrayPin:
+    """A pin whose ``with`` gives a numpy array over the block (see :meth:`Heap.pin_array`)."""
+
+    __slots__ = ("_pin", "_array")
+
+    def __init__(self, pin: Any, array: Any) -> None:
+        self._pin = pin
         self._array = array
 
     @property
     def array(self) -> Any:
-        self.view  # raises once released
+        """The array (until released)."""
+        if self._pin.released:
+            raise ValueError("this pin was released")
         return self._array
 
-    def __enter__(self) -> Any:  # type: ignore[override]
-        return self.array
+    @property
+    def handle(self) -> Handle:
+        return self._pin.handle
+
+    @property
+    def released(self) -> bool:
+        return self._pin.released
 
     def release(self) -> None:
+        """Unpin the block; the array must not be used afterwards."""
         self._array = None
-        super().release()
+        self._pin.release()
+
+    def __enter__(self) -> Any:
+        return self.array
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<shmkit.ArrayPin {self._pin!r}>"
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -270,7 +231,6 @@ class Heap(Segment):
 
     _kind = Kind.HEAP
     _heapcore: Any = None
-    _mv: memoryview | None = None
     _capacity = 0
 
     def __init__(self, name: str | None = None, size: int | None = None, *,
@@ -319,7 +279,6 @@ class Heap(Segment):
         self._heapcore = _core.HeapCore(self._mapping, self._hsize, self._sync_size(),
                                         self.name)
         self._capacity = int(stored.get("data_bytes", 0))
-        self._mv = memoryview(self._mapping)
 
     @classmethod
     def create(cls, name: str | None = None, size: int = 0,  # type: ignore[override]
@@ -395,7 +354,9 @@ class Heap(Segment):
         ...     heap.size_of(heap.alloc(100, zero=True))
         100
         """
-        core = self._core_rw()
+        core = self._heapcore
+        if core is None or self._readonly:
+            core = self._core_rw()
         if type(nbytes) is not int:
             nbytes = _index(nbytes, "nbytes")
         if nbytes < 0:
@@ -410,7 +371,7 @@ class Heap(Segment):
                     break
             else:
                 raise self._no_room(nbytes)
-        return Handle._make(v)
+        return _handle(v)
 
     def put(self, data: Any, *, timeout: float | None = None) -> Handle:
         """Allocate a block holding a copy of ``data`` (any bytes-like object).
@@ -435,7 +396,12 @@ class Heap(Segment):
         Raises :class:`PinnedError` while anyone holds it pinned, and
         :class:`StaleHandleError` if it was already freed.
         """
-        self._core_rw().free(self._value(handle), timeout)
+        core = self._heapcore
+        if core is None or self._readonly:
+            core = self._core_rw()
+        if type(handle) is not Handle:
+            self._value(handle)  # raises TypeError
+        core.free(handle._value, timeout)
 
     def size_of(self, handle: Handle) -> int:
         """The size the block was allocated (or last resized) with."""
@@ -484,8 +450,12 @@ class Heap(Segment):
         ...     heap.read(h)
         b'abcd'
         """
-        off, n = self._core_rw().pin(self._value(handle), timeout)
-        return Pin(self, handle, self._mv[off:off + n])  # type: ignore[index]
+        core = self._heapcore
+        if core is None or self._readonly:
+            core = self._core_rw()
+        if type(handle) is not Handle:
+            self._value(handle)  # raises TypeError
+        return core.pin(handle._value, timeout, handle)
 
     def pin_array(self, handle: Handle, dtype: Any = "uint8", shape: Any = None, *,
                   offset: int = 0, timeout: float | None = None) -> ArrayPin:
@@ -505,11 +475,9 @@ class Heap(Segment):
         import numpy as np
 
         dt = np.dtype(dtype)
-        core = self._core_rw()
-        v = self._value(handle)
-        off, n = core.pin(v, timeout)
-        view = self._mv[off:off + n]  # type: ignore[index]
+        pin = self.pin(handle, timeout=timeout)
         try:
+            n = pin.view.nbytes
             if shape is None:
                 shape = ((n - offset) // dt.itemsize,) if n > offset else (0,)
             elif isinstance(shape, int):
@@ -520,12 +488,11 @@ class Heap(Segment):
             if offset < 0 or offset + count * dt.itemsize > n:
                 raise ValueError(f"{count} items of {dt} at offset {offset} do not fit in "
                                  f"the block's {n} bytes")
-            arr = np.frombuffer(view, dtype=dt, count=count, offset=offset).reshape(shape)
+            arr = np.frombuffer(pin.view, dtype=dt, count=count, offset=offset).reshape(shape)
         except BaseException:
-            view.release()
-            core.unpin(v)
+            pin.release()
             raise
-        return ArrayPin(self, handle, view, arr)
+        return ArrayPin(pin, arr)
 
     def read(self, handle: Handle, *, timeout: float | None = None) -> bytes:
         """A copy of the block's bytes."""
@@ -604,9 +571,8 @@ class Heap(Segment):
             raise BusyError(f"heap {self._name!r}: this attachment still holds "
                             f"{core.pins_held()} pin(s); release them before close()")
         self._heapcore = None
-        if self._mv is not None:
-            self._mv.release()
-            self._mv = None
+        if core is not None:
+            core.close()
         super().close()
 
     def _describe(self) -> dict:

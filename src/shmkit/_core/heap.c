@@ -32,6 +32,7 @@
  *         192  u64 allocs, frees, moves, moved_bytes, compactions,
  *                  recoveries, reclaimed_pins, reallocs
  *         256  word bins[64]    free-list heads, two per word (unit + 1)
+ *         768  u64 pinbits[16]  bit s set once attach slot s has pinned (never cleared)
  *        1024  move journal     active, idx, src, dst, size, gap, prev, done
  *        2048  undo journal     u64 count, then count x (u64 off, u64 old)
  *   4096  handle table, max_blocks x 32 bytes
@@ -108,6 +109,7 @@
 #define H_BITMAP 128
 #define H_STAT 192
 #define H_BINS 256
+#define H_PINBITS 768
 #define H_MOVE 1024
 #define H_JOURNAL 2048
 #define J_MAX 127u
@@ -152,6 +154,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *mapping;
     PyObject *name;
+    PyObject *mv;       /* memoryview of the whole mapping; pins slice it */
     long long hoff;     /* payload offset within the mapping */
     uint64_t plen;      /* payload bytes */
     uint64_t table_off, pins_off, data_off, units, stride;
@@ -239,7 +242,10 @@ jset(Ctx *c, uint64_t off, uint64_t val, int sc)
     __atomic_store_n(&jc[2 + 2 * n], old, __ATOMIC_RELAXED);
     __atomic_store_n(jc, n + 1, __ATOMIC_RELEASE);
     crash_point();
-    __atomic_store_n(w, val, sc ? __ATOMIC_SEQ_CST : __ATOMIC_RELEASE);
+    if (sc)
+        __atomic_store_n(w, val, __ATOMIC_SEQ_CST);
+    else
+        __atomic_store_n(w, val, __ATOMIC_RELEASE);
 }
 
 static inline void
@@ -723,6 +729,20 @@ pin_used(Ctx *c, uint64_t table)
     return used < c->h->max_pins ? used : c->h->max_pins;
 }
 
+/* The next attach slot at or after s that has ever pinned, or nslots. */
+static uint32_t
+next_pinning_slot(Ctx *c, uint32_t s, uint32_t nslots)
+{
+    while (s < nslots) {
+        uint64_t bits = __atomic_load_n(at64(c, H_PINBITS + 8 * (uint64_t)(s >> 6)),
+                                        __ATOMIC_SEQ_CST) >> (s & 63);
+        if (bits)
+            return s + (uint32_t)__builtin_ctzll(bits);
+        s = (s | 63) + 1;
+    }
+    return nslots;
+}
+
 /* Live pins on entry idx, clearing records left by dead attachments.
  * Call with the lock held, after setting BUSY (the pinner's CAS then its
  * state load pair with our BUSY store then these loads). */
@@ -732,7 +752,8 @@ scan_pins(Ctx *c, uint32_t idx)
     MappingObject *m = (MappingObject *)c->h->mapping;
     int64_t live = 0;
     uint32_t nslots = slots_in_use(c);
-    for (uint32_t s = 0; s < nslots; s++) {
+    for (uint32_t s = next_pinning_slot(c, 0, nslots); s < nslots;
+         s = next_pinning_slot(c, s + 1, nslots)) {
         uint64_t t = pin_table(c, s);
         uint32_t used = pin_used(c, t);
         for (uint32_t k = 0; k < used; k++) {
@@ -1256,6 +1277,10 @@ heap_size_of(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
             int64_t deadline = get_deadline(args, nargs, 1);
             if (deadline < 0 || lock(&c, deadline) < 0)
                 goto out;
+            if (ld(&c, entry_off(&c, idx) + E_STATE) & F_BUSY) {
+                corrupt(&c, "handle entry %u stays marked busy", idx);
+                goto out;
+            }
             unlock(&c);
             tries = 0;
         }
@@ -1283,7 +1308,165 @@ drop_pin(Ctx *c, uint64_t *rec)
     }
 }
 
-/* pin(handle, timeout=None) -> (offset in the mapping, nbytes).
+/* ---- Pin objects ----------------------------------------------------------
+ * What heap.pin() returns: holds one pin until release() (or the end of its
+ * `with`, or its deallocation), and the memoryview of the block, which it
+ * releases with the pin.  The view is a slice of the heap's memoryview of the
+ * whole mapping, so it keeps the mapping alive by itself. */
+
+typedef struct {
+    PyObject_HEAD
+    HeapObject *heap;
+    PyObject *handle;   /* the Handle object (or None) */
+    PyObject *view;     /* NULL once released */
+    uint64_t value;
+    uint32_t token;     /* attachment that holds the pin */
+} PinObject;
+
+static PyTypeObject Pin_Type;
+static int unpin_idx(HeapObject *self, uint32_t idx, uint32_t token);
+
+static PyObject *
+new_pin(HeapObject *heap, PyObject *value, PyObject *handle, long long off, uint64_t n,
+        uint32_t token)
+{
+    if (heap->mv == NULL) {
+        PyErr_Format(PyExc_ValueError, "heap %R is closed", heap->name);
+        return NULL;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(value);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    PyObject *start = PyLong_FromLongLong(off);
+    PyObject *stop = PyLong_FromLongLong(off + (long long)n);
+    PyObject *slice = start && stop ? PySlice_New(start, stop, NULL) : NULL;
+    Py_XDECREF(start);
+    Py_XDECREF(stop);
+    PyObject *view = slice ? PyObject_GetItem(heap->mv, slice) : NULL;
+    Py_XDECREF(slice);
+    if (view == NULL)
+        return NULL;
+    PinObject *pin = PyObject_New(PinObject, &Pin_Type);
+    if (pin == NULL) {
+        Py_DECREF(view);
+        return NULL;
+    }
+    pin->heap = (HeapObject *)Py_NewRef(heap);
+    pin->handle = Py_NewRef(handle);
+    pin->view = view;
+    pin->value = v;
+    pin->token = token;
+    return (PyObject *)pin;
+}
+
+static int
+pin_release_impl(PinObject *self)
+{
+    PyObject *view = self->view;
+    if (view == NULL)
+        return 0;
+    self->view = NULL;
+    PyObject *r = PyObject_CallMethod(view, "release", NULL);
+    if (r == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_BufferError)) {
+            Py_DECREF(view);
+            return -1;
+        }
+        PyErr_Clear(); /* an array over it still exists; it keeps the mapping alive */
+    }
+    Py_XDECREF(r);
+    Py_DECREF(view);
+    return unpin_idx(self->heap, (uint32_t)self->value, self->token) < 0 ? -1 : 0;
+}
+
+static PyObject *
+pin_release(PinObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (pin_release_impl(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+pin_get_view(PinObject *self, void *Py_UNUSED(c))
+{
+    if (self->view == NULL) {
+        PyErr_SetString(PyExc_ValueError, "this pin was released");
+        return NULL;
+    }
+    return Py_NewRef(self->view);
+}
+
+static PyObject *
+pin_exit(PinObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return pin_release(self, NULL);
+}
+
+static PyObject *
+pin_get_handle(PinObject *self, void *Py_UNUSED(c))
+{
+    return Py_NewRef(self->handle);
+}
+
+static PyObject *
+pin_get_released(PinObject *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->view == NULL);
+}
+
+static PyObject *
+pin_repr(PinObject *self)
+{
+    if (self->view == NULL)
+        return PyUnicode_FromFormat("<shmkit.Pin %R released>", self->handle);
+    return PyUnicode_FromFormat("<shmkit.Pin %R %zd bytes>", self->handle,
+                                PyObject_Length(self->view));
+}
+
+static void
+pin_dealloc(PinObject *self)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (pin_release_impl(self) < 0)
+        PyErr_WriteUnraisable((PyObject *)self);
+    PyErr_Restore(type, value, tb);
+    Py_XDECREF(self->handle);
+    Py_XDECREF(self->heap);
+    PyObject_Free(self);
+}
+
+static PyMethodDef pin_methods[] = {
+    {"release", (PyCFunction)pin_release, METH_NOARGS,
+     "release()\n\nUnpin the block and release the view.  Safe to call twice."},
+    {"__enter__", (PyCFunction)pin_get_view, METH_NOARGS, "The block's memoryview."},
+    {"__exit__", (PyCFunction)(void (*)(void))pin_exit, METH_FASTCALL, NULL},
+    {NULL}
+};
+
+static PyGetSetDef pin_getset[] = {
+    {"view", (getter)pin_get_view, NULL, "the block's memoryview (until released)", NULL},
+    {"handle", (getter)pin_get_handle, NULL, "the pinned block's handle", NULL},
+    {"released", (getter)pin_get_released, NULL, "True once released", NULL},
+    {NULL}
+};
+
+static PyTypeObject Pin_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkit.Pin",
+    .tp_basicsize = sizeof(PinObject),
+    .tp_dealloc = (destructor)pin_dealloc,
+    .tp_repr = (reprfunc)pin_repr,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A pinned heap block: its bytes stay where they are until release().\n\n"
+              "Made by Heap.pin(); `with heap.pin(h) as view:` gives the block's\n"
+              "memoryview and releases the pin (and the view) at the end.",
+    .tp_methods = pin_methods,
+    .tp_getset = pin_getset,
+};
+
+/* pin(value, timeout=None, handle=None) -> Pin.
  * Lock-free unless the block is being moved, freed or resized. */
 static PyObject *
 heap_pin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -1313,6 +1496,10 @@ heap_pin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         goto out;
     }
     uint64_t e = entry_off(&c, idx);
+    uint32_t slot = SHM_TOKEN_SLOT(me);
+    uint64_t *bits = at64(&c, H_PINBITS + 8 * (uint64_t)(slot >> 6));
+    if (!(__atomic_load_n(bits, __ATOMIC_RELAXED) & (1ull << (slot & 63))))
+        __atomic_fetch_or(bits, 1ull << (slot & 63), __ATOMIC_SEQ_CST);
     for (;;) {
         uint64_t *rec = NULL;
         int had = 0;
@@ -1370,6 +1557,12 @@ heap_pin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
                 goto out;
             if (lock(&c, deadline) < 0)
                 goto out;
+            /* BUSY is only ever set by the lock's holder (or finished by
+             * repair), so holding the lock, we must not see it */
+            if (ld(&c, e + E_STATE) & F_BUSY) {
+                corrupt(&c, "handle entry %u stays marked busy", idx);
+                goto out;
+            }
             unlock(&c);
             continue;
         }
@@ -1383,7 +1576,7 @@ heap_pin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto out;
         }
         long long off = self->hoff + (long long)blk_off(&c, (uint32_t)unit) + UNIT;
-        result = Py_BuildValue("LK", off, (unsigned long long)n);
+        result = new_pin(self, args[0], nargs > 2 ? args[2] : Py_None, off, n, me);
         if (result == NULL)
             drop_pin(&c, rec);
         break;
@@ -1393,37 +1586,46 @@ out:
     return result;
 }
 
-/* unpin(handle): drop one pin this attachment holds on the handle's entry. */
+/* Drop one pin that the attachment named by `token` holds on entry idx:
+ * 0 done, 1 none held, -1 error. */
+static int
+unpin_idx(HeapObject *self, uint32_t idx, uint32_t token)
+{
+    MappingObject *m = (MappingObject *)self->mapping;
+    if (token == 0 || m->token != token || SHM_TOKEN_SLOT(token) >= self->max_slots)
+        return 1; /* detached (or forked): its records died with the attachment */
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return -1;
+    uint64_t table = pin_table(&c, SHM_TOKEN_SLOT(token));
+    uint32_t used = pin_used(&c, table);
+    int r = 1;
+    for (uint32_t k = 0; k < used && r; k++) {
+        uint64_t *rec = at64(&c, table + PIN_HEAD + 8ull * k);
+        uint64_t v = __atomic_load_n(rec, __ATOMIC_ACQUIRE);
+        if ((uint32_t)v == idx + 1 && PIN_GEN(v) == SHM_TOKEN_GEN(token) && PIN_CNT(v) > 0 &&
+            drop_pin(&c, rec) == 0)
+            r = 0;
+    }
+    end(&c);
+    return r;
+}
+
+/* unpin(value): drop one pin this attachment holds on the handle's block
+ * (for pins taken without a Pin object; Pin.release() does this itself). */
 static PyObject *
 heap_unpin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     uint32_t idx, gen;
     if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
         return nargs < 1 ? PyErr_Format(PyExc_TypeError, "unpin(handle)") : NULL;
-    MappingObject *m = (MappingObject *)self->mapping;
-    uint32_t me = m->token;
-    if (me == 0 || SHM_TOKEN_SLOT(me) >= self->max_slots)
-        Py_RETURN_NONE; /* detached: its records died with the attachment */
-    Ctx c;
-    if (begin(self, &c, 1) < 0)
+    int r = unpin_idx(self, idx, ((MappingObject *)self->mapping)->token);
+    if (r < 0)
         return NULL;
-    uint64_t table = pin_table(&c, SHM_TOKEN_SLOT(me));
-    uint32_t used = pin_used(&c, table);
-    PyObject *result = NULL;
-    for (uint32_t k = 0; k < used; k++) {
-        uint64_t *r = at64(&c, table + PIN_HEAD + 8ull * k);
-        uint64_t v = __atomic_load_n(r, __ATOMIC_ACQUIRE);
-        if ((uint32_t)v == idx + 1 && PIN_GEN(v) == SHM_TOKEN_GEN(me) && PIN_CNT(v) > 0 &&
-            drop_pin(&c, r) == 0) {
-            result = Py_NewRef(Py_None);
-            break;
-        }
-    }
-    if (result == NULL)
-        PyErr_Format(PyExc_RuntimeError, "Handle(index=%u, generation=%u) is not pinned "
-                     "by this attachment of heap %R", idx, gen, self->name);
-    end(&c);
-    return result;
+    if (r > 0)
+        return PyErr_Format(PyExc_RuntimeError, "Handle(index=%u, generation=%u) is not "
+                            "pinned by this attachment of heap %R", idx, gen, self->name);
+    Py_RETURN_NONE;
 }
 
 /* pins_held() -> int: pins this attachment holds. */
@@ -1568,7 +1770,8 @@ count_pinned(Ctx *c, int reclaim)
         PyErr_NoMemory();
         return -1;
     }
-    for (uint32_t s = 0; s < nslots; s++) {
+    for (uint32_t s = next_pinning_slot(c, 0, nslots); s < nslots;
+         s = next_pinning_slot(c, s + 1, nslots)) {
         uint64_t t = pin_table(c, s);
         uint32_t used = pin_used(c, t);
         for (uint32_t k = 0; k < used; k++) {
@@ -1612,8 +1815,9 @@ heap_stats(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         uint32_t link = bin_head(&c, b);
         if (!link)
             continue;
-        uint64_t limit = ld(&c, H_FREE_B) + 1;
-        for (uint64_t steps = 0; link && steps < limit; steps++) {
+        /* the top list's blocks are within a factor 1.5 of each other: a
+         * bounded look is exact in practice and cannot loop on a damaged list */
+        for (uint64_t steps = 0; link && steps < 65536; steps++) {
             Blk blk;
             if (check_link(&c, link) < 0 || rd_blk(&c, link - 1, &blk) < 0) {
                 if (locked)
@@ -1981,12 +2185,30 @@ heapobj_init(HeapObject *self, PyObject *args, PyObject *kwds)
     self->max_slots = (uint32_t)ss;
     self->salt = (uint32_t)(ss >> 32);
     self->stride = PIN_HEAD + 8ull * self->max_pins;
-    return 0;
+    Py_XSETREF(self->mv, PyMemoryView_FromObject(mapping));
+    return self->mv ? 0 : -1;
+}
+
+/* close(): release the view of the mapping (views of pins live on). */
+static PyObject *
+heap_close(HeapObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *mv = self->mv;
+    self->mv = NULL;
+    if (mv != NULL) {
+        PyObject *r = PyObject_CallMethod(mv, "release", NULL);
+        Py_DECREF(mv);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
 }
 
 static void
 heapobj_dealloc(HeapObject *self)
 {
+    Py_XDECREF(self->mv);
     Py_XDECREF(self->mapping);
     Py_XDECREF(self->name);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -2022,7 +2244,7 @@ static PyMethodDef heapobj_methods[] = {
     FAST(free, "free(handle, timeout=None)"),
     FAST(realloc, "realloc(handle, nbytes, zero, timeout=None) -> False if fragmented"),
     FAST(size_of, "size_of(handle) -> nbytes"),
-    FAST(pin, "pin(handle, timeout=None) -> (mapping offset, nbytes)"),
+    FAST(pin, "pin(value, timeout=None, handle=None) -> Pin"),
     FAST(unpin, "unpin(handle)"),
     {"pins_held", (PyCFunction)heap_pins_held, METH_NOARGS, "pins_held() -> int"},
     FAST(compact_step, "compact_step(restart, until, budget, timeout=None) -> "
@@ -2030,6 +2252,7 @@ static PyMethodDef heapobj_methods[] = {
     FAST(stats, "stats(locked=True, timeout=None) -> dict"),
     FAST(verify, "verify(timeout=None) -> dict; CorruptError when an invariant fails"),
     FAST(where, "where(handle) -> (unit, nbytes, live pins)"),
+    {"close", (PyCFunction)heap_close, METH_NOARGS, "close(): release the mapping's view"},
     {NULL}
 };
 
@@ -2061,8 +2284,14 @@ static PyMethodDef heap_functions[] = {
 int
 shm_init_heap(PyObject *module)
 {
-    if (PyType_Ready(&Heap_Type) < 0 || PyModule_AddFunctions(module, heap_functions) < 0)
+    if (PyType_Ready(&Heap_Type) < 0 || PyType_Ready(&Pin_Type) < 0 ||
+        PyModule_AddFunctions(module, heap_functions) < 0)
         return -1;
+    Py_INCREF(&Pin_Type);
+    if (PyModule_AddObject(module, "Pin", (PyObject *)&Pin_Type) < 0) {
+        Py_DECREF(&Pin_Type);
+        return -1;
+    }
     Py_INCREF(&Heap_Type);
     if (PyModule_AddObject(module, "HeapCore", (PyObject *)&Heap_Type) < 0) {
         Py_DECREF(&Heap_Type);
