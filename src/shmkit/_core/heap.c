@@ -1167,7 +1167,10 @@ heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     uint32_t place = unit;
     if (want <= b.size) {
         if (b.size - want >= MIN_UNITS) {
+            uint64_t next = (uint64_t)unit + b.size;
             wr_blk(&c, unit, want, b.prev, idx + 1);
+            if (next < self->units && set_prev(&c, (uint32_t)next, b.size - want) < 0)
+                goto fail;
             if (release_block(&c, unit + want, b.size - want, want) < 0)
                 goto fail;
             jadd(&c, H_USED_U, -(int64_t)(b.size - want));
@@ -1566,13 +1569,17 @@ heap_pin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
             unlock(&c);
             continue;
         }
+        /* Without the lock, only what a pin keeps still may be read: the
+         * block's size and owner.  Its prev size and check word change with
+         * its neighbours (two stores), so the check word is not looked at. */
         uint64_t unit = ld(&c, e + E_UNIT), n = ld(&c, e + E_NBYTES);
-        Blk b;
-        if (rd_blk(&c, unit, &b) < 0 || b.handle != idx + 1 ||
-            n > ((uint64_t)b.size - 1) * UNIT) {
+        uint64_t size = unit < self->units ? (uint32_t)ld(&c, blk_off(&c, (uint32_t)unit)) : 0;
+        uint32_t owner = unit < self->units ? (uint32_t)ld(&c, blk_off(&c, (uint32_t)unit) + 8)
+                                            : 0;
+        if (owner != idx + 1 || size < MIN_UNITS || size > self->units - unit ||
+            n > (size - 1) * UNIT) {
             drop_pin(&c, rec);
-            if (!PyErr_Occurred())
-                corrupt(&c, "handle entry %u and its block disagree", idx);
+            corrupt(&c, "handle entry %u and its block disagree", idx);
             goto out;
         }
         long long off = self->hoff + (long long)blk_off(&c, (uint32_t)unit) + UNIT;

@@ -1,0 +1,741 @@
+"""The heap: handles, pins, compaction, many processes, crashes and corruption."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import pickle
+import random
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import shmkit
+from shmkit import _core
+from shmkit.errors import (
+    BusyError,
+    ClosedError,
+    CorruptError,
+    FormatVersionError,
+    HeapFullError,
+    NotFoundError,
+    PinnedError,
+    ReadOnlyError,
+    ShmkitError,
+    StaleHandleError,
+    Timeout,
+    WrongKindError,
+)
+from shmkit.heap import ArrayPin, Handle, Heap
+
+from conftest import SPAWN, SRC, run_python, spawn
+
+
+def pattern(h: Handle, n: int, start: int = 0) -> bytes:
+    """The bytes the tests write into the block of ``h``: checkable at any prefix."""
+    seed = (h.index * 131 + h.generation) & 0xFF
+    return ((np.arange(start, start + n, dtype=np.uint64) * 7 + seed) & 0xFF).astype(
+        np.uint8).tobytes()
+
+
+def fill(heap: Heap, h: Handle, start: int = 0) -> None:
+    with heap.pin(h) as view:
+        view[start:] = pattern(h, len(view) - start, start)
+
+
+def check(heap: Heap, h: Handle, n: int | None = None) -> None:
+    with heap.pin(h) as view:
+        n = len(view) if n is None else n
+        assert bytes(view[:n]) == pattern(h, n), f"content of {h} damaged"
+
+
+@pytest.fixture
+def heap(name):
+    with Heap(name, size=1 << 20) as h:
+        yield h
+
+
+# -- handles -------------------------------------------------------------------
+
+
+def test_handle_value_semantics():
+    h = Handle(5, 0xDEADBEEF)
+    assert (h.index, h.generation) == (5, 0xDEADBEEF)
+    assert len(bytes(h)) == 8 and Handle.from_bytes(bytes(h)) == h
+    assert Handle.from_bytes(bytearray(bytes(h))) == h
+    assert Handle.from_bytes(memoryview(bytes(h))) == h
+    assert Handle.from_int(int(h)) == h
+    assert pickle.loads(pickle.dumps(h)) == h
+    assert {h: 1}[Handle(5, 0xDEADBEEF)] == 1 and h != Handle(5, 1) and h != int(h)
+    assert repr(h) == "Handle(index=5, generation=3735928559)"
+    with pytest.raises(ValueError, match="8 bytes"):
+        Handle.from_bytes(b"1234567")
+    with pytest.raises(ValueError):
+        Handle(-1, 0)
+    with pytest.raises(ValueError):
+        Handle.from_int(1 << 64)
+
+
+def test_alloc_write_read_free(heap):
+    h = heap.alloc(100)
+    assert heap.size_of(h) == 100
+    fill(heap, h)
+    check(heap, h)
+    assert heap.write(h, b"xyz", 10) == 3 and heap.read(h)[10:13] == b"xyz"
+    with pytest.raises(IndexError):
+        heap.write(h, b"xyz", 99)
+    z = heap.alloc(50, zero=True)
+    assert heap.read(z) == bytes(50)
+    p = heap.put(b"payload")
+    assert heap.read(p) == b"payload" and heap.size_of(p) == 7
+    e = heap.alloc(0)
+    assert heap.read(e) == b"" and heap.size_of(e) == 0
+    for x in (h, z, p, e):
+        heap.free(x)
+    s = heap.stats()
+    assert s["blocks"] == 0 and s["used"] == 0 and s["free"] == s["size"] == 1 << 20
+    assert s["allocs"] == 4 and s["frees"] == 4
+    heap.verify()
+
+
+def test_stale_and_forged_handles_never_reach_data(heap, names):
+    a = heap.put(b"a" * 32)
+    heap.free(a)
+    b = heap.put(b"b" * 32)  # reuses the entry with a new generation
+    assert b.index == a.index and b.generation != a.generation
+    for call in (heap.read, heap.free, heap.size_of, heap.pin, lambda h: heap.realloc(h, 8),
+                 lambda h: heap.pin_array(h)):
+        with pytest.raises(StaleHandleError, match="stale"):
+            call(a)
+    with pytest.raises(StaleHandleError, match="out of range"):
+        heap.read(Handle(heap.stats()["max_blocks"], 1))
+    with pytest.raises(StaleHandleError, match="never allocated"):
+        heap.read(Handle(500, 1))
+    rng = random.Random(1)
+    for _ in range(2000):  # forged handles: random bits
+        forged = Handle.from_int(rng.getrandbits(64) & ~(0xFFFFFFF0))  # index 0..15
+        if forged == b:
+            continue
+        with pytest.raises(StaleHandleError):
+            heap.read(forged)
+    with Heap(names(), size=1 << 16) as other:  # a handle from another heap
+        c = other.put(b"c" * 32)
+        assert c.index == b.index
+        with pytest.raises(StaleHandleError):
+            heap.read(c)
+    with pytest.raises(TypeError, match="Handle"):
+        heap.read(int(b))
+    with pytest.raises(StaleHandleError):
+        heap.free(a)  # double free
+    assert heap.read(b) == b"b" * 32
+    heap.verify()
+
+
+def test_pin_views_and_numpy_without_copy(heap):
+    h = heap.alloc(8 * 12)
+    with heap.pin_array(h, np.float64, (3, 4)) as a:
+        assert a.shape == (3, 4) and a.dtype == np.float64
+        a[:] = np.arange(12).reshape(3, 4)
+        with heap.pin(h) as view:  # nested pins of one block by one process
+            b = np.frombuffer(view, np.float64)
+            assert b.ctypes.data == a.ctypes.data  # same memory: no copy
+            assert b[5] == 5.0
+            assert heap._where(h)[2] == 2
+            del b
+    assert heap._where(h)[2] == 0 and heap.pins_held() == 0
+    with heap.pin_array(h, "int32", offset=8) as a:
+        assert a.shape == (22,)
+    with pytest.raises(ValueError, match="do not fit"):
+        heap.pin_array(h, "float64", (13,))
+    assert heap.pins_held() == 0
+    p = heap.pin(h)
+    view = p.view
+    assert not p.released and p.handle == h and "96 bytes" in repr(p)
+    p.release()
+    p.release()
+    assert p.released
+    with pytest.raises(ValueError):
+        view[0]  # the view is released with the pin
+    with pytest.raises(ValueError):
+        p.view
+    # an array kept past the pin cannot crash anything; the pin is still dropped
+    with heap.pin(h) as view:
+        kept = np.frombuffer(view, np.uint8)
+    assert heap.pins_held() == 0 and kept.sum() >= 0
+    del kept
+    # an unreleased Pin object releases itself when collected
+    p = heap.pin(h)
+    assert heap.pins_held() == 1
+    del p
+    gc.collect()
+    assert heap.pins_held() == 0
+    ap = heap.pin_array(h, "u1")
+    assert isinstance(ap, ArrayPin) and ap.array.size == 96
+    ap.release()
+    with pytest.raises(ValueError):
+        ap.array
+
+
+def test_pinned_blocks_cannot_be_freed_or_resized(heap):
+    h = heap.put(b"x" * 100)
+    with heap.pin(h):
+        with pytest.raises(PinnedError, match="pinned"):
+            heap.free(h)
+        with pytest.raises(PinnedError):
+            heap.realloc(h, 10)
+        with pytest.raises(BusyError, match="pin"):
+            heap.close()
+    heap.realloc(h, 10)
+    assert heap.read(h) == b"x" * 10
+    heap.free(h)
+    heap.verify()
+
+
+def test_realloc_keeps_content_and_handle(heap):
+    a = heap.alloc(100)
+    fill(heap, a)
+    wall = heap.alloc(10)  # keeps a from growing in place
+    assert heap.realloc(a, 5000) is a
+    assert heap.size_of(a) == 5000
+    check(heap, a, 100)
+    fill(heap, a)
+    heap.free(wall)
+    heap.realloc(a, 6000)  # grows in place into the freed space (and beyond)
+    check(heap, a, 5000)
+    heap.realloc(a, 20, zero=True)
+    check(heap, a)
+    heap.realloc(a, 40, zero=True)
+    assert heap.read(a)[20:] == bytes(20)
+    heap.verify()
+
+
+def test_compaction_moves_unpinned_blocks_and_keeps_handles(heap):
+    hs = [heap.alloc(random.Random(i).randrange(1, 3000)) for i in range(300)]
+    for h in hs:
+        fill(heap, h)
+    for h in hs[::2]:
+        heap.free(h)
+    keep = hs[1::2]
+    pinned = keep[40]
+    before = heap.stats()
+    assert before["fragmentation"] > 0.2 and before["free_blocks"] > 100
+    with heap.pin(pinned) as view:
+        address = np.frombuffer(view, np.uint8).ctypes.data
+        where = heap._where(pinned)[0]
+        out = heap.compact()
+        assert heap._where(pinned)[0] == where  # a pinned block stays put
+        assert np.frombuffer(view, np.uint8).ctypes.data == address
+        assert bytes(view) == pattern(pinned, len(view))
+    assert out["moved_blocks"] > 100 and out["pinned_skipped"] >= 1
+    after = heap.stats()
+    assert after["free_blocks"] <= 2 and after["moves"] >= out["moved_blocks"]
+    for h in keep:
+        check(heap, h)
+    heap.compact()
+    assert heap.stats()["fragmentation"] == 0.0 and heap.stats()["free_blocks"] == 1
+    heap.verify()
+
+
+def test_alloc_compacts_when_fragmented(heap):
+    hs = [heap.alloc(4000) for _ in range(250)]
+    for h in hs:
+        fill(heap, h)
+    for h in hs[::2]:
+        heap.free(h)
+    s = heap.stats()
+    assert s["largest_free"] < 300_000 < s["free"]
+    big = heap.alloc(300_000)  # fits only after compaction
+    assert heap.stats()["moves"] > 0
+    for h in hs[1::2]:
+        check(heap, h)
+    heap.free(big)
+    a = hs[1]
+    heap.realloc(a, 400_000)  # realloc compacts too
+    check(heap, a, 4000)
+    with pytest.raises(HeapFullError, match="free in all"):
+        heap.alloc(900_000)
+    with pytest.raises(HeapFullError, match="can ever hold"):
+        heap.alloc(1 << 40)
+    heap.verify()
+
+
+def test_pinned_blocks_can_keep_a_request_from_fitting(heap):
+    hs = [heap.alloc(60_000) for _ in range(16)]
+    pins = [heap.pin(h) for h in hs[1::2]]
+    for h in hs[::2]:
+        heap.free(h)
+    with pytest.raises(HeapFullError, match="pinned"):
+        heap.alloc(200_000)
+    for p in pins:
+        p.release()
+    heap.alloc(200_000)
+    heap.verify()
+
+
+def test_handle_table_and_pin_table_limits(names):
+    with Heap(names(), size=1 << 16, max_blocks=8, max_pins=2) as heap:
+        hs = [heap.alloc(8) for _ in range(8)]
+        with pytest.raises(HeapFullError, match="max_blocks"):
+            heap.alloc(8)
+        heap.free(hs.pop())
+        hs.append(heap.alloc(8))
+        with heap.pin(hs[0]), heap.pin(hs[1]), heap.pin(hs[1]):
+            with pytest.raises(RuntimeError, match="max_pins"):
+                heap.pin(hs[2])
+        with heap.pin(hs[2]):
+            pass
+        heap.verify()
+
+
+def test_open_by_name_kind_format_and_readonly(name, names):
+    with pytest.raises(NotFoundError):
+        Heap.open(name)
+    with pytest.raises(ValueError):
+        Heap(name, size=8)
+    with Heap.create(name, size=1 << 16) as heap:
+        h = heap.put(b"shared")
+        with Heap(name) as again:
+            assert again.read(h) == b"shared" and not again.created
+        with Heap.open(name, readonly=True) as ro:
+            assert ro.stats()["blocks"] == 1
+            with pytest.raises(ReadOnlyError):
+                ro.alloc(1)
+            with pytest.raises(ReadOnlyError):
+                ro.pin(h)
+            assert ro.size_of(h) == 6
+        info = heap.info()
+        assert info["kind"] == "heap" and info["heap"]["blocks"] == 1
+        assert set(info["heap"]) >= {"used", "free", "largest_free", "fragmentation", "pinned"}
+        with pytest.raises(WrongKindError):
+            shmkit.Mutex.open(name)
+    with pytest.raises(ClosedError):
+        heap.alloc(1)
+    with pytest.raises(ClosedError):
+        heap.stats()
+    raw = names()
+    with shmkit.Segment(raw, size=64):
+        pass
+    with pytest.raises(WrongKindError):
+        Heap.open(raw)
+
+
+def test_other_format_version_is_refused(name):
+    Heap(name, size=1 << 16).close()
+    with open(f"/dev/shm/shmkit.{name}", "r+b") as f:
+        raw = f.read(4096)
+        n = struct.unpack_from("=I", raw, 72)[0]
+        layout = raw[1024:1024 + n].replace(b'"format":1', b'"format":9')
+        f.seek(1024)
+        f.write(layout)
+    with pytest.raises(FormatVersionError, match="format 9"):
+        Heap.open(name)
+
+
+def test_lock_timeout(heap):
+    with _held(heap):
+        t0 = time.monotonic()
+        with pytest.raises(Timeout):
+            heap.alloc(8, timeout=0.05)
+        assert time.monotonic() - t0 < 2
+
+
+class _held:
+    """Hold the heap's internal lock from another thread of this process."""
+
+    def __init__(self, heap: Heap) -> None:
+        self.lock = _core.Lock(heap._mapping, heap._hsize, "heap lock")
+
+    def __enter__(self):
+        self.lock.acquire()
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def test_threads_share_one_heap(heap):
+    errors = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        mine = []
+        try:
+            for _ in range(400):
+                r = rng.random()
+                if r < 0.45 or not mine:
+                    h = heap.alloc(rng.randrange(1, 2000))
+                    fill(heap, h)
+                    mine.append(h)
+                elif r < 0.85:
+                    h = mine.pop(rng.randrange(len(mine)))
+                    check(heap, h)
+                    heap.free(h)
+                elif r < 0.95:
+                    check(heap, rng.choice(mine))
+                else:
+                    heap.compact()
+            for h in mine:
+                check(heap, h)
+                heap.free(h)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert heap.stats()["blocks"] == 0
+    heap.verify()
+
+
+def test_pickled_heap_opens_by_name(heap):
+    h = heap.put(b"by name")
+    again = pickle.loads(pickle.dumps(heap))
+    try:
+        assert again.read(h) == b"by name" and again.name == heap.name
+    finally:
+        again.close()
+
+
+# -- a model: the heap against a dict of handle -> bytes ------------------------
+
+from hypothesis import settings, strategies as st  # noqa: E402
+from hypothesis.stateful import (  # noqa: E402
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    multiple,
+    rule,
+)
+
+
+class HeapModel(RuleBasedStateMachine):
+    """Random alloc/free/realloc/write/pin/compact, compared with plain bytes."""
+
+    handles = Bundle("handles")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heap = Heap(None, size=64 << 10, max_blocks=64, max_pins=4)
+        self.model: dict[Handle, bytes] = {}
+        self.dead: list[Handle] = []
+        self.pins: list = []
+
+    @rule(target=handles, n=st.integers(0, 6000), data=st.binary(max_size=64))
+    def alloc(self, n, data):
+        try:
+            h = self.heap.alloc(n)
+        except HeapFullError:
+            return multiple()
+        content = (data * (n // max(len(data), 1) + 1))[:n] if data else bytes(n)
+        self.heap.write(h, content)
+        self.model[h] = content
+        return h
+
+    @rule(h=consumes(handles))
+    def free(self, h):
+        if any(p.handle == h and not p.released for p in self.pins):
+            with pytest.raises(PinnedError):
+                self.heap.free(h)
+            return
+        self.heap.free(h)
+        del self.model[h]
+        self.dead.append(h)
+
+    @rule(h=handles, n=st.integers(0, 9000))
+    def realloc(self, h, n):
+        if any(p.handle == h and not p.released for p in self.pins):
+            with pytest.raises(PinnedError):
+                self.heap.realloc(h, n)
+            return
+        try:
+            self.heap.realloc(h, n)
+        except HeapFullError:
+            assert self.heap.size_of(h) == len(self.model[h])
+            return
+        old = self.model[h]
+        self.model[h] = old[:n] + self.heap.read(h)[len(old):n]
+
+    @rule(h=handles, at=st.integers(0, 100), data=st.binary(min_size=1, max_size=40))
+    def write(self, h, at, data):
+        cur = self.model[h]
+        if at + len(data) > len(cur):
+            with pytest.raises(IndexError):
+                self.heap.write(h, data, at)
+            return
+        self.heap.write(h, data, at)
+        self.model[h] = cur[:at] + data + cur[at + len(data):]
+
+    @rule(h=handles)
+    def pin(self, h):
+        if len([p for p in self.pins if not p.released]) >= 3:
+            return
+        self.pins.append(self.heap.pin(h))
+
+    @rule()
+    def unpin(self):
+        for p in self.pins:
+            if not p.released:
+                assert bytes(p.view) == self.model[p.handle]
+                p.release()
+                return
+
+    @rule()
+    def compact(self):
+        where = {p.handle: self.heap._where(p.handle)[0] for p in self.pins if not p.released}
+        self.heap.compact()
+        for h, unit in where.items():
+            assert self.heap._where(h)[0] == unit
+
+    @rule(i=st.integers(0, 1000))
+    def stale(self, i):
+        if self.dead:
+            h = self.dead[i % len(self.dead)]
+            if h not in self.model:
+                with pytest.raises(StaleHandleError):
+                    self.heap.size_of(h)
+
+    @invariant()
+    def contents_match(self):
+        for h, content in self.model.items():
+            assert self.heap.size_of(h) == len(content)
+            assert self.heap.read(h) == content
+        s = self.heap.stats()
+        assert s["blocks"] == len(self.model)
+        assert s["used"] + s["free"] == s["size"]
+
+    def teardown(self):
+        for p in self.pins:
+            p.release()
+        try:
+            self.heap.verify()
+        finally:
+            self.heap.close()
+            self.heap.unlink()
+
+
+TestHeapModel = HeapModel.TestCase
+TestHeapModel.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
+
+
+# -- across processes ------------------------------------------------------------
+
+
+def _produce(name: str, q, count: int, seed: int) -> None:
+    heap = Heap.open(name)
+    rng = random.Random(seed)
+    for _ in range(count):
+        h = heap.alloc(rng.randrange(1, 100_000))
+        fill(heap, h)
+        q.put(bytes(h))  # 8 bytes on the wire
+    q.put(None)
+    heap.close()
+
+
+def test_handles_travel_between_processes_by_queue(name):
+    heap = Heap(name, size=16 << 20)
+    q = SPAWN.Queue()
+    producers = [spawn(_produce, name, q, 60, seed) for seed in (1, 2)]
+    done, seen = 0, 0
+    while done < 2:
+        wire = q.get(timeout=60)
+        if wire is None:
+            done += 1
+            continue
+        assert len(wire) == 8
+        h = Handle.from_bytes(wire)
+        check(heap, h)
+        heap.free(h)
+        seen += 1
+    for p in producers:
+        p.join(30)
+        assert p.exitcode == 0
+    assert seen == 120 and heap.stats()["blocks"] == 0
+    heap.verify()
+    heap.close()
+
+
+def _produce_to_array(name: str, slots_name: str, ready_name: str, taken_name: str,
+                      base: int, count: int) -> None:
+    heap = Heap.open(name)
+    slots = shmkit.Array(slots_name)
+    ready, taken = shmkit.Event(ready_name, auto_reset=True), shmkit.Event(taken_name,
+                                                                       auto_reset=True)
+    for i in range(count):
+        h = heap.alloc(1000 + base + i)
+        fill(heap, h)
+        slots.array[base] = int(h)
+        ready.set()
+        assert taken.wait(30)
+    heap.close()
+
+
+def test_handles_travel_through_shared_array_and_events(names):
+    name = names()
+    heap = Heap(name, size=4 << 20)
+    slots = shmkit.Array(names(), "uint64", (1,))
+    ready = shmkit.Event(names(), auto_reset=True)
+    taken = shmkit.Event(names(), auto_reset=True)
+    p = spawn(_produce_to_array, name, slots.name, ready.name, taken.name, 0, 30)
+    for i in range(30):
+        assert ready.wait(30)
+        h = Handle.from_int(int(slots.array[0]))
+        assert heap.size_of(h) == 1000 + i
+        check(heap, h)
+        heap.free(h)
+        taken.set()
+    p.join(30)
+    assert p.exitcode == 0 and heap.stats()["blocks"] == 0
+    for o in (heap, slots, ready, taken):
+        o.close()
+
+
+def _pin_and_watch(name: str, wire: bytes, stop_name: str, result) -> None:
+    """Pin a block over and over while another process compacts; the bytes must hold."""
+    heap = Heap.open(name)
+    h = Handle.from_bytes(wire)
+    stop = shmkit.Event(stop_name)
+    rounds = 0
+    while not stop.is_set():
+        with heap.pin(h) as view:
+            a = np.frombuffer(view, np.uint8)
+            addr = a.ctypes.data
+            first = bytes(view)
+            for _ in range(20):
+                assert np.frombuffer(view, np.uint8).ctypes.data == addr
+                if bytes(view) != first:
+                    result.put("changed under a pin")
+                    return
+            del a
+        rounds += 1
+    result.put(rounds)
+    heap.close()
+
+
+def test_compaction_never_moves_what_another_process_pins(names):
+    name = names()
+    heap = Heap(name, size=8 << 20)
+    hs = [heap.alloc(20_000) for _ in range(300)]
+    for h in hs:
+        fill(heap, h)
+    watched = hs[151]
+    stop = shmkit.Event(names())
+    result = SPAWN.Queue()
+    p = spawn(_pin_and_watch, name, bytes(watched), stop.name, result)
+    rng = random.Random(5)
+    live = list(hs)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        for _ in range(20):
+            victim = live.pop(rng.randrange(len(live)))
+            if victim == watched:
+                live.append(victim)
+                continue
+            heap.free(victim)
+        heap.compact()
+        while len(live) < 300:
+            h = heap.alloc(rng.randrange(1000, 30_000))
+            fill(heap, h)
+            live.append(h)
+    stop.set()
+    rounds = result.get(timeout=30)
+    p.join(30)
+    assert isinstance(rounds, int) and rounds > 0, rounds
+    assert heap.stats()["moves"] > 100
+    for h in live:
+        check(heap, h)
+    heap.verify()
+    heap.close()
+    stop.close()
+
+
+def _random_worker(name: str, seed: int, seconds: float, out) -> None:
+    heap = Heap.open(name)
+    rng = random.Random(seed)
+    mine: list[Handle] = []
+    ops = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        r = rng.random()
+        try:
+            if r < 0.4 or not mine:
+                h = heap.alloc(rng.choice((16, 64, 500, 4000, 40_000)))
+                fill(heap, h)
+                mine.append(h)
+            elif r < 0.75:
+                h = mine.pop(rng.randrange(len(mine)))
+                check(heap, h)
+                heap.free(h)
+            elif r < 0.85:
+                h = rng.choice(mine)
+                n = rng.randrange(1, 50_000)
+                old = heap.size_of(h)
+                heap.realloc(h, n)
+                check(heap, h, min(old, n))
+                fill(heap, h)
+            elif r < 0.97:
+                with heap.pin(rng.choice(mine)) as view:
+                    bytes(view)
+            else:
+                heap.compact()
+        except HeapFullError:
+            for h in mine[: len(mine) // 2]:
+                heap.free(h)
+            del mine[: len(mine) // 2]
+        ops += 1
+    for h in mine:
+        check(heap, h)
+        heap.free(h)
+    out.put(ops)
+    heap.close()
+
+
+def test_many_processes_allocate_free_pin_and_compact_at_once(name):
+    heap = Heap(name, size=4 << 20, max_blocks=4096)
+    out = SPAWN.Queue()
+    workers = [spawn(_random_worker, name, seed, 4.0, out) for seed in range(3)]
+    ops = [out.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(30)
+        assert w.exitcode == 0
+    assert all(n > 100 for n in ops), ops
+    s = heap.stats()
+    assert s["blocks"] == 0 and s["free"] == s["size"]
+    heap.verify()
+    heap.close()
+
+
+# -- the example ---------------------------------------------------------------------
+
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "examples", "heap_pipeline.py")
+
+
+def _run_example(*args: str) -> str:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, EXAMPLE, *args], capture_output=True, text=True,
+                          timeout=180, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.skipif(not hasattr(shmkit, "Channel"), reason="shmkit.Channel not merged yet")
+def test_example_pipeline_with_channel():
+    out = _run_example("--blocks", "50")
+    assert "consumer received 100 blocks" in out and "heap verified" in out, out
+
+
+def test_example_pipeline_with_queue_transport():
+    out = _run_example("--blocks", "40", "--transport", "queue")
+    assert "consumer received 80 blocks" in out and "heap verified" in out, out
