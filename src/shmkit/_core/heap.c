@@ -248,6 +248,23 @@ jset(Ctx *c, uint64_t off, uint64_t val, int sc)
         __atomic_store_n(w, val, __ATOMIC_RELEASE);
 }
 
+/* Record the word at `off` as it is, so that a rollback restores it after
+ * something other than jset (a data copy, a memset) overwrites it. */
+static void
+jkeep(Ctx *c, uint64_t off)
+{
+    uint64_t *jc = at64(c, H_JOURNAL);
+    uint64_t n = __atomic_load_n(jc, __ATOMIC_RELAXED);
+    if (n >= J_MAX) {
+        c->overflow = 1;
+        return;
+    }
+    __atomic_store_n(&jc[1 + 2 * n], off, __ATOMIC_RELAXED);
+    __atomic_store_n(&jc[2 + 2 * n], __atomic_load_n(at64(c, off), __ATOMIC_RELAXED),
+                     __ATOMIC_RELAXED);
+    __atomic_store_n(jc, n + 1, __ATOMIC_RELEASE);
+}
+
 static inline void
 jadd(Ctx *c, uint64_t off, int64_t delta)
 {
@@ -552,6 +569,9 @@ take_block(Ctx *c, uint32_t unit, Blk *b, uint32_t want, uint32_t idx)
 {
     if (list_unlink(c, unit, b->size) < 0)
         return -1;
+    /* the caller may copy or clear the new block's bytes before it commits:
+     * keep the free block's links, which those bytes overlay */
+    jkeep(c, links_off(c, unit));
     uint32_t s = b->size;
     if (s - want >= MIN_UNITS) {
         wr_blk(c, unit, want, b->prev, idx + 1);
@@ -1185,6 +1205,10 @@ heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
             uint32_t total = b.size + nb.size;
             if (list_unlink(&c, (uint32_t)next, nb.size) < 0)
                 goto fail;
+            /* zero=True clears over the free block's header and links */
+            jkeep(&c, blk_off(&c, (uint32_t)next));
+            jkeep(&c, blk_off(&c, (uint32_t)next) + 8);
+            jkeep(&c, links_off(&c, (uint32_t)next));
             uint32_t keep = total - want >= MIN_UNITS ? want : total;
             wr_blk(&c, unit, keep, b.prev, idx + 1);
             if (keep < total) {
@@ -2239,8 +2263,9 @@ heap_fault(PyObject *mod, PyObject *arg)
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred())
         return NULL;
+    long left = fault_countdown;
     fault_countdown = n;
-    Py_RETURN_NONE;
+    return PyLong_FromLong(left);
 }
 
 #define FAST(NAME, DOC) \
@@ -2284,7 +2309,8 @@ static PyMethodDef heap_functions[] = {
     {"heap_set_classes", heap_set_classes, METH_VARARGS,
      "heap_set_classes(StaleHandleError, PinnedError, HeapFullError)"},
     {"heap_fault", heap_fault, METH_O,
-     "heap_fault(n): SIGKILL this process at the n-th heap crash point (tests)"},
+     "heap_fault(n) -> points left of the previous countdown\n\n"
+     "SIGKILL this process at the n-th heap crash point from now (tests); 0 disarms."},
     {NULL}
 };
 
