@@ -934,6 +934,9 @@ def _random_script(heap: Heap, fd: int, seed: int, steps: int | None) -> None:
             for p in pins:
                 p.release()
             pins.clear()
+            if not mine:
+                time.sleep(0.001)  # the other worker holds the space
+                continue
             h = rng.choice(list(mine))
             _note(fd, b"F", h)
             heap.free(h)
@@ -1089,3 +1092,97 @@ def test_crash_at_every_point_leaves_heap_consistent(names):
     assert total > 200
     assert _sweep(names, range(1, total + 1)) == total
     assert _sweep(names, [total + 1]) == 0  # past the last point: it finishes
+
+
+# -- corruption -------------------------------------------------------------------
+
+_FUZZ = r"""
+import random, sys
+import numpy as np
+import shmkit
+from shmkit import _core
+from shmkit.heap import Heap, Handle
+
+rounds, seed = int(sys.argv[1]), int(sys.argv[2])
+rng = random.Random(seed)
+allowed = (shmkit.ShmkitError, ValueError, TypeError, RuntimeError, MemoryError,
+           PermissionError, IndexError, OverflowError)
+outcomes = {}
+for r in range(rounds):
+    heap = Heap(None, size=64 << 10, max_blocks=64, max_pins=4)
+    hs = [heap.alloc(rng.randrange(1, 3000)) for _ in range(12)]
+    for h in hs[::3]:
+        heap.free(h)
+    hs = hs[1::3] + hs[2::3]
+    pin = heap.pin(hs[0])
+    m, base = heap._mapping, heap._hsize
+    data_off = _core.load64(m, base + 32)
+    units = [heap._where(h)[0] for h in hs]
+    # words that matter: the mutable header, the journals, handle entries,
+    # pin records, block headers and free-list links
+    targets = ([64 + 8 * i for i in range(16)] + [256 + 8 * i for i in range(70)]
+               + [1024 + 8 * i for i in range(8)] + [2048 + 8 * i for i in range(12)]
+               + [4096 + 8 * i for i in range(4 * 20)]
+               + [4096 + 64 * 32 + 64 + 8 * i for i in range(4)]
+               + [data_off + 16 * u + d for u in units for d in (0, 8, 16)]
+               + [data_off + 16 * rng.randrange(4096) + d for _ in range(8) for d in (0, 8)])
+    for _ in range(rng.choice((1, 1, 2, 4))):
+        off = base + rng.choice(targets)
+        old = _core.load64(m, off)
+        kind = rng.random()
+        if kind < 0.3:
+            new = old ^ (1 << rng.randrange(64))
+        elif kind < 0.6:
+            new = (old & ~0xFFFFFFFF) | rng.randrange(0, 5000)
+        elif kind < 0.8:
+            new = rng.randrange(0, 1 << 16) << 32 | rng.randrange(0, 1 << 16)
+        else:
+            new = rng.getrandbits(64)
+        _core.store64(m, off, new)
+    ops = [heap.verify, heap.stats, heap.compact,
+           lambda: heap.alloc(rng.randrange(0, 5000)),
+           lambda: heap.realloc(rng.choice(hs), rng.randrange(0, 9000)),
+           lambda: heap.free(rng.choice(hs)),
+           lambda: heap.read(rng.choice(hs)),
+           lambda: heap.size_of(rng.choice(hs)),
+           lambda: np.frombuffer(heap.pin(rng.choice(hs)).view, np.uint8).sum(),
+           lambda: Heap.open(heap.name).close(),
+           lambda: heap.read(Handle.from_int(rng.getrandbits(64)))]
+    for _ in range(12):
+        op = rng.choice(ops)
+        try:
+            op()
+            outcomes["ok"] = outcomes.get("ok", 0) + 1
+        except allowed as e:
+            outcomes[type(e).__name__] = outcomes.get(type(e).__name__, 0) + 1
+    pin.release()
+    try:
+        heap.close()
+    except allowed:
+        pass
+    heap.unlink()
+print(outcomes)
+"""
+
+
+def test_corrupt_heap_raises_and_never_crashes():
+    proc = run_python(_FUZZ, "150", "7", timeout=120, check=False)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr[-3000:])
+    assert "CorruptError" in proc.stdout, proc.stdout
+
+
+@pytest.mark.stress
+def test_corrupt_heap_raises_and_never_crashes_many_seeds():
+    for seed in range(20):
+        proc = run_python(_FUZZ, "300", str(100 + seed), timeout=600, check=False)
+        assert proc.returncode == 0, (seed, proc.returncode, proc.stderr[-3000:])
+
+
+def test_corrupt_header_is_refused_on_open(name):
+    Heap(name, size=1 << 16).close()
+    with open(f"/dev/shm/shmkit.{name}", "r+b") as f:
+        hsize = struct.unpack_from("=Q", f.read(32), 24)[0]
+        f.seek(hsize + 32)               # data_off
+        f.write(struct.pack("=Q", 1 << 40))
+    with pytest.raises(CorruptError, match="geometry|does not match"):
+        Heap.open(name)
