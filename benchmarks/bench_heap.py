@@ -201,7 +201,8 @@ def _heap_consumer_events(heap_name: str, slot_name: str, ready: str, done: str,
     go, back = shmkit.Event(ready, create=False), shmkit.Event(done, create=False)
     back.set()  # started
     for _ in range(n):
-        go.wait()
+        if not go.wait(60):
+            raise RuntimeError("no block came")
         h = shmkit.Handle.from_int(int(slot.array[0]))
         with heap.pin(h) as view:
             if view[0] != view[-1]:
@@ -217,7 +218,7 @@ def _heap_consumer_queue(heap_name: str, inbox, outbox, n: int) -> None:
     heap = shmkit.Heap.open(heap_name)
     outbox.put(b"started")
     for _ in range(n):
-        h = shmkit.Handle.from_bytes(inbox.get())
+        h = shmkit.Handle.from_bytes(inbox.get(timeout=60))
         with heap.pin(h) as view:
             if view[0] != view[-1]:
                 raise RuntimeError("block damaged")
@@ -229,7 +230,7 @@ def _heap_consumer_queue(heap_name: str, inbox, outbox, n: int) -> None:
 def _bytes_consumer_queue(inbox, outbox, n: int) -> None:
     outbox.put(b"started")
     for _ in range(n):
-        data = inbox.get()
+        data = inbox.get(timeout=60)
         if data[0] != data[-1]:
             raise RuntimeError("block damaged")
         outbox.put(b"ok")
@@ -265,7 +266,8 @@ def pass_heap_events(n: int) -> float:
                     args=(heap.name, slot.name, go.name, back.name, n), daemon=True)
     p.start()
     try:
-        back.wait(60)
+        if not back.wait(60):
+            raise RuntimeError("the consumer did not start")
         t0 = time.perf_counter()
         for _ in range(n):
             h = heap.alloc(MiB)
@@ -273,7 +275,8 @@ def pass_heap_events(n: int) -> float:
                 np.copyto(a, _PAYLOAD)
             slot.array[0] = int(h)
             go.set()
-            back.wait()
+            if not back.wait(60):
+                raise RuntimeError("the consumer stopped answering")
         elapsed = time.perf_counter() - t0
         _finish(p)
         return elapsed
@@ -302,7 +305,7 @@ def pass_heap_queue(n: int) -> float:
             with heap.pin_array(h) as a:
                 np.copyto(a, _PAYLOAD)
             inbox.put(bytes(h))
-            outbox.get()
+            outbox.get(timeout=60)
         elapsed = time.perf_counter() - t0
         _finish(p)
         return elapsed
@@ -323,7 +326,7 @@ def pass_bytes_queue(n: int) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
             inbox.put(_PAYLOAD.tobytes())
-            outbox.get()
+            outbox.get(timeout=60)
         elapsed = time.perf_counter() - t0
         _finish(p)
         return elapsed
@@ -338,10 +341,14 @@ def pass_bytes_pipe(n: int) -> float:
     p = ctx.Process(target=_bytes_consumer_pipe, args=(theirs, n), daemon=True)
     p.start()
     try:
+        if not mine.poll(60):
+            raise RuntimeError("the consumer did not start")
         mine.recv_bytes()
         t0 = time.perf_counter()
         for _ in range(n):
             mine.send_bytes(_PAYLOAD)
+            if not mine.poll(60):
+                raise RuntimeError("the consumer stopped answering")
             mine.recv_bytes()
         elapsed = time.perf_counter() - t0
         _finish(p)

@@ -1299,7 +1299,18 @@ heap_size_of(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         st2 = ld(&c, entry_off(&c, idx) + E_STATE);
         if (st == st2 && !(st & F_BUSY))
             break;
-        if (tries > 1000) {
+        if (tries > 1000 && ((MappingObject *)self->mapping)->token == 0) {
+            /* read-only: no lock to wait on; let the change finish */
+            if (tries > 1000 + 200000) {
+                corrupt(&c, "handle entry %u stays marked busy", idx);
+                goto out;
+            }
+            Py_BEGIN_ALLOW_THREADS
+            usleep(50);
+            Py_END_ALLOW_THREADS
+            if (PyErr_CheckSignals() < 0)
+                goto out;
+        } else if (tries > 1000) {
             /* a resize in progress: wait for it under the lock */
             int64_t deadline = get_deadline(args, nargs, 1);
             if (deadline < 0 || lock(&c, deadline) < 0)
