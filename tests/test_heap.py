@@ -405,6 +405,54 @@ def test_pickled_heap_opens_by_name(heap):
         again.close()
 
 
+def _pin_and_hang(name: str, wire: bytes, pinned) -> None:
+    heap = Heap.open(name)
+    pin = heap.pin(Handle.from_bytes(wire))
+    pinned.set()
+    time.sleep(60)
+    pin.release()
+
+
+def test_pins_of_a_killed_process_are_released(name):
+    heap = Heap(name, size=1 << 16)
+    h = heap.put(b"held")
+    pinned = SPAWN.Event()
+    p = spawn(_pin_and_hang, name, bytes(h), pinned)
+    assert pinned.wait(60)
+    assert heap.stats()["pinned"] == 1
+    with pytest.raises(PinnedError):
+        heap.free(h)
+    p.kill()
+    p.join(30)
+    heap.free(h)  # the dead process's pin record is found and cleared
+    s = heap.stats()
+    assert s["pinned"] == 0 and s["reclaimed_pins"] == 1 and s["blocks"] == 0
+    heap.verify()
+    heap.close()
+
+
+def test_ctrl_c_interrupts_a_call_waiting_for_the_heap_lock(name):
+    Heap(name, size=1 << 16).close()
+    code = f"""
+        import signal, threading, os, time
+        from shmkit import _core
+        from shmkit.heap import Heap
+        heap = Heap.open({name!r})
+        lock = _core.Lock(heap._mapping, heap._hsize, "heap lock")
+        lock.acquire()  # held by this attachment: alloc() below must wait
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        t0 = time.monotonic()
+        try:
+            heap.alloc(8)
+        except KeyboardInterrupt:
+            print("interrupted after", round(time.monotonic() - t0, 1))
+        lock.release()
+        heap.close()
+    """
+    proc = run_python(code, timeout=30)
+    assert "interrupted after" in proc.stdout, proc.stdout
+
+
 # -- a model: the heap against a dict of handle -> bytes ------------------------
 
 from hypothesis import settings, strategies as st  # noqa: E402

@@ -60,16 +60,22 @@
  * Pins are lock-free hazard records.  A pinner writes (entry, count) into its
  * own slot's pin table with a sequentially consistent CAS and then reads the
  * entry's state; a lock holder about to move, free or resize a block sets
- * BUSY with a sequentially consistent store and then reads every pin table.
+ * BUSY with a sequentially consistent store and then reads the pin tables
+ * of every slot whose pinbits bit is set (a pinner sets it before its CAS).
  * One of the two sees the other: either the pinner sees BUSY (it backs off
  * and waits for the lock), or the mover sees the record (it leaves the block
  * alone).  Records of dead attachments are found by their attach generation
  * and cleared by the next scan.
  *
- *   HeapCore(mapping, payload_offset, payload_length, name)
  *   heap_layout(data_bytes, max_blocks, max_pins, max_slots) -> payload bytes
  *   heap_format(mapping, payload_offset, data_bytes, max_blocks, max_pins,
- *               max_slots, salt)
+ *               max_slots, salt)                  (the creator, before publishing)
+ *   core = HeapCore(mapping, payload_offset, payload_length, name)
+ *   v = core.alloc(100, False, None)              # handle as an int, None if fragmented
+ *   with core.pin(v, None, handle) as view: ...   # a Pin; lock-free
+ *   core.free(v, None); core.realloc(v, n, zero, timeout) -> False if fragmented
+ *   core.compact_step(restart, until, budget, timeout); core.stats(); core.verify()
+ *   heap_fault(k)                                 # tests: SIGKILL at the k-th crash point
  */
 #include "shmkit.h"
 #include <signal.h>
@@ -1219,7 +1225,8 @@ heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
                 jadd(&c, H_FREE_B, -1);
             }
             uint64_t after = (uint64_t)unit + total;
-            if (after < self->units && set_prev(&c, (uint32_t)after, total - keep ? total - keep : keep) < 0)
+            uint32_t before_after = keep < total ? total - keep : keep;
+            if (after < self->units && set_prev(&c, (uint32_t)after, before_after) < 0)
                 goto fail;
             fix_cursor(&c, unit, keep);
             jadd(&c, H_FREE_U, -(int64_t)(keep - b.size));
@@ -1253,8 +1260,8 @@ heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
                 memcpy(to, from, old_n);
             }
             crash_point();
-            /* the old block may have been merged into by take_block's
-             * remainder only if adjacent; re-read its header */
+            /* take_block changed the old block's prev size if the new
+             * block lies just before it: re-read its header */
             if (rd_blk(&c, unit, &b) < 0)
                 goto fail;
             if (release_block(&c, unit, b.size, b.prev) < 0)
