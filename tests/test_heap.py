@@ -1193,7 +1193,7 @@ for r in range(rounds):
            lambda: heap.free(rng.choice(hs)),
            lambda: heap.read(rng.choice(hs)),
            lambda: heap.size_of(rng.choice(hs)),
-           lambda: np.frombuffer(heap.pin(rng.choice(hs)).view, np.uint8).sum(),
+           lambda: [np.frombuffer(p.view, np.uint8).sum() for p in [heap.pin(rng.choice(hs))]],
            lambda: Heap.open(heap.name).close(),
            lambda: heap.read(Handle.from_int(rng.getrandbits(64)))]
     for _ in range(12):

@@ -47,7 +47,8 @@ from .errors import (
 )
 from .segment import DEFAULT_MAX_ATTACH, Kind, Segment
 
-__all__ = ["Heap", "Handle", "Pin", "ArrayPin", "HeapFullError", "PinnedError", "StaleHandleError"]
+__all__ = ["Heap", "Handle", "Pin", "ArrayPin", "HeapFullError", "PinnedError",
+           "StaleHandleError"]
 
 _core.heap_set_classes(StaleHandleError, PinnedError, HeapFullError)
 
@@ -61,7 +62,7 @@ _new = object.__new__
 class Handle:
     """A reference to one heap block: table index and generation, 8 bytes.
 
-    Handles are small, immutable, hashable and picklable, and travel between
+    Handles are small, hashable and picklable values, and travel between
     processes as 8 bytes (``bytes(h)`` / ``Handle.from_bytes(b)``).  They stay
     valid while their block moves; after ``free`` the generation no longer
     matches and every use raises :class:`StaleHandleError`.
@@ -79,10 +80,6 @@ class Handle:
         if not (0 <= index < 1 << 32 and 0 <= generation < 1 << 32):
             raise ValueError("a handle's index and generation are 32-bit unsigned ints")
         self._value = generation << 32 | index
-
-    @staticmethod
-    def _make(value: int) -> "Handle":
-        return _handle(value)
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "Handle":
