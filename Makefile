@@ -33,6 +33,8 @@ stress: build
 
 bench: build
 	$(BIN)/pip install -q -e '.[bench]' --no-build-isolation
+	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; } \
+		|| echo "redis-server could not be installed: the Redis anchors will be skipped"
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 # The tests under AddressSanitizer: run once per change to the C code.

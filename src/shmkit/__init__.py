@@ -17,6 +17,7 @@ from .errors import (
     ExistsError,
     FormatVersionError,
     InvalidNameError,
+    KeyExistsError,
     LayoutMismatchError,
     NotFoundError,
     OutOfSpaceError,
@@ -24,6 +25,8 @@ from .errors import (
     ReadOnlyError,
     ShmkitError,
     Timeout,
+    UnsupportedTypeError,
+    ValueTooLargeError,
     WouldBlock,
     WrongKindError,
 )
@@ -31,6 +34,8 @@ from .heap import Handle, Heap, HeapFullError, PinnedError, StaleHandleError
 from .records import Array, Struct
 from .segment import Kind, Segment, list_segments, unlink
 from .sync import Condition, Event, Mutex, RWLock, Semaphore
+from .store import Store
+from . import inspect  # shmkit.inspect: list, describe and clean up objects (not in __all__)
 
 __version__ = "0.1.0"
 
@@ -38,6 +43,7 @@ __all__ = [
     "Segment", "Kind", "list_segments", "unlink",
     "Mutex", "RWLock", "Event", "Semaphore", "Condition",
     "Struct", "Array",
+    "Store", "KeyExistsError", "UnsupportedTypeError", "ValueTooLargeError",
     "ShmkitError", "InvalidNameError", "NotFoundError", "ExistsError", "WrongKindError",
     "FormatVersionError", "LayoutMismatchError", "CorruptError", "OutOfSpaceError",
     "ReadOnlyError", "ClosedError", "BusyError", "Timeout", "WouldBlock",

@@ -24,6 +24,10 @@ __all__ = [
     "Timeout",
     "WouldBlock",
     "OwnerDiedWarning",
+    # store
+    "KeyExistsError",
+    "UnsupportedTypeError",
+    "ValueTooLargeError",
     # heap
     "StaleHandleError",
     "PinnedError",
@@ -89,6 +93,28 @@ class WouldBlock(ShmkitError):
 
 class OwnerDiedWarning(RuntimeWarning):
     """A lock was taken over from a holder that died; check the data it guards."""
+
+
+# --- store ---
+
+
+class KeyExistsError(ShmkitError, KeyError):
+    """``Store.add()`` was given a key that is already stored (assign to replace it)."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedTypeError(ShmkitError, TypeError):
+    """A key or value of a type the store cannot hold as it is.
+
+    Keys are int, str or bytes.  Values are bytes, str, int, float, bool,
+    None and numpy arrays; other objects need ``Store(name, codec="pickle")``.
+    """
+
+
+class ValueTooLargeError(ShmkitError, ValueError):
+    """A key or value larger than the store can ever hold (see ``max_size``)."""
 
 
 # --- heap ---

@@ -20,14 +20,24 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import LayoutMismatchError
+from .errors import CorruptError, FormatVersionError, LayoutMismatchError, ReadOnlyError
 from .segment import Kind, Segment
 
 __all__ = ["Struct", "Array"]
 
+# Version of the layout description below; bump it when the encoding changes.
+_FORMAT = 1
+
 
 def _dtype_layout(dt: np.dtype) -> Any:
-    """A JSON-able, exact description of a dtype (names, formats, offsets)."""
+    """A JSON-able, exact description of a dtype (names, formats, offsets).
+
+    A plain dtype is its ``.str`` ('<f8'); a sub-array field ('<i4', (3,)) is
+    ``{"subdtype": ..., "shape": [3]}``; a structured dtype lists its fields.
+    """
+    if dt.subdtype is not None:
+        base, shape = dt.subdtype
+        return {"subdtype": _dtype_layout(base), "shape": list(shape)}
     if dt.fields is None:
         return dt.str
     return {
@@ -41,6 +51,9 @@ def _dtype_layout(dt: np.dtype) -> Any:
 def _dtype_from_layout(layout: Any) -> np.dtype:
     if isinstance(layout, str):
         return np.dtype(layout)
+    if "subdtype" in layout:
+        return np.dtype((_dtype_from_layout(layout["subdtype"]),
+                         tuple(int(d) for d in layout["shape"])))
     return np.dtype({
         "names": layout["names"],
         "formats": [_dtype_from_layout(f) for f in layout["formats"]],
@@ -51,9 +64,15 @@ def _dtype_from_layout(layout: Any) -> np.dtype:
 
 def _as_dtype(t: Any) -> np.dtype:
     try:
-        return np.dtype(t)
+        dt = np.dtype(t)
     except TypeError as e:
         raise TypeError(f"{t!r} is neither a ctypes type nor a numpy dtype: {e}") from None
+    if dt.hasobject:
+        # Python object references are addresses in one process: another
+        # process reading them would crash.
+        raise TypeError(f"{t!r} holds Python objects, which cannot live in shared "
+                        "memory; use plain numbers, bytes ('S10') or str ('U10') fields")
+    return dt
 
 
 class _Typed(Segment):
@@ -61,17 +80,48 @@ class _Typed(Segment):
 
     def _open_typed(self, name: str | None, layout: dict | None, size: int | None,
                     init: Callable[[Segment], None] | None, create: bool | None,
-                    kwargs: dict) -> None:
+                    kwargs: dict) -> tuple[np.dtype, tuple]:
         self._attach(name, kwargs.pop("path", None), size=size, create=create,
                      layout=layout, init=init, **kwargs)
-        stored = self.layout
-        if layout is not None and not self.created and stored != layout:
+        try:
+            stored = self.layout
+            dtype, shape = self._parse_layout(stored)
+            if layout is not None and not self.created and stored != layout:
+                raise LayoutMismatchError(
+                    f"{self.name!r} holds {_describe(stored)}, but was opened with "
+                    f"{_describe(layout)}; open it with its own layout, or with no type "
+                    "to adopt it")
+        except BaseException:
             self.close()
-            raise LayoutMismatchError(
-                f"{self.name!r} holds {_describe(stored)}, but was opened with "
-                f"{_describe(layout)}; open it with its own layout, or with no type "
-                "to adopt it")
-        return stored
+            raise
+        return dtype, shape
+
+    def _parse_layout(self, stored: dict) -> tuple[np.dtype, tuple]:
+        # The layout comes from shared memory: check all of it before use.
+        fmt = stored.get("format")
+        if fmt != _FORMAT:
+            raise FormatVersionError(
+                f"{self.name!r} describes its records in layout format {fmt}; this "
+                f"shmkit reads format {_FORMAT}. Use the shmkit that made it, or remove "
+                "it with `shmkit rm`")
+        array = self._kind == Kind.ARRAY
+        try:
+            dtype = _dtype_from_layout(stored["dtype"])
+            shape = tuple(stored["shape"]) if array else ()
+            valid = not dtype.hasobject and all(
+                type(d) is int and d >= 0 for d in shape)
+        except Exception:  # any malformed description, however it fails
+            valid = False
+        if not valid:
+            raise CorruptError(f"{self.name!r} has an unreadable record layout "
+                               f"{str(stored)[:200]}; remove it with `shmkit rm`")
+        need = dtype.itemsize
+        for d in shape:
+            need *= d
+        if need > self.size:
+            raise CorruptError(f"{self.name!r} describes {need} bytes of records but "
+                               f"holds {self.size}; remove it with `shmkit rm`")
+        return dtype, shape
 
 
 def _describe(layout: dict) -> str:
@@ -122,14 +172,13 @@ class Struct(_Typed):
         layout = size = None
         if type is not None:
             dt = _as_dtype(type)
-            layout = {"dtype": _dtype_layout(dt), "itemsize": dt.itemsize}
+            layout = {"format": _FORMAT, "dtype": _dtype_layout(dt), "itemsize": dt.itemsize}
             size = dt.itemsize
         elif create:
             raise TypeError("Struct.create needs a type")
         self._ctype = ctype
         run = (lambda seg: init(seg._view())) if init is not None else None
-        stored = self._open_typed(name, layout, size, run, create, kwargs)
-        self._dtype = _dtype_from_layout(stored["dtype"])
+        self._dtype, _ = self._open_typed(name, layout, size, run, create, kwargs)
 
     @classmethod
     def create(cls, name: str | None = None, type: Any = None, **kwargs: Any) -> "Struct":
@@ -140,15 +189,22 @@ class Struct(_Typed):
         return cls(name, type, create=False, **kwargs)
 
     def __reduce__(self) -> tuple:
-        return (_reopen_struct, (self.name, self.path, self._ctype))
+        return (_reopen_struct, (self.name, self.path, self._ctype, self.readonly))
 
     def _view(self) -> Any:
         if getattr(self, "_ctype", None) is not None:
+            if self.readonly:
+                raise ReadOnlyError(
+                    f"{self.name!r} was opened readonly=True and a ctypes record is always "
+                    "writable; open it without a type for a read-only numpy record")
             return self._ctype.from_buffer(self.buf)
         dt = getattr(self, "_dtype", None)
         if dt is None:
             dt = _dtype_from_layout(self.layout["dtype"])
-        return np.ndarray((), dtype=dt, buffer=self.buf)
+        # frombuffer keeps the buffer exported for as long as the array lives,
+        # so close() cannot unmap under it; np.ndarray(buffer=) does not.
+        arr = np.frombuffer(self.buf, dtype=dt, count=1)
+        return arr.reshape(arr.shape[1:])
 
     @property
     def record(self) -> Any:
@@ -196,14 +252,12 @@ class Array(_Typed):
             shp = (int(shape),) if np.isscalar(shape) else tuple(int(d) for d in shape)
             if any(d < 0 for d in shp):
                 raise ValueError(f"shape {shp} has a negative dimension")
-            layout = {"dtype": _dtype_layout(dt), "shape": list(shp)}
+            layout = {"format": _FORMAT, "dtype": _dtype_layout(dt), "shape": list(shp)}
             size = dt.itemsize * int(np.prod(shp, dtype=np.int64))
         elif create:
             raise TypeError("Array.create needs a dtype and a shape")
         run = (lambda seg: init(seg._view())) if init is not None else None
-        stored = self._open_typed(name, layout, size, run, create, kwargs)
-        self._dtype = _dtype_from_layout(stored["dtype"])
-        self._shape = tuple(stored["shape"])
+        self._dtype, self._shape = self._open_typed(name, layout, size, run, create, kwargs)
 
     @classmethod
     def create(cls, name: str | None = None, dtype: Any = None, shape: Any = None,
@@ -216,13 +270,18 @@ class Array(_Typed):
         return cls(name, dtype, shape, create=False, **kwargs)
 
     def __reduce__(self) -> tuple:
-        return (_reopen_array, (self.name, self.path))
+        return (_reopen_array, (self.name, self.path, self.readonly))
 
     def _view(self) -> np.ndarray:
         stored = self.layout if getattr(self, "_dtype", None) is None else None
         dt = self._dtype if stored is None else _dtype_from_layout(stored["dtype"])
         shape = self._shape if stored is None else tuple(stored["shape"])
-        arr = np.ndarray(shape, dtype=dt, buffer=self.buf)
+        count = 1
+        for d in shape:
+            count *= d
+        # frombuffer keeps the buffer exported (see Struct._view).
+        arr = np.frombuffer(self.buf, dtype=dt, count=count)
+        arr = arr.reshape(tuple(shape) + arr.shape[1:])
         if self.readonly:
             arr.flags.writeable = False
         return arr
@@ -257,9 +316,9 @@ class Array(_Typed):
         return {"array": {"dtype": str(self._dtype), "shape": list(self._shape)}}
 
 
-def _reopen_struct(name: str, path: str, ctype: Any) -> Struct:
-    return Struct(name, ctype, create=False, path=path)
+def _reopen_struct(name: str, path: str, ctype: Any, readonly: bool = False) -> Struct:
+    return Struct(name, ctype, create=False, path=path, readonly=readonly)
 
 
-def _reopen_array(name: str, path: str) -> Array:
-    return Array(name, create=False, path=path)
+def _reopen_array(name: str, path: str, readonly: bool = False) -> Array:
+    return Array(name, create=False, path=path, readonly=readonly)

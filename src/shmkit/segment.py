@@ -46,7 +46,6 @@ import os
 import re
 import secrets
 import struct
-import threading
 import time
 import weakref
 from enum import IntEnum
@@ -93,6 +92,7 @@ _FLAG_ATTACHED = 1
 
 DEFAULT_MAX_ATTACH = 256
 DEFAULT_RESERVE = 64 << 30  # address space only; nothing is allocated
+_MAX_RESERVE = 1 << 46  # the largest max_size a header may claim (64 TiB)
 _OPEN_WAIT = 10.0  # seconds to wait for a creator to finish initialising
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:@+-]{1,200}")
@@ -177,7 +177,7 @@ class _Header:
             raise CorruptError(f"{where} has an impossible attach-table size {self.max_slots}")
         if self.header_size != _header_size(self.max_slots):
             raise CorruptError(f"{where} has an inconsistent header size {self.header_size}")
-        if not (self.size <= self.max_size <= 1 << 46):
+        if not (self.size <= self.max_size <= _MAX_RESERVE):
             raise CorruptError(f"{where} has size {self.size} beyond its maximum {self.max_size}")
         if file_size < self.header_size + self.size:
             raise CorruptError(f"{where} claims {self.size} bytes but its file holds "
@@ -197,8 +197,8 @@ class SegmentInfo(dict):
     """A plain dict describing a segment, as ``shmkit info --json`` prints it."""
 
 
-_live: "weakref.WeakSet[Segment]" = weakref.WeakSet()
-_live_lock = threading.Lock()
+# Open segments of this process, for the at-fork hook (weak: never keeps one open).
+_live: "dict[int, weakref.ref[Segment]]" = {}
 
 
 class Segment:
@@ -249,6 +249,11 @@ class Segment:
     _fd = -1
     _mapping: Any = None
     _token = 0
+    _name: str | None = None  # so repr() and close() work on a half-made object
+    _path: str | None = None
+    _readonly = False
+    _created = False
+    _flags = 0
 
     def __init__(self, name: str | None = None, size: int | None = None, *,
                  path: str | os.PathLike[str] | None = None, readonly: bool = False,
@@ -301,30 +306,39 @@ class Segment:
             if size is None:
                 if create:
                     raise ValueError("create() needs size=")
-            elif not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise ValueError(f"size must be a non-negative int, not {size!r}")
+            elif (not isinstance(size, int) or isinstance(size, bool)
+                  or not 0 <= size <= _MAX_RESERVE):
+                raise ValueError(f"size must be an int from 0 to {_MAX_RESERVE}, not {size!r}")
+            if max_size is not None and (not isinstance(max_size, int)
+                                         or isinstance(max_size, bool)
+                                         or not 0 <= max_size <= _MAX_RESERVE):
+                raise ValueError(f"max_size must be an int from 0 to {_MAX_RESERVE} "
+                                 f"(64 TiB of address space), not {max_size!r}")
             if not 1 <= max_attach <= _core.MAX_SLOTS:
                 raise ValueError(f"max_attach must be 1..{_core.MAX_SLOTS}, not {max_attach}")
             if readonly and create:
                 raise ValueError("cannot create a segment readonly=True")
+        may_create = create is not False and size is not None and not readonly
         for _ in range(100):
-            if create is not False and size is not None and not readonly:
+            # Open first: creating builds a whole file (payload included)
+            # before it can find out that the name is taken.
+            if create is not True:
                 try:
-                    self._create_file(kind, size, mode, lifetime, max_size, max_attach,
-                                      layout or {}, init)
+                    self._open_file(kind)
                     return
-                except FileExistsError:
-                    if create:
-                        raise ExistsError(f"a segment named {self._name!r} already exists; "
-                                          "open it, or unlink it first") from None
+                except FileNotFoundError:
+                    if not may_create:
+                        raise NotFoundError(
+                            f"no segment named {self._name!r} ({self._path}); create it "
+                            "with a size first, or check the name with `shmkit ls`") from None
             try:
-                self._open_file(kind)
+                self._create_file(kind, size, mode, lifetime, max_size, max_attach,
+                                  layout or {}, init)
                 return
-            except FileNotFoundError:
-                if create is False or size is None:
-                    raise NotFoundError(
-                        f"no segment named {self._name!r} ({self._path}); create it "
-                        "with a size first, or check the name with `shmkit ls`") from None
+            except FileExistsError:
+                if create:
+                    raise ExistsError(f"a segment named {self._name!r} already exists; "
+                                      "open it, or unlink it first") from None
         raise BusyError(f"{self._name!r} was created and removed repeatedly while opening")
 
     def _create_file(self, kind: Kind, size: int, mode: int, lifetime: str,
@@ -425,7 +439,8 @@ class Segment:
             os.close(fd)
             raise
         self._setup(fd, mapping, head.header_size)
-        if os.fstat(fd).st_nlink == 0:  # removed while we attached: start over
+        # A last "attached" closer may have removed it while we attached: start over.
+        if self._flags & _FLAG_ATTACHED and os.fstat(fd).st_nlink == 0:
             self._detach()
             raise FileNotFoundError(self._path)
 
@@ -443,6 +458,8 @@ class Segment:
                 raw = os.pread(fd, 8, 0)
                 if raw == MAGIC:
                     continue
+                if os.fstat(fd).st_nlink == 0:  # its creator's init failed: start over
+                    raise FileNotFoundError(self._path)
                 raise CorruptError(
                     f"{self._name!r} was left half-created by a process that died while "
                     f"creating it; remove it with `shmkit rm {self._name}` and create it again")
@@ -455,9 +472,8 @@ class Segment:
         self._fd = fd
         self._mapping = mapping
         self._hsize = header_size
-        raw = bytes(memoryview(mapping)[:_HEADER.size])
         (_m, _v, kind, flags, max_slots, _h, _s, max_size, created_ns, creator_pid, *_r
-         ) = _HEADER.unpack(raw)
+         ) = _HEADER.unpack_from(mapping)
         self._flags = flags
         self._max_slots = max_slots
         self._max_size = max_size
@@ -467,14 +483,18 @@ class Segment:
         mapping.max_slots = max_slots
         self._closed = False
         self._claim_slot()
-        with _live_lock:
-            _live.add(self)
+        _live[id(self)] = weakref.ref(self)
 
     def _claim_slot(self) -> None:
         fd, n = self._fd, self._max_slots
         if self._readonly:
-            _core.ofd_lock(fd, _READER_BYTE, 1, False)
-            return
+            # Fails only while a last closer holds every slot to remove it.
+            for attempt in range(50):
+                if _core.ofd_lock(fd, _READER_BYTE, 1, False):
+                    return
+                time.sleep(0.001)
+            self._detach()
+            raise BusyError(f"{self._name!r} is being removed; open it again")
         start = os.getpid() % n
         for attempt in range(50):
             for k in range(n):
@@ -494,7 +514,7 @@ class Segment:
             gen = (_core.add32(m, base, 1) + 1) & 0xFFFFF
         _core.store32(m, base + 4, os.getpid())
         _core.store64(m, base + 8, time.time_ns())
-        comm = _process_name().encode()[:16].ljust(16, b"\0")
+        comm = _process_name()
         view = memoryview(m)
         view[base + 24:base + 40] = comm
         view.release()
@@ -528,23 +548,43 @@ class Segment:
         """
         if self._closed:
             return
-        unlink = (self._flags & _FLAG_ATTACHED) and not self._readonly
-        if self._readonly:
-            _core.ofd_unlock(self._fd, _READER_BYTE, 1)
-        elif self._token:
-            _core.ofd_unlock(self._fd, _SLOT_LOCK_BASE + (self._token & 0x3FF), 1)
-        if unlink and _core.ofd_lock(self._fd, 1, _SLOT_LOCK_BASE + self._max_slots - 1):
-            try:  # nobody else is attached, and nobody can attach while we hold this
-                if os.stat(self._path).st_ino == os.fstat(self._fd).st_ino:
-                    os.unlink(self._path)
-            except FileNotFoundError:
-                pass
+        if self._flags & _FLAG_ATTACHED:
+            # Closing the descriptor (in _detach) drops our own lock; the
+            # "attached" lifetime drops it first, to test for others.
+            if self._readonly:
+                _core.ofd_unlock(self._fd, _READER_BYTE, 1)
+            elif self._token:
+                _core.ofd_unlock(self._fd, _SLOT_LOCK_BASE + (self._token & 0x3FF), 1)
+            self._remove_if_last()
         self._detach()
+
+    def _remove_if_last(self) -> None:
+        # Holding a write lock over the reader byte and every slot proves that
+        # nobody else is attached, and nobody can attach while we hold it.
+        fd = self._fd
+        if self._readonly:
+            # A read-only file cannot take that lock: open the name for
+            # writing just for the check (if we may; else `shmkit gc` will).
+            try:
+                fd = os.open(self._path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                return
+        try:
+            if _core.ofd_lock(fd, 1, _SLOT_LOCK_BASE + self._max_slots - 1):
+                try:
+                    here = os.stat(self._path, follow_symlinks=False)
+                    mine = os.fstat(self._fd)
+                    if (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
+                        os.unlink(self._path)
+                except FileNotFoundError:
+                    pass
+        finally:
+            if fd != self._fd:
+                os.close(fd)
 
     def _detach(self) -> None:
         self._closed = True
-        with _live_lock:
-            _live.discard(self)
+        _live.pop(id(self), None)
         if self._mapping is not None:
             self._mapping.token = 0
             self._mapping.fd = -1
@@ -577,7 +617,7 @@ class Segment:
             pass
 
     def __reduce__(self) -> tuple:
-        return (_reopen, (type(self), self._name, self._path, self._readonly))
+        return (_reopen, (type(self), self._name, self._path, self._readonly, self._kind))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"size={self.size}"
@@ -774,6 +814,15 @@ class Segment:
                 end = self._hsize + old
                 if end > start:
                     _punch_hole(self._fd, start, end - start)
+                # The rest of the last page is kept: zero it so that growing
+                # again shows zeros there too, never the old bytes.
+                tail = min(start, end) - (self._hsize + size)
+                if tail > 0:
+                    view = memoryview(self._mapping)
+                    try:
+                        view[self._hsize + size:self._hsize + size + tail] = bytes(tail)
+                    finally:
+                        view.release()
             _core.store64(self._mapping, _OFF_SIZE, size)
             _core.add32(self._mapping, _OFF_RESIZES, 1)
             self._sync_size()
@@ -845,16 +894,29 @@ class Segment:
         return {}
 
 
-def _reopen(cls: type, name: str, path: str, readonly: bool) -> Segment:
-    return cls.open(name, path=path, readonly=readonly)
+def _reopen(cls: type, name: str, path: str, readonly: bool,
+            kind: Kind = Kind.RAW) -> Segment:
+    # The kind travels too: a Segment carrying a Mutex or a Channel is a plain
+    # Segment instance whose class default kind is RAW.
+    seg = cls.__new__(cls)
+    seg._attach(name, path, size=None, create=False, readonly=readonly, kind=Kind(kind))
+    return seg
 
 
-def _process_name() -> str:
-    try:
-        with open("/proc/self/comm", "rb") as f:
-            return f.read().decode("utf-8", "replace").strip()
-    except OSError:
-        return "?"
+_comm: tuple[int, bytes] | None = None
+
+
+def _process_name() -> bytes:
+    """This process's name as the attach table stores it (16 bytes), cached per pid."""
+    global _comm
+    if _comm is None or _comm[0] != os.getpid():
+        try:
+            with open("/proc/self/comm", "rb") as f:
+                name = f.read().strip()
+        except OSError:
+            name = b"?"
+        _comm = (os.getpid(), name[:16].ljust(16, b"\0"))
+    return _comm[1]
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
@@ -872,8 +934,20 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
 
 
 def _after_fork_in_child() -> None:
-    for seg in list(_live):
-        seg._reattach_after_fork()
+    for ref in list(_live.values()):
+        seg = ref()
+        if seg is None:
+            continue
+        try:
+            seg._reattach_after_fork()
+        except Exception:
+            # Without its own slot this process would pass for its parent:
+            # close the handle here (its uses raise ClosedError) and go on
+            # with the others.
+            try:
+                seg._detach()
+            except Exception:
+                seg._closed = True
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -886,7 +960,7 @@ def list_segments() -> Iterator[tuple[str, str]]:
     except FileNotFoundError:
         return
     for entry in entries:
-        if entry.startswith(PREFIX) and not entry.endswith(".tmp"):
+        if entry.startswith(PREFIX):  # creation temp files start with "."
             name = entry[len(PREFIX):]
             if _NAME_RE.fullmatch(name):
                 yield name, os.path.join(SHM_DIR, entry)

@@ -27,6 +27,7 @@ Payload layouts (offsets from the object's start, native byte order)::
               28 i32 old holds  32 i32 maximum (or -1)
               64 u64 per attach slot: generation << 32 | holds (i32)
     Condition  0 u32 mutex  4 u32 notify counter  8 u32 sleepers
+              12 u32 wake-ups granted by notify() and not yet taken
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from . import _core
-from .errors import ClosedError, OwnerDiedWarning, Timeout, WouldBlock
+from .errors import ClosedError, FormatVersionError, OwnerDiedWarning, Timeout, WouldBlock
 from .segment import Kind, Segment
 
 __all__ = ["Mutex", "RWLock", "Event", "Semaphore", "Condition"]
@@ -49,9 +50,16 @@ _GEN_MASK = 0xFFFFF
 
 
 def _deadline(timeout: float | None) -> float | None:
-    if timeout is None or timeout < 0:
+    # As in the C core and threading's waits: None waits forever, a negative
+    # timeout (a deadline already passed) does not wait at all.
+    if timeout is None:
         return None
-    return time.monotonic() + timeout
+    return time.monotonic() + max(0.0, timeout)
+
+
+def _acquire_deadline(timeout: float | None) -> float | None:
+    # Lock-style calls also take threading.Lock's timeout=-1 for "forever".
+    return _deadline(None if timeout == -1 else timeout)
 
 
 def _slice(deadline: float | None) -> float:
@@ -91,6 +99,16 @@ class _Placed:
                     kind=cls._kind, layout=layout, init=init, **kwargs)
         return seg
 
+    @classmethod
+    def create(cls, name: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Create it by name; :class:`ExistsError` if the name is taken."""
+        return cls(name, *args, create=True, **kwargs)
+
+    @classmethod
+    def open(cls, name: str, **kwargs: Any) -> Any:
+        """Open it by name; :class:`NotFoundError` if there is none."""
+        return cls(name, create=False, **kwargs)
+
     @property
     def name(self) -> str:
         return self._seg.name
@@ -113,6 +131,10 @@ class _Placed:
         if self._own_segment:
             return (_open_named, (type(self), self._seg))
         return (type(self).at, (self._seg, self._offset))
+
+
+def _segment_lock(seg: Segment) -> "Mutex":
+    return seg.lock
 
 
 def _open_named(cls: type, seg: Segment) -> Any:
@@ -153,16 +175,6 @@ class Mutex(_core.Lock, _Placed):
         super().__init__(self._m, self._base, f"mutex {seg.name!r}")
 
     @classmethod
-    def create(cls, name: str | None = None, **kwargs: Any) -> "Mutex":
-        """Create a mutex; :class:`ExistsError` if the name is taken."""
-        return cls(name, create=True, **kwargs)
-
-    @classmethod
-    def open(cls, name: str, **kwargs: Any) -> "Mutex":
-        """Open an existing mutex; :class:`NotFoundError` if there is none."""
-        return cls(name, create=False, **kwargs)
-
-    @classmethod
     def at(cls, segment: Segment, offset: int) -> "Mutex":
         """The mutex stored at ``offset`` of ``segment``'s payload (4 bytes, zeroed = free)."""
         return cls._embedded(segment, offset, f"mutex at {offset} of {segment.name!r}")
@@ -174,8 +186,16 @@ class Mutex(_core.Lock, _Placed):
         obj._place(segment, offset)
         if absolute:
             obj._base = offset
+            obj._in_header = True
         _core.Lock.__init__(obj, obj._m, obj._base, what)
         return obj
+
+    _in_header = False
+
+    def __reduce__(self) -> tuple:
+        if self._in_header:  # a segment's own lock (header offset, not payload)
+            return (_segment_lock, (self._seg,))
+        return super().__reduce__()
 
     def acquire_nowait(self) -> None:
         """Take the lock if it is free, else raise :class:`WouldBlock`."""
@@ -331,11 +351,17 @@ class RWLock(_Placed):
     def acquire_read(self, timeout: float | None = None) -> bool:
         """Take a read hold; False if ``timeout`` passes first."""
         m, state = self._m, self._base + 4
-        deadline = _deadline(timeout)
+        deadline = _acquire_deadline(timeout)
+        recovered = False
         while True:
             if not _core.load32(m, state) & 1:
                 self._count(+1)
                 if not _core.load32(m, state) & 1:
+                    self.recovered = recovered
+                    if recovered:
+                        warnings.warn(f"read lock of {self.name!r}: a writer died while "
+                                      "holding it; the lock was recovered, check the data "
+                                      "it guards", OwnerDiedWarning, stacklevel=2)
                     return True
                 self._count(-1)  # a writer came in: step back and let it go first
                 self._readers_left()
@@ -343,20 +369,28 @@ class RWLock(_Placed):
             if s & 1:
                 if not s & 2 and not _core.cas32(m, state, s, s | 2):
                     continue
-                if _expired(deadline):
-                    return False
-                if not _core.futex_wait(m, state, s | 2, _slice(deadline)):
-                    self._clear_dead_writer()
+                if (_expired(deadline)
+                        or not _core.futex_wait(m, state, s | 2, _slice(deadline))):
+                    # Nobody woke us: the writer may have died holding the lock.
+                    if self._clear_dead_writer():
+                        recovered = True
+                    elif _expired(deadline):
+                        return False
 
-    def _clear_dead_writer(self) -> None:
+    def _clear_dead_writer(self) -> bool:
         owner = self._wlock.owner_token
         if owner and not _core.token_alive(self._m, owner):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", OwnerDiedWarning)
                 if not self._wlock.acquire(False):
-                    return
+                    return False
+            if not self._wlock.recovered:  # a live writer got in first
+                self._wlock.release()
+                return False
             self._release_state()
             self._wlock.release()
+            return True
+        return False
 
     def _readers_left(self) -> None:
         if _core.load32(self._m, self._base + 4) & 1:
@@ -371,7 +405,7 @@ class RWLock(_Placed):
     def acquire_write(self, timeout: float | None = None) -> bool:
         """Take the write hold; False if ``timeout`` passes first."""
         m = self._m
-        deadline = _deadline(timeout)
+        deadline = _acquire_deadline(timeout)
         if not self._wlock.acquire(timeout=-1 if timeout is None else timeout):
             return False
         recovered = self._wlock.recovered
@@ -397,7 +431,12 @@ class RWLock(_Placed):
                 self._release_state()
                 self._wlock.release()
                 return False
-            _core.futex_wait(m, self._base + 8, seq, _slice(deadline))
+            try:
+                _core.futex_wait(m, self._base + 8, seq, _slice(deadline))
+            except BaseException:  # Ctrl-C: do not leave the write hold behind
+                self._release_state()
+                self._wlock.release()
+                raise
         self.recovered = recovered or dead_readers
         if dead_readers and not recovered:
             warnings.warn(f"write lock of {self.name!r}: a reader died while holding it; "
@@ -537,11 +576,14 @@ class Semaphore(_Placed):
                 _core.store64(m, off, (v & ~0xFFFFFFFF) | _core.load32(m, b + 28))
             _core.store32(m, b + 16, 0)
 
-    def _update(self, slot: int, value: int, held_delta: int) -> None:
+    def _update(self, slot: int, value: int, held_delta: int, gen: int | None = None) -> None:
+        # Journaled: set the value and change the holds of ``slot``'s entry by
+        # held_delta.  The entry is ours (gen None) or a dead one's (its gen).
         m, b = self._m, self._base
         off = b + 64 + 8 * slot
         v = _core.load64(m, off)
-        gen = self._m.token >> 10 if slot == (m.token & 0x3FF) else v >> 32
+        if gen is None:
+            gen = m.token >> 10
         held = v & 0xFFFFFFFF if (v >> 32) == gen else 0
         _core.store32(m, b + 20, slot)
         _core.store32(m, b + 24, self._i32(4) & 0xFFFFFFFF)
@@ -564,20 +606,32 @@ class Semaphore(_Placed):
             if token == m.token or _core.token_alive(m, token):
                 continue
             held = held - (1 << 32) if held >= 1 << 31 else held
-            self._update(slot, self._i32(4) + max(held, 0), -held)
+            self._update(slot, self._i32(4) + max(held, 0), -held, gen=v >> 32)
             freed = freed or held > 0
         return freed
+
+    def _reclaim_own_slot(self) -> None:
+        # Called with the internal lock held.  Our attach slot may have
+        # belonged to a process that died holding units: give them back
+        # before our first update overwrites its entry.
+        m = self._m
+        v = _core.load64(m, self._base + 64 + 8 * (m.token & 0x3FF))
+        held = v & 0xFFFFFFFF
+        if held and (v >> 32) != m.token >> 10:
+            held = held - (1 << 32) if held >= 1 << 31 else held
+            self._update(m.token & 0x3FF, self._i32(4) + max(held, 0), -held, gen=v >> 32)
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         """Take one unit; False if none is free within ``timeout`` seconds."""
         m, b = self._m, self._base
         if m.token == 0:
             raise ClosedError(f"{self.name!r} is closed or was opened readonly")
-        deadline = _deadline(timeout if blocking else 0)
+        deadline = _acquire_deadline(timeout if blocking else 0)
         checked = False
         while True:
             seq = _core.load32(m, b + 8)
             with self._locked():
+                self._reclaim_own_slot()
                 if self._i32(4) <= 0 and not checked:
                     checked = True
                     self._reclaim_dead()
@@ -599,6 +653,7 @@ class Semaphore(_Placed):
         if n < 1:
             raise ValueError("n must be at least 1")
         with self._locked():
+            self._reclaim_own_slot()
             value = self._i32(4) + n
             maximum = _core.load32(m, b + 32)
             if maximum != 0xFFFFFFFF and value > maximum:
@@ -649,11 +704,21 @@ class Condition(_Placed):
 
     _kind = Kind.CONDITION
 
+    _FORMAT = 1  # version of the payload layout above
+
     def __init__(self, name: str | None = None, *, create: bool | None = None,
                  **kwargs: Any) -> None:
-        self._adopt(self._named_segment(name, create, {}, None, kwargs))
+        self._adopt(self._named_segment(name, create, {"format": self._FORMAT}, None,
+                                        kwargs))
 
     def _adopt(self, seg: Segment) -> None:
+        fmt = seg.layout.get("format")
+        if fmt != self._FORMAT:
+            seg.close()
+            raise FormatVersionError(
+                f"condition {seg.name!r} has layout format {fmt}; this shmkit reads "
+                f"format {self._FORMAT}. Use the shmkit that made it, or remove it with "
+                "`shmkit rm`")
         self._own_segment = True
         self._setup(seg, 0)
 
@@ -663,7 +728,7 @@ class Condition(_Placed):
 
     @classmethod
     def at(cls, segment: Segment, offset: int) -> "Condition":
-        """The condition at ``offset`` of the payload (12 zeroed bytes)."""
+        """The condition at ``offset`` of the payload (16 zeroed bytes)."""
         obj = cls.__new__(cls)
         obj._setup(segment, offset)
         return obj
@@ -681,18 +746,51 @@ class Condition(_Placed):
     def __exit__(self, *exc: object) -> None:
         self.lock.release()
 
+    def _held(self) -> bool:
+        return self._m.token != 0 and self.lock.owner_token == self._m.token
+
+    def _take_wakeup(self) -> bool:
+        m, off = self._m, self._base + 12
+        while True:
+            granted = _core.load32(m, off)
+            if granted == 0:
+                return False
+            if _core.cas32(m, off, granted, granted - 1):
+                return True
+
     def wait(self, timeout: float | None = None) -> bool:
-        """Release the lock, sleep until notified, re-take it; False on timeout."""
+        """Release the lock, sleep until notified, re-take it; False on timeout.
+
+        ``notify(n)`` grants n wake-ups to the processes already waiting;
+        each wait takes at most one, so no more than n waits return True.
+        """
         m, b = self._m, self._base
+        if not self._held():
+            raise RuntimeError(f"wait() on condition {self.name!r} without holding it")
         seq = _core.load32(m, b + 4)
         _core.add32(m, b + 8, 1)
         self.lock.release()
+        deadline = _deadline(timeout)
+        notified = False
         try:
-            woke = _core.futex_wait(m, b + 4, seq, timeout)
+            while True:
+                now = _core.load32(m, b + 4)
+                # Only a notify() since we started waiting is for us.
+                if now != seq and self._take_wakeup():
+                    notified = True
+                    break
+                if _expired(deadline):
+                    break
+                _core.futex_wait(m, b + 4, now,
+                                 None if deadline is None else deadline - time.monotonic())
         finally:
-            _core.add32(m, b + 8, -1)
             self.lock.acquire()
-        return woke
+            # A notify() that raced with our time-out counted us among the
+            # sleepers: take its wake-up, so none is left for nobody.
+            if not notified and _core.load32(m, b + 4) != seq and self._take_wakeup():
+                notified = True
+            _core.add32(m, b + 8, -1)
+        return notified
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
         """Wait until ``predicate()`` is true; returns its last value."""
@@ -706,11 +804,18 @@ class Condition(_Placed):
         return result
 
     def notify(self, n: int = 1) -> None:
-        """Wake up to ``n`` waiters."""
+        """Wake up to ``n`` waiters; the caller must hold the condition."""
         m, b = self._m, self._base
+        if not self._held():
+            raise RuntimeError(f"notify() on condition {self.name!r} without holding it")
+        # Sleepers not yet granted a wake-up (a waiter that was killed stays
+        # counted, which costs at most a spurious wake-up later).
+        k = min(n, _core.load32(m, b + 8) - _core.load32(m, b + 12))
+        if k <= 0:
+            return
+        _core.add32(m, b + 12, k)
         _core.add32(m, b + 4, 1)
-        if _core.load32(m, b + 8):
-            _core.futex_wake(m, b + 4, n)
+        _core.futex_wake(m, b + 4, k)
 
     def notify_all(self) -> None:
         self.notify(_ALL)

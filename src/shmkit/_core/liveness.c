@@ -35,8 +35,10 @@ shm_token_alive(MappingObject *m, uint32_t token)
     uint32_t slot = SHM_TOKEN_SLOT(token);
     if (token == m->token)
         return 1; /* another thread of ours: we are alive */
-    if (slot >= m->max_slots || m->fd < 0)
+    if (slot >= m->max_slots)
         return 0; /* a token no attachment can have: treat as dead */
+    if (m->fd < 0)
+        return 1; /* detached: we cannot tell, and never steal a live lock */
     Py_ssize_t off = m->table_off + (Py_ssize_t)slot * SHM_SLOT_SIZE;
     if (off < 0 || off + 4 > m->length)
         return 0;

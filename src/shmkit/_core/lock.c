@@ -5,8 +5,9 @@
  * mutex #2).  Acquire is one CAS when free; release is one exchange and a
  * wake only if bit 31 was set.  No system call when uncontended.
  *
- * A waiter that sleeps a whole slice without being woken asks the kernel
- * whether the owner's attachment still exists (liveness.c).  If not, it
+ * A waiter that sleeps a whole slice without being woken, or whose timeout
+ * ran out (a try-lock included), asks the kernel whether the owner's
+ * attachment still exists (liveness.c).  If not, it
  * takes the lock over with a CAS from the dead value, so exactly one waiter
  * wins, and reports it: acquire returns "recovered" and the caller checks or
  * repairs whatever the lock guards.
@@ -55,6 +56,13 @@ shm_lock_acquire(MappingObject *m, uint32_t *word, int64_t deadline)
     int64_t slice = FIRST_SLICE_NS;
     int check_owner = 0;
     for (;;) {
+        if (m->token != me) {
+            /* Closed by another thread while we waited: our token no longer
+             * names a live attachment, so we must not take the lock. */
+            PyErr_SetString(PyExc_ValueError,
+                            "the segment was closed while waiting for its lock");
+            return -1;
+        }
         uint32_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
         if (v == 0) {
             /* Others may still sleep: keep the waiters bit. */
@@ -62,21 +70,25 @@ shm_lock_acquire(MappingObject *m, uint32_t *word, int64_t deadline)
                 return 1;
             continue;
         }
-        if (check_owner) {
+        /* Before giving up (a try-lock, or the deadline passed) and after a
+         * whole slice without a wake-up, ask whether the holder still lives:
+         * a dead holder's lock is free, whatever the timeout. */
+        int expired = shm_now_ns() >= deadline;
+        if (check_owner || expired) {
             check_owner = 0;
             if (!shm_token_alive(m, v & SHM_TOKEN_MASK)) {
                 if (cas(word, v, me | SHM_LOCK_WAITERS))
                     return 2;
                 continue;
             }
+            if (expired)
+                return 0;
         }
         if (!(v & SHM_LOCK_WAITERS)) {
             if (!cas(word, v, v | SHM_LOCK_WAITERS))
                 continue;
             v |= SHM_LOCK_WAITERS;
         }
-        if (shm_now_ns() >= deadline)
-            return 0;
         int err;
         Py_BEGIN_ALLOW_THREADS
         err = shm_futex_wait(word, v, deadline, slice);
@@ -187,8 +199,11 @@ lock_acquire(LockObject *self, PyObject *args, PyObject *kwds)
     if (!blocking)
         deadline = 0;
     else if (timeout != Py_None && PyNumber_Check(timeout) &&
-             PyFloat_AsDouble(timeout) == -1.0)
+             PyFloat_AsDouble(timeout) == -1.0) {
+        if (PyErr_Occurred())
+            return NULL; /* e.g. an int too large for a float */
         deadline = SHM_FOREVER; /* threading.Lock's "no timeout" */
+    }
     else if ((deadline = shm_deadline(timeout)) < 0)
         return NULL;
     shm_pin(self->mapping);

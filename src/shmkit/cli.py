@@ -1,0 +1,679 @@
+"""The ``shmkit`` command: list, inspect, remove and clean up shared objects.
+
+    shmkit ls                       every shmkit object on this machine
+    shmkit info jobs                who holds the lock "jobs", and is it alive?
+    shmkit rm frames stats          remove objects by name
+    shmkit gc --dry-run             what crashed processes left behind
+    shmkit top                      a live view, refreshed every second
+    shmkit demo                     the two-process demo
+    shmkit bench --filter sync      the benchmarks, from a source checkout
+
+Exit status: 0 success, 1 error (one line on stderr), 2 bad usage.  The work
+is done by :mod:`shmkit.inspect`, which programs can call directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import ShmkitError
+
+__all__ = ["main", "build_parser"]
+
+PROG = "shmkit"
+# What a command reports as one line and carries on (or exits 1): never a traceback.
+_ERRORS = (ShmkitError, OSError, ValueError, LookupError)
+
+
+# -- help text ----------------------------------------------------------------
+
+
+def _examples(*pairs: tuple[str, str]) -> str:
+    """redis-benchmark style: one sentence of intent, then the exact command."""
+    lines = ["Examples:", ""]
+    for intent, command in pairs:
+        lines += [f" {intent}", f"   $ {command}", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+_TOP_EXAMPLES = _examples(
+    ("List every shmkit object, who created it and which processes have it open:",
+     "shmkit ls"),
+    ("See who holds the lock \"jobs\" and whether that process is still alive:",
+     "shmkit info jobs"),
+    ("Remove two objects you no longer need:", "shmkit rm frames stats"),
+    ("See what crashed processes left behind, without removing anything:",
+     "shmkit gc --dry-run"),
+    ("Watch every object live until Ctrl-C:", "shmkit top"),
+    ("Run the demo: senders and a receiver meeting by name:", "shmkit demo"),
+    ("Run the lock benchmarks from a source checkout:", "shmkit bench --filter sync"),
+)
+
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "ls": ("list every shmkit object on this machine", _examples(
+        ("Show name, kind, size, creator, attached processes and lifetime of each object:",
+         "shmkit ls"),
+        ("Only the objects whose names start with \"cache\":", "shmkit ls 'cache*'"),
+        ("The same facts as JSON, for a script:", "shmkit ls --json"),
+    )),
+    "info": ("show objects in detail: header, attached processes, lock holder, layout",
+             _examples(
+                 ("See who holds the mutex \"jobs\", whether it is alive and who waits:",
+                  "shmkit info jobs"),
+                 ("Show the record layout of the struct \"config\" and the array \"stats\":",
+                  "shmkit info config stats"),
+                 ("Describe a segment created with path= (any argument with a '/'):",
+                  "shmkit info /var/lib/app/frames.shm"),
+                 ("Everything as JSON:", "shmkit info --json jobs"),
+             )),
+    "rm": ("remove objects by name (processes attached keep their memory until they close)",
+           _examples(
+               ("Remove the objects \"frames\" and \"stats\":", "shmkit rm frames stats"),
+               ("Remove a segment created with path=:", "shmkit rm ./data/frames.shm"),
+               ("Report as JSON which names were removed:", "shmkit rm --json frames"),
+           )),
+    "gc": ("remove what crashed processes left behind (never a persistent object, never one "
+           "in use)", _examples(
+               ("List what would be removed, removing nothing:", "shmkit gc --dry-run"),
+               ("Remove attached-lifetime objects whose processes all died, half-created "
+                "objects and stale temp files:", "shmkit gc"),
+               ("Only clean up after the workers of one application:",
+                "shmkit gc 'myapp.*'"),
+               ("Report what was removed as JSON:", "shmkit gc --json"),
+           )),
+    "top": ("a live view of every object (lock holders, event states), refreshed until "
+            "Ctrl-C", _examples(
+                ("Watch every object, refreshed every second:", "shmkit top"),
+                ("Watch only the objects whose names start with \"jobs\", five times a "
+                 "second:", "shmkit top --interval 0.2 'jobs*'"),
+                ("Print one frame and exit:", "shmkit top --once"),
+            )),
+    "demo": ("run the demo: senders and a receiver meeting by name in shared memory",
+             _examples(
+                 ("Run the demo with its defaults:", "shmkit demo"),
+                 ("Four senders, 100,000 records each:",
+                  "shmkit demo --senders 4 --records 100000"),
+             )),
+    "bench": ("run the benchmarks (python -m benchmarks) from a source checkout; ARGS go to "
+              "the benchmarks", _examples(
+                  ("Run every benchmark (what `make bench` does, without installing the "
+                   "competitors):", "shmkit bench"),
+                  ("Only the lock benchmarks, a short smoke run:",
+                   "shmkit bench --filter sync --quick"),
+                  ("List benchmarks and which competitors are installed:",
+                   "shmkit bench --list"),
+                  ("Show the benchmarks' own options:", "shmkit bench -- --help"),
+              )),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``shmkit`` command (``--help`` text included)."""
+    from . import __version__
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=fmt, epilog=_TOP_EXAMPLES,
+        usage=f"{PROG} [-h] [--version] COMMAND [ARGS...]",
+        description="List, inspect, clean up, demonstrate and benchmark shmkit "
+                    "shared-memory objects.")
+    parser.add_argument("--version", action="version", version=f"shmkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    sub.required = True
+
+    def command(name: str) -> argparse.ArgumentParser:
+        purpose, examples = _COMMANDS[name]
+        return sub.add_parser(name, help=purpose, description=purpose[0].upper()
+                              + purpose[1:] + ".", epilog=examples, formatter_class=fmt)
+
+    def json_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = command("ls")
+    p.add_argument("patterns", nargs="*", metavar="PATTERN",
+                   help="only names matching these shell patterns")
+    json_flag(p)
+    p.set_defaults(func=cmd_ls)
+
+    p = command("info")
+    p.add_argument("targets", nargs="+", metavar="NAME",
+                   help="object names, or file paths (containing '/') of path= segments")
+    json_flag(p)
+    p.set_defaults(func=cmd_info)
+
+    p = command("rm")
+    p.add_argument("targets", nargs="+", metavar="NAME",
+                   help="object names, or file paths (containing '/') of path= segments")
+    json_flag(p)
+    p.set_defaults(func=cmd_rm)
+
+    p = command("gc")
+    p.add_argument("patterns", nargs="*", metavar="PATTERN",
+                   help="only objects whose names match these shell patterns")
+    p.add_argument("--dry-run", "-n", action="store_true",
+                   help="say what would be removed, remove nothing")
+    json_flag(p)
+    p.set_defaults(func=cmd_gc)
+
+    p = command("top")
+    p.add_argument("patterns", nargs="*", metavar="PATTERN",
+                   help="only objects whose names match these shell patterns")
+    p.add_argument("--interval", type=_positive, default=1.0, metavar="SECONDS",
+                   help="seconds between refreshes (default 1)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.set_defaults(func=cmd_top)
+
+    p = command("demo")
+    p.add_argument("--senders", type=_count, metavar="N",
+                   help="sender processes (default: the demo's own)")
+    p.add_argument("--records", type=_count, metavar="N",
+                   help="records each sender sends (default: the demo's own)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
+    p.set_defaults(func=cmd_demo)
+
+    p = command("bench")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="passed to `python -m benchmarks` (see `shmkit bench -- --help`)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
+# -- output helpers -----------------------------------------------------------
+
+
+def _console() -> Any:
+    """A rich console for stdout: colours on a terminal, no markup or emoji codes in
+    names (``a:smile:`` is a valid name), 160 columns when piped."""
+    from rich.console import Console
+
+    wide = sys.stdout.isatty() or "COLUMNS" in os.environ
+    return Console(highlight=False, markup=False, emoji=False,
+                   width=None if wide else 160)
+
+
+def _error(command: str | None, message: str) -> None:
+    where = f"{PROG} {command}" if command else PROG
+    text = " ".join(str(message).split())
+    print(f"{where}: {text}", file=sys.stderr)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for limit, div, unit in ((120, 1, "s"), (7200, 60, "min"), (172800, 3600, "h")):
+        if seconds < limit:
+            return f"{seconds / div:.0f} {unit}"
+    return f"{seconds / 86400:.0f} days"
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "?"
+    stamp = datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{stamp} ({_age(time.time() - ts)} ago)"
+
+
+def _state_style(state: str) -> str:
+    if state == "ok":
+        return "green"
+    if state in ("stale", "creating"):
+        return "yellow"
+    return "red"
+
+
+def _pids(obj: dict[str, Any], limit: int = 6) -> str:
+    pids = sorted({a["pid"] for a in obj["attached"]})
+    text = ", ".join(map(str, pids[:limit]))
+    if len(pids) > limit:
+        text += f", … ({len(pids)})"
+    if obj.get("readonly_attached"):
+        text = (text + " + read-only") if text else "read-only"
+    return text or "-"
+
+
+def _objects_table(objects: list[dict[str, Any]], activity: bool = False,
+                   title: str | None = None) -> Any:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, title_justify="left", header_style="bold",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("NAME", overflow="fold")
+    table.add_column("KIND", overflow="fold")
+    table.add_column("SIZE", justify="right", no_wrap=True)
+    table.add_column("CREATOR", justify="right", no_wrap=True)
+    table.add_column("ATTACHED", overflow="fold")
+    table.add_column("LIFETIME", overflow="fold")
+    if activity:
+        table.add_column("ACTIVITY", overflow="fold")
+    table.add_column("STATE", overflow="fold")
+    total = 0
+    for obj in objects:
+        size = obj["size"]
+        total += obj["file_bytes"] or 0
+        row = [Text(obj["name"], style="bold"), Text(obj["kind"] or "?"),
+               Text(_bytes(size) if size is not None else "?"),
+               Text(str(obj["creator_pid"] or "?")), Text(_pids(obj)),
+               Text(obj["lifetime"] or "?")]
+        if activity:
+            from .inspect import activity as act
+
+            row.append(Text(act(obj)))
+        row.append(Text(obj["state"], style=_state_style(obj["state"])))
+        table.add_row(*row)
+    n = len(objects)
+    table.caption = f"{n} object{'s' if n != 1 else ''}, {_bytes(total)} of memory"
+    table.caption_justify = "left"
+    return table
+
+
+# -- commands -----------------------------------------------------------------
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from .inspect import list_objects
+
+    objects = list_objects(args.patterns)
+    if args.json:
+        _print_json(objects)
+        return 0
+    console = _console()
+    if not objects:
+        console.print("no shmkit objects" + (" match" if args.patterns else ""), style="dim")
+        return 0
+    console.print(_objects_table(objects))
+    return 0
+
+
+def _lock_text(lock: dict[str, Any]) -> str:
+    waiters = ", processes may be waiting" if lock.get("waiters") else ""
+    if not lock.get("held"):
+        return "free" + waiters
+    pid = lock.get("holder_pid")
+    who = f"pid {pid}" if pid else "an attachment since replaced"
+    if lock.get("holder_alive"):
+        return f"held by {who} (alive){waiters}"
+    return f"held by {who}, which is dead: the next acquirer recovers it{waiters}"
+
+
+def _counts_text(items: list[dict[str, Any]], key: str) -> str:
+    return ", ".join(f"pid {i['pid']} × {i[key]}" for i in items) or "none"
+
+
+_STANDARD = {"name", "path", "state", "kind", "size", "max_size", "file_bytes",
+             "format_version", "lifetime", "created", "creator_pid", "max_attach",
+             "attached", "readonly_attached", "resizes", "layout", "uid", "mode", "lock",
+             "detail_error"}
+
+
+def _kind_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    if "mutex" in info:
+        rows.append(("mutex", _lock_text(info["mutex"])))
+    if "condition" in info:
+        c = info["condition"]
+        rows += [("condition lock", _lock_text(c["lock"])), ("waiting", str(c["waiters"]))]
+    if "event" in info:
+        e = info["event"]
+        rows += [("event", ("set" if e["set"] else "clear")
+                  + (" (auto-reset)" if e.get("auto_reset") else "")),
+                 ("waiting", str(e["waiters"]))]
+    if "rwlock" in info:
+        r = info["rwlock"]
+        rows += [("writer", _lock_text(r["writer"])),
+                 ("readers", _counts_text(r["readers"], "holds"))]
+        if r["dead_reader_holds"]:
+            rows.append(("dead readers", f"{r['dead_reader_holds']} holds (dropped by the "
+                                         "next writer)"))
+        if r["writer_waiting_or_in"] and not r["writer"]["held"]:
+            rows.append(("writer waiting", "yes"))
+    if "semaphore" in info:
+        s = info["semaphore"]
+        value = f"{s['value']}" + (f" of at most {s['maximum']}" if s["maximum"] is not None
+                                   else "")
+        rows += [("value", value), ("waiting", str(s["waiters"])),
+                 ("holders", _counts_text(s["holders"], "units"))]
+        if s["dead_units"]:
+            rows.append(("dead holders", f"{s['dead_units']} units (returned when someone "
+                                         "waits)"))
+    for key in ("record", "array"):
+        if key in info:
+            d = info[key]
+            fields = d.get("fields", [])
+            text = f"{len(fields)} fields" if fields else d["dtype"]
+            if "shape" in d:
+                text += f", shape {tuple(d['shape'])}"
+            if "itemsize" in d:
+                text += f", {d['itemsize']} bytes"
+            rows.append((key, text))
+            for f in d.get("fields", []):
+                rows.append((f"  .{f['name']}", f"{f['dtype']} at offset {f['offset']}"))
+    handled = _STANDARD | {"mutex", "condition", "event", "rwlock", "semaphore",
+                           "record", "array"}
+    for key, value in info.items():  # channels, stores, heaps: whatever info() reports
+        if key not in handled:
+            rows += _flatten(key, value)
+    if info.get("kind") not in ("struct", "array") and info.get("layout"):
+        rows.append(("layout", json.dumps(info["layout"], separators=(", ", ": "))))
+    return rows
+
+
+def _flatten(key: str, value: Any) -> list[tuple[str, str]]:
+    if isinstance(value, dict) and value:
+        if {"held", "holder_pid", "holder_alive"} <= value.keys():
+            return [(key, _lock_text(value))]
+        out: list[tuple[str, str]] = []
+        for k, v in value.items():
+            out += _flatten(f"{key}.{k}", v)
+        return out
+    if isinstance(value, float):
+        return [(key, f"{value:g}")]
+    if isinstance(value, (list, tuple)):
+        return [(key, json.dumps(value, default=str))]
+    return [(key, str(value))]
+
+
+def _info_table(info: dict[str, Any]) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    state = info["state"]
+    title = Text.assemble((info["name"], "bold"), "  ", (info["kind"] or "?", "cyan"), "  ",
+                          (state, _state_style(state)))
+    table = Table(show_header=False, box=None, padding=(0, 2, 0, 1))
+    table.add_column(style="dim", no_wrap=True)
+    table.add_column(overflow="fold")
+    rows: list[tuple[str, Any]] = [("path", info["path"])]
+    if state == "half-created":
+        rows.append(("state", "its creator died before finishing it; `shmkit gc` or "
+                              f"`shmkit rm {info['name']}` removes it"))
+    elif state.startswith(("corrupt", "format")):
+        rows.append(("state", f"{state}; remove it with `shmkit rm {info['name']}` if it "
+                              "is garbage"))
+    elif state == "stale":
+        rows.append(("state", "lifetime 'attached' and every attached process is gone; "
+                              "`shmkit gc` removes it"))
+    if info["size"] is not None:
+        rows.append(("size", f"{_bytes(info['size'])} ({info['size']} bytes); "
+                             f"{_bytes(info['file_bytes'])} of memory, grows to "
+                             f"{_bytes(info['max_size'])}"))
+    elif info["file_bytes"] is not None:
+        rows.append(("file", _bytes(info["file_bytes"])))
+    if info["lifetime"]:
+        rows.append(("lifetime", info["lifetime"]))
+    if info["created"] is not None:
+        rows.append(("created", f"{_when(info['created'])} by pid {info['creator_pid']}"))
+    if info["format_version"] is not None:
+        rows.append(("format", f"version {info['format_version']}"))
+    if info["mode"] is not None:
+        rows.append(("owner", f"uid {info['uid']}, mode {info['mode']:04o}"))
+    if info["max_attach"] is not None:
+        attached = info["attached"]
+        rows.append(("attached", f"{len(attached)} of {info['max_attach']} slots"
+                                 + (", and read-only handles" if info["readonly_attached"]
+                                    else "")))
+        for a in attached:
+            rows.append(("", f"pid {a['pid']} ({a['comm']}) since {_when(a['attached'])}"))
+    if info.get("resizes"):
+        rows.append(("resizes", str(info["resizes"])))
+    if "lock" in info:
+        rows.append(("segment lock", _lock_text(info["lock"])))
+    rows += _kind_rows(info)
+    if info.get("detail_error"):
+        rows.append(("detail", Text(f"unavailable: {info['detail_error']}", style="red")))
+    for k, v in rows:
+        table.add_row(k, v if isinstance(v, Text) else Text(str(v)))
+    return Group(title, table)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .inspect import describe
+
+    results, failed = [], False
+    console = None if args.json else _console()
+    for target in args.targets:
+        try:
+            info = describe(target)
+        except _ERRORS as e:
+            _error("info", _message(e))
+            failed = True
+            continue
+        if args.json:
+            results.append(info)
+        else:
+            console.print(_info_table(info))
+            console.print()
+    if args.json:
+        _print_json(results)
+    return 1 if failed else 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from .inspect import remove
+
+    results, failed = [], False
+    console = None if args.json else _console()
+    for target in args.targets:
+        try:
+            facts = remove(target)
+        except _ERRORS as e:
+            _error("rm", _message(e))
+            results.append({"name": target, "removed": False, "error": _message(e)})
+            failed = True
+            continue
+        pids = sorted({a["pid"] for a in facts["attached"]})
+        results.append({"name": facts["name"], "path": facts["path"], "removed": True,
+                        "still_attached": pids})
+        if console is not None:
+            note = ""
+            if pids:
+                note = (f" (still mapped by pid {', '.join(map(str, pids))}: they keep "
+                        "their memory until they close it)")
+            console.print(f"removed {facts['name']}{note}")
+    if args.json:
+        _print_json(results)
+    return 1 if failed else 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from .inspect import collect_garbage
+
+    results = collect_garbage(dry_run=args.dry_run, patterns=args.patterns)
+    errors = [r for r in results if r.get("error")]
+    for r in errors:
+        _error("gc", f"could not remove {r['name']}: {r['error']}")
+    if args.json:
+        _print_json(results)
+        return 1 if errors else 0
+    console = _console()
+    done = [r for r in results if not r.get("error")]
+    if not done:
+        console.print("nothing to remove", style="dim")
+    verb = "would remove" if args.dry_run else "removed"
+    for r in done:
+        console.print(f"{verb} {r['name']}: {r['reason']}")
+    return 1 if errors else 0
+
+
+def _top_frame(patterns: Sequence[str]) -> Any:
+    from rich.console import Group
+    from rich.text import Text
+
+    from .inspect import list_objects
+
+    objects = list_objects(patterns)
+    stamp = datetime.datetime.now().strftime("%H:%M:%S")
+    head = Text.assemble(("shmkit top", "bold"), f"  {stamp}  ",
+                         ("Ctrl-C to quit", "dim"))
+    if not objects:
+        return Group(head, Text("no shmkit objects", style="dim"))
+    return Group(head, _objects_table(objects, activity=True))
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from rich.live import Live
+
+    console = _console()
+    if args.once:
+        console.print(_top_frame(args.patterns))
+        return 0
+    try:
+        with Live(_top_frame(args.patterns), console=console, auto_refresh=False,
+                  screen=False, redirect_stdout=False) as live:
+            while True:
+                time.sleep(args.interval)
+                live.update(_top_frame(args.patterns), refresh=True)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import importlib
+
+    try:
+        demo = importlib.import_module("shmkit.demo")
+    except ModuleNotFoundError as e:
+        if e.name == "shmkit.demo":
+            _error("demo", "the demo is not part of this installation of shmkit "
+                           "(module shmkit.demo is missing); install a release of shmkit "
+                           "that includes it")
+        else:
+            _error("demo", f"the demo needs {e.name!r}, which is not installed: {e}")
+        return 1
+    except ImportError as e:
+        _error("demo", f"the demo cannot start: {e}")
+        return 1
+    options: dict[str, Any] = {"quiet": args.quiet}
+    if args.senders is not None:
+        options["senders"] = args.senders
+    if args.records is not None:
+        options["records"] = args.records
+    result = demo.run(**options)
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _checkout() -> Path | None:
+    """The source checkout holding ``benchmarks/``: the package's, else the cwd."""
+    here = Path(__file__).resolve().parent  # .../src/shmkit
+    for root in (here.parent.parent, Path.cwd()):
+        if (root / "benchmarks" / "__main__.py").is_file():
+            return root
+    return None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    extra = list(args.args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    root = _checkout()
+    if root is None:
+        _error("bench", "the benchmarks are not installed with the package; they live in "
+                        "the benchmarks/ directory of a source checkout: clone shmkit and "
+                        "run `make bench` there (or `shmkit bench` from its root)")
+        return 1
+    env = dict(os.environ)
+    paths = [str(root), str(root / "src")] + [p for p in env.get("PYTHONPATH", "").split(
+        os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", *extra], cwd=root, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the benchmarks got the Ctrl-C too: let them stop
+        try:
+            return proc.wait(timeout=10) or 130
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+            proc.wait()
+            return 130
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and not isinstance(e, ShmkitError):
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror}{where}"
+    text = str(e)
+    if isinstance(e, KeyError) and e.args:
+        text = str(e.args[0])
+    return text or type(e).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``shmkit`` command with ``argv`` (default ``sys.argv[1:]``); returns the
+    exit status: 0 success, 1 error, 2 usage.
+
+    >>> main(["ls", "--json"])          # doctest: +SKIP
+    []
+    0
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["bench"] and argv[1:] not in (["-h"], ["--help"]):
+        args = argparse.Namespace(command="bench", args=argv[1:], func=cmd_bench)
+    else:
+        args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `shmkit ls | head`: not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush at exit
+        return 0
+    except (*_ERRORS, RuntimeError) as e:
+        _error(args.command, _message(e))
+        return 1
+    except Exception as e:
+        if os.environ.get("SHMKIT_DEBUG"):
+            raise
+        _error(args.command, f"internal error: {type(e).__name__}: {_message(e)} "
+                             "(run with SHMKIT_DEBUG=1 for the traceback, and please report it)")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,732 @@
+"""Look at shmkit objects from the outside: list, describe, remove, collect garbage.
+
+These are the functions behind the ``shmkit`` command; programs can call
+them too (a supervisor that cleans up after crashed workers, a health page
+that shows who holds which lock)::
+
+    >>> from shmkit import inspect
+    >>> for obj in inspect.list_objects():             # doctest: +SKIP
+    ...     print(obj["name"], obj["kind"], obj["state"], obj["attached"])
+    >>> inspect.collect_garbage(dry_run=True)          # doctest: +SKIP
+    []
+
+Listing never attaches: it opens each file read-only, reads the header with
+``os.pread`` and asks the kernel which attach-slot locks are held, so it
+changes nothing and cannot be confused by a half-created or corrupt segment
+(those are listed with their ``state``).  :func:`describe` opens the object
+read-only with the class for its kind to add kind-specific detail (lock
+holder, waiters, record layout); a read-only handle claims no attach slot and
+never removes an ``attached``-lifetime segment when it closes.
+
+Every function returns plain dicts and lists (what ``--json`` prints).
+Targets are names (``"jobs"``) or, when they contain a ``/``, file paths of
+segments created with ``path=``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import importlib
+import os
+import stat
+import struct
+import time
+from typing import Any, Iterator, Sequence
+
+from . import _core
+from .errors import CorruptError, FormatVersionError, NotFoundError, ShmkitError
+from .segment import (
+    MAGIC,
+    PREFIX,
+    SHM_DIR,
+    Kind,
+    Segment,
+    _Header,
+    list_segments,
+    segment_path,
+)
+
+__all__ = [
+    "KIND_CLASSES",
+    "resolve",
+    "scan",
+    "list_objects",
+    "describe",
+    "activity",
+    "remove",
+    "collect_garbage",
+]
+
+#: The class that opens each kind, as ``"module:Class"`` (imported on demand,
+#: so a kind whose module is not installed is still described as a segment).
+KIND_CLASSES: dict[Kind, str] = {
+    Kind.RAW: "shmkit.segment:Segment",
+    Kind.MUTEX: "shmkit.sync:Mutex",
+    Kind.RWLOCK: "shmkit.sync:RWLock",
+    Kind.EVENT: "shmkit.sync:Event",
+    Kind.SEMAPHORE: "shmkit.sync:Semaphore",
+    Kind.CONDITION: "shmkit.sync:Condition",
+    Kind.STRUCT: "shmkit.records:Struct",
+    Kind.ARRAY: "shmkit.records:Array",
+    Kind.CHANNEL: "shmkit.channel:Channel",
+    Kind.QUEUE: "shmkit.channel:Queue",
+    Kind.STORE: "shmkit.store:Store",
+    Kind.HEAP: "shmkit.heap:Heap",
+}
+
+_HEADER_BYTES = 4096
+_SLOT = _core.SLOT_SIZE
+_SLOT_BASE = _core.SLOT_LOCK_BASE
+_INIT_BYTE = _core.INIT_LOCK_BYTE
+_READER_BYTE = 1
+_FLAG_ATTACHED = 1
+_SLOT_ENTRY = struct.Struct("=IIQ8x16s")  # gen, pid, attached ns, pad, comm
+_TOKEN_MASK = 0x3FFFFFFF
+_WAITERS_BIT = 0x80000000
+_TMP_SUFFIX = ".tmp"
+_TMP_PREFIX = "." + PREFIX
+_TMP_GRACE = 60.0  # seconds: a temp file this old is no creator's work in progress
+
+
+# -- finding things -------------------------------------------------------
+
+
+def resolve(target: str) -> tuple[str, str]:
+    """``(name, path)`` for a segment name, or for a file path (contains ``/``).
+
+    >>> resolve("jobs")
+    ('jobs', '/dev/shm/shmkit.jobs')
+    >>> resolve("/var/lib/app/frames")
+    ('/var/lib/app/frames', '/var/lib/app/frames')
+    """
+    if "/" in target:
+        path = os.path.abspath(target)
+        return path, path
+    return target, segment_path(target)
+
+
+def _blank(name: str, path: str) -> dict[str, Any]:
+    return {
+        "name": name, "path": path, "state": "ok", "kind": None, "size": None,
+        "max_size": None, "file_bytes": None, "format_version": None, "lifetime": None,
+        "created": None, "creator_pid": None, "max_attach": None, "attached": [],
+        "readonly_attached": False, "resizes": None, "layout": None,
+        "uid": None, "mode": None,
+    }
+
+
+def scan(target: str) -> dict[str, Any]:
+    """Header facts and live attachments of one object, without attaching to it.
+
+    The result has ``name, path, state, kind, size, max_size, file_bytes,
+    format_version, lifetime, created, creator_pid, max_attach, attached
+    ([{"slot", "pid", "attached", "comm"}]), readonly_attached, resizes,
+    layout, uid, mode``.  ``state`` is ``"ok"``; ``"stale"`` (lifetime
+    ``attached`` and no process attached any more: ``shmkit gc`` removes it);
+    ``"creating"`` (its creator is still initialising it); ``"half-created"``
+    (its creator died before finishing); ``"corrupt: <reason>"``;
+    ``"format vN"`` (made by a shmkit with another data format); or
+    ``"unreadable: <reason>"``.  Fields that could not be read are None.
+
+    Raises :class:`NotFoundError` if there is no such object.
+
+    >>> scan("no-such-object")
+    Traceback (most recent call last):
+    shmkit.errors.NotFoundError: ...
+    """
+    name, path = resolve(target)
+    out = _blank(name, path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        if "/" in target:
+            raise NotFoundError(f"no segment at {path}") from None
+        raise NotFoundError(f"no segment named {name!r} ({path}); see `shmkit ls`") from None
+    except OSError as e:
+        try:
+            st = os.lstat(path)
+            out.update(uid=st.st_uid, mode=stat.S_IMODE(st.st_mode), file_bytes=st.st_size)
+        except OSError:
+            pass
+        reason = "a symbolic link (never followed)" if e.errno == errno.ELOOP else e.strerror
+        out["state"] = f"unreadable: {reason}"
+        return out
+    try:
+        st = os.fstat(fd)
+        out.update(uid=st.st_uid, mode=stat.S_IMODE(st.st_mode),
+                   file_bytes=st.st_blocks * 512)
+        if not stat.S_ISREG(st.st_mode):
+            out["state"] = "unreadable: not a regular file"
+            return out
+        _read_header(fd, st, out)
+    finally:
+        os.close(fd)
+    return out
+
+
+def _read_header(fd: int, st: os.stat_result, out: dict[str, Any]) -> None:
+    raw = os.pread(fd, _HEADER_BYTES, 0)
+    if raw[:8] != MAGIC and raw[:8].strip(b"\0") == b"":
+        # No magic yet: a creator at work (it holds the init lock) or one that died.
+        if _core.ofd_held(fd, _INIT_BYTE, 1):
+            out["state"] = "creating"
+            return
+        raw = os.pread(fd, _HEADER_BYTES, 0)  # it may have finished meanwhile
+        if raw[:8] != MAGIC:
+            out["state"] = "half-created"
+            return
+    if raw[:8] != MAGIC:
+        out["state"] = "corrupt: not a shmkit segment (bad magic)"
+        return
+    if len(raw) < _HEADER_BYTES:
+        out["state"] = f"corrupt: the file is {len(raw)} bytes, shorter than a header"
+        return
+    out["format_version"] = version = struct.unpack_from("=I", raw, 8)[0]
+    try:
+        h = _Header(raw, "", st.st_size)
+    except FormatVersionError:
+        out["state"] = f"format v{version}"
+        return
+    except CorruptError as e:
+        reason = str(e).strip()
+        out["state"] = "corrupt: " + (reason[4:] if reason.startswith("has ") else reason)
+        return
+    out.update(
+        kind=h.kind.name.lower(), size=h.size, max_size=h.max_size,
+        lifetime="attached" if h.flags & _FLAG_ATTACHED else "persistent",
+        created=h.created_ns / 1e9, creator_pid=h.creator_pid, max_attach=h.max_slots,
+        resizes=h.resizes, layout=h.layout,
+        attached=_attachments(fd, min(h.hwm, h.max_slots)),
+        readonly_attached=_core.ofd_held(fd, _READER_BYTE, 1),
+    )
+    if out["lifetime"] == "attached" and not out["attached"] and not out["readonly_attached"]:
+        out["state"] = "stale"
+
+
+def _attachments(fd: int, hwm: int) -> list[dict[str, Any]]:
+    """Live attachments among slots [0, hwm): those whose slot lock someone holds."""
+    if hwm <= 0 or not _core.ofd_held(fd, _SLOT_BASE, hwm):
+        return []
+    table = os.pread(fd, hwm * _SLOT, _HEADER_BYTES)
+    out = []
+    for slot in range(min(hwm, len(table) // _SLOT)):
+        if not _core.ofd_held(fd, _SLOT_BASE + slot, 1):
+            continue
+        _gen, pid, ns, comm = _SLOT_ENTRY.unpack_from(table, slot * _SLOT)
+        out.append({"slot": slot, "pid": pid, "attached": ns / 1e9,
+                    "comm": comm.rstrip(b"\0").decode("utf-8", "replace")})
+    return out
+
+
+def _matches(name: str, patterns: Sequence[str] | None) -> bool:
+    return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def list_objects(patterns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """:func:`scan` of every shmkit object in /dev/shm, sorted by name.
+
+    ``patterns`` (shell wildcards such as ``"cache.*"``) keeps only the
+    names matching one of them.  Objects that vanish while being listed are
+    left out.
+    """
+    out = []
+    for name, _path in list_segments():
+        if not _matches(name, patterns):
+            continue
+        try:
+            out.append(scan(name))
+        except NotFoundError:
+            continue
+    return out
+
+
+# -- describing one object -------------------------------------------------
+
+
+def _import(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _open_readonly(kind: Kind, name: str, path: str) -> tuple[Any, str | None]:
+    """Open read-only with the kind's class; fall back to a plain segment.
+
+    Returns ``(object, why_not)``: ``why_not`` says why the kind's own class
+    could not be used (module missing, its open refused), else None.
+    """
+    why = None
+    pname = None if "/" in name else name  # a path target is opened by path
+    spec = KIND_CLASSES.get(kind)
+    if spec is not None and spec != KIND_CLASSES[Kind.RAW]:
+        cls_name = spec.split(":")[1]
+        try:
+            cls = _import(spec)
+        except (ImportError, AttributeError) as e:
+            why = f"{spec} is not available ({e})"
+        else:
+            try:
+                opener = getattr(cls, "open", None)
+                if callable(opener):
+                    obj = opener(pname, path=path, readonly=True)
+                else:
+                    obj = cls(pname, create=False, path=path, readonly=True)
+            except NotFoundError:
+                raise
+            except Exception as e:  # the class could not read it: say so, show the segment
+                why = f"{cls_name} could not open it read-only: {e}"
+            else:
+                seg = _segment_of(obj)
+                if seg is None or seg.readonly:
+                    return _unseen(obj), None
+                # It ignored readonly=True and attached read-write.  Leave without
+                # close(): as the last attachment that would remove the object.
+                seg._detach()
+                why = f"{cls_name} ignores readonly=True, so it is not used to look"
+    seg = Segment.__new__(Segment)
+    seg._attach(pname, path, size=None, create=False, readonly=True, kind=kind)
+    return _unseen(seg), why
+
+
+def _segment_of(obj: Any) -> Segment | None:
+    """The Segment an object lives in (itself, ``.segment`` or ``._seg``)."""
+    if isinstance(obj, Segment):
+        return obj
+    for attr in ("segment", "_seg"):
+        try:
+            seg = getattr(obj, attr, None)
+        except Exception:
+            continue
+        if isinstance(seg, Segment):
+            return seg
+    return None
+
+
+def _unseen(obj: Any) -> Any:
+    """Drop the shared lock a read-only handle holds on byte 1.
+
+    While held, a last ``attached``-lifetime process closing would see a
+    reader and leave the segment behind for ``gc``; looking must not do that.
+    Without it we are invisible: if the segment is removed meanwhile, our
+    mapping stays valid and we read what it held.
+    """
+    seg = _segment_of(obj)
+    if seg is not None and seg.readonly and not seg.closed:
+        _core.ofd_unlock(seg._fd, _READER_BYTE, 1)
+    return obj
+
+
+def _slot_pid(seg: Segment, token: int) -> int | None:
+    """The pid recorded for the attachment named by ``token`` (alive or not)."""
+    m = seg._mapping
+    slot, gen = token & 0x3FF, (token >> 10) & 0xFFFFF
+    if slot >= m.max_slots:
+        return None
+    base = _HEADER_BYTES + slot * _SLOT
+    if _core.load32(m, base) & 0xFFFFF != gen:
+        return None  # the slot has had another owner since
+    return _core.load32(m, base + 4)
+
+
+def _lock_state(seg: Segment, off: int) -> dict[str, Any]:
+    """Holder and waiters of the robust mutex word at absolute ``off``."""
+    word = _core.load32(seg._mapping, off)
+    token = word & _TOKEN_MASK
+    if not token:
+        return {"held": False, "holder_pid": None, "holder_alive": False,
+                "waiters": bool(word & _WAITERS_BIT)}
+    return {"held": True, "holder_pid": _slot_pid(seg, token),
+            "holder_alive": bool(_core.token_alive(seg._mapping, token)),
+            "waiters": bool(word & _WAITERS_BIT)}
+
+
+def _slot_counts(seg: Segment, base: int, signed: bool = False) -> tuple[list, int]:
+    """Per-attachment counts stored as u64 ``gen << 32 | count`` at ``base``.
+
+    Returns ``([{"pid", "count"}] of live attachments, total count of dead ones)``.
+    """
+    m = seg._mapping
+    live: dict[int, int] = {}
+    dead = 0
+    hwm = min(_core.load32(m, 68), m.max_slots)
+    for slot in range(hwm):
+        v = _core.load64(m, base + 8 * slot)
+        count = v & 0xFFFFFFFF
+        if signed and count >= 1 << 31:
+            count -= 1 << 32
+        if not count:
+            continue
+        token = ((v >> 32) & 0xFFFFF) << 10 | slot
+        if _core.token_alive(m, token):
+            pid = _slot_pid(seg, token) or 0
+            live[pid] = live.get(pid, 0) + count
+        else:
+            dead += count
+    return [{"pid": p, "count": c} for p, c in sorted(live.items())], dead
+
+
+def _sync_detail(kind: Kind, obj: Any) -> dict[str, Any]:
+    seg = obj.segment
+    if kind is Kind.MUTEX:
+        return {"mutex": _lock_state(seg, obj._base)}
+    if kind is Kind.CONDITION:
+        stats = obj.statistics()
+        return {"condition": {"lock": _lock_state(seg, obj.lock._base),
+                              "waiters": stats["waiters"]}}
+    if kind is Kind.EVENT:
+        return {"event": obj.statistics()}
+    if kind is Kind.RWLOCK:
+        readers, dead = _slot_counts(seg, obj._base + 64)
+        stats = obj.statistics()
+        return {"rwlock": {"writer": _lock_state(seg, obj._wlock._base),
+                           "readers": [{"pid": r["pid"], "holds": r["count"]} for r in readers],
+                           "dead_reader_holds": dead,
+                           "writer_waiting_or_in": stats["writer_waiting_or_in"]}}
+    if kind is Kind.SEMAPHORE:
+        holders, dead = _slot_counts(seg, obj._base + 64, signed=True)
+        maximum = _core.load32(obj._m, obj._base + 32)
+        stats = obj.statistics()
+        return {"semaphore": {"value": stats["value"],
+                              "maximum": None if maximum == 0xFFFFFFFF else maximum,
+                              "waiters": stats["waiters"],
+                              "holders": [{"pid": h["pid"], "units": h["count"]}
+                                          for h in holders],
+                              "dead_units": max(dead, 0),
+                              "lock": _lock_state(seg, obj._lock._base)}}
+    return {}
+
+
+def _fields(dtype: Any) -> list[dict[str, Any]]:
+    if dtype.fields is None:
+        return []
+    return [{"name": n, "dtype": str(dtype.fields[n][0]), "offset": dtype.fields[n][1]}
+            for n in dtype.names]
+
+
+def describe(target: str) -> dict[str, Any]:
+    """Everything ``shmkit info`` shows about one object.
+
+    The :func:`scan` facts, then, for a healthy object, what its own class
+    reports when opened read-only: the segment's lock (``lock``: held,
+    holder_pid, holder_alive, waiters) and kind-specific detail under the
+    kind's name (``mutex``, ``rwlock``, ``event``, ``semaphore``,
+    ``condition``; ``record`` / ``array`` with the record layout; the
+    ``info()`` of channels, stores and heaps).  A holder that died keeps its
+    pid with ``holder_alive: False`` (the next acquirer recovers the lock).
+    ``detail_error`` says why kind-specific detail is missing, if it is.
+
+    Opening read-only claims no attach slot, writes nothing and never
+    removes the object, so describing changes nothing another process sees.
+
+    Raises :class:`NotFoundError` if there is no such object.
+    """
+    out = scan(target)
+    if out["state"] not in ("ok", "stale"):
+        return out
+    kind = Kind[out["kind"].upper()]
+    try:
+        obj, why = _open_readonly(kind, out["name"], out["path"])
+    except NotFoundError:
+        raise
+    except ShmkitError as e:  # changed under us (removed and re-made, corrupted)
+        out["detail_error"] = str(e)
+        return out
+    try:
+        seg = _segment_of(obj)
+        own_info = getattr(obj, "info", None)
+        if callable(own_info):  # segments, records, channels, stores, heaps
+            out.update(own_info())
+        elif seg is not None:   # sync objects: segment facts, then their locks
+            out.update(seg.info())
+            out.update(_sync_detail(kind, obj))
+        out["state"] = "stale" if out["state"] == "stale" and not out["attached"] else "ok"
+        if seg is not None:
+            out["lock"] = _lock_state(seg, 60)
+        dtype = getattr(obj, "dtype", None)
+        for key in ("record", "array"):
+            if key in out and getattr(dtype, "fields", None) is not None:
+                out[key]["fields"] = _fields(dtype)
+        if why:
+            out["detail_error"] = why
+    except Exception as e:  # kind detail is a bonus: never lose the header facts
+        out["detail_error"] = f"{type(e).__name__}: {e}"
+    finally:
+        # Detach without close(): closing an "attached"-lifetime object as its
+        # last user would remove it, and looking must not.
+        seg = _segment_of(obj)
+        if seg is not None:
+            seg._detach()
+        else:
+            obj.close()
+    return out
+
+
+def activity(summary: dict[str, Any]) -> str:
+    """A few words on what an object is doing now, for ``shmkit top``.
+
+    ``"held by 4242"``, ``"held by 4242 (dead)"``, ``"set, 2 waiting"``,
+    ``"value 3"``, ``"float64 (1024, 3)"``...  Reads the payload with
+    ``os.pread`` (no attaching); returns ``""`` when there is nothing to say.
+    """
+    if summary.get("state") not in ("ok", "stale"):
+        return ""
+    kind, layout = summary.get("kind"), summary.get("layout") or {}
+    if kind == "array":
+        return f"{_dtype_text(layout.get('dtype'))} {tuple(layout.get('shape', ()))}"
+    if kind == "struct":
+        return _dtype_text(layout.get("dtype"))
+    if kind not in ("mutex", "rwlock", "event", "semaphore", "condition"):
+        return ""
+    try:
+        fd = os.open(summary["path"], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        raw = os.pread(fd, _HEADER_BYTES, 0)
+        if raw[:8] != MAGIC or len(raw) < _HEADER_BYTES:
+            return ""
+        hsize = struct.unpack_from("=Q", raw, 24)[0]
+        words = os.pread(fd, 16, hsize) if hsize < 1 << 40 else b""
+        if len(words) < 16:
+            return ""
+        w0, w1, _w2, w3 = struct.unpack("=4I", words)
+        if kind == "event":
+            state = "set" if w0 & 1 else "clear"
+            return f"{state}, {w0 >> 1} waiting" if w0 >> 1 else state
+        if kind == "semaphore":
+            value = w1 - (1 << 32) if w1 >= 1 << 31 else w1
+            return f"value {value}" + (f", {w3} waiting" if w3 else "")
+        text = _holder_text(fd, w0)
+        if kind == "rwlock":  # word 0 is the writers' mutex
+            return "no writer" if text == "free" else "write-" + text
+        return text
+    finally:
+        os.close(fd)
+
+
+def _holder_text(fd: int, word: int) -> str:
+    token = word & _TOKEN_MASK
+    if not token:
+        return "free"
+    slot = token & 0x3FF
+    entry = os.pread(fd, _SLOT_ENTRY.size, _HEADER_BYTES + slot * _SLOT)
+    if len(entry) < _SLOT_ENTRY.size:
+        return "held"
+    gen, pid, _ns, _comm = _SLOT_ENTRY.unpack(entry)
+    alive = (gen & 0xFFFFF) == (token >> 10) and _core.ofd_held(fd, _SLOT_BASE + slot, 1)
+    who = f"held by {pid}" if (gen & 0xFFFFF) == (token >> 10) else "held"
+    return who + ("" if alive else " (dead)") + (", waiters" if word & _WAITERS_BIT else "")
+
+
+def _dtype_text(layout: Any) -> str:
+    if isinstance(layout, str):
+        try:
+            import numpy as np
+
+            return str(np.dtype(layout))
+        except (TypeError, ValueError):
+            return layout
+    if isinstance(layout, dict):
+        return f"record of {len(layout.get('names', []))} fields"
+    return ""
+
+
+# -- removing ---------------------------------------------------------------
+
+
+def remove(target: str) -> dict[str, Any]:
+    """Remove one object's name (processes attached keep their mapping).
+
+    Returns the :func:`scan` facts taken just before removal, so a caller can
+    warn about processes still attached.  A file path must hold a shmkit
+    segment (the magic); names in /dev/shm are always shmkit's own.
+
+    Raises :class:`NotFoundError` if missing, :class:`CorruptError` for a
+    path that is not a shmkit segment.
+    """
+    name, path = resolve(target)
+    facts = scan(target)
+    if "/" in target and not _has_magic(path):
+        raise CorruptError(f"{path} is not a shmkit segment ({facts['state']}); "
+                           "remove it with rm(1) if you are sure")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        raise NotFoundError(f"{target!r} was removed meanwhile ({path})") from None
+    return facts
+
+
+def _has_magic(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        return os.pread(fd, 8, 0) == MAGIC
+    finally:
+        os.close(fd)
+
+
+def _same_file(path: str, fd: int) -> bool:
+    try:
+        a, b = os.stat(path, follow_symlinks=False), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _reap_stale(path: str, dry_run: bool) -> bool:
+    """Remove an attached-lifetime segment nobody is attached to.
+
+    The same protocol as ``Segment.close()``: an exclusive OFD lock over the
+    readonly byte and every slot byte proves nobody is attached and keeps
+    anyone from attaching while we unlink; an opener that raced with us sees
+    the link count drop to 0 and starts over.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        raw = os.pread(fd, _HEADER_BYTES, 0)
+        if raw[:8] != MAGIC or len(raw) < _HEADER_BYTES:
+            return False
+        h = _Header(raw, repr(path), st.st_size)
+        if not h.flags & _FLAG_ATTACHED:
+            return False  # persistent: never ours to remove
+        if not _core.ofd_lock(fd, _READER_BYTE, _SLOT_BASE + h.max_slots - _READER_BYTE):
+            return False  # someone is attached (or attaching) now
+        if not _same_file(path, fd):
+            return False
+        if not dry_run:
+            os.unlink(path)
+        return True
+    finally:
+        os.close(fd)  # drops our locks
+
+
+def _reap_half_created(path: str, dry_run: bool) -> bool:
+    """Remove a segment whose creator died before publishing it.
+
+    Holding the init lock proves no creator is at work; the magic is checked
+    again under it (a creator writes the magic before dropping the lock).
+    """
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not _core.ofd_lock(fd, _INIT_BYTE, 1):
+            return False
+        if os.pread(fd, 8, 0) == MAGIC or not _same_file(path, fd):
+            return False
+        if not dry_run:
+            os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _temp_files() -> Iterator[tuple[str, str, int | None]]:
+    """``(name, path, creator pid)`` of hidden creation temp files in /dev/shm."""
+    try:
+        entries = sorted(os.listdir(SHM_DIR))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.startswith(_TMP_PREFIX) and entry.endswith(_TMP_SUFFIX):
+            parts = entry.split(".")  # "", "shmkit", name..., pid, random, "tmp"
+            pid = int(parts[-3]) if len(parts) >= 6 and parts[-3].isdigit() else None
+            name = ".".join(parts[2:-3]) if len(parts) >= 6 else entry
+            yield name, os.path.join(SHM_DIR, entry), pid
+
+
+def _pid_gone(pid: int | None) -> bool:
+    if pid is None or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _reap_temp(path: str, pid: int | None, dry_run: bool) -> bool:
+    """Remove a creation temp file left by a creator that died.
+
+    A creator locks byte 0 right after creating the file; to be sure we do
+    not catch one between those two calls, the file must also belong to a
+    process that is gone, or be older than a minute.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if not (_pid_gone(pid) or time.time() - st.st_mtime > _TMP_GRACE):
+            return False
+        if not _core.ofd_lock(fd, _INIT_BYTE, 1) or not _same_file(path, fd):
+            return False
+        if not dry_run:
+            os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _yours(uid: int | None) -> bool:
+    """Objects gc may clean: your own (root: everyone's)."""
+    euid = os.geteuid()
+    return euid == 0 or uid == euid
+
+
+def collect_garbage(dry_run: bool = False,
+                    patterns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Remove what crashed processes left behind in /dev/shm.
+
+    - segments with ``lifetime="attached"`` whose attached processes are all
+      gone (the last one died instead of closing);
+    - half-created segments (their creator died before finishing);
+    - hidden creation temp files (``.shmkit.*.tmp``) of dead creators.
+
+    ``patterns`` (shell wildcards) limits it to the objects (and the temp
+    files of the objects) whose names match.  Only your own objects are
+    considered (root: everyone's).  Never removes a persistent segment, a
+    corrupt one (``shmkit rm`` it if you know it is garbage) or anything a
+    live process holds.  Returns one ``{"name", "path", "reason",
+    "removed"}`` per object removed (or, with ``dry_run=True``, that would
+    be; ``removed`` is then False); one that could not be removed has
+    ``"error"`` set.
+
+    >>> collect_garbage(dry_run=True)     # doctest: +SKIP
+    [{'name': 'jobs', 'path': '/dev/shm/shmkit.jobs', 'reason': ..., 'removed': False}]
+    """
+    out: list[dict[str, Any]] = []
+
+    def attempt(name: str, path: str, reason: str, reap: Any, *args: Any) -> None:
+        try:
+            if reap(path, *args, dry_run):
+                out.append({"name": name, "path": path, "reason": reason,
+                            "removed": not dry_run})
+        except FileNotFoundError:
+            pass  # gone meanwhile
+        except (OSError, ShmkitError) as e:
+            out.append({"name": name, "path": path, "reason": reason, "removed": False,
+                        "error": getattr(e, "strerror", None) or str(e)})
+
+    for obj in list_objects(patterns):
+        if not _yours(obj["uid"]):
+            continue
+        if obj["state"] == "stale":
+            attempt(obj["name"], obj["path"],
+                    "lifetime 'attached' and every attached process is gone",
+                    _reap_stale)
+        elif obj["state"] == "half-created":
+            attempt(obj["name"], obj["path"], "half-created: its creator died",
+                    _reap_half_created)
+    for name, path, pid in _temp_files():
+        try:
+            uid = os.lstat(path).st_uid
+        except FileNotFoundError:
+            continue
+        if _matches(name, patterns) and _yours(uid):
+            attempt(os.path.basename(path), path, f"creation temp file of {name!r} left "
+                    "by a process that died", _reap_temp, pid)
+    return out

@@ -1,0 +1,518 @@
+"""A growable key-value map in shared memory that many processes read and write.
+
+``Store(name)`` creates the store or opens it; any process that opens the same
+name sees the same keys.  It behaves like a ``dict``::
+
+    import shmkit
+    st = shmkit.Store("cache")          # create or open; grows as needed
+    st[42] = b"..."; st["user:7"] = "text"; st[b"raw"] = b"bytes"
+    st.add("new", 1)                    # insert only: KeyExistsError if present
+    st["user:7"], st.get("nope", 0), "new" in st, len(st)
+    with st.batch():                    # readers see both writes or neither
+        st["a"] = 1; st["b"] = 2
+    for key, value in st.items(): ...
+    del st[42]; st.vacuum()             # compact and give memory back
+
+Keys are int, str or bytes (``1``, ``"1"`` and ``b"1"`` are three keys).
+Values are bytes, str, int, float, bool, None or numpy arrays, and come back
+with their exact type; other objects need ``codec="pickle"``, chosen when the
+store is created.
+
+Reads take no lock; writes are serialised by a crash-robust lock and made
+crash-safe (see docs/store.md for the design).  The C side is
+``shmkit._core.Table`` (src/shmkit/_core/table.c).
+"""
+
+from __future__ import annotations
+
+import array
+import ast
+import contextlib
+import functools
+import os
+import pickle
+import secrets
+import threading
+import warnings
+import weakref
+from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
+from typing import Any
+
+from . import _core
+from .errors import (
+    BusyError,
+    ClosedError,
+    FormatVersionError,
+    KeyExistsError,
+    LayoutMismatchError,
+    OutOfSpaceError,
+    OwnerDiedWarning,
+    ReadOnlyError,
+    UnsupportedTypeError,
+    ValueTooLargeError,
+)
+from .segment import PAGE, Kind, Segment, _align
+
+__all__ = ["Store"]
+
+FORMAT = 1  # the store's own layout version, kept in the segment's layout JSON
+_DEFAULT_SIZE = 256 << 10
+_MIN_SIZE = 16 << 10
+_VT_NDARRAY = 8
+_VT_PICKLE = 9
+_OFF_COUNT = 72  # store-header words read directly (see table.c, THeader)
+_OFF_USED = 88
+_SCAN = 512
+
+_core.table_set_classes(KeyExistsError, UnsupportedTypeError, ValueTooLargeError,
+                        ReadOnlyError, ClosedError, BusyError)
+
+
+# -- value encoding for what C does not encode itself --------------------------
+
+def _np() -> Any:
+    import numpy
+    return numpy
+
+
+def _unsupported(value: Any) -> UnsupportedTypeError:
+    return UnsupportedTypeError(
+        f"cannot store a {type(value).__module__}.{type(value).__qualname__} value: a "
+        "Store holds bytes, str, int, float, bool, None and numpy arrays (exact types, "
+        "so that they come back as they went in); convert it, or create the store with "
+        "codec='pickle' to pickle other objects (unpickling runs code: use it only "
+        "among processes you trust)")
+
+
+def _encode_array(value: Any) -> tuple[int, bytes, Any] | None:
+    np = _np()
+    if type(value) is not np.ndarray:
+        return None
+    if value.dtype.hasobject:
+        return None
+    descr = np.lib.format.dtype_to_descr(value.dtype)
+    head = repr((descr, tuple(int(d) for d in value.shape))).encode()
+    body = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+    return (_VT_NDARRAY, head, body)
+
+
+def _encode_plain(value: Any) -> tuple[int, bytes | None, Any]:
+    mod = type(value).__module__
+    if mod == "numpy":
+        enc = _encode_array(value)
+        if enc is not None:
+            return enc
+    raise _unsupported(value)
+
+
+def _encode_pickle(value: Any) -> tuple[int, bytes | None, Any]:
+    if type(value).__module__ == "numpy":
+        enc = _encode_array(value)
+        if enc is not None:
+            return enc
+    try:
+        return (_VT_PICKLE, None, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception as e:
+        raise UnsupportedTypeError(f"cannot pickle a {type(value).__qualname__} value: "
+                                   f"{e}") from e
+
+
+def _decode(vtype: int, data: bytes, body_len: int = 0) -> Any:
+    if vtype == _VT_PICKLE:
+        return pickle.loads(data)
+    np = _np()
+    try:
+        descr, shape = ast.literal_eval(data.decode("ascii"))
+        dtype = np.lib.format.descr_to_dtype(descr)
+        shape = tuple(shape)
+        count = 1
+        for d in shape:
+            if not isinstance(d, int) or d < 0:
+                raise ValueError(d)
+            count *= d
+    except Exception:
+        raise ValueError("unreadable array header") from None
+    if count * dtype.itemsize != body_len:
+        raise ValueError("array header does not match its data")
+    return np.empty(shape, dtype)
+
+
+def _grow(seg: Segment, need: int) -> None:
+    """Grow the store's segment by at least ``need`` bytes (geometrically)."""
+    old = seg.size
+    want = old + need
+    new = old * 2 if old < (1 << 30) else old + (old >> 2)
+    new = _align(max(new, want), PAGE)
+    if new > seg.max_size:
+        new = seg.max_size
+        if new < want:
+            raise OutOfSpaceError(
+                f"store {seg.name!r} is full: it reached its max_size of {seg.max_size} "
+                "bytes; delete keys and vacuum(), or create it with a larger max_size=")
+    with warnings.catch_warnings():
+        # A writer killed while resizing leaves the segment's own lock to be
+        # taken over; the store repairs itself, so this is not news.
+        warnings.simplefilter("ignore", OwnerDiedWarning)
+        seg.resize(new)
+
+
+class _StoreSegment(Segment):
+    """The segment under a Store; ``info()`` adds the store's statistics."""
+
+    _kind = Kind.STORE
+
+    def _describe(self) -> dict:
+        table = _core.Table()
+        table._bind(self._mapping, self._hsize, readonly=True)
+        stats = table._stats()
+        stats["allocated_bytes"] = self._hsize + self.size
+        stats["codec"] = self.layout.get("codec", "none")
+        return {"store": stats}
+
+
+_live: "weakref.WeakValueDictionary[int, Store]" = weakref.WeakValueDictionary()
+_live_lock = threading.Lock()
+
+
+class Store(_core.Table, MutableMapping):  # type: ignore[misc]
+    """A dict-like map in shared memory, shared by name between processes.
+
+    Parameters
+    ----------
+    name:
+        The store's name (see :class:`shmkit.Segment` for the rules); ``None``
+        makes a unique one (see ``.name``).
+    size:
+        Initial bytes when creating (default 256 KiB); the store grows by
+        itself, up to ``max_size``.
+    path:
+        Keep the store in this file instead of /dev/shm: it outlives a reboot
+        (call ``flush()`` to make writes durable).
+    codec:
+        ``None`` (the fixed types only) or ``"pickle"`` to also store any
+        picklable object.  Fixed at creation; opening with another codec
+        raises :class:`LayoutMismatchError`.
+    readonly:
+        Open for reading only; writes raise :class:`ReadOnlyError`.
+    create:
+        ``None`` create or open, ``True`` create only, ``False`` open only.
+    timeout:
+        Seconds a write may wait for another writer (``None``: no limit);
+        :class:`shmkit.Timeout` after that.
+    lifetime, mode, max_size, max_attach:
+        As for :class:`shmkit.Segment`; ``max_size`` (default 64 GiB) bounds
+        growth and costs only address space.
+
+    Besides the ``dict`` methods (``get``, ``pop``, ``setdefault``,
+    ``update``, ``clear``, ``keys``, ``values``, ``items``): ``add``,
+    ``nbytes``, ``batch``, ``vacuum``, ``flush``, ``verify``,
+    ``statistics``, ``used_bytes``, ``allocated_bytes``.
+
+    Raises
+    ------
+    UnsupportedTypeError (a TypeError), ValueTooLargeError (a ValueError),
+    KeyExistsError (a KeyError), CorruptError, OutOfSpaceError,
+    ReadOnlyError, WrongKindError, FormatVersionError, LayoutMismatchError.
+
+    Example
+    -------
+    >>> with Store(None) as st:
+    ...     st["answer"] = 42
+    ...     st["answer"], "answer" in st, len(st)
+    (42, True, 1)
+    """
+
+    _seg: _StoreSegment | None = None
+    _codec: str | None = None
+
+    def __init__(self, name: str | None = None, *, size: int | None = None,
+                 path: str | os.PathLike[str] | None = None, codec: str | None = None,
+                 readonly: bool = False, create: bool | None = None,
+                 timeout: float | None = None, lifetime: str = "persistent",
+                 mode: int = 0o600, max_size: int | None = None,
+                 max_attach: int = 256) -> None:
+        if codec not in (None, "pickle"):
+            raise ValueError(f"codec must be None or 'pickle', not {codec!r}")
+        if size is None:
+            size = _DEFAULT_SIZE
+        elif not isinstance(size, int) or isinstance(size, bool) or size < _MIN_SIZE:
+            raise ValueError(f"size must be an int of at least {_MIN_SIZE} bytes, "
+                             f"not {size!r}")
+        if max_size is not None and max_size > 1 << 44:
+            raise ValueError("max_size cannot exceed 16 TiB")
+        layout = {"format": FORMAT, "codec": codec or "none"}
+        seed = secrets.randbits(64)
+
+        def init(seg: Segment) -> None:
+            table = _core.Table()
+            table._bind(seg._mapping, seg._hsize)
+            table._format(seed)
+
+        seg = _StoreSegment.__new__(_StoreSegment)
+        seg._attach(name, path, size=size if create is not False else None,
+                    create=create, kind=Kind.STORE, layout=layout, init=init,
+                    readonly=readonly, mode=mode, lifetime=lifetime, max_size=max_size,
+                    max_attach=max_attach)
+        try:
+            stored = seg.layout
+            if stored.get("format") != FORMAT:
+                raise FormatVersionError(
+                    f"store {seg.name!r} has store format {stored.get('format')}; this "
+                    f"shmkit reads format {FORMAT}. Use the shmkit that made it, or "
+                    "remove it with `shmkit rm`")
+            if stored.get("codec") != layout["codec"]:
+                raise LayoutMismatchError(
+                    f"store {seg.name!r} was created with codec="
+                    f"{_codec_repr(stored.get('codec'))}; open it with that codec "
+                    f"(it was opened with codec={codec!r})")
+        except BaseException:
+            seg.close()
+            raise
+        self._seg = seg
+        self._codec = codec
+        self._bind(seg._mapping, seg._hsize, readonly=readonly, pickle=codec == "pickle",
+                   encode=_encode_pickle if codec == "pickle" else _encode_plain,
+                   decode=_decode, grow=functools.partial(_grow, seg), timeout=timeout)
+        with _live_lock:
+            _live[id(self)] = self
+
+    @classmethod
+    def create(cls, name: str | None = None, **kwargs: Any) -> "Store":
+        """Create a new store; :class:`shmkit.ExistsError` if the name is taken."""
+        return cls(name, create=True, **kwargs)
+
+    @classmethod
+    def open(cls, name: str | None = None, **kwargs: Any) -> "Store":
+        """Open an existing store; :class:`shmkit.NotFoundError` if there is none."""
+        return cls(name, create=False, **kwargs)
+
+    # -- mapping protocol (get/set/del/len/in are in C) ---------------------
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._entries(0)
+
+    def items(self) -> "_Items":  # type: ignore[override]
+        """A view of ``(key, value)`` pairs; each pair was stored at some moment.
+
+        Iterating while other processes write never fails: keys present the
+        whole time are seen exactly once, keys added or removed meanwhile
+        may or may not be.
+        """
+        return _Items(self)
+
+    def values(self) -> "_Values":  # type: ignore[override]
+        """A view of the values (see :meth:`items`)."""
+        return _Values(self)
+
+    def _entries(self, what: int) -> Iterator[Any]:
+        # Each _scan call reads up to _SCAN index words under one epoch.  A key
+        # can only come round twice if it sat in a probe run that wrapped past
+        # the end of the index (deleted and re-inserted further on), so the
+        # hashes of those are remembered; if the index itself is replaced,
+        # the scan starts over and skips every hash already given.
+        ix, pos = 0, 0
+        seen = array.array("Q")
+        skip: set[int] = set()
+        unwrap = self._codec == "pickle" and what != 0
+        while pos >= 0:
+            got = self._scan(ix, pos, _SCAN, what)
+            if got is None:
+                skip.update(seen)
+                ix, pos = 0, 0
+                continue
+            pos, ix, entries, hashes, wrapped = got
+            if unwrap:
+                entries = [_unwrap(e, what) for e in entries]
+            if not skip:
+                seen.frombytes(hashes)
+                skip.update(wrapped)
+                yield from entries
+                continue
+            for entry, h in zip(entries, memoryview(hashes).cast("Q")):
+                if h not in skip:
+                    seen.append(h)
+                    yield entry
+            skip.update(wrapped)
+
+    # -- store operations ---------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator["Store"]:
+        """Group writes so other processes see all of them at once, or none.
+
+        The store's write lock is held for the block, so keep it short;
+        reads by other processes go on meanwhile and see the state before
+        the batch until it is published.  If the block raises, its writes
+        are discarded.  Batches nest (the outer one publishes).
+
+        >>> with Store(None) as st:
+        ...     with st.batch():
+        ...         st["a"] = 1; st["b"] = 2
+        ...     sorted(st.items())
+        [('a', 1), ('b', 2)]
+        """
+        self._batch_begin()
+        try:
+            yield self
+        except BaseException:
+            self._batch_end(False)
+            raise
+        self._batch_end(True)
+
+    def vacuum(self) -> int:
+        """Compact the records and give free memory back; returns bytes released.
+
+        Records move down into free space (readers retry around the moves),
+        the free tail is cut off and its pages are returned to the system.
+        """
+        seg = self._live_segment()
+        self._lock()
+        try:
+            before = seg.size
+            new_end, _moved = self._vacuum()
+            if new_end < before:
+                seg.resize(new_end)
+            return before - seg.size
+        finally:
+            self._unlock()
+
+    def flush(self) -> None:
+        """Make every write so far durable (msync, and fsync for a file path)."""
+        seg = self._live_segment()
+        self._flush()
+        os.fsync(seg._fd)
+
+    def verify(self) -> dict:
+        """Check every invariant of the store; raises CorruptError naming the first broken one.
+
+        Returns what it counted (blocks, records, used/free/index bytes).
+        Holds the write lock while it runs (readers are not stopped).
+        """
+        self._live_segment()
+        return self._verify()
+
+    def statistics(self) -> dict:
+        """Counts and sizes: keys, used/free/allocated bytes, fragmentation, growth."""
+        seg = self._live_segment()
+        stats = self._stats()
+        stats["allocated_bytes"] = seg._hsize + seg.size
+        stats["file_bytes"] = os.fstat(seg._fd).st_blocks * 512
+        stats["codec"] = self._codec or "none"
+        return stats
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes taken by the live records (keys, values and their headers)."""
+        seg = self._live_segment()
+        return _core.load64(seg._mapping, seg._hsize + _OFF_USED)
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of shared memory the store holds (header included)."""
+        seg = self._live_segment()
+        return seg._hsize + seg.size
+
+    # -- lifetime -----------------------------------------------------------
+
+    def _live_segment(self) -> _StoreSegment:
+        seg = self._seg
+        if seg is None or seg.closed:
+            raise ClosedError("the store is closed in this process; open it again")
+        return seg
+
+    @property
+    def name(self) -> str:
+        return self._seg.name if self._seg is not None else ""
+
+    @property
+    def path(self) -> str:
+        """The file that holds the store."""
+        return self._seg.path if self._seg is not None else ""
+
+    @property
+    def codec(self) -> str | None:
+        return self._codec
+
+    @property
+    def readonly(self) -> bool:
+        return self._seg.readonly if self._seg is not None else False
+
+    @property
+    def closed(self) -> bool:
+        return self._seg is None or self._seg.closed
+
+    @property
+    def segment(self) -> _StoreSegment:
+        """The segment that holds the store."""
+        return self._live_segment()
+
+    def info(self) -> dict:
+        """What ``shmkit info`` shows for this store."""
+        return self._live_segment().info()
+
+    def _describe(self) -> dict:
+        return self._live_segment()._describe()
+
+    def close(self) -> None:
+        """Detach from the store (it stays for other processes).  Safe to call twice."""
+        if self._seg is not None:
+            self._seg.close()
+
+    def unlink(self) -> None:
+        """Remove the store's name; attached processes keep using it."""
+        if self._seg is None:
+            raise ClosedError("the store was never opened")
+        self._seg.unlink()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple:
+        seg = self._live_segment()
+        return (_reopen, (seg.name, seg.path, seg.readonly, self._codec))
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return f"<shmkit.Store {self._seg.name if self._seg else ''!r} closed>"
+        return (f"<shmkit.Store {self._seg.name!r} keys={len(self)} "
+                f"used={self.used_bytes}>")
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _Items(ItemsView):
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        return self._mapping._entries(2)  # type: ignore[attr-defined]
+
+
+class _Values(ValuesView):
+    def __iter__(self) -> Iterator[Any]:
+        return self._mapping._entries(1)  # type: ignore[attr-defined]
+
+
+def _unwrap(entry: Any, what: int) -> Any:
+    # A pickled value arrives as a 1-tuple of its bytes (validated, not yet
+    # unpickled); every other value arrives decoded.
+    if what == 1:
+        return pickle.loads(entry[0]) if type(entry) is tuple else entry
+    key, value = entry
+    return (key, pickle.loads(value[0])) if type(value) is tuple else entry
+
+
+def _codec_repr(codec: Any) -> str:
+    return "None" if codec in (None, "none") else repr(codec)
+
+
+def _reopen(name: str, path: str, readonly: bool, codec: str | None) -> Store:
+    return Store.open(name, path=path, readonly=readonly, codec=codec)
+
+
+def _after_fork_in_child() -> None:
+    for st in list(_live.values()):
+        st._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

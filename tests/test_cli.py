@@ -1,0 +1,688 @@
+"""The ``shmkit`` command, run as a real program against segments made by other processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from typing import Any, Iterator
+
+import pytest
+
+import shmkit
+from shmkit import inspect
+from shmkit.segment import MAGIC
+
+from conftest import SRC
+
+ROOT = os.path.dirname(SRC)
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("SHMKIT_DEBUG", None)
+    return env
+
+
+def cli(*args: str, rc: int | None = 0, module: str = "shmkit",
+        cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m shmkit ARGS``; check the exit status and that no traceback leaked."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
+                          text=True, timeout=60, env=_env(), cwd=cwd)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if rc is not None:
+        assert proc.returncode == rc, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def cli_json(*args: str, rc: int = 0) -> Any:
+    return json.loads(cli(*args, "--json", rc=rc).stdout)
+
+
+def entry(name: str) -> dict[str, Any]:
+    """The ``shmkit ls --json`` entry of one name."""
+    found = [o for o in cli_json("ls", name) if o["name"] == name]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def info(name: str) -> dict[str, Any]:
+    (result,) = cli_json("info", name)
+    return result
+
+
+class Holder:
+    """A separate python program that sets up objects, says "ready", and waits.
+
+    It exits when its stdin is closed (``stop()``), or is killed (``kill()``).
+    """
+
+    def __init__(self, code: str) -> None:
+        program = ("import os, sys, ctypes, numpy as np, shmkit\n"
+                   + textwrap.dedent(code)
+                   + "\nprint('ready', flush=True)\nsys.stdin.read()\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", program], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=_env())
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            raise AssertionError(f"holder failed: {line}{err}")
+        self.pid = self.proc.pid
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=30) == 0, self.proc.stderr.read()
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f and not f.closed:
+                f.close()
+
+
+@pytest.fixture
+def holder() -> Iterator[Any]:
+    made: list[Holder] = []
+
+    def start(code: str) -> Holder:
+        made.append(Holder(code))
+        return made[-1]
+
+    yield start
+    for h in made:
+        h.cleanup()
+
+
+def shm(name: str) -> str:
+    return f"/dev/shm/shmkit.{name}"
+
+
+def header_bytes(name: str) -> bytes:
+    """The header and attach table as they are in the file (for "changed nothing")."""
+    with open(shm(name), "rb") as f:
+        return f.read(4096 + 256 * 64)
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+# -- ls -----------------------------------------------------------------------
+
+
+def test_ls_shows_kind_creator_and_live_attached_pid(name: str, holder: Any) -> None:
+    h = holder(f"m = shmkit.Mutex({name!r})")
+    obj = entry(name)
+    assert obj["kind"] == "mutex" and obj["state"] == "ok"
+    assert obj["creator_pid"] == h.pid
+    assert [a["pid"] for a in obj["attached"]] == [h.pid]
+    assert obj["lifetime"] == "persistent" and obj["size"] == 64
+
+    table = cli("ls", name).stdout
+    row = next(line for line in table.splitlines() if name in line)
+    assert "mutex" in row and str(h.pid) in row and "persistent" in row and "ok" in row
+
+    h.stop()  # closed cleanly: a persistent object stays, with nobody attached
+    obj = entry(name)
+    assert obj["attached"] == [] and obj["state"] == "ok"
+    assert "no shmkit objects match" in cli("ls", name + "-nothing-like-it").stdout
+
+
+def test_ls_does_not_attach_or_change_anything(name: str, holder: Any) -> None:
+    holder(f"s = shmkit.Segment({name!r}, size=100, lifetime='attached')")
+    before = header_bytes(name)
+    cli("ls")
+    cli("ls", "--json")
+    cli("top", "--once")
+    assert header_bytes(name) == before
+
+
+# -- info ---------------------------------------------------------------------
+
+
+def test_info_mutex_holder_alive_then_dead(name: str, holder: Any) -> None:
+    h = holder(f"m = shmkit.Mutex({name!r}); m.acquire()")
+    got = info(name)
+    assert got["kind"] == "mutex"
+    assert got["mutex"] == {"held": True, "holder_pid": h.pid, "holder_alive": True,
+                            "waiters": False}
+    assert f"held by pid {h.pid} (alive)" in cli("info", name).stdout
+
+    h.kill()
+    before = header_bytes(name)
+    got = info(name)
+    assert got["mutex"]["held"] and got["mutex"]["holder_pid"] == h.pid
+    assert got["mutex"]["holder_alive"] is False
+    assert got["attached"] == []
+    text = cli("info", name).stdout
+    assert f"held by pid {h.pid}, which is dead" in text
+    # Looking changed nothing: same bytes, and the lock is still the dead holder's.
+    assert header_bytes(name) == before
+    m = shmkit.Mutex.open(name)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert m.acquire(timeout=10)
+        assert m.recovered
+        assert any(issubclass(w.category, shmkit.OwnerDiedWarning) for w in caught)
+        assert info(name)["mutex"]["holder_pid"] == os.getpid()
+        m.release()
+        assert info(name)["mutex"] == {"held": False, "holder_pid": None,
+                                       "holder_alive": False, "waiters": False}
+        assert re.search(r"mutex\s+free", cli("info", name).stdout)
+    finally:
+        m.close()
+
+
+def test_info_shows_waiters(name: str, holder: Any) -> None:
+    h = holder(f"m = shmkit.Mutex({name!r}); m.acquire()")
+    w = holder(f"""
+        import threading
+        m = shmkit.Mutex({name!r})
+        threading.Thread(target=m.acquire, daemon=True).start()
+    """)
+    deadline = time.monotonic() + 20
+    while not info(name)["mutex"]["waiters"]:
+        assert time.monotonic() < deadline, "the waiter never showed"
+        time.sleep(0.1)
+    got = info(name)
+    assert got["mutex"]["holder_pid"] == h.pid
+    assert sorted(a["pid"] for a in got["attached"]) == sorted([h.pid, w.pid])
+    assert "processes may be waiting" in cli("info", name).stdout
+
+
+def test_info_sync_kinds_before_and_after_the_holder_dies(names: Any, holder: Any) -> None:
+    rw, ev, sem, cond = names(), names(), names(), names()
+    h = holder(f"""
+        r = shmkit.RWLock({rw!r}); r.acquire_read()
+        e = shmkit.Event({ev!r}, auto_reset=True); e.set()
+        s = shmkit.Semaphore({sem!r}, value=3, maximum=5); s.acquire(); s.acquire()
+        c = shmkit.Condition({cond!r}); c.acquire()
+    """)
+    got = {o["name"]: o for o in cli_json("info", rw, ev, sem, cond)}
+    assert got[rw]["rwlock"]["readers"] == [{"pid": h.pid, "holds": 1}]
+    assert not got[rw]["rwlock"]["writer"]["held"]
+    assert got[ev]["event"] == {"set": True, "waiters": 0, "auto_reset": True}
+    s = got[sem]["semaphore"]
+    assert (s["value"], s["maximum"], s["holders"], s["dead_units"]) == (
+        1, 5, [{"pid": h.pid, "units": 2}], 0)
+    assert got[cond]["condition"]["lock"]["holder_pid"] == h.pid
+    assert got[cond]["condition"]["lock"]["holder_alive"]
+
+    text = cli("info", rw, ev, sem, cond).stdout
+    assert f"pid {h.pid} × 1" in text and f"pid {h.pid} × 2" in text
+    assert "set (auto-reset)" in text and "1 of at most 5" in text
+
+    h.kill()
+    got = {o["name"]: o for o in cli_json("info", rw, ev, sem, cond)}
+    assert got[rw]["rwlock"]["readers"] == [] and got[rw]["rwlock"]["dead_reader_holds"] == 1
+    assert got[sem]["semaphore"]["holders"] == []
+    assert got[sem]["semaphore"]["dead_units"] == 2
+    lock = got[cond]["condition"]["lock"]
+    assert lock["held"] and lock["holder_pid"] == h.pid and not lock["holder_alive"]
+    assert got[ev]["event"]["set"]  # an event has no holder: it stays set
+    text = cli("info", rw, sem, cond).stdout
+    assert "dead readers" in text and "dead holders" in text and "which is dead" in text
+
+
+def test_info_record_and_array_layout(names: Any, holder: Any) -> None:
+    st, arr = names(), names()
+    holder(f"""
+        class Point(ctypes.Structure):
+            _fields_ = [("x", ctypes.c_double), ("y", ctypes.c_double), ("n", ctypes.c_int32)]
+        s = shmkit.Struct({st!r}, Point)
+        a = shmkit.Array({arr!r}, "float32", (4, 3))
+    """)
+    got = {o["name"]: o for o in cli_json("info", st, arr)}
+    rec = got[st]["record"]
+    assert got[st]["kind"] == "struct" and rec["itemsize"] == 24
+    assert [(f["name"], f["dtype"], f["offset"]) for f in rec["fields"]] == [
+        ("x", "float64", 0), ("y", "float64", 8), ("n", "int32", 16)]
+    assert got[arr]["kind"] == "array"
+    assert got[arr]["array"] == {"dtype": "float32", "shape": [4, 3]}
+    text = cli("info", st, arr).stdout
+    assert ".y" in text and "float64 at offset 8" in text
+    assert "float32, shape (4, 3)" in text
+
+
+def test_info_leaves_an_attached_lifetime_segment_alone(name: str, holder: Any) -> None:
+    # A read-write open+close by info would remove it (it is the last to close).
+    h = holder(f"s = shmkit.Segment({name!r}, size=4096, lifetime='attached')")
+    h.kill()
+    before = header_bytes(name)
+    got = info(name)
+    assert got["state"] == "stale" and got["lifetime"] == "attached"
+    cli("info", name)
+    assert os.path.exists(shm(name)) and header_bytes(name) == before
+
+
+def test_info_by_path_and_missing_names(tmp_path: Any, name: str, holder: Any) -> None:
+    path = str(tmp_path / "frames.shm")
+    h = holder(f"s = shmkit.Segment(path={path!r}, size=1000)")
+    (got,) = cli_json("info", path)
+    assert got["path"] == path and got["kind"] == "raw" and got["size"] == 1000
+    assert [a["pid"] for a in got["attached"]] == [h.pid]
+
+    shmkit.Segment(name, size=10).close()
+    proc = cli("info", "--json", "no-such-" + name, name, rc=1)
+    assert f"no segment named 'no-such-{name}'" in proc.stderr
+    assert [o["name"] for o in json.loads(proc.stdout)] == [name]  # carried on
+    assert "no segment at" in cli("info", str(tmp_path / "nothing"), rc=1).stderr
+
+
+# -- half-created and corrupt segments ----------------------------------------
+
+
+def _write(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _header(version: int = 1, kind: int = 1, max_slots: int = 4, size: int = 0) -> bytes:
+    hsize = 8192
+    raw = bytearray(hsize + size)
+    struct.pack_into("=8sIIIIQQQQIIIII", raw, 0, MAGIC, version, kind, 0, max_slots, hsize,
+                     size, size, time.time_ns(), 1, 0, 0, 0, 0)
+    return bytes(raw)
+
+
+def test_half_created_and_corrupt_segments_are_listed(names: Any, holder: Any) -> None:
+    half, creating, garbage, badkind, future, short = (names() for _ in range(6))
+    _write(shm(half), bytes(8192))                      # the creator died before the magic
+    _write(shm(garbage), os.urandom(8192))
+    _write(shm(badkind), _header(kind=99))
+    _write(shm(future), _header(version=7))
+    _write(shm(short), MAGIC + bytes(100))
+    _write(shm(creating), bytes(8192))
+    holder(f"""
+        from shmkit import _core  # a creator still at work: it holds the init lock
+        fd = os.open({shm(creating)!r}, os.O_RDWR)
+        assert _core.ofd_lock(fd, 0, 1)
+    """)
+    todo = [half, creating, garbage, badkind, future, short]
+    states = {o["name"]: o["state"] for o in cli_json("ls", *todo)}
+    assert states[half] == "half-created"
+    assert states[creating] == "creating"
+    assert states[garbage] == "corrupt: not a shmkit segment (bad magic)"
+    assert states[badkind] == "corrupt: an unknown kind 99"
+    assert states[future] == "format v7"
+    assert states[short].startswith("corrupt: the file is")
+
+    table = cli("ls").stdout
+    assert "half-created" in table and "format v7" in table
+    for n in todo:
+        (got,) = cli_json("info", n)
+        assert got["state"] == states[n] and got["kind"] is None
+        assert states[n] in cli("info", n).stdout
+    assert "shmkit rm" in cli("info", garbage).stdout
+
+    # gc removes the half-created one only; corrupt ones are left for `shmkit rm`.
+    removed = [r["name"] for r in cli_json("gc", *todo)]
+    assert removed == [half]
+    assert not os.path.exists(shm(half))
+    assert all(os.path.exists(shm(n)) for n in todo if n != half)
+    cli("rm", garbage, badkind, future, short)
+    assert not any(os.path.exists(shm(n)) for n in (garbage, badkind, future, short))
+
+
+# -- rm -----------------------------------------------------------------------
+
+
+def test_rm_removes_reports_missing_and_carries_on(names: Any, holder: Any) -> None:
+    a, b, missing = names(), names(), names()
+    h = holder(f"x = shmkit.Segment({a!r}, size=10); y = shmkit.Event({b!r})")
+    proc = cli("rm", a, missing, b, rc=1)
+    assert f"no segment named {missing!r}" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert not os.path.exists(shm(a)) and not os.path.exists(shm(b))
+    assert f"still mapped by pid {h.pid}" in proc.stdout
+
+    c = names()
+    shmkit.Segment(c, size=10).close()
+    result = cli_json("rm", c, missing, rc=1)
+    assert [r["removed"] for r in result] == [True, False]
+    assert "invalid segment name" in cli("rm", "bad name!", rc=1).stderr
+
+
+def test_rm_by_path_refuses_a_file_that_is_not_a_segment(tmp_path: Any, holder: Any) -> None:
+    seg = str(tmp_path / "seg.shm")
+    holder(f"s = shmkit.Segment(path={seg!r}, size=10); s.close()")
+    other = tmp_path / "notes.txt"
+    other.write_text("precious")
+    assert "not a shmkit segment" in cli("rm", str(other), rc=1).stderr
+    assert other.read_text() == "precious"
+    cli("rm", seg)
+    assert not os.path.exists(seg)
+
+
+# -- gc -----------------------------------------------------------------------
+
+
+def test_gc_removes_attached_lifetime_segments_of_dead_processes(names: Any,
+                                                                 holder: Any) -> None:
+    alive, dead, persistent, ro = names(), names(), names(), names()
+    live = holder(f"s = shmkit.Segment({alive!r}, size=64, lifetime='attached')")
+    gone = holder(f"""
+        s = shmkit.Segment({dead!r}, size=64, lifetime='attached')
+        p = shmkit.Segment({persistent!r}, size=64)
+        r = shmkit.Segment({ro!r}, size=64, lifetime='attached')
+    """)
+    reader = holder(f"r = shmkit.Segment.open({ro!r}, readonly=True)")
+    gone.kill()
+    mine = [alive, dead, persistent, ro]
+    assert entry(dead)["state"] == "stale" and entry(alive)["state"] == "ok"
+
+    would = cli_json("gc", "--dry-run", *mine)
+    assert [(r["name"], r["removed"]) for r in would] == [(dead, False)]
+    assert "would remove " + dead in cli("gc", "--dry-run", *mine).stdout
+    assert all(os.path.exists(shm(n)) for n in mine)  # a dry run removes nothing
+
+    removed = cli_json("gc", *mine)
+    assert [(r["name"], r["removed"]) for r in removed] == [(dead, True)]
+    assert not os.path.exists(shm(dead))
+    assert os.path.exists(shm(alive)) and os.path.exists(shm(persistent))
+    assert os.path.exists(shm(ro))  # a live read-only handle keeps it
+
+    live.kill()
+    reader.kill()
+    out = cli("gc", *mine).stdout
+    assert f"removed {alive}" in out and f"removed {ro}" in out
+    assert not os.path.exists(shm(alive)) and not os.path.exists(shm(ro))
+    assert os.path.exists(shm(persistent))  # never: its lifetime is until unlink
+    assert "nothing to remove" in cli("gc", *mine).stdout
+
+
+def test_gc_does_not_rob_a_process_attaching_meanwhile(name: str) -> None:
+    # The attacher opens the segment, checks that the name still refers to what it
+    # attached to, then vanishes without closing (as a killed process would), so
+    # the segment is garbage again at once, while gc keeps removing it.  If gc
+    # unlinked under an attacher, the attacher would hold a removed file.
+    code = f"""
+        import os, time, shmkit
+        attached = 0
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            s = shmkit.Segment({name!r}, size=64, lifetime="attached")
+            assert os.stat({shm(name)!r}).st_ino == os.fstat(s._fd).st_ino
+            s._detach()  # drop the attachment without removing: like SIGKILL
+            attached += 1
+        print(attached)
+    """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    removed = 0
+    try:
+        cli("gc", name)
+        end = time.monotonic() + 2
+        while time.monotonic() < end and proc.poll() is None:
+            removed += len(inspect.collect_garbage(patterns=[name]))
+    finally:
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert int(out) > 10 and removed > 0, (out, removed)
+
+
+def test_gc_removes_stale_temp_files_only(names: Any, holder: Any) -> None:
+    old, fresh, held = names(), names(), names()
+    gone = dead_pid()
+    paths = {
+        old: f"/dev/shm/.shmkit.{old}.{gone}.0badf00d.tmp",
+        fresh: f"/dev/shm/.shmkit.{fresh}.{os.getpid()}.0badf00d.tmp",
+        held: f"/dev/shm/.shmkit.{held}.{gone}.0badf00d.tmp",
+    }
+    try:
+        for p in paths.values():
+            _write(p, bytes(4096))
+        holder(f"""
+            from shmkit import _core  # a creator at work holds the init lock
+            fd = os.open({paths[held]!r}, os.O_RDWR)
+            assert _core.ofd_lock(fd, 0, 1)
+        """)
+        assert [r["name"] for r in cli_json("gc", "--dry-run", old, fresh, held)] == [
+            os.path.basename(paths[old])]
+        assert os.path.exists(paths[old])
+        cli("gc", old, fresh, held)
+        assert not os.path.exists(paths[old])
+        assert os.path.exists(paths[fresh])  # its (live) creator may be about to lock it
+        assert os.path.exists(paths[held])   # a creator at work
+    finally:
+        for p in paths.values():
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+# -- top, help, usage, demo, bench ----------------------------------------------
+
+
+def test_top_once_shows_lock_holders(name: str, holder: Any) -> None:
+    h = holder(f"m = shmkit.Mutex({name!r}); m.acquire()")
+    out = cli("top", "--once").stdout
+    row = next(line for line in out.splitlines() if name in line)
+    assert f"held by {h.pid}" in row
+    h.kill()
+    row = next(line for line in cli("top", "--once").stdout.splitlines() if name in line)
+    assert f"held by {h.pid} (dead)" in row
+
+
+def test_top_runs_until_interrupted(name: str) -> None:
+    shmkit.Segment(name, size=10).close()
+    proc = subprocess.Popen([sys.executable, "-m", "shmkit", "top", "--interval", "0.1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert name in out and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["", "ls", "info", "rm", "gc", "top", "demo", "bench"])
+def test_help_has_purpose_and_examples(command: str) -> None:
+    out = cli(*([command] if command else []), "--help").stdout
+    assert "Examples:" in out
+    examples = out.split("Examples:")[1]
+    assert f"$ shmkit {command}".rstrip() in examples
+    lines = [line for line in examples.splitlines() if line.strip()]
+    for intent, cmd in zip(lines[::2], lines[1::2]):  # a sentence, then the command
+        assert intent.startswith(" ") and intent.rstrip().endswith(":"), intent
+        assert cmd.strip().startswith("$ shmkit"), cmd
+
+
+@pytest.mark.parametrize("args", [[], ["nope"], ["ls", "--bogus"], ["info"], ["rm"],
+                                  ["top", "--interval", "0"], ["demo", "--senders", "0"]])
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    proc = cli(*args, rc=2)
+    assert "usage:" in proc.stderr
+
+
+def test_entry_points() -> None:
+    assert cli("--version", module="shmkit.cli").stdout.startswith("shmkit ")
+    exe = os.path.join(os.path.dirname(sys.executable), "shmkit")
+    if not os.path.exists(exe):
+        pytest.skip("the shmkit script is not installed next to this python")
+    proc = subprocess.run([exe, "ls", "--json"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert isinstance(json.loads(proc.stdout), list)
+
+
+def test_demo_without_the_demo_module_says_so() -> None:
+    if importlib.util.find_spec("shmkit.demo") is not None:
+        pytest.skip("shmkit.demo is installed")
+    proc = cli("demo", rc=1)
+    assert "shmkit.demo is missing" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_bench_outside_a_checkout_says_how_to_get_them(tmp_path: Any) -> None:
+    pkg = tmp_path / "site" / "shmkit"
+    shutil.copytree(os.path.join(SRC, "shmkit"), pkg,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    proc = subprocess.run([sys.executable, "-m", "shmkit", "bench", "--list"],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "make bench" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_runs_the_checkouts_benchmarks() -> None:
+    if not os.path.exists(os.path.join(ROOT, "benchmarks", "__main__.py")):
+        pytest.skip("this checkout has no benchmarks/ yet")
+    proc = cli("bench", "--list", cwd="/")
+    assert proc.stdout.strip()
+
+
+# -- hostile headers ----------------------------------------------------------
+
+
+def _patched(data: bytes, *edits: tuple[int, str, Any]) -> bytes:
+    raw = bytearray(data)
+    for off, fmt, value in edits:
+        struct.pack_into(fmt, raw, off, value)
+    return bytes(raw)
+
+
+def _hostile_variants(good: bytes) -> dict[str, bytes]:
+    """Copies of a valid segment file with one field made inconsistent."""
+    def layout(text: bytes) -> bytes:
+        raw = bytearray(_patched(good, (72, "=I", len(text))))
+        raw[1024:1024 + len(text)] = text
+        return bytes(raw)
+
+    payload = struct.unpack_from("=Q", good, 24)[0]
+    out = {
+        "layout_len": _patched(good, (72, "=I", 5000)),
+        "layout_json": layout(b"{not json"),
+        "layout_list": layout(b"[1, 2]"),
+        "layout_dtype": layout(b'{"dtype": {"names": ["a"], "formats": []}, "itemsize": 3}'),
+        "hwm": _patched(good, (68, "=I", 0xFFFFFFFF)),
+        "max_slots": _patched(good, (20, "=I", 5000)),
+        "hdr_size": _patched(good, (24, "=Q", 12345)),
+        "size": _patched(good, (32, "=Q", 1 << 40)),
+        # a mutex held by a token that no attachment can have (slot 1023 of 256)
+        "mutex_word": _patched(good, (12, "=I", int(shmkit.Kind.MUTEX)),
+                               (payload, "=I", 0x7FFFFFFF)),
+        "table": good[:4096] + os.urandom(4096) + good[8192:],
+    }
+    for kind in shmkit.Kind:  # every kind's reader over a 12-byte struct payload
+        out[f"kind_{kind.name.lower()}"] = _patched(good, (12, "=I", int(kind)))
+    return out
+
+
+def test_hostile_headers_never_crash_ls_or_info(names: Any, holder: Any) -> None:
+    src = names()
+    h = holder(f"s = shmkit.Struct({src!r}, np.dtype([('x', '<f8'), ('n', '<i4')]))")
+    h.stop()
+    with open(shm(src), "rb") as f:
+        good = f.read()
+    made = {}
+    for label, data in _hostile_variants(good).items():
+        made[label] = names()
+        _write(shm(made[label]), data)
+    by_name = {o["name"]: o for o in cli_json("info", *made.values())}
+    assert set(by_name) == set(made.values())
+    states = {label: by_name[n]["state"] for label, n in made.items()}
+    for label in ("layout_len", "layout_json", "layout_list", "max_slots", "hdr_size", "size"):
+        assert states[label].startswith("corrupt: "), (label, states[label])
+    for label in ("hwm", "table", "mutex_word", "layout_dtype"):
+        assert states[label] == "ok", (label, states[label])
+    assert by_name[made["hwm"]]["attached"] == []
+    assert "detail_error" in by_name[made["layout_dtype"]]  # Struct refused it, segment shown
+    assert by_name[made["mutex_word"]]["mutex"] == {
+        "held": True, "holder_pid": None, "holder_alive": False, "waiters": False}
+    assert "detail_error" in by_name[made["kind_rwlock"]]  # payload too small for one
+    for kind in shmkit.Kind:
+        got = by_name[made[f"kind_{kind.name.lower()}"]]
+        assert got["state"] == "ok" and got["kind"] == kind.name.lower()
+    cli("ls", *made.values())
+    cli("top", "--once")
+    text = cli("info", *made.values()).stdout
+    assert text.count("corrupt: ") >= 6
+
+
+def test_describing_is_invisible_to_a_closing_last_process(names: Any) -> None:
+    # While info has an object open, the last attached-lifetime process closing
+    # must still remove it (a read-only handle's lock on byte 1 would stop it).
+    for kind_open in (lambda n: shmkit.Segment(n, size=64, lifetime="attached"),
+                      lambda n: shmkit.Mutex(n, lifetime="attached")):
+        n = names()
+        obj = kind_open(n)
+        looker, why = inspect._open_readonly(
+            shmkit.Kind[inspect.scan(n)["kind"].upper()], n, shm(n))
+        try:
+            assert why is None
+            fd = os.open(shm(n), os.O_RDONLY)
+            try:
+                assert not shmkit._core.ofd_held(fd, 1, 1)
+            finally:
+                os.close(fd)
+            obj.close()
+            assert not os.path.exists(shm(n))
+        finally:
+            looker.close()
+
+
+def test_links_and_fifos_are_listed_never_followed_or_opened(names: Any,
+                                                             tmp_path: Any) -> None:
+    link, fifo = names(), names()
+    target = tmp_path / "precious"
+    target.write_bytes(MAGIC + bytes(8192))
+    os.symlink(target, shm(link))
+    os.mkfifo(shm(fifo), 0o600)  # opening it for reading would block a careless tool
+    states = {o["name"]: o["state"] for o in cli_json("ls", link, fifo)}
+    assert states == {link: "unreadable: a symbolic link (never followed)",
+                      fifo: "unreadable: not a regular file"}
+    (got,) = cli_json("info", link)
+    assert got["state"] == states[link]
+    assert cli_json("gc", link, fifo) == []
+    cli("rm", link)
+    assert not os.path.lexists(shm(link)) and target.exists()  # the link, not its target
+
+
+class Careless(shmkit.Segment):
+    """A kind's class whose open() drops readonly=True (attaches read-write)."""
+
+    _kind = shmkit.Kind.HEAP
+
+    @classmethod
+    def open(cls, name: str | None = None, **kwargs: Any) -> "Careless":
+        kwargs.pop("readonly", None)
+        return super().open(name, **kwargs)
+
+
+def test_a_class_ignoring_readonly_is_not_used_and_removes_nothing(
+        name: str, holder: Any, monkeypatch: Any) -> None:
+    h = holder(f"""
+        s = shmkit.Segment.__new__(shmkit.Segment)
+        s._attach({name!r}, None, size=64, create=True, kind=shmkit.Kind.HEAP,
+                  lifetime="attached")
+    """)
+    h.kill()  # describing must not become its last closer (that would remove it)
+    monkeypatch.setitem(inspect.KIND_CLASSES, shmkit.Kind.HEAP, f"{__name__}:Careless")
+    got = inspect.describe(name)
+    assert "ignores readonly=True" in got["detail_error"]
+    assert got["kind"] == "heap" and got["state"] == "stale" and got["size"] == 64
+    assert os.path.exists(shm(name))

@@ -1,0 +1,358 @@
+"""Typed records and arrays by name, across real processes."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import pickle
+import struct
+import time
+
+import numpy as np
+import pytest
+
+import shmkit
+from conftest import SPAWN, run_python, spawn
+
+
+class Point(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_double), ("y", ctypes.c_double), ("n", ctypes.c_int32),
+                ("hist", ctypes.c_int32 * 4)]
+
+
+class PointF(ctypes.Structure):  # same size and names as Point, other field types
+    _fields_ = [("x", ctypes.c_double), ("y", ctypes.c_double), ("n", ctypes.c_int32),
+                ("hist", ctypes.c_float * 4)]
+
+
+RECORD = np.dtype([("id", "<u4"), ("pos", "<f8", (3,)), ("name", "S8"),
+                   ("inner", [("a", "<i2"), ("b", "<i2")])])
+
+
+def _init_point(p: Point) -> None:
+    p.x, p.y, p.n = 1.5, -2.0, 7
+    p.hist[3] = 99
+
+
+# -- children ----------------------------------------------------------------
+
+def _bump_point(name: str) -> None:
+    s = shmkit.Struct(name, Point)
+    assert not s.created and s.record.n == 7 and s.record.hist[3] == 99
+    with s.lock:
+        s.record.n += 1
+        s.record.hist[0] = 5
+    s.close()
+
+
+def _race_array(name: str, go, log: str) -> None:
+    def init(arr):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.05)
+        arr[:] = np.arange(arr.size).reshape(arr.shape)
+
+    go.wait(10)
+    a = shmkit.Array(name, "int64", (4, 5), init=init)
+    assert a.array.sum() == sum(range(20))  # nobody sees it before init ends
+    a.close()
+
+
+def _use_pickled(struct_obj, array_obj) -> None:
+    struct_obj.record.y = 123.0
+    array_obj[1, 1] = 42
+    assert array_obj.readonly is False
+    struct_obj.close()
+    array_obj.close()
+
+
+def _readonly_pickled(array_obj) -> None:
+    assert array_obj.readonly and not array_obj.array.flags.writeable
+    array_obj.close()
+
+
+# -- Struct -------------------------------------------------------------------
+
+def test_struct_with_ctypes_across_processes(name):
+    s = shmkit.Struct(name, Point, init=_init_point)
+    assert s.created and isinstance(s.record, Point)
+    assert (s.record.x, s.record.y, s.record.n, list(s.record.hist)) == (1.5, -2.0, 7,
+                                                                          [0, 0, 0, 99])
+    p = spawn(_bump_point, name)
+    p.join(30)
+    assert p.exitcode == 0
+    assert s.record.n == 8 and s.record.hist[0] == 5
+    assert s.size == ctypes.sizeof(Point)
+    info = s.info()
+    assert info["kind"] == "struct" and info["record"]["itemsize"] == ctypes.sizeof(Point)
+    s.close()
+
+
+def test_struct_with_numpy_dtype_and_adopted_layout(name):
+    def init(rec):
+        rec["id"] = 5
+        rec["pos"] = [1, 2, 3]
+        rec["name"] = b"probe"
+        rec["inner"]["b"] = -4
+
+    s = shmkit.Struct(name, RECORD, init=init)
+    assert s.record.shape == () and s.dtype == RECORD
+    proc = run_python(f"""
+        import shmkit, numpy as np
+        s = shmkit.Struct.open({name!r})          # no type: the stored layout
+        r = s.record
+        print(s.dtype.descr)
+        assert int(r["id"]) == 5 and list(r["pos"]) == [1, 2, 3]
+        assert r["name"] == b"probe" and int(r["inner"]["b"]) == -4
+        r["pos"][1] = 20.5
+        s.close()
+    """)
+    assert eval(proc.stdout.strip()) == RECORD.descr
+    assert s.record["pos"][1] == 20.5
+    s.close()
+
+
+def test_struct_adopts_subarray_fields_exactly(name):
+    s = shmkit.Struct(name, Point, init=_init_point)
+    t = shmkit.Struct(name)  # numpy view of the same bytes
+    assert t.dtype == np.dtype(Point)
+    assert t.dtype["hist"].subdtype == (np.dtype("<i4"), (4,))
+    assert int(t.record["hist"][3]) == 99
+    t.close()
+    s.close()
+
+
+def test_struct_layout_mismatch(name):
+    s = shmkit.Struct(name, Point, init=_init_point)
+    with pytest.raises(shmkit.LayoutMismatchError) as e:
+        shmkit.Struct(name, PointF)  # same size, other field types
+    assert isinstance(e.value, TypeError) and "adopt" in str(e.value)
+    with pytest.raises(shmkit.LayoutMismatchError):
+        shmkit.Struct(name, RECORD)
+    with pytest.raises(shmkit.LayoutMismatchError):
+        shmkit.Struct(name, np.dtype([("x", "<f8")]))
+    with pytest.raises(shmkit.WrongKindError):
+        shmkit.Array.open(name)
+    assert s.record.n == 7  # nothing changed by the failed opens
+    assert [a["pid"] for a in s.attachments()] == [os.getpid()]  # none left attached
+    s.close()
+
+
+def test_struct_bad_arguments(name):
+    with pytest.raises(TypeError):
+        shmkit.Struct.create(name)  # needs a type
+    with pytest.raises(TypeError):
+        shmkit.Struct(name, "not a dtype at all")
+    with pytest.raises(shmkit.NotFoundError):
+        shmkit.Struct(name)  # nothing to adopt
+    assert not os.path.exists(f"/dev/shm/shmkit.{name}")
+
+
+# -- Array --------------------------------------------------------------------
+
+def test_array_across_processes(name):
+    a = shmkit.Array(name, np.float32, (3, 4), init=lambda arr: arr.fill(1.5))
+    assert a.created and a.shape == (3, 4) and a.dtype == np.float32 and len(a) == 3
+    assert float(np.asarray(a).sum()) == 18.0
+    a[0, 1] = 4.0
+    run_python(f"""
+        import shmkit, numpy as np
+        a = shmkit.Array.open({name!r})        # adopts dtype and shape
+        assert a.shape == (3, 4) and a.dtype == np.float32
+        assert a[0, 1] == 4.0
+        a[2] = np.arange(4)
+        b = shmkit.Array({name!r}, "float32", (3, 4))   # same layout: fine
+        assert not b.created and b[2, 3] == 3
+        a.close(); b.close()
+    """)
+    assert list(a[2]) == [0, 1, 2, 3]
+    assert a.array.base is not None  # a view, no copy
+    assert np.asarray(a, dtype=np.float64).dtype == np.float64
+    assert a.info()["array"] == {"dtype": "float32", "shape": [3, 4]}
+    a.close()
+
+
+def test_array_init_runs_exactly_once(name, tmp_path):
+    log = str(tmp_path / "log")
+    go = SPAWN.Event()
+    procs = [spawn(_race_array, name, go, log) for _ in range(5)]
+    time.sleep(0.2)
+    go.set()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert len(open(log).read().splitlines()) == 1
+
+
+def test_array_init_that_raises_leaves_nothing(name):
+    def bad(arr):
+        arr[:] = 1
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError):
+        shmkit.Array(name, "i4", 8, init=bad)
+    assert not os.path.exists(f"/dev/shm/shmkit.{name}")
+    a = shmkit.Array(name, "i4", 8)
+    assert a.created and not a.array.any()
+    a.close()
+
+
+def test_array_layout_mismatch(name):
+    a = shmkit.Array(name, "int32", (2, 3))
+    for dtype, shape in (("int64", (2, 3)), ("int32", (3, 2)), ("int32", 6),
+                         ("uint32", (2, 3)), (">i4", (2, 3))):
+        with pytest.raises(shmkit.LayoutMismatchError) as e:
+            shmkit.Array(name, dtype, shape)
+        assert "shape" in str(e.value)
+    with pytest.raises(shmkit.WrongKindError):
+        shmkit.Struct.open(name)
+    a.close()
+
+
+def test_array_bad_arguments(name):
+    with pytest.raises(TypeError):
+        shmkit.Array(name, "f8")  # no shape
+    with pytest.raises(ValueError):
+        shmkit.Array(name, "f8", (2, -1))
+    with pytest.raises(TypeError):
+        shmkit.Array.create(name)
+    with pytest.raises(shmkit.NotFoundError):
+        shmkit.Array.open(name)
+    assert not os.path.exists(f"/dev/shm/shmkit.{name}")
+    empty = shmkit.Array(name, "f8", (0, 5))
+    assert empty.array.shape == (0, 5)
+    empty.close()
+
+
+@pytest.mark.parametrize("bad", [object, "O", ctypes.py_object,
+                                 np.dtype([("x", "<f8"), ("o", "O")])])
+def test_types_holding_python_objects_are_refused(name, bad):
+    with pytest.raises(TypeError) as e:
+        shmkit.Array(name, bad, 3)
+    assert "Python objects" in str(e.value)
+    with pytest.raises(TypeError):
+        shmkit.Struct(name, bad)
+    assert not os.path.exists(f"/dev/shm/shmkit.{name}")
+
+
+def test_ctypes_pointer_fields_are_refused(name):
+    class WithPointer(ctypes.Structure):
+        _fields_ = [("s", ctypes.c_char_p)]
+
+    with pytest.raises(TypeError):
+        shmkit.Struct(name, WithPointer)
+
+
+# -- readonly, pickling -----------------------------------------------------------
+
+def test_readonly_records(name, names):
+    s = shmkit.Struct(name, Point, init=_init_point)
+    ro = shmkit.Struct(name, readonly=True)
+    assert not ro.record.flags.writeable and float(ro.record["x"]) == 1.5
+    with pytest.raises(shmkit.ReadOnlyError):
+        shmkit.Struct(name, Point, readonly=True).record
+    a = shmkit.Array(names(), "u1", 4)
+    ra = shmkit.Array.open(a.name, readonly=True)
+    with pytest.raises(ValueError):
+        ra[0] = 1
+    a[0] = 9
+    assert ra[0] == 9
+    for o in (ro, ra, a, s):
+        o.close()
+
+
+def test_pickling_records_to_a_spawned_child(name, names):
+    s = shmkit.Struct(name, Point, init=_init_point)
+    a = shmkit.Array(names(), "int64", (2, 2))
+    p = spawn(_use_pickled, s, a)
+    p.join(30)
+    assert p.exitcode == 0
+    assert s.record.y == 123.0 and a[1, 1] == 42
+    again = pickle.loads(pickle.dumps(s))
+    assert isinstance(again.record, Point) and again.record.n == 7
+    again.close()
+    ro = shmkit.Array.open(a.name, readonly=True)
+    p = spawn(_readonly_pickled, ro)
+    p.join(30)
+    assert p.exitcode == 0
+    for o in (ro, a, s):
+        o.close()
+
+
+# -- hostile layouts ------------------------------------------------------------------
+
+def _write_layout(name: str, layout) -> None:
+    data = layout if isinstance(layout, bytes) else json.dumps(layout).encode()
+    fd = os.open(f"/dev/shm/shmkit.{name}", os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 1024)
+        os.pwrite(fd, struct.pack("=I", len(data)), 72)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("layout", [
+    {"format": 1, "dtype": "O", "shape": [3]},
+    {"format": 1, "dtype": "<f8", "shape": [-1]},
+    {"format": 1, "dtype": "<f8", "shape": [1000000]},          # more than it holds
+    {"format": 1, "dtype": "<f8", "shape": ["3"]},
+    {"format": 1, "dtype": "<f8", "shape": [True]},
+    {"format": 1, "dtype": "<f8", "shape": 3},
+    {"format": 1, "dtype": "no such type", "shape": [3]},
+    {"format": 1, "dtype": {"names": ["a"], "formats": []}, "shape": [3]},
+    {"format": 1, "dtype": {"subdtype": "<f8", "shape": [1 << 40]}, "shape": [1]},
+    {"format": 1, "shape": [3]},
+    {"format": 1, "dtype": 7, "shape": [3]},
+    # nested 90 deep: 2**90 elements
+    b'{"format": 1, "shape": [1], "dtype": ' + b'{"shape": [2], "subdtype": ' * 90
+    + b'"<f8"' + b"}" * 91,
+])
+def test_hostile_layout_raises_corrupt_error(name, layout):
+    shmkit.Array(name, "<f8", 3).close()
+    _write_layout(name, layout)
+    with pytest.raises(shmkit.CorruptError):
+        shmkit.Array.open(name)
+    with pytest.raises(shmkit.CorruptError):
+        shmkit.Array(name, "<f8", 3)
+
+
+def test_other_record_format_version(name):
+    shmkit.Struct(name, Point).close()
+    layout = shmkit.Segment.__new__(shmkit.Segment)
+    layout._attach(name, None, size=None, create=False, kind=shmkit.Kind.STRUCT)
+    stored = layout.layout
+    layout.close()
+    stored["format"] = 2
+    _write_layout(name, stored)
+    with pytest.raises(shmkit.FormatVersionError):
+        shmkit.Struct.open(name)
+    with pytest.raises(shmkit.FormatVersionError):
+        shmkit.Struct(name, Point)
+
+
+def test_closing_with_live_record_views_never_segfaults():
+    # In a child, so a crash would show as a signal exit code.
+    proc = run_python("""
+        import shmkit, numpy as np
+        keep = []
+        a = shmkit.Array(None, "f8", (64, 64), init=lambda arr: arr.fill(2.0))
+        s = shmkit.Struct(None, np.dtype([("x", "<i8"), ("v", "<f4", (4,))]))
+        arr, sub, rec, col = a.array, a[3], s.record, np.asarray(a)[:, 1]
+        a.close(); a.unlink(); s.close(); s.unlink()
+        arr[0, 0] = 5.0
+        rec["x"] = 9
+        assert sub.sum() == 128.0 and col.sum() == 128.0 and arr[0, 0] == 5.0
+        assert int(rec["x"]) == 9
+        def bad(x):
+            keep.append(x)
+            raise RuntimeError("init failed")
+        try:
+            shmkit.Array(None, "i4", 1000, init=bad)
+        except RuntimeError:
+            pass
+        keep[0][:] = 3  # the failed segment's memory is still ours to touch
+        assert keep[0].sum() == 3000
+        print("ok")
+    """)
+    assert proc.stdout.strip() == "ok"

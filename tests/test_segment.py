@@ -1,0 +1,934 @@
+"""Named segments across real processes: creation, access, growth, lifetime, bad input.
+
+Every test uses unique names (other test runs share /dev/shm); a test that
+could crash the interpreter runs the risky part in a child process, so a
+crash shows up as a signal exit code instead of killing the suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import pickle
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import shmkit
+from shmkit import segment as segmod
+from conftest import SPAWN, SRC, run_python, spawn
+
+SHM = "/dev/shm/shmkit."
+
+
+def _path(name: str) -> str:
+    return SHM + name
+
+
+@contextlib.contextmanager
+def closing_all(*objs):
+    try:
+        yield objs
+    finally:
+        for o in objs:
+            o.close()
+
+
+# -- children (module level so that spawn can import them) -----------------
+
+def _race_create(name: str, go, size: int, out: str) -> None:
+    go.wait(10)
+    seg = shmkit.Segment(name, size=size)
+    with open(out, "a") as f:
+        f.write(f"{os.getpid()} {int(seg.created)}\n")
+    seg.close()
+
+
+def _race_struct(name: str, go, out: str, initlog: str) -> None:
+    def init(rec):
+        with open(initlog, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        rec["a"] = 41
+        time.sleep(0.05)  # let the others pile up waiting on the init
+        rec["a"] += 1
+
+    go.wait(10)
+    s = shmkit.Struct(name, np.dtype([("a", "<i8"), ("b", "<f8")]), init=init)
+    with open(out, "a") as f:
+        f.write(f"{int(s.created)} {int(s.record['a'])}\n")
+    s.close()
+
+
+def _hold_open(name: str, ready, release, path: str | None = None) -> None:
+    seg = shmkit.Segment.open(name, path=path)
+    ready.set()
+    release.wait(30)
+    seg.close()
+
+
+def _hold_open_forever(name: str, ready) -> None:
+    seg = shmkit.Segment.open(name)
+    ready.set()
+    time.sleep(60)
+    seg.close()
+
+
+def _create_attached_and_wait(name: str, ready) -> None:
+    seg = shmkit.Segment(name, size=64, lifetime="attached")
+    ready.set()
+    time.sleep(60)
+    seg.close()
+
+
+def _open_close(name: str) -> None:
+    shmkit.Segment.open(name).close()
+
+
+def _grow_watcher(name: str, ready, grown, done, new_size: int) -> None:
+    seg = shmkit.Segment.open(name)
+    old_view = seg.buf
+    ready.set()
+    assert grown.wait(20)
+    assert seg.size == new_size, seg.size
+    seg.write(b"from-child", offset=new_size - 10)
+    assert seg.read(10, offset=new_size - 10) == b"from-child"
+    arr = seg.ndarray("uint8")
+    assert arr.shape == (new_size,)
+    arr[-11] = 7
+    assert len(old_view) < new_size  # an old view keeps its length, and stays valid
+    old_view[0] = 1
+    del arr, old_view
+    seg.close()
+    done.set()
+
+
+def _write_through_pickle(seg: shmkit.Segment, data: bytes) -> None:
+    seg.write(data, offset=0)
+    seg.close()
+
+
+def _pickled_mutex_try(m) -> None:
+    # The parent holds it: we must not get it, and must be able to once released.
+    sys.exit(0 if m.acquire(timeout=0.05) is False else 3)
+
+
+def _init_then_sleep(name: str, ready, sleep: float) -> None:
+    def init(rec):
+        rec.x = 11
+        ready.set()
+        time.sleep(sleep)
+        rec.x = 12
+
+    import ctypes
+
+    class Rec(ctypes.Structure):
+        _fields_ = [("x", ctypes.c_int64)]
+
+    s = shmkit.Struct(name, Rec, init=init)
+    time.sleep(60)
+    s.close()
+
+
+# -- create, open, create-or-open ------------------------------------------
+
+def test_create_open_and_created(name):
+    with pytest.raises(shmkit.NotFoundError):
+        shmkit.Segment.open(name)
+    with pytest.raises(shmkit.NotFoundError):
+        shmkit.Segment(name)  # no size: open only
+    a = shmkit.Segment.create(name, size=100)
+    assert a.created and a.name == name and a.size == 100 and a.path == _path(name)
+    with pytest.raises(shmkit.ExistsError) as e:
+        shmkit.Segment.create(name, size=100)
+    assert isinstance(e.value, FileExistsError)
+    b = shmkit.Segment.open(name)
+    c = shmkit.Segment(name, size=5000)  # exists: opened, its size wins
+    assert not b.created and not c.created and c.size == 100
+    a.write(b"xyz", offset=10)
+    assert b.read(3, offset=10) == b"xyz" and c.read(3, offset=10) == b"xyz"
+    for s in (a, b, c):
+        s.close()
+    a.close()  # twice is fine
+    with pytest.raises(shmkit.ClosedError):
+        a.read(1)
+    d = shmkit.Segment(name, size=1)
+    assert not d.created
+    d.close()
+    d.unlink()
+    with pytest.raises(shmkit.NotFoundError):
+        d.unlink()
+    assert not os.path.exists(_path(name))
+
+
+def test_listing_and_unlink_by_name(name):
+    shmkit.Segment(name, size=8).close()
+    assert (name, _path(name)) in list(shmkit.list_segments())
+    shmkit.unlink(name)
+    assert name not in dict(shmkit.list_segments())
+    with pytest.raises(shmkit.NotFoundError):
+        shmkit.unlink(name)
+    with pytest.raises(shmkit.InvalidNameError):
+        shmkit.unlink("../etc")
+    with pytest.raises(shmkit.InvalidNameError):
+        shmkit.Segment.open(None)  # nothing to open
+
+
+def test_context_manager_and_repr(name):
+    with shmkit.Segment(name, size=16) as s:
+        assert "size=16" in repr(s)
+    assert s.closed and "closed" in repr(s)
+    s.unlink()
+
+
+def test_bad_sizes_and_arguments(name):
+    for bad in (-1, 1.5, "10", True):
+        with pytest.raises(ValueError):
+            shmkit.Segment(name, size=bad)
+    with pytest.raises(ValueError):
+        shmkit.Segment(name, size=10, lifetime="forever")
+    with pytest.raises(ValueError):
+        shmkit.Segment(name, size=10, max_attach=0)
+    with pytest.raises(ValueError):
+        shmkit.Segment.create(name, size=10, readonly=True)
+    with pytest.raises(shmkit.NotFoundError):  # readonly never creates
+        shmkit.Segment(name, size=10, readonly=True)
+    assert not os.path.exists(_path(name))
+
+
+def test_create_race_has_exactly_one_winner(name, tmp_path):
+    out = str(tmp_path / "out")
+    go = SPAWN.Event()
+    procs = [spawn(_race_create, name, go, 4096, out) for _ in range(6)]
+    time.sleep(0.3)
+    go.set()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    flags = [int(line.split()[1]) for line in open(out).read().splitlines()]
+    assert len(flags) == 6 and sum(flags) == 1
+
+
+def test_struct_init_runs_exactly_once_under_a_race(name, tmp_path):
+    out, initlog = str(tmp_path / "out"), str(tmp_path / "init")
+    go = SPAWN.Event()
+    procs = [spawn(_race_struct, name, go, out, initlog) for _ in range(6)]
+    time.sleep(0.3)
+    go.set()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert len(open(initlog).read().splitlines()) == 1
+    rows = [tuple(map(int, line.split())) for line in open(out).read().splitlines()]
+    assert sorted(c for c, _ in rows) == [0, 0, 0, 0, 0, 1]
+    assert all(a == 42 for _, a in rows)  # nobody saw the record before init finished
+
+
+def test_unique_names():
+    segs = [shmkit.Segment(None, size=8) for _ in range(20)]
+    try:
+        assert len({s.name for s in segs}) == 20
+        assert all(s.created and os.path.exists(s.path) for s in segs)
+    finally:
+        for s in segs:
+            s.close()
+            s.unlink()
+
+
+# -- data access ------------------------------------------------------------
+
+def test_read_write_are_bounds_checked(name):
+    with shmkit.Segment(name, size=64) as s:
+        assert s.write(b"abc", offset=61) == 3
+        assert s.read(3, offset=61) == b"abc"
+        assert s.read(offset=60) == b"\0abc"
+        assert s.write(np.arange(4, dtype=np.uint16)) == 8  # any buffer
+        assert s.read(8) == np.arange(4, dtype=np.uint16).tobytes()
+        for n, off in ((1, 64), (65, 0), (4, 61), (-1, 0), (1, -1)):
+            with pytest.raises(IndexError):
+                s.read(n, offset=off)
+        for off in (62, 64, -1, 1 << 62):
+            with pytest.raises(IndexError):
+                s.write(b"abc", offset=off)
+        with pytest.raises(TypeError):
+            s.read(1, offset=1.0)
+        with pytest.raises(TypeError):
+            s.write("text")
+        assert s.read(3, offset=61) == b"abc"  # nothing changed by the failures
+
+
+def test_buf_and_ndarray_share_memory_across_processes(name):
+    with shmkit.Segment(name, size=4096) as s:
+        buf = s.buf
+        assert isinstance(buf, memoryview) and len(buf) == 4096 and not buf.readonly
+        a = s.ndarray("int64", (8, 8))
+        a[:] = np.arange(64).reshape(8, 8)
+        assert s.ndarray("int64", 64, offset=0)[63] == 63
+        with pytest.raises(IndexError):
+            s.ndarray("int64", (8, 65))
+        with pytest.raises(IndexError):
+            s.ndarray("int64", 4, offset=4096 - 16)
+        run_python(f"""
+            import shmkit, numpy as np
+            s = shmkit.Segment.open({name!r})
+            a = s.ndarray("int64", (8, 8))
+            assert a.sum() == sum(range(64)), a.sum()
+            a[0, 0] = -5
+            s.close()
+        """)
+        assert a[0, 0] == -5 and buf[0] == 0xFB
+        del a, buf
+
+
+def test_close_with_exported_views_never_segfaults():
+    # In a child, so a crash would show as a signal exit code.
+    proc = run_python("""
+        import ctypes, shmkit
+        seg = shmkit.Segment(None, size=1 << 16)
+        name, addr = seg.name, seg._mapping.address
+        buf = seg.buf
+        arr = seg.ndarray("uint32")
+        rec = ctypes.c_uint32.from_buffer(seg.buf)
+        seg.close()
+        seg.unlink()
+        # Views stay valid after close...
+        buf[100] = 9
+        arr[1000] = 123456
+        rec.value = 77
+        assert arr[0] == 77 and buf[100] == 9 and arr[1000] == 123456
+        def mapped():
+            return any(int(l.split("-")[0], 16) == addr for l in open("/proc/self/maps"))
+        assert mapped()
+        for call in (lambda: seg.buf, lambda: seg.read(1), lambda: seg.ndarray()):
+            try:
+                call()
+            except shmkit.ClosedError:
+                pass
+            else:
+                raise AssertionError("a closed segment handed out memory")
+        del buf, rec
+        assert mapped()
+        del arr
+        # ...and the memory is unmapped once the last one is released.
+        assert not mapped()
+        print("ok")
+    """)
+    assert proc.stdout.strip() == "ok"
+
+
+def test_readonly(name):
+    with shmkit.Segment(name, size=64) as w:
+        w.write(b"data")
+        with shmkit.Segment.open(name, readonly=True) as r:
+            assert r.readonly and r.read(4) == b"data"
+            with pytest.raises(shmkit.ReadOnlyError) as e:
+                r.write(b"x")
+            assert isinstance(e.value, PermissionError)
+            with pytest.raises(shmkit.ReadOnlyError):
+                r.resize(128)
+            assert r.buf.readonly
+            a = r.ndarray("uint8")
+            assert not a.flags.writeable
+            with pytest.raises(ValueError):
+                a[0] = 1
+            with pytest.raises(PermissionError):
+                r.lock.acquire()
+            w.write(b"new!")
+            assert r.read(4) == b"new!"  # sees the writer's changes
+            assert w.readonly_attached()
+            del a
+        assert not w.readonly_attached()
+
+
+def test_file_backed_segment_persists(tmp_path):
+    path = tmp_path / "data.seg"
+    with shmkit.Segment(None, size=1000, path=path) as s:
+        assert s.path == str(path) and s.created
+        s.write(b"persistent", offset=500)
+    assert path.exists()
+    proc = run_python(f"""
+        import shmkit
+        with shmkit.Segment.open(path={str(path)!r}) as s:
+            print(s.read(10, offset=500).decode())
+    """)
+    assert proc.stdout.strip() == "persistent"
+    assert path.exists()
+    with pytest.raises(shmkit.NotFoundError):
+        shmkit.Segment.open(path=tmp_path / "missing")
+    with pytest.raises(shmkit.NotFoundError):
+        shmkit.Segment(None, size=10, path=tmp_path / "no-such-dir" / "x")
+    s = shmkit.Segment.open(path=path)
+    s.close()
+    s.unlink()
+    assert not path.exists()
+
+
+def test_mode(name, names):
+    with shmkit.Segment(name, size=8):
+        assert stat.S_IMODE(os.stat(_path(name)).st_mode) == 0o600
+    old = os.umask(0o077)
+    try:
+        other = names()
+        with shmkit.Segment(other, size=8, mode=0o640):
+            assert stat.S_IMODE(os.stat(_path(other)).st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_symlink_at_the_name_is_refused(name, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    os.symlink(victim, _path(name))
+    try:
+        with pytest.raises(shmkit.InvalidNameError):
+            shmkit.Segment.open(name)
+        with pytest.raises(shmkit.InvalidNameError):
+            shmkit.Segment(name, size=4096)
+        with pytest.raises(shmkit.ExistsError):
+            shmkit.Segment.create(name, size=4096)
+        assert victim.read_bytes() == b"precious"
+        assert os.path.islink(_path(name))
+    finally:
+        os.unlink(_path(name))
+
+
+@pytest.mark.parametrize("bad", ["a/b", "/abs", "..", ".", "", "x" * 201, "sp ace",
+                                 "new\nline", 123, b"bytes", 1.5])
+def test_name_validation(bad):
+    with pytest.raises(shmkit.InvalidNameError) as e:
+        shmkit.Segment(bad, size=8)
+    assert isinstance(e.value, ValueError)
+    with pytest.raises(shmkit.InvalidNameError):
+        shmkit.Segment.open(bad)
+    with pytest.raises(shmkit.InvalidNameError):
+        shmkit.Mutex(bad)
+
+
+def test_longest_name_is_accepted(names):
+    n = names()
+    long = n + "x" * (200 - len(n))
+    try:
+        with shmkit.Segment(long, size=8) as s:
+            assert s.created
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_path(long))
+
+
+# -- growth -----------------------------------------------------------------
+
+def test_resize_seen_by_another_process(name):
+    s = shmkit.Segment(name, size=4096)
+    ready, grown, done = SPAWN.Event(), SPAWN.Event(), SPAWN.Event()
+    new_size = 3 * 4096 + 100
+    p = spawn(_grow_watcher, name, ready, grown, done, new_size)
+    try:
+        assert ready.wait(30)
+        s.resize(new_size)
+        assert s.size == new_size
+        grown.set()
+        p.join(30)
+        assert p.exitcode == 0  # a SIGBUS would be -7
+        assert s.read(10, offset=new_size - 10) == b"from-child"
+        assert s.read(1, offset=new_size - 11) == b"\x07"
+        assert s.read(1, offset=0) == b"\x01"
+        assert s.info()["resizes"] == 1
+    finally:
+        s.close()
+
+
+def test_shrink_then_stale_views_read_zeros():
+    proc = run_python("""
+        import shmkit
+        s = shmkit.Segment(None, size=5 * 4096)
+        try:
+            s.write(b"\\xff" * (5 * 4096))
+            stale = s.buf
+            arr = s.ndarray("uint8")
+            s.resize(100)
+            assert s.size == 100
+            assert bytes(stale[:100]) == b"\\xff" * 100   # kept
+            assert not any(stale[100:]) and not arr[100:].any()  # zeros, no SIGBUS
+            try:
+                s.read(1, offset=100)
+            except IndexError:
+                pass
+            else:
+                raise AssertionError("read past the shrunk end")
+            s.resize(3 * 4096)
+            assert s.read(100) == b"\\xff" * 100
+            assert not any(s.read(3 * 4096 - 100, offset=100))  # regrown bytes are zeros
+            print("ok")
+        finally:
+            s.close(); s.unlink()
+    """)
+    assert proc.stdout.strip() == "ok"
+
+
+def test_resize_bad_arguments(name):
+    with shmkit.Segment(name, size=10, max_size=8192) as s:
+        for bad in (-1, 1.5, "2"):
+            with pytest.raises(ValueError):
+                s.resize(bad)
+        with pytest.raises(ValueError):
+            s.resize(8193)
+        s.resize(8192)
+        assert s.size == 8192 and s.max_size == 8192
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 8 MiB tmpfs, so running out of space is quick and harmless."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_out_of_space_is_an_exception(small_tmpfs):
+    with pytest.raises(shmkit.OutOfSpaceError) as e:
+        shmkit.Segment(None, size=16 << 20, path=small_tmpfs / "big")
+    assert isinstance(e.value, MemoryError)
+    assert os.listdir(small_tmpfs) == []  # no half-made or temporary file left
+    s = shmkit.Segment(None, size=1 << 20, path=small_tmpfs / "grow")
+    try:
+        s.write(b"keep me", offset=100)
+        with pytest.raises(shmkit.OutOfSpaceError):
+            s.resize(64 << 20)
+        assert s.size == 1 << 20 and s.read(7, offset=100) == b"keep me"
+        s.resize(2 << 20)  # what fits still works
+        assert s.size == 2 << 20
+        # Opening an existing segment through create-or-open allocates nothing.
+        big = shmkit.Segment(None, size=5 << 20, path=small_tmpfs / "big")
+        again = shmkit.Segment(None, size=5 << 20, path=small_tmpfs / "big")
+        assert big.created and not again.created
+        assert sorted(os.listdir(small_tmpfs)) == ["big", "grow"]
+        again.close()
+        big.close()
+    finally:
+        s.close()
+        s.unlink()
+
+
+# -- lifetime ----------------------------------------------------------------
+
+def test_attached_removed_when_last_closes(name):
+    a = shmkit.Segment(name, size=64, lifetime="attached")
+    b = shmkit.Segment.open(name)
+    a.close()
+    assert os.path.exists(_path(name))
+    b.close()
+    assert not os.path.exists(_path(name))
+
+
+def test_attached_kept_while_another_process_lives(name):
+    a = shmkit.Segment(name, size=64, lifetime="attached")
+    ready, release = SPAWN.Event(), SPAWN.Event()
+    p = spawn(_hold_open, name, ready, release)
+    assert ready.wait(30)
+    a.close()
+    assert os.path.exists(_path(name))
+    release.set()
+    p.join(30)
+    assert p.exitcode == 0
+    assert not os.path.exists(_path(name))
+
+
+def test_open_and_close_elsewhere_never_removes_it(name):
+    # The stdlib resource-tracker bug: a process that merely opens and closes
+    # must not delete what another process still uses.
+    a = shmkit.Segment(name, size=64, lifetime="attached")
+    a.write(b"alive")
+    for _ in range(2):
+        p = spawn(_open_close, name)
+        p.join(30)
+        assert p.exitcode == 0
+    run_python(f"import shmkit; shmkit.Segment.open({name!r}).close()")
+    assert os.path.exists(_path(name))
+    assert a.read(5) == b"alive"
+    # Persistent segments are never removed by closing at all.
+    a.close()
+    assert not os.path.exists(_path(name))
+
+
+def test_persistent_survives_every_close(name):
+    shmkit.Segment(name, size=8).close()
+    p = spawn(_open_close, name)
+    p.join(30)
+    assert p.exitcode == 0 and os.path.exists(_path(name))
+
+
+def test_attached_sigkilled_last_attacher_leaves_it_for_gc(name):
+    ready = SPAWN.Event()
+    p = spawn(_create_attached_and_wait, name, ready)
+    assert ready.wait(30)
+    p.kill()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    assert os.path.exists(_path(name))  # nobody could close it
+    s = shmkit.Segment.open(name)
+    assert [a["pid"] for a in s.attachments()] == [os.getpid()]
+    s.close()  # the last (live) attacher leaving removes it
+    assert not os.path.exists(_path(name))
+
+
+def test_attached_readonly_last_closer_removes_it(name):
+    w = shmkit.Segment(name, size=64, lifetime="attached")
+    r = shmkit.Segment.open(name, readonly=True)
+    w.close()
+    assert os.path.exists(_path(name))  # the reader still uses it
+    r.close()
+    assert not os.path.exists(_path(name))
+
+
+# -- self-description and bad segments ---------------------------------------
+
+def test_wrong_kind(name):
+    m = shmkit.Mutex(name)
+    try:
+        with pytest.raises(shmkit.WrongKindError) as e:
+            shmkit.Segment.open(name)
+        assert "mutex" in str(e.value)
+        with pytest.raises(shmkit.WrongKindError):
+            shmkit.Segment(name, size=10)
+        with pytest.raises(shmkit.WrongKindError):
+            shmkit.Event(name)
+        with pytest.raises(shmkit.WrongKindError):
+            shmkit.Array.open(name)
+    finally:
+        m.close()
+
+
+def _patch(name: str, offset: int, data: bytes) -> None:
+    fd = os.open(_path(name), os.O_RDWR)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def test_other_format_version(name):
+    shmkit.Segment(name, size=16).close()
+    _patch(name, 8, struct.pack("=I", segmod.FORMAT_VERSION + 1))
+    with pytest.raises(shmkit.FormatVersionError) as e:
+        shmkit.Segment.open(name)
+    assert f"version {segmod.FORMAT_VERSION + 1}" in str(e.value)
+
+
+@pytest.mark.parametrize("where,data", [
+    (0, b"GARBAGE!"),                          # magic
+    (12, struct.pack("=I", 99)),               # kind
+    (20, struct.pack("=I", 0)),                # max_slots
+    (20, struct.pack("=I", 5000)),
+    (24, struct.pack("=Q", 12345)),            # header size
+    (32, struct.pack("=Q", 1 << 50)),          # size > max_size
+    (32, struct.pack("=Q", 1 << 30)),          # size beyond the file
+    (40, struct.pack("=Q", 1 << 60)),          # max_size
+    (72, struct.pack("=I", 4000)),             # layout length
+    (1024, b"{not json"),                      # layout
+    (1024, b"[1, 2, 3]"),
+    (1024, b"\xff\xfe\x00"),
+])
+def test_corrupt_header_raises_corrupt_error(name, where, data):
+    shmkit.Segment(name, size=4096).close()
+    _patch(name, where, data)
+    if where == 1024:
+        _patch(name, 72, struct.pack("=I", len(data)))
+    with pytest.raises(shmkit.CorruptError):
+        shmkit.Segment.open(name)
+    with pytest.raises(shmkit.CorruptError):
+        shmkit.Segment(name, size=4096)
+
+
+@pytest.mark.parametrize("length", [0, 100, 5000])
+def test_truncated_or_foreign_file_raises_corrupt_error(name, length):
+    with open(_path(name), "wb") as f:
+        f.write(os.urandom(length))
+    os.chmod(_path(name), 0o600)
+    with pytest.raises(shmkit.CorruptError):
+        shmkit.Segment.open(name)
+
+
+def test_corruption_after_open_is_detected(name):
+    with shmkit.Segment(name, size=4096) as s:
+        peer = shmkit.Segment.open(name)
+        _patch(name, 32, struct.pack("=Q", 1 << 40))  # a size the file cannot hold
+        with pytest.raises(shmkit.CorruptError):
+            peer.size
+        with pytest.raises(shmkit.CorruptError):
+            peer.read(1)
+        _patch(name, 32, struct.pack("=Q", 4096))
+        assert peer.read(1) == b"\0"
+        # Hostile attach-table and lock words: bounded, never a crash.
+        _patch(name, 68, struct.pack("=I", 0xFFFFFFFF))      # hwm
+        _patch(name, 60, struct.pack("=I", 0x3FFFFFFF))      # lock owned by slot 1023
+        assert {a["pid"] for a in peer.attachments()} == {os.getpid()}
+        with pytest.warns(shmkit.OwnerDiedWarning):
+            assert peer.lock.acquire(timeout=1)
+        peer.lock.release()
+        peer.close()
+
+
+def test_half_created_segment_is_reported_and_openers_wait_for_init(name):
+    # A creator still inside init: openers wait for it, then see init's work.
+    ready = SPAWN.Event()
+    p = spawn(_init_then_sleep, name, ready, 0.8)
+    try:
+        assert ready.wait(30)
+        t0 = time.monotonic()
+        s = shmkit.Struct(name)
+        assert time.monotonic() - t0 > 0.3
+        assert int(s.record["x"]) == 12
+        s.close()
+    finally:
+        p.kill()
+        p.join()
+
+
+def test_creator_killed_inside_init_leaves_clear_corrupt_error(names):
+    name = names()
+    ready = SPAWN.Event()
+    p = spawn(_init_then_sleep, name, ready, 60)
+    assert ready.wait(30)
+    result: list = []
+
+    def opener():
+        try:
+            result.append(shmkit.Segment.open(name))
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            result.append(e)
+
+    t = threading.Thread(target=opener)
+    t.start()
+    time.sleep(0.3)
+    assert t.is_alive() and not result  # waiting for init, not failing
+    p.kill()
+    p.join()
+    t0 = time.monotonic()
+    t.join(10)
+    assert time.monotonic() - t0 < 2
+    assert isinstance(result[0], shmkit.CorruptError), result
+    assert "half-created" in str(result[0]) and "shmkit rm" in str(result[0])
+    with pytest.raises(shmkit.CorruptError):
+        shmkit.Segment(name, size=8)
+
+
+def test_init_that_raises_leaves_nothing_and_a_waiting_opener_creates(name):
+    # The opener starts while the creator's init runs; init fails, so the
+    # opener must create the segment itself rather than report corruption.
+    code = f"""
+        import shmkit, sys, time
+        def init(seg):
+            print("in init", flush=True)
+            time.sleep(0.5)
+            raise RuntimeError("boom")
+        seg = shmkit.Segment.__new__(shmkit.Segment)
+        try:
+            seg._attach({name!r}, None, size=10, create=None, init=init)
+        except RuntimeError:
+            print("failed", flush=True)
+    """
+    env = dict(os.environ, PYTHONPATH=SRC)
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "in init"
+        s = shmkit.Segment(name, size=10)
+        assert s.created
+        s.close()
+        assert proc.stdout.readline().strip() == "failed"
+    finally:
+        proc.wait(10)
+
+
+# -- fork, pickling, attach table ---------------------------------------------
+
+def _in_fork(fn) -> int:
+    """Run fn() in a forked child; return its exit status (0 = fn returned)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fn()
+            code = 0
+        except BaseException:  # noqa: BLE001 - report through the exit code
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_fork_child_reattaches_with_its_own_slot(name):
+    s = shmkit.Segment(name, size=64)
+    r = shmkit.Segment.open(name, readonly=True)
+    m = shmkit.Mutex(None)
+    try:
+        parent_slot = s._token & 0x3FF
+        m.acquire()
+
+        def child():
+            assert s._token and (s._token & 0x3FF) != parent_slot
+            pids = {a["pid"] for a in s.attachments()}
+            assert pids == {os.getpid(), os.getppid()}, pids
+            assert r.read(1) == b"\0" and s.readonly_attached()
+            s.write(b"c", offset=1)
+            # The parent's holding is not ours: separate ownership.
+            assert m.locked() and m.acquire(timeout=0.05) is False
+            with pytest.raises(RuntimeError):
+                m.release()
+            r.close()
+            s.close()
+
+        assert _in_fork(child) == 0
+        assert s.read(2) == b"\0c"
+        assert {a["pid"] for a in s.attachments()} == {os.getpid()}
+        assert s.readonly_attached()  # our own readonly handle r is still open
+        m.release()
+        # And the other way round: a child's holding is its own.
+        assert _in_fork(lambda: (m.acquire(), os._exit(0))) == 0
+        with pytest.warns(shmkit.OwnerDiedWarning):  # the child exited holding it
+            assert m.acquire(timeout=2)
+        assert m.recovered
+        m.release()
+    finally:
+        r.close()
+        s.close()
+        m.close()
+        m.unlink()
+
+
+def test_fork_with_no_free_slot_closes_only_that_handle(name):
+    full = shmkit.Segment(name, size=8, max_attach=1)
+    m = shmkit.Mutex(None)
+    try:
+        def child():
+            assert full.closed
+            with pytest.raises(shmkit.ClosedError):
+                full.read(1)
+            assert m.acquire(timeout=1)
+            m.release()
+
+        assert _in_fork(child) == 0
+        assert not full.closed and full.read(1) == b"\0"
+    finally:
+        full.close()
+        m.close()
+        m.unlink()
+
+
+def test_pickle_segment_to_spawned_child(name):
+    with shmkit.Segment(name, size=64) as s:
+        p = spawn(_write_through_pickle, s, b"via pickle")
+        p.join(30)
+        assert p.exitcode == 0
+        assert s.read(10) == b"via pickle"
+        again = pickle.loads(pickle.dumps(s))
+        assert again.name == name and not again.created
+        again.close()
+
+
+def test_pickle_segment_of_another_kind(name):
+    m = shmkit.Mutex(name)
+    try:
+        m.acquire()
+        p = spawn(_pickled_mutex_try, m)
+        p.join(30)
+        assert p.exitcode == 0
+        m.release()
+        seg = pickle.loads(pickle.dumps(m.segment))
+        assert seg.kind == shmkit.Kind.MUTEX
+        seg.close()
+    finally:
+        m.close()
+
+
+def test_pickle_the_segment_lock(name):
+    with shmkit.Segment(name, size=4096) as s:
+        with s.lock:
+            p = spawn(_pickled_mutex_try, s.lock)  # must see it held
+            p.join(30)
+            assert p.exitcode == 0
+
+
+def test_attach_table_shows_live_attachers(name):
+    s = shmkit.Segment(name, size=64)
+    ready = [SPAWN.Event() for _ in range(2)]
+    procs = [spawn(_hold_open_forever, name, ev) for ev in ready]
+    try:
+        for ev in ready:
+            assert ev.wait(30)
+        table = s.attachments()
+        assert {a["pid"] for a in table} == {os.getpid(), *(p.pid for p in procs)}
+        assert all(a["comm"] and a["attached"] > 0 for a in table)
+        assert len({a["slot"] for a in table}) == 3
+        info = s.info()
+        assert info["kind"] == "raw" and len(info["attached"]) == 3
+        assert info["lifetime"] == "persistent" and info["creator_pid"] == os.getpid()
+        procs[0].kill()
+        procs[0].join()
+        assert {a["pid"] for a in s.attachments()} == {os.getpid(), procs[1].pid}
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
+        s.close()
+    with shmkit.Segment.open(name) as s:
+        assert [a["pid"] for a in s.attachments()] == [os.getpid()]
+
+
+def test_busy_when_attach_slots_are_used_up(name):
+    a = shmkit.Segment(name, size=8, max_attach=2)
+    b = shmkit.Segment.open(name)
+    try:
+        with pytest.raises(shmkit.BusyError) as e:
+            shmkit.Segment.open(name)
+        assert "max_attach" in str(e.value)
+        b.close()
+        c = shmkit.Segment.open(name)  # a freed slot is reused
+        c.close()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_half_constructed_objects_are_safe_to_collect(name):
+    seen: list = []
+    old = sys.unraisablehook
+    sys.unraisablehook = lambda u: seen.append(u.exc_value)
+    try:
+        shmkit.Segment(name, size=8).close()
+        attempts = [
+            lambda: shmkit.Segment("bad/name", size=8),
+            lambda: shmkit.Segment(None, size=-1),
+            lambda: shmkit.Segment(name, size=8, lifetime="x"),
+            lambda: shmkit.Event(name),  # wrong kind
+            lambda: shmkit.Segment.open(name + "-missing"),
+            lambda: shmkit.Array(name, "f8", 3),
+        ]
+        for attempt in attempts:
+            with pytest.raises(Exception):
+                attempt()
+        half = shmkit.Segment.__new__(shmkit.Segment)
+        assert "closed" in repr(half)
+        half.close()
+        del half
+        gc.collect()
+    finally:
+        sys.unraisablehook = old
+    assert seen == []

@@ -1,0 +1,789 @@
+"""shmkit.Store: a growable key-value map in shared memory, across real processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import random
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import shmkit
+from shmkit import (
+    BusyError,
+    ClosedError,
+    CorruptError,
+    FormatVersionError,
+    KeyExistsError,
+    LayoutMismatchError,
+    OutOfSpaceError,
+    ReadOnlyError,
+    Segment,
+    ShmkitError,
+    Store,
+    UnsupportedTypeError,
+    ValueTooLargeError,
+    WrongKindError,
+)
+
+from conftest import SPAWN, run_python, spawn
+
+
+def exact(a, b) -> bool:
+    """Equal and of the same type (arrays: same dtype, shape and bytes)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    if isinstance(a, float) and math.isnan(a):
+        return math.isnan(b)
+    return a == b
+
+
+# -- types and the mapping protocol ---------------------------------------------
+
+VALUES = [
+    b"", b"\x00" * 3, b"x" * 5000, "", "text", "ünïcødé ✓" * 50, 0, 1, -1, 2**63 - 1,
+    -2**63, 2**63, -2**63 - 1, 2**200, -(3**150), 0.0, -0.0, 1.5, float("inf"),
+    float("nan"), True, False, None,
+    np.arange(12, dtype=np.float32).reshape(3, 4),
+    np.array(7, dtype=np.int16),                     # 0-d
+    np.zeros((0, 5), dtype=np.uint8),                # empty
+    np.arange(10)[::3],                              # not contiguous
+    np.asfortranarray(np.arange(6).reshape(2, 3)),   # Fortran order
+    np.array([(1, 2.5)], dtype=[("a", "<i4"), ("b", ">f8")]),
+    np.array(["2020-01-01", "2021-06-30"], dtype="M8[D]"),
+    np.array(["ab", "cde"], dtype="U3"),
+    np.array([True, False]),
+]
+
+
+def test_every_value_type_round_trips_exactly(name):
+    with Store(name) as st:
+        for i, v in enumerate(VALUES):
+            st[i] = v
+        for i, v in enumerate(VALUES):
+            got = st[i]
+            if isinstance(v, np.ndarray):
+                assert exact(v, got), (v, got)
+                assert got.flags.writeable
+            else:
+                assert exact(v, got), (v, got)
+        st.verify()
+
+
+def test_values_are_seen_exactly_by_another_process(name, tmp_path):
+    with Store(name) as st:
+        for i, v in enumerate(VALUES):
+            st[i] = v
+    out = tmp_path / "values.pickle"
+    run_python(f"""
+        import pickle, shmkit
+        st = shmkit.Store.open({name!r})
+        with open({str(out)!r}, "wb") as f:
+            pickle.dump([st[i] for i in range({len(VALUES)})], f)
+    """)
+    for v, got in zip(VALUES, pickle.loads(out.read_bytes())):
+        assert exact(v, got)
+
+
+def test_key_type_is_part_of_the_key(name):
+    with Store(name) as st:
+        st[1] = "int"
+        st["1"] = "str"
+        st[b"1"] = "bytes"
+        st[2**80] = "big"
+        st[-2**80] = "negbig"
+        assert (st[1], st["1"], st[b"1"], st[2**80], st[-2**80]) == (
+            "int", "str", "bytes", "big", "negbig")
+        assert len(st) == 5
+        keys = list(st)
+        assert sorted(map(repr, keys)) == sorted(map(repr, [1, "1", b"1", 2**80, -2**80]))
+        assert {type(k) for k in keys} == {int, str, bytes}
+
+
+def test_dict_methods(name):
+    with Store(name) as st:
+        assert len(st) == 0 and st.get("a") is None and st.get("a", 5) == 5
+        st["a"] = 1
+        st.add("b", 2)
+        with pytest.raises(KeyExistsError) as ei:
+            st.add("a", 99)
+        assert isinstance(ei.value, KeyError) and isinstance(ei.value, ShmkitError)
+        assert "already" in str(ei.value)
+        assert st["a"] == 1
+        assert "a" in st and "zz" not in st and 3 not in st
+        assert st.pop("a") == 1 and "a" not in st
+        assert st.pop("a", "gone") == "gone"
+        with pytest.raises(KeyError):
+            st.pop("a")
+        with pytest.raises(KeyError):
+            st["a"]
+        with pytest.raises(KeyError):
+            del st["a"]
+        assert st.setdefault("c", 3) == 3 and st.setdefault("c", 4) == 3
+        st.update({"d": 4, "e": 5}, f=6)
+        assert dict(st.items()) == {"b": 2, "c": 3, "d": 4, "e": 5, "f": 6}
+        assert sorted(st.values()) == [2, 3, 4, 5, 6]
+        assert set(st.keys()) == {"b", "c", "d", "e", "f"}
+        assert ("b", 2) in st.items() and 4 in st.values()
+        assert st == {"b": 2, "c": 3, "d": 4, "e": 5, "f": 6}
+        assert st.nbytes("b") == 8
+        st["s"] = "héllo"
+        assert st.nbytes("s") == len("héllo".encode())
+        with pytest.raises(KeyError):
+            st.nbytes("missing")
+        st.clear()
+        assert len(st) == 0 and list(st) == []
+        st["x"] = 1
+        assert dict(st.items()) == {"x": 1}
+        st.verify()
+
+
+def test_matches_a_dict_under_random_operations(name):
+    rng = random.Random(7)
+    model: dict = {}
+    with Store(name, size=16 << 10) as st:
+        for step in range(20000):
+            k = rng.choice([rng.randrange(300), f"k{rng.randrange(300)}",
+                            bytes([rng.randrange(256)]) * rng.randrange(1, 40)])
+            op = rng.random()
+            if op < 0.55:
+                v = rng.choice([b"v" * rng.randrange(0, 400), rng.random(), step,
+                                f"s{step}" * rng.randrange(0, 30), None, True])
+                st[k] = v
+                model[k] = v
+            elif op < 0.8:
+                assert (k in st) == (k in model)
+                if k in model:
+                    del st[k]
+                    del model[k]
+            elif op < 0.85:
+                with st.batch():
+                    for j in range(rng.randrange(1, 20)):
+                        kk = f"b{rng.randrange(100)}"
+                        if rng.random() < 0.3 and kk in st:
+                            del st[kk]
+                            model.pop(kk)
+                        else:
+                            st[kk] = j
+                            model[kk] = j
+                    assert len(st) == len(model)
+            else:
+                assert exact(st.get(k, "nope"), model.get(k, "nope"))
+            if step % 2000 == 0:
+                st.verify()
+                if step % 6000 == 0:
+                    st.vacuum()
+        assert len(st) == len(model)
+        assert {repr(k): v for k, v in st.items()} == {repr(k): v for k, v in model.items()}
+        st.verify()
+        st.vacuum()
+        st.verify()
+        assert {repr(k): v for k, v in st.items()} == {repr(k): v for k, v in model.items()}
+
+
+# -- bad input ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", [1.5, None, True, (1,), [1], bytearray(b"x"), object()])
+def test_unsupported_key_types(name, key):
+    with Store(name) as st:
+        st["keep"] = 1
+        with pytest.raises(UnsupportedTypeError) as ei:
+            st[key] = 1
+        assert isinstance(ei.value, TypeError)
+        assert type(key).__name__ in str(ei.value)
+        with pytest.raises(UnsupportedTypeError):
+            st[key]
+        assert dict(st.items()) == {"keep": 1}
+
+
+class Thing:
+    def __init__(self, x):
+        self.x = x
+
+    def __eq__(self, other):
+        return type(other) is Thing and other.x == self.x
+
+
+@pytest.mark.parametrize("value", [bytearray(b"x"), [1, 2], {"a": 1}, (1,), Thing(1),
+                                   np.float64(1.5), np.array([object()]), 1 + 2j])
+def test_unsupported_value_types_name_the_way_out(name, value):
+    with Store(name) as st:
+        st["k"] = "before"
+        with pytest.raises(UnsupportedTypeError) as ei:
+            st["k"] = value
+        assert "codec='pickle'" in str(ei.value)
+        assert type(value).__qualname__ in str(ei.value)
+        assert st["k"] == "before" and len(st) == 1
+
+
+def test_pickle_codec_is_explicit_and_recorded(names):
+    a, b = names(), names()
+    with Store(a, codec="pickle") as st:
+        st["obj"] = {"nested": [1, (2, 3)], "t": Thing(5)}
+        st["arr"] = np.arange(3)
+        st["plain"] = b"raw"
+        assert st["obj"] == {"nested": [1, (2, 3)], "t": Thing(5)}
+        assert exact(st["arr"], np.arange(3))
+        assert dict(st.items())["obj"]["t"] == Thing(5)
+        assert sum(1 for v in st.values() if type(v) is bytes and v == b"raw") == 1
+        with pytest.raises(LayoutMismatchError, match="codec='pickle'"):
+            Store.open(a)
+    with Store(b) as st:
+        st["x"] = 1
+    with pytest.raises(LayoutMismatchError, match="codec=None"):
+        Store.open(b, codec="pickle")
+    with pytest.raises(ValueError):
+        Store(names(), codec="json")
+
+
+def test_value_too_large_and_store_full(name):
+    with Store(name, size=64 << 10, max_size=1 << 20) as st:
+        st["a"] = b"a" * 1000
+        with pytest.raises(ValueTooLargeError) as ei:
+            st["big"] = b"x" * (2 << 20)
+        assert isinstance(ei.value, ValueError) and "max_size" in str(ei.value)
+        with pytest.raises(OutOfSpaceError, match="max_size"):
+            for i in range(10_000):
+                st[i] = b"y" * 1000
+        assert st["a"] == b"a" * 1000
+        st.verify()
+        n = len(st)
+        for i in range(n - 1):
+            del st[i]
+        st.vacuum()
+        st["again"] = b"z" * 1000
+        st.verify()
+
+
+def test_opened_as_another_kind(names):
+    a, b = names(), names()
+    with Segment(a, size=4096):
+        with pytest.raises(WrongKindError, match="open it as Raw"):
+            Store(a)
+    with Store(b):
+        with pytest.raises(WrongKindError, match="store"):
+            Segment.open(b)
+
+
+def test_other_format_version_is_refused(name):
+    Store(name).close()
+    path = f"/dev/shm/shmkit.{name}"
+    with open(path, "r+b") as f:
+        f.seek(1024)
+        raw = f.read(200)
+        assert b'"format":1' in raw
+        f.seek(1024)
+        f.write(raw.replace(b'"format":1', b'"format":9'))
+    with pytest.raises(FormatVersionError, match="format 9"):
+        Store.open(name)
+
+
+def damage(st: Store, key, where: str) -> None:
+    rec, _ = st._locate(key)
+    view = st.segment.buf
+    base = st.segment._hsize
+    off = rec - base
+    if where == "length":
+        view[off + 32:off + 40] = (1 << 40).to_bytes(8, "little")
+    elif where == "hash":
+        view[off + 16:off + 24] = b"\xff" * 8
+    elif where == "index":
+        ix = int.from_bytes(view[8:16], "little")
+        view[ix + 32:ix + 32 + 8 * 64] = b"\xab" * (8 * 64)
+    elif where == "chain":
+        view[off:off + 8] = (3).to_bytes(8, "little")
+    del view
+
+
+@pytest.mark.parametrize("where", ["length", "index", "chain", "hash"])
+def test_corrupt_store_raises_never_crashes(name, where):
+    with Store(name, size=16 << 10) as st:
+        for i in range(40):
+            st[f"k{i}"] = b"v" * 50
+        damage(st, "k3", where)
+        with pytest.raises(CorruptError) as ei:
+            st.verify()
+        assert "verify()" in str(ei.value)
+        # reads and writes fail cleanly (or still work where nothing is damaged)
+        for op in (lambda: [st.get(f"k{i}") for i in range(40)],
+                   lambda: st.__setitem__("new", b"x"),
+                   lambda: list(st.items()),
+                   lambda: st.vacuum()):
+            try:
+                op()
+            except (CorruptError, KeyError):
+                pass
+    # another process too
+    proc = run_python(f"""
+        import shmkit
+        st = shmkit.Store.open({name!r})
+        try:
+            st.verify()
+        except shmkit.CorruptError as e:
+            print("corrupt:", e)
+    """)
+    assert "corrupt:" in proc.stdout
+
+
+def test_closed_and_readonly(name):
+    st = Store(name)
+    st["a"] = 1
+    ro = Store.open(name, readonly=True)
+    assert ro["a"] == 1 and ro.readonly
+    with pytest.raises(ReadOnlyError):
+        ro["b"] = 2
+    with pytest.raises(ReadOnlyError):
+        del ro["a"]
+    st.close()
+    st.close()
+    with pytest.raises(ClosedError):
+        st["a"]
+    with pytest.raises(ClosedError):
+        st["a"] = 2
+    with pytest.raises(ClosedError):
+        len(st)
+    ro.close()
+
+
+# -- sharing between processes ------------------------------------------------------
+
+def _grow_child(name, n):
+    st = Store.open(name)
+    for i in range(n):
+        st[i] = b"%d" % i * 20
+    st.close()
+
+
+def test_growth_is_seen_by_other_processes(name):
+    with Store(name, size=16 << 10) as st:
+        st["first"] = "here"
+        size0 = st.allocated_bytes
+        p = spawn(_grow_child, name, 30_000)
+        p.join(60)
+        assert p.exitcode == 0
+        assert len(st) == 30_001 and st.allocated_bytes > 50 * size0
+        for i in range(0, 30_000, 997):
+            assert st[i] == b"%d" % i * 20
+        assert st["first"] == "here"
+        stats = st.statistics()
+        assert stats["growths"] >= 5 and stats["index_growths"] >= 5
+        st.verify()
+
+
+def test_pickling_by_name_reopens_in_a_child(name):
+    with Store(name) as st:
+        st["k"] = "v"
+        blob = pickle.dumps(st)
+        out = run_python(f"""
+            import pickle, shmkit
+            st = pickle.loads({blob!r})
+            print(st["k"]); st["child"] = 1
+        """)
+        assert out.stdout.strip() == "v" and st["child"] == 1
+
+
+def test_file_backed_store_survives_and_flushes(tmp_path):
+    path = tmp_path / "store.db"
+    with Store(path=path) as st:
+        st["durable"] = b"yes"
+        st.flush()
+    out = run_python(f"""
+        import shmkit
+        st = shmkit.Store.open(path={str(path)!r})
+        print(st["durable"].decode()); st.verify()
+    """)
+    assert out.stdout.strip() == "yes"
+    os.unlink(path)
+
+
+def test_vacuum_gives_memory_back(name):
+    with Store(name) as st:
+        for i in range(60_000):
+            st[i] = b"x" * 200
+        fd = st.segment._fd
+        full = os.fstat(fd).st_blocks * 512
+        for i in range(60_000):
+            if i % 50:
+                del st[i]
+        released = st.vacuum()
+        after = os.fstat(fd).st_blocks * 512
+        assert released > 0 and after < full / 5, (full, after)
+        assert len(st) == 1200 and all(st[i] == b"x" * 200 for i in range(0, 60_000, 50))
+        st.verify()
+        st.update({f"n{i}": i for i in range(1000)})  # grows again from the smaller size
+        st.verify()
+
+
+def test_info_describes_the_store(name):
+    with Store(name) as st:
+        for i in range(100):
+            st[i] = i
+        info = st.info()
+        assert info["kind"] == "store"
+        s = info["store"]
+        for field in ("count", "used_bytes", "allocated_bytes", "fragmentation", "growths"):
+            assert field in s
+        assert s["count"] == 100 and s["used_bytes"] == st.used_bytes > 0
+        assert st.allocated_bytes >= st.used_bytes
+        assert st.statistics()["count"] == 100
+        assert "keys=100" in repr(st)
+
+
+# -- concurrency ------------------------------------------------------------------------
+
+def _pattern(key: int, gen: int) -> bytes:
+    n = 1 + (key * 7 + gen * 13) % 300
+    return bytes([gen % 251]) * n + key.to_bytes(4, "little")
+
+
+def _writer(name, seconds, stop_flag):
+    st = Store.open(name)
+    gen = 1
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not stop_flag.is_set():
+        for k in range(200):
+            st[k] = _pattern(k, gen)
+        with st.batch():
+            st["a"] = gen
+            st["b"] = -gen
+        if gen % 7 == 0:
+            for k in range(200, 260):
+                st.pop(k, None)
+        else:
+            for k in range(200, 260):
+                st[k] = _pattern(k, gen)
+        gen += 1
+    st.close()
+
+
+def _reader(name, seconds, q):
+    st = Store.open(name, readonly=True)
+    bad = reads = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for k in range(0, 260, 3):
+            v = st.get(k)
+            reads += 1
+            if v is None:
+                continue
+            gen = v[0]
+            if v[-4:] != k.to_bytes(4, "little") or v[:-4] != bytes([gen]) * (len(v) - 4):
+                bad += 1
+        for key, value in st.items():
+            if isinstance(key, int) and value[-4:] != key.to_bytes(4, "little"):
+                bad += 1
+    q.put((bad, reads))
+    st.close()
+
+
+def _batch_reader(name, seconds, q):
+    """Reads a and b in one scan (one epoch), so a half-applied batch would show."""
+    st = Store.open(name)
+    bad = n = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        d = dict(st._scan(0, 0, 1 << 20, 2)[2]) if len(st) < 1000 else {}
+        if "a" in d and "b" in d:
+            n += 1
+            if d["a"] != -d["b"]:
+                bad += 1
+    q.put((bad, n))
+    st.close()
+
+
+def test_readers_in_other_processes_never_see_torn_values(name):
+    with Store(name, size=16 << 10) as st:
+        stop = SPAWN.Event()
+        q = SPAWN.Queue()
+        w = spawn(_writer, name, 4.0, stop)
+        readers = [spawn(_reader, name, 3.0, q), spawn(_batch_reader, name, 3.0, q)]
+        results = [q.get(timeout=60) for _ in readers]
+        stop.set()
+        for p in readers + [w]:
+            p.join(30)
+            assert p.exitcode == 0
+        assert sum(r[0] for r in results) == 0, results
+        assert all(r[1] > 0 for r in results), results
+        st.verify()
+        assert st.statistics()["recycles"] > 0  # readers did race with space reuse
+
+
+def test_many_threads_share_one_store(name):
+    with Store(name, size=16 << 10) as st:
+        errors = []
+
+        def work(t):
+            try:
+                for i in range(3000):
+                    st[i + t * 100_000] = f"{t}:{i}"
+                    if i % 10 == 0:
+                        with st.batch():
+                            st[f"t{t}"] = i
+                            st[f"u{t}"] = i
+                    assert st.get(i + t * 100_000) == f"{t}:{i}"
+                    if i % 3 == 0:
+                        del st[i + t * 100_000]
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors, errors
+        assert len(st) == 6 * 2000 + 12
+        for t in range(6):
+            assert st[f"t{t}"] == st[f"u{t}"] == 2990
+        st.verify()
+
+
+def test_batch_is_all_or_nothing_and_private_until_published(name):
+    with Store(name) as st:
+        st["a"] = 0
+        with pytest.raises(RuntimeError):
+            with st.batch():
+                st["a"] = 1
+                st["new"] = 1
+                assert st["a"] == 1 and "new" in st and len(st) == 2
+                raise RuntimeError("abandon")
+        assert st["a"] == 0 and "new" not in st and len(st) == 1
+        seen = []
+        with st.batch():
+            st["a"] = 2
+            for i in range(500):  # enough inserts to rebuild the index mid-batch
+                st[i] = i
+            del st[3]
+            t = threading.Thread(target=lambda: seen.append((st.get("a"), len(st))))
+            t.start()
+            t.join()
+            out = run_python(f"""
+                import shmkit
+                st = shmkit.Store.open({name!r}, readonly=True)
+                print(st["a"], len(st), 10 in st)
+            """)
+            assert out.stdout.split() == ["0", "1", "False"]
+            expected = {i: i for i in range(500) if i != 3}
+            expected["a"] = 2
+            assert dict(st.items()) == expected
+        assert seen == [(0, 1)]  # another thread saw the state before the batch
+        assert st["a"] == 2 and len(st) == 500 and 3 not in st
+        assert st.statistics()["batches"] == 1
+        st.verify()
+
+
+def _iter_writer(name, seconds):
+    st = Store.open(name)
+    rng = random.Random(3)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for _ in range(300):
+            k = 1000 + rng.randrange(3000)
+            if rng.random() < 0.5:
+                st[k] = k * 3
+            else:
+                st.pop(k, None)
+    st.close()
+
+
+def test_iteration_while_another_process_writes(name):
+    with Store(name, size=16 << 10) as st:
+        for k in range(1000):
+            st[k] = k * 3  # these stay for the whole test
+        p = spawn(_iter_writer, name, 3.0)
+        deadline = time.monotonic() + 2.5
+        rounds = 0
+        while time.monotonic() < deadline:
+            items = list(st.items())
+            keys = [k for k, _ in items]
+            assert len(keys) == len(set(keys))
+            assert all(v == k * 3 for k, v in items)
+            assert set(range(1000)) <= set(keys)
+            rounds += 1
+        p.join(30)
+        assert p.exitcode == 0 and rounds >= 1
+        st.verify()
+
+
+# -- crashes ----------------------------------------------------------------------------
+
+def _ops(seed: int, count: int):
+    """The deterministic operation sequence a crash-test writer runs."""
+    rng = random.Random(seed)
+    for i in range(count):
+        r = rng.random()
+        if r < 0.6:
+            k = rng.randrange(400)
+            big = 3000 if rng.random() < 0.2 else 1  # long copies under the lock
+            yield [("set", k, _pattern(k, i) * rng.randrange(1, 4) * big)]
+        elif r < 0.8:
+            yield [("del", rng.randrange(400), None)]
+        else:
+            yield [("set", rng.randrange(400), i) for _ in range(rng.randrange(2, 30))]
+
+
+def _crash_writer(name, seed, ack, count):
+    st = Store.open(name)
+    for n, op in enumerate(_ops(seed, count)):
+        if len(op) == 1:
+            kind, k, v = op[0]
+            if kind == "set":
+                st[k] = v
+            else:
+                st.pop(k, None)
+        else:
+            with st.batch():
+                for _, k, v in op:
+                    st[k] = v
+        ack.send_bytes(n.to_bytes(4, "little"))
+    st.close()
+
+
+def _apply(model: dict, op) -> None:
+    for kind, k, v in op:
+        if kind == "set":
+            model[k] = v
+        else:
+            model.pop(k, None)
+
+
+def crash_rounds(name: str, rounds: int, rng: random.Random) -> dict:
+    stats = {"recoveries": 0, "acked": 0}
+    model: dict = {}
+    with Store(name, size=16 << 10) as st:
+        for r in range(rounds):
+            # model: everything written by finished rounds
+            base = dict(model)
+            for k, v in base.items():
+                assert exact(st.get(k), v)
+            seed = rng.randrange(1 << 30)
+            reader, writer = SPAWN.Pipe(duplex=False)
+            p = SPAWN.Process(target=_crash_writer, args=(name, seed, writer, 100_000),
+                              daemon=True)
+            p.start()
+            writer.close()
+            done = 0
+            try:
+                reader.recv_bytes()  # it is writing
+                done = 1
+            except EOFError:
+                pass
+            time.sleep(rng.uniform(0, 0.03))
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(30)
+            try:
+                while True:
+                    reader.recv_bytes()
+                    done += 1
+            except EOFError:
+                pass
+            reader.close()
+            stats["acked"] += done
+            ops = _ops(seed, done + 1)
+            for _ in range(done):
+                _apply(model, next(ops))
+            inflight = next(ops)
+            new = dict(model)
+            _apply(new, inflight)
+            # the first write recovers; verify() takes the lock, so it recovers too
+            st.verify()
+            keys = {k for _, k, _ in inflight}
+            got = {k: st.get(k, "<absent>") for k in keys}
+            old_state = {k: model.get(k, "<absent>") for k in keys}
+            new_state = {k: new.get(k, "<absent>") for k in keys}
+            same = lambda a, b: all(exact(a[k], b[k]) for k in keys)  # noqa: E731
+            assert same(got, old_state) or same(got, new_state), (r, inflight, got)
+            if same(got, new_state):
+                model = new
+            assert len(st) == len(model)
+            for k, v in model.items():
+                assert exact(st[k], v), (r, k)
+            stats["recoveries"] = st.statistics()["recoveries"]
+    print("crash rounds:", stats)
+    return stats
+
+
+def test_writer_killed_at_random_points(name):
+    stats = crash_rounds(name, 10, random.Random(11))
+    assert stats["acked"] > 0
+
+
+@pytest.mark.stress
+def test_writer_killed_at_random_points_many_times(name):
+    stats = crash_rounds(name, 300, random.Random(12345))
+    assert stats["recoveries"] >= 20
+
+
+def _hold_lock_and_die(name, ready):
+    st = Store.open(name)
+    st._lock()
+    st._batch_begin()
+    st["half"] = "written"
+    ready.set()
+    time.sleep(60)
+
+
+def test_dead_lock_holder_is_recovered_automatically(name):
+    with Store(name, timeout=10) as st:
+        st["kept"] = 1
+        ready = SPAWN.Event()
+        p = spawn(_hold_lock_and_die, name, ready)
+        assert ready.wait(30)
+        assert st["kept"] == 1  # readers never wait for the writer
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(10)
+        st["after"] = 2  # takes the lock over and repairs first
+        assert "half" not in st and st["kept"] == 1
+        assert st.statistics()["recoveries"] == 1
+        st.verify()
+
+
+def test_write_times_out_behind_a_long_batch(name):
+    with Store(name) as st:
+        ready = SPAWN.Event()
+        p = spawn(_hold_lock_and_die, name, ready)
+        try:
+            assert ready.wait(30)
+            other = Store.open(name, timeout=0.2)
+            t0 = time.monotonic()
+            with pytest.raises(shmkit.Timeout):
+                other["x"] = 1
+            assert time.monotonic() - t0 < 5
+            other.close()
+        finally:
+            p.kill()
+            p.join()
+        st["x"] = 1
+        st.verify()
+
+
+def test_fork_child_uses_the_store(name):
+    with Store(name) as st:
+        st["parent"] = 1
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                st["child"] = st["parent"] + 1
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert st["child"] == 2
+
+
+def test_hash_is_stable_and_seeded():
+    h = shmkit._core.table_hash
+    assert h(b"abc", 1) == h(b"abc", 1)
+    assert h(b"abc", 1) != h(b"abc", 2) and h(b"abc", 1) != h(b"abd", 1)
+    seen = {h(bytes([i]) * n, 0) for i in range(256) for n in range(0, 70, 7)}
+    assert len(seen) == 256 * 10 - 255  # all distinct except the 256 empty strings

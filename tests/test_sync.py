@@ -1,0 +1,982 @@
+"""Locks and events across real processes, including processes killed by SIGKILL.
+
+The kill-at-random-points loops run briefly here; ``make stress`` runs them
+thousands of times (``test_kill_cycles_stress``).  Timing checks use wide
+margins: the machine may be busy, and no test asserts a speed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+import shmkit
+from shmkit import _core
+from conftest import SPAWN, SRC, spawn
+
+PROMPT = 1.0  # seconds: "promptly" after a holder dies (it is ~1-50 ms)
+
+
+def _quiet() -> None:
+    warnings.simplefilter("ignore", shmkit.OwnerDiedWarning)
+
+
+def _elapsed(fn, *args, **kwargs):
+    t = time.monotonic()
+    result = fn(*args, **kwargs)
+    return result, time.monotonic() - t
+
+
+def _make(kind: str, name: str):
+    if kind == "mutex":
+        return shmkit.Mutex(name)
+    if kind == "rwlock":
+        return shmkit.RWLock(name)
+    if kind == "semaphore":
+        return shmkit.Semaphore(name, value=1)
+    if kind == "condition":
+        return shmkit.Condition(name)
+    raise ValueError(kind)
+
+
+def _locked(obj):
+    """A context manager for an exclusive holding of any of the primitives."""
+    return obj.write() if isinstance(obj, shmkit.RWLock) else obj
+
+
+# -- children -----------------------------------------------------------------
+
+def _increment(kind: str, lock_name: str, counter_name: str, n: int) -> None:
+    lock = _make(kind, lock_name)
+    arr = shmkit.Array.open(counter_name)
+    for _ in range(n):
+        with _locked(lock):
+            v = int(arr[0])
+            arr[0] = v + 1
+    arr.close()
+    lock.close()
+
+
+def _hold(kind: str, name: str, ready, release=None) -> None:
+    """Take `kind` and keep it until `release` is set (or until killed)."""
+    if kind == "mutex":
+        obj = shmkit.Mutex(name)
+        obj.acquire()
+    elif kind == "write":
+        obj = shmkit.RWLock(name)
+        obj.acquire_write()
+    elif kind == "read":
+        obj = shmkit.RWLock(name)
+        obj.acquire_read()
+    elif kind == "semaphore":
+        obj = shmkit.Semaphore(name, value=2)
+        obj.acquire()
+    elif kind == "condition":
+        obj = shmkit.Condition(name)
+        obj.acquire()
+    else:
+        raise ValueError(kind)
+    ready.set()
+    if release is None:
+        time.sleep(120)
+        return
+    release.wait(60)
+    if kind == "write":
+        obj.release_write()
+    elif kind == "read":
+        obj.release_read()
+    else:
+        obj.release()
+
+
+def _wait_event(name: str, auto: bool, results: str, i: int, timeout: float) -> None:
+    ev = shmkit.Event(name, auto_reset=auto, create=False)
+    out = shmkit.Array.open(results)
+    r = ev.wait(timeout=timeout)
+    out[i] = 1 if r else 2
+
+
+def _wait_condition(name: str, results: str, i: int) -> None:
+    c = shmkit.Condition(name, create=False)
+    out = shmkit.Array.open(results)
+    with c:
+        r = c.wait(timeout=5)
+    out[i] = 1 if r else 2
+
+
+def _wait_for_value(name: str, data: str) -> None:
+    c = shmkit.Condition(name, create=False)
+    arr = shmkit.Array.open(data)
+    with c:
+        ok = c.wait_for(lambda: arr[0] >= 3, timeout=10)
+    sys.exit(0 if ok else 5)
+
+
+# -- mutual exclusion ------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["mutex", "rwlock", "semaphore", "condition"])
+def test_mutual_exclusion_exact_counter(kind, names):
+    lock_name, counter = names(), names()
+    lock = _make(kind, lock_name)
+    arr = shmkit.Array(counter, "int64", 1)
+    procs = [spawn(_increment, kind, lock_name, counter, 1500) for _ in range(3)]
+    _increment(kind, lock_name, counter, 500)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert arr[0] == 3 * 1500 + 500
+    arr.close()
+    lock.close()
+
+
+def test_mutex_basics(name):
+    m = shmkit.Mutex(name)
+    assert not m.locked() and m.holder_pid() is None
+    assert m.acquire() is True
+    assert m.locked() and m.holder_pid() == os.getpid() and not m.recovered
+    assert m.statistics()["holder_pid"] == os.getpid()
+    m.release()
+    with pytest.raises(RuntimeError):
+        m.release()
+    with m:
+        assert m.locked()
+    with m.held(timeout=1) as held:
+        assert held is m
+    m.acquire_nowait()
+    m.release()
+    assert shmkit.Mutex.open(name).name == name
+    with pytest.raises(shmkit.ExistsError):
+        shmkit.Mutex.create(name)
+    m.close()
+    with pytest.raises(ValueError):  # closed
+        m.acquire()
+
+
+def _release_later(obj, delay: float, how: str = "release") -> threading.Thread:
+    t = threading.Thread(target=lambda: (time.sleep(delay), getattr(obj, how)()))
+    t.start()
+    return t
+
+
+def test_none_and_minus_one_wait_forever(names):
+    """timeout=None (and threading's -1 for acquire) means no time limit, not 0."""
+    m = shmkit.Mutex(names())
+    rw = shmkit.RWLock(names())
+    sem = shmkit.Semaphore(names(), value=0)
+    cond = shmkit.Condition(names())
+    other_m, other_rw = shmkit.Mutex(m.name), shmkit.RWLock(rw.name)
+    other_cond = shmkit.Condition(cond.name)
+    for timeout in (None, -1):
+        other_m.acquire()
+        t = _release_later(other_m, 0.2)
+        (got, dt) = _elapsed(m.acquire, timeout=timeout)
+        assert got and dt > 0.1
+        m.release()
+        t.join()
+        other_cond.acquire()
+        t = _release_later(other_cond, 0.2)
+        got, dt = _elapsed(cond.acquire, timeout=timeout)
+        assert got and dt > 0.1
+        cond.release()
+        t.join()
+        other_rw.acquire_write()
+        t = _release_later(other_rw, 0.2, "release_write")
+        got, dt = _elapsed(rw.acquire_read, timeout=timeout)
+        assert got and dt > 0.1
+        rw.release_read()
+        t.join()
+        t = _release_later(sem, 0.2)
+        got, dt = _elapsed(sem.acquire, timeout=timeout)
+        assert got and dt > 0.1
+        t.join()
+    with cond:  # a wait whose deadline has passed returns at once
+        got, dt = _elapsed(cond.wait, -1)
+        assert got is False and dt < 0.5
+        got, dt = _elapsed(cond.wait_for, lambda: False, 0.05)
+        assert got is False and dt < 0.5
+    for o in (m, rw, sem, cond, other_m, other_rw, other_cond):
+        o.close()
+
+
+def test_rwlock_basics(names):
+    rw = shmkit.RWLock(names())
+    with pytest.raises(RuntimeError):
+        rw.release_read()  # not held
+    with pytest.raises(RuntimeError):
+        rw.release_write()
+    with rw.read():
+        with rw.read(timeout=1):  # read holds nest
+            assert rw.statistics()["readers"] == {os.getpid(): 2}
+        assert rw.acquire_write(timeout=0.05) is False  # our own reader counts too
+    with rw.write():
+        assert rw.statistics()["writer_pid"] == os.getpid()
+        assert rw.acquire_read(timeout=0.05) is False
+    assert rw.statistics() == {"writer_pid": None, "readers": {},
+                               "writer_waiting_or_in": False}
+    rw.close()
+
+
+def test_embedded_objects(name):
+    seg = shmkit.Segment(name, size=8192)
+    m = shmkit.Mutex.at(seg, 0)
+    ev = shmkit.Event.at(seg, 64, auto_reset=True)
+    rw = shmkit.RWLock.at(seg, 128)  # 64 + 8 * max_attach bytes each
+    sem = shmkit.Semaphore.at(seg, 128 + 64 + 8 * 256, value=2)
+    cond = shmkit.Condition.at(seg, 8192 - 64)
+    with m:
+        assert seg.read(4, offset=0) != b"\0\0\0\0"
+    ev.set()
+    assert ev.wait(0) and not ev.is_set()
+    with rw.read():
+        pass
+    with rw.write():
+        pass
+    assert sem.acquire() and sem.acquire() and not sem.acquire(timeout=0)
+    sem.release(2)
+    with cond:
+        assert cond.wait(timeout=0.01) is False
+    with pytest.raises(shmkit.CorruptError):
+        shmkit.Mutex.at(seg, 1 << 20)  # outside the segment
+    seg.close()
+
+
+# -- timeouts --------------------------------------------------------------------
+
+def test_timeouts_return_false_or_raise(names):
+    n_mutex, n_w, n_r, n_sem, n_cond, n_ev = (names() for _ in range(6))
+    m, rw_w, rw_r = shmkit.Mutex(n_mutex), shmkit.RWLock(n_w), shmkit.RWLock(n_r)
+    sem, cond, ev = shmkit.Semaphore(n_sem, value=2), shmkit.Condition(n_cond), \
+        shmkit.Event(n_ev)
+    readies, release = [SPAWN.Event() for _ in range(5)], SPAWN.Event()
+    holders = [spawn(_hold, k, n, r, release) for k, n, r in zip(
+        ["mutex", "write", "read", "semaphore", "condition"],
+        [n_mutex, n_w, n_r, n_sem, n_cond], readies)]
+    try:
+        for r in readies:
+            assert r.wait(30)
+        sem.acquire()  # the holder has the other unit
+        t = 0.2
+        cases = [
+            lambda: m.acquire(timeout=t),
+            lambda: rw_w.acquire_read(timeout=t),
+            lambda: rw_w.acquire_write(timeout=t),
+            lambda: rw_r.acquire_write(timeout=t),
+            lambda: sem.acquire(timeout=t),
+            lambda: cond.acquire(timeout=t),
+            lambda: ev.wait(timeout=t),
+        ]
+        for case in cases:
+            result, dt = _elapsed(case)
+            assert result is False
+            assert t * 0.9 <= dt < t + 1.5, dt
+        for case in (lambda: m.acquire(False), lambda: m.acquire(timeout=0),
+                     lambda: sem.acquire(False), lambda: rw_w.acquire_read(timeout=0),
+                     lambda: ev.wait(0)):
+            result, dt = _elapsed(case)
+            assert result is False and dt < 0.5
+        with pytest.raises(shmkit.Timeout) as e:
+            with m.held(timeout=0.05):
+                pass
+        assert isinstance(e.value, TimeoutError)
+        for ctx in (rw_w.read(timeout=0.05), rw_w.write(timeout=0.05)):
+            with pytest.raises(shmkit.Timeout):
+                with ctx:
+                    pass
+        with pytest.raises(shmkit.WouldBlock):
+            m.acquire_nowait()
+        with pytest.raises(shmkit.WouldBlock):
+            sem.acquire_nowait()
+        # A negative timeout (a deadline already passed) never waits.
+        for case in (lambda: m.acquire(timeout=-0.5), lambda: rw_w.acquire_read(timeout=-0.5),
+                     lambda: rw_w.acquire_write(timeout=-2), lambda: sem.acquire(timeout=-0.5),
+                     lambda: cond.acquire(timeout=-0.5), lambda: ev.wait(-1)):
+            result, dt = _elapsed(case)
+            assert result is False and dt < 0.5
+        with rw_r.read(timeout=0.5):  # readers share
+            pass
+        with pytest.raises(OverflowError):
+            m.acquire(timeout=10 ** 400)
+        # A timed-out writer leaves the lock usable for readers.
+        assert rw_r.acquire_read(timeout=0.5)
+        rw_r.release_read()
+    finally:
+        release.set()
+        for p in holders:
+            p.join(30)
+    assert all(p.exitcode == 0 for p in holders)
+    # Everything is free again.
+    assert m.acquire(timeout=1) and rw_w.acquire_write(timeout=1)
+    assert cond.acquire(timeout=1)
+    for obj in (m, rw_w, rw_r, sem, cond, ev):
+        obj.close()
+
+
+# -- Ctrl-C and the GIL -------------------------------------------------------------
+
+_BLOCKERS = {
+    "mutex": "m = shmkit.Mutex(N)\nblock = m.acquire",
+    "mutex-with": "m = shmkit.Mutex(N)\ndef block():\n    with m: pass",
+    "rwlock-read": "rw = shmkit.RWLock(N)\nblock = rw.acquire_read",
+    "rwlock-write": "rw = shmkit.RWLock(N)\nblock = rw.acquire_write",
+    "event": "e = shmkit.Event(N)\nblock = e.wait",
+    "event-auto": "e = shmkit.Event(N, auto_reset=True)\nblock = e.wait",
+    "semaphore": "s = shmkit.Semaphore(N, value=0)\nblock = s.acquire",
+    "condition": "c = shmkit.Condition(N)\ndef block():\n    with c: c.wait()",
+}
+
+
+def test_ctrl_c_interrupts_every_blocking_call(names):
+    # The parent holds what the children wait for, with no timeout.
+    n = {k: names() for k in _BLOCKERS}
+    keep = [shmkit.Mutex(n["mutex"]), shmkit.Mutex(n["mutex-with"]),
+            shmkit.RWLock(n["rwlock-read"]), shmkit.RWLock(n["rwlock-write"]),
+            shmkit.Event(n["event"]), shmkit.Event(n["event-auto"], auto_reset=True),
+            shmkit.Semaphore(n["semaphore"], value=0), shmkit.Condition(n["condition"])]
+    keep[0].acquire()
+    keep[1].acquire()
+    keep[2].acquire_write()
+    keep[3].acquire_read()
+    env = dict(os.environ, PYTHONPATH=SRC)
+    procs = {}
+    for kind, setup in _BLOCKERS.items():
+        code = "import shmkit, sys, time\nN = sys.argv[1]\n" + setup + textwrap.dedent("""
+            print("ready", flush=True)
+            try:
+                block()
+            except KeyboardInterrupt:
+                print("interrupted", time.monotonic(), flush=True)
+            else:
+                print("returned", flush=True)
+        """)
+        procs[kind] = subprocess.Popen([sys.executable, "-c", code, n[kind]], env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+    try:
+        for p in procs.values():
+            assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.5)  # let them fall asleep in the kernel
+        for p in procs.values():
+            assert p.poll() is None  # still blocked
+        sent = time.monotonic()
+        for p in procs.values():
+            p.send_signal(signal.SIGINT)
+        for kind, p in procs.items():
+            out, err = p.communicate(timeout=10)
+            word, _, when = out.strip().partition(" ")
+            assert word == "interrupted", (kind, out, err)
+            assert float(when) - sent < 1.0, (kind, float(when) - sent)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    keep[0].release()
+    keep[1].release()
+    keep[2].release_write()
+    keep[3].release_read()
+    # The interrupted waiters left nothing behind: everything can be taken.
+    assert keep[2].acquire_read(timeout=1) and keep[3].acquire_write(timeout=1)
+    for k in keep:
+        k.close()
+
+
+def test_waiting_releases_the_gil(names):
+    m, other = shmkit.Mutex(names()), None
+    other = shmkit.Mutex(m.name)  # a second attachment: another owner
+    other.acquire()
+    rw = shmkit.RWLock(names())
+    rw_other = shmkit.RWLock(rw.name)
+    rw_other.acquire_write()
+    ev, sem, cond = shmkit.Event(names()), shmkit.Semaphore(names(), value=0), \
+        shmkit.Condition(names())
+    waits = [lambda: m.acquire(timeout=0.4), lambda: rw.acquire_read(timeout=0.4),
+             lambda: ev.wait(0.4), lambda: sem.acquire(timeout=0.4),
+             lambda: cond.acquire() and (cond.wait(0.4), cond.release())]
+    for wait in waits:
+        t = threading.Thread(target=wait)
+        count = 0
+        t.start()
+        time.sleep(0.05)
+        while t.is_alive():
+            count += 1
+        t.join()
+        assert count > 10_000, count  # this thread ran while the other waited
+    other.release()
+    rw_other.release_write()
+    for o in (m, other, rw, rw_other, ev, sem, cond):
+        o.close()
+
+
+def test_many_threads_of_one_process(names):
+    m = shmkit.Mutex(names())
+    rw = shmkit.RWLock(names())
+    sem = shmkit.Semaphore(names(), value=2)
+    ev = shmkit.Event(names())
+    counter = [0]
+    pair = [0, 0]
+    inside, most, bad = [0], [0], []
+    guard = threading.Lock()
+
+    def bump():
+        for _ in range(300):
+            with m:
+                v = counter[0]
+                time.sleep(0) if v % 50 == 0 else None
+                counter[0] = v + 1
+
+    def write():
+        for _ in range(100):
+            with rw.write():
+                pair[0] += 1
+                time.sleep(0)
+                pair[1] += 1
+
+    def read():
+        for _ in range(100):
+            with rw.read():
+                if pair[0] != pair[1]:
+                    bad.append(tuple(pair))
+
+    def limited():
+        for _ in range(50):
+            with sem:
+                with guard:
+                    inside[0] += 1
+                    most[0] = max(most[0], inside[0])
+                time.sleep(0.0001)
+                with guard:
+                    inside[0] -= 1
+
+    woke = []
+    threads = [threading.Thread(target=f) for f in [bump] * 6 + [write] * 3 + [read] * 3
+               + [limited] * 5]
+    waiters = [threading.Thread(target=lambda: woke.append(ev.wait(5))) for _ in range(4)]
+    for t in threads + waiters:
+        t.start()
+    time.sleep(0.2)
+    ev.set()
+    for t in threads + waiters:
+        t.join(60)
+    assert counter[0] == 1800
+    assert pair[0] == pair[1] == 300 and bad == []
+    assert most[0] <= 2 and sem.value == 2
+    assert woke == [True] * 4
+    for o in (m, rw, sem, ev):
+        o.close()
+
+
+# -- events and conditions across processes ----------------------------------------
+
+def _results(names, n):
+    arr = shmkit.Array(names(), "int8", n)
+    return arr
+
+
+def _wait_until(pred, timeout=10.0, poll=0.01):
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            return False
+        time.sleep(poll)
+    return True
+
+
+def test_manual_event_wakes_every_waiter(names):
+    ev = shmkit.Event(names())
+    out = _results(names, 3)
+    procs = [spawn(_wait_event, ev.name, False, out.name, i, 20) for i in range(3)]
+    assert _wait_until(lambda: ev.statistics()["waiters"] == 3, 30)
+    assert not out.array.any()
+    ev.set()
+    for p in procs:
+        p.join(30)
+    assert list(out.array) == [1, 1, 1]
+    assert ev.is_set() and ev.wait(0)  # stays set until cleared
+    ev.clear()
+    assert not ev.is_set() and ev.wait(0.05) is False
+    ev.close()
+    out.close()
+
+
+def test_auto_reset_event_releases_one_waiter_per_set(names):
+    ev = shmkit.Event(names(), auto_reset=True)
+    assert shmkit.Event(ev.name).auto_reset  # adopted by whoever opens it
+    out = _results(names, 3)
+    procs = [spawn(_wait_event, ev.name, True, out.name, i, 20) for i in range(3)]
+    assert _wait_until(lambda: ev.statistics()["waiters"] == 3, 30)
+    for k in (1, 2, 3):
+        ev.set()
+        assert _wait_until(lambda: int((out.array == 1).sum()) >= k)
+        time.sleep(0.3)  # nobody else may follow
+        assert int((out.array == 1).sum()) == k
+        assert not ev.is_set()  # consumed by the waiter it released
+    for p in procs:
+        p.join(30)
+    ev.set()
+    assert ev.wait(0) and not ev.wait(0)  # one set, one wait
+    ev.close()
+    out.close()
+
+
+def test_condition_notify_counts(names):
+    cond = shmkit.Condition(names())
+    out = _results(names, 3)
+    procs = [spawn(_wait_condition, cond.name, out.name, i) for i in range(3)]
+    assert _wait_until(lambda: cond.statistics()["waiters"] == 3, 30)
+    with cond:
+        cond.notify(1)
+    assert _wait_until(lambda: int((out.array == 1).sum()) == 1)
+    time.sleep(0.3)  # longer than a sleep slice: notify(1) woke exactly one
+    assert int((out.array != 0).sum()) == 1
+    with cond:
+        cond.notify_all()
+    for p in procs:
+        p.join(30)
+    assert list(out.array) == [1, 1, 1]
+    with pytest.raises(RuntimeError):
+        cond.notify()  # not held
+    with pytest.raises(RuntimeError):
+        cond.wait(0.01)
+    cond.close()
+    out.close()
+
+
+def test_condition_wait_for_across_processes(names):
+    cond = shmkit.Condition(names())
+    data = shmkit.Array(names(), "int64", 1)
+    p = spawn(_wait_for_value, cond.name, data.name)
+    for _ in range(3):
+        time.sleep(0.1)
+        with cond:
+            data[0] += 1
+            cond.notify_all()
+    p.join(30)
+    assert p.exitcode == 0
+    with cond:
+        assert bool(cond.wait_for(lambda: data[0] == 3, timeout=0)) is True
+        assert cond.wait_for(lambda: False, timeout=0.1) is False
+    cond.close()
+    data.close()
+
+
+# -- crash robustness ----------------------------------------------------------------
+
+def _spawn_holder(kind, name, **kw):
+    ready = SPAWN.Event()
+    p = spawn(_hold, kind, name, ready)
+    assert ready.wait(30)
+    return p
+
+
+def _kill(*procs):
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == -signal.SIGKILL
+
+
+def test_dead_mutex_holder(name):
+    m = shmkit.Mutex(name)
+    p = _spawn_holder("mutex", name)
+    assert m.holder_pid() == p.pid
+    _kill(p)
+    assert m.holder_pid() is None  # its holder is gone
+    with pytest.warns(shmkit.OwnerDiedWarning, match="previous holder died"):
+        got, dt = _elapsed(m.acquire, timeout=10)
+    assert got and dt < PROMPT and m.recovered
+    m.release()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert m.acquire(timeout=1)
+    assert not m.recovered
+    m.release()
+    m.close()
+
+
+def test_waiter_asleep_when_the_holder_dies(name):
+    m = shmkit.Mutex(name)
+    p = _spawn_holder("mutex", name)
+    got = []
+
+    def waiter():
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            got.append((m.acquire(timeout=20), time.monotonic(), m.recovered, len(w)))
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.3)  # the waiter is asleep in its long slices by now
+    killed = time.monotonic()
+    _kill(p)
+    t.join(20)
+    ok, when, recovered, warned = got[0]
+    assert ok and recovered and warned == 1
+    assert when - killed < PROMPT
+    m.release()
+    m.close()
+
+
+def test_try_lock_on_a_dead_holder_takes_it(name):
+    m = shmkit.Mutex(name)
+    _kill(_spawn_holder("mutex", name))
+    with pytest.warns(shmkit.OwnerDiedWarning):
+        assert m.acquire(blocking=False)
+    assert m.recovered
+    m.release()
+    m.close()
+
+
+def test_dead_writer(names):
+    rw = shmkit.RWLock(names())
+    _kill(_spawn_holder("write", rw.name))
+    with pytest.warns(shmkit.OwnerDiedWarning, match="writer died"):
+        got, dt = _elapsed(rw.acquire_read, timeout=10)
+    assert got and dt < PROMPT and rw.recovered
+    rw.release_read()
+    assert rw.acquire_write(timeout=1) and not rw.recovered
+    rw.release_write()
+    # And a writer behind a dead writer.
+    _kill(_spawn_holder("write", rw.name))
+    with pytest.warns(shmkit.OwnerDiedWarning):
+        got, dt = _elapsed(rw.acquire_write, timeout=10)
+    assert got and dt < PROMPT and rw.recovered
+    rw.release_write()
+    rw.close()
+
+
+def test_dead_readers_never_block_a_writer(names):
+    rw = shmkit.RWLock(names())
+    readers = [_spawn_holder("read", rw.name) for _ in range(2)]
+    live = _spawn_holder("read", rw.name)
+    assert set(rw.statistics()["readers"]) == {p.pid for p in readers + [live]}
+    assert rw.acquire_write(timeout=0.2) is False  # live readers do block
+    _kill(*readers)
+    assert rw.acquire_write(timeout=0.2) is False  # one is still alive
+    _kill(live)
+    with pytest.warns(shmkit.OwnerDiedWarning, match="reader died"):
+        got, dt = _elapsed(rw.acquire_write, timeout=10)
+    assert got and dt < PROMPT and rw.recovered
+    assert rw.statistics()["readers"] == {}
+    rw.release_write()
+    assert rw.acquire_read(timeout=1)
+    rw.release_read()
+    rw.close()
+
+
+def test_dead_semaphore_holders_units_come_back(names):
+    sem = shmkit.Semaphore(names(), value=2)
+    holders = [_spawn_holder("semaphore", sem.name) for _ in range(2)]
+    assert sem.value == 0 and sem.acquire(timeout=0.1) is False
+    _kill(*holders)
+    got1, dt = _elapsed(sem.acquire, timeout=10)
+    got2 = sem.acquire(timeout=1)
+    assert got1 and got2 and dt < PROMPT
+    assert sem.acquire(timeout=0) is False  # exactly two, none made up
+    sem.release(2)
+    assert sem.value == 2
+    with pytest.raises(ValueError):
+        sem.release(0)
+    sem.close()
+
+
+def test_semaphore_units_survive_slot_reuse(names):
+    # A newcomer that gets the dead holder's attach slot must not erase its holds.
+    sem = shmkit.Semaphore(names(), value=2, max_attach=2)
+    _kill(_spawn_holder("semaphore", sem.name))
+    newcomer = shmkit.Semaphore(sem.name, create=False)
+    assert newcomer.acquire(timeout=1)  # a unit is free: no reclaim pass needed
+    newcomer.release()
+    assert newcomer.value == 2
+    newcomer.close()
+    sem.close()
+
+
+def test_bounded_semaphore(names):
+    sem = shmkit.Semaphore(names(), value=1, maximum=2)
+    sem.release()
+    with pytest.raises(ValueError):
+        sem.release()
+    assert sem.value == 2
+    for bad in ({"value": -1}, {"value": 3, "maximum": 2}, {"value": 2 ** 31}):
+        with pytest.raises(ValueError):
+            shmkit.Semaphore(names(), **bad)
+    sem.close()
+
+
+def test_dead_condition_holder(names):
+    cond = shmkit.Condition(names())
+    _kill(_spawn_holder("condition", cond.name))
+    with pytest.warns(shmkit.OwnerDiedWarning):
+        got, dt = _elapsed(cond.acquire, timeout=10)
+    assert got and dt < PROMPT
+    assert cond.wait(0.05) is False
+    cond.release()
+    cond.close()
+
+
+def test_pickled_objects_reach_a_spawned_child(names):
+    m = shmkit.Mutex(names())
+    m.acquire()
+    ready = SPAWN.Event()
+    p = spawn(_pickle_target, m, shmkit.Event(names()), ready)
+    assert ready.wait(30)
+    m.release()
+    p.join(30)
+    assert p.exitcode == 0
+    m.close()
+
+
+def _pickle_target(m, ev, ready) -> None:
+    assert m.acquire(timeout=0) is False  # held by the parent
+    ready.set()
+    assert m.acquire(timeout=20)
+    ev.set()
+    assert ev.wait(0)
+
+
+# -- kill at random points ------------------------------------------------------------
+#
+# Victims hammer one primitive and are SIGKILLed at random moments; after
+# every cycle the survivor (this process) must get it within a bound and the
+# data it guards must be consistent.  Data: a shared int64 array
+#   0 a, 1 b    updated a += 1; b += 1 under the lock; a dead updater leaves
+#               a - b == 1, which the next holder repairs (b = a)
+#   2 ops       progress of the victims
+#   3 dirty     RWLock: set by a writer while it updates
+#   4 errors    a victim saw an impossible state
+#   5 inside    Semaphore: holders inside at once
+
+A, B, OPS, DIRTY, ERRORS, INSIDE = range(6)
+
+
+def _victim(kind: str, lock_name: str, data_name: str, role: int) -> None:
+    _quiet()
+    if kind == "mutex":
+        lock = shmkit.Mutex(lock_name)
+    elif kind == "rwlock":
+        lock = shmkit.RWLock(lock_name)
+    else:
+        lock = shmkit.Semaphore(lock_name, value=2)
+    arr = shmkit.Array.open(data_name)
+    d = arr.array
+    m, base = arr._mapping, arr._hsize
+    while True:
+        if kind == "mutex":
+            with lock:
+                if lock.recovered:
+                    d[B] = d[A]
+                d[A] += 1
+                d[B] += 1
+        elif kind == "rwlock" and role % 2 == 0:
+            with lock.write():
+                if d[DIRTY]:
+                    d[B] = d[A]
+                d[DIRTY] = 1
+                d[A] += 1
+                d[B] += 1
+                d[DIRTY] = 0
+        elif kind == "rwlock":
+            with lock.read():
+                if not d[DIRTY] and d[A] != d[B]:
+                    _core.add64(m, base + 8 * ERRORS, 1)
+        else:
+            with lock:
+                if _core.add64(m, base + 8 * INSIDE, 1) >= 2:
+                    _core.add64(m, base + 8 * ERRORS, 1)
+                _core.add64(m, base + 8 * INSIDE, -1)
+        _core.add64(m, base + 8 * OPS, 1)
+
+
+class _Forked:
+    """A victim in a forked child (cheap enough for thousands of cycles)."""
+
+    def __init__(self, *args):
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                _victim(*args)
+            except BaseException:  # noqa: BLE001 - shown, then exit 1
+                import traceback
+                traceback.print_exc()
+            finally:
+                os._exit(1)
+
+    def kill(self):
+        os.kill(self.pid, signal.SIGKILL)
+
+    def join(self):
+        _, status = os.waitpid(self.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+
+
+class _Spawned:
+    def __init__(self, *args):
+        self.p = spawn(_victim, *args)
+
+    def kill(self):
+        self.p.kill()
+
+    def join(self):
+        self.p.join(30)
+        assert self.p.exitcode == -signal.SIGKILL
+
+
+def kill_cycles(kind: str, cycles: int, names, victim=_Forked, victims: int = 2,
+                max_delay: float = 0.01, bound: float = 2.0) -> dict:
+    """Run `cycles` kill cycles; return what happened (the caller asserts)."""
+    lock_name, data_name = names(), names()
+    lock = {"mutex": shmkit.Mutex, "rwlock": shmkit.RWLock,
+            "semaphore": lambda n: shmkit.Semaphore(n, value=2)}[kind](lock_name)
+    arr = shmkit.Array(data_name, "int64", 6)
+    d = arr.array
+    rng = random.Random(os.getpid())
+    stats = {"cycles": cycles, "held": 0, "recovered": 0, "worst": 0.0, "errors": 0}
+    try:
+        for cycle in range(cycles):
+            start = int(d[OPS])
+            procs = [victim(kind, lock_name, data_name, cycle + i) for i in range(victims)]
+            # Kill them at a random moment once they really run.
+            assert _wait_until(lambda: d[OPS] > start + 10, 60, poll=0.0005)
+            time.sleep(rng.uniform(0, max_delay))
+            for p in procs:
+                p.kill()
+                time.sleep(rng.uniform(0, max_delay / 10))
+            for p in procs:
+                p.join()
+            d[INSIDE] = 0
+            units_free = lock.value if kind == "semaphore" else 0
+            with warnings.catch_warnings(record=True) as warned:
+                warnings.simplefilter("always")
+                t = time.monotonic()
+                if kind == "mutex":
+                    ok = lock.acquire(timeout=bound)
+                    recovered = lock.recovered
+                elif kind == "rwlock":
+                    ok = lock.acquire_write(timeout=bound)
+                    recovered = lock.recovered
+                else:
+                    ok = lock.acquire(timeout=bound) and lock.acquire(timeout=bound)
+                    recovered = units_free < 2  # dead holders' units were reclaimed
+                took = time.monotonic() - t
+            stats["worst"] = max(stats["worst"], took)
+            if not ok:
+                continue
+            consistent = True
+            if kind == "mutex":
+                # Repaired by whoever recovered it; a dead updater leaves one step.
+                consistent = d[A] - d[B] in ((0, 1) if recovered else (0,))
+                d[B] = d[A]
+                lock.release()
+            elif kind == "rwlock":
+                consistent = d[A] - d[B] in ((0, 1) if d[DIRTY] else (0,))
+                d[B] = d[A]
+                d[DIRTY] = 0
+                lock.release_write()
+            else:
+                consistent = lock.acquire(timeout=0) is False  # no third unit
+                lock.release(2)
+                consistent = consistent and lock.value == 2
+            stats["recovered"] += bool(recovered or warned)
+            stats["held"] += consistent
+        stats["errors"] = int(d[ERRORS])
+        stats["ops"] = int(d[OPS])
+        # Victims only open existing names: nothing half-made may be left.
+        stats["tmp_files"] = [f for f in os.listdir("/dev/shm") if f.endswith(".tmp")
+                              and (lock_name in f or data_name in f)]
+    finally:
+        arr.close()
+        lock.close()
+    return stats
+
+
+def _check(stats: dict) -> None:
+    assert stats["held"] == stats["cycles"], stats
+    assert stats["errors"] == 0, stats
+    assert stats["worst"] < 2.0, stats
+    assert stats["tmp_files"] == [], stats
+
+
+@pytest.mark.parametrize("kind", ["mutex", "rwlock", "semaphore"])
+def test_kill_at_random_points(kind, names):
+    stats = kill_cycles(kind, 30, names)
+    _check(stats)
+    assert stats["recovered"] > 0  # some kills did land inside the lock
+    assert stats["ops"] > 30
+
+
+def test_kill_spawned_processes_at_random_points(names):
+    stats = kill_cycles("mutex", 6, names, victim=_Spawned, max_delay=0.05)
+    _check(stats)
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("kind", ["mutex", "rwlock", "semaphore"])
+def test_kill_cycles_stress(kind, names):
+    cycles = int(os.environ.get("SHMKIT_STRESS_CYCLES", "3000"))
+    t = time.monotonic()
+    stats = kill_cycles(kind, cycles, names)
+    print(f"\n{kind}: {stats['held']}/{stats['cycles']} kill cycles recovered "
+          f"({stats['recovered']} took over from a dead holder, worst acquire "
+          f"{stats['worst'] * 1e3:.1f} ms, {stats['ops']} victim operations, "
+          f"{time.monotonic() - t:.0f} s)")
+    _check(stats)
+
+
+# -- no system call when uncontended ---------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_uncontended_operations_make_no_system_call(tmp_path):
+    code = textwrap.dedent("""
+        import shmkit, sys
+        n = int(sys.argv[1])
+        m, rw = shmkit.Mutex(None), shmkit.RWLock(None)
+        ev, sem = shmkit.Event(None), shmkit.Semaphore(None, value=1)
+        for _ in range(n):
+            m.acquire(); m.release()
+            with m: pass
+            rw.acquire_read(); rw.release_read()
+            rw.acquire_write(); rw.release_write()
+            ev.set(); ev.wait(0); ev.clear()
+            sem.acquire(); sem.release()
+        for o in (m, rw, ev, sem):
+            o.close(); o.unlink()
+    """)
+    counts = []
+    for n in (0, 3000):
+        out = tmp_path / f"trace{n}"
+        subprocess.run(["strace", "-f", "-c", "-e", "trace=futex,fcntl", "-o", str(out),
+                        sys.executable, "-c", code, str(n)], check=True,
+                       env=dict(os.environ, PYTHONPATH=SRC), capture_output=True)
+        total = 0
+        for line in out.read_text().splitlines():
+            parts = line.split()
+            if parts and parts[-1] in ("futex", "fcntl"):
+                total += int(parts[3])
+        counts.append(total)
+    # 3000 rounds of 10 lock operations: a system call each would be 30000.
+    assert counts[1] - counts[0] < 100, counts
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("kind", ["mutex", "semaphore"])
+def test_kill_spawned_stress(kind, names):
+    """Fewer cycles, but every victim a freshly spawned interpreter."""
+    cycles = int(os.environ.get("SHMKIT_STRESS_SPAWNED_CYCLES", "60"))
+    t = time.monotonic()
+    stats = kill_cycles(kind, cycles, names, victim=_Spawned, max_delay=0.05)
+    print(f"\n{kind} (spawned victims): {stats['held']}/{stats['cycles']} kill cycles "
+          f"recovered ({stats['recovered']} took over from a dead holder, worst acquire "
+          f"{stats['worst'] * 1e3:.1f} ms, {time.monotonic() - t:.0f} s)")
+    _check(stats)
