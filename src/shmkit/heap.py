@@ -572,6 +572,9 @@ class Heap(Segment):
             core.close()
         super().close()
 
+    def __reduce__(self) -> tuple:
+        return (_reopen_heap, (type(self), self._name, self._path, self._readonly))
+
     def _describe(self) -> dict:
         try:
             s = self.stats(timeout=1.0)
@@ -586,6 +589,10 @@ class Heap(Segment):
         if self._closed or self._heapcore is None:
             return f"<shmkit.Heap {self._name!r} closed>"
         return f"<shmkit.Heap {self._name!r} capacity={self._capacity}>"
+
+
+def _reopen_heap(cls: type, name: str, path: str, readonly: bool) -> Heap:
+    return cls.open(name, path=path, readonly=readonly)
 
 
 def _block_bytes(nbytes: int) -> int:
