@@ -30,6 +30,7 @@ from .errors import (
     WouldBlock,
     WrongKindError,
 )
+from .heap import Handle, Heap, HeapFullError, PinnedError, StaleHandleError
 from .records import Array, Struct
 from .segment import Kind, Segment, list_segments, unlink
 from .sync import Condition, Event, Mutex, RWLock, Semaphore
@@ -47,6 +48,7 @@ __all__ = [
     "FormatVersionError", "LayoutMismatchError", "CorruptError", "OutOfSpaceError",
     "ReadOnlyError", "ClosedError", "BusyError", "Timeout", "WouldBlock",
     "OwnerDiedWarning",
+    "Heap", "Handle", "StaleHandleError", "PinnedError", "HeapFullError",
 ]
 
 for _name in __all__:

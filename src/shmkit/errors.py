@@ -28,6 +28,10 @@ __all__ = [
     "KeyExistsError",
     "UnsupportedTypeError",
     "ValueTooLargeError",
+    # heap
+    "StaleHandleError",
+    "PinnedError",
+    "HeapFullError",
 ]
 
 
@@ -111,3 +115,19 @@ class UnsupportedTypeError(ShmkitError, TypeError):
 
 class ValueTooLargeError(ShmkitError, ValueError):
     """A key or value larger than the store can ever hold (see ``max_size``)."""
+
+
+# --- heap ---
+
+
+class StaleHandleError(ShmkitError, ValueError):
+    """A heap handle names no live block: its block was freed, or the handle
+    was forged or comes from another heap.  It never reaches anyone's data."""
+
+
+class PinnedError(BusyError):
+    """A pinned heap block cannot be freed or resized; leave the pin blocks first."""
+
+
+class HeapFullError(OutOfSpaceError):
+    """The heap has no room for the request, even after compacting it."""

@@ -7,6 +7,7 @@ extern PyMethodDef shm_liveness_methods[];
 extern PyMethodDef shm_event_methods[];
 extern PyTypeObject Lock_Type;
 int shm_init_table(PyObject *module);
+int shm_init_heap(PyObject *module);
 
 static PyObject *
 set_classes(PyObject *mod, PyObject *args)
@@ -47,6 +48,7 @@ PyInit__core(void)
         return NULL;
     if (shm_init_mapping(m) < 0 || shm_init_lock(m) < 0 ||
         shm_init_table(m) < 0 ||
+        shm_init_heap(m) < 0 ||
         add_functions(m, shm_atomic_methods) < 0 ||
         add_functions(m, shm_futex_methods) < 0 ||
         add_functions(m, shm_liveness_methods) < 0 ||

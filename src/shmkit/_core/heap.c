@@ -1,0 +1,2352 @@
+/* heap.c - movable blocks in a shared segment, addressed by handles.
+ *
+ * This file holds the heap's metadata operations: allocation, free, realloc,
+ * pins, compaction moves, crash repair and the consistency check.  They are
+ * in C because they must be atomic with respect to Python: a Ctrl-C landing
+ * between two stores of a Python-level update would leave the metadata half
+ * changed under a lock that is then released normally.  Policy (when to
+ * compact, error wording, numpy views) stays in heap.py.
+ *
+ * Payload layout (offsets from the payload start; a "unit" is 16 bytes; a
+ * "word" is a u64 and pairs of u32 fields are packed into words as
+ * lo | hi << 32, so the layout does not depend on byte order):
+ *
+ *   0     header, 4096 bytes
+ *           0  u32 lock         robust mutex (lock.c) guarding every change
+ *           4  u32 format       HEAP_FORMAT
+ *           8  u64 magic        HEAP_MAGIC
+ *          16  u64 table_off    handle table (always 4096)
+ *          24  u64 pins_off     pin tables
+ *          32  u64 data_off     data area (page aligned)
+ *          40  u64 units        data area size in units (< 2^32)
+ *          48  word max_blocks | max_pins << 32
+ *          56  word max_slots | salt << 32
+ *        -- changed only under the lock, through the undo journal --
+ *          64  u64 free_handle  first free handle-table entry + 1 (0: none)
+ *          72  u64 fresh        entries ever used; those past it are untouched
+ *          80  u64 used_units   96 u64 free_units
+ *          88  u64 used_blocks 104 u64 free_blocks
+ *         112  u64 cursor       compaction cursor: always a block boundary
+ *         128  u64 bitmap[2]    bit b set <=> free list b is not empty
+ *        -- statistics, atomic adds, not journaled --
+ *         192  u64 allocs, frees, moves, moved_bytes, compactions,
+ *                  recoveries, reclaimed_pins, reallocs
+ *         256  word bins[64]    free-list heads, two per word (unit + 1)
+ *         768  u64 pinbits[16]  bit s set once attach slot s has pinned (never cleared)
+ *        1024  move journal     active, idx, src, dst, size, gap, prev, done
+ *        2048  undo journal     u64 count, then count x (u64 off, u64 old)
+ *   4096  handle table, max_blocks x 32 bytes
+ *           0 u64 state   generation << 32 | flags (1 LIVE, 2 BUSY)
+ *           8 u64 unit    first unit of the block
+ *          16 u64 nbytes  size the caller asked for
+ *          24 u64 link    free entry: next free entry + 1; live: allocator token
+ *   pins_off  pin tables, max_slots x (64 + 8 x max_pins) bytes
+ *           0 u32 used    records in use, high-water mark
+ *          64 u64 record  entry + 1 (bits 0-31) | count (32-43) | attach gen (44-63)
+ *   data_off  blocks, back to back, each with a 16-byte header
+ *           0 word size | prev << 32     units, header included; size of the block before
+ *           8 word handle | check << 32  entry + 1 (0 = free); hash of the header and its place
+ *          16 word next | prev << 32     free blocks only: free-list links (unit + 1)
+ *
+ * Crash safety.  Every metadata store made under the lock goes through
+ * jset(): the old word is appended to the undo journal (count published
+ * with a release store) before the word changes, and a finished operation
+ * commits by zeroing the count.  Whoever next takes the lock and finds a
+ * non-empty journal (or a dead owner) rolls it back, so a killed operation
+ * never happened.  A compaction move is the exception: its copy cannot be
+ * undone when the destination overlaps the source, so it is rolled forward
+ * from the move journal (see move()).
+ *
+ * Pins are lock-free hazard records.  A pinner writes (entry, count) into its
+ * own slot's pin table with a sequentially consistent CAS and then reads the
+ * entry's state; a lock holder about to move, free or resize a block sets
+ * BUSY with a sequentially consistent store and then reads the pin tables
+ * of every slot whose pinbits bit is set (a pinner sets it before its CAS).
+ * One of the two sees the other: either the pinner sees BUSY (it backs off
+ * and waits for the lock), or the mover sees the record (it leaves the block
+ * alone).  Records of dead attachments are found by their attach generation
+ * and cleared by the next scan.
+ *
+ *   heap_layout(data_bytes, max_blocks, max_pins, max_slots) -> payload bytes
+ *   heap_format(mapping, payload_offset, data_bytes, max_blocks, max_pins,
+ *               max_slots, salt)                  (the creator, before publishing)
+ *   core = HeapCore(mapping, payload_offset, payload_length, name)
+ *   v = core.alloc(100, False, None)              # handle as an int, None if fragmented
+ *   with core.pin(v, None, handle) as view: ...   # a Pin; lock-free
+ *   core.free(v, None); core.realloc(v, n, zero, timeout) -> False if fragmented
+ *   core.compact_step(restart, until, budget, timeout); core.stats(); core.verify()
+ *   heap_fault(k)                                 # tests: SIGKILL at the k-th crash point
+ */
+#include "shmkit.h"
+#include <signal.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define HEAP_FORMAT 1u
+#define HEAP_MAGIC 0x31504145484d4853ull /* "SHMHEAP1" */
+#define UNIT 16u
+#define MIN_UNITS 2u
+#define MAX_UNITS 0xFFFFFFF0u
+#define NBINS 128
+#define HDR_BYTES 4096u
+#define ENTRY_BYTES 32u
+#define PIN_HEAD 64u
+#define MAX_PINS 4096u
+#define PAGE_BYTES 4096u
+
+#define H_LOCK 0
+#define H_FORMAT 4
+#define H_MAGIC 8
+#define H_TABLE 16
+#define H_PINS 24
+#define H_DATA 32
+#define H_UNITS 40
+#define H_BLOCKS_PINS 48
+#define H_SLOTS_SALT 56
+#define H_FREEH 64
+#define H_FRESH 72
+#define H_USED_U 80
+#define H_USED_B 88
+#define H_FREE_U 96
+#define H_FREE_B 104
+#define H_CURSOR 112
+#define H_BITMAP 128
+#define H_STAT 192
+#define H_BINS 256
+#define H_PINBITS 768
+#define H_MOVE 1024
+#define H_JOURNAL 2048
+#define J_MAX 127u
+
+enum { ST_ALLOCS, ST_FREES, ST_MOVES, ST_MOVED, ST_COMPACTIONS, ST_RECOVERIES,
+       ST_RECLAIMED, ST_REALLOCS, ST_COUNT };
+enum { M_ACTIVE = 0, M_IDX = 8, M_SRC = 16, M_DST = 24, M_SIZE = 32, M_GAP = 40,
+       M_PREV = 48, M_DONE = 56 };
+enum { E_STATE = 0, E_UNIT = 8, E_NBYTES = 16, E_LINK = 24 };
+
+#define F_LIVE 1u
+#define F_BUSY 2u
+#define PIN_ONE (1ull << 32)
+#define PIN_CNT(v) ((uint32_t)(((v) >> 32) & 0xFFFu))
+#define PIN_GEN(v) ((uint32_t)((v) >> 44))
+#define PIN_CNT_MAX 0xFFFu
+
+#define COPY_CHUNK (1u << 20)     /* bytes copied between progress records */
+#define NOGIL_BYTES (256u << 10)  /* copies this large run without the GIL */
+#define SCAN_LIMIT 4096           /* headers a compaction step walks at most */
+
+static PyObject *heap_StaleHandle, *heap_Pinned, *heap_Full;
+
+/* ---- fault injection (tests only) ----------------------------------------
+ * heap_fault(n) makes this process kill itself with SIGKILL at the n-th
+ * crash point from now: every journaled store, commit and copy chunk is one.
+ * The tests use it to crash at each instruction boundary that matters. */
+static long fault_countdown;
+
+static inline void
+crash_point(void)
+{
+    if (fault_countdown > 0 && --fault_countdown == 0) {
+        kill(getpid(), SIGKILL);
+        pause();
+    }
+}
+
+/* ---- the heap object ---------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *mapping;
+    PyObject *name;
+    PyObject *mv;       /* memoryview of the whole mapping; pins slice it */
+    long long hoff;     /* payload offset within the mapping */
+    uint64_t plen;      /* payload bytes */
+    uint64_t table_off, pins_off, data_off, units, stride;
+    uint32_t max_blocks, max_pins, max_slots, salt;
+} HeapObject;
+
+/* One operation's view: the payload's address and the object's geometry
+ * (validated once, when the object was made; the header's copy is never
+ * trusted again). */
+typedef struct {
+    HeapObject *h;
+    char *p;
+    int overflow;
+    int locked;
+} Ctx;
+
+static inline uint64_t *
+at64(Ctx *c, uint64_t off)
+{
+    return (uint64_t *)(c->p + off);
+}
+
+static inline uint64_t
+ld(Ctx *c, uint64_t off)
+{
+    return __atomic_load_n(at64(c, off), __ATOMIC_ACQUIRE);
+}
+
+static inline uint64_t
+entry_off(Ctx *c, uint32_t idx)
+{
+    return c->h->table_off + (uint64_t)idx * ENTRY_BYTES;
+}
+
+static inline uint64_t
+blk_off(Ctx *c, uint32_t unit)
+{
+    return c->h->data_off + (uint64_t)unit * UNIT;
+}
+
+static inline void
+stat_add(Ctx *c, int which, uint64_t n)
+{
+    __atomic_fetch_add(at64(c, H_STAT + 8 * which), n, __ATOMIC_RELAXED);
+}
+
+static int
+corrupt(Ctx *c, const char *fmt, ...)
+{
+    va_list va;
+    va_start(va, fmt);
+    PyObject *msg = PyUnicode_FromFormatV(fmt, va);
+    va_end(va);
+    if (msg != NULL) {
+        PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_RuntimeError,
+                     "heap %R is corrupt: %U; copy out what you still need and "
+                     "recreate it (shmkit rm)", c->h->name, msg);
+        Py_DECREF(msg);
+    }
+    return -1;
+}
+
+/* ---- undo journal -------------------------------------------------------- */
+
+/* Set the word at `off` to `val`, recording its old value first.  `sc`
+ * makes the store sequentially consistent (the BUSY side of the pin
+ * protocol). */
+static void
+jset(Ctx *c, uint64_t off, uint64_t val, int sc)
+{
+    uint64_t *w = at64(c, off);
+    uint64_t old = __atomic_load_n(w, __ATOMIC_RELAXED);
+    if (old == val) {
+        if (sc)
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        return;
+    }
+    uint64_t *jc = at64(c, H_JOURNAL);
+    uint64_t n = __atomic_load_n(jc, __ATOMIC_RELAXED);
+    if (n >= J_MAX) {
+        c->overflow = 1;
+        return;
+    }
+    __atomic_store_n(&jc[1 + 2 * n], off, __ATOMIC_RELAXED);
+    __atomic_store_n(&jc[2 + 2 * n], old, __ATOMIC_RELAXED);
+    __atomic_store_n(jc, n + 1, __ATOMIC_RELEASE);
+    crash_point();
+    if (sc)
+        __atomic_store_n(w, val, __ATOMIC_SEQ_CST);
+    else
+        __atomic_store_n(w, val, __ATOMIC_RELEASE);
+}
+
+/* Record the word at `off` as it is, so that a rollback restores it after
+ * something other than jset (a data copy, a memset) overwrites it. */
+static void
+jkeep(Ctx *c, uint64_t off)
+{
+    uint64_t *jc = at64(c, H_JOURNAL);
+    uint64_t n = __atomic_load_n(jc, __ATOMIC_RELAXED);
+    if (n >= J_MAX) {
+        c->overflow = 1;
+        return;
+    }
+    __atomic_store_n(&jc[1 + 2 * n], off, __ATOMIC_RELAXED);
+    __atomic_store_n(&jc[2 + 2 * n], __atomic_load_n(at64(c, off), __ATOMIC_RELAXED),
+                     __ATOMIC_RELAXED);
+    __atomic_store_n(jc, n + 1, __ATOMIC_RELEASE);
+}
+
+static inline void
+jadd(Ctx *c, uint64_t off, int64_t delta)
+{
+    jset(c, off, ld(c, off) + (uint64_t)delta, 0);
+}
+
+/* Undo every journaled store, newest first. */
+static int
+rollback(Ctx *c)
+{
+    uint64_t *jc = at64(c, H_JOURNAL);
+    uint64_t n = __atomic_load_n(jc, __ATOMIC_ACQUIRE);
+    if (n > J_MAX)
+        return corrupt(c, "its undo journal claims %llu entries", (unsigned long long)n);
+    for (uint64_t i = n; i-- > 0;) {
+        uint64_t off = __atomic_load_n(&jc[1 + 2 * i], __ATOMIC_RELAXED);
+        uint64_t old = __atomic_load_n(&jc[2 + 2 * i], __ATOMIC_RELAXED);
+        if (off % 8 || off < H_FREEH || off > c->h->plen - 8 ||
+            (off >= H_JOURNAL && off < HDR_BYTES))
+            return corrupt(c, "its undo journal names offset %llu", (unsigned long long)off);
+        __atomic_store_n(at64(c, off), old, __ATOMIC_RELEASE);
+    }
+    __atomic_store_n(jc, 0, __ATOMIC_RELEASE);
+    c->overflow = 0;
+    return 0;
+}
+
+static int
+commit(Ctx *c)
+{
+    if (c->overflow) {
+        rollback(c);
+        PyErr_SetString(PyExc_RuntimeError, "heap operation outgrew its journal");
+        return -1;
+    }
+    crash_point();
+    __atomic_store_n(at64(c, H_JOURNAL), 0, __ATOMIC_RELEASE);
+    crash_point();
+    return 0;
+}
+
+/* ---- block headers ------------------------------------------------------- */
+
+typedef struct {
+    uint32_t size, prev, handle;
+} Blk;
+
+static uint32_t
+hcheck(HeapObject *h, uint32_t unit, uint32_t size, uint32_t prev, uint32_t handle)
+{
+    uint64_t x = ((uint64_t)size << 32 | prev) * 0x9E3779B97F4A7C15ull;
+    x ^= ((uint64_t)handle << 32 | unit) * 0xC2B2AE3D27D4EB4Full;
+    x ^= h->salt;
+    x ^= x >> 31;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 29;
+    return (uint32_t)x;
+}
+
+static int
+rd_blk(Ctx *c, uint64_t unit, Blk *b)
+{
+    HeapObject *h = c->h;
+    if (unit >= h->units)
+        return corrupt(c, "a block offset (%llu) lies past the data area of %llu units",
+                       (unsigned long long)unit, (unsigned long long)h->units);
+    uint64_t w0 = ld(c, blk_off(c, (uint32_t)unit));
+    uint64_t w1 = ld(c, blk_off(c, (uint32_t)unit) + 8);
+    b->size = (uint32_t)w0;
+    b->prev = (uint32_t)(w0 >> 32);
+    b->handle = (uint32_t)w1;
+    if ((uint32_t)(w1 >> 32) != hcheck(h, (uint32_t)unit, b->size, b->prev, b->handle))
+        return corrupt(c, "the block header at unit %llu fails its check",
+                       (unsigned long long)unit);
+    if (b->size < MIN_UNITS || b->size > h->units - unit)
+        return corrupt(c, "the block at unit %llu claims %u units",
+                       (unsigned long long)unit, b->size);
+    if ((unit == 0) != (b->prev == 0) || b->prev > unit)
+        return corrupt(c, "the block at unit %llu claims a predecessor of %u units",
+                       (unsigned long long)unit, b->prev);
+    if (b->handle > h->max_blocks)
+        return corrupt(c, "the block at unit %llu names handle entry %u of %u",
+                       (unsigned long long)unit, b->handle, h->max_blocks);
+    return 0;
+}
+
+static void
+wr_blk(Ctx *c, uint32_t unit, uint32_t size, uint32_t prev, uint32_t handle)
+{
+    uint64_t off = blk_off(c, unit);
+    jset(c, off, (uint64_t)size | (uint64_t)prev << 32, 0);
+    jset(c, off + 8, (uint64_t)handle | (uint64_t)hcheck(c->h, unit, size, prev, handle) << 32,
+         0);
+}
+
+static int
+set_prev(Ctx *c, uint32_t unit, uint32_t prev)
+{
+    Blk b;
+    if (rd_blk(c, unit, &b) < 0)
+        return -1;
+    wr_blk(c, unit, b.size, prev, b.handle);
+    return 0;
+}
+
+/* ---- free lists ---------------------------------------------------------- */
+
+static int
+bin_of(uint32_t size)
+{
+    if (size < 64)
+        return (int)size;
+    int lg = 63 - __builtin_clzll(size);
+    return 64 + (lg - 6) * 2 + (int)((size >> (lg - 1)) & 1);
+}
+
+static uint32_t
+bin_head(Ctx *c, int b)
+{
+    uint64_t w = ld(c, H_BINS + (uint64_t)(b >> 1) * 8);
+    return (b & 1) ? (uint32_t)(w >> 32) : (uint32_t)w;
+}
+
+static void
+set_bin_head(Ctx *c, int b, uint32_t v)
+{
+    uint64_t off = H_BINS + (uint64_t)(b >> 1) * 8;
+    uint64_t w = ld(c, off);
+    w = (b & 1) ? (w & 0xFFFFFFFFull) | (uint64_t)v << 32 : (w & ~0xFFFFFFFFull) | v;
+    jset(c, off, w, 0);
+    uint64_t boff = H_BITMAP + (uint64_t)(b >> 6) * 8;
+    uint64_t bit = 1ull << (b & 63);
+    uint64_t bm = ld(c, boff);
+    jset(c, boff, v ? bm | bit : bm & ~bit, 0);
+}
+
+static inline uint64_t
+links_off(Ctx *c, uint32_t unit)
+{
+    return blk_off(c, unit) + 16;
+}
+
+static int
+check_link(Ctx *c, uint32_t link)
+{
+    if (link > c->h->units)
+        return corrupt(c, "a free-list link (%u) points past the data area", link);
+    return 0;
+}
+
+static int
+list_push(Ctx *c, uint32_t unit, uint32_t size)
+{
+    int b = bin_of(size);
+    uint32_t head = bin_head(c, b);
+    if (check_link(c, head) < 0)
+        return -1;
+    jset(c, links_off(c, unit), (uint64_t)head, 0);
+    if (head) {
+        uint64_t lo = links_off(c, head - 1);
+        uint64_t w = ld(c, lo);
+        jset(c, lo, (w & 0xFFFFFFFFull) | (uint64_t)(unit + 1) << 32, 0);
+    }
+    set_bin_head(c, b, unit + 1);
+    return 0;
+}
+
+static int
+list_unlink(Ctx *c, uint32_t unit, uint32_t size)
+{
+    uint64_t w = ld(c, links_off(c, unit));
+    uint32_t next = (uint32_t)w, prev = (uint32_t)(w >> 32);
+    if (check_link(c, next) < 0 || check_link(c, prev) < 0)
+        return -1;
+    if (prev) {
+        uint64_t lo = links_off(c, prev - 1);
+        uint64_t pw = ld(c, lo);
+        if ((uint32_t)pw != unit + 1)
+            return corrupt(c, "the free lists disagree about the block at unit %u", unit);
+        jset(c, lo, (pw & ~0xFFFFFFFFull) | next, 0);
+    } else {
+        int b = bin_of(size);
+        if (bin_head(c, b) != unit + 1)
+            return corrupt(c, "the free block at unit %u is missing from its list", unit);
+        set_bin_head(c, b, next);
+    }
+    if (next) {
+        uint64_t lo = links_off(c, next - 1);
+        uint64_t nw = ld(c, lo);
+        if ((uint32_t)(nw >> 32) != unit + 1)
+            return corrupt(c, "the free lists disagree about the block at unit %u", unit);
+        jset(c, lo, (nw & 0xFFFFFFFFull) | (uint64_t)prev << 32, 0);
+    }
+    return 0;
+}
+
+/* A free block of at least `want` units: 1 found (*unit, *b), 0 none, -1 error. */
+static int
+find_free(Ctx *c, uint32_t want, uint32_t *unit, Blk *b)
+{
+    int bin = bin_of(want);
+    if (bin >= 64) {
+        uint32_t link = bin_head(c, bin);
+        for (int steps = 0; link && steps < 64; steps++) {
+            if (check_link(c, link) < 0 || rd_blk(c, link - 1, b) < 0)
+                return -1;
+            if (b->handle)
+                return corrupt(c, "a used block (unit %u) is on a free list", link - 1);
+            if (b->size >= want) {
+                *unit = link - 1;
+                return 1;
+            }
+            link = (uint32_t)ld(c, links_off(c, link - 1));
+        }
+        bin++;
+    } else if (bin_head(c, bin) == 0) {
+        bin++;
+    }
+    for (int w = bin >> 6; w < NBINS / 64; w++) {
+        uint64_t bm = ld(c, H_BITMAP + 8 * (uint64_t)w);
+        if (w == bin >> 6)
+            bm &= ~0ull << (bin & 63);
+        if (!bm)
+            continue;
+        int found = w * 64 + __builtin_ctzll(bm);
+        uint32_t link = bin_head(c, found);
+        if (link == 0 || check_link(c, link) < 0)
+            return link ? -1 : corrupt(c, "free list %d is marked used but empty", found);
+        if (rd_blk(c, link - 1, b) < 0)
+            return -1;
+        if (b->handle || b->size < want || bin_of(b->size) != found)
+            return corrupt(c, "the block at unit %u is on the wrong free list", link - 1);
+        *unit = link - 1;
+        return 1;
+    }
+    return 0;
+}
+
+/* Move the compaction cursor off a boundary that a merge into
+ * [start, start+size) just removed. */
+static void
+fix_cursor(Ctx *c, uint32_t start, uint32_t size)
+{
+    uint64_t cur = ld(c, H_CURSOR);
+    if (cur > start && cur < (uint64_t)start + size)
+        jset(c, H_CURSOR, start, 0);
+}
+
+/* Make [unit, unit+size) free (its header's prev is `prev`), merging with free
+ * neighbours.  Adjusts free_units/free_blocks; the caller adjusts used_*. */
+static int
+release_block(Ctx *c, uint32_t unit, uint32_t size, uint32_t prev)
+{
+    uint32_t start = unit, total = size, pv = prev;
+    Blk b;
+    int64_t blocks = 1;
+    if (unit > 0) {
+        if (rd_blk(c, unit - prev, &b) < 0)
+            return -1;
+        if (b.size != prev)
+            return corrupt(c, "the block at unit %u does not end where the next begins",
+                           unit - prev);
+        if (b.handle == 0) {
+            if (list_unlink(c, unit - prev, b.size) < 0)
+                return -1;
+            start = unit - prev;
+            total += b.size;
+            pv = b.prev;
+            blocks--;
+        }
+    }
+    uint64_t next = (uint64_t)unit + size;
+    if (next < c->h->units) {
+        if (rd_blk(c, next, &b) < 0)
+            return -1;
+        if (b.prev != size)
+            return corrupt(c, "the block at unit %llu has a wrong predecessor size",
+                           (unsigned long long)next);
+        if (b.handle == 0) {
+            if (list_unlink(c, (uint32_t)next, b.size) < 0)
+                return -1;
+            total += b.size;
+            blocks--;
+        }
+    }
+    wr_blk(c, start, total, pv, 0);
+    if (list_push(c, start, total) < 0)
+        return -1;
+    uint64_t after = (uint64_t)start + total;
+    if (after < c->h->units && set_prev(c, (uint32_t)after, total) < 0)
+        return -1;
+    fix_cursor(c, start, total);
+    jadd(c, H_FREE_U, size);
+    jadd(c, H_FREE_B, blocks);
+    return 0;
+}
+
+/* Carve `want` units for entry idx out of the free block at unit; returns
+ * the units actually taken (a remainder too small to stand alone is kept). */
+static int64_t
+take_block(Ctx *c, uint32_t unit, Blk *b, uint32_t want, uint32_t idx)
+{
+    if (list_unlink(c, unit, b->size) < 0)
+        return -1;
+    /* the caller may copy or clear the new block's bytes before it commits:
+     * keep the free block's links, which those bytes overlay */
+    jkeep(c, links_off(c, unit));
+    uint32_t s = b->size;
+    if (s - want >= MIN_UNITS) {
+        wr_blk(c, unit, want, b->prev, idx + 1);
+        wr_blk(c, unit + want, s - want, want, 0);
+        if (list_push(c, unit + want, s - want) < 0)
+            return -1;
+        if ((uint64_t)unit + s < c->h->units && set_prev(c, unit + s, s - want) < 0)
+            return -1;
+        s = want;
+    } else {
+        wr_blk(c, unit, s, b->prev, idx + 1);
+        jadd(c, H_FREE_B, -1);
+    }
+    jadd(c, H_FREE_U, -(int64_t)s);
+    return s;
+}
+
+/* ---- locking ------------------------------------------------------------- */
+
+static int repair(Ctx *c);
+
+/* The address of `len` bytes at `off` of the mapping.  (shm_addr checks
+ * natural alignment, which suits words, not regions: check 8 bytes there,
+ * then the length here.) */
+static char *
+region(PyObject *mapping, long long off, uint64_t len, int writable)
+{
+    char *p = shm_addr(mapping, off, 8, writable);
+    if (p == NULL)
+        return NULL;
+    MappingObject *m = (MappingObject *)mapping;
+    if (len > (uint64_t)m->length || (uint64_t)off > (uint64_t)m->length - len) {
+        PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_ValueError,
+                     "the heap's %llu bytes at offset %lld lie outside the segment's "
+                     "%zd bytes", (unsigned long long)len, off, m->length);
+        return NULL;
+    }
+    return p;
+}
+
+static int
+begin(HeapObject *self, Ctx *c, int writable)
+{
+    c->h = self;
+    c->overflow = 0;
+    c->locked = 0;
+    c->p = region(self->mapping, self->hoff, self->plen, writable);
+    if (c->p == NULL)
+        return -1;
+    shm_pin(self->mapping);
+    return 0;
+}
+
+/* Release the lock.  Work left in the journal by a failed operation is
+ * undone first, so no error path can publish a half-made change. */
+static void
+unlock(Ctx *c)
+{
+    if (!c->locked)
+        return;
+    c->locked = 0;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (ld(c, H_JOURNAL) != 0 && rollback(c) < 0)
+        PyErr_Clear();
+    if (shm_lock_release((MappingObject *)c->h->mapping, (uint32_t *)(c->p + H_LOCK)) < 0)
+        PyErr_Clear();
+    PyErr_Restore(type, value, tb);
+}
+
+static void
+end(Ctx *c)
+{
+    unlock(c);
+    shm_unpin(c->h->mapping);
+}
+
+static int
+lock(Ctx *c, int64_t deadline)
+{
+    MappingObject *m = (MappingObject *)c->h->mapping;
+    if (m->token == 0) {
+        PyErr_Format(PyExc_PermissionError,
+                     "heap %R is open read-only (or closed) here; open it without "
+                     "readonly=True to change it", c->h->name);
+        return -1;
+    }
+    int r = shm_lock_acquire(m, (uint32_t *)(c->p + H_LOCK), deadline);
+    if (r < 0)
+        return -1;
+    if (r == 0) {
+        PyErr_Format(shm_TimeoutError ? shm_TimeoutError : PyExc_TimeoutError,
+                     "could not lock heap %R before the timeout; another process holds "
+                     "it (a long compaction?)", c->h->name);
+        return -1;
+    }
+    c->locked = 1;
+    if (r == 2 || ld(c, H_JOURNAL) != 0 || ld(c, H_MOVE + M_ACTIVE) != 0) {
+        stat_add(c, ST_RECOVERIES, 1);
+        if (repair(c) < 0) {
+            unlock(c);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---- handles ------------------------------------------------------------- */
+
+static uint32_t
+initial_gen(HeapObject *h, uint32_t idx)
+{
+    uint64_t x = ((uint64_t)h->salt << 32 | idx) * 0x9E3779B97F4A7C15ull;
+    x ^= x >> 32;
+    uint32_t g = (uint32_t)x;
+    return g ? g : 1;
+}
+
+static int
+parse_handle(PyObject *o, uint32_t *idx, uint32_t *gen)
+{
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *idx = (uint32_t)v;
+    *gen = (uint32_t)(v >> 32);
+    return 0;
+}
+
+static int
+stale(Ctx *c, uint32_t idx, uint32_t gen, const char *why)
+{
+    PyErr_Format(heap_StaleHandle ? heap_StaleHandle : PyExc_ValueError,
+                 "Handle(index=%u, generation=%u) %s in heap %R", idx, gen, why, c->h->name);
+    return -1;
+}
+
+/* Check that (idx, gen) names a live block; returns its state word in *st. */
+static int
+check_handle(Ctx *c, uint32_t idx, uint32_t gen, uint64_t *st)
+{
+    if (idx >= c->h->max_blocks)
+        return stale(c, idx, gen, "is out of range (forged, or from another heap)");
+    uint64_t fresh = ld(c, H_FRESH);
+    if (idx >= fresh)
+        return stale(c, idx, gen, "was never allocated (forged, or from another heap)");
+    *st = ld(c, entry_off(c, idx) + E_STATE);
+    if ((uint32_t)(*st >> 32) != gen)
+        return stale(c, idx, gen, "is stale: its block was freed (or it is from another heap)");
+    if (!(*st & F_LIVE))
+        return stale(c, idx, gen, "is stale: its block was freed");
+    return 0;
+}
+
+/* ---- pins ---------------------------------------------------------------- */
+
+static inline uint64_t
+pin_table(Ctx *c, uint32_t slot)
+{
+    return c->h->pins_off + (uint64_t)slot * c->h->stride;
+}
+
+static uint32_t
+slots_in_use(Ctx *c)
+{
+    MappingObject *m = (MappingObject *)c->h->mapping;
+    uint32_t hwm = __atomic_load_n((uint32_t *)(m->base + 68), __ATOMIC_ACQUIRE);
+    return hwm < c->h->max_slots ? hwm : c->h->max_slots;
+}
+
+static uint32_t
+pin_used(Ctx *c, uint64_t table)
+{
+    uint32_t used = __atomic_load_n((uint32_t *)(c->p + table), __ATOMIC_ACQUIRE);
+    return used < c->h->max_pins ? used : c->h->max_pins;
+}
+
+/* The next attach slot at or after s that has ever pinned, or nslots. */
+static uint32_t
+next_pinning_slot(Ctx *c, uint32_t s, uint32_t nslots)
+{
+    while (s < nslots) {
+        uint64_t bits = __atomic_load_n(at64(c, H_PINBITS + 8 * (uint64_t)(s >> 6)),
+                                        __ATOMIC_SEQ_CST) >> (s & 63);
+        if (bits)
+            return s + (uint32_t)__builtin_ctzll(bits);
+        s = (s | 63) + 1;
+    }
+    return nslots;
+}
+
+/* Live pins on entry idx, clearing records left by dead attachments.
+ * Call with the lock held, after setting BUSY (the pinner's CAS then its
+ * state load pair with our BUSY store then these loads). */
+static int64_t
+scan_pins(Ctx *c, uint32_t idx)
+{
+    MappingObject *m = (MappingObject *)c->h->mapping;
+    int64_t live = 0;
+    uint32_t nslots = slots_in_use(c);
+    for (uint32_t s = next_pinning_slot(c, 0, nslots); s < nslots;
+         s = next_pinning_slot(c, s + 1, nslots)) {
+        uint64_t t = pin_table(c, s);
+        uint32_t used = pin_used(c, t);
+        for (uint32_t k = 0; k < used; k++) {
+            uint64_t *rec = at64(c, t + PIN_HEAD + 8ull * k);
+            uint64_t v = __atomic_load_n(rec, __ATOMIC_SEQ_CST);
+            if ((uint32_t)v != idx + 1 || PIN_CNT(v) == 0)
+                continue;
+            uint32_t token = PIN_GEN(v) << 10 | s;
+            if (shm_token_alive(m, token)) {
+                live += PIN_CNT(v);
+            } else if (__atomic_compare_exchange_n(rec, &v, 0, 0, __ATOMIC_SEQ_CST,
+                                                   __ATOMIC_RELAXED)) {
+                stat_add(c, ST_RECLAIMED, PIN_CNT(v));
+            }
+        }
+    }
+    return live;
+}
+
+/* Set BUSY on a live entry and make sure nobody pins it: 0 done (BUSY set,
+ * journaled), 1 pinned (nothing changed), -1 error. */
+static int
+claim(Ctx *c, uint32_t idx, uint64_t st, int64_t *pins)
+{
+    uint64_t off = entry_off(c, idx) + E_STATE;
+    uint64_t mark = ld(c, H_JOURNAL);
+    jset(c, off, st | F_BUSY, 1);
+    int64_t live = scan_pins(c, idx);
+    if (pins)
+        *pins = live;
+    if (live == 0)
+        return 0;
+    /* Undo just the BUSY store (the journal may hold earlier work). */
+    __atomic_store_n(at64(c, off), st, __ATOMIC_RELEASE);
+    __atomic_store_n(at64(c, H_JOURNAL), mark, __ATOMIC_RELEASE);
+    return 1;
+}
+
+static int
+pinned_error(Ctx *c, uint32_t idx, uint32_t gen, int64_t pins, const char *what)
+{
+    PyErr_Format(heap_Pinned ? heap_Pinned : PyExc_RuntimeError,
+                 "cannot %s Handle(index=%u, generation=%u) of heap %R: it is pinned "
+                 "(%lld pin%s held); leave the `with heap.pin(...)` blocks first",
+                 what, idx, gen, c->h->name, (long long)pins, pins == 1 ? "" : "s");
+    return -1;
+}
+
+/* ---- repair -------------------------------------------------------------- */
+
+static void copy_forward(Ctx *c, uint64_t src, uint64_t dst, uint64_t total, uint64_t gap,
+                         uint64_t done);
+static int publish_move(Ctx *c);
+
+/* Called with the lock held when the previous holder died or left work
+ * unfinished: undo the journal, then finish an interrupted move. */
+static int
+repair(Ctx *c)
+{
+    if (rollback(c) < 0)
+        return -1;
+    uint64_t active = ld(c, H_MOVE + M_ACTIVE);
+    if (active == 0)
+        return 0;
+    HeapObject *h = c->h;
+    uint64_t idx = ld(c, H_MOVE + M_IDX), src = ld(c, H_MOVE + M_SRC);
+    uint64_t dst = ld(c, H_MOVE + M_DST), size = ld(c, H_MOVE + M_SIZE);
+    uint64_t gap = ld(c, H_MOVE + M_GAP), done = ld(c, H_MOVE + M_DONE);
+    if (active != 1 || idx >= h->max_blocks || size < MIN_UNITS || gap < MIN_UNITS ||
+        dst >= h->units || src != dst + gap || src > h->units || size > h->units - src ||
+        done > size * UNIT)
+        return corrupt(c, "its move journal is inconsistent");
+    copy_forward(c, src, dst, size * UNIT, gap * UNIT, done);
+    return publish_move(c);
+}
+
+/* ---- compaction moves ----------------------------------------------------- */
+
+/* Copy `total` bytes from unit src to unit dst (dst < src), starting at byte
+ * `done`, in chunks no larger than the gap: a chunk never overwrites source
+ * bytes not yet copied, so an interrupted copy resumes from the progress
+ * record.  Runs without the GIL for large blocks. */
+static void
+copy_forward(Ctx *c, uint64_t src, uint64_t dst, uint64_t total, uint64_t gap,
+             uint64_t done)
+{
+    char *from = c->p + c->h->data_off + src * UNIT;
+    char *to = c->p + c->h->data_off + dst * UNIT;
+    uint64_t chunk = gap < COPY_CHUNK ? gap : COPY_CHUNK;
+    uint64_t *progress = at64(c, H_MOVE + M_DONE);
+    int nogil = total - done >= NOGIL_BYTES;
+    PyThreadState *ts = nogil ? PyEval_SaveThread() : NULL;
+    while (done < total) {
+        uint64_t n = total - done < chunk ? total - done : chunk;
+        memcpy(to + done, from + done, n);
+        done += n;
+        __atomic_store_n(progress, done, __ATOMIC_RELEASE);
+        crash_point();
+    }
+    if (ts)
+        PyEval_RestoreThread(ts);
+}
+
+/* Phase 3 of a move: the block now lives at dst; publish that, and turn the
+ * space behind it into a free block.  One journaled commit. */
+static int
+publish_move(Ctx *c)
+{
+    uint32_t idx = (uint32_t)ld(c, H_MOVE + M_IDX);
+    uint32_t src = (uint32_t)ld(c, H_MOVE + M_SRC), dst = (uint32_t)ld(c, H_MOVE + M_DST);
+    uint32_t size = (uint32_t)ld(c, H_MOVE + M_SIZE), gap = (uint32_t)ld(c, H_MOVE + M_GAP);
+    uint32_t prev = (uint32_t)ld(c, H_MOVE + M_PREV);
+    if ((dst == 0) != (prev == 0) || prev > dst)
+        return corrupt(c, "its move journal has a wrong predecessor size");
+    uint64_t e = entry_off(c, idx);
+    wr_blk(c, dst, size, prev, idx + 1);
+    jset(c, e + E_UNIT, dst, 0);
+    jset(c, e + E_STATE, ld(c, e + E_STATE) & ~(uint64_t)F_BUSY, 0);
+    uint32_t fu = dst + size, fsz = gap;
+    uint64_t next = (uint64_t)src + size;
+    if (next < c->h->units) {
+        Blk b;
+        if (rd_blk(c, next, &b) < 0)
+            goto fail;
+        if (b.handle == 0) {
+            if (list_unlink(c, (uint32_t)next, b.size) < 0)
+                goto fail;
+            fsz += b.size;
+            jadd(c, H_FREE_B, -1);
+        }
+    }
+    wr_blk(c, fu, fsz, size, 0);
+    if (list_push(c, fu, fsz) < 0)
+        goto fail;
+    if ((uint64_t)fu + fsz < c->h->units && set_prev(c, fu + fsz, fsz) < 0)
+        goto fail;
+    jset(c, H_CURSOR, fu, 0);
+    jset(c, H_MOVE + M_ACTIVE, 0, 0);
+    if (commit(c) < 0)
+        return -1;
+    stat_add(c, ST_MOVES, 1);
+    stat_add(c, ST_MOVED, (uint64_t)size * UNIT);
+    return 0;
+fail:
+    rollback(c);
+    return -1;
+}
+
+/* Slide the used block at `src` down into the free block `dst` before it.
+ * 1 moved, 0 pinned (left alone), -1 error (nothing changed). */
+static int
+move(Ctx *c, uint32_t dst, Blk *fb, uint32_t src, Blk *bb)
+{
+    uint32_t idx = bb->handle - 1;
+    uint64_t e = entry_off(c, idx);
+    uint64_t st = ld(c, e + E_STATE);
+    if (idx >= ld(c, H_FRESH) || !(st & F_LIVE) || (st & F_BUSY) || ld(c, e + E_UNIT) != src ||
+        ld(c, e + E_NBYTES) > ((uint64_t)bb->size - 1) * UNIT)
+        return corrupt(c, "the block at unit %u and its handle entry %u disagree", src, idx);
+    /* phase 1: claim the entry, take the free block off its list, write the
+     * move journal; commit. */
+    int r = claim(c, idx, st, NULL);
+    if (r != 0)
+        return r < 0 ? -1 : 0;
+    if (list_unlink(c, dst, fb->size) < 0) {
+        rollback(c);
+        return -1;
+    }
+    jset(c, H_MOVE + M_IDX, idx, 0);
+    jset(c, H_MOVE + M_SRC, src, 0);
+    jset(c, H_MOVE + M_DST, dst, 0);
+    jset(c, H_MOVE + M_SIZE, bb->size, 0);
+    jset(c, H_MOVE + M_GAP, fb->size, 0);
+    jset(c, H_MOVE + M_PREV, fb->prev, 0);
+    jset(c, H_MOVE + M_DONE, 0, 0);
+    jset(c, H_MOVE + M_ACTIVE, 1, 0);
+    if (commit(c) < 0)
+        return -1;
+    /* phase 2: copy.  From here on a crash is rolled forward by repair(). */
+    copy_forward(c, src, dst, (uint64_t)bb->size * UNIT, (uint64_t)fb->size * UNIT, 0);
+    /* phase 3: publish. */
+    return publish_move(c) < 0 ? -1 : 1;
+}
+
+/* ---- Python methods -------------------------------------------------------- */
+
+static int64_t
+get_deadline(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t i)
+{
+    return shm_deadline(nargs > i ? args[i] : NULL);
+}
+
+static int
+want_units(Ctx *c, unsigned long long n, uint32_t *units)
+{
+    unsigned long long u = (n + UNIT - 1) / UNIT + 1;
+    if (n > (unsigned long long)MAX_UNITS * UNIT || u > c->h->units) {
+        PyErr_Format(heap_Full ? heap_Full : PyExc_MemoryError,
+                     "%llu bytes is more than heap %R can ever hold (%llu bytes of data "
+                     "area); create a larger heap", n, c->h->name,
+                     (unsigned long long)c->h->units * UNIT);
+        return -1;
+    }
+    *units = u < MIN_UNITS ? MIN_UNITS : (uint32_t)u;
+    return 0;
+}
+
+static void
+zero_bytes(char *p, uint64_t n)
+{
+    if (n >= NOGIL_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        memset(p, 0, n);
+        Py_END_ALLOW_THREADS
+    } else {
+        memset(p, 0, n);
+    }
+}
+
+static int
+full_error(Ctx *c, uint32_t want)
+{
+    PyErr_Format(heap_Full ? heap_Full : PyExc_MemoryError,
+                 "heap %R has %llu bytes free in all, but %llu are needed (block header "
+                 "included); free some blocks or create a larger heap", c->h->name,
+                 (unsigned long long)ld(c, H_FREE_U) * UNIT, (unsigned long long)want * UNIT);
+    return -1;
+}
+
+/* alloc(nbytes, zero, timeout) -> handle int, or None when the free space is
+ * fragmented (the caller compacts and tries again). */
+static PyObject *
+heap_alloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 2) {
+        PyErr_SetString(PyExc_TypeError, "alloc(nbytes, zero, timeout=None)");
+        return NULL;
+    }
+    unsigned long long n = PyLong_AsUnsignedLongLong(args[0]);
+    if (n == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    int zero = PyObject_IsTrue(args[1]);
+    int64_t deadline = get_deadline(args, nargs, 2);
+    if (zero < 0 || deadline < 0)
+        return NULL;
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    uint32_t want, idx, gen, unit;
+    Blk b;
+    if (want_units(&c, n, &want) < 0 || lock(&c, deadline) < 0)
+        goto out;
+    if (ld(&c, H_FREE_U) < want) {
+        full_error(&c, want);
+        goto out;
+    }
+    uint64_t fh = ld(&c, H_FREEH), fresh = ld(&c, H_FRESH);
+    if (fresh > self->max_blocks || fh > fresh) {
+        corrupt(&c, "its handle table counters are out of range");
+        goto out;
+    }
+    int r = find_free(&c, want, &unit, &b);
+    if (r < 0)
+        goto out;
+    if (r == 0) {
+        result = Py_NewRef(Py_None);
+        goto out;
+    }
+    if (fh) {
+        idx = (uint32_t)fh - 1;
+        uint64_t st = ld(&c, entry_off(&c, idx) + E_STATE);
+        uint64_t next = ld(&c, entry_off(&c, idx) + E_LINK);
+        if ((st & F_LIVE) || next > fresh) {
+            corrupt(&c, "its list of free handles is damaged at entry %u", idx);
+            goto out;
+        }
+        gen = (uint32_t)(st >> 32);
+        jset(&c, H_FREEH, next, 0);
+    } else if (fresh < self->max_blocks) {
+        idx = (uint32_t)fresh;
+        gen = initial_gen(self, idx);
+        jset(&c, H_FRESH, fresh + 1, 0);
+    } else {
+        PyErr_Format(heap_Full ? heap_Full : PyExc_MemoryError,
+                     "all %u handles of heap %R are in use; free some blocks or create "
+                     "the heap with a larger max_blocks=", self->max_blocks, self->name);
+        goto out;
+    }
+    int64_t got = take_block(&c, unit, &b, want, idx);
+    if (got < 0) {
+        rollback(&c);
+        goto out;
+    }
+    uint64_t e = entry_off(&c, idx);
+    jset(&c, e + E_UNIT, unit, 0);
+    jset(&c, e + E_NBYTES, n, 0);
+    jset(&c, e + E_LINK, ((MappingObject *)self->mapping)->token, 0);
+    jset(&c, e + E_STATE, (uint64_t)gen << 32 | F_LIVE, 0);
+    jadd(&c, H_USED_U, got);
+    jadd(&c, H_USED_B, 1);
+    if (zero)
+        zero_bytes(c.p + blk_off(&c, unit) + UNIT, n);
+    if (commit(&c) < 0)
+        goto out;
+    stat_add(&c, ST_ALLOCS, 1);
+    result = PyLong_FromUnsignedLongLong((unsigned long long)gen << 32 | idx);
+out:
+    end(&c);
+    return result;
+}
+
+/* free(handle, timeout=None) */
+static PyObject *
+heap_free(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint32_t idx, gen;
+    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
+        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "free(handle, timeout=None)") : NULL;
+    int64_t deadline = get_deadline(args, nargs, 1);
+    if (deadline < 0)
+        return NULL;
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    uint64_t st;
+    int64_t pins;
+    if (lock(&c, deadline) < 0 || check_handle(&c, idx, gen, &st) < 0)
+        goto out;
+    int r = claim(&c, idx, st, &pins);
+    if (r != 0) {
+        if (r > 0)
+            pinned_error(&c, idx, gen, pins, "free");
+        goto out;
+    }
+    uint64_t e = entry_off(&c, idx);
+    uint64_t unit = ld(&c, e + E_UNIT);
+    Blk b;
+    if (rd_blk(&c, unit, &b) < 0)
+        goto fail;
+    if (b.handle != idx + 1) {
+        corrupt(&c, "handle entry %u points at a block that is not its own", idx);
+        goto fail;
+    }
+    uint32_t ngen = gen + 1 ? gen + 1 : 1;
+    jset(&c, e + E_STATE, (uint64_t)ngen << 32, 0);
+    jset(&c, e + E_LINK, ld(&c, H_FREEH), 0);
+    jset(&c, H_FREEH, idx + 1, 0);
+    if (release_block(&c, (uint32_t)unit, b.size, b.prev) < 0)
+        goto fail;
+    jadd(&c, H_USED_U, -(int64_t)b.size);
+    jadd(&c, H_USED_B, -1);
+    if (commit(&c) < 0)
+        goto out;
+    stat_add(&c, ST_FREES, 1);
+    result = Py_NewRef(Py_None);
+    goto out;
+fail:
+    rollback(&c);
+out:
+    end(&c);
+    return result;
+}
+
+/* realloc(handle, nbytes, zero, timeout=None) -> True, or False when no
+ * contiguous room exists (the caller compacts and tries again). */
+static PyObject *
+heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint32_t idx, gen;
+    if (nargs < 3) {
+        PyErr_SetString(PyExc_TypeError, "realloc(handle, nbytes, zero, timeout=None)");
+        return NULL;
+    }
+    if (parse_handle(args[0], &idx, &gen) < 0)
+        return NULL;
+    unsigned long long n = PyLong_AsUnsignedLongLong(args[1]);
+    if (n == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    int zero = PyObject_IsTrue(args[2]);
+    int64_t deadline = get_deadline(args, nargs, 3);
+    if (zero < 0 || deadline < 0)
+        return NULL;
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    uint64_t st;
+    int64_t pins;
+    uint32_t want;
+    if (want_units(&c, n, &want) < 0 || lock(&c, deadline) < 0 ||
+        check_handle(&c, idx, gen, &st) < 0)
+        goto out;
+    int r = claim(&c, idx, st, &pins);
+    if (r != 0) {
+        if (r > 0)
+            pinned_error(&c, idx, gen, pins, "resize");
+        goto out;
+    }
+    uint64_t e = entry_off(&c, idx);
+    uint64_t unit64 = ld(&c, e + E_UNIT), old_n = ld(&c, e + E_NBYTES);
+    Blk b;
+    if (rd_blk(&c, unit64, &b) < 0)
+        goto fail;
+    uint32_t unit = (uint32_t)unit64;
+    if (b.handle != idx + 1 || old_n > ((uint64_t)b.size - 1) * UNIT) {
+        corrupt(&c, "handle entry %u and its block disagree", idx);
+        goto fail;
+    }
+    uint32_t place = unit;
+    if (want <= b.size) {
+        if (b.size - want >= MIN_UNITS) {
+            uint64_t next = (uint64_t)unit + b.size;
+            wr_blk(&c, unit, want, b.prev, idx + 1);
+            if (next < self->units && set_prev(&c, (uint32_t)next, b.size - want) < 0)
+                goto fail;
+            if (release_block(&c, unit + want, b.size - want, want) < 0)
+                goto fail;
+            jadd(&c, H_USED_U, -(int64_t)(b.size - want));
+        }
+    } else {
+        uint64_t next = (uint64_t)unit + b.size;
+        Blk nb = {0, 0, 1};
+        if (next < self->units && rd_blk(&c, next, &nb) < 0)
+            goto fail;
+        if (next < self->units && nb.handle == 0 && (uint64_t)b.size + nb.size >= want) {
+            /* grow in place into the free block that follows */
+            uint32_t total = b.size + nb.size;
+            if (list_unlink(&c, (uint32_t)next, nb.size) < 0)
+                goto fail;
+            /* zero=True clears over the free block's header and links */
+            jkeep(&c, blk_off(&c, (uint32_t)next));
+            jkeep(&c, blk_off(&c, (uint32_t)next) + 8);
+            jkeep(&c, links_off(&c, (uint32_t)next));
+            uint32_t keep = total - want >= MIN_UNITS ? want : total;
+            wr_blk(&c, unit, keep, b.prev, idx + 1);
+            if (keep < total) {
+                wr_blk(&c, unit + keep, total - keep, keep, 0);
+                if (list_push(&c, unit + keep, total - keep) < 0)
+                    goto fail;
+            } else {
+                jadd(&c, H_FREE_B, -1);
+            }
+            uint64_t after = (uint64_t)unit + total;
+            uint32_t before_after = keep < total ? total - keep : keep;
+            if (after < self->units && set_prev(&c, (uint32_t)after, before_after) < 0)
+                goto fail;
+            fix_cursor(&c, unit, keep);
+            jadd(&c, H_FREE_U, -(int64_t)(keep - b.size));
+            jadd(&c, H_USED_U, keep - b.size);
+        } else {
+            /* copy to a new place, then free the old one */
+            uint32_t nu;
+            Blk fb;
+            if (ld(&c, H_FREE_U) < want) {
+                full_error(&c, want);
+                goto fail;
+            }
+            int found = find_free(&c, want, &nu, &fb);
+            if (found < 0)
+                goto fail;
+            if (found == 0) {
+                rollback(&c);
+                result = Py_NewRef(Py_False);
+                goto out;
+            }
+            int64_t got = take_block(&c, nu, &fb, want, idx);
+            if (got < 0)
+                goto fail;
+            jadd(&c, H_USED_U, got);
+            char *to = c.p + blk_off(&c, nu) + UNIT, *from = c.p + blk_off(&c, unit) + UNIT;
+            if (old_n >= NOGIL_BYTES) {
+                Py_BEGIN_ALLOW_THREADS
+                memcpy(to, from, old_n);
+                Py_END_ALLOW_THREADS
+            } else {
+                memcpy(to, from, old_n);
+            }
+            crash_point();
+            /* take_block changed the old block's prev size if the new
+             * block lies just before it: re-read its header */
+            if (rd_blk(&c, unit, &b) < 0)
+                goto fail;
+            if (release_block(&c, unit, b.size, b.prev) < 0)
+                goto fail;
+            jadd(&c, H_USED_U, -(int64_t)b.size);
+            place = nu;
+        }
+    }
+    if (zero && n > old_n)
+        zero_bytes(c.p + blk_off(&c, place) + UNIT + old_n, n - old_n);
+    jset(&c, e + E_UNIT, place, 0);
+    jset(&c, e + E_NBYTES, n, 0);
+    jset(&c, e + E_STATE, st, 0); /* clears BUSY */
+    if (commit(&c) < 0)
+        goto out;
+    stat_add(&c, ST_REALLOCS, 1);
+    result = Py_NewRef(Py_True);
+    goto out;
+fail:
+    rollback(&c);
+out:
+    end(&c);
+    return result;
+}
+
+/* size_of(handle) -> int, without the lock unless the block is changing. */
+static PyObject *
+heap_size_of(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint32_t idx, gen;
+    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
+        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "size_of(handle)") : NULL;
+    Ctx c;
+    if (begin(self, &c, 0) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    uint64_t st, st2, n;
+    for (int tries = 0;; tries++) {
+        if (check_handle(&c, idx, gen, &st) < 0)
+            goto out;
+        n = ld(&c, entry_off(&c, idx) + E_NBYTES);
+        st2 = ld(&c, entry_off(&c, idx) + E_STATE);
+        if (st == st2 && !(st & F_BUSY))
+            break;
+        if (tries > 1000 && ((MappingObject *)self->mapping)->token == 0) {
+            /* read-only: no lock to wait on; let the change finish */
+            if (tries > 1000 + 200000) {
+                corrupt(&c, "handle entry %u stays marked busy", idx);
+                goto out;
+            }
+            Py_BEGIN_ALLOW_THREADS
+            usleep(50);
+            Py_END_ALLOW_THREADS
+            if (PyErr_CheckSignals() < 0)
+                goto out;
+        } else if (tries > 1000) {
+            /* a resize in progress: wait for it under the lock */
+            int64_t deadline = get_deadline(args, nargs, 1);
+            if (deadline < 0 || lock(&c, deadline) < 0)
+                goto out;
+            if (ld(&c, entry_off(&c, idx) + E_STATE) & F_BUSY) {
+                corrupt(&c, "handle entry %u stays marked busy", idx);
+                goto out;
+            }
+            unlock(&c);
+            tries = 0;
+        }
+    }
+    if (n > ((uint64_t)MAX_UNITS) * UNIT) {
+        corrupt(&c, "handle entry %u claims %llu bytes", idx, (unsigned long long)n);
+        goto out;
+    }
+    result = PyLong_FromUnsignedLongLong(n);
+out:
+    end(&c);
+    return result;
+}
+
+static int
+drop_pin(Ctx *c, uint64_t *rec)
+{
+    for (;;) {
+        uint64_t v = __atomic_load_n(rec, __ATOMIC_ACQUIRE);
+        if (PIN_CNT(v) == 0)
+            return -1;
+        uint64_t nv = PIN_CNT(v) == 1 ? 0 : v - PIN_ONE;
+        if (__atomic_compare_exchange_n(rec, &v, nv, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED))
+            return 0;
+    }
+}
+
+/* ---- Pin objects ----------------------------------------------------------
+ * What heap.pin() returns: holds one pin until release() (or the end of its
+ * `with`, or its deallocation), and the memoryview of the block, which it
+ * releases with the pin.  The view is a slice of the heap's memoryview of the
+ * whole mapping, so it keeps the mapping alive by itself. */
+
+typedef struct {
+    PyObject_HEAD
+    HeapObject *heap;
+    PyObject *handle;   /* the Handle object (or None) */
+    PyObject *view;     /* NULL once released */
+    uint64_t value;
+    uint32_t token;     /* attachment that holds the pin */
+} PinObject;
+
+static PyTypeObject Pin_Type;
+static int unpin_idx(HeapObject *self, uint32_t idx, uint32_t token);
+
+static PyObject *
+new_pin(HeapObject *heap, PyObject *value, PyObject *handle, long long off, uint64_t n,
+        uint32_t token)
+{
+    if (heap->mv == NULL) {
+        PyErr_Format(PyExc_ValueError, "heap %R is closed", heap->name);
+        return NULL;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(value);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    PyObject *start = PyLong_FromLongLong(off);
+    PyObject *stop = PyLong_FromLongLong(off + (long long)n);
+    PyObject *slice = start && stop ? PySlice_New(start, stop, NULL) : NULL;
+    Py_XDECREF(start);
+    Py_XDECREF(stop);
+    PyObject *view = slice ? PyObject_GetItem(heap->mv, slice) : NULL;
+    Py_XDECREF(slice);
+    if (view == NULL)
+        return NULL;
+    PinObject *pin = PyObject_New(PinObject, &Pin_Type);
+    if (pin == NULL) {
+        Py_DECREF(view);
+        return NULL;
+    }
+    pin->heap = (HeapObject *)Py_NewRef(heap);
+    pin->handle = Py_NewRef(handle);
+    pin->view = view;
+    pin->value = v;
+    pin->token = token;
+    return (PyObject *)pin;
+}
+
+static int
+pin_release_impl(PinObject *self)
+{
+    PyObject *view = self->view;
+    if (view == NULL)
+        return 0;
+    self->view = NULL;
+    PyObject *r = PyObject_CallMethod(view, "release", NULL);
+    if (r == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_BufferError)) {
+            Py_DECREF(view);
+            return -1;
+        }
+        PyErr_Clear(); /* an array over it still exists; it keeps the mapping alive */
+    }
+    Py_XDECREF(r);
+    Py_DECREF(view);
+    return unpin_idx(self->heap, (uint32_t)self->value, self->token) < 0 ? -1 : 0;
+}
+
+static PyObject *
+pin_release(PinObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (pin_release_impl(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+pin_get_view(PinObject *self, void *Py_UNUSED(c))
+{
+    if (self->view == NULL) {
+        PyErr_SetString(PyExc_ValueError, "this pin was released");
+        return NULL;
+    }
+    return Py_NewRef(self->view);
+}
+
+static PyObject *
+pin_exit(PinObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return pin_release(self, NULL);
+}
+
+static PyObject *
+pin_get_handle(PinObject *self, void *Py_UNUSED(c))
+{
+    return Py_NewRef(self->handle);
+}
+
+static PyObject *
+pin_get_released(PinObject *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->view == NULL);
+}
+
+static PyObject *
+pin_repr(PinObject *self)
+{
+    if (self->view == NULL)
+        return PyUnicode_FromFormat("<shmkit.Pin %R released>", self->handle);
+    return PyUnicode_FromFormat("<shmkit.Pin %R %zd bytes>", self->handle,
+                                PyObject_Length(self->view));
+}
+
+static void
+pin_dealloc(PinObject *self)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (pin_release_impl(self) < 0)
+        PyErr_WriteUnraisable((PyObject *)self);
+    PyErr_Restore(type, value, tb);
+    Py_XDECREF(self->handle);
+    Py_XDECREF(self->heap);
+    PyObject_Free(self);
+}
+
+static PyMethodDef pin_methods[] = {
+    {"release", (PyCFunction)pin_release, METH_NOARGS,
+     "release()\n\nUnpin the block and release the view.  Safe to call twice."},
+    {"__enter__", (PyCFunction)pin_get_view, METH_NOARGS, "The block's memoryview."},
+    {"__exit__", (PyCFunction)(void (*)(void))pin_exit, METH_FASTCALL, NULL},
+    {NULL}
+};
+
+static PyGetSetDef pin_getset[] = {
+    {"view", (getter)pin_get_view, NULL, "the block's memoryview (until released)", NULL},
+    {"handle", (getter)pin_get_handle, NULL, "the pinned block's handle", NULL},
+    {"released", (getter)pin_get_released, NULL, "True once released", NULL},
+    {NULL}
+};
+
+static PyTypeObject Pin_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkit.Pin",
+    .tp_basicsize = sizeof(PinObject),
+    .tp_dealloc = (destructor)pin_dealloc,
+    .tp_repr = (reprfunc)pin_repr,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A pinned heap block: its bytes stay where they are until release().\n\n"
+              "Made by Heap.pin(); `with heap.pin(h) as view:` gives the block's\n"
+              "memoryview and releases the pin (and the view) at the end.",
+    .tp_methods = pin_methods,
+    .tp_getset = pin_getset,
+};
+
+/* pin(value, timeout=None, handle=None) -> Pin.
+ * Lock-free unless the block is being moved, freed or resized. */
+static PyObject *
+heap_pin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint32_t idx, gen;
+    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
+        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "pin(handle, timeout=None)") : NULL;
+    MappingObject *m = (MappingObject *)self->mapping;
+    uint32_t me = m->token;
+    if (me == 0 || SHM_TOKEN_SLOT(me) >= self->max_slots) {
+        PyErr_Format(PyExc_PermissionError,
+                     "heap %R is open read-only (or closed) here; pinning needs a "
+                     "writable attachment", self->name);
+        return NULL;
+    }
+    uint32_t agen = SHM_TOKEN_GEN(me);
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    int64_t deadline = -2;
+    uint64_t table = pin_table(&c, SHM_TOKEN_SLOT(me));
+    uint32_t *usedp = (uint32_t *)(c.p + table);
+    uint64_t st;
+    if (idx >= self->max_blocks || idx >= ld(&c, H_FRESH)) {
+        check_handle(&c, idx, gen, &st);
+        goto out;
+    }
+    uint64_t e = entry_off(&c, idx);
+    uint32_t slot = SHM_TOKEN_SLOT(me);
+    uint64_t *bits = at64(&c, H_PINBITS + 8 * (uint64_t)(slot >> 6));
+    if (!(__atomic_load_n(bits, __ATOMIC_RELAXED) & (1ull << (slot & 63))))
+        __atomic_fetch_or(bits, 1ull << (slot & 63), __ATOMIC_SEQ_CST);
+    for (;;) {
+        uint64_t *rec = NULL;
+        int had = 0;
+        uint32_t used = pin_used(&c, table);
+        /* 1. a record of ours for this entry: the entry cannot change under it */
+        for (uint32_t k = 0; k < used && !rec; k++) {
+            uint64_t *r = at64(&c, table + PIN_HEAD + 8ull * k);
+            uint64_t v = __atomic_load_n(r, __ATOMIC_ACQUIRE);
+            if ((uint32_t)v == idx + 1 && PIN_GEN(v) == agen && PIN_CNT(v) > 0 &&
+                PIN_CNT(v) < PIN_CNT_MAX &&
+                __atomic_compare_exchange_n(r, &v, v + PIN_ONE, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_RELAXED)) {
+                rec = r;
+                had = 1;
+            }
+        }
+        /* 2. otherwise claim a free record, or one left behind by an earlier
+         * (now gone) owner of this attach slot */
+        uint64_t mine = (uint64_t)(idx + 1) | PIN_ONE | (uint64_t)agen << 44;
+        for (uint32_t k = 0; !rec && k < self->max_pins; k++) {
+            if (k >= used) { /* raise the high-water mark before using record k */
+                uint32_t u = __atomic_load_n(usedp, __ATOMIC_ACQUIRE);
+                while (u <= k && !__atomic_compare_exchange_n(usedp, &u, k + 1, 0,
+                                                              __ATOMIC_SEQ_CST,
+                                                              __ATOMIC_ACQUIRE))
+                    ;
+                used = k + 1;
+            }
+            uint64_t *r = at64(&c, table + PIN_HEAD + 8ull * k);
+            uint64_t v = __atomic_load_n(r, __ATOMIC_ACQUIRE);
+            if (v != 0 && PIN_GEN(v) == agen && PIN_CNT(v) > 0)
+                continue; /* ours, in use */
+            if (__atomic_compare_exchange_n(r, &v, mine, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_RELAXED))
+                rec = r;
+        }
+        if (!rec) {
+            PyErr_Format(PyExc_RuntimeError, "this attachment of heap %R already holds "
+                         "pins on %u blocks (max_pins); leave some `with heap.pin()` "
+                         "blocks first", self->name, self->max_pins);
+            goto out;
+        }
+        st = __atomic_load_n(at64(&c, e + E_STATE), __ATOMIC_SEQ_CST);
+        if ((uint32_t)(st >> 32) != gen || !(st & F_LIVE)) {
+            drop_pin(&c, rec);
+            check_handle(&c, idx, gen, &st);
+            if (!PyErr_Occurred())
+                stale(&c, idx, gen, "is stale");
+            goto out;
+        }
+        if ((st & F_BUSY) && !had) {
+            /* being moved, freed or resized: wait for the holder of the lock */
+            drop_pin(&c, rec);
+            if (deadline == -2 && (deadline = get_deadline(args, nargs, 1)) < 0)
+                goto out;
+            if (lock(&c, deadline) < 0)
+                goto out;
+            /* BUSY is only ever set by the lock's holder (or finished by
+             * repair), so holding the lock, we must not see it */
+            if (ld(&c, e + E_STATE) & F_BUSY) {
+                corrupt(&c, "handle entry %u stays marked busy", idx);
+                goto out;
+            }
+            unlock(&c);
+            continue;
+        }
+        /* Without the lock, only what a pin keeps still may be read: the
+         * block's size and owner.  Its prev size and check word change with
+         * its neighbours (two stores), so the check word is not looked at. */
+        uint64_t unit = ld(&c, e + E_UNIT), n = ld(&c, e + E_NBYTES);
+        uint64_t size = unit < self->units ? (uint32_t)ld(&c, blk_off(&c, (uint32_t)unit)) : 0;
+        uint32_t owner = unit < self->units ? (uint32_t)ld(&c, blk_off(&c, (uint32_t)unit) + 8)
+                                            : 0;
+        if (owner != idx + 1 || size < MIN_UNITS || size > self->units - unit ||
+            n > (size - 1) * UNIT) {
+            drop_pin(&c, rec);
+            corrupt(&c, "handle entry %u and its block disagree", idx);
+            goto out;
+        }
+        long long off = self->hoff + (long long)blk_off(&c, (uint32_t)unit) + UNIT;
+        result = new_pin(self, args[0], nargs > 2 ? args[2] : Py_None, off, n, me);
+        if (result == NULL)
+            drop_pin(&c, rec);
+        break;
+    }
+out:
+    end(&c);
+    return result;
+}
+
+/* Drop one pin that the attachment named by `token` holds on entry idx:
+ * 0 done, 1 none held, -1 error. */
+static int
+unpin_idx(HeapObject *self, uint32_t idx, uint32_t token)
+{
+    MappingObject *m = (MappingObject *)self->mapping;
+    if (token == 0 || m->token != token || SHM_TOKEN_SLOT(token) >= self->max_slots)
+        return 1; /* detached (or forked): its records died with the attachment */
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return -1;
+    uint64_t table = pin_table(&c, SHM_TOKEN_SLOT(token));
+    uint32_t used = pin_used(&c, table);
+    int r = 1;
+    for (uint32_t k = 0; k < used && r; k++) {
+        uint64_t *rec = at64(&c, table + PIN_HEAD + 8ull * k);
+        uint64_t v = __atomic_load_n(rec, __ATOMIC_ACQUIRE);
+        if ((uint32_t)v == idx + 1 && PIN_GEN(v) == SHM_TOKEN_GEN(token) && PIN_CNT(v) > 0 &&
+            drop_pin(&c, rec) == 0)
+            r = 0;
+    }
+    end(&c);
+    return r;
+}
+
+/* unpin(value): drop one pin this attachment holds on the handle's block
+ * (for pins taken without a Pin object; Pin.release() does this itself). */
+static PyObject *
+heap_unpin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint32_t idx, gen;
+    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
+        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "unpin(handle)") : NULL;
+    int r = unpin_idx(self, idx, ((MappingObject *)self->mapping)->token);
+    if (r < 0)
+        return NULL;
+    if (r > 0)
+        return PyErr_Format(PyExc_RuntimeError, "Handle(index=%u, generation=%u) is not "
+                            "pinned by this attachment of heap %R", idx, gen, self->name);
+    Py_RETURN_NONE;
+}
+
+/* pins_held() -> int: pins this attachment holds. */
+static PyObject *
+heap_pins_held(HeapObject *self, PyObject *Py_UNUSED(ignored))
+{
+    uint32_t me = ((MappingObject *)self->mapping)->token;
+    if (me == 0 || SHM_TOKEN_SLOT(me) >= self->max_slots)
+        return PyLong_FromLong(0);
+    Ctx c;
+    if (begin(self, &c, 0) < 0)
+        return NULL;
+    uint64_t table = pin_table(&c, SHM_TOKEN_SLOT(me)), held = 0;
+    uint32_t used = pin_used(&c, table);
+    for (uint32_t k = 0; k < used; k++) {
+        uint64_t v = ld(&c, table + PIN_HEAD + 8ull * k);
+        if ((uint32_t)v && PIN_GEN(v) == SHM_TOKEN_GEN(me))
+            held += PIN_CNT(v);
+    }
+    end(&c);
+    return PyLong_FromUnsignedLongLong(held);
+}
+
+/* compact_step(restart, until_bytes, budget_bytes, timeout=None)
+ *   -> (moved_bytes, moved_blocks, free_run_bytes, done, pinned_skipped)
+ * Slides used blocks down over the free space before them, starting at the
+ * shared cursor, until `budget_bytes` moved, a free run of `until_bytes`
+ * formed at the cursor, or the end.  Holds the lock for one step only. */
+static PyObject *
+heap_compact_step(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 3) {
+        PyErr_SetString(PyExc_TypeError,
+                        "compact_step(restart, until_bytes, budget_bytes, timeout=None)");
+        return NULL;
+    }
+    int restart = PyObject_IsTrue(args[0]);
+    unsigned long long until = PyLong_AsUnsignedLongLong(args[1]);
+    unsigned long long budget = PyLong_AsUnsignedLongLong(args[2]);
+    if (restart < 0 || PyErr_Occurred())
+        return NULL;
+    int64_t deadline = get_deadline(args, nargs, 3);
+    if (deadline < 0)
+        return NULL;
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    unsigned long long moved = 0, nmoved = 0, run = 0, skipped = 0;
+    int done = 0;
+    if (lock(&c, deadline) < 0)
+        goto out;
+    if (restart)
+        stat_add(&c, ST_COMPACTIONS, 1);
+    uint64_t u = restart ? 0 : ld(&c, H_CURSOR);
+    if (u > self->units) {
+        corrupt(&c, "its compaction cursor is out of range");
+        goto out;
+    }
+    for (int scanned = 0;; scanned++) {
+        if (u >= self->units) {
+            done = 1;
+            break;
+        }
+        if (scanned >= SCAN_LIMIT || moved >= budget)
+            break;
+        Blk fb, bb;
+        if (rd_blk(&c, u, &fb) < 0)
+            goto out;
+        if (fb.handle != 0) {
+            u += fb.size;
+            continue;
+        }
+        uint64_t next = u + fb.size;
+        run = (uint64_t)fb.size * UNIT;
+        if (next >= self->units) {
+            done = 1;
+            break;
+        }
+        if (until && run >= until)
+            break;
+        if (rd_blk(&c, next, &bb) < 0)
+            goto out;
+        if (bb.handle == 0) {
+            corrupt(&c, "two free blocks are adjacent at unit %llu", (unsigned long long)next);
+            goto out;
+        }
+        int r = move(&c, (uint32_t)u, &fb, (uint32_t)next, &bb);
+        if (r < 0)
+            goto out;
+        if (r == 0) {
+            skipped++;
+            run = 0;
+            u = next + bb.size;
+            continue;
+        }
+        moved += (uint64_t)bb.size * UNIT;
+        nmoved++;
+        u = ld(&c, H_CURSOR);
+        Blk nf;
+        if (rd_blk(&c, u, &nf) < 0)
+            goto out;
+        run = (uint64_t)nf.size * UNIT;
+    }
+    if (u <= self->units) {
+        jset(&c, H_CURSOR, u, 0);
+        if (commit(&c) < 0)
+            goto out;
+    }
+    result = Py_BuildValue("KKKiK", moved, nmoved, run, done, skipped);
+out:
+    end(&c);
+    return result;
+}
+
+static int
+dict_set(PyObject *d, const char *key, unsigned long long v)
+{
+    PyObject *o = PyLong_FromUnsignedLongLong(v);
+    int r = o ? PyDict_SetItemString(d, key, o) : -1;
+    Py_XDECREF(o);
+    return r;
+}
+
+static int
+cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Distinct entries pinned by live attachments; records of dead ones are
+ * cleared when `reclaim`. */
+static int64_t
+count_pinned(Ctx *c, int reclaim)
+{
+    MappingObject *m = (MappingObject *)c->h->mapping;
+    uint32_t nslots = slots_in_use(c);
+    size_t cap = (size_t)nslots * c->h->max_pins, n = 0;
+    uint32_t *seen = cap ? PyMem_Malloc(cap * sizeof *seen) : NULL;
+    if (cap && seen == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (uint32_t s = next_pinning_slot(c, 0, nslots); s < nslots;
+         s = next_pinning_slot(c, s + 1, nslots)) {
+        uint64_t t = pin_table(c, s);
+        uint32_t used = pin_used(c, t);
+        for (uint32_t k = 0; k < used; k++) {
+            uint64_t *rec = at64(c, t + PIN_HEAD + 8ull * k);
+            uint64_t v = __atomic_load_n(rec, __ATOMIC_ACQUIRE);
+            if ((uint32_t)v == 0 || PIN_CNT(v) == 0)
+                continue;
+            if (shm_token_alive(m, PIN_GEN(v) << 10 | s))
+                seen[n++] = (uint32_t)v;
+            else if (reclaim && __atomic_compare_exchange_n(rec, &v, 0, 0, __ATOMIC_SEQ_CST,
+                                                            __ATOMIC_RELAXED))
+                stat_add(c, ST_RECLAIMED, PIN_CNT(v));
+        }
+    }
+    if (n > 1)
+        qsort(seen, n, sizeof *seen, cmp_u32);
+    int64_t distinct = 0;
+    for (size_t i = 0; i < n; i++)
+        distinct += (i == 0 || seen[i] != seen[i - 1]);
+    PyMem_Free(seen);
+    return distinct;
+}
+
+/* stats(locked=True, timeout=None) -> dict */
+static PyObject *
+heap_stats(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int locked = nargs > 0 ? PyObject_IsTrue(args[0]) : 1;
+    int64_t deadline = get_deadline(args, nargs, 1);
+    if (locked < 0 || deadline < 0)
+        return NULL;
+    Ctx c;
+    if (begin(self, &c, locked) < 0)
+        return NULL;
+    PyObject *d = NULL;
+    if (locked && lock(&c, deadline) < 0)
+        goto out;
+    uint64_t largest = 0;
+    int have_largest = 1;
+    for (int b = NBINS - 1; b >= 0; b--) {
+        uint32_t link = bin_head(&c, b);
+        if (!link)
+            continue;
+        /* the top list's blocks are within a factor 1.5 of each other: a
+         * bounded look is exact in practice and cannot loop on a damaged list */
+        for (uint64_t steps = 0; link && steps < 65536; steps++) {
+            Blk blk;
+            if (check_link(&c, link) < 0 || rd_blk(&c, link - 1, &blk) < 0) {
+                if (locked)
+                    goto out;
+                PyErr_Clear(); /* a lock-free look may race with a change */
+                have_largest = 0;
+                break;
+            }
+            if (blk.size > largest)
+                largest = blk.size;
+            link = (uint32_t)ld(&c, links_off(&c, link - 1));
+        }
+        break;
+    }
+    int64_t pinned = count_pinned(&c, locked);
+    if (pinned < 0 || (d = PyDict_New()) == NULL)
+        goto out;
+    uint64_t free_b = ld(&c, H_FREE_U) * UNIT;
+    uint64_t big = largest ? (largest - 1) * UNIT : 0;
+    static const char *names[ST_COUNT] = {"allocs", "frees", "moves", "moved_bytes",
+                                          "compactions", "recoveries", "reclaimed_pins",
+                                          "reallocs"};
+    if (dict_set(d, "size", self->units * UNIT) < 0 ||
+        dict_set(d, "used", ld(&c, H_USED_U) * UNIT) < 0 ||
+        dict_set(d, "free", free_b) < 0 ||
+        dict_set(d, "blocks", ld(&c, H_USED_B)) < 0 ||
+        dict_set(d, "free_blocks", ld(&c, H_FREE_B)) < 0 ||
+        dict_set(d, "pinned", (unsigned long long)pinned) < 0 ||
+        dict_set(d, "max_blocks", self->max_blocks) < 0 ||
+        dict_set(d, "handles_used", ld(&c, H_FRESH)) < 0)
+        goto fail;
+    for (int i = 0; i < ST_COUNT; i++)
+        if (dict_set(d, names[i], ld(&c, H_STAT + 8 * i)) < 0)
+            goto fail;
+    if (have_largest) {
+        double frag = free_b ? 1.0 - (double)(largest * UNIT) / (double)free_b : 0.0;
+        PyObject *f = PyFloat_FromDouble(frag < 0 ? 0 : frag);
+        if (dict_set(d, "largest_free", big) < 0 || f == NULL ||
+            PyDict_SetItemString(d, "fragmentation", f) < 0) {
+            Py_XDECREF(f);
+            goto fail;
+        }
+        Py_DECREF(f);
+    } else if (PyDict_SetItemString(d, "largest_free", Py_None) < 0 ||
+               PyDict_SetItemString(d, "fragmentation", Py_None) < 0) {
+        goto fail;
+    }
+    goto out;
+fail:
+    Py_CLEAR(d);
+out:
+    end(&c);
+    return d;
+}
+
+/* verify(timeout=None) -> dict: check every invariant; CorruptError if one fails. */
+static PyObject *
+heap_verify(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int64_t deadline = get_deadline(args, nargs, 0);
+    if (deadline < 0)
+        return NULL;
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return NULL;
+    PyObject *d = NULL;
+    uint8_t *seen = NULL;
+    if (lock(&c, deadline) < 0)
+        goto out;
+    uint64_t fresh = ld(&c, H_FRESH), cursor = ld(&c, H_CURSOR);
+    if (fresh > self->max_blocks) {
+        corrupt(&c, "it claims %llu handles were used, of %u", (unsigned long long)fresh,
+                self->max_blocks);
+        goto out;
+    }
+    seen = PyMem_Calloc(fresh ? fresh : 1, 1);
+    if (seen == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    uint64_t used_u = 0, used_b = 0, free_u = 0, free_b = 0, u = 0, prev = 0;
+    int prev_free = 0, cursor_ok = cursor == 0 || cursor == self->units;
+    while (u < self->units) {
+        Blk b;
+        if (rd_blk(&c, u, &b) < 0)
+            goto out;
+        if (b.prev != prev) {
+            corrupt(&c, "the block at unit %llu names a predecessor of %u units, not %llu",
+                    (unsigned long long)u, b.prev, (unsigned long long)prev);
+            goto out;
+        }
+        cursor_ok |= (u == cursor);
+        if (b.handle == 0) {
+            if (prev_free) {
+                corrupt(&c, "two free blocks are adjacent at unit %llu", (unsigned long long)u);
+                goto out;
+            }
+            free_u += b.size;
+            free_b++;
+        } else {
+            uint32_t idx = b.handle - 1;
+            uint64_t e = entry_off(&c, idx);
+            uint64_t st = ld(&c, e + E_STATE);
+            if (idx >= fresh || !(st & F_LIVE) || (st & F_BUSY) || ld(&c, e + E_UNIT) != u ||
+                ld(&c, e + E_NBYTES) > ((uint64_t)b.size - 1) * UNIT) {
+                corrupt(&c, "the block at unit %llu and handle entry %u disagree",
+                        (unsigned long long)u, idx);
+                goto out;
+            }
+            if (seen[idx]++) {
+                corrupt(&c, "handle entry %u owns two blocks", idx);
+                goto out;
+            }
+            used_u += b.size;
+            used_b++;
+        }
+        prev_free = b.handle == 0;
+        prev = b.size;
+        u += b.size;
+    }
+    if (u != self->units || !cursor_ok) {
+        corrupt(&c, "its blocks or its compaction cursor do not line up");
+        goto out;
+    }
+    if (used_u != ld(&c, H_USED_U) || used_b != ld(&c, H_USED_B) ||
+        free_u != ld(&c, H_FREE_U) || free_b != ld(&c, H_FREE_B)) {
+        corrupt(&c, "its usage counters do not match its blocks");
+        goto out;
+    }
+    /* free lists: every node a free block on the right list, links agree,
+     * and together they hold each free block once */
+    uint64_t listed = 0;
+    for (int bin = 0; bin < NBINS; bin++) {
+        uint32_t link = bin_head(&c, bin), back = 0;
+        uint64_t bm = ld(&c, H_BITMAP + 8 * (uint64_t)(bin >> 6));
+        if (!!link != !!(bm & (1ull << (bin & 63)))) {
+            corrupt(&c, "the free-list bitmap disagrees with list %d", bin);
+            goto out;
+        }
+        while (link) {
+            Blk b;
+            if (check_link(&c, link) < 0 || rd_blk(&c, link - 1, &b) < 0)
+                goto out;
+            uint64_t w = ld(&c, links_off(&c, link - 1));
+            if (b.handle || bin_of(b.size) != bin || (uint32_t)(w >> 32) != back ||
+                ++listed > free_b) {
+                corrupt(&c, "free list %d is damaged at unit %u", bin, link - 1);
+                goto out;
+            }
+            back = link;
+            link = (uint32_t)w;
+        }
+    }
+    if (listed != free_b) {
+        corrupt(&c, "%llu free blocks are missing from the free lists",
+                (unsigned long long)(free_b - listed));
+        goto out;
+    }
+    /* handle table: live entries each own one block; the rest form the
+     * free-handle list */
+    uint64_t live = 0, freelist = 0;
+    for (uint64_t i = 0; i < fresh; i++) {
+        uint64_t st = ld(&c, entry_off(&c, (uint32_t)i) + E_STATE);
+        if (st & F_LIVE) {
+            live++;
+            if (!seen[i]) {
+                corrupt(&c, "handle entry %llu is live but owns no block", (unsigned long long)i);
+                goto out;
+            }
+        } else if ((st >> 32) == 0 || (st & F_BUSY)) {
+            corrupt(&c, "free handle entry %llu has an impossible state", (unsigned long long)i);
+            goto out;
+        }
+    }
+    for (uint64_t link = ld(&c, H_FREEH); link; freelist++) {
+        if (link > fresh || freelist >= fresh ||
+            (ld(&c, entry_off(&c, (uint32_t)(link - 1)) + E_STATE) & F_LIVE)) {
+            corrupt(&c, "its list of free handles is damaged");
+            goto out;
+        }
+        link = ld(&c, entry_off(&c, (uint32_t)(link - 1)) + E_LINK);
+    }
+    if (live != used_b || live + freelist != fresh) {
+        corrupt(&c, "%llu live handles, %llu free handles and %llu used entries do not add up",
+                (unsigned long long)live, (unsigned long long)freelist,
+                (unsigned long long)fresh);
+        goto out;
+    }
+    /* pins name entries that exist */
+    uint32_t nslots = slots_in_use(&c);
+    for (uint32_t s = 0; s < nslots; s++) {
+        uint64_t t = pin_table(&c, s);
+        if (__atomic_load_n((uint32_t *)(c.p + t), __ATOMIC_ACQUIRE) > self->max_pins) {
+            corrupt(&c, "the pin table of slot %u claims too many records", s);
+            goto out;
+        }
+        uint32_t used = pin_used(&c, t);
+        for (uint32_t k = 0; k < used; k++) {
+            uint64_t v = ld(&c, t + PIN_HEAD + 8ull * k);
+            if ((uint32_t)v > fresh) {
+                corrupt(&c, "a pin record of slot %u names entry %u", s, (uint32_t)v - 1);
+                goto out;
+            }
+        }
+    }
+    int64_t pinned = count_pinned(&c, 1);
+    if (pinned < 0 || (d = PyDict_New()) == NULL)
+        goto out;
+    if (dict_set(d, "blocks", used_b) < 0 || dict_set(d, "free_blocks", free_b) < 0 ||
+        dict_set(d, "used", used_u * UNIT) < 0 || dict_set(d, "free", free_u * UNIT) < 0 ||
+        dict_set(d, "handles_used", fresh) < 0 || dict_set(d, "free_handles", freelist) < 0 ||
+        dict_set(d, "pinned", (unsigned long long)pinned) < 0)
+        Py_CLEAR(d);
+out:
+    PyMem_Free(seen);
+    end(&c);
+    return d;
+}
+
+/* where(handle) -> (unit, nbytes, pins): test and debugging aid */
+static PyObject *
+heap_where(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint32_t idx, gen;
+    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
+        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "where(handle)") : NULL;
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    uint64_t st;
+    if (lock(&c, SHM_FOREVER) < 0 || check_handle(&c, idx, gen, &st) < 0)
+        goto out;
+    int64_t pins = scan_pins(&c, idx);
+    uint64_t e = entry_off(&c, idx);
+    result = Py_BuildValue("KKL", (unsigned long long)ld(&c, e + E_UNIT),
+                           (unsigned long long)ld(&c, e + E_NBYTES), (long long)pins);
+out:
+    end(&c);
+    return result;
+}
+
+/* ---- construction ------------------------------------------------------- */
+
+static int
+geometry(uint64_t data_bytes, uint64_t max_blocks, uint64_t max_pins, uint64_t max_slots,
+         uint64_t *pins_off, uint64_t *data_off, uint64_t *units, uint64_t *plen)
+{
+    if (max_blocks < 1 || max_blocks > (1u << 30) || max_pins < 1 || max_pins > MAX_PINS ||
+        max_slots < 1 || max_slots > SHM_MAX_SLOTS) {
+        PyErr_Format(PyExc_ValueError, "need 1 <= max_blocks <= 2**30 and 1 <= max_pins <= "
+                     "%u (got %llu, %llu)", MAX_PINS, (unsigned long long)max_blocks,
+                     (unsigned long long)max_pins);
+        return -1;
+    }
+    uint64_t u = data_bytes / UNIT;
+    if (u < MIN_UNITS || u > MAX_UNITS) {
+        PyErr_Format(PyExc_ValueError, "a heap holds %u to %llu bytes of data, not %llu",
+                     MIN_UNITS * UNIT, (unsigned long long)MAX_UNITS * UNIT,
+                     (unsigned long long)data_bytes);
+        return -1;
+    }
+    *pins_off = HDR_BYTES + max_blocks * ENTRY_BYTES;
+    uint64_t end = *pins_off + max_slots * (PIN_HEAD + 8 * max_pins);
+    *data_off = (end + PAGE_BYTES - 1) / PAGE_BYTES * PAGE_BYTES;
+    *units = u;
+    *plen = *data_off + u * UNIT;
+    return 0;
+}
+
+static PyObject *
+heap_layout(PyObject *mod, PyObject *args)
+{
+    unsigned long long data, blocks, pins, slots;
+    uint64_t pins_off, data_off, units, plen;
+    if (!PyArg_ParseTuple(args, "KKKK", &data, &blocks, &pins, &slots))
+        return NULL;
+    if (geometry(data, blocks, pins, slots, &pins_off, &data_off, &units, &plen) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(plen);
+}
+
+/* heap_format(mapping, payload_offset, data_bytes, max_blocks, max_pins,
+ * max_slots, salt): lay out an empty heap in a fresh (zeroed) payload. */
+static PyObject *
+heap_format(PyObject *mod, PyObject *args)
+{
+    PyObject *mapping;
+    long long hoff;
+    unsigned long long data, blocks, pins, slots, salt;
+    uint64_t pins_off, data_off, units, plen;
+    if (!PyArg_ParseTuple(args, "O!LKKKKK", &Mapping_Type, &mapping, &hoff, &data, &blocks,
+                          &pins, &slots, &salt))
+        return NULL;
+    if (geometry(data, blocks, pins, slots, &pins_off, &data_off, &units, &plen) < 0)
+        return NULL;
+    char *p = region(mapping, hoff, plen, 1);
+    if (p == NULL)
+        return NULL;
+    HeapObject fake = {.units = units, .salt = (uint32_t)salt, .max_blocks = (uint32_t)blocks,
+                       .data_off = data_off, .plen = plen};
+    Ctx c = {.h = &fake, .p = p};
+    *at64(&c, H_TABLE) = HDR_BYTES;
+    *at64(&c, H_PINS) = pins_off;
+    *at64(&c, H_DATA) = data_off;
+    *at64(&c, H_UNITS) = units;
+    *at64(&c, H_BLOCKS_PINS) = blocks | pins << 32;
+    *at64(&c, H_SLOTS_SALT) = slots | (salt & 0xFFFFFFFFull) << 32;
+    /* one free block spanning the data area, written without the journal */
+    uint64_t off = data_off;
+    *at64(&c, off) = units;
+    *at64(&c, off + 8) = (uint64_t)hcheck(&fake, 0, (uint32_t)units, 0, 0) << 32;
+    *at64(&c, off + 16) = 0;
+    int b = bin_of((uint32_t)units);
+    uint64_t bw = H_BINS + (uint64_t)(b >> 1) * 8;
+    *at64(&c, bw) = (b & 1) ? 1ull << 32 : 1;
+    *at64(&c, H_BITMAP + (uint64_t)(b >> 6) * 8) = 1ull << (b & 63);
+    *at64(&c, H_FREE_U) = units;
+    *at64(&c, H_FREE_B) = 1;
+    *(uint32_t *)(p + H_FORMAT) = HEAP_FORMAT;
+    __atomic_store_n(at64(&c, H_MAGIC), HEAP_MAGIC, __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
+static int
+heapobj_init(HeapObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"mapping", "offset", "length", "name", NULL};
+    PyObject *mapping, *name;
+    long long hoff;
+    unsigned long long plen;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!LKO", kwlist, &Mapping_Type, &mapping,
+                                     &hoff, &plen, &name))
+        return -1;
+    Py_XSETREF(self->name, Py_NewRef(name));
+    Py_XSETREF(self->mapping, Py_NewRef(mapping));
+    Ctx c = {.h = self};
+    self->plen = plen;
+    if (plen < HDR_BYTES || (c.p = region(mapping, hoff, plen, 0)) == NULL) {
+        if (!PyErr_Occurred())
+            corrupt(&c, "its payload is only %llu bytes", plen);
+        return -1;
+    }
+    if (ld(&c, H_MAGIC) != HEAP_MAGIC || *(uint32_t *)(c.p + H_FORMAT) != HEAP_FORMAT)
+        return corrupt(&c, "its header has a bad magic number or format");
+    uint64_t bp = ld(&c, H_BLOCKS_PINS), ss = ld(&c, H_SLOTS_SALT);
+    uint64_t data_bytes = ld(&c, H_UNITS) * UNIT, pins_off, data_off, units, need;
+    if (ld(&c, H_UNITS) > MAX_UNITS ||
+        geometry(data_bytes, (uint32_t)bp, bp >> 32, (uint32_t)ss, &pins_off, &data_off,
+                 &units, &need) < 0) {
+        PyErr_Clear();
+        return corrupt(&c, "its header describes an impossible geometry");
+    }
+    if (ld(&c, H_TABLE) != HDR_BYTES || ld(&c, H_PINS) != pins_off ||
+        ld(&c, H_DATA) != data_off || need > plen ||
+        (uint32_t)ss != ((MappingObject *)mapping)->max_slots)
+        return corrupt(&c, "its header does not match its size");
+    self->hoff = hoff;
+    self->table_off = HDR_BYTES;
+    self->pins_off = pins_off;
+    self->data_off = data_off;
+    self->units = units;
+    self->max_blocks = (uint32_t)bp;
+    self->max_pins = (uint32_t)(bp >> 32);
+    self->max_slots = (uint32_t)ss;
+    self->salt = (uint32_t)(ss >> 32);
+    self->stride = PIN_HEAD + 8ull * self->max_pins;
+    Py_XSETREF(self->mv, PyMemoryView_FromObject(mapping));
+    return self->mv ? 0 : -1;
+}
+
+/* close(): release the view of the mapping (views of pins live on). */
+static PyObject *
+heap_close(HeapObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *mv = self->mv;
+    self->mv = NULL;
+    if (mv != NULL) {
+        PyObject *r = PyObject_CallMethod(mv, "release", NULL);
+        Py_DECREF(mv);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
+}
+
+static void
+heapobj_dealloc(HeapObject *self)
+{
+    Py_XDECREF(self->mv);
+    Py_XDECREF(self->mapping);
+    Py_XDECREF(self->name);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+heap_set_classes(PyObject *mod, PyObject *args)
+{
+    PyObject *st, *pn, *fu;
+    if (!PyArg_ParseTuple(args, "OOO", &st, &pn, &fu))
+        return NULL;
+    Py_XSETREF(heap_StaleHandle, Py_NewRef(st));
+    Py_XSETREF(heap_Pinned, Py_NewRef(pn));
+    Py_XSETREF(heap_Full, Py_NewRef(fu));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+heap_fault(PyObject *mod, PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    long left = fault_countdown;
+    fault_countdown = n;
+    return PyLong_FromLong(left);
+}
+
+#define FAST(NAME, DOC) \
+    {#NAME, (PyCFunction)(void (*)(void))heap_##NAME, METH_FASTCALL, DOC}
+
+static PyMethodDef heapobj_methods[] = {
+    FAST(alloc, "alloc(nbytes, zero, timeout=None) -> handle, or None if fragmented"),
+    FAST(free, "free(handle, timeout=None)"),
+    FAST(realloc, "realloc(handle, nbytes, zero, timeout=None) -> False if fragmented"),
+    FAST(size_of, "size_of(handle) -> nbytes"),
+    FAST(pin, "pin(value, timeout=None, handle=None) -> Pin"),
+    FAST(unpin, "unpin(handle)"),
+    {"pins_held", (PyCFunction)heap_pins_held, METH_NOARGS, "pins_held() -> int"},
+    FAST(compact_step, "compact_step(restart, until, budget, timeout=None) -> "
+                       "(moved_bytes, moved_blocks, free_run, done, pinned_skipped)"),
+    FAST(stats, "stats(locked=True, timeout=None) -> dict"),
+    FAST(verify, "verify(timeout=None) -> dict; CorruptError when an invariant fails"),
+    FAST(where, "where(handle) -> (unit, nbytes, live pins)"),
+    {"close", (PyCFunction)heap_close, METH_NOARGS, "close(): release the mapping's view"},
+    {NULL}
+};
+
+static PyTypeObject Heap_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkit._core.HeapCore",
+    .tp_basicsize = sizeof(HeapObject),
+    .tp_dealloc = (destructor)heapobj_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "HeapCore(mapping, offset, length, name)\n\n"
+              "The metadata operations of the heap whose payload is at offset.",
+    .tp_methods = heapobj_methods,
+    .tp_init = (initproc)heapobj_init,
+    .tp_new = PyType_GenericNew,
+};
+
+static PyMethodDef heap_functions[] = {
+    {"heap_layout", heap_layout, METH_VARARGS,
+     "heap_layout(data_bytes, max_blocks, max_pins, max_slots) -> payload bytes"},
+    {"heap_format", heap_format, METH_VARARGS,
+     "heap_format(mapping, offset, data_bytes, max_blocks, max_pins, max_slots, salt)"},
+    {"heap_set_classes", heap_set_classes, METH_VARARGS,
+     "heap_set_classes(StaleHandleError, PinnedError, HeapFullError)"},
+    {"heap_fault", heap_fault, METH_O,
+     "heap_fault(n) -> points left of the previous countdown\n\n"
+     "SIGKILL this process at the n-th heap crash point from now (tests); 0 disarms."},
+    {NULL}
+};
+
+int
+shm_init_heap(PyObject *module)
+{
+    if (PyType_Ready(&Heap_Type) < 0 || PyType_Ready(&Pin_Type) < 0 ||
+        PyModule_AddFunctions(module, heap_functions) < 0)
+        return -1;
+    Py_INCREF(&Pin_Type);
+    if (PyModule_AddObject(module, "Pin", (PyObject *)&Pin_Type) < 0) {
+        Py_DECREF(&Pin_Type);
+        return -1;
+    }
+    Py_INCREF(&Heap_Type);
+    if (PyModule_AddObject(module, "HeapCore", (PyObject *)&Heap_Type) < 0) {
+        Py_DECREF(&Heap_Type);
+        return -1;
+    }
+    return PyModule_AddIntConstant(module, "HEAP_FORMAT", HEAP_FORMAT);
+}

@@ -1,0 +1,606 @@
+"""A heap of movable blocks in shared memory, addressed by handles.
+
+Any process attached to the heap allocates blocks, gets a small
+:class:`Handle` for each, and can pass that handle (8 bytes) to any other
+process.  To touch a block's bytes, *pin* it: a pinned block does not move,
+and the view is valid inside the ``with``.  ``compact()`` slides unpinned
+blocks together to join the free space; handles stay valid.  A handle used
+after its block was freed raises :class:`StaleHandleError`, never reaching
+another block's data::
+
+    import numpy as np, shmkit
+    heap = shmkit.Heap("pool", size=256 << 20)        # create or open
+    h = heap.alloc(1 << 20)                          # a Handle
+    with heap.pin_array(h, "float32") as a:          # numpy, no copy
+        a[:] = np.arange(a.size)
+    wire = bytes(h)                                  # 8 bytes for a pipe or channel
+    same = shmkit.Handle.from_bytes(wire)            # ... in another process
+    with heap.pin(same) as view:
+        first = bytes(view[:4])
+    heap.free(h)
+    heap.close()
+
+Crash robustness: a process killed at any point (holding pins, or inside
+alloc, free, realloc or a compaction move) leaves the heap consistent; its
+pins are released and a half-done change is rolled back (or, for a block
+copy, rolled forward) by the next process that takes the heap's lock.
+:meth:`Heap.verify` checks every invariant.  The layout and protocols are
+described in ``_core/heap.c`` and ``docs/heap.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from typing import Any
+
+from . import _core
+from .errors import (
+    BusyError,
+    ClosedError,
+    FormatVersionError,
+    HeapFullError,
+    PinnedError,
+    ReadOnlyError,
+    StaleHandleError,
+)
+from .segment import DEFAULT_MAX_ATTACH, Kind, Segment
+
+__all__ = ["Heap", "Handle", "Pin", "ArrayPin", "HeapFullError", "PinnedError",
+           "StaleHandleError"]
+
+_core.heap_set_classes(StaleHandleError, PinnedError, HeapFullError)
+
+HEAP_FORMAT = _core.HEAP_FORMAT
+_UNIT = 16
+_STEP_BUDGET = 256 << 10   # bytes a compaction step moves before releasing the lock
+_DEFAULT_PINS = 64
+_new = object.__new__
+
+
+class Handle:
+    """A reference to one heap block: table index and generation, 8 bytes.
+
+    Handles are small, hashable and picklable values, and travel between
+    processes as 8 bytes (``bytes(h)`` / ``Handle.from_bytes(b)``).  They stay
+    valid while their block moves; after ``free`` the generation no longer
+    matches and every use raises :class:`StaleHandleError`.
+
+    Example
+    -------
+    >>> h = Handle(3, 7)
+    >>> Handle.from_bytes(bytes(h)) == h, h.index, h.generation
+    (True, 3, 7)
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, index: int, generation: int) -> None:
+        if not (0 <= index < 1 << 32 and 0 <= generation < 1 << 32):
+            raise ValueError("a handle's index and generation are 32-bit unsigned ints")
+        self._value = generation << 32 | index
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> "Handle":
+        """The handle whose ``bytes()`` are ``data`` (8 bytes, as sent by a peer).
+
+        >>> Handle.from_bytes(b"\\x01\\0\\0\\0\\x02\\0\\0\\0")
+        Handle(index=1, generation=2)
+        """
+        raw = bytes(data)
+        if len(raw) != 8:
+            raise ValueError(f"a handle is 8 bytes, not {len(raw)}")
+        return _handle(int.from_bytes(raw, "little"))
+
+    @classmethod
+    def from_int(cls, value: int) -> "Handle":
+        """The handle whose ``int()`` is ``value`` (a u64)."""
+        if not 0 <= value < 1 << 64:
+            raise ValueError("a handle is a 64-bit unsigned int")
+        return _handle(value)
+
+    @property
+    def index(self) -> int:
+        """The block's entry in the heap's handle table."""
+        return self._value & 0xFFFFFFFF
+
+    @property
+    def generation(self) -> int:
+        """Bumped each time the entry is freed, so old handles go stale."""
+        return self._value >> 32
+
+    def __bytes__(self) -> bytes:
+        return self._value.to_bytes(8, "little")
+
+    def __int__(self) -> int:
+        return self._value
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Handle:
+            return NotImplemented
+        return self._value == other._value  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> tuple:
+        return (_handle, (self._value,))
+
+    def __repr__(self) -> str:
+        return f"Handle(index={self.index}, generation={self.generation})"
+
+
+def _handle(value: int, _cls: type = Handle) -> Handle:
+    h = _new(_cls)
+    h._value = value
+    return h
+
+
+Pin = _core.Pin
+# Pin (a C type, _core/heap.c): a pinned block; its bytes stay where they are
+# until release().  `with heap.pin(h) as view:` gives the block's memoryview
+# (.view) and releases the pin, and the view, at the end; a Pin that is
+# garbage collected releases itself.  An array made from the view that
+# outlives the pin still points into the mapping (it cannot crash), but the
+# block may then move or be freed: copy what you keep.
+
+
+class ArrayPin:
+    """A pin whose ``with`` gives a numpy array over the block (see :meth:`Heap.pin_array`)."""
+
+    __slots__ = ("_pin", "_array")
+
+    def __init__(self, pin: Any, array: Any) -> None:
+        self._pin = pin
+        self._array = array
+
+    @property
+    def array(self) -> Any:
+        """The array (until released)."""
+        if self._pin.released:
+            raise ValueError("this pin was released")
+        return self._array
+
+    @property
+    def handle(self) -> Handle:
+        return self._pin.handle
+
+    @property
+    def released(self) -> bool:
+        return self._pin.released
+
+    def release(self) -> None:
+        """Unpin the block; the array must not be used afterwards."""
+        self._array = None
+        self._pin.release()
+
+    def __enter__(self) -> Any:
+        return self.array
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<shmkit.ArrayPin {self._pin!r}>"
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    return max(0.0, deadline - time.monotonic())
+
+
+class Heap(Segment):
+    """A heap of movable blocks in a named segment, shared by many processes.
+
+    ``Heap(name, size=n)`` opens ``name`` if it exists, else creates it with
+    ``n`` bytes of data area (block headers of 16 bytes come out of it);
+    ``Heap.create`` / ``Heap.open`` insist on one or the other.
+
+    Parameters
+    ----------
+    name:
+        Segment name (``None`` makes a unique one, see ``.name``).
+    size:
+        Bytes of data area when creating (rounded down to 16).
+    max_blocks:
+        Handle-table entries: the most blocks that can exist at once
+        (default ``size // 1024``, at least 1024, at most 4 Mi).
+    max_pins:
+        Distinct blocks one attachment may hold pinned at once (default 64).
+    path, readonly, mode, lifetime, max_attach:
+        As for :class:`shmkit.Segment`.  A read-only attachment can only
+        look (``stats()``, ``shmkit info``).
+
+    Raises
+    ------
+    NotFoundError, ExistsError, WrongKindError, FormatVersionError,
+    CorruptError, OutOfSpaceError, InvalidNameError
+
+    Example
+    -------
+    >>> with Heap(None, size=1 << 16) as heap:
+    ...     h = heap.put(b"hello")
+    ...     heap.read(h), heap.size_of(h)
+    (b'hello', 5)
+    """
+
+    _kind = Kind.HEAP
+    _heapcore: Any = None
+    _capacity = 0
+
+    def __init__(self, name: str | None = None, size: int | None = None, *,
+                 max_blocks: int | None = None, max_pins: int = _DEFAULT_PINS,
+                 create: bool | None = None, path: str | os.PathLike[str] | None = None,
+                 readonly: bool = False, mode: int = 0o600, lifetime: str = "persistent",
+                 max_attach: int = DEFAULT_MAX_ATTACH) -> None:
+        payload = layout = init = None
+        if size is not None and create is not False:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 2 * _UNIT:
+                raise ValueError(f"size must be an int of at least {2 * _UNIT} bytes, "
+                                 f"not {size!r}")
+            data = size // _UNIT * _UNIT
+            if max_blocks is None:
+                max_blocks = min(max(data // 1024, 1024), 1 << 22)
+            if not isinstance(max_blocks, int) or not 1 <= max_blocks <= 1 << 30:
+                raise ValueError(f"max_blocks must be an int in 1..2**30, not {max_blocks!r}")
+            if not isinstance(max_pins, int) or not 1 <= max_pins <= 4096:
+                raise ValueError(f"max_pins must be an int in 1..4096, not {max_pins!r}")
+            payload = _core.heap_layout(data, max_blocks, max_pins, max_attach)
+            layout = {"format": HEAP_FORMAT, "data_bytes": data, "max_blocks": max_blocks,
+                      "max_pins": max_pins}
+            salt = secrets.randbits(32)
+
+            def init(seg: Segment) -> None:
+                _core.heap_format(seg._mapping, seg._hsize, data, max_blocks, max_pins,
+                                  max_attach, salt)
+        elif create:
+            raise ValueError("creating a heap needs size=")
+        self._attach(name, path, size=payload, create=create, readonly=readonly, mode=mode,
+                     lifetime=lifetime, max_size=payload, max_attach=max_attach,
+                     layout=layout, init=init)
+        try:
+            self._bind()
+        except BaseException:
+            Segment.close(self)
+            raise
+
+    def _bind(self) -> None:
+        stored = self.layout
+        fmt = stored.get("format")
+        if fmt != HEAP_FORMAT:
+            raise FormatVersionError(
+                f"heap {self.name!r} has heap format {fmt}; this shmkit reads format "
+                f"{HEAP_FORMAT}. Use the shmkit that made it, or remove it with `shmkit rm`")
+        self._heapcore = _core.HeapCore(self._mapping, self._hsize, self._sync_size(),
+                                        self.name)
+        self._capacity = int(stored.get("data_bytes", 0))
+
+    @classmethod
+    def create(cls, name: str | None = None, size: int = 0,  # type: ignore[override]
+               **kwargs: Any) -> "Heap":
+        """Create a new heap; :class:`ExistsError` if the name is taken.
+
+        >>> h = Heap.create(size=4096); h.created
+        True
+        >>> h.close(); h.unlink()
+        """
+        return cls(name, size, create=True, **kwargs)
+
+    @classmethod
+    def open(cls, name: str | None = None, **kwargs: Any) -> "Heap":  # type: ignore[override]
+        """Open an existing heap; :class:`NotFoundError` if there is none."""
+        kwargs.pop("size", None)
+        return cls(name, None, create=False, **kwargs)
+
+    # -- internals -----------------------------------------------------------
+
+    def _core_rw(self) -> Any:
+        core = self._heapcore
+        if core is None:
+            raise ClosedError(f"heap {self._name!r} is closed in this process")
+        if self._readonly:
+            raise ReadOnlyError(f"heap {self._name!r} was opened readonly=True; open it "
+                                "without readonly to allocate, pin or free")
+        return core
+
+    @staticmethod
+    def _value(h: Handle) -> int:
+        if type(h) is not Handle:
+            raise TypeError(f"expected a shmkit.Handle, not {type(h).__name__}; "
+                            "rebuild one with Handle.from_bytes()")
+        return h._value
+
+    def _compact_until(self, until: int, deadline: float | None) -> dict:
+        core = self._core_rw()
+        out = {"moved_bytes": 0, "moved_blocks": 0, "pinned_skipped": 0}
+        restart = True
+        while True:
+            moved, blocks, run, done, skipped = core.compact_step(
+                restart, until, _STEP_BUDGET, _remaining(deadline))
+            restart = False
+            out["moved_bytes"] += moved
+            out["moved_blocks"] += blocks
+            out["pinned_skipped"] += skipped
+            if done or (until and run >= until):
+                return out
+
+    def _no_room(self, nbytes: int) -> HeapFullError:
+        s = self.stats()
+        return HeapFullError(
+            f"heap {self._name!r} has {s['free']} bytes free but no run of {nbytes} bytes, "
+            f"even after compacting: {s['pinned']} pinned block(s) keep the free space "
+            "apart (or other processes took it meanwhile); unpin blocks, free some, or "
+            "create a larger heap")
+
+    # -- blocks --------------------------------------------------------------
+
+    def alloc(self, nbytes: int, *, zero: bool = False, timeout: float | None = None
+              ) -> Handle:
+        """Allocate a block of ``nbytes`` and return its handle.
+
+        The bytes are not cleared (like ``numpy.empty``) unless ``zero=True``.
+        When the free space is enough in total but split up, the heap
+        compacts itself and tries again.
+
+        Raises :class:`HeapFullError` when it cannot fit, :class:`Timeout`
+        if the heap's lock is not free within ``timeout`` seconds.
+
+        >>> with Heap(None, size=4096) as heap:
+        ...     heap.size_of(heap.alloc(100, zero=True))
+        100
+        """
+        core = self._heapcore
+        if core is None or self._readonly:
+            core = self._core_rw()
+        if type(nbytes) is not int:
+            nbytes = _index(nbytes, "nbytes")
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, not {nbytes}")
+        v = core.alloc(nbytes, zero, timeout)
+        if v is None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for _ in range(3):
+                self._compact_until(_block_bytes(nbytes), deadline)
+                v = core.alloc(nbytes, zero, _remaining(deadline))
+                if v is not None:
+                    break
+            else:
+                raise self._no_room(nbytes)
+        return _handle(v)
+
+    def put(self, data: Any, *, timeout: float | None = None) -> Handle:
+        """Allocate a block holding a copy of ``data`` (any bytes-like object).
+
+        >>> with Heap(None, size=4096) as heap:
+        ...     heap.read(heap.put(b"abc"))
+        b'abc'
+        """
+        src = memoryview(data).cast("B")
+        h = self.alloc(src.nbytes, timeout=timeout)
+        try:
+            with self.pin(h, timeout=timeout) as view:
+                view[:] = src
+        except BaseException:
+            self.free(h)
+            raise
+        return h
+
+    def free(self, handle: Handle, *, timeout: float | None = None) -> None:
+        """Free the block; its handle (and every copy of it) goes stale.
+
+        Raises :class:`PinnedError` while anyone holds it pinned, and
+        :class:`StaleHandleError` if it was already freed.
+        """
+        core = self._heapcore
+        if core is None or self._readonly:
+            core = self._core_rw()
+        if type(handle) is not Handle:
+            self._value(handle)  # raises TypeError
+        core.free(handle._value, timeout)
+
+    def size_of(self, handle: Handle) -> int:
+        """The size the block was allocated (or last resized) with."""
+        core = self._heapcore
+        if core is None:
+            raise ClosedError(f"heap {self._name!r} is closed in this process")
+        return core.size_of(self._value(handle))
+
+    def realloc(self, handle: Handle, nbytes: int, *, zero: bool = False,
+                timeout: float | None = None) -> Handle:
+        """Resize the block to ``nbytes``, keeping its content (and its handle).
+
+        Grows in place when the space after it is free, else copies it to a
+        new place; the returned handle is ``handle`` itself.  New bytes are
+        cleared only with ``zero=True``.  Raises :class:`PinnedError` while
+        it is pinned, :class:`HeapFullError` if it cannot fit.
+        """
+        core = self._core_rw()
+        v = self._value(handle)
+        if type(nbytes) is not int:
+            nbytes = _index(nbytes, "nbytes")
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, not {nbytes}")
+        if not core.realloc(v, nbytes, zero, timeout):
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for _ in range(3):
+                self._compact_until(_block_bytes(nbytes), deadline)
+                if core.realloc(v, nbytes, zero, _remaining(deadline)):
+                    break
+            else:
+                raise self._no_room(nbytes)
+        return handle
+
+    def pin(self, handle: Handle, *, timeout: float | None = None) -> Pin:
+        """Pin the block so it cannot move; ``with heap.pin(h) as view:``.
+
+        The memoryview covers exactly ``size_of(h)`` bytes and is valid until
+        the pin is released (the end of the ``with``).  Pinning is lock-free;
+        it waits (up to ``timeout``) only while the block is being moved.
+        Any number of processes may pin the same block at once.
+
+        >>> with Heap(None, size=4096) as heap:
+        ...     h = heap.alloc(4)
+        ...     with heap.pin(h) as view:
+        ...         view[:] = b"abcd"
+        ...     heap.read(h)
+        b'abcd'
+        """
+        core = self._heapcore
+        if core is None or self._readonly:
+            core = self._core_rw()
+        if type(handle) is not Handle:
+            self._value(handle)  # raises TypeError
+        return core.pin(handle._value, timeout, handle)
+
+    def pin_array(self, handle: Handle, dtype: Any = "uint8", shape: Any = None, *,
+                  offset: int = 0, timeout: float | None = None) -> ArrayPin:
+        """Pin the block and view it as a numpy array, without copying.
+
+        ``shape`` defaults to as many items of ``dtype`` as fit after
+        ``offset``.  ``with heap.pin_array(h, "float64", (3, 4)) as a:``
+
+        >>> import numpy as np
+        >>> with Heap(None, size=4096) as heap:
+        ...     h = heap.alloc(32)
+        ...     with heap.pin_array(h, np.int64) as a:
+        ...         a[:] = 7
+        ...     int(np.frombuffer(heap.read(h), np.int64).sum())
+        28
+        """
+        import numpy as np
+
+        dt = np.dtype(dtype)
+        pin = self.pin(handle, timeout=timeout)
+        try:
+            n = pin.view.nbytes
+            if shape is None:
+                shape = ((n - offset) // dt.itemsize,) if n > offset else (0,)
+            elif isinstance(shape, int):
+                shape = (shape,)
+            count = 1
+            for d in shape:
+                count *= d
+            if offset < 0 or offset + count * dt.itemsize > n:
+                raise ValueError(f"{count} items of {dt} at offset {offset} do not fit in "
+                                 f"the block's {n} bytes")
+            arr = np.frombuffer(pin.view, dtype=dt, count=count, offset=offset).reshape(shape)
+        except BaseException:
+            pin.release()
+            raise
+        return ArrayPin(pin, arr)
+
+    def read(self, handle: Handle, *, timeout: float | None = None) -> bytes:
+        """A copy of the block's bytes."""
+        with self.pin(handle, timeout=timeout) as view:
+            return bytes(view)
+
+    def write(self, handle: Handle, data: Any, offset: int = 0, *,
+              timeout: float | None = None) -> int:
+        """Copy ``data`` into the block at ``offset``; returns its length."""
+        src = memoryview(data).cast("B")
+        with self.pin(handle, timeout=timeout) as view:
+            if offset < 0 or offset + src.nbytes > view.nbytes:
+                raise IndexError(f"bytes {offset}..{offset + src.nbytes} are outside the "
+                                 f"block's {view.nbytes} bytes; realloc() it first")
+            view[offset:offset + src.nbytes] = src
+        return src.nbytes
+
+    # -- the whole heap ------------------------------------------------------
+
+    def compact(self, *, timeout: float | None = None) -> dict:
+        """Slide unpinned blocks together so the free space is one run.
+
+        Handles stay valid; pinned blocks stay put (free space before them
+        remains).  The lock is released every ~256 KiB moved, so other
+        processes keep allocating meanwhile, and readers holding pins are
+        never stopped.  Returns ``{"moved_bytes", "moved_blocks",
+        "pinned_skipped"}``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._compact_until(0, deadline)
+
+    def stats(self, *, timeout: float | None = None) -> dict:
+        """Usage: ``size``, ``used``, ``free``, ``largest_free``, ``blocks``,
+        ``free_blocks``, ``pinned``, ``fragmentation`` (0 when the free space
+        is one run, towards 1 when it is scattered), and counters (allocs,
+        frees, moves, moved_bytes, compactions, recoveries, reclaimed_pins).
+        Byte counts include the 16-byte block headers.
+        """
+        core = self._heapcore
+        if core is None:
+            raise ClosedError(f"heap {self._name!r} is closed in this process")
+        if self._readonly:
+            return core.stats(False, timeout)
+        return core.stats(True, timeout)
+
+    def verify(self, *, timeout: float | None = None) -> dict:
+        """Check every invariant of the heap; :class:`CorruptError` names the first broken one.
+
+        Walks all blocks, free lists, the handle table and the pin tables
+        (under the lock), so it costs time proportional to the heap's size.
+        Returns a summary (blocks, free_blocks, used, free, handles_used,
+        free_handles, pinned).
+        """
+        return self._core_rw().verify(timeout)
+
+    @property
+    def capacity(self) -> int:
+        """Bytes of data area (block headers included)."""
+        return self._capacity
+
+    def _where(self, handle: Handle) -> tuple[int, int, int]:
+        """(block unit, nbytes, live pins): where the block lives now (tests)."""
+        return self._core_rw().where(self._value(handle))
+
+    def pins_held(self) -> int:
+        """Pins this attachment holds now."""
+        core = self._heapcore
+        return 0 if core is None else core.pins_held()
+
+    def close(self) -> None:
+        """Detach.  Raises :class:`BusyError` while this attachment holds pins."""
+        if self._closed:
+            return
+        core = self._heapcore
+        if core is not None and not self._readonly and core.pins_held():
+            raise BusyError(f"heap {self._name!r}: this attachment still holds "
+                            f"{core.pins_held()} pin(s); release them before close()")
+        self._heapcore = None
+        if core is not None:
+            core.close()
+        super().close()
+
+    def __reduce__(self) -> tuple:
+        return (_reopen_heap, (type(self), self._name, self._path, self._readonly))
+
+    def _describe(self) -> dict:
+        try:
+            s = self.stats(timeout=1.0)
+        except Exception as e:  # info must not fail on a damaged heap
+            return {"heap": {"error": f"{type(e).__name__}: {e}"}}
+        keep = ("size", "used", "free", "largest_free", "fragmentation", "blocks",
+                "free_blocks", "pinned", "max_blocks", "handles_used", "allocs", "frees",
+                "moves", "moved_bytes", "compactions", "recoveries", "reclaimed_pins")
+        return {"heap": {k: s[k] for k in keep if k in s}}
+
+    def __repr__(self) -> str:
+        if self._closed or self._heapcore is None:
+            return f"<shmkit.Heap {self._name!r} closed>"
+        return f"<shmkit.Heap {self._name!r} capacity={self._capacity}>"
+
+
+def _reopen_heap(cls: type, name: str, path: str, readonly: bool) -> Heap:
+    return cls.open(name, path=path, readonly=readonly)
+
+
+def _block_bytes(nbytes: int) -> int:
+    return max(2, -(-nbytes // _UNIT) + 1) * _UNIT
+
+
+def _index(v: Any, what: str) -> int:
+    try:
+        return v.__index__()
+    except AttributeError:
+        raise TypeError(f"{what} must be an int, not {type(v).__name__}") from None
