@@ -27,6 +27,8 @@ from .errors import (
     WouldBlock,
     WrongKindError,
 )
+from .channel import Channel, Queue
+from .errors import ChannelClosed, Empty, Full, MessageTooLarge
 from .records import Array, Struct
 from .segment import Kind, Segment, list_segments, unlink
 from .sync import Condition, Event, Mutex, RWLock, Semaphore
@@ -41,6 +43,7 @@ __all__ = [
     "FormatVersionError", "LayoutMismatchError", "CorruptError", "OutOfSpaceError",
     "ReadOnlyError", "ClosedError", "BusyError", "Timeout", "WouldBlock",
     "OwnerDiedWarning",
+    "Channel", "Queue", "ChannelClosed", "MessageTooLarge", "Empty", "Full",
 ]
 
 for _name in __all__:

@@ -85,3 +85,29 @@ class WouldBlock(ShmkitError):
 
 class OwnerDiedWarning(RuntimeWarning):
     """A lock was taken over from a holder that died; check the data it guards."""
+
+
+# --- channel ---
+import queue as _queue  # noqa: E402
+
+__all__ += ["ChannelClosed", "MessageTooLarge", "Empty", "Full"]
+
+
+class ChannelClosed(ShmkitError, EOFError):
+    """The channel was closed for sending: ``send`` is refused, and ``recv``
+    raises this once the messages already sent have all been received."""
+
+
+class MessageTooLarge(ShmkitError, ValueError):
+    """A message is larger than the channel can ever hold (see ``max_message``);
+    create the channel with a larger ``capacity=``."""
+
+
+class Empty(WouldBlock, _queue.Empty):
+    """Nothing to receive now: ``recv_nowait()``, or ``Queue.get`` whose wait
+    ended.  Also a :class:`queue.Empty`, as ``multiprocessing.Queue`` raises."""
+
+
+class Full(WouldBlock, _queue.Full):
+    """No room to send now: ``send_nowait()``, or ``Queue.put`` whose wait
+    ended.  Also a :class:`queue.Full`, as ``multiprocessing.Queue`` raises."""

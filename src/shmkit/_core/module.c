@@ -6,6 +6,7 @@ extern PyMethodDef shm_futex_methods[];
 extern PyMethodDef shm_liveness_methods[];
 extern PyMethodDef shm_event_methods[];
 extern PyTypeObject Lock_Type;
+int shm_init_ring(PyObject *module);
 
 static PyObject *
 set_classes(PyObject *mod, PyObject *args)
@@ -44,7 +45,7 @@ PyInit__core(void)
     PyObject *m = PyModule_Create(&core_module);
     if (m == NULL)
         return NULL;
-    if (shm_init_mapping(m) < 0 || shm_init_lock(m) < 0 ||
+    if (shm_init_mapping(m) < 0 || shm_init_lock(m) < 0 || shm_init_ring(m) < 0 ||
         add_functions(m, shm_atomic_methods) < 0 ||
         add_functions(m, shm_futex_methods) < 0 ||
         add_functions(m, shm_liveness_methods) < 0 ||
