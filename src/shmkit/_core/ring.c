@@ -71,6 +71,7 @@
 #include <limits.h>
 #include <stddef.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #define cpu_relax() __builtin_ia32_pause()
@@ -439,6 +440,28 @@ ring_consumed(RingObject *r, uint64_t pos, uint32_t len)
 
 /* ---- the producers' side ---------------------------------------------- */
 
+/* The ring is empty but its tail is too near the end for the record we
+ * want: the SKIP marker just written at `was` would hold the space until a
+ * consumer passes it.  If no record is pending, pass it ourselves (taking
+ * clock after plock: the only order in which both are held). */
+static int
+ring_pass_skip(RingObject *r, MappingObject *m, uint32_t me, uint64_t was, uint64_t t)
+{
+    struct ring_hdr *h = r->h;
+    uint32_t free_ = 0;
+    if (!__atomic_compare_exchange_n(&h->clock, &free_, me, 0, __ATOMIC_ACQUIRE,
+                                     __ATOMIC_RELAXED))
+        return 0; /* a consumer is busy: it will pass the marker itself */
+    int passed = LOADR(&h->read) == was && LOADR(&h->head) == was;
+    if (passed) {
+        STORE(&h->tail, t);  /* a valid SKIP record first, then pass it */
+        STORE(&h->read, t);
+        STORE(&h->head, t);
+    }
+    ring_unlock(m, &h->clock);
+    return passed;
+}
+
 /* Reserve records for n payloads of lens[] at the tail, as many as fit now
  * (SKIP markers included), under plock.  Fills pos[]; returns how many were
  * reserved (0 when full), or -1 with an exception set. */
@@ -457,7 +480,7 @@ ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *len
         return -1;
     }
     uint64_t t = LOADR(&h->tail), t0 = t, hd = r->head_seen;
-    if (t - hd > cap) {
+    if ((t & 7) || t - hd > cap) {
         r->head_seen = hd = LOAD(&h->head);
         if (((t | hd) & 7) || t - hd > cap) {
             ring_unlock(m, &h->plock);
@@ -467,6 +490,11 @@ ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *len
     uint64_t room = UINT64_MAX;
     if (h->max_items) {
         uint64_t queued = LOADR(&h->reserved) - LOAD(&h->received) - LOAD(&h->dropped);
+        if (queued > (1ull << 62)) {
+            ring_unlock(m, &h->plock);
+            return corrupt(r, "more messages received than sent", LOADR(&h->reserved),
+                           LOAD(&h->received));
+        }
         room = queued >= h->max_items ? 0 : h->max_items - queued;
     }
     Py_ssize_t k = 0;
@@ -486,7 +514,12 @@ ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *len
         if (off + total > cap) {            /* wrap: mark the rest as skipped */
             STORER(&rec->len, (uint32_t)(cap - off - 8));
             STORER(&rec->state, ST_SKIP);
+            uint64_t was = t;
             t += cap - off;
+            if (hd != was)
+                r->head_seen = hd = LOAD(&h->head);
+            if (hd == was && ring_pass_skip(r, m, me, was, t))
+                r->head_seen = hd = t;
             continue;
         }
         STORER(&rec->len, (uint32_t)lens[k]);
@@ -527,6 +560,8 @@ data_ready(RingObject *r)
     uint64_t rd = LOAD(&h->read), t = LOAD(&h->tail);
     if (rd == t)
         return LOAD(&h->closed) != 0; /* closed and drained: the caller stops */
+    if (rd > t || t - rd > r->cap || ((rd | t) & 7))
+        return 1;
     return ST_KIND(LOAD(&rec_at(r, rd)->state)) != ST_RESERVED;
 }
 
@@ -537,14 +572,14 @@ space_ready(RingObject *r, uint64_t total)
     if (LOAD(&h->closed))
         return 1;
     uint64_t t = LOAD(&h->tail), hd = LOAD(&h->head), off = t % r->cap;
-    if (t - hd > r->cap)
+    if (t - hd > r->cap || ((t | hd) & 7))
         return 1;
     uint64_t need = off + total > r->cap ? r->cap - off : total;
     if (r->cap - (t - hd) < need)
         return 0;
     if (h->max_items) {
         uint64_t queued = LOAD(&h->reserved) - LOAD(&h->received) - LOAD(&h->dropped);
-        if (queued >= h->max_items && queued < (1ull << 62))
+        if (queued >= h->max_items && queued <= (1ull << 62))
             return 0;
     }
     return 1;
@@ -563,6 +598,8 @@ ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t tota
           int64_t deadline)
 {
 #define READY() (space ? space_ready(r, total) : data_ready(r))
+    if (deadline != SHM_FOREVER && shm_now_ns() >= deadline)
+        return 0;
     for (int i = 0; i < SPIN_GIL; i++) {
         if (READY())
             return 1;
@@ -714,6 +751,22 @@ sleepers:
     return 0;
 }
 
+/* After many rounds in which the ring looked ready but yielded nothing
+ * (other consumers were quicker, or the state is corrupt in a way the
+ * checks cannot name), sleep a millisecond: this bounds the CPU burnt. */
+static int
+ring_backoff(int *fruitless)
+{
+    if (++*fruitless < 64)
+        return 0;
+    *fruitless = 0;
+    Py_BEGIN_ALLOW_THREADS
+    struct timespec ts = {0, 1000 * 1000};
+    nanosleep(&ts, NULL);
+    Py_END_ALLOW_THREADS
+    return PyErr_CheckSignals();
+}
+
 /* ---- Python: argument helpers ----------------------------------------- */
 
 /* Parse (positional..., timeout=None) from a FASTCALL|KEYWORDS call. */
@@ -818,10 +871,14 @@ ring_send(RingObject *r, MappingObject *m, Py_buffer *bufs, Py_ssize_t n,
     uint32_t me = m->token;
     ring_claim(r, me, ROLE_PRODUCER);
     Py_ssize_t lens_small[64], *lens = lens_small, done = 0;
+    int fruitless = 0;
     uint64_t pos_small[64], *pos = pos_small;
-    int64_t deadline = 0;
-    int have_deadline = nowait;
+    int64_t deadline = nowait ? 0 : SHM_FOREVER;
     *err = 0;
+    if (!nowait && timeout != NULL && timeout != Py_None && deadline_of(timeout, &deadline) < 0) {
+        *err = 1;
+        return 0;
+    }
     if (n > 64) {
         lens = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)n);
         pos = PyMem_Malloc(sizeof(uint64_t) * (size_t)n);
@@ -833,8 +890,7 @@ ring_send(RingObject *r, MappingObject *m, Py_buffer *bufs, Py_ssize_t n,
     for (Py_ssize_t i = 0; i < n; i++)
         lens[i] = bufs[i].len;
     while (done < n) {
-        Py_ssize_t k = ring_reserve(r, m, me, lens + done, n - done, pos,
-                                    have_deadline ? deadline : SHM_FOREVER);
+        Py_ssize_t k = ring_reserve(r, m, me, lens + done, n - done, pos, deadline);
         if (k < 0)
             goto fail;
         for (Py_ssize_t i = 0; i < k; i++)
@@ -845,11 +901,6 @@ ring_send(RingObject *r, MappingObject *m, Py_buffer *bufs, Py_ssize_t n,
         if (done == n)
             break;
         if (k == 0) {
-            if (!have_deadline) {
-                if (deadline_of(timeout, &deadline) < 0)
-                    goto fail;
-                have_deadline = 1;
-            }
             int w = nowait ? 0 : ring_wait(r, m, me, 1, rec_total((uint64_t)lens[done]),
                                            deadline);
             if (w < 0)
@@ -862,6 +913,8 @@ ring_send(RingObject *r, MappingObject *m, Py_buffer *bufs, Py_ssize_t n,
                                  "timeout; %zd of %zd messages were sent", r->name, done, n);
                 goto fail;
             }
+            if (ring_backoff(&fruitless) < 0)
+                goto fail;
         }
     }
     goto out;
@@ -991,15 +1044,19 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how)
     struct ring_hdr *h = r->h;
     uint32_t me = m->token;
     ring_claim(r, me, ROLE_CONSUMER);
-    int64_t deadline = 0;
-    int have_deadline = nowait;
+    int64_t deadline = nowait ? 0 : SHM_FOREVER;
     PyObject *out = NULL;
+    int fruitless = 0;
+    if (!nowait && timeout != NULL && timeout != Py_None && deadline_of(timeout, &deadline) < 0) {
+        ring_leave(m);
+        return NULL;
+    }
     for (;;) {
         uint64_t pos;
         uint32_t len;
         int freed = 0;
         int closed = LOAD(&h->closed);
-        if (ring_lock(r, m, &h->clock, me, have_deadline ? deadline : SHM_FOREVER) < 0)
+        if (ring_lock(r, m, &h->clock, me, deadline) < 0)
             break;
         int k = ring_next(r, &pos, &len, &freed);
         if (k == T_READY && (how == R_VIEW || len >= BIG_COPY)) {
@@ -1041,11 +1098,6 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how)
             PyErr_Format(ChannelClosed, "channel %R is closed and drained", r->name);
             break;
         }
-        if (!have_deadline) {
-            if (deadline_of(timeout, &deadline) < 0)
-                break;
-            have_deadline = 1;
-        }
         int w = nowait ? 0 : ring_wait(r, m, me, 0, 0, deadline);
         if (w < 0)
             break;
@@ -1057,6 +1109,8 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how)
                              "within the timeout", r->name);
             break;
         }
+        if (ring_backoff(&fruitless) < 0)
+            break;
     }
     ring_leave(m);
     return out;
@@ -1118,12 +1172,13 @@ Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
     struct ring_hdr *h = r->h;
     uint32_t me = m->token;
     ring_claim(r, me, ROLE_CONSUMER);
-    int64_t deadline = 0;
-    int have_deadline = 0, failed = 0;
-    for (;;) {
+    int64_t deadline = SHM_FOREVER;
+    int fruitless = 0;
+    int failed = a[1] != NULL && a[1] != Py_None && deadline_of(a[1], &deadline) < 0;
+    while (!failed) {
         int freed = 0, k = T_EMPTY;
         int closed = LOAD(&h->closed);
-        if (ring_lock(r, m, &h->clock, me, have_deadline ? deadline : SHM_FOREVER) < 0) {
+        if (ring_lock(r, m, &h->clock, me, deadline) < 0) {
             failed = 1;
             break;
         }
@@ -1158,17 +1213,10 @@ Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
             failed = 1;
             break;
         }
-        if (!have_deadline) {
-            if (deadline_of(a[1], &deadline) < 0) {
-                failed = 1;
-                break;
-            }
-            have_deadline = 1;
-        }
         int w = ring_wait(r, m, me, 0, 0, deadline);
-        if (w < 0)
+        if (w < 0 || (w > 0 && ring_backoff(&fruitless) < 0))
             failed = 1;
-        if (w <= 0)
+        if (w <= 0 || failed)
             break;
     }
     ring_leave(m);
