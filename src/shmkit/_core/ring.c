@@ -119,11 +119,12 @@ struct ring_hdr {
     uint32_t max_slots, closed;
     char pad0[64 - 40];
     uint64_t tail, reserved;
-    uint32_t plock;
-    char pad1[128 - 84];
+    uint32_t plock, pad_p;
+    uint64_t jp_tail, jp_reserved;
+    char pad1[128 - 104];
     uint64_t head, read, received, dropped;
-    uint32_t clock;
-    char pad2[192 - 164];
+    uint32_t clock, pad_c;
+    uint64_t jr_read, jr_received, jr_dropped;
     uint32_t data_seq, data_sleepers;
     char pad3[256 - 200];
     uint32_t space_seq, space_sleepers;
@@ -132,6 +133,8 @@ struct ring_hdr {
 _Static_assert(offsetof(struct ring_hdr, tail) == 64, "producers' line");
 _Static_assert(offsetof(struct ring_hdr, head) == 128, "consumers' line");
 _Static_assert(offsetof(struct ring_hdr, clock) == 160, "consumers' lock");
+_Static_assert(offsetof(struct ring_hdr, jp_tail) == 88, "producers' journal");
+_Static_assert(offsetof(struct ring_hdr, jr_read) == 168, "consumers' journal");
 _Static_assert(offsetof(struct ring_hdr, data_seq) == 192, "data wait line");
 _Static_assert(offsetof(struct ring_hdr, space_seq) == 256, "space wait line");
 _Static_assert(sizeof(struct ring_hdr) == RING_ROLES_OFF, "role table");
@@ -286,12 +289,49 @@ ring_wake(uint32_t *seq, uint32_t *sleepers)
 
 /* ---- the consumers' side (call with clock held) ----------------------- */
 
-/* Move head over finished records.  Returns 1 if it moved, -1 on error. */
+/* One holding of clock that takes records.  It starts by writing the
+ * journal (read, received, dropped as they were); it moves read record by
+ * record, and stores the counters and then head once, at the end.  So if
+ * its holder dies, either head has not passed the journal's read position
+ * and the records from there to read are intact and can be counted again
+ * (ring_fix_consumers), or the counters were already stored. */
+typedef struct {
+    uint64_t head, received, dropped;
+} take_t;
+
+static inline void
+take_begin(struct ring_hdr *h, take_t *tk)
+{
+    tk->head = LOADR(&h->head);
+    tk->received = LOADR(&h->received);
+    tk->dropped = LOADR(&h->dropped);
+    STORER(&h->jr_received, tk->received);
+    STORER(&h->jr_dropped, tk->dropped);
+    STORE(&h->jr_read, LOADR(&h->read));
+}
+
+/* Move read past the record at rd (total bytes); head follows at the end
+ * if nothing before it is lent out.  Returns 1 if head will move. */
+static inline int
+take_pass(struct ring_hdr *h, take_t *tk, uint64_t rd, uint64_t total)
+{
+    STORE(&h->read, rd + total);
+    if (tk->head == rd) {
+        tk->head = rd + total;
+        return 1;
+    }
+    return 0;
+}
+
+/* Move head over finished records (DONE, SKIP, ABANDONED) from `hd`, and
+ * store it if it moved.  Returns 1 if it moved, -1 on error. */
 static int
-ring_reclaim(RingObject *r)
+ring_reclaim_from(RingObject *r, uint64_t hd)
 {
     struct ring_hdr *h = r->h;
-    uint64_t hd = LOADR(&h->head), rd = LOADR(&h->read), start = hd;
+    uint64_t rd = LOADR(&h->read), start = LOADR(&h->head);
+    if (hd < start || rd < hd || rd - hd > r->cap)
+        return corrupt(r, "head and read positions out of order", hd, rd);
     while (hd < rd) {
         uint64_t off = hd % r->cap, total;
         rec_t *rec = rec_at(r, hd);
@@ -314,27 +354,92 @@ ring_reclaim(RingObject *r)
     return 1;
 }
 
-/* After taking clock from a dead consumer: a record it was copying when it
- * died sits COMMITTED between head and read.  It had taken it; finish it. */
+static inline int
+ring_reclaim(RingObject *r)
+{
+    return ring_reclaim_from(r, LOADR(&r->h->head));
+}
+
+/* End a holding: counters first, then head.  Returns 1 if head moved. */
+static inline int
+take_end(RingObject *r, take_t *tk)
+{
+    struct ring_hdr *h = r->h;
+    STORE(&h->received, tk->received);
+    STORE(&h->dropped, tk->dropped);
+    return ring_reclaim_from(r, tk->head);
+}
+
+/* After taking clock from a dead consumer: recount what its holding took,
+ * finish the records it had copied, and give back one it was lending out
+ * but had not passed yet.  Every step is idempotent, so a recoverer that
+ * dies too leaves work the next one can redo. */
 static int
 ring_fix_consumers(RingObject *r)
 {
     struct ring_hdr *h = r->h;
-    uint64_t hd = LOADR(&h->head), rd = LOADR(&h->read);
-    if (rd < hd || rd - hd > r->cap)
+    uint64_t hd = LOADR(&h->head), rd = LOADR(&h->read), jr = LOADR(&h->jr_read);
+    uint64_t t = LOAD(&h->tail);
+    if (rd < hd || rd - hd > r->cap || t < rd || t - rd > r->cap || ((hd | rd | t) & 7))
         return corrupt(r, "read position outside the ring", rd, hd);
-    while (hd < rd) {
-        uint64_t off = hd % r->cap;
-        rec_t *rec = rec_at(r, hd);
-        uint32_t st = LOAD(&rec->state), len = LOADR(&rec->len);
-        uint64_t total = st == ST_SKIP ? r->cap - off : rec_total(len);
-        if (total > r->cap - off || total > rd - hd)
-            return corrupt(r, "record overruns the read position", len, hd);
+    if (hd <= jr) { /* head did not pass the journal: recount [jr, rd) */
+        if (jr > rd || (jr & 7))
+            return corrupt(r, "bad consumers' journal", jr, rd);
+        uint64_t taken = 0, dropped = 0;
+        for (uint64_t p = jr; p < rd;) {
+            uint64_t off = p % r->cap;
+            rec_t *rec = rec_at(r, p);
+            uint32_t st = LOAD(&rec->state), len = LOADR(&rec->len);
+            uint64_t total = st == ST_SKIP ? r->cap - off : rec_total(len);
+            if (total > r->cap - off || total > rd - p)
+                return corrupt(r, "record overruns the read position", len, p);
+            if (st == ST_ABANDONED)
+                dropped++;
+            else if (st != ST_SKIP)
+                taken++;
+            p += total;
+        }
+        if (rd < t && LOAD(&rec_at(r, rd)->state) == ST_ABANDONED)
+            dropped++; /* marked, not yet passed: the next holding passes it */
+        STORE(&h->received, LOADR(&h->jr_received) + taken);
+        STORE(&h->dropped, LOADR(&h->jr_dropped) + dropped);
+    }
+    for (uint64_t p = hd; p < rd;) { /* copied, head not yet moved: finish */
+        rec_t *rec = rec_at(r, p);
+        uint32_t st = LOAD(&rec->state);
+        uint64_t total = st == ST_SKIP ? r->cap - p % r->cap : rec_total(LOADR(&rec->len));
+        if (total > r->cap - p % r->cap || total > rd - p)
+            return corrupt(r, "record overruns the read position", LOADR(&rec->len), p);
         if (st == ST_COMMITTED)
             STORE(&rec->state, ST_DONE);
-        hd += total;
+        p += total;
     }
+    if (rd < t && ST_KIND(LOAD(&rec_at(r, rd)->state)) == ST_TAKEN)
+        STORE(&rec_at(r, rd)->state, ST_COMMITTED); /* lent, never passed: undo */
     return ring_reclaim(r) < 0 ? -1 : 0;
+}
+
+/* After taking plock from a dead producer: recount the messages of its
+ * holding from its journal (no producer has written since). */
+static int
+ring_fix_producers(RingObject *r)
+{
+    struct ring_hdr *h = r->h;
+    uint64_t t = LOADR(&h->tail), jt = LOADR(&h->jp_tail), n = 0;
+    if (jt > t || t - jt > r->cap || ((jt | t) & 7))
+        return corrupt(r, "bad producers' journal", jt, t);
+    for (uint64_t p = jt; p < t;) {
+        uint64_t off = p % r->cap;
+        rec_t *rec = rec_at(r, p);
+        uint32_t st = LOAD(&rec->state), len = LOADR(&rec->len);
+        uint64_t total = st == ST_SKIP ? r->cap - off : rec_total(len);
+        if (total > r->cap - off || total > t - p)
+            return corrupt(r, "record overruns the tail", len, p);
+        n += st != ST_SKIP;
+        p += total;
+    }
+    STORE(&h->reserved, LOADR(&h->jp_reserved) + n);
+    return 0;
 }
 
 static int
@@ -351,7 +456,7 @@ ring_lock(RingObject *r, MappingObject *m, uint32_t *word, uint32_t me, int64_t 
                      word == &r->h->plock ? "producers'" : "consumers'");
         return -1;
     }
-    if (got == 2 && word == &r->h->clock && ring_fix_consumers(r) < 0) {
+    if (got == 2 && (word == &r->h->clock ? ring_fix_consumers(r) : ring_fix_producers(r)) < 0) {
         shm_lock_release(m, word);
         return -1;
     }
@@ -366,27 +471,13 @@ ring_unlock(MappingObject *m, uint32_t *word)
         shm_futex_wake(word, 1);
 }
 
-/* Advance read past the record at rd (total bytes); head too if nothing is
- * lent out before it.  Returns 1 if head moved. */
-static inline int
-ring_advance(struct ring_hdr *h, uint64_t rd, uint64_t total)
-{
-    STORE(&h->read, rd + total);
-    if (LOADR(&h->head) == rd) {
-        STORE(&h->head, rd + total);
-        return 1;
-    }
-    return 0;
-}
-
 enum { T_EMPTY = 0, T_READY = 1, T_WRITING = 2 };
 
 /* Find the next deliverable record at read, passing over SKIP and
- * ABANDONED records.  Returns T_READY with *pos and *len, T_EMPTY, T_WRITING
- * (a producer is still writing it), or -1 on error.  *freed is set when
- * head moved. */
+ * ABANDONED records.  Returns T_READY with *pos and *len, T_EMPTY,
+ * T_WRITING (a producer is still writing it), or -1 on error. */
 static int
-ring_next(RingObject *r, uint64_t *pos, uint32_t *len, int *freed)
+ring_next(RingObject *r, take_t *tk, uint64_t *pos, uint32_t *len)
 {
     struct ring_hdr *h = r->h;
     for (;;) {
@@ -422,20 +513,27 @@ ring_next(RingObject *r, uint64_t *pos, uint32_t *len, int *freed)
             *len = n;
             return T_READY;
         }
-        *freed |= ring_advance(h, rd, total);
+        take_pass(h, tk, rd, total);
     }
 }
 
-/* Finish taking the record at pos (its payload copied): mark and advance. */
-static inline int
-ring_consumed(RingObject *r, uint64_t pos, uint32_t len)
+/* The record at pos was copied out: count it and pass it. */
+static inline void
+take_copied(RingObject *r, take_t *tk, uint64_t pos, uint32_t len)
 {
-    struct ring_hdr *h = r->h;
-    rec_t *rec = rec_at(r, pos);
-    if (LOADR(&h->head) != pos)
-        STORE(&rec->state, ST_DONE);
-    STORER(&h->received, LOADR(&h->received) + 1);
-    return ring_advance(h, pos, rec_total(len));
+    if (tk->head != pos)
+        STORE(&rec_at(r, pos)->state, ST_DONE);
+    tk->received++;
+    take_pass(r->h, tk, pos, rec_total(len));
+}
+
+/* The record at pos is lent out as a view: mark it, count it, pass it. */
+static inline void
+take_lent(RingObject *r, take_t *tk, uint64_t pos, uint32_t len, uint32_t me)
+{
+    STORE(&rec_at(r, pos)->state, ST_TAKEN | me);
+    tk->received++;
+    STORE(&r->h->read, pos + rec_total(len));
 }
 
 /* ---- the producers' side ---------------------------------------------- */
@@ -454,9 +552,11 @@ ring_pass_skip(RingObject *r, MappingObject *m, uint32_t me, uint64_t was, uint6
         return 0; /* a consumer is busy: it will pass the marker itself */
     int passed = LOADR(&h->read) == was && LOADR(&h->head) == was;
     if (passed) {
+        take_t tk;
+        take_begin(h, &tk);
         STORE(&h->tail, t);  /* a valid SKIP record first, then pass it */
-        STORE(&h->read, t);
-        STORE(&h->head, t);
+        take_pass(h, &tk, was, t - was);
+        passed = take_end(r, &tk) > 0;
     }
     ring_unlock(m, &h->clock);
     return passed;
@@ -480,6 +580,9 @@ ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *len
         return -1;
     }
     uint64_t t = LOADR(&h->tail), t0 = t, hd = r->head_seen;
+    uint64_t reserved = LOADR(&h->reserved);
+    STORER(&h->jp_reserved, reserved); /* the journal: see ring_fix_producers */
+    STORE(&h->jp_tail, t);
     if ((t & 7) || t - hd > cap) {
         r->head_seen = hd = LOAD(&h->head);
         if (((t | hd) & 7) || t - hd > cap) {
@@ -489,10 +592,10 @@ ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *len
     }
     uint64_t room = UINT64_MAX;
     if (h->max_items) {
-        uint64_t queued = LOADR(&h->reserved) - LOAD(&h->received) - LOAD(&h->dropped);
+        uint64_t queued = reserved - LOAD(&h->received) - LOAD(&h->dropped);
         if (queued > (1ull << 62)) {
             ring_unlock(m, &h->plock);
-            return corrupt(r, "more messages received than sent", LOADR(&h->reserved),
+            return corrupt(r, "more messages received than sent", reserved,
                            LOAD(&h->received));
         }
         room = queued >= h->max_items ? 0 : h->max_items - queued;
@@ -528,7 +631,7 @@ ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *len
         t += total;
     }
     if (t != t0) {
-        STORER(&h->reserved, LOADR(&h->reserved) + (uint64_t)k);
+        STORE(&h->reserved, reserved + (uint64_t)k);
         STORE(&h->tail, t);                 /* publish the headers */
     }
     ring_unlock(m, &h->plock);
@@ -680,12 +783,14 @@ ring_repair(RingObject *r, MappingObject *m)
                (ST_KIND(st_h) == ST_TAKEN && !shm_token_alive(m, st_h & SHM_TOKEN_MASK));
     if (work) {
         int freed = 0, got_data = 0;
+        take_t tk;
         if (ring_lock(r, m, &h->clock, me, shm_now_ns() + LOCK_GRACE_NS) < 0)
             return -1;
+        take_begin(h, &tk);
         for (;;) { /* abandon dead producers' records at read */
             uint64_t pos;
             uint32_t len;
-            int k = ring_next(r, &pos, &len, &freed);
+            int k = ring_next(r, &tk, &pos, &len);
             if (k < 0)
                 goto fail;
             if (k != T_WRITING)
@@ -701,10 +806,12 @@ ring_repair(RingObject *r, MappingObject *m)
                 goto fail;
             }
             STORE(&rec->state, ST_ABANDONED);
-            STORER(&h->dropped, LOADR(&h->dropped) + 1);
-            freed |= ring_advance(h, rd, total);
+            tk.dropped++;
+            take_pass(h, &tk, rd, total);
             got_data = 1;
         }
+        if ((freed = take_end(r, &tk)) < 0)
+            goto fail;
         for (;;) { /* finish records lent to dead consumers */
             hd = LOADR(&h->head);
             if (hd >= LOADR(&h->read))
@@ -1052,20 +1159,35 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how)
         return NULL;
     }
     for (;;) {
-        uint64_t pos;
-        uint32_t len;
-        int freed = 0;
+        uint64_t pos = 0;
+        uint32_t len = 0;
+        take_t tk;
         int closed = LOAD(&h->closed);
         if (ring_lock(r, m, &h->clock, me, deadline) < 0)
             break;
-        int k = ring_next(r, &pos, &len, &freed);
-        if (k == T_READY && (how == R_VIEW || len >= BIG_COPY)) {
-            STORE(&rec_at(r, pos)->state, ST_TAKEN | me);
-            STORER(&h->received, LOADR(&h->received) + 1);
-            STORE(&h->read, pos + rec_total(len));
-            ring_unlock(m, &h->clock);
-            if (freed)
-                ring_wake(&h->space_seq, &h->space_sleepers);
+        take_begin(h, &tk);
+        int k = ring_next(r, &tk, &pos, &len);
+        int lend = k == T_READY && (how == R_VIEW || len >= BIG_COPY);
+        if (lend) {
+            take_lent(r, &tk, pos, len, me);
+        } else if (k == T_READY) {
+            out = PyBytes_FromStringAndSize((const char *)(rec_at(r, pos) + 1), len);
+            if (out != NULL)
+                take_copied(r, &tk, pos, len);
+            else
+                k = -1;
+        }
+        int freed = take_end(r, &tk);
+        ring_unlock(m, &h->clock);
+        if (freed > 0)
+            ring_wake(&h->space_seq, &h->space_sleepers);
+        if (freed < 0 || k < 0) {
+            Py_CLEAR(out);
+            if (lend)
+                view_finish(r, m, rec_at(r, pos), me);
+            break;
+        }
+        if (lend) {
             if (how == R_VIEW) {
                 out = make_view(r, m, pos, len, me);
                 if (out == NULL)
@@ -1084,15 +1206,7 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how)
                 Py_CLEAR(out);
             break;
         }
-        if (k == T_READY) {
-            out = PyBytes_FromStringAndSize((const char *)(rec_at(r, pos) + 1), len);
-            if (out != NULL)
-                freed |= ring_consumed(r, pos, len);
-        }
-        ring_unlock(m, &h->clock);
-        if (freed)
-            ring_wake(&h->space_seq, &h->space_sleepers);
-        if (k < 0 || k == T_READY)
+        if (k == T_READY)
             break;
         if (closed && k == T_EMPTY) {
             PyErr_Format(ChannelClosed, "channel %R is closed and drained", r->name);
@@ -1176,16 +1290,18 @@ Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
     int fruitless = 0;
     int failed = a[1] != NULL && a[1] != Py_None && deadline_of(a[1], &deadline) < 0;
     while (!failed) {
-        int freed = 0, k = T_EMPTY;
+        int k = T_EMPTY;
+        take_t tk;
         int closed = LOAD(&h->closed);
         if (ring_lock(r, m, &h->clock, me, deadline) < 0) {
             failed = 1;
             break;
         }
+        take_begin(h, &tk);
         while (PyList_GET_SIZE(list) < max_n) {
             uint64_t pos;
             uint32_t len;
-            k = ring_next(r, &pos, &len, &freed);
+            k = ring_next(r, &tk, &pos, &len);
             if (k != T_READY)
                 break;
             if (len >= BIG_COPY && PyList_GET_SIZE(list) > 0)
@@ -1197,12 +1313,13 @@ Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
                 break;
             }
             Py_DECREF(b);
-            freed |= ring_consumed(r, pos, len);
+            take_copied(r, &tk, pos, len);
         }
+        int freed = take_end(r, &tk);
         ring_unlock(m, &h->clock);
-        if (freed)
+        if (freed > 0)
             ring_wake(&h->space_seq, &h->space_sleepers);
-        if (k < 0) {
+        if (k < 0 || freed < 0) {
             failed = 1;
             break;
         }
