@@ -85,8 +85,9 @@
 #define RING_FORMAT 1
 #define RING_ROLES_OFF 512
 
-#define SPIN_GIL 200                 /* polls before letting the GIL go */
-#define SPIN_NS (30 * 1000LL)        /* then spin this long without it */
+#define SPIN_GIL_NS (2 * 1000LL)     /* poll this long before letting the GIL go */
+#define SPIN_MAX_NS (50 * 1000LL)    /* then spin at most this long without it */
+#define SPIN_START_NS (20 * 1000LL)
 #define FIRST_SLICE_NS (5 * 1000 * 1000LL)
 #define SLICE_NS (50 * 1000 * 1000LL) /* longest sleep between checks */
 #define LOCK_GRACE_NS (200 * 1000 * 1000LL)
@@ -157,6 +158,7 @@ typedef struct {
     uint64_t role_bits;     /* roles announced for role_token */
     uint64_t head_seen;     /* a lower bound of head (producers) */
     uint64_t tail_seen;     /* a lower bound of tail (consumers) */
+    int64_t spin_ns;        /* how long waits spin before sleeping (adaptive) */
     PyObject *name;
 } RingObject;
 
@@ -703,27 +705,40 @@ ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t tota
 #define READY() (space ? space_ready(r, total) : data_ready(r))
     if (deadline != SHM_FOREVER && shm_now_ns() >= deadline)
         return 0;
-    for (int i = 0; i < SPIN_GIL; i++) {
-        if (READY())
-            return 1;
-        cpu_relax();
-    }
+    /* Spinning pays when the peer answers within microseconds, and costs
+     * when it needs our CPU to answer at all (more runnable processes than
+     * cores).  So the spin adapts: it doubles after a wait that it ended
+     * and halves after one that had to sleep. */
+    int64_t start = shm_now_ns(), spin = r->spin_ns;
+    do {
+        for (int i = 0; i < 16; i++) {
+            if (READY()) {
+                r->spin_ns = spin * 2 + 1000 > SPIN_MAX_NS ? SPIN_MAX_NS : spin * 2 + 1000;
+                return 1;
+            }
+            cpu_relax();
+        }
+    } while (shm_now_ns() - start < SPIN_GIL_NS);
     if (shm_now_ns() >= deadline)
         return 0;
     int ready = 0;
-    Py_BEGIN_ALLOW_THREADS
-    int64_t end = shm_now_ns() + SPIN_NS;
-    if (end > deadline)
-        end = deadline;
-    do {
-        for (int i = 0; i < 64 && !ready; i++) {
-            cpu_relax();
-            ready = READY();
-        }
-    } while (!ready && shm_now_ns() < end);
-    Py_END_ALLOW_THREADS
-    if (ready)
+    if (spin > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        int64_t end = start + spin;
+        if (end > deadline)
+            end = deadline;
+        do {
+            for (int i = 0; i < 64 && !ready; i++) {
+                cpu_relax();
+                ready = READY();
+            }
+        } while (!ready && shm_now_ns() < end);
+        Py_END_ALLOW_THREADS
+    }
+    if (ready) {
+        r->spin_ns = spin * 2 + 1000 > SPIN_MAX_NS ? SPIN_MAX_NS : spin * 2 + 1000;
         return 1;
+    }
     struct ring_hdr *h = r->h;
     uint32_t *seq = space ? &h->space_seq : &h->data_seq;
     int result = 0;
@@ -761,6 +776,8 @@ ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t tota
         }
     }
     ring_sleeper(r, me, space, -1);
+    if (result == 1)
+        r->spin_ns = spin / 2;
     return result;
 #undef READY
 }
@@ -1423,6 +1440,7 @@ Ring_bind(RingObject *r, PyObject *args)
     r->role_bits = 0;
     r->head_seen = LOAD(&h->head);
     r->tail_seen = LOAD(&h->tail);
+    r->spin_ns = SPIN_START_NS;
     Py_RETURN_NONE;
 }
 
