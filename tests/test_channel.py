@@ -898,3 +898,22 @@ def test_example_programs_meet_by_name(name):
     out = recv.communicate(timeout=30)[0]
     assert recv.returncode == 0, out
     assert "500 from 1 senders" in out
+
+
+def test_readonly_handles_only_look(name, names):
+    with Channel(name, capacity=1024) as ch:
+        ch.send(b"x")
+        with Channel.open(name, readonly=True) as ro:
+            assert ro.depth == 1 and ro.info()["channel"]["producers"] == 1
+            with pytest.raises(PermissionError, match="readonly"):
+                ro.send(b"y")
+            with pytest.raises(PermissionError, match="readonly"):
+                ro.recv_nowait()
+    qname = names()
+    q = Queue(name=qname)
+    q.put("a")
+    qr = Queue.open(qname, readonly=True)
+    assert qr.qsize() == 1 and qr.info()["queue"]["depth"] == 1
+    with pytest.raises(NotFoundError):
+        Queue.open(names())
+    qr.close(); q.close()

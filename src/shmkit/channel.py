@@ -100,6 +100,9 @@ class Channel(_core.Ring):
         ``None`` create or open, ``True`` only create, ``False`` only open.
     path, lifetime, mode, max_attach:
         As for :class:`shmkit.Segment`.
+    readonly:
+        Open an existing channel only to look at it (``statistics()``,
+        ``info()``); sending and receiving raise PermissionError.
 
     Raises
     ------
@@ -121,11 +124,12 @@ class Channel(_core.Ring):
     def __init__(self, name: str | None = None, capacity: int = DEFAULT_CAPACITY, *,
                  create: bool | None = None, path: str | os.PathLike[str] | None = None,
                  lifetime: str | None = None, mode: int = 0o600,
-                 max_attach: int = DEFAULT_MAX_ATTACH) -> None:
-        self._open(name, capacity, create, path, lifetime, mode, max_attach, 0)
+                 max_attach: int = DEFAULT_MAX_ATTACH, readonly: bool = False) -> None:
+        self._open(name, capacity, create, path, lifetime, mode, max_attach, 0, readonly)
 
     def _open(self, name: str | None, capacity: int, create: bool | None, path: Any,
-              lifetime: str | None, mode: int, max_attach: int, max_items: int) -> None:
+              lifetime: str | None, mode: int, max_attach: int, max_items: int,
+              readonly: bool = False) -> None:
         cap = _check_capacity(capacity)
         if lifetime is None:
             lifetime = "attached" if name is None and path is None else "persistent"
@@ -134,8 +138,10 @@ class Channel(_core.Ring):
             _core.Ring._init_ring(seg._mapping, seg._hsize, cap, max_items)
 
         seg = Segment.__new__(Segment)
-        seg._attach(name, path, size=_ring_bytes(cap, max_attach) if create is not False
-                    else None, create=create, kind=self._kind, mode=mode,
+        seg._attach(name, path, size=_ring_bytes(cap, max_attach)
+                    if create is not False and not readonly else None,
+                    create=False if readonly else create, kind=self._kind, mode=mode,
+                    readonly=readonly,
                     lifetime=lifetime, max_attach=max_attach, init=init,
                     layout={"format": FORMAT, "capacity": cap, "max_items": max_items})
         try:
@@ -159,7 +165,10 @@ class Channel(_core.Ring):
 
     @classmethod
     def open(cls, name: str, **kwargs: Any) -> "Channel":
-        """Open an existing channel; :class:`NotFoundError` if there is none."""
+        """Open an existing channel; :class:`NotFoundError` if there is none.
+
+        ``Channel.open(name, readonly=True)`` only looks (what ``shmkit info`` needs).
+        """
         return cls(name, create=False, **kwargs)
 
     # -- receiving in place --------------------------------------------------
@@ -384,6 +393,19 @@ class Queue:
                  maxsize)
         self._adopt(ch)
 
+    @classmethod
+    def open(cls, name: str, **kwargs: Any) -> "Queue":
+        """Open an existing queue by name; :class:`NotFoundError` if there is none.
+
+        ``Queue.open(name, readonly=True)`` only looks: ``qsize()``, ``info()``.
+        """
+        q = cls.__new__(cls)
+        ch = _QueueChannel.__new__(_QueueChannel)
+        ch._open(name, 64, False, kwargs.get("path"), None, 0o600, DEFAULT_MAX_ATTACH, 0,
+                 kwargs.get("readonly", False))
+        q._adopt(ch)
+        return q
+
     def _adopt(self, ch: Channel) -> None:
         self._ch = ch
         self._closed = False
@@ -499,8 +521,4 @@ class _QueueChannel(Channel):
 
 
 def _reopen_queue(name: str, path: str) -> Queue:
-    q = Queue.__new__(Queue)
-    ch = _QueueChannel.__new__(_QueueChannel)
-    ch._open(name, 64, False, path, None, 0o600, DEFAULT_MAX_ATTACH, 0)
-    q._adopt(ch)
-    return q
+    return Queue.open(name, path=path)

@@ -203,18 +203,24 @@ corrupt(RingObject *r, const char *what, unsigned long long a, unsigned long lon
 /* Check the handle is usable and pin its mapping for the call.  Returns
  * the mapping, or NULL with ClosedError-like ValueError set. */
 static MappingObject *
-ring_enter(RingObject *r)
+ring_enter_any(RingObject *r, int to_use)
 {
     MappingObject *m = (MappingObject *)r->mapping;
-    if (m == NULL || m->base == NULL || m->closing || m->token == 0) {
-        PyErr_Format(PyExc_ValueError,
-                     "channel %R is closed in this process; open it again to use it",
-                     r->name ? r->name : Py_None);
+    if (m == NULL || m->base == NULL || m->closing || (to_use && m->token == 0)) {
+        if (m != NULL && m->base != NULL && !m->closing && m->readonly)
+            PyErr_Format(PyExc_PermissionError, "channel %R was opened readonly=True; "
+                         "open it without readonly to send or receive", r->name);
+        else
+            PyErr_Format(PyExc_ValueError, "channel %R is closed in this process; open "
+                         "it again to use it", r->name ? r->name : Py_None);
         return NULL;
     }
     shm_pin((PyObject *)m);
     return m;
 }
+
+/* For sending and receiving: a live, writable attachment. */
+static inline MappingObject *ring_enter(RingObject *r) { return ring_enter_any(r, 1); }
 
 static inline void ring_leave(MappingObject *m) { shm_unpin((PyObject *)m); }
 
@@ -1491,7 +1497,7 @@ Ring_wake_all(RingObject *r, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Ring_stats(RingObject *r, PyObject *Py_UNUSED(ignored))
 {
-    MappingObject *m = ring_enter(r);
+    MappingObject *m = ring_enter_any(r, 0);
     if (m == NULL)
         return NULL;
     struct ring_hdr *h = r->h;
@@ -1536,7 +1542,7 @@ Ring_get_max_message(RingObject *r, void *Py_UNUSED(c))
 static PyObject *
 Ring_get_depth(RingObject *r, void *Py_UNUSED(c))
 {
-    MappingObject *m = ring_enter(r);
+    MappingObject *m = ring_enter_any(r, 0);
     if (m == NULL)
         return NULL;
     struct ring_hdr *h = r->h;
