@@ -114,28 +114,36 @@
 #define ROLE_GEN(e) ((uint32_t)((e) >> 40) & 0xFFFFFu)
 #define ROLE_FOR(gen) ((uint64_t)(gen) << 40)
 
+/* A journal is written in full into the slot the selector does not point
+ * at, then the selector flips (one store): a holder killed while writing it
+ * leaves the previous, complete one in force. */
+struct pjournal { uint64_t tail, reserved; };
+struct cjournal { uint64_t read, received, dropped; };
+
 struct ring_hdr {
     uint32_t magic, format;
     uint64_t cap, data_off, max_items;
     uint32_t max_slots, closed;
     char pad0[64 - 40];
     uint64_t tail, reserved;
-    uint32_t plock, pad_p;
-    uint64_t jp_tail, jp_reserved;
-    char pad1[128 - 104];
+    uint32_t plock, jp_sel;
+    struct pjournal jp[2];
+    char pad1[128 - 120];
     uint64_t head, read, received, dropped;
-    uint32_t clock, pad_c;
-    uint64_t jr_read, jr_received, jr_dropped;
+    uint32_t clock, jr_sel;
+    char pad2[192 - 168];
     uint32_t data_seq, data_sleepers;
     char pad3[256 - 200];
     uint32_t space_seq, space_sleepers;
-    char pad4[RING_ROLES_OFF - 264];
+    char pad4[320 - 264];
+    struct cjournal jr[2];
+    char pad5[RING_ROLES_OFF - 368];
 };
 _Static_assert(offsetof(struct ring_hdr, tail) == 64, "producers' line");
 _Static_assert(offsetof(struct ring_hdr, head) == 128, "consumers' line");
 _Static_assert(offsetof(struct ring_hdr, clock) == 160, "consumers' lock");
-_Static_assert(offsetof(struct ring_hdr, jp_tail) == 88, "producers' journal");
-_Static_assert(offsetof(struct ring_hdr, jr_read) == 168, "consumers' journal");
+_Static_assert(offsetof(struct ring_hdr, jp) == 88, "producers' journal");
+_Static_assert(offsetof(struct ring_hdr, jr) == 320, "consumers' journal");
 _Static_assert(offsetof(struct ring_hdr, data_seq) == 192, "data wait line");
 _Static_assert(offsetof(struct ring_hdr, space_seq) == 256, "space wait line");
 _Static_assert(sizeof(struct ring_hdr) == RING_ROLES_OFF, "role table");
@@ -224,6 +232,16 @@ static inline MappingObject *ring_enter(RingObject *r) { return ring_enter_any(r
 
 static inline void ring_leave(MappingObject *m) { shm_unpin((PyObject *)m); }
 
+/* Subtract n from a sleepers word, stopping at 0. */
+static void
+sat_sub(uint32_t *w, uint32_t n)
+{
+    uint32_t v = LOAD(w);
+    while (!__atomic_compare_exchange_n(w, &v, v > n ? v - n : 0, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_ACQUIRE))
+        ;
+}
+
 /* Make our role entry ours (clearing what a dead former owner of the slot
  * left) and announce `bits`.  Cheap after the first call. */
 static void
@@ -246,9 +264,9 @@ ring_claim(RingObject *r, uint32_t me, uint64_t bits)
                 /* the slot's former owner died asleep: take its counts off */
                 uint32_t d = (uint32_t)(v & 0xFFFF), s = (uint32_t)((v >> 16) & 0xFFFF);
                 if (d)
-                    __atomic_fetch_sub(&r->h->data_sleepers, d, __ATOMIC_SEQ_CST);
+                    sat_sub(&r->h->data_sleepers, d);
                 if (s)
-                    __atomic_fetch_sub(&r->h->space_sleepers, s, __ATOMIC_SEQ_CST);
+                    sat_sub(&r->h->space_sleepers, s);
             }
             break;
         }
@@ -259,9 +277,11 @@ ring_claim(RingObject *r, uint32_t me, uint64_t bits)
     r->role_bits |= bits;
 }
 
-/* Count (delta = +1) or uncount (-1) one sleeper of ours.  The entry and
- * the global word change together unless a cleaner already took the
- * entry's counts off (it then also fixed the global word). */
+/* Count (delta = +1) or uncount (-1) one sleeper of ours, in the global
+ * word and in our role entry.  Ordered so that a process killed between
+ * the two leaves the global word too high (a spare wake-up, until a repair
+ * finds no sleeper anywhere and clears it), never too low; a cleaner that
+ * took our entry's counts off already fixed the global word. */
 static void
 ring_sleeper(RingObject *r, uint32_t me, int space, int delta)
 {
@@ -270,14 +290,16 @@ ring_sleeper(RingObject *r, uint32_t me, int space, int delta)
     uint64_t unit = space ? ROLE_SPACE_SLEEPER : ROLE_DATA_SLEEPER;
     if (slot >= r->max_slots)
         return;
+    if (delta > 0)
+        __atomic_fetch_add(g, 1, __ATOMIC_SEQ_CST);
     uint64_t *e = &r->roles[slot], v = LOAD(e);
     while (ROLE_GEN(v) == SHM_TOKEN_GEN(me)) {
+        if (delta < 0 && (v & (unit * 0xFFFF)) == 0)
+            return;
         uint64_t nv = delta > 0 ? v + unit : v - unit;
         if (__atomic_compare_exchange_n(e, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
-            if (delta > 0)
-                __atomic_fetch_add(g, 1, __ATOMIC_SEQ_CST);
-            else
-                __atomic_fetch_sub(g, 1, __ATOMIC_SEQ_CST);
+            if (delta < 0)
+                sat_sub(g, 1);
             return;
         }
     }
@@ -313,9 +335,12 @@ take_begin(struct ring_hdr *h, take_t *tk)
     tk->head = LOADR(&h->head);
     tk->received = LOADR(&h->received);
     tk->dropped = LOADR(&h->dropped);
-    STORER(&h->jr_received, tk->received);
-    STORER(&h->jr_dropped, tk->dropped);
-    STORE(&h->jr_read, LOADR(&h->read));
+    uint32_t sel = LOADR(&h->jr_sel) & 1;
+    struct cjournal *j = &h->jr[sel ^ 1];
+    STORER(&j->received, tk->received);
+    STORER(&j->dropped, tk->dropped);
+    STORER(&j->read, LOADR(&h->read));
+    STORE(&h->jr_sel, sel ^ 1);
 }
 
 /* Move read past the record at rd (total bytes); head follows at the end
@@ -386,7 +411,8 @@ static int
 ring_fix_consumers(RingObject *r)
 {
     struct ring_hdr *h = r->h;
-    uint64_t hd = LOADR(&h->head), rd = LOADR(&h->read), jr = LOADR(&h->jr_read);
+    struct cjournal *j = &h->jr[LOADR(&h->jr_sel) & 1];
+    uint64_t hd = LOADR(&h->head), rd = LOADR(&h->read), jr = LOADR(&j->read);
     uint64_t t = LOAD(&h->tail);
     if (rd < hd || rd - hd > r->cap || t < rd || t - rd > r->cap || ((hd | rd | t) & 7))
         return corrupt(r, "read position outside the ring", rd, hd);
@@ -409,8 +435,8 @@ ring_fix_consumers(RingObject *r)
         }
         if (rd < t && LOAD(&rec_at(r, rd)->state) == ST_ABANDONED)
             dropped++; /* marked, not yet passed: the next holding passes it */
-        STORE(&h->received, LOADR(&h->jr_received) + taken);
-        STORE(&h->dropped, LOADR(&h->jr_dropped) + dropped);
+        STORE(&h->received, LOADR(&j->received) + taken);
+        STORE(&h->dropped, LOADR(&j->dropped) + dropped);
     }
     for (uint64_t p = hd; p < rd;) { /* copied, head not yet moved: finish */
         rec_t *rec = rec_at(r, p);
@@ -433,7 +459,8 @@ static int
 ring_fix_producers(RingObject *r)
 {
     struct ring_hdr *h = r->h;
-    uint64_t t = LOADR(&h->tail), jt = LOADR(&h->jp_tail), n = 0;
+    struct pjournal *j = &h->jp[LOADR(&h->jp_sel) & 1];
+    uint64_t t = LOADR(&h->tail), jt = LOADR(&j->tail), n = 0;
     if (jt > t || t - jt > r->cap || ((jt | t) & 7))
         return corrupt(r, "bad producers' journal", jt, t);
     for (uint64_t p = jt; p < t;) {
@@ -446,7 +473,7 @@ ring_fix_producers(RingObject *r)
         n += st != ST_SKIP;
         p += total;
     }
-    STORE(&h->reserved, LOADR(&h->jp_reserved) + n);
+    STORE(&h->reserved, LOADR(&j->reserved) + n);
     return 0;
 }
 
@@ -589,8 +616,10 @@ ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *len
     }
     uint64_t t = LOADR(&h->tail), t0 = t, hd = r->head_seen;
     uint64_t reserved = LOADR(&h->reserved);
-    STORER(&h->jp_reserved, reserved); /* the journal: see ring_fix_producers */
-    STORE(&h->jp_tail, t);
+    uint32_t sel = LOADR(&h->jp_sel) & 1; /* the journal: see ring_fix_producers */
+    STORER(&h->jp[sel ^ 1].reserved, reserved);
+    STORER(&h->jp[sel ^ 1].tail, t);
+    STORE(&h->jp_sel, sel ^ 1);
     if ((t & 7) || t - hd > cap) {
         r->head_seen = hd = LOAD(&h->head);
         if (((t | hd) & 7) || t - hd > cap) {
@@ -860,24 +889,39 @@ ring_repair(RingObject *r, MappingObject *m)
         return -1;
     }
 sleepers:
-    if (LOADR(&h->data_sleepers) == 0 && LOADR(&h->space_sleepers) == 0)
+    uint32_t gd = LOADR(&h->data_sleepers), gs = LOADR(&h->space_sleepers);
+    if (gd == 0 && gs == 0)
         return 0;
+    uint64_t live_d = 0, live_s = 0;
     for (uint32_t slot = 0; slot < r->max_slots; slot++) {
         uint64_t *e = &r->roles[slot], v = LOAD(e);
-        if ((v & ROLE_SLEEPERS) == 0 || slot == SHM_TOKEN_SLOT(me))
+        if ((v & ROLE_SLEEPERS) == 0)
             continue;
         uint32_t tok = (ROLE_GEN(v) << 10) | slot;
-        if (shm_token_alive(m, tok))
+        if (slot == SHM_TOKEN_SLOT(me) || shm_token_alive(m, tok)) {
+            live_d += v & 0xFFFF;
+            live_s += (v >> 16) & 0xFFFF;
             continue;
+        }
         if (__atomic_compare_exchange_n(e, &v, v & ~ROLE_SLEEPERS, 0, __ATOMIC_SEQ_CST,
                                         __ATOMIC_RELAXED)) {
             uint32_t d = (uint32_t)(v & 0xFFFF), s = (uint32_t)((v >> 16) & 0xFFFF);
             if (d)
-                __atomic_fetch_sub(&h->data_sleepers, d, __ATOMIC_SEQ_CST);
+                sat_sub(&h->data_sleepers, d);
             if (s)
-                __atomic_fetch_sub(&h->space_sleepers, s, __ATOMIC_SEQ_CST);
+                sat_sub(&h->space_sleepers, s);
         }
     }
+    /* No sleeper counted anywhere: whatever the global words still say was
+     * left by a process killed between its two counts.  (A sleeper counted
+     * in the global word but not yet in its entry may lose its wake-up; it
+     * then wakes at the end of its slice.) */
+    if (live_d == 0 && (gd = LOADR(&h->data_sleepers)) != 0)
+        __atomic_compare_exchange_n(&h->data_sleepers, &gd, 0, 0, __ATOMIC_SEQ_CST,
+                                    __ATOMIC_RELAXED);
+    if (live_s == 0 && (gs = LOADR(&h->space_sleepers)) != 0)
+        __atomic_compare_exchange_n(&h->space_sleepers, &gs, 0, 0, __ATOMIC_SEQ_CST,
+                                    __ATOMIC_RELAXED);
     return 0;
 }
 
