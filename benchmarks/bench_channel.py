@@ -194,12 +194,15 @@ def _shmkit_sink(ready, name, n, batched, view, warm=0, into=0):
         import numpy as np
         out = np.empty(into, np.uint8)
     for _ in range(warm):  # a first lap, so that every page of the ring is mapped
-        with ch.recv_view():
-            pass
+        if out is not None:
+            ch.recv_into(out)
+        else:
+            with ch.recv_view():
+                pass
     ready.set()
     if into:
         for _ in range(n):
-            ch.recv_array(out=out)
+            ch.recv_into(out)
     elif batched:
         got = 0
         while got < n:
@@ -374,7 +377,7 @@ def _large(size: int, n: int | None) -> dict:
     def zero_copy(n: int) -> float:
         return _shmkit_one_way(n, size, view=True, capacity=cap)
 
-    @workload(title, system="shmkit.Channel (copy in, recv_array(out=))", bytes_per_op=size,
+    @workload(title, system="shmkit.Channel (copy in, recv_into a buffer)", bytes_per_op=size,
               n=n)
     def into(n: int) -> float:
         return _shmkit_one_way(n, size, capacity=cap, into=True)

@@ -81,6 +81,14 @@ def test_empty_message_and_buffers(name):
         ch.send(arr.reshape(2, 5))
         out = np.empty((2, 5))
         assert ch.recv_array(np.float64, out=out) is out and np.array_equal(out.ravel(), arr)
+        ch.send(b"into")
+        buf = bytearray(3)
+        with pytest.raises(ValueError, match="stays in the channel"):
+            ch.recv_into(buf)
+        buf = bytearray(10)
+        assert ch.recv_into(buf, timeout=1) == 4 and buf[:4] == b"into"
+        with pytest.raises(TypeError, match="writable"):
+            ch.recv_into(b"readonly")
         with pytest.raises(TypeError, match="bytes-like"):
             ch.send("text")
         with pytest.raises(BufferError, match="contiguous"):

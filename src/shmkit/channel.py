@@ -77,7 +77,8 @@ class Channel(_core.Ring):
 
     Receiving: ``recv(timeout=None)`` -> bytes (raises :class:`Timeout`),
     ``recv_nowait()`` (raises :class:`Empty`), ``recv_many(max_n, timeout)``
-    -> list, ``recv_view()`` (zero copy), ``recv_array()``, and iteration.
+    -> list, ``recv_into(buffer)``, ``recv_view()`` (zero copy),
+    ``recv_array()``, and iteration.
 
     Ending: ``close()`` closes the channel for sending, for every process:
     sends raise :class:`ChannelClosed`, receivers get the messages already
@@ -199,7 +200,8 @@ class Channel(_core.Ring):
                    timeout: float | None = None, out: Any = None) -> Any:
         """Receive a message as a numpy array (one copy, straight from the ring).
 
-        ``out=`` copies into an existing array of the right size instead.
+        ``out=`` (a writable C-contiguous array) receives the bytes in place
+        and must be exactly the message's size.
 
         >>> import numpy as np
         >>> with Channel(None, capacity=4096) as ch:
@@ -209,18 +211,19 @@ class Channel(_core.Ring):
         """
         import numpy as np
 
+        if out is not None:
+            if not (isinstance(out, np.ndarray) and out.flags.c_contiguous
+                    and out.flags.writeable):
+                raise ValueError("out= must be a writable, C-contiguous numpy array")
+            n = self.recv_into(out, timeout)
+            if n != out.nbytes:
+                raise ValueError(f"the message held {n} bytes but out= has {out.nbytes}; "
+                                 "its bytes are at the start of out")
+            return out
         with self._take(timeout) as mv:
             src = np.frombuffer(mv, dtype=dtype)
             try:
-                if out is not None:
-                    if src.size != np.size(out):
-                        raise ValueError(f"the message holds {src.size} items of {src.dtype}"
-                                         f"; out= has {np.size(out)}")
-                    np.copyto(out, src.reshape(np.shape(out)), casting="no")
-                    result = out
-                else:
-                    result = src.reshape(shape) if shape is not None else src
-                    result = result.copy()
+                result = (src.reshape(shape) if shape is not None else src).copy()
             finally:
                 del src
         return result

@@ -1200,17 +1200,18 @@ out:
 
 /* ---- Python: receiving ------------------------------------------------ */
 
-enum { R_COPY, R_VIEW };
+enum { R_COPY, R_VIEW, R_INTO };
 
 static PyObject *make_view(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len,
                            uint32_t me);
 static int view_finish(RingObject *r, MappingObject *m, rec_t *rec, uint32_t token);
 
-/* Take one message: bytes (R_COPY) or a RecordView (R_VIEW).  Waits until
- * the deadline; raises Empty (nowait), Timeout, or ChannelClosed when the
- * channel is closed and drained. */
+/* Take one message: bytes (R_COPY), a RecordView (R_VIEW), or copied into
+ * `into` (R_INTO, returning its length; a message that does not fit stays
+ * in the channel).  Waits until the deadline; raises Empty (nowait),
+ * Timeout, or ChannelClosed when the channel is closed and drained. */
 static PyObject *
-recv_impl(RingObject *r, PyObject *timeout, int nowait, int how)
+recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into)
 {
     MappingObject *m = ring_enter(r);
     if (m == NULL)
@@ -1234,7 +1235,13 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how)
             break;
         take_begin(h, &tk);
         int k = ring_next(r, &tk, &pos, &len);
-        int lend = k == T_READY && (how == R_VIEW || len >= BIG_COPY);
+        if (k == T_READY && how == R_INTO && (Py_ssize_t)len > into->len) {
+            PyErr_Format(PyExc_ValueError, "the next message on channel %R has %u bytes, "
+                         "more than the buffer's %zd; it stays in the channel", r->name,
+                         len, into->len);
+            k = -1;
+        }
+        int lend = k == T_READY && (how != R_COPY || len >= BIG_COPY);
         if (lend) {
             take_lent(r, &tk, pos, len, me);
         } else if (k == T_READY) {
@@ -1261,13 +1268,18 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how)
                     view_finish(r, m, rec_at(r, pos), me);
                 break;
             }
-            out = PyBytes_FromStringAndSize(NULL, len);
+            out = how == R_INTO ? PyLong_FromUnsignedLong(len)
+                                : PyBytes_FromStringAndSize(NULL, len);
             if (out != NULL) {
-                char *dst = PyBytes_AS_STRING(out);
+                char *dst = how == R_INTO ? into->buf : PyBytes_AS_STRING(out);
                 const char *src = (const char *)(rec_at(r, pos) + 1);
-                Py_BEGIN_ALLOW_THREADS
-                memcpy(dst, src, len);
-                Py_END_ALLOW_THREADS
+                if (len >= BIG_COPY) {
+                    Py_BEGIN_ALLOW_THREADS
+                    memcpy(dst, src, len);
+                    Py_END_ALLOW_THREADS
+                } else {
+                    memcpy(dst, src, len);
+                }
             }
             if (view_finish(r, m, rec_at(r, pos), me) < 0)
                 Py_CLEAR(out);
@@ -1303,16 +1315,16 @@ Ring_recv(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
     static const char *const names[] = {"timeout", NULL};
     PyObject *a[1];
     if (nargs == 0 && kw == NULL)
-        return recv_impl(r, NULL, 0, R_COPY);
+        return recv_impl(r, NULL, 0, R_COPY, NULL);
     if (parse_args("recv", args, nargs, kw, 0, names, a) < 0)
         return NULL;
-    return recv_impl(r, a[0], 0, R_COPY);
+    return recv_impl(r, a[0], 0, R_COPY, NULL);
 }
 
 static PyObject *
 Ring_recv_nowait(RingObject *r, PyObject *Py_UNUSED(ignored))
 {
-    return recv_impl(r, NULL, 1, R_COPY);
+    return recv_impl(r, NULL, 1, R_COPY, NULL);
 }
 
 static PyObject *
@@ -1325,7 +1337,27 @@ Ring_take(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
     int nowait = a[1] ? PyObject_IsTrue(a[1]) : 0;
     if (nowait < 0)
         return NULL;
-    return recv_impl(r, a[0], nowait, R_VIEW);
+    return recv_impl(r, a[0], nowait, R_VIEW, NULL);
+}
+
+static PyObject *
+Ring_recv_into(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"buffer", "timeout", NULL};
+    PyObject *a[2];
+    Py_buffer b;
+    if (parse_args("recv_into", args, nargs, kw, 1, names, a) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(a[0], &b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "recv_into() needs a writable, contiguous buffer "
+                     "(bytearray, memoryview, numpy array), not %.100s",
+                     Py_TYPE(a[0])->tp_name);
+        return NULL;
+    }
+    PyObject *res = recv_impl(r, a[1], 0, R_INTO, &b);
+    PyBuffer_Release(&b);
+    return res;
 }
 
 static PyObject *
@@ -1629,6 +1661,11 @@ static PyMethodDef Ring_methods[] = {
      "recv(timeout=None) -> bytes\n\nTake the next message; block until one arrives.\n"
      "Raises Timeout, or ChannelClosed once the channel is closed and drained.\n\n"
      ">>> ch.recv(timeout=1.0)\nb'hello'"},
+    {"recv_into", (PyCFunction)(void (*)(void))Ring_recv_into, FAST,
+     "recv_into(buffer, timeout=None) -> int\n\nCopy the next message into a writable "
+     "buffer (a bytearray, a numpy array)\nand return its length.  A message larger than "
+     "the buffer raises ValueError\nand stays in the channel.\n\n"
+     ">>> n = ch.recv_into(buf, timeout=1.0)"},
     {"recv_nowait", (PyCFunction)Ring_recv_nowait, METH_NOARGS,
      "recv_nowait() -> bytes\n\nTake the next message or raise Empty (a WouldBlock)."},
     {"recv_many", (PyCFunction)(void (*)(void))Ring_recv_many, FAST,
