@@ -728,9 +728,9 @@ space_ready(RingObject *r, uint64_t total)
 static int ring_repair(RingObject *r, MappingObject *m);
 
 /* Wait until a consumer (space=0) or a producer of a `total`-byte record
- * (space=1) has something to do, or the deadline passes.  Spins with the
- * GIL for a moment, spins a little longer without it, then sleeps on the
- * sequence word as a counted sleeper.  After each slice asleep without
+ * (space=1) has something to do, or the deadline passes.  Spins (GIL
+ * held) for an adaptive moment, then sleeps on the sequence word as a
+ * counted sleeper, without the GIL.  After each slice asleep without
  * news it repairs what dead peers left.  Returns 1 ready, 0 timeout, -1
  * with an exception set (Ctrl-C, handle closed meanwhile). */
 static int
@@ -756,9 +756,13 @@ ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t tota
     } while (shm_now_ns() - start < SPIN_GIL_NS);
     if (shm_now_ns() >= deadline)
         return 0;
+    /* Keep the GIL while spinning (at most SPIN_MAX_NS): giving it up for
+     * tens of microseconds lets another thread take it, and getting it back
+     * can then cost up to the interpreter's switch interval (5 ms).  A
+     * thread of ours that must run to answer makes the spin fail and so
+     * shrink to nothing. */
     int ready = 0;
     if (spin > 0) {
-        Py_BEGIN_ALLOW_THREADS
         int64_t end = start + spin;
         if (end > deadline)
             end = deadline;
@@ -768,7 +772,6 @@ ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t tota
                 ready = READY();
             }
         } while (!ready && shm_now_ns() < end);
-        Py_END_ALLOW_THREADS
     }
     if (ready) {
         r->spin_ns = spin * 2 + 1000 > SPIN_MAX_NS ? SPIN_MAX_NS : spin * 2 + 1000;
