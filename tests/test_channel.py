@@ -570,14 +570,18 @@ def _crash_producer(ch, done, pid_slot, start, big):
         i += 1
 
 
-def _crash_consumer(ch, bits):
+def _crash_consumer(ch, bits, view=False):
     """Receive forever; after recv() returned, set the message's bit in its producer's
-    bitmap (a bit found set already is a duplicate) and check per-producer order."""
+    bitmap (a bit found set already is a duplicate) and check per-producer order.
+    With ``view``, receive in place (fast, so that producers are the ones copying)."""
     m, hs = bits._mapping, bits._hsize
     last: dict[int, int] = {}
     while True:
-        msg = ch.recv(timeout=60)
-        k, seq = struct.unpack_from("II", msg)
+        if view:
+            with ch.recv_view(timeout=60) as mv:
+                k, seq = struct.unpack_from("II", mv)
+        else:
+            k, seq = struct.unpack_from("II", ch.recv(timeout=60))
         if seq <= last.get(k, -1):
             _core.add64(m, hs + 8, 1)  # out of order
         last[k] = seq
@@ -612,7 +616,7 @@ def _kill_run(names, cycles, producers=3, consumers=2, kill_consumers=True, big=
     for k in range(producers):
         prods[k] = _fork(_crash_producer, ch, done, k, 0, big)
     for _ in range(consumers):
-        cons.append(_fork(_crash_consumer, ch, bits))
+        cons.append(_fork(_crash_consumer, ch, bits, big))
     consumer_kills = 0
     try:
         for _ in range(cycles):
@@ -620,7 +624,7 @@ def _kill_run(names, cycles, producers=3, consumers=2, kill_consumers=True, big=
             if kill_consumers and rnd.random() < 0.4:
                 _kill(cons.pop(rnd.randrange(len(cons))))
                 consumer_kills += 1
-                cons.append(_fork(_crash_consumer, ch, bits))
+                cons.append(_fork(_crash_consumer, ch, bits, big))
             else:
                 k = rnd.randrange(producers)
                 _kill(prods[k])
