@@ -16,14 +16,18 @@
  *     64  tail u64                producers' line: end of the reserved bytes
  *     72  reserved u64            messages reserved so far
  *     80  plock u32               producers' robust lock (lock.c)
+ *     84  jp_sel u32              which producers' journal is in force
+ *     88  jp[2] {tail, reserved}  producers' journals (ring_fix_producers)
  *    128  head u64                consumers' line: bytes before it are free
  *    136  read u64                next record to hand to a consumer
- *    144  received u64           messages taken so far
+ *    144  received u64            messages taken so far
  *    152  dropped u64             messages abandoned by dead producers
  *    160  clock u32               consumers' robust lock
+ *    164  jr_sel u32              which consumers' journal is in force
  *    192  data_seq u32, data_sleepers u32     consumers asleep wait here
  *    256  space_seq u32, space_sleepers u32   producers asleep wait here
- *    512  role table: u64 per attach slot (see ROLE_*)
+ *    320  jr[2] {read, received, dropped}     consumers' journals
+ *    512  role table: u64 per attach slot (see ROLE_* in ring.h)
  *    data_off: the data area, cap bytes of records
  *
  * A record is an 8-byte header [u32 len | u32 state] and len payload bytes,
@@ -49,12 +53,14 @@
  * producer dead before tail moved leaves nothing; one dead after leaves a
  * RESERVED record whose token names it: a waiting consumer that sleeps a
  * slice without news asks the kernel (shm_token_alive) and, if the producer
- * is gone, marks the record ABANDONED and skips it.  A consumer dead while
- * holding clock can only leave COMMITTED records between head and read; the
- * next holder marks them DONE.  A view holder's death leaves TAKEN|token at
- * head; a waiter finds the token dead and finishes the record.  Each of
- * these is one store, so a process killed at any instruction leaves a state
- * the others can read.  docs/channel.md walks through every step.
+ * is gone, marks the record ABANDONED and skips it.  Each holding of a lock
+ * first writes a journal of the counters it will change; the next holder
+ * of a lock whose holder died recounts from the journal, finishes records
+ * the dead consumer had copied and gives back one it had marked but not
+ * passed.  A view holder's death leaves TAKEN|token at head; a waiter finds
+ * the token dead and finishes the record.  Each step is one store, so a
+ * process killed at any instruction leaves a state the others can read.
+ * docs/channel.md walks through every step.
  *
  * Waiting: spin on the condition, then sleep on a sequence word, counted in
  * its sleepers word and in our role-table entry.  Wakers bump the sequence
