@@ -71,6 +71,10 @@ def run(senders: int = 4, records: int = 20000, quiet: bool = False) -> int:
                "--senders", str(senders), "--expect", str(senders * records)]
         receiver = subprocess.Popen(cmd + (["--quiet"] if quiet else []), env=env)
         procs.append(receiver)
+        ready_by = time.monotonic() + 15  # senders start once the receiver listens
+        while (ch.statistics()["consumers"] == 0 and receiver.poll() is None
+               and time.monotonic() < ready_by):
+            time.sleep(0.01)
         for i in range(senders):
             procs.append(subprocess.Popen(
                 [sys.executable, str(example_path("log_sender.py")), "--name", name,
