@@ -31,6 +31,8 @@ from .errors import (
     WrongKindError,
 )
 from .heap import Handle, Heap, HeapFullError, PinnedError, StaleHandleError
+from .channel import Channel, Queue
+from .errors import ChannelClosed, Empty, Full, MessageTooLarge
 from .records import Array, Struct
 from .segment import Kind, Segment, list_segments, unlink
 from .sync import Condition, Event, Mutex, RWLock, Semaphore
@@ -49,6 +51,7 @@ __all__ = [
     "ReadOnlyError", "ClosedError", "BusyError", "Timeout", "WouldBlock",
     "OwnerDiedWarning",
     "Heap", "Handle", "StaleHandleError", "PinnedError", "HeapFullError",
+    "Channel", "Queue", "ChannelClosed", "MessageTooLarge", "Empty", "Full",
 ]
 
 for _name in __all__:

@@ -8,6 +8,8 @@ working.
 
 from __future__ import annotations
 
+import queue as _queue
+
 __all__ = [
     "ShmkitError",
     "InvalidNameError",
@@ -32,6 +34,11 @@ __all__ = [
     "StaleHandleError",
     "PinnedError",
     "HeapFullError",
+    # channel
+    "ChannelClosed",
+    "MessageTooLarge",
+    "Empty",
+    "Full",
 ]
 
 
@@ -131,3 +138,26 @@ class PinnedError(BusyError):
 
 class HeapFullError(OutOfSpaceError):
     """The heap has no room for the request, even after compacting it."""
+
+
+# --- channel ---
+
+
+class ChannelClosed(ShmkitError, EOFError):
+    """The channel was closed for sending: ``send`` is refused, and ``recv``
+    raises this once the messages already sent have all been received."""
+
+
+class MessageTooLarge(ShmkitError, ValueError):
+    """A message is larger than the channel can ever hold (see ``max_message``);
+    create the channel with a larger ``capacity=``."""
+
+
+class Empty(WouldBlock, _queue.Empty):
+    """Nothing to receive now: ``recv_nowait()``, or ``Queue.get`` whose wait
+    ended.  Also a :class:`queue.Empty`, as ``multiprocessing.Queue`` raises."""
+
+
+class Full(WouldBlock, _queue.Full):
+    """No room to send now: ``send_nowait()``, or ``Queue.put`` whose wait
+    ended.  Also a :class:`queue.Full`, as ``multiprocessing.Queue`` raises."""

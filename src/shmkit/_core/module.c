@@ -8,6 +8,7 @@ extern PyMethodDef shm_event_methods[];
 extern PyTypeObject Lock_Type;
 int shm_init_table(PyObject *module);
 int shm_init_heap(PyObject *module);
+int shm_init_ring(PyObject *module);
 
 static PyObject *
 set_classes(PyObject *mod, PyObject *args)
@@ -46,7 +47,7 @@ PyInit__core(void)
     PyObject *m = PyModule_Create(&core_module);
     if (m == NULL)
         return NULL;
-    if (shm_init_mapping(m) < 0 || shm_init_lock(m) < 0 ||
+    if (shm_init_mapping(m) < 0 || shm_init_lock(m) < 0 || shm_init_ring(m) < 0 ||
         shm_init_table(m) < 0 ||
         shm_init_heap(m) < 0 ||
         add_functions(m, shm_atomic_methods) < 0 ||

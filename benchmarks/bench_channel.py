@@ -1,0 +1,530 @@
+"""Channel and Queue benchmarks: shmkit against the usual ways to pass messages.
+
+Every workload runs a peer process (forked, so start-up is cheap and outside
+the timing), waits until it is ready, then times ``n`` operations:
+
+* round trip of a 64-byte message (ping-pong through two one-way paths);
+* one-way throughput of 64-byte messages, single calls and batched calls;
+* one-way throughput of 1 MiB and 64 MiB payloads in GB/s, copying and
+  zero-copy, against a hand-made ``multiprocessing.shared_memory`` + numpy
+  copy and one in-process numpy copy (the memory-bandwidth limit);
+* ``shmkit.Queue`` against ``multiprocessing.Queue`` with small objects.
+
+posix_ipc message queues are left out of the large-payload runs: the kernel
+caps a message at ``/proc/sys/fs/mqueue/msgsize_max`` (8 KiB by default).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import secrets
+import time
+from typing import Any, Callable
+
+from benchmarks.harness import workload
+
+FORK = multiprocessing.get_context("fork")
+MSG = b"m" * 64
+BATCH = 256
+# distinct objects, so that pickling a list of them cannot share one copy
+BATCH_MSGS = [b"m" * 62 + i.to_bytes(2, "little") for i in range(BATCH)]
+RT_N = 20000  # round trips per call: the echo process is started each call
+MiB = 1 << 20
+
+
+def _name() -> str:
+    return f"bench-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _trampoline(target: Callable[..., None], ready: Any, done: Any, *args: Any) -> None:
+    target(ready, *args)
+    done.set()
+
+
+def _peer(target: Callable[..., None], *args: Any) -> Any:
+    """Fork a peer running target(ready, *args); return it once it is ready."""
+    ready, done = FORK.Event(), FORK.Event()
+    p = FORK.Process(target=_trampoline, args=(target, ready, done, *args), daemon=True)
+    p.start()
+    p.done = done
+    if not ready.wait(30):
+        p.kill()
+        raise RuntimeError("benchmark peer did not start")
+    return p
+
+
+def _finish(p: Any) -> float:
+    """Wait until the peer has done its part; return that moment (process exit
+    is not timed)."""
+    finished = p.done.wait(120)
+    t = time.perf_counter()
+    p.join(30)
+    if not finished or p.is_alive():
+        p.kill()
+        raise RuntimeError("benchmark peer did not finish")
+    return t
+
+
+# -- round trip -------------------------------------------------------------------
+
+
+def _shmkit_echo(ready, a, b, n):
+    import shmkit
+    ca, cb = shmkit.Channel.open(a), shmkit.Channel.open(b)
+    ready.set()
+    recv, send = ca.recv, cb.send
+    for _ in range(n):
+        send(recv())
+
+
+@workload("channel: 64 B round trip", unit="µs round trip", system="shmkit.Channel", n=RT_N)
+def rt_shmkit(n: int) -> float:
+    import shmkit
+    a, b = shmkit.Channel(_name(), capacity=1 << 16), shmkit.Channel(_name(), capacity=1 << 16)
+    try:
+        p = _peer(_shmkit_echo, a.name, b.name, n + 1)
+        send, recv = a.send, b.recv
+        send(MSG); recv()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            send(MSG)
+            recv()
+        dt = time.perf_counter() - t0
+        _finish(p)
+        return dt
+    finally:
+        for c in (a, b):
+            c.unlink(); c.detach()
+
+
+def _pipe_echo(ready, conn, n):
+    ready.set()
+    for _ in range(n):
+        conn.send_bytes(conn.recv_bytes())
+
+
+@workload("channel: 64 B round trip", system="multiprocessing.Pipe", reference=True, n=RT_N)
+def rt_pipe(n: int) -> float:
+    here, there = FORK.Pipe()
+    p = _peer(_pipe_echo, there, n + 1)
+    here.send_bytes(MSG); here.recv_bytes()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        here.send_bytes(MSG)
+        here.recv_bytes()
+    dt = time.perf_counter() - t0
+    _finish(p)
+    return dt
+
+
+def _queue_echo(ready, a, b, n):
+    ready.set()
+    for _ in range(n):
+        b.put(a.get())
+
+
+@workload("channel: 64 B round trip", system="multiprocessing.Queue", n=RT_N // 4)
+def rt_mp_queue(n: int) -> float:
+    a, b = FORK.Queue(), FORK.Queue()
+    p = _peer(_queue_echo, a, b, n + 1)
+    a.put(MSG); b.get()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        a.put(MSG)
+        b.get()
+    dt = time.perf_counter() - t0
+    _finish(p)
+    return dt
+
+
+@workload("channel: 64 B round trip", system="faster_fifo.Queue", requires=("faster_fifo",),
+          n=RT_N // 4)
+def rt_faster_fifo(n: int) -> float:
+    import faster_fifo
+    a, b = faster_fifo.Queue(1 << 20), faster_fifo.Queue(1 << 20)
+    p = _peer(_queue_echo, a, b, n + 1)
+    a.put(MSG); b.get()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        a.put(MSG)
+        b.get()
+    dt = time.perf_counter() - t0
+    _finish(p)
+    return dt
+
+
+def _mq_echo(ready, a, b, n):
+    import posix_ipc
+    qa, qb = posix_ipc.MessageQueue(a), posix_ipc.MessageQueue(b)
+    ready.set()
+    for _ in range(n):
+        qb.send(qa.receive()[0])
+
+
+@workload("channel: 64 B round trip", system="posix_ipc.MessageQueue", requires=("posix_ipc",),
+          n=RT_N)
+def rt_posix_mq(n: int) -> float:
+    import posix_ipc
+    qa = posix_ipc.MessageQueue("/" + _name(), posix_ipc.O_CREX, max_message_size=64)
+    qb = posix_ipc.MessageQueue("/" + _name(), posix_ipc.O_CREX, max_message_size=64)
+    try:
+        p = _peer(_mq_echo, qa.name, qb.name, n + 1)
+        qa.send(MSG); qb.receive()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            qa.send(MSG)
+            qb.receive()
+        dt = time.perf_counter() - t0
+        _finish(p)
+        return dt
+    finally:
+        for q in (qa, qb):
+            q.unlink(); q.close()
+
+
+# -- one-way throughput, 64-byte messages -----------------------------------------------
+
+
+def _shmkit_sink(ready, name, n, batched, view, warm=0, into=0):
+    import shmkit
+    ch = shmkit.Channel.open(name)
+    out = None
+    if into:
+        import numpy as np
+        out = np.empty(into, np.uint8)
+    for _ in range(warm):  # a first lap, so that every page of the ring is mapped
+        if out is not None:
+            ch.recv_into(out)
+        else:
+            with ch.recv_view():
+                pass
+    ready.set()
+    if into:
+        for _ in range(n):
+            ch.recv_into(out)
+    elif batched:
+        got = 0
+        while got < n:
+            got += len(ch.recv_many(BATCH * 4))
+    elif view:
+        for _ in range(n):
+            with ch.recv_view():
+                pass
+    else:
+        recv = ch.recv
+        for _ in range(n):
+            recv()
+
+
+def _shmkit_one_way(n: int, size: int, batched: bool = False, view: bool = False,
+                    capacity: int = 1 << 20, into: bool = False) -> float:
+    import shmkit
+    ch = shmkit.Channel(_name(), capacity=capacity)
+    try:
+        msg = MSG if size == 64 else _payload(size)
+        warm = 0 if size == 64 else capacity // (size + 8)
+        for _ in range(warm):
+            ch.send(msg)
+        p = _peer(_shmkit_sink, ch.name, n, batched, view, warm, size if into else 0)
+        t0 = time.perf_counter()
+        if batched:
+            for _ in range(n // BATCH):
+                ch.send_many(BATCH_MSGS)
+            ch.send_many(BATCH_MSGS[:n % BATCH])
+        else:
+            send = ch.send
+            for _ in range(n):
+                send(msg)
+        return _finish(p) - t0
+    finally:
+        ch.unlink(); ch.detach()
+
+
+@workload("channel: 64 B one-way, single calls", unit="kops/s", system="shmkit.Channel")
+def ow_shmkit(n: int) -> float:
+    return _shmkit_one_way(n, 64)
+
+
+def _pipe_sink(ready, conn, n, batched):
+    ready.set()
+    if batched:
+        got = 0
+        while got < n:
+            got += len(conn.recv())
+    else:
+        for _ in range(n):
+            conn.recv_bytes()
+
+
+@workload("channel: 64 B one-way, single calls", system="multiprocessing.Pipe")
+def ow_pipe(n: int) -> float:
+    here, there = FORK.Pipe()
+    p = _peer(_pipe_sink, there, n, False)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        here.send_bytes(MSG)
+    return _finish(p) - t0
+
+
+def _queue_sink(ready, q, n, batched):
+    ready.set()
+    if batched:
+        got = 0
+        while got < n:
+            got += len(q.get_many(max_messages_to_get=BATCH * 4))
+    else:
+        for _ in range(n):
+            q.get()
+
+
+@workload("channel: 64 B one-way, single calls", system="multiprocessing.Queue", reference=True)
+def ow_mp_queue(n: int) -> float:
+    q = FORK.Queue()
+    p = _peer(_queue_sink, q, n, False)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        q.put(MSG)
+    return _finish(p) - t0
+
+
+@workload("channel: 64 B one-way, single calls", system="faster_fifo.Queue",
+          requires=("faster_fifo",))
+def ow_faster_fifo(n: int) -> float:
+    import faster_fifo
+    q = faster_fifo.Queue(1 << 20)
+    p = _peer(_queue_sink, q, n, False)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        q.put(MSG)
+    return _finish(p) - t0
+
+
+def _mq_sink(ready, name, n):
+    import posix_ipc
+    q = posix_ipc.MessageQueue(name)
+    ready.set()
+    for _ in range(n):
+        q.receive()
+
+
+@workload("channel: 64 B one-way, single calls", system="posix_ipc.MessageQueue",
+          requires=("posix_ipc",))
+def ow_posix_mq(n: int) -> float:
+    import posix_ipc
+    q = posix_ipc.MessageQueue("/" + _name(), posix_ipc.O_CREX, max_message_size=64)
+    try:
+        p = _peer(_mq_sink, q.name, n)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            q.send(MSG)
+        return _finish(p) - t0
+    finally:
+        q.unlink(); q.close()
+
+
+@workload("channel: 64 B one-way, batched calls", unit="kops/s",
+          system="shmkit.Channel send_many/recv_many")
+def owb_shmkit(n: int) -> float:
+    return _shmkit_one_way(n, 64, batched=True)
+
+
+@workload("channel: 64 B one-way, batched calls", system="faster_fifo put_many/get_many",
+          requires=("faster_fifo",), reference=True)
+def owb_faster_fifo(n: int) -> float:
+    import faster_fifo
+    q = faster_fifo.Queue(1 << 20)
+    p = _peer(_queue_sink, q, n, True)
+    t0 = time.perf_counter()
+    for _ in range(n // BATCH):
+        q.put_many(BATCH_MSGS, block=True, timeout=60)
+    if n % BATCH:
+        q.put_many(BATCH_MSGS[:n % BATCH], block=True, timeout=60)
+    return _finish(p) - t0
+
+
+@workload("channel: 64 B one-way, batched calls", system="multiprocessing.Pipe (lists)")
+def owb_pipe(n: int) -> float:
+    here, there = FORK.Pipe()
+    p = _peer(_pipe_sink, there, n, True)
+    t0 = time.perf_counter()
+    for _ in range(n // BATCH):
+        here.send(BATCH_MSGS)
+    if n % BATCH:
+        here.send(BATCH_MSGS[:n % BATCH])
+    return _finish(p) - t0
+
+
+# -- large payloads ------------------------------------------------------------------
+
+
+def _payload(size: int) -> Any:
+    import numpy as np
+    return np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8)
+
+
+def _large(size: int, n: int | None) -> dict:
+    """Register the large-payload systems for one size."""
+    title = f"channel: {size // MiB} MiB messages"
+    cap = 4 * size + 64 * 1024  # four messages in flight, as the hand-made ring below
+
+    @workload(title, unit="GB/s", system="shmkit.Channel (copy in, copy out)",
+              bytes_per_op=size, n=n)
+    def copy(n: int) -> float:
+        return _shmkit_one_way(n, size, capacity=cap)
+
+    @workload(title, system="shmkit.Channel (copy in, zero-copy view)", bytes_per_op=size, n=n)
+    def zero_copy(n: int) -> float:
+        return _shmkit_one_way(n, size, view=True, capacity=cap)
+
+    @workload(title, system="shmkit.Channel (copy in, recv_into a buffer)", bytes_per_op=size,
+              n=n)
+    def into(n: int) -> float:
+        return _shmkit_one_way(n, size, capacity=cap, into=True)
+
+    @workload(title, system="multiprocessing.Pipe", bytes_per_op=size, n=n)
+    def pipe(n: int) -> float:
+        here, there = FORK.Pipe()
+        p = _peer(_pipe_sink, there, n, False)
+        data = _payload(size).tobytes()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            here.send_bytes(data)
+        return _finish(p) - t0
+
+    @workload(title, system="multiprocessing.Queue", bytes_per_op=size, n=n)
+    def mp_queue(n: int) -> float:
+        q = FORK.Queue(4)
+        p = _peer(_queue_sink, q, n, False)
+        data = _payload(size).tobytes()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            q.put(data)
+        return _finish(p) - t0
+
+    @workload(title, system="faster_fifo.Queue", requires=("faster_fifo",), bytes_per_op=size,
+              n=n)
+    def ff(n: int) -> float:
+        import faster_fifo
+        q = faster_fifo.Queue(cap)
+        p = _peer(_queue_sink, q, n, False)
+        data = _payload(size).tobytes()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            q.put(data, timeout=60)
+        return _finish(p) - t0
+
+    @workload(title, system="shared_memory + numpy (hand-made)", bytes_per_op=size, n=n)
+    def hand_made(n: int) -> float:
+        return _hand_made(n, size)
+
+    @workload(title, system="numpy copy in one process", bytes_per_op=size, n=n,
+              reference=True)
+    def in_process(n: int) -> float:
+        import numpy as np
+        src, dst = _payload(size), np.empty(size, np.uint8)
+        np.copyto(dst, src)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            np.copyto(dst, src)
+        return time.perf_counter() - t0
+
+    return locals()
+
+
+def _hand_sink(ready, shm_name, size, n, slots, full, empty):
+    import numpy as np
+    from multiprocessing import shared_memory
+    shm = shared_memory.SharedMemory(shm_name)
+    ring = np.ndarray((slots, size), np.uint8, shm.buf)
+    out = np.empty(size, np.uint8)
+    for i in range(slots):  # the first lap (pages mapped), as for shmkit
+        full.acquire()
+        np.copyto(out, ring[i % slots])
+        empty.release()
+    ready.set()
+    for i in range(slots, slots + n):
+        full.acquire()
+        np.copyto(out, ring[i % slots])
+        empty.release()
+    del ring
+    shm.close()
+
+
+def _hand_made(n: int, size: int) -> float:
+    """What people write by hand: a shared_memory block of slots, numpy copies in
+    and out, and two semaphores for full and empty slots."""
+    import numpy as np
+    from multiprocessing import shared_memory
+    slots = 4
+    shm = shared_memory.SharedMemory(create=True, size=slots * size)
+    try:
+        ring = np.ndarray((slots, size), np.uint8, shm.buf)
+        full, empty = FORK.Semaphore(0), FORK.Semaphore(slots)
+        src = _payload(size)
+        for i in range(slots):
+            np.copyto(ring[i], src)
+            full.release()
+        p = _peer(_hand_sink, shm.name, size, n, slots, full, empty)
+        t0 = time.perf_counter()
+        for i in range(slots, slots + n):
+            empty.acquire()
+            np.copyto(ring[i % slots], src)
+            full.release()
+        dt = _finish(p) - t0
+        del ring
+        return dt
+    finally:
+        shm.close(); shm.unlink()
+
+
+_large(MiB, None)
+_large(64 * MiB, 16)
+
+
+# -- Queue with Python objects -------------------------------------------------------
+
+OBJ = {"id": 12345, "name": "sensor-7", "values": [1.5, 2.5, 3.5], "ok": True}
+
+
+def _obj_sink(ready, q, n):
+    ready.set()
+    for _ in range(n):
+        q.get()
+
+
+@workload("queue: small Python objects one-way", unit="kops/s", system="shmkit.Queue")
+def q_shmkit(n: int) -> float:
+    import shmkit
+    q = shmkit.Queue()
+    try:
+        p = _peer(_obj_sink, q, n)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            q.put(OBJ)
+        return _finish(p) - t0
+    finally:
+        q.close()
+
+
+@workload("queue: small Python objects one-way", system="multiprocessing.Queue",
+          reference=True)
+def q_mp(n: int) -> float:
+    q = FORK.Queue()
+    p = _peer(_obj_sink, q, n)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        q.put(OBJ)
+    return _finish(p) - t0
+
+
+@workload("queue: small Python objects one-way", system="faster_fifo.Queue",
+          requires=("faster_fifo",))
+def q_faster_fifo(n: int) -> float:
+    import faster_fifo
+    q = faster_fifo.Queue(1 << 20)
+    p = _peer(_obj_sink, q, n)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        q.put(OBJ)
+    return _finish(p) - t0

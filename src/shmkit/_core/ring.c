@@ -1,0 +1,813 @@
+/* ring.c - the message ring behind shmkit.Channel and shmkit.Queue.
+ *
+ * A byte ring in a segment's payload carries variable-size messages from
+ * any number of producers to any number of consumers, in any processes.
+ * Positions are 64-bit byte counts that only grow (offset = pos % cap), so
+ * "full", "empty" and "who is ahead" never wrap around.
+ *
+ * Payload layout (offsets from the payload start, native byte order):
+ *
+ *      0  magic u32 "RNG1"        4  format u32 (RING_FORMAT)
+ *      8  cap u64                 bytes in the data area, a multiple of 8
+ *     16  data_off u64            where the data area starts
+ *     24  max_items u64           0, or at most this many messages queued
+ *     32  max_slots u32           attach slots of the segment (role table)
+ *     36  closed u32              1: no more sends; receivers drain and stop
+ *     64  tail u64                producers' line: end of the reserved bytes
+ *     72  reserved u64            messages reserved so far
+ *     80  plock u32               producers' robust lock (lock.c)
+ *     84  jp_sel u32              which producers' journal is in force
+ *     88  jp[2] {tail, reserved}  producers' journals (ring_fix_producers)
+ *    128  head u64                consumers' line: bytes before it are free
+ *    136  read u64                next record to hand to a consumer
+ *    144  received u64            messages taken so far
+ *    152  dropped u64             messages abandoned by dead producers
+ *    160  clock u32               consumers' robust lock
+ *    164  jr_sel u32              which consumers' journal is in force
+ *    192  data_seq u32, data_sleepers u32     consumers asleep wait here
+ *    256  space_seq u32, space_sleepers u32   producers asleep wait here
+ *    320  jr[2] {read, received, dropped}     consumers' journals
+ *    512  role table: u64 per attach slot (see ROLE_* in ring.h)
+ *    data_off: the data area, cap bytes of records
+ *
+ * A record is an 8-byte header [u32 len | u32 state] and len payload bytes,
+ * padded to 8.  A record never straddles the end of the ring: a producer
+ * whose record does not fit before the end first writes a SKIP record
+ * covering the rest, then starts again at offset 0.
+ *
+ *     head <= read <= tail,   tail - head <= cap
+ *
+ *     [head, read)  taken records: DONE, SKIP, ABANDONED, or TAKEN by a
+ *                   consumer that still holds a zero-copy view of it
+ *     [read, tail)  records to deliver: RESERVED (being written), COMMITTED,
+ *                   SKIP, ABANDONED
+ *
+ * Sending: under plock, check space (tail - head + need <= cap), write the
+ * record header with state RESERVED|token, publish it with a release store
+ * of tail, unlock.  Copy the payload with no lock held, then publish it
+ * with a release store of state = COMMITTED.  Receiving: under clock, take
+ * the COMMITTED record at read (copying it, or marking it TAKEN|token for a
+ * view), advance read, and advance head over every finished record.
+ *
+ * Crashes.  The locks are robust: a dead holder's lock is taken over.  A
+ * producer dead before tail moved leaves nothing; one dead after leaves a
+ * RESERVED record whose token names it: a waiting consumer that sleeps a
+ * slice without news asks the kernel (shm_token_alive) and, if the producer
+ * is gone, marks the record ABANDONED and skips it.  Each holding of a lock
+ * first writes a journal of the counters it will change; the next holder
+ * of a lock whose holder died recounts from the journal, finishes records
+ * the dead consumer had copied and gives back one it had marked but not
+ * passed.  A view holder's death leaves TAKEN|token at head; a waiter finds
+ * the token dead and finishes the record.  Each step is one store, so a
+ * process killed at any instruction leaves a state the others can read.
+ * docs/channel.md walks through every step.
+ *
+ * Waiting: spin on the condition, then sleep on a sequence word, counted in
+ * its sleepers word and in our role-table entry.  Wakers bump the sequence
+ * and call futex_wake only when the sleepers word is non-zero, so the busy
+ * path makes no system call.  A sleeper that dies leaves its count in its
+ * role entry, from which a later waiter subtracts it.
+ *
+ * Everything read from shared memory is untrusted: positions, lengths and
+ * states are checked before use and a bad one raises CorruptError.  Offsets
+ * are always taken modulo the capacity fixed when the handle was bound.
+ */
+#include "ring.h"
+#include <errno.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define cpu_relax() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define cpu_relax() __asm__ __volatile__("yield")
+#else
+#define cpu_relax() ((void)0)
+#endif
+
+#define SPIN_MIN_NS (2 * 1000LL)     /* every wait polls this long */
+#define SPIN_MAX_NS (50 * 1000LL)    /* and adapts its spin up to this */
+#define FIRST_SLICE_NS (5 * 1000 * 1000LL)
+#define SLICE_NS (50 * 1000 * 1000LL) /* longest sleep between checks */
+#define LOCK_GRACE_NS (200 * 1000 * 1000LL)
+
+int
+ring_corrupt(RingObject *r, const char *what, unsigned long long a, unsigned long long b)
+{
+    PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_RuntimeError,
+                 "channel %R is corrupt: %s (%llu, %llu); no correct writer leaves "
+                 "this, so remove it with `shmkit rm` and create it again",
+                 r->name ? r->name : Py_None, what, a, b);
+    return -1;
+}
+
+/* ---- handles, roles and sleepers ------------------------------------- */
+
+/* Check the handle is usable and pin its mapping for the call.  Returns
+ * the mapping, or NULL with ClosedError-like ValueError set. */
+MappingObject *
+ring_enter_any(RingObject *r, int to_use)
+{
+    MappingObject *m = (MappingObject *)r->mapping;
+    if (m == NULL || m->base == NULL || m->closing || (to_use && m->token == 0)) {
+        if (m != NULL && m->base != NULL && !m->closing && m->readonly)
+            PyErr_Format(PyExc_PermissionError, "channel %R was opened readonly=True; "
+                         "open it without readonly to send or receive", r->name);
+        else
+            PyErr_Format(PyExc_ValueError, "channel %R is closed in this process; open "
+                         "it again to use it", r->name ? r->name : Py_None);
+        return NULL;
+    }
+    shm_pin((PyObject *)m);
+    return m;
+}
+
+
+
+/* Subtract n from a sleepers word, stopping at 0. */
+static void
+sat_sub(uint32_t *w, uint32_t n)
+{
+    uint32_t v = LOAD(w);
+    while (!__atomic_compare_exchange_n(w, &v, v > n ? v - n : 0, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_ACQUIRE))
+        ;
+}
+
+/* Make our role entry ours (clearing what a dead former owner of the slot
+ * left) and announce `bits`.  Cheap after the first call. */
+void
+ring_claim(RingObject *r, uint32_t me, uint64_t bits)
+{
+    if (r->role_token == me && (r->role_bits & bits) == bits)
+        return;
+    uint32_t slot = SHM_TOKEN_SLOT(me);
+    if (slot >= r->max_slots)
+        return;
+    uint64_t *e = &r->roles[slot], v = LOAD(e);
+    for (;;) {
+        uint64_t nv;
+        if (ROLE_GEN(v) == SHM_TOKEN_GEN(me))
+            nv = v | bits;
+        else
+            nv = ROLE_FOR(SHM_TOKEN_GEN(me)) | bits;
+        if (__atomic_compare_exchange_n(e, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
+            if (ROLE_GEN(v) != SHM_TOKEN_GEN(me)) {
+                /* the slot's former owner died asleep: take its counts off */
+                uint32_t d = (uint32_t)(v & 0xFFFF), s = (uint32_t)((v >> 16) & 0xFFFF);
+                if (d)
+                    sat_sub(&r->h->data_sleepers, d);
+                if (s)
+                    sat_sub(&r->h->space_sleepers, s);
+            }
+            break;
+        }
+    }
+    if (r->role_token != me)
+        r->role_bits = 0;
+    r->role_token = me;
+    r->role_bits |= bits;
+}
+
+/* Count (delta = +1) or uncount (-1) one sleeper of ours, in the global
+ * word and in our role entry.  Ordered so that a process killed between
+ * the two leaves the global word too high (a spare wake-up, until a repair
+ * finds no sleeper anywhere and clears it), never too low; a cleaner that
+ * took our entry's counts off already fixed the global word. */
+static void
+ring_sleeper(RingObject *r, uint32_t me, int space, int delta)
+{
+    uint32_t slot = SHM_TOKEN_SLOT(me);
+    uint32_t *g = space ? &r->h->space_sleepers : &r->h->data_sleepers;
+    uint64_t unit = space ? ROLE_SPACE_SLEEPER : ROLE_DATA_SLEEPER;
+    if (slot >= r->max_slots)
+        return;
+    if (delta > 0)
+        __atomic_fetch_add(g, 1, __ATOMIC_SEQ_CST);
+    uint64_t *e = &r->roles[slot], v = LOAD(e);
+    while (ROLE_GEN(v) == SHM_TOKEN_GEN(me)) {
+        if (delta < 0 && (v & (unit * 0xFFFF)) == 0)
+            return;
+        uint64_t nv = delta > 0 ? v + unit : v - unit;
+        if (__atomic_compare_exchange_n(e, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
+            if (delta < 0)
+                sat_sub(g, 1);
+            return;
+        }
+    }
+}
+
+/* ---- the consumers' side (call with clock held) ----------------------- */
+
+/* One holding of clock that takes records.  It starts by writing the
+ * journal (read, received, dropped as they were); it moves read record by
+ * record, and stores the counters and then head once, at the end.  So if
+ * its holder dies, either head has not passed the journal's read position
+ * and the records from there to read are intact and can be counted again
+ * (ring_fix_consumers), or the counters were already stored. */
+
+void
+ring_take_begin(struct ring_hdr *h, take_t *tk)
+{
+    tk->head = LOADR(&h->head);
+    tk->received = LOADR(&h->received);
+    tk->dropped = LOADR(&h->dropped);
+    uint32_t sel = LOADR(&h->jr_sel) & 1;
+    struct cjournal *j = &h->jr[sel ^ 1];
+    STORER(&j->received, tk->received);
+    STORER(&j->dropped, tk->dropped);
+    STORER(&j->read, LOADR(&h->read));
+    STORE(&h->jr_sel, sel ^ 1);
+}
+
+/* Move read past the record at rd (total bytes); head follows at the end
+ * if nothing before it is lent out.  Returns 1 if head will move. */
+static inline int
+ring_take_pass(struct ring_hdr *h, take_t *tk, uint64_t rd, uint64_t total)
+{
+    STORE(&h->read, rd + total);
+    if (tk->head == rd) {
+        tk->head = rd + total;
+        return 1;
+    }
+    return 0;
+}
+
+/* Move head over finished records (DONE, SKIP, ABANDONED) from `hd`, and
+ * store it if it moved.  Returns 1 if it moved, -1 on error. */
+static int
+ring_reclaim_from(RingObject *r, uint64_t hd)
+{
+    struct ring_hdr *h = r->h;
+    uint64_t rd = LOADR(&h->read), start = LOADR(&h->head);
+    if (hd < start || rd < hd || rd - hd > r->cap)
+        return ring_corrupt(r, "head and read positions out of order", hd, rd);
+    while (hd < rd) {
+        uint64_t off = hd % r->cap, total;
+        rec_t *rec = rec_at(r, hd);
+        uint32_t st = LOAD(&rec->state), len = LOADR(&rec->len);
+        if (st == ST_SKIP)
+            total = r->cap - off;
+        else if (st == ST_DONE || st == ST_ABANDONED)
+            total = rec_total(len);
+        else if (ST_KIND(st) == ST_TAKEN)
+            break;
+        else
+            return ring_corrupt(r, "unexpected record state behind the read position", st, hd);
+        if (total > r->cap - off || total > rd - hd)
+            return ring_corrupt(r, "record overruns the read position", len, hd);
+        hd += total;
+    }
+    if (hd == start)
+        return 0;
+    STORE(&h->head, hd);
+    return 1;
+}
+
+int
+ring_reclaim(RingObject *r)
+{
+    return ring_reclaim_from(r, LOADR(&r->h->head));
+}
+
+/* End a holding: counters first, then head.  Returns 1 if head moved. */
+int
+ring_take_end(RingObject *r, take_t *tk)
+{
+    struct ring_hdr *h = r->h;
+    STORE(&h->received, tk->received);
+    STORE(&h->dropped, tk->dropped);
+    return ring_reclaim_from(r, tk->head);
+}
+
+/* After taking clock from a dead consumer: recount what its holding took,
+ * finish the records it had copied, and give back one it was lending out
+ * but had not passed yet.  Every step is idempotent, so a recoverer that
+ * dies too leaves work the next one can redo. */
+static int
+ring_fix_consumers(RingObject *r)
+{
+    struct ring_hdr *h = r->h;
+    struct cjournal *j = &h->jr[LOADR(&h->jr_sel) & 1];
+    uint64_t hd = LOADR(&h->head), rd = LOADR(&h->read), jr = LOADR(&j->read);
+    uint64_t t = LOAD(&h->tail);
+    if (rd < hd || rd - hd > r->cap || t < rd || t - rd > r->cap || ((hd | rd | t) & 7))
+        return ring_corrupt(r, "read position outside the ring", rd, hd);
+    if (hd <= jr) { /* head did not pass the journal: recount [jr, rd) */
+        if (jr > rd || (jr & 7))
+            return ring_corrupt(r, "bad consumers' journal", jr, rd);
+        uint64_t taken = 0, dropped = 0;
+        for (uint64_t p = jr; p < rd;) {
+            uint64_t off = p % r->cap;
+            rec_t *rec = rec_at(r, p);
+            uint32_t st = LOAD(&rec->state), len = LOADR(&rec->len);
+            uint64_t total = st == ST_SKIP ? r->cap - off : rec_total(len);
+            if (total > r->cap - off || total > rd - p)
+                return ring_corrupt(r, "record overruns the read position", len, p);
+            if (st == ST_ABANDONED)
+                dropped++;
+            else if (st != ST_SKIP)
+                taken++;
+            p += total;
+        }
+        if (rd < t && LOAD(&rec_at(r, rd)->state) == ST_ABANDONED)
+            dropped++; /* marked, not yet passed: the next holding passes it */
+        STORE(&h->received, LOADR(&j->received) + taken);
+        STORE(&h->dropped, LOADR(&j->dropped) + dropped);
+    }
+    for (uint64_t p = hd; p < rd;) { /* copied, head not yet moved: finish */
+        rec_t *rec = rec_at(r, p);
+        uint32_t st = LOAD(&rec->state);
+        uint64_t total = st == ST_SKIP ? r->cap - p % r->cap : rec_total(LOADR(&rec->len));
+        if (total > r->cap - p % r->cap || total > rd - p)
+            return ring_corrupt(r, "record overruns the read position", LOADR(&rec->len), p);
+        if (st == ST_COMMITTED)
+            STORE(&rec->state, ST_DONE);
+        p += total;
+    }
+    if (rd < t && ST_KIND(LOAD(&rec_at(r, rd)->state)) == ST_TAKEN)
+        STORE(&rec_at(r, rd)->state, ST_COMMITTED); /* lent, never passed: undo */
+    return ring_reclaim(r) < 0 ? -1 : 0;
+}
+
+/* After taking plock from a dead producer: recount the messages of its
+ * holding from its journal (no producer has written since). */
+static int
+ring_fix_producers(RingObject *r)
+{
+    struct ring_hdr *h = r->h;
+    struct pjournal *j = &h->jp[LOADR(&h->jp_sel) & 1];
+    uint64_t t = LOADR(&h->tail), jt = LOADR(&j->tail), n = 0;
+    if (jt > t || t - jt > r->cap || ((jt | t) & 7))
+        return ring_corrupt(r, "bad producers' journal", jt, t);
+    for (uint64_t p = jt; p < t;) {
+        uint64_t off = p % r->cap;
+        rec_t *rec = rec_at(r, p);
+        uint32_t st = LOAD(&rec->state), len = LOADR(&rec->len);
+        uint64_t total = st == ST_SKIP ? r->cap - off : rec_total(len);
+        if (total > r->cap - off || total > t - p)
+            return ring_corrupt(r, "record overruns the tail", len, p);
+        n += st != ST_SKIP;
+        p += total;
+    }
+    STORE(&h->reserved, LOADR(&j->reserved) + n);
+    return 0;
+}
+
+int
+ring_lock(RingObject *r, MappingObject *m, uint32_t *word, uint32_t me, int64_t deadline)
+{
+    uint32_t free_ = 0;
+    if (__atomic_compare_exchange_n(word, &free_, me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+        return 1;
+    int64_t grace = shm_now_ns() + LOCK_GRACE_NS;
+    int got = shm_lock_acquire(m, word, deadline > grace ? deadline : grace);
+    if (got == 0) {
+        PyErr_Format(shm_TimeoutError, "channel %R: its %s lock stayed held by a live "
+                     "process; try again", r->name ? r->name : Py_None,
+                     word == &r->h->plock ? "producers'" : "consumers'");
+        return -1;
+    }
+    if (got == 2 && (word == &r->h->clock ? ring_fix_consumers(r) : ring_fix_producers(r)) < 0) {
+        shm_lock_release(m, word);
+        return -1;
+    }
+    return got < 0 ? -1 : 1;
+}
+
+/* Find the next deliverable record at read, passing over SKIP and
+ * ABANDONED records.  Returns T_READY with *pos and *len, T_EMPTY,
+ * T_WRITING (a producer is still writing it), or -1 on error. */
+int
+ring_next(RingObject *r, take_t *tk, uint64_t *pos, uint32_t *len)
+{
+    struct ring_hdr *h = r->h;
+    for (;;) {
+        uint64_t rd = LOADR(&h->read), hd = LOADR(&h->head);
+        if (rd >= r->tail_seen) {
+            r->tail_seen = LOAD(&h->tail);
+            if (rd >= r->tail_seen) {
+                if (rd > r->tail_seen)
+                    return ring_corrupt(r, "read position beyond the tail", rd, r->tail_seen);
+                return T_EMPTY;
+            }
+        }
+        if (((rd | hd) & 7) || rd < hd || rd - hd > r->cap || r->tail_seen - hd > r->cap)
+            return ring_corrupt(r, "positions out of order", hd, rd);
+        uint64_t off = rd % r->cap, total;
+        rec_t *rec = rec_at(r, rd);
+        uint32_t st = LOAD(&rec->state), n = LOADR(&rec->len);
+        if (ST_KIND(st) == ST_RESERVED)
+            return T_WRITING;
+        if (st == ST_SKIP) {
+            total = r->cap - off;
+            if ((uint64_t)n + 8 != total)
+                return ring_corrupt(r, "bad wrap marker", n, rd);
+        } else if (st == ST_COMMITTED || st == ST_ABANDONED) {
+            total = rec_total(n);
+        } else {
+            return ring_corrupt(r, "unexpected record state at the read position", st, rd);
+        }
+        if (total > r->cap - off || total > r->tail_seen - rd)
+            return ring_corrupt(r, "record length overruns the ring", n, rd);
+        if (st == ST_COMMITTED) {
+            *pos = rd;
+            *len = n;
+            return T_READY;
+        }
+        ring_take_pass(h, tk, rd, total);
+    }
+}
+
+/* The record at pos was copied out: count it and pass it. */
+void
+ring_take_copied(RingObject *r, take_t *tk, uint64_t pos, uint32_t len)
+{
+    if (tk->head != pos)
+        STORE(&rec_at(r, pos)->state, ST_DONE);
+    tk->received++;
+    ring_take_pass(r->h, tk, pos, rec_total(len));
+}
+
+/* The record at pos is lent out as a view: mark it, count it, pass it. */
+void
+ring_take_lent(RingObject *r, take_t *tk, uint64_t pos, uint32_t len, uint32_t me)
+{
+    STORE(&rec_at(r, pos)->state, ST_TAKEN | me);
+    tk->received++;
+    STORE(&r->h->read, pos + rec_total(len));
+}
+
+/* ---- the producers' side ---------------------------------------------- */
+
+/* The ring is empty but its tail is too near the end for the record we
+ * want: the SKIP marker just written at `was` would hold the space until a
+ * consumer passes it.  If no record is pending, pass it ourselves (taking
+ * clock after plock: the only order in which both are held). */
+static int
+ring_pass_skip(RingObject *r, MappingObject *m, uint32_t me, uint64_t was, uint64_t t)
+{
+    struct ring_hdr *h = r->h;
+    uint32_t free_ = 0;
+    if (!__atomic_compare_exchange_n(&h->clock, &free_, me, 0, __ATOMIC_ACQUIRE,
+                                     __ATOMIC_RELAXED))
+        return 0; /* a consumer is busy: it will pass the marker itself */
+    int passed = LOADR(&h->read) == was && LOADR(&h->head) == was;
+    if (passed) {
+        take_t tk;
+        ring_take_begin(h, &tk);
+        STORE(&h->tail, t);  /* a valid SKIP record first, then pass it */
+        ring_take_pass(h, &tk, was, t - was);
+        passed = ring_take_end(r, &tk) > 0;
+    }
+    ring_unlock(m, &h->clock);
+    return passed;
+}
+
+/* Reserve records for n payloads of lens[] at the tail, as many as fit now
+ * (SKIP markers included), under plock.  Fills pos[]; returns how many were
+ * reserved (0 when full), or -1 with an exception set. */
+Py_ssize_t
+ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *lens,
+             Py_ssize_t n, uint64_t *pos, int64_t deadline)
+{
+    struct ring_hdr *h = r->h;
+    const uint64_t cap = r->cap;
+    if (ring_lock(r, m, &h->plock, me, deadline) < 0)
+        return -1;
+    if (LOADR(&h->closed)) {
+        ring_unlock(m, &h->plock);
+        PyErr_Format(ring_ChannelClosed, "channel %R was closed: no more messages can be sent",
+                     r->name);
+        return -1;
+    }
+    uint64_t t = LOADR(&h->tail), t0 = t, hd = r->head_seen;
+    uint64_t reserved = LOADR(&h->reserved);
+    uint32_t sel = LOADR(&h->jp_sel) & 1; /* the journal: see ring_fix_producers */
+    STORER(&h->jp[sel ^ 1].reserved, reserved);
+    STORER(&h->jp[sel ^ 1].tail, t);
+    STORE(&h->jp_sel, sel ^ 1);
+    if ((t & 7) || t - hd > cap) {
+        r->head_seen = hd = LOAD(&h->head);
+        if (((t | hd) & 7) || t - hd > cap) {
+            ring_unlock(m, &h->plock);
+            return ring_corrupt(r, "tail and head further apart than the capacity", t, hd);
+        }
+    }
+    uint64_t room = UINT64_MAX;
+    if (h->max_items) {
+        uint64_t queued = reserved - LOAD(&h->received) - LOAD(&h->dropped);
+        if (queued > (1ull << 62)) {
+            ring_unlock(m, &h->plock);
+            return ring_corrupt(r, "more messages received than sent", reserved,
+                           LOAD(&h->received));
+        }
+        room = queued >= h->max_items ? 0 : h->max_items - queued;
+    }
+    Py_ssize_t k = 0;
+    while (k < n && (uint64_t)k < room) {
+        uint64_t total = rec_total((uint64_t)lens[k]), off = t % cap;
+        uint64_t need = off + total > cap ? cap - off : total;
+        if (cap - (t - hd) < need) {
+            r->head_seen = hd = LOAD(&h->head);
+            if (t - hd > cap) {
+                ring_unlock(m, &h->plock);
+                return ring_corrupt(r, "tail and head further apart than the capacity", t, hd);
+            }
+            if (cap - (t - hd) < need)
+                break;
+        }
+        rec_t *rec = (rec_t *)(r->data + off);
+        if (off + total > cap) {            /* wrap: mark the rest as skipped */
+            STORER(&rec->len, (uint32_t)(cap - off - 8));
+            STORER(&rec->state, ST_SKIP);
+            uint64_t was = t;
+            t += cap - off;
+            if (hd != was)
+                r->head_seen = hd = LOAD(&h->head);
+            if (hd == was && ring_pass_skip(r, m, me, was, t))
+                r->head_seen = hd = t;
+            continue;
+        }
+        STORER(&rec->len, (uint32_t)lens[k]);
+        STORER(&rec->state, ST_RESERVED | me);
+        pos[k++] = t;
+        t += total;
+    }
+    if (t != t0) {
+        STORE(&h->reserved, reserved + (uint64_t)k);
+        STORE(&h->tail, t);                 /* publish the headers */
+    }
+    ring_unlock(m, &h->plock);
+    return k;
+}
+
+void
+ring_fill(RingObject *r, uint64_t pos, const char *src, Py_ssize_t len)
+{
+    rec_t *rec = rec_at(r, pos);
+    if (len >= BIG_COPY) {
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(rec + 1, src, (size_t)len);
+        Py_END_ALLOW_THREADS
+    } else {
+        memcpy(rec + 1, src, (size_t)len);
+    }
+    STORE(&rec->state, ST_COMMITTED);
+}
+
+/* ---- waiting ----------------------------------------------------------- */
+
+/* Is there anything for a consumer to look at?  A lock-free hint; anything
+ * odd says yes so that the checking path runs. */
+static int
+data_ready(RingObject *r)
+{
+    struct ring_hdr *h = r->h;
+    uint64_t rd = LOAD(&h->read), t = LOAD(&h->tail);
+    if (rd == t)
+        return LOAD(&h->closed) != 0; /* closed and drained: the caller stops */
+    if (rd > t || t - rd > r->cap || ((rd | t) & 7))
+        return 1;
+    return ST_KIND(LOAD(&rec_at(r, rd)->state)) != ST_RESERVED;
+}
+
+static int
+space_ready(RingObject *r, uint64_t total)
+{
+    struct ring_hdr *h = r->h;
+    if (LOAD(&h->closed))
+        return 1;
+    uint64_t t = LOAD(&h->tail), hd = LOAD(&h->head), off = t % r->cap;
+    if (t - hd > r->cap || ((t | hd) & 7))
+        return 1;
+    uint64_t need = off + total > r->cap ? r->cap - off : total;
+    if (r->cap - (t - hd) < need)
+        return 0;
+    if (h->max_items) {
+        uint64_t queued = LOAD(&h->reserved) - LOAD(&h->received) - LOAD(&h->dropped);
+        if (queued >= h->max_items && queued <= (1ull << 62))
+            return 0;
+    }
+    return 1;
+}
+
+static int ring_repair(RingObject *r, MappingObject *m);
+
+/* Wait until a consumer (space=0) or a producer of a `total`-byte record
+ * (space=1) has something to do, or the deadline passes.  Spins (GIL
+ * held) for an adaptive moment, then sleeps on the sequence word as a
+ * counted sleeper, without the GIL.  After each slice asleep without
+ * news it repairs what dead peers left.  Returns 1 ready, 0 timeout, -1
+ * with an exception set (Ctrl-C, handle closed meanwhile). */
+int
+ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t total,
+          int64_t deadline)
+{
+#define READY() (space ? space_ready(r, total) : data_ready(r))
+    if (deadline != SHM_FOREVER && shm_now_ns() >= deadline)
+        return 0;
+    /* Spinning pays when the peer answers within microseconds, and costs
+     * when it needs our CPU to answer at all (more runnable processes than
+     * cores).  So the spin adapts: it doubles after a wait that it ended
+     * and halves after one that had to sleep. */
+    int64_t start = shm_now_ns(), spin = r->spin_ns;
+    do {
+        for (int i = 0; i < 16; i++) {
+            if (READY()) {
+                r->spin_ns = spin * 2 + 1000 > SPIN_MAX_NS ? SPIN_MAX_NS : spin * 2 + 1000;
+                return 1;
+            }
+            cpu_relax();
+        }
+    } while (shm_now_ns() - start < SPIN_MIN_NS);
+    if (shm_now_ns() >= deadline)
+        return 0;
+    /* Keep the GIL while spinning (at most SPIN_MAX_NS): giving it up for
+     * tens of microseconds lets another thread take it, and getting it back
+     * can then cost up to the interpreter's switch interval (5 ms).  A
+     * thread of ours that must run to answer makes the spin fail and so
+     * shrink to nothing. */
+    int ready = 0;
+    if (spin > 0) {
+        int64_t end = start + spin;
+        if (end > deadline)
+            end = deadline;
+        do {
+            for (int i = 0; i < 64 && !ready; i++) {
+                cpu_relax();
+                ready = READY();
+            }
+        } while (!ready && shm_now_ns() < end);
+    }
+    if (ready) {
+        r->spin_ns = spin * 2 + 1000 > SPIN_MAX_NS ? SPIN_MAX_NS : spin * 2 + 1000;
+        return 1;
+    }
+    struct ring_hdr *h = r->h;
+    uint32_t *seq = space ? &h->space_seq : &h->data_seq;
+    int result = 0;
+    int64_t slice = FIRST_SLICE_NS;
+    ring_sleeper(r, me, space, +1);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    for (;;) {
+        uint32_t s = __atomic_load_n(seq, __ATOMIC_SEQ_CST);
+        if (READY()) {
+            result = 1;
+            break;
+        }
+        if (shm_now_ns() >= deadline)
+            break;
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        err = shm_futex_wait(seq, s, deadline, slice);
+        Py_END_ALLOW_THREADS
+        if (err != 0 && PyErr_CheckSignals() < 0) {
+            result = -1;
+            break;
+        }
+        if (m->token != me || m->closing) {
+            PyErr_Format(PyExc_ValueError, "channel %R was closed in this process "
+                         "while a call waited on it", r->name);
+            result = -1;
+            break;
+        }
+        if (err == ETIMEDOUT) {
+            slice = SLICE_NS;
+            if (ring_repair(r, m) < 0) {
+                result = -1;
+                break;
+            }
+        }
+    }
+    ring_sleeper(r, me, space, -1);
+    if (result == 1)
+        r->spin_ns = spin / 2;
+    return result;
+#undef READY
+}
+
+/* Clear up after dead peers: a record at read reserved by a dead producer
+ * is abandoned; records at head lent to dead consumers are finished; the
+ * sleeper counts of dead attachments are taken off.  Returns -1 on error. */
+static int
+ring_repair(RingObject *r, MappingObject *m)
+{
+    struct ring_hdr *h = r->h;
+    uint32_t me = m->token;
+    if (me == 0 || m->fd < 0)
+        return 0; /* liveness cannot be asked; never guess */
+    uint64_t rd = LOAD(&h->read), hd = LOAD(&h->head), t = LOAD(&h->tail);
+    uint32_t st_r = rd < t ? LOAD(&rec_at(r, rd)->state) : 0;
+    uint32_t st_h = hd < rd ? LOAD(&rec_at(r, hd)->state) : 0;
+    int work = (ST_KIND(st_r) == ST_RESERVED &&
+                !shm_token_alive(m, st_r & SHM_TOKEN_MASK)) ||
+               (ST_KIND(st_h) == ST_TAKEN && !shm_token_alive(m, st_h & SHM_TOKEN_MASK));
+    if (work) {
+        int freed = 0, got_data = 0;
+        take_t tk;
+        if (ring_lock(r, m, &h->clock, me, shm_now_ns() + LOCK_GRACE_NS) < 0)
+            return -1;
+        ring_take_begin(h, &tk);
+        for (;;) { /* abandon dead producers' records at read */
+            uint64_t pos;
+            uint32_t len;
+            int k = ring_next(r, &tk, &pos, &len);
+            if (k < 0)
+                goto fail;
+            if (k != T_WRITING)
+                break;
+            rd = LOADR(&h->read);
+            rec_t *rec = rec_at(r, rd);
+            uint32_t st = LOAD(&rec->state);
+            if (shm_token_alive(m, st & SHM_TOKEN_MASK))
+                break;
+            uint64_t total = rec_total(LOADR(&rec->len));
+            if (total > r->cap - rd % r->cap || total > r->tail_seen - rd) {
+                ring_corrupt(r, "record length overruns the ring", LOADR(&rec->len), rd);
+                goto fail;
+            }
+            STORE(&rec->state, ST_ABANDONED);
+            tk.dropped++;
+            ring_take_pass(h, &tk, rd, total);
+            got_data = 1;
+        }
+        if ((freed = ring_take_end(r, &tk)) < 0)
+            goto fail;
+        for (;;) { /* finish records lent to dead consumers */
+            hd = LOADR(&h->head);
+            if (hd >= LOADR(&h->read))
+                break;
+            rec_t *rec = rec_at(r, hd);
+            uint32_t st = LOAD(&rec->state);
+            if (ST_KIND(st) != ST_TAKEN || shm_token_alive(m, st & SHM_TOKEN_MASK))
+                break;
+            STORE(&rec->state, ST_DONE);
+            int k = ring_reclaim(r);
+            if (k < 0)
+                goto fail;
+            freed |= k;
+        }
+        ring_unlock(m, &h->clock);
+        if (freed)
+            ring_wake(&h->space_seq, &h->space_sleepers);
+        if (got_data)
+            ring_wake(&h->data_seq, &h->data_sleepers);
+        goto sleepers;
+    fail:
+        ring_unlock(m, &h->clock);
+        return -1;
+    }
+sleepers:
+    uint32_t gd = LOADR(&h->data_sleepers), gs = LOADR(&h->space_sleepers);
+    if (gd == 0 && gs == 0)
+        return 0;
+    uint64_t live_d = 0, live_s = 0;
+    for (uint32_t slot = 0; slot < r->max_slots; slot++) {
+        uint64_t *e = &r->roles[slot], v = LOAD(e);
+        if ((v & ROLE_SLEEPERS) == 0)
+            continue;
+        uint32_t tok = (ROLE_GEN(v) << 10) | slot;
+        if (slot == SHM_TOKEN_SLOT(me) || shm_token_alive(m, tok)) {
+            live_d += v & 0xFFFF;
+            live_s += (v >> 16) & 0xFFFF;
+            continue;
+        }
+        if (__atomic_compare_exchange_n(e, &v, v & ~ROLE_SLEEPERS, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_RELAXED)) {
+            uint32_t d = (uint32_t)(v & 0xFFFF), s = (uint32_t)((v >> 16) & 0xFFFF);
+            if (d)
+                sat_sub(&h->data_sleepers, d);
+            if (s)
+                sat_sub(&h->space_sleepers, s);
+        }
+    }
+    /* No sleeper counted anywhere: whatever the global words still say was
+     * left by a process killed between its two counts.  (A sleeper counted
+     * in the global word but not yet in its entry may lose its wake-up; it
+     * then wakes at the end of its slice.) */
+    if (live_d == 0 && (gd = LOADR(&h->data_sleepers)) != 0)
+        __atomic_compare_exchange_n(&h->data_sleepers, &gd, 0, 0, __ATOMIC_SEQ_CST,
+                                    __ATOMIC_RELAXED);
+    if (live_s == 0 && (gs = LOADR(&h->space_sleepers)) != 0)
+        __atomic_compare_exchange_n(&h->space_sleepers, &gs, 0, 0, __ATOMIC_SEQ_CST,
+                                    __ATOMIC_RELAXED);
+    return 0;
+}
+
+/* After many rounds in which the ring looked ready but yielded nothing
+ * (other consumers were quicker, or the state is corrupt in a way the
+ * checks cannot name), sleep a millisecond: this bounds the CPU burnt. */
+int
+ring_backoff(int *fruitless)
+{
+    if (++*fruitless < 64)
+        return 0;
+    *fruitless = 0;
+    Py_BEGIN_ALLOW_THREADS
+    struct timespec ts = {0, 1000 * 1000};
+    nanosleep(&ts, NULL);
+    Py_END_ALLOW_THREADS
+    return PyErr_CheckSignals();
+}
+

@@ -1,0 +1,163 @@
+/* ring.h - the message ring's shared-memory layout and protocol, for
+ * ring.c (the protocol) and ringtype.c (its Python type).  See ring.c for
+ * the layout, the protocol and the crash analysis. */
+#ifndef SHMKIT_RING_H
+#define SHMKIT_RING_H
+
+#include "shmkit.h"
+#include <limits.h>
+#include <stddef.h>
+
+#define RING_MAGIC 0x31474e52u /* "RNG1" */
+#define RING_FORMAT 1
+#define RING_ROLES_OFF 512
+
+#define SPIN_START_NS (20 * 1000LL) /* a new handle's spin before sleeping */
+#define BIG_COPY (256 * 1024)        /* copies this large run without the GIL */
+
+/* Record states.  The top two bits say what the low 30 hold. */
+#define ST_KIND(s) ((s) & 0xC0000000u)
+#define ST_RESERVED 0x40000000u /* | producer token: being written */
+#define ST_TAKEN 0xC0000000u    /* | consumer token: lent out as a view */
+#define ST_FIXED 0x80000000u
+#define ST_COMMITTED 0x80000001u
+#define ST_SKIP 0x80000002u
+#define ST_ABANDONED 0x80000003u
+#define ST_DONE 0x80000004u
+
+/* Role-table entry of one attach slot:
+ *   bits 0-15 consumers of this attachment asleep, 16-31 producers asleep,
+ *   bit 32 has sent, bit 33 has received, bits 40-59 attach generation. */
+#define ROLE_DATA_SLEEPER 1ull
+#define ROLE_SPACE_SLEEPER (1ull << 16)
+#define ROLE_SLEEPERS 0xFFFFFFFFull
+#define ROLE_PRODUCER (1ull << 32)
+#define ROLE_CONSUMER (1ull << 33)
+#define ROLE_GEN(e) ((uint32_t)((e) >> 40) & 0xFFFFFu)
+#define ROLE_FOR(gen) ((uint64_t)(gen) << 40)
+
+/* A journal is written in full into the slot the selector does not point
+ * at, then the selector flips (one store): a holder killed while writing it
+ * leaves the previous, complete one in force. */
+struct pjournal { uint64_t tail, reserved; };
+struct cjournal { uint64_t read, received, dropped; };
+
+struct ring_hdr {
+    uint32_t magic, format;
+    uint64_t cap, data_off, max_items;
+    uint32_t max_slots, closed;
+    char pad0[64 - 40];
+    uint64_t tail, reserved;
+    uint32_t plock, jp_sel;
+    struct pjournal jp[2];
+    char pad1[128 - 120];
+    uint64_t head, read, received, dropped;
+    uint32_t clock, jr_sel;
+    char pad2[192 - 168];
+    uint32_t data_seq, data_sleepers;
+    char pad3[256 - 200];
+    uint32_t space_seq, space_sleepers;
+    char pad4[320 - 264];
+    struct cjournal jr[2];
+    char pad5[RING_ROLES_OFF - 368];
+};
+_Static_assert(offsetof(struct ring_hdr, tail) == 64, "producers' line");
+_Static_assert(offsetof(struct ring_hdr, head) == 128, "consumers' line");
+_Static_assert(offsetof(struct ring_hdr, clock) == 160, "consumers' lock");
+_Static_assert(offsetof(struct ring_hdr, jp) == 88, "producers' journal");
+_Static_assert(offsetof(struct ring_hdr, jr) == 320, "consumers' journal");
+_Static_assert(offsetof(struct ring_hdr, data_seq) == 192, "data wait line");
+_Static_assert(offsetof(struct ring_hdr, space_seq) == 256, "space wait line");
+_Static_assert(sizeof(struct ring_hdr) == RING_ROLES_OFF, "role table");
+
+typedef struct {
+    uint32_t len, state;
+} rec_t;
+
+/* A process's handle on one ring.  Pointers are into this process's
+ * mapping, which never moves while `mapping` is referenced. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *mapping;      /* the segment's Mapping; NULL when unbound */
+    struct ring_hdr *h;
+    char *data;
+    uint64_t *roles;
+    uint64_t cap;           /* fixed when bound: never re-read */
+    uint32_t max_slots;
+    uint32_t role_token;    /* token our role entry was claimed for */
+    uint64_t role_bits;     /* roles announced for role_token */
+    uint64_t head_seen;     /* a lower bound of head (producers) */
+    uint64_t tail_seen;     /* a lower bound of tail (consumers) */
+    int64_t spin_ns;        /* how long waits spin before sleeping (adaptive) */
+    PyObject *name;
+} RingObject;
+
+
+/* The exception classes (set from Python by ring_set_classes). */
+extern PyObject *ring_ChannelClosed, *ring_MessageTooLarge, *ring_Empty, *ring_Full;
+
+static inline uint64_t rec_total(uint64_t len) { return 8 + ((len + 7) & ~7ull); }
+static inline rec_t *rec_at(RingObject *r, uint64_t pos)
+{
+    return (rec_t *)(r->data + (pos & ~7ull) % r->cap);
+}
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define LOADR(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define STORER(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+
+int ring_corrupt(RingObject *r, const char *what, unsigned long long a,
+                 unsigned long long b);
+
+/* ---- handles ---- */
+MappingObject *ring_enter_any(RingObject *r, int to_use);
+/* For sending and receiving: a live, writable attachment. */
+static inline MappingObject *ring_enter(RingObject *r) { return ring_enter_any(r, 1); }
+static inline void ring_leave(MappingObject *m) { shm_unpin((PyObject *)m); }
+void ring_claim(RingObject *r, uint32_t me, uint64_t bits);
+/* Wake everyone asleep on seq, if anyone is counted asleep.  The fence
+ * pairs with the sleeper's count-then-recheck: one of us sees the other. */
+static inline void
+ring_wake(uint32_t *seq, uint32_t *sleepers)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (LOADR(sleepers)) {
+        __atomic_fetch_add(seq, 1, __ATOMIC_SEQ_CST);
+        shm_futex_wake(seq, INT_MAX);
+    }
+}
+
+/* ---- the consumers' side ---- */
+/* One holding of clock that takes records (see ring_take_begin). */
+typedef struct {
+    uint64_t head, received, dropped;
+} take_t;
+
+enum { T_EMPTY = 0, T_READY = 1, T_WRITING = 2 };
+
+void ring_take_begin(struct ring_hdr *h, take_t *tk);
+int ring_take_end(RingObject *r, take_t *tk);
+void ring_take_copied(RingObject *r, take_t *tk, uint64_t pos, uint32_t len);
+void ring_take_lent(RingObject *r, take_t *tk, uint64_t pos, uint32_t len, uint32_t me);
+int ring_next(RingObject *r, take_t *tk, uint64_t *pos, uint32_t *len);
+int ring_reclaim(RingObject *r);
+int ring_lock(RingObject *r, MappingObject *m, uint32_t *word, uint32_t me, int64_t deadline);
+static inline void
+ring_unlock(MappingObject *m, uint32_t *word)
+{
+    uint32_t v = __atomic_exchange_n(word, 0, __ATOMIC_RELEASE);
+    if (v & SHM_LOCK_WAITERS)
+        shm_futex_wake(word, 1);
+}
+
+/* ---- the producers' side ---- */
+Py_ssize_t ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *lens,
+                        Py_ssize_t n, uint64_t *pos, int64_t deadline);
+void ring_fill(RingObject *r, uint64_t pos, const char *src, Py_ssize_t len);
+
+/* ---- waiting ---- */
+int ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t total,
+              int64_t deadline);
+int ring_backoff(int *fruitless);
+
+#endif

@@ -1,0 +1,1005 @@
+/* ringtype.c - the Python face of the message ring: shmkit._core.Ring
+ * (which shmkit.Channel subclasses, so that ch.send(b) is one C call) and
+ * RecordView (a received message lent in place).  The protocol itself is
+ * in ring.c.
+ *
+ *   ch.send(data, timeout=None)      ch.recv(timeout=None) -> bytes
+ *   ch.send_nowait(data)             ch.recv_nowait() -> bytes
+ *   ch.send_many(msgs, timeout=None) ch.recv_many(max_n=1024, timeout=None)
+ *   ch.recv_into(buffer, timeout=None) -> int
+ *   ch._take(timeout=None) -> RecordView: with view as memoryview: ...
+ */
+#include "ring.h"
+#include <string.h>
+
+static PyTypeObject Ring_Type, RecordView_Type;
+PyObject *ring_ChannelClosed, *ring_MessageTooLarge, *ring_Empty, *ring_Full;
+
+typedef struct {
+    PyObject_HEAD
+    RingObject *ring;
+    PyObject *mapping;
+    rec_t *rec;
+    char *payload;
+    Py_ssize_t len;
+    uint32_t token;
+    Py_ssize_t exports;
+    int released;
+    PyObject *view;         /* the memoryview handed out by __enter__ */
+} RecordViewObject;
+
+/* ---- Python: argument helpers ----------------------------------------- */
+
+/* Parse (positional..., timeout=None) from a FASTCALL|KEYWORDS call. */
+static int
+parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+           Py_ssize_t npos, const char *const *names, PyObject **out)
+{
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    Py_ssize_t nall = 0;
+    while (names[nall])
+        nall++;
+    if (nargs > nall) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd arguments (%zd given)",
+                     fname, nall, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nall; i++)
+        out[i] = i < nargs ? args[i] : NULL;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        Py_ssize_t i = 0;
+        for (; i < nall; i++)
+            if (PyUnicode_CompareWithASCIIString(key, names[i]) == 0)
+                break;
+        if (i == nall || out[i] != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected or repeated argument %R",
+                         fname, key);
+            return -1;
+        }
+        out[i] = args[nargs + k];
+    }
+    for (Py_ssize_t i = 0; i < npos; i++) {
+        if (out[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() missing argument '%s'", fname, names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* A bytes-like message: bytes without a buffer round-trip, else any
+ * C-contiguous buffer.  Returns 0 and fills *b (release with release_msg). */
+static int
+get_msg(PyObject *o, Py_buffer *b)
+{
+    if (PyBytes_CheckExact(o)) {
+        b->obj = NULL;
+        b->buf = PyBytes_AS_STRING(o);
+        b->len = PyBytes_GET_SIZE(o);
+        return 0;
+    }
+    if (PyUnicode_Check(o) || !PyObject_CheckBuffer(o)) {
+        PyErr_Format(PyExc_TypeError, "a channel message must be bytes-like (bytes, "
+                     "bytearray, memoryview, numpy array), not %.100s; encode it, or use "
+                     "shmkit.Queue for Python objects", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_BufferError, "a channel message must be one contiguous block "
+                     "of memory; copy it first (numpy.ascontiguousarray)");
+        return -1;
+    }
+    return 0;
+}
+
+static inline void
+release_msg(Py_buffer *b)
+{
+    if (b->obj)
+        PyBuffer_Release(b);
+}
+
+static int
+check_size(RingObject *r, Py_ssize_t len)
+{
+    if ((uint64_t)len > UINT32_MAX - 16 || rec_total((uint64_t)len) > r->cap) {
+        PyErr_Format(ring_MessageTooLarge, "a message of %zd bytes does not fit in channel %R, "
+                     "which holds at most %llu bytes per message; create the channel with "
+                     "a larger capacity=", len, r->name,
+                     (unsigned long long)(r->cap - 8));
+        return -1;
+    }
+    return 0;
+}
+
+static int
+deadline_of(PyObject *timeout, int64_t *deadline)
+{
+    *deadline = shm_deadline(timeout);
+    return *deadline < 0 ? -1 : 0;
+}
+
+/* ---- Python: sending -------------------------------------------------- */
+
+/* Send n messages (bufs) in order, as many per lock holding as fit.
+ * Returns how many were sent; on error also sets *err. */
+static Py_ssize_t
+ring_send(RingObject *r, MappingObject *m, Py_buffer *bufs, Py_ssize_t n,
+          PyObject *timeout, int nowait, int *err)
+{
+    uint32_t me = m->token;
+    ring_claim(r, me, ROLE_PRODUCER);
+    Py_ssize_t lens_small[64], *lens = lens_small, done = 0;
+    int fruitless = 0;
+    uint64_t pos_small[64], *pos = pos_small;
+    int64_t deadline = nowait ? 0 : SHM_FOREVER;
+    *err = 0;
+    if (!nowait && timeout != NULL && timeout != Py_None && deadline_of(timeout, &deadline) < 0) {
+        *err = 1;
+        return 0;
+    }
+    if (n > 64) {
+        lens = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)n);
+        pos = PyMem_Malloc(sizeof(uint64_t) * (size_t)n);
+        if (!lens || !pos) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        lens[i] = bufs[i].len;
+    while (done < n) {
+        Py_ssize_t k = ring_reserve(r, m, me, lens + done, n - done, pos, deadline);
+        if (k < 0)
+            goto fail;
+        for (Py_ssize_t i = 0; i < k; i++)
+            ring_fill(r, pos[i], bufs[done + i].buf, bufs[done + i].len);
+        if (k > 0)
+            ring_wake(&r->h->data_seq, &r->h->data_sleepers);
+        done += k;
+        if (done == n)
+            break;
+        if (k == 0) {
+            int w = nowait ? 0 : ring_wait(r, m, me, 1, rec_total((uint64_t)lens[done]),
+                                           deadline);
+            if (w < 0)
+                goto fail;
+            if (w == 0) {
+                if (nowait)
+                    PyErr_Format(ring_Full, "channel %R is full", r->name);
+                else
+                    PyErr_Format(shm_TimeoutError, "channel %R stayed full for the "
+                                 "timeout; %zd of %zd messages were sent", r->name, done, n);
+                goto fail;
+            }
+            if (ring_backoff(&fruitless) < 0)
+                goto fail;
+        }
+    }
+    goto out;
+fail:
+    *err = 1;
+out:
+    if (lens != lens_small)
+        PyMem_Free(lens);
+    if (pos != pos_small)
+        PyMem_Free(pos);
+    return done;
+}
+
+static PyObject *
+send_impl(RingObject *r, PyObject *msg, PyObject *timeout, int nowait)
+{
+    Py_buffer b;
+    if (get_msg(msg, &b) < 0)
+        return NULL;
+    if (check_size(r, b.len) < 0) {
+        release_msg(&b);
+        return NULL;
+    }
+    MappingObject *m = ring_enter(r);
+    if (m == NULL) {
+        release_msg(&b);
+        return NULL;
+    }
+    int err;
+    ring_send(r, m, &b, 1, timeout, nowait, &err);
+    ring_leave(m);
+    release_msg(&b);
+    if (err)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Ring_send(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"data", "timeout", NULL};
+    PyObject *a[2];
+    if (parse_args("send", args, nargs, kw, 1, names, a) < 0)
+        return NULL;
+    return send_impl(r, a[0], a[1], 0);
+}
+
+static PyObject *
+Ring_send_nowait(RingObject *r, PyObject *msg)
+{
+    return send_impl(r, msg, NULL, 1);
+}
+
+static PyObject *
+Ring_send_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"messages", "timeout", NULL};
+    PyObject *a[2];
+    if (parse_args("send_many", args, nargs, kw, 1, names, a) < 0)
+        return NULL;
+    PyObject *seq = PySequence_Fast(a[0], "send_many() needs an iterable of messages");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), got = 0, sent = 0;
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Py_buffer *bufs = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_buffer));
+    MappingObject *m = NULL;
+    int err = 1;
+    if (bufs == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (; got < n; got++) {
+        if (get_msg(items[got], &bufs[got]) < 0)
+            goto out;
+        if (check_size(r, bufs[got].len) < 0) {
+            PyErr_Format(ring_MessageTooLarge, "message %zd of send_many() has %zd bytes; "
+                         "channel %R holds at most %llu bytes per message; nothing was "
+                         "sent", got, bufs[got].len, r->name,
+                         (unsigned long long)(r->cap - 8));
+            got++; /* release this one too */
+            goto out;
+        }
+    }
+    if ((m = ring_enter(r)) == NULL)
+        goto out;
+    sent = ring_send(r, m, bufs, n, a[1], 0, &err);
+    ring_leave(m);
+out:
+    for (Py_ssize_t i = 0; i < got; i++)
+        release_msg(&bufs[i]);
+    PyMem_Free(bufs);
+    Py_DECREF(seq);
+    if (err) {
+        if (PyErr_Occurred() && sent) {
+            PyObject *et, *ev, *tb;
+            PyErr_Fetch(&et, &ev, &tb);
+            PyErr_NormalizeException(&et, &ev, &tb);
+            PyObject *s = PyLong_FromSsize_t(sent);
+            if (ev && s)
+                PyObject_SetAttrString(ev, "sent", s);
+            Py_XDECREF(s);
+            PyErr_Restore(et, ev, tb);
+        }
+        return NULL;
+    }
+    return PyLong_FromSsize_t(sent);
+}
+
+/* ---- Python: receiving ------------------------------------------------ */
+
+enum { R_COPY, R_VIEW, R_INTO };
+
+static PyObject *make_view(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len,
+                           uint32_t me);
+static int view_finish(RingObject *r, MappingObject *m, rec_t *rec, uint32_t token);
+
+/* Take one message: bytes (R_COPY), a RecordView (R_VIEW), or copied into
+ * `into` (R_INTO, returning its length; a message that does not fit stays
+ * in the channel).  Waits until the deadline; raises Empty (nowait),
+ * Timeout, or ring_ChannelClosed when the channel is closed and drained. */
+static PyObject *
+recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into)
+{
+    MappingObject *m = ring_enter(r);
+    if (m == NULL)
+        return NULL;
+    struct ring_hdr *h = r->h;
+    uint32_t me = m->token;
+    ring_claim(r, me, ROLE_CONSUMER);
+    int64_t deadline = nowait ? 0 : SHM_FOREVER;
+    PyObject *out = NULL;
+    int fruitless = 0;
+    if (!nowait && timeout != NULL && timeout != Py_None && deadline_of(timeout, &deadline) < 0) {
+        ring_leave(m);
+        return NULL;
+    }
+    for (;;) {
+        uint64_t pos = 0;
+        uint32_t len = 0;
+        take_t tk;
+        int closed = LOAD(&h->closed);
+        if (ring_lock(r, m, &h->clock, me, deadline) < 0)
+            break;
+        ring_take_begin(h, &tk);
+        int k = ring_next(r, &tk, &pos, &len);
+        if (k == T_READY && how == R_INTO && (Py_ssize_t)len > into->len) {
+            PyErr_Format(PyExc_ValueError, "the next message on channel %R has %u bytes, "
+                         "more than the buffer's %zd; it stays in the channel", r->name,
+                         len, into->len);
+            k = -1;
+        }
+        int lend = k == T_READY && (how != R_COPY || len >= BIG_COPY);
+        if (lend) {
+            ring_take_lent(r, &tk, pos, len, me);
+        } else if (k == T_READY) {
+            out = PyBytes_FromStringAndSize((const char *)(rec_at(r, pos) + 1), len);
+            if (out != NULL)
+                ring_take_copied(r, &tk, pos, len);
+            else
+                k = -1;
+        }
+        int freed = ring_take_end(r, &tk);
+        ring_unlock(m, &h->clock);
+        if (freed > 0)
+            ring_wake(&h->space_seq, &h->space_sleepers);
+        if (freed < 0 || k < 0) {
+            Py_CLEAR(out);
+            if (lend)
+                view_finish(r, m, rec_at(r, pos), me);
+            break;
+        }
+        if (lend) {
+            if (how == R_VIEW) {
+                out = make_view(r, m, pos, len, me);
+                if (out == NULL)
+                    view_finish(r, m, rec_at(r, pos), me);
+                break;
+            }
+            out = how == R_INTO ? PyLong_FromUnsignedLong(len)
+                                : PyBytes_FromStringAndSize(NULL, len);
+            if (out != NULL) {
+                char *dst = how == R_INTO ? into->buf : PyBytes_AS_STRING(out);
+                const char *src = (const char *)(rec_at(r, pos) + 1);
+                if (len >= BIG_COPY) {
+                    Py_BEGIN_ALLOW_THREADS
+                    memcpy(dst, src, len);
+                    Py_END_ALLOW_THREADS
+                } else {
+                    memcpy(dst, src, len);
+                }
+            }
+            if (view_finish(r, m, rec_at(r, pos), me) < 0)
+                Py_CLEAR(out);
+            break;
+        }
+        if (k == T_READY)
+            break;
+        if (closed && k == T_EMPTY) {
+            PyErr_Format(ring_ChannelClosed, "channel %R is closed and drained", r->name);
+            break;
+        }
+        int w = nowait ? 0 : ring_wait(r, m, me, 0, 0, deadline);
+        if (w < 0)
+            break;
+        if (w == 0) {
+            if (nowait)
+                PyErr_Format(ring_Empty, "channel %R is empty", r->name);
+            else
+                PyErr_Format(shm_TimeoutError, "no message arrived on channel %R "
+                             "within the timeout", r->name);
+            break;
+        }
+        if (ring_backoff(&fruitless) < 0)
+            break;
+    }
+    ring_leave(m);
+    return out;
+}
+
+static PyObject *
+Ring_recv(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"timeout", NULL};
+    PyObject *a[1];
+    if (nargs == 0 && kw == NULL)
+        return recv_impl(r, NULL, 0, R_COPY, NULL);
+    if (parse_args("recv", args, nargs, kw, 0, names, a) < 0)
+        return NULL;
+    return recv_impl(r, a[0], 0, R_COPY, NULL);
+}
+
+static PyObject *
+Ring_recv_nowait(RingObject *r, PyObject *Py_UNUSED(ignored))
+{
+    return recv_impl(r, NULL, 1, R_COPY, NULL);
+}
+
+static PyObject *
+Ring_take(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"timeout", "nowait", NULL};
+    PyObject *a[2];
+    if (parse_args("_take", args, nargs, kw, 0, names, a) < 0)
+        return NULL;
+    int nowait = a[1] ? PyObject_IsTrue(a[1]) : 0;
+    if (nowait < 0)
+        return NULL;
+    return recv_impl(r, a[0], nowait, R_VIEW, NULL);
+}
+
+static PyObject *
+Ring_recv_into(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"buffer", "timeout", NULL};
+    PyObject *a[2];
+    Py_buffer b;
+    if (parse_args("recv_into", args, nargs, kw, 1, names, a) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(a[0], &b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "recv_into() needs a writable, contiguous buffer "
+                     "(bytearray, memoryview, numpy array), not %.100s",
+                     Py_TYPE(a[0])->tp_name);
+        return NULL;
+    }
+    PyObject *res = recv_impl(r, a[1], 0, R_INTO, &b);
+    PyBuffer_Release(&b);
+    return res;
+}
+
+static PyObject *
+Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"max_n", "timeout", NULL};
+    PyObject *a[2];
+    if (parse_args("recv_many", args, nargs, kw, 0, names, a) < 0)
+        return NULL;
+    Py_ssize_t max_n = 1024;
+    if (a[0] && (max_n = PyLong_AsSsize_t(a[0])) == -1 && PyErr_Occurred())
+        return NULL;
+    if (max_n < 1) {
+        PyErr_SetString(PyExc_ValueError, "recv_many() needs max_n >= 1");
+        return NULL;
+    }
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    MappingObject *m = ring_enter(r);
+    if (m == NULL) {
+        Py_DECREF(list);
+        return NULL;
+    }
+    struct ring_hdr *h = r->h;
+    uint32_t me = m->token;
+    ring_claim(r, me, ROLE_CONSUMER);
+    int64_t deadline = SHM_FOREVER;
+    int fruitless = 0;
+    int failed = a[1] != NULL && a[1] != Py_None && deadline_of(a[1], &deadline) < 0;
+    while (!failed) {
+        int k = T_EMPTY;
+        take_t tk;
+        int closed = LOAD(&h->closed);
+        if (ring_lock(r, m, &h->clock, me, deadline) < 0) {
+            failed = 1;
+            break;
+        }
+        ring_take_begin(h, &tk);
+        while (PyList_GET_SIZE(list) < max_n) {
+            uint64_t pos;
+            uint32_t len;
+            k = ring_next(r, &tk, &pos, &len);
+            if (k != T_READY)
+                break;
+            if (len >= BIG_COPY && PyList_GET_SIZE(list) > 0)
+                break; /* leave big ones to a call of their own */
+            PyObject *b = PyBytes_FromStringAndSize((const char *)(rec_at(r, pos) + 1), len);
+            if (b == NULL || PyList_Append(list, b) < 0) {
+                Py_XDECREF(b);
+                k = -1;
+                break;
+            }
+            Py_DECREF(b);
+            ring_take_copied(r, &tk, pos, len);
+        }
+        int freed = ring_take_end(r, &tk);
+        ring_unlock(m, &h->clock);
+        if (freed > 0)
+            ring_wake(&h->space_seq, &h->space_sleepers);
+        if (k < 0 || freed < 0) {
+            failed = 1;
+            break;
+        }
+        if (PyList_GET_SIZE(list) > 0)
+            break;
+        if (closed && k == T_EMPTY) {
+            PyErr_Format(ring_ChannelClosed, "channel %R is closed and drained", r->name);
+            failed = 1;
+            break;
+        }
+        int w = ring_wait(r, m, me, 0, 0, deadline);
+        if (w < 0 || (w > 0 && ring_backoff(&fruitless) < 0))
+            failed = 1;
+        if (w <= 0 || failed)
+            break;
+    }
+    ring_leave(m);
+    if (failed && PyList_GET_SIZE(list) == 0) {
+        Py_DECREF(list);
+        return NULL;
+    }
+    PyErr_Clear(); /* messages already taken are delivered */
+    return list;
+}
+
+/* ---- Python: binding, closing, statistics ----------------------------- */
+
+static PyObject *
+Ring_init_ring(PyObject *Py_UNUSED(cls), PyObject *args)
+{
+    PyObject *mapping;
+    long long off;
+    unsigned long long cap, max_items;
+    if (!PyArg_ParseTuple(args, "O!LKK", &Mapping_Type, &mapping, &off, &cap, &max_items))
+        return NULL;
+    MappingObject *m = (MappingObject *)mapping;
+    uint64_t data_off = (RING_ROLES_OFF + 8ull * m->max_slots + 63) & ~63ull;
+    if (cap < 64 || cap % 8 || cap > (1ull << 46)) {
+        PyErr_Format(PyExc_ValueError, "ring capacity must be a multiple of 8 from 64 to "
+                     "2**46, not %llu", cap);
+        return NULL;
+    }
+    struct ring_hdr *h = shm_addr(mapping, off, 8, 1);
+    if (h == NULL)
+        return NULL;
+    if (off % 64 || (long long)(data_off + cap) > m->length - off) {
+        PyErr_Format(PyExc_ValueError, "the segment is too small for a ring of %llu bytes",
+                     cap);
+        return NULL;
+    }
+    memset(h, 0, data_off);
+    h->format = RING_FORMAT;
+    h->cap = cap;
+    h->data_off = data_off;
+    h->max_items = max_items;
+    h->max_slots = m->max_slots;
+    STORE(&h->magic, RING_MAGIC);
+    return PyLong_FromUnsignedLongLong(data_off);
+}
+
+static PyObject *
+Ring_bind(RingObject *r, PyObject *args)
+{
+    PyObject *mapping, *name;
+    long long off;
+    if (!PyArg_ParseTuple(args, "O!LO", &Mapping_Type, &mapping, &off, &name))
+        return NULL;
+    Py_XSETREF(r->name, Py_NewRef(name));
+    MappingObject *m = (MappingObject *)mapping;
+    struct ring_hdr *h = shm_addr(mapping, off, 8, 0);
+    if (h == NULL)
+        return NULL;
+    if (off % 64 || off > m->length - RING_ROLES_OFF) {
+        ring_corrupt(r, "no room for a ring header", off, m->length);
+        return NULL;
+    }
+    uint64_t cap = LOAD(&h->cap), data_off = LOAD(&h->data_off);
+    if (LOAD(&h->magic) != RING_MAGIC) {
+        ring_corrupt(r, "bad ring magic", LOAD(&h->magic), RING_MAGIC);
+        return NULL;
+    }
+    if (h->format != RING_FORMAT) {
+        ring_corrupt(r, "ring format differs from its layout description", h->format,
+                RING_FORMAT);
+        return NULL;
+    }
+    if (h->max_slots != m->max_slots ||
+        data_off < RING_ROLES_OFF + 8ull * h->max_slots || data_off % 64 ||
+        cap < 64 || cap % 8 || cap > (1ull << 46) ||
+        (long long)(data_off + cap) > m->length - off) {
+        ring_corrupt(r, "ring header describes an impossible layout", cap, data_off);
+        return NULL;
+    }
+    Py_XSETREF(r->mapping, Py_NewRef(mapping));
+    r->h = h;
+    r->roles = (uint64_t *)((char *)h + RING_ROLES_OFF);
+    r->data = (char *)h + data_off;
+    r->cap = cap;
+    r->max_slots = h->max_slots;
+    r->role_token = 0;
+    r->role_bits = 0;
+    r->head_seen = LOAD(&h->head);
+    r->tail_seen = LOAD(&h->tail);
+    r->spin_ns = SPIN_START_NS;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Ring_unbind(RingObject *r, PyObject *Py_UNUSED(ignored))
+{
+    Py_CLEAR(r->mapping);
+    Py_RETURN_NONE;
+}
+
+static void
+wake_all(struct ring_hdr *h)
+{
+    __atomic_fetch_add(&h->data_seq, 1, __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(&h->space_seq, 1, __ATOMIC_SEQ_CST);
+    shm_futex_wake(&h->data_seq, INT_MAX);
+    shm_futex_wake(&h->space_seq, INT_MAX);
+}
+
+static PyObject *
+Ring_close_sending(RingObject *r, PyObject *Py_UNUSED(ignored))
+{
+    MappingObject *m = ring_enter(r);
+    if (m == NULL)
+        return NULL;
+    struct ring_hdr *h = r->h;
+    /* under plock, so that no send reserves after a receiver saw "closed" */
+    if (ring_lock(r, m, &h->plock, m->token, SHM_FOREVER) < 0) {
+        ring_leave(m);
+        return NULL;
+    }
+    STORE(&h->closed, 1);
+    ring_unlock(m, &h->plock);
+    wake_all(h);
+    ring_leave(m);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Ring_wake_all(RingObject *r, PyObject *Py_UNUSED(ignored))
+{
+    MappingObject *m = (MappingObject *)r->mapping;
+    if (m != NULL && m->base != NULL && !m->closing)
+        wake_all(r->h);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Ring_stats(RingObject *r, PyObject *Py_UNUSED(ignored))
+{
+    MappingObject *m = ring_enter_any(r, 0);
+    if (m == NULL)
+        return NULL;
+    struct ring_hdr *h = r->h;
+    long producers = 0, consumers = 0;
+    for (uint32_t slot = 0; slot < r->max_slots; slot++) {
+        uint64_t v = LOAD(&r->roles[slot]);
+        if (!(v & (ROLE_PRODUCER | ROLE_CONSUMER)))
+            continue;
+        if (!shm_token_alive(m, (ROLE_GEN(v) << 10) | slot))
+            continue;
+        producers += (v & ROLE_PRODUCER) != 0;
+        consumers += (v & ROLE_CONSUMER) != 0;
+    }
+    uint64_t reserved = LOAD(&h->reserved), received = LOAD(&h->received);
+    uint64_t dropped = LOAD(&h->dropped), t = LOAD(&h->tail), hd = LOAD(&h->head);
+    uint64_t depth = reserved - received - dropped;
+    PyObject *d = Py_BuildValue(
+        "{sKsKsKsKsKsKsKslslsisIsI}", "capacity", (unsigned long long)r->cap,
+        "bytes_used", (unsigned long long)(t - hd), "depth",
+        (unsigned long long)(depth > reserved ? 0 : depth), "sent",
+        (unsigned long long)(reserved - dropped), "received",
+        (unsigned long long)received, "dropped", (unsigned long long)dropped,
+        "max_items", (unsigned long long)h->max_items, "producers", producers,
+        "consumers", consumers, "closed", (int)LOAD(&h->closed), "receivers_waiting",
+        LOAD(&h->data_sleepers), "senders_waiting", LOAD(&h->space_sleepers));
+    ring_leave(m);
+    return d;
+}
+
+static PyObject *
+Ring_get_capacity(RingObject *r, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(r->cap);
+}
+
+static PyObject *
+Ring_get_max_message(RingObject *r, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(r->cap ? r->cap - 8 : 0);
+}
+
+static PyObject *
+Ring_get_depth(RingObject *r, void *Py_UNUSED(c))
+{
+    MappingObject *m = ring_enter_any(r, 0);
+    if (m == NULL)
+        return NULL;
+    struct ring_hdr *h = r->h;
+    uint64_t reserved = LOAD(&h->reserved), received = LOAD(&h->received);
+    uint64_t depth = reserved - received - LOAD(&h->dropped);
+    ring_leave(m);
+    return PyLong_FromUnsignedLongLong(depth > reserved ? 0 : depth);
+}
+
+static PyObject *
+Ring_get_closed(RingObject *r, void *Py_UNUSED(c))
+{
+    MappingObject *m = (MappingObject *)r->mapping;
+    if (m == NULL || m->base == NULL)
+        Py_RETURN_TRUE;
+    return PyBool_FromLong(LOAD(&r->h->closed) != 0);
+}
+
+static void
+Ring_dealloc(RingObject *r)
+{
+    Py_CLEAR(r->mapping);
+    Py_CLEAR(r->name);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+#define FAST (METH_FASTCALL | METH_KEYWORDS)
+static PyMethodDef Ring_methods[] = {
+    {"send", (PyCFunction)(void (*)(void))Ring_send, FAST,
+     "send(data, timeout=None)\n\nCopy one bytes-like message in; block while the channel "
+     "is full.\nRaises Timeout, ring_ChannelClosed, ring_MessageTooLarge.\n\n"
+     ">>> ch.send(b'hello', timeout=1.0)"},
+    {"send_nowait", (PyCFunction)Ring_send_nowait, METH_O,
+     "send_nowait(data)\n\nSend one message or raise Full (a WouldBlock) if it does not fit now."},
+    {"send_many", (PyCFunction)(void (*)(void))Ring_send_many, FAST,
+     "send_many(messages, timeout=None) -> int\n\nSend messages in order, as many per "
+     "lock holding as fit.\nReturns how many were sent; on Timeout the exception's .sent "
+     "says how many went.\n\n>>> ch.send_many([b'a', b'b'])\n2"},
+    {"recv", (PyCFunction)(void (*)(void))Ring_recv, FAST,
+     "recv(timeout=None) -> bytes\n\nTake the next message; block until one arrives.\n"
+     "Raises Timeout, or ring_ChannelClosed once the channel is closed and drained.\n\n"
+     ">>> ch.recv(timeout=1.0)\nb'hello'"},
+    {"recv_into", (PyCFunction)(void (*)(void))Ring_recv_into, FAST,
+     "recv_into(buffer, timeout=None) -> int\n\nCopy the next message into a writable "
+     "buffer (a bytearray, a numpy array)\nand return its length.  A message larger than "
+     "the buffer raises ValueError\nand stays in the channel.\n\n"
+     ">>> n = ch.recv_into(buf, timeout=1.0)"},
+    {"recv_nowait", (PyCFunction)Ring_recv_nowait, METH_NOARGS,
+     "recv_nowait() -> bytes\n\nTake the next message or raise Empty (a WouldBlock)."},
+    {"recv_many", (PyCFunction)(void (*)(void))Ring_recv_many, FAST,
+     "recv_many(max_n=1024, timeout=None) -> list[bytes]\n\nTake up to max_n messages "
+     "that are ready, waiting for the first;\nreturns [] if the timeout passes first, "
+     "raises ring_ChannelClosed once closed and drained."},
+    {"_take", (PyCFunction)(void (*)(void))Ring_take, FAST,
+     "_take(timeout=None, nowait=False) -> RecordView (see Channel.recv_view)"},
+    {"_bind", (PyCFunction)Ring_bind, METH_VARARGS,
+     "_bind(mapping, offset, name): attach this handle to the ring at offset"},
+    {"_unbind", (PyCFunction)Ring_unbind, METH_NOARGS, "_unbind(): forget the mapping"},
+    {"_init_ring", (PyCFunction)Ring_init_ring, METH_VARARGS | METH_STATIC,
+     "_init_ring(mapping, offset, capacity, max_items) -> data offset (creator only)"},
+    {"_close_sending", (PyCFunction)Ring_close_sending, METH_NOARGS,
+     "_close_sending(): set the closed flag and wake every waiter"},
+    {"_wake_all", (PyCFunction)Ring_wake_all, METH_NOARGS, "_wake_all()"},
+    {"_stats", (PyCFunction)Ring_stats, METH_NOARGS, "_stats() -> dict"},
+    {NULL}
+};
+
+static PyGetSetDef Ring_getset[] = {
+    {"capacity", (getter)Ring_get_capacity, NULL, "bytes in the ring's data area", NULL},
+    {"max_message", (getter)Ring_get_max_message, NULL, "largest message in bytes", NULL},
+    {"depth", (getter)Ring_get_depth, NULL, "messages waiting to be received", NULL},
+    {"sending_closed", (getter)Ring_get_closed, NULL,
+     "True once the channel was closed for sending", NULL},
+    {NULL}
+};
+
+static PyTypeObject Ring_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkit._core.Ring",
+    .tp_basicsize = sizeof(RingObject),
+    .tp_dealloc = (destructor)Ring_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "The message ring's hot path; shmkit.Channel builds on it.",
+    .tp_methods = Ring_methods,
+    .tp_getset = Ring_getset,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ---- zero-copy views ---------------------------------------------------- */
+
+static PyObject *
+make_view(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_t me)
+{
+    RecordViewObject *v = PyObject_New(RecordViewObject, &RecordView_Type);
+    if (v == NULL)
+        return NULL;
+    v->ring = (RingObject *)Py_NewRef(r);
+    v->mapping = Py_NewRef((PyObject *)m);
+    shm_pin((PyObject *)m); /* the memory stays mapped while the view lives */
+    v->rec = rec_at(r, pos);
+    v->payload = (char *)(v->rec + 1);
+    v->len = len;
+    v->token = me;
+    v->exports = 0;
+    v->released = 0;
+    v->view = NULL;
+    return (PyObject *)v;
+}
+
+/* A lent record is finished: mark it DONE, then reclaim if we still can. */
+static int
+view_finish(RingObject *r, MappingObject *m, rec_t *rec, uint32_t token)
+{
+    uint32_t taken = ST_TAKEN | token;
+    __atomic_compare_exchange_n(&rec->state, &taken, ST_DONE, 0, __ATOMIC_RELEASE,
+                                __ATOMIC_RELAXED);
+    if (m->token != token || m->base == NULL || r->mapping != (PyObject *)m)
+        return 0; /* detached meanwhile: a later waiter reclaims it */
+    struct ring_hdr *h = r->h;
+    if (ring_lock(r, m, &h->clock, token, SHM_FOREVER) < 0)
+        return -1;
+    int freed = ring_reclaim(r);
+    ring_unlock(m, &h->clock);
+    if (freed > 0)
+        ring_wake(&h->space_seq, &h->space_sleepers);
+    return freed < 0 ? -1 : 0;
+}
+
+static int
+rv_release_record(RecordViewObject *v)
+{
+    if (v->released)
+        return 0;
+    v->released = 1;
+    int r = view_finish(v->ring, (MappingObject *)v->mapping, v->rec, v->token);
+    shm_unpin(v->mapping);
+    v->mapping = NULL;
+    return r;
+}
+
+static PyObject *
+rv_release(RecordViewObject *v, PyObject *Py_UNUSED(ignored))
+{
+    if (v->view != NULL) {
+        PyObject *res = PyObject_CallMethod(v->view, "release", NULL);
+        if (res == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_BufferError)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_BufferError,
+                                "an array or memoryview made from the message view is "
+                                "still alive; copy what you need inside the with block "
+                                "(the message is freed when they are all gone)");
+            }
+            return NULL;
+        }
+        Py_DECREF(res);
+        Py_CLEAR(v->view);
+    }
+    if (v->exports > 0) {
+        PyErr_SetString(PyExc_BufferError, "the message view is still exported (an "
+                        "array or memoryview uses it); release those first");
+        return NULL;
+    }
+    if (rv_release_record(v) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+rv_enter(RecordViewObject *v, PyObject *Py_UNUSED(ignored))
+{
+    if (v->released) {
+        PyErr_SetString(PyExc_ValueError, "the message view was already released");
+        return NULL;
+    }
+    if (v->view == NULL && (v->view = PyMemoryView_FromObject((PyObject *)v)) == NULL)
+        return NULL;
+    return Py_NewRef(v->view);
+}
+
+static PyObject *
+rv_exit(RecordViewObject *v, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *r = rv_release(v, NULL);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    Py_RETURN_FALSE;
+}
+
+static int
+rv_getbuffer(RecordViewObject *v, Py_buffer *view, int flags)
+{
+    if (v->released) {
+        PyErr_SetString(PyExc_ValueError, "the message view was released");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)v, v->payload, v->len, 1, flags) < 0)
+        return -1;
+    v->exports++;
+    return 0;
+}
+
+static void
+rv_releasebuffer(RecordViewObject *v, Py_buffer *Py_UNUSED(view))
+{
+    v->exports--;
+}
+
+static void
+rv_dealloc(RecordViewObject *v)
+{
+    Py_CLEAR(v->view);
+    if (!v->released && rv_release_record(v) < 0)
+        PyErr_WriteUnraisable((PyObject *)v);
+    Py_CLEAR(v->ring);
+    PyObject_Free(v);
+}
+
+static PyObject *
+rv_get_nbytes(RecordViewObject *v, void *Py_UNUSED(c))
+{
+    return PyLong_FromSsize_t(v->len);
+}
+
+static PyMethodDef rv_methods[] = {
+    {"release", (PyCFunction)rv_release, METH_NOARGS,
+     "release()\n\nGive the message's memory back to the channel."},
+    {"__enter__", (PyCFunction)rv_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))rv_exit, METH_FASTCALL, NULL},
+    {NULL}
+};
+
+static PyGetSetDef rv_getset[] = {
+    {"nbytes", (getter)rv_get_nbytes, NULL, "the message's size in bytes", NULL},
+    {NULL}
+};
+
+static PyBufferProcs rv_as_buffer = {
+    (getbufferproc)rv_getbuffer,
+    (releasebufferproc)rv_releasebuffer,
+};
+
+static PyTypeObject RecordView_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkit._core.RecordView",
+    .tp_basicsize = sizeof(RecordViewObject),
+    .tp_dealloc = (destructor)rv_dealloc,
+    .tp_as_buffer = &rv_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A received message lent in place (read-only).  Use it as a context "
+              "manager:\n``with ch.recv_view() as mv:`` gives a memoryview valid "
+              "inside the block.",
+    .tp_methods = rv_methods,
+    .tp_getset = rv_getset,
+};
+
+/* ---- module glue ------------------------------------------------------- */
+
+static PyObject *
+ring_set_classes(PyObject *Py_UNUSED(mod), PyObject *args)
+{
+    PyObject *closed, *big, *empty, *full;
+    if (!PyArg_ParseTuple(args, "OOOO", &closed, &big, &empty, &full))
+        return NULL;
+    Py_XSETREF(ring_ChannelClosed, Py_NewRef(closed));
+    Py_XSETREF(ring_MessageTooLarge, Py_NewRef(big));
+    Py_XSETREF(ring_Empty, Py_NewRef(empty));
+    Py_XSETREF(ring_Full, Py_NewRef(full));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef ring_functions[] = {
+    {"ring_set_classes", ring_set_classes, METH_VARARGS,
+     "ring_set_classes(ring_ChannelClosed, ring_MessageTooLarge, Empty, Full)"},
+    {NULL}
+};
+
+int
+shm_init_ring(PyObject *module)
+{
+    ring_ChannelClosed = Py_NewRef(PyExc_EOFError);
+    ring_MessageTooLarge = Py_NewRef(PyExc_ValueError);
+    ring_Empty = Py_NewRef(PyExc_BlockingIOError);
+    ring_Full = Py_NewRef(PyExc_BlockingIOError);
+    if (PyType_Ready(&Ring_Type) < 0 || PyType_Ready(&RecordView_Type) < 0)
+        return -1;
+    if (PyModule_AddFunctions(module, ring_functions) < 0)
+        return -1;
+    Py_INCREF(&Ring_Type);
+    if (PyModule_AddObject(module, "Ring", (PyObject *)&Ring_Type) < 0)
+        return -1;
+    Py_INCREF(&RecordView_Type);
+    if (PyModule_AddObject(module, "RecordView", (PyObject *)&RecordView_Type) < 0)
+        return -1;
+    return PyModule_AddIntConstant(module, "RING_FORMAT", RING_FORMAT);
+}

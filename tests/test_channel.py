@@ -1,0 +1,931 @@
+"""shmkit.Channel and shmkit.Queue: real processes, real shared memory, real kills."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import random
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import shmkit
+from shmkit import _core
+from shmkit.channel import Channel, Queue
+from shmkit.errors import (
+    ChannelClosed,
+    CorruptError,
+    Empty,
+    ExistsError,
+    FormatVersionError,
+    Full,
+    MessageTooLarge,
+    NotFoundError,
+    Timeout,
+    WouldBlock,
+    WrongKindError,
+)
+
+from conftest import SRC, run_python, spawn
+
+# Ring header offsets (see _core/ring.c)
+TAIL, RESERVED, PLOCK = 64, 72, 80
+HEAD, READ, RECEIVED, DROPPED, CLOCK = 128, 136, 144, 152, 160
+
+
+def _u64(ch: Channel, off: int) -> int:
+    return _core.load64(ch.segment._mapping, ch.segment._hsize + off)
+
+
+def _set64(ch: Channel, off: int, v: int) -> None:
+    _core.store64(ch.segment._mapping, ch.segment._hsize + off, v)
+
+
+# -- basics ------------------------------------------------------------------
+
+
+def test_send_recv_roundtrip_and_order(name):
+    with Channel(name, capacity=4096) as ch:
+        assert ch.created and ch.capacity == 4096 and ch.max_message == 4088
+        msgs = [bytes([i % 256]) * random.randrange(0, 300) for i in range(500)]
+        for m in msgs:  # wraps the ring many times, with every length modulo 8
+            ch.send(m, timeout=1)
+            assert ch.recv(timeout=1) == m
+        small = [m[:150] for m in msgs[:20]]  # 20 records of at most 160 bytes fit
+        assert ch.send_many(small) == 20
+        assert ch.recv_many(max_n=7) == small[:7]
+        assert ch.recv_many() == small[7:20]
+        s = ch.statistics()
+        assert s["sent"] == s["received"] == 520 and s["depth"] == 0 and s["dropped"] == 0
+        assert s["producers"] == 1 and s["consumers"] == 1
+
+
+def test_empty_message_and_buffers(name):
+    with Channel(name, capacity=1024) as ch:
+        ch.send(b"")
+        assert ch.recv() == b""
+        ch.send(bytearray(b"ba"))
+        ch.send(memoryview(b"xmvx")[1:3])
+        arr = np.arange(10, dtype=np.float64)
+        ch.send(arr)
+        assert ch.recv() == b"ba" and ch.recv() == b"mv"
+        assert np.array_equal(np.frombuffer(ch.recv(), np.float64), arr)
+        ch.send(arr.reshape(2, 5))
+        out = np.empty((2, 5))
+        assert ch.recv_array(np.float64, out=out) is out and np.array_equal(out.ravel(), arr)
+        ch.send(b"into")
+        buf = bytearray(3)
+        with pytest.raises(ValueError, match="stays in the channel"):
+            ch.recv_into(buf)
+        buf = bytearray(10)
+        assert ch.recv_into(buf, timeout=1) == 4 and buf[:4] == b"into"
+        with pytest.raises(TypeError, match="writable"):
+            ch.recv_into(b"readonly")
+        with pytest.raises(TypeError, match="bytes-like"):
+            ch.send("text")
+        with pytest.raises(BufferError, match="contiguous"):
+            ch.send(np.arange(10)[::2])
+
+
+def test_nowait_and_timeouts(name):
+    with Channel(name, capacity=256) as ch:
+        with pytest.raises(Empty) as e:
+            ch.recv_nowait()
+        assert isinstance(e.value, WouldBlock) and isinstance(e.value, queue.Empty)
+        t0 = time.monotonic()
+        with pytest.raises(Timeout):
+            ch.recv(timeout=0.2)
+        assert 0.15 < time.monotonic() - t0 < 2
+        assert ch.recv_many(timeout=0.05) == []
+        n = 0
+        with pytest.raises(Full):
+            while True:
+                ch.send_nowait(b"x" * 56)
+                n += 1
+        assert n == 4  # 4 records of 64 bytes fill 256
+        with pytest.raises(Timeout):
+            ch.send(b"y" * 56, timeout=0.1)
+        with pytest.raises(Timeout) as e:
+            ch.send_many([b"z"] * 3, timeout=0.05)
+        assert "0 of 3" in str(e.value)
+        assert ch.recv_nowait() == b"x" * 56
+        with pytest.raises(Timeout) as e:
+            ch.send_many([b"q" * 56, b"r" * 56], timeout=0.05)
+        assert e.value.sent == 1
+
+
+def test_message_too_large(name):
+    with Channel(name, capacity=1024) as ch:
+        ch.send(b"a" * 1016)  # exactly the largest message
+        assert len(ch.recv()) == 1016
+        with pytest.raises(MessageTooLarge, match="capacity="):
+            ch.send(b"a" * 1017)
+        with pytest.raises(MessageTooLarge, match="message 1 of send_many"):
+            ch.send_many([b"ok", b"a" * 5000])
+        assert ch.statistics()["sent"] == 1  # nothing of the failed batch went
+
+
+def test_largest_message_fits_whatever_the_offset(name):
+    with Channel(name, capacity=1024) as ch:
+        for pad in range(0, 1024, 56):
+            ch.send(b"p" * pad)
+            assert ch.recv(timeout=1) == b"p" * pad
+            ch.send(b"L" * 1016, timeout=1)  # needs a wrap marker, then the whole ring
+            assert ch.recv(timeout=1) == b"L" * 1016
+
+
+def test_close_ends_iteration_after_drain(name):
+    ch = Channel(name, capacity=4096)
+    other = Channel.open(name)
+    for i in range(5):
+        ch.send(b"%d" % i)
+    ch.close()
+    with pytest.raises(ChannelClosed, match="closed"):
+        other.send(b"late")
+    assert list(other) == [b"%d" % i for i in range(5)]
+    with pytest.raises(ChannelClosed):
+        other.recv(timeout=1)
+    with pytest.raises(ChannelClosed):
+        other.recv_many(timeout=1)
+    assert other.statistics()["closed"] == 1
+    other.detach()
+    other.detach()  # twice is fine
+    with pytest.raises(ValueError, match="closed"):
+        other.recv()
+
+
+def test_close_wakes_blocked_receiver(name):
+    ch = Channel(name, capacity=4096)
+    code = f"""
+        import shmkit, time
+        ch = shmkit.Channel.open({name!r})
+        time.sleep(0.3)
+        ch.close()
+    """
+    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
+                         env={**os.environ, "PYTHONPATH": SRC})
+    t0 = time.monotonic()
+    with pytest.raises(ChannelClosed):
+        ch.recv(timeout=10)
+    assert time.monotonic() - t0 < 5
+    p.wait(10)
+    ch.detach()
+
+
+def test_create_open_and_kinds(name, names):
+    with pytest.raises(NotFoundError):
+        Channel.open(name)
+    ch = Channel.create(name, capacity=1000)
+    assert ch.capacity == 1024  # rounded up to 64
+    with pytest.raises(ExistsError):
+        Channel.create(name)
+    again = Channel(name, capacity=1 << 20)  # opens: the capacity is the creator's
+    assert not again.created and again.capacity == 1024
+    with pytest.raises(WrongKindError, match="channel"):
+        shmkit.Mutex(name)
+    with pytest.raises(WrongKindError):
+        Queue(name=name)
+    with pytest.raises(ValueError, match="capacity"):
+        Channel(names(), capacity=10)
+    other = shmkit.Event(names())
+    with pytest.raises(WrongKindError, match="event"):
+        Channel(other.name)
+    other.close()
+    q = Queue(name=names())
+    with pytest.raises(WrongKindError, match="queue"):
+        Channel.open(q.name)
+    q.close()
+    info = again.info()
+    assert info["kind"] == "channel"
+    assert {"depth", "capacity", "producers", "consumers", "sent", "received"} <= set(
+        info["channel"])
+    ch.detach(); again.detach()
+
+
+def test_anonymous_channel_is_removed_with_its_last_handle():
+    ch = Channel(None, capacity=1024)
+    path = ch.segment.path
+    assert os.path.exists(path)
+    ch.detach()
+    assert not os.path.exists(path)
+
+
+def test_format_version_is_checked(name):
+    seg = shmkit.Segment.__new__(shmkit.Segment)
+    seg._attach(name, None, size=8192, create=True, kind=shmkit.Kind.CHANNEL,
+                layout={"format": 99})
+    seg.close()
+    with pytest.raises(FormatVersionError, match="format 99"):
+        Channel.open(name)
+
+
+def test_pickle_by_name(name):
+    with Channel(name, capacity=1024) as ch:
+        clone = pickle.loads(pickle.dumps(ch))
+        clone.send(b"via clone")
+        assert ch.recv() == b"via clone"
+        clone.detach()
+
+
+# -- corrupt headers ------------------------------------------------------------
+
+
+def test_corrupt_positions_raise(name):
+    ch = Channel(name, capacity=1024)
+    ch.send(b"abc")
+    _set64(ch, TAIL, 1 << 40)  # tail far beyond head
+    with pytest.raises(CorruptError, match="rm"):
+        ch.send(b"x")
+    _set64(ch, TAIL, 16)
+    _set64(ch, READ, 64)  # read beyond tail
+    with pytest.raises(CorruptError):
+        ch.recv(timeout=1)
+    _set64(ch, READ, 0)
+    view = ch.segment.buf
+    data_off = _u64(ch, 16)
+    struct.pack_into("I", view, data_off, 4000)  # record length beyond the ring
+    with pytest.raises(CorruptError):
+        ch.recv(timeout=1)
+    struct.pack_into("II", view, data_off, 3, 0x12345)  # unknown state
+    with pytest.raises(CorruptError):
+        ch.recv(timeout=1)
+    view.release()
+    ch.detach()
+
+
+def test_corrupt_header_on_open(name, names):
+    ch = Channel(name, capacity=1024)
+    view = ch.segment.buf
+    struct.pack_into("Q", view, 8, 1 << 40)  # capacity beyond the segment
+    view.release()
+    with pytest.raises(CorruptError, match="impossible layout"):
+        Channel.open(name)
+    view = ch.segment.buf
+    struct.pack_into("I", view, 0, 0xDEAD)  # magic
+    view.release()
+    with pytest.raises(CorruptError, match="magic"):
+        Channel.open(name)
+    ch.detach()
+
+
+FUZZ = """
+import random, struct, sys
+import shmkit
+from shmkit.errors import ShmkitError
+name, seed = sys.argv[1], int(sys.argv[2])
+rnd = random.Random(seed)
+ch = shmkit.Channel.open(name)
+for _ in range(300):
+    view = ch.segment.buf
+    for _ in range(rnd.randrange(1, 4)):
+        off = rnd.choice([64, 72, 128, 136, 144, 152, 36, 24]) if rnd.random() < 0.6 else \\
+            ch.segment._hsize * 0 + struct.unpack_from("Q", view, 16)[0] + rnd.randrange(0, 1024, 4)
+        struct.pack_into("I", view, off, rnd.choice([0, 1, 7, 8, 0xFFFFFFFF, rnd.getrandbits(32),
+                                                     0x80000001, 0x80000002, 0x40000000 | rnd.getrandbits(10)]))
+    view.release()
+    for op in range(6):
+        try:
+            [lambda: ch.send_nowait(b"x" * rnd.randrange(0, 900)),
+             lambda: ch.recv_nowait(),
+             lambda: ch.recv(timeout=0.002),
+             lambda: ch.recv_many(timeout=0.002),
+             lambda: ch.send(b"y" * rnd.randrange(0, 100), timeout=0.002),
+             lambda: ch.recv_view_nowait().release()][op]()
+        except (ShmkitError, BufferError):
+            pass
+print("survived")
+"""
+
+
+def test_fuzzed_header_never_crashes_or_hangs(name):
+    Channel(name, capacity=1024).detach()
+    for seed in range(3):
+        out = run_python(FUZZ, name, str(seed), timeout=60)
+        assert "survived" in out.stdout
+
+
+# -- zero copy ----------------------------------------------------------------
+
+
+def test_recv_view_holds_space_until_released(name):
+    with Channel(name, capacity=1024) as ch:
+        ch.send(b"A" * 400)
+        ch.send(b"B" * 400)
+        v1 = ch.recv_view(timeout=1)
+        v2 = ch.recv_view(timeout=1)
+        assert v1.nbytes == 400
+        with pytest.raises(Full):  # both records still lent out
+            ch.send_nowait(b"C" * 400)
+        with v2 as mv2:  # release out of order: the second one first
+            assert bytes(mv2) == b"B" * 400 and mv2.readonly
+        with pytest.raises(Full):
+            ch.send_nowait(b"C" * 400)
+        with v1 as mv1:
+            assert bytes(mv1[:2]) == b"AA"
+        ch.send_nowait(b"C" * 400)
+        ch.send_nowait(b"D" * 400)
+        with ch.recv_view() as mv:
+            arr = np.frombuffer(mv, np.uint8)
+            assert arr[0] == ord("C")
+            del arr
+        assert ch.recv() == b"D" * 400
+
+
+def test_recv_view_refuses_release_while_array_alive(name):
+    with Channel(name, capacity=1024) as ch:
+        ch.send(b"abcd")
+        v = ch.recv_view()
+        mv = v.__enter__()
+        arr = np.frombuffer(mv, np.uint8)
+        with pytest.raises(BufferError, match="still (alive|exported)"):
+            v.release()
+        del arr
+        v.release()
+        with pytest.raises(ValueError):
+            memoryview(v)
+
+
+def test_forgotten_view_is_released_by_gc(name):
+    with Channel(name, capacity=256) as ch:
+        ch.send(b"x" * 200)
+        v = ch.recv_view()
+        with pytest.raises(Full):
+            ch.send_nowait(b"y" * 200)
+        del v
+        ch.send_nowait(b"y" * 200)
+
+
+def test_big_payload_roundtrip_between_processes(name):
+    ch = Channel(name, capacity=64 << 20)
+    data = np.random.default_rng(1).integers(0, 255, size=24 << 20, dtype=np.uint8)
+    p = spawn(_echo_big, name)
+    ch.send(data, timeout=30)
+    got = np.empty_like(data)
+    ch_back = Channel(name + ".back", capacity=64 << 20)
+    try:
+        ch_back.recv_array(np.uint8, out=got, timeout=60)
+        assert np.array_equal(got, data)
+    finally:
+        p.join(30)
+        ch_back.unlink(); ch_back.detach()
+        ch.detach()
+
+
+def _echo_big(name):
+    ch = Channel.open(name)
+    back = Channel(name + ".back", capacity=64 << 20)
+    with ch.recv_view(timeout=30) as mv:
+        back.send(mv, timeout=30)
+    back.detach()
+
+
+# -- many processes, many threads ---------------------------------------------
+
+
+def _producer(name, pid, n, batch):
+    ch = Channel.open(name)
+    rnd = random.Random(pid)
+    msgs = [struct.pack("II", pid, i) + b"p" * rnd.randrange(0, 200) for i in range(n)]
+    if batch:
+        for i in range(0, n, 37):
+            ch.send_many(msgs[i:i + 37], timeout=60)
+    else:
+        for m in msgs:
+            ch.send(m, timeout=60)
+    ch.detach()
+
+
+def _consumer(name, out_name):
+    ch = Channel.open(name)
+    out = Channel.open(out_name)
+    seen = []
+    try:
+        while True:
+            for m in ch.recv_many(max_n=64, timeout=60):
+                seen.append(m[:8])
+    except ChannelClosed:
+        pass
+    out.send(b"".join(seen), timeout=60)
+    out.detach()
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_many_producers_many_consumers(names, batch):
+    name, out_name = names(), names()
+    ch = Channel(name, capacity=16 << 10)  # small: producers block, the ring wraps a lot
+    out = Channel(out_name, capacity=1 << 20)
+    n, producers, consumers = 3000, 3, 2
+    ps = [spawn(_producer, name, i, n, batch) for i in range(producers)]
+    cs = [spawn(_consumer, name, out_name) for _ in range(consumers)]
+    for p in ps:
+        p.join(120)
+        assert p.exitcode == 0
+    ch.close()
+    got: dict[int, list[int]] = {i: [] for i in range(producers)}
+    for _ in range(consumers):
+        blob = out.recv(timeout=60)
+        last: dict[int, int] = {}
+        for k in range(0, len(blob), 8):
+            pid, seq = struct.unpack_from("II", blob, k)
+            assert seq > last.get(pid, -1), "per-producer order within a consumer"
+            last[pid] = seq
+            got[pid].append(seq)
+    for c in cs:
+        c.join(60)
+    for pid in range(producers):
+        assert sorted(got[pid]) == list(range(n)), "each message exactly once"
+    out.detach()
+
+
+def test_threads_share_one_handle(name):
+    ch = Channel(name, capacity=8192)
+    n, senders = 4000, 4
+    received: list[bytes] = []
+    lock = threading.Lock()
+
+    def send(k):
+        for i in range(n):
+            ch.send(struct.pack("II", k, i), timeout=30)
+
+    def recv():
+        while True:
+            try:
+                batch = ch.recv_many(max_n=50, timeout=30)
+            except ChannelClosed:
+                return
+            with lock:
+                received.extend(batch)
+
+    rs = [threading.Thread(target=recv) for _ in range(3)]
+    ss = [threading.Thread(target=send, args=(k,)) for k in range(senders)]
+    for t in rs + ss:
+        t.start()
+    for t in ss:
+        t.join()
+    ch._close_sending()
+    for t in rs:
+        t.join(30)
+    got = sorted(struct.unpack("II", m) for m in received)
+    assert got == [(k, i) for k in range(senders) for i in range(n)]
+    ch.detach()
+
+
+def test_detach_wakes_threads_blocked_on_the_handle(name):
+    ch = Channel(name, capacity=1024)
+    errors = []
+
+    def wait():
+        try:
+            ch.recv()
+        except ValueError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.2)
+    ch.detach()
+    t.join(5)
+    assert not t.is_alive() and errors
+
+
+def test_blocked_recv_lets_ctrl_c_through(name):
+    Channel(name, capacity=1024).detach()
+    code = f"""
+        import shmkit, sys
+        ch = shmkit.Channel.open({name!r})
+        print("ready", flush=True)
+        try:
+            ch.recv()
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+    """
+    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                         text=True, env={**os.environ, "PYTHONPATH": SRC})
+    assert p.stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    assert p.communicate(timeout=10)[0].strip() == "interrupted"
+
+
+def test_idle_receiver_sleeps(name):
+    """A blocked receiver spins briefly, then sleeps in the kernel."""
+    Channel(name, capacity=1024).detach()
+    code = f"""
+        import shmkit, time, resource
+        ch = shmkit.Channel.open({name!r})
+        t0 = time.process_time()
+        try:
+            ch.recv(timeout=1.0)
+        except shmkit.Timeout:
+            pass
+        print(time.process_time() - t0)
+    """
+    cpu = float(run_python(code).stdout)
+    assert cpu < 0.3, f"waiting 1 s cost {cpu:.2f} s of CPU"
+
+
+# -- crashes --------------------------------------------------------------------
+
+
+def _fork(fn, *args) -> int:
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            fn(*args)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+
+
+def _crash_producer(ch, done, pid_slot, start, big):
+    """Send numbered messages forever; record each one as done after send() returned."""
+    m = done._mapping
+    rnd = random.Random(os.getpid())
+    i = start
+    while True:
+        size = rnd.choice([0, 8, 100, 3000]) if not big else 8 << 20
+        ch.send(struct.pack("II", pid_slot, i) + b"." * size, timeout=60)
+        _core.store64(m, done._hsize + 8 * pid_slot, i + 1)
+        i += 1
+
+
+def _crash_consumer(ch, bits, view=False):
+    """Receive forever; after recv() returned, set the message's bit in its producer's
+    bitmap (a bit found set already is a duplicate) and check per-producer order.
+    With ``view``, receive in place (fast, so that producers are the ones copying)."""
+    m, hs = bits._mapping, bits._hsize
+    last: dict[int, int] = {}
+    while True:
+        if view:
+            with ch.recv_view(timeout=60) as mv:
+                k, seq = struct.unpack_from("II", mv)
+        else:
+            k, seq = struct.unpack_from("II", ch.recv(timeout=60))
+        if seq <= last.get(k, -1):
+            _core.add64(m, hs + 8, 1)  # out of order
+        last[k] = seq
+        if seq >= MAX_SEQ:
+            _core.add64(m, hs + 16, 1)
+            continue
+        off, bit = hs + 64 + k * (MAX_SEQ // 8) + (seq >> 6) * 8, 1 << (seq & 63)
+        while True:
+            v = _core.load64(m, off)
+            if v & bit:
+                _core.add64(m, hs, 1)  # delivered twice
+                break
+            if _core.cas64(m, off, v, v | bit):
+                break
+
+
+MAX_SEQ = 1 << 23  # message numbers per producer that the bitmaps can hold
+
+
+def _kill_run(names, cycles, producers=3, consumers=2, kill_consumers=True, big=False,
+              seed=0):
+    """Run producers and consumers, SIGKILL one at random many times, then check that
+    each producer's messages arrived in order, at most once, and none that send()
+    confirmed is missing (but for one per consumer killed right after receiving it)."""
+    rnd = random.Random(seed)
+    ch = Channel(names(), capacity=64 << 10 if not big else 32 << 20)
+    done = shmkit.Segment(names(), size=8 * producers)
+    bits = shmkit.Segment(names(), size=64 + producers * MAX_SEQ // 8)
+    prods, cons = {}, []
+    in_flight: dict[int, set[int]] = {k: set() for k in range(producers)}
+    first = [0] * producers  # the first number of each producer's current life
+    for k in range(producers):
+        prods[k] = _fork(_crash_producer, ch, done, k, 0, big)
+    for _ in range(consumers):
+        cons.append(_fork(_crash_consumer, ch, bits, big))
+    consumer_kills = 0
+    try:
+        for _ in range(cycles):
+            time.sleep(rnd.uniform(0.0, 0.02))
+            if kill_consumers and rnd.random() < 0.4:
+                _kill(cons.pop(rnd.randrange(len(cons))))
+                consumer_kills += 1
+                cons.append(_fork(_crash_consumer, ch, bits, big))
+            else:
+                k = rnd.randrange(producers)
+                _kill(prods[k])
+                # the message being sent when it died may have gone or not
+                sending = max(first[k], _core.load64(done._mapping, done._hsize + 8 * k))
+                in_flight[k].add(sending)
+                first[k] = sending + 1
+                prods[k] = _fork(_crash_producer, ch, done, k, first[k], big)
+        for k in list(prods):
+            _kill(prods.pop(k))
+            in_flight[k].add(max(first[k], _core.load64(done._mapping, done._hsize + 8 * k)))
+        confirmed = [_core.load64(done._mapping, done._hsize + 8 * k) for k in range(producers)]
+        # the channel keeps working: the consumers drain it within a bounded time
+        deadline = time.monotonic() + 30
+        while ch.statistics()["depth"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ch.statistics()["depth"] == 0, ch.statistics()
+        while cons:
+            _kill(cons.pop())
+        m, hs = bits._mapping, bits._hsize
+        assert _core.load64(m, hs) == 0, "a message was delivered twice"
+        assert _core.load64(m, hs + 8) == 0, "a producer's messages arrived out of order"
+        assert _core.load64(m, hs + 16) == 0, "message numbers outgrew the bitmaps"
+        view = bits.buf
+        missing_total = 0
+        for k in range(producers):
+            words = np.frombuffer(view, np.uint8, count=MAX_SEQ // 8,
+                                  offset=64 + k * (MAX_SEQ // 8))
+            got = np.flatnonzero(np.unpackbits(words, bitorder="little"))
+            del words
+            gs = set(got.tolist())
+            assert gs <= set(range(confirmed[k])) | in_flight[k], "a message never sent arrived"
+            missing_total += len(set(range(confirmed[k])) - gs - in_flight[k])
+        view.release()
+        # each consumer killed may take one message with it (received, not yet marked)
+        assert missing_total <= consumer_kills, (missing_total, consumer_kills)
+        stats = ch.statistics()
+        # and it still works
+        ch.send(b"after", timeout=5)
+        with Channel.open(ch.name) as reader:
+            assert reader.recv(timeout=5) == b"after"
+        return stats
+    finally:
+        for pid in list(prods.values()) + cons:
+            _kill(pid)
+        ch.detach(); done.close(); bits.close()
+
+
+def test_kill_producers_and_consumers_at_random(names):
+    stats = _kill_run(names, cycles=30)
+    assert stats["sent"] > 1000
+
+
+def test_kill_producers_mid_message(names):
+    """Big messages make the copy window long: killed producers leave half-written
+    records, which are dropped, and nothing else is lost."""
+    stats = _kill_run(names, cycles=16, producers=2, consumers=1, kill_consumers=False,
+                      big=True, seed=3)
+    assert stats["dropped"] >= 1
+
+
+def test_dead_view_holder_does_not_wedge_the_channel(names):
+    name = names()
+    ch = Channel(name, capacity=1024)
+    ch.send(b"v" * 500)
+
+    def hold():
+        c = Channel.open(name)
+        v = c.recv_view(timeout=5)
+        print("holding", v.nbytes, flush=True)
+        time.sleep(60)
+
+    pid = _fork(hold)
+    deadline = time.monotonic() + 10
+    while ch.depth and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(Full):
+        ch.send_nowait(b"w" * 600)
+    _kill(pid)
+    t0 = time.monotonic()
+    ch.send(b"w" * 600, timeout=5)  # the dead holder's record is reclaimed
+    assert time.monotonic() - t0 < 2
+    assert ch.recv(timeout=1) == b"w" * 600
+    ch.detach()
+
+
+def _hold_lock_and_die(name, off, q):
+    ch = Channel.open(name)
+    lock = _core.Lock(ch.segment._mapping, ch.segment._hsize + off)
+    lock.acquire()
+    q.put("held")
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("off", [PLOCK, CLOCK])
+def test_peer_killed_holding_a_ring_lock(name, off):
+    ch = Channel(name, capacity=1024)
+    ch.send(b"before")
+    import multiprocessing
+    q = multiprocessing.get_context("spawn").Queue()
+    p = spawn(_hold_lock_and_die, name, off, q)
+    assert q.get(timeout=30) == "held"
+    p.kill()
+    p.join()
+    t0 = time.monotonic()
+    ch.send(b"after", timeout=5)
+    assert ch.recv(timeout=5) == b"before" and ch.recv(timeout=5) == b"after"
+    assert time.monotonic() - t0 < 3
+    ch.detach()
+
+
+def test_dead_sleepers_are_counted_out(name):
+    ch = Channel(name, capacity=1024)
+
+    def sleeper():
+        Channel.open(name).recv()
+
+    pids = [_fork(sleeper) for _ in range(3)]
+    deadline = time.monotonic() + 10
+    while ch.statistics()["receivers_waiting"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ch.statistics()["receivers_waiting"] == 3
+    for pid in pids:
+        _kill(pid)
+    with pytest.raises(Timeout):
+        ch.recv(timeout=0.2)  # a waiter repairs the counts of dead sleepers
+    assert ch.statistics()["receivers_waiting"] == 0
+    ch.detach()
+
+
+@pytest.mark.stress
+def test_stress_kill_cycles(names):
+    for seed in range(10):
+        _kill_run(names, cycles=300, seed=seed)
+        _kill_run(names, cycles=100, producers=2, consumers=1, kill_consumers=False,
+                  big=True, seed=seed)
+
+
+# -- Queue ----------------------------------------------------------------------
+
+
+def test_queue_basics():
+    with Queue(maxsize=3) as q:
+        assert q.empty() and not q.full() and q.qsize() == 0
+        for i in range(3):
+            q.put({"n": i, "s": "x" * i})
+        assert q.full() and q.qsize() == 3
+        with pytest.raises(queue.Full):
+            q.put(99, block=False)
+        with pytest.raises(queue.Full):
+            q.put(99, timeout=0.05)
+        with pytest.raises(queue.Full):
+            q.put_nowait(99)
+        assert [q.get() for _ in range(3)] == [{"n": i, "s": "x" * i} for i in range(3)]
+        with pytest.raises(queue.Empty):
+            q.get(timeout=0.05)
+        with pytest.raises(queue.Empty):
+            q.get_nowait()
+        with pytest.raises(queue.Empty):
+            q.get(False)
+    with pytest.raises(ValueError, match="closed"):
+        q.put(1)
+    q.join_thread()
+
+
+def test_queue_by_name_from_unrelated_process(name):
+    q = Queue(name=name)
+    run_python(f"""
+        import shmkit
+        q = shmkit.Queue(name={name!r})
+        q.put(("hello", 42)); q.put([1.5, None])
+        q.close()
+    """)
+    assert q.get(timeout=5) == ("hello", 42)
+    assert q.get(timeout=5) == [1.5, None]
+    q.close()
+
+
+MP_PROGRAM = """
+import multiprocessing as mp
+import sys
+
+def produce(q, k, n):
+    for i in range(n):
+        q.put((k, i, "payload" * (i % 5)))
+    q.put(None)
+    q.close()
+    q.join_thread()
+
+def consume(q, results, n_producers):
+    got = []
+    while True:
+        item = q.get()
+        if item is None:
+            break
+        got.append(item[:2])
+    results.put(got)
+
+if __name__ == "__main__":
+    if sys.argv[1] == "shmkit":
+        import shmkit
+        Queue = shmkit.Queue
+    else:
+        Queue = mp.get_context("spawn").Queue
+    ctx = mp.get_context("spawn")
+    q, results = Queue(maxsize=100), Queue()
+    assert q.empty() and q.qsize() == 0
+    n, producers = 500, 3
+    ps = [ctx.Process(target=produce, args=(q, k, n)) for k in range(producers)]
+    cs = [ctx.Process(target=consume, args=(q, results, producers)) for _ in range(producers)]
+    for p in ps + cs:
+        p.start()
+    got = []
+    for _ in cs:
+        got.extend(results.get(timeout=60))
+    for p in ps + cs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert sorted(got) == [(k, i) for k in range(producers) for i in range(n)], len(got)
+    try:
+        q.get(timeout=0.05)
+    except __import__("queue").Empty:
+        pass
+    q.put_nowait("x"); assert q.get(timeout=5) == "x"
+    q.close(); q.join_thread(); results.close(); results.join_thread()
+    print("ok", len(got))
+"""
+
+
+@pytest.mark.parametrize("impl", ["multiprocessing", "shmkit"])
+def test_program_written_for_multiprocessing_queue(impl, tmp_path):
+    prog = tmp_path / "prog.py"
+    prog.write_text(MP_PROGRAM)
+    env = {**os.environ, "PYTHONPATH": SRC}
+    out = subprocess.run([sys.executable, str(prog), impl], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok 1500"
+
+
+def test_queue_maxsize_shared_across_processes(name):
+    q = Queue(2, name=name)
+    other = Queue(name=name)  # opening adopts the creator's maxsize
+    assert other.maxsize == 2
+    other.put(1); other.put(2)
+    assert q.full()
+    with pytest.raises(queue.Full):
+        q.put(3, timeout=0.05)
+    assert q.get() == 1
+    q.put(3)
+    q.close(); other.close()
+
+
+# -- the demo -------------------------------------------------------------------
+
+
+def test_demo_runs_senders_and_receiver_as_programs():
+    out = run_python("""
+        import sys
+        from shmkit import demo
+        sys.exit(demo.run(senders=3, records=3000, quiet=True))
+    """, timeout=60, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "9,000 from 3 senders" in out.stdout
+    assert "arrived once, in order" in out.stdout
+
+
+def test_example_programs_meet_by_name(name):
+    from shmkit.demo import example_path
+    env = {**os.environ, "PYTHONPATH": SRC}
+    recv = subprocess.Popen([sys.executable, str(example_path("log_receiver.py")), "--name",
+                             name, "--quiet"], stdout=subprocess.PIPE, text=True, env=env)
+    send = subprocess.run([sys.executable, str(example_path("log_sender.py")), "--name", name,
+                           "--records", "500", "--batch", "1"], env=env, timeout=60)
+    assert send.returncode == 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with Channel.open(name) as ch:
+            if ch.depth == 0:
+                break
+        time.sleep(0.05)
+    Channel.open(name).close()  # ends the receiver once drained
+    out = recv.communicate(timeout=30)[0]
+    assert recv.returncode == 0, out
+    assert "500 from 1 senders" in out
+
+
+def test_readonly_handles_only_look(name, names):
+    with Channel(name, capacity=1024) as ch:
+        ch.send(b"x")
+        with Channel.open(name, readonly=True) as ro:
+            assert ro.depth == 1 and ro.info()["channel"]["producers"] == 1
+            with pytest.raises(PermissionError, match="readonly"):
+                ro.send(b"y")
+            with pytest.raises(PermissionError, match="readonly"):
+                ro.recv_nowait()
+    qname = names()
+    q = Queue(name=qname)
+    q.put("a")
+    qr = Queue.open(qname, readonly=True)
+    assert qr.qsize() == 1 and qr.info()["queue"]["depth"] == 1
+    with pytest.raises(NotFoundError):
+        Queue.open(names())
+    qr.close(); q.close()
