@@ -28,11 +28,15 @@ DONE = b"done"
 
 
 def open_transport(kind: str, name: str, queue=None):
-    """(send, recv, close) over a shmkit Channel, or over a multiprocessing Queue."""
+    """(send, recv, leave) over a shmkit Channel, or over a multiprocessing Queue.
+
+    Leaving detaches this process's handle; Channel.close() would end the
+    channel for every producer, so each producer says DONE instead.
+    """
     if kind == "queue":
         return queue.put, lambda: queue.get(timeout=60), lambda: None
     ch = shmkit.Channel(name, capacity=4096)
-    return (lambda b: ch.send(b, timeout=60)), (lambda: ch.recv(timeout=60)), ch.close
+    return (lambda b: ch.send(b, timeout=60)), (lambda: ch.recv(timeout=60)), ch.detach
 
 
 def alloc_waiting(heap: shmkit.Heap, n: int) -> shmkit.Handle:
@@ -105,7 +109,7 @@ def main() -> None:
     heap = shmkit.Heap.create(heap_name, size=32 * (args.size + 64))
     queue = ctx.Queue() if args.transport == "queue" else None
     if args.transport == "channel":
-        shmkit.Channel(chan_name, capacity=4096).close()
+        shmkit.Channel(chan_name, capacity=4096).detach()  # made here, used by the workers
     results = ctx.Queue()
     t0 = time.perf_counter()
     procs = [ctx.Process(target=producer, args=(heap_name, chan_name, args.transport, queue,
