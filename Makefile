@@ -42,8 +42,8 @@ asan: $(STAMP)
 	rm -f $(SO)
 	SHMKIT_ASAN=1 $(BIN)/python setup.py -q build_ext --inplace --force
 	ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
-		$(BIN)/python -m pytest -q -m "not stress" -p no:cacheprovider tests
-	$(BIN)/python setup.py -q build_ext --inplace --force
+		$(BIN)/python -m pytest -q -m "not stress" -p no:cacheprovider tests; \
+	status=$$?; $(BIN)/python setup.py -q build_ext --inplace --force && touch $(SO); exit $$status
 
 clean:
 	rm -rf build $(VENV) src/shmkit/*.so $(SO) src/*.egg-info
