@@ -929,3 +929,15 @@ def test_readonly_handles_only_look(name, names):
     with pytest.raises(NotFoundError):
         Queue.open(names())
     qr.close(); q.close()
+
+
+def test_unlink_works_after_close_or_detach(name):
+    ch = Channel(name, capacity=4096)
+    ch.close()
+    ch.unlink()
+    assert not os.path.exists(f"/dev/shm/shmkit.{name}")
+    ch = Channel(name, capacity=4096)
+    ch.detach()
+    ch.unlink()
+    with pytest.raises(shmkit.NotFoundError):
+        ch.unlink()

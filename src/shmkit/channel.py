@@ -36,6 +36,7 @@ from .errors import (
     FormatVersionError,
     Full,
     MessageTooLarge,
+    NotFoundError,
     Timeout,
 )
 from .segment import DEFAULT_MAX_ATTACH, Kind, Segment, SegmentInfo
@@ -121,6 +122,7 @@ class Channel(_core.Ring):
 
     _kind = Kind.CHANNEL
     _seg: Segment | None = None
+    _path: str | None = None  # kept after detach(), so unlink() still works
 
     def __init__(self, name: str | None = None, capacity: int = DEFAULT_CAPACITY, *,
                  create: bool | None = None, path: str | os.PathLike[str] | None = None,
@@ -157,6 +159,7 @@ class Channel(_core.Ring):
             seg.close()
             raise
         self._seg = seg
+        self._path = seg.path
 
     @classmethod
     def create(cls, name: str | None = None, capacity: int = DEFAULT_CAPACITY,
@@ -282,8 +285,20 @@ class Channel(_core.Ring):
         return (_reopen, (type(self), seg.name, seg.path))
 
     def unlink(self) -> None:
-        """Remove the name now; attached processes keep using the channel."""
-        self._live().unlink()
+        """Remove the name now; attached processes keep using the channel.
+
+        Works after ``close()`` or ``detach()`` too; :class:`NotFoundError` if
+        the name is already gone.
+        """
+        if self._seg is not None:
+            self._seg.unlink()
+            return
+        if self._path is None:
+            raise ValueError("this channel handle was never opened")
+        try:
+            os.unlink(self._path)
+        except FileNotFoundError:
+            raise NotFoundError(f"channel {self._path!r} was already removed") from None
 
     # -- introspection -----------------------------------------------------
 
