@@ -154,6 +154,10 @@ def _header_size(max_slots: int) -> int:
     return _align(_HEADER_BYTES + max_slots * _SLOT, PAGE)
 
 
+_pid = os.getpid()  # getpid() is a system call; the at-fork hook refreshes this
+_KINDS = {int(k): k for k in Kind}  # faster than Kind(n) on every open
+
+
 class _Header:
     """The fixed header fields, decoded and checked (everything is untrusted)."""
 
@@ -169,10 +173,9 @@ class _Header:
                 f"{where} has data format version {self.version}; this shmkit reads "
                 f"version {FORMAT_VERSION}. Use the shmkit that made it, or remove it "
                 "with `shmkit rm`")
-        try:
-            self.kind = Kind(kind)
-        except ValueError:
-            raise CorruptError(f"{where} has an unknown kind {kind}") from None
+        self.kind = _KINDS.get(kind)
+        if self.kind is None:
+            raise CorruptError(f"{where} has an unknown kind {kind}")
         if not 1 <= self.max_slots <= _core.MAX_SLOTS:
             raise CorruptError(f"{where} has an impossible attach-table size {self.max_slots}")
         if self.header_size != _header_size(self.max_slots):
@@ -186,7 +189,7 @@ class _Header:
             raise CorruptError(f"{where} has a layout description of {layout_len} bytes")
         text = raw[_LAYOUT_OFF:_LAYOUT_OFF + layout_len]
         try:
-            self.layout = json.loads(text) if layout_len else {}
+            self.layout = json.loads(text) if layout_len and text != b"{}" else {}
         except ValueError:
             raise CorruptError(f"{where} has an unreadable layout description") from None
         if not isinstance(self.layout, dict):
@@ -495,7 +498,7 @@ class Segment:
                 time.sleep(0.001)
             self._detach()
             raise BusyError(f"{self._name!r} is being removed; open it again")
-        start = os.getpid() % n
+        start = _pid % n
         for attempt in range(50):
             for k in range(n):
                 slot = (start + k) % n
@@ -512,7 +515,7 @@ class Segment:
         gen = (_core.add32(m, base, 1) + 1) & 0xFFFFF
         if gen == 0:  # generation 0 would make token 0 possible
             gen = (_core.add32(m, base, 1) + 1) & 0xFFFFF
-        _core.store32(m, base + 4, os.getpid())
+        _core.store32(m, base + 4, _pid)
         _core.store64(m, base + 8, time.time_ns())
         comm = _process_name()
         view = memoryview(m)
@@ -909,13 +912,13 @@ _comm: tuple[int, bytes] | None = None
 def _process_name() -> bytes:
     """This process's name as the attach table stores it (16 bytes), cached per pid."""
     global _comm
-    if _comm is None or _comm[0] != os.getpid():
+    if _comm is None or _comm[0] != _pid:
         try:
             with open("/proc/self/comm", "rb") as f:
                 name = f.read().strip()
         except OSError:
             name = b"?"
-        _comm = (os.getpid(), name[:16].ljust(16, b"\0"))
+        _comm = (_pid, name[:16].ljust(16, b"\0"))
     return _comm[1]
 
 
@@ -934,6 +937,8 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
 
 
 def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
     for ref in list(_live.values()):
         seg = ref()
         if seg is None:
