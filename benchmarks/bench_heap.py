@@ -405,6 +405,7 @@ if _HAVE_CHANNEL:
             return elapsed
         finally:
             p.kill()
-            for o in (heap, inbox, outbox):
-                o.close()
-                o.unlink()
+            heap.close()
+            heap.unlink()
+            for ch in (inbox, outbox):
+                ch.close()  # anonymous: removed with its last handle
