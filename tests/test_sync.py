@@ -996,3 +996,20 @@ def test_a_lock_word_damaged_to_hold_our_own_token_is_taken_over(name):
         m.release()
     finally:
         m.close()
+
+
+def test_locks_of_readonly_or_closed_handles_raise_the_specific_errors(name):
+    m = shmkit.Mutex(name)
+    ro = shmkit.Mutex.open(name, readonly=True)
+    try:
+        with pytest.raises(shmkit.ReadOnlyError, match="readonly"):
+            ro.acquire()
+        with pytest.raises(PermissionError):  # still the builtin callers catch
+            ro.acquire(timeout=0)
+    finally:
+        ro.close()
+    m.close()
+    with pytest.raises(shmkit.ClosedError, match="closed"):
+        m.acquire()
+    with pytest.raises(ValueError):
+        m.locked()

@@ -69,7 +69,7 @@ from .errors import (
 
 __all__ = ["Segment", "Kind", "SegmentInfo", "segment_path", "list_segments", "unlink"]
 
-_core.set_classes(OwnerDiedWarning, CorruptError, Timeout)
+_core.set_classes(OwnerDiedWarning, CorruptError, Timeout, ReadOnlyError, ClosedError)
 
 MAGIC = b"\x89SHMKIT\x00"
 FORMAT_VERSION = 1

@@ -660,7 +660,7 @@ lock(Ctx *c, int64_t deadline)
 {
     MappingObject *m = (MappingObject *)c->h->mapping;
     if (m->token == 0) {
-        PyErr_Format(PyExc_PermissionError,
+        PyErr_Format(SHM_READONLY_EXC,
                      "heap %R is open read-only (or closed) here; open it without "
                      "readonly=True to change it", c->h->name);
         return -1;
@@ -1522,7 +1522,7 @@ heap_pin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     MappingObject *m = (MappingObject *)self->mapping;
     uint32_t me = m->token;
     if (me == 0 || SHM_TOKEN_SLOT(me) >= self->max_slots) {
-        PyErr_Format(PyExc_PermissionError,
+        PyErr_Format(SHM_READONLY_EXC,
                      "heap %R is open read-only (or closed) here; pinning needs a "
                      "writable attachment", self->name);
         return NULL;

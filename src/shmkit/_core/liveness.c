@@ -109,7 +109,7 @@ py_token_alive(PyObject *mod, PyObject *args)
     if (!PyArg_ParseTuple(args, "O!I", &Mapping_Type, &m, &token))
         return NULL;
     if (((MappingObject *)m)->base == NULL) {
-        PyErr_SetString(PyExc_ValueError, "the segment is closed");
+        PyErr_SetString(SHM_CLOSED_EXC, "the segment is closed in this process");
         return NULL;
     }
     return PyBool_FromLong(shm_token_alive((MappingObject *)m, token));

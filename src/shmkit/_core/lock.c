@@ -94,8 +94,12 @@ acquire_unlisted(MappingObject *m, uint32_t *word, int64_t deadline)
 {
     const uint32_t me = m->token;
     if (me == 0) {
-        PyErr_SetString(PyExc_ValueError,
-                        "the segment is closed; open it again to use its locks");
+        if (m->base != NULL && m->readonly)
+            PyErr_SetString(SHM_READONLY_EXC, "the segment was opened readonly=True; "
+                            "open it without readonly to take its locks");
+        else
+            PyErr_SetString(SHM_CLOSED_EXC,
+                            "the segment is closed; open it again to use its locks");
         return -1;
     }
     if (cas(word, 0, me))

@@ -16,6 +16,8 @@
 PyObject *shm_OwnerDiedWarning = NULL;
 PyObject *shm_CorruptError = NULL;
 PyObject *shm_TimeoutError = NULL;
+PyObject *shm_ReadOnlyError = NULL;
+PyObject *shm_ClosedError = NULL;
 
 static int
 mapping_init(MappingObject *self, PyObject *args, PyObject *kwds)
@@ -204,7 +206,8 @@ shm_addr(PyObject *obj, long long off, Py_ssize_t size, int writable)
     }
     MappingObject *m = (MappingObject *)obj;
     if (m->base == NULL) {
-        PyErr_SetString(PyExc_ValueError, "the segment is closed");
+        PyErr_SetString(SHM_CLOSED_EXC, "the segment is closed in this process; open it "
+                        "again to use it");
         return NULL;
     }
     if (off < 0 || size < 0 || off > (long long)m->length - size) {
@@ -219,7 +222,7 @@ shm_addr(PyObject *obj, long long off, Py_ssize_t size, int writable)
         return NULL;
     }
     if (writable && m->readonly) {
-        PyErr_SetString(PyExc_PermissionError,
+        PyErr_SetString(SHM_READONLY_EXC,
                         "the segment was opened readonly=True; open it without "
                         "readonly to change it");
         return NULL;

@@ -13,9 +13,14 @@ int shm_init_ring(PyObject *module);
 static PyObject *
 set_classes(PyObject *mod, PyObject *args)
 {
-    PyObject *owner_died, *corrupt, *timeout;
-    if (!PyArg_ParseTuple(args, "OOO", &owner_died, &corrupt, &timeout))
+    PyObject *owner_died, *corrupt, *timeout, *readonly = NULL, *closed = NULL;
+    if (!PyArg_ParseTuple(args, "OOO|OO", &owner_died, &corrupt, &timeout, &readonly,
+                          &closed))
         return NULL;
+    if (readonly != NULL)
+        Py_XSETREF(shm_ReadOnlyError, Py_NewRef(readonly));
+    if (closed != NULL)
+        Py_XSETREF(shm_ClosedError, Py_NewRef(closed));
     Py_XSETREF(shm_OwnerDiedWarning, Py_NewRef(owner_died));
     Py_XSETREF(shm_CorruptError, Py_NewRef(corrupt));
     Py_XSETREF(shm_TimeoutError, Py_NewRef(timeout));
@@ -24,7 +29,8 @@ set_classes(PyObject *mod, PyObject *args)
 
 static PyMethodDef module_methods[] = {
     {"set_classes", set_classes, METH_VARARGS,
-     "set_classes(OwnerDiedWarning, CorruptError, Timeout): the exception "
+     "set_classes(OwnerDiedWarning, CorruptError, Timeout, ReadOnlyError=None, "
+     "ClosedError=None): the exception "
      "classes the core raises (defined in Python)."},
     {NULL}
 };

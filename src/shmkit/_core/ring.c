@@ -111,10 +111,10 @@ ring_enter_any(RingObject *r, int to_use)
     MappingObject *m = (MappingObject *)r->mapping;
     if (m == NULL || m->base == NULL || m->closing || (to_use && m->token == 0)) {
         if (m != NULL && m->base != NULL && !m->closing && m->readonly)
-            PyErr_Format(PyExc_PermissionError, "channel %R was opened readonly=True; "
+            PyErr_Format(SHM_READONLY_EXC, "channel %R was opened readonly=True; "
                          "open it without readonly to send or receive", r->name);
         else
-            PyErr_Format(PyExc_ValueError, "channel %R is closed in this process; open "
+            PyErr_Format(SHM_CLOSED_EXC, "channel %R is closed in this process; open "
                          "it again to use it", r->name ? r->name : Py_None);
         return NULL;
     }

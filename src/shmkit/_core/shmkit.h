@@ -58,6 +58,10 @@ extern PyTypeObject Mapping_Type;
 extern PyObject *shm_OwnerDiedWarning; /* set from Python via set_classes() */
 extern PyObject *shm_CorruptError;
 extern PyObject *shm_TimeoutError;
+extern PyObject *shm_ReadOnlyError;  /* a PermissionError */
+extern PyObject *shm_ClosedError;    /* a ValueError */
+#define SHM_READONLY_EXC (shm_ReadOnlyError ? shm_ReadOnlyError : PyExc_PermissionError)
+#define SHM_CLOSED_EXC (shm_ClosedError ? shm_ClosedError : PyExc_ValueError)
 
 /* Return a pointer to `size` bytes at `off`, or NULL with an exception set
  * when the mapping is closed, the range is out of bounds or misaligned. */
