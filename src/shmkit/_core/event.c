@@ -13,12 +13,6 @@
 #include <errno.h>
 #include <limits.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#define cpu_relax() __builtin_ia32_pause()
-#else
-#define cpu_relax() ((void)0)
-#endif
-
 #define SPIN_NS (30 * 1000LL)
 #define SLICE_NS (50 * 1000 * 1000LL)
 

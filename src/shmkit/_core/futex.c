@@ -16,14 +16,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#define cpu_relax() __builtin_ia32_pause()
-#elif defined(__aarch64__)
-#define cpu_relax() __asm__ __volatile__("yield")
-#else
-#define cpu_relax() ((void)0)
-#endif
-
 #define SLICE_NS (50 * 1000 * 1000LL) /* longest uninterrupted sleep */
 #define SPIN_NS (20 * 1000LL)         /* busy-wait before sleeping */
 

@@ -20,12 +20,6 @@
 #include <errno.h>
 #include <structmember.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#define cpu_relax() __builtin_ia32_pause()
-#else
-#define cpu_relax() ((void)0)
-#endif
-
 #define FIRST_SLICE_NS (1 * 1000 * 1000LL)
 #define SLICE_NS (50 * 1000 * 1000LL)
 #define SPINS 200

@@ -77,14 +77,6 @@
 #include <string.h>
 #include <time.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#define cpu_relax() __builtin_ia32_pause()
-#elif defined(__aarch64__)
-#define cpu_relax() __asm__ __volatile__("yield")
-#else
-#define cpu_relax() ((void)0)
-#endif
-
 #define SPIN_MIN_NS (2 * 1000LL)     /* every wait polls this long */
 #define SPIN_MAX_NS (50 * 1000LL)    /* and adapts its spin up to this */
 #define FIRST_SLICE_NS (5 * 1000 * 1000LL)
@@ -99,6 +91,22 @@ ring_corrupt(RingObject *r, const char *what, unsigned long long a, unsigned lon
                  "this, so remove it with `shmkit rm` and create it again",
                  r->name ? r->name : Py_None, what, a, b);
     return -1;
+}
+
+/* The bytes the record at position p (in state st) spans, a skip marker
+ * running to the end of the ring, checked to end by `limit`: 0, with
+ * CorruptError set, if it would overrun (a real span is at least 8). */
+static uint64_t
+rec_span(RingObject *r, uint64_t p, uint32_t st, uint64_t limit, const char *overrun)
+{
+    uint64_t off = p % r->cap;
+    uint32_t len = LOADR(&rec_at(r, p)->len);
+    uint64_t total = st == ST_SKIP ? r->cap - off : rec_total(len);
+    if (total > r->cap - off || total > limit - p) {
+        ring_corrupt(r, overrun, len, p);
+        return 0;
+    }
+    return total;
 }
 
 /* ---- handles, roles and sleepers ------------------------------------- */
@@ -243,19 +251,14 @@ ring_reclaim_from(RingObject *r, uint64_t hd)
     if (hd < start || rd < hd || rd - hd > r->cap)
         return ring_corrupt(r, "head and read positions out of order", hd, rd);
     while (hd < rd) {
-        uint64_t off = hd % r->cap, total;
-        rec_t *rec = rec_at(r, hd);
-        uint32_t st = LOAD(&rec->state), len = LOADR(&rec->len);
-        if (st == ST_SKIP)
-            total = r->cap - off;
-        else if (st == ST_DONE || st == ST_ABANDONED)
-            total = rec_total(len);
-        else if (ST_KIND(st) == ST_TAKEN)
+        uint32_t st = LOAD(&rec_at(r, hd)->state);
+        if (ST_KIND(st) == ST_TAKEN)
             break;
-        else
+        if (st != ST_SKIP && st != ST_DONE && st != ST_ABANDONED)
             return ring_corrupt(r, "unexpected record state behind the read position", st, hd);
-        if (total > r->cap - off || total > rd - hd)
-            return ring_corrupt(r, "record overruns the read position", len, hd);
+        uint64_t total = rec_span(r, hd, st, rd, "record overruns the read position");
+        if (total == 0)
+            return -1;
         hd += total;
     }
     if (hd == start)
@@ -298,12 +301,10 @@ ring_fix_consumers(RingObject *r)
             return ring_corrupt(r, "bad consumers' journal", jr, rd);
         uint64_t taken = 0, dropped = 0;
         for (uint64_t p = jr; p < rd;) {
-            uint64_t off = p % r->cap;
-            rec_t *rec = rec_at(r, p);
-            uint32_t st = LOAD(&rec->state), len = LOADR(&rec->len);
-            uint64_t total = st == ST_SKIP ? r->cap - off : rec_total(len);
-            if (total > r->cap - off || total > rd - p)
-                return ring_corrupt(r, "record overruns the read position", len, p);
+            uint32_t st = LOAD(&rec_at(r, p)->state);
+            uint64_t total = rec_span(r, p, st, rd, "record overruns the read position");
+            if (total == 0)
+                return -1;
             if (st == ST_ABANDONED)
                 dropped++;
             else if (st != ST_SKIP)
@@ -318,9 +319,9 @@ ring_fix_consumers(RingObject *r)
     for (uint64_t p = hd; p < rd;) { /* copied, head not yet moved: finish */
         rec_t *rec = rec_at(r, p);
         uint32_t st = LOAD(&rec->state);
-        uint64_t total = st == ST_SKIP ? r->cap - p % r->cap : rec_total(LOADR(&rec->len));
-        if (total > r->cap - p % r->cap || total > rd - p)
-            return ring_corrupt(r, "record overruns the read position", LOADR(&rec->len), p);
+        uint64_t total = rec_span(r, p, st, rd, "record overruns the read position");
+        if (total == 0)
+            return -1;
         if (st == ST_COMMITTED)
             STORE(&rec->state, ST_DONE);
         p += total;
@@ -341,12 +342,10 @@ ring_fix_producers(RingObject *r)
     if (jt > t || t - jt > r->cap || ((jt | t) & 7))
         return ring_corrupt(r, "bad producers' journal", jt, t);
     for (uint64_t p = jt; p < t;) {
-        uint64_t off = p % r->cap;
-        rec_t *rec = rec_at(r, p);
-        uint32_t st = LOAD(&rec->state), len = LOADR(&rec->len);
-        uint64_t total = st == ST_SKIP ? r->cap - off : rec_total(len);
-        if (total > r->cap - off || total > t - p)
-            return ring_corrupt(r, "record overruns the tail", len, p);
+        uint32_t st = LOAD(&rec_at(r, p)->state);
+        uint64_t total = rec_span(r, p, st, t, "record overruns the tail");
+        if (total == 0)
+            return -1;
         n += st != ST_SKIP;
         p += total;
     }

@@ -73,6 +73,15 @@ void *shm_addr(PyObject *mapping, long long off, Py_ssize_t size, int writable);
 void shm_pin(PyObject *mapping);
 void shm_unpin(PyObject *mapping);
 
+/* One pause in a busy-wait loop: lets the other hyperthread run and saves power. */
+#if defined(__x86_64__) || defined(__i386__)
+#define cpu_relax() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define cpu_relax() __asm__ __volatile__("yield")
+#else
+#define cpu_relax() ((void)0)
+#endif
+
 /* ---- futex.c ------------------------------------------------------------
  * Deadlines are CLOCK_MONOTONIC nanoseconds; SHM_FOREVER waits forever. */
 #define SHM_FOREVER INT64_MAX

@@ -74,12 +74,6 @@
 #error "the store's shared layout is little-endian"
 #endif
 
-#if defined(__x86_64__) || defined(__i386__)
-#define cpu_relax() __builtin_ia32_pause()
-#else
-#define cpu_relax() ((void)0)
-#endif
-
 #define T_HEADER 4096u
 #define T_MIN_BLOCK 32u
 #define T_REC_HDR 40u
@@ -142,8 +136,9 @@ _Static_assert(offsetof(THeader, lock) == 64, "lock on its own line");
 #define STR(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
 #define W64(P, off) ((uint64_t *)((P) + (off)))
 
-static PyObject *t_KeyExists, *t_Unsupported, *t_TooLarge, *t_ReadOnly, *t_Closed,
-    *t_Busy;
+/* The store's own exceptions; read-only and closed handles raise the
+ * core's ReadOnlyError and ClosedError (SHM_READONLY_EXC, SHM_CLOSED_EXC). */
+static PyObject *t_KeyExists, *t_Unsupported, *t_TooLarge, *t_Busy;
 
 /* ---- hashing --------------------------------------------------------------
  * A compact 64-bit hash in the style of wyhash (public domain): 128-bit
@@ -285,7 +280,7 @@ static int
 t_live(TableObject *t)
 {
     if (t->m == NULL || t->m->base == NULL) {
-        PyErr_SetString(t_Closed ? t_Closed : PyExc_ValueError,
+        PyErr_SetString(SHM_CLOSED_EXC,
                         "the store is closed in this process; open it again");
         return -1;
     }
@@ -833,7 +828,7 @@ static int
 t_lock(TableObject *t)
 {
     if (t->readonly) {
-        PyErr_SetString(t_ReadOnly ? t_ReadOnly : PyExc_PermissionError,
+        PyErr_SetString(SHM_READONLY_EXC,
                         "the store was opened readonly=True; open it without readonly "
                         "to change it");
         return -1;
@@ -1682,17 +1677,24 @@ locked:
     return out;
 }
 
+/* A lookup in `mode` that raises KeyError when the key is absent. */
 static PyObject *
-table_subscript(TableObject *t, PyObject *key)
+lookup_or_keyerror(TableObject *t, PyObject *key, int mode)
 {
     int found = 0;
-    PyObject *o = t_lookup(t, key, M_GET, &found);
+    PyObject *o = t_lookup(t, key, mode, &found);
     if (o != NULL && !found) {
         Py_DECREF(o);
         PyErr_SetObject(PyExc_KeyError, key);
         return NULL;
     }
     return o;
+}
+
+static PyObject *
+table_subscript(TableObject *t, PyObject *key)
+{
+    return lookup_or_keyerror(t, key, M_GET);
 }
 
 static int
@@ -1725,14 +1727,7 @@ table_get(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 table_nbytes(TableObject *t, PyObject *key)
 {
-    int found = 0;
-    PyObject *o = t_lookup(t, key, M_NBYTES, &found);
-    if (o != NULL && !found) {
-        Py_DECREF(o);
-        PyErr_SetObject(PyExc_KeyError, key);
-        return NULL;
-    }
-    return o;
+    return lookup_or_keyerror(t, key, M_NBYTES);
 }
 
 static Py_ssize_t
@@ -2869,15 +2864,13 @@ PyTypeObject Table_Type = {
 static PyObject *
 table_set_classes(PyObject *mod, PyObject *args)
 {
-    PyObject *a, *b, *c, *d, *e, *f;
-    if (!PyArg_ParseTuple(args, "OOOOOO", &a, &b, &c, &d, &e, &f))
+    PyObject *a, *b, *c, *d;
+    if (!PyArg_ParseTuple(args, "OOOO", &a, &b, &c, &d))
         return NULL;
     Py_XSETREF(t_KeyExists, Py_NewRef(a));
     Py_XSETREF(t_Unsupported, Py_NewRef(b));
     Py_XSETREF(t_TooLarge, Py_NewRef(c));
-    Py_XSETREF(t_ReadOnly, Py_NewRef(d));
-    Py_XSETREF(t_Closed, Py_NewRef(e));
-    Py_XSETREF(t_Busy, Py_NewRef(f));
+    Py_XSETREF(t_Busy, Py_NewRef(d));
     Py_RETURN_NONE;
 }
 
@@ -2896,7 +2889,7 @@ table_hash(PyObject *mod, PyObject *args)
 static PyMethodDef table_functions[] = {
     {"table_set_classes", table_set_classes, METH_VARARGS,
      "table_set_classes(KeyExistsError, UnsupportedTypeError, ValueTooLargeError, "
-     "ReadOnlyError, ClosedError, BusyError)"},
+     "BusyError)"},
     {"table_hash", table_hash, METH_VARARGS,
      "table_hash(data, seed) -> int: the store's 64-bit key hash."},
     {NULL}
