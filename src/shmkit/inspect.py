@@ -37,6 +37,9 @@ from typing import Any, Iterator, Sequence
 from . import _core
 from .errors import CorruptError, FormatVersionError, NotFoundError, ShmkitError
 from .segment import (
+    _FLAG_ATTACHED,
+    _HEADER_BYTES,
+    _READER_BYTE,
     MAGIC,
     PREFIX,
     SHM_DIR,
@@ -75,12 +78,9 @@ KIND_CLASSES: dict[Kind, str] = {
     Kind.HEAP: "shmkit.heap:Heap",
 }
 
-_HEADER_BYTES = 4096
 _SLOT = _core.SLOT_SIZE
 _SLOT_BASE = _core.SLOT_LOCK_BASE
 _INIT_BYTE = _core.INIT_LOCK_BYTE
-_READER_BYTE = 1
-_FLAG_ATTACHED = 1
 _SLOT_ENTRY = struct.Struct("=IIQ8x16s")  # gen, pid, attached ns, pad, comm
 _TOKEN_MASK = 0x3FFFFFFF
 _WAITERS_BIT = 0x80000000

@@ -65,7 +65,7 @@ _OFF_USED = 88
 _SCAN = 512
 
 _core.table_set_classes(KeyExistsError, UnsupportedTypeError, ValueTooLargeError,
-                        ReadOnlyError, ClosedError, BusyError)
+                        BusyError)
 
 
 # -- value encoding for what C does not encode itself --------------------------

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator
 
 from . import _core
 from .errors import ClosedError, FormatVersionError, OwnerDiedWarning, Timeout, WouldBlock
-from .segment import Kind, Segment
+from .segment import _OFF_HWM, Kind, Segment
 
 __all__ = ["Mutex", "RWLock", "Event", "Semaphore", "Condition"]
 
@@ -70,6 +70,19 @@ def _slice(deadline: float | None) -> float:
 
 def _expired(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
+
+
+def _slot_counts(m: Any, table: int) -> Iterator[tuple[int, int, int, int, bool]]:
+    """``(slot, offset, word, count, alive)`` for each non-zero per-attach-slot
+    entry (``generation << 32 | count``) of the table at absolute ``table``;
+    ``alive`` says whether the attachment that owns the count still exists."""
+    for slot in range(min(_core.load32(m, _OFF_HWM), m.max_slots)):
+        off = table + 8 * slot
+        v = _core.load64(m, off)
+        count = v & 0xFFFFFFFF
+        if count:
+            token = ((v >> 32) & _GEN_MASK) << 10 | slot
+            yield slot, off, v, count, token == m.token or _core.token_alive(m, token)
 
 
 class _Placed:
@@ -414,13 +427,8 @@ class RWLock(_Placed):
         while True:
             seq = _core.load32(m, self._base + 8)
             busy = False
-            for slot in range(min(_core.load32(m, 68), self._m.max_slots)):
-                off = self._entry(slot)
-                v = _core.load64(m, off)
-                if not v & 0xFFFFFFFF:
-                    continue
-                token = ((v >> 32) & _GEN_MASK) << 10 | slot
-                if token != m.token and not _core.token_alive(m, token):
+            for _slot, off, v, _count, alive in _slot_counts(m, self._entry(0)):
+                if not alive:
                     _core.cas64(m, off, v, 0)  # a dead reader's holds
                     dead_readers = True
                     continue
@@ -482,12 +490,11 @@ class RWLock(_Placed):
     def statistics(self) -> dict:
         m = self._m
         readers = {}
-        for slot in range(min(_core.load32(m, 68), m.max_slots)):
-            v = _core.load64(m, self._entry(slot))
-            token = ((v >> 32) & _GEN_MASK) << 10 | slot
-            if v & 0xFFFFFFFF and (token == m.token or _core.token_alive(m, token)):
+        for slot, _off, v, count, alive in _slot_counts(m, self._entry(0)):
+            if alive:
+                token = ((v >> 32) & _GEN_MASK) << 10 | slot
                 pid = self._seg.owner_pid(token) or os.getpid()
-                readers[pid] = readers.get(pid, 0) + (v & 0xFFFFFFFF)
+                readers[pid] = readers.get(pid, 0) + count
         return {"writer_pid": self._wlock.holder_pid(), "readers": readers,
                 "writer_waiting_or_in": bool(_core.load32(m, self._base + 4) & 1)}
 
@@ -597,13 +604,8 @@ class Semaphore(_Placed):
         # Called with the internal lock held: give back what dead processes held.
         m, b = self._m, self._base
         freed = False
-        for slot in range(min(_core.load32(m, 68), m.max_slots)):
-            v = _core.load64(m, b + 64 + 8 * slot)
-            held = v & 0xFFFFFFFF
-            if not held:
-                continue
-            token = ((v >> 32) & _GEN_MASK) << 10 | slot
-            if token == m.token or _core.token_alive(m, token):
+        for slot, _off, v, held, alive in _slot_counts(m, b + 64):
+            if alive:
                 continue
             held = held - (1 << 32) if held >= 1 << 31 else held
             self._update(slot, self._i32(4) + max(held, 0), -held, gen=v >> 32)
