@@ -17,6 +17,7 @@
  *   .recovered: True when the current holding was taken from a dead owner
  */
 #include "shmkit.h"
+#include "journal.h"
 #include <errno.h>
 #include <structmember.h>
 
@@ -173,6 +174,40 @@ shm_lock_release(MappingObject *m, uint32_t *word)
     if (v & SHM_LOCK_WAITERS)
         shm_futex_wake(word, 1);
     return 0;
+}
+
+int
+shm_lock_acquire_repair(MappingObject *m, uint32_t *word, int64_t deadline,
+                        shm_journal *jn, shm_repair_fn repair, void *ctx)
+{
+    int r = shm_lock_acquire(m, word, deadline);
+    if (r <= 0)
+        return r;
+    int died = r == 2;
+    if (died || (jn != NULL && shm_journal_pending(jn) != 0)) {
+        if ((jn != NULL && shm_journal_rollback(jn) < 0) ||
+            (repair != NULL && repair(ctx, died) < 0)) {
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            if (shm_lock_release(m, word) < 0)
+                PyErr_Clear();
+            PyErr_Restore(type, value, tb);
+            return -1;
+        }
+    }
+    return r;
+}
+
+void
+shm_lock_release_journal(MappingObject *m, uint32_t *word, shm_journal *jn)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (jn != NULL && shm_journal_pending(jn) != 0 && shm_journal_rollback(jn) < 0)
+        PyErr_Clear();
+    if (shm_lock_release(m, word) < 0)
+        PyErr_Clear();
+    PyErr_Restore(type, value, tb);
 }
 
 int

@@ -5,6 +5,7 @@ extern PyMethodDef shm_atomic_methods[];
 extern PyMethodDef shm_futex_methods[];
 extern PyMethodDef shm_liveness_methods[];
 extern PyMethodDef shm_event_methods[];
+extern PyMethodDef shm_crash_methods[];
 extern PyTypeObject Lock_Type;
 int shm_init_table(PyObject *module);
 int shm_init_heap(PyObject *module);
@@ -60,6 +61,7 @@ PyInit__core(void)
         add_functions(m, shm_futex_methods) < 0 ||
         add_functions(m, shm_liveness_methods) < 0 ||
         add_functions(m, shm_event_methods) < 0 ||
+        add_functions(m, shm_crash_methods) < 0 ||
         PyModule_AddIntConstant(m, "SLOT_SIZE", SHM_SLOT_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "SLOT_LOCK_BASE", SHM_SLOT_LOCK_BASE) < 0 ||
         PyModule_AddIntConstant(m, "INIT_LOCK_BYTE", SHM_INIT_LOCK_BYTE) < 0 ||

@@ -1,0 +1,74 @@
+/* crash.c - deterministic crash points for the tests.
+ *
+ * A crash point is a named step boundary of a shared-memory protocol
+ * (journal.h).  Disarmed, each costs one load of a global.  Armed with
+ *
+ *     _core.fault(n, prefix="")   -> points left of the previous countdown
+ *
+ * the n-th point reached from now whose name starts with prefix SIGKILLs
+ * the process, so a test can kill a forked child at every boundary of an
+ * operation in turn: k = 1, 2, ... until the operation completes.
+ * _core.fault(0) disarms and says how many points were left.
+ */
+#include "journal.h"
+#include <signal.h>
+#include <string.h>
+#include <unistd.h>
+
+long shm_fault_countdown;
+static char fault_prefix[64];
+static const char *last_point = "";
+
+void
+shm_crash_hit(const char *name)
+{
+    if (shm_fault_countdown <= 0)
+        return;
+    if (fault_prefix[0] && strncmp(name, fault_prefix, strlen(fault_prefix)) != 0)
+        return;
+    last_point = name;
+    if (--shm_fault_countdown == 0) {
+        kill(getpid(), SIGKILL);
+        pause();
+    }
+}
+
+static PyObject *
+py_fault(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"n", "prefix", NULL};
+    long n;
+    const char *prefix = "";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "l|s:fault", kwlist, &n, &prefix))
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "fault(n): n must be >= 0");
+        return NULL;
+    }
+    if (strlen(prefix) >= sizeof fault_prefix) {
+        PyErr_SetString(PyExc_ValueError, "fault(): prefix too long");
+        return NULL;
+    }
+    long left = shm_fault_countdown;
+    strcpy(fault_prefix, prefix);
+    shm_fault_countdown = n;
+    return PyLong_FromLong(left);
+}
+
+static PyObject *
+py_last_crash_point(PyObject *mod, PyObject *Py_UNUSED(ignored))
+{
+    return PyUnicode_FromString(last_point);
+}
+
+PyMethodDef shm_crash_methods[] = {
+    {"fault", (PyCFunction)(void (*)(void))py_fault, METH_VARARGS | METH_KEYWORDS,
+     "fault(n, prefix='')\n--\n\n"
+     "Tests only: SIGKILL this process at the n-th crash point reached from now\n"
+     "whose name starts with prefix; 0 disarms.  Returns the points that were\n"
+     "left of the previous countdown.\n\n"
+     ">>> _core.fault(3, 'journal.')  # die at the third journal step"},
+    {"last_crash_point", py_last_crash_point, METH_NOARGS,
+     "last_crash_point()\n--\n\nThe name of the last armed crash point counted."},
+    {NULL}
+};
