@@ -10,14 +10,13 @@
  *   futex_wake(mapping, offset, n=1) -> int
  */
 #include "shmkit.h"
+#include "wait.h"
 #include <errno.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
-#define SLICE_NS (50 * 1000 * 1000LL) /* longest uninterrupted sleep */
-#define SPIN_NS (20 * 1000LL)         /* busy-wait before sleeping */
 
 int64_t
 shm_now_ns(void)
@@ -71,52 +70,27 @@ shm_futex_wake(uint32_t *word, int n)
     return r < 0 ? 0 : (int)r;
 }
 
-int
-shm_wait_change(uint32_t *word, uint32_t expected, int64_t deadline)
+/* The word differs from the value we wait out. */
+struct change_ctx {
+    uint32_t *word;
+    uint32_t expected;
+};
+
+static int
+changed(void *ctx, uint32_t *sleep_on)
 {
-    /* A short spin with the GIL held catches a partner that is about to
-     * answer; the longer spin and the sleep happen without it. */
-    for (int i = 0; i < 64; i++) {
-        if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != expected)
-            return 1;
-        cpu_relax();
-    }
-    int result = 0, err = 0;
-    Py_BEGIN_ALLOW_THREADS
-    int64_t spin_end = shm_now_ns() + SPIN_NS;
-    if (spin_end > deadline)
-        spin_end = deadline;
-    for (;;) {
-        for (int i = 0; i < 128; i++) {
-            if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != expected) {
-                result = 1;
-                break;
-            }
-            cpu_relax();
-        }
-        if (result || shm_now_ns() >= spin_end)
-            break;
-    }
-    Py_END_ALLOW_THREADS
-    while (!result) {
-        if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != expected) {
-            result = 1;
-            break;
-        }
-        Py_BEGIN_ALLOW_THREADS
-        err = shm_futex_wait(word, expected, deadline, SLICE_NS);
-        Py_END_ALLOW_THREADS
-        if (err == 0) {
-            if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != expected)
-                result = 1;
-            continue; /* spurious wake-up */
-        }
-        if (PyErr_CheckSignals() < 0)
-            return -1;
-        if (err == ETIMEDOUT && shm_now_ns() >= deadline)
-            break;
-    }
-    return result;
+    struct change_ctx *c = ctx;
+    *sleep_on = c->expected;
+    return __atomic_load_n(c->word, __ATOMIC_ACQUIRE) != c->expected;
+}
+
+int
+shm_wait_change(MappingObject *m, uint32_t *word, uint32_t expected, int64_t deadline)
+{
+    struct change_ctx c = {word, expected};
+    shm_wait w = {.m = m, .word = word, .ctx = &c, .ready = changed,
+                  .spin_ns = SHM_WAIT_SPIN_NS, .what = "the segment"};
+    return shm_wait_until(&w, deadline);
 }
 
 static PyObject *
@@ -140,7 +114,7 @@ py_futex_wait(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
     if (word == NULL)
         return NULL;
     shm_pin(args[0]);
-    int r = shm_wait_change(word, (uint32_t)expected, deadline);
+    int r = shm_wait_change((MappingObject *)args[0], word, (uint32_t)expected, deadline);
     shm_unpin(args[0]);
     if (r < 0)
         return NULL;

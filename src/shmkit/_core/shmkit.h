@@ -94,11 +94,10 @@ int64_t shm_deadline(PyObject *timeout); /* None -> forever; -1 on error */
 int shm_futex_wait(uint32_t *word, uint32_t expected, int64_t deadline, int64_t slice_ns);
 int shm_futex_wake(uint32_t *word, int n);
 
-/* Spin briefly, then sleep, until *word != expected or the deadline passes.
- * Releases the GIL while sleeping and runs signal handlers (Ctrl-C) between
- * sleeps.  Returns 1 when the value changed, 0 on timeout, -1 with an
- * exception set. */
-int shm_wait_change(uint32_t *word, uint32_t expected, int64_t deadline);
+/* Wait until *word != expected or the deadline passes, through wait.h's
+ * policy (spin, sleep in slices, Ctrl-C, closed-meanwhile).  Returns 1 when
+ * the value changed, 0 on timeout, -1 with an exception set. */
+int shm_wait_change(MappingObject *m, uint32_t *word, uint32_t expected, int64_t deadline);
 
 /* ---- liveness.c --------------------------------------------------------- */
 /* 1 if the attachment named by token is alive, 0 if dead. */

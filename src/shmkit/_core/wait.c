@@ -1,0 +1,197 @@
+/* wait.c - the one way to wait (policy and contract in wait.h). */
+#include "wait.h"
+#include <errno.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef SYS_futex_waitv
+#define SYS_futex_waitv 449
+#endif
+#define SHM_FUTEX2_SIZE_U32 0x02
+#define POLL_SLICE_NS (1 * 1000 * 1000LL) /* without futex_waitv: poll the others */
+
+struct waitv_entry { /* the kernel's struct futex_waitv */
+    uint64_t val;
+    uint64_t uaddr;
+    uint32_t flags;
+    uint32_t reserved;
+};
+
+static int have_waitv = 1; /* cleared once the kernel says ENOSYS */
+
+static int
+closed_meanwhile(shm_wait *w, uint32_t token)
+{
+    MappingObject *m = w->m;
+    if (m->base != NULL && !m->closing && m->token == token)
+        return 0;
+    PyErr_Format(SHM_CLOSED_EXC, "%s was closed in this process while a call waited on "
+                 "it", w->what ? w->what : "the object");
+    return 1;
+}
+
+/* Spin with the GIL held until one is ready or the spin ends.  Returns the
+ * index of a ready one, or -1. */
+static int
+spin(shm_wait *const *ws, int n, int64_t spin_ns, int64_t deadline)
+{
+    uint32_t v;
+    for (int i = 0; i < n; i++)
+        if (ws[i]->ready(ws[i]->ctx, &v))
+            return i;
+    if (spin_ns <= 0)
+        return -1;
+    int64_t end = shm_now_ns() + spin_ns;
+    if (end > deadline)
+        end = deadline;
+    do {
+        for (int k = 0; k < 16; k++) {
+            cpu_relax();
+            for (int i = 0; i < n; i++)
+                if (ws[i]->ready(ws[i]->ctx, &v))
+                    return i;
+        }
+    } while (shm_now_ns() < end);
+    return -1;
+}
+
+/* One sleep on all the words, at most until min(deadline, now + slice).
+ * Returns 0 woken (or a value had changed), ETIMEDOUT, or EINTR. */
+static int
+sleep_on(shm_wait *const *ws, const uint32_t *vals, int n, int64_t deadline, int64_t slice)
+{
+    if (n == 1)
+        return shm_futex_wait(ws[0]->word, vals[0], deadline, slice);
+    int64_t now = shm_now_ns();
+    if (now >= deadline)
+        return ETIMEDOUT;
+    int64_t until = deadline - now > slice ? now + slice : deadline;
+    if (have_waitv) {
+        struct waitv_entry e[SHM_WAIT_MAX];
+        for (int i = 0; i < n; i++) {
+            e[i].val = vals[i];
+            e[i].uaddr = (uint64_t)(uintptr_t)ws[i]->word;
+            e[i].flags = SHM_FUTEX2_SIZE_U32; /* shared: keyed on the page */
+            e[i].reserved = 0;
+        }
+        struct timespec ts = {until / 1000000000LL, until % 1000000000LL};
+        long r = syscall(SYS_futex_waitv, e, (unsigned)n, 0, &ts, CLOCK_MONOTONIC);
+        if (r >= 0 || errno == EAGAIN)
+            return 0;
+        if (errno != ENOSYS)
+            return errno;
+        have_waitv = 0;
+    }
+    /* An old kernel: sleep on the first word, in short slices, and re-test
+     * the others after each. */
+    return shm_futex_wait(ws[0]->word, vals[0], until,
+                          slice < POLL_SLICE_NS ? slice : POLL_SLICE_NS);
+}
+
+static int
+wait_many(shm_wait *const *ws, int n, int64_t deadline, int *which)
+{
+    uint32_t tokens[SHM_WAIT_MAX], vals[SHM_WAIT_MAX];
+    int64_t spin_ns = 0;
+    for (int i = 0; i < n; i++) {
+        tokens[i] = ws[i]->m->token;
+        ws[i]->slept = 0;
+        if (ws[i]->spin_ns > spin_ns)
+            spin_ns = ws[i]->spin_ns;
+    }
+    int k = spin(ws, n, shm_now_ns() >= deadline ? 0 : spin_ns, deadline);
+    if (k >= 0) {
+        *which = k;
+        return 1;
+    }
+    for (int i = 0; i < n; i++)
+        if (ws[i]->arm)
+            ws[i]->arm(ws[i]->ctx);
+    int result = 0;
+    int64_t slice = SHM_WAIT_FIRST_SLICE_NS;
+    for (;;) {
+        /* After arming: a waker that ran before we were counted changed
+         * the state, and ready() sees it now. */
+        for (k = 0; k < n; k++)
+            if (ws[k]->ready(ws[k]->ctx, &vals[k]))
+                break;
+        if (k < n) {
+            *which = k;
+            result = 1;
+            break;
+        }
+        if (shm_now_ns() >= deadline) {
+            /* Before reporting a timeout, ask once whether a dead peer is
+             * what we waited for. */
+            for (k = 0; k < n; k++) {
+                if (ws[k]->check && ws[k]->check(ws[k]->ctx) < 0) {
+                    result = -1;
+                    break;
+                }
+            }
+            if (result < 0)
+                break;
+            for (k = 0; k < n; k++)
+                if (ws[k]->ready(ws[k]->ctx, &vals[k]))
+                    break;
+            if (k < n) {
+                *which = k;
+                result = 1;
+            }
+            break;
+        }
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        err = sleep_on(ws, vals, n, deadline, slice);
+        Py_END_ALLOW_THREADS
+        for (int i = 0; i < n; i++)
+            ws[i]->slept = 1;
+        if (PyErr_CheckSignals() < 0) {
+            result = -1;
+            break;
+        }
+        for (k = 0; k < n; k++)
+            if (closed_meanwhile(ws[k], tokens[k]))
+                break;
+        if (k < n) {
+            result = -1;
+            break;
+        }
+        if (err == ETIMEDOUT && shm_now_ns() < deadline) {
+            /* A whole slice without a wake-up: is the peer we wait for alive? */
+            slice = SHM_WAIT_SLICE_NS;
+            for (k = 0; k < n; k++) {
+                if (ws[k]->check && ws[k]->check(ws[k]->ctx) < 0) {
+                    result = -1;
+                    break;
+                }
+            }
+            if (result < 0)
+                break;
+        }
+    }
+    for (int i = 0; i < n; i++)
+        if (ws[i]->disarm)
+            ws[i]->disarm(ws[i]->ctx);
+    return result;
+}
+
+int
+shm_wait_until(shm_wait *w, int64_t deadline)
+{
+    int which;
+    return wait_many(&w, 1, deadline, &which);
+}
+
+int
+shm_wait_any(shm_wait *const *ws, int n, int64_t deadline, int *which)
+{
+    if (n < 1 || n > SHM_WAIT_MAX) {
+        PyErr_Format(PyExc_ValueError, "can wait on 1 to %d objects at once, not %d",
+                     SHM_WAIT_MAX, n);
+        return -1;
+    }
+    return wait_many(ws, n, deadline, which);
+}
