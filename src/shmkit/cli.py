@@ -480,11 +480,11 @@ def _info_table(info: dict[str, Any]) -> Any:
         rows.append(("size", f"{_bytes(info['size'])} ({info['size']:,} bytes)"))
         grows = _grows_to(info)
         if grows is not None:
-            rows.append(("grows to", f"{_bytes(grows)} (address space only, nothing is "
-                                     "used until it grows)"))
+            rows.append(("grows to", f"{_bytes(grows)} (reserved address space, used "
+                                     "only as it grows)"))
     if info["file_bytes"] is not None:
-        rows.append(("memory", f"{_bytes(info['file_bytes'])} in use by the file (header, "
-                               "attach table and the payload pages touched)"))
+        rows.append(("memory", f"{_bytes(info['file_bytes'])} (header, attach table and "
+                               "the payload pages in use)"))
     if info["lifetime"]:
         rows.append(("lifetime", info["lifetime"]))
     if info["created"] is not None:
