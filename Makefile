@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CORE   := $(wildcard src/shmkit/_core/*.c src/shmkit/_core/*.h)
 SO     := src/shmkit/.core-built
 
-.PHONY: all build demo test stress bench asan clean
+.PHONY: all build demo test stress bench asan wheel wheel-test clean
 
 all: build
 
@@ -45,5 +45,24 @@ asan: $(STAMP)
 		$(BIN)/python -m pytest -q -m "not stress" -p no:cacheprovider tests; \
 	status=$$?; $(BIN)/python setup.py -q build_ext --inplace --force && touch $(SO); exit $$status
 
+# A binary wheel, repaired and tagged manylinux by auditwheel, in wheelhouse/.
+# `build/` is removed first so that no in-place or sanitizer build gets packed.
+wheel: $(STAMP)
+	$(BIN)/pip install -q --no-build-isolation -e '.[wheel]'
+	rm -rf build dist wheelhouse
+	$(BIN)/pip wheel -q --no-deps -w dist .
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/auditwheel repair -w wheelhouse dist/shmkit-*.whl
+	@ls wheelhouse
+
+# That wheel installed into a fresh virtualenv outside the source tree, and the
+# test suite run against it (SHMKIT_TEST_INSTALLED=1: children do not get src/).
+WHEEL_VENV ?= $(or $(TMPDIR),/tmp)/shmkit-wheel-test
+wheel-test: wheel
+	rm -rf $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install -q "$$(ls wheelhouse/shmkit-*.whl)[test]"
+	cd $(WHEEL_VENV) && SHMKIT_TEST_INSTALLED=1 bin/python -m pytest -q -m "not stress" \
+		-p no:cacheprovider --rootdir=$(CURDIR) $(CURDIR)/tests
+
 clean:
-	rm -rf build $(VENV) src/shmkit/*.so $(SO) src/*.egg-info
+	rm -rf build dist wheelhouse $(VENV) src/shmkit/*.so $(SO) src/*.egg-info

@@ -13,7 +13,22 @@ from typing import Any, Callable, Iterator
 import pytest
 
 SPAWN = multiprocessing.get_context("spawn")
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+SOURCE_TREE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+# SHMKIT_TEST_INSTALLED=1 (`make wheel-test`) tests the installed package, not the
+# source tree: SRC, which child processes get as PYTHONPATH, is then the directory
+# the installed shmkit was imported from.
+INSTALLED = os.environ.get("SHMKIT_TEST_INSTALLED") == "1"
+if INSTALLED:
+    import shmkit as _shmkit
+
+    SRC = os.path.dirname(os.path.dirname(os.path.abspath(_shmkit.__file__)))
+    if os.path.commonpath([SRC, SOURCE_TREE]) == SOURCE_TREE:
+        raise RuntimeError(f"SHMKIT_TEST_INSTALLED=1 but shmkit was imported from the "
+                           f"source tree ({_shmkit.__file__}): run the tests from outside "
+                           "it, with the installed package's python")
+    os.environ["SHMKIT_TEST_PATH"] = SRC  # for test programs that run as scripts
+else:
+    SRC = SOURCE_TREE
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ import shmkit
 from shmkit import inspect
 from shmkit.segment import MAGIC
 
-from conftest import SRC
+from conftest import INSTALLED, SOURCE_TREE, SPAWN, SRC, spawn
 
-ROOT = os.path.dirname(SRC)
+ROOT = os.path.dirname(SOURCE_TREE)
 
 
 # -- helpers ------------------------------------------------------------------
@@ -345,7 +345,7 @@ def test_half_created_and_corrupt_segments_are_listed(names: Any, holder: Any) -
     assert removed == [half]
     assert not os.path.exists(shm(half))
     assert all(os.path.exists(shm(n)) for n in todo if n != half)
-    cli("rm", garbage, badkind, future, short)
+    cli("rm", "--yes", garbage, badkind, future, short)
     assert not any(os.path.exists(shm(n)) for n in (garbage, badkind, future, short))
 
 
@@ -355,17 +355,21 @@ def test_half_created_and_corrupt_segments_are_listed(names: Any, holder: Any) -
 def test_rm_removes_reports_missing_and_carries_on(names: Any, holder: Any) -> None:
     a, b, missing = names(), names(), names()
     h = holder(f"x = shmkit.Segment({a!r}, size=10); y = shmkit.Event({b!r})")
-    proc = cli("rm", a, missing, b, rc=1)
-    assert f"no segment named {missing!r}" in proc.stderr
-    assert proc.stderr.count("\n") == 1
+    proc = cli("rm", "--yes", a, missing, b, rc=1)
+    errors = proc.stderr.splitlines()
+    assert f"no segment named {missing!r}" in errors[0]
+    assert f"removed {a}" in proc.stdout and f"removed {b}" in proc.stdout
     assert not os.path.exists(shm(a)) and not os.path.exists(shm(b))
-    assert f"still mapped by pid {h.pid}" in proc.stdout
+    # a warning per object that live processes still map, naming them
+    assert [e for e in errors[1:] if "warning" in e] == [
+        f"shmkit rm: warning: {n} is still mapped by pid {h.pid}: they keep their memory "
+        "until they close it" for n in (a, b)]
 
     c = names()
     shmkit.Segment(c, size=10).close()
-    result = cli_json("rm", c, missing, rc=1)
-    assert [r["removed"] for r in result] == [True, False]
-    assert "invalid segment name" in cli("rm", "bad name!", rc=1).stderr
+    result = cli_json("rm", "-y", c, missing, rc=1)
+    assert [(r["name"], r["removed"]) for r in result] == [(missing, False), (c, True)]
+    assert "invalid segment name" in cli("rm", "-y", "bad name!", rc=1).stderr
 
 
 def test_rm_by_path_refuses_a_file_that_is_not_a_segment(tmp_path: Any, holder: Any) -> None:
@@ -373,9 +377,9 @@ def test_rm_by_path_refuses_a_file_that_is_not_a_segment(tmp_path: Any, holder: 
     holder(f"s = shmkit.Segment(path={seg!r}, size=10); s.close()")
     other = tmp_path / "notes.txt"
     other.write_text("precious")
-    assert "not a shmkit segment" in cli("rm", str(other), rc=1).stderr
+    assert "not a shmkit segment" in cli("rm", "-y", str(other), rc=1).stderr
     assert other.read_text() == "precious"
-    cli("rm", seg)
+    cli("rm", "-y", seg)
     assert not os.path.exists(seg)
 
 
@@ -547,6 +551,8 @@ def test_bench_outside_a_checkout_says_how_to_get_them(tmp_path: Any) -> None:
 
 
 def test_bench_runs_the_checkouts_benchmarks() -> None:
+    if INSTALLED:
+        pytest.skip("the installed package has no checkout (see the test above)")
     if not os.path.exists(os.path.join(ROOT, "benchmarks", "__main__.py")):
         pytest.skip("this checkout has no benchmarks/ yet")
     proc = cli("bench", "--list", cwd="/")
@@ -656,7 +662,7 @@ def test_links_and_fifos_are_listed_never_followed_or_opened(names: Any,
     (got,) = cli_json("info", link)
     assert got["state"] == states[link]
     assert cli_json("gc", link, fifo) == []
-    cli("rm", link)
+    cli("rm", "--yes", link)
     assert not os.path.lexists(shm(link)) and target.exists()  # the link, not its target
 
 
@@ -684,3 +690,310 @@ def test_a_class_ignoring_readonly_is_not_used_and_removes_nothing(
     assert "ignores readonly=True" in got["detail_error"]
     assert got["kind"] == "heap" and got["state"] == "stale" and got["size"] == 64
     assert os.path.exists(shm(name))
+
+
+# -- usage lines ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command,usage", [
+    ("ls", "usage: shmkit ls [-h] [--json] [PATTERN ...]"),
+    ("info", "usage: shmkit info [-h] [--json] NAME [NAME ...]"),
+    ("rm", "usage: shmkit rm [-h] [--yes] [--json] PATTERN [PATTERN ...]"),
+    ("gc", "usage: shmkit gc [-h] "),
+    ("top", "usage: shmkit top [-h] [--interval SECONDS] [--once] [--json] [PATTERN ...]"),
+    ("demo", "usage: shmkit demo [-h] [--senders N] [--records N] [--quiet]"),
+    ("bench", "usage: shmkit bench [-h] ..."),
+])
+def test_every_subcommand_has_a_clean_usage_line(command: str, usage: str) -> None:
+    out = cli(command, "--help").stdout
+    first = " ".join(out.split("\n\n")[0].split())  # argparse may wrap it
+    assert first.startswith(usage), first
+    assert "COMMAND" not in first and "--version" not in first, first
+    # a usage error names the same usage
+    err = cli(command, "--no-such-flag", rc=2).stderr if command != "bench" else ""
+    assert not err or " ".join(err.split()).startswith(f"usage: shmkit {command} ")
+
+
+# -- rm: patterns, confirmation -------------------------------------------------
+
+
+def test_rm_takes_patterns_lists_and_removes_with_yes(names: Any, holder: Any) -> None:
+    base = names()
+    a, b, c, other = f"{base}.a", f"{base}.b", f"{base}.c", names()
+    try:
+        h = holder(f"""
+            x = shmkit.Segment({a!r}, size=1000)
+            y = shmkit.Mutex({b!r}); y.close()
+            z = shmkit.Event({c!r}); z.close()
+            o = shmkit.Segment({other!r}, size=10); o.close()
+        """)
+        proc = cli("rm", "--yes", f"{base}.[ab]", f"{base}.*", rc=0)
+        assert proc.stdout.splitlines() == [f"removed {a}", f"removed {b}", f"removed {c}"]
+        assert f"warning: {a} is still mapped by pid {h.pid}" in proc.stderr
+        assert not any(os.path.exists(shm(n)) for n in (a, b, c))
+        assert os.path.exists(shm(other))  # not matched
+        proc = cli("rm", "-y", f"{base}.*", rc=1)
+        assert proc.stderr.strip() == (f"shmkit rm: no object matches '{base}.*'; "
+                                       "see `shmkit ls`")
+        assert proc.stdout == ""
+    finally:
+        for n in (a, b, c):
+            if os.path.exists(shm(n)):
+                os.unlink(shm(n))
+
+
+def test_rm_without_a_terminal_refuses_unless_yes(names: Any) -> None:
+    a, b = names(), names()
+    shmkit.Segment(a, size=10).close()
+    shmkit.Segment(b, size=10).close()
+    proc = cli("rm", a, b, rc=1)
+    assert "stdin is not a terminal; pass --yes (-y)" in proc.stderr
+    assert a in proc.stderr and b in proc.stderr
+    assert os.path.exists(shm(a)) and os.path.exists(shm(b))
+    proc = cli("rm", "--json", a, rc=1)
+    assert json.loads(proc.stdout) == [] and "--yes" in proc.stderr
+    assert os.path.exists(shm(a))
+    result = cli_json("rm", "--yes", a, b)
+    assert [(r["name"], r["removed"], r["kind"], r["size"]) for r in result] == [
+        (a, True, "raw", 10), (b, True, "raw", 10)]
+    assert not os.path.exists(shm(a)) and not os.path.exists(shm(b))
+
+
+def _rm_on_terminal(answer: str, *args: str) -> subprocess.CompletedProcess:
+    """``shmkit rm ARGS`` with a pseudo-terminal as stdin, answering ``answer``."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "shmkit", "rm", *args], stdin=slave,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=_env())
+        os.close(slave)
+        slave = -1
+        os.write(master, answer.encode() + b"\n")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    assert "Traceback" not in err, err
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_rm_on_a_terminal_lists_and_asks(names: Any, holder: Any) -> None:
+    a, b = names(), names()
+    h = holder(f"x = shmkit.Store({a!r}); y = shmkit.Mutex({b!r})")
+    proc = _rm_on_terminal("n", a, b)
+    assert proc.returncode == 0, proc.stderr
+    assert "Remove these 2 objects? [y/N]" in proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
+            if line.split() and line.split()[0] in (a, b)}
+    assert rows[a][1] == "store" and rows[b][1] == "mutex" and "64 B" in " ".join(rows[b])
+    assert rows[a][-1] == str(h.pid) and rows[b][-1] == str(h.pid)
+    assert "nothing removed" in proc.stdout
+    assert os.path.exists(shm(a)) and os.path.exists(shm(b))
+
+    proc = _rm_on_terminal("y", a)
+    assert proc.returncode == 0, proc.stderr
+    assert "Remove it? [y/N]" in proc.stderr and f"removed {a}" in proc.stdout
+    assert f"{a} is still mapped by pid {h.pid}" in proc.stderr
+    assert not os.path.exists(shm(a)) and os.path.exists(shm(b))
+
+    # with --json the list and the question go to stderr: stdout stays JSON
+    proc = _rm_on_terminal("yes", "--json", b)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["name"] for r in json.loads(proc.stdout)] == [b]
+    assert b in proc.stderr and "Remove it?" in proc.stderr
+    assert not os.path.exists(shm(b))
+
+
+# -- top: live activity ---------------------------------------------------------
+
+
+def busy(prefix: str, ready: Any, stop: Any) -> None:
+    """A spawned child keeping a channel, a store, a heap, a semaphore and a
+    condition busy until told to stop."""
+    import shmkit as sk
+
+    ch = sk.Channel(f"{prefix}.ch", capacity=1 << 16)
+    st = sk.Store(f"{prefix}.st")
+    hp = sk.Heap(f"{prefix}.hp", size=1 << 20)
+    sem = sk.Semaphore(f"{prefix}.sem", value=1)
+    cond = sk.Condition(f"{prefix}.cond")
+    stopping = False
+
+    def waiter() -> None:  # notify() counts only when it finds someone waiting
+        w = sk.Condition(f"{prefix}.cond")
+        while not stopping:
+            with w:
+                w.wait(timeout=0.5)
+        w.close()
+
+    import threading
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    ready.set()
+    i = 0
+    end = time.monotonic() + 120
+    while not stop.is_set() and time.monotonic() < end:
+        for _ in range(50):
+            ch.send(b"x" * 40)
+            ch.recv(timeout=5)
+            st[i] = b"v" * 24          # a new key, and one 100 keys old goes
+            if i >= 100:
+                del st[i - 100]
+            hp.free(hp.alloc(64))
+            with sem:
+                pass
+            i += 1
+        with cond:
+            cond.notify()
+        time.sleep(0.001)  # let the waiter take its wake-up and wait again
+    stopping = True
+    thread.join()
+    for obj in (ch, st, hp, sem, cond):
+        obj.close()
+
+
+def test_top_once_shows_rates_of_busy_objects(names: Any) -> None:
+    base = names()
+    kinds = ("ch", "st", "hp", "sem", "cond")
+    ready, stop = SPAWN.Event(), SPAWN.Event()
+    child = spawn(busy, base, ready, stop)
+    try:
+        assert ready.wait(60), "the busy child did not start"
+        (snap,) = [json.loads(cli("top", "--once", "--json", "--interval", "0.5",
+                                  f"{base}.*").stdout)]
+        assert snap["interval"] == 0.5
+        got = {o["name"].rsplit(".", 1)[1]: o for o in snap["objects"]}
+        assert sorted(got) == sorted(kinds)
+        r = {k: got[k]["rates"] for k in kinds}
+        assert r["ch"]["sent"] > 0 and r["ch"]["received"] > 0, r["ch"]
+        assert got["ch"]["counters"]["sent"] > 0
+        assert r["st"]["freed_bytes"] > 0, (r["st"], got["st"]["counters"])
+        assert got["st"]["counters"]["keys"] > 0
+        assert r["hp"]["allocs"] > 0 and r["hp"]["frees"] > 0, r["hp"]
+        assert r["sem"]["changes"] > 0 and r["cond"]["notifies"] > 0
+
+        text = cli("top", "--once", "--interval", "0.5", f"{base}.*").stdout
+        rows = {line.split()[0].rsplit(".", 1)[1]: line for line in text.splitlines()
+                if line.strip().startswith(base + ".")}
+        assert re.search(r"[1-9][\d.,k]* sent/s", rows["ch"]), rows["ch"]
+        assert re.search(r"[1-9][\d.,k]* received/s, depth \d", rows["ch"]), rows["ch"]
+        assert re.search(r"[1-9][\d.,k]* allocs/s", rows["hp"]), rows["hp"]
+        assert re.search(r"\d+ keys", rows["st"]) and "freed" in rows["st"], rows["st"]
+        assert re.search(r"[1-9][\d.,k]* changes/s", rows["sem"]), rows["sem"]
+        assert re.search(r"[1-9][\d.,k]* notifies/s", rows["cond"]), rows["cond"]
+    finally:
+        stop.set()
+        child.join(60)
+        for k in kinds:
+            if os.path.exists(shm(f"{base}.{k}")):
+                os.unlink(shm(f"{base}.{k}"))
+    assert child.exitcode == 0
+
+
+def test_top_reads_without_changing_anything(names: Any) -> None:
+    ch, st, hp = names(), names(), names()
+    with shmkit.Channel(ch, capacity=4096) as c:
+        c.send(b"waiting")
+    s = shmkit.Store(st)
+    s["k"] = b"v"
+    s.close()
+    shmkit.Heap(hp, size=1 << 16).close()
+    before = {n: open(shm(n), "rb").read() for n in (ch, st, hp)}
+    snap = json.loads(cli("top", "--once", "--json", "--interval", "0.1", ch, st, hp).stdout)
+    by = {o["name"]: o for o in snap["objects"]}
+    assert by[ch]["counters"]["depth"] == 1 and by[st]["counters"]["keys"] == 1
+    assert by[ch]["activity"].endswith("depth 1")
+    assert {n: open(shm(n), "rb").read() for n in (ch, st, hp)} == before
+
+
+def test_top_writes_plain_snapshots_when_not_on_a_terminal(name: str) -> None:
+    shmkit.Mutex(name).close()
+    proc = subprocess.Popen([sys.executable, "-m", "shmkit", "top", "--interval", "0.2",
+                             name], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env())
+    deadline = time.monotonic() + 30
+    seen = []
+    while len(seen) < 3 and time.monotonic() < deadline:  # snapshots arrive one by one
+        line = proc.stdout.readline()
+        if line.startswith("shmkit top"):
+            seen.append(line)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert len(seen) == 3, (seen, out, err)
+    assert proc.returncode == 0 and "Traceback" not in err
+    assert "\x1b[" not in "".join(seen) + out  # no terminal control codes
+
+
+# -- true sizes -----------------------------------------------------------------
+
+
+def test_sizes_are_payload_memory_and_growth_only_where_it_can_grow(names: Any) -> None:
+    mutex, seg, store, chan = names(), names(), names(), names()
+    shmkit.Mutex(mutex).close()
+    shmkit.Segment(seg, size=1000, max_size=1 << 20).close()
+    shmkit.Store(store).close()
+    shmkit.Channel(chan, capacity=4096).close()
+    used = {n: os.stat(shm(n)).st_blocks * 512 for n in (mutex, seg, store, chan)}
+    text = {n: cli("info", n).stdout for n in (mutex, seg, store, chan)}
+    assert re.search(r"size\s+64 B \(64 bytes\)", text[mutex]), text[mutex]
+    assert re.search(r"memory\s+" + re.escape(_human(used[mutex])), text[mutex])
+    assert "grows to" not in text[mutex] and "grows to" not in text[chan]
+    assert re.search(r"grows to\s+1\.0 MiB", text[seg]), text[seg]
+    assert "grows to" in text[store]
+    table = cli("ls", mutex, seg).stdout
+    row = next(line for line in table.splitlines() if mutex in line).split()
+    assert row[2:6] == ["64", "B", *_human(used[mutex]).split()], row
+    assert "MEMORY" in table
+
+
+def _human(n: int) -> str:
+    from shmkit.cli import _bytes
+
+    return _bytes(n)
+
+
+# -- platform, license ------------------------------------------------------------
+
+
+def test_importing_on_another_platform_says_linux_only() -> None:
+    code = textwrap.dedent("""
+        import sys
+        sys.platform = "darwin"
+        try:
+            import shmkit
+        except ImportError as e:
+            from shmkit.errors import ShmkitError
+            assert isinstance(e, ShmkitError), type(e).__mro__
+            assert "shmkit._core" not in sys.modules, "the C core was loaded"
+            print(type(e).__name__, e)
+        else:
+            raise SystemExit("imported on darwin")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("UnsupportedPlatformError shmkit runs on Linux only")
+    assert "'darwin'" in proc.stdout and "3.15" in proc.stdout
+
+
+def test_license_and_platform_metadata() -> None:
+    if INSTALLED:
+        from importlib.metadata import metadata
+
+        meta = metadata("shmkit")
+        assert meta["License-Expression"] == "MIT"
+        assert "Operating System :: POSIX :: Linux" in meta.get_all("Classifier")
+        return
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    assert project["project"]["license"] == "MIT"
+    assert project["project"]["license-files"] == ["LICENSE"]
+    assert "Operating System :: POSIX :: Linux" in project["project"]["classifiers"]
+    with open(os.path.join(ROOT, "LICENSE")) as f:
+        text = f.read()
+    assert text.startswith("MIT License") and "Copyright (c) 2026 the shmkit authors" in text

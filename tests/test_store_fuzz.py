@@ -25,7 +25,7 @@ import time
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(os.path.dirname(HERE), "src")
+SRC = os.environ.get("SHMKIT_TEST_PATH") or os.path.join(os.path.dirname(HERE), "src")
 
 # store-header fields (payload offsets; see the THeader comment in table.c)
 FIELDS = {"epoch": 0, "index": 8, "seed": 16, "heap_start": 24, "heap_end": 32,

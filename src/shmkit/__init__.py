@@ -10,6 +10,23 @@ message channels, a growable key-value store and a heap of movable blocks.
 b'hi'
 """
 
+# -- platform: Linux only, checked before anything touches the C core --------
+import sys as _sys
+
+if not _sys.platform.startswith("linux"):
+    from .errors import ShmkitError as _ShmkitError
+
+    class UnsupportedPlatformError(_ShmkitError, ImportError):
+        """shmkit was imported on a system other than Linux."""
+
+    raise UnsupportedPlatformError(
+        f"shmkit runs on Linux only (kernel 3.15 or newer: it uses open file description "
+        f"locks, futexes, MAP_NORESERVE and fallocate punch holes), not on "
+        f"{_sys.platform!r}; share memory between processes there with "
+        f"multiprocessing.shared_memory")
+del _sys
+# -----------------------------------------------------------------------------
+
 from .errors import (
     BusyError,
     ClosedError,

@@ -2,9 +2,9 @@
 
     shmkit ls                       every shmkit object on this machine
     shmkit info jobs                who holds the lock "jobs", and is it alive?
-    shmkit rm frames stats          remove objects by name
+    shmkit rm 'myapp.*'             remove objects by name or pattern (asks first)
     shmkit gc --dry-run             what crashed processes left behind
-    shmkit top                      a live view, refreshed every second
+    shmkit top                      live activity of every object, every second
     shmkit demo                     the two-process demo
     shmkit bench --filter sync      the benchmarks, from a source checkout
 
@@ -49,18 +49,19 @@ _TOP_EXAMPLES = _examples(
      "shmkit ls"),
     ("See who holds the lock \"jobs\" and whether that process is still alive:",
      "shmkit info jobs"),
-    ("Remove two objects you no longer need:", "shmkit rm frames stats"),
+    ("Remove two objects you no longer need (it lists them and asks first):",
+     "shmkit rm frames stats"),
     ("See what crashed processes left behind, without removing anything:",
      "shmkit gc --dry-run"),
-    ("Watch every object live until Ctrl-C:", "shmkit top"),
+    ("Watch messages, allocations and lock holders live until Ctrl-C:", "shmkit top"),
     ("Run the demo: senders and a receiver meeting by name:", "shmkit demo"),
     ("Run the lock benchmarks from a source checkout:", "shmkit bench --filter sync"),
 )
 
 _COMMANDS: dict[str, tuple[str, str]] = {
     "ls": ("list every shmkit object on this machine", _examples(
-        ("Show name, kind, size, creator, attached processes and lifetime of each object:",
-         "shmkit ls"),
+        ("Show name, kind, size, memory used, creator, attached processes and lifetime "
+         "of each object:", "shmkit ls"),
         ("Only the objects whose names start with \"cache\":", "shmkit ls 'cache*'"),
         ("The same facts as JSON, for a script:", "shmkit ls --json"),
     )),
@@ -74,11 +75,16 @@ _COMMANDS: dict[str, tuple[str, str]] = {
                   "shmkit info /var/lib/app/frames.shm"),
                  ("Everything as JSON:", "shmkit info --json jobs"),
              )),
-    "rm": ("remove objects by name (processes attached keep their memory until they close)",
+    "rm": ("remove objects by name or shell pattern, after listing them and asking "
+           "(processes attached keep their memory until they close it)",
            _examples(
-               ("Remove the objects \"frames\" and \"stats\":", "shmkit rm frames stats"),
-               ("Remove a segment created with path=:", "shmkit rm ./data/frames.shm"),
-               ("Report as JSON which names were removed:", "shmkit rm --json frames"),
+               ("List the objects \"frames\" and \"stats\", then remove them if you say "
+                "yes:", "shmkit rm frames stats"),
+               ("Remove every object whose name starts with \"myapp.\", without asking:",
+                "shmkit rm --yes 'myapp.*'"),
+               ("Remove a segment created with path=:", "shmkit rm -y ./data/frames.shm"),
+               ("From a script: remove without asking, report as JSON what was removed:",
+                "shmkit rm --yes --json 'cache.*'"),
            )),
     "gc": ("remove what crashed processes left behind (never a persistent object, never one "
            "in use)", _examples(
@@ -89,12 +95,19 @@ _COMMANDS: dict[str, tuple[str, str]] = {
                 "shmkit gc 'myapp.*'"),
                ("Report what was removed as JSON:", "shmkit gc --json"),
            )),
-    "top": ("a live view of every object (lock holders, event states), refreshed until "
-            "Ctrl-C", _examples(
+    "top": ("live activity of every object: messages per second and depth of channels "
+            "and queues, keys and bytes of stores, allocations of heaps, lock holders; "
+            "refreshed until Ctrl-C (plain text snapshots when not on a terminal)",
+            _examples(
                 ("Watch every object, refreshed every second:", "shmkit top"),
                 ("Watch only the objects whose names start with \"jobs\", five times a "
                  "second:", "shmkit top --interval 0.2 'jobs*'"),
-                ("Print one frame and exit:", "shmkit top --once"),
+                ("Print one snapshot (rates measured over half a second) and exit:",
+                 "shmkit top --once --interval 0.5"),
+                ("One snapshot as JSON, with each object's counters and rates:",
+                 "shmkit top --once --json"),
+                ("Log a snapshot every ten seconds to a file:",
+                 "shmkit top --interval 10 >> shm.log"),
             )),
     "demo": ("run the demo: senders and a receiver meeting by name in shared memory",
              _examples(
@@ -131,8 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str) -> argparse.ArgumentParser:
         purpose, examples = _COMMANDS[name]
-        return sub.add_parser(name, help=purpose, description=purpose[0].upper()
-                              + purpose[1:] + ".", epilog=examples, formatter_class=fmt)
+        p = sub.add_parser(name, prog=f"{PROG} {name}", help=purpose,
+                           description=purpose[0].upper() + purpose[1:] + ".",
+                           epilog=examples, formatter_class=fmt)
+        p.set_defaults(subparser=p)  # its own usage line for its usage errors
+        return p
 
     def json_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -150,8 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = command("rm")
-    p.add_argument("targets", nargs="+", metavar="NAME",
-                   help="object names, or file paths (containing '/') of path= segments")
+    p.add_argument("targets", nargs="+", metavar="PATTERN",
+                   help="object names, shell patterns of names ('cache.*'), or file paths "
+                        "(containing '/') of path= segments")
+    p.add_argument("--yes", "-y", action="store_true",
+                   help="remove without asking (needed when stdin is not a terminal)")
     json_flag(p)
     p.set_defaults(func=cmd_rm)
 
@@ -168,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only objects whose names match these shell patterns")
     p.add_argument("--interval", type=_positive, default=1.0, metavar="SECONDS",
                    help="seconds between refreshes (default 1)")
-    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--once", action="store_true",
+                   help="print one snapshot (rates measured over one interval) and exit")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON (one line per snapshot) instead of a table")
     p.set_defaults(func=cmd_top)
 
     p = command("demo")
@@ -272,8 +294,23 @@ def _pids(obj: dict[str, Any], limit: int = 6) -> str:
     return text or "-"
 
 
+#: Kinds whose payload can grow after creation (``Segment.resize``, a store
+#: growing by itself, a heap made with room): only they show "grows to".
+_GROWABLE = frozenset({"raw", "store", "heap"})
+
+
+def _grows_to(obj: dict[str, Any]) -> int | None:
+    """The payload size an object may grow to, as its header says, or None."""
+    size, top = obj.get("size"), obj.get("max_size")
+    if obj.get("kind") in _GROWABLE and size is not None and top is not None and top > size:
+        return top
+    return None
+
+
 def _objects_table(objects: list[dict[str, Any]], activity: bool = False,
                    title: str | None = None) -> Any:
+    """The ``ls`` table; with ``activity`` (``top``), each object's ``activity`` text
+    in place of its creator and lifetime."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
@@ -283,11 +320,14 @@ def _objects_table(objects: list[dict[str, Any]], activity: bool = False,
     table.add_column("NAME", overflow="fold")
     table.add_column("KIND", overflow="fold")
     table.add_column("SIZE", justify="right", no_wrap=True)
-    table.add_column("CREATOR", justify="right", no_wrap=True)
+    table.add_column("MEMORY", justify="right", no_wrap=True)
+    if not activity:
+        table.add_column("CREATOR", justify="right", no_wrap=True)
     table.add_column("ATTACHED", overflow="fold")
-    table.add_column("LIFETIME", overflow="fold")
     if activity:
-        table.add_column("ACTIVITY", overflow="fold")
+        table.add_column("ACTIVITY", overflow="fold", ratio=1)
+    else:
+        table.add_column("LIFETIME", overflow="fold")
     table.add_column("STATE", overflow="fold")
     total = 0
     for obj in objects:
@@ -295,12 +335,12 @@ def _objects_table(objects: list[dict[str, Any]], activity: bool = False,
         total += obj["file_bytes"] or 0
         row = [Text(obj["name"], style="bold"), Text(obj["kind"] or "?"),
                Text(_bytes(size) if size is not None else "?"),
-               Text(str(obj["creator_pid"] or "?")), Text(_pids(obj)),
-               Text(obj["lifetime"] or "?")]
-        if activity:
-            from .inspect import activity as act
-
-            row.append(Text(act(obj)))
+               Text(_bytes(obj["file_bytes"]))]
+        if not activity:
+            row.append(Text(str(obj["creator_pid"] or "?")))
+        row.append(Text(_pids(obj)))
+        row.append(Text(obj.get("activity", "")) if activity
+                   else Text(obj["lifetime"] or "?"))
         row.append(Text(obj["state"], style=_state_style(obj["state"])))
         table.add_row(*row)
     n = len(objects)
@@ -437,11 +477,14 @@ def _info_table(info: dict[str, Any]) -> Any:
         rows.append(("state", "lifetime 'attached' and every attached process is gone; "
                               "`shmkit gc` removes it"))
     if info["size"] is not None:
-        rows.append(("size", f"{_bytes(info['size'])} ({info['size']} bytes); "
-                             f"{_bytes(info['file_bytes'])} of memory, grows to "
-                             f"{_bytes(info['max_size'])}"))
-    elif info["file_bytes"] is not None:
-        rows.append(("file", _bytes(info["file_bytes"])))
+        rows.append(("size", f"{_bytes(info['size'])} ({info['size']:,} bytes)"))
+        grows = _grows_to(info)
+        if grows is not None:
+            rows.append(("grows to", f"{_bytes(grows)} (reserved address space, used "
+                                     "only as it grows)"))
+    if info["file_bytes"] is not None:
+        rows.append(("memory", f"{_bytes(info['file_bytes'])} (header, attach table and "
+                               "the payload pages in use)"))
     if info["lifetime"]:
         rows.append(("lifetime", info["lifetime"]))
     if info["created"] is not None:
@@ -491,28 +534,91 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_rm(args: argparse.Namespace) -> int:
-    from .inspect import remove
+def _rm_table(objects: list[dict[str, Any]]) -> Any:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
 
-    results, failed = [], False
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column, justify in (("NAME", "left"), ("KIND", "left"), ("SIZE", "right"),
+                            ("ATTACHED", "left")):
+        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for obj in objects:
+        table.add_row(Text(obj["name"], style="bold"),
+                      Text(obj["kind"] or obj["state"]),
+                      Text(_bytes(obj["size"]) if obj["size"] is not None
+                           else _bytes(obj["file_bytes"])),
+                      Text(_pids(obj)))
+    return table
+
+
+def _ask(question: str) -> bool:
+    """Ask on the terminal; True only for an explicit yes."""
+    sys.stderr.write(question)
+    sys.stderr.flush()
+    answer = sys.stdin.readline()
+    if not answer.endswith("\n"):
+        sys.stderr.write("\n")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .inspect import remove, select
+
+    objects, problems = select(args.targets)
+    for _target, message in problems:
+        _error("rm", message)
+    results: list[dict[str, Any]] = [{"name": t, "removed": False, "error": m}
+                                     for t, m in problems]
+    failed = bool(problems)
+    if objects and not args.yes:
+        if not sys.stdin.isatty():
+            names = ", ".join(o["name"] for o in objects[:5])
+            more = f" and {len(objects) - 5} more" if len(objects) > 5 else ""
+            _error("rm", f"not removing {_plural(len(objects), 'object')} ({names}{more}) "
+                         "without confirmation: stdin is not a terminal; pass --yes (-y) "
+                         "to remove them")
+            if args.json:
+                _print_json(results)
+            return 1
+        # The list and the question go to stderr with --json: stdout stays JSON.
+        shown = Console(stderr=True, highlight=False, markup=False, emoji=False) \
+            if args.json else _console()
+        shown.print(_rm_table(objects))
+        question = "Remove it? [y/N] " if len(objects) == 1 else \
+            f"Remove these {len(objects)} objects? [y/N] "
+        if not _ask(question):
+            shown.print("nothing removed")
+            if args.json:
+                _print_json(results)
+            return 1 if failed else 0
     console = None if args.json else _console()
-    for target in args.targets:
+    for obj in objects:
         try:
-            facts = remove(target)
+            facts = remove(obj["name"])
         except _ERRORS as e:
-            _error("rm", _message(e))
-            results.append({"name": target, "removed": False, "error": _message(e)})
+            _error("rm", f"could not remove {obj['name']}: {_message(e)}")
+            results.append({"name": obj["name"], "removed": False, "error": _message(e)})
             failed = True
             continue
         pids = sorted({a["pid"] for a in facts["attached"]})
-        results.append({"name": facts["name"], "path": facts["path"], "removed": True,
-                        "still_attached": pids})
+        results.append({"name": facts["name"], "path": facts["path"], "kind": facts["kind"],
+                        "size": facts["size"], "removed": True, "still_attached": pids,
+                        "readonly_attached": facts["readonly_attached"]})
         if console is not None:
-            note = ""
-            if pids:
-                note = (f" (still mapped by pid {', '.join(map(str, pids))}: they keep "
-                        "their memory until they close it)")
-            console.print(f"removed {facts['name']}{note}")
+            console.print(f"removed {facts['name']}")
+        if pids or facts["readonly_attached"]:
+            who = f"pid {', '.join(map(str, pids))}" if pids else ""
+            if facts["readonly_attached"]:
+                who = (who + " and " if who else "") + "read-only handles"
+            _error("rm", f"warning: {facts['name']} is still mapped by {who}: they keep "
+                         "their memory until they close it")
     if args.json:
         _print_json(results)
     return 1 if failed else 0
@@ -538,34 +644,66 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def _top_frame(patterns: Sequence[str]) -> Any:
+def _top_objects(patterns: Sequence[str], previous: list[dict[str, Any]] | None
+                 ) -> list[dict[str, Any]]:
+    """One sample of every object, with rates against ``previous`` (same objects)."""
+    from .inspect import activity, rates, sample
+
+    before = {o["path"]: o for o in previous or []}
+    objects = sample(patterns)
+    for obj in objects:
+        earlier = before.get(obj["path"])
+        obj["rates"] = rates(earlier, obj) if earlier is not None else {}
+        obj["activity"] = activity(obj, obj["rates"])
+    return objects
+
+
+def _top_frame(objects: list[dict[str, Any]], interval: float, live: bool) -> Any:
     from rich.console import Group
     from rich.text import Text
 
-    from .inspect import list_objects
-
-    objects = list_objects(patterns)
     stamp = datetime.datetime.now().strftime("%H:%M:%S")
-    head = Text.assemble(("shmkit top", "bold"), f"  {stamp}  ",
-                         ("Ctrl-C to quit", "dim"))
+    head = Text.assemble(("shmkit top", "bold"), f"  {stamp}  rates over {interval:g} s",
+                         ("  Ctrl-C to quit", "dim") if live else "")
     if not objects:
         return Group(head, Text("no shmkit objects", style="dim"))
     return Group(head, _objects_table(objects, activity=True))
 
 
-def cmd_top(args: argparse.Namespace) -> int:
-    from rich.live import Live
+def _top_json(objects: list[dict[str, Any]], interval: float) -> dict[str, Any]:
+    return {"time": time.time(), "interval": interval,
+            "objects": [{k: v for k, v in o.items() if k != "sampled"} for o in objects]}
 
+
+def cmd_top(args: argparse.Namespace) -> int:
+    """Sample, wait an interval, sample again: each frame shows the rates between."""
     console = _console()
-    if args.once:
-        console.print(_top_frame(args.patterns))
-        return 0
+    live = console.is_terminal and not args.json and not args.once
     try:
-        with Live(_top_frame(args.patterns), console=console, auto_refresh=False,
-                  screen=False, redirect_stdout=False) as live:
-            while True:
-                time.sleep(args.interval)
-                live.update(_top_frame(args.patterns), refresh=True)
+        previous = _top_objects(args.patterns, None)
+        if live:
+            from rich.live import Live
+
+            with Live(_top_frame(previous, args.interval, True), console=console,
+                      auto_refresh=False, screen=False, redirect_stdout=False) as screen:
+                while True:
+                    time.sleep(args.interval)
+                    previous = _top_objects(args.patterns, previous)
+                    screen.update(_top_frame(previous, args.interval, True), refresh=True)
+        while True:  # not a terminal (or --once, --json): a plain snapshot per interval
+            time.sleep(args.interval)
+            previous = _top_objects(args.patterns, previous)
+            if args.json:
+                text = json.dumps(_top_json(previous, args.interval), default=str,
+                                  indent=2 if args.once else None)
+                print(text, flush=True)
+            else:
+                console.print(_top_frame(previous, args.interval, False))
+                if not args.once:
+                    console.print()
+                console.file.flush()
+            if args.once:
+                return 0
     except KeyboardInterrupt:
         return 0
 
@@ -653,7 +791,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["bench"] and argv[1:] not in (["-h"], ["--help"]):
         args = argparse.Namespace(command="bench", args=argv[1:], func=cmd_bench)
     else:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # argparse would report these with the top-level usage line
+            args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -35,7 +35,13 @@ import time
 from typing import Any, Iterator, Sequence
 
 from . import _core
-from .errors import CorruptError, FormatVersionError, NotFoundError, ShmkitError
+from .errors import (
+    CorruptError,
+    FormatVersionError,
+    InvalidNameError,
+    NotFoundError,
+    ShmkitError,
+)
 from .segment import (
     _FLAG_ATTACHED,
     _HEADER_BYTES,
@@ -56,7 +62,11 @@ __all__ = [
     "scan",
     "list_objects",
     "describe",
+    "counters",
+    "sample",
+    "rates",
     "activity",
+    "select",
     "remove",
     "collect_garbage",
 ]
@@ -461,12 +471,224 @@ def describe(target: str) -> dict[str, Any]:
     return out
 
 
-def activity(summary: dict[str, Any]) -> str:
+# -- live activity (shmkit top) --------------------------------------------
+
+# Payload offsets of the counters each kind keeps (see the layout comments of
+# _core/ring.c, _core/table.c, _core/heap.c and shmkit/sync.py).
+_RING_MAGIC = 0x31474E52            # "RNG1"
+_RING = struct.Struct("=IIQQQII24xQQ")  # 0: magic .. closed, 64: tail, reserved
+_RING_CONSUMERS = struct.Struct("=QQQQ")                       # 128: head, read, received, dropped
+_TABLE = struct.Struct("=QQQQQ")    # 64: lock|state, count, tombstones, used, pending
+_TABLE_STATS = struct.Struct("=QQQQQQ")  # 128: growths, index_growths, recycles, recoveries, vacuums, batches
+_HEAP_MAGIC = 0x31504145484D4853    # "SHMHEAP1"
+_HEAP_USED = struct.Struct("=QQQQ")  # 80: used_units, used_blocks, free_units, free_blocks
+_HEAP_STATS = struct.Struct("=QQQQQQQQ")  # 192: allocs, frees, moves, moved_bytes, compactions, recoveries, reclaimed_pins, reallocs
+_HEAP_UNIT = 16
+
+#: Counters that only grow: ``top`` shows them per second.
+_CUMULATIVE = frozenset({
+    "sent", "received", "dropped", "recycles", "growths", "batches", "allocs", "frees",
+    "moves", "moved_bytes", "compactions", "reallocs", "changes", "notifies"})
+#: Levels whose change per second ``top`` shows as well (a store keeps no
+#: operation counters: its keys and bytes moving are the activity).
+_LEVELS = frozenset({"keys", "used_bytes"})
+
+
+def counters(summary: dict[str, Any]) -> dict[str, int]:
+    """The live counters an object keeps in shared memory, read without attaching.
+
+    ``summary`` is a :func:`scan` result.  The file is opened read-only and
+    read with ``os.pread``: nothing is mapped, locked or written, so looking
+    changes nothing.  What comes back depends on the kind:
+
+    - channel, queue: ``sent``, ``received``, ``dropped`` (messages, since
+      creation), ``depth`` (waiting now), ``bytes_used``, ``capacity``,
+      ``closed``;
+    - store: ``keys``, ``used_bytes``, ``pending_bytes`` (freed since the
+      last recycle), ``tombstones``, ``recycles``, ``growths``, ``batches``
+      (the store counts no gets or puts);
+    - heap: ``allocs``, ``frees``, ``reallocs``, ``moves``, ``moved_bytes``,
+      ``compactions``, ``blocks``, ``used_bytes``;
+    - semaphore: ``value``, ``changes`` (acquires and releases), ``waiting``;
+      condition: ``notifies``, ``waiting``; event: ``set``, ``waiting``;
+      mutex: ``held``, ``waiters`` (a mutex counts no acquisitions).
+
+    Returns ``{}`` for other kinds, for objects that are not healthy, and
+    when what the file holds is not what the kind writes (numbers read from
+    shared memory are never trusted).
+
+    >>> counters(scan("logs"))                        # doctest: +SKIP
+    {'sent': 120345, 'received': 120301, 'dropped': 0, 'depth': 44, ...}
+    """
+    kind = summary.get("kind")
+    if summary.get("state") not in ("ok", "stale") or kind not in _COUNTER_READERS:
+        return {}
+    try:
+        fd = os.open(summary["path"], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                     | os.O_NONBLOCK)
+    except OSError:
+        return {}
+    try:
+        raw = os.pread(fd, 32, 0)
+        if raw[:8] != MAGIC or len(raw) < 32:
+            return {}
+        hsize = struct.unpack_from("=Q", raw, 24)[0]
+        if not _HEADER_BYTES <= hsize < 1 << 40:
+            return {}
+        return _COUNTER_READERS[kind](fd, hsize)
+    except (OSError, struct.error):
+        return {}
+    finally:
+        os.close(fd)
+
+
+def _read(fd: int, layout: struct.Struct, off: int) -> tuple[int, ...] | None:
+    data = os.pread(fd, layout.size, off)
+    return layout.unpack(data) if len(data) == layout.size else None
+
+
+def _ring_counters(fd: int, base: int) -> dict[str, int]:
+    head = _read(fd, _RING, base)
+    tail = _read(fd, _RING_CONSUMERS, base + 128)
+    if head is None or tail is None or head[0] != _RING_MAGIC:
+        return {}
+    _magic, _fmt, cap, _data_off, _max_items, _slots, closed, tail_pos, reserved = head
+    head_pos, _read_pos, received, dropped = tail
+    depth = reserved - received - dropped
+    return {"sent": max(reserved - dropped, 0), "received": received, "dropped": dropped,
+            "depth": depth if 0 <= depth <= reserved else 0,
+            "bytes_used": min(max(tail_pos - head_pos, 0), cap), "capacity": cap,
+            "closed": int(bool(closed))}
+
+
+def _store_counters(fd: int, base: int) -> dict[str, int]:
+    level = _read(fd, _TABLE, base + 64)
+    stats = _read(fd, _TABLE_STATS, base + 128)
+    if level is None or stats is None:
+        return {}
+    _lock, keys, tombstones, used, pending = level
+    growths, _index_growths, recycles, _recoveries, _vacuums, batches = stats
+    return {"keys": keys, "used_bytes": used, "pending_bytes": pending,
+            "tombstones": tombstones, "recycles": recycles, "growths": growths,
+            "batches": batches}
+
+
+def _heap_counters(fd: int, base: int) -> dict[str, int]:
+    ident = _read(fd, struct.Struct("=IIQ"), base)
+    used = _read(fd, _HEAP_USED, base + 80)
+    stats = _read(fd, _HEAP_STATS, base + 192)
+    if ident is None or used is None or stats is None or ident[2] != _HEAP_MAGIC:
+        return {}
+    used_units, used_blocks, _free_units, _free_blocks = used
+    allocs, frees, moves, moved, compactions, _rec, _reclaimed, reallocs = stats
+    return {"allocs": allocs, "frees": frees, "reallocs": reallocs, "moves": moves,
+            "moved_bytes": moved, "compactions": compactions, "blocks": used_blocks,
+            "used_bytes": used_units * _HEAP_UNIT}
+
+
+def _sync_words(fd: int, base: int) -> tuple[int, int, int, int] | None:
+    return _read(fd, struct.Struct("=4I"), base)
+
+
+def _mutex_counters(fd: int, base: int) -> dict[str, int]:
+    w = _sync_words(fd, base)
+    if w is None:
+        return {}
+    return {"held": int(bool(w[0] & _TOKEN_MASK)), "waiters": int(bool(w[0] & _WAITERS_BIT))}
+
+
+def _event_counters(fd: int, base: int) -> dict[str, int]:
+    w = _sync_words(fd, base)
+    return {} if w is None else {"set": w[0] & 1, "waiting": w[0] >> 1}
+
+
+def _semaphore_counters(fd: int, base: int) -> dict[str, int]:
+    w = _sync_words(fd, base)
+    if w is None:
+        return {}
+    value = w[1] - (1 << 32) if w[1] >= 1 << 31 else w[1]
+    return {"value": value, "changes": w[2], "waiting": w[3]}
+
+
+def _condition_counters(fd: int, base: int) -> dict[str, int]:
+    w = _sync_words(fd, base)
+    return {} if w is None else {"notifies": w[1], "waiting": w[2]}
+
+
+_COUNTER_READERS = {
+    "channel": _ring_counters, "queue": _ring_counters, "store": _store_counters,
+    "heap": _heap_counters, "mutex": _mutex_counters, "event": _event_counters,
+    "semaphore": _semaphore_counters, "condition": _condition_counters,
+}
+
+
+def sample(patterns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """:func:`list_objects`, each with its live ``counters`` and the ``sampled`` time.
+
+    Two samples taken a moment apart give the rates ``shmkit top`` shows
+    (:func:`rates`).  ``sampled`` is ``time.monotonic()`` just after the
+    object's counters were read.
+    """
+    out = []
+    for obj in list_objects(patterns):
+        obj["counters"] = counters(obj)
+        obj["sampled"] = time.monotonic()
+        out.append(obj)
+    return out
+
+
+def rates(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """Per-second change of each counter between two :func:`sample` entries of one object.
+
+    Only counters that only grow (messages sent, allocations...) and a
+    store's levels (keys, used bytes) are given; an object that was removed
+    and made again in between (another creation time) gives ``{}``, as does
+    a counter that went backwards.  For a store, ``freed_bytes`` (records
+    replaced or deleted) comes from its pending bytes; when a recycle came in
+    between it is a lower bound.
+
+    >>> a = sample(["logs"]); time.sleep(1); b = sample(["logs"])   # doctest: +SKIP
+    >>> rates(a[0], b[0])                                             # doctest: +SKIP
+    {'sent': 40211.0, 'received': 40198.5, 'dropped': 0.0}
+    """
+    if before.get("created") != after.get("created") or before.get("path") != after.get(
+            "path"):
+        return {}
+    seconds = after.get("sampled", 0.0) - before.get("sampled", 0.0)
+    was, now = before.get("counters") or {}, after.get("counters") or {}
+    if seconds <= 0 or not was or not now:
+        return {}
+    out: dict[str, float] = {}
+    for key, value in now.items():
+        if key not in was:
+            continue
+        delta = value - was[key]
+        if key in _CUMULATIVE:
+            if delta < 0:
+                return {}  # counters went back: not the same object's history
+            out[key] = delta / seconds
+        elif key in _LEVELS:
+            out[key] = delta / seconds
+    if after.get("kind") == "store" and "pending_bytes" in now and "pending_bytes" in was:
+        # Bytes of records replaced or deleted: pending grows by them and a
+        # recycle sets it back to 0, so across a recycle this is a lower bound.
+        freed = now["pending_bytes"]
+        if now.get("recycles") == was.get("recycles"):
+            freed -= was["pending_bytes"]
+        out["freed_bytes"] = max(freed, 0) / seconds
+    return out
+
+
+def activity(summary: dict[str, Any], per_second: dict[str, float] | None = None) -> str:
     """A few words on what an object is doing now, for ``shmkit top``.
 
     ``"held by 4242"``, ``"held by 4242 (dead)"``, ``"set, 2 waiting"``,
-    ``"value 3"``, ``"float64 (1024, 3)"``...  Reads the payload with
-    ``os.pread`` (no attaching); returns ``""`` when there is nothing to say.
+    ``"1.2k sent/s, 1.2k received/s, depth 3"``, ``"80 allocs/s, 79 frees/s,
+    2 moves/s"``, ``"1,024 keys +50/s, used 64.0 KiB +3.1 KiB/s"``,
+    ``"float64 (1024, 3)"``...  ``summary`` is a :func:`scan` or
+    :func:`sample` result (its ``counters`` are read if missing);
+    ``per_second`` comes from :func:`rates`.  Reads with ``os.pread`` (no
+    attaching); returns ``""`` when there is nothing to say.
     """
     if summary.get("state") not in ("ok", "stale"):
         return ""
@@ -475,10 +697,98 @@ def activity(summary: dict[str, Any]) -> str:
         return f"{_dtype_text(layout.get('dtype'))} {tuple(layout.get('shape', ()))}"
     if kind == "struct":
         return _dtype_text(layout.get("dtype"))
+    c = summary.get("counters")
+    if c is None:
+        c = counters(summary)
+    r = per_second or {}
+    if kind in ("channel", "queue"):
+        return _ring_text(c, r)
+    if kind == "store":
+        return _store_text(c, r)
+    if kind == "heap":
+        return _heap_text(c, r)
     if kind not in ("mutex", "rwlock", "event", "semaphore", "condition"):
         return ""
+    text = _sync_text(summary, kind)
+    if kind == "semaphore" and c:
+        text = _join(text, _rate(r, "changes", "changes"))
+    if kind == "condition" and c:
+        text = _join(text, _rate(r, "notifies", "notifies"),
+                     f"{c['waiting']} waiting" if c.get("waiting") else "")
+    return text
+
+
+def _number(x: float) -> str:
+    """1234 -> "1,234"; 12345.6 -> "12.3k"; 0.25 -> "0.25"."""
+    if x >= 10_000_000:
+        return f"{x / 1e6:.1f}M"
+    if x >= 10_000:
+        return f"{x / 1e3:.1f}k"
+    if x >= 10 or x == int(x):
+        return f"{x:,.0f}"
+    return f"{x:.2g}"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def _rate(r: dict[str, float], key: str, label: str, size: bool = False) -> str:
+    if key not in r:
+        return ""
+    v = r[key]
+    return f"{_size(v) if size else _number(v)} {label}/s"
+
+
+def _signed(r: dict[str, float], key: str, size: bool = False) -> str:
+    if not r.get(key):
+        return ""
+    v = r[key]
+    text = _size(abs(v)) if size else _number(abs(v))
+    return f"{'+' if v > 0 else '-'}{text}/s"
+
+
+def _join(*parts: str) -> str:
+    return ", ".join(p for p in parts if p)
+
+
+def _ring_text(c: dict[str, int], r: dict[str, float]) -> str:
+    if not c:
+        return ""
+    return _join(_rate(r, "sent", "sent"), _rate(r, "received", "received"),
+                 _rate(r, "dropped", "dropped") if r.get("dropped") else "",
+                 f"depth {c['depth']:,}", "closed" if c.get("closed") else "")
+
+
+def _store_text(c: dict[str, int], r: dict[str, float]) -> str:
+    if not c:
+        return ""
+    keys = " ".join(p for p in (f"{c['keys']:,} keys", _signed(r, "keys")) if p)
+    used = " ".join(p for p in (f"used {_size(c['used_bytes'])}",
+                                _signed(r, "used_bytes", size=True)) if p)
+    freed = _rate(r, "freed_bytes", "freed", size=True) if r.get("freed_bytes") else ""
+    recycles = _rate(r, "recycles", "recycles") if r.get("recycles") else ""
+    return _join(keys, used, freed, recycles)
+
+
+def _heap_text(c: dict[str, int], r: dict[str, float]) -> str:
+    if not c:
+        return ""
+    return _join(_rate(r, "allocs", "allocs"), _rate(r, "frees", "frees"),
+                 _rate(r, "moves", "moves") if r.get("moves") else "",
+                 _rate(r, "reallocs", "reallocs") if r.get("reallocs") else "",
+                 f"{c['blocks']:,} blocks, {_size(c['used_bytes'])}")
+
+
+def _sync_text(summary: dict[str, Any], kind: str) -> str:
+    """Lock holder, event and semaphore state from the payload's first words."""
     try:
-        fd = os.open(summary["path"], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(summary["path"], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                     | os.O_NONBLOCK)
     except OSError:
         return ""
     try:
@@ -554,6 +864,41 @@ def remove(target: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise NotFoundError(f"{target!r} was removed meanwhile ({path})") from None
     return facts
+
+
+_GLOB = frozenset("*?[")
+
+
+def select(targets: Sequence[str]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """The objects that names, paths and shell patterns pick, as ``shmkit rm`` does.
+
+    A target with ``*``, ``?`` or ``[`` is a pattern matched against every
+    name (as in :func:`list_objects`); one with a ``/`` is a file path; any
+    other is one name.  Returns ``(objects, problems)``: the :func:`scan`
+    facts of each object picked (once, in the order given), and one
+    ``(target, message)`` per target that picked nothing or is not a name a
+    segment can have.
+
+    >>> select(["cache.*", "jobs", "nope"])       # doctest: +SKIP
+    ([{'name': 'cache.a', ...}, {'name': 'jobs', ...}], [('nope', "no segment named ...")])
+    """
+    picked: dict[str, dict[str, Any]] = {}
+    problems: list[tuple[str, str]] = []
+    for target in targets:
+        if "/" not in target and _GLOB & set(target):
+            found = list_objects([target])
+            if not found:
+                problems.append((target, f"no object matches {target!r}; see `shmkit ls`"))
+            for obj in found:
+                picked.setdefault(obj["path"], obj)
+            continue
+        try:
+            obj = scan(target)
+        except (NotFoundError, InvalidNameError) as e:
+            problems.append((target, str(e)))
+            continue
+        picked.setdefault(obj["path"], obj)
+    return list(picked.values()), problems
 
 
 def _has_magic(path: str) -> bool:
