@@ -83,7 +83,7 @@ def test_struct_with_ctypes_across_processes(name):
     p.join(30)
     assert p.exitcode == 0
     assert s.record.n == 8 and s.record.hist[0] == 5
-    assert s.size == ctypes.sizeof(Point)
+    assert s.nbytes == ctypes.sizeof(Point)
     info = s.info()
     assert info["kind"] == "struct" and info["record"]["itemsize"] == ctypes.sizeof(Point)
     s.close()
@@ -293,19 +293,19 @@ def _write_layout(name: str, layout) -> None:
 
 
 @pytest.mark.parametrize("layout", [
-    {"format": 1, "dtype": "O", "shape": [3]},
-    {"format": 1, "dtype": "<f8", "shape": [-1]},
-    {"format": 1, "dtype": "<f8", "shape": [1000000]},          # more than it holds
-    {"format": 1, "dtype": "<f8", "shape": ["3"]},
-    {"format": 1, "dtype": "<f8", "shape": [True]},
-    {"format": 1, "dtype": "<f8", "shape": 3},
-    {"format": 1, "dtype": "no such type", "shape": [3]},
-    {"format": 1, "dtype": {"names": ["a"], "formats": []}, "shape": [3]},
-    {"format": 1, "dtype": {"subdtype": "<f8", "shape": [1 << 40]}, "shape": [1]},
-    {"format": 1, "shape": [3]},
-    {"format": 1, "dtype": 7, "shape": [3]},
+    {"format": 2, "dtype": "O", "shape": [3]},
+    {"format": 2, "dtype": "<f8", "shape": [-1]},
+    {"format": 2, "dtype": "<f8", "shape": [1000000]},          # more than it holds
+    {"format": 2, "dtype": "<f8", "shape": ["3"]},
+    {"format": 2, "dtype": "<f8", "shape": [True]},
+    {"format": 2, "dtype": "<f8", "shape": 3},
+    {"format": 2, "dtype": "no such type", "shape": [3]},
+    {"format": 2, "dtype": {"names": ["a"], "formats": []}, "shape": [3]},
+    {"format": 2, "dtype": {"subdtype": "<f8", "shape": [1 << 40]}, "shape": [1]},
+    {"format": 2, "shape": [3]},
+    {"format": 2, "dtype": 7, "shape": [3]},
     # nested 90 deep: 2**90 elements
-    b'{"format": 1, "shape": [1], "dtype": ' + b'{"shape": [2], "subdtype": ' * 90
+    b'{"format": 2, "shape": [1], "dtype": ' + b'{"shape": [2], "subdtype": ' * 90
     + b'"<f8"' + b"}" * 91,
 ])
 def test_hostile_layout_raises_corrupt_error(name, layout):
@@ -323,7 +323,7 @@ def test_other_record_format_version(name):
     layout._attach(name, None, size=None, create=False, kind=shmkit.Kind.STRUCT)
     stored = layout.layout
     layout.close()
-    stored["format"] = 2
+    stored["format"] = 1  # the layout before c_char * N became one bytes value
     _write_layout(name, stored)
     with pytest.raises(shmkit.FormatVersionError):
         shmkit.Struct.open(name)
