@@ -17,7 +17,6 @@ by name.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -219,13 +218,11 @@ def _rebuild(cls: type, name: str, path: str, readonly: bool, kind: int, dup: An
     """Unpickle a structure: through the handed-over file if any, else by name."""
     seg = None
     if dup is not None:
-        fd = dup.detach()
         try:
-            seg = Segment._from_fd(fd, name, path, kind=Kind(kind), readonly=readonly)
+            seg = Segment._from_fd(dup.detach(), name, path, kind=Kind(kind),
+                                   readonly=readonly)
         except FileNotFoundError:  # no /proc: fall back to the name
             seg = None
-        finally:
-            os.close(fd)
     if seg is None:
         seg = attach_segment(Kind(kind), name, path, size=None, create=False,
                              readonly=readonly)

@@ -313,8 +313,10 @@ class Segment:
         ``multiprocessing`` hands over pipes), so the child reaches the
         object even after the parent closed it and its name was removed.
         The file is reopened through ``/proc/self/fd`` to get an open file of
-        our own (attach slots are OFD locks, one per open file); ``fd`` stays
-        the caller's to close.
+        our own (attach slots are OFD locks, one per open file), and ``fd`` is
+        closed before a slot is claimed: an inherited descriptor shares the
+        parent's open file, and with it the locks the parent held, which must
+        go when the parent has let go.
         """
         self = cls.__new__(cls)
         self._kind = kind or cls._kind
@@ -323,7 +325,10 @@ class Segment:
         self._created = False
         self._lock_obj = None
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-        own = os.open(f"/proc/self/fd/{fd}", flags)
+        try:
+            own = os.open(f"/proc/self/fd/{fd}", flags)
+        finally:
+            os.close(fd)
         try:
             head = self._wait_ready(own)
             if head.kind != self._kind:
