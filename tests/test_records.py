@@ -356,3 +356,47 @@ def test_closing_with_live_record_views_never_segfaults():
         print("ok")
     """)
     assert proc.stdout.strip() == "ok"
+
+
+# -- fixed-length byte strings ------------------------------------------------------
+
+class Tagged(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("tag", ctypes.c_char * 16),
+                ("grid", ctypes.c_char * 4 * 2)]
+
+
+def test_c_char_array_is_one_bytes_value_in_a_struct(name):
+    # Before: c_char * 16 became 16 one-byte cells, and assigning b"hello"
+    # through the numpy record stored b"hhhhhhhhhhhhhhhh".
+    s = shmkit.Struct(name, Tagged, init=lambda r: setattr(r, "tag", b"hello"))
+    assert s.dtype["tag"] == np.dtype("S16") and s.dtype["grid"] == np.dtype(("S4", (2,)))
+    proc = run_python(f"""
+        import shmkit
+        s = shmkit.Struct.open({name!r})       # the numpy record, adopted
+        r = s.record
+        assert r["tag"] == b"hello", r["tag"]
+        r["tag"] = b"world"
+        r["grid"] = [b"ab", b"cd"]
+        print(s.dtype["tag"])
+        s.close()
+    """)
+    assert proc.stdout.strip() == "|S16"
+    assert s.record.tag == b"world"  # ctypes reads the same bytes as one value
+    assert bytes(s.record.grid[1]).rstrip(b"\0") == b"cd"
+    s.close()
+
+
+def test_c_char_array_is_one_bytes_value_in_an_array_of_structs(name):
+    a = shmkit.Array(name, Tagged, 3)
+    a[1]["tag"] = b"hello"
+    a["tag"][2] = b"x" * 16
+    proc = run_python(f"""
+        import shmkit
+        a = shmkit.Array.open({name!r})
+        print([bytes(t) for t in a["tag"]])
+        a.close()
+    """)
+    assert eval(proc.stdout.strip()) == [b"", b"hello", b"x" * 16]
+    with shmkit.Array(name, Tagged, 3) as same:  # the same ctypes type matches
+        assert same[1]["tag"] == b"hello"
+    a.close()
