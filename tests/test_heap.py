@@ -1187,7 +1187,7 @@ for r in range(rounds):
         else:
             new = rng.getrandbits(64)
         _core.store64(m, off, new)
-    ops = [heap.verify, heap.stats, heap.compact,
+    ops = [heap.verify, heap.statistics, heap.compact,
            lambda: heap.alloc(rng.randrange(0, 5000)),
            lambda: heap.realloc(rng.choice(hs), rng.randrange(0, 9000)),
            lambda: heap.free(rng.choice(hs)),

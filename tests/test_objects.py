@@ -321,6 +321,16 @@ def test_a_channel_ended_in_an_earlier_run_says_what_to_do(name):
         assert ch.recv(timeout=5) == b"fresh"
 
 
+def test_the_ended_error_pickles_as_channel_closed(name):
+    with shmkit.Channel(name, capacity=4096) as ch:
+        ch.close_sending()
+        with pytest.raises(shmkit.ChannelClosed) as ei:
+            ch.send(b"x")
+    again = pickle.loads(pickle.dumps(ei.value))  # as a Pool sends it back
+    assert type(again) is shmkit.ChannelClosed and str(again) == str(ei.value)
+    assert isinstance(ei.value, EOFError)
+
+
 # -- 4. Queue and Channel under spawn ---------------------------------------------------
 
 def _drain_queue(q, results, n: int) -> None:

@@ -63,6 +63,9 @@ class _Ended(ChannelClosed):
             args = (_explain(args[0]),)
         super().__init__(*args)
 
+    def __reduce__(self) -> tuple:  # travels (to a Pool's parent, say) as itself
+        return (ChannelClosed, self.args)
+
 
 _Ended.__name__ = _Ended.__qualname__ = "ChannelClosed"
 _Ended.__module__ = "shmkit"

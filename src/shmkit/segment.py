@@ -219,7 +219,9 @@ class Segment:
         1 to 200 characters of ``A-Z a-z 0-9 _ . : @ + -``; ``None`` makes a
         unique name (see ``.name``).
     size:
-        Payload bytes when creating.  Required to create, ignored on open.
+        Payload bytes when creating.  Required to create; when opening, an
+        existing segment smaller than ``size`` raises :class:`MismatchError`
+        (leave it out, or use ``Segment.open``, to adopt any size).
     path:
         Back the segment by this file instead of /dev/shm (survives reboots).
     readonly:
@@ -238,7 +240,7 @@ class Segment:
     Raises
     ------
     InvalidNameError, NotFoundError, ExistsError, WrongKindError,
-    FormatVersionError, CorruptError, OutOfSpaceError, BusyError
+    FormatVersionError, CorruptError, OutOfSpaceError, BusyError, MismatchError
 
     Example
     -------
