@@ -45,6 +45,7 @@ from .errors import (
     ClosedError,
     FormatVersionError,
     KeyExistsError,
+    MismatchError,
     OutOfSpaceError,
     OwnerDiedWarning,
     ReadOnlyError,
@@ -272,8 +273,11 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
                 if max_size is not None and max_size != seg.max_size:
                     raise mismatch("store", seg.name, "max_size", max_size, seg.max_size)
                 if size is not None and size > seg.max_size:
-                    raise mismatch("store", seg.name, "size", size,
-                                   f"{seg.size} (growing up to {seg.max_size})")
+                    raise MismatchError(
+                        f"store {seg.name!r} exists and can grow to max_size="
+                        f"{seg.max_size} bytes, but size={size} was asked; leave size= "
+                        f"out to adopt it, or unlink it (`shmkit rm {seg.name}`) and "
+                        "create it again with a larger max_size=")
                 check_common("store", seg, lifetime=lifetime, max_attach=max_attach)
         except BaseException:
             seg.close()
