@@ -423,6 +423,7 @@ class Queue(SharedObject):
     _ch: Channel | None = None
     _what = "queue"
     _maxsize = 0
+    _closed = True  # this handle's own flag: put/get check it without a property
 
     def __init__(self, maxsize: int = DEFAULT, *, name: str | None = None,
                  capacity: int = DEFAULT, create: bool | None = None,
@@ -453,6 +454,7 @@ class Queue(SharedObject):
 
     def _take(self, ch: Channel) -> None:
         self._ch = ch
+        self._closed = False
         self._maxsize = ch._seg.layout.get("max_items", 0)
         self._send, self._send_nowait = ch.send, ch.send_nowait
         self._recv, self._recv_nowait = ch.recv, ch.recv_nowait
@@ -464,7 +466,7 @@ class Queue(SharedObject):
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Put ``obj`` on the queue, waiting while it is full (``queue.Full`` when
         ``block`` is false or ``timeout`` seconds pass)."""
-        if self.closed:
+        if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
         if not block:
@@ -482,7 +484,7 @@ class Queue(SharedObject):
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Remove and return an object, waiting while the queue is empty
         (``queue.Empty`` when ``block`` is false or ``timeout`` seconds pass)."""
-        if self.closed:
+        if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         if not block:
             return pickle.loads(self._recv_nowait())
@@ -511,6 +513,7 @@ class Queue(SharedObject):
         Objects already put stay in the queue; there is no feeder thread
         to flush.  Safe to call twice.
         """
+        self._closed = True
         ch = self._ch
         if ch is not None and not ch.closed:
             ch.close()
