@@ -95,7 +95,7 @@ def rt_shmkit(n: int) -> float:
         return dt
     finally:
         for c in (a, b):
-            c.unlink(); c.detach()
+            c.unlink(); c.close()
 
 
 def _pipe_echo(ready, conn, n):
@@ -238,7 +238,7 @@ def _shmkit_one_way(n: int, size: int, batched: bool = False, view: bool = False
                 send(msg)
         return _finish(p) - t0
     finally:
-        ch.unlink(); ch.detach()
+        ch.unlink(); ch.close()
 
 
 @workload("channel: 64 B one-way, single calls", unit="kops/s", system="shmkit.Channel")

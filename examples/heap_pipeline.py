@@ -30,13 +30,14 @@ DONE = b"done"
 def open_transport(kind: str, name: str, queue=None):
     """(send, recv, leave) over a shmkit Channel, or over a multiprocessing Queue.
 
-    Leaving detaches this process's handle; Channel.close() would end the
-    channel for every producer, so each producer says DONE instead.
+    Leaving closes this process's handle only (the channel carries on for the
+    others); each producer says DONE, since close_sending() would end the
+    channel for every producer.
     """
     if kind == "queue":
         return queue.put, lambda: queue.get(timeout=60), lambda: None
     ch = shmkit.Channel(name, capacity=4096)
-    return (lambda b: ch.send(b, timeout=60)), (lambda: ch.recv(timeout=60)), ch.detach
+    return (lambda b: ch.send(b, timeout=60)), (lambda: ch.recv(timeout=60)), ch.close
 
 
 def alloc_waiting(heap: shmkit.Heap, n: int) -> shmkit.Handle:
@@ -109,7 +110,7 @@ def main() -> None:
     heap = shmkit.Heap.create(heap_name, size=32 * (args.size + 64))
     queue = ctx.Queue() if args.transport == "queue" else None
     if args.transport == "channel":
-        shmkit.Channel(chan_name, capacity=4096).detach()  # made here, used by the workers
+        shmkit.Channel(chan_name, capacity=4096).close()  # made here, used by the workers
     results = ctx.Queue()
     t0 = time.perf_counter()
     procs = [ctx.Process(target=producer, args=(heap_name, chan_name, args.transport, queue,
@@ -128,7 +129,7 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         print(f"consumer received {received} blocks ({nbytes / 1e6:.1f} MB) "
               f"in {seconds:.2f} s")
-        stats = heap.stats()
+        stats = heap.statistics()
         print(f"heap: {stats['allocs']} allocations, {stats['moves']} blocks moved by "
               f"compaction, {stats['blocks']} left")
         heap.verify()

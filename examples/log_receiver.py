@@ -8,8 +8,8 @@
 Prints the records at --level (ERROR) and above as they arrive, with a progress bar,
 and at the end a summary: records, records per second, and the latency from
 the moment a sender made a record to the moment it was printed here.  It
-stops when --senders senders have said goodbye, when the channel is closed
-(``Channel(name).close()`` from anywhere), or on Ctrl-C.  The exit status
+stops when --senders senders have said goodbye, when the channel is ended
+(``Channel(name).close_sending()`` from anywhere), or on Ctrl-C.  The exit status
 is 0 when every sender's records all arrived, once each and in order.
 """
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[yellow]interrupted[/]")
     finally:
         stats = ch.statistics()
-        ch.detach()
+        ch.close()
 
     elapsed = time.monotonic() - started if started is not None else 0.0
     for sender, count in sorted(byes.items()):

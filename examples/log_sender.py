@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 seq += n
             ch.send(pack({"type": "bye", "sender": args.id, "count": seq}), timeout=30)
         except shmkit.ChannelClosed:
-            print(f"sender {args.id}: the receiver closed the channel after {seq} records",
+            print(f"sender {args.id}: the channel was ended (close_sending) after {seq} records",
                   file=sys.stderr)
             return 1
         except shmkit.Timeout:

@@ -42,11 +42,11 @@ HEAD, READ, RECEIVED, DROPPED, CLOCK = 128, 136, 144, 152, 160
 
 
 def _u64(ch: Channel, off: int) -> int:
-    return _core.load64(ch.segment._mapping, ch.segment._hsize + off)
+    return _core.load64(ch._seg._mapping, ch._seg._hsize + off)
 
 
 def _set64(ch: Channel, off: int, v: int) -> None:
-    _core.store64(ch.segment._mapping, ch.segment._hsize + off, v)
+    _core.store64(ch._seg._mapping, ch._seg._hsize + off, v)
 
 
 # -- basics ------------------------------------------------------------------
@@ -142,13 +142,14 @@ def test_largest_message_fits_whatever_the_offset(name):
             assert ch.recv(timeout=1) == b"L" * 1016
 
 
-def test_close_ends_iteration_after_drain(name):
+def test_close_sending_ends_iteration_after_drain(name):
     ch = Channel(name, capacity=4096)
     other = Channel.open(name)
     for i in range(5):
         ch.send(b"%d" % i)
+    ch.close_sending()
     ch.close()
-    with pytest.raises(ChannelClosed, match="closed"):
+    with pytest.raises(ChannelClosed, match="close_sending"):
         other.send(b"late")
     assert list(other) == [b"%d" % i for i in range(5)]
     with pytest.raises(ChannelClosed):
@@ -156,18 +157,19 @@ def test_close_ends_iteration_after_drain(name):
     with pytest.raises(ChannelClosed):
         other.recv_many(timeout=1)
     assert other.statistics()["closed"] == 1
-    other.detach()
-    other.detach()  # twice is fine
+    other.close()
+    other.close()  # twice is fine
     with pytest.raises(ValueError, match="closed"):
         other.recv()
 
 
-def test_close_wakes_blocked_receiver(name):
+def test_close_sending_wakes_blocked_receiver(name):
     ch = Channel(name, capacity=4096)
     code = f"""
         import shmkit, time
         ch = shmkit.Channel.open({name!r})
         time.sleep(0.3)
+        ch.close_sending()
         ch.close()
     """
     p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
@@ -177,7 +179,7 @@ def test_close_wakes_blocked_receiver(name):
         ch.recv(timeout=10)
     assert time.monotonic() - t0 < 5
     p.wait(10)
-    ch.detach()
+    ch.close()
 
 
 def test_create_open_and_kinds(name, names):
@@ -187,8 +189,11 @@ def test_create_open_and_kinds(name, names):
     assert ch.capacity == 1024  # rounded up to 64
     with pytest.raises(ExistsError):
         Channel.create(name)
-    again = Channel(name, capacity=1 << 20)  # opens: the capacity is the creator's
+    again = Channel(name, capacity=512)  # opens: room for what was asked
     assert not again.created and again.capacity == 1024
+    with pytest.raises(shmkit.MismatchError) as ei:  # asked for more than it has
+        Channel(name, capacity=1 << 20)
+    assert "capacity=1024" in str(ei.value) and "capacity=1048576" in str(ei.value)
     with pytest.raises(WrongKindError, match="channel"):
         shmkit.Mutex(name)
     with pytest.raises(WrongKindError):
@@ -207,14 +212,14 @@ def test_create_open_and_kinds(name, names):
     assert info["kind"] == "channel"
     assert {"depth", "capacity", "producers", "consumers", "sent", "received"} <= set(
         info["channel"])
-    ch.detach(); again.detach()
+    ch.close(); again.close()
 
 
 def test_anonymous_channel_is_removed_with_its_last_handle():
     ch = Channel(None, capacity=1024)
-    path = ch.segment.path
+    path = ch.path
     assert os.path.exists(path)
-    ch.detach()
+    ch.close()
     assert not os.path.exists(path)
 
 
@@ -232,7 +237,7 @@ def test_pickle_by_name(name):
         clone = pickle.loads(pickle.dumps(ch))
         clone.send(b"via clone")
         assert ch.recv() == b"via clone"
-        clone.detach()
+        clone.close()
 
 
 # -- corrupt headers ------------------------------------------------------------
@@ -249,7 +254,7 @@ def test_corrupt_positions_raise(name):
     with pytest.raises(CorruptError):
         ch.recv(timeout=1)
     _set64(ch, READ, 0)
-    view = ch.segment.buf
+    view = ch._seg.buf
     data_off = _u64(ch, 16)
     struct.pack_into("I", view, data_off, 4000)  # record length beyond the ring
     with pytest.raises(CorruptError):
@@ -258,22 +263,22 @@ def test_corrupt_positions_raise(name):
     with pytest.raises(CorruptError):
         ch.recv(timeout=1)
     view.release()
-    ch.detach()
+    ch.close()
 
 
 def test_corrupt_header_on_open(name, names):
     ch = Channel(name, capacity=1024)
-    view = ch.segment.buf
+    view = ch._seg.buf
     struct.pack_into("Q", view, 8, 1 << 40)  # capacity beyond the segment
     view.release()
     with pytest.raises(CorruptError, match="impossible layout"):
         Channel.open(name)
-    view = ch.segment.buf
+    view = ch._seg.buf
     struct.pack_into("I", view, 0, 0xDEAD)  # magic
     view.release()
     with pytest.raises(CorruptError, match="magic"):
         Channel.open(name)
-    ch.detach()
+    ch.close()
 
 
 FUZZ = """
@@ -284,10 +289,10 @@ name, seed = sys.argv[1], int(sys.argv[2])
 rnd = random.Random(seed)
 ch = shmkit.Channel.open(name)
 for _ in range(300):
-    view = ch.segment.buf
+    view = ch._seg.buf
     for _ in range(rnd.randrange(1, 4)):
         off = rnd.choice([64, 72, 128, 136, 144, 152, 36, 24]) if rnd.random() < 0.6 else \\
-            ch.segment._hsize * 0 + struct.unpack_from("Q", view, 16)[0] + rnd.randrange(0, 1024, 4)
+            ch._seg._hsize * 0 + struct.unpack_from("Q", view, 16)[0] + rnd.randrange(0, 1024, 4)
         struct.pack_into("I", view, off, rnd.choice([0, 1, 7, 8, 0xFFFFFFFF, rnd.getrandbits(32),
                                                      0x80000001, 0x80000002, 0x40000000 | rnd.getrandbits(10)]))
     view.release()
@@ -306,7 +311,7 @@ print("survived")
 
 
 def test_fuzzed_header_never_crashes_or_hangs(name):
-    Channel(name, capacity=1024).detach()
+    Channel(name, capacity=1024).close()
     for seed in range(3):
         out = run_python(FUZZ, name, str(seed), timeout=60)
         assert "survived" in out.stdout
@@ -375,8 +380,8 @@ def test_big_payload_roundtrip_between_processes(name):
         assert np.array_equal(got, data)
     finally:
         p.join(30)
-        ch_back.unlink(); ch_back.detach()
-        ch.detach()
+        ch_back.unlink(); ch_back.close()
+        ch.close()
 
 
 def _echo_big(name):
@@ -384,7 +389,7 @@ def _echo_big(name):
     back = Channel(name + ".back", capacity=64 << 20)
     with ch.recv_view(timeout=30) as mv:
         back.send(mv, timeout=30)
-    back.detach()
+    back.close()
 
 
 # -- many processes, many threads ---------------------------------------------
@@ -400,7 +405,7 @@ def _producer(name, pid, n, batch):
     else:
         for m in msgs:
             ch.send(m, timeout=60)
-    ch.detach()
+    ch.close()
 
 
 def _consumer(name, out_name):
@@ -414,7 +419,7 @@ def _consumer(name, out_name):
     except ChannelClosed:
         pass
     out.send(b"".join(seen), timeout=60)
-    out.detach()
+    out.close()
 
 
 @pytest.mark.parametrize("batch", [False, True])
@@ -428,7 +433,7 @@ def test_many_producers_many_consumers(names, batch):
     for p in ps:
         p.join(120)
         assert p.exitcode == 0
-    ch.close()
+    ch.close_sending()
     got: dict[int, list[int]] = {i: [] for i in range(producers)}
     for _ in range(consumers):
         blob = out.recv(timeout=60)
@@ -442,7 +447,7 @@ def test_many_producers_many_consumers(names, batch):
         c.join(60)
     for pid in range(producers):
         assert sorted(got[pid]) == list(range(n)), "each message exactly once"
-    out.detach()
+    ch.close(); out.close()
 
 
 def test_threads_share_one_handle(name):
@@ -475,7 +480,7 @@ def test_threads_share_one_handle(name):
         t.join(30)
     got = sorted(struct.unpack("II", m) for m in received)
     assert got == [(k, i) for k in range(senders) for i in range(n)]
-    ch.detach()
+    ch.close()
 
 
 def test_detach_wakes_threads_blocked_on_the_handle(name):
@@ -491,13 +496,13 @@ def test_detach_wakes_threads_blocked_on_the_handle(name):
     t = threading.Thread(target=wait)
     t.start()
     time.sleep(0.2)
-    ch.detach()
+    ch.close()
     t.join(5)
     assert not t.is_alive() and errors
 
 
 def test_blocked_recv_lets_ctrl_c_through(name):
-    Channel(name, capacity=1024).detach()
+    Channel(name, capacity=1024).close()
     code = f"""
         import shmkit, sys
         ch = shmkit.Channel.open({name!r})
@@ -517,7 +522,7 @@ def test_blocked_recv_lets_ctrl_c_through(name):
 
 def test_idle_receiver_sleeps(name):
     """A blocked receiver spins briefly, then sleeps in the kernel."""
-    Channel(name, capacity=1024).detach()
+    Channel(name, capacity=1024).close()
     code = f"""
         import shmkit, time, resource
         ch = shmkit.Channel.open({name!r})
@@ -670,7 +675,7 @@ def _kill_run(names, cycles, producers=3, consumers=2, kill_consumers=True, big=
     finally:
         for pid in list(prods.values()) + cons:
             _kill(pid)
-        ch.detach(); done.close(); bits.close()
+        ch.close(); done.close(); bits.close()
 
 
 def test_kill_producers_and_consumers_at_random(names):
@@ -708,12 +713,12 @@ def test_dead_view_holder_does_not_wedge_the_channel(names):
     ch.send(b"w" * 600, timeout=5)  # the dead holder's record is reclaimed
     assert time.monotonic() - t0 < 2
     assert ch.recv(timeout=1) == b"w" * 600
-    ch.detach()
+    ch.close()
 
 
 def _hold_lock_and_die(name, off, q):
     ch = Channel.open(name)
-    lock = _core.Lock(ch.segment._mapping, ch.segment._hsize + off)
+    lock = _core.Lock(ch._seg._mapping, ch._seg._hsize + off)
     lock.acquire()
     q.put("held")
     time.sleep(60)
@@ -733,7 +738,7 @@ def test_peer_killed_holding_a_ring_lock(name, off):
     ch.send(b"after", timeout=5)
     assert ch.recv(timeout=5) == b"before" and ch.recv(timeout=5) == b"after"
     assert time.monotonic() - t0 < 3
-    ch.detach()
+    ch.close()
 
 
 def test_dead_sleepers_are_counted_out(name):
@@ -752,7 +757,7 @@ def test_dead_sleepers_are_counted_out(name):
     with pytest.raises(Timeout):
         ch.recv(timeout=0.2)  # a waiter repairs the counts of dead sleepers
     assert ch.statistics()["receivers_waiting"] == 0
-    ch.detach()
+    ch.close()
 
 
 @pytest.mark.stress
@@ -906,7 +911,8 @@ def test_example_programs_meet_by_name(name):
             if ch.depth == 0:
                 break
         time.sleep(0.05)
-    Channel.open(name).close()  # ends the receiver once drained
+    with Channel.open(name) as ch:
+        ch.close_sending()  # ends the receiver once drained
     out = recv.communicate(timeout=30)[0]
     assert recv.returncode == 0, out
     assert "500 from 1 senders" in out
@@ -931,13 +937,14 @@ def test_readonly_handles_only_look(name, names):
     qr.close(); q.close()
 
 
-def test_unlink_works_after_close_or_detach(name):
+def test_unlink_works_after_close_or_close_sending(name):
     ch = Channel(name, capacity=4096)
+    ch.close_sending()
     ch.close()
     ch.unlink()
     assert not os.path.exists(f"/dev/shm/shmkit.{name}")
     ch = Channel(name, capacity=4096)
-    ch.detach()
+    ch.close()
     ch.unlink()
     with pytest.raises(shmkit.NotFoundError):
         ch.unlink()

@@ -99,7 +99,7 @@ def test_alloc_write_read_free(heap):
     assert heap.read(e) == b"" and heap.size_of(e) == 0
     for x in (h, z, p, e):
         heap.free(x)
-    s = heap.stats()
+    s = heap.statistics()
     assert s["blocks"] == 0 and s["used"] == 0 and s["free"] == s["size"] == 1 << 20
     assert s["allocs"] == 4 and s["frees"] == 4
     heap.verify()
@@ -115,7 +115,7 @@ def test_stale_and_forged_handles_never_reach_data(heap, names):
         with pytest.raises(StaleHandleError, match="stale"):
             call(a)
     with pytest.raises(StaleHandleError, match="out of range"):
-        heap.read(Handle(heap.stats()["max_blocks"], 1))
+        heap.read(Handle(heap.statistics()["max_blocks"], 1))
     with pytest.raises(StaleHandleError, match="never allocated"):
         heap.read(Handle(500, 1))
     rng = random.Random(1)
@@ -224,7 +224,7 @@ def test_compaction_moves_unpinned_blocks_and_keeps_handles(heap):
         heap.free(h)
     keep = hs[1::2]
     pinned = keep[40]
-    before = heap.stats()
+    before = heap.statistics()
     assert before["fragmentation"] > 0.2 and before["free_blocks"] > 100
     with heap.pin(pinned) as view:
         address = np.frombuffer(view, np.uint8).ctypes.data
@@ -234,12 +234,12 @@ def test_compaction_moves_unpinned_blocks_and_keeps_handles(heap):
         assert np.frombuffer(view, np.uint8).ctypes.data == address
         assert bytes(view) == pattern(pinned, len(view))
     assert out["moved_blocks"] > 100 and out["pinned_skipped"] >= 1
-    after = heap.stats()
+    after = heap.statistics()
     assert after["free_blocks"] <= 2 and after["moves"] >= out["moved_blocks"]
     for h in keep:
         check(heap, h)
     heap.compact()
-    assert heap.stats()["fragmentation"] == 0.0 and heap.stats()["free_blocks"] == 1
+    assert heap.statistics()["fragmentation"] == 0.0 and heap.statistics()["free_blocks"] == 1
     heap.verify()
 
 
@@ -249,10 +249,10 @@ def test_alloc_compacts_when_fragmented(heap):
         fill(heap, h)
     for h in hs[::2]:
         heap.free(h)
-    s = heap.stats()
+    s = heap.statistics()
     assert s["largest_free"] < 300_000 < s["free"]
     big = heap.alloc(300_000)  # fits only after compaction
-    assert heap.stats()["moves"] > 0
+    assert heap.statistics()["moves"] > 0
     for h in hs[1::2]:
         check(heap, h)
     heap.free(big)
@@ -304,7 +304,7 @@ def test_open_by_name_kind_format_and_readonly(name, names):
         with Heap(name) as again:
             assert again.read(h) == b"shared" and not again.created
         with Heap.open(name, readonly=True) as ro:
-            assert ro.stats()["blocks"] == 1
+            assert ro.statistics()["blocks"] == 1
             with pytest.raises(ReadOnlyError):
                 ro.alloc(1)
             with pytest.raises(ReadOnlyError):
@@ -318,7 +318,7 @@ def test_open_by_name_kind_format_and_readonly(name, names):
     with pytest.raises(ClosedError):
         heap.alloc(1)
     with pytest.raises(ClosedError):
-        heap.stats()
+        heap.statistics()
     raw = names()
     with shmkit.Segment(raw, size=64):
         pass
@@ -350,7 +350,7 @@ class _held:
     """Hold the heap's internal lock from another thread of this process."""
 
     def __init__(self, heap: Heap) -> None:
-        self.lock = _core.Lock(heap._mapping, heap._hsize, "heap lock")
+        self.lock = _core.Lock(heap._seg._mapping, heap._seg._hsize, "heap lock")
 
     def __enter__(self):
         self.lock.acquire()
@@ -392,7 +392,7 @@ def test_threads_share_one_heap(heap):
     for t in threads:
         t.join()
     assert not errors, errors
-    assert heap.stats()["blocks"] == 0
+    assert heap.statistics()["blocks"] == 0
     heap.verify()
 
 
@@ -419,13 +419,13 @@ def test_pins_of_a_killed_process_are_released(name):
     pinned = SPAWN.Event()
     p = spawn(_pin_and_hang, name, bytes(h), pinned)
     assert pinned.wait(60)
-    assert heap.stats()["pinned"] == 1
+    assert heap.statistics()["pinned"] == 1
     with pytest.raises(PinnedError):
         heap.free(h)
     p.kill()
     p.join(30)
     heap.free(h)  # the dead process's pin record is found and cleared
-    s = heap.stats()
+    s = heap.statistics()
     assert s["pinned"] == 0 and s["reclaimed_pins"] == 1 and s["blocks"] == 0
     heap.verify()
     heap.close()
@@ -438,7 +438,7 @@ def test_ctrl_c_interrupts_a_call_waiting_for_the_heap_lock(name):
         from shmkit import _core
         from shmkit.heap import Heap
         heap = Heap.open({name!r})
-        lock = _core.Lock(heap._mapping, heap._hsize, "heap lock")
+        lock = _core.Lock(heap._seg._mapping, heap._seg._hsize, "heap lock")
         lock.acquire()  # held by this attachment: alloc() below must wait
         threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
         t0 = time.monotonic()
@@ -557,7 +557,7 @@ class HeapModel(RuleBasedStateMachine):
         for h, content in self.model.items():
             assert self.heap.size_of(h) == len(content)
             assert self.heap.read(h) == content
-        s = self.heap.stats()
+        s = self.heap.statistics()
         assert s["blocks"] == len(self.model)
         assert s["used"] + s["free"] == s["size"]
 
@@ -607,7 +607,7 @@ def test_handles_travel_between_processes_by_queue(name):
     for p in producers:
         p.join(30)
         assert p.exitcode == 0
-    assert seen == 120 and heap.stats()["blocks"] == 0
+    assert seen == 120 and heap.statistics()["blocks"] == 0
     heap.verify()
     heap.close()
 
@@ -642,7 +642,7 @@ def test_handles_travel_through_shared_array_and_events(names):
         heap.free(h)
         taken.set()
     p.join(30)
-    assert p.exitcode == 0 and heap.stats()["blocks"] == 0
+    assert p.exitcode == 0 and heap.statistics()["blocks"] == 0
     for o in (heap, slots, ready, taken):
         o.close()
 
@@ -698,7 +698,7 @@ def test_compaction_never_moves_what_another_process_pins(names):
     rounds = result.get(timeout=30)
     p.join(30)
     assert isinstance(rounds, int) and rounds > 0, rounds
-    assert heap.stats()["moves"] > 100
+    assert heap.statistics()["moves"] > 100
     for h in live:
         check(heap, h)
     heap.verify()
@@ -756,7 +756,7 @@ def test_many_processes_allocate_free_pin_and_compact_at_once(name):
         w.join(30)
         assert w.exitcode == 0
     assert all(n > 100 for n in ops), ops
-    s = heap.stats()
+    s = heap.statistics()
     assert s["blocks"] == 0 and s["free"] == s["size"]
     heap.verify()
     heap.close()
@@ -921,9 +921,9 @@ class _Log:
 def _check_after_crash(heap: Heap, log: bytes) -> None:
     heap.verify()  # takes the dead child's lock over and repairs
     parsed = _Log(log)
-    assert heap.stats()["pinned"] == 0  # the dead child's pins were released
+    assert heap.statistics()["pinned"] == 0  # the dead child's pins were released
     known = len(parsed.check(heap))
-    leaked = heap.stats()["blocks"] - known
+    leaked = heap.statistics()["blocks"] - known
     assert leaked in ((0, 1) if parsed.alloc_in_flight else (0,)), leaked
     # and the heap goes on working
     x = heap.alloc(1000)
@@ -1163,7 +1163,7 @@ for r in range(rounds):
         heap.free(h)
     hs = hs[1::3] + hs[2::3]
     pin = heap.pin(hs[0])
-    m, base = heap._mapping, heap._hsize
+    m, base = heap._seg._mapping, heap._seg._hsize
     data_off = _core.load64(m, base + 32)
     units = [heap._where(h)[0] for h in hs]
     # words that matter: the mutable header, the journals, handle entries,
@@ -1187,7 +1187,7 @@ for r in range(rounds):
         else:
             new = rng.getrandbits(64)
         _core.store64(m, off, new)
-    ops = [heap.verify, heap.stats, heap.compact,
+    ops = [heap.verify, heap.statistics, heap.compact,
            lambda: heap.alloc(rng.randrange(0, 5000)),
            lambda: heap.realloc(rng.choice(hs), rng.randrange(0, 9000)),
            lambda: heap.free(rng.choice(hs)),

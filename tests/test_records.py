@@ -83,7 +83,7 @@ def test_struct_with_ctypes_across_processes(name):
     p.join(30)
     assert p.exitcode == 0
     assert s.record.n == 8 and s.record.hist[0] == 5
-    assert s.size == ctypes.sizeof(Point)
+    assert s.nbytes == ctypes.sizeof(Point)
     info = s.info()
     assert info["kind"] == "struct" and info["record"]["itemsize"] == ctypes.sizeof(Point)
     s.close()
@@ -293,19 +293,19 @@ def _write_layout(name: str, layout) -> None:
 
 
 @pytest.mark.parametrize("layout", [
-    {"format": 1, "dtype": "O", "shape": [3]},
-    {"format": 1, "dtype": "<f8", "shape": [-1]},
-    {"format": 1, "dtype": "<f8", "shape": [1000000]},          # more than it holds
-    {"format": 1, "dtype": "<f8", "shape": ["3"]},
-    {"format": 1, "dtype": "<f8", "shape": [True]},
-    {"format": 1, "dtype": "<f8", "shape": 3},
-    {"format": 1, "dtype": "no such type", "shape": [3]},
-    {"format": 1, "dtype": {"names": ["a"], "formats": []}, "shape": [3]},
-    {"format": 1, "dtype": {"subdtype": "<f8", "shape": [1 << 40]}, "shape": [1]},
-    {"format": 1, "shape": [3]},
-    {"format": 1, "dtype": 7, "shape": [3]},
+    {"format": 2, "dtype": "O", "shape": [3]},
+    {"format": 2, "dtype": "<f8", "shape": [-1]},
+    {"format": 2, "dtype": "<f8", "shape": [1000000]},          # more than it holds
+    {"format": 2, "dtype": "<f8", "shape": ["3"]},
+    {"format": 2, "dtype": "<f8", "shape": [True]},
+    {"format": 2, "dtype": "<f8", "shape": 3},
+    {"format": 2, "dtype": "no such type", "shape": [3]},
+    {"format": 2, "dtype": {"names": ["a"], "formats": []}, "shape": [3]},
+    {"format": 2, "dtype": {"subdtype": "<f8", "shape": [1 << 40]}, "shape": [1]},
+    {"format": 2, "shape": [3]},
+    {"format": 2, "dtype": 7, "shape": [3]},
     # nested 90 deep: 2**90 elements
-    b'{"format": 1, "shape": [1], "dtype": ' + b'{"shape": [2], "subdtype": ' * 90
+    b'{"format": 2, "shape": [1], "dtype": ' + b'{"shape": [2], "subdtype": ' * 90
     + b'"<f8"' + b"}" * 91,
 ])
 def test_hostile_layout_raises_corrupt_error(name, layout):
@@ -323,7 +323,7 @@ def test_other_record_format_version(name):
     layout._attach(name, None, size=None, create=False, kind=shmkit.Kind.STRUCT)
     stored = layout.layout
     layout.close()
-    stored["format"] = 2
+    stored["format"] = 1  # the layout before c_char * N became one bytes value
     _write_layout(name, stored)
     with pytest.raises(shmkit.FormatVersionError):
         shmkit.Struct.open(name)
@@ -356,3 +356,47 @@ def test_closing_with_live_record_views_never_segfaults():
         print("ok")
     """)
     assert proc.stdout.strip() == "ok"
+
+
+# -- fixed-length byte strings ------------------------------------------------------
+
+class Tagged(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("tag", ctypes.c_char * 16),
+                ("grid", ctypes.c_char * 4 * 2)]
+
+
+def test_c_char_array_is_one_bytes_value_in_a_struct(name):
+    # Before: c_char * 16 became 16 one-byte cells, and assigning b"hello"
+    # through the numpy record stored b"hhhhhhhhhhhhhhhh".
+    s = shmkit.Struct(name, Tagged, init=lambda r: setattr(r, "tag", b"hello"))
+    assert s.dtype["tag"] == np.dtype("S16") and s.dtype["grid"] == np.dtype(("S4", (2,)))
+    proc = run_python(f"""
+        import shmkit
+        s = shmkit.Struct.open({name!r})       # the numpy record, adopted
+        r = s.record
+        assert r["tag"] == b"hello", r["tag"]
+        r["tag"] = b"world"
+        r["grid"] = [b"ab", b"cd"]
+        print(s.dtype["tag"])
+        s.close()
+    """)
+    assert proc.stdout.strip() == "|S16"
+    assert s.record.tag == b"world"  # ctypes reads the same bytes as one value
+    assert bytes(s.record.grid[1]).rstrip(b"\0") == b"cd"
+    s.close()
+
+
+def test_c_char_array_is_one_bytes_value_in_an_array_of_structs(name):
+    a = shmkit.Array(name, Tagged, 3)
+    a[1]["tag"] = b"hello"
+    a["tag"][2] = b"x" * 16
+    proc = run_python(f"""
+        import shmkit
+        a = shmkit.Array.open({name!r})
+        print([bytes(t) for t in a["tag"]])
+        a.close()
+    """)
+    assert eval(proc.stdout.strip()) == [b"", b"hello", b"x" * 16]
+    with shmkit.Array(name, Tagged, 3) as same:  # the same ctypes type matches
+        assert same[1]["tag"] == b"hello"
+    a.close()

@@ -151,8 +151,10 @@ def test_create_open_and_created(name):
         shmkit.Segment.create(name, size=100)
     assert isinstance(e.value, FileExistsError)
     b = shmkit.Segment.open(name)
-    c = shmkit.Segment(name, size=5000)  # exists: opened, its size wins
+    c = shmkit.Segment(name, size=50)  # exists, and has room for that: opened
     assert not b.created and not c.created and c.size == 100
+    with pytest.raises(shmkit.MismatchError):  # smaller than asked: refused
+        shmkit.Segment(name, size=5000)
     a.write(b"xyz", offset=10)
     assert b.read(3, offset=10) == b"xyz" and c.read(3, offset=10) == b"xyz"
     for s in (a, b, c):

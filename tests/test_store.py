@@ -21,7 +21,7 @@ from shmkit import (
     CorruptError,
     FormatVersionError,
     KeyExistsError,
-    LayoutMismatchError,
+    MismatchError,
     OutOfSpaceError,
     ReadOnlyError,
     Segment,
@@ -234,11 +234,14 @@ def test_pickle_codec_is_explicit_and_recorded(names):
         assert exact(st["arr"], np.arange(3))
         assert dict(st.items())["obj"]["t"] == Thing(5)
         assert sum(1 for v in st.values() if type(v) is bytes and v == b"raw") == 1
-        with pytest.raises(LayoutMismatchError, match="codec='pickle'"):
-            Store.open(a)
+        with Store.open(a) as other:  # no codec given: the store's own is adopted
+            assert other.codec == "pickle" and other["obj"]["t"] == Thing(5)
+        with pytest.raises(MismatchError, match="codec=None") as ei:
+            Store.open(a, codec=None)  # given explicitly: refused, both named
+        assert "codec='pickle'" in str(ei.value) and isinstance(ei.value, ValueError)
     with Store(b) as st:
         st["x"] = 1
-    with pytest.raises(LayoutMismatchError, match="codec=None"):
+    with pytest.raises(MismatchError, match="codec=None"):
         Store.open(b, codec="pickle")
     with pytest.raises(ValueError):
         Store(names(), codec="json")
@@ -288,8 +291,8 @@ def test_other_format_version_is_refused(name):
 
 def damage(st: Store, key, where: str) -> None:
     rec, _ = st._locate(key)
-    view = st.segment.buf
-    base = st.segment._hsize
+    view = st._seg.buf
+    base = st._seg._hsize
     off = rec - base
     if where == "length":
         view[off + 32:off + 40] = (1 << 40).to_bytes(8, "little")
@@ -335,7 +338,7 @@ def test_corrupt_store_raises_never_crashes(name, where):
 
 def poke(st: Store, off: int, value: int, size: int = 8) -> None:
     """Write a little-endian word into the store header (payload offset)."""
-    view = st.segment.buf
+    view = st._seg.buf
     view[off:off + size] = value.to_bytes(size, "little")
     del view
 
@@ -387,7 +390,7 @@ def test_heap_bounds_in_the_header_are_checked(name):
         poke(st, 24, 4096)
         st.verify()
         # an unaligned heap end is refused before anything is written there
-        end = int.from_bytes(st.segment.buf[32:40], "little")
+        end = int.from_bytes(st._seg.buf[32:40], "little")
         poke(st, 32, end - 8)
         for op in (lambda: st.__setitem__("big", b"x" * 200_000), lambda: st[5],
                    lambda: st.verify()):
@@ -407,7 +410,7 @@ def _crash_mid_commit(st: Store) -> int:
     """Commit a batch, then put the store back as a writer killed right after
     marking it committing would leave it; returns the epoch it had."""
     st["a"], st["b"] = 1, 2
-    view = st.segment.buf
+    view = st._seg.buf
     pre = bytes(view)
     with st.batch():
         del st["a"]
@@ -447,7 +450,7 @@ def test_recovery_redoes_a_committing_batch_behind_an_odd_epoch(name):
 def test_recovery_checks_the_whole_journal_before_redoing_it(name):
     with Store(name) as st:
         _crash_mid_commit(st)
-        view = st.segment.buf
+        view = st._seg.buf
         j = u64(view, 112)
         # the last entry names a slot beyond the index: nothing may be stored
         n = u64(view, j + 16)
@@ -464,7 +467,7 @@ def test_recovery_survives_a_journal_of_a_hostile_size(name):
     with Store(name) as st:
         for i in range(20):
             st[i] = b"x" * 200
-        view = st.segment.buf
+        view = st._seg.buf
         ix = u64(view, 8)
         j = u64(view, 104) + 32  # inside the free top block: zeros to the end
         view[j:j + 8] = (16 | 1 | 4).to_bytes(8, "little")
@@ -491,8 +494,8 @@ def test_damaged_array_header_is_corrupt_not_valueerror(name, header):
     with Store(name) as st:
         st["arr"] = np.arange(3, dtype=np.int32)
         _, val = st._locate("arr")
-        view = st.segment.buf
-        off = val - st.segment._hsize
+        view = st._seg.buf
+        off = val - st._seg._hsize
         hn = int.from_bytes(view[off:off + 4], "little")
         view[off + 4:off + 4 + hn] = header[:hn].ljust(hn, b" ")
         del view
@@ -513,7 +516,7 @@ def test_store_closed_by_code_run_during_iteration_never_crashes(name):
     proc = run_python(f"""
         import shmkit, shmkit.store as S
         st = shmkit.Store.open({name!r})
-        seg = st.segment
+        seg = st._seg
 
         def closing_decode(*args):
             st.close()
@@ -603,7 +606,7 @@ def test_vacuum_gives_memory_back(name):
     with Store(name) as st:
         for i in range(60_000):
             st[i] = b"x" * 200
-        fd = st.segment._fd
+        fd = st._seg._fd
         full = os.fstat(fd).st_blocks * 512
         for i in range(60_000):
             if i % 50:
@@ -1001,7 +1004,7 @@ def test_odd_epoch_readers_time_out_while_the_writer_lives_and_repair_after(name
         p = spawn(_hold_lock_and_die, name, ready)
         try:
             assert ready.wait(30)
-            poke(st, 0, u64(st.segment.buf, 0) + 1)  # "publishing", by a live writer
+            poke(st, 0, u64(st._seg.buf, 0) + 1)  # "publishing", by a live writer
             ro = Store.open(name, readonly=True, timeout=0.3)
             for op in (lambda: st["kept"], lambda: ro["kept"], lambda: list(ro.items())):
                 t0 = time.monotonic()

@@ -202,7 +202,7 @@ def fuzz(name: str, seed: int, trials: int, trial_seconds: float = 20.0) -> int:
         del st[k]  # tombstones and pending space
     st.verify()
     keys = list(data)
-    seg = st.segment
+    seg = st._seg
     hsize = seg._hsize
     m = seg._mapping
     view = memoryview(m)

@@ -771,7 +771,7 @@ def _victim(kind: str, lock_name: str, data_name: str, role: int) -> None:
         lock = shmkit.Semaphore(lock_name, value=2)
     arr = shmkit.Array.open(data_name)
     d = arr.array
-    m, base = arr._mapping, arr._hsize
+    m, base = arr._seg._mapping, arr._seg._hsize
     while True:
         if kind == "mutex":
             with lock:

@@ -10,8 +10,9 @@ messages arrive in the order it sent them::
     ch.send(b"record", timeout=1.0)                  # blocks while full
     msg = ch.recv(timeout=1.0)                       # blocks while empty
     ch.send_many([b"a", b"b"]); ch.recv_many(max_n=1024, timeout=0.1)
-    for msg in ch:                                   # ends after ch.close()
-        ...                                          # once drained
+    for msg in ch:                                   # ends once drained after
+        ...                                          # ch.close_sending()
+    ch.close()                                       # this handle only
 
 Large messages need not be copied out: ``with ch.recv_view() as mv:`` lends
 the message in place, and ``send`` takes any buffer (a numpy array) as is.
@@ -25,25 +26,69 @@ the waiting strategy are described in docs/channel.md.
 
 from __future__ import annotations
 
+import ast
 import os
 import pickle
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import _core
+from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
 from .errors import (
     ChannelClosed,
     Empty,
     FormatVersionError,
     Full,
     MessageTooLarge,
-    NotFoundError,
     Timeout,
 )
 from .segment import DEFAULT_MAX_ATTACH, Kind, Segment, SegmentInfo
 
 __all__ = ["Channel", "Queue"]
 
-_core.ring_set_classes(ChannelClosed, MessageTooLarge, Empty, Full)
+
+_SENT_AFTER_END = " was closed: no more messages can be sent"
+_DRAINED = " is closed and drained"
+
+
+class _Ended(ChannelClosed):
+    """ChannelClosed as the core raises it, completed with what to do.
+
+    The core says which channel and what happened; a channel ended by
+    ``close_sending()`` stays ended for every later run that opens its name,
+    so a refused send also says how to start afresh.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_explain(args[0]),)
+        super().__init__(*args)
+
+    def __reduce__(self) -> tuple:  # travels (to a Pool's parent, say) as itself
+        return (ChannelClosed, self.args)
+
+
+_Ended.__name__ = _Ended.__qualname__ = "ChannelClosed"
+_Ended.__module__ = "shmkit"
+
+
+def _explain(msg: str) -> str:
+    if msg.startswith("channel ") and msg.endswith(_SENT_AFTER_END):
+        shown = msg[len("channel "):-len(_SENT_AFTER_END)]
+        try:
+            name = ast.literal_eval(shown)
+        except (ValueError, SyntaxError):
+            name = shown
+        return (f"channel {shown} was ended with close_sending(), possibly by an earlier "
+                f"run: no more messages can be sent to it. Unlink it (`shmkit rm {name}`) "
+                "and create it again to use the name afresh")
+    if msg.startswith("channel ") and msg.endswith(_DRAINED):
+        shown = msg[len("channel "):-len(_DRAINED)]
+        return (f"channel {shown} was ended with close_sending() and every message "
+                "sent before has been received")
+    return msg
+
+
+_core.ring_set_classes(_Ended, MessageTooLarge, Empty, Full)
 
 FORMAT = _core.RING_FORMAT
 DEFAULT_CAPACITY = 1 << 20
@@ -63,7 +108,7 @@ def _check_capacity(capacity: Any) -> int:
     return (capacity + 63) // 64 * 64
 
 
-class Channel(_core.Ring):
+class Channel(SharedObject, _core.Ring):
     """A channel of byte messages shared by name.
 
     ``Channel(name, capacity=n)`` opens ``name`` if it exists and creates it
@@ -81,23 +126,33 @@ class Channel(_core.Ring):
     -> list, ``recv_into(buffer)``, ``recv_view()`` (zero copy),
     ``recv_array()``, and iteration.
 
-    Ending: ``close()`` closes the channel for sending, for every process:
-    sends raise :class:`ChannelClosed`, receivers get the messages already
-    sent and then :class:`ChannelClosed` (iteration simply stops).
-    ``detach()`` (and leaving a ``with`` block) only lets go of this handle.
+    Ending: ``close_sending()`` ends the channel for every process: sends
+    raise :class:`ChannelClosed`, receivers get the messages already sent
+    and then :class:`ChannelClosed` (iteration simply stops).  An ended
+    channel stays ended: a later run that opens the same name gets the
+    messages left in it, and its sends are refused; unlink the name
+    (``shmkit rm``) to start afresh.  ``close()`` (and leaving a ``with``
+    block) only releases this handle, as for every shmkit object.
 
     Every blocking call releases the GIL, lets Ctrl-C through, and survives
     peers killed at any point: a message whose sender died half-way is
     dropped, nothing else is lost or repeated.  One handle may be used from
-    many threads.  A handle pickles by name (pass it to child processes).
+    many threads.  Passed to a child process that ``multiprocessing`` starts,
+    a handle hands over the open file, so the child reaches the channel even
+    if this process closed it meanwhile; pickled otherwise, it goes by name.
 
     Parameters
     ----------
     name:
         The channel's name (``None``: a unique one, removed when the last
-        process detaches).
+        handle closes).
     capacity:
-        Ring bytes when creating (rounded up to 64; default 1 MiB).
+        Ring bytes when creating (rounded up to 64; default 1 MiB).  When
+        opening, a given capacity larger than the channel's raises
+        :class:`MismatchError`; leave it out to adopt the channel's.
+    on_destroy:
+        Called (no arguments) once, in the process that removes the name:
+        its ``unlink()``, or the last ``close()`` of an "attached" channel.
     create:
         ``None`` create or open, ``True`` only create, ``False`` only open.
     path, lifetime, mode, max_attach:
@@ -109,7 +164,7 @@ class Channel(_core.Ring):
     Raises
     ------
     WrongKindError (the name holds something else), FormatVersionError,
-    CorruptError, and the other :class:`Segment` errors.
+    MismatchError, CorruptError, and the other :class:`Segment` errors.
 
     Example
     -------
@@ -121,48 +176,69 @@ class Channel(_core.Ring):
     """
 
     _kind = Kind.CHANNEL
-    _seg: Segment | None = None
-    _path: str | None = None  # kept after detach(), so unlink() still works
+    _what = "channel"
 
-    def __init__(self, name: str | None = None, capacity: int = DEFAULT_CAPACITY, *,
+    def __init__(self, name: str | None = None, capacity: int = DEFAULT, *,
                  create: bool | None = None, path: str | os.PathLike[str] | None = None,
-                 lifetime: str | None = None, mode: int = 0o600,
-                 max_attach: int = DEFAULT_MAX_ATTACH, readonly: bool = False) -> None:
-        self._open(name, capacity, create, path, lifetime, mode, max_attach, 0, readonly)
+                 lifetime: str | None = DEFAULT, mode: int = 0o600,
+                 max_attach: int = DEFAULT, readonly: bool = False,
+                 on_destroy: Callable[[], Any] | None = None) -> None:
+        self._open(name, capacity, create, path, lifetime, mode, max_attach, DEFAULT,
+                   readonly)
+        self._on_destroy = on_destroy
 
-    def _open(self, name: str | None, capacity: int, create: bool | None, path: Any,
-              lifetime: str | None, mode: int, max_attach: int, max_items: int,
+    def _open(self, name: str | None, capacity: Any, create: bool | None, path: Any,
+              lifetime: Any, mode: int, max_attach: Any, max_items: Any,
               readonly: bool = False) -> None:
-        cap = _check_capacity(capacity)
-        if lifetime is None:
-            lifetime = "attached" if name is None and path is None else "persistent"
+        default_cap = QUEUE_CAPACITY if self._kind == Kind.QUEUE else DEFAULT_CAPACITY
+        cap = _check_capacity(capacity if given(capacity) else default_cap)
+        items = max_items if given(max_items) else 0
+        slots = max_attach if given(max_attach) else DEFAULT_MAX_ATTACH
+        if lifetime is None or not given(lifetime):
+            life = "attached" if name is None and path is None else "persistent"
+        else:
+            life = lifetime
 
         def init(seg: Segment) -> None:
-            _core.Ring._init_ring(seg._mapping, seg._hsize, cap, max_items)
+            _core.Ring._init_ring(seg._mapping, seg._hsize, cap, items)
 
-        seg = Segment.__new__(Segment)
-        seg._attach(name, path, size=_ring_bytes(cap, max_attach)
-                    if create is not False and not readonly else None,
-                    create=False if readonly else create, kind=self._kind, mode=mode,
-                    readonly=readonly,
-                    lifetime=lifetime, max_attach=max_attach, init=init,
-                    layout={"format": FORMAT, "capacity": cap, "max_items": max_items})
+        seg = attach_segment(
+            self._kind, name, path,
+            size=_ring_bytes(cap, slots) if create is not False and not readonly else None,
+            create=False if readonly else create, mode=mode, readonly=readonly,
+            lifetime=life, max_attach=slots, init=init,
+            layout={"format": FORMAT, "capacity": cap, "max_items": items})
+        self._adopt(seg, capacity=cap if given(capacity) else DEFAULT, max_items=max_items,
+                    lifetime=lifetime, max_attach=max_attach)
+
+    def _adopt(self, seg: Segment, capacity: Any = DEFAULT, max_items: Any = DEFAULT,
+               lifetime: Any = DEFAULT, max_attach: Any = DEFAULT) -> None:
+        what = self._kind.name.lower()
         try:
-            fmt = seg.layout.get("format")
+            layout = seg.layout
+            fmt = layout.get("format")
             if fmt != FORMAT:
                 raise FormatVersionError(
-                    f"{self._kind.name.lower()} {seg.name!r} has ring format {fmt}; this "
+                    f"{what} {seg.name!r} has ring format {fmt}; this "
                     f"shmkit reads format {FORMAT}. Use the shmkit that made it, or "
                     "remove it with `shmkit rm` and create it again")
             self._bind(seg._mapping, seg._hsize, seg.name)
+            if not seg.created:
+                # An explicit parameter is honoured or refused, never ignored.
+                if given(capacity) and self.capacity < capacity:
+                    raise mismatch(what, seg.name, "capacity", capacity, self.capacity)
+                have = layout.get("max_items", 0)
+                if given(max_items) and max_items != have:
+                    raise mismatch(what, seg.name, "maxsize", max_items, have)
+                check_common(what, seg, lifetime=lifetime, max_attach=max_attach)
         except BaseException:
+            self._unbind()
             seg.close()
             raise
         self._seg = seg
-        self._path = seg.path
 
     @classmethod
-    def create(cls, name: str | None = None, capacity: int = DEFAULT_CAPACITY,
+    def create(cls, name: str | None = None, capacity: int = DEFAULT,
                **kwargs: Any) -> "Channel":
         """Create a channel; :class:`ExistsError` if the name is taken."""
         return cls(name, capacity, create=True, **kwargs)
@@ -242,89 +318,38 @@ class Channel(_core.Ring):
         except ChannelClosed:
             raise StopIteration from None
 
-    def close(self) -> None:
-        """Close the channel for sending, for everyone, and detach this handle.
+    def close_sending(self) -> None:
+        """End the channel for every process: no more sends, anywhere.
 
-        Later sends (in any process) raise :class:`ChannelClosed`; receivers
-        get what was already sent, then :class:`ChannelClosed` (iteration
-        ends).  Safe to call twice.
+        Later sends (in any process, and in later runs that open the same
+        name) raise :class:`ChannelClosed`; receivers get what was already
+        sent, then :class:`ChannelClosed`, and iteration ends.  The handle
+        stays open (call :meth:`close` to release it).  Ending cannot be
+        undone: unlink the name and create the channel again.
+
+        >>> with Channel(None, capacity=4096) as ch:
+        ...     ch.send(b"last"); ch.close_sending()
+        ...     list(ch)
+        [b'last']
         """
-        if self._seg is not None and not self._seg.closed:
-            self._close_sending()
-        self.detach()
+        self._held()
+        self._close_sending()
 
-    def detach(self) -> None:
-        """Let go of this handle only; the channel stays open for the others.
+    def close(self) -> None:
+        """Release this handle; the channel carries on for the other processes.
 
         Calls blocked on this handle in other threads raise ValueError.  A
         channel made with ``name=None`` is removed when its last handle
-        detaches.  Safe to call twice.
+        closes.  Safe to call twice.  To end the channel for everyone, use
+        :meth:`close_sending`.
         """
         seg = self._seg
-        if seg is None:
+        if seg is None or seg.closed:
             return
-        self._seg = None
         seg.close()
         self._wake_all()  # threads of ours asleep on it notice the close
         self._unbind()
-
-    def __enter__(self) -> "Channel":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
-
-    def __del__(self) -> None:
-        try:
-            self.detach()
-        except Exception:
-            pass
-
-    def __reduce__(self) -> tuple:
-        seg = self._live()
-        return (_reopen, (type(self), seg.name, seg.path))
-
-    def unlink(self) -> None:
-        """Remove the name now; attached processes keep using the channel.
-
-        Works after ``close()`` or ``detach()`` too; :class:`NotFoundError` if
-        the name is already gone.
-        """
-        if self._seg is not None:
-            self._seg.unlink()
-            return
-        if self._path is None:
-            raise ValueError("this channel handle was never opened")
-        try:
-            os.unlink(self._path)
-        except FileNotFoundError:
-            raise NotFoundError(f"channel {self._path!r} was already removed") from None
-
-    # -- introspection -----------------------------------------------------
-
-    def _live(self) -> Segment:
-        if self._seg is None:
-            raise ValueError("this channel handle was closed; open the channel again")
-        return self._seg
-
-    @property
-    def name(self) -> str:
-        return self._live().name
-
-    @property
-    def segment(self) -> Segment:
-        """The segment holding the ring."""
-        return self._live()
-
-    @property
-    def created(self) -> bool:
-        """True only in the process whose call created the channel."""
-        return self._live().created
-
-    @property
-    def closed(self) -> bool:
-        """True once this handle was closed or detached."""
-        return self._seg is None
+        self._after_close(seg)
 
     def statistics(self) -> dict:
         """Counters and state of the channel, as every process sees them.
@@ -334,9 +359,10 @@ class Channel(_core.Ring):
         "senders_waiting", "max_items"}``: ``depth`` counts messages waiting;
         ``sent`` counts messages published or being written; ``dropped``
         those abandoned by senders that died while writing them;
-        ``producers``/``consumers`` count live handles that have sent/received.
+        ``producers``/``consumers`` count live handles that have sent/received;
+        ``closed`` is 1 once the channel was ended with ``close_sending()``.
         """
-        self._live()
+        self._held()
         return self._stats()
 
     def _describe(self) -> dict:
@@ -345,24 +371,14 @@ class Channel(_core.Ring):
                 "dropped", "closed", "bytes_used")
         return {self._kind.name.lower(): {k: s[k] for k in keys}}
 
-    def info(self) -> SegmentInfo:
-        """What ``shmkit info`` shows: the segment's facts plus the ring's counters."""
-        info = self._live().info()
-        info.update(self._describe())
-        return info
-
     def __repr__(self) -> str:
-        if self._seg is None:
-            return f"<shmkit.{type(self).__name__} closed>"
-        return (f"<shmkit.{type(self).__name__} {self._seg.name!r} capacity={self.capacity}"
+        if self.closed:
+            return f"<shmkit.{type(self).__name__} {self.name!r} closed>"
+        return (f"<shmkit.{type(self).__name__} {self.name!r} capacity={self.capacity}"
                 f" depth={self.depth}>")
 
 
-def _reopen(cls: type, name: str, path: str) -> Any:
-    return cls.open(name, path=path)
-
-
-class Queue:
+class Queue(SharedObject):
     """``multiprocessing.Queue`` over shared memory, for Python objects.
 
     Same interface: ``put(obj, block=True, timeout=None)``, ``get(block=True,
@@ -375,19 +391,26 @@ class Queue:
     Unlike ``multiprocessing.Queue`` there is no feeder thread: ``put``
     returns once the object is in shared memory, and ``get`` works from
     processes that were never its children, by name.  Pass a queue to child
-    processes as usual (it pickles by name), or open it elsewhere with
-    ``Queue(name="jobs")``.
+    processes as usual (``Process`` and ``Pool`` arguments, ``initargs``):
+    the child is handed the open file, so it reaches the queue even if this
+    process closes it, or exits, right after ``start()``.  Or open it
+    elsewhere with ``Queue(name="jobs")``.
 
     Parameters
     ----------
     maxsize:
         At most this many objects queued (0: no limit but ``capacity``).
+        When opening by name, a given maxsize must be the queue's own
+        (:class:`MismatchError` otherwise); leave it out to adopt it.
     name:
         Open or create this name; ``None`` makes a unique one, removed when
         the last process closes it.
     capacity:
         Bytes of ring (default 8 MiB); ``put`` also blocks while the pickled
-        objects waiting fill it.
+        objects waiting fill it.  When opening, a given capacity larger
+        than the queue's raises :class:`MismatchError`.
+    on_destroy:
+        Called (no arguments) once, in the process that removes the name.
 
     Example
     -------
@@ -398,18 +421,23 @@ class Queue:
     """
 
     _ch: Channel | None = None
-    _closed = True
+    _what = "queue"
+    _maxsize = 0
+    _closed = True  # this handle's own flag: put/get check it without a property
 
-    def __init__(self, maxsize: int = 0, *, name: str | None = None,
-                 capacity: int = QUEUE_CAPACITY, create: bool | None = None,
-                 ctx: Any = None, **kwargs: Any) -> None:
-        if not isinstance(maxsize, int) or maxsize < 0:
+    def __init__(self, maxsize: int = DEFAULT, *, name: str | None = None,
+                 capacity: int = DEFAULT, create: bool | None = None,
+                 ctx: Any = None, on_destroy: Callable[[], Any] | None = None,
+                 **kwargs: Any) -> None:
+        if given(maxsize) and (not isinstance(maxsize, int) or isinstance(maxsize, bool)
+                               or maxsize < 0):
             raise ValueError(f"maxsize must be a non-negative int, not {maxsize!r}")
         ch = _QueueChannel.__new__(_QueueChannel)
-        ch._open(name, capacity, create, kwargs.get("path"), kwargs.get("lifetime"),
-                 kwargs.get("mode", 0o600), kwargs.get("max_attach", DEFAULT_MAX_ATTACH),
-                 maxsize)
-        self._adopt(ch)
+        ch._open(name, capacity, create, kwargs.get("path"), kwargs.get("lifetime", DEFAULT),
+                 kwargs.get("mode", 0o600), kwargs.get("max_attach", DEFAULT), maxsize,
+                 kwargs.get("readonly", False))
+        self._take(ch)
+        self._on_destroy = on_destroy
 
     @classmethod
     def open(cls, name: str, **kwargs: Any) -> "Queue":
@@ -417,19 +445,23 @@ class Queue:
 
         ``Queue.open(name, readonly=True)`` only looks: ``qsize()``, ``info()``.
         """
-        q = cls.__new__(cls)
-        ch = _QueueChannel.__new__(_QueueChannel)
-        ch._open(name, 64, False, kwargs.get("path"), None, 0o600, DEFAULT_MAX_ATTACH, 0,
-                 kwargs.get("readonly", False))
-        q._adopt(ch)
-        return q
+        return cls(name=name, create=False, **kwargs)
 
-    def _adopt(self, ch: Channel) -> None:
+    def _adopt(self, seg: Segment) -> None:
+        ch = _QueueChannel.__new__(_QueueChannel)
+        ch._adopt(seg)
+        self._take(ch)
+
+    def _take(self, ch: Channel) -> None:
         self._ch = ch
         self._closed = False
-        self._maxsize = ch.segment.layout.get("max_items", 0)
+        self._maxsize = ch._seg.layout.get("max_items", 0)
         self._send, self._send_nowait = ch.send, ch.send_nowait
         self._recv, self._recv_nowait = ch.recv, ch.recv_nowait
+
+    @property
+    def _seg(self) -> Segment | None:  # type: ignore[override]
+        return None if self._ch is None else self._ch._seg
 
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Put ``obj`` on the queue, waiting while it is full (``queue.Full`` when
@@ -479,21 +511,19 @@ class Queue:
         """This process will use the queue no more (other processes carry on).
 
         Objects already put stay in the queue; there is no feeder thread
-        to flush.
+        to flush.  Safe to call twice.
         """
-        if self._ch is not None:
-            self._ch.detach()
         self._closed = True
+        ch = self._ch
+        if ch is not None and not ch.closed:
+            ch.close()
+            self._after_close(ch._seg)
 
     def join_thread(self) -> None:
         """Nothing to wait for: ``put`` has already placed the object."""
 
     def cancel_join_thread(self) -> None:
         """Nothing to cancel (there is no feeder thread)."""
-
-    def unlink(self) -> None:
-        """Remove the name now; processes that opened it carry on."""
-        self._live().unlink()
 
     def statistics(self) -> dict:
         """The channel counters (see :meth:`Channel.statistics`)."""
@@ -502,41 +532,20 @@ class Queue:
     def _describe(self) -> dict:
         return self._live()._describe()
 
-    def info(self) -> SegmentInfo:
-        return self._live().info()
-
-    @property
-    def name(self) -> str:
-        return self._live().name
-
     @property
     def maxsize(self) -> int:
         return self._maxsize
 
     def _live(self) -> Channel:
-        if self._closed or self._ch is None:
+        if self.closed:
             raise ValueError(f"Queue {self!r} is closed")
-        return self._ch
-
-    def __reduce__(self) -> tuple:
-        ch = self._live()
-        return (_reopen_queue, (ch.name, ch.segment.path))
-
-    def __enter__(self) -> "Queue":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return self._ch  # type: ignore[return-value]
 
     def __repr__(self) -> str:
-        if self._ch is None or self._closed:
+        if self.closed:
             return "<shmkit.Queue closed>"
-        return f"<shmkit.Queue {self._ch.name!r} maxsize={self._maxsize}>"
+        return f"<shmkit.Queue {self.name!r} maxsize={self._maxsize}>"
 
 
 class _QueueChannel(Channel):
     _kind = Kind.QUEUE
-
-
-def _reopen_queue(name: str, path: str) -> Queue:
-    return Queue.open(name, path=path)

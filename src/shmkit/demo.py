@@ -84,7 +84,7 @@ def run(senders: int = 4, records: int = 20000, quiet: bool = False) -> int:
         for p in procs[1:]:
             failed |= p.wait(timeout=max(1.0, deadline - time.monotonic())) != 0
         if failed:  # a sender gave up: let the receiver finish with what came
-            ch.close()
+            ch.close_sending()
         status = receiver.wait(timeout=max(1.0, deadline - time.monotonic()))
         return status or int(failed)
     except subprocess.TimeoutExpired:
@@ -100,7 +100,7 @@ def run(senders: int = 4, records: int = 20000, quiet: bool = False) -> int:
             ch.unlink()
         except Exception:
             pass
-        ch.detach()
+        ch.close()
 
 
 def main(argv: list[str] | None = None) -> int:

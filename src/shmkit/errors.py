@@ -17,6 +17,7 @@ __all__ = [
     "ExistsError",
     "WrongKindError",
     "FormatVersionError",
+    "MismatchError",
     "LayoutMismatchError",
     "CorruptError",
     "OutOfSpaceError",
@@ -66,7 +67,17 @@ class FormatVersionError(ShmkitError):
     """The segment was written by a shmkit with another data layout version."""
 
 
-class LayoutMismatchError(ShmkitError, TypeError):
+class MismatchError(ShmkitError, ValueError):
+    """An existing object was opened with an explicit parameter it does not have.
+
+    A size or capacity smaller than asked, another heap size, another codec,
+    another ``maxsize``...: the message names both values.  Leave the
+    parameter out to adopt what exists, or unlink the object and create it
+    again.
+    """
+
+
+class LayoutMismatchError(MismatchError, TypeError):
     """A record or array was opened with a dtype, type or shape other than its own."""
 
 

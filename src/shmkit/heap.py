@@ -33,18 +33,20 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from typing import Any
+from typing import Any, Callable
 
 from . import _core
 from .errors import (
     BusyError,
     ClosedError,
+    CorruptError,
     FormatVersionError,
     HeapFullError,
     PinnedError,
     ReadOnlyError,
     StaleHandleError,
 )
+from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
 from .segment import DEFAULT_MAX_ATTACH, Kind, Segment
 
 __all__ = ["Heap", "Handle", "Pin", "ArrayPin", "HeapFullError", "PinnedError",
@@ -191,32 +193,39 @@ def _remaining(deadline: float | None) -> float | None:
     return max(0.0, deadline - time.monotonic())
 
 
-class Heap(Segment):
+class Heap(SharedObject):
     """A heap of movable blocks in a named segment, shared by many processes.
 
     ``Heap(name, size=n)`` opens ``name`` if it exists, else creates it with
     ``n`` bytes of data area (block headers of 16 bytes come out of it);
-    ``Heap.create`` / ``Heap.open`` insist on one or the other.
+    ``Heap.create`` / ``Heap.open`` insist on one or the other.  The heap
+    holds its segment privately: blocks are reached only through handles,
+    pins and the methods below.
 
     Parameters
     ----------
     name:
-        Segment name (``None`` makes a unique one, see ``.name``).
+        The heap's name (``None`` makes a unique one, see ``.name``).
     size:
-        Bytes of data area when creating (rounded down to 16).
+        Bytes of data area when creating (rounded down to 16).  When opening,
+        a given size must be the heap's own (:class:`MismatchError`
+        otherwise); leave it out to adopt the heap as it is.
     max_blocks:
         Handle-table entries: the most blocks that can exist at once
         (default ``size // 1024``, at least 1024, at most 4 Mi).
     max_pins:
         Distinct blocks one attachment may hold pinned at once (default 64).
+    on_destroy:
+        Called (no arguments) once, in the process that removes the name:
+        its ``unlink()``, or the last ``close()`` with ``lifetime="attached"``.
     path, readonly, mode, lifetime, max_attach:
         As for :class:`shmkit.Segment`.  A read-only attachment can only
-        look (``stats()``, ``shmkit info``).
+        look (``statistics()``, ``shmkit info``).
 
     Raises
     ------
     NotFoundError, ExistsError, WrongKindError, FormatVersionError,
-    CorruptError, OutOfSpaceError, InvalidNameError
+    CorruptError, OutOfSpaceError, InvalidNameError, MismatchError
 
     Example
     -------
@@ -226,60 +235,85 @@ class Heap(Segment):
     (b'hello', 5)
     """
 
-    _kind = Kind.HEAP
+    _what = "heap"
     _heapcore: Any = None
     _capacity = 0
+    _readonly = False
 
     def __init__(self, name: str | None = None, size: int | None = None, *,
-                 max_blocks: int | None = None, max_pins: int = _DEFAULT_PINS,
+                 max_blocks: int | None = None, max_pins: int = DEFAULT,
                  create: bool | None = None, path: str | os.PathLike[str] | None = None,
-                 readonly: bool = False, mode: int = 0o600, lifetime: str = "persistent",
-                 max_attach: int = DEFAULT_MAX_ATTACH) -> None:
+                 readonly: bool = False, mode: int = 0o600, lifetime: str = DEFAULT,
+                 max_attach: int = DEFAULT,
+                 on_destroy: Callable[[], Any] | None = None) -> None:
         payload = layout = init = None
-        if size is not None and create is not False:
+        data = None
+        if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 2 * _UNIT:
                 raise ValueError(f"size must be an int of at least {2 * _UNIT} bytes, "
                                  f"not {size!r}")
             data = size // _UNIT * _UNIT
-            if max_blocks is None:
-                max_blocks = min(max(data // 1024, 1024), 1 << 22)
-            if not isinstance(max_blocks, int) or not 1 <= max_blocks <= 1 << 30:
-                raise ValueError(f"max_blocks must be an int in 1..2**30, not {max_blocks!r}")
-            if not isinstance(max_pins, int) or not 1 <= max_pins <= 4096:
-                raise ValueError(f"max_pins must be an int in 1..4096, not {max_pins!r}")
-            payload = _core.heap_layout(data, max_blocks, max_pins, max_attach)
-            layout = {"format": HEAP_FORMAT, "data_bytes": data, "max_blocks": max_blocks,
-                      "max_pins": max_pins}
+        if max_blocks is not None and (not isinstance(max_blocks, int)
+                                       or not 1 <= max_blocks <= 1 << 30):
+            raise ValueError(f"max_blocks must be an int in 1..2**30, not {max_blocks!r}")
+        if given(max_pins) and (not isinstance(max_pins, int) or not 1 <= max_pins <= 4096):
+            raise ValueError(f"max_pins must be an int in 1..4096, not {max_pins!r}")
+        slots = max_attach if given(max_attach) else DEFAULT_MAX_ATTACH
+        if data is not None and create is not False:
+            blocks = max_blocks
+            if blocks is None:
+                blocks = min(max(data // 1024, 1024), 1 << 22)
+            pins = max_pins if given(max_pins) else _DEFAULT_PINS
+            payload = _core.heap_layout(data, blocks, pins, slots)
+            layout = {"format": HEAP_FORMAT, "data_bytes": data, "max_blocks": blocks,
+                      "max_pins": pins}
             salt = secrets.randbits(32)
 
             def init(seg: Segment) -> None:
-                _core.heap_format(seg._mapping, seg._hsize, data, max_blocks, max_pins,
-                                  max_attach, salt)
+                _core.heap_format(seg._mapping, seg._hsize, data, blocks, pins, slots, salt)
         elif create:
             raise ValueError("creating a heap needs size=")
-        self._attach(name, path, size=payload, create=create, readonly=readonly, mode=mode,
-                     lifetime=lifetime, max_size=payload, max_attach=max_attach,
-                     layout=layout, init=init)
-        try:
-            self._bind()
-        except BaseException:
-            Segment.close(self)
-            raise
+        seg = attach_segment(Kind.HEAP, name, path, size=payload, create=create,
+                             readonly=readonly, mode=mode,
+                             lifetime=lifetime if given(lifetime) else "persistent",
+                             max_size=payload, max_attach=slots, layout=layout, init=init)
+        self._on_destroy = on_destroy
+        self._adopt(seg, size=data, max_blocks=max_blocks,
+                    max_pins=max_pins, lifetime=lifetime, max_attach=max_attach)
 
-    def _bind(self) -> None:
-        stored = self.layout
-        fmt = stored.get("format")
-        if fmt != HEAP_FORMAT:
-            raise FormatVersionError(
-                f"heap {self.name!r} has heap format {fmt}; this shmkit reads format "
-                f"{HEAP_FORMAT}. Use the shmkit that made it, or remove it with `shmkit rm`")
-        self._heapcore = _core.HeapCore(self._mapping, self._hsize, self._sync_size(),
-                                        self.name)
-        self._capacity = int(stored.get("data_bytes", 0))
+    def _adopt(self, seg: Segment, size: int | None = None, max_blocks: int | None = None,
+               max_pins: Any = DEFAULT, lifetime: Any = DEFAULT,
+               max_attach: Any = DEFAULT) -> None:
+        try:
+            stored = seg.layout
+            fmt = stored.get("format")
+            if fmt != HEAP_FORMAT:
+                raise FormatVersionError(
+                    f"heap {seg.name!r} has heap format {fmt}; this shmkit reads format "
+                    f"{HEAP_FORMAT}. Use the shmkit that made it, or remove it with "
+                    "`shmkit rm`")
+            capacity = stored.get("data_bytes", 0)
+            if type(capacity) is not int or capacity < 0:
+                raise CorruptError(f"heap {seg.name!r} has an unreadable size {capacity!r}")
+            if not seg.created:
+                # An explicit parameter is honoured or refused, never ignored.
+                for param, asked in (("size", size), ("max_blocks", max_blocks),
+                                     ("max_pins", None if max_pins is DEFAULT else max_pins)):
+                    key = "data_bytes" if param == "size" else param
+                    if asked is not None and stored.get(key) != asked:
+                        raise mismatch("heap", seg.name, param, asked, stored.get(key))
+                check_common("heap", seg, lifetime=lifetime, max_attach=max_attach)
+            core = _core.HeapCore(seg._mapping, seg._hsize, seg._sync_size(), seg.name)
+        except BaseException:
+            seg.close()
+            raise
+        self._seg = seg
+        self._readonly = seg.readonly
+        self._heapcore = core
+        self._capacity = capacity
 
     @classmethod
-    def create(cls, name: str | None = None, size: int = 0,  # type: ignore[override]
-               **kwargs: Any) -> "Heap":
+    def create(cls, name: str | None = None, size: int = 0, **kwargs: Any) -> "Heap":
         """Create a new heap; :class:`ExistsError` if the name is taken.
 
         >>> h = Heap.create(size=4096); h.created
@@ -289,19 +323,21 @@ class Heap(Segment):
         return cls(name, size, create=True, **kwargs)
 
     @classmethod
-    def open(cls, name: str | None = None, **kwargs: Any) -> "Heap":  # type: ignore[override]
-        """Open an existing heap; :class:`NotFoundError` if there is none."""
-        kwargs.pop("size", None)
-        return cls(name, None, create=False, **kwargs)
+    def open(cls, name: str | None = None, **kwargs: Any) -> "Heap":
+        """Open an existing heap; :class:`NotFoundError` if there is none.
+
+        ``size=`` and the other parameters, if given, must match the heap.
+        """
+        return cls(name, create=False, **kwargs)
 
     # -- internals -----------------------------------------------------------
 
     def _core_rw(self) -> Any:
         core = self._heapcore
         if core is None:
-            raise ClosedError(f"heap {self._name!r} is closed in this process")
+            raise ClosedError(f"heap {self.name!r} is closed in this process")
         if self._readonly:
-            raise ReadOnlyError(f"heap {self._name!r} was opened readonly=True; open it "
+            raise ReadOnlyError(f"heap {self.name!r} was opened readonly=True; open it "
                                 "without readonly to allocate, pin or free")
         return core
 
@@ -327,9 +363,9 @@ class Heap(Segment):
                 return out
 
     def _no_room(self, nbytes: int) -> HeapFullError:
-        s = self.stats()
+        s = self.statistics()
         return HeapFullError(
-            f"heap {self._name!r} has {s['free']} bytes free but no run of {nbytes} bytes, "
+            f"heap {self.name!r} has {s['free']} bytes free but no run of {nbytes} bytes, "
             f"even after compacting: {s['pinned']} pinned block(s) keep the free space "
             "apart (or other processes took it meanwhile); unpin blocks, free some, or "
             "create a larger heap")
@@ -404,7 +440,7 @@ class Heap(Segment):
         """The size the block was allocated (or last resized) with."""
         core = self._heapcore
         if core is None:
-            raise ClosedError(f"heap {self._name!r} is closed in this process")
+            raise ClosedError(f"heap {self.name!r} is closed in this process")
         return core.size_of(self._value(handle))
 
     def realloc(self, handle: Handle, nbytes: int, *, zero: bool = False,
@@ -521,7 +557,7 @@ class Heap(Segment):
         deadline = None if timeout is None else time.monotonic() + timeout
         return self._compact_until(0, deadline)
 
-    def stats(self, *, timeout: float | None = None) -> dict:
+    def statistics(self, *, timeout: float | None = None) -> dict:
         """Usage: ``size``, ``used``, ``free``, ``largest_free``, ``blocks``,
         ``free_blocks``, ``pinned``, ``fragmentation`` (0 when the free space
         is one run, towards 1 when it is scattered), and counters (allocs,
@@ -530,7 +566,7 @@ class Heap(Segment):
         """
         core = self._heapcore
         if core is None:
-            raise ClosedError(f"heap {self._name!r} is closed in this process")
+            raise ClosedError(f"heap {self.name!r} is closed in this process")
         if self._readonly:
             return core.stats(False, timeout)
         return core.stats(True, timeout)
@@ -560,24 +596,27 @@ class Heap(Segment):
         return 0 if core is None else core.pins_held()
 
     def close(self) -> None:
-        """Detach.  Raises :class:`BusyError` while this attachment holds pins."""
-        if self._closed:
+        """Release this handle.  Raises :class:`BusyError` while it holds pins.
+
+        Safe to call twice.  With ``lifetime="attached"`` the last handle to
+        close removes the heap (and runs ``on_destroy`` there).
+        """
+        if self.closed:
             return
         core = self._heapcore
         if core is not None and not self._readonly and core.pins_held():
-            raise BusyError(f"heap {self._name!r}: this attachment still holds "
+            raise BusyError(f"heap {self.name!r}: this attachment still holds "
                             f"{core.pins_held()} pin(s); release them before close()")
-        self._heapcore = None
-        if core is not None:
-            core.close()
         super().close()
 
-    def __reduce__(self) -> tuple:
-        return (_reopen_heap, (type(self), self._name, self._path, self._readonly))
+    def _release(self) -> None:
+        core, self._heapcore = self._heapcore, None
+        if core is not None:
+            core.close()
 
     def _describe(self) -> dict:
         try:
-            s = self.stats(timeout=1.0)
+            s = self.statistics(timeout=1.0)
         except Exception as e:  # info must not fail on a damaged heap
             return {"heap": {"error": f"{type(e).__name__}: {e}"}}
         keep = ("size", "used", "free", "largest_free", "fragmentation", "blocks",
@@ -586,13 +625,9 @@ class Heap(Segment):
         return {"heap": {k: s[k] for k in keep if k in s}}
 
     def __repr__(self) -> str:
-        if self._closed or self._heapcore is None:
-            return f"<shmkit.Heap {self._name!r} closed>"
-        return f"<shmkit.Heap {self._name!r} capacity={self._capacity}>"
-
-
-def _reopen_heap(cls: type, name: str, path: str, readonly: bool) -> Heap:
-    return cls.open(name, path=path, readonly=readonly)
+        if self.closed or self._heapcore is None:
+            return f"<shmkit.Heap {self.name!r} closed>"
+        return f"<shmkit.Heap {self.name!r} capacity={self._capacity}>"
 
 
 def _block_bytes(nbytes: int) -> int:

@@ -6,6 +6,10 @@ the process that creates the segment, before any other process can open it.
 Opening with another layout raises :class:`LayoutMismatchError`; opening
 without a type rebuilds it from the layout stored in the header.
 
+Each holds its segment privately: the record or array is the only way to
+its bytes, and it covers exactly the payload.  A ``ctypes.c_char * N``
+field is one fixed-length bytes value (numpy ``S{N}``), as in ctypes.
+
 >>> import numpy as np, shmkit
 >>> a = shmkit.Array(None, "float32", (2, 3), init=lambda arr: arr.fill(1.5))
 >>> float(a.array.sum())
@@ -20,13 +24,15 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ._object import DEFAULT, Lock, SharedObject, attach_segment, check_common
 from .errors import CorruptError, FormatVersionError, LayoutMismatchError, ReadOnlyError
 from .segment import Kind, Segment
 
 __all__ = ["Struct", "Array"]
 
 # Version of the layout description below; bump it when the encoding changes.
-_FORMAT = 1
+# 2: a ctypes ``c_char * N`` field is stored as one ``S{N}`` value, not N ``S1``.
+_FORMAT = 2
 
 
 def _dtype_layout(dt: np.dtype) -> Any:
@@ -62,6 +68,25 @@ def _dtype_from_layout(layout: Any) -> np.dtype:
     })
 
 
+def _char_arrays_as_bytes(dt: np.dtype) -> np.dtype:
+    """``c_char * N`` comes from numpy as N one-byte cells ('S1', (N,)); make it
+    one N-byte string ('S{N}'), as ctypes itself reads and writes it."""
+    if dt.subdtype is not None:
+        base, shape = dt.subdtype
+        if base == np.dtype("S1") and shape:
+            inner = np.dtype(f"S{shape[-1]}")
+            return inner if len(shape) == 1 else np.dtype((inner, shape[:-1]))
+        return np.dtype((_char_arrays_as_bytes(base), shape))
+    if dt.fields is None:
+        return dt
+    return np.dtype({
+        "names": list(dt.names),
+        "formats": [_char_arrays_as_bytes(dt.fields[n][0]) for n in dt.names],
+        "offsets": [dt.fields[n][1] for n in dt.names],
+        "itemsize": dt.itemsize,
+    })
+
+
 def _as_dtype(t: Any) -> np.dtype:
     try:
         dt = np.dtype(t)
@@ -72,56 +97,42 @@ def _as_dtype(t: Any) -> np.dtype:
         # process reading them would crash.
         raise TypeError(f"{t!r} holds Python objects, which cannot live in shared "
                         "memory; use plain numbers, bytes ('S10') or str ('U10') fields")
+    if isinstance(t, type) and issubclass(t, (ctypes.Structure, ctypes.Union, ctypes.Array)):
+        dt = _char_arrays_as_bytes(dt)
     return dt
 
 
-class _Typed(Segment):
-    """Shared construction: compare or adopt the layout stored in the header."""
-
-    def _open_typed(self, name: str | None, layout: dict | None, size: int | None,
-                    init: Callable[[Segment], None] | None, create: bool | None,
-                    kwargs: dict) -> tuple[np.dtype, tuple]:
-        self._attach(name, kwargs.pop("path", None), size=size, create=create,
-                     layout=layout, init=init, **kwargs)
-        try:
-            stored = self.layout
-            dtype, shape = self._parse_layout(stored)
-            if layout is not None and not self.created and stored != layout:
-                raise LayoutMismatchError(
-                    f"{self.name!r} holds {_describe(stored)}, but was opened with "
-                    f"{_describe(layout)}; open it with its own layout, or with no type "
-                    "to adopt it")
-        except BaseException:
-            self.close()
-            raise
-        return dtype, shape
-
-    def _parse_layout(self, stored: dict) -> tuple[np.dtype, tuple]:
-        # The layout comes from shared memory: check all of it before use.
-        fmt = stored.get("format")
-        if fmt != _FORMAT:
-            raise FormatVersionError(
-                f"{self.name!r} describes its records in layout format {fmt}; this "
-                f"shmkit reads format {_FORMAT}. Use the shmkit that made it, or remove "
-                "it with `shmkit rm`")
-        array = self._kind == Kind.ARRAY
-        try:
-            dtype = _dtype_from_layout(stored["dtype"])
-            shape = tuple(stored["shape"]) if array else ()
-            valid = not dtype.hasobject and all(
-                type(d) is int and d >= 0 for d in shape)
-        except Exception:  # any malformed description, however it fails
-            valid = False
-        if not valid:
-            raise CorruptError(f"{self.name!r} has an unreadable record layout "
-                               f"{str(stored)[:200]}; remove it with `shmkit rm`")
-        need = dtype.itemsize
-        for d in shape:
-            need *= d
-        if need > self.size:
-            raise CorruptError(f"{self.name!r} describes {need} bytes of records but "
-                               f"holds {self.size}; remove it with `shmkit rm`")
-        return dtype, shape
+def _parse_layout(seg: Segment, asked: dict | None) -> tuple[np.dtype, tuple]:
+    """Check the stored layout (untrusted) and compare it with the one asked for."""
+    stored = seg.layout
+    fmt = stored.get("format")
+    if fmt != _FORMAT:
+        raise FormatVersionError(
+            f"{seg.name!r} describes its records in layout format {fmt}; this "
+            f"shmkit reads format {_FORMAT}. Use the shmkit that made it, or remove "
+            "it with `shmkit rm`")
+    array = seg.kind == Kind.ARRAY
+    try:
+        dtype = _dtype_from_layout(stored["dtype"])
+        shape = tuple(stored["shape"]) if array else ()
+        valid = not dtype.hasobject and all(type(d) is int and d >= 0 for d in shape)
+    except Exception:  # any malformed description, however it fails
+        valid = False
+    if not valid:
+        raise CorruptError(f"{seg.name!r} has an unreadable record layout "
+                           f"{str(stored)[:200]}; remove it with `shmkit rm`")
+    need = dtype.itemsize
+    for d in shape:
+        need *= d
+    if need > seg.size:
+        raise CorruptError(f"{seg.name!r} describes {need} bytes of records but "
+                           f"holds {seg.size}; remove it with `shmkit rm`")
+    if asked is not None and not seg.created and stored != asked:
+        raise LayoutMismatchError(
+            f"{seg.name!r} holds {_describe(stored)}, but was opened with "
+            f"{_describe(asked)}; open it with its own layout, or with no type "
+            "to adopt it")
+    return dtype, shape
 
 
 def _describe(layout: dict) -> str:
@@ -131,21 +142,84 @@ def _describe(layout: dict) -> str:
     return ", ".join(parts)
 
 
+def _struct_view(seg: Segment, dtype: np.dtype, ctype: Any) -> Any:
+    if ctype is not None:
+        if seg.readonly:
+            raise ReadOnlyError(
+                f"{seg.name!r} was opened readonly=True and a ctypes record is always "
+                "writable; open it without a type for a read-only numpy record")
+        return ctype.from_buffer(seg.buf)
+    # frombuffer keeps the buffer exported for as long as the array lives,
+    # so close() cannot unmap under it; np.ndarray(buffer=) does not.
+    arr = np.frombuffer(seg.buf, dtype=dtype, count=1)
+    arr = arr.reshape(arr.shape[1:])
+    if seg.readonly:
+        arr.flags.writeable = False
+    return arr
+
+
+def _array_view(seg: Segment, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    count = 1
+    for d in shape:
+        count *= d
+    # frombuffer keeps the buffer exported (see _struct_view).
+    arr = np.frombuffer(seg.buf, dtype=dtype, count=count)
+    arr = arr.reshape(tuple(shape) + arr.shape[1:])
+    if seg.readonly:
+        arr.flags.writeable = False
+    return arr
+
+
+class _Typed(SharedObject):
+    """What Struct and Array share: the layout, the lock, the payload size."""
+
+    _dtype: np.dtype
+    _lock: Lock | None = None
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The record's numpy dtype, as stored (the same in every process)."""
+        return self._dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of records (the payload)."""
+        return self._held().size
+
+    @property
+    def lock(self) -> Lock:
+        """A crash-robust lock kept with the data: hold it while changing several
+        fields that readers must see together (``with rec.lock:``)."""
+        if self._lock is None:
+            self._lock = Lock(self._held().lock)
+        return self._lock
+
+    def statistics(self) -> dict:
+        """``{"nbytes", "dtype", "shape", "attached"}``."""
+        seg = self._held()
+        return {"nbytes": seg.size, "dtype": str(self._dtype),
+                "shape": list(getattr(self, "_shape", ())),
+                "attached": len(seg.attachments())}
+
+
 class Struct(_Typed):
     """One record in shared memory, by name.
 
     Parameters
     ----------
     name:
-        The segment name (``None`` makes a unique one).
+        The object's name (``None`` makes a unique one).
     type:
         A ``ctypes.Structure`` subclass or a numpy (structured) dtype.  Needed
         to create; when opening, omit it to adopt the stored layout.
     init:
         Called once with the record by the creating process before the
-        segment becomes visible.
+        record becomes visible.
+    on_destroy:
+        Called (no arguments) once, in the process that removes the name:
+        its ``unlink()``, or the last ``close()`` with ``lifetime="attached"``.
     **kwargs:
-        As for :class:`Segment` (``path``, ``lifetime``, ``mode``...).
+        As for :class:`Segment` (``path``, ``lifetime``, ``mode``, ``readonly``...).
 
     ``.record`` is the live record: a ctypes instance over the shared bytes
     when ``type`` was a ctypes type, else a 0-d numpy array.  Hold ``.lock``
@@ -162,61 +236,65 @@ class Struct(_Typed):
     >>> s.close(); s.unlink()
     """
 
-    _kind = Kind.STRUCT
+    _what = "struct"
+    _ctype: Any = None
 
     def __init__(self, name: str | None = None, type: Any = None, *,
                  init: Callable[[Any], None] | None = None, create: bool | None = None,
-                 **kwargs: Any) -> None:
+                 on_destroy: Callable[[], Any] | None = None, **kwargs: Any) -> None:
         ctype = type if isinstance(type, builtin_type) and issubclass(
             type, (ctypes.Structure, ctypes.Union)) else None
-        layout = size = None
+        layout = size = dt = None
         if type is not None:
             dt = _as_dtype(type)
             layout = {"format": _FORMAT, "dtype": _dtype_layout(dt), "itemsize": dt.itemsize}
             size = dt.itemsize
         elif create:
             raise TypeError("Struct.create needs a type")
+        run = (lambda seg: init(_struct_view(seg, dt, ctype))) if init is not None else None
+        lifetime, max_attach = kwargs.pop("lifetime", DEFAULT), kwargs.pop("max_attach", DEFAULT)
+        extra = {k: v for k, v in (("lifetime", lifetime), ("max_attach", max_attach))
+                 if v is not DEFAULT}
+        seg = attach_segment(Kind.STRUCT, name, kwargs.pop("path", None), size=size,
+                             create=create, layout=layout, init=run, **extra, **kwargs)
+        self._on_destroy = on_destroy
+        self._adopt(seg, ctype=ctype, asked=layout, lifetime=lifetime, max_attach=max_attach)
+
+    def _adopt(self, seg: Segment, ctype: Any = None, asked: dict | None = None,
+               lifetime: Any = DEFAULT, max_attach: Any = DEFAULT) -> None:
+        try:
+            self._dtype, _ = _parse_layout(seg, asked)
+            check_common("struct", seg, lifetime=lifetime, max_attach=max_attach)
+        except BaseException:
+            seg.close()
+            raise
+        self._seg = seg
         self._ctype = ctype
-        run = (lambda seg: init(seg._view())) if init is not None else None
-        self._dtype, _ = self._open_typed(name, layout, size, run, create, kwargs)
+
+    def _state(self) -> dict:
+        return {"ctype": self._ctype}
 
     @classmethod
     def create(cls, name: str | None = None, type: Any = None, **kwargs: Any) -> "Struct":
+        """Create a new record; :class:`ExistsError` if the name is taken."""
         return cls(name, type, create=True, **kwargs)
 
     @classmethod
     def open(cls, name: str | None = None, type: Any = None, **kwargs: Any) -> "Struct":
+        """Open an existing record; :class:`NotFoundError` if there is none."""
         return cls(name, type, create=False, **kwargs)
-
-    def __reduce__(self) -> tuple:
-        return (_reopen_struct, (self.name, self.path, self._ctype, self.readonly))
-
-    def _view(self) -> Any:
-        if getattr(self, "_ctype", None) is not None:
-            if self.readonly:
-                raise ReadOnlyError(
-                    f"{self.name!r} was opened readonly=True and a ctypes record is always "
-                    "writable; open it without a type for a read-only numpy record")
-            return self._ctype.from_buffer(self.buf)
-        dt = getattr(self, "_dtype", None)
-        if dt is None:
-            dt = _dtype_from_layout(self.layout["dtype"])
-        # frombuffer keeps the buffer exported for as long as the array lives,
-        # so close() cannot unmap under it; np.ndarray(buffer=) does not.
-        arr = np.frombuffer(self.buf, dtype=dt, count=1)
-        return arr.reshape(arr.shape[1:])
 
     @property
     def record(self) -> Any:
         """The record itself, sharing memory with every other process."""
-        return self._view()
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
+        return _struct_view(self._held(), self._dtype, self._ctype)
 
     def _describe(self) -> dict:
         return {"record": {"dtype": str(self._dtype), "itemsize": self._dtype.itemsize}}
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"dtype={self._dtype}"
+        return f"<shmkit.Struct {self.name!r} {state}>"
 
 
 builtin_type = type
@@ -229,7 +307,8 @@ class Array(_Typed):
     the ndarray (no copy) and the object itself works wherever numpy takes an
     array (``np.asarray(a)``, ``a[0, 1] = 3``).  Opening with another dtype or
     shape raises :class:`LayoutMismatchError`; ``Array.open(name)`` adopts the
-    stored one.
+    stored one.  ``on_destroy`` and the other keywords are as for
+    :class:`Struct`.
 
     Example
     -------
@@ -239,12 +318,14 @@ class Array(_Typed):
     >>> a.close(); a.unlink()
     """
 
-    _kind = Kind.ARRAY
+    _what = "array"
+    _shape: tuple = ()
 
     def __init__(self, name: str | None = None, dtype: Any = None, shape: Any = None, *,
                  init: Callable[[np.ndarray], None] | None = None,
-                 create: bool | None = None, **kwargs: Any) -> None:
-        layout = size = None
+                 create: bool | None = None, on_destroy: Callable[[], Any] | None = None,
+                 **kwargs: Any) -> None:
+        layout = size = dt = shp = None
         if dtype is not None:
             dt = _as_dtype(dtype)
             if shape is None:
@@ -256,44 +337,44 @@ class Array(_Typed):
             size = dt.itemsize * int(np.prod(shp, dtype=np.int64))
         elif create:
             raise TypeError("Array.create needs a dtype and a shape")
-        run = (lambda seg: init(seg._view())) if init is not None else None
-        self._dtype, self._shape = self._open_typed(name, layout, size, run, create, kwargs)
+        run = (lambda seg: init(_array_view(seg, dt, shp))) if init is not None else None
+        lifetime, max_attach = kwargs.pop("lifetime", DEFAULT), kwargs.pop("max_attach", DEFAULT)
+        extra = {k: v for k, v in (("lifetime", lifetime), ("max_attach", max_attach))
+                 if v is not DEFAULT}
+        seg = attach_segment(Kind.ARRAY, name, kwargs.pop("path", None), size=size,
+                             create=create, layout=layout, init=run, **extra, **kwargs)
+        self._on_destroy = on_destroy
+        self._adopt(seg, asked=layout, lifetime=lifetime, max_attach=max_attach)
+
+    def _adopt(self, seg: Segment, asked: dict | None = None, lifetime: Any = DEFAULT,
+               max_attach: Any = DEFAULT) -> None:
+        try:
+            self._dtype, self._shape = _parse_layout(seg, asked)
+            check_common("array", seg, lifetime=lifetime, max_attach=max_attach)
+        except BaseException:
+            seg.close()
+            raise
+        self._seg = seg
 
     @classmethod
     def create(cls, name: str | None = None, dtype: Any = None, shape: Any = None,
                **kwargs: Any) -> "Array":
+        """Create a new array; :class:`ExistsError` if the name is taken."""
         return cls(name, dtype, shape, create=True, **kwargs)
 
     @classmethod
     def open(cls, name: str | None = None, dtype: Any = None, shape: Any = None,
              **kwargs: Any) -> "Array":
+        """Open an existing array; :class:`NotFoundError` if there is none."""
         return cls(name, dtype, shape, create=False, **kwargs)
 
-    def __reduce__(self) -> tuple:
-        return (_reopen_array, (self.name, self.path, self.readonly))
-
     def _view(self) -> np.ndarray:
-        stored = self.layout if getattr(self, "_dtype", None) is None else None
-        dt = self._dtype if stored is None else _dtype_from_layout(stored["dtype"])
-        shape = self._shape if stored is None else tuple(stored["shape"])
-        count = 1
-        for d in shape:
-            count *= d
-        # frombuffer keeps the buffer exported (see Struct._view).
-        arr = np.frombuffer(self.buf, dtype=dt, count=count)
-        arr = arr.reshape(tuple(shape) + arr.shape[1:])
-        if self.readonly:
-            arr.flags.writeable = False
-        return arr
+        return _array_view(self._held(), self._dtype, self._shape)
 
     @property
     def array(self) -> np.ndarray:
         """The shared ndarray (a new view object each time; same memory)."""
         return self._view()
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
 
     @property
     def shape(self) -> tuple:
@@ -315,10 +396,6 @@ class Array(_Typed):
     def _describe(self) -> dict:
         return {"array": {"dtype": str(self._dtype), "shape": list(self._shape)}}
 
-
-def _reopen_struct(name: str, path: str, ctype: Any, readonly: bool = False) -> Struct:
-    return Struct(name, ctype, create=False, path=path, readonly=readonly)
-
-
-def _reopen_array(name: str, path: str, readonly: bool = False) -> Array:
-    return Array(name, create=False, path=path, readonly=readonly)
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"dtype={self._dtype} shape={self._shape}"
+        return f"<shmkit.Array {self.name!r} {state}>"

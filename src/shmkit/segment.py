@@ -59,6 +59,7 @@ from .errors import (
     ExistsError,
     FormatVersionError,
     InvalidNameError,
+    MismatchError,
     NotFoundError,
     OutOfSpaceError,
     OwnerDiedWarning,
@@ -218,7 +219,9 @@ class Segment:
         1 to 200 characters of ``A-Z a-z 0-9 _ . : @ + -``; ``None`` makes a
         unique name (see ``.name``).
     size:
-        Payload bytes when creating.  Required to create, ignored on open.
+        Payload bytes when creating.  Required to create; when opening, an
+        existing segment smaller than ``size`` raises :class:`MismatchError`
+        (leave it out, or use ``Segment.open``, to adopt any size).
     path:
         Back the segment by this file instead of /dev/shm (survives reboots).
     readonly:
@@ -237,7 +240,7 @@ class Segment:
     Raises
     ------
     InvalidNameError, NotFoundError, ExistsError, WrongKindError,
-    FormatVersionError, CorruptError, OutOfSpaceError, BusyError
+    FormatVersionError, CorruptError, OutOfSpaceError, BusyError, MismatchError
 
     Example
     -------
@@ -264,6 +267,19 @@ class Segment:
                  max_size: int | None = None, max_attach: int = DEFAULT_MAX_ATTACH) -> None:
         self._attach(name, path, size=size, create=None, readonly=readonly, mode=mode,
                      lifetime=lifetime, max_size=max_size, max_attach=max_attach)
+        if size is not None and not self._created:
+            self._refuse_smaller(size)
+
+    def _refuse_smaller(self, size: int) -> None:
+        # An explicit size is honoured or refused: an existing segment smaller
+        # than asked would fail later with IndexError far from the cause.
+        have = self._sync_size()
+        if have < size:
+            self.close()
+            raise MismatchError(
+                f"segment {self._name!r} exists with size={have}, but size={size} was "
+                "asked; open it without size= to adopt its size, resize() it, or unlink "
+                "it and create it again")
 
     # -- construction -----------------------------------------------------
 
@@ -288,6 +304,45 @@ class Segment:
         """
         self = cls.__new__(cls)
         self._attach(name, kwargs.pop("path", None), size=None, create=False, **kwargs)
+        return self
+
+    @classmethod
+    def _from_fd(cls, fd: int, name: str, path: str, *, kind: Kind | None = None,
+                 readonly: bool = False) -> "Segment":
+        """Attach through ``fd``, an open descriptor of the segment's file.
+
+        A parent process hands its descriptor to a spawned child (as
+        ``multiprocessing`` hands over pipes), so the child reaches the
+        object even after the parent closed it and its name was removed.
+        The file is reopened through ``/proc/self/fd`` to get an open file of
+        our own (attach slots are OFD locks, one per open file), and ``fd`` is
+        closed before a slot is claimed: an inherited descriptor shares the
+        parent's open file, and with it the locks the parent held, which must
+        go when the parent has let go.
+        """
+        self = cls.__new__(cls)
+        self._kind = kind or cls._kind
+        self._name, self._path = name, path
+        self._readonly = bool(readonly)
+        self._created = False
+        self._lock_obj = None
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            own = os.open(f"/proc/self/fd/{fd}", flags)
+        finally:
+            os.close(fd)
+        try:
+            head = self._wait_ready(own)
+            if head.kind != self._kind:
+                raise WrongKindError(
+                    f"{name!r} is a {head.kind.name.lower()}, not a "
+                    f"{self._kind.name.lower()}; open it as {head.kind.name.title()}")
+            mapping = _core.Mapping(own, head.header_size + head.max_size,
+                                    head.header_size + head.size, readonly=self._readonly)
+        except BaseException:
+            os.close(own)
+            raise
+        self._setup(own, mapping, head.header_size)
         return self
 
     def _attach(self, name: str | None, path: Any, *, size: int | None,
@@ -558,10 +613,12 @@ class Segment:
                 _core.ofd_unlock(self._fd, _READER_BYTE, 1)
             elif self._token:
                 _core.ofd_unlock(self._fd, _SLOT_LOCK_BASE + (self._token & 0x3FF), 1)
-            self._remove_if_last()
+            self._removed_on_close = self._remove_if_last()
         self._detach()
 
-    def _remove_if_last(self) -> None:
+    _removed_on_close = False  # True once close() removed the name (the last "attached")
+
+    def _remove_if_last(self) -> bool:
         # Holding a write lock over the reader byte and every slot proves that
         # nobody else is attached, and nobody can attach while we hold it.
         fd = self._fd
@@ -571,7 +628,7 @@ class Segment:
             try:
                 fd = os.open(self._path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError:
-                return
+                return False
         try:
             if _core.ofd_lock(fd, 1, _SLOT_LOCK_BASE + self._max_slots - 1):
                 try:
@@ -579,8 +636,10 @@ class Segment:
                     mine = os.fstat(self._fd)
                     if (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
                         os.unlink(self._path)
+                        return True
                 except FileNotFoundError:
                     pass
+            return False
         finally:
             if fd != self._fd:
                 os.close(fd)
@@ -761,6 +820,31 @@ class Segment:
         finally:
             view.release()
         return src.nbytes
+
+    def write_some(self, data: Any, offset: int = 0) -> int:
+        """Copy as much of ``data`` as fits at ``offset``; returns the bytes written.
+
+        The partial counterpart of :meth:`write`: the bytes that would fall
+        past the end are left out (0 when ``offset`` is at or past the end).
+        Raises :class:`ReadOnlyError` on a read-only segment and
+        :class:`IndexError` for a negative offset.
+
+        >>> with Segment(None, size=4) as s:
+        ...     s.write_some(b"abcdef", offset=1), s.read()
+        (3, b'\\x00abc')
+        """
+        if self._readonly:
+            raise ReadOnlyError(f"segment {self._name!r} was opened readonly=True; open it "
+                                "without readonly to write")
+        if not isinstance(offset, int) or isinstance(offset, bool):
+            raise TypeError(f"offset must be an int, not {type(offset).__name__}")
+        if offset < 0:
+            raise IndexError(f"offset {offset} is negative; offsets count from 0")
+        src = memoryview(data).cast("B")
+        n = max(0, min(src.nbytes, self._sync_size() - offset))
+        if n:
+            self.write(src[:n], offset)
+        return n
 
     def ndarray(self, dtype: Any = "uint8", shape: Any = None, offset: int = 0) -> Any:
         """A numpy array over the payload, sharing its memory (no copy).

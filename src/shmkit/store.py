@@ -36,15 +36,16 @@ import threading
 import warnings
 import weakref
 from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
-from typing import Any
+from typing import Any, Callable
 
 from . import _core
+from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
 from .errors import (
     BusyError,
     ClosedError,
     FormatVersionError,
     KeyExistsError,
-    LayoutMismatchError,
+    MismatchError,
     OutOfSpaceError,
     OwnerDiedWarning,
     ReadOnlyError,
@@ -157,25 +158,11 @@ def _grow(seg: Segment, need: int) -> None:
         seg.resize(new)
 
 
-class _StoreSegment(Segment):
-    """The segment under a Store; ``info()`` adds the store's statistics."""
-
-    _kind = Kind.STORE
-
-    def _describe(self) -> dict:
-        table = _core.Table()
-        table._bind(self._mapping, self._hsize, readonly=True)
-        stats = table._stats()
-        stats["allocated_bytes"] = self._hsize + self.size
-        stats["codec"] = self.layout.get("codec", "none")
-        return {"store": stats}
-
-
 _live: "weakref.WeakValueDictionary[int, Store]" = weakref.WeakValueDictionary()
 _live_lock = threading.Lock()
 
 
-class Store(_core.Table, MutableMapping):  # type: ignore[misc]
+class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
     """A dict-like map in shared memory, shared by name between processes.
 
     Parameters
@@ -185,14 +172,15 @@ class Store(_core.Table, MutableMapping):  # type: ignore[misc]
         makes a unique one (see ``.name``).
     size:
         Initial bytes when creating (default 256 KiB); the store grows by
-        itself, up to ``max_size``.
+        itself, up to ``max_size``.  When opening, a given size beyond the
+        store's ``max_size`` raises :class:`MismatchError`.
     path:
         Keep the store in this file instead of /dev/shm: it outlives a reboot
         (call ``flush()`` to make writes durable).
     codec:
         ``None`` (the fixed types only) or ``"pickle"`` to also store any
         picklable object.  Fixed at creation; opening with another codec
-        raises :class:`LayoutMismatchError`.
+        raises :class:`MismatchError`, leaving it out adopts the store's.
     readonly:
         Open for reading only; writes raise :class:`ReadOnlyError`.
     create:
@@ -202,7 +190,11 @@ class Store(_core.Table, MutableMapping):  # type: ignore[misc]
         :class:`shmkit.Timeout` after that.
     lifetime, mode, max_size, max_attach:
         As for :class:`shmkit.Segment`; ``max_size`` (default 64 GiB) bounds
-        growth and costs only address space.
+        growth and costs only address space.  Given when opening, each must
+        be the store's own (:class:`MismatchError` otherwise).
+    on_destroy:
+        Called (no arguments) once, in the process that removes the name:
+        its ``unlink()``, or the last ``close()`` with ``lifetime="attached"``.
 
     Besides the ``dict`` methods (``get``, ``pop``, ``setdefault``,
     ``update``, ``clear``, ``keys``, ``values``, ``items``): ``add``,
@@ -213,7 +205,7 @@ class Store(_core.Table, MutableMapping):  # type: ignore[misc]
     ------
     UnsupportedTypeError (a TypeError), ValueTooLargeError (a ValueError),
     KeyExistsError (a KeyError), CorruptError, OutOfSpaceError,
-    ReadOnlyError, WrongKindError, FormatVersionError, LayoutMismatchError.
+    ReadOnlyError, WrongKindError, FormatVersionError, MismatchError.
 
     Example
     -------
@@ -223,25 +215,25 @@ class Store(_core.Table, MutableMapping):  # type: ignore[misc]
     (42, True, 1)
     """
 
-    _seg: _StoreSegment | None = None
+    _what = "store"
     _codec: str | None = None
 
     def __init__(self, name: str | None = None, *, size: int | None = None,
-                 path: str | os.PathLike[str] | None = None, codec: str | None = None,
+                 path: str | os.PathLike[str] | None = None, codec: str | None = DEFAULT,
                  readonly: bool = False, create: bool | None = None,
-                 timeout: float | None = None, lifetime: str = "persistent",
+                 timeout: float | None = None, lifetime: str = DEFAULT,
                  mode: int = 0o600, max_size: int | None = None,
-                 max_attach: int = 256) -> None:
-        if codec not in (None, "pickle"):
+                 max_attach: int = DEFAULT,
+                 on_destroy: Callable[[], Any] | None = None) -> None:
+        if given(codec) and codec not in (None, "pickle"):
             raise ValueError(f"codec must be None or 'pickle', not {codec!r}")
-        if size is None:
-            size = _DEFAULT_SIZE
-        elif not isinstance(size, int) or isinstance(size, bool) or size < _MIN_SIZE:
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool)
+                                 or size < _MIN_SIZE):
             raise ValueError(f"size must be an int of at least {_MIN_SIZE} bytes, "
                              f"not {size!r}")
         if max_size is not None and max_size > 1 << 44:
             raise ValueError("max_size cannot exceed 16 TiB")
-        layout = {"format": FORMAT, "codec": codec or "none"}
+        layout = {"format": FORMAT, "codec": (codec if given(codec) else None) or "none"}
         seed = secrets.randbits(64)
 
         def init(seg: Segment) -> None:
@@ -249,11 +241,19 @@ class Store(_core.Table, MutableMapping):  # type: ignore[misc]
             table._bind(seg._mapping, seg._hsize)
             table._format(seed)
 
-        seg = _StoreSegment.__new__(_StoreSegment)
-        seg._attach(name, path, size=size if create is not False else None,
-                    create=create, kind=Kind.STORE, layout=layout, init=init,
-                    readonly=readonly, mode=mode, lifetime=lifetime, max_size=max_size,
-                    max_attach=max_attach)
+        extra = {k: v for k, v in (("lifetime", lifetime), ("max_attach", max_attach))
+                 if given(v)}
+        seg = attach_segment(Kind.STORE, name, path,
+                             size=(size or _DEFAULT_SIZE) if create is not False else None,
+                             create=create, layout=layout, init=init, readonly=readonly,
+                             mode=mode, max_size=max_size, **extra)
+        self._on_destroy = on_destroy
+        self._adopt(seg, codec=codec, timeout=timeout, size=size, max_size=max_size,
+                    lifetime=lifetime, max_attach=max_attach)
+
+    def _adopt(self, seg: Segment, codec: Any = DEFAULT, timeout: float | None = None,
+               size: int | None = None, max_size: int | None = None,
+               lifetime: Any = DEFAULT, max_attach: Any = DEFAULT) -> None:
         try:
             stored = seg.layout
             if stored.get("format") != FORMAT:
@@ -261,18 +261,32 @@ class Store(_core.Table, MutableMapping):  # type: ignore[misc]
                     f"store {seg.name!r} has store format {stored.get('format')}; this "
                     f"shmkit reads format {FORMAT}. Use the shmkit that made it, or "
                     "remove it with `shmkit rm`")
-            if stored.get("codec") != layout["codec"]:
-                raise LayoutMismatchError(
-                    f"store {seg.name!r} was created with codec="
-                    f"{_codec_repr(stored.get('codec'))}; open it with that codec "
-                    f"(it was opened with codec={codec!r})")
+            have = stored.get("codec")
+            if have not in ("none", "pickle"):
+                raise FormatVersionError(f"store {seg.name!r} has an unknown codec "
+                                         f"{have!r}; use the shmkit that made it")
+            if not seg.created:
+                # An explicit parameter is honoured or refused, never ignored.
+                if given(codec) and (codec or "none") != have:
+                    raise mismatch("store", seg.name, "codec", codec,
+                                   None if have == "none" else have)
+                if max_size is not None and max_size != seg.max_size:
+                    raise mismatch("store", seg.name, "max_size", max_size, seg.max_size)
+                if size is not None and size > seg.max_size:
+                    raise MismatchError(
+                        f"store {seg.name!r} exists and can grow to max_size="
+                        f"{seg.max_size} bytes, but size={size} was asked; leave size= "
+                        f"out to adopt it, or unlink it (`shmkit rm {seg.name}`) and "
+                        "create it again with a larger max_size=")
+                check_common("store", seg, lifetime=lifetime, max_attach=max_attach)
         except BaseException:
             seg.close()
             raise
         self._seg = seg
-        self._codec = codec
-        self._bind(seg._mapping, seg._hsize, readonly=readonly, pickle=codec == "pickle",
-                   encode=_encode_pickle if codec == "pickle" else _encode_plain,
+        self._codec = "pickle" if have == "pickle" else None
+        pick = self._codec == "pickle"
+        self._bind(seg._mapping, seg._hsize, readonly=seg.readonly, pickle=pick,
+                   encode=_encode_pickle if pick else _encode_plain,
                    decode=_decode, grow=functools.partial(_grow, seg), timeout=timeout)
         with _live_lock:
             _live[id(self)] = self
@@ -366,7 +380,7 @@ class Store(_core.Table, MutableMapping):  # type: ignore[misc]
         Records move down into free space (readers retry around the moves),
         the free tail is cut off and its pages are returned to the system.
         """
-        seg = self._live_segment()
+        seg = self._held()
         self._lock()
         try:
             before = seg.size
@@ -379,7 +393,7 @@ class Store(_core.Table, MutableMapping):  # type: ignore[misc]
 
     def flush(self) -> None:
         """Make every write so far durable (msync, and fsync for a file path)."""
-        seg = self._live_segment()
+        seg = self._held()
         self._flush()
         os.fsync(seg._fd)
 
@@ -389,12 +403,12 @@ class Store(_core.Table, MutableMapping):  # type: ignore[misc]
         Returns what it counted (blocks, records, used/free/index bytes).
         Holds the write lock while it runs (readers are not stopped).
         """
-        self._live_segment()
+        self._held()
         return self._verify()
 
     def statistics(self) -> dict:
         """Counts and sizes: keys, used/free/allocated bytes, fragmentation, growth."""
-        seg = self._live_segment()
+        seg = self._held()
         stats = self._stats()
         stats["allocated_bytes"] = seg._hsize + seg.size
         stats["file_bytes"] = os.fstat(seg._fd).st_blocks * 512
@@ -404,81 +418,31 @@ class Store(_core.Table, MutableMapping):  # type: ignore[misc]
     @property
     def used_bytes(self) -> int:
         """Bytes taken by the live records (keys, values and their headers)."""
-        seg = self._live_segment()
+        seg = self._held()
         return _core.load64(seg._mapping, seg._hsize + _OFF_USED)
 
     @property
     def allocated_bytes(self) -> int:
         """Bytes of shared memory the store holds (header included)."""
-        seg = self._live_segment()
+        seg = self._held()
         return seg._hsize + seg.size
-
-    # -- lifetime -----------------------------------------------------------
-
-    def _live_segment(self) -> _StoreSegment:
-        seg = self._seg
-        if seg is None or seg.closed:
-            raise ClosedError("the store is closed in this process; open it again")
-        return seg
-
-    @property
-    def name(self) -> str:
-        return self._seg.name if self._seg is not None else ""
-
-    @property
-    def path(self) -> str:
-        """The file that holds the store."""
-        return self._seg.path if self._seg is not None else ""
 
     @property
     def codec(self) -> str | None:
+        """``None`` or ``"pickle"``, as chosen when the store was created."""
         return self._codec
 
-    @property
-    def readonly(self) -> bool:
-        return self._seg.readonly if self._seg is not None else False
-
-    @property
-    def closed(self) -> bool:
-        return self._seg is None or self._seg.closed
-
-    @property
-    def segment(self) -> _StoreSegment:
-        """The segment that holds the store."""
-        return self._live_segment()
-
-    def info(self) -> dict:
-        """What ``shmkit info`` shows for this store."""
-        return self._live_segment().info()
-
     def _describe(self) -> dict:
-        return self._live_segment()._describe()
-
-    def close(self) -> None:
-        """Detach from the store (it stays for other processes).  Safe to call twice."""
-        if self._seg is not None:
-            self._seg.close()
-
-    def unlink(self) -> None:
-        """Remove the store's name; attached processes keep using it."""
-        if self._seg is None:
-            raise ClosedError("the store was never opened")
-        self._seg.unlink()
-
-    def __enter__(self) -> "Store":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __reduce__(self) -> tuple:
-        seg = self._live_segment()
-        return (_reopen, (seg.name, seg.path, seg.readonly, self._codec))
+        seg = self._held()
+        stats = self._stats()
+        stats["allocated_bytes"] = seg._hsize + seg.size
+        stats["codec"] = self._codec or "none"
+        return {"store": stats}
 
     def __repr__(self) -> str:
         if self.closed:
-            return f"<shmkit.Store {self._seg.name if self._seg else ''!r} closed>"
-        return (f"<shmkit.Store {self._seg.name!r} keys={len(self)} "
+            return f"<shmkit.Store {self.name!r} closed>"
+        return (f"<shmkit.Store {self.name!r} keys={len(self)} "
                 f"used={self.used_bytes}>")
 
     __hash__ = None  # type: ignore[assignment]
@@ -501,14 +465,6 @@ def _unwrap(entry: Any, what: int) -> Any:
         return pickle.loads(entry[0]) if type(entry) is tuple else entry
     key, value = entry
     return (key, pickle.loads(value[0])) if type(value) is tuple else entry
-
-
-def _codec_repr(codec: Any) -> str:
-    return "None" if codec in (None, "none") else repr(codec)
-
-
-def _reopen(name: str, path: str, readonly: bool, codec: str | None) -> Store:
-    return Store.open(name, path=path, readonly=readonly, codec=codec)
 
 
 def _after_fork_in_child() -> None:

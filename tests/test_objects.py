@@ -1,0 +1,528 @@
+"""What every structure promises, across kinds and real processes.
+
+Each structure holds its segment and offers no way to resize, remap or
+write outside its payload; an explicit parameter is honoured or refused;
+``close()`` releases a handle; ``statistics()`` is one name; a Queue or
+Channel handed to a child survives its parent; ``on_destroy`` runs once, in
+the process that removes the name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import pickle
+import time
+
+import numpy as np
+import pytest
+
+import shmkit
+from shmkit import _core
+from shmkit.segment import Segment
+
+from conftest import SPAWN, run_python, spawn
+
+
+class Rec(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int64), ("tag", ctypes.c_char * 16)]
+
+
+KINDS = ["struct", "array", "heap", "store", "channel", "queue"]
+
+
+def make(kind: str, name: str | None, **kw):
+    if kind == "struct":
+        return shmkit.Struct(name, Rec, **kw)
+    if kind == "array":
+        return shmkit.Array(name, "f8", (4, 2), **kw)
+    if kind == "heap":
+        return shmkit.Heap(name, size=1 << 16, **kw)
+    if kind == "store":
+        return shmkit.Store(name, **kw)
+    if kind == "channel":
+        return shmkit.Channel(name, capacity=4096, **kw)
+    return shmkit.Queue(name=name, **kw)
+
+
+def reopen(kind: str, name: str):
+    return {"struct": shmkit.Struct, "array": shmkit.Array, "heap": shmkit.Heap,
+            "store": shmkit.Store, "channel": shmkit.Channel,
+            "queue": shmkit.Queue}[kind].open(name)
+
+
+def exercise(kind: str, obj) -> None:
+    """A use of the structure that touches its shared state."""
+    if kind == "struct":
+        obj.record.n += 1
+    elif kind == "array":
+        obj[0, 0] += 1
+    elif kind == "heap":
+        obj.free(obj.put(b"x" * 100))
+        obj.verify()
+    elif kind == "store":
+        obj["k"] = obj.get("k", 0) + 1
+    elif kind == "channel":
+        obj.send(b"ping")
+        assert obj.recv(timeout=10) == b"ping"
+    else:
+        obj.put({"ping": 1})
+        assert obj.get(timeout=10) == {"ping": 1}
+
+
+# -- 1. a structure holds its segment --------------------------------------------
+
+# Segment methods and properties that reach the raw bytes or the mapping.
+RAW = {"resize", "buf", "write", "write_some", "ndarray", "read", "segment", "mapping",
+       "remap", "truncate", "lock_segment"}
+
+
+def _public(obj) -> dict:
+    out = {}
+    for attr in dir(obj):
+        if attr.startswith("_"):
+            continue
+        try:
+            out[attr] = getattr(obj, attr)
+        except Exception as e:  # a property that refuses (closed, readonly...) offers nothing
+            out[attr] = e
+    return out
+
+
+def _check_no_raw_access(kind: str, obj, payload: int) -> None:
+    assert not isinstance(obj, Segment)
+    for attr, value in _public(obj).items():
+        where = f"{kind}.{attr}"
+        if attr in RAW and not (kind == "heap" and attr in ("read", "write")):
+            pytest.fail(f"{where} offers raw access to the segment")
+        found = next((k.__dict__[attr] for k in type(obj).__mro__ if attr in k.__dict__),
+                     None)
+        if found is not None and found is Segment.__dict__.get(attr):
+            pytest.fail(f"{where} is Segment's own {attr}")
+        assert not isinstance(value, (Segment, _core.Mapping)), where
+        if isinstance(value, memoryview):
+            assert value.readonly or value.nbytes <= payload, where
+        if isinstance(value, np.ndarray):
+            assert value.nbytes <= payload, where
+        # One level down (a lock, a record): still no way to the segment.
+        if not callable(value) and not isinstance(value, (int, str, bytes, dict, list,
+                                                          tuple, np.ndarray, np.dtype)):
+            for sub, inner in _public(value).items():
+                assert not isinstance(inner, (Segment, _core.Mapping)), f"{where}.{sub}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_public_attribute_keeps_the_structure_whole(kind, name):
+    obj = make(kind, name)
+    try:
+        exercise(kind, obj)
+        payload = obj._seg.size
+        _check_no_raw_access(kind, obj, payload)
+        for gone in ("resize", "buf", "ndarray", "segment", "stats", "detach"):
+            assert not hasattr(obj, gone), f"{kind}.{gone} still exists"
+        assert callable(obj.statistics) and isinstance(obj.statistics(), dict)
+        info = obj.info()
+        assert info["kind"] == kind and info["name"] == name
+        assert [a["pid"] for a in obj.attachments()] == [os.getpid()]
+        assert obj.readonly is False and obj.created and not obj.closed
+        assert obj.path == f"/dev/shm/shmkit.{name}"
+    finally:
+        obj.close()
+    assert obj.closed
+    obj.close()  # twice is fine
+
+
+def test_record_views_are_bounded_to_the_payload(name, names):
+    s = shmkit.Struct(name, Rec)
+    view = s.record
+    assert ctypes.sizeof(view) == ctypes.sizeof(Rec) == s.nbytes
+    t = shmkit.Struct.open(name)  # the numpy record: exactly one item
+    assert t.record.nbytes == s.nbytes
+    a = shmkit.Array(names(), "i4", (3, 5))
+    assert a.array.nbytes == a.nbytes == 60
+    with pytest.raises(shmkit.ClosedError):
+        s.close()
+        s.record
+    for o in (t, a):
+        o.close()
+
+
+def _verify_heap(name: str, wire: bytes, array_name: str) -> None:
+    heap = shmkit.Heap.open(name)
+    heap.verify()
+    assert heap.read(shmkit.Handle.from_bytes(wire)) == b"block 0"
+    heap.close()
+    a = shmkit.Array.open(array_name)
+    assert a.shape == (8,) and a[7] == 7
+    a.close()
+
+
+def test_no_process_can_resize_a_heap_or_array_under_the_others(names):
+    # Before: heap.resize(4096) was accepted, and every other process then
+    # got CorruptError; array.resize() did the same to an Array.
+    heap = shmkit.Heap(names(), size=1 << 16)
+    first = heap.put(b"block 0")
+    a = shmkit.Array(names(), "i8", 8, init=lambda arr: arr.__setitem__(slice(None),
+                                                                         np.arange(8)))
+    for obj in (heap, a):
+        with pytest.raises(AttributeError):
+            obj.resize(4096)
+        with pytest.raises(AttributeError):
+            obj.buf
+    p = spawn(_verify_heap, heap.name, bytes(first), a.name)
+    p.join(60)
+    assert p.exitcode == 0
+    heap.verify()
+    heap.close()
+    a.close()
+
+
+def test_struct_lock_is_shared_and_robust(name):
+    s = shmkit.Struct(name, Rec)
+    with s.lock:
+        assert s.lock.locked() and s.lock.holder_pid() == os.getpid()
+        proc = run_python(f"""
+            import shmkit
+            s = shmkit.Struct.open({name!r})
+            print(s.lock.acquire(timeout=0.2))
+            s.close()
+        """)
+        assert proc.stdout.strip() == "False"
+    assert not s.lock.locked()
+    s.close()
+
+
+# -- 2. honest opening -------------------------------------------------------------
+
+def _create_in_child(code: str) -> None:
+    run_python("import shmkit, numpy as np\n" + code)
+
+
+def test_segment_smaller_than_asked_is_refused(name):
+    # Before: a 1 MiB request opened an existing 256-byte segment and failed
+    # later with IndexError.
+    _create_in_child(f"shmkit.Segment({name!r}, size=256).close()")
+    with pytest.raises(shmkit.MismatchError) as ei:
+        shmkit.Segment(name, size=1 << 20)
+    msg = str(ei.value)
+    assert "size=256" in msg and "size=1048576" in msg and isinstance(ei.value, ValueError)
+    with shmkit.Segment(name, size=100) as seg:  # it has room for that
+        assert seg.size == 256
+    with shmkit.Segment.open(name) as seg:
+        assert seg.size == 256
+
+
+def test_channel_and_queue_parameters_are_honoured_or_refused(names):
+    ch_name, q_name = names(), names()
+    _create_in_child(f"shmkit.Channel({ch_name!r}, capacity=4096).close()\n"
+                     f"shmkit.Queue(3, name={q_name!r}, capacity=8192).close()")
+    # Before: a Channel asked for 8 MiB got 4 KiB.
+    with pytest.raises(shmkit.MismatchError, match="capacity=8388608"):
+        shmkit.Channel(ch_name, capacity=8 << 20)
+    with shmkit.Channel(ch_name) as ch:  # left out: adopted
+        assert ch.capacity == 4096
+    with pytest.raises(shmkit.MismatchError) as ei:
+        shmkit.Queue(5, name=q_name)
+    assert "maxsize=3" in str(ei.value) and "maxsize=5" in str(ei.value)
+    with pytest.raises(shmkit.MismatchError):
+        shmkit.Queue(0, name=q_name)  # the default, but given: refused too
+    with pytest.raises(shmkit.MismatchError, match="capacity"):
+        shmkit.Queue(name=q_name, capacity=1 << 20)
+    with shmkit.Queue(name=q_name) as q:
+        assert q.maxsize == 3
+        q.put(1)
+    with shmkit.Queue(3, name=q_name) as q:
+        assert q.get(timeout=5) == 1
+    with pytest.raises(shmkit.MismatchError, match="lifetime"):
+        shmkit.Channel(ch_name, lifetime="attached")
+
+
+def test_heap_size_is_honoured_or_refused(name):
+    # Before: a Heap asked for 16 MiB got 64 KiB.
+    _create_in_child(f"shmkit.Heap({name!r}, size=1 << 16).close()")
+    with pytest.raises(shmkit.MismatchError) as ei:
+        shmkit.Heap(name, size=16 << 20)
+    assert "size=65536" in str(ei.value) and "size=16777216" in str(ei.value)
+    for kw in ({"max_blocks": 5}, {"max_pins": 3}, {"max_attach": 8}):
+        with pytest.raises(shmkit.MismatchError, match=list(kw)[0]):
+            shmkit.Heap(name, **kw)
+    with shmkit.Heap(name) as heap, shmkit.Heap(name, size=1 << 16, max_pins=64) as same:
+        assert heap.capacity == same.capacity == 1 << 16
+    with shmkit.Heap.open(name, size=1 << 16) as heap:
+        assert not heap.created
+
+
+def test_store_and_records_parameters_are_honoured_or_refused(names):
+    st_name, a_name = names(), names()
+    _create_in_child(f"shmkit.Store({st_name!r}, codec='pickle', max_size=1 << 24).close()\n"
+                     f"shmkit.Array({a_name!r}, 'f4', (2, 3)).close()")
+    with pytest.raises(shmkit.MismatchError, match="codec"):
+        shmkit.Store(st_name, codec=None)
+    with pytest.raises(shmkit.MismatchError, match="max_size"):
+        shmkit.Store(st_name, max_size=1 << 30)
+    with pytest.raises(shmkit.MismatchError, match="size"):
+        shmkit.Store(st_name, size=1 << 25)
+    with shmkit.Store(st_name) as st:  # codec adopted
+        st["obj"] = {1, 2}
+        assert st.codec == "pickle" and st["obj"] == {1, 2}
+    with pytest.raises(shmkit.MismatchError) as ei:
+        shmkit.Array(a_name, "f4", (3, 2))
+    assert isinstance(ei.value, shmkit.LayoutMismatchError)
+    assert isinstance(ei.value, TypeError)  # as before
+
+
+# -- 3. one meaning per name -----------------------------------------------------------
+
+def _close_handle(name: str) -> None:
+    ch = shmkit.Channel.open(name)
+    ch.send(b"from child")
+    ch.close()
+
+
+def test_channel_close_releases_only_this_handle(name):
+    # Before: close() in the child ended the channel for every process.
+    ch = shmkit.Channel(name, capacity=4096)
+    p = spawn(_close_handle, name)
+    p.join(60)
+    assert p.exitcode == 0
+    assert ch.recv(timeout=10) == b"from child"
+    ch.send(b"still open")
+    assert ch.recv(timeout=10) == b"still open"
+    assert not ch.sending_closed and ch.statistics()["closed"] == 0
+    ch.close()
+
+
+def test_a_channel_ended_in_an_earlier_run_says_what_to_do(name):
+    run_python(f"""
+        import shmkit
+        ch = shmkit.Channel({name!r}, capacity=4096)
+        ch.send(b"left over")
+        ch.close_sending()
+        ch.close()
+    """)
+    proc = run_python(f"""
+        import shmkit
+        ch = shmkit.Channel({name!r}, capacity=4096)
+        print(list(ch))                     # the earlier run's messages, then the end
+        try:
+            ch.send(b"new run")
+        except shmkit.ChannelClosed as e:
+            print(e)
+        ch.close()
+    """)
+    first, second = proc.stdout.strip().splitlines()
+    assert first == "[b'left over']"
+    assert "close_sending()" in second and "earlier run" in second
+    assert f"shmkit rm {name}" in second
+    shmkit.unlink(name)
+    with shmkit.Channel(name, capacity=4096) as ch:  # as the message says
+        ch.send(b"fresh")
+        assert ch.recv(timeout=5) == b"fresh"
+
+
+def test_the_ended_error_pickles_as_channel_closed(name):
+    with shmkit.Channel(name, capacity=4096) as ch:
+        ch.close_sending()
+        with pytest.raises(shmkit.ChannelClosed) as ei:
+            ch.send(b"x")
+    again = pickle.loads(pickle.dumps(ei.value))  # as a Pool sends it back
+    assert type(again) is shmkit.ChannelClosed and str(again) == str(ei.value)
+    assert isinstance(ei.value, EOFError)
+
+
+# -- 4. Queue and Channel under spawn ---------------------------------------------------
+
+def _drain_queue(q, results, n: int) -> None:
+    results.put(sorted(q.get(timeout=30) for _ in range(n)))
+    q.close()
+    results.close()
+
+
+def test_queue_survives_parent_close_right_after_start():
+    # Before: the child failed with NotFoundError (the last close removed the name).
+    q, results = shmkit.Queue(), shmkit.Queue()
+    for i in range(10):
+        q.put(i)
+    p = spawn(_drain_queue, q, results, 10)
+    q.close()
+    assert results.get(timeout=60) == list(range(10))
+    p.join(60)
+    assert p.exitcode == 0
+    results.close()
+
+
+def test_queue_survives_parent_garbage_collection_after_start():
+    q, results = shmkit.Queue(), shmkit.Queue()
+    path = q.path
+    for i in range(5):
+        q.put(i)
+    p = spawn(_drain_queue, q, results, 5)
+    del q
+    gc.collect()
+    assert results.get(timeout=60) == list(range(5))
+    p.join(60)
+    assert p.exitcode == 0
+    assert not os.path.exists(path)  # the child's close, the last, removed it
+    results.close()
+
+
+def _echo_channel(ch, out) -> None:
+    for msg in ch:
+        out.send(msg.upper())
+    out.close()
+    ch.close()
+
+
+def test_channel_survives_parent_close_right_after_start():
+    ch, out = shmkit.Channel(capacity=4096), shmkit.Channel(capacity=4096)
+    p = spawn(_echo_channel, ch, out)
+    ch.send(b"abc")
+    ch.close_sending()
+    ch.close()
+    assert out.recv(timeout=60) == b"ABC"
+    p.join(60)
+    assert p.exitcode == 0
+    out.close()
+
+
+_pool_queue = None
+
+
+def _pool_init(q) -> None:
+    global _pool_queue
+    _pool_queue = q
+
+
+def _pool_square(x: int) -> int:
+    _pool_queue.put(x * x)
+    return x
+
+
+def test_pool_initializer_args_carry_a_queue():
+    q = shmkit.Queue()
+    with SPAWN.Pool(2, initializer=_pool_init, initargs=(q,)) as pool:
+        assert sorted(pool.map(_pool_square, range(20))) == list(range(20))
+    assert sorted(q.get(timeout=30) for _ in range(20)) == [x * x for x in range(20)]
+    q.close()
+
+
+class _ParentGone:
+    """Unpickled before the queue: waits until the process that started us exited."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def __reduce__(self):
+        return (_wait_parent_gone, (self.pid,))
+
+
+def _wait_parent_gone(pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while os.getppid() == pid and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _orphan(gate, q, out_name: str) -> None:
+    out = shmkit.Channel.open(out_name)
+    out.send(pickle.dumps([q.get(timeout=30) for _ in range(5)]))
+    out.close()
+    q.close()
+
+
+def _short_lived_parent(out_name: str) -> None:
+    q = shmkit.Queue()
+    for i in range(5):
+        q.put(i)
+    p = SPAWN.Process(target=_orphan, args=(_ParentGone(os.getpid()), q, out_name))
+    p.start()
+    path = q.path
+    q.close()
+    del q
+    gc.collect()
+    assert not os.path.exists(path)
+    os._exit(0)
+
+
+def test_a_child_opens_a_queue_whose_parent_is_gone(name):
+    out = shmkit.Channel(name, capacity=4096)
+    middle = SPAWN.Process(target=_short_lived_parent, args=(name,))
+    middle.start()
+    middle.join(60)
+    assert middle.exitcode == 0
+    assert pickle.loads(out.recv(timeout=60)) == [0, 1, 2, 3, 4]
+    out.close()
+
+
+def test_pickled_outside_a_spawn_goes_by_name(name):
+    q = shmkit.Queue(name=name)
+    clone = pickle.loads(pickle.dumps(q))
+    clone.put("x")
+    assert q.get(timeout=5) == "x" and clone.name == name
+    clone.close()
+    q.close()
+
+
+# -- 5. the clean-up hook ------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_on_destroy_runs_once_in_the_process_that_unlinks(kind, name):
+    calls = []
+    obj = make(kind, name, on_destroy=lambda: calls.append(1))
+    other = reopen(kind, name)
+    other.close()
+    assert calls == []
+    obj.unlink()
+    assert calls == [1]
+    with pytest.raises(shmkit.NotFoundError):
+        obj.unlink()
+    obj.close()
+    assert calls == [1]
+
+
+def _last_closer(kind: str, name: str, mark: str, go) -> None:
+    obj = make(kind, name, on_destroy=lambda: open(mark, "w").close(),
+               lifetime="attached")
+    go.wait(30)
+    obj.close()
+
+
+@pytest.mark.parametrize("kind", ["heap", "store", "channel", "array"])
+def test_on_destroy_runs_in_the_last_closer_only(kind, name, tmp_path):
+    mine = []
+    obj = make(kind, name, on_destroy=lambda: mine.append(1), lifetime="attached")
+    mark = str(tmp_path / "destroyed")
+    go = SPAWN.Event()
+    p = spawn(_last_closer, kind, name, mark, go)
+    deadline = time.monotonic() + 60
+    while len(obj.attachments()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    obj.close()  # not the last: nothing removed, no hook here
+    assert mine == [] and os.path.exists(f"/dev/shm/shmkit.{name}")
+    go.set()
+    p.join(60)
+    assert p.exitcode == 0
+    assert os.path.exists(mark) and not os.path.exists(f"/dev/shm/shmkit.{name}")
+    assert mine == []
+
+
+# -- 6. the partial write on a raw segment ------------------------------------------------
+
+def test_write_some_writes_what_fits(name):
+    with shmkit.Segment(name, size=16) as seg:
+        assert seg.write_some(b"0123456789", offset=10) == 6
+        assert seg.write_some(b"abc", offset=16) == 0
+        assert seg.write_some(b"xy", offset=0) == 2
+        with pytest.raises(IndexError):
+            seg.write_some(b"x", offset=-1)
+        with pytest.raises(IndexError):
+            seg.write(b"0123456789", offset=10)  # the strict one is unchanged
+        proc = run_python(f"""
+            import shmkit
+            with shmkit.Segment.open({name!r}) as s:
+                print(s.read())
+        """)
+        assert proc.stdout.strip() == repr(b"xy" + bytes(8) + b"012345")
+        with shmkit.Segment.open(name, readonly=True) as ro:
+            with pytest.raises(shmkit.ReadOnlyError):
+                ro.write_some(b"x")
