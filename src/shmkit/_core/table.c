@@ -109,7 +109,8 @@ typedef struct {
     uint64_t seed;       /* hash seed, fixed at creation */
     uint64_t heap_start; /* T_HEADER */
     uint64_t heap_end;   /* end of the block chain */
-    uint64_t _r0[3];
+    uint64_t index_gen;  /* +1 before each new index is published (scans) */
+    uint64_t _r0[2];
     /* line 1: writers */
     uint32_t lock;       /* the writers' robust mutex */
     uint32_t state;      /* ST_COMMIT while a batch journal is applied, ST_DIRTY */
@@ -1336,6 +1337,7 @@ t_rebuild(TableObject *t, uint64_t nslots, uint64_t at)
         ov_clear(&t->ov);
         t->ov = nov;
     }
+    STR(&h->index_gen, LDR(&h->index_gen) + 1);
     STA(&h->index, nix);
     t_free(t, x.ix);
     STR(&h->tombstones, 0);
@@ -2102,6 +2104,7 @@ table_clear(TableObject *t, PyObject *Py_UNUSED(ignored))
     STR(W64(P, nix + 16), (uint64_t)T_MIN_SLOTS);
     STR(W64(P, nix + 24), 0);
     memset(P + nix + T_INDEX_HDR, 0, 8 * T_MIN_SLOTS);
+    STR(&h->index_gen, LDR(&h->index_gen) + 1);
     STA(&h->index, nix);
     for (uint64_t i = 0; i < x.nslots; i++) {
         uint64_t w = LDR(&x.slots[i]);
@@ -2122,6 +2125,8 @@ out:
 /* _scan(index, start, max, what) -> (next, index, [entries], hashes, wrapped)
  * or None
  * when `index` is no longer the current index (the caller restarts).
+ * `index` is a token naming one index: its offset / 16 with index_gen above
+ * bit 40, because a later index may be placed where an earlier one was.
  * what: 0 keys, 1 values, 2 (key, value) pairs.  Entries of one call are
  * read under one epoch, so each is a value that was stored at some moment. */
 static PyObject *
@@ -2159,7 +2164,9 @@ scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
             corrupt("the index at %llu is damaged", (unsigned long long)ix);
             return NULL;
         }
-        if (want_ix && want_ix != ix)
+        /* index_gen was raised before ix was published (acquire above) */
+        uint64_t token = (ix >> 4) | (LDR(&h->index_gen) << 40);
+        if (want_ix && want_ix != token)
             Py_RETURN_NONE;
         PyObject *list = PyList_New(0), *wrapped = PyList_New(0), *hashes;
         if (list == NULL || wrapped == NULL)
@@ -2217,7 +2224,12 @@ scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
                     goto fail;
             }
         }
-        if (!locked && !epoch_same(h, e)) {
+        /* A record is published beyond the heap end this scan loaded when
+         * a writer grew the heap meanwhile (growth moves heap_end, not the
+         * epoch; vacuum makes it common by cutting the heap first): the
+         * index word was loaded with acquire after heap_end was stored, so
+         * loading heap_end again tells that race from damage. */
+        if (!locked && (!epoch_same(h, e) || (bad && LDA(&h->heap_end) != end))) {
             Py_DECREF(list);
             Py_DECREF(wrapped);
             continue;
@@ -2231,7 +2243,8 @@ scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
         if (hashes == NULL)
             goto fail;
         long long next = i >= nslots ? -1 : (long long)i;
-        return Py_BuildValue("LKNNN", next, (unsigned long long)ix, list, hashes, wrapped);
+        return Py_BuildValue("LKNNN", next, (unsigned long long)token, list, hashes,
+                             wrapped);
     fail:
         Py_XDECREF(list);
         Py_XDECREF(wrapped);
