@@ -7,47 +7,8 @@
  * changed under a lock that is then released normally.  Policy (when to
  * compact, error wording, numpy views) stays in heap.py.
  *
- * Payload layout (offsets from the payload start; a "unit" is 16 bytes; a
- * "word" is a u64 and pairs of u32 fields are packed into words as
- * lo | hi << 32, so the layout does not depend on byte order):
- *
- *   0     header, 4096 bytes
- *           0  u32 lock         robust mutex (lock.c) guarding every change
- *           4  u32 format       HEAP_FORMAT
- *           8  u64 magic        HEAP_MAGIC
- *          16  u64 table_off    handle table (always 4096)
- *          24  u64 pins_off     pin tables
- *          32  u64 data_off     data area (page aligned)
- *          40  u64 units        data area size in units (< 2^32)
- *          48  word max_blocks | max_pins << 32
- *          56  word max_slots | salt << 32
- *        -- changed only under the lock, through the undo journal --
- *          64  u64 free_handle  first free handle-table entry + 1 (0: none)
- *          72  u64 fresh        entries ever used; those past it are untouched
- *          80  u64 used_units   96 u64 free_units
- *          88  u64 used_blocks 104 u64 free_blocks
- *         112  u64 cursor       compaction cursor: always a block boundary
- *         128  u64 bitmap[2]    bit b set <=> free list b is not empty
- *        -- statistics, atomic adds, not journaled --
- *         192  u64 allocs, frees, moves, moved_bytes, compactions,
- *                  recoveries, reclaimed_pins, reallocs
- *         256  word bins[64]    free-list heads, two per word (unit + 1)
- *         768  u64 pinbits[16]  bit s set once attach slot s has pinned (never cleared)
- *        1024  move journal     active, idx, src, dst, size, gap, prev, done
- *        2048  undo journal     the core's shared journal (journal.h), 127 entries:
- *                               u64 count, then count x (u64 off | W32 << 63, u64 old)
- *   4096  handle table, max_blocks x 32 bytes
- *           0 u64 state   generation << 32 | flags (1 LIVE, 2 BUSY)
- *           8 u64 unit    first unit of the block
- *          16 u64 nbytes  size the caller asked for
- *          24 u64 link    free entry: next free entry + 1; live: allocator token
- *   pins_off  pin tables, max_slots x (64 + 8 x max_pins) bytes
- *           0 u32 used    records in use, high-water mark
- *          64 u64 record  entry + 1 (bits 0-31) | count (32-43) | attach gen (44-63)
- *   data_off  blocks, back to back, each with a 16-byte header
- *           0 word size | prev << 32     units, header included; size of the block before
- *           8 word handle | check << 32  entry + 1 (0 = free); hash of the header and its place
- *          16 word next | prev << 32     free blocks only: free-list links (unit + 1)
+ * The shared layout, its constants and the _Static_asserts pinning every
+ * field offset are in heap.h.
  *
  * Crash safety.  Every metadata store made under the lock goes through the
  * core's undo journal (journal.h, shm_jset64()): the old word is appended
@@ -82,59 +43,10 @@
  *   core.compact_step(restart, until, budget, timeout); core.stats(); core.verify()
  *   _core.fault(k)                                # tests: SIGKILL at the k-th crash point
  */
-#include "journal.h"
+#include "heap.h"
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define HEAP_FORMAT 2u
-#define HEAP_MAGIC 0x31504145484d4853ull /* "SHMHEAP1" */
-#define UNIT 16u
-#define MIN_UNITS 2u
-#define MAX_UNITS 0xFFFFFFF0u
-#define NBINS 128
-#define HDR_BYTES 4096u
-#define ENTRY_BYTES 32u
-#define PIN_HEAD 64u
-#define MAX_PINS 4096u
-#define PAGE_BYTES 4096u
-
-#define H_LOCK 0
-#define H_FORMAT 4
-#define H_MAGIC 8
-#define H_TABLE 16
-#define H_PINS 24
-#define H_DATA 32
-#define H_UNITS 40
-#define H_BLOCKS_PINS 48
-#define H_SLOTS_SALT 56
-#define H_FREEH 64
-#define H_FRESH 72
-#define H_USED_U 80
-#define H_USED_B 88
-#define H_FREE_U 96
-#define H_FREE_B 104
-#define H_CURSOR 112
-#define H_BITMAP 128
-#define H_STAT 192
-#define H_BINS 256
-#define H_PINBITS 768
-#define H_MOVE 1024
-#define H_JOURNAL 2048
-#define J_MAX 127u
-
-enum { ST_ALLOCS, ST_FREES, ST_MOVES, ST_MOVED, ST_COMPACTIONS, ST_RECOVERIES,
-       ST_RECLAIMED, ST_REALLOCS, ST_COUNT };
-enum { M_ACTIVE = 0, M_IDX = 8, M_SRC = 16, M_DST = 24, M_SIZE = 32, M_GAP = 40,
-       M_PREV = 48, M_DONE = 56 };
-enum { E_STATE = 0, E_UNIT = 8, E_NBYTES = 16, E_LINK = 24 };
-
-#define F_LIVE 1u
-#define F_BUSY 2u
-#define PIN_ONE (1ull << 32)
-#define PIN_CNT(v) ((uint32_t)(((v) >> 32) & 0xFFFu))
-#define PIN_GEN(v) ((uint32_t)((v) >> 44))
-#define PIN_CNT_MAX 0xFFFu
 
 #define COPY_CHUNK (1u << 20)     /* bytes copied between progress records */
 #define NOGIL_BYTES (256u << 10)  /* copies this large run without the GIL */

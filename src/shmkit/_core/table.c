@@ -5,33 +5,8 @@
  * allocator underneath.  Python (store.py) adds growth of the segment,
  * numpy/pickle encoding, iteration and the public API.
  *
- * Layout of the payload (byte offsets from the payload start, native byte
- * order, which must be little-endian; all blocks 16-byte aligned):
- *
- *   0     store header (T_HEADER bytes), see THeader below.  Its first cache
- *         line is what readers touch: epoch, index offset, seed, heap bounds.
- *   4096  the heap: a chain of blocks from heap_start to heap_end; each block
- *         starts with
- *            0 head  u64   size (multiple of 16, >= 32) | flags
- *                          (B_USED, B_INDEX, B_JOURNAL)
- *            8 link  u64   next block of a free list (free blocks only)
- *         A record block (B_USED alone) continues
- *           16 hash  u64   hash of the key (seeded, see thash)
- *           24 klen  u32   key bytes
- *           28 ktype u8    KT_INT / KT_STR / KT_BYTES
- *           29 vtype u8    VT_*
- *           30 0     u16
- *           32 vlen  u64   value bytes
- *           40 key bytes, then value bytes
- *         An index block (B_USED|B_INDEX) continues
- *           16 nslots u64  a power of two; 24 reserved; 32 nslots u64 words
- *         A journal block (B_USED|B_JOURNAL) continues
- *           16 n u64, 24 index offset u64, 32 n entries of (slot u64, word u64)
- *
- * An index word is 0 (empty), 1 (tombstone) or (record offset / 16) in the
- * low 40 bits with the top 24 bits of the key's hash as a tag above them.
- * Linear probing from hash & (nslots - 1); at most 3/4 of the words are
- * non-empty.
+ * The shared layout, its constants and the _Static_asserts pinning every
+ * field offset are in table.h.
  *
  * Synchronisation.  Writers serialise on the robust mutex `lock` in the
  * header.  Readers take no lock:
@@ -59,9 +34,23 @@
  * batch.  The next writer gets the lock "recovered" and runs t_recover():
  * redo the batch journal if it was committing, mark every block the index
  * references, free the rest, recount, recycle.  Nothing in the free lists or
- * counters is trusted after a crash.
+ * counters is trusted after a crash.  The lock is the core's robust mutex
+ * taken with shm_lock_acquire_repair(), whose repair callback is t_recover.
+ *
+ * Why no undo journal (journal.h).  Everything a writer changes besides the
+ * index (counters, free-list heads, top, block flags) is derived from the
+ * index and the block chain and rebuilt by t_recover, and an index word
+ * must never be rolled back: readers may already have returned what it
+ * names.  Journaling would cost two shared stores and a release per word on
+ * every put for state recovery recomputes anyway.  The batch journal is a
+ * redo log, not an undo journal: its words were promised when the commit
+ * began, and readers may have seen some during the odd epoch, so a dead
+ * committer's batch is finished, never undone.
+ *
+ * Crash points: every step boundary of every mutating operation is
+ * shm_crash_point("table.<op>.<step>") (list in docs/store.md).
  */
-#include "shmkit.h"
+#include "table.h"
 #include <errno.h>
 #include <time.h>
 #include <string.h>
@@ -70,66 +59,6 @@
 #include <pythread.h>
 #include <structmember.h>
 
-#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "the store's shared layout is little-endian"
-#endif
-
-#define T_HEADER 4096u
-#define T_MIN_BLOCK 32u
-#define T_REC_HDR 40u
-#define T_INDEX_HDR 32u
-#define T_JOURNAL_HDR 32u
-#define T_MIN_SLOTS 64u
-#define B_USED 1u
-#define B_INDEX 2u
-#define B_JOURNAL 4u
-#define B_FLAGS 15u
-#define W_EMPTY 0u
-#define W_TOMB 1u
-#define W_OFF_MASK ((1ull << 40) - 1)
-#define W_TAG(h) ((h) >> 40)
-#define ST_COMMIT 1u
-#define ST_DIRTY 2u
-#define NSMALL 65 /* exact bins for sizes 16*k, k < 65 */
-#define NBINS 104
-#define MAX_KEY (1u << 20)
-#define MAX_RETRIES 200
-#define RECYCLE_MIN (256u << 10)
-
-enum { KT_INT = 1, KT_STR = 2, KT_BYTES = 3 };
-enum {
-    VT_BYTES = 1, VT_STR, VT_INT, VT_FLOAT, VT_FALSE, VT_TRUE, VT_NONE,
-    VT_NDARRAY, VT_PICKLE, VT_LAST = VT_PICKLE
-};
-
-typedef struct {
-    /* line 0: read by every reader, written rarely */
-    uint64_t epoch;      /* +2 per recycle; odd while a batch is applied */
-    uint64_t index;      /* offset of the current index block */
-    uint64_t seed;       /* hash seed, fixed at creation */
-    uint64_t heap_start; /* T_HEADER */
-    uint64_t heap_end;   /* end of the block chain */
-    uint64_t index_gen;  /* +1 before each new index is published (scans) */
-    uint64_t _r0[2];
-    /* line 1: writers */
-    uint32_t lock;       /* the writers' robust mutex */
-    uint32_t state;      /* ST_COMMIT while a batch journal is applied, ST_DIRTY */
-    uint64_t count;      /* live keys */
-    uint64_t tombstones; /* tombstone index words */
-    uint64_t used;       /* bytes of live record blocks */
-    uint64_t pending;    /* bytes freed since the last recycle */
-    uint64_t top;        /* the free block that ends at heap_end, or 0 */
-    uint64_t journal;    /* the batch journal block while committing */
-    uint64_t journal_n;
-    /* line 2: statistics */
-    uint64_t growths, index_growths, recycles, recoveries, vacuums, batches;
-    uint64_t _r2[2];
-    /* free lists: exact sizes below 1040 bytes, then powers of two */
-    uint64_t bins[NBINS];
-} THeader;
-
-_Static_assert(sizeof(THeader) <= T_HEADER, "store header too large");
-_Static_assert(offsetof(THeader, lock) == 64, "lock on its own line");
 
 #define LDA(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define LDR(p) __atomic_load_n((p), __ATOMIC_RELAXED)
@@ -825,6 +754,16 @@ t_mark_damage(TableObject *t)
         HDR(t)->state |= ST_DIRTY;
 }
 
+/* The repair callback of the writers' lock (shm_lock_acquire_repair): the
+ * previous holder died.  The table keeps no undo journal (see the comment
+ * at the top): t_recover() rebuilds what is derived from the index. */
+static int
+t_repair(void *ctx, int owner_died)
+{
+    (void)owner_died;
+    return t_recover((TableObject *)ctx);
+}
+
 static int
 t_lock(TableObject *t)
 {
@@ -841,9 +780,9 @@ t_lock(TableObject *t)
     }
     int64_t deadline = t->timeout_ns < 0 ? SHM_FOREVER : shm_now_ns() + t->timeout_ns;
     shm_pin(t->mapping);
-    int r = shm_lock_acquire(t->m, &HDR(t)->lock, deadline);
+    int r = shm_lock_acquire_repair(t->m, &HDR(t)->lock, deadline, NULL, t_repair, t);
     if (r <= 0) {
-        shm_unpin(t->mapping);
+        shm_unpin(t->mapping); /* after a failed repair the lock is released */
         if (r == 0)
             PyErr_SetString(shm_TimeoutError ? shm_TimeoutError : PyExc_TimeoutError,
                             "another writer held the store's lock for longer than the "
@@ -853,10 +792,12 @@ t_lock(TableObject *t)
     t->lock_depth = 1;
     t->lock_thread = me;
     /* Check the heap bound again now that no writer can move it; writers
-     * use t->end from here on.  After a writer's death, repair first. */
+     * use t->end from here on.  A writer's death was repaired above; damage
+     * marked by a live writer, or a batch it left half applied, is
+     * repaired here the same way. */
     THeader *h = HDR(t);
     if ((t->end = t_enter(t)) == 0 ||
-        ((r == 2 || (LDR(&h->state) & (ST_COMMIT | ST_DIRTY)) || (LDR(&h->epoch) & 1)) &&
+        (((LDR(&h->state) & (ST_COMMIT | ST_DIRTY)) || (LDR(&h->epoch) & 1)) &&
          t_recover(t) < 0)) {
         PyObject *et, *ev, *tb;
         t_mark_damage(t);
@@ -916,12 +857,17 @@ carve(char *P, THeader *h, uint64_t off, uint64_t bsize, uint64_t size, unsigned
         uint64_t tail = off + size;
         STR(W64(P, tail + 8), 0);
         STR(W64(P, tail), bsize - size);
+        shm_crash_point("table.alloc.tail");
         STR(W64(P, off), size | flags);
-        if (tail_to_bin)
+        shm_crash_point("table.alloc.split");
+        if (tail_to_bin) {
             bin_push(P, h, tail, bsize - size);
+            shm_crash_point("table.alloc.binned");
+        }
         return size;
     }
     STR(W64(P, off), bsize | flags);
+    shm_crash_point("table.alloc.taken");
     return bsize;
 }
 
@@ -954,6 +900,7 @@ t_alloc(TableObject *t, uint64_t size, unsigned flags)
             }
             if (bsize == size || bsize >= size + T_MIN_BLOCK) {
                 *prev = LDR(W64(P, off + 8));
+                shm_crash_point("table.alloc.unlinked");
                 carve(P, h, off, bsize, size, B_USED | flags, 1);
                 return off;
             }
@@ -970,6 +917,7 @@ t_alloc(TableObject *t, uint64_t size, unsigned flags)
         if (bsize == size || bsize >= size + T_MIN_BLOCK) {
             uint64_t got = carve(P, h, top, bsize, size, B_USED | flags, 0);
             h->top = got < bsize ? top + got : 0;
+            shm_crash_point("table.alloc.top");
             return top;
         }
     }
@@ -985,9 +933,11 @@ t_free(TableObject *t, uint64_t off)
     THeader *h = HDR(t);
     uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
     STR(W64(P, off), size);
+    shm_crash_point("table.free.marked");
     h->pending += size;
     if (!(head & (B_INDEX | B_JOURNAL)))
         STR(&h->used, LDR(&h->used) - size);
+    shm_crash_point("table.free.counted");
 }
 
 /* Make pending space reusable: bump the epoch, then walk the chain,
@@ -999,8 +949,10 @@ t_recycle(TableObject *t)
     THeader *h = HDR(t);
     uint64_t end = t->end, off = T_HEADER, run = 0, runsize = 0;
     epoch_bump(h, 2);
+    shm_crash_point("table.recycle.epoch");
     memset(h->bins, 0, sizeof h->bins);
     h->top = 0;
+    shm_crash_point("table.recycle.emptied");
     while (off < end) {
         uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
         if (size < T_MIN_BLOCK || size > end - off || (head & 8)) {
@@ -1009,12 +961,15 @@ t_recycle(TableObject *t)
                            (unsigned long long)size);
         }
         if (head & B_USED) {
-            if (run)
+            if (run) {
                 bin_push(P, h, run, runsize);
+                shm_crash_point("table.recycle.binned");
+            }
             run = 0;
         } else if (run) {
             runsize += size;
             STR(W64(P, run), runsize);
+            shm_crash_point("table.recycle.merged");
         } else {
             run = off;
             runsize = size;
@@ -1024,9 +979,11 @@ t_recycle(TableObject *t)
     if (run) {
         STR(W64(P, run + 8), 0);
         h->top = run;
+        shm_crash_point("table.recycle.top");
     }
     h->pending = 0;
     h->recycles++;
+    shm_crash_point("table.recycle.done");
     return 0;
 }
 
@@ -1048,8 +1005,10 @@ t_extend(TableObject *t)
         return 0;
     STR(W64(P, old_end + 8), 0);
     STR(W64(P, old_end), new_end - old_end);
+    shm_crash_point("table.grow.block");
     STA(&h->heap_end, new_end);
     t->end = new_end;
+    shm_crash_point("table.grow.end");
     uint64_t top = h->top, tsize;
     if (top && free_ok(P, old_end, top, &tsize) && top + tsize == old_end) {
         STR(W64(P, top), tsize + (new_end - old_end));
@@ -1059,6 +1018,7 @@ t_extend(TableObject *t)
         h->top = old_end;
     }
     h->growths++;
+    shm_crash_point("table.grow.top");
     return 0;
 }
 
@@ -1337,11 +1297,14 @@ t_rebuild(TableObject *t, uint64_t nslots, uint64_t at)
         ov_clear(&t->ov);
         t->ov = nov;
     }
+    shm_crash_point("table.rebuild.built");
     STR(&h->index_gen, LDR(&h->index_gen) + 1);
     STA(&h->index, nix);
+    shm_crash_point("table.rebuild.published");
     t_free(t, x.ix);
     STR(&h->tombstones, 0);
     h->index_growths++;
+    shm_crash_point("table.rebuild.done");
     return 0;
 }
 
@@ -1816,6 +1779,7 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
     uint64_t off = t_alloc_grow(t, size, 0);
     if (off == (uint64_t)-1)
         goto unlock;
+    shm_crash_point("table.put.allocated");
     if (t_index(t, &x) < 0) /* the grow hook may have run: the index is the same */
         goto unlock;
     char *P = PAY(t), *b = P + off;
@@ -1833,6 +1797,7 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
         t_free(t, off); /* never published */
         goto unlock;
     }
+    shm_crash_point("table.put.written");
     if (t_in_batch(t)) {
         int fresh = !fo && LDR(&x.slots[slot]) == W_EMPTY;
         if (ov_set(&t->ov, slot, w) < 0) {
@@ -1844,12 +1809,16 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
             t_free(t, word_off(old)); /* this batch's own, never published */
     } else {
         STA(&x.slots[slot], w); /* publish */
+        shm_crash_point(old > W_TOMB ? "table.update.published" : "table.put.published");
         if (old > W_TOMB) {
             t_free(t, word_off(old));
+            shm_crash_point("table.update.freed");
         } else {
             if (old == W_TOMB)
                 STR(&h->tombstones, LDR(&h->tombstones) - 1);
+            shm_crash_point("table.put.tombstones");
             STR(&h->count, LDR(&h->count) + 1);
+            shm_crash_point("table.put.counted");
         }
     }
     ret = 0;
@@ -1910,9 +1879,13 @@ t_delete(TableObject *t, PyObject *key, int want_value, int *found)
             t_free(t, word_off(old));
     } else {
         STA(&x.slots[slot], (uint64_t)W_TOMB);
+        shm_crash_point("table.delete.published");
         t_free(t, word_off(old));
+        shm_crash_point("table.delete.freed");
         STR(&h->count, LDR(&h->count) - 1);
+        shm_crash_point("table.delete.counted");
         STR(&h->tombstones, LDR(&h->tombstones) + 1);
+        shm_crash_point("table.delete.tombstones");
     }
 unlock:
     t_unlock(t);
@@ -2018,21 +1991,28 @@ batch_commit(TableObject *t)
     STR(W64(P, j + 24), x.ix);
     h->journal = j;
     h->journal_n = n;
+    shm_crash_point("table.batch.journal");
     __atomic_store_n(&h->state, h->state | ST_COMMIT, __ATOMIC_RELEASE);
+    shm_crash_point("table.batch.committing");
     epoch_bump(h, 1); /* odd: readers wait */
+    shm_crash_point("table.batch.odd");
     int64_t dcount = 0, dtomb = 0;
     for (i = 0; i < n; i++) {
         uint64_t s = e[2 * i], w = e[2 * i + 1], pub = LDR(&x.slots[s]);
         STR(&x.slots[s], w);
+        shm_crash_point("table.batch.word");
         if (pub > W_TOMB)
             t_free(t, word_off(pub));
         dcount += (w > W_TOMB) - (pub > W_TOMB);
         dtomb += (w == W_TOMB) - (pub == W_TOMB);
     }
     epoch_bump(h, 1); /* even again: the release store publishes them all */
+    shm_crash_point("table.batch.even");
     STR(&h->count, LDR(&h->count) + (uint64_t)dcount);
     STR(&h->tombstones, LDR(&h->tombstones) + (uint64_t)dtomb);
+    shm_crash_point("table.batch.counted");
     __atomic_store_n(&h->state, h->state & ~ST_COMMIT, __ATOMIC_RELEASE);
+    shm_crash_point("table.batch.committed");
     t_free(t, j);
     h->batches++;
     ov_clear(ov);
@@ -2104,16 +2084,20 @@ table_clear(TableObject *t, PyObject *Py_UNUSED(ignored))
     STR(W64(P, nix + 16), (uint64_t)T_MIN_SLOTS);
     STR(W64(P, nix + 24), 0);
     memset(P + nix + T_INDEX_HDR, 0, 8 * T_MIN_SLOTS);
+    shm_crash_point("table.clear.built");
     STR(&h->index_gen, LDR(&h->index_gen) + 1);
     STA(&h->index, nix);
+    shm_crash_point("table.clear.published");
     for (uint64_t i = 0; i < x.nslots; i++) {
         uint64_t w = LDR(&x.slots[i]);
         if (w > W_TOMB)
             t_free(t, word_off(w));
     }
     t_free(t, x.ix);
+    shm_crash_point("table.clear.freed");
     STR(&h->count, 0);
     STR(&h->tombstones, 0);
+    shm_crash_point("table.clear.counted");
     ret = Py_NewRef(Py_None);
 out:
     t_unlock(t);
@@ -2606,6 +2590,7 @@ t_compact(TableObject *t, uint64_t index_slots, uint64_t *moved)
             continue;
         uint64_t dsize = LDR(W64(P, dst)) & ~(uint64_t)B_FLAGS;
         memcpy(P + dst + 16, P + src + 16, r.size - 16);
+        shm_crash_point("table.vacuum.copied");
         uint64_t w = rec_word(src, r.hash), s = r.hash & x.mask, j;
         for (j = 0; j < x.nslots && LDR(&x.slots[s]) != w; j++)
             s = (s + 1) & x.mask;
@@ -2614,6 +2599,7 @@ t_compact(TableObject *t, uint64_t index_slots, uint64_t *moved)
             continue;
         }
         STA(&x.slots[s], rec_word(dst, r.hash));
+        shm_crash_point("table.vacuum.moved");
         STR(&h->used, LDR(&h->used) + dsize);
         t_free(t, src);
         (*moved)++;
@@ -2656,9 +2642,12 @@ table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
         if (new_end + T_MIN_BLOCK <= end) {
             STR(W64(P, new_end + 8), 0);
             STR(W64(P, new_end), end - new_end);
+            shm_crash_point("table.vacuum.tail");
             STR(W64(P, top), new_end - top);
+            shm_crash_point("table.vacuum.split");
             STA(&h->heap_end, new_end);
             t->end = new_end;
+            shm_crash_point("table.vacuum.cut");
         } else {
             new_end = end;
         }
