@@ -1372,6 +1372,131 @@ bit_clear(uint8_t *bm, uint64_t off)
 /* Redo a committing batch, then rebuild everything derived: which blocks
  * are used, the counters and the free lists.  The index words are the
  * truth. */
+/* ---- the walks recovery and verification share --------------------------------
+ * t_walk_index() reads every index word once: it counts tombstones, marks
+ * the block each record word names (one bit per 16-byte offset; the block
+ * must lie in the heap and be named once) and hands each record word to
+ * visit.  t_walk_chain() then walks the block chain from the heap start,
+ * checking each block's size, and tells each block apart: the index, a
+ * record the index named, a used block nothing names, a free block; every
+ * mark must be met at a block start.  Both return 0, or -1 with an
+ * exception set; the marks are freed by the chain walk or on error. */
+
+typedef struct {
+    uint8_t *bm;
+    uint64_t count, tombs; /* record words, tombstones */
+} TMarks;
+
+enum { TB_INDEX, TB_RECORD, TB_STRAY, TB_FREE };
+typedef int (*t_word_fn)(void *ctx, uint64_t slot, uint64_t word, uint64_t off);
+typedef int (*t_block_fn)(void *ctx, uint64_t off, uint64_t head, uint64_t size, int kind);
+
+static int
+t_walk_index(uint64_t end, const TIndex *x, TMarks *mk, t_word_fn visit, void *ctx)
+{
+    mk->count = mk->tombs = 0;
+    mk->bm = PyMem_Calloc((size_t)(end >> 7) + 1, 1);
+    if (mk->bm == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (uint64_t i = 0; i < x->nslots; i++) {
+        uint64_t w = LDR(&x->slots[i]);
+        if (w == W_EMPTY)
+            continue;
+        if (w == W_TOMB) {
+            mk->tombs++;
+            continue;
+        }
+        uint64_t o = word_off(w);
+        if (o < T_HEADER || o > end - T_REC_HDR) {
+            corrupt("index word %llu points at %llu, outside the heap",
+                    (unsigned long long)i, (unsigned long long)o);
+            goto fail;
+        }
+        if (bit_get(mk->bm, o)) {
+            corrupt("two index words point at the record at %llu", (unsigned long long)o);
+            goto fail;
+        }
+        bit_set(mk->bm, o);
+        mk->count++;
+        if (visit != NULL && visit(ctx, i, w, o) < 0)
+            goto fail;
+    }
+    return 0;
+fail:
+    PyMem_Free(mk->bm);
+    mk->bm = NULL;
+    return -1;
+}
+
+static int
+t_walk_chain(const char *P, uint64_t end, uint64_t ix, TMarks *mk, t_block_fn visit,
+             void *ctx)
+{
+    uint64_t off = T_HEADER, marked = mk->count;
+    int r = -1;
+    while (off < end) {
+        uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
+        if (size < T_MIN_BLOCK || size > end - off || (head & 8)) {
+            corrupt("block at %llu has size %llu", (unsigned long long)off,
+                    (unsigned long long)size);
+            goto out;
+        }
+        int kind = off == ix                ? TB_INDEX
+                   : bit_get(mk->bm, off)   ? TB_RECORD
+                   : (head & B_FLAGS) != 0  ? TB_STRAY
+                                            : TB_FREE;
+        if (kind == TB_RECORD) {
+            bit_clear(mk->bm, off);
+            marked--;
+        }
+        if (visit(ctx, off, head, size, kind) < 0)
+            goto out;
+        off += size;
+    }
+    if (off != end)
+        corrupt("the block chain overruns the heap end");
+    else if (marked)
+        corrupt("%llu index words point inside blocks", (unsigned long long)marked);
+    else
+        r = 0;
+out:
+    PyMem_Free(mk->bm);
+    mk->bm = NULL;
+    return r;
+}
+
+typedef struct {
+    char *P;
+    uint64_t end, used;
+} TRecoverWalk;
+
+/* Recovery's view of each block: check the index and the records it names,
+ * free what nothing names (a dead writer's leftover), sum the records. */
+static int
+recover_block(void *ctx, uint64_t off, uint64_t head, uint64_t size, int kind)
+{
+    TRecoverWalk *rw = ctx;
+    TRec r;
+    switch (kind) {
+    case TB_INDEX:
+        if (!(head & B_INDEX))
+            return corrupt("the index block is not marked");
+        break;
+    case TB_RECORD:
+        if (!(head & B_USED) || (head & (B_INDEX | B_JOURNAL)) ||
+            rec_read(rw->P, rw->end, off, &r) < 0)
+            return corrupt("record at %llu is damaged", (unsigned long long)off);
+        rw->used += size;
+        break;
+    case TB_STRAY:
+        STR(W64(rw->P, off), size); /* used by nothing: a dead writer's leftover */
+        break;
+    }
+    return 0;
+}
+
 static int
 t_recover(TableObject *t)
 {
@@ -1419,64 +1544,14 @@ t_recover(TableObject *t)
     if (LDR(&h->epoch) & 1)
         epoch_bump(h, 1); /* even: publishes the redone words */
 
-    uint8_t *bm = PyMem_Calloc((size_t)(end >> 7) + 1, 1);
-    if (bm == NULL) {
-        PyErr_NoMemory();
+    TMarks mk;
+    TRecoverWalk rw = {P, end, 0};
+    if (t_walk_index(end, &x, &mk, NULL, NULL) < 0 ||
+        t_walk_chain(P, end, x.ix, &mk, recover_block, &rw) < 0)
         return -1;
-    }
-    uint64_t count = 0, tombs = 0, used = 0, marked = 0;
-    for (uint64_t i = 0; i < x.nslots; i++) {
-        uint64_t w = LDR(&x.slots[i]);
-        if (w == W_EMPTY)
-            continue;
-        if (w == W_TOMB) {
-            tombs++;
-            continue;
-        }
-        uint64_t o = word_off(w);
-        if (o < T_HEADER || o > end - T_REC_HDR || bit_get(bm, o)) {
-            PyMem_Free(bm);
-            return corrupt("index word %llu points at %llu", (unsigned long long)i,
-                           (unsigned long long)o);
-        }
-        bit_set(bm, o);
-        count++;
-    }
-    marked = count;
-    uint64_t off = T_HEADER;
-    while (off < end) {
-        uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
-        if (size < T_MIN_BLOCK || size > end - off || (head & 8)) {
-            PyMem_Free(bm);
-            return corrupt("block at %llu has size %llu", (unsigned long long)off,
-                           (unsigned long long)size);
-        }
-        if (off == x.ix) {
-            if (!(head & B_INDEX)) {
-                PyMem_Free(bm);
-                return corrupt("the index block is not marked");
-            }
-        } else if (bit_get(bm, off)) {
-            TRec r;
-            if (!(head & B_USED) || (head & (B_INDEX | B_JOURNAL)) ||
-                rec_read(P, end, off, &r) < 0) {
-                PyMem_Free(bm);
-                return corrupt("record at %llu is damaged", (unsigned long long)off);
-            }
-            bit_clear(bm, off);
-            marked--;
-            used += size;
-        } else if (head & B_FLAGS) {
-            STR(W64(P, off), size); /* used by nothing: a dead writer's leftover */
-        }
-        off += size;
-    }
-    PyMem_Free(bm);
-    if (off != end || marked)
-        return corrupt("%llu index words point inside blocks", (unsigned long long)marked);
-    STR(&h->count, count);
-    STR(&h->tombstones, tombs);
-    STR(&h->used, used);
+    STR(&h->count, mk.count);
+    STR(&h->tombstones, mk.tombs);
+    STR(&h->used, rw.used);
     if (t_recycle(t) < 0)
         return -1;
     h->recoveries++;
@@ -2269,13 +2344,94 @@ typedef struct {
     uint64_t blocks, records, used, free_bytes, largest_free, index_bytes;
 } TWalk;
 
-#define VFAIL(...)                                                                     \
-    do {                                                                               \
-        PyMem_Free(bm);                                                                \
-        return corrupt(__VA_ARGS__);                                                   \
-    } while (0)
+#define VFAIL(...) return corrupt(__VA_ARGS__)
 
-/* Check every invariant (lock held).  Fills `out` with what it counted. */
+typedef struct {
+    TableObject *t;
+    const char *P;
+    uint64_t end;
+    const TIndex *x;
+    TWalk *out;
+    uint64_t used, nfree, last_free;
+} TVerifyWalk;
+
+/* Each record word: a well-formed record of a known type whose hash and
+ * tag match its key, reachable from its home slot, and stored once. */
+static int
+verify_word(void *ctx, uint64_t i, uint64_t w, uint64_t o)
+{
+    TVerifyWalk *vw = ctx;
+    const char *P = vw->P;
+    const TIndex *x = vw->x;
+    TRec r;
+    if (rec_read(P, vw->end, o, &r) < 0)
+        VFAIL("index word %llu points at %llu, not a record", (unsigned long long)i,
+              (unsigned long long)o);
+    uint64_t head = LDR(W64(P, o));
+    if ((head & B_FLAGS) != B_USED)
+        VFAIL("the index points at a block that is not a used record (%llu)",
+              (unsigned long long)o);
+    if (r.ktype < KT_INT || r.ktype > KT_BYTES || r.vtype < VT_BYTES || r.vtype > VT_LAST)
+        VFAIL("record at %llu has key type %u, value type %u", (unsigned long long)o,
+              r.ktype, r.vtype);
+    uint64_t hh = thash(P + o + T_REC_HDR, r.klen,
+                        vw->t->seed ^ (r.ktype * 0x9E3779B97F4A7C15ull));
+    if (hh != r.hash)
+        VFAIL("record at %llu has a wrong hash", (unsigned long long)o);
+    if ((w >> 40) != W_TAG(hh))
+        VFAIL("index word %llu has a wrong tag", (unsigned long long)i);
+    if (r.ktype == KT_INT && r.klen < 8)
+        VFAIL("int key of %u bytes at %llu", r.klen, (unsigned long long)o);
+    /* reachable from its home slot without crossing an empty word, and no
+     * other word for the same key before it */
+    for (uint64_t s = hh & x->mask; s != i; s = (s + 1) & x->mask) {
+        uint64_t w2 = LDR(&x->slots[s]);
+        if (w2 == W_EMPTY)
+            VFAIL("the key at %llu cannot be found from its home slot",
+                  (unsigned long long)o);
+        if (w2 > W_TOMB && (w2 >> 40) == (w >> 40)) {
+            TRec r2;
+            uint64_t o2 = word_off(w2);
+            if (rec_read(P, vw->end, o2, &r2) == 0 && r2.hash == r.hash &&
+                r2.klen == r.klen && r2.ktype == r.ktype &&
+                memcmp(P + o2 + T_REC_HDR, P + o + T_REC_HDR, r.klen) == 0)
+                VFAIL("the key at %llu is stored twice", (unsigned long long)o);
+        }
+    }
+    return 0;
+}
+
+/* Each block: the index flagged as one, no used block unreferenced; sums. */
+static int
+verify_block(void *ctx, uint64_t off, uint64_t head, uint64_t size, int kind)
+{
+    TVerifyWalk *vw = ctx;
+    TWalk *out = vw->out;
+    out->blocks++;
+    vw->last_free = 0;
+    switch (kind) {
+    case TB_INDEX:
+        if ((head & B_FLAGS) != (B_USED | B_INDEX))
+            VFAIL("the index block's flags are %llu", (unsigned long long)(head & 15));
+        out->index_bytes = size;
+        break;
+    case TB_RECORD:
+        vw->used += size;
+        out->records++;
+        break;
+    case TB_STRAY:
+        VFAIL("block at %llu is marked used but nothing refers to it",
+              (unsigned long long)off);
+    case TB_FREE:
+        vw->nfree += size;
+        vw->last_free = off;
+        if (size > out->largest_free)
+            out->largest_free = size;
+        break;
+    }
+    return 0;
+}
+
 static int
 t_verify(TableObject *t, TWalk *out)
 {
@@ -2284,7 +2440,6 @@ t_verify(TableObject *t, TWalk *out)
         return -1;
     char *P = PAY(t);
     THeader *h = HDR(t);
-    uint8_t *bm = NULL;
     memset(out, 0, sizeof *out);
     if (h->heap_start != T_HEADER)
         VFAIL("the heap start is %llu, not %u", (unsigned long long)h->heap_start,
@@ -2297,107 +2452,28 @@ t_verify(TableObject *t, TWalk *out)
     TIndex x;
     if (t_index(t, &x) < 0)
         return -1;
-    bm = PyMem_Calloc((size_t)(end >> 7) + 1, 1);
-    if (bm == NULL) {
-        PyErr_NoMemory();
+    TMarks mk;
+    TVerifyWalk vw = {t, P, end, &x, out, 0, 0, 0};
+    if (t_walk_index(end, &x, &mk, verify_word, &vw) < 0)
         return -1;
-    }
-    uint64_t count = 0, tombs = 0;
-    for (uint64_t i = 0; i < x.nslots; i++) {
-        uint64_t w = LDR(&x.slots[i]);
-        if (w == W_EMPTY)
-            continue;
-        if (w == W_TOMB) {
-            tombs++;
-            continue;
-        }
-        uint64_t o = word_off(w);
-        TRec r;
-        if (rec_read(P, end, o, &r) < 0)
-            VFAIL("index word %llu points at %llu, not a record", (unsigned long long)i,
-                  (unsigned long long)o);
-        if (bit_get(bm, o))
-            VFAIL("two index words point at the record at %llu", (unsigned long long)o);
-        bit_set(bm, o);
-        count++;
-        uint64_t head = LDR(W64(P, o));
-        if ((head & B_FLAGS) != B_USED)
-            VFAIL("the index points at a block that is not a used record (%llu)",
-                  (unsigned long long)o);
-        if (r.ktype < KT_INT || r.ktype > KT_BYTES || r.vtype < VT_BYTES ||
-            r.vtype > VT_LAST)
-            VFAIL("record at %llu has key type %u, value type %u", (unsigned long long)o,
-                  r.ktype, r.vtype);
-        uint64_t hh = thash(P + o + T_REC_HDR, r.klen,
-                            t->seed ^ (r.ktype * 0x9E3779B97F4A7C15ull));
-        if (hh != r.hash)
-            VFAIL("record at %llu has a wrong hash", (unsigned long long)o);
-        if ((w >> 40) != W_TAG(hh))
-            VFAIL("index word %llu has a wrong tag", (unsigned long long)i);
-        if (r.ktype == KT_INT && r.klen < 8)
-            VFAIL("int key of %u bytes at %llu", r.klen, (unsigned long long)o);
-        /* reachable from its home slot without crossing an empty word, and
-         * no other word for the same key before it */
-        for (uint64_t s = hh & x.mask; s != i; s = (s + 1) & x.mask) {
-            uint64_t w2 = LDR(&x.slots[s]);
-            if (w2 == W_EMPTY)
-                VFAIL("the key at %llu cannot be found from its home slot",
-                      (unsigned long long)o);
-            if (w2 > W_TOMB && (w2 >> 40) == (w >> 40)) {
-                TRec r2;
-                uint64_t o2 = word_off(w2);
-                if (rec_read(P, end, o2, &r2) == 0 && r2.hash == r.hash &&
-                    r2.klen == r.klen && r2.ktype == r.ktype &&
-                    memcmp(P + o2 + T_REC_HDR, P + o + T_REC_HDR, r.klen) == 0)
-                    VFAIL("the key at %llu is stored twice", (unsigned long long)o);
-            }
-        }
-    }
-    if (count != LDR(&h->count))
-        VFAIL("count says %llu keys, the index holds %llu",
-              (unsigned long long)LDR(&h->count), (unsigned long long)count);
-    if (tombs != LDR(&h->tombstones))
-        VFAIL("tombstone count says %llu, the index holds %llu",
-              (unsigned long long)LDR(&h->tombstones), (unsigned long long)tombs);
-    if ((count + tombs) * 4 > x.nslots * 3)
+    uint64_t count = mk.count, tombs = mk.tombs;
+    if (count != LDR(&h->count) || tombs != LDR(&h->tombstones) ||
+        (count + tombs) * 4 > x.nslots * 3) {
+        PyMem_Free(mk.bm);
+        if (count != LDR(&h->count))
+            VFAIL("count says %llu keys, the index holds %llu",
+                  (unsigned long long)LDR(&h->count), (unsigned long long)count);
+        if (tombs != LDR(&h->tombstones))
+            VFAIL("tombstone count says %llu, the index holds %llu",
+                  (unsigned long long)LDR(&h->tombstones), (unsigned long long)tombs);
         VFAIL("the index is over-full (%llu of %llu words)",
               (unsigned long long)(count + tombs), (unsigned long long)x.nslots);
-    /* the chain */
-    uint64_t off = T_HEADER, used = 0, nfree = 0, last_free = 0, marked = count;
-    while (off < end) {
-        uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
-        if (size < T_MIN_BLOCK || size > end - off || (head & 8))
-            VFAIL("block at %llu has size %llu", (unsigned long long)off,
-                  (unsigned long long)size);
-        out->blocks++;
-        last_free = 0;
-        if (off == x.ix) {
-            if ((head & B_FLAGS) != (B_USED | B_INDEX))
-                VFAIL("the index block's flags are %llu", (unsigned long long)(head & 15));
-            out->index_bytes = size;
-        } else if (bit_get(bm, off)) {
-            bit_clear(bm, off);
-            marked--;
-            used += size;
-            out->records++;
-        } else if (head & B_FLAGS) {
-            VFAIL("block at %llu is marked used but nothing refers to it",
-                  (unsigned long long)off);
-        } else {
-            nfree += size;
-            last_free = off;
-            if (size > out->largest_free)
-                out->largest_free = size;
-        }
-        off += size;
     }
-    if (off != end)
-        VFAIL("the block chain overruns the heap end");
-    if (marked)
-        VFAIL("%llu index words point inside blocks", (unsigned long long)marked);
-    if (used != LDR(&h->used))
+    if (t_walk_chain(P, end, x.ix, &mk, verify_block, &vw) < 0)
+        return -1;
+    if (vw.used != LDR(&h->used))
         VFAIL("used bytes say %llu, the records take %llu",
-              (unsigned long long)LDR(&h->used), (unsigned long long)used);
+              (unsigned long long)LDR(&h->used), (unsigned long long)vw.used);
     /* free lists + top + pending == free bytes */
     uint64_t listed = 0, budget = out->blocks + 1;
     for (int b = 0; b < NBINS; b++) {
@@ -2412,17 +2488,16 @@ t_verify(TableObject *t, TWalk *out)
     }
     if (h->top) {
         uint64_t fs;
-        if (!free_ok(P, end, h->top, &fs) || h->top + fs != end || last_free != h->top)
+        if (!free_ok(P, end, h->top, &fs) || h->top + fs != end || vw.last_free != h->top)
             VFAIL("the top block at %llu is bad", (unsigned long long)h->top);
         listed += fs;
     }
-    if (listed + h->pending != nfree)
+    if (listed + h->pending != vw.nfree)
         VFAIL("free space does not add up: %llu listed + %llu pending != %llu free",
               (unsigned long long)listed, (unsigned long long)h->pending,
-              (unsigned long long)nfree);
-    PyMem_Free(bm);
-    out->used = used;
-    out->free_bytes = nfree;
+              (unsigned long long)vw.nfree);
+    out->used = vw.used;
+    out->free_bytes = vw.nfree;
     return 0;
 }
 
