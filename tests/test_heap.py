@@ -326,15 +326,18 @@ def test_open_by_name_kind_format_and_readonly(name, names):
         Heap.open(raw)
 
 
-def test_other_format_version_is_refused(name):
+@pytest.mark.parametrize("fmt", [1, 9])  # 1: the journal before the core's shared one
+def test_other_format_version_is_refused(name, fmt):
     Heap(name, size=1 << 16).close()
     with open(f"/dev/shm/shmkit.{name}", "r+b") as f:
         raw = f.read(4096)
         n = struct.unpack_from("=I", raw, 72)[0]
-        layout = raw[1024:1024 + n].replace(b'"format":1', b'"format":9')
+        mine = f'"format":{_core.HEAP_FORMAT}'.encode()
+        assert mine in raw[1024:1024 + n]
+        layout = raw[1024:1024 + n].replace(mine, f'"format":{fmt}'.encode())
         f.seek(1024)
         f.write(layout)
-    with pytest.raises(FormatVersionError, match="format 9"):
+    with pytest.raises(FormatVersionError, match=f"format {fmt}"):
         Heap.open(name)
 
 
@@ -794,7 +797,7 @@ def test_example_pipeline_with_queue_transport():
 # A child process runs a fixed script that touches every kind of change (alloc,
 # free, realloc in place and by copy, pins, compaction with overlapping and
 # disjoint moves) and logs each step through a pipe, an intent before and a
-# record after.  _core.heap_fault(k) makes it SIGKILL itself at the k-th crash
+# record after.  _core.fault(k) makes it SIGKILL itself at the k-th crash
 # point (every journaled store, commit and copy chunk).  After each death the
 # parent checks the heap: verify() passes, every block the child reported is
 # intact, an interrupted free or realloc either happened or did not, the
@@ -851,9 +854,9 @@ def _run_child(heap: Heap, k: int) -> tuple[bool, bytes]:
         code = 0
         try:
             os.close(r)
-            _core.heap_fault(k)
+            _core.fault(k)
             _script(heap, w)
-            code = 0 if _core.heap_fault(0) == 0 else 3
+            code = 0 if _core.fault(0) == 0 else 3
         except BaseException:
             import traceback
             traceback.print_exc()
@@ -1091,17 +1094,17 @@ def test_crash_at_every_point_of_random_scripts(names):
     for seed in range(10):
         with Heap(None, size=256 << 10) as heap:
             r, w = os.pipe()
-            _core.heap_fault(1 << 30)
+            _core.fault(1 << 30)
             try:
                 _random_script(heap, w, seed, 40)
             finally:
-                total = (1 << 30) - _core.heap_fault(0)
+                total = (1 << 30) - _core.fault(0)
                 os.close(r)
                 os.close(w)
             heap.unlink()
         for k in range(1, total + 1):
             with Heap(names(), size=256 << 10) as heap:
-                pid, fd = _fork(lambda h, w: (_core.heap_fault(k),
+                pid, fd = _fork(lambda h, w: (_core.fault(k),
                                               _random_script(h, w, seed, 40)), heap)
                 log = bytearray()
                 _drain(fd, log)
@@ -1114,11 +1117,11 @@ def test_crash_at_every_point_of_random_scripts(names):
 def _crash_points() -> int:
     with Heap(None, size=256 << 10) as heap:
         r, w = os.pipe()
-        _core.heap_fault(1 << 30)
+        _core.fault(1 << 30)
         try:
             _script(heap, w)
         finally:
-            left = _core.heap_fault(0)
+            left = _core.fault(0)
             os.close(r)
             os.close(w)
         heap.unlink()

@@ -7,55 +7,21 @@
  * changed under a lock that is then released normally.  Policy (when to
  * compact, error wording, numpy views) stays in heap.py.
  *
- * Payload layout (offsets from the payload start; a "unit" is 16 bytes; a
- * "word" is a u64 and pairs of u32 fields are packed into words as
- * lo | hi << 32, so the layout does not depend on byte order):
+ * The shared layout, its constants and the _Static_asserts pinning every
+ * field offset are in heap.h.
  *
- *   0     header, 4096 bytes
- *           0  u32 lock         robust mutex (lock.c) guarding every change
- *           4  u32 format       HEAP_FORMAT
- *           8  u64 magic        HEAP_MAGIC
- *          16  u64 table_off    handle table (always 4096)
- *          24  u64 pins_off     pin tables
- *          32  u64 data_off     data area (page aligned)
- *          40  u64 units        data area size in units (< 2^32)
- *          48  word max_blocks | max_pins << 32
- *          56  word max_slots | salt << 32
- *        -- changed only under the lock, through the undo journal --
- *          64  u64 free_handle  first free handle-table entry + 1 (0: none)
- *          72  u64 fresh        entries ever used; those past it are untouched
- *          80  u64 used_units   96 u64 free_units
- *          88  u64 used_blocks 104 u64 free_blocks
- *         112  u64 cursor       compaction cursor: always a block boundary
- *         128  u64 bitmap[2]    bit b set <=> free list b is not empty
- *        -- statistics, atomic adds, not journaled --
- *         192  u64 allocs, frees, moves, moved_bytes, compactions,
- *                  recoveries, reclaimed_pins, reallocs
- *         256  word bins[64]    free-list heads, two per word (unit + 1)
- *         768  u64 pinbits[16]  bit s set once attach slot s has pinned (never cleared)
- *        1024  move journal     active, idx, src, dst, size, gap, prev, done
- *        2048  undo journal     u64 count, then count x (u64 off, u64 old)
- *   4096  handle table, max_blocks x 32 bytes
- *           0 u64 state   generation << 32 | flags (1 LIVE, 2 BUSY)
- *           8 u64 unit    first unit of the block
- *          16 u64 nbytes  size the caller asked for
- *          24 u64 link    free entry: next free entry + 1; live: allocator token
- *   pins_off  pin tables, max_slots x (64 + 8 x max_pins) bytes
- *           0 u32 used    records in use, high-water mark
- *          64 u64 record  entry + 1 (bits 0-31) | count (32-43) | attach gen (44-63)
- *   data_off  blocks, back to back, each with a 16-byte header
- *           0 word size | prev << 32     units, header included; size of the block before
- *           8 word handle | check << 32  entry + 1 (0 = free); hash of the header and its place
- *          16 word next | prev << 32     free blocks only: free-list links (unit + 1)
- *
- * Crash safety.  Every metadata store made under the lock goes through
- * jset(): the old word is appended to the undo journal (count published
- * with a release store) before the word changes, and a finished operation
- * commits by zeroing the count.  Whoever next takes the lock and finds a
- * non-empty journal (or a dead owner) rolls it back, so a killed operation
- * never happened.  A compaction move is the exception: its copy cannot be
- * undone when the destination overlaps the source, so it is rolled forward
- * from the move journal (see move()).
+ * Crash safety.  Every metadata store made under the lock goes through the
+ * core's undo journal (journal.h, shm_jset64()): the old word is appended
+ * to the journal (count published with a release store) before the word
+ * changes, and a finished operation commits by zeroing the count.  The lock
+ * is taken with shm_lock_acquire_repair(): whoever next takes it and finds
+ * a non-empty journal (or a dead owner) rolls it back, so a killed
+ * operation never happened.  A compaction move is the exception: its copy
+ * cannot be undone when the destination overlaps the source, so it is
+ * rolled forward from the move journal by the lock's repair callback,
+ * repair_move() (see move()).  Crash points (crash.c): every journaled
+ * store and commit, and heap.move.claimed, heap.move.copied (per chunk),
+ * heap.realloc.copied.
  *
  * Pins are lock-free hazard records.  A pinner writes (entry, count) into its
  * own slot's pin table with a sequentially consistent CAS and then reads the
@@ -75,84 +41,18 @@
  *   with core.pin(v, None, handle) as view: ...   # a Pin; lock-free
  *   core.free(v, None); core.realloc(v, n, zero, timeout) -> False if fragmented
  *   core.compact_step(restart, until, budget, timeout); core.stats(); core.verify()
- *   heap_fault(k)                                 # tests: SIGKILL at the k-th crash point
+ *   _core.fault(k)                                # tests: SIGKILL at the k-th crash point
  */
-#include "shmkit.h"
-#include <signal.h>
+#include "heap.h"
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
-
-#define HEAP_FORMAT 1u
-#define HEAP_MAGIC 0x31504145484d4853ull /* "SHMHEAP1" */
-#define UNIT 16u
-#define MIN_UNITS 2u
-#define MAX_UNITS 0xFFFFFFF0u
-#define NBINS 128
-#define HDR_BYTES 4096u
-#define ENTRY_BYTES 32u
-#define PIN_HEAD 64u
-#define MAX_PINS 4096u
-#define PAGE_BYTES 4096u
-
-#define H_LOCK 0
-#define H_FORMAT 4
-#define H_MAGIC 8
-#define H_TABLE 16
-#define H_PINS 24
-#define H_DATA 32
-#define H_UNITS 40
-#define H_BLOCKS_PINS 48
-#define H_SLOTS_SALT 56
-#define H_FREEH 64
-#define H_FRESH 72
-#define H_USED_U 80
-#define H_USED_B 88
-#define H_FREE_U 96
-#define H_FREE_B 104
-#define H_CURSOR 112
-#define H_BITMAP 128
-#define H_STAT 192
-#define H_BINS 256
-#define H_PINBITS 768
-#define H_MOVE 1024
-#define H_JOURNAL 2048
-#define J_MAX 127u
-
-enum { ST_ALLOCS, ST_FREES, ST_MOVES, ST_MOVED, ST_COMPACTIONS, ST_RECOVERIES,
-       ST_RECLAIMED, ST_REALLOCS, ST_COUNT };
-enum { M_ACTIVE = 0, M_IDX = 8, M_SRC = 16, M_DST = 24, M_SIZE = 32, M_GAP = 40,
-       M_PREV = 48, M_DONE = 56 };
-enum { E_STATE = 0, E_UNIT = 8, E_NBYTES = 16, E_LINK = 24 };
-
-#define F_LIVE 1u
-#define F_BUSY 2u
-#define PIN_ONE (1ull << 32)
-#define PIN_CNT(v) ((uint32_t)(((v) >> 32) & 0xFFFu))
-#define PIN_GEN(v) ((uint32_t)((v) >> 44))
-#define PIN_CNT_MAX 0xFFFu
 
 #define COPY_CHUNK (1u << 20)     /* bytes copied between progress records */
 #define NOGIL_BYTES (256u << 10)  /* copies this large run without the GIL */
 #define SCAN_LIMIT 4096           /* headers a compaction step walks at most */
 
 static PyObject *heap_StaleHandle, *heap_Pinned, *heap_Full;
-
-/* ---- fault injection (tests only) ----------------------------------------
- * heap_fault(n) makes this process kill itself with SIGKILL at the n-th
- * crash point from now: every journaled store, commit and copy chunk is one.
- * The tests use it to crash at each instruction boundary that matters. */
-static long fault_countdown;
-
-static inline void
-crash_point(void)
-{
-    if (fault_countdown > 0 && --fault_countdown == 0) {
-        kill(getpid(), SIGKILL);
-        pause();
-    }
-}
 
 /* ---- the heap object ---------------------------------------------------- */
 
@@ -165,6 +65,7 @@ typedef struct {
     uint64_t plen;      /* payload bytes */
     uint64_t table_off, pins_off, data_off, units, stride;
     uint32_t max_blocks, max_pins, max_slots, salt;
+    char what[96];      /* "heap 'name'", for the journal's messages */
 } HeapObject;
 
 /* One operation's view: the payload's address and the object's geometry
@@ -173,7 +74,7 @@ typedef struct {
 typedef struct {
     HeapObject *h;
     char *p;
-    int overflow;
+    shm_journal jn; /* the undo journal at H_JOURNAL */
     int locked;
 } Ctx;
 
@@ -221,95 +122,6 @@ corrupt(Ctx *c, const char *fmt, ...)
         Py_DECREF(msg);
     }
     return -1;
-}
-
-/* ---- undo journal -------------------------------------------------------- */
-
-/* Set the word at `off` to `val`, recording its old value first.  `sc`
- * makes the store sequentially consistent (the BUSY side of the pin
- * protocol). */
-static void
-jset(Ctx *c, uint64_t off, uint64_t val, int sc)
-{
-    uint64_t *w = at64(c, off);
-    uint64_t old = __atomic_load_n(w, __ATOMIC_RELAXED);
-    if (old == val) {
-        if (sc)
-            __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        return;
-    }
-    uint64_t *jc = at64(c, H_JOURNAL);
-    uint64_t n = __atomic_load_n(jc, __ATOMIC_RELAXED);
-    if (n >= J_MAX) {
-        c->overflow = 1;
-        return;
-    }
-    __atomic_store_n(&jc[1 + 2 * n], off, __ATOMIC_RELAXED);
-    __atomic_store_n(&jc[2 + 2 * n], old, __ATOMIC_RELAXED);
-    __atomic_store_n(jc, n + 1, __ATOMIC_RELEASE);
-    crash_point();
-    if (sc)
-        __atomic_store_n(w, val, __ATOMIC_SEQ_CST);
-    else
-        __atomic_store_n(w, val, __ATOMIC_RELEASE);
-}
-
-/* Record the word at `off` as it is, so that a rollback restores it after
- * something other than jset (a data copy, a memset) overwrites it. */
-static void
-jkeep(Ctx *c, uint64_t off)
-{
-    uint64_t *jc = at64(c, H_JOURNAL);
-    uint64_t n = __atomic_load_n(jc, __ATOMIC_RELAXED);
-    if (n >= J_MAX) {
-        c->overflow = 1;
-        return;
-    }
-    __atomic_store_n(&jc[1 + 2 * n], off, __ATOMIC_RELAXED);
-    __atomic_store_n(&jc[2 + 2 * n], __atomic_load_n(at64(c, off), __ATOMIC_RELAXED),
-                     __ATOMIC_RELAXED);
-    __atomic_store_n(jc, n + 1, __ATOMIC_RELEASE);
-}
-
-static inline void
-jadd(Ctx *c, uint64_t off, int64_t delta)
-{
-    jset(c, off, ld(c, off) + (uint64_t)delta, 0);
-}
-
-/* Undo every journaled store, newest first. */
-static int
-rollback(Ctx *c)
-{
-    uint64_t *jc = at64(c, H_JOURNAL);
-    uint64_t n = __atomic_load_n(jc, __ATOMIC_ACQUIRE);
-    if (n > J_MAX)
-        return corrupt(c, "its undo journal claims %llu entries", (unsigned long long)n);
-    for (uint64_t i = n; i-- > 0;) {
-        uint64_t off = __atomic_load_n(&jc[1 + 2 * i], __ATOMIC_RELAXED);
-        uint64_t old = __atomic_load_n(&jc[2 + 2 * i], __ATOMIC_RELAXED);
-        if (off % 8 || off < H_FREEH || off > c->h->plen - 8 ||
-            (off >= H_JOURNAL && off < HDR_BYTES))
-            return corrupt(c, "its undo journal names offset %llu", (unsigned long long)off);
-        __atomic_store_n(at64(c, off), old, __ATOMIC_RELEASE);
-    }
-    __atomic_store_n(jc, 0, __ATOMIC_RELEASE);
-    c->overflow = 0;
-    return 0;
-}
-
-static int
-commit(Ctx *c)
-{
-    if (c->overflow) {
-        rollback(c);
-        PyErr_SetString(PyExc_RuntimeError, "heap operation outgrew its journal");
-        return -1;
-    }
-    crash_point();
-    __atomic_store_n(at64(c, H_JOURNAL), 0, __ATOMIC_RELEASE);
-    crash_point();
-    return 0;
 }
 
 /* ---- block headers ------------------------------------------------------- */
@@ -361,8 +173,8 @@ static void
 wr_blk(Ctx *c, uint32_t unit, uint32_t size, uint32_t prev, uint32_t handle)
 {
     uint64_t off = blk_off(c, unit);
-    jset(c, off, (uint64_t)size | (uint64_t)prev << 32, 0);
-    jset(c, off + 8, (uint64_t)handle | (uint64_t)hcheck(c->h, unit, size, prev, handle) << 32,
+    shm_jset64(&c->jn, off, (uint64_t)size | (uint64_t)prev << 32, 0);
+    shm_jset64(&c->jn, off + 8, (uint64_t)handle | (uint64_t)hcheck(c->h, unit, size, prev, handle) << 32,
          0);
 }
 
@@ -400,11 +212,11 @@ set_bin_head(Ctx *c, int b, uint32_t v)
     uint64_t off = H_BINS + (uint64_t)(b >> 1) * 8;
     uint64_t w = ld(c, off);
     w = (b & 1) ? (w & 0xFFFFFFFFull) | (uint64_t)v << 32 : (w & ~0xFFFFFFFFull) | v;
-    jset(c, off, w, 0);
+    shm_jset64(&c->jn, off, w, 0);
     uint64_t boff = H_BITMAP + (uint64_t)(b >> 6) * 8;
     uint64_t bit = 1ull << (b & 63);
     uint64_t bm = ld(c, boff);
-    jset(c, boff, v ? bm | bit : bm & ~bit, 0);
+    shm_jset64(&c->jn, boff, v ? bm | bit : bm & ~bit, 0);
 }
 
 static inline uint64_t
@@ -428,11 +240,11 @@ list_push(Ctx *c, uint32_t unit, uint32_t size)
     uint32_t head = bin_head(c, b);
     if (check_link(c, head) < 0)
         return -1;
-    jset(c, links_off(c, unit), (uint64_t)head, 0);
+    shm_jset64(&c->jn, links_off(c, unit), (uint64_t)head, 0);
     if (head) {
         uint64_t lo = links_off(c, head - 1);
         uint64_t w = ld(c, lo);
-        jset(c, lo, (w & 0xFFFFFFFFull) | (uint64_t)(unit + 1) << 32, 0);
+        shm_jset64(&c->jn, lo, (w & 0xFFFFFFFFull) | (uint64_t)(unit + 1) << 32, 0);
     }
     set_bin_head(c, b, unit + 1);
     return 0;
@@ -450,7 +262,7 @@ list_unlink(Ctx *c, uint32_t unit, uint32_t size)
         uint64_t pw = ld(c, lo);
         if ((uint32_t)pw != unit + 1)
             return corrupt(c, "the free lists disagree about the block at unit %u", unit);
-        jset(c, lo, (pw & ~0xFFFFFFFFull) | next, 0);
+        shm_jset64(&c->jn, lo, (pw & ~0xFFFFFFFFull) | next, 0);
     } else {
         int b = bin_of(size);
         if (bin_head(c, b) != unit + 1)
@@ -462,7 +274,7 @@ list_unlink(Ctx *c, uint32_t unit, uint32_t size)
         uint64_t nw = ld(c, lo);
         if ((uint32_t)(nw >> 32) != unit + 1)
             return corrupt(c, "the free lists disagree about the block at unit %u", unit);
-        jset(c, lo, (nw & 0xFFFFFFFFull) | (uint64_t)prev << 32, 0);
+        shm_jset64(&c->jn, lo, (nw & 0xFFFFFFFFull) | (uint64_t)prev << 32, 0);
     }
     return 0;
 }
@@ -516,7 +328,7 @@ fix_cursor(Ctx *c, uint32_t start, uint32_t size)
 {
     uint64_t cur = ld(c, H_CURSOR);
     if (cur > start && cur < (uint64_t)start + size)
-        jset(c, H_CURSOR, start, 0);
+        shm_jset64(&c->jn, H_CURSOR, start, 0);
 }
 
 /* Make [unit, unit+size) free (its header's prev is `prev`), merging with free
@@ -563,8 +375,8 @@ release_block(Ctx *c, uint32_t unit, uint32_t size, uint32_t prev)
     if (after < c->h->units && set_prev(c, (uint32_t)after, total) < 0)
         return -1;
     fix_cursor(c, start, total);
-    jadd(c, H_FREE_U, size);
-    jadd(c, H_FREE_B, blocks);
+    shm_jadd64(&c->jn, H_FREE_U, size);
+    shm_jadd64(&c->jn, H_FREE_B, blocks);
     return 0;
 }
 
@@ -577,7 +389,7 @@ take_block(Ctx *c, uint32_t unit, Blk *b, uint32_t want, uint32_t idx)
         return -1;
     /* the caller may copy or clear the new block's bytes before it commits:
      * keep the free block's links, which those bytes overlay */
-    jkeep(c, links_off(c, unit));
+    shm_jkeep64(&c->jn, links_off(c, unit));
     uint32_t s = b->size;
     if (s - want >= MIN_UNITS) {
         wr_blk(c, unit, want, b->prev, idx + 1);
@@ -589,15 +401,15 @@ take_block(Ctx *c, uint32_t unit, Blk *b, uint32_t want, uint32_t idx)
         s = want;
     } else {
         wr_blk(c, unit, s, b->prev, idx + 1);
-        jadd(c, H_FREE_B, -1);
+        shm_jadd64(&c->jn, H_FREE_B, -1);
     }
-    jadd(c, H_FREE_U, -(int64_t)s);
+    shm_jadd64(&c->jn, H_FREE_U, -(int64_t)s);
     return s;
 }
 
 /* ---- locking ------------------------------------------------------------- */
 
-static int repair(Ctx *c);
+static int repair_move(void *ctx, int owner_died);
 
 /* The address of `len` bytes at `off` of the mapping.  (shm_addr checks
  * natural alignment, which suits words, not regions: check 8 bytes there,
@@ -622,11 +434,13 @@ static int
 begin(HeapObject *self, Ctx *c, int writable)
 {
     c->h = self;
-    c->overflow = 0;
     c->locked = 0;
     c->p = region(self->mapping, self->hoff, self->plen, writable);
     if (c->p == NULL)
         return -1;
+    /* entries may name any word from the mutable header on, except the
+     * journal itself (the shared journal checks each before undoing) */
+    shm_journal_bind(&c->jn, c->p, H_JOURNAL, J_MAX, H_FREEH, self->plen, self->what);
     shm_pin(self->mapping);
     return 0;
 }
@@ -639,13 +453,8 @@ unlock(Ctx *c)
     if (!c->locked)
         return;
     c->locked = 0;
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    if (ld(c, H_JOURNAL) != 0 && rollback(c) < 0)
-        PyErr_Clear();
-    if (shm_lock_release((MappingObject *)c->h->mapping, (uint32_t *)(c->p + H_LOCK)) < 0)
-        PyErr_Clear();
-    PyErr_Restore(type, value, tb);
+    shm_lock_release_journal((MappingObject *)c->h->mapping, (uint32_t *)(c->p + H_LOCK),
+                             &c->jn);
 }
 
 static void
@@ -665,7 +474,10 @@ lock(Ctx *c, int64_t deadline)
                      "readonly=True to change it", c->h->name);
         return -1;
     }
-    int r = shm_lock_acquire(m, (uint32_t *)(c->p + H_LOCK), deadline);
+    /* a dead holder or a journal in force: the shared journal is rolled
+     * back, then repair_move() rolls an interrupted move forward */
+    int r = shm_lock_acquire_repair(m, (uint32_t *)(c->p + H_LOCK), deadline, &c->jn,
+                                    repair_move, c);
     if (r < 0)
         return -1;
     if (r == 0) {
@@ -675,12 +487,10 @@ lock(Ctx *c, int64_t deadline)
         return -1;
     }
     c->locked = 1;
-    if (r == 2 || ld(c, H_JOURNAL) != 0 || ld(c, H_MOVE + M_ACTIVE) != 0) {
-        stat_add(c, ST_RECOVERIES, 1);
-        if (repair(c) < 0) {
-            unlock(c);
-            return -1;
-        }
+    /* a move whose publication failed (not a crash) is finished here */
+    if (ld(c, H_MOVE + M_ACTIVE) != 0 && repair_move(c, 0) < 0) {
+        unlock(c);
+        return -1;
     }
     return 0;
 }
@@ -806,7 +616,7 @@ claim(Ctx *c, uint32_t idx, uint64_t st, int64_t *pins)
 {
     uint64_t off = entry_off(c, idx) + E_STATE;
     uint64_t mark = ld(c, H_JOURNAL);
-    jset(c, off, st | F_BUSY, 1);
+    shm_jset64(&c->jn, off, st | F_BUSY, 1);
     int64_t live = scan_pins(c, idx);
     if (pins)
         *pins = live;
@@ -834,13 +644,17 @@ static void copy_forward(Ctx *c, uint64_t src, uint64_t dst, uint64_t total, uin
                          uint64_t done);
 static int publish_move(Ctx *c);
 
-/* Called with the lock held when the previous holder died or left work
- * unfinished: undo the journal, then finish an interrupted move. */
+/* The repair callback of the heap's lock (shm_lock_acquire_repair): called
+ * with the lock held and the undo journal already rolled back, when the
+ * previous holder died or left work unfinished.  Finishes an interrupted
+ * move: its copy cannot be undone when the destination overlaps the
+ * source, so it is rolled forward from the move journal. */
 static int
-repair(Ctx *c)
+repair_move(void *ctx, int owner_died)
 {
-    if (rollback(c) < 0)
-        return -1;
+    Ctx *c = ctx;
+    (void)owner_died;
+    stat_add(c, ST_RECOVERIES, 1);
     uint64_t active = ld(c, H_MOVE + M_ACTIVE);
     if (active == 0)
         return 0;
@@ -877,7 +691,7 @@ copy_forward(Ctx *c, uint64_t src, uint64_t dst, uint64_t total, uint64_t gap,
         memcpy(to + done, from + done, n);
         done += n;
         __atomic_store_n(progress, done, __ATOMIC_RELEASE);
-        crash_point();
+        shm_crash_point("heap.move.copied");
     }
     if (ts)
         PyEval_RestoreThread(ts);
@@ -896,8 +710,8 @@ publish_move(Ctx *c)
         return corrupt(c, "its move journal has a wrong predecessor size");
     uint64_t e = entry_off(c, idx);
     wr_blk(c, dst, size, prev, idx + 1);
-    jset(c, e + E_UNIT, dst, 0);
-    jset(c, e + E_STATE, ld(c, e + E_STATE) & ~(uint64_t)F_BUSY, 0);
+    shm_jset64(&c->jn, e + E_UNIT, dst, 0);
+    shm_jset64(&c->jn, e + E_STATE, ld(c, e + E_STATE) & ~(uint64_t)F_BUSY, 0);
     uint32_t fu = dst + size, fsz = gap;
     uint64_t next = (uint64_t)src + size;
     if (next < c->h->units) {
@@ -908,7 +722,7 @@ publish_move(Ctx *c)
             if (list_unlink(c, (uint32_t)next, b.size) < 0)
                 goto fail;
             fsz += b.size;
-            jadd(c, H_FREE_B, -1);
+            shm_jadd64(&c->jn, H_FREE_B, -1);
         }
     }
     wr_blk(c, fu, fsz, size, 0);
@@ -916,15 +730,15 @@ publish_move(Ctx *c)
         goto fail;
     if ((uint64_t)fu + fsz < c->h->units && set_prev(c, fu + fsz, fsz) < 0)
         goto fail;
-    jset(c, H_CURSOR, fu, 0);
-    jset(c, H_MOVE + M_ACTIVE, 0, 0);
-    if (commit(c) < 0)
+    shm_jset64(&c->jn, H_CURSOR, fu, 0);
+    shm_jset64(&c->jn, H_MOVE + M_ACTIVE, 0, 0);
+    if (shm_journal_commit(&c->jn) < 0)
         return -1;
     stat_add(c, ST_MOVES, 1);
     stat_add(c, ST_MOVED, (uint64_t)size * UNIT);
     return 0;
 fail:
-    rollback(c);
+    shm_journal_rollback(&c->jn);
     return -1;
 }
 
@@ -945,20 +759,21 @@ move(Ctx *c, uint32_t dst, Blk *fb, uint32_t src, Blk *bb)
     if (r != 0)
         return r < 0 ? -1 : 0;
     if (list_unlink(c, dst, fb->size) < 0) {
-        rollback(c);
+        shm_journal_rollback(&c->jn);
         return -1;
     }
-    jset(c, H_MOVE + M_IDX, idx, 0);
-    jset(c, H_MOVE + M_SRC, src, 0);
-    jset(c, H_MOVE + M_DST, dst, 0);
-    jset(c, H_MOVE + M_SIZE, bb->size, 0);
-    jset(c, H_MOVE + M_GAP, fb->size, 0);
-    jset(c, H_MOVE + M_PREV, fb->prev, 0);
-    jset(c, H_MOVE + M_DONE, 0, 0);
-    jset(c, H_MOVE + M_ACTIVE, 1, 0);
-    if (commit(c) < 0)
+    shm_jset64(&c->jn, H_MOVE + M_IDX, idx, 0);
+    shm_jset64(&c->jn, H_MOVE + M_SRC, src, 0);
+    shm_jset64(&c->jn, H_MOVE + M_DST, dst, 0);
+    shm_jset64(&c->jn, H_MOVE + M_SIZE, bb->size, 0);
+    shm_jset64(&c->jn, H_MOVE + M_GAP, fb->size, 0);
+    shm_jset64(&c->jn, H_MOVE + M_PREV, fb->prev, 0);
+    shm_jset64(&c->jn, H_MOVE + M_DONE, 0, 0);
+    shm_jset64(&c->jn, H_MOVE + M_ACTIVE, 1, 0);
+    if (shm_journal_commit(&c->jn) < 0)
         return -1;
-    /* phase 2: copy.  From here on a crash is rolled forward by repair(). */
+    shm_crash_point("heap.move.claimed");
+    /* phase 2: copy.  From here on a crash is rolled forward by repair_move(). */
     copy_forward(c, src, dst, (uint64_t)bb->size * UNIT, (uint64_t)fb->size * UNIT, 0);
     /* phase 3: publish. */
     return publish_move(c) < 0 ? -1 : 1;
@@ -1058,11 +873,11 @@ heap_alloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto out;
         }
         gen = (uint32_t)(st >> 32);
-        jset(&c, H_FREEH, next, 0);
+        shm_jset64(&c.jn, H_FREEH, next, 0);
     } else if (fresh < self->max_blocks) {
         idx = (uint32_t)fresh;
         gen = initial_gen(self, idx);
-        jset(&c, H_FRESH, fresh + 1, 0);
+        shm_jset64(&c.jn, H_FRESH, fresh + 1, 0);
     } else {
         PyErr_Format(heap_Full ? heap_Full : PyExc_MemoryError,
                      "all %u handles of heap %R are in use; free some blocks or create "
@@ -1071,19 +886,19 @@ heap_alloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     int64_t got = take_block(&c, unit, &b, want, idx);
     if (got < 0) {
-        rollback(&c);
+        shm_journal_rollback(&c.jn);
         goto out;
     }
     uint64_t e = entry_off(&c, idx);
-    jset(&c, e + E_UNIT, unit, 0);
-    jset(&c, e + E_NBYTES, n, 0);
-    jset(&c, e + E_LINK, ((MappingObject *)self->mapping)->token, 0);
-    jset(&c, e + E_STATE, (uint64_t)gen << 32 | F_LIVE, 0);
-    jadd(&c, H_USED_U, got);
-    jadd(&c, H_USED_B, 1);
+    shm_jset64(&c.jn, e + E_UNIT, unit, 0);
+    shm_jset64(&c.jn, e + E_NBYTES, n, 0);
+    shm_jset64(&c.jn, e + E_LINK, ((MappingObject *)self->mapping)->token, 0);
+    shm_jset64(&c.jn, e + E_STATE, (uint64_t)gen << 32 | F_LIVE, 0);
+    shm_jadd64(&c.jn, H_USED_U, got);
+    shm_jadd64(&c.jn, H_USED_B, 1);
     if (zero)
         zero_bytes(c.p + blk_off(&c, unit) + UNIT, n);
-    if (commit(&c) < 0)
+    if (shm_journal_commit(&c.jn) < 0)
         goto out;
     stat_add(&c, ST_ALLOCS, 1);
     result = PyLong_FromUnsignedLongLong((unsigned long long)gen << 32 | idx);
@@ -1126,20 +941,20 @@ heap_free(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     }
     uint32_t ngen = gen + 1 ? gen + 1 : 1;
-    jset(&c, e + E_STATE, (uint64_t)ngen << 32, 0);
-    jset(&c, e + E_LINK, ld(&c, H_FREEH), 0);
-    jset(&c, H_FREEH, idx + 1, 0);
+    shm_jset64(&c.jn, e + E_STATE, (uint64_t)ngen << 32, 0);
+    shm_jset64(&c.jn, e + E_LINK, ld(&c, H_FREEH), 0);
+    shm_jset64(&c.jn, H_FREEH, idx + 1, 0);
     if (release_block(&c, (uint32_t)unit, b.size, b.prev) < 0)
         goto fail;
-    jadd(&c, H_USED_U, -(int64_t)b.size);
-    jadd(&c, H_USED_B, -1);
-    if (commit(&c) < 0)
+    shm_jadd64(&c.jn, H_USED_U, -(int64_t)b.size);
+    shm_jadd64(&c.jn, H_USED_B, -1);
+    if (shm_journal_commit(&c.jn) < 0)
         goto out;
     stat_add(&c, ST_FREES, 1);
     result = Py_NewRef(Py_None);
     goto out;
 fail:
-    rollback(&c);
+    shm_journal_rollback(&c.jn);
 out:
     end(&c);
     return result;
@@ -1199,7 +1014,7 @@ heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
                 goto fail;
             if (release_block(&c, unit + want, b.size - want, want) < 0)
                 goto fail;
-            jadd(&c, H_USED_U, -(int64_t)(b.size - want));
+            shm_jadd64(&c.jn, H_USED_U, -(int64_t)(b.size - want));
         }
     } else {
         uint64_t next = (uint64_t)unit + b.size;
@@ -1212,9 +1027,9 @@ heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (list_unlink(&c, (uint32_t)next, nb.size) < 0)
                 goto fail;
             /* zero=True clears over the free block's header and links */
-            jkeep(&c, blk_off(&c, (uint32_t)next));
-            jkeep(&c, blk_off(&c, (uint32_t)next) + 8);
-            jkeep(&c, links_off(&c, (uint32_t)next));
+            shm_jkeep64(&c.jn, blk_off(&c, (uint32_t)next));
+            shm_jkeep64(&c.jn, blk_off(&c, (uint32_t)next) + 8);
+            shm_jkeep64(&c.jn, links_off(&c, (uint32_t)next));
             uint32_t keep = total - want >= MIN_UNITS ? want : total;
             wr_blk(&c, unit, keep, b.prev, idx + 1);
             if (keep < total) {
@@ -1222,15 +1037,15 @@ heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
                 if (list_push(&c, unit + keep, total - keep) < 0)
                     goto fail;
             } else {
-                jadd(&c, H_FREE_B, -1);
+                shm_jadd64(&c.jn, H_FREE_B, -1);
             }
             uint64_t after = (uint64_t)unit + total;
             uint32_t before_after = keep < total ? total - keep : keep;
             if (after < self->units && set_prev(&c, (uint32_t)after, before_after) < 0)
                 goto fail;
             fix_cursor(&c, unit, keep);
-            jadd(&c, H_FREE_U, -(int64_t)(keep - b.size));
-            jadd(&c, H_USED_U, keep - b.size);
+            shm_jadd64(&c.jn, H_FREE_U, -(int64_t)(keep - b.size));
+            shm_jadd64(&c.jn, H_USED_U, keep - b.size);
         } else {
             /* copy to a new place, then free the old one */
             uint32_t nu;
@@ -1243,14 +1058,14 @@ heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (found < 0)
                 goto fail;
             if (found == 0) {
-                rollback(&c);
+                shm_journal_rollback(&c.jn);
                 result = Py_NewRef(Py_False);
                 goto out;
             }
             int64_t got = take_block(&c, nu, &fb, want, idx);
             if (got < 0)
                 goto fail;
-            jadd(&c, H_USED_U, got);
+            shm_jadd64(&c.jn, H_USED_U, got);
             char *to = c.p + blk_off(&c, nu) + UNIT, *from = c.p + blk_off(&c, unit) + UNIT;
             if (old_n >= NOGIL_BYTES) {
                 Py_BEGIN_ALLOW_THREADS
@@ -1259,29 +1074,29 @@ heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
             } else {
                 memcpy(to, from, old_n);
             }
-            crash_point();
+            shm_crash_point("heap.realloc.copied");
             /* take_block changed the old block's prev size if the new
              * block lies just before it: re-read its header */
             if (rd_blk(&c, unit, &b) < 0)
                 goto fail;
             if (release_block(&c, unit, b.size, b.prev) < 0)
                 goto fail;
-            jadd(&c, H_USED_U, -(int64_t)b.size);
+            shm_jadd64(&c.jn, H_USED_U, -(int64_t)b.size);
             place = nu;
         }
     }
     if (zero && n > old_n)
         zero_bytes(c.p + blk_off(&c, place) + UNIT + old_n, n - old_n);
-    jset(&c, e + E_UNIT, place, 0);
-    jset(&c, e + E_NBYTES, n, 0);
-    jset(&c, e + E_STATE, st, 0); /* clears BUSY */
-    if (commit(&c) < 0)
+    shm_jset64(&c.jn, e + E_UNIT, place, 0);
+    shm_jset64(&c.jn, e + E_NBYTES, n, 0);
+    shm_jset64(&c.jn, e + E_STATE, st, 0); /* clears BUSY */
+    if (shm_journal_commit(&c.jn) < 0)
         goto out;
     stat_add(&c, ST_REALLOCS, 1);
     result = Py_NewRef(Py_True);
     goto out;
 fail:
-    rollback(&c);
+    shm_journal_rollback(&c.jn);
 out:
     end(&c);
     return result;
@@ -1780,8 +1595,8 @@ heap_compact_step(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         run = (uint64_t)nf.size * UNIT;
     }
     if (u <= self->units) {
-        jset(&c, H_CURSOR, u, 0);
-        if (commit(&c) < 0)
+        shm_jset64(&c.jn, H_CURSOR, u, 0);
+        if (shm_journal_commit(&c.jn) < 0)
             goto out;
     }
     result = Py_BuildValue("KKKiK", moved, nmoved, run, done, skipped);
@@ -2203,6 +2018,10 @@ heapobj_init(HeapObject *self, PyObject *args, PyObject *kwds)
         return -1;
     Py_XSETREF(self->name, Py_NewRef(name));
     Py_XSETREF(self->mapping, Py_NewRef(mapping));
+    const char *nm = PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : NULL;
+    if (nm == NULL)
+        PyErr_Clear();
+    snprintf(self->what, sizeof self->what, "heap '%.80s'", nm ? nm : "?");
     Ctx c = {.h = self};
     self->plen = plen;
     if (plen < HDR_BYTES || (c.p = region(mapping, hoff, plen, 0)) == NULL) {
@@ -2275,17 +2094,6 @@ heap_set_classes(PyObject *mod, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static PyObject *
-heap_fault(PyObject *mod, PyObject *arg)
-{
-    long n = PyLong_AsLong(arg);
-    if (n == -1 && PyErr_Occurred())
-        return NULL;
-    long left = fault_countdown;
-    fault_countdown = n;
-    return PyLong_FromLong(left);
-}
-
 #define FAST(NAME, DOC) \
     {#NAME, (PyCFunction)(void (*)(void))heap_##NAME, METH_FASTCALL, DOC}
 
@@ -2326,9 +2134,6 @@ static PyMethodDef heap_functions[] = {
      "heap_format(mapping, offset, data_bytes, max_blocks, max_pins, max_slots, salt)"},
     {"heap_set_classes", heap_set_classes, METH_VARARGS,
      "heap_set_classes(StaleHandleError, PinnedError, HeapFullError)"},
-    {"heap_fault", heap_fault, METH_O,
-     "heap_fault(n) -> points left of the previous countdown\n\n"
-     "SIGKILL this process at the n-th heap crash point from now (tests); 0 disarms."},
     {NULL}
 };
 

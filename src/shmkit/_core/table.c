@@ -5,33 +5,8 @@
  * allocator underneath.  Python (store.py) adds growth of the segment,
  * numpy/pickle encoding, iteration and the public API.
  *
- * Layout of the payload (byte offsets from the payload start, native byte
- * order, which must be little-endian; all blocks 16-byte aligned):
- *
- *   0     store header (T_HEADER bytes), see THeader below.  Its first cache
- *         line is what readers touch: epoch, index offset, seed, heap bounds.
- *   4096  the heap: a chain of blocks from heap_start to heap_end; each block
- *         starts with
- *            0 head  u64   size (multiple of 16, >= 32) | flags
- *                          (B_USED, B_INDEX, B_JOURNAL)
- *            8 link  u64   next block of a free list (free blocks only)
- *         A record block (B_USED alone) continues
- *           16 hash  u64   hash of the key (seeded, see thash)
- *           24 klen  u32   key bytes
- *           28 ktype u8    KT_INT / KT_STR / KT_BYTES
- *           29 vtype u8    VT_*
- *           30 0     u16
- *           32 vlen  u64   value bytes
- *           40 key bytes, then value bytes
- *         An index block (B_USED|B_INDEX) continues
- *           16 nslots u64  a power of two; 24 reserved; 32 nslots u64 words
- *         A journal block (B_USED|B_JOURNAL) continues
- *           16 n u64, 24 index offset u64, 32 n entries of (slot u64, word u64)
- *
- * An index word is 0 (empty), 1 (tombstone) or (record offset / 16) in the
- * low 40 bits with the top 24 bits of the key's hash as a tag above them.
- * Linear probing from hash & (nslots - 1); at most 3/4 of the words are
- * non-empty.
+ * The shared layout, its constants and the _Static_asserts pinning every
+ * field offset are in table.h.
  *
  * Synchronisation.  Writers serialise on the robust mutex `lock` in the
  * header.  Readers take no lock:
@@ -59,9 +34,23 @@
  * batch.  The next writer gets the lock "recovered" and runs t_recover():
  * redo the batch journal if it was committing, mark every block the index
  * references, free the rest, recount, recycle.  Nothing in the free lists or
- * counters is trusted after a crash.
+ * counters is trusted after a crash.  The lock is the core's robust mutex
+ * taken with shm_lock_acquire_repair(), whose repair callback is t_recover.
+ *
+ * Why no undo journal (journal.h).  Everything a writer changes besides the
+ * index (counters, free-list heads, top, block flags) is derived from the
+ * index and the block chain and rebuilt by t_recover, and an index word
+ * must never be rolled back: readers may already have returned what it
+ * names.  Journaling would cost two shared stores and a release per word on
+ * every put for state recovery recomputes anyway.  The batch journal is a
+ * redo log, not an undo journal: its words were promised when the commit
+ * began, and readers may have seen some during the odd epoch, so a dead
+ * committer's batch is finished, never undone.
+ *
+ * Crash points: every step boundary of every mutating operation is
+ * shm_crash_point("table.<op>.<step>") (list in docs/store.md).
  */
-#include "shmkit.h"
+#include "table.h"
 #include <errno.h>
 #include <time.h>
 #include <string.h>
@@ -70,65 +59,6 @@
 #include <pythread.h>
 #include <structmember.h>
 
-#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "the store's shared layout is little-endian"
-#endif
-
-#define T_HEADER 4096u
-#define T_MIN_BLOCK 32u
-#define T_REC_HDR 40u
-#define T_INDEX_HDR 32u
-#define T_JOURNAL_HDR 32u
-#define T_MIN_SLOTS 64u
-#define B_USED 1u
-#define B_INDEX 2u
-#define B_JOURNAL 4u
-#define B_FLAGS 15u
-#define W_EMPTY 0u
-#define W_TOMB 1u
-#define W_OFF_MASK ((1ull << 40) - 1)
-#define W_TAG(h) ((h) >> 40)
-#define ST_COMMIT 1u
-#define ST_DIRTY 2u
-#define NSMALL 65 /* exact bins for sizes 16*k, k < 65 */
-#define NBINS 104
-#define MAX_KEY (1u << 20)
-#define MAX_RETRIES 200
-#define RECYCLE_MIN (256u << 10)
-
-enum { KT_INT = 1, KT_STR = 2, KT_BYTES = 3 };
-enum {
-    VT_BYTES = 1, VT_STR, VT_INT, VT_FLOAT, VT_FALSE, VT_TRUE, VT_NONE,
-    VT_NDARRAY, VT_PICKLE, VT_LAST = VT_PICKLE
-};
-
-typedef struct {
-    /* line 0: read by every reader, written rarely */
-    uint64_t epoch;      /* +2 per recycle; odd while a batch is applied */
-    uint64_t index;      /* offset of the current index block */
-    uint64_t seed;       /* hash seed, fixed at creation */
-    uint64_t heap_start; /* T_HEADER */
-    uint64_t heap_end;   /* end of the block chain */
-    uint64_t _r0[3];
-    /* line 1: writers */
-    uint32_t lock;       /* the writers' robust mutex */
-    uint32_t state;      /* ST_COMMIT while a batch journal is applied, ST_DIRTY */
-    uint64_t count;      /* live keys */
-    uint64_t tombstones; /* tombstone index words */
-    uint64_t used;       /* bytes of live record blocks */
-    uint64_t pending;    /* bytes freed since the last recycle */
-    uint64_t top;        /* the free block that ends at heap_end, or 0 */
-    uint64_t journal;    /* the batch journal block while committing */
-    uint64_t journal_n;
-    /* line 2: statistics */
-    uint64_t growths, index_growths, recycles, recoveries, vacuums, batches;
-    uint64_t _r2[2];
-    /* free lists: exact sizes below 1040 bytes, then powers of two */
-    uint64_t bins[NBINS];
-} THeader;
-
-_Static_assert(sizeof(THeader) <= T_HEADER, "store header too large");
-_Static_assert(offsetof(THeader, lock) == 64, "lock on its own line");
 
 #define LDA(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define LDR(p) __atomic_load_n((p), __ATOMIC_RELAXED)
@@ -824,6 +754,16 @@ t_mark_damage(TableObject *t)
         HDR(t)->state |= ST_DIRTY;
 }
 
+/* The repair callback of the writers' lock (shm_lock_acquire_repair): the
+ * previous holder died.  The table keeps no undo journal (see the comment
+ * at the top): t_recover() rebuilds what is derived from the index. */
+static int
+t_repair(void *ctx, int owner_died)
+{
+    (void)owner_died;
+    return t_recover((TableObject *)ctx);
+}
+
 static int
 t_lock(TableObject *t)
 {
@@ -840,9 +780,9 @@ t_lock(TableObject *t)
     }
     int64_t deadline = t->timeout_ns < 0 ? SHM_FOREVER : shm_now_ns() + t->timeout_ns;
     shm_pin(t->mapping);
-    int r = shm_lock_acquire(t->m, &HDR(t)->lock, deadline);
+    int r = shm_lock_acquire_repair(t->m, &HDR(t)->lock, deadline, NULL, t_repair, t);
     if (r <= 0) {
-        shm_unpin(t->mapping);
+        shm_unpin(t->mapping); /* after a failed repair the lock is released */
         if (r == 0)
             PyErr_SetString(shm_TimeoutError ? shm_TimeoutError : PyExc_TimeoutError,
                             "another writer held the store's lock for longer than the "
@@ -852,10 +792,12 @@ t_lock(TableObject *t)
     t->lock_depth = 1;
     t->lock_thread = me;
     /* Check the heap bound again now that no writer can move it; writers
-     * use t->end from here on.  After a writer's death, repair first. */
+     * use t->end from here on.  A writer's death was repaired above; damage
+     * marked by a live writer, or a batch it left half applied, is
+     * repaired here the same way. */
     THeader *h = HDR(t);
     if ((t->end = t_enter(t)) == 0 ||
-        ((r == 2 || (LDR(&h->state) & (ST_COMMIT | ST_DIRTY)) || (LDR(&h->epoch) & 1)) &&
+        (((LDR(&h->state) & (ST_COMMIT | ST_DIRTY)) || (LDR(&h->epoch) & 1)) &&
          t_recover(t) < 0)) {
         PyObject *et, *ev, *tb;
         t_mark_damage(t);
@@ -915,12 +857,17 @@ carve(char *P, THeader *h, uint64_t off, uint64_t bsize, uint64_t size, unsigned
         uint64_t tail = off + size;
         STR(W64(P, tail + 8), 0);
         STR(W64(P, tail), bsize - size);
+        shm_crash_point("table.alloc.tail");
         STR(W64(P, off), size | flags);
-        if (tail_to_bin)
+        shm_crash_point("table.alloc.split");
+        if (tail_to_bin) {
             bin_push(P, h, tail, bsize - size);
+            shm_crash_point("table.alloc.binned");
+        }
         return size;
     }
     STR(W64(P, off), bsize | flags);
+    shm_crash_point("table.alloc.taken");
     return bsize;
 }
 
@@ -953,6 +900,7 @@ t_alloc(TableObject *t, uint64_t size, unsigned flags)
             }
             if (bsize == size || bsize >= size + T_MIN_BLOCK) {
                 *prev = LDR(W64(P, off + 8));
+                shm_crash_point("table.alloc.unlinked");
                 carve(P, h, off, bsize, size, B_USED | flags, 1);
                 return off;
             }
@@ -969,6 +917,7 @@ t_alloc(TableObject *t, uint64_t size, unsigned flags)
         if (bsize == size || bsize >= size + T_MIN_BLOCK) {
             uint64_t got = carve(P, h, top, bsize, size, B_USED | flags, 0);
             h->top = got < bsize ? top + got : 0;
+            shm_crash_point("table.alloc.top");
             return top;
         }
     }
@@ -984,9 +933,11 @@ t_free(TableObject *t, uint64_t off)
     THeader *h = HDR(t);
     uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
     STR(W64(P, off), size);
+    shm_crash_point("table.free.marked");
     h->pending += size;
     if (!(head & (B_INDEX | B_JOURNAL)))
         STR(&h->used, LDR(&h->used) - size);
+    shm_crash_point("table.free.counted");
 }
 
 /* Make pending space reusable: bump the epoch, then walk the chain,
@@ -998,8 +949,10 @@ t_recycle(TableObject *t)
     THeader *h = HDR(t);
     uint64_t end = t->end, off = T_HEADER, run = 0, runsize = 0;
     epoch_bump(h, 2);
+    shm_crash_point("table.recycle.epoch");
     memset(h->bins, 0, sizeof h->bins);
     h->top = 0;
+    shm_crash_point("table.recycle.emptied");
     while (off < end) {
         uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
         if (size < T_MIN_BLOCK || size > end - off || (head & 8)) {
@@ -1008,12 +961,15 @@ t_recycle(TableObject *t)
                            (unsigned long long)size);
         }
         if (head & B_USED) {
-            if (run)
+            if (run) {
                 bin_push(P, h, run, runsize);
+                shm_crash_point("table.recycle.binned");
+            }
             run = 0;
         } else if (run) {
             runsize += size;
             STR(W64(P, run), runsize);
+            shm_crash_point("table.recycle.merged");
         } else {
             run = off;
             runsize = size;
@@ -1023,9 +979,11 @@ t_recycle(TableObject *t)
     if (run) {
         STR(W64(P, run + 8), 0);
         h->top = run;
+        shm_crash_point("table.recycle.top");
     }
     h->pending = 0;
     h->recycles++;
+    shm_crash_point("table.recycle.done");
     return 0;
 }
 
@@ -1047,8 +1005,10 @@ t_extend(TableObject *t)
         return 0;
     STR(W64(P, old_end + 8), 0);
     STR(W64(P, old_end), new_end - old_end);
+    shm_crash_point("table.grow.block");
     STA(&h->heap_end, new_end);
     t->end = new_end;
+    shm_crash_point("table.grow.end");
     uint64_t top = h->top, tsize;
     if (top && free_ok(P, old_end, top, &tsize) && top + tsize == old_end) {
         STR(W64(P, top), tsize + (new_end - old_end));
@@ -1058,6 +1018,7 @@ t_extend(TableObject *t)
         h->top = old_end;
     }
     h->growths++;
+    shm_crash_point("table.grow.top");
     return 0;
 }
 
@@ -1336,10 +1297,14 @@ t_rebuild(TableObject *t, uint64_t nslots, uint64_t at)
         ov_clear(&t->ov);
         t->ov = nov;
     }
+    shm_crash_point("table.rebuild.built");
+    STR(&h->index_gen, LDR(&h->index_gen) + 1);
     STA(&h->index, nix);
+    shm_crash_point("table.rebuild.published");
     t_free(t, x.ix);
     STR(&h->tombstones, 0);
     h->index_growths++;
+    shm_crash_point("table.rebuild.done");
     return 0;
 }
 
@@ -1407,6 +1372,131 @@ bit_clear(uint8_t *bm, uint64_t off)
 /* Redo a committing batch, then rebuild everything derived: which blocks
  * are used, the counters and the free lists.  The index words are the
  * truth. */
+/* ---- the walks recovery and verification share --------------------------------
+ * t_walk_index() reads every index word once: it counts tombstones, marks
+ * the block each record word names (one bit per 16-byte offset; the block
+ * must lie in the heap and be named once) and hands each record word to
+ * visit.  t_walk_chain() then walks the block chain from the heap start,
+ * checking each block's size, and tells each block apart: the index, a
+ * record the index named, a used block nothing names, a free block; every
+ * mark must be met at a block start.  Both return 0, or -1 with an
+ * exception set; the marks are freed by the chain walk or on error. */
+
+typedef struct {
+    uint8_t *bm;
+    uint64_t count, tombs; /* record words, tombstones */
+} TMarks;
+
+enum { TB_INDEX, TB_RECORD, TB_STRAY, TB_FREE };
+typedef int (*t_word_fn)(void *ctx, uint64_t slot, uint64_t word, uint64_t off);
+typedef int (*t_block_fn)(void *ctx, uint64_t off, uint64_t head, uint64_t size, int kind);
+
+static int
+t_walk_index(uint64_t end, const TIndex *x, TMarks *mk, t_word_fn visit, void *ctx)
+{
+    mk->count = mk->tombs = 0;
+    mk->bm = PyMem_Calloc((size_t)(end >> 7) + 1, 1);
+    if (mk->bm == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (uint64_t i = 0; i < x->nslots; i++) {
+        uint64_t w = LDR(&x->slots[i]);
+        if (w == W_EMPTY)
+            continue;
+        if (w == W_TOMB) {
+            mk->tombs++;
+            continue;
+        }
+        uint64_t o = word_off(w);
+        if (o < T_HEADER || o > end - T_REC_HDR) {
+            corrupt("index word %llu points at %llu, outside the heap",
+                    (unsigned long long)i, (unsigned long long)o);
+            goto fail;
+        }
+        if (bit_get(mk->bm, o)) {
+            corrupt("two index words point at the record at %llu", (unsigned long long)o);
+            goto fail;
+        }
+        bit_set(mk->bm, o);
+        mk->count++;
+        if (visit != NULL && visit(ctx, i, w, o) < 0)
+            goto fail;
+    }
+    return 0;
+fail:
+    PyMem_Free(mk->bm);
+    mk->bm = NULL;
+    return -1;
+}
+
+static int
+t_walk_chain(const char *P, uint64_t end, uint64_t ix, TMarks *mk, t_block_fn visit,
+             void *ctx)
+{
+    uint64_t off = T_HEADER, marked = mk->count;
+    int r = -1;
+    while (off < end) {
+        uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
+        if (size < T_MIN_BLOCK || size > end - off || (head & 8)) {
+            corrupt("block at %llu has size %llu", (unsigned long long)off,
+                    (unsigned long long)size);
+            goto out;
+        }
+        int kind = off == ix                ? TB_INDEX
+                   : bit_get(mk->bm, off)   ? TB_RECORD
+                   : (head & B_FLAGS) != 0  ? TB_STRAY
+                                            : TB_FREE;
+        if (kind == TB_RECORD) {
+            bit_clear(mk->bm, off);
+            marked--;
+        }
+        if (visit(ctx, off, head, size, kind) < 0)
+            goto out;
+        off += size;
+    }
+    if (off != end)
+        corrupt("the block chain overruns the heap end");
+    else if (marked)
+        corrupt("%llu index words point inside blocks", (unsigned long long)marked);
+    else
+        r = 0;
+out:
+    PyMem_Free(mk->bm);
+    mk->bm = NULL;
+    return r;
+}
+
+typedef struct {
+    char *P;
+    uint64_t end, used;
+} TRecoverWalk;
+
+/* Recovery's view of each block: check the index and the records it names,
+ * free what nothing names (a dead writer's leftover), sum the records. */
+static int
+recover_block(void *ctx, uint64_t off, uint64_t head, uint64_t size, int kind)
+{
+    TRecoverWalk *rw = ctx;
+    TRec r;
+    switch (kind) {
+    case TB_INDEX:
+        if (!(head & B_INDEX))
+            return corrupt("the index block is not marked");
+        break;
+    case TB_RECORD:
+        if (!(head & B_USED) || (head & (B_INDEX | B_JOURNAL)) ||
+            rec_read(rw->P, rw->end, off, &r) < 0)
+            return corrupt("record at %llu is damaged", (unsigned long long)off);
+        rw->used += size;
+        break;
+    case TB_STRAY:
+        STR(W64(rw->P, off), size); /* used by nothing: a dead writer's leftover */
+        break;
+    }
+    return 0;
+}
+
 static int
 t_recover(TableObject *t)
 {
@@ -1454,64 +1544,14 @@ t_recover(TableObject *t)
     if (LDR(&h->epoch) & 1)
         epoch_bump(h, 1); /* even: publishes the redone words */
 
-    uint8_t *bm = PyMem_Calloc((size_t)(end >> 7) + 1, 1);
-    if (bm == NULL) {
-        PyErr_NoMemory();
+    TMarks mk;
+    TRecoverWalk rw = {P, end, 0};
+    if (t_walk_index(end, &x, &mk, NULL, NULL) < 0 ||
+        t_walk_chain(P, end, x.ix, &mk, recover_block, &rw) < 0)
         return -1;
-    }
-    uint64_t count = 0, tombs = 0, used = 0, marked = 0;
-    for (uint64_t i = 0; i < x.nslots; i++) {
-        uint64_t w = LDR(&x.slots[i]);
-        if (w == W_EMPTY)
-            continue;
-        if (w == W_TOMB) {
-            tombs++;
-            continue;
-        }
-        uint64_t o = word_off(w);
-        if (o < T_HEADER || o > end - T_REC_HDR || bit_get(bm, o)) {
-            PyMem_Free(bm);
-            return corrupt("index word %llu points at %llu", (unsigned long long)i,
-                           (unsigned long long)o);
-        }
-        bit_set(bm, o);
-        count++;
-    }
-    marked = count;
-    uint64_t off = T_HEADER;
-    while (off < end) {
-        uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
-        if (size < T_MIN_BLOCK || size > end - off || (head & 8)) {
-            PyMem_Free(bm);
-            return corrupt("block at %llu has size %llu", (unsigned long long)off,
-                           (unsigned long long)size);
-        }
-        if (off == x.ix) {
-            if (!(head & B_INDEX)) {
-                PyMem_Free(bm);
-                return corrupt("the index block is not marked");
-            }
-        } else if (bit_get(bm, off)) {
-            TRec r;
-            if (!(head & B_USED) || (head & (B_INDEX | B_JOURNAL)) ||
-                rec_read(P, end, off, &r) < 0) {
-                PyMem_Free(bm);
-                return corrupt("record at %llu is damaged", (unsigned long long)off);
-            }
-            bit_clear(bm, off);
-            marked--;
-            used += size;
-        } else if (head & B_FLAGS) {
-            STR(W64(P, off), size); /* used by nothing: a dead writer's leftover */
-        }
-        off += size;
-    }
-    PyMem_Free(bm);
-    if (off != end || marked)
-        return corrupt("%llu index words point inside blocks", (unsigned long long)marked);
-    STR(&h->count, count);
-    STR(&h->tombstones, tombs);
-    STR(&h->used, used);
+    STR(&h->count, mk.count);
+    STR(&h->tombstones, mk.tombs);
+    STR(&h->used, rw.used);
     if (t_recycle(t) < 0)
         return -1;
     h->recoveries++;
@@ -1814,6 +1854,7 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
     uint64_t off = t_alloc_grow(t, size, 0);
     if (off == (uint64_t)-1)
         goto unlock;
+    shm_crash_point("table.put.allocated");
     if (t_index(t, &x) < 0) /* the grow hook may have run: the index is the same */
         goto unlock;
     char *P = PAY(t), *b = P + off;
@@ -1831,6 +1872,7 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
         t_free(t, off); /* never published */
         goto unlock;
     }
+    shm_crash_point("table.put.written");
     if (t_in_batch(t)) {
         int fresh = !fo && LDR(&x.slots[slot]) == W_EMPTY;
         if (ov_set(&t->ov, slot, w) < 0) {
@@ -1842,12 +1884,16 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
             t_free(t, word_off(old)); /* this batch's own, never published */
     } else {
         STA(&x.slots[slot], w); /* publish */
+        shm_crash_point(old > W_TOMB ? "table.update.published" : "table.put.published");
         if (old > W_TOMB) {
             t_free(t, word_off(old));
+            shm_crash_point("table.update.freed");
         } else {
             if (old == W_TOMB)
                 STR(&h->tombstones, LDR(&h->tombstones) - 1);
+            shm_crash_point("table.put.tombstones");
             STR(&h->count, LDR(&h->count) + 1);
+            shm_crash_point("table.put.counted");
         }
     }
     ret = 0;
@@ -1908,9 +1954,13 @@ t_delete(TableObject *t, PyObject *key, int want_value, int *found)
             t_free(t, word_off(old));
     } else {
         STA(&x.slots[slot], (uint64_t)W_TOMB);
+        shm_crash_point("table.delete.published");
         t_free(t, word_off(old));
+        shm_crash_point("table.delete.freed");
         STR(&h->count, LDR(&h->count) - 1);
+        shm_crash_point("table.delete.counted");
         STR(&h->tombstones, LDR(&h->tombstones) + 1);
+        shm_crash_point("table.delete.tombstones");
     }
 unlock:
     t_unlock(t);
@@ -2016,21 +2066,28 @@ batch_commit(TableObject *t)
     STR(W64(P, j + 24), x.ix);
     h->journal = j;
     h->journal_n = n;
+    shm_crash_point("table.batch.journal");
     __atomic_store_n(&h->state, h->state | ST_COMMIT, __ATOMIC_RELEASE);
+    shm_crash_point("table.batch.committing");
     epoch_bump(h, 1); /* odd: readers wait */
+    shm_crash_point("table.batch.odd");
     int64_t dcount = 0, dtomb = 0;
     for (i = 0; i < n; i++) {
         uint64_t s = e[2 * i], w = e[2 * i + 1], pub = LDR(&x.slots[s]);
         STR(&x.slots[s], w);
+        shm_crash_point("table.batch.word");
         if (pub > W_TOMB)
             t_free(t, word_off(pub));
         dcount += (w > W_TOMB) - (pub > W_TOMB);
         dtomb += (w == W_TOMB) - (pub == W_TOMB);
     }
     epoch_bump(h, 1); /* even again: the release store publishes them all */
+    shm_crash_point("table.batch.even");
     STR(&h->count, LDR(&h->count) + (uint64_t)dcount);
     STR(&h->tombstones, LDR(&h->tombstones) + (uint64_t)dtomb);
+    shm_crash_point("table.batch.counted");
     __atomic_store_n(&h->state, h->state & ~ST_COMMIT, __ATOMIC_RELEASE);
+    shm_crash_point("table.batch.committed");
     t_free(t, j);
     h->batches++;
     ov_clear(ov);
@@ -2102,15 +2159,20 @@ table_clear(TableObject *t, PyObject *Py_UNUSED(ignored))
     STR(W64(P, nix + 16), (uint64_t)T_MIN_SLOTS);
     STR(W64(P, nix + 24), 0);
     memset(P + nix + T_INDEX_HDR, 0, 8 * T_MIN_SLOTS);
+    shm_crash_point("table.clear.built");
+    STR(&h->index_gen, LDR(&h->index_gen) + 1);
     STA(&h->index, nix);
+    shm_crash_point("table.clear.published");
     for (uint64_t i = 0; i < x.nslots; i++) {
         uint64_t w = LDR(&x.slots[i]);
         if (w > W_TOMB)
             t_free(t, word_off(w));
     }
     t_free(t, x.ix);
+    shm_crash_point("table.clear.freed");
     STR(&h->count, 0);
     STR(&h->tombstones, 0);
+    shm_crash_point("table.clear.counted");
     ret = Py_NewRef(Py_None);
 out:
     t_unlock(t);
@@ -2122,6 +2184,8 @@ out:
 /* _scan(index, start, max, what) -> (next, index, [entries], hashes, wrapped)
  * or None
  * when `index` is no longer the current index (the caller restarts).
+ * `index` is a token naming one index: its offset / 16 with index_gen above
+ * bit 40, because a later index may be placed where an earlier one was.
  * what: 0 keys, 1 values, 2 (key, value) pairs.  Entries of one call are
  * read under one epoch, so each is a value that was stored at some moment. */
 static PyObject *
@@ -2159,7 +2223,9 @@ scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
             corrupt("the index at %llu is damaged", (unsigned long long)ix);
             return NULL;
         }
-        if (want_ix && want_ix != ix)
+        /* index_gen was raised before ix was published (acquire above) */
+        uint64_t token = (ix >> 4) | (LDR(&h->index_gen) << 40);
+        if (want_ix && want_ix != token)
             Py_RETURN_NONE;
         PyObject *list = PyList_New(0), *wrapped = PyList_New(0), *hashes;
         if (list == NULL || wrapped == NULL)
@@ -2217,7 +2283,12 @@ scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
                     goto fail;
             }
         }
-        if (!locked && !epoch_same(h, e)) {
+        /* A record is published beyond the heap end this scan loaded when
+         * a writer grew the heap meanwhile (growth moves heap_end, not the
+         * epoch; vacuum makes it common by cutting the heap first): the
+         * index word was loaded with acquire after heap_end was stored, so
+         * loading heap_end again tells that race from damage. */
+        if (!locked && (!epoch_same(h, e) || (bad && LDA(&h->heap_end) != end))) {
             Py_DECREF(list);
             Py_DECREF(wrapped);
             continue;
@@ -2231,7 +2302,8 @@ scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
         if (hashes == NULL)
             goto fail;
         long long next = i >= nslots ? -1 : (long long)i;
-        return Py_BuildValue("LKNNN", next, (unsigned long long)ix, list, hashes, wrapped);
+        return Py_BuildValue("LKNNN", next, (unsigned long long)token, list, hashes,
+                             wrapped);
     fail:
         Py_XDECREF(list);
         Py_XDECREF(wrapped);
@@ -2272,13 +2344,94 @@ typedef struct {
     uint64_t blocks, records, used, free_bytes, largest_free, index_bytes;
 } TWalk;
 
-#define VFAIL(...)                                                                     \
-    do {                                                                               \
-        PyMem_Free(bm);                                                                \
-        return corrupt(__VA_ARGS__);                                                   \
-    } while (0)
+#define VFAIL(...) return corrupt(__VA_ARGS__)
 
-/* Check every invariant (lock held).  Fills `out` with what it counted. */
+typedef struct {
+    TableObject *t;
+    const char *P;
+    uint64_t end;
+    const TIndex *x;
+    TWalk *out;
+    uint64_t used, nfree, last_free;
+} TVerifyWalk;
+
+/* Each record word: a well-formed record of a known type whose hash and
+ * tag match its key, reachable from its home slot, and stored once. */
+static int
+verify_word(void *ctx, uint64_t i, uint64_t w, uint64_t o)
+{
+    TVerifyWalk *vw = ctx;
+    const char *P = vw->P;
+    const TIndex *x = vw->x;
+    TRec r;
+    if (rec_read(P, vw->end, o, &r) < 0)
+        VFAIL("index word %llu points at %llu, not a record", (unsigned long long)i,
+              (unsigned long long)o);
+    uint64_t head = LDR(W64(P, o));
+    if ((head & B_FLAGS) != B_USED)
+        VFAIL("the index points at a block that is not a used record (%llu)",
+              (unsigned long long)o);
+    if (r.ktype < KT_INT || r.ktype > KT_BYTES || r.vtype < VT_BYTES || r.vtype > VT_LAST)
+        VFAIL("record at %llu has key type %u, value type %u", (unsigned long long)o,
+              r.ktype, r.vtype);
+    uint64_t hh = thash(P + o + T_REC_HDR, r.klen,
+                        vw->t->seed ^ (r.ktype * 0x9E3779B97F4A7C15ull));
+    if (hh != r.hash)
+        VFAIL("record at %llu has a wrong hash", (unsigned long long)o);
+    if ((w >> 40) != W_TAG(hh))
+        VFAIL("index word %llu has a wrong tag", (unsigned long long)i);
+    if (r.ktype == KT_INT && r.klen < 8)
+        VFAIL("int key of %u bytes at %llu", r.klen, (unsigned long long)o);
+    /* reachable from its home slot without crossing an empty word, and no
+     * other word for the same key before it */
+    for (uint64_t s = hh & x->mask; s != i; s = (s + 1) & x->mask) {
+        uint64_t w2 = LDR(&x->slots[s]);
+        if (w2 == W_EMPTY)
+            VFAIL("the key at %llu cannot be found from its home slot",
+                  (unsigned long long)o);
+        if (w2 > W_TOMB && (w2 >> 40) == (w >> 40)) {
+            TRec r2;
+            uint64_t o2 = word_off(w2);
+            if (rec_read(P, vw->end, o2, &r2) == 0 && r2.hash == r.hash &&
+                r2.klen == r.klen && r2.ktype == r.ktype &&
+                memcmp(P + o2 + T_REC_HDR, P + o + T_REC_HDR, r.klen) == 0)
+                VFAIL("the key at %llu is stored twice", (unsigned long long)o);
+        }
+    }
+    return 0;
+}
+
+/* Each block: the index flagged as one, no used block unreferenced; sums. */
+static int
+verify_block(void *ctx, uint64_t off, uint64_t head, uint64_t size, int kind)
+{
+    TVerifyWalk *vw = ctx;
+    TWalk *out = vw->out;
+    out->blocks++;
+    vw->last_free = 0;
+    switch (kind) {
+    case TB_INDEX:
+        if ((head & B_FLAGS) != (B_USED | B_INDEX))
+            VFAIL("the index block's flags are %llu", (unsigned long long)(head & 15));
+        out->index_bytes = size;
+        break;
+    case TB_RECORD:
+        vw->used += size;
+        out->records++;
+        break;
+    case TB_STRAY:
+        VFAIL("block at %llu is marked used but nothing refers to it",
+              (unsigned long long)off);
+    case TB_FREE:
+        vw->nfree += size;
+        vw->last_free = off;
+        if (size > out->largest_free)
+            out->largest_free = size;
+        break;
+    }
+    return 0;
+}
+
 static int
 t_verify(TableObject *t, TWalk *out)
 {
@@ -2287,7 +2440,6 @@ t_verify(TableObject *t, TWalk *out)
         return -1;
     char *P = PAY(t);
     THeader *h = HDR(t);
-    uint8_t *bm = NULL;
     memset(out, 0, sizeof *out);
     if (h->heap_start != T_HEADER)
         VFAIL("the heap start is %llu, not %u", (unsigned long long)h->heap_start,
@@ -2300,107 +2452,28 @@ t_verify(TableObject *t, TWalk *out)
     TIndex x;
     if (t_index(t, &x) < 0)
         return -1;
-    bm = PyMem_Calloc((size_t)(end >> 7) + 1, 1);
-    if (bm == NULL) {
-        PyErr_NoMemory();
+    TMarks mk;
+    TVerifyWalk vw = {t, P, end, &x, out, 0, 0, 0};
+    if (t_walk_index(end, &x, &mk, verify_word, &vw) < 0)
         return -1;
-    }
-    uint64_t count = 0, tombs = 0;
-    for (uint64_t i = 0; i < x.nslots; i++) {
-        uint64_t w = LDR(&x.slots[i]);
-        if (w == W_EMPTY)
-            continue;
-        if (w == W_TOMB) {
-            tombs++;
-            continue;
-        }
-        uint64_t o = word_off(w);
-        TRec r;
-        if (rec_read(P, end, o, &r) < 0)
-            VFAIL("index word %llu points at %llu, not a record", (unsigned long long)i,
-                  (unsigned long long)o);
-        if (bit_get(bm, o))
-            VFAIL("two index words point at the record at %llu", (unsigned long long)o);
-        bit_set(bm, o);
-        count++;
-        uint64_t head = LDR(W64(P, o));
-        if ((head & B_FLAGS) != B_USED)
-            VFAIL("the index points at a block that is not a used record (%llu)",
-                  (unsigned long long)o);
-        if (r.ktype < KT_INT || r.ktype > KT_BYTES || r.vtype < VT_BYTES ||
-            r.vtype > VT_LAST)
-            VFAIL("record at %llu has key type %u, value type %u", (unsigned long long)o,
-                  r.ktype, r.vtype);
-        uint64_t hh = thash(P + o + T_REC_HDR, r.klen,
-                            t->seed ^ (r.ktype * 0x9E3779B97F4A7C15ull));
-        if (hh != r.hash)
-            VFAIL("record at %llu has a wrong hash", (unsigned long long)o);
-        if ((w >> 40) != W_TAG(hh))
-            VFAIL("index word %llu has a wrong tag", (unsigned long long)i);
-        if (r.ktype == KT_INT && r.klen < 8)
-            VFAIL("int key of %u bytes at %llu", r.klen, (unsigned long long)o);
-        /* reachable from its home slot without crossing an empty word, and
-         * no other word for the same key before it */
-        for (uint64_t s = hh & x.mask; s != i; s = (s + 1) & x.mask) {
-            uint64_t w2 = LDR(&x.slots[s]);
-            if (w2 == W_EMPTY)
-                VFAIL("the key at %llu cannot be found from its home slot",
-                      (unsigned long long)o);
-            if (w2 > W_TOMB && (w2 >> 40) == (w >> 40)) {
-                TRec r2;
-                uint64_t o2 = word_off(w2);
-                if (rec_read(P, end, o2, &r2) == 0 && r2.hash == r.hash &&
-                    r2.klen == r.klen && r2.ktype == r.ktype &&
-                    memcmp(P + o2 + T_REC_HDR, P + o + T_REC_HDR, r.klen) == 0)
-                    VFAIL("the key at %llu is stored twice", (unsigned long long)o);
-            }
-        }
-    }
-    if (count != LDR(&h->count))
-        VFAIL("count says %llu keys, the index holds %llu",
-              (unsigned long long)LDR(&h->count), (unsigned long long)count);
-    if (tombs != LDR(&h->tombstones))
-        VFAIL("tombstone count says %llu, the index holds %llu",
-              (unsigned long long)LDR(&h->tombstones), (unsigned long long)tombs);
-    if ((count + tombs) * 4 > x.nslots * 3)
+    uint64_t count = mk.count, tombs = mk.tombs;
+    if (count != LDR(&h->count) || tombs != LDR(&h->tombstones) ||
+        (count + tombs) * 4 > x.nslots * 3) {
+        PyMem_Free(mk.bm);
+        if (count != LDR(&h->count))
+            VFAIL("count says %llu keys, the index holds %llu",
+                  (unsigned long long)LDR(&h->count), (unsigned long long)count);
+        if (tombs != LDR(&h->tombstones))
+            VFAIL("tombstone count says %llu, the index holds %llu",
+                  (unsigned long long)LDR(&h->tombstones), (unsigned long long)tombs);
         VFAIL("the index is over-full (%llu of %llu words)",
               (unsigned long long)(count + tombs), (unsigned long long)x.nslots);
-    /* the chain */
-    uint64_t off = T_HEADER, used = 0, nfree = 0, last_free = 0, marked = count;
-    while (off < end) {
-        uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
-        if (size < T_MIN_BLOCK || size > end - off || (head & 8))
-            VFAIL("block at %llu has size %llu", (unsigned long long)off,
-                  (unsigned long long)size);
-        out->blocks++;
-        last_free = 0;
-        if (off == x.ix) {
-            if ((head & B_FLAGS) != (B_USED | B_INDEX))
-                VFAIL("the index block's flags are %llu", (unsigned long long)(head & 15));
-            out->index_bytes = size;
-        } else if (bit_get(bm, off)) {
-            bit_clear(bm, off);
-            marked--;
-            used += size;
-            out->records++;
-        } else if (head & B_FLAGS) {
-            VFAIL("block at %llu is marked used but nothing refers to it",
-                  (unsigned long long)off);
-        } else {
-            nfree += size;
-            last_free = off;
-            if (size > out->largest_free)
-                out->largest_free = size;
-        }
-        off += size;
     }
-    if (off != end)
-        VFAIL("the block chain overruns the heap end");
-    if (marked)
-        VFAIL("%llu index words point inside blocks", (unsigned long long)marked);
-    if (used != LDR(&h->used))
+    if (t_walk_chain(P, end, x.ix, &mk, verify_block, &vw) < 0)
+        return -1;
+    if (vw.used != LDR(&h->used))
         VFAIL("used bytes say %llu, the records take %llu",
-              (unsigned long long)LDR(&h->used), (unsigned long long)used);
+              (unsigned long long)LDR(&h->used), (unsigned long long)vw.used);
     /* free lists + top + pending == free bytes */
     uint64_t listed = 0, budget = out->blocks + 1;
     for (int b = 0; b < NBINS; b++) {
@@ -2415,17 +2488,16 @@ t_verify(TableObject *t, TWalk *out)
     }
     if (h->top) {
         uint64_t fs;
-        if (!free_ok(P, end, h->top, &fs) || h->top + fs != end || last_free != h->top)
+        if (!free_ok(P, end, h->top, &fs) || h->top + fs != end || vw.last_free != h->top)
             VFAIL("the top block at %llu is bad", (unsigned long long)h->top);
         listed += fs;
     }
-    if (listed + h->pending != nfree)
+    if (listed + h->pending != vw.nfree)
         VFAIL("free space does not add up: %llu listed + %llu pending != %llu free",
               (unsigned long long)listed, (unsigned long long)h->pending,
-              (unsigned long long)nfree);
-    PyMem_Free(bm);
-    out->used = used;
-    out->free_bytes = nfree;
+              (unsigned long long)vw.nfree);
+    out->used = vw.used;
+    out->free_bytes = vw.nfree;
     return 0;
 }
 
@@ -2593,6 +2665,7 @@ t_compact(TableObject *t, uint64_t index_slots, uint64_t *moved)
             continue;
         uint64_t dsize = LDR(W64(P, dst)) & ~(uint64_t)B_FLAGS;
         memcpy(P + dst + 16, P + src + 16, r.size - 16);
+        shm_crash_point("table.vacuum.copied");
         uint64_t w = rec_word(src, r.hash), s = r.hash & x.mask, j;
         for (j = 0; j < x.nslots && LDR(&x.slots[s]) != w; j++)
             s = (s + 1) & x.mask;
@@ -2601,6 +2674,7 @@ t_compact(TableObject *t, uint64_t index_slots, uint64_t *moved)
             continue;
         }
         STA(&x.slots[s], rec_word(dst, r.hash));
+        shm_crash_point("table.vacuum.moved");
         STR(&h->used, LDR(&h->used) + dsize);
         t_free(t, src);
         (*moved)++;
@@ -2643,9 +2717,12 @@ table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
         if (new_end + T_MIN_BLOCK <= end) {
             STR(W64(P, new_end + 8), 0);
             STR(W64(P, new_end), end - new_end);
+            shm_crash_point("table.vacuum.tail");
             STR(W64(P, top), new_end - top);
+            shm_crash_point("table.vacuum.split");
             STA(&h->heap_end, new_end);
             t->end = new_end;
+            shm_crash_point("table.vacuum.cut");
         } else {
             new_end = end;
         }
