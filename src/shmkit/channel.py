@@ -37,6 +37,7 @@ from .errors import (
     Full,
     MessageTooLarge,
     NotFoundError,
+    SizeLimitError,
     Timeout,
 )
 from .segment import DEFAULT_MAX_ATTACH, Kind, Segment, SegmentInfo
@@ -48,6 +49,7 @@ _core.ring_set_classes(ChannelClosed, MessageTooLarge, Empty, Full)
 FORMAT = _core.RING_FORMAT
 DEFAULT_CAPACITY = 1 << 20
 QUEUE_CAPACITY = 8 << 20
+_MAX_QUEUE_ITEMS = 1 << 46  # no ring (at most 64 TiB) holds more messages
 _ROLES_OFF = 512
 
 
@@ -127,12 +129,14 @@ class Channel(_core.Ring):
     def __init__(self, name: str | None = None, capacity: int = DEFAULT_CAPACITY, *,
                  create: bool | None = None, path: str | os.PathLike[str] | None = None,
                  lifetime: str | None = None, mode: int = 0o600,
-                 max_attach: int = DEFAULT_MAX_ATTACH, readonly: bool = False) -> None:
-        self._open(name, capacity, create, path, lifetime, mode, max_attach, 0, readonly)
+                 max_attach: int = DEFAULT_MAX_ATTACH, readonly: bool = False,
+                 trust_owner: int | str | None = None) -> None:
+        self._open(name, capacity, create, path, lifetime, mode, max_attach, 0, readonly,
+                   trust_owner)
 
     def _open(self, name: str | None, capacity: int, create: bool | None, path: Any,
               lifetime: str | None, mode: int, max_attach: int, max_items: int,
-              readonly: bool = False) -> None:
+              readonly: bool = False, trust_owner: int | str | None = None) -> None:
         cap = _check_capacity(capacity)
         if lifetime is None:
             lifetime = "attached" if name is None and path is None else "persistent"
@@ -146,6 +150,7 @@ class Channel(_core.Ring):
                     create=False if readonly else create, kind=self._kind, mode=mode,
                     readonly=readonly,
                     lifetime=lifetime, max_attach=max_attach, init=init,
+                    trust_owner=trust_owner,
                     layout={"format": FORMAT, "capacity": cap, "max_items": max_items})
         try:
             fmt = seg.layout.get("format")
@@ -250,7 +255,11 @@ class Channel(_core.Ring):
         ends).  Safe to call twice.
         """
         if self._seg is not None and not self._seg.closed:
-            self._close_sending()
+            try:
+                self._close_sending()
+            except BaseException:
+                self.detach()  # a damaged ring must not keep this handle attached
+                raise
         self.detach()
 
     def detach(self) -> None:
@@ -403,12 +412,15 @@ class Queue:
     def __init__(self, maxsize: int = 0, *, name: str | None = None,
                  capacity: int = QUEUE_CAPACITY, create: bool | None = None,
                  ctx: Any = None, **kwargs: Any) -> None:
-        if not isinstance(maxsize, int) or maxsize < 0:
+        if not isinstance(maxsize, int) or isinstance(maxsize, bool) or maxsize < 0:
             raise ValueError(f"maxsize must be a non-negative int, not {maxsize!r}")
+        if maxsize > _MAX_QUEUE_ITEMS:
+            raise SizeLimitError(f"maxsize={maxsize} is beyond the {_MAX_QUEUE_ITEMS} items "
+                                 "a queue can count; use 0 for no limit")
         ch = _QueueChannel.__new__(_QueueChannel)
         ch._open(name, capacity, create, kwargs.get("path"), kwargs.get("lifetime"),
                  kwargs.get("mode", 0o600), kwargs.get("max_attach", DEFAULT_MAX_ATTACH),
-                 maxsize)
+                 maxsize, False, kwargs.get("trust_owner"))
         self._adopt(ch)
 
     @classmethod
@@ -420,7 +432,7 @@ class Queue:
         q = cls.__new__(cls)
         ch = _QueueChannel.__new__(_QueueChannel)
         ch._open(name, 64, False, kwargs.get("path"), None, 0o600, DEFAULT_MAX_ATTACH, 0,
-                 kwargs.get("readonly", False))
+                 kwargs.get("readonly", False), kwargs.get("trust_owner"))
         q._adopt(ch)
         return q
 

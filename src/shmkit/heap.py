@@ -233,8 +233,9 @@ class Heap(Segment):
     def __init__(self, name: str | None = None, size: int | None = None, *,
                  max_blocks: int | None = None, max_pins: int = _DEFAULT_PINS,
                  create: bool | None = None, path: str | os.PathLike[str] | None = None,
-                 readonly: bool = False, mode: int = 0o600, lifetime: str = "persistent",
-                 max_attach: int = DEFAULT_MAX_ATTACH) -> None:
+                 readonly: bool = False, mode: int = 0o600, lifetime: str | None = None,
+                 max_attach: int = DEFAULT_MAX_ATTACH,
+                 trust_owner: int | str | None = None) -> None:
         payload = layout = init = None
         if size is not None and create is not False:
             if not isinstance(size, int) or isinstance(size, bool) or size < 2 * _UNIT:
@@ -259,7 +260,7 @@ class Heap(Segment):
             raise ValueError("creating a heap needs size=")
         self._attach(name, path, size=payload, create=create, readonly=readonly, mode=mode,
                      lifetime=lifetime, max_size=payload, max_attach=max_attach,
-                     layout=layout, init=init)
+                     layout=layout, init=init, trust_owner=trust_owner)
         try:
             self._bind()
         except BaseException:

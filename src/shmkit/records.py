@@ -16,6 +16,7 @@ without a type rebuilds it from the layout stored in the header.
 from __future__ import annotations
 
 import ctypes
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -253,7 +254,7 @@ class Array(_Typed):
             if any(d < 0 for d in shp):
                 raise ValueError(f"shape {shp} has a negative dimension")
             layout = {"format": _FORMAT, "dtype": _dtype_layout(dt), "shape": list(shp)}
-            size = dt.itemsize * int(np.prod(shp, dtype=np.int64))
+            size = dt.itemsize * math.prod(shp)  # exact: numpy's int64 product wraps
         elif create:
             raise TypeError("Array.create needs a dtype and a shape")
         run = (lambda seg: init(seg._view())) if init is not None else None

@@ -229,9 +229,9 @@ class Store(_core.Table, MutableMapping):  # type: ignore[misc]
     def __init__(self, name: str | None = None, *, size: int | None = None,
                  path: str | os.PathLike[str] | None = None, codec: str | None = None,
                  readonly: bool = False, create: bool | None = None,
-                 timeout: float | None = None, lifetime: str = "persistent",
+                 timeout: float | None = None, lifetime: str | None = None,
                  mode: int = 0o600, max_size: int | None = None,
-                 max_attach: int = 256) -> None:
+                 max_attach: int = 256, trust_owner: int | str | None = None) -> None:
         if codec not in (None, "pickle"):
             raise ValueError(f"codec must be None or 'pickle', not {codec!r}")
         if size is None:
@@ -253,7 +253,7 @@ class Store(_core.Table, MutableMapping):  # type: ignore[misc]
         seg._attach(name, path, size=size if create is not False else None,
                     create=create, kind=Kind.STORE, layout=layout, init=init,
                     readonly=readonly, mode=mode, lifetime=lifetime, max_size=max_size,
-                    max_attach=max_attach)
+                    max_attach=max_attach, trust_owner=trust_owner)
         try:
             stored = seg.layout
             if stored.get("format") != FORMAT:
