@@ -485,3 +485,61 @@ def test_anonymous_objects_of_a_killed_process_are_collected():
     removed = {r["path"] for r in inspect.collect_garbage() if r["removed"]}
     assert set(paths) <= removed
     assert [p for p in paths if os.path.exists(p)] == []
+
+
+# -- 4. a file truncated under live users ---------------------------------------------
+
+_TRUNC = {
+    "segment": ("o = shmkit.Segment(N, size=1 << 16)", "seg = o",
+                "o.write(b'x' * 4096, offset=8192); o.read(4096, offset=8192)"),
+    "store": ("o = shmkit.Store(N)", "seg = o._seg",
+              "o['k'] = b'v' * 1000; o['k']; o.verify()"),
+    "heap": ("o = shmkit.Heap(N, 256 << 10)", "seg = o",
+             "h = o.put(b'x' * 1000); o.read(h, timeout=1); o.free(h, timeout=1); o.verify(timeout=1)"),
+    "channel": ("o = shmkit.Channel(N, 1 << 16)", "seg = o.segment",
+                "o.send_nowait(b'x' * 100); o.recv_nowait()"),
+    "queue": ("o = shmkit.Queue(name=N)", "seg = o._ch.segment",
+              "o.put_nowait(1); o.get_nowait()"),
+    "array": ("o = shmkit.Array(N, 'f8', 4096)", "seg = o", "o.ndarray('f8')[:] += 1"),
+    "mutex": ("o = shmkit.Mutex(N)", "seg = o.segment",
+              "o.acquire(timeout=1) and o.release()"),
+    "event": ("o = shmkit.Event(N)", "seg = o.segment", "o.set(); o.clear()"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_TRUNC))
+def test_truncated_file_raises_corrupt_error_not_sigbus(name, kind):
+    make, seg, op = _TRUNC[kind]
+    code = f"""
+import sys, time, shmkit
+N = {name!r}
+{make}
+{seg}
+print("ready", flush=True)
+sys.stdin.readline()
+deadline = time.monotonic() + 20
+try:
+    while time.monotonic() < deadline:
+        {op}
+        seg.size  # checks for truncation
+        seg.info()
+except shmkit.ShmkitError as e:
+    print(type(e).__name__, e, flush=True)
+    sys.exit(0)
+print("no error", flush=True)
+sys.exit(3)
+"""
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": SRC})
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        os.truncate(_path(name), 0)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        out = child.stdout.read()
+        assert child.wait(60) == 0, (child.returncode, out)
+        assert "Error" in out, out
+    finally:
+        child.kill()
+        child.wait()

@@ -544,6 +544,7 @@ class Heap(Segment):
         Returns a summary (blocks, free_blocks, used, free, handles_used,
         free_handles, pinned).
         """
+        self._check_truncated(look=True)  # a shrunk file: nothing below is trusted
         return self._core_rw().verify(timeout)
 
     @property

@@ -891,9 +891,23 @@ class Segment:
             raise ClosedError(f"segment {self._name!r} is closed in this process")
         return self._mapping
 
+    def _check_truncated(self, look: bool = False) -> None:
+        """Raise CorruptError if another process truncated the file: a page of
+        ours faulted past its end (see _core/sigbus.c), or, with ``look``,
+        the file is now shorter than the header and payload."""
+        m = self._live_mapping()
+        if m.truncated or (look and os.fstat(self._fd).st_size
+                           < self._hsize + _core.load64(m, _OFF_SIZE)):
+            raise CorruptError(
+                f"{self._name!r}'s file was truncated to {os.fstat(self._fd).st_size} bytes "
+                "by another process; its data can no longer be trusted; copy out what you "
+                "need and recreate it")
+
     def _sync_size(self) -> int:
         m = self._live_mapping()
         size = _core.load64(m, _OFF_SIZE)
+        if m.truncated:  # after the load: the load itself may be what faulted
+            self._check_truncated()
         end = self._hsize + size
         if end > m.length:
             if size > self._max_size or end > os.fstat(self._fd).st_size:
@@ -1057,6 +1071,7 @@ class Segment:
     def info(self) -> SegmentInfo:
         """What ``shmkit info`` shows: header facts, attachments, kind detail."""
         m = self._live_mapping()
+        self._check_truncated(look=True)
         lock = self.lock
         holder = lock.owner_token
         attached = self.attachments()

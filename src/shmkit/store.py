@@ -390,6 +390,7 @@ class Store(_core.Table, MutableMapping):  # type: ignore[misc]
         Holds the write lock while it runs (readers are not stopped).
         """
         self._live_segment()
+        self._seg._check_truncated(look=True)  # a shrunk file: nothing below is trusted
         return self._verify()
 
     def statistics(self) -> dict:
