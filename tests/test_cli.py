@@ -614,7 +614,9 @@ def test_hostile_headers_never_crash_ls_or_info(names: Any, holder: Any) -> None
     assert "detail_error" in by_name[made["kind_rwlock"]]  # payload too small for one
     for kind in shmkit.Kind:
         got = by_name[made[f"kind_{kind.name.lower()}"]]
-        assert got["state"] == "ok" and got["kind"] == kind.name.lower()
+        assert got["kind"] == kind.name.lower()
+        # ls is honest: a payload format the kind's class would refuse is shown.
+        assert got["state"] == "ok" or got["state"].startswith("format: "), got["state"]
     cli("ls", *made.values())
     cli("top", "--once")
     text = cli("info", *made.values()).stdout

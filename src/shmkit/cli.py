@@ -338,6 +338,9 @@ def _lock_text(lock: dict[str, Any]) -> str:
         return "free" + waiters
     pid = lock.get("holder_pid")
     who = f"pid {pid}" if pid else "an attachment since replaced"
+    if lock.get("holder_stopped"):
+        return f"held by {who}, which is STOPPED (SIGSTOP or a debugger): it blocks " \
+               f"everyone waiting until it continues{waiters}"
     if lock.get("holder_alive"):
         return f"held by {who} (alive){waiters}"
     return f"held by {who}, which is dead: the next acquirer recovers it{waiters}"

@@ -47,6 +47,7 @@ from .segment import (
     Segment,
     _Header,
     list_segments,
+    process_stopped,
     segment_path,
 )
 
@@ -217,6 +218,43 @@ def _read_header(fd: int, st: os.stat_result, out: dict[str, Any]) -> None:
     )
     if out["lifetime"] == "attached" and not out["attached"] and not out["readonly_attached"]:
         out["state"] = "stale"
+        return
+    # What the open path checks next: whose file it is, and the kind's own
+    # payload format (kept in the layout), so "ok" means it can be opened.
+    euid = os.geteuid()
+    if st.st_uid not in (euid, 0):
+        out["state"] = (f"untrusted: owned by uid {st.st_uid}; open it with "
+                        f"trust_owner={st.st_uid}")
+        return
+    why = _payload_format_problem(h.kind, h.layout)
+    if why:
+        out["state"] = why
+
+
+#: Where each kind keeps the payload format version its class reads.
+_PAYLOAD_FORMATS: dict[Kind, tuple[str, str]] = {
+    Kind.CHANNEL: ("shmkit.channel", "FORMAT"),
+    Kind.QUEUE: ("shmkit.channel", "FORMAT"),
+    Kind.STORE: ("shmkit.store", "FORMAT"),
+    Kind.HEAP: ("shmkit.heap", "HEAP_FORMAT"),
+    Kind.STRUCT: ("shmkit.records", "_FORMAT"),
+    Kind.ARRAY: ("shmkit.records", "_FORMAT"),
+}
+
+
+def _payload_format_problem(kind: Kind, layout: dict) -> str | None:
+    """The state to show if the kind's class would refuse the payload format."""
+    where = _PAYLOAD_FORMATS.get(kind)
+    if where is None:
+        return None
+    try:
+        expected = getattr(importlib.import_module(where[0]), where[1])
+    except (ImportError, AttributeError):
+        return None
+    got = layout.get("format")
+    if got != expected:
+        return f"format: {kind.name.lower()} format {got!r}, this shmkit reads {expected}"
+    return None
 
 
 def _attachments(fd: int, hwm: int) -> list[dict[str, Any]]:
@@ -350,9 +388,13 @@ def _lock_state(seg: Segment, off: int) -> dict[str, Any]:
     if not token:
         return {"held": False, "holder_pid": None, "holder_alive": False,
                 "waiters": bool(word & _WAITERS_BIT)}
-    return {"held": True, "holder_pid": _slot_pid(seg, token),
-            "holder_alive": bool(_core.token_alive(seg._mapping, token)),
-            "waiters": bool(word & _WAITERS_BIT)}
+    pid = _slot_pid(seg, token)
+    alive = bool(_core.token_alive(seg._mapping, token))
+    out = {"held": True, "holder_pid": pid, "holder_alive": alive,
+           "waiters": bool(word & _WAITERS_BIT)}
+    if alive and process_stopped(pid):
+        out["holder_stopped"] = True  # present only when it is so: SIGSTOP, a debugger
+    return out
 
 
 def _slot_counts(seg: Segment, base: int, signed: bool = False) -> tuple[list, int]:

@@ -571,8 +571,10 @@ class Segment:
             os.close(fd)
             raise
         self._setup(fd, mapping, head.header_size)
-        # A last "attached" closer may have removed it while we attached: start over.
-        if self._flags & _FLAG_ATTACHED and os.fstat(fd).st_nlink == 0:
+        # A last "attached" closer, or `shmkit gc`, may have removed it between
+        # our open and our slot claim (nobody was attached then): start over.
+        # Once the slot is ours, neither can remove it.
+        if os.fstat(fd).st_nlink == 0:
             self._detach()
             raise FileNotFoundError(self._path)
 
@@ -1089,6 +1091,8 @@ class Segment:
                   "waiters": lock.has_waiters},
             layout=self.layout,
         )
+        if process_stopped(info["lock"]["holder_pid"]):
+            info["lock"]["holder_stopped"] = True  # present only when it is so
         info.update(self._describe())
         return info
 
@@ -1122,6 +1126,23 @@ def _process_name() -> bytes:
             name = b"?"
         _comm = (_pid, name[:16].ljust(16, b"\0"))
     return _comm[1]
+
+
+def process_stopped(pid: int | None) -> bool:
+    """True if ``pid`` is stopped (SIGSTOP, a debugger: state ``T`` or ``t`` in
+    ``/proc/<pid>/stat``): alive, so its locks are not recovered, but making
+    no progress; whoever waits on it waits until it continues or times out."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return False
+    # "pid (comm) S ...": comm may hold spaces and parentheses; the state
+    # follows the last ")".
+    rest = stat_line[stat_line.rfind(b")") + 1:].split()
+    return bool(rest) and rest[0] in (b"T", b"t")
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
