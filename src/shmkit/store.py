@@ -201,8 +201,12 @@ class Store(_core.Table, MutableMapping):  # type: ignore[misc]
         Seconds a write may wait for another writer (``None``: no limit);
         :class:`shmkit.Timeout` after that.
     lifetime, mode, max_size, max_attach:
-        As for :class:`shmkit.Segment`; ``max_size`` (default 64 GiB) bounds
-        growth and costs only address space.
+        As for :class:`shmkit.Segment`; ``max_size`` (default 4 GiB) bounds
+        growth and costs only address space.  ``lifetime`` defaults to
+        ``"attached"`` for ``name=None`` (removed with its last user).
+    trust_owner:
+        Also open a store owned by this user (uid or name); see
+        :class:`shmkit.Segment`.
 
     Besides the ``dict`` methods (``get``, ``pop``, ``setdefault``,
     ``update``, ``clear``, ``keys``, ``values``, ``items``): ``add``,
