@@ -535,13 +535,10 @@ class Segment:
 
     def _open_file(self, kind: Kind, may_create: bool = False) -> None:
         where = repr(self._name)
-        # Never open what is not a regular file: a FIFO would block, a device
-        # could act on open.  lstat first (a missing name is the common case
-        # of create-or-open), then fstat what was opened: the name may change
-        # in between.
-        st = os.lstat(self._path)
-        if not stat.S_ISREG(st.st_mode) and not stat.S_ISLNK(st.st_mode):
-            _check_trust(st, where, self._path, self._trust_uid)
+        # Never read what is not a regular file: O_NONBLOCK makes opening a
+        # FIFO return at once (a socket fails with ENXIO, a directory opened
+        # for writing with EISDIR), and the fstat below refuses them all.
+        # (Only root can make device nodes, and /dev/shm is mounted nodev.)
         flags = ((os.O_RDONLY if self._readonly else os.O_RDWR) | os.O_NOFOLLOW
                  | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
@@ -560,7 +557,7 @@ class Segment:
         try:
             st = os.fstat(fd)
             _check_trust(st, where, self._path, self._trust_uid)  # before reading a byte
-            head = self._wait_ready(fd, may_create)
+            head = self._wait_ready(fd, may_create, st)
             if head.kind != kind:
                 raise WrongKindError(
                     f"{self._name!r} is a {head.kind.name.lower()}, not a "
@@ -578,12 +575,13 @@ class Segment:
             self._detach()
             raise FileNotFoundError(self._path)
 
-    def _wait_ready(self, fd: int, may_recover: bool = False) -> _Header:
+    def _wait_ready(self, fd: int, may_recover: bool = False,
+                    st: os.stat_result | None = None) -> _Header:
         where = repr(self._name)
         deadline = time.monotonic() + _OPEN_WAIT
         pause = 0.0005
         while True:
-            st = os.fstat(fd)
+            st = st or os.fstat(fd)
             raw = os.pread(fd, _HEADER_BYTES, 0)
             if raw[:8] == MAGIC:
                 if len(raw) < _HEADER_BYTES:
@@ -610,6 +608,7 @@ class Segment:
                               "(its creator holds the init lock; see `shmkit info`)")
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
+            st = None
 
     def _half_created(self, fd: int, may_recover: bool) -> None:
         """The file has no magic and no creator at work: its creator died
