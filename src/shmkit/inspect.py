@@ -252,6 +252,8 @@ def _payload_format_problem(kind: Kind, layout: dict) -> str | None:
     except (ImportError, AttributeError):
         return None
     got = layout.get("format")
+    if not isinstance(got, int) or isinstance(got, bool):
+        return f"corrupt: its layout names no {kind.name.lower()} format"
     if got != expected:
         return f"format: {kind.name.lower()} format {got!r}, this shmkit reads {expected}"
     return None

@@ -474,6 +474,7 @@ class Segment:
             raise NotFoundError(f"directory {directory!r} does not exist") from None
         except OSError as e:
             raise _limit_error(e, f"create {self._name!r}") from None
+        mapping = None
         try:
             os.fchmod(fd, mode)
             _core.ofd_lock(fd, _core.INIT_LOCK_BYTE, 1)
@@ -504,6 +505,8 @@ class Segment:
             finally:
                 os.unlink(tmp)
         except BaseException:
+            if mapping is not None:
+                mapping.close()  # a traceback must not keep the file mapped
             os.close(fd)
             try:
                 os.unlink(tmp)
