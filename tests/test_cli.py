@@ -609,18 +609,20 @@ def test_hostile_headers_never_crash_ls_or_info(names: Any, holder: Any) -> None
     by_name = {o["name"]: o for o in cli_json("info", *made.values())}
     assert set(by_name) == set(made.values())
     states = {label: by_name[n]["state"] for label, n in made.items()}
-    for label in ("layout_len", "layout_json", "layout_list", "max_slots", "hdr_size", "size"):
+    for label in ("layout_len", "layout_json", "layout_list", "max_slots", "hdr_size", "size",
+                  "layout_dtype"):  # a struct layout with no format: Struct refuses it
         assert states[label].startswith("corrupt: "), (label, states[label])
-    for label in ("hwm", "table", "mutex_word", "layout_dtype"):
+    for label in ("hwm", "table", "mutex_word"):
         assert states[label] == "ok", (label, states[label])
     assert by_name[made["hwm"]]["attached"] == []
-    assert "detail_error" in by_name[made["layout_dtype"]]  # Struct refused it, segment shown
     assert by_name[made["mutex_word"]]["mutex"] == {
         "held": True, "holder_pid": None, "holder_alive": False, "waiters": False}
     assert "detail_error" in by_name[made["kind_rwlock"]]  # payload too small for one
     for kind in shmkit.Kind:
         got = by_name[made[f"kind_{kind.name.lower()}"]]
-        assert got["state"] == "ok" and got["kind"] == kind.name.lower()
+        assert got["kind"] == kind.name.lower()
+        # ls is honest: a payload format the kind's class would refuse is shown.
+        assert got["state"] == "ok" or got["state"].startswith("format: "), got["state"]
     cli("ls", *made.values())
     cli("top", "--once")
     text = cli("info", *made.values()).stdout

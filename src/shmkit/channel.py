@@ -39,6 +39,7 @@ from .errors import (
     FormatVersionError,
     Full,
     MessageTooLarge,
+    SizeLimitError,
     Timeout,
 )
 from .segment import DEFAULT_MAX_ATTACH, Kind, Segment, SegmentInfo
@@ -93,6 +94,7 @@ _core.ring_set_classes(_Ended, MessageTooLarge, Empty, Full)
 FORMAT = _core.RING_FORMAT
 DEFAULT_CAPACITY = 1 << 20
 QUEUE_CAPACITY = 8 << 20
+_MAX_QUEUE_ITEMS = 1 << 46  # no ring (at most 64 TiB) holds more messages
 _ROLES_OFF = 512
 
 
@@ -182,14 +184,15 @@ class Channel(SharedObject, _core.Ring):
                  create: bool | None = None, path: str | os.PathLike[str] | None = None,
                  lifetime: str | None = DEFAULT, mode: int = 0o600,
                  max_attach: int = DEFAULT, readonly: bool = False,
-                 on_destroy: Callable[[], Any] | None = None) -> None:
+                 on_destroy: Callable[[], Any] | None = None,
+                 trust_owner: int | str | None = None) -> None:
         self._open(name, capacity, create, path, lifetime, mode, max_attach, DEFAULT,
-                   readonly)
+                   readonly, trust_owner)
         self._on_destroy = on_destroy
 
     def _open(self, name: str | None, capacity: Any, create: bool | None, path: Any,
               lifetime: Any, mode: int, max_attach: Any, max_items: Any,
-              readonly: bool = False) -> None:
+              readonly: bool = False, trust_owner: int | str | None = None) -> None:
         default_cap = QUEUE_CAPACITY if self._kind == Kind.QUEUE else DEFAULT_CAPACITY
         cap = _check_capacity(capacity if given(capacity) else default_cap)
         items = max_items if given(max_items) else 0
@@ -206,7 +209,7 @@ class Channel(SharedObject, _core.Ring):
             self._kind, name, path,
             size=_ring_bytes(cap, slots) if create is not False and not readonly else None,
             create=False if readonly else create, mode=mode, readonly=readonly,
-            lifetime=life, max_attach=slots, init=init,
+            lifetime=life, max_attach=slots, init=init, trust_owner=trust_owner,
             layout={"format": FORMAT, "capacity": cap, "max_items": items})
         self._adopt(seg, capacity=cap if given(capacity) else DEFAULT, max_items=max_items,
                     lifetime=lifetime, max_attach=max_attach)
@@ -432,10 +435,13 @@ class Queue(SharedObject):
         if given(maxsize) and (not isinstance(maxsize, int) or isinstance(maxsize, bool)
                                or maxsize < 0):
             raise ValueError(f"maxsize must be a non-negative int, not {maxsize!r}")
+        if given(maxsize) and maxsize > _MAX_QUEUE_ITEMS:
+            raise SizeLimitError(f"maxsize={maxsize} is beyond the {_MAX_QUEUE_ITEMS} items "
+                                 "a queue can count; use 0 for no limit")
         ch = _QueueChannel.__new__(_QueueChannel)
         ch._open(name, capacity, create, kwargs.get("path"), kwargs.get("lifetime", DEFAULT),
                  kwargs.get("mode", 0o600), kwargs.get("max_attach", DEFAULT), maxsize,
-                 kwargs.get("readonly", False))
+                 kwargs.get("readonly", False), kwargs.get("trust_owner"))
         self._take(ch)
         self._on_destroy = on_destroy
 

@@ -26,8 +26,8 @@ class Channel:
     def __init__(self, name: str | None = None, capacity: int = ..., *,
                  create: bool | None = None, path: str | os.PathLike[str] | None = None,
                  lifetime: str | None = ..., mode: int = 0o600, max_attach: int = ...,
-                 readonly: bool = False,
-                 on_destroy: Callable[[], Any] | None = None) -> None: ...
+                 readonly: bool = False, on_destroy: Callable[[], Any] | None = None,
+                 trust_owner: int | str | None = None) -> None: ...
     @classmethod
     def create(cls, name: str | None = None, capacity: int = ..., **kwargs: Any) -> Channel: ...
     @classmethod

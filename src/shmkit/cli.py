@@ -93,6 +93,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
                 "objects and stale temp files:", "shmkit gc"),
                ("Only clean up after the workers of one application:",
                 "shmkit gc 'myapp.*'"),
+               ("Also remove orphans (persistent, nobody attached, creator gone):",
+                "shmkit gc --orphans"),
                ("Report what was removed as JSON:", "shmkit gc --json"),
            )),
     "top": ("live activity of every object: messages per second and depth of channels "
@@ -179,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only objects whose names match these shell patterns")
     p.add_argument("--dry-run", "-n", action="store_true",
                    help="say what would be removed, remove nothing")
+    p.add_argument("--orphans", action="store_true",
+                   help="also remove persistent objects nobody is attached to whose "
+                        "creator is gone (listed, not removed, without this flag)")
     json_flag(p)
     p.set_defaults(func=cmd_gc)
 
@@ -373,6 +378,9 @@ def _lock_text(lock: dict[str, Any]) -> str:
         return "free" + waiters
     pid = lock.get("holder_pid")
     who = f"pid {pid}" if pid else "an attachment since replaced"
+    if lock.get("holder_stopped"):
+        return f"held by {who}, which is STOPPED (SIGSTOP or a debugger): it blocks " \
+               f"everyone waiting until it continues{waiters}"
     if lock.get("holder_alive"):
         return f"held by {who} (alive){waiters}"
     return f"held by {who}, which is dead: the next acquirer recovers it{waiters}"
@@ -625,9 +633,10 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from .inspect import collect_garbage
+    from .inspect import collect_garbage, find_orphans
 
-    results = collect_garbage(dry_run=args.dry_run, patterns=args.patterns)
+    results = collect_garbage(dry_run=args.dry_run, patterns=args.patterns,
+                              orphans=args.orphans)
     errors = [r for r in results if r.get("error")]
     for r in errors:
         _error("gc", f"could not remove {r['name']}: {r['error']}")
@@ -641,6 +650,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
     verb = "would remove" if args.dry_run else "removed"
     for r in done:
         console.print(f"{verb} {r['name']}: {r['reason']}")
+    if not args.orphans:
+        for o in find_orphans(args.patterns):
+            console.print(f"orphan {o['name']}: {o['kind']}, {o['size']} bytes, created "
+                          f"{o['age']:.0f} s ago by pid {o['creator_pid']} (gone), nobody "
+                          "attached; `shmkit gc --orphans` removes it", style="yellow")
     return 1 if errors else 0
 
 

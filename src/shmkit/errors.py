@@ -21,6 +21,9 @@ __all__ = [
     "LayoutMismatchError",
     "CorruptError",
     "OutOfSpaceError",
+    "UntrustedError",
+    "SizeLimitError",
+    "DescriptorLimitError",
     "ReadOnlyError",
     "ClosedError",
     "BusyError",
@@ -87,6 +90,25 @@ class CorruptError(ShmkitError):
 
 class OutOfSpaceError(ShmkitError, MemoryError):
     """The file system behind the segment (usually /dev/shm) is full."""
+
+
+class UntrustedError(ShmkitError, PermissionError):
+    """The file at a shmkit name is not one this process may trust: another
+    user owns it, or it is not a regular file (a FIFO, a directory, a socket).
+
+    Nothing was read from it.  Pass ``trust_owner=`` (a uid or user name) to
+    open a segment another user made on purpose; remove a planted file with
+    ``shmkit rm`` (or rm(1) as its owner or root)."""
+
+
+class SizeLimitError(ShmkitError, ValueError):
+    """A size, shape, capacity or count beyond what shmkit can ever map or
+    address; raised before anything is created."""
+
+
+class DescriptorLimitError(ShmkitError, OSError):
+    """The process (EMFILE) or the system (ENFILE) has no file descriptor left
+    for one more object; close some, or raise ``ulimit -n``."""
 
 
 class ReadOnlyError(ShmkitError, PermissionError):

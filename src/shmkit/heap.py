@@ -245,7 +245,8 @@ class Heap(SharedObject):
                  create: bool | None = None, path: str | os.PathLike[str] | None = None,
                  readonly: bool = False, mode: int = 0o600, lifetime: str = DEFAULT,
                  max_attach: int = DEFAULT,
-                 on_destroy: Callable[[], Any] | None = None) -> None:
+                 on_destroy: Callable[[], Any] | None = None,
+                 trust_owner: int | str | None = None) -> None:
         payload = layout = init = None
         data = None
         if size is not None:
@@ -273,10 +274,14 @@ class Heap(SharedObject):
                 _core.heap_format(seg._mapping, seg._hsize, data, blocks, pins, slots, salt)
         elif create:
             raise ValueError("creating a heap needs size=")
+        if given(lifetime):
+            life: str | None = lifetime
+        else:
+            life = None  # "attached" for name=None, else persistent (the segment decides)
         seg = attach_segment(Kind.HEAP, name, path, size=payload, create=create,
-                             readonly=readonly, mode=mode,
-                             lifetime=lifetime if given(lifetime) else "persistent",
-                             max_size=payload, max_attach=slots, layout=layout, init=init)
+                             readonly=readonly, mode=mode, lifetime=life,
+                             max_size=payload, max_attach=slots, layout=layout, init=init,
+                             trust_owner=trust_owner)
         self._on_destroy = on_destroy
         self._adopt(seg, size=data, max_blocks=max_blocks,
                     max_pins=max_pins, lifetime=lifetime, max_attach=max_attach)
@@ -579,6 +584,7 @@ class Heap(SharedObject):
         Returns a summary (blocks, free_blocks, used, free, handles_used,
         free_handles, pinned).
         """
+        self._seg._check_truncated(look=True)  # a shrunk file: nothing below is trusted
         return self._core_rw().verify(timeout)
 
     @property

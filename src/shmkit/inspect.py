@@ -53,6 +53,7 @@ from .segment import (
     Segment,
     _Header,
     list_segments,
+    process_stopped,
     segment_path,
 )
 
@@ -69,6 +70,7 @@ __all__ = [
     "select",
     "remove",
     "collect_garbage",
+    "find_orphans",
 ]
 
 #: The class that opens each kind, as ``"module:Class"`` (imported on demand,
@@ -97,6 +99,14 @@ _WAITERS_BIT = 0x80000000
 _TMP_SUFFIX = ".tmp"
 _TMP_PREFIX = "." + PREFIX
 _TMP_GRACE = 60.0  # seconds: a temp file this old is no creator's work in progress
+# Every byte an attachment can lock: the read-only byte and all possible slots.
+_ATTACH_SPAN = (_READER_BYTE, _SLOT_BASE + _core.MAX_SLOTS - _READER_BYTE)
+
+
+def _anyone_attached(fd: int) -> bool:
+    """Whether any other open file holds an attach lock (kernel-backed, whatever the
+    header says)."""
+    return _core.ofd_held(fd, *_ATTACH_SPAN)
 
 
 # -- finding things -------------------------------------------------------
@@ -184,7 +194,13 @@ def _read_header(fd: int, st: os.stat_result, out: dict[str, Any]) -> None:
             return
         raw = os.pread(fd, _HEADER_BYTES, 0)  # it may have finished meanwhile
         if raw[:8] != MAGIC:
-            out["state"] = "half-created"
+            if len(raw) < _HEADER_BYTES:  # creators link only whole files
+                out["state"] = (f"corrupt: the file is {len(raw)} bytes, shorter than a "
+                                "header")
+            elif _anyone_attached(fd):
+                out["state"] = "corrupt: no magic, yet processes are attached"
+            else:
+                out["state"] = "half-created"
             return
     if raw[:8] != MAGIC:
         out["state"] = "corrupt: not a shmkit segment (bad magic)"
@@ -212,6 +228,45 @@ def _read_header(fd: int, st: os.stat_result, out: dict[str, Any]) -> None:
     )
     if out["lifetime"] == "attached" and not out["attached"] and not out["readonly_attached"]:
         out["state"] = "stale"
+        return
+    # What the open path checks next: whose file it is, and the kind's own
+    # payload format (kept in the layout), so "ok" means it can be opened.
+    euid = os.geteuid()
+    if st.st_uid not in (euid, 0):
+        out["state"] = (f"untrusted: owned by uid {st.st_uid}; open it with "
+                        f"trust_owner={st.st_uid}")
+        return
+    why = _payload_format_problem(h.kind, h.layout)
+    if why:
+        out["state"] = why
+
+
+#: Where each kind keeps the payload format version its class reads.
+_PAYLOAD_FORMATS: dict[Kind, tuple[str, str]] = {
+    Kind.CHANNEL: ("shmkit.channel", "FORMAT"),
+    Kind.QUEUE: ("shmkit.channel", "FORMAT"),
+    Kind.STORE: ("shmkit.store", "FORMAT"),
+    Kind.HEAP: ("shmkit.heap", "HEAP_FORMAT"),
+    Kind.STRUCT: ("shmkit.records", "_FORMAT"),
+    Kind.ARRAY: ("shmkit.records", "_FORMAT"),
+}
+
+
+def _payload_format_problem(kind: Kind, layout: dict) -> str | None:
+    """The state to show if the kind's class would refuse the payload format."""
+    where = _PAYLOAD_FORMATS.get(kind)
+    if where is None:
+        return None
+    try:
+        expected = getattr(importlib.import_module(where[0]), where[1])
+    except (ImportError, AttributeError):
+        return None
+    got = layout.get("format")
+    if not isinstance(got, int) or isinstance(got, bool):
+        return f"corrupt: its layout names no {kind.name.lower()} format"
+    if got != expected:
+        return f"format: {kind.name.lower()} format {got!r}, this shmkit reads {expected}"
+    return None
 
 
 def _attachments(fd: int, hwm: int) -> list[dict[str, Any]]:
@@ -345,9 +400,13 @@ def _lock_state(seg: Segment, off: int) -> dict[str, Any]:
     if not token:
         return {"held": False, "holder_pid": None, "holder_alive": False,
                 "waiters": bool(word & _WAITERS_BIT)}
-    return {"held": True, "holder_pid": _slot_pid(seg, token),
-            "holder_alive": bool(_core.token_alive(seg._mapping, token)),
-            "waiters": bool(word & _WAITERS_BIT)}
+    pid = _slot_pid(seg, token)
+    alive = bool(_core.token_alive(seg._mapping, token))
+    out = {"held": True, "holder_pid": pid, "holder_alive": alive,
+           "waiters": bool(word & _WAITERS_BIT)}
+    if alive and process_stopped(pid):
+        out["holder_stopped"] = True  # present only when it is so: SIGSTOP, a debugger
+    return out
 
 
 def _slot_counts(seg: Segment, base: int, signed: bool = False) -> tuple[list, int]:
@@ -931,13 +990,15 @@ def _reap_stale(path: str, dry_run: bool) -> bool:
     fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
         raw = os.pread(fd, _HEADER_BYTES, 0)
         if raw[:8] != MAGIC or len(raw) < _HEADER_BYTES:
             return False
         h = _Header(raw, repr(path), st.st_size)
         if not h.flags & _FLAG_ATTACHED:
             return False  # persistent: never ours to remove
-        if not _core.ofd_lock(fd, _READER_BYTE, _SLOT_BASE + h.max_slots - _READER_BYTE):
+        if not _core.ofd_lock(fd, *_ATTACH_SPAN):
             return False  # someone is attached (or attaching) now
         if not _same_file(path, fd):
             return False
@@ -956,7 +1017,13 @@ def _reap_half_created(path: str, dry_run: bool) -> bool:
     """
     fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
         if not _core.ofd_lock(fd, _INIT_BYTE, 1):
+            return False
+        # Whatever the header says, never remove what a live process holds;
+        # holding every attach byte also keeps anyone from attaching meanwhile.
+        if not _core.ofd_lock(fd, *_ATTACH_SPAN):
             return False
         if os.pread(fd, 8, 0) == MAGIC or not _same_file(path, fd):
             return False
@@ -1022,20 +1089,68 @@ def _yours(uid: int | None) -> bool:
     return euid == 0 or uid == euid
 
 
-def collect_garbage(dry_run: bool = False,
-                    patterns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def _reap_orphan(path: str, dry_run: bool) -> bool:
+    """Remove a published persistent object nobody is attached to.
+
+    The exclusive lock over every attach byte proves nobody is attached and
+    keeps anyone from attaching while we unlink.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.pread(fd, 8, 0) != MAGIC:
+            return False
+        if not _core.ofd_lock(fd, *_ATTACH_SPAN) or not _same_file(path, fd):
+            return False
+        if not dry_run:
+            os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
+
+
+def find_orphans(patterns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Persistent objects that no live process is attached to and whose creator
+    is dead: perhaps forgotten, perhaps kept on purpose (a persistent object
+    is meant to outlive its creator), so only ``collect_garbage(orphans=True)``
+    (``shmkit gc --orphans``) removes them.
+
+    Returns ``[{"name", "path", "kind", "size", "file_bytes", "age",
+    "creator_pid"}]`` (``age`` in seconds since creation) for your own
+    objects (root: everyone's).
+    """
+    out = []
+    now = time.time()
+    for obj in list_objects(patterns):
+        if (obj["state"] != "ok" or obj["lifetime"] != "persistent" or obj["attached"]
+                or obj["readonly_attached"] or not _yours(obj["uid"])
+                or not _pid_gone(obj["creator_pid"])):
+            continue
+        out.append({"name": obj["name"], "path": obj["path"], "kind": obj["kind"],
+                    "size": obj["size"], "file_bytes": obj["file_bytes"],
+                    "age": max(0.0, now - (obj["created"] or now)),
+                    "creator_pid": obj["creator_pid"]})
+    return out
+
+
+def collect_garbage(dry_run: bool = False, patterns: Sequence[str] | None = None,
+                    orphans: bool = False) -> list[dict[str, Any]]:
     """Remove what crashed processes left behind in /dev/shm.
 
     - segments with ``lifetime="attached"`` whose attached processes are all
       gone (the last one died instead of closing);
     - half-created segments (their creator died before finishing);
-    - hidden creation temp files (``.shmkit.*.tmp``) of dead creators.
+    - hidden creation temp files (``.shmkit.*.tmp``) of dead creators;
+    - with ``orphans=True`` only, the persistent objects :func:`find_orphans`
+      lists (nobody attached, creator dead).
 
     ``patterns`` (shell wildcards) limits it to the objects (and the temp
     files of the objects) whose names match.  Only your own objects are
     considered (root: everyone's).  Never removes a persistent segment, a
     corrupt one (``shmkit rm`` it if you know it is garbage) or anything a
-    live process holds.  Returns one ``{"name", "path", "reason",
+    live process holds: before any removal, gc takes an exclusive lock over
+    every attach byte of the file, which fails while any process is attached
+    (the kernel's own record, whatever the header says) and keeps anyone from
+    attaching until the name is gone.  Returns one ``{"name", "path", "reason",
     "removed"}`` per object removed (or, with ``dry_run=True``, that would
     be; ``removed`` is then False); one that could not be removed has
     ``"error"`` set.
@@ -1066,6 +1181,11 @@ def collect_garbage(dry_run: bool = False,
         elif obj["state"] == "half-created":
             attempt(obj["name"], obj["path"], "half-created: its creator died",
                     _reap_half_created)
+    if orphans:
+        for obj in find_orphans(patterns):
+            attempt(obj["name"], obj["path"],
+                    f"orphan: persistent, nobody attached, its creator (pid "
+                    f"{obj['creator_pid']}) is gone", _reap_orphan)
     for name, path, pid in _temp_files():
         try:
             uid = os.lstat(path).st_uid

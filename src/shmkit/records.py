@@ -20,6 +20,7 @@ field is one fixed-length bytes value (numpy ``S{N}``), as in ctypes.
 from __future__ import annotations
 
 import ctypes
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -334,7 +335,7 @@ class Array(_Typed):
             if any(d < 0 for d in shp):
                 raise ValueError(f"shape {shp} has a negative dimension")
             layout = {"format": _FORMAT, "dtype": _dtype_layout(dt), "shape": list(shp)}
-            size = dt.itemsize * int(np.prod(shp, dtype=np.int64))
+            size = dt.itemsize * math.prod(shp)  # exact: numpy's int64 product wraps
         elif create:
             raise TypeError("Array.create needs a dtype and a shape")
         run = (lambda seg: init(_array_view(seg, dt, shp))) if init is not None else None

@@ -40,11 +40,14 @@ Liveness is kernel-backed: an attachment holds an OFD lock on byte
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import os
+import pwd
 import re
 import secrets
+import stat
 import struct
 import time
 import weakref
@@ -56,6 +59,7 @@ from .errors import (
     BusyError,
     ClosedError,
     CorruptError,
+    DescriptorLimitError,
     ExistsError,
     FormatVersionError,
     InvalidNameError,
@@ -64,7 +68,9 @@ from .errors import (
     OutOfSpaceError,
     OwnerDiedWarning,
     ReadOnlyError,
+    SizeLimitError,
     Timeout,
+    UntrustedError,
     WrongKindError,
 )
 
@@ -92,7 +98,10 @@ _READER_BYTE = 1  # shared lock held by readonly attachments
 _FLAG_ATTACHED = 1
 
 DEFAULT_MAX_ATTACH = 256
-DEFAULT_RESERVE = 64 << 30  # address space only; nothing is allocated
+# Address space reserved by the kinds that grow (raw segments, stores) when no
+# max_size= is given; nothing is allocated.  Fixed-size kinds reserve exactly
+# their size, so tens of thousands of them fit in one process's 128 TiB.
+DEFAULT_RESERVE = 4 << 30
 _MAX_RESERVE = 1 << 46  # the largest max_size a header may claim (64 TiB)
 _OPEN_WAIT = 10.0  # seconds to wait for a creator to finish initialising
 
@@ -159,6 +168,82 @@ _pid = os.getpid()  # getpid() is a system call; the at-fork hook refreshes this
 _KINDS = {int(k): k for k in Kind}  # faster than Kind(n) on every open
 
 
+_GROWABLE = frozenset({Kind.RAW, Kind.STORE})  # kinds that resize(); see DEFAULT_RESERVE
+_FILE_TYPES = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO (named pipe)"),
+               (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+               (stat.S_ISBLK, "block device"), (stat.S_ISLNK, "symbolic link"))
+
+
+def _file_type(mode: int) -> str:
+    for test, what in _FILE_TYPES:
+        if test(mode):
+            return what
+    return "special file"
+
+
+def _owner_uid(owner: int | str) -> int:
+    """The uid named by ``trust_owner=`` (a uid or a user name)."""
+    if isinstance(owner, bool) or not isinstance(owner, (int, str)):
+        raise TypeError(f"trust_owner must be a uid (int) or a user name (str), not {owner!r}")
+    if isinstance(owner, int):
+        if not 0 <= owner < 1 << 32:
+            raise ValueError(f"trust_owner={owner} is not a uid")
+        return owner
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        raise ValueError(f"trust_owner={owner!r}: no such user on this system") from None
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _check_trust(st: os.stat_result, where: str, path: str, trust_uid: int | None) -> None:
+    """Refuse a file this process must not read: not a regular file, or owned
+    by someone other than this user, root or the owner the caller trusts."""
+    if not stat.S_ISREG(st.st_mode):
+        raise UntrustedError(
+            f"{where} ({path}) is a {_file_type(st.st_mode)}, not a regular file; "
+            "refusing to open it (someone may have put it there to hang or crash the "
+            "users of this name). Remove it, or use another name")
+    uid = st.st_uid
+    if uid != os.geteuid() and uid != 0 and uid != trust_uid:
+        raise UntrustedError(
+            f"{where} ({path}) belongs to {_user(uid)}, not to you ({_user(os.geteuid())}); "
+            "refusing to read it: another user may have created the name first to feed "
+            f"you forged data. Remove it, or pass trust_owner={uid} if you share it with "
+            "that user on purpose")
+
+
+def _limit_error(e: OSError, what: str) -> Exception:
+    """A specific error for resources running out, else ``e`` itself."""
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        return DescriptorLimitError(
+            e.errno, f"no file descriptor left to {what} ({e.strerror}); close objects "
+            "you no longer use, or raise the limit (ulimit -n)")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutOfSpaceError(
+            f"no room in {SHM_DIR} (or the path's file system) to {what} ({e.strerror}: "
+            "out of space or inodes); free some (shmkit ls / shmkit gc)")
+    return e
+
+
+def _map(fd: int, reserve: int, length: int, where: str, readonly: bool = False) -> Any:
+    try:
+        return _core.Mapping(fd, reserve, length, readonly=readonly)
+    except OSError as e:
+        if e.errno == errno.ENOMEM:
+            raise OutOfSpaceError(
+                f"no address space left to map {where} ({reserve} bytes reserved): too "
+                "many objects are open in this process, or max_size= is too large; close "
+                "some, or give growable objects a smaller max_size=") from None
+        raise
+
+
 class _Header:
     """The fixed header fields, decoded and checked (everything is untrusted)."""
 
@@ -183,9 +268,12 @@ class _Header:
             raise CorruptError(f"{where} has an inconsistent header size {self.header_size}")
         if not (self.size <= self.max_size <= _MAX_RESERVE):
             raise CorruptError(f"{where} has size {self.size} beyond its maximum {self.max_size}")
-        if file_size < self.header_size + self.size:
-            raise CorruptError(f"{where} claims {self.size} bytes but its file holds "
-                               f"{file_size - self.header_size}")
+        if file_size < self.header_size:
+            raise CorruptError(f"{where}'s file holds only {file_size} bytes, less than "
+                               f"its {self.header_size}-byte header")
+        if file_size - self.header_size < self.size:
+            raise CorruptError(f"{where} claims {self.size} bytes of payload but its file "
+                               f"holds only {file_size - self.header_size} after the header")
         if layout_len > _LAYOUT_MAX:
             raise CorruptError(f"{where} has a layout description of {layout_len} bytes")
         text = raw[_LAYOUT_OFF:_LAYOUT_OFF + layout_len]
@@ -229,18 +317,25 @@ class Segment:
     mode:
         File permissions when creating (default 0o600: this user only).
     lifetime:
-        ``"persistent"`` (default: until ``unlink()``) or ``"attached"``:
-        removed when the last attached process closes it.  Segments whose
-        attached processes all died are removed by ``shmkit gc``.
+        ``"persistent"`` (until ``unlink()``; the default for named segments)
+        or ``"attached"`` (the default for ``name=None``): removed when the
+        last attached process closes it.  Segments whose attached processes
+        all died are removed by ``shmkit gc``.
     max_size:
-        Largest size ``resize`` may reach (address space only; default 64 GiB).
+        Largest size ``resize`` may reach (address space only; default 4 GiB).
     max_attach:
         Attach-table slots: how many handles may be open at once (default 256).
+    trust_owner:
+        Also accept a file owned by this user (a uid or a user name).  By
+        default only files owned by you (or root) are opened; anything else,
+        and anything that is not a regular file, raises
+        :class:`UntrustedError` before a byte of it is read.
 
     Raises
     ------
     InvalidNameError, NotFoundError, ExistsError, WrongKindError,
-    FormatVersionError, CorruptError, OutOfSpaceError, BusyError, MismatchError
+    FormatVersionError, CorruptError, OutOfSpaceError, BusyError, MismatchError,
+    UntrustedError, SizeLimitError, DescriptorLimitError
 
     Example
     -------
@@ -260,13 +355,17 @@ class Segment:
     _readonly = False
     _created = False
     _flags = 0
+    _trust_uid: int | None = None
+    _removed = False  # this handle's close() removed the name (lifetime "attached")
 
     def __init__(self, name: str | None = None, size: int | None = None, *,
                  path: str | os.PathLike[str] | None = None, readonly: bool = False,
-                 mode: int = 0o600, lifetime: str = "persistent",
-                 max_size: int | None = None, max_attach: int = DEFAULT_MAX_ATTACH) -> None:
+                 mode: int = 0o600, lifetime: str | None = None,
+                 max_size: int | None = None, max_attach: int = DEFAULT_MAX_ATTACH,
+                 trust_owner: int | str | None = None) -> None:
         self._attach(name, path, size=size, create=None, readonly=readonly, mode=mode,
-                     lifetime=lifetime, max_size=max_size, max_attach=max_attach)
+                     lifetime=lifetime, max_size=max_size, max_attach=max_attach,
+                     trust_owner=trust_owner)
         if size is not None and not self._created:
             self._refuse_smaller(size)
 
@@ -332,13 +431,15 @@ class Segment:
         finally:
             os.close(fd)
         try:
-            head = self._wait_ready(own)
+            st = os.fstat(own)
+            _check_trust(st, repr(name), path, None)  # before reading a byte
+            head = self._wait_ready(own, False, st)
             if head.kind != self._kind:
                 raise WrongKindError(
                     f"{name!r} is a {head.kind.name.lower()}, not a "
                     f"{self._kind.name.lower()}; open it as {head.kind.name.title()}")
-            mapping = _core.Mapping(own, head.header_size + head.max_size,
-                                    head.header_size + head.size, readonly=self._readonly)
+            mapping = _map(own, head.header_size + head.max_size,
+                           head.header_size + head.size, repr(name), readonly=self._readonly)
         except BaseException:
             os.close(own)
             raise
@@ -347,13 +448,16 @@ class Segment:
 
     def _attach(self, name: str | None, path: Any, *, size: int | None,
                 create: bool | None, readonly: bool = False, mode: int = 0o600,
-                lifetime: str = "persistent", max_size: int | None = None,
+                lifetime: str | None = None, max_size: int | None = None,
                 max_attach: int = DEFAULT_MAX_ATTACH, layout: dict | None = None,
                 init: Callable[["Segment"], None] | None = None,
-                kind: Kind | None = None) -> None:
+                kind: Kind | None = None, trust_owner: int | str | None = None) -> None:
         kind = self._kind = kind or self._kind
         if name is None and path is None and create is False:
             raise InvalidNameError("open() needs a name or a path")
+        if lifetime is None:  # anonymous objects never outlive their users
+            lifetime = "attached" if name is None and path is None else "persistent"
+        self._trust_uid = None if trust_owner is None else _owner_uid(trust_owner)
         self._name, self._path = _resolve(name, path)
         self._readonly = bool(readonly)
         self._created = False
@@ -364,14 +468,17 @@ class Segment:
             if size is None:
                 if create:
                     raise ValueError("create() needs size=")
-            elif (not isinstance(size, int) or isinstance(size, bool)
-                  or not 0 <= size <= _MAX_RESERVE):
-                raise ValueError(f"size must be an int from 0 to {_MAX_RESERVE}, not {size!r}")
+            elif not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise ValueError(f"size must be a non-negative int, not {size!r}")
+            elif size > _MAX_RESERVE:
+                raise SizeLimitError(f"size={size} is beyond the {_MAX_RESERVE} bytes "
+                                     "(64 TiB) a segment can map; ask for less")
             if max_size is not None and (not isinstance(max_size, int)
-                                         or isinstance(max_size, bool)
-                                         or not 0 <= max_size <= _MAX_RESERVE):
-                raise ValueError(f"max_size must be an int from 0 to {_MAX_RESERVE} "
-                                 f"(64 TiB of address space), not {max_size!r}")
+                                         or isinstance(max_size, bool) or max_size < 0):
+                raise ValueError(f"max_size must be a non-negative int, not {max_size!r}")
+            if max_size is not None and max_size > _MAX_RESERVE:
+                raise SizeLimitError(f"max_size={max_size} is beyond the {_MAX_RESERVE} "
+                                     "bytes (64 TiB) of address space a segment can reserve")
             if not 1 <= max_attach <= _core.MAX_SLOTS:
                 raise ValueError(f"max_attach must be 1..{_core.MAX_SLOTS}, not {max_attach}")
             if readonly and create:
@@ -382,8 +489,10 @@ class Segment:
             # before it can find out that the name is taken.
             if create is not True:
                 try:
-                    self._open_file(kind)
+                    self._open_file(kind, may_create)
                     return
+                except NotFoundError:
+                    raise
                 except FileNotFoundError:
                     if not may_create:
                         raise NotFoundError(
@@ -402,7 +511,9 @@ class Segment:
     def _create_file(self, kind: Kind, size: int, mode: int, lifetime: str,
                      max_size: int | None, max_attach: int, layout: dict,
                      init: Callable[["Segment"], None] | None) -> None:
-        max_size = max(size, DEFAULT_RESERVE if max_size is None else max_size)
+        if max_size is None:
+            max_size = DEFAULT_RESERVE if kind in _GROWABLE else size
+        max_size = max(size, max_size)
         layout_bytes = json.dumps(layout, separators=(",", ":")).encode()
         if len(layout_bytes) > _LAYOUT_MAX:
             raise ValueError(f"layout description too long ({len(layout_bytes)} bytes)")
@@ -418,6 +529,9 @@ class Segment:
                          | os.O_CLOEXEC, mode)
         except FileNotFoundError:
             raise NotFoundError(f"directory {directory!r} does not exist") from None
+        except OSError as e:
+            raise _limit_error(e, f"create {self._name!r}") from None
+        mapping = None
         try:
             os.fchmod(fd, mode)
             _core.ofd_lock(fd, _core.INIT_LOCK_BYTE, 1)
@@ -430,7 +544,7 @@ class Segment:
                         f"({e.strerror}); free some (shmkit ls / shmkit gc) or ask "
                         "for less") from None
                 raise
-            mapping = _core.Mapping(fd, hsize + max_size, hsize + size)
+            mapping = _map(fd, hsize + max_size, hsize + size, repr(self._name))
             flags = _FLAG_ATTACHED if lifetime == "attached" else 0
             head = _HEADER.pack(b"\0" * 8, FORMAT_VERSION, int(kind), flags, max_attach,
                                 hsize, size, max_size, time.time_ns(), os.getpid(), 0, 0,
@@ -441,9 +555,15 @@ class Segment:
             view.release()
             try:
                 os.link(tmp, self._path, follow_symlinks=False)
+            except FileExistsError:
+                raise
+            except OSError as e:
+                raise _limit_error(e, f"create {self._name!r}") from None
             finally:
                 os.unlink(tmp)
         except BaseException:
+            if mapping is not None:
+                mapping.close()  # a traceback must not keep the file mapped
             os.close(fd)
             try:
                 os.unlink(tmp)
@@ -473,58 +593,122 @@ class Segment:
             pass
         self._detach()
 
-    def _open_file(self, kind: Kind) -> None:
-        flags = (os.O_RDONLY if self._readonly else os.O_RDWR) | os.O_NOFOLLOW | os.O_CLOEXEC
+    def _open_file(self, kind: Kind, may_create: bool = False) -> None:
+        where = repr(self._name)
+        # Never read what is not a regular file: O_NONBLOCK makes opening a
+        # FIFO return at once (a socket fails with ENXIO, a directory opened
+        # for writing with EISDIR), and the fstat below refuses them all.
+        # (Only root can make device nodes, and /dev/shm is mounted nodev.)
+        flags = ((os.O_RDONLY if self._readonly else os.O_RDWR) | os.O_NOFOLLOW
+                 | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             fd = os.open(self._path, flags)
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise InvalidNameError(f"{self._path} is a symbolic link; refusing to "
                                        "follow it") from None
+            if e.errno in (errno.EISDIR, errno.ENXIO, errno.ENODEV):
+                raise UntrustedError(f"{where} ({self._path}) is not a regular file "
+                                     f"({e.strerror}); refusing to open it") from None
             if e.errno == errno.EACCES:
                 raise PermissionError(e.errno, f"no permission to open segment "
                                       f"{self._name!r}: {e.strerror}", self._path) from None
-            raise
+            raise _limit_error(e, f"open {where}") from None
         try:
-            head = self._wait_ready(fd)
+            st = os.fstat(fd)
+            _check_trust(st, where, self._path, self._trust_uid)  # before reading a byte
+            head = self._wait_ready(fd, may_create, st)
             if head.kind != kind:
                 raise WrongKindError(
                     f"{self._name!r} is a {head.kind.name.lower()}, not a "
                     f"{kind.name.lower()}; open it as {head.kind.name.title()}")
-            mapping = _core.Mapping(fd, head.header_size + head.max_size,
-                                    head.header_size + head.size, readonly=self._readonly)
+            mapping = _map(fd, head.header_size + head.max_size, head.header_size + head.size,
+                           where, readonly=self._readonly)
         except BaseException:
             os.close(fd)
             raise
         self._setup(fd, mapping, head.header_size)
-        # A last "attached" closer may have removed it while we attached: start over.
-        if self._flags & _FLAG_ATTACHED and os.fstat(fd).st_nlink == 0:
+        # A last "attached" closer, or `shmkit gc`, may have removed it between
+        # our open and our slot claim (nobody was attached then): start over.
+        # Once the slot is ours, neither can remove it.
+        if os.fstat(fd).st_nlink == 0:
             self._detach()
             raise FileNotFoundError(self._path)
 
-    def _wait_ready(self, fd: int) -> _Header:
+    def _wait_ready(self, fd: int, may_recover: bool = False,
+                    st: os.stat_result | None = None) -> _Header:
+        where = repr(self._name)
         deadline = time.monotonic() + _OPEN_WAIT
         pause = 0.0005
         while True:
-            st = os.fstat(fd)
-            raw = os.pread(fd, _HEADER_BYTES, 0) if st.st_size >= _HEADER_BYTES else b""
+            st = st or os.fstat(fd)
+            raw = os.pread(fd, _HEADER_BYTES, 0)
             if raw[:8] == MAGIC:
-                return _Header(raw, repr(self._name), st.st_size)
-            if raw and raw[:8] != b"\0" * 8:
-                _Header(raw, repr(self._name), st.st_size)  # raises a precise error
-            if not _core.ofd_held(fd, _core.INIT_LOCK_BYTE, 1):
-                raw = os.pread(fd, 8, 0)
-                if raw == MAGIC:
-                    continue
+                if len(raw) < _HEADER_BYTES:
+                    raise CorruptError(
+                        f"{where}'s file holds only {len(raw)} bytes, less than its "
+                        f"{_HEADER_BYTES}-byte header; remove it with `shmkit rm` and "
+                        "create it again")
+                return _Header(raw, where, st.st_size)
+            if raw[:8].strip(b"\0"):
+                raise CorruptError(f"{where} is not a shmkit segment (bad magic "
+                                   f"{raw[:8]!r}); remove it with `shmkit rm` if it is yours")
+            if len(raw) < _HEADER_BYTES:  # creators link only whole files: not a creation
+                raise CorruptError(
+                    f"{where}'s file holds only {len(raw)} bytes, less than a "
+                    f"{_HEADER_BYTES}-byte header: it is not a shmkit segment; remove it "
+                    "with `shmkit rm` if it is yours")
+            if not _core.ofd_held(fd, _core.INIT_LOCK_BYTE, 1) \
+                    and os.pread(fd, 8, 0) != MAGIC:
                 if os.fstat(fd).st_nlink == 0:  # its creator's init failed: start over
                     raise FileNotFoundError(self._path)
-                raise CorruptError(
-                    f"{self._name!r} was left half-created by a process that died while "
-                    f"creating it; remove it with `shmkit rm {self._name}` and create it again")
+                self._half_created(fd, may_recover)  # raises, or recovers and waits
             if time.monotonic() > deadline:
-                raise Timeout(f"{self._name!r} is still being created after {_OPEN_WAIT} s")
+                raise Timeout(f"{where} is still being created after {_OPEN_WAIT} s "
+                              "(its creator holds the init lock; see `shmkit info`)")
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
+            st = None
+
+    def _half_created(self, fd: int, may_recover: bool) -> None:
+        """The file has no magic and no creator at work: its creator died
+        before publishing it (or the magic was overwritten).
+
+        Never removes what a live process is attached to.  Otherwise, for a
+        create-or-open, takes the init lock (so exactly one process
+        recovers), removes the name if it still names this file, and raises
+        FileNotFoundError so that the caller creates it afresh; an ``open()``
+        raises NotFoundError.  Returns (to wait) if another process got the
+        init lock first.
+        """
+        where = repr(self._name)
+        span = _SLOT_LOCK_BASE + _core.MAX_SLOTS - _READER_BYTE
+        if _core.ofd_held(fd, _READER_BYTE, span):
+            raise CorruptError(
+                f"{where} has no valid magic bytes, yet processes are attached to it: "
+                "someone overwrote its header; its data can no longer be trusted. Copy "
+                "out what you need, then remove it with `shmkit rm` and create it again")
+        if not may_recover:
+            raise NotFoundError(
+                f"{where} was left half-created by a process that died while creating "
+                "it; create-or-open it (with a size) to recreate it, or remove it with "
+                "`shmkit gc`")
+        if not _core.ofd_lock(fd, _core.INIT_LOCK_BYTE, 1):
+            return  # someone else is recovering or creating: wait for them
+        # Hold every attach byte too: nobody can attach while we decide.
+        if not _core.ofd_lock(fd, _READER_BYTE, span) or os.pread(fd, 8, 0) == MAGIC:
+            # Someone attached, or it was published meanwhile: look again.
+            _core.ofd_unlock(fd, _READER_BYTE, span)
+            _core.ofd_unlock(fd, _core.INIT_LOCK_BYTE, 1)
+            return
+        try:
+            here = os.stat(self._path, follow_symlinks=False)
+            mine = os.fstat(fd)
+            if (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
+                os.unlink(self._path)
+        except FileNotFoundError:
+            pass
+        raise FileNotFoundError(self._path)
 
     def _setup(self, fd: int, mapping: Any, header_size: int) -> None:
         self._fd = fd
@@ -626,7 +810,8 @@ class Segment:
             # A read-only file cannot take that lock: open the name for
             # writing just for the check (if we may; else `shmkit gc` will).
             try:
-                fd = os.open(self._path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = os.open(self._path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+                             | os.O_NONBLOCK)
             except OSError:
                 return False
         try:
@@ -636,6 +821,7 @@ class Segment:
                     mine = os.fstat(self._fd)
                     if (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
                         os.unlink(self._path)
+                        self._removed = True
                         return True
                 except FileNotFoundError:
                     pass
@@ -659,8 +845,12 @@ class Segment:
     def unlink(self) -> None:
         """Remove the name now; attached processes keep their mapping.
 
-        Raises :class:`NotFoundError` if it was already removed.
+        Raises :class:`NotFoundError` if it was already removed, except by
+        this handle's own ``close()`` (the ``"attached"`` lifetime, the
+        default of anonymous segments): then there is nothing left to do.
         """
+        if self._removed:
+            return
         try:
             os.unlink(self._path)
         except FileNotFoundError:
@@ -679,7 +869,8 @@ class Segment:
             pass
 
     def __reduce__(self) -> tuple:
-        return (_reopen, (type(self), self._name, self._path, self._readonly, self._kind))
+        return (_reopen, (type(self), self._name, self._path, self._readonly, self._kind,
+                          getattr(self, "_trust_uid", None)))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"size={self.size}"
@@ -765,9 +956,23 @@ class Segment:
             raise ClosedError(f"segment {self._name!r} is closed in this process")
         return self._mapping
 
+    def _check_truncated(self, look: bool = False) -> None:
+        """Raise CorruptError if another process truncated the file: a page of
+        ours faulted past its end (see _core/sigbus.c), or, with ``look``,
+        the file is now shorter than the header and payload."""
+        m = self._live_mapping()
+        if m.truncated or (look and os.fstat(self._fd).st_size
+                           < self._hsize + _core.load64(m, _OFF_SIZE)):
+            raise CorruptError(
+                f"{self._name!r}'s file was truncated to {os.fstat(self._fd).st_size} bytes "
+                "by another process; its data can no longer be trusted; copy out what you "
+                "need and recreate it")
+
     def _sync_size(self) -> int:
         m = self._live_mapping()
         size = _core.load64(m, _OFF_SIZE)
+        if m.truncated:  # after the load: the load itself may be what faulted
+            self._check_truncated()
         end = self._hsize + size
         if end > m.length:
             if size > self._max_size or end > os.fstat(self._fd).st_size:
@@ -956,6 +1161,7 @@ class Segment:
     def info(self) -> SegmentInfo:
         """What ``shmkit info`` shows: header facts, attachments, kind detail."""
         m = self._live_mapping()
+        self._check_truncated(look=True)
         lock = self.lock
         holder = lock.owner_token
         attached = self.attachments()
@@ -973,6 +1179,8 @@ class Segment:
                   "waiters": lock.has_waiters},
             layout=self.layout,
         )
+        if process_stopped(info["lock"]["holder_pid"]):
+            info["lock"]["holder_stopped"] = True  # present only when it is so
         info.update(self._describe())
         return info
 
@@ -982,11 +1190,13 @@ class Segment:
 
 
 def _reopen(cls: type, name: str, path: str, readonly: bool,
-            kind: Kind = Kind.RAW) -> Segment:
+            kind: Kind = Kind.RAW, trust_owner: int | None = None) -> Segment:
     # The kind travels too: a Segment carrying a Mutex or a Channel is a plain
-    # Segment instance whose class default kind is RAW.
+    # Segment instance whose class default kind is RAW.  So does the owner the
+    # sender chose to trust.
     seg = cls.__new__(cls)
-    seg._attach(name, path, size=None, create=False, readonly=readonly, kind=Kind(kind))
+    seg._attach(name, path, size=None, create=False, readonly=readonly, kind=Kind(kind),
+                trust_owner=trust_owner)
     return seg
 
 
@@ -1004,6 +1214,23 @@ def _process_name() -> bytes:
             name = b"?"
         _comm = (_pid, name[:16].ljust(16, b"\0"))
     return _comm[1]
+
+
+def process_stopped(pid: int | None) -> bool:
+    """True if ``pid`` is stopped (SIGSTOP, a debugger: state ``T`` or ``t`` in
+    ``/proc/<pid>/stat``): alive, so its locks are not recovered, but making
+    no progress; whoever waits on it waits until it continues or times out."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return False
+    # "pid (comm) S ...": comm may hold spaces and parentheses; the state
+    # follows the last ")".
+    rest = stat_line[stat_line.rfind(b")") + 1:].split()
+    return bool(rest) and rest[0] in (b"T", b"t")
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
@@ -1040,6 +1267,21 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _close_attached_at_exit() -> None:
+    # Anonymous (lifetime "attached") objects must not outlive a process that
+    # exits normally, even if a handle is still referenced somewhere.
+    for ref in list(_live.values()):
+        seg = ref()
+        if seg is not None and not seg._closed and seg._flags & _FLAG_ATTACHED:
+            try:
+                seg.close()
+            except Exception:
+                pass
+
+
+atexit.register(_close_attached_at_exit)
 
 
 def list_segments() -> Iterator[tuple[str, str]]:

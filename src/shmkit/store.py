@@ -189,12 +189,17 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         Seconds a write may wait for another writer (``None``: no limit);
         :class:`shmkit.Timeout` after that.
     lifetime, mode, max_size, max_attach:
-        As for :class:`shmkit.Segment`; ``max_size`` (default 64 GiB) bounds
-        growth and costs only address space.  Given when opening, each must
-        be the store's own (:class:`MismatchError` otherwise).
+        As for :class:`shmkit.Segment`; ``max_size`` (default 4 GiB) bounds
+        growth and costs only address space.  ``lifetime`` defaults to
+        ``"attached"`` for ``name=None`` (removed with its last user).  Given
+        when opening, each must be the store's own (:class:`MismatchError`
+        otherwise).
     on_destroy:
         Called (no arguments) once, in the process that removes the name:
         its ``unlink()``, or the last ``close()`` with ``lifetime="attached"``.
+    trust_owner:
+        Also open a store owned by this user (uid or name); see
+        :class:`shmkit.Segment`.
 
     Besides the ``dict`` methods (``get``, ``pop``, ``setdefault``,
     ``update``, ``clear``, ``keys``, ``values``, ``items``): ``add``,
@@ -224,7 +229,8 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
                  timeout: float | None = None, lifetime: str = DEFAULT,
                  mode: int = 0o600, max_size: int | None = None,
                  max_attach: int = DEFAULT,
-                 on_destroy: Callable[[], Any] | None = None) -> None:
+                 on_destroy: Callable[[], Any] | None = None,
+                 trust_owner: int | str | None = None) -> None:
         if given(codec) and codec not in (None, "pickle"):
             raise ValueError(f"codec must be None or 'pickle', not {codec!r}")
         if size is not None and (not isinstance(size, int) or isinstance(size, bool)
@@ -246,7 +252,7 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         seg = attach_segment(Kind.STORE, name, path,
                              size=(size or _DEFAULT_SIZE) if create is not False else None,
                              create=create, layout=layout, init=init, readonly=readonly,
-                             mode=mode, max_size=max_size, **extra)
+                             mode=mode, max_size=max_size, trust_owner=trust_owner, **extra)
         self._on_destroy = on_destroy
         self._adopt(seg, codec=codec, timeout=timeout, size=size, max_size=max_size,
                     lifetime=lifetime, max_attach=max_attach)
@@ -404,6 +410,7 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         Holds the write lock while it runs (readers are not stopped).
         """
         self._held()
+        self._seg._check_truncated(look=True)  # a shrunk file: nothing below is trusted
         return self._verify()
 
     def statistics(self) -> dict:

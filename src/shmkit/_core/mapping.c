@@ -48,6 +48,7 @@ mapping_init(MappingObject *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     self->base = p;
+    shm_sigbus_register(p, reserve);
     self->reserve = reserve;
     self->length = length;
     self->readonly = readonly;
@@ -62,6 +63,7 @@ static void
 mapping_unmap(MappingObject *self)
 {
     if (self->base != NULL) {
+        shm_sigbus_unregister(self->base);
         munmap(self->base, (size_t)self->reserve);
         self->base = NULL;
         self->length = 0;

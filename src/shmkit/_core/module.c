@@ -54,7 +54,8 @@ PyInit__core(void)
     PyObject *m = PyModule_Create(&core_module);
     if (m == NULL)
         return NULL;
-    if (shm_init_mapping(m) < 0 || shm_init_lock(m) < 0 || shm_init_ring(m) < 0 ||
+    if (shm_init_mapping(m) < 0 || shm_init_sigbus(m) < 0 ||
+        shm_init_lock(m) < 0 || shm_init_ring(m) < 0 ||
         shm_init_table(m) < 0 ||
         shm_init_heap(m) < 0 ||
         add_functions(m, shm_atomic_methods) < 0 ||

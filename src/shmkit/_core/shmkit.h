@@ -117,4 +117,14 @@ int shm_init_mapping(PyObject *module);
 int shm_init_atomics(PyObject *module);
 int shm_init_lock(PyObject *module);
 
+/* ---- sigbus.c -------------------------------------------------------------
+ * A SIGBUS from a page of one of our mappings past the end of a truncated
+ * file maps a zero page there and sets the mapping's "truncated" flag
+ * instead of killing the process.  Register right after mmap, unregister
+ * right before munmap (GIL held). */
+void shm_sigbus_register(void *base, Py_ssize_t reserve);
+void shm_sigbus_unregister(void *base);
+int shm_sigbus_truncated(void *base);  /* 1 once a page of base's range faulted */
+int shm_init_sigbus(PyObject *module); /* adds Mapping.truncated */
+
 #endif
