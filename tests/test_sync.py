@@ -23,7 +23,7 @@ import pytest
 
 import shmkit
 from shmkit import _core
-from conftest import SPAWN, SRC, spawn
+from conftest import SPAWN, SRC, run_python, spawn
 
 PROMPT = 1.0  # seconds: "promptly" after a holder dies (it is ~1-50 ms)
 
@@ -1013,3 +1013,178 @@ def test_locks_of_readonly_or_closed_handles_raise_the_specific_errors(name):
         m.acquire()
     with pytest.raises(ValueError):
         m.locked()
+
+
+# -- Ctrl-C storms: an interrupt between any two steps leaves the state exact -----------
+
+_STORM = r"""
+import os, random, signal, sys, time
+import shmkit
+name, want, seed, reconcile = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+sem = shmkit.Semaphore(name)
+rnd = random.Random(seed)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGALRM, interrupt)
+hits = cycles = 0
+end = time.monotonic() + 30
+while hits < want and time.monotonic() < end:
+    try:
+        signal.setitimer(signal.ITIMER_REAL, rnd.uniform(5e-6, 300e-6))
+        while True:
+            if sem.acquire(timeout=0.02):
+                sem.release()
+            cycles += 1
+    except KeyboardInterrupt:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        hits += 1
+        if reconcile == "yes":
+            # The interrupt may have come after acquire() took its unit and
+            # before the caller saw it: the semaphore knows what we hold.
+            held = getattr(sem, "held", 0)
+            if held > 0:
+                sem.release(held)
+signal.setitimer(signal.ITIMER_REAL, 0)
+print(hits, cycles, sem.value, getattr(sem, "held", None), flush=True)
+os._exit(0)
+"""
+
+
+def _all_units_back(sem, initial: int) -> None:
+    """Exactly ``initial`` units can be taken (dead holders' reclaimed), not one more."""
+    got = [sem.acquire(timeout=5) for _ in range(initial)]
+    assert all(got), f"only {sum(got)} of {initial} units came back"
+    assert sem.acquire(timeout=0) is False, f"more than {initial} units"
+    sem.release(initial)
+    assert sem.value == initial
+
+
+@pytest.mark.parametrize("initial", [1, 3])
+def test_semaphore_survives_a_ctrl_c_storm(initial, names):
+    sem = shmkit.Semaphore(names(), value=initial)
+    for seed in range(3):
+        out = run_python(_STORM, sem.name, "300", str(seed), "yes", timeout=120)
+        hits, cycles, value, held = out.stdout.split()
+        assert int(hits) >= 100 and int(cycles) > 0
+        if held != "None":
+            assert int(value) + int(held) == initial  # exact while the child lived
+            assert int(held) == 0
+        _all_units_back(sem, initial)
+    sem.close()
+
+
+def _interrupt_at_opcode(k: int) -> list:
+    """Trace shmkit's Python code and raise KeyboardInterrupt at its k-th bytecode,
+    as a Ctrl-C arriving between those two bytecodes would.  Returns the counter."""
+    count = [0]
+    sync_py = os.path.join("shmkit", "sync.py")
+
+    def local(frame, event, arg):
+        if event == "opcode":
+            count[0] += 1
+            if count[0] == k:
+                raise KeyboardInterrupt
+        return local
+
+    def tracer(frame, event, arg):
+        if not frame.f_code.co_filename.endswith(sync_py):
+            return None
+        frame.f_trace_opcodes = True
+        return local
+
+    sys.settrace(tracer)
+    return count
+
+
+@pytest.mark.parametrize("initial", [1, 3])
+def test_semaphore_interrupted_at_every_bytecode(initial, names):
+    # A child is interrupted at the k-th bytecode shmkit runs in Python during
+    # acquire/release (k = 1, 2, ... until none is left), then exits: every unit
+    # comes back, and no unit is made up.
+    name = names()
+    sem = shmkit.Semaphore(name, value=initial)
+    for k in range(1, 5000):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                s = shmkit.Semaphore(name)
+                if initial > 1:
+                    assert s.acquire(timeout=10)  # hold one unit already
+                count = _interrupt_at_opcode(k)
+                try:
+                    with s:
+                        pass
+                    s.acquire(timeout=10)
+                    s.release()
+                    code = 0 if count[0] < k else 2  # 0: nothing left to interrupt
+                except KeyboardInterrupt:
+                    code = 2
+                finally:
+                    sys.settrace(None)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) in (0, 2), status
+        _all_units_back(sem, initial)
+        if os.WEXITSTATUS(status) == 0:
+            break
+    sem.close()
+
+
+# -- crash points: a kill at every step boundary of every operation -----------------
+
+def _fork_until_done(prefix: str, child_op, check, limit: int = 200) -> int:
+    """Fork a child that runs ``child_op(arm)`` and dies at crash point k, for k = 1,
+    2, ... until the child completes; ``check()`` runs after every death.
+    Returns how many points were killed at."""
+    for k in range(1, limit):
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 when the operation completed
+            code = 1
+            try:
+                _quiet()
+                code = 0 if child_op(lambda: _core.fault(k, prefix)) else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 0, f"child failed at k={k}"
+            check()
+            return k - 1
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        check()
+    raise AssertionError(f"the operation did not complete within {limit} crash points")
+
+
+@pytest.mark.parametrize("op", ["acquire", "release", "reclaim"])
+def test_semaphore_killed_at_every_crash_point(op, names):
+    initial = 2
+    name = names()
+    sem = shmkit.Semaphore(name, value=initial)
+    if op == "reclaim":  # a dead holder's units, to be reclaimed by the child
+        _kill(_spawn_holder("semaphore", name))
+        _kill(_spawn_holder("semaphore", name))
+
+    def child(arm):
+        s = shmkit.Semaphore(name)
+        if op == "release":
+            assert s.acquire(timeout=10)
+        arm()
+        ok = s.acquire(timeout=10) if op != "release" else (s.release() or True)
+        _core.fault(0)
+        return ok
+
+    def check():
+        _all_units_back(sem, initial)
+        if op == "reclaim":
+            _kill(_spawn_holder("semaphore", name))
+            _kill(_spawn_holder("semaphore", name))
+
+    points = _fork_until_done("", child, check)
+    assert points >= 4
+    sem.close()

@@ -18,6 +18,7 @@ __all__ = [
     "WrongKindError",
     "FormatVersionError",
     "LayoutMismatchError",
+    "MismatchError",
     "CorruptError",
     "OutOfSpaceError",
     "ReadOnlyError",
@@ -68,6 +69,10 @@ class FormatVersionError(ShmkitError):
 
 class LayoutMismatchError(ShmkitError, TypeError):
     """A record or array was opened with a dtype, type or shape other than its own."""
+
+
+class MismatchError(ShmkitError, ValueError):
+    """A parameter given explicitly disagrees with the existing object's own."""
 
 
 class CorruptError(ShmkitError):

@@ -39,7 +39,8 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from . import _core
-from .errors import ClosedError, FormatVersionError, OwnerDiedWarning, Timeout, WouldBlock
+from .errors import (ClosedError, FormatVersionError, MismatchError, OwnerDiedWarning, Timeout,
+                     WouldBlock)
 from .segment import _OFF_HWM, Kind, Segment
 
 __all__ = ["Mutex", "RWLock", "Event", "Semaphore", "Condition"]
@@ -499,13 +500,19 @@ class RWLock(_Placed):
                 "writer_waiting_or_in": bool(_core.load32(m, self._base + 4) & 1)}
 
 
-class Semaphore(_Placed):
+class Semaphore(_core.Semaphore, _Placed):
     """A counting semaphore shared by name; counts held by dead processes return.
 
-    ``acquire(timeout)`` takes one unit, ``release()`` gives one back.  Each
-    process's holds are recorded in its attach slot, so when a process dies
-    its units go back to the pool.  With ``maximum=`` set, releasing beyond
-    it raises ``ValueError`` (a bounded semaphore).
+    ``acquire(blocking=True, timeout=None)`` takes one unit, ``release(n=1)``
+    gives units back.  Each process's holds are recorded in its attach slot,
+    so when a process dies its units go back to the pool.  With ``maximum=``
+    set, releasing beyond it raises ``ValueError`` (a bounded semaphore).
+    The whole protocol runs in the compiled core (``_core/semaphore.c``):
+    Ctrl-C or a kill at any point leaves value and holds consistent.
+
+    Parameters: ``value`` (units free at creation) and ``maximum``; when the
+    semaphore exists already, leave them out to adopt what it has, or pass
+    them to insist (a different stored value raises :class:`MismatchError`).
 
     Example
     -------
@@ -518,24 +525,31 @@ class Semaphore(_Placed):
     """
 
     _kind = Kind.SEMAPHORE
+    _FORMAT = 2  # version of the payload layout above
 
-    def __init__(self, name: str | None = None, value: int = 1, *,
+    def __init__(self, name: str | None = None, value: int | None = None, *,
                  maximum: int | None = None, create: bool | None = None,
                  **kwargs: Any) -> None:
-        if not 0 <= value < 2**31 or (maximum is not None and not value <= maximum < 2**31):
-            raise ValueError("need 0 <= value <= maximum < 2**31")
+        initial = 1 if value is None else value
+        if (not isinstance(initial, int) or not 0 <= initial < 2**31
+                or (maximum is not None and not initial <= maximum < 2**31)):
+            raise ValueError(f"Semaphore: need 0 <= value <= maximum < 2**31, got "
+                             f"value={value!r} maximum={maximum!r}")
 
         def init(seg: Segment) -> None:
-            _core.store32(seg._mapping, seg._hsize + 4, value)
-            _core.store32(seg._mapping, seg._hsize + 32,
-                          0xFFFFFFFF if maximum is None else maximum)
+            _core.sem_format(seg._mapping, seg._hsize, initial,
+                             -1 if maximum is None else maximum)
 
-        self._adopt(self._named_segment(name, create, {"value": value, "maximum": maximum},
-                                        init, kwargs))
+        seg = self._named_segment(name, create, {"format": self._FORMAT, "value": initial,
+                                                 "maximum": maximum}, init, kwargs)
+        _check_format(seg, "semaphore", self._FORMAT)
+        _check_param(seg, "semaphore", "value", value, seg.layout.get("value"))
+        _check_param(seg, "semaphore", "maximum", maximum, seg.layout.get("maximum"))
+        self._adopt(seg)
 
     @classmethod
     def _footprint(cls, max_slots: int) -> int:
-        return 64 + 8 * max_slots
+        return _core.sem_footprint(max_slots)
 
     def _adopt(self, seg: Segment) -> None:
         self._own_segment = True
@@ -543,138 +557,28 @@ class Semaphore(_Placed):
 
     def _setup(self, seg: Segment, offset: int) -> None:
         self._place(seg, offset)
-        self._lock = Mutex._embedded(seg, offset, f"semaphore {seg.name!r}")
+        _core.Semaphore.__init__(self, self._m, self._base, f"semaphore {seg.name!r}")
 
     @classmethod
-    def at(cls, segment: Segment, offset: int, value: int | None = None) -> "Semaphore":
-        """The semaphore at ``offset`` (``64 + 8 * max_attach`` bytes); ``value`` initialises it."""
+    def at(cls, segment: Segment, offset: int, value: int | None = None,
+           maximum: int | None = None) -> "Semaphore":
+        """The semaphore at ``offset`` (``128 + 8 * max_attach`` bytes, 8-aligned).
+
+        ``value`` (and ``maximum``) lay it out afresh: pass them once, from
+        the process that places it, before anyone uses it.
+        """
         obj = cls.__new__(cls)
-        obj._setup(segment, offset)
+        obj._place(segment, offset)
         if value is not None:
-            _core.store32(obj._m, obj._base + 4, value)
-            _core.store32(obj._m, obj._base + 32, 0xFFFFFFFF)
+            _core.sem_format(obj._m, obj._base, value, -1 if maximum is None else maximum)
+        _core.Semaphore.__init__(obj, obj._m, obj._base,
+                                 f"semaphore at {offset} of {segment.name!r}")
         return obj
-
-    def _i32(self, off: int) -> int:
-        v = _core.load32(self._m, self._base + off)
-        return v - (1 << 32) if v >= 1 << 31 else v
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", OwnerDiedWarning)
-            self._lock.acquire()
-        try:
-            if self._lock.recovered:
-                self._roll_back()
-            yield
-        finally:
-            self._lock.release()
-
-    def _roll_back(self) -> None:
-        # A process died inside an update: undo it (its caller never returned).
-        m, b = self._m, self._base
-        if _core.load32(m, b + 16):
-            slot = _core.load32(m, b + 20)
-            if slot < m.max_slots:
-                _core.store32(m, b + 4, _core.load32(m, b + 24))
-                off = b + 64 + 8 * slot
-                v = _core.load64(m, off)
-                _core.store64(m, off, (v & ~0xFFFFFFFF) | _core.load32(m, b + 28))
-            _core.store32(m, b + 16, 0)
-
-    def _update(self, slot: int, value: int, held_delta: int, gen: int | None = None) -> None:
-        # Journaled: set the value and change the holds of ``slot``'s entry by
-        # held_delta.  The entry is ours (gen None) or a dead one's (its gen).
-        m, b = self._m, self._base
-        off = b + 64 + 8 * slot
-        v = _core.load64(m, off)
-        if gen is None:
-            gen = m.token >> 10
-        held = v & 0xFFFFFFFF if (v >> 32) == gen else 0
-        _core.store32(m, b + 20, slot)
-        _core.store32(m, b + 24, self._i32(4) & 0xFFFFFFFF)
-        _core.store32(m, b + 28, held)
-        _core.store32(m, b + 16, 1)  # journal written: from here a crash rolls back
-        _core.store32(m, b + 4, value & 0xFFFFFFFF)
-        _core.store64(m, off, (gen << 32) | ((held + held_delta) & 0xFFFFFFFF))
-        _core.store32(m, b + 16, 0)
-
-    def _reclaim_dead(self) -> bool:
-        # Called with the internal lock held: give back what dead processes held.
-        m, b = self._m, self._base
-        freed = False
-        for slot, _off, v, held, alive in _slot_counts(m, b + 64):
-            if alive:
-                continue
-            held = held - (1 << 32) if held >= 1 << 31 else held
-            self._update(slot, self._i32(4) + max(held, 0), -held, gen=v >> 32)
-            freed = freed or held > 0
-        return freed
-
-    def _reclaim_own_slot(self) -> None:
-        # Called with the internal lock held.  Our attach slot may have
-        # belonged to a process that died holding units: give them back
-        # before our first update overwrites its entry.
-        m = self._m
-        v = _core.load64(m, self._base + 64 + 8 * (m.token & 0x3FF))
-        held = v & 0xFFFFFFFF
-        if held and (v >> 32) != m.token >> 10:
-            held = held - (1 << 32) if held >= 1 << 31 else held
-            self._update(m.token & 0x3FF, self._i32(4) + max(held, 0), -held, gen=v >> 32)
-
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        """Take one unit; False if none is free within ``timeout`` seconds."""
-        m, b = self._m, self._base
-        if m.token == 0:
-            raise ClosedError(f"{self.name!r} is closed or was opened readonly")
-        deadline = _acquire_deadline(timeout if blocking else 0)
-        checked = False
-        while True:
-            seq = _core.load32(m, b + 8)
-            with self._locked():
-                self._reclaim_own_slot()
-                if self._i32(4) <= 0 and not checked:
-                    checked = True
-                    self._reclaim_dead()
-                if self._i32(4) > 0:
-                    self._update(m.token & 0x3FF, self._i32(4) - 1, +1)
-                    return True
-            if _expired(deadline):
-                return False
-            _core.add32(m, b + 12, 1)
-            try:
-                if not _core.futex_wait(m, b + 8, seq, _slice(deadline)):
-                    checked = False  # slept a whole slice: look for dead holders again
-            finally:
-                _core.add32(m, b + 12, -1)
-
-    def release(self, n: int = 1) -> None:
-        """Give back ``n`` units and wake as many waiters."""
-        m, b = self._m, self._base
-        if n < 1:
-            raise ValueError("n must be at least 1")
-        with self._locked():
-            self._reclaim_own_slot()
-            value = self._i32(4) + n
-            maximum = _core.load32(m, b + 32)
-            if maximum != 0xFFFFFFFF and value > maximum:
-                raise ValueError(f"semaphore {self.name!r} released beyond its maximum "
-                                 f"{maximum}")
-            self._update(m.token & 0x3FF, value, -n)
-            _core.add32(m, b + 8, 1)
-        if _core.load32(m, b + 12):
-            _core.futex_wake(m, b + 8, n)
 
     def acquire_nowait(self) -> None:
         """Take a unit now or raise :class:`WouldBlock`."""
         if not self.acquire(False):
             raise WouldBlock(f"semaphore {self.name!r} has no free unit")
-
-    @property
-    def value(self) -> int:
-        """Units free now (dead processes' units count once someone waits)."""
-        return self._i32(4)
 
     def __enter__(self) -> "Semaphore":
         self.acquire()
@@ -684,7 +588,30 @@ class Semaphore(_Placed):
         self.release()
 
     def statistics(self) -> dict:
-        return {"value": self.value, "waiters": _core.load32(self._m, self._base + 12)}
+        """``{"value", "waiters"}``: units free now, waiters that may be asleep."""
+        return {"value": self.value, "waiters": self.waiters}
+
+    def __repr__(self) -> str:
+        return f"<shmkit.Semaphore {self.name!r} value={self.value}>"
+
+
+def _check_format(seg: Segment, what: str, expected: int) -> None:
+    fmt = seg.layout.get("format")
+    if fmt != expected:
+        seg.close()
+        raise FormatVersionError(
+            f"{what} {seg.name!r} has layout format {fmt}; this shmkit reads format "
+            f"{expected}. Use the shmkit that made it, or remove it with `shmkit rm`")
+
+
+def _check_param(seg: Segment, what: str, param: str, given: Any, stored: Any) -> None:
+    """An explicitly given parameter must match the existing object's."""
+    if given is not None and given != stored:
+        seg.close()
+        raise MismatchError(
+            f"{what} {seg.name!r} exists with {param}={stored!r}, not the {param}={given!r} "
+            f"asked for; leave {param} out to adopt the existing one, or remove it with "
+            "`shmkit rm`")
 
 
 class Condition(_Placed):
