@@ -1166,9 +1166,19 @@ def test_semaphore_killed_at_every_crash_point(op, names):
     initial = 2
     name = names()
     sem = shmkit.Semaphore(name, value=initial)
-    if op == "reclaim":  # a dead holder's units, to be reclaimed by the child
-        _kill(_spawn_holder("semaphore", name))
-        _kill(_spawn_holder("semaphore", name))
+
+    def dead_holders():  # units of processes that died holding them
+        for _ in range(initial):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    assert shmkit.Semaphore(name).acquire(timeout=10)
+                finally:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            assert os.waitpid(pid, 0)[1] & 0x7F == signal.SIGKILL
+
+    if op == "reclaim":  # the child's acquire must reclaim them
+        dead_holders()
 
     def child(arm):
         s = shmkit.Semaphore(name)
@@ -1182,8 +1192,7 @@ def test_semaphore_killed_at_every_crash_point(op, names):
     def check():
         _all_units_back(sem, initial)
         if op == "reclaim":
-            _kill(_spawn_holder("semaphore", name))
-            _kill(_spawn_holder("semaphore", name))
+            dead_holders()
 
     points = _fork_until_done("", child, check)
     assert points >= 4
