@@ -233,7 +233,7 @@ def test_embedded_objects(name):
     ev = shmkit.Event.at(seg, 64, auto_reset=True)
     rw = shmkit.RWLock.at(seg, 128)  # 64 + 8 * max_attach bytes each
     sem = shmkit.Semaphore.at(seg, 128 + 64 + 8 * 256, value=2)
-    cond = shmkit.Condition.at(seg, 8192 - 64)
+    cond = shmkit.Condition.at(seg, 8192 - 64 - 8 * 256)
     with m:
         assert seg.read(4, offset=0) != b"\0\0\0\0"
     ev.set()
@@ -1197,3 +1197,74 @@ def test_semaphore_killed_at_every_crash_point(op, names):
     points = _fork_until_done("", child, check)
     assert points >= 4
     sem.close()
+
+
+# -- Condition: dead sleepers are counted out -----------------------------------------
+
+def _fork_waiter(name: str) -> int:
+    """A forked process waiting on the condition; exits 0 if notified, 1 if not."""
+    pid = os.fork()
+    if pid == 0:
+        code = 2
+        try:
+            _quiet()
+            c = shmkit.Condition(name)
+            with c:
+                code = 0 if c.wait(timeout=5) else 1
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _wait_for_sleepers(cond, n: int) -> None:
+    end = time.monotonic() + 30
+    while cond.statistics()["waiters"] < n:
+        assert time.monotonic() < end, cond.statistics()
+        time.sleep(0.01)
+    time.sleep(0.1)  # let the last one reach its sleep
+
+
+def test_condition_notify_grants_nothing_to_dead_waiters(names):
+    cond = shmkit.Condition(names())
+    dead = [_fork_waiter(cond.name) for _ in range(5)]
+    _wait_for_sleepers(cond, 5)
+    for pid in dead:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    with cond:
+        cond.notify_all()  # nobody alive waits: no wake-up may be banked
+    before = cond.statistics()["waiters"]
+    live = [_fork_waiter(cond.name) for _ in range(3)]
+    _wait_for_sleepers(cond, before + 3)
+    with cond:
+        cond.notify(1)
+    codes = [os.WEXITSTATUS(os.waitpid(pid, 0)[1]) for pid in live]
+    assert sorted(codes) == [0, 1, 1], codes  # exactly one woken, two timed out
+    cond.close()
+
+
+# -- Event and Condition: a close() by another thread ends the wait ----------------------
+
+@pytest.mark.parametrize("kind", ["event", "condition"])
+def test_wait_without_timeout_ends_when_another_thread_closes(kind, names):
+    obj = shmkit.Event(names()) if kind == "event" else shmkit.Condition(names())
+    got = []
+
+    def waiter():
+        try:
+            if kind == "event":
+                obj.wait()
+            else:
+                obj.acquire()
+                obj.wait()
+            got.append("returned")
+        except Exception as e:  # noqa: BLE001 - the class is what the test checks
+            got.append(e)
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    obj.close()
+    t.join(10)
+    assert not t.is_alive(), f"{kind}.wait() still blocked after close()"
+    assert len(got) == 1 and isinstance(got[0], shmkit.ClosedError), got

@@ -295,7 +295,8 @@ class Event(_Placed):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until set; False if ``timeout`` seconds pass first."""
-        return _core.event_wait(self._m, self._base, timeout, self._auto)
+        return _core.event_wait(self._m, self._base, timeout, self._auto,
+                                f"event {self._seg.name!r}")
 
     def statistics(self) -> dict:
         word = _core.load32(self._m, self._base)
@@ -633,31 +634,30 @@ class Condition(_Placed):
 
     _kind = Kind.CONDITION
 
-    _FORMAT = 1  # version of the payload layout above
+    _FORMAT = 2  # version of the payload layout above
 
     def __init__(self, name: str | None = None, *, create: bool | None = None,
                  **kwargs: Any) -> None:
         self._adopt(self._named_segment(name, create, {"format": self._FORMAT}, None,
                                         kwargs))
 
+    @classmethod
+    def _footprint(cls, max_slots: int) -> int:
+        return _core.cond_footprint(max_slots)
+
     def _adopt(self, seg: Segment) -> None:
-        fmt = seg.layout.get("format")
-        if fmt != self._FORMAT:
-            seg.close()
-            raise FormatVersionError(
-                f"condition {seg.name!r} has layout format {fmt}; this shmkit reads "
-                f"format {self._FORMAT}. Use the shmkit that made it, or remove it with "
-                "`shmkit rm`")
+        _check_format(seg, "condition", self._FORMAT)
         self._own_segment = True
         self._setup(seg, 0)
 
     def _setup(self, seg: Segment, offset: int) -> None:
         self._place(seg, offset)
-        self.lock = Mutex._embedded(seg, offset, f"condition {seg.name!r}")
+        self._what = f"condition {seg.name!r}"
+        self.lock = Mutex._embedded(seg, offset, self._what)
 
     @classmethod
     def at(cls, segment: Segment, offset: int) -> "Condition":
-        """The condition at ``offset`` of the payload (16 zeroed bytes)."""
+        """The condition at ``offset`` of the payload (``64 + 8 * max_attach`` zeroed bytes)."""
         obj = cls.__new__(cls)
         obj._setup(segment, offset)
         return obj
@@ -675,51 +675,14 @@ class Condition(_Placed):
     def __exit__(self, *exc: object) -> None:
         self.lock.release()
 
-    def _held(self) -> bool:
-        return self._m.token != 0 and self.lock.owner_token == self._m.token
-
-    def _take_wakeup(self) -> bool:
-        m, off = self._m, self._base + 12
-        while True:
-            granted = _core.load32(m, off)
-            if granted == 0:
-                return False
-            if _core.cas32(m, off, granted, granted - 1):
-                return True
-
     def wait(self, timeout: float | None = None) -> bool:
         """Release the lock, sleep until notified, re-take it; False on timeout.
 
         ``notify(n)`` grants n wake-ups to the processes already waiting;
         each wait takes at most one, so no more than n waits return True.
+        Raises :class:`ClosedError` if another thread closes the handle.
         """
-        m, b = self._m, self._base
-        if not self._held():
-            raise RuntimeError(f"wait() on condition {self.name!r} without holding it")
-        seq = _core.load32(m, b + 4)
-        _core.add32(m, b + 8, 1)
-        self.lock.release()
-        deadline = _deadline(timeout)
-        notified = False
-        try:
-            while True:
-                now = _core.load32(m, b + 4)
-                # Only a notify() since we started waiting is for us.
-                if now != seq and self._take_wakeup():
-                    notified = True
-                    break
-                if _expired(deadline):
-                    break
-                _core.futex_wait(m, b + 4, now,
-                                 None if deadline is None else deadline - time.monotonic())
-        finally:
-            self.lock.acquire()
-            # A notify() that raced with our time-out counted us among the
-            # sleepers: take its wake-up, so none is left for nobody.
-            if not notified and _core.load32(m, b + 4) != seq and self._take_wakeup():
-                notified = True
-            _core.add32(m, b + 8, -1)
-        return notified
+        return _core.cond_wait(self._m, self._base, timeout, self._what)
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
         """Wait until ``predicate()`` is true; returns its last value."""
@@ -733,22 +696,16 @@ class Condition(_Placed):
         return result
 
     def notify(self, n: int = 1) -> None:
-        """Wake up to ``n`` waiters; the caller must hold the condition."""
-        m, b = self._m, self._base
-        if not self._held():
-            raise RuntimeError(f"notify() on condition {self.name!r} without holding it")
-        # Sleepers not yet granted a wake-up (a waiter that was killed stays
-        # counted, which costs at most a spurious wake-up later).
-        k = min(n, _core.load32(m, b + 8) - _core.load32(m, b + 12))
-        if k <= 0:
-            return
-        _core.add32(m, b + 12, k)
-        _core.add32(m, b + 4, 1)
-        _core.futex_wake(m, b + 4, k)
+        """Wake up to ``n`` waiters; the caller must hold the condition.
+
+        Waiters of processes that died are counted out first: a wake-up is
+        only granted to a live waiter.
+        """
+        _core.cond_notify(self._m, self._base, n, self._what)
 
     def notify_all(self) -> None:
         self.notify(_ALL)
 
     def statistics(self) -> dict:
-        return {"waiters": _core.load32(self._m, self._base + 8),
+        return {"waiters": _core.cond_sleepers(self._m, self._base),
                 "holder_pid": self.lock.holder_pid()}
