@@ -1268,3 +1268,30 @@ def test_wait_without_timeout_ends_when_another_thread_closes(kind, names):
     t.join(10)
     assert not t.is_alive(), f"{kind}.wait() still blocked after close()"
     assert len(got) == 1 and isinstance(got[0], shmkit.ClosedError), got
+
+
+# -- honest opening --------------------------------------------------------------------
+
+def test_explicit_parameters_that_disagree_are_refused(names):
+    ev = shmkit.Event(names())  # manual reset
+    with pytest.raises(shmkit.MismatchError, match="auto_reset=False.*auto_reset=True"):
+        shmkit.Event(ev.name, auto_reset=True)
+    again = shmkit.Event(ev.name)  # left out: adopts what exists
+    assert again.auto_reset is False
+    assert shmkit.Event(ev.name, auto_reset=False).auto_reset is False
+    sem = shmkit.Semaphore(names(), value=2, maximum=4)
+    with pytest.raises(shmkit.MismatchError, match="value=2.*value=3"):
+        shmkit.Semaphore(sem.name, value=3)
+    with pytest.raises(ValueError, match="maximum=4.*maximum=5"):  # also a ValueError
+        shmkit.Semaphore(sem.name, maximum=5)
+    adopted = shmkit.Semaphore(sem.name)
+    assert adopted.value == 2 and adopted.maximum == 4
+    for o in (ev, again, sem, adopted):
+        o.close()
+
+
+def test_sync_objects_do_not_hand_out_their_segment(names):
+    for obj in (shmkit.Mutex(names()), shmkit.Event(names()), shmkit.RWLock(names()),
+                shmkit.Semaphore(names()), shmkit.Condition(names())):
+        assert not hasattr(obj, "segment")
+        obj.close()

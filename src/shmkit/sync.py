@@ -127,11 +127,6 @@ class _Placed:
     def name(self) -> str:
         return self._seg.name
 
-    @property
-    def segment(self) -> Segment:
-        """The segment the object lives in."""
-        return self._seg
-
     def close(self) -> None:
         """Close this handle (and its segment if it has one of its own)."""
         if self._own_segment:
@@ -244,7 +239,9 @@ class Event(_Placed):
 
     With ``auto_reset=True`` each ``set()`` releases exactly one waiter and the
     flag clears itself (a Win32 auto-reset event); otherwise it stays set
-    until ``clear()`` (like :class:`threading.Event`).
+    until ``clear()`` (like :class:`threading.Event`).  Opening an existing
+    event, leave ``auto_reset`` out to adopt its kind; passing a different
+    one raises :class:`MismatchError`.
 
     Example
     -------
@@ -256,10 +253,14 @@ class Event(_Placed):
 
     _kind = Kind.EVENT
 
-    def __init__(self, name: str | None = None, *, auto_reset: bool = False,
+    def __init__(self, name: str | None = None, *, auto_reset: bool | None = None,
                  create: bool | None = None, **kwargs: Any) -> None:
-        self._adopt(self._named_segment(name, create, {"auto_reset": bool(auto_reset)},
-                                        None, kwargs))
+        seg = self._named_segment(name, create, {"auto_reset": bool(auto_reset)}, None,
+                                  kwargs)
+        _check_param(seg, "event", "auto_reset",
+                     None if auto_reset is None else bool(auto_reset),
+                     bool(seg.layout.get("auto_reset", False)))
+        self._adopt(seg)
 
     def _adopt(self, seg: Segment) -> None:
         self._own_segment = True
