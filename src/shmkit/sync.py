@@ -18,16 +18,21 @@ True for that holding, so the caller can check the data the lock guards.
 Payload layouts (offsets from the object's start, native byte order)::
 
     Mutex      0 u32 lock word (see _core/lock.c)
-    Event      0 u32 flag | waiters << 1
+    Event      0 u32 flag | waiters << 1 (see _core/event.c)
     RWLock     0 u32 writers' mutex   4 u32 state (bit 0 writer in, bit 1 readers asleep)
                8 u32 readers-left counter (the writer sleeps on it)
               64 u64 per attach slot: generation << 32 | read holds
-    Semaphore  0 u32 mutex  4 i32 value  8 u32 change counter  12 u32 sleepers
-              16 u32 journal active  20 u32 journal slot  24 i32 old value
-              28 i32 old holds  32 i32 maximum (or -1)
-              64 u64 per attach slot: generation << 32 | holds (i32)
-    Condition  0 u32 mutex  4 u32 notify counter  8 u32 sleepers
+    Semaphore  format 2 (see _core/semaphore.c)
+               0 u32 mutex  4 i32 value  8 u32 change counter  12 u32 sleepers
+              16 u32 maximum (or 0xFFFFFFFF)  32 undo journal (4 entries)
+             128 u64 per attach slot: generation << 32 | holds (i32)
+    Condition  format 2 (see _core/condition.c)
+               0 u32 mutex  4 u32 notify counter
               12 u32 wake-ups granted by notify() and not yet taken
+              64 u64 per attach slot: generation << 32 | sleepers
+
+Semaphore and Condition run their whole protocol in the compiled core, so
+Ctrl-C or a kill between two Python bytecodes never leaves them half changed.
 """
 
 from __future__ import annotations
