@@ -1201,7 +1201,7 @@ def test_semaphore_killed_at_every_crash_point(op, names):
 
 # -- Condition: dead sleepers are counted out -----------------------------------------
 
-def _fork_waiter(name: str) -> int:
+def _fork_waiter(name: str, timeout: float = 5) -> int:
     """A forked process waiting on the condition; exits 0 if notified, 1 if not."""
     pid = os.fork()
     if pid == 0:
@@ -1210,7 +1210,7 @@ def _fork_waiter(name: str) -> int:
             _quiet()
             c = shmkit.Condition(name)
             with c:
-                code = 0 if c.wait(timeout=5) else 1
+                code = 0 if c.wait(timeout=timeout) else 1
         finally:
             os._exit(code)
     return pid
@@ -1295,3 +1295,102 @@ def test_sync_objects_do_not_hand_out_their_segment(names):
                 shmkit.Semaphore(names()), shmkit.Condition(names())):
         assert not hasattr(obj, "segment")
         obj.close()
+
+
+# -- RWLock: an interrupted acquire_write never leaves a hidden write hold ---------------
+
+def test_rwlock_interrupted_acquire_write_leaves_no_hold(names):
+    # A live child is interrupted at the k-th bytecode shmkit runs in Python during
+    # acquire_write (k = 1, 2, ... until none is left) while a reader is in, so the
+    # writer waits; then the parent must take the write lock while the child lives.
+    name = names()
+    rw = shmkit.RWLock(name)
+    for k in range(1, 5000):
+        assert rw.acquire_read(timeout=10)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(r)
+                child = shmkit.RWLock(name)
+                count = _interrupt_at_opcode(k)
+                try:
+                    if child.acquire_write(timeout=1):
+                        child.release_write()
+                    code = 0 if count[0] < k else 2
+                except KeyboardInterrupt:
+                    code = 2
+                finally:
+                    sys.settrace(None)
+                os.write(w, b"x")
+                time.sleep(0.5 if code == 0 else 3)  # stay alive while the parent checks
+            finally:
+                os._exit(code)
+        os.close(w)
+        threading.Timer(0.2, rw.release_read).start()
+        assert os.read(r, 1) == b"x"
+        os.close(r)
+        got = rw.acquire_write(timeout=2)
+        if got:
+            rw.release_write()
+        _, status = os.waitpid(pid, 0)
+        assert got, f"interrupted at bytecode {k}, the child kept the write lock"
+        if os.WEXITSTATUS(status) == 0:
+            break
+    rw.close()
+
+
+@pytest.mark.parametrize("op", ["read", "write"])
+def test_rwlock_killed_at_every_crash_point(op, names):
+    _quiet()
+    name = names()
+    rw = shmkit.RWLock(name)
+
+    def child(arm):
+        lock = shmkit.RWLock(name)
+        arm()
+        if op == "read":
+            ok = lock.acquire_read(timeout=10)
+            lock.release_read()
+        else:
+            ok = lock.acquire_write(timeout=10)
+            lock.release_write()
+        _core.fault(0)
+        return ok
+
+    def check():
+        got = rw.acquire_write(timeout=5)  # nobody holds it after the death
+        assert got
+        rw.release_write()
+        assert rw.acquire_read(timeout=5)
+        rw.release_read()
+
+    assert _fork_until_done("rw.", child, check) >= 2
+    rw.close()
+
+
+def test_condition_killed_at_every_crash_point(names):
+    _quiet()
+    name = names()
+    cond = shmkit.Condition(name)
+
+    def child(arm):
+        c = shmkit.Condition(name)
+        with c:
+            arm()
+            c.wait(timeout=0.1)
+            _core.fault(0)
+        return True
+
+    def check():
+        assert cond.statistics()["waiters"] == 0  # the dead one is not counted
+        a, b = _fork_waiter(name, 1.5), _fork_waiter(name, 1.5)
+        _wait_for_sleepers(cond, 2)
+        with cond:
+            cond.notify(1)
+        codes = sorted(os.WEXITSTATUS(os.waitpid(p, 0)[1]) for p in (a, b))
+        assert codes == [0, 1], codes  # exactly one live waiter woken
+
+    assert _fork_until_done("cond.", child, check) >= 2
+    cond.close()

@@ -19,7 +19,8 @@ Payload layouts (offsets from the object's start, native byte order)::
 
     Mutex      0 u32 lock word (see _core/lock.c)
     Event      0 u32 flag | waiters << 1 (see _core/event.c)
-    RWLock     0 u32 writers' mutex   4 u32 state (bit 0 writer in, bit 1 readers asleep)
+    RWLock     (see _core/rwlock.c)
+               0 u32 writers' mutex   4 u32 state (bit 0 writer in, bit 1 readers asleep)
                8 u32 readers-left counter (the writer sleeps on it)
               64 u64 per attach slot: generation << 32 | read holds
     Semaphore  format 2 (see _core/semaphore.c)
@@ -31,7 +32,7 @@ Payload layouts (offsets from the object's start, native byte order)::
               12 u32 wake-ups granted by notify() and not yet taken
               64 u64 per attach slot: generation << 32 | sleepers
 
-Semaphore and Condition run their whole protocol in the compiled core, so
+RWLock, Semaphore and Condition run their whole protocol in the compiled core, so
 Ctrl-C or a kill between two Python bytecodes never leaves them half changed.
 """
 
@@ -39,18 +40,15 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from . import _core
-from .errors import (ClosedError, FormatVersionError, MismatchError, OwnerDiedWarning, Timeout,
-                     WouldBlock)
+from .errors import FormatVersionError, MismatchError, Timeout, WouldBlock
 from .segment import _OFF_HWM, Kind, Segment
 
 __all__ = ["Mutex", "RWLock", "Event", "Semaphore", "Condition"]
 
-_SLICE = 0.05  # seconds between liveness checks while asleep
 _ALL = 0x7FFFFFFF
 _GEN_MASK = 0xFFFFF
 
@@ -61,17 +59,6 @@ def _deadline(timeout: float | None) -> float | None:
     if timeout is None:
         return None
     return time.monotonic() + max(0.0, timeout)
-
-
-def _acquire_deadline(timeout: float | None) -> float | None:
-    # Lock-style calls also take threading.Lock's timeout=-1 for "forever".
-    return _deadline(None if timeout == -1 else timeout)
-
-
-def _slice(deadline: float | None) -> float:
-    if deadline is None:
-        return _SLICE
-    return max(0.0, min(_SLICE, deadline - time.monotonic()))
 
 
 def _expired(deadline: float | None) -> bool:
@@ -309,24 +296,28 @@ class Event(_Placed):
         return {"set": bool(word & 1), "waiters": word >> 1, "auto_reset": self._auto}
 
 
-class RWLock(_Placed):
+class RWLock(_core.RWLock, _Placed):
     """A writer-preferring reader/writer lock shared by name.
 
     Any number of readers, or one writer.  A waiting writer stops new readers
     from entering.  Readers are counted per attached process, so a reader
     that dies never blocks writers: its holds are dropped and the writer gets
-    ``.recovered`` (and an :class:`OwnerDiedWarning`).
+    ``.recovered`` (and an :class:`OwnerDiedWarning`).  A writer that dies is
+    recovered through its robust mutex.  ``acquire_read``/``acquire_write``
+    and the releases run wholly in the compiled core (``_core/rwlock.c``):
+    Ctrl-C while waiting undoes the call, never leaving a hold behind.
 
     Example
     -------
     >>> rw = RWLock(None)
     >>> with rw.read(): pass
     >>> with rw.write(timeout=1.0): pass
-    >>> rw.close(); rw.unlink()
+    >>> rw.acquire_write(timeout=1.0)
+    True
+    >>> rw.release_write(); rw.close(); rw.unlink()
     """
 
     _kind = Kind.RWLOCK
-    recovered = False
 
     def __init__(self, name: str | None = None, *, create: bool | None = None,
                  **kwargs: Any) -> None:
@@ -343,137 +334,17 @@ class RWLock(_Placed):
     def _setup(self, seg: Segment, offset: int) -> None:
         self._place(seg, offset)
         self._wlock = Mutex._embedded(seg, offset, f"write lock of {seg.name!r}")
+        _core.RWLock.__init__(self, self._m, self._base, f"rwlock {seg.name!r}")
 
     @classmethod
     def at(cls, segment: Segment, offset: int) -> "RWLock":
-        """The lock stored at ``offset`` (``64 + 8 * max_attach`` zeroed bytes)."""
+        """The lock stored at ``offset`` (``64 + 8 * max_attach`` zeroed bytes, 8-aligned)."""
         obj = cls.__new__(cls)
         obj._setup(segment, offset)
         return obj
 
     def _entry(self, slot: int) -> int:
         return self._base + 64 + 8 * slot
-
-    def _count(self, delta: int) -> None:
-        m = self._m
-        token = m.token
-        if token == 0:
-            raise ClosedError(f"{self.name!r} is closed or was opened readonly")
-        off = self._entry(token & 0x3FF)
-        gen = token >> 10
-        while True:
-            v = _core.load64(m, off)
-            count = v & 0xFFFFFFFF if (v >> 32) == gen else 0
-            if count + delta < 0:
-                raise RuntimeError("release_read() without a matching acquire_read()")
-            if _core.cas64(m, off, v, (gen << 32) | (count + delta)):
-                return
-
-    def acquire_read(self, timeout: float | None = None) -> bool:
-        """Take a read hold; False if ``timeout`` passes first."""
-        m, state = self._m, self._base + 4
-        deadline = _acquire_deadline(timeout)
-        recovered = False
-        while True:
-            if not _core.load32(m, state) & 1:
-                self._count(+1)
-                if not _core.load32(m, state) & 1:
-                    self.recovered = recovered
-                    if recovered:
-                        warnings.warn(f"read lock of {self.name!r}: a writer died while "
-                                      "holding it; the lock was recovered, check the data "
-                                      "it guards", OwnerDiedWarning, stacklevel=2)
-                    return True
-                self._count(-1)  # a writer came in: step back and let it go first
-                self._readers_left()
-            s = _core.load32(m, state)
-            if s & 1:
-                if not s & 2 and not _core.cas32(m, state, s, s | 2):
-                    continue
-                if (_expired(deadline)
-                        or not _core.futex_wait(m, state, s | 2, _slice(deadline))):
-                    # Nobody woke us: the writer may have died holding the lock.
-                    if self._clear_dead_writer():
-                        recovered = True
-                    elif _expired(deadline):
-                        return False
-
-    def _clear_dead_writer(self) -> bool:
-        owner = self._wlock.owner_token
-        if owner and not _core.token_alive(self._m, owner):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", OwnerDiedWarning)
-                if not self._wlock.acquire(False):
-                    return False
-            if not self._wlock.recovered:  # a live writer got in first
-                self._wlock.release()
-                return False
-            self._release_state()
-            self._wlock.release()
-            return True
-        return False
-
-    def _readers_left(self) -> None:
-        if _core.load32(self._m, self._base + 4) & 1:
-            _core.add32(self._m, self._base + 8, 1)
-            _core.futex_wake(self._m, self._base + 8, 1)
-
-    def release_read(self) -> None:
-        """Drop one read hold of this process."""
-        self._count(-1)
-        self._readers_left()
-
-    def acquire_write(self, timeout: float | None = None) -> bool:
-        """Take the write hold; False if ``timeout`` passes first."""
-        m = self._m
-        deadline = _acquire_deadline(timeout)
-        if not self._wlock.acquire(timeout=-1 if timeout is None else timeout):
-            return False
-        recovered = self._wlock.recovered
-        _core.store32(m, self._base + 4, 1 | (_core.load32(m, self._base + 4) & 2))
-        dead_readers = False
-        while True:
-            seq = _core.load32(m, self._base + 8)
-            busy = False
-            for _slot, off, v, _count, alive in _slot_counts(m, self._entry(0)):
-                if not alive:
-                    _core.cas64(m, off, v, 0)  # a dead reader's holds
-                    dead_readers = True
-                    continue
-                busy = True
-            if not busy:
-                break
-            if _expired(deadline):
-                self._release_state()
-                self._wlock.release()
-                return False
-            try:
-                _core.futex_wait(m, self._base + 8, seq, _slice(deadline))
-            except BaseException:  # Ctrl-C: do not leave the write hold behind
-                self._release_state()
-                self._wlock.release()
-                raise
-        self.recovered = recovered or dead_readers
-        if dead_readers and not recovered:
-            warnings.warn(f"write lock of {self.name!r}: a reader died while holding it; "
-                          "its holds were dropped", OwnerDiedWarning, stacklevel=2)
-        return True
-
-    def _release_state(self) -> None:
-        m, state = self._m, self._base + 4
-        while True:
-            s = _core.load32(m, state)
-            if _core.cas32(m, state, s, 0):
-                break
-        if s & 2:
-            _core.futex_wake(m, state, _ALL)
-
-    def release_write(self) -> None:
-        """Drop the write hold."""
-        if self._wlock.owner_token != self._m.token:
-            raise RuntimeError(f"release_write() of {self.name!r} without holding it")
-        self._release_state()
-        self._wlock.release()
 
     @contextmanager
     def read(self, timeout: float | None = None) -> Iterator[None]:
