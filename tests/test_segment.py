@@ -856,7 +856,7 @@ def test_pickle_segment_of_another_kind(name):
         p.join(30)
         assert p.exitcode == 0
         m.release()
-        seg = pickle.loads(pickle.dumps(m.segment))
+        seg = pickle.loads(pickle.dumps(m._seg))
         assert seg.kind == shmkit.Kind.MUTEX
         seg.close()
     finally:

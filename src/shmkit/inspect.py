@@ -435,7 +435,7 @@ def _slot_counts(seg: Segment, base: int, signed: bool = False) -> tuple[list, i
 
 
 def _sync_detail(kind: Kind, obj: Any) -> dict[str, Any]:
-    seg = obj.segment
+    seg = obj._seg
     if kind is Kind.MUTEX:
         return {"mutex": _lock_state(seg, obj._base)}
     if kind is Kind.CONDITION:
@@ -452,16 +452,15 @@ def _sync_detail(kind: Kind, obj: Any) -> dict[str, Any]:
                            "dead_reader_holds": dead,
                            "writer_waiting_or_in": stats["writer_waiting_or_in"]}}
     if kind is Kind.SEMAPHORE:
-        holders, dead = _slot_counts(seg, obj._base + 64, signed=True)
-        maximum = _core.load32(obj._m, obj._base + 32)
+        holders, dead = _slot_counts(seg, obj._base + 128, signed=True)
         stats = obj.statistics()
         return {"semaphore": {"value": stats["value"],
-                              "maximum": None if maximum == 0xFFFFFFFF else maximum,
+                              "maximum": obj.maximum,
                               "waiters": stats["waiters"],
                               "holders": [{"pid": h["pid"], "units": h["count"]}
                                           for h in holders],
                               "dead_units": max(dead, 0),
-                              "lock": _lock_state(seg, obj._lock._base)}}
+                              "lock": _lock_state(seg, obj._base)}}
     return {}
 
 

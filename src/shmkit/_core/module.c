@@ -1,5 +1,6 @@
 /* module.c - shmkit._core: registers each part of the compiled core. */
 #include "shmkit.h"
+#include "sync.h"
 
 extern PyMethodDef shm_atomic_methods[];
 extern PyMethodDef shm_futex_methods[];
@@ -57,7 +58,7 @@ PyInit__core(void)
     if (shm_init_mapping(m) < 0 || shm_init_sigbus(m) < 0 ||
         shm_init_lock(m) < 0 || shm_init_ring(m) < 0 ||
         shm_init_table(m) < 0 ||
-        shm_init_heap(m) < 0 ||
+        shm_init_heap(m) < 0 || shm_init_sync(m) < 0 ||
         add_functions(m, shm_atomic_methods) < 0 ||
         add_functions(m, shm_futex_methods) < 0 ||
         add_functions(m, shm_liveness_methods) < 0 ||
