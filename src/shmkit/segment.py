@@ -360,25 +360,43 @@ class Segment:
 
     def __init__(self, name: str | None = None, size: int | None = None, *,
                  path: str | os.PathLike[str] | None = None, readonly: bool = False,
-                 mode: int = 0o600, lifetime: str | None = None,
-                 max_size: int | None = None, max_attach: int = DEFAULT_MAX_ATTACH,
+                 mode: int | None = None, lifetime: str | None = None,
+                 max_size: int | None = None, max_attach: int | None = None,
                  trust_owner: int | str | None = None) -> None:
-        self._attach(name, path, size=size, create=None, readonly=readonly, mode=mode,
-                     lifetime=lifetime, max_size=max_size, max_attach=max_attach,
+        self._attach(name, path, size=size, create=None, readonly=readonly,
+                     mode=0o600 if mode is None else mode, lifetime=lifetime,
+                     max_size=max_size,
+                     max_attach=DEFAULT_MAX_ATTACH if max_attach is None else max_attach,
                      trust_owner=trust_owner)
-        if size is not None and not self._created:
-            self._refuse_smaller(size)
+        if not self._created:
+            self._refuse_disagreeing(size=size, mode=mode, lifetime=lifetime,
+                                     max_size=max_size, max_attach=max_attach)
 
-    def _refuse_smaller(self, size: int) -> None:
-        # An explicit size is honoured or refused: an existing segment smaller
-        # than asked would fail later with IndexError far from the cause.
-        have = self._sync_size()
-        if have < size:
-            self.close()
-            raise MismatchError(
-                f"segment {self._name!r} exists with size={have}, but size={size} was "
-                "asked; open it without size= to adopt its size, resize() it, or unlink "
-                "it and create it again")
+    def _refuse_disagreeing(self, size: int | None = None, mode: int | None = None,
+                            lifetime: str | None = None, max_size: int | None = None,
+                            max_attach: int | None = None) -> None:
+        # An explicit parameter is honoured or refused: an existing segment
+        # smaller than asked would fail later with IndexError far from the
+        # cause, and another lifetime or mode would surprise just as late.
+        have_life = "attached" if self._flags & _FLAG_ATTACHED else "persistent"
+        checks = [
+            ("size", size, self._sync_size(), size is not None and self._sync_size() < size),
+            ("max_size", max_size, self._max_size,
+             max_size is not None and self._max_size < max_size),
+            ("max_attach", max_attach, self._max_slots,
+             max_attach is not None and max_attach != self._max_slots),
+            ("lifetime", lifetime, have_life, lifetime is not None and lifetime != have_life),
+        ]
+        if mode is not None:
+            have_mode = os.fstat(self._fd).st_mode & 0o7777
+            checks.append(("mode", oct(mode), oct(have_mode), mode != have_mode))
+        for param, asked, have, bad in checks:
+            if bad:
+                self.close()
+                raise MismatchError(
+                    f"segment {self._name!r} exists with {param}={have}, but {param}="
+                    f"{asked} was asked; leave {param}= out to adopt what exists, or "
+                    "unlink it and create it again")
 
     # -- construction -----------------------------------------------------
 
@@ -402,7 +420,10 @@ class Segment:
         shmkit.errors.NotFoundError: ...
         """
         self = cls.__new__(cls)
+        asked = {k: kwargs.pop(k) for k in ("size", "mode", "lifetime", "max_size",
+                                             "max_attach") if kwargs.get(k) is not None}
         self._attach(name, kwargs.pop("path", None), size=None, create=False, **kwargs)
+        self._refuse_disagreeing(**asked)
         return self
 
     @classmethod
