@@ -73,7 +73,6 @@ mapping_dealloc(MappingObject *self)
 {
     /* Exports hold a reference, so none can remain here. */
     mapping_unmap(self);
-    PyMem_Free(self->held);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -168,7 +167,15 @@ static PyMemberDef mapping_members[] = {
     {NULL}
 };
 
+static PyObject *
+mapping_get_held_count(MappingObject *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromLong(shm_lock_held_count(self));
+}
+
 static PyGetSetDef mapping_getset[] = {
+    {"held_count", (getter)mapping_get_held_count, NULL,
+     "robust locks of this segment that threads of this process hold now", NULL},
     {"address", (getter)mapping_get_address, NULL, "base address (for diagnostics)", NULL},
     {"closed", (getter)mapping_get_closed, NULL, "True once close() was called", NULL},
     {NULL}

@@ -73,6 +73,7 @@
  * are always taken modulo the capacity fixed when the handle was bound.
  */
 #include "ring.h"
+#include "journal.h"
 #include <errno.h>
 #include <string.h>
 #include <time.h>
@@ -353,22 +354,40 @@ ring_fix_producers(RingObject *r)
     return 0;
 }
 
+/* The repair hook of the ring's locks: after taking one from a dead
+ * holder, recount from its journal (ring_fix_consumers/producers). */
+typedef struct {
+    RingObject *r;
+    uint32_t *word;
+} ring_lock_ctx;
+
+static int
+ring_lock_repair(void *ctx, int owner_died)
+{
+    ring_lock_ctx *c = ctx;
+    if (!owner_died)
+        return 0;
+    return c->word == &c->r->h->clock ? ring_fix_consumers(c->r) : ring_fix_producers(c->r);
+}
+
+/* Take plock or clock through lock.c (which records the holding): the
+ * uncontended case is shm_lock_try's one CAS; otherwise wait, at least a
+ * grace period, and repair after a dead holder. */
 int
 ring_lock(RingObject *r, MappingObject *m, uint32_t *word, uint32_t me, int64_t deadline)
 {
-    uint32_t free_ = 0;
-    if (__atomic_compare_exchange_n(word, &free_, me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
-        return 1;
+    (void)me;
+    int got = shm_lock_try(m, word);
+    if (got != 0)
+        return got < 0 ? -1 : 1;
     int64_t grace = shm_now_ns() + LOCK_GRACE_NS;
-    int got = shm_lock_acquire(m, word, deadline > grace ? deadline : grace);
+    ring_lock_ctx ctx = {r, word};
+    got = shm_lock_acquire_repair(m, word, deadline > grace ? deadline : grace, NULL,
+                                  ring_lock_repair, &ctx);
     if (got == 0) {
         PyErr_Format(shm_TimeoutError, "channel %R: its %s lock stayed held by a live "
                      "process; try again", r->name ? r->name : Py_None,
-                     word == &r->h->plock ? "producers'" : "consumers'");
-        return -1;
-    }
-    if (got == 2 && (word == &r->h->clock ? ring_fix_consumers(r) : ring_fix_producers(r)) < 0) {
-        shm_lock_release(m, word);
+                     word == &r->h->clock ? "consumers'" : "producers'");
         return -1;
     }
     return got < 0 ? -1 : 1;
@@ -447,10 +466,11 @@ static int
 ring_pass_skip(RingObject *r, MappingObject *m, uint32_t me, uint64_t was, uint64_t t)
 {
     struct ring_hdr *h = r->h;
-    uint32_t free_ = 0;
-    if (!__atomic_compare_exchange_n(&h->clock, &free_, me, 0, __ATOMIC_ACQUIRE,
-                                     __ATOMIC_RELAXED))
+    (void)me;
+    if (shm_lock_try(m, &h->clock) <= 0) {
+        PyErr_Clear();
         return 0; /* a consumer is busy: it will pass the marker itself */
+    }
     int passed = LOADR(&h->read) == was && LOADR(&h->head) == was;
     if (passed) {
         take_t tk;
