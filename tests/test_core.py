@@ -118,3 +118,37 @@ def test_threads_of_one_handle_never_take_the_lock_from_each_other(name):
         assert sorted(got[k]) == list(range(n)), "each message exactly once"
     assert m.held_count == 0
     ch.detach()
+
+
+# ---- attachments ----------------------------------------------------------
+
+
+def test_mapping_token_and_fd_are_read_only(name):
+    import shmkit
+
+    seg = shmkit.Segment(name, size=4096)
+    m = seg._mapping
+    token, fd = m.token, m.fd
+    with pytest.raises(AttributeError):
+        m.token = token ^ 1
+    with pytest.raises(AttributeError):
+        m.fd = 0
+    assert (m.token, m.fd) == (token, fd) and token != 0
+    seg.close()
+    assert (m.token, m.fd) == (0, -1)
+
+
+def test_attach_entry_is_decoded_in_c(name):
+    import os
+
+    import shmkit
+
+    seg = shmkit.Segment(name, size=4096)
+    slot = seg._token & 0x3FF
+    e = _core.attach_entry(seg._mapping, slot)
+    assert e["pid"] == os.getpid() and e["alive"] and e["gen"] == seg._token >> 10
+    assert abs(e["attached"] - time.time()) < 600
+    assert _core.token_owner_pid(seg._mapping, seg._token) == os.getpid()
+    assert _core.attach_entry(seg._mapping, 1 << 20) is None
+    assert [a["slot"] for a in seg.attachments()] == [slot]
+    seg.close()

@@ -7,7 +7,7 @@
  *
  * A waiter that sleeps a whole slice without being woken, or whose timeout
  * ran out (a try-lock included), asks the kernel whether the owner's
- * attachment still exists (liveness.c).  If not, it
+ * attachment still exists (attach.c).  If not, it
  * takes the lock over with a CAS from the dead value, so exactly one waiter
  * wins, and reports it: acquire returns "recovered" and the caller checks or
  * repairs whatever the lock guards.

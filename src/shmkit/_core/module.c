@@ -3,7 +3,7 @@
 
 extern PyMethodDef shm_atomic_methods[];
 extern PyMethodDef shm_futex_methods[];
-extern PyMethodDef shm_liveness_methods[];
+extern PyMethodDef shm_attach_methods[];
 extern PyMethodDef shm_event_methods[];
 extern PyMethodDef shm_crash_methods[];
 extern PyTypeObject Lock_Type;
@@ -59,7 +59,7 @@ PyInit__core(void)
         shm_init_heap(m) < 0 ||
         add_functions(m, shm_atomic_methods) < 0 ||
         add_functions(m, shm_futex_methods) < 0 ||
-        add_functions(m, shm_liveness_methods) < 0 ||
+        add_functions(m, shm_attach_methods) < 0 ||
         add_functions(m, shm_event_methods) < 0 ||
         add_functions(m, shm_crash_methods) < 0 ||
         PyModule_AddIntConstant(m, "SLOT_SIZE", SHM_SLOT_SIZE) < 0 ||

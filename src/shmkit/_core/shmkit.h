@@ -101,7 +101,7 @@ int shm_futex_wake(uint32_t *word, int n);
  * the value changed, 0 on timeout, -1 with an exception set. */
 int shm_wait_change(MappingObject *m, uint32_t *word, uint32_t expected, int64_t deadline);
 
-/* ---- liveness.c --------------------------------------------------------- */
+/* ---- attach.c ----------------------------------------------------------- */
 /* 1 if the attachment named by token is alive, 0 if dead. */
 int shm_token_alive(MappingObject *m, uint32_t token);
 
