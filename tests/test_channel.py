@@ -941,3 +941,30 @@ def test_unlink_works_after_close_or_detach(name):
     ch.unlink()
     with pytest.raises(shmkit.NotFoundError):
         ch.unlink()
+
+
+# ---- hostile ring headers (core) --------------------------------------------
+
+
+@pytest.mark.parametrize("field_off, value", [
+    (20, 0xFFFFFFFF),   # data_off's high 32 bits: data_off + cap wraps
+    (12, 0xFFFFFFFF),   # cap's high 32 bits
+    (16, 0xFFFFFFC0),   # data_off's low 32 bits: far past the segment
+])
+def test_hostile_ring_header_is_refused_not_crashed_on(name, field_off, value):
+    ch = Channel(name, capacity=4096)
+    ch.send(b"x")
+    _core.store32(ch.segment._mapping, ch.segment._hsize + field_off, value)
+    ch.detach()
+    proc = run_python(f"""
+        from shmkit.channel import Channel
+        from shmkit.errors import CorruptError
+        try:
+            ch = Channel.open({name!r})
+            ch.send(b"y", timeout=2)
+            ch.recv(timeout=2)
+        except CorruptError as e:
+            print("refused:", e)
+    """, check=False)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "refused:" in proc.stdout
