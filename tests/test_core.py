@@ -152,3 +152,63 @@ def test_attach_entry_is_decoded_in_c(name):
     assert _core.attach_entry(seg._mapping, 1 << 20) is None
     assert [a["slot"] for a in seg.attachments()] == [slot]
     seg.close()
+
+
+# ---- layouts ----------------------------------------------------------------
+
+import os  # noqa: E402
+import re  # noqa: E402
+import struct as _struct  # noqa: E402
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+
+
+def _doc_offsets(doc: str, start: str) -> dict[str, int]:
+    """``offset name`` pairs of the first fenced block after the line ``start``."""
+    text = open(os.path.join(DOCS, doc), encoding="utf-8").read()
+    block = text[text.index(start):]
+    block = block[block.index("```") + 3:]
+    block = block[:block.index("```")]
+    out: dict[str, int] = {}
+    for line in block.splitlines():
+        for off, field in re.findall(r"(?:^|\s{2,})(\d+)\s+([a-z_]+)", line):
+            out.setdefault(field, int(off))
+    return out
+
+
+def test_segment_header_table_in_docs_matches_the_core():
+    hdr = _core.layouts["segment"]
+    doc = _doc_offsets("architecture.md", "### File layout")
+    doc["attach_table"] = doc.pop("attach")
+    fields = {k: v for k, v in hdr.items() if k not in ("format_version", "bytes")}
+    assert {k: doc.get(k) for k in fields} == fields
+    assert hdr["bytes"] == hdr["attach_table"] == 4096
+
+
+def test_ring_table_in_docs_matches_the_core():
+    ring = _core.layouts["ring"]
+    doc = _doc_offsets("channel.md", "## Layout")
+    doc["roles"] = doc.pop("role")
+    fields = {k: v for k, v in ring.items() if k not in ("format_version", "bytes")}
+    fields.pop("data_sleepers")
+    fields.pop("space_sleepers")  # on the same line as their sequence words
+    assert {k: doc.get(k) for k in fields} == fields
+    assert ring["format_version"] == _core.RING_FORMAT
+
+
+def test_python_constants_come_from_the_core():
+    from shmkit import channel, segment
+
+    hdr = _core.layouts["segment"]
+    assert segment._OFF_HWM == hdr["hwm"] and segment._OFF_LOCK == hdr["lock"]
+    assert segment.FORMAT_VERSION == hdr["format_version"]
+    assert channel._ROLES_OFF == _core.layouts["ring"]["roles"]
+    # the struct segment.py unpacks the header with agrees, field by field
+    fmt = segment._HEADER.format.lstrip("=")
+    codes = re.findall(r"\d*[a-zA-Z]", fmt)
+    names = ["magic", "version", "kind", "flags", "max_slots", "hdr_size", "size",
+             "max_size", "created", "creator", "lock", "resizes", "hwm", "layout_len"]
+    for i, field in enumerate(names):
+        assert _struct.calcsize("=" + "".join(codes[:i])) == hdr[field], field
+    e = _core.layouts["attach_entry"]
+    assert (e["gen"], e["pid"], e["attached"], e["comm"], e["bytes"]) == (0, 4, 8, 24, 64)

@@ -48,7 +48,7 @@ _core.ring_set_classes(ChannelClosed, MessageTooLarge, Empty, Full)
 FORMAT = _core.RING_FORMAT
 DEFAULT_CAPACITY = 1 << 20
 QUEUE_CAPACITY = 8 << 20
-_ROLES_OFF = 512
+_ROLES_OFF = _core.layouts["ring"]["roles"]  # ring header size: see _core/ring.h
 
 
 def _ring_bytes(capacity: int, max_attach: int) -> int:

@@ -72,18 +72,19 @@ __all__ = ["Segment", "Kind", "SegmentInfo", "segment_path", "list_segments", "u
 _core.set_classes(OwnerDiedWarning, CorruptError, Timeout, ReadOnlyError, ClosedError)
 
 MAGIC = b"\x89SHMKIT\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = _core.layouts["segment"]["format_version"]
 SHM_DIR = "/dev/shm"
 PREFIX = "shmkit."
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 _HEADER = struct.Struct("=8sIIIIQQQQIIIII")  # magic .. layout_len, 76 bytes
-_HEADER_BYTES = 4096
-_OFF_SIZE = 32
-_OFF_LOCK = 60
-_OFF_RESIZES = 64
-_OFF_HWM = 68
-_LAYOUT_OFF = 1024
+_HDR = _core.layouts["segment"]  # offsets declared once, in _core/layout.h
+_HEADER_BYTES = _HDR["attach_table"]
+_OFF_SIZE = _HDR["size"]
+_OFF_LOCK = _HDR["lock"]
+_OFF_RESIZES = _HDR["resizes"]
+_OFF_HWM = _HDR["hwm"]
+_LAYOUT_OFF = _HDR["layout"]
 _LAYOUT_MAX = _HEADER_BYTES - _LAYOUT_OFF
 _SLOT = _core.SLOT_SIZE
 _SLOT_LOCK_BASE = _core.SLOT_LOCK_BASE
