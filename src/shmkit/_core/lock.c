@@ -18,12 +18,11 @@
  */
 #include "shmkit.h"
 #include "journal.h"
+#include "wait.h"
 #include <errno.h>
 #include <structmember.h>
 
-#define FIRST_SLICE_NS (1 * 1000 * 1000LL)
-#define SLICE_NS (50 * 1000 * 1000LL)
-#define SPINS 200
+#define SPIN_NS (10 * 1000LL) /* spin this long before sleeping */
 
 static inline int
 cas(uint32_t *w, uint32_t expected, uint32_t desired)
@@ -180,71 +179,91 @@ try_cas(MappingObject *m, uint32_t *word, int self, uint32_t v, uint32_t desired
     return 0;
 }
 
+/* The slow path waits through wait.c.  ready() takes the word when it is
+ * free (keeping the waiters bit once we are counted as a sleeper), or takes
+ * it over when it carries our own token and no other thread of ours holds
+ * it (damage); check(), after a slice without news and before a timeout,
+ * takes it over from a dead holder. */
+typedef struct {
+    MappingObject *m;
+    uint32_t *word;
+    uint32_t me;
+    int self;   /* our registry entry */
+    int armed;  /* counted as a sleeper: set the waiters bit */
+    int got;    /* 1 acquired, 2 taken over */
+} lock_wait;
+
+static int
+lock_ready(void *ctx, uint32_t *sleep_on)
+{
+    lock_wait *c = ctx;
+    if (c->got)
+        return 1;
+    uint32_t v = __atomic_load_n(c->word, __ATOMIC_RELAXED);
+    uint32_t bit = c->armed ? SHM_LOCK_WAITERS : 0;
+    if (v == 0) {
+        /* Others may still sleep: an armed waiter keeps the waiters bit. */
+        if (try_cas(c->m, c->word, c->self, 0, c->me | bit)) {
+            c->got = 1;
+            return 1;
+        }
+        *sleep_on = __atomic_load_n(c->word, __ATOMIC_RELAXED);
+        return 0;
+    }
+    if ((v & SHM_TOKEN_MASK) == c->me && !held_by_other_thread(c->m, c->word, c->self)) {
+        /* Our token, but no thread of ours holds or takes it: damage.
+         * Waiting would be forever, so take it over and report it like a
+         * dead holder. */
+        if (try_cas(c->m, c->word, c->self, v, c->me | SHM_LOCK_WAITERS)) {
+            c->got = 2;
+            return 1;
+        }
+        *sleep_on = __atomic_load_n(c->word, __ATOMIC_RELAXED);
+        return 0;
+    }
+    if (bit && !(v & bit) && cas(c->word, v, v | bit))
+        v |= bit;
+    *sleep_on = v;
+    return 0;
+}
+
+static void
+lock_arm(void *ctx)
+{
+    lock_wait *c = ctx;
+    c->armed = 1;
+    held_set(c->m, c->self, c->word, HELD_WAITING);
+}
+
+static void
+lock_disarm(void *ctx)
+{
+    ((lock_wait *)ctx)->armed = 0;
+}
+
+/* A dead holder's lock is free, whatever the timeout: take it over. */
+static int
+lock_check(void *ctx)
+{
+    lock_wait *c = ctx;
+    uint32_t v = __atomic_load_n(c->word, __ATOMIC_RELAXED);
+    if (c->got || v == 0 || (v & SHM_TOKEN_MASK) == c->me)
+        return 0;
+    if (!shm_token_alive(c->m, v & SHM_TOKEN_MASK) &&
+        try_cas(c->m, c->word, c->self, v, c->me | SHM_LOCK_WAITERS))
+        c->got = 2;
+    return 0;
+}
+
 static int
 acquire_slow(MappingObject *m, uint32_t *word, int64_t deadline, int self)
 {
-    const uint32_t me = m->token;
-    for (int i = 0; i < SPINS; i++) {
-        cpu_relax();
-        if (__atomic_load_n(word, __ATOMIC_RELAXED) == 0 && cas(word, 0, me))
-            return 1;
-    }
-    held_set(m, self, word, HELD_WAITING);
-    int64_t slice = FIRST_SLICE_NS;
-    int check_owner = 0;
-    for (;;) {
-        if (m->token != me) {
-            /* Closed by another thread while we waited: our token no longer
-             * names a live attachment, so we must not take the lock. */
-            PyErr_SetString(SHM_CLOSED_EXC,
-                            "the segment was closed while waiting for its lock");
-            return -1;
-        }
-        uint32_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
-        if (v == 0) {
-            /* Others may still sleep: keep the waiters bit. */
-            if (try_cas(m, word, self, 0, me | SHM_LOCK_WAITERS))
-                return 1;
-            continue;
-        }
-        /* Before giving up (a try-lock, or the deadline passed) and after a
-         * whole slice without a wake-up, ask whether the holder still lives:
-         * a dead holder's lock is free, whatever the timeout. */
-        int expired = shm_now_ns() >= deadline;
-        if ((v & SHM_TOKEN_MASK) == me && !held_by_other_thread(m, word, self)) {
-            /* Our token, but no thread of ours holds or takes it: damage.
-             * Waiting would be forever, so take it over and report it like
-             * a dead holder. */
-            if (try_cas(m, word, self, v, me | SHM_LOCK_WAITERS))
-                return 2;
-            continue;
-        }
-        if (check_owner || expired) {
-            check_owner = 0;
-            if (!shm_token_alive(m, v & SHM_TOKEN_MASK)) {
-                if (try_cas(m, word, self, v, me | SHM_LOCK_WAITERS))
-                    return 2;
-                continue;
-            }
-            if (expired)
-                return 0;
-        }
-        if (!(v & SHM_LOCK_WAITERS)) {
-            if (!cas(word, v, v | SHM_LOCK_WAITERS))
-                continue;
-            v |= SHM_LOCK_WAITERS;
-        }
-        int err;
-        Py_BEGIN_ALLOW_THREADS
-        err = shm_futex_wait(word, v, deadline, slice);
-        Py_END_ALLOW_THREADS
-        if (err == ETIMEDOUT) {
-            check_owner = 1; /* nobody woke us for a whole slice */
-            slice = SLICE_NS;
-        }
-        if (err != 0 && PyErr_CheckSignals() < 0)
-            return -1;
-    }
+    lock_wait c = {m, word, m->token, self, 0, 0};
+    shm_wait w = {.m = m, .word = word, .ctx = &c, .ready = lock_ready,
+                  .arm = lock_arm, .disarm = lock_disarm, .check = lock_check,
+                  .spin_ns = SPIN_NS, .what = "the segment"};
+    int r = shm_wait_until(&w, deadline);
+    return r == 1 ? c.got : r;
 }
 
 int
