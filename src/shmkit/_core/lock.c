@@ -77,10 +77,14 @@ held_claim(MappingObject *m, uint32_t *word)
     return -1;
 }
 
+/* TRYING and WAITING are stored sequentially consistent (a TRYING entry
+ * must be visible before the CAS on the word that follows it); HOLDS,
+ * stored after a successful CAS of the word, needs only release. */
 static inline void
 held_set(MappingObject *m, int i, uint32_t *word, unsigned state)
 {
-    __atomic_store_n(&m->held[i], held_entry(m, word, state), __ATOMIC_SEQ_CST);
+    __atomic_store_n(&m->held[i], held_entry(m, word, state),
+                     state == HELD_HOLDS ? __ATOMIC_RELEASE : __ATOMIC_SEQ_CST);
 }
 
 static inline void
@@ -281,7 +285,8 @@ shm_lock_release(MappingObject *m, uint32_t *word)
     int mine = -1;
     for (int i = 0; i < SHM_HELD_MAX && mine < 0; i++) {
         uint64_t e = holds;
-        if (__atomic_compare_exchange_n(&m->held[i], &e, held_entry(m, word, HELD_RELEASING),
+        if (__atomic_load_n(&m->held[i], __ATOMIC_RELAXED) == holds &&
+            __atomic_compare_exchange_n(&m->held[i], &e, held_entry(m, word, HELD_RELEASING),
                                         0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
             mine = i;
     }
