@@ -7,6 +7,10 @@ SLOT_LOCK_BASE: int
 INIT_LOCK_BYTE: int
 MAX_SLOTS: int
 HEAP_FORMAT: int
+# Shared layouts, declared once in _core/layout.h and ring.h: {"segment": {...},
+# "attach_entry": {...}, "ring": {...}}, each field's byte offset plus
+# "format_version" and "bytes".
+layouts: dict[str, dict[str, int]]
 
 class Mapping:
     """A reserved shared mapping; exports its first ``length`` bytes as a buffer."""
