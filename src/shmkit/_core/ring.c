@@ -227,6 +227,7 @@ ring_take_begin(struct ring_hdr *h, take_t *tk)
     STORER(&j->dropped, tk->dropped);
     STORER(&j->read, LOADR(&h->read));
     STORE(&h->jr_sel, sel ^ 1);
+    shm_crash_point("ring.take.journal");
 }
 
 /* Move read past the record at rd (total bytes); head follows at the end
@@ -235,6 +236,7 @@ static inline int
 ring_take_pass(struct ring_hdr *h, take_t *tk, uint64_t rd, uint64_t total)
 {
     STORE(&h->read, rd + total);
+    shm_crash_point("ring.take.pass");
     if (tk->head == rd) {
         tk->head = rd + total;
         return 1;
@@ -265,6 +267,7 @@ ring_reclaim_from(RingObject *r, uint64_t hd)
     if (hd == start)
         return 0;
     STORE(&h->head, hd);
+    shm_crash_point("ring.reclaim.head");
     return 1;
 }
 
@@ -281,6 +284,7 @@ ring_take_end(RingObject *r, take_t *tk)
     struct ring_hdr *h = r->h;
     STORE(&h->received, tk->received);
     STORE(&h->dropped, tk->dropped);
+    shm_crash_point("ring.take.counters");
     return ring_reclaim_from(r, tk->head);
 }
 
@@ -316,6 +320,7 @@ ring_fix_consumers(RingObject *r)
             dropped++; /* marked, not yet passed: the next holding passes it */
         STORE(&h->received, LOADR(&j->received) + taken);
         STORE(&h->dropped, LOADR(&j->dropped) + dropped);
+        shm_crash_point("ring.repair.consumers.counted");
     }
     for (uint64_t p = hd; p < rd;) { /* copied, head not yet moved: finish */
         rec_t *rec = rec_at(r, p);
@@ -323,8 +328,10 @@ ring_fix_consumers(RingObject *r)
         uint64_t total = rec_span(r, p, st, rd, "record overruns the read position");
         if (total == 0)
             return -1;
-        if (st == ST_COMMITTED)
+        if (st == ST_COMMITTED) {
             STORE(&rec->state, ST_DONE);
+            shm_crash_point("ring.repair.consumers.done");
+        }
         p += total;
     }
     if (rd < t && ST_KIND(LOAD(&rec_at(r, rd)->state)) == ST_TAKEN)
@@ -351,6 +358,7 @@ ring_fix_producers(RingObject *r)
         p += total;
     }
     STORE(&h->reserved, LOADR(&j->reserved) + n);
+    shm_crash_point("ring.repair.producers.counted");
     return 0;
 }
 
@@ -441,8 +449,10 @@ ring_next(RingObject *r, take_t *tk, uint64_t *pos, uint32_t *len)
 void
 ring_take_copied(RingObject *r, take_t *tk, uint64_t pos, uint32_t len)
 {
-    if (tk->head != pos)
+    if (tk->head != pos) {
         STORE(&rec_at(r, pos)->state, ST_DONE);
+        shm_crash_point("ring.take.copied");
+    }
     tk->received++;
     ring_take_pass(r->h, tk, pos, rec_total(len));
 }
@@ -452,8 +462,10 @@ void
 ring_take_lent(RingObject *r, take_t *tk, uint64_t pos, uint32_t len, uint32_t me)
 {
     STORE(&rec_at(r, pos)->state, ST_TAKEN | me);
+    shm_crash_point("ring.lend.marked");
     tk->received++;
     STORE(&r->h->read, pos + rec_total(len));
+    shm_crash_point("ring.lend.read");
 }
 
 /* ---- the producers' side ---------------------------------------------- */
@@ -476,6 +488,7 @@ ring_pass_skip(RingObject *r, MappingObject *m, uint32_t me, uint64_t was, uint6
         take_t tk;
         ring_take_begin(h, &tk);
         STORE(&h->tail, t);  /* a valid SKIP record first, then pass it */
+        shm_crash_point("ring.reserve.skip_tail");
         ring_take_pass(h, &tk, was, t - was);
         passed = ring_take_end(r, &tk) > 0;
     }
@@ -506,6 +519,7 @@ ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *len
     STORER(&h->jp[sel ^ 1].reserved, reserved);
     STORER(&h->jp[sel ^ 1].tail, t);
     STORE(&h->jp_sel, sel ^ 1);
+    shm_crash_point("ring.reserve.journal");
     if ((t & 7) || t - hd > cap) {
         r->head_seen = hd = LOAD(&h->head);
         if (((t | hd) & 7) || t - hd > cap) {
@@ -540,6 +554,7 @@ ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *len
         if (off + total > cap) {            /* wrap: mark the rest as skipped */
             STORER(&rec->len, (uint32_t)(cap - off - 8));
             STORER(&rec->state, ST_SKIP);
+            shm_crash_point("ring.reserve.skip");
             uint64_t was = t;
             t += cap - off;
             if (hd != was)
@@ -550,12 +565,15 @@ ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *len
         }
         STORER(&rec->len, (uint32_t)lens[k]);
         STORER(&rec->state, ST_RESERVED | me);
+        shm_crash_point("ring.reserve.header");
         pos[k++] = t;
         t += total;
     }
     if (t != t0) {
         STORE(&h->reserved, reserved + (uint64_t)k);
+        shm_crash_point("ring.reserve.count");
         STORE(&h->tail, t);                 /* publish the headers */
+        shm_crash_point("ring.reserve.tail");
     }
     ring_unlock(m, &h->plock);
     return k;
@@ -572,7 +590,9 @@ ring_fill(RingObject *r, uint64_t pos, const char *src, Py_ssize_t len)
     } else {
         memcpy(rec + 1, src, (size_t)len);
     }
+    shm_crash_point("ring.fill.copied");
     STORE(&rec->state, ST_COMMITTED);
+    shm_crash_point("ring.fill.committed");
 }
 
 /* ---- waiting ----------------------------------------------------------- */
@@ -747,6 +767,7 @@ ring_repair(RingObject *r, MappingObject *m)
                 goto fail;
             }
             STORE(&rec->state, ST_ABANDONED);
+            shm_crash_point("ring.repair.abandoned");
             tk.dropped++;
             ring_take_pass(h, &tk, rd, total);
             got_data = 1;
@@ -762,6 +783,7 @@ ring_repair(RingObject *r, MappingObject *m)
             if (ST_KIND(st) != ST_TAKEN || shm_token_alive(m, st & SHM_TOKEN_MASK))
                 break;
             STORE(&rec->state, ST_DONE);
+            shm_crash_point("ring.repair.finished");
             int k = ring_reclaim(r);
             if (k < 0)
                 goto fail;

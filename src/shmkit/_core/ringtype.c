@@ -10,6 +10,7 @@
  *   ch._take(timeout=None) -> RecordView: with view as memoryview: ...
  */
 #include "ring.h"
+#include "journal.h"
 #include <string.h>
 
 static PyTypeObject Ring_Type, RecordView_Type;
@@ -662,7 +663,9 @@ Ring_close_sending(RingObject *r, PyObject *Py_UNUSED(ignored))
         ring_leave(m);
         return NULL;
     }
+    shm_crash_point("ring.close_sending.locked");
     STORE(&h->closed, 1);
+    shm_crash_point("ring.close_sending.closed");
     ring_unlock(m, &h->plock);
     wake_all(h);
     ring_leave(m);
@@ -843,6 +846,7 @@ view_finish(RingObject *r, MappingObject *m, rec_t *rec, uint32_t token)
     uint32_t taken = ST_TAKEN | token;
     __atomic_compare_exchange_n(&rec->state, &taken, ST_DONE, 0, __ATOMIC_RELEASE,
                                 __ATOMIC_RELAXED);
+    shm_crash_point("ring.finish.done");
     if (m->token != token || m->base == NULL || r->mapping != (PyObject *)m)
         return 0; /* detached meanwhile: a later waiter reclaims it */
     struct ring_hdr *h = r->h;
