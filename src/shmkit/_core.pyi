@@ -7,6 +7,10 @@ SLOT_LOCK_BASE: int
 INIT_LOCK_BYTE: int
 MAX_SLOTS: int
 HEAP_FORMAT: int
+# Shared layouts, declared once in _core/layout.h and ring.h: {"segment": {...},
+# "attach_entry": {...}, "ring": {...}}, each field's byte offset plus
+# "format_version" and "bytes".
+layouts: dict[str, dict[str, int]]
 
 class Mapping:
     """A reserved shared mapping; exports its first ``length`` bytes as a buffer."""
@@ -15,8 +19,12 @@ class Mapping:
     length: int
     exports: int
     readonly: int
-    fd: int
-    token: int
+    @property
+    def fd(self) -> int: ...  # set by attach_claim / attach_reader only
+    @property
+    def token(self) -> int: ...  # set by attach_claim only
+    @property
+    def held_count(self) -> int: ...  # robust locks threads of this process hold
     table_off: int
     max_slots: int
     @property
@@ -105,6 +113,15 @@ def ofd_lock(fd: int, start: int, length: int, exclusive: bool = True) -> bool: 
 def ofd_unlock(fd: int, start: int, length: int) -> None: ...
 def ofd_held(fd: int, start: int, length: int) -> bool: ...
 def token_alive(mapping: Mapping, token: int) -> bool: ...
+def attach_claim(mapping: Mapping, fd: int, start: int, comm: bytes) -> int: ...
+def attach_reader(mapping: Mapping, fd: int) -> bool: ...
+def attach_detach(mapping: Mapping) -> None: ...
+def attach_entry(mapping: Mapping, slot: int) -> dict[str, Any] | None: ...
+def attachments(mapping: Mapping) -> list[dict[str, Any]]: ...
+def attach_table(fd: int, hwm: int) -> list[dict[str, Any]]: ...
+def attach_file_entry(fd: int, slot: int) -> dict[str, Any] | None: ...
+def token_owner_pid(mapping: Mapping, token: int, alive: bool = True) -> int | None: ...
+def slot_counts(mapping: Mapping, table: int) -> list[tuple[int, int, int, int, bool]]: ...
 
 # The data structures' C halves; their public faces are shmkit.Channel,
 # shmkit.Store and shmkit.Heap, which document every method.

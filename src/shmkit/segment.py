@@ -79,18 +79,19 @@ __all__ = ["Segment", "Kind", "SegmentInfo", "segment_path", "list_segments", "u
 _core.set_classes(OwnerDiedWarning, CorruptError, Timeout, ReadOnlyError, ClosedError)
 
 MAGIC = b"\x89SHMKIT\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = _core.layouts["segment"]["format_version"]
 SHM_DIR = "/dev/shm"
 PREFIX = "shmkit."
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 _HEADER = struct.Struct("=8sIIIIQQQQIIIII")  # magic .. layout_len, 76 bytes
-_HEADER_BYTES = 4096
-_OFF_SIZE = 32
-_OFF_LOCK = 60
-_OFF_RESIZES = 64
-_OFF_HWM = 68
-_LAYOUT_OFF = 1024
+_HDR = _core.layouts["segment"]  # offsets declared once, in _core/layout.h
+_HEADER_BYTES = _HDR["attach_table"]
+_OFF_SIZE = _HDR["size"]
+_OFF_LOCK = _HDR["lock"]
+_OFF_RESIZES = _HDR["resizes"]
+_OFF_HWM = _HDR["hwm"]
+_LAYOUT_OFF = _HDR["layout"]
 _LAYOUT_MAX = _HEADER_BYTES - _LAYOUT_OFF
 _SLOT = _core.SLOT_SIZE
 _SLOT_LOCK_BASE = _core.SLOT_LOCK_BASE
@@ -749,43 +750,24 @@ class Segment:
         _live[id(self)] = weakref.ref(self)
 
     def _claim_slot(self) -> None:
-        fd, n = self._fd, self._max_slots
+        fd, n, m = self._fd, self._max_slots, self._mapping
         if self._readonly:
             # Fails only while a last closer holds every slot to remove it.
             for attempt in range(50):
-                if _core.ofd_lock(fd, _READER_BYTE, 1, False):
+                if _core.attach_reader(m, fd):
                     return
                 time.sleep(0.001)
             self._detach()
             raise BusyError(f"{self._name!r} is being removed; open it again")
-        start = _pid % n
         for attempt in range(50):
-            for k in range(n):
-                slot = (start + k) % n
-                if _core.ofd_lock(fd, _SLOT_LOCK_BASE + slot, 1):
-                    self._fill_slot(slot)
-                    return
+            token = _core.attach_claim(m, fd, _pid % n, _process_name())
+            if token:
+                self._token = token
+                return
             time.sleep(0.001)  # a closing process may hold every slot for a moment
         self._detach()
         raise BusyError(f"all {n} attach slots of {self._name!r} are in use; close unused "
                         "handles, or create it with a larger max_attach=")
-
-    def _fill_slot(self, slot: int) -> None:
-        m, base = self._mapping, _HEADER_BYTES + slot * _SLOT
-        gen = (_core.add32(m, base, 1) + 1) & 0xFFFFF
-        if gen == 0:  # generation 0 would make token 0 possible
-            gen = (_core.add32(m, base, 1) + 1) & 0xFFFFF
-        _core.store32(m, base + 4, _pid)
-        _core.store64(m, base + 8, time.time_ns())
-        comm = _process_name()
-        view = memoryview(m)
-        view[base + 24:base + 40] = comm
-        view.release()
-        while True:
-            hwm = _core.load32(m, _OFF_HWM)
-            if hwm > slot or _core.cas32(m, _OFF_HWM, hwm, slot + 1):
-                break
-        self._token = m.token = (gen << 10) | slot
 
     def _reattach_after_fork(self) -> None:
         # The child shares the parent's open file, and so its locks: take a
@@ -794,10 +776,9 @@ class Segment:
             return
         old = self._fd
         flags = (os.O_RDONLY if self._readonly else os.O_RDWR) | os.O_CLOEXEC
+        _core.attach_detach(self._mapping)
         self._fd = os.open(f"/proc/self/fd/{old}", flags)
         os.close(old)
-        self._mapping.fd = self._fd
-        self._mapping.token = 0
         self._claim_slot()
 
     # -- lifetime ---------------------------------------------------------
@@ -855,8 +836,7 @@ class Segment:
         self._closed = True
         _live.pop(id(self), None)
         if self._mapping is not None:
-            self._mapping.token = 0
-            self._mapping.fd = -1
+            _core.attach_detach(self._mapping)
             self._mapping.close()
         if self._fd >= 0:
             os.close(self._fd)
@@ -1144,26 +1124,8 @@ class Segment:
 
     def attachments(self) -> list[dict]:
         """The live attachments: ``[{"slot", "pid", "attached", "comm"}]``."""
-        m = self._live_mapping()
-        out = []
-        hwm = min(_core.load32(m, _OFF_HWM), self._max_slots)
-        view = memoryview(m)
-        try:
-            for slot in range(hwm):
-                base = _HEADER_BYTES + slot * _SLOT
-                mine = self._token and (self._token & 0x3FF) == slot
-                if not mine and not _core.ofd_held(self._fd, _SLOT_LOCK_BASE + slot, 1):
-                    continue
-                out.append({
-                    "slot": slot,
-                    "pid": _core.load32(m, base + 4),
-                    "attached": _core.load64(m, base + 8) / 1e9,
-                    "comm": bytes(view[base + 24:base + 40]).rstrip(b"\0").decode(
-                        "utf-8", "replace"),
-                })
-        finally:
-            view.release()
-        return out
+        return [{k: e[k] for k in ("slot", "pid", "attached", "comm")}
+                for e in _core.attachments(self._live_mapping())]
 
     def readonly_attached(self) -> bool:
         """True if some other process has it open with ``readonly=True``."""
@@ -1173,11 +1135,7 @@ class Segment:
         """The pid of the live attachment named by a lock-owner token."""
         if token == 0:
             return None
-        m = self._live_mapping()
-        slot = token & 0x3FF
-        if slot >= self._max_slots or not _core.token_alive(m, token):
-            return None
-        return _core.load32(m, _HEADER_BYTES + slot * _SLOT + 4)
+        return _core.token_owner_pid(self._live_mapping(), token)
 
     def info(self) -> SegmentInfo:
         """What ``shmkit info`` shows: header facts, attachments, kind detail."""
