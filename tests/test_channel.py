@@ -961,8 +961,8 @@ def test_unlink_works_after_close_or_close_sending(name):
 def test_hostile_ring_header_is_refused_not_crashed_on(name, field_off, value):
     ch = Channel(name, capacity=4096)
     ch.send(b"x")
-    _core.store32(ch.segment._mapping, ch.segment._hsize + field_off, value)
-    ch.detach()
+    _core.store32(ch._seg._mapping, ch._seg._hsize + field_off, value)
+    ch.close()
     proc = run_python(f"""
         from shmkit.channel import Channel
         from shmkit.errors import CorruptError
@@ -1062,4 +1062,4 @@ def test_killed_at_every_ring_crash_point(name):
         lost += len(set(range(n)) - set(received.get(who, [])))
     assert lost <= kills and k > 20, (lost, kills, k)
     assert ch.statistics()["depth"] == 0
-    ch.detach()
+    ch.close()

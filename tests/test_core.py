@@ -26,8 +26,8 @@ def _hold_while(lock: _core.Lock, held: threading.Event, go: threading.Event) ->
 
 def _contended_sends(ch: Channel, n: int) -> None:
     """n sends, each finding the producers' lock held by another thread of ours."""
-    m = ch.segment._mapping
-    lock = _core.Lock(m, ch.segment._hsize + PLOCK)
+    m = ch._seg._mapping
+    lock = _core.Lock(m, ch._seg._hsize + PLOCK)
     for i in range(n):
         held, go = threading.Event(), threading.Event()
         t = threading.Thread(target=_hold_while, args=(lock, held, go))
@@ -40,12 +40,12 @@ def _contended_sends(ch: Channel, n: int) -> None:
 
 def test_held_list_does_not_grow_across_contended_sends(name):
     ch = Channel(name, capacity=64 << 10)
-    m = ch.segment._mapping
+    m = ch._seg._mapping
     _contended_sends(ch, 50)
     assert m.held_count == 0
     assert [ch.recv(timeout=5) for _ in range(50)] == [b"m%d" % i for i in range(50)]
     assert m.held_count == 0
-    ch.detach()
+    ch.close()
 
 
 def test_own_token_left_on_a_lock_is_taken_over_after_contended_sends(name):
@@ -53,13 +53,13 @@ def test_own_token_left_on_a_lock_is_taken_over_after_contended_sends(name):
     over at once.  A holding left recorded by an earlier contended send hid it, and
     the send waited for a holder that does not exist."""
     ch = Channel(name, capacity=64 << 10)
-    m, hs = ch.segment._mapping, ch.segment._hsize
+    m, hs = ch._seg._mapping, ch._seg._hsize
     _contended_sends(ch, 5)
-    _core.store32(m, hs + PLOCK, ch.segment._token)
+    _core.store32(m, hs + PLOCK, ch._seg._token)
     ch.send(b"after", timeout=2)
     assert _core.load32(m, hs + PLOCK) == 0
     assert [ch.recv(timeout=5) for _ in range(6)][-1] == b"after"
-    ch.detach()
+    ch.close()
 
 
 def test_threads_of_one_handle_never_take_the_lock_from_each_other(name):
@@ -67,7 +67,7 @@ def test_threads_of_one_handle_never_take_the_lock_from_each_other(name):
     contention (a small ring, a thread holding the producers' lock now and then):
     every message exactly once, in order per sender, no takeover reported."""
     ch = Channel(name, capacity=2048)
-    m, hs = ch.segment._mapping, ch.segment._hsize
+    m, hs = ch._seg._mapping, ch._seg._hsize
     n, senders = 1500, 3
     got: dict[int, list[int]] = {k: [] for k in range(senders)}
     errors: list[BaseException] = []
@@ -117,7 +117,7 @@ def test_threads_of_one_handle_never_take_the_lock_from_each_other(name):
     for k in range(senders):
         assert sorted(got[k]) == list(range(n)), "each message exactly once"
     assert m.held_count == 0
-    ch.detach()
+    ch.close()
 
 
 # ---- attachments ----------------------------------------------------------

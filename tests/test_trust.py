@@ -572,6 +572,9 @@ def test_info_names_a_stopped_lock_holder_and_waiters_time_out(name):
         assert child.stdout.readline().strip() == "held"
         assert "holder_stopped" not in inspect.describe(name)["mutex"]
         os.kill(child.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10  # the stop is delivered asynchronously
+        while not inspect.process_stopped(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
         got = inspect.describe(name)["mutex"]
         assert got["holder_pid"] == child.pid and got["holder_stopped"] is True
         out = subprocess.run([sys.executable, "-m", "shmkit", "info", name],
