@@ -1063,3 +1063,57 @@ def test_killed_at_every_ring_crash_point(name):
     assert lost <= kills and k > 20, (lost, kills, k)
     assert ch.statistics()["depth"] == 0
     ch.close()
+
+
+# -- stopping when no sender remains ----------------------------------------------------
+
+
+def _send_then(name: str, n: int, how: str) -> None:
+    ch = Channel.open(name)
+    for i in range(n):
+        ch.send(b"%d" % i)
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    ch.close()
+
+
+@pytest.mark.parametrize("how", ["close", "kill"])
+def test_receiver_stops_once_empty_and_every_sender_is_gone(name, how):
+    ch = Channel(name, capacity=1 << 16)
+    try:
+        got = []
+        senders = [spawn(_send_then, name, 50, how) for _ in range(2)]
+        for p in senders:
+            p.join(60)
+        # Nothing is lost: every message is delivered before the stop.
+        for msg in ch.messages(timeout=30, stop_when_no_senders=True):
+            got.append(msg)
+        assert sorted(got) == sorted([b"%d" % i for i in range(50)] * 2)
+        with pytest.raises(shmkit.SendersGone) as e:
+            ch.recv(timeout=30, stop_when_no_senders=True)
+        assert isinstance(e.value, shmkit.ChannelClosed) and "every process" in str(e.value)
+        assert ch.recv_many(timeout=0.1) == []  # without the option it waits as before
+    finally:
+        ch.close()
+
+
+def _late_sender(name: str, delay: float) -> None:
+    time.sleep(delay)
+    ch = Channel.open(name)
+    ch.send(b"late")
+    ch.close()
+
+
+def test_receiver_waits_for_the_first_sender_and_wakes_when_the_last_goes(name):
+    ch = Channel(name, capacity=1 << 16)
+    try:
+        p = spawn(_late_sender, name, 0.5)
+        # before anyone sent it waits; asleep, it notices the sender leaving
+        assert ch.recv(timeout=60, stop_when_no_senders=True) == b"late"
+        start = time.monotonic()
+        with pytest.raises(shmkit.SendersGone):
+            ch.recv_many(timeout=60, stop_when_no_senders=True)
+        assert time.monotonic() - start < 30
+        p.join(30)
+    finally:
+        ch.close()

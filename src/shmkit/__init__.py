@@ -53,7 +53,7 @@ from .errors import (
 )
 from .heap import Handle, Heap, HeapFullError, PinnedError, StaleHandleError
 from .channel import Channel, Queue
-from .errors import ChannelClosed, Empty, Full, MessageTooLarge
+from .errors import ChannelClosed, Empty, Full, MessageTooLarge, SendersGone
 from .records import Array, Struct
 from .segment import Kind, Segment, list_segments, unlink
 from .sync import Condition, Event, Mutex, RWLock, Semaphore
@@ -73,7 +73,7 @@ __all__ = [
     "ReadOnlyError", "ClosedError", "BusyError", "Timeout", "WouldBlock",
     "OwnerDiedWarning",
     "Heap", "Handle", "StaleHandleError", "PinnedError", "HeapFullError",
-    "Channel", "Queue", "ChannelClosed", "MessageTooLarge", "Empty", "Full",
+    "Channel", "Queue", "ChannelClosed", "SendersGone", "MessageTooLarge", "Empty", "Full",
 ]
 
 for _name in __all__:

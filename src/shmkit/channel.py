@@ -39,6 +39,7 @@ from .errors import (
     FormatVersionError,
     Full,
     MessageTooLarge,
+    SendersGone,
     SizeLimitError,
     Timeout,
 )
@@ -89,7 +90,7 @@ def _explain(msg: str) -> str:
     return msg
 
 
-_core.ring_set_classes(_Ended, MessageTooLarge, Empty, Full)
+_core.ring_set_classes(_Ended, MessageTooLarge, Empty, Full, SendersGone)
 
 FORMAT = _core.RING_FORMAT
 DEFAULT_CAPACITY = 1 << 20
@@ -320,6 +321,27 @@ class Channel(SharedObject, _core.Ring):
             return self.recv()
         except ChannelClosed:
             raise StopIteration from None
+
+    def messages(self, *, timeout: float | None = None,
+                 stop_when_no_senders: bool = False) -> Iterator[bytes]:
+        """Iterate over received messages until the channel is closed and drained.
+
+        ``stop_when_no_senders=True`` also ends the iteration once the
+        channel is empty and every process that sent on it has closed its
+        handle or died (a sender killed mid-message is counted out by the
+        kernel); before the first message is sent it waits as usual.
+        ``timeout`` bounds each wait (:class:`Timeout`).
+
+        Example (a log receiver that ends when its senders have all gone)::
+
+            for record in ch.messages(stop_when_no_senders=True):
+                handle(record)
+        """
+        while True:
+            try:
+                yield self.recv(timeout, stop_when_no_senders=stop_when_no_senders)
+            except ChannelClosed:
+                return
 
     def close_sending(self) -> None:
         """End the channel for every process: no more sends, anywhere.

@@ -40,6 +40,7 @@ __all__ = [
     "HeapFullError",
     # channel
     "ChannelClosed",
+    "SendersGone",
     "MessageTooLarge",
     "Empty",
     "Full",
@@ -179,6 +180,12 @@ class HeapFullError(OutOfSpaceError):
 class ChannelClosed(ShmkitError, EOFError):
     """The channel was closed for sending: ``send`` is refused, and ``recv``
     raises this once the messages already sent have all been received."""
+
+
+class SendersGone(ChannelClosed):
+    """A receive that asked to stop when no sender remains
+    (``stop_when_no_senders=True``) found the channel empty, and every
+    process that had sent on it has closed its handle or died."""
 
 
 class MessageTooLarge(ShmkitError, ValueError):

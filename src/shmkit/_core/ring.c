@@ -640,8 +640,21 @@ static int ring_repair(RingObject *r, MappingObject *m);
  * news it repairs what dead peers left.  Returns 1 ready, 0 timeout, -1
  * with an exception set (Ctrl-C, handle closed meanwhile). */
 int
+ring_senders_gone(RingObject *r, MappingObject *m)
+{
+    if (LOAD(&r->h->reserved) == 0)
+        return 0; /* nobody has sent yet: wait for the first sender */
+    for (uint32_t slot = 0; slot < r->max_slots; slot++) {
+        uint64_t v = LOAD(&r->roles[slot]);
+        if ((v & ROLE_PRODUCER) && shm_token_alive(m, (ROLE_GEN(v) << 10) | slot))
+            return 0;
+    }
+    return 1;
+}
+
+int
 ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t total,
-          int64_t deadline)
+          int64_t deadline, int stop_no_senders)
 {
 #define READY() (space ? space_ready(r, total) : data_ready(r))
     if (deadline != SHM_FOREVER && shm_now_ns() >= deadline)
@@ -683,6 +696,8 @@ ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t tota
         r->spin_ns = spin * 2 + 1000 > SPIN_MAX_NS ? SPIN_MAX_NS : spin * 2 + 1000;
         return 1;
     }
+    if (stop_no_senders && ring_senders_gone(r, m))
+        return 1; /* the caller finds the ring empty and stops */
     struct ring_hdr *h = r->h;
     uint32_t *seq = space ? &h->space_seq : &h->data_seq;
     int result = 0;
@@ -715,6 +730,12 @@ ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t tota
             slice = SLICE_NS;
             if (ring_repair(r, m) < 0) {
                 result = -1;
+                break;
+            }
+            /* A sender that died or closed wakes nobody: look after each
+             * slice without news. */
+            if (stop_no_senders && ring_senders_gone(r, m)) {
+                result = 1;
                 break;
             }
         }

@@ -94,7 +94,8 @@ typedef struct {
 
 
 /* The exception classes (set from Python by ring_set_classes). */
-extern PyObject *ring_ChannelClosed, *ring_MessageTooLarge, *ring_Empty, *ring_Full;
+extern PyObject *ring_ChannelClosed, *ring_MessageTooLarge, *ring_Empty, *ring_Full,
+    *ring_SendersGone;
 
 static inline uint64_t rec_total(uint64_t len) { return 8 + ((len + 7) & ~7ull); }
 static inline rec_t *rec_at(RingObject *r, uint64_t pos)
@@ -157,7 +158,10 @@ void ring_fill(RingObject *r, uint64_t pos, const char *src, Py_ssize_t len);
 
 /* ---- waiting ---- */
 int ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t total,
-              int64_t deadline);
+              int64_t deadline, int stop_no_senders);
+/* Every attachment that ever sent is gone (closed or died), and something
+ * was sent: a receiver that asked to stop then, stops. */
+int ring_senders_gone(RingObject *r, MappingObject *m);
 int ring_backoff(int *fruitless);
 
 #endif

@@ -14,7 +14,8 @@
 #include <string.h>
 
 static PyTypeObject Ring_Type, RecordView_Type;
-PyObject *ring_ChannelClosed, *ring_MessageTooLarge, *ring_Empty, *ring_Full;
+PyObject *ring_ChannelClosed, *ring_MessageTooLarge, *ring_Empty, *ring_Full,
+    *ring_SendersGone;
 
 typedef struct {
     PyObject_HEAD
@@ -164,7 +165,7 @@ ring_send(RingObject *r, MappingObject *m, Py_buffer *bufs, Py_ssize_t n,
             break;
         if (k == 0) {
             int w = nowait ? 0 : ring_wait(r, m, me, 1, rec_total((uint64_t)lens[done]),
-                                           deadline);
+                                           deadline, 0);
             if (w < 0)
                 goto fail;
             if (w == 0) {
@@ -298,8 +299,17 @@ static int view_finish(RingObject *r, MappingObject *m, rec_t *rec, uint32_t tok
  * `into` (R_INTO, returning its length; a message that does not fit stays
  * in the channel).  Waits until the deadline; raises Empty (nowait),
  * Timeout, or ring_ChannelClosed when the channel is closed and drained. */
+static int
+senders_gone_error(RingObject *r)
+{
+    PyErr_Format(ring_SendersGone, "channel %R is empty and every process that sent on "
+                 "it has closed it or died", r->name);
+    return -1;
+}
+
 static PyObject *
-recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into)
+recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into,
+          int stop_no_senders)
 {
     MappingObject *m = ring_enter(r);
     if (m == NULL)
@@ -379,7 +389,11 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
             PyErr_Format(ring_ChannelClosed, "channel %R is closed and drained", r->name);
             break;
         }
-        int w = nowait ? 0 : ring_wait(r, m, me, 0, 0, deadline);
+        if (stop_no_senders && k == T_EMPTY && ring_senders_gone(r, m)) {
+            senders_gone_error(r);
+            break;
+        }
+        int w = nowait ? 0 : ring_wait(r, m, me, 0, 0, deadline, stop_no_senders);
         if (w < 0)
             break;
         if (w == 0) {
@@ -400,19 +414,22 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
 static PyObject *
 Ring_recv(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
 {
-    static const char *const names[] = {"timeout", NULL};
-    PyObject *a[1];
+    static const char *const names[] = {"timeout", "stop_when_no_senders", NULL};
+    PyObject *a[2];
     if (nargs == 0 && kw == NULL)
-        return recv_impl(r, NULL, 0, R_COPY, NULL);
+        return recv_impl(r, NULL, 0, R_COPY, NULL, 0);
     if (parse_args("recv", args, nargs, kw, 0, names, a) < 0)
         return NULL;
-    return recv_impl(r, a[0], 0, R_COPY, NULL);
+    int stop = a[1] ? PyObject_IsTrue(a[1]) : 0;
+    if (stop < 0)
+        return NULL;
+    return recv_impl(r, a[0], 0, R_COPY, NULL, stop);
 }
 
 static PyObject *
 Ring_recv_nowait(RingObject *r, PyObject *Py_UNUSED(ignored))
 {
-    return recv_impl(r, NULL, 1, R_COPY, NULL);
+    return recv_impl(r, NULL, 1, R_COPY, NULL, 0);
 }
 
 static PyObject *
@@ -425,7 +442,7 @@ Ring_take(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
     int nowait = a[1] ? PyObject_IsTrue(a[1]) : 0;
     if (nowait < 0)
         return NULL;
-    return recv_impl(r, a[0], nowait, R_VIEW, NULL);
+    return recv_impl(r, a[0], nowait, R_VIEW, NULL, 0);
 }
 
 static PyObject *
@@ -443,7 +460,7 @@ Ring_recv_into(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
                      Py_TYPE(a[0])->tp_name);
         return NULL;
     }
-    PyObject *res = recv_impl(r, a[1], 0, R_INTO, &b);
+    PyObject *res = recv_impl(r, a[1], 0, R_INTO, &b, 0);
     PyBuffer_Release(&b);
     return res;
 }
@@ -451,9 +468,12 @@ Ring_recv_into(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
 static PyObject *
 Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
 {
-    static const char *const names[] = {"max_n", "timeout", NULL};
-    PyObject *a[2];
+    static const char *const names[] = {"max_n", "timeout", "stop_when_no_senders", NULL};
+    PyObject *a[3];
     if (parse_args("recv_many", args, nargs, kw, 0, names, a) < 0)
+        return NULL;
+    int stop = a[2] ? PyObject_IsTrue(a[2]) : 0;
+    if (stop < 0)
         return NULL;
     Py_ssize_t max_n = 1024;
     if (a[0] && (max_n = PyLong_AsSsize_t(a[0])) == -1 && PyErr_Occurred())
@@ -517,7 +537,11 @@ Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
             failed = 1;
             break;
         }
-        int w = ring_wait(r, m, me, 0, 0, deadline);
+        if (stop && k == T_EMPTY && ring_senders_gone(r, m)) {
+            failed = senders_gone_error(r) < 0;
+            break;
+        }
+        int w = ring_wait(r, m, me, 0, 0, deadline, stop);
         if (w < 0 || (w > 0 && ring_backoff(&fruitless) < 0))
             failed = 1;
         if (w <= 0 || failed)
@@ -769,8 +793,10 @@ static PyMethodDef Ring_methods[] = {
      "lock holding as fit.\nReturns how many were sent; on Timeout the exception's .sent "
      "says how many went.\n\n>>> ch.send_many([b'a', b'b'])\n2"},
     {"recv", (PyCFunction)(void (*)(void))Ring_recv, FAST,
-     "recv(timeout=None) -> bytes\n\nTake the next message; block until one arrives.\n"
-     "Raises Timeout, or ring_ChannelClosed once the channel is closed and drained.\n\n"
+     "recv(timeout=None, stop_when_no_senders=False) -> bytes\n\nTake the next message; "
+     "block until one arrives.\nRaises Timeout, or ring_ChannelClosed once the channel is "
+     "closed and drained.\nWith stop_when_no_senders, also stop (SendersGone, a ChannelClosed) "
+     "once it is\nempty and every process that sent on it has closed it or died.\n\n"
      ">>> ch.recv(timeout=1.0)\nb'hello'"},
     {"recv_into", (PyCFunction)(void (*)(void))Ring_recv_into, FAST,
      "recv_into(buffer, timeout=None) -> int\n\nCopy the next message into a writable "
@@ -780,7 +806,8 @@ static PyMethodDef Ring_methods[] = {
     {"recv_nowait", (PyCFunction)Ring_recv_nowait, METH_NOARGS,
      "recv_nowait() -> bytes\n\nTake the next message or raise Empty (a WouldBlock)."},
     {"recv_many", (PyCFunction)(void (*)(void))Ring_recv_many, FAST,
-     "recv_many(max_n=1024, timeout=None) -> list[bytes]\n\nTake up to max_n messages "
+     "recv_many(max_n=1024, timeout=None, stop_when_no_senders=False) -> list[bytes]\n\n"
+     "Take up to max_n messages "
      "that are ready, waiting for the first;\nreturns [] if the timeout passes first, "
      "raises ring_ChannelClosed once closed and drained."},
     {"_take", (PyCFunction)(void (*)(void))Ring_take, FAST,
@@ -993,9 +1020,10 @@ static PyTypeObject RecordView_Type = {
 static PyObject *
 ring_set_classes(PyObject *Py_UNUSED(mod), PyObject *args)
 {
-    PyObject *closed, *big, *empty, *full;
-    if (!PyArg_ParseTuple(args, "OOOO", &closed, &big, &empty, &full))
+    PyObject *closed, *big, *empty, *full, *gone = NULL;
+    if (!PyArg_ParseTuple(args, "OOOO|O", &closed, &big, &empty, &full, &gone))
         return NULL;
+    Py_XSETREF(ring_SendersGone, Py_NewRef(gone ? gone : closed));
     Py_XSETREF(ring_ChannelClosed, Py_NewRef(closed));
     Py_XSETREF(ring_MessageTooLarge, Py_NewRef(big));
     Py_XSETREF(ring_Empty, Py_NewRef(empty));
@@ -1005,7 +1033,7 @@ ring_set_classes(PyObject *Py_UNUSED(mod), PyObject *args)
 
 static PyMethodDef ring_functions[] = {
     {"ring_set_classes", ring_set_classes, METH_VARARGS,
-     "ring_set_classes(ring_ChannelClosed, ring_MessageTooLarge, Empty, Full)"},
+     "ring_set_classes(ring_ChannelClosed, ring_MessageTooLarge, Empty, Full, SendersGone=None)"},
     {NULL}
 };
 
@@ -1016,6 +1044,7 @@ shm_init_ring(PyObject *module)
     ring_MessageTooLarge = Py_NewRef(PyExc_ValueError);
     ring_Empty = Py_NewRef(PyExc_BlockingIOError);
     ring_Full = Py_NewRef(PyExc_BlockingIOError);
+    ring_SendersGone = Py_NewRef(PyExc_EOFError);
     if (PyType_Ready(&Ring_Type) < 0 || PyType_Ready(&RecordView_Type) < 0)
         return -1;
     if (PyModule_AddFunctions(module, ring_functions) < 0)
