@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,12 @@ from typing import Any, Callable, Iterator
 import pytest
 
 SPAWN = multiprocessing.get_context("spawn")
+
+# A test run started in the background of a non-interactive shell inherits
+# SIGINT ignored, and so would every child it starts: Python then never
+# raises KeyboardInterrupt, and the Ctrl-C tests could not test anything.
+# A handler here is reset to the default in exec'd children.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 SOURCE_TREE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 # SHMKIT_TEST_INSTALLED=1 (`make wheel-test`) tests the installed package, not the
 # source tree: SRC, which child processes get as PYTHONPATH, is then the directory
