@@ -664,12 +664,14 @@ t_wait_even(TableObject *t, uint64_t *e)
                                "debugger; SIGCONT resumes it) and" : "");
         else
             snprintf(who, sizeof who, "its writer");
+        char secs[32];
+        snprintf(secs, sizeof secs, "%.3g", t->read_timeout_ns / 1e9);
         PyErr_Format(shm_TimeoutError ? shm_TimeoutError : PyExc_TimeoutError,
                      "a batch was being published for longer than the store's "
-                     "read_timeout (%.3g s): %s has held the store's lock since it "
+                     "read_timeout (%s s): %s has held the store's lock since it "
                      "began (it may be stopped or very slow); raise read_timeout=, or "
                      "resume or kill that process",
-                     t->read_timeout_ns / 1e9, who);
+                     secs, who);
         return -1;
     }
     if (t_live(t) < 0)
