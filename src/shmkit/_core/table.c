@@ -27,6 +27,22 @@
  * Recycles happen after about 1/8 of the heap is pending, so readers rarely
  * retry and the epoch's cache line is rarely written.
  *
+ * Views (Store.view) hand out a record's bytes in place, so its space must
+ * not be reused while one is held.  Each attachment counts its live views in
+ * the header's views[its attach slot], tagged with its generation.  A view
+ * adds one (seq_cst CAS, then a full fence) before it loads the epoch, and
+ * is handed out only if the epoch did not move; a recycle reads the counts,
+ * adds 2 to the epoch, makes a full fence and reads them again.  Either the
+ * recycle sees the count and is deferred, or the view sees the new epoch
+ * and retries.  Counts of dead attachments (shm_token_alive) are ignored and
+ * cleared, so a process killed holding views holds nothing.  See
+ * t_views_busy and t_recycle_ex.
+ *
+ * Waiting readers sleep through shm_wait_until (wait.h) on the epoch's low
+ * 32 bits (little-endian: the u64's first four bytes), woken by the writer
+ * that makes it even, up to the store's read timeout (Timeout naming the
+ * lock holder's pid and whether it is stopped).
+ *
  * Crash safety.  Every single publication is one atomic store, and the block
  * chain is consistent after every store (splits write the tail's header
  * before the head's new size; merges write one size).  A writer that dies
@@ -2041,21 +2057,17 @@ finish_pickle(TableObject *t, PyObject *raw)
 /* The lock-free read.  Returns a new reference (Py_None when only presence
  * was asked) and sets *found; NULL with an exception on error. */
 static PyObject *
-t_lookup_ex(TableObject *t, PyObject *key, int mode, int *found, Py_buffer *into)
+t_lookup_key(TableObject *t, const TKey *kp, int mode, int *found, Py_buffer *into)
 {
     uint64_t end = t_enter(t);
     if (end == 0)
         return NULL;
-    TKey k;
-    if (key_encode(t, key, &k) < 0)
-        return NULL;
+    TKey k = *kp;
     PyObject *out = NULL;
     int held = 0;
     if (mode == M_VIEW) { /* before the epoch is loaded: see t_views_busy */
-        if (view_hold(t) < 0) {
-            key_release(&k);
+        if (view_hold(t) < 0)
             return NULL;
-        }
         held = 1;
     }
     if (t_in_batch(t)) {
@@ -2153,6 +2165,18 @@ locked:
 done:
     if (held && t->m->base != NULL)
         view_unhold(t->m, t->poff, t->m->token);
+    return out;
+}
+
+static PyObject *
+t_lookup_ex(TableObject *t, PyObject *key, int mode, int *found, Py_buffer *into)
+{
+    if (t_enter(t) == 0)
+        return NULL;
+    TKey k;
+    if (key_encode(t, key, &k) < 0)
+        return NULL;
+    PyObject *out = t_lookup_key(t, &k, mode, found, into);
     key_release(&k);
     return out;
 }
@@ -2213,36 +2237,74 @@ table_get_many(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "get_many(keys, default=<raise KeyError>)");
         return NULL;
     }
-    PyObject *seq = PySequence_Fast(args[0], "get_many(): keys must be iterable");
+    /* a tuple of its own: decoding may run Python code that changes a list */
+    PyObject *seq = PySequence_Tuple(args[0]);
     if (seq == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    PyObject **items = ((PyTupleObject *)seq)->ob_item;
     PyObject *list = PyList_New(n);
     if (list == NULL) {
         Py_DECREF(seq);
         return NULL;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int found = 0;
-        PyObject *o = t_lookup(t, items[i], M_GET, &found);
-        if (o != NULL && !found) {
-            Py_DECREF(o);
-            o = NULL;
-            if (nargs == 2)
-                o = Py_NewRef(args[1]);
+    /* In chunks: hash every key and prefetch its home slot, then prefetch
+     * the records those slots name, then look each up as get() does; the
+     * cache misses of a chunk overlap instead of coming one after another.
+     * The prefetches only warm caches (they never fault and decide nothing). */
+    enum { CHUNK = 16 };
+    TKey ks[CHUNK];
+    for (Py_ssize_t i0 = 0; i0 < n; i0 += CHUNK) {
+        int m = n - i0 < CHUNK ? (int)(n - i0) : CHUNK, enc = 0, err = 0;
+        uint64_t end = t_enter(t), nslots = 0;
+        if (end == 0)
+            goto fail;
+        const char *P = PAY(t);
+        uint64_t ix = LDA(&HDR(t)->index);
+        int ok = index_ok(P, end, ix, &nslots);
+        const uint64_t *slots = ok ? W64(P, ix + T_INDEX_HDR) : NULL;
+        for (; enc < m; enc++) {
+            if (key_encode(t, items[i0 + enc], &ks[enc]) < 0) {
+                err = 1;
+                break;
+            }
+            if (ok)
+                __builtin_prefetch(&slots[ks[enc].h & (nslots - 1)]);
+        }
+        for (int j = 0; ok && !err && j < m; j++) {
+            uint64_t w = LDR(&slots[ks[j].h & (nslots - 1)]);
+            if (w > W_TOMB && word_off(w) < end) {
+                __builtin_prefetch(P + word_off(w));
+                __builtin_prefetch(P + word_off(w) + 64);
+            }
+        }
+        for (int j = 0; !err && j < m; j++) {
+            int found = 0;
+            PyObject *o = t_lookup_key(t, &ks[j], M_GET, &found, NULL);
+            if (o != NULL && !found) {
+                Py_DECREF(o);
+                o = NULL;
+                if (nargs == 2)
+                    o = Py_NewRef(args[1]);
+                else
+                    PyErr_SetObject(PyExc_KeyError, items[i0 + j]);
+            }
+            if (o == NULL)
+                err = 1;
             else
-                PyErr_SetObject(PyExc_KeyError, items[i]);
+                PyList_SET_ITEM(list, i0 + j, o);
         }
-        if (o == NULL) {
-            Py_DECREF(list);
-            Py_DECREF(seq);
-            return NULL;
-        }
-        PyList_SET_ITEM(list, i, o);
+        for (int j = 0; j < enc; j++)
+            key_release(&ks[j]);
+        if (err)
+            goto fail;
     }
     Py_DECREF(seq);
     return list;
+fail:
+    Py_DECREF(list);
+    Py_DECREF(seq);
+    return NULL;
 }
 
 /* A lookup in `mode` that raises KeyError when the key is absent. */
