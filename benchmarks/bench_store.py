@@ -275,6 +275,40 @@ def get_store(n: int) -> float:
     return time.perf_counter() - t0
 
 
+@workload(GET, system="shmkit.Store.get_many, 100 keys a call")
+def get_many_store(n: int) -> float:
+    st = _filled_store()
+    keys = _order(n)
+    calls = [keys[i:i + 100] for i in range(0, n, 100)]
+    t0 = time.perf_counter()
+    for c in calls:
+        st.get_many(c)
+    return time.perf_counter() - t0
+
+
+@workload(GET, system="shmkit.Store.get_into, one reused buffer")
+def get_into_store(n: int) -> float:
+    st = _filled_store()
+    keys = _order(n)
+    buf = bytearray(len(VALUE))
+    get_into = st.get_into
+    t0 = time.perf_counter()
+    for k in keys:
+        get_into(k, buf)
+    return time.perf_counter() - t0
+
+
+@workload(GET, system="shmkit.Store.view, with-block per get")
+def view_store(n: int) -> float:
+    st = _filled_store()
+    keys = _order(n)
+    t0 = time.perf_counter()
+    for k in keys:
+        with st.view(k) as mv:
+            mv[0]
+    return time.perf_counter() - t0
+
+
 @workload(GET, system="py-lmdb, a transaction per get", requires=("lmdb",))
 def get_lmdb(n: int) -> float:
     env = _filled_lmdb()

@@ -276,16 +276,17 @@ def test_opened_as_another_kind(names):
             Segment.open(b)
 
 
-def test_other_format_version_is_refused(name):
+@pytest.mark.parametrize("version", [1, 9])  # 1: made before views were counted
+def test_other_format_version_is_refused(name, version):
     Store(name).close()
     path = f"/dev/shm/shmkit.{name}"
     with open(path, "r+b") as f:
         f.seek(1024)
         raw = f.read(200)
-        assert b'"format":1' in raw
+        assert b'"format":2' in raw
         f.seek(1024)
-        f.write(raw.replace(b'"format":1', b'"format":9'))
-    with pytest.raises(FormatVersionError, match="format 9"):
+        f.write(raw.replace(b'"format":2', b'"format":%d' % version))
+    with pytest.raises(FormatVersionError, match=f"format {version}; this shmkit reads format 2"):
         Store.open(name)
 
 

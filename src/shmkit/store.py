@@ -56,8 +56,10 @@ from .segment import PAGE, Kind, Segment, _align
 
 __all__ = ["Store"]
 
-FORMAT = 1  # the store's own layout version, kept in the segment's layout JSON
+FORMAT = 2  # the store's own layout version, kept in the segment's layout JSON
+# (2: the header's per-attachment view counts; format 1 stores are refused)
 _DEFAULT_SIZE = 256 << 10
+READ_TIMEOUT = 30.0  # seconds a read waits for another process's batch by default
 _MIN_SIZE = 16 << 10
 _VT_NDARRAY = 8
 _VT_PICKLE = 9
@@ -139,6 +141,15 @@ def _decode(vtype: int, data: bytes, body_len: int = 0) -> Any:
         raise ValueError("unreadable array header") from None
 
 
+def _check_timeout(what: str, value: Any) -> None:
+    if value is None:
+        return
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not value >= 0 or value == float("inf")):
+        raise ValueError(f"{what} must be a number of seconds >= 0 or None (no "
+                         f"limit), not {value!r}")
+
+
 def _grow(seg: Segment, need: int) -> None:
     """Grow the store's segment by at least ``need`` bytes (geometrically)."""
     old = seg.size
@@ -188,6 +199,11 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
     timeout:
         Seconds a write may wait for another writer (``None``: no limit);
         :class:`shmkit.Timeout` after that.
+    read_timeout:
+        Seconds a read (``get``, ``in``, ``get_into``, ``get_many``, ``view``,
+        iteration) may wait for a batch another process is publishing
+        (default: ``timeout`` when given, else 30; ``None``: no limit); :class:`shmkit.Timeout` after that,
+        naming the writer's pid and whether it is stopped.
     lifetime, mode, max_size, max_attach:
         As for :class:`shmkit.Segment`; ``max_size`` (default 4 GiB) bounds
         growth and costs only address space.  ``lifetime`` defaults to
@@ -226,7 +242,8 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
     def __init__(self, name: str | None = None, *, size: int | None = None,
                  path: str | os.PathLike[str] | None = None, codec: str | None = DEFAULT,
                  readonly: bool = False, create: bool | None = None,
-                 timeout: float | None = None, lifetime: str = DEFAULT,
+                 timeout: float | None = None,
+                 read_timeout: float | None = DEFAULT, lifetime: str = DEFAULT,
                  mode: int = 0o600, max_size: int | None = None,
                  max_attach: int = DEFAULT,
                  on_destroy: Callable[[], Any] | None = None,
@@ -237,6 +254,9 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
                                  or size < _MIN_SIZE):
             raise ValueError(f"size must be an int of at least {_MIN_SIZE} bytes, "
                              f"not {size!r}")
+        if not given(read_timeout):
+            read_timeout = timeout if timeout is not None else READ_TIMEOUT
+        _check_timeout("read_timeout", read_timeout)
         if max_size is not None and max_size > 1 << 44:
             raise ValueError("max_size cannot exceed 16 TiB")
         layout = {"format": FORMAT, "codec": (codec if given(codec) else None) or "none"}
@@ -254,10 +274,11 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
                              create=create, layout=layout, init=init, readonly=readonly,
                              mode=mode, max_size=max_size, trust_owner=trust_owner, **extra)
         self._on_destroy = on_destroy
-        self._adopt(seg, codec=codec, timeout=timeout, size=size, max_size=max_size,
-                    lifetime=lifetime, max_attach=max_attach)
+        self._adopt(seg, codec=codec, timeout=timeout, read_timeout=read_timeout,
+                    size=size, max_size=max_size, lifetime=lifetime, max_attach=max_attach)
 
     def _adopt(self, seg: Segment, codec: Any = DEFAULT, timeout: float | None = None,
+               read_timeout: Any = DEFAULT,
                size: int | None = None, max_size: int | None = None,
                lifetime: Any = DEFAULT, max_attach: Any = DEFAULT) -> None:
         try:
@@ -291,9 +312,12 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         self._seg = seg
         self._codec = "pickle" if have == "pickle" else None
         pick = self._codec == "pickle"
+        if not given(read_timeout):
+            read_timeout = timeout if timeout is not None else READ_TIMEOUT
         self._bind(seg._mapping, seg._hsize, readonly=seg.readonly, pickle=pick,
                    encode=_encode_pickle if pick else _encode_plain,
-                   decode=_decode, grow=functools.partial(_grow, seg), timeout=timeout)
+                   decode=_decode, grow=functools.partial(_grow, seg), timeout=timeout,
+                   read_timeout=read_timeout)
         with _live_lock:
             _live[id(self)] = self
 
@@ -354,6 +378,91 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
                     seen.append(h)
                     yield entry
             skip.update(wrapped)
+
+    # -- reading in place ---------------------------------------------------
+
+    def get_into(self, key: Any, buffer: Any) -> int:  # type: ignore[override]
+        """Copy a ``bytes`` or numpy array value's bytes into ``buffer``; return their count.
+
+        ``buffer`` is any writable C-contiguous buffer (bytearray, numpy
+        array, memoryview).  The first ``n`` bytes receive the value (an
+        array's data in C order, without its dtype or shape); the rest are
+        left as they were.  A buffer smaller than the value raises
+        :class:`ValueTooLargeError` (a ValueError) naming both sizes and
+        leaves the buffer unchanged; a missing key raises KeyError; a value of
+        another type (str, int, ...) raises :class:`UnsupportedTypeError` (a
+        TypeError).  Large copies run with the GIL released.
+
+        >>> import numpy as np
+        >>> with Store(None) as st:
+        ...     st["k"] = b"abc"
+        ...     buf = bytearray(8)
+        ...     st.get_into("k", buf), bytes(buf[:3])
+        (3, b'abc')
+        """
+        return _core.Table.get_into(self, key, buffer)
+
+    def get_many(self, keys: Any, *default: Any) -> list:  # type: ignore[override]
+        """The values of ``keys``, in order, in one call.
+
+        A missing key raises KeyError, unless a ``default`` is given, which
+        then stands for it.  Each value is read consistently on its own (the
+        list is not one snapshot: use :meth:`batch` on the writing side for
+        keys that must change together).
+
+        >>> with Store(None) as st:
+        ...     st["a"] = 1; st["b"] = 2
+        ...     st.get_many(["a", "b"]), st.get_many(["a", "x"], None)
+        ([1, 2], [1, None])
+        """
+        return _core.Table.get_many(self, keys, *default)
+
+    def view(self, key: Any) -> "StoreView":
+        """The bytes of a ``bytes`` or array value in place, without a copy.
+
+        Use it as a context manager: ``with st.view(key) as mv:`` gives a
+        read-only memoryview (``.array`` on the view object is a read-only
+        numpy array for array values).  While the view is held, the record's
+        memory is not reused: writers may overwrite or delete the key and
+        vacuum, and the view keeps showing the bytes it was taken on; the
+        space is reclaimed by the first recycle after it is released.  A
+        process killed while holding views holds nothing afterwards.  Any
+        buffer made from the view (``np.frombuffer(mv)``, a slice) keeps the
+        record held until it is released too.  KeyError for a missing key,
+        UnsupportedTypeError for other value types, ReadOnlyError on a
+        readonly handle (a view counts itself in the store's header).
+
+        >>> with Store(None) as st:
+        ...     st["k"] = b"abc"
+        ...     with st.view("k") as mv:
+        ...         bytes(mv[:2])
+        b'ab'
+        """
+        return StoreView(self, key)
+
+    @contextlib.contextmanager
+    def view_array(self, key: Any) -> Iterator[Any]:
+        """``with st.view_array(key) as a:`` a read-only numpy array in place.
+
+        As :meth:`view`, for a key holding a numpy array (UnsupportedTypeError
+        otherwise).
+
+        >>> import numpy as np
+        >>> with Store(None) as st:
+        ...     st["a"] = np.arange(4)
+        ...     with st.view_array("a") as a:
+        ...         int(a.sum())
+        6
+        """
+        v = StoreView(self, key)
+        try:
+            if v.array is None:
+                raise UnsupportedTypeError(
+                    f"view_array(): the value of {key!r} is bytes, not a numpy array; "
+                    "use view()")
+            yield v.array
+        finally:
+            v.release()
 
     # -- store operations ---------------------------------------------------
 
@@ -453,6 +562,60 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
                 f"used={self.used_bytes}>")
 
     __hash__ = None  # type: ignore[assignment]
+
+
+class StoreView:
+    """A stored ``bytes`` or array value held in place (see :meth:`Store.view`).
+
+    ``memory`` is a read-only memoryview of the value's bytes; ``array`` the
+    read-only numpy array for array values (else None).  ``release()`` (or
+    leaving the ``with`` block) ends it.
+    """
+
+    __slots__ = ("_raw", "memory", "array", "__weakref__")
+
+    def __init__(self, store: Store, key: Any) -> None:
+        raw, vtype, head = store._view(key)
+        self._raw = raw
+        self.memory: memoryview | None = memoryview(raw)
+        self.array: Any = None
+        if head is not None:
+            try:
+                empty = _decode(_VT_NDARRAY, head, len(self.memory))
+                np = _np()
+                if empty.size:
+                    arr = np.frombuffer(raw, dtype=empty.dtype).reshape(empty.shape)
+                else:
+                    arr = empty
+                    arr.flags.writeable = False
+                self.array = arr
+            except BaseException:
+                self.release()
+                raise
+
+    def __enter__(self) -> memoryview:
+        if self.memory is None:
+            raise ValueError("this store view was released; take a new one")
+        return self.memory
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """End the view: the record may be reused once no buffer made from it is left."""
+        self.array = None
+        mv, self.memory = self.memory, None
+        if mv is not None:
+            try:
+                mv.release()
+            except BufferError:
+                pass  # a buffer made from it is alive: it keeps the record held
+        self._raw._release()
+
+    @property
+    def held(self) -> bool:
+        """True while the record is held (this view or a buffer made from it is alive)."""
+        return bool(self._raw._held)
 
 
 class _Items(ItemsView):

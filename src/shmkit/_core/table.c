@@ -27,6 +27,22 @@
  * Recycles happen after about 1/8 of the heap is pending, so readers rarely
  * retry and the epoch's cache line is rarely written.
  *
+ * Views (Store.view) hand out a record's bytes in place, so its space must
+ * not be reused while one is held.  Each attachment counts its live views in
+ * the header's views[its attach slot], tagged with its generation.  A view
+ * adds one (seq_cst CAS, then a full fence) before it loads the epoch, and
+ * is handed out only if the epoch did not move; a recycle reads the counts,
+ * adds 2 to the epoch, makes a full fence and reads them again.  Either the
+ * recycle sees the count and is deferred, or the view sees the new epoch
+ * and retries.  Counts of dead attachments (shm_token_alive) are ignored and
+ * cleared, so a process killed holding views holds nothing.  See
+ * t_views_busy and t_recycle_ex.
+ *
+ * Waiting readers sleep through shm_wait_until (wait.h) on the epoch's low
+ * 32 bits (little-endian: the u64's first four bytes), woken by the writer
+ * that makes it even, up to the store's read timeout (Timeout naming the
+ * lock holder's pid and whether it is stopped).
+ *
  * Crash safety.  Every single publication is one atomic store, and the block
  * chain is consistent after every store (splits write the tail's header
  * before the head's new size; merges write one size).  A writer that dies
@@ -51,11 +67,14 @@
  * shm_crash_point("table.<op>.<step>") (list in docs/store.md).
  */
 #include "table.h"
+#include "wait.h"
 #include <errno.h>
+#include <stdio.h>
 #include <time.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <pythread.h>
 #include <structmember.h>
 
@@ -171,6 +190,7 @@ typedef struct {
     int readonly;
     int pickle;           /* codec="pickle" */
     int64_t timeout_ns;   /* writer lock wait; -1 forever */
+    int64_t read_timeout_ns; /* readers' wait for a batch to be published; -1 forever */
     PyObject *encode_hook; /* value -> (vtype, head, body) for other types */
     PyObject *decode_hook; /* (vtype, bytes) -> object or empty ndarray */
     PyObject *grow_hook;   /* need -> None: grows the segment */
@@ -549,62 +569,134 @@ epoch_same(THeader *h, uint64_t e)
     return LDR(&h->epoch) == e;
 }
 
-/* A reader found the epoch odd: a batch is being published.  Spin, then
- * sleep (GIL released) until it is even again, however long the batch.
+/* The epoch as a futex word: its low 32 bits (the layout is little-endian,
+ * table.h, so they are the u64's first four bytes).  A batch changes the
+ * epoch by one, so those bits change whenever the epoch does. */
+#define EPOCH_WORD(h) ((uint32_t *)&(h)->epoch)
+
+/* After the epoch was made even: wake the readers asleep on it. */
+static inline void
+epoch_wake(THeader *h)
+{
+    shm_futex_wake(EPOCH_WORD(h), INT32_MAX);
+}
+
+/* The pid of the attachment named by token (0 if unknown), from the
+ * segment's attach table, and whether /proc says it is stopped. */
+static uint32_t
+token_pid(TableObject *t, uint32_t token, int *stopped)
+{
+    MappingObject *m = t->m;
+    uint32_t slot = SHM_TOKEN_SLOT(token), pid;
+    *stopped = 0;
+    if (token == 0 || slot >= m->max_slots)
+        return 0;
+    uint64_t off = (uint64_t)m->table_off + (uint64_t)slot * SHM_SLOT_SIZE;
+    if (m->table_off < 0 || off + 8 > (uint64_t)m->length)
+        return 0;
+    pid = __atomic_load_n((uint32_t *)(m->base + off + 4), __ATOMIC_RELAXED);
+    if (pid == 0)
+        return 0;
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%u/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (f != NULL) {
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[n] = 0;
+        char *rp = strrchr(buf, ')');
+        if (rp != NULL && rp[1] == ' ' && (rp[2] == 'T' || rp[2] == 't'))
+            *stopped = 1;
+    }
+    return pid;
+}
+
+typedef struct {
+    TableObject *t;
+    THeader *h;
+    uint64_t even; /* out: the even epoch seen */
+    int dead;      /* out: nobody alive is publishing */
+} TEvenWait;
+
+static int
+even_ready(void *ctx, uint32_t *sleep_on)
+{
+    TEvenWait *w = ctx;
+    uint64_t v = LDA(&w->h->epoch);
+    if (!(v & 1)) {
+        w->even = v;
+        return 1;
+    }
+    if (w->dead)
+        return 1;
+    *sleep_on = (uint32_t)v;
+    return 0;
+}
+
+/* Between slices asleep: is the batch's writer (the lock's holder) alive? */
+static int
+even_check(void *ctx)
+{
+    TEvenWait *w = ctx;
+    uint64_t v = LDA(&w->h->epoch);
+    uint32_t owner = LDA(&w->h->lock) & SHM_TOKEN_MASK;
+    if (LDA(&w->h->epoch) == v && (v & 1) &&
+        (owner == 0 || !shm_token_alive(w->t->m, owner)))
+        w->dead = 1;
+    return 0;
+}
+
+/* A reader found the epoch odd: a batch is being published.  Wait through
+ * the core's wait (wait.h): spin, then sleep on the epoch's low 32 bits with
+ * the GIL released, checking between slices that the lock's holder lives.
  * Returns 0 with the even epoch in *e; 1 when nobody alive is publishing
  * (its writer died, or damage), so the caller must read under the lock,
- * which repairs; -1 with Timeout after the store's timeout, or on Ctrl-C. */
+ * which repairs; -1 with Timeout after the store's read timeout (naming the
+ * writer's pid, and whether it is stopped), or on Ctrl-C. */
 static int
 t_wait_even(TableObject *t, uint64_t *e)
 {
     THeader *h = HDR(t);
-    int64_t deadline = 0;
-    long pause_ns = 2000;
-    int r = 1;
     if (t->lock_depth > 0 && t->lock_thread == PyThread_get_thread_ident())
         return 1; /* we hold the lock: nobody else can be publishing */
+    TEvenWait ew = {t, h, 0, 0};
+    shm_wait w = {.m = t->m, .word = EPOCH_WORD(h), .ctx = &ew, .ready = even_ready,
+                  .check = even_check, .spin_ns = SHM_WAIT_SPIN_NS, .what = "store"};
+    int64_t deadline = t->read_timeout_ns < 0 ? SHM_FOREVER
+                                              : shm_now_ns() + t->read_timeout_ns;
     shm_pin(t->mapping); /* we let other threads run: keep the memory mapped */
-    for (int i = 0;; i++) {
-        uint64_t v = LDA(&h->epoch);
-        if (!(v & 1)) {
-            *e = v;
-            r = 0;
-            break;
-        }
-        if (i < 256) {
-            cpu_relax();
-            continue;
-        }
-        int64_t now = shm_now_ns();
-        if (deadline == 0)
-            deadline = t->timeout_ns < 0 ? SHM_FOREVER : now + t->timeout_ns;
-        uint32_t owner = LDA(&h->lock) & SHM_TOKEN_MASK;
-        if (LDA(&h->epoch) != v)
-            continue;
-        if (owner == 0 || !shm_token_alive(t->m, owner))
-            break;
-        if (now >= deadline) {
-            PyErr_SetString(shm_TimeoutError ? shm_TimeoutError : PyExc_TimeoutError,
-                            "a batch was being published for longer than the store's "
-                            "timeout");
-            r = -1;
-            break;
-        }
-        struct timespec ts = {0, pause_ns};
-        Py_BEGIN_ALLOW_THREADS
-        nanosleep(&ts, NULL);
-        Py_END_ALLOW_THREADS
-        if (PyErr_CheckSignals() < 0) {
-            r = -1;
-            break;
-        }
-        if (pause_ns < 1000000)
-            pause_ns *= 2;
-    }
+    int r = shm_wait_until(&w, deadline);
     shm_unpin(t->mapping);
-    if (r >= 0 && t_live(t) < 0)
+    if (r < 0)
         return -1;
-    return r;
+    if (r == 0) {
+        uint32_t owner = LDA(&h->lock) & SHM_TOKEN_MASK;
+        int stopped = 0;
+        uint32_t pid = token_pid(t, owner, &stopped);
+        char who[160];
+        if (pid)
+            snprintf(who, sizeof who, "its writer, pid %u,%s", pid,
+                     stopped ? " is stopped (/proc/<pid>/stat state T: SIGSTOP or a "
+                               "debugger; SIGCONT resumes it) and" : "");
+        else
+            snprintf(who, sizeof who, "its writer");
+        char secs[32];
+        snprintf(secs, sizeof secs, "%.3g", t->read_timeout_ns / 1e9);
+        PyErr_Format(shm_TimeoutError ? shm_TimeoutError : PyExc_TimeoutError,
+                     "a batch was being published for longer than the store's "
+                     "read_timeout (%s s): %s has held the store's lock since it "
+                     "began (it may be stopped or very slow); raise read_timeout=, or "
+                     "resume or kill that process",
+                     secs, who);
+        return -1;
+    }
+    if (t_live(t) < 0)
+        return -1;
+    uint64_t v = ew.dead ? LDA(&h->epoch) : ew.even;
+    if (v & 1)
+        return 1; /* its writer died mid-batch: read under the lock, which repairs */
+    *e = v;
+    return 0;
 }
 
 /* Decode a record's value.  With *post set on return, the result is raw
@@ -940,15 +1032,86 @@ t_free(TableObject *t, uint64_t off)
     shm_crash_point("table.free.counted");
 }
 
-/* Make pending space reusable: bump the epoch, then walk the chain,
- * merging runs of free blocks and rebuilding the free lists. */
+/* ---- views: a per-attachment count that holds recycling off ----------------
+ * A view (Store.view) hands out the bytes of a record in place, so the
+ * record's space must not be reused while it is held.  Each attachment
+ * counts its live views in views[its slot], tagged with its generation.
+ * The reader adds one (a sequentially consistent read-modify-write, then a
+ * full fence) before it loads the epoch and probes; a recycle adds 2 to the
+ * epoch, makes a full fence, then reads the counts.  So either the recycle
+ * sees the count (and is deferred), or the reader sees the new epoch (and
+ * retries, finding the record that is current after the recycle).  Counts
+ * of a dead attachment (its token no longer alive) are ignored and cleared,
+ * so a process killed while it held a view holds nothing afterwards. */
+static uint32_t
+view_slots(TableObject *t)
+{
+    uint32_t n = t->m->max_slots;
+    return n < T_VIEW_SLOTS ? n : T_VIEW_SLOTS;
+}
+
+/* 1 if some live attachment holds a view (lock held). */
 static int
-t_recycle(TableObject *t)
+t_views_busy(TableObject *t)
+{
+    THeader *h = HDR(t);
+    uint32_t n = view_slots(t);
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t w = __atomic_load_n(&h->views[i], __ATOMIC_SEQ_CST);
+        if ((w & T_VIEW_MAX) == 0)
+            continue;
+        uint32_t token = ((w >> T_VIEW_BITS) << 10) | i;
+        if (shm_token_alive(t->m, token))
+            return 1;
+        /* dead: its views went with it (fails harmlessly if it changed) */
+        __atomic_compare_exchange_n(&h->views[i], &w, 0, 0, __ATOMIC_SEQ_CST,
+                                    __ATOMIC_RELAXED);
+    }
+    return 0;
+}
+
+/* A recycle found live views after the free lists may have gone stale (in
+ * recovery or a vacuum): park all free space as pending, none allocatable,
+ * until a recycle that finds no views. */
+static int
+t_park(TableObject *t)
+{
+    char *P = PAY(t);
+    THeader *h = HDR(t);
+    uint64_t end = t->end, off, size, free_bytes = 0;
+    for (off = T_HEADER; off < end; off += size) {
+        uint64_t head = LDR(W64(P, off));
+        size = head & ~(uint64_t)B_FLAGS;
+        if (size < T_MIN_BLOCK || size > end - off) {
+            h->state |= ST_DIRTY;
+            return corrupt("block at %llu has size %llu", (unsigned long long)off,
+                           (unsigned long long)size);
+        }
+        if (!(head & B_USED))
+            free_bytes += size;
+    }
+    memset(h->bins, 0, sizeof h->bins);
+    h->top = 0;
+    h->pending = free_bytes;
+    return 1;
+}
+
+/* Make pending space reusable: bump the epoch, then walk the chain,
+ * merging runs of free blocks and rebuilding the free lists.  Returns 0, or
+ * 1 when deferred because a live attachment holds views (with `trusted`,
+ * the free lists are left as they are; otherwise they are parked), or -1. */
+static int
+t_recycle_ex(TableObject *t, int trusted)
 {
     char *P = PAY(t);
     THeader *h = HDR(t);
     uint64_t end = t->end, off = T_HEADER, run = 0, runsize = 0;
+    if (t_views_busy(t))
+        return trusted ? 1 : t_park(t);
     epoch_bump(h, 2);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the epoch, then the view counts */
+    if (t_views_busy(t))
+        return t_park(t);
     shm_crash_point("table.recycle.epoch");
     memset(h->bins, 0, sizeof h->bins);
     h->top = 0;
@@ -985,6 +1148,13 @@ t_recycle(TableObject *t)
     h->recycles++;
     shm_crash_point("table.recycle.done");
     return 0;
+}
+
+/* A recycle where the free lists are trusted (deferred: nothing changes). */
+static int
+t_recycle(TableObject *t)
+{
+    return t_recycle_ex(t, 1);
 }
 
 /* Extend the heap to the segment's (grown) size.  Crash-safe: the new
@@ -1541,8 +1711,10 @@ t_recover(TableObject *t)
         }
         h->state &= ~ST_COMMIT;
     }
-    if (LDR(&h->epoch) & 1)
+    if (LDR(&h->epoch) & 1) {
         epoch_bump(h, 1); /* even: publishes the redone words */
+        epoch_wake(h);
+    }
 
     TMarks mk;
     TRecoverWalk rw = {P, end, 0};
@@ -1552,16 +1724,275 @@ t_recover(TableObject *t)
     STR(&h->count, mk.count);
     STR(&h->tombstones, mk.tombs);
     STR(&h->used, rw.used);
-    if (t_recycle(t) < 0)
+    if (t_recycle_ex(t, 0) < 0)
         return -1;
     h->recoveries++;
     h->state &= ~ST_DIRTY;
     return 0;
 }
 
+/* ---- views: holding a record in place ------------------------------------- */
+
+/* Add one to this attachment's view count (see t_views_busy).  0, or -1. */
+static int
+view_hold(TableObject *t)
+{
+    uint32_t token = t->m->token, slot = SHM_TOKEN_SLOT(token), gen = SHM_TOKEN_GEN(token);
+    if (t->readonly) {
+        PyErr_SetString(SHM_READONLY_EXC,
+                        "view() counts itself in the store's header, which a "
+                        "readonly=True handle cannot write; use get_into() or get(), "
+                        "or open the store writable");
+        return -1;
+    }
+    if (token == 0 || slot >= view_slots(t)) {
+        PyErr_Format(PyExc_ValueError,
+                     "view() is available to the first %u attachments of a store and "
+                     "this process holds attach slot %u; use get_into() or get()",
+                     (unsigned)T_VIEW_SLOTS, (unsigned)slot);
+        return -1;
+    }
+    uint32_t *w = &HDR(t)->views[slot], old = __atomic_load_n(w, __ATOMIC_RELAXED), nw;
+    do {
+        if ((old >> T_VIEW_BITS) != gen)
+            nw = (gen << T_VIEW_BITS) | 1; /* a dead predecessor's count */
+        else if ((old & T_VIEW_MAX) == T_VIEW_MAX) {
+            PyErr_Format(PyExc_ValueError,
+                         "this process already holds %u views of the store, the most "
+                         "it can; release some first", (unsigned)T_VIEW_MAX);
+            return -1;
+        } else
+            nw = old + 1;
+    } while (!__atomic_compare_exchange_n(w, &old, nw, 0, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_RELAXED));
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the count, then the epoch */
+    return 0;
+}
+
+static void
+view_unhold(MappingObject *m, uint64_t poff, uint32_t token)
+{
+    if (m->base == NULL || m->token != token)
+        return; /* closed, or a forked child: not ours to count down */
+    uint32_t slot = SHM_TOKEN_SLOT(token), gen = SHM_TOKEN_GEN(token);
+    if (slot >= T_VIEW_SLOTS || poff + T_HEADER > (uint64_t)m->length)
+        return;
+    uint32_t *w = &((THeader *)(m->base + poff))->views[slot];
+    uint32_t old = __atomic_load_n(w, __ATOMIC_RELAXED);
+    do {
+        if ((old >> T_VIEW_BITS) != gen || (old & T_VIEW_MAX) == 0)
+            return;
+    } while (!__atomic_compare_exchange_n(w, &old, old - 1, 0, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_RELAXED));
+}
+
+/* The bytes of one record handed out in place: a read-only buffer that
+ * holds the record (its attachment's view count) until it is released and
+ * every buffer made from it is gone. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *mapping; /* pinned while held */
+    uint64_t poff;
+    char *p;
+    Py_ssize_t n;
+    uint32_t token;
+    pid_t pid;
+    Py_ssize_t exports;
+    int held, released;
+} ViewObject;
+
+static void
+view_drop(ViewObject *v)
+{
+    if (!v->held)
+        return;
+    v->held = 0;
+    MappingObject *m = (MappingObject *)v->mapping;
+    if (getpid() == v->pid)
+        view_unhold(m, v->poff, v->token);
+    shm_unpin(v->mapping);
+}
+
+static int
+view_getbuffer(ViewObject *v, Py_buffer *b, int flags)
+{
+    if (v->released || !v->held) {
+        PyErr_SetString(PyExc_BufferError, "this store view was released");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(b, (PyObject *)v, v->p, v->n, 1, flags) < 0)
+        return -1;
+    v->exports++;
+    return 0;
+}
+
+static void
+view_releasebuffer(ViewObject *v, Py_buffer *Py_UNUSED(b))
+{
+    if (--v->exports == 0 && v->released)
+        view_drop(v);
+}
+
+static PyObject *
+view_release(ViewObject *v, PyObject *Py_UNUSED(ignored))
+{
+    v->released = 1;
+    if (v->exports == 0)
+        view_drop(v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+view_get_held(ViewObject *v, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(v->held);
+}
+
+static void
+view_dealloc(ViewObject *v)
+{
+    view_drop(v);
+    Py_XDECREF(v->mapping);
+    Py_TYPE(v)->tp_free((PyObject *)v);
+}
+
+static PyBufferProcs view_as_buffer = {(getbufferproc)view_getbuffer,
+                                       (releasebufferproc)view_releasebuffer};
+static PyMethodDef view_methods[] = {
+    {"_release", (PyCFunction)view_release, METH_NOARGS, NULL},
+    {NULL}};
+static PyGetSetDef view_getset[] = {
+    {"_held", (getter)view_get_held, NULL, NULL, NULL},
+    {NULL}};
+
+static PyTypeObject View_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkit._core.TableView",
+    .tp_basicsize = sizeof(ViewObject),
+    .tp_dealloc = (destructor)view_dealloc,
+    .tp_as_buffer = &view_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_methods = view_methods,
+    .tp_getset = view_getset,
+    .tp_doc = "The bytes of one stored value, in place (see Store.view).",
+};
+
 /* ---- Python methods: reading ----------------------------------------------- */
 
-enum { M_GET, M_CONTAINS, M_NBYTES };
+enum { M_GET, M_CONTAINS, M_NBYTES, M_INTO, M_VIEW };
+
+/* Where a bytes or array value's data lies: 0 with *doff, *dlen (and the
+ * array header's length in *hn, 0 for bytes); 1 for another type; -1 when
+ * the record does not hold a valid array header. */
+static int
+raw_span(const char *P, uint64_t off, const TRec *r, uint64_t *doff, uint64_t *dlen,
+         uint32_t *hn)
+{
+    uint64_t v = off + T_REC_HDR + r->klen;
+    *hn = 0;
+    if (r->vtype == VT_BYTES) {
+        *doff = v;
+        *dlen = r->vlen;
+        return 0;
+    }
+    if (r->vtype != VT_NDARRAY)
+        return 1;
+    if (r->vlen < 4)
+        return -1;
+    uint32_t n = (uint32_t)rd32(P + v);
+    if (n > r->vlen - 4)
+        return -1;
+    *hn = n;
+    *doff = v + 4 + n;
+    *dlen = r->vlen - 4 - n;
+    return 0;
+}
+
+static const char *
+vtype_name(uint8_t vt)
+{
+    static const char *names[] = {"?", "bytes", "str", "int", "float", "bool", "bool",
+                                  "None", "ndarray", "pickled object"};
+    return vt <= VT_LAST ? names[vt] : "?";
+}
+
+/* get_into / view on a found record.  Returns 0 done (*out set, or an
+ * exception), 1 when the epoch moved (retry), 2 when the record looks
+ * damaged (the locked path judges).  `locked`: under the writer lock. */
+static int
+read_raw(TableObject *t, const char *P, uint64_t off, const TRec *r, int mode,
+         Py_buffer *into, uint64_t e, int locked, int *held, PyObject **out)
+{
+    THeader *h = HDR(t);
+    uint64_t doff, dlen;
+    uint32_t hn;
+    *out = NULL;
+    int sr = raw_span(P, off, r, &doff, &dlen, &hn);
+    if (sr != 0 || (mode == M_INTO && dlen > (uint64_t)into->len)) {
+        if (!locked && !epoch_same(h, e))
+            return 1;
+        if (sr < 0) {
+            if (!locked)
+                return 2;
+            corrupt("the array record at %llu has a bad header", (unsigned long long)off);
+        } else if (sr > 0)
+            PyErr_Format(t_Unsupported ? t_Unsupported : PyExc_TypeError,
+                         "%s reads only bytes and numpy array values, and this key "
+                         "holds a value of type %s; use get()",
+                         mode == M_INTO ? "get_into()" : "view()", vtype_name(r->vtype));
+        else
+            PyErr_Format(t_TooLarge ? t_TooLarge : PyExc_ValueError,
+                         "get_into(): the value has %llu bytes and the buffer only %zd; "
+                         "the buffer was left unchanged; pass one of at least that many "
+                         "bytes",
+                         (unsigned long long)dlen, into->len);
+        return 0;
+    }
+    if (mode == M_INTO) {
+        if (dlen >= (64u << 10)) {
+            shm_pin(t->mapping); /* other threads run: keep the memory mapped */
+            Py_BEGIN_ALLOW_THREADS
+            memcpy(into->buf, P + doff, (size_t)dlen);
+            Py_END_ALLOW_THREADS
+            shm_unpin(t->mapping);
+            if (t_live(t) < 0)
+                return 0;
+        } else if (dlen) {
+            memcpy(into->buf, P + doff, (size_t)dlen);
+        }
+        if (!locked && !epoch_same(h, e))
+            return 1;
+        *out = PyLong_FromUnsignedLongLong(dlen);
+        return 0;
+    }
+    PyObject *head = NULL;
+    if (r->vtype == VT_NDARRAY &&
+        (head = PyBytes_FromStringAndSize(P + off + T_REC_HDR + r->klen + 4, hn)) == NULL)
+        return 0;
+    if (!locked && !epoch_same(h, e)) {
+        Py_XDECREF(head);
+        return 1;
+    }
+    ViewObject *v = PyObject_New(ViewObject, &View_Type);
+    if (v == NULL) {
+        Py_XDECREF(head);
+        return 0;
+    }
+    v->mapping = Py_NewRef(t->mapping);
+    v->poff = t->poff;
+    v->p = (char *)P + doff;
+    v->n = (Py_ssize_t)dlen;
+    v->token = t->m->token;
+    v->pid = getpid();
+    v->exports = 0;
+    v->released = 0;
+    v->held = 1; /* takes over the hold */
+    shm_pin(t->mapping);
+    *held = 0;
+    *out = Py_BuildValue("NiN", (PyObject *)v, (int)r->vtype, head ? head : Py_NewRef(Py_None));
+    return 0;
+}
+
 
 static PyObject *finish_pickle(TableObject *t, PyObject *raw);
 
@@ -1588,7 +2019,8 @@ value_locked(TableObject *t, uint64_t off, int nbytes)
 
 /* Look a key up under the lock (in a batch, or after readers kept losing). */
 static PyObject *
-lookup_locked(TableObject *t, const TKey *k, int mode, int *found)
+lookup_locked(TableObject *t, const TKey *k, int mode, int *found, Py_buffer *into,
+              int *held)
 {
     TIndex x;
     uint64_t slot, w;
@@ -1601,6 +2033,16 @@ lookup_locked(TableObject *t, const TKey *k, int mode, int *found)
     *found = r == P_FOUND;
     if (!*found || mode == M_CONTAINS)
         return Py_NewRef(Py_None);
+    if (mode == M_INTO || mode == M_VIEW) {
+        TRec rec;
+        PyObject *out;
+        if (rec_read(PAY(t), t->end, word_off(w), &rec) < 0) {
+            corrupt("record at %llu is damaged", (unsigned long long)word_off(w));
+            return NULL;
+        }
+        read_raw(t, PAY(t), word_off(w), &rec, mode, into, 0, 1, held, &out);
+        return out;
+    }
     return value_locked(t, word_off(w), mode == M_NBYTES);
 }
 
@@ -1615,19 +2057,22 @@ finish_pickle(TableObject *t, PyObject *raw)
 /* The lock-free read.  Returns a new reference (Py_None when only presence
  * was asked) and sets *found; NULL with an exception on error. */
 static PyObject *
-t_lookup(TableObject *t, PyObject *key, int mode, int *found)
+t_lookup_key(TableObject *t, const TKey *kp, int mode, int *found, Py_buffer *into)
 {
     uint64_t end = t_enter(t);
     if (end == 0)
         return NULL;
-    TKey k;
-    if (key_encode(t, key, &k) < 0)
-        return NULL;
+    TKey k = *kp;
     PyObject *out = NULL;
+    int held = 0;
+    if (mode == M_VIEW) { /* before the epoch is loaded: see t_views_busy */
+        if (view_hold(t) < 0)
+            return NULL;
+        held = 1;
+    }
     if (t_in_batch(t)) {
-        out = lookup_locked(t, &k, mode, found);
-        key_release(&k);
-        return out;
+        out = lookup_locked(t, &k, mode, found, into, &held);
+        goto done;
     }
     THeader *h = HDR(t);
     int synced = 0;
@@ -1670,6 +2115,14 @@ t_lookup(TableObject *t, PyObject *key, int mode, int *found)
             out = PyLong_FromUnsignedLongLong(rec.vlen);
             break;
         }
+        if (mode == M_INTO || mode == M_VIEW) {
+            int rr = read_raw(t, P, off, &rec, mode, into, e, 0, &held, &out);
+            if (rr == 1)
+                continue;
+            if (rr == 2)
+                goto locked;
+            break;
+        }
         int race, post;
         PyObject *o = val_decode(t, P, off, &rec, e, 0, &race, &post);
         if (t->m->base == NULL) { /* closed by the decode hook */
@@ -1692,29 +2145,166 @@ t_lookup(TableObject *t, PyObject *key, int mode, int *found)
     }
     if (out == NULL && !PyErr_Occurred())
         goto locked;
-    key_release(&k);
-    return out;
+    goto done;
 
 locked:
     /* Readers kept losing to writers, or the store looks damaged: read
      * under the writer lock, which also repairs after a dead writer. */
     if (t->readonly) {
-        key_release(&k);
         PyErr_SetString(t_Busy ? t_Busy : PyExc_RuntimeError,
                         "could not read a consistent value: writers keep changing the "
                         "store or it is damaged (this handle is readonly, so it cannot "
                         "take the writers' lock); retry, or open it writable");
-        return NULL;
+        goto done;
     }
-    if (t_lock(t) < 0) {
-        key_release(&k);
-        return NULL;
-    }
+    if (t_lock(t) < 0)
+        goto done;
     if (t_enter(t) != 0)
-        out = lookup_locked(t, &k, mode, found);
+        out = lookup_locked(t, &k, mode, found, into, &held);
     t_unlock(t);
+done:
+    if (held && t->m->base != NULL)
+        view_unhold(t->m, t->poff, t->m->token);
+    return out;
+}
+
+static PyObject *
+t_lookup_ex(TableObject *t, PyObject *key, int mode, int *found, Py_buffer *into)
+{
+    if (t_enter(t) == 0)
+        return NULL;
+    TKey k;
+    if (key_encode(t, key, &k) < 0)
+        return NULL;
+    PyObject *out = t_lookup_key(t, &k, mode, found, into);
     key_release(&k);
     return out;
+}
+
+static PyObject *
+t_lookup(TableObject *t, PyObject *key, int mode, int *found)
+{
+    return t_lookup_ex(t, key, mode, found, NULL);
+}
+
+/* get_into(key, buffer) -> int */
+static PyObject *
+table_get_into(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "get_into(key, buffer)");
+        return NULL;
+    }
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[1], &b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError,
+                     "get_into(): buffer must be a writable C-contiguous buffer "
+                     "(bytearray, numpy array, memoryview), not %.100s",
+                     Py_TYPE(args[1])->tp_name);
+        return NULL;
+    }
+    int found = 0;
+    PyObject *o = t_lookup_ex(t, args[0], M_INTO, &found, &b);
+    PyBuffer_Release(&b);
+    if (o != NULL && !found) {
+        Py_DECREF(o);
+        PyErr_SetObject(PyExc_KeyError, args[0]);
+        return NULL;
+    }
+    return o;
+}
+
+/* _view(key) -> (TableView, vtype, array header bytes or None) */
+static PyObject *
+table_view(TableObject *t, PyObject *key)
+{
+    int found = 0;
+    PyObject *o = t_lookup_ex(t, key, M_VIEW, &found, NULL);
+    if (o != NULL && !found) {
+        Py_DECREF(o);
+        PyErr_SetObject(PyExc_KeyError, key);
+        return NULL;
+    }
+    return o;
+}
+
+/* get_many(keys, default=<KeyError>) -> list */
+static PyObject *
+table_get_many(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get_many(keys, default=<raise KeyError>)");
+        return NULL;
+    }
+    /* a tuple of its own: decoding may run Python code that changes a list */
+    PyObject *seq = PySequence_Tuple(args[0]);
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    PyObject **items = ((PyTupleObject *)seq)->ob_item;
+    PyObject *list = PyList_New(n);
+    if (list == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    /* In chunks: hash every key and prefetch its home slot, then prefetch
+     * the records those slots name, then look each up as get() does; the
+     * cache misses of a chunk overlap instead of coming one after another.
+     * The prefetches only warm caches (they never fault and decide nothing). */
+    enum { CHUNK = 16 };
+    TKey ks[CHUNK];
+    for (Py_ssize_t i0 = 0; i0 < n; i0 += CHUNK) {
+        int m = n - i0 < CHUNK ? (int)(n - i0) : CHUNK, enc = 0, err = 0;
+        uint64_t end = t_enter(t), nslots = 0;
+        if (end == 0)
+            goto fail;
+        const char *P = PAY(t);
+        uint64_t ix = LDA(&HDR(t)->index);
+        int ok = index_ok(P, end, ix, &nslots);
+        const uint64_t *slots = ok ? W64(P, ix + T_INDEX_HDR) : NULL;
+        for (; enc < m; enc++) {
+            if (key_encode(t, items[i0 + enc], &ks[enc]) < 0) {
+                err = 1;
+                break;
+            }
+            if (ok)
+                __builtin_prefetch(&slots[ks[enc].h & (nslots - 1)]);
+        }
+        for (int j = 0; ok && !err && j < m; j++) {
+            uint64_t w = LDR(&slots[ks[j].h & (nslots - 1)]);
+            if (w > W_TOMB && word_off(w) < end) {
+                __builtin_prefetch(P + word_off(w));
+                __builtin_prefetch(P + word_off(w) + 64);
+            }
+        }
+        for (int j = 0; !err && j < m; j++) {
+            int found = 0;
+            PyObject *o = t_lookup_key(t, &ks[j], M_GET, &found, NULL);
+            if (o != NULL && !found) {
+                Py_DECREF(o);
+                o = NULL;
+                if (nargs == 2)
+                    o = Py_NewRef(args[1]);
+                else
+                    PyErr_SetObject(PyExc_KeyError, items[i0 + j]);
+            }
+            if (o == NULL)
+                err = 1;
+            else
+                PyList_SET_ITEM(list, i0 + j, o);
+        }
+        for (int j = 0; j < enc; j++)
+            key_release(&ks[j]);
+        if (err)
+            goto fail;
+    }
+    Py_DECREF(seq);
+    return list;
+fail:
+    Py_DECREF(list);
+    Py_DECREF(seq);
+    return NULL;
 }
 
 /* A lookup in `mode` that raises KeyError when the key is absent. */
@@ -2082,6 +2672,7 @@ batch_commit(TableObject *t)
         dtomb += (w == W_TOMB) - (pub == W_TOMB);
     }
     epoch_bump(h, 1); /* even again: the release store publishes them all */
+    epoch_wake(h);
     shm_crash_point("table.batch.even");
     STR(&h->count, LDR(&h->count) + (uint64_t)dcount);
     STR(&h->tombstones, LDR(&h->tombstones) + (uint64_t)dtomb);
@@ -2706,10 +3297,18 @@ table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
         n *= 2;
     /* records down; the index into the lowest hole left; records into the
      * hole the old index leaves */
-    if (t_recycle(t) < 0 || t_compact(t, 0, &moved) < 0 || t_recycle(t) < 0 ||
-        t_compact(t, n, &moved) < 0 || t_recycle(t) < 0 || t_compact(t, 0, &moved) < 0 ||
-        t_recycle(t) < 0)
-        goto fail;
+    if (t_views_busy(t)) /* views hold the records where they are */
+        return Py_BuildValue("KK", (unsigned long long)t->end, 0ull);
+    /* a recycle deferred by a view taken meanwhile stops the compaction */
+    int r;
+    if ((r = t_recycle_ex(t, 0)) != 0 || (r = t_compact(t, 0, &moved)) != 0 ||
+        (r = t_recycle_ex(t, 0)) != 0 || (r = t_compact(t, n, &moved)) != 0 ||
+        (r = t_recycle_ex(t, 0)) != 0 || (r = t_compact(t, 0, &moved)) != 0 ||
+        (r = t_recycle_ex(t, 0)) != 0) {
+        if (r < 0)
+            goto fail;
+        return Py_BuildValue("KK", (unsigned long long)t->end, (unsigned long long)moved);
+    }
     /* cut the free tail, keeping the heap page-aligned in the file */
     uint64_t end = t->end, top = h->top, tsize, new_end = end, page = 4096;
     if (top && free_ok(P, end, top, &tsize) && top + tsize == end) {
@@ -2740,14 +3339,14 @@ static PyObject *
 table_bind(TableObject *t, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"mapping", "payload", "readonly", "pickle", "encode",
-                             "decode", "grow", "timeout", NULL};
+                             "decode", "grow", "timeout", "read_timeout", NULL};
     PyObject *mapping, *enc = Py_None, *dec = Py_None, *grow = Py_None,
-             *timeout = Py_None;
+             *timeout = Py_None, *rtimeout = Py_None;
     unsigned long long poff;
     int readonly = 0, pickle = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!K|ppOOOO", kwlist, &Mapping_Type,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!K|ppOOOOO", kwlist, &Mapping_Type,
                                      &mapping, &poff, &readonly, &pickle, &enc, &dec,
-                                     &grow, &timeout))
+                                     &grow, &timeout, &rtimeout))
         return NULL;
     MappingObject *m = (MappingObject *)mapping;
     if (m->base == NULL || poff % 4096 || poff + T_HEADER + T_INDEX_HDR > (uint64_t)m->length) {
@@ -2761,12 +3360,20 @@ table_bind(TableObject *t, PyObject *args, PyObject *kwds)
             return NULL;
         tns = s < 0 ? 0 : (int64_t)(s * 1e9);
     }
+    int64_t rns = -1;
+    if (rtimeout != Py_None) {
+        double s = PyFloat_AsDouble(rtimeout);
+        if (s == -1.0 && PyErr_Occurred())
+            return NULL;
+        rns = s < 0 ? 0 : (int64_t)(s * 1e9);
+    }
     Py_XSETREF(t->mapping, Py_NewRef(mapping));
     t->m = m;
     t->poff = poff;
     t->readonly = readonly;
     t->pickle = pickle;
     t->timeout_ns = tns;
+    t->read_timeout_ns = rns;
     Py_XSETREF(t->encode_hook, Py_NewRef(enc));
     Py_XSETREF(t->decode_hook, Py_NewRef(dec));
     Py_XSETREF(t->grow_hook, Py_NewRef(grow));
@@ -2894,6 +3501,11 @@ static PyMethodDef table_methods[] = {
      "add(key, value)\n\nInsert key; KeyExistsError if it is already there."},
     {"pop", (PyCFunction)(void (*)(void))table_pop, METH_FASTCALL,
      "pop(key[, default])\n\nRemove key and return its value, in one step."},
+    {"get_into", (PyCFunction)(void (*)(void))table_get_into, METH_FASTCALL,
+     "get_into(key, buffer) -> int\n\nCopy a bytes or array value into buffer."},
+    {"get_many", (PyCFunction)(void (*)(void))table_get_many, METH_FASTCALL,
+     "get_many(keys[, default]) -> list\n\nThe values of keys, in order."},
+    {"_view", (PyCFunction)table_view, METH_O, NULL},
     {"nbytes", (PyCFunction)table_nbytes, METH_O,
      "nbytes(key) -> int\n\nBytes the value of key takes when encoded."},
     {"clear", (PyCFunction)table_clear, METH_NOARGS, "clear()\n\nRemove every key."},
@@ -2975,7 +3587,7 @@ static PyMethodDef table_functions[] = {
 int
 shm_init_table(PyObject *module)
 {
-    if (PyType_Ready(&Table_Type) < 0)
+    if (PyType_Ready(&Table_Type) < 0 || PyType_Ready(&View_Type) < 0)
         return -1;
     Py_INCREF(&Table_Type);
     if (PyModule_AddObject(module, "Table", (PyObject *)&Table_Type) < 0)

@@ -9,6 +9,8 @@
  *         index_gen (raised before each new index is published; scans name
  *         an index by offset and generation, as a new index may reuse the
  *         block of an old one).
+ *         Bytes 1024-4095 (format 2) are `views`: one u32 per attach slot,
+ *         (generation of the slot's attachment << 12) | its live views.
  *   4096  the heap: a chain of blocks from heap_start to heap_end; each block
  *         starts with
  *            0 head  u64   size (multiple of 16, >= 32) | flags
@@ -64,6 +66,9 @@
 #define MAX_KEY (1u << 20)
 #define MAX_RETRIES 200
 #define RECYCLE_MIN (256u << 10)
+#define T_VIEW_SLOTS 768u      /* attach slots that can hold views (header room) */
+#define T_VIEW_BITS 12u        /* a view word: attachment generation << 12 | views */
+#define T_VIEW_MAX ((1u << T_VIEW_BITS) - 1)
 
 enum { KT_INT = 1, KT_STR = 2, KT_BYTES = 3 };
 enum {
@@ -95,6 +100,10 @@ typedef struct {
     uint64_t _r2[2];
     /* free lists: exact sizes below 1040 bytes, then powers of two */
     uint64_t bins[NBINS];
+    /* live views, per attach slot (format 2): (token generation << 12) | count.
+     * A recycle is deferred while a live attachment's count is nonzero; the
+     * count of a dead attachment is ignored (and cleared by writers). */
+    uint32_t views[T_VIEW_SLOTS];
 } THeader;
 
 _Static_assert(sizeof(THeader) <= T_HEADER, "store header too large");
@@ -149,6 +158,7 @@ T_AT(THeader, journal, 112);
 T_AT(THeader, journal_n, 120);
 T_AT(THeader, growths, 128);
 T_AT(THeader, bins, 192);
+T_AT(THeader, views, 1024);
 T_AT(TBlockHead, link, 8);
 T_AT(TRecordHead, hash, 16);
 T_AT(TRecordHead, klen, 24);
