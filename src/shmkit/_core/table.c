@@ -2809,7 +2809,9 @@ scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
         }
         uint64_t ix = LDA(&h->index), nslots;
         if (!index_ok(P, end, ix, &nslots)) {
-            if (!locked && !epoch_same(h, e))
+            /* As for records below: a new index may lie beyond the heap end
+             * loaded above when a writer grew the heap meanwhile. */
+            if (!locked && (!epoch_same(h, e) || LDA(&h->heap_end) != end))
                 continue;
             corrupt("the index at %llu is damaged", (unsigned long long)ix);
             return NULL;
