@@ -1341,8 +1341,8 @@ def test_growth_defaults_and_max_size_mismatch_on_open(names):
             Heap(name, max_size=2 << 20)
         with pytest.raises(shmkit.MismatchError, match=r"max_size=1048576.*size=2097152"):
             Heap(name, size=2 << 20)
-        with Heap(name, size=1 << 18, max_size=1 << 20) as same:  # within max_size: adopted
-            assert same.capacity == 1 << 16
+        with Heap(name, size=1 << 18, max_size=1 << 20) as same:  # honoured: it grows
+            assert same.capacity == heap.capacity == 1 << 18
         heap.verify()
 
 

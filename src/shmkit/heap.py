@@ -214,9 +214,10 @@ class Heap(SharedObject):
         The heap's name (``None`` makes a unique one, see ``.name``).
     size:
         Bytes of data area when creating (rounded down to 16); the heap
-        grows from there on demand.  When opening, a given size beyond the
-        heap's ``max_size`` raises :class:`MismatchError`; leave it out to
-        adopt the heap as it is.
+        grows from there on demand.  When opening, a given size is honoured
+        (a smaller heap grows to it) or, beyond the heap's ``max_size``,
+        refused with :class:`MismatchError`; leave it out to adopt the heap
+        as it is.
     max_size:
         The most bytes of data area the heap may grow to (default
         ``max(size, 4 GiB)``; at most about 64 GiB).  Only address space is
@@ -311,6 +312,12 @@ class Heap(SharedObject):
         self._on_destroy = on_destroy
         self._adopt(seg, size=data, max_size=max_size, max_blocks=max_blocks,
                     max_pins=max_pins, lifetime=lifetime, max_attach=max_attach)
+        if data is not None and not seg.created and not seg.readonly:
+            try:  # honoured: an existing heap grows to the size asked for
+                self._grow_to(data, None)
+            except BaseException:
+                self.close()
+                raise
 
     def _adopt(self, seg: Segment, size: int | None = None, max_size: int | None = None,
                max_blocks: int | None = None, max_pins: Any = DEFAULT,
@@ -419,12 +426,20 @@ class Heap(SharedObject):
         file is extended first (harmless if we die before the heap's words
         change), then the heap's units, in one journaled step.  False when
         the heap is already at its max_size."""
-        core = self._core_rw()
-        have, most, data_off = core.capacity()
+        have, most, _ = self._core_rw().capacity()
         if have >= most:
             return False
-        want = max(have * 2 if have < 1 << 30 else have + (have >> 2),
-                   have + _block_bytes(nbytes))
+        self._grow_to(max(have * 2 if have < 1 << 30 else have + (have >> 2),
+                          have + _block_bytes(nbytes)), deadline)
+        return True
+
+    def _grow_to(self, want: int, deadline: float | None) -> None:
+        """Grow the data area to at least ``want`` bytes (a page multiple, at
+        most max_size); nothing when it is that large already."""
+        core = self._core_rw()
+        have, most, data_off = core.capacity()
+        if want <= have:
+            return
         want = min(-(-want // _PAGE) * _PAGE, most)
         with warnings.catch_warnings():
             # a grower killed while extending leaves the segment's own lock to
@@ -432,7 +447,6 @@ class Heap(SharedObject):
             warnings.simplefilter("ignore", OwnerDiedWarning)
             self._seg._grow_to(data_off + want)
         core.grow(want, _remaining(deadline))
-        return True
 
     def _make_room(self, code: int, nbytes: int, tries: list[int],
                    deadline: float | None) -> None:
