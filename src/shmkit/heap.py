@@ -2,7 +2,8 @@
 
 Any process attached to the heap allocates blocks, gets a small
 :class:`Handle` for each, and can pass that handle (8 bytes) to any other
-process.  To touch a block's bytes, *pin* it: a pinned block does not move,
+process.  The heap grows on demand up to ``max_size``.  To touch a block's
+bytes, *pin* it: a pinned block does not move,
 and the view is valid inside the ``with``.  ``compact()`` slides unpinned
 blocks together to join the free space; handles stay valid.  A handle used
 after its block was freed raises :class:`StaleHandleError`, never reaching
@@ -469,9 +470,11 @@ class Heap(SharedObject):
 
         The bytes are not cleared (like ``numpy.empty``) unless ``zero=True``.
         When the free space is enough in total but split up, the heap
-        compacts itself and tries again.
+        compacts itself and tries again; when it is too little, the heap
+        grows (doubling, up to ``max_size``).  Handles and pins stay valid.
 
-        Raises :class:`HeapFullError` when it cannot fit, :class:`Timeout`
+        Raises :class:`HeapFullError` when it cannot fit even at
+        ``max_size``, :class:`Timeout`
         if the heap's lock is not free within ``timeout`` seconds.
 
         >>> with Heap(None, size=4096) as heap:
@@ -536,7 +539,8 @@ class Heap(SharedObject):
         """Resize the block to ``nbytes``, keeping its content (and its handle).
 
         Grows in place when the space after it is free, else copies it to a
-        new place; the returned handle is ``handle`` itself.  New bytes are
+        new place (compacting or growing the heap as :meth:`alloc` does);
+        the returned handle is ``handle`` itself.  New bytes are
         cleared only with ``zero=True``.  Raises :class:`PinnedError` while
         it is pinned, :class:`HeapFullError` if it cannot fit.
         """
