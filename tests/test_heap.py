@@ -650,11 +650,13 @@ def test_handles_travel_through_shared_array_and_events(names):
         o.close()
 
 
-def _pin_and_watch(name: str, wire: bytes, stop_name: str, result) -> None:
+def _pin_and_watch(name: str, wire: bytes, stop_name: str, result,
+                   started_name: str | None = None) -> None:
     """Pin a block over and over while another process compacts; the bytes must hold."""
     heap = Heap.open(name)
     h = Handle.from_bytes(wire)
     stop = shmkit.Event(stop_name)
+    started = shmkit.Event(started_name) if started_name else None
     rounds = 0
     while not stop.is_set():
         with heap.pin(h) as view:
@@ -668,6 +670,8 @@ def _pin_and_watch(name: str, wire: bytes, stop_name: str, result) -> None:
                     return
             del a
         rounds += 1
+        if started is not None and rounds == 1:
+            started.set()
     result.put(rounds)
     heap.close()
 
@@ -681,7 +685,11 @@ def test_compaction_never_moves_what_another_process_pins(names):
     watched = hs[151]
     stop = shmkit.Event(names())
     result = SPAWN.Queue()
-    p = spawn(_pin_and_watch, name, bytes(watched), stop.name, result)
+    started = shmkit.Event(names())
+    p = spawn(_pin_and_watch, name, bytes(watched), stop.name, result, started.name)
+    # Compact only once the watcher pins: on a loaded machine a spawned child
+    # can take seconds to start, and a watch that never ran proves nothing.
+    assert started.wait(timeout=120), "the watcher never pinned"
     rng = random.Random(5)
     live = list(hs)
     deadline = time.monotonic() + 3

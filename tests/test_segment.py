@@ -856,7 +856,7 @@ def test_pickle_segment_of_another_kind(name):
         p.join(30)
         assert p.exitcode == 0
         m.release()
-        seg = pickle.loads(pickle.dumps(m.segment))
+        seg = pickle.loads(pickle.dumps(m._seg))
         assert seg.kind == shmkit.Kind.MUTEX
         seg.close()
     finally:
@@ -937,3 +937,22 @@ def test_half_constructed_objects_are_safe_to_collect(name):
     finally:
         sys.unraisablehook = old
     assert seen == []
+
+
+@pytest.mark.parametrize("param, asked", [
+    ("mode", 0o640), ("lifetime", "attached"), ("max_size", 1 << 40), ("max_attach", 8),
+])
+def test_explicit_open_parameters_that_disagree_are_refused(name, param, asked):
+    made = shmkit.Segment(name, size=64)  # mode 0o600, persistent, 4 GiB, 256 slots
+    try:
+        for opener in (lambda: shmkit.Segment(name, size=64, **{param: asked}),
+                       lambda: shmkit.Segment.open(name, **{param: asked})):
+            with pytest.raises(shmkit.MismatchError) as e:
+                opener()
+            assert param in str(e.value) and "leave" in str(e.value)
+        # left out, the existing value is adopted; given and equal, it is accepted
+        with shmkit.Segment(name, size=64) as again, shmkit.Segment.open(name, lifetime="persistent"):
+            assert again.size == 64
+        assert len(made.attachments()) == 1  # the refused opens left no attachment
+    finally:
+        made.close()

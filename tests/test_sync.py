@@ -23,7 +23,7 @@ import pytest
 
 import shmkit
 from shmkit import _core
-from conftest import SPAWN, SRC, spawn
+from conftest import SPAWN, SRC, run_python, spawn
 
 PROMPT = 1.0  # seconds: "promptly" after a holder dies (it is ~1-50 ms)
 
@@ -233,7 +233,7 @@ def test_embedded_objects(name):
     ev = shmkit.Event.at(seg, 64, auto_reset=True)
     rw = shmkit.RWLock.at(seg, 128)  # 64 + 8 * max_attach bytes each
     sem = shmkit.Semaphore.at(seg, 128 + 64 + 8 * 256, value=2)
-    cond = shmkit.Condition.at(seg, 8192 - 64)
+    cond = shmkit.Condition.at(seg, 8192 - 64 - 8 * 256)
     with m:
         assert seg.read(4, offset=0) != b"\0\0\0\0"
     ev.set()
@@ -1013,3 +1013,384 @@ def test_locks_of_readonly_or_closed_handles_raise_the_specific_errors(name):
         m.acquire()
     with pytest.raises(ValueError):
         m.locked()
+
+
+# -- Ctrl-C storms: an interrupt between any two steps leaves the state exact -----------
+
+_STORM = r"""
+import os, random, signal, sys, time
+import shmkit
+name, want, seed, reconcile = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+sem = shmkit.Semaphore(name)
+rnd = random.Random(seed)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGALRM, interrupt)
+hits = cycles = 0
+end = time.monotonic() + 30
+while hits < want and time.monotonic() < end:
+    try:
+        signal.setitimer(signal.ITIMER_REAL, rnd.uniform(5e-6, 300e-6))
+        while True:
+            if sem.acquire(timeout=0.02):
+                sem.release()
+            cycles += 1
+    except KeyboardInterrupt:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        hits += 1
+        if reconcile == "yes":
+            # The interrupt may have come after acquire() took its unit and
+            # before the caller saw it: the semaphore knows what we hold.
+            held = getattr(sem, "held", 0)
+            if held > 0:
+                sem.release(held)
+signal.setitimer(signal.ITIMER_REAL, 0)
+print(hits, cycles, sem.value, getattr(sem, "held", None), flush=True)
+os._exit(0)
+"""
+
+
+def _all_units_back(sem, initial: int) -> None:
+    """Exactly ``initial`` units can be taken (dead holders' reclaimed), not one more."""
+    got = [sem.acquire(timeout=5) for _ in range(initial)]
+    assert all(got), f"only {sum(got)} of {initial} units came back"
+    assert sem.acquire(timeout=0) is False, f"more than {initial} units"
+    sem.release(initial)
+    assert sem.value == initial
+
+
+@pytest.mark.parametrize("initial", [1, 3])
+def test_semaphore_survives_a_ctrl_c_storm(initial, names):
+    sem = shmkit.Semaphore(names(), value=initial)
+    for seed in range(3):
+        out = run_python(_STORM, sem.name, "300", str(seed), "yes", timeout=120)
+        hits, cycles, value, held = out.stdout.split()
+        assert int(hits) >= 100 and int(cycles) > 0
+        if held != "None":
+            assert int(value) + int(held) == initial  # exact while the child lived
+            assert int(held) == 0
+        _all_units_back(sem, initial)
+    sem.close()
+
+
+def _interrupt_at_opcode(k: int) -> list:
+    """Trace shmkit's Python code and raise KeyboardInterrupt at its k-th bytecode,
+    as a Ctrl-C arriving between those two bytecodes would.  Returns the counter."""
+    count = [0]
+    sync_py = os.path.join("shmkit", "sync.py")
+
+    def local(frame, event, arg):
+        if event == "opcode":
+            count[0] += 1
+            if count[0] == k:
+                raise KeyboardInterrupt
+        return local
+
+    def tracer(frame, event, arg):
+        if not frame.f_code.co_filename.endswith(sync_py):
+            return None
+        frame.f_trace_opcodes = True
+        return local
+
+    sys.settrace(tracer)
+    return count
+
+
+@pytest.mark.parametrize("initial", [1, 3])
+def test_semaphore_interrupted_at_every_bytecode(initial, names):
+    # A child is interrupted at the k-th bytecode shmkit runs in Python during
+    # acquire/release (k = 1, 2, ... until none is left), then exits: every unit
+    # comes back, and no unit is made up.
+    name = names()
+    sem = shmkit.Semaphore(name, value=initial)
+    for k in range(1, 5000):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                s = shmkit.Semaphore(name)
+                if initial > 1:
+                    assert s.acquire(timeout=10)  # hold one unit already
+                count = _interrupt_at_opcode(k)
+                try:
+                    with s:
+                        pass
+                    s.acquire(timeout=10)
+                    s.release()
+                    code = 0 if count[0] < k else 2  # 0: nothing left to interrupt
+                except KeyboardInterrupt:
+                    code = 2
+                finally:
+                    sys.settrace(None)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) in (0, 2), status
+        _all_units_back(sem, initial)
+        if os.WEXITSTATUS(status) == 0:
+            break
+    sem.close()
+
+
+# -- crash points: a kill at every step boundary of every operation -----------------
+
+def _fork_until_done(prefix: str, child_op, check, limit: int = 200) -> int:
+    """Fork a child that runs ``child_op(arm)`` and dies at crash point k, for k = 1,
+    2, ... until the child completes; ``check()`` runs after every death.
+    Returns how many points were killed at."""
+    for k in range(1, limit):
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 when the operation completed
+            code = 1
+            try:
+                _quiet()
+                code = 0 if child_op(lambda: _core.fault(k, prefix)) else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 0, f"child failed at k={k}"
+            check()
+            return k - 1
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        check()
+    raise AssertionError(f"the operation did not complete within {limit} crash points")
+
+
+@pytest.mark.parametrize("op", ["acquire", "release", "reclaim"])
+def test_semaphore_killed_at_every_crash_point(op, names):
+    initial = 2
+    name = names()
+    sem = shmkit.Semaphore(name, value=initial)
+
+    def dead_holders():  # units of processes that died holding them
+        for _ in range(initial):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    assert shmkit.Semaphore(name).acquire(timeout=10)
+                finally:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            assert os.waitpid(pid, 0)[1] & 0x7F == signal.SIGKILL
+
+    if op == "reclaim":  # the child's acquire must reclaim them
+        dead_holders()
+
+    def child(arm):
+        s = shmkit.Semaphore(name)
+        if op == "release":
+            assert s.acquire(timeout=10)
+        arm()
+        ok = s.acquire(timeout=10) if op != "release" else (s.release() or True)
+        _core.fault(0)
+        return ok
+
+    def check():
+        _all_units_back(sem, initial)
+        if op == "reclaim":
+            dead_holders()
+
+    points = _fork_until_done("", child, check)
+    assert points >= 4
+    sem.close()
+
+
+# -- Condition: dead sleepers are counted out -----------------------------------------
+
+def _fork_waiter(name: str, timeout: float = 5) -> int:
+    """A forked process waiting on the condition; exits 0 if notified, 1 if not."""
+    pid = os.fork()
+    if pid == 0:
+        code = 2
+        try:
+            _quiet()
+            c = shmkit.Condition(name)
+            with c:
+                code = 0 if c.wait(timeout=timeout) else 1
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _wait_for_sleepers(cond, n: int) -> None:
+    end = time.monotonic() + 30
+    while cond.statistics()["waiters"] < n:
+        assert time.monotonic() < end, cond.statistics()
+        time.sleep(0.01)
+    time.sleep(0.1)  # let the last one reach its sleep
+
+
+def test_condition_notify_grants_nothing_to_dead_waiters(names):
+    cond = shmkit.Condition(names())
+    dead = [_fork_waiter(cond.name) for _ in range(5)]
+    _wait_for_sleepers(cond, 5)
+    for pid in dead:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    with cond:
+        cond.notify_all()  # nobody alive waits: no wake-up may be banked
+    before = cond.statistics()["waiters"]
+    live = [_fork_waiter(cond.name) for _ in range(3)]
+    _wait_for_sleepers(cond, before + 3)
+    with cond:
+        cond.notify(1)
+    codes = [os.WEXITSTATUS(os.waitpid(pid, 0)[1]) for pid in live]
+    assert sorted(codes) == [0, 1, 1], codes  # exactly one woken, two timed out
+    cond.close()
+
+
+# -- Event and Condition: a close() by another thread ends the wait ----------------------
+
+@pytest.mark.parametrize("kind", ["event", "condition"])
+def test_wait_without_timeout_ends_when_another_thread_closes(kind, names):
+    obj = shmkit.Event(names()) if kind == "event" else shmkit.Condition(names())
+    got = []
+
+    def waiter():
+        try:
+            if kind == "event":
+                obj.wait()
+            else:
+                obj.acquire()
+                obj.wait()
+            got.append("returned")
+        except Exception as e:  # noqa: BLE001 - the class is what the test checks
+            got.append(e)
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    obj.close()
+    t.join(10)
+    assert not t.is_alive(), f"{kind}.wait() still blocked after close()"
+    assert len(got) == 1 and isinstance(got[0], shmkit.ClosedError), got
+
+
+# -- honest opening --------------------------------------------------------------------
+
+def test_explicit_parameters_that_disagree_are_refused(names):
+    ev = shmkit.Event(names())  # manual reset
+    with pytest.raises(shmkit.MismatchError, match="auto_reset=False.*auto_reset=True"):
+        shmkit.Event(ev.name, auto_reset=True)
+    again = shmkit.Event(ev.name)  # left out: adopts what exists
+    assert again.auto_reset is False
+    assert shmkit.Event(ev.name, auto_reset=False).auto_reset is False
+    sem = shmkit.Semaphore(names(), value=2, maximum=4)
+    with pytest.raises(shmkit.MismatchError, match="value=2.*value=3"):
+        shmkit.Semaphore(sem.name, value=3)
+    with pytest.raises(ValueError, match="maximum=4.*maximum=5"):  # also a ValueError
+        shmkit.Semaphore(sem.name, maximum=5)
+    adopted = shmkit.Semaphore(sem.name)
+    assert adopted.value == 2 and adopted.maximum == 4
+    for o in (ev, again, sem, adopted):
+        o.close()
+
+
+def test_sync_objects_do_not_hand_out_their_segment(names):
+    for obj in (shmkit.Mutex(names()), shmkit.Event(names()), shmkit.RWLock(names()),
+                shmkit.Semaphore(names()), shmkit.Condition(names())):
+        assert not hasattr(obj, "segment")
+        obj.close()
+
+
+# -- RWLock: an interrupted acquire_write never leaves a hidden write hold ---------------
+
+def test_rwlock_interrupted_acquire_write_leaves_no_hold(names):
+    # A live child is interrupted at the k-th bytecode shmkit runs in Python during
+    # acquire_write (k = 1, 2, ... until none is left) while a reader is in, so the
+    # writer waits; then the parent must take the write lock while the child lives.
+    name = names()
+    rw = shmkit.RWLock(name)
+    for k in range(1, 5000):
+        assert rw.acquire_read(timeout=10)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(r)
+                child = shmkit.RWLock(name)
+                count = _interrupt_at_opcode(k)
+                try:
+                    if child.acquire_write(timeout=1):
+                        child.release_write()
+                    code = 0 if count[0] < k else 2
+                except KeyboardInterrupt:
+                    code = 2
+                finally:
+                    sys.settrace(None)
+                os.write(w, b"x")
+                time.sleep(0.5 if code == 0 else 3)  # stay alive while the parent checks
+            finally:
+                os._exit(code)
+        os.close(w)
+        threading.Timer(0.2, rw.release_read).start()
+        assert os.read(r, 1) == b"x"
+        os.close(r)
+        got = rw.acquire_write(timeout=2)
+        if got:
+            rw.release_write()
+        _, status = os.waitpid(pid, 0)
+        assert got, f"interrupted at bytecode {k}, the child kept the write lock"
+        if os.WEXITSTATUS(status) == 0:
+            break
+    rw.close()
+
+
+@pytest.mark.parametrize("op", ["read", "write"])
+def test_rwlock_killed_at_every_crash_point(op, names):
+    _quiet()
+    name = names()
+    rw = shmkit.RWLock(name)
+
+    def child(arm):
+        lock = shmkit.RWLock(name)
+        arm()
+        if op == "read":
+            ok = lock.acquire_read(timeout=10)
+            lock.release_read()
+        else:
+            ok = lock.acquire_write(timeout=10)
+            lock.release_write()
+        _core.fault(0)
+        return ok
+
+    def check():
+        got = rw.acquire_write(timeout=5)  # nobody holds it after the death
+        assert got
+        rw.release_write()
+        assert rw.acquire_read(timeout=5)
+        rw.release_read()
+
+    assert _fork_until_done("rw.", child, check) >= 2
+    rw.close()
+
+
+def test_condition_killed_at_every_crash_point(names):
+    _quiet()
+    name = names()
+    cond = shmkit.Condition(name)
+
+    def child(arm):
+        c = shmkit.Condition(name)
+        with c:
+            arm()
+            c.wait(timeout=0.1)
+            _core.fault(0)
+        return True
+
+    def check():
+        assert cond.statistics()["waiters"] == 0  # the dead one is not counted
+        a, b = _fork_waiter(name, 1.5), _fork_waiter(name, 1.5)
+        _wait_for_sleepers(cond, 2)
+        with cond:
+            cond.notify(1)
+        codes = sorted(os.WEXITSTATUS(os.waitpid(p, 0)[1]) for p in (a, b))
+        assert codes == [0, 1], codes  # exactly one live waiter woken
+
+    assert _fork_until_done("cond.", child, check) >= 2
+    cond.close()

@@ -123,7 +123,7 @@ def test_forged_messages_between_ordinary_users_are_refused(name):
     def squat():
         ch = shmkit.Channel(name, 4096, mode=0o666)
         ch.send(b"forged")
-        ch.detach()
+        ch.close()
 
     assert _as_nobody(squat) == 0
     pid = os.fork()
@@ -378,7 +378,7 @@ def test_absurd_queue_maxsize_is_refused():
 def test_fixed_size_kinds_reserve_only_what_they_need(name):
     ev = shmkit.Event(name)
     try:
-        assert ev.segment.max_size == ev.segment.size
+        assert ev._seg.max_size == ev._seg.size
     finally:
         ev.close()
     with shmkit.Segment(None, size=10) as s:
@@ -394,7 +394,7 @@ def test_twenty_thousand_objects_open_in_one_process():
         want = 20000 if hard == resource.RLIM_INFINITY else min(20000, hard - 100)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         objs = [shmkit.Mutex(None) for _ in range(want)]
-        assert len({o.segment.name for o in objs}) == want >= 19000
+        assert len({o._seg.name for o in objs}) == want >= 19000
         for o in objs:
             o.close()
         print("ok")
@@ -425,7 +425,7 @@ def test_exhaustion_raises_specific_errors_and_leaves_nothing():
                 held.append(shmkit.Event(None))
         except shmkit.DescriptorLimitError as e:
             assert isinstance(e, OSError) and "ulimit" in str(e), e
-        paths = [h.segment.path for h in held]
+        paths = [h._seg.path for h in held]
         for h in held:
             h.close()
         left = glob.glob(f"/dev/shm/.shmkit.*.{me}.*.tmp") + glob.glob(f"/dev/shm/*exhaust-as-{me}")
@@ -459,7 +459,7 @@ def test_full_tmpfs_and_no_inodes_leave_nothing(tmp_path):
 
 def test_channel_close_on_a_corrupt_ring_detaches_then_reports(name):
     ch = shmkit.Channel(name, 4096)
-    seg = ch.segment
+    seg = ch._seg
     with open(_path(name), "r+b") as f:  # scribble over the ring header
         f.seek(seg._hsize)
         f.write(b"\xff" * 256)
@@ -478,7 +478,7 @@ objs = [shmkit.Segment(None, size=64), shmkit.Store(None), shmkit.Heap(None, 64 
         shmkit.Channel(None, 4096), shmkit.Queue(), shmkit.Mutex(None), shmkit.Event(None),
         shmkit.RWLock(None), shmkit.Semaphore(None), shmkit.Condition(None),
         shmkit.Array(None, "f8", 8), shmkit.Struct(None, np.dtype([("x", "i8")]))]
-print(" ".join(o.segment.path if hasattr(o, "segment") else o._ch.segment.path if hasattr(o, "_ch") else o.path for o in objs), flush=True)
+print(" ".join(o._seg.path if hasattr(o, "_seg") else o.path for o in objs), flush=True)
 if sys.argv[1] == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -508,16 +508,16 @@ _TRUNC = {
                 "o.write(b'x' * 4096, offset=8192); o.read(4096, offset=8192)"),
     "store": ("o = shmkit.Store(N)", "seg = o._seg",
               "o['k'] = b'v' * 1000; o['k']; o.verify()"),
-    "heap": ("o = shmkit.Heap(N, 256 << 10)", "seg = o",
+    "heap": ("o = shmkit.Heap(N, 256 << 10)", "seg = o._seg",
              "h = o.put(b'x' * 1000); o.read(h, timeout=1); o.free(h, timeout=1); o.verify(timeout=1)"),
-    "channel": ("o = shmkit.Channel(N, 1 << 16)", "seg = o.segment",
+    "channel": ("o = shmkit.Channel(N, 1 << 16)", "seg = o._seg",
                 "o.send_nowait(b'x' * 100); o.recv_nowait()"),
-    "queue": ("o = shmkit.Queue(name=N)", "seg = o._ch.segment",
+    "queue": ("o = shmkit.Queue(name=N)", "seg = o._ch._seg",
               "o.put_nowait(1); o.get_nowait()"),
-    "array": ("o = shmkit.Array(N, 'f8', 4096)", "seg = o", "o.ndarray('f8')[:] += 1"),
-    "mutex": ("o = shmkit.Mutex(N)", "seg = o.segment",
+    "array": ("o = shmkit.Array(N, 'f8', 4096)", "seg = o._seg", "o.array[:] += 1"),
+    "mutex": ("o = shmkit.Mutex(N)", "seg = o._seg",
               "o.acquire(timeout=1) and o.release()"),
-    "event": ("o = shmkit.Event(N)", "seg = o.segment", "o.set(); o.clear()"),
+    "event": ("o = shmkit.Event(N)", "seg = o._seg", "o.set(); o.clear()"),
 }
 
 
@@ -572,6 +572,9 @@ def test_info_names_a_stopped_lock_holder_and_waiters_time_out(name):
         assert child.stdout.readline().strip() == "held"
         assert "holder_stopped" not in inspect.describe(name)["mutex"]
         os.kill(child.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10  # the stop is delivered asynchronously
+        while not inspect.process_stopped(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
         got = inspect.describe(name)["mutex"]
         assert got["holder_pid"] == child.pid and got["holder_stopped"] is True
         out = subprocess.run([sys.executable, "-m", "shmkit", "info", name],

@@ -95,7 +95,7 @@ FORMAT = _core.RING_FORMAT
 DEFAULT_CAPACITY = 1 << 20
 QUEUE_CAPACITY = 8 << 20
 _MAX_QUEUE_ITEMS = 1 << 46  # no ring (at most 64 TiB) holds more messages
-_ROLES_OFF = 512
+_ROLES_OFF = _core.layouts["ring"]["roles"]  # ring header size: see _core/ring.h
 
 
 def _ring_bytes(capacity: int, max_attach: int) -> int:

@@ -323,7 +323,7 @@ def _objects_table(objects: list[dict[str, Any]], activity: bool = False,
     table = Table(title=title, title_justify="left", header_style="bold",
                   box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("NAME", overflow="fold")
-    table.add_column("KIND", overflow="fold")
+    table.add_column("KIND", no_wrap=True)
     table.add_column("SIZE", justify="right", no_wrap=True)
     table.add_column("MEMORY", justify="right", no_wrap=True)
     if not activity:
@@ -333,7 +333,7 @@ def _objects_table(objects: list[dict[str, Any]], activity: bool = False,
         table.add_column("ACTIVITY", overflow="fold", ratio=1)
     else:
         table.add_column("LIFETIME", overflow="fold")
-    table.add_column("STATE", overflow="fold")
+    table.add_column("STATE", no_wrap=True)  # the names fold, never the state
     total = 0
     for obj in objects:
         size = obj["size"]

@@ -90,10 +90,8 @@ KIND_CLASSES: dict[Kind, str] = {
     Kind.HEAP: "shmkit.heap:Heap",
 }
 
-_SLOT = _core.SLOT_SIZE
 _SLOT_BASE = _core.SLOT_LOCK_BASE
 _INIT_BYTE = _core.INIT_LOCK_BYTE
-_SLOT_ENTRY = struct.Struct("=IIQ8x16s")  # gen, pid, attached ns, pad, comm
 _TOKEN_MASK = 0x3FFFFFFF
 _WAITERS_BIT = 0x80000000
 _TMP_SUFFIX = ".tmp"
@@ -271,17 +269,8 @@ def _payload_format_problem(kind: Kind, layout: dict) -> str | None:
 
 def _attachments(fd: int, hwm: int) -> list[dict[str, Any]]:
     """Live attachments among slots [0, hwm): those whose slot lock someone holds."""
-    if hwm <= 0 or not _core.ofd_held(fd, _SLOT_BASE, hwm):
-        return []
-    table = os.pread(fd, hwm * _SLOT, _HEADER_BYTES)
-    out = []
-    for slot in range(min(hwm, len(table) // _SLOT)):
-        if not _core.ofd_held(fd, _SLOT_BASE + slot, 1):
-            continue
-        _gen, pid, ns, comm = _SLOT_ENTRY.unpack_from(table, slot * _SLOT)
-        out.append({"slot": slot, "pid": pid, "attached": ns / 1e9,
-                    "comm": comm.rstrip(b"\0").decode("utf-8", "replace")})
-    return out
+    return [{k: e[k] for k in ("slot", "pid", "attached", "comm")}
+            for e in _core.attach_table(fd, max(hwm, 0))]
 
 
 def _matches(name: str, patterns: Sequence[str] | None) -> bool:
@@ -383,14 +372,7 @@ def _unseen(obj: Any) -> Any:
 
 def _slot_pid(seg: Segment, token: int) -> int | None:
     """The pid recorded for the attachment named by ``token`` (alive or not)."""
-    m = seg._mapping
-    slot, gen = token & 0x3FF, (token >> 10) & 0xFFFFF
-    if slot >= m.max_slots:
-        return None
-    base = _HEADER_BYTES + slot * _SLOT
-    if _core.load32(m, base) & 0xFFFFF != gen:
-        return None  # the slot has had another owner since
-    return _core.load32(m, base + 4)
+    return _core.token_owner_pid(seg._mapping, token, False)
 
 
 def _lock_state(seg: Segment, off: int) -> dict[str, Any]:
@@ -417,16 +399,11 @@ def _slot_counts(seg: Segment, base: int, signed: bool = False) -> tuple[list, i
     m = seg._mapping
     live: dict[int, int] = {}
     dead = 0
-    hwm = min(_core.load32(m, 68), m.max_slots)
-    for slot in range(hwm):
-        v = _core.load64(m, base + 8 * slot)
-        count = v & 0xFFFFFFFF
+    for slot, _off, v, count, alive in _core.slot_counts(m, base):
         if signed and count >= 1 << 31:
             count -= 1 << 32
-        if not count:
-            continue
         token = ((v >> 32) & 0xFFFFF) << 10 | slot
-        if _core.token_alive(m, token):
+        if alive:
             pid = _slot_pid(seg, token) or 0
             live[pid] = live.get(pid, 0) + count
         else:
@@ -435,7 +412,7 @@ def _slot_counts(seg: Segment, base: int, signed: bool = False) -> tuple[list, i
 
 
 def _sync_detail(kind: Kind, obj: Any) -> dict[str, Any]:
-    seg = obj.segment
+    seg = obj._seg
     if kind is Kind.MUTEX:
         return {"mutex": _lock_state(seg, obj._base)}
     if kind is Kind.CONDITION:
@@ -452,16 +429,15 @@ def _sync_detail(kind: Kind, obj: Any) -> dict[str, Any]:
                            "dead_reader_holds": dead,
                            "writer_waiting_or_in": stats["writer_waiting_or_in"]}}
     if kind is Kind.SEMAPHORE:
-        holders, dead = _slot_counts(seg, obj._base + 64, signed=True)
-        maximum = _core.load32(obj._m, obj._base + 32)
+        holders, dead = _slot_counts(seg, obj._base + 128, signed=True)
         stats = obj.statistics()
         return {"semaphore": {"value": stats["value"],
-                              "maximum": None if maximum == 0xFFFFFFFF else maximum,
+                              "maximum": obj.maximum,
                               "waiters": stats["waiters"],
                               "holders": [{"pid": h["pid"], "units": h["count"]}
                                           for h in holders],
                               "dead_units": max(dead, 0),
-                              "lock": _lock_state(seg, obj._lock._base)}}
+                              "lock": _lock_state(seg, obj._base)}}
     return {}
 
 
@@ -877,13 +853,12 @@ def _holder_text(fd: int, word: int) -> str:
     token = word & _TOKEN_MASK
     if not token:
         return "free"
-    slot = token & 0x3FF
-    entry = os.pread(fd, _SLOT_ENTRY.size, _HEADER_BYTES + slot * _SLOT)
-    if len(entry) < _SLOT_ENTRY.size:
+    entry = _core.attach_file_entry(fd, token & 0x3FF)
+    if entry is None:
         return "held"
-    gen, pid, _ns, _comm = _SLOT_ENTRY.unpack(entry)
-    alive = (gen & 0xFFFFF) == (token >> 10) and _core.ofd_held(fd, _SLOT_BASE + slot, 1)
-    who = f"held by {pid}" if (gen & 0xFFFFF) == (token >> 10) else "held"
+    same = entry["gen"] == token >> 10
+    alive = same and entry["alive"]
+    who = f"held by {entry['pid']}" if same else "held"
     return who + ("" if alive else " (dead)") + (", waiters" if word & _WAITERS_BIT else "")
 
 

@@ -79,18 +79,19 @@ __all__ = ["Segment", "Kind", "SegmentInfo", "segment_path", "list_segments", "u
 _core.set_classes(OwnerDiedWarning, CorruptError, Timeout, ReadOnlyError, ClosedError)
 
 MAGIC = b"\x89SHMKIT\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = _core.layouts["segment"]["format_version"]
 SHM_DIR = "/dev/shm"
 PREFIX = "shmkit."
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 _HEADER = struct.Struct("=8sIIIIQQQQIIIII")  # magic .. layout_len, 76 bytes
-_HEADER_BYTES = 4096
-_OFF_SIZE = 32
-_OFF_LOCK = 60
-_OFF_RESIZES = 64
-_OFF_HWM = 68
-_LAYOUT_OFF = 1024
+_HDR = _core.layouts["segment"]  # offsets declared once, in _core/layout.h
+_HEADER_BYTES = _HDR["attach_table"]
+_OFF_SIZE = _HDR["size"]
+_OFF_LOCK = _HDR["lock"]
+_OFF_RESIZES = _HDR["resizes"]
+_OFF_HWM = _HDR["hwm"]
+_LAYOUT_OFF = _HDR["layout"]
 _LAYOUT_MAX = _HEADER_BYTES - _LAYOUT_OFF
 _SLOT = _core.SLOT_SIZE
 _SLOT_LOCK_BASE = _core.SLOT_LOCK_BASE
@@ -360,25 +361,43 @@ class Segment:
 
     def __init__(self, name: str | None = None, size: int | None = None, *,
                  path: str | os.PathLike[str] | None = None, readonly: bool = False,
-                 mode: int = 0o600, lifetime: str | None = None,
-                 max_size: int | None = None, max_attach: int = DEFAULT_MAX_ATTACH,
+                 mode: int | None = None, lifetime: str | None = None,
+                 max_size: int | None = None, max_attach: int | None = None,
                  trust_owner: int | str | None = None) -> None:
-        self._attach(name, path, size=size, create=None, readonly=readonly, mode=mode,
-                     lifetime=lifetime, max_size=max_size, max_attach=max_attach,
+        self._attach(name, path, size=size, create=None, readonly=readonly,
+                     mode=0o600 if mode is None else mode, lifetime=lifetime,
+                     max_size=max_size,
+                     max_attach=DEFAULT_MAX_ATTACH if max_attach is None else max_attach,
                      trust_owner=trust_owner)
-        if size is not None and not self._created:
-            self._refuse_smaller(size)
+        if not self._created:
+            self._refuse_disagreeing(size=size, mode=mode, lifetime=lifetime,
+                                     max_size=max_size, max_attach=max_attach)
 
-    def _refuse_smaller(self, size: int) -> None:
-        # An explicit size is honoured or refused: an existing segment smaller
-        # than asked would fail later with IndexError far from the cause.
-        have = self._sync_size()
-        if have < size:
-            self.close()
-            raise MismatchError(
-                f"segment {self._name!r} exists with size={have}, but size={size} was "
-                "asked; open it without size= to adopt its size, resize() it, or unlink "
-                "it and create it again")
+    def _refuse_disagreeing(self, size: int | None = None, mode: int | None = None,
+                            lifetime: str | None = None, max_size: int | None = None,
+                            max_attach: int | None = None) -> None:
+        # An explicit parameter is honoured or refused: an existing segment
+        # smaller than asked would fail later with IndexError far from the
+        # cause, and another lifetime or mode would surprise just as late.
+        have_life = "attached" if self._flags & _FLAG_ATTACHED else "persistent"
+        checks = [
+            ("size", size, self._sync_size(), size is not None and self._sync_size() < size),
+            ("max_size", max_size, self._max_size,
+             max_size is not None and self._max_size < max_size),
+            ("max_attach", max_attach, self._max_slots,
+             max_attach is not None and max_attach != self._max_slots),
+            ("lifetime", lifetime, have_life, lifetime is not None and lifetime != have_life),
+        ]
+        if mode is not None:
+            have_mode = os.fstat(self._fd).st_mode & 0o7777
+            checks.append(("mode", oct(mode), oct(have_mode), mode != have_mode))
+        for param, asked, have, bad in checks:
+            if bad:
+                self.close()
+                raise MismatchError(
+                    f"segment {self._name!r} exists with {param}={have}, but {param}="
+                    f"{asked} was asked; leave {param}= out to adopt what exists, or "
+                    "unlink it and create it again")
 
     # -- construction -----------------------------------------------------
 
@@ -402,7 +421,10 @@ class Segment:
         shmkit.errors.NotFoundError: ...
         """
         self = cls.__new__(cls)
+        asked = {k: kwargs.pop(k) for k in ("size", "mode", "lifetime", "max_size",
+                                             "max_attach") if kwargs.get(k) is not None}
         self._attach(name, kwargs.pop("path", None), size=None, create=False, **kwargs)
+        self._refuse_disagreeing(**asked)
         return self
 
     @classmethod
@@ -728,43 +750,24 @@ class Segment:
         _live[id(self)] = weakref.ref(self)
 
     def _claim_slot(self) -> None:
-        fd, n = self._fd, self._max_slots
+        fd, n, m = self._fd, self._max_slots, self._mapping
         if self._readonly:
             # Fails only while a last closer holds every slot to remove it.
             for attempt in range(50):
-                if _core.ofd_lock(fd, _READER_BYTE, 1, False):
+                if _core.attach_reader(m, fd):
                     return
                 time.sleep(0.001)
             self._detach()
             raise BusyError(f"{self._name!r} is being removed; open it again")
-        start = _pid % n
         for attempt in range(50):
-            for k in range(n):
-                slot = (start + k) % n
-                if _core.ofd_lock(fd, _SLOT_LOCK_BASE + slot, 1):
-                    self._fill_slot(slot)
-                    return
+            token = _core.attach_claim(m, fd, _pid % n, _process_name())
+            if token:
+                self._token = token
+                return
             time.sleep(0.001)  # a closing process may hold every slot for a moment
         self._detach()
         raise BusyError(f"all {n} attach slots of {self._name!r} are in use; close unused "
                         "handles, or create it with a larger max_attach=")
-
-    def _fill_slot(self, slot: int) -> None:
-        m, base = self._mapping, _HEADER_BYTES + slot * _SLOT
-        gen = (_core.add32(m, base, 1) + 1) & 0xFFFFF
-        if gen == 0:  # generation 0 would make token 0 possible
-            gen = (_core.add32(m, base, 1) + 1) & 0xFFFFF
-        _core.store32(m, base + 4, _pid)
-        _core.store64(m, base + 8, time.time_ns())
-        comm = _process_name()
-        view = memoryview(m)
-        view[base + 24:base + 40] = comm
-        view.release()
-        while True:
-            hwm = _core.load32(m, _OFF_HWM)
-            if hwm > slot or _core.cas32(m, _OFF_HWM, hwm, slot + 1):
-                break
-        self._token = m.token = (gen << 10) | slot
 
     def _reattach_after_fork(self) -> None:
         # The child shares the parent's open file, and so its locks: take a
@@ -773,10 +776,9 @@ class Segment:
             return
         old = self._fd
         flags = (os.O_RDONLY if self._readonly else os.O_RDWR) | os.O_CLOEXEC
+        _core.attach_detach(self._mapping)
         self._fd = os.open(f"/proc/self/fd/{old}", flags)
         os.close(old)
-        self._mapping.fd = self._fd
-        self._mapping.token = 0
         self._claim_slot()
 
     # -- lifetime ---------------------------------------------------------
@@ -834,8 +836,7 @@ class Segment:
         self._closed = True
         _live.pop(id(self), None)
         if self._mapping is not None:
-            self._mapping.token = 0
-            self._mapping.fd = -1
+            _core.attach_detach(self._mapping)
             self._mapping.close()
         if self._fd >= 0:
             os.close(self._fd)
@@ -1134,26 +1135,8 @@ class Segment:
 
     def attachments(self) -> list[dict]:
         """The live attachments: ``[{"slot", "pid", "attached", "comm"}]``."""
-        m = self._live_mapping()
-        out = []
-        hwm = min(_core.load32(m, _OFF_HWM), self._max_slots)
-        view = memoryview(m)
-        try:
-            for slot in range(hwm):
-                base = _HEADER_BYTES + slot * _SLOT
-                mine = self._token and (self._token & 0x3FF) == slot
-                if not mine and not _core.ofd_held(self._fd, _SLOT_LOCK_BASE + slot, 1):
-                    continue
-                out.append({
-                    "slot": slot,
-                    "pid": _core.load32(m, base + 4),
-                    "attached": _core.load64(m, base + 8) / 1e9,
-                    "comm": bytes(view[base + 24:base + 40]).rstrip(b"\0").decode(
-                        "utf-8", "replace"),
-                })
-        finally:
-            view.release()
-        return out
+        return [{k: e[k] for k in ("slot", "pid", "attached", "comm")}
+                for e in _core.attachments(self._live_mapping())]
 
     def readonly_attached(self) -> bool:
         """True if some other process has it open with ``readonly=True``."""
@@ -1163,11 +1146,7 @@ class Segment:
         """The pid of the live attachment named by a lock-owner token."""
         if token == 0:
             return None
-        m = self._live_mapping()
-        slot = token & 0x3FF
-        if slot >= self._max_slots or not _core.token_alive(m, token):
-            return None
-        return _core.load32(m, _HEADER_BYTES + slot * _SLOT + 4)
+        return _core.token_owner_pid(self._live_mapping(), token)
 
     def info(self) -> SegmentInfo:
         """What ``shmkit info`` shows: header facts, attachments, kind detail."""

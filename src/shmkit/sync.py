@@ -18,33 +18,37 @@ True for that holding, so the caller can check the data the lock guards.
 Payload layouts (offsets from the object's start, native byte order)::
 
     Mutex      0 u32 lock word (see _core/lock.c)
-    Event      0 u32 flag | waiters << 1
-    RWLock     0 u32 writers' mutex   4 u32 state (bit 0 writer in, bit 1 readers asleep)
+    Event      0 u32 flag | waiters << 1 (see _core/event.c)
+    RWLock     (see _core/rwlock.c)
+               0 u32 writers' mutex   4 u32 state (bit 0 writer in, bit 1 readers asleep)
                8 u32 readers-left counter (the writer sleeps on it)
               64 u64 per attach slot: generation << 32 | read holds
-    Semaphore  0 u32 mutex  4 i32 value  8 u32 change counter  12 u32 sleepers
-              16 u32 journal active  20 u32 journal slot  24 i32 old value
-              28 i32 old holds  32 i32 maximum (or -1)
-              64 u64 per attach slot: generation << 32 | holds (i32)
-    Condition  0 u32 mutex  4 u32 notify counter  8 u32 sleepers
+    Semaphore  format 2 (see _core/semaphore.c)
+               0 u32 mutex  4 i32 value  8 u32 change counter  12 u32 sleepers
+              16 u32 maximum (or 0xFFFFFFFF)  32 undo journal (4 entries)
+             128 u64 per attach slot: generation << 32 | holds (i32)
+    Condition  format 2 (see _core/condition.c)
+               0 u32 mutex  4 u32 notify counter
               12 u32 wake-ups granted by notify() and not yet taken
+              64 u64 per attach slot: generation << 32 | sleepers
+
+RWLock, Semaphore and Condition run their whole protocol in the compiled core, so
+Ctrl-C or a kill between two Python bytecodes never leaves them half changed.
 """
 
 from __future__ import annotations
 
 import os
 import time
-import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from . import _core
-from .errors import ClosedError, FormatVersionError, OwnerDiedWarning, Timeout, WouldBlock
+from .errors import FormatVersionError, MismatchError, Timeout, WouldBlock
 from .segment import _OFF_HWM, Kind, Segment
 
 __all__ = ["Mutex", "RWLock", "Event", "Semaphore", "Condition"]
 
-_SLICE = 0.05  # seconds between liveness checks while asleep
 _ALL = 0x7FFFFFFF
 _GEN_MASK = 0xFFFFF
 
@@ -55,17 +59,6 @@ def _deadline(timeout: float | None) -> float | None:
     if timeout is None:
         return None
     return time.monotonic() + max(0.0, timeout)
-
-
-def _acquire_deadline(timeout: float | None) -> float | None:
-    # Lock-style calls also take threading.Lock's timeout=-1 for "forever".
-    return _deadline(None if timeout == -1 else timeout)
-
-
-def _slice(deadline: float | None) -> float:
-    if deadline is None:
-        return _SLICE
-    return max(0.0, min(_SLICE, deadline - time.monotonic()))
 
 
 def _expired(deadline: float | None) -> bool:
@@ -125,11 +118,6 @@ class _Placed:
     @property
     def name(self) -> str:
         return self._seg.name
-
-    @property
-    def segment(self) -> Segment:
-        """The segment the object lives in."""
-        return self._seg
 
     def close(self) -> None:
         """Close this handle (and its segment if it has one of its own)."""
@@ -243,7 +231,9 @@ class Event(_Placed):
 
     With ``auto_reset=True`` each ``set()`` releases exactly one waiter and the
     flag clears itself (a Win32 auto-reset event); otherwise it stays set
-    until ``clear()`` (like :class:`threading.Event`).
+    until ``clear()`` (like :class:`threading.Event`).  Opening an existing
+    event, leave ``auto_reset`` out to adopt its kind; passing a different
+    one raises :class:`MismatchError`.
 
     Example
     -------
@@ -255,10 +245,14 @@ class Event(_Placed):
 
     _kind = Kind.EVENT
 
-    def __init__(self, name: str | None = None, *, auto_reset: bool = False,
+    def __init__(self, name: str | None = None, *, auto_reset: bool | None = None,
                  create: bool | None = None, **kwargs: Any) -> None:
-        self._adopt(self._named_segment(name, create, {"auto_reset": bool(auto_reset)},
-                                        None, kwargs))
+        seg = self._named_segment(name, create, {"auto_reset": bool(auto_reset)}, None,
+                                  kwargs)
+        _check_param(seg, "event", "auto_reset",
+                     None if auto_reset is None else bool(auto_reset),
+                     bool(seg.layout.get("auto_reset", False)))
+        self._adopt(seg)
 
     def _adopt(self, seg: Segment) -> None:
         self._own_segment = True
@@ -294,31 +288,36 @@ class Event(_Placed):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until set; False if ``timeout`` seconds pass first."""
-        return _core.event_wait(self._m, self._base, timeout, self._auto)
+        return _core.event_wait(self._m, self._base, timeout, self._auto,
+                                f"event {self._seg.name!r}")
 
     def statistics(self) -> dict:
         word = _core.load32(self._m, self._base)
         return {"set": bool(word & 1), "waiters": word >> 1, "auto_reset": self._auto}
 
 
-class RWLock(_Placed):
+class RWLock(_core.RWLock, _Placed):
     """A writer-preferring reader/writer lock shared by name.
 
     Any number of readers, or one writer.  A waiting writer stops new readers
     from entering.  Readers are counted per attached process, so a reader
     that dies never blocks writers: its holds are dropped and the writer gets
-    ``.recovered`` (and an :class:`OwnerDiedWarning`).
+    ``.recovered`` (and an :class:`OwnerDiedWarning`).  A writer that dies is
+    recovered through its robust mutex.  ``acquire_read``/``acquire_write``
+    and the releases run wholly in the compiled core (``_core/rwlock.c``):
+    Ctrl-C while waiting undoes the call, never leaving a hold behind.
 
     Example
     -------
     >>> rw = RWLock(None)
     >>> with rw.read(): pass
     >>> with rw.write(timeout=1.0): pass
-    >>> rw.close(); rw.unlink()
+    >>> rw.acquire_write(timeout=1.0)
+    True
+    >>> rw.release_write(); rw.close(); rw.unlink()
     """
 
     _kind = Kind.RWLOCK
-    recovered = False
 
     def __init__(self, name: str | None = None, *, create: bool | None = None,
                  **kwargs: Any) -> None:
@@ -335,137 +334,17 @@ class RWLock(_Placed):
     def _setup(self, seg: Segment, offset: int) -> None:
         self._place(seg, offset)
         self._wlock = Mutex._embedded(seg, offset, f"write lock of {seg.name!r}")
+        _core.RWLock.__init__(self, self._m, self._base, f"rwlock {seg.name!r}")
 
     @classmethod
     def at(cls, segment: Segment, offset: int) -> "RWLock":
-        """The lock stored at ``offset`` (``64 + 8 * max_attach`` zeroed bytes)."""
+        """The lock stored at ``offset`` (``64 + 8 * max_attach`` zeroed bytes, 8-aligned)."""
         obj = cls.__new__(cls)
         obj._setup(segment, offset)
         return obj
 
     def _entry(self, slot: int) -> int:
         return self._base + 64 + 8 * slot
-
-    def _count(self, delta: int) -> None:
-        m = self._m
-        token = m.token
-        if token == 0:
-            raise ClosedError(f"{self.name!r} is closed or was opened readonly")
-        off = self._entry(token & 0x3FF)
-        gen = token >> 10
-        while True:
-            v = _core.load64(m, off)
-            count = v & 0xFFFFFFFF if (v >> 32) == gen else 0
-            if count + delta < 0:
-                raise RuntimeError("release_read() without a matching acquire_read()")
-            if _core.cas64(m, off, v, (gen << 32) | (count + delta)):
-                return
-
-    def acquire_read(self, timeout: float | None = None) -> bool:
-        """Take a read hold; False if ``timeout`` passes first."""
-        m, state = self._m, self._base + 4
-        deadline = _acquire_deadline(timeout)
-        recovered = False
-        while True:
-            if not _core.load32(m, state) & 1:
-                self._count(+1)
-                if not _core.load32(m, state) & 1:
-                    self.recovered = recovered
-                    if recovered:
-                        warnings.warn(f"read lock of {self.name!r}: a writer died while "
-                                      "holding it; the lock was recovered, check the data "
-                                      "it guards", OwnerDiedWarning, stacklevel=2)
-                    return True
-                self._count(-1)  # a writer came in: step back and let it go first
-                self._readers_left()
-            s = _core.load32(m, state)
-            if s & 1:
-                if not s & 2 and not _core.cas32(m, state, s, s | 2):
-                    continue
-                if (_expired(deadline)
-                        or not _core.futex_wait(m, state, s | 2, _slice(deadline))):
-                    # Nobody woke us: the writer may have died holding the lock.
-                    if self._clear_dead_writer():
-                        recovered = True
-                    elif _expired(deadline):
-                        return False
-
-    def _clear_dead_writer(self) -> bool:
-        owner = self._wlock.owner_token
-        if owner and not _core.token_alive(self._m, owner):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", OwnerDiedWarning)
-                if not self._wlock.acquire(False):
-                    return False
-            if not self._wlock.recovered:  # a live writer got in first
-                self._wlock.release()
-                return False
-            self._release_state()
-            self._wlock.release()
-            return True
-        return False
-
-    def _readers_left(self) -> None:
-        if _core.load32(self._m, self._base + 4) & 1:
-            _core.add32(self._m, self._base + 8, 1)
-            _core.futex_wake(self._m, self._base + 8, 1)
-
-    def release_read(self) -> None:
-        """Drop one read hold of this process."""
-        self._count(-1)
-        self._readers_left()
-
-    def acquire_write(self, timeout: float | None = None) -> bool:
-        """Take the write hold; False if ``timeout`` passes first."""
-        m = self._m
-        deadline = _acquire_deadline(timeout)
-        if not self._wlock.acquire(timeout=-1 if timeout is None else timeout):
-            return False
-        recovered = self._wlock.recovered
-        _core.store32(m, self._base + 4, 1 | (_core.load32(m, self._base + 4) & 2))
-        dead_readers = False
-        while True:
-            seq = _core.load32(m, self._base + 8)
-            busy = False
-            for _slot, off, v, _count, alive in _slot_counts(m, self._entry(0)):
-                if not alive:
-                    _core.cas64(m, off, v, 0)  # a dead reader's holds
-                    dead_readers = True
-                    continue
-                busy = True
-            if not busy:
-                break
-            if _expired(deadline):
-                self._release_state()
-                self._wlock.release()
-                return False
-            try:
-                _core.futex_wait(m, self._base + 8, seq, _slice(deadline))
-            except BaseException:  # Ctrl-C: do not leave the write hold behind
-                self._release_state()
-                self._wlock.release()
-                raise
-        self.recovered = recovered or dead_readers
-        if dead_readers and not recovered:
-            warnings.warn(f"write lock of {self.name!r}: a reader died while holding it; "
-                          "its holds were dropped", OwnerDiedWarning, stacklevel=2)
-        return True
-
-    def _release_state(self) -> None:
-        m, state = self._m, self._base + 4
-        while True:
-            s = _core.load32(m, state)
-            if _core.cas32(m, state, s, 0):
-                break
-        if s & 2:
-            _core.futex_wake(m, state, _ALL)
-
-    def release_write(self) -> None:
-        """Drop the write hold."""
-        if self._wlock.owner_token != self._m.token:
-            raise RuntimeError(f"release_write() of {self.name!r} without holding it")
-        self._release_state()
-        self._wlock.release()
 
     @contextmanager
     def read(self, timeout: float | None = None) -> Iterator[None]:
@@ -499,13 +378,19 @@ class RWLock(_Placed):
                 "writer_waiting_or_in": bool(_core.load32(m, self._base + 4) & 1)}
 
 
-class Semaphore(_Placed):
+class Semaphore(_core.Semaphore, _Placed):
     """A counting semaphore shared by name; counts held by dead processes return.
 
-    ``acquire(timeout)`` takes one unit, ``release()`` gives one back.  Each
-    process's holds are recorded in its attach slot, so when a process dies
-    its units go back to the pool.  With ``maximum=`` set, releasing beyond
-    it raises ``ValueError`` (a bounded semaphore).
+    ``acquire(blocking=True, timeout=None)`` takes one unit, ``release(n=1)``
+    gives units back.  Each process's holds are recorded in its attach slot,
+    so when a process dies its units go back to the pool.  With ``maximum=``
+    set, releasing beyond it raises ``ValueError`` (a bounded semaphore).
+    The whole protocol runs in the compiled core (``_core/semaphore.c``):
+    Ctrl-C or a kill at any point leaves value and holds consistent.
+
+    Parameters: ``value`` (units free at creation) and ``maximum``; when the
+    semaphore exists already, leave them out to adopt what it has, or pass
+    them to insist (a different stored value raises :class:`MismatchError`).
 
     Example
     -------
@@ -518,24 +403,31 @@ class Semaphore(_Placed):
     """
 
     _kind = Kind.SEMAPHORE
+    _FORMAT = 2  # version of the payload layout above
 
-    def __init__(self, name: str | None = None, value: int = 1, *,
+    def __init__(self, name: str | None = None, value: int | None = None, *,
                  maximum: int | None = None, create: bool | None = None,
                  **kwargs: Any) -> None:
-        if not 0 <= value < 2**31 or (maximum is not None and not value <= maximum < 2**31):
-            raise ValueError("need 0 <= value <= maximum < 2**31")
+        initial = 1 if value is None else value
+        if (not isinstance(initial, int) or not 0 <= initial < 2**31
+                or (maximum is not None and not initial <= maximum < 2**31)):
+            raise ValueError(f"Semaphore: need 0 <= value <= maximum < 2**31, got "
+                             f"value={value!r} maximum={maximum!r}")
 
         def init(seg: Segment) -> None:
-            _core.store32(seg._mapping, seg._hsize + 4, value)
-            _core.store32(seg._mapping, seg._hsize + 32,
-                          0xFFFFFFFF if maximum is None else maximum)
+            _core.sem_format(seg._mapping, seg._hsize, initial,
+                             -1 if maximum is None else maximum)
 
-        self._adopt(self._named_segment(name, create, {"value": value, "maximum": maximum},
-                                        init, kwargs))
+        seg = self._named_segment(name, create, {"format": self._FORMAT, "value": initial,
+                                                 "maximum": maximum}, init, kwargs)
+        _check_format(seg, "semaphore", self._FORMAT)
+        _check_param(seg, "semaphore", "value", value, seg.layout.get("value"))
+        _check_param(seg, "semaphore", "maximum", maximum, seg.layout.get("maximum"))
+        self._adopt(seg)
 
     @classmethod
     def _footprint(cls, max_slots: int) -> int:
-        return 64 + 8 * max_slots
+        return _core.sem_footprint(max_slots)
 
     def _adopt(self, seg: Segment) -> None:
         self._own_segment = True
@@ -543,138 +435,28 @@ class Semaphore(_Placed):
 
     def _setup(self, seg: Segment, offset: int) -> None:
         self._place(seg, offset)
-        self._lock = Mutex._embedded(seg, offset, f"semaphore {seg.name!r}")
+        _core.Semaphore.__init__(self, self._m, self._base, f"semaphore {seg.name!r}")
 
     @classmethod
-    def at(cls, segment: Segment, offset: int, value: int | None = None) -> "Semaphore":
-        """The semaphore at ``offset`` (``64 + 8 * max_attach`` bytes); ``value`` initialises it."""
+    def at(cls, segment: Segment, offset: int, value: int | None = None,
+           maximum: int | None = None) -> "Semaphore":
+        """The semaphore at ``offset`` (``128 + 8 * max_attach`` bytes, 8-aligned).
+
+        ``value`` (and ``maximum``) lay it out afresh: pass them once, from
+        the process that places it, before anyone uses it.
+        """
         obj = cls.__new__(cls)
-        obj._setup(segment, offset)
+        obj._place(segment, offset)
         if value is not None:
-            _core.store32(obj._m, obj._base + 4, value)
-            _core.store32(obj._m, obj._base + 32, 0xFFFFFFFF)
+            _core.sem_format(obj._m, obj._base, value, -1 if maximum is None else maximum)
+        _core.Semaphore.__init__(obj, obj._m, obj._base,
+                                 f"semaphore at {offset} of {segment.name!r}")
         return obj
-
-    def _i32(self, off: int) -> int:
-        v = _core.load32(self._m, self._base + off)
-        return v - (1 << 32) if v >= 1 << 31 else v
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", OwnerDiedWarning)
-            self._lock.acquire()
-        try:
-            if self._lock.recovered:
-                self._roll_back()
-            yield
-        finally:
-            self._lock.release()
-
-    def _roll_back(self) -> None:
-        # A process died inside an update: undo it (its caller never returned).
-        m, b = self._m, self._base
-        if _core.load32(m, b + 16):
-            slot = _core.load32(m, b + 20)
-            if slot < m.max_slots:
-                _core.store32(m, b + 4, _core.load32(m, b + 24))
-                off = b + 64 + 8 * slot
-                v = _core.load64(m, off)
-                _core.store64(m, off, (v & ~0xFFFFFFFF) | _core.load32(m, b + 28))
-            _core.store32(m, b + 16, 0)
-
-    def _update(self, slot: int, value: int, held_delta: int, gen: int | None = None) -> None:
-        # Journaled: set the value and change the holds of ``slot``'s entry by
-        # held_delta.  The entry is ours (gen None) or a dead one's (its gen).
-        m, b = self._m, self._base
-        off = b + 64 + 8 * slot
-        v = _core.load64(m, off)
-        if gen is None:
-            gen = m.token >> 10
-        held = v & 0xFFFFFFFF if (v >> 32) == gen else 0
-        _core.store32(m, b + 20, slot)
-        _core.store32(m, b + 24, self._i32(4) & 0xFFFFFFFF)
-        _core.store32(m, b + 28, held)
-        _core.store32(m, b + 16, 1)  # journal written: from here a crash rolls back
-        _core.store32(m, b + 4, value & 0xFFFFFFFF)
-        _core.store64(m, off, (gen << 32) | ((held + held_delta) & 0xFFFFFFFF))
-        _core.store32(m, b + 16, 0)
-
-    def _reclaim_dead(self) -> bool:
-        # Called with the internal lock held: give back what dead processes held.
-        m, b = self._m, self._base
-        freed = False
-        for slot, _off, v, held, alive in _slot_counts(m, b + 64):
-            if alive:
-                continue
-            held = held - (1 << 32) if held >= 1 << 31 else held
-            self._update(slot, self._i32(4) + max(held, 0), -held, gen=v >> 32)
-            freed = freed or held > 0
-        return freed
-
-    def _reclaim_own_slot(self) -> None:
-        # Called with the internal lock held.  Our attach slot may have
-        # belonged to a process that died holding units: give them back
-        # before our first update overwrites its entry.
-        m = self._m
-        v = _core.load64(m, self._base + 64 + 8 * (m.token & 0x3FF))
-        held = v & 0xFFFFFFFF
-        if held and (v >> 32) != m.token >> 10:
-            held = held - (1 << 32) if held >= 1 << 31 else held
-            self._update(m.token & 0x3FF, self._i32(4) + max(held, 0), -held, gen=v >> 32)
-
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        """Take one unit; False if none is free within ``timeout`` seconds."""
-        m, b = self._m, self._base
-        if m.token == 0:
-            raise ClosedError(f"{self.name!r} is closed or was opened readonly")
-        deadline = _acquire_deadline(timeout if blocking else 0)
-        checked = False
-        while True:
-            seq = _core.load32(m, b + 8)
-            with self._locked():
-                self._reclaim_own_slot()
-                if self._i32(4) <= 0 and not checked:
-                    checked = True
-                    self._reclaim_dead()
-                if self._i32(4) > 0:
-                    self._update(m.token & 0x3FF, self._i32(4) - 1, +1)
-                    return True
-            if _expired(deadline):
-                return False
-            _core.add32(m, b + 12, 1)
-            try:
-                if not _core.futex_wait(m, b + 8, seq, _slice(deadline)):
-                    checked = False  # slept a whole slice: look for dead holders again
-            finally:
-                _core.add32(m, b + 12, -1)
-
-    def release(self, n: int = 1) -> None:
-        """Give back ``n`` units and wake as many waiters."""
-        m, b = self._m, self._base
-        if n < 1:
-            raise ValueError("n must be at least 1")
-        with self._locked():
-            self._reclaim_own_slot()
-            value = self._i32(4) + n
-            maximum = _core.load32(m, b + 32)
-            if maximum != 0xFFFFFFFF and value > maximum:
-                raise ValueError(f"semaphore {self.name!r} released beyond its maximum "
-                                 f"{maximum}")
-            self._update(m.token & 0x3FF, value, -n)
-            _core.add32(m, b + 8, 1)
-        if _core.load32(m, b + 12):
-            _core.futex_wake(m, b + 8, n)
 
     def acquire_nowait(self) -> None:
         """Take a unit now or raise :class:`WouldBlock`."""
         if not self.acquire(False):
             raise WouldBlock(f"semaphore {self.name!r} has no free unit")
-
-    @property
-    def value(self) -> int:
-        """Units free now (dead processes' units count once someone waits)."""
-        return self._i32(4)
 
     def __enter__(self) -> "Semaphore":
         self.acquire()
@@ -684,7 +466,30 @@ class Semaphore(_Placed):
         self.release()
 
     def statistics(self) -> dict:
-        return {"value": self.value, "waiters": _core.load32(self._m, self._base + 12)}
+        """``{"value", "waiters"}``: units free now, waiters that may be asleep."""
+        return {"value": self.value, "waiters": self.waiters}
+
+    def __repr__(self) -> str:
+        return f"<shmkit.Semaphore {self.name!r} value={self.value}>"
+
+
+def _check_format(seg: Segment, what: str, expected: int) -> None:
+    fmt = seg.layout.get("format")
+    if fmt != expected:
+        seg.close()
+        raise FormatVersionError(
+            f"{what} {seg.name!r} has layout format {fmt}; this shmkit reads format "
+            f"{expected}. Use the shmkit that made it, or remove it with `shmkit rm`")
+
+
+def _check_param(seg: Segment, what: str, param: str, given: Any, stored: Any) -> None:
+    """An explicitly given parameter must match the existing object's."""
+    if given is not None and given != stored:
+        seg.close()
+        raise MismatchError(
+            f"{what} {seg.name!r} exists with {param}={stored!r}, not the {param}={given!r} "
+            f"asked for; leave {param} out to adopt the existing one, or remove it with "
+            "`shmkit rm`")
 
 
 class Condition(_Placed):
@@ -706,31 +511,30 @@ class Condition(_Placed):
 
     _kind = Kind.CONDITION
 
-    _FORMAT = 1  # version of the payload layout above
+    _FORMAT = 2  # version of the payload layout above
 
     def __init__(self, name: str | None = None, *, create: bool | None = None,
                  **kwargs: Any) -> None:
         self._adopt(self._named_segment(name, create, {"format": self._FORMAT}, None,
                                         kwargs))
 
+    @classmethod
+    def _footprint(cls, max_slots: int) -> int:
+        return _core.cond_footprint(max_slots)
+
     def _adopt(self, seg: Segment) -> None:
-        fmt = seg.layout.get("format")
-        if fmt != self._FORMAT:
-            seg.close()
-            raise FormatVersionError(
-                f"condition {seg.name!r} has layout format {fmt}; this shmkit reads "
-                f"format {self._FORMAT}. Use the shmkit that made it, or remove it with "
-                "`shmkit rm`")
+        _check_format(seg, "condition", self._FORMAT)
         self._own_segment = True
         self._setup(seg, 0)
 
     def _setup(self, seg: Segment, offset: int) -> None:
         self._place(seg, offset)
-        self.lock = Mutex._embedded(seg, offset, f"condition {seg.name!r}")
+        self._what = f"condition {seg.name!r}"
+        self.lock = Mutex._embedded(seg, offset, self._what)
 
     @classmethod
     def at(cls, segment: Segment, offset: int) -> "Condition":
-        """The condition at ``offset`` of the payload (16 zeroed bytes)."""
+        """The condition at ``offset`` of the payload (``64 + 8 * max_attach`` zeroed bytes)."""
         obj = cls.__new__(cls)
         obj._setup(segment, offset)
         return obj
@@ -748,51 +552,14 @@ class Condition(_Placed):
     def __exit__(self, *exc: object) -> None:
         self.lock.release()
 
-    def _held(self) -> bool:
-        return self._m.token != 0 and self.lock.owner_token == self._m.token
-
-    def _take_wakeup(self) -> bool:
-        m, off = self._m, self._base + 12
-        while True:
-            granted = _core.load32(m, off)
-            if granted == 0:
-                return False
-            if _core.cas32(m, off, granted, granted - 1):
-                return True
-
     def wait(self, timeout: float | None = None) -> bool:
         """Release the lock, sleep until notified, re-take it; False on timeout.
 
         ``notify(n)`` grants n wake-ups to the processes already waiting;
         each wait takes at most one, so no more than n waits return True.
+        Raises :class:`ClosedError` if another thread closes the handle.
         """
-        m, b = self._m, self._base
-        if not self._held():
-            raise RuntimeError(f"wait() on condition {self.name!r} without holding it")
-        seq = _core.load32(m, b + 4)
-        _core.add32(m, b + 8, 1)
-        self.lock.release()
-        deadline = _deadline(timeout)
-        notified = False
-        try:
-            while True:
-                now = _core.load32(m, b + 4)
-                # Only a notify() since we started waiting is for us.
-                if now != seq and self._take_wakeup():
-                    notified = True
-                    break
-                if _expired(deadline):
-                    break
-                _core.futex_wait(m, b + 4, now,
-                                 None if deadline is None else deadline - time.monotonic())
-        finally:
-            self.lock.acquire()
-            # A notify() that raced with our time-out counted us among the
-            # sleepers: take its wake-up, so none is left for nobody.
-            if not notified and _core.load32(m, b + 4) != seq and self._take_wakeup():
-                notified = True
-            _core.add32(m, b + 8, -1)
-        return notified
+        return _core.cond_wait(self._m, self._base, timeout, self._what)
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
         """Wait until ``predicate()`` is true; returns its last value."""
@@ -806,22 +573,16 @@ class Condition(_Placed):
         return result
 
     def notify(self, n: int = 1) -> None:
-        """Wake up to ``n`` waiters; the caller must hold the condition."""
-        m, b = self._m, self._base
-        if not self._held():
-            raise RuntimeError(f"notify() on condition {self.name!r} without holding it")
-        # Sleepers not yet granted a wake-up (a waiter that was killed stays
-        # counted, which costs at most a spurious wake-up later).
-        k = min(n, _core.load32(m, b + 8) - _core.load32(m, b + 12))
-        if k <= 0:
-            return
-        _core.add32(m, b + 12, k)
-        _core.add32(m, b + 4, 1)
-        _core.futex_wake(m, b + 4, k)
+        """Wake up to ``n`` waiters; the caller must hold the condition.
+
+        Waiters of processes that died are counted out first: a wake-up is
+        only granted to a live waiter.
+        """
+        _core.cond_notify(self._m, self._base, n, self._what)
 
     def notify_all(self) -> None:
         self.notify(_ALL)
 
     def statistics(self) -> dict:
-        return {"waiters": _core.load32(self._m, self._base + 8),
+        return {"waiters": _core.cond_sleepers(self._m, self._base),
                 "holder_pid": self.lock.holder_pid()}

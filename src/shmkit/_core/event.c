@@ -2,19 +2,20 @@
  *
  * Word: bit 0 is the flag; the rest counts waiters (in steps of 2) so that
  * set() makes a system call only when someone may be asleep.  A waiter that
- * dies while counted only costs a spare wake-up later.  Auto-reset events
+ * dies while counted only costs a spare wake-up later.  Waits go through
+ * wait.h (spin, sliced sleeps, Ctrl-C, ClosedError when closed meanwhile).  Auto-reset events
  * hand each set() to exactly one waiter, which clears the flag with a CAS.
  *
- *   event_wait(m, off, timeout=None, auto_reset=False) -> bool
+ *   event_wait(m, off, timeout=None, auto_reset=False, what=None) -> bool
  *   event_set(m, off, auto_reset=False)
  *   event_clear(m, off)
  */
 #include "shmkit.h"
+#include "wait.h"
 #include <errno.h>
 #include <limits.h>
 
 #define SPIN_NS (30 * 1000LL)
-#define SLICE_NS (50 * 1000 * 1000LL)
 
 /* Try to take the flag: 1 if observed (and consumed when auto_reset). */
 static inline int
@@ -31,48 +32,47 @@ try_take(uint32_t *w, int auto_reset)
     return 0;
 }
 
+typedef struct {
+    uint32_t *w;
+    int auto_reset;
+} EventWait;
+
 static int
-event_wait(uint32_t *w, int64_t deadline, int auto_reset)
+ev_ready(void *ctx, uint32_t *sleep_on)
 {
-    if (try_take(w, auto_reset))
-        return 1;
-    int got = 0;
-    Py_BEGIN_ALLOW_THREADS
-    int64_t spin_end = shm_now_ns() + SPIN_NS;
-    if (spin_end > deadline)
-        spin_end = deadline;
-    do {
-        for (int i = 0; i < 64 && !got; i++) {
-            cpu_relax();
-            got = try_take(w, auto_reset);
-        }
-    } while (!got && shm_now_ns() < spin_end);
-    Py_END_ALLOW_THREADS
-    if (got)
-        return 1;
-    __atomic_fetch_add(w, 2u, __ATOMIC_SEQ_CST);
-    int result = 0;
+    EventWait *e = ctx;
     for (;;) {
-        if (try_take(w, auto_reset)) {
-            result = 1;
-            break;
+        if (try_take(e->w, e->auto_reset))
+            return 1;
+        uint32_t v = __atomic_load_n(e->w, __ATOMIC_ACQUIRE);
+        if (!(v & 1u)) { /* never sleep on a set word: test it again */
+            *sleep_on = v;
+            return 0;
         }
-        uint32_t v = __atomic_load_n(w, __ATOMIC_ACQUIRE);
-        if (v & 1u)
-            continue;
-        int err;
-        Py_BEGIN_ALLOW_THREADS
-        err = shm_futex_wait(w, v, deadline, SLICE_NS);
-        Py_END_ALLOW_THREADS
-        if (err != 0 && PyErr_CheckSignals() < 0) {
-            result = -1;
-            break;
-        }
-        if (err == ETIMEDOUT && shm_now_ns() >= deadline)
-            break;
     }
-    __atomic_fetch_sub(w, 2u, __ATOMIC_SEQ_CST);
-    return result;
+}
+
+static void
+ev_arm(void *ctx)
+{
+    __atomic_fetch_add(((EventWait *)ctx)->w, 2u, __ATOMIC_SEQ_CST);
+}
+
+static void
+ev_disarm(void *ctx)
+{
+    __atomic_fetch_sub(((EventWait *)ctx)->w, 2u, __ATOMIC_SEQ_CST);
+}
+
+/* Wait through wait.h: spin, count ourselves as a waiter, sleep in slices;
+ * Ctrl-C and a close() by another thread end it. */
+static int
+event_wait(MappingObject *m, uint32_t *w, int64_t deadline, int auto_reset, const char *what)
+{
+    EventWait e = {w, auto_reset};
+    shm_wait sw = {.m = m, .word = w, .ctx = &e, .ready = ev_ready, .arm = ev_arm,
+                   .disarm = ev_disarm, .spin_ns = SPIN_NS, .what = what};
+    return shm_wait_until(&sw, deadline);
 }
 
 static int
@@ -94,8 +94,8 @@ static PyObject *
 py_event_wait(PyObject *mod, PyObject *const *a, Py_ssize_t n)
 {
     uint32_t *w;
-    if (parse(a, n, 2, 4, "event_wait(mapping, offset, timeout=None, auto_reset=False)",
-              &w, 1) < 0)
+    if (parse(a, n, 2, 5, "event_wait(mapping, offset, timeout=None, auto_reset=False, "
+              "what=None)", &w, 1) < 0)
         return NULL;
     int64_t deadline = shm_deadline(n > 2 ? a[2] : NULL);
     if (deadline < 0)
@@ -103,8 +103,11 @@ py_event_wait(PyObject *mod, PyObject *const *a, Py_ssize_t n)
     int auto_reset = n > 3 ? PyObject_IsTrue(a[3]) : 0;
     if (auto_reset < 0)
         return NULL;
+    const char *what = "the event";
+    if (n > 4 && a[4] != Py_None && (what = PyUnicode_AsUTF8(a[4])) == NULL)
+        return NULL;
     shm_pin(a[0]);
-    int r = event_wait(w, deadline, auto_reset);
+    int r = event_wait((MappingObject *)a[0], w, deadline, auto_reset, what);
     shm_unpin(a[0]);
     return r < 0 ? NULL : PyBool_FromLong(r);
 }
@@ -136,8 +139,9 @@ py_event_clear(PyObject *mod, PyObject *const *a, Py_ssize_t n)
 
 PyMethodDef shm_event_methods[] = {
     {"event_wait", (PyCFunction)(void (*)(void))py_event_wait, METH_FASTCALL,
-     "event_wait(mapping, offset, timeout=None, auto_reset=False) -> bool\n\n"
-     "Wait for the event's flag (consuming it when auto_reset); False on timeout."},
+     "event_wait(mapping, offset, timeout=None, auto_reset=False, what=None) -> bool\n\n"
+     "Wait for the event's flag (consuming it when auto_reset); False on timeout;\n"
+     "ClosedError naming `what` when another thread closes the mapping meanwhile."},
     {"event_set", (PyCFunction)(void (*)(void))py_event_set, METH_FASTCALL,
      "event_set(mapping, offset, auto_reset=False)"},
     {"event_clear", (PyCFunction)(void (*)(void))py_event_clear, METH_FASTCALL,

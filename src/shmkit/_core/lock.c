@@ -7,7 +7,7 @@
  *
  * A waiter that sleeps a whole slice without being woken, or whose timeout
  * ran out (a try-lock included), asks the kernel whether the owner's
- * attachment still exists (liveness.c).  If not, it
+ * attachment still exists (attach.c).  If not, it
  * takes the lock over with a CAS from the dead value, so exactly one waiter
  * wins, and reports it: acquire returns "recovered" and the caller checks or
  * repairs whatever the lock guards.
@@ -18,12 +18,11 @@
  */
 #include "shmkit.h"
 #include "journal.h"
+#include "wait.h"
 #include <errno.h>
 #include <structmember.h>
 
-#define FIRST_SLICE_NS (1 * 1000 * 1000LL)
-#define SLICE_NS (50 * 1000 * 1000LL)
-#define SPINS 200
+#define SPIN_NS (10 * 1000LL) /* spin this long before sleeping */
 
 static inline int
 cas(uint32_t *w, uint32_t expected, uint32_t desired)
@@ -32,132 +31,243 @@ cas(uint32_t *w, uint32_t expected, uint32_t desired)
                                        __ATOMIC_RELAXED);
 }
 
-/* The held list: a handful of entries per process, so a linear scan. */
-static int
-held_index(MappingObject *m, uint32_t *word)
+/* ---- the held registry ---------------------------------------------------
+ * m->held[] records, per mapping, every lock word that a thread of this
+ * process holds or is taking: one u64 per (thread, lock), 0 when free, else
+ * (offset << 3) | state.  What protects it is atomics, not the GIL: an
+ * entry is claimed by a CAS from 0, after which only its claiming thread
+ * changes or frees it (plain atomic stores); other threads only read it.
+ * Every path that takes a robust lock records it here first (TRYING), and
+ * every release marks it RELEASING before the word is freed and clears it
+ * after, so:
+ *
+ *   a word carrying our token is legitimately ours exactly while some entry
+ *   of another thread names it as TRYING, HOLDS or RELEASING.
+ *
+ * A waiter that finds our token on the word and no such entry has found
+ * damage (nobody of ours will ever release it) and takes the word over. */
+#define HELD_TRYING 1u    /* about to CAS the word, or just did */
+#define HELD_HOLDS 2u     /* holds it */
+#define HELD_WAITING 3u   /* waiting for it; will go back to TRYING to CAS */
+#define HELD_RELEASING 4u /* releasing it: the word may still carry our token */
+#define HELD_OFF(e) ((e) >> 3)
+#define HELD_STATE(e) ((unsigned)((e) & 7u))
+
+static inline uint64_t
+held_entry(MappingObject *m, uint32_t *word, unsigned state)
 {
-    Py_ssize_t off = (char *)word - m->base;
-    for (Py_ssize_t i = 0; i < m->nheld; i++)
-        if (m->held[i] == off)
-            return (int)i;
+    return ((uint64_t)((char *)word - m->base) << 3) | state;
+}
+
+/* Claim a free entry for word in state TRYING.  Returns its index, or -1
+ * with RuntimeError when this process already holds SHM_HELD_MAX locks. */
+static int
+held_claim(MappingObject *m, uint32_t *word)
+{
+    uint64_t e = held_entry(m, word, HELD_TRYING);
+    for (int i = 0; i < SHM_HELD_MAX; i++) {
+        uint64_t zero = 0;
+        if (__atomic_load_n(&m->held[i], __ATOMIC_RELAXED) == 0 &&
+            __atomic_compare_exchange_n(&m->held[i], &zero, e, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_RELAXED))
+            return i;
+    }
+    PyErr_Format(PyExc_RuntimeError, "this process holds or waits for %d shmkit locks of "
+                 "one segment at once, the most it can; release some first", SHM_HELD_MAX);
     return -1;
 }
 
-/* Record a lock we now hold.  Returns 0, or -1 (MemoryError) after undoing
- * the acquire, so the caller reports failure with the lock free again. */
-static int
-held_add(MappingObject *m, uint32_t *word)
+/* TRYING and WAITING are stored sequentially consistent (a TRYING entry
+ * must be visible before the CAS on the word that follows it); HOLDS,
+ * stored after a successful CAS of the word, needs only release. */
+static inline void
+held_set(MappingObject *m, int i, uint32_t *word, unsigned state)
 {
-    if (m->nheld == m->capheld) {
-        Py_ssize_t cap = m->capheld ? 2 * m->capheld : 8;
-        Py_ssize_t *p = PyMem_Realloc(m->held, (size_t)cap * sizeof *p);
-        if (p == NULL) {
-            uint32_t v = __atomic_exchange_n(word, 0, __ATOMIC_RELEASE);
-            if (v & SHM_LOCK_WAITERS)
-                shm_futex_wake(word, 1);
-            PyErr_NoMemory();
-            return -1;
-        }
-        m->held = p;
-        m->capheld = cap;
+    __atomic_store_n(&m->held[i], held_entry(m, word, state),
+                     state == HELD_HOLDS ? __ATOMIC_RELEASE : __ATOMIC_SEQ_CST);
+}
+
+static inline void
+held_free(MappingObject *m, int i)
+{
+    __atomic_store_n(&m->held[i], 0, __ATOMIC_RELEASE);
+}
+
+/* Does a thread of ours other than entry `self` hold, take or release word? */
+static int
+held_by_other_thread(MappingObject *m, uint32_t *word, int self)
+{
+    uint64_t off = (uint64_t)((char *)word - m->base);
+    for (int i = 0; i < SHM_HELD_MAX; i++) {
+        uint64_t e = __atomic_load_n(&m->held[i], __ATOMIC_SEQ_CST);
+        if (i != self && e != 0 && HELD_OFF(e) == off && HELD_STATE(e) != HELD_WAITING)
+            return 1;
     }
-    m->held[m->nheld++] = (char *)word - m->base;
     return 0;
 }
 
-static void
-held_remove(MappingObject *m, uint32_t *word)
+int
+shm_lock_held_count(MappingObject *m)
 {
-    int i = held_index(m, word);
-    if (i >= 0)
-        m->held[i] = m->held[--m->nheld];
+    int n = 0;
+    for (int i = 0; i < SHM_HELD_MAX; i++)
+        n += HELD_STATE(__atomic_load_n(&m->held[i], __ATOMIC_RELAXED)) == HELD_HOLDS;
+    return n;
 }
 
-static int acquire_unlisted(MappingObject *m, uint32_t *word, int64_t deadline);
+void
+shm_lock_forget_all(MappingObject *m)
+{
+    for (int i = 0; i < SHM_HELD_MAX; i++)
+        __atomic_store_n(&m->held[i], 0, __ATOMIC_RELAXED);
+}
+
+static int
+no_token(MappingObject *m)
+{
+    if (m->base != NULL && m->readonly)
+        PyErr_SetString(SHM_READONLY_EXC, "the segment was opened readonly=True; "
+                        "open it without readonly to take its locks");
+    else
+        PyErr_SetString(SHM_CLOSED_EXC,
+                        "the segment is closed; open it again to use its locks");
+    return -1;
+}
+
+int
+shm_lock_try(MappingObject *m, uint32_t *word)
+{
+    const uint32_t me = m->token;
+    if (me == 0)
+        return no_token(m);
+    if (__atomic_load_n(word, __ATOMIC_RELAXED) != 0)
+        return 0;
+    int i = held_claim(m, word);
+    if (i < 0)
+        return -1;
+    if (cas(word, 0, me)) {
+        held_set(m, i, word, HELD_HOLDS);
+        return 1;
+    }
+    held_free(m, i);
+    return 0;
+}
+
+static int acquire_slow(MappingObject *m, uint32_t *word, int64_t deadline, int self);
 
 int
 shm_lock_acquire(MappingObject *m, uint32_t *word, int64_t deadline)
 {
-    int r = acquire_unlisted(m, word, deadline);
-    if (r > 0 && held_add(m, word) < 0)
+    const uint32_t me = m->token;
+    if (me == 0)
+        return no_token(m);
+    int i = held_claim(m, word);
+    if (i < 0)
         return -1;
+    int r = cas(word, 0, me) ? 1 : acquire_slow(m, word, deadline, i);
+    if (r > 0)
+        held_set(m, i, word, HELD_HOLDS);
+    else
+        held_free(m, i);
     return r;
 }
 
+/* CAS the word from v to desired with our entry marked TRYING meanwhile. */
 static int
-acquire_unlisted(MappingObject *m, uint32_t *word, int64_t deadline)
+try_cas(MappingObject *m, uint32_t *word, int self, uint32_t v, uint32_t desired)
 {
-    const uint32_t me = m->token;
-    if (me == 0) {
-        if (m->base != NULL && m->readonly)
-            PyErr_SetString(SHM_READONLY_EXC, "the segment was opened readonly=True; "
-                            "open it without readonly to take its locks");
-        else
-            PyErr_SetString(SHM_CLOSED_EXC,
-                            "the segment is closed; open it again to use its locks");
-        return -1;
-    }
-    if (cas(word, 0, me))
+    held_set(m, self, word, HELD_TRYING);
+    if (cas(word, v, desired))
         return 1;
-    for (int i = 0; i < SPINS; i++) {
-        cpu_relax();
-        if (__atomic_load_n(word, __ATOMIC_RELAXED) == 0 && cas(word, 0, me))
+    held_set(m, self, word, HELD_WAITING);
+    return 0;
+}
+
+/* The slow path waits through wait.c.  ready() takes the word when it is
+ * free (keeping the waiters bit once we are counted as a sleeper), or takes
+ * it over when it carries our own token and no other thread of ours holds
+ * it (damage); check(), after a slice without news and before a timeout,
+ * takes it over from a dead holder. */
+typedef struct {
+    MappingObject *m;
+    uint32_t *word;
+    uint32_t me;
+    int self;   /* our registry entry */
+    int armed;  /* counted as a sleeper: set the waiters bit */
+    int got;    /* 1 acquired, 2 taken over */
+} lock_wait;
+
+static int
+lock_ready(void *ctx, uint32_t *sleep_on)
+{
+    lock_wait *c = ctx;
+    if (c->got)
+        return 1;
+    uint32_t v = __atomic_load_n(c->word, __ATOMIC_RELAXED);
+    uint32_t bit = c->armed ? SHM_LOCK_WAITERS : 0;
+    if (v == 0) {
+        /* Others may still sleep: an armed waiter keeps the waiters bit. */
+        if (try_cas(c->m, c->word, c->self, 0, c->me | bit)) {
+            c->got = 1;
             return 1;
+        }
+        *sleep_on = __atomic_load_n(c->word, __ATOMIC_RELAXED);
+        return 0;
     }
-    int64_t slice = FIRST_SLICE_NS;
-    int check_owner = 0;
-    for (;;) {
-        if (m->token != me) {
-            /* Closed by another thread while we waited: our token no longer
-             * names a live attachment, so we must not take the lock. */
-            PyErr_SetString(PyExc_ValueError,
-                            "the segment was closed while waiting for its lock");
-            return -1;
+    if ((v & SHM_TOKEN_MASK) == c->me && !held_by_other_thread(c->m, c->word, c->self)) {
+        /* Our token, but no thread of ours holds or takes it: damage.
+         * Waiting would be forever, so take it over and report it like a
+         * dead holder. */
+        if (try_cas(c->m, c->word, c->self, v, c->me | SHM_LOCK_WAITERS)) {
+            c->got = 2;
+            return 1;
         }
-        uint32_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
-        if (v == 0) {
-            /* Others may still sleep: keep the waiters bit. */
-            if (cas(word, 0, me | SHM_LOCK_WAITERS))
-                return 1;
-            continue;
-        }
-        /* Before giving up (a try-lock, or the deadline passed) and after a
-         * whole slice without a wake-up, ask whether the holder still lives:
-         * a dead holder's lock is free, whatever the timeout. */
-        int expired = shm_now_ns() >= deadline;
-        if ((v & SHM_TOKEN_MASK) == me && held_index(m, word) < 0) {
-            /* Our token, but we never took it: damage.  Waiting would be
-             * forever, so take it over and report it like a dead holder. */
-            if (cas(word, v, me | SHM_LOCK_WAITERS))
-                return 2;
-            continue;
-        }
-        if (check_owner || expired) {
-            check_owner = 0;
-            if (!shm_token_alive(m, v & SHM_TOKEN_MASK)) {
-                if (cas(word, v, me | SHM_LOCK_WAITERS))
-                    return 2;
-                continue;
-            }
-            if (expired)
-                return 0;
-        }
-        if (!(v & SHM_LOCK_WAITERS)) {
-            if (!cas(word, v, v | SHM_LOCK_WAITERS))
-                continue;
-            v |= SHM_LOCK_WAITERS;
-        }
-        int err;
-        Py_BEGIN_ALLOW_THREADS
-        err = shm_futex_wait(word, v, deadline, slice);
-        Py_END_ALLOW_THREADS
-        if (err == ETIMEDOUT) {
-            check_owner = 1; /* nobody woke us for a whole slice */
-            slice = SLICE_NS;
-        }
-        if (err != 0 && PyErr_CheckSignals() < 0)
-            return -1;
+        *sleep_on = __atomic_load_n(c->word, __ATOMIC_RELAXED);
+        return 0;
     }
+    if (bit && !(v & bit) && cas(c->word, v, v | bit))
+        v |= bit;
+    *sleep_on = v;
+    return 0;
+}
+
+static void
+lock_arm(void *ctx)
+{
+    lock_wait *c = ctx;
+    c->armed = 1;
+    held_set(c->m, c->self, c->word, HELD_WAITING);
+}
+
+static void
+lock_disarm(void *ctx)
+{
+    ((lock_wait *)ctx)->armed = 0;
+}
+
+/* A dead holder's lock is free, whatever the timeout: take it over. */
+static int
+lock_check(void *ctx)
+{
+    lock_wait *c = ctx;
+    uint32_t v = __atomic_load_n(c->word, __ATOMIC_RELAXED);
+    if (c->got || v == 0 || (v & SHM_TOKEN_MASK) == c->me)
+        return 0;
+    if (!shm_token_alive(c->m, v & SHM_TOKEN_MASK) &&
+        try_cas(c->m, c->word, c->self, v, c->me | SHM_LOCK_WAITERS))
+        c->got = 2;
+    return 0;
+}
+
+static int
+acquire_slow(MappingObject *m, uint32_t *word, int64_t deadline, int self)
+{
+    lock_wait c = {m, word, m->token, self, 0, 0};
+    shm_wait w = {.m = m, .word = word, .ctx = &c, .ready = lock_ready,
+                  .arm = lock_arm, .disarm = lock_disarm, .check = lock_check,
+                  .spin_ns = SPIN_NS, .what = "the segment"};
+    int r = shm_wait_until(&w, deadline);
+    return r == 1 ? c.got : r;
 }
 
 int
@@ -169,10 +279,22 @@ shm_lock_release(MappingObject *m, uint32_t *word)
                         "release of a shmkit lock that this process does not hold");
         return -1;
     }
-    held_remove(m, word);
+    /* Mark our entry RELEASING (another thread may take the word as soon as
+     * it is free and list it as HOLDS: ours must not be mistaken for it). */
+    uint64_t holds = held_entry(m, word, HELD_HOLDS);
+    int mine = -1;
+    for (int i = 0; i < SHM_HELD_MAX && mine < 0; i++) {
+        uint64_t e = holds;
+        if (__atomic_load_n(&m->held[i], __ATOMIC_RELAXED) == holds &&
+            __atomic_compare_exchange_n(&m->held[i], &e, held_entry(m, word, HELD_RELEASING),
+                                        0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+            mine = i;
+    }
     v = __atomic_exchange_n(word, 0, __ATOMIC_RELEASE);
     if (v & SHM_LOCK_WAITERS)
         shm_futex_wake(word, 1);
+    if (mine >= 0)
+        held_free(m, mine);
     return 0;
 }
 
@@ -291,12 +413,10 @@ try_fast(LockObject *self)
         self->offset > (long long)m->length - 4)
         return 0;
     uint32_t *word = (uint32_t *)(m->base + self->offset);
-    if (!cas(word, 0, m->token))
-        return 0;
-    if (held_add(m, word) < 0)
-        return -1;
-    self->recovered = 0;
-    return 1;
+    int r = shm_lock_try(m, word);
+    if (r > 0)
+        self->recovered = 0;
+    return r;
 }
 
 static int

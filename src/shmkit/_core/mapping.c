@@ -75,7 +75,6 @@ mapping_dealloc(MappingObject *self)
 {
     /* Exports hold a reference, so none can remain here. */
     mapping_unmap(self);
-    PyMem_Free(self->held);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -161,8 +160,10 @@ static PyMemberDef mapping_members[] = {
     {"exports", T_PYSSIZET, offsetof(MappingObject, exports), READONLY,
      "buffers exported and not yet released"},
     {"readonly", T_INT, offsetof(MappingObject, readonly), READONLY, NULL},
-    {"fd", T_INT, offsetof(MappingObject, fd), 0, "the segment's file descriptor"},
-    {"token", T_UINT, offsetof(MappingObject, token), 0, "our lock-owner token"},
+    {"fd", T_INT, offsetof(MappingObject, fd), READONLY,
+     "the segment's file descriptor used for liveness (set by attach_claim)"},
+    {"token", T_UINT, offsetof(MappingObject, token), READONLY,
+     "our lock-owner token (set by attach_claim, cleared by attach_detach)"},
     {"table_off", T_PYSSIZET, offsetof(MappingObject, table_off), 0,
      "byte offset of the attach table"},
     {"max_slots", T_UINT, offsetof(MappingObject, max_slots), 0,
@@ -170,7 +171,15 @@ static PyMemberDef mapping_members[] = {
     {NULL}
 };
 
+static PyObject *
+mapping_get_held_count(MappingObject *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromLong(shm_lock_held_count(self));
+}
+
 static PyGetSetDef mapping_getset[] = {
+    {"held_count", (getter)mapping_get_held_count, NULL,
+     "robust locks of this segment that threads of this process hold now", NULL},
     {"address", (getter)mapping_get_address, NULL, "base address (for diagnostics)", NULL},
     {"closed", (getter)mapping_get_closed, NULL, "True once close() was called", NULL},
     {NULL}

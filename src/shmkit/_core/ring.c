@@ -73,6 +73,7 @@
  * are always taken modulo the capacity fixed when the handle was bound.
  */
 #include "ring.h"
+#include "journal.h"
 #include <errno.h>
 #include <string.h>
 #include <time.h>
@@ -226,6 +227,7 @@ ring_take_begin(struct ring_hdr *h, take_t *tk)
     STORER(&j->dropped, tk->dropped);
     STORER(&j->read, LOADR(&h->read));
     STORE(&h->jr_sel, sel ^ 1);
+    shm_crash_point("ring.take.journal");
 }
 
 /* Move read past the record at rd (total bytes); head follows at the end
@@ -234,6 +236,7 @@ static inline int
 ring_take_pass(struct ring_hdr *h, take_t *tk, uint64_t rd, uint64_t total)
 {
     STORE(&h->read, rd + total);
+    shm_crash_point("ring.take.pass");
     if (tk->head == rd) {
         tk->head = rd + total;
         return 1;
@@ -264,6 +267,7 @@ ring_reclaim_from(RingObject *r, uint64_t hd)
     if (hd == start)
         return 0;
     STORE(&h->head, hd);
+    shm_crash_point("ring.reclaim.head");
     return 1;
 }
 
@@ -280,6 +284,7 @@ ring_take_end(RingObject *r, take_t *tk)
     struct ring_hdr *h = r->h;
     STORE(&h->received, tk->received);
     STORE(&h->dropped, tk->dropped);
+    shm_crash_point("ring.take.counters");
     return ring_reclaim_from(r, tk->head);
 }
 
@@ -315,6 +320,7 @@ ring_fix_consumers(RingObject *r)
             dropped++; /* marked, not yet passed: the next holding passes it */
         STORE(&h->received, LOADR(&j->received) + taken);
         STORE(&h->dropped, LOADR(&j->dropped) + dropped);
+        shm_crash_point("ring.repair.consumers.counted");
     }
     for (uint64_t p = hd; p < rd;) { /* copied, head not yet moved: finish */
         rec_t *rec = rec_at(r, p);
@@ -322,8 +328,10 @@ ring_fix_consumers(RingObject *r)
         uint64_t total = rec_span(r, p, st, rd, "record overruns the read position");
         if (total == 0)
             return -1;
-        if (st == ST_COMMITTED)
+        if (st == ST_COMMITTED) {
             STORE(&rec->state, ST_DONE);
+            shm_crash_point("ring.repair.consumers.done");
+        }
         p += total;
     }
     if (rd < t && ST_KIND(LOAD(&rec_at(r, rd)->state)) == ST_TAKEN)
@@ -350,25 +358,44 @@ ring_fix_producers(RingObject *r)
         p += total;
     }
     STORE(&h->reserved, LOADR(&j->reserved) + n);
+    shm_crash_point("ring.repair.producers.counted");
     return 0;
 }
 
+/* The repair hook of the ring's locks: after taking one from a dead
+ * holder, recount from its journal (ring_fix_consumers/producers). */
+typedef struct {
+    RingObject *r;
+    uint32_t *word;
+} ring_lock_ctx;
+
+static int
+ring_lock_repair(void *ctx, int owner_died)
+{
+    ring_lock_ctx *c = ctx;
+    if (!owner_died)
+        return 0;
+    return c->word == &c->r->h->clock ? ring_fix_consumers(c->r) : ring_fix_producers(c->r);
+}
+
+/* Take plock or clock through lock.c (which records the holding): the
+ * uncontended case is shm_lock_try's one CAS; otherwise wait, at least a
+ * grace period, and repair after a dead holder. */
 int
 ring_lock(RingObject *r, MappingObject *m, uint32_t *word, uint32_t me, int64_t deadline)
 {
-    uint32_t free_ = 0;
-    if (__atomic_compare_exchange_n(word, &free_, me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
-        return 1;
+    (void)me;
+    int got = shm_lock_try(m, word);
+    if (got != 0)
+        return got < 0 ? -1 : 1;
     int64_t grace = shm_now_ns() + LOCK_GRACE_NS;
-    int got = shm_lock_acquire(m, word, deadline > grace ? deadline : grace);
+    ring_lock_ctx ctx = {r, word};
+    got = shm_lock_acquire_repair(m, word, deadline > grace ? deadline : grace, NULL,
+                                  ring_lock_repair, &ctx);
     if (got == 0) {
         PyErr_Format(shm_TimeoutError, "channel %R: its %s lock stayed held by a live "
                      "process; try again", r->name ? r->name : Py_None,
-                     word == &r->h->plock ? "producers'" : "consumers'");
-        return -1;
-    }
-    if (got == 2 && (word == &r->h->clock ? ring_fix_consumers(r) : ring_fix_producers(r)) < 0) {
-        shm_lock_release(m, word);
+                     word == &r->h->clock ? "consumers'" : "producers'");
         return -1;
     }
     return got < 0 ? -1 : 1;
@@ -422,8 +449,10 @@ ring_next(RingObject *r, take_t *tk, uint64_t *pos, uint32_t *len)
 void
 ring_take_copied(RingObject *r, take_t *tk, uint64_t pos, uint32_t len)
 {
-    if (tk->head != pos)
+    if (tk->head != pos) {
         STORE(&rec_at(r, pos)->state, ST_DONE);
+        shm_crash_point("ring.take.copied");
+    }
     tk->received++;
     ring_take_pass(r->h, tk, pos, rec_total(len));
 }
@@ -433,8 +462,10 @@ void
 ring_take_lent(RingObject *r, take_t *tk, uint64_t pos, uint32_t len, uint32_t me)
 {
     STORE(&rec_at(r, pos)->state, ST_TAKEN | me);
+    shm_crash_point("ring.lend.marked");
     tk->received++;
     STORE(&r->h->read, pos + rec_total(len));
+    shm_crash_point("ring.lend.read");
 }
 
 /* ---- the producers' side ---------------------------------------------- */
@@ -447,15 +478,17 @@ static int
 ring_pass_skip(RingObject *r, MappingObject *m, uint32_t me, uint64_t was, uint64_t t)
 {
     struct ring_hdr *h = r->h;
-    uint32_t free_ = 0;
-    if (!__atomic_compare_exchange_n(&h->clock, &free_, me, 0, __ATOMIC_ACQUIRE,
-                                     __ATOMIC_RELAXED))
+    (void)me;
+    if (shm_lock_try(m, &h->clock) <= 0) {
+        PyErr_Clear();
         return 0; /* a consumer is busy: it will pass the marker itself */
+    }
     int passed = LOADR(&h->read) == was && LOADR(&h->head) == was;
     if (passed) {
         take_t tk;
         ring_take_begin(h, &tk);
         STORE(&h->tail, t);  /* a valid SKIP record first, then pass it */
+        shm_crash_point("ring.reserve.skip_tail");
         ring_take_pass(h, &tk, was, t - was);
         passed = ring_take_end(r, &tk) > 0;
     }
@@ -486,6 +519,7 @@ ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *len
     STORER(&h->jp[sel ^ 1].reserved, reserved);
     STORER(&h->jp[sel ^ 1].tail, t);
     STORE(&h->jp_sel, sel ^ 1);
+    shm_crash_point("ring.reserve.journal");
     if ((t & 7) || t - hd > cap) {
         r->head_seen = hd = LOAD(&h->head);
         if (((t | hd) & 7) || t - hd > cap) {
@@ -520,6 +554,7 @@ ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *len
         if (off + total > cap) {            /* wrap: mark the rest as skipped */
             STORER(&rec->len, (uint32_t)(cap - off - 8));
             STORER(&rec->state, ST_SKIP);
+            shm_crash_point("ring.reserve.skip");
             uint64_t was = t;
             t += cap - off;
             if (hd != was)
@@ -530,12 +565,15 @@ ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *len
         }
         STORER(&rec->len, (uint32_t)lens[k]);
         STORER(&rec->state, ST_RESERVED | me);
+        shm_crash_point("ring.reserve.header");
         pos[k++] = t;
         t += total;
     }
     if (t != t0) {
         STORE(&h->reserved, reserved + (uint64_t)k);
+        shm_crash_point("ring.reserve.count");
         STORE(&h->tail, t);                 /* publish the headers */
+        shm_crash_point("ring.reserve.tail");
     }
     ring_unlock(m, &h->plock);
     return k;
@@ -552,7 +590,9 @@ ring_fill(RingObject *r, uint64_t pos, const char *src, Py_ssize_t len)
     } else {
         memcpy(rec + 1, src, (size_t)len);
     }
+    shm_crash_point("ring.fill.copied");
     STORE(&rec->state, ST_COMMITTED);
+    shm_crash_point("ring.fill.committed");
 }
 
 /* ---- waiting ----------------------------------------------------------- */
@@ -727,6 +767,7 @@ ring_repair(RingObject *r, MappingObject *m)
                 goto fail;
             }
             STORE(&rec->state, ST_ABANDONED);
+            shm_crash_point("ring.repair.abandoned");
             tk.dropped++;
             ring_take_pass(h, &tk, rd, total);
             got_data = 1;
@@ -742,6 +783,7 @@ ring_repair(RingObject *r, MappingObject *m)
             if (ST_KIND(st) != ST_TAKEN || shm_token_alive(m, st & SHM_TOKEN_MASK))
                 break;
             STORE(&rec->state, ST_DONE);
+            shm_crash_point("ring.repair.finished");
             int k = ring_reclaim(r);
             if (k < 0)
                 goto fail;

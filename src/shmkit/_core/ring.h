@@ -142,12 +142,12 @@ void ring_take_lent(RingObject *r, take_t *tk, uint64_t pos, uint32_t len, uint3
 int ring_next(RingObject *r, take_t *tk, uint64_t *pos, uint32_t *len);
 int ring_reclaim(RingObject *r);
 int ring_lock(RingObject *r, MappingObject *m, uint32_t *word, uint32_t me, int64_t deadline);
+/* Release a ring lock we hold (lock.c un-records the holding). */
 static inline void
 ring_unlock(MappingObject *m, uint32_t *word)
 {
-    uint32_t v = __atomic_exchange_n(word, 0, __ATOMIC_RELEASE);
-    if (v & SHM_LOCK_WAITERS)
-        shm_futex_wake(word, 1);
+    if (shm_lock_release(m, word) < 0)
+        PyErr_Clear(); /* not ours: nothing to release */
 }
 
 /* ---- the producers' side ---- */

@@ -10,6 +10,7 @@
  *   ch._take(timeout=None) -> RecordView: with view as memoryview: ...
  */
 #include "ring.h"
+#include "journal.h"
 #include <string.h>
 
 static PyTypeObject Ring_Type, RecordView_Type;
@@ -566,6 +567,23 @@ Ring_init_ring(PyObject *Py_UNUSED(cls), PyObject *args)
     return PyLong_FromUnsignedLongLong(data_off);
 }
 
+/* 1 when a ring header's numbers cannot describe a ring inside `avail`
+ * bytes (from the header's start) of a segment with `seg_slots` attach
+ * slots.  Unsigned arithmetic throughout: no sum can wrap. */
+static int
+ring_layout_bad(uint64_t avail, uint32_t seg_slots, uint32_t max_slots, uint64_t cap,
+                uint64_t data_off)
+{
+    if (max_slots != seg_slots || max_slots > SHM_MAX_SLOTS)
+        return 1;
+    uint64_t roles_end = RING_ROLES_OFF + 8ull * max_slots;
+    if (data_off < roles_end || data_off % 64 || data_off > avail)
+        return 1;
+    if (cap < 64 || cap % 8 || cap > (1ull << 46) || cap > avail - data_off)
+        return 1;
+    return 0;
+}
+
 static PyObject *
 Ring_bind(RingObject *r, PyObject *args)
 {
@@ -578,24 +596,28 @@ Ring_bind(RingObject *r, PyObject *args)
     struct ring_hdr *h = shm_addr(mapping, off, 8, 0);
     if (h == NULL)
         return NULL;
-    if (off % 64 || off > m->length - RING_ROLES_OFF) {
-        ring_corrupt(r, "no room for a ring header", off, m->length);
+    if ((uint64_t)m->length < (uint64_t)off ||
+        (uint64_t)m->length - (uint64_t)off < RING_ROLES_OFF || off % 64) {
+        ring_corrupt(r, "no room for a ring header", (unsigned long long)off,
+                     (unsigned long long)m->length);
         return NULL;
     }
+    /* Every number the handle keeps from the header is read once, here,
+     * and checked in unsigned arithmetic before any pointer is formed. */
+    uint32_t magic = LOAD(&h->magic), format = LOAD(&h->format);
+    uint32_t max_slots = LOAD(&h->max_slots);
     uint64_t cap = LOAD(&h->cap), data_off = LOAD(&h->data_off);
-    if (LOAD(&h->magic) != RING_MAGIC) {
-        ring_corrupt(r, "bad ring magic", LOAD(&h->magic), RING_MAGIC);
+    if (magic != RING_MAGIC) {
+        ring_corrupt(r, "bad ring magic", magic, RING_MAGIC);
         return NULL;
     }
-    if (h->format != RING_FORMAT) {
-        ring_corrupt(r, "ring format differs from its layout description", h->format,
-                RING_FORMAT);
+    if (format != RING_FORMAT) {
+        ring_corrupt(r, "ring format differs from its layout description", format,
+                     RING_FORMAT);
         return NULL;
     }
-    if (h->max_slots != m->max_slots ||
-        data_off < RING_ROLES_OFF + 8ull * h->max_slots || data_off % 64 ||
-        cap < 64 || cap % 8 || cap > (1ull << 46) ||
-        (long long)(data_off + cap) > m->length - off) {
+    if (ring_layout_bad((uint64_t)m->length - (uint64_t)off, m->max_slots, max_slots,
+                        cap, data_off)) {
         ring_corrupt(r, "ring header describes an impossible layout", cap, data_off);
         return NULL;
     }
@@ -604,7 +626,7 @@ Ring_bind(RingObject *r, PyObject *args)
     r->roles = (uint64_t *)((char *)h + RING_ROLES_OFF);
     r->data = (char *)h + data_off;
     r->cap = cap;
-    r->max_slots = h->max_slots;
+    r->max_slots = max_slots;
     r->role_token = 0;
     r->role_bits = 0;
     r->head_seen = LOAD(&h->head);
@@ -641,7 +663,9 @@ Ring_close_sending(RingObject *r, PyObject *Py_UNUSED(ignored))
         ring_leave(m);
         return NULL;
     }
+    shm_crash_point("ring.close_sending.locked");
     STORE(&h->closed, 1);
+    shm_crash_point("ring.close_sending.closed");
     ring_unlock(m, &h->plock);
     wake_all(h);
     ring_leave(m);
@@ -822,6 +846,7 @@ view_finish(RingObject *r, MappingObject *m, rec_t *rec, uint32_t token)
     uint32_t taken = ST_TAKEN | token;
     __atomic_compare_exchange_n(&rec->state, &taken, ST_DONE, 0, __ATOMIC_RELEASE,
                                 __ATOMIC_RELAXED);
+    shm_crash_point("ring.finish.done");
     if (m->token != token || m->base == NULL || r->mapping != (PyObject *)m)
         return 0; /* detached meanwhile: a later waiter reclaims it */
     struct ring_hdr *h = r->h;

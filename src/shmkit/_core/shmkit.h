@@ -27,6 +27,8 @@
 #define SHM_SLOT_LOCK_BASE 4096
 #define SHM_INIT_LOCK_BYTE 0
 #define SHM_MAX_SLOTS 1024
+/* Locks of one segment that one process may hold (or wait for) at once. */
+#define SHM_HELD_MAX 64
 
 /* A lock-owner token: slot in the low 10 bits, generation in the next 20. */
 #define SHM_TOKEN_SLOT(t) ((uint32_t)(t) & 0x3FFu)
@@ -47,11 +49,11 @@ typedef struct {
     uint32_t token;      /* our lock-owner token; 0 when detached */
     Py_ssize_t table_off;/* byte offset of the attach table */
     uint32_t max_slots;
-    /* Offsets of the lock words this attachment holds (lock.c).  A word that
+    /* The lock words this attachment holds or is taking (lock.c): one u64
+     * per thread and lock, changed with atomic operations only.  A word that
      * carries our token without being listed here was not locked by us: it
      * is damage, and is taken over instead of waited on forever. */
-    Py_ssize_t *held;
-    Py_ssize_t nheld, capheld;
+    uint64_t held[SHM_HELD_MAX];
 } MappingObject;
 
 extern PyTypeObject Mapping_Type;
@@ -99,7 +101,7 @@ int shm_futex_wake(uint32_t *word, int n);
  * the value changed, 0 on timeout, -1 with an exception set. */
 int shm_wait_change(MappingObject *m, uint32_t *word, uint32_t expected, int64_t deadline);
 
-/* ---- liveness.c --------------------------------------------------------- */
+/* ---- attach.c ----------------------------------------------------------- */
 /* 1 if the attachment named by token is alive, 0 if dead. */
 int shm_token_alive(MappingObject *m, uint32_t token);
 
@@ -109,8 +111,15 @@ int shm_token_alive(MappingObject *m, uint32_t token);
 #define SHM_LOCK_WAITERS 0x80000000u
 /* Returns 1 acquired, 2 acquired after its owner died, 0 timeout, -1 error. */
 int shm_lock_acquire(MappingObject *m, uint32_t *word, int64_t deadline);
+/* The fast path alone: 1 acquired (the word was free), 0 not free (nothing
+ * changed), -1 error.  Records the holding like shm_lock_acquire. */
+int shm_lock_try(MappingObject *m, uint32_t *word);
 /* Returns 0, or -1 with RuntimeError when we do not hold it. */
 int shm_lock_release(MappingObject *m, uint32_t *word);
+/* Holdings recorded for this mapping (a diagnostic: Mapping.held_count). */
+int shm_lock_held_count(MappingObject *m);
+/* Forget every recorded holding (a new attachment, after fork). */
+void shm_lock_forget_all(MappingObject *m);
 int shm_warn_owner_died(const char *what);
 
 int shm_init_mapping(PyObject *module);

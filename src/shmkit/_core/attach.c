@@ -1,0 +1,505 @@
+/* attach.c - attachments: claiming a slot of a segment's attach table,
+ * releasing it, decoding its entries, and kernel-backed liveness.
+ *
+ * An attachment owns slot i of a segment's attach table by holding an OFD
+ * write lock on byte SHM_SLOT_LOCK_BASE+i of the segment's file.  The kernel
+ * releases OFD locks when the last descriptor of the open file goes away,
+ * which includes the process being killed, so "is the lock held by someone
+ * else" is a death test that a reused PID cannot fool.  Claiming bumps the
+ * entry's generation (never to 0), so a token (slot | generation << 10)
+ * names one attachment; then the entry's pid, attach time and comm are
+ * written (see struct shm_attach_entry in layout.h) and the table's
+ * high-water mark raised.  The token and the file descriptor a Mapping
+ * uses for liveness are set here only: Python cannot write them.
+ *
+ *   attach_claim(mapping, fd, start, comm) -> token (0: every slot busy)
+ *   attach_reader(mapping, fd) -> bool        readonly: shared lock on byte 1
+ *   attach_detach(mapping)                    forget token and fd
+ *   attach_entry(mapping, slot) -> dict       decoded entry with "alive"
+ *   attachments(mapping) -> [dict]            live entries
+ *   attach_table(fd, hwm) -> [dict]           live entries, read from the file
+ *   attach_file_entry(fd, slot) -> dict       one entry, read from the file
+ *   token_owner_pid(mapping, token, alive=True) -> int | None
+ *   slot_counts(mapping, table) -> [(slot, off, word, count, alive)]
+ *   token_alive(mapping, token) -> bool
+ *   ofd_lock / ofd_unlock / ofd_held          the raw byte-range locks
+ */
+#include "shmkit.h"
+#include "layout.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define READER_BYTE 1
+
+static int
+ofd_held(int fd, off_t start, off_t len)
+{
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = start;
+    fl.l_len = len;
+    if (fcntl(fd, F_OFD_GETLK, &fl) < 0)
+        return -1;
+    return fl.l_type != F_UNLCK;
+}
+
+/* Try an OFD lock without blocking: 1 taken, 0 busy, -1 errno set. */
+static int
+ofd_setlk(int fd, off_t start, off_t len, short type)
+{
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = start;
+    fl.l_len = len;
+    if (fcntl(fd, F_OFD_SETLK, &fl) < 0)
+        return errno == EAGAIN || errno == EACCES ? 0 : -1;
+    return 1;
+}
+
+/* The entry of slot, or NULL when the slot or the table lies outside the
+ * mapping.  Bounds in unsigned arithmetic, from trusted fields only. */
+static struct shm_attach_entry *
+entry_at(MappingObject *m, uint32_t slot)
+{
+    if (m->base == NULL || slot >= m->max_slots || m->table_off < 0)
+        return NULL;
+    uint64_t off = (uint64_t)m->table_off + (uint64_t)slot * SHM_SLOT_SIZE;
+    if ((uint64_t)m->length < SHM_SLOT_SIZE || off > (uint64_t)m->length - SHM_SLOT_SIZE)
+        return NULL;
+    return (struct shm_attach_entry *)(m->base + off);
+}
+
+int
+shm_token_alive(MappingObject *m, uint32_t token)
+{
+    uint32_t slot = SHM_TOKEN_SLOT(token);
+    if (token == m->token)
+        return 1; /* another thread of ours: we are alive */
+    if (slot >= m->max_slots)
+        return 0; /* a token no attachment can have: treat as dead */
+    if (m->fd < 0)
+        return 1; /* detached: we cannot tell, and never steal a live lock */
+    struct shm_attach_entry *e = entry_at(m, slot);
+    if (e == NULL)
+        return 0;
+    uint32_t gen = __atomic_load_n(&e->gen, __ATOMIC_ACQUIRE);
+    if ((gen & 0xFFFFFu) != SHM_TOKEN_GEN(token))
+        return 0; /* the slot has been taken over since */
+    int held = ofd_held(m->fd, SHM_SLOT_LOCK_BASE + slot, 1);
+    return held != 0; /* on error, assume alive: never steal a live lock */
+}
+
+static MappingObject *
+arg_mapping(PyObject *obj)
+{
+    if (!PyObject_TypeCheck(obj, &Mapping_Type)) {
+        PyErr_Format(PyExc_TypeError, "expected a shmkit Mapping, got %.100s",
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    MappingObject *m = (MappingObject *)obj;
+    if (m->base == NULL) {
+        PyErr_SetString(SHM_CLOSED_EXC, "the segment is closed in this process");
+        return NULL;
+    }
+    return m;
+}
+
+static uint32_t
+hwm_of(MappingObject *m)
+{
+    if ((uint64_t)m->length < sizeof(struct shm_segment_hdr))
+        return 0;
+    uint32_t h = __atomic_load_n(&((struct shm_segment_hdr *)m->base)->hwm, __ATOMIC_ACQUIRE);
+    return h < m->max_slots ? h : m->max_slots;
+}
+
+static PyObject *
+entry_dict(uint32_t slot, const struct shm_attach_entry *e, int alive)
+{
+    char comm[17];
+    memcpy(comm, e->comm, 16);
+    comm[16] = 0;
+    return Py_BuildValue("{s:I,s:I,s:I,s:d,s:N,s:O}", "slot", slot,
+                         "gen", __atomic_load_n(&e->gen, __ATOMIC_RELAXED) & 0xFFFFFu,
+                         "pid", __atomic_load_n(&e->pid, __ATOMIC_RELAXED),
+                         "attached",
+                         (double)__atomic_load_n(&e->attached, __ATOMIC_RELAXED) / 1e9,
+                         "comm", PyUnicode_DecodeUTF8(comm, (Py_ssize_t)strlen(comm), "replace"),
+                         "alive", alive ? Py_True : Py_False);
+}
+
+/* Is the owner of slot (whatever its generation) alive? */
+static int
+slot_alive(MappingObject *m, uint32_t slot)
+{
+    if (m->token != 0 && SHM_TOKEN_SLOT(m->token) == slot)
+        return 1;
+    if (m->fd < 0)
+        return 0;
+    return ofd_held(m->fd, SHM_SLOT_LOCK_BASE + slot, 1) > 0;
+}
+
+static PyObject *
+py_attach_claim(PyObject *mod, PyObject *args)
+{
+    PyObject *obj;
+    int fd;
+    unsigned int start;
+    const char *comm;
+    Py_ssize_t comm_len;
+    if (!PyArg_ParseTuple(args, "OiIy#", &obj, &fd, &start, &comm, &comm_len))
+        return NULL;
+    MappingObject *m = arg_mapping(obj);
+    if (m == NULL)
+        return NULL;
+    if (m->token != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "this mapping is attached already");
+        return NULL;
+    }
+    if (m->readonly || fd < 0 || m->max_slots == 0) {
+        PyErr_SetString(PyExc_ValueError, "attach_claim needs a writable mapping, its "
+                        "file descriptor and the attach table's size");
+        return NULL;
+    }
+    uint32_t n = m->max_slots;
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t slot = (start % n + k) % n;
+        struct shm_attach_entry *e = entry_at(m, slot);
+        if (e == NULL) {
+            PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_ValueError,
+                         "attach slot %u lies outside the segment's %zd bytes", slot,
+                         m->length);
+            return NULL;
+        }
+        int got = ofd_setlk(fd, SHM_SLOT_LOCK_BASE + slot, 1, F_WRLCK);
+        if (got < 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        if (got == 0)
+            continue;
+        uint32_t gen = (__atomic_add_fetch(&e->gen, 1, __ATOMIC_SEQ_CST)) & 0xFFFFFu;
+        if (gen == 0) /* generation 0 would make token 0 possible */
+            gen = (__atomic_add_fetch(&e->gen, 1, __ATOMIC_SEQ_CST)) & 0xFFFFFu;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        __atomic_store_n(&e->pid, (uint32_t)getpid(), __ATOMIC_RELAXED);
+        __atomic_store_n(&e->attached,
+                         (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec,
+                         __ATOMIC_RELAXED);
+        memset(e->comm, 0, sizeof e->comm);
+        memcpy(e->comm, comm, comm_len < 16 ? (size_t)comm_len : 16);
+        uint32_t *hwm = &((struct shm_segment_hdr *)m->base)->hwm;
+        uint32_t h = __atomic_load_n(hwm, __ATOMIC_ACQUIRE);
+        while (h <= slot &&
+               !__atomic_compare_exchange_n(hwm, &h, slot + 1, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_ACQUIRE))
+            ;
+        shm_lock_forget_all(m);
+        m->fd = fd;
+        m->token = (gen << 10) | slot;
+        return PyLong_FromUnsignedLong(m->token);
+    }
+    return PyLong_FromLong(0);
+}
+
+static PyObject *
+py_attach_reader(PyObject *mod, PyObject *args)
+{
+    PyObject *obj;
+    int fd;
+    if (!PyArg_ParseTuple(args, "Oi", &obj, &fd))
+        return NULL;
+    MappingObject *m = arg_mapping(obj);
+    if (m == NULL)
+        return NULL;
+    int got = ofd_setlk(fd, READER_BYTE, 1, F_RDLCK);
+    if (got < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (got) {
+        shm_lock_forget_all(m);
+        m->fd = fd;
+        m->token = 0;
+    }
+    return PyBool_FromLong(got);
+}
+
+static PyObject *
+py_attach_detach(PyObject *mod, PyObject *obj)
+{
+    if (!PyObject_TypeCheck(obj, &Mapping_Type)) {
+        PyErr_SetString(PyExc_TypeError, "expected a shmkit Mapping");
+        return NULL;
+    }
+    MappingObject *m = (MappingObject *)obj;
+    m->token = 0;
+    m->fd = -1;
+    shm_lock_forget_all(m);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+py_attach_entry(PyObject *mod, PyObject *args)
+{
+    PyObject *obj;
+    unsigned int slot;
+    if (!PyArg_ParseTuple(args, "OI", &obj, &slot))
+        return NULL;
+    MappingObject *m = arg_mapping(obj);
+    if (m == NULL)
+        return NULL;
+    struct shm_attach_entry *e = entry_at(m, slot);
+    if (e == NULL)
+        Py_RETURN_NONE;
+    return entry_dict(slot, e, slot_alive(m, slot));
+}
+
+static PyObject *
+py_attachments(PyObject *mod, PyObject *obj)
+{
+    MappingObject *m = arg_mapping(obj);
+    if (m == NULL)
+        return NULL;
+    PyObject *out = PyList_New(0);
+    uint32_t hwm = hwm_of(m);
+    for (uint32_t slot = 0; out != NULL && slot < hwm; slot++) {
+        struct shm_attach_entry *e = entry_at(m, slot);
+        if (e == NULL || !slot_alive(m, slot))
+            continue;
+        PyObject *d = entry_dict(slot, e, 1);
+        if (d == NULL || PyList_Append(out, d) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(d);
+    }
+    return out;
+}
+
+static PyObject *
+py_attach_table(PyObject *mod, PyObject *args)
+{
+    int fd;
+    unsigned int hwm;
+    if (!PyArg_ParseTuple(args, "iI", &fd, &hwm))
+        return NULL;
+    if (hwm > SHM_MAX_SLOTS)
+        hwm = SHM_MAX_SLOTS;
+    PyObject *out = PyList_New(0);
+    if (out == NULL || hwm == 0)
+        return out;
+    int any = ofd_held(fd, SHM_SLOT_LOCK_BASE, hwm);
+    if (any < 0) {
+        Py_DECREF(out);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (!any)
+        return out;
+    size_t bytes = (size_t)hwm * SHM_SLOT_SIZE;
+    char *buf = PyMem_Malloc(bytes);
+    if (buf == NULL) {
+        Py_DECREF(out);
+        return PyErr_NoMemory();
+    }
+    ssize_t got;
+    Py_BEGIN_ALLOW_THREADS
+    got = pread(fd, buf, bytes, SHM_HEADER_BYTES);
+    Py_END_ALLOW_THREADS
+    if (got < 0) {
+        PyMem_Free(buf);
+        Py_DECREF(out);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    for (uint32_t slot = 0; out != NULL && (size_t)(slot + 1) * SHM_SLOT_SIZE <= (size_t)got;
+         slot++) {
+        if (ofd_held(fd, SHM_SLOT_LOCK_BASE + slot, 1) <= 0)
+            continue;
+        struct shm_attach_entry e;
+        memcpy(&e, buf + (size_t)slot * SHM_SLOT_SIZE, sizeof e);
+        PyObject *d = entry_dict(slot, &e, 1);
+        if (d == NULL || PyList_Append(out, d) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(d);
+    }
+    PyMem_Free(buf);
+    return out;
+}
+
+static PyObject *
+py_attach_file_entry(PyObject *mod, PyObject *args)
+{
+    int fd;
+    unsigned int slot;
+    if (!PyArg_ParseTuple(args, "iI", &fd, &slot))
+        return NULL;
+    struct shm_attach_entry e;
+    if (slot >= SHM_MAX_SLOTS)
+        Py_RETURN_NONE;
+    ssize_t got;
+    Py_BEGIN_ALLOW_THREADS
+    got = pread(fd, &e, sizeof e, SHM_HEADER_BYTES + (off_t)slot * SHM_SLOT_SIZE);
+    Py_END_ALLOW_THREADS
+    if (got < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if ((size_t)got < sizeof e)
+        Py_RETURN_NONE;
+    int alive = ofd_held(fd, SHM_SLOT_LOCK_BASE + slot, 1);
+    if (alive < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return entry_dict(slot, &e, alive);
+}
+
+static PyObject *
+py_token_owner_pid(PyObject *mod, PyObject *args)
+{
+    PyObject *obj;
+    unsigned int token;
+    int alive_only = 1;
+    if (!PyArg_ParseTuple(args, "OI|p", &obj, &token, &alive_only))
+        return NULL;
+    MappingObject *m = arg_mapping(obj);
+    if (m == NULL)
+        return NULL;
+    struct shm_attach_entry *e = token ? entry_at(m, SHM_TOKEN_SLOT(token)) : NULL;
+    if (e == NULL ||
+        (__atomic_load_n(&e->gen, __ATOMIC_ACQUIRE) & 0xFFFFFu) != SHM_TOKEN_GEN(token) ||
+        (alive_only && !shm_token_alive(m, token)))
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLong(__atomic_load_n(&e->pid, __ATOMIC_RELAXED));
+}
+
+static PyObject *
+py_slot_counts(PyObject *mod, PyObject *args)
+{
+    PyObject *obj;
+    long long table;
+    if (!PyArg_ParseTuple(args, "OL", &obj, &table))
+        return NULL;
+    MappingObject *m = arg_mapping(obj);
+    if (m == NULL)
+        return NULL;
+    uint32_t hwm = hwm_of(m);
+    if (hwm && (shm_addr(obj, table, 8, 0) == NULL ||
+                shm_addr(obj, table + 8ll * (hwm - 1), 8, 0) == NULL))
+        return NULL;
+    PyObject *out = PyList_New(0);
+    for (uint32_t slot = 0; out != NULL && slot < hwm; slot++) {
+        uint64_t off = (uint64_t)table + 8ull * slot;
+        uint64_t v = __atomic_load_n((uint64_t *)(m->base + off), __ATOMIC_ACQUIRE);
+        uint32_t count = (uint32_t)v;
+        if (count == 0)
+            continue;
+        uint32_t token = ((uint32_t)(v >> 32) & 0xFFFFFu) << 10 | slot;
+        PyObject *t = Py_BuildValue("(IKKIO)", slot, (unsigned long long)off,
+                                    (unsigned long long)v, count,
+                                    shm_token_alive(m, token) ? Py_True : Py_False);
+        if (t == NULL || PyList_Append(out, t) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(t);
+    }
+    return out;
+}
+
+static PyObject *
+py_ofd_lock(PyObject *mod, PyObject *args)
+{
+    int fd, exclusive = 1;
+    long long start, len;
+    if (!PyArg_ParseTuple(args, "iLL|p", &fd, &start, &len, &exclusive))
+        return NULL;
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = exclusive ? F_WRLCK : F_RDLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = start;
+    fl.l_len = len;
+    if (fcntl(fd, F_OFD_SETLK, &fl) < 0) {
+        if (errno == EAGAIN || errno == EACCES)
+            Py_RETURN_FALSE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+py_ofd_unlock(PyObject *mod, PyObject *args)
+{
+    int fd;
+    long long start, len;
+    if (!PyArg_ParseTuple(args, "iLL", &fd, &start, &len))
+        return NULL;
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_UNLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = start;
+    fl.l_len = len;
+    if (fcntl(fd, F_OFD_SETLK, &fl) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+py_ofd_held(PyObject *mod, PyObject *args)
+{
+    int fd;
+    long long start, len;
+    if (!PyArg_ParseTuple(args, "iLL", &fd, &start, &len))
+        return NULL;
+    int r = ofd_held(fd, start, len);
+    if (r < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyBool_FromLong(r);
+}
+
+static PyObject *
+py_token_alive(PyObject *mod, PyObject *args)
+{
+    PyObject *m;
+    unsigned int token;
+    if (!PyArg_ParseTuple(args, "O!I", &Mapping_Type, &m, &token))
+        return NULL;
+    if (((MappingObject *)m)->base == NULL) {
+        PyErr_SetString(SHM_CLOSED_EXC, "the segment is closed in this process");
+        return NULL;
+    }
+    return PyBool_FromLong(shm_token_alive((MappingObject *)m, token));
+}
+
+PyMethodDef shm_attach_methods[] = {
+    {"ofd_lock", py_ofd_lock, METH_VARARGS,
+     "ofd_lock(fd, start, length, exclusive=True) -> bool\n\n"
+     "Try to take an OFD byte-range lock without blocking."},
+    {"ofd_unlock", py_ofd_unlock, METH_VARARGS, "ofd_unlock(fd, start, length)"},
+    {"ofd_held", py_ofd_held, METH_VARARGS,
+     "ofd_held(fd, start, length) -> bool\n\n"
+     "True if another open file holds a lock on any byte of the range."},
+    {"token_alive", py_token_alive, METH_VARARGS,
+     "token_alive(mapping, token) -> bool\n\nIs the attachment named by token alive?"},
+    {"attach_claim", py_attach_claim, METH_VARARGS,
+     "attach_claim(mapping, fd, start, comm) -> int\n\nClaim a free attach slot "
+     "(trying from start), fill its entry and attach the mapping; 0 if none is free."},
+    {"attach_reader", py_attach_reader, METH_VARARGS,
+     "attach_reader(mapping, fd) -> bool\n\nAttach readonly: the shared lock on byte 1."},
+    {"attach_detach", py_attach_detach, METH_O,
+     "attach_detach(mapping)\n\nForget the mapping's token and file descriptor."},
+    {"attach_entry", py_attach_entry, METH_VARARGS,
+     "attach_entry(mapping, slot) -> dict | None\n\nThe decoded entry of a slot."},
+    {"attachments", py_attachments, METH_O,
+     "attachments(mapping) -> list[dict]\n\nThe live attachments."},
+    {"attach_table", py_attach_table, METH_VARARGS,
+     "attach_table(fd, hwm) -> list[dict]\n\nLive attachments, read from the file."},
+    {"attach_file_entry", py_attach_file_entry, METH_VARARGS,
+     "attach_file_entry(fd, slot) -> dict | None\n\nA slot's decoded entry, read "
+     "from the file, \"alive\" if its slot lock is held."},
+    {"token_owner_pid", py_token_owner_pid, METH_VARARGS,
+     "token_owner_pid(mapping, token, alive=True) -> int | None"},
+    {"slot_counts", py_slot_counts, METH_VARARGS,
+     "slot_counts(mapping, table) -> list[tuple]\n\n(slot, offset, word, count, alive) "
+     "of each non-zero gen << 32 | count word of a per-slot table."},
+    {NULL}
+};

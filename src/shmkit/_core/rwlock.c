@@ -1,0 +1,477 @@
+/* rwlock.c - the writer-preferring reader/writer lock, dead readers counted out.
+ *
+ * Layout (offsets from the lock's start):
+ *
+ *      0  u32 writers' robust mutex (lock.c): a dead writer is recovered through it
+ *      4  u32 state: bit 0 a writer is in or waiting, bit 1 readers may sleep
+ *      8  u32 readers-left counter: bumped by a reader stepping out while a
+ *             writer waits (the writer sleeps on it)
+ *     64  u64 per attach slot: generation << 32 | read holds
+ *
+ * A reader increments its own slot's count, then re-checks the state; if a
+ * writer has come in it steps back.  A writer takes the mutex, sets bit 0
+ * (new readers now wait) and waits until every slot's count is zero; a slot
+ * whose attachment is gone is zeroed instead of waited for.  Each method is
+ * one C call: Ctrl-C is seen only inside its waits, which undo what the call
+ * did, so an interrupt never leaves this process holding a lock it does not
+ * know about.
+ *
+ *   RWLock(mapping, offset, what)   (Python subclasses it)
+ *   .acquire_read(timeout=None) -> bool; .release_read()
+ *   .acquire_write(timeout=None) -> bool; .release_write()
+ *   .recovered, .writer_token
+ */
+#include "sync.h"
+#include <limits.h>
+#include <structmember.h>
+
+#define RW_LOCK 0
+#define RW_STATE 4
+#define RW_LEFT 8
+#define RW_TABLE 64
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *mapping;
+    long long offset;
+    PyObject *what;
+    const char *what_s;
+    int recovered;
+} RWObject;
+
+typedef struct {
+    MappingObject *m;
+    char *b;
+    RWObject *self;
+    int recovered;  /* a writer died holding it (acquire_read) */
+    int dead_readers;
+    uint32_t seq;
+} RW;
+
+static inline uint32_t *
+ru32(RW *r, uint64_t off)
+{
+    return (uint32_t *)(r->b + off);
+}
+
+static inline uint64_t *
+rentry(RW *r, uint32_t slot)
+{
+    return (uint64_t *)(r->b + RW_TABLE + 8 * (uint64_t)slot);
+}
+
+static int
+rw_bind(RWObject *self, RW *r)
+{
+    if (self->mapping == NULL) {
+        PyErr_SetString(PyExc_TypeError, "the RWLock was not initialised");
+        return -1;
+    }
+    MappingObject *m = (MappingObject *)self->mapping;
+    r->b = shm_sync_span(self->mapping, self->offset, RW_TABLE + 8 * (uint64_t)m->max_slots,
+                         1);
+    if (r->b == NULL)
+        return -1;
+    if (m->token == 0) {
+        PyErr_Format(SHM_CLOSED_EXC, "%s is closed or was opened readonly", self->what_s);
+        return -1;
+    }
+    r->m = m;
+    r->self = self;
+    r->recovered = r->dead_readers = 0;
+    return 0;
+}
+
+/* Change our slot's read holds by delta.  0, or -1 (RuntimeError) when a
+ * release finds none. */
+static int
+count(RW *r, int delta)
+{
+    uint32_t slot = SHM_TOKEN_SLOT(r->m->token), gen = SHM_TOKEN_GEN(r->m->token);
+    uint64_t *e = rentry(r, slot);
+    uint64_t v = __atomic_load_n(e, __ATOMIC_ACQUIRE);
+    for (;;) {
+        uint32_t n = SHM_SLOT_ENTRY_GEN(v) == gen ? SHM_SLOT_ENTRY_COUNT(v) : 0;
+        if (delta < 0 && n == 0) {
+            PyErr_Format(PyExc_RuntimeError, "release_read() of %s without a matching "
+                         "acquire_read()", r->self->what_s);
+            return -1;
+        }
+        uint64_t nv = (uint64_t)gen << 32 | (uint32_t)(n + (uint32_t)delta);
+        if (__atomic_compare_exchange_n(e, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE))
+            return 0;
+    }
+}
+
+static void
+readers_left(RW *r)
+{
+    if (__atomic_load_n(ru32(r, RW_STATE), __ATOMIC_SEQ_CST) & 1u) {
+        __atomic_add_fetch(ru32(r, RW_LEFT), 1, __ATOMIC_SEQ_CST);
+        shm_futex_wake(ru32(r, RW_LEFT), 1);
+    }
+}
+
+static void
+release_state(RW *r)
+{
+    uint32_t s = __atomic_exchange_n(ru32(r, RW_STATE), 0, __ATOMIC_SEQ_CST);
+    shm_crash_point("rw.write.state_cleared");
+    if (s & 2u)
+        shm_futex_wake(ru32(r, RW_STATE), INT_MAX);
+}
+
+/* ---- readers ---- */
+
+static int
+rd_ready(void *ctx, uint32_t *sleep_on)
+{
+    RW *r = ctx;
+    uint32_t s = __atomic_load_n(ru32(r, RW_STATE), __ATOMIC_SEQ_CST);
+    if (!(s & 1u))
+        return 1;
+    *sleep_on = s;
+    return 0;
+}
+
+static void
+rd_arm(void *ctx)
+{
+    RW *r = ctx;
+    __atomic_fetch_or(ru32(r, RW_STATE), 2u, __ATOMIC_SEQ_CST);
+}
+
+/* After a slice without news: did the writer die holding it? */
+static int
+rd_check(void *ctx)
+{
+    RW *r = ctx;
+    uint32_t owner = __atomic_load_n(ru32(r, RW_LOCK), __ATOMIC_ACQUIRE) & SHM_TOKEN_MASK;
+    if (owner == 0 || shm_token_alive(r->m, owner))
+        return 0;
+    int got = shm_lock_acquire(r->m, ru32(r, RW_LOCK), 0);
+    if (got < 0)
+        return -1;
+    if (got == 0)
+        return 0;
+    /* We hold the writers' mutex, so no writer is in: whatever the state
+     * says is left over from the dead one. */
+    if (got == 2)
+        r->recovered = 1;
+    release_state(r);
+    shm_lock_release(r->m, ru32(r, RW_LOCK));
+    return 0;
+}
+
+static int
+acquire_read(RWObject *self, int64_t deadline)
+{
+    RW r;
+    if (rw_bind(self, &r) < 0)
+        return -1;
+    for (;;) {
+        if (!(__atomic_load_n(ru32(&r, RW_STATE), __ATOMIC_SEQ_CST) & 1u)) {
+            if (count(&r, +1) < 0)
+                return -1;
+            shm_crash_point("rw.read.counted");
+            if (!(__atomic_load_n(ru32(&r, RW_STATE), __ATOMIC_SEQ_CST) & 1u))
+                break;
+            count(&r, -1); /* a writer came in: step back and let it go first */
+            shm_crash_point("rw.read.stepped_back");
+            readers_left(&r);
+        }
+        shm_wait w = {.m = r.m, .word = ru32(&r, RW_STATE), .ctx = &r, .ready = rd_ready,
+                      .arm = rd_arm, .check = rd_check, .spin_ns = SHM_WAIT_SPIN_NS,
+                      .what = self->what_s};
+        int got = shm_wait_until(&w, deadline);
+        if (got <= 0)
+            return got;
+    }
+    self->recovered = r.recovered;
+    if (r.recovered) {
+        if (PyErr_WarnFormat(shm_OwnerDiedWarning ? shm_OwnerDiedWarning
+                                                  : PyExc_RuntimeWarning, 1,
+                             "read lock of %s: a writer died while holding it; the lock "
+                             "was recovered, check the data it guards", self->what_s) < 0) {
+            count(&r, -1);
+            readers_left(&r);
+            return -1;
+        }
+    }
+    return 1;
+}
+
+/* ---- writers ---- */
+
+/* Any live-looking read holds?  (No liveness check: that is wr_check's.) */
+static int
+readers_in(RW *r)
+{
+    for (uint32_t slot = 0; slot < r->m->max_slots; slot++)
+        if (SHM_SLOT_ENTRY_COUNT(__atomic_load_n(rentry(r, slot), __ATOMIC_SEQ_CST)))
+            return 1;
+    return 0;
+}
+
+/* Zero the holds of readers that are gone; returns whether live ones remain. */
+static int
+reap_readers(RW *r)
+{
+    int busy = 0;
+    for (uint32_t slot = 0; slot < r->m->max_slots; slot++) {
+        uint64_t *e = rentry(r, slot);
+        uint64_t v = __atomic_load_n(e, __ATOMIC_SEQ_CST);
+        if (SHM_SLOT_ENTRY_COUNT(v) == 0)
+            continue;
+        if (shm_token_alive(r->m, shm_slot_entry_token(v, slot))) {
+            busy = 1;
+            continue;
+        }
+        if (__atomic_compare_exchange_n(e, &v, v & ~0xFFFFFFFFull, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_RELAXED)) {
+            r->dead_readers = 1;
+            shm_crash_point("rw.write.reaped");
+        }
+        else
+            busy = 1;
+    }
+    return busy;
+}
+
+static int
+wr_ready(void *ctx, uint32_t *sleep_on)
+{
+    RW *r = ctx;
+    uint32_t seq = __atomic_load_n(ru32(r, RW_LEFT), __ATOMIC_SEQ_CST);
+    if (seq != r->seq || !readers_in(r))
+        return 1;
+    *sleep_on = seq;
+    return 0;
+}
+
+static int
+wr_check(void *ctx)
+{
+    reap_readers((RW *)ctx);
+    return 0;
+}
+
+static int
+acquire_write(RWObject *self, int64_t deadline)
+{
+    RW r;
+    if (rw_bind(self, &r) < 0)
+        return -1;
+    int got = shm_lock_acquire(r.m, ru32(&r, RW_LOCK), deadline);
+    if (got <= 0)
+        return got;
+    int died = got == 2;
+    shm_crash_point("rw.write.locked");
+    __atomic_fetch_or(ru32(&r, RW_STATE), 1u, __ATOMIC_SEQ_CST);
+    shm_crash_point("rw.write.announced");
+    for (;;) {
+        r.seq = __atomic_load_n(ru32(&r, RW_LEFT), __ATOMIC_SEQ_CST);
+        if (!reap_readers(&r))
+            break;
+        shm_wait w = {.m = r.m, .word = ru32(&r, RW_LEFT), .ctx = &r, .ready = wr_ready,
+                      .check = wr_check, .spin_ns = SHM_WAIT_SPIN_NS, .what = self->what_s};
+        int w_got = shm_wait_until(&w, deadline);
+        if (w_got <= 0) { /* timeout, Ctrl-C, closed: leave no write hold behind */
+            if (r.m->token != 0) {
+                release_state(&r);
+                shm_lock_release_journal(r.m, ru32(&r, RW_LOCK), NULL);
+            }
+            return w_got;
+        }
+    }
+    self->recovered = died || r.dead_readers;
+    if (died || r.dead_readers) {
+        int bad;
+        if (died)
+            bad = shm_warn_owner_died(self->what_s);
+        else
+            bad = PyErr_WarnFormat(shm_OwnerDiedWarning ? shm_OwnerDiedWarning
+                                                        : PyExc_RuntimeWarning, 1,
+                                   "write lock of %s: a reader died while holding it; its "
+                                   "holds were dropped", self->what_s);
+        if (bad < 0) {
+            release_state(&r);
+            shm_lock_release_journal(r.m, ru32(&r, RW_LOCK), NULL);
+            return -1;
+        }
+    }
+    return 1;
+}
+
+static int
+release_write(RWObject *self)
+{
+    RW r;
+    if (rw_bind(self, &r) < 0)
+        return -1;
+    uint32_t v = __atomic_load_n(ru32(&r, RW_LOCK), __ATOMIC_ACQUIRE);
+    if ((v & SHM_TOKEN_MASK) != r.m->token) {
+        PyErr_Format(PyExc_RuntimeError, "release_write() of %s without holding it",
+                     self->what_s);
+        return -1;
+    }
+    release_state(&r);
+    return shm_lock_release(r.m, ru32(&r, RW_LOCK));
+}
+
+/* ---- the Python type ---- */
+
+static int
+rw_init(RWObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"mapping", "offset", "what", NULL};
+    PyObject *mapping, *what = NULL;
+    long long offset;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!L|U", kwlist, &Mapping_Type, &mapping,
+                                     &offset, &what))
+        return -1;
+    if (shm_sync_span(mapping, offset,
+                      RW_TABLE + 8 * (uint64_t)((MappingObject *)mapping)->max_slots, 0) == NULL)
+        return -1;
+    what = what ? Py_NewRef(what) : PyUnicode_FromString("rwlock");
+    if (what == NULL)
+        return -1;
+    const char *s = PyUnicode_AsUTF8(what);
+    if (s == NULL) {
+        Py_DECREF(what);
+        return -1;
+    }
+    Py_XSETREF(self->mapping, Py_NewRef(mapping));
+    Py_XSETREF(self->what, what);
+    self->what_s = s;
+    self->offset = offset;
+    self->recovered = 0;
+    return 0;
+}
+
+static void
+rw_dealloc(RWObject *self)
+{
+    Py_XDECREF(self->mapping);
+    Py_XDECREF(self->what);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int64_t
+timeout_deadline(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *sig)
+{
+    PyObject *timeout = nargs > 0 ? args[0] : Py_None;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs > 1 || nkw > 1 || (nkw == 1 && (nargs > 0 ||
+        PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0))) {
+        PyErr_Format(PyExc_TypeError, "%s takes one argument, timeout", sig);
+        return -1;
+    }
+    if (nkw == 1)
+        timeout = args[0];
+    return shm_sync_deadline(NULL, timeout);
+}
+
+static PyObject *
+py_acquire_read(RWObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    int64_t deadline = timeout_deadline(args, nargs, kwnames, "acquire_read()");
+    if (deadline < 0 || self->mapping == NULL)
+        return deadline < 0 ? NULL : (PyErr_SetString(PyExc_TypeError, "not initialised"), NULL);
+    shm_pin(self->mapping);
+    int r = acquire_read(self, deadline);
+    shm_unpin(self->mapping);
+    return r < 0 ? NULL : PyBool_FromLong(r);
+}
+
+static PyObject *
+py_acquire_write(RWObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    int64_t deadline = timeout_deadline(args, nargs, kwnames, "acquire_write()");
+    if (deadline < 0 || self->mapping == NULL)
+        return deadline < 0 ? NULL : (PyErr_SetString(PyExc_TypeError, "not initialised"), NULL);
+    shm_pin(self->mapping);
+    int r = acquire_write(self, deadline);
+    shm_unpin(self->mapping);
+    return r < 0 ? NULL : PyBool_FromLong(r);
+}
+
+static PyObject *
+py_release_read(RWObject *self, PyObject *Py_UNUSED(ignored))
+{
+    RW r;
+    if (rw_bind(self, &r) < 0 || count(&r, -1) < 0)
+        return NULL;
+    shm_crash_point("rw.read.released");
+    readers_left(&r);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+py_release_write(RWObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (release_write(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+rw_get_writer(RWObject *self, void *Py_UNUSED(c))
+{
+    if (self->mapping == NULL)
+        return PyLong_FromLong(0);
+    uint32_t *w = shm_addr(self->mapping, self->offset, 4, 0);
+    if (w == NULL)
+        return NULL;
+    return PyLong_FromUnsignedLong(__atomic_load_n(w, __ATOMIC_ACQUIRE) & SHM_TOKEN_MASK);
+}
+
+static PyMethodDef rw_methods[] = {
+    {"acquire_read", (PyCFunction)(void (*)(void))py_acquire_read,
+     METH_FASTCALL | METH_KEYWORDS,
+     "acquire_read(timeout=None) -> bool\n\nTake a read hold; False if timeout passes first."},
+    {"release_read", (PyCFunction)py_release_read, METH_NOARGS,
+     "release_read()\n\nDrop one read hold of this process."},
+    {"acquire_write", (PyCFunction)(void (*)(void))py_acquire_write,
+     METH_FASTCALL | METH_KEYWORDS,
+     "acquire_write(timeout=None) -> bool\n\nTake the write hold; False if timeout passes "
+     "first."},
+    {"release_write", (PyCFunction)py_release_write, METH_NOARGS,
+     "release_write()\n\nDrop the write hold."},
+    {NULL}
+};
+
+static PyMemberDef rw_members[] = {
+    {"recovered", T_BOOL, offsetof(RWObject, recovered), READONLY,
+     "True when the last acquire found a dead writer or dead readers"},
+    {NULL}
+};
+
+static PyGetSetDef rw_getset[] = {
+    {"writer_token", (getter)rw_get_writer, NULL, "token of the writer, 0 if none", NULL},
+    {NULL}
+};
+
+PyTypeObject RWLock_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkit._core.RWLock",
+    .tp_basicsize = sizeof(RWObject),
+    .tp_dealloc = (destructor)rw_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "RWLock(mapping, offset, what='rwlock')\n\n"
+              "The reader/writer lock at offset (64 + 8 * max_slots zeroed bytes).",
+    .tp_methods = rw_methods,
+    .tp_members = rw_members,
+    .tp_getset = rw_getset,
+    .tp_init = (initproc)rw_init,
+    .tp_new = PyType_GenericNew,
+};
+
+int
+shm_init_rwlock(PyObject *module)
+{
+    if (PyType_Ready(&RWLock_Type) < 0)
+        return -1;
+    Py_INCREF(&RWLock_Type);
+    return PyModule_AddObject(module, "RWLock", (PyObject *)&RWLock_Type);
+}
