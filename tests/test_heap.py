@@ -58,7 +58,7 @@ def check(heap: Heap, h: Handle, n: int | None = None) -> None:
 
 @pytest.fixture
 def heap(name):
-    with Heap(name, size=1 << 20) as h:
+    with Heap(name, size=1 << 20, max_size=1 << 20) as h:
         yield h
 
 
@@ -259,7 +259,7 @@ def test_alloc_compacts_when_fragmented(heap):
     a = hs[1]
     heap.realloc(a, 400_000)  # realloc compacts too
     check(heap, a, 4000)
-    with pytest.raises(HeapFullError, match="free in all"):
+    with pytest.raises(HeapFullError, match="max_size of 1048576 bytes.*max_size="):
         heap.alloc(900_000)
     with pytest.raises(HeapFullError, match="can ever hold"):
         heap.alloc(1 << 40)
@@ -326,7 +326,7 @@ def test_open_by_name_kind_format_and_readonly(name, names):
         Heap.open(raw)
 
 
-@pytest.mark.parametrize("fmt", [1, 9])  # 1: the journal before the core's shared one
+@pytest.mark.parametrize("fmt", [1, 2, 9])  # 1: the journal before the core's shared one; 2: fixed size
 def test_other_format_version_is_refused(name, fmt):
     Heap(name, size=1 << 16).close()
     with open(f"/dev/shm/shmkit.{name}", "r+b") as f:
@@ -476,7 +476,7 @@ class HeapModel(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.heap = Heap(None, size=64 << 10, max_blocks=64, max_pins=4)
+        self.heap = Heap(None, size=64 << 10, max_size=64 << 10, max_blocks=64, max_pins=4)
         self.model: dict[Handle, bytes] = {}
         self.dead: list[Handle] = []
         self.pins: list = []
@@ -593,7 +593,7 @@ def _produce(name: str, q, count: int, seed: int) -> None:
 
 
 def test_handles_travel_between_processes_by_queue(name):
-    heap = Heap(name, size=16 << 20)
+    heap = Heap(name, size=16 << 20, max_size=16 << 20)
     q = SPAWN.Queue()
     producers = [spawn(_produce, name, q, 60, seed) for seed in (1, 2)]
     done, seen = 0, 0
@@ -632,7 +632,7 @@ def _produce_to_array(name: str, slots_name: str, ready_name: str, taken_name: s
 
 def test_handles_travel_through_shared_array_and_events(names):
     name = names()
-    heap = Heap(name, size=4 << 20)
+    heap = Heap(name, size=4 << 20, max_size=4 << 20)
     slots = shmkit.Array(names(), "uint64", (1,))
     ready = shmkit.Event(names(), auto_reset=True)
     taken = shmkit.Event(names(), auto_reset=True)
@@ -678,7 +678,7 @@ def _pin_and_watch(name: str, wire: bytes, stop_name: str, result,
 
 def test_compaction_never_moves_what_another_process_pins(names):
     name = names()
-    heap = Heap(name, size=8 << 20)
+    heap = Heap(name, size=8 << 20, max_size=8 << 20)
     hs = [heap.alloc(20_000) for _ in range(300)]
     for h in hs:
         fill(heap, h)
@@ -759,7 +759,7 @@ def _random_worker(name: str, seed: int, seconds: float, out) -> None:
 
 
 def test_many_processes_allocate_free_pin_and_compact_at_once(name):
-    heap = Heap(name, size=4 << 20, max_blocks=4096)
+    heap = Heap(name, size=4 << 20, max_size=4 << 20, max_blocks=4096)
     out = SPAWN.Queue()
     workers = [spawn(_random_worker, name, seed, 4.0, out) for seed in range(3)]
     ops = [out.get(timeout=120) for _ in workers]
@@ -1037,7 +1037,7 @@ def _drain(fd: int, into: bytearray) -> None:
 def _chaos(names, rounds: int, seed: int) -> None:
     """Two workers run random operations; one at a time is SIGKILLed at a random
     moment and replaced, while the other keeps going."""
-    heap = Heap(names(), size=1 << 20, max_blocks=2048)
+    heap = Heap(names(), size=1 << 20, max_size=1 << 20, max_blocks=2048)
     rng = random.Random(seed)
     workers = []   # (pid, fd, log)
 
@@ -1168,7 +1168,7 @@ allowed = (shmkit.ShmkitError, ValueError, TypeError, RuntimeError, MemoryError,
            PermissionError, IndexError, OverflowError)
 outcomes = {}
 for r in range(rounds):
-    heap = Heap(None, size=64 << 10, max_blocks=64, max_pins=4)
+    heap = Heap(None, size=64 << 10, max_size=64 << 10, max_blocks=64, max_pins=4)
     hs = [heap.alloc(rng.randrange(1, 3000)) for _ in range(12)]
     for h in hs[::3]:
         heap.free(h)
@@ -1245,3 +1245,181 @@ def test_corrupt_header_is_refused_on_open(name):
         f.write(struct.pack("=Q", 1 << 40))
     with pytest.raises(CorruptError, match="geometry|does not match"):
         Heap.open(name)
+
+
+# -- growth ------------------------------------------------------------------------
+
+
+def _grow_in_child(name: str, result) -> None:
+    """Allocate well past the heap's initial size; report the handles."""
+    heap = Heap.open(name)
+    hs = []
+    for i in range(40):
+        h = heap.alloc(8000 + i)
+        fill(heap, h)
+        hs.append(bytes(h))
+    result.put((hs, heap.capacity))
+    heap.close()
+
+
+def _pin_across_growth(name: str, wire: bytes, pinned_ev: str, grown_ev: str, result) -> None:
+    """Hold a pin while another process grows the heap; then read a block in the new area."""
+    heap = Heap.open(name)
+    h = Handle.from_bytes(wire)
+    pinned, grown = shmkit.Event(pinned_ev), shmkit.Event(grown_ev)
+    with heap.pin(h) as view:
+        addr = np.frombuffer(view, np.uint8).ctypes.data
+        before = bytes(view)
+        pinned.set()
+        assert grown.wait(60)
+        same = (bytes(view) == before == pattern(h, len(view))
+                and np.frombuffer(view, np.uint8).ctypes.data == addr)
+    new = Handle.from_bytes(result.get(timeout=60))
+    ok_new = heap.read(new) == pattern(new, heap.size_of(new))
+    result.put((same, ok_new, heap.capacity))
+    heap.close()
+
+
+def test_heap_grows_across_processes_and_keeps_handles_and_pins(names):
+    name = names()
+    heap = Heap(name, size=64 << 10, max_size=16 << 20)
+    assert heap.capacity == 64 << 10 and heap.max_size == 16 << 20
+    s = heap.statistics()
+    assert s["size"] == 64 << 10 and s["max_size"] == 16 << 20
+    old = [heap.alloc(3000 + i) for i in range(10)]
+    for h in old:
+        fill(heap, h)
+    pinned, grown = shmkit.Event(names()), shmkit.Event(names())
+    to_pinner, from_grower = SPAWN.Queue(), SPAWN.Queue()
+    pinner = spawn(_pin_across_growth, name, bytes(old[3]), pinned.name, grown.name, to_pinner)
+    assert pinned.wait(60)
+    grower = spawn(_grow_in_child, name, from_grower)
+    wires, child_cap = from_grower.get(timeout=60)
+    grower.join(30)
+    assert grower.exitcode == 0
+    assert child_cap > 64 << 10 and heap.capacity == heap.statistics()["size"] >= child_cap
+    grown.set()
+    to_pinner.put(wires[-1])  # a block in the grown area
+    same, ok_new, pinner_cap = to_pinner.get(timeout=60)
+    pinner.join(30)
+    assert pinner.exitcode == 0 and same and ok_new and pinner_cap >= child_cap
+    for h in old:
+        check(heap, h)
+    for w in wires:
+        check(heap, Handle.from_bytes(w))
+    assert heap._where(Handle.from_bytes(wires[-1]))[0] * 16 >= 64 << 10
+    info = heap.info()["heap"]
+    assert info["size"] == heap.capacity and info["max_size"] == 16 << 20
+    heap.verify()
+    for o in (heap, pinned, grown):
+        o.close()
+
+
+def test_alloc_and_realloc_grow_to_max_size_then_raise(names):
+    with Heap(names(), size=4096, max_size=256 << 10) as heap:
+        a = heap.put(b"a" * 1000)
+        b = heap.alloc(100_000)  # more than the heap has: it grows
+        assert heap.capacity >= 100_000 + 4096
+        heap.realloc(a, 150_000)  # realloc grows it too
+        assert heap.read(a)[:1000] == b"a" * 1000 and heap.size_of(b) == 100_000
+        with pytest.raises(HeapFullError, match=r"max_size of 262144 bytes.*max_size="):
+            heap.alloc(50_000)
+        with pytest.raises(HeapFullError, match=r"max_size of 262144 bytes.*max_size="):
+            heap.realloc(b, 200_000)
+        assert heap.capacity == heap.max_size == 256 << 10
+        with pytest.raises(HeapFullError, match=r"can ever hold.*max_size="):
+            heap.alloc(300_000)
+        assert heap.read(a)[:1000] == b"a" * 1000 and heap.size_of(b) == 100_000
+        heap.free(b)
+        heap.alloc(50_000)
+        heap.verify()
+
+
+def test_growth_defaults_and_max_size_mismatch_on_open(names):
+    name = names()
+    with Heap(None, size=1 << 16) as heap:  # default: grows to 4 GiB, reserving only
+        assert heap.max_size == 4 << 30 and heap.capacity == 1 << 16
+        assert heap.statistics()["max_blocks"] >= 65536
+    with pytest.raises(ValueError, match="max_size"):
+        Heap(name, size=1 << 20, max_size=1 << 16)
+    with pytest.raises(ValueError, match="max_size"):
+        Heap(name, size=1 << 16, max_size=1 << 40)
+    with Heap(name, size=1 << 16, max_size=1 << 20) as heap:
+        with pytest.raises(shmkit.MismatchError, match=r"max_size=1048576, but max_size=2097152"):
+            Heap(name, max_size=2 << 20)
+        with pytest.raises(shmkit.MismatchError, match=r"max_size=1048576.*size=2097152"):
+            Heap(name, size=2 << 20)
+        with Heap(name, size=1 << 18, max_size=1 << 20) as same:  # honoured: it grows
+            assert same.capacity == heap.capacity == 1 << 18
+        heap.verify()
+
+
+def _grow_script(heap: Heap, keep: list[Handle]) -> None:
+    big = heap.alloc(6000)              # too little free: grows, merging the free tail
+    fill(heap, big)
+    rest = heap.statistics()["largest_free"]
+    heap.alloc(rest)                    # the last block is now used
+    heap.alloc(100)                     # grows with a new block at the end
+    heap.realloc(keep[0], 20_000)       # realloc grows the heap too
+
+
+def _grow_crash_child(heap: Heap, keep: list[Handle], k: int) -> bool:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            _core.fault(k)
+            _grow_script(heap, keep)
+            code = 0 if _core.fault(0) == 0 else 3
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert killed or (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3), status
+    return killed
+
+
+def test_crash_at_every_point_of_growth_leaves_heap_usable(names):
+    def fresh() -> tuple[Heap, list[Handle]]:
+        heap = Heap(names(), size=4096, max_size=1 << 20)
+        keep = [heap.alloc(1000), heap.alloc(1500)]
+        for h in keep:
+            fill(heap, h)
+        return heap, keep
+
+    heap, keep = fresh()
+    _core.fault(1 << 30)
+    try:
+        _grow_script(heap, keep)
+    finally:
+        total = (1 << 30) - _core.fault(0)
+    grown_points = 0
+    _core.fault(1 << 30, "heap.grow.")
+    heap2, keep2 = fresh()
+    try:
+        _grow_script(heap2, keep2)
+    finally:
+        grown_points = (1 << 30) - _core.fault(0)
+    assert grown_points == 3 * 3  # found, units, released: three growths
+    for h in (heap, heap2):
+        h.close()
+        h.unlink()
+    assert total > 40
+    kills = 0
+    for k in range(1, total + 2):
+        heap, keep = fresh()
+        kills += _grow_crash_child(heap, keep, k)
+        heap.verify()
+        assert heap.read(keep[1]) == pattern(keep[1], 1500)
+        assert heap.read(keep[0])[:1000] == pattern(keep[0], 1000)
+        assert 4096 <= heap.capacity <= 1 << 20
+        h = heap.alloc(60_000)  # still usable: grows again
+        fill(heap, h)
+        check(heap, h)
+        heap.verify()
+        heap.close()
+        heap.unlink()
+    assert kills == total

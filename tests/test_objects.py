@@ -240,10 +240,10 @@ def test_channel_and_queue_parameters_are_honoured_or_refused(names):
 
 def test_heap_size_is_honoured_or_refused(name):
     # Before: a Heap asked for 16 MiB got 64 KiB.
-    _create_in_child(f"shmkit.Heap({name!r}, size=1 << 16).close()")
+    _create_in_child(f"shmkit.Heap({name!r}, size=1 << 16, max_size=1 << 20).close()")
     with pytest.raises(shmkit.MismatchError) as ei:
         shmkit.Heap(name, size=16 << 20)
-    assert "size=65536" in str(ei.value) and "size=16777216" in str(ei.value)
+    assert "max_size=1048576" in str(ei.value) and "size=16777216" in str(ei.value)
     for kw in ({"max_blocks": 5}, {"max_pins": 3}, {"max_attach": 8}):
         with pytest.raises(shmkit.MismatchError, match=list(kw)[0]):
             shmkit.Heap(name, **kw)
@@ -251,6 +251,8 @@ def test_heap_size_is_honoured_or_refused(name):
         assert heap.capacity == same.capacity == 1 << 16
     with shmkit.Heap.open(name, size=1 << 16) as heap:
         assert not heap.created
+    with shmkit.Heap.open(name, size=1 << 18) as heap:  # honoured: the heap grows to it
+        assert heap.capacity == 1 << 18
 
 
 def test_store_and_records_parameters_are_honoured_or_refused(names):

@@ -2,7 +2,8 @@
 
 Any process attached to the heap allocates blocks, gets a small
 :class:`Handle` for each, and can pass that handle (8 bytes) to any other
-process.  To touch a block's bytes, *pin* it: a pinned block does not move,
+process.  The heap grows on demand up to ``max_size``.  To touch a block's
+bytes, *pin* it: a pinned block does not move,
 and the view is valid inside the ``with``.  ``compact()`` slides unpinned
 blocks together to join the free space; handles stay valid.  A handle used
 after its block was freed raises :class:`StaleHandleError`, never reaching
@@ -33,6 +34,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+import warnings
 from typing import Any, Callable
 
 from . import _core
@@ -42,12 +44,14 @@ from .errors import (
     CorruptError,
     FormatVersionError,
     HeapFullError,
+    MismatchError,
+    OwnerDiedWarning,
     PinnedError,
     ReadOnlyError,
     StaleHandleError,
 )
 from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
-from .segment import DEFAULT_MAX_ATTACH, Kind, Segment
+from .segment import DEFAULT_MAX_ATTACH, DEFAULT_RESERVE, Kind, Segment
 
 __all__ = ["Heap", "Handle", "Pin", "ArrayPin", "HeapFullError", "PinnedError",
            "StaleHandleError"]
@@ -58,6 +62,9 @@ HEAP_FORMAT = _core.HEAP_FORMAT
 _UNIT = 16
 _STEP_BUDGET = 256 << 10   # bytes a compaction step moves before releasing the lock
 _DEFAULT_PINS = 64
+_MAX_DATA = 0xFFFFFFF0 * _UNIT  # block sizes are u32 counts of 16-byte units
+_PAGE = 4096
+_SPLIT, _SHORT = -1, -2  # alloc/realloc: free space split up / too little
 _new = object.__new__
 
 
@@ -207,12 +214,20 @@ class Heap(SharedObject):
     name:
         The heap's name (``None`` makes a unique one, see ``.name``).
     size:
-        Bytes of data area when creating (rounded down to 16).  When opening,
-        a given size must be the heap's own (:class:`MismatchError`
-        otherwise); leave it out to adopt the heap as it is.
+        Bytes of data area when creating (rounded down to 16); the heap
+        grows from there on demand.  When opening, a given size is honoured
+        (a smaller heap grows to it) or, beyond the heap's ``max_size``,
+        refused with :class:`MismatchError`; leave it out to adopt the heap
+        as it is.
+    max_size:
+        The most bytes of data area the heap may grow to (default
+        ``max(size, 4 GiB)``; at most about 64 GiB).  Only address space is
+        reserved; memory is taken as the heap grows.  When opening, a given
+        max_size must be the heap's own.
     max_blocks:
-        Handle-table entries: the most blocks that can exist at once
-        (default ``size // 1024``, at least 1024, at most 4 Mi).
+        Handle-table entries: the most blocks that can exist at once, fixed
+        at creation (default ``max(size // 1024, max_size // 65536)``, at
+        least 1024, at most 4 Mi).
     max_pins:
         Distinct blocks one attachment may hold pinned at once (default 64).
     on_destroy:
@@ -237,11 +252,10 @@ class Heap(SharedObject):
 
     _what = "heap"
     _heapcore: Any = None
-    _capacity = 0
     _readonly = False
 
     def __init__(self, name: str | None = None, size: int | None = None, *,
-                 max_blocks: int | None = None, max_pins: int = DEFAULT,
+                 max_size: int | None = None, max_blocks: int | None = None, max_pins: int = DEFAULT,
                  create: bool | None = None, path: str | os.PathLike[str] | None = None,
                  readonly: bool = False, mode: int = 0o600, lifetime: str = DEFAULT,
                  max_attach: int = DEFAULT,
@@ -254,24 +268,38 @@ class Heap(SharedObject):
                 raise ValueError(f"size must be an int of at least {2 * _UNIT} bytes, "
                                  f"not {size!r}")
             data = size // _UNIT * _UNIT
+        if max_size is not None and (not isinstance(max_size, int)
+                                     or isinstance(max_size, bool)
+                                     or not 2 * _UNIT <= max_size <= _MAX_DATA):
+            raise ValueError(f"max_size must be an int in {2 * _UNIT}..{_MAX_DATA} bytes, "
+                             f"not {max_size!r}")
         if max_blocks is not None and (not isinstance(max_blocks, int)
                                        or not 1 <= max_blocks <= 1 << 30):
             raise ValueError(f"max_blocks must be an int in 1..2**30, not {max_blocks!r}")
         if given(max_pins) and (not isinstance(max_pins, int) or not 1 <= max_pins <= 4096):
             raise ValueError(f"max_pins must be an int in 1..4096, not {max_pins!r}")
         slots = max_attach if given(max_attach) else DEFAULT_MAX_ATTACH
+        top = None
         if data is not None and create is not False:
+            if max_size is None:
+                most = min(max(data, DEFAULT_RESERVE), _MAX_DATA)
+            else:
+                most = max_size // _UNIT * _UNIT
+                if most < data:
+                    raise ValueError(f"max_size={max_size} is smaller than size={size}; "
+                                     "give a max_size of at least size")
             blocks = max_blocks
             if blocks is None:
-                blocks = min(max(data // 1024, 1024), 1 << 22)
+                blocks = min(max(data // 1024, most // 65536, 1024), 1 << 22)
             pins = max_pins if given(max_pins) else _DEFAULT_PINS
-            payload = _core.heap_layout(data, blocks, pins, slots)
-            layout = {"format": HEAP_FORMAT, "data_bytes": data, "max_blocks": blocks,
-                      "max_pins": pins}
+            payload, top = _core.heap_layout(data, most, blocks, pins, slots)
+            layout = {"format": HEAP_FORMAT, "data_bytes": data, "max_size": most,
+                      "max_blocks": blocks, "max_pins": pins}
             salt = secrets.randbits(32)
 
             def init(seg: Segment) -> None:
-                _core.heap_format(seg._mapping, seg._hsize, data, blocks, pins, slots, salt)
+                _core.heap_format(seg._mapping, seg._hsize, data, most, blocks, pins, slots,
+                                  salt)
         elif create:
             raise ValueError("creating a heap needs size=")
         if given(lifetime):
@@ -280,15 +308,21 @@ class Heap(SharedObject):
             life = None  # "attached" for name=None, else persistent (the segment decides)
         seg = attach_segment(Kind.HEAP, name, path, size=payload, create=create,
                              readonly=readonly, mode=mode, lifetime=life,
-                             max_size=payload, max_attach=slots, layout=layout, init=init,
+                             max_size=top, max_attach=slots, layout=layout, init=init,
                              trust_owner=trust_owner)
         self._on_destroy = on_destroy
-        self._adopt(seg, size=data, max_blocks=max_blocks,
+        self._adopt(seg, size=data, max_size=max_size, max_blocks=max_blocks,
                     max_pins=max_pins, lifetime=lifetime, max_attach=max_attach)
+        if data is not None and not seg.created and not seg.readonly:
+            try:  # honoured: an existing heap grows to the size asked for
+                self._grow_to(data, None)
+            except BaseException:
+                self.close()
+                raise
 
-    def _adopt(self, seg: Segment, size: int | None = None, max_blocks: int | None = None,
-               max_pins: Any = DEFAULT, lifetime: Any = DEFAULT,
-               max_attach: Any = DEFAULT) -> None:
+    def _adopt(self, seg: Segment, size: int | None = None, max_size: int | None = None,
+               max_blocks: int | None = None, max_pins: Any = DEFAULT,
+               lifetime: Any = DEFAULT, max_attach: Any = DEFAULT) -> None:
         try:
             stored = seg.layout
             fmt = stored.get("format")
@@ -297,16 +331,22 @@ class Heap(SharedObject):
                     f"heap {seg.name!r} has heap format {fmt}; this shmkit reads format "
                     f"{HEAP_FORMAT}. Use the shmkit that made it, or remove it with "
                     "`shmkit rm`")
-            capacity = stored.get("data_bytes", 0)
-            if type(capacity) is not int or capacity < 0:
-                raise CorruptError(f"heap {seg.name!r} has an unreadable size {capacity!r}")
+            most = stored.get("max_size", 0)
+            if type(most) is not int or most < 0:
+                raise CorruptError(f"heap {seg.name!r} has an unreadable max_size {most!r}")
             if not seg.created:
                 # An explicit parameter is honoured or refused, never ignored.
-                for param, asked in (("size", size), ("max_blocks", max_blocks),
+                asked_max = None if max_size is None else max_size // _UNIT * _UNIT
+                for param, asked in (("max_size", asked_max), ("max_blocks", max_blocks),
                                      ("max_pins", None if max_pins is DEFAULT else max_pins)):
-                    key = "data_bytes" if param == "size" else param
-                    if asked is not None and stored.get(key) != asked:
-                        raise mismatch("heap", seg.name, param, asked, stored.get(key))
+                    if asked is not None and stored.get(param) != asked:
+                        raise mismatch("heap", seg.name, param, asked, stored.get(param))
+                if size is not None and size > most:
+                    raise MismatchError(
+                        f"heap {seg.name!r} exists and can grow to max_size={most} bytes, "
+                        f"but size={size} was asked; leave size= out to adopt it, or "
+                        f"unlink it (`shmkit rm {seg.name}`) and create it again with a "
+                        "larger max_size=")
                 check_common("heap", seg, lifetime=lifetime, max_attach=max_attach)
             core = _core.HeapCore(seg._mapping, seg._hsize, seg._sync_size(), seg.name)
         except BaseException:
@@ -315,7 +355,6 @@ class Heap(SharedObject):
         self._seg = seg
         self._readonly = seg.readonly
         self._heapcore = core
-        self._capacity = capacity
 
     @classmethod
     def create(cls, name: str | None = None, size: int = 0, **kwargs: Any) -> "Heap":
@@ -369,11 +408,59 @@ class Heap(SharedObject):
 
     def _no_room(self, nbytes: int) -> HeapFullError:
         s = self.statistics()
+        if s["size"] >= s["max_size"]:
+            return HeapFullError(
+                f"heap {self.name!r} is full: it reached its max_size of {s['max_size']} "
+                f"bytes, with {s['free']} bytes free but no run of {nbytes} bytes "
+                f"(block header included: {_block_bytes(nbytes)}), even after compacting "
+                f"({s['pinned']} pinned block(s)); free or unpin some blocks, or create it "
+                "with a larger max_size=")
         return HeapFullError(
             f"heap {self.name!r} has {s['free']} bytes free but no run of {nbytes} bytes, "
-            f"even after compacting: {s['pinned']} pinned block(s) keep the free space "
-            "apart (or other processes took it meanwhile); unpin blocks, free some, or "
-            "create a larger heap")
+            f"even after compacting and growing: {s['pinned']} pinned block(s) keep the "
+            "free space apart (or other processes took it meanwhile); unpin blocks, free "
+            "some, or try again")
+
+    def _grow(self, nbytes: int, deadline: float | None) -> bool:
+        """Grow the data area so that a block of ``nbytes`` fits at its end:
+        doubling, or at least by the block, up to max_size.  The segment's
+        file is extended first (harmless if we die before the heap's words
+        change), then the heap's units, in one journaled step.  False when
+        the heap is already at its max_size."""
+        have, most, _ = self._core_rw().capacity()
+        if have >= most:
+            return False
+        self._grow_to(max(have * 2 if have < 1 << 30 else have + (have >> 2),
+                          have + _block_bytes(nbytes)), deadline)
+        return True
+
+    def _grow_to(self, want: int, deadline: float | None) -> None:
+        """Grow the data area to at least ``want`` bytes (a page multiple, at
+        most max_size); nothing when it is that large already."""
+        core = self._core_rw()
+        have, most, data_off = core.capacity()
+        if want <= have:
+            return
+        want = min(-(-want // _PAGE) * _PAGE, most)
+        with warnings.catch_warnings():
+            # a grower killed while extending leaves the segment's own lock to
+            # be taken over; the heap repairs itself, so this is not news
+            warnings.simplefilter("ignore", OwnerDiedWarning)
+            self._seg._grow_to(data_off + want)
+        core.grow(want, _remaining(deadline))
+
+    def _make_room(self, code: int, nbytes: int, tries: list[int],
+                   deadline: float | None) -> None:
+        """After alloc/realloc found no room: compact when the free space is
+        enough but split up (up to three times), else grow; HeapFullError
+        when neither can help."""
+        if code == _SPLIT and tries[0] < 3:
+            tries[0] += 1
+            self._compact_until(_block_bytes(nbytes), deadline)
+            return
+        tries[1] += 1
+        if tries[1] > 8 or not self._grow(nbytes, deadline):
+            raise self._no_room(nbytes)
 
     # -- blocks --------------------------------------------------------------
 
@@ -383,9 +470,11 @@ class Heap(SharedObject):
 
         The bytes are not cleared (like ``numpy.empty``) unless ``zero=True``.
         When the free space is enough in total but split up, the heap
-        compacts itself and tries again.
+        compacts itself and tries again; when it is too little, the heap
+        grows (doubling, up to ``max_size``).  Handles and pins stay valid.
 
-        Raises :class:`HeapFullError` when it cannot fit, :class:`Timeout`
+        Raises :class:`HeapFullError` when it cannot fit even at
+        ``max_size``, :class:`Timeout`
         if the heap's lock is not free within ``timeout`` seconds.
 
         >>> with Heap(None, size=4096) as heap:
@@ -400,15 +489,12 @@ class Heap(SharedObject):
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, not {nbytes}")
         v = core.alloc(nbytes, zero, timeout)
-        if v is None:
+        if v < 0:
             deadline = None if timeout is None else time.monotonic() + timeout
-            for _ in range(3):
-                self._compact_until(_block_bytes(nbytes), deadline)
+            tries = [0, 0]
+            while v < 0:
+                self._make_room(v, nbytes, tries, deadline)
                 v = core.alloc(nbytes, zero, _remaining(deadline))
-                if v is not None:
-                    break
-            else:
-                raise self._no_room(nbytes)
         return _handle(v)
 
     def put(self, data: Any, *, timeout: float | None = None) -> Handle:
@@ -453,7 +539,8 @@ class Heap(SharedObject):
         """Resize the block to ``nbytes``, keeping its content (and its handle).
 
         Grows in place when the space after it is free, else copies it to a
-        new place; the returned handle is ``handle`` itself.  New bytes are
+        new place (compacting or growing the heap as :meth:`alloc` does);
+        the returned handle is ``handle`` itself.  New bytes are
         cleared only with ``zero=True``.  Raises :class:`PinnedError` while
         it is pinned, :class:`HeapFullError` if it cannot fit.
         """
@@ -463,14 +550,13 @@ class Heap(SharedObject):
             nbytes = _index(nbytes, "nbytes")
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, not {nbytes}")
-        if not core.realloc(v, nbytes, zero, timeout):
+        r = core.realloc(v, nbytes, zero, timeout)
+        if r < 0:
             deadline = None if timeout is None else time.monotonic() + timeout
-            for _ in range(3):
-                self._compact_until(_block_bytes(nbytes), deadline)
-                if core.realloc(v, nbytes, zero, _remaining(deadline)):
-                    break
-            else:
-                raise self._no_room(nbytes)
+            tries = [0, 0]
+            while r < 0:
+                self._make_room(r, nbytes, tries, deadline)
+                r = core.realloc(v, nbytes, zero, _remaining(deadline))
         return handle
 
     def pin(self, handle: Handle, *, timeout: float | None = None) -> Pin:
@@ -589,8 +675,19 @@ class Heap(SharedObject):
 
     @property
     def capacity(self) -> int:
-        """Bytes of data area (block headers included)."""
-        return self._capacity
+        """Bytes of data area now (block headers included); grows on demand."""
+        core = self._heapcore
+        if core is None:
+            raise ClosedError(f"heap {self.name!r} is closed in this process")
+        return core.capacity()[0]
+
+    @property
+    def max_size(self) -> int:
+        """The most bytes of data area the heap may grow to."""
+        core = self._heapcore
+        if core is None:
+            raise ClosedError(f"heap {self.name!r} is closed in this process")
+        return core.capacity()[1]
 
     def _where(self, handle: Handle) -> tuple[int, int, int]:
         """(block unit, nbytes, live pins): where the block lives now (tests)."""
@@ -625,7 +722,7 @@ class Heap(SharedObject):
             s = self.statistics(timeout=1.0)
         except Exception as e:  # info must not fail on a damaged heap
             return {"heap": {"error": f"{type(e).__name__}: {e}"}}
-        keep = ("size", "used", "free", "largest_free", "fragmentation", "blocks",
+        keep = ("size", "max_size", "used", "free", "largest_free", "fragmentation", "blocks",
                 "free_blocks", "pinned", "max_blocks", "handles_used", "allocs", "frees",
                 "moves", "moved_bytes", "compactions", "recoveries", "reclaimed_pins")
         return {"heap": {k: s[k] for k in keep if k in s}}
@@ -633,7 +730,7 @@ class Heap(SharedObject):
     def __repr__(self) -> str:
         if self.closed or self._heapcore is None:
             return f"<shmkit.Heap {self.name!r} closed>"
-        return f"<shmkit.Heap {self.name!r} capacity={self._capacity}>"
+        return f"<shmkit.Heap {self.name!r} capacity={self.capacity}>"
 
 
 def _block_bytes(nbytes: int) -> int:

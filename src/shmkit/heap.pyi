@@ -50,7 +50,8 @@ class ArrayPin:
 
 class Heap:
     def __init__(self, name: str | None = None, size: int | None = None, *,
-                 max_blocks: int | None = None, max_pins: int = ...,
+                 max_size: int | None = None, max_blocks: int | None = None,
+                 max_pins: int = ...,
                  create: bool | None = None, path: str | os.PathLike[str] | None = None,
                  readonly: bool = False, mode: int = 0o600, lifetime: str = ...,
                  max_attach: int = ...,
@@ -77,6 +78,8 @@ class Heap:
     def verify(self, *, timeout: float | None = None) -> dict[str, Any]: ...
     @property
     def capacity(self) -> int: ...
+    @property
+    def max_size(self) -> int: ...
     def pins_held(self) -> int: ...
     @property
     def name(self) -> str: ...

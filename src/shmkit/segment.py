@@ -1092,33 +1092,44 @@ class Segment:
             raise ValueError(f"{size} bytes is beyond this segment's max_size "
                              f"{self._max_size}; create it with a larger max_size=")
         with self.lock:
-            old = self._sync_size()
-            if size > old:
+            self._resize_locked(size)
+
+    def _grow_to(self, size: int) -> None:
+        """Grow the payload to at least ``size`` bytes, never shrinking it: for a
+        structure inside the segment that grows from several processes at once
+        (the heap), where a plain ``resize`` from a stale size would shrink."""
+        with self.lock:
+            if size > self._sync_size():
+                self._resize_locked(size)
+
+    def _resize_locked(self, size: int) -> None:
+        old = self._sync_size()
+        if size > old:
+            try:
+                os.posix_fallocate(self._fd, self._hsize + old, size - old)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                    raise OutOfSpaceError(
+                        f"no space to grow {self._name!r} to {size} bytes "
+                        f"({e.strerror}); free some or ask for less") from None
+                raise
+        elif size < old:
+            start = _align(self._hsize + size, PAGE)
+            end = self._hsize + old
+            if end > start:
+                _punch_hole(self._fd, start, end - start)
+            # The rest of the last page is kept: zero it so that growing
+            # again shows zeros there too, never the old bytes.
+            tail = min(start, end) - (self._hsize + size)
+            if tail > 0:
+                view = memoryview(self._mapping)
                 try:
-                    os.posix_fallocate(self._fd, self._hsize + old, size - old)
-                except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                        raise OutOfSpaceError(
-                            f"no space to grow {self._name!r} to {size} bytes "
-                            f"({e.strerror}); free some or ask for less") from None
-                    raise
-            elif size < old:
-                start = _align(self._hsize + size, PAGE)
-                end = self._hsize + old
-                if end > start:
-                    _punch_hole(self._fd, start, end - start)
-                # The rest of the last page is kept: zero it so that growing
-                # again shows zeros there too, never the old bytes.
-                tail = min(start, end) - (self._hsize + size)
-                if tail > 0:
-                    view = memoryview(self._mapping)
-                    try:
-                        view[self._hsize + size:self._hsize + size + tail] = bytes(tail)
-                    finally:
-                        view.release()
-            _core.store64(self._mapping, _OFF_SIZE, size)
-            _core.add32(self._mapping, _OFF_RESIZES, 1)
-            self._sync_size()
+                    view[self._hsize + size:self._hsize + size + tail] = bytes(tail)
+                finally:
+                    view.release()
+        _core.store64(self._mapping, _OFF_SIZE, size)
+        _core.add32(self._mapping, _OFF_RESIZES, 1)
+        self._sync_size()
 
     # -- introspection ----------------------------------------------------
 

@@ -33,24 +33,29 @@
  * alone).  Records of dead attachments are found by their attach generation
  * and cleared by the next scan.
  *
- *   heap_layout(data_bytes, max_blocks, max_pins, max_slots) -> payload bytes
- *   heap_format(mapping, payload_offset, data_bytes, max_blocks, max_pins,
- *               max_slots, salt)                  (the creator, before publishing)
+ *   heap_layout(data_bytes, max_data_bytes, max_blocks, max_pins, max_slots)
+ *       -> (payload bytes, max payload bytes)
+ *   heap_format(mapping, payload_offset, data_bytes, max_data_bytes, max_blocks,
+ *               max_pins, max_slots, salt)        (the creator, before publishing)
  *   core = HeapCore(mapping, payload_offset, payload_length, name)
- *   v = core.alloc(100, False, None)              # handle as an int, None if fragmented
+ *   v = core.alloc(100, False, None)              # handle as an int; -1 split up, -2 short
  *   with core.pin(v, None, handle) as view: ...   # a Pin; lock-free
- *   core.free(v, None); core.realloc(v, n, zero, timeout) -> False if fragmented
+ *   core.free(v, None); core.realloc(v, n, zero, timeout) -> 0, -1 split up, -2 short
+ *   core.grow(data_bytes, timeout)                # after the segment was extended
  *   core.compact_step(restart, until, budget, timeout); core.stats(); core.verify()
  *   _core.fault(k)                                # tests: SIGKILL at the k-th crash point
  */
 #include "heap.h"
 #include <stdarg.h>
+#include <sys/stat.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define COPY_CHUNK (1u << 20)     /* bytes copied between progress records */
 #define NOGIL_BYTES (256u << 10)  /* copies this large run without the GIL */
 #define SCAN_LIMIT 4096           /* headers a compaction step walks at most */
+#define ROOM_SPLIT (-1)           /* alloc/realloc: enough free space, but split up */
+#define ROOM_SHORT (-2)           /* alloc/realloc: not enough free space: grow */
 
 static PyObject *heap_StaleHandle, *heap_Pinned, *heap_Full;
 
@@ -62,8 +67,10 @@ typedef struct {
     PyObject *name;
     PyObject *mv;       /* memoryview of the whole mapping; pins slice it */
     long long hoff;     /* payload offset within the mapping */
-    uint64_t plen;      /* payload bytes */
-    uint64_t table_off, pins_off, data_off, units, stride;
+    uint64_t plen;      /* payload bytes this process has seen (grows with the heap) */
+    uint64_t table_off, pins_off, data_off, stride;
+    uint64_t units;     /* data area now: re-read at every begin() and under the lock */
+    uint64_t max_units; /* the most the data area may grow to */
     uint32_t max_blocks, max_pins, max_slots, salt;
     char what[96];      /* "heap 'name'", for the journal's messages */
 } HeapObject;
@@ -411,6 +418,50 @@ take_block(Ctx *c, uint32_t unit, Blk *b, uint32_t want, uint32_t idx)
 
 static int repair_move(void *ctx, int owner_died);
 
+/* Pick up growth made by any process: the segment's size word (extended
+ * first, with the file, by whoever grows the heap), checked against the
+ * reservation and the file as Segment._sync_size does, then the heap's
+ * units word, checked against max_units and that size.  Lock-free callers
+ * may see a growth that a crash will roll back: the bound is still memory
+ * of the file, so it is safe for bounds checks; lock() calls this again
+ * after any repair, so the locked code sees committed units only.  The
+ * journal's range is the payload seen here, which covers every word a
+ * growth can journal (the segment grows before the heap's units do). */
+static int
+sync_units(Ctx *c)
+{
+    HeapObject *h = c->h;
+    MappingObject *m = (MappingObject *)h->mapping;
+    uint64_t size = __atomic_load_n((uint64_t *)(m->base + 32), __ATOMIC_ACQUIRE);
+    uint64_t most = h->data_off + h->max_units * UNIT;
+    if (size > most)
+        size = most; /* the heap never uses more than its max_size */
+    if (size > h->plen) {
+        uint64_t end = (uint64_t)h->hoff + size;
+        if (end < size || end > (uint64_t)m->reserve)
+            return corrupt(c, "its segment claims %llu bytes, beyond its reservation",
+                           (unsigned long long)size);
+        if (end > (uint64_t)m->length) {
+            struct stat st;
+            if (m->fd < 0 || fstat(m->fd, &st) < 0 || (uint64_t)st.st_size < end)
+                return corrupt(c, "its segment claims %llu bytes, more than its file holds",
+                               (unsigned long long)size);
+            m->length = (Py_ssize_t)end;
+        }
+        h->plen = size;
+    }
+    /* entries may name any word from the mutable header on, except the
+     * journal itself (the shared journal checks each before undoing) */
+    shm_journal_bind(&c->jn, c->p, H_JOURNAL, J_MAX, H_FREEH, h->plen, h->what);
+    uint64_t u = ld(c, H_UNITS);
+    if (u < MIN_UNITS || u > h->max_units || h->data_off + u * UNIT > h->plen)
+        return corrupt(c, "it claims a data area of %llu units, beyond its segment's "
+                       "%llu bytes (or its max_units %llu)", (unsigned long long)u,
+                       (unsigned long long)h->plen, (unsigned long long)h->max_units);
+    h->units = u;
+    return 0;
+}
+
 /* The address of `len` bytes at `off` of the mapping.  (shm_addr checks
  * natural alignment, which suits words, not regions: check 8 bytes there,
  * then the length here.) */
@@ -438,9 +489,12 @@ begin(HeapObject *self, Ctx *c, int writable)
     c->p = region(self->mapping, self->hoff, self->plen, writable);
     if (c->p == NULL)
         return -1;
-    /* entries may name any word from the mutable header on, except the
-     * journal itself (the shared journal checks each before undoing) */
-    shm_journal_bind(&c->jn, c->p, H_JOURNAL, J_MAX, H_FREEH, self->plen, self->what);
+    /* a damaged size word is reported by lock() (which checks again);
+     * lock-free calls (a pin's release, size_of) keep the bound they had */
+    if (sync_units(c) < 0) {
+        PyErr_Clear();
+        shm_journal_bind(&c->jn, c->p, H_JOURNAL, J_MAX, H_FREEH, self->plen, self->what);
+    }
     shm_pin(self->mapping);
     return 0;
 }
@@ -474,10 +528,8 @@ lock(Ctx *c, int64_t deadline)
                      "readonly=True to change it", c->h->name);
         return -1;
     }
-    /* a dead holder or a journal in force: the shared journal is rolled
-     * back, then repair_move() rolls an interrupted move forward */
-    int r = shm_lock_acquire_repair(m, (uint32_t *)(c->p + H_LOCK), deadline, &c->jn,
-                                    repair_move, c);
+    int r = shm_lock_acquire_repair(m, (uint32_t *)(c->p + H_LOCK), deadline, NULL, NULL,
+                                    NULL);
     if (r < 0)
         return -1;
     if (r == 0) {
@@ -487,6 +539,21 @@ lock(Ctx *c, int64_t deadline)
         return -1;
     }
     c->locked = 1;
+    /* a dead holder or a journal in force: the shared journal is rolled
+     * back, then repair_move() rolls an interrupted move forward.  The
+     * segment's size is read again first: a growth that died holding the
+     * lock journaled words that only the grown segment covers. */
+    if (sync_units(c) < 0) {
+        unlock(c);
+        return -1;
+    }
+    if (r == 2 || shm_journal_pending(&c->jn) != 0) {
+        if (shm_journal_rollback(&c->jn) < 0 || repair_move(c, r == 2) < 0 ||
+            sync_units(c) < 0) {
+            unlock(c);
+            return -1;
+        }
+    }
     /* a move whose publication failed (not a crash) is finished here */
     if (ld(c, H_MOVE + M_ACTIVE) != 0 && repair_move(c, 0) < 0) {
         unlock(c);
@@ -791,11 +858,11 @@ static int
 want_units(Ctx *c, unsigned long long n, uint32_t *units)
 {
     unsigned long long u = (n + UNIT - 1) / UNIT + 1;
-    if (n > (unsigned long long)MAX_UNITS * UNIT || u > c->h->units) {
+    if (n > (unsigned long long)MAX_UNITS * UNIT || u > c->h->max_units) {
         PyErr_Format(heap_Full ? heap_Full : PyExc_MemoryError,
-                     "%llu bytes is more than heap %R can ever hold (%llu bytes of data "
-                     "area); create a larger heap", n, c->h->name,
-                     (unsigned long long)c->h->units * UNIT);
+                     "%llu bytes is more than heap %R can ever hold (its max_size is %llu "
+                     "bytes of data area); create it with a larger max_size=", n,
+                     c->h->name, (unsigned long long)c->h->max_units * UNIT);
         return -1;
     }
     *units = u < MIN_UNITS ? MIN_UNITS : (uint32_t)u;
@@ -814,18 +881,9 @@ zero_bytes(char *p, uint64_t n)
     }
 }
 
-static int
-full_error(Ctx *c, uint32_t want)
-{
-    PyErr_Format(heap_Full ? heap_Full : PyExc_MemoryError,
-                 "heap %R has %llu bytes free in all, but %llu are needed (block header "
-                 "included); free some blocks or create a larger heap", c->h->name,
-                 (unsigned long long)ld(c, H_FREE_U) * UNIT, (unsigned long long)want * UNIT);
-    return -1;
-}
-
-/* alloc(nbytes, zero, timeout) -> handle int, or None when the free space is
- * fragmented (the caller compacts and tries again). */
+/* alloc(nbytes, zero, timeout) -> handle int, or ROOM_SPLIT when the free
+ * space is enough but split up (the caller compacts), ROOM_SHORT when it is
+ * not enough (the caller grows the heap). */
 static PyObject *
 heap_alloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -849,7 +907,7 @@ heap_alloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (want_units(&c, n, &want) < 0 || lock(&c, deadline) < 0)
         goto out;
     if (ld(&c, H_FREE_U) < want) {
-        full_error(&c, want);
+        result = PyLong_FromLong(ROOM_SHORT);
         goto out;
     }
     uint64_t fh = ld(&c, H_FREEH), fresh = ld(&c, H_FRESH);
@@ -861,7 +919,7 @@ heap_alloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (r < 0)
         goto out;
     if (r == 0) {
-        result = Py_NewRef(Py_None);
+        result = PyLong_FromLong(ROOM_SPLIT);
         goto out;
     }
     if (fh) {
@@ -905,6 +963,95 @@ heap_alloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
 out:
     end(&c);
     return result;
+}
+
+/* grow(data_bytes, timeout=None) -> data bytes now.  Extends the data area
+ * to data_bytes (a multiple of 16, at most max_size), which the caller's
+ * segment must already cover: the new units become a free block at the end,
+ * merged with a free last block.  One journaled commit under the lock;
+ * a no-op when the heap is already that large (another process grew it). */
+static PyObject *
+heap_grow(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "grow(data_bytes, timeout=None)");
+        return NULL;
+    }
+    unsigned long long n = PyLong_AsUnsignedLongLong(args[0]);
+    if (n == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    int64_t deadline = get_deadline(args, nargs, 1);
+    if (deadline < 0)
+        return NULL;
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    uint64_t want = n / UNIT;
+    if (want > self->max_units) {
+        PyErr_Format(PyExc_ValueError, "heap %R cannot grow to %llu bytes: its max_size is "
+                     "%llu", self->name, n, (unsigned long long)self->max_units * UNIT);
+        goto out;
+    }
+    if (lock(&c, deadline) < 0)
+        goto out;
+    uint64_t old = self->units;
+    if (want <= old)
+        goto done;
+    if (self->data_off + want * UNIT > self->plen) {
+        PyErr_Format(PyExc_RuntimeError, "heap %R: its segment holds %llu bytes, too few "
+                     "for %llu bytes of data area; extend the segment first", self->name,
+                     (unsigned long long)self->plen, n);
+        goto out;
+    }
+    /* the last block, walking from the compaction cursor (a block
+     * boundary, usually near the end; bounded: every block is >= 2 units) */
+    uint64_t u = ld(&c, H_CURSOR);
+    if (u >= old)
+        u = 0;
+    Blk b = {0, 0, 0};
+    while (u < old) {
+        if (rd_blk(&c, u, &b) < 0)
+            goto out;
+        u += b.size;
+    }
+    if (u != old || b.size == 0) {
+        corrupt(&c, "its blocks do not end where its data area does");
+        goto out;
+    }
+    shm_crash_point("heap.grow.found");
+    shm_jset64(&c.jn, H_UNITS, want, 0);
+    self->units = want; /* release_block() bounds its checks by it */
+    shm_crash_point("heap.grow.units");
+    if (release_block(&c, (uint32_t)old, (uint32_t)(want - old), b.size) < 0) {
+        shm_journal_rollback(&c.jn);
+        self->units = old;
+        goto out;
+    }
+    shm_crash_point("heap.grow.released");
+    if (shm_journal_commit(&c.jn) < 0) {
+        self->units = old;
+        goto out;
+    }
+done:
+    result = PyLong_FromUnsignedLongLong(self->units * UNIT);
+out:
+    end(&c);
+    return result;
+}
+
+/* capacity() -> (data bytes now, max data bytes, data area offset); lock-free. */
+static PyObject *
+heap_capacity(HeapObject *self, PyObject *Py_UNUSED(ignored))
+{
+    Ctx c;
+    if (begin(self, &c, 0) < 0)
+        return NULL;
+    PyObject *r = Py_BuildValue("KKK", (unsigned long long)(self->units * UNIT),
+                                (unsigned long long)(self->max_units * UNIT),
+                                (unsigned long long)self->data_off);
+    end(&c);
+    return r;
 }
 
 /* free(handle, timeout=None) */
@@ -960,8 +1107,8 @@ out:
     return result;
 }
 
-/* realloc(handle, nbytes, zero, timeout=None) -> True, or False when no
- * contiguous room exists (the caller compacts and tries again). */
+/* realloc(handle, nbytes, zero, timeout=None) -> 0 done, or ROOM_SPLIT /
+ * ROOM_SHORT as alloc() (nothing changed; the caller compacts or grows). */
 static PyObject *
 heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1050,16 +1197,12 @@ heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
             /* copy to a new place, then free the old one */
             uint32_t nu;
             Blk fb;
-            if (ld(&c, H_FREE_U) < want) {
-                full_error(&c, want);
-                goto fail;
-            }
-            int found = find_free(&c, want, &nu, &fb);
+            int found = ld(&c, H_FREE_U) < want ? 0 : find_free(&c, want, &nu, &fb);
             if (found < 0)
                 goto fail;
             if (found == 0) {
                 shm_journal_rollback(&c.jn);
-                result = Py_NewRef(Py_False);
+                result = PyLong_FromLong(ld(&c, H_FREE_U) < want ? ROOM_SHORT : ROOM_SPLIT);
                 goto out;
             }
             int64_t got = take_block(&c, nu, &fb, want, idx);
@@ -1093,7 +1236,7 @@ heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (shm_journal_commit(&c.jn) < 0)
         goto out;
     stat_add(&c, ST_REALLOCS, 1);
-    result = Py_NewRef(Py_True);
+    result = PyLong_FromLong(0);
     goto out;
 fail:
     shm_journal_rollback(&c.jn);
@@ -1197,6 +1340,14 @@ new_pin(HeapObject *heap, PyObject *value, PyObject *handle, long long off, uint
     unsigned long long v = PyLong_AsUnsignedLongLong(value);
     if (v == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
+    if ((uint64_t)off + n > (uint64_t)PyMemoryView_GET_BUFFER(heap->mv)->len) {
+        /* the heap grew since the view was made: view the mapping anew (at
+         * its length now, which begin() checked); pins of the old view keep it */
+        PyObject *mv = PyMemoryView_FromObject(heap->mapping);
+        if (mv == NULL)
+            return NULL;
+        Py_SETREF(heap->mv, mv);
+    }
     PyObject *start = PyLong_FromLongLong(off);
     PyObject *stop = PyLong_FromLongLong(off + (long long)n);
     PyObject *slice = start && stop ? PySlice_New(start, stop, NULL) : NULL;
@@ -1705,6 +1856,7 @@ heap_stats(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
                                           "compactions", "recoveries", "reclaimed_pins",
                                           "reallocs"};
     if (dict_set(d, "size", self->units * UNIT) < 0 ||
+        dict_set(d, "max_size", self->max_units * UNIT) < 0 ||
         dict_set(d, "used", ld(&c, H_USED_U) * UNIT) < 0 ||
         dict_set(d, "free", free_b) < 0 ||
         dict_set(d, "blocks", ld(&c, H_USED_B)) < 0 ||
@@ -1926,6 +2078,8 @@ out:
 
 /* ---- construction ------------------------------------------------------- */
 
+/* From the max data bytes and table sizes: where the pin tables and the
+ * data area start, the most units, and the largest payload. */
 static int
 geometry(uint64_t data_bytes, uint64_t max_blocks, uint64_t max_pins, uint64_t max_slots,
          uint64_t *pins_off, uint64_t *data_off, uint64_t *units, uint64_t *plen)
@@ -1952,16 +2106,32 @@ geometry(uint64_t data_bytes, uint64_t max_blocks, uint64_t max_pins, uint64_t m
     return 0;
 }
 
+static int
+initial_units(uint64_t data_bytes, uint64_t max_units, uint64_t *units)
+{
+    uint64_t u = data_bytes / UNIT;
+    if (u < MIN_UNITS || u > max_units) {
+        PyErr_Format(PyExc_ValueError, "a heap starts with %u bytes of data area or more, "
+                     "and no more than its max_size (%llu), not %llu", MIN_UNITS * UNIT,
+                     (unsigned long long)max_units * UNIT, (unsigned long long)data_bytes);
+        return -1;
+    }
+    *units = u;
+    return 0;
+}
+
 static PyObject *
 heap_layout(PyObject *mod, PyObject *args)
 {
-    unsigned long long data, blocks, pins, slots;
-    uint64_t pins_off, data_off, units, plen;
-    if (!PyArg_ParseTuple(args, "KKKK", &data, &blocks, &pins, &slots))
+    unsigned long long data, most, blocks, pins, slots;
+    uint64_t pins_off, data_off, max_units, plen, units;
+    if (!PyArg_ParseTuple(args, "KKKKK", &data, &most, &blocks, &pins, &slots))
         return NULL;
-    if (geometry(data, blocks, pins, slots, &pins_off, &data_off, &units, &plen) < 0)
+    if (geometry(most, blocks, pins, slots, &pins_off, &data_off, &max_units, &plen) < 0 ||
+        initial_units(data, max_units, &units) < 0)
         return NULL;
-    return PyLong_FromUnsignedLongLong(plen);
+    return Py_BuildValue("KK", (unsigned long long)(data_off + units * UNIT),
+                         (unsigned long long)plen);
 }
 
 /* heap_format(mapping, payload_offset, data_bytes, max_blocks, max_pins,
@@ -1971,13 +2141,15 @@ heap_format(PyObject *mod, PyObject *args)
 {
     PyObject *mapping;
     long long hoff;
-    unsigned long long data, blocks, pins, slots, salt;
-    uint64_t pins_off, data_off, units, plen;
-    if (!PyArg_ParseTuple(args, "O!LKKKKK", &Mapping_Type, &mapping, &hoff, &data, &blocks,
-                          &pins, &slots, &salt))
+    unsigned long long data, most, blocks, pins, slots, salt;
+    uint64_t pins_off, data_off, units, max_units, plen;
+    if (!PyArg_ParseTuple(args, "O!LKKKKKK", &Mapping_Type, &mapping, &hoff, &data, &most,
+                          &blocks, &pins, &slots, &salt))
         return NULL;
-    if (geometry(data, blocks, pins, slots, &pins_off, &data_off, &units, &plen) < 0)
+    if (geometry(most, blocks, pins, slots, &pins_off, &data_off, &max_units, &plen) < 0 ||
+        initial_units(data, max_units, &units) < 0)
         return NULL;
+    plen = data_off + units * UNIT;
     char *p = region(mapping, hoff, plen, 1);
     if (p == NULL)
         return NULL;
@@ -1987,6 +2159,7 @@ heap_format(PyObject *mod, PyObject *args)
     *at64(&c, H_TABLE) = HDR_BYTES;
     *at64(&c, H_PINS) = pins_off;
     *at64(&c, H_DATA) = data_off;
+    *at64(&c, H_MAX_UNITS) = max_units;
     *at64(&c, H_UNITS) = units;
     *at64(&c, H_BLOCKS_PINS) = blocks | pins << 32;
     *at64(&c, H_SLOTS_SALT) = slots | (salt & 0xFFFFFFFFull) << 32;
@@ -2032,22 +2205,29 @@ heapobj_init(HeapObject *self, PyObject *args, PyObject *kwds)
     if (ld(&c, H_MAGIC) != HEAP_MAGIC || *(uint32_t *)(c.p + H_FORMAT) != HEAP_FORMAT)
         return corrupt(&c, "its header has a bad magic number or format");
     uint64_t bp = ld(&c, H_BLOCKS_PINS), ss = ld(&c, H_SLOTS_SALT);
-    uint64_t data_bytes = ld(&c, H_UNITS) * UNIT, pins_off, data_off, units, need;
-    if (ld(&c, H_UNITS) > MAX_UNITS ||
+    uint64_t data_bytes = ld(&c, H_MAX_UNITS) * UNIT, pins_off, data_off, max_units, most;
+    uint64_t units = ld(&c, H_UNITS);
+    MappingObject *m = (MappingObject *)mapping;
+    if (ld(&c, H_MAX_UNITS) > MAX_UNITS ||
         geometry(data_bytes, (uint32_t)bp, bp >> 32, (uint32_t)ss, &pins_off, &data_off,
-                 &units, &need) < 0) {
+                 &max_units, &most) < 0) {
         PyErr_Clear();
         return corrupt(&c, "its header describes an impossible geometry");
     }
+    /* the whole max_size must lie in this process's reservation, and the
+     * data area as it is now in the payload that the file holds */
     if (ld(&c, H_TABLE) != HDR_BYTES || ld(&c, H_PINS) != pins_off ||
-        ld(&c, H_DATA) != data_off || need > plen ||
-        (uint32_t)ss != ((MappingObject *)mapping)->max_slots)
+        ld(&c, H_DATA) != data_off || units < MIN_UNITS || units > max_units ||
+        data_off + units * UNIT > plen || (uint64_t)hoff > (uint64_t)m->reserve ||
+        most > (uint64_t)m->reserve - (uint64_t)hoff ||
+        (uint32_t)ss != m->max_slots)
         return corrupt(&c, "its header does not match its size");
     self->hoff = hoff;
     self->table_off = HDR_BYTES;
     self->pins_off = pins_off;
     self->data_off = data_off;
     self->units = units;
+    self->max_units = max_units;
     self->max_blocks = (uint32_t)bp;
     self->max_pins = (uint32_t)(bp >> 32);
     self->max_slots = (uint32_t)ss;
@@ -2098,9 +2278,13 @@ heap_set_classes(PyObject *mod, PyObject *args)
     {#NAME, (PyCFunction)(void (*)(void))heap_##NAME, METH_FASTCALL, DOC}
 
 static PyMethodDef heapobj_methods[] = {
-    FAST(alloc, "alloc(nbytes, zero, timeout=None) -> handle, or None if fragmented"),
+    FAST(alloc, "alloc(nbytes, zero, timeout=None) -> handle, or -1 split up, -2 short"),
     FAST(free, "free(handle, timeout=None)"),
-    FAST(realloc, "realloc(handle, nbytes, zero, timeout=None) -> False if fragmented"),
+    FAST(realloc, "realloc(handle, nbytes, zero, timeout=None) -> 0, or -1 split up, "
+                  "-2 short"),
+    FAST(grow, "grow(data_bytes, timeout=None) -> data bytes now (segment extended first)"),
+    {"capacity", (PyCFunction)heap_capacity, METH_NOARGS,
+     "capacity() -> (data bytes, max data bytes, data offset)"},
     FAST(size_of, "size_of(handle) -> nbytes"),
     FAST(pin, "pin(value, timeout=None, handle=None) -> Pin"),
     FAST(unpin, "unpin(handle)"),
@@ -2129,9 +2313,11 @@ static PyTypeObject Heap_Type = {
 
 static PyMethodDef heap_functions[] = {
     {"heap_layout", heap_layout, METH_VARARGS,
-     "heap_layout(data_bytes, max_blocks, max_pins, max_slots) -> payload bytes"},
+     "heap_layout(data_bytes, max_data_bytes, max_blocks, max_pins, max_slots) -> "
+     "(payload bytes, max payload bytes)"},
     {"heap_format", heap_format, METH_VARARGS,
-     "heap_format(mapping, offset, data_bytes, max_blocks, max_pins, max_slots, salt)"},
+     "heap_format(mapping, offset, data_bytes, max_data_bytes, max_blocks, max_pins, "
+     "max_slots, salt)"},
     {"heap_set_classes", heap_set_classes, METH_VARARGS,
      "heap_set_classes(StaleHandleError, PinnedError, HeapFullError)"},
     {NULL}

@@ -11,7 +11,7 @@
  *          16  u64 table_off    handle table (always 4096)
  *          24  u64 pins_off     pin tables
  *          32  u64 data_off     data area (page aligned)
- *          40  u64 units        data area size in units (< 2^32)
+ *          40  u64 max_units    most units the data area may grow to (< 2^32)
  *          48  word max_blocks | max_pins << 32
  *          56  word max_slots | salt << 32
  *        -- changed only under the lock, through the undo journal --
@@ -20,6 +20,8 @@
  *          80  u64 used_units   96 u64 free_units
  *          88  u64 used_blocks 104 u64 free_blocks
  *         112  u64 cursor       compaction cursor: always a block boundary
+ *         120  u64 units        data area size in units now (grows, never shrinks;
+ *                               the segment's file is extended before it grows)
  *         128  u64 bitmap[2]    bit b set <=> free list b is not empty
  *        -- statistics, atomic adds, not journaled --
  *         192  u64 allocs, frees, moves, moved_bytes, compactions,
@@ -49,7 +51,7 @@
 #include "journal.h"
 #include <stddef.h>
 
-#define HEAP_FORMAT 2u
+#define HEAP_FORMAT 3u
 #define HEAP_MAGIC 0x31504145484d4853ull /* "SHMHEAP1" */
 #define UNIT 16u
 #define MIN_UNITS 2u
@@ -67,7 +69,7 @@
 #define H_TABLE 16
 #define H_PINS 24
 #define H_DATA 32
-#define H_UNITS 40
+#define H_MAX_UNITS 40
 #define H_BLOCKS_PINS 48
 #define H_SLOTS_SALT 56
 #define H_FREEH 64
@@ -77,6 +79,7 @@
 #define H_FREE_U 96
 #define H_FREE_B 104
 #define H_CURSOR 112
+#define H_UNITS 120
 #define H_BITMAP 128
 #define H_STAT 192
 #define H_BINS 256
@@ -103,11 +106,11 @@ enum { E_STATE = 0, E_UNIT = 8, E_NBYTES = 16, E_LINK = 24 };
  * checked base pointer, never through these types). */
 typedef struct {
     uint32_t lock, format;
-    uint64_t magic, table_off, pins_off, data_off, units;
+    uint64_t magic, table_off, pins_off, data_off, max_units;
     uint64_t blocks_pins, slots_salt;
     /* changed only under the lock, through the undo journal */
     uint64_t free_handle, fresh, used_units, used_blocks, free_units, free_blocks;
-    uint64_t cursor, _r0;
+    uint64_t cursor, units;
     uint64_t bitmap[NBINS / 64];
     uint64_t _r1[6];
     uint64_t stat[8];          /* atomic adds, not journaled */
@@ -143,7 +146,7 @@ HEAP_AT(HeapHeader, magic, H_MAGIC);
 HEAP_AT(HeapHeader, table_off, H_TABLE);
 HEAP_AT(HeapHeader, pins_off, H_PINS);
 HEAP_AT(HeapHeader, data_off, H_DATA);
-HEAP_AT(HeapHeader, units, H_UNITS);
+HEAP_AT(HeapHeader, max_units, H_MAX_UNITS);
 HEAP_AT(HeapHeader, blocks_pins, H_BLOCKS_PINS);
 HEAP_AT(HeapHeader, slots_salt, H_SLOTS_SALT);
 HEAP_AT(HeapHeader, free_handle, H_FREEH);
@@ -153,6 +156,7 @@ HEAP_AT(HeapHeader, used_blocks, H_USED_B);
 HEAP_AT(HeapHeader, free_units, H_FREE_U);
 HEAP_AT(HeapHeader, free_blocks, H_FREE_B);
 HEAP_AT(HeapHeader, cursor, H_CURSOR);
+HEAP_AT(HeapHeader, units, H_UNITS);
 HEAP_AT(HeapHeader, bitmap, H_BITMAP);
 HEAP_AT(HeapHeader, stat, H_STAT);
 HEAP_AT(HeapHeader, bins, H_BINS);
