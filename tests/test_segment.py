@@ -956,3 +956,37 @@ def test_explicit_open_parameters_that_disagree_are_refused(name, param, asked):
         assert len(made.attachments()) == 1  # the refused opens left no attachment
     finally:
         made.close()
+
+
+def _open_and_close(kind: str, name: str) -> None:
+    calls = []
+    obj = getattr(shmkit, kind)(name, on_destroy=lambda: calls.append(1))
+    obj.close()
+    assert calls == []  # closing a persistent object removes nothing
+
+
+@pytest.mark.parametrize("kind, extra", [
+    ("Segment", {"size": 64}), ("Mutex", {}), ("Event", {}), ("Semaphore", {}),
+])
+def test_on_destroy_runs_once_in_the_process_that_removes_the_name(name, kind, extra):
+    calls = []
+    obj = getattr(shmkit, kind)(name, on_destroy=lambda: calls.append(1), **extra)
+    p = spawn(_open_and_close, kind, name)  # another process's close removes nothing
+    p.join(60)
+    assert p.exitcode == 0 and calls == []
+    obj.unlink()
+    obj.close()
+    assert calls == [1]
+
+
+def test_on_destroy_runs_at_the_last_close_of_an_attached_segment():
+    calls = []
+    seg = shmkit.Segment(None, size=64, on_destroy=lambda: calls.append(1))
+    other = shmkit.Segment.open(seg.name)
+    seg.close()
+    assert calls == []  # another handle is still attached
+    other.close()
+    assert calls == []  # the hook belongs to the handle that was given it
+    again = shmkit.Segment(None, size=64, on_destroy=lambda: calls.append(2))
+    again.close()
+    assert calls == [2]

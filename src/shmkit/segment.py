@@ -326,6 +326,10 @@ class Segment:
         Largest size ``resize`` may reach (address space only; default 4 GiB).
     max_attach:
         Attach-table slots: how many handles may be open at once (default 256).
+    on_destroy:
+        Called (no arguments) once, in the process that removes the name: its
+        ``unlink()``, or the last ``close()`` of an ``"attached"`` segment;
+        never in the others.  The sync kinds take it too.
     trust_owner:
         Also accept a file owned by this user (a uid or a user name).  By
         default only files owned by you (or root) are opened; anything else,
@@ -363,7 +367,9 @@ class Segment:
                  path: str | os.PathLike[str] | None = None, readonly: bool = False,
                  mode: int | None = None, lifetime: str | None = None,
                  max_size: int | None = None, max_attach: int | None = None,
-                 trust_owner: int | str | None = None) -> None:
+                 trust_owner: int | str | None = None,
+                 on_destroy: Callable[[], Any] | None = None) -> None:
+        self._on_destroy = on_destroy
         self._attach(name, path, size=size, create=None, readonly=readonly,
                      mode=0o600 if mode is None else mode, lifetime=lifetime,
                      max_size=max_size,
@@ -473,7 +479,10 @@ class Segment:
                 lifetime: str | None = None, max_size: int | None = None,
                 max_attach: int = DEFAULT_MAX_ATTACH, layout: dict | None = None,
                 init: Callable[["Segment"], None] | None = None,
-                kind: Kind | None = None, trust_owner: int | str | None = None) -> None:
+                kind: Kind | None = None, trust_owner: int | str | None = None,
+                on_destroy: Callable[[], Any] | None = None) -> None:
+        if on_destroy is not None:
+            self._on_destroy = on_destroy
         kind = self._kind = kind or self._kind
         if name is None and path is None and create is False:
             raise InvalidNameError("open() needs a name or a path")
@@ -801,8 +810,17 @@ class Segment:
                 _core.ofd_unlock(self._fd, _SLOT_LOCK_BASE + (self._token & 0x3FF), 1)
             self._removed_on_close = self._remove_if_last()
         self._detach()
+        if self._removed_on_close:
+            self._destroyed()
 
     _removed_on_close = False  # True once close() removed the name (the last "attached")
+    _on_destroy: Callable[[], Any] | None = None
+
+    def _destroyed(self) -> None:
+        # The clean-up hook runs once, in the process that removed the name.
+        hook, self._on_destroy = self._on_destroy, None
+        if hook is not None:
+            hook()
 
     def _remove_if_last(self) -> bool:
         # Holding a write lock over the reader byte and every slot proves that
@@ -856,6 +874,7 @@ class Segment:
             os.unlink(self._path)
         except FileNotFoundError:
             raise NotFoundError(f"segment {self._name!r} was already removed") from None
+        self._destroyed()
 
     def __enter__(self) -> "Segment":
         return self
