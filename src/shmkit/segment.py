@@ -1108,7 +1108,7 @@ class Segment:
         if not isinstance(size, int) or size < 0:
             raise ValueError(f"size must be a non-negative int, not {size!r}")
         if size > self._max_size:
-            raise ValueError(f"{size} bytes is beyond this segment's max_size "
+            raise SizeLimitError(f"{size} bytes is beyond this segment's max_size "
                              f"{self._max_size}; create it with a larger max_size=")
         with self.lock:
             self._resize_locked(size)
