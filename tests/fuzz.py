@@ -411,6 +411,14 @@ KINDS = ["segment", "mutex", "rwlock", "event", "semaphore", "condition", "struc
 # -- the child ------------------------------------------------------------
 
 
+def _where(e: BaseException) -> str:
+    """The innermost frames of e's traceback, for the failure report."""
+    import traceback
+    frames = traceback.extract_tb(e.__traceback__)[-3:]
+    return "at " + " < ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
+                              for f in reversed(frames))
+
+
 def exercise(kind: Kind, name: str, rng: random.Random) -> list:
     """Open a fresh handle and run every operation; returns the unexpected exceptions."""
     import warnings
@@ -422,7 +430,7 @@ def exercise(kind: Kind, name: str, rng: random.Random) -> list:
     except ShmkitError:
         return bad
     except Exception as e:  # noqa: BLE001
-        return [f"open: {type(e).__name__}: {e}"]
+        return [f"open: {type(e).__name__}: {e} {_where(e)}"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -437,7 +445,7 @@ def exercise(kind: Kind, name: str, rng: random.Random) -> list:
                     if op != "release":
                         bad.append(f"{op}: {type(e).__name__}: {e}")
                 except Exception as e:  # noqa: BLE001
-                    bad.append(f"{op}: {type(e).__name__}: {e}")
+                    bad.append(f"{op}: {type(e).__name__}: {e} {_where(e)}")
         finally:
             try:
                 h.close()

@@ -91,3 +91,31 @@ def test_a_held_lock_overwritten_by_damage_is_reported_as_corrupt_on_release(nam
         seg.unlink()
         m.close()
         m.unlink()
+
+
+def test_header_changed_between_check_and_attach_is_not_reread(name, monkeypatch):
+    """Found by the busy-mode fuzzer (mutex, seed 100): another process changing the
+    header's max_slots between the open's check and its slot claim made the open
+    divide by the new, unchecked value (ZeroDivisionError)."""
+    import struct
+
+    import shmkit
+    from shmkit import _core, segment
+    seg = shmkit.Segment.create(name, 4096)
+    real_map = segment._map
+    off = _core.layouts["segment"]["max_slots"]
+
+    def map_then_damage(fd, *args, **kwargs):
+        mapping = real_map(fd, *args, **kwargs)
+        os.pwrite(fd, struct.pack("<I", 0), off)  # what the other process writes
+        return mapping
+
+    monkeypatch.setattr(segment, "_map", map_then_damage)
+    try:
+        other = shmkit.Segment.open(name)
+        assert other._max_slots == seg._max_slots  # the checked value
+        other.close()
+    finally:
+        monkeypatch.undo()
+        seg.close()
+        seg.unlink()
