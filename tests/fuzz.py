@@ -300,7 +300,7 @@ def _kinds() -> dict:
 
             def pinned():
                 with h.pin(hd, timeout=T) as p:
-                    p.array.sum()
+                    bytes(p[:8])
             yield "pin", pinned
             yield "free", lambda: h.free(rng.choice(handles), timeout=T)
         yield "statistics", lambda: h.statistics(timeout=T)
@@ -334,10 +334,13 @@ def _kinds() -> dict:
     rec = np.dtype([("a", "<i8"), ("b", "<f8"), ("c", "S24")])
 
     def sync(cls, key, **kw):
+        # a bare release() of what was never acquired: the caller's ValueError
+        # (beyond the maximum) or RuntimeError (not held)
         return Kind(lambda n: cls(n, create=True, **kw), lambda n: cls(n, create=False),
                     {"mutex": mutex_ops, "rwlock": rwlock_ops, "event": event_ops,
                      "semaphore": semaphore_ops, "condition": condition_ops}[key],
-                    lambda seg: _payload(seg._hsize, SYNC_FIELDS[key]))
+                    lambda seg: _payload(seg._hsize, SYNC_FIELDS[key]),
+                    allowed=lambda op: ValueError if op == "release" else ())
 
     def heap_setup(n):
         h = shmkit.Heap(n, size=64 << 10, create=True)
@@ -382,7 +385,7 @@ def _kinds() -> dict:
         "segment": Kind(lambda n: shmkit.Segment.create(n, 8192, max_size=1 << 20),
                         lambda n: shmkit.Segment.open(n), segment_ops, lambda seg: {},
                         # an offset past a (damaged, smaller) size is the caller's IndexError
-                        allowed=lambda op: IndexError if op in ("read", "write") else ()),
+                        allowed=lambda op: IndexError if op in ("read", "write", "ndarray") else ()),
         "mutex": sync(shmkit.Mutex, "mutex"),
         "rwlock": sync(shmkit.RWLock, "rwlock"),
         "event": sync(shmkit.Event, "event"),
@@ -470,7 +473,7 @@ def hammer(kind_name: str, name: str, seed: int) -> None:
 
 def _hammer_proc(kind_name: str, name: str, seed: int) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, __file__, "hammer", kind_name, name, str(seed)],
+    return subprocess.Popen([sys.executable, "-X", "faulthandler", __file__, "hammer", kind_name, name, str(seed)],
                             env=env, stderr=subprocess.PIPE, text=True)
 
 

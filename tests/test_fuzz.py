@@ -17,6 +17,9 @@ import fuzz  # noqa: E402
 
 # cases per kind in the bounded run: (idle, busy)
 BOUNDED = (500, 200)
+# in use, with a hammer process: every kind but Channel, RWLock and Semaphore
+BUSY = [k for k in fuzz.KINDS if k not in ("channel", "rwlock", "semaphore")]
+CASES = [(k, "idle") for k in fuzz.KINDS] + [(k, "busy") for k in BUSY]
 
 
 def _check(name: str, kind: str, mode: str, seed: int, cases: int, timeout: float,
@@ -30,8 +33,7 @@ def _check(name: str, kind: str, mode: str, seed: int, cases: int, timeout: floa
     print(f"{kind} {mode}: {done} cases (seed {seed}) in {time.monotonic() - t0:.1f} s")
 
 
-@pytest.mark.parametrize("mode", ["idle", "busy"])
-@pytest.mark.parametrize("kind", fuzz.KINDS)
+@pytest.mark.parametrize("kind,mode", CASES)
 def test_damaged_object_never_crashes_hangs_or_raises_a_stray_error(name, kind, mode):
     _check(name, kind, mode, 1, BOUNDED[mode == "busy"], timeout=120)
 
@@ -41,6 +43,8 @@ FOUND = [
     # a damaged max_size below a later resize() request: ValueError, now SizeLimitError
     ("segment", "idle", 100, 2961),
     ("segment", "idle", 100, 25),
+    # a damaged maximum below the stored value: release() raised ValueError, now corrupt
+    ("semaphore", "idle", 1, 449),
 ]
 
 
@@ -50,8 +54,7 @@ def test_fuzz_findings_stay_fixed(name, kind, mode, seed, case):
 
 
 @pytest.mark.stress
-@pytest.mark.parametrize("mode", ["idle", "busy"])
-@pytest.mark.parametrize("kind", fuzz.KINDS)
+@pytest.mark.parametrize("kind,mode", CASES)
 def test_damaged_object_fuzz_long(name, kind, mode):
     cases = int(os.environ.get("SHMKIT_FUZZ_CASES", "5000"))
     seed = int(os.environ.get("SHMKIT_FUZZ_SEED", "100"))
@@ -115,6 +118,70 @@ def test_header_changed_between_check_and_attach_is_not_reread(name, monkeypatch
         other = shmkit.Segment.open(name)
         assert other._max_slots == seg._max_slots  # the checked value
         other.close()
+    finally:
+        monkeypatch.undo()
+        seg.close()
+        seg.unlink()
+
+
+def _damage_size(seg, size: int) -> None:
+    import struct
+
+    from shmkit import _core
+    view = memoryview(seg._mapping)
+    struct.pack_into("<Q", view, _core.layouts["segment"]["size"], size)
+    view.release()
+
+
+def test_store_over_a_payload_too_small_is_corrupt(name):
+    """Found by the busy-mode fuzzer (store, seed 100): a store opened while its
+    header's size was damaged raised ValueError from the core."""
+    import shmkit
+    st = shmkit.Store(name, size=64 << 10, create=True)
+    try:
+        _damage_size(st._seg, 16)
+        with pytest.raises(shmkit.CorruptError, match="too small for a store"):
+            shmkit.Store(name, create=False)
+    finally:
+        st.close()
+
+
+def test_records_over_a_shrunken_payload_are_corrupt(names):
+    """Found by the busy-mode fuzzer (struct, array): a size damaged below the
+    record layout after the open made the view raise numpy's ValueError."""
+    import numpy as np
+
+    import shmkit
+    s = shmkit.Struct(names(), np.dtype([("a", "<i8"), ("b", "<f8")]), create=True)
+    a = shmkit.Array(names(), "<f8", (100,), create=True)
+    try:
+        _damage_size(s._seg, 8)
+        _damage_size(a._seg, 8)
+        with pytest.raises(shmkit.CorruptError, match="layout needs 16"):
+            s.record
+        with pytest.raises(shmkit.CorruptError, match="layout needs 800"):
+            a.array
+    finally:
+        s.close()
+        a.close()
+
+
+def test_segment_ndarray_checks_the_size_it_maps(name, monkeypatch):
+    """Found by the busy-mode fuzzer (segment): a size shrunk by another process
+    between ndarray()'s range check and its view raised numpy's ValueError."""
+    import shmkit
+    seg = shmkit.Segment.create(name, 8192)
+    check = shmkit.Segment._check_range
+
+    def check_then_shrink(self, offset, n):
+        r = check(self, offset, n)
+        _damage_size(self, 4096)  # the other process's store
+        return r
+
+    monkeypatch.setattr(shmkit.Segment, "_check_range", check_then_shrink)
+    try:
+        with pytest.raises(IndexError, match="outside the segment's 4096 bytes"):
+            seg.ndarray("u1")
     finally:
         monkeypatch.undo()
         seg.close()

@@ -1098,7 +1098,12 @@ class Segment:
         for d in shape:
             count *= d
         self._check_range(offset, count * dt.itemsize)
-        arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=offset).reshape(shape)
+        buf = self.buf  # the size may have changed since the check: another process
+        if offset + count * dt.itemsize > len(buf):
+            raise IndexError(f"bytes {offset}..{offset + count * dt.itemsize} are outside "
+                             f"the segment's {len(buf)} bytes; resize() it or use a "
+                             "smaller offset")
+        arr = np.frombuffer(buf, dtype=dt, count=count, offset=offset).reshape(shape)
         if self._readonly:
             arr.flags.writeable = False
         return arr
