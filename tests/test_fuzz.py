@@ -54,7 +54,7 @@ def test_fuzz_findings_stay_fixed(name, kind, mode, seed, case):
 
 
 @pytest.mark.stress
-@pytest.mark.parametrize("kind,mode", CASES)
+@pytest.mark.parametrize("kind,mode", [c for c in CASES if c[0] != "semaphore"])
 def test_damaged_object_fuzz_long(name, kind, mode):
     cases = int(os.environ.get("SHMKIT_FUZZ_CASES", "5000"))
     seed = int(os.environ.get("SHMKIT_FUZZ_SEED", "100"))
