@@ -143,16 +143,26 @@ def _describe(layout: dict) -> str:
     return ", ".join(parts)
 
 
+def _payload(seg: Segment, need: int) -> memoryview:
+    """The payload view, refused if its size (read from the shared header, which
+    another process may have damaged) is below the ``need`` bytes of the layout."""
+    buf = seg.buf
+    if len(buf) < need:
+        raise CorruptError(f"{seg.name!r} holds {len(buf)} bytes but its layout needs "
+                           f"{need}: the segment header is damaged; recreate it")
+    return buf
+
+
 def _struct_view(seg: Segment, dtype: np.dtype, ctype: Any) -> Any:
     if ctype is not None:
         if seg.readonly:
             raise ReadOnlyError(
                 f"{seg.name!r} was opened readonly=True and a ctypes record is always "
                 "writable; open it without a type for a read-only numpy record")
-        return ctype.from_buffer(seg.buf)
+        return ctype.from_buffer(_payload(seg, ctypes.sizeof(ctype)))
     # frombuffer keeps the buffer exported for as long as the array lives,
     # so close() cannot unmap under it; np.ndarray(buffer=) does not.
-    arr = np.frombuffer(seg.buf, dtype=dtype, count=1)
+    arr = np.frombuffer(_payload(seg, dtype.itemsize), dtype=dtype, count=1)
     arr = arr.reshape(arr.shape[1:])
     if seg.readonly:
         arr.flags.writeable = False
@@ -164,7 +174,7 @@ def _array_view(seg: Segment, dtype: np.dtype, shape: tuple) -> np.ndarray:
     for d in shape:
         count *= d
     # frombuffer keeps the buffer exported (see _struct_view).
-    arr = np.frombuffer(seg.buf, dtype=dtype, count=count)
+    arr = np.frombuffer(_payload(seg, count * dtype.itemsize), dtype=dtype, count=count)
     arr = arr.reshape(tuple(shape) + arr.shape[1:])
     if seg.readonly:
         arr.flags.writeable = False

@@ -471,7 +471,7 @@ class Segment:
         except BaseException:
             os.close(own)
             raise
-        self._setup(own, mapping, head.header_size)
+        self._setup(own, mapping, head.header_size, head)
         return self
 
     def _attach(self, name: str | None, path: Any, *, size: int | None,
@@ -658,7 +658,7 @@ class Segment:
         except BaseException:
             os.close(fd)
             raise
-        self._setup(fd, mapping, head.header_size)
+        self._setup(fd, mapping, head.header_size, head)
         # A last "attached" closer, or `shmkit gc`, may have removed it between
         # our open and our slot claim (nobody was attached then): start over.
         # Once the slot is ours, neither can remove it.
@@ -741,12 +741,20 @@ class Segment:
             pass
         raise FileNotFoundError(self._path)
 
-    def _setup(self, fd: int, mapping: Any, header_size: int) -> None:
+    def _setup(self, fd: int, mapping: Any, header_size: int,
+               head: "_Header | None" = None) -> None:
         self._fd = fd
         self._mapping = mapping
         self._hsize = header_size
-        (_m, _v, kind, flags, max_slots, _h, _s, max_size, created_ns, creator_pid, *_r
-         ) = _HEADER.unpack_from(mapping)
+        if head is not None:
+            # The header as it was checked: another process may change the
+            # mapping's copy at any time, and the attach table and the
+            # reservation were sized from these values.
+            flags, max_slots, max_size = head.flags, head.max_slots, head.max_size
+            created_ns, creator_pid = head.created_ns, head.creator_pid
+        else:  # just created by this process
+            (_m, _v, _k, flags, max_slots, _h, _s, max_size, created_ns, creator_pid, *_r
+             ) = _HEADER.unpack_from(mapping)
         self._flags = flags
         self._max_slots = max_slots
         self._max_size = max_size
@@ -1090,7 +1098,12 @@ class Segment:
         for d in shape:
             count *= d
         self._check_range(offset, count * dt.itemsize)
-        arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=offset).reshape(shape)
+        buf = self.buf  # the size may have changed since the check: another process
+        if offset + count * dt.itemsize > len(buf):
+            raise IndexError(f"bytes {offset}..{offset + count * dt.itemsize} are outside "
+                             f"the segment's {len(buf)} bytes; resize() it or use a "
+                             "smaller offset")
+        arr = np.frombuffer(buf, dtype=dt, count=count, offset=offset).reshape(shape)
         if self._readonly:
             arr.flags.writeable = False
         return arr
@@ -1108,7 +1121,7 @@ class Segment:
         if not isinstance(size, int) or size < 0:
             raise ValueError(f"size must be a non-negative int, not {size!r}")
         if size > self._max_size:
-            raise ValueError(f"{size} bytes is beyond this segment's max_size "
+            raise SizeLimitError(f"{size} bytes is beyond this segment's max_size "
                              f"{self._max_size}; create it with a larger max_size=")
         with self.lock:
             self._resize_locked(size)

@@ -275,6 +275,20 @@ shm_lock_release(MappingObject *m, uint32_t *word)
 {
     uint32_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
     if (m->token == 0 || (v & SHM_TOKEN_MASK) != m->token) {
+        /* This process took the word and someone else's store replaced it:
+         * the segment is damaged, not the caller's bookkeeping. */
+        uint64_t had = m->token == 0 ? 0 : held_entry(m, word, HELD_HOLDS);
+        for (int i = 0; i < SHM_HELD_MAX && had != 0; i++) {
+            if (__atomic_load_n(&m->held[i], __ATOMIC_RELAXED) == had) {
+                held_free(m, i);
+                PyErr_Format(shm_CorruptError,
+                             "the lock this process held was overwritten (lock word 0x%x, "
+                             "expected this process's token 0x%x): the segment is damaged; "
+                             "check its data (shmkit info) or recreate it",
+                             (unsigned)v, (unsigned)m->token);
+                return -1;
+            }
+        }
         PyErr_SetString(PyExc_RuntimeError,
                         "release of a shmkit lock that this process does not hold");
         return -1;

@@ -315,7 +315,13 @@ sem_release(SemObject *self, long long n)
         int32_t value = (int32_t)__atomic_load_n(u32at(&s, SEM_VALUE), __ATOMIC_RELAXED);
         uint32_t max = __atomic_load_n(u32at(&s, SEM_MAX), __ATOMIC_RELAXED);
         int64_t limit = max == SEM_NO_MAX || max > INT32_MAX ? INT32_MAX : (int64_t)max;
-        if ((int64_t)value + n > limit) {
+        if (value < 0 || (int64_t)value > limit) {
+            /* no release or acquire ever leaves this: the payload is damaged */
+            PyErr_Format(shm_CorruptError, "%s holds value %d beyond its maximum %u: "
+                         "its payload is damaged; recreate it", self->what_s, value, max);
+            r = -1;
+        }
+        else if ((int64_t)value + n > limit) {
             if (max == SEM_NO_MAX || max > INT32_MAX)
                 PyErr_Format(PyExc_ValueError, "%s released beyond 2**31 - 1 units "
                              "(value %d, n %lld)", self->what_s, value, n);

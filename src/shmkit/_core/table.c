@@ -3352,7 +3352,9 @@ table_bind(TableObject *t, PyObject *args, PyObject *kwds)
         return NULL;
     MappingObject *m = (MappingObject *)mapping;
     if (m->base == NULL || poff % 4096 || poff + T_HEADER + T_INDEX_HDR > (uint64_t)m->length) {
-        PyErr_SetString(PyExc_ValueError, "the mapping is too small for a store");
+        PyErr_Format(m->base == NULL || poff % 4096 ? PyExc_ValueError : shm_CorruptError,
+                     "the segment's payload (%lld bytes) is too small for a store: its "
+                     "header is damaged; recreate the store", (long long)m->length);
         return NULL;
     }
     int64_t tns = -1;

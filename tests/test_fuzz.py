@@ -1,0 +1,188 @@
+"""Every kind of shmkit object against a damaged segment, idle and in use (tests/fuzz.py).
+
+The bounded runs are part of ``make test``; the long run is ``-m stress`` with
+``SHMKIT_FUZZ_CASES`` cases per kind and mode (see docs/testing.md).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fuzz  # noqa: E402
+
+# cases per kind in the bounded run: (idle, busy)
+BOUNDED = (500, 200)
+# in use, with a hammer process: every kind but Channel, RWLock and Semaphore
+BUSY = [k for k in fuzz.KINDS if k not in ("channel", "rwlock", "semaphore")]
+CASES = [(k, "idle") for k in fuzz.KINDS] + [(k, "busy") for k in BUSY]
+
+
+def _check(name: str, kind: str, mode: str, seed: int, cases: int, timeout: float,
+           first: int = 0) -> None:
+    t0 = time.monotonic()
+    rc, out, done = fuzz.run_child(kind, mode, name, seed, cases, timeout, first)
+    assert rc >= 0, f"{kind} {mode} seed {seed}: child died by signal {-rc}:\n{out[-5000:]}"
+    assert rc == 0, out[-5000:]
+    assert f"done {kind} {mode}: {cases} cases, 0 with" in out, out[-5000:]
+    assert done > 0
+    print(f"{kind} {mode}: {done} cases (seed {seed}) in {time.monotonic() - t0:.1f} s")
+
+
+@pytest.mark.parametrize("kind,mode", CASES)
+def test_damaged_object_never_crashes_hangs_or_raises_a_stray_error(name, kind, mode):
+    _check(name, kind, mode, 1, BOUNDED[mode == "busy"], timeout=120)
+
+
+# Cases the fuzzer once failed, replayed exactly: (kind, mode, seed, case).
+FOUND = [
+    # a damaged max_size below a later resize() request: ValueError, now SizeLimitError
+    ("segment", "idle", 100, 2961),
+    ("segment", "idle", 100, 25),
+    # a damaged maximum below the stored value: release() raised ValueError, now corrupt
+    ("semaphore", "idle", 1, 449),
+]
+
+
+@pytest.mark.parametrize("kind,mode,seed,case", FOUND)
+def test_fuzz_findings_stay_fixed(name, kind, mode, seed, case):
+    _check(name, kind, mode, seed, 1, timeout=60, first=case)
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("kind,mode", [c for c in CASES if c[0] != "semaphore"])
+def test_damaged_object_fuzz_long(name, kind, mode):
+    cases = int(os.environ.get("SHMKIT_FUZZ_CASES", "5000"))
+    seed = int(os.environ.get("SHMKIT_FUZZ_SEED", "100"))
+    _check(name, kind, mode, seed, cases, timeout=max(600.0, cases * 0.2))
+
+
+def test_a_held_lock_overwritten_by_damage_is_reported_as_corrupt_on_release(name):
+    """Found by the busy-mode fuzzer (store vacuum, segment resize): a lock word
+    overwritten while this process held it made release() raise RuntimeError."""
+    import struct
+
+    import shmkit
+    from shmkit import _core
+    seg = shmkit.Segment.create(name, 4096)
+    m = shmkit.Mutex(None)
+    try:
+        view = memoryview(seg._mapping)
+        off = _core.layouts["segment"]["lock"]
+        assert seg.lock.acquire(timeout=1)
+        struct.pack_into("<I", view, off, 0x12345)  # another process's store
+        with pytest.raises(shmkit.CorruptError, match="overwritten"):
+            seg.lock.release()
+        with pytest.warns(shmkit.OwnerDiedWarning):  # the stranger's token is no process
+            assert seg.lock.acquire(timeout=1)
+        seg.lock.release()
+        with pytest.raises(RuntimeError, match="does not hold"):
+            seg.lock.release()  # a release without acquire is still the caller's error
+        mview = memoryview(m._seg._mapping)
+        assert m.acquire(timeout=1)
+        struct.pack_into("<I", mview, m._base, 0)
+        with pytest.raises(shmkit.CorruptError):
+            m.release()
+        view.release()
+        mview.release()
+    finally:
+        seg.close()
+        seg.unlink()
+        m.close()
+        m.unlink()
+
+
+def test_header_changed_between_check_and_attach_is_not_reread(name, monkeypatch):
+    """Found by the busy-mode fuzzer (mutex, seed 100): another process changing the
+    header's max_slots between the open's check and its slot claim made the open
+    divide by the new, unchecked value (ZeroDivisionError)."""
+    import struct
+
+    import shmkit
+    from shmkit import _core, segment
+    seg = shmkit.Segment.create(name, 4096)
+    real_map = segment._map
+    off = _core.layouts["segment"]["max_slots"]
+
+    def map_then_damage(fd, *args, **kwargs):
+        mapping = real_map(fd, *args, **kwargs)
+        os.pwrite(fd, struct.pack("<I", 0), off)  # what the other process writes
+        return mapping
+
+    monkeypatch.setattr(segment, "_map", map_then_damage)
+    try:
+        other = shmkit.Segment.open(name)
+        assert other._max_slots == seg._max_slots  # the checked value
+        other.close()
+    finally:
+        monkeypatch.undo()
+        seg.close()
+        seg.unlink()
+
+
+def _damage_size(seg, size: int) -> None:
+    import struct
+
+    from shmkit import _core
+    view = memoryview(seg._mapping)
+    struct.pack_into("<Q", view, _core.layouts["segment"]["size"], size)
+    view.release()
+
+
+def test_store_over_a_payload_too_small_is_corrupt(name):
+    """Found by the busy-mode fuzzer (store, seed 100): a store opened while its
+    header's size was damaged raised ValueError from the core."""
+    import shmkit
+    st = shmkit.Store(name, size=64 << 10, create=True)
+    try:
+        _damage_size(st._seg, 16)
+        with pytest.raises(shmkit.CorruptError, match="too small for a store"):
+            shmkit.Store(name, create=False)
+    finally:
+        st.close()
+
+
+def test_records_over_a_shrunken_payload_are_corrupt(names):
+    """Found by the busy-mode fuzzer (struct, array): a size damaged below the
+    record layout after the open made the view raise numpy's ValueError."""
+    import numpy as np
+
+    import shmkit
+    s = shmkit.Struct(names(), np.dtype([("a", "<i8"), ("b", "<f8")]), create=True)
+    a = shmkit.Array(names(), "<f8", (100,), create=True)
+    try:
+        _damage_size(s._seg, 8)
+        _damage_size(a._seg, 8)
+        with pytest.raises(shmkit.CorruptError, match="layout needs 16"):
+            s.record
+        with pytest.raises(shmkit.CorruptError, match="layout needs 800"):
+            a.array
+    finally:
+        s.close()
+        a.close()
+
+
+def test_segment_ndarray_checks_the_size_it_maps(name, monkeypatch):
+    """Found by the busy-mode fuzzer (segment): a size shrunk by another process
+    between ndarray()'s range check and its view raised numpy's ValueError."""
+    import shmkit
+    seg = shmkit.Segment.create(name, 8192)
+    check = shmkit.Segment._check_range
+
+    def check_then_shrink(self, offset, n):
+        r = check(self, offset, n)
+        _damage_size(self, 4096)  # the other process's store
+        return r
+
+    monkeypatch.setattr(shmkit.Segment, "_check_range", check_then_shrink)
+    try:
+        with pytest.raises(IndexError, match="outside the segment's 4096 bytes"):
+            seg.ndarray("u1")
+    finally:
+        monkeypatch.undo()
+        seg.close()
+        seg.unlink()
