@@ -500,16 +500,18 @@ def test_top_runs_until_interrupted(name: str) -> None:
                             env=_env())
     # Interrupt it once it runs (its first snapshot is out), not while it
     # is still starting up: a slow start (a loaded machine, ASan) is not a bug.
-    first: list[str] = []
-    reader = threading.Thread(target=lambda: first.append(proc.stdout.readline()), daemon=True)
+    # One thread reads all of stdout, so no output sits in another reader's buffer.
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
-    reader.join(60)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 60
+    while not any(name in line for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
-    out = "".join(first) + out
-    assert proc.returncode == 0, err
-    assert name in out and "Traceback" not in err
+    err = proc.stderr.read()
+    assert proc.wait(30) == 0, err
+    reader.join(30)
+    assert any(name in line for line in lines) and "Traceback" not in err
 
 
 @pytest.mark.parametrize("command", ["", "ls", "info", "rm", "gc", "top", "demo", "bench"])
