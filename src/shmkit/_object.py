@@ -20,8 +20,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from .errors import ClosedError, MismatchError
-from .segment import _FLAG_ATTACHED, Kind, Segment, SegmentInfo
+from .errors import ClosedError
+from .segment import Kind, Segment, SegmentInfo, mismatch
 
 __all__ = ["SharedObject", "DEFAULT", "mismatch", "attach_segment"]
 
@@ -46,14 +46,6 @@ def given(value: Any) -> bool:
     return value is not DEFAULT
 
 
-def mismatch(what: str, name: str, param: str, asked: Any, found: Any) -> MismatchError:
-    """The error for an explicit parameter the existing object does not have."""
-    return MismatchError(
-        f"{what} {name!r} exists with {param}={found!r}, but {param}={asked!r} was "
-        f"asked; leave {param}= out to adopt what exists, or unlink it (`shmkit rm "
-        f"{name}`) and create it again")
-
-
 def attach_segment(kind: Kind, name: str | None, path: Any, *, size: int | None,
                    create: bool | None, layout: dict | None = None,
                    init: Callable[[Segment], None] | None = None,
@@ -70,12 +62,10 @@ def check_common(what: str, seg: Segment, *, lifetime: Any = DEFAULT,
     """Refuse an explicit ``lifetime`` or ``max_attach`` the existing object lacks."""
     if seg.created:
         return
-    if given(lifetime) and lifetime is not None:
-        have = "attached" if seg._flags & _FLAG_ATTACHED else "persistent"
-        if lifetime != have:
-            raise mismatch(what, seg.name, "lifetime", lifetime, have)
-    if given(max_attach) and max_attach != seg._max_slots:
-        raise mismatch(what, seg.name, "max_attach", max_attach, seg._max_slots)
+    error = seg._disagreement(what, lifetime=lifetime if given(lifetime) else None,
+                              max_attach=max_attach if given(max_attach) else None)
+    if error is not None:
+        raise error
 
 
 class SharedObject:

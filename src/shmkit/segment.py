@@ -286,6 +286,14 @@ class _Header:
             raise CorruptError(f"{where} has a layout description that is not an object")
 
 
+def mismatch(what: str, name: str, param: str, asked: Any, found: Any) -> MismatchError:
+    """The error for an explicit parameter the existing object does not have."""
+    return MismatchError(
+        f"{what} {name!r} exists with {param}={found!r}, but {param}={asked!r} was "
+        f"asked; leave {param}= out to adopt what exists, or unlink it (`shmkit rm "
+        f"{name}`) and create it again")
+
+
 class SegmentInfo(dict):
     """A plain dict describing a segment, as ``shmkit info --json`` prints it."""
 
@@ -385,25 +393,29 @@ class Segment:
         # An explicit parameter is honoured or refused: an existing segment
         # smaller than asked would fail later with IndexError far from the
         # cause, and another lifetime or mode would surprise just as late.
-        have_life = "attached" if self._flags & _FLAG_ATTACHED else "persistent"
-        checks = [
-            ("size", size, self._sync_size(), size is not None and self._sync_size() < size),
-            ("max_size", max_size, self._max_size,
-             max_size is not None and self._max_size < max_size),
-            ("max_attach", max_attach, self._max_slots,
-             max_attach is not None and max_attach != self._max_slots),
-            ("lifetime", lifetime, have_life, lifetime is not None and lifetime != have_life),
-        ]
-        if mode is not None:
-            have_mode = os.fstat(self._fd).st_mode & 0o7777
-            checks.append(("mode", oct(mode), oct(have_mode), mode != have_mode))
-        for param, asked, have, bad in checks:
-            if bad:
-                self.close()
-                raise MismatchError(
-                    f"segment {self._name!r} exists with {param}={have}, but {param}="
-                    f"{asked} was asked; leave {param}= out to adopt what exists, or "
-                    "unlink it and create it again")
+        error = self._disagreement("segment", size=size, mode=mode, lifetime=lifetime,
+                                   max_size=max_size, max_attach=max_attach)
+        if error is not None:
+            self.close()
+            raise error
+
+    def _disagreement(self, what: str, size: int | None = None, mode: int | None = None,
+                      lifetime: str | None = None, max_size: int | None = None,
+                      max_attach: int | None = None) -> MismatchError | None:
+        """The error for the first given parameter this segment lacks (None
+        when all agree); the structures built on segments ask it too."""
+        if size is not None and (have := self._sync_size()) < size:
+            return mismatch(what, self._name, "size", size, have)
+        if max_size is not None and self._max_size < max_size:
+            return mismatch(what, self._name, "max_size", max_size, self._max_size)
+        if max_attach is not None and max_attach != self._max_slots:
+            return mismatch(what, self._name, "max_attach", max_attach, self._max_slots)
+        life = "attached" if self._flags & _FLAG_ATTACHED else "persistent"
+        if lifetime is not None and lifetime != life:
+            return mismatch(what, self._name, "lifetime", lifetime, life)
+        if mode is not None and mode != (have := os.fstat(self._fd).st_mode & 0o7777):
+            return mismatch(what, self._name, "mode", oct(mode), oct(have))
+        return None
 
     # -- construction -----------------------------------------------------
 
