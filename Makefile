@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CORE   := $(wildcard src/shmkit/_core/*.c src/shmkit/_core/*.h)
 SO     := src/shmkit/.core-built
 
-.PHONY: all build demo test stress bench asan wheel wheel-test clean
+.PHONY: all build demo test stress bench bench-compare asan wheel wheel-test clean
 
 all: build
 
@@ -36,6 +36,12 @@ bench: build
 	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; } \
 		|| echo "redis-server could not be installed: the Redis anchors will be skipped"
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+# shmkit's own figures here against another commit, alternating in one sitting:
+# `make bench-compare BASE=HEAD~1` (see benchmarks/README.md).
+BASE ?= HEAD~1
+bench-compare: build
+	$(BIN)/python -m benchmarks.compare $(BASE) $(BENCH_ARGS)
 
 # The tests under AddressSanitizer: run once per change to the C code.
 asan: $(STAMP)
