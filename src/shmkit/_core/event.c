@@ -12,6 +12,7 @@
  */
 #include "shmkit.h"
 #include "wait.h"
+#include "journal.h"
 #include <errno.h>
 #include <limits.h>
 
@@ -122,6 +123,7 @@ py_event_set(PyObject *mod, PyObject *const *a, Py_ssize_t n)
     if (auto_reset < 0)
         return NULL;
     uint32_t old = __atomic_fetch_or(w, 1u, __ATOMIC_SEQ_CST);
+    shm_crash_point("event.set.flagged");
     if ((old >> 1) != 0)
         shm_futex_wake(w, auto_reset ? 1 : INT_MAX);
     Py_RETURN_NONE;

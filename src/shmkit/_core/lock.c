@@ -146,6 +146,7 @@ shm_lock_try(MappingObject *m, uint32_t *word)
     if (i < 0)
         return -1;
     if (cas(word, 0, me)) {
+        shm_crash_point("lock.acquire.taken");
         held_set(m, i, word, HELD_HOLDS);
         return 1;
     }
@@ -164,7 +165,13 @@ shm_lock_acquire(MappingObject *m, uint32_t *word, int64_t deadline)
     int i = held_claim(m, word);
     if (i < 0)
         return -1;
-    int r = cas(word, 0, me) ? 1 : acquire_slow(m, word, deadline, i);
+    int r;
+    if (cas(word, 0, me)) {
+        shm_crash_point("lock.acquire.taken");
+        r = 1;
+    } else {
+        r = acquire_slow(m, word, deadline, i);
+    }
     if (r > 0)
         held_set(m, i, word, HELD_HOLDS);
     else
@@ -177,8 +184,10 @@ static int
 try_cas(MappingObject *m, uint32_t *word, int self, uint32_t v, uint32_t desired)
 {
     held_set(m, self, word, HELD_TRYING);
-    if (cas(word, v, desired))
+    if (cas(word, v, desired)) {
+        shm_crash_point(v == 0 ? "lock.acquire.taken_waiting" : "lock.acquire.taken_over");
         return 1;
+    }
     held_set(m, self, word, HELD_WAITING);
     return 0;
 }
@@ -304,7 +313,9 @@ shm_lock_release(MappingObject *m, uint32_t *word)
                                         0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
             mine = i;
     }
+    shm_crash_point("lock.release.marked");
     v = __atomic_exchange_n(word, 0, __ATOMIC_RELEASE);
+    shm_crash_point("lock.release.cleared");
     if (v & SHM_LOCK_WAITERS)
         shm_futex_wake(word, 1);
     if (mine >= 0)
