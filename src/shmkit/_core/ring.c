@@ -74,14 +74,14 @@
  */
 #include "ring.h"
 #include "journal.h"
+#include "wait.h"
 #include <errno.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 
 #define SPIN_MIN_NS (2 * 1000LL)     /* every wait polls this long */
 #define SPIN_MAX_NS (50 * 1000LL)    /* and adapts its spin up to this */
-#define FIRST_SLICE_NS (5 * 1000 * 1000LL)
-#define SLICE_NS (50 * 1000 * 1000LL) /* longest sleep between checks */
 #define LOCK_GRACE_NS (200 * 1000 * 1000LL)
 
 int
@@ -633,12 +633,8 @@ space_ready(RingObject *r, uint64_t total)
 
 static int ring_repair(RingObject *r, MappingObject *m);
 
-/* Wait until a consumer (space=0) or a producer of a `total`-byte record
- * (space=1) has something to do, or the deadline passes.  Spins (GIL
- * held) for an adaptive moment, then sleeps on the sequence word as a
- * counted sleeper, without the GIL.  After each slice asleep without
- * news it repairs what dead peers left.  Returns 1 ready, 0 timeout, -1
- * with an exception set (Ctrl-C, handle closed meanwhile). */
+/* 1 when senders have come and none is attached any more (a receiver that
+ * asked to stop then stops once the ring is empty). */
 int
 ring_senders_gone(RingObject *r, MappingObject *m)
 {
@@ -652,99 +648,88 @@ ring_senders_gone(RingObject *r, MappingObject *m)
     return 1;
 }
 
+/* ring_wait's condition for wait.h: the sequence word of the side waited
+ * for, its readiness test, our count as a sleeper, and the repair of dead
+ * peers (and, when asked, the end of all senders) after a slice without
+ * news. */
+typedef struct {
+    RingObject *r;
+    MappingObject *m;
+    uint32_t me;
+    int space;
+    uint64_t total;
+    int stop_no_senders;
+    int gone; /* no sender is left: ready, the caller finds the ring empty */
+} ring_waiter;
+
+static int
+rw_ready(void *ctx, uint32_t *sleep_on)
+{
+    ring_waiter *c = ctx;
+    struct ring_hdr *h = c->r->h;
+    /* the word's value before the test: a change after it ends the sleep */
+    *sleep_on = __atomic_load_n(c->space ? &h->space_seq : &h->data_seq, __ATOMIC_SEQ_CST);
+    return c->gone || (c->space ? space_ready(c->r, c->total) : data_ready(c->r));
+}
+
+static void
+rw_arm(void *ctx)
+{
+    ring_waiter *c = ctx;
+    ring_sleeper(c->r, c->me, c->space, +1);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+static void
+rw_disarm(void *ctx)
+{
+    ring_waiter *c = ctx;
+    ring_sleeper(c->r, c->me, c->space, -1);
+}
+
+static int
+rw_check(void *ctx)
+{
+    ring_waiter *c = ctx;
+    if (ring_repair(c->r, c->m) < 0)
+        return -1;
+    /* A sender that died or closed wakes nobody: look after each slice. */
+    if (c->stop_no_senders && ring_senders_gone(c->r, c->m))
+        c->gone = 1;
+    return 0;
+}
+
+/* Wait until a consumer (space=0) or a producer of a `total`-byte record
+ * (space=1) has something to do, or the deadline passes, through wait.h.
+ * Spinning pays when the peer answers within microseconds, and costs when
+ * it needs our CPU to answer at all (more runnable processes than cores),
+ * so the spin adapts: it doubles after a wait that it ended and halves
+ * after one that had to sleep.  Returns 1 ready, 0 timeout, -1 with an
+ * exception set (Ctrl-C, ClosedError when the handle was closed meanwhile). */
 int
 ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t total,
           int64_t deadline, int stop_no_senders)
 {
-#define READY() (space ? space_ready(r, total) : data_ready(r))
     if (deadline != SHM_FOREVER && shm_now_ns() >= deadline)
         return 0;
-    /* Spinning pays when the peer answers within microseconds, and costs
-     * when it needs our CPU to answer at all (more runnable processes than
-     * cores).  So the spin adapts: it doubles after a wait that it ended
-     * and halves after one that had to sleep. */
-    int64_t start = shm_now_ns(), spin = r->spin_ns;
-    do {
-        for (int i = 0; i < 16; i++) {
-            if (READY()) {
-                r->spin_ns = spin * 2 + 1000 > SPIN_MAX_NS ? SPIN_MAX_NS : spin * 2 + 1000;
-                return 1;
-            }
-            cpu_relax();
-        }
-    } while (shm_now_ns() - start < SPIN_MIN_NS);
-    if (shm_now_ns() >= deadline)
-        return 0;
-    /* Keep the GIL while spinning (at most SPIN_MAX_NS): giving it up for
-     * tens of microseconds lets another thread take it, and getting it back
-     * can then cost up to the interpreter's switch interval (5 ms).  A
-     * thread of ours that must run to answer makes the spin fail and so
-     * shrink to nothing. */
-    int ready = 0;
-    if (spin > 0) {
-        int64_t end = start + spin;
-        if (end > deadline)
-            end = deadline;
-        do {
-            for (int i = 0; i < 64 && !ready; i++) {
-                cpu_relax();
-                ready = READY();
-            }
-        } while (!ready && shm_now_ns() < end);
+    ring_waiter c = {r, m, me, space, total, stop_no_senders, 0};
+    char what[96] = "the channel";
+    if (r->name != NULL && PyUnicode_Check(r->name)) {
+        const char *name = PyUnicode_AsUTF8(r->name);
+        if (name != NULL)
+            snprintf(what, sizeof what, "channel '%s'", name);
+        else
+            PyErr_Clear(); /* the generic words will do */
     }
-    if (ready) {
-        r->spin_ns = spin * 2 + 1000 > SPIN_MAX_NS ? SPIN_MAX_NS : spin * 2 + 1000;
-        return 1;
-    }
-    if (stop_no_senders && ring_senders_gone(r, m))
-        return 1; /* the caller finds the ring empty and stops */
-    struct ring_hdr *h = r->h;
-    uint32_t *seq = space ? &h->space_seq : &h->data_seq;
-    int result = 0;
-    int64_t slice = FIRST_SLICE_NS;
-    ring_sleeper(r, me, space, +1);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    for (;;) {
-        uint32_t s = __atomic_load_n(seq, __ATOMIC_SEQ_CST);
-        if (READY()) {
-            result = 1;
-            break;
-        }
-        if (shm_now_ns() >= deadline)
-            break;
-        int err;
-        Py_BEGIN_ALLOW_THREADS
-        err = shm_futex_wait(seq, s, deadline, slice);
-        Py_END_ALLOW_THREADS
-        if (err != 0 && PyErr_CheckSignals() < 0) {
-            result = -1;
-            break;
-        }
-        if (m->token != me || m->closing) {
-            PyErr_Format(PyExc_ValueError, "channel %R was closed in this process "
-                         "while a call waited on it", r->name);
-            result = -1;
-            break;
-        }
-        if (err == ETIMEDOUT) {
-            slice = SLICE_NS;
-            if (ring_repair(r, m) < 0) {
-                result = -1;
-                break;
-            }
-            /* A sender that died or closed wakes nobody: look after each
-             * slice without news. */
-            if (stop_no_senders && ring_senders_gone(r, m)) {
-                result = 1;
-                break;
-            }
-        }
-    }
-    ring_sleeper(r, me, space, -1);
+    int64_t spin = r->spin_ns < SPIN_MIN_NS ? SPIN_MIN_NS : r->spin_ns;
+    shm_wait w = {.m = m, .word = space ? &r->h->space_seq : &r->h->data_seq, .ctx = &c,
+                  .ready = rw_ready, .arm = rw_arm, .disarm = rw_disarm, .check = rw_check,
+                  .spin_ns = spin, .what = what};
+    int result = shm_wait_until(&w, deadline);
     if (result == 1)
-        r->spin_ns = spin / 2;
+        r->spin_ns = w.slept ? r->spin_ns / 2
+                             : (spin * 2 + 1000 > SPIN_MAX_NS ? SPIN_MAX_NS : spin * 2 + 1000);
     return result;
-#undef READY
 }
 
 /* Clear up after dead peers: a record at read reserved by a dead producer
