@@ -1,11 +1,17 @@
-/* heap.c - movable blocks in a shared segment, addressed by handles.
+/* heap.c - movable blocks in a shared segment, addressed by handles: the
+ * protocol.
  *
  * This file holds the heap's metadata operations: allocation, free, realloc,
  * pins, compaction moves, crash repair and the consistency check.  They are
  * in C because they must be atomic with respect to Python: a Ctrl-C landing
  * between two stores of a Python-level update would leave the metadata half
  * changed under a lock that is then released normally.  Policy (when to
- * compact, error wording, numpy views) stays in heap.py.
+ * compact, error wording, numpy views) stays in heap.py.  This file holds no
+ * Python objects and calls no Python API: it works on an HCore (heap.h) and
+ * records errors with h_fail(); its types, HeapCore and Pin, are in
+ * heaptype.c, which parses arguments, takes the lock (lock.c: the wait
+ * releases the GIL), makes the pins' memoryviews and raises the recorded
+ * errors.
  *
  * The shared layout, its constants and the _Static_asserts pinning every
  * field offset are in heap.h.
@@ -53,37 +59,21 @@
 
 #define COPY_CHUNK (1u << 20)     /* bytes copied between progress records */
 #define NOGIL_BYTES (256u << 10)  /* copies this large run without the GIL */
-#define SCAN_LIMIT 4096           /* headers a compaction step walks at most */
-#define ROOM_SPLIT (-1)           /* alloc/realloc: enough free space, but split up */
-#define ROOM_SHORT (-2)           /* alloc/realloc: not enough free space: grow */
 
-static PyObject *heap_StaleHandle, *heap_Pinned, *heap_Full;
+/* ---- errors and words ------------------------------------------------------- */
 
-/* ---- the heap object ---------------------------------------------------- */
+__thread HError h_error;
 
-typedef struct {
-    PyObject_HEAD
-    PyObject *mapping;
-    PyObject *name;
-    PyObject *mv;       /* memoryview of the whole mapping; pins slice it */
-    long long hoff;     /* payload offset within the mapping */
-    uint64_t plen;      /* payload bytes this process has seen (grows with the heap) */
-    uint64_t table_off, pins_off, data_off, stride;
-    uint64_t units;     /* data area now: re-read at every begin() and under the lock */
-    uint64_t max_units; /* the most the data area may grow to */
-    uint32_t max_blocks, max_pins, max_slots, salt;
-    char what[96];      /* "heap 'name'", for the journal's messages */
-} HeapObject;
-
-/* One operation's view: the payload's address and the object's geometry
- * (validated once, when the object was made; the header's copy is never
- * trusted again). */
-typedef struct {
-    HeapObject *h;
-    char *p;
-    shm_journal jn; /* the undo journal at H_JOURNAL */
-    int locked;
-} Ctx;
+int
+h_fail(int code, const char *fmt, ...)
+{
+    va_list va;
+    va_start(va, fmt);
+    vsnprintf(h_error.msg, sizeof h_error.msg, fmt, va);
+    va_end(va);
+    h_error.code = code;
+    return -1;
+}
 
 static inline uint64_t *
 at64(Ctx *c, uint64_t off)
@@ -91,17 +81,6 @@ at64(Ctx *c, uint64_t off)
     return (uint64_t *)(c->p + off);
 }
 
-static inline uint64_t
-ld(Ctx *c, uint64_t off)
-{
-    return __atomic_load_n(at64(c, off), __ATOMIC_ACQUIRE);
-}
-
-static inline uint64_t
-entry_off(Ctx *c, uint32_t idx)
-{
-    return c->h->table_off + (uint64_t)idx * ENTRY_BYTES;
-}
 
 static inline uint64_t
 blk_off(Ctx *c, uint32_t unit)
@@ -115,30 +94,13 @@ stat_add(Ctx *c, int which, uint64_t n)
     __atomic_fetch_add(at64(c, H_STAT + 8 * which), n, __ATOMIC_RELAXED);
 }
 
-static int
-corrupt(Ctx *c, const char *fmt, ...)
-{
-    va_list va;
-    va_start(va, fmt);
-    PyObject *msg = PyUnicode_FromFormatV(fmt, va);
-    va_end(va);
-    if (msg != NULL) {
-        PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_RuntimeError,
-                     "heap %R is corrupt: %U; copy out what you still need and "
-                     "recreate it (shmkit rm)", c->h->name, msg);
-        Py_DECREF(msg);
-    }
-    return -1;
-}
+/* Damage (the type names the heap and what to do). */
+#define corrupt(c, ...) ((void)(c), h_fail(HE_CORRUPT, __VA_ARGS__))
 
 /* ---- block headers ------------------------------------------------------- */
 
-typedef struct {
-    uint32_t size, prev, handle;
-} Blk;
-
 static uint32_t
-hcheck(HeapObject *h, uint32_t unit, uint32_t size, uint32_t prev, uint32_t handle)
+hcheck(HCore *h, uint32_t unit, uint32_t size, uint32_t prev, uint32_t handle)
 {
     uint64_t x = ((uint64_t)size << 32 | prev) * 0x9E3779B97F4A7C15ull;
     x ^= ((uint64_t)handle << 32 | unit) * 0xC2B2AE3D27D4EB4Full;
@@ -152,7 +114,7 @@ hcheck(HeapObject *h, uint32_t unit, uint32_t size, uint32_t prev, uint32_t hand
 static int
 rd_blk(Ctx *c, uint64_t unit, Blk *b)
 {
-    HeapObject *h = c->h;
+    HCore *h = c->h;
     if (unit >= h->units)
         return corrupt(c, "a block offset (%llu) lies past the data area of %llu units",
                        (unsigned long long)unit, (unsigned long long)h->units);
@@ -427,11 +389,11 @@ static int repair_move(void *ctx, int owner_died);
  * after any repair, so the locked code sees committed units only.  The
  * journal's range is the payload seen here, which covers every word a
  * growth can journal (the segment grows before the heap's units do). */
-static int
+int
 sync_units(Ctx *c)
 {
-    HeapObject *h = c->h;
-    MappingObject *m = (MappingObject *)h->mapping;
+    HCore *h = c->h;
+    MappingObject *m = h->m;
     uint64_t size = __atomic_load_n((uint64_t *)(m->base + 32), __ATOMIC_ACQUIRE);
     uint64_t most = h->data_off + h->max_units * UNIT;
     if (size > most)
@@ -462,110 +424,10 @@ sync_units(Ctx *c)
     return 0;
 }
 
-/* The address of `len` bytes at `off` of the mapping.  (shm_addr checks
- * natural alignment, which suits words, not regions: check 8 bytes there,
- * then the length here.) */
-static char *
-region(PyObject *mapping, long long off, uint64_t len, int writable)
-{
-    char *p = shm_addr(mapping, off, 8, writable);
-    if (p == NULL)
-        return NULL;
-    MappingObject *m = (MappingObject *)mapping;
-    if (len > (uint64_t)m->length || (uint64_t)off > (uint64_t)m->length - len) {
-        PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_ValueError,
-                     "the heap's %llu bytes at offset %lld lie outside the segment's "
-                     "%zd bytes", (unsigned long long)len, off, m->length);
-        return NULL;
-    }
-    return p;
-}
-
-static int
-begin(HeapObject *self, Ctx *c, int writable)
-{
-    c->h = self;
-    c->locked = 0;
-    c->p = region(self->mapping, self->hoff, self->plen, writable);
-    if (c->p == NULL)
-        return -1;
-    /* a damaged size word is reported by lock() (which checks again);
-     * lock-free calls (a pin's release, size_of) keep the bound they had */
-    if (sync_units(c) < 0) {
-        PyErr_Clear();
-        shm_journal_bind(&c->jn, c->p, H_JOURNAL, J_MAX, H_FREEH, self->plen, self->what);
-    }
-    shm_pin(self->mapping);
-    return 0;
-}
-
-/* Release the lock.  Work left in the journal by a failed operation is
- * undone first, so no error path can publish a half-made change. */
-static void
-unlock(Ctx *c)
-{
-    if (!c->locked)
-        return;
-    c->locked = 0;
-    shm_lock_release_journal((MappingObject *)c->h->mapping, (uint32_t *)(c->p + H_LOCK),
-                             &c->jn);
-}
-
-static void
-end(Ctx *c)
-{
-    unlock(c);
-    shm_unpin(c->h->mapping);
-}
-
-static int
-lock(Ctx *c, int64_t deadline)
-{
-    MappingObject *m = (MappingObject *)c->h->mapping;
-    if (m->token == 0) {
-        PyErr_Format(SHM_READONLY_EXC,
-                     "heap %R is open read-only (or closed) here; open it without "
-                     "readonly=True to change it", c->h->name);
-        return -1;
-    }
-    int r = shm_lock_acquire_repair(m, (uint32_t *)(c->p + H_LOCK), deadline, NULL, NULL,
-                                    NULL);
-    if (r < 0)
-        return -1;
-    if (r == 0) {
-        PyErr_Format(shm_TimeoutError ? shm_TimeoutError : PyExc_TimeoutError,
-                     "could not lock heap %R before the timeout; another process holds "
-                     "it (a long compaction?)", c->h->name);
-        return -1;
-    }
-    c->locked = 1;
-    /* a dead holder or a journal in force: the shared journal is rolled
-     * back, then repair_move() rolls an interrupted move forward.  The
-     * segment's size is read again first: a growth that died holding the
-     * lock journaled words that only the grown segment covers. */
-    if (sync_units(c) < 0) {
-        unlock(c);
-        return -1;
-    }
-    if (r == 2 || shm_journal_pending(&c->jn) != 0) {
-        if (shm_journal_rollback(&c->jn) < 0 || repair_move(c, r == 2) < 0 ||
-            sync_units(c) < 0) {
-            unlock(c);
-            return -1;
-        }
-    }
-    /* a move whose publication failed (not a crash) is finished here */
-    if (ld(c, H_MOVE + M_ACTIVE) != 0 && repair_move(c, 0) < 0) {
-        unlock(c);
-        return -1;
-    }
-    return 0;
-}
-
 /* ---- handles ------------------------------------------------------------- */
 
 static uint32_t
-initial_gen(HeapObject *h, uint32_t idx)
+initial_gen(HCore *h, uint32_t idx)
 {
     uint64_t x = ((uint64_t)h->salt << 32 | idx) * 0x9E3779B97F4A7C15ull;
     x ^= x >> 32;
@@ -573,27 +435,17 @@ initial_gen(HeapObject *h, uint32_t idx)
     return g ? g : 1;
 }
 
-static int
-parse_handle(PyObject *o, uint32_t *idx, uint32_t *gen)
-{
-    unsigned long long v = PyLong_AsUnsignedLongLong(o);
-    if (v == (unsigned long long)-1 && PyErr_Occurred())
-        return -1;
-    *idx = (uint32_t)v;
-    *gen = (uint32_t)(v >> 32);
-    return 0;
-}
 
+/* The type adds " in heap <name>". */
 static int
 stale(Ctx *c, uint32_t idx, uint32_t gen, const char *why)
 {
-    PyErr_Format(heap_StaleHandle ? heap_StaleHandle : PyExc_ValueError,
-                 "Handle(index=%u, generation=%u) %s in heap %R", idx, gen, why, c->h->name);
-    return -1;
+    (void)c;
+    return h_fail(HE_STALE, "Handle(index=%u, generation=%u) %s", idx, gen, why);
 }
 
 /* Check that (idx, gen) names a live block; returns its state word in *st. */
-static int
+int
 check_handle(Ctx *c, uint32_t idx, uint32_t gen, uint64_t *st)
 {
     if (idx >= c->h->max_blocks)
@@ -620,7 +472,7 @@ pin_table(Ctx *c, uint32_t slot)
 static uint32_t
 slots_in_use(Ctx *c)
 {
-    MappingObject *m = (MappingObject *)c->h->mapping;
+    MappingObject *m = c->h->m;
     uint32_t hwm = __atomic_load_n((uint32_t *)(m->base + 68), __ATOMIC_ACQUIRE);
     return hwm < c->h->max_slots ? hwm : c->h->max_slots;
 }
@@ -652,7 +504,7 @@ next_pinning_slot(Ctx *c, uint32_t s, uint32_t nslots)
 static int64_t
 scan_pins(Ctx *c, uint32_t idx)
 {
-    MappingObject *m = (MappingObject *)c->h->mapping;
+    MappingObject *m = c->h->m;
     int64_t live = 0;
     uint32_t nslots = slots_in_use(c);
     for (uint32_t s = next_pinning_slot(c, 0, nslots); s < nslots;
@@ -698,11 +550,10 @@ claim(Ctx *c, uint32_t idx, uint64_t st, int64_t *pins)
 static int
 pinned_error(Ctx *c, uint32_t idx, uint32_t gen, int64_t pins, const char *what)
 {
-    PyErr_Format(heap_Pinned ? heap_Pinned : PyExc_RuntimeError,
-                 "cannot %s Handle(index=%u, generation=%u) of heap %R: it is pinned "
-                 "(%lld pin%s held); leave the `with heap.pin(...)` blocks first",
-                 what, idx, gen, c->h->name, (long long)pins, pins == 1 ? "" : "s");
-    return -1;
+    return h_fail(HE_PINNED,
+                  "cannot %s Handle(index=%u, generation=%u) of %s: it is pinned "
+                  "(%lld pin%s held); leave the `with heap.pin(...)` blocks first",
+                  what, idx, gen, c->h->what, (long long)pins, pins == 1 ? "" : "s");
 }
 
 /* ---- repair -------------------------------------------------------------- */
@@ -725,7 +576,7 @@ repair_move(void *ctx, int owner_died)
     uint64_t active = ld(c, H_MOVE + M_ACTIVE);
     if (active == 0)
         return 0;
-    HeapObject *h = c->h;
+    HCore *h = c->h;
     uint64_t idx = ld(c, H_MOVE + M_IDX), src = ld(c, H_MOVE + M_SRC);
     uint64_t dst = ld(c, H_MOVE + M_DST), size = ld(c, H_MOVE + M_SIZE);
     uint64_t gap = ld(c, H_MOVE + M_GAP), done = ld(c, H_MOVE + M_DONE);
@@ -751,8 +602,8 @@ copy_forward(Ctx *c, uint64_t src, uint64_t dst, uint64_t total, uint64_t gap,
     char *to = c->p + c->h->data_off + dst * UNIT;
     uint64_t chunk = gap < COPY_CHUNK ? gap : COPY_CHUNK;
     uint64_t *progress = at64(c, H_MOVE + M_DONE);
-    int nogil = total - done >= NOGIL_BYTES;
-    PyThreadState *ts = nogil ? PyEval_SaveThread() : NULL;
+    int nogil = total - done >= NOGIL_BYTES && c->h->nogil != NULL;
+    void *ts = nogil ? c->h->nogil() : NULL;
     while (done < total) {
         uint64_t n = total - done < chunk ? total - done : chunk;
         memcpy(to + done, from + done, n);
@@ -760,8 +611,8 @@ copy_forward(Ctx *c, uint64_t src, uint64_t dst, uint64_t total, uint64_t gap,
         __atomic_store_n(progress, done, __ATOMIC_RELEASE);
         shm_crash_point("heap.move.copied");
     }
-    if (ts)
-        PyEval_RestoreThread(ts);
+    if (nogil)
+        c->h->gil(ts);
 }
 
 /* Phase 3 of a move: the block now lives at dst; publish that, and turn the
@@ -846,461 +697,334 @@ move(Ctx *c, uint32_t dst, Blk *fb, uint32_t src, Blk *bb)
     return publish_move(c) < 0 ? -1 : 1;
 }
 
-/* ---- Python methods -------------------------------------------------------- */
 
-static int64_t
-get_deadline(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t i)
+/* ---- after the lock is taken ------------------------------------------------ */
+
+/* With the lock just taken (owner_died: from a dead holder): a dead holder
+ * or a journal in force has the shared journal rolled back, then
+ * repair_move() rolls an interrupted move forward.  The segment's size is
+ * read again first: a growth that died holding the lock journaled words
+ * that only the grown segment covers.  0, or -1 (the caller unlocks). */
+int
+locked_repair(Ctx *c, int owner_died)
 {
-    return shm_deadline(nargs > i ? args[i] : NULL);
+    if (sync_units(c) < 0)
+        return -1;
+    if (owner_died || shm_journal_pending(&c->jn) != 0) {
+        if (shm_journal_rollback(&c->jn) < 0 || repair_move(c, owner_died) < 0 ||
+            sync_units(c) < 0)
+            return -1;
+    }
+    /* a move whose publication failed (not a crash) is finished here */
+    if (ld(c, H_MOVE + M_ACTIVE) != 0 && repair_move(c, 0) < 0)
+        return -1;
+    return 0;
 }
 
-static int
-want_units(Ctx *c, unsigned long long n, uint32_t *units)
+/* ---- the operations (lock held) ----------------------------------------------- */
+
+int
+want_units(HCore *h, unsigned long long n, uint32_t *units)
 {
     unsigned long long u = (n + UNIT - 1) / UNIT + 1;
-    if (n > (unsigned long long)MAX_UNITS * UNIT || u > c->h->max_units) {
-        PyErr_Format(heap_Full ? heap_Full : PyExc_MemoryError,
-                     "%llu bytes is more than heap %R can ever hold (its max_size is %llu "
-                     "bytes of data area); create it with a larger max_size=", n,
-                     c->h->name, (unsigned long long)c->h->max_units * UNIT);
-        return -1;
-    }
+    if (n > (unsigned long long)MAX_UNITS * UNIT || u > h->max_units)
+        return h_fail(HE_FULL,
+                      "%llu bytes is more than %s can ever hold (its max_size is %llu "
+                      "bytes of data area); create it with a larger max_size=", n,
+                      h->what, (unsigned long long)h->max_units * UNIT);
     *units = u < MIN_UNITS ? MIN_UNITS : (uint32_t)u;
     return 0;
 }
 
+/* A long copy or clear lets other threads run (the type's nogil hook). */
 static void
-zero_bytes(char *p, uint64_t n)
+copy_bytes(Ctx *c, char *to, const char *from, uint64_t n)
 {
-    if (n >= NOGIL_BYTES) {
-        Py_BEGIN_ALLOW_THREADS
-        memset(p, 0, n);
-        Py_END_ALLOW_THREADS
+    if (n >= NOGIL_BYTES && c->h->nogil != NULL) {
+        void *ts = c->h->nogil();
+        from ? memcpy(to, from, n) : memset(to, 0, n);
+        c->h->gil(ts);
     } else {
-        memset(p, 0, n);
+        from ? memcpy(to, from, n) : memset(to, 0, n);
     }
 }
 
-/* alloc(nbytes, zero, timeout) -> handle int, or ROOM_SPLIT when the free
- * space is enough but split up (the caller compacts), ROOM_SHORT when it is
- * not enough (the caller grows the heap). */
-static PyObject *
-heap_alloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+static void
+zero_bytes(Ctx *c, char *p, uint64_t n)
 {
-    if (nargs < 2) {
-        PyErr_SetString(PyExc_TypeError, "alloc(nbytes, zero, timeout=None)");
-        return NULL;
-    }
-    unsigned long long n = PyLong_AsUnsignedLongLong(args[0]);
-    if (n == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    int zero = PyObject_IsTrue(args[1]);
-    int64_t deadline = get_deadline(args, nargs, 2);
-    if (zero < 0 || deadline < 0)
-        return NULL;
-    Ctx c;
-    if (begin(self, &c, 1) < 0)
-        return NULL;
-    PyObject *result = NULL;
-    uint32_t want, idx, gen, unit;
+    copy_bytes(c, p, NULL, n);
+}
+
+/* Allocate n bytes (want units): 0 with the handle (gen << 32 | idx) in
+ * *handle, HR_SPLIT when the free space is enough but split up (the caller
+ * compacts), HR_SHORT when it is not enough (the caller grows the heap), or
+ * -1. */
+int
+h_alloc(Ctx *c, uint64_t n, int zero, uint32_t want, uint64_t *handle)
+{
+    HCore *self = c->h;
+    uint32_t idx, gen, unit;
     Blk b;
-    if (want_units(&c, n, &want) < 0 || lock(&c, deadline) < 0)
-        goto out;
-    if (ld(&c, H_FREE_U) < want) {
-        result = PyLong_FromLong(ROOM_SHORT);
-        goto out;
-    }
-    uint64_t fh = ld(&c, H_FREEH), fresh = ld(&c, H_FRESH);
-    if (fresh > self->max_blocks || fh > fresh) {
-        corrupt(&c, "its handle table counters are out of range");
-        goto out;
-    }
-    int r = find_free(&c, want, &unit, &b);
+    if (ld(c, H_FREE_U) < want)
+        return HR_SHORT;
+    uint64_t fh = ld(c, H_FREEH), fresh = ld(c, H_FRESH);
+    if (fresh > self->max_blocks || fh > fresh)
+        return corrupt(c, "its handle table counters are out of range");
+    int r = find_free(c, want, &unit, &b);
     if (r < 0)
-        goto out;
-    if (r == 0) {
-        result = PyLong_FromLong(ROOM_SPLIT);
-        goto out;
-    }
+        return -1;
+    if (r == 0)
+        return HR_SPLIT;
     if (fh) {
         idx = (uint32_t)fh - 1;
-        uint64_t st = ld(&c, entry_off(&c, idx) + E_STATE);
-        uint64_t next = ld(&c, entry_off(&c, idx) + E_LINK);
-        if ((st & F_LIVE) || next > fresh) {
-            corrupt(&c, "its list of free handles is damaged at entry %u", idx);
-            goto out;
-        }
+        uint64_t st = ld(c, entry_off(c, idx) + E_STATE);
+        uint64_t next = ld(c, entry_off(c, idx) + E_LINK);
+        if ((st & F_LIVE) || next > fresh)
+            return corrupt(c, "its list of free handles is damaged at entry %u", idx);
         gen = (uint32_t)(st >> 32);
-        shm_jset64(&c.jn, H_FREEH, next, 0);
+        shm_jset64(&c->jn, H_FREEH, next, 0);
     } else if (fresh < self->max_blocks) {
         idx = (uint32_t)fresh;
         gen = initial_gen(self, idx);
-        shm_jset64(&c.jn, H_FRESH, fresh + 1, 0);
+        shm_jset64(&c->jn, H_FRESH, fresh + 1, 0);
     } else {
-        PyErr_Format(heap_Full ? heap_Full : PyExc_MemoryError,
-                     "all %u handles of heap %R are in use; free some blocks or create "
-                     "the heap with a larger max_blocks=", self->max_blocks, self->name);
-        goto out;
+        return h_fail(HE_FULL,
+                      "all %u handles of %s are in use; free some blocks or create "
+                      "the heap with a larger max_blocks=", self->max_blocks, self->what);
     }
-    int64_t got = take_block(&c, unit, &b, want, idx);
+    int64_t got = take_block(c, unit, &b, want, idx);
     if (got < 0) {
-        shm_journal_rollback(&c.jn);
-        goto out;
+        shm_journal_rollback(&c->jn);
+        return -1;
     }
-    uint64_t e = entry_off(&c, idx);
-    shm_jset64(&c.jn, e + E_UNIT, unit, 0);
-    shm_jset64(&c.jn, e + E_NBYTES, n, 0);
-    shm_jset64(&c.jn, e + E_LINK, ((MappingObject *)self->mapping)->token, 0);
-    shm_jset64(&c.jn, e + E_STATE, (uint64_t)gen << 32 | F_LIVE, 0);
-    shm_jadd64(&c.jn, H_USED_U, got);
-    shm_jadd64(&c.jn, H_USED_B, 1);
+    uint64_t e = entry_off(c, idx);
+    shm_jset64(&c->jn, e + E_UNIT, unit, 0);
+    shm_jset64(&c->jn, e + E_NBYTES, n, 0);
+    shm_jset64(&c->jn, e + E_LINK, self->m->token, 0);
+    shm_jset64(&c->jn, e + E_STATE, (uint64_t)gen << 32 | F_LIVE, 0);
+    shm_jadd64(&c->jn, H_USED_U, got);
+    shm_jadd64(&c->jn, H_USED_B, 1);
     if (zero)
-        zero_bytes(c.p + blk_off(&c, unit) + UNIT, n);
-    if (shm_journal_commit(&c.jn) < 0)
-        goto out;
-    stat_add(&c, ST_ALLOCS, 1);
-    result = PyLong_FromUnsignedLongLong((unsigned long long)gen << 32 | idx);
-out:
-    end(&c);
-    return result;
+        zero_bytes(c, c->p + blk_off(c, unit) + UNIT, n);
+    if (shm_journal_commit(&c->jn) < 0)
+        return -1;
+    stat_add(c, ST_ALLOCS, 1);
+    *handle = (uint64_t)gen << 32 | idx;
+    return 0;
 }
 
-/* grow(data_bytes, timeout=None) -> data bytes now.  Extends the data area
- * to data_bytes (a multiple of 16, at most max_size), which the caller's
- * segment must already cover: the new units become a free block at the end,
- * merged with a free last block.  One journaled commit under the lock;
- * a no-op when the heap is already that large (another process grew it). */
-static PyObject *
-heap_grow(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* Extend the data area to n bytes (a multiple of 16, at most max_size),
+ * which the segment must already cover: the new units become a free block
+ * at the end, merged with a free last block.  One journaled commit; a
+ * no-op when the heap is already that large (another process grew it). */
+int
+h_grow(Ctx *c, uint64_t n)
 {
-    if (nargs < 1) {
-        PyErr_SetString(PyExc_TypeError, "grow(data_bytes, timeout=None)");
-        return NULL;
-    }
-    unsigned long long n = PyLong_AsUnsignedLongLong(args[0]);
-    if (n == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    int64_t deadline = get_deadline(args, nargs, 1);
-    if (deadline < 0)
-        return NULL;
-    Ctx c;
-    if (begin(self, &c, 1) < 0)
-        return NULL;
-    PyObject *result = NULL;
+    HCore *self = c->h;
     uint64_t want = n / UNIT;
-    if (want > self->max_units) {
-        PyErr_Format(PyExc_ValueError, "heap %R cannot grow to %llu bytes: its max_size is "
-                     "%llu", self->name, n, (unsigned long long)self->max_units * UNIT);
-        goto out;
-    }
-    if (lock(&c, deadline) < 0)
-        goto out;
     uint64_t old = self->units;
     if (want <= old)
-        goto done;
-    if (self->data_off + want * UNIT > self->plen) {
-        PyErr_Format(PyExc_RuntimeError, "heap %R: its segment holds %llu bytes, too few "
-                     "for %llu bytes of data area; extend the segment first", self->name,
-                     (unsigned long long)self->plen, n);
-        goto out;
-    }
+        return 0;
+    if (self->data_off + want * UNIT > self->plen)
+        return h_fail(HE_RUNTIME, "%s: its segment holds %llu bytes, too few "
+                      "for %llu bytes of data area; extend the segment first", self->what,
+                      (unsigned long long)self->plen, (unsigned long long)n);
     /* the last block, walking from the compaction cursor (a block
      * boundary, usually near the end; bounded: every block is >= 2 units) */
-    uint64_t u = ld(&c, H_CURSOR);
+    uint64_t u = ld(c, H_CURSOR);
     if (u >= old)
         u = 0;
     Blk b = {0, 0, 0};
     while (u < old) {
-        if (rd_blk(&c, u, &b) < 0)
-            goto out;
+        if (rd_blk(c, u, &b) < 0)
+            return -1;
         u += b.size;
     }
-    if (u != old || b.size == 0) {
-        corrupt(&c, "its blocks do not end where its data area does");
-        goto out;
-    }
+    if (u != old || b.size == 0)
+        return corrupt(c, "its blocks do not end where its data area does");
     shm_crash_point("heap.grow.found");
-    shm_jset64(&c.jn, H_UNITS, want, 0);
+    shm_jset64(&c->jn, H_UNITS, want, 0);
     self->units = want; /* release_block() bounds its checks by it */
     shm_crash_point("heap.grow.units");
-    if (release_block(&c, (uint32_t)old, (uint32_t)(want - old), b.size) < 0) {
-        shm_journal_rollback(&c.jn);
+    if (release_block(c, (uint32_t)old, (uint32_t)(want - old), b.size) < 0) {
+        shm_journal_rollback(&c->jn);
         self->units = old;
-        goto out;
+        return -1;
     }
     shm_crash_point("heap.grow.released");
-    if (shm_journal_commit(&c.jn) < 0) {
+    if (shm_journal_commit(&c->jn) < 0) {
         self->units = old;
-        goto out;
+        return -1;
     }
-done:
-    result = PyLong_FromUnsignedLongLong(self->units * UNIT);
-out:
-    end(&c);
-    return result;
+    return 0;
 }
 
-/* capacity() -> (data bytes now, max data bytes, data area offset); lock-free. */
-static PyObject *
-heap_capacity(HeapObject *self, PyObject *Py_UNUSED(ignored))
+int
+h_free(Ctx *c, uint32_t idx, uint32_t gen)
 {
-    Ctx c;
-    if (begin(self, &c, 0) < 0)
-        return NULL;
-    PyObject *r = Py_BuildValue("KKK", (unsigned long long)(self->units * UNIT),
-                                (unsigned long long)(self->max_units * UNIT),
-                                (unsigned long long)self->data_off);
-    end(&c);
-    return r;
-}
-
-/* free(handle, timeout=None) */
-static PyObject *
-heap_free(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    uint32_t idx, gen;
-    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
-        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "free(handle, timeout=None)") : NULL;
-    int64_t deadline = get_deadline(args, nargs, 1);
-    if (deadline < 0)
-        return NULL;
-    Ctx c;
-    if (begin(self, &c, 1) < 0)
-        return NULL;
-    PyObject *result = NULL;
     uint64_t st;
     int64_t pins;
-    if (lock(&c, deadline) < 0 || check_handle(&c, idx, gen, &st) < 0)
-        goto out;
-    int r = claim(&c, idx, st, &pins);
-    if (r != 0) {
-        if (r > 0)
-            pinned_error(&c, idx, gen, pins, "free");
-        goto out;
-    }
-    uint64_t e = entry_off(&c, idx);
-    uint64_t unit = ld(&c, e + E_UNIT);
+    if (check_handle(c, idx, gen, &st) < 0)
+        return -1;
+    int r = claim(c, idx, st, &pins);
+    if (r != 0)
+        return r > 0 ? pinned_error(c, idx, gen, pins, "free") : -1;
+    uint64_t e = entry_off(c, idx);
+    uint64_t unit = ld(c, e + E_UNIT);
     Blk b;
-    if (rd_blk(&c, unit, &b) < 0)
+    if (rd_blk(c, unit, &b) < 0)
         goto fail;
     if (b.handle != idx + 1) {
-        corrupt(&c, "handle entry %u points at a block that is not its own", idx);
+        corrupt(c, "handle entry %u points at a block that is not its own", idx);
         goto fail;
     }
     uint32_t ngen = gen + 1 ? gen + 1 : 1;
-    shm_jset64(&c.jn, e + E_STATE, (uint64_t)ngen << 32, 0);
-    shm_jset64(&c.jn, e + E_LINK, ld(&c, H_FREEH), 0);
-    shm_jset64(&c.jn, H_FREEH, idx + 1, 0);
-    if (release_block(&c, (uint32_t)unit, b.size, b.prev) < 0)
+    shm_jset64(&c->jn, e + E_STATE, (uint64_t)ngen << 32, 0);
+    shm_jset64(&c->jn, e + E_LINK, ld(c, H_FREEH), 0);
+    shm_jset64(&c->jn, H_FREEH, idx + 1, 0);
+    if (release_block(c, (uint32_t)unit, b.size, b.prev) < 0)
         goto fail;
-    shm_jadd64(&c.jn, H_USED_U, -(int64_t)b.size);
-    shm_jadd64(&c.jn, H_USED_B, -1);
-    if (shm_journal_commit(&c.jn) < 0)
-        goto out;
-    stat_add(&c, ST_FREES, 1);
-    result = Py_NewRef(Py_None);
-    goto out;
+    shm_jadd64(&c->jn, H_USED_U, -(int64_t)b.size);
+    shm_jadd64(&c->jn, H_USED_B, -1);
+    if (shm_journal_commit(&c->jn) < 0)
+        return -1;
+    stat_add(c, ST_FREES, 1);
+    return 0;
 fail:
-    shm_journal_rollback(&c.jn);
-out:
-    end(&c);
-    return result;
+    shm_journal_rollback(&c->jn);
+    return -1;
 }
 
-/* realloc(handle, nbytes, zero, timeout=None) -> 0 done, or ROOM_SPLIT /
- * ROOM_SHORT as alloc() (nothing changed; the caller compacts or grows). */
-static PyObject *
-heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* Resize the block to n bytes (want units): 0 done, or HR_SPLIT / HR_SHORT
+ * as h_alloc (nothing changed; the caller compacts or grows), or -1. */
+int
+h_realloc(Ctx *c, uint32_t idx, uint32_t gen, uint64_t n, int zero, uint32_t want)
 {
-    uint32_t idx, gen;
-    if (nargs < 3) {
-        PyErr_SetString(PyExc_TypeError, "realloc(handle, nbytes, zero, timeout=None)");
-        return NULL;
-    }
-    if (parse_handle(args[0], &idx, &gen) < 0)
-        return NULL;
-    unsigned long long n = PyLong_AsUnsignedLongLong(args[1]);
-    if (n == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    int zero = PyObject_IsTrue(args[2]);
-    int64_t deadline = get_deadline(args, nargs, 3);
-    if (zero < 0 || deadline < 0)
-        return NULL;
-    Ctx c;
-    if (begin(self, &c, 1) < 0)
-        return NULL;
-    PyObject *result = NULL;
+    HCore *self = c->h;
     uint64_t st;
     int64_t pins;
-    uint32_t want;
-    if (want_units(&c, n, &want) < 0 || lock(&c, deadline) < 0 ||
-        check_handle(&c, idx, gen, &st) < 0)
-        goto out;
-    int r = claim(&c, idx, st, &pins);
-    if (r != 0) {
-        if (r > 0)
-            pinned_error(&c, idx, gen, pins, "resize");
-        goto out;
-    }
-    uint64_t e = entry_off(&c, idx);
-    uint64_t unit64 = ld(&c, e + E_UNIT), old_n = ld(&c, e + E_NBYTES);
+    if (check_handle(c, idx, gen, &st) < 0)
+        return -1;
+    int r = claim(c, idx, st, &pins);
+    if (r != 0)
+        return r > 0 ? pinned_error(c, idx, gen, pins, "resize") : -1;
+    uint64_t e = entry_off(c, idx);
+    uint64_t unit64 = ld(c, e + E_UNIT), old_n = ld(c, e + E_NBYTES);
     Blk b;
-    if (rd_blk(&c, unit64, &b) < 0)
+    if (rd_blk(c, unit64, &b) < 0)
         goto fail;
     uint32_t unit = (uint32_t)unit64;
     if (b.handle != idx + 1 || old_n > ((uint64_t)b.size - 1) * UNIT) {
-        corrupt(&c, "handle entry %u and its block disagree", idx);
+        corrupt(c, "handle entry %u and its block disagree", idx);
         goto fail;
     }
     uint32_t place = unit;
     if (want <= b.size) {
         if (b.size - want >= MIN_UNITS) {
             uint64_t next = (uint64_t)unit + b.size;
-            wr_blk(&c, unit, want, b.prev, idx + 1);
-            if (next < self->units && set_prev(&c, (uint32_t)next, b.size - want) < 0)
+            wr_blk(c, unit, want, b.prev, idx + 1);
+            if (next < self->units && set_prev(c, (uint32_t)next, b.size - want) < 0)
                 goto fail;
-            if (release_block(&c, unit + want, b.size - want, want) < 0)
+            if (release_block(c, unit + want, b.size - want, want) < 0)
                 goto fail;
-            shm_jadd64(&c.jn, H_USED_U, -(int64_t)(b.size - want));
+            shm_jadd64(&c->jn, H_USED_U, -(int64_t)(b.size - want));
         }
     } else {
         uint64_t next = (uint64_t)unit + b.size;
         Blk nb = {0, 0, 1};
-        if (next < self->units && rd_blk(&c, next, &nb) < 0)
+        if (next < self->units && rd_blk(c, next, &nb) < 0)
             goto fail;
         if (next < self->units && nb.handle == 0 && (uint64_t)b.size + nb.size >= want) {
             /* grow in place into the free block that follows */
             uint32_t total = b.size + nb.size;
-            if (list_unlink(&c, (uint32_t)next, nb.size) < 0)
+            if (list_unlink(c, (uint32_t)next, nb.size) < 0)
                 goto fail;
             /* zero=True clears over the free block's header and links */
-            shm_jkeep64(&c.jn, blk_off(&c, (uint32_t)next));
-            shm_jkeep64(&c.jn, blk_off(&c, (uint32_t)next) + 8);
-            shm_jkeep64(&c.jn, links_off(&c, (uint32_t)next));
+            shm_jkeep64(&c->jn, blk_off(c, (uint32_t)next));
+            shm_jkeep64(&c->jn, blk_off(c, (uint32_t)next) + 8);
+            shm_jkeep64(&c->jn, links_off(c, (uint32_t)next));
             uint32_t keep = total - want >= MIN_UNITS ? want : total;
-            wr_blk(&c, unit, keep, b.prev, idx + 1);
+            wr_blk(c, unit, keep, b.prev, idx + 1);
             if (keep < total) {
-                wr_blk(&c, unit + keep, total - keep, keep, 0);
-                if (list_push(&c, unit + keep, total - keep) < 0)
+                wr_blk(c, unit + keep, total - keep, keep, 0);
+                if (list_push(c, unit + keep, total - keep) < 0)
                     goto fail;
             } else {
-                shm_jadd64(&c.jn, H_FREE_B, -1);
+                shm_jadd64(&c->jn, H_FREE_B, -1);
             }
             uint64_t after = (uint64_t)unit + total;
             uint32_t before_after = keep < total ? total - keep : keep;
-            if (after < self->units && set_prev(&c, (uint32_t)after, before_after) < 0)
+            if (after < self->units && set_prev(c, (uint32_t)after, before_after) < 0)
                 goto fail;
-            fix_cursor(&c, unit, keep);
-            shm_jadd64(&c.jn, H_FREE_U, -(int64_t)(keep - b.size));
-            shm_jadd64(&c.jn, H_USED_U, keep - b.size);
+            fix_cursor(c, unit, keep);
+            shm_jadd64(&c->jn, H_FREE_U, -(int64_t)(keep - b.size));
+            shm_jadd64(&c->jn, H_USED_U, keep - b.size);
         } else {
             /* copy to a new place, then free the old one */
             uint32_t nu;
             Blk fb;
-            int found = ld(&c, H_FREE_U) < want ? 0 : find_free(&c, want, &nu, &fb);
+            int found = ld(c, H_FREE_U) < want ? 0 : find_free(c, want, &nu, &fb);
             if (found < 0)
                 goto fail;
             if (found == 0) {
-                shm_journal_rollback(&c.jn);
-                result = PyLong_FromLong(ld(&c, H_FREE_U) < want ? ROOM_SHORT : ROOM_SPLIT);
-                goto out;
+                shm_journal_rollback(&c->jn);
+                return ld(c, H_FREE_U) < want ? HR_SHORT : HR_SPLIT;
             }
-            int64_t got = take_block(&c, nu, &fb, want, idx);
+            int64_t got = take_block(c, nu, &fb, want, idx);
             if (got < 0)
                 goto fail;
-            shm_jadd64(&c.jn, H_USED_U, got);
-            char *to = c.p + blk_off(&c, nu) + UNIT, *from = c.p + blk_off(&c, unit) + UNIT;
-            if (old_n >= NOGIL_BYTES) {
-                Py_BEGIN_ALLOW_THREADS
-                memcpy(to, from, old_n);
-                Py_END_ALLOW_THREADS
-            } else {
-                memcpy(to, from, old_n);
-            }
+            shm_jadd64(&c->jn, H_USED_U, got);
+            char *to = c->p + blk_off(c, nu) + UNIT, *from = c->p + blk_off(c, unit) + UNIT;
+            copy_bytes(c, to, from, old_n);
             shm_crash_point("heap.realloc.copied");
             /* take_block changed the old block's prev size if the new
              * block lies just before it: re-read its header */
-            if (rd_blk(&c, unit, &b) < 0)
+            if (rd_blk(c, unit, &b) < 0)
                 goto fail;
-            if (release_block(&c, unit, b.size, b.prev) < 0)
+            if (release_block(c, unit, b.size, b.prev) < 0)
                 goto fail;
-            shm_jadd64(&c.jn, H_USED_U, -(int64_t)b.size);
+            shm_jadd64(&c->jn, H_USED_U, -(int64_t)b.size);
             place = nu;
         }
     }
     if (zero && n > old_n)
-        zero_bytes(c.p + blk_off(&c, place) + UNIT + old_n, n - old_n);
-    shm_jset64(&c.jn, e + E_UNIT, place, 0);
-    shm_jset64(&c.jn, e + E_NBYTES, n, 0);
-    shm_jset64(&c.jn, e + E_STATE, st, 0); /* clears BUSY */
-    if (shm_journal_commit(&c.jn) < 0)
-        goto out;
-    stat_add(&c, ST_REALLOCS, 1);
-    result = PyLong_FromLong(0);
-    goto out;
+        zero_bytes(c, c->p + blk_off(c, place) + UNIT + old_n, n - old_n);
+    shm_jset64(&c->jn, e + E_UNIT, place, 0);
+    shm_jset64(&c->jn, e + E_NBYTES, n, 0);
+    shm_jset64(&c->jn, e + E_STATE, st, 0); /* clears BUSY */
+    if (shm_journal_commit(&c->jn) < 0)
+        return -1;
+    stat_add(c, ST_REALLOCS, 1);
+    return 0;
 fail:
-    shm_journal_rollback(&c.jn);
-out:
-    end(&c);
-    return result;
+    shm_journal_rollback(&c->jn);
+    return -1;
 }
 
-/* size_of(handle) -> int, without the lock unless the block is changing. */
-static PyObject *
-heap_size_of(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* The size of a live block, without the lock: 0 with *n when the entry
+ * held still while it was read, 1 when it is changing (retry, or wait for
+ * the lock), -1 on error. */
+int
+h_size_read(Ctx *c, uint32_t idx, uint32_t gen, uint64_t *n)
 {
-    uint32_t idx, gen;
-    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
-        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "size_of(handle)") : NULL;
-    Ctx c;
-    if (begin(self, &c, 0) < 0)
-        return NULL;
-    PyObject *result = NULL;
-    uint64_t st, st2, n;
-    for (int tries = 0;; tries++) {
-        if (check_handle(&c, idx, gen, &st) < 0)
-            goto out;
-        n = ld(&c, entry_off(&c, idx) + E_NBYTES);
-        st2 = ld(&c, entry_off(&c, idx) + E_STATE);
-        if (st == st2 && !(st & F_BUSY))
-            break;
-        if (tries > 1000 && ((MappingObject *)self->mapping)->token == 0) {
-            /* read-only: no lock to wait on; let the change finish */
-            if (tries > 1000 + 200000) {
-                corrupt(&c, "handle entry %u stays marked busy", idx);
-                goto out;
-            }
-            Py_BEGIN_ALLOW_THREADS
-            usleep(50);
-            Py_END_ALLOW_THREADS
-            if (PyErr_CheckSignals() < 0)
-                goto out;
-        } else if (tries > 1000) {
-            /* a resize in progress: wait for it under the lock */
-            int64_t deadline = get_deadline(args, nargs, 1);
-            if (deadline < 0 || lock(&c, deadline) < 0)
-                goto out;
-            if (ld(&c, entry_off(&c, idx) + E_STATE) & F_BUSY) {
-                corrupt(&c, "handle entry %u stays marked busy", idx);
-                goto out;
-            }
-            unlock(&c);
-            tries = 0;
-        }
-    }
-    if (n > ((uint64_t)MAX_UNITS) * UNIT) {
-        corrupt(&c, "handle entry %u claims %llu bytes", idx, (unsigned long long)n);
-        goto out;
-    }
-    result = PyLong_FromUnsignedLongLong(n);
-out:
-    end(&c);
-    return result;
+    uint64_t st, st2;
+    if (check_handle(c, idx, gen, &st) < 0)
+        return -1;
+    *n = ld(c, entry_off(c, idx) + E_NBYTES);
+    st2 = ld(c, entry_off(c, idx) + E_STATE);
+    if (st != st2 || (st & F_BUSY))
+        return 1;
+    if (*n > ((uint64_t)MAX_UNITS) * UNIT)
+        return corrupt(c, "handle entry %u claims %llu bytes", idx, (unsigned long long)*n);
+    return 0;
 }
 
-static int
+/* ---- pins (lock-free) ------------------------------------------------------------ */
+
+int
 drop_pin(Ctx *c, uint64_t *rec)
 {
+    (void)c;
     for (;;) {
         uint64_t v = __atomic_load_n(rec, __ATOMIC_ACQUIRE);
         if (PIN_CNT(v) == 0)
@@ -1311,395 +1035,154 @@ drop_pin(Ctx *c, uint64_t *rec)
     }
 }
 
-/* ---- Pin objects ----------------------------------------------------------
- * What heap.pin() returns: holds one pin until release() (or the end of its
- * `with`, or its deallocation), and the memoryview of the block, which it
- * releases with the pin.  The view is a slice of the heap's memoryview of the
- * whole mapping, so it keeps the mapping alive by itself. */
-
-typedef struct {
-    PyObject_HEAD
-    HeapObject *heap;
-    PyObject *handle;   /* the Handle object (or None) */
-    PyObject *view;     /* NULL once released */
-    uint64_t value;
-    uint32_t token;     /* attachment that holds the pin */
-} PinObject;
-
-static PyTypeObject Pin_Type;
-static int unpin_idx(HeapObject *self, uint32_t idx, uint32_t token);
-
-static PyObject *
-new_pin(HeapObject *heap, PyObject *value, PyObject *handle, long long off, uint64_t n,
-        uint32_t token)
+/* Pin the block of (idx, gen) for the attachment `me`: 0 pinned (*rec the
+ * record that holds it, *off and *n the block's bytes, from the payload
+ * start), 1 the block is being moved, freed or resized (nothing held: wait
+ * for the lock's holder and try again), -1 error. */
+int
+h_pin_take(Ctx *c, uint32_t idx, uint32_t gen, uint32_t me, uint64_t **recp,
+           uint64_t *offp, uint64_t *np)
 {
-    if (heap->mv == NULL) {
-        PyErr_Format(PyExc_ValueError, "heap %R is closed", heap->name);
-        return NULL;
-    }
-    unsigned long long v = PyLong_AsUnsignedLongLong(value);
-    if (v == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    if ((uint64_t)off + n > (uint64_t)PyMemoryView_GET_BUFFER(heap->mv)->len) {
-        /* the heap grew since the view was made: view the mapping anew (at
-         * its length now, which begin() checked); pins of the old view keep it */
-        PyObject *mv = PyMemoryView_FromObject(heap->mapping);
-        if (mv == NULL)
-            return NULL;
-        Py_SETREF(heap->mv, mv);
-    }
-    PyObject *start = PyLong_FromLongLong(off);
-    PyObject *stop = PyLong_FromLongLong(off + (long long)n);
-    PyObject *slice = start && stop ? PySlice_New(start, stop, NULL) : NULL;
-    Py_XDECREF(start);
-    Py_XDECREF(stop);
-    PyObject *view = slice ? PyObject_GetItem(heap->mv, slice) : NULL;
-    Py_XDECREF(slice);
-    if (view == NULL)
-        return NULL;
-    PinObject *pin = PyObject_New(PinObject, &Pin_Type);
-    if (pin == NULL) {
-        Py_DECREF(view);
-        return NULL;
-    }
-    pin->heap = (HeapObject *)Py_NewRef(heap);
-    pin->handle = Py_NewRef(handle);
-    pin->view = view;
-    pin->value = v;
-    pin->token = token;
-    return (PyObject *)pin;
-}
-
-static int
-pin_release_impl(PinObject *self)
-{
-    PyObject *view = self->view;
-    if (view == NULL)
-        return 0;
-    self->view = NULL;
-    PyObject *r = PyObject_CallMethod(view, "release", NULL);
-    if (r == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_BufferError)) {
-            Py_DECREF(view);
-            return -1;
-        }
-        PyErr_Clear(); /* an array over it still exists; it keeps the mapping alive */
-    }
-    Py_XDECREF(r);
-    Py_DECREF(view);
-    return unpin_idx(self->heap, (uint32_t)self->value, self->token) < 0 ? -1 : 0;
-}
-
-static PyObject *
-pin_release(PinObject *self, PyObject *Py_UNUSED(ignored))
-{
-    if (pin_release_impl(self) < 0)
-        return NULL;
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-pin_get_view(PinObject *self, void *Py_UNUSED(c))
-{
-    if (self->view == NULL) {
-        PyErr_SetString(PyExc_ValueError, "this pin was released");
-        return NULL;
-    }
-    return Py_NewRef(self->view);
-}
-
-static PyObject *
-pin_exit(PinObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    return pin_release(self, NULL);
-}
-
-static PyObject *
-pin_get_handle(PinObject *self, void *Py_UNUSED(c))
-{
-    return Py_NewRef(self->handle);
-}
-
-static PyObject *
-pin_get_released(PinObject *self, void *Py_UNUSED(c))
-{
-    return PyBool_FromLong(self->view == NULL);
-}
-
-static PyObject *
-pin_repr(PinObject *self)
-{
-    if (self->view == NULL)
-        return PyUnicode_FromFormat("<shmkit.Pin %R released>", self->handle);
-    return PyUnicode_FromFormat("<shmkit.Pin %R %zd bytes>", self->handle,
-                                PyObject_Length(self->view));
-}
-
-static void
-pin_dealloc(PinObject *self)
-{
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    if (pin_release_impl(self) < 0)
-        PyErr_WriteUnraisable((PyObject *)self);
-    PyErr_Restore(type, value, tb);
-    Py_XDECREF(self->handle);
-    Py_XDECREF(self->heap);
-    PyObject_Free(self);
-}
-
-static PyMethodDef pin_methods[] = {
-    {"release", (PyCFunction)pin_release, METH_NOARGS,
-     "release()\n\nUnpin the block and release the view.  Safe to call twice."},
-    {"__enter__", (PyCFunction)pin_get_view, METH_NOARGS, "The block's memoryview."},
-    {"__exit__", (PyCFunction)(void (*)(void))pin_exit, METH_FASTCALL, NULL},
-    {NULL}
-};
-
-static PyGetSetDef pin_getset[] = {
-    {"view", (getter)pin_get_view, NULL, "the block's memoryview (until released)", NULL},
-    {"handle", (getter)pin_get_handle, NULL, "the pinned block's handle", NULL},
-    {"released", (getter)pin_get_released, NULL, "True once released", NULL},
-    {NULL}
-};
-
-static PyTypeObject Pin_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmkit.Pin",
-    .tp_basicsize = sizeof(PinObject),
-    .tp_dealloc = (destructor)pin_dealloc,
-    .tp_repr = (reprfunc)pin_repr,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A pinned heap block: its bytes stay where they are until release().\n\n"
-              "Made by Heap.pin(); `with heap.pin(h) as view:` gives the block's\n"
-              "memoryview and releases the pin (and the view) at the end.",
-    .tp_methods = pin_methods,
-    .tp_getset = pin_getset,
-};
-
-/* pin(value, timeout=None, handle=None) -> Pin.
- * Lock-free unless the block is being moved, freed or resized. */
-static PyObject *
-heap_pin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    uint32_t idx, gen;
-    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
-        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "pin(handle, timeout=None)") : NULL;
-    MappingObject *m = (MappingObject *)self->mapping;
-    uint32_t me = m->token;
-    if (me == 0 || SHM_TOKEN_SLOT(me) >= self->max_slots) {
-        PyErr_Format(SHM_READONLY_EXC,
-                     "heap %R is open read-only (or closed) here; pinning needs a "
-                     "writable attachment", self->name);
-        return NULL;
-    }
-    uint32_t agen = SHM_TOKEN_GEN(me);
-    Ctx c;
-    if (begin(self, &c, 1) < 0)
-        return NULL;
-    PyObject *result = NULL;
-    int64_t deadline = -2;
-    uint64_t table = pin_table(&c, SHM_TOKEN_SLOT(me));
-    uint32_t *usedp = (uint32_t *)(c.p + table);
+    HCore *self = c->h;
+    uint32_t agen = SHM_TOKEN_GEN(me), slot = SHM_TOKEN_SLOT(me);
+    uint64_t table = pin_table(c, slot);
+    uint32_t *usedp = (uint32_t *)(c->p + table);
     uint64_t st;
-    if (idx >= self->max_blocks || idx >= ld(&c, H_FRESH)) {
-        check_handle(&c, idx, gen, &st);
-        goto out;
+    if (idx >= self->max_blocks || idx >= ld(c, H_FRESH)) {
+        check_handle(c, idx, gen, &st);
+        return -1;
     }
-    uint64_t e = entry_off(&c, idx);
-    uint32_t slot = SHM_TOKEN_SLOT(me);
-    uint64_t *bits = at64(&c, H_PINBITS + 8 * (uint64_t)(slot >> 6));
+    uint64_t e = entry_off(c, idx);
+    uint64_t *bits = at64(c, H_PINBITS + 8 * (uint64_t)(slot >> 6));
     if (!(__atomic_load_n(bits, __ATOMIC_RELAXED) & (1ull << (slot & 63))))
         __atomic_fetch_or(bits, 1ull << (slot & 63), __ATOMIC_SEQ_CST);
-    for (;;) {
-        uint64_t *rec = NULL;
-        int had = 0;
-        uint32_t used = pin_used(&c, table);
-        /* 1. a record of ours for this entry: the entry cannot change under it */
-        for (uint32_t k = 0; k < used && !rec; k++) {
-            uint64_t *r = at64(&c, table + PIN_HEAD + 8ull * k);
-            uint64_t v = __atomic_load_n(r, __ATOMIC_ACQUIRE);
-            if ((uint32_t)v == idx + 1 && PIN_GEN(v) == agen && PIN_CNT(v) > 0 &&
-                PIN_CNT(v) < PIN_CNT_MAX &&
-                __atomic_compare_exchange_n(r, &v, v + PIN_ONE, 0, __ATOMIC_SEQ_CST,
-                                            __ATOMIC_RELAXED)) {
-                rec = r;
-                had = 1;
-            }
+    uint64_t *rec = NULL;
+    int had = 0;
+    uint32_t used = pin_used(c, table);
+    /* 1. a record of ours for this entry: the entry cannot change under it */
+    for (uint32_t k = 0; k < used && !rec; k++) {
+        uint64_t *r = at64(c, table + PIN_HEAD + 8ull * k);
+        uint64_t v = __atomic_load_n(r, __ATOMIC_ACQUIRE);
+        if ((uint32_t)v == idx + 1 && PIN_GEN(v) == agen && PIN_CNT(v) > 0 &&
+            PIN_CNT(v) < PIN_CNT_MAX &&
+            __atomic_compare_exchange_n(r, &v, v + PIN_ONE, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_RELAXED)) {
+            rec = r;
+            had = 1;
         }
-        /* 2. otherwise claim a free record, or one left behind by an earlier
-         * (now gone) owner of this attach slot */
-        uint64_t mine = (uint64_t)(idx + 1) | PIN_ONE | (uint64_t)agen << 44;
-        for (uint32_t k = 0; !rec && k < self->max_pins; k++) {
-            if (k >= used) { /* raise the high-water mark before using record k */
-                uint32_t u = __atomic_load_n(usedp, __ATOMIC_ACQUIRE);
-                while (u <= k && !__atomic_compare_exchange_n(usedp, &u, k + 1, 0,
-                                                              __ATOMIC_SEQ_CST,
-                                                              __ATOMIC_ACQUIRE))
-                    ;
-                used = k + 1;
-            }
-            uint64_t *r = at64(&c, table + PIN_HEAD + 8ull * k);
-            uint64_t v = __atomic_load_n(r, __ATOMIC_ACQUIRE);
-            if (v != 0 && PIN_GEN(v) == agen && PIN_CNT(v) > 0)
-                continue; /* ours, in use */
-            if (__atomic_compare_exchange_n(r, &v, mine, 0, __ATOMIC_SEQ_CST,
-                                            __ATOMIC_RELAXED))
-                rec = r;
-        }
-        if (!rec) {
-            PyErr_Format(PyExc_RuntimeError, "this attachment of heap %R already holds "
-                         "pins on %u blocks (max_pins); leave some `with heap.pin()` "
-                         "blocks first", self->name, self->max_pins);
-            goto out;
-        }
-        st = __atomic_load_n(at64(&c, e + E_STATE), __ATOMIC_SEQ_CST);
-        if ((uint32_t)(st >> 32) != gen || !(st & F_LIVE)) {
-            drop_pin(&c, rec);
-            check_handle(&c, idx, gen, &st);
-            if (!PyErr_Occurred())
-                stale(&c, idx, gen, "is stale");
-            goto out;
-        }
-        if ((st & F_BUSY) && !had) {
-            /* being moved, freed or resized: wait for the holder of the lock */
-            drop_pin(&c, rec);
-            if (deadline == -2 && (deadline = get_deadline(args, nargs, 1)) < 0)
-                goto out;
-            if (lock(&c, deadline) < 0)
-                goto out;
-            /* BUSY is only ever set by the lock's holder (or finished by
-             * repair), so holding the lock, we must not see it */
-            if (ld(&c, e + E_STATE) & F_BUSY) {
-                corrupt(&c, "handle entry %u stays marked busy", idx);
-                goto out;
-            }
-            unlock(&c);
-            continue;
-        }
-        /* Without the lock, only what a pin keeps still may be read: the
-         * block's size and owner.  Its prev size and check word change with
-         * its neighbours (two stores), so the check word is not looked at. */
-        uint64_t unit = ld(&c, e + E_UNIT), n = ld(&c, e + E_NBYTES);
-        uint64_t size = unit < self->units ? (uint32_t)ld(&c, blk_off(&c, (uint32_t)unit)) : 0;
-        uint32_t owner = unit < self->units ? (uint32_t)ld(&c, blk_off(&c, (uint32_t)unit) + 8)
-                                            : 0;
-        if (owner != idx + 1 || size < MIN_UNITS || size > self->units - unit ||
-            n > (size - 1) * UNIT) {
-            drop_pin(&c, rec);
-            corrupt(&c, "handle entry %u and its block disagree", idx);
-            goto out;
-        }
-        long long off = self->hoff + (long long)blk_off(&c, (uint32_t)unit) + UNIT;
-        result = new_pin(self, args[0], nargs > 2 ? args[2] : Py_None, off, n, me);
-        if (result == NULL)
-            drop_pin(&c, rec);
-        break;
     }
-out:
-    end(&c);
-    return result;
+    /* 2. otherwise claim a free record, or one left behind by an earlier
+     * (now gone) owner of this attach slot */
+    uint64_t mine = (uint64_t)(idx + 1) | PIN_ONE | (uint64_t)agen << 44;
+    for (uint32_t k = 0; !rec && k < self->max_pins; k++) {
+        if (k >= used) { /* raise the high-water mark before using record k */
+            uint32_t u = __atomic_load_n(usedp, __ATOMIC_ACQUIRE);
+            while (u <= k && !__atomic_compare_exchange_n(usedp, &u, k + 1, 0,
+                                                          __ATOMIC_SEQ_CST,
+                                                          __ATOMIC_ACQUIRE))
+                ;
+            used = k + 1;
+        }
+        uint64_t *r = at64(c, table + PIN_HEAD + 8ull * k);
+        uint64_t v = __atomic_load_n(r, __ATOMIC_ACQUIRE);
+        if (v != 0 && PIN_GEN(v) == agen && PIN_CNT(v) > 0)
+            continue; /* ours, in use */
+        if (__atomic_compare_exchange_n(r, &v, mine, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_RELAXED))
+            rec = r;
+    }
+    if (!rec)
+        return h_fail(HE_RUNTIME, "this attachment of %s already holds "
+                      "pins on %u blocks (max_pins); leave some `with heap.pin()` "
+                      "blocks first", self->what, self->max_pins);
+    st = __atomic_load_n(at64(c, e + E_STATE), __ATOMIC_SEQ_CST);
+    if ((uint32_t)(st >> 32) != gen || !(st & F_LIVE)) {
+        drop_pin(c, rec);
+        if (check_handle(c, idx, gen, &st) == 0)
+            stale(c, idx, gen, "is stale");
+        return -1;
+    }
+    if ((st & F_BUSY) && !had) {
+        /* being moved, freed or resized: wait for the holder of the lock */
+        drop_pin(c, rec);
+        return 1;
+    }
+    /* Without the lock, only what a pin keeps still may be read: the
+     * block's size and owner.  Its prev size and check word change with
+     * its neighbours (two stores), so the check word is not looked at. */
+    uint64_t unit = ld(c, e + E_UNIT), n = ld(c, e + E_NBYTES);
+    uint64_t size = unit < self->units ? (uint32_t)ld(c, blk_off(c, (uint32_t)unit)) : 0;
+    uint32_t owner = unit < self->units ? (uint32_t)ld(c, blk_off(c, (uint32_t)unit) + 8)
+                                        : 0;
+    if (owner != idx + 1 || size < MIN_UNITS || size > self->units - unit ||
+        n > (size - 1) * UNIT) {
+        drop_pin(c, rec);
+        return corrupt(c, "handle entry %u and its block disagree", idx);
+    }
+    *recp = rec;
+    *offp = blk_off(c, (uint32_t)unit) + UNIT;
+    *np = n;
+    return 0;
+}
+
+/* Holding the lock after h_pin_take said busy: BUSY is only ever set by
+ * the lock's holder (or finished by repair), so we must not see it. */
+int
+h_pin_settled(Ctx *c, uint32_t idx)
+{
+    if (ld(c, entry_off(c, idx) + E_STATE) & F_BUSY)
+        return corrupt(c, "handle entry %u stays marked busy", idx);
+    return 0;
 }
 
 /* Drop one pin that the attachment named by `token` holds on entry idx:
- * 0 done, 1 none held, -1 error. */
-static int
-unpin_idx(HeapObject *self, uint32_t idx, uint32_t token)
+ * 0 done, 1 none held. */
+int
+h_unpin(Ctx *c, uint32_t idx, uint32_t token)
 {
-    MappingObject *m = (MappingObject *)self->mapping;
-    if (token == 0 || m->token != token || SHM_TOKEN_SLOT(token) >= self->max_slots)
-        return 1; /* detached (or forked): its records died with the attachment */
-    Ctx c;
-    if (begin(self, &c, 1) < 0)
-        return -1;
-    uint64_t table = pin_table(&c, SHM_TOKEN_SLOT(token));
-    uint32_t used = pin_used(&c, table);
+    uint64_t table = pin_table(c, SHM_TOKEN_SLOT(token));
+    uint32_t used = pin_used(c, table);
     int r = 1;
     for (uint32_t k = 0; k < used && r; k++) {
-        uint64_t *rec = at64(&c, table + PIN_HEAD + 8ull * k);
+        uint64_t *rec = at64(c, table + PIN_HEAD + 8ull * k);
         uint64_t v = __atomic_load_n(rec, __ATOMIC_ACQUIRE);
         if ((uint32_t)v == idx + 1 && PIN_GEN(v) == SHM_TOKEN_GEN(token) && PIN_CNT(v) > 0 &&
-            drop_pin(&c, rec) == 0)
+            drop_pin(c, rec) == 0)
             r = 0;
     }
-    end(&c);
     return r;
 }
 
-/* unpin(value): drop one pin this attachment holds on the handle's block
- * (for pins taken without a Pin object; Pin.release() does this itself). */
-static PyObject *
-heap_unpin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* Pins the attachment `me` holds. */
+uint64_t
+h_pins_held(Ctx *c, uint32_t me)
 {
-    uint32_t idx, gen;
-    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
-        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "unpin(handle)") : NULL;
-    int r = unpin_idx(self, idx, ((MappingObject *)self->mapping)->token);
-    if (r < 0)
-        return NULL;
-    if (r > 0)
-        return PyErr_Format(PyExc_RuntimeError, "Handle(index=%u, generation=%u) is not "
-                            "pinned by this attachment of heap %R", idx, gen, self->name);
-    Py_RETURN_NONE;
-}
-
-/* pins_held() -> int: pins this attachment holds. */
-static PyObject *
-heap_pins_held(HeapObject *self, PyObject *Py_UNUSED(ignored))
-{
-    uint32_t me = ((MappingObject *)self->mapping)->token;
-    if (me == 0 || SHM_TOKEN_SLOT(me) >= self->max_slots)
-        return PyLong_FromLong(0);
-    Ctx c;
-    if (begin(self, &c, 0) < 0)
-        return NULL;
-    uint64_t table = pin_table(&c, SHM_TOKEN_SLOT(me)), held = 0;
-    uint32_t used = pin_used(&c, table);
+    uint64_t table = pin_table(c, SHM_TOKEN_SLOT(me)), held = 0;
+    uint32_t used = pin_used(c, table);
     for (uint32_t k = 0; k < used; k++) {
-        uint64_t v = ld(&c, table + PIN_HEAD + 8ull * k);
+        uint64_t v = ld(c, table + PIN_HEAD + 8ull * k);
         if ((uint32_t)v && PIN_GEN(v) == SHM_TOKEN_GEN(me))
             held += PIN_CNT(v);
     }
-    end(&c);
-    return PyLong_FromUnsignedLongLong(held);
+    return held;
 }
 
-/* compact_step(restart, until_bytes, budget_bytes, timeout=None)
- *   -> (moved_bytes, moved_blocks, free_run_bytes, done, pinned_skipped)
- * Slides used blocks down over the free space before them, starting at the
- * shared cursor, until `budget_bytes` moved, a free run of `until_bytes`
- * formed at the cursor, or the end.  Holds the lock for one step only. */
-static PyObject *
-heap_compact_step(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* ---- compaction, statistics, verification (lock held) ------------------------------ */
+
+/* Slide used blocks down over the free space before them, starting at the
+ * shared cursor, until `budget` bytes moved, a free run of `until` bytes
+ * formed at the cursor, or the end. */
+int
+h_compact_step(Ctx *c, int restart, uint64_t until, uint64_t budget, HStep *out)
 {
-    if (nargs < 3) {
-        PyErr_SetString(PyExc_TypeError,
-                        "compact_step(restart, until_bytes, budget_bytes, timeout=None)");
-        return NULL;
-    }
-    int restart = PyObject_IsTrue(args[0]);
-    unsigned long long until = PyLong_AsUnsignedLongLong(args[1]);
-    unsigned long long budget = PyLong_AsUnsignedLongLong(args[2]);
-    if (restart < 0 || PyErr_Occurred())
-        return NULL;
-    int64_t deadline = get_deadline(args, nargs, 3);
-    if (deadline < 0)
-        return NULL;
-    Ctx c;
-    if (begin(self, &c, 1) < 0)
-        return NULL;
-    PyObject *result = NULL;
+    HCore *self = c->h;
     unsigned long long moved = 0, nmoved = 0, run = 0, skipped = 0;
     int done = 0;
-    if (lock(&c, deadline) < 0)
-        goto out;
     if (restart)
-        stat_add(&c, ST_COMPACTIONS, 1);
-    uint64_t u = restart ? 0 : ld(&c, H_CURSOR);
-    if (u > self->units) {
-        corrupt(&c, "its compaction cursor is out of range");
-        goto out;
-    }
+        stat_add(c, ST_COMPACTIONS, 1);
+    uint64_t u = restart ? 0 : ld(c, H_CURSOR);
+    if (u > self->units)
+        return corrupt(c, "its compaction cursor is out of range");
     for (int scanned = 0;; scanned++) {
         if (u >= self->units) {
             done = 1;
@@ -1708,8 +1191,8 @@ heap_compact_step(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (scanned >= SCAN_LIMIT || moved >= budget)
             break;
         Blk fb, bb;
-        if (rd_blk(&c, u, &fb) < 0)
-            goto out;
+        if (rd_blk(c, u, &fb) < 0)
+            return -1;
         if (fb.handle != 0) {
             u += fb.size;
             continue;
@@ -1722,15 +1205,14 @@ heap_compact_step(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         if (until && run >= until)
             break;
-        if (rd_blk(&c, next, &bb) < 0)
-            goto out;
-        if (bb.handle == 0) {
-            corrupt(&c, "two free blocks are adjacent at unit %llu", (unsigned long long)next);
-            goto out;
-        }
-        int r = move(&c, (uint32_t)u, &fb, (uint32_t)next, &bb);
+        if (rd_blk(c, next, &bb) < 0)
+            return -1;
+        if (bb.handle == 0)
+            return corrupt(c, "two free blocks are adjacent at unit %llu",
+                           (unsigned long long)next);
+        int r = move(c, (uint32_t)u, &fb, (uint32_t)next, &bb);
         if (r < 0)
-            goto out;
+            return -1;
         if (r == 0) {
             skipped++;
             run = 0;
@@ -1739,30 +1221,19 @@ heap_compact_step(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         moved += (uint64_t)bb.size * UNIT;
         nmoved++;
-        u = ld(&c, H_CURSOR);
+        u = ld(c, H_CURSOR);
         Blk nf;
-        if (rd_blk(&c, u, &nf) < 0)
-            goto out;
+        if (rd_blk(c, u, &nf) < 0)
+            return -1;
         run = (uint64_t)nf.size * UNIT;
     }
     if (u <= self->units) {
-        shm_jset64(&c.jn, H_CURSOR, u, 0);
-        if (shm_journal_commit(&c.jn) < 0)
-            goto out;
+        shm_jset64(&c->jn, H_CURSOR, u, 0);
+        if (shm_journal_commit(&c->jn) < 0)
+            return -1;
     }
-    result = Py_BuildValue("KKKiK", moved, nmoved, run, done, skipped);
-out:
-    end(&c);
-    return result;
-}
-
-static int
-dict_set(PyObject *d, const char *key, unsigned long long v)
-{
-    PyObject *o = PyLong_FromUnsignedLongLong(v);
-    int r = o ? PyDict_SetItemString(d, key, o) : -1;
-    Py_XDECREF(o);
-    return r;
+    *out = (HStep){moved, nmoved, run, skipped, done};
+    return 0;
 }
 
 static int
@@ -1777,14 +1248,12 @@ cmp_u32(const void *a, const void *b)
 static int64_t
 count_pinned(Ctx *c, int reclaim)
 {
-    MappingObject *m = (MappingObject *)c->h->mapping;
+    MappingObject *m = c->h->m;
     uint32_t nslots = slots_in_use(c);
     size_t cap = (size_t)nslots * c->h->max_pins, n = 0;
-    uint32_t *seen = cap ? PyMem_Malloc(cap * sizeof *seen) : NULL;
-    if (cap && seen == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
+    uint32_t *seen = cap ? malloc(cap * sizeof *seen) : NULL;
+    if (cap && seen == NULL)
+        return h_fail(HE_NOMEM, "no memory to count the pins");
     for (uint32_t s = next_pinning_slot(c, 0, nslots); s < nslots;
          s = next_pinning_slot(c, s + 1, nslots)) {
         uint64_t t = pin_table(c, s);
@@ -1806,145 +1275,99 @@ count_pinned(Ctx *c, int reclaim)
     int64_t distinct = 0;
     for (size_t i = 0; i < n; i++)
         distinct += (i == 0 || seen[i] != seen[i - 1]);
-    PyMem_Free(seen);
+    free(seen);
     return distinct;
 }
 
-/* stats(locked=True, timeout=None) -> dict */
-static PyObject *
-heap_stats(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* Counters, the largest free block (from the top free list: a bounded
+ * look, exact in practice) and the distinct pinned entries.  Without the
+ * lock (locked == 0) a damaged list only leaves the largest unknown. */
+int
+h_stats(Ctx *c, int locked, HStats *s)
 {
-    int locked = nargs > 0 ? PyObject_IsTrue(args[0]) : 1;
-    int64_t deadline = get_deadline(args, nargs, 1);
-    if (locked < 0 || deadline < 0)
-        return NULL;
-    Ctx c;
-    if (begin(self, &c, locked) < 0)
-        return NULL;
-    PyObject *d = NULL;
-    if (locked && lock(&c, deadline) < 0)
-        goto out;
     uint64_t largest = 0;
     int have_largest = 1;
     for (int b = NBINS - 1; b >= 0; b--) {
-        uint32_t link = bin_head(&c, b);
+        uint32_t link = bin_head(c, b);
         if (!link)
             continue;
         /* the top list's blocks are within a factor 1.5 of each other: a
          * bounded look is exact in practice and cannot loop on a damaged list */
         for (uint64_t steps = 0; link && steps < 65536; steps++) {
             Blk blk;
-            if (check_link(&c, link) < 0 || rd_blk(&c, link - 1, &blk) < 0) {
+            if (check_link(c, link) < 0 || rd_blk(c, link - 1, &blk) < 0) {
                 if (locked)
-                    goto out;
-                PyErr_Clear(); /* a lock-free look may race with a change */
-                have_largest = 0;
+                    return -1;
+                have_largest = 0; /* a lock-free look may race with a change */
                 break;
             }
             if (blk.size > largest)
                 largest = blk.size;
-            link = (uint32_t)ld(&c, links_off(&c, link - 1));
+            link = (uint32_t)ld(c, links_off(c, link - 1));
         }
         break;
     }
-    int64_t pinned = count_pinned(&c, locked);
-    if (pinned < 0 || (d = PyDict_New()) == NULL)
-        goto out;
-    uint64_t free_b = ld(&c, H_FREE_U) * UNIT;
-    uint64_t big = largest ? (largest - 1) * UNIT : 0;
-    static const char *names[ST_COUNT] = {"allocs", "frees", "moves", "moved_bytes",
-                                          "compactions", "recoveries", "reclaimed_pins",
-                                          "reallocs"};
-    if (dict_set(d, "size", self->units * UNIT) < 0 ||
-        dict_set(d, "max_size", self->max_units * UNIT) < 0 ||
-        dict_set(d, "used", ld(&c, H_USED_U) * UNIT) < 0 ||
-        dict_set(d, "free", free_b) < 0 ||
-        dict_set(d, "blocks", ld(&c, H_USED_B)) < 0 ||
-        dict_set(d, "free_blocks", ld(&c, H_FREE_B)) < 0 ||
-        dict_set(d, "pinned", (unsigned long long)pinned) < 0 ||
-        dict_set(d, "max_blocks", self->max_blocks) < 0 ||
-        dict_set(d, "handles_used", ld(&c, H_FRESH)) < 0)
-        goto fail;
+    int64_t pinned = count_pinned(c, locked);
+    if (pinned < 0)
+        return -1;
+    s->used = ld(c, H_USED_U) * UNIT;
+    s->free = ld(c, H_FREE_U) * UNIT;
+    s->blocks = ld(c, H_USED_B);
+    s->free_blocks = ld(c, H_FREE_B);
+    s->handles_used = ld(c, H_FRESH);
+    s->largest_units = largest;
+    s->have_largest = have_largest;
+    s->pinned = pinned;
     for (int i = 0; i < ST_COUNT; i++)
-        if (dict_set(d, names[i], ld(&c, H_STAT + 8 * i)) < 0)
-            goto fail;
-    if (have_largest) {
-        double frag = free_b ? 1.0 - (double)(largest * UNIT) / (double)free_b : 0.0;
-        PyObject *f = PyFloat_FromDouble(frag < 0 ? 0 : frag);
-        if (dict_set(d, "largest_free", big) < 0 || f == NULL ||
-            PyDict_SetItemString(d, "fragmentation", f) < 0) {
-            Py_XDECREF(f);
-            goto fail;
-        }
-        Py_DECREF(f);
-    } else if (PyDict_SetItemString(d, "largest_free", Py_None) < 0 ||
-               PyDict_SetItemString(d, "fragmentation", Py_None) < 0) {
-        goto fail;
-    }
-    goto out;
-fail:
-    Py_CLEAR(d);
-out:
-    end(&c);
-    return d;
+        s->stat[i] = ld(c, H_STAT + 8 * i);
+    return 0;
 }
 
-/* verify(timeout=None) -> dict: check every invariant; CorruptError if one fails. */
-static PyObject *
-heap_verify(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* Check every invariant: 0 with the totals, or -1 (CorruptError). */
+int
+h_verify(Ctx *c, HVerify *out)
 {
-    int64_t deadline = get_deadline(args, nargs, 0);
-    if (deadline < 0)
-        return NULL;
-    Ctx c;
-    if (begin(self, &c, 1) < 0)
-        return NULL;
-    PyObject *d = NULL;
+    HCore *self = c->h;
     uint8_t *seen = NULL;
-    if (lock(&c, deadline) < 0)
-        goto out;
-    uint64_t fresh = ld(&c, H_FRESH), cursor = ld(&c, H_CURSOR);
-    if (fresh > self->max_blocks) {
-        corrupt(&c, "it claims %llu handles were used, of %u", (unsigned long long)fresh,
-                self->max_blocks);
-        goto out;
-    }
-    seen = PyMem_Calloc(fresh ? fresh : 1, 1);
-    if (seen == NULL) {
-        PyErr_NoMemory();
-        goto out;
-    }
+    int ret = -1;
+    uint64_t fresh = ld(c, H_FRESH), cursor = ld(c, H_CURSOR);
+    if (fresh > self->max_blocks)
+        return corrupt(c, "it claims %llu handles were used, of %u", (unsigned long long)fresh,
+                       self->max_blocks);
+    seen = calloc(fresh ? fresh : 1, 1);
+    if (seen == NULL)
+        return h_fail(HE_NOMEM, "no memory to verify the heap");
     uint64_t used_u = 0, used_b = 0, free_u = 0, free_b = 0, u = 0, prev = 0;
     int prev_free = 0, cursor_ok = cursor == 0 || cursor == self->units;
     while (u < self->units) {
         Blk b;
-        if (rd_blk(&c, u, &b) < 0)
+        if (rd_blk(c, u, &b) < 0)
             goto out;
         if (b.prev != prev) {
-            corrupt(&c, "the block at unit %llu names a predecessor of %u units, not %llu",
+            corrupt(c, "the block at unit %llu names a predecessor of %u units, not %llu",
                     (unsigned long long)u, b.prev, (unsigned long long)prev);
             goto out;
         }
         cursor_ok |= (u == cursor);
         if (b.handle == 0) {
             if (prev_free) {
-                corrupt(&c, "two free blocks are adjacent at unit %llu", (unsigned long long)u);
+                corrupt(c, "two free blocks are adjacent at unit %llu", (unsigned long long)u);
                 goto out;
             }
             free_u += b.size;
             free_b++;
         } else {
             uint32_t idx = b.handle - 1;
-            uint64_t e = entry_off(&c, idx);
-            uint64_t st = ld(&c, e + E_STATE);
-            if (idx >= fresh || !(st & F_LIVE) || (st & F_BUSY) || ld(&c, e + E_UNIT) != u ||
-                ld(&c, e + E_NBYTES) > ((uint64_t)b.size - 1) * UNIT) {
-                corrupt(&c, "the block at unit %llu and handle entry %u disagree",
+            uint64_t e = entry_off(c, idx);
+            uint64_t st = ld(c, e + E_STATE);
+            if (idx >= fresh || !(st & F_LIVE) || (st & F_BUSY) || ld(c, e + E_UNIT) != u ||
+                ld(c, e + E_NBYTES) > ((uint64_t)b.size - 1) * UNIT) {
+                corrupt(c, "the block at unit %llu and handle entry %u disagree",
                         (unsigned long long)u, idx);
                 goto out;
             }
             if (seen[idx]++) {
-                corrupt(&c, "handle entry %u owns two blocks", idx);
+                corrupt(c, "handle entry %u owns two blocks", idx);
                 goto out;
             }
             used_u += b.size;
@@ -1955,32 +1378,32 @@ heap_verify(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         u += b.size;
     }
     if (u != self->units || !cursor_ok) {
-        corrupt(&c, "its blocks or its compaction cursor do not line up");
+        corrupt(c, "its blocks or its compaction cursor do not line up");
         goto out;
     }
-    if (used_u != ld(&c, H_USED_U) || used_b != ld(&c, H_USED_B) ||
-        free_u != ld(&c, H_FREE_U) || free_b != ld(&c, H_FREE_B)) {
-        corrupt(&c, "its usage counters do not match its blocks");
+    if (used_u != ld(c, H_USED_U) || used_b != ld(c, H_USED_B) ||
+        free_u != ld(c, H_FREE_U) || free_b != ld(c, H_FREE_B)) {
+        corrupt(c, "its usage counters do not match its blocks");
         goto out;
     }
     /* free lists: every node a free block on the right list, links agree,
      * and together they hold each free block once */
     uint64_t listed = 0;
     for (int bin = 0; bin < NBINS; bin++) {
-        uint32_t link = bin_head(&c, bin), back = 0;
-        uint64_t bm = ld(&c, H_BITMAP + 8 * (uint64_t)(bin >> 6));
+        uint32_t link = bin_head(c, bin), back = 0;
+        uint64_t bm = ld(c, H_BITMAP + 8 * (uint64_t)(bin >> 6));
         if (!!link != !!(bm & (1ull << (bin & 63)))) {
-            corrupt(&c, "the free-list bitmap disagrees with list %d", bin);
+            corrupt(c, "the free-list bitmap disagrees with list %d", bin);
             goto out;
         }
         while (link) {
             Blk b;
-            if (check_link(&c, link) < 0 || rd_blk(&c, link - 1, &b) < 0)
+            if (check_link(c, link) < 0 || rd_blk(c, link - 1, &b) < 0)
                 goto out;
-            uint64_t w = ld(&c, links_off(&c, link - 1));
+            uint64_t w = ld(c, links_off(c, link - 1));
             if (b.handle || bin_of(b.size) != bin || (uint32_t)(w >> 32) != back ||
                 ++listed > free_b) {
-                corrupt(&c, "free list %d is damaged at unit %u", bin, link - 1);
+                corrupt(c, "free list %d is damaged at unit %u", bin, link - 1);
                 goto out;
             }
             back = link;
@@ -1988,7 +1411,7 @@ heap_verify(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     if (listed != free_b) {
-        corrupt(&c, "%llu free blocks are missing from the free lists",
+        corrupt(c, "%llu free blocks are missing from the free lists",
                 (unsigned long long)(free_b - listed));
         goto out;
     }
@@ -1996,84 +1419,71 @@ heap_verify(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
      * free-handle list */
     uint64_t live = 0, freelist = 0;
     for (uint64_t i = 0; i < fresh; i++) {
-        uint64_t st = ld(&c, entry_off(&c, (uint32_t)i) + E_STATE);
+        uint64_t st = ld(c, entry_off(c, (uint32_t)i) + E_STATE);
         if (st & F_LIVE) {
             live++;
             if (!seen[i]) {
-                corrupt(&c, "handle entry %llu is live but owns no block", (unsigned long long)i);
+                corrupt(c, "handle entry %llu is live but owns no block", (unsigned long long)i);
                 goto out;
             }
         } else if ((st >> 32) == 0 || (st & F_BUSY)) {
-            corrupt(&c, "free handle entry %llu has an impossible state", (unsigned long long)i);
+            corrupt(c, "free handle entry %llu has an impossible state", (unsigned long long)i);
             goto out;
         }
     }
-    for (uint64_t link = ld(&c, H_FREEH); link; freelist++) {
+    for (uint64_t link = ld(c, H_FREEH); link; freelist++) {
         if (link > fresh || freelist >= fresh ||
-            (ld(&c, entry_off(&c, (uint32_t)(link - 1)) + E_STATE) & F_LIVE)) {
-            corrupt(&c, "its list of free handles is damaged");
+            (ld(c, entry_off(c, (uint32_t)(link - 1)) + E_STATE) & F_LIVE)) {
+            corrupt(c, "its list of free handles is damaged");
             goto out;
         }
-        link = ld(&c, entry_off(&c, (uint32_t)(link - 1)) + E_LINK);
+        link = ld(c, entry_off(c, (uint32_t)(link - 1)) + E_LINK);
     }
     if (live != used_b || live + freelist != fresh) {
-        corrupt(&c, "%llu live handles, %llu free handles and %llu used entries do not add up",
+        corrupt(c, "%llu live handles, %llu free handles and %llu used entries do not add up",
                 (unsigned long long)live, (unsigned long long)freelist,
                 (unsigned long long)fresh);
         goto out;
     }
     /* pins name entries that exist */
-    uint32_t nslots = slots_in_use(&c);
+    uint32_t nslots = slots_in_use(c);
     for (uint32_t s = 0; s < nslots; s++) {
-        uint64_t t = pin_table(&c, s);
-        if (__atomic_load_n((uint32_t *)(c.p + t), __ATOMIC_ACQUIRE) > self->max_pins) {
-            corrupt(&c, "the pin table of slot %u claims too many records", s);
+        uint64_t t = pin_table(c, s);
+        if (__atomic_load_n((uint32_t *)(c->p + t), __ATOMIC_ACQUIRE) > self->max_pins) {
+            corrupt(c, "the pin table of slot %u claims too many records", s);
             goto out;
         }
-        uint32_t used = pin_used(&c, t);
+        uint32_t used = pin_used(c, t);
         for (uint32_t k = 0; k < used; k++) {
-            uint64_t v = ld(&c, t + PIN_HEAD + 8ull * k);
+            uint64_t v = ld(c, t + PIN_HEAD + 8ull * k);
             if ((uint32_t)v > fresh) {
-                corrupt(&c, "a pin record of slot %u names entry %u", s, (uint32_t)v - 1);
+                corrupt(c, "a pin record of slot %u names entry %u", s, (uint32_t)v - 1);
                 goto out;
             }
         }
     }
-    int64_t pinned = count_pinned(&c, 1);
-    if (pinned < 0 || (d = PyDict_New()) == NULL)
+    int64_t pinned = count_pinned(c, 1);
+    if (pinned < 0)
         goto out;
-    if (dict_set(d, "blocks", used_b) < 0 || dict_set(d, "free_blocks", free_b) < 0 ||
-        dict_set(d, "used", used_u * UNIT) < 0 || dict_set(d, "free", free_u * UNIT) < 0 ||
-        dict_set(d, "handles_used", fresh) < 0 || dict_set(d, "free_handles", freelist) < 0 ||
-        dict_set(d, "pinned", (unsigned long long)pinned) < 0)
-        Py_CLEAR(d);
+    *out = (HVerify){used_b, free_b, used_u * UNIT, free_u * UNIT, fresh, freelist, pinned};
+    ret = 0;
 out:
-    PyMem_Free(seen);
-    end(&c);
-    return d;
+    free(seen);
+    return ret;
 }
 
-/* where(handle) -> (unit, nbytes, pins): test and debugging aid */
-static PyObject *
-heap_where(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* Where a live block is, and its live pins (a test and debugging aid). */
+int
+h_where(Ctx *c, uint32_t idx, uint32_t gen, uint64_t *unit, uint64_t *n, int64_t *pins)
 {
-    uint32_t idx, gen;
-    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
-        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "where(handle)") : NULL;
-    Ctx c;
-    if (begin(self, &c, 1) < 0)
-        return NULL;
-    PyObject *result = NULL;
     uint64_t st;
-    if (lock(&c, SHM_FOREVER) < 0 || check_handle(&c, idx, gen, &st) < 0)
-        goto out;
-    int64_t pins = scan_pins(&c, idx);
-    uint64_t e = entry_off(&c, idx);
-    result = Py_BuildValue("KKL", (unsigned long long)ld(&c, e + E_UNIT),
-                           (unsigned long long)ld(&c, e + E_NBYTES), (long long)pins);
-out:
-    end(&c);
-    return result;
+    if (check_handle(c, idx, gen, &st) < 0)
+        return -1;
+    *pins = scan_pins(c, idx);
+    uint64_t e = entry_off(c, idx);
+    *unit = ld(c, e + E_UNIT);
+    *n = ld(c, e + E_NBYTES);
+    return 0;
 }
 
 /* ---- construction ------------------------------------------------------- */
@@ -2085,19 +1495,15 @@ geometry(uint64_t data_bytes, uint64_t max_blocks, uint64_t max_pins, uint64_t m
          uint64_t *pins_off, uint64_t *data_off, uint64_t *units, uint64_t *plen)
 {
     if (max_blocks < 1 || max_blocks > (1u << 30) || max_pins < 1 || max_pins > MAX_PINS ||
-        max_slots < 1 || max_slots > SHM_MAX_SLOTS) {
-        PyErr_Format(PyExc_ValueError, "need 1 <= max_blocks <= 2**30 and 1 <= max_pins <= "
-                     "%u (got %llu, %llu)", MAX_PINS, (unsigned long long)max_blocks,
-                     (unsigned long long)max_pins);
-        return -1;
-    }
+        max_slots < 1 || max_slots > SHM_MAX_SLOTS)
+        return h_fail(HE_VALUE, "need 1 <= max_blocks <= 2**30 and 1 <= max_pins <= "
+                      "%u (got %llu, %llu)", MAX_PINS, (unsigned long long)max_blocks,
+                      (unsigned long long)max_pins);
     uint64_t u = data_bytes / UNIT;
-    if (u < MIN_UNITS || u > MAX_UNITS) {
-        PyErr_Format(PyExc_ValueError, "a heap holds %u to %llu bytes of data, not %llu",
-                     MIN_UNITS * UNIT, (unsigned long long)MAX_UNITS * UNIT,
-                     (unsigned long long)data_bytes);
-        return -1;
-    }
+    if (u < MIN_UNITS || u > MAX_UNITS)
+        return h_fail(HE_VALUE, "a heap holds %u to %llu bytes of data, not %llu",
+                      MIN_UNITS * UNIT, (unsigned long long)MAX_UNITS * UNIT,
+                      (unsigned long long)data_bytes);
     *pins_off = HDR_BYTES + max_blocks * ENTRY_BYTES;
     uint64_t end = *pins_off + max_slots * (PIN_HEAD + 8 * max_pins);
     *data_off = (end + PAGE_BYTES - 1) / PAGE_BYTES * PAGE_BYTES;
@@ -2110,51 +1516,40 @@ static int
 initial_units(uint64_t data_bytes, uint64_t max_units, uint64_t *units)
 {
     uint64_t u = data_bytes / UNIT;
-    if (u < MIN_UNITS || u > max_units) {
-        PyErr_Format(PyExc_ValueError, "a heap starts with %u bytes of data area or more, "
-                     "and no more than its max_size (%llu), not %llu", MIN_UNITS * UNIT,
-                     (unsigned long long)max_units * UNIT, (unsigned long long)data_bytes);
-        return -1;
-    }
+    if (u < MIN_UNITS || u > max_units)
+        return h_fail(HE_VALUE, "a heap starts with %u bytes of data area or more, "
+                      "and no more than its max_size (%llu), not %llu", MIN_UNITS * UNIT,
+                      (unsigned long long)max_units * UNIT, (unsigned long long)data_bytes);
     *units = u;
     return 0;
 }
 
-static PyObject *
-heap_layout(PyObject *mod, PyObject *args)
+/* The payload a heap needs now and at its max_size. */
+int
+h_layout(uint64_t data, uint64_t most, uint64_t blocks, uint64_t pins, uint64_t slots,
+         uint64_t *plen_now, uint64_t *plen_max)
 {
-    unsigned long long data, most, blocks, pins, slots;
-    uint64_t pins_off, data_off, max_units, plen, units;
-    if (!PyArg_ParseTuple(args, "KKKKK", &data, &most, &blocks, &pins, &slots))
-        return NULL;
-    if (geometry(most, blocks, pins, slots, &pins_off, &data_off, &max_units, &plen) < 0 ||
+    uint64_t pins_off, data_off, max_units, units = 0;
+    if (geometry(most, blocks, pins, slots, &pins_off, &data_off, &max_units, plen_max) < 0 ||
         initial_units(data, max_units, &units) < 0)
-        return NULL;
-    return Py_BuildValue("KK", (unsigned long long)(data_off + units * UNIT),
-                         (unsigned long long)plen);
+        return -1;
+    *plen_now = data_off + units * UNIT;
+    return 0;
 }
 
-/* heap_format(mapping, payload_offset, data_bytes, max_blocks, max_pins,
- * max_slots, salt): lay out an empty heap in a fresh (zeroed) payload. */
-static PyObject *
-heap_format(PyObject *mod, PyObject *args)
+/* Lay out an empty heap in a fresh (zeroed) payload at p, of the size
+ * h_layout gave. */
+int
+h_format(char *p, uint64_t data, uint64_t most, uint64_t blocks, uint64_t pins,
+         uint64_t slots, uint64_t salt)
 {
-    PyObject *mapping;
-    long long hoff;
-    unsigned long long data, most, blocks, pins, slots, salt;
-    uint64_t pins_off, data_off, units, max_units, plen;
-    if (!PyArg_ParseTuple(args, "O!LKKKKKK", &Mapping_Type, &mapping, &hoff, &data, &most,
-                          &blocks, &pins, &slots, &salt))
-        return NULL;
+    uint64_t pins_off, data_off, units = 0, max_units, plen;
     if (geometry(most, blocks, pins, slots, &pins_off, &data_off, &max_units, &plen) < 0 ||
         initial_units(data, max_units, &units) < 0)
-        return NULL;
+        return -1;
     plen = data_off + units * UNIT;
-    char *p = region(mapping, hoff, plen, 1);
-    if (p == NULL)
-        return NULL;
-    HeapObject fake = {.units = units, .salt = (uint32_t)salt, .max_blocks = (uint32_t)blocks,
-                       .data_off = data_off, .plen = plen};
+    HCore fake = {.units = units, .salt = (uint32_t)salt, .max_blocks = (uint32_t)blocks,
+                  .data_off = data_off, .plen = plen};
     Ctx c = {.h = &fake, .p = p};
     *at64(&c, H_TABLE) = HDR_BYTES;
     *at64(&c, H_PINS) = pins_off;
@@ -2176,44 +1571,26 @@ heap_format(PyObject *mod, PyObject *args)
     *at64(&c, H_FREE_B) = 1;
     *(uint32_t *)(p + H_FORMAT) = HEAP_FORMAT;
     __atomic_store_n(at64(&c, H_MAGIC), HEAP_MAGIC, __ATOMIC_RELEASE);
-    Py_RETURN_NONE;
+    return 0;
 }
 
-static int
-heapobj_init(HeapObject *self, PyObject *args, PyObject *kwds)
+/* Check the header of the heap whose plen payload bytes are at p (hoff in
+ * h->m) and fill in h's geometry.  0, or -1 (CorruptError). */
+int
+h_bind(HCore *h, char *p, uint64_t plen, long long hoff)
 {
-    static char *kwlist[] = {"mapping", "offset", "length", "name", NULL};
-    PyObject *mapping, *name;
-    long long hoff;
-    unsigned long long plen;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!LKO", kwlist, &Mapping_Type, &mapping,
-                                     &hoff, &plen, &name))
-        return -1;
-    Py_XSETREF(self->name, Py_NewRef(name));
-    Py_XSETREF(self->mapping, Py_NewRef(mapping));
-    const char *nm = PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : NULL;
-    if (nm == NULL)
-        PyErr_Clear();
-    snprintf(self->what, sizeof self->what, "heap '%.80s'", nm ? nm : "?");
-    Ctx c = {.h = self};
-    self->plen = plen;
-    if (plen < HDR_BYTES || (c.p = region(mapping, hoff, plen, 0)) == NULL) {
-        if (!PyErr_Occurred())
-            corrupt(&c, "its payload is only %llu bytes", plen);
-        return -1;
-    }
+    Ctx c = {.h = h, .p = p};
+    h->plen = plen;
     if (ld(&c, H_MAGIC) != HEAP_MAGIC || *(uint32_t *)(c.p + H_FORMAT) != HEAP_FORMAT)
         return corrupt(&c, "its header has a bad magic number or format");
     uint64_t bp = ld(&c, H_BLOCKS_PINS), ss = ld(&c, H_SLOTS_SALT);
     uint64_t data_bytes = ld(&c, H_MAX_UNITS) * UNIT, pins_off, data_off, max_units, most;
     uint64_t units = ld(&c, H_UNITS);
-    MappingObject *m = (MappingObject *)mapping;
+    MappingObject *m = h->m;
     if (ld(&c, H_MAX_UNITS) > MAX_UNITS ||
         geometry(data_bytes, (uint32_t)bp, bp >> 32, (uint32_t)ss, &pins_off, &data_off,
-                 &max_units, &most) < 0) {
-        PyErr_Clear();
+                 &max_units, &most) < 0)
         return corrupt(&c, "its header describes an impossible geometry");
-    }
     /* the whole max_size must lie in this process's reservation, and the
      * data area as it is now in the payload that the file holds */
     if (ld(&c, H_TABLE) != HDR_BYTES || ld(&c, H_PINS) != pins_off ||
@@ -2222,122 +1599,16 @@ heapobj_init(HeapObject *self, PyObject *args, PyObject *kwds)
         most > (uint64_t)m->reserve - (uint64_t)hoff ||
         (uint32_t)ss != m->max_slots)
         return corrupt(&c, "its header does not match its size");
-    self->hoff = hoff;
-    self->table_off = HDR_BYTES;
-    self->pins_off = pins_off;
-    self->data_off = data_off;
-    self->units = units;
-    self->max_units = max_units;
-    self->max_blocks = (uint32_t)bp;
-    self->max_pins = (uint32_t)(bp >> 32);
-    self->max_slots = (uint32_t)ss;
-    self->salt = (uint32_t)(ss >> 32);
-    self->stride = PIN_HEAD + 8ull * self->max_pins;
-    Py_XSETREF(self->mv, PyMemoryView_FromObject(mapping));
-    return self->mv ? 0 : -1;
-}
-
-/* close(): release the view of the mapping (views of pins live on). */
-static PyObject *
-heap_close(HeapObject *self, PyObject *Py_UNUSED(ignored))
-{
-    PyObject *mv = self->mv;
-    self->mv = NULL;
-    if (mv != NULL) {
-        PyObject *r = PyObject_CallMethod(mv, "release", NULL);
-        Py_DECREF(mv);
-        if (r == NULL)
-            return NULL;
-        Py_DECREF(r);
-    }
-    Py_RETURN_NONE;
-}
-
-static void
-heapobj_dealloc(HeapObject *self)
-{
-    Py_XDECREF(self->mv);
-    Py_XDECREF(self->mapping);
-    Py_XDECREF(self->name);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static PyObject *
-heap_set_classes(PyObject *mod, PyObject *args)
-{
-    PyObject *st, *pn, *fu;
-    if (!PyArg_ParseTuple(args, "OOO", &st, &pn, &fu))
-        return NULL;
-    Py_XSETREF(heap_StaleHandle, Py_NewRef(st));
-    Py_XSETREF(heap_Pinned, Py_NewRef(pn));
-    Py_XSETREF(heap_Full, Py_NewRef(fu));
-    Py_RETURN_NONE;
-}
-
-#define FAST(NAME, DOC) \
-    {#NAME, (PyCFunction)(void (*)(void))heap_##NAME, METH_FASTCALL, DOC}
-
-static PyMethodDef heapobj_methods[] = {
-    FAST(alloc, "alloc(nbytes, zero, timeout=None) -> handle, or -1 split up, -2 short"),
-    FAST(free, "free(handle, timeout=None)"),
-    FAST(realloc, "realloc(handle, nbytes, zero, timeout=None) -> 0, or -1 split up, "
-                  "-2 short"),
-    FAST(grow, "grow(data_bytes, timeout=None) -> data bytes now (segment extended first)"),
-    {"capacity", (PyCFunction)heap_capacity, METH_NOARGS,
-     "capacity() -> (data bytes, max data bytes, data offset)"},
-    FAST(size_of, "size_of(handle) -> nbytes"),
-    FAST(pin, "pin(value, timeout=None, handle=None) -> Pin"),
-    FAST(unpin, "unpin(handle)"),
-    {"pins_held", (PyCFunction)heap_pins_held, METH_NOARGS, "pins_held() -> int"},
-    FAST(compact_step, "compact_step(restart, until, budget, timeout=None) -> "
-                       "(moved_bytes, moved_blocks, free_run, done, pinned_skipped)"),
-    FAST(stats, "stats(locked=True, timeout=None) -> dict"),
-    FAST(verify, "verify(timeout=None) -> dict; CorruptError when an invariant fails"),
-    FAST(where, "where(handle) -> (unit, nbytes, live pins)"),
-    {"close", (PyCFunction)heap_close, METH_NOARGS, "close(): release the mapping's view"},
-    {NULL}
-};
-
-static PyTypeObject Heap_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmkit._core.HeapCore",
-    .tp_basicsize = sizeof(HeapObject),
-    .tp_dealloc = (destructor)heapobj_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "HeapCore(mapping, offset, length, name)\n\n"
-              "The metadata operations of the heap whose payload is at offset.",
-    .tp_methods = heapobj_methods,
-    .tp_init = (initproc)heapobj_init,
-    .tp_new = PyType_GenericNew,
-};
-
-static PyMethodDef heap_functions[] = {
-    {"heap_layout", heap_layout, METH_VARARGS,
-     "heap_layout(data_bytes, max_data_bytes, max_blocks, max_pins, max_slots) -> "
-     "(payload bytes, max payload bytes)"},
-    {"heap_format", heap_format, METH_VARARGS,
-     "heap_format(mapping, offset, data_bytes, max_data_bytes, max_blocks, max_pins, "
-     "max_slots, salt)"},
-    {"heap_set_classes", heap_set_classes, METH_VARARGS,
-     "heap_set_classes(StaleHandleError, PinnedError, HeapFullError)"},
-    {NULL}
-};
-
-int
-shm_init_heap(PyObject *module)
-{
-    if (PyType_Ready(&Heap_Type) < 0 || PyType_Ready(&Pin_Type) < 0 ||
-        PyModule_AddFunctions(module, heap_functions) < 0)
-        return -1;
-    Py_INCREF(&Pin_Type);
-    if (PyModule_AddObject(module, "Pin", (PyObject *)&Pin_Type) < 0) {
-        Py_DECREF(&Pin_Type);
-        return -1;
-    }
-    Py_INCREF(&Heap_Type);
-    if (PyModule_AddObject(module, "HeapCore", (PyObject *)&Heap_Type) < 0) {
-        Py_DECREF(&Heap_Type);
-        return -1;
-    }
-    return PyModule_AddIntConstant(module, "HEAP_FORMAT", HEAP_FORMAT);
+    h->hoff = hoff;
+    h->table_off = HDR_BYTES;
+    h->pins_off = pins_off;
+    h->data_off = data_off;
+    h->units = units;
+    h->max_units = max_units;
+    h->max_blocks = (uint32_t)bp;
+    h->max_pins = (uint32_t)(bp >> 32);
+    h->max_slots = (uint32_t)ss;
+    h->salt = (uint32_t)(ss >> 32);
+    h->stride = PIN_HEAD + 8ull * h->max_pins;
+    return 0;
 }

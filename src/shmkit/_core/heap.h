@@ -1,4 +1,6 @@
-/* heap.h - the heap's shared layout (heap.c holds the protocol).
+/* heap.h - the heap's shared layout and the declarations its two halves
+ * share: heap.c holds the protocol (no Python objects, no Python API; errors
+ * are recorded with h_fail) and heaptype.c the HeapCore and Pin types.
  *
  * Payload layout (offsets from the payload start; a "unit" is 16 bytes; a
  * "word" is a u64 and pairs of u32 fields are packed into words as
@@ -183,5 +185,103 @@ HEAP_AT(HeapMove, done, M_DONE);
 _Static_assert(sizeof(HeapMove) == 64, "the move journal is 8 words");
 _Static_assert(offsetof(HeapBlock, links) == UNIT, "a block header is one unit");
 #undef HEAP_AT
+
+/* ---- the protocol's view of one heap (heap.c) -------------------------------
+ * The geometry is validated once, when the handle is made (h_bind); the
+ * header's copy is never trusted again. */
+#include "shmkit.h"
+
+#define ROOM_SPLIT (-1) /* alloc/realloc: enough free space, but split up */
+#define ROOM_SHORT (-2) /* alloc/realloc: not enough free space: grow */
+#define SCAN_LIMIT 4096 /* headers a compaction step walks at most */
+
+typedef struct HCore {
+    MappingObject *m;   /* the segment's mapping (held by the type) */
+    long long hoff;     /* payload offset within the mapping */
+    uint64_t plen;      /* payload bytes this process has seen (grows with the heap) */
+    uint64_t table_off, pins_off, data_off, stride;
+    uint64_t units;     /* data area now: re-read at every begin() and under the lock */
+    uint64_t max_units; /* the most the data area may grow to */
+    uint32_t max_blocks, max_pins, max_slots, salt;
+    char what[96];      /* "heap 'name'", for messages */
+    /* Let other threads run during a long copy (the type releases the GIL);
+     * NULL: copy without. */
+    void *(*nogil)(void);
+    void (*gil)(void *);
+} HCore;
+
+/* One operation's view: the payload's address and the heap's geometry. */
+typedef struct {
+    HCore *h;
+    char *p;
+    shm_journal jn; /* the undo journal at H_JOURNAL */
+    int locked;
+} Ctx;
+
+typedef struct {
+    uint32_t size, prev, handle;
+} Blk;
+
+/* ---- errors ------------------------------------------------------------------
+ * A failing h_* function returns -1 after h_fail() recorded the error for
+ * the calling thread; the type raises it (h_raise in heaptype.c).  The
+ * core's shared modules it calls (journal.c) raise their own. */
+enum { HE_NONE, HE_CORRUPT, HE_STALE, HE_PINNED, HE_FULL, HE_VALUE, HE_RUNTIME, HE_NOMEM };
+typedef struct {
+    int code;
+    char msg[400];
+} HError;
+extern __thread HError h_error;
+int h_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static inline uint64_t ld(Ctx *c, uint64_t off)
+{
+    return __atomic_load_n((uint64_t *)(c->p + off), __ATOMIC_ACQUIRE);
+}
+static inline uint64_t entry_off(Ctx *c, uint32_t idx)
+{
+    return c->h->table_off + (uint64_t)idx * ENTRY_BYTES;
+}
+
+/* ---- heap.c ---- */
+int sync_units(Ctx *c);
+int locked_repair(Ctx *c, int owner_died);
+int want_units(HCore *h, unsigned long long n, uint32_t *units);
+int check_handle(Ctx *c, uint32_t idx, uint32_t gen, uint64_t *st);
+enum { HR_SPLIT = 1, HR_SHORT = 2 }; /* no room (see ROOM_SPLIT, ROOM_SHORT) */
+int h_alloc(Ctx *c, uint64_t n, int zero, uint32_t want, uint64_t *handle);
+int h_grow(Ctx *c, uint64_t n);
+int h_free(Ctx *c, uint32_t idx, uint32_t gen);
+int h_realloc(Ctx *c, uint32_t idx, uint32_t gen, uint64_t n, int zero, uint32_t want);
+int h_size_read(Ctx *c, uint32_t idx, uint32_t gen, uint64_t *n);
+int h_pin_take(Ctx *c, uint32_t idx, uint32_t gen, uint32_t me, uint64_t **rec,
+               uint64_t *off, uint64_t *n);
+int h_pin_settled(Ctx *c, uint32_t idx);
+int drop_pin(Ctx *c, uint64_t *rec);
+int h_unpin(Ctx *c, uint32_t idx, uint32_t token);
+uint64_t h_pins_held(Ctx *c, uint32_t me);
+typedef struct {
+    unsigned long long moved, nmoved, run, skipped;
+    int done;
+} HStep;
+int h_compact_step(Ctx *c, int restart, uint64_t until, uint64_t budget, HStep *out);
+typedef struct {
+    uint64_t used, free, blocks, free_blocks, handles_used, largest_units;
+    uint64_t stat[ST_COUNT];
+    int64_t pinned;
+    int have_largest;
+} HStats;
+int h_stats(Ctx *c, int locked, HStats *s);
+typedef struct {
+    uint64_t blocks, free_blocks, used, free, handles_used, free_handles;
+    int64_t pinned;
+} HVerify;
+int h_verify(Ctx *c, HVerify *v);
+int h_where(Ctx *c, uint32_t idx, uint32_t gen, uint64_t *unit, uint64_t *n, int64_t *pins);
+int h_layout(uint64_t data, uint64_t most, uint64_t blocks, uint64_t pins, uint64_t slots,
+             uint64_t *plen_now, uint64_t *plen_max);
+int h_format(char *p, uint64_t data, uint64_t most, uint64_t blocks, uint64_t pins,
+             uint64_t slots, uint64_t salt);
+int h_bind(HCore *h, char *p, uint64_t plen, long long hoff);
 
 #endif

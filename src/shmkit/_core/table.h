@@ -1,5 +1,8 @@
-/* table.h - the store's shared layout (table.c holds the protocol and the
- * Table type that uses it).
+/* table.h - the store's shared layout and the declarations its two halves
+ * share: table.c holds the shared-memory protocol (no Python objects, no
+ * Python API; errors are reported as a code and a message, see t_fail) and
+ * tabletype.c the Table type (argument parsing, encoding of Python values,
+ * the writers' lock and the readers' wait, which release the GIL).
  *
  * Layout of the payload (byte offsets from the payload start, native byte
  * order, which must be little-endian; all blocks 16-byte aligned):
@@ -40,6 +43,7 @@
 
 #include "journal.h"
 #include <stddef.h>
+#include <string.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the store's shared layout is little-endian"
@@ -173,5 +177,195 @@ T_AT(TJournalHead, n, 16);
 T_AT(TJournalHead, index, 24);
 _Static_assert(sizeof(TJournalHead) == T_JOURNAL_HDR, "journal header is 32 bytes");
 #undef T_AT
+
+/* ---- the protocol's view of one handle (table.c) ---------------------------
+ * Everything the protocol needs of a Table handle, in plain C: the Table
+ * type (tabletype.c) embeds one and passes it to every t_* function. */
+#include "shmkit.h"
+#include <pthread.h>
+
+#define LDA(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define LDR(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define STA(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define STR(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+#define W64(P, off) ((uint64_t *)((P) + (off)))
+
+typedef struct {
+    uint64_t slot; /* slot + 1; 0 marks an unused entry */
+    uint64_t word;
+} OvEntry;
+
+/* A batch's index words, not yet published: slot -> word. */
+typedef struct {
+    OvEntry *e;
+    size_t cap, n;
+    uint64_t newslots; /* entries whose published word is empty */
+} Overlay;
+
+typedef struct TCore {
+    MappingObject *m;     /* the segment's mapping (held by the type) */
+    uint64_t poff;        /* absolute offset of the payload in the mapping */
+    uint64_t seed;
+    int readonly;
+    int64_t timeout_ns;   /* writer lock wait; -1 forever */
+    int64_t read_timeout_ns; /* readers' wait for a batch to be published; -1 forever */
+    unsigned long lock_thread; /* t_thread() of the holder while lock_depth > 0 */
+    int lock_depth;
+    int batch_depth;
+    uint64_t end;         /* heap_end as checked when the lock was taken */
+    Overlay ov;
+    /* Grow the segment by at least `need` bytes (the type calls Python's
+     * grow hook).  0, or -1 with the error already raised (TE_RAISED). */
+    int (*grow)(struct TCore *t, uint64_t need);
+} TCore;
+
+#define HDR(t) ((THeader *)((t)->m->base + (t)->poff))
+#define PAY(t) ((char *)(t)->m->base + (t)->poff)
+
+/* The calling thread, as the lock's owner (what PyThread_get_thread_ident
+ * returns on POSIX). */
+static inline unsigned long t_thread(void) { return (unsigned long)pthread_self(); }
+
+/* ---- errors ------------------------------------------------------------------
+ * A t_* function that fails returns -1 (0 for t_enter, (uint64_t)-1 for an
+ * offset) after t_fail() recorded what went wrong for the calling thread;
+ * the type turns that record into an exception (t_raise in tabletype.c).
+ * TE_RAISED: a callback of the type (the grow hook) already raised. */
+enum {
+    TE_NONE, TE_RAISED, TE_CORRUPT, TE_NOMEM, TE_FULL, TE_READONLY, TE_CLOSED,
+    TE_VALUE, TE_RUNTIME
+};
+typedef struct {
+    int code;
+    char msg[400];
+} TError;
+extern __thread TError t_error;
+int t_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* ---- records and keys ---- */
+typedef struct {
+    const char *p;
+    Py_ssize_t n;
+    uint8_t type;
+    uint64_t h;
+    char small[8];
+    char *big;
+} TKey;
+
+typedef struct {
+    uint64_t size; /* block size */
+    uint64_t hash;
+    uint32_t klen;
+    uint8_t ktype, vtype;
+    uint64_t vlen;
+} TRec;
+
+typedef struct {
+    uint64_t ix, nslots, mask;
+    uint64_t *slots;
+} TIndex;
+
+/* Where a writer found (P_FOUND) or will put (P_ABSENT) a key. */
+typedef struct {
+    uint64_t slot, old; /* the slot and the word it holds now */
+    int from_ov;        /* that word is the open batch's, not published */
+} TSlot;
+
+enum { P_ABSENT = 0, P_FOUND = 1, P_RACE = 2 };
+
+uint64_t thash(const char *p, size_t n, uint64_t seed);
+static inline uint64_t
+t_key_hash(uint64_t seed, const char *p, size_t n, uint8_t type)
+{
+    return thash(p, n, seed ^ (type * 0x9E3779B97F4A7C15ull));
+}
+static inline uint64_t rec_word(uint64_t off, uint64_t hash) { return (off >> 4) | (W_TAG(hash) << 40); }
+static inline uint64_t word_off(uint64_t w) { return (w & W_OFF_MASK) << 4; }
+static inline uint64_t rd64(const char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline uint64_t rd32(const char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+/* ---- the epoch ---- */
+static inline void
+epoch_bump(THeader *h, uint64_t by)
+{
+    STA(&h->epoch, LDR(&h->epoch) + by);
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* before any store that follows */
+}
+
+static inline int
+epoch_same(THeader *h, uint64_t e)
+{
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return LDR(&h->epoch) == e;
+}
+
+/* The epoch as a futex word: its low 32 bits (the layout is little-endian,
+ * so they are the u64's first four bytes).  A batch changes the epoch by
+ * one, so those bits change whenever the epoch does. */
+#define EPOCH_WORD(h) ((uint32_t *)&(h)->epoch)
+
+/* After the epoch was made even: wake the readers asleep on it. */
+static inline void
+epoch_wake(THeader *h)
+{
+    shm_futex_wake(EPOCH_WORD(h), INT32_MAX);
+}
+
+/* ---- entering, lock-free reading (table.c) ---- */
+uint64_t t_lim(TCore *t);
+int t_live(TCore *t);
+int t_sync(TCore *t);
+uint64_t t_enter(TCore *t);
+int rec_read(const char *P, uint64_t end, uint64_t off, TRec *r);
+int index_ok(const char *P, uint64_t end, uint64_t ix, uint64_t *nslots);
+int probe_ro(const char *P, uint64_t end, const TKey *k, uint64_t *off, TRec *rec);
+uint32_t token_pid(TCore *t, uint32_t token, int *stopped);
+
+/* The wait for an even epoch (the type runs it through wait.h). */
+typedef struct {
+    TCore *t;
+    THeader *h;
+    uint64_t even; /* out: the even epoch seen */
+    int dead;      /* out: nobody alive is publishing */
+} TEvenWait;
+int t_even_ready(void *ctx, uint32_t *sleep_on);
+int t_even_check(void *ctx);
+
+/* ---- writers (lock held) ---- */
+int t_recover(TCore *t);
+int t_locked_check(TCore *t);
+void t_mark_dirty(TCore *t);
+static inline int t_in_batch(TCore *t) { return t->batch_depth > 0 && t->lock_thread == t_thread(); }
+void t_free(TCore *t, uint64_t off);
+int t_index(TCore *t, TIndex *x);
+uint64_t wword(TCore *t, TIndex *x, uint64_t i, int *from_ov);
+int probe_w(TCore *t, TIndex *x, const TKey *k, uint64_t *slot, uint64_t *word, int *from_ov);
+void ov_clear(Overlay *o);
+int t_put_find(TCore *t, const TKey *k, TSlot *s);
+uint64_t t_put_write(TCore *t, const TKey *k, uint8_t vtype, uint64_t vlen, char **value);
+int t_put_publish(TCore *t, const TSlot *s, uint64_t off, uint64_t hash);
+int t_delete_find(TCore *t, const TKey *k, TSlot *s);
+int t_delete_publish(TCore *t, const TSlot *s);
+void t_batch_discard(TCore *t);
+int t_batch_commit(TCore *t);
+int t_clear_locked(TCore *t);
+int t_format(TCore *t, uint64_t seed);
+
+/* ---- views ---- */
+int view_hold(TCore *t);
+void view_unhold(MappingObject *m, uint64_t poff, uint32_t token);
+
+/* ---- verification, statistics, vacuum ---- */
+typedef struct {
+    uint64_t blocks, records, used, free_bytes, largest_free, index_bytes;
+} TWalk;
+int t_verify(TCore *t, TWalk *out);
+typedef struct {
+    uint64_t count, tombstones, used, heap, free_bytes, free_blocks, largest_free,
+        pending, index_slots, growths, index_growths, recycles, recoveries, vacuums,
+        batches, epoch;
+} TStats;
+void t_stats(TCore *t, uint64_t end, TStats *s);
+int t_vacuum(TCore *t, uint64_t *new_end, uint64_t *moved);
 
 #endif

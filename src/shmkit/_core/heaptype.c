@@ -1,0 +1,1004 @@
+/* heaptype.c - shmkit._core.HeapCore and shmkit.Pin: the heap as Python types.
+ *
+ * The protocol is heap.c (no Python objects there); this file parses
+ * arguments, maps the payload (region), takes the heap's robust lock
+ * (lock.c; the wait releases the GIL), lets other threads run during long
+ * copies, makes the pins' memoryviews and raises the errors heap.c records
+ * (h_fail), naming the heap.  See heap.c for the protocol, the API summary
+ * and the crash analysis, and heap.h for the layout.
+ */
+#include "heap.h"
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+static PyObject *heap_StaleHandle, *heap_Pinned, *heap_Full;
+
+typedef struct {
+    PyObject_HEAD
+    HCore core;         /* the protocol's state (heap.h) */
+    PyObject *mapping;
+    PyObject *name;
+    PyObject *mv;       /* memoryview of the whole mapping; pins slice it */
+} HeapObject;
+
+/* The HeapObject an operation's Ctx belongs to. */
+#define OBJ(c) ((HeapObject *)((char *)(c)->h - offsetof(HeapObject, core)))
+
+/* ---- errors: heap.c's record as an exception -------------------------------- */
+
+static void
+h_raise(HeapObject *self)
+{
+    if (PyErr_Occurred())
+        return; /* raised by a shared module (journal.c, lock.c) */
+    const char *m = h_error.msg;
+    switch (h_error.code) {
+    case HE_CORRUPT:
+        PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_RuntimeError,
+                     "heap %R is corrupt: %s; copy out what you still need and "
+                     "recreate it (shmkit rm)", self->name, m);
+        break;
+    case HE_STALE:
+        PyErr_Format(heap_StaleHandle ? heap_StaleHandle : PyExc_ValueError,
+                     "%s in heap %R", m, self->name);
+        break;
+    case HE_PINNED:
+        PyErr_SetString(heap_Pinned ? heap_Pinned : PyExc_RuntimeError, m);
+        break;
+    case HE_FULL:
+        PyErr_SetString(heap_Full ? heap_Full : PyExc_MemoryError, m);
+        break;
+    case HE_VALUE:
+        PyErr_SetString(PyExc_ValueError, m);
+        break;
+    case HE_NOMEM:
+        PyErr_SetString(PyExc_MemoryError, m);
+        break;
+    default:
+        PyErr_SetString(PyExc_RuntimeError, m[0] ? m : "heap: unknown error");
+        break;
+    }
+}
+
+/* heap.c's hooks around long copies: other threads run meanwhile. */
+static void *
+heap_nogil(void)
+{
+    return PyEval_SaveThread();
+}
+
+static void
+heap_gil(void *ts)
+{
+    PyEval_RestoreThread((PyThreadState *)ts);
+}
+
+/* ---- locking ------------------------------------------------------------- */
+
+/* The address of `len` bytes at `off` of the mapping.  (shm_addr checks
+ * natural alignment, which suits words, not regions: check 8 bytes there,
+ * then the length here.) */
+static char *
+region(PyObject *mapping, long long off, uint64_t len, int writable)
+{
+    char *p = shm_addr(mapping, off, 8, writable);
+    if (p == NULL)
+        return NULL;
+    MappingObject *m = (MappingObject *)mapping;
+    if (len > (uint64_t)m->length || (uint64_t)off > (uint64_t)m->length - len) {
+        PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_ValueError,
+                     "the heap's %llu bytes at offset %lld lie outside the segment's "
+                     "%zd bytes", (unsigned long long)len, off, m->length);
+        return NULL;
+    }
+    return p;
+}
+
+static int
+begin(HeapObject *self, Ctx *c, int writable)
+{
+    c->h = &self->core;
+    c->locked = 0;
+    c->p = region(self->mapping, self->core.hoff, self->core.plen, writable);
+    if (c->p == NULL)
+        return -1;
+    /* a damaged size word is reported by lock() (which checks again);
+     * lock-free calls (a pin's release, size_of) keep the bound they had */
+    if (sync_units(c) < 0) {
+        PyErr_Clear();
+        shm_journal_bind(&c->jn, c->p, H_JOURNAL, J_MAX, H_FREEH, self->core.plen,
+                         self->core.what);
+    }
+    shm_pin(self->mapping);
+    return 0;
+}
+
+/* Release the lock.  Work left in the journal by a failed operation is
+ * undone first, so no error path can publish a half-made change. */
+static void
+unlock(Ctx *c)
+{
+    if (!c->locked)
+        return;
+    c->locked = 0;
+    shm_lock_release_journal(c->h->m, (uint32_t *)(c->p + H_LOCK), &c->jn);
+}
+
+static void
+end(Ctx *c)
+{
+    unlock(c);
+    shm_unpin(OBJ(c)->mapping);
+}
+
+static int
+lock(Ctx *c, int64_t deadline)
+{
+    MappingObject *m = c->h->m;
+    if (m->token == 0) {
+        PyErr_Format(SHM_READONLY_EXC,
+                     "heap %R is open read-only (or closed) here; open it without "
+                     "readonly=True to change it", OBJ(c)->name);
+        return -1;
+    }
+    int r = shm_lock_acquire_repair(m, (uint32_t *)(c->p + H_LOCK), deadline, NULL, NULL,
+                                    NULL);
+    if (r < 0)
+        return -1;
+    if (r == 0) {
+        PyErr_Format(shm_TimeoutError ? shm_TimeoutError : PyExc_TimeoutError,
+                     "could not lock heap %R before the timeout; another process holds "
+                     "it (a long compaction?)", OBJ(c)->name);
+        return -1;
+    }
+    c->locked = 1;
+    if (locked_repair(c, r == 2) < 0) {
+        h_raise(OBJ(c));
+        unlock(c);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- arguments ------------------------------------------------------------ */
+
+static int
+parse_handle(PyObject *o, uint32_t *idx, uint32_t *gen)
+{
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *idx = (uint32_t)v;
+    *gen = (uint32_t)(v >> 32);
+    return 0;
+}
+
+static int64_t
+get_deadline(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t i)
+{
+    return shm_deadline(nargs > i ? args[i] : NULL);
+}
+
+/* ---- HeapCore methods ------------------------------------------------------- */
+
+/* alloc(nbytes, zero, timeout) -> handle int, or ROOM_SPLIT when the free
+ * space is enough but split up (the caller compacts), ROOM_SHORT when it is
+ * not enough (the caller grows the heap). */
+static PyObject *
+heap_alloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 2) {
+        PyErr_SetString(PyExc_TypeError, "alloc(nbytes, zero, timeout=None)");
+        return NULL;
+    }
+    unsigned long long n = PyLong_AsUnsignedLongLong(args[0]);
+    if (n == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    int zero = PyObject_IsTrue(args[1]);
+    int64_t deadline = get_deadline(args, nargs, 2);
+    if (zero < 0 || deadline < 0)
+        return NULL;
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    uint32_t want;
+    uint64_t handle = 0;
+    if (want_units(&self->core, n, &want) < 0) {
+        h_raise(self);
+        goto out;
+    }
+    if (lock(&c, deadline) < 0)
+        goto out;
+    int r = h_alloc(&c, n, zero, want, &handle);
+    if (r < 0)
+        h_raise(self);
+    else
+        result = r == 0 ? PyLong_FromUnsignedLongLong(handle)
+                        : PyLong_FromLong(r == HR_SPLIT ? ROOM_SPLIT : ROOM_SHORT);
+out:
+    end(&c);
+    return result;
+}
+
+/* grow(data_bytes, timeout=None) -> data bytes now.  Extends the data area
+ * to data_bytes (a multiple of 16, at most max_size), which the caller's
+ * segment must already cover: the new units become a free block at the end,
+ * merged with a free last block.  One journaled commit under the lock;
+ * a no-op when the heap is already that large (another process grew it). */
+static PyObject *
+heap_grow(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "grow(data_bytes, timeout=None)");
+        return NULL;
+    }
+    unsigned long long n = PyLong_AsUnsignedLongLong(args[0]);
+    if (n == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    int64_t deadline = get_deadline(args, nargs, 1);
+    if (deadline < 0)
+        return NULL;
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    if (n / UNIT > self->core.max_units) {
+        PyErr_Format(PyExc_ValueError, "heap %R cannot grow to %llu bytes: its max_size is "
+                     "%llu", self->name, n, (unsigned long long)self->core.max_units * UNIT);
+        goto out;
+    }
+    if (lock(&c, deadline) < 0)
+        goto out;
+    if (h_grow(&c, n) < 0)
+        h_raise(self);
+    else
+        result = PyLong_FromUnsignedLongLong(self->core.units * UNIT);
+out:
+    end(&c);
+    return result;
+}
+
+/* capacity() -> (data bytes now, max data bytes, data area offset); lock-free. */
+static PyObject *
+heap_capacity(HeapObject *self, PyObject *Py_UNUSED(ignored))
+{
+    Ctx c;
+    if (begin(self, &c, 0) < 0)
+        return NULL;
+    PyObject *r = Py_BuildValue("KKK", (unsigned long long)(self->core.units * UNIT),
+                                (unsigned long long)(self->core.max_units * UNIT),
+                                (unsigned long long)self->core.data_off);
+    end(&c);
+    return r;
+}
+
+/* free(handle, timeout=None) */
+static PyObject *
+heap_free(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint32_t idx, gen;
+    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
+        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "free(handle, timeout=None)") : NULL;
+    int64_t deadline = get_deadline(args, nargs, 1);
+    if (deadline < 0)
+        return NULL;
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    if (lock(&c, deadline) < 0)
+        goto out;
+    if (h_free(&c, idx, gen) < 0)
+        h_raise(self);
+    else
+        result = Py_NewRef(Py_None);
+out:
+    end(&c);
+    return result;
+}
+
+/* realloc(handle, nbytes, zero, timeout=None) -> 0 done, or ROOM_SPLIT /
+ * ROOM_SHORT as alloc() (nothing changed; the caller compacts or grows). */
+static PyObject *
+heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint32_t idx, gen;
+    if (nargs < 3) {
+        PyErr_SetString(PyExc_TypeError, "realloc(handle, nbytes, zero, timeout=None)");
+        return NULL;
+    }
+    if (parse_handle(args[0], &idx, &gen) < 0)
+        return NULL;
+    unsigned long long n = PyLong_AsUnsignedLongLong(args[1]);
+    if (n == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    int zero = PyObject_IsTrue(args[2]);
+    int64_t deadline = get_deadline(args, nargs, 3);
+    if (zero < 0 || deadline < 0)
+        return NULL;
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    uint32_t want;
+    if (want_units(&self->core, n, &want) < 0) {
+        h_raise(self);
+        goto out;
+    }
+    if (lock(&c, deadline) < 0)
+        goto out;
+    int r = h_realloc(&c, idx, gen, n, zero, want);
+    if (r < 0)
+        h_raise(self);
+    else
+        result = PyLong_FromLong(r == 0 ? 0 : r == HR_SPLIT ? ROOM_SPLIT : ROOM_SHORT);
+out:
+    end(&c);
+    return result;
+}
+
+/* size_of(handle) -> int, without the lock unless the block is changing. */
+static PyObject *
+heap_size_of(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint32_t idx, gen;
+    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
+        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "size_of(handle)") : NULL;
+    Ctx c;
+    if (begin(self, &c, 0) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    uint64_t n;
+    for (int tries = 0;; tries++) {
+        int r = h_size_read(&c, idx, gen, &n);
+        if (r < 0) {
+            h_raise(self);
+            goto out;
+        }
+        if (r == 0)
+            break;
+        if (tries > 1000 && self->core.m->token == 0) {
+            /* read-only: no lock to wait on; let the change finish */
+            if (tries > 1000 + 200000) {
+                h_fail(HE_CORRUPT, "handle entry %u stays marked busy", idx);
+                h_raise(self);
+                goto out;
+            }
+            Py_BEGIN_ALLOW_THREADS
+            usleep(50);
+            Py_END_ALLOW_THREADS
+            if (PyErr_CheckSignals() < 0)
+                goto out;
+        } else if (tries > 1000) {
+            /* a resize in progress: wait for it under the lock */
+            int64_t deadline = get_deadline(args, nargs, 1);
+            if (deadline < 0 || lock(&c, deadline) < 0)
+                goto out;
+            if (h_pin_settled(&c, idx) < 0) {
+                h_raise(self);
+                goto out;
+            }
+            unlock(&c);
+            tries = 0;
+        }
+    }
+    result = PyLong_FromUnsignedLongLong(n);
+out:
+    end(&c);
+    return result;
+}
+
+/* ---- Pin objects ----------------------------------------------------------
+ * What heap.pin() returns: holds one pin until release() (or the end of its
+ * `with`, or its deallocation), and the memoryview of the block, which it
+ * releases with the pin.  The view is a slice of the heap's memoryview of the
+ * whole mapping, so it keeps the mapping alive by itself. */
+
+typedef struct {
+    PyObject_HEAD
+    HeapObject *heap;
+    PyObject *handle;   /* the Handle object (or None) */
+    PyObject *view;     /* NULL once released */
+    uint64_t value;
+    uint32_t token;     /* attachment that holds the pin */
+} PinObject;
+
+static PyTypeObject Pin_Type;
+static int unpin_idx(HeapObject *self, uint32_t idx, uint32_t token);
+
+static PyObject *
+new_pin(HeapObject *heap, PyObject *value, PyObject *handle, long long off, uint64_t n,
+        uint32_t token)
+{
+    if (heap->mv == NULL) {
+        PyErr_Format(PyExc_ValueError, "heap %R is closed", heap->name);
+        return NULL;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(value);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if ((uint64_t)off + n > (uint64_t)PyMemoryView_GET_BUFFER(heap->mv)->len) {
+        /* the heap grew since the view was made: view the mapping anew (at
+         * its length now, which begin() checked); pins of the old view keep it */
+        PyObject *mv = PyMemoryView_FromObject(heap->mapping);
+        if (mv == NULL)
+            return NULL;
+        Py_SETREF(heap->mv, mv);
+    }
+    PyObject *start = PyLong_FromLongLong(off);
+    PyObject *stop = PyLong_FromLongLong(off + (long long)n);
+    PyObject *slice = start && stop ? PySlice_New(start, stop, NULL) : NULL;
+    Py_XDECREF(start);
+    Py_XDECREF(stop);
+    PyObject *view = slice ? PyObject_GetItem(heap->mv, slice) : NULL;
+    Py_XDECREF(slice);
+    if (view == NULL)
+        return NULL;
+    PinObject *pin = PyObject_New(PinObject, &Pin_Type);
+    if (pin == NULL) {
+        Py_DECREF(view);
+        return NULL;
+    }
+    pin->heap = (HeapObject *)Py_NewRef(heap);
+    pin->handle = Py_NewRef(handle);
+    pin->view = view;
+    pin->value = v;
+    pin->token = token;
+    return (PyObject *)pin;
+}
+
+static int
+pin_release_impl(PinObject *self)
+{
+    PyObject *view = self->view;
+    if (view == NULL)
+        return 0;
+    self->view = NULL;
+    PyObject *r = PyObject_CallMethod(view, "release", NULL);
+    if (r == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_BufferError)) {
+            Py_DECREF(view);
+            return -1;
+        }
+        PyErr_Clear(); /* an array over it still exists; it keeps the mapping alive */
+    }
+    Py_XDECREF(r);
+    Py_DECREF(view);
+    return unpin_idx(self->heap, (uint32_t)self->value, self->token) < 0 ? -1 : 0;
+}
+
+static PyObject *
+pin_release(PinObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (pin_release_impl(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+pin_get_view(PinObject *self, void *Py_UNUSED(c))
+{
+    if (self->view == NULL) {
+        PyErr_SetString(PyExc_ValueError, "this pin was released");
+        return NULL;
+    }
+    return Py_NewRef(self->view);
+}
+
+static PyObject *
+pin_exit(PinObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return pin_release(self, NULL);
+}
+
+static PyObject *
+pin_get_handle(PinObject *self, void *Py_UNUSED(c))
+{
+    return Py_NewRef(self->handle);
+}
+
+static PyObject *
+pin_get_released(PinObject *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->view == NULL);
+}
+
+static PyObject *
+pin_repr(PinObject *self)
+{
+    if (self->view == NULL)
+        return PyUnicode_FromFormat("<shmkit.Pin %R released>", self->handle);
+    return PyUnicode_FromFormat("<shmkit.Pin %R %zd bytes>", self->handle,
+                                PyObject_Length(self->view));
+}
+
+static void
+pin_dealloc(PinObject *self)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (pin_release_impl(self) < 0)
+        PyErr_WriteUnraisable((PyObject *)self);
+    PyErr_Restore(type, value, tb);
+    Py_XDECREF(self->handle);
+    Py_XDECREF(self->heap);
+    PyObject_Free(self);
+}
+
+static PyMethodDef pin_methods[] = {
+    {"release", (PyCFunction)pin_release, METH_NOARGS,
+     "release()\n\nUnpin the block and release the view.  Safe to call twice."},
+    {"__enter__", (PyCFunction)pin_get_view, METH_NOARGS, "The block's memoryview."},
+    {"__exit__", (PyCFunction)(void (*)(void))pin_exit, METH_FASTCALL, NULL},
+    {NULL}
+};
+
+static PyGetSetDef pin_getset[] = {
+    {"view", (getter)pin_get_view, NULL, "the block's memoryview (until released)", NULL},
+    {"handle", (getter)pin_get_handle, NULL, "the pinned block's handle", NULL},
+    {"released", (getter)pin_get_released, NULL, "True once released", NULL},
+    {NULL}
+};
+
+static PyTypeObject Pin_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkit.Pin",
+    .tp_basicsize = sizeof(PinObject),
+    .tp_dealloc = (destructor)pin_dealloc,
+    .tp_repr = (reprfunc)pin_repr,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A pinned heap block: its bytes stay where they are until release().\n\n"
+              "Made by Heap.pin(); `with heap.pin(h) as view:` gives the block's\n"
+              "memoryview and releases the pin (and the view) at the end.",
+    .tp_methods = pin_methods,
+    .tp_getset = pin_getset,
+};
+
+/* pin(value, timeout=None, handle=None) -> Pin.
+ * Lock-free unless the block is being moved, freed or resized. */
+static PyObject *
+heap_pin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint32_t idx, gen;
+    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
+        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "pin(handle, timeout=None)") : NULL;
+    uint32_t me = self->core.m->token;
+    if (me == 0 || SHM_TOKEN_SLOT(me) >= self->core.max_slots) {
+        PyErr_Format(SHM_READONLY_EXC,
+                     "heap %R is open read-only (or closed) here; pinning needs a "
+                     "writable attachment", self->name);
+        return NULL;
+    }
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    int64_t deadline = -2;
+    for (;;) {
+        uint64_t *rec, off, n;
+        int r = h_pin_take(&c, idx, gen, me, &rec, &off, &n);
+        if (r < 0) {
+            h_raise(self);
+            goto out;
+        }
+        if (r > 0) {
+            /* being moved, freed or resized: wait for the holder of the lock */
+            if (deadline == -2 && (deadline = get_deadline(args, nargs, 1)) < 0)
+                goto out;
+            if (lock(&c, deadline) < 0)
+                goto out;
+            if (h_pin_settled(&c, idx) < 0) {
+                h_raise(self);
+                goto out;
+            }
+            unlock(&c);
+            continue;
+        }
+        result = new_pin(self, args[0], nargs > 2 ? args[2] : Py_None,
+                         self->core.hoff + (long long)off, n, me);
+        if (result == NULL)
+            drop_pin(&c, rec);
+        break;
+    }
+out:
+    end(&c);
+    return result;
+}
+
+/* Drop one pin that the attachment named by `token` holds on entry idx:
+ * 0 done, 1 none held, -1 error. */
+static int
+unpin_idx(HeapObject *self, uint32_t idx, uint32_t token)
+{
+    MappingObject *m = self->core.m;
+    if (token == 0 || m->token != token || SHM_TOKEN_SLOT(token) >= self->core.max_slots)
+        return 1; /* detached (or forked): its records died with the attachment */
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return -1;
+    int r = h_unpin(&c, idx, token);
+    end(&c);
+    return r;
+}
+
+/* unpin(value): drop one pin this attachment holds on the handle's block
+ * (for pins taken without a Pin object; Pin.release() does this itself). */
+static PyObject *
+heap_unpin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint32_t idx, gen;
+    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
+        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "unpin(handle)") : NULL;
+    int r = unpin_idx(self, idx, self->core.m->token);
+    if (r < 0)
+        return NULL;
+    if (r > 0)
+        return PyErr_Format(PyExc_RuntimeError, "Handle(index=%u, generation=%u) is not "
+                            "pinned by this attachment of heap %R", idx, gen, self->name);
+    Py_RETURN_NONE;
+}
+
+/* pins_held() -> int: pins this attachment holds. */
+static PyObject *
+heap_pins_held(HeapObject *self, PyObject *Py_UNUSED(ignored))
+{
+    uint32_t me = self->core.m->token;
+    if (me == 0 || SHM_TOKEN_SLOT(me) >= self->core.max_slots)
+        return PyLong_FromLong(0);
+    Ctx c;
+    if (begin(self, &c, 0) < 0)
+        return NULL;
+    uint64_t held = h_pins_held(&c, me);
+    end(&c);
+    return PyLong_FromUnsignedLongLong(held);
+}
+
+/* compact_step(restart, until_bytes, budget_bytes, timeout=None)
+ *   -> (moved_bytes, moved_blocks, free_run_bytes, done, pinned_skipped)
+ * Slides used blocks down over the free space before them, starting at the
+ * shared cursor, until `budget_bytes` moved, a free run of `until_bytes`
+ * formed at the cursor, or the end.  Holds the lock for one step only. */
+static PyObject *
+heap_compact_step(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 3) {
+        PyErr_SetString(PyExc_TypeError,
+                        "compact_step(restart, until_bytes, budget_bytes, timeout=None)");
+        return NULL;
+    }
+    int restart = PyObject_IsTrue(args[0]);
+    unsigned long long until = PyLong_AsUnsignedLongLong(args[1]);
+    unsigned long long budget = PyLong_AsUnsignedLongLong(args[2]);
+    if (restart < 0 || PyErr_Occurred())
+        return NULL;
+    int64_t deadline = get_deadline(args, nargs, 3);
+    if (deadline < 0)
+        return NULL;
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    HStep st;
+    if (lock(&c, deadline) < 0)
+        goto out;
+    if (h_compact_step(&c, restart, until, budget, &st) < 0)
+        h_raise(self);
+    else
+        result = Py_BuildValue("KKKiK", st.moved, st.nmoved, st.run, st.done, st.skipped);
+out:
+    end(&c);
+    return result;
+}
+
+static int
+dict_set(PyObject *d, const char *key, unsigned long long v)
+{
+    PyObject *o = PyLong_FromUnsignedLongLong(v);
+    int r = o ? PyDict_SetItemString(d, key, o) : -1;
+    Py_XDECREF(o);
+    return r;
+}
+
+/* stats(locked=True, timeout=None) -> dict */
+static PyObject *
+heap_stats(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int locked = nargs > 0 ? PyObject_IsTrue(args[0]) : 1;
+    int64_t deadline = get_deadline(args, nargs, 1);
+    if (locked < 0 || deadline < 0)
+        return NULL;
+    Ctx c;
+    if (begin(self, &c, locked) < 0)
+        return NULL;
+    PyObject *d = NULL;
+    HStats s;
+    if (locked && lock(&c, deadline) < 0)
+        goto out;
+    if (h_stats(&c, locked, &s) < 0) {
+        h_raise(self);
+        goto out;
+    }
+    if ((d = PyDict_New()) == NULL)
+        goto out;
+    uint64_t largest = s.largest_units, free_b = s.free;
+    uint64_t big = largest ? (largest - 1) * UNIT : 0;
+    static const char *names[ST_COUNT] = {"allocs", "frees", "moves", "moved_bytes",
+                                          "compactions", "recoveries", "reclaimed_pins",
+                                          "reallocs"};
+    if (dict_set(d, "size", self->core.units * UNIT) < 0 ||
+        dict_set(d, "max_size", self->core.max_units * UNIT) < 0 ||
+        dict_set(d, "used", s.used) < 0 ||
+        dict_set(d, "free", free_b) < 0 ||
+        dict_set(d, "blocks", s.blocks) < 0 ||
+        dict_set(d, "free_blocks", s.free_blocks) < 0 ||
+        dict_set(d, "pinned", (unsigned long long)s.pinned) < 0 ||
+        dict_set(d, "max_blocks", self->core.max_blocks) < 0 ||
+        dict_set(d, "handles_used", s.handles_used) < 0)
+        goto fail;
+    for (int i = 0; i < ST_COUNT; i++)
+        if (dict_set(d, names[i], s.stat[i]) < 0)
+            goto fail;
+    if (s.have_largest) {
+        double frag = free_b ? 1.0 - (double)(largest * UNIT) / (double)free_b : 0.0;
+        PyObject *f = PyFloat_FromDouble(frag < 0 ? 0 : frag);
+        if (dict_set(d, "largest_free", big) < 0 || f == NULL ||
+            PyDict_SetItemString(d, "fragmentation", f) < 0) {
+            Py_XDECREF(f);
+            goto fail;
+        }
+        Py_DECREF(f);
+    } else if (PyDict_SetItemString(d, "largest_free", Py_None) < 0 ||
+               PyDict_SetItemString(d, "fragmentation", Py_None) < 0) {
+        goto fail;
+    }
+    goto out;
+fail:
+    Py_CLEAR(d);
+out:
+    end(&c);
+    return d;
+}
+
+/* verify(timeout=None) -> dict: check every invariant; CorruptError if one fails. */
+static PyObject *
+heap_verify(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int64_t deadline = get_deadline(args, nargs, 0);
+    if (deadline < 0)
+        return NULL;
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return NULL;
+    PyObject *d = NULL;
+    HVerify v;
+    if (lock(&c, deadline) < 0)
+        goto out;
+    if (h_verify(&c, &v) < 0) {
+        h_raise(self);
+        goto out;
+    }
+    if ((d = PyDict_New()) == NULL)
+        goto out;
+    if (dict_set(d, "blocks", v.blocks) < 0 || dict_set(d, "free_blocks", v.free_blocks) < 0 ||
+        dict_set(d, "used", v.used) < 0 || dict_set(d, "free", v.free) < 0 ||
+        dict_set(d, "handles_used", v.handles_used) < 0 ||
+        dict_set(d, "free_handles", v.free_handles) < 0 ||
+        dict_set(d, "pinned", (unsigned long long)v.pinned) < 0)
+        Py_CLEAR(d);
+out:
+    end(&c);
+    return d;
+}
+
+/* where(handle) -> (unit, nbytes, pins): test and debugging aid */
+static PyObject *
+heap_where(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint32_t idx, gen;
+    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
+        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "where(handle)") : NULL;
+    Ctx c;
+    if (begin(self, &c, 1) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    uint64_t unit, n;
+    int64_t pins;
+    if (lock(&c, SHM_FOREVER) < 0)
+        goto out;
+    if (h_where(&c, idx, gen, &unit, &n, &pins) < 0)
+        h_raise(self);
+    else
+        result = Py_BuildValue("KKL", (unsigned long long)unit, (unsigned long long)n,
+                               (long long)pins);
+out:
+    end(&c);
+    return result;
+}
+
+/* ---- construction ------------------------------------------------------- */
+
+static PyObject *
+heap_layout(PyObject *mod, PyObject *args)
+{
+    unsigned long long data, most, blocks, pins, slots;
+    uint64_t now, plen;
+    if (!PyArg_ParseTuple(args, "KKKKK", &data, &most, &blocks, &pins, &slots))
+        return NULL;
+    if (h_layout(data, most, blocks, pins, slots, &now, &plen) < 0) {
+        PyErr_SetString(PyExc_ValueError, h_error.msg);
+        return NULL;
+    }
+    return Py_BuildValue("KK", (unsigned long long)now, (unsigned long long)plen);
+}
+
+/* heap_format(mapping, payload_offset, data_bytes, max_blocks, max_pins,
+ * max_slots, salt): lay out an empty heap in a fresh (zeroed) payload. */
+static PyObject *
+heap_format(PyObject *mod, PyObject *args)
+{
+    PyObject *mapping;
+    long long hoff;
+    unsigned long long data, most, blocks, pins, slots, salt;
+    uint64_t now, plen;
+    if (!PyArg_ParseTuple(args, "O!LKKKKKK", &Mapping_Type, &mapping, &hoff, &data, &most,
+                          &blocks, &pins, &slots, &salt))
+        return NULL;
+    if (h_layout(data, most, blocks, pins, slots, &now, &plen) < 0) {
+        PyErr_SetString(PyExc_ValueError, h_error.msg);
+        return NULL;
+    }
+    char *p = region(mapping, hoff, now, 1);
+    if (p == NULL)
+        return NULL;
+    if (h_format(p, data, most, blocks, pins, slots, salt) < 0) {
+        PyErr_SetString(PyExc_ValueError, h_error.msg);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static int
+heapobj_init(HeapObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"mapping", "offset", "length", "name", NULL};
+    PyObject *mapping, *name;
+    long long hoff;
+    unsigned long long plen;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!LKO", kwlist, &Mapping_Type, &mapping,
+                                     &hoff, &plen, &name))
+        return -1;
+    Py_XSETREF(self->name, Py_NewRef(name));
+    Py_XSETREF(self->mapping, Py_NewRef(mapping));
+    HCore *h = &self->core;
+    h->m = (MappingObject *)mapping;
+    h->nogil = heap_nogil;
+    h->gil = heap_gil;
+    const char *nm = PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : NULL;
+    if (nm == NULL)
+        PyErr_Clear();
+    snprintf(h->what, sizeof h->what, "heap '%.80s'", nm ? nm : "?");
+    h->plen = plen;
+    char *p;
+    if (plen < HDR_BYTES || (p = region(mapping, hoff, plen, 0)) == NULL) {
+        if (!PyErr_Occurred()) {
+            h_fail(HE_CORRUPT, "its payload is only %llu bytes", plen);
+            h_raise(self);
+        }
+        return -1;
+    }
+    if (h_bind(h, p, plen, hoff) < 0) {
+        h_raise(self);
+        return -1;
+    }
+    Py_XSETREF(self->mv, PyMemoryView_FromObject(mapping));
+    return self->mv ? 0 : -1;
+}
+
+/* close(): release the view of the mapping (views of pins live on). */
+/* close(): release the view of the mapping (views of pins live on). */
+static PyObject *
+heap_close(HeapObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *mv = self->mv;
+    self->mv = NULL;
+    if (mv != NULL) {
+        PyObject *r = PyObject_CallMethod(mv, "release", NULL);
+        Py_DECREF(mv);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
+}
+
+static void
+heapobj_dealloc(HeapObject *self)
+{
+    Py_XDECREF(self->mv);
+    Py_XDECREF(self->mapping);
+    Py_XDECREF(self->name);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+heap_set_classes(PyObject *mod, PyObject *args)
+{
+    PyObject *st, *pn, *fu;
+    if (!PyArg_ParseTuple(args, "OOO", &st, &pn, &fu))
+        return NULL;
+    Py_XSETREF(heap_StaleHandle, Py_NewRef(st));
+    Py_XSETREF(heap_Pinned, Py_NewRef(pn));
+    Py_XSETREF(heap_Full, Py_NewRef(fu));
+    Py_RETURN_NONE;
+}
+
+#define FAST(NAME, DOC) \
+    {#NAME, (PyCFunction)(void (*)(void))heap_##NAME, METH_FASTCALL, DOC}
+
+static PyMethodDef heapobj_methods[] = {
+    FAST(alloc, "alloc(nbytes, zero, timeout=None) -> handle, or -1 split up, -2 short"),
+    FAST(free, "free(handle, timeout=None)"),
+    FAST(realloc, "realloc(handle, nbytes, zero, timeout=None) -> 0, or -1 split up, "
+                  "-2 short"),
+    FAST(grow, "grow(data_bytes, timeout=None) -> data bytes now (segment extended first)"),
+    {"capacity", (PyCFunction)heap_capacity, METH_NOARGS,
+     "capacity() -> (data bytes, max data bytes, data offset)"},
+    FAST(size_of, "size_of(handle) -> nbytes"),
+    FAST(pin, "pin(value, timeout=None, handle=None) -> Pin"),
+    FAST(unpin, "unpin(handle)"),
+    {"pins_held", (PyCFunction)heap_pins_held, METH_NOARGS, "pins_held() -> int"},
+    FAST(compact_step, "compact_step(restart, until, budget, timeout=None) -> "
+                       "(moved_bytes, moved_blocks, free_run, done, pinned_skipped)"),
+    FAST(stats, "stats(locked=True, timeout=None) -> dict"),
+    FAST(verify, "verify(timeout=None) -> dict; CorruptError when an invariant fails"),
+    FAST(where, "where(handle) -> (unit, nbytes, live pins)"),
+    {"close", (PyCFunction)heap_close, METH_NOARGS, "close(): release the mapping's view"},
+    {NULL}
+};
+
+static PyTypeObject Heap_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkit._core.HeapCore",
+    .tp_basicsize = sizeof(HeapObject),
+    .tp_dealloc = (destructor)heapobj_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "HeapCore(mapping, offset, length, name)\n\n"
+              "The metadata operations of the heap whose payload is at offset.",
+    .tp_methods = heapobj_methods,
+    .tp_init = (initproc)heapobj_init,
+    .tp_new = PyType_GenericNew,
+};
+
+static PyMethodDef heap_functions[] = {
+    {"heap_layout", heap_layout, METH_VARARGS,
+     "heap_layout(data_bytes, max_data_bytes, max_blocks, max_pins, max_slots) -> "
+     "(payload bytes, max payload bytes)"},
+    {"heap_format", heap_format, METH_VARARGS,
+     "heap_format(mapping, offset, data_bytes, max_data_bytes, max_blocks, max_pins, "
+     "max_slots, salt)"},
+    {"heap_set_classes", heap_set_classes, METH_VARARGS,
+     "heap_set_classes(StaleHandleError, PinnedError, HeapFullError)"},
+    {NULL}
+};
+
+int
+shm_init_heap(PyObject *module)
+{
+    if (PyType_Ready(&Heap_Type) < 0 || PyType_Ready(&Pin_Type) < 0 ||
+        PyModule_AddFunctions(module, heap_functions) < 0)
+        return -1;
+    Py_INCREF(&Pin_Type);
+    if (PyModule_AddObject(module, "Pin", (PyObject *)&Pin_Type) < 0) {
+        Py_DECREF(&Pin_Type);
+        return -1;
+    }
+    Py_INCREF(&Heap_Type);
+    if (PyModule_AddObject(module, "HeapCore", (PyObject *)&Heap_Type) < 0) {
+        Py_DECREF(&Heap_Type);
+        return -1;
+    }
+    return PyModule_AddIntConstant(module, "HEAP_FORMAT", HEAP_FORMAT);
+}
+

@@ -1,0 +1,1940 @@
+/* tabletype.c - shmkit._core.Table: the Store's hash table as a Python type.
+ *
+ * The shared-memory protocol is table.c (no Python objects there); this file
+ * parses arguments, encodes keys and values into bytes and decodes them back
+ * (calling the store's hooks for arrays and pickles), takes the writers'
+ * robust lock and runs the readers' wait for a batch (both release the GIL,
+ * through lock.c and wait.c), and turns the protocol's error records
+ * (t_fail) into exceptions.  See table.c for the protocol and table.h for
+ * the layout.
+ */
+#include "table.h"
+#include "wait.h"
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+/* The store's own exceptions; read-only and closed handles raise the
+ * core's ReadOnlyError and ClosedError (SHM_READONLY_EXC, SHM_CLOSED_EXC). */
+static PyObject *t_KeyExists, *t_Unsupported, *t_TooLarge, *t_Busy;
+
+typedef struct {
+    PyObject_HEAD
+    TCore c;               /* the protocol's state (table.h) */
+    PyObject *mapping;
+    int pickle;            /* codec="pickle" */
+    PyObject *encode_hook; /* value -> (vtype, head, body) for other types */
+    PyObject *decode_hook; /* (vtype, bytes) -> object or empty ndarray */
+    PyObject *grow_hook;   /* need -> None: grows the segment */
+} TableObject;
+
+/* ---- errors: the protocol's record as an exception ----------------------------- */
+
+/* After a t_* function failed: raise what it recorded (unless a callback
+ * already raised). */
+static void
+t_raise(void)
+{
+    if (PyErr_Occurred())
+        return;
+    const char *m = t_error.msg;
+    switch (t_error.code) {
+    case TE_CORRUPT:
+        PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_RuntimeError,
+                     "store is corrupt: %s; run verify() for a full report, copy out "
+                     "what still reads back and create the store again",
+                     m);
+        break;
+    case TE_NOMEM:
+    case TE_FULL:
+        PyErr_SetString(PyExc_MemoryError, m);
+        break;
+    case TE_READONLY:
+        PyErr_SetString(SHM_READONLY_EXC, m);
+        break;
+    case TE_CLOSED:
+        PyErr_SetString(SHM_CLOSED_EXC, m);
+        break;
+    case TE_VALUE:
+        PyErr_SetString(PyExc_ValueError, m);
+        break;
+    default:
+        PyErr_Format(PyExc_RuntimeError, "store: %s", m[0] ? m : "unknown error");
+        break;
+    }
+}
+
+/* Damage found by this file: CorruptError, as the protocol words it. */
+static int
+corrupt(const char *fmt, ...)
+{
+    va_list va;
+    va_start(va, fmt);
+    vsnprintf(t_error.msg, sizeof t_error.msg, fmt, va);
+    va_end(va);
+    t_error.code = TE_CORRUPT;
+    t_raise();
+    return -1;
+}
+
+/* The protocol's fallible entry points, raising on failure. */
+static int
+tt_live(TableObject *t)
+{
+    int r = t_live(&t->c);
+    if (r < 0)
+        t_raise();
+    return r;
+}
+
+static uint64_t
+tt_enter(TableObject *t)
+{
+    uint64_t end = t_enter(&t->c);
+    if (end == 0)
+        t_raise();
+    return end;
+}
+
+static int
+tt_sync(TableObject *t)
+{
+    int r = t_sync(&t->c);
+    if (r < 0)
+        t_raise();
+    return r;
+}
+
+static int
+tt_index(TableObject *t, TIndex *x)
+{
+    int r = t_index(&t->c, x);
+    if (r < 0)
+        t_raise();
+    return r;
+}
+
+static int
+tt_probe_w(TableObject *t, TIndex *x, const TKey *k, uint64_t *slot, uint64_t *word,
+           int *from_ov)
+{
+    int r = probe_w(&t->c, x, k, slot, word, from_ov);
+    if (r < 0)
+        t_raise();
+    return r;
+}
+
+static int
+tt_view_hold(TableObject *t)
+{
+    int r = view_hold(&t->c);
+    if (r < 0)
+        t_raise();
+    return r;
+}
+
+/* ---- keys ------------------------------------------------------------------ */
+
+static int
+long_to_le(PyObject *o, unsigned char *buf, size_t n)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return _PyLong_AsByteArray((PyLongObject *)o, buf, n, 1, 1, 1);
+#else
+    return _PyLong_AsByteArray((PyLongObject *)o, buf, n, 1, 1);
+#endif
+}
+
+/* Canonical bytes of an int: 8 bytes if it fits int64, else the signed
+ * little-endian bytes of length bits/8 + 1 (always more than 8). */
+static Py_ssize_t
+long_size(PyObject *o, int64_t *small)
+{
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (!overflow) {
+        *small = v;
+        return 8;
+    }
+    size_t bits = _PyLong_NumBits(o);
+    if (bits == (size_t)-1 && PyErr_Occurred())
+        return -1;
+    return (Py_ssize_t)(bits / 8 + 1);
+}
+
+static void
+key_release(TKey *k)
+{
+    if (k->big) {
+        PyMem_Free(k->big);
+        k->big = NULL;
+    }
+}
+
+static int
+key_encode(TableObject *t, PyObject *o, TKey *k)
+{
+    k->big = NULL;
+    if (PyUnicode_Check(o)) {
+        k->p = PyUnicode_AsUTF8AndSize(o, &k->n);
+        if (k->p == NULL)
+            return -1;
+        k->type = KT_STR;
+    } else if (PyBytes_Check(o)) {
+        k->p = PyBytes_AS_STRING(o);
+        k->n = PyBytes_GET_SIZE(o);
+        k->type = KT_BYTES;
+    } else if (PyLong_Check(o) && !PyBool_Check(o)) {
+        int64_t v;
+        k->type = KT_INT;
+        k->n = long_size(o, &v);
+        if (k->n < 0)
+            return -1;
+        if (k->n == 8) {
+            memcpy(k->small, &v, 8);
+            k->p = k->small;
+        } else if (k->n <= (Py_ssize_t)MAX_KEY) {
+            k->big = PyMem_Malloc((size_t)k->n);
+            if (k->big == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            if (long_to_le(o, (unsigned char *)k->big, (size_t)k->n) < 0) {
+                key_release(k);
+                return -1;
+            }
+            k->p = k->big;
+        }
+    } else {
+        PyErr_Format(t_Unsupported ? t_Unsupported : PyExc_TypeError,
+                     "store keys must be int, str or bytes, not %.100s%s",
+                     Py_TYPE(o)->tp_name,
+                     PyBool_Check(o) ? " (bool keys would collide with 0 and 1; "
+                                       "use int(key))" : "; convert the key first");
+        return -1;
+    }
+    if (k->n > (Py_ssize_t)MAX_KEY) {
+        key_release(k);
+        PyErr_Format(t_TooLarge ? t_TooLarge : PyExc_ValueError,
+                     "a key of %zd bytes is longer than the store's limit of %u bytes; "
+                     "use a shorter key (a digest of it, say)",
+                     k->n, MAX_KEY);
+        return -1;
+    }
+    k->h = t_key_hash(t->c.seed, k->p, (size_t)k->n, k->type);
+    return 0;
+}
+
+/* ---- values ---------------------------------------------------------------- */
+
+typedef struct {
+    uint8_t type;
+    const char *p;   /* the value's bytes (or the ndarray body) */
+    Py_ssize_t n;
+    const char *head; /* ndarray header, stored after a u32 length */
+    Py_ssize_t hn;
+    uint64_t len;    /* total value bytes */
+    char small[8];
+    PyObject *bigint;
+    PyObject *keep;  /* the encode hook's result */
+    Py_buffer body;
+    int has_body;
+} TVal;
+
+static void
+val_release(TVal *v)
+{
+    if (v->has_body) {
+        PyBuffer_Release(&v->body);
+        v->has_body = 0;
+    }
+    Py_CLEAR(v->keep);
+}
+
+static int
+val_encode(TableObject *t, PyObject *o, TVal *v)
+{
+    memset(v, 0, sizeof *v);
+    PyTypeObject *tp = Py_TYPE(o);
+    if (tp == &PyBytes_Type) {
+        v->type = VT_BYTES;
+        v->p = PyBytes_AS_STRING(o);
+        v->n = PyBytes_GET_SIZE(o);
+    } else if (tp == &PyUnicode_Type) {
+        v->type = VT_STR;
+        v->p = PyUnicode_AsUTF8AndSize(o, &v->n);
+        if (v->p == NULL)
+            return -1;
+    } else if (o == Py_True || o == Py_False) {
+        v->type = o == Py_True ? VT_TRUE : VT_FALSE;
+    } else if (o == Py_None) {
+        v->type = VT_NONE;
+    } else if (tp == &PyLong_Type) {
+        int64_t s;
+        v->type = VT_INT;
+        v->n = long_size(o, &s);
+        if (v->n < 0)
+            return -1;
+        if (v->n == 8) {
+            memcpy(v->small, &s, 8);
+            v->p = v->small;
+        } else {
+            v->bigint = o;
+        }
+    } else if (tp == &PyFloat_Type) {
+        double d = PyFloat_AS_DOUBLE(o);
+        v->type = VT_FLOAT;
+        memcpy(v->small, &d, 8);
+        v->p = v->small;
+        v->n = 8;
+    } else {
+        if (t->encode_hook == NULL || t->encode_hook == Py_None) {
+            PyErr_Format(t_Unsupported ? t_Unsupported : PyExc_TypeError,
+                         "cannot store a %.100s value", tp->tp_name);
+            return -1;
+        }
+        PyObject *r = PyObject_CallOneArg(t->encode_hook, o);
+        if (r == NULL)
+            return -1;
+        v->keep = r;
+        long vt;
+        PyObject *head, *body;
+        if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 3 ||
+            (vt = PyLong_AsLong(PyTuple_GET_ITEM(r, 0))) < VT_NDARRAY || vt > VT_LAST) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_SystemError, "bad value encoder result");
+            val_release(v);
+            return -1;
+        }
+        head = PyTuple_GET_ITEM(r, 1);
+        body = PyTuple_GET_ITEM(r, 2);
+        v->type = (uint8_t)vt;
+        if (head != Py_None) {
+            if (!PyBytes_Check(head)) {
+                PyErr_SetString(PyExc_SystemError, "bad value encoder header");
+                val_release(v);
+                return -1;
+            }
+            v->head = PyBytes_AS_STRING(head);
+            v->hn = PyBytes_GET_SIZE(head);
+        }
+        if (PyObject_GetBuffer(body, &v->body, PyBUF_SIMPLE) < 0) {
+            val_release(v);
+            return -1;
+        }
+        v->has_body = 1;
+        v->p = v->body.buf;
+        v->n = v->body.len;
+    }
+    v->len = (uint64_t)v->n + (v->head ? 4 + (uint64_t)v->hn : 0);
+    return 0;
+}
+
+/* Write the encoded value at dst (v->len bytes).  Calls no Python code. */
+static int
+val_write(TVal *v, char *dst)
+{
+    if (v->head) {
+        uint32_t hn = (uint32_t)v->hn;
+        memcpy(dst, &hn, 4);
+        memcpy(dst + 4, v->head, (size_t)v->hn);
+        dst += 4 + v->hn;
+    }
+    if (v->bigint)
+        return long_to_le(v->bigint, (unsigned char *)dst, (size_t)v->n);
+    if (v->n)
+        memcpy(dst, v->p, (size_t)v->n);
+    return 0;
+}
+
+static PyObject *
+key_decode(uint8_t kt, const char *p, uint64_t n)
+{
+    switch (kt) {
+    case KT_INT:
+        if (n == 8)
+            return PyLong_FromLongLong((long long)rd64(p));
+        if (n > 8)
+            return _PyLong_FromByteArray((const unsigned char *)p, (size_t)n, 1, 1);
+        break;
+    case KT_STR:
+        return PyUnicode_DecodeUTF8(p, (Py_ssize_t)n, "strict");
+    case KT_BYTES:
+        return PyBytes_FromStringAndSize(p, (Py_ssize_t)n);
+    }
+    PyErr_SetString(PyExc_ValueError, "bad key");
+    return NULL;
+}
+
+/* A reader found the epoch odd: a batch is being published.  Wait through
+ * the core's wait (wait.h): spin, then sleep on the epoch's low 32 bits with
+ * the GIL released, checking between slices that the lock's holder lives.
+ * Returns 0 with the even epoch in *e; 1 when nobody alive is publishing
+ * (its writer died, or damage), so the caller must read under the lock,
+ * which repairs; -1 with Timeout after the store's read timeout (naming the
+ * writer's pid, and whether it is stopped), or on Ctrl-C. */
+static int
+t_wait_even(TableObject *t, uint64_t *e)
+{
+    THeader *h = HDR(&t->c);
+    if (t->c.lock_depth > 0 && t->c.lock_thread == t_thread())
+        return 1; /* we hold the lock: nobody else can be publishing */
+    TEvenWait ew = {&t->c, h, 0, 0};
+    shm_wait w = {.m = t->c.m, .word = EPOCH_WORD(h), .ctx = &ew, .ready = t_even_ready,
+                  .check = t_even_check, .spin_ns = SHM_WAIT_SPIN_NS, .what = "store"};
+    int64_t deadline = t->c.read_timeout_ns < 0 ? SHM_FOREVER
+                                              : shm_now_ns() + t->c.read_timeout_ns;
+    shm_pin(t->mapping); /* we let other threads run: keep the memory mapped */
+    int r = shm_wait_until(&w, deadline);
+    shm_unpin(t->mapping);
+    if (r < 0)
+        return -1;
+    if (r == 0) {
+        uint32_t owner = LDA(&h->lock) & SHM_TOKEN_MASK;
+        int stopped = 0;
+        uint32_t pid = token_pid(&t->c, owner, &stopped);
+        char who[160];
+        if (pid)
+            snprintf(who, sizeof who, "its writer, pid %u,%s", pid,
+                     stopped ? " is stopped (/proc/<pid>/stat state T: SIGSTOP or a "
+                               "debugger; SIGCONT resumes it) and" : "");
+        else
+            snprintf(who, sizeof who, "its writer");
+        char secs[32];
+        snprintf(secs, sizeof secs, "%.3g", t->c.read_timeout_ns / 1e9);
+        PyErr_Format(shm_TimeoutError ? shm_TimeoutError : PyExc_TimeoutError,
+                     "a batch was being published for longer than the store's "
+                     "read_timeout (%s s): %s has held the store's lock since it "
+                     "began (it may be stopped or very slow); raise read_timeout=, or "
+                     "resume or kill that process",
+                     secs, who);
+        return -1;
+    }
+    if (tt_live(t) < 0)
+        return -1;
+    uint64_t v = ew.dead ? LDA(&h->epoch) : ew.even;
+    if (v & 1)
+        return 1; /* its writer died mid-batch: read under the lock, which repairs */
+    *e = v;
+    return 0;
+}
+
+/* Decode a record's value.  With *post set on return, the result is raw
+ * pickle bytes: the caller validates, then unpickles.  NULL with *race set
+ * (and no exception) when the bytes looked inconsistent. */
+static PyObject *
+val_decode(TableObject *t, const char *P, uint64_t off, const TRec *r, uint64_t epoch,
+           int locked, int *race, int *post)
+{
+    const char *p = P + off + T_REC_HDR + r->klen;
+    uint64_t n = r->vlen;
+    PyObject *o = NULL;
+    *race = 0;
+    *post = 0;
+    switch (r->vtype) {
+    case VT_BYTES:
+        return PyBytes_FromStringAndSize(p, (Py_ssize_t)n);
+    case VT_STR:
+        o = PyUnicode_DecodeUTF8(p, (Py_ssize_t)n, "strict");
+        if (o == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+            PyErr_Clear();
+            *race = 1;
+        }
+        return o;
+    case VT_INT:
+        if (n == 8)
+            return PyLong_FromLongLong((long long)rd64(p));
+        if (n > 8)
+            return _PyLong_FromByteArray((const unsigned char *)p, (size_t)n, 1, 1);
+        break;
+    case VT_FLOAT:
+        if (n == 8) {
+            double d;
+            memcpy(&d, p, 8);
+            return PyFloat_FromDouble(d);
+        }
+        break;
+    case VT_FALSE:
+    case VT_TRUE:
+    case VT_NONE:
+        if (n == 0)
+            return Py_NewRef(r->vtype == VT_NONE ? Py_None
+                             : r->vtype == VT_TRUE ? Py_True : Py_False);
+        break;
+    case VT_PICKLE:
+        if (!t->pickle)
+            break;
+        *post = 1;
+        return PyBytes_FromStringAndSize(p, (Py_ssize_t)n);
+    case VT_NDARRAY: {
+        if (n < 4)
+            break;
+        uint32_t hn = (uint32_t)rd32(p);
+        if (hn > n - 4)
+            break;
+        PyObject *head = PyBytes_FromStringAndSize(p + 4, hn);
+        if (head == NULL)
+            return NULL;
+        if (!locked && !epoch_same(HDR(&t->c), epoch)) {
+            Py_DECREF(head);
+            *race = 1;
+            return NULL;
+        }
+        shm_pin(t->mapping); /* the hook runs Python code: keep the memory mapped */
+        o = PyObject_CallFunction(t->decode_hook, "iOK", VT_NDARRAY, head,
+                                  (unsigned long long)(n - 4 - hn));
+        Py_DECREF(head);
+        if (o != NULL) {
+            Py_buffer b;
+            if (PyObject_GetBuffer(o, &b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+                Py_CLEAR(o);
+            } else {
+                if ((uint64_t)b.len != n - 4 - hn) {
+                    Py_CLEAR(o);
+                    *race = 1;
+                } else if (b.len) {
+                    memcpy(b.buf, p + 4 + hn, (size_t)b.len);
+                }
+                PyBuffer_Release(&b);
+            }
+        } else if (PyErr_ExceptionMatches(PyExc_ValueError)) {
+            PyErr_Clear(); /* an unreadable header: torn, or corrupt if locked */
+            *race = 1;
+        }
+        shm_unpin(t->mapping);
+        return o;
+    }
+    }
+    *race = 1;
+    return NULL;
+}
+
+/* ---- the writer lock ------------------------------------------------------- */
+
+/* Call with the lock held and an exception pending: if it is damage, have
+ * the next writer run t_recover() (t_mark_dirty). */
+static void
+t_mark_damage(TableObject *t)
+{
+    if (shm_CorruptError && PyErr_ExceptionMatches(shm_CorruptError))
+        t_mark_dirty(&t->c);
+}
+
+/* The repair callback of the writers' lock (shm_lock_acquire_repair): the
+ * previous holder died.  The table keeps no undo journal (see the comment
+ * at the top): t_recover() rebuilds what is derived from the index. */
+static int
+t_repair(void *ctx, int owner_died)
+{
+    (void)owner_died;
+    int r = t_recover(&((TableObject *)ctx)->c);
+    if (r < 0)
+        t_raise();
+    return r;
+}
+
+static int
+t_lock(TableObject *t)
+{
+    if (t->c.readonly) {
+        PyErr_SetString(SHM_READONLY_EXC,
+                        "the store was opened readonly=True; open it without readonly "
+                        "to change it");
+        return -1;
+    }
+    unsigned long me = t_thread();
+    if (t->c.lock_depth > 0 && t->c.lock_thread == me) {
+        t->c.lock_depth++;
+        return 0;
+    }
+    int64_t deadline = t->c.timeout_ns < 0 ? SHM_FOREVER : shm_now_ns() + t->c.timeout_ns;
+    shm_pin(t->mapping);
+    int r = shm_lock_acquire_repair(t->c.m, &HDR(&t->c)->lock, deadline, NULL, t_repair, t);
+    if (r <= 0) {
+        shm_unpin(t->mapping); /* after a failed repair the lock is released */
+        if (r == 0)
+            PyErr_SetString(shm_TimeoutError ? shm_TimeoutError : PyExc_TimeoutError,
+                            "another writer held the store's lock for longer than the "
+                            "store's timeout (a long batch?)");
+        return -1;
+    }
+    t->c.lock_depth = 1;
+    t->c.lock_thread = me;
+    /* A writer's death was repaired above; t_locked_check repairs what a
+     * live writer marked as damage or left half applied. */
+    if (t_locked_check(&t->c) < 0) {
+        PyObject *et, *ev, *tb;
+        t_raise();
+        t_mark_damage(t);
+        PyErr_Fetch(&et, &ev, &tb);
+        t->c.lock_depth = 0;
+        shm_lock_release(t->c.m, &HDR(&t->c)->lock);
+        shm_unpin(t->mapping);
+        PyErr_Restore(et, ev, tb);
+        return -1;
+    }
+    return 0;
+}
+
+static void
+t_unlock(TableObject *t)
+{
+    if (PyErr_Occurred())
+        t_mark_damage(t);
+    if (--t->c.lock_depth > 0)
+        return;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (t->c.m->base != NULL && shm_lock_release(t->c.m, &HDR(&t->c)->lock) < 0)
+        PyErr_Clear();
+    shm_unpin(t->mapping);
+    PyErr_Restore(et, ev, tb);
+}
+
+
+/* The bytes of one record handed out in place: a read-only buffer that
+ * holds the record (its attachment's view count) until it is released and
+ * every buffer made from it is gone. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *mapping; /* pinned while held */
+    uint64_t poff;
+    char *p;
+    Py_ssize_t n;
+    uint32_t token;
+    pid_t pid;
+    Py_ssize_t exports;
+    int held, released;
+} ViewObject;
+
+static void
+view_drop(ViewObject *v)
+{
+    if (!v->held)
+        return;
+    v->held = 0;
+    MappingObject *m = (MappingObject *)v->mapping;
+    if (getpid() == v->pid)
+        view_unhold(m, v->poff, v->token);
+    shm_unpin(v->mapping);
+}
+
+static int
+view_getbuffer(ViewObject *v, Py_buffer *b, int flags)
+{
+    if (v->released || !v->held) {
+        PyErr_SetString(PyExc_BufferError, "this store view was released");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(b, (PyObject *)v, v->p, v->n, 1, flags) < 0)
+        return -1;
+    v->exports++;
+    return 0;
+}
+
+static void
+view_releasebuffer(ViewObject *v, Py_buffer *Py_UNUSED(b))
+{
+    if (--v->exports == 0 && v->released)
+        view_drop(v);
+}
+
+static PyObject *
+view_release(ViewObject *v, PyObject *Py_UNUSED(ignored))
+{
+    v->released = 1;
+    if (v->exports == 0)
+        view_drop(v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+view_get_held(ViewObject *v, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(v->held);
+}
+
+static void
+view_dealloc(ViewObject *v)
+{
+    view_drop(v);
+    Py_XDECREF(v->mapping);
+    Py_TYPE(v)->tp_free((PyObject *)v);
+}
+
+static PyBufferProcs view_as_buffer = {(getbufferproc)view_getbuffer,
+                                       (releasebufferproc)view_releasebuffer};
+static PyMethodDef view_methods[] = {
+    {"_release", (PyCFunction)view_release, METH_NOARGS, NULL},
+    {NULL}};
+static PyGetSetDef view_getset[] = {
+    {"_held", (getter)view_get_held, NULL, NULL, NULL},
+    {NULL}};
+
+static PyTypeObject View_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkit._core.TableView",
+    .tp_basicsize = sizeof(ViewObject),
+    .tp_dealloc = (destructor)view_dealloc,
+    .tp_as_buffer = &view_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_methods = view_methods,
+    .tp_getset = view_getset,
+    .tp_doc = "The bytes of one stored value, in place (see Store.view).",
+};
+
+/* ---- Python methods: reading ----------------------------------------------- */
+
+enum { M_GET, M_CONTAINS, M_NBYTES, M_INTO, M_VIEW };
+
+/* Where a bytes or array value's data lies: 0 with *doff, *dlen (and the
+ * array header's length in *hn, 0 for bytes); 1 for another type; -1 when
+ * the record does not hold a valid array header. */
+static int
+raw_span(const char *P, uint64_t off, const TRec *r, uint64_t *doff, uint64_t *dlen,
+         uint32_t *hn)
+{
+    uint64_t v = off + T_REC_HDR + r->klen;
+    *hn = 0;
+    if (r->vtype == VT_BYTES) {
+        *doff = v;
+        *dlen = r->vlen;
+        return 0;
+    }
+    if (r->vtype != VT_NDARRAY)
+        return 1;
+    if (r->vlen < 4)
+        return -1;
+    uint32_t n = (uint32_t)rd32(P + v);
+    if (n > r->vlen - 4)
+        return -1;
+    *hn = n;
+    *doff = v + 4 + n;
+    *dlen = r->vlen - 4 - n;
+    return 0;
+}
+
+static const char *
+vtype_name(uint8_t vt)
+{
+    static const char *names[] = {"?", "bytes", "str", "int", "float", "bool", "bool",
+                                  "None", "ndarray", "pickled object"};
+    return vt <= VT_LAST ? names[vt] : "?";
+}
+
+/* get_into / view on a found record.  Returns 0 done (*out set, or an
+ * exception), 1 when the epoch moved (retry), 2 when the record looks
+ * damaged (the locked path judges).  `locked`: under the writer lock. */
+static int
+read_raw(TableObject *t, const char *P, uint64_t off, const TRec *r, int mode,
+         Py_buffer *into, uint64_t e, int locked, int *held, PyObject **out)
+{
+    THeader *h = HDR(&t->c);
+    uint64_t doff, dlen;
+    uint32_t hn;
+    *out = NULL;
+    int sr = raw_span(P, off, r, &doff, &dlen, &hn);
+    if (sr != 0 || (mode == M_INTO && dlen > (uint64_t)into->len)) {
+        if (!locked && !epoch_same(h, e))
+            return 1;
+        if (sr < 0) {
+            if (!locked)
+                return 2;
+            corrupt("the array record at %llu has a bad header", (unsigned long long)off);
+        } else if (sr > 0)
+            PyErr_Format(t_Unsupported ? t_Unsupported : PyExc_TypeError,
+                         "%s reads only bytes and numpy array values, and this key "
+                         "holds a value of type %s; use get()",
+                         mode == M_INTO ? "get_into()" : "view()", vtype_name(r->vtype));
+        else
+            PyErr_Format(t_TooLarge ? t_TooLarge : PyExc_ValueError,
+                         "get_into(): the value has %llu bytes and the buffer only %zd; "
+                         "the buffer was left unchanged; pass one of at least that many "
+                         "bytes",
+                         (unsigned long long)dlen, into->len);
+        return 0;
+    }
+    if (mode == M_INTO) {
+        if (dlen >= (64u << 10)) {
+            shm_pin(t->mapping); /* other threads run: keep the memory mapped */
+            Py_BEGIN_ALLOW_THREADS
+            memcpy(into->buf, P + doff, (size_t)dlen);
+            Py_END_ALLOW_THREADS
+            shm_unpin(t->mapping);
+            if (tt_live(t) < 0)
+                return 0;
+        } else if (dlen) {
+            memcpy(into->buf, P + doff, (size_t)dlen);
+        }
+        if (!locked && !epoch_same(h, e))
+            return 1;
+        *out = PyLong_FromUnsignedLongLong(dlen);
+        return 0;
+    }
+    PyObject *head = NULL;
+    if (r->vtype == VT_NDARRAY &&
+        (head = PyBytes_FromStringAndSize(P + off + T_REC_HDR + r->klen + 4, hn)) == NULL)
+        return 0;
+    if (!locked && !epoch_same(h, e)) {
+        Py_XDECREF(head);
+        return 1;
+    }
+    ViewObject *v = PyObject_New(ViewObject, &View_Type);
+    if (v == NULL) {
+        Py_XDECREF(head);
+        return 0;
+    }
+    v->mapping = Py_NewRef(t->mapping);
+    v->poff = t->c.poff;
+    v->p = (char *)P + doff;
+    v->n = (Py_ssize_t)dlen;
+    v->token = t->c.m->token;
+    v->pid = getpid();
+    v->exports = 0;
+    v->released = 0;
+    v->held = 1; /* takes over the hold */
+    shm_pin(t->mapping);
+    *held = 0;
+    *out = Py_BuildValue("NiN", (PyObject *)v, (int)r->vtype, head ? head : Py_NewRef(Py_None));
+    return 0;
+}
+
+
+static PyObject *finish_pickle(TableObject *t, PyObject *raw);
+
+/* The value (or with nbytes, its size) of the record at off, read under
+ * the lock: CorruptError when it cannot be decoded. */
+static PyObject *
+value_locked(TableObject *t, uint64_t off, int nbytes)
+{
+    TRec rec;
+    int race, post;
+    char *P = PAY(&t->c);
+    if (rec_read(P, t->c.end, off, &rec) < 0) {
+        corrupt("record at %llu is damaged", (unsigned long long)off);
+        return NULL;
+    }
+    if (nbytes)
+        return PyLong_FromUnsignedLongLong(rec.vlen);
+    PyObject *o = val_decode(t, P, off, &rec, 0, 1, &race, &post);
+    if (o == NULL && race && !PyErr_Occurred())
+        corrupt("the record at %llu does not hold a valid value of type %d",
+                (unsigned long long)off, rec.vtype);
+    return o != NULL && post ? finish_pickle(t, o) : o;
+}
+
+/* Look a key up under the lock (in a batch, or after readers kept losing). */
+static PyObject *
+lookup_locked(TableObject *t, const TKey *k, int mode, int *found, Py_buffer *into,
+              int *held)
+{
+    TIndex x;
+    uint64_t slot, w;
+    int fo;
+    if (tt_index(t, &x) < 0)
+        return NULL;
+    int r = tt_probe_w(t, &x, k, &slot, &w, &fo);
+    if (r < 0)
+        return NULL;
+    *found = r == P_FOUND;
+    if (!*found || mode == M_CONTAINS)
+        return Py_NewRef(Py_None);
+    if (mode == M_INTO || mode == M_VIEW) {
+        TRec rec;
+        PyObject *out;
+        if (rec_read(PAY(&t->c), t->c.end, word_off(w), &rec) < 0) {
+            corrupt("record at %llu is damaged", (unsigned long long)word_off(w));
+            return NULL;
+        }
+        read_raw(t, PAY(&t->c), word_off(w), &rec, mode, into, 0, 1, held, &out);
+        return out;
+    }
+    return value_locked(t, word_off(w), mode == M_NBYTES);
+}
+
+static PyObject *
+finish_pickle(TableObject *t, PyObject *raw)
+{
+    PyObject *o = PyObject_CallFunction(t->decode_hook, "iO", VT_PICKLE, raw);
+    Py_DECREF(raw);
+    return o;
+}
+
+/* The lock-free read.  Returns a new reference (Py_None when only presence
+ * was asked) and sets *found; NULL with an exception on error. */
+static PyObject *
+t_lookup_key(TableObject *t, const TKey *kp, int mode, int *found, Py_buffer *into)
+{
+    uint64_t end = tt_enter(t);
+    if (end == 0)
+        return NULL;
+    TKey k = *kp;
+    PyObject *out = NULL;
+    int held = 0;
+    if (mode == M_VIEW) { /* before the epoch is loaded: see t_views_busy */
+        if (tt_view_hold(t) < 0)
+            return NULL;
+        held = 1;
+    }
+    if (t_in_batch(&t->c)) {
+        out = lookup_locked(t, &k, mode, found, into, &held);
+        goto done;
+    }
+    THeader *h = HDR(&t->c);
+    int synced = 0;
+    for (int attempt = 0; attempt < MAX_RETRIES; attempt++) {
+        uint64_t e = LDA(&h->epoch);
+        if (e & 1) {
+            int w = t_wait_even(t, &e);
+            if (w < 0)
+                break;
+            if (w > 0)
+                goto locked;
+        }
+        char *P = PAY(&t->c);
+        if ((end = tt_enter(t)) == 0) /* picks up growth */
+            break;
+        uint64_t off;
+        TRec rec;
+        int r = probe_ro(P, end, &k, &off, &rec);
+        if (r == P_RACE) {
+            if (!epoch_same(h, e))
+                continue;
+            if (!synced) { /* perhaps grown by another process: look again */
+                synced = 1;
+                if (tt_sync(t) < 0)
+                    break;
+                continue;
+            }
+            goto locked;
+        }
+        *found = r == P_FOUND;
+        if (!*found || mode == M_CONTAINS) {
+            if (!epoch_same(h, e))
+                continue;
+            out = Py_NewRef(Py_None);
+            break;
+        }
+        if (mode == M_NBYTES) {
+            if (!epoch_same(h, e))
+                continue;
+            out = PyLong_FromUnsignedLongLong(rec.vlen);
+            break;
+        }
+        if (mode == M_INTO || mode == M_VIEW) {
+            int rr = read_raw(t, P, off, &rec, mode, into, e, 0, &held, &out);
+            if (rr == 1)
+                continue;
+            if (rr == 2)
+                goto locked;
+            break;
+        }
+        int race, post;
+        PyObject *o = val_decode(t, P, off, &rec, e, 0, &race, &post);
+        if (t->c.m->base == NULL) { /* closed by the decode hook */
+            Py_XDECREF(o);
+            tt_live(t);
+            break;
+        }
+        if (!epoch_same(h, e)) {
+            Py_XDECREF(o);
+            PyErr_Clear();
+            continue;
+        }
+        if (o == NULL) {
+            if (race && !PyErr_Occurred())
+                goto locked; /* stable but undecodable: let the locked path judge */
+            break;
+        }
+        out = post ? finish_pickle(t, o) : o;
+        break;
+    }
+    if (out == NULL && !PyErr_Occurred())
+        goto locked;
+    goto done;
+
+locked:
+    /* Readers kept losing to writers, or the store looks damaged: read
+     * under the writer lock, which also repairs after a dead writer. */
+    if (t->c.readonly) {
+        PyErr_SetString(t_Busy ? t_Busy : PyExc_RuntimeError,
+                        "could not read a consistent value: writers keep changing the "
+                        "store or it is damaged (this handle is readonly, so it cannot "
+                        "take the writers' lock); retry, or open it writable");
+        goto done;
+    }
+    if (t_lock(t) < 0)
+        goto done;
+    if (tt_enter(t) != 0)
+        out = lookup_locked(t, &k, mode, found, into, &held);
+    t_unlock(t);
+done:
+    if (held && t->c.m->base != NULL)
+        view_unhold(t->c.m, t->c.poff, t->c.m->token);
+    return out;
+}
+
+static PyObject *
+t_lookup_ex(TableObject *t, PyObject *key, int mode, int *found, Py_buffer *into)
+{
+    if (tt_enter(t) == 0)
+        return NULL;
+    TKey k;
+    if (key_encode(t, key, &k) < 0)
+        return NULL;
+    PyObject *out = t_lookup_key(t, &k, mode, found, into);
+    key_release(&k);
+    return out;
+}
+
+static PyObject *
+t_lookup(TableObject *t, PyObject *key, int mode, int *found)
+{
+    return t_lookup_ex(t, key, mode, found, NULL);
+}
+
+/* get_into(key, buffer) -> int */
+static PyObject *
+table_get_into(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "get_into(key, buffer)");
+        return NULL;
+    }
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[1], &b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError,
+                     "get_into(): buffer must be a writable C-contiguous buffer "
+                     "(bytearray, numpy array, memoryview), not %.100s",
+                     Py_TYPE(args[1])->tp_name);
+        return NULL;
+    }
+    int found = 0;
+    PyObject *o = t_lookup_ex(t, args[0], M_INTO, &found, &b);
+    PyBuffer_Release(&b);
+    if (o != NULL && !found) {
+        Py_DECREF(o);
+        PyErr_SetObject(PyExc_KeyError, args[0]);
+        return NULL;
+    }
+    return o;
+}
+
+/* _view(key) -> (TableView, vtype, array header bytes or None) */
+static PyObject *
+table_view(TableObject *t, PyObject *key)
+{
+    int found = 0;
+    PyObject *o = t_lookup_ex(t, key, M_VIEW, &found, NULL);
+    if (o != NULL && !found) {
+        Py_DECREF(o);
+        PyErr_SetObject(PyExc_KeyError, key);
+        return NULL;
+    }
+    return o;
+}
+
+/* get_many(keys, default=<KeyError>) -> list */
+static PyObject *
+table_get_many(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get_many(keys, default=<raise KeyError>)");
+        return NULL;
+    }
+    /* a tuple of its own: decoding may run Python code that changes a list */
+    PyObject *seq = PySequence_Tuple(args[0]);
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    PyObject **items = ((PyTupleObject *)seq)->ob_item;
+    PyObject *list = PyList_New(n);
+    if (list == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    /* In chunks: hash every key and prefetch its home slot, then prefetch
+     * the records those slots name, then look each up as get() does; the
+     * cache misses of a chunk overlap instead of coming one after another.
+     * The prefetches only warm caches (they never fault and decide nothing). */
+    enum { CHUNK = 16 };
+    TKey ks[CHUNK];
+    for (Py_ssize_t i0 = 0; i0 < n; i0 += CHUNK) {
+        int m = n - i0 < CHUNK ? (int)(n - i0) : CHUNK, enc = 0, err = 0;
+        uint64_t end = tt_enter(t), nslots = 0;
+        if (end == 0)
+            goto fail;
+        const char *P = PAY(&t->c);
+        uint64_t ix = LDA(&HDR(&t->c)->index);
+        int ok = index_ok(P, end, ix, &nslots);
+        const uint64_t *slots = ok ? W64(P, ix + T_INDEX_HDR) : NULL;
+        for (; enc < m; enc++) {
+            if (key_encode(t, items[i0 + enc], &ks[enc]) < 0) {
+                err = 1;
+                break;
+            }
+            if (ok)
+                __builtin_prefetch(&slots[ks[enc].h & (nslots - 1)]);
+        }
+        for (int j = 0; ok && !err && j < m; j++) {
+            uint64_t w = LDR(&slots[ks[j].h & (nslots - 1)]);
+            if (w > W_TOMB && word_off(w) < end) {
+                __builtin_prefetch(P + word_off(w));
+                __builtin_prefetch(P + word_off(w) + 64);
+            }
+        }
+        for (int j = 0; !err && j < m; j++) {
+            int found = 0;
+            PyObject *o = t_lookup_key(t, &ks[j], M_GET, &found, NULL);
+            if (o != NULL && !found) {
+                Py_DECREF(o);
+                o = NULL;
+                if (nargs == 2)
+                    o = Py_NewRef(args[1]);
+                else
+                    PyErr_SetObject(PyExc_KeyError, items[i0 + j]);
+            }
+            if (o == NULL)
+                err = 1;
+            else
+                PyList_SET_ITEM(list, i0 + j, o);
+        }
+        for (int j = 0; j < enc; j++)
+            key_release(&ks[j]);
+        if (err)
+            goto fail;
+    }
+    Py_DECREF(seq);
+    return list;
+fail:
+    Py_DECREF(list);
+    Py_DECREF(seq);
+    return NULL;
+}
+
+/* A lookup in `mode` that raises KeyError when the key is absent. */
+static PyObject *
+lookup_or_keyerror(TableObject *t, PyObject *key, int mode)
+{
+    int found = 0;
+    PyObject *o = t_lookup(t, key, mode, &found);
+    if (o != NULL && !found) {
+        Py_DECREF(o);
+        PyErr_SetObject(PyExc_KeyError, key);
+        return NULL;
+    }
+    return o;
+}
+
+static PyObject *
+table_subscript(TableObject *t, PyObject *key)
+{
+    return lookup_or_keyerror(t, key, M_GET);
+}
+
+static int
+table_contains(TableObject *t, PyObject *key)
+{
+    int found = 0;
+    PyObject *o = t_lookup(t, key, M_CONTAINS, &found);
+    if (o == NULL)
+        return -1;
+    Py_DECREF(o);
+    return found;
+}
+
+static PyObject *
+table_get(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get(key, default=None)");
+        return NULL;
+    }
+    int found = 0;
+    PyObject *o = t_lookup(t, args[0], M_GET, &found);
+    if (o != NULL && !found) {
+        Py_DECREF(o);
+        return Py_NewRef(nargs == 2 ? args[1] : Py_None);
+    }
+    return o;
+}
+
+static PyObject *
+table_nbytes(TableObject *t, PyObject *key)
+{
+    return lookup_or_keyerror(t, key, M_NBYTES);
+}
+
+static Py_ssize_t
+table_length(TableObject *t)
+{
+    uint64_t end = tt_enter(t), nslots;
+    if (end == 0)
+        return -1;
+    if (!index_ok(PAY(&t->c), end, LDA(&HDR(&t->c)->index), &nslots)) {
+        corrupt("the index at %llu is damaged", (unsigned long long)LDR(&HDR(&t->c)->index));
+        return -1;
+    }
+    int64_t n = (int64_t)LDR(&HDR(&t->c)->count);
+    if ((uint64_t)n > nslots) {
+        corrupt("the key count %llu is more than the index's %llu words",
+                (unsigned long long)n, (unsigned long long)nslots);
+        return -1;
+    }
+    if (t_in_batch(&t->c)) {
+        /* count the batch's own changes */
+        TIndex x;
+        if (tt_index(t, &x) < 0)
+            return -1;
+        for (size_t j = 0; j < t->c.ov.cap; j++) {
+            if (!t->c.ov.e[j].slot)
+                continue;
+            uint64_t pub = LDR(&x.slots[t->c.ov.e[j].slot - 1]), w = t->c.ov.e[j].word;
+            n += (w > W_TOMB) - (pub > W_TOMB);
+        }
+    }
+    return n < 0 ? 0 : (Py_ssize_t)n;
+}
+
+/* ---- Python methods: writing ----------------------------------------------- */
+
+enum { W_SET, W_ADD };
+
+static int
+t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
+{
+    if (tt_enter(t) == 0)
+        return -1;
+    TKey k;
+    TVal v;
+    if (key_encode(t, key, &k) < 0)
+        return -1;
+    if (val_encode(t, value, &v) < 0) {
+        key_release(&k);
+        return -1;
+    }
+    int ret = -1;
+    uint64_t room = (uint64_t)t->c.m->reserve - t->c.poff - T_HEADER;
+    uint64_t need = T_REC_HDR + (uint64_t)k.n + v.len;
+    if (v.len > room || need > room) {
+        PyErr_Format(t_TooLarge ? t_TooLarge : PyExc_ValueError,
+                     "a value of %llu bytes cannot fit in this store (max_size %llu "
+                     "bytes); create the store with a larger max_size=",
+                     (unsigned long long)v.len, (unsigned long long)room);
+        goto out;
+    }
+    if (t_lock(t) < 0)
+        goto out;
+    TSlot slot;
+    int r = t_put_find(&t->c, &k, &slot);
+    if (r < 0) {
+        t_raise();
+        goto unlock;
+    }
+    if (r == P_FOUND && mode == W_ADD) {
+        PyObject *msg = PyUnicode_FromFormat(
+            "key %R is already in the store; add() only inserts (use st[key] = value "
+            "to replace it)", key);
+        if (msg) {
+            PyErr_SetObject(t_KeyExists ? t_KeyExists : PyExc_KeyError, msg);
+            Py_DECREF(msg);
+        }
+        goto unlock;
+    }
+    char *dst;
+    uint64_t off = t_put_write(&t->c, &k, v.type, v.len, &dst);
+    if (off == (uint64_t)-1) {
+        t_raise();
+        goto unlock;
+    }
+    if (val_write(&v, dst) < 0) {
+        t_free(&t->c, off); /* never published */
+        goto unlock;
+    }
+    if (t_put_publish(&t->c, &slot, off, k.h) < 0) {
+        t_raise();
+        goto unlock;
+    }
+    ret = 0;
+unlock:
+    t_unlock(t);
+out:
+    val_release(&v);
+    key_release(&k);
+    return ret;
+}
+
+/* Delete key; with want_value, return its value (pop).  Returns a new
+ * reference (Py_None when !want_value), or NULL; *found tells if it was
+ * there. */
+static PyObject *
+t_delete(TableObject *t, PyObject *key, int want_value, int *found)
+{
+    if (tt_enter(t) == 0)
+        return NULL;
+    TKey k;
+    if (key_encode(t, key, &k) < 0)
+        return NULL;
+    PyObject *out = NULL;
+    if (t_lock(t) < 0) {
+        key_release(&k);
+        return NULL;
+    }
+    TSlot slot;
+    int r = t_delete_find(&t->c, &k, &slot);
+    if (r < 0) {
+        t_raise();
+        goto unlock;
+    }
+    *found = r == P_FOUND;
+    if (!*found) {
+        out = Py_NewRef(Py_None);
+        goto unlock;
+    }
+    if (want_value) {
+        if ((out = value_locked(t, word_off(slot.old), 0)) == NULL)
+            goto unlock;
+    } else {
+        out = Py_NewRef(Py_None);
+    }
+    if (t_delete_publish(&t->c, &slot) < 0) {
+        t_raise();
+        Py_CLEAR(out);
+    }
+unlock:
+    t_unlock(t);
+    key_release(&k);
+    return out;
+}
+
+static int
+table_ass_subscript(TableObject *t, PyObject *key, PyObject *value)
+{
+    if (value != NULL)
+        return t_put(t, key, value, W_SET);
+    int found = 0;
+    PyObject *o = t_delete(t, key, 0, &found);
+    if (o == NULL)
+        return -1;
+    Py_DECREF(o);
+    if (!found) {
+        PyErr_SetObject(PyExc_KeyError, key);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+table_add(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "add(key, value)");
+        return NULL;
+    }
+    if (t_put(t, args[0], args[1], W_ADD) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+table_pop(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "pop(key[, default])");
+        return NULL;
+    }
+    int found = 0;
+    PyObject *o = t_delete(t, args[0], 1, &found);
+    if (o != NULL && !found) {
+        Py_DECREF(o);
+        if (nargs == 2)
+            return Py_NewRef(args[1]);
+        PyErr_SetObject(PyExc_KeyError, args[0]);
+        return NULL;
+    }
+    return o;
+}
+
+/* ---- batches ---------------------------------------------------------------- */
+
+static PyObject *
+table_batch_begin(TableObject *t, PyObject *Py_UNUSED(ignored))
+{
+    if (tt_enter(t) == 0 || t_lock(t) < 0)
+        return NULL;
+    t->c.batch_depth++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+table_batch_end(TableObject *t, PyObject *arg)
+{
+    int commit = PyObject_IsTrue(arg);
+    if (commit < 0)
+        return NULL;
+    if (!t_in_batch(&t->c)) {
+        PyErr_SetString(PyExc_RuntimeError, "no batch is open in this thread");
+        return NULL;
+    }
+    int r = 0;
+    if (--t->c.batch_depth == 0 && tt_live(t) == 0) {
+        if (commit)
+            r = t_batch_commit(&t->c);
+        if (r < 0)
+            t_raise();
+        if (!commit || r < 0)
+            t_batch_discard(&t->c);
+    }
+    t_unlock(t);
+    if (r < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+table_lock(TableObject *t, PyObject *Py_UNUSED(ignored))
+{
+    if (tt_enter(t) == 0 || t_lock(t) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+table_unlock(TableObject *t, PyObject *Py_UNUSED(ignored))
+{
+    if (t->c.lock_depth <= 0 || t->c.lock_thread != t_thread()) {
+        PyErr_SetString(PyExc_RuntimeError, "the store's lock is not held by this thread");
+        return NULL;
+    }
+    t_unlock(t);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+table_clear(TableObject *t, PyObject *Py_UNUSED(ignored))
+{
+    if (tt_enter(t) == 0 || t_lock(t) < 0)
+        return NULL;
+    if (t_in_batch(&t->c) && t->c.batch_depth) {
+        t_unlock(t);
+        PyErr_SetString(PyExc_RuntimeError, "clear() inside a batch is not supported");
+        return NULL;
+    }
+    PyObject *ret = NULL;
+    if (t_clear_locked(&t->c) < 0)
+        t_raise();
+    else
+        ret = Py_NewRef(Py_None);
+    t_unlock(t);
+    return ret;
+}
+
+/* ---- scanning (iteration) --------------------------------------------------- */
+
+/* _scan(index, start, max, what) -> (next, index, [entries], hashes, wrapped)
+ * or None
+ * when `index` is no longer the current index (the caller restarts).
+ * `index` is a token naming one index: its offset / 16 with index_gen above
+ * bit 40, because a later index may be placed where an earlier one was.
+ * what: 0 keys, 1 values, 2 (key, value) pairs.  Entries of one call are
+ * read under one epoch, so each is a value that was stored at some moment. */
+static PyObject *
+scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
+{
+    int locked = t_in_batch(&t->c);
+    for (int attempt = 0; attempt < MAX_RETRIES; attempt++) {
+        uint64_t end = tt_enter(t);
+        if (end == 0)
+            return NULL;
+        THeader *h = HDR(&t->c);
+        char *P = PAY(&t->c);
+        uint64_t e = LDA(&h->epoch);
+        if (e & 1 && !locked) {
+            int w = t_wait_even(t, &e);
+            if (w < 0)
+                return NULL;
+            if (w > 0) { /* left odd by a dead writer: the lock repairs it */
+                if (t->c.readonly) {
+                    PyErr_SetString(t_Busy ? t_Busy : PyExc_RuntimeError,
+                                    "a writer died while publishing a batch; the next "
+                                    "write repairs the store (this handle is readonly)");
+                    return NULL;
+                }
+                if (t_lock(t) < 0)
+                    return NULL;
+                t_unlock(t);
+                continue;
+            }
+        }
+        uint64_t ix = LDA(&h->index), nslots;
+        if (!index_ok(P, end, ix, &nslots)) {
+            /* As for records below: a new index may lie beyond the heap end
+             * loaded above when a writer grew the heap meanwhile. */
+            if (!locked && (!epoch_same(h, e) || LDA(&h->heap_end) != end))
+                continue;
+            corrupt("the index at %llu is damaged", (unsigned long long)ix);
+            return NULL;
+        }
+        /* index_gen was raised before ix was published (acquire above) */
+        uint64_t token = (ix >> 4) | (LDR(&h->index_gen) << 40);
+        if (want_ix && want_ix != token)
+            Py_RETURN_NONE;
+        PyObject *list = PyList_New(0), *wrapped = PyList_New(0), *hashes;
+        if (list == NULL || wrapped == NULL)
+            goto fail;
+        uint64_t i = start, stop = start + maxn > nslots ? nslots : start + maxn;
+        const uint64_t *slots = W64(P, ix + T_INDEX_HDR);
+        int bad = 0, err;
+        uint64_t hv[1024];
+        size_t nh = 0;
+        TIndex x = {ix, nslots, nslots - 1, (uint64_t *)slots};
+        for (; i < stop && nh < 1024; i++) {
+            int fo, race, post;
+            uint64_t w = locked ? wword(&t->c, &x, i, &fo) : LDA(&slots[i]), off = word_off(w);
+            if (w <= W_TOMB)
+                continue;
+            TRec r;
+            PyObject *k = NULL, *v = NULL, *item;
+            if (rec_read(P, end, off, &r) < 0 ||
+                (what != 1 &&
+                 (k = key_decode(r.ktype, P + off + T_REC_HDR, r.klen)) == NULL)) {
+                PyErr_Clear();
+                bad = 1; /* torn, or damaged if the epoch holds */
+                break;
+            }
+            if (what != 0) {
+                v = val_decode(t, P, off, &r, e, locked, &race, &post);
+                if (v == NULL) {
+                    Py_XDECREF(k);
+                    if (!race)
+                        goto fail;
+                    bad = 1;
+                    break;
+                }
+                /* a pickle is unpickled in Python, after the epoch check */
+                if (post && (v = Py_BuildValue("(N)", v)) == NULL) {
+                    Py_XDECREF(k);
+                    goto fail;
+                }
+            }
+            item = what == 0 ? k : what == 1 ? v : PyTuple_Pack(2, k, v);
+            if (what == 2) {
+                Py_DECREF(k);
+                Py_DECREF(v);
+            }
+            err = item == NULL || PyList_Append(list, item) < 0;
+            Py_XDECREF(item);
+            if (err)
+                goto fail;
+            hv[nh++] = r.hash;
+            if ((r.hash & x.mask) > i) { /* its probe run wrapped round the end */
+                PyObject *hh = PyLong_FromUnsignedLongLong(r.hash);
+                err = hh == NULL || PyList_Append(wrapped, hh) < 0;
+                Py_XDECREF(hh);
+                if (err)
+                    goto fail;
+            }
+        }
+        /* A record is published beyond the heap end this scan loaded when
+         * a writer grew the heap meanwhile (growth moves heap_end, not the
+         * epoch; vacuum makes it common by cutting the heap first): the
+         * index word was loaded with acquire after heap_end was stored, so
+         * loading heap_end again tells that race from damage. */
+        if (!locked && (!epoch_same(h, e) || (bad && LDA(&h->heap_end) != end))) {
+            Py_DECREF(list);
+            Py_DECREF(wrapped);
+            continue;
+        }
+        if (bad) {
+            corrupt("a record listed in the index at slot %llu is damaged",
+                    (unsigned long long)i);
+            goto fail;
+        }
+        hashes = PyBytes_FromStringAndSize((const char *)hv, (Py_ssize_t)(nh * 8));
+        if (hashes == NULL)
+            goto fail;
+        long long next = i >= nslots ? -1 : (long long)i;
+        return Py_BuildValue("LKNNN", next, (unsigned long long)token, list, hashes,
+                             wrapped);
+    fail:
+        Py_XDECREF(list);
+        Py_XDECREF(wrapped);
+        return NULL;
+    }
+    PyErr_SetString(t_Busy ? t_Busy : PyExc_RuntimeError,
+                    "writers kept changing the store while it was being listed; retry");
+    return NULL;
+}
+
+static PyObject *
+table_scan(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    unsigned long long want_ix, start, maxn;
+    int what;
+    if (nargs != 4 || !PyArg_Parse(args[0], "K", &want_ix) ||
+        !PyArg_Parse(args[1], "K", &start) || !PyArg_Parse(args[2], "K", &maxn) ||
+        !PyArg_Parse(args[3], "i", &what)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "_scan(index, start, max, what)");
+        return NULL;
+    }
+    if (tt_live(t) < 0)
+        return NULL;
+    /* Building the entries runs Python code (the array hook, the garbage
+     * collector) that may close the store: keep the memory mapped. */
+    PyObject *mapping = Py_NewRef(t->mapping);
+    shm_pin(mapping);
+    PyObject *r = scan(t, want_ix, start, maxn, what);
+    shm_unpin(mapping);
+    Py_DECREF(mapping);
+    return r;
+}
+
+
+static PyObject *
+table_verify(TableObject *t, PyObject *Py_UNUSED(ignored))
+{
+    TWalk w;
+    if (tt_enter(t) == 0 || t_lock(t) < 0)
+        return NULL;
+    int r;
+    if (t_in_batch(&t->c)) {
+        PyErr_SetString(PyExc_RuntimeError, "verify() inside a batch is not supported");
+        r = -1;
+    } else if ((r = t_verify(&t->c, &w)) < 0) {
+        t_raise();
+    }
+    t_unlock(t);
+    if (r < 0)
+        return NULL;
+    return Py_BuildValue("{sKsKsKsKsK}", "blocks", (unsigned long long)w.blocks,
+                         "records", (unsigned long long)w.records, "used_bytes",
+                         (unsigned long long)w.used, "free_bytes",
+                         (unsigned long long)w.free_bytes, "index_bytes",
+                         (unsigned long long)w.index_bytes);
+}
+
+static PyObject *
+table_stats(TableObject *t, PyObject *Py_UNUSED(ignored))
+{
+    uint64_t end = tt_enter(t);
+    if (end == 0)
+        return NULL;
+    int locked = !t->c.readonly && t_lock(t) == 0;
+    if (!t->c.readonly && !locked)
+        return NULL;
+    TStats s;
+    t_stats(&t->c, end, &s);
+    PyObject *d = Py_BuildValue(
+        "{sKsKsKsKsKsKsKsKsKsdsKsKsKsKsKsKsK}",
+        "count", (unsigned long long)s.count,
+        "tombstones", (unsigned long long)s.tombstones,
+        "used_bytes", (unsigned long long)s.used,
+        "heap_bytes", (unsigned long long)s.heap,
+        "free_bytes", (unsigned long long)s.free_bytes,
+        "free_blocks", (unsigned long long)s.free_blocks,
+        "largest_free", (unsigned long long)s.largest_free,
+        "pending_bytes", (unsigned long long)s.pending,
+        "index_slots", (unsigned long long)s.index_slots,
+        "fragmentation",
+        s.free_bytes ? 1.0 - (double)s.largest_free / (double)s.free_bytes : 0.0,
+        "growths", (unsigned long long)s.growths,
+        "index_growths", (unsigned long long)s.index_growths,
+        "recycles", (unsigned long long)s.recycles,
+        "recoveries", (unsigned long long)s.recoveries,
+        "vacuums", (unsigned long long)s.vacuums,
+        "batches", (unsigned long long)s.batches,
+        "epoch", (unsigned long long)s.epoch);
+    if (locked)
+        t_unlock(t);
+    return d;
+}
+
+/* Compact the heap and cut off its free tail.  Lock held; the caller
+ * shrinks the segment to the returned heap end before unlocking. */
+static PyObject *
+table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
+{
+    if (tt_enter(t) == 0)
+        return NULL;
+    if (t->c.lock_depth <= 0 || t->c.lock_thread != t_thread() || t_in_batch(&t->c)) {
+        PyErr_SetString(PyExc_RuntimeError, "vacuum needs the lock, outside a batch");
+        return NULL;
+    }
+    uint64_t new_end, moved;
+    if (t_vacuum(&t->c, &new_end, &moved) < 0) {
+        t_raise(); /* the heap is marked for recovery: t_unlock sees no error */
+        return NULL;
+    }
+    return Py_BuildValue("KK", (unsigned long long)new_end, (unsigned long long)moved);
+}
+
+/* ---- setup -------------------------------------------------------------------- */
+
+/* The protocol's grow callback: Python's grow hook makes the segment at
+ * least `need` bytes larger (store.py), or MemoryError when there is none. */
+static int
+table_grow(TCore *c, uint64_t need)
+{
+    TableObject *t = (TableObject *)((char *)c - offsetof(TableObject, c));
+    if (t->grow_hook == NULL || t->grow_hook == Py_None) {
+        PyErr_SetString(PyExc_MemoryError, "the store is full");
+        return -1;
+    }
+    PyObject *r = PyObject_CallFunction(t->grow_hook, "K", (unsigned long long)need);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static PyObject *
+table_bind(TableObject *t, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"mapping", "payload", "readonly", "pickle", "encode",
+                             "decode", "grow", "timeout", "read_timeout", NULL};
+    PyObject *mapping, *enc = Py_None, *dec = Py_None, *grow = Py_None,
+             *timeout = Py_None, *rtimeout = Py_None;
+    unsigned long long poff;
+    int readonly = 0, pickle = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!K|ppOOOOO", kwlist, &Mapping_Type,
+                                     &mapping, &poff, &readonly, &pickle, &enc, &dec,
+                                     &grow, &timeout, &rtimeout))
+        return NULL;
+    MappingObject *m = (MappingObject *)mapping;
+    if (m->base == NULL || poff % 4096 || poff + T_HEADER + T_INDEX_HDR > (uint64_t)m->length) {
+        PyErr_Format(m->base == NULL || poff % 4096 ? PyExc_ValueError : shm_CorruptError,
+                     "the segment's payload (%lld bytes) is too small for a store: its "
+                     "header is damaged; recreate the store", (long long)m->length);
+        return NULL;
+    }
+    int64_t tns = -1;
+    if (timeout != Py_None) {
+        double s = PyFloat_AsDouble(timeout);
+        if (s == -1.0 && PyErr_Occurred())
+            return NULL;
+        tns = s < 0 ? 0 : (int64_t)(s * 1e9);
+    }
+    int64_t rns = -1;
+    if (rtimeout != Py_None) {
+        double s = PyFloat_AsDouble(rtimeout);
+        if (s == -1.0 && PyErr_Occurred())
+            return NULL;
+        rns = s < 0 ? 0 : (int64_t)(s * 1e9);
+    }
+    Py_XSETREF(t->mapping, Py_NewRef(mapping));
+    t->c.m = m;
+    t->c.poff = poff;
+    t->c.readonly = readonly;
+    t->pickle = pickle;
+    t->c.timeout_ns = tns;
+    t->c.read_timeout_ns = rns;
+    Py_XSETREF(t->encode_hook, Py_NewRef(enc));
+    Py_XSETREF(t->decode_hook, Py_NewRef(dec));
+    Py_XSETREF(t->grow_hook, Py_NewRef(grow));
+    t->c.seed = LDR(&HDR(&t->c)->seed);
+    t->c.grow = table_grow;
+    Py_RETURN_NONE;
+}
+
+/* _format(seed): lay out an empty store over the whole payload (creator only). */
+static PyObject *
+table_format(TableObject *t, PyObject *arg)
+{
+    unsigned long long seed = PyLong_AsUnsignedLongLongMask(arg);
+    if (PyErr_Occurred() || tt_live(t) < 0)
+        return NULL;
+    if (t_format(&t->c, seed) < 0) {
+        t_raise();
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+table_after_fork(TableObject *t, PyObject *Py_UNUSED(ignored))
+{
+    /* The child holds none of its parent's locks or batches. */
+    t->c.lock_depth = 0;
+    t->c.batch_depth = 0;
+    ov_clear(&t->c.ov);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+table_flush(TableObject *t, PyObject *Py_UNUSED(ignored))
+{
+    if (tt_live(t) < 0)
+        return NULL;
+    int r;
+    shm_pin(t->mapping);
+    Py_BEGIN_ALLOW_THREADS
+    r = msync(t->c.m->base, (size_t)t->c.m->length, MS_SYNC);
+    Py_END_ALLOW_THREADS
+    shm_unpin(t->mapping);
+    if (r < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+/* _raw(key) -> (block offset, slot word) for tests that damage a record. */
+static PyObject *
+table_locate(TableObject *t, PyObject *key)
+{
+    uint64_t end = tt_enter(t), off;
+    if (end == 0)
+        return NULL;
+    TKey k;
+    TRec r;
+    if (key_encode(t, key, &k) < 0)
+        return NULL;
+    int found = probe_ro(PAY(&t->c), end, &k, &off, &r);
+    key_release(&k);
+    if (found != P_FOUND)
+        Py_RETURN_NONE;
+    return Py_BuildValue("KK", (unsigned long long)(t->c.poff + off),
+                         (unsigned long long)(t->c.poff + off + T_REC_HDR + r.klen));
+}
+
+static void
+table_dealloc(TableObject *t)
+{
+    PyObject_GC_UnTrack(t);
+    if (t->c.lock_depth > 0 && t->c.m && t->c.m->base) {
+        if (t->c.batch_depth > 0)
+            t_batch_discard(&t->c); /* else its blocks stay used by nothing */
+        t->c.lock_depth = 1;
+        t_unlock(t);
+    }
+    ov_clear(&t->c.ov);
+    Py_CLEAR(t->mapping);
+    Py_CLEAR(t->encode_hook);
+    Py_CLEAR(t->decode_hook);
+    Py_CLEAR(t->grow_hook);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+static int
+table_traverse(TableObject *t, visitproc visit, void *arg)
+{
+    Py_VISIT(t->mapping);
+    Py_VISIT(t->encode_hook);
+    Py_VISIT(t->decode_hook);
+    Py_VISIT(t->grow_hook);
+    return 0;
+}
+
+static int
+table_clear_refs(TableObject *t)
+{
+    Py_CLEAR(t->encode_hook);
+    Py_CLEAR(t->decode_hook);
+    Py_CLEAR(t->grow_hook);
+    return 0;
+}
+
+static PyMethodDef table_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))table_get, METH_FASTCALL,
+     "get(key, default=None)\n\nThe value stored under key, or default."},
+    {"add", (PyCFunction)(void (*)(void))table_add, METH_FASTCALL,
+     "add(key, value)\n\nInsert key; KeyExistsError if it is already there."},
+    {"pop", (PyCFunction)(void (*)(void))table_pop, METH_FASTCALL,
+     "pop(key[, default])\n\nRemove key and return its value, in one step."},
+    {"get_into", (PyCFunction)(void (*)(void))table_get_into, METH_FASTCALL,
+     "get_into(key, buffer) -> int\n\nCopy a bytes or array value into buffer."},
+    {"get_many", (PyCFunction)(void (*)(void))table_get_many, METH_FASTCALL,
+     "get_many(keys[, default]) -> list\n\nThe values of keys, in order."},
+    {"_view", (PyCFunction)table_view, METH_O, NULL},
+    {"nbytes", (PyCFunction)table_nbytes, METH_O,
+     "nbytes(key) -> int\n\nBytes the value of key takes when encoded."},
+    {"clear", (PyCFunction)table_clear, METH_NOARGS, "clear()\n\nRemove every key."},
+    {"_bind", (PyCFunction)(void (*)(void))table_bind, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"_format", (PyCFunction)table_format, METH_O, NULL},
+    {"_scan", (PyCFunction)(void (*)(void))table_scan, METH_FASTCALL, NULL},
+    {"_batch_begin", (PyCFunction)table_batch_begin, METH_NOARGS, NULL},
+    {"_batch_end", (PyCFunction)table_batch_end, METH_O, NULL},
+    {"_lock", (PyCFunction)table_lock, METH_NOARGS, NULL},
+    {"_unlock", (PyCFunction)table_unlock, METH_NOARGS, NULL},
+    {"_verify", (PyCFunction)table_verify, METH_NOARGS, NULL},
+    {"_stats", (PyCFunction)table_stats, METH_NOARGS, NULL},
+    {"_vacuum", (PyCFunction)table_vacuum, METH_NOARGS, NULL},
+    {"_flush", (PyCFunction)table_flush, METH_NOARGS, NULL},
+    {"_after_fork", (PyCFunction)table_after_fork, METH_NOARGS, NULL},
+    {"_locate", (PyCFunction)table_locate, METH_O, NULL},
+    {NULL}
+};
+
+static PyMappingMethods table_as_mapping = {
+    (lenfunc)table_length,
+    (binaryfunc)table_subscript,
+    (objobjargproc)table_ass_subscript,
+};
+
+static PySequenceMethods table_as_sequence = {
+    .sq_contains = (objobjproc)table_contains,
+};
+
+PyTypeObject Table_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkit._core.Table",
+    .tp_basicsize = sizeof(TableObject),
+    .tp_dealloc = (destructor)table_dealloc,
+    .tp_as_mapping = &table_as_mapping,
+    .tp_as_sequence = &table_as_sequence,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The Store's hash table in shared memory (see shmkit.Store).",
+    .tp_traverse = (traverseproc)table_traverse,
+    .tp_clear = (inquiry)table_clear_refs,
+    .tp_methods = table_methods,
+    .tp_new = PyType_GenericNew,
+};
+
+static PyObject *
+table_set_classes(PyObject *mod, PyObject *args)
+{
+    PyObject *a, *b, *c, *d;
+    if (!PyArg_ParseTuple(args, "OOOO", &a, &b, &c, &d))
+        return NULL;
+    Py_XSETREF(t_KeyExists, Py_NewRef(a));
+    Py_XSETREF(t_Unsupported, Py_NewRef(b));
+    Py_XSETREF(t_TooLarge, Py_NewRef(c));
+    Py_XSETREF(t_Busy, Py_NewRef(d));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+table_hash(PyObject *mod, PyObject *args)
+{
+    Py_buffer b;
+    unsigned long long seed;
+    if (!PyArg_ParseTuple(args, "y*K", &b, &seed))
+        return NULL;
+    uint64_t h = thash(b.buf, (size_t)b.len, seed);
+    PyBuffer_Release(&b);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+static PyMethodDef table_functions[] = {
+    {"table_set_classes", table_set_classes, METH_VARARGS,
+     "table_set_classes(KeyExistsError, UnsupportedTypeError, ValueTooLargeError, "
+     "BusyError)"},
+    {"table_hash", table_hash, METH_VARARGS,
+     "table_hash(data, seed) -> int: the store's 64-bit key hash."},
+    {NULL}
+};
+
+int
+shm_init_table(PyObject *module)
+{
+    if (PyType_Ready(&Table_Type) < 0 || PyType_Ready(&View_Type) < 0)
+        return -1;
+    Py_INCREF(&Table_Type);
+    if (PyModule_AddObject(module, "Table", (PyObject *)&Table_Type) < 0)
+        return -1;
+    return PyModule_AddFunctions(module, table_functions);
+}
