@@ -192,3 +192,45 @@ def test_segment_ndarray_checks_the_size_it_maps(name, monkeypatch):
         monkeypatch.undo()
         seg.close()
         seg.unlink()
+
+
+
+def test_view_dropped_over_a_damaged_ring_is_freed_once(monkeypatch):
+    """Found by the busy-mode fuzzer (channel, seed 101): a message view
+    dropped while its ring was damaged reported the CorruptError with itself
+    as the unraisable object; the hook's reference to it ran its dealloc a
+    second time (a double free, then a segfault).  Each view also kept one
+    reference to the segment's mapping for ever."""
+    from conftest import run_python
+    monkeypatch.setenv("PYTHONMALLOC", "debug")  # a double free is fatal at once
+    out = run_python("""
+        import struct, sys
+        import shmkit
+        from shmkit import _core
+        ring = _core.layouts["ring"]
+        ch = shmkit.Channel(None, capacity=4096)
+        m = ch._seg._mapping
+        refs = sys.getrefcount(m)
+        ch.send(b"abc")
+        with ch.recv_view(timeout=1) as mv:
+            assert bytes(mv) == b"abc"
+        ch.send(b"abc")
+        assert bytes(ch.recv_view(timeout=1)) == b"abc"
+        assert sys.getrefcount(m) == refs, ("mapping references", sys.getrefcount(m), refs)
+        base = ch._seg._hsize
+        view = memoryview(m)
+        data = base + struct.unpack_from("<Q", view, base + ring["data_off"])[0]
+        head = struct.unpack_from("<Q", view, base + ring["head"])[0]
+        ch.send(b"defg")
+        v = ch.recv_view(timeout=1)
+        # the record lent out is overwritten: COMMITTED where TAKEN was
+        struct.pack_into("<I", view, data + head % ch.capacity + 4, 0x80000001)
+        del v  # its release finds the damage and reports it
+        junk = [bytes(64) for _ in range(10000)]  # reuse what was freed
+        del junk
+        view.release()
+        ch.close()
+        print("survived")
+    """, timeout=60)
+    assert "survived" in out.stdout
+    assert "CorruptError" in out.stderr and "behind the read position" in out.stderr
