@@ -234,3 +234,34 @@ def test_view_dropped_over_a_damaged_ring_is_freed_once(monkeypatch):
     """, timeout=60)
     assert "survived" in out.stdout
     assert "CorruptError" in out.stderr and "behind the read position" in out.stderr
+
+
+def test_rwlock_holds_overwritten_by_damage_are_reported_as_corrupt_on_release(name):
+    """Found by the busy-mode fuzzer (rwlock, seeds 100-102): another process's
+    store replaced the writers' lock word or this process's read count while
+    it held them, and release_write()/release_read() raised RuntimeError."""
+    import shmkit
+    from shmkit import _core
+    rw = shmkit.RWLock(name)
+    try:
+        m = rw._m
+        assert rw.acquire_write(timeout=1)
+        _core.store32(m, rw._base, 0)  # the writers' lock word, wiped
+        with pytest.raises(shmkit.CorruptError, match="overwritten"):
+            rw.release_write()
+        with pytest.raises(RuntimeError, match="without holding it"):
+            rw.release_write()  # never taken: still the caller's error
+        _core.store32(m, rw._base + 4, 0)  # what the damage left of the state
+        assert rw.acquire_read(timeout=1)
+        for slot in range(rw._seg._max_slots):  # every read count, wiped
+            _core.store64(m, rw._entry(slot), 0)
+        with pytest.raises(shmkit.CorruptError, match="overwritten"):
+            rw.release_read()
+        with pytest.raises(RuntimeError, match="without a matching"):
+            rw.release_read()  # the hold is gone: a second release is the caller's error
+        with rw.write(timeout=1):  # and the lock still works
+            pass
+        with rw.read(timeout=1):
+            pass
+    finally:
+        rw.close()
