@@ -265,3 +265,35 @@ def test_rwlock_holds_overwritten_by_damage_are_reported_as_corrupt_on_release(n
             pass
     finally:
         rw.close()
+
+
+def test_semaphore_damaged_maximum_is_corrupt_and_over_release_stays_valueerror(names):
+    """Found by the fuzzer (semaphore, seed 102 case 2924; seed 101 in use): a
+    maximum damaged below the value plus the units held made the release of
+    an acquired unit raise ValueError, the caller's error."""
+    import shmkit
+    from shmkit import _core
+    s = shmkit.Semaphore(names(), value=3)
+    bounded = shmkit.Semaphore(names(), value=1, maximum=1)
+    try:
+        assert s.acquire(timeout=1)
+        _core.store32(s._m, s._base + 16, 3)  # maximum: none -> 3, under a holder
+        with pytest.raises(shmkit.CorruptError, match="maximum changed"):
+            s.release()
+        _core.store32(s._m, s._base + 16, 1)  # a maximum below the value 2
+        fresh = shmkit.Semaphore(s.name, create=False)  # opened over the damage
+        try:
+            with pytest.raises(shmkit.CorruptError, match="outside 0..1"):
+                fresh.acquire(timeout=1)
+            with pytest.raises(shmkit.CorruptError, match="outside 0..1"):
+                fresh.release()
+        finally:
+            fresh.close()
+        with pytest.raises(ValueError, match="beyond its maximum 1") as e:
+            bounded.release()  # a sane maximum: the caller released what it never took
+        assert not isinstance(e.value, shmkit.CorruptError)
+        assert bounded.acquire(timeout=1)
+        bounded.release()
+    finally:
+        s.close()
+        bounded.close()
