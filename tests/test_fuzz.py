@@ -192,3 +192,108 @@ def test_segment_ndarray_checks_the_size_it_maps(name, monkeypatch):
         monkeypatch.undo()
         seg.close()
         seg.unlink()
+
+
+
+def test_view_dropped_over_a_damaged_ring_is_freed_once(monkeypatch):
+    """Found by the busy-mode fuzzer (channel, seed 101): a message view
+    dropped while its ring was damaged reported the CorruptError with itself
+    as the unraisable object; the hook's reference to it ran its dealloc a
+    second time (a double free, then a segfault).  Each view also kept one
+    reference to the segment's mapping for ever."""
+    from conftest import run_python
+    monkeypatch.setenv("PYTHONMALLOC", "debug")  # a double free is fatal at once
+    out = run_python("""
+        import struct, sys
+        import shmkit
+        from shmkit import _core
+        ring = _core.layouts["ring"]
+        ch = shmkit.Channel(None, capacity=4096)
+        m = ch._seg._mapping
+        refs = sys.getrefcount(m)
+        ch.send(b"abc")
+        with ch.recv_view(timeout=1) as mv:
+            assert bytes(mv) == b"abc"
+        ch.send(b"abc")
+        assert bytes(ch.recv_view(timeout=1)) == b"abc"
+        assert sys.getrefcount(m) == refs, ("mapping references", sys.getrefcount(m), refs)
+        base = ch._seg._hsize
+        view = memoryview(m)
+        data = base + struct.unpack_from("<Q", view, base + ring["data_off"])[0]
+        head = struct.unpack_from("<Q", view, base + ring["head"])[0]
+        ch.send(b"defg")
+        v = ch.recv_view(timeout=1)
+        # the record lent out is overwritten: COMMITTED where TAKEN was
+        struct.pack_into("<I", view, data + head % ch.capacity + 4, 0x80000001)
+        del v  # its release finds the damage and reports it
+        junk = [bytes(64) for _ in range(10000)]  # reuse what was freed
+        del junk
+        view.release()
+        ch.close()
+        print("survived")
+    """, timeout=60)
+    assert "survived" in out.stdout
+    assert "CorruptError" in out.stderr and "behind the read position" in out.stderr
+
+
+def test_rwlock_holds_overwritten_by_damage_are_reported_as_corrupt_on_release(name):
+    """Found by the busy-mode fuzzer (rwlock, seeds 100-102): another process's
+    store replaced the writers' lock word or this process's read count while
+    it held them, and release_write()/release_read() raised RuntimeError."""
+    import shmkit
+    from shmkit import _core
+    rw = shmkit.RWLock(name)
+    try:
+        m = rw._m
+        assert rw.acquire_write(timeout=1)
+        _core.store32(m, rw._base, 0)  # the writers' lock word, wiped
+        with pytest.raises(shmkit.CorruptError, match="overwritten"):
+            rw.release_write()
+        with pytest.raises(RuntimeError, match="without holding it"):
+            rw.release_write()  # never taken: still the caller's error
+        _core.store32(m, rw._base + 4, 0)  # what the damage left of the state
+        assert rw.acquire_read(timeout=1)
+        for slot in range(rw._seg._max_slots):  # every read count, wiped
+            _core.store64(m, rw._entry(slot), 0)
+        with pytest.raises(shmkit.CorruptError, match="overwritten"):
+            rw.release_read()
+        with pytest.raises(RuntimeError, match="without a matching"):
+            rw.release_read()  # the hold is gone: a second release is the caller's error
+        with rw.write(timeout=1):  # and the lock still works
+            pass
+        with rw.read(timeout=1):
+            pass
+    finally:
+        rw.close()
+
+
+def test_semaphore_damaged_maximum_is_corrupt_and_over_release_stays_valueerror(names):
+    """Found by the fuzzer (semaphore, seed 102 case 2924; seed 101 in use): a
+    maximum damaged below the value plus the units held made the release of
+    an acquired unit raise ValueError, the caller's error."""
+    import shmkit
+    from shmkit import _core
+    s = shmkit.Semaphore(names(), value=3)
+    bounded = shmkit.Semaphore(names(), value=1, maximum=1)
+    try:
+        assert s.acquire(timeout=1)
+        _core.store32(s._m, s._base + 16, 3)  # maximum: none -> 3, under a holder
+        with pytest.raises(shmkit.CorruptError, match="maximum changed"):
+            s.release()
+        _core.store32(s._m, s._base + 16, 1)  # a maximum below the value 2
+        fresh = shmkit.Semaphore(s.name, create=False)  # opened over the damage
+        try:
+            with pytest.raises(shmkit.CorruptError, match="outside 0..1"):
+                fresh.acquire(timeout=1)
+            with pytest.raises(shmkit.CorruptError, match="outside 0..1"):
+                fresh.release()
+        finally:
+            fresh.close()
+        with pytest.raises(ValueError, match="beyond its maximum 1") as e:
+            bounded.release()  # a sane maximum: the caller released what it never took
+        assert not isinstance(e.value, shmkit.CorruptError)
+        assert bounded.acquire(timeout=1)
+        bounded.release()
+    finally:
+        s.close()
+        bounded.close()

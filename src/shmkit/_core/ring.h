@@ -143,12 +143,18 @@ void ring_take_lent(RingObject *r, take_t *tk, uint64_t pos, uint32_t len, uint3
 int ring_next(RingObject *r, take_t *tk, uint64_t *pos, uint32_t *len);
 int ring_reclaim(RingObject *r);
 int ring_lock(RingObject *r, MappingObject *m, uint32_t *word, uint32_t me, int64_t deadline);
-/* Release a ring lock we hold (lock.c un-records the holding). */
+/* Release a ring lock we hold (lock.c un-records the holding).  A word
+ * that no longer shows our token (damage) has nothing to release; that
+ * error is dropped, and an exception already pending (the reason a
+ * failing call is unlocking) is kept, never cleared with it. */
 static inline void
 ring_unlock(MappingObject *m, uint32_t *word)
 {
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
     if (shm_lock_release(m, word) < 0)
-        PyErr_Clear(); /* not ours: nothing to release */
+        PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
 }
 
 /* ---- the producers' side ---- */

@@ -295,6 +295,18 @@ static PyObject *make_view(RingObject *r, MappingObject *m, uint64_t pos, uint32
                            uint32_t me);
 static int view_finish(RingObject *r, MappingObject *m, rec_t *rec, uint32_t token);
 
+/* view_finish on a failing path: the exception that made the call fail is
+ * the one it raises; a second one from finishing the record is dropped. */
+static void
+view_finish_keep(RingObject *r, MappingObject *m, rec_t *rec, uint32_t token)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (view_finish(r, m, rec, token) < 0)
+        PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
+}
+
 /* Take one message: bytes (R_COPY), a RecordView (R_VIEW), or copied into
  * `into` (R_INTO, returning its length; a message that does not fit stays
  * in the channel).  Waits until the deadline; raises Empty (nowait),
@@ -356,14 +368,14 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
         if (freed < 0 || k < 0) {
             Py_CLEAR(out);
             if (lend)
-                view_finish(r, m, rec_at(r, pos), me);
+                view_finish_keep(r, m, rec_at(r, pos), me);
             break;
         }
         if (lend) {
             if (how == R_VIEW) {
                 out = make_view(r, m, pos, len, me);
                 if (out == NULL)
-                    view_finish(r, m, rec_at(r, pos), me);
+                    view_finish_keep(r, m, rec_at(r, pos), me);
                 break;
             }
             out = how == R_INTO ? PyLong_FromUnsignedLong(len)
@@ -854,8 +866,8 @@ make_view(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_t 
     if (v == NULL)
         return NULL;
     v->ring = (RingObject *)Py_NewRef(r);
-    v->mapping = Py_NewRef((PyObject *)m);
-    shm_pin((PyObject *)m); /* the memory stays mapped while the view lives */
+    v->mapping = (PyObject *)m;
+    shm_pin((PyObject *)m); /* our reference: the memory stays mapped while the view lives */
     v->rec = rec_at(r, pos);
     v->payload = (char *)(v->rec + 1);
     v->len = len;
@@ -970,11 +982,20 @@ rv_releasebuffer(RecordViewObject *v, Py_buffer *Py_UNUSED(view))
 static void
 rv_dealloc(RecordViewObject *v)
 {
+    /* A view dropped while an exception unwinds the frame that held it
+     * runs here with that exception pending: set it aside, so that the
+     * release neither runs with it set nor replaces or clears it. */
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
     Py_CLEAR(v->view);
+    /* The error is reported against the channel, not v: the unraisable
+     * hook takes a reference to its object, and dropping it would run
+     * this dealloc a second time and free v twice. */
     if (!v->released && rv_release_record(v) < 0)
-        PyErr_WriteUnraisable((PyObject *)v);
+        PyErr_WriteUnraisable((PyObject *)v->ring);
     Py_CLEAR(v->ring);
     PyObject_Free(v);
+    PyErr_Restore(et, ev, tb);
 }
 
 static PyObject *

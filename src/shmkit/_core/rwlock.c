@@ -37,6 +37,7 @@ typedef struct {
     PyObject *what;
     const char *what_s;
     int recovered;
+    long read_holds;    /* read holds taken through this handle, not yet released */
 } RWObject;
 
 typedef struct {
@@ -82,8 +83,9 @@ rw_bind(RWObject *self, RW *r)
     return 0;
 }
 
-/* Change our slot's read holds by delta.  0, or -1 (RuntimeError) when a
- * release finds none. */
+/* Change our slot's read holds by delta.  0, or -1 when a release finds
+ * none: CorruptError if this handle took a hold that the entry no longer
+ * shows (another process's store replaced it), else RuntimeError. */
 static int
 count(RW *r, int delta)
 {
@@ -93,8 +95,16 @@ count(RW *r, int delta)
     for (;;) {
         uint32_t n = SHM_SLOT_ENTRY_GEN(v) == gen ? SHM_SLOT_ENTRY_COUNT(v) : 0;
         if (delta < 0 && n == 0) {
-            PyErr_Format(PyExc_RuntimeError, "release_read() of %s without a matching "
-                         "acquire_read()", r->self->what_s);
+            if (r->self->read_holds > 0)
+                PyErr_Format(shm_CorruptError, "the read hold this process took on %s "
+                             "was overwritten (its entry shows %u holds of attachment "
+                             "generation %u, this one is %u): the segment is damaged; "
+                             "check its data (shmkit info) or recreate it",
+                             r->self->what_s, (unsigned)SHM_SLOT_ENTRY_COUNT(v),
+                             (unsigned)SHM_SLOT_ENTRY_GEN(v), (unsigned)gen);
+            else
+                PyErr_Format(PyExc_RuntimeError, "release_read() of %s without a "
+                             "matching acquire_read()", r->self->what_s);
             return -1;
         }
         uint64_t nv = (uint64_t)gen << 32 | (uint32_t)(n + (uint32_t)delta);
@@ -311,8 +321,16 @@ release_write(RWObject *self)
         return -1;
     uint32_t v = __atomic_load_n(ru32(&r, RW_LOCK), __ATOMIC_ACQUIRE);
     if ((v & SHM_TOKEN_MASK) != r.m->token) {
-        PyErr_Format(PyExc_RuntimeError, "release_write() of %s without holding it",
-                     self->what_s);
+        /* lock.c tells the two apart: CorruptError when this process took
+         * the word and another store replaced it (the state is then no
+         * longer ours to clear), RuntimeError when it never took it. */
+        if (shm_lock_release(r.m, ru32(&r, RW_LOCK)) < 0 &&
+            PyErr_ExceptionMatches(PyExc_RuntimeError) &&
+            !PyErr_ExceptionMatches(shm_CorruptError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_RuntimeError, "release_write() of %s without holding it",
+                         self->what_s);
+        }
         return -1;
     }
     release_state(&r);
@@ -346,6 +364,7 @@ rw_init(RWObject *self, PyObject *args, PyObject *kwds)
     self->what_s = s;
     self->offset = offset;
     self->recovered = 0;
+    self->read_holds = 0;
     return 0;
 }
 
@@ -381,6 +400,8 @@ py_acquire_read(RWObject *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
     shm_pin(self->mapping);
     int r = acquire_read(self, deadline);
     shm_unpin(self->mapping);
+    if (r > 0)
+        self->read_holds++;
     return r < 0 ? NULL : PyBool_FromLong(r);
 }
 
@@ -400,7 +421,12 @@ static PyObject *
 py_release_read(RWObject *self, PyObject *Py_UNUSED(ignored))
 {
     RW r;
-    if (rw_bind(self, &r) < 0 || count(&r, -1) < 0)
+    if (rw_bind(self, &r) < 0)
+        return NULL;
+    int n = count(&r, -1);
+    if (self->read_holds > 0)
+        self->read_holds--; /* released, or lost to damage (CorruptError) */
+    if (n < 0)
         return NULL;
     shm_crash_point("rw.read.released");
     readers_left(&r);

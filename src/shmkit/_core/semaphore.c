@@ -43,6 +43,7 @@ typedef struct {
     long long offset;
     PyObject *what;
     const char *what_s;
+    uint32_t maximum;   /* the stored maximum as this handle found it */
 } SemObject;
 
 /* One operation's view: where the semaphore is, its journal. */
@@ -151,6 +152,29 @@ reclaim_own(Sem *s)
     return r < 0 ? -1 : 0;
 }
 
+/* The maximum never changes after sem_format, and no release or acquire
+ * leaves value outside 0..maximum: a stored maximum other than the one
+ * this handle found, or a value outside that range, is damage (lock
+ * held).  Returns the bound on value, or -1 with CorruptError. */
+static int64_t
+sane_limit(Sem *s, int32_t value)
+{
+    uint32_t max = __atomic_load_n(u32at(s, SEM_MAX), __ATOMIC_RELAXED);
+    int64_t limit = max == SEM_NO_MAX || max > INT32_MAX ? INT32_MAX : (int64_t)max;
+    if (max != s->self->maximum) {
+        PyErr_Format(shm_CorruptError, "%s: its maximum changed from %u to %u, which no "
+                     "correct writer does: its payload is damaged; recreate it",
+                     s->self->what_s, s->self->maximum, max);
+        return -1;
+    }
+    if (value < 0 || (int64_t)value > limit) {
+        PyErr_Format(shm_CorruptError, "%s holds value %d outside 0..%lld: its payload "
+                     "is damaged; recreate it", s->self->what_s, value, (long long)limit);
+        return -1;
+    }
+    return limit;
+}
+
 static int
 repair(void *ctx, int owner_died)
 {
@@ -199,6 +223,9 @@ try_take(Sem *s, int check_dead)
         return -1;
     shm_crash_point("sem.acquire.locked");
     int r = reclaim_own(s);
+    if (r == 0 &&
+        sane_limit(s, (int32_t)__atomic_load_n(u32at(s, SEM_VALUE), __ATOMIC_RELAXED)) < 0)
+        r = -1;
     if (r == 0) {
         int32_t value = (int32_t)__atomic_load_n(u32at(s, SEM_VALUE), __ATOMIC_RELAXED);
         if (value <= 0 && check_dead) {
@@ -314,14 +341,11 @@ sem_release(SemObject *self, long long n)
     if (r == 0) {
         int32_t value = (int32_t)__atomic_load_n(u32at(&s, SEM_VALUE), __ATOMIC_RELAXED);
         uint32_t max = __atomic_load_n(u32at(&s, SEM_MAX), __ATOMIC_RELAXED);
-        int64_t limit = max == SEM_NO_MAX || max > INT32_MAX ? INT32_MAX : (int64_t)max;
-        if (value < 0 || (int64_t)value > limit) {
-            /* no release or acquire ever leaves this: the payload is damaged */
-            PyErr_Format(shm_CorruptError, "%s holds value %d beyond its maximum %u: "
-                         "its payload is damaged; recreate it", self->what_s, value, max);
-            r = -1;
-        }
+        int64_t limit = sane_limit(&s, value);
+        if (limit < 0)
+            r = -1; /* damage: CorruptError */
         else if ((int64_t)value + n > limit) {
+            /* a sane maximum: the caller released more than was acquired */
             if (max == SEM_NO_MAX || max > INT32_MAX)
                 PyErr_Format(PyExc_ValueError, "%s released beyond 2**31 - 1 units "
                              "(value %d, n %lld)", self->what_s, value, n);
@@ -410,7 +434,8 @@ sem_init(SemObject *self, PyObject *args, PyObject *kwds)
                      "not %lld", offset);
         return -1;
     }
-    if (shm_sync_span(mapping, offset, footprint((MappingObject *)mapping), 0) == NULL)
+    char *b = shm_sync_span(mapping, offset, footprint((MappingObject *)mapping), 0);
+    if (b == NULL)
         return -1;
     what = what ? Py_NewRef(what) : PyUnicode_FromString("semaphore");
     if (what == NULL)
@@ -424,6 +449,7 @@ sem_init(SemObject *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->what, what);
     self->what_s = s;
     self->offset = offset;
+    self->maximum = __atomic_load_n((uint32_t *)(b + SEM_MAX), __ATOMIC_ACQUIRE);
     return 0;
 }
 
