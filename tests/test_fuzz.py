@@ -295,3 +295,26 @@ def test_semaphore_damaged_maximum_is_corrupt_and_over_release_stays_valueerror(
     finally:
         s.close()
         bounded.close()
+
+
+def test_heap_put_into_a_block_resized_by_damage_is_corrupt(name, monkeypatch):
+    """Found by the busy-mode fuzzer (heap, seed 103): another process's store
+    changed the size of the block put() had just allocated, and the copy into
+    it raised memoryview's ValueError."""
+    import shmkit
+    from shmkit import _core
+    heap = shmkit.Heap(name, size=64 << 10, create=True)
+    real_pin = shmkit.Heap.pin
+
+    def damage_then_pin(self, handle, **kwargs):
+        entry = self._seg._hsize + 4096 + 32 * handle.index  # heap.h's handle table
+        _core.store64(self._seg._mapping, entry + 16, 99)  # nbytes: 100 -> 99
+        return real_pin(self, handle, **kwargs)
+
+    monkeypatch.setattr(shmkit.Heap, "pin", damage_then_pin)
+    try:
+        with pytest.raises(shmkit.CorruptError, match="now says 99"):
+            heap.put(b"x" * 100)
+    finally:
+        monkeypatch.undo()
+        heap.close()
