@@ -508,6 +508,10 @@ class Heap(SharedObject):
         h = self.alloc(src.nbytes, timeout=timeout)
         try:
             with self.pin(h, timeout=timeout) as view:
+                if view.nbytes != src.nbytes:  # another process's store changed it
+                    raise CorruptError(f"heap {self.name!r}: the block just allocated for "
+                                       f"{src.nbytes} bytes now says {view.nbytes}: the "
+                                       "heap is damaged; check it with verify()")
                 view[:] = src
         except BaseException:
             self.free(h)
