@@ -26,7 +26,6 @@ the waiting strategy are described in docs/channel.md.
 
 from __future__ import annotations
 
-import ast
 import os
 import pickle
 from typing import Any, Callable, Iterator
@@ -38,8 +37,6 @@ from .errors import (
     Empty,
     FormatVersionError,
     Full,
-    MessageTooLarge,
-    SendersGone,
     SizeLimitError,
     Timeout,
 )
@@ -48,49 +45,6 @@ from .segment import DEFAULT_MAX_ATTACH, Kind, Segment, SegmentInfo
 __all__ = ["Channel", "Queue"]
 
 
-_SENT_AFTER_END = " was closed: no more messages can be sent"
-_DRAINED = " is closed and drained"
-
-
-class _Ended(ChannelClosed):
-    """ChannelClosed as the core raises it, completed with what to do.
-
-    The core says which channel and what happened; a channel ended by
-    ``close_sending()`` stays ended for every later run that opens its name,
-    so a refused send also says how to start afresh.
-    """
-
-    def __init__(self, *args: Any) -> None:
-        if len(args) == 1 and isinstance(args[0], str):
-            args = (_explain(args[0]),)
-        super().__init__(*args)
-
-    def __reduce__(self) -> tuple:  # travels (to a Pool's parent, say) as itself
-        return (ChannelClosed, self.args)
-
-
-_Ended.__name__ = _Ended.__qualname__ = "ChannelClosed"
-_Ended.__module__ = "shmkit"
-
-
-def _explain(msg: str) -> str:
-    if msg.startswith("channel ") and msg.endswith(_SENT_AFTER_END):
-        shown = msg[len("channel "):-len(_SENT_AFTER_END)]
-        try:
-            name = ast.literal_eval(shown)
-        except (ValueError, SyntaxError):
-            name = shown
-        return (f"channel {shown} was ended with close_sending(), possibly by an earlier "
-                f"run: no more messages can be sent to it. Unlink it (`shmkit rm {name}`) "
-                "and create it again to use the name afresh")
-    if msg.startswith("channel ") and msg.endswith(_DRAINED):
-        shown = msg[len("channel "):-len(_DRAINED)]
-        return (f"channel {shown} was ended with close_sending() and every message "
-                "sent before has been received")
-    return msg
-
-
-_core.ring_set_classes(_Ended, MessageTooLarge, Empty, Full, SendersGone)
 
 FORMAT = _core.RING_FORMAT
 DEFAULT_CAPACITY = 1 << 20

@@ -8,7 +8,9 @@ working.
 
 from __future__ import annotations
 
+import ast
 import queue as _queue
+from typing import Any
 
 __all__ = [
     "ShmkitError",
@@ -201,3 +203,47 @@ class Empty(WouldBlock, _queue.Empty):
 class Full(WouldBlock, _queue.Full):
     """No room to send now: ``send_nowait()``, or ``Queue.put`` whose wait
     ended.  Also a :class:`queue.Full`, as ``multiprocessing.Queue`` raises."""
+
+
+# The class the compiled core raises for ChannelClosed (module.c reads it
+# from here): ChannelClosed with what to do added to its message.
+_SENT_AFTER_END = " was closed: no more messages can be sent"
+_DRAINED = " is closed and drained"
+
+
+class _ChannelEnded(ChannelClosed):
+    """ChannelClosed as the core raises it, completed with what to do.
+
+    The core says which channel and what happened; a channel ended by
+    ``close_sending()`` stays ended for every later run that opens its name,
+    so a refused send also says how to start afresh.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_explain(args[0]),)
+        super().__init__(*args)
+
+    def __reduce__(self) -> tuple:  # travels (to a Pool's parent, say) as itself
+        return (ChannelClosed, self.args)
+
+
+_ChannelEnded.__name__ = _ChannelEnded.__qualname__ = "ChannelClosed"
+_ChannelEnded.__module__ = "shmkit"
+
+
+def _explain(msg: str) -> str:
+    if msg.startswith("channel ") and msg.endswith(_SENT_AFTER_END):
+        shown = msg[len("channel "):-len(_SENT_AFTER_END)]
+        try:
+            name = ast.literal_eval(shown)
+        except (ValueError, SyntaxError):
+            name = shown
+        return (f"channel {shown} was ended with close_sending(), possibly by an earlier "
+                f"run: no more messages can be sent to it. Unlink it (`shmkit rm {name}`) "
+                "and create it again to use the name afresh")
+    if msg.startswith("channel ") and msg.endswith(_DRAINED):
+        shown = msg[len("channel "):-len(_DRAINED)]
+        return (f"channel {shown} was ended with close_sending() and every message "
+                "sent before has been received")
+    return msg

@@ -56,7 +56,6 @@ from .segment import DEFAULT_MAX_ATTACH, DEFAULT_RESERVE, Kind, Segment
 __all__ = ["Heap", "Handle", "Pin", "ArrayPin", "HeapFullError", "PinnedError",
            "StaleHandleError"]
 
-_core.heap_set_classes(StaleHandleError, PinnedError, HeapFullError)
 
 HEAP_FORMAT = _core.HEAP_FORMAT
 _UNIT = 16

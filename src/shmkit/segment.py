@@ -66,7 +66,6 @@ from .errors import (
     MismatchError,
     NotFoundError,
     OutOfSpaceError,
-    OwnerDiedWarning,
     ReadOnlyError,
     SizeLimitError,
     Timeout,
@@ -76,7 +75,6 @@ from .errors import (
 
 __all__ = ["Segment", "Kind", "SegmentInfo", "segment_path", "list_segments", "unlink"]
 
-_core.set_classes(OwnerDiedWarning, CorruptError, Timeout, ReadOnlyError, ClosedError)
 
 MAGIC = b"\x89SHMKIT\x00"
 FORMAT_VERSION = _core.layouts["segment"]["format_version"]

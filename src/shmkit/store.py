@@ -41,16 +41,11 @@ from typing import Any, Callable
 from . import _core
 from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
 from .errors import (
-    BusyError,
-    ClosedError,
     FormatVersionError,
-    KeyExistsError,
     MismatchError,
     OutOfSpaceError,
     OwnerDiedWarning,
-    ReadOnlyError,
     UnsupportedTypeError,
-    ValueTooLargeError,
 )
 from .segment import PAGE, Kind, Segment, _align
 
@@ -66,9 +61,6 @@ _VT_PICKLE = 9
 _OFF_COUNT = 72  # store-header words read directly (see table.c, THeader)
 _OFF_USED = 88
 _SCAN = 512
-
-_core.table_set_classes(KeyExistsError, UnsupportedTypeError, ValueTooLargeError,
-                        BusyError)
 
 
 # -- value encoding for what C does not encode itself --------------------------

@@ -99,14 +99,11 @@ shm_token_alive(MappingObject *m, uint32_t token)
 static MappingObject *
 arg_mapping(PyObject *obj)
 {
-    if (!PyObject_TypeCheck(obj, &Mapping_Type)) {
-        PyErr_Format(PyExc_TypeError, "expected a shmkit Mapping, got %.100s",
-                     Py_TYPE(obj)->tp_name);
+    if (shm_check_mapping(obj) < 0)
         return NULL;
-    }
     MappingObject *m = (MappingObject *)obj;
     if (m->base == NULL) {
-        PyErr_SetString(SHM_CLOSED_EXC, "the segment is closed in this process");
+        PyErr_SetString(shm_state_of(obj)->ClosedError, "the segment is closed in this process");
         return NULL;
     }
     return m;
@@ -174,7 +171,7 @@ py_attach_claim(PyObject *mod, PyObject *args)
         uint32_t slot = (start % n + k) % n;
         struct shm_attach_entry *e = entry_at(m, slot);
         if (e == NULL) {
-            PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_ValueError,
+            PyErr_Format(shm_state_of((PyObject *)m)->CorruptError,
                          "attach slot %u lies outside the segment's %zd bytes", slot,
                          m->length);
             return NULL;
@@ -233,10 +230,8 @@ py_attach_reader(PyObject *mod, PyObject *args)
 static PyObject *
 py_attach_detach(PyObject *mod, PyObject *obj)
 {
-    if (!PyObject_TypeCheck(obj, &Mapping_Type)) {
-        PyErr_SetString(PyExc_TypeError, "expected a shmkit Mapping");
+    if (shm_check_mapping(obj) < 0)
         return NULL;
-    }
     MappingObject *m = (MappingObject *)obj;
     m->token = 0;
     m->fd = -1;
@@ -461,10 +456,10 @@ py_token_alive(PyObject *mod, PyObject *args)
 {
     PyObject *m;
     unsigned int token;
-    if (!PyArg_ParseTuple(args, "O!I", &Mapping_Type, &m, &token))
+    if (!PyArg_ParseTuple(args, "O&I", shm_mapping_converter, &m, &token))
         return NULL;
     if (((MappingObject *)m)->base == NULL) {
-        PyErr_SetString(SHM_CLOSED_EXC, "the segment is closed in this process");
+        PyErr_SetString(shm_mod_state(mod)->ClosedError, "the segment is closed in this process");
         return NULL;
     }
     return PyBool_FromLong(shm_token_alive((MappingObject *)m, token));

@@ -53,10 +53,8 @@ cond_bind(Cond *c, PyObject *mapping, PyObject *off_obj, PyObject *what)
     long long off = PyLong_AsLongLong(off_obj);
     if (off == -1 && PyErr_Occurred())
         return -1;
-    if (Py_TYPE(mapping) != &Mapping_Type) {
-        PyErr_SetString(PyExc_TypeError, "expected a shmkit Mapping");
+    if (shm_check_mapping(mapping) < 0)
         return -1;
-    }
     MappingObject *m = (MappingObject *)mapping;
     c->b = shm_sync_span(mapping, off, COND_TABLE + 8 * (uint64_t)m->max_slots, 1);
     if (c->b == NULL)
@@ -134,7 +132,7 @@ static int
 relock(Cond *c)
 {
     int r = shm_lock_acquire(c->m, cu32(c, COND_LOCK), SHM_FOREVER);
-    if (r == 2 && shm_warn_owner_died(c->what) < 0)
+    if (r == 2 && shm_warn_owner_died(c->m, c->what) < 0)
         return -1; /* held: the caller's with-block releases it */
     return r < 0 ? -1 : 0;
 }
@@ -291,10 +289,8 @@ py_cond_sleepers(PyObject *mod, PyObject *const *a, Py_ssize_t n)
     long long off = PyLong_AsLongLong(a[1]);
     if (off == -1 && PyErr_Occurred())
         return NULL;
-    if (Py_TYPE(a[0]) != &Mapping_Type) {
-        PyErr_SetString(PyExc_TypeError, "expected a shmkit Mapping");
+    if (shm_check_mapping(a[0]) < 0)
         return NULL;
-    }
     c.m = (MappingObject *)a[0];
     c.b = shm_sync_span(a[0], off, COND_TABLE + 8 * (uint64_t)c.m->max_slots, 0);
     if (c.b == NULL)

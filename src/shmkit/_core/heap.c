@@ -414,7 +414,7 @@ sync_units(Ctx *c)
     }
     /* entries may name any word from the mutable header on, except the
      * journal itself (the shared journal checks each before undoing) */
-    shm_journal_bind(&c->jn, c->p, H_JOURNAL, J_MAX, H_FREEH, h->plen, h->what);
+    shm_journal_bind(&c->jn, h->m, c->p, H_JOURNAL, J_MAX, H_FREEH, h->plen, h->what);
     uint64_t u = ld(c, H_UNITS);
     if (u < MIN_UNITS || u > h->max_units || h->data_off + u * UNIT > h->plen)
         return corrupt(c, "it claims a data area of %llu units, beyond its segment's "

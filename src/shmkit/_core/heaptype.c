@@ -12,7 +12,6 @@
 #include <string.h>
 #include <unistd.h>
 
-static PyObject *heap_StaleHandle, *heap_Pinned, *heap_Full;
 
 typedef struct {
     PyObject_HEAD
@@ -33,21 +32,22 @@ h_raise(HeapObject *self)
     if (PyErr_Occurred())
         return; /* raised by a shared module (journal.c, lock.c) */
     const char *m = h_error.msg;
+    shm_state *st = shm_state_of((PyObject *)self);
     switch (h_error.code) {
     case HE_CORRUPT:
-        PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_RuntimeError,
+        PyErr_Format(st->CorruptError,
                      "heap %R is corrupt: %s; copy out what you still need and "
                      "recreate it (shmkit rm)", self->name, m);
         break;
     case HE_STALE:
-        PyErr_Format(heap_StaleHandle ? heap_StaleHandle : PyExc_ValueError,
+        PyErr_Format(st->StaleHandleError,
                      "%s in heap %R", m, self->name);
         break;
     case HE_PINNED:
-        PyErr_SetString(heap_Pinned ? heap_Pinned : PyExc_RuntimeError, m);
+        PyErr_SetString(st->PinnedError, m);
         break;
     case HE_FULL:
-        PyErr_SetString(heap_Full ? heap_Full : PyExc_MemoryError, m);
+        PyErr_SetString(st->HeapFullError, m);
         break;
     case HE_VALUE:
         PyErr_SetString(PyExc_ValueError, m);
@@ -87,7 +87,7 @@ region(PyObject *mapping, long long off, uint64_t len, int writable)
         return NULL;
     MappingObject *m = (MappingObject *)mapping;
     if (len > (uint64_t)m->length || (uint64_t)off > (uint64_t)m->length - len) {
-        PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_ValueError,
+        PyErr_Format(shm_state_of(mapping)->CorruptError,
                      "the heap's %llu bytes at offset %lld lie outside the segment's "
                      "%zd bytes", (unsigned long long)len, off, m->length);
         return NULL;
@@ -107,7 +107,7 @@ begin(HeapObject *self, Ctx *c, int writable)
      * lock-free calls (a pin's release, size_of) keep the bound they had */
     if (sync_units(c) < 0) {
         PyErr_Clear();
-        shm_journal_bind(&c->jn, c->p, H_JOURNAL, J_MAX, H_FREEH, self->core.plen,
+        shm_journal_bind(&c->jn, self->core.m, c->p, H_JOURNAL, J_MAX, H_FREEH, self->core.plen,
                          self->core.what);
     }
     shm_pin(self->mapping);
@@ -137,7 +137,7 @@ lock(Ctx *c, int64_t deadline)
 {
     MappingObject *m = c->h->m;
     if (m->token == 0) {
-        PyErr_Format(SHM_READONLY_EXC,
+        PyErr_Format(shm_state_of((PyObject *)OBJ(c))->ReadOnlyError,
                      "heap %R is open read-only (or closed) here; open it without "
                      "readonly=True to change it", OBJ(c)->name);
         return -1;
@@ -147,7 +147,7 @@ lock(Ctx *c, int64_t deadline)
     if (r < 0)
         return -1;
     if (r == 0) {
-        PyErr_Format(shm_TimeoutError ? shm_TimeoutError : PyExc_TimeoutError,
+        PyErr_Format(shm_state_of((PyObject *)OBJ(c))->Timeout,
                      "could not lock heap %R before the timeout; another process holds "
                      "it (a long compaction?)", OBJ(c)->name);
         return -1;
@@ -405,7 +405,6 @@ typedef struct {
     uint32_t token;     /* attachment that holds the pin */
 } PinObject;
 
-static PyTypeObject Pin_Type;
 static int unpin_idx(HeapObject *self, uint32_t idx, uint32_t token);
 
 static PyObject *
@@ -436,7 +435,7 @@ new_pin(HeapObject *heap, PyObject *value, PyObject *handle, long long off, uint
     Py_XDECREF(slice);
     if (view == NULL)
         return NULL;
-    PinObject *pin = PyObject_New(PinObject, &Pin_Type);
+    PinObject *pin = PyObject_New(PinObject, shm_state_of((PyObject *)heap)->Pin);
     if (pin == NULL) {
         Py_DECREF(view);
         return NULL;
@@ -524,7 +523,9 @@ pin_dealloc(PinObject *self)
     PyErr_Restore(type, value, tb);
     Py_XDECREF(self->handle);
     Py_XDECREF(self->heap);
+    PyTypeObject *tp = Py_TYPE(self);
     PyObject_Free(self);
+    Py_DECREF(tp); /* a heap type: its instances hold it */
 }
 
 static PyMethodDef pin_methods[] = {
@@ -542,18 +543,22 @@ static PyGetSetDef pin_getset[] = {
     {NULL}
 };
 
-static PyTypeObject Pin_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmkit.Pin",
-    .tp_basicsize = sizeof(PinObject),
-    .tp_dealloc = (destructor)pin_dealloc,
-    .tp_repr = (reprfunc)pin_repr,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A pinned heap block: its bytes stay where they are until release().\n\n"
-              "Made by Heap.pin(); `with heap.pin(h) as view:` gives the block's\n"
-              "memoryview and releases the pin (and the view) at the end.",
-    .tp_methods = pin_methods,
-    .tp_getset = pin_getset,
+static PyType_Slot pin_spec_slots[] = {
+    {Py_tp_dealloc, pin_dealloc},
+    {Py_tp_repr, pin_repr},
+    {Py_tp_doc, "A pinned heap block: its bytes stay where they are until release().\n\n"
+                "Made by Heap.pin(); `with heap.pin(h) as view:` gives the block's\n"
+                "memoryview and releases the pin (and the view) at the end."},
+    {Py_tp_methods, pin_methods},
+    {Py_tp_getset, pin_getset},
+    {0, NULL},
+};
+
+static PyType_Spec pin_spec = {
+    .name = "shmkit.Pin",
+    .basicsize = sizeof(PinObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = pin_spec_slots,
 };
 
 /* pin(value, timeout=None, handle=None) -> Pin.
@@ -566,7 +571,7 @@ heap_pin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         return nargs < 1 ? PyErr_Format(PyExc_TypeError, "pin(handle, timeout=None)") : NULL;
     uint32_t me = self->core.m->token;
     if (me == 0 || SHM_TOKEN_SLOT(me) >= self->core.max_slots) {
-        PyErr_Format(SHM_READONLY_EXC,
+        PyErr_Format(shm_state_of((PyObject *)self)->ReadOnlyError,
                      "heap %R is open read-only (or closed) here; pinning needs a "
                      "writable attachment", self->name);
         return NULL;
@@ -842,7 +847,7 @@ heap_format(PyObject *mod, PyObject *args)
     long long hoff;
     unsigned long long data, most, blocks, pins, slots, salt;
     uint64_t now, plen;
-    if (!PyArg_ParseTuple(args, "O!LKKKKKK", &Mapping_Type, &mapping, &hoff, &data, &most,
+    if (!PyArg_ParseTuple(args, "O&LKKKKKK", shm_mapping_converter, &mapping, &hoff, &data, &most,
                           &blocks, &pins, &slots, &salt))
         return NULL;
     if (h_layout(data, most, blocks, pins, slots, &now, &plen) < 0) {
@@ -866,7 +871,7 @@ heapobj_init(HeapObject *self, PyObject *args, PyObject *kwds)
     PyObject *mapping, *name;
     long long hoff;
     unsigned long long plen;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!LKO", kwlist, &Mapping_Type, &mapping,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&LKO", kwlist, shm_mapping_converter, &mapping,
                                      &hoff, &plen, &name))
         return -1;
     Py_XSETREF(self->name, Py_NewRef(name));
@@ -919,19 +924,9 @@ heapobj_dealloc(HeapObject *self)
     Py_XDECREF(self->mv);
     Py_XDECREF(self->mapping);
     Py_XDECREF(self->name);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static PyObject *
-heap_set_classes(PyObject *mod, PyObject *args)
-{
-    PyObject *st, *pn, *fu;
-    if (!PyArg_ParseTuple(args, "OOO", &st, &pn, &fu))
-        return NULL;
-    Py_XSETREF(heap_StaleHandle, Py_NewRef(st));
-    Py_XSETREF(heap_Pinned, Py_NewRef(pn));
-    Py_XSETREF(heap_Full, Py_NewRef(fu));
-    Py_RETURN_NONE;
+    PyTypeObject *tp = Py_TYPE(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp); /* a heap type: its instances hold it */
 }
 
 #define FAST(NAME, DOC) \
@@ -958,17 +953,21 @@ static PyMethodDef heapobj_methods[] = {
     {NULL}
 };
 
-static PyTypeObject Heap_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmkit._core.HeapCore",
-    .tp_basicsize = sizeof(HeapObject),
-    .tp_dealloc = (destructor)heapobj_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "HeapCore(mapping, offset, length, name)\n\n"
-              "The metadata operations of the heap whose payload is at offset.",
-    .tp_methods = heapobj_methods,
-    .tp_init = (initproc)heapobj_init,
-    .tp_new = PyType_GenericNew,
+static PyType_Slot heapcore_spec_slots[] = {
+    {Py_tp_dealloc, heapobj_dealloc},
+    {Py_tp_doc, "HeapCore(mapping, offset, length, name)\n\n"
+                "The metadata operations of the heap whose payload is at offset."},
+    {Py_tp_methods, heapobj_methods},
+    {Py_tp_init, heapobj_init},
+    {Py_tp_new, PyType_GenericNew},
+    {0, NULL},
+};
+
+static PyType_Spec heapcore_spec = {
+    .name = "shmkit._core.HeapCore",
+    .basicsize = sizeof(HeapObject),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = heapcore_spec_slots,
 };
 
 static PyMethodDef heap_functions[] = {
@@ -978,27 +977,16 @@ static PyMethodDef heap_functions[] = {
     {"heap_format", heap_format, METH_VARARGS,
      "heap_format(mapping, offset, data_bytes, max_data_bytes, max_blocks, max_pins, "
      "max_slots, salt)"},
-    {"heap_set_classes", heap_set_classes, METH_VARARGS,
-     "heap_set_classes(StaleHandleError, PinnedError, HeapFullError)"},
     {NULL}
 };
 
 int
 shm_init_heap(PyObject *module)
 {
-    if (PyType_Ready(&Heap_Type) < 0 || PyType_Ready(&Pin_Type) < 0 ||
-        PyModule_AddFunctions(module, heap_functions) < 0)
+    shm_state *st = shm_mod_state(module);
+    if (PyModule_AddFunctions(module, heap_functions) < 0 ||
+        shm_add_type(module, &pin_spec, &st->Pin) < 0 ||
+        shm_add_type(module, &heapcore_spec, &st->HeapCore) < 0)
         return -1;
-    Py_INCREF(&Pin_Type);
-    if (PyModule_AddObject(module, "Pin", (PyObject *)&Pin_Type) < 0) {
-        Py_DECREF(&Pin_Type);
-        return -1;
-    }
-    Py_INCREF(&Heap_Type);
-    if (PyModule_AddObject(module, "HeapCore", (PyObject *)&Heap_Type) < 0) {
-        Py_DECREF(&Heap_Type);
-        return -1;
-    }
     return PyModule_AddIntConstant(module, "HEAP_FORMAT", HEAP_FORMAT);
 }
-

@@ -1,7 +1,7 @@
 /* journal.c - the undo journal (layout and contract in journal.h).
  *
  *   shm_journal jn;
- *   shm_journal_bind(&jn, payload, J_OFF, 32, FIRST_WORD, payload_len, "semaphore 's'");
+ *   shm_journal_bind(&jn, m, payload, J_OFF, 32, FIRST_WORD, payload_len, "semaphore 's'");
  *   shm_jset32(&jn, VALUE_OFF, value - 1, 0);   // old value recorded first
  *   shm_jadd64(&jn, slot_off, 1);
  *   if (shm_journal_commit(&jn) < 0) ...         // both stores, or neither
@@ -16,9 +16,10 @@ jword(shm_journal *jn, uint64_t i)
 }
 
 void
-shm_journal_bind(shm_journal *jn, char *base, uint64_t j_off, uint32_t cap, uint64_t lo,
-                 uint64_t hi, const char *what)
+shm_journal_bind(shm_journal *jn, MappingObject *m, char *base, uint64_t j_off,
+                 uint32_t cap, uint64_t lo, uint64_t hi, const char *what)
 {
+    jn->m = m;
     jn->base = base;
     jn->j_off = j_off;
     jn->cap = cap;
@@ -91,7 +92,7 @@ bad_entry(shm_journal *jn, const char *fmt, unsigned long long a)
 {
     char msg[160];
     snprintf(msg, sizeof msg, fmt, a);
-    PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_RuntimeError,
+    PyErr_Format(shm_state_of((PyObject *)jn->m)->CorruptError,
                  "%s is corrupt: its undo journal %s; no correct writer leaves this, so "
                  "copy out what you still need and recreate it (shmkit rm)",
                  jn->what ? jn->what : "shared object", msg);

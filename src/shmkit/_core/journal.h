@@ -37,6 +37,7 @@
 #define SHM_JOURNAL_W32 (1ull << 63)
 
 typedef struct {
+    MappingObject *m;   /* the mapping base lies in (names the module's errors) */
     char *base;         /* the structure's start: entry offsets are from here */
     uint64_t j_off;     /* the journal's own offset from base */
     uint32_t cap;       /* entries it has room for */
@@ -46,8 +47,8 @@ typedef struct {
 } shm_journal;
 
 /* Describe a journal; writes nothing to shared memory. */
-void shm_journal_bind(shm_journal *jn, char *base, uint64_t j_off, uint32_t cap,
-                      uint64_t lo, uint64_t hi, const char *what);
+void shm_journal_bind(shm_journal *jn, MappingObject *m, char *base, uint64_t j_off,
+                      uint32_t cap, uint64_t lo, uint64_t hi, const char *what);
 /* Zero a new journal (the creator, before publishing the structure). */
 void shm_journal_format(shm_journal *jn);
 

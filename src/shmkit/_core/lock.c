@@ -125,11 +125,12 @@ shm_lock_forget_all(MappingObject *m)
 static int
 no_token(MappingObject *m)
 {
+    shm_state *st = shm_state_of((PyObject *)m);
     if (m->base != NULL && m->readonly)
-        PyErr_SetString(SHM_READONLY_EXC, "the segment was opened readonly=True; "
+        PyErr_SetString(st->ReadOnlyError, "the segment was opened readonly=True; "
                         "open it without readonly to take its locks");
     else
-        PyErr_SetString(SHM_CLOSED_EXC,
+        PyErr_SetString(st->ClosedError,
                         "the segment is closed; open it again to use its locks");
     return -1;
 }
@@ -290,7 +291,7 @@ shm_lock_release(MappingObject *m, uint32_t *word)
         for (int i = 0; i < SHM_HELD_MAX && had != 0; i++) {
             if (__atomic_load_n(&m->held[i], __ATOMIC_RELAXED) == had) {
                 held_free(m, i);
-                PyErr_Format(shm_CorruptError,
+                PyErr_Format(shm_state_of((PyObject *)m)->CorruptError,
                              "the lock this process held was overwritten (lock word 0x%x, "
                              "expected this process's token 0x%x): the segment is damaged; "
                              "check its data (shmkit info) or recreate it",
@@ -358,11 +359,9 @@ shm_lock_release_journal(MappingObject *m, uint32_t *word, shm_journal *jn)
 }
 
 int
-shm_warn_owner_died(const char *what)
+shm_warn_owner_died(MappingObject *m, const char *what)
 {
-    return PyErr_WarnFormat(shm_OwnerDiedWarning ? shm_OwnerDiedWarning
-                                                 : PyExc_RuntimeWarning,
-                            2,
+    return PyErr_WarnFormat(shm_state_of((PyObject *)m)->OwnerDiedWarning, 2,
                             "%s: its previous holder died while holding it; "
                             "the lock was recovered, check the data it guards",
                             what);
@@ -382,7 +381,7 @@ lock_init(LockObject *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"mapping", "offset", "what", NULL};
     PyObject *mapping, *what = NULL;
     long long offset;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!L|U", kwlist, &Mapping_Type,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&L|U", kwlist, shm_mapping_converter,
                                      &mapping, &offset, &what))
         return -1;
     if (shm_addr(mapping, offset, 4, 0) == NULL)
@@ -404,7 +403,9 @@ lock_dealloc(LockObject *self)
 {
     Py_XDECREF(self->mapping);
     Py_XDECREF(self->what);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    PyTypeObject *tp = Py_TYPE(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp); /* a heap type: its instances hold it */
 }
 
 static int
@@ -416,7 +417,7 @@ do_acquire(LockObject *self, int64_t deadline)
     int r = shm_lock_acquire((MappingObject *)self->mapping, word, deadline);
     if (r == 2) {
         self->recovered = 1;
-        if (shm_warn_owner_died(PyUnicode_AsUTF8(self->what)) < 0) {
+        if (shm_warn_owner_died((MappingObject *)self->mapping, PyUnicode_AsUTF8(self->what)) < 0) {
             shm_lock_release((MappingObject *)self->mapping, word);
             return -1;
         }
@@ -582,26 +583,27 @@ static PyGetSetDef lock_getset[] = {
     {NULL}
 };
 
-PyTypeObject Lock_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmkit._core.Lock",
-    .tp_basicsize = sizeof(LockObject),
-    .tp_dealloc = (destructor)lock_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "Lock(mapping, offset, what='shmkit lock')\n\n"
-              "The crash-robust mutex on the u32 at offset.",
-    .tp_methods = lock_methods,
-    .tp_members = lock_members,
-    .tp_getset = lock_getset,
-    .tp_init = (initproc)lock_init,
-    .tp_new = PyType_GenericNew,
+static PyType_Slot lock_spec_slots[] = {
+    {Py_tp_dealloc, lock_dealloc},
+    {Py_tp_doc, "Lock(mapping, offset, what='shmkit lock')\n\n"
+                "The crash-robust mutex on the u32 at offset."},
+    {Py_tp_methods, lock_methods},
+    {Py_tp_members, lock_members},
+    {Py_tp_getset, lock_getset},
+    {Py_tp_init, lock_init},
+    {Py_tp_new, PyType_GenericNew},
+    {0, NULL},
+};
+
+static PyType_Spec lock_spec = {
+    .name = "shmkit._core.Lock",
+    .basicsize = sizeof(LockObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .slots = lock_spec_slots,
 };
 
 int
 shm_init_lock(PyObject *module)
 {
-    if (PyType_Ready(&Lock_Type) < 0)
-        return -1;
-    Py_INCREF(&Lock_Type);
-    return PyModule_AddObject(module, "Lock", (PyObject *)&Lock_Type);
+    return shm_add_type(module, &lock_spec, &shm_mod_state(module)->Lock);
 }

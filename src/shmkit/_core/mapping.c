@@ -13,12 +13,6 @@
 #include <sys/mman.h>
 #include <structmember.h>
 
-PyObject *shm_OwnerDiedWarning = NULL;
-PyObject *shm_CorruptError = NULL;
-PyObject *shm_TimeoutError = NULL;
-PyObject *shm_ReadOnlyError = NULL;
-PyObject *shm_ClosedError = NULL;
-
 static int
 mapping_init(MappingObject *self, PyObject *args, PyObject *kwds)
 {
@@ -75,7 +69,9 @@ mapping_dealloc(MappingObject *self)
 {
     /* Exports hold a reference, so none can remain here. */
     mapping_unmap(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    PyTypeObject *tp = Py_TYPE(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp); /* a heap type: its instances hold it */
 }
 
 static PyObject *
@@ -185,55 +181,78 @@ static PyGetSetDef mapping_getset[] = {
     {NULL}
 };
 
-static PyBufferProcs mapping_as_buffer = {
-    (getbufferproc)mapping_getbuffer,
-    (releasebufferproc)mapping_releasebuffer,
+static PyType_Slot mapping_slots[] = {
+    {Py_tp_dealloc, mapping_dealloc},
+    {Py_bf_getbuffer, mapping_getbuffer},
+    {Py_bf_releasebuffer, mapping_releasebuffer},
+    {Py_tp_doc, "Mapping(fd, reserve, length, readonly=False)\n--\n\n"
+                "A shared mapping of `reserve` bytes of which the first `length` "
+                "are exported as buffers."},
+    {Py_tp_methods, mapping_methods},
+    {Py_tp_members, mapping_members},
+    {Py_tp_getset, mapping_getset},
+    {Py_tp_init, mapping_init},
+    {Py_tp_new, PyType_GenericNew},
+    {0, NULL},
 };
 
-PyTypeObject Mapping_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmkit._core.Mapping",
-    .tp_basicsize = sizeof(MappingObject),
-    .tp_dealloc = (destructor)mapping_dealloc,
-    .tp_as_buffer = &mapping_as_buffer,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Mapping(fd, reserve, length, readonly=False)\n\n"
-              "A shared mapping of `reserve` bytes of which the first `length` "
-              "are exported as buffers.",
-    .tp_methods = mapping_methods,
-    .tp_members = mapping_members,
-    .tp_getset = mapping_getset,
-    .tp_init = (initproc)mapping_init,
-    .tp_new = PyType_GenericNew,
+static PyType_Spec mapping_spec = {
+    .name = "shmkit._core.Mapping",
+    .basicsize = sizeof(MappingObject),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = mapping_slots,
 };
+
+int
+shm_is_mapping(PyObject *obj)
+{
+    return Py_TYPE(obj)->tp_dealloc == (destructor)mapping_dealloc;
+}
+
+int
+shm_check_mapping(PyObject *obj)
+{
+    if (shm_is_mapping(obj))
+        return 0;
+    PyErr_Format(PyExc_TypeError, "expected a shmkit Mapping, got %.100s",
+                 Py_TYPE(obj)->tp_name);
+    return -1;
+}
+
+int
+shm_mapping_converter(PyObject *obj, void *out)
+{
+    if (shm_check_mapping(obj) < 0)
+        return 0;
+    *(PyObject **)out = obj;
+    return 1;
+}
 
 void *
 shm_addr(PyObject *obj, long long off, Py_ssize_t size, int writable)
 {
-    if (Py_TYPE(obj) != &Mapping_Type) {
-        PyErr_Format(PyExc_TypeError, "expected a shmkit Mapping, got %.100s",
-                     Py_TYPE(obj)->tp_name);
+    if (shm_check_mapping(obj) < 0)
         return NULL;
-    }
     MappingObject *m = (MappingObject *)obj;
+    shm_state *st = shm_state_of(obj);
     if (m->base == NULL) {
-        PyErr_SetString(SHM_CLOSED_EXC, "the segment is closed in this process; open it "
+        PyErr_SetString(st->ClosedError, "the segment is closed in this process; open it "
                         "again to use it");
         return NULL;
     }
     if (off < 0 || size < 0 || off > (long long)m->length - size) {
-        PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_ValueError,
+        PyErr_Format(st->CorruptError,
                      "offset %lld (+%zd bytes) is outside the segment's %zd bytes",
                      off, size, m->length);
         return NULL;
     }
     if (size > 1 && (off % size) != 0) {
-        PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_ValueError,
+        PyErr_Format(st->CorruptError,
                      "offset %lld is not aligned to %zd bytes", off, size);
         return NULL;
     }
     if (writable && m->readonly) {
-        PyErr_SetString(SHM_READONLY_EXC,
+        PyErr_SetString(st->ReadOnlyError,
                         "the segment was opened readonly=True; open it without "
                         "readonly to change it");
         return NULL;
@@ -258,8 +277,5 @@ shm_unpin(PyObject *obj)
 int
 shm_init_mapping(PyObject *module)
 {
-    if (PyType_Ready(&Mapping_Type) < 0)
-        return -1;
-    Py_INCREF(&Mapping_Type);
-    return PyModule_AddObject(module, "Mapping", (PyObject *)&Mapping_Type);
+    return shm_add_type(module, &mapping_spec, &shm_mod_state(module)->Mapping);
 }

@@ -9,27 +9,9 @@ extern PyMethodDef shm_futex_methods[];
 extern PyMethodDef shm_attach_methods[];
 extern PyMethodDef shm_event_methods[];
 extern PyMethodDef shm_crash_methods[];
-extern PyTypeObject Lock_Type;
 int shm_init_table(PyObject *module);
 int shm_init_heap(PyObject *module);
 int shm_init_ring(PyObject *module);
-
-static PyObject *
-set_classes(PyObject *mod, PyObject *args)
-{
-    PyObject *owner_died, *corrupt, *timeout, *readonly = NULL, *closed = NULL;
-    if (!PyArg_ParseTuple(args, "OOO|OO", &owner_died, &corrupt, &timeout, &readonly,
-                          &closed))
-        return NULL;
-    if (readonly != NULL)
-        Py_XSETREF(shm_ReadOnlyError, Py_NewRef(readonly));
-    if (closed != NULL)
-        Py_XSETREF(shm_ClosedError, Py_NewRef(closed));
-    Py_XSETREF(shm_OwnerDiedWarning, Py_NewRef(owner_died));
-    Py_XSETREF(shm_CorruptError, Py_NewRef(corrupt));
-    Py_XSETREF(shm_TimeoutError, Py_NewRef(timeout));
-    Py_RETURN_NONE;
-}
 
 /* _core.layouts: {"segment": {...}, "attach_entry": {...}, "ring": {...}}, each
  * field's byte offset plus "format_version" and "bytes" (its length). */
@@ -96,19 +78,103 @@ make_layouts(void)
     return all;
 }
 
-static PyMethodDef module_methods[] = {
-    {"set_classes", set_classes, METH_VARARGS,
-     "set_classes(OwnerDiedWarning, CorruptError, Timeout, ReadOnlyError=None, "
-     "ClosedError=None): the exception "
-     "classes the core raises (defined in Python)."},
-    {NULL}
-};
+/* ---- module state ---------------------------------------------------------- */
 
-static struct PyModuleDef core_module = {
-    PyModuleDef_HEAD_INIT, "shmkit._core",
-    "The compiled core of shmkit: mappings, atomics, futexes, robust locks.", -1,
-    module_methods,
-};
+/* The classes the core raises, from shmkit.errors: state field, name there. */
+#define ERROR_CLASSES(X)                                                          \
+    X(OwnerDiedWarning, "OwnerDiedWarning") X(CorruptError, "CorruptError")       \
+    X(Timeout, "Timeout") X(ReadOnlyError, "ReadOnlyError")                       \
+    X(ClosedError, "ClosedError") X(KeyExistsError, "KeyExistsError")             \
+    X(UnsupportedTypeError, "UnsupportedTypeError")                               \
+    X(ValueTooLargeError, "ValueTooLargeError") X(BusyError, "BusyError")         \
+    X(StaleHandleError, "StaleHandleError") X(PinnedError, "PinnedError")         \
+    X(HeapFullError, "HeapFullError") X(ChannelClosed, "_ChannelEnded")           \
+    X(MessageTooLarge, "MessageTooLarge") X(Empty, "Empty") X(Full, "Full")        \
+    X(SendersGone, "SendersGone")
+
+#define TYPES(X)                                                                  \
+    X(Mapping) X(Lock) X(RWLock) X(Semaphore) X(Ring) X(RecordView) X(Table)      \
+    X(View) X(HeapCore) X(Pin)
+
+static int
+core_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    shm_state *st = shm_mod_state(m);
+#define VISIT_EXC(F, N) Py_VISIT(st->F);
+#define VISIT_TYPE(T) Py_VISIT(st->T);
+    ERROR_CLASSES(VISIT_EXC)
+    TYPES(VISIT_TYPE)
+    return 0;
+}
+
+static int
+core_clear(PyObject *m)
+{
+    shm_state *st = shm_mod_state(m);
+#define CLEAR_EXC(F, N) Py_CLEAR(st->F);
+#define CLEAR_TYPE(T) Py_CLEAR(st->T);
+    ERROR_CLASSES(CLEAR_EXC)
+    TYPES(CLEAR_TYPE)
+    return 0;
+}
+
+static void
+core_free(void *m)
+{
+    core_clear((PyObject *)m);
+}
+
+/* Import the error classes once.  shmkit.errors imports nothing of shmkit
+ * (shmkit/__init__ imports this module, so errors must not import it). */
+static int
+load_errors(shm_state *st)
+{
+    PyObject *errors = PyImport_ImportModule("shmkit.errors");
+    if (errors == NULL)
+        return -1;
+    int bad = 0;
+#define LOAD_EXC(F, N) \
+    if (!bad && (st->F = PyObject_GetAttrString(errors, N)) == NULL) \
+        bad = 1;
+    ERROR_CLASSES(LOAD_EXC)
+    Py_DECREF(errors);
+    return bad ? -1 : 0;
+}
+
+shm_state *
+shm_state_of(PyObject *obj)
+{
+    PyTypeObject *tp = Py_TYPE(obj);
+#if PY_VERSION_HEX >= 0x030B0000
+    PyObject *mod = PyType_GetModuleByDef(tp, &shm_module);
+#else
+    /* PyType_GetModuleByDef, which 3.11 added: the first heap type in the
+     * MRO made by this module */
+    PyObject *mod = NULL, *mro = tp->tp_mro;
+    for (Py_ssize_t i = 0; mro != NULL && i < PyTuple_GET_SIZE(mro) && mod == NULL; i++) {
+        PyTypeObject *b = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
+        if ((b->tp_flags & Py_TPFLAGS_HEAPTYPE) && ((PyHeapTypeObject *)b)->ht_module &&
+            PyModule_GetDef(((PyHeapTypeObject *)b)->ht_module) == &shm_module)
+            mod = ((PyHeapTypeObject *)b)->ht_module;
+    }
+#endif
+    if (mod == NULL) {
+        PyErr_Clear();
+        Py_FatalError("shmkit._core: an object of another module reached the core");
+    }
+    return shm_mod_state(mod);
+}
+
+int
+shm_add_type(PyObject *module, PyType_Spec *spec, PyTypeObject **slot)
+{
+    PyObject *tp = PyType_FromModuleAndSpec(module, spec, NULL);
+    if (tp == NULL)
+        return -1;
+    *slot = (PyTypeObject *)tp;
+    return PyModule_AddType(module, (PyTypeObject *)tp);
+}
+
 
 static int
 add_functions(PyObject *module, PyMethodDef *defs)
@@ -116,12 +182,12 @@ add_functions(PyObject *module, PyMethodDef *defs)
     return PyModule_AddFunctions(module, defs);
 }
 
-PyMODINIT_FUNC
-PyInit__core(void)
+/* The exec slot (PEP 489): state, types, functions and constants. */
+static int
+core_exec(PyObject *m)
 {
-    PyObject *m = PyModule_Create(&core_module);
-    if (m == NULL)
-        return NULL;
+    if (load_errors(shm_mod_state(m)) < 0)
+        return -1;
     if (shm_init_mapping(m) < 0 || shm_init_sigbus(m) < 0 ||
         shm_init_lock(m) < 0 || shm_init_ring(m) < 0 ||
         shm_init_table(m) < 0 ||
@@ -134,10 +200,34 @@ PyInit__core(void)
         PyModule_AddIntConstant(m, "SLOT_SIZE", SHM_SLOT_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "SLOT_LOCK_BASE", SHM_SLOT_LOCK_BASE) < 0 ||
         PyModule_AddIntConstant(m, "INIT_LOCK_BYTE", SHM_INIT_LOCK_BYTE) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_SLOTS", SHM_MAX_SLOTS) < 0 ||
-        PyModule_AddObject(m, "layouts", make_layouts()) < 0) {
-        Py_DECREF(m);
-        return NULL;
+        PyModule_AddIntConstant(m, "MAX_SLOTS", SHM_MAX_SLOTS) < 0)
+        return -1;
+    PyObject *layouts = make_layouts();
+    if (layouts == NULL || PyModule_AddObject(m, "layouts", layouts) < 0) {
+        Py_XDECREF(layouts);
+        return -1;
     }
-    return m;
+    return 0;
+}
+
+static PyModuleDef_Slot core_slots[] = {
+    {Py_mod_exec, core_exec},
+    {0, NULL},
+};
+
+struct PyModuleDef shm_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "shmkit._core",
+    .m_doc = "The compiled core of shmkit: mappings, atomics, futexes, robust locks.",
+    .m_size = sizeof(shm_state),
+    .m_slots = core_slots,
+    .m_traverse = core_traverse,
+    .m_clear = core_clear,
+    .m_free = core_free,
+};
+
+PyMODINIT_FUNC
+PyInit__core(void)
+{
+    return PyModuleDef_Init(&shm_module);
 }

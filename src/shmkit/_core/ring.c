@@ -87,7 +87,7 @@
 int
 ring_corrupt(RingObject *r, const char *what, unsigned long long a, unsigned long long b)
 {
-    PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_RuntimeError,
+    PyErr_Format(RING_ST(r)->CorruptError,
                  "channel %R is corrupt: %s (%llu, %llu); no correct writer leaves "
                  "this, so remove it with `shmkit rm` and create it again",
                  r->name ? r->name : Py_None, what, a, b);
@@ -120,10 +120,10 @@ ring_enter_any(RingObject *r, int to_use)
     MappingObject *m = (MappingObject *)r->mapping;
     if (m == NULL || m->base == NULL || m->closing || (to_use && m->token == 0)) {
         if (m != NULL && m->base != NULL && !m->closing && m->readonly)
-            PyErr_Format(SHM_READONLY_EXC, "channel %R was opened readonly=True; "
+            PyErr_Format(RING_ST(r)->ReadOnlyError, "channel %R was opened readonly=True; "
                          "open it without readonly to send or receive", r->name);
         else
-            PyErr_Format(SHM_CLOSED_EXC, "channel %R is closed in this process; open "
+            PyErr_Format(RING_ST(r)->ClosedError, "channel %R is closed in this process; open "
                          "it again to use it", r->name ? r->name : Py_None);
         return NULL;
     }
@@ -393,7 +393,7 @@ ring_lock(RingObject *r, MappingObject *m, uint32_t *word, uint32_t me, int64_t 
     got = shm_lock_acquire_repair(m, word, deadline > grace ? deadline : grace, NULL,
                                   ring_lock_repair, &ctx);
     if (got == 0) {
-        PyErr_Format(shm_TimeoutError, "channel %R: its %s lock stayed held by a live "
+        PyErr_Format(RING_ST(r)->Timeout, "channel %R: its %s lock stayed held by a live "
                      "process; try again", r->name ? r->name : Py_None,
                      word == &r->h->clock ? "consumers'" : "producers'");
         return -1;
@@ -509,7 +509,7 @@ ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *len
         return -1;
     if (LOADR(&h->closed)) {
         ring_unlock(m, &h->plock);
-        PyErr_Format(ring_ChannelClosed, "channel %R was closed: no more messages can be sent",
+        PyErr_Format(RING_ST(r)->ChannelClosed, "channel %R was closed: no more messages can be sent",
                      r->name);
         return -1;
     }

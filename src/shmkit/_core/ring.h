@@ -93,9 +93,8 @@ typedef struct {
 } RingObject;
 
 
-/* The exception classes (set from Python by ring_set_classes). */
-extern PyObject *ring_ChannelClosed, *ring_MessageTooLarge, *ring_Empty, *ring_Full,
-    *ring_SendersGone;
+/* The module's state (exception classes, types) from a ring object. */
+#define RING_ST(r) shm_state_of((PyObject *)(r))
 
 static inline uint64_t rec_total(uint64_t len) { return 8 + ((len + 7) & ~7ull); }
 static inline rec_t *rec_at(RingObject *r, uint64_t pos)

@@ -13,9 +13,6 @@
 #include "journal.h"
 #include <string.h>
 
-static PyTypeObject Ring_Type, RecordView_Type;
-PyObject *ring_ChannelClosed, *ring_MessageTooLarge, *ring_Empty, *ring_Full,
-    *ring_SendersGone;
 
 typedef struct {
     PyObject_HEAD
@@ -107,7 +104,7 @@ static int
 check_size(RingObject *r, Py_ssize_t len)
 {
     if ((uint64_t)len > UINT32_MAX - 16 || rec_total((uint64_t)len) > r->cap) {
-        PyErr_Format(ring_MessageTooLarge, "a message of %zd bytes does not fit in channel %R, "
+        PyErr_Format(RING_ST(r)->MessageTooLarge, "a message of %zd bytes does not fit in channel %R, "
                      "which holds at most %llu bytes per message; create the channel with "
                      "a larger capacity=", len, r->name,
                      (unsigned long long)(r->cap - 8));
@@ -170,9 +167,9 @@ ring_send(RingObject *r, MappingObject *m, Py_buffer *bufs, Py_ssize_t n,
                 goto fail;
             if (w == 0) {
                 if (nowait)
-                    PyErr_Format(ring_Full, "channel %R is full", r->name);
+                    PyErr_Format(RING_ST(r)->Full, "channel %R is full", r->name);
                 else
-                    PyErr_Format(shm_TimeoutError, "channel %R stayed full for the "
+                    PyErr_Format(RING_ST(r)->Timeout, "channel %R stayed full for the "
                                  "timeout; %zd of %zd messages were sent", r->name, done, n);
                 goto fail;
             }
@@ -254,7 +251,7 @@ Ring_send_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
         if (get_msg(items[got], &bufs[got]) < 0)
             goto out;
         if (check_size(r, bufs[got].len) < 0) {
-            PyErr_Format(ring_MessageTooLarge, "message %zd of send_many() has %zd bytes; "
+            PyErr_Format(RING_ST(r)->MessageTooLarge, "message %zd of send_many() has %zd bytes; "
                          "channel %R holds at most %llu bytes per message; nothing was "
                          "sent", got, bufs[got].len, r->name,
                          (unsigned long long)(r->cap - 8));
@@ -314,7 +311,7 @@ view_finish_keep(RingObject *r, MappingObject *m, rec_t *rec, uint32_t token)
 static int
 senders_gone_error(RingObject *r)
 {
-    PyErr_Format(ring_SendersGone, "channel %R is empty and every process that sent on "
+    PyErr_Format(RING_ST(r)->SendersGone, "channel %R is empty and every process that sent on "
                  "it has closed it or died", r->name);
     return -1;
 }
@@ -398,7 +395,7 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
         if (k == T_READY)
             break;
         if (closed && k == T_EMPTY) {
-            PyErr_Format(ring_ChannelClosed, "channel %R is closed and drained", r->name);
+            PyErr_Format(RING_ST(r)->ChannelClosed, "channel %R is closed and drained", r->name);
             break;
         }
         if (stop_no_senders && k == T_EMPTY && ring_senders_gone(r, m)) {
@@ -410,9 +407,9 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
             break;
         if (w == 0) {
             if (nowait)
-                PyErr_Format(ring_Empty, "channel %R is empty", r->name);
+                PyErr_Format(RING_ST(r)->Empty, "channel %R is empty", r->name);
             else
-                PyErr_Format(shm_TimeoutError, "no message arrived on channel %R "
+                PyErr_Format(RING_ST(r)->Timeout, "no message arrived on channel %R "
                              "within the timeout", r->name);
             break;
         }
@@ -545,7 +542,7 @@ Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
         if (PyList_GET_SIZE(list) > 0)
             break;
         if (closed && k == T_EMPTY) {
-            PyErr_Format(ring_ChannelClosed, "channel %R is closed and drained", r->name);
+            PyErr_Format(RING_ST(r)->ChannelClosed, "channel %R is closed and drained", r->name);
             failed = 1;
             break;
         }
@@ -576,7 +573,7 @@ Ring_init_ring(PyObject *Py_UNUSED(cls), PyObject *args)
     PyObject *mapping;
     long long off;
     unsigned long long cap, max_items;
-    if (!PyArg_ParseTuple(args, "O!LKK", &Mapping_Type, &mapping, &off, &cap, &max_items))
+    if (!PyArg_ParseTuple(args, "O&LKK", shm_mapping_converter, &mapping, &off, &cap, &max_items))
         return NULL;
     MappingObject *m = (MappingObject *)mapping;
     uint64_t data_off = (RING_ROLES_OFF + 8ull * m->max_slots + 63) & ~63ull;
@@ -625,7 +622,7 @@ Ring_bind(RingObject *r, PyObject *args)
 {
     PyObject *mapping, *name;
     long long off;
-    if (!PyArg_ParseTuple(args, "O!LO", &Mapping_Type, &mapping, &off, &name))
+    if (!PyArg_ParseTuple(args, "O&LO", shm_mapping_converter, &mapping, &off, &name))
         return NULL;
     Py_XSETREF(r->name, Py_NewRef(name));
     MappingObject *m = (MappingObject *)mapping;
@@ -789,7 +786,9 @@ Ring_dealloc(RingObject *r)
 {
     Py_CLEAR(r->mapping);
     Py_CLEAR(r->name);
-    Py_TYPE(r)->tp_free((PyObject *)r);
+    PyTypeObject *tp = Py_TYPE(r);
+    tp->tp_free((PyObject *)r);
+    Py_DECREF(tp); /* a heap type: its instances hold it */
 }
 
 #define FAST (METH_FASTCALL | METH_KEYWORDS)
@@ -845,16 +844,20 @@ static PyGetSetDef Ring_getset[] = {
     {NULL}
 };
 
-static PyTypeObject Ring_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmkit._core.Ring",
-    .tp_basicsize = sizeof(RingObject),
-    .tp_dealloc = (destructor)Ring_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "The message ring's hot path; shmkit.Channel builds on it.",
-    .tp_methods = Ring_methods,
-    .tp_getset = Ring_getset,
-    .tp_new = PyType_GenericNew,
+static PyType_Slot ring_spec_slots[] = {
+    {Py_tp_dealloc, Ring_dealloc},
+    {Py_tp_doc, "The message ring's hot path; shmkit.Channel builds on it."},
+    {Py_tp_methods, Ring_methods},
+    {Py_tp_getset, Ring_getset},
+    {Py_tp_new, PyType_GenericNew},
+    {0, NULL},
+};
+
+static PyType_Spec ring_spec = {
+    .name = "shmkit._core.Ring",
+    .basicsize = sizeof(RingObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .slots = ring_spec_slots,
 };
 
 /* ---- zero-copy views ---------------------------------------------------- */
@@ -862,7 +865,7 @@ static PyTypeObject Ring_Type = {
 static PyObject *
 make_view(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_t me)
 {
-    RecordViewObject *v = PyObject_New(RecordViewObject, &RecordView_Type);
+    RecordViewObject *v = PyObject_New(RecordViewObject, RING_ST(r)->RecordView);
     if (v == NULL)
         return NULL;
     v->ring = (RingObject *)Py_NewRef(r);
@@ -994,7 +997,9 @@ rv_dealloc(RecordViewObject *v)
     if (!v->released && rv_release_record(v) < 0)
         PyErr_WriteUnraisable((PyObject *)v->ring);
     Py_CLEAR(v->ring);
+    PyTypeObject *tp = Py_TYPE(v);
     PyObject_Free(v);
+    Py_DECREF(tp); /* a heap type: its instances hold it */
     PyErr_Restore(et, ev, tb);
 }
 
@@ -1017,64 +1022,33 @@ static PyGetSetDef rv_getset[] = {
     {NULL}
 };
 
-static PyBufferProcs rv_as_buffer = {
-    (getbufferproc)rv_getbuffer,
-    (releasebufferproc)rv_releasebuffer,
+static PyType_Slot rv_spec_slots[] = {
+    {Py_tp_dealloc, rv_dealloc},
+    {Py_bf_getbuffer, rv_getbuffer},
+    {Py_bf_releasebuffer, rv_releasebuffer},
+    {Py_tp_doc, "A received message lent in place (read-only).  Use it as a context "
+                "manager:\n``with ch.recv_view() as mv:`` gives a memoryview valid "
+                "inside the block."},
+    {Py_tp_methods, rv_methods},
+    {Py_tp_getset, rv_getset},
+    {0, NULL},
 };
 
-static PyTypeObject RecordView_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmkit._core.RecordView",
-    .tp_basicsize = sizeof(RecordViewObject),
-    .tp_dealloc = (destructor)rv_dealloc,
-    .tp_as_buffer = &rv_as_buffer,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A received message lent in place (read-only).  Use it as a context "
-              "manager:\n``with ch.recv_view() as mv:`` gives a memoryview valid "
-              "inside the block.",
-    .tp_methods = rv_methods,
-    .tp_getset = rv_getset,
+static PyType_Spec rv_spec = {
+    .name = "shmkit._core.RecordView",
+    .basicsize = sizeof(RecordViewObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = rv_spec_slots,
 };
 
 /* ---- module glue ------------------------------------------------------- */
 
-static PyObject *
-ring_set_classes(PyObject *Py_UNUSED(mod), PyObject *args)
-{
-    PyObject *closed, *big, *empty, *full, *gone = NULL;
-    if (!PyArg_ParseTuple(args, "OOOO|O", &closed, &big, &empty, &full, &gone))
-        return NULL;
-    Py_XSETREF(ring_SendersGone, Py_NewRef(gone ? gone : closed));
-    Py_XSETREF(ring_ChannelClosed, Py_NewRef(closed));
-    Py_XSETREF(ring_MessageTooLarge, Py_NewRef(big));
-    Py_XSETREF(ring_Empty, Py_NewRef(empty));
-    Py_XSETREF(ring_Full, Py_NewRef(full));
-    Py_RETURN_NONE;
-}
-
-static PyMethodDef ring_functions[] = {
-    {"ring_set_classes", ring_set_classes, METH_VARARGS,
-     "ring_set_classes(ring_ChannelClosed, ring_MessageTooLarge, Empty, Full, SendersGone=None)"},
-    {NULL}
-};
-
 int
 shm_init_ring(PyObject *module)
 {
-    ring_ChannelClosed = Py_NewRef(PyExc_EOFError);
-    ring_MessageTooLarge = Py_NewRef(PyExc_ValueError);
-    ring_Empty = Py_NewRef(PyExc_BlockingIOError);
-    ring_Full = Py_NewRef(PyExc_BlockingIOError);
-    ring_SendersGone = Py_NewRef(PyExc_EOFError);
-    if (PyType_Ready(&Ring_Type) < 0 || PyType_Ready(&RecordView_Type) < 0)
-        return -1;
-    if (PyModule_AddFunctions(module, ring_functions) < 0)
-        return -1;
-    Py_INCREF(&Ring_Type);
-    if (PyModule_AddObject(module, "Ring", (PyObject *)&Ring_Type) < 0)
-        return -1;
-    Py_INCREF(&RecordView_Type);
-    if (PyModule_AddObject(module, "RecordView", (PyObject *)&RecordView_Type) < 0)
+    shm_state *st = shm_mod_state(module);
+    if (shm_add_type(module, &ring_spec, &st->Ring) < 0 ||
+        shm_add_type(module, &rv_spec, &st->RecordView) < 0)
         return -1;
     return PyModule_AddIntConstant(module, "RING_FORMAT", RING_FORMAT);
 }

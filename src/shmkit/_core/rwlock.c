@@ -74,7 +74,8 @@ rw_bind(RWObject *self, RW *r)
     if (r->b == NULL)
         return -1;
     if (m->token == 0) {
-        PyErr_Format(SHM_CLOSED_EXC, "%s is closed or was opened readonly", self->what_s);
+        PyErr_Format(shm_state_of(self->mapping)->ClosedError, "%s is closed or was opened readonly",
+                     self->what_s);
         return -1;
     }
     r->m = m;
@@ -96,7 +97,7 @@ count(RW *r, int delta)
         uint32_t n = SHM_SLOT_ENTRY_GEN(v) == gen ? SHM_SLOT_ENTRY_COUNT(v) : 0;
         if (delta < 0 && n == 0) {
             if (r->self->read_holds > 0)
-                PyErr_Format(shm_CorruptError, "the read hold this process took on %s "
+                PyErr_Format(shm_state_of(r->self->mapping)->CorruptError, "the read hold this process took on %s "
                              "was overwritten (its entry shows %u holds of attachment "
                              "generation %u, this one is %u): the segment is damaged; "
                              "check its data (shmkit info) or recreate it",
@@ -199,8 +200,7 @@ acquire_read(RWObject *self, int64_t deadline)
     }
     self->recovered = r.recovered;
     if (r.recovered) {
-        if (PyErr_WarnFormat(shm_OwnerDiedWarning ? shm_OwnerDiedWarning
-                                                  : PyExc_RuntimeWarning, 1,
+        if (PyErr_WarnFormat(shm_state_of(self->mapping)->OwnerDiedWarning, 1,
                              "read lock of %s: a writer died while holding it; the lock "
                              "was recovered, check the data it guards", self->what_s) < 0) {
             count(&r, -1);
@@ -298,10 +298,9 @@ acquire_write(RWObject *self, int64_t deadline)
     if (died || r.dead_readers) {
         int bad;
         if (died)
-            bad = shm_warn_owner_died(self->what_s);
+            bad = shm_warn_owner_died((MappingObject *)self->mapping, self->what_s);
         else
-            bad = PyErr_WarnFormat(shm_OwnerDiedWarning ? shm_OwnerDiedWarning
-                                                        : PyExc_RuntimeWarning, 1,
+            bad = PyErr_WarnFormat(shm_state_of(self->mapping)->OwnerDiedWarning, 1,
                                    "write lock of %s: a reader died while holding it; its "
                                    "holds were dropped", self->what_s);
         if (bad < 0) {
@@ -326,7 +325,7 @@ release_write(RWObject *self)
          * longer ours to clear), RuntimeError when it never took it. */
         if (shm_lock_release(r.m, ru32(&r, RW_LOCK)) < 0 &&
             PyErr_ExceptionMatches(PyExc_RuntimeError) &&
-            !PyErr_ExceptionMatches(shm_CorruptError)) {
+            !PyErr_ExceptionMatches(shm_state_of(self->mapping)->CorruptError)) {
             PyErr_Clear();
             PyErr_Format(PyExc_RuntimeError, "release_write() of %s without holding it",
                          self->what_s);
@@ -345,7 +344,7 @@ rw_init(RWObject *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"mapping", "offset", "what", NULL};
     PyObject *mapping, *what = NULL;
     long long offset;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!L|U", kwlist, &Mapping_Type, &mapping,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&L|U", kwlist, shm_mapping_converter, &mapping,
                                      &offset, &what))
         return -1;
     if (shm_sync_span(mapping, offset,
@@ -373,7 +372,9 @@ rw_dealloc(RWObject *self)
 {
     Py_XDECREF(self->mapping);
     Py_XDECREF(self->what);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    PyTypeObject *tp = Py_TYPE(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp); /* a heap type: its instances hold it */
 }
 
 static int64_t
@@ -478,26 +479,27 @@ static PyGetSetDef rw_getset[] = {
     {NULL}
 };
 
-PyTypeObject RWLock_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmkit._core.RWLock",
-    .tp_basicsize = sizeof(RWObject),
-    .tp_dealloc = (destructor)rw_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "RWLock(mapping, offset, what='rwlock')\n\n"
-              "The reader/writer lock at offset (64 + 8 * max_slots zeroed bytes).",
-    .tp_methods = rw_methods,
-    .tp_members = rw_members,
-    .tp_getset = rw_getset,
-    .tp_init = (initproc)rw_init,
-    .tp_new = PyType_GenericNew,
+static PyType_Slot rw_spec_slots[] = {
+    {Py_tp_dealloc, rw_dealloc},
+    {Py_tp_doc, "RWLock(mapping, offset, what='rwlock')\n\n"
+                "The reader/writer lock at offset (64 + 8 * max_slots zeroed bytes)."},
+    {Py_tp_methods, rw_methods},
+    {Py_tp_members, rw_members},
+    {Py_tp_getset, rw_getset},
+    {Py_tp_init, rw_init},
+    {Py_tp_new, PyType_GenericNew},
+    {0, NULL},
+};
+
+static PyType_Spec rw_spec = {
+    .name = "shmkit._core.RWLock",
+    .basicsize = sizeof(RWObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .slots = rw_spec_slots,
 };
 
 int
 shm_init_rwlock(PyObject *module)
 {
-    if (PyType_Ready(&RWLock_Type) < 0)
-        return -1;
-    Py_INCREF(&RWLock_Type);
-    return PyModule_AddObject(module, "RWLock", (PyObject *)&RWLock_Type);
+    return shm_add_type(module, &rw_spec, &shm_mod_state(module)->RWLock);
 }

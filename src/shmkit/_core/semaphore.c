@@ -83,7 +83,7 @@ bind(SemObject *self, Sem *s)
     s->m = m;
     s->b = b;
     s->self = self;
-    shm_journal_bind(&s->jn, b, SEM_JOURNAL, SEM_JCAP, SEM_VALUE, footprint(m),
+    shm_journal_bind(&s->jn, m, b, SEM_JOURNAL, SEM_JCAP, SEM_VALUE, footprint(m),
                      self->what_s);
     return 0;
 }
@@ -162,13 +162,13 @@ sane_limit(Sem *s, int32_t value)
     uint32_t max = __atomic_load_n(u32at(s, SEM_MAX), __ATOMIC_RELAXED);
     int64_t limit = max == SEM_NO_MAX || max > INT32_MAX ? INT32_MAX : (int64_t)max;
     if (max != s->self->maximum) {
-        PyErr_Format(shm_CorruptError, "%s: its maximum changed from %u to %u, which no "
+        PyErr_Format(shm_state_of(s->self->mapping)->CorruptError, "%s: its maximum changed from %u to %u, which no "
                      "correct writer does: its payload is damaged; recreate it",
                      s->self->what_s, s->self->maximum, max);
         return -1;
     }
     if (value < 0 || (int64_t)value > limit) {
-        PyErr_Format(shm_CorruptError, "%s holds value %d outside 0..%lld: its payload "
+        PyErr_Format(shm_state_of(s->self->mapping)->CorruptError, "%s holds value %d outside 0..%lld: its payload "
                      "is damaged; recreate it", s->self->what_s, value, (long long)limit);
         return -1;
     }
@@ -426,7 +426,7 @@ sem_init(SemObject *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"mapping", "offset", "what", NULL};
     PyObject *mapping, *what = NULL;
     long long offset;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!L|U", kwlist, &Mapping_Type, &mapping,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&L|U", kwlist, shm_mapping_converter, &mapping,
                                      &offset, &what))
         return -1;
     if (offset < 0 || offset % 8 != 0) {
@@ -458,7 +458,9 @@ sem_dealloc(SemObject *self)
 {
     Py_XDECREF(self->mapping);
     Py_XDECREF(self->what);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    PyTypeObject *tp = Py_TYPE(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp); /* a heap type: its instances hold it */
 }
 
 static int
@@ -566,7 +568,7 @@ py_sem_format(PyObject *mod, PyObject *args)
 {
     PyObject *mapping;
     long long offset, value, maximum = -1;
-    if (!PyArg_ParseTuple(args, "O!LL|L:sem_format", &Mapping_Type, &mapping, &offset,
+    if (!PyArg_ParseTuple(args, "O&LL|L:sem_format", shm_mapping_converter, &mapping, &offset,
                           &value, &maximum))
         return NULL;
     MappingObject *m = (MappingObject *)mapping;
@@ -618,20 +620,24 @@ static PyGetSetDef sem_getset[] = {
     {NULL}
 };
 
-PyTypeObject Semaphore_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmkit._core.Semaphore",
-    .tp_basicsize = sizeof(SemObject),
-    .tp_dealloc = (destructor)sem_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "Semaphore(mapping, offset, what='semaphore')\n\n"
-              "The counting semaphore at offset (128 + 8 * max_slots bytes, made by "
-              "sem_format).",
-    .tp_methods = sem_methods,
-    .tp_members = sem_members,
-    .tp_getset = sem_getset,
-    .tp_init = (initproc)sem_init,
-    .tp_new = PyType_GenericNew,
+static PyType_Slot sem_spec_slots[] = {
+    {Py_tp_dealloc, sem_dealloc},
+    {Py_tp_doc, "Semaphore(mapping, offset, what='semaphore')\n\n"
+                "The counting semaphore at offset (128 + 8 * max_slots bytes, made by "
+                "sem_format)."},
+    {Py_tp_methods, sem_methods},
+    {Py_tp_members, sem_members},
+    {Py_tp_getset, sem_getset},
+    {Py_tp_init, sem_init},
+    {Py_tp_new, PyType_GenericNew},
+    {0, NULL},
+};
+
+static PyType_Spec sem_spec = {
+    .name = "shmkit._core.Semaphore",
+    .basicsize = sizeof(SemObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .slots = sem_spec_slots,
 };
 
 static PyMethodDef module_fns[] = {
@@ -646,8 +652,7 @@ static PyMethodDef module_fns[] = {
 int
 shm_init_semaphore(PyObject *module)
 {
-    if (PyType_Ready(&Semaphore_Type) < 0 || PyModule_AddFunctions(module, module_fns) < 0)
+    if (PyModule_AddFunctions(module, module_fns) < 0)
         return -1;
-    Py_INCREF(&Semaphore_Type);
-    return PyModule_AddObject(module, "Semaphore", (PyObject *)&Semaphore_Type);
+    return shm_add_type(module, &sem_spec, &shm_mod_state(module)->Semaphore);
 }

@@ -56,14 +56,40 @@ typedef struct {
     uint64_t held[SHM_HELD_MAX];
 } MappingObject;
 
-extern PyTypeObject Mapping_Type;
-extern PyObject *shm_OwnerDiedWarning; /* set from Python via set_classes() */
-extern PyObject *shm_CorruptError;
-extern PyObject *shm_TimeoutError;
-extern PyObject *shm_ReadOnlyError;  /* a PermissionError */
-extern PyObject *shm_ClosedError;    /* a ValueError */
-#define SHM_READONLY_EXC (shm_ReadOnlyError ? shm_ReadOnlyError : PyExc_PermissionError)
-#define SHM_CLOSED_EXC (shm_ClosedError ? shm_ClosedError : PyExc_ValueError)
+/* ---- module state (module.c) -----------------------------------------------
+ * The core is a multi-phase module (PEP 489): its exec slot imports the
+ * exception classes from shmkit.errors and creates every type as a heap type
+ * of the module (PEP 573), and keeps both here.  C code reaches them from
+ * the object it works on (shm_state_of: the object's type names the module)
+ * or, in a module function, from the module (shm_mod_state). */
+typedef struct shm_state {
+    /* shmkit.errors */
+    PyObject *OwnerDiedWarning, *CorruptError, *Timeout, *ReadOnlyError, *ClosedError;
+    PyObject *KeyExistsError, *UnsupportedTypeError, *ValueTooLargeError, *BusyError;
+    PyObject *StaleHandleError, *PinnedError, *HeapFullError;
+    PyObject *ChannelClosed, *MessageTooLarge, *Empty, *Full, *SendersGone;
+    /* the core's types */
+    PyTypeObject *Mapping, *Lock, *RWLock, *Semaphore, *Ring, *RecordView, *Table, *View,
+        *HeapCore, *Pin;
+} shm_state;
+
+extern struct PyModuleDef shm_module;
+/* The state of the module that made obj's type (or a base of it).  Never
+ * NULL for objects of the core's types and their subclasses. */
+shm_state *shm_state_of(PyObject *obj);
+static inline shm_state *shm_mod_state(PyObject *module)
+{
+    return (shm_state *)PyModule_GetState(module);
+}
+/* Create a type of the module from spec (bases may be NULL), add it to the
+ * module under its short name and keep it in *slot. */
+int shm_add_type(PyObject *module, PyType_Spec *spec, PyTypeObject **slot);
+/* 1 if obj is a Mapping of the core (by its dealloc: no state needed). */
+int shm_is_mapping(PyObject *obj);
+/* 0 if obj is a Mapping, else -1 with TypeError. */
+int shm_check_mapping(PyObject *obj);
+/* PyArg "O&" converter: a Mapping, into a PyObject ** */
+int shm_mapping_converter(PyObject *obj, void *out);
 
 /* Return a pointer to `size` bytes at `off`, or NULL with an exception set
  * when the mapping is closed, the range is out of bounds or misaligned. */
@@ -120,7 +146,7 @@ int shm_lock_release(MappingObject *m, uint32_t *word);
 int shm_lock_held_count(MappingObject *m);
 /* Forget every recorded holding (a new attachment, after fork). */
 void shm_lock_forget_all(MappingObject *m);
-int shm_warn_owner_died(const char *what);
+int shm_warn_owner_died(MappingObject *m, const char *what);
 
 int shm_init_mapping(PyObject *module);
 int shm_init_atomics(PyObject *module);

@@ -179,15 +179,16 @@ static PyGetSetDef truncated_getset = {
     "True once a page of this mapping faulted because another process truncated "
     "the file; the page now reads zeros and the data can no longer be trusted.", NULL};
 
-/* Adds Mapping.truncated (read-only); call after Mapping_Type is ready. */
+/* Adds Mapping.truncated (read-only); call after the Mapping type is made. */
 int
-shm_init_sigbus(PyObject *Py_UNUSED(module))
+shm_init_sigbus(PyObject *module)
 {
-    PyObject *descr = PyDescr_NewGetSet(&Mapping_Type, &truncated_getset);
+    PyTypeObject *tp = shm_mod_state(module)->Mapping;
+    PyObject *descr = PyDescr_NewGetSet(tp, &truncated_getset);
     if (descr == NULL)
         return -1;
-    int r = PyDict_SetItemString(Mapping_Type.tp_dict, "truncated", descr);
+    int r = PyDict_SetItemString(tp->tp_dict, "truncated", descr);
     Py_DECREF(descr);
-    PyType_Modified(&Mapping_Type);
+    PyType_Modified(tp);
     return r;
 }

@@ -33,7 +33,7 @@ shm_sync_span(PyObject *mapping, long long off, uint64_t size, int writable)
         return NULL;
     MappingObject *m = (MappingObject *)mapping;
     if (size > (uint64_t)m->length || (uint64_t)off > (uint64_t)m->length - size) {
-        PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_ValueError,
+        PyErr_Format(shm_state_of(mapping)->CorruptError,
                      "offset %lld (+%llu bytes) is outside the segment's %zd bytes", off,
                      (unsigned long long)size, m->length);
         return NULL;

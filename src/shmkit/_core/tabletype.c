@@ -16,9 +16,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-/* The store's own exceptions; read-only and closed handles raise the
- * core's ReadOnlyError and ClosedError (SHM_READONLY_EXC, SHM_CLOSED_EXC). */
-static PyObject *t_KeyExists, *t_Unsupported, *t_TooLarge, *t_Busy;
+/* The module's state (its exception classes and types) from a handle. */
+#define ST(t) shm_state_of((PyObject *)(t))
 
 typedef struct {
     PyObject_HEAD
@@ -35,14 +34,14 @@ typedef struct {
 /* After a t_* function failed: raise what it recorded (unless a callback
  * already raised). */
 static void
-t_raise(void)
+t_raise(TableObject *t)
 {
     if (PyErr_Occurred())
         return;
     const char *m = t_error.msg;
     switch (t_error.code) {
     case TE_CORRUPT:
-        PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_RuntimeError,
+        PyErr_Format(ST(t)->CorruptError,
                      "store is corrupt: %s; run verify() for a full report, copy out "
                      "what still reads back and create the store again",
                      m);
@@ -52,10 +51,10 @@ t_raise(void)
         PyErr_SetString(PyExc_MemoryError, m);
         break;
     case TE_READONLY:
-        PyErr_SetString(SHM_READONLY_EXC, m);
+        PyErr_SetString(ST(t)->ReadOnlyError, m);
         break;
     case TE_CLOSED:
-        PyErr_SetString(SHM_CLOSED_EXC, m);
+        PyErr_SetString(ST(t)->ClosedError, m);
         break;
     case TE_VALUE:
         PyErr_SetString(PyExc_ValueError, m);
@@ -68,14 +67,14 @@ t_raise(void)
 
 /* Damage found by this file: CorruptError, as the protocol words it. */
 static int
-corrupt(const char *fmt, ...)
+corrupt(TableObject *t, const char *fmt, ...)
 {
     va_list va;
     va_start(va, fmt);
     vsnprintf(t_error.msg, sizeof t_error.msg, fmt, va);
     va_end(va);
     t_error.code = TE_CORRUPT;
-    t_raise();
+    t_raise(t);
     return -1;
 }
 
@@ -85,7 +84,7 @@ tt_live(TableObject *t)
 {
     int r = t_live(&t->c);
     if (r < 0)
-        t_raise();
+        t_raise(t);
     return r;
 }
 
@@ -94,7 +93,7 @@ tt_enter(TableObject *t)
 {
     uint64_t end = t_enter(&t->c);
     if (end == 0)
-        t_raise();
+        t_raise(t);
     return end;
 }
 
@@ -103,7 +102,7 @@ tt_sync(TableObject *t)
 {
     int r = t_sync(&t->c);
     if (r < 0)
-        t_raise();
+        t_raise(t);
     return r;
 }
 
@@ -112,7 +111,7 @@ tt_index(TableObject *t, TIndex *x)
 {
     int r = t_index(&t->c, x);
     if (r < 0)
-        t_raise();
+        t_raise(t);
     return r;
 }
 
@@ -122,7 +121,7 @@ tt_probe_w(TableObject *t, TIndex *x, const TKey *k, uint64_t *slot, uint64_t *w
 {
     int r = probe_w(&t->c, x, k, slot, word, from_ov);
     if (r < 0)
-        t_raise();
+        t_raise(t);
     return r;
 }
 
@@ -131,7 +130,7 @@ tt_view_hold(TableObject *t)
 {
     int r = view_hold(&t->c);
     if (r < 0)
-        t_raise();
+        t_raise(t);
     return r;
 }
 
@@ -210,7 +209,7 @@ key_encode(TableObject *t, PyObject *o, TKey *k)
             k->p = k->big;
         }
     } else {
-        PyErr_Format(t_Unsupported ? t_Unsupported : PyExc_TypeError,
+        PyErr_Format(ST(t)->UnsupportedTypeError,
                      "store keys must be int, str or bytes, not %.100s%s",
                      Py_TYPE(o)->tp_name,
                      PyBool_Check(o) ? " (bool keys would collide with 0 and 1; "
@@ -219,7 +218,7 @@ key_encode(TableObject *t, PyObject *o, TKey *k)
     }
     if (k->n > (Py_ssize_t)MAX_KEY) {
         key_release(k);
-        PyErr_Format(t_TooLarge ? t_TooLarge : PyExc_ValueError,
+        PyErr_Format(ST(t)->ValueTooLargeError,
                      "a key of %zd bytes is longer than the store's limit of %u bytes; "
                      "use a shorter key (a digest of it, say)",
                      k->n, MAX_KEY);
@@ -293,7 +292,7 @@ val_encode(TableObject *t, PyObject *o, TVal *v)
         v->n = 8;
     } else {
         if (t->encode_hook == NULL || t->encode_hook == Py_None) {
-            PyErr_Format(t_Unsupported ? t_Unsupported : PyExc_TypeError,
+            PyErr_Format(ST(t)->UnsupportedTypeError,
                          "cannot store a %.100s value", tp->tp_name);
             return -1;
         }
@@ -406,7 +405,7 @@ t_wait_even(TableObject *t, uint64_t *e)
             snprintf(who, sizeof who, "its writer");
         char secs[32];
         snprintf(secs, sizeof secs, "%.3g", t->c.read_timeout_ns / 1e9);
-        PyErr_Format(shm_TimeoutError ? shm_TimeoutError : PyExc_TimeoutError,
+        PyErr_Format(ST(t)->Timeout,
                      "a batch was being published for longer than the store's "
                      "read_timeout (%s s): %s has held the store's lock since it "
                      "began (it may be stopped or very slow); raise read_timeout=, or "
@@ -520,7 +519,7 @@ val_decode(TableObject *t, const char *P, uint64_t off, const TRec *r, uint64_t 
 static void
 t_mark_damage(TableObject *t)
 {
-    if (shm_CorruptError && PyErr_ExceptionMatches(shm_CorruptError))
+    if (PyErr_ExceptionMatches(ST(t)->CorruptError))
         t_mark_dirty(&t->c);
 }
 
@@ -531,9 +530,10 @@ static int
 t_repair(void *ctx, int owner_died)
 {
     (void)owner_died;
-    int r = t_recover(&((TableObject *)ctx)->c);
+    TableObject *t = ctx;
+    int r = t_recover(&t->c);
     if (r < 0)
-        t_raise();
+        t_raise(t);
     return r;
 }
 
@@ -541,7 +541,7 @@ static int
 t_lock(TableObject *t)
 {
     if (t->c.readonly) {
-        PyErr_SetString(SHM_READONLY_EXC,
+        PyErr_SetString(ST(t)->ReadOnlyError,
                         "the store was opened readonly=True; open it without readonly "
                         "to change it");
         return -1;
@@ -557,7 +557,7 @@ t_lock(TableObject *t)
     if (r <= 0) {
         shm_unpin(t->mapping); /* after a failed repair the lock is released */
         if (r == 0)
-            PyErr_SetString(shm_TimeoutError ? shm_TimeoutError : PyExc_TimeoutError,
+            PyErr_SetString(ST(t)->Timeout,
                             "another writer held the store's lock for longer than the "
                             "store's timeout (a long batch?)");
         return -1;
@@ -568,7 +568,7 @@ t_lock(TableObject *t)
      * live writer marked as damage or left half applied. */
     if (t_locked_check(&t->c) < 0) {
         PyObject *et, *ev, *tb;
-        t_raise();
+        t_raise(t);
         t_mark_damage(t);
         PyErr_Fetch(&et, &ev, &tb);
         t->c.lock_depth = 0;
@@ -663,11 +663,11 @@ view_dealloc(ViewObject *v)
 {
     view_drop(v);
     Py_XDECREF(v->mapping);
-    Py_TYPE(v)->tp_free((PyObject *)v);
+    PyTypeObject *tp = Py_TYPE(v);
+    tp->tp_free((PyObject *)v);
+    Py_DECREF(tp); /* a heap type: its instances hold it */
 }
 
-static PyBufferProcs view_as_buffer = {(getbufferproc)view_getbuffer,
-                                       (releasebufferproc)view_releasebuffer};
 static PyMethodDef view_methods[] = {
     {"_release", (PyCFunction)view_release, METH_NOARGS, NULL},
     {NULL}};
@@ -675,16 +675,21 @@ static PyGetSetDef view_getset[] = {
     {"_held", (getter)view_get_held, NULL, NULL, NULL},
     {NULL}};
 
-static PyTypeObject View_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmkit._core.TableView",
-    .tp_basicsize = sizeof(ViewObject),
-    .tp_dealloc = (destructor)view_dealloc,
-    .tp_as_buffer = &view_as_buffer,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_methods = view_methods,
-    .tp_getset = view_getset,
-    .tp_doc = "The bytes of one stored value, in place (see Store.view).",
+static PyType_Slot view_spec_slots[] = {
+    {Py_tp_dealloc, view_dealloc},
+    {Py_bf_getbuffer, view_getbuffer},
+    {Py_bf_releasebuffer, view_releasebuffer},
+    {Py_tp_methods, view_methods},
+    {Py_tp_getset, view_getset},
+    {Py_tp_doc, "The bytes of one stored value, in place (see Store.view)."},
+    {0, NULL},
+};
+
+static PyType_Spec view_spec = {
+    .name = "shmkit._core.TableView",
+    .basicsize = sizeof(ViewObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = view_spec_slots,
 };
 
 /* ---- Python methods: reading ----------------------------------------------- */
@@ -744,14 +749,14 @@ read_raw(TableObject *t, const char *P, uint64_t off, const TRec *r, int mode,
         if (sr < 0) {
             if (!locked)
                 return 2;
-            corrupt("the array record at %llu has a bad header", (unsigned long long)off);
+            corrupt(t, "the array record at %llu has a bad header", (unsigned long long)off);
         } else if (sr > 0)
-            PyErr_Format(t_Unsupported ? t_Unsupported : PyExc_TypeError,
+            PyErr_Format(ST(t)->UnsupportedTypeError,
                          "%s reads only bytes and numpy array values, and this key "
                          "holds a value of type %s; use get()",
                          mode == M_INTO ? "get_into()" : "view()", vtype_name(r->vtype));
         else
-            PyErr_Format(t_TooLarge ? t_TooLarge : PyExc_ValueError,
+            PyErr_Format(ST(t)->ValueTooLargeError,
                          "get_into(): the value has %llu bytes and the buffer only %zd; "
                          "the buffer was left unchanged; pass one of at least that many "
                          "bytes",
@@ -783,7 +788,7 @@ read_raw(TableObject *t, const char *P, uint64_t off, const TRec *r, int mode,
         Py_XDECREF(head);
         return 1;
     }
-    ViewObject *v = PyObject_New(ViewObject, &View_Type);
+    ViewObject *v = PyObject_New(ViewObject, ST(t)->View);
     if (v == NULL) {
         Py_XDECREF(head);
         return 0;
@@ -815,14 +820,14 @@ value_locked(TableObject *t, uint64_t off, int nbytes)
     int race, post;
     char *P = PAY(&t->c);
     if (rec_read(P, t->c.end, off, &rec) < 0) {
-        corrupt("record at %llu is damaged", (unsigned long long)off);
+        corrupt(t, "record at %llu is damaged", (unsigned long long)off);
         return NULL;
     }
     if (nbytes)
         return PyLong_FromUnsignedLongLong(rec.vlen);
     PyObject *o = val_decode(t, P, off, &rec, 0, 1, &race, &post);
     if (o == NULL && race && !PyErr_Occurred())
-        corrupt("the record at %llu does not hold a valid value of type %d",
+        corrupt(t, "the record at %llu does not hold a valid value of type %d",
                 (unsigned long long)off, rec.vtype);
     return o != NULL && post ? finish_pickle(t, o) : o;
 }
@@ -847,7 +852,7 @@ lookup_locked(TableObject *t, const TKey *k, int mode, int *found, Py_buffer *in
         TRec rec;
         PyObject *out;
         if (rec_read(PAY(&t->c), t->c.end, word_off(w), &rec) < 0) {
-            corrupt("record at %llu is damaged", (unsigned long long)word_off(w));
+            corrupt(t, "record at %llu is damaged", (unsigned long long)word_off(w));
             return NULL;
         }
         read_raw(t, PAY(&t->c), word_off(w), &rec, mode, into, 0, 1, held, &out);
@@ -961,7 +966,7 @@ locked:
     /* Readers kept losing to writers, or the store looks damaged: read
      * under the writer lock, which also repairs after a dead writer. */
     if (t->c.readonly) {
-        PyErr_SetString(t_Busy ? t_Busy : PyExc_RuntimeError,
+        PyErr_SetString(ST(t)->BusyError,
                         "could not read a consistent value: writers keep changing the "
                         "store or it is damaged (this handle is readonly, so it cannot "
                         "take the writers' lock); retry, or open it writable");
@@ -1177,12 +1182,12 @@ table_length(TableObject *t)
     if (end == 0)
         return -1;
     if (!index_ok(PAY(&t->c), end, LDA(&HDR(&t->c)->index), &nslots)) {
-        corrupt("the index at %llu is damaged", (unsigned long long)LDR(&HDR(&t->c)->index));
+        corrupt(t, "the index at %llu is damaged", (unsigned long long)LDR(&HDR(&t->c)->index));
         return -1;
     }
     int64_t n = (int64_t)LDR(&HDR(&t->c)->count);
     if ((uint64_t)n > nslots) {
-        corrupt("the key count %llu is more than the index's %llu words",
+        corrupt(t, "the key count %llu is more than the index's %llu words",
                 (unsigned long long)n, (unsigned long long)nslots);
         return -1;
     }
@@ -1222,7 +1227,7 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
     uint64_t room = (uint64_t)t->c.m->reserve - t->c.poff - T_HEADER;
     uint64_t need = T_REC_HDR + (uint64_t)k.n + v.len;
     if (v.len > room || need > room) {
-        PyErr_Format(t_TooLarge ? t_TooLarge : PyExc_ValueError,
+        PyErr_Format(ST(t)->ValueTooLargeError,
                      "a value of %llu bytes cannot fit in this store (max_size %llu "
                      "bytes); create the store with a larger max_size=",
                      (unsigned long long)v.len, (unsigned long long)room);
@@ -1233,7 +1238,7 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
     TSlot slot;
     int r = t_put_find(&t->c, &k, &slot);
     if (r < 0) {
-        t_raise();
+        t_raise(t);
         goto unlock;
     }
     if (r == P_FOUND && mode == W_ADD) {
@@ -1241,7 +1246,7 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
             "key %R is already in the store; add() only inserts (use st[key] = value "
             "to replace it)", key);
         if (msg) {
-            PyErr_SetObject(t_KeyExists ? t_KeyExists : PyExc_KeyError, msg);
+            PyErr_SetObject(ST(t)->KeyExistsError, msg);
             Py_DECREF(msg);
         }
         goto unlock;
@@ -1249,7 +1254,7 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
     char *dst;
     uint64_t off = t_put_write(&t->c, &k, v.type, v.len, &dst);
     if (off == (uint64_t)-1) {
-        t_raise();
+        t_raise(t);
         goto unlock;
     }
     if (val_write(&v, dst) < 0) {
@@ -1257,7 +1262,7 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
         goto unlock;
     }
     if (t_put_publish(&t->c, &slot, off, k.h) < 0) {
-        t_raise();
+        t_raise(t);
         goto unlock;
     }
     ret = 0;
@@ -1288,7 +1293,7 @@ t_delete(TableObject *t, PyObject *key, int want_value, int *found)
     TSlot slot;
     int r = t_delete_find(&t->c, &k, &slot);
     if (r < 0) {
-        t_raise();
+        t_raise(t);
         goto unlock;
     }
     *found = r == P_FOUND;
@@ -1303,7 +1308,7 @@ t_delete(TableObject *t, PyObject *key, int want_value, int *found)
         out = Py_NewRef(Py_None);
     }
     if (t_delete_publish(&t->c, &slot) < 0) {
-        t_raise();
+        t_raise(t);
         Py_CLEAR(out);
     }
 unlock:
@@ -1386,7 +1391,7 @@ table_batch_end(TableObject *t, PyObject *arg)
         if (commit)
             r = t_batch_commit(&t->c);
         if (r < 0)
-            t_raise();
+            t_raise(t);
         if (!commit || r < 0)
             t_batch_discard(&t->c);
     }
@@ -1427,7 +1432,7 @@ table_clear(TableObject *t, PyObject *Py_UNUSED(ignored))
     }
     PyObject *ret = NULL;
     if (t_clear_locked(&t->c) < 0)
-        t_raise();
+        t_raise(t);
     else
         ret = Py_NewRef(Py_None);
     t_unlock(t);
@@ -1460,7 +1465,7 @@ scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
                 return NULL;
             if (w > 0) { /* left odd by a dead writer: the lock repairs it */
                 if (t->c.readonly) {
-                    PyErr_SetString(t_Busy ? t_Busy : PyExc_RuntimeError,
+                    PyErr_SetString(ST(t)->BusyError,
                                     "a writer died while publishing a batch; the next "
                                     "write repairs the store (this handle is readonly)");
                     return NULL;
@@ -1477,7 +1482,7 @@ scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
              * loaded above when a writer grew the heap meanwhile. */
             if (!locked && (!epoch_same(h, e) || LDA(&h->heap_end) != end))
                 continue;
-            corrupt("the index at %llu is damaged", (unsigned long long)ix);
+            corrupt(t, "the index at %llu is damaged", (unsigned long long)ix);
             return NULL;
         }
         /* index_gen was raised before ix was published (acquire above) */
@@ -1551,7 +1556,7 @@ scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
             continue;
         }
         if (bad) {
-            corrupt("a record listed in the index at slot %llu is damaged",
+            corrupt(t, "a record listed in the index at slot %llu is damaged",
                     (unsigned long long)i);
             goto fail;
         }
@@ -1566,7 +1571,7 @@ scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
         Py_XDECREF(wrapped);
         return NULL;
     }
-    PyErr_SetString(t_Busy ? t_Busy : PyExc_RuntimeError,
+    PyErr_SetString(ST(t)->BusyError,
                     "writers kept changing the store while it was being listed; retry");
     return NULL;
 }
@@ -1607,7 +1612,7 @@ table_verify(TableObject *t, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_RuntimeError, "verify() inside a batch is not supported");
         r = -1;
     } else if ((r = t_verify(&t->c, &w)) < 0) {
-        t_raise();
+        t_raise(t);
     }
     t_unlock(t);
     if (r < 0)
@@ -1668,7 +1673,7 @@ table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
     }
     uint64_t new_end, moved;
     if (t_vacuum(&t->c, &new_end, &moved) < 0) {
-        t_raise(); /* the heap is marked for recovery: t_unlock sees no error */
+        t_raise(t); /* the heap is marked for recovery: t_unlock sees no error */
         return NULL;
     }
     return Py_BuildValue("KK", (unsigned long long)new_end, (unsigned long long)moved);
@@ -1702,13 +1707,13 @@ table_bind(TableObject *t, PyObject *args, PyObject *kwds)
              *timeout = Py_None, *rtimeout = Py_None;
     unsigned long long poff;
     int readonly = 0, pickle = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!K|ppOOOOO", kwlist, &Mapping_Type,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&K|ppOOOOO", kwlist, shm_mapping_converter,
                                      &mapping, &poff, &readonly, &pickle, &enc, &dec,
                                      &grow, &timeout, &rtimeout))
         return NULL;
     MappingObject *m = (MappingObject *)mapping;
     if (m->base == NULL || poff % 4096 || poff + T_HEADER + T_INDEX_HDR > (uint64_t)m->length) {
-        PyErr_Format(m->base == NULL || poff % 4096 ? PyExc_ValueError : shm_CorruptError,
+        PyErr_Format(m->base == NULL || poff % 4096 ? PyExc_ValueError : ST(t)->CorruptError,
                      "the segment's payload (%lld bytes) is too small for a store: its "
                      "header is damaged; recreate the store", (long long)m->length);
         return NULL;
@@ -1750,7 +1755,7 @@ table_format(TableObject *t, PyObject *arg)
     if (PyErr_Occurred() || tt_live(t) < 0)
         return NULL;
     if (t_format(&t->c, seed) < 0) {
-        t_raise();
+        t_raise(t);
         return NULL;
     }
     Py_RETURN_NONE;
@@ -1816,12 +1821,15 @@ table_dealloc(TableObject *t)
     Py_CLEAR(t->encode_hook);
     Py_CLEAR(t->decode_hook);
     Py_CLEAR(t->grow_hook);
-    Py_TYPE(t)->tp_free((PyObject *)t);
+    PyTypeObject *tp = Py_TYPE(t);
+    tp->tp_free((PyObject *)t);
+    Py_DECREF(tp); /* a heap type: its instances hold it */
 }
 
 static int
 table_traverse(TableObject *t, visitproc visit, void *arg)
 {
+    Py_VISIT(Py_TYPE(t)); /* a heap type */
     Py_VISIT(t->mapping);
     Py_VISIT(t->encode_hook);
     Py_VISIT(t->decode_hook);
@@ -1869,43 +1877,28 @@ static PyMethodDef table_methods[] = {
     {NULL}
 };
 
-static PyMappingMethods table_as_mapping = {
-    (lenfunc)table_length,
-    (binaryfunc)table_subscript,
-    (objobjargproc)table_ass_subscript,
+
+
+static PyType_Slot table_spec_slots[] = {
+    {Py_tp_dealloc, table_dealloc},
+    {Py_mp_length, table_length},
+    {Py_mp_subscript, table_subscript},
+    {Py_mp_ass_subscript, table_ass_subscript},
+    {Py_sq_contains, table_contains},
+    {Py_tp_doc, "The Store's hash table in shared memory (see shmkit.Store)."},
+    {Py_tp_traverse, table_traverse},
+    {Py_tp_clear, table_clear_refs},
+    {Py_tp_methods, table_methods},
+    {Py_tp_new, PyType_GenericNew},
+    {0, NULL},
 };
 
-static PySequenceMethods table_as_sequence = {
-    .sq_contains = (objobjproc)table_contains,
+static PyType_Spec table_spec = {
+    .name = "shmkit._core.Table",
+    .basicsize = sizeof(TableObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = table_spec_slots,
 };
-
-PyTypeObject Table_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmkit._core.Table",
-    .tp_basicsize = sizeof(TableObject),
-    .tp_dealloc = (destructor)table_dealloc,
-    .tp_as_mapping = &table_as_mapping,
-    .tp_as_sequence = &table_as_sequence,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "The Store's hash table in shared memory (see shmkit.Store).",
-    .tp_traverse = (traverseproc)table_traverse,
-    .tp_clear = (inquiry)table_clear_refs,
-    .tp_methods = table_methods,
-    .tp_new = PyType_GenericNew,
-};
-
-static PyObject *
-table_set_classes(PyObject *mod, PyObject *args)
-{
-    PyObject *a, *b, *c, *d;
-    if (!PyArg_ParseTuple(args, "OOOO", &a, &b, &c, &d))
-        return NULL;
-    Py_XSETREF(t_KeyExists, Py_NewRef(a));
-    Py_XSETREF(t_Unsupported, Py_NewRef(b));
-    Py_XSETREF(t_TooLarge, Py_NewRef(c));
-    Py_XSETREF(t_Busy, Py_NewRef(d));
-    Py_RETURN_NONE;
-}
 
 static PyObject *
 table_hash(PyObject *mod, PyObject *args)
@@ -1920,9 +1913,6 @@ table_hash(PyObject *mod, PyObject *args)
 }
 
 static PyMethodDef table_functions[] = {
-    {"table_set_classes", table_set_classes, METH_VARARGS,
-     "table_set_classes(KeyExistsError, UnsupportedTypeError, ValueTooLargeError, "
-     "BusyError)"},
     {"table_hash", table_hash, METH_VARARGS,
      "table_hash(data, seed) -> int: the store's 64-bit key hash."},
     {NULL}
@@ -1931,10 +1921,11 @@ static PyMethodDef table_functions[] = {
 int
 shm_init_table(PyObject *module)
 {
-    if (PyType_Ready(&Table_Type) < 0 || PyType_Ready(&View_Type) < 0)
+    shm_state *st = shm_mod_state(module);
+    if (shm_add_type(module, &table_spec, &st->Table) < 0)
         return -1;
-    Py_INCREF(&Table_Type);
-    if (PyModule_AddObject(module, "Table", (PyObject *)&Table_Type) < 0)
+    /* TableView is made by Store.view() only: not a module attribute */
+    if ((st->View = (PyTypeObject *)PyType_FromModuleAndSpec(module, &view_spec, NULL)) == NULL)
         return -1;
     return PyModule_AddFunctions(module, table_functions);
 }

@@ -27,7 +27,7 @@ closed_meanwhile(shm_wait *w, uint32_t token)
     MappingObject *m = w->m;
     if (m->base != NULL && !m->closing && m->token == token)
         return 0;
-    PyErr_Format(SHM_CLOSED_EXC, "%s was closed in this process while a call waited on "
+    PyErr_Format(shm_state_of((PyObject *)w->m)->ClosedError, "%s was closed in this process while a call waited on "
                  "it", w->what ? w->what : "the object");
     return 1;
 }
