@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 
+import shmkit
 from shmkit import _core
 from shmkit.channel import Channel
 from shmkit.errors import OwnerDiedWarning
@@ -212,3 +213,59 @@ def test_python_constants_come_from_the_core():
         assert _struct.calcsize("=" + "".join(codes[:i])) == hdr[field], field
     e = _core.layouts["attach_entry"]
     assert (e["gen"], e["pid"], e["attached"], e["comm"], e["bytes"]) == (0, 4, 8, 24, 64)
+
+
+# -- the module's surface ---------------------------------------------------------
+
+
+def _core_callables():
+    import inspect as _inspect
+    for name, obj in vars(_core).items():
+        if isinstance(obj, type) and obj.__module__.startswith("shmkit"):
+            for attr, f in vars(obj).items():
+                if callable(f) and (not attr.startswith("__") or attr in ("__enter__", "__exit__")):
+                    yield f"{name}.{attr}", f
+        elif callable(obj) and not name.startswith("_"):
+            yield name, obj
+    del _inspect
+
+
+def test_every_core_function_and_method_has_a_signature():
+    import inspect
+    missing = []
+    for what, f in _core_callables():
+        try:
+            inspect.signature(f)
+        except ValueError:
+            missing.append(what)
+    assert not missing, f"no text signature: {missing}"
+    assert str(inspect.signature(_core.Table.pop)) == "(self, key, /, *default)"
+    assert str(inspect.signature(_core.HeapCore)) == "(mapping, offset, length, name)"
+
+
+def test_core_raises_the_classes_of_shmkit_errors_with_no_set_classes_call():
+    from shmkit import errors
+    assert not [n for n in dir(_core) if n.endswith("set_classes")]
+    seg = shmkit.Segment(None, size=4096)
+    try:
+        ro = _core.Mapping(seg._fd, 8192, 8192, readonly=True)
+        with pytest.raises(errors.ReadOnlyError):
+            _core.store32(ro, 0, 1)
+        ro.close()
+        with pytest.raises(errors.ClosedError):
+            _core.load32(ro, 0)
+    finally:
+        seg.close()
+
+
+def test_big_int_keys_keep_their_stored_encoding():
+    # int keys beyond 64 bits are stored as bit_length // 8 + 1 signed
+    # little-endian bytes; stores made before must keep finding them
+    with shmkit.Store(None) as st:
+        for k in (2**64, 2**80, -2**80, 2**63, -2**63 - 1, 2**1000 + 7):
+            st[k] = k
+            off, voff = st._locate(k)
+            n = k.bit_length() // 8 + 1
+            raw = bytes(memoryview(st._seg._mapping)[voff - n:voff])
+            assert raw == k.to_bytes(n, "little", signed=True)
+            assert st[k] == k

@@ -47,7 +47,7 @@ def given(value: Any) -> bool:
 
 
 def attach_segment(kind: Kind, name: str | None, path: Any, *, size: int | None,
-                   create: bool | None, layout: dict | None = None,
+                   create: bool | None, layout: dict[str, Any] | None = None,
                    init: Callable[[Segment], None] | None = None,
                    **kwargs: Any) -> Segment:
     """Create or open the segment a structure will hold."""
@@ -93,7 +93,7 @@ class SharedObject:
     def _adopt(self, seg: Segment, **state: Any) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    def _state(self) -> dict:
+    def _state(self) -> dict[str, Any]:
         return {}
 
     # -- what every structure offers -----------------------------------------
@@ -128,7 +128,7 @@ class SharedObject:
         seg = self._seg
         return seg is not None and seg.readonly
 
-    def attachments(self) -> list[dict]:
+    def attachments(self) -> list[dict[str, Any]]:
         """The live handles: ``[{"slot", "pid", "attached", "comm"}]``."""
         return self._held().attachments()
 
@@ -138,7 +138,7 @@ class SharedObject:
         info.update(self._describe())
         return info
 
-    def _describe(self) -> dict:
+    def _describe(self) -> dict[str, Any]:
         return {}
 
     def close(self) -> None:
@@ -191,7 +191,7 @@ class SharedObject:
         except Exception:
             pass
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         seg = self._held()
         dup = None
         from multiprocessing import context, reduction
@@ -203,8 +203,8 @@ class SharedObject:
                            dup, self._state()))
 
 
-def _rebuild(cls: type, name: str, path: str, readonly: bool, kind: int, dup: Any,
-             state: dict) -> Any:
+def _rebuild(cls: type[SharedObject], name: str, path: str, readonly: bool, kind: int, dup: Any,
+             state: dict[str, Any]) -> Any:
     """Unpickle a structure: through the handed-over file if any, else by name."""
     seg = None
     if dup is not None:
@@ -216,7 +216,7 @@ def _rebuild(cls: type, name: str, path: str, readonly: bool, kind: int, dup: An
     if seg is None:
         seg = attach_segment(Kind(kind), name, path, size=None, create=False,
                              readonly=readonly)
-    obj = cls.__new__(cls)
+    obj: Any = cls.__new__(cls)
     obj._adopt(seg, **state)
     return obj
 
@@ -236,7 +236,7 @@ class Lock:
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         """Take the lock; False if ``timeout`` passed or ``blocking`` is false and it is held."""
-        return self._mutex.acquire(blocking, timeout)
+        return bool(self._mutex.acquire(blocking, timeout))
 
     def acquire_nowait(self) -> None:
         """Take the lock if it is free, else raise :class:`WouldBlock`."""
@@ -246,16 +246,17 @@ class Lock:
         self._mutex.release()
 
     def locked(self) -> bool:
-        return self._mutex.locked()
+        return bool(self._mutex.locked())
 
     @property
     def recovered(self) -> bool:
         """True while held after taking it over from a holder that died."""
-        return self._mutex.recovered
+        return bool(self._mutex.recovered)
 
     def holder_pid(self) -> int | None:
         """The pid of the live holder, or None."""
-        return self._mutex.holder_pid()
+        pid: int | None = self._mutex.holder_pid()
+        return pid
 
     @contextmanager
     def held(self, timeout: float | None = None) -> Iterator["Lock"]:

@@ -256,9 +256,10 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str))
 
 
-def _bytes(n: int | None) -> str:
-    if n is None:
+def _bytes(size: int | None) -> str:
+    if size is None:
         return "?"
+    n: float = size
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
@@ -308,7 +309,7 @@ def _grows_to(obj: dict[str, Any]) -> int | None:
     """The payload size an object may grow to, as its header says, or None."""
     size, top = obj.get("size"), obj.get("max_size")
     if obj.get("kind") in _GROWABLE and size is not None and top is not None and top > size:
-        return top
+        return int(top)
     return None
 
 
@@ -532,7 +533,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             _error("info", _message(e))
             failed = True
             continue
-        if args.json:
+        if console is None:
             results.append(info)
         else:
             console.print(_info_table(info))

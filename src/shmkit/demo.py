@@ -65,7 +65,7 @@ def run(senders: int = 4, records: int = 20000, quiet: bool = False) -> int:
     name = f"demo-logs-{os.getpid()}-{secrets.token_hex(3)}"
     env = _env()
     ch = Channel(name, capacity=CAPACITY)
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         cmd = [sys.executable, str(example_path("log_receiver.py")), "--name", name,
                "--senders", str(senders), "--expect", str(senders * records)]

@@ -224,7 +224,7 @@ class _ChannelEnded(ChannelClosed):
             args = (_explain(args[0]),)
         super().__init__(*args)
 
-    def __reduce__(self) -> tuple:  # travels (to a Pool's parent, say) as itself
+    def __reduce__(self) -> tuple[Any, ...]:  # travels (to a Pool's parent, say) as itself
         return (ChannelClosed, self.args)
 
 

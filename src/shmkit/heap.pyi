@@ -1,10 +1,11 @@
 import os
-from typing import Any, Callable
+from typing import Any, Callable, final
+
 
 from .errors import HeapFullError as HeapFullError
 from .errors import PinnedError as PinnedError
 from .errors import StaleHandleError as StaleHandleError
-from ._object import SharedObject
+from ._object import SharedObject, _Default
 
 __all__ = ["Heap", "Handle", "Pin", "ArrayPin", "HeapFullError", "PinnedError",
            "StaleHandleError"]
@@ -26,6 +27,7 @@ class Handle:
     def __eq__(self, other: object) -> bool: ...
     def __hash__(self) -> int: ...
 
+@final
 class Pin:
     @property
     def view(self) -> memoryview: ...
@@ -38,6 +40,7 @@ class Pin:
     def __exit__(self, *exc: object) -> None: ...
 
 class ArrayPin:
+    def __init__(self, pin: Pin, array: Any) -> None: ...
     @property
     def array(self) -> Any: ...
     @property
@@ -51,11 +54,12 @@ class ArrayPin:
 class Heap(SharedObject):
     def __init__(self, name: str | None = None, size: int | None = None, *,
                  max_size: int | None = None, max_blocks: int | None = None,
-                 max_pins: int = ...,
+                 max_pins: int | _Default = ...,
                  create: bool | None = None, path: str | os.PathLike[str] | None = None,
-                 readonly: bool = False, mode: int = 0o600, lifetime: str = ...,
-                 max_attach: int = ...,
-                 on_destroy: Callable[[], Any] | None = None) -> None: ...
+                 readonly: bool = False, mode: int = 0o600, lifetime: str | _Default = ...,
+                 max_attach: int | _Default = ...,
+                 on_destroy: Callable[[], Any] | None = None,
+                 trust_owner: int | str | None = None) -> None: ...
     @classmethod
     def create(cls, name: str | None = None, size: int = 0, **kwargs: Any) -> Heap: ...
     @classmethod

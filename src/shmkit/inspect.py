@@ -250,7 +250,7 @@ _PAYLOAD_FORMATS: dict[Kind, tuple[str, str]] = {
 }
 
 
-def _payload_format_problem(kind: Kind, layout: dict) -> str | None:
+def _payload_format_problem(kind: Kind, layout: dict[str, Any]) -> str | None:
     """The state to show if the kind's class would refuse the payload format."""
     where = _PAYLOAD_FORMATS.get(kind)
     if where is None:
@@ -391,7 +391,7 @@ def _lock_state(seg: Segment, off: int) -> dict[str, Any]:
     return out
 
 
-def _slot_counts(seg: Segment, base: int, signed: bool = False) -> tuple[list, int]:
+def _slot_counts(seg: Segment, base: int, signed: bool = False) -> tuple[list[Any], int]:
     """Per-attachment counts stored as u64 ``gen << 32 | count`` at ``base``.
 
     Returns ``([{"pid", "count"}] of live attachments, total count of dead ones)``.
@@ -622,7 +622,8 @@ def _heap_counters(fd: int, base: int) -> dict[str, int]:
 
 
 def _sync_words(fd: int, base: int) -> tuple[int, int, int, int] | None:
-    return _read(fd, struct.Struct("=4I"), base)
+    w = _read(fd, struct.Struct("=4I"), base)
+    return None if w is None else (w[0], w[1], w[2], w[3])
 
 
 def _mutex_counters(fd: int, base: int) -> dict[str, int]:

@@ -258,9 +258,10 @@ class _Header:
                 f"{where} has data format version {self.version}; this shmkit reads "
                 f"version {FORMAT_VERSION}. Use the shmkit that made it, or remove it "
                 "with `shmkit rm`")
-        self.kind = _KINDS.get(kind)
-        if self.kind is None:
+        known = _KINDS.get(kind)
+        if known is None:
             raise CorruptError(f"{where} has an unknown kind {kind}")
+        self.kind: Kind = known
         if not 1 <= self.max_slots <= _core.MAX_SLOTS:
             raise CorruptError(f"{where} has an impossible attach-table size {self.max_slots}")
         if self.header_size != _header_size(self.max_slots):
@@ -292,7 +293,7 @@ def mismatch(what: str, name: str, param: str, asked: Any, found: Any) -> Mismat
         f"{name}`) and create it again")
 
 
-class SegmentInfo(dict):
+class SegmentInfo(dict[str, Any]):
     """A plain dict describing a segment, as ``shmkit info --json`` prints it."""
 
 
@@ -361,13 +362,14 @@ class Segment:
     _fd = -1
     _mapping: Any = None
     _token = 0
-    _name: str | None = None  # so repr() and close() work on a half-made object
-    _path: str | None = None
+    _name = ""  # set by every constructor; the defaults let repr() and close()
+    _path = ""  # work on a half-made object
     _readonly = False
     _created = False
     _flags = 0
     _trust_uid: int | None = None
     _removed = False  # this handle's close() removed the name (lifetime "attached")
+    _lock_obj: Any = None  # the segment's Mutex, made on first use
 
     def __init__(self, name: str | None = None, size: int | None = None, *,
                  path: str | os.PathLike[str] | None = None, readonly: bool = False,
@@ -487,7 +489,7 @@ class Segment:
     def _attach(self, name: str | None, path: Any, *, size: int | None,
                 create: bool | None, readonly: bool = False, mode: int = 0o600,
                 lifetime: str | None = None, max_size: int | None = None,
-                max_attach: int = DEFAULT_MAX_ATTACH, layout: dict | None = None,
+                max_attach: int = DEFAULT_MAX_ATTACH, layout: dict[str, Any] | None = None,
                 init: Callable[["Segment"], None] | None = None,
                 kind: Kind | None = None, trust_owner: int | str | None = None,
                 on_destroy: Callable[[], Any] | None = None) -> None:
@@ -539,6 +541,7 @@ class Segment:
                         raise NotFoundError(
                             f"no segment named {self._name!r} ({self._path}); create it "
                             "with a size first, or check the name with `shmkit ls`") from None
+            assert size is not None  # may_create
             try:
                 self._create_file(kind, size, mode, lifetime, max_size, max_attach,
                                   layout or {}, init)
@@ -550,7 +553,7 @@ class Segment:
         raise BusyError(f"{self._name!r} was created and removed repeatedly while opening")
 
     def _create_file(self, kind: Kind, size: int, mode: int, lifetime: str,
-                     max_size: int | None, max_attach: int, layout: dict,
+                     max_size: int | None, max_attach: int, layout: dict[str, Any],
                      init: Callable[["Segment"], None] | None) -> None:
         if max_size is None:
             max_size = DEFAULT_RESERVE if kind in _GROWABLE else size
@@ -767,7 +770,7 @@ class Segment:
              ) = _HEADER.unpack_from(mapping)
         self._flags = flags
         self._max_slots = max_slots
-        self._max_size = max_size
+        self._max_size: int = max_size
         self._created_ns = created_ns
         self._creator_pid = creator_pid
         mapping.table_off = _HEADER_BYTES
@@ -906,7 +909,7 @@ class Segment:
         except Exception:
             pass
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         return (_reopen, (type(self), self._name, self._path, self._readonly, self._kind,
                           getattr(self, "_trust_uid", None)))
 
@@ -953,14 +956,15 @@ class Segment:
         return self._max_size
 
     @property
-    def layout(self) -> dict:
+    def layout(self) -> dict[str, Any]:
         """The payload's layout description, as written by the creator."""
         n = _core.load32(self._live_mapping(), 72)
         if n > _LAYOUT_MAX:
             raise CorruptError(f"{self._name!r} has a corrupt layout length {n}")
         view = memoryview(self._mapping)
         try:
-            return json.loads(bytes(view[_LAYOUT_OFF:_LAYOUT_OFF + n]) or b"{}")
+            layout: dict[str, Any] = json.loads(bytes(view[_LAYOUT_OFF:_LAYOUT_OFF + n]) or b"{}")
+            return layout
         except ValueError:
             raise CorruptError(f"{self._name!r} has an unreadable layout description") from None
         finally:
@@ -1175,7 +1179,7 @@ class Segment:
 
     # -- introspection ----------------------------------------------------
 
-    def attachments(self) -> list[dict]:
+    def attachments(self) -> list[dict[str, Any]]:
         """The live attachments: ``[{"slot", "pid", "attached", "comm"}]``."""
         return [{k: e[k] for k in ("slot", "pid", "attached", "comm")}
                 for e in _core.attachments(self._live_mapping())]
@@ -1216,12 +1220,12 @@ class Segment:
         info.update(self._describe())
         return info
 
-    def _describe(self) -> dict:
+    def _describe(self) -> dict[str, Any]:
         """Kind-specific detail for ``info()``; subclasses extend it."""
         return {}
 
 
-def _reopen(cls: type, name: str, path: str, readonly: bool,
+def _reopen(cls: type[Segment], name: str, path: str, readonly: bool,
             kind: Kind = Kind.RAW, trust_owner: int | None = None) -> Segment:
     # The kind travels too: a Segment carrying a Mutex or a Channel is a plain
     # Segment instance whose class default kind is RAW.  So does the owner the

@@ -41,7 +41,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 from . import _core
 from .errors import FormatVersionError, MismatchError, Timeout, WouldBlock
@@ -96,8 +96,8 @@ class _Placed:
         self._offset = offset
 
     @classmethod
-    def _named_segment(cls, name: str | None, create: bool | None, layout: dict,
-                       init: Callable[[Segment], None] | None, kwargs: dict) -> Segment:
+    def _named_segment(cls, name: str | None, create: bool | None, layout: dict[str, Any],
+                       init: Callable[[Segment], None] | None, kwargs: dict[str, Any]) -> Segment:
         seg = Segment.__new__(Segment)
         max_attach = kwargs.get("max_attach", 256)
         size = cls._footprint(max_attach) if create is not False else None
@@ -108,12 +108,12 @@ class _Placed:
     @classmethod
     def create(cls, name: str | None = None, *args: Any, **kwargs: Any) -> Any:
         """Create it by name; :class:`ExistsError` if the name is taken."""
-        return cls(name, *args, create=True, **kwargs)
+        return cast(Any, cls)(name, *args, create=True, **kwargs)
 
     @classmethod
     def open(cls, name: str, **kwargs: Any) -> Any:
         """Open it by name; :class:`NotFoundError` if there is none."""
-        return cls(name, create=False, **kwargs)
+        return cast(Any, cls)(name, create=False, **kwargs)
 
     @property
     def name(self) -> str:
@@ -128,18 +128,18 @@ class _Placed:
         """Remove the name (only for objects opened by name)."""
         self._seg.unlink()
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         if self._own_segment:
             return (_open_named, (type(self), self._seg))
-        return (type(self).at, (self._seg, self._offset))
+        return (cast(Any, type(self)).at, (self._seg, self._offset))
 
 
 def _segment_lock(seg: Segment) -> "Mutex":
-    return seg.lock
+    return cast("Mutex", seg.lock)
 
 
-def _open_named(cls: type, seg: Segment) -> Any:
-    obj = cls.__new__(cls)
+def _open_named(cls: type[_Placed], seg: Segment) -> Any:
+    obj: Any = cls.__new__(cls)
     obj._adopt(seg)
     return obj
 
@@ -193,7 +193,7 @@ class Mutex(_core.Lock, _Placed):
 
     _in_header = False
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         if self._in_header:  # a segment's own lock (header offset, not payload)
             return (_segment_lock, (self._seg,))
         return super().__reduce__()
@@ -217,7 +217,7 @@ class Mutex(_core.Lock, _Placed):
         """The pid of the live holder, or None when free (or its holder died)."""
         return self._seg.owner_pid(self.owner_token)
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         """``{"locked", "holder_pid", "waiters", "recovered"}`` for this lock."""
         return {"locked": self.locked(), "holder_pid": self.holder_pid(),
                 "waiters": self.has_waiters, "recovered": self.recovered}
@@ -267,7 +267,7 @@ class Event(_Placed):
         obj._auto = auto_reset
         return obj
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         if self._own_segment:
             return super().__reduce__()
         return (type(self).at, (self._seg, self._offset, self._auto))
@@ -291,7 +291,7 @@ class Event(_Placed):
         return _core.event_wait(self._m, self._base, timeout, self._auto,
                                 f"event {self._seg.name!r}")
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         word = _core.load32(self._m, self._base)
         return {"set": bool(word & 1), "waiters": word >> 1, "auto_reset": self._auto}
 
@@ -366,9 +366,9 @@ class RWLock(_core.RWLock, _Placed):
         finally:
             self.release_write()
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         m = self._m
-        readers = {}
+        readers: dict[int, int] = {}
         for slot, _off, v, count, alive in _slot_counts(m, self._entry(0)):
             if alive:
                 token = ((v >> 32) & _GEN_MASK) << 10 | slot
@@ -465,7 +465,7 @@ class Semaphore(_core.Semaphore, _Placed):
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         """``{"value", "waiters"}``: units free now, waiters that may be asleep."""
         return {"value": self.value, "waiters": self.waiters}
 
@@ -583,6 +583,6 @@ class Condition(_Placed):
     def notify_all(self) -> None:
         self.notify(_ALL)
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         return {"waiters": _core.cond_sleepers(self._m, self._base),
                 "holder_pid": self.lock.holder_pid()}

@@ -92,13 +92,21 @@ DEFINE_ATOMICS(64, uint64_t)
     {#NAME, (PyCFunction)(void (*)(void))py_##NAME, METH_FASTCALL, DOC}
 
 PyMethodDef shm_atomic_methods[] = {
-    ENTRY(load32, "load32(mapping, offset) -> int: acquire load of a u32"),
-    ENTRY(load64, "load64(mapping, offset) -> int: acquire load of a u64"),
-    ENTRY(store32, "store32(mapping, offset, value): release store of a u32"),
-    ENTRY(store64, "store64(mapping, offset, value): release store of a u64"),
-    ENTRY(cas32, "cas32(mapping, offset, expected, new) -> bool"),
-    ENTRY(cas64, "cas64(mapping, offset, expected, new) -> bool"),
-    ENTRY(add32, "add32(mapping, offset, delta) -> previous u32 (wraps)"),
-    ENTRY(add64, "add64(mapping, offset, delta) -> previous u64 (wraps)"),
+    ENTRY(load32, "load32($module, mapping, offset, /)\n--\n\n"
+     "load32(mapping, offset) -> int: acquire load of a u32"),
+    ENTRY(load64, "load64($module, mapping, offset, /)\n--\n\n"
+     "load64(mapping, offset) -> int: acquire load of a u64"),
+    ENTRY(store32, "store32($module, mapping, offset, value, /)\n--\n\n"
+     "store32(mapping, offset, value): release store of a u32"),
+    ENTRY(store64, "store64($module, mapping, offset, value, /)\n--\n\n"
+     "store64(mapping, offset, value): release store of a u64"),
+    ENTRY(cas32, "cas32($module, mapping, offset, expected, new, /)\n--\n\n"
+     "cas32(mapping, offset, expected, new) -> bool"),
+    ENTRY(cas64, "cas64($module, mapping, offset, expected, new, /)\n--\n\n"
+     "cas64(mapping, offset, expected, new) -> bool"),
+    ENTRY(add32, "add32($module, mapping, offset, delta, /)\n--\n\n"
+     "add32(mapping, offset, delta) -> previous u32 (wraps)"),
+    ENTRY(add64, "add64($module, mapping, offset, delta, /)\n--\n\n"
+     "add64(mapping, offset, delta) -> previous u64 (wraps)"),
     {NULL}
 };

@@ -467,33 +467,45 @@ py_token_alive(PyObject *mod, PyObject *args)
 
 PyMethodDef shm_attach_methods[] = {
     {"ofd_lock", py_ofd_lock, METH_VARARGS,
+     "ofd_lock($module, fd, start, length, exclusive=True, /)\n--\n\n"
      "ofd_lock(fd, start, length, exclusive=True) -> bool\n\n"
      "Try to take an OFD byte-range lock without blocking."},
-    {"ofd_unlock", py_ofd_unlock, METH_VARARGS, "ofd_unlock(fd, start, length)"},
+    {"ofd_unlock", py_ofd_unlock, METH_VARARGS, "ofd_unlock($module, fd, start, length, /)\n--\n\n"},
     {"ofd_held", py_ofd_held, METH_VARARGS,
+     "ofd_held($module, fd, start, length, /)\n--\n\n"
      "ofd_held(fd, start, length) -> bool\n\n"
      "True if another open file holds a lock on any byte of the range."},
     {"token_alive", py_token_alive, METH_VARARGS,
+     "token_alive($module, mapping, token, /)\n--\n\n"
      "token_alive(mapping, token) -> bool\n\nIs the attachment named by token alive?"},
     {"attach_claim", py_attach_claim, METH_VARARGS,
+     "attach_claim($module, mapping, fd, start, comm, /)\n--\n\n"
      "attach_claim(mapping, fd, start, comm) -> int\n\nClaim a free attach slot "
      "(trying from start), fill its entry and attach the mapping; 0 if none is free."},
     {"attach_reader", py_attach_reader, METH_VARARGS,
+     "attach_reader($module, mapping, fd, /)\n--\n\n"
      "attach_reader(mapping, fd) -> bool\n\nAttach readonly: the shared lock on byte 1."},
     {"attach_detach", py_attach_detach, METH_O,
-     "attach_detach(mapping)\n\nForget the mapping's token and file descriptor."},
+     "attach_detach($module, mapping, /)\n--\n\n"
+     "Forget the mapping's token and file descriptor."},
     {"attach_entry", py_attach_entry, METH_VARARGS,
+     "attach_entry($module, mapping, slot, /)\n--\n\n"
      "attach_entry(mapping, slot) -> dict | None\n\nThe decoded entry of a slot."},
     {"attachments", py_attachments, METH_O,
+     "attachments($module, mapping, /)\n--\n\n"
      "attachments(mapping) -> list[dict]\n\nThe live attachments."},
     {"attach_table", py_attach_table, METH_VARARGS,
+     "attach_table($module, fd, hwm, /)\n--\n\n"
      "attach_table(fd, hwm) -> list[dict]\n\nLive attachments, read from the file."},
     {"attach_file_entry", py_attach_file_entry, METH_VARARGS,
+     "attach_file_entry($module, fd, slot, /)\n--\n\n"
      "attach_file_entry(fd, slot) -> dict | None\n\nA slot's decoded entry, read "
      "from the file, \"alive\" if its slot lock is held."},
     {"token_owner_pid", py_token_owner_pid, METH_VARARGS,
+     "token_owner_pid($module, mapping, token, alive=True, /)\n--\n\n"
      "token_owner_pid(mapping, token, alive=True) -> int | None"},
     {"slot_counts", py_slot_counts, METH_VARARGS,
+     "slot_counts($module, mapping, table, /)\n--\n\n"
      "slot_counts(mapping, table) -> list[tuple]\n\n(slot, offset, word, count, alive) "
      "of each non-zero gen << 32 | count word of a per-slot table."},
     {NULL}

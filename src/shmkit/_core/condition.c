@@ -309,15 +309,18 @@ py_cond_footprint(PyObject *mod, PyObject *arg)
 
 static PyMethodDef cond_fns[] = {
     {"cond_wait", (PyCFunction)(void (*)(void))py_cond_wait, METH_FASTCALL,
+     "cond_wait($module, mapping, offset, timeout=None, what=None, /)\n--\n\n"
      "cond_wait(mapping, offset, timeout=None, what=None) -> bool\n\n"
      "With the condition's mutex held: release it, sleep until notified, take it\n"
      "again; False on timeout."},
     {"cond_notify", (PyCFunction)(void (*)(void))py_cond_notify, METH_FASTCALL,
-     "cond_notify(mapping, offset, n, what=None)\n\n"
+     "cond_notify($module, mapping, offset, n, what=None, /)\n--\n\n"
      "With the mutex held: grant up to n wake-ups to live sleepers."},
     {"cond_sleepers", (PyCFunction)(void (*)(void))py_cond_sleepers, METH_FASTCALL,
+     "cond_sleepers($module, mapping, offset, /)\n--\n\n"
      "cond_sleepers(mapping, offset) -> int: live sleepers."},
     {"cond_footprint", py_cond_footprint, METH_O,
+     "cond_footprint($module, max_slots, /)\n--\n\n"
      "cond_footprint(max_slots) -> int: bytes a condition needs."},
     {NULL}
 };

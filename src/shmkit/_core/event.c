@@ -141,12 +141,13 @@ py_event_clear(PyObject *mod, PyObject *const *a, Py_ssize_t n)
 
 PyMethodDef shm_event_methods[] = {
     {"event_wait", (PyCFunction)(void (*)(void))py_event_wait, METH_FASTCALL,
+     "event_wait($module, mapping, offset, timeout=None, auto_reset=False, what=None, /)\n--\n\n"
      "event_wait(mapping, offset, timeout=None, auto_reset=False, what=None) -> bool\n\n"
      "Wait for the event's flag (consuming it when auto_reset); False on timeout;\n"
      "ClosedError naming `what` when another thread closes the mapping meanwhile."},
     {"event_set", (PyCFunction)(void (*)(void))py_event_set, METH_FASTCALL,
-     "event_set(mapping, offset, auto_reset=False)"},
+     "event_set($module, mapping, offset, auto_reset=False, /)\n--\n\n"},
     {"event_clear", (PyCFunction)(void (*)(void))py_event_clear, METH_FASTCALL,
-     "event_clear(mapping, offset)"},
+     "event_clear($module, mapping, offset, /)\n--\n\n"},
     {NULL}
 };

@@ -145,10 +145,12 @@ py_futex_wake(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
 
 PyMethodDef shm_futex_methods[] = {
     {"futex_wait", (PyCFunction)(void (*)(void))py_futex_wait, METH_FASTCALL,
+     "futex_wait($module, mapping, offset, expected, timeout=None, /)\n--\n\n"
      "futex_wait(mapping, offset, expected, timeout=None) -> bool\n\n"
      "Wait until the u32 at offset differs from expected; False on timeout.\n"
      "Spins briefly, then sleeps with the GIL released; Ctrl-C interrupts."},
     {"futex_wake", (PyCFunction)(void (*)(void))py_futex_wake, METH_FASTCALL,
+     "futex_wake($module, mapping, offset, n=1, /)\n--\n\n"
      "futex_wake(mapping, offset, n=1) -> int\n\nWake up to n sleepers on the word."},
     {NULL}
 };

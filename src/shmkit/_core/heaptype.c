@@ -530,9 +530,11 @@ pin_dealloc(PinObject *self)
 
 static PyMethodDef pin_methods[] = {
     {"release", (PyCFunction)pin_release, METH_NOARGS,
-     "release()\n\nUnpin the block and release the view.  Safe to call twice."},
-    {"__enter__", (PyCFunction)pin_get_view, METH_NOARGS, "The block's memoryview."},
-    {"__exit__", (PyCFunction)(void (*)(void))pin_exit, METH_FASTCALL, NULL},
+     "release($self, /)\n--\n\nUnpin the block and release the view.  Safe to call twice."},
+    {"__enter__", (PyCFunction)pin_get_view, METH_NOARGS, "__enter__($self, /)\n--\n\n"
+     "The block's memoryview."},
+    {"__exit__", (PyCFunction)(void (*)(void))pin_exit, METH_FASTCALL, "__exit__($self, *exc_info)\n--\n\n"
+     "Release the pin (as release())."},
     {NULL}
 };
 
@@ -933,29 +935,39 @@ heapobj_dealloc(HeapObject *self)
     {#NAME, (PyCFunction)(void (*)(void))heap_##NAME, METH_FASTCALL, DOC}
 
 static PyMethodDef heapobj_methods[] = {
-    FAST(alloc, "alloc(nbytes, zero, timeout=None) -> handle, or -1 split up, -2 short"),
-    FAST(free, "free(handle, timeout=None)"),
-    FAST(realloc, "realloc(handle, nbytes, zero, timeout=None) -> 0, or -1 split up, "
+    FAST(alloc, "alloc($self, nbytes, zero, timeout=None, /)\n--\n\n"
+     "alloc(nbytes, zero, timeout=None) -> handle, or -1 split up, -2 short"),
+    FAST(free, "free($self, value, timeout=None, /)\n--\n\n"),
+    FAST(realloc, "realloc($self, value, nbytes, zero, timeout=None, /)\n--\n\n"
+     "realloc(handle, nbytes, zero, timeout=None) -> 0, or -1 split up, "
                   "-2 short"),
-    FAST(grow, "grow(data_bytes, timeout=None) -> data bytes now (segment extended first)"),
+    FAST(grow, "grow($self, data_bytes, timeout=None, /)\n--\n\n"
+     "grow(data_bytes, timeout=None) -> data bytes now (segment extended first)"),
     {"capacity", (PyCFunction)heap_capacity, METH_NOARGS,
-     "capacity() -> (data bytes, max data bytes, data offset)"},
-    FAST(size_of, "size_of(handle) -> nbytes"),
-    FAST(pin, "pin(value, timeout=None, handle=None) -> Pin"),
-    FAST(unpin, "unpin(handle)"),
-    {"pins_held", (PyCFunction)heap_pins_held, METH_NOARGS, "pins_held() -> int"},
-    FAST(compact_step, "compact_step(restart, until, budget, timeout=None) -> "
+     "capacity($self, /)\n--\n\ncapacity() -> (data bytes, max data bytes, data offset)"},
+    FAST(size_of, "size_of($self, value, timeout=None, /)\n--\n\n"
+     "size_of(handle) -> nbytes"),
+    FAST(pin, "pin($self, value, timeout=None, handle=None, /)\n--\n\n"
+     "pin(value, timeout=None, handle=None) -> Pin"),
+    FAST(unpin, "unpin($self, value, /)\n--\n\n"),
+    {"pins_held", (PyCFunction)heap_pins_held, METH_NOARGS, "pins_held($self, /)\n--\n\n"
+     "pins_held() -> int"},
+    FAST(compact_step, "compact_step($self, restart, until, budget, timeout=None, /)\n--\n\n"
+     "compact_step(restart, until, budget, timeout=None) -> "
                        "(moved_bytes, moved_blocks, free_run, done, pinned_skipped)"),
-    FAST(stats, "stats(locked=True, timeout=None) -> dict"),
-    FAST(verify, "verify(timeout=None) -> dict; CorruptError when an invariant fails"),
-    FAST(where, "where(handle) -> (unit, nbytes, live pins)"),
-    {"close", (PyCFunction)heap_close, METH_NOARGS, "close(): release the mapping's view"},
+    FAST(stats, "stats($self, locked=True, timeout=None, /)\n--\n\n"
+     "stats(locked=True, timeout=None) -> dict"),
+    FAST(verify, "verify($self, timeout=None, /)\n--\n\n"
+     "verify(timeout=None) -> dict; CorruptError when an invariant fails"),
+    FAST(where, "where($self, value, /)\n--\n\nwhere(handle) -> (unit, nbytes, live pins)"),
+    {"close", (PyCFunction)heap_close, METH_NOARGS, "close($self, /)\n--\n\n"
+     "close(): release the mapping's view"},
     {NULL}
 };
 
 static PyType_Slot heapcore_spec_slots[] = {
     {Py_tp_dealloc, heapobj_dealloc},
-    {Py_tp_doc, "HeapCore(mapping, offset, length, name)\n\n"
+    {Py_tp_doc, "HeapCore(mapping, offset, length, name)\n--\n\n"
                 "The metadata operations of the heap whose payload is at offset."},
     {Py_tp_methods, heapobj_methods},
     {Py_tp_init, heapobj_init},
@@ -972,10 +984,11 @@ static PyType_Spec heapcore_spec = {
 
 static PyMethodDef heap_functions[] = {
     {"heap_layout", heap_layout, METH_VARARGS,
+     "heap_layout($module, data_bytes, max_data_bytes, max_blocks, max_pins, max_slots, /)\n--\n\n"
      "heap_layout(data_bytes, max_data_bytes, max_blocks, max_pins, max_slots) -> "
      "(payload bytes, max payload bytes)"},
     {"heap_format", heap_format, METH_VARARGS,
-     "heap_format(mapping, offset, data_bytes, max_data_bytes, max_blocks, max_pins, "
+     "heap_format($module, mapping, offset, data_bytes, max_data_bytes, max_blocks, max_pins, max_slots, salt, /)\n--\n\n"
      "max_slots, salt)"},
     {NULL}
 };

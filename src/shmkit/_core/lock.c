@@ -559,13 +559,17 @@ lock_get_waiters(LockObject *self, void *Py_UNUSED(c))
 
 static PyMethodDef lock_methods[] = {
     {"acquire", (PyCFunction)(void (*)(void))lock_acquire, METH_FASTCALL | METH_KEYWORDS,
+     "acquire($self, /, blocking=True, timeout=None)\n--\n\n"
      "acquire(blocking=True, timeout=None) -> bool\n\n"
      "Take the lock; False if the timeout passed first.  If its holder died,\n"
      "the lock is taken over, OwnerDiedWarning is issued and .recovered is True."},
-    {"release", (PyCFunction)lock_release, METH_NOARGS, "release()"},
-    {"locked", (PyCFunction)lock_locked, METH_NOARGS, "locked() -> bool"},
-    {"__enter__", (PyCFunction)lock_enter, METH_NOARGS, NULL},
-    {"__exit__", (PyCFunction)(void (*)(void))lock_exit, METH_FASTCALL, NULL},
+    {"release", (PyCFunction)lock_release, METH_NOARGS, "release($self, /)\n--\n\n"},
+    {"locked", (PyCFunction)lock_locked, METH_NOARGS, "locked($self, /)\n--\n\n"
+     "locked() -> bool"},
+    {"__enter__", (PyCFunction)lock_enter, METH_NOARGS, "__enter__($self, /)\n--\n\n"
+     "Acquire the lock (as acquire())."},
+    {"__exit__", (PyCFunction)(void (*)(void))lock_exit, METH_FASTCALL, "__exit__($self, *exc_info)\n--\n\n"
+     "Release the lock."},
     {NULL}
 };
 
@@ -585,7 +589,7 @@ static PyGetSetDef lock_getset[] = {
 
 static PyType_Slot lock_spec_slots[] = {
     {Py_tp_dealloc, lock_dealloc},
-    {Py_tp_doc, "Lock(mapping, offset, what='shmkit lock')\n\n"
+    {Py_tp_doc, "Lock(mapping, offset, what='shmkit lock')\n--\n\n"
                 "The crash-robust mutex on the u32 at offset."},
     {Py_tp_methods, lock_methods},
     {Py_tp_members, lock_members},

@@ -140,10 +140,12 @@ mapping_get_closed(MappingObject *self, void *Py_UNUSED(c))
 
 static PyMethodDef mapping_methods[] = {
     {"close", (PyCFunction)mapping_close, METH_NOARGS,
+     "close($self, /)\n--\n\n"
      "close() -> bool\n\nUnmap now and return True, or, while views are still "
      "exported, return False and unmap when the last one is released."},
     {"set_length", (PyCFunction)mapping_set_length, METH_O,
-     "set_length(n)\n\nSet how many bytes are safe to touch (at most reserve). "
+     "set_length($self, n, /)\n--\n\n"
+     "Set how many bytes are safe to touch (at most reserve). "
      "The caller guarantees the file is at least that long."},
     {NULL}
 };

@@ -307,7 +307,7 @@ view_finish_keep(RingObject *r, MappingObject *m, rec_t *rec, uint32_t token)
 /* Take one message: bytes (R_COPY), a RecordView (R_VIEW), or copied into
  * `into` (R_INTO, returning its length; a message that does not fit stays
  * in the channel).  Waits until the deadline; raises Empty (nowait),
- * Timeout, or ring_ChannelClosed when the channel is closed and drained. */
+ * Timeout, or ChannelClosed when the channel is closed and drained. */
 static int
 senders_gone_error(RingObject *r)
 {
@@ -794,44 +794,57 @@ Ring_dealloc(RingObject *r)
 #define FAST (METH_FASTCALL | METH_KEYWORDS)
 static PyMethodDef Ring_methods[] = {
     {"send", (PyCFunction)(void (*)(void))Ring_send, FAST,
-     "send(data, timeout=None)\n\nCopy one bytes-like message in; block while the channel "
-     "is full.\nRaises Timeout, ring_ChannelClosed, ring_MessageTooLarge.\n\n"
+     "send($self, /, data, timeout=None)\n--\n\n"
+     "Copy one bytes-like message in; block while the channel "
+     "is full.\nRaises Timeout, ChannelClosed, MessageTooLarge.\n\n"
      ">>> ch.send(b'hello', timeout=1.0)"},
     {"send_nowait", (PyCFunction)Ring_send_nowait, METH_O,
-     "send_nowait(data)\n\nSend one message or raise Full (a WouldBlock) if it does not fit now."},
+     "send_nowait($self, data, /)\n--\n\n"
+     "Send one message or raise Full (a WouldBlock) if it does not fit now."},
     {"send_many", (PyCFunction)(void (*)(void))Ring_send_many, FAST,
+     "send_many($self, /, messages, timeout=None)\n--\n\n"
      "send_many(messages, timeout=None) -> int\n\nSend messages in order, as many per "
      "lock holding as fit.\nReturns how many were sent; on Timeout the exception's .sent "
      "says how many went.\n\n>>> ch.send_many([b'a', b'b'])\n2"},
     {"recv", (PyCFunction)(void (*)(void))Ring_recv, FAST,
+     "recv($self, /, timeout=None, stop_when_no_senders=False)\n--\n\n"
      "recv(timeout=None, stop_when_no_senders=False) -> bytes\n\nTake the next message; "
-     "block until one arrives.\nRaises Timeout, or ring_ChannelClosed once the channel is "
+     "block until one arrives.\nRaises Timeout, or ChannelClosed once the channel is "
      "closed and drained.\nWith stop_when_no_senders, also stop (SendersGone, a ChannelClosed) "
      "once it is\nempty and every process that sent on it has closed it or died.\n\n"
      ">>> ch.recv(timeout=1.0)\nb'hello'"},
     {"recv_into", (PyCFunction)(void (*)(void))Ring_recv_into, FAST,
+     "recv_into($self, /, buffer, timeout=None)\n--\n\n"
      "recv_into(buffer, timeout=None) -> int\n\nCopy the next message into a writable "
      "buffer (a bytearray, a numpy array)\nand return its length.  A message larger than "
      "the buffer raises ValueError\nand stays in the channel.\n\n"
      ">>> n = ch.recv_into(buf, timeout=1.0)"},
     {"recv_nowait", (PyCFunction)Ring_recv_nowait, METH_NOARGS,
+     "recv_nowait($self, /)\n--\n\n"
      "recv_nowait() -> bytes\n\nTake the next message or raise Empty (a WouldBlock)."},
     {"recv_many", (PyCFunction)(void (*)(void))Ring_recv_many, FAST,
+     "recv_many($self, /, max_n=1024, timeout=None, stop_when_no_senders=False)\n--\n\n"
      "recv_many(max_n=1024, timeout=None, stop_when_no_senders=False) -> list[bytes]\n\n"
      "Take up to max_n messages "
      "that are ready, waiting for the first;\nreturns [] if the timeout passes first, "
-     "raises ring_ChannelClosed once closed and drained."},
+     "raises ChannelClosed once closed and drained."},
     {"_take", (PyCFunction)(void (*)(void))Ring_take, FAST,
+     "_take($self, /, timeout=None, nowait=False)\n--\n\n"
      "_take(timeout=None, nowait=False) -> RecordView (see Channel.recv_view)"},
     {"_bind", (PyCFunction)Ring_bind, METH_VARARGS,
+     "_bind($self, mapping, offset, name, /)\n--\n\n"
      "_bind(mapping, offset, name): attach this handle to the ring at offset"},
-    {"_unbind", (PyCFunction)Ring_unbind, METH_NOARGS, "_unbind(): forget the mapping"},
+    {"_unbind", (PyCFunction)Ring_unbind, METH_NOARGS, "_unbind($self, /)\n--\n\n"
+     "_unbind(): forget the mapping"},
     {"_init_ring", (PyCFunction)Ring_init_ring, METH_VARARGS | METH_STATIC,
+     "_init_ring(mapping, offset, capacity, max_items, /)\n--\n\n"
      "_init_ring(mapping, offset, capacity, max_items) -> data offset (creator only)"},
     {"_close_sending", (PyCFunction)Ring_close_sending, METH_NOARGS,
+     "_close_sending($self, /)\n--\n\n"
      "_close_sending(): set the closed flag and wake every waiter"},
-    {"_wake_all", (PyCFunction)Ring_wake_all, METH_NOARGS, "_wake_all()"},
-    {"_stats", (PyCFunction)Ring_stats, METH_NOARGS, "_stats() -> dict"},
+    {"_wake_all", (PyCFunction)Ring_wake_all, METH_NOARGS, "_wake_all($self, /)\n--\n\n"},
+    {"_stats", (PyCFunction)Ring_stats, METH_NOARGS, "_stats($self, /)\n--\n\n"
+     "_stats() -> dict"},
     {NULL}
 };
 
@@ -846,7 +859,7 @@ static PyGetSetDef Ring_getset[] = {
 
 static PyType_Slot ring_spec_slots[] = {
     {Py_tp_dealloc, Ring_dealloc},
-    {Py_tp_doc, "The message ring's hot path; shmkit.Channel builds on it."},
+    {Py_tp_doc, "Ring()\n--\n\nThe message ring's hot path; shmkit.Channel builds on it."},
     {Py_tp_methods, Ring_methods},
     {Py_tp_getset, Ring_getset},
     {Py_tp_new, PyType_GenericNew},
@@ -1011,9 +1024,11 @@ rv_get_nbytes(RecordViewObject *v, void *Py_UNUSED(c))
 
 static PyMethodDef rv_methods[] = {
     {"release", (PyCFunction)rv_release, METH_NOARGS,
-     "release()\n\nGive the message's memory back to the channel."},
-    {"__enter__", (PyCFunction)rv_enter, METH_NOARGS, NULL},
-    {"__exit__", (PyCFunction)(void (*)(void))rv_exit, METH_FASTCALL, NULL},
+     "release($self, /)\n--\n\nGive the message's memory back to the channel."},
+    {"__enter__", (PyCFunction)rv_enter, METH_NOARGS, "__enter__($self, /)\n--\n\n"
+     "The message as a read-only memoryview."},
+    {"__exit__", (PyCFunction)(void (*)(void))rv_exit, METH_FASTCALL, "__exit__($self, *exc_info)\n--\n\n"
+     "Release the message (as release())."},
     {NULL}
 };
 

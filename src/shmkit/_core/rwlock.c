@@ -456,15 +456,17 @@ rw_get_writer(RWObject *self, void *Py_UNUSED(c))
 static PyMethodDef rw_methods[] = {
     {"acquire_read", (PyCFunction)(void (*)(void))py_acquire_read,
      METH_FASTCALL | METH_KEYWORDS,
+     "acquire_read($self, /, timeout=None)\n--\n\n"
      "acquire_read(timeout=None) -> bool\n\nTake a read hold; False if timeout passes first."},
     {"release_read", (PyCFunction)py_release_read, METH_NOARGS,
-     "release_read()\n\nDrop one read hold of this process."},
+     "release_read($self, /)\n--\n\nDrop one read hold of this process."},
     {"acquire_write", (PyCFunction)(void (*)(void))py_acquire_write,
      METH_FASTCALL | METH_KEYWORDS,
+     "acquire_write($self, /, timeout=None)\n--\n\n"
      "acquire_write(timeout=None) -> bool\n\nTake the write hold; False if timeout passes "
      "first."},
     {"release_write", (PyCFunction)py_release_write, METH_NOARGS,
-     "release_write()\n\nDrop the write hold."},
+     "release_write($self, /)\n--\n\nDrop the write hold."},
     {NULL}
 };
 
@@ -481,7 +483,7 @@ static PyGetSetDef rw_getset[] = {
 
 static PyType_Slot rw_spec_slots[] = {
     {Py_tp_dealloc, rw_dealloc},
-    {Py_tp_doc, "RWLock(mapping, offset, what='rwlock')\n\n"
+    {Py_tp_doc, "RWLock(mapping, offset, what='rwlock')\n--\n\n"
                 "The reader/writer lock at offset (64 + 8 * max_slots zeroed bytes)."},
     {Py_tp_methods, rw_methods},
     {Py_tp_members, rw_members},

@@ -599,10 +599,11 @@ py_sem_footprint(PyObject *mod, PyObject *arg)
 
 static PyMethodDef sem_methods[] = {
     {"acquire", (PyCFunction)(void (*)(void))py_sem_acquire, METH_FASTCALL | METH_KEYWORDS,
+     "acquire($self, /, blocking=True, timeout=None)\n--\n\n"
      "acquire(blocking=True, timeout=None) -> bool\n\n"
      "Take one unit; False if none is free within timeout seconds."},
     {"release", (PyCFunction)(void (*)(void))py_sem_release, METH_FASTCALL,
-     "release(n=1)\n\nGive back n units and wake as many waiters."},
+     "release($self, n=1, /)\n--\n\nGive back n units and wake as many waiters."},
     {NULL}
 };
 
@@ -622,7 +623,7 @@ static PyGetSetDef sem_getset[] = {
 
 static PyType_Slot sem_spec_slots[] = {
     {Py_tp_dealloc, sem_dealloc},
-    {Py_tp_doc, "Semaphore(mapping, offset, what='semaphore')\n\n"
+    {Py_tp_doc, "Semaphore(mapping, offset, what='semaphore')\n--\n\n"
                 "The counting semaphore at offset (128 + 8 * max_slots bytes, made by "
                 "sem_format)."},
     {Py_tp_methods, sem_methods},
@@ -642,9 +643,10 @@ static PyType_Spec sem_spec = {
 
 static PyMethodDef module_fns[] = {
     {"sem_format", py_sem_format, METH_VARARGS,
-     "sem_format(mapping, offset, value, maximum=-1)\n\n"
+     "sem_format($module, mapping, offset, value, maximum=-1, /)\n--\n\n"
      "Lay out a new semaphore (the creator, before anyone uses it)."},
     {"sem_footprint", py_sem_footprint, METH_O,
+     "sem_footprint($module, max_slots, /)\n--\n\n"
      "sem_footprint(max_slots) -> int: bytes a semaphore needs."},
     {NULL}
 };

@@ -136,13 +136,52 @@ tt_view_hold(TableObject *t)
 
 /* ---- keys ------------------------------------------------------------------ */
 
+/* int.<name>(*args, signed=True), called on the int type itself so that an
+ * int subclass cannot change what is stored. */
+static PyObject *
+int_signed(const char *name, PyObject *args)
+{
+    PyObject *meth = NULL, *kw = NULL, *r = NULL;
+    if (args != NULL && (meth = PyObject_GetAttrString((PyObject *)&PyLong_Type, name)) != NULL &&
+        (kw = Py_BuildValue("{sO}", "signed", Py_True)) != NULL)
+        r = PyObject_Call(meth, args, kw);
+    Py_XDECREF(meth);
+    Py_XDECREF(kw);
+    Py_XDECREF(args);
+    return r;
+}
+
+/* The n little-endian two's complement bytes of the int o (n is enough). */
 static int
 long_to_le(PyObject *o, unsigned char *buf, size_t n)
 {
 #if PY_VERSION_HEX >= 0x030D0000
-    return _PyLong_AsByteArray((PyLongObject *)o, buf, n, 1, 1, 1);
+    Py_ssize_t need = PyLong_AsNativeBytes(o, buf, (Py_ssize_t)n, Py_ASNATIVEBYTES_LITTLE_ENDIAN);
+    if (need < 0)
+        return -1;
+    if ((size_t)need > n) {
+        PyErr_SetString(PyExc_OverflowError, "int too large for its encoding");
+        return -1;
+    }
+    return 0;
 #else
-    return _PyLong_AsByteArray((PyLongObject *)o, buf, n, 1, 1);
+    PyObject *b = int_signed("to_bytes", Py_BuildValue("(Ons)", o, (Py_ssize_t)n, "little"));
+    if (b == NULL)
+        return -1;
+    memcpy(buf, PyBytes_AS_STRING(b), n);
+    Py_DECREF(b);
+    return 0;
+#endif
+}
+
+/* The int stored as n little-endian two's complement bytes at p. */
+static PyObject *
+long_from_le(const char *p, uint64_t n)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyLong_FromNativeBytes(p, (size_t)n, Py_ASNATIVEBYTES_LITTLE_ENDIAN);
+#else
+    return int_signed("from_bytes", Py_BuildValue("(y#s)", p, (Py_ssize_t)n, "little"));
 #endif
 }
 
@@ -159,10 +198,15 @@ long_size(PyObject *o, int64_t *small)
         *small = v;
         return 8;
     }
-    size_t bits = _PyLong_NumBits(o);
-    if (bits == (size_t)-1 && PyErr_Occurred())
+    /* int.bit_length(o): the bits of abs(o), whatever a subclass says */
+    PyObject *nb = PyObject_CallMethod((PyObject *)&PyLong_Type, "bit_length", "O", o);
+    if (nb == NULL)
         return -1;
-    return (Py_ssize_t)(bits / 8 + 1);
+    Py_ssize_t bits = PyLong_AsSsize_t(nb);
+    Py_DECREF(nb);
+    if (bits < 0)
+        return -1;
+    return bits / 8 + 1;
 }
 
 static void
@@ -358,7 +402,7 @@ key_decode(uint8_t kt, const char *p, uint64_t n)
         if (n == 8)
             return PyLong_FromLongLong((long long)rd64(p));
         if (n > 8)
-            return _PyLong_FromByteArray((const unsigned char *)p, (size_t)n, 1, 1);
+            return long_from_le(p, n);
         break;
     case KT_STR:
         return PyUnicode_DecodeUTF8(p, (Py_ssize_t)n, "strict");
@@ -448,7 +492,7 @@ val_decode(TableObject *t, const char *P, uint64_t off, const TRec *r, uint64_t 
         if (n == 8)
             return PyLong_FromLongLong((long long)rd64(p));
         if (n > 8)
-            return _PyLong_FromByteArray((const unsigned char *)p, (size_t)n, 1, 1);
+            return long_from_le(p, n);
         break;
     case VT_FLOAT:
         if (n == 8) {
@@ -669,7 +713,8 @@ view_dealloc(ViewObject *v)
 }
 
 static PyMethodDef view_methods[] = {
-    {"_release", (PyCFunction)view_release, METH_NOARGS, NULL},
+    {"_release", (PyCFunction)view_release, METH_NOARGS, "_release($self, /)\n--\n\n"
+     "Release the view now (buffers made from it stay valid until released)."},
     {NULL}};
 static PyGetSetDef view_getset[] = {
     {"_held", (getter)view_get_held, NULL, NULL, NULL},
@@ -1848,32 +1893,50 @@ table_clear_refs(TableObject *t)
 
 static PyMethodDef table_methods[] = {
     {"get", (PyCFunction)(void (*)(void))table_get, METH_FASTCALL,
-     "get(key, default=None)\n\nThe value stored under key, or default."},
+     "get($self, key, default=None, /)\n--\n\nThe value stored under key, or default."},
     {"add", (PyCFunction)(void (*)(void))table_add, METH_FASTCALL,
-     "add(key, value)\n\nInsert key; KeyExistsError if it is already there."},
+     "add($self, key, value, /)\n--\n\nInsert key; KeyExistsError if it is already there."},
     {"pop", (PyCFunction)(void (*)(void))table_pop, METH_FASTCALL,
-     "pop(key[, default])\n\nRemove key and return its value, in one step."},
+     "pop($self, key, /, *default)\n--\n\nRemove key and return its value, in one step."},
     {"get_into", (PyCFunction)(void (*)(void))table_get_into, METH_FASTCALL,
+     "get_into($self, key, buffer, /)\n--\n\n"
      "get_into(key, buffer) -> int\n\nCopy a bytes or array value into buffer."},
     {"get_many", (PyCFunction)(void (*)(void))table_get_many, METH_FASTCALL,
+     "get_many($self, keys, /, *default)\n--\n\n"
      "get_many(keys[, default]) -> list\n\nThe values of keys, in order."},
-    {"_view", (PyCFunction)table_view, METH_O, NULL},
+    {"_view", (PyCFunction)table_view, METH_O, "_view($self, key, /)\n--\n\n"
+     "The value of key in place: (TableView, vtype, array header or None); Store.view."},
     {"nbytes", (PyCFunction)table_nbytes, METH_O,
+     "nbytes($self, key, /)\n--\n\n"
      "nbytes(key) -> int\n\nBytes the value of key takes when encoded."},
-    {"clear", (PyCFunction)table_clear, METH_NOARGS, "clear()\n\nRemove every key."},
-    {"_bind", (PyCFunction)(void (*)(void))table_bind, METH_VARARGS | METH_KEYWORDS, NULL},
-    {"_format", (PyCFunction)table_format, METH_O, NULL},
-    {"_scan", (PyCFunction)(void (*)(void))table_scan, METH_FASTCALL, NULL},
-    {"_batch_begin", (PyCFunction)table_batch_begin, METH_NOARGS, NULL},
-    {"_batch_end", (PyCFunction)table_batch_end, METH_O, NULL},
-    {"_lock", (PyCFunction)table_lock, METH_NOARGS, NULL},
-    {"_unlock", (PyCFunction)table_unlock, METH_NOARGS, NULL},
-    {"_verify", (PyCFunction)table_verify, METH_NOARGS, NULL},
-    {"_stats", (PyCFunction)table_stats, METH_NOARGS, NULL},
-    {"_vacuum", (PyCFunction)table_vacuum, METH_NOARGS, NULL},
-    {"_flush", (PyCFunction)table_flush, METH_NOARGS, NULL},
-    {"_after_fork", (PyCFunction)table_after_fork, METH_NOARGS, NULL},
-    {"_locate", (PyCFunction)table_locate, METH_O, NULL},
+    {"clear", (PyCFunction)table_clear, METH_NOARGS, "clear($self, /)\n--\n\n"
+     "Remove every key."},
+    {"_bind", (PyCFunction)(void (*)(void))table_bind, METH_VARARGS | METH_KEYWORDS, "_bind($self, /, mapping, payload, readonly=False, pickle=False, encode=None, decode=None, grow=None, timeout=None, read_timeout=None)\n--\n\n"
+     "Bind this handle to the store whose payload is at offset payload of mapping."},
+    {"_format", (PyCFunction)table_format, METH_O, "_format($self, seed, /)\n--\n\n"
+     "Lay out an empty store over the whole payload (the creator only)."},
+    {"_scan", (PyCFunction)(void (*)(void))table_scan, METH_FASTCALL, "_scan($self, index, start, max, what, /)\n--\n\n"
+     "Up to max entries from index word start: (next, index, entries, hashes, wrapped), or None when the index changed."},
+    {"_batch_begin", (PyCFunction)table_batch_begin, METH_NOARGS, "_batch_begin($self, /)\n--\n\n"
+     "Take the lock and open a batch (nested batches join it)."},
+    {"_batch_end", (PyCFunction)table_batch_end, METH_O, "_batch_end($self, commit, /)\n--\n\n"
+     "Close the batch: publish its words when commit is true, else discard them; release the lock."},
+    {"_lock", (PyCFunction)table_lock, METH_NOARGS, "_lock($self, /)\n--\n\n"
+     "Take the writers' lock (re-entrant in this thread)."},
+    {"_unlock", (PyCFunction)table_unlock, METH_NOARGS, "_unlock($self, /)\n--\n\n"
+     "Release the writers' lock taken by _lock()."},
+    {"_verify", (PyCFunction)table_verify, METH_NOARGS, "_verify($self, /)\n--\n\n"
+     "Check every invariant under the lock: a dict of totals, or CorruptError."},
+    {"_stats", (PyCFunction)table_stats, METH_NOARGS, "_stats($self, /)\n--\n\n"
+     "Counters of the store (a dict)."},
+    {"_vacuum", (PyCFunction)table_vacuum, METH_NOARGS, "_vacuum($self, /)\n--\n\n"
+     "Compact the heap (lock held): (new heap end, records moved)."},
+    {"_flush", (PyCFunction)table_flush, METH_NOARGS, "_flush($self, /)\n--\n\n"
+     "msync the mapping (a store on disk survives a crash of the machine)."},
+    {"_after_fork", (PyCFunction)table_after_fork, METH_NOARGS, "_after_fork($self, /)\n--\n\n"
+     "Forget the parent's locks and batch (in a forked child)."},
+    {"_locate", (PyCFunction)table_locate, METH_O, "_locate($self, key, /)\n--\n\n"
+     "(record offset, value offset) of key in the mapping, or None (tests)."},
     {NULL}
 };
 
@@ -1885,7 +1948,7 @@ static PyType_Slot table_spec_slots[] = {
     {Py_mp_subscript, table_subscript},
     {Py_mp_ass_subscript, table_ass_subscript},
     {Py_sq_contains, table_contains},
-    {Py_tp_doc, "The Store's hash table in shared memory (see shmkit.Store)."},
+    {Py_tp_doc, "Table()\n--\n\nThe Store's hash table in shared memory (see shmkit.Store)."},
     {Py_tp_traverse, table_traverse},
     {Py_tp_clear, table_clear_refs},
     {Py_tp_methods, table_methods},
@@ -1914,6 +1977,7 @@ table_hash(PyObject *mod, PyObject *args)
 
 static PyMethodDef table_functions[] = {
     {"table_hash", table_hash, METH_VARARGS,
+     "table_hash($module, data, seed, /)\n--\n\n"
      "table_hash(data, seed) -> int: the store's 64-bit key hash."},
     {NULL}
 };
@@ -1924,8 +1988,7 @@ shm_init_table(PyObject *module)
     shm_state *st = shm_mod_state(module);
     if (shm_add_type(module, &table_spec, &st->Table) < 0)
         return -1;
-    /* TableView is made by Store.view() only: not a module attribute */
-    if ((st->View = (PyTypeObject *)PyType_FromModuleAndSpec(module, &view_spec, NULL)) == NULL)
+    if (shm_add_type(module, &view_spec, &st->View) < 0)
         return -1;
     return PyModule_AddFunctions(module, table_functions);
 }
