@@ -13,6 +13,7 @@ extern PyTypeObject Lock_Type;
 int shm_init_table(PyObject *module);
 int shm_init_heap(PyObject *module);
 int shm_init_ring(PyObject *module);
+int shm_init_waitset(PyObject *module); /* waitset.c: after shm_init_ring */
 
 static PyObject *
 set_classes(PyObject *mod, PyObject *args)
@@ -136,6 +137,10 @@ PyInit__core(void)
         PyModule_AddIntConstant(m, "INIT_LOCK_BYTE", SHM_INIT_LOCK_BYTE) < 0 ||
         PyModule_AddIntConstant(m, "MAX_SLOTS", SHM_MAX_SLOTS) < 0 ||
         PyModule_AddObject(m, "layouts", make_layouts()) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (shm_init_waitset(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }
