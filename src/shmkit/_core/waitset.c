@@ -62,6 +62,7 @@ typedef struct {
     uint32_t value;    /* W_WORD: the value to wait away from */
     uint32_t me;       /* our token when the wait began */
     int armed, suspect, closed;
+    int slept;         /* the wait slept (and so may have taken a wake-up) */
 } Watch;
 
 /* ---- the ring's tests (ring.c's data_ready and space_ready, read-only) --- */
@@ -409,6 +410,9 @@ py_wait_ready(PyObject *mod, PyObject *const *a, Py_ssize_t n)
     }
     if (live == (Py_ssize_t)count) {
         r = shm_wait_any(ptr, (int)live, deadline, &which);
+        for (Py_ssize_t i = 0, j = 0; i < count; i++)
+            if (!ws[i].closed)
+                ws[i].slept = sw[j++].slept;
         if (r < 0 && PyErr_ExceptionMatches(SHM_CLOSED_EXC)) {
             /* closed by another thread meanwhile: report it ready */
             PyErr_Clear();
@@ -429,6 +433,11 @@ py_wait_ready(PyObject *mod, PyObject *const *a, Py_ssize_t n)
         int yes = w->closed || w->suspect || w_ready(w, &v);
         if (!yes)
             continue;
+        if (!w->closed && (w->kind == W_LOCK || w->kind == W_EVENT) && w->slept)
+            /* Released locks and auto-reset events wake one sleeper, and it
+             * may have been us, who take nothing: pass the wake-up on, so
+             * that a blocked taker elsewhere does not wait a whole slice. */
+            shm_futex_wake(w->word, 1);
         PyObject *k = PyLong_FromSsize_t(i);
         if (k == NULL || PyList_Append(w->suspect && !w->closed ? suspect : ready, k) < 0) {
             Py_XDECREF(k);
