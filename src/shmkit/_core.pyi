@@ -152,3 +152,14 @@ def heap_format(mapping: Mapping, offset: int, data_bytes: int, max_data_bytes: 
 def heap_layout(data_bytes: int, max_data_bytes: int, max_blocks: int, max_pins: int,
                 max_slots: int) -> tuple[int, int]: ...
 def heap_set_classes(stale: type, pinned: type, full: type) -> None: ...
+
+# waitset.c: readiness descriptions (kind, target, offset, extra) and the wait on them.
+W_EVENT: int
+W_LOCK: int
+W_SEM: int
+W_RW_READ: int
+W_RING_DATA: int
+W_RING_SPACE: int
+W_WORD: int
+def wait_ready(descs: list[tuple[int, Any, int, int]], timeout: float | None = None,
+               spin: bool = True) -> tuple[list[int], list[int]]: ...
