@@ -616,3 +616,31 @@ def test_ctrl_c_ends_asyncio_run_and_wait(names):
     held.close()
     for c in chans.values():
         c.close()
+
+
+def _produce_and_stay(name: str, n: int) -> None:
+    ch = shmkit.Channel(name)
+    for i in range(n):
+        ch.send(i.to_bytes(4, "little"))
+    time.sleep(120)  # killed here: it never closes its handle, nobody is woken
+
+
+def test_messages_stop_when_every_sender_has_gone(name):
+    async def main() -> list[int]:
+        ch = aio.Channel(name, capacity=4096)
+        p = spawn(_produce_and_stay, name, 5)
+        got = []
+        async for m in ch.messages(stop_when_no_senders=True):
+            got.append(int.from_bytes(m, "little"))
+            if len(got) == 5:
+                await asyncio.sleep(0.2)  # the next receive is asleep by now
+                p.kill()
+        p.join(30)
+        with pytest.raises(shmkit.SendersGone):
+            await ch.recv(timeout=30, stop_when_no_senders=True)
+        ch.close()
+        return got
+
+    t0 = time.monotonic()
+    assert asyncio.run(main()) == list(range(5))
+    assert time.monotonic() - t0 < 30  # ended by the senders going, not by a timeout

@@ -333,8 +333,8 @@ class Channel(_channel.Channel):
                 return _timed(_core.Ring.recv, self, 0, True)
             return _nowait(_core.Ring.recv_nowait, self)
 
-        return await _until(attempt, lambda: _describe(self), timeout,
-                            lambda: _core.Ring.recv(self, 0, stop_when_no_senders),
+        return await _until(attempt, lambda: _describe(self, 0, stop_when_no_senders),
+                            timeout, lambda: _core.Ring.recv(self, 0, stop_when_no_senders),
                             lambda: _timed(_core.Ring.recv, self, _REPAIR_TIMEOUT,
                                            stop_when_no_senders))
 
@@ -350,7 +350,8 @@ class Channel(_channel.Channel):
             got = _core.Ring.recv_many(self, max_n, _REPAIR_TIMEOUT, stop_when_no_senders)
             return got if got else _AGAIN
 
-        return await _until(attempt, lambda: _describe(self), timeout, lambda: [], repair)
+        return await _until(attempt, lambda: _describe(self, 0, stop_when_no_senders),
+                            timeout, lambda: [], repair)
 
     async def recv_into(self, buffer: Any, timeout: float | None = None) -> int:  # type: ignore[override]
         """Copy the next message into ``buffer``; returns its length."""

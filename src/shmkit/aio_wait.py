@@ -38,16 +38,17 @@ def _channel_of(obj: Any) -> Channel:
     return ch
 
 
-def _describe(obj: Any, sending: int = 0) -> tuple:
+def _describe(obj: Any, sending: int = 0, stop_when_no_senders: bool = False) -> tuple:
     """The readiness description of ``obj``: for a channel or queue, data to
     receive (or, with ``sending`` > 0, room for a message of that many bytes);
     for an event, its flag; for a mutex, free; for a semaphore, a free unit;
-    for a reader/writer lock, room for a reader."""
+    for a reader/writer lock, room for a reader.  ``stop_when_no_senders``:
+    a channel is also ready once every process that sent on it has gone."""
     if isinstance(obj, (Channel, Queue)):
         ch = _channel_of(obj)
         if sending:
             return (_core.W_RING_SPACE, ch, 0, 8 + ((sending + 7) & ~7))
-        return (_core.W_RING_DATA, ch, 0, 0)
+        return (_core.W_RING_DATA, ch, 0, int(stop_when_no_senders))
     if isinstance(obj, Event):
         kind = _core.W_EVENT
     elif isinstance(obj, Mutex):

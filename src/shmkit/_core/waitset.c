@@ -8,7 +8,8 @@
  *   W_LOCK       mapping, lock word         the robust mutex is free
  *   W_SEM        mapping, semaphore start   a unit is free
  *   W_RW_READ    mapping, rwlock start      no writer is in or waiting
- *   W_RING_DATA  Ring, -                    a message (or the end) is there
+ *   W_RING_DATA  Ring, -, stop              a message (or the end) is there;
+ *                                           stop=1: or every sender has gone
  *   W_RING_SPACE Ring, -, record bytes      a record of that size fits
  *   W_WORD       mapping, u32 word, value   the word no longer holds value
  *
@@ -225,7 +226,7 @@ w_disarm(void *ctx)
         break;
     case W_RING_DATA:
     case W_RING_SPACE:
-        if (w->me != 0 && w->m->token == w->me && w->m->base != NULL)
+        if (w->me != 0 && w->m->base != NULL) /* pinned: mapped even if closed */
             ring_count(w->r, w->me, w->kind == W_RING_SPACE, -1);
         break;
     }
@@ -262,8 +263,13 @@ w_check(void *ctx)
         }
         break;
     case W_RING_DATA: {
-        /* a record at read that a dead producer was writing */
+        /* every sender gone (extra = 1: a receive that stops then), or a
+         * record at read that a dead producer was writing */
         struct ring_hdr *h = w->r->h;
+        if (w->value && w->m->token != 0 && ring_senders_gone(w->r, w->m)) {
+            w->suspect = 1;
+            break;
+        }
         uint64_t rd = LOAD(&h->read), t = LOAD(&h->tail);
         if (rd < t && t - rd <= w->r->cap && !((rd | t) & 7)) {
             uint32_t s = LOAD(&rec_at(w->r, rd)->state);
@@ -324,6 +330,7 @@ bind(Watch *w, PyObject *desc, Py_ssize_t i)
         if (kind == W_RING_SPACE && (extra < 0 || (uint64_t)extra > w->r->cap))
             extra = (long long)w->r->cap; /* the send call explains the size */
         w->total = (uint64_t)extra;
+        w->value = kind == W_RING_DATA && extra != 0; /* stop when no senders */
         w->pin = w->r->mapping;
         w->m = (MappingObject *)w->pin;
         if (!is_open(w->m)) {
@@ -348,7 +355,8 @@ bind(Watch *w, PyObject *desc, Py_ssize_t i)
             span = SEM_TABLE + 8 * (uint64_t)w->m->max_slots;
         else if (kind == W_RW_READ)
             span = RW_STATE + 4;
-        w->b = shm_sync_span(target, off, span, kind != W_WORD);
+        w->b = span == 4 ? shm_addr(target, off, 4, kind != W_WORD)
+                         : shm_sync_span(target, off, span, 1);
         if (w->b == NULL)
             return -1;
         w->word = (uint32_t *)(w->b + (kind == W_SEM ? SEM_SEQ : kind == W_RW_READ ? RW_STATE
