@@ -644,3 +644,75 @@ def test_messages_stop_when_every_sender_has_gone(name):
     t0 = time.monotonic()
     assert asyncio.run(main()) == list(range(5))
     assert time.monotonic() - t0 < 30  # ended by the senders going, not by a timeout
+
+
+def _send_and_notify(cond_name: str, ch_name: str, delay: float) -> None:
+    c, ch = shmkit.Condition(cond_name), shmkit.Channel(ch_name)
+    time.sleep(delay)
+    with c:
+        ch.send(b"state changed")
+        c.notify_all()
+    ch.close()
+    c.close()
+
+
+def test_condition_wait_for_a_notify_from_another_process(names):
+    async def main() -> None:
+        c, ch = aio.Condition(names()), shmkit.Channel(names(), capacity=4096)
+        p = spawn(_send_and_notify, c.name, ch.name, 0.3)
+        async with c:
+            assert await c.wait_for(lambda: ch.depth > 0, timeout=60)
+            assert c.lock.locked()
+        p.join(30)
+        async with c:
+            assert await c.wait(timeout=0.05) is False  # nobody notifies
+            assert c.lock.locked()
+        with pytest.raises(RuntimeError, match="without holding"):
+            await c.wait(timeout=0.05)
+        assert shmkit.Condition.statistics(c)["waiters"] == 0
+        c.close()
+        c.unlink()
+        ch.close()
+
+    asyncio.run(main())
+
+
+def test_cancelled_condition_waits_hold_the_lock_and_leave_no_count(name):
+    async def main() -> None:
+        c = aio.Condition(name)
+        other = shmkit.Condition(name)
+        rng = random.Random(5)
+        outcomes = {"notified": 0, "cancelled": 0}
+
+        async def waiter() -> None:
+            async with c:
+                try:
+                    if await c.wait(timeout=30):
+                        outcomes["notified"] += 1
+                finally:
+                    assert c.lock.locked()  # held again, on every way out
+
+        def notify() -> None:
+            with other:
+                other.notify()
+
+        for _ in range(100):
+            t = asyncio.create_task(waiter())
+            await asyncio.sleep(rng.choice([0, 0.0005, 0.002]))
+            threading.Timer(rng.choice([0, 0.0005, 0.002]), notify).start()
+            await asyncio.sleep(rng.choice([0, 0.0003, 0.001, 0.003]))
+            t.cancel()
+            try:
+                await t
+            except asyncio.CancelledError:
+                outcomes["cancelled"] += 1
+            await asyncio.sleep(0.005)  # let the notifier thread finish
+            assert not c.lock.locked()
+        assert shmkit.Condition.statistics(c)["waiters"] == 0
+        # Nothing banked for nobody: no old notify() wakes a new waiter.
+        async with c:
+            assert await c.wait(timeout=0.05) is False
+        c.close()
+        other.close()
+
+    asyncio.run(main())

@@ -292,9 +292,8 @@ class Channel(_channel.Channel):
 
     async def send(self, data: Any, timeout: float | None = None) -> None:  # type: ignore[override]
         """Send one message, awaiting room (raises like :meth:`shmkit.Channel.send`)."""
-        size = memoryview(data).nbytes
         await _until(lambda: _nowait(_core.Ring.send_nowait, self, data),
-                     lambda: _describe(self, max(size, 1)), timeout,
+                     lambda: _describe(self, max(memoryview(data).nbytes, 1)), timeout,
                      lambda: _core.Ring.send(self, data, 0),
                      lambda: _timed(_core.Ring.send, self, data, _REPAIR_TIMEOUT))
 
@@ -529,7 +528,7 @@ class Mutex(_sync.Mutex):
         """Await the lock; False if ``timeout`` passes first (as ``acquire``)."""
         if not blocking:
             return _core.Lock.acquire(self, False)
-        if timeout is not None and timeout < 0:
+        if timeout is not None and timeout == -1:
             timeout = None  # threading.Lock's "no timeout"
         return await _until(_acquire_attempt(_core.Lock.acquire, self, False),
                             lambda: _describe(self), timeout, lambda: False)
@@ -664,12 +663,19 @@ class RWLock(_sync.RWLock):
 
 
 class Condition(_sync.Condition):
-    """:class:`shmkit.Condition` with a coroutine ``acquire`` and ``async with``.
+    """:class:`shmkit.Condition` with coroutine ``acquire``, ``wait``,
+    ``wait_for`` and ``async with``.
 
-    ``wait``/``wait_for`` are not offered as coroutines: the condition's
-    wait re-takes its mutex inside one compiled call.  Await an
-    :class:`Event` or a :class:`Channel` instead, or run
-    ``cond.wait`` in a thread (``asyncio.to_thread``).
+    >>> import asyncio, shmkit.aio
+    >>> async def main():
+    ...     c = shmkit.aio.Condition(None)
+    ...     async with c:
+    ...         c.notify_all()
+    ...         late = await c.wait(timeout=0.01)
+    ...     c.close(); c.unlink()
+    ...     return late
+    >>> asyncio.run(main())
+    False
     """
 
     def _setup(self, seg: Any, offset: int) -> None:
@@ -691,9 +697,65 @@ class Condition(_sync.Condition):
         raise TypeError("hold a shmkit.aio.Condition with `async with`")
 
     async def wait(self, timeout: float | None = None) -> bool:  # type: ignore[override]
-        raise NotImplementedError(
-            "shmkit.aio.Condition has no awaitable wait(); await a shmkit.aio.Event or "
-            "Channel, or `await asyncio.to_thread(shmkit.Condition.wait, cond, timeout)`")
+        """Release the lock, await a ``notify()``, re-take the lock; False on timeout.
+
+        As :meth:`shmkit.Condition.wait`: call it holding the condition
+        (``async with cond:``); it holds it again when it returns, and also
+        when it is cancelled (a cancelled wait re-takes the lock, then raises
+        CancelledError, as :meth:`asyncio.Condition.wait` does).
+        """
+        m, base = self._m, self._base
+        seq0 = _core.cond_enter(m, base)  # RuntimeError unless we hold it
+        desc = (_core.W_COND, m, base, seq0)
+        holding = notified = cancelled = False
+
+        def granted() -> Any:
+            return True if _core.wait_ready([desc], 0, False)[0] else _AGAIN
+
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
+        try:
+            while not notified:
+                left = None if deadline is None else deadline - loop.time()
+                if not await _until(granted, lambda: desc, left, lambda: False):
+                    break
+                await self.lock.acquire()
+                holding = True
+                if _core.cond_take(m, base, seq0):
+                    notified = True
+                else:  # another waiter took the last grant: wait again
+                    self.lock.release()
+                    holding = False
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        finally:
+            while not holding:  # hold it again on every way out
+                try:
+                    await self.lock.acquire()
+                    holding = True
+                except asyncio.CancelledError:
+                    cancelled = True
+            if not notified:
+                # A notify() that raced with our time-out counted us: take its
+                # wake-up, so none is left for nobody (not when cancelled).
+                notified = _core.cond_leave(m, base, seq0, not cancelled)
+        if cancelled:
+            raise asyncio.CancelledError
+        return notified
+
+    async def wait_for(self, predicate: Callable[[], Any],  # type: ignore[override]
+                       timeout: float | None = None) -> Any:
+        """Await until ``predicate()`` is true (holding the condition); returns its last value."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
+        result = predicate()
+        while not result:
+            if deadline is not None and loop.time() >= deadline:
+                break
+            await self.wait(None if deadline is None else deadline - loop.time())
+            result = predicate()
+        return result
 
 
 async def wait(objects: Sequence[Any], timeout: float | None = None) -> list:

@@ -12,6 +12,7 @@
  *                                           stop=1: or every sender has gone
  *   W_RING_SPACE Ring, -, record bytes      a record of that size fits
  *   W_WORD       mapping, u32 word, value   the word no longer holds value
+ *   W_COND       mapping, condition, seq0   notify() granted a wake-up since seq0
  *
  * and wait_ready() sleeps on all of their futex words at once through
  * shm_wait_any (wait.h): spin (when asked), count itself a sleeper as each
@@ -40,7 +41,7 @@
 #include "sync.h"
 #include "wait.h"
 
-enum { W_EVENT = 1, W_LOCK, W_SEM, W_RW_READ, W_RING_DATA, W_RING_SPACE, W_WORD };
+enum { W_EVENT = 1, W_LOCK, W_SEM, W_RW_READ, W_RING_DATA, W_RING_SPACE, W_WORD, W_COND };
 
 /* Offsets inside the structures, as their files define them. */
 #define SEM_VALUE 4
@@ -49,6 +50,9 @@ enum { W_EVENT = 1, W_LOCK, W_SEM, W_RW_READ, W_RING_DATA, W_RING_SPACE, W_WORD 
 #define SEM_TABLE 128
 #define RW_LOCK 0
 #define RW_STATE 4
+#define COND_SEQ 4
+#define COND_GRANTED 12
+#define COND_TABLE 64
 
 static PyObject *ring_type; /* _core.Ring, looked up at registration */
 
@@ -177,6 +181,11 @@ w_ready(void *ctx, uint32_t *sleep_on)
         break;
     case W_WORD:
         if (v != w->value)
+            return 1;
+        break;
+    case W_COND: /* condition.c's cond_ready */
+        if (v != w->value &&
+            __atomic_load_n((uint32_t *)(w->b + COND_GRANTED), __ATOMIC_ACQUIRE) > 0)
             return 1;
         break;
     }
@@ -339,7 +348,7 @@ bind(Watch *w, PyObject *desc, Py_ssize_t i)
         }
         struct ring_hdr *h = w->r->h;
         w->word = kind == W_RING_DATA ? &h->data_seq : &h->space_seq;
-    } else if (kind >= W_EVENT && kind <= W_WORD) {
+    } else if (kind >= W_EVENT && kind <= W_COND) {
         if (Py_TYPE(target) != &Mapping_Type) {
             PyErr_Format(PyExc_TypeError, "wait_ready(): description %zd needs a mapping", i);
             return -1;
@@ -355,12 +364,16 @@ bind(Watch *w, PyObject *desc, Py_ssize_t i)
             span = SEM_TABLE + 8 * (uint64_t)w->m->max_slots;
         else if (kind == W_RW_READ)
             span = RW_STATE + 4;
+        else if (kind == W_COND)
+            span = COND_GRANTED + 4;
         w->b = span == 4 ? shm_addr(target, off, 4, kind != W_WORD)
                          : shm_sync_span(target, off, span, 1);
         if (w->b == NULL)
             return -1;
-        w->word = (uint32_t *)(w->b + (kind == W_SEM ? SEM_SEQ : kind == W_RW_READ ? RW_STATE
-                                                                                  : 0));
+        w->word = (uint32_t *)(w->b + (kind == W_SEM       ? SEM_SEQ
+                                       : kind == W_RW_READ ? RW_STATE
+                                       : kind == W_COND    ? COND_SEQ
+                                                           : 0));
         w->value = (uint32_t)extra;
     } else {
         PyErr_Format(PyExc_ValueError, "wait_ready(): description %zd has unknown kind %ld",
@@ -464,12 +477,145 @@ done:
     return out;
 }
 
+/* ---- a coroutine's condition wait, in three calls --------------------------
+ *
+ * condition.c's cond_wait counts itself, releases the mutex, sleeps, re-takes
+ * the mutex and takes a grant inside one call.  A coroutine cannot re-take
+ * the mutex inside a call, so its wait is three, each one C call made with
+ * the mutex held (the same words, changed one at a time, as condition.c):
+ *
+ *   cond_enter(mapping, off, what) -> seq0     count us, release the mutex
+ *   (await W_COND (mapping, off, seq0) ready, then re-take the mutex)
+ *   cond_take(mapping, off, seq0) -> bool      a grant since seq0: take it, uncount
+ *   cond_leave(mapping, off, seq0, take) -> bool   giving up: take a grant a
+ *                                              racing notify() made if take, uncount
+ */
+
+static char *
+cond_bind(PyObject *const *a, Py_ssize_t n, Py_ssize_t want, const char *sig)
+{
+    if (n != want) {
+        PyErr_Format(PyExc_TypeError, "expected %s", sig);
+        return NULL;
+    }
+    if (Py_TYPE(a[0]) != &Mapping_Type) {
+        PyErr_SetString(PyExc_TypeError, "expected a shmkit Mapping");
+        return NULL;
+    }
+    long long off = PyLong_AsLongLong(a[1]);
+    if (off == -1 && PyErr_Occurred())
+        return NULL;
+    MappingObject *m = (MappingObject *)a[0];
+    return shm_sync_span(a[0], off, COND_TABLE + 8 * (uint64_t)m->max_slots, 1);
+}
+
+static int
+cond_held(MappingObject *m, char *b, const char *call)
+{
+    uint32_t v = __atomic_load_n((uint32_t *)b, __ATOMIC_ACQUIRE);
+    if (m->token == 0 || (v & SHM_TOKEN_MASK) != m->token) {
+        PyErr_Format(PyExc_RuntimeError, "%s() on a condition without holding it", call);
+        return 0;
+    }
+    return 1;
+}
+
+/* condition.c's count_me: add delta to our attachment's sleepers. */
+static void
+cond_count(MappingObject *m, char *b, int delta)
+{
+    uint32_t slot = SHM_TOKEN_SLOT(m->token);
+    uint64_t *e = (uint64_t *)(b + COND_TABLE + 8 * (uint64_t)slot);
+    uint64_t v = __atomic_load_n(e, __ATOMIC_RELAXED);
+    uint32_t n = SHM_SLOT_ENTRY_GEN(v) == SHM_TOKEN_GEN(m->token) ? SHM_SLOT_ENTRY_COUNT(v) : 0;
+    if (delta < 0 && n == 0)
+        return;
+    __atomic_store_n(e, (uint64_t)SHM_TOKEN_GEN(m->token) << 32 | (n + (uint32_t)delta),
+                     __ATOMIC_RELEASE);
+}
+
+/* condition.c's take_grant. */
+static int
+cond_grant(char *b, uint32_t seq0)
+{
+    uint32_t *granted = (uint32_t *)(b + COND_GRANTED);
+    uint32_t g = __atomic_load_n(granted, __ATOMIC_ACQUIRE);
+    if (g == 0 || __atomic_load_n((uint32_t *)(b + COND_SEQ), __ATOMIC_ACQUIRE) == seq0)
+        return 0;
+    __atomic_store_n(granted, g - 1, __ATOMIC_RELEASE);
+    return 1;
+}
+
+static PyObject *
+py_cond_enter(PyObject *mod, PyObject *const *a, Py_ssize_t n)
+{
+    char *b = cond_bind(a, n, 2, "cond_enter(mapping, offset)");
+    if (b == NULL)
+        return NULL;
+    MappingObject *m = (MappingObject *)a[0];
+    if (SHM_TOKEN_SLOT(m->token) >= m->max_slots) {
+        PyErr_SetString(PyExc_RuntimeError, "cond_enter(): no attach slot");
+        return NULL;
+    }
+    if (!cond_held(m, b, "wait"))
+        return NULL;
+    cond_count(m, b, +1);
+    uint32_t seq0 = __atomic_load_n((uint32_t *)(b + COND_SEQ), __ATOMIC_ACQUIRE);
+    if (shm_lock_release(m, (uint32_t *)b) < 0) {
+        cond_count(m, b, -1);
+        return NULL;
+    }
+    return PyLong_FromUnsignedLong(seq0);
+}
+
+static PyObject *
+py_cond_take(PyObject *mod, PyObject *const *a, Py_ssize_t n)
+{
+    char *b = cond_bind(a, n, 3, "cond_take(mapping, offset, seq0)");
+    if (b == NULL)
+        return NULL;
+    unsigned long seq0 = PyLong_AsUnsignedLong(a[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    MappingObject *m = (MappingObject *)a[0];
+    if (!cond_held(m, b, "wait"))
+        return NULL;
+    if (!cond_grant(b, (uint32_t)seq0))
+        Py_RETURN_FALSE;
+    cond_count(m, b, -1);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+py_cond_leave(PyObject *mod, PyObject *const *a, Py_ssize_t n)
+{
+    char *b = cond_bind(a, n, 4, "cond_leave(mapping, offset, seq0, take)");
+    if (b == NULL)
+        return NULL;
+    unsigned long seq0 = PyLong_AsUnsignedLong(a[2]);
+    int take = PyObject_IsTrue(a[3]);
+    if (PyErr_Occurred() || take < 0)
+        return NULL;
+    MappingObject *m = (MappingObject *)a[0];
+    if (!cond_held(m, b, "wait"))
+        return NULL;
+    int got = take && cond_grant(b, (uint32_t)seq0);
+    cond_count(m, b, -1);
+    return PyBool_FromLong(got);
+}
+
 static PyMethodDef waitset_methods[] = {
     {"wait_ready", (PyCFunction)(void (*)(void))py_wait_ready, METH_FASTCALL,
      "wait_ready(descs, timeout=None, spin=True) -> (ready, suspect)\n\n"
      "Wait until any described object is ready; return the indices of those\n"
      "ready now and of those whose holder or writer died (a repairing call\n"
      "makes progress).  Never consumes; closed handles count as ready."},
+    {"cond_enter", (PyCFunction)(void (*)(void))py_cond_enter, METH_FASTCALL,
+     "cond_enter(mapping, offset) -> seq0: count us a sleeper, release the mutex"},
+    {"cond_take", (PyCFunction)(void (*)(void))py_cond_take, METH_FASTCALL,
+     "cond_take(mapping, offset, seq0) -> bool: take a grant made since seq0 (mutex held)"},
+    {"cond_leave", (PyCFunction)(void (*)(void))py_cond_leave, METH_FASTCALL,
+     "cond_leave(mapping, offset, seq0, take) -> bool: stop waiting (mutex held)"},
     {NULL}
 };
 
@@ -485,7 +631,8 @@ shm_init_waitset(PyObject *module)
                    PyModule_AddIntConstant(module, "W_RW_READ", W_RW_READ) < 0 ||
                    PyModule_AddIntConstant(module, "W_RING_DATA", W_RING_DATA) < 0 ||
                    PyModule_AddIntConstant(module, "W_RING_SPACE", W_RING_SPACE) < 0 ||
-                   PyModule_AddIntConstant(module, "W_WORD", W_WORD) < 0
+                   PyModule_AddIntConstant(module, "W_WORD", W_WORD) < 0 ||
+                   PyModule_AddIntConstant(module, "W_COND", W_COND) < 0
                ? -1
                : 0;
 }
