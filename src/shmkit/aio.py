@@ -53,6 +53,7 @@ __all__ = ["Channel", "Queue", "Event", "Mutex", "RWLock", "Semaphore", "Conditi
 MAX_WATCHERS = 32
 """Watcher threads per process at most; each watches 127 distinct objects."""
 _PER_WATCHER = 127  # futex_waitv takes 128 words; one is the watcher's wake word
+_SPIN = 20e-6  # seconds a coroutine spins for its object before handing it to a watcher
 _REPAIR_TIMEOUT = 0.02  # a repairing call's wait: past the channel's first 5 ms slice
 
 _AGAIN = object()
@@ -234,6 +235,14 @@ async def _until(attempt: Callable[[], Any], describe: Callable[[], tuple],
         return r
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
+    if timeout is None or timeout > 0:
+        # A partner that answers within microseconds is caught here, without
+        # the watcher's two thread hops; the loop is held up at most _SPIN.
+        ready, suspect = _core.wait_ready([describe()], _SPIN, True)
+        if ready:
+            r = attempt()
+            if r is not _AGAIN:
+                return r
     hub = _hub()
     while True:
         if deadline is not None and loop.time() >= deadline:
