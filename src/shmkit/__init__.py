@@ -58,6 +58,7 @@ from .records import Array, Struct
 from .segment import Kind, Segment, list_segments, unlink
 from .sync import Condition, Event, Mutex, RWLock, Semaphore
 from .store import Store
+from .aio_wait import wait  # shmkit.wait; the asyncio forms are in shmkit.aio
 from . import inspect  # shmkit.inspect: list, describe and clean up objects (not in __all__)
 
 __version__ = "0.1.0"
@@ -74,6 +75,7 @@ __all__ = [
     "OwnerDiedWarning",
     "Heap", "Handle", "StaleHandleError", "PinnedError", "HeapFullError",
     "Channel", "Queue", "ChannelClosed", "SendersGone", "MessageTooLarge", "Empty", "Full",
+    "wait",
 ]
 
 for _name in __all__:

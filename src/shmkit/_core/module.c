@@ -12,6 +12,7 @@ extern PyMethodDef shm_crash_methods[];
 int shm_init_table(PyObject *module);
 int shm_init_heap(PyObject *module);
 int shm_init_ring(PyObject *module);
+int shm_init_waitset(PyObject *module); /* waitset.c: after shm_init_ring */
 
 /* _core.layouts: {"segment": {...}, "attach_entry": {...}, "ring": {...}}, each
  * field's byte offset plus "format_version" and "bytes" (its length). */
@@ -207,6 +208,8 @@ core_exec(PyObject *m)
         Py_XDECREF(layouts);
         return -1;
     }
+    if (shm_init_waitset(m) < 0)
+        return -1;
     return 0;
 }
 

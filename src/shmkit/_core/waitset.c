@@ -1,0 +1,640 @@
+/* waitset.c - wait until any of several objects is ready, without consuming.
+ *
+ * Each object describes what makes it ready as a tuple
+ *
+ *   (kind, target, offset, extra)
+ *
+ *   W_EVENT      mapping, event word        the flag is set
+ *   W_LOCK       mapping, lock word         the robust mutex is free
+ *   W_SEM        mapping, semaphore start   a unit is free
+ *   W_RW_READ    mapping, rwlock start      no writer is in or waiting
+ *   W_RING_DATA  Ring, -, stop              a message (or the end) is there;
+ *                                           stop=1: or every sender has gone
+ *   W_RING_SPACE Ring, -, record bytes      a record of that size fits
+ *   W_WORD       mapping, u32 word, value   the word no longer holds value
+ *   W_COND       mapping, condition, seq0   notify() granted a wake-up since seq0
+ *
+ * and wait_ready() sleeps on all of their futex words at once through
+ * shm_wait_any (wait.h): spin (when asked), count itself a sleeper as each
+ * structure's own waiters do (so that wakers make their system call),
+ * sleep in slices with the GIL released, let Ctrl-C through, and after a
+ * slice without news run the liveness check of each kind.  A check that
+ * finds a dead holder or a dead writer in the way reports the object as
+ * "suspect": ready for a call that repairs (a try-acquire takes a dead
+ * holder's lock over; a receive with a short timeout abandons a dead
+ * producer's record).
+ *
+ * Readiness never consumes and is only a hint: another process or thread
+ * may take the message or the lock before the caller's own non-blocking
+ * call, which then finds nothing and waits again.  An object whose handle
+ * is closed (before or during the wait) is reported ready, so that the
+ * caller's next call on it raises ClosedError.
+ *
+ * The tests read the structures' words as their own waits do (ring.c,
+ * event.c, lock.c, semaphore.c, rwlock.c); the sleeper accounting is the
+ * same as theirs, so wakers never skip a wake-up this waiter needs.
+ *
+ *   wait_ready(descs, timeout=None, spin=True) -> (ready, suspect)
+ *       lists of indices into descs
+ */
+#include "ring.h"
+#include "sync.h"
+#include "wait.h"
+
+enum { W_EVENT = 1, W_LOCK, W_SEM, W_RW_READ, W_RING_DATA, W_RING_SPACE, W_WORD, W_COND };
+
+/* Offsets inside the structures, as their files define them. */
+#define SEM_VALUE 4
+#define SEM_SEQ 8
+#define SEM_SLEEPERS 12
+#define SEM_TABLE 128
+#define RW_LOCK 0
+#define RW_STATE 4
+#define COND_SEQ 4
+#define COND_GRANTED 12
+#define COND_TABLE 64
+
+
+typedef struct {
+    int kind;
+    PyObject *pin;     /* the mapping pinned for the wait */
+    MappingObject *m;
+    RingObject *r;
+    uint32_t *word;    /* the futex word */
+    char *b;           /* the structure's start (sem, rwlock) */
+    uint64_t total;    /* W_RING_SPACE: record bytes */
+    uint32_t value;    /* W_WORD: the value to wait away from */
+    uint32_t me;       /* our token when the wait began */
+    int armed, suspect, closed;
+    int slept;         /* the wait slept (and so may have taken a wake-up) */
+} Watch;
+
+/* ---- the ring's tests (ring.c's data_ready and space_ready, read-only) --- */
+
+static int
+ring_data_ready(RingObject *r)
+{
+    struct ring_hdr *h = r->h;
+    uint64_t rd = LOAD(&h->read), t = LOAD(&h->tail);
+    if (rd == t)
+        return LOAD(&h->closed) != 0;
+    if (rd > t || t - rd > r->cap || ((rd | t) & 7))
+        return 1; /* odd: let the receiving call look */
+    return ST_KIND(LOAD(&rec_at(r, rd)->state)) != ST_RESERVED;
+}
+
+static int
+ring_space_ready(RingObject *r, uint64_t total)
+{
+    struct ring_hdr *h = r->h;
+    if (LOAD(&h->closed))
+        return 1;
+    uint64_t t = LOAD(&h->tail), hd = LOAD(&h->head), off = t % r->cap;
+    if (t - hd > r->cap || ((t | hd) & 7))
+        return 1;
+    uint64_t need = off + total > r->cap ? r->cap - off : total;
+    if (r->cap - (t - hd) < need)
+        return 0;
+    if (h->max_items) {
+        uint64_t queued = LOAD(&h->reserved) - LOAD(&h->received) - LOAD(&h->dropped);
+        if (queued >= h->max_items && queued <= (1ull << 62))
+            return 0;
+    }
+    return 1;
+}
+
+static void
+sat_sub(uint32_t *w, uint32_t n)
+{
+    uint32_t v = LOAD(w);
+    while (!__atomic_compare_exchange_n(w, &v, v > n ? v - n : 0, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_ACQUIRE))
+        ;
+}
+
+/* Count (+1) or uncount (-1) one sleeper of ours: global word first, then
+ * our role entry, as ring.c's ring_sleeper does (a process killed between
+ * the two leaves the global word too high, which a repair clears). */
+static void
+ring_count(RingObject *r, uint32_t me, int space, int delta)
+{
+    uint32_t slot = SHM_TOKEN_SLOT(me);
+    uint32_t *g = space ? &r->h->space_sleepers : &r->h->data_sleepers;
+    uint64_t unit = space ? ROLE_SPACE_SLEEPER : ROLE_DATA_SLEEPER;
+    if (slot >= r->max_slots)
+        return;
+    if (delta > 0)
+        __atomic_fetch_add(g, 1, __ATOMIC_SEQ_CST);
+    uint64_t *e = &r->roles[slot], v = LOAD(e);
+    while (ROLE_GEN(v) == SHM_TOKEN_GEN(me)) {
+        if (delta < 0 && (v & (unit * 0xFFFF)) == 0)
+            return;
+        uint64_t nv = delta > 0 ? v + unit : v - unit;
+        if (__atomic_compare_exchange_n(e, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
+            if (delta < 0)
+                sat_sub(g, 1);
+            return;
+        }
+    }
+    if (delta > 0)
+        sat_sub(g, 1); /* our entry is not ours: take the global count back */
+}
+
+/* ---- the hooks ----------------------------------------------------------- */
+
+static int
+w_ready(void *ctx, uint32_t *sleep_on)
+{
+    Watch *w = ctx;
+    if (w->closed || w->suspect)
+        return 1;
+    uint32_t v = __atomic_load_n(w->word, __ATOMIC_SEQ_CST);
+    switch (w->kind) {
+    case W_EVENT:
+        if (v & 1u)
+            return 1;
+        break;
+    case W_LOCK:
+        if (v == 0)
+            return 1;
+        if (w->armed && !(v & SHM_LOCK_WAITERS) &&
+            __atomic_compare_exchange_n(w->word, &v, v | SHM_LOCK_WAITERS, 0,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+            v |= SHM_LOCK_WAITERS;
+        break;
+    case W_SEM:
+        if ((int32_t)__atomic_load_n((uint32_t *)(w->b + SEM_VALUE), __ATOMIC_SEQ_CST) > 0)
+            return 1;
+        break;
+    case W_RW_READ:
+        if (!(v & 1u))
+            return 1;
+        break;
+    case W_RING_DATA:
+        if (ring_data_ready(w->r))
+            return 1;
+        break;
+    case W_RING_SPACE:
+        if (ring_space_ready(w->r, w->total))
+            return 1;
+        break;
+    case W_WORD:
+        if (v != w->value)
+            return 1;
+        break;
+    case W_COND: /* condition.c's cond_ready */
+        if (v != w->value &&
+            __atomic_load_n((uint32_t *)(w->b + COND_GRANTED), __ATOMIC_ACQUIRE) > 0)
+            return 1;
+        break;
+    }
+    *sleep_on = v;
+    return 0;
+}
+
+static void
+w_arm(void *ctx)
+{
+    Watch *w = ctx;
+    switch (w->kind) {
+    case W_EVENT:
+        __atomic_fetch_add(w->word, 2u, __ATOMIC_SEQ_CST);
+        break;
+    case W_SEM:
+        __atomic_add_fetch((uint32_t *)(w->b + SEM_SLEEPERS), 1, __ATOMIC_SEQ_CST);
+        break;
+    case W_RW_READ:
+        __atomic_fetch_or(w->word, 2u, __ATOMIC_SEQ_CST);
+        break;
+    case W_RING_DATA:
+    case W_RING_SPACE:
+        if (w->me == 0)
+            return; /* no attachment: nobody counts us; the slices still look */
+        ring_claim(w->r, w->me, 0);
+        ring_count(w->r, w->me, w->kind == W_RING_SPACE, +1);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        break;
+    }
+    w->armed = 1;
+}
+
+static void
+w_disarm(void *ctx)
+{
+    Watch *w = ctx;
+    if (!w->armed)
+        return;
+    w->armed = 0;
+    switch (w->kind) {
+    case W_EVENT:
+        __atomic_fetch_sub(w->word, 2u, __ATOMIC_SEQ_CST);
+        break;
+    case W_SEM:
+        sat_sub((uint32_t *)(w->b + SEM_SLEEPERS), 1);
+        break;
+    case W_RING_DATA:
+    case W_RING_SPACE:
+        if (w->me != 0 && w->m->base != NULL) /* pinned: mapped even if closed */
+            ring_count(w->r, w->me, w->kind == W_RING_SPACE, -1);
+        break;
+    }
+}
+
+/* Is `token` (non-zero, not ours) an attachment that is gone? */
+static int
+dead(Watch *w, uint32_t token)
+{
+    token &= SHM_TOKEN_MASK;
+    return token != 0 && token != w->m->token && !shm_token_alive(w->m, token);
+}
+
+static int
+w_check(void *ctx)
+{
+    Watch *w = ctx;
+    if (w->closed || w->m->fd < 0)
+        return 0; /* liveness cannot be asked; never guess */
+    switch (w->kind) {
+    case W_LOCK:
+        w->suspect = dead(w, __atomic_load_n(w->word, __ATOMIC_ACQUIRE));
+        break;
+    case W_RW_READ:
+        w->suspect = dead(w, __atomic_load_n((uint32_t *)(w->b + RW_LOCK),
+                                             __ATOMIC_ACQUIRE));
+        break;
+    case W_SEM:
+        for (uint32_t slot = 0; slot < w->m->max_slots && !w->suspect; slot++) {
+            uint64_t v = __atomic_load_n((uint64_t *)(w->b + SEM_TABLE + 8 * (uint64_t)slot),
+                                         __ATOMIC_ACQUIRE);
+            if (SHM_SLOT_ENTRY_COUNT(v) != 0 && dead(w, shm_slot_entry_token(v, slot)))
+                w->suspect = 1;
+        }
+        break;
+    case W_RING_DATA: {
+        /* every sender gone (extra = 1: a receive that stops then), or a
+         * record at read that a dead producer was writing */
+        struct ring_hdr *h = w->r->h;
+        if (w->value && w->m->token != 0 && ring_senders_gone(w->r, w->m)) {
+            w->suspect = 1;
+            break;
+        }
+        uint64_t rd = LOAD(&h->read), t = LOAD(&h->tail);
+        if (rd < t && t - rd <= w->r->cap && !((rd | t) & 7)) {
+            uint32_t s = LOAD(&rec_at(w->r, rd)->state);
+            if (ST_KIND(s) == ST_RESERVED && dead(w, s))
+                w->suspect = 1;
+        }
+        break;
+    }
+    case W_RING_SPACE: {
+        /* a record at head lent to a consumer that died */
+        struct ring_hdr *h = w->r->h;
+        uint64_t hd = LOAD(&h->head), t = LOAD(&h->tail);
+        if (hd < t && t - hd <= w->r->cap && !((hd | t) & 7)) {
+            uint32_t s = LOAD(&rec_at(w->r, hd)->state);
+            if (ST_KIND(s) == ST_TAKEN && dead(w, s))
+                w->suspect = 1;
+        }
+        break;
+    }
+    }
+    return 0;
+}
+
+/* ---- binding a description --------------------------------------------- */
+
+static int
+is_open(MappingObject *m)
+{
+    return m->base != NULL && !m->closing;
+}
+
+static int
+bind(Watch *w, PyObject *desc, Py_ssize_t i, PyTypeObject *ring_type)
+{
+    memset(w, 0, sizeof *w);
+    if (!PyTuple_Check(desc) || PyTuple_GET_SIZE(desc) != 4) {
+        PyErr_Format(PyExc_TypeError, "wait_ready(): description %zd must be a tuple "
+                     "(kind, target, offset, extra)", i);
+        return -1;
+    }
+    long kind = PyLong_AsLong(PyTuple_GET_ITEM(desc, 0));
+    long long off = PyLong_AsLongLong(PyTuple_GET_ITEM(desc, 2));
+    long long extra = PyLong_AsLongLong(PyTuple_GET_ITEM(desc, 3));
+    if (PyErr_Occurred())
+        return -1;
+    PyObject *target = PyTuple_GET_ITEM(desc, 1);
+    w->kind = (int)kind;
+    if (kind == W_RING_DATA || kind == W_RING_SPACE) {
+        if (!PyObject_TypeCheck(target, ring_type)) {
+            PyErr_Format(PyExc_TypeError, "wait_ready(): description %zd needs a channel", i);
+            return -1;
+        }
+        w->r = (RingObject *)target;
+        if (w->r->mapping == NULL) {
+            w->closed = 1; /* unbound: the caller's call raises ClosedError */
+            return 0;
+        }
+        if (kind == W_RING_SPACE && (extra < 0 || (uint64_t)extra > w->r->cap))
+            extra = (long long)w->r->cap; /* the send call explains the size */
+        w->total = (uint64_t)extra;
+        w->value = kind == W_RING_DATA && extra != 0; /* stop when no senders */
+        w->pin = w->r->mapping;
+        w->m = (MappingObject *)w->pin;
+        if (!is_open(w->m)) {
+            w->closed = 1;
+            return 0;
+        }
+        struct ring_hdr *h = w->r->h;
+        w->word = kind == W_RING_DATA ? &h->data_seq : &h->space_seq;
+    } else if (kind >= W_EVENT && kind <= W_COND) {
+        if (!shm_is_mapping(target)) {
+            PyErr_Format(PyExc_TypeError, "wait_ready(): description %zd needs a mapping", i);
+            return -1;
+        }
+        w->pin = target;
+        w->m = (MappingObject *)target;
+        if (!is_open(w->m)) {
+            w->closed = 1;
+            return 0;
+        }
+        uint64_t span = 4;
+        if (kind == W_SEM)
+            span = SEM_TABLE + 8 * (uint64_t)w->m->max_slots;
+        else if (kind == W_RW_READ)
+            span = RW_STATE + 4;
+        else if (kind == W_COND)
+            span = COND_GRANTED + 4;
+        w->b = span == 4 ? shm_addr(target, off, 4, kind != W_WORD)
+                         : shm_sync_span(target, off, span, 1);
+        if (w->b == NULL)
+            return -1;
+        w->word = (uint32_t *)(w->b + (kind == W_SEM       ? SEM_SEQ
+                                       : kind == W_RW_READ ? RW_STATE
+                                       : kind == W_COND    ? COND_SEQ
+                                                           : 0));
+        w->value = (uint32_t)extra;
+    } else {
+        PyErr_Format(PyExc_ValueError, "wait_ready(): description %zd has unknown kind %ld",
+                     i, kind);
+        return -1;
+    }
+    w->me = w->m->token;
+    return 0;
+}
+
+static PyObject *
+py_wait_ready(PyObject *mod, PyObject *const *a, Py_ssize_t n)
+{
+    if (n < 1 || n > 3) {
+        PyErr_SetString(PyExc_TypeError, "expected wait_ready(descs, timeout=None, spin=True)");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(a[0], "wait_ready() needs a sequence of descriptions");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    if (count < 1 || count > SHM_WAIT_MAX) {
+        PyErr_Format(PyExc_ValueError, "wait_ready() waits on 1 to %d objects at once, "
+                     "not %zd", SHM_WAIT_MAX, count);
+        Py_DECREF(seq);
+        return NULL;
+    }
+    int64_t deadline = shm_deadline(n > 1 ? a[1] : NULL);
+    int spin = n > 2 ? PyObject_IsTrue(a[2]) : 1;
+    if (deadline < 0 || spin < 0) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    Watch ws[SHM_WAIT_MAX];
+    shm_wait sw[SHM_WAIT_MAX];
+    shm_wait *ptr[SHM_WAIT_MAX];
+    Py_ssize_t bound = 0, live = 0;
+    int r = 0, which = -1;
+    PyObject *ready = NULL, *suspect = NULL, *out = NULL;
+    for (; bound < count; bound++) {
+        if (bind(&ws[bound], PySequence_Fast_GET_ITEM(seq, bound), bound,
+                 shm_mod_state(mod)->Ring) < 0)
+            goto done;
+        if (!ws[bound].closed)
+            shm_pin(ws[bound].pin);
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (ws[i].closed)
+            continue;
+        sw[live] = (shm_wait){.m = ws[i].m, .word = ws[i].word, .ctx = &ws[i],
+                              .ready = w_ready, .arm = w_arm, .disarm = w_disarm,
+                              .check = w_check, .spin_ns = spin ? SHM_WAIT_SPIN_NS : 0,
+                              .what = "an object waited on"};
+        ptr[live] = &sw[live];
+        live++;
+    }
+    if (live == (Py_ssize_t)count) {
+        r = shm_wait_any(ptr, (int)live, deadline, &which);
+        for (Py_ssize_t i = 0, j = 0; i < count; i++)
+            if (!ws[i].closed)
+                ws[i].slept = sw[j++].slept;
+        if (r < 0 && PyErr_ExceptionMatches(shm_mod_state(mod)->ClosedError)) {
+            /* closed by another thread meanwhile: report it ready */
+            PyErr_Clear();
+            r = 0;
+        }
+        if (r < 0)
+            goto done;
+    }
+    ready = PyList_New(0);
+    suspect = PyList_New(0);
+    if (ready == NULL || suspect == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Watch *w = &ws[i];
+        uint32_t v;
+        if (!w->closed && (w->m->token != w->me || !is_open(w->m)))
+            w->closed = 1;
+        int yes = w->closed || w->suspect || w_ready(w, &v);
+        if (!yes)
+            continue;
+        if (!w->closed && (w->kind == W_LOCK || w->kind == W_EVENT) && w->slept)
+            /* Released locks and auto-reset events wake one sleeper, and it
+             * may have been us, who take nothing: pass the wake-up on, so
+             * that a blocked taker elsewhere does not wait a whole slice. */
+            shm_futex_wake(w->word, 1);
+        PyObject *k = PyLong_FromSsize_t(i);
+        if (k == NULL || PyList_Append(w->suspect && !w->closed ? suspect : ready, k) < 0) {
+            Py_XDECREF(k);
+            goto done;
+        }
+        Py_DECREF(k);
+    }
+    out = PyTuple_Pack(2, ready, suspect);
+done:
+    for (Py_ssize_t i = 0; i < bound; i++)
+        if (ws[i].word != NULL) /* bound open, so pinned */
+            shm_unpin(ws[i].pin);
+    Py_XDECREF(ready);
+    Py_XDECREF(suspect);
+    Py_DECREF(seq);
+    return out;
+}
+
+/* ---- a coroutine's condition wait, in three calls --------------------------
+ *
+ * condition.c's cond_wait counts itself, releases the mutex, sleeps, re-takes
+ * the mutex and takes a grant inside one call.  A coroutine cannot re-take
+ * the mutex inside a call, so its wait is three, each one C call made with
+ * the mutex held (the same words, changed one at a time, as condition.c):
+ *
+ *   cond_enter(mapping, off, what) -> seq0     count us, release the mutex
+ *   (await W_COND (mapping, off, seq0) ready, then re-take the mutex)
+ *   cond_take(mapping, off, seq0) -> bool      a grant since seq0: take it, uncount
+ *   cond_leave(mapping, off, seq0, take) -> bool   giving up: take a grant a
+ *                                              racing notify() made if take, uncount
+ */
+
+static char *
+cond_bind(PyObject *const *a, Py_ssize_t n, Py_ssize_t want, const char *sig)
+{
+    if (n != want) {
+        PyErr_Format(PyExc_TypeError, "expected %s", sig);
+        return NULL;
+    }
+    if (!shm_is_mapping(a[0])) {
+        PyErr_SetString(PyExc_TypeError, "expected a shmkit Mapping");
+        return NULL;
+    }
+    long long off = PyLong_AsLongLong(a[1]);
+    if (off == -1 && PyErr_Occurred())
+        return NULL;
+    MappingObject *m = (MappingObject *)a[0];
+    return shm_sync_span(a[0], off, COND_TABLE + 8 * (uint64_t)m->max_slots, 1);
+}
+
+static int
+cond_held(MappingObject *m, char *b, const char *call)
+{
+    uint32_t v = __atomic_load_n((uint32_t *)b, __ATOMIC_ACQUIRE);
+    if (m->token == 0 || (v & SHM_TOKEN_MASK) != m->token) {
+        PyErr_Format(PyExc_RuntimeError, "%s() on a condition without holding it", call);
+        return 0;
+    }
+    return 1;
+}
+
+/* condition.c's count_me: add delta to our attachment's sleepers. */
+static void
+cond_count(MappingObject *m, char *b, int delta)
+{
+    uint32_t slot = SHM_TOKEN_SLOT(m->token);
+    uint64_t *e = (uint64_t *)(b + COND_TABLE + 8 * (uint64_t)slot);
+    uint64_t v = __atomic_load_n(e, __ATOMIC_RELAXED);
+    uint32_t n = SHM_SLOT_ENTRY_GEN(v) == SHM_TOKEN_GEN(m->token) ? SHM_SLOT_ENTRY_COUNT(v) : 0;
+    if (delta < 0 && n == 0)
+        return;
+    __atomic_store_n(e, (uint64_t)SHM_TOKEN_GEN(m->token) << 32 | (n + (uint32_t)delta),
+                     __ATOMIC_RELEASE);
+}
+
+/* condition.c's take_grant. */
+static int
+cond_grant(char *b, uint32_t seq0)
+{
+    uint32_t *granted = (uint32_t *)(b + COND_GRANTED);
+    uint32_t g = __atomic_load_n(granted, __ATOMIC_ACQUIRE);
+    if (g == 0 || __atomic_load_n((uint32_t *)(b + COND_SEQ), __ATOMIC_ACQUIRE) == seq0)
+        return 0;
+    __atomic_store_n(granted, g - 1, __ATOMIC_RELEASE);
+    return 1;
+}
+
+static PyObject *
+py_cond_enter(PyObject *mod, PyObject *const *a, Py_ssize_t n)
+{
+    char *b = cond_bind(a, n, 2, "cond_enter(mapping, offset)");
+    if (b == NULL)
+        return NULL;
+    MappingObject *m = (MappingObject *)a[0];
+    if (SHM_TOKEN_SLOT(m->token) >= m->max_slots) {
+        PyErr_SetString(PyExc_RuntimeError, "cond_enter(): no attach slot");
+        return NULL;
+    }
+    if (!cond_held(m, b, "wait"))
+        return NULL;
+    cond_count(m, b, +1);
+    uint32_t seq0 = __atomic_load_n((uint32_t *)(b + COND_SEQ), __ATOMIC_ACQUIRE);
+    if (shm_lock_release(m, (uint32_t *)b) < 0) {
+        cond_count(m, b, -1);
+        return NULL;
+    }
+    return PyLong_FromUnsignedLong(seq0);
+}
+
+static PyObject *
+py_cond_take(PyObject *mod, PyObject *const *a, Py_ssize_t n)
+{
+    char *b = cond_bind(a, n, 3, "cond_take(mapping, offset, seq0)");
+    if (b == NULL)
+        return NULL;
+    unsigned long seq0 = PyLong_AsUnsignedLong(a[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    MappingObject *m = (MappingObject *)a[0];
+    if (!cond_held(m, b, "wait"))
+        return NULL;
+    if (!cond_grant(b, (uint32_t)seq0))
+        Py_RETURN_FALSE;
+    cond_count(m, b, -1);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+py_cond_leave(PyObject *mod, PyObject *const *a, Py_ssize_t n)
+{
+    char *b = cond_bind(a, n, 4, "cond_leave(mapping, offset, seq0, take)");
+    if (b == NULL)
+        return NULL;
+    unsigned long seq0 = PyLong_AsUnsignedLong(a[2]);
+    int take = PyObject_IsTrue(a[3]);
+    if (PyErr_Occurred() || take < 0)
+        return NULL;
+    MappingObject *m = (MappingObject *)a[0];
+    if (!cond_held(m, b, "wait"))
+        return NULL;
+    int got = take && cond_grant(b, (uint32_t)seq0);
+    cond_count(m, b, -1);
+    return PyBool_FromLong(got);
+}
+
+static PyMethodDef waitset_methods[] = {
+    {"wait_ready", (PyCFunction)(void (*)(void))py_wait_ready, METH_FASTCALL,
+     "wait_ready($module, descs, timeout=None, spin=True, /)\n--\n\n"
+     "-> (ready, suspect).  Wait until any described object is ready; return the indices of those\n"
+     "ready now and of those whose holder or writer died (a repairing call\n"
+     "makes progress).  Never consumes; closed handles count as ready."},
+    {"cond_enter", (PyCFunction)(void (*)(void))py_cond_enter, METH_FASTCALL,
+     "cond_enter($module, mapping, offset, /)\n--\n\n"
+     "-> seq0: count us a sleeper, release the mutex"},
+    {"cond_take", (PyCFunction)(void (*)(void))py_cond_take, METH_FASTCALL,
+     "cond_take($module, mapping, offset, seq0, /)\n--\n\n"
+     "-> bool: take a grant made since seq0 (mutex held)"},
+    {"cond_leave", (PyCFunction)(void (*)(void))py_cond_leave, METH_FASTCALL,
+     "cond_leave($module, mapping, offset, seq0, take, /)\n--\n\n"
+     "-> bool: stop waiting (mutex held)"},
+    {NULL}
+};
+
+int
+shm_init_waitset(PyObject *module)
+{
+    if (PyModule_AddFunctions(module, waitset_methods) < 0)
+        return -1;
+    return PyModule_AddIntConstant(module, "W_EVENT", W_EVENT) < 0 ||
+                   PyModule_AddIntConstant(module, "W_LOCK", W_LOCK) < 0 ||
+                   PyModule_AddIntConstant(module, "W_SEM", W_SEM) < 0 ||
+                   PyModule_AddIntConstant(module, "W_RW_READ", W_RW_READ) < 0 ||
+                   PyModule_AddIntConstant(module, "W_RING_DATA", W_RING_DATA) < 0 ||
+                   PyModule_AddIntConstant(module, "W_RING_SPACE", W_RING_SPACE) < 0 ||
+                   PyModule_AddIntConstant(module, "W_WORD", W_WORD) < 0 ||
+                   PyModule_AddIntConstant(module, "W_COND", W_COND) < 0
+               ? -1
+               : 0;
+}

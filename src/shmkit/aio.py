@@ -1,0 +1,808 @@
+"""shmkit for asyncio: the same objects, with coroutine methods.
+
+``shmkit.aio.Channel``, ``Queue``, ``Event``, ``Mutex``, ``RWLock``,
+``Semaphore`` and ``Condition`` are the classes of :mod:`shmkit`, opened
+the same way (by name, ``.at(...)``, passed to other processes), whose
+blocking methods are coroutines with the same arguments, results and
+errors (``await ch.recv(timeout=1.0)`` raises :class:`shmkit.Timeout` like
+``ch.recv(timeout=1.0)``).  The ``*_nowait`` methods, ``release()``,
+``set()``, ``notify()`` stay plain calls: they never wait.
+
+>>> import asyncio, shmkit.aio
+>>> async def main():
+...     async with shmkit.aio.Channel(None, capacity=4096) as ch:
+...         ch.send_nowait(b"hi")
+...         return await ch.recv(timeout=1.0)
+>>> asyncio.run(main())
+b'hi'
+
+How it waits: a coroutine first tries the non-blocking form of its call.
+If that would block, it registers the object's readiness description
+(:mod:`shmkit.aio_wait`) with a watcher thread and awaits a future.  One
+watcher thread per 127 distinct objects (at most :data:`MAX_WATCHERS`)
+sleeps on all their futex words at once with the GIL released and, when
+one is ready, wakes every future waiting on it through
+``loop.call_soon_threadsafe``; each coroutine retries, and waits again if
+another took the message or the lock first.  Awaits of the same object
+share one watched word; no thread is started per await, and an idle
+watcher wakes only for the liveness checks that find dead peers.
+
+Cancellation loses nothing: a message is only taken, and a lock only
+held, by the non-blocking call itself, which runs to completion between
+two awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import threading
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from . import _core
+from . import channel as _channel
+from . import sync as _sync
+from .aio_wait import _describe
+from .errors import ChannelClosed, Empty, Full, ShmkitError, Timeout, WouldBlock
+
+__all__ = ["Channel", "Queue", "Event", "Mutex", "RWLock", "Semaphore", "Condition",
+           "wait", "MAX_WATCHERS", "TooManyWaitsError", "watcher_count"]
+
+MAX_WATCHERS = 32
+"""Watcher threads per process at most; each watches 127 distinct objects."""
+_PER_WATCHER = 127  # futex_waitv takes 128 words; one is the watcher's wake word
+_SPIN = 20e-6  # seconds a coroutine spins for its object before handing it to a watcher
+_REPAIR_TIMEOUT = 0.02  # a repairing call's wait: past the channel's first 5 ms slice
+
+_AGAIN = object()
+_READY, _SUSPECT, _EXPIRED = 1, 2, 3
+
+
+class TooManyWaitsError(ShmkitError, RuntimeError):
+    """More distinct objects are awaited at once than the watchers can watch."""
+
+
+# ---- the watchers -----------------------------------------------------------
+
+class _Entry:
+    """One watched object: its description and the futures awaiting it."""
+
+    __slots__ = ("key", "desc", "futures", "watcher")
+
+    def __init__(self, key: tuple, desc: tuple, watcher: "_Watcher") -> None:
+        self.key, self.desc, self.watcher = key, desc, watcher
+        self.futures: dict[asyncio.Future, asyncio.AbstractEventLoop] = {}
+
+
+def _settle(futures: list, flag: Any) -> None:
+    for f in futures:
+        if not f.done():
+            if isinstance(flag, BaseException):
+                f.set_exception(flag)
+            else:
+                f.set_result(flag)
+
+
+def _fire(futures: dict, flag: Any) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for fut, loop in futures.items():
+        by_loop.setdefault(loop, []).append(fut)
+    for loop, futs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, futs, flag)
+        except RuntimeError:
+            pass  # the loop was closed: nobody awaits these any more
+
+
+class _Watcher:
+    """A thread that sleeps on up to 127 objects' words and one wake word."""
+
+    def __init__(self, hub: "_Hub") -> None:
+        self.hub = hub
+        self.entries: dict[tuple, _Entry] = {}
+        self.idle = threading.Condition(hub.lock)
+        fd = os.memfd_create("shmkit-aio-wake", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, 4096)
+            self.wake = _core.Mapping(fd, 4096, 4096)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd  # kept open: the mapping refers to it
+        self.thread = threading.Thread(target=self._run, name="shmkit-aio-watcher",
+                                       daemon=True)
+        self.thread.start()
+
+    def poke(self) -> None:
+        """The set of entries changed: make the thread look again (lock held)."""
+        _core.add32(self.wake, 0, 1)
+        _core.futex_wake(self.wake, 0, 1)
+        self.idle.notify()
+
+    def _run(self) -> None:
+        hub = self.hub
+        while True:
+            with hub.lock:
+                while not self.entries and not hub.stopped:
+                    self.idle.wait()
+                if hub.stopped:
+                    return
+                entries = list(self.entries.values())
+                seen = _core.load32(self.wake, 0)
+            descs = [e.desc for e in entries]
+            descs.append((_core.W_WORD, self.wake, 0, seen))
+            try:
+                ready, suspect = _core.wait_ready(descs, None, False)
+                flags = [(i, _READY) for i in ready] + [(i, _SUSPECT) for i in suspect]
+            except BaseException as exc:  # a description went bad: tell its awaiters
+                flags = [(i, exc) for i in range(len(entries))]
+            fired = []
+            with hub.lock:
+                for i, flag in flags:
+                    if i >= len(entries):
+                        continue  # the wake word
+                    e = entries[i]
+                    if self.entries.get(e.key) is e:
+                        del self.entries[e.key]
+                        del hub.where[e.key]
+                        fired.append((e.futures, flag))
+            for futures, flag in fired:
+                _fire(futures, flag)
+
+
+class _Hub:
+    """This process's watchers and which one watches each object."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.watchers: list[_Watcher] = []
+        self.where: dict[tuple, _Entry] = {}
+        self.stopped = False
+
+    def add(self, key: tuple, desc: tuple, fut: asyncio.Future,
+            loop: asyncio.AbstractEventLoop) -> None:
+        with self.lock:
+            e = self.where.get(key)
+            if e is None:
+                w = next((w for w in self.watchers if len(w.entries) < _PER_WATCHER), None)
+                if w is None:
+                    if len(self.watchers) >= MAX_WATCHERS:
+                        raise TooManyWaitsError(
+                            f"this process awaits {len(self.where)} distinct shmkit objects "
+                            f"at once, the most its {MAX_WATCHERS} watcher threads watch "
+                            f"({_PER_WATCHER} each); raise shmkit.aio.MAX_WATCHERS or await "
+                            "fewer objects at a time")
+                    w = _Watcher(self)
+                    self.watchers.append(w)
+                e = self.where[key] = w.entries[key] = _Entry(key, desc, w)
+                w.poke()
+            e.futures[fut] = loop
+
+    def discard(self, key: tuple, fut: asyncio.Future) -> None:
+        with self.lock:
+            e = self.where.get(key)
+            if e is None or e.futures.pop(fut, None) is None or e.futures:
+                return
+            # Nobody awaits it any more: stop watching (and counting as a sleeper).
+            del self.where[key]
+            del e.watcher.entries[key]
+            e.watcher.poke()
+
+
+_hub_lock = threading.Lock()
+_the_hub: _Hub | None = None
+
+
+def _hub() -> _Hub:
+    global _the_hub
+    hub = _the_hub
+    if hub is None:
+        with _hub_lock:
+            if _the_hub is None:
+                _the_hub = _Hub()
+            hub = _the_hub
+    return hub
+
+
+def _forget_hub() -> None:  # a forked child has none of the parent's threads
+    global _the_hub
+    _the_hub = None
+
+
+os.register_at_fork(after_in_child=_forget_hub)
+
+
+def watcher_count() -> int:
+    """How many watcher threads this process runs (a diagnostic)."""
+    hub = _the_hub
+    return 0 if hub is None else len(hub.watchers)
+
+
+def _key(desc: tuple) -> tuple:
+    return (desc[0], id(desc[1]), desc[2], desc[3])
+
+
+async def _until(attempt: Callable[[], Any], describe: Callable[[], tuple],
+                 timeout: float | None, expired: Callable[[], Any],
+                 repair: Callable[[], Any] | None = None) -> Any:
+    """Run ``attempt()`` until it returns something other than _AGAIN,
+    awaiting readiness in between; ``expired()`` once the timeout passes
+    (after a last attempt); ``repair()`` once when a dead peer is in the way."""
+    r = attempt()
+    if r is not _AGAIN:
+        return r
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
+    if timeout is None or timeout > 0:
+        # A partner that answers within microseconds is caught here, without
+        # the watcher's two thread hops; the loop is held up at most _SPIN.
+        ready, suspect = _core.wait_ready([describe()], _SPIN, True)
+        if ready:
+            r = attempt()
+            if r is not _AGAIN:
+                return r
+    hub = _hub()
+    while True:
+        if deadline is not None and loop.time() >= deadline:
+            return expired()
+        desc = describe()
+        key = _key(desc)
+        fut = loop.create_future()
+        hub.add(key, desc, fut, loop)
+        timer = None
+        if deadline is not None:
+            timer = loop.call_at(deadline, _settle, [fut], _EXPIRED)
+        try:
+            flag = await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+            hub.discard(key, fut)
+        if flag == _SUSPECT and repair is not None:
+            r = repair()
+        else:
+            r = attempt()
+        if r is not _AGAIN:
+            return r
+
+
+def _nowait(call: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return call(*args)
+    except WouldBlock:
+        return _AGAIN
+
+
+def _timed(call: Callable[..., Any], *args: Any) -> Any:
+    """A repairing call: the blocking form with a short timeout, which runs
+    the structure's own repair of what a dead peer left."""
+    try:
+        return call(*args)
+    except Timeout:
+        return _AGAIN
+
+
+# ---- channels -----------------------------------------------------------------
+
+class Channel(_channel.Channel):
+    """:class:`shmkit.Channel` with coroutine ``send``, ``send_many``, ``recv``,
+    ``recv_many``, ``recv_into``, ``recv_view``, ``recv_array``, and ``async for``.
+
+    >>> import asyncio, shmkit.aio
+    >>> async def main():
+    ...     async with shmkit.aio.Channel(None, capacity=4096) as ch:
+    ...         await ch.send(b"a"); ch.close_sending()
+    ...         return [m async for m in ch]
+    >>> asyncio.run(main())
+    [b'a']
+    """
+
+    async def send(self, data: Any, timeout: float | None = None) -> None:  # type: ignore[override]
+        """Send one message, awaiting room (raises like :meth:`shmkit.Channel.send`)."""
+        await _until(lambda: _nowait(_core.Ring.send_nowait, self, data),
+                     lambda: _describe(self, max(memoryview(data).nbytes, 1)), timeout,
+                     lambda: _core.Ring.send(self, data, 0),
+                     lambda: _timed(_core.Ring.send, self, data, _REPAIR_TIMEOUT))
+
+    async def send_many(self, messages: Sequence[Any],  # type: ignore[override]
+                        timeout: float | None = None) -> int:
+        """Send messages in order, awaiting room; returns how many were sent."""
+        msgs = list(messages)
+        sent = 0
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
+        try:
+            while sent < len(msgs):
+                sent += _core.Ring.send_many(self, msgs[sent:], 0)
+        except Timeout:
+            pass
+        while sent < len(msgs):
+            left = None if deadline is None else deadline - loop.time()
+            try:
+                await self.send(msgs[sent], left)
+            except Timeout as exc:
+                exc.sent = sent
+                raise
+            sent += 1
+            try:
+                if sent < len(msgs):
+                    sent += _core.Ring.send_many(self, msgs[sent:], 0)
+            except Timeout:
+                pass
+        return sent
+
+    async def recv(self, timeout: float | None = None,  # type: ignore[override]
+                   stop_when_no_senders: bool = False) -> bytes:
+        """Take the next message, awaiting one (raises like :meth:`shmkit.Channel.recv`)."""
+        def attempt() -> Any:
+            if stop_when_no_senders:
+                return _timed(_core.Ring.recv, self, 0, True)
+            return _nowait(_core.Ring.recv_nowait, self)
+
+        return await _until(attempt, lambda: _describe(self, 0, stop_when_no_senders),
+                            timeout, lambda: _core.Ring.recv(self, 0, stop_when_no_senders),
+                            lambda: _timed(_core.Ring.recv, self, _REPAIR_TIMEOUT,
+                                           stop_when_no_senders))
+
+    async def recv_many(self, max_n: int = 1024,  # type: ignore[override]
+                        timeout: float | None = None,
+                        stop_when_no_senders: bool = False) -> list[bytes]:
+        """Take up to ``max_n`` ready messages, awaiting the first; ``[]`` on timeout."""
+        def attempt() -> Any:
+            got = _core.Ring.recv_many(self, max_n, 0, stop_when_no_senders)
+            return got if got else _AGAIN
+
+        def repair() -> Any:
+            got = _core.Ring.recv_many(self, max_n, _REPAIR_TIMEOUT, stop_when_no_senders)
+            return got if got else _AGAIN
+
+        return await _until(attempt, lambda: _describe(self, 0, stop_when_no_senders),
+                            timeout, lambda: [], repair)
+
+    async def recv_into(self, buffer: Any, timeout: float | None = None) -> int:  # type: ignore[override]
+        """Copy the next message into ``buffer``; returns its length."""
+        return await _until(lambda: _timed(_core.Ring.recv_into, self, buffer, 0),
+                            lambda: _describe(self), timeout,
+                            lambda: _core.Ring.recv_into(self, buffer, 0),
+                            lambda: _timed(_core.Ring.recv_into, self, buffer,
+                                           _REPAIR_TIMEOUT))
+
+    async def recv_view(self, timeout: float | None = None) -> Any:  # type: ignore[override]
+        """Take the next message without copying (see :meth:`shmkit.Channel.recv_view`)."""
+        return await _until(lambda: _nowait(self._take, None, True),
+                            lambda: _describe(self), timeout,
+                            lambda: self._take(0),
+                            lambda: _timed(self._take, _REPAIR_TIMEOUT))
+
+    async def recv_array(self, dtype: Any = "uint8", shape: Any = None, *,  # type: ignore[override]
+                         timeout: float | None = None, out: Any = None) -> Any:
+        """Receive a message as a numpy array (see :meth:`shmkit.Channel.recv_array`)."""
+        import numpy as np
+
+        if out is not None:
+            if not (isinstance(out, np.ndarray) and out.flags.c_contiguous
+                    and out.flags.writeable):
+                raise ValueError("out= must be a writable, C-contiguous numpy array")
+            n = await self.recv_into(out, timeout)
+            if n != out.nbytes:
+                raise ValueError(f"the message held {n} bytes but out= has {out.nbytes}; "
+                                 "its bytes are at the start of out")
+            return out
+        with await self.recv_view(timeout) as mv:
+            src = np.frombuffer(mv, dtype=dtype)
+            try:
+                result = (src.reshape(shape) if shape is not None else src).copy()
+            finally:
+                del src
+        return result
+
+    def __iter__(self) -> Any:
+        raise TypeError("iterate over a shmkit.aio.Channel with `async for`")
+
+    def __aiter__(self) -> "Channel":
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self.recv()
+        except ChannelClosed:
+            raise StopAsyncIteration from None
+
+    async def messages(self, *, timeout: float | None = None,  # type: ignore[override]
+                       stop_when_no_senders: bool = False) -> AsyncIterator[bytes]:
+        """``async for m in ch.messages(...)``: as :meth:`shmkit.Channel.messages`."""
+        while True:
+            try:
+                yield await self.recv(timeout, stop_when_no_senders)
+            except ChannelClosed:
+                return
+
+    async def __aenter__(self) -> "Channel":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Queue(_channel.Queue):
+    """:class:`shmkit.Queue` with coroutine ``put`` and ``get``.
+
+    >>> import asyncio, shmkit.aio
+    >>> async def main():
+    ...     q = shmkit.aio.Queue()
+    ...     await q.put({"n": 1})
+    ...     item = await q.get(timeout=1.0)
+    ...     q.close()
+    ...     return item
+    >>> asyncio.run(main())
+    {'n': 1}
+    """
+
+    async def put(self, obj: Any, block: bool = True,  # type: ignore[override]
+                  timeout: float | None = None) -> None:
+        """Put ``obj``, awaiting room (``queue.Full`` when ``block`` is false or on timeout)."""
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        if not block:
+            return self._send_nowait(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
+        data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        ch = self._ch
+
+        def expired() -> None:
+            raise Full(f"queue {self.name!r} stayed full for {timeout} s")
+
+        await _until(lambda: _nowait(self._send_nowait, data),
+                     lambda: _describe(ch, len(data)), timeout, expired,
+                     lambda: _timed(self._send, data, _REPAIR_TIMEOUT))
+
+    async def get(self, block: bool = True, timeout: float | None = None) -> Any:  # type: ignore[override]
+        """Remove and return an object, awaiting one (``queue.Empty`` as for ``get``)."""
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        if not block:
+            return pickle.loads(self._recv_nowait())
+        ch = self._ch
+
+        def expired() -> None:
+            raise Empty(f"queue {self.name!r} stayed empty for {timeout} s")
+
+        data = await _until(lambda: _nowait(self._recv_nowait), lambda: _describe(ch),
+                            timeout, expired,
+                            lambda: _timed(self._recv, _REPAIR_TIMEOUT))
+        return pickle.loads(data)
+
+    def put_nowait(self, obj: Any) -> None:
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        self._send_nowait(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
+
+    def get_nowait(self) -> Any:
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        return pickle.loads(self._recv_nowait())
+
+
+# ---- locks and events ---------------------------------------------------------
+
+class Event(_sync.Event):
+    """:class:`shmkit.Event` whose ``wait`` is a coroutine.
+
+    >>> import asyncio, shmkit.aio
+    >>> async def main():
+    ...     e = shmkit.aio.Event(None)
+    ...     e.set()
+    ...     ok = await e.wait(timeout=1.0)
+    ...     e.close(); e.unlink()
+    ...     return ok
+    >>> asyncio.run(main())
+    True
+    """
+
+    async def wait(self, timeout: float | None = None) -> bool:  # type: ignore[override]
+        """Await the flag (taking it if auto-reset); False if ``timeout`` passes first."""
+        what = f"event {self._seg.name!r}"
+
+        def attempt() -> Any:
+            return True if _core.event_wait(self._m, self._base, 0, self._auto, what) else _AGAIN
+
+        return await _until(attempt, lambda: _describe(self), timeout, lambda: False)
+
+
+def _acquire_attempt(call: Callable[..., bool], *args: Any) -> Callable[[], Any]:
+    return lambda: True if call(*args) else _AGAIN
+
+
+class Mutex(_sync.Mutex):
+    """:class:`shmkit.Mutex` with a coroutine ``acquire`` and ``async with``.
+
+    A holder killed while a coroutine awaits the lock is recovered exactly
+    as by the blocking call: the coroutine gets the lock, ``recovered`` is
+    True and :class:`shmkit.OwnerDiedWarning` is issued.
+
+    >>> import asyncio, shmkit.aio
+    >>> async def main():
+    ...     m = shmkit.aio.Mutex(None)
+    ...     async with m:
+    ...         held = m.locked()
+    ...     m.close(); m.unlink()
+    ...     return held
+    >>> asyncio.run(main())
+    True
+    """
+
+    async def acquire(self, blocking: bool = True,  # type: ignore[override]
+                      timeout: float | None = None) -> bool:
+        """Await the lock; False if ``timeout`` passes first (as ``acquire``)."""
+        if not blocking:
+            return _core.Lock.acquire(self, False)
+        if timeout is not None and timeout == -1:
+            timeout = None  # threading.Lock's "no timeout"
+        return await _until(_acquire_attempt(_core.Lock.acquire, self, False),
+                            lambda: _describe(self), timeout, lambda: False)
+
+    async def __aenter__(self) -> "Mutex":
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def __enter__(self) -> "Mutex":
+        raise TypeError("hold a shmkit.aio.Mutex with `async with`")
+
+    @contextlib.asynccontextmanager
+    async def held(self, timeout: float | None = None) -> AsyncIterator["Mutex"]:  # type: ignore[override]
+        """``async with m.held(timeout=1.0):`` holds the lock, or raises Timeout."""
+        if not await self.acquire(timeout=timeout):
+            raise Timeout(f"could not take mutex {self.name!r} within {timeout} s")
+        try:
+            yield self
+        finally:
+            self.release()
+
+
+class Semaphore(_sync.Semaphore):
+    """:class:`shmkit.Semaphore` with a coroutine ``acquire`` and ``async with``.
+
+    >>> import asyncio, shmkit.aio
+    >>> async def main():
+    ...     s = shmkit.aio.Semaphore(None, value=1)
+    ...     async with s:
+    ...         v = s.value
+    ...     s.close(); s.unlink()
+    ...     return v
+    >>> asyncio.run(main())
+    0
+    """
+
+    async def acquire(self, blocking: bool = True,  # type: ignore[override]
+                      timeout: float | None = None) -> bool:
+        """Await a unit; False if ``timeout`` passes first."""
+        if not blocking:
+            return _core.Semaphore.acquire(self, False)
+        return await _until(_acquire_attempt(_core.Semaphore.acquire, self, False),
+                            lambda: _describe(self), timeout, lambda: False)
+
+    async def __aenter__(self) -> "Semaphore":
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def __enter__(self) -> "Semaphore":
+        raise TypeError("hold a shmkit.aio.Semaphore with `async with`")
+
+
+class RWLock(_sync.RWLock):
+    """:class:`shmkit.RWLock` with coroutine ``acquire_read``/``acquire_write``
+    and ``async with rw.read()`` / ``rw.write()``.
+
+    A coroutine awaiting the write lock does not hold back new readers while
+    it waits (the blocking call does): it retries when the writers' mutex is
+    free and, while readers are in, every few milliseconds (up to 50 ms).
+
+    >>> import asyncio, shmkit.aio
+    >>> async def main():
+    ...     rw = shmkit.aio.RWLock(None)
+    ...     async with rw.read():
+    ...         pass
+    ...     async with rw.write(timeout=1.0):
+    ...         pass
+    ...     rw.close(); rw.unlink()
+    >>> asyncio.run(main())
+    """
+
+    async def acquire_read(self, timeout: float | None = None) -> bool:  # type: ignore[override]
+        """Await a read hold; False if ``timeout`` passes first."""
+        return await _until(_acquire_attempt(_core.RWLock.acquire_read, self, 0),
+                            lambda: _describe(self), timeout, lambda: False)
+
+    async def acquire_write(self, timeout: float | None = None) -> bool:  # type: ignore[override]
+        """Await the write hold; False if ``timeout`` passes first."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
+        pause = 0.001
+        while True:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            if not await self._wlock_free(left):
+                return False
+            if _core.RWLock.acquire_write(self, 0):
+                return True
+            if deadline is not None and loop.time() >= deadline:
+                return False
+            # Readers are in; they wake nobody when they leave unless a
+            # writer is announced, which only the blocking call does.
+            await asyncio.sleep(pause if deadline is None
+                                else min(pause, max(0.0, deadline - loop.time())))
+            pause = min(pause * 2, 0.05)
+
+    async def _wlock_free(self, timeout: float | None) -> bool:
+        w = self._wlock
+
+        def attempt() -> Any:
+            return True if not w.locked() else _AGAIN
+
+        def repair() -> Any:  # a dead writer: let acquire_write take it over
+            return True
+
+        return await _until(attempt, lambda: _describe(w), timeout, lambda: False, repair)
+
+    @contextlib.asynccontextmanager
+    async def read(self, timeout: float | None = None) -> AsyncIterator[None]:  # type: ignore[override]
+        """``async with rw.read():`` a read hold for the block; Timeout if not in time."""
+        if not await self.acquire_read(timeout):
+            raise Timeout(f"could not read-lock {self.name!r} within {timeout} s")
+        try:
+            yield
+        finally:
+            self.release_read()
+
+    @contextlib.asynccontextmanager
+    async def write(self, timeout: float | None = None) -> AsyncIterator[None]:  # type: ignore[override]
+        """``async with rw.write():`` the write hold for the block; Timeout if not in time."""
+        if not await self.acquire_write(timeout):
+            raise Timeout(f"could not write-lock {self.name!r} within {timeout} s")
+        try:
+            yield
+        finally:
+            self.release_write()
+
+
+class Condition(_sync.Condition):
+    """:class:`shmkit.Condition` with coroutine ``acquire``, ``wait``,
+    ``wait_for`` and ``async with``.
+
+    >>> import asyncio, shmkit.aio
+    >>> async def main():
+    ...     c = shmkit.aio.Condition(None)
+    ...     async with c:
+    ...         c.notify_all()
+    ...         late = await c.wait(timeout=0.01)
+    ...     c.close(); c.unlink()
+    ...     return late
+    >>> asyncio.run(main())
+    False
+    """
+
+    def _setup(self, seg: Any, offset: int) -> None:
+        super()._setup(seg, offset)
+        self.lock = Mutex._embedded(seg, offset, self._what)
+
+    async def acquire(self, blocking: bool = True,  # type: ignore[override]
+                      timeout: float | None = None) -> bool:
+        return await self.lock.acquire(blocking, timeout)
+
+    async def __aenter__(self) -> "Condition":
+        await self.lock.acquire()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> "Condition":
+        raise TypeError("hold a shmkit.aio.Condition with `async with`")
+
+    async def wait(self, timeout: float | None = None) -> bool:  # type: ignore[override]
+        """Release the lock, await a ``notify()``, re-take the lock; False on timeout.
+
+        As :meth:`shmkit.Condition.wait`: call it holding the condition
+        (``async with cond:``); it holds it again when it returns, and also
+        when it is cancelled (a cancelled wait re-takes the lock, then raises
+        CancelledError, as :meth:`asyncio.Condition.wait` does).
+        """
+        m, base = self._m, self._base
+        seq0 = _core.cond_enter(m, base)  # RuntimeError unless we hold it
+        desc = (_core.W_COND, m, base, seq0)
+        holding = notified = cancelled = False
+
+        def granted() -> Any:
+            return True if _core.wait_ready([desc], 0, False)[0] else _AGAIN
+
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
+        try:
+            while not notified:
+                left = None if deadline is None else deadline - loop.time()
+                if not await _until(granted, lambda: desc, left, lambda: False):
+                    break
+                await self.lock.acquire()
+                holding = True
+                if _core.cond_take(m, base, seq0):
+                    notified = True
+                else:  # another waiter took the last grant: wait again
+                    self.lock.release()
+                    holding = False
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        finally:
+            while not holding:  # hold it again on every way out
+                try:
+                    await self.lock.acquire()
+                    holding = True
+                except asyncio.CancelledError:
+                    cancelled = True
+            if not notified:
+                # A notify() that raced with our time-out counted us: take its
+                # wake-up, so none is left for nobody (not when cancelled).
+                notified = _core.cond_leave(m, base, seq0, not cancelled)
+        if cancelled:
+            raise asyncio.CancelledError
+        return notified
+
+    async def wait_for(self, predicate: Callable[[], Any],  # type: ignore[override]
+                       timeout: float | None = None) -> Any:
+        """Await until ``predicate()`` is true (holding the condition); returns its last value."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
+        result = predicate()
+        while not result:
+            if deadline is not None and loop.time() >= deadline:
+                break
+            await self.wait(None if deadline is None else deadline - loop.time())
+            result = predicate()
+        return result
+
+
+async def wait(objects: Sequence[Any], timeout: float | None = None) -> list:
+    """Await until at least one of ``objects`` is ready; return those that are.
+
+    The coroutine form of :func:`shmkit.wait` (same rules: readiness never
+    consumes; ``[]`` on timeout), with no limit of 128 objects.
+    """
+    objs = list(objects)
+    if not objs:
+        raise ValueError("shmkit.aio.wait(objects): need at least one object")
+    descs = [_describe(o) for o in objs]
+    ready = _ready_now(objs, descs)
+    if ready or (timeout is not None and timeout <= 0):
+        return ready
+    loop = asyncio.get_running_loop()
+    hub = _hub()
+    fut = loop.create_future()
+    keys = [_key(d) for d in descs]
+    for k, d in zip(keys, descs):
+        hub.add(k, d, fut, loop)
+    timer = None if timeout is None else loop.call_at(loop.time() + timeout, _settle, [fut],
+                                                     _EXPIRED)
+    try:
+        await fut
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for k in keys:
+            hub.discard(k, fut)
+    return _ready_now(objs, descs)
+
+
+def _ready_now(objs: list, descs: list) -> list:
+    chosen: set[int] = set()
+    for i in range(0, len(descs), 128):
+        ready, suspect = _core.wait_ready(descs[i:i + 128], 0, False)
+        chosen.update(i + k for k in ready)
+        chosen.update(i + k for k in suspect)
+    return [o for i, o in enumerate(objs) if i in chosen]
+

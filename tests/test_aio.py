@@ -1,0 +1,718 @@
+"""shmkit.wait (several objects at once) and shmkit.aio (asyncio), across real processes.
+
+Timing checks are liveness checks with wide margins (a ticker keeps ticking,
+a call returns within seconds), never speed; speed is benchmarks/bench_aio.py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+
+import pytest
+
+import shmkit
+import shmkit.aio as aio
+from conftest import SRC, spawn
+
+PROMPT = 5.0  # "promptly": seconds, on a shared and noisy machine
+
+
+def _produce(name: str, n: int, delay: float, pause_every: int = 0) -> None:
+    ch = shmkit.Channel(name)
+    time.sleep(delay)
+    for i in range(n):
+        ch.send(i.to_bytes(4, "little"), timeout=60)
+        if pause_every and i % pause_every == 0:
+            time.sleep(0.001)
+    ch.close()
+
+
+def _set_later(name: str, delay: float) -> None:
+    ev = shmkit.Event(name)
+    time.sleep(delay)
+    ev.set()
+    ev.close()
+
+
+def _send_later(name: str, delay: float, data: bytes) -> None:
+    ch = shmkit.Channel(name)
+    time.sleep(delay)
+    ch.send(data)
+    ch.close()
+
+
+def _hold_mutex(name: str, ready) -> None:
+    m = shmkit.Mutex(name)
+    m.acquire()
+    ready.set()
+    time.sleep(120)
+
+
+def _hold_semaphore(name: str, ready) -> None:
+    s = shmkit.Semaphore(name, value=1)
+    s.acquire()
+    ready.set()
+    time.sleep(120)
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+# ---- shmkit.wait --------------------------------------------------------------
+
+def test_wait_reports_what_another_process_made_ready(names):
+    a, b = shmkit.Channel(names(), capacity=4096), shmkit.Channel(names(), capacity=4096)
+    ev = shmkit.Event(names())
+    try:
+        assert shmkit.wait([a, b, ev], timeout=0.05) == []
+        p = spawn(_send_later, b.name, 0.3, b"for b")
+        got = shmkit.wait([a, b, ev], timeout=30)
+        p.join(30)
+        assert got == [b]
+        # Readiness never consumes: the message is still there, and still ready.
+        assert shmkit.wait([a, b, ev], timeout=0) == [b]
+        p = spawn(_set_later, ev.name, 0.2)
+        assert b.recv_nowait() == b"for b"
+        assert shmkit.wait([a, b, ev], timeout=30) == [ev]
+        p.join(30)
+        assert ev.is_set()
+    finally:
+        for o in (a, b, ev):
+            o.close()
+        ev.unlink()
+
+
+def test_wait_on_locks_and_semaphores(names):
+    m, s, rw = shmkit.Mutex(names()), shmkit.Semaphore(names(), value=0), shmkit.RWLock(names())
+    q = shmkit.Queue()
+    try:
+        m.acquire()
+        rw.acquire_write()
+        assert shmkit.wait([m, s, rw, q], timeout=0.05) == []
+        threading.Timer(0.2, m.release).start()
+        assert shmkit.wait([m, s, rw, q], timeout=30) == [m]
+        s.release()
+        q.put("x")
+        rw.release_write()
+        assert shmkit.wait([m, s, rw, q], timeout=30) == [m, s, rw, q]
+        assert q.get_nowait() == "x" and s.acquire(False) and m.acquire(False)
+        m.release()
+    finally:
+        for o in (m, s, rw):
+            o.close()
+            o.unlink()
+        q.close()
+
+
+def test_wait_refuses_bad_input(names):
+    ev = shmkit.Event(names())
+    cond = shmkit.Condition(names())
+    try:
+        with pytest.raises(ValueError, match="1 to 128"):
+            shmkit.wait([])
+        with pytest.raises(ValueError, match="got 129"):
+            shmkit.wait([ev] * 129)
+        with pytest.raises(TypeError, match="Condition"):
+            shmkit.wait([ev, cond])
+        with pytest.raises(TypeError, match="int"):
+            shmkit.wait([3])
+        ch = shmkit.Channel(None, capacity=4096)
+        ch.close()
+        with pytest.raises(shmkit.ClosedError):
+            shmkit.wait([ev, ch])
+        assert shmkit.wait([ev] * 128, timeout=0) == []
+    finally:
+        ev.close()
+        ev.unlink()
+        cond.close()
+        cond.unlink()
+
+
+def test_wait_returns_a_channel_closed_by_another_thread(names):
+    ch = shmkit.Channel(names(), capacity=4096)
+    ev = shmkit.Event(names())
+    try:
+        threading.Timer(0.2, ch.close).start()
+        t0 = time.monotonic()
+        assert shmkit.wait([ch, ev], timeout=30) == [ch]
+        assert time.monotonic() - t0 < PROMPT
+        with pytest.raises(shmkit.ClosedError):
+            ch.recv_nowait()
+    finally:
+        ev.close()
+        ev.unlink()
+
+
+# ---- asyncio: the loop keeps running --------------------------------------------
+
+def test_asyncio_consumer_of_a_producer_process_keeps_the_loop_running(name):
+    n = 300
+
+    async def main() -> tuple[list[int], int, int]:
+        ch = aio.Channel(name, capacity=4096)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        t = asyncio.create_task(ticker())
+        p = spawn(_produce, name, n, 0.5, 10)
+        first = await ch.recv(timeout=60)  # waits about 0.5 s for the producer
+        ticks_at_first = ticks
+        got = [int.from_bytes(first, "little")]
+        while len(got) < n:
+            got.append(int.from_bytes(await ch.recv(timeout=60), "little"))
+        t.cancel()
+        p.join(30)
+        ch.close()
+        return got, ticks_at_first, ticks
+
+    got, ticks_at_first, _ = asyncio.run(main())
+    assert got == list(range(n))
+    # A blocking recv in the coroutine would have frozen the ticker at 0.
+    assert ticks_at_first >= 3
+
+
+def test_async_for_send_and_queue(names):
+    async def main() -> None:
+        ch = aio.Channel(names(), capacity=256)
+        sent = []
+
+        async def sender() -> None:
+            for i in range(50):  # more than 256 bytes: awaits room
+                await ch.send(bytes([i]) * 20, timeout=30)
+                sent.append(i)
+            assert await ch.send_many([b"y", b"z"], timeout=30) == 2
+            ch.close_sending()
+
+        t = asyncio.create_task(sender())
+        got = [m async for m in ch]
+        await t
+        assert got == [bytes([i]) * 20 for i in range(50)] + [b"y", b"z"]
+        ch.close()
+
+        q = aio.Queue(maxsize=2)
+        await q.put(1)
+        await q.put(2)
+        with pytest.raises(queue.Full):
+            await q.put(3, timeout=0.05)
+        putter = asyncio.create_task(q.put(3, timeout=30))
+        assert await q.get(timeout=30) == 1
+        await putter
+        assert [await q.get(), await q.get()] == [2, 3]
+        with pytest.raises(queue.Empty):
+            await q.get(timeout=0.05)
+        q.close()
+
+    asyncio.run(main())
+
+
+def test_other_receive_forms(name):
+    async def main() -> None:
+        ch = aio.Channel(name, capacity=4096)
+        p = spawn(_send_later, name, 0.2, b"abcdef")
+        buf = bytearray(16)
+        assert await ch.recv_into(buf, timeout=30) == 6 and buf[:6] == b"abcdef"
+        p.join(30)
+        loop = asyncio.get_running_loop()
+        sync = shmkit.Channel(name)  # the plain handle's calls, from callbacks
+        loop.call_later(0.05, sync.send_nowait, b"view")
+        view = await ch.recv_view(timeout=30)
+        with view as mv:
+            assert bytes(mv) == b"view"
+        loop.call_later(0.05, sync.send_many, [b"1", b"2", b"3"])
+        got = await ch.recv_many(10, timeout=30)
+        while len(got) < 3:
+            got += await ch.recv_many(10, timeout=30)
+        assert got == [b"1", b"2", b"3"]
+        assert await ch.recv_many(10, timeout=0.05) == []
+        with pytest.raises(shmkit.Timeout, match="no message arrived"):
+            await ch.recv(timeout=0.05)
+        ch.close()
+        sync.close()
+
+    asyncio.run(main())
+
+
+def test_timeouts_and_results_match_the_blocking_calls(names):
+    async def main() -> None:
+        m, e = aio.Mutex(names()), aio.Event(names())
+        s, rw = aio.Semaphore(names(), value=0), aio.RWLock(names())
+        try:
+            assert await m.acquire(timeout=1)
+            assert await m.acquire(timeout=0.05) is False
+            assert await m.acquire(blocking=False) is False
+            with pytest.raises(shmkit.Timeout):
+                async with m.held(timeout=0.05):
+                    pass
+            m.release()
+            async with m:
+                assert m.locked()
+            assert not m.locked()
+            assert await e.wait(timeout=0.05) is False
+            asyncio.get_running_loop().call_later(0.05, e.set)
+            assert await e.wait(timeout=30) is True
+            assert await s.acquire(timeout=0.05) is False
+            asyncio.get_running_loop().call_later(0.05, s.release)
+            async with s:
+                assert s.value == 0
+            assert s.value == 1
+            assert await rw.acquire_read(timeout=1)
+            assert await rw.acquire_write(timeout=0.1) is False
+            rw.release_read()
+            async with rw.write(timeout=30):
+                assert await rw.acquire_read(timeout=0.05) is False
+            async with rw.read(timeout=30):
+                pass
+            with pytest.raises(TypeError, match="async with"):
+                with m:
+                    pass
+        finally:
+            for o in (m, e, s, rw):
+                o.close()
+                o.unlink()
+
+    asyncio.run(main())
+
+
+def test_auto_reset_event_hands_each_set_to_one_coroutine(name):
+    async def main() -> None:
+        e = aio.Event(name, auto_reset=True)
+        waits = [asyncio.create_task(e.wait(timeout=30)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        pending = set(waits)
+        for _ in range(3):  # one set() at a time: a set flag does not count sets
+            e.set()
+            done, pending = await asyncio.wait(pending, timeout=10,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            assert len(done) == 1 and all(t.result() for t in done)
+        await asyncio.sleep(0.1)
+        assert len(pending) == 2 and not any(t.done() for t in pending)
+        assert not e.is_set()
+        for t in pending:
+            t.cancel()
+        e.close()
+
+    asyncio.run(main())
+
+
+# ---- cancellation -------------------------------------------------------------
+
+def test_cancelled_receives_lose_no_message(name):
+    n = 3000
+
+    async def main() -> tuple[list[int], int]:
+        ch = aio.Channel(name, capacity=1024)
+        p = spawn(_produce, name, n, 0.2, 3)
+        got: list[int] = []
+        cancelled = 0
+        rng = random.Random(7)
+        while len(got) < n:
+            try:
+                m = await asyncio.wait_for(ch.recv(timeout=60), rng.choice([0.0002, 0.001,
+                                                                             0.003]))
+            except asyncio.TimeoutError:
+                cancelled += 1
+                continue
+            got.append(int.from_bytes(m, "little"))
+        p.join(30)
+        assert ch.depth == 0
+        ch.close()
+        return got, cancelled
+
+    got, cancelled = asyncio.run(main())
+    assert got == list(range(n))  # none lost, none twice, in order
+    assert cancelled > 0  # the test did cancel receives
+
+
+def test_cancelled_acquires_never_leave_a_lock_held(name):
+    async def main() -> int:
+        m = aio.Mutex(name)
+        other = shmkit.Mutex(name)  # a second handle, used from a thread
+        rng = random.Random(3)
+        won = 0
+        for _ in range(300):
+            other.acquire()
+            t = asyncio.create_task(m.acquire(timeout=30))
+            await asyncio.sleep(0)
+            threading.Timer(rng.choice([0, 0.0005, 0.002]), other.release).start()
+            await asyncio.sleep(rng.choice([0, 0.0003, 0.001, 0.003]))
+            t.cancel()
+            try:
+                if await t:
+                    won += 1
+                    m.release()
+            except asyncio.CancelledError:
+                pass
+            # Whatever happened, the lock is ours to take now: nobody holds it.
+            assert other.acquire(timeout=10)
+            other.release()
+        assert not m.locked()
+        m.close()
+        other.close()
+        return won
+
+    asyncio.run(main())
+
+
+# ---- scale: many awaits, few threads, no busy waiting ----------------------------
+
+def test_ten_thousand_awaits_use_a_few_threads_and_no_cpu(names):
+    events = [aio.Event(names()) for _ in range(50)]
+    before = _threads()
+
+    async def main() -> tuple[int, float, int]:
+        tasks = [asyncio.create_task(events[i % 50].wait(timeout=120)) for i in range(10000)]
+        await asyncio.sleep(0.5)
+        during = _threads()
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        await asyncio.sleep(1.0)  # everyone waits; the process should be idle
+        cpu = (time.process_time() - cpu0) / (time.monotonic() - wall0)
+        watchers = aio.watcher_count()
+        for e in events:
+            e.set()
+        assert all(await asyncio.gather(*tasks))
+        return during, cpu, watchers
+
+    during, cpu, watchers = asyncio.run(main())
+    for e in events:
+        e.close()
+        e.unlink()
+    assert watchers == 1  # 50 distinct objects: one watcher thread
+    assert during - before <= 1
+    assert cpu < 0.25  # a busy wait would use a whole core
+
+
+def test_more_distinct_objects_than_one_watcher_watches(names):
+    events = [aio.Event(names()) for _ in range(300)]
+    try:
+        async def main() -> list:
+            tasks = [asyncio.create_task(e.wait(timeout=60)) for e in events]
+            await asyncio.sleep(0.3)
+            assert aio.watcher_count() >= 3  # 127 objects per watcher
+            for e in events[::-1]:
+                e.set()
+            return await asyncio.gather(*tasks)
+
+        assert all(asyncio.run(main()))
+        # aio.wait: any number of objects, and it reports the ready ones only
+        async def waiter() -> list:
+            for e in events:
+                e.clear()
+            asyncio.get_running_loop().call_later(0.1, events[250].set)
+            return await aio.wait(events, timeout=30)
+
+        assert asyncio.run(waiter()) == [events[250]]
+    finally:
+        for e in events:
+            e.close()
+            e.unlink()
+
+
+# ---- dead peers, closing, several loops -------------------------------------------
+
+def test_killed_holder_of_an_awaited_mutex(name):
+    from conftest import SPAWN
+
+    m = aio.Mutex(name)
+    ready = SPAWN.Event()
+    p = spawn(_hold_mutex, name, ready)
+    assert ready.wait(60)
+
+    async def main() -> tuple[bool, bool, int]:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            t = asyncio.create_task(m.acquire(timeout=60))
+            await asyncio.sleep(0.3)
+            assert not t.done()
+            p.kill()
+            got = await t
+            return got, m.recovered, sum(issubclass(x.category, shmkit.OwnerDiedWarning)
+                                         for x in w)
+
+    t0 = time.monotonic()
+    got, recovered, warned = asyncio.run(main())
+    p.join(30)
+    assert got and recovered and warned == 1
+    assert time.monotonic() - t0 < 0.3 + PROMPT
+    m.release()
+    m.close()
+
+
+def test_killed_holder_of_an_awaited_semaphore(name):
+    from conftest import SPAWN
+
+    s = aio.Semaphore(name, value=1)
+    ready = SPAWN.Event()
+    p = spawn(_hold_semaphore, name, ready)
+    assert ready.wait(60)
+
+    async def main() -> bool:
+        t = asyncio.create_task(s.acquire(timeout=60))
+        await asyncio.sleep(0.3)
+        assert not t.done()
+        p.kill()
+        return await t
+
+    assert asyncio.run(main())
+    p.join(30)
+    s.release()
+    s.close()
+
+
+def test_closing_the_handle_while_awaiting_raises_closed_error(names):
+    async def main() -> None:
+        ch = aio.Channel(names(), capacity=4096)
+        e = aio.Event(names())
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.1, ch.close)
+        with pytest.raises(shmkit.ClosedError):
+            await ch.recv(timeout=30)
+        seg = e._seg
+        loop.call_later(0.1, e.close)
+        with pytest.raises(shmkit.ClosedError):
+            await e.wait(timeout=30)
+        seg.unlink()
+
+    asyncio.run(main())
+
+
+def test_a_closed_loop_leaves_the_watchers_working(name):
+    ch = aio.Channel(name, capacity=4096)
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(ch.recv(timeout=60))
+    loop.run_until_complete(asyncio.sleep(0.1))
+    assert not task.done()
+    loop.close()  # with the receive still pending
+    ch.send_nowait(b"one")  # wakes the watcher, which finds the loop closed
+    time.sleep(0.1)
+
+    async def again() -> bytes:
+        return await ch.recv(timeout=30)
+
+    assert asyncio.run(again()) == b"one"  # the pending receive took nothing
+    assert aio.watcher_count() >= 1
+    ch.close()
+
+
+def test_several_loops_in_several_threads(name):
+    n, k = 400, 4
+    got: list[list[int]] = [[] for _ in range(k)]
+    ch = shmkit.Channel(name, capacity=4096)
+
+    def run(i: int) -> None:
+        async def consume() -> None:
+            mine = aio.Channel(name)
+            async for m in mine:
+                got[i].append(int.from_bytes(m, "little"))
+            mine.close()
+
+        asyncio.run(consume())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(k)]
+    for t in threads:
+        t.start()
+    p = spawn(_produce, name, n, 0.2, 7)
+    p.join(60)
+    ch.close_sending()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive()
+    ch.close()
+    everything = sorted(x for g in got for x in g)
+    assert everything == list(range(n))
+    assert sum(1 for g in got if g) >= 2  # the loops did share the work
+
+
+# ---- Ctrl-C -------------------------------------------------------------------------
+
+_CTRL_C = {
+    "asyncio": """
+        import asyncio
+        async def main():
+            ch = shmkit.aio.Channel(N)
+            print("ready", flush=True)
+            await ch.recv()
+        def block():
+            asyncio.run(main())
+    """,
+    "asyncio-mutex": """
+        import asyncio
+        async def main():
+            m = shmkit.aio.Mutex(N)
+            print("ready", flush=True)
+            await m.acquire()
+        def block():
+            asyncio.run(main())
+    """,
+    "wait": """
+        def block():
+            ch, ev = shmkit.Channel(N), shmkit.Event(None)
+            print("ready", flush=True)
+            shmkit.wait([ch, ev])
+    """,
+}
+
+
+def test_ctrl_c_ends_asyncio_run_and_wait(names):
+    held = shmkit.Mutex(names())
+    held.acquire()
+    chans = {k: shmkit.Channel(names(), capacity=4096) for k in ("asyncio", "wait")}
+    target = {"asyncio": chans["asyncio"].name, "wait": chans["wait"].name,
+              "asyncio-mutex": held.name}
+    env = dict(os.environ, PYTHONPATH=SRC)
+    procs = {}
+    for kind, body in _CTRL_C.items():
+        code = ("import shmkit, shmkit.aio, sys, time\nN = sys.argv[1]\n" +
+                textwrap.dedent(body) + textwrap.dedent("""
+            try:
+                block()
+            except KeyboardInterrupt:
+                print("interrupted", time.monotonic(), flush=True)
+            else:
+                print("returned", flush=True)
+        """))
+        procs[kind] = subprocess.Popen([sys.executable, "-c", code, target[kind]], env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+    try:
+        for p in procs.values():
+            assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        for p in procs.values():
+            assert p.poll() is None
+        sent = time.monotonic()
+        for p in procs.values():
+            p.send_signal(signal.SIGINT)
+        for kind, p in procs.items():
+            out, err = p.communicate(timeout=20)
+            word, _, when = out.strip().partition(" ")
+            assert word == "interrupted", (kind, out, err)
+            assert float(when) - sent < PROMPT, kind
+            assert p.returncode == 0, (kind, err)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    # The interrupted waiters left nothing behind.
+    held.release()
+    assert held.acquire(timeout=1)
+    held.release()
+    held.close()
+    for c in chans.values():
+        c.close()
+
+
+def _produce_and_stay(name: str, n: int) -> None:
+    ch = shmkit.Channel(name)
+    for i in range(n):
+        ch.send(i.to_bytes(4, "little"))
+    time.sleep(120)  # killed here: it never closes its handle, nobody is woken
+
+
+def test_messages_stop_when_every_sender_has_gone(name):
+    async def main() -> list[int]:
+        ch = aio.Channel(name, capacity=4096)
+        p = spawn(_produce_and_stay, name, 5)
+        got = []
+        async for m in ch.messages(stop_when_no_senders=True):
+            got.append(int.from_bytes(m, "little"))
+            if len(got) == 5:
+                await asyncio.sleep(0.2)  # the next receive is asleep by now
+                p.kill()
+        p.join(30)
+        with pytest.raises(shmkit.SendersGone):
+            await ch.recv(timeout=30, stop_when_no_senders=True)
+        ch.close()
+        return got
+
+    t0 = time.monotonic()
+    assert asyncio.run(main()) == list(range(5))
+    assert time.monotonic() - t0 < 30  # ended by the senders going, not by a timeout
+
+
+def _send_and_notify(cond_name: str, ch_name: str, delay: float) -> None:
+    c, ch = shmkit.Condition(cond_name), shmkit.Channel(ch_name)
+    time.sleep(delay)
+    with c:
+        ch.send(b"state changed")
+        c.notify_all()
+    ch.close()
+    c.close()
+
+
+def test_condition_wait_for_a_notify_from_another_process(names):
+    async def main() -> None:
+        c, ch = aio.Condition(names()), shmkit.Channel(names(), capacity=4096)
+        p = spawn(_send_and_notify, c.name, ch.name, 0.3)
+        async with c:
+            assert await c.wait_for(lambda: ch.depth > 0, timeout=60)
+            assert c.lock.locked()
+        p.join(30)
+        async with c:
+            assert await c.wait(timeout=0.05) is False  # nobody notifies
+            assert c.lock.locked()
+        with pytest.raises(RuntimeError, match="without holding"):
+            await c.wait(timeout=0.05)
+        assert shmkit.Condition.statistics(c)["waiters"] == 0
+        c.close()
+        c.unlink()
+        ch.close()
+
+    asyncio.run(main())
+
+
+def test_cancelled_condition_waits_hold_the_lock_and_leave_no_count(name):
+    async def main() -> None:
+        c = aio.Condition(name)
+        other = shmkit.Condition(name)
+        rng = random.Random(5)
+        outcomes = {"notified": 0, "cancelled": 0}
+
+        async def waiter() -> None:
+            async with c:
+                try:
+                    if await c.wait(timeout=30):
+                        outcomes["notified"] += 1
+                finally:
+                    assert c.lock.locked()  # held again, on every way out
+
+        def notify() -> None:
+            with other:
+                other.notify()
+
+        for _ in range(100):
+            t = asyncio.create_task(waiter())
+            await asyncio.sleep(rng.choice([0, 0.0005, 0.002]))
+            threading.Timer(rng.choice([0, 0.0005, 0.002]), notify).start()
+            await asyncio.sleep(rng.choice([0, 0.0003, 0.001, 0.003]))
+            t.cancel()
+            try:
+                await t
+            except asyncio.CancelledError:
+                outcomes["cancelled"] += 1
+            await asyncio.sleep(0.005)  # let the notifier thread finish
+            assert not c.lock.locked()
+        assert shmkit.Condition.statistics(c)["waiters"] == 0
+        # Nothing banked for nobody: no old notify() wakes a new waiter.
+        async with c:
+            assert await c.wait(timeout=0.05) is False
+        c.close()
+        other.close()
+
+    asyncio.run(main())
