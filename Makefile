@@ -25,7 +25,9 @@ build: $(SO)
 demo: build
 	$(BIN)/shmkit demo
 
+# tests/test_redis.py runs a real redis-server: installed with apt when missing
 test: build
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(BIN)/python -m pytest -q -m "not stress" tests
 
 stress: build
