@@ -473,7 +473,7 @@ def test_event_wakes_another_process(server: Server, prefix: str) -> None:
         import sys, shmkit
         e = shmkit.connect(sys.argv[1], prefix=sys.argv[2]).Event(sys.argv[3])
         print("waiting", flush=True)
-        print(e.wait(timeout=60), flush=True)
+        print(e.wait(timeout=600), flush=True)  # woken by set(), long before the timeout
     """
     ns = shmkit.connect(server.url, prefix=prefix)
     for kind, auto in (("manual", False), ("auto", True)):

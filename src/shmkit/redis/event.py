@@ -99,12 +99,11 @@ class Event(RedisObject):
                     return True
                 if end is not None and time.monotonic() >= end:
                     return False
-        ps = self._r.pubsub(ignore_subscribe_messages=True)
+        ps = self._r.pubsub()  # subscribe confirmations seen: the wait starts after one
         try:
             ps.subscribe(self._chan)
             while True:  # the subscription is confirmed before the flag is read
-                msg = ps.get_message(ignore_subscribe_messages=False, timeout=remaining(end)
-                                     or 0.0)
+                msg = ps.get_message(timeout=remaining(end))
                 if msg is not None and msg.get("type") == "subscribe":
                     break
                 if self._closed:
