@@ -14,13 +14,17 @@ socket (started here, as bench_store does):
 """
 from __future__ import annotations
 
+import atexit
 import multiprocessing
+import os
 import random
 import secrets
+import shutil
+import subprocess
+import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
-from benchmarks.bench_store import REDIS_REQ, _once, _redis_server
 from benchmarks.harness import workload
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -28,11 +32,45 @@ N_KEYS = 10_000
 KEYS = [b"%016d" % i for i in range(N_KEYS)]
 VALUE = b"v" * 100
 MSG = b"m" * 64
-REQ = REDIS_REQ + ("hiredis",)
+_REDIS = shutil.which("redis-server")
+REQ = ("redis", "hiredis") if _REDIS else ("redis", "hiredis", "redis-server")
 
 PUT = "redis: Store put, 16 B keys, 100 B values"
 GET = "redis: Store random get, 16 B keys, 100 B values"
 ONE_WAY = "redis: Channel 64 B one-way, 2 processes"
+
+
+_cache: dict[str, Any] = {}
+
+
+def _once(key: str, make: Callable[[], Any], close: Callable[[Any], None] | None = None) -> Any:
+    if key not in _cache:
+        _cache[key] = make()
+        if close is not None:
+            atexit.register(close, _cache[key])
+    return _cache[key]
+
+
+def _redis_server() -> Any:
+    """One redis-server on a unix socket in a temporary directory, for the whole run."""
+    def start() -> tuple[subprocess.Popen, str, str]:
+        d = tempfile.mkdtemp(prefix="shmkit-bench-redis-")
+        sock = os.path.join(d, "redis.sock")
+        proc = subprocess.Popen([_REDIS, "--port", "0", "--unixsocket", sock, "--save", "",
+                                 "--appendonly", "no", "--dir", d],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(500):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.01)
+        return proc, sock, d
+
+    def stop(s: tuple) -> None:
+        s[0].terminate()
+        s[0].wait(5)
+        shutil.rmtree(s[2], ignore_errors=True)
+
+    return _once("redis", start, stop)
 
 
 def _url() -> str:
