@@ -164,7 +164,7 @@ class Bridge:
                 return 0
             with view as mv:
                 try:
-                    self._retrying("send", lambda: self.remote._send_some([bytes(mv)]))
+                    self._retrying("send", lambda: self._send_remote(bytes(mv)))
                 except BackendError:  # stopped while Redis was away: give it back
                     data = bytes(mv)
                 else:
@@ -174,6 +174,16 @@ class Bridge:
                 self.local.send(data)
                 return 1
         return 0
+
+    def _send_remote(self, data: bytes) -> None:
+        """Add one message to the stream, waiting while a remote Queue is full."""
+        from ..errors import BackendError
+        pause = 0.001
+        while not self.remote._send_some([data]):
+            if self.stopping:
+                raise BackendError("stopped while the remote queue was full")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def _from(self) -> int:
         from ..errors import BackendError, ChannelClosed, Timeout

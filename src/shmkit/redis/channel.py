@@ -31,6 +31,7 @@ from ..errors import (
     Full,
     MessageTooLarge,
     ReadOnlyError,
+    ShmkitError,
     Timeout,
 )
 from ._base import CHUNK, RedisNamespace, RedisObject, deadline, guard_all, refuse, remaining
@@ -429,6 +430,8 @@ class Channel(RedisObject):
         try:
             if self._unacked and os.getpid() == self._pid:
                 self.ack()
+        except ShmkitError:
+            pass  # the server is away: they stay pending, and are delivered again
         finally:
             self._closed = True
 
