@@ -27,7 +27,9 @@ demo: build
 
 # Types first: the annotations and stubs (mypy --strict), then the stubs against
 # the compiled module (stubtest; stubtest-allowlist.txt lists what it cannot see).
+# tests/test_redis.py runs a real redis-server: installed with apt when missing.
 test: build
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(BIN)/python -m mypy --strict src/shmkit
 	$(BIN)/python -m mypy.stubtest shmkit --allowlist stubtest-allowlist.txt
 	$(BIN)/python -m pytest -q -m "not stress" tests

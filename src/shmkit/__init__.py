@@ -59,6 +59,8 @@ from .segment import Kind, Segment, list_segments, unlink
 from .sync import Condition, Event, Mutex, RWLock, Semaphore
 from .store import Store
 from .aio_wait import wait  # shmkit.wait; the asyncio forms are in shmkit.aio
+from .errors import BackendError, LeaseLostError, UnsupportedParameterError
+from .redis import connect  # shmkit.connect("local" | "redis://..."); redis-py only when used
 from . import inspect  # shmkit.inspect: list, describe and clean up objects (not in __all__)
 
 __version__ = "0.1.0"
@@ -76,6 +78,7 @@ __all__ = [
     "Heap", "Handle", "StaleHandleError", "PinnedError", "HeapFullError",
     "Channel", "Queue", "ChannelClosed", "SendersGone", "MessageTooLarge", "Empty", "Full",
     "wait",
+    "connect", "BackendError", "LeaseLostError", "UnsupportedParameterError",
 ]
 
 for _name in __all__:

@@ -210,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="passed to `python -m benchmarks` (see `shmkit bench -- --help`)")
     p.set_defaults(func=cmd_bench)
+
+    # bridge: a local Channel or Queue to and from a Redis stream (needs shmkit[redis]
+    # only when it runs); declared and run by src/shmkit/redis/bridge.py
+    from .redis.bridge import add_bridge_command
+    add_bridge_command(sub, fmt)
     return parser
 
 

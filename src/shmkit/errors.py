@@ -46,6 +46,10 @@ __all__ = [
     "MessageTooLarge",
     "Empty",
     "Full",
+    # redis backend (shmkit.connect)
+    "BackendError",
+    "LeaseLostError",
+    "UnsupportedParameterError",
 ]
 
 
@@ -247,3 +251,27 @@ def _explain(msg: str) -> str:
         return (f"channel {shown} was ended with close_sending() and every message "
                 "sent before has been received")
     return msg
+
+
+# --- redis backend (shmkit.connect("redis://...")) ---
+
+
+class BackendError(ShmkitError, ConnectionError):
+    """The Redis server behind a namespace could not be reached, went away
+    (a restart, a network partition) or refused a command.
+
+    The message names the server and what failed; the original redis-py
+    exception is chained (``__cause__``).  A write that raised this may or
+    may not have been applied: see docs/redis.md."""
+
+
+class LeaseLostError(ShmkitError, RuntimeError):
+    """A Redis-backed Mutex's lease ran out (the holder was stopped or cut
+    off for longer than ``lease``) and another holder may have taken it;
+    what the lock guarded may have been changed meanwhile (compare
+    ``fencing_token`` values)."""
+
+
+class UnsupportedParameterError(ShmkitError, TypeError):
+    """A parameter the backend cannot honour (a ``path=`` or a byte
+    ``capacity=`` for a Redis object): it is refused rather than ignored."""

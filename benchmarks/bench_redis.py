@@ -1,0 +1,272 @@
+"""The Redis backend (shmkit.connect("redis://...")): what it costs over redis-py.
+
+Three benchmarks, each with three systems, against one redis-server on a unix
+socket (started here, as bench_store does):
+
+* Store put and random get of 16-byte keys and 100-byte values: the backend's
+  Store (HSET/HGET of the local encoding), redis-py's HSET/HGET on the same
+  hash layout directly (the reference: the ratio is the backend's overhead),
+  and the local shmkit.Store;
+* Channel one-way, 64-byte messages, a receiver in a second process: the
+  backend's Channel (XADD by a script; XREADGROUP with the previous XACK+XDEL
+  pipelined), the same commands through redis-py directly, and the local
+  shmkit.Channel.
+"""
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import random
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from typing import Any, Callable
+
+from benchmarks.harness import workload
+
+SPAWN = multiprocessing.get_context("spawn")
+N_KEYS = 10_000
+KEYS = [b"%016d" % i for i in range(N_KEYS)]
+VALUE = b"v" * 100
+MSG = b"m" * 64
+_REDIS = shutil.which("redis-server")
+REQ = ("redis", "hiredis") if _REDIS else ("redis", "hiredis", "redis-server")
+
+PUT = "redis: Store put, 16 B keys, 100 B values"
+GET = "redis: Store random get, 16 B keys, 100 B values"
+ONE_WAY = "redis: Channel 64 B one-way, 2 processes"
+
+
+_cache: dict[str, Any] = {}
+
+
+def _once(key: str, make: Callable[[], Any], close: Callable[[Any], None] | None = None) -> Any:
+    if key not in _cache:
+        _cache[key] = make()
+        if close is not None:
+            atexit.register(close, _cache[key])
+    return _cache[key]
+
+
+def _redis_server() -> Any:
+    """One redis-server on a unix socket in a temporary directory, for the whole run."""
+    def start() -> tuple[subprocess.Popen, str, str]:
+        d = tempfile.mkdtemp(prefix="shmkit-bench-redis-")
+        sock = os.path.join(d, "redis.sock")
+        proc = subprocess.Popen([_REDIS, "--port", "0", "--unixsocket", sock, "--save", "",
+                                 "--appendonly", "no", "--dir", d],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(500):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.01)
+        return proc, sock, d
+
+    def stop(s: tuple) -> None:
+        s[0].terminate()
+        s[0].wait(5)
+        shutil.rmtree(s[2], ignore_errors=True)
+
+    return _once("redis", start, stop)
+
+
+def _url() -> str:
+    _proc, sock, _d = _redis_server()
+    return f"unix://{sock}"
+
+
+def _ns() -> Any:
+    import shmkit
+    return _once("ns", lambda: shmkit.connect(_url(), prefix="bench"), lambda n: n.close())
+
+
+def _client() -> Any:
+    import redis
+    return _once("client", lambda: redis.Redis.from_url(_url()), lambda c: c.close())
+
+
+def _order(n: int) -> list[bytes]:
+    rng = random.Random(1)
+    return [KEYS[rng.randrange(N_KEYS)] for _ in range(n)]
+
+
+def _cycle(n: int) -> list[bytes]:
+    return [KEYS[i % N_KEYS] for i in range(n)]
+
+
+# -- Store ----------------------------------------------------------------------------
+
+
+@workload(PUT, unit="kops/s", system="redis-py HSET (direct)", requires=REQ, reference=True)
+def put_redis_py(n: int) -> float:
+    r = _client()
+    r.delete("bench:direct")
+    keys = [b"\x03" + k for k in _cycle(n)]
+    value = b"\x01" + VALUE
+    t0 = time.perf_counter()
+    for k in keys:
+        r.hset("bench:direct", k, value)
+    return time.perf_counter() - t0
+
+
+@workload(PUT, system="shmkit Redis Store", requires=REQ)
+def put_backend(n: int) -> float:
+    st = _ns().Store("store")
+    st.clear()
+    keys = _cycle(n)
+    t0 = time.perf_counter()
+    for k in keys:
+        st[k] = VALUE
+    return time.perf_counter() - t0
+
+
+@workload(PUT, system="shmkit.Store (local)")
+def put_local(n: int) -> float:
+    import shmkit
+    st = shmkit.Store(None, size=16 << 20)
+    keys = _cycle(n)
+    t0 = time.perf_counter()
+    for k in keys:
+        st[k] = VALUE
+    dt = time.perf_counter() - t0
+    st.close()
+    return dt
+
+
+def _filled() -> None:
+    def fill() -> bool:
+        r = _client()
+        p = r.pipeline(transaction=False)
+        for k in KEYS:
+            p.hset("bench:direct-get", b"\x03" + k, b"\x01" + VALUE)
+        p.execute()
+        st = _ns().Store("store-get")
+        with st.batch():
+            for k in KEYS:
+                st[k] = VALUE
+        return True
+    _once("filled", fill)
+
+
+@workload(GET, unit="kops/s", system="redis-py HGET (direct)", requires=REQ, reference=True)
+def get_redis_py(n: int) -> float:
+    _filled()
+    r = _client()
+    keys = [b"\x03" + k for k in _order(n)]
+    t0 = time.perf_counter()
+    for k in keys:
+        r.hget("bench:direct-get", k)
+    return time.perf_counter() - t0
+
+
+@workload(GET, system="shmkit Redis Store", requires=REQ)
+def get_backend(n: int) -> float:
+    _filled()
+    st = _ns().Store("store-get")
+    keys = _order(n)
+    t0 = time.perf_counter()
+    for k in keys:
+        st[k]
+    return time.perf_counter() - t0
+
+
+@workload(GET, system="shmkit.Store (local)")
+def get_local(n: int) -> float:
+    import shmkit
+
+    def make() -> Any:
+        st = shmkit.Store(None, size=16 << 20)
+        for k in KEYS:
+            st[k] = VALUE
+        return st
+    st = _once("local-store", make, lambda s: s.close())
+    keys = _order(n)
+    t0 = time.perf_counter()
+    for k in keys:
+        st[k]
+    return time.perf_counter() - t0
+
+
+# -- Channel one-way --------------------------------------------------------------------
+
+
+def _sink(kind: str, url: str, name: str, n: int, ready: Any, done: Any) -> None:
+    if kind == "direct":
+        import redis
+        r = redis.Redis.from_url(url)
+        key = f"bench:{name}"
+        prev: list[bytes] = []
+        ready.set()
+        got = 0
+        while got < n:
+            p = r.pipeline(transaction=False)
+            if prev:
+                p.xack(key, "g", *prev)
+                p.xdel(key, *prev)
+            p.xreadgroup("g", "c", {key: ">"}, count=1, block=1000)
+            res = p.execute()[-1]
+            prev = [e[0] for e in res[0][1]] if res else []
+            got += len(prev)
+    else:
+        import shmkit
+        ns = shmkit.connect(url, prefix="bench") if kind == "backend" else shmkit.connect("local")
+        ch = ns.Channel(name)
+        ready.set()
+        recv = ch.recv
+        for _ in range(n):
+            recv()
+        ch.close()
+    done.set()
+
+
+def _one_way(kind: str, n: int) -> float:
+    name = f"ow-{secrets.token_hex(4)}"
+    url = _url() if kind != "local" else ""
+    if kind == "direct":
+        r = _client()
+        r.xgroup_create(f"bench:{name}", "g", id="0", mkstream=True)
+        send = lambda m: r.xadd(f"bench:{name}", {"d": m})  # noqa: E731
+        ch = None
+    else:
+        import shmkit
+        ns = _ns() if kind == "backend" else shmkit.connect("local")
+        ch = ns.Channel(name)
+        send = ch.send
+    ready, done = SPAWN.Event(), SPAWN.Event()
+    p = SPAWN.Process(target=_sink, args=(kind, url, name, n, ready, done), daemon=True)
+    p.start()
+    try:
+        if not ready.wait(60):
+            raise RuntimeError("the receiving process did not start")
+        t0 = time.perf_counter()
+        for _ in range(n):
+            send(MSG)
+        if not done.wait(600):
+            raise RuntimeError("the receiving process did not finish")
+        return time.perf_counter() - t0
+    finally:
+        p.join(30)
+        if kind == "direct":
+            _client().delete(f"bench:{name}")
+        elif ch is not None:
+            ch.unlink()
+            ch.close()
+
+
+@workload(ONE_WAY, unit="kops/s", system="redis-py XADD / XREADGROUP+XACK (direct)",
+          requires=REQ, reference=True)
+def one_way_redis_py(n: int) -> float:
+    return _one_way("direct", n)
+
+
+@workload(ONE_WAY, system="shmkit Redis Channel", requires=REQ)
+def one_way_backend(n: int) -> float:
+    return _one_way("backend", n)
+
+
+@workload(ONE_WAY, system="shmkit.Channel (local)")
+def one_way_local(n: int) -> float:
+    return _one_way("local", n)

@@ -1,0 +1,232 @@
+"""``shmkit bridge``: forward a local Channel or Queue to a Redis stream, or back.
+
+Processes on each machine keep talking through shared memory; one bridge per
+direction and machine carries the messages across::
+
+    machine A:  shmkit bridge --to   redis://r:6379/0 jobs   # local 'jobs' -> stream
+    machine B:  shmkit bridge --from redis://r:6379/0 jobs   # stream -> local 'jobs'
+
+``--to`` takes each message in place from the local channel (``recv_view``),
+adds it to the stream (XADD), and only then releases it.  ``--from`` reads the
+stream as the consumer ``bridge:<host>:<name>``, sends each message into the
+local channel, and acknowledges it on Redis only after that send returned.
+
+Where duplicates and losses can occur (docs/redis.md has the whole table):
+
+- ``--from`` killed after a local send and before the acknowledgement: that
+  message is delivered again when a bridge with the same consumer name starts
+  (at once) or after ``--claim-idle`` seconds (any other consumer): a
+  duplicate, never a loss.
+- ``--to`` killed after the XADD and before the view is released: the local
+  channel reclaims the record as received; nothing is repeated.  Killed
+  between taking the view and the XADD: the local channel treats a view of a
+  killed process as received, so that one message is lost (at most one per
+  kill).  Ctrl-C and SIGTERM are never in that window: they stop the bridge
+  between two messages.
+
+Stopping: Ctrl-C (SIGINT) or SIGTERM finish the message in hand and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from typing import Any
+
+__all__ = ["add_bridge_command", "cmd_bridge", "Bridge"]
+
+_POLL = 0.2  # seconds a wait lasts before the stop flag is looked at again
+
+_EXAMPLES = """\
+examples:
+  Local channel 'jobs' to the Redis stream 'shmkit:jobs' (on the sending machine):
+    shmkit bridge --to redis://redis.example:6379/0 jobs
+  And from that stream into local channel 'jobs' (on the receiving machine):
+    shmkit bridge --from redis://redis.example:6379/0 jobs
+  A local Queue, another remote name and prefix:
+    shmkit bridge --queue --from unix:///run/redis.sock --prefix app --remote work jobs
+"""
+
+
+def add_bridge_command(sub: Any, formatter: Any) -> argparse.ArgumentParser:
+    """Declare ``shmkit bridge`` on the CLI's subparsers."""
+    purpose = ("forward a local Channel or Queue to a Redis stream (--to) or a Redis stream "
+               "into it (--from), until Ctrl-C")
+    p = sub.add_parser("bridge", prog="shmkit bridge", help=purpose,
+                       description=purpose[0].upper() + purpose[1:] + ".",
+                       epilog=_EXAMPLES, formatter_class=formatter)
+    p.set_defaults(subparser=p, func=cmd_bridge)
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--to", metavar="URL", help="forward the local object to this Redis")
+    way.add_argument("--from", dest="from_", metavar="URL",
+                     help="forward from this Redis into the local object")
+    p.add_argument("name", metavar="NAME", help="the local Channel (or Queue) name")
+    p.add_argument("--queue", action="store_true",
+                   help="the local object is a Queue (its pickled objects go as they are)")
+    p.add_argument("--prefix", default="shmkit", help="the Redis key prefix (default shmkit)")
+    p.add_argument("--remote", metavar="NAME", help="the Redis object's name (default NAME)")
+    p.add_argument("--claim-idle", type=float, default=30.0, metavar="SECONDS",
+                   help="--from: seconds before another consumer takes over messages a "
+                        "dead bridge had not acknowledged (default 30)")
+    p.add_argument("--batch", type=int, default=256, metavar="N",
+                   help="--from: messages read from Redis per round trip (default 256)")
+    return p
+
+
+class Bridge:
+    """One direction of a bridge; ``run()`` until ``stop()`` (or a signal)."""
+
+    def __init__(self, name: str, url: str, direction: str, *, queue: bool = False,
+                 prefix: str = "shmkit", remote: str | None = None, claim_idle: float = 30.0,
+                 batch: int = 256, log: Any = None) -> None:
+        import socket
+
+        from .. import channel as _local
+        from . import connect
+
+        if direction not in ("to", "from"):
+            raise ValueError(f"direction must be 'to' or 'from', not {direction!r}")
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, not {batch!r}")
+        self.direction = direction
+        self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.stopping = False
+        self.forwarded = 0
+        self._batch = batch
+        remote = remote or name
+        self.ns = connect(url, prefix=prefix)
+        if queue:
+            self._lq = _local.Queue(name=name)
+            self.local = self._lq._ch  # the queue's pickled objects, as bytes
+        else:
+            self._lq = None
+            self.local = _local.Channel(name)
+        consumer = f"bridge:{socket.gethostname()}:{name}" if direction == "from" else None
+        kwargs: dict[str, Any] = {"claim_idle": claim_idle, "consumer": consumer}
+        if queue:
+            self._rq = self.ns.Queue(remote, **kwargs)
+            self.remote = self._rq._ch
+        else:
+            self._rq = None
+            self.remote = self.ns.Channel(remote, **kwargs)
+        self.what = (f"local {'queue' if queue else 'channel'} {name!r} "
+                     f"{'->' if direction == 'to' else '<-'} {url} {prefix}:{remote}")
+
+    def stop(self, *_: Any) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        self.log(f"shmkit bridge: {self.what} (Ctrl-C stops)")
+        try:
+            status = self._to() if self.direction == "to" else self._from()
+        finally:
+            self.close()
+        self.log(f"shmkit bridge: stopped; {self.forwarded} messages forwarded")
+        return status
+
+    def close(self) -> None:
+        for obj in (self._lq, self.local, self._rq, self.remote):
+            try:
+                if obj is not None:
+                    obj.close()
+            except Exception:
+                pass
+        self.ns.close()
+
+    def _retrying(self, what: str, func: Any) -> Any:
+        """``func()``, retried while the Redis server cannot be reached (until stop)."""
+        from ..errors import BackendError
+        pause, said = 0.1, False
+        while True:
+            try:
+                return func()
+            except BackendError as e:
+                if not said:
+                    self.log(f"shmkit bridge: {what}: {e}; retrying")
+                    said = True
+                if self.stopping:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+
+    def _to(self) -> int:
+        from ..errors import BackendError, ChannelClosed, Timeout
+        while not self.stopping:
+            try:
+                view = self.local.recv_view(timeout=_POLL)
+            except Timeout:
+                continue
+            except ChannelClosed:
+                self._retrying("close the stream", self.remote.close_sending)
+                self.log("shmkit bridge: the local channel was ended; the stream is ended too")
+                return 0
+            with view as mv:
+                try:
+                    self._retrying("send", lambda: self._send_remote(bytes(mv)))
+                except BackendError:  # stopped while Redis was away: give it back
+                    data = bytes(mv)
+                else:
+                    data = None
+                    self.forwarded += 1
+            if data is not None:
+                self.local.send(data)
+                return 1
+        return 0
+
+    def _send_remote(self, data: bytes) -> None:
+        """Add one message to the stream, waiting while a remote Queue is full."""
+        from ..errors import BackendError
+        pause = 0.001
+        while not self.remote._send_some([data]):
+            if self.stopping:
+                raise BackendError("stopped while the remote queue was full")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def _from(self) -> int:
+        from ..errors import BackendError, ChannelClosed, Timeout
+        rch = self.remote
+        while not self.stopping:
+            try:
+                # acknowledges the previous batch: every one of it was sent locally
+                msgs = self._retrying("receive", lambda: rch._take(self._batch, _POLL))
+            except ChannelClosed:
+                self.local.close_sending()
+                self.log("shmkit bridge: the stream was ended; the local channel is ended too")
+                return 0
+            except BackendError:
+                return 1
+            for i, msg in enumerate(msgs):
+                while True:
+                    if self.stopping:
+                        # the unsent ones stay pending for this consumer name
+                        rch._unacked = rch._unacked[:len(rch._unacked) - len(msgs) + i]
+                        self._retrying("acknowledge", rch.ack)
+                        return 0
+                    try:
+                        self.local.send(msg, timeout=_POLL)
+                        break
+                    except Timeout:
+                        continue
+                self.forwarded += 1
+        try:
+            self._retrying("acknowledge", rch.ack)
+        except BackendError:
+            return 1
+        return 0
+
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    """Run ``shmkit bridge`` (see the module docstring)."""
+    url = args.to if args.to is not None else args.from_
+    bridge = Bridge(args.name, url, "to" if args.to is not None else "from",
+                    queue=args.queue, prefix=args.prefix, remote=args.remote,
+                    claim_idle=args.claim_idle, batch=args.batch)
+    old = {sig: signal.signal(sig, bridge.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return bridge.run()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

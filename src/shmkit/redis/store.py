@@ -1,0 +1,541 @@
+"""A Store in a Redis hash: the same keys, values, encoding and errors as shmkit.Store.
+
+Each key is one hash field, each value one hash value, encoded as the
+shared-memory store encodes its records: the field is the key-type byte
+(1 int, 2 str, 3 bytes) and the key's bytes (an int as 8 little-endian bytes,
+or the fewest two's-complement bytes beyond 64 bits); the value is the
+value-type byte (``VT_*``, as in ``_core/table.h``) and the record's value
+bytes (an ndarray's u32 header length, header and data; a pickle's bytes).
+Arrays and pickled objects go through shmkit.store's own encoder and
+decoder functions.
+
+>>> import shmkit                                                  # doctest: +SKIP
+>>> st = shmkit.connect("redis://localhost:6379/0").Store("cache")  # doctest: +SKIP
+>>> st["answer"] = 42; st["answer"]                                # doctest: +SKIP
+42
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import struct
+from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
+from typing import Any
+
+from .._object import DEFAULT, given
+from ..errors import (
+    CorruptError,
+    KeyExistsError,
+    ReadOnlyError,
+    UnsupportedTypeError,
+    ValueTooLargeError,
+)
+from ..store import _VT_NDARRAY, _VT_PICKLE, _decode, _encode_pickle, _encode_plain, _np
+from ._base import RedisNamespace, RedisObject, guard_all, guarded, refuse
+
+__all__ = ["Store", "encode_key", "decode_key", "encode_value", "decode_value"]
+
+KT_INT, KT_STR, KT_BYTES = 1, 2, 3
+VT_BYTES, VT_STR, VT_INT, VT_FLOAT, VT_FALSE, VT_TRUE, VT_NONE = 1, 2, 3, 4, 5, 6, 7
+MAX_KEY = 1 << 20  # as the shared-memory store (table.h MAX_KEY)
+MAX_VALUE = (512 << 20) - 1  # Redis's largest string (proto-max-bulk-len), less the type byte
+_SCAN = 512
+_U32 = struct.Struct("<I")
+_F64 = struct.Struct("<d")
+_VALUE_BYTES = {b: bytes([b]) for b in range(1, 10)}
+
+# A batch: check every add (absent) and delete (present) in order, then apply.
+# KEYS[1] the hash; ARGV: op, field, value triples ("s" set, "a" add, "d" delete)
+_BATCH = """
+local present = {}
+for i = 1, #ARGV, 3 do
+  local op, f = ARGV[i], ARGV[i + 1]
+  local p = present[f]
+  if p == nil then p = redis.call('hexists', KEYS[1], f) == 1 end
+  if op == 'a' then
+    if p then return {1, f} end
+    p = true
+  elseif op == 'd' then
+    if not p then return {2, f} end
+    p = false
+  else
+    p = true
+  end
+  present[f] = p
+end
+for i = 1, #ARGV, 3 do
+  if ARGV[i] == 'd' then redis.call('hdel', KEYS[1], ARGV[i + 1])
+  else redis.call('hset', KEYS[1], ARGV[i + 1], ARGV[i + 2]) end
+end
+return {0}
+"""
+
+_POP = """
+local v = redis.call('hget', KEYS[1], ARGV[1])
+if v then redis.call('hdel', KEYS[1], ARGV[1]) end
+return v
+"""
+
+
+def _int_bytes(v: int) -> bytes:
+    if -(1 << 63) <= v < (1 << 63):
+        return v.to_bytes(8, "little", signed=True)
+    return v.to_bytes(abs(v).bit_length() // 8 + 1, "little", signed=True)
+
+
+def encode_key(key: Any) -> bytes:
+    """The hash field of ``key``: its type byte and bytes, as the local store keeps them."""
+    if isinstance(key, str):
+        data = key.encode("utf-8")
+        kt = KT_STR
+    elif isinstance(key, bytes):
+        data = bytes(key)
+        kt = KT_BYTES
+    elif isinstance(key, int) and not isinstance(key, bool):
+        data = _int_bytes(int(key))
+        kt = KT_INT
+    else:
+        extra = ("bool keys would collide with 0 and 1; use int(key)"
+                 if isinstance(key, bool) else "convert the key first")
+        raise UnsupportedTypeError(f"store keys must be int, str or bytes, not "
+                                   f"{type(key).__name__}; {extra}")
+    if len(data) > MAX_KEY:
+        raise ValueTooLargeError(f"a key of {len(data)} bytes is longer than the store's "
+                                 f"limit of {MAX_KEY} bytes; use a shorter key (a digest "
+                                 "of it, say)")
+    return bytes((kt,)) + data
+
+
+def decode_key(field: bytes) -> Any:
+    kt, data = field[0], field[1:]
+    if kt == KT_STR:
+        return data.decode("utf-8")
+    if kt == KT_BYTES:
+        return data
+    if kt == KT_INT:
+        return int.from_bytes(data, "little", signed=True)
+    raise CorruptError(f"a Redis store field has key type {kt}, which no shmkit writes")
+
+
+def encode_value(value: Any, pickled: bool) -> bytes:
+    """The hash value of ``value``: its VT_* byte and the record's value bytes."""
+    t = type(value)
+    if t is bytes:
+        out = _VALUE_BYTES[VT_BYTES] + value
+    elif t is str:
+        out = _VALUE_BYTES[VT_STR] + value.encode("utf-8")
+    elif value is True:
+        return _VALUE_BYTES[VT_TRUE]
+    elif value is False:
+        return _VALUE_BYTES[VT_FALSE]
+    elif value is None:
+        return _VALUE_BYTES[VT_NONE]
+    elif t is int:
+        out = _VALUE_BYTES[VT_INT] + _int_bytes(value)
+    elif t is float:
+        return _VALUE_BYTES[VT_FLOAT] + _F64.pack(value)
+    else:
+        vt, head, body = (_encode_pickle if pickled else _encode_plain)(value)
+        parts = [_VALUE_BYTES[vt]]
+        if head is not None:
+            parts += [_U32.pack(len(head)), head]
+        parts.append(memoryview(body).cast("B") if not isinstance(body, bytes) else body)
+        out = b"".join(parts)
+    if len(out) - 1 > MAX_VALUE:
+        raise ValueTooLargeError(f"a value of {len(out) - 1} bytes is larger than the "
+                                 f"{MAX_VALUE} bytes a Redis string can hold; split it")
+    return out
+
+
+def decode_value(data: bytes, pickled: bool) -> Any:
+    if not data:
+        raise CorruptError("a Redis store value is empty: no shmkit writes that")
+    vt = data[0]
+    if vt == VT_BYTES:
+        return data[1:]
+    if vt == VT_STR:
+        return data[1:].decode("utf-8")
+    if vt == VT_INT:
+        return int.from_bytes(data[1:], "little", signed=True)
+    if vt == VT_FLOAT and len(data) == 9:
+        return _F64.unpack_from(data, 1)[0]
+    if vt in (VT_FALSE, VT_TRUE, VT_NONE) and len(data) == 1:
+        return None if vt == VT_NONE else vt == VT_TRUE
+    if vt == _VT_NDARRAY and len(data) >= 5:
+        (hn,) = _U32.unpack_from(data, 1)
+        if hn <= len(data) - 5:
+            body = memoryview(data)[5 + hn:]
+            try:
+                arr = _decode(_VT_NDARRAY, data[5:5 + hn], len(body))
+            except ValueError:
+                raise CorruptError("a Redis store array value has an unreadable "
+                                   "header") from None
+            if len(body):
+                np = _np()
+                arr.reshape(-1).view(np.uint8)[:] = np.frombuffer(body, np.uint8)
+            return arr
+    if vt == _VT_PICKLE:
+        if not pickled:
+            raise CorruptError("a pickled value in a store opened without codec='pickle'")
+        return pickle.loads(data[1:])
+    raise CorruptError(f"a Redis store value of type {vt} and {len(data) - 1} bytes, "
+                       "which no shmkit writes")
+
+
+@guard_all
+class Store(RedisObject, MutableMapping):  # type: ignore[misc]
+    """A dict-like store in a Redis hash, shared by every process that reaches the server.
+
+    ``ns.Store(name)`` (``ns = shmkit.connect("redis://...")``) creates or
+    opens it.  The same keys, values, encoding and exceptions as
+    :class:`shmkit.Store`: ``st[k] = v``, ``st[k]``, ``get``, ``add``,
+    ``del``, ``pop``, ``in``, ``len``, iteration, ``items``, ``values``,
+    ``get_many``, ``get_into``, ``nbytes``, ``clear``, ``batch()`` (applied
+    atomically by one Lua script), ``statistics()``.
+
+    Parameters
+    ----------
+    codec:
+        ``None`` or ``"pickle"``, fixed at creation (MismatchError when
+        opened with another; left out, adopted).
+    readonly:
+        Writes raise :class:`ReadOnlyError`.
+    create:
+        ``None`` create or open, ``True`` only create, ``False`` only open.
+    on_destroy:
+        Called once by :meth:`unlink` in this process.
+
+    Parameters of the shared-memory store that Redis cannot honour
+    (``path``, ``size``, ``max_size``, ``lifetime``...) raise
+    :class:`UnsupportedParameterError` when given.
+
+    Example
+    -------
+    >>> st = ns.Store("cache")                          # doctest: +SKIP
+    >>> with st.batch():                                # doctest: +SKIP
+    ...     st["a"] = 1; st["b"] = 2
+    """
+
+    _kind = "store"
+
+    def __init__(self, ns: RedisNamespace, name: str, *, codec: str | None = DEFAULT,
+                 readonly: bool = False, create: bool | None = None,
+                 on_destroy: Any = None, **local_only: Any) -> None:
+        super().__init__(ns, name)
+        refuse("Store", name, local_only)
+        if given(codec) and codec not in (None, "pickle"):
+            raise ValueError(f"codec must be None or 'pickle', not {codec!r}")
+        meta = self._open_meta(create, {"codec": (codec if given(codec) else None) or "none"})
+        have = meta.get("codec")
+        if have not in ("none", "pickle"):
+            raise CorruptError(f"store {name!r} has an unknown codec {have!r}")
+        if given(codec) and (codec or "none") != have:
+            raise self._mismatch("store", name, "codec", codec,
+                                 None if have == "none" else have)
+        self._pickled = have == "pickle"
+        self._readonly = bool(readonly)
+        self._on_destroy = on_destroy
+        self._batch: list[bytes | str] | None = None
+        self._overlay: dict[bytes, bytes | None] = {}
+        self._batch_script = self._r.register_script(_BATCH)
+        self._pop_script = self._r.register_script(_POP)
+
+    def _reopen_args(self) -> dict:
+        return {"readonly": self._readonly}
+
+    # -- helpers --------------------------------------------------------------
+
+    def _writable(self) -> None:
+        self._live()
+        if self._readonly:
+            raise ReadOnlyError(f"store {self._name!r} was opened with readonly=True")
+
+    def _raw(self, field: bytes) -> bytes | None:
+        if self._batch is not None and field in self._overlay:
+            return self._overlay[field]
+        return self._r.hget(self._key, field)
+
+    # -- the mapping ----------------------------------------------------------
+
+    def __getitem__(self, key: Any) -> Any:
+        self._live()
+        raw = self._raw(encode_key(key))
+        if raw is None:
+            raise KeyError(key)
+        return decode_value(raw, self._pickled)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """The value stored under ``key``, or ``default``."""
+        self._live()
+        raw = self._raw(encode_key(key))
+        return default if raw is None else decode_value(raw, self._pickled)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._writable()
+        field, data = encode_key(key), encode_value(value, self._pickled)
+        if self._batch is not None:
+            self._batch += ["s", field, data]
+            self._overlay[field] = data
+            return
+        self._r.hset(self._key, field, data)
+
+    def add(self, key: Any, value: Any) -> None:
+        """Insert ``key``; :class:`KeyExistsError` (a KeyError) if it is already there."""
+        self._writable()
+        field, data = encode_key(key), encode_value(value, self._pickled)
+        if self._batch is not None:
+            if self._raw(field) is not None:
+                raise self._exists(key)
+            self._batch += ["a", field, data]
+            self._overlay[field] = data
+            return
+        if not self._r.hsetnx(self._key, field, data):
+            raise self._exists(key)
+
+    def _exists(self, key: Any) -> KeyExistsError:
+        return KeyExistsError(f"key {key!r} is already in store {self._name!r}; assign "
+                              "st[key] = value to replace it")
+
+    def __delitem__(self, key: Any) -> None:
+        self._writable()
+        field = encode_key(key)
+        if self._batch is not None:
+            if self._raw(field) is None:
+                raise KeyError(key)
+            self._batch += ["d", field, b""]
+            self._overlay[field] = None
+            return
+        if not self._r.hdel(self._key, field):
+            raise KeyError(key)
+
+    _missing = object()
+
+    def pop(self, key: Any, default: Any = _missing) -> Any:
+        """Remove ``key`` and return its value, in one step (KeyError, or ``default``)."""
+        self._writable()
+        field = encode_key(key)
+        if self._batch is not None:
+            raw = self._raw(field)
+            if raw is not None:
+                self._batch += ["d", field, b""]
+                self._overlay[field] = None
+        else:
+            raw = self._pop_script(keys=[self._key], args=[field])
+        if raw is None:
+            if default is self._missing:
+                raise KeyError(key)
+            return default
+        return decode_value(raw, self._pickled)
+
+    def __contains__(self, key: object) -> bool:
+        self._live()
+        field = encode_key(key)
+        if self._batch is not None and field in self._overlay:
+            return self._overlay[field] is not None
+        return bool(self._r.hexists(self._key, field))
+
+    def __len__(self) -> int:
+        self._live()
+        return int(self._r.hlen(self._key))
+
+    @guarded
+    def _scan(self) -> Iterator[tuple[bytes, bytes]]:
+        # HSCAN may return a field twice (the hash rehashed meanwhile): the
+        # fields already given are skipped, so each key comes once.
+        self._live()
+        cursor, seen = 0, set()
+        while True:
+            cursor, chunk = self._r.hscan(self._key, cursor, count=_SCAN)
+            for field, raw in chunk.items():
+                if field not in seen:
+                    seen.add(field)
+                    yield field, raw
+            if cursor == 0:
+                return
+
+    def __iter__(self) -> Iterator[Any]:
+        for field, _raw in self._scan():
+            yield decode_key(field)
+
+    def _pairs(self) -> Iterator[tuple[Any, Any]]:
+        for field, raw in self._scan():
+            yield decode_key(field), decode_value(raw, self._pickled)
+
+    def _values(self) -> Iterator[Any]:
+        for _field, raw in self._scan():
+            yield decode_value(raw, self._pickled)
+
+    def items(self) -> "_Items":  # type: ignore[override]
+        """``(key, value)`` pairs (HSCAN: keys present throughout come exactly once)."""
+        return _Items(self)
+
+    def values(self) -> "_Values":  # type: ignore[override]
+        return _Values(self)
+
+    def get_many(self, keys: Any, *default: Any) -> list:
+        """The values of ``keys`` in order, in one round trip (HMGET); KeyError for a
+        missing key unless ``default`` is given."""
+        self._live()
+        if len(default) > 1:
+            raise TypeError(f"get_many() takes at most 2 arguments ({len(default) + 1} given)")
+        keys = list(keys)
+        fields = [encode_key(k) for k in keys]
+        if not fields:
+            return []
+        raws = self._r.hmget(self._key, fields)
+        out = []
+        for key, field, raw in zip(keys, fields, raws):
+            if self._batch is not None and field in self._overlay:
+                raw = self._overlay[field]
+            if raw is None:
+                if not default:
+                    raise KeyError(key)
+                out.append(default[0])
+            else:
+                out.append(decode_value(raw, self._pickled))
+        return out
+
+    def get_into(self, key: Any, buffer: Any) -> int:
+        """Copy a ``bytes`` or array value's bytes into ``buffer``; return their count.
+
+        As :meth:`shmkit.Store.get_into`: ValueTooLargeError (buffer unchanged)
+        when it is too small, UnsupportedTypeError for other value types.
+        """
+        self._live()
+        raw = self._raw(encode_key(key))
+        if raw is None:
+            raise KeyError(key)
+        vt = raw[0]
+        if vt == VT_BYTES:
+            body = memoryview(raw)[1:]
+        elif vt == _VT_NDARRAY and len(raw) >= 5:
+            body = memoryview(raw)[5 + _U32.unpack_from(raw, 1)[0]:]
+        else:
+            raise UnsupportedTypeError(f"get_into(): the value of {key!r} is not bytes or a "
+                                       "numpy array; get() it")
+        out = memoryview(buffer).cast("B")
+        if out.readonly:
+            raise TypeError("get_into() needs a writable buffer")
+        if len(body) > len(out):
+            raise ValueTooLargeError(f"the value of {key!r} has {len(body)} bytes, more than "
+                                     f"the buffer's {len(out)}; pass a larger buffer")
+        out[:len(body)] = body
+        return len(body)
+
+    def nbytes(self, key: Any) -> int:
+        """Bytes the value of ``key`` takes when encoded (KeyError if missing)."""
+        self._live()
+        field = encode_key(key)
+        if self._batch is not None and field in self._overlay:
+            raw = self._overlay[field]
+            if raw is None:
+                raise KeyError(key)
+            return len(raw) - 1
+        n = int(self._r.hstrlen(self._key, field))
+        if n == 0:
+            raise KeyError(key)
+        return n - 1
+
+    def clear(self) -> None:
+        """Remove every key (one DEL)."""
+        self._writable()
+        if self._batch is not None:
+            for key in list(self):
+                del self[key]
+            return
+        self._r.delete(self._key)
+
+    # -- the store ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator["Store"]:
+        """Group writes so other processes see all of them at once, or none.
+
+        The writes are kept in this handle and applied by one Lua script when
+        the block ends (atomic on the server); reads through this handle see
+        them meanwhile, other processes see the state before.  An ``add`` of
+        a present key or a ``del`` of a missing one raises at once, and is
+        checked again by the script: if another process changed it meanwhile,
+        nothing is applied and KeyExistsError/KeyError is raised at the end.
+        If the block raises, its writes are discarded.  Batches nest.
+        """
+        self._writable()
+        if self._batch is not None:
+            yield self
+            return
+        self._batch, self._overlay = [], {}
+        try:
+            yield self
+        except BaseException:
+            self._batch, self._overlay = None, {}
+            raise
+        ops, self._batch, self._overlay = self._batch, None, {}
+        if not ops:
+            return
+        try:
+            got = self._batch_script(keys=[self._key], args=ops)
+        except Exception as e:
+            from ._base import _translate
+            from redis.exceptions import RedisError
+            if isinstance(e, (RedisError, OSError)) and not isinstance(e, KeyError):
+                raise _translate(self._ns, e, f"batch on store {self._name!r}") from e
+            raise
+        if got[0] == 1:
+            raise self._exists(decode_key(got[1]))
+        if got[0] == 2:
+            raise KeyError(decode_key(got[1]))
+
+    def statistics(self) -> dict:
+        """``{"keys", "used_bytes", "codec", "backend", "server"}`` (used_bytes: Redis's
+        MEMORY USAGE estimate of the hash)."""
+        self._live()
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hlen(self._key)
+        pipe.memory_usage(self._key)
+        keys, used = pipe.execute()
+        return {"keys": int(keys), "used_bytes": int(used or 0),
+                "codec": "pickle" if self._pickled else "none", "backend": "redis",
+                "server": self._ns.url}
+
+    @property
+    def used_bytes(self) -> int:
+        """Redis's estimate of the bytes the hash takes (MEMORY USAGE)."""
+        self._live()
+        return int(self._r.memory_usage(self._key) or 0)
+
+    @property
+    def codec(self) -> str | None:
+        return "pickle" if self._pickled else None
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    def unlink(self) -> None:
+        """Remove the store (its hash and meta) from Redis."""
+        RedisObject.unlink(self)
+
+    def close(self) -> None:
+        """Release this handle (the store stays in Redis)."""
+        RedisObject.close(self)
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return f"<shmkit.redis.Store {self._name!r} closed>"
+        return f"<shmkit.redis.Store {self._name!r} at {self._ns.url}>"
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+class _Items(ItemsView):
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        return self._mapping._pairs()  # type: ignore[attr-defined]
+
+
+class _Values(ValuesView):
+    def __iter__(self) -> Iterator[Any]:
+        return self._mapping._values()  # type: ignore[attr-defined]

@@ -1,0 +1,676 @@
+"""The Redis backend (shmkit.connect("redis://...")) and `shmkit bridge`, against a
+real redis-server that a fixture starts on a unix socket in a temporary directory.
+
+Every cross-process test runs real programs (subprocess, spawn): two writers of
+one Store, a consumer SIGKILLed before it acknowledged, a Mutex holder
+SIGSTOPped past its lease, an Event set by another process, bridges killed
+mid-stream, and the server itself stopped and restarted.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+import shmkit
+from conftest import SRC, run_python, spawn
+
+REDIS_SERVER = shutil.which("redis-server")
+redis = pytest.importorskip("redis", reason="redis-py is in the test extra: "
+                                            "pip install -e '.[test]'")
+pytestmark = pytest.mark.skipif(
+    REDIS_SERVER is None,
+    reason="redis-server is not installed (`make test` installs it with apt-get)")
+
+
+class Server:
+    """A redis-server on a unix socket in its own directory; stop() and start() again."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="shmkit-test-redis-")
+        self.sock = os.path.join(self.dir, "redis.sock")
+        self.url = f"unix://{self.sock}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", "0", "--unixsocket", self.sock, "--unixsocketperm", "700",
+             "--save", "", "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(unix_socket_path=self.sock)
+        end = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.RedisError:
+                if time.monotonic() > end or self.proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            self.proc = None
+        try:
+            os.unlink(self.sock)
+        except FileNotFoundError:
+            pass
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    s = Server()
+    s.start()
+    yield s
+    s.remove()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t-{secrets.token_hex(6)}"
+
+
+@pytest.fixture
+def ns(server: Server, prefix: str) -> Iterator[Any]:
+    n = shmkit.connect(server.url, prefix=prefix)
+    yield n
+    for key in n.r.scan_iter(f"{prefix}:*"):
+        n.r.delete(key)
+    n.close()
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _program(code: str, *args: str) -> subprocess.Popen:
+    """A separate python program, its stdout a pipe of lines."""
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+
+
+def _line(proc: subprocess.Popen, timeout: float = 60) -> str:
+    """The next stdout line of ``proc`` (AssertionError with its stderr if none comes)."""
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.append(proc.stdout.readline()), daemon=True)
+    t.start()
+    t.join(timeout)
+    if not out or not out[0]:
+        proc.kill()
+        raise AssertionError(f"no line from the child; stderr:\n{proc.stderr.read()}")
+    return out[0].strip()
+
+
+# -- one test body, both backends ----------------------------------------------
+
+
+@pytest.fixture(params=["local", "redis"])
+def any_ns(request: pytest.FixtureRequest, server: Server, prefix: str) -> Iterator[Any]:
+    if request.param == "local":
+        n = shmkit.connect("local", prefix=prefix)
+    else:
+        n = shmkit.connect(server.url, prefix=prefix)
+    yield n
+    n.close()
+
+
+def test_same_code_runs_on_either_backend(any_ns: Any) -> None:
+    ns = any_ns
+    st = ns.Store("s")
+    try:
+        st["a"] = 1
+        st[7] = b"seven"
+        st[b"raw"] = np.arange(6, dtype=np.int16).reshape(2, 3)
+        st["f"] = 2.5
+        st["n"] = None
+        st["big"] = -(1 << 100)
+        assert st["a"] == 1 and type(st["a"]) is int
+        assert st[7] == b"seven" and st.get("missing", 0) == 0
+        arr = st[b"raw"]
+        assert arr.dtype == np.int16 and arr.shape == (2, 3) and arr[1, 2] == 5
+        assert st["n"] is None and st["big"] == -(1 << 100)
+        assert "a" in st and "b" not in st and len(st) == 6
+        st.add("b", 2)
+        with pytest.raises(shmkit.KeyExistsError):
+            st.add("b", 3)
+        with pytest.raises(KeyError):
+            del st["nope"]
+        with pytest.raises(shmkit.UnsupportedTypeError):
+            st["x"] = [1, 2]
+        with pytest.raises(shmkit.UnsupportedTypeError):
+            st[True] = 1
+        assert st.nbytes(7) == 5
+        with st.batch():
+            st["c"] = 3
+            del st["a"]
+        assert "a" not in st and st["c"] == 3
+        with pytest.raises(RuntimeError):
+            with st.batch():
+                st["d"] = 4
+                raise RuntimeError("discard")
+        assert "d" not in st
+        assert sorted(k for k in st if isinstance(k, str)) == ["b", "big", "c", "f", "n"]
+        assert dict(st.items())["c"] == 3
+        assert st.get_many(["b", "c", "zz"], None) == [2, 3, None]
+        assert st.pop("c") == 3 and "c" not in st
+        assert st.statistics()["codec"] == "none"
+    finally:
+        st.unlink()
+        st.close()
+
+    ch = ns.Channel("c")
+    try:
+        ch.send(b"one")
+        assert ch.send_many([b"two", memoryview(b"three")]) == 2
+        assert ch.recv(timeout=5) == b"one"
+        assert ch.recv_many(max_n=10, timeout=5) == [b"two", b"three"]
+        with pytest.raises(shmkit.Timeout):
+            ch.recv(timeout=0.05)
+        with pytest.raises(shmkit.Empty):
+            ch.recv_nowait()
+        assert ch.recv_many(max_n=10, timeout=0.05) == []
+        ch.send(b"last")
+        ch.close_sending()
+        with pytest.raises(shmkit.ChannelClosed):
+            ch.send(b"late")
+        assert list(ch) == [b"last"]
+    finally:
+        ch.unlink()
+        ch.close()
+
+    q = ns.Queue("q", maxsize=2)
+    try:
+        q.put({"job": 1})
+        q.put_nowait([2])
+        assert q.full()
+        with pytest.raises(shmkit.Full):
+            q.put(3, timeout=0.05)
+        assert q.get(timeout=5) == {"job": 1}
+        assert q.get(timeout=5) == [2]
+        with pytest.raises(shmkit.Empty):
+            q.get(timeout=0.05)
+        assert q.qsize() == 0 and q.empty() and q.maxsize == 2
+    finally:
+        q.unlink()
+        q.close()
+
+    m = ns.Mutex("m")
+    try:
+        assert m.acquire(timeout=5)
+        assert m.locked()
+        assert not m.acquire(blocking=False)
+        m.release()
+        with m:
+            assert m.locked()
+        assert not m.locked()
+        with m.held(timeout=5):
+            pass
+    finally:
+        m.unlink()
+        m.close()
+
+    e = ns.Event("e")
+    try:
+        assert not e.is_set() and e.wait(timeout=0.05) is False
+        e.set()
+        assert e.is_set() and e.wait(timeout=5) is True
+        e.clear()
+        assert not e.is_set()
+    finally:
+        e.unlink()
+        e.close()
+
+
+def test_values_have_the_local_encoding(ns: Any, name: str) -> None:
+    """The Redis hash value of each value is as long as the local store's record value."""
+    values = [b"", b"xyz", "é", 0, -1, 1 << 63, -(1 << 200), 1.5, True, False, None,
+              np.zeros((3, 0)), np.arange(10, dtype=">f8"),
+              np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")])]
+    local = shmkit.Store(name)
+    st = ns.Store("enc")
+    try:
+        for i, v in enumerate(values):
+            local[i] = v
+            st[i] = v
+            assert st.nbytes(i) == local.nbytes(i), v
+            got = st[i]
+            if isinstance(v, np.ndarray):
+                assert got.dtype == v.dtype and got.shape == v.shape
+                assert np.array_equal(got, v) and got.flags.writeable
+            else:
+                assert got == v and type(got) is type(v)
+    finally:
+        local.close()
+        local.unlink()
+
+
+def test_store_pickle_codec_is_fixed_at_creation(ns: Any) -> None:
+    st = ns.Store("p", codec="pickle")
+    st["obj"] = {"a": [1, 2]}
+    assert st["obj"] == {"a": [1, 2]}
+    assert ns.Store("p").codec == "pickle"
+    with pytest.raises(shmkit.MismatchError, match="codec"):
+        ns.Store("p", codec=None)
+    with pytest.raises(shmkit.UnsupportedTypeError, match="pickle"):
+        ns.Store("plain")["x"] = {1}
+
+
+def test_explicit_parameters_are_honoured_or_refused(ns: Any) -> None:
+    with pytest.raises(shmkit.UnsupportedParameterError, match="size=65536"):
+        ns.Store("s", size=65536)
+    with pytest.raises(shmkit.UnsupportedParameterError, match="capacity"):
+        ns.Channel("c", capacity=1 << 20)
+    with pytest.raises(shmkit.UnsupportedParameterError, match="capacity"):
+        ns.Queue("q", capacity=1 << 20)
+    with pytest.raises(shmkit.UnsupportedParameterError, match="path"):
+        ns.Mutex("m", path="/tmp/x")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        ns.Event("e", nonsense=1)
+    ch = ns.Channel("c")
+    with pytest.raises(shmkit.UnsupportedParameterError, match="stop_when_no_senders"):
+        ch.recv(timeout=0.01, stop_when_no_senders=True)
+    q = ns.Queue("q2", maxsize=5)
+    with pytest.raises(shmkit.MismatchError, match="maxsize"):
+        ns.Queue("q2", maxsize=6)
+    assert ns.Queue("q2").maxsize == 5
+    ev = ns.Event("auto", auto_reset=True)
+    with pytest.raises(shmkit.MismatchError, match="auto_reset"):
+        ns.Event("auto", auto_reset=False)
+    with pytest.raises(shmkit.WrongKindError):
+        ns.Store("c")
+    with pytest.raises(shmkit.NotFoundError):
+        ns.Channel("absent", create=False)
+    with pytest.raises(shmkit.ExistsError):
+        ns.Channel("c", create=True)
+    with pytest.raises(shmkit.InvalidNameError):
+        ns.Store("no/slash")
+    with pytest.raises(shmkit.InvalidNameError):
+        ns.Store(None)
+    with pytest.raises(ValueError, match="neither 'local' nor a Redis URL"):
+        shmkit.connect("http://example")
+    q.close()
+    ev.close()
+
+
+def test_store_readonly_and_batch_conflicts(ns: Any) -> None:
+    st = ns.Store("s")
+    st["k"] = 1
+    ro = ns.Store("s", readonly=True)
+    assert ro["k"] == 1
+    with pytest.raises(shmkit.ReadOnlyError):
+        ro["k"] = 2
+    other = ns.Store("s")
+    with pytest.raises(shmkit.KeyExistsError):
+        with st.batch():
+            st["a"] = 1
+            st.add("late", 1)  # absent now: queued
+            other["late"] = 0  # another writer takes the key before the batch ends
+    assert "a" not in st and other["late"] == 0  # nothing of the batch applied
+
+
+# -- between processes ---------------------------------------------------------
+
+
+def test_two_processes_share_a_store(server: Server, prefix: str) -> None:
+    """Two programs add the same 300 keys at once: each key is added by exactly one."""
+    code = """
+        import sys, shmkit
+        st = shmkit.connect(sys.argv[1], prefix=sys.argv[2]).Store("shared")
+        won = 0
+        for i in range(300):
+            try:
+                st.add(i, sys.argv[3]); won += 1
+            except shmkit.KeyExistsError:
+                pass
+        st[f"done-{sys.argv[3]}"] = won
+        print(won)
+    """
+    procs = [_program(code, server.url, prefix, who) for who in ("p1", "p2")]
+    won = [int(_line(p)) for p in procs]
+    for p in procs:
+        assert p.wait(timeout=60) == 0
+    st = shmkit.connect(server.url, prefix=prefix).Store("shared")
+    assert sum(won) == 300
+    owners = [st[i] for i in range(300)]
+    assert owners.count("p1") == won[0] and owners.count("p2") == won[1]
+    assert st["done-p1"] == won[0] and len(st) == 302
+
+
+def _consume_forever(url: str, prefix: str, ready: Any) -> None:
+    ch = shmkit.connect(url, prefix=prefix).Channel("work", claim_idle=1.0)
+    msg = ch.recv(timeout=30)
+    ready.put(msg)
+    time.sleep(3600)  # killed before it receives again (which would acknowledge)
+
+
+def test_consumer_killed_before_ack_has_its_message_redelivered(
+        server: Server, prefix: str) -> None:
+    from conftest import SPAWN
+    ns = shmkit.connect(server.url, prefix=prefix)
+    ch = ns.Channel("work", claim_idle=1.0)
+    ch.send(b"job-1")
+    ready = SPAWN.Queue()
+    child = spawn(_consume_forever, server.url, prefix, ready)
+    assert ready.get(timeout=60) == b"job-1"
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(30)
+    ch.send(b"job-2")
+    got = [ch.recv(timeout=30), ch.recv(timeout=30)]
+    assert sorted(got) == [b"job-1", b"job-2"]  # job-1 came again, from the dead one
+    with pytest.raises(shmkit.Timeout):
+        ch.recv(timeout=1.5)  # acknowledged by this consumer: never again
+    assert ch.depth == 0
+
+
+def test_acknowledged_message_is_not_redelivered(ns: Any) -> None:
+    """The control: a consumer that closes normally acknowledged its message."""
+    a = ns.Channel("w", claim_idle=0.2)
+    b = ns.Channel("w", claim_idle=0.2)
+    a.send(b"x")
+    assert a.recv(timeout=5) == b"x"
+    a.close()
+    time.sleep(0.4)
+    with pytest.raises(shmkit.Timeout):
+        b.recv(timeout=0.5)
+
+
+def test_mutex_lease_expires_when_holder_is_stopped(server: Server, prefix: str) -> None:
+    code = """
+        import sys, shmkit
+        m = shmkit.connect(sys.argv[1], prefix=sys.argv[2]).Mutex("lock", lease=1.0)
+        m.acquire()
+        print(m.fencing_token, flush=True)
+        sys.stdin.readline()
+        try:
+            m.release()
+            print("released")
+        except shmkit.LeaseLostError as e:
+            print("lost", type(e).__mro__[1].__name__)
+    """
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), server.url,
+                              prefix], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        first = int(_line(child))
+        m = shmkit.connect(server.url, prefix=prefix).Mutex("lock", lease=5.0)
+        assert not m.acquire(timeout=1.5)  # the running holder renews its lease
+        os.kill(child.pid, signal.SIGSTOP)
+        assert m.acquire(timeout=30)  # its lease runs out while it is stopped
+        assert m.fencing_token > first and m.recovered
+        os.kill(child.pid, signal.SIGCONT)
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert _line(child) == "lost ShmkitError"  # it may not release ours
+        assert m.locked()
+        m.release()
+        assert m.acquire(timeout=5) and not m.recovered
+        m.release()
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+        child.kill()
+        child.wait()
+
+
+def test_mutex_release_only_by_owner(ns: Any) -> None:
+    a, b = ns.Mutex("m"), ns.Mutex("m")
+    assert a.acquire(timeout=5)
+    with pytest.raises(RuntimeError):
+        b.release()
+    assert a.locked()
+    t0 = a.fencing_token
+    a.release()
+    assert b.acquire(timeout=5) and b.fencing_token == t0 + 1
+    b.release()
+
+
+def test_waiter_wakes_on_release_in_another_process(server: Server, prefix: str) -> None:
+    code = """
+        import sys, time, shmkit
+        m = shmkit.connect(sys.argv[1], prefix=sys.argv[2]).Mutex("lock", lease=30.0)
+        print("waiting", flush=True)
+        t0 = time.monotonic()
+        ok = m.acquire(timeout=60)
+        print(ok, m.fencing_token, flush=True)
+        m.release()
+    """
+    m = shmkit.connect(server.url, prefix=prefix).Mutex("lock", lease=30.0)
+    assert m.acquire(timeout=5)
+    child = _program(code, server.url, prefix)
+    assert _line(child) == "waiting"
+    time.sleep(0.3)
+    token = m.fencing_token
+    m.release()
+    ok, theirs = _line(child).split()
+    assert ok == "True" and int(theirs) == token + 1
+    assert child.wait(timeout=30) == 0
+
+
+def test_event_wakes_another_process(server: Server, prefix: str) -> None:
+    code = """
+        import sys, shmkit
+        e = shmkit.connect(sys.argv[1], prefix=sys.argv[2]).Event(sys.argv[3])
+        print("waiting", flush=True)
+        print(e.wait(timeout=600), flush=True)  # woken by set(), long before the timeout
+    """
+    ns = shmkit.connect(server.url, prefix=prefix)
+    for kind, auto in (("manual", False), ("auto", True)):
+        e = ns.Event(kind, auto_reset=auto)
+        child = _program(code, server.url, prefix, kind)
+        assert _line(child) == "waiting"
+        time.sleep(0.3)
+        assert child.poll() is None  # still waiting: nothing set it
+        e.set()
+        assert _line(child) == "True"
+        assert child.wait(timeout=30) == 0
+        assert e.is_set() is (not auto)  # an auto-reset event let exactly one through
+
+
+def test_blocking_recv_lets_ctrl_c_through(server: Server, prefix: str) -> None:
+    code = """
+        import sys, shmkit
+        ch = shmkit.connect(sys.argv[1], prefix=sys.argv[2]).Channel("idle")
+        print("waiting", flush=True)
+        try:
+            ch.recv()
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+    """
+    child = _program(code, server.url, prefix)
+    assert _line(child) == "waiting"
+    time.sleep(0.3)
+    child.send_signal(signal.SIGINT)
+    assert _line(child) == "interrupted"
+    assert child.wait(timeout=30) == 0
+
+
+def test_queue_pickles_like_the_local_queue(ns: Any) -> None:
+    q = ns.Queue("q")
+    obj = {"a": (1, 2.5, "x"), "b": None}
+    q.put(obj)
+    (entry,) = ns.r.xrange(f"{ns.prefix}:q")[:1]
+    assert entry[1][b"d"] == pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    assert q.get(timeout=5) == obj
+
+
+# -- the server going away ------------------------------------------------------
+
+
+def test_redis_restart_gives_backend_error() -> None:
+    srv = Server()
+    srv.start()
+    try:
+        ns = shmkit.connect(srv.url, prefix="restart")
+        st = ns.Store("s")
+        ch = ns.Channel("c")
+        m = ns.Mutex("m")
+        st["k"] = 1
+        srv.stop()
+        for call in (lambda: st["k"], lambda: st.__setitem__("k", 2), lambda: len(st),
+                     lambda: list(st.items()), lambda: ch.send(b"x"),
+                     lambda: ch.recv(timeout=1), lambda: m.acquire(timeout=1)):
+            with pytest.raises(shmkit.BackendError, match="could not be reached") as info:
+                call()
+            assert isinstance(info.value, ConnectionError)
+            assert isinstance(info.value.__cause__, redis.exceptions.RedisError)
+        with pytest.raises(shmkit.BackendError):
+            shmkit.connect(srv.url)
+        srv.start()  # without persistence: the data is gone, the handles work again
+        assert st.get("k") is None
+        st["k"] = 3
+        assert st["k"] == 3
+        ch.send(b"after")
+        assert ch.recv(timeout=5) == b"after"
+        assert m.acquire(timeout=5)
+        m.release()
+    finally:
+        srv.remove()
+
+
+def test_import_shmkit_does_not_need_redis() -> None:
+    out = run_python("""
+        import sys
+        sys.modules["redis"] = None  # as if redis-py were not installed
+        import shmkit
+        ns = shmkit.connect("local")
+        assert "redis" not in [m for m in sys.modules if sys.modules[m] is not None]
+        try:
+            shmkit.connect("redis://localhost:1/0")
+        except ImportError as e:
+            print(e)
+    """)
+    assert "pip install 'shmkit[redis]'" in out.stdout
+
+
+# -- the bridge ------------------------------------------------------------------
+
+
+def _bridge(direction: str, url: str, prefix: str, local: str, remote: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-m", "shmkit", "bridge", f"--{direction}", url,
+                          "--prefix", prefix, "--remote", remote, "--claim-idle", "1",
+                          "--batch", "16", local],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    line: list[str] = []
+    t = threading.Thread(target=lambda: line.append(p.stderr.readline()), daemon=True)
+    t.start()
+    t.join(60)
+    assert line and "shmkit bridge:" in line[0], (line, p.poll())
+    return p
+
+
+def _stop(p: subprocess.Popen, sig: int) -> int:
+    p.send_signal(sig)
+    return p.wait(timeout=60)
+
+
+def test_bridge_carries_messages_and_survives_kills(server: Server, prefix: str,
+                                                    names: Any) -> None:
+    """local A -> bridge --to -> Redis -> bridge --from -> local B, both bridges
+    stopped and restarted mid-stream (the --from one SIGKILLed twice): every
+    message arrives, in order of first arrival."""
+    a_name, b_name = names(), names()
+    a = shmkit.Channel(a_name, capacity=1 << 20)
+    b = shmkit.Channel(b_name, capacity=1 << 20)
+    total = 3000
+    to = _bridge("to", server.url, prefix, a_name, "wire")
+    frm = _bridge("from", server.url, prefix, b_name, "wire")
+    received: list[int] = []
+
+    def drain(until: int, timeout: float = 60) -> None:
+        end = time.monotonic() + timeout
+        while len(set(received)) < until and time.monotonic() < end:
+            received.extend(int(m) for m in b.recv_many(max_n=256, timeout=0.5))
+
+    try:
+        sender_done = threading.Event()
+
+        def send_all() -> None:
+            for i in range(total):
+                a.send(b"%d" % i, timeout=60)
+                if i % 100 == 0:
+                    time.sleep(0.005)  # keep the stream going while the bridges die
+            sender_done.set()
+
+        sender = threading.Thread(target=send_all, daemon=True)
+        sender.start()
+        drain(300)
+        assert _stop(frm, signal.SIGKILL) == -signal.SIGKILL
+        frm = _bridge("from", server.url, prefix, b_name, "wire")
+        drain(900)
+        assert _stop(to, signal.SIGTERM) == 0  # a clean stop between two messages
+        to = _bridge("to", server.url, prefix, a_name, "wire")
+        drain(1500)
+        assert _stop(frm, signal.SIGKILL) == -signal.SIGKILL
+        frm = _bridge("from", server.url, prefix, b_name, "wire")
+        assert sender_done.wait(120)
+        drain(total, timeout=120)
+        assert set(received) == set(range(total))  # nothing lost
+        first: list[int] = []
+        seen: set[int] = set()
+        for n in received:
+            if n not in seen:
+                seen.add(n)
+                first.append(n)
+        assert first == sorted(first)  # one producer's order kept
+        assert _stop(frm, signal.SIGINT) == 0 and _stop(to, signal.SIGINT) == 0
+    finally:
+        for p in (to, frm):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        a.close()
+        b.close()
+
+
+def test_bridge_ctrl_c_stops_cleanly(server: Server, prefix: str, name: str) -> None:
+    ch = shmkit.Channel(name, capacity=1 << 16)
+    p = _bridge("from", server.url, prefix, name, "cc")
+    remote = shmkit.connect(server.url, prefix=prefix).Channel("cc")
+    remote.send(b"over")
+    assert ch.recv(timeout=30) == b"over"
+    assert _stop(p, signal.SIGINT) == 0
+    assert "1 messages forwarded" in p.stderr.read()
+    ch.close()
+
+
+def test_bridge_queue_objects_travel_pickled(server: Server, prefix: str, names: Any) -> None:
+    src, dst = names(), names()
+    qa, qb = shmkit.Queue(name=src), shmkit.Queue(name=dst)
+    p_to = subprocess.Popen([sys.executable, "-m", "shmkit", "bridge", "--queue", "--to",
+                             server.url, "--prefix", prefix, "--remote", "q2", src],
+                            stderr=subprocess.PIPE, text=True, env=_env())
+    p_from = subprocess.Popen([sys.executable, "-m", "shmkit", "bridge", "--queue", "--from",
+                               server.url, "--prefix", prefix, "--remote", "q2", dst],
+                              stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        for i in range(20):
+            qa.put({"n": i})
+        assert [qb.get(timeout=60) for _ in range(20)] == [{"n": i} for i in range(20)]
+    finally:
+        for p in (p_to, p_from):
+            p.send_signal(signal.SIGINT)
+            assert p.wait(timeout=60) == 0
+        qa.close()
+        qb.close()
