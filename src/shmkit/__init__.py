@@ -58,6 +58,8 @@ from .records import Array, Struct
 from .segment import Kind, Segment, list_segments, unlink
 from .sync import Condition, Event, Mutex, RWLock, Semaphore
 from .store import Store
+from .topic import Subscriber, Topic
+from .errors import MessagesLost
 from . import inspect  # shmkit.inspect: list, describe and clean up objects (not in __all__)
 
 __version__ = "0.1.0"
@@ -74,6 +76,7 @@ __all__ = [
     "OwnerDiedWarning",
     "Heap", "Handle", "StaleHandleError", "PinnedError", "HeapFullError",
     "Channel", "Queue", "ChannelClosed", "SendersGone", "MessageTooLarge", "Empty", "Full",
+    "Topic", "Subscriber", "MessagesLost",
 ]
 
 for _name in __all__:

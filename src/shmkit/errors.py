@@ -201,3 +201,20 @@ class Empty(WouldBlock, _queue.Empty):
 class Full(WouldBlock, _queue.Full):
     """No room to send now: ``send_nowait()``, or ``Queue.put`` whose wait
     ended.  Also a :class:`queue.Full`, as ``multiprocessing.Queue`` raises."""
+
+
+# --- topic ---
+
+
+class MessagesLost(ShmkitError):
+    """A subscriber of a topic with ``overflow="overwrite"`` fell so far behind
+    that messages were overwritten before it read them.  ``.missed`` says
+    exactly how many; the subscriber goes on from the oldest message still
+    there (the next ``recv`` returns it)."""
+
+    def __init__(self, message: str = "", missed: int = 0) -> None:
+        super().__init__(message)
+        self.missed = missed
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.args[0] if self.args else "", self.missed))

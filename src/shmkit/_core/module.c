@@ -139,5 +139,11 @@ PyInit__core(void)
         Py_DECREF(m);
         return NULL;
     }
+    /* the topic (topictype.c): after the layouts, to which it adds its own */
+    int shm_init_topic(PyObject *module);
+    if (shm_init_topic(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }
