@@ -110,7 +110,7 @@ def test_joiners_see_only_later_messages_plus_history(name):
         topic.publish(b"10")
         assert none.recv(timeout=1) == b"10" and late.recv(timeout=1) == b"10"
         assert one.recv(timeout=1) == b"9" and one.recv(timeout=1) == b"10"
-        with pytest.raises(ValueError, match="history=4"):
+        with pytest.raises(SizeLimitError, match="history=4"):
             topic.subscribe(history=4)
     with Topic(None, capacity=4096) as plain:
         plain.publish(b"before")

@@ -308,7 +308,8 @@ class Topic(SharedObject, _core.Topic):
         ``history``; at most that).
 
         Raises :class:`BusyError` when ``max_subscribers`` live subscribers
-        exist already (entries of dead processes are freed first).
+        exist already (entries of dead processes are freed first), and
+        :class:`SizeLimitError` for a ``history`` beyond the topic's.
 
         >>> with Topic(None, capacity=4096) as topic:
         ...     sub = topic.subscribe()
@@ -316,6 +317,8 @@ class Topic(SharedObject, _core.Topic):
         b'x'
         """
         self._held()
+        if history is not None:
+            _check_int("history", history, 0, self.history, " messages (the topic's history)")
         sub = self._subscribe(Subscriber, history)
         self._subs.add(sub)
         return sub
