@@ -135,6 +135,23 @@ class RecordView:
 class Table:
     def __getattr__(self, name: str) -> Any: ...
 
+# shmkit.Topic's C half (_core/topictype.c); shmkit.Topic documents it.
+TOPIC_FORMAT: int
+
+class Topic:
+    def __getattr__(self, name: str) -> Any: ...
+
+class TopicSubscriber:
+    def __getattr__(self, name: str) -> Any: ...
+
+class TopicView:
+    nbytes: int
+    intact: bool
+    def release(self) -> None: ...
+
+def topic_set_classes(lost: type, too_large: type, full: type, busy: type,
+                      empty: type) -> None: ...
+
 def table_hash(data: bytes, seed: int) -> int: ...
 def table_set_classes(*classes: type) -> None: ...
 
