@@ -669,3 +669,101 @@ def test_hostile_records_and_cursors_raise_corrupt_error(name):
     _core.store64(seg._mapping, entry + 8, 0)
     assert sub.recv_nowait() == b"a" * 32
     topic.close()
+
+
+# -- waiting, forks, the documented layout ------------------------------------------
+
+
+def test_blocked_recv_and_publish_let_ctrl_c_through(name):
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import SRC
+    Topic(name, capacity=256).close()
+    for call in ("sub.recv()", "t.publish(b'x' * 200); t.publish(b'x' * 200)"):
+        code = f"""
+            import shmkit
+            t = shmkit.Topic.open({name!r})
+            sub = t.subscribe(history=0)
+            print("ready", flush=True)
+            try:
+                {call}
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+        """
+        p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
+                             stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": SRC})
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        assert p.communicate(timeout=10)[0].strip() == "interrupted", call
+
+
+def test_closing_the_topic_wakes_a_waiting_subscriber(name):
+    topic = Topic(name, capacity=4096)
+    sub = topic.subscribe()
+    errors = []
+
+    def wait():
+        try:
+            sub.recv(timeout=20)
+        except ValueError as e:  # ClosedError
+            errors.append(e)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.2)
+    topic.close()
+    t.join(10)
+    assert not t.is_alive() and errors and isinstance(errors[0], ClosedError)
+
+
+def test_a_forked_child_cannot_use_its_parents_subscriber(name):
+    topic = Topic(name, capacity=4096)
+    sub = topic.subscribe()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            sub.recv_nowait()
+            os.write(w, b"no error")
+        except ClosedError as e:
+            os.write(w, b"closed" if "subscribe again" in str(e) else b"other")
+        except BaseException as e:  # noqa: BLE001
+            os.write(w, repr(e).encode()[:200])
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    assert os.read(r, 300) == b"closed"
+    os.close(r)
+    topic.publish(b"still mine")
+    assert sub.recv(timeout=1) == b"still mine"  # the child's exit left it alone
+    topic.close()
+
+
+def test_layout_table_in_docs_matches_the_core():
+    import re
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(here, "docs", "topic.md"), encoding="utf-8").read()
+    block = text[text.index("## Layout"):]
+    block = block[block.index("```") + 3:]
+    block = block[:block.index("```")]
+    doc: dict[str, int] = {}
+    for line in block.splitlines():
+        if line.startswith(("subs_off", "data_off")):
+            continue  # the tables' own lines: offsets within an entry follow
+        for off, field in re.findall(r"(?:^|\s{2,})(\d+)\s+([a-z_]+)", line):
+            doc.setdefault(field, int(off))
+    doc["roles"] = doc.pop("role")
+    fields = {k: v for k, v in L.items()
+              if k not in ("format_version", "bytes", "subscriber", "record_header")}
+    fields.pop("data_sleepers")
+    fields.pop("space_sleepers")  # on the same line as their sequence words
+    assert {k: doc.get(k) for k in fields} == fields
+    # the entry's fields (its owner at 0 and its seq share names with the header's)
+    sub = {k: v for k, v in L["subscriber"].items() if k not in ("bytes", "owner", "seq")}
+    assert {k: doc.get(k) for k in sub} == sub
+    assert L["format_version"] == _core.TOPIC_FORMAT == 1
