@@ -124,6 +124,17 @@ def ring_fields() -> dict:
     return out
 
 
+def topic_fields(seg: Any) -> dict:
+    from shmkit import _core
+    lay = _core.layouts["topic"]
+    out = _widths({k: v for k, v in lay.items() if k not in ("roles", "record_header")})
+    subs = (lay["roles"] + 8 * seg._max_slots + 63) // 64 * 64
+    for i in range(2):
+        out.update({f"sub{i}.{k}": (subs + 64 * i + off, w)
+                    for k, (off, w) in _widths(lay["subscriber"]).items()})
+    return out
+
+
 # -- values and damage ----------------------------------------------------
 
 
@@ -380,6 +391,23 @@ def _kinds() -> dict:
             q.get()
         return q
 
+    def topic_setup(n):
+        t = shmkit.Topic(n, 8192, history=4, overflow="overwrite", create=True)
+        s = t.subscribe()
+        for i in range(40):
+            t.publish(bytes([i]) * (i * 13))
+        t._fuzz_sub = s  # a subscriber entry in use, with its cursor
+        return t
+
+    def topic_ops(h, rng):
+        subs: list = []
+        yield "subscribe", lambda: subs.append(h.subscribe(history=rng.randrange(0, 5)))
+        for _ in range(3):
+            yield "publish", lambda: h.publish(rng.randbytes(rng.randrange(0, 300)), timeout=T)
+        yield "recv", lambda: subs and subs[0].recv(timeout=T)
+        yield "recv_view", lambda: subs and subs[0].recv_view(timeout=T).release()
+        yield "statistics", h.statistics
+
     ring = lambda seg: _payload(seg._hsize, ring_fields())  # noqa: E731
     return {
         "segment": Kind(lambda n: shmkit.Segment.create(n, 8192, max_size=1 << 20),
@@ -405,11 +433,13 @@ def _kinds() -> dict:
                       store_ops, lambda seg: _payload(seg._hsize, STORE_FIELDS)),
         "heap": Kind(heap_setup, heap_open, heap_ops,
                      lambda seg: _payload(seg._hsize, HEAP_FIELDS)),
+        "topic": Kind(topic_setup, lambda n: shmkit.Topic(n, create=False), topic_ops,
+                      lambda seg: _payload(seg._hsize, topic_fields(seg))),
     }
 
 
 KINDS = ["segment", "mutex", "rwlock", "event", "semaphore", "condition", "struct", "array",
-         "channel", "queue", "store", "heap"]
+         "channel", "queue", "store", "heap", "topic"]
 
 # -- the child ------------------------------------------------------------
 

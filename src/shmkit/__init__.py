@@ -61,6 +61,8 @@ from .store import Store
 from .aio_wait import wait  # shmkit.wait; the asyncio forms are in shmkit.aio
 from .errors import BackendError, LeaseLostError, UnsupportedParameterError
 from .redis import connect  # shmkit.connect("local" | "redis://..."); redis-py only when used
+from .topic import Subscriber, Topic
+from .errors import MessagesLost
 from . import inspect  # shmkit.inspect: list, describe and clean up objects (not in __all__)
 
 __version__ = "0.1.0"
@@ -79,6 +81,7 @@ __all__ = [
     "Channel", "Queue", "ChannelClosed", "SendersGone", "MessageTooLarge", "Empty", "Full",
     "wait",
     "connect", "BackendError", "LeaseLostError", "UnsupportedParameterError",
+    "Topic", "Subscriber", "MessagesLost",
 ]
 
 for _name in __all__:

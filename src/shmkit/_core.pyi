@@ -226,6 +226,20 @@ class Table:
     def __delitem__(self, key: _Key, /) -> None: ...
     def __contains__(self, key: object, /) -> bool: ...
 
+# shmkit.Topic's C half (_core/topictype.c); shmkit.Topic documents it.
+TOPIC_FORMAT: int
+
+class Topic:
+    def __getattr__(self, name: str) -> Any: ...
+
+class TopicSubscriber:
+    def __getattr__(self, name: str) -> Any: ...
+
+class TopicView:
+    nbytes: int
+    intact: bool
+    def release(self) -> None: ...
+
 def table_hash(data: Buffer, seed: int, /) -> int: ...
 
 @final

@@ -275,3 +275,20 @@ class LeaseLostError(ShmkitError, RuntimeError):
 class UnsupportedParameterError(ShmkitError, TypeError):
     """A parameter the backend cannot honour (a ``path=`` or a byte
     ``capacity=`` for a Redis object): it is refused rather than ignored."""
+
+
+# --- topic ---
+
+
+class MessagesLost(ShmkitError):
+    """A subscriber of a topic with ``overflow="overwrite"`` fell so far behind
+    that messages were overwritten before it read them.  ``.missed`` says
+    exactly how many; the subscriber goes on from the oldest message still
+    there (the next ``recv`` returns it)."""
+
+    def __init__(self, message: str = "", missed: int = 0) -> None:
+        super().__init__(message)
+        self.missed = missed
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.args[0] if self.args else "", self.missed))

@@ -88,6 +88,7 @@ KIND_CLASSES: dict[Kind, str] = {
     Kind.QUEUE: "shmkit.channel:Queue",
     Kind.STORE: "shmkit.store:Store",
     Kind.HEAP: "shmkit.heap:Heap",
+    Kind.TOPIC: "shmkit.topic:Topic",
 }
 
 _SLOT_BASE = _core.SLOT_LOCK_BASE
@@ -245,6 +246,7 @@ _PAYLOAD_FORMATS: dict[Kind, tuple[str, str]] = {
     Kind.QUEUE: ("shmkit.channel", "FORMAT"),
     Kind.STORE: ("shmkit.store", "FORMAT"),
     Kind.HEAP: ("shmkit.heap", "HEAP_FORMAT"),
+    Kind.TOPIC: ("shmkit.topic", "FORMAT"),
     Kind.STRUCT: ("shmkit.records", "_FORMAT"),
     Kind.ARRAY: ("shmkit.records", "_FORMAT"),
 }
@@ -523,7 +525,7 @@ _HEAP_UNIT = 16
 #: Counters that only grow: ``top`` shows them per second.
 _CUMULATIVE = frozenset({
     "sent", "received", "dropped", "recycles", "growths", "batches", "allocs", "frees",
-    "moves", "moved_bytes", "compactions", "reallocs", "changes", "notifies"})
+    "moves", "moved_bytes", "compactions", "reallocs", "changes", "notifies", "published"})
 #: Levels whose change per second ``top`` shows as well (a store keeps no
 #: operation counters: its keys and bytes moving are the activity).
 _LEVELS = frozenset({"keys", "used_bytes"})
@@ -596,6 +598,21 @@ def _ring_counters(fd: int, base: int) -> dict[str, int]:
             "closed": int(bool(closed))}
 
 
+_TOPIC = struct.Struct("=IIQQQ24xQQ")  # 0: magic .. history, 64: tail, seq (_core/topic.h)
+_TOPIC_HEAD = struct.Struct("=Q")      # 192: head
+_TOPIC_MAGIC = 0x31435054
+
+
+def _topic_counters(fd: int, base: int) -> dict[str, int]:
+    h = _read(fd, _TOPIC, base)
+    head = _read(fd, _TOPIC_HEAD, base + 192)
+    if h is None or head is None or h[0] != _TOPIC_MAGIC:
+        return {}
+    _magic, _fmt, cap, _data_off, _history, tail_pos, seq = h
+    return {"published": seq, "bytes_used": min(max(tail_pos - head[0], 0), cap),
+            "capacity": cap}
+
+
 def _store_counters(fd: int, base: int) -> dict[str, int]:
     level = _read(fd, _TABLE, base + 64)
     stats = _read(fd, _TABLE_STATS, base + 128)
@@ -655,6 +672,7 @@ _COUNTER_READERS = {
     "channel": _ring_counters, "queue": _ring_counters, "store": _store_counters,
     "heap": _heap_counters, "mutex": _mutex_counters, "event": _event_counters,
     "semaphore": _semaphore_counters, "condition": _condition_counters,
+    "topic": _topic_counters,
 }
 
 

@@ -122,6 +122,7 @@ class Kind(IntEnum):
     QUEUE = 10
     STORE = 11
     HEAP = 12
+    TOPIC = 13
 
 
 def _validate_name(name: str) -> str:

@@ -13,6 +13,7 @@ int shm_init_table(PyObject *module);
 int shm_init_heap(PyObject *module);
 int shm_init_ring(PyObject *module);
 int shm_init_waitset(PyObject *module); /* waitset.c: after shm_init_ring */
+int shm_init_topic(PyObject *module);
 
 /* _core.layouts: {"segment": {...}, "attach_entry": {...}, "ring": {...}}, each
  * field's byte offset plus "format_version" and "bytes" (its length). */
@@ -209,6 +210,9 @@ core_exec(PyObject *m)
         return -1;
     }
     if (shm_init_waitset(m) < 0)
+        return -1;
+    /* the topic (topictype.c): after the layouts, to which it adds its own */
+    if (shm_init_topic(m) < 0)
         return -1;
     return 0;
 }

@@ -1,0 +1,773 @@
+/* topic.c - the broadcast ring behind shmkit.Topic: every subscriber sees
+ * every message.  The layout is in topic.h; docs/topic.md has the protocol
+ * and the crash analysis.  No Python objects here: topictype.c makes them.
+ *
+ * Publishing (topic_publish), all under plock (lock.c, repaired after a
+ * dead holder by topic_fix_publishers):
+ *   1. journal {tail, seq} into the slot not in force, flip jsel;
+ *   2. block mode: make sure no live subscriber holds the bytes the record
+ *      will overwrite (floor, recomputed from the subscriber table only
+ *      when the cached one says no; dead subscribers' entries are freed by
+ *      kernel-backed liveness); else give up the lock and wait;
+ *   3. if the record does not fit before the end: write a SKIP record and
+ *      publish it (tail), so head may pass it;
+ *   4. move head over the records that will be overwritten (release store,
+ *      then a fence: a reader that sees head at or below its record after
+ *      copying it read bytes nobody had started to overwrite);
+ *   5. write header and payload, store seq + 1, then publish with tail;
+ *   6. move the history window (hist), unlock, wake sleepers.
+ * Receiving needs no lock: a subscriber reads the record at its own
+ * cursor, checks head again after copying (seqlock), and moves its cursor.
+ * A record whose sequence number is ahead of what the subscriber expected
+ * means messages were overwritten: the difference is reported, exactly.
+ */
+#include "topic.h"
+#include "journal.h"
+#include "wait.h"
+#include <limits.h>
+#include <string.h>
+#include <time.h>
+
+#define LOCK_GRACE_NS (200 * 1000 * 1000LL)
+
+PyObject *topic_MessagesLost, *topic_MessageTooLarge, *topic_Full, *topic_Busy, *topic_Empty;
+
+int
+topic_corrupt(const topic_t *t, const char *what, unsigned long long a, unsigned long long b)
+{
+    PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_RuntimeError,
+                 "%s is corrupt: %s (%llu, %llu); no correct writer leaves this, so "
+                 "remove it with `shmkit rm` and create it again", t->what, what, a, b);
+    return -1;
+}
+
+/* ---- creating and binding ------------------------------------------------ */
+
+int
+topic_format(char *base, uint64_t avail, uint32_t max_slots, uint64_t cap, uint64_t history,
+             uint32_t overflow, uint32_t max_subs)
+{
+    struct topic_hdr *h = (struct topic_hdr *)base;
+    if (max_slots > SHM_MAX_SLOTS || max_subs < 1 || max_subs > TOPIC_MAX_SUBS ||
+        cap < 64 || cap % 64 || cap > TOPIC_MAX_CAP || overflow > 1 ||
+        history > TOPIC_MAX_HISTORY) {
+        PyErr_SetString(PyExc_ValueError, "impossible topic parameters");
+        return -1;
+    }
+    uint64_t data_off = topic_data_off(max_slots, max_subs);
+    if (data_off > avail || cap > avail - data_off) {
+        PyErr_Format(PyExc_ValueError, "the segment is too small for a topic of %llu bytes",
+                     (unsigned long long)cap);
+        return -1;
+    }
+    memset(base, 0, data_off);
+    h->format = TOPIC_FORMAT;
+    h->cap = cap;
+    h->data_off = data_off;
+    h->history = history;
+    h->max_subs = max_subs;
+    h->overflow = overflow;
+    h->max_slots = max_slots;
+    h->subs_off = (uint32_t)topic_subs_off(max_slots);
+    TSTORE(&h->magic, TOPIC_MAGIC);
+    return 0;
+}
+
+/* Every number the handle keeps is read once, here, and checked in
+ * unsigned arithmetic before a pointer is formed from it. */
+int
+topic_bind(topic_t *t, char *base, uint64_t avail, uint32_t seg_slots, const char *name)
+{
+    struct topic_hdr *h = (struct topic_hdr *)base;
+    snprintf(t->what, sizeof t->what, "topic '%.140s'", name);
+    if (avail < sizeof *h || ((uintptr_t)base & 63))
+        return topic_corrupt(t, "no room for a topic header", avail, sizeof *h);
+    uint32_t magic = TLOAD(&h->magic), format = TLOAD(&h->format);
+    uint32_t max_slots = TLOAD(&h->max_slots), max_subs = TLOAD(&h->max_subs);
+    uint32_t overflow = TLOAD(&h->overflow), subs_off = TLOAD(&h->subs_off);
+    uint64_t cap = TLOAD(&h->cap), data_off = TLOAD(&h->data_off);
+    uint64_t history = TLOAD(&h->history);
+    if (magic != TOPIC_MAGIC)
+        return topic_corrupt(t, "bad topic magic", magic, TOPIC_MAGIC);
+    if (format != TOPIC_FORMAT)
+        return topic_corrupt(t, "topic format differs from its layout description", format,
+                             TOPIC_FORMAT);
+    if (max_slots != seg_slots || max_slots > SHM_MAX_SLOTS)
+        return topic_corrupt(t, "attach slots differ from the segment's", max_slots, seg_slots);
+    if (max_subs < 1 || max_subs > TOPIC_MAX_SUBS)
+        return topic_corrupt(t, "impossible subscriber table size", max_subs, TOPIC_MAX_SUBS);
+    if (subs_off != topic_subs_off(max_slots) || data_off != topic_data_off(max_slots, max_subs))
+        return topic_corrupt(t, "tables at impossible offsets", subs_off, data_off);
+    if (data_off > avail)
+        return topic_corrupt(t, "data area beyond the segment", data_off, avail);
+    if (cap < 64 || cap % 64 || cap > TOPIC_MAX_CAP || cap > avail - data_off)
+        return topic_corrupt(t, "impossible capacity", cap, avail - data_off);
+    if (overflow > 1)
+        return topic_corrupt(t, "unknown overflow policy", overflow, 1);
+    if (history > TOPIC_MAX_HISTORY)
+        return topic_corrupt(t, "impossible history", history, TOPIC_MAX_HISTORY);
+    t->h = h;
+    t->roles = (uint64_t *)(base + TOPIC_ROLES_OFF);
+    t->subs = (struct topic_sub *)(base + subs_off);
+    t->data = base + data_off;
+    t->cap = cap;
+    t->history = history;
+    t->max_slots = max_slots;
+    t->max_subs = max_subs;
+    t->overflow = overflow;
+    return 0;
+}
+
+/* ---- sleepers ------------------------------------------------------------ */
+
+static void
+sat_sub(uint32_t *w, uint32_t n)
+{
+    uint32_t v = TLOAD(w);
+    while (!__atomic_compare_exchange_n(w, &v, v > n ? v - n : 0, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_ACQUIRE))
+        ;
+}
+
+/* Count (+1) or uncount (-1) one sleeper of attachment me: the global word
+ * first and the role entry second when counting, the reverse when not, so a
+ * death in between leaves the global word too high (a spare wake-up until
+ * topic_fix_sleepers clears it), never too low. */
+static void
+topic_sleeper(topic_t *t, uint32_t me, int space, int delta)
+{
+    uint32_t slot = SHM_TOKEN_SLOT(me);
+    uint32_t *g = space ? &t->h->space_sleepers : &t->h->data_sleepers;
+    uint64_t unit = space ? TROLE_SPACE : TROLE_DATA;
+    if (slot >= t->max_slots)
+        return;
+    if (delta > 0)
+        __atomic_fetch_add(g, 1, __ATOMIC_SEQ_CST);
+    uint64_t *e = &t->roles[slot], v = TLOAD(e);
+    for (;;) {
+        uint64_t nv;
+        if (TROLE_GEN(v) != SHM_TOKEN_GEN(me)) {
+            if (delta < 0)
+                return; /* cleared by a repair, which fixed the global word */
+            /* a dead former owner of the slot: take its counts off */
+            uint32_t d = (uint32_t)(v & 0xFFFF), s = (uint32_t)((v >> 16) & 0xFFFF);
+            nv = TROLE_FOR(SHM_TOKEN_GEN(me));
+            if (__atomic_compare_exchange_n(e, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
+                if (d)
+                    sat_sub(&t->h->data_sleepers, d);
+                if (s)
+                    sat_sub(&t->h->space_sleepers, s);
+                v = nv;
+            }
+            continue;
+        }
+        if (delta < 0 && (v & (unit * 0xFFFF)) == 0)
+            return;
+        nv = delta > 0 ? v + unit : v - unit;
+        if (__atomic_compare_exchange_n(e, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
+            if (delta < 0)
+                sat_sub(g, 1);
+            return;
+        }
+    }
+}
+
+/* Take off the sleeper counts of dead attachments; clear a global word no
+ * live entry accounts for. */
+static void
+topic_fix_sleepers(topic_t *t, MappingObject *m)
+{
+    struct topic_hdr *h = t->h;
+    uint32_t gd = TLOADR(&h->data_sleepers), gs = TLOADR(&h->space_sleepers);
+    if (gd == 0 && gs == 0)
+        return;
+    uint64_t live_d = 0, live_s = 0;
+    for (uint32_t slot = 0; slot < t->max_slots; slot++) {
+        uint64_t *e = &t->roles[slot], v = TLOAD(e);
+        if ((v & TROLE_SLEEPERS) == 0)
+            continue;
+        uint32_t tok = (TROLE_GEN(v) << 10) | slot;
+        if (slot == SHM_TOKEN_SLOT(m->token) || shm_token_alive(m, tok)) {
+            live_d += v & 0xFFFF;
+            live_s += (v >> 16) & 0xFFFF;
+            continue;
+        }
+        if (__atomic_compare_exchange_n(e, &v, v & ~TROLE_SLEEPERS, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_RELAXED)) {
+            uint32_t d = (uint32_t)(v & 0xFFFF), s = (uint32_t)((v >> 16) & 0xFFFF);
+            if (d)
+                sat_sub(&h->data_sleepers, d);
+            if (s)
+                sat_sub(&h->space_sleepers, s);
+        }
+    }
+    if (live_d == 0 && (gd = TLOADR(&h->data_sleepers)) != 0)
+        __atomic_compare_exchange_n(&h->data_sleepers, &gd, 0, 0, __ATOMIC_SEQ_CST,
+                                    __ATOMIC_RELAXED);
+    if (live_s == 0 && (gs = TLOADR(&h->space_sleepers)) != 0)
+        __atomic_compare_exchange_n(&h->space_sleepers, &gs, 0, 0, __ATOMIC_SEQ_CST,
+                                    __ATOMIC_RELAXED);
+}
+
+static inline void
+topic_wake(uint32_t *seq, uint32_t *sleepers)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (TLOADR(sleepers)) {
+        __atomic_fetch_add(seq, 1, __ATOMIC_SEQ_CST);
+        shm_futex_wake(seq, INT_MAX);
+    }
+}
+
+/* ---- the publishers' lock ------------------------------------------------- */
+
+/* After taking plock from a dead publisher: recount seq from the journal
+ * (the records from the journal's tail to tail are whole: tail moves only
+ * after a record is written), and put hist back within [head, tail]. */
+static int
+topic_fix_publishers(void *ctx, int owner_died)
+{
+    topic_t *t = ctx;
+    struct topic_hdr *h = t->h;
+    if (!owner_died)
+        return 0;
+    struct topic_journal *j = &h->j[TLOADR(&h->jsel) & 1];
+    uint64_t tl = TLOADR(&h->tail), jt = TLOADR(&j->tail), hd = TLOADR(&h->head), n = 0;
+    if (((jt | tl | hd) & 15) || jt > tl || tl - jt > t->cap || hd > tl || tl - hd > t->cap)
+        return topic_corrupt(t, "bad publishers' journal", jt, tl);
+    for (uint64_t p = jt; p < tl;) {
+        trec_t *r = trec_at(t, p);
+        uint32_t st = TLOADR(&r->state), len = TLOADR(&r->len);
+        uint64_t off = p % t->cap;
+        uint64_t total = st == TREC_SKIP ? t->cap - off : trec_total(len);
+        if ((st != TREC_SKIP && st != TREC_MSG) || total > t->cap - off || total > tl - p)
+            return topic_corrupt(t, "bad record after the journal's tail", st, p);
+        n += st == TREC_MSG;
+        p += total;
+    }
+    TSTORE(&h->seq, TLOADR(&j->seq) + n);
+    shm_crash_point("topic.repair.counted");
+    uint64_t hist = TLOADR(&h->hist);
+    if (hist < hd || hist > tl || (hist & 15))
+        TSTORE(&h->hist, hist > tl ? tl : hd);
+    return 0;
+}
+
+static int
+topic_lock(topic_t *t, MappingObject *m, int64_t deadline)
+{
+    uint32_t *word = &t->h->plock;
+    int got = shm_lock_try(m, word);
+    if (got != 0)
+        return got < 0 ? -1 : 1;
+    int64_t grace = shm_now_ns() + LOCK_GRACE_NS;
+    got = shm_lock_acquire_repair(m, word, deadline > grace ? deadline : grace, NULL,
+                                  topic_fix_publishers, t);
+    if (got == 0) {
+        PyErr_Format(shm_TimeoutError, "%s: its publishers' lock stayed held by a live "
+                     "process; try again", t->what);
+        return -1;
+    }
+    return got < 0 ? -1 : 1;
+}
+
+static inline void
+topic_unlock(MappingObject *m, topic_t *t)
+{
+    if (shm_lock_release(m, &t->h->plock) < 0)
+        PyErr_Clear();
+}
+
+/* ---- the subscriber table ------------------------------------------------- */
+
+int
+topic_reclaim(topic_t *t, MappingObject *m)
+{
+    int n = 0;
+    if (m->fd < 0 || m->token == 0)
+        return 0; /* liveness cannot be asked: never guess */
+    for (uint32_t i = 0; i < t->max_subs; i++) {
+        struct topic_sub *s = &t->subs[i];
+        uint32_t owner = TLOAD(&s->owner);
+        if (owner == 0 || owner == m->token)
+            continue;
+        if ((owner & ~SHM_TOKEN_MASK) == 0 && shm_token_alive(m, owner))
+            continue;
+        if (__atomic_compare_exchange_n(&s->owner, &owner, 0, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_RELAXED)) {
+            shm_crash_point("topic.reclaim.freed");
+            n++;
+        }
+    }
+    topic_fix_sleepers(t, m);
+    return n;
+}
+
+/* Where a hold really pins: a hold at a SKIP record (or at the tail, when
+ * the next record starts with a SKIP of `skip` bytes) pins nothing there. */
+static uint64_t
+eff_hold(topic_t *t, uint64_t hold, uint64_t hd, uint64_t tl, uint64_t skip)
+{
+    hold &= ~15ull;
+    if (hold < hd)
+        hold = hd;
+    if (hold >= tl)
+        return tl + skip;
+    trec_t *r = trec_at(t, hold);
+    if (TLOAD(&r->state) == TREC_SKIP) {
+        uint64_t next = hold + (t->cap - hold % t->cap);
+        return next > tl ? tl : next;
+    }
+    return hold;
+}
+
+/* The lowest byte any subscriber counted in the table still holds. */
+static uint64_t
+compute_floor(topic_t *t, uint64_t hd, uint64_t tl, uint64_t skip)
+{
+    uint64_t f = tl + skip;
+    for (uint32_t i = 0; i < t->max_subs; i++) {
+        struct topic_sub *s = &t->subs[i];
+        if (TLOAD(&s->owner) == 0)
+            continue;
+        uint64_t e = eff_hold(t, TLOAD(&s->hold), hd, tl, skip);
+        if (e < f)
+            f = e;
+    }
+    return f;
+}
+
+/* Move head over whole records until it reaches at least `need`, then
+ * store it.  Returns the new head, or 0 with CorruptError set. */
+static int
+advance_head(topic_t *t, uint64_t hd, uint64_t need, uint64_t tl, uint64_t *out)
+{
+    uint64_t q = hd;
+    while (q < need) {
+        trec_t *r = trec_at(t, q);
+        uint32_t st = TLOADR(&r->state), len = TLOADR(&r->len);
+        uint64_t off = q % t->cap;
+        uint64_t total = st == TREC_SKIP ? t->cap - off : trec_total(len);
+        if ((st != TREC_SKIP && st != TREC_MSG) || total > t->cap - off || total > tl - q)
+            return topic_corrupt(t, "bad record between head and tail", st, q);
+        q += total;
+    }
+    if (q != hd) {
+        TSTORE(&t->h->head, q);
+        /* seqlock: a reader that still sees head at or below its record
+         * after copying it read bytes nobody had started to overwrite */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        shm_crash_point("topic.publish.head");
+        uint64_t hist = TLOADR(&t->h->hist);
+        if (hist < q)
+            TSTORE(&t->h->hist, q);
+    }
+    *out = q;
+    return 0;
+}
+
+/* ---- publishing ------------------------------------------------------------ */
+
+int
+topic_publish(topic_t *t, MappingObject *m, const char *src, uint64_t len, int64_t deadline)
+{
+    struct topic_hdr *h = t->h;
+    const uint64_t cap = t->cap;
+    if (topic_lock(t, m, deadline) < 0)
+        return -1;
+    uint64_t tl = TLOADR(&h->tail), sq = TLOADR(&h->seq), hd = TLOADR(&h->head);
+    uint32_t sel = TLOADR(&h->jsel) & 1;
+    TSTORER(&h->j[sel ^ 1].tail, tl);
+    TSTORER(&h->j[sel ^ 1].seq, sq);
+    TSTORE(&h->jsel, sel ^ 1);
+    shm_crash_point("topic.publish.journal");
+    if (((tl | hd) & 15) || hd > tl || tl - hd > cap) {
+        topic_unlock(m, t);
+        return topic_corrupt(t, "head and tail out of order", hd, tl);
+    }
+    uint64_t total = trec_total(len), off = tl % cap;
+    uint64_t skip = off + total > cap ? cap - off : 0;
+    uint64_t end = tl + skip + total;
+    uint64_t need = end > cap ? end - cap : 0;
+    if (t->overflow == TOPIC_BLOCK) {
+        uint64_t fl = TLOADR(&h->floor);
+        if (fl < need || fl > tl + skip) {
+            fl = compute_floor(t, hd, tl, skip);
+            if (fl < need && topic_reclaim(t, m) > 0)
+                fl = compute_floor(t, hd, tl, skip);
+            TSTORE(&h->floor, fl);
+            if (fl < need) {
+                topic_unlock(m, t);
+                return 0;
+            }
+        }
+    }
+    if (skip) {
+        uint64_t nh;
+        if (advance_head(t, hd, tl > off ? tl - off : 0, tl, &nh) < 0)
+            goto fail;
+        hd = nh;
+        trec_t *r = trec_at(t, tl);
+        TSTORER(&r->len, (uint32_t)(skip - 16));
+        TSTORER(&r->seq, 0);
+        TSTORE(&r->state, TREC_SKIP);
+        shm_crash_point("topic.publish.skip");
+        tl += skip;
+        TSTORE(&h->tail, tl);
+        shm_crash_point("topic.publish.skip_tail");
+    }
+    uint64_t nh;
+    if (advance_head(t, hd, need, tl, &nh) < 0)
+        goto fail;
+    trec_t *r = trec_at(t, tl);
+    TSTORER(&r->len, (uint32_t)len);
+    TSTORER(&r->seq, sq);
+    TSTORER(&r->state, TREC_MSG);
+    if (len >= TOPIC_BIG_COPY) {
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(r + 1, src, (size_t)len);
+        Py_END_ALLOW_THREADS
+    } else {
+        memcpy(r + 1, src, (size_t)len);
+    }
+    shm_crash_point("topic.publish.copied");
+    TSTORE(&h->seq, sq + 1);
+    shm_crash_point("topic.publish.seq");
+    TSTORE(&h->tail, tl + total);
+    shm_crash_point("topic.publish.tail");
+    tl += total;
+    /* the history window: keep the last `history` messages */
+    uint64_t q = TLOADR(&h->hist), q0 = q;
+    if (q < nh || q > tl || (q & 15))
+        q = nh;
+    while (q < tl) {
+        trec_t *x = trec_at(t, q);
+        uint32_t st = TLOADR(&x->state);
+        uint64_t xo = q % cap;
+        uint64_t span = st == TREC_SKIP ? cap - xo : trec_total(TLOADR(&x->len));
+        if ((st != TREC_SKIP && st != TREC_MSG) || span > cap - xo || span > tl - q)
+            break; /* the next publisher's head walk reports it */
+        if (st == TREC_MSG && sq + 1 - TLOADR(&x->seq) <= t->history)
+            break;
+        q += span;
+    }
+    if (q != q0) {
+        TSTORE(&h->hist, q);
+        shm_crash_point("topic.publish.hist");
+    }
+    topic_unlock(m, t);
+    topic_wake(&h->data_seq, &h->data_sleepers);
+    return 1;
+fail:
+    topic_unlock(m, t);
+    return -1;
+}
+
+/* ---- waiting for room (block mode) ------------------------------------------ */
+
+typedef struct {
+    topic_t *t;
+    MappingObject *m;
+    uint64_t len;
+    uint32_t me;
+} space_ctx;
+
+static int
+space_ready(void *ctx, uint32_t *sleep_on)
+{
+    space_ctx *c = ctx;
+    topic_t *t = c->t;
+    struct topic_hdr *h = t->h;
+    *sleep_on = TLOAD(&h->space_seq);
+    uint64_t tl = TLOAD(&h->tail), hd = TLOAD(&h->head);
+    if (((tl | hd) & 15) || hd > tl)
+        return 1; /* let the locked path name the damage */
+    uint64_t total = trec_total(c->len), off = tl % t->cap;
+    uint64_t skip = off + total > t->cap ? t->cap - off : 0;
+    uint64_t end = tl + skip + total;
+    uint64_t need = end > t->cap ? end - t->cap : 0;
+    return compute_floor(t, hd, tl, skip) >= need;
+}
+
+static void
+space_arm(void *ctx)
+{
+    space_ctx *c = ctx;
+    topic_sleeper(c->t, c->me, 1, +1);
+}
+
+static void
+space_disarm(void *ctx)
+{
+    space_ctx *c = ctx;
+    topic_sleeper(c->t, c->me, 1, -1);
+}
+
+static int
+space_check(void *ctx)
+{
+    space_ctx *c = ctx;
+    topic_reclaim(c->t, c->m);
+    return 0;
+}
+
+int
+topic_wait_space(topic_t *t, MappingObject *m, uint64_t len, int64_t deadline,
+                 int64_t *spin_ns)
+{
+    space_ctx c = {t, m, len, m->token};
+    shm_wait w = {.m = m, .word = &t->h->space_seq, .ctx = &c, .ready = space_ready,
+                  .arm = space_arm, .disarm = space_disarm, .check = space_check,
+                  .spin_ns = *spin_ns, .what = t->what};
+    int r = shm_wait_until(&w, deadline);
+    *spin_ns = w.slept ? *spin_ns / 2 : (*spin_ns * 2 + 1000 > 50000 ? 50000 : *spin_ns * 2 + 1000);
+    return r;
+}
+
+uint64_t
+topic_slowest(topic_t *t, MappingObject *m, uint32_t *idx)
+{
+    uint64_t worst = 0, sq = TLOAD(&t->h->seq);
+    *idx = UINT32_MAX;
+    for (uint32_t i = 0; i < t->max_subs; i++) {
+        struct topic_sub *s = &t->subs[i];
+        uint32_t owner = TLOAD(&s->owner);
+        if (owner == 0 || !shm_token_alive(m, owner))
+            continue;
+        uint64_t lag = sq - TLOAD(&s->seq);
+        if (lag <= sq && (lag > worst || *idx == UINT32_MAX)) {
+            worst = lag;
+            *idx = i;
+        }
+    }
+    return worst;
+}
+
+/* ---- subscribing ------------------------------------------------------------ */
+
+long
+topic_subscribe(topic_t *t, MappingObject *m, uint64_t want)
+{
+    struct topic_hdr *h = t->h;
+    uint32_t me = m->token;
+    if (topic_lock(t, m, SHM_FOREVER) < 0)
+        return -1;
+    uint64_t tl = TLOADR(&h->tail), hd = TLOADR(&h->head), hist = TLOADR(&h->hist);
+    uint64_t sq = TLOADR(&h->seq);
+    if (((tl | hd | hist) & 15) || hd > tl || tl - hd > t->cap || hist > tl) {
+        topic_unlock(m, t);
+        return topic_corrupt(t, "head, history and tail out of order", hd, tl);
+    }
+    if (want > t->history)
+        want = t->history;
+    uint64_t q = hist < hd ? hd : hist, first = sq;
+    while (q < tl) {
+        trec_t *r = trec_at(t, q);
+        uint32_t st = TLOADR(&r->state);
+        uint64_t off = q % t->cap;
+        uint64_t span = st == TREC_SKIP ? t->cap - off : trec_total(TLOADR(&r->len));
+        uint64_t rs = TLOADR(&r->seq);
+        if ((st != TREC_SKIP && st != TREC_MSG) || span > t->cap - off || span > tl - q ||
+            (st == TREC_MSG && rs >= sq)) {
+            topic_unlock(m, t);
+            return topic_corrupt(t, "bad record in the history", st, q);
+        }
+        if (st == TREC_MSG && sq - rs <= want) {
+            first = rs;
+            break;
+        }
+        q += span;
+    }
+    long idx = -1;
+    for (int round = 0; round < 2 && idx < 0; round++) {
+        if (round == 1 && topic_reclaim(t, m) == 0)
+            break;
+        for (uint32_t i = 0; i < t->max_subs; i++) {
+            if (TLOAD(&t->subs[i].owner) == 0) {
+                idx = (long)i;
+                break;
+            }
+        }
+    }
+    if (idx < 0) {
+        topic_unlock(m, t);
+        PyErr_Format(topic_Busy, "%s already has its max_subscribers=%u live subscribers; "
+                     "close some, or create the topic with a larger max_subscribers=",
+                     t->what, t->max_subs);
+        return -1;
+    }
+    struct topic_sub *s = &t->subs[idx];
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    TSTORER(&s->pos, q);
+    TSTORER(&s->hold, q);
+    TSTORER(&s->seq, first);
+    TSTORER(&s->received, 0);
+    TSTORER(&s->missed, 0);
+    TSTORER(&s->joined, (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec);
+    TSTORE(&s->owner, me);
+    shm_crash_point("topic.subscribe.claimed");
+    if (t->overflow == TOPIC_BLOCK && TLOADR(&h->floor) > q) {
+        TSTORE(&h->floor, q);
+        shm_crash_point("topic.subscribe.floor");
+    }
+    topic_unlock(m, t);
+    return idx;
+}
+
+void
+topic_unsubscribe(topic_t *t, uint32_t idx, uint32_t token)
+{
+    if (idx >= t->max_subs)
+        return;
+    uint32_t v = token;
+    if (__atomic_compare_exchange_n(&t->subs[idx].owner, &v, 0, 0, __ATOMIC_SEQ_CST,
+                                    __ATOMIC_RELAXED)) {
+        shm_crash_point("topic.unsubscribe.freed");
+        if (t->overflow == TOPIC_BLOCK)
+            topic_wake(&t->h->space_seq, &t->h->space_sleepers);
+    }
+}
+
+/* ---- receiving ------------------------------------------------------------ */
+
+int
+topic_next(topic_t *t, struct topic_sub *s, uint64_t *pos, uint32_t *len, uint64_t *missed)
+{
+    struct topic_hdr *h = t->h;
+    const uint64_t cap = t->cap;
+    for (;;) {
+        uint64_t p = TLOADR(&s->pos);
+        uint64_t hd = TLOAD(&h->head); /* head first: it never passes a later tail */
+        uint64_t tl = TLOAD(&h->tail);
+        if ((p | hd | tl) & 15)
+            return topic_corrupt(t, "misaligned position", p, tl);
+        if (hd > tl)
+            return topic_corrupt(t, "head beyond the tail", hd, tl);
+        if (p < hd) { /* overwritten: go on from the oldest record still there */
+            TSTORE(&s->pos, hd);
+            if (TLOADR(&s->hold) < hd)
+                TSTORE(&s->hold, hd);
+            shm_crash_point("topic.recv.jumped");
+            continue;
+        }
+        if (p > tl)
+            return topic_corrupt(t, "a subscriber's position beyond the tail", p, tl);
+        if (p == tl)
+            return TN_EMPTY;
+        trec_t *r = trec_at(t, p);
+        uint64_t off = p % cap;
+        uint32_t st = TLOAD(&r->state), n = TLOADR(&r->len);
+        uint64_t rs = TLOADR(&r->seq);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (p < TLOADR(&h->head))
+            continue; /* overwritten while we read its header */
+        if (st == TREC_SKIP) {
+            uint64_t total = cap - off;
+            if ((uint64_t)n + 16 != total || total > tl - p)
+                return topic_corrupt(t, "bad wrap marker", n, p);
+            int moved_hold = TLOADR(&s->hold) == p;
+            TSTORE(&s->pos, p + total);
+            if (moved_hold)
+                TSTORE(&s->hold, p + total);
+            continue;
+        }
+        if (st != TREC_MSG)
+            return topic_corrupt(t, "unknown record state", st, p);
+        uint64_t total = trec_total(n);
+        if (total > cap - off || total > tl - p)
+            return topic_corrupt(t, "record length overruns the ring", n, p);
+        uint64_t want = TLOADR(&s->seq);
+        if (rs > want) {
+            *missed = rs - want;
+            TSTORE(&s->missed, TLOADR(&s->missed) + *missed);
+            TSTORE(&s->seq, rs);
+            shm_crash_point("topic.recv.lost");
+            return TN_LOST;
+        }
+        if (rs < want)
+            return topic_corrupt(t, "a record's sequence number is behind the subscriber's",
+                                 rs, want);
+        *pos = p;
+        *len = n;
+        return TN_READY;
+    }
+}
+
+int
+topic_still_there(topic_t *t, uint64_t pos)
+{
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return pos >= TLOADR(&t->h->head);
+}
+
+void
+topic_set_hold(topic_t *t, struct topic_sub *s, uint64_t hold)
+{
+    TSTORE(&s->hold, hold);
+    if (t->overflow == TOPIC_BLOCK)
+        topic_wake(&t->h->space_seq, &t->h->space_sleepers);
+}
+
+void
+topic_advance(topic_t *t, struct topic_sub *s, uint64_t pos, uint32_t len, uint64_t hold)
+{
+    uint64_t next = pos + trec_total(len);
+    TSTORE(&s->seq, TLOADR(&s->seq) + 1);
+    TSTORE(&s->received, TLOADR(&s->received) + 1);
+    TSTORE(&s->pos, next);
+    shm_crash_point("topic.recv.advanced");
+    topic_set_hold(t, s, hold < next ? hold : next);
+}
+
+/* ---- waiting for data ------------------------------------------------------- */
+
+typedef struct {
+    topic_t *t;
+    MappingObject *m;
+    struct topic_sub *s;
+    uint32_t me;
+} data_ctx;
+
+static int
+data_ready(void *ctx, uint32_t *sleep_on)
+{
+    data_ctx *c = ctx;
+    *sleep_on = TLOAD(&c->t->h->data_seq);
+    return TLOAD(&c->t->h->tail) != TLOADR(&c->s->pos);
+}
+
+static void
+data_arm(void *ctx)
+{
+    data_ctx *c = ctx;
+    topic_sleeper(c->t, c->me, 0, +1);
+}
+
+static void
+data_disarm(void *ctx)
+{
+    data_ctx *c = ctx;
+    topic_sleeper(c->t, c->me, 0, -1);
+}
+
+static int
+data_check(void *ctx)
+{
+    data_ctx *c = ctx;
+    topic_fix_sleepers(c->t, c->m);
+    return 0;
+}
+
+int
+topic_wait_data(topic_t *t, MappingObject *m, struct topic_sub *s, int64_t deadline,
+                int64_t *spin_ns)
+{
+    data_ctx c = {t, m, s, m->token};
+    shm_wait w = {.m = m, .word = &t->h->data_seq, .ctx = &c, .ready = data_ready,
+                  .arm = data_arm, .disarm = data_disarm, .check = data_check,
+                  .spin_ns = *spin_ns, .what = t->what};
+    int r = shm_wait_until(&w, deadline);
+    *spin_ns = w.slept ? *spin_ns / 2 : (*spin_ns * 2 + 1000 > 50000 ? 50000 : *spin_ns * 2 + 1000);
+    return r;
+}

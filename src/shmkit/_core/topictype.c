@@ -1,0 +1,1075 @@
+/* topictype.c - the Python face of the broadcast ring: shmkit._core.Topic
+ * (which shmkit.Topic subclasses, so that topic.publish(b) is one C call),
+ * TopicSubscriber (a cursor; shmkit.Subscriber subclasses it) and
+ * TopicView (a message lent in place).  The protocol is in topic.c.
+ *
+ *   topic.publish(data, timeout=None)      sub.recv(timeout=None) -> bytes
+ *   topic.publish_nowait(data)             sub.recv_nowait() -> bytes
+ *   topic._subscribe(cls, history=None)    sub._take(timeout=None, nowait=False)
+ */
+#include "topic.h"
+#include "journal.h"
+#include <string.h>
+
+#define LENT_MAX 64 /* views one subscriber may hold at once */
+#define SPIN_START (20 * 1000LL)
+
+static PyTypeObject Topic_Type, TopicSubscriber_Type, TopicView_Type;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *mapping; /* the segment's Mapping; NULL when unbound */
+    topic_t t;
+    int64_t spin_ns;
+    PyObject *name;
+} TopicObject;
+
+typedef struct {
+    PyObject_HEAD
+    TopicObject *topic;
+    PyObject *mapping;  /* the mapping the subscription was made in */
+    uint32_t idx, token;
+    int closed, busy;
+    uint32_t nlent;
+    uint64_t lent[LENT_MAX]; /* positions of views not yet released, ascending */
+    int64_t spin_ns;
+    PyObject *weakreflist;
+} SubObject;
+
+typedef struct {
+    PyObject_HEAD
+    SubObject *sub;
+    PyObject *mapping;
+    uint64_t pos;
+    char *payload;
+    Py_ssize_t len;
+    Py_ssize_t exports;
+    int released;
+    PyObject *view;
+} TViewObject;
+
+/* ---- helpers ------------------------------------------------------------ */
+
+static int
+parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+           Py_ssize_t npos, const char *const *names, PyObject **out)
+{
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, nall = 0;
+    while (names[nall])
+        nall++;
+    if (nargs > nall) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd arguments (%zd given)",
+                     fname, nall, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nall; i++)
+        out[i] = i < nargs ? args[i] : NULL;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        Py_ssize_t i = 0;
+        for (; i < nall; i++)
+            if (PyUnicode_CompareWithASCIIString(key, names[i]) == 0)
+                break;
+        if (i == nall || out[i] != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected or repeated argument %R",
+                         fname, key);
+            return -1;
+        }
+        out[i] = args[nargs + k];
+    }
+    for (Py_ssize_t i = 0; i < npos; i++) {
+        if (out[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() missing argument '%s'", fname, names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int
+deadline_of(PyObject *timeout, int nowait, int64_t *deadline)
+{
+    if (nowait) {
+        *deadline = 0;
+        return 0;
+    }
+    if (timeout == NULL || timeout == Py_None) {
+        *deadline = SHM_FOREVER;
+        return 0;
+    }
+    *deadline = shm_deadline(timeout);
+    return *deadline < 0 ? -1 : 0;
+}
+
+/* The topic's mapping, pinned for the call, or NULL with an error set. */
+static MappingObject *
+topic_enter(TopicObject *o, int to_use)
+{
+    MappingObject *m = (MappingObject *)o->mapping;
+    if (m == NULL || m->base == NULL || m->closing || (to_use && m->token == 0)) {
+        if (m != NULL && m->base != NULL && !m->closing && m->readonly)
+            PyErr_Format(SHM_READONLY_EXC, "topic %R was opened readonly=True; open it "
+                         "without readonly to publish or subscribe", o->name);
+        else
+            PyErr_Format(SHM_CLOSED_EXC, "topic %R is closed in this process; open it "
+                         "again to use it", o->name ? o->name : Py_None);
+        return NULL;
+    }
+    shm_pin((PyObject *)m);
+    return m;
+}
+
+static void
+raise_lost(PyObject *name, uint64_t missed, const char *how)
+{
+    PyObject *msg = PyUnicode_FromFormat(
+        "topic %R: %llu message%s %s this subscriber read %s; it goes on from the oldest "
+        "message still there (create the topic with a larger capacity, or "
+        "overflow=\"block\", to lose none)", name, (unsigned long long)missed,
+        missed == 1 ? "" : "s", missed == 1 ? "was overwritten before" : "were overwritten "
+        "before", missed == 1 ? "it" : "them");
+    if (msg == NULL)
+        return;
+    PyObject *exc = PyObject_CallFunction(topic_MessagesLost, "OK", msg,
+                                          (unsigned long long)missed);
+    Py_DECREF(msg);
+    if (exc == NULL)
+        return;
+    PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    Py_DECREF(exc);
+}
+
+/* ---- Topic: publishing ----------------------------------------------------- */
+
+static PyObject *
+publish_impl(TopicObject *o, PyObject *msg, PyObject *timeout, int nowait)
+{
+    Py_buffer b;
+    if (PyUnicode_Check(msg) || !PyObject_CheckBuffer(msg)) {
+        PyErr_Format(PyExc_TypeError, "a topic message must be bytes-like (bytes, "
+                     "bytearray, memoryview, numpy array), not %.100s; encode it first",
+                     Py_TYPE(msg)->tp_name);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(msg, &b, PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_BufferError, "a topic message must be one contiguous block of "
+                     "memory; copy it first (numpy.ascontiguousarray)");
+        return NULL;
+    }
+    int64_t deadline;
+    MappingObject *m = NULL;
+    PyObject *res = NULL;
+    if (deadline_of(timeout, nowait, &deadline) < 0)
+        goto out;
+    if ((m = topic_enter(o, 1)) == NULL)
+        goto out;
+    topic_t *t = &o->t;
+    if ((uint64_t)b.len > UINT32_MAX - 32 || trec_total((uint64_t)b.len) > t->cap) {
+        PyErr_Format(topic_MessageTooLarge, "a message of %zd bytes does not fit in topic %R, "
+                     "which holds at most %llu bytes per message; create the topic with a "
+                     "larger capacity=", b.len, o->name, (unsigned long long)(t->cap - 16));
+        goto out;
+    }
+    int fruitless = 0;
+    for (;;) {
+        int k = topic_publish(t, m, b.buf, (uint64_t)b.len, deadline);
+        if (k < 0)
+            goto out;
+        if (k > 0)
+            break;
+        int w = nowait ? 0 : topic_wait_space(t, m, (uint64_t)b.len, deadline, &o->spin_ns);
+        if (w < 0)
+            goto out;
+        if (w == 0) {
+            uint32_t idx;
+            uint64_t lag = topic_slowest(t, m, &idx);
+            if (nowait)
+                PyErr_Format(topic_Full, "topic %R is full: subscriber %u is %llu messages "
+                             "behind (overflow=\"block\")", o->name, idx,
+                             (unsigned long long)lag);
+            else
+                PyErr_Format(shm_TimeoutError, "topic %R stayed full for the timeout: "
+                             "subscriber %u is %llu messages behind and did not read "
+                             "(overflow=\"block\" waits for the slowest live subscriber; "
+                             "use overflow=\"overwrite\" not to wait)", o->name, idx,
+                             (unsigned long long)lag);
+            goto out;
+        }
+        if (++fruitless > 64) { /* looked ready but was not: bound the CPU burnt */
+            fruitless = 0;
+            Py_BEGIN_ALLOW_THREADS
+            struct timespec ts = {0, 1000 * 1000};
+            nanosleep(&ts, NULL);
+            Py_END_ALLOW_THREADS
+            if (PyErr_CheckSignals() < 0)
+                goto out;
+        }
+    }
+    res = Py_NewRef(Py_None);
+out:
+    if (m != NULL)
+        shm_unpin((PyObject *)m);
+    PyBuffer_Release(&b);
+    return res;
+}
+
+static PyObject *
+Topic_publish(TopicObject *o, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"data", "timeout", NULL};
+    PyObject *a[2];
+    if (parse_args("publish", args, nargs, kw, 1, names, a) < 0)
+        return NULL;
+    return publish_impl(o, a[0], a[1], 0);
+}
+
+static PyObject *
+Topic_publish_nowait(TopicObject *o, PyObject *msg)
+{
+    return publish_impl(o, msg, NULL, 1);
+}
+
+/* ---- Topic: subscribing, binding, statistics ----------------------------- */
+
+static PyObject *
+Topic_subscribe(TopicObject *o, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"cls", "history", NULL};
+    PyObject *a[2];
+    if (parse_args("_subscribe", args, nargs, kw, 1, names, a) < 0)
+        return NULL;
+    if (!PyType_Check(a[0]) || !PyType_IsSubtype((PyTypeObject *)a[0], &TopicSubscriber_Type)) {
+        PyErr_SetString(PyExc_TypeError, "_subscribe() needs a TopicSubscriber class");
+        return NULL;
+    }
+    MappingObject *m = topic_enter(o, 1);
+    if (m == NULL)
+        return NULL;
+    uint64_t want = o->t.history;
+    if (a[1] != NULL && a[1] != Py_None) {
+        long long w = PyLong_AsLongLong(a[1]);
+        if (w == -1 && PyErr_Occurred()) {
+            shm_unpin((PyObject *)m);
+            return NULL;
+        }
+        if (w < 0 || (uint64_t)w > o->t.history) {
+            PyErr_Format(PyExc_ValueError, "history=%lld: topic %R keeps at most %llu earlier "
+                         "messages; give 0 to %llu", w, o->name,
+                         (unsigned long long)o->t.history, (unsigned long long)o->t.history);
+            shm_unpin((PyObject *)m);
+            return NULL;
+        }
+        want = (uint64_t)w;
+    }
+    SubObject *s = (SubObject *)((PyTypeObject *)a[0])->tp_alloc((PyTypeObject *)a[0], 0);
+    if (s == NULL) {
+        shm_unpin((PyObject *)m);
+        return NULL;
+    }
+    long idx = topic_subscribe(&o->t, m, want);
+    if (idx < 0) {
+        s->closed = 1;
+        Py_DECREF(s);
+        shm_unpin((PyObject *)m);
+        return NULL;
+    }
+    s->topic = (TopicObject *)Py_NewRef(o);
+    s->mapping = Py_NewRef((PyObject *)m);
+    s->idx = (uint32_t)idx;
+    s->token = m->token;
+    s->spin_ns = SPIN_START;
+    shm_unpin((PyObject *)m);
+    return (PyObject *)s;
+}
+
+static PyObject *
+Topic_init_topic(PyObject *Py_UNUSED(cls), PyObject *args)
+{
+    PyObject *mapping;
+    long long off;
+    unsigned long long cap, history;
+    unsigned int overflow, max_subs;
+    if (!PyArg_ParseTuple(args, "O!LKKII", &Mapping_Type, &mapping, &off, &cap, &history,
+                          &overflow, &max_subs))
+        return NULL;
+    MappingObject *m = (MappingObject *)mapping;
+    char *base = shm_addr(mapping, off, TOPIC_ROLES_OFF, 1);
+    if (base == NULL)
+        return NULL;
+    if (off % 64) {
+        PyErr_SetString(PyExc_ValueError, "a topic must start 64-aligned");
+        return NULL;
+    }
+    if (topic_format(base, (uint64_t)m->length - (uint64_t)off, m->max_slots, cap, history,
+                     overflow, max_subs) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Topic_bind(TopicObject *o, PyObject *args)
+{
+    PyObject *mapping, *name;
+    long long off;
+    if (!PyArg_ParseTuple(args, "O!LU", &Mapping_Type, &mapping, &off, &name))
+        return NULL;
+    Py_XSETREF(o->name, Py_NewRef(name));
+    MappingObject *m = (MappingObject *)mapping;
+    char *base = shm_addr(mapping, off, 8, 0);
+    if (base == NULL)
+        return NULL;
+    const char *nm = PyUnicode_AsUTF8(name);
+    if (nm == NULL)
+        return NULL;
+    topic_t t;
+    memset(&t, 0, sizeof t);
+    if (off < 0 || (uint64_t)m->length < (uint64_t)off ||
+        topic_bind(&t, base, (uint64_t)m->length - (uint64_t)off, m->max_slots, nm) < 0)
+        return NULL;
+    o->t = t;
+    o->spin_ns = SPIN_START;
+    Py_XSETREF(o->mapping, Py_NewRef(mapping));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Topic_unbind(TopicObject *o, PyObject *Py_UNUSED(ignored))
+{
+    Py_CLEAR(o->mapping);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Topic_wake_all(TopicObject *o, PyObject *Py_UNUSED(ignored))
+{
+    MappingObject *m = (MappingObject *)o->mapping;
+    if (m != NULL && m->base != NULL && !m->closing) {
+        struct topic_hdr *h = o->t.h;
+        __atomic_fetch_add(&h->data_seq, 1, __ATOMIC_SEQ_CST);
+        __atomic_fetch_add(&h->space_seq, 1, __ATOMIC_SEQ_CST);
+        shm_futex_wake(&h->data_seq, INT_MAX);
+        shm_futex_wake(&h->space_seq, INT_MAX);
+    }
+    Py_RETURN_NONE;
+}
+
+/* statistics: the counters and one entry per live subscriber (its token, so
+ * that Python can name its process) */
+static PyObject *
+Topic_stats(TopicObject *o, PyObject *Py_UNUSED(ignored))
+{
+    MappingObject *m = topic_enter(o, 0);
+    if (m == NULL)
+        return NULL;
+    topic_t *t = &o->t;
+    struct topic_hdr *h = t->h;
+    uint64_t sq = TLOAD(&h->seq), tl = TLOAD(&h->tail), hd = TLOAD(&h->head);
+    PyObject *subs = PyList_New(0);
+    PyObject *d = NULL;
+    if (subs == NULL)
+        goto out;
+    for (uint32_t i = 0; i < t->max_subs; i++) {
+        struct topic_sub *s = &t->subs[i];
+        uint32_t owner = TLOAD(&s->owner);
+        if (owner == 0 || (owner & ~SHM_TOKEN_MASK) || !shm_token_alive(m, owner))
+            continue;
+        uint64_t ss = TLOAD(&s->seq), lag = sq - ss;
+        PyObject *e = Py_BuildValue("{sIsIsKsKsKsK}", "index", i, "token", owner, "lag",
+                                    (unsigned long long)(lag > sq ? 0 : lag), "received",
+                                    (unsigned long long)TLOAD(&s->received), "missed",
+                                    (unsigned long long)TLOAD(&s->missed), "joined",
+                                    (unsigned long long)TLOAD(&s->joined));
+        if (e == NULL || PyList_Append(subs, e) < 0) {
+            Py_XDECREF(e);
+            goto out;
+        }
+        Py_DECREF(e);
+    }
+    d = Py_BuildValue("{sKsKsKsKsssIsOsIsI}", "capacity", (unsigned long long)t->cap,
+                      "bytes_used", (unsigned long long)(tl >= hd ? tl - hd : 0), "published",
+                      (unsigned long long)sq, "history", (unsigned long long)t->history,
+                      "overflow", t->overflow ? "overwrite" : "block", "max_subscribers",
+                      t->max_subs, "subscribers", subs, "subscribers_waiting",
+                      TLOAD(&h->data_sleepers), "publishers_waiting",
+                      TLOAD(&h->space_sleepers));
+out:
+    Py_XDECREF(subs);
+    shm_unpin((PyObject *)m);
+    return d;
+}
+
+static PyObject *
+Topic_get_capacity(TopicObject *o, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(o->mapping ? o->t.cap : 0);
+}
+
+static PyObject *
+Topic_get_max_message(TopicObject *o, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(o->mapping ? o->t.cap - 16 : 0);
+}
+
+static PyObject *
+Topic_get_history(TopicObject *o, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(o->t.history);
+}
+
+static PyObject *
+Topic_get_overflow(TopicObject *o, void *Py_UNUSED(c))
+{
+    return PyUnicode_FromString(o->t.overflow ? "overwrite" : "block");
+}
+
+static PyObject *
+Topic_get_max_subscribers(TopicObject *o, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLong(o->t.max_subs);
+}
+
+static PyObject *
+Topic_get_published(TopicObject *o, void *Py_UNUSED(c))
+{
+    MappingObject *m = topic_enter(o, 0);
+    if (m == NULL)
+        return NULL;
+    uint64_t sq = TLOAD(&o->t.h->seq);
+    shm_unpin((PyObject *)m);
+    return PyLong_FromUnsignedLongLong(sq);
+}
+
+static void
+Topic_dealloc(TopicObject *o)
+{
+    Py_CLEAR(o->mapping);
+    Py_CLEAR(o->name);
+    Py_TYPE(o)->tp_free((PyObject *)o);
+}
+
+#define FAST (METH_FASTCALL | METH_KEYWORDS)
+static PyMethodDef Topic_methods[] = {
+    {"publish", (PyCFunction)(void (*)(void))Topic_publish, FAST,
+     "publish(data, timeout=None)\n\nCopy one bytes-like message in for every subscriber.\n"
+     "With overflow=\"block\", wait while the slowest live subscriber holds the space\n"
+     "(Timeout); with \"overwrite\", never wait.\n\n>>> topic.publish(b'tick', timeout=1.0)"},
+    {"publish_nowait", (PyCFunction)Topic_publish_nowait, METH_O,
+     "publish_nowait(data)\n\nPublish, or raise Full (a WouldBlock) if a subscriber holds "
+     "the space."},
+    {"_subscribe", (PyCFunction)(void (*)(void))Topic_subscribe, FAST,
+     "_subscribe(cls, history=None) -> cls: a new cursor (see Topic.subscribe)"},
+    {"_bind", (PyCFunction)Topic_bind, METH_VARARGS,
+     "_bind(mapping, offset, name): attach this handle to the topic at offset"},
+    {"_unbind", (PyCFunction)Topic_unbind, METH_NOARGS, "_unbind(): forget the mapping"},
+    {"_init_topic", (PyCFunction)Topic_init_topic, METH_VARARGS | METH_STATIC,
+     "_init_topic(mapping, offset, capacity, history, overflow, max_subscribers)"},
+    {"_wake_all", (PyCFunction)Topic_wake_all, METH_NOARGS, "_wake_all()"},
+    {"_stats", (PyCFunction)Topic_stats, METH_NOARGS, "_stats() -> dict"},
+    {NULL}
+};
+
+static PyGetSetDef Topic_getset[] = {
+    {"capacity", (getter)Topic_get_capacity, NULL, "bytes in the ring's data area", NULL},
+    {"max_message", (getter)Topic_get_max_message, NULL, "largest message in bytes", NULL},
+    {"history", (getter)Topic_get_history, NULL, "earlier messages kept for late joiners",
+     NULL},
+    {"overflow", (getter)Topic_get_overflow, NULL, "\"block\" or \"overwrite\"", NULL},
+    {"max_subscribers", (getter)Topic_get_max_subscribers, NULL,
+     "entries of the subscriber table", NULL},
+    {"published", (getter)Topic_get_published, NULL, "messages published so far", NULL},
+    {NULL}
+};
+
+static PyTypeObject Topic_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkit._core.Topic",
+    .tp_basicsize = sizeof(TopicObject),
+    .tp_dealloc = (destructor)Topic_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "The broadcast ring's hot path; shmkit.Topic builds on it.",
+    .tp_methods = Topic_methods,
+    .tp_getset = Topic_getset,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ---- TopicSubscriber ------------------------------------------------------- */
+
+/* Check the subscription is usable from this thread now and pin the
+ * mapping.  Returns the entry, or NULL with an error set. */
+static struct topic_sub *
+sub_enter(SubObject *s, MappingObject **mp, int busy)
+{
+    TopicObject *o = s->topic;
+    MappingObject *m = (MappingObject *)s->mapping;
+    if (s->closed || o == NULL || m == NULL || o->mapping != (PyObject *)m ||
+        m->base == NULL || m->closing || m->token == 0) {
+        PyErr_Format(SHM_CLOSED_EXC, "this subscriber of topic %R is closed; subscribe "
+                     "again", o && o->name ? o->name : Py_None);
+        return NULL;
+    }
+    if (m->token != s->token) {
+        PyErr_Format(SHM_CLOSED_EXC, "this subscriber of topic %R belongs to the process "
+                     "that subscribed (this one is a fork of it); subscribe again here",
+                     o->name);
+        return NULL;
+    }
+    struct topic_sub *e = &o->t.subs[s->idx];
+    if (TLOAD(&e->owner) != s->token) {
+        PyErr_Format(SHM_CLOSED_EXC, "this subscriber of topic %R lost its place in the "
+                     "subscriber table (the table was damaged); subscribe again", o->name);
+        return NULL;
+    }
+    if (busy && s->busy) {
+        PyErr_Format(topic_Busy, "this subscriber of topic %R is receiving in another "
+                     "thread; give each thread its own subscriber (topic.subscribe())",
+                     o->name);
+        return NULL;
+    }
+    shm_pin((PyObject *)m);
+    if (busy)
+        s->busy = 1;
+    *mp = m;
+    return e;
+}
+
+static void
+sub_leave(SubObject *s, MappingObject *m, int busy)
+{
+    if (busy)
+        s->busy = 0;
+    shm_unpin((PyObject *)m);
+}
+
+static uint64_t
+sub_hold(SubObject *s, uint64_t next)
+{
+    return s->nlent ? s->lent[0] : next;
+}
+
+static PyObject *make_tview(SubObject *s, MappingObject *m, uint64_t pos, uint32_t len);
+
+enum { HOW_COPY, HOW_VIEW };
+
+static PyObject *
+recv_impl(SubObject *s, PyObject *timeout, int nowait, int how)
+{
+    MappingObject *m;
+    int64_t deadline;
+    if (deadline_of(timeout, nowait, &deadline) < 0)
+        return NULL;
+    struct topic_sub *e = sub_enter(s, &m, 1);
+    if (e == NULL)
+        return NULL;
+    TopicObject *o = s->topic;
+    topic_t *t = &o->t;
+    PyObject *out = NULL;
+    if (how == HOW_VIEW && s->nlent >= LENT_MAX) {
+        PyErr_Format(topic_Busy, "this subscriber of topic %R holds %d views; release some "
+                     "first", o->name, LENT_MAX);
+        goto done;
+    }
+    for (;;) {
+        uint64_t pos = 0, missed = 0;
+        uint32_t len = 0;
+        int k = topic_next(t, e, &pos, &len, &missed);
+        if (k < 0)
+            goto done;
+        if (k == TN_LOST) {
+            raise_lost(o->name, missed, "");
+            goto done;
+        }
+        if (k == TN_READY) {
+            const char *src = (const char *)(trec_at(t, pos) + 1);
+            if (how == HOW_VIEW) {
+                if (t->overflow == TOPIC_BLOCK) {
+                    s->lent[s->nlent++] = pos;
+                }
+                topic_advance(t, e, pos, len, sub_hold(s, pos + trec_total(len)));
+                shm_crash_point("topic.recv.lent");
+                out = make_tview(s, m, pos, len);
+                if (out == NULL && t->overflow == TOPIC_BLOCK) {
+                    s->nlent--;
+                    topic_set_hold(t, e, sub_hold(s, TLOADR(&e->pos)));
+                }
+                goto done;
+            }
+            out = PyBytes_FromStringAndSize(NULL, len);
+            if (out == NULL)
+                goto done;
+            if (len >= TOPIC_BIG_COPY) {
+                Py_BEGIN_ALLOW_THREADS
+                memcpy(PyBytes_AS_STRING(out), src, len);
+                Py_END_ALLOW_THREADS
+            } else {
+                memcpy(PyBytes_AS_STRING(out), src, len);
+            }
+            shm_crash_point("topic.recv.copied");
+            if (!topic_still_there(t, pos)) {
+                Py_CLEAR(out); /* torn: the next look reports the loss */
+                continue;
+            }
+            topic_advance(t, e, pos, len, sub_hold(s, pos + trec_total(len)));
+            goto done;
+        }
+        if (nowait) {
+            PyErr_Format(topic_Empty, "no new message on topic %R", o->name);
+            goto done;
+        }
+        int w = topic_wait_data(t, m, e, deadline, &s->spin_ns);
+        if (w < 0)
+            goto done;
+        if (w == 0) {
+            PyErr_Format(shm_TimeoutError, "no message arrived on topic %R within the "
+                         "timeout", o->name);
+            goto done;
+        }
+    }
+done:
+    sub_leave(s, m, 1);
+    return out;
+}
+
+static PyObject *
+Sub_recv(SubObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"timeout", NULL};
+    PyObject *a[1];
+    if (parse_args("recv", args, nargs, kw, 0, names, a) < 0)
+        return NULL;
+    return recv_impl(s, a[0], 0, HOW_COPY);
+}
+
+static PyObject *
+Sub_recv_nowait(SubObject *s, PyObject *Py_UNUSED(ignored))
+{
+    return recv_impl(s, NULL, 1, HOW_COPY);
+}
+
+static PyObject *
+Sub_take(SubObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"timeout", "nowait", NULL};
+    PyObject *a[2];
+    if (parse_args("_take", args, nargs, kw, 0, names, a) < 0)
+        return NULL;
+    int nowait = a[1] ? PyObject_IsTrue(a[1]) : 0;
+    if (nowait < 0)
+        return NULL;
+    return recv_impl(s, a[0], nowait, HOW_VIEW);
+}
+
+static void
+sub_close(SubObject *s)
+{
+    if (s->closed)
+        return;
+    s->closed = 1;
+    TopicObject *o = s->topic;
+    MappingObject *m = (MappingObject *)s->mapping;
+    if (o != NULL && m != NULL && o->mapping == (PyObject *)m && m->base != NULL &&
+        m->token == s->token && s->token != 0)
+        topic_unsubscribe(&o->t, s->idx, s->token);
+    s->nlent = 0;
+}
+
+static PyObject *
+Sub_close(SubObject *s, PyObject *Py_UNUSED(ignored))
+{
+    sub_close(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Sub_get_closed(SubObject *s, void *Py_UNUSED(c))
+{
+    MappingObject *m = (MappingObject *)s->mapping;
+    return PyBool_FromLong(s->closed || m == NULL || m->base == NULL ||
+                           s->topic == NULL || s->topic->mapping != (PyObject *)m);
+}
+
+static PyObject *
+sub_counter(SubObject *s, int which)
+{
+    MappingObject *m;
+    struct topic_sub *e = sub_enter(s, &m, 0);
+    if (e == NULL)
+        return NULL;
+    uint64_t v;
+    if (which == 0) {
+        uint64_t sq = TLOAD(&s->topic->t.h->seq), mine = TLOAD(&e->seq);
+        v = sq >= mine ? sq - mine : 0;
+    } else {
+        v = which == 1 ? TLOAD(&e->received) : TLOAD(&e->missed);
+    }
+    sub_leave(s, m, 0);
+    return PyLong_FromUnsignedLongLong(v);
+}
+
+static PyObject *Sub_get_lag(SubObject *s, void *c) { (void)c; return sub_counter(s, 0); }
+static PyObject *Sub_get_received(SubObject *s, void *c) { (void)c; return sub_counter(s, 1); }
+static PyObject *Sub_get_missed(SubObject *s, void *c) { (void)c; return sub_counter(s, 2); }
+
+static PyObject *
+Sub_get_index(SubObject *s, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLong(s->idx);
+}
+
+static PyObject *
+Sub_get_topic_name(SubObject *s, void *Py_UNUSED(c))
+{
+    if (s->topic == NULL || s->topic->name == NULL)
+        Py_RETURN_NONE;
+    return Py_NewRef(s->topic->name);
+}
+
+static void
+Sub_dealloc(SubObject *s)
+{
+    if (s->weakreflist != NULL)
+        PyObject_ClearWeakRefs((PyObject *)s);
+    sub_close(s);
+    Py_CLEAR(s->topic);
+    Py_CLEAR(s->mapping);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyObject *
+Sub_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    PyErr_SetString(PyExc_TypeError, "subscribers are made by Topic.subscribe()");
+    return NULL;
+}
+
+static PyMethodDef Sub_methods[] = {
+    {"recv", (PyCFunction)(void (*)(void))Sub_recv, FAST,
+     "recv(timeout=None) -> bytes\n\nThe next message; wait until one is published.\n"
+     "Raises Timeout, or MessagesLost (with .missed) when messages were overwritten before\n"
+     "this subscriber read them; the next call goes on from the oldest one still there.\n\n"
+     ">>> sub.recv(timeout=1.0)\nb'tick'"},
+    {"recv_nowait", (PyCFunction)Sub_recv_nowait, METH_NOARGS,
+     "recv_nowait() -> bytes\n\nThe next message, or raise Empty (a WouldBlock)."},
+    {"_take", (PyCFunction)(void (*)(void))Sub_take, FAST,
+     "_take(timeout=None, nowait=False) -> TopicView (see Subscriber.recv_view)"},
+    {"close", (PyCFunction)Sub_close, METH_NOARGS,
+     "close()\n\nLeave the topic: publishers stop keeping messages for this subscriber."},
+    {NULL}
+};
+
+static PyGetSetDef Sub_getset[] = {
+    {"closed", (getter)Sub_get_closed, NULL, "True once closed (or its topic handle is)",
+     NULL},
+    {"lag", (getter)Sub_get_lag, NULL, "messages published that it has not read yet", NULL},
+    {"received", (getter)Sub_get_received, NULL, "messages it received", NULL},
+    {"missed", (getter)Sub_get_missed, NULL, "messages it lost to overwriting", NULL},
+    {"index", (getter)Sub_get_index, NULL, "its entry in the subscriber table", NULL},
+    {"topic_name", (getter)Sub_get_topic_name, NULL, "the topic's name", NULL},
+    {NULL}
+};
+
+static PyTypeObject TopicSubscriber_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkit._core.TopicSubscriber",
+    .tp_basicsize = sizeof(SubObject),
+    .tp_dealloc = (destructor)Sub_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "A subscriber's cursor on a topic; shmkit.Subscriber builds on it.",
+    .tp_methods = Sub_methods,
+    .tp_getset = Sub_getset,
+    .tp_new = Sub_new,
+    .tp_weaklistoffset = offsetof(SubObject, weakreflist),
+};
+
+/* ---- TopicView: a message lent in place ------------------------------------ */
+
+static PyObject *
+make_tview(SubObject *s, MappingObject *m, uint64_t pos, uint32_t len)
+{
+    TViewObject *v = PyObject_New(TViewObject, &TopicView_Type);
+    if (v == NULL)
+        return NULL;
+    v->sub = (SubObject *)Py_NewRef(s);
+    v->mapping = Py_NewRef((PyObject *)m);
+    shm_pin((PyObject *)m); /* the memory stays mapped while the view lives */
+    v->pos = pos;
+    v->payload = (char *)(trec_at(&s->topic->t, pos) + 1);
+    v->len = len;
+    v->exports = 0;
+    v->released = 0;
+    v->view = NULL;
+    return (PyObject *)v;
+}
+
+/* Give the record back: drop it from the subscriber's lent list and let
+ * publishers reuse its space.  Returns 1 if the bytes were intact until
+ * now (overwrite mode can reuse them while lent), 0 if not. */
+static int
+tview_release_record(TViewObject *v)
+{
+    if (v->released)
+        return 1;
+    v->released = 1;
+    SubObject *s = v->sub;
+    MappingObject *m = (MappingObject *)v->mapping;
+    int intact = 1;
+    if (!s->closed && s->topic->mapping == (PyObject *)m && m->base != NULL &&
+        m->token == s->token) {
+        topic_t *t = &s->topic->t;
+        intact = topic_still_there(t, v->pos);
+        for (uint32_t i = 0; i < s->nlent; i++) {
+            if (s->lent[i] == v->pos) {
+                memmove(&s->lent[i], &s->lent[i + 1], (s->nlent - i - 1) * sizeof(uint64_t));
+                s->nlent--;
+                struct topic_sub *e = &t->subs[s->idx];
+                if (TLOAD(&e->owner) == s->token)
+                    topic_set_hold(t, e, sub_hold(s, TLOADR(&e->pos)));
+                shm_crash_point("topic.recv.released");
+                break;
+            }
+        }
+    }
+    shm_unpin(v->mapping);
+    Py_CLEAR(v->mapping);
+    return intact;
+}
+
+static PyObject *
+tv_release(TViewObject *v, PyObject *Py_UNUSED(ignored))
+{
+    if (v->view != NULL) {
+        PyObject *res = PyObject_CallMethod(v->view, "release", NULL);
+        if (res == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_BufferError)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_BufferError,
+                                "an array or memoryview made from the message view is "
+                                "still alive; copy what you need inside the with block");
+            }
+            return NULL;
+        }
+        Py_DECREF(res);
+        Py_CLEAR(v->view);
+    }
+    if (v->exports > 0) {
+        PyErr_SetString(PyExc_BufferError, "the message view is still exported (an "
+                        "array or memoryview uses it); release those first");
+        return NULL;
+    }
+    if (v->released)
+        Py_RETURN_NONE;
+    if (!tview_release_record(v)) {
+        PyObject *name = v->sub->topic ? v->sub->topic->name : Py_None;
+        PyObject *msg = PyUnicode_FromFormat(
+            "topic %R: the message lent as a view was overwritten while it was held "
+            "(overflow=\"overwrite\" never waits); what was read from it may be torn: "
+            "copy it (recv) or release views sooner", name);
+        if (msg != NULL) {
+            PyObject *exc = PyObject_CallFunction(topic_MessagesLost, "OK", msg, 1ull);
+            Py_DECREF(msg);
+            if (exc != NULL) {
+                PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+                Py_DECREF(exc);
+            }
+        }
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+tv_enter(TViewObject *v, PyObject *Py_UNUSED(ignored))
+{
+    if (v->released) {
+        PyErr_SetString(PyExc_ValueError, "the message view was already released");
+        return NULL;
+    }
+    if (v->view == NULL && (v->view = PyMemoryView_FromObject((PyObject *)v)) == NULL)
+        return NULL;
+    return Py_NewRef(v->view);
+}
+
+static PyObject *
+tv_exit(TViewObject *v, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *r = tv_release(v, NULL);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    Py_RETURN_FALSE;
+}
+
+static int
+tv_getbuffer(TViewObject *v, Py_buffer *view, int flags)
+{
+    if (v->released) {
+        PyErr_SetString(PyExc_ValueError, "the message view was released");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)v, v->payload, v->len, 1, flags) < 0)
+        return -1;
+    v->exports++;
+    return 0;
+}
+
+static void
+tv_releasebuffer(TViewObject *v, Py_buffer *Py_UNUSED(view))
+{
+    v->exports--;
+}
+
+static void
+tv_dealloc(TViewObject *v)
+{
+    Py_CLEAR(v->view);
+    if (!v->released)
+        tview_release_record(v);
+    Py_CLEAR(v->sub);
+    PyObject_Free(v);
+}
+
+static PyObject *
+tv_get_nbytes(TViewObject *v, void *Py_UNUSED(c))
+{
+    return PyLong_FromSsize_t(v->len);
+}
+
+static PyObject *
+tv_get_intact(TViewObject *v, void *Py_UNUSED(c))
+{
+    if (v->released)
+        Py_RETURN_FALSE;
+    return PyBool_FromLong(topic_still_there(&v->sub->topic->t, v->pos));
+}
+
+static PyMethodDef tv_methods[] = {
+    {"release", (PyCFunction)tv_release, METH_NOARGS,
+     "release()\n\nGive the message's space back.  With overflow=\"overwrite\", raises\n"
+     "MessagesLost if it was overwritten while held."},
+    {"__enter__", (PyCFunction)tv_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))tv_exit, METH_FASTCALL, NULL},
+    {NULL}
+};
+
+static PyGetSetDef tv_getset[] = {
+    {"nbytes", (getter)tv_get_nbytes, NULL, "the message's size in bytes", NULL},
+    {"intact", (getter)tv_get_intact, NULL,
+     "False once the message was overwritten (overflow=\"overwrite\" only)", NULL},
+    {NULL}
+};
+
+static PyBufferProcs tv_as_buffer = {
+    (getbufferproc)tv_getbuffer,
+    (releasebufferproc)tv_releasebuffer,
+};
+
+static PyTypeObject TopicView_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkit._core.TopicView",
+    .tp_basicsize = sizeof(TViewObject),
+    .tp_dealloc = (destructor)tv_dealloc,
+    .tp_as_buffer = &tv_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A topic message lent in place (read-only): ``with sub.recv_view() as mv:``.",
+    .tp_methods = tv_methods,
+    .tp_getset = tv_getset,
+};
+
+/* ---- module glue ------------------------------------------------------------ */
+
+static PyObject *
+topic_set_classes(PyObject *Py_UNUSED(mod), PyObject *args)
+{
+    PyObject *lost, *big, *full, *busy, *empty;
+    if (!PyArg_ParseTuple(args, "OOOOO", &lost, &big, &full, &busy, &empty))
+        return NULL;
+    Py_XSETREF(topic_MessagesLost, Py_NewRef(lost));
+    Py_XSETREF(topic_MessageTooLarge, Py_NewRef(big));
+    Py_XSETREF(topic_Full, Py_NewRef(full));
+    Py_XSETREF(topic_Busy, Py_NewRef(busy));
+    Py_XSETREF(topic_Empty, Py_NewRef(empty));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef topic_functions[] = {
+    {"topic_set_classes", topic_set_classes, METH_VARARGS,
+     "topic_set_classes(MessagesLost, MessageTooLarge, Full, BusyError, Empty)"},
+    {NULL}
+};
+
+static int
+add_type(PyObject *module, const char *name, PyTypeObject *type)
+{
+    if (PyType_Ready(type) < 0)
+        return -1;
+    Py_INCREF(type);
+    if (PyModule_AddObject(module, name, (PyObject *)type) < 0) {
+        Py_DECREF(type);
+        return -1;
+    }
+    return 0;
+}
+
+/* _core.layouts["topic"]: the header's and a subscriber entry's offsets. */
+static int
+put(PyObject *d, const char *key, long long v)
+{
+    PyObject *o = PyLong_FromLongLong(v);
+    int r = o == NULL ? -1 : PyDict_SetItemString(d, key, o);
+    Py_XDECREF(o);
+    return r;
+}
+
+#define TOFF(d, type, field) put(d, #field, (long long)offsetof(type, field))
+
+static int
+add_layout(PyObject *module)
+{
+    PyObject *layouts = PyObject_GetAttrString(module, "layouts");
+    if (layouts == NULL) {
+        PyErr_Clear();
+        return 0; /* registered before the layouts: Python reads the constants */
+    }
+    PyObject *d = PyDict_New(), *sub = PyDict_New();
+    typedef struct topic_hdr T;
+    typedef struct topic_sub S;
+    int bad = d == NULL || sub == NULL ||
+              put(d, "format_version", TOPIC_FORMAT) < 0 || put(d, "bytes", TOPIC_ROLES_OFF) < 0 ||
+              TOFF(d, T, magic) < 0 || TOFF(d, T, format) < 0 || TOFF(d, T, cap) < 0 ||
+              TOFF(d, T, data_off) < 0 || TOFF(d, T, history) < 0 || TOFF(d, T, max_subs) < 0 ||
+              TOFF(d, T, overflow) < 0 || TOFF(d, T, max_slots) < 0 || TOFF(d, T, subs_off) < 0 ||
+              TOFF(d, T, tail) < 0 || TOFF(d, T, seq) < 0 || TOFF(d, T, floor) < 0 ||
+              TOFF(d, T, hist) < 0 || TOFF(d, T, plock) < 0 || TOFF(d, T, jsel) < 0 ||
+              TOFF(d, T, j) < 0 || TOFF(d, T, head) < 0 || TOFF(d, T, data_seq) < 0 ||
+              TOFF(d, T, data_sleepers) < 0 || TOFF(d, T, space_seq) < 0 ||
+              TOFF(d, T, space_sleepers) < 0 || put(d, "roles", TOPIC_ROLES_OFF) < 0 ||
+              put(sub, "bytes", TOPIC_SUB_BYTES) < 0 || TOFF(sub, S, owner) < 0 ||
+              TOFF(sub, S, pos) < 0 || TOFF(sub, S, hold) < 0 || TOFF(sub, S, seq) < 0 ||
+              TOFF(sub, S, received) < 0 || TOFF(sub, S, missed) < 0 ||
+              TOFF(sub, S, joined) < 0 || put(d, "record_header", sizeof(trec_t)) < 0 ||
+              PyDict_SetItemString(d, "subscriber", sub) < 0 ||
+              PyDict_SetItemString(layouts, "topic", d) < 0;
+    Py_XDECREF(d);
+    Py_XDECREF(sub);
+    Py_DECREF(layouts);
+    return bad ? -1 : 0;
+}
+
+int
+shm_init_topic(PyObject *module)
+{
+    topic_MessagesLost = Py_NewRef(PyExc_RuntimeError);
+    topic_MessageTooLarge = Py_NewRef(PyExc_ValueError);
+    topic_Full = Py_NewRef(PyExc_BlockingIOError);
+    topic_Busy = Py_NewRef(PyExc_RuntimeError);
+    topic_Empty = Py_NewRef(PyExc_BlockingIOError);
+    if (add_type(module, "Topic", &Topic_Type) < 0 ||
+        add_type(module, "TopicSubscriber", &TopicSubscriber_Type) < 0 ||
+        add_type(module, "TopicView", &TopicView_Type) < 0)
+        return -1;
+    if (PyModule_AddFunctions(module, topic_functions) < 0)
+        return -1;
+    if (add_layout(module) < 0)
+        return -1;
+    return PyModule_AddIntConstant(module, "TOPIC_FORMAT", TOPIC_FORMAT);
+}

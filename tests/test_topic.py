@@ -1,0 +1,790 @@
+"""shmkit.Topic: every subscriber sees every message; real processes, real kills."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import shmkit
+from shmkit import _core
+from shmkit.errors import (
+    BusyError,
+    ClosedError,
+    CorruptError,
+    Empty,
+    FormatVersionError,
+    Full,
+    MessagesLost,
+    MessageTooLarge,
+    MismatchError,
+    NotFoundError,
+    SizeLimitError,
+    Timeout,
+    WrongKindError,
+)
+from shmkit.topic import Subscriber, Topic
+
+from conftest import spawn
+
+L = _core.layouts["topic"]
+
+
+def _fork(fn, *args) -> int:
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            fn(*args)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+
+
+def _wait(pid: int, timeout: float = 60) -> int:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    _kill(pid)
+    raise AssertionError("child did not finish")
+
+
+def _msg(who: int, seq: int, size: int = 0) -> bytes:
+    return struct.pack("II", who, seq) + b"." * size
+
+
+# -- basics ---------------------------------------------------------------------------
+
+
+def test_every_subscriber_gets_every_message_in_order(name):
+    with Topic(name, capacity=4096) as topic:
+        assert topic.created and topic.capacity == 4096 and topic.max_message == 4080
+        assert topic.overflow == "block" and topic.history == 0
+        subs = [topic.subscribe() for _ in range(3)]
+        msgs = [bytes([i % 256]) * random.randrange(0, 300) for i in range(400)]
+        for i, m in enumerate(msgs):  # wraps the ring many times, every length mod 16
+            topic.publish(m, timeout=5)
+            for s in subs:
+                assert s.recv(timeout=5) == m
+        assert [s.lag for s in subs] == [0, 0, 0]
+        assert [s.received for s in subs] == [400] * 3
+        st = topic.statistics()
+        assert st["published"] == 400 and len(st["subscribers"]) == 3
+        assert all(e["pid"] == os.getpid() for e in st["subscribers"])
+        for s in subs:
+            with pytest.raises(Empty):
+                s.recv_nowait()
+            with pytest.raises(Timeout):
+                s.recv(timeout=0.01)
+
+
+def test_joiners_see_only_later_messages_plus_history(name):
+    with Topic(name, capacity=8192, history=3) as topic:
+        for i in range(10):
+            topic.publish(b"%d" % i)
+        late = topic.subscribe()
+        assert [late.recv(timeout=1) for _ in range(3)] == [b"7", b"8", b"9"]
+        none = topic.subscribe(history=0)
+        one = topic.subscribe(history=1)
+        topic.publish(b"10")
+        assert none.recv(timeout=1) == b"10" and late.recv(timeout=1) == b"10"
+        assert one.recv(timeout=1) == b"9" and one.recv(timeout=1) == b"10"
+        with pytest.raises(SizeLimitError, match="history=4"):
+            topic.subscribe(history=4)
+    with Topic(None, capacity=4096) as plain:
+        plain.publish(b"before")
+        s = plain.subscribe()
+        plain.publish(b"after")
+        assert s.recv(timeout=1) == b"after"
+
+
+def test_history_is_what_still_fits(name):
+    with Topic(name, capacity=1024, history=100, overflow="overwrite") as topic:
+        for i in range(200):
+            topic.publish(_msg(0, i, 40))  # 64 bytes each: 16 fit
+        s = topic.subscribe()
+        got = []
+        while True:
+            try:
+                got.append(struct.unpack_from("II", s.recv_nowait())[1])
+            except Empty:
+                break
+        assert got == list(range(200 - len(got), 200)) and 10 <= len(got) <= 16
+
+
+def test_views_arrays_and_iteration(name):
+    with Topic(name, capacity=1 << 16) as topic, topic.subscribe() as sub:
+        topic.publish_array(np.arange(12, dtype=np.int32).reshape(3, 4))
+        a = sub.recv_array(np.int32, (3, 4), timeout=1)
+        assert a.shape == (3, 4) and a[2, 3] == 11
+        topic.publish(b"view me")
+        with sub.recv_view(timeout=1) as mv:
+            assert bytes(mv) == b"view me" and mv.readonly
+        topic.publish(b"x")
+        topic.publish(b"y")
+        it = iter(sub)
+        assert next(it) == b"x" and next(it) == b"y"
+        assert list(sub.messages(timeout=0.05)) == []
+        topic.publish(b"z")
+        assert list(sub.messages(timeout=0.05)) == [b"z"]
+
+
+def test_views_pin_their_space_in_block_mode(name):
+    with Topic(name, capacity=1024) as topic, topic.subscribe() as sub:
+        topic.publish(b"a" * 400)
+        v = sub.recv_view(timeout=1)
+        topic.publish(b"b" * 400)
+        assert sub.recv(timeout=1) == b"b" * 400
+        with pytest.raises(Timeout):  # the held view keeps the first record's space
+            topic.publish(b"c" * 400, timeout=0.2)
+        with v as mv:
+            assert bytes(mv) == b"a" * 400
+        topic.publish(b"c" * 400, timeout=1)
+        assert sub.recv(timeout=1) == b"c" * 400
+
+
+def test_overwritten_view_is_reported_on_release(name):
+    with Topic(name, capacity=1024, overflow="overwrite") as topic, topic.subscribe() as sub:
+        topic.publish(b"a" * 400)
+        v = sub.recv_view(timeout=1)
+        assert v.intact
+        for _ in range(4):
+            topic.publish(b"b" * 400)
+        assert not v.intact
+        with pytest.raises(MessagesLost) as e:
+            with v:
+                pass
+        assert e.value.missed == 1
+
+
+def test_overwrite_reports_exact_losses_then_goes_on(name):
+    with Topic(name, capacity=1024, overflow="overwrite") as topic, topic.subscribe() as sub:
+        for i in range(100):
+            topic.publish(_msg(0, i, 40), timeout=0)  # never waits
+        with pytest.raises(MessagesLost) as e:
+            sub.recv(timeout=1)
+        first = struct.unpack_from("II", sub.recv(timeout=1))[1]
+        assert e.value.missed == first and sub.missed == first
+        rest = [struct.unpack_from("II", sub.recv_nowait())[1] for _ in range(99 - first)]
+        assert rest == list(range(first + 1, 100))
+        assert sub.received + sub.missed == 100 and sub.lag == 0
+        assert isinstance(e.value, shmkit.ShmkitError) and "overwritten" in str(e.value)
+
+
+def test_threads_publish_and_subscribe(name):
+    topic = Topic(name, capacity=1 << 14)
+    n, pubs = 2000, 3
+    ready = threading.Barrier(4 + pubs)
+    results: dict[int, list[tuple[int, int]]] = {}
+
+    def reader(k):
+        with topic.subscribe() as sub:
+            ready.wait()
+            got = []
+            for _ in range(n * pubs):
+                got.append(struct.unpack_from("II", sub.recv(timeout=30)))
+            results[k] = got
+
+    def writer(w):
+        ready.wait()
+        for i in range(n):
+            topic.publish(_msg(w, i, i % 50), timeout=30)
+
+    ts = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+    ts += [threading.Thread(target=writer, args=(w,)) for w in range(pubs)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert len(results) == 4
+    for got in results.values():
+        for w in range(pubs):
+            assert [s for who, s in got if who == w] == list(range(n))
+    topic.close()
+
+
+def test_one_subscriber_is_not_shared_between_threads(name):
+    with Topic(name, capacity=4096) as topic, topic.subscribe() as sub:
+        errors = []
+
+        def waiter():
+            try:
+                sub.recv(timeout=0.5)
+            except Timeout:
+                pass
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        time.sleep(0.1)
+        try:
+            sub.recv(timeout=0.1)
+        except BusyError as e:
+            errors.append(e)
+        except Timeout:
+            pass
+        t.join()
+        assert errors and "another thread" in str(errors[0])
+
+
+# -- misuse -----------------------------------------------------------------------------
+
+
+def test_misuse_raises_specific_errors(name, names):
+    with pytest.raises(ValueError, match="capacity"):
+        Topic(names(), capacity=10)
+    with pytest.raises(SizeLimitError):
+        Topic(names(), capacity=1 << 50)
+    with pytest.raises(ValueError, match="overflow"):
+        Topic(names(), overflow="drop")
+    with pytest.raises(ValueError, match="max_subscribers"):
+        Topic(names(), max_subscribers=0)
+    with pytest.raises(SizeLimitError):
+        Topic(names(), max_subscribers=5000)
+    with pytest.raises(ValueError, match="history"):
+        Topic(names(), history=-1)
+    with pytest.raises(NotFoundError):
+        Topic.open(names())
+    topic = Topic(name, capacity=1024, history=2, max_subscribers=2)
+    with pytest.raises(MessageTooLarge, match="1008"):
+        topic.publish(b"x" * 1009)
+    topic.publish(b"x" * 1008)
+    with pytest.raises(TypeError, match="bytes-like"):
+        topic.publish("text")
+    with pytest.raises(BufferError):
+        topic.publish(np.arange(10)[::2])
+    for kw in ({"history": 3}, {"overflow": "overwrite"}, {"max_subscribers": 3},
+               {"capacity": 2048}):
+        with pytest.raises(MismatchError, match=list(kw)[0]):
+            Topic(name, **kw)
+    with Topic(name, capacity=512, history=2, overflow="block") as same:  # agreeing: fine
+        assert same.capacity == 1024
+    a, b = topic.subscribe(), topic.subscribe()
+    with pytest.raises(BusyError, match="max_subscribers=2"):
+        topic.subscribe()
+    a.close()
+    c = topic.subscribe()
+    with pytest.raises(ClosedError):
+        a.recv_nowait()
+    with pytest.raises(TypeError):
+        Subscriber()
+    with pytest.raises(TypeError, match="belongs to the process"):
+        import pickle
+        pickle.dumps(b)
+    topic.close()
+    assert b.closed and c.closed
+    with pytest.raises(ClosedError):
+        b.recv_nowait()
+    with pytest.raises(ClosedError):
+        topic.publish(b"x")
+    with pytest.raises(ClosedError):
+        topic.subscribe()
+    with shmkit.Channel(names(), capacity=4096) as ch:
+        with pytest.raises(WrongKindError):
+            Topic.open(ch.name)
+    ro = Topic.open(name, readonly=True)
+    with pytest.raises(PermissionError):
+        ro.publish(b"x")
+    assert ro.statistics()["published"] == 1
+    ro.close()
+
+
+def test_full_nowait_in_block_mode(name):
+    with Topic(name, capacity=256) as topic, topic.subscribe():
+        topic.publish_nowait(b"a" * 100)
+        with pytest.raises(Full, match="subscriber 0 is 1 messages behind"):
+            topic.publish_nowait(b"a" * 200)
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+def _subscriber_proc(topic, ready, k, expect, out):
+    sub = topic.subscribe()
+    _core.add64(ready._mapping, ready._hsize, 1)
+    last: dict[int, int] = {}
+    bad = lost = 0
+    got = 0
+    while got + lost < expect:
+        try:
+            m = sub.recv(timeout=60)
+        except MessagesLost as e:
+            lost += e.missed
+            continue
+        who, seq = struct.unpack_from("II", m)
+        if seq != last.get(who, -1) + 1 and topic.overflow == "block":
+            bad += 1
+        if seq <= last.get(who, -1):
+            bad += 1
+        last[who] = seq
+        got += 1
+        if topic.overflow == "overwrite" and got % 50 == 0:
+            time.sleep(0.002)  # fall behind now and then
+    out.write(struct.pack("QQQ", got, lost, bad), k * 24)
+
+
+def _publisher_proc(topic, who, n, size):
+    for i in range(n):
+        topic.publish(_msg(who, i, size), timeout=60)
+
+
+@pytest.mark.parametrize("overflow", ["block", "overwrite"])
+def test_subscribers_by_publishers_across_processes(names, overflow):
+    nsub, npub, n = 3, 2, 3000
+    topic = Topic(names(), capacity=1 << 15, overflow=overflow)
+    ready = shmkit.Segment(names(), size=8)
+    out = shmkit.Segment(names(), size=24 * nsub)
+    subs = [spawn(_subscriber_proc, topic, ready, k, npub * n, out) for k in range(nsub)]
+    end = time.monotonic() + 60
+    while _core.load64(ready._mapping, ready._hsize) < nsub and time.monotonic() < end:
+        time.sleep(0.01)
+    pubs = [spawn(_publisher_proc, topic, w, n, w * 37) for w in range(npub)]
+    for p in pubs + subs:
+        p.join(120)
+        assert p.exitcode == 0
+    for k in range(nsub):
+        got, lost, bad = struct.unpack("QQQ", out.read(24, k * 24))
+        assert bad == 0, k
+        assert got + lost == npub * n, (got, lost)  # every loss reported, exactly
+        if overflow == "block":
+            assert lost == 0
+    assert topic.statistics()["published"] == npub * n
+    topic.close()
+
+
+def _never_reads(topic, ready):
+    sub = topic.subscribe()
+    _core.add64(ready._mapping, ready._hsize, 1)
+    time.sleep(600)
+    sub.close()
+
+
+def test_block_waits_for_a_live_subscriber_and_reclaims_a_dead_one(names):
+    topic = Topic(names(), capacity=1024)
+    ready = shmkit.Segment(names(), size=8)
+    pid = _fork(_never_reads, topic, ready)
+    while _core.load64(ready._mapping, ready._hsize) < 1:
+        time.sleep(0.01)
+    for _ in range(8):  # 8 records of 128 bytes fill the ring
+        topic.publish(b"m" * 100, timeout=5)
+    with pytest.raises(Timeout, match="did not read"):
+        topic.publish(b"m" * 100, timeout=0.3)
+    st = topic.statistics()
+    assert st["subscribers"][0]["pid"] == pid and st["subscribers"][0]["lag"] == 8
+    _kill(pid)
+    for _ in range(50):  # its place is reclaimed: the publisher goes on
+        topic.publish(b"m" * 100, timeout=10)
+    assert topic.statistics()["subscribers"] == []
+    topic.close()
+
+
+def _view_and_die(topic, ready):
+    sub = topic.subscribe()
+    v = sub.recv_view(timeout=10)
+    with v:
+        _core.add64(ready._mapping, ready._hsize, 1)
+        time.sleep(600)
+
+
+def test_a_dead_view_holder_releases_its_message(names):
+    topic = Topic(names(), capacity=1024)
+    ready = shmkit.Segment(names(), size=8)
+    pid = _fork(_view_and_die, topic, ready)
+    time.sleep(0.2)
+    topic.publish(b"v" * 400, timeout=5)
+    while _core.load64(ready._mapping, ready._hsize) < 1:
+        time.sleep(0.01)
+    topic.publish(b"w" * 400, timeout=5)
+    with pytest.raises(Timeout):
+        topic.publish(b"w" * 400, timeout=0.2)
+    blocked = threading.Thread(target=lambda: topic.publish(b"x" * 400, timeout=20))
+    blocked.start()
+    time.sleep(0.1)
+    _kill(pid)  # a publisher asleep for space notices within a slice
+    blocked.join(30)
+    assert not blocked.is_alive()
+    topic.close()
+
+
+def _crash_publisher(topic, done, who, start):
+    m = done._mapping
+    rnd = random.Random(os.getpid())
+    i = start
+    while True:
+        topic.publish(_msg(who, i, rnd.choice([0, 8, 100, 3000])), timeout=60)
+        _core.store64(m, done._hsize + 8 * who, i + 1)
+        i += 1
+
+
+def _crash_subscriber(topic, errors):
+    sub = topic.subscribe()
+    last: dict[int, int] = {}
+    while True:
+        m = sub.recv(timeout=60)
+        who, seq = struct.unpack_from("II", m)
+        if seq <= last.get(who, -1):
+            _core.store64(errors._mapping, errors._hsize, 1)
+        last[who] = seq
+
+
+@pytest.mark.parametrize("cycles,overflow", [
+    (30, "block"),
+    pytest.param(1000, "block", marks=pytest.mark.stress),
+    pytest.param(1000, "overwrite", marks=pytest.mark.stress),
+])
+def test_random_kills_of_publishers_and_subscribers(names, cycles, overflow):
+    """SIGKILL publishers and subscribers at random; a checker subscriber in this
+    process accounts for every publisher's sequence numbers: none twice, none out
+    of order, none that publish() confirmed missing (block), every loss reported
+    exactly (overwrite)."""
+    rnd = random.Random(7 + cycles)
+    npub = 3
+    topic = Topic(names(), capacity=64 << 10, max_subscribers=8, overflow=overflow)
+    done = shmkit.Segment(names(), size=8 * npub)
+    errors = shmkit.Segment(names(), size=8)
+    checker = topic.subscribe()
+    got: dict[int, list[int]] = {w: [] for w in range(npub)}
+    stop = threading.Event()
+    failures = []
+    lost = [0]
+
+    def check():
+        while not stop.is_set():
+            try:
+                m = checker.recv(timeout=0.1)
+            except Timeout:
+                continue
+            except MessagesLost as e:
+                lost[0] += e.missed
+                continue
+            except BaseException as e:  # noqa: BLE001
+                failures.append(e)
+                return
+            who, seq = struct.unpack_from("II", m)
+            got[who].append(seq)
+
+    t = threading.Thread(target=check)
+    t.start()
+    first = [0] * npub
+    in_flight: dict[int, set[int]] = {w: set() for w in range(npub)}
+    pubs = {w: _fork(_crash_publisher, topic, done, w, 0) for w in range(npub)}
+    subs = [_fork(_crash_subscriber, topic, errors) for _ in range(2)]
+    try:
+        for _ in range(cycles):
+            time.sleep(rnd.uniform(0, 0.02))
+            if rnd.random() < 0.4:
+                _kill(subs.pop(rnd.randrange(len(subs))))
+                subs.append(_fork(_crash_subscriber, topic, errors))
+            else:
+                w = rnd.randrange(npub)
+                _kill(pubs[w])
+                sending = max(first[w], _core.load64(done._mapping, done._hsize + 8 * w))
+                in_flight[w].add(sending)
+                first[w] = sending + 1
+                pubs[w] = _fork(_crash_publisher, topic, done, w, first[w])
+        for w in list(pubs):
+            _kill(pubs.pop(w))
+            in_flight[w].add(max(first[w], _core.load64(done._mapping, done._hsize + 8 * w)))
+        confirmed = [_core.load64(done._mapping, done._hsize + 8 * w) for w in range(npub)]
+        end = time.monotonic() + 30
+        while checker.lag and time.monotonic() < end:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        t.join()
+        for p in subs:
+            _kill(p)
+    assert not failures, failures
+    assert checker.lag == 0
+    assert _core.load64(errors._mapping, errors._hsize) == 0, "a subscriber saw disorder"
+    missing = 0
+    for w in range(npub):
+        seqs = got[w]
+        assert seqs == sorted(set(seqs)), "duplicate or reordered"
+        gone = set(range(confirmed[w])) - set(seqs) - in_flight[w]
+        missing += len(gone)
+        if overflow == "block":
+            assert not gone, "a confirmed message lost"
+    # overwrite: every message lost was reported (in-flight ones of killed
+    # publishers may have been published and then overwritten as well)
+    assert missing <= lost[0] <= missing + sum(len(v) for v in in_flight.values())
+    assert checker.missed == lost[0]
+    # the topic still works for newcomers
+    with topic.subscribe() as fresh:
+        topic.publish(b"probe", timeout=5)
+        assert fresh.recv(timeout=5) == b"probe"
+    assert len(topic.statistics()["subscribers"]) == 1  # the killed ones are not counted
+    topic.close()
+
+
+def _die_at_point(name, k, w):
+    topic = Topic.open(name)
+    sub = topic.subscribe(history=2)
+    _core.fault(k, "topic.")
+    for i in range(4):
+        topic.publish(_msg(1, i, 3000 if i % 2 else 10), timeout=10)
+        os.write(w, b"S %d\n" % i)
+    for _ in range(6):
+        try:
+            m = sub.recv(timeout=0.5)
+        except (Timeout, MessagesLost):
+            continue
+        with topic.subscribe():  # join and leave: their crash points too
+            pass
+        if len(m) >= 8:  # not one of the parent's probes (history)
+            os.write(w, b"R %d\n" % struct.unpack_from("II", m)[1])
+    topic.publish(_msg(1, 99), timeout=10)
+    with sub.recv_view(timeout=5) as mv:
+        bytes(mv)
+    sub.close()
+    _core.fault(0)
+
+
+@pytest.mark.parametrize("overflow", ["block", "overwrite"])
+def test_killed_at_every_topic_crash_point(name, overflow):
+    """For k = 1, 2, ...: a child dies at the k-th topic crash point of its
+    publishes, subscriptions and receives.  After each death the parent's own
+    subscriber gets each confirmed message once, in order; new publishers and
+    subscribers work, and nothing stays blocked."""
+    topic = Topic(name, capacity=16 << 10, history=2, max_subscribers=4,
+                  overflow=overflow)
+    watcher = topic.subscribe(history=0)
+    seen: list[int] = []
+    kills = k = 0
+    while True:
+        k += 1
+        assert k < 300, "the child never completed"
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                _die_at_point(name, k, w)
+            except BaseException as e:  # noqa: BLE001
+                os.write(w, b"E %s\n" % repr(e).encode()[:300])
+            finally:
+                os._exit(0)
+        os.close(w)
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(r, "rb") as f:
+            lines = [x for x in f.read().split(b"\n") if x]
+        for line in lines:
+            assert not line.startswith(b"E "), (k, line)
+        confirmed = {int(x.split()[1]) for x in lines if x.startswith(b"S ")}
+        killed = os.WIFSIGNALED(status)
+        kills += killed
+        mine = []
+        while True:
+            try:
+                m = watcher.recv(timeout=0.05)
+            except Timeout:
+                break
+            mine.append(struct.unpack_from("II", m)[1])
+        mine = [s for s in mine if s != 99]
+        assert mine == sorted(set(mine)), (k, mine)
+        assert confirmed <= set(mine), (k, confirmed, mine)
+        topic.publish(b"probe", timeout=5)  # nothing blocks: a dead subscriber is freed
+        assert watcher.recv(timeout=5) == b"probe"
+        with Topic.open(name) as other, other.subscribe(history=0) as s2:
+            other.publish(b"probe2", timeout=5)
+            assert s2.recv(timeout=5) == b"probe2"
+        assert watcher.recv(timeout=5) == b"probe2"
+        if not killed:
+            break
+    assert kills > 15, kills
+    assert len(topic.statistics()["subscribers"]) == 1
+    topic.close()
+
+
+# -- damage -------------------------------------------------------------------------
+
+
+def test_hostile_header_bytes_raise_corrupt_error(name):
+    topic = Topic(name, capacity=4096, history=1)
+    topic.publish(b"hello")
+    seg = topic._seg
+    base = seg._hsize
+    fields = [(L["magic"], 4), (L["format"], 4), (L["cap"], 8), (L["data_off"], 8),
+              (L["max_subs"], 4), (L["overflow"], 4), (L["max_slots"], 4),
+              (L["subs_off"], 4), (L["history"], 8)]
+    rnd = random.Random(3)
+    for off, width in fields:
+        for value in (0, 1, 2**(8 * width) - 1, 2**(8 * width - 1), rnd.getrandbits(8 * width)):
+            old = _read(seg, base + off, width)
+            _write(seg, base + off, value.to_bytes(width, "little"))
+            try:
+                with Topic.open(name) as t2:
+                    # some values are harmless (an equal one): then it must still work
+                    with t2.subscribe() as s:
+                        t2.publish(b"ok", timeout=1)
+                        s.recv(timeout=1)
+            except (CorruptError, FormatVersionError, MismatchError, Timeout):
+                pass
+            finally:
+                _write(seg, base + off, old)
+    # positions: head beyond tail, misaligned tail, a record with a wild length
+    sub = topic.subscribe(history=0)
+    for off, value in ((L["head"], 1 << 60), (L["tail"], 8), (L["tail"], 1 << 62)):
+        old = bytes(_read(seg, base + off, 8))
+        _write(seg, base + off, value.to_bytes(8, "little"))
+        with pytest.raises(CorruptError, match="topic"):  # (off, value) in the report
+            try:
+                sub.recv_nowait()
+            except Empty:
+                topic.publish(b"x", timeout=1)
+            raise AssertionError((off, value))
+        _write(seg, base + off, old)
+    topic.close()
+
+
+def _read(seg, off, n):
+    return b"".join(_core.load32(seg._mapping, off + i).to_bytes(4, "little")
+                    for i in range(0, n, 4))
+
+
+def _write(seg, off, data):
+    for i in range(0, len(data), 4):
+        _core.store32(seg._mapping, off + i, int.from_bytes(data[i:i + 4], "little"))
+
+
+def test_hostile_records_and_cursors_raise_corrupt_error(name):
+    topic = Topic(name, capacity=4096)
+    sub = topic.subscribe()
+    topic.publish(b"a" * 32)
+    seg = topic._seg
+    data_off = _core.load64(seg._mapping, seg._hsize + L["data_off"])
+    rec = seg._hsize + data_off
+    _core.store32(seg._mapping, rec, 0xFFFFFFF0)  # wild length
+    with pytest.raises(CorruptError, match="overruns"):
+        sub.recv_nowait()
+    _core.store32(seg._mapping, rec, 32)
+    _core.store32(seg._mapping, rec + 4, 7)  # unknown state
+    with pytest.raises(CorruptError, match="state"):
+        sub.recv_nowait()
+    _core.store32(seg._mapping, rec + 4, 0x3147534D)
+    subs_off = _core.load32(seg._mapping, seg._hsize + L["subs_off"])
+    entry = seg._hsize + subs_off + sub.index * 64
+    _core.store64(seg._mapping, entry + 8, 1 << 40)  # cursor beyond the tail
+    with pytest.raises(CorruptError, match="beyond the tail"):
+        sub.recv_nowait()
+    _core.store64(seg._mapping, entry + 8, 0)
+    assert sub.recv_nowait() == b"a" * 32
+    topic.close()
+
+
+# -- waiting, forks, the documented layout ------------------------------------------
+
+
+def test_blocked_recv_and_publish_let_ctrl_c_through(name):
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import SRC
+    Topic(name, capacity=256).close()
+    for call in ("sub.recv()", "t.publish(b'x' * 200); t.publish(b'x' * 200)"):
+        code = f"""
+            import shmkit
+            t = shmkit.Topic.open({name!r})
+            sub = t.subscribe(history=0)
+            print("ready", flush=True)
+            try:
+                {call}
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+        """
+        p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
+                             stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": SRC})
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        assert p.communicate(timeout=10)[0].strip() == "interrupted", call
+
+
+def test_closing_the_topic_wakes_a_waiting_subscriber(name):
+    topic = Topic(name, capacity=4096)
+    sub = topic.subscribe()
+    errors = []
+
+    def wait():
+        try:
+            sub.recv(timeout=20)
+        except ValueError as e:  # ClosedError
+            errors.append(e)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.2)
+    topic.close()
+    t.join(10)
+    assert not t.is_alive() and errors and isinstance(errors[0], ClosedError)
+
+
+def test_a_forked_child_cannot_use_its_parents_subscriber(name):
+    topic = Topic(name, capacity=4096)
+    sub = topic.subscribe()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            sub.recv_nowait()
+            os.write(w, b"no error")
+        except ClosedError as e:
+            os.write(w, b"closed" if "subscribe again" in str(e) else b"other")
+        except BaseException as e:  # noqa: BLE001
+            os.write(w, repr(e).encode()[:200])
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    assert os.read(r, 300) == b"closed"
+    os.close(r)
+    topic.publish(b"still mine")
+    assert sub.recv(timeout=1) == b"still mine"  # the child's exit left it alone
+    topic.close()
+
+
+def test_layout_table_in_docs_matches_the_core():
+    import re
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(here, "docs", "topic.md"), encoding="utf-8").read()
+    block = text[text.index("## Layout"):]
+    block = block[block.index("```") + 3:]
+    block = block[:block.index("```")]
+    doc: dict[str, int] = {}
+    for line in block.splitlines():
+        if line.startswith(("subs_off", "data_off")):
+            continue  # the tables' own lines: offsets within an entry follow
+        for off, field in re.findall(r"(?:^|\s{2,})(\d+)\s+([a-z_]+)", line):
+            doc.setdefault(field, int(off))
+    doc["roles"] = doc.pop("role")
+    fields = {k: v for k, v in L.items()
+              if k not in ("format_version", "bytes", "subscriber", "record_header")}
+    fields.pop("data_sleepers")
+    fields.pop("space_sleepers")  # on the same line as their sequence words
+    assert {k: doc.get(k) for k in fields} == fields
+    # the entry's fields (its owner at 0 and its seq share names with the header's)
+    sub = {k: v for k, v in L["subscriber"].items() if k not in ("bytes", "owner", "seq")}
+    assert {k: doc.get(k) for k in sub} == sub
+    assert L["format_version"] == _core.TOPIC_FORMAT == 1
