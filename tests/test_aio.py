@@ -154,6 +154,37 @@ def test_wait_returns_a_channel_closed_by_another_thread(names):
         ev.unlink()
 
 
+def test_wait_finds_a_killed_holder_and_releases_the_gil(name):
+    from conftest import SPAWN
+
+    m = shmkit.Mutex(name)
+    ev = shmkit.Event(None)
+    ready = SPAWN.Event()
+    p = spawn(_hold_mutex, name, ready)
+    assert ready.wait(60)
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(shmkit.wait([ev, m], timeout=60)))
+    t.start()
+    spins = 0
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:  # this thread runs while the other waits
+        spins += 1
+    assert t.is_alive() and spins > 1000
+    killed = time.monotonic()
+    p.kill()
+    t.join(60)
+    # The liveness check between slices found the dead holder: m is ready...
+    assert got == [[m]] and time.monotonic() - killed < PROMPT
+    # ...and the next call recovers it, as after any dead holder.
+    with pytest.warns(shmkit.OwnerDiedWarning):
+        assert m.acquire(False)
+    assert m.recovered
+    m.release()
+    m.close()
+    ev.close()
+    p.join(30)
+
+
 # ---- asyncio: the loop keeps running --------------------------------------------
 
 def test_asyncio_consumer_of_a_producer_process_keeps_the_loop_running(name):
