@@ -30,21 +30,20 @@
 #define COND_TABLE 64
 
 typedef struct {
-    MappingObject *m;
-    char *b;
+    shm_sync_view view;
     const char *what;
 } Cond;
 
 static inline uint32_t *
 cu32(Cond *c, uint64_t off)
 {
-    return (uint32_t *)(c->b + off);
+    return shm_sync_u32(&c->view, off);
 }
 
 static inline uint64_t *
 centry(Cond *c, uint32_t slot)
 {
-    return (uint64_t *)(c->b + COND_TABLE + 8 * (uint64_t)slot);
+    return shm_sync_entry(&c->view, COND_TABLE, slot);
 }
 
 static int
@@ -56,10 +55,8 @@ cond_bind(Cond *c, PyObject *mapping, PyObject *off_obj, PyObject *what)
     if (shm_check_mapping(mapping) < 0)
         return -1;
     MappingObject *m = (MappingObject *)mapping;
-    c->b = shm_sync_span(mapping, off, COND_TABLE + 8 * (uint64_t)m->max_slots, 1);
-    if (c->b == NULL)
+    if (shm_sync_bind(&c->view, mapping, off, COND_TABLE + 8 * (uint64_t)m->max_slots, 1) < 0)
         return -1;
-    c->m = m;
     c->what = "condition";
     if (what != NULL && what != Py_None && (c->what = PyUnicode_AsUTF8(what)) == NULL)
         return -1;
@@ -70,7 +67,7 @@ static int
 held_by_us(Cond *c, const char *call)
 {
     uint32_t v = __atomic_load_n(cu32(c, COND_LOCK), __ATOMIC_ACQUIRE);
-    if (c->m->token == 0 || (v & SHM_TOKEN_MASK) != c->m->token) {
+    if (c->view.m->token == 0 || (v & SHM_TOKEN_MASK) != c->view.m->token) {
         PyErr_Format(PyExc_RuntimeError, "%s() on %s without holding it", call, c->what);
         return 0;
     }
@@ -81,14 +78,14 @@ held_by_us(Cond *c, const char *call)
 static void
 count_me(Cond *c, int delta)
 {
-    uint32_t slot = SHM_TOKEN_SLOT(c->m->token);
+    uint32_t slot = SHM_TOKEN_SLOT(c->view.m->token);
     uint64_t v = __atomic_load_n(centry(c, slot), __ATOMIC_RELAXED);
-    uint32_t n = SHM_SLOT_ENTRY_GEN(v) == SHM_TOKEN_GEN(c->m->token)
+    uint32_t n = SHM_SLOT_ENTRY_GEN(v) == SHM_TOKEN_GEN(c->view.m->token)
                      ? SHM_SLOT_ENTRY_COUNT(v) : 0; /* a gone predecessor's: not ours */
     if (delta < 0 && n == 0)
         return;
     __atomic_store_n(centry(c, slot),
-                     (uint64_t)SHM_TOKEN_GEN(c->m->token) << 32 | (n + (uint32_t)delta),
+                     (uint64_t)SHM_TOKEN_GEN(c->view.m->token) << 32 | (n + (uint32_t)delta),
                      __ATOMIC_RELEASE);
 }
 
@@ -98,11 +95,11 @@ static uint64_t
 live_sleepers(Cond *c, int reap)
 {
     uint64_t live = 0;
-    for (uint32_t slot = 0; slot < c->m->max_slots; slot++) {
+    for (uint32_t slot = 0; slot < c->view.m->max_slots; slot++) {
         uint64_t v = __atomic_load_n(centry(c, slot), __ATOMIC_ACQUIRE);
         if (SHM_SLOT_ENTRY_COUNT(v) == 0)
             continue;
-        if (shm_token_alive(c->m, shm_slot_entry_token(v, slot)))
+        if (shm_token_alive(c->view.m, shm_slot_entry_token(v, slot)))
             live += SHM_SLOT_ENTRY_COUNT(v);
         else if (reap) {
             __atomic_store_n(centry(c, slot), v & ~0xFFFFFFFFull, __ATOMIC_RELEASE);
@@ -131,8 +128,8 @@ cond_ready(void *ctx, uint32_t *sleep_on)
 static int
 relock(Cond *c)
 {
-    int r = shm_lock_acquire(c->m, cu32(c, COND_LOCK), SHM_FOREVER);
-    if (r == 2 && shm_warn_owner_died(c->m, c->what) < 0)
+    int r = shm_lock_acquire(c->view.m, cu32(c, COND_LOCK), SHM_FOREVER);
+    if (r == 2 && shm_warn_owner_died(c->view.m, c->what) < 0)
         return -1; /* held: the caller's with-block releases it */
     return r < 0 ? -1 : 0;
 }
@@ -153,17 +150,17 @@ cond_wait(Cond *c, int64_t deadline)
 {
     if (!held_by_us(c, "wait"))
         return -1;
-    uint32_t me = c->m->token;
+    uint32_t me = c->view.m->token;
     count_me(c, +1);
     uint32_t seq0 = __atomic_load_n(cu32(c, COND_SEQ), __ATOMIC_ACQUIRE);
     shm_crash_point("cond.wait.counted");
-    if (shm_lock_release(c->m, cu32(c, COND_LOCK)) < 0)
+    if (shm_lock_release(c->view.m, cu32(c, COND_LOCK)) < 0)
         return -1;
     shm_crash_point("cond.wait.released");
     int notified = 0, err = 0;
     for (;;) {
         CondWait cw = {c, seq0};
-        shm_wait w = {.m = c->m, .word = cu32(c, COND_SEQ), .ctx = &cw, .ready = cond_ready,
+        shm_wait w = {.m = c->view.m, .word = cu32(c, COND_SEQ), .ctx = &cw, .ready = cond_ready,
                       .spin_ns = SHM_WAIT_SPIN_NS, .what = c->what};
         int r = shm_wait_until(&w, deadline);
         if (r <= 0) {
@@ -180,7 +177,7 @@ cond_wait(Cond *c, int64_t deadline)
             break;
         }
         /* Another waiter took the last grant: sleep again. */
-        if (shm_lock_release(c->m, cu32(c, COND_LOCK)) < 0) {
+        if (shm_lock_release(c->view.m, cu32(c, COND_LOCK)) < 0) {
             err = 1;
             break;
         }
@@ -189,7 +186,7 @@ cond_wait(Cond *c, int64_t deadline)
      * expects, and stop counting ourselves. */
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    if (c->m->token == me && c->m->base != NULL) {
+    if (c->view.m->token == me && c->view.m->base != NULL) {
         if ((__atomic_load_n(cu32(c, COND_LOCK), __ATOMIC_ACQUIRE) & SHM_TOKEN_MASK) != me &&
             relock(c) < 0) {
             if (type == NULL)
@@ -291,9 +288,8 @@ py_cond_sleepers(PyObject *mod, PyObject *const *a, Py_ssize_t n)
         return NULL;
     if (shm_check_mapping(a[0]) < 0)
         return NULL;
-    c.m = (MappingObject *)a[0];
-    c.b = shm_sync_span(a[0], off, COND_TABLE + 8 * (uint64_t)c.m->max_slots, 0);
-    if (c.b == NULL)
+    if (shm_sync_bind(&c.view, a[0], off,
+                      COND_TABLE + 8 * (uint64_t)((MappingObject *)a[0])->max_slots, 0) < 0)
         return NULL;
     return PyLong_FromUnsignedLongLong(live_sleepers(&c, 0));
 }

@@ -41,8 +41,7 @@ typedef struct {
 } RWObject;
 
 typedef struct {
-    MappingObject *m;
-    char *b;
+    shm_sync_view view;
     RWObject *self;
     int recovered;  /* a writer died holding it (acquire_read) */
     int dead_readers;
@@ -52,13 +51,13 @@ typedef struct {
 static inline uint32_t *
 ru32(RW *r, uint64_t off)
 {
-    return (uint32_t *)(r->b + off);
+    return shm_sync_u32(&r->view, off);
 }
 
 static inline uint64_t *
 rentry(RW *r, uint32_t slot)
 {
-    return (uint64_t *)(r->b + RW_TABLE + 8 * (uint64_t)slot);
+    return shm_sync_entry(&r->view, RW_TABLE, slot);
 }
 
 static int
@@ -69,16 +68,14 @@ rw_bind(RWObject *self, RW *r)
         return -1;
     }
     MappingObject *m = (MappingObject *)self->mapping;
-    r->b = shm_sync_span(self->mapping, self->offset, RW_TABLE + 8 * (uint64_t)m->max_slots,
-                         1);
-    if (r->b == NULL)
+    if (shm_sync_bind(&r->view, self->mapping, self->offset,
+                      RW_TABLE + 8 * (uint64_t)m->max_slots, 1) < 0)
         return -1;
     if (m->token == 0) {
         PyErr_Format(shm_state_of(self->mapping)->ClosedError, "%s is closed or was opened readonly",
                      self->what_s);
         return -1;
     }
-    r->m = m;
     r->self = self;
     r->recovered = r->dead_readers = 0;
     return 0;
@@ -90,7 +87,7 @@ rw_bind(RWObject *self, RW *r)
 static int
 count(RW *r, int delta)
 {
-    uint32_t slot = SHM_TOKEN_SLOT(r->m->token), gen = SHM_TOKEN_GEN(r->m->token);
+    uint32_t slot = SHM_TOKEN_SLOT(r->view.m->token), gen = SHM_TOKEN_GEN(r->view.m->token);
     uint64_t *e = rentry(r, slot);
     uint64_t v = __atomic_load_n(e, __ATOMIC_ACQUIRE);
     for (;;) {
@@ -158,9 +155,9 @@ rd_check(void *ctx)
 {
     RW *r = ctx;
     uint32_t owner = __atomic_load_n(ru32(r, RW_LOCK), __ATOMIC_ACQUIRE) & SHM_TOKEN_MASK;
-    if (owner == 0 || shm_token_alive(r->m, owner))
+    if (owner == 0 || shm_token_alive(r->view.m, owner))
         return 0;
-    int got = shm_lock_acquire(r->m, ru32(r, RW_LOCK), 0);
+    int got = shm_lock_acquire(r->view.m, ru32(r, RW_LOCK), 0);
     if (got < 0)
         return -1;
     if (got == 0)
@@ -170,7 +167,7 @@ rd_check(void *ctx)
     if (got == 2)
         r->recovered = 1;
     release_state(r);
-    shm_lock_release(r->m, ru32(r, RW_LOCK));
+    shm_lock_release(r->view.m, ru32(r, RW_LOCK));
     return 0;
 }
 
@@ -191,7 +188,7 @@ acquire_read(RWObject *self, int64_t deadline)
             shm_crash_point("rw.read.stepped_back");
             readers_left(&r);
         }
-        shm_wait w = {.m = r.m, .word = ru32(&r, RW_STATE), .ctx = &r, .ready = rd_ready,
+        shm_wait w = {.m = r.view.m, .word = ru32(&r, RW_STATE), .ctx = &r, .ready = rd_ready,
                       .arm = rd_arm, .check = rd_check, .spin_ns = SHM_WAIT_SPIN_NS,
                       .what = self->what_s};
         int got = shm_wait_until(&w, deadline);
@@ -217,7 +214,7 @@ acquire_read(RWObject *self, int64_t deadline)
 static int
 readers_in(RW *r)
 {
-    for (uint32_t slot = 0; slot < r->m->max_slots; slot++)
+    for (uint32_t slot = 0; slot < r->view.m->max_slots; slot++)
         if (SHM_SLOT_ENTRY_COUNT(__atomic_load_n(rentry(r, slot), __ATOMIC_SEQ_CST)))
             return 1;
     return 0;
@@ -228,12 +225,12 @@ static int
 reap_readers(RW *r)
 {
     int busy = 0;
-    for (uint32_t slot = 0; slot < r->m->max_slots; slot++) {
+    for (uint32_t slot = 0; slot < r->view.m->max_slots; slot++) {
         uint64_t *e = rentry(r, slot);
         uint64_t v = __atomic_load_n(e, __ATOMIC_SEQ_CST);
         if (SHM_SLOT_ENTRY_COUNT(v) == 0)
             continue;
-        if (shm_token_alive(r->m, shm_slot_entry_token(v, slot))) {
+        if (shm_token_alive(r->view.m, shm_slot_entry_token(v, slot))) {
             busy = 1;
             continue;
         }
@@ -272,7 +269,7 @@ acquire_write(RWObject *self, int64_t deadline)
     RW r;
     if (rw_bind(self, &r) < 0)
         return -1;
-    int got = shm_lock_acquire(r.m, ru32(&r, RW_LOCK), deadline);
+    int got = shm_lock_acquire(r.view.m, ru32(&r, RW_LOCK), deadline);
     if (got <= 0)
         return got;
     int died = got == 2;
@@ -283,13 +280,13 @@ acquire_write(RWObject *self, int64_t deadline)
         r.seq = __atomic_load_n(ru32(&r, RW_LEFT), __ATOMIC_SEQ_CST);
         if (!reap_readers(&r))
             break;
-        shm_wait w = {.m = r.m, .word = ru32(&r, RW_LEFT), .ctx = &r, .ready = wr_ready,
+        shm_wait w = {.m = r.view.m, .word = ru32(&r, RW_LEFT), .ctx = &r, .ready = wr_ready,
                       .check = wr_check, .spin_ns = SHM_WAIT_SPIN_NS, .what = self->what_s};
         int w_got = shm_wait_until(&w, deadline);
         if (w_got <= 0) { /* timeout, Ctrl-C, closed: leave no write hold behind */
-            if (r.m->token != 0) {
+            if (r.view.m->token != 0) {
                 release_state(&r);
-                shm_lock_release_journal(r.m, ru32(&r, RW_LOCK), NULL);
+                shm_lock_release_journal(r.view.m, ru32(&r, RW_LOCK), NULL);
             }
             return w_got;
         }
@@ -305,7 +302,7 @@ acquire_write(RWObject *self, int64_t deadline)
                                    "holds were dropped", self->what_s);
         if (bad < 0) {
             release_state(&r);
-            shm_lock_release_journal(r.m, ru32(&r, RW_LOCK), NULL);
+            shm_lock_release_journal(r.view.m, ru32(&r, RW_LOCK), NULL);
             return -1;
         }
     }
@@ -319,11 +316,11 @@ release_write(RWObject *self)
     if (rw_bind(self, &r) < 0)
         return -1;
     uint32_t v = __atomic_load_n(ru32(&r, RW_LOCK), __ATOMIC_ACQUIRE);
-    if ((v & SHM_TOKEN_MASK) != r.m->token) {
+    if ((v & SHM_TOKEN_MASK) != r.view.m->token) {
         /* lock.c tells the two apart: CorruptError when this process took
          * the word and another store replaced it (the state is then no
          * longer ours to clear), RuntimeError when it never took it. */
-        if (shm_lock_release(r.m, ru32(&r, RW_LOCK)) < 0 &&
+        if (shm_lock_release(r.view.m, ru32(&r, RW_LOCK)) < 0 &&
             PyErr_ExceptionMatches(PyExc_RuntimeError) &&
             !PyErr_ExceptionMatches(shm_state_of(self->mapping)->CorruptError)) {
             PyErr_Clear();
@@ -333,7 +330,7 @@ release_write(RWObject *self)
         return -1;
     }
     release_state(&r);
-    return shm_lock_release(r.m, ru32(&r, RW_LOCK));
+    return shm_lock_release(r.view.m, ru32(&r, RW_LOCK));
 }
 
 /* ---- the Python type ---- */

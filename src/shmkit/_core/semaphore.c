@@ -48,8 +48,7 @@ typedef struct {
 
 /* One operation's view: where the semaphore is, its journal. */
 typedef struct {
-    MappingObject *m;
-    char *b;
+    shm_sync_view view;
     shm_journal jn;
     SemObject *self;
 } Sem;
@@ -57,13 +56,13 @@ typedef struct {
 static inline uint32_t *
 u32at(Sem *s, uint64_t off)
 {
-    return (uint32_t *)(s->b + off);
+    return shm_sync_u32(&s->view, off);
 }
 
 static inline uint64_t *
 entry(Sem *s, uint32_t slot)
 {
-    return (uint64_t *)(s->b + SEM_TABLE + 8 * (uint64_t)slot);
+    return shm_sync_entry(&s->view, SEM_TABLE, slot);
 }
 
 static uint64_t
@@ -77,13 +76,10 @@ static int
 bind(SemObject *self, Sem *s)
 {
     MappingObject *m = (MappingObject *)self->mapping;
-    char *b = shm_sync_span(self->mapping, self->offset, footprint(m), 1);
-    if (b == NULL)
+    if (shm_sync_bind(&s->view, self->mapping, self->offset, footprint(m), 1) < 0)
         return -1;
-    s->m = m;
-    s->b = b;
     s->self = self;
-    shm_journal_bind(&s->jn, m, b, SEM_JOURNAL, SEM_JCAP, SEM_VALUE, footprint(m),
+    shm_journal_bind(&s->jn, m, s->view.b, SEM_JOURNAL, SEM_JCAP, SEM_VALUE, footprint(m),
                      self->what_s);
     return 0;
 }
@@ -123,11 +119,11 @@ static int64_t
 reclaim_dead(Sem *s)
 {
     int64_t freed = 0;
-    for (uint32_t slot = 0; slot < s->m->max_slots; slot++) {
+    for (uint32_t slot = 0; slot < s->view.m->max_slots; slot++) {
         uint64_t v = __atomic_load_n(entry(s, slot), __ATOMIC_ACQUIRE);
         if (SHM_SLOT_ENTRY_COUNT(v) == 0)
             continue;
-        if (shm_token_alive(s->m, shm_slot_entry_token(v, slot)))
+        if (shm_token_alive(s->view.m, shm_slot_entry_token(v, slot)))
             continue;
         int64_t r = give_back(s, slot, "sem.reclaim.value", "sem.reclaim.held");
         if (r < 0)
@@ -142,9 +138,9 @@ reclaim_dead(Sem *s)
 static int
 reclaim_own(Sem *s)
 {
-    uint32_t slot = SHM_TOKEN_SLOT(s->m->token);
+    uint32_t slot = SHM_TOKEN_SLOT(s->view.m->token);
     uint64_t v = __atomic_load_n(entry(s, slot), __ATOMIC_ACQUIRE);
-    if (SHM_SLOT_ENTRY_COUNT(v) == 0 || SHM_SLOT_ENTRY_GEN(v) == SHM_TOKEN_GEN(s->m->token))
+    if (SHM_SLOT_ENTRY_COUNT(v) == 0 || SHM_SLOT_ENTRY_GEN(v) == SHM_TOKEN_GEN(s->view.m->token))
         return 0;
     int64_t r = give_back(s, slot, "sem.reclaim.value", "sem.reclaim.held");
     if (r > 0)
@@ -188,14 +184,14 @@ repair(void *ctx, int owner_died)
 static int
 lock(Sem *s)
 {
-    int r = shm_lock_acquire_repair(s->m, u32at(s, SEM_LOCK), SHM_FOREVER, &s->jn, repair, s);
+    int r = shm_lock_acquire_repair(s->view.m, u32at(s, SEM_LOCK), SHM_FOREVER, &s->jn, repair, s);
     return r < 0 ? -1 : 0;
 }
 
 static void
 unlock(Sem *s)
 {
-    shm_lock_release_journal(s->m, u32at(s, SEM_LOCK), &s->jn);
+    shm_lock_release_journal(s->view.m, u32at(s, SEM_LOCK), &s->jn);
 }
 
 /* Add delta to our value and holds: one journaled update (lock held). */
@@ -203,13 +199,13 @@ static int
 update(Sem *s, int32_t value, int32_t held_delta, const char *step_value,
        const char *step_held)
 {
-    uint32_t slot = SHM_TOKEN_SLOT(s->m->token);
+    uint32_t slot = SHM_TOKEN_SLOT(s->view.m->token);
     uint64_t v = __atomic_load_n(entry(s, slot), __ATOMIC_RELAXED);
     uint32_t held = SHM_SLOT_ENTRY_COUNT(v) + (uint32_t)held_delta;
     shm_jset32(&s->jn, SEM_VALUE, (uint32_t)value, 0);
     shm_crash_point(step_value);
     shm_jset64(&s->jn, SEM_TABLE + 8 * (uint64_t)slot,
-               (uint64_t)SHM_TOKEN_GEN(s->m->token) << 32 | held, 0);
+               (uint64_t)SHM_TOKEN_GEN(s->view.m->token) << 32 | held, 0);
     shm_crash_point(step_held);
     return shm_journal_commit(&s->jn);
 }
@@ -309,7 +305,7 @@ sem_acquire(SemObject *self, int64_t deadline)
         if (shm_now_ns() >= deadline)
             return 0;
         SemWait sw = {&s, seq0, 0};
-        shm_wait w = {.m = s.m, .word = u32at(&s, SEM_SEQ), .ctx = &sw, .ready = sem_ready,
+        shm_wait w = {.m = s.view.m, .word = u32at(&s, SEM_SEQ), .ctx = &sw, .ready = sem_ready,
                       .arm = sem_arm, .disarm = sem_disarm, .check = sem_check,
                       .spin_ns = SHM_WAIT_SPIN_NS, .what = self->what_s};
         r = shm_wait_until(&w, deadline);
@@ -555,10 +551,10 @@ sem_get_held(SemObject *self, void *Py_UNUSED(c))
     Sem s;
     if (ready_obj(self) < 0 || bind(self, &s) < 0)
         return NULL;
-    if (s.m->token == 0)
+    if (s.view.m->token == 0)
         return PyLong_FromLong(0);
-    uint64_t v = __atomic_load_n(entry(&s, SHM_TOKEN_SLOT(s.m->token)), __ATOMIC_ACQUIRE);
-    if (SHM_SLOT_ENTRY_GEN(v) != SHM_TOKEN_GEN(s.m->token))
+    uint64_t v = __atomic_load_n(entry(&s, SHM_TOKEN_SLOT(s.view.m->token)), __ATOMIC_ACQUIRE);
+    if (SHM_SLOT_ENTRY_GEN(v) != SHM_TOKEN_GEN(s.view.m->token))
         return PyLong_FromLong(0);
     return PyLong_FromLong((int32_t)SHM_SLOT_ENTRY_COUNT(v));
 }

@@ -1,5 +1,5 @@
 /* sync.h - shared helpers of the sync primitives (semaphore.c, rwlock.c,
- * condition.c): per-attach-slot counters and argument parsing.
+ * condition.c): the view of one object, per-attach-slot counters and argument parsing.
  *
  * A per-slot counter is a u64 `generation << 32 | count` at table + 8 * slot.
  * The generation (20 bits, the attach slot's) names the attachment that owns
@@ -39,6 +39,40 @@ shm_sync_span(PyObject *mapping, long long off, uint64_t size, int writable)
         return NULL;
     }
     return p;
+}
+
+/* One call's view of a sync object: the mapping it lies in (kept mapped by
+ * the caller for the call) and its first byte. */
+typedef struct {
+    MappingObject *m;
+    char *b;
+} shm_sync_view;
+
+/* Bind v to the `size` bytes at `off` of mapping (shm_sync_span's checks).
+ * 0, or -1 with an exception set. */
+static inline int
+shm_sync_bind(shm_sync_view *v, PyObject *mapping, long long off, uint64_t size,
+              int writable)
+{
+    v->b = shm_sync_span(mapping, off, size, writable);
+    if (v->b == NULL)
+        return -1;
+    v->m = (MappingObject *)mapping;
+    return 0;
+}
+
+/* The u32 word at `off` of the object. */
+static inline uint32_t *
+shm_sync_u32(const shm_sync_view *v, uint64_t off)
+{
+    return (uint32_t *)(v->b + off);
+}
+
+/* The per-slot entry of `slot` in the table at `table` of the object. */
+static inline uint64_t *
+shm_sync_entry(const shm_sync_view *v, uint64_t table, uint32_t slot)
+{
+    return (uint64_t *)(v->b + table + 8 * (uint64_t)slot);
 }
 
 /* Deadline from acquire(blocking=True, timeout=None) arguments: nowait is 0,
