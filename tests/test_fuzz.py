@@ -318,3 +318,36 @@ def test_heap_put_into_a_block_resized_by_damage_is_corrupt(name, monkeypatch):
     finally:
         monkeypatch.undo()
         heap.close()
+
+
+def test_a_batch_replacing_an_index_word_damaged_meanwhile_is_corrupt(name):
+    """Found by the busy-mode fuzzer (store, seed 101, case 51): a batch commit
+    freed the block named by the index word it replaced without checking it,
+    and a word that another process had damaged meanwhile made it write far
+    outside the mapping (SIGSEGV).  Run in a forked child: a crash is a signal."""
+    import shmkit
+    from shmkit import _core
+    pid = os.fork()
+    if pid == 0:  # the child: 0 when the commit reports CorruptError
+        code = 1
+        try:
+            st = shmkit.Store(name)
+            st["a"] = b"1"
+            seg = st._seg
+            m, base = seg._mapping, seg._hsize
+            ix = _core.load64(m, base + 8)  # the published index (table.h)
+            nslots = _core.load64(m, base + ix + 16)
+            words = [base + ix + 32 + 8 * i for i in range(nslots)]
+            (slot,) = [o for o in words if _core.load64(m, o) > 1]  # "a"'s word
+            try:
+                with st.batch():
+                    st["a"] = b"2"
+                    w = _core.load64(m, slot)
+                    _core.store64(m, slot, (w >> 40 << 40) | ((1 << 40) - 1))
+            except shmkit.CorruptError:
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status), f"the child died by signal {os.WTERMSIG(status)}"
+    assert os.WEXITSTATUS(status) == 0, "the commit did not report the damaged word"

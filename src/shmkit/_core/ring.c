@@ -133,15 +133,6 @@ ring_enter_any(RingObject *r, int to_use)
 
 
 
-/* Subtract n from a sleepers word, stopping at 0. */
-static void
-sat_sub(uint32_t *w, uint32_t n)
-{
-    uint32_t v = LOAD(w);
-    while (!__atomic_compare_exchange_n(w, &v, v > n ? v - n : 0, 0, __ATOMIC_SEQ_CST,
-                                        __ATOMIC_ACQUIRE))
-        ;
-}
 
 /* Make our role entry ours (clearing what a dead former owner of the slot
  * left) and announce `bits`.  Cheap after the first call. */
@@ -165,9 +156,9 @@ ring_claim(RingObject *r, uint32_t me, uint64_t bits)
                 /* the slot's former owner died asleep: take its counts off */
                 uint32_t d = (uint32_t)(v & 0xFFFF), s = (uint32_t)((v >> 16) & 0xFFFF);
                 if (d)
-                    sat_sub(&r->h->data_sleepers, d);
+                    shm_sat_sub(&r->h->data_sleepers, d);
                 if (s)
-                    sat_sub(&r->h->space_sleepers, s);
+                    shm_sat_sub(&r->h->space_sleepers, s);
             }
             break;
         }
@@ -183,7 +174,7 @@ ring_claim(RingObject *r, uint32_t me, uint64_t bits)
  * the two leaves the global word too high (a spare wake-up, until a repair
  * finds no sleeper anywhere and clears it), never too low; a cleaner that
  * took our entry's counts off already fixed the global word. */
-static void
+void
 ring_sleeper(RingObject *r, uint32_t me, int space, int delta)
 {
     uint32_t slot = SHM_TOKEN_SLOT(me);
@@ -200,10 +191,12 @@ ring_sleeper(RingObject *r, uint32_t me, int space, int delta)
         uint64_t nv = delta > 0 ? v + unit : v - unit;
         if (__atomic_compare_exchange_n(e, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
             if (delta < 0)
-                sat_sub(g, 1);
+                shm_sat_sub(g, 1);
             return;
         }
     }
+    if (delta > 0)
+        shm_sat_sub(g, 1); /* our entry is not ours: take the global count back */
 }
 
 /* ---- the consumers' side (call with clock held) ----------------------- */
@@ -599,8 +592,8 @@ ring_fill(RingObject *r, uint64_t pos, const char *src, Py_ssize_t len)
 
 /* Is there anything for a consumer to look at?  A lock-free hint; anything
  * odd says yes so that the checking path runs. */
-static int
-data_ready(RingObject *r)
+int
+ring_data_ready(RingObject *r)
 {
     struct ring_hdr *h = r->h;
     uint64_t rd = LOAD(&h->read), t = LOAD(&h->tail);
@@ -611,8 +604,8 @@ data_ready(RingObject *r)
     return ST_KIND(LOAD(&rec_at(r, rd)->state)) != ST_RESERVED;
 }
 
-static int
-space_ready(RingObject *r, uint64_t total)
+int
+ring_space_ready(RingObject *r, uint64_t total)
 {
     struct ring_hdr *h = r->h;
     if (LOAD(&h->closed))
@@ -669,7 +662,7 @@ rw_ready(void *ctx, uint32_t *sleep_on)
     struct ring_hdr *h = c->r->h;
     /* the word's value before the test: a change after it ends the sleep */
     *sleep_on = __atomic_load_n(c->space ? &h->space_seq : &h->data_seq, __ATOMIC_SEQ_CST);
-    return c->gone || (c->space ? space_ready(c->r, c->total) : data_ready(c->r));
+    return c->gone || (c->space ? ring_space_ready(c->r, c->total) : ring_data_ready(c->r));
 }
 
 static void
@@ -824,9 +817,9 @@ sleepers:
                                         __ATOMIC_RELAXED)) {
             uint32_t d = (uint32_t)(v & 0xFFFF), s = (uint32_t)((v >> 16) & 0xFFFF);
             if (d)
-                sat_sub(&h->data_sleepers, d);
+                shm_sat_sub(&h->data_sleepers, d);
             if (s)
-                sat_sub(&h->space_sleepers, s);
+                shm_sat_sub(&h->space_sleepers, s);
         }
     }
     /* No sleeper counted anywhere: whatever the global words still say was

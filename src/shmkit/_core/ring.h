@@ -142,6 +142,14 @@ void ring_take_lent(RingObject *r, take_t *tk, uint64_t pos, uint32_t len, uint3
 int ring_next(RingObject *r, take_t *tk, uint64_t *pos, uint32_t *len);
 int ring_reclaim(RingObject *r);
 int ring_lock(RingObject *r, MappingObject *m, uint32_t *word, uint32_t me, int64_t deadline);
+/* Lock-free hints for waiters (ring_wait, and waitset.c's wait on many):
+ * is there a record to look at, is there room for a `total`-byte record?
+ * Anything odd says yes, so that the checking call runs. */
+int ring_data_ready(RingObject *r);
+int ring_space_ready(RingObject *r, uint64_t total);
+/* Count (+1) or uncount (-1) one sleeper of attachment `me` on the data
+ * (space=0) or space (1) side, in the global word and our role entry. */
+void ring_sleeper(RingObject *r, uint32_t me, int space, int delta);
 /* Release a ring lock we hold (lock.c un-records the holding).  A word
  * that no longer shows our token (damage) has nothing to release; that
  * error is dropped, and an exception already pending (the reason a

@@ -113,6 +113,16 @@ void shm_unpin(PyObject *mapping);
 /* ---- futex.c ------------------------------------------------------------
  * Deadlines are CLOCK_MONOTONIC nanoseconds; SHM_FOREVER waits forever. */
 #define SHM_FOREVER INT64_MAX
+
+/* Subtract n from a shared counter (a sleepers word), stopping at 0. */
+static inline void
+shm_sat_sub(uint32_t *w, uint32_t n)
+{
+    uint32_t v = __atomic_load_n(w, __ATOMIC_ACQUIRE);
+    while (!__atomic_compare_exchange_n(w, &v, v > n ? v - n : 0, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_ACQUIRE))
+        ;
+}
 int64_t shm_now_ns(void);
 int64_t shm_deadline(PyObject *timeout); /* None -> forever; -1 on error */
 

@@ -446,19 +446,31 @@ t_alloc(TCore *t, uint64_t size, unsigned flags)
 }
 
 /* Mark a published block free.  Its bytes stay as they are until the next
- * recycle, because lagging readers may still be copying them. */
-void
+ * recycle, because lagging readers may still be copying them.  The offset
+ * comes from an index word in shared memory: one that damage made point
+ * outside the heap, or at a block whose size overruns it, is not followed
+ * (nothing is stored) and is reported as CorruptError (-1). */
+int
 t_free(TCore *t, uint64_t off)
 {
     char *P = PAY(t);
     THeader *h = HDR(t);
+    uint64_t end = t->end;
+    if (off < T_HEADER || (off & 15) || end < 16 || off > end - 16)
+        return corrupt("a block to free at offset %llu lies outside the heap (%llu bytes)",
+                       (unsigned long long)off, (unsigned long long)end);
     uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
+    if (size < 16 || size > end - off)
+        return corrupt("the block at offset %llu claims %llu bytes, beyond the heap's end "
+                       "(%llu)", (unsigned long long)off, (unsigned long long)size,
+                       (unsigned long long)end);
     STR(W64(P, off), size);
     shm_crash_point("table.free.marked");
     h->pending += size;
     if (!(head & (B_INDEX | B_JOURNAL)))
         STR(&h->used, LDR(&h->used) - size);
     shm_crash_point("table.free.counted");
+    return 0;
 }
 
 /* ---- views: a per-attachment count that holds recycling off ----------------
@@ -1557,7 +1569,8 @@ t_put_publish(TCore *t, const TSlot *s, uint64_t off, uint64_t hash)
         STA(&x.slots[s->slot], w); /* publish */
         shm_crash_point(old > W_TOMB ? "table.update.published" : "table.put.published");
         if (old > W_TOMB) {
-            t_free(t, word_off(old));
+            if (t_free(t, word_off(old)) < 0)
+                return -1; /* stored; the word it replaced was damaged */
             shm_crash_point("table.update.freed");
         } else {
             if (old == W_TOMB)
@@ -1595,12 +1608,14 @@ t_delete_publish(TCore *t, const TSlot *s)
     } else {
         STA(&x.slots[s->slot], (uint64_t)W_TOMB);
         shm_crash_point("table.delete.published");
-        t_free(t, word_off(s->old));
+        int bad = t_free(t, word_off(s->old));
         shm_crash_point("table.delete.freed");
         STR(&h->count, LDR(&h->count) - 1);
         shm_crash_point("table.delete.counted");
         STR(&h->tombstones, LDR(&h->tombstones) + 1);
         shm_crash_point("table.delete.tombstones");
+        if (bad < 0)
+            return -1; /* deleted; the record it named was damaged */
     }
     return 0;
 }
@@ -1652,12 +1667,13 @@ t_batch_commit(TCore *t)
     epoch_bump(h, 1); /* odd: readers wait */
     shm_crash_point("table.batch.odd");
     int64_t dcount = 0, dtomb = 0;
+    int bad = 0; /* a replaced word that damage made bad: finish, then report */
     for (i = 0; i < n; i++) {
         uint64_t s = e[2 * i], w = e[2 * i + 1], pub = LDR(&x.slots[s]);
         STR(&x.slots[s], w);
         shm_crash_point("table.batch.word");
-        if (pub > W_TOMB)
-            t_free(t, word_off(pub));
+        if (pub > W_TOMB && t_free(t, word_off(pub)) < 0)
+            bad = 1;
         dcount += (w > W_TOMB) - (pub > W_TOMB);
         dtomb += (w == W_TOMB) - (pub == W_TOMB);
     }
@@ -1669,10 +1685,11 @@ t_batch_commit(TCore *t)
     shm_crash_point("table.batch.counted");
     __atomic_store_n(&h->state, h->state & ~ST_COMMIT, __ATOMIC_RELEASE);
     shm_crash_point("table.batch.committed");
-    t_free(t, j);
+    if (t_free(t, j) < 0)
+        bad = 1;
     h->batches++;
     ov_clear(ov);
-    return 0;
+    return bad ? -1 : 0;
 }
 
 /* Remove every key: publish a fresh empty index, then free the old one and

@@ -336,7 +336,7 @@ int t_recover(TCore *t);
 int t_locked_check(TCore *t);
 void t_mark_dirty(TCore *t);
 static inline int t_in_batch(TCore *t) { return t->batch_depth > 0 && t->lock_thread == t_thread(); }
-void t_free(TCore *t, uint64_t off);
+int t_free(TCore *t, uint64_t off); /* -1: the block is damaged (CorruptError) */
 int t_index(TCore *t, TIndex *x);
 uint64_t wword(TCore *t, TIndex *x, uint64_t i, int *from_ov);
 int probe_w(TCore *t, TIndex *x, const TKey *k, uint64_t *slot, uint64_t *word, int *from_ov);

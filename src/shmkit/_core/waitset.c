@@ -69,77 +69,6 @@ typedef struct {
     int slept;         /* the wait slept (and so may have taken a wake-up) */
 } Watch;
 
-/* ---- the ring's tests (ring.c's data_ready and space_ready, read-only) --- */
-
-static int
-ring_data_ready(RingObject *r)
-{
-    struct ring_hdr *h = r->h;
-    uint64_t rd = LOAD(&h->read), t = LOAD(&h->tail);
-    if (rd == t)
-        return LOAD(&h->closed) != 0;
-    if (rd > t || t - rd > r->cap || ((rd | t) & 7))
-        return 1; /* odd: let the receiving call look */
-    return ST_KIND(LOAD(&rec_at(r, rd)->state)) != ST_RESERVED;
-}
-
-static int
-ring_space_ready(RingObject *r, uint64_t total)
-{
-    struct ring_hdr *h = r->h;
-    if (LOAD(&h->closed))
-        return 1;
-    uint64_t t = LOAD(&h->tail), hd = LOAD(&h->head), off = t % r->cap;
-    if (t - hd > r->cap || ((t | hd) & 7))
-        return 1;
-    uint64_t need = off + total > r->cap ? r->cap - off : total;
-    if (r->cap - (t - hd) < need)
-        return 0;
-    if (h->max_items) {
-        uint64_t queued = LOAD(&h->reserved) - LOAD(&h->received) - LOAD(&h->dropped);
-        if (queued >= h->max_items && queued <= (1ull << 62))
-            return 0;
-    }
-    return 1;
-}
-
-static void
-sat_sub(uint32_t *w, uint32_t n)
-{
-    uint32_t v = LOAD(w);
-    while (!__atomic_compare_exchange_n(w, &v, v > n ? v - n : 0, 0, __ATOMIC_SEQ_CST,
-                                        __ATOMIC_ACQUIRE))
-        ;
-}
-
-/* Count (+1) or uncount (-1) one sleeper of ours: global word first, then
- * our role entry, as ring.c's ring_sleeper does (a process killed between
- * the two leaves the global word too high, which a repair clears). */
-static void
-ring_count(RingObject *r, uint32_t me, int space, int delta)
-{
-    uint32_t slot = SHM_TOKEN_SLOT(me);
-    uint32_t *g = space ? &r->h->space_sleepers : &r->h->data_sleepers;
-    uint64_t unit = space ? ROLE_SPACE_SLEEPER : ROLE_DATA_SLEEPER;
-    if (slot >= r->max_slots)
-        return;
-    if (delta > 0)
-        __atomic_fetch_add(g, 1, __ATOMIC_SEQ_CST);
-    uint64_t *e = &r->roles[slot], v = LOAD(e);
-    while (ROLE_GEN(v) == SHM_TOKEN_GEN(me)) {
-        if (delta < 0 && (v & (unit * 0xFFFF)) == 0)
-            return;
-        uint64_t nv = delta > 0 ? v + unit : v - unit;
-        if (__atomic_compare_exchange_n(e, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
-            if (delta < 0)
-                sat_sub(g, 1);
-            return;
-        }
-    }
-    if (delta > 0)
-        sat_sub(g, 1); /* our entry is not ours: take the global count back */
-}
-
 /* ---- the hooks ----------------------------------------------------------- */
 
 static int
@@ -211,7 +140,7 @@ w_arm(void *ctx)
         if (w->me == 0)
             return; /* no attachment: nobody counts us; the slices still look */
         ring_claim(w->r, w->me, 0);
-        ring_count(w->r, w->me, w->kind == W_RING_SPACE, +1);
+        ring_sleeper(w->r, w->me, w->kind == W_RING_SPACE, +1);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         break;
     }
@@ -230,12 +159,12 @@ w_disarm(void *ctx)
         __atomic_fetch_sub(w->word, 2u, __ATOMIC_SEQ_CST);
         break;
     case W_SEM:
-        sat_sub((uint32_t *)(w->b + SEM_SLEEPERS), 1);
+        shm_sat_sub((uint32_t *)(w->b + SEM_SLEEPERS), 1);
         break;
     case W_RING_DATA:
     case W_RING_SPACE:
         if (w->me != 0 && w->m->base != NULL) /* pinned: mapped even if closed */
-            ring_count(w->r, w->me, w->kind == W_RING_SPACE, -1);
+            ring_sleeper(w->r, w->me, w->kind == W_RING_SPACE, -1);
         break;
     }
 }
