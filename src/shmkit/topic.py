@@ -34,17 +34,13 @@ from .errors import (
     BusyError,
     Empty,
     FormatVersionError,
-    Full,
     MessagesLost,
-    MessageTooLarge,
     SizeLimitError,
     Timeout,
 )
 from .segment import DEFAULT_MAX_ATTACH, Kind, Segment
 
 __all__ = ["Topic", "Subscriber"]
-
-_core.topic_set_classes(MessagesLost, MessageTooLarge, Full, BusyError, Empty)
 
 FORMAT = _core.TOPIC_FORMAT
 DEFAULT_CAPACITY = 1 << 20

@@ -92,11 +92,11 @@ make_layouts(void)
     X(StaleHandleError, "StaleHandleError") X(PinnedError, "PinnedError")         \
     X(HeapFullError, "HeapFullError") X(ChannelClosed, "_ChannelEnded")           \
     X(MessageTooLarge, "MessageTooLarge") X(Empty, "Empty") X(Full, "Full")        \
-    X(SendersGone, "SendersGone")
+    X(SendersGone, "SendersGone") X(MessagesLost, "MessagesLost")
 
 #define TYPES(X)                                                                  \
     X(Mapping) X(Lock) X(RWLock) X(Semaphore) X(Ring) X(RecordView) X(Table)      \
-    X(View) X(HeapCore) X(Pin)
+    X(View) X(HeapCore) X(Pin) X(Topic) X(TopicSubscriber) X(TopicView)
 
 static int
 core_traverse(PyObject *m, visitproc visit, void *arg)

@@ -68,9 +68,10 @@ typedef struct shm_state {
     PyObject *KeyExistsError, *UnsupportedTypeError, *ValueTooLargeError, *BusyError;
     PyObject *StaleHandleError, *PinnedError, *HeapFullError;
     PyObject *ChannelClosed, *MessageTooLarge, *Empty, *Full, *SendersGone;
+    PyObject *MessagesLost;
     /* the core's types */
     PyTypeObject *Mapping, *Lock, *RWLock, *Semaphore, *Ring, *RecordView, *Table, *View,
-        *HeapCore, *Pin;
+        *HeapCore, *Pin, *Topic, *TopicSubscriber, *TopicView;
 } shm_state;
 
 extern struct PyModuleDef shm_module;

@@ -30,12 +30,10 @@
 
 #define LOCK_GRACE_NS (200 * 1000 * 1000LL)
 
-PyObject *topic_MessagesLost, *topic_MessageTooLarge, *topic_Full, *topic_Busy, *topic_Empty;
-
 int
 topic_corrupt(const topic_t *t, const char *what, unsigned long long a, unsigned long long b)
 {
-    PyErr_Format(shm_CorruptError ? shm_CorruptError : PyExc_RuntimeError,
+    PyErr_Format(t->st->CorruptError,
                  "%s is corrupt: %s (%llu, %llu); no correct writer leaves this, so "
                  "remove it with `shmkit rm` and create it again", t->what, what, a, b);
     return -1;
@@ -76,8 +74,10 @@ topic_format(char *base, uint64_t avail, uint32_t max_slots, uint64_t cap, uint6
 /* Every number the handle keeps is read once, here, and checked in
  * unsigned arithmetic before a pointer is formed from it. */
 int
-topic_bind(topic_t *t, char *base, uint64_t avail, uint32_t seg_slots, const char *name)
+topic_bind(topic_t *t, shm_state *st, char *base, uint64_t avail, uint32_t seg_slots,
+           const char *name)
 {
+    t->st = st;
     struct topic_hdr *h = (struct topic_hdr *)base;
     snprintf(t->what, sizeof t->what, "topic '%.140s'", name);
     if (avail < sizeof *h || ((uintptr_t)base & 63))
@@ -264,7 +264,7 @@ topic_lock(topic_t *t, MappingObject *m, int64_t deadline)
     got = shm_lock_acquire_repair(m, word, deadline > grace ? deadline : grace, NULL,
                                   topic_fix_publishers, t);
     if (got == 0) {
-        PyErr_Format(shm_TimeoutError, "%s: its publishers' lock stayed held by a live "
+        PyErr_Format(t->st->Timeout, "%s: its publishers' lock stayed held by a live "
                      "process; try again", t->what);
         return -1;
     }
@@ -591,7 +591,7 @@ topic_subscribe(topic_t *t, MappingObject *m, uint64_t want)
     }
     if (idx < 0) {
         topic_unlock(m, t);
-        PyErr_Format(topic_Busy, "%s already has its max_subscribers=%u live subscribers; "
+        PyErr_Format(t->st->BusyError, "%s already has its max_subscribers=%u live subscribers; "
                      "close some, or create the topic with a larger max_subscribers=",
                      t->what, t->max_subs);
         return -1;

@@ -133,6 +133,7 @@ typedef struct {
     struct topic_sub *subs;
     uint64_t cap, history;
     uint32_t max_slots, max_subs, overflow;
+    shm_state *st;  /* the core's state: the exception classes it raises */
     char what[160]; /* "topic 'name'", for messages */
 } topic_t;
 
@@ -155,17 +156,15 @@ static inline uint64_t topic_data_off(uint32_t max_slots, uint32_t max_subs)
     return topic_subs_off(max_slots) + (uint64_t)TOPIC_SUB_BYTES * max_subs;
 }
 
-/* Exception classes (set from Python by topic_set_classes). */
-extern PyObject *topic_MessagesLost, *topic_MessageTooLarge, *topic_Full, *topic_Busy,
-    *topic_Empty;
-
 int topic_corrupt(const topic_t *t, const char *what, unsigned long long a,
                   unsigned long long b);
 
 /* Creating and binding. */
 int topic_format(char *base, uint64_t avail, uint32_t max_slots, uint64_t cap,
                  uint64_t history, uint32_t overflow, uint32_t max_subs);
-int topic_bind(topic_t *t, char *base, uint64_t avail, uint32_t seg_slots, const char *name);
+/* st: the core's state, kept in t for the errors the protocol raises. */
+int topic_bind(topic_t *t, shm_state *st, char *base, uint64_t avail, uint32_t seg_slots,
+               const char *name);
 
 /* Publishing: 1 published, 0 no room (block mode: wait and retry), -1 error. */
 int topic_publish(topic_t *t, MappingObject *m, const char *src, uint64_t len,

@@ -10,11 +10,13 @@
 #include "topic.h"
 #include "journal.h"
 #include <string.h>
+#include <structmember.h>
 
 #define LENT_MAX 64 /* views one subscriber may hold at once */
 #define SPIN_START (20 * 1000LL)
 
-static PyTypeObject Topic_Type, TopicSubscriber_Type, TopicView_Type;
+/* The core's state (exception classes, types) from any object of these types. */
+#define TST(o) shm_state_of((PyObject *)(o))
 
 typedef struct {
     PyObject_HEAD
@@ -108,10 +110,10 @@ topic_enter(TopicObject *o, int to_use)
     MappingObject *m = (MappingObject *)o->mapping;
     if (m == NULL || m->base == NULL || m->closing || (to_use && m->token == 0)) {
         if (m != NULL && m->base != NULL && !m->closing && m->readonly)
-            PyErr_Format(SHM_READONLY_EXC, "topic %R was opened readonly=True; open it "
+            PyErr_Format(TST(o)->ReadOnlyError, "topic %R was opened readonly=True; open it "
                          "without readonly to publish or subscribe", o->name);
         else
-            PyErr_Format(SHM_CLOSED_EXC, "topic %R is closed in this process; open it "
+            PyErr_Format(TST(o)->ClosedError, "topic %R is closed in this process; open it "
                          "again to use it", o->name ? o->name : Py_None);
         return NULL;
     }
@@ -120,7 +122,7 @@ topic_enter(TopicObject *o, int to_use)
 }
 
 static void
-raise_lost(PyObject *name, uint64_t missed, const char *how)
+raise_lost(shm_state *st, PyObject *name, uint64_t missed)
 {
     PyObject *msg = PyUnicode_FromFormat(
         "topic %R: %llu message%s %s this subscriber read %s; it goes on from the oldest "
@@ -130,7 +132,7 @@ raise_lost(PyObject *name, uint64_t missed, const char *how)
         "before", missed == 1 ? "it" : "them");
     if (msg == NULL)
         return;
-    PyObject *exc = PyObject_CallFunction(topic_MessagesLost, "OK", msg,
+    PyObject *exc = PyObject_CallFunction(st->MessagesLost, "OK", msg,
                                           (unsigned long long)missed);
     Py_DECREF(msg);
     if (exc == NULL)
@@ -166,7 +168,7 @@ publish_impl(TopicObject *o, PyObject *msg, PyObject *timeout, int nowait)
         goto out;
     topic_t *t = &o->t;
     if ((uint64_t)b.len > UINT32_MAX - 32 || trec_total((uint64_t)b.len) > t->cap) {
-        PyErr_Format(topic_MessageTooLarge, "a message of %zd bytes does not fit in topic %R, "
+        PyErr_Format(TST(o)->MessageTooLarge, "a message of %zd bytes does not fit in topic %R, "
                      "which holds at most %llu bytes per message; create the topic with a "
                      "larger capacity=", b.len, o->name, (unsigned long long)(t->cap - 16));
         goto out;
@@ -185,11 +187,11 @@ publish_impl(TopicObject *o, PyObject *msg, PyObject *timeout, int nowait)
             uint32_t idx;
             uint64_t lag = topic_slowest(t, m, &idx);
             if (nowait)
-                PyErr_Format(topic_Full, "topic %R is full: subscriber %u is %llu messages "
+                PyErr_Format(TST(o)->Full, "topic %R is full: subscriber %u is %llu messages "
                              "behind (overflow=\"block\")", o->name, idx,
                              (unsigned long long)lag);
             else
-                PyErr_Format(shm_TimeoutError, "topic %R stayed full for the timeout: "
+                PyErr_Format(TST(o)->Timeout, "topic %R stayed full for the timeout: "
                              "subscriber %u is %llu messages behind and did not read "
                              "(overflow=\"block\" waits for the slowest live subscriber; "
                              "use overflow=\"overwrite\" not to wait)", o->name, idx,
@@ -239,7 +241,7 @@ Topic_subscribe(TopicObject *o, PyObject *const *args, Py_ssize_t nargs, PyObjec
     PyObject *a[2];
     if (parse_args("_subscribe", args, nargs, kw, 1, names, a) < 0)
         return NULL;
-    if (!PyType_Check(a[0]) || !PyType_IsSubtype((PyTypeObject *)a[0], &TopicSubscriber_Type)) {
+    if (!PyType_Check(a[0]) || !PyType_IsSubtype((PyTypeObject *)a[0], TST(o)->TopicSubscriber)) {
         PyErr_SetString(PyExc_TypeError, "_subscribe() needs a TopicSubscriber class");
         return NULL;
     }
@@ -290,7 +292,7 @@ Topic_init_topic(PyObject *Py_UNUSED(cls), PyObject *args)
     long long off;
     unsigned long long cap, history;
     unsigned int overflow, max_subs;
-    if (!PyArg_ParseTuple(args, "O!LKKII", &Mapping_Type, &mapping, &off, &cap, &history,
+    if (!PyArg_ParseTuple(args, "O&LKKII", shm_mapping_converter, &mapping, &off, &cap, &history,
                           &overflow, &max_subs))
         return NULL;
     MappingObject *m = (MappingObject *)mapping;
@@ -312,7 +314,7 @@ Topic_bind(TopicObject *o, PyObject *args)
 {
     PyObject *mapping, *name;
     long long off;
-    if (!PyArg_ParseTuple(args, "O!LU", &Mapping_Type, &mapping, &off, &name))
+    if (!PyArg_ParseTuple(args, "O&LU", shm_mapping_converter, &mapping, &off, &name))
         return NULL;
     Py_XSETREF(o->name, Py_NewRef(name));
     MappingObject *m = (MappingObject *)mapping;
@@ -325,7 +327,7 @@ Topic_bind(TopicObject *o, PyObject *args)
     topic_t t;
     memset(&t, 0, sizeof t);
     if (off < 0 || (uint64_t)m->length < (uint64_t)off ||
-        topic_bind(&t, base, (uint64_t)m->length - (uint64_t)off, m->max_slots, nm) < 0)
+        topic_bind(&t, TST(o), base, (uint64_t)m->length - (uint64_t)off, m->max_slots, nm) < 0)
         return NULL;
     o->t = t;
     o->spin_ns = SPIN_START;
@@ -445,27 +447,35 @@ Topic_dealloc(TopicObject *o)
 {
     Py_CLEAR(o->mapping);
     Py_CLEAR(o->name);
-    Py_TYPE(o)->tp_free((PyObject *)o);
+    PyTypeObject *tp = Py_TYPE(o);
+    tp->tp_free((PyObject *)o);
+    Py_DECREF(tp); /* a heap type: its instances hold it */
 }
 
 #define FAST (METH_FASTCALL | METH_KEYWORDS)
 static PyMethodDef Topic_methods[] = {
     {"publish", (PyCFunction)(void (*)(void))Topic_publish, FAST,
-     "publish(data, timeout=None)\n\nCopy one bytes-like message in for every subscriber.\n"
+     "publish($self, /, data, timeout=None)\n--\n\nCopy one bytes-like message in for every subscriber.\n"
      "With overflow=\"block\", wait while the slowest live subscriber holds the space\n"
      "(Timeout); with \"overwrite\", never wait.\n\n>>> topic.publish(b'tick', timeout=1.0)"},
     {"publish_nowait", (PyCFunction)Topic_publish_nowait, METH_O,
-     "publish_nowait(data)\n\nPublish, or raise Full (a WouldBlock) if a subscriber holds "
+     "publish_nowait($self, data, /)\n--\n\nPublish, or raise Full (a WouldBlock) if a subscriber holds "
      "the space."},
     {"_subscribe", (PyCFunction)(void (*)(void))Topic_subscribe, FAST,
-     "_subscribe(cls, history=None) -> cls: a new cursor (see Topic.subscribe)"},
+     "_subscribe($self, /, cls, history=None)\n--\n\n"
+     "A new cursor of class cls (see Topic.subscribe)."},
     {"_bind", (PyCFunction)Topic_bind, METH_VARARGS,
-     "_bind(mapping, offset, name): attach this handle to the topic at offset"},
-    {"_unbind", (PyCFunction)Topic_unbind, METH_NOARGS, "_unbind(): forget the mapping"},
+     "_bind($self, mapping, offset, name, /)\n--\n\n"
+     "Attach this handle to the topic at offset."},
+    {"_unbind", (PyCFunction)Topic_unbind, METH_NOARGS,
+     "_unbind($self, /)\n--\n\nForget the mapping."},
     {"_init_topic", (PyCFunction)Topic_init_topic, METH_VARARGS | METH_STATIC,
-     "_init_topic(mapping, offset, capacity, history, overflow, max_subscribers)"},
-    {"_wake_all", (PyCFunction)Topic_wake_all, METH_NOARGS, "_wake_all()"},
-    {"_stats", (PyCFunction)Topic_stats, METH_NOARGS, "_stats() -> dict"},
+     "_init_topic(mapping, offset, capacity, history, overflow, max_subscribers, /)\n--\n\n"
+     "Format a new topic at offset (creator only)."},
+    {"_wake_all", (PyCFunction)Topic_wake_all, METH_NOARGS,
+     "_wake_all($self, /)\n--\n\nWake every sleeping publisher and subscriber."},
+    {"_stats", (PyCFunction)Topic_stats, METH_NOARGS,
+     "_stats($self, /)\n--\n\nThe counters and the live subscribers, as a dict."},
     {NULL}
 };
 
@@ -481,16 +491,20 @@ static PyGetSetDef Topic_getset[] = {
     {NULL}
 };
 
-static PyTypeObject Topic_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmkit._core.Topic",
-    .tp_basicsize = sizeof(TopicObject),
-    .tp_dealloc = (destructor)Topic_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "The broadcast ring's hot path; shmkit.Topic builds on it.",
-    .tp_methods = Topic_methods,
-    .tp_getset = Topic_getset,
-    .tp_new = PyType_GenericNew,
+static PyType_Slot topic_spec_slots[] = {
+    {Py_tp_dealloc, Topic_dealloc},
+    {Py_tp_doc, "Topic()\n--\n\nThe broadcast ring's hot path; shmkit.Topic builds on it."},
+    {Py_tp_methods, Topic_methods},
+    {Py_tp_getset, Topic_getset},
+    {Py_tp_new, PyType_GenericNew},
+    {0, NULL},
+};
+
+static PyType_Spec topic_spec = {
+    .name = "shmkit._core.Topic",
+    .basicsize = sizeof(TopicObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .slots = topic_spec_slots,
 };
 
 /* ---- TopicSubscriber ------------------------------------------------------- */
@@ -504,24 +518,24 @@ sub_enter(SubObject *s, MappingObject **mp, int busy)
     MappingObject *m = (MappingObject *)s->mapping;
     if (s->closed || o == NULL || m == NULL || o->mapping != (PyObject *)m ||
         m->base == NULL || m->closing || m->token == 0) {
-        PyErr_Format(SHM_CLOSED_EXC, "this subscriber of topic %R is closed; subscribe "
+        PyErr_Format(TST(s)->ClosedError, "this subscriber of topic %R is closed; subscribe "
                      "again", o && o->name ? o->name : Py_None);
         return NULL;
     }
     if (m->token != s->token) {
-        PyErr_Format(SHM_CLOSED_EXC, "this subscriber of topic %R belongs to the process "
+        PyErr_Format(TST(s)->ClosedError, "this subscriber of topic %R belongs to the process "
                      "that subscribed (this one is a fork of it); subscribe again here",
                      o->name);
         return NULL;
     }
     struct topic_sub *e = &o->t.subs[s->idx];
     if (TLOAD(&e->owner) != s->token) {
-        PyErr_Format(SHM_CLOSED_EXC, "this subscriber of topic %R lost its place in the "
+        PyErr_Format(TST(s)->ClosedError, "this subscriber of topic %R lost its place in the "
                      "subscriber table (the table was damaged); subscribe again", o->name);
         return NULL;
     }
     if (busy && s->busy) {
-        PyErr_Format(topic_Busy, "this subscriber of topic %R is receiving in another "
+        PyErr_Format(TST(s)->BusyError, "this subscriber of topic %R is receiving in another "
                      "thread; give each thread its own subscriber (topic.subscribe())",
                      o->name);
         return NULL;
@@ -565,7 +579,7 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how)
     topic_t *t = &o->t;
     PyObject *out = NULL;
     if (how == HOW_VIEW && s->nlent >= LENT_MAX) {
-        PyErr_Format(topic_Busy, "this subscriber of topic %R holds %d views; release some "
+        PyErr_Format(TST(s)->BusyError, "this subscriber of topic %R holds %d views; release some "
                      "first", o->name, LENT_MAX);
         goto done;
     }
@@ -576,7 +590,7 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how)
         if (k < 0)
             goto done;
         if (k == TN_LOST) {
-            raise_lost(o->name, missed, "");
+            raise_lost(TST(s), o->name, missed);
             goto done;
         }
         if (k == TN_READY) {
@@ -613,14 +627,14 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how)
             goto done;
         }
         if (nowait) {
-            PyErr_Format(topic_Empty, "no new message on topic %R", o->name);
+            PyErr_Format(TST(s)->Empty, "no new message on topic %R", o->name);
             goto done;
         }
         int w = topic_wait_data(t, m, e, deadline, &s->spin_ns);
         if (w < 0)
             goto done;
         if (w == 0) {
-            PyErr_Format(shm_TimeoutError, "no message arrived on topic %R within the "
+            PyErr_Format(TST(s)->Timeout, "no message arrived on topic %R within the "
                          "timeout", o->name);
             goto done;
         }
@@ -732,7 +746,9 @@ Sub_dealloc(SubObject *s)
     sub_close(s);
     Py_CLEAR(s->topic);
     Py_CLEAR(s->mapping);
-    Py_TYPE(s)->tp_free((PyObject *)s);
+    PyTypeObject *tp = Py_TYPE(s);
+    tp->tp_free((PyObject *)s);
+    Py_DECREF(tp); /* a heap type: its instances hold it */
 }
 
 static PyObject *
@@ -744,16 +760,17 @@ Sub_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 
 static PyMethodDef Sub_methods[] = {
     {"recv", (PyCFunction)(void (*)(void))Sub_recv, FAST,
-     "recv(timeout=None) -> bytes\n\nThe next message; wait until one is published.\n"
+     "recv($self, /, timeout=None)\n--\n\nThe next message; wait until one is published.\n"
      "Raises Timeout, or MessagesLost (with .missed) when messages were overwritten before\n"
      "this subscriber read them; the next call goes on from the oldest one still there.\n\n"
      ">>> sub.recv(timeout=1.0)\nb'tick'"},
     {"recv_nowait", (PyCFunction)Sub_recv_nowait, METH_NOARGS,
-     "recv_nowait() -> bytes\n\nThe next message, or raise Empty (a WouldBlock)."},
+     "recv_nowait($self, /)\n--\n\nThe next message, or raise Empty (a WouldBlock)."},
     {"_take", (PyCFunction)(void (*)(void))Sub_take, FAST,
-     "_take(timeout=None, nowait=False) -> TopicView (see Subscriber.recv_view)"},
+     "_take($self, /, timeout=None, nowait=False)\n--\n\n"
+     "The next message as a TopicView (see Subscriber.recv_view)."},
     {"close", (PyCFunction)Sub_close, METH_NOARGS,
-     "close()\n\nLeave the topic: publishers stop keeping messages for this subscriber."},
+     "close($self, /)\n--\n\nLeave the topic: publishers stop keeping messages for this subscriber."},
     {NULL}
 };
 
@@ -768,17 +785,27 @@ static PyGetSetDef Sub_getset[] = {
     {NULL}
 };
 
-static PyTypeObject TopicSubscriber_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmkit._core.TopicSubscriber",
-    .tp_basicsize = sizeof(SubObject),
-    .tp_dealloc = (destructor)Sub_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "A subscriber's cursor on a topic; shmkit.Subscriber builds on it.",
-    .tp_methods = Sub_methods,
-    .tp_getset = Sub_getset,
-    .tp_new = Sub_new,
-    .tp_weaklistoffset = offsetof(SubObject, weakreflist),
+static PyMemberDef Sub_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(SubObject, weakreflist), READONLY, NULL},
+    {NULL}
+};
+
+static PyType_Slot sub_spec_slots[] = {
+    {Py_tp_dealloc, Sub_dealloc},
+    {Py_tp_doc, "A subscriber's cursor on a topic; shmkit.Subscriber builds on it.\n"
+                "Made by Topic.subscribe(), never directly."},
+    {Py_tp_methods, Sub_methods},
+    {Py_tp_getset, Sub_getset},
+    {Py_tp_members, Sub_members},
+    {Py_tp_new, Sub_new},
+    {0, NULL},
+};
+
+static PyType_Spec sub_spec = {
+    .name = "shmkit._core.TopicSubscriber",
+    .basicsize = sizeof(SubObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .slots = sub_spec_slots,
 };
 
 /* ---- TopicView: a message lent in place ------------------------------------ */
@@ -786,7 +813,7 @@ static PyTypeObject TopicSubscriber_Type = {
 static PyObject *
 make_tview(SubObject *s, MappingObject *m, uint64_t pos, uint32_t len)
 {
-    TViewObject *v = PyObject_New(TViewObject, &TopicView_Type);
+    TViewObject *v = PyObject_New(TViewObject, TST(s)->TopicView);
     if (v == NULL)
         return NULL;
     v->sub = (SubObject *)Py_NewRef(s);
@@ -865,7 +892,7 @@ tv_release(TViewObject *v, PyObject *Py_UNUSED(ignored))
             "(overflow=\"overwrite\" never waits); what was read from it may be torn: "
             "copy it (recv) or release views sooner", name);
         if (msg != NULL) {
-            PyObject *exc = PyObject_CallFunction(topic_MessagesLost, "OK", msg, 1ull);
+            PyObject *exc = PyObject_CallFunction(TST(v)->MessagesLost, "OK", msg, 1ull);
             Py_DECREF(msg);
             if (exc != NULL) {
                 PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
@@ -925,7 +952,9 @@ tv_dealloc(TViewObject *v)
     if (!v->released)
         tview_release_record(v);
     Py_CLEAR(v->sub);
+    PyTypeObject *tp = Py_TYPE(v);
     PyObject_Free(v);
+    Py_DECREF(tp); /* a heap type: its instances hold it */
 }
 
 static PyObject *
@@ -944,10 +973,12 @@ tv_get_intact(TViewObject *v, void *Py_UNUSED(c))
 
 static PyMethodDef tv_methods[] = {
     {"release", (PyCFunction)tv_release, METH_NOARGS,
-     "release()\n\nGive the message's space back.  With overflow=\"overwrite\", raises\n"
+     "release($self, /)\n--\n\nGive the message's space back.  With overflow=\"overwrite\", raises\n"
      "MessagesLost if it was overwritten while held."},
-    {"__enter__", (PyCFunction)tv_enter, METH_NOARGS, NULL},
-    {"__exit__", (PyCFunction)(void (*)(void))tv_exit, METH_FASTCALL, NULL},
+    {"__enter__", (PyCFunction)tv_enter, METH_NOARGS, "__enter__($self, /)\n--\n\n"
+     "The message as a read-only memoryview."},
+    {"__exit__", (PyCFunction)(void (*)(void))tv_exit, METH_FASTCALL,
+     "__exit__($self, *exc_info)\n--\n\nRelease the message (as release())."},
     {NULL}
 };
 
@@ -958,57 +989,24 @@ static PyGetSetDef tv_getset[] = {
     {NULL}
 };
 
-static PyBufferProcs tv_as_buffer = {
-    (getbufferproc)tv_getbuffer,
-    (releasebufferproc)tv_releasebuffer,
+static PyType_Slot tv_spec_slots[] = {
+    {Py_tp_dealloc, tv_dealloc},
+    {Py_bf_getbuffer, tv_getbuffer},
+    {Py_bf_releasebuffer, tv_releasebuffer},
+    {Py_tp_doc, "A topic message lent in place (read-only): ``with sub.recv_view() as mv:``."},
+    {Py_tp_methods, tv_methods},
+    {Py_tp_getset, tv_getset},
+    {0, NULL},
 };
 
-static PyTypeObject TopicView_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmkit._core.TopicView",
-    .tp_basicsize = sizeof(TViewObject),
-    .tp_dealloc = (destructor)tv_dealloc,
-    .tp_as_buffer = &tv_as_buffer,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A topic message lent in place (read-only): ``with sub.recv_view() as mv:``.",
-    .tp_methods = tv_methods,
-    .tp_getset = tv_getset,
+static PyType_Spec tv_spec = {
+    .name = "shmkit._core.TopicView",
+    .basicsize = sizeof(TViewObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = tv_spec_slots,
 };
 
 /* ---- module glue ------------------------------------------------------------ */
-
-static PyObject *
-topic_set_classes(PyObject *Py_UNUSED(mod), PyObject *args)
-{
-    PyObject *lost, *big, *full, *busy, *empty;
-    if (!PyArg_ParseTuple(args, "OOOOO", &lost, &big, &full, &busy, &empty))
-        return NULL;
-    Py_XSETREF(topic_MessagesLost, Py_NewRef(lost));
-    Py_XSETREF(topic_MessageTooLarge, Py_NewRef(big));
-    Py_XSETREF(topic_Full, Py_NewRef(full));
-    Py_XSETREF(topic_Busy, Py_NewRef(busy));
-    Py_XSETREF(topic_Empty, Py_NewRef(empty));
-    Py_RETURN_NONE;
-}
-
-static PyMethodDef topic_functions[] = {
-    {"topic_set_classes", topic_set_classes, METH_VARARGS,
-     "topic_set_classes(MessagesLost, MessageTooLarge, Full, BusyError, Empty)"},
-    {NULL}
-};
-
-static int
-add_type(PyObject *module, const char *name, PyTypeObject *type)
-{
-    if (PyType_Ready(type) < 0)
-        return -1;
-    Py_INCREF(type);
-    if (PyModule_AddObject(module, name, (PyObject *)type) < 0) {
-        Py_DECREF(type);
-        return -1;
-    }
-    return 0;
-}
 
 /* _core.layouts["topic"]: the header's and a subscriber entry's offsets. */
 static int
@@ -1058,16 +1056,10 @@ add_layout(PyObject *module)
 int
 shm_init_topic(PyObject *module)
 {
-    topic_MessagesLost = Py_NewRef(PyExc_RuntimeError);
-    topic_MessageTooLarge = Py_NewRef(PyExc_ValueError);
-    topic_Full = Py_NewRef(PyExc_BlockingIOError);
-    topic_Busy = Py_NewRef(PyExc_RuntimeError);
-    topic_Empty = Py_NewRef(PyExc_BlockingIOError);
-    if (add_type(module, "Topic", &Topic_Type) < 0 ||
-        add_type(module, "TopicSubscriber", &TopicSubscriber_Type) < 0 ||
-        add_type(module, "TopicView", &TopicView_Type) < 0)
-        return -1;
-    if (PyModule_AddFunctions(module, topic_functions) < 0)
+    shm_state *st = shm_mod_state(module);
+    if (shm_add_type(module, &topic_spec, &st->Topic) < 0 ||
+        shm_add_type(module, &sub_spec, &st->TopicSubscriber) < 0 ||
+        shm_add_type(module, &tv_spec, &st->TopicView) < 0)
         return -1;
     if (add_layout(module) < 0)
         return -1;
