@@ -56,6 +56,7 @@ class Channel(SharedObject):
     def statistics(self) -> dict[str, int]: ...
 
 class Queue(SharedObject):
+    _ch: Channel | None  # the channel of pickled objects (shmkit bridge --queue forwards it)
     def __init__(self, maxsize: int | _Default = ..., *, name: str | None = None,
                  capacity: int | _Default = ...,
                  create: bool | None = None, ctx: Any = None,

@@ -10,6 +10,14 @@ __all__ = ["Store"]
 FORMAT: int
 READ_TIMEOUT: float
 
+# The value encoding shmkit.redis.store shares (private to the package)
+_VT_NDARRAY: int
+_VT_PICKLE: int
+def _np() -> Any: ...
+def _encode_plain(value: Any) -> tuple[int, bytes | None, Any]: ...
+def _encode_pickle(value: Any) -> tuple[int, bytes | None, Any]: ...
+def _decode(vtype: int, data: bytes, body_len: int = 0) -> Any: ...
+
 _Key = int | str | bytes
 
 class Store(SharedObject, MutableMapping[_Key, Any]):

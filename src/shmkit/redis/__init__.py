@@ -20,10 +20,15 @@ local Channel or Queue to a Redis stream and back (``shmkit.redis.bridge``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidNameError, UnsupportedParameterError
 from ..segment import _validate_name
+
+if TYPE_CHECKING:
+    from ..channel import Channel, Queue
+    from ..store import Store
+    from ..sync import Event, Mutex
 
 __all__ = ["connect", "LocalNamespace", "Namespace"]
 
@@ -31,7 +36,12 @@ _SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class Namespace:
-    """What both namespaces offer: the kinds, by name (see :func:`connect`)."""
+    """What both namespaces offer: the kinds, by name (see :func:`connect`).
+
+    The kinds return Any here: a local namespace opens :class:`shmkit.Store`
+    and the rest, a Redis one the classes of ``shmkit.redis``, and which one
+    :func:`connect` returns depends on its URL.  Each subclass names its own.
+    """
 
     backend: str = ""
     url: str = ""
@@ -43,7 +53,8 @@ class Namespace:
     def Channel(self, name: str, **kwargs: Any) -> Any:  # noqa: N802
         raise NotImplementedError
 
-    def Queue(self, name: str, maxsize: Any = None, **kwargs: Any) -> Any:  # noqa: N802
+    def Queue(self, name: str, maxsize: int | None = None,  # noqa: N802
+              **kwargs: Any) -> Any:
         raise NotImplementedError
 
     def Mutex(self, name: str, **kwargs: Any) -> Any:  # noqa: N802
@@ -89,31 +100,32 @@ class LocalNamespace(Namespace):
             return name
         return f"{self.prefix}.{name}"
 
-    def Store(self, name: str | None, **kwargs: Any) -> Any:  # noqa: N802
+    def Store(self, name: str | None, **kwargs: Any) -> Store:  # noqa: N802
         from ..store import Store
         return Store(self._name(name), **kwargs)
 
-    def Channel(self, name: str | None, **kwargs: Any) -> Any:  # noqa: N802
+    def Channel(self, name: str | None, **kwargs: Any) -> Channel:  # noqa: N802
         from ..channel import Channel
         return Channel(self._name(name), **kwargs)
 
-    def Queue(self, name: str | None, maxsize: Any = None, **kwargs: Any) -> Any:  # noqa: N802
+    def Queue(self, name: str | None, maxsize: int | None = None,  # noqa: N802
+              **kwargs: Any) -> Queue:
         from .._object import DEFAULT
         from ..channel import Queue
         return Queue(DEFAULT if maxsize is None else maxsize, name=self._name(name), **kwargs)
 
-    def Mutex(self, name: str | None, **kwargs: Any) -> Any:  # noqa: N802
+    def Mutex(self, name: str | None, **kwargs: Any) -> Mutex:  # noqa: N802
         from ..sync import Mutex
         return Mutex(self._name(name), **kwargs)
 
-    def Event(self, name: str | None, **kwargs: Any) -> Any:  # noqa: N802
+    def Event(self, name: str | None, **kwargs: Any) -> Event:  # noqa: N802
         from ..sync import Event
         return Event(self._name(name), **kwargs)
 
     def __repr__(self) -> str:
         return f"<shmkit namespace local prefix={self.prefix!r}>"
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[type[LocalNamespace], tuple[str | None]]:
         return (LocalNamespace, (self.prefix,))
 
 
@@ -137,7 +149,8 @@ def connect(url: str = "local", *, prefix: str | None = None,
         calls, so they may last longer).
     client_options:
         Redis only: further keywords for ``redis.Redis.from_url`` (``password=``,
-        ``ssl_ca_certs=``...).
+        ``ssl_ca_certs=``...); ``decode_responses=True`` is refused
+        (:class:`shmkit.UnsupportedParameterError`): shmkit reads bytes back.
 
     Raises
     ------
@@ -169,7 +182,7 @@ def connect(url: str = "local", *, prefix: str | None = None,
                           socket_timeout=socket_timeout, **client_options)
 
 
-def _check_prefix(prefix: Any) -> None:
+def _check_prefix(prefix: object) -> None:
     if not isinstance(prefix, str) or not prefix or len(prefix) > 200:
         raise InvalidNameError(f"prefix must be a non-empty str of at most 200 characters, "
                                f"not {prefix!r}")

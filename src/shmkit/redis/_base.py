@@ -16,7 +16,8 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 try:
     import redis as _redis
@@ -39,6 +40,16 @@ from ..errors import (
     WrongKindError,
 )
 from ..segment import _validate_name, mismatch
+from . import Namespace
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from .channel import Channel
+    from .event import Event
+    from .mutex import Mutex
+    from .queue import Queue
+    from .store import Store
 
 FORMAT = 1  # the layout of shmkit's Redis keys (meta hash "format" field)
 CHUNK = 1.0  # the longest single blocking Redis call, in seconds
@@ -102,35 +113,48 @@ def _translate(ns: "RedisNamespace", e: BaseException, what: str) -> BackendErro
     return BackendError(f"{what}: {where} refused a command: {e}")
 
 
-def guarded(func: Callable) -> Callable:
+class _Guarded(Protocol):
+    """What a guarded method's object has: its namespace and a name for messages."""
+
+    @property
+    def _ns(self) -> RedisNamespace: ...
+
+    def _what_name(self) -> str: ...
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_C = TypeVar("_C", bound=type)
+
+
+def guarded(func: _F) -> _F:
     """Turn redis-py exceptions raised by a method into :class:`BackendError`."""
     if inspect.isgeneratorfunction(func):
         @functools.wraps(func)
-        def gen(self: Any, *args: Any, **kwargs: Any) -> Any:
+        def gen(self: _Guarded, *args: Any, **kwargs: Any) -> Any:
             try:
                 return (yield from func(self, *args, **kwargs))
             except ShmkitError:
                 raise
             except (RedisError, OSError) as e:
                 raise _translate(self._ns, e, self._what_name()) from e
-        return gen
+        return cast("_F", gen)  # the same signature: functools.wraps keeps it
 
     @functools.wraps(func)
-    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def call(self: _Guarded, *args: Any, **kwargs: Any) -> Any:
         try:
             return func(self, *args, **kwargs)
         except ShmkitError:
             raise
         except (RedisError, OSError) as e:
             raise _translate(self._ns, e, self._what_name()) from e
-    return call
+    return cast("_F", call)
 
 
 _GUARDED_DUNDERS = {"__getitem__", "__setitem__", "__delitem__", "__contains__", "__len__",
                     "__iter__", "__next__", "__enter__", "__exit__", "__repr__"}
 
 
-def guard_all(cls: type) -> type:
+def guard_all(cls: _C) -> _C:
     """Class decorator: every public method (and the mapping dunders) guarded."""
     for key, value in list(vars(cls).items()):
         if not callable(value) or isinstance(value, type):
@@ -158,23 +182,41 @@ def remaining(end: float | None) -> float:
     return max(0.0, min(CHUNK, end - time.monotonic()))
 
 
-class RedisNamespace:
+def as_bytes_or_none(value: bytes | str | None) -> bytes | None:
+    """A string reply of redis-py (or nil: a missing key or field), as the bytes it is.
+
+    Every client of a namespace returns bytes (RedisNamespace refuses
+    ``decode_responses=True``); redis-py's annotations say ``bytes | str``
+    because they cannot see that option.  The other replies that hold
+    strings are cast in place, citing this.  No check: this is on every read.
+    """
+    return cast("bytes | None", value)
+
+
+class RedisNamespace(Namespace):
     """Objects in a Redis server, by name (see :func:`shmkit.connect`)."""
 
     backend = "redis"
+    prefix: str = "shmkit"  # always a str (connect(prefix=) or this default)
 
     def __init__(self, url: str, *, prefix: str = "shmkit", socket_timeout: float = 10.0,
                  **client_options: Any) -> None:
         self.url = url
         self.prefix = prefix
-        self._options = dict(client_options, socket_timeout=socket_timeout)
+        self._options: dict[str, Any] = dict(client_options, socket_timeout=socket_timeout)
         if socket_timeout is not None and not socket_timeout > CHUNK + 1:
             raise ValueError(f"socket_timeout must be more than {CHUNK + 1} s (blocking "
                              f"calls wait up to {CHUNK} s at a time), not {socket_timeout!r}")
         try:
-            self.r = _redis.Redis.from_url(url, **self._options)
+            self.r: _redis.Redis = _redis.Redis.from_url(url, **self._options)
         except (ValueError, TypeError) as e:
             raise ValueError(f"cannot use Redis URL {url!r}: {e}") from e
+        if self.r.connection_pool.connection_kwargs.get("decode_responses"):
+            self.r.close()
+            raise UnsupportedParameterError(
+                f"a namespace on {url} cannot honour decode_responses=True: shmkit encodes "
+                "keys and values itself and reads bytes back; leave decode_responses out "
+                "(of the keywords and of the URL)")
         self._meta = self.r.register_script(_META)
         self._closed = False
         try:
@@ -184,23 +226,24 @@ class RedisNamespace:
 
     # -- the kinds ------------------------------------------------------------
 
-    def Store(self, name: str, **kwargs: Any) -> Any:  # noqa: N802
+    def Store(self, name: str, **kwargs: Any) -> Store:  # noqa: N802
         from .store import Store
         return Store(self, name, **kwargs)
 
-    def Channel(self, name: str, **kwargs: Any) -> Any:  # noqa: N802
+    def Channel(self, name: str, **kwargs: Any) -> Channel:  # noqa: N802
         from .channel import Channel
         return Channel(self, name, **kwargs)
 
-    def Queue(self, name: str, maxsize: Any = None, **kwargs: Any) -> Any:  # noqa: N802
+    def Queue(self, name: str, maxsize: int | None = None,  # noqa: N802
+              **kwargs: Any) -> Queue:
         from .queue import Queue
         return Queue(self, name, DEFAULT if maxsize is None else maxsize, **kwargs)
 
-    def Mutex(self, name: str, **kwargs: Any) -> Any:  # noqa: N802
+    def Mutex(self, name: str, **kwargs: Any) -> Mutex:  # noqa: N802
         from .mutex import Mutex
         return Mutex(self, name, **kwargs)
 
-    def Event(self, name: str, **kwargs: Any) -> Any:  # noqa: N802
+    def Event(self, name: str, **kwargs: Any) -> Event:  # noqa: N802
         from .event import Event
         return Event(self, name, **kwargs)
 
@@ -229,14 +272,15 @@ class RedisNamespace:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Callable[[str, str, dict[str, Any]], RedisNamespace],
+                                  tuple[str, str, dict[str, Any]]]:
         return (_reconnect, (self.url, self.prefix, self._options))
 
     def __repr__(self) -> str:
         return f"<shmkit namespace {self.url} prefix={self.prefix!r}>"
 
 
-def _reconnect(url: str, prefix: str, options: dict) -> RedisNamespace:
+def _reconnect(url: str, prefix: str, options: dict[str, Any]) -> RedisNamespace:
     return RedisNamespace(url, prefix=prefix, **options)
 
 
@@ -249,7 +293,7 @@ class RedisObject:
     _kind = ""
     _extra_keys: tuple[str, ...] = ()
 
-    def __init__(self, ns: RedisNamespace, name: Any) -> None:
+    def __init__(self, ns: RedisNamespace, name: str | None) -> None:
         if name is None:
             raise InvalidNameError(
                 f"a Redis {self._kind} needs a name: it is not removed with its last "
@@ -331,18 +375,22 @@ class RedisObject:
         if self._on_destroy is not None:
             self._on_destroy()
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[
+            Callable[[RedisNamespace, type[RedisObject], str, dict[str, Any]], RedisObject],
+            tuple[RedisNamespace, type[RedisObject], str, dict[str, Any]]]:
         return (_reopen, (self._ns, type(self), self._name, self._reopen_args()))
 
-    def _reopen_args(self) -> dict:
+    def _reopen_args(self) -> dict[str, Any]:
+        """The keywords that open this object again in another process."""
         return {}
 
 
-def _reopen(ns: RedisNamespace, cls: type, name: str, kwargs: dict) -> Any:
+def _reopen(ns: RedisNamespace, cls: type[RedisObject], name: str,
+            kwargs: dict[str, Any]) -> RedisObject:
     return cls(ns, name, **kwargs)

@@ -33,11 +33,20 @@ import argparse
 import signal
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from ..channel import Channel as LocalChannel
+    from ..channel import Queue as LocalQueue
+    from .channel import Channel as RedisChannel
+    from .queue import Queue as RedisQueue
 
 __all__ = ["add_bridge_command", "cmd_bridge", "Bridge"]
 
 _POLL = 0.2  # seconds a wait lasts before the stop flag is looked at again
+
+_T = TypeVar("_T")
 
 _EXAMPLES = """\
 examples:
@@ -50,7 +59,8 @@ examples:
 """
 
 
-def add_bridge_command(sub: Any, formatter: Any) -> argparse.ArgumentParser:
+def add_bridge_command(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                       formatter: type[argparse.HelpFormatter]) -> argparse.ArgumentParser:
     """Declare ``shmkit bridge`` on the CLI's subparsers."""
     purpose = ("forward a local Channel or Queue to a Redis stream (--to) or a Redis stream "
                "into it (--from), until Ctrl-C")
@@ -80,7 +90,7 @@ class Bridge:
 
     def __init__(self, name: str, url: str, direction: str, *, queue: bool = False,
                  prefix: str = "shmkit", remote: str | None = None, claim_idle: float = 30.0,
-                 batch: int = 256, log: Any = None) -> None:
+                 batch: int = 256, log: Callable[[str], object] | None = None) -> None:
         import socket
 
         from .. import channel as _local
@@ -91,30 +101,35 @@ class Bridge:
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be an int >= 1, not {batch!r}")
         self.direction = direction
-        self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.log: Callable[[str], object] = (
+            log or (lambda text: print(text, file=sys.stderr, flush=True)))
         self.stopping = False
         self.forwarded = 0
         self._batch = batch
         remote = remote or name
         self.ns = connect(url, prefix=prefix)
+        self._lq: LocalQueue | None = None
+        self.local: LocalChannel
         if queue:
             self._lq = _local.Queue(name=name)
+            if self._lq._ch is None:  # only before Queue() has opened it
+                raise ValueError(f"local queue {name!r} has no channel")
             self.local = self._lq._ch  # the queue's pickled objects, as bytes
         else:
-            self._lq = None
             self.local = _local.Channel(name)
         consumer = f"bridge:{socket.gethostname()}:{name}" if direction == "from" else None
-        kwargs: dict[str, Any] = {"claim_idle": claim_idle, "consumer": consumer}
+        # a Redis URL: connect() returns a RedisNamespace, whose kinds are these
+        self._rq: RedisQueue | None = None
+        self.remote: RedisChannel
         if queue:
-            self._rq = self.ns.Queue(remote, **kwargs)
+            self._rq = self.ns.Queue(remote, claim_idle=claim_idle, consumer=consumer)
             self.remote = self._rq._ch
         else:
-            self._rq = None
-            self.remote = self.ns.Channel(remote, **kwargs)
+            self.remote = self.ns.Channel(remote, claim_idle=claim_idle, consumer=consumer)
         self.what = (f"local {'queue' if queue else 'channel'} {name!r} "
                      f"{'->' if direction == 'to' else '<-'} {url} {prefix}:{remote}")
 
-    def stop(self, *_: Any) -> None:
+    def stop(self, *_: object) -> None:
         self.stopping = True
 
     def run(self) -> int:
@@ -135,7 +150,7 @@ class Bridge:
                 pass
         self.ns.close()
 
-    def _retrying(self, what: str, func: Any) -> Any:
+    def _retrying(self, what: str, func: Callable[[], _T]) -> _T:
         """``func()``, retried while the Redis server cannot be reached (until stop)."""
         from ..errors import BackendError
         pause, said = 0.1, False
@@ -162,6 +177,7 @@ class Bridge:
                 self._retrying("close the stream", self.remote.close_sending)
                 self.log("shmkit bridge: the local channel was ended; the stream is ended too")
                 return 0
+            data: bytes | None
             with view as mv:
                 try:
                     self._retrying("send", lambda: self._send_remote(bytes(mv)))

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
-from .._object import DEFAULT, given
+from .._object import DEFAULT, _Default, given
 from ..errors import (
     ChannelClosed,
     Empty,
@@ -36,12 +37,19 @@ from ..errors import (
 )
 from ._base import CHUNK, RedisNamespace, RedisObject, deadline, guard_all, refuse, remaining
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
 __all__ = ["Channel"]
 
 GROUP = "shmkit"
 MAX_MESSAGE = 512 << 20  # Redis's largest string (proto-max-bulk-len default)
 CLAIM_IDLE = 30.0
 _SEND_CHUNK = 1000
+
+# A stream entry as redis-py parses it (bytes: see _base.as_bytes_or_none): its id and
+# fields, or None for an entry deleted while it was pending.
+_Entry = tuple[bytes, dict[bytes, bytes] | None]
 
 # KEYS[1] stream, KEYS[2] meta; ARGV[1] maxsize (0: none), ARGV[2..] messages.
 # Returns -1 when the channel was closed for sending, else how many were added
@@ -67,7 +75,7 @@ return redis.call('xdel', KEYS[1], unpack(ARGV))
 """
 
 
-def _as_bytes(data: Any) -> bytes:
+def _as_bytes(data: Buffer) -> bytes:
     if type(data) is bytes:
         return data
     mv = memoryview(data)
@@ -114,10 +122,10 @@ class Channel(RedisObject):
     _kind = "channel"
     _maxsize = 0
 
-    def __init__(self, ns: RedisNamespace, name: str, capacity: Any = DEFAULT, *,
+    def __init__(self, ns: RedisNamespace, name: str, capacity: int | _Default = DEFAULT, *,
                  create: bool | None = None, claim_idle: float = CLAIM_IDLE,
                  consumer: str | None = None, readonly: bool = False,
-                 on_destroy: Any = None, **local_only: Any) -> None:
+                 on_destroy: Callable[[], Any] | None = None, **local_only: Any) -> None:
         super().__init__(ns, name)
         refuse(type(self).__name__, name, dict(local_only, capacity=capacity))
         if (isinstance(claim_idle, bool) or not isinstance(claim_idle, (int, float))
@@ -125,8 +133,9 @@ class Channel(RedisObject):
             raise ValueError(f"claim_idle must be a number of seconds > 0, not {claim_idle!r}")
         self._setup(create, {}, claim_idle, consumer, readonly, on_destroy)
 
-    def _setup(self, create: bool | None, fields: dict, claim_idle: float,
-               consumer: str | None, readonly: bool, on_destroy: Any) -> dict:
+    def _setup(self, create: bool | None, fields: dict[str, Any], claim_idle: float,
+               consumer: str | None, readonly: bool,
+               on_destroy: Callable[[], Any] | None) -> dict[str, str]:
         meta = self._open_meta(create, fields)
         self._claim_ms = max(1, int(claim_idle * 1000))
         self._claim_idle = claim_idle
@@ -143,7 +152,7 @@ class Channel(RedisObject):
         self._ensure_group()
         return meta
 
-    def _reopen_args(self) -> dict:
+    def _reopen_args(self) -> dict[str, Any]:
         return {"claim_idle": self._claim_idle, "readonly": self._readonly}
 
     def _ensure_group(self) -> None:
@@ -172,7 +181,7 @@ class Channel(RedisObject):
                                 "can be sent; unlink it and create it again to start afresh")
         return int(n)
 
-    def _encode_all(self, messages: Iterable[Any]) -> list[bytes]:
+    def _encode_all(self, messages: Iterable[Buffer]) -> list[bytes]:
         out = []
         for m in messages:
             b = _as_bytes(m)
@@ -182,7 +191,7 @@ class Channel(RedisObject):
             out.append(b)
         return out
 
-    def send(self, data: Any, timeout: float | None = None) -> None:
+    def send(self, data: Buffer, timeout: float | None = None) -> None:
         """Send one bytes-like message; waits while a Queue's ``maxsize`` is reached
         (:class:`Timeout` after ``timeout`` seconds)."""
         self._check(True)
@@ -192,7 +201,8 @@ class Channel(RedisObject):
             return
         self._wait_room(msg, end, timeout)
 
-    def _wait_room(self, msgs: list[bytes], end: float | None, timeout: Any) -> int:
+    def _wait_room(self, msgs: list[bytes], end: float | None,
+                   timeout: float | None) -> int:
         # Only a bounded Queue is ever full: wait for room, backing off up to 50 ms.
         sent, pause = 0, 0.001
         while True:
@@ -205,13 +215,13 @@ class Channel(RedisObject):
             if sent == len(msgs):
                 return sent
 
-    def send_nowait(self, data: Any) -> None:
+    def send_nowait(self, data: Buffer) -> None:
         """Send without waiting; :class:`Full` when a Queue's ``maxsize`` is reached."""
         self._check(True)
         if self._send_some(self._encode_all([data])) == 0:
             raise Full(f"{self._kind} {self._name!r} is full ({self._maxsize} messages)")
 
-    def send_many(self, messages: Iterable[Any], timeout: float | None = None) -> int:
+    def send_many(self, messages: Iterable[Buffer], timeout: float | None = None) -> int:
         """Send messages in order (one script call per 1000); returns how many."""
         self._check(True)
         msgs = self._encode_all(messages)
@@ -271,9 +281,9 @@ class Channel(RedisObject):
                 self._unacked = ids + self._unacked
         return out
 
-    def _keep(self, entries: list) -> list[bytes]:
-        out = []
-        dead = []
+    def _keep(self, entries: list[_Entry]) -> list[bytes]:
+        out: list[bytes] = []
+        dead: list[bytes] = []
         for ident, fields in entries:
             if not fields:  # deleted while pending: acknowledge it away
                 dead.append(ident)
@@ -360,7 +370,7 @@ class Channel(RedisObject):
             raise ValueError(f"max_n must be an int >= 1, not {max_n!r}")
         return self._take(max_n, timeout)
 
-    def recv_into(self, buffer: Any, timeout: float | None = None) -> int:
+    def recv_into(self, buffer: Buffer, timeout: float | None = None) -> int:
         """Receive into a writable buffer; returns the message's length.  A message
         larger than the buffer raises :class:`MessageTooLarge` and is left
         unacknowledged (delivered again after ``claim_idle``)."""
@@ -408,7 +418,7 @@ class Channel(RedisObject):
     def consumer(self) -> str:
         return self._consumer
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, int]:
         """``{"depth", "pending", "consumers", "sent", "closed", "maxsize"}``: pending
         counts messages received and not acknowledged; sent counts every XADD."""
         self._live()
@@ -417,7 +427,8 @@ class Channel(RedisObject):
         pipe.xinfo_groups(self._key)
         pipe.hget(self._meta_key, "closed")
         stream, groups, closed = pipe.execute()
-        group = next((g for g in groups if g["name"] in (GROUP, GROUP.encode())), {})
+        group: dict[str, Any] = next(
+            (g for g in groups if g["name"] in (GROUP, GROUP.encode())), {})
         return {"depth": int(stream["length"]), "pending": int(group.get("pending", 0)),
                 "consumers": int(group.get("consumers", 0)),
                 "sent": int(stream.get("entries-added", 0) or 0),

@@ -13,7 +13,10 @@ one element: ``set()`` pushes one if there is none, each ``wait()`` pops it
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
+
+from redis.client import PubSub
 
 from ..errors import ClosedError
 from ._base import RedisNamespace, RedisObject, deadline, guard_all, refuse, remaining
@@ -50,7 +53,7 @@ class Event(RedisObject):
     _extra_keys = (":set", ":token")
 
     def __init__(self, ns: RedisNamespace, name: str, *, auto_reset: bool | None = None,
-                 create: bool | None = None, on_destroy: Any = None,
+                 create: bool | None = None, on_destroy: Callable[[], Any] | None = None,
                  **local_only: Any) -> None:
         super().__init__(ns, name)
         refuse("Event", name, local_only)
@@ -99,7 +102,9 @@ class Event(RedisObject):
                     return True
                 if end is not None and time.monotonic() >= end:
                     return False
-        ps = self._r.pubsub()  # subscribe confirmations seen: the wait starts after one
+        # subscribe confirmations seen: the wait starts after one.  redis-py leaves
+        # Redis.pubsub() unannotated (it returns a PubSub)
+        ps: PubSub = self._r.pubsub()  # type: ignore[no-untyped-call]
         try:
             ps.subscribe(self._chan)
             while True:  # the subscription is confirmed before the flag is read
@@ -122,7 +127,7 @@ class Event(RedisObject):
         finally:
             ps.close()
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         """``{"set", "auto_reset", "waiters"}`` (waiters: subscribers of a manual event)."""
         self._live()
         waiters = 0

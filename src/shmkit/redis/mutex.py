@@ -18,12 +18,21 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from redis.exceptions import RedisError
 
 from ..errors import LeaseLostError, Timeout, WouldBlock
-from ._base import RedisNamespace, RedisObject, deadline, guard_all, refuse
+from ._base import (
+    _HOST,
+    RedisNamespace,
+    RedisObject,
+    as_bytes_or_none,
+    deadline,
+    guard_all,
+    refuse,
+)
 
 __all__ = ["Mutex"]
 
@@ -92,7 +101,7 @@ class Mutex(RedisObject):
     _extra_keys = (":fence", ":owner", ":wake")
 
     def __init__(self, ns: RedisNamespace, name: str, *, lease: float = LEASE,
-                 create: bool | None = None, on_destroy: Any = None,
+                 create: bool | None = None, on_destroy: Callable[[], Any] | None = None,
                  **local_only: Any) -> None:
         super().__init__(ns, name)
         refuse("Mutex", name, local_only)
@@ -117,7 +126,7 @@ class Mutex(RedisObject):
         k = self._key
         self._keys = (k, k + ":fence", k + ":owner", k + ":wake")
 
-    def _reopen_args(self) -> dict:
+    def _reopen_args(self) -> dict[str, Any]:
         return {"lease": self._lease}
 
     # -- taking and giving back -----------------------------------------------
@@ -260,16 +269,15 @@ class Mutex(RedisObject):
 
     def holder_pid(self) -> int | None:
         """The pid of the holder if it runs on this host, else None (free, or remote)."""
-        raw = self._r.get(self._keys[0])
+        raw = as_bytes_or_none(self._r.get(self._keys[0]))
         if raw is None:
             return None
         host, _, rest = raw.decode().partition(":")
-        from ._base import _HOST
         if host != _HOST:
             return None
         return int(rest.partition(":")[0])
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         """``{"locked", "holder", "lease_left_ms", "fencing_token", "recovered"}``."""
         pipe = self._r.pipeline(transaction=False)
         pipe.get(self._keys[0])

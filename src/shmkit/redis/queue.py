@@ -13,9 +13,10 @@ waits while that many objects are not yet acknowledged).
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from typing import Any
 
-from .._object import DEFAULT, given
+from .._object import DEFAULT, _Default, given
 from ..errors import Empty, Full, Timeout
 from ._base import RedisNamespace, guard_all, refuse
 from .channel import CLAIM_IDLE, Channel
@@ -55,10 +56,10 @@ class Queue:
     [1, 2]
     """
 
-    def __init__(self, ns: RedisNamespace, name: str, maxsize: Any = DEFAULT, *,
-                 capacity: Any = DEFAULT, create: bool | None = None,
+    def __init__(self, ns: RedisNamespace, name: str, maxsize: int | _Default = DEFAULT, *,
+                 capacity: int | _Default = DEFAULT, create: bool | None = None,
                  claim_idle: float = CLAIM_IDLE, consumer: str | None = None,
-                 readonly: bool = False, on_destroy: Any = None,
+                 readonly: bool = False, on_destroy: Callable[[], Any] | None = None,
                  **local_only: Any) -> None:
         if given(maxsize) and (not isinstance(maxsize, int) or isinstance(maxsize, bool)
                                or not 0 <= maxsize <= _MAX_ITEMS):
@@ -81,7 +82,8 @@ class Queue:
     def _what_name(self) -> str:
         return f"queue {self._ch._name!r}"
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Callable[[RedisNamespace, str, float], Queue],
+                                  tuple[RedisNamespace, str, float]]:
         return (_reopen_queue, (self._ns, self._ch._name, self._ch._claim_idle))
 
     @property
@@ -164,7 +166,7 @@ class Queue:
     def cancel_join_thread(self) -> None:
         """Nothing to cancel (there is no feeder thread)."""
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, int]:
         """The stream counters (see :meth:`Channel.statistics`)."""
         return self._ch.statistics()
 

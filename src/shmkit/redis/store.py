@@ -20,10 +20,10 @@ from __future__ import annotations
 import contextlib
 import pickle
 import struct
-from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
-from typing import Any
+from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
+from typing import TYPE_CHECKING, Any, cast
 
-from .._object import DEFAULT, given
+from .._object import DEFAULT, _Default, given
 from ..errors import (
     CorruptError,
     KeyExistsError,
@@ -32,7 +32,17 @@ from ..errors import (
     ValueTooLargeError,
 )
 from ..store import _VT_NDARRAY, _VT_PICKLE, _decode, _encode_pickle, _encode_plain, _np
-from ._base import RedisNamespace, RedisObject, guard_all, guarded, refuse
+from ._base import (
+    RedisNamespace,
+    RedisObject,
+    as_bytes_or_none,
+    guard_all,
+    guarded,
+    refuse,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["Store", "encode_key", "decode_key", "encode_value", "decode_value"]
 
@@ -44,6 +54,8 @@ _SCAN = 512
 _U32 = struct.Struct("<I")
 _F64 = struct.Struct("<d")
 _VALUE_BYTES = {b: bytes([b]) for b in range(1, 10)}
+
+_Key = int | str | bytes  # the key types, as shmkit.Store takes them
 
 # A batch: check every add (absent) and delete (present) in order, then apply.
 # KEYS[1] the hash; ARGV: op, field, value triples ("s" set, "a" add, "d" delete)
@@ -84,7 +96,7 @@ def _int_bytes(v: int) -> bytes:
     return v.to_bytes(abs(v).bit_length() // 8 + 1, "little", signed=True)
 
 
-def encode_key(key: Any) -> bytes:
+def encode_key(key: object) -> bytes:
     """The hash field of ``key``: its type byte and bytes, as the local store keeps them."""
     if isinstance(key, str):
         data = key.encode("utf-8")
@@ -107,7 +119,7 @@ def encode_key(key: Any) -> bytes:
     return bytes((kt,)) + data
 
 
-def decode_key(field: bytes) -> Any:
+def decode_key(field: bytes) -> _Key:
     kt, data = field[0], field[1:]
     if kt == KT_STR:
         return data.decode("utf-8")
@@ -121,6 +133,7 @@ def decode_key(field: bytes) -> Any:
 def encode_value(value: Any, pickled: bool) -> bytes:
     """The hash value of ``value``: its VT_* byte and the record's value bytes."""
     t = type(value)
+    out: bytes
     if t is bytes:
         out = _VALUE_BYTES[VT_BYTES] + value
     elif t is str:
@@ -137,7 +150,7 @@ def encode_value(value: Any, pickled: bool) -> bytes:
         return _VALUE_BYTES[VT_FLOAT] + _F64.pack(value)
     else:
         vt, head, body = (_encode_pickle if pickled else _encode_plain)(value)
-        parts = [_VALUE_BYTES[vt]]
+        parts: list[bytes | memoryview] = [_VALUE_BYTES[vt]]
         if head is not None:
             parts += [_U32.pack(len(head)), head]
         parts.append(memoryview(body).cast("B") if not isinstance(body, bytes) else body)
@@ -184,7 +197,7 @@ def decode_value(data: bytes, pickled: bool) -> Any:
 
 
 @guard_all
-class Store(RedisObject, MutableMapping):  # type: ignore[misc]
+class Store(RedisObject, MutableMapping[_Key, Any]):
     """A dict-like store in a Redis hash, shared by every process that reaches the server.
 
     ``ns.Store(name)`` (``ns = shmkit.connect("redis://...")``) creates or
@@ -219,9 +232,9 @@ class Store(RedisObject, MutableMapping):  # type: ignore[misc]
 
     _kind = "store"
 
-    def __init__(self, ns: RedisNamespace, name: str, *, codec: str | None = DEFAULT,
+    def __init__(self, ns: RedisNamespace, name: str, *, codec: str | _Default | None = DEFAULT,
                  readonly: bool = False, create: bool | None = None,
-                 on_destroy: Any = None, **local_only: Any) -> None:
+                 on_destroy: Callable[[], Any] | None = None, **local_only: Any) -> None:
         super().__init__(ns, name)
         refuse("Store", name, local_only)
         if given(codec) and codec not in (None, "pickle"):
@@ -236,12 +249,12 @@ class Store(RedisObject, MutableMapping):  # type: ignore[misc]
         self._pickled = have == "pickle"
         self._readonly = bool(readonly)
         self._on_destroy = on_destroy
-        self._batch: list[bytes | str] | None = None
+        self._batch: list[bytes | str] | None = None  # op, field, value: see _BATCH
         self._overlay: dict[bytes, bytes | None] = {}
         self._batch_script = self._r.register_script(_BATCH)
         self._pop_script = self._r.register_script(_POP)
 
-    def _reopen_args(self) -> dict:
+    def _reopen_args(self) -> dict[str, Any]:
         return {"readonly": self._readonly}
 
     # -- helpers --------------------------------------------------------------
@@ -254,24 +267,24 @@ class Store(RedisObject, MutableMapping):  # type: ignore[misc]
     def _raw(self, field: bytes) -> bytes | None:
         if self._batch is not None and field in self._overlay:
             return self._overlay[field]
-        return self._r.hget(self._key, field)
+        return as_bytes_or_none(self._r.hget(self._key, field))
 
     # -- the mapping ----------------------------------------------------------
 
-    def __getitem__(self, key: Any) -> Any:
+    def __getitem__(self, key: _Key) -> Any:
         self._live()
         raw = self._raw(encode_key(key))
         if raw is None:
             raise KeyError(key)
         return decode_value(raw, self._pickled)
 
-    def get(self, key: Any, default: Any = None) -> Any:
+    def get(self, key: _Key, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default``."""
         self._live()
         raw = self._raw(encode_key(key))
         return default if raw is None else decode_value(raw, self._pickled)
 
-    def __setitem__(self, key: Any, value: Any) -> None:
+    def __setitem__(self, key: _Key, value: Any) -> None:
         self._writable()
         field, data = encode_key(key), encode_value(value, self._pickled)
         if self._batch is not None:
@@ -280,7 +293,7 @@ class Store(RedisObject, MutableMapping):  # type: ignore[misc]
             return
         self._r.hset(self._key, field, data)
 
-    def add(self, key: Any, value: Any) -> None:
+    def add(self, key: _Key, value: Any) -> None:
         """Insert ``key``; :class:`KeyExistsError` (a KeyError) if it is already there."""
         self._writable()
         field, data = encode_key(key), encode_value(value, self._pickled)
@@ -293,11 +306,11 @@ class Store(RedisObject, MutableMapping):  # type: ignore[misc]
         if not self._r.hsetnx(self._key, field, data):
             raise self._exists(key)
 
-    def _exists(self, key: Any) -> KeyExistsError:
+    def _exists(self, key: object) -> KeyExistsError:
         return KeyExistsError(f"key {key!r} is already in store {self._name!r}; assign "
                               "st[key] = value to replace it")
 
-    def __delitem__(self, key: Any) -> None:
+    def __delitem__(self, key: _Key) -> None:
         self._writable()
         field = encode_key(key)
         if self._batch is not None:
@@ -311,10 +324,11 @@ class Store(RedisObject, MutableMapping):  # type: ignore[misc]
 
     _missing = object()
 
-    def pop(self, key: Any, default: Any = _missing) -> Any:
+    def pop(self, key: _Key, default: Any = _missing) -> Any:
         """Remove ``key`` and return its value, in one step (KeyError, or ``default``)."""
         self._writable()
         field = encode_key(key)
+        raw: bytes | None
         if self._batch is not None:
             raw = self._raw(field)
             if raw is not None:
@@ -344,21 +358,22 @@ class Store(RedisObject, MutableMapping):  # type: ignore[misc]
         # HSCAN may return a field twice (the hash rehashed meanwhile): the
         # fields already given are skipped, so each key comes once.
         self._live()
-        cursor, seen = 0, set()
+        cursor, seen = 0, set[bytes]()
         while True:
             cursor, chunk = self._r.hscan(self._key, cursor, count=_SCAN)
-            for field, raw in chunk.items():
+            # fields and values (no no_values=), as bytes (see _base.as_bytes_or_none)
+            for field, raw in cast("dict[bytes, bytes]", chunk).items():
                 if field not in seen:
                     seen.add(field)
                     yield field, raw
             if cursor == 0:
                 return
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[_Key]:
         for field, _raw in self._scan():
             yield decode_key(field)
 
-    def _pairs(self) -> Iterator[tuple[Any, Any]]:
+    def _pairs(self) -> Iterator[tuple[_Key, Any]]:
         for field, raw in self._scan():
             yield decode_key(field), decode_value(raw, self._pickled)
 
@@ -366,14 +381,14 @@ class Store(RedisObject, MutableMapping):  # type: ignore[misc]
         for _field, raw in self._scan():
             yield decode_value(raw, self._pickled)
 
-    def items(self) -> "_Items":  # type: ignore[override]
+    def items(self) -> _Items:
         """``(key, value)`` pairs (HSCAN: keys present throughout come exactly once)."""
         return _Items(self)
 
-    def values(self) -> "_Values":  # type: ignore[override]
+    def values(self) -> _Values:
         return _Values(self)
 
-    def get_many(self, keys: Any, *default: Any) -> list:
+    def get_many(self, keys: Iterable[_Key], *default: Any) -> list[Any]:
         """The values of ``keys`` in order, in one round trip (HMGET); KeyError for a
         missing key unless ``default`` is given."""
         self._live()
@@ -383,8 +398,9 @@ class Store(RedisObject, MutableMapping):  # type: ignore[misc]
         fields = [encode_key(k) for k in keys]
         if not fields:
             return []
-        raws = self._r.hmget(self._key, fields)
-        out = []
+        # bytes or nil, as _base.as_bytes_or_none says
+        raws = cast("list[bytes | None]", self._r.hmget(self._key, fields))
+        out: list[Any] = []
         for key, field, raw in zip(keys, fields, raws):
             if self._batch is not None and field in self._overlay:
                 raw = self._overlay[field]
@@ -396,7 +412,7 @@ class Store(RedisObject, MutableMapping):  # type: ignore[misc]
                 out.append(decode_value(raw, self._pickled))
         return out
 
-    def get_into(self, key: Any, buffer: Any) -> int:
+    def get_into(self, key: _Key, buffer: Buffer) -> int:
         """Copy a ``bytes`` or array value's bytes into ``buffer``; return their count.
 
         As :meth:`shmkit.Store.get_into`: ValueTooLargeError (buffer unchanged)
@@ -423,7 +439,7 @@ class Store(RedisObject, MutableMapping):  # type: ignore[misc]
         out[:len(body)] = body
         return len(body)
 
-    def nbytes(self, key: Any) -> int:
+    def nbytes(self, key: _Key) -> int:
         """Bytes the value of ``key`` takes when encoded (KeyError if missing)."""
         self._live()
         field = encode_key(key)
@@ -486,7 +502,7 @@ class Store(RedisObject, MutableMapping):  # type: ignore[misc]
         if got[0] == 2:
             raise KeyError(decode_key(got[1]))
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         """``{"keys", "used_bytes", "codec", "backend", "server"}`` (used_bytes: Redis's
         MEMORY USAGE estimate of the hash)."""
         self._live()
@@ -525,17 +541,23 @@ class Store(RedisObject, MutableMapping):  # type: ignore[misc]
             return f"<shmkit.redis.Store {self._name!r} closed>"
         return f"<shmkit.redis.Store {self._name!r} at {self._ns.url}>"
 
+    # unhashable, as a dict; typeshed writes the same line with the same ignore (list,
+    # dict): mypy cannot express a method of object replaced by None
     __hash__ = None  # type: ignore[assignment]
 
     def __eq__(self, other: object) -> bool:
         return self is other
 
 
-class _Items(ItemsView):
-    def __iter__(self) -> Iterator[tuple[Any, Any]]:
-        return self._mapping._pairs()  # type: ignore[attr-defined]
+class _Items(ItemsView[_Key, Any]):
+    _mapping: Store  # the view's mapping (set by ItemsView.__init__)
+
+    def __iter__(self) -> Iterator[tuple[_Key, Any]]:
+        return self._mapping._pairs()
 
 
-class _Values(ValuesView):
+class _Values(ValuesView[Any]):
+    _mapping: Store
+
     def __iter__(self) -> Iterator[Any]:
-        return self._mapping._values()  # type: ignore[attr-defined]
+        return self._mapping._values()
