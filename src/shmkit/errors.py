@@ -290,5 +290,5 @@ class MessagesLost(ShmkitError):
         super().__init__(message)
         self.missed = missed
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.args[0] if self.args else "", self.missed))
