@@ -36,16 +36,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import os
 import pickle
 import threading
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Final, NoReturn, Sequence,
+                    TypeVar, cast)
 
 from . import _core
 from . import channel as _channel
 from . import sync as _sync
-from .aio_wait import _describe
+from .aio_wait import _describe, _Desc
 from .errors import ChannelClosed, Empty, Full, ShmkitError, Timeout, WouldBlock
+
+if TYPE_CHECKING:
+    from ._core import RecordView
+    from .channel import _Buffer
+    from .segment import Segment
 
 __all__ = ["Channel", "Queue", "Event", "Mutex", "RWLock", "Semaphore", "Condition",
            "wait", "MAX_WATCHERS", "TooManyWaitsError", "watcher_count"]
@@ -56,8 +63,20 @@ _PER_WATCHER = 127  # futex_waitv takes 128 words; one is the watcher's wake wor
 _SPIN = 20e-6  # seconds a coroutine spins for its object before handing it to a watcher
 _REPAIR_TIMEOUT = 0.02  # a repairing call's wait: past the channel's first 5 ms slice
 
-_AGAIN = object()
+T = TypeVar("T")
+
+
+class _Again(enum.Enum):
+    """What an attempt returns when its call would have had to wait."""
+
+    AGAIN = enum.auto()
+
+
+_AGAIN: Final = _Again.AGAIN
 _READY, _SUSPECT, _EXPIRED = 1, 2, 3
+_Key = tuple[int, int, int, int]  # a description with its target replaced by id()
+_Flag = int | BaseException  # what a watcher hands a future: _READY, _SUSPECT or an error
+_Futures = dict[asyncio.Future[int], asyncio.AbstractEventLoop]  # awaiter: its loop
 
 
 class TooManyWaitsError(ShmkitError, RuntimeError):
@@ -71,12 +90,12 @@ class _Entry:
 
     __slots__ = ("key", "desc", "futures", "watcher")
 
-    def __init__(self, key: tuple, desc: tuple, watcher: "_Watcher") -> None:
+    def __init__(self, key: _Key, desc: _Desc, watcher: "_Watcher") -> None:
         self.key, self.desc, self.watcher = key, desc, watcher
-        self.futures: dict[asyncio.Future, asyncio.AbstractEventLoop] = {}
+        self.futures: _Futures = {}
 
 
-def _settle(futures: list, flag: Any) -> None:
+def _settle(futures: list[asyncio.Future[int]], flag: _Flag) -> None:
     for f in futures:
         if not f.done():
             if isinstance(flag, BaseException):
@@ -85,8 +104,8 @@ def _settle(futures: list, flag: Any) -> None:
                 f.set_result(flag)
 
 
-def _fire(futures: dict, flag: Any) -> None:
-    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+def _fire(futures: _Futures, flag: _Flag) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[int]]] = {}
     for fut, loop in futures.items():
         by_loop.setdefault(loop, []).append(fut)
     for loop, futs in by_loop.items():
@@ -101,7 +120,7 @@ class _Watcher:
 
     def __init__(self, hub: "_Hub") -> None:
         self.hub = hub
-        self.entries: dict[tuple, _Entry] = {}
+        self.entries: dict[_Key, _Entry] = {}
         self.idle = threading.Condition(hub.lock)
         fd = os.memfd_create("shmkit-aio-wake", os.MFD_CLOEXEC)
         try:
@@ -133,12 +152,13 @@ class _Watcher:
                 seen = _core.load32(self.wake, 0)
             descs = [e.desc for e in entries]
             descs.append((_core.W_WORD, self.wake, 0, seen))
+            flags: Sequence[tuple[int, _Flag]]
             try:
                 ready, suspect = _core.wait_ready(descs, None, False)
                 flags = [(i, _READY) for i in ready] + [(i, _SUSPECT) for i in suspect]
             except BaseException as exc:  # a description went bad: tell its awaiters
                 flags = [(i, exc) for i in range(len(entries))]
-            fired = []
+            fired: list[tuple[_Futures, _Flag]] = []
             with hub.lock:
                 for i, flag in flags:
                     if i >= len(entries):
@@ -158,10 +178,10 @@ class _Hub:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.watchers: list[_Watcher] = []
-        self.where: dict[tuple, _Entry] = {}
+        self.where: dict[_Key, _Entry] = {}
         self.stopped = False
 
-    def add(self, key: tuple, desc: tuple, fut: asyncio.Future,
+    def add(self, key: _Key, desc: _Desc, fut: asyncio.Future[int],
             loop: asyncio.AbstractEventLoop) -> None:
         with self.lock:
             e = self.where.get(key)
@@ -180,7 +200,7 @@ class _Hub:
                 w.poke()
             e.futures[fut] = loop
 
-    def discard(self, key: tuple, fut: asyncio.Future) -> None:
+    def discard(self, key: _Key, fut: asyncio.Future[int]) -> None:
         with self.lock:
             e = self.where.get(key)
             if e is None or e.futures.pop(fut, None) is None or e.futures:
@@ -220,13 +240,13 @@ def watcher_count() -> int:
     return 0 if hub is None else len(hub.watchers)
 
 
-def _key(desc: tuple) -> tuple:
+def _key(desc: _Desc) -> _Key:
     return (desc[0], id(desc[1]), desc[2], desc[3])
 
 
-async def _until(attempt: Callable[[], Any], describe: Callable[[], tuple],
-                 timeout: float | None, expired: Callable[[], Any],
-                 repair: Callable[[], Any] | None = None) -> Any:
+async def _until(attempt: Callable[[], T | _Again], describe: Callable[[], _Desc],
+                 timeout: float | None, expired: Callable[[], T],
+                 repair: Callable[[], T | _Again] | None = None) -> T:
     """Run ``attempt()`` until it returns something other than _AGAIN,
     awaiting readiness in between; ``expired()`` once the timeout passes
     (after a last attempt); ``repair()`` once when a dead peer is in the way."""
@@ -249,7 +269,7 @@ async def _until(attempt: Callable[[], Any], describe: Callable[[], tuple],
             return expired()
         desc = describe()
         key = _key(desc)
-        fut = loop.create_future()
+        fut: asyncio.Future[int] = loop.create_future()
         hub.add(key, desc, fut, loop)
         timer = None
         if deadline is not None:
@@ -268,14 +288,14 @@ async def _until(attempt: Callable[[], Any], describe: Callable[[], tuple],
             return r
 
 
-def _nowait(call: Callable[..., Any], *args: Any) -> Any:
+def _nowait(call: Callable[..., T], *args: Any) -> T | _Again:
     try:
         return call(*args)
     except WouldBlock:
         return _AGAIN
 
 
-def _timed(call: Callable[..., Any], *args: Any) -> Any:
+def _timed(call: Callable[..., T], *args: Any) -> T | _Again:
     """A repairing call: the blocking form with a short timeout, which runs
     the structure's own repair of what a dead peer left."""
     try:
@@ -285,6 +305,14 @@ def _timed(call: Callable[..., Any], *args: Any) -> Any:
 
 
 # ---- channels -----------------------------------------------------------------
+#
+# The classes below subclass the blocking ones (so that isinstance, pickling,
+# shmkit.wait and the blocking helpers keep working) but give the blocking
+# methods' names to coroutines, as zmq.asyncio does: an aio object is not a
+# drop-in for code that calls those methods without awaiting.  Each such
+# method carries ``# type: ignore[override]`` for that reason ("coroutine",
+# "async generator", "async context manager"); Queue.get, recv_array and
+# Condition.wait_for need none only because the blocking forms return Any.
 
 class Channel(_channel.Channel):
     """:class:`shmkit.Channel` with coroutine ``send``, ``send_many``, ``recv``,
@@ -299,14 +327,15 @@ class Channel(_channel.Channel):
     [b'a']
     """
 
-    async def send(self, data: Any, timeout: float | None = None) -> None:  # type: ignore[override]
+    async def send(self, data: _Buffer,  # type: ignore[override]  # coroutine
+                   timeout: float | None = None) -> None:
         """Send one message, awaiting room (raises like :meth:`shmkit.Channel.send`)."""
-        await _until(lambda: _nowait(_core.Ring.send_nowait, self, data),
+        await _until(lambda: _nowait(_channel.Channel.send_nowait, self, data),
                      lambda: _describe(self, max(memoryview(data).nbytes, 1)), timeout,
-                     lambda: _core.Ring.send(self, data, 0),
-                     lambda: _timed(_core.Ring.send, self, data, _REPAIR_TIMEOUT))
+                     lambda: _channel.Channel.send(self, data, 0),
+                     lambda: _timed(_channel.Channel.send, self, data, _REPAIR_TIMEOUT))
 
-    async def send_many(self, messages: Sequence[Any],  # type: ignore[override]
+    async def send_many(self, messages: Sequence[_Buffer],  # type: ignore[override]  # coroutine
                         timeout: float | None = None) -> int:
         """Send messages in order, awaiting room; returns how many were sent."""
         msgs = list(messages)
@@ -315,7 +344,7 @@ class Channel(_channel.Channel):
         deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
         try:
             while sent < len(msgs):
-                sent += _core.Ring.send_many(self, msgs[sent:], 0)
+                sent += _channel.Channel.send_many(self, msgs[sent:], 0)
         except Timeout:
             pass
         while sent < len(msgs):
@@ -323,60 +352,65 @@ class Channel(_channel.Channel):
             try:
                 await self.send(msgs[sent], left)
             except Timeout as exc:
-                exc.sent = sent
+                setattr(exc, "sent", sent)  # as the core's send_many sets it
                 raise
             sent += 1
             try:
                 if sent < len(msgs):
-                    sent += _core.Ring.send_many(self, msgs[sent:], 0)
+                    sent += _channel.Channel.send_many(self, msgs[sent:], 0)
             except Timeout:
                 pass
         return sent
 
-    async def recv(self, timeout: float | None = None,  # type: ignore[override]
+    async def recv(self, timeout: float | None = None,  # type: ignore[override]  # coroutine
                    stop_when_no_senders: bool = False) -> bytes:
         """Take the next message, awaiting one (raises like :meth:`shmkit.Channel.recv`)."""
-        def attempt() -> Any:
+        def attempt() -> bytes | _Again:
             if stop_when_no_senders:
-                return _timed(_core.Ring.recv, self, 0, True)
-            return _nowait(_core.Ring.recv_nowait, self)
+                return _timed(_channel.Channel.recv, self, 0, True)
+            return _nowait(_channel.Channel.recv_nowait, self)
 
-        return await _until(attempt, lambda: _describe(self, 0, stop_when_no_senders),
-                            timeout, lambda: _core.Ring.recv(self, 0, stop_when_no_senders),
-                            lambda: _timed(_core.Ring.recv, self, _REPAIR_TIMEOUT,
+        return await _until(attempt, lambda: _describe(self, 0, stop_when_no_senders), timeout,
+                            lambda: _channel.Channel.recv(self, 0, stop_when_no_senders),
+                            lambda: _timed(_channel.Channel.recv, self, _REPAIR_TIMEOUT,
                                            stop_when_no_senders))
 
-    async def recv_many(self, max_n: int = 1024,  # type: ignore[override]
+    async def recv_many(self, max_n: int = 1024,  # type: ignore[override]  # coroutine
                         timeout: float | None = None,
                         stop_when_no_senders: bool = False) -> list[bytes]:
         """Take up to ``max_n`` ready messages, awaiting the first; ``[]`` on timeout."""
-        def attempt() -> Any:
-            got = _core.Ring.recv_many(self, max_n, 0, stop_when_no_senders)
+        def attempt() -> list[bytes] | _Again:
+            got = _channel.Channel.recv_many(self, max_n, 0, stop_when_no_senders)
             return got if got else _AGAIN
 
-        def repair() -> Any:
-            got = _core.Ring.recv_many(self, max_n, _REPAIR_TIMEOUT, stop_when_no_senders)
+        def repair() -> list[bytes] | _Again:
+            got = _channel.Channel.recv_many(self, max_n, _REPAIR_TIMEOUT, stop_when_no_senders)
             return got if got else _AGAIN
+
+        def expired() -> list[bytes]:
+            return []
 
         return await _until(attempt, lambda: _describe(self, 0, stop_when_no_senders),
-                            timeout, lambda: [], repair)
+                            timeout, expired, repair)
 
-    async def recv_into(self, buffer: Any, timeout: float | None = None) -> int:  # type: ignore[override]
+    async def recv_into(self, buffer: _Buffer,  # type: ignore[override]  # coroutine
+                        timeout: float | None = None) -> int:
         """Copy the next message into ``buffer``; returns its length."""
-        return await _until(lambda: _timed(_core.Ring.recv_into, self, buffer, 0),
+        return await _until(lambda: _timed(_channel.Channel.recv_into, self, buffer, 0),
                             lambda: _describe(self), timeout,
-                            lambda: _core.Ring.recv_into(self, buffer, 0),
-                            lambda: _timed(_core.Ring.recv_into, self, buffer,
+                            lambda: _channel.Channel.recv_into(self, buffer, 0),
+                            lambda: _timed(_channel.Channel.recv_into, self, buffer,
                                            _REPAIR_TIMEOUT))
 
-    async def recv_view(self, timeout: float | None = None) -> Any:  # type: ignore[override]
+    async def recv_view(self,  # type: ignore[override]  # coroutine
+                        timeout: float | None = None) -> RecordView:
         """Take the next message without copying (see :meth:`shmkit.Channel.recv_view`)."""
         return await _until(lambda: _nowait(self._take, None, True),
                             lambda: _describe(self), timeout,
                             lambda: self._take(0),
                             lambda: _timed(self._take, _REPAIR_TIMEOUT))
 
-    async def recv_array(self, dtype: Any = "uint8", shape: Any = None, *,  # type: ignore[override]
+    async def recv_array(self, dtype: Any = "uint8", shape: Any = None, *,
                          timeout: float | None = None, out: Any = None) -> Any:
         """Receive a message as a numpy array (see :meth:`shmkit.Channel.recv_array`)."""
         import numpy as np
@@ -398,7 +432,7 @@ class Channel(_channel.Channel):
                 del src
         return result
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> NoReturn:
         raise TypeError("iterate over a shmkit.aio.Channel with `async for`")
 
     def __aiter__(self) -> "Channel":
@@ -410,7 +444,8 @@ class Channel(_channel.Channel):
         except ChannelClosed:
             raise StopAsyncIteration from None
 
-    async def messages(self, *, timeout: float | None = None,  # type: ignore[override]
+    async def messages(self, *,  # type: ignore[override]  # async generator
+                       timeout: float | None = None,
                        stop_when_no_senders: bool = False) -> AsyncIterator[bytes]:
         """``async for m in ch.messages(...)``: as :meth:`shmkit.Channel.messages`."""
         while True:
@@ -440,7 +475,7 @@ class Queue(_channel.Queue):
     {'n': 1}
     """
 
-    async def put(self, obj: Any, block: bool = True,  # type: ignore[override]
+    async def put(self, obj: Any, block: bool = True,  # type: ignore[override]  # coroutine
                   timeout: float | None = None) -> None:
         """Put ``obj``, awaiting room (``queue.Full`` when ``block`` is false or on timeout)."""
         if self._closed:
@@ -450,14 +485,14 @@ class Queue(_channel.Queue):
         data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
         ch = self._ch
 
-        def expired() -> None:
+        def expired() -> NoReturn:
             raise Full(f"queue {self.name!r} stayed full for {timeout} s")
 
         await _until(lambda: _nowait(self._send_nowait, data),
                      lambda: _describe(ch, len(data)), timeout, expired,
                      lambda: _timed(self._send, data, _REPAIR_TIMEOUT))
 
-    async def get(self, block: bool = True, timeout: float | None = None) -> Any:  # type: ignore[override]
+    async def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Remove and return an object, awaiting one (``queue.Empty`` as for ``get``)."""
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
@@ -465,7 +500,7 @@ class Queue(_channel.Queue):
             return pickle.loads(self._recv_nowait())
         ch = self._ch
 
-        def expired() -> None:
+        def expired() -> NoReturn:
             raise Empty(f"queue {self.name!r} stayed empty for {timeout} s")
 
         data = await _until(lambda: _nowait(self._recv_nowait), lambda: _describe(ch),
@@ -500,17 +535,18 @@ class Event(_sync.Event):
     True
     """
 
-    async def wait(self, timeout: float | None = None) -> bool:  # type: ignore[override]
+    async def wait(self,  # type: ignore[override]  # coroutine
+                   timeout: float | None = None) -> bool:
         """Await the flag (taking it if auto-reset); False if ``timeout`` passes first."""
         what = f"event {self._seg.name!r}"
 
-        def attempt() -> Any:
+        def attempt() -> bool | _Again:
             return True if _core.event_wait(self._m, self._base, 0, self._auto, what) else _AGAIN
 
         return await _until(attempt, lambda: _describe(self), timeout, lambda: False)
 
 
-def _acquire_attempt(call: Callable[..., bool], *args: Any) -> Callable[[], Any]:
+def _acquire_attempt(call: Callable[..., bool], *args: Any) -> Callable[[], bool | _Again]:
     return lambda: True if call(*args) else _AGAIN
 
 
@@ -532,7 +568,7 @@ class Mutex(_sync.Mutex):
     True
     """
 
-    async def acquire(self, blocking: bool = True,  # type: ignore[override]
+    async def acquire(self, blocking: bool = True,  # type: ignore[override]  # coroutine
                       timeout: float | None = None) -> bool:
         """Await the lock; False if ``timeout`` passes first (as ``acquire``)."""
         if not blocking:
@@ -553,7 +589,8 @@ class Mutex(_sync.Mutex):
         raise TypeError("hold a shmkit.aio.Mutex with `async with`")
 
     @contextlib.asynccontextmanager
-    async def held(self, timeout: float | None = None) -> AsyncIterator["Mutex"]:  # type: ignore[override]
+    async def held(self,  # type: ignore[override]  # async context manager
+                   timeout: float | None = None) -> AsyncIterator["Mutex"]:
         """``async with m.held(timeout=1.0):`` holds the lock, or raises Timeout."""
         if not await self.acquire(timeout=timeout):
             raise Timeout(f"could not take mutex {self.name!r} within {timeout} s")
@@ -577,7 +614,7 @@ class Semaphore(_sync.Semaphore):
     0
     """
 
-    async def acquire(self, blocking: bool = True,  # type: ignore[override]
+    async def acquire(self, blocking: bool = True,  # type: ignore[override]  # coroutine
                       timeout: float | None = None) -> bool:
         """Await a unit; False if ``timeout`` passes first."""
         if not blocking:
@@ -615,12 +652,14 @@ class RWLock(_sync.RWLock):
     >>> asyncio.run(main())
     """
 
-    async def acquire_read(self, timeout: float | None = None) -> bool:  # type: ignore[override]
+    async def acquire_read(self,  # type: ignore[override]  # coroutine
+                           timeout: float | None = None) -> bool:
         """Await a read hold; False if ``timeout`` passes first."""
         return await _until(_acquire_attempt(_core.RWLock.acquire_read, self, 0),
                             lambda: _describe(self), timeout, lambda: False)
 
-    async def acquire_write(self, timeout: float | None = None) -> bool:  # type: ignore[override]
+    async def acquire_write(self,  # type: ignore[override]  # coroutine
+                            timeout: float | None = None) -> bool:
         """Await the write hold; False if ``timeout`` passes first."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
@@ -642,16 +681,17 @@ class RWLock(_sync.RWLock):
     async def _wlock_free(self, timeout: float | None) -> bool:
         w = self._wlock
 
-        def attempt() -> Any:
+        def attempt() -> bool | _Again:
             return True if not w.locked() else _AGAIN
 
-        def repair() -> Any:  # a dead writer: let acquire_write take it over
+        def repair() -> bool:  # a dead writer: let acquire_write take it over
             return True
 
         return await _until(attempt, lambda: _describe(w), timeout, lambda: False, repair)
 
     @contextlib.asynccontextmanager
-    async def read(self, timeout: float | None = None) -> AsyncIterator[None]:  # type: ignore[override]
+    async def read(self,  # type: ignore[override]  # async context manager
+                   timeout: float | None = None) -> AsyncIterator[None]:
         """``async with rw.read():`` a read hold for the block; Timeout if not in time."""
         if not await self.acquire_read(timeout):
             raise Timeout(f"could not read-lock {self.name!r} within {timeout} s")
@@ -661,7 +701,8 @@ class RWLock(_sync.RWLock):
             self.release_read()
 
     @contextlib.asynccontextmanager
-    async def write(self, timeout: float | None = None) -> AsyncIterator[None]:  # type: ignore[override]
+    async def write(self,  # type: ignore[override]  # async context manager
+                    timeout: float | None = None) -> AsyncIterator[None]:
         """``async with rw.write():`` the write hold for the block; Timeout if not in time."""
         if not await self.acquire_write(timeout):
             raise Timeout(f"could not write-lock {self.name!r} within {timeout} s")
@@ -687,11 +728,14 @@ class Condition(_sync.Condition):
     False
     """
 
-    def _setup(self, seg: Any, offset: int) -> None:
-        super()._setup(seg, offset)
-        self.lock = Mutex._embedded(seg, offset, self._what)
+    lock: Mutex  # the aio Mutex: awaited by acquire, wait and ``async with``
 
-    async def acquire(self, blocking: bool = True,  # type: ignore[override]
+    def _setup(self, seg: Segment, offset: int) -> None:
+        super()._setup(seg, offset)
+        # _embedded builds an instance of the class it is called on
+        self.lock = cast(Mutex, Mutex._embedded(seg, offset, self._what))
+
+    async def acquire(self, blocking: bool = True,  # type: ignore[override]  # coroutine
                       timeout: float | None = None) -> bool:
         return await self.lock.acquire(blocking, timeout)
 
@@ -705,7 +749,8 @@ class Condition(_sync.Condition):
     def __enter__(self) -> "Condition":
         raise TypeError("hold a shmkit.aio.Condition with `async with`")
 
-    async def wait(self, timeout: float | None = None) -> bool:  # type: ignore[override]
+    async def wait(self,  # type: ignore[override]  # coroutine
+                   timeout: float | None = None) -> bool:
         """Release the lock, await a ``notify()``, re-take the lock; False on timeout.
 
         As :meth:`shmkit.Condition.wait`: call it holding the condition
@@ -715,10 +760,10 @@ class Condition(_sync.Condition):
         """
         m, base = self._m, self._base
         seq0 = _core.cond_enter(m, base)  # RuntimeError unless we hold it
-        desc = (_core.W_COND, m, base, seq0)
+        desc: _Desc = (_core.W_COND, m, base, seq0)
         holding = notified = cancelled = False
 
-        def granted() -> Any:
+        def granted() -> bool | _Again:
             return True if _core.wait_ready([desc], 0, False)[0] else _AGAIN
 
         loop = asyncio.get_running_loop()
@@ -753,7 +798,7 @@ class Condition(_sync.Condition):
             raise asyncio.CancelledError
         return notified
 
-    async def wait_for(self, predicate: Callable[[], Any],  # type: ignore[override]
+    async def wait_for(self, predicate: Callable[[], Any],
                        timeout: float | None = None) -> Any:
         """Await until ``predicate()`` is true (holding the condition); returns its last value."""
         loop = asyncio.get_running_loop()
@@ -767,7 +812,7 @@ class Condition(_sync.Condition):
         return result
 
 
-async def wait(objects: Sequence[Any], timeout: float | None = None) -> list:
+async def wait(objects: Sequence[T], timeout: float | None = None) -> list[T]:
     """Await until at least one of ``objects`` is ready; return those that are.
 
     The coroutine form of :func:`shmkit.wait` (same rules: readiness never
@@ -782,7 +827,7 @@ async def wait(objects: Sequence[Any], timeout: float | None = None) -> list:
         return ready
     loop = asyncio.get_running_loop()
     hub = _hub()
-    fut = loop.create_future()
+    fut: asyncio.Future[int] = loop.create_future()
     keys = [_key(d) for d in descs]
     for k, d in zip(keys, descs):
         hub.add(k, d, fut, loop)
@@ -798,7 +843,7 @@ async def wait(objects: Sequence[Any], timeout: float | None = None) -> list:
     return _ready_now(objs, descs)
 
 
-def _ready_now(objs: list, descs: list) -> list:
+def _ready_now(objs: list[T], descs: list[_Desc]) -> list[T]:
     chosen: set[int] = set()
     for i in range(0, len(descs), 128):
         ready, suspect = _core.wait_ready(descs[i:i + 128], 0, False)

@@ -16,7 +16,7 @@ True
 
 from __future__ import annotations
 
-from typing import Any, Sequence, TypeVar
+from typing import Sequence, TypeVar
 
 from . import _core
 from .channel import Channel, Queue
@@ -30,15 +30,18 @@ MAX_OBJECTS = 128
 
 T = TypeVar("T")
 
+_Desc = tuple[int, object, int, int]
+"""A readiness description: (kind, target, offset, extra), as ``_core.wait_ready`` takes."""
 
-def _channel_of(obj: Any) -> Channel:
+
+def _channel_of(obj: Channel | Queue) -> Channel:
     ch = obj._ch if isinstance(obj, Queue) else obj
     if ch is None or getattr(obj, "_closed", False) or ch._seg is None or ch._seg.closed:
         raise ClosedError(f"{obj!r} is closed in this process; open it again to wait on it")
     return ch
 
 
-def _describe(obj: Any, sending: int = 0, stop_when_no_senders: bool = False) -> tuple:
+def _describe(obj: object, sending: int = 0, stop_when_no_senders: bool = False) -> _Desc:
     """The readiness description of ``obj``: for a channel or queue, data to
     receive (or, with ``sending`` > 0, room for a message of that many bytes);
     for an event, its flag; for a mutex, free; for a semaphore, a free unit;

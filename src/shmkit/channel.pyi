@@ -54,9 +54,17 @@ class Channel(SharedObject):
     def __enter__(self) -> Channel: ...
     def __exit__(self, *exc: object) -> None: ...
     def statistics(self) -> dict[str, int]: ...
+    # used by shmkit.aio (implemented in C, _core.Ring)
+    def _take(self, timeout: float | None = None, nowait: bool = False) -> RecordView: ...
 
 class Queue(SharedObject):
-    _ch: Channel | None  # the channel of pickled objects (shmkit bridge --queue forwards it)
+    # this handle's channel and its bound calls, used by shmkit.aio, shmkit.wait and shmkit bridge --queue
+    _ch: Channel | None
+    _closed: bool
+    _send: Callable[[_Buffer, float | None], None]
+    _send_nowait: Callable[[_Buffer], None]
+    _recv: Callable[[float | None], bytes]
+    _recv_nowait: Callable[[], bytes]
     def __init__(self, maxsize: int | _Default = ..., *, name: str | None = None,
                  capacity: int | _Default = ...,
                  create: bool | None = None, ctx: Any = None,
