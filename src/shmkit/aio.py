@@ -69,7 +69,7 @@ T = TypeVar("T")
 class _Again(enum.Enum):
     """What an attempt returns when its call would have had to wait."""
 
-    AGAIN = enum.auto()
+    AGAIN = 1
 
 
 _AGAIN: Final = _Again.AGAIN
