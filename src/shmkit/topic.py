@@ -48,8 +48,9 @@ DEFAULT_MAX_SUBSCRIBERS = 64
 MAX_SUBSCRIBERS = 4096
 MAX_HISTORY = 1 << 40
 _OVERFLOW = {"block": 0, "overwrite": 1}
-_ROLES_OFF = _core.layouts["topic"]["roles"]
-_SUB_BYTES = _core.layouts["topic"]["subscriber"]["bytes"]
+_LAYOUT: dict[str, Any] = _core.layouts["topic"]  # holds a nested "subscriber" dict
+_ROLES_OFF: int = _LAYOUT["roles"]
+_SUB_BYTES: int = _LAYOUT["subscriber"]["bytes"]
 
 
 def _topic_bytes(capacity: int, max_attach: int, max_subscribers: int) -> int:
@@ -241,7 +242,7 @@ class Topic(SharedObject, _core.Topic):
         def init(seg: Segment) -> None:
             _core.Topic._init_topic(seg._mapping, seg._hsize, cap, hist, _OVERFLOW[ovf], subs)
 
-        self._subs: weakref.WeakSet = weakref.WeakSet()
+        self._subs: "weakref.WeakSet[Subscriber]" = weakref.WeakSet()
         seg = attach_segment(
             Kind.TOPIC, name, path,
             size=_topic_bytes(cap, slots, subs) if create is not False and not readonly
@@ -255,9 +256,10 @@ class Topic(SharedObject, _core.Topic):
                     lifetime=lifetime, max_attach=max_attach)
         self._on_destroy = on_destroy
 
-    def _adopt(self, seg: Segment, capacity: Any = DEFAULT, history: Any = DEFAULT,
-               overflow: Any = DEFAULT, max_subscribers: Any = DEFAULT,
-               lifetime: Any = DEFAULT, max_attach: Any = DEFAULT) -> None:
+    def _adopt(  # type: ignore[override]  # the named state, as Channel._adopt takes it
+            self, seg: Segment, capacity: Any = DEFAULT, history: Any = DEFAULT,
+            overflow: Any = DEFAULT, max_subscribers: Any = DEFAULT,
+            lifetime: Any = DEFAULT, max_attach: Any = DEFAULT) -> None:
         if not hasattr(self, "_subs"):
             self._subs = weakref.WeakSet()
         try:
@@ -328,7 +330,7 @@ class Topic(SharedObject, _core.Topic):
         """
         import numpy as np
 
-        self.publish(np.ascontiguousarray(array), timeout)
+        self.publish(np.ascontiguousarray(array).data, timeout)
 
     def close(self) -> None:
         """Release this handle and close its subscribers; the topic carries on
@@ -343,7 +345,7 @@ class Topic(SharedObject, _core.Topic):
         self._unbind()
         self._after_close(seg)
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         """Counters and state, as every process sees them.
 
         ``{"capacity", "bytes_used", "published", "history", "overflow",
@@ -358,7 +360,7 @@ class Topic(SharedObject, _core.Topic):
             sub["pid"] = _core.token_owner_pid(seg._mapping, sub.pop("token"), False)
         return s
 
-    def _describe(self) -> dict:
+    def _describe(self) -> dict[str, Any]:
         s = self.statistics()
         return {"topic": {k: s[k] for k in ("capacity", "bytes_used", "published", "history",
                                             "overflow", "subscribers")}}

@@ -1,7 +1,8 @@
 import os
 from typing import Any, Callable, Iterator
 
-from ._object import SharedObject
+from ._core import TopicView
+from ._object import SharedObject, _Default
 
 __all__ = ["Topic", "Subscriber"]
 
@@ -12,18 +13,6 @@ MAX_SUBSCRIBERS: int
 MAX_HISTORY: int
 
 _Buffer = bytes | bytearray | memoryview | Any  # any C-contiguous buffer
-
-class TopicView:
-    """A topic message lent in place; ``with view as mv`` gives a memoryview."""
-
-    @property
-    def nbytes(self) -> int: ...
-    @property
-    def intact(self) -> bool: ...
-    def release(self) -> None: ...
-    def __enter__(self) -> memoryview: ...
-    def __exit__(self, *exc: object) -> bool: ...
-    def __buffer__(self, flags: int) -> memoryview: ...
 
 class Subscriber:
     # implemented in C (_core.TopicSubscriber)
@@ -54,19 +43,22 @@ class Subscriber:
     def __exit__(self, *exc: object) -> None: ...
 
 class Topic(SharedObject):
-    def __init__(self, name: str | None = None, capacity: int = ..., *, history: int = ...,
-                 overflow: str = ..., max_subscribers: int = ..., create: bool | None = None,
-                 path: str | os.PathLike[str] | None = None, lifetime: str | None = ...,
-                 mode: int = 0o600, max_attach: int = ..., readonly: bool = False,
+    def __init__(self, name: str | None = None, capacity: int | _Default = ..., *,
+                 history: int | _Default = ..., overflow: str | _Default = ...,
+                 max_subscribers: int | _Default = ..., create: bool | None = None,
+                 path: str | os.PathLike[str] | None = None,
+                 lifetime: str | _Default | None = ..., mode: int = 0o600,
+                 max_attach: int | _Default = ..., readonly: bool = False,
                  on_destroy: Callable[[], Any] | None = None,
                  trust_owner: int | str | None = None) -> None: ...
     @classmethod
-    def create(cls, name: str | None = None, capacity: int = ..., **kwargs: Any) -> Topic: ...
+    def create(cls, name: str | None = None, capacity: int | _Default = ...,
+               **kwargs: Any) -> Topic: ...
     @classmethod
     def open(cls, name: str, **kwargs: Any) -> Topic: ...
     # implemented in C (_core.Topic)
     def publish(self, data: _Buffer, timeout: float | None = None) -> None: ...
-    def publish_nowait(self, data: _Buffer) -> None: ...
+    def publish_nowait(self, data: _Buffer, /) -> None: ...
     @property
     def capacity(self) -> int: ...
     @property
