@@ -1262,7 +1262,8 @@ def _grow_in_child(name: str, result) -> None:
     heap.close()
 
 
-def _pin_across_growth(name: str, wire: bytes, pinned_ev: str, grown_ev: str, result) -> None:
+def _pin_across_growth(name: str, wire: bytes, pinned_ev: str, grown_ev: str, inbox,
+                       outbox) -> None:
     """Hold a pin while another process grows the heap; then read a block in the new area."""
     heap = Heap.open(name)
     h = Handle.from_bytes(wire)
@@ -1274,9 +1275,9 @@ def _pin_across_growth(name: str, wire: bytes, pinned_ev: str, grown_ev: str, re
         assert grown.wait(60)
         same = (bytes(view) == before == pattern(h, len(view))
                 and np.frombuffer(view, np.uint8).ctypes.data == addr)
-    new = Handle.from_bytes(result.get(timeout=60))
+    new = Handle.from_bytes(inbox.get(timeout=60))
     ok_new = heap.read(new) == pattern(new, heap.size_of(new))
-    result.put((same, ok_new, heap.capacity))
+    outbox.put((same, ok_new, heap.capacity))
     heap.close()
 
 
@@ -1290,8 +1291,10 @@ def test_heap_grows_across_processes_and_keeps_handles_and_pins(names):
     for h in old:
         fill(heap, h)
     pinned, grown = shmkit.Event(names()), shmkit.Event(names())
-    to_pinner, from_grower = SPAWN.Queue(), SPAWN.Queue()
-    pinner = spawn(_pin_across_growth, name, bytes(old[3]), pinned.name, grown.name, to_pinner)
+    # one queue each way: a reply read from the queue just written could be our own item
+    to_pinner, from_pinner, from_grower = SPAWN.Queue(), SPAWN.Queue(), SPAWN.Queue()
+    pinner = spawn(_pin_across_growth, name, bytes(old[3]), pinned.name, grown.name, to_pinner,
+                   from_pinner)
     assert pinned.wait(60)
     grower = spawn(_grow_in_child, name, from_grower)
     wires, child_cap = from_grower.get(timeout=60)
@@ -1300,7 +1303,7 @@ def test_heap_grows_across_processes_and_keeps_handles_and_pins(names):
     assert child_cap > 64 << 10 and heap.capacity == heap.statistics()["size"] >= child_cap
     grown.set()
     to_pinner.put(wires[-1])  # a block in the grown area
-    same, ok_new, pinner_cap = to_pinner.get(timeout=60)
+    same, ok_new, pinner_cap = from_pinner.get(timeout=60)
     pinner.join(30)
     assert pinner.exitcode == 0 and same and ok_new and pinner_cap >= child_cap
     for h in old:
