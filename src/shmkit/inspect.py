@@ -598,7 +598,7 @@ def _ring_counters(fd: int, base: int) -> dict[str, int]:
             "closed": int(bool(closed))}
 
 
-_TOPIC = struct.Struct("=IIQQQ24xQQ")  # 0: magic .. history, 64: tail, seq (_core/topic.h)
+_TOPIC = struct.Struct("=IIQQQ32xQQ")  # 0: magic .. history, 64: tail, seq (_core/topic.h)
 _TOPIC_HEAD = struct.Struct("=Q")      # 192: head
 _TOPIC_MAGIC = 0x31435054
 
@@ -761,6 +761,8 @@ def activity(summary: dict[str, Any], per_second: dict[str, float] | None = None
         return _store_text(c, r)
     if kind == "heap":
         return _heap_text(c, r)
+    if kind == "topic":
+        return _topic_text(c, r)
     if kind not in ("mutex", "rwlock", "event", "semaphore", "condition"):
         return ""
     text = _sync_text(summary, kind)
@@ -816,6 +818,14 @@ def _ring_text(c: dict[str, int], r: dict[str, float]) -> str:
     return _join(_rate(r, "sent", "sent"), _rate(r, "received", "received"),
                  _rate(r, "dropped", "dropped") if r.get("dropped") else "",
                  f"depth {c['depth']:,}", "closed" if c.get("closed") else "")
+
+
+def _topic_text(c: dict[str, int], r: dict[str, float]) -> str:
+    if not c:
+        return ""
+    return _join(_rate(r, "published", "published"),
+                 f"{c['published']:,} published" if "published" not in r else "",
+                 f"{_size(c['bytes_used'])} of {_size(c['capacity'])} in the ring")
 
 
 def _store_text(c: dict[str, int], r: dict[str, float]) -> str:
