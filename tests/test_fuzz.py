@@ -351,3 +351,38 @@ def test_a_batch_replacing_an_index_word_damaged_meanwhile_is_corrupt(name):
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status), f"the child died by signal {os.WTERMSIG(status)}"
     assert os.WEXITSTATUS(status) == 0, "the commit did not report the damaged word"
+
+
+def test_a_batch_over_an_index_shrunk_by_damage_is_corrupt(name):
+    """A batch's slots are checked against the index it publishes into: an
+    index whose slot count damage shrank under the batch is CorruptError, and
+    no word is stored beyond it.  (The busy-mode fuzzer, store seed 100, also
+    crashed a commit that read its slots back from the journal in shared
+    memory; the commit now publishes from its private copy.)"""
+    import shmkit
+    from shmkit import _core
+    st = shmkit.Store(name)
+    try:
+        seg = st._seg
+        m, base = seg._mapping, seg._hsize
+        ix = _core.load64(m, base + 8)
+        nslots = _core.load64(m, base + ix + 16)
+        keys = [f"k{i}" for i in range(nslots // 2)]
+        for k in keys:
+            st[k] = b"v"
+        ix = _core.load64(m, base + 8)
+        nslots = _core.load64(m, base + ix + 16)
+        # the key of the highest used slot, written again inside the batch
+        words = [_core.load64(m, base + ix + 32 + 8 * i) for i in range(nslots)]
+        top = max(i for i, w in enumerate(words) if w > 1)
+        assert top >= nslots // 2  # half the slots used: one lies in the upper half
+        beyond = base + ix + 32 + 8 * nslots  # the first word past the index
+        before = _core.load64(m, beyond)
+        with pytest.raises(shmkit.CorruptError, match="beyond the index"):
+            with st.batch():
+                for k in keys:
+                    st[k] = b"w"
+                _core.store64(m, base + ix + 16, nslots // 2)  # damage: still a valid size
+        assert _core.load64(m, beyond) == before
+    finally:
+        st.close()

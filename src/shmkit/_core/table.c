@@ -1651,6 +1651,15 @@ t_batch_commit(TCore *t)
     THeader *h = HDR(t);
     uint64_t *e = W64(P, j + T_JOURNAL_HDR), i = 0;
     for (size_t s = 0; s < ov->cap; s++) {
+        if (ov->e[s].slot && ov->e[s].slot - 1 >= x.nslots) {
+            /* the index shrank under the batch: only damage does that */
+            t_free(t, j);
+            return corrupt("a batch's slot %llu lies beyond the index's %llu slots",
+                           (unsigned long long)(ov->e[s].slot - 1),
+                           (unsigned long long)x.nslots);
+        }
+    }
+    for (size_t s = 0; s < ov->cap; s++) {
         if (!ov->e[s].slot)
             continue;
         e[2 * i] = ov->e[s].slot - 1;
@@ -1668,8 +1677,12 @@ t_batch_commit(TCore *t)
     shm_crash_point("table.batch.odd");
     int64_t dcount = 0, dtomb = 0;
     int bad = 0; /* a replaced word that damage made bad: finish, then report */
-    for (i = 0; i < n; i++) {
-        uint64_t s = e[2 * i], w = e[2 * i + 1], pub = LDR(&x.slots[s]);
+    /* The words come from the private overlay, not back from the journal,
+     * which lies in shared memory where another process may damage it. */
+    for (size_t k = 0; k < ov->cap; k++) {
+        if (!ov->e[k].slot)
+            continue;
+        uint64_t s = ov->e[k].slot - 1, w = ov->e[k].word, pub = LDR(&x.slots[s]);
         STR(&x.slots[s], w);
         shm_crash_point("table.batch.word");
         if (pub > W_TOMB && t_free(t, word_off(pub)) < 0)
