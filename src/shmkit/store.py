@@ -25,7 +25,6 @@ crash-safe (see docs/store.md for the design).  The C side is
 
 from __future__ import annotations
 
-import array
 import ast
 import contextlib
 import functools
@@ -342,34 +341,26 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         return _Values(self)
 
     def _entries(self, what: int) -> Iterator[Any]:
-        # Each _scan call reads up to _SCAN index words under one epoch.  A key
-        # can only come round twice if it sat in a probe run that wrapped past
-        # the end of the index (deleted and re-inserted further on), so the
-        # hashes of those are remembered; if the index itself is replaced,
-        # the scan starts over and skips every hash already given.
+        # Each _scan call reads up to _SCAN index words under one epoch; other
+        # processes write between the calls.  A key deleted and put again can
+        # land further on in its probe run (another key took its old word),
+        # and a replaced index makes the scan start over, so every hash given
+        # is remembered and a key is given once, whatever moved meanwhile.
         ix, pos = 0, 0
-        seen = array.array("Q")
-        skip: set[int] = set()
+        given: set[int] = set()
         unwrap = self._codec == "pickle" and what != 0
         while pos >= 0:
             got = self._scan(ix, pos, _SCAN, what)
             if got is None:
-                skip.update(seen)
                 ix, pos = 0, 0
                 continue
-            pos, ix, entries, hashes, wrapped = got
+            pos, ix, entries, hashes, _wrapped = got
             if unwrap:
                 entries = [_unwrap(e, what) for e in entries]
-            if not skip:
-                seen.frombytes(hashes)
-                skip.update(wrapped)
-                yield from entries
-                continue
             for entry, h in zip(entries, memoryview(hashes).cast("Q")):
-                if h not in skip:
-                    seen.append(h)
+                if h not in given:
+                    given.add(h)
                     yield entry
-            skip.update(wrapped)
 
     # -- reading in place ---------------------------------------------------
 
