@@ -120,15 +120,6 @@ topic_bind(topic_t *t, shm_state *st, char *base, uint64_t avail, uint32_t seg_s
 
 /* ---- sleepers ------------------------------------------------------------ */
 
-static void
-sat_sub(uint32_t *w, uint32_t n)
-{
-    uint32_t v = TLOAD(w);
-    while (!__atomic_compare_exchange_n(w, &v, v > n ? v - n : 0, 0, __ATOMIC_SEQ_CST,
-                                        __ATOMIC_ACQUIRE))
-        ;
-}
-
 /* Count (+1) or uncount (-1) one sleeper of attachment me: the global word
  * first and the role entry second when counting, the reverse when not, so a
  * death in between leaves the global word too high (a spare wake-up until
@@ -154,9 +145,9 @@ topic_sleeper(topic_t *t, uint32_t me, int space, int delta)
             nv = TROLE_FOR(SHM_TOKEN_GEN(me));
             if (__atomic_compare_exchange_n(e, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
                 if (d)
-                    sat_sub(&t->h->data_sleepers, d);
+                    shm_sat_sub(&t->h->data_sleepers, d);
                 if (s)
-                    sat_sub(&t->h->space_sleepers, s);
+                    shm_sat_sub(&t->h->space_sleepers, s);
                 v = nv;
             }
             continue;
@@ -166,7 +157,7 @@ topic_sleeper(topic_t *t, uint32_t me, int space, int delta)
         nv = delta > 0 ? v + unit : v - unit;
         if (__atomic_compare_exchange_n(e, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
             if (delta < 0)
-                sat_sub(g, 1);
+                shm_sat_sub(g, 1);
             return;
         }
     }
@@ -196,9 +187,9 @@ topic_fix_sleepers(topic_t *t, MappingObject *m)
                                         __ATOMIC_RELAXED)) {
             uint32_t d = (uint32_t)(v & 0xFFFF), s = (uint32_t)((v >> 16) & 0xFFFF);
             if (d)
-                sat_sub(&h->data_sleepers, d);
+                shm_sat_sub(&h->data_sleepers, d);
             if (s)
-                sat_sub(&h->space_sleepers, s);
+                shm_sat_sub(&h->space_sleepers, s);
         }
     }
     if (live_d == 0 && (gd = TLOADR(&h->data_sleepers)) != 0)
