@@ -262,11 +262,13 @@ topic_lock(topic_t *t, MappingObject *m, int64_t deadline)
     return got < 0 ? -1 : 1;
 }
 
+/* Release plock.  An exception already raised (the damage that made the
+ * caller give up) is kept; the release's own complaint about a lock word
+ * overwritten meanwhile is dropped in its favour. */
 static inline void
 topic_unlock(MappingObject *m, topic_t *t)
 {
-    if (shm_lock_release(m, &t->h->plock) < 0)
-        PyErr_Clear();
+    shm_lock_release_journal(m, &t->h->plock, NULL);
 }
 
 /* ---- the subscriber table ------------------------------------------------- */
