@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rounds and --repeat must be positive, --threshold between 0 and 1")
 
     with tempfile.TemporaryDirectory(prefix="shmkit-compare-") as tmp:
-        base_tree = checkout(args.rev, Path(tmp) / "base")
-        try:
+        base_tree = Path(tmp) / "base"
+        try:  # the worktree is removed even when its build fails or Ctrl-C stops it
+            checkout(args.rev, base_tree)
             rounds = []
             for i in range(args.rounds):
                 print(f"round {i + 1}/{args.rounds}: {args.rev}", flush=True)
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                 rounds.append((base, head))
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
-                            str(base_tree)], check=False)
+                            str(base_tree)], check=False, stderr=subprocess.DEVNULL)
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=False)
     rows = compare(rounds, args.threshold)
     table = to_markdown(rows, args.rev, args.threshold)
     print(table)
