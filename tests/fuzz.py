@@ -6,7 +6,7 @@ header, attach table, payload).  Each trial restores that copy, damages it
 once or a few times, then opens a fresh handle by name and runs every
 operation of the kind with short timeouts.  Every failure must be a
 ShmkitError (or the KeyError of a key damage made unreachable); anything
-else, a signal or a hang (faulthandler ends the child) fails the run.
+else, a signal or a hang (a watchdog timer ends the child) fails the run.
 
 Damage strategies (``mutate``):
 
@@ -489,12 +489,27 @@ def exercise(kind: Kind, name: str, rng: random.Random) -> list:
     return bad
 
 
+def watchdog() -> None:
+    """Make a case that outlives ``watch(seconds)`` a hang: SIGALRM then has
+    faulthandler print every thread's stack and, chained to the default
+    action, end the process with a signal that the parent reports.  Arming an
+    interval timer costs microseconds, where faulthandler's own
+    dump_traceback_later starts and joins a thread for every case."""
+    faulthandler.register(signal.SIGALRM, all_threads=True, chain=True)
+
+
+def watch(seconds: float) -> None:
+    signal.setitimer(signal.ITIMER_REAL, seconds)  # 0 disarms
+
+
 def hammer(kind_name: str, name: str, seed: int) -> None:
     """The busy mode's other process: open and run the operations until killed."""
     sys.path.insert(0, SRC)
     kind = _kinds()[kind_name]
     rng = random.Random(seed)
+    watchdog()
     while True:
+        watch(20.0)
         bad = exercise(kind, name, rng)
         if bad:
             print(f"hammer: {bad[:3]}", file=sys.stderr, flush=True)
@@ -524,6 +539,7 @@ def run(kind_name: str, mode: str, name: str, seed: int, cases: int,
     fields = {**header_fields(seg), **kind.fields(seg)}
     path = seg.path
     helper = _hammer_proc(kind_name, name, seed) if mode == "busy" else None
+    watchdog()
     failures = 0
     for case in range(first, first + cases):
         crng = random.Random(seed * 1_000_003 + case)
@@ -535,9 +551,9 @@ def run(kind_name: str, mode: str, name: str, seed: int, cases: int,
         what = [mutate(crng, view, total, fields) for _ in range(crng.choice([1, 1, 2, 4]))]
         if os.environ.get("FUZZ_TRACE"):
             print(f"case {case}: {what}", flush=True, file=sys.stderr)
-        faulthandler.dump_traceback_later(case_seconds, exit=True)
+        watch(case_seconds)
         bad = exercise(kind, name, crng)
-        faulthandler.cancel_dump_traceback_later()
+        watch(0)
         if bad:
             failures += 1
             print(f"{kind_name} {mode} seed {seed} case {case}: {what}: {bad[:3]}", flush=True)
