@@ -963,3 +963,146 @@ def test_ctrl_c_ends_a_wait_for_all(names):
         ch.close()
         ev.close()
         ev.unlink()
+
+
+# ---- other event loops: uvloop, anyio (asyncio backend); trio refused ----------------
+
+def _peer_of_every_kind(ch_name: str, ev_name: str, m_name: str, ready) -> None:
+    ch, ev, m = shmkit.Channel(ch_name), shmkit.Event(ev_name), shmkit.Mutex(m_name)
+    m.acquire()
+    ready.set()
+    time.sleep(0.3)
+    m.release()  # 1: the mutex is free
+    for i in range(50):  # 2: fifty messages, then the end
+        ch.send(i.to_bytes(4, "little"))
+        if i % 10 == 0:
+            time.sleep(0.01)
+    ch.close_sending()
+    time.sleep(0.1)
+    ev.set()  # 3: the event
+    for o in (ch, ev, m):
+        o.close()
+
+
+async def _exercise(ch_name: str, ev_name: str, m_name: str) -> dict:
+    """Each class's wait, woken by another process or thread, from a coroutine."""
+    loop = asyncio.get_running_loop()
+    out: dict = {"loop": type(loop).__module__}
+    ch, ev, m = aio.Channel(ch_name), aio.Event(ev_name), aio.Mutex(m_name)
+    out["mutex"] = await m.acquire(timeout=60)
+    m.release()
+    out["messages"] = [int.from_bytes(x, "little") async for x in ch]
+    out["event"] = await ev.wait(timeout=60)
+    sem, q, rw = aio.Semaphore(None, value=0), aio.Queue(), aio.RWLock(None)
+    threading.Timer(0.05, sem.release).start()
+    out["semaphore"] = await sem.acquire(timeout=60)
+    threading.Timer(0.05, q.put_nowait, ({"n": 1},)).start()
+    out["queue"] = await q.get(timeout=60)
+    async with rw.read():
+        pass
+    threading.Timer(0.05, sem.release).start()
+    out["all"] = await aio.wait([ev, sem], 60, return_when=aio.ALL_COMPLETED) == [ev, sem]
+    with pytest.raises(shmkit.Timeout):
+        await aio.Channel(None, capacity=4096).recv(timeout=0.05)
+    for o in (ch, ev, m, sem, q, rw):
+        o.close()
+    sem.unlink()
+    rw.unlink()
+    return out
+
+
+def _run_under(runner: str, fn, *args):
+    if runner == "asyncio":
+        return asyncio.run(fn(*args))
+    if runner == "uvloop":
+        import uvloop
+        return uvloop.run(fn(*args))
+    import anyio
+    use_uvloop = runner == "anyio-asyncio-uvloop"
+    return anyio.run(fn, *args, backend="asyncio", backend_options={"use_uvloop": use_uvloop})
+
+
+@pytest.mark.parametrize("runner", ["asyncio", "uvloop", "anyio-asyncio",
+                                    "anyio-asyncio-uvloop"])
+def test_every_class_under_uvloop_and_anyio(names, runner):
+    from conftest import SPAWN
+
+    ch = shmkit.Channel(names(), capacity=4096)
+    ev, m = shmkit.Event(names()), shmkit.Mutex(names())
+    ready = SPAWN.Event()
+    p = spawn(_peer_of_every_kind, ch.name, ev.name, m.name, ready)
+    try:
+        assert ready.wait(60)
+        out = _run_under(runner, _exercise, ch.name, ev.name, m.name)
+        p.join(30)
+        assert out["loop"].startswith("uvloop" if "uvloop" in runner else "asyncio")
+        assert out["messages"] == list(range(50))
+        assert out["mutex"] and out["event"] and out["semaphore"] and out["all"]
+        assert out["queue"] == {"n": 1}
+    finally:
+        if p.is_alive():
+            p.kill()
+        for o in (ch, ev, m):
+            o.close()
+        ev.unlink()
+        m.unlink()
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True])
+def test_anyio_cancel_scopes_lose_no_message(name, use_uvloop):
+    import anyio
+
+    n = 2000
+    ch = aio.Channel(name, capacity=1 << 16)
+    p = spawn(_produce, name, n, 0.2, 50)
+
+    async def main() -> tuple[list[int], int]:
+        got: list[int] = []
+        timed_out = 0
+
+        async def consumer() -> None:
+            nonlocal timed_out
+            while len(got) < n:
+                with anyio.move_on_after(0.001) as scope:  # cancels many receives
+                    got.append(int.from_bytes(await ch.recv(), "little"))
+                timed_out += scope.cancelled_caught
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consumer)
+        return got, timed_out
+
+    try:
+        got, timed_out = anyio.run(main, backend="asyncio",
+                                   backend_options={"use_uvloop": use_uvloop})
+        assert got == list(range(n))  # each once, in order
+        assert timed_out > 0  # some receives were cancelled while waiting
+    finally:
+        p.join(30)
+        ch.close()
+
+
+def test_trio_is_refused_with_a_pointer_to_threads(names):
+    import anyio
+
+    ch = aio.Channel(names(), capacity=4096)
+    ev = aio.Event(names())
+    ch.send_nowait(b"waiting")  # even a call that would not wait is refused
+
+    async def main() -> list[str]:
+        errors = []
+        for call in (ch.recv, ev.wait, lambda: aio.wait([ev], 1.0)):
+            try:
+                await call()
+            except aio.NoEventLoopError as exc:
+                errors.append(str(exc))
+        return errors
+
+    try:
+        errors = anyio.run(main, backend="trio")
+        assert len(errors) == 3 and all("trio.to_thread.run_sync" in e for e in errors)
+        assert isinstance(aio.NoEventLoopError("x"), RuntimeError)
+        assert ch.recv_nowait() == b"waiting"  # the refused call took nothing
+    finally:
+        ch.close()
+        ev.close()
+        ev.unlink()
