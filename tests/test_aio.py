@@ -1106,3 +1106,49 @@ def test_trio_is_refused_with_a_pointer_to_threads(names):
         ch.close()
         ev.close()
         ev.unlink()
+
+
+# ---- many tasks, one channel each --------------------------------------------------
+
+def _send_each_its_index(names_: list[str]) -> None:
+    chans = [shmkit.Channel(n) for n in names_]
+    for i, c in enumerate(chans):
+        c.send(i.to_bytes(4, "little"))
+    for c in chans:
+        c.close()
+
+
+def test_two_thousand_tasks_on_their_own_channels_use_few_threads(names):
+    import math
+    import resource
+
+    n = 2000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 2 * n + 256:  # a descriptor per channel
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 2 * n + 256)
+                                                    if hard != resource.RLIM_INFINITY
+                                                    else 2 * n + 256, hard))
+    chans = [aio.Channel(names(), capacity=64) for _ in range(n)]
+    before = _threads()
+
+    async def main() -> tuple[list[bool], int]:
+        async def one(i: int) -> bool:
+            return int.from_bytes(await chans[i].recv(timeout=300), "little") == i
+
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        await asyncio.sleep(0.5)
+        assert not any(t.done() for t in tasks)
+        during = _threads()
+        p = spawn(_send_each_its_index, [c.name for c in chans])
+        got = await asyncio.gather(*tasks)
+        await asyncio.get_running_loop().run_in_executor(None, p.join, 60)
+        return got, during
+
+    try:
+        got, during = asyncio.run(main())
+        assert got == [True] * n  # every task got its own channel's message
+        # one watcher thread per 127 channels, and no thread per await
+        assert during - before <= math.ceil(n / 127) + 2
+    finally:
+        for c in chans:
+            c.close()
