@@ -36,15 +36,17 @@ def _trampoline(target: Callable[..., None], ready: Any, done: Any, *args: Any) 
     done.set()
 
 
-def _peer(target: Callable[..., None], *args: Any) -> Any:
+def _peer(target: Callable[..., None], *args: Any, context: Any = FORK) -> Any:
     """Fork a peer running target(ready, *args); return it once it is ready."""
-    ready, done = FORK.Event(), FORK.Event()
-    p = FORK.Process(target=_trampoline, args=(target, ready, done, *args), daemon=True)
+    ready, done = context.Event(), context.Event()
+    p = context.Process(target=_trampoline, args=(target, ready, done, *args), daemon=True)
     p.start()
     p.done = done
-    if not ready.wait(30):
-        p.kill()
-        raise RuntimeError("benchmark peer did not start")
+    deadline = time.monotonic() + 120
+    while not ready.wait(0.1):
+        if not p.is_alive() or time.monotonic() > deadline:
+            p.kill()
+            raise RuntimeError(f"benchmark peer did not start (exit code {p.exitcode})")
     return p
 
 
@@ -215,7 +217,9 @@ def _raise_fd_limit(needed: int) -> None:
 
 
 def _waker(ready, go, names):
-    """Open every channel (outside the timing), then send each its index."""
+    """Open every channel (outside the timing), then send each its index.
+    Spawned, not forked: a fork would inherit the n descriptors of the
+    benchmark's own handles and open n more."""
     import shmkit
     chans = [shmkit.Channel.open(nm) for nm in names]
     ready.set()
@@ -237,9 +241,10 @@ def many_tasks(n: int, idle: float = IDLE_S) -> dict:
     shmkit.aio.MAX_WATCHERS = max(watchers_before, -(-n // 127) + 1)
     rss0, threads0 = _proc_status("VmRSS"), threading.active_count()
     chans = [shmkit.aio.Channel(_name(), capacity=64) for _ in range(n)]
-    go = FORK.Event()
+    spawn = multiprocessing.get_context("spawn")
+    go = spawn.Event()
     try:
-        p = _peer(_waker, go, [c.name for c in chans])
+        p = _peer(_waker, go, [c.name for c in chans], context=spawn)
 
         async def run() -> dict:
             async def one(i: int) -> bool:
