@@ -1000,6 +1000,12 @@ async def _exercise(ch_name: str, ev_name: str, m_name: str) -> dict:
     out["queue"] = await q.get(timeout=60)
     async with rw.read():
         pass
+    cond = aio.Condition(None)
+    async with cond:
+        out["condition"] = await cond.wait(timeout=0.05)  # nobody notifies: False
+        out["condition_held"] = cond.lock.locked()
+    cond.close()
+    cond.unlink()
     threading.Timer(0.05, sem.release).start()
     out["all"] = await aio.wait([ev, sem], 60, return_when=aio.ALL_COMPLETED) == [ev, sem]
     with pytest.raises(shmkit.Timeout):
@@ -1039,6 +1045,7 @@ def test_every_class_under_uvloop_and_anyio(names, runner):
         assert out["messages"] == list(range(50))
         assert out["mutex"] and out["event"] and out["semaphore"] and out["all"]
         assert out["queue"] == {"n": 1}
+        assert out["condition"] is False and out["condition_held"]
     finally:
         if p.is_alive():
             p.kill()
