@@ -41,8 +41,7 @@ import os
 import pickle
 import threading
 from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Final, Literal, NoReturn,
-                    Sequence,
-                    TypeVar, cast)
+                    Sequence, TypeVar, cast)
 
 from . import _core
 from . import channel as _channel
