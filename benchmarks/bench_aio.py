@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import secrets
 import socket
+import threading
 import time
 from typing import Any, Callable
 
@@ -35,15 +36,17 @@ def _trampoline(target: Callable[..., None], ready: Any, done: Any, *args: Any) 
     done.set()
 
 
-def _peer(target: Callable[..., None], *args: Any) -> Any:
+def _peer(target: Callable[..., None], *args: Any, context: Any = FORK) -> Any:
     """Fork a peer running target(ready, *args); return it once it is ready."""
-    ready, done = FORK.Event(), FORK.Event()
-    p = FORK.Process(target=_trampoline, args=(target, ready, done, *args), daemon=True)
+    ready, done = context.Event(), context.Event()
+    p = context.Process(target=_trampoline, args=(target, ready, done, *args), daemon=True)
     p.start()
     p.done = done
-    if not ready.wait(30):
-        p.kill()
-        raise RuntimeError("benchmark peer did not start")
+    deadline = time.monotonic() + 120
+    while not ready.wait(0.1):
+        if not p.is_alive() or time.monotonic() > deadline:
+            p.kill()
+            raise RuntimeError(f"benchmark peer did not start (exit code {p.exitcode})")
     return p
 
 
@@ -176,3 +179,287 @@ def rt_asyncio_sock(n: int) -> float:
         return dt
     finally:
         here.close()
+
+
+# -- 10,000 tasks awaiting in one process -------------------------------------------
+#
+# Each task awaits recv on its own channel (10,000 channels, so 79 watcher
+# threads: shmkit.aio.MAX_WATCHERS is raised for the run).  Reported beside the
+# time to wake them all (per task): the threads, the resident memory and the
+# CPU seconds the process burns in IDLE_S seconds while every task waits.
+
+TASKS = 10000
+IDLE_S = 10.0
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _cpu_seconds() -> float:
+    """utime + stime of this process (every thread), from /proc/self/stat."""
+    with open("/proc/self/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _raise_fd_limit(needed: int) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard == resource.RLIM_INFINITY
+                                                    else min(hard, max(needed, soft)), hard))
+
+
+def _waker(ready, go, names):
+    """Open every channel (outside the timing), then send each its index.
+    Spawned, not forked: a fork would inherit the n descriptors of the
+    benchmark's own handles and open n more."""
+    import shmkit
+    chans = [shmkit.Channel.open(nm) for nm in names]
+    ready.set()
+    go.wait(120)
+    for i, c in enumerate(chans):
+        c.send(i.to_bytes(4, "little"))
+    for c in chans:
+        c.close()
+
+
+def many_tasks(n: int, idle: float = IDLE_S) -> dict:
+    """n tasks, each awaiting recv on its own channel: the figures of the
+    idle wait, then the time from "send them all" until every task has its
+    message (each task's message is checked)."""
+    import shmkit.aio
+
+    _raise_fd_limit(2 * n + 256)
+    watchers_before = shmkit.aio.MAX_WATCHERS
+    shmkit.aio.MAX_WATCHERS = max(watchers_before, -(-n // 127) + 1)
+    rss0, threads0 = _proc_status("VmRSS"), threading.active_count()
+    chans = [shmkit.aio.Channel(_name(), capacity=64) for _ in range(n)]
+    spawn = multiprocessing.get_context("spawn")
+    go = spawn.Event()
+    try:
+        p = _peer(_waker, go, [c.name for c in chans], context=spawn)
+
+        async def run() -> dict:
+            async def one(i: int) -> bool:
+                return int.from_bytes(await chans[i].recv(timeout=600), "little") == i
+
+            tasks = [asyncio.create_task(one(i)) for i in range(n)]
+            hub = shmkit.aio._hub()
+            while len(hub.where) < n and not any(t.done() for t in tasks):
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # every task is asleep on its channel by now
+            out = {"threads": threading.active_count(),
+                   "threads_proc": _proc_status("Threads"),
+                   "watchers": shmkit.aio.watcher_count(),
+                   "rss_mib": _proc_status("VmRSS") / 1024,
+                   "rss_added_mib": (_proc_status("VmRSS") - rss0) / 1024}
+            cpu0, pcpu0 = _cpu_seconds(), time.process_time()
+            await asyncio.sleep(idle)
+            out["idle_cpu_s"] = _cpu_seconds() - cpu0
+            out["idle_process_time_s"] = time.process_time() - pcpu0
+            t0 = time.perf_counter()
+            go.set()
+            ok = await asyncio.gather(*tasks)
+            out["seconds"] = time.perf_counter() - t0
+            if not all(ok):
+                raise RuntimeError(f"{ok.count(False)} of {n} tasks got another's message")
+            return out
+
+        out = asyncio.run(run())
+        _finish(p)
+        out["threads_before"] = threads0
+        return out
+    finally:
+        shmkit.aio.MAX_WATCHERS = watchers_before
+        for c in chans:
+            c.unlink()
+            c.close()
+
+
+@workload("asyncio: 10,000 tasks awaiting recv, one channel each", unit="µs/op",
+          system="shmkit.aio.Channel", n=TASKS)
+def many_tasks_aio(n: int) -> dict:
+    return many_tasks(n)
+
+
+# -- oversubscribed: round trips beside busy-looping processes ------------------------
+#
+# The two peers of a round trip share the cores with BUSY processes per core
+# that spin in pure Python (started before the peers, killed after): the
+# case where a spinning wait loses its core and a sleeping one must be
+# scheduled back in.  Four per core against multiprocessing.Pipe, one per
+# core against posix_ipc's MessageQueue (both anchors run in both).
+
+def _spin_forever() -> None:
+    while True:
+        pass
+
+
+class _Busy:
+    """``with _Busy(k):`` k busy-looping processes per usable core."""
+
+    def __init__(self, per_core: int) -> None:
+        self.count = per_core * len(os.sched_getaffinity(0))
+        self.procs: list[Any] = []
+
+    def __enter__(self) -> "_Busy":
+        try:
+            for _ in range(self.count):
+                p = FORK.Process(target=_spin_forever, daemon=True)
+                p.start()
+                self.procs.append(p)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.join(30)
+
+
+def _event_echo(ready, a, b, n):
+    import shmkit
+    ea, eb = shmkit.Event(a), shmkit.Event(b)
+    ready.set()
+    wait, set_ = ea.wait, eb.set
+    for _ in range(n):
+        wait()
+        set_()
+
+
+def rt_event(n: int) -> float:
+    import shmkit
+
+    a, b = shmkit.Event(_name(), auto_reset=True), shmkit.Event(_name(), auto_reset=True)
+    try:
+        p = _peer(_event_echo, a.name, b.name, n + 1)
+        a.set()
+        b.wait()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            a.set()
+            b.wait()
+        dt = time.perf_counter() - t0
+        _finish(p)
+        return dt
+    finally:
+        for e in (a, b):
+            e.close()
+            e.unlink()
+
+
+def rt_event_aio(n: int) -> float:
+    import shmkit.aio
+
+    a = shmkit.aio.Event(_name(), auto_reset=True)
+    b = shmkit.aio.Event(_name(), auto_reset=True)
+
+    async def run() -> float:
+        a.set()
+        await b.wait()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            a.set()
+            await b.wait()
+        return time.perf_counter() - t0
+
+    try:
+        p = _peer(_event_echo, a.name, b.name, n + 1)
+        dt = asyncio.run(run())
+        _finish(p)
+        return dt
+    finally:
+        for e in (a, b):
+            e.close()
+            e.unlink()
+
+
+def _pipe_echo(ready, conn, n):
+    ready.set()
+    for _ in range(n):
+        conn.send_bytes(conn.recv_bytes())
+
+
+def rt_pipe(n: int) -> float:
+    here, there = FORK.Pipe()
+    p = _peer(_pipe_echo, there, n + 1)
+    there.close()
+    try:
+        here.send_bytes(MSG)
+        here.recv_bytes()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            here.send_bytes(MSG)
+            here.recv_bytes()
+        dt = time.perf_counter() - t0
+        _finish(p)
+        return dt
+    finally:
+        here.close()
+
+
+def _mq_echo(ready, a, b, n):
+    import posix_ipc
+    qa, qb = posix_ipc.MessageQueue(a), posix_ipc.MessageQueue(b)
+    ready.set()
+    for _ in range(n):
+        qb.send(qa.receive()[0])
+
+
+def rt_posix_mq(n: int) -> float:
+    import posix_ipc
+    qa = posix_ipc.MessageQueue("/" + _name(), posix_ipc.O_CREX, max_message_size=64)
+    qb = posix_ipc.MessageQueue("/" + _name(), posix_ipc.O_CREX, max_message_size=64)
+    try:
+        p = _peer(_mq_echo, qa.name, qb.name, n + 1)
+        qa.send(MSG)
+        qb.receive()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            qa.send(MSG)
+            qb.receive()
+        dt = time.perf_counter() - t0
+        _finish(p)
+        return dt
+    finally:
+        for q in (qa, qb):
+            q.unlink()
+            q.close()
+
+
+OVER_N = 2000  # round trips per call: each may wait for a time slice of the busy ones
+
+
+def _oversubscribed(per_core: int, reference: str) -> None:
+    bench = f"oversubscribed, {per_core} busy process{'es' if per_core > 1 else ''}/core: " \
+            "64 B round trip"
+    systems: list[tuple[str, Callable[[int], float], tuple[str, ...]]] = [
+        ("shmkit.Channel", rt_sync, ()),
+        ("shmkit.aio.Channel (await)", rt_aio, ()),
+        ("shmkit.Event", rt_event, ()),
+        ("shmkit.aio.Event (await)", rt_event_aio, ()),
+        ("multiprocessing.Pipe", rt_pipe, ()),
+        ("posix_ipc.MessageQueue", rt_posix_mq, ("posix_ipc",)),
+    ]
+    for system, inner, requires in systems:
+        def run(n: int, inner: Callable[[int], float] = inner) -> float:
+            with _Busy(per_core):
+                return inner(n)
+
+        run.__name__ = f"over{per_core}_{inner.__name__}"
+        workload(bench, unit="µs round trip", system=system, requires=requires,
+                 reference=system == reference, n=OVER_N)(run)
+
+
+_oversubscribed(4, "multiprocessing.Pipe")
+_oversubscribed(1, "posix_ipc.MessageQueue")

@@ -747,3 +747,415 @@ def test_cancelled_condition_waits_hold_the_lock_and_leave_no_count(name):
         other.close()
 
     asyncio.run(main())
+
+
+# ---- all-of waiting: return_when=ALL_COMPLETED ------------------------------------
+
+def _make_ready_one_by_one(chans: list[str], events: list[str], sem: str, step: float) -> None:
+    """Make each object ready in turn, ``step`` seconds apart."""
+    objs: list = [shmkit.Channel(n) for n in chans] + [shmkit.Event(n) for n in events]
+    objs.append(shmkit.Semaphore(sem))
+    for o in objs:
+        time.sleep(step)
+        if isinstance(o, shmkit.Channel):
+            o.send(b"ready")
+        elif isinstance(o, shmkit.Event):
+            o.set()
+        else:
+            o.release()
+    for o in objs:
+        o.close()
+
+
+def _all_ready_now(chans, events, sem) -> bool:
+    """Whether every object is ready, looked at with the objects' own calls."""
+    return (all(c.recv_nowait() == b"ready" for c in chans)
+            and all(e.is_set() for e in events) and sem.acquire(False))
+
+
+def test_wait_all_returns_once_every_object_is_ready(names):
+    chans = [shmkit.Channel(names(), capacity=4096) for _ in range(3)]
+    events = [shmkit.Event(names()) for _ in range(2)]
+    sem = shmkit.Semaphore(names(), value=0)
+    objs = [*chans, *events, sem]
+    try:
+        # None ready, then some: ALL_COMPLETED waits the timeout out and
+        # returns the ready ones, as concurrent.futures.wait returns `done`.
+        assert shmkit.wait(objs, timeout=0.05, return_when=shmkit.ALL_COMPLETED) == []
+        events[1].set()
+        t0 = time.monotonic()
+        assert shmkit.wait(objs, timeout=0.5, return_when=shmkit.ALL_COMPLETED) == [events[1]]
+        assert time.monotonic() - t0 >= 0.45  # it did not return early
+        assert shmkit.wait(objs, timeout=30) == [events[1]]  # FIRST_COMPLETED: at once
+        events[1].clear()
+        p = spawn(_make_ready_one_by_one, [c.name for c in chans], [e.name for e in events],
+                  sem.name, 0.15)
+        got = shmkit.wait(objs, timeout=60, return_when=shmkit.ALL_COMPLETED)
+        p.join(30)
+        assert got == objs
+        # Readiness never consumes: everything is still there to take.
+        assert _all_ready_now(chans, events, sem)
+    finally:
+        for o in objs:
+            o.close()
+        for o in (*events, sem):
+            o.unlink()
+
+
+def _take_then_set(ch_name: str, ev_name: str) -> None:
+    ch, ev = shmkit.Channel(ch_name), shmkit.Event(ev_name)
+    assert ch.recv(timeout=60) == b"first"  # the channel is not ready any more
+    time.sleep(0.3)
+    ev.set()  # now only the event is
+    time.sleep(0.5)
+    ch.send(b"second")  # and now both
+    ch.close()
+    ev.close()
+
+
+def test_wait_all_waits_again_for_an_object_taken_meanwhile(names):
+    ch, ev = shmkit.Channel(names(), capacity=4096), shmkit.Event(names())
+    try:
+        ch.send(b"first")
+        p = spawn(_take_then_set, ch.name, ev.name)
+        # ch is ready at first, then taken by the child before ev is set: a
+        # wait that remembered "ch was ready" would return with ch empty.
+        got = shmkit.wait([ch, ev], timeout=60, return_when=shmkit.ALL_COMPLETED)
+        assert got == [ch, ev]
+        assert ch.recv_nowait() == b"second"
+        p.join(30)
+    finally:
+        ch.close()
+        ev.close()
+        ev.unlink()
+
+
+def test_wait_all_counts_a_killed_holder_ready(name):
+    from conftest import SPAWN
+
+    m, ev = shmkit.Mutex(name), shmkit.Event(None)
+    ready = SPAWN.Event()
+    p = spawn(_hold_mutex, name, ready)
+    assert ready.wait(60)
+    try:
+        ev.set()
+        assert shmkit.wait([m, ev], timeout=0.2, return_when=shmkit.ALL_COMPLETED) == [ev]
+        p.kill()
+        t0 = time.monotonic()
+        assert shmkit.wait([ev, m], timeout=60, return_when=shmkit.ALL_COMPLETED) == [ev, m]
+        assert time.monotonic() - t0 < PROMPT
+        with pytest.warns(shmkit.OwnerDiedWarning):
+            assert m.acquire(False)
+        m.release()
+    finally:
+        p.join(30)
+        m.close()
+        ev.close()
+
+
+def test_wait_return_when_refuses_other_values(names):
+    import concurrent.futures
+
+    ev = shmkit.Event(names())
+    try:
+        for bad in ("FIRST_EXCEPTION", "all", True, None):
+            with pytest.raises(shmkit.aio_wait.WaitArgumentError, match="return_when"):
+                shmkit.wait([ev], 0, return_when=bad)
+            with pytest.raises(ValueError, match="return_when"):
+                asyncio.run(aio.wait([ev], 0, return_when=bad))
+        ev.set()
+        # concurrent.futures' and asyncio's constants are the same strings
+        assert shmkit.wait([ev], 0, return_when=concurrent.futures.ALL_COMPLETED) == [ev]
+        assert asyncio.run(aio.wait([ev], 0, return_when=asyncio.ALL_COMPLETED)) == [ev]
+        assert shmkit.wait([ev], 0, return_when=asyncio.FIRST_COMPLETED) == [ev]
+        with pytest.raises(shmkit.aio_wait.WaitArgumentError, match="got 0"):
+            shmkit.wait([], return_when=shmkit.ALL_COMPLETED)
+        with pytest.raises(shmkit.aio_wait.WaitArgumentError, match="got none"):
+            asyncio.run(aio.wait([], return_when=aio.ALL_COMPLETED))
+    finally:
+        ev.close()
+        ev.unlink()
+
+
+def _set_events_in_turn(names_: list[str], step: float) -> None:
+    # forked: a child of the test process, sharing nothing but the names
+    evs = [shmkit.Event(n) for n in names_]
+    for e in evs:
+        time.sleep(step)
+        e.set()
+    os._exit(0)
+
+
+def test_aio_wait_all_keeps_the_loop_running(names):
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    events = [aio.Event(names()) for _ in range(200)]  # more than one sleeping thread's 128
+    order = list(range(len(events)))
+    random.Random(7).shuffle(order)
+
+    async def main() -> tuple[list, list, int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tick = asyncio.create_task(ticker())
+        # some set, one never: the timeout passes, the ready ones come back
+        events[order[0]].set()
+        partial = await aio.wait(events, 0.3, return_when=aio.ALL_COMPLETED)
+        events[order[0]].clear()
+        p = fork.Process(target=_set_events_in_turn,
+                         args=([events[i].name for i in order], 0.005), daemon=True)
+        p.start()
+        got = await aio.wait(events, 60, return_when=aio.ALL_COMPLETED)
+        await asyncio.get_running_loop().run_in_executor(None, p.join, 30)
+        tick.cancel()
+        return partial, got, ticks
+
+    partial, got, ticks = asyncio.run(main())
+    try:
+        assert partial == [events[order[0]]]
+        assert got == events
+        assert all(e.is_set() for e in events)
+        assert ticks > 10  # the loop ran while the coroutine waited
+    finally:
+        for e in events:
+            e.close()
+            e.unlink()
+
+
+def test_ctrl_c_ends_a_wait_for_all(names):
+    ch, ev = shmkit.Channel(names(), capacity=4096), shmkit.Event(names())
+    ev.set()  # one of the two is ready: the wait goes on for the other
+    code = textwrap.dedent("""
+        import shmkit, sys, time
+        ch, ev = shmkit.Channel(sys.argv[1]), shmkit.Event(sys.argv[2])
+        print("ready", flush=True)
+        try:
+            shmkit.wait([ch, ev], return_when=shmkit.ALL_COMPLETED)
+        except KeyboardInterrupt:
+            print("interrupted", time.monotonic(), flush=True)
+        else:
+            print("returned", flush=True)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code, ch.name, ev.name],
+                         env=dict(os.environ, PYTHONPATH=SRC), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        assert p.poll() is None  # still waiting: only one of the two is ready
+        sent = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=20)
+        word, _, when = out.strip().partition(" ")
+        assert word == "interrupted", (out, err)
+        assert float(when) - sent < PROMPT
+        assert p.returncode == 0, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        ch.close()
+        ev.close()
+        ev.unlink()
+
+
+# ---- other event loops: uvloop, anyio (asyncio backend); trio refused ----------------
+
+def _peer_of_every_kind(ch_name: str, ev_name: str, m_name: str, ready) -> None:
+    ch, ev, m = shmkit.Channel(ch_name), shmkit.Event(ev_name), shmkit.Mutex(m_name)
+    m.acquire()
+    ready.set()
+    time.sleep(0.3)
+    m.release()  # 1: the mutex is free
+    for i in range(50):  # 2: fifty messages, then the end
+        ch.send(i.to_bytes(4, "little"))
+        if i % 10 == 0:
+            time.sleep(0.01)
+    ch.close_sending()
+    time.sleep(0.1)
+    ev.set()  # 3: the event
+    for o in (ch, ev, m):
+        o.close()
+
+
+async def _exercise(ch_name: str, ev_name: str, m_name: str) -> dict:
+    """Each class's wait, woken by another process or thread, from a coroutine."""
+    loop = asyncio.get_running_loop()
+    out: dict = {"loop": type(loop).__module__}
+    ch, ev, m = aio.Channel(ch_name), aio.Event(ev_name), aio.Mutex(m_name)
+    out["mutex"] = await m.acquire(timeout=60)
+    m.release()
+    out["messages"] = [int.from_bytes(x, "little") async for x in ch]
+    out["event"] = await ev.wait(timeout=60)
+    sem, q, rw = aio.Semaphore(None, value=0), aio.Queue(), aio.RWLock(None)
+    threading.Timer(0.05, sem.release).start()
+    out["semaphore"] = await sem.acquire(timeout=60)
+    threading.Timer(0.05, q.put_nowait, ({"n": 1},)).start()
+    out["queue"] = await q.get(timeout=60)
+    async with rw.read():
+        pass
+    cond = aio.Condition(None)
+    async with cond:
+        out["condition"] = await cond.wait(timeout=0.05)  # nobody notifies: False
+        out["condition_held"] = cond.lock.locked()
+    cond.close()
+    cond.unlink()
+    threading.Timer(0.05, sem.release).start()
+    out["all"] = await aio.wait([ev, sem], 60, return_when=aio.ALL_COMPLETED) == [ev, sem]
+    with pytest.raises(shmkit.Timeout):
+        await aio.Channel(None, capacity=4096).recv(timeout=0.05)
+    for o in (ch, ev, m, sem, q, rw):
+        o.close()
+    sem.unlink()
+    rw.unlink()
+    return out
+
+
+def _run_under(runner: str, fn, *args):
+    if runner == "asyncio":
+        return asyncio.run(fn(*args))
+    if runner == "uvloop":
+        import uvloop
+        return uvloop.run(fn(*args))
+    import anyio
+    use_uvloop = runner == "anyio-asyncio-uvloop"
+    return anyio.run(fn, *args, backend="asyncio", backend_options={"use_uvloop": use_uvloop})
+
+
+@pytest.mark.parametrize("runner", ["asyncio", "uvloop", "anyio-asyncio",
+                                    "anyio-asyncio-uvloop"])
+def test_every_class_under_uvloop_and_anyio(names, runner):
+    from conftest import SPAWN
+
+    ch = shmkit.Channel(names(), capacity=4096)
+    ev, m = shmkit.Event(names()), shmkit.Mutex(names())
+    ready = SPAWN.Event()
+    p = spawn(_peer_of_every_kind, ch.name, ev.name, m.name, ready)
+    try:
+        assert ready.wait(60)
+        out = _run_under(runner, _exercise, ch.name, ev.name, m.name)
+        p.join(30)
+        assert out["loop"].startswith("uvloop" if "uvloop" in runner else "asyncio")
+        assert out["messages"] == list(range(50))
+        assert out["mutex"] and out["event"] and out["semaphore"] and out["all"]
+        assert out["queue"] == {"n": 1}
+        assert out["condition"] is False and out["condition_held"]
+    finally:
+        if p.is_alive():
+            p.kill()
+        for o in (ch, ev, m):
+            o.close()
+        ev.unlink()
+        m.unlink()
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True])
+def test_anyio_cancel_scopes_lose_no_message(name, use_uvloop):
+    import anyio
+
+    n = 2000
+    ch = aio.Channel(name, capacity=1 << 16)
+    p = spawn(_produce, name, n, 0.2, 50)
+
+    async def main() -> tuple[list[int], int]:
+        got: list[int] = []
+        timed_out = 0
+
+        async def consumer() -> None:
+            nonlocal timed_out
+            while len(got) < n:
+                with anyio.move_on_after(0.001) as scope:  # cancels many receives
+                    got.append(int.from_bytes(await ch.recv(), "little"))
+                timed_out += scope.cancelled_caught
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consumer)
+        return got, timed_out
+
+    try:
+        got, timed_out = anyio.run(main, backend="asyncio",
+                                   backend_options={"use_uvloop": use_uvloop})
+        assert got == list(range(n))  # each once, in order
+        assert timed_out > 0  # some receives were cancelled while waiting
+    finally:
+        p.join(30)
+        ch.close()
+
+
+def test_trio_is_refused_with_a_pointer_to_threads(names):
+    import anyio
+
+    ch = aio.Channel(names(), capacity=4096)
+    ev = aio.Event(names())
+    ch.send_nowait(b"waiting")  # even a call that would not wait is refused
+
+    async def main() -> list[str]:
+        errors = []
+        for call in (ch.recv, ev.wait, lambda: aio.wait([ev], 1.0)):
+            try:
+                await call()
+            except aio.NoEventLoopError as exc:
+                errors.append(str(exc))
+        return errors
+
+    try:
+        errors = anyio.run(main, backend="trio")
+        assert len(errors) == 3 and all("trio.to_thread.run_sync" in e for e in errors)
+        assert isinstance(aio.NoEventLoopError("x"), RuntimeError)
+        assert ch.recv_nowait() == b"waiting"  # the refused call took nothing
+    finally:
+        ch.close()
+        ev.close()
+        ev.unlink()
+
+
+# ---- many tasks, one channel each --------------------------------------------------
+
+def _send_each_its_index(names_: list[str]) -> None:
+    chans = [shmkit.Channel(n) for n in names_]
+    for i, c in enumerate(chans):
+        c.send(i.to_bytes(4, "little"))
+    for c in chans:
+        c.close()
+
+
+def test_two_thousand_tasks_on_their_own_channels_use_few_threads(names):
+    import math
+    import resource
+
+    n = 2000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 2 * n + 256:  # a descriptor per channel
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 2 * n + 256)
+                                                    if hard != resource.RLIM_INFINITY
+                                                    else 2 * n + 256, hard))
+    chans = [aio.Channel(names(), capacity=64) for _ in range(n)]
+    before = _threads()
+
+    async def main() -> tuple[list[bool], int]:
+        async def one(i: int) -> bool:
+            return int.from_bytes(await chans[i].recv(timeout=300), "little") == i
+
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        await asyncio.sleep(0.5)
+        assert not any(t.done() for t in tasks)
+        during = _threads()
+        p = spawn(_send_each_its_index, [c.name for c in chans])
+        got = await asyncio.gather(*tasks)
+        await asyncio.get_running_loop().run_in_executor(None, p.join, 60)
+        return got, during
+
+    try:
+        got, during = asyncio.run(main())
+        assert got == [True] * n  # every task got its own channel's message
+        # one watcher thread per 127 channels, and no thread per await
+        assert during - before <= math.ceil(n / 127) + 2
+    finally:
+        for c in chans:
+            c.close()

@@ -58,7 +58,7 @@ from .records import Array, Struct
 from .segment import Kind, Segment, list_segments, unlink
 from .sync import Condition, Event, Mutex, RWLock, Semaphore
 from .store import Store
-from .aio_wait import wait  # shmkit.wait; the asyncio forms are in shmkit.aio
+from .aio_wait import ALL_COMPLETED, FIRST_COMPLETED, wait  # the asyncio forms: shmkit.aio
 from .errors import BackendError, LeaseLostError, UnsupportedParameterError
 from .redis import connect  # shmkit.connect("local" | "redis://..."); redis-py only when used
 from .topic import Subscriber, Topic
@@ -79,7 +79,7 @@ __all__ = [
     "OwnerDiedWarning",
     "Heap", "Handle", "StaleHandleError", "PinnedError", "HeapFullError",
     "Channel", "Queue", "ChannelClosed", "SendersGone", "MessageTooLarge", "Empty", "Full",
-    "wait",
+    "wait", "FIRST_COMPLETED", "ALL_COMPLETED",
     "connect", "BackendError", "LeaseLostError", "UnsupportedParameterError",
     "Topic", "Subscriber", "MessagesLost",
 ]

@@ -40,13 +40,14 @@ import enum
 import os
 import pickle
 import threading
-from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Final, NoReturn, Sequence,
-                    TypeVar, cast)
+from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Final, Literal, NoReturn,
+                    Sequence, TypeVar, cast)
 
 from . import _core
 from . import channel as _channel
 from . import sync as _sync
-from .aio_wait import _describe, _Desc
+from .aio_wait import (ALL_COMPLETED, FIRST_COMPLETED, WaitArgumentError, _all_of,
+                       _describe, _Desc, _ready_all)
 from .errors import ChannelClosed, Empty, Full, ShmkitError, Timeout, WouldBlock
 
 if TYPE_CHECKING:
@@ -55,7 +56,8 @@ if TYPE_CHECKING:
     from .segment import Segment
 
 __all__ = ["Channel", "Queue", "Event", "Mutex", "RWLock", "Semaphore", "Condition",
-           "wait", "MAX_WATCHERS", "TooManyWaitsError", "watcher_count"]
+           "wait", "FIRST_COMPLETED", "ALL_COMPLETED", "MAX_WATCHERS", "TooManyWaitsError",
+           "NoEventLoopError", "watcher_count"]
 
 MAX_WATCHERS = 32
 """Watcher threads per process at most; each watches 127 distinct objects."""
@@ -81,6 +83,22 @@ _Futures = dict[asyncio.Future[int], asyncio.AbstractEventLoop]  # awaiter: its 
 
 class TooManyWaitsError(ShmkitError, RuntimeError):
     """More distinct objects are awaited at once than the watchers can watch."""
+
+
+class NoEventLoopError(ShmkitError, RuntimeError):
+    """A shmkit.aio coroutine was awaited where no asyncio event loop runs
+    (under trio, for one): its waits are woken through the asyncio loop."""
+
+
+def _loop() -> asyncio.AbstractEventLoop:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise NoEventLoopError(
+            "shmkit.aio coroutines run under an asyncio event loop (asyncio.run, uvloop, "
+            "anyio's asyncio backend) and none runs in this thread; under trio, open the "
+            "object with the blocking class (shmkit.Channel, ...) and call it in a thread: "
+            "await trio.to_thread.run_sync(ch.recv, 1.0)") from None
 
 
 # ---- the watchers -----------------------------------------------------------
@@ -250,10 +268,10 @@ async def _until(attempt: Callable[[], T | _Again], describe: Callable[[], _Desc
     """Run ``attempt()`` until it returns something other than _AGAIN,
     awaiting readiness in between; ``expired()`` once the timeout passes
     (after a last attempt); ``repair()`` once when a dead peer is in the way."""
+    loop = _loop()
     r = attempt()
     if r is not _AGAIN:
         return r
-    loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
     if timeout is None or timeout > 0:
         # A partner that answers within microseconds is caught here, without
@@ -340,7 +358,7 @@ class Channel(_channel.Channel):
         """Send messages in order, awaiting room; returns how many were sent."""
         msgs = list(messages)
         sent = 0
-        loop = asyncio.get_running_loop()
+        loop = _loop()
         deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
         try:
             while sent < len(msgs):
@@ -661,7 +679,7 @@ class RWLock(_sync.RWLock):
     async def acquire_write(self,  # type: ignore[override]  # coroutine
                             timeout: float | None = None) -> bool:
         """Await the write hold; False if ``timeout`` passes first."""
-        loop = asyncio.get_running_loop()
+        loop = _loop()
         deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
         pause = 0.001
         while True:
@@ -766,7 +784,7 @@ class Condition(_sync.Condition):
         def granted() -> bool | _Again:
             return True if _core.wait_ready([desc], 0, False)[0] else _AGAIN
 
-        loop = asyncio.get_running_loop()
+        loop = _loop()
         deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
         try:
             while not notified:
@@ -801,7 +819,7 @@ class Condition(_sync.Condition):
     async def wait_for(self, predicate: Callable[[], Any],
                        timeout: float | None = None) -> Any:
         """Await until ``predicate()`` is true (holding the condition); returns its last value."""
-        loop = asyncio.get_running_loop()
+        loop = _loop()
         deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
         result = predicate()
         while not result:
@@ -812,42 +830,65 @@ class Condition(_sync.Condition):
         return result
 
 
-async def wait(objects: Sequence[T], timeout: float | None = None) -> list[T]:
-    """Await until at least one of ``objects`` is ready; return those that are.
+async def wait(objects: Sequence[T], timeout: float | None = None, *,
+               return_when: Literal["FIRST_COMPLETED", "ALL_COMPLETED"] = FIRST_COMPLETED,
+               ) -> list[T]:
+    """Await until one (or, with ``return_when=ALL_COMPLETED``, every) object
+    of ``objects`` is ready; return those that are.
 
-    The coroutine form of :func:`shmkit.wait` (same rules: readiness never
-    consumes; ``[]`` on timeout), with no limit of 128 objects.
+    The coroutine form of :func:`shmkit.wait`, same rules: readiness never
+    consumes; when ``timeout`` passes first, the objects ready at the last
+    check (``[]`` for FIRST_COMPLETED, perhaps some for ALL_COMPLETED); no
+    limit of 128 objects.  ALL_COMPLETED watches one object that is not
+    ready at a time (every one has to be), so it takes one watcher entry
+    however many objects it is given.
+
+    >>> import asyncio, shmkit.aio
+    >>> async def main():
+    ...     a, b = shmkit.aio.Event(None), shmkit.aio.Event(None)
+    ...     asyncio.get_running_loop().call_later(0.01, a.set)
+    ...     asyncio.get_running_loop().call_later(0.02, b.set)
+    ...     got = await shmkit.aio.wait([a, b], 5.0, return_when=shmkit.aio.ALL_COMPLETED)
+    ...     for e in (a, b):
+    ...         e.close(); e.unlink()
+    ...     return len(got)
+    >>> asyncio.run(main())
+    2
     """
+    all_of = _all_of(return_when, "shmkit.aio.wait(objects)")
     objs = list(objects)
     if not objs:
-        raise ValueError("shmkit.aio.wait(objects): need at least one object")
+        raise WaitArgumentError("shmkit.aio.wait(objects): need at least one object, got none")
     descs = [_describe(o) for o in objs]
-    ready = _ready_now(objs, descs)
-    if ready or (timeout is not None and timeout <= 0):
-        return ready
-    loop = asyncio.get_running_loop()
-    hub = _hub()
-    fut: asyncio.Future[int] = loop.create_future()
-    keys = [_key(d) for d in descs]
-    for k, d in zip(keys, descs):
-        hub.add(k, d, fut, loop)
-    timer = None if timeout is None else loop.call_at(loop.time() + timeout, _settle, [fut],
-                                                     _EXPIRED)
-    try:
-        await fut
-    finally:
-        if timer is not None:
-            timer.cancel()
-        for k in keys:
-            hub.discard(k, fut)
-    return _ready_now(objs, descs)
-
-
-def _ready_now(objs: list[T], descs: list[_Desc]) -> list[T]:
-    chosen: set[int] = set()
-    for i in range(0, len(descs), 128):
-        ready, suspect = _core.wait_ready(descs[i:i + 128], 0, False)
-        chosen.update(i + k for k in ready)
-        chosen.update(i + k for k in suspect)
-    return [o for i, o in enumerate(objs) if i in chosen]
-
+    loop = _loop()
+    deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
+    suspects: set[int] = set()  # found with a dead holder: ready for the call that recovers
+    while True:
+        now = _ready_all(descs, suspects)
+        if len(now) == len(descs) or (now and not all_of):
+            break
+        if deadline is not None and loop.time() >= deadline:
+            break
+        waiting = [i for i in range(len(descs)) if i not in now]
+        if all_of:
+            waiting = waiting[:1]  # every one must be ready: one not ready will do
+        hub = _hub()
+        fut: asyncio.Future[int] = loop.create_future()
+        added: list[_Key] = []
+        timer = None
+        try:
+            for i in waiting:
+                k = _key(descs[i])
+                hub.add(k, descs[i], fut, loop)
+                added.append(k)
+            if deadline is not None:
+                timer = loop.call_at(deadline, _settle, [fut], _EXPIRED)
+            flag = await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for k in added:
+                hub.discard(k, fut)
+        if flag == _SUSPECT and all_of:
+            suspects.add(waiting[0])
+    return [o for i, o in enumerate(objs) if i in now]
