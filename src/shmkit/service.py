@@ -221,11 +221,15 @@ class Service(SharedObject):
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, name: str, **kwargs: Any) -> "Service":
+    def open(cls, name: str, *, path: str | None = None, **kwargs: Any) -> "Service":
         """Open an existing service; :class:`NotFoundError` if there is none.
 
         ``Service.open(name, readonly=True)`` only looks (``shmkit info``).
+        ``path`` may only name the service's own file in /dev/shm: a
+        service's channels live there.
         """
+        if path is not None and os.path.abspath(path) != _shm_path(_check_name(name)):
+            raise ValueError(f"a service lives in /dev/shm; path={path!r} cannot hold one")
         return cls(name, create=False, **kwargs)
 
     # -- what the worker table says ---------------------------------------------
