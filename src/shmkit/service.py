@@ -45,7 +45,7 @@ import traceback
 from typing import Any, Callable, Iterator
 
 from . import _core
-from ._object import DEFAULT, SharedObject, attach_segment, check_common, given
+from ._object import DEFAULT, SharedObject, _Default, attach_segment, check_common
 from .channel import DEFAULT_CAPACITY, Channel
 from .errors import (
     ClosedError,
@@ -164,13 +164,14 @@ class Service(SharedObject):
     _requests: Channel | None = None
     _client: "Client | None" = None
 
-    def __init__(self, name: str, capacity: int = DEFAULT, *, create: bool | None = None,
-                 lifetime: str | None = DEFAULT, mode: int = 0o600,
-                 max_attach: int = DEFAULT, readonly: bool = False,
+    def __init__(self, name: str, capacity: int | _Default = DEFAULT, *,
+                 create: bool | None = None, lifetime: str | _Default | None = DEFAULT,
+                 mode: int = 0o600, max_attach: int | _Default = DEFAULT,
+                 readonly: bool = False,
                  on_destroy: Callable[[], Any] | None = None) -> None:
         name = _check_name(name)
-        slots = max_attach if given(max_attach) else DEFAULT_MAX_ATTACH
-        life = lifetime if given(lifetime) and lifetime is not None else "persistent"
+        slots = DEFAULT_MAX_ATTACH if isinstance(max_attach, _Default) else max_attach
+        life = "persistent" if isinstance(lifetime, _Default) or lifetime is None else lifetime
 
         def init(seg: Segment) -> None:
             _core.store32(seg._mapping, seg._hsize + 4, FORMAT)
