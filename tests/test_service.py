@@ -590,3 +590,64 @@ def test_stress_kill_clients_and_workers(svc_name):
     res = _kill_run(svc_name, 600, seed=2)
     print(res)
     assert res["died"] > 0
+
+
+def test_ctrl_c_interrupts_a_waiting_call(svc_name):
+    import subprocess
+    import sys
+
+    from conftest import SRC
+
+    code = f"""
+import shmkit
+svc = shmkit.Service({svc_name!r})
+w = svc.worker()            # attached, never answers
+try:
+    svc.call(b"x", timeout=120)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+    env = dict(os.environ, PYTHONPATH=SRC)
+    p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        _wait_until(lambda: os.path.exists(f"/dev/shm/shmkit.{svc_name}.requests")
+                    and shmkit.Service.open(svc_name, readonly=True).statistics()["pending"]
+                    == 1, what="the call to wait")
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "interrupted" in out
+
+
+def test_fork_gives_child_its_own_reply_channel_and_refuses_worker(svc_name):
+    with shmkit.Service(svc_name) as svc, svc.worker() as w, svc.client() as client:
+        parent_line = client._line()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                try:
+                    w.recv(timeout=0)
+                    code = 3
+                except shmkit.ClosedError:
+                    pass
+                w.close()
+                if client._line() is parent_line:
+                    code = 4
+                client.close()
+            except BaseException:
+                code = 5
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert svc.statistics()["workers"] == 1  # the parent's worker entry is intact
+        assert os.path.exists(f"/dev/shm/shmkit.{parent_line.ch.name}")
+        t = threading.Thread(target=lambda: client.call(b"p", timeout=60))
+        t.start()
+        w.recv(timeout=60).reply(b"ok")
+        t.join(60)
+        svc.unlink()

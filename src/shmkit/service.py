@@ -45,6 +45,7 @@ import traceback
 from typing import Any, Callable, Iterator
 
 from . import _core
+from . import segment as _segment
 from ._object import DEFAULT, SharedObject, _Default, attach_segment, check_common
 from .channel import DEFAULT_CAPACITY, Channel
 from .errors import (
@@ -187,9 +188,14 @@ class Service(SharedObject):
             self._check(seg)
             if not seg.created:
                 check_common("service", seg, lifetime=lifetime, max_attach=max_attach)
-            self._requests = Channel(
-                name + ".requests", capacity, create=False if readonly else None,
-                lifetime=lifetime, mode=mode, max_attach=max_attach, readonly=readonly)
+            try:
+                self._requests = Channel(
+                    name + ".requests", capacity, create=False if readonly else None,
+                    lifetime=lifetime, mode=mode, max_attach=max_attach, readonly=readonly)
+            except NotFoundError:
+                if not readonly:
+                    raise
+                self._requests = None  # only looking: the header alone is described
         except BaseException:
             seg.close()
             raise
@@ -522,6 +528,7 @@ class Worker:
         _core.store64(m, self._entry + 8, 0)
         _core.store64(m, self._entry, self._token)
         self._prefix = svc_seg.name + ".reply."
+        self._pid = _segment._pid
         self._cache: dict[str, tuple[Channel, int]] = {}
         self._swept = time.monotonic()
         _reap_replies(svc_seg.name)  # channels of callers that died unanswered
@@ -530,6 +537,9 @@ class Worker:
         seg = self._seg
         if seg is None or seg.closed:
             raise ClosedError("this worker is closed; make another with service.worker()")
+        if self._pid != _segment._pid:
+            raise ClosedError("this worker belongs to the process that made it (this one "
+                              "was forked from it); make a worker here with service.worker()")
         return seg
 
     def recv(self, timeout: float | None = None) -> Request:
@@ -670,6 +680,11 @@ class Worker:
         seg = self._seg
         if seg is None or seg.closed:
             return
+        if self._pid != _segment._pid:  # forked: the entry is the parent's, leave it
+            for name in list(self._cache):
+                self._drop(name)
+            seg.close()
+            return
         cur = self._current
         try:
             if cur is not None and not cur.answered:
@@ -707,7 +722,7 @@ class _Line:
         self.ch = ch
         self.name = ch.name.encode("ascii")
         self.token = ch._seg._mapping.token  # type: ignore[union-attr]
-        self.pid = os.getpid()
+        self.pid = _segment._pid
         self.next_id = random.getrandbits(63) | 1
 
 
@@ -787,7 +802,7 @@ class Client:
 
     def _line(self) -> _Line:
         line: _Line | None = getattr(self._local, "line", None)
-        if line is not None and line.pid == os.getpid():
+        if line is not None and line.pid == _segment._pid:
             return line
         if self._closed:
             raise ClosedError(f"client of service {self._seg.name!r} is closed")
@@ -942,7 +957,7 @@ class Client:
         with self._lock:
             lines, self._lines = self._lines, []
         for line in lines:
-            if line.pid == os.getpid():
+            if line.pid == _segment._pid:
                 try:
                     line.ch.unlink()
                 except NotFoundError:
