@@ -568,11 +568,16 @@ class Worker:
                     raise Timeout(f"no request for service {seg.name!r} within "
                                   f"{timeout} s") from None
                 continue
+            # Record the id first (the parse comes after): the fewer steps
+            # between taking a request and recording it, the smaller the
+            # window in which a death goes unnoticed by its caller.
+            if len(msg) >= _REQ.size:
+                _core.store64(seg._mapping, self._entry + 8, _REQ.unpack_from(msg)[4])
             req = self._parse(seg, msg)
             if req is not None:
-                _core.store64(seg._mapping, self._entry + 8, req.id)
                 self._current = req
                 return req
+            _core.store64(seg._mapping, self._entry + 8, 0)
 
     def __iter__(self) -> Iterator[Request]:
         """Requests, one after another, until this worker or its service closes."""
