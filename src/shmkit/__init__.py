@@ -1,7 +1,7 @@
 """shmkit: share memory between processes on one machine, by name.
 
 Raw segments, typed records and numpy arrays, crash-robust locks and events,
-message channels, a growable key-value store and a heap of movable blocks.
+message channels, request/response services, a growable key-value store and a heap of movable blocks.
 
 >>> import shmkit
 >>> with shmkit.Segment(None, size=16) as seg:
@@ -63,6 +63,8 @@ from .errors import BackendError, LeaseLostError, UnsupportedParameterError
 from .redis import connect  # shmkit.connect("local" | "redis://..."); redis-py only when used
 from .topic import Subscriber, Topic
 from .errors import MessagesLost
+from .service import Client, Request, Service, Worker
+from .errors import RemoteError, ServiceUnavailable, WorkerDied
 from . import inspect  # shmkit.inspect: list, describe and clean up objects (not in __all__)
 
 __version__ = "0.1.0"
@@ -82,6 +84,8 @@ __all__ = [
     "wait", "FIRST_COMPLETED", "ALL_COMPLETED",
     "connect", "BackendError", "LeaseLostError", "UnsupportedParameterError",
     "Topic", "Subscriber", "MessagesLost",
+    "Service", "Client", "Worker", "Request", "ServiceUnavailable", "WorkerDied",
+    "RemoteError",
 ]
 
 for _name in __all__:

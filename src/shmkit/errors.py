@@ -50,6 +50,10 @@ __all__ = [
     "BackendError",
     "LeaseLostError",
     "UnsupportedParameterError",
+    # service
+    "ServiceUnavailable",
+    "WorkerDied",
+    "RemoteError",
 ]
 
 
@@ -292,3 +296,23 @@ class MessagesLost(ShmkitError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.args[0] if self.args else "", self.missed))
+
+
+# --- service ---
+
+
+class ServiceUnavailable(ShmkitError, ConnectionRefusedError):
+    """A call to a service that has no worker attached (after the client's
+    ``wait_for_worker`` seconds), or whose workers all left while the call
+    waited.  Start a worker (``Service(name).serve(handler)``)."""
+
+
+class WorkerDied(ShmkitError, ConnectionAbortedError):
+    """The worker that took a call's request died before answering it (the
+    kernel counted its attachment out).  The request may have been partly
+    carried out; the message names the worker's pid."""
+
+
+class RemoteError(ShmkitError, RuntimeError):
+    """The worker's handler raised while answering the call (or the worker
+    failed the request): the message holds the worker's traceback."""

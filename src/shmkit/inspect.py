@@ -89,6 +89,7 @@ KIND_CLASSES: dict[Kind, str] = {
     Kind.STORE: "shmkit.store:Store",
     Kind.HEAP: "shmkit.heap:Heap",
     Kind.TOPIC: "shmkit.topic:Topic",
+    Kind.SERVICE: "shmkit.service:Service",
 }
 
 _SLOT_BASE = _core.SLOT_LOCK_BASE
@@ -247,6 +248,7 @@ _PAYLOAD_FORMATS: dict[Kind, tuple[str, str]] = {
     Kind.STORE: ("shmkit.store", "FORMAT"),
     Kind.HEAP: ("shmkit.heap", "HEAP_FORMAT"),
     Kind.TOPIC: ("shmkit.topic", "FORMAT"),
+    Kind.SERVICE: ("shmkit.service", "FORMAT"),
     Kind.STRUCT: ("shmkit.records", "_FORMAT"),
     Kind.ARRAY: ("shmkit.records", "_FORMAT"),
 }

@@ -123,6 +123,7 @@ class Kind(IntEnum):
     STORE = 11
     HEAP = 12
     TOPIC = 13
+    SERVICE = 14
 
 
 def _validate_name(name: str) -> str:

@@ -1,0 +1,989 @@
+"""Request/response between processes: many clients, many workers, one name.
+
+A :class:`Service` is a name that clients send requests to and workers
+answer.  Each request gets exactly one reply, delivered to the caller that
+sent it::
+
+    import shmkit
+
+    # a worker process (start as many as you like)
+    with shmkit.Service("resize") as svc:
+        svc.serve(lambda data: data.upper())        # until Ctrl-C
+
+    # a client process (as many as you like, from any number of threads)
+    with shmkit.Client("resize") as client:
+        reply = client.call(b"hello", timeout=1.0)  # b'HELLO'
+
+What a service is made of (all listed by ``shmkit ls``):
+
+``<name>``
+    the service header (kind ``service``): a table of the workers, each
+    entry the worker's kernel-backed attachment token and the id of the
+    request it is handling, and the served/discarded/failed counters;
+``<name>.requests``
+    the request :class:`~shmkit.Channel` every worker receives from;
+``<name>.reply.<16 hex digits>``
+    one reply channel per client handle and thread, lifetime "attached":
+    unlinked by the client's ``close()``, and removed by the workers (or
+    ``shmkit gc``) when its client died.
+
+A request carries its reply channel's name, the client's attachment token
+on it and a random 63-bit request id; the reply carries the id back, so a
+reply that arrives after its call timed out is recognised and dropped,
+never handed to the next call.  See docs/service.md.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import struct
+import threading
+import time
+import traceback
+from typing import Any, Callable, Iterator
+
+from . import _core
+from . import segment as _segment
+from ._object import DEFAULT, SharedObject, _Default, attach_segment, check_common
+from .channel import DEFAULT_CAPACITY, Channel
+from .errors import (
+    ClosedError,
+    CorruptError,
+    FormatVersionError,
+    Full,
+    InvalidNameError,
+    MessageTooLarge,
+    NotFoundError,
+    RemoteError,
+    ServiceUnavailable,
+    Timeout,
+    WorkerDied,
+)
+from .segment import DEFAULT_MAX_ATTACH, Kind, Segment
+
+__all__ = ["Service", "Client", "Worker", "Request"]
+
+FORMAT = 1
+DEFAULT_REPLY_CAPACITY = 1 << 20
+#: Longest service name: its channels' names add at most 23 characters.
+MAX_NAME = 200 - len(".reply.") - 16
+
+# Service header payload (u64 words unless said otherwise):
+#   0  magic u32 "SVC1", format u32
+#   8  served      replies handed to a live caller's channel
+#  16  discarded   replies dropped: caller gone, or its reply channel full
+#  24  failed      requests answered with an error (the handler raised)
+#  32  malformed   requests dropped because they could not be parsed
+#  64  workers: one 16-byte entry per attach slot of the header segment:
+#      token u64 (the worker's attachment token; 0: no worker), rid u64
+#      (the request it is handling; 0: none)
+_MAGIC = 0x31435653
+_OFF_SERVED, _OFF_DISCARDED, _OFF_FAILED, _OFF_MALFORMED = 8, 16, 24, 32
+_OFF_TABLE = 64
+_ENTRY = 16
+_OFF_HWM = _core.layouts["segment"]["hwm"]
+
+# Request: version u8, flags u8, reply-name length u16, client token u32,
+# request id u64; then the reply channel's name, then the payload.
+_REQ = struct.Struct("<BBHIQ")
+# Reply: version u8, status u8, 6 bytes unused, request id u64; then the payload.
+_REP = struct.Struct("<BB6xQ")
+_VERSION = 1
+_F_PICKLE = 1
+_OK, _ERROR = 0, 1
+_RID_MASK = (1 << 63) - 1
+
+_SWEEP_EVERY = 1.0  # seconds between a worker's checks of its cached reply channels
+_MAX_CACHED = 256   # reply channels a worker keeps open at most
+_FULL_WAIT = 0.05   # seconds a worker waits for room in a live caller's reply channel
+
+
+def _service_bytes(max_attach: int) -> int:
+    return _OFF_TABLE + _ENTRY * max_attach
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise InvalidNameError(f"a service name must be a str, not {type(name).__name__}")
+    if len(name) > MAX_NAME:
+        raise InvalidNameError(
+            f"service name {name[:40]!r}... has {len(name)} characters; a service name "
+            f"has at most {MAX_NAME} (its channels' names add up to 23)")
+    return name
+
+
+def _check_timeout(timeout: Any, what: str = "timeout") -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
+        raise TypeError(f"{what} must be a number of seconds or None, not {timeout!r}")
+    return max(float(timeout), 0.0)
+
+
+class Service(SharedObject):
+    """A request/response service shared by name.
+
+    ``Service(name)`` creates the service or opens it (``create=True`` /
+    ``False`` insist).  The same handle serves both sides:
+
+    - workers: :meth:`serve` (a loop calling a handler), or :meth:`worker`
+      for a :class:`Worker` that hands out :class:`Request` objects;
+    - clients: :meth:`call`, or :meth:`client` for a :class:`Client`.
+
+    Parameters
+    ----------
+    name:
+        The service's name (at most 177 characters of a segment name).
+    capacity:
+        Bytes of the request channel when creating (default 1 MiB); the
+        largest request is about this much.  When opening, a given
+        capacity larger than the service's raises :class:`MismatchError`.
+    create:
+        ``None`` create or open, ``True`` only create, ``False`` only open.
+    lifetime, mode, max_attach:
+        As for :class:`shmkit.Segment` (``max_attach`` bounds how many
+        workers and clients may hold the service at once).
+    readonly:
+        Only look (``statistics()``, ``info()``): calls and workers raise.
+
+    Example
+    -------
+    >>> svc = Service("doc-echo")
+    >>> import threading
+    >>> t = threading.Thread(target=svc.serve, args=(bytes.upper,),
+    ...                      kwargs={"max_requests": 1}); t.start()
+    >>> with svc.client(wait_for_worker=5.0) as client:
+    ...     client.call(b"ping", timeout=5.0)
+    b'PING'
+    >>> t.join(); svc.unlink(); svc.close()
+    """
+
+    _kind = Kind.SERVICE
+    _what = "service"
+    _requests: Channel | None = None
+    _client: "Client | None" = None
+
+    def __init__(self, name: str, capacity: int | _Default = DEFAULT, *,
+                 create: bool | None = None, lifetime: str | _Default | None = DEFAULT,
+                 mode: int = 0o600, max_attach: int | _Default = DEFAULT,
+                 readonly: bool = False,
+                 on_destroy: Callable[[], Any] | None = None) -> None:
+        name = _check_name(name)
+        slots = DEFAULT_MAX_ATTACH if isinstance(max_attach, _Default) else max_attach
+        life = "persistent" if isinstance(lifetime, _Default) or lifetime is None else lifetime
+
+        def init(seg: Segment) -> None:
+            _core.store32(seg._mapping, seg._hsize + 4, FORMAT)
+            _core.store32(seg._mapping, seg._hsize, _MAGIC)
+
+        seg = attach_segment(
+            Kind.SERVICE, name, None,
+            size=_service_bytes(slots) if create is not False and not readonly else None,
+            create=False if readonly else create, mode=mode, readonly=readonly,
+            lifetime=life, max_attach=slots, init=init,
+            layout={"format": FORMAT, "requests": name + ".requests"})
+        try:
+            self._check(seg)
+            if not seg.created:
+                check_common("service", seg, lifetime=lifetime, max_attach=max_attach)
+            try:
+                self._requests = Channel(
+                    name + ".requests", capacity, create=False if readonly else None,
+                    lifetime=lifetime, mode=mode, max_attach=max_attach, readonly=readonly)
+            except NotFoundError:
+                if not readonly:
+                    raise
+                self._requests = None  # only looking: the header alone is described
+        except BaseException:
+            seg.close()
+            raise
+        self._seg = seg
+        self._on_destroy = on_destroy
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _check(seg: Segment) -> None:
+        fmt = seg.layout.get("format")
+        if fmt != FORMAT:
+            raise FormatVersionError(
+                f"service {seg.name!r} has format {fmt}; this shmkit reads format {FORMAT}. "
+                "Use the shmkit that made it, or remove it with `shmkit rm` and create "
+                "it again")
+        m, base = seg._mapping, seg._hsize
+        if seg.size < _service_bytes(seg._max_slots) or _core.load32(m, base) != _MAGIC:
+            raise CorruptError(f"service {seg.name!r} has no valid header; remove it with "
+                               f"`shmkit rm {seg.name}` and create it again")
+
+    def _adopt(self, seg: Segment, **state: Any) -> None:
+        try:
+            self._check(seg)
+            self._requests = Channel(seg.name + ".requests", create=False,
+                                     readonly=seg.readonly)
+        except BaseException:
+            seg.close()
+            raise
+        self._seg = seg
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, name: str, *, path: str | None = None, **kwargs: Any) -> "Service":
+        """Open an existing service; :class:`NotFoundError` if there is none.
+
+        ``Service.open(name, readonly=True)`` only looks (``shmkit info``).
+        ``path`` may only name the service's own file in /dev/shm: a
+        service's channels live there.
+        """
+        if path is not None and os.path.abspath(path) != _shm_path(_check_name(name)):
+            raise ValueError(f"a service lives in /dev/shm; path={path!r} cannot hold one")
+        return cls(name, create=False, **kwargs)
+
+    # -- what the worker table says ---------------------------------------------
+
+    def _entries(self, seg: Segment) -> Iterator[tuple[int, int, int]]:
+        """(slot, token, rid) of every entry that names a worker."""
+        m, base = seg._mapping, seg._hsize + _OFF_TABLE
+        n = min(_core.load32(m, _OFF_HWM), seg._max_slots)
+        for slot in range(n):
+            token = _core.load64(m, base + slot * _ENTRY)
+            if token:
+                yield slot, token, _core.load64(m, base + slot * _ENTRY + 8)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The workers: ``[{"pid", "alive", "busy"}]``; a dead worker's entry
+        stays (``alive`` False) until another attachment takes its slot."""
+        seg = self._held()
+        out = []
+        for _slot, token, rid in self._entries(seg):
+            alive = _core.token_alive(seg._mapping, token & 0xFFFFFFFF)
+            pid = _core.token_owner_pid(seg._mapping, token & 0xFFFFFFFF, False)
+            out.append({"pid": pid, "alive": alive, "busy": rid != 0})
+        return out
+
+    def _live_workers(self, seg: Segment) -> int:
+        return sum(1 for _s, token, _r in self._entries(seg)
+                   if _core.token_alive(seg._mapping, token & 0xFFFFFFFF))
+
+    def statistics(self) -> dict[str, int]:
+        """``{"workers", "busy", "pending", "served", "discarded", "failed",
+        "malformed", "abandoned"}``: live workers, those handling a request,
+        requests waiting in the request channel, replies handed over, replies
+        dropped (caller gone or its reply channel full), requests answered
+        with an error, requests that could not be parsed, and requests that
+        workers which died were handling."""
+        seg = self._held()
+        m, base = seg._mapping, seg._hsize
+        workers = busy = abandoned = 0
+        for _slot, token, rid in self._entries(seg):
+            if _core.token_alive(m, token & 0xFFFFFFFF):
+                workers += 1
+                busy += rid != 0
+            else:
+                abandoned += rid != 0
+        req = self._requests
+        return {"workers": workers, "busy": busy,
+                "pending": req.depth if req is not None and not req.closed else 0,
+                "served": _core.load64(m, base + _OFF_SERVED),
+                "discarded": _core.load64(m, base + _OFF_DISCARDED),
+                "failed": _core.load64(m, base + _OFF_FAILED),
+                "malformed": _core.load64(m, base + _OFF_MALFORMED),
+                "abandoned": abandoned}
+
+    def _describe(self) -> dict[str, Any]:
+        return {"service": self.statistics()}
+
+    # -- the two sides ----------------------------------------------------------
+
+    def worker(self) -> "Worker":
+        """A :class:`Worker` of this service, for the calling thread."""
+        return Worker(self)
+
+    def client(self, *, reply_capacity: int = DEFAULT_REPLY_CAPACITY,
+               wait_for_worker: float = 0.0) -> "Client":
+        """A :class:`Client` of this service (see :class:`Client` for the parameters)."""
+        return Client(self, reply_capacity=reply_capacity, wait_for_worker=wait_for_worker)
+
+    def serve(self, handler: Callable[[Any], Any], *, timeout: float | None = None,
+              max_requests: int | None = None) -> int:
+        """Answer requests with ``handler`` until ``timeout`` seconds pass
+        without one, ``max_requests`` were answered, or this handle is closed.
+
+        ``handler(data)`` gets the request's bytes and returns the reply
+        (any bytes-like object); a request sent with :meth:`Client.call_object`
+        is unpickled first and the handler's result pickled back.  If the
+        handler raises an ``Exception``, the caller gets a
+        :class:`RemoteError` with the traceback and serving goes on;
+        ``KeyboardInterrupt`` (Ctrl-C) fails the request and propagates.
+        Returns how many requests were answered.
+        """
+        timeout = _check_timeout(timeout)
+        if max_requests is not None and (not isinstance(max_requests, int)
+                                         or isinstance(max_requests, bool)
+                                         or max_requests < 0):
+            raise ValueError(f"max_requests must be a non-negative int or None, "
+                             f"not {max_requests!r}")
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+        done = 0
+        with Worker(self) as w:
+            while max_requests is None or done < max_requests:
+                try:
+                    req = w.recv(timeout)
+                except Timeout:
+                    break
+                except ClosedError:
+                    break
+                try:
+                    arg = req.object() if req.pickled else req.data
+                    result = handler(arg)
+                except Exception:
+                    req.fail(traceback.format_exc())
+                else:
+                    if req.pickled:
+                        req.reply_object(result)
+                    else:
+                        req.reply(result)
+                done += 1
+        return done
+
+    def call(self, data: Any, timeout: float | None = None) -> bytes:
+        """Send ``data`` (bytes-like) and return the reply: :meth:`Client.call`
+        through a client this handle keeps (one reply channel per thread)."""
+        return self._own_client().call(data, timeout)
+
+    def call_object(self, obj: Any, timeout: float | None = None) -> Any:
+        """:meth:`Client.call_object` through this handle's own client."""
+        return self._own_client().call_object(obj, timeout)
+
+    def _own_client(self) -> "Client":
+        client = self._client
+        if client is None:
+            with self._lock:
+                client = self._client
+                if client is None:
+                    client = self._client = Client(self)
+        return client
+
+    # -- lifetime -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release this handle (and its client's reply channels); the service
+        carries on for the other processes.  Safe to call twice."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+        req = self._requests
+        if req is not None:
+            req.close()
+        super().close()
+
+    def unlink(self) -> None:
+        """Remove the service's names (header, request channel, and reply
+        channels nobody holds); processes that hold them carry on.
+        Raises :class:`NotFoundError` if the header's name is already gone."""
+        seg = self._seg
+        if seg is None:
+            raise ClosedError("this service handle was never opened")
+        name = seg.name
+        try:
+            os.unlink(_shm_path(name + ".requests"))
+        except FileNotFoundError:
+            pass
+        _reap_replies(name)
+        super().unlink()
+
+    def __enter__(self) -> "Service":
+        return self
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return "<shmkit.Service closed>"
+        return f"<shmkit.Service {self.name!r}>"
+
+
+def _shm_path(name: str) -> str:
+    from .segment import segment_path
+    return segment_path(name)
+
+
+def _reap_replies(service: str) -> int:
+    """Remove the reply channels of ``service`` that no live process holds."""
+    from .inspect import _reap_stale
+
+    prefix = os.path.basename(_shm_path(service + ".reply."))
+    folder = os.path.dirname(_shm_path(service))
+    removed = 0
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return 0
+    for entry in entries:
+        if entry.startswith(prefix):
+            try:
+                removed += _reap_stale(os.path.join(folder, entry), False)
+            except (OSError, ValueError, CorruptError):
+                pass
+    return removed
+
+
+class Request:
+    """One request a :class:`Worker` received; answer it exactly once.
+
+    ``data`` is the request's bytes (``object()`` unpickles a request made
+    with :meth:`Client.call_object`); :meth:`reply` sends the answer,
+    :meth:`fail` makes the caller raise :class:`RemoteError`.  A request
+    left unanswered is failed when the worker takes the next one or closes.
+    """
+
+    __slots__ = ("data", "id", "pickled", "_worker", "_reply_to", "_token", "answered")
+
+    def __init__(self, worker: "Worker", data: bytes, rid: int, pickled: bool,
+                 reply_to: str, token: int) -> None:
+        self.data = data
+        self.id = rid
+        self.pickled = pickled
+        self._worker = worker
+        self._reply_to = reply_to
+        self._token = token
+        self.answered = False
+
+    def object(self) -> Any:
+        """The request unpickled (only for requests sent with ``call_object``;
+        unpickling runs code: serve only clients you trust)."""
+        if not self.pickled:
+            raise TypeError("this request holds bytes (sent with call()), not a pickled "
+                            "object; read .data")
+        return pickle.loads(self.data)
+
+    def reply(self, data: Any) -> bool:
+        """Send ``data`` (bytes-like) to the caller.  Returns False if the
+        caller is gone (the reply is discarded, and counted), True otherwise.
+
+        >>> # inside a worker loop:  req.reply(b"done")
+        """
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise TypeError(f"a reply must be bytes-like (bytes, bytearray, memoryview, "
+                            f"a numpy array), not {type(data).__name__}; use "
+                            "reply_object() to send a Python object") from None
+        return self._send(_OK, view)
+
+    def reply_object(self, obj: Any) -> bool:
+        """Send ``obj`` pickled (the caller used ``call_object``)."""
+        return self._send(_OK, pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
+
+    def fail(self, message: str) -> bool:
+        """Make the caller raise :class:`RemoteError` with ``message``."""
+        return self._send(_ERROR, str(message).encode("utf-8", "replace"))
+
+    def _send(self, status: int, payload: Any) -> bool:
+        if self.answered:
+            raise ClosedError(f"request {self.id:#x} was already answered; a request "
+                              "gets exactly one reply")
+        self.answered = True
+        return self._worker._deliver(self, status, payload)
+
+    def __repr__(self) -> str:
+        return (f"<shmkit.Request id={self.id:#x} {len(self.data)} bytes"
+                f"{' answered' if self.answered else ''}>")
+
+
+class Worker:
+    """One worker of a :class:`Service`: takes requests and answers them.
+
+    Made by ``service.worker()``; meant for one thread (start one worker per
+    thread to serve from several).  While it is open the service counts it,
+    and a caller whose request it holds learns of its death (by the kernel's
+    account of its attachment) as :class:`WorkerDied`.
+
+    >>> svc = Service("doc-worker")
+    >>> with svc.worker() as w:
+    ...     svc.statistics()["workers"]
+    ...     # for req in w: req.reply(req.data.upper())
+    1
+    >>> svc.unlink(); svc.close()
+    """
+
+    _seg: Segment | None = None
+    _current: Request | None = None
+
+    def __init__(self, service: Service) -> None:
+        if not isinstance(service, Service):
+            raise TypeError(f"Worker needs a Service, not {type(service).__name__}")
+        svc_seg = service._held()
+        if svc_seg.readonly:
+            raise PermissionError(f"service {svc_seg.name!r} was opened readonly=True; "
+                                  "open it without readonly to serve it")
+        self._service = service
+        self._requests = service._requests
+        # Our own attachment: its slot is our entry in the worker table, and
+        # the kernel tells every caller when it dies.
+        seg = attach_segment(Kind.SERVICE, svc_seg.name, None, size=None, create=False)
+        self._seg = seg
+        m = seg._mapping
+        self._token = m.token
+        self._entry = seg._hsize + _OFF_TABLE + (self._token & 0x3FF) * _ENTRY
+        _core.store64(m, self._entry + 8, 0)
+        _core.store64(m, self._entry, self._token)
+        self._prefix = svc_seg.name + ".reply."
+        self._pid = _segment._pid
+        self._cache: dict[str, tuple[Channel, int]] = {}
+        self._swept = time.monotonic()
+        _reap_replies(svc_seg.name)  # channels of callers that died unanswered
+
+    def _held(self) -> Segment:
+        seg = self._seg
+        if seg is None or seg.closed:
+            raise ClosedError("this worker is closed; make another with service.worker()")
+        if self._pid != _segment._pid:
+            raise ClosedError("this worker belongs to the process that made it (this one "
+                              "was forked from it); make a worker here with service.worker()")
+        return seg
+
+    def recv(self, timeout: float | None = None) -> Request:
+        """The next request (waits; :class:`Timeout` after ``timeout`` s).
+
+        A request taken before and not answered is failed first.
+        """
+        seg = self._held()
+        timeout = _check_timeout(timeout)
+        cur = self._current
+        if cur is not None and not cur.answered:
+            cur.fail("the worker took another request without answering this one")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        requests = self._requests
+        if requests is None:
+            raise ClosedError("the service handle of this worker is closed")
+        while True:
+            now = time.monotonic()
+            if now - self._swept >= _SWEEP_EVERY:
+                self._sweep(now)
+            wait = _SWEEP_EVERY if deadline is None else min(_SWEEP_EVERY, deadline - now)
+            try:
+                msg = requests.recv(max(wait, 0.0))
+            except Timeout:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Timeout(f"no request for service {seg.name!r} within "
+                                  f"{timeout} s") from None
+                continue
+            # Record the id first (the parse comes after): the fewer steps
+            # between taking a request and recording it, the smaller the
+            # window in which a death goes unnoticed by its caller.
+            if len(msg) >= _REQ.size:
+                _core.store64(seg._mapping, self._entry + 8, _REQ.unpack_from(msg)[4])
+            req = self._parse(seg, msg)
+            if req is not None:
+                self._current = req
+                return req
+            _core.store64(seg._mapping, self._entry + 8, 0)
+
+    def __iter__(self) -> Iterator[Request]:
+        """Requests, one after another, until this worker or its service closes."""
+        while True:
+            try:
+                yield self.recv()
+            except ClosedError:
+                return
+
+    def _parse(self, seg: Segment, msg: bytes) -> Request | None:
+        n = len(msg)
+        if n >= _REQ.size:
+            version, flags, nlen, token, rid = _REQ.unpack_from(msg)
+            end = _REQ.size + nlen
+            if version == _VERSION and end <= n and rid:
+                try:
+                    reply_to = msg[_REQ.size:end].decode("ascii")
+                except UnicodeDecodeError:
+                    reply_to = ""
+                # A request may only name a reply channel of this service.
+                if reply_to.startswith(self._prefix) and len(reply_to) == len(self._prefix) + 16:
+                    return Request(self, msg[end:], rid, bool(flags & _F_PICKLE),
+                                   reply_to, token)
+        _core.add64(seg._mapping, seg._hsize + _OFF_MALFORMED, 1)
+        return None
+
+    def _deliver(self, req: Request, status: int, payload: Any) -> bool:
+        seg = self._held()
+        m, base = seg._mapping, seg._hsize
+        try:
+            ok = self._send_reply(req, _REP.pack(_VERSION, status, req.id), payload)
+        finally:
+            if self._current is req:
+                _core.store64(m, self._entry + 8, 0)
+                self._current = None
+        if status == _ERROR:
+            _core.add64(m, base + _OFF_FAILED, 1)
+        _core.add64(m, base + (_OFF_SERVED if ok else _OFF_DISCARDED), 1)
+        return ok
+
+    def _send_reply(self, req: Request, head: bytes, payload: Any) -> bool:
+        cached = self._cache.get(req._reply_to)
+        if cached is None or cached[1] != req._token:
+            if cached is not None:
+                self._drop(req._reply_to)
+            try:
+                ch = Channel(req._reply_to, create=False)
+            except (NotFoundError, CorruptError, FormatVersionError, ValueError):
+                return False  # the caller is gone (its channel unlinked)
+            if len(self._cache) >= _MAX_CACHED:
+                self._drop(next(iter(self._cache)))
+            cached = self._cache[req._reply_to] = (ch, req._token)
+        ch, token = cached
+        message = b"".join((head, payload))
+        try:
+            ch.send_nowait(message)
+            return True
+        except MessageTooLarge:
+            text = (f"the reply of {len(message) - len(head)} bytes is larger than the "
+                    f"caller's reply channel holds ({ch.max_message - len(head)} bytes); "
+                    "make the client with a larger reply_capacity=").encode()
+            try:
+                ch.send_nowait(_REP.pack(_VERSION, _ERROR, req.id) + text)
+            except (Full, MessageTooLarge):
+                pass
+            return False
+        except Full:
+            if not _core.token_alive(ch._seg._mapping, token):  # type: ignore[union-attr]
+                self._drop(req._reply_to)
+                return False
+            try:
+                ch.send(message, _FULL_WAIT)
+                return True
+            except Timeout:
+                return False  # the caller reads no replies: never wedge on it
+        except ClosedError:
+            self._drop(req._reply_to)
+            return False
+
+    def _drop(self, name: str) -> None:
+        entry = self._cache.pop(name, None)
+        if entry is not None:
+            entry[0].close()  # the last holder of a dead caller's channel removes it
+
+    def _sweep(self, now: float) -> None:
+        """Close cached reply channels whose caller closed or died."""
+        self._swept = now
+        for name, (ch, token) in list(self._cache.items()):
+            seg = ch._seg
+            if seg is None or seg.closed or not _core.token_alive(seg._mapping, token):
+                self._drop(name)
+
+    def statistics(self) -> dict[str, int]:
+        """The service's statistics (see :meth:`Service.statistics`)."""
+        self._held()
+        return self._service.statistics()
+
+    @property
+    def closed(self) -> bool:
+        return self._seg is None or self._seg.closed
+
+    def close(self) -> None:
+        """Leave the service: a request still unanswered is failed, the
+        worker's entry is cleared, and its reply channels are released."""
+        seg = self._seg
+        if seg is None or seg.closed:
+            return
+        if self._pid != _segment._pid:  # forked: the entry is the parent's, leave it
+            for name in list(self._cache):
+                self._drop(name)
+            seg.close()
+            return
+        cur = self._current
+        try:
+            if cur is not None and not cur.answered:
+                cur.fail("the worker stopped before answering")
+        finally:
+            _core.store64(seg._mapping, self._entry + 8, 0)
+            _core.store64(seg._mapping, self._entry, 0)
+            for name in list(self._cache):
+                self._drop(name)
+            seg.close()
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"token={self._token:#x}"
+        return f"<shmkit.Worker {state}>"
+
+
+class _Line:
+    """One thread's reply channel: its name as sent, its token, its ids."""
+
+    __slots__ = ("ch", "name", "token", "pid", "next_id")
+
+    def __init__(self, ch: Channel) -> None:
+        self.ch = ch
+        self.name = ch.name.encode("ascii")
+        self.token = ch._seg._mapping.token  # type: ignore[union-attr]
+        self.pid = _segment._pid
+        self.next_id = random.getrandbits(63) | 1
+
+
+class Client:
+    """The calling side of a :class:`Service`.
+
+    ``Client(name)`` opens (or creates) the service by name;
+    ``Client(service)`` uses an open handle.  Each thread that calls gets
+    its own reply channel (made at its first call), so any number of
+    threads may call at once, each getting its own replies.
+
+    Parameters
+    ----------
+    service:
+        A service name, or an open :class:`Service`.
+    reply_capacity:
+        Bytes of each reply channel (default 1 MiB): the largest reply.
+    wait_for_worker:
+        Seconds a call waits for a worker to attach when there is none
+        (default 0: raise :class:`ServiceUnavailable` at once).
+
+    Example
+    -------
+    >>> svc = Service("doc-client")
+    >>> import threading
+    >>> t = threading.Thread(target=svc.serve, args=(lambda d: d[::-1],),
+    ...                      kwargs={"max_requests": 1}); t.start()
+    >>> with Client("doc-client", wait_for_worker=5.0) as client:
+    ...     client.call(b"abc", timeout=5.0)
+    b'cba'
+    >>> t.join(); svc.unlink(); svc.close()
+    """
+
+    _service: Service | None = None
+    _own = False
+    _closed = True
+
+    def __init__(self, service: str | Service, *,
+                 reply_capacity: int = DEFAULT_REPLY_CAPACITY,
+                 wait_for_worker: float = 0.0) -> None:
+        if not isinstance(reply_capacity, int) or isinstance(reply_capacity, bool) \
+                or reply_capacity < 64:
+            raise ValueError(f"reply_capacity must be an int of at least 64 bytes, "
+                             f"not {reply_capacity!r}")
+        wait = _check_timeout(wait_for_worker, "wait_for_worker")
+        if isinstance(service, str):
+            service = Service(service)
+            self._own = True
+        elif not isinstance(service, Service):
+            raise TypeError(f"Client needs a service name or a Service, "
+                            f"not {type(service).__name__}")
+        seg = service._held()
+        if seg.readonly:
+            if self._own:
+                service.close()
+            raise PermissionError(f"service {seg.name!r} was opened readonly=True; "
+                                  "open it without readonly to call it")
+        self._service = service
+        self._seg = seg
+        self._requests = service._requests
+        self._reply_capacity = reply_capacity
+        self._wait_for_worker = wait or 0.0
+        self._local = threading.local()
+        self._lines: list[_Line] = []
+        self._lock = threading.Lock()
+        self._verified = -1.0e9  # when a live worker was last seen
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        """The service's name."""
+        return self._seg.name
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _line(self) -> _Line:
+        line: _Line | None = getattr(self._local, "line", None)
+        if line is not None and line.pid == _segment._pid:
+            return line
+        if self._closed:
+            raise ClosedError(f"client of service {self._seg.name!r} is closed")
+        name = f"{self._seg.name}.reply.{os.urandom(8).hex()}"
+        ch = Channel(name, self._reply_capacity, create=True, lifetime="attached")
+        line = _Line(ch)
+        self._local.line = line
+        with self._lock:
+            self._lines.append(line)
+        return line
+
+    def _check_workers(self, deadline: float | None) -> None:
+        now = time.monotonic()
+        if now - self._verified < 0.1:
+            return
+        service = self._service
+        assert service is not None
+        end = now + self._wait_for_worker
+        if deadline is not None:
+            end = min(end, deadline)
+        pause = 0.001
+        while not service._live_workers(self._seg):
+            if time.monotonic() >= end:
+                raise ServiceUnavailable(
+                    f"service {self._seg.name!r} has no worker attached; start one "
+                    "(service.serve(handler)), or make the client with "
+                    "wait_for_worker=seconds to wait for one")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        self._verified = time.monotonic()
+
+    def call(self, data: Any, timeout: float | None = None) -> bytes:
+        """Send ``data`` (any bytes-like object) and return the reply's bytes.
+
+        Raises
+        ------
+        ServiceUnavailable: no worker is attached (after ``wait_for_worker``).
+        WorkerDied: the worker handling the request died (raised as soon as
+            the caller notices, within about 0.2 s of the death).
+        RemoteError: the worker's handler raised; the message holds its traceback.
+        Timeout: no reply within ``timeout`` seconds (a late reply is dropped).
+        ClosedError: the client was closed.  TypeError: ``data`` is not bytes-like.
+        """
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise TypeError(f"call() sends bytes-like data (bytes, bytearray, memoryview, "
+                            f"a numpy array), not {type(data).__name__}; use "
+                            "call_object() to send a Python object") from None
+        return self._call(view, 0, timeout)
+
+    def call_object(self, obj: Any, timeout: float | None = None) -> Any:
+        """Send ``obj`` pickled and return the reply unpickled (the worker's
+        handler gets and returns objects).  Unpickling runs code: use it
+        only with workers you trust.  Raises like :meth:`call`."""
+        out = self._call(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL), _F_PICKLE, timeout)
+        return pickle.loads(out)
+
+    def _call(self, payload: Any, flags: int, timeout: Any) -> bytes:
+        timeout = _check_timeout(timeout)
+        if self._closed:
+            raise ClosedError(f"client of service {self._seg.name!r} is closed")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._check_workers(deadline)
+        line = self._line()
+        rid = line.next_id
+        line.next_id = (rid + 1) & _RID_MASK or 1
+        msg = b"".join((_REQ.pack(_VERSION, flags, len(line.name), line.token, rid),
+                        line.name, payload))
+        requests = self._requests
+        assert requests is not None
+        try:
+            requests.send(msg, timeout)
+        except Timeout:
+            raise Timeout(f"the request channel of service {self._seg.name!r} stayed full "
+                          f"for {timeout} s: its workers do not keep up") from None
+        return self._await(line, rid, timeout, deadline)
+
+    def _await(self, line: _Line, rid: int, timeout: float | None,
+               deadline: float | None) -> bytes:
+        ch = line.ch
+        step = 0.02
+        no_worker_since: float | None = None
+        while True:
+            wait = step if deadline is None else min(step, deadline - time.monotonic())
+            try:
+                msg = ch.recv(max(wait, 0.0))
+            except Timeout:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise Timeout(f"no reply from service {self._seg.name!r} within "
+                                  f"{timeout} s; a late reply will be dropped") from None
+                got = self._check_taker(line, rid)
+                if got is not None:
+                    return got
+                service = self._service
+                assert service is not None
+                if service._live_workers(self._seg):
+                    no_worker_since = None
+                else:
+                    no_worker_since = no_worker_since or now
+                    if now - no_worker_since >= self._wait_for_worker:
+                        self._verified = -1.0e9
+                        raise ServiceUnavailable(
+                            f"every worker of service {self._seg.name!r} left while the "
+                            "request waited; it stays queued for the next worker, whose "
+                            "reply will be dropped")
+                step = min(step * 2, 0.2)
+                continue
+            got = self._reply(msg, rid)
+            if got is not None:
+                return got
+
+    def _reply(self, msg: bytes, rid: int) -> bytes | None:
+        if len(msg) < _REP.size:
+            return None
+        version, status, got = _REP.unpack_from(msg)
+        if version != _VERSION or got != rid:
+            return None  # a reply to an earlier call that timed out: dropped
+        if status == _OK:
+            return msg[_REP.size:]
+        raise RemoteError(f"service {self._seg.name!r}: the worker's handler failed:\n"
+                          + msg[_REP.size:].decode("utf-8", "replace"))
+
+    def _check_taker(self, line: _Line, rid: int) -> bytes | None:
+        service = self._service
+        assert service is not None
+        seg = self._seg
+        for _slot, token, held in service._entries(seg):
+            if held == rid and not _core.token_alive(seg._mapping, token & 0xFFFFFFFF):
+                # It may have answered just before dying.
+                while True:
+                    try:
+                        msg = line.ch.recv_nowait()
+                    except Exception:
+                        break
+                    got = self._reply(msg, rid)
+                    if got is not None:
+                        return got
+                pid = _core.token_owner_pid(seg._mapping, token & 0xFFFFFFFF, False)
+                raise WorkerDied(f"the worker (pid {pid}) of service {seg.name!r} that took "
+                                 "the request died before answering it; the request may "
+                                 "have been partly carried out")
+        return None
+
+    def close(self) -> None:
+        """Unlink and release every reply channel of this client; calls
+        waiting in other threads raise ClosedError.  Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            lines, self._lines = self._lines, []
+        for line in lines:
+            if line.pid == _segment._pid:
+                try:
+                    line.ch.unlink()
+                except NotFoundError:
+                    pass
+            line.ch.close()
+        if self._own and self._service is not None:
+            self._service.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "<shmkit.Client closed>"
+        return f"<shmkit.Client of {self._seg.name!r}>"

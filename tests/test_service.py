@@ -1,0 +1,653 @@
+"""Request/response (shmkit.Service): real processes, kills, timeouts, misuse."""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import secrets
+import signal
+import threading
+import time
+from typing import Any, Iterator
+
+import pytest
+
+import shmkit
+from shmkit import _core
+from shmkit.service import _reap_replies
+
+from conftest import SPAWN, run_python, spawn
+
+
+@pytest.fixture
+def svc_name() -> Iterator[str]:
+    """A unique service name; every name of the service is removed afterwards."""
+    made = f"t-svc-{secrets.token_hex(5)}"
+    yield made
+    for path in glob.glob(f"/dev/shm/shmkit.{made}*"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _files(name: str, part: str = "") -> list[str]:
+    return sorted(os.path.basename(p) for p in glob.glob(f"/dev/shm/shmkit.{name}{part}*"))
+
+
+def _replies(name: str) -> list[str]:
+    return _files(name, ".reply.")
+
+
+def _wait_until(cond: Any, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+# -- children ------------------------------------------------------------------
+
+
+def _tagging_worker(name: str, idle: float, out: Any) -> None:
+    """Serve until idle; answer payload + b"|" + pid; report what was handled."""
+    handled: list[bytes] = []
+    pid = str(os.getpid()).encode()
+
+    def handle(data: bytes) -> bytes:
+        handled.append(data)
+        return data + b"|" + pid
+
+    with shmkit.Service(name) as svc:
+        svc.serve(handle, timeout=idle)
+    out.put(handled)
+
+
+def _calling_client(name: str, tag: int, n: int, threads: int, out: Any) -> None:
+    """Call n times from each of several threads; report (sent, bad, errors)."""
+    bad: list[Any] = []
+    sent: list[bytes] = []
+    lock = threading.Lock()
+    with shmkit.Client(name, wait_for_worker=30) as client:
+        def run(t: int) -> None:
+            for i in range(n):
+                req = f"{tag}.{t}.{i}".encode() + b"x" * random.randrange(0, 200)
+                rep = client.call(req, timeout=60)
+                with lock:
+                    sent.append(req)
+                    if rep.rpartition(b"|")[0] != req:
+                        bad.append((req, rep))
+        ts = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    out.put((sent, bad))
+
+
+# -- basics --------------------------------------------------------------------
+
+
+def test_round_trip_names_and_close(svc_name):
+    with shmkit.Service(svc_name) as svc:
+        t = threading.Thread(target=svc.serve, args=(bytes.upper,), kwargs={"timeout": 30})
+        t.start()
+        with shmkit.Client(svc_name, wait_for_worker=30) as client:
+            assert client.call(b"hello", timeout=30) == b"HELLO"
+            assert client.call(bytearray(b"ab"), timeout=30) == b"AB"
+            assert client.call(memoryview(b"cd"), timeout=30) == b"CD"
+            assert len(_replies(svc_name)) == 1
+            assert _files(svc_name) == sorted([f"shmkit.{svc_name}", f"shmkit.{svc_name}.requests"]
+                                              + _replies(svc_name))
+            listed = {o["name"]: o for o in shmkit.inspect.list_objects([f"{svc_name}*"])}
+            assert listed[svc_name]["kind"] == "service"
+            assert listed[svc_name]["state"] == "ok"
+            assert listed[f"{svc_name}.requests"]["kind"] == "channel"
+        # the client's close unlinks its reply channel at once
+        assert _replies(svc_name) == []
+        stats = svc.statistics()
+        assert stats["served"] == 3 and stats["workers"] == 1 and stats["pending"] == 0
+        svc.close()  # the serving thread's recv raises, serve returns
+        t.join(30)
+        assert not t.is_alive()
+        svc2 = shmkit.Service.open(svc_name)
+        svc2.unlink()
+        svc2.close()
+    assert _files(svc_name) == []
+
+
+def test_ls_shows_the_service(svc_name):
+    with shmkit.Service(svc_name) as svc, svc.worker():
+        info = shmkit.inspect.describe(svc_name)
+        assert info["kind"] == "service"
+        assert info["service"]["workers"] == 1, info
+        out = run_python("import sys; from shmkit.cli import main; main(["
+                         f"'info', {svc_name!r}])", check=False)
+        assert "workers" in out.stdout, out.stdout + out.stderr
+        svc.unlink()
+
+
+def test_many_clients_many_workers_every_reply_to_its_caller(svc_name):
+    svc = shmkit.Service(svc_name)
+    out = SPAWN.Queue()
+    workers = [spawn(_tagging_worker, svc_name, 5.0, out) for _ in range(3)]
+    clients = [spawn(_calling_client, svc_name, k, 150, 3, out) for k in range(4)]
+    results = [out.get(timeout=240) for _ in range(len(clients) + len(workers))]
+    for p in clients + workers:
+        p.join(60)
+        assert p.exitcode == 0
+    sent: list[bytes] = []
+    handled: list[bytes] = []
+    for r in results:
+        if isinstance(r, tuple):
+            assert r[1] == [], f"replies delivered to the wrong call: {r[1][:3]}"
+            sent += r[0]
+        else:
+            handled += r
+    assert len(sent) == 4 * 3 * 150
+    assert len(set(sent)) == len(sent)
+    # each request handled exactly once: none lost, none duplicated
+    assert sorted(handled) == sorted(sent)
+    assert svc.statistics()["served"] == len(sent)
+    assert _replies(svc_name) == []
+    svc.unlink()
+    svc.close()
+
+
+def test_threads_of_one_process_get_their_own_replies(svc_name):
+    svc = shmkit.Service(svc_name)
+    out = SPAWN.Queue()
+    workers = [spawn(_tagging_worker, svc_name, 3.0, out) for _ in range(2)]
+    client = shmkit.Client(svc, wait_for_worker=30)
+    bad: list[Any] = []
+
+    def run(t: int) -> None:
+        for i in range(200):
+            req = f"{t}:{i}".encode()
+            rep = client.call(req, timeout=60)
+            if rep.rpartition(b"|")[0] != req:
+                bad.append((req, rep))
+
+    ts = [threading.Thread(target=run, args=(t,)) for t in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert bad == []
+    assert len(_replies(svc_name)) == 8  # one reply channel per calling thread
+    client.close()
+    assert _replies(svc_name) == []
+    for _ in workers:
+        out.get(timeout=60)
+    svc.unlink()
+    svc.close()
+
+
+def test_pickled_objects_and_handler_errors(svc_name):
+    def handler(obj: Any) -> Any:
+        if obj == "boom":
+            raise KeyError("no such thing")
+        return {"got": obj}
+
+    with shmkit.Service(svc_name) as svc:
+        t = threading.Thread(target=svc.serve, args=(handler,), kwargs={"timeout": 30})
+        t.start()
+        with svc.client(wait_for_worker=30) as client:
+            assert client.call_object([1, 2], timeout=30) == {"got": [1, 2]}
+            with pytest.raises(shmkit.RemoteError, match="no such thing") as e:
+                client.call_object("boom", timeout=30)
+            assert isinstance(e.value, RuntimeError)
+            assert client.call_object(3, timeout=30) == {"got": 3}  # still serving
+        assert svc.statistics()["failed"] == 1
+        svc.close()
+        t.join(30)
+        shmkit.Service(svc_name).unlink()
+
+
+# -- no worker, timeouts -------------------------------------------------------------
+
+
+def test_no_worker_raises_at_once(svc_name):
+    with shmkit.Service(svc_name) as svc, svc.client() as client:
+        t0 = time.monotonic()
+        with pytest.raises(shmkit.ServiceUnavailable, match="no worker") as e:
+            client.call(b"x", timeout=60)
+        assert isinstance(e.value, ConnectionError)
+        assert time.monotonic() - t0 < 30  # at once, not after the call's timeout
+        assert svc.statistics()["pending"] == 0  # nothing was sent
+        svc.unlink()
+
+
+def test_wait_for_worker_waits_for_one_to_come(svc_name):
+    with shmkit.Service(svc_name) as svc, svc.client(wait_for_worker=60) as client:
+        def late() -> None:
+            time.sleep(0.3)
+            svc.serve(bytes.upper, max_requests=1)
+        t = threading.Thread(target=late)
+        t.start()
+        assert client.call(b"late", timeout=60) == b"LATE"
+        t.join(30)
+        svc.unlink()
+
+
+def test_worker_that_left_cleanly_fails_waiting_call(svc_name):
+    """A call waiting when the last worker leaves (its request still queued)."""
+    with shmkit.Service(svc_name) as svc, svc.client() as client:
+        w = svc.worker()
+        result: list[Any] = []
+        t = threading.Thread(target=lambda: result.append(
+            pytest.raises(shmkit.ServiceUnavailable, client.call, b"x", 60)))
+        t.start()
+        _wait_until(lambda: svc.statistics()["pending"] == 1, what="the request")
+        w.close()
+        t.join(60)
+        assert result and "left" in str(result[0].value)
+        svc.unlink()
+
+
+def test_stale_reply_after_timeout_is_dropped(svc_name):
+    with shmkit.Service(svc_name) as svc:
+        def slow(data: bytes) -> bytes:
+            if data == b"slow":
+                time.sleep(1.0)
+            return data + b"!"
+        t = threading.Thread(target=svc.serve, args=(slow,), kwargs={"timeout": 30})
+        t.start()
+        with svc.client(wait_for_worker=30) as client:
+            with pytest.raises(shmkit.Timeout, match="within 0.1 s"):
+                client.call(b"slow", timeout=0.1)
+            # the late b"slow!" reply arrives meanwhile; the next call gets its own
+            assert client.call(b"next", timeout=30) == b"next!"
+            assert client.call(b"again", timeout=30) == b"again!"
+        svc.close()
+        t.join(60)
+        shmkit.Service(svc_name).unlink()
+
+
+def test_worker_recv_timeout_and_unanswered_request_failed(svc_name):
+    with shmkit.Service(svc_name) as svc:
+        with svc.worker() as w:
+            with pytest.raises(shmkit.Timeout, match="no request"):
+                w.recv(timeout=0.05)
+            res: list[Any] = []
+            with svc.client() as client:
+                t = threading.Thread(target=lambda: res.append(
+                    pytest.raises(shmkit.RemoteError, client.call, b"a", 60)))
+                t.start()
+                req = w.recv(timeout=30)
+                assert req.data == b"a" and not req.pickled
+                with pytest.raises(TypeError, match="holds bytes"):
+                    req.object()
+                w.close()  # closing with the request unanswered fails it
+                t.join(30)
+                assert "stopped before answering" in str(res[0].value)
+        svc.unlink()
+
+
+# -- deaths ------------------------------------------------------------------------
+
+
+def _fork(fn: Any, *args: Any) -> int:
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            fn(*args)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+
+
+def _hanging_worker(name: str) -> None:
+    with shmkit.Service(name) as svc:
+        svc.serve(lambda d: time.sleep(3600) or d)
+
+
+def test_worker_killed_mid_request_raises_worker_died(svc_name):
+    with shmkit.Service(svc_name) as svc, svc.client(wait_for_worker=60) as client:
+        pid = _fork(_hanging_worker, svc_name)
+        res: list[Any] = []
+
+        def call() -> None:
+            t0 = time.monotonic()
+            try:
+                client.call(b"x", timeout=120)
+            except BaseException as e:
+                res.append((e, time.monotonic() - t0))
+
+        t = threading.Thread(target=call)
+        t.start()
+        _wait_until(lambda: svc.statistics()["busy"] == 1, what="the worker to take it")
+        _kill(pid)
+        t.join(120)
+        err, took = res[0]
+        assert isinstance(err, shmkit.WorkerDied), err
+        assert isinstance(err, ConnectionError)
+        assert f"pid {pid}" in str(err)
+        assert took < 100  # well before the call's own timeout
+        assert svc.statistics()["abandoned"] == 1
+        svc.unlink()
+
+
+def _client_then_wait(name: str, ready: Any) -> None:
+    with shmkit.Client(name, wait_for_worker=60) as client:
+        ready.set()
+        client.call(b"for-the-dead", timeout=600)
+
+
+def test_reply_to_a_dead_client_is_discarded(svc_name):
+    with shmkit.Service(svc_name) as svc:
+        ready = SPAWN.Event()
+        w = svc.worker()
+        p = spawn(_client_then_wait, svc_name, ready)
+        req = w.recv(timeout=120)
+        assert req.data == b"for-the-dead"
+        assert len(_replies(svc_name)) == 1
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(60)
+        # the worker's reply never blocks nor raises; the reply channel goes away
+        req.reply(b"too late")
+        with pytest.raises(shmkit.ClosedError, match="already answered"):
+            req.reply(b"twice")
+        w._sweep(time.monotonic())
+        assert _replies(svc_name) == []
+        # a request whose channel is gone is discarded and counted
+        with svc.client(wait_for_worker=60) as c2:
+            t = threading.Thread(target=lambda: pytest.raises(shmkit.Timeout, c2.call,
+                                                              b"gone", 1.0))
+            t.start()
+            req2 = w.recv(timeout=60)
+            t.join(60)
+        assert not req2.reply(b"nobody")
+        assert svc.statistics()["discarded"] >= 1
+        w.close()
+        svc.unlink()
+
+
+def test_full_reply_channel_never_wedges_the_worker(svc_name):
+    with shmkit.Service(svc_name) as svc:
+        w = svc.worker()
+        with svc.client(reply_capacity=4096) as client:
+            # a call that gave up, whose caller then reads no replies
+            with pytest.raises(shmkit.Timeout):
+                client.call(b"q", timeout=0.1)
+            line = client._line()
+            while True:
+                try:
+                    line.ch.send_nowait(b"j" * 500)
+                except shmkit.Full:
+                    break
+            req = w.recv(timeout=60)
+            t0 = time.monotonic()
+            assert req.reply(b"r" * 500) is False  # dropped after a short wait
+            assert time.monotonic() - t0 < 30
+            assert svc.statistics()["discarded"] == 1
+            # a reply larger than the caller's channel: the caller is told why
+            res: list[Any] = []
+            t = threading.Thread(target=lambda: res.append(
+                pytest.raises(shmkit.RemoteError, client.call, b"big", 60)))
+            t.start()
+            w.recv(timeout=60).reply(b"x" * 10000)
+            t.join(60)
+            assert "reply_capacity" in str(res[0].value)
+        w.close()
+        svc.unlink()
+
+
+# -- misuse --------------------------------------------------------------------------
+
+
+def test_misuse_raises_specific_errors(svc_name):
+    with pytest.raises(shmkit.InvalidNameError):
+        shmkit.Service("x" * 190)
+    with pytest.raises(shmkit.InvalidNameError):
+        shmkit.Service(3)  # type: ignore[arg-type]
+    with pytest.raises(shmkit.NotFoundError):
+        shmkit.Service.open(svc_name)
+    with pytest.raises(TypeError, match="Service"):
+        shmkit.Client(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="reply_capacity"):
+        shmkit.Client(svc_name, reply_capacity=8)
+    with pytest.raises(TypeError, match="wait_for_worker"):
+        shmkit.Client(svc_name, wait_for_worker="soon")  # type: ignore[arg-type]
+    svc = shmkit.Service(svc_name)
+    with pytest.raises(TypeError, match="bytes-like"):
+        svc.call("text")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="timeout"):
+        svc.call(b"x", timeout="1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="callable"):
+        svc.serve(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_requests"):
+        svc.serve(bytes, max_requests=-1)
+    with pytest.raises(shmkit.MismatchError):
+        shmkit.Service(svc_name, capacity=1 << 30)
+    with pytest.raises(shmkit.WrongKindError):
+        shmkit.Channel.open(svc_name)
+    with shmkit.Channel(svc_name + "-ch", capacity=4096) as ch:
+        with pytest.raises(shmkit.WrongKindError):
+            shmkit.Service.open(svc_name + "-ch")
+        ch.unlink()
+    ro = shmkit.Service.open(svc_name, readonly=True)
+    assert ro.statistics()["workers"] == 0
+    with pytest.raises(PermissionError):
+        ro.worker()
+    with pytest.raises(PermissionError):
+        ro.client()
+    ro.close()
+    w = svc.worker()
+    with svc.client() as client:
+        t = threading.Thread(target=lambda: pytest.raises(shmkit.RemoteError, client.call,
+                                                          b"a", 60))
+        t.start()
+        req = w.recv(timeout=60)
+        with pytest.raises(TypeError, match="bytes-like"):
+            req.reply("text")  # type: ignore[arg-type]
+        assert not req.answered
+        req.fail("refused")
+        t.join(60)
+    w.close()
+    w.close()  # twice is fine
+    with pytest.raises(shmkit.ClosedError):
+        w.recv(timeout=0)
+    client = svc.client()
+    client.close()
+    with pytest.raises(shmkit.ClosedError):
+        client.call(b"x")
+    svc.unlink()
+    svc.close()
+    svc.close()
+    with pytest.raises(shmkit.ClosedError):
+        svc.call(b"x")
+    with pytest.raises(shmkit.ClosedError):
+        svc.statistics()
+
+
+def test_malformed_requests_are_dropped_and_counted(svc_name):
+    with shmkit.Service(svc_name) as svc, svc.worker() as w:
+        raw = shmkit.Channel.open(svc_name + ".requests")
+        raw.send(b"junk")
+        raw.send(b"\x01\x00\xff\xff" + bytes(12))  # name length past the end
+        # a reply channel outside the service is refused
+        import struct
+        name = b"other.reply.0000000000000000"
+        raw.send(struct.pack("<BBHIQ", 1, 0, len(name), 1, 5) + name + b"p")
+        raw.close()
+        with pytest.raises(shmkit.Timeout):
+            w.recv(timeout=0.2)
+        assert svc.statistics()["malformed"] == 3
+        svc.unlink()
+
+
+# -- kill loops ---------------------------------------------------------------------
+
+_OK, _BAD, _DIED, _TIMEOUT, _UNAVAIL, _OTHER = range(6)
+
+
+def _kill_worker(name: str) -> None:
+    def handle(data: bytes) -> bytes:
+        time.sleep(random.uniform(0, 0.004))
+        return data + b"|" + str(os.getpid()).encode()
+
+    random.seed()
+    with shmkit.Service(name) as svc:
+        svc.serve(handle)
+
+
+def _kill_client(name: str, counts_name: str) -> None:
+    counts = shmkit.Segment.open(counts_name)
+    m, base = counts._mapping, counts._hsize
+    tag = f"{os.getpid()}.{random.getrandbits(32)}"
+    with shmkit.Client(name, wait_for_worker=5) as client:
+        i = 0
+        while True:
+            i += 1
+            req = f"{tag}.{i}".encode()
+            try:
+                rep = client.call(req, timeout=20)
+                what = _OK if rep.rpartition(b"|")[0] == req else _BAD
+            except shmkit.WorkerDied:
+                what = _DIED
+            except shmkit.Timeout:
+                what = _TIMEOUT
+            except shmkit.ServiceUnavailable:
+                what = _UNAVAIL
+            except Exception:
+                what = _OTHER
+            _core.add64(m, base + 8 * what, 1)
+
+
+def _kill_run(svc_name: str, cycles: int, seed: int, workers: int = 3,
+              clients: int = 3) -> dict[str, int]:
+    rnd = random.Random(seed)
+    counts_name = svc_name + "-counts"
+    counts = shmkit.Segment(counts_name, size=64)
+    svc = shmkit.Service(svc_name, capacity=64 << 10)
+    ws = [_fork(_kill_worker, svc_name) for _ in range(workers)]
+    cs = [_fork(_kill_client, svc_name, counts_name) for _ in range(clients)]
+    kills = {"workers": 0, "clients": 0}
+    try:
+        for _ in range(cycles):
+            time.sleep(rnd.uniform(0.005, 0.03))
+            if rnd.random() < 0.5:
+                _kill(ws.pop(rnd.randrange(len(ws))))
+                ws.append(_fork(_kill_worker, svc_name))
+                kills["workers"] += 1
+            else:
+                _kill(cs.pop(rnd.randrange(len(cs))))
+                cs.append(_fork(_kill_client, svc_name, counts_name))
+                kills["clients"] += 1
+        time.sleep(0.2)
+        for pid in cs:
+            _kill(pid)
+        cs = []
+        got = [_core.load64(counts._mapping, counts._hsize + 8 * k) for k in range(6)]
+        assert got[_BAD] == 0, f"a reply reached the wrong call: {got}"
+        assert got[_OTHER] == 0, f"an unexpected error: {got}"
+        assert got[_OK] > 0, got
+        # the service works afterwards, and what dead callers left goes away
+        with svc.client(wait_for_worker=30) as client:
+            for i in range(20):
+                req = f"after.{i}".encode()
+                assert client.call(req, timeout=60).rpartition(b"|")[0] == req
+        _wait_until(lambda: svc.statistics()["pending"] == 0, what="the queue to drain")
+        time.sleep(1.5)  # a sweep by every live worker
+        for pid in ws:
+            _kill(pid)
+        ws = []
+        with svc.worker():  # a new worker reaps the reply channels nobody holds
+            pass
+        assert _replies(svc_name) == []
+        return {"ok": got[_OK], "died": got[_DIED], "timeout": got[_TIMEOUT],
+                "unavailable": got[_UNAVAIL], **kills}
+    finally:
+        for pid in ws + cs:
+            _kill(pid)
+        svc.unlink()
+        svc.close()
+        counts.unlink()
+        counts.close()
+
+
+def test_kill_clients_and_workers_at_random(svc_name):
+    res = _kill_run(svc_name, 30, seed=1)
+    assert res["workers"] + res["clients"] == 30
+
+
+@pytest.mark.stress
+def test_stress_kill_clients_and_workers(svc_name):
+    res = _kill_run(svc_name, 600, seed=2)
+    print(res)
+    assert res["died"] > 0
+
+
+def test_ctrl_c_interrupts_a_waiting_call(svc_name):
+    import subprocess
+    import sys
+
+    from conftest import SRC
+
+    code = f"""
+import shmkit
+svc = shmkit.Service({svc_name!r})
+w = svc.worker()            # attached, never answers
+try:
+    svc.call(b"x", timeout=120)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+    env = dict(os.environ, PYTHONPATH=SRC)
+    p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        _wait_until(lambda: os.path.exists(f"/dev/shm/shmkit.{svc_name}.requests")
+                    and shmkit.Service.open(svc_name, readonly=True).statistics()["pending"]
+                    == 1, what="the call to wait")
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "interrupted" in out
+
+
+def test_fork_gives_child_its_own_reply_channel_and_refuses_worker(svc_name):
+    with shmkit.Service(svc_name) as svc, svc.worker() as w, svc.client() as client:
+        parent_line = client._line()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                try:
+                    w.recv(timeout=0)
+                    code = 3
+                except shmkit.ClosedError:
+                    pass
+                w.close()
+                if client._line() is parent_line:
+                    code = 4
+                client.close()
+            except BaseException:
+                code = 5
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert svc.statistics()["workers"] == 1  # the parent's worker entry is intact
+        assert os.path.exists(f"/dev/shm/shmkit.{parent_line.ch.name}")
+        t = threading.Thread(target=lambda: client.call(b"p", timeout=60))
+        t.start()
+        w.recv(timeout=60).reply(b"ok")
+        t.join(60)
+        svc.unlink()
