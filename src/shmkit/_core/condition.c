@@ -24,89 +24,85 @@
 #include "sync.h"
 #include <limits.h>
 
-#define COND_LOCK 0
-#define COND_SEQ 4
-#define COND_GRANTED 12
-#define COND_TABLE 64
-
+/* One call's view of a condition (its name in view.what). */
 typedef struct {
     shm_sync_view view;
-    const char *what;
 } Cond;
 
-static inline uint32_t *
-cu32(Cond *c, uint64_t off)
-{
-    return shm_sync_u32(&c->view, off);
-}
-
-static inline uint64_t *
-centry(Cond *c, uint32_t slot)
-{
-    return shm_sync_entry(&c->view, COND_TABLE, slot);
-}
-
 static int
-cond_bind(Cond *c, PyObject *mapping, PyObject *off_obj, PyObject *what)
+cond_bind(Cond *c, PyObject *mapping, long long off, PyObject *what, int writable)
 {
-    long long off = PyLong_AsLongLong(off_obj);
-    if (off == -1 && PyErr_Occurred())
-        return -1;
     if (shm_check_mapping(mapping) < 0)
         return -1;
-    MappingObject *m = (MappingObject *)mapping;
-    if (shm_sync_bind(&c->view, mapping, off, COND_TABLE + 8 * (uint64_t)m->max_slots, 1) < 0)
+    const char *w = "condition";
+    if (what != NULL && what != Py_None && (w = PyUnicode_AsUTF8(what)) == NULL)
         return -1;
-    c->what = "condition";
-    if (what != NULL && what != Py_None && (c->what = PyUnicode_AsUTF8(what)) == NULL)
-        return -1;
-    return 0;
+    return shm_sync_bind(&c->view, mapping, off, COND_TABLE, writable, w);
 }
 
-static int
-held_by_us(Cond *c, const char *call)
+/* ---- the protocol pieces that waitset.c's coroutine wait shares (sync.h) ---- */
+
+int
+shm_cond_held(MappingObject *m, char *b, const char *what, const char *call)
 {
-    uint32_t v = __atomic_load_n(cu32(c, COND_LOCK), __ATOMIC_ACQUIRE);
-    if (c->view.m->token == 0 || (v & SHM_TOKEN_MASK) != c->view.m->token) {
-        PyErr_Format(PyExc_RuntimeError, "%s() on %s without holding it", call, c->what);
+    uint32_t v = __atomic_load_n((uint32_t *)(b + COND_LOCK), __ATOMIC_ACQUIRE);
+    if (m->token == 0 || (v & SHM_TOKEN_MASK) != m->token) {
+        PyErr_Format(PyExc_RuntimeError, "%s() on %s without holding it", call, what);
         return 0;
     }
     return 1;
 }
 
-/* Add delta to our attachment's sleepers (mutex held). */
-static void
-count_me(Cond *c, int delta)
+void
+shm_cond_count(MappingObject *m, char *b, int delta)
 {
-    uint32_t slot = SHM_TOKEN_SLOT(c->view.m->token);
-    uint64_t v = __atomic_load_n(centry(c, slot), __ATOMIC_RELAXED);
-    uint32_t n = SHM_SLOT_ENTRY_GEN(v) == SHM_TOKEN_GEN(c->view.m->token)
-                     ? SHM_SLOT_ENTRY_COUNT(v) : 0; /* a gone predecessor's: not ours */
+    uint64_t *e = (uint64_t *)(b + COND_TABLE + 8 * (uint64_t)SHM_TOKEN_SLOT(m->token));
+    /* a gone predecessor's count is not ours */
+    uint32_t n = shm_slot_entry_mine(__atomic_load_n(e, __ATOMIC_RELAXED), m->token);
     if (delta < 0 && n == 0)
         return;
-    __atomic_store_n(centry(c, slot),
-                     (uint64_t)SHM_TOKEN_GEN(c->view.m->token) << 32 | (n + (uint32_t)delta),
-                     __ATOMIC_RELEASE);
+    __atomic_store_n(e, shm_slot_entry_make(m->token, n + (uint32_t)delta), __ATOMIC_RELEASE);
 }
 
+int
+shm_cond_take_grant(char *b, uint32_t seq0)
+{
+    uint32_t *granted = (uint32_t *)(b + COND_GRANTED);
+    uint32_t g = __atomic_load_n(granted, __ATOMIC_ACQUIRE);
+    if (g == 0 || __atomic_load_n((uint32_t *)(b + COND_SEQ), __ATOMIC_ACQUIRE) == seq0)
+        return 0;
+    __atomic_store_n(granted, g - 1, __ATOMIC_RELEASE);
+    return 1;
+}
+
+/* ---- the condition's own calls ---- */
+
 /* Count the live sleepers, zeroing the counts of attachments that are gone
- * (mutex held). */
+ * when reap (mutex held). */
+typedef struct {
+    uint64_t live;
+    int reap;
+} Sleepers;
+
+static int
+sleepers_visit(void *ctx, uint32_t slot, uint64_t *e, uint64_t v, int alive)
+{
+    Sleepers *sl = ctx;
+    if (alive)
+        sl->live += SHM_SLOT_ENTRY_COUNT(v);
+    else if (sl->reap) {
+        __atomic_store_n(e, SHM_SLOT_ENTRY_CLEARED(v), __ATOMIC_RELEASE);
+        shm_crash_point("cond.notify.reaped");
+    }
+    return 0;
+}
+
 static uint64_t
 live_sleepers(Cond *c, int reap)
 {
-    uint64_t live = 0;
-    for (uint32_t slot = 0; slot < c->view.m->max_slots; slot++) {
-        uint64_t v = __atomic_load_n(centry(c, slot), __ATOMIC_ACQUIRE);
-        if (SHM_SLOT_ENTRY_COUNT(v) == 0)
-            continue;
-        if (shm_token_alive(c->view.m, shm_slot_entry_token(v, slot)))
-            live += SHM_SLOT_ENTRY_COUNT(v);
-        else if (reap) {
-            __atomic_store_n(centry(c, slot), v & ~0xFFFFFFFFull, __ATOMIC_RELEASE);
-            shm_crash_point("cond.notify.reaped");
-        }
-    }
-    return live;
+    Sleepers sl = {0, reap};
+    shm_sync_scan(&c->view, sleepers_visit, &sl);
+    return sl.live;
 }
 
 typedef struct {
@@ -118,50 +114,46 @@ static int
 cond_ready(void *ctx, uint32_t *sleep_on)
 {
     CondWait *w = ctx;
-    uint32_t seq = __atomic_load_n(cu32(w->c, COND_SEQ), __ATOMIC_ACQUIRE);
-    if (seq != w->seq0 && __atomic_load_n(cu32(w->c, COND_GRANTED), __ATOMIC_ACQUIRE) > 0)
+    uint32_t seq = __atomic_load_n(SHM_SYNC_U32(w->c, COND_SEQ), __ATOMIC_ACQUIRE);
+    if (shm_cond_granted(w->c->view.b, seq, w->seq0))
         return 1;
     *sleep_on = seq;
     return 0;
 }
 
+/* Does the mutex carry the token `me`? */
+static int
+holds(Cond *c, uint32_t me)
+{
+    return (__atomic_load_n(SHM_SYNC_U32(c, COND_LOCK), __ATOMIC_ACQUIRE) & SHM_TOKEN_MASK) == me;
+}
+
 static int
 relock(Cond *c)
 {
-    int r = shm_lock_acquire(c->view.m, cu32(c, COND_LOCK), SHM_FOREVER);
-    if (r == 2 && shm_warn_owner_died(c->view.m, c->what) < 0)
+    int r = shm_lock_acquire(c->view.m, SHM_SYNC_U32(c, COND_LOCK), SHM_FOREVER);
+    if (r == 2 && shm_warn_owner_died(c->view.m, c->view.what) < 0)
         return -1; /* held: the caller's with-block releases it */
     return r < 0 ? -1 : 0;
-}
-
-/* Take a grant if one was made since we started waiting (mutex held). */
-static int
-take_grant(Cond *c, uint32_t seq0)
-{
-    uint32_t g = __atomic_load_n(cu32(c, COND_GRANTED), __ATOMIC_ACQUIRE);
-    if (g == 0 || __atomic_load_n(cu32(c, COND_SEQ), __ATOMIC_ACQUIRE) == seq0)
-        return 0;
-    __atomic_store_n(cu32(c, COND_GRANTED), g - 1, __ATOMIC_RELEASE);
-    return 1;
 }
 
 static int
 cond_wait(Cond *c, int64_t deadline)
 {
-    if (!held_by_us(c, "wait"))
+    if (!shm_cond_held(c->view.m, c->view.b, c->view.what, "wait"))
         return -1;
     uint32_t me = c->view.m->token;
-    count_me(c, +1);
-    uint32_t seq0 = __atomic_load_n(cu32(c, COND_SEQ), __ATOMIC_ACQUIRE);
+    shm_cond_count(c->view.m, c->view.b, +1);
+    uint32_t seq0 = __atomic_load_n(SHM_SYNC_U32(c, COND_SEQ), __ATOMIC_ACQUIRE);
     shm_crash_point("cond.wait.counted");
-    if (shm_lock_release(c->view.m, cu32(c, COND_LOCK)) < 0)
+    if (shm_lock_release(c->view.m, SHM_SYNC_U32(c, COND_LOCK)) < 0)
         return -1;
     shm_crash_point("cond.wait.released");
     int notified = 0, err = 0;
     for (;;) {
         CondWait cw = {c, seq0};
-        shm_wait w = {.m = c->view.m, .word = cu32(c, COND_SEQ), .ctx = &cw, .ready = cond_ready,
-                      .spin_ns = SHM_WAIT_SPIN_NS, .what = c->what};
+        shm_wait w = {.m = c->view.m, .word = SHM_SYNC_U32(c, COND_SEQ), .ctx = &cw, .ready = cond_ready,
+                      .spin_ns = SHM_WAIT_SPIN_NS, .what = c->view.what};
         int r = shm_wait_until(&w, deadline);
         if (r <= 0) {
             err = r < 0;
@@ -172,12 +164,12 @@ cond_wait(Cond *c, int64_t deadline)
             break;
         }
         shm_crash_point("cond.wait.retaken");
-        if (take_grant(c, seq0)) {
+        if (shm_cond_take_grant(c->view.b, seq0)) {
             notified = 1;
             break;
         }
         /* Another waiter took the last grant: sleep again. */
-        if (shm_lock_release(c->view.m, cu32(c, COND_LOCK)) < 0) {
+        if (shm_lock_release(c->view.m, SHM_SYNC_U32(c, COND_LOCK)) < 0) {
             err = 1;
             break;
         }
@@ -187,19 +179,18 @@ cond_wait(Cond *c, int64_t deadline)
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     if (c->view.m->token == me && c->view.m->base != NULL) {
-        if ((__atomic_load_n(cu32(c, COND_LOCK), __ATOMIC_ACQUIRE) & SHM_TOKEN_MASK) != me &&
-            relock(c) < 0) {
+        if (!holds(c, me) && relock(c) < 0) {
             if (type == NULL)
                 PyErr_Fetch(&type, &value, &tb);
             else
                 PyErr_Clear();
         }
-        if ((__atomic_load_n(cu32(c, COND_LOCK), __ATOMIC_ACQUIRE) & SHM_TOKEN_MASK) == me) {
+        if (holds(c, me)) {
             /* A notify() that raced with our time-out counted us: take its
              * wake-up, so none is left for nobody. */
-            if (!notified && !err && take_grant(c, seq0))
+            if (!notified && !err && shm_cond_take_grant(c->view.b, seq0))
                 notified = 1;
-            count_me(c, -1);
+            shm_cond_count(c->view.m, c->view.b, -1);
             shm_crash_point("cond.wait.uncounted");
         }
     }
@@ -212,13 +203,13 @@ cond_wait(Cond *c, int64_t deadline)
 static int
 cond_notify(Cond *c, long long n)
 {
-    if (!held_by_us(c, "notify"))
+    if (!shm_cond_held(c->view.m, c->view.b, c->view.what, "notify"))
         return -1;
     uint64_t live = live_sleepers(c, 1);
-    uint32_t granted = __atomic_load_n(cu32(c, COND_GRANTED), __ATOMIC_ACQUIRE);
+    uint32_t granted = __atomic_load_n(SHM_SYNC_U32(c, COND_GRANTED), __ATOMIC_ACQUIRE);
     if (granted > live) { /* grants made for sleepers that are gone */
         granted = (uint32_t)live;
-        __atomic_store_n(cu32(c, COND_GRANTED), granted, __ATOMIC_RELEASE);
+        __atomic_store_n(SHM_SYNC_U32(c, COND_GRANTED), granted, __ATOMIC_RELEASE);
         shm_crash_point("cond.notify.capped");
     }
     uint64_t k = live - granted;
@@ -226,11 +217,11 @@ cond_notify(Cond *c, long long n)
         k = (uint64_t)n;
     if (k == 0)
         return 0;
-    __atomic_store_n(cu32(c, COND_GRANTED), granted + (uint32_t)k, __ATOMIC_RELEASE);
+    __atomic_store_n(SHM_SYNC_U32(c, COND_GRANTED), granted + (uint32_t)k, __ATOMIC_RELEASE);
     shm_crash_point("cond.notify.granted");
-    __atomic_add_fetch(cu32(c, COND_SEQ), 1, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(SHM_SYNC_U32(c, COND_SEQ), 1, __ATOMIC_SEQ_CST);
     shm_crash_point("cond.notify.bumped");
-    shm_futex_wake(cu32(c, COND_SEQ), k > INT_MAX ? INT_MAX : (int)k);
+    shm_futex_wake(SHM_SYNC_U32(c, COND_SEQ), k > INT_MAX ? INT_MAX : (int)k);
     return 0;
 }
 
@@ -238,11 +229,10 @@ static PyObject *
 py_cond_wait(PyObject *mod, PyObject *const *a, Py_ssize_t n)
 {
     Cond c;
-    if (n < 2 || n > 4) {
-        PyErr_SetString(PyExc_TypeError, "cond_wait(mapping, offset, timeout=None, what=None)");
-        return NULL;
-    }
-    if (cond_bind(&c, a[0], a[1], n > 3 ? a[3] : NULL) < 0)
+    long long off;
+    if (shm_sync_args(a, n, 2, 4, "cond_wait(mapping, offset, timeout=None, what=None)",
+                      &off) < 0 ||
+        cond_bind(&c, a[0], off, n > 3 ? a[3] : NULL, 1) < 0)
         return NULL;
     int64_t deadline = shm_deadline(n > 2 ? a[2] : NULL);
     if (deadline < 0)
@@ -257,14 +247,10 @@ static PyObject *
 py_cond_notify(PyObject *mod, PyObject *const *a, Py_ssize_t n)
 {
     Cond c;
-    if (n < 3 || n > 4) {
-        PyErr_SetString(PyExc_TypeError, "cond_notify(mapping, offset, n, what=None)");
-        return NULL;
-    }
-    long long k = PyLong_AsLongLong(a[2]);
-    if (k == -1 && PyErr_Occurred())
-        return NULL;
-    if (cond_bind(&c, a[0], a[1], n > 3 ? a[3] : NULL) < 0)
+    long long off, k;
+    if (shm_sync_args(a, n, 3, 4, "cond_notify(mapping, offset, n, what=None)", &off) < 0 ||
+        ((k = PyLong_AsLongLong(a[2])) == -1 && PyErr_Occurred()) ||
+        cond_bind(&c, a[0], off, n > 3 ? a[3] : NULL, 1) < 0)
         return NULL;
     if (k < 0) {
         PyErr_Format(PyExc_ValueError, "notify(n): n must be >= 0, not %lld", k);
@@ -279,17 +265,9 @@ static PyObject *
 py_cond_sleepers(PyObject *mod, PyObject *const *a, Py_ssize_t n)
 {
     Cond c;
-    if (n != 2) {
-        PyErr_SetString(PyExc_TypeError, "cond_sleepers(mapping, offset)");
-        return NULL;
-    }
-    long long off = PyLong_AsLongLong(a[1]);
-    if (off == -1 && PyErr_Occurred())
-        return NULL;
-    if (shm_check_mapping(a[0]) < 0)
-        return NULL;
-    if (shm_sync_bind(&c.view, a[0], off,
-                      COND_TABLE + 8 * (uint64_t)((MappingObject *)a[0])->max_slots, 0) < 0)
+    long long off;
+    if (shm_sync_args(a, n, 2, 2, "cond_sleepers(mapping, offset)", &off) < 0 ||
+        cond_bind(&c, a[0], off, NULL, 0) < 0)
         return NULL;
     return PyLong_FromUnsignedLongLong(live_sleepers(&c, 0));
 }
@@ -297,10 +275,7 @@ py_cond_sleepers(PyObject *mod, PyObject *const *a, Py_ssize_t n)
 static PyObject *
 py_cond_footprint(PyObject *mod, PyObject *arg)
 {
-    long long n = PyLong_AsLongLong(arg);
-    if (n == -1 && PyErr_Occurred())
-        return NULL;
-    return PyLong_FromLongLong(COND_TABLE + 8 * n);
+    return shm_sync_footprint_of(arg, COND_TABLE);
 }
 
 static PyMethodDef cond_fns[] = {

@@ -10,10 +10,7 @@
  *   event_set(m, off, auto_reset=False)
  *   event_clear(m, off)
  */
-#include "shmkit.h"
-#include "wait.h"
-#include "journal.h"
-#include <errno.h>
+#include "sync.h"
 #include <limits.h>
 
 #define SPIN_NS (30 * 1000LL)
@@ -23,10 +20,10 @@ static inline int
 try_take(uint32_t *w, int auto_reset)
 {
     uint32_t v = __atomic_load_n(w, __ATOMIC_ACQUIRE);
-    while (v & 1u) {
+    while (v & EVENT_FLAG) {
         if (!auto_reset)
             return 1;
-        if (__atomic_compare_exchange_n(w, &v, v & ~1u, 0, __ATOMIC_ACQ_REL,
+        if (__atomic_compare_exchange_n(w, &v, v & ~EVENT_FLAG, 0, __ATOMIC_ACQ_REL,
                                         __ATOMIC_ACQUIRE))
             return 1;
     }
@@ -46,7 +43,7 @@ ev_ready(void *ctx, uint32_t *sleep_on)
         if (try_take(e->w, e->auto_reset))
             return 1;
         uint32_t v = __atomic_load_n(e->w, __ATOMIC_ACQUIRE);
-        if (!(v & 1u)) { /* never sleep on a set word: test it again */
+        if (!(v & EVENT_FLAG)) { /* never sleep on a set word: test it again */
             *sleep_on = v;
             return 0;
         }
@@ -56,13 +53,13 @@ ev_ready(void *ctx, uint32_t *sleep_on)
 static void
 ev_arm(void *ctx)
 {
-    __atomic_fetch_add(((EventWait *)ctx)->w, 2u, __ATOMIC_SEQ_CST);
+    shm_event_arm(((EventWait *)ctx)->w);
 }
 
 static void
 ev_disarm(void *ctx)
 {
-    __atomic_fetch_sub(((EventWait *)ctx)->w, 2u, __ATOMIC_SEQ_CST);
+    shm_event_disarm(((EventWait *)ctx)->w);
 }
 
 /* Wait through wait.h: spin, count ourselves as a waiter, sleep in slices;
@@ -80,12 +77,8 @@ static int
 parse(PyObject *const *a, Py_ssize_t n, Py_ssize_t lo, Py_ssize_t hi, const char *sig,
       uint32_t **w, int writable)
 {
-    if (n < lo || n > hi) {
-        PyErr_Format(PyExc_TypeError, "expected %s", sig);
-        return -1;
-    }
-    long long off = PyLong_AsLongLong(a[1]);
-    if (off == -1 && PyErr_Occurred())
+    long long off;
+    if (shm_sync_args(a, n, lo, hi, sig, &off) < 0)
         return -1;
     *w = shm_addr(a[0], off, 4, writable);
     return *w == NULL ? -1 : 0;
@@ -122,9 +115,9 @@ py_event_set(PyObject *mod, PyObject *const *a, Py_ssize_t n)
     int auto_reset = n > 2 ? PyObject_IsTrue(a[2]) : 0;
     if (auto_reset < 0)
         return NULL;
-    uint32_t old = __atomic_fetch_or(w, 1u, __ATOMIC_SEQ_CST);
+    uint32_t old = __atomic_fetch_or(w, EVENT_FLAG, __ATOMIC_SEQ_CST);
     shm_crash_point("event.set.flagged");
-    if ((old >> 1) != 0)
+    if (old >= EVENT_WAITER)
         shm_futex_wake(w, auto_reset ? 1 : INT_MAX);
     Py_RETURN_NONE;
 }
@@ -135,7 +128,7 @@ py_event_clear(PyObject *mod, PyObject *const *a, Py_ssize_t n)
     uint32_t *w;
     if (parse(a, n, 2, 2, "event_clear(mapping, offset)", &w, 1) < 0)
         return NULL;
-    __atomic_fetch_and(w, ~1u, __ATOMIC_SEQ_CST);
+    __atomic_fetch_and(w, ~EVENT_FLAG, __ATOMIC_SEQ_CST);
     Py_RETURN_NONE;
 }
 

@@ -9,8 +9,7 @@
  *   futex_wait(mapping, offset, expected, timeout=None) -> bool
  *   futex_wake(mapping, offset, n=1) -> int
  */
-#include "shmkit.h"
-#include "wait.h"
+#include "sync.h"
 #include <errno.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -96,13 +95,9 @@ shm_wait_change(MappingObject *m, uint32_t *word, uint32_t expected, int64_t dea
 static PyObject *
 py_futex_wait(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs < 3 || nargs > 4) {
-        PyErr_SetString(PyExc_TypeError,
-                        "futex_wait(mapping, offset, expected, timeout=None)");
-        return NULL;
-    }
-    long long off = PyLong_AsLongLong(args[1]);
-    if (off == -1 && PyErr_Occurred())
+    long long off;
+    if (shm_sync_args(args, nargs, 3, 4, "futex_wait(mapping, offset, expected, timeout=None)",
+                      &off) < 0)
         return NULL;
     unsigned long expected = PyLong_AsUnsignedLongMask(args[2]);
     if (expected == (unsigned long)-1 && PyErr_Occurred())
@@ -124,12 +119,8 @@ py_futex_wait(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 py_futex_wake(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs < 2 || nargs > 3) {
-        PyErr_SetString(PyExc_TypeError, "futex_wake(mapping, offset, n=1)");
-        return NULL;
-    }
-    long long off = PyLong_AsLongLong(args[1]);
-    if (off == -1 && PyErr_Occurred())
+    long long off;
+    if (shm_sync_args(args, nargs, 2, 3, "futex_wake(mapping, offset, n=1)", &off) < 0)
         return NULL;
     int n = 1;
     if (nargs == 3) {

@@ -16,9 +16,7 @@
  *   .acquire(blocking=True, timeout=None) -> bool; .release(); with lock: ...
  *   .recovered: True when the current holding was taken from a dead owner
  */
-#include "shmkit.h"
-#include "journal.h"
-#include "wait.h"
+#include "sync.h"
 #include <errno.h>
 #include <structmember.h>
 
@@ -235,9 +233,7 @@ lock_ready(void *ctx, uint32_t *sleep_on)
         *sleep_on = __atomic_load_n(c->word, __ATOMIC_RELAXED);
         return 0;
     }
-    if (bit && !(v & bit) && cas(c->word, v, v | bit))
-        v |= bit;
-    *sleep_on = v;
+    *sleep_on = bit ? shm_lock_mark_waiters(c->word, v) : v;
     return 0;
 }
 
@@ -368,44 +364,18 @@ shm_warn_owner_died(MappingObject *m, const char *what)
 }
 
 typedef struct {
-    PyObject_HEAD
-    PyObject *mapping;
-    long long offset;
-    PyObject *what;
+    SHM_SYNC_HANDLE_HEAD
     int recovered;
 } LockObject;
 
 static int
 lock_init(LockObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"mapping", "offset", "what", NULL};
-    PyObject *mapping, *what = NULL;
-    long long offset;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&L|U", kwlist, shm_mapping_converter,
-                                     &mapping, &offset, &what))
+    if (shm_sync_handle_init((shm_sync_handle *)self, args, kwds, "shmkit lock", 0, NULL,
+                             NULL) < 0)
         return -1;
-    if (shm_addr(mapping, offset, 4, 0) == NULL)
-        return -1;
-    Py_INCREF(mapping);
-    Py_XSETREF(self->mapping, mapping);
-    if (what == NULL)
-        what = PyUnicode_FromString("shmkit lock");
-    else
-        Py_INCREF(what);
-    Py_XSETREF(self->what, what);
-    self->offset = offset;
     self->recovered = 0;
     return 0;
-}
-
-static void
-lock_dealloc(LockObject *self)
-{
-    Py_XDECREF(self->mapping);
-    Py_XDECREF(self->what);
-    PyTypeObject *tp = Py_TYPE(self);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp); /* a heap type: its instances hold it */
 }
 
 static int
@@ -417,7 +387,7 @@ do_acquire(LockObject *self, int64_t deadline)
     int r = shm_lock_acquire((MappingObject *)self->mapping, word, deadline);
     if (r == 2) {
         self->recovered = 1;
-        if (shm_warn_owner_died((MappingObject *)self->mapping, PyUnicode_AsUTF8(self->what)) < 0) {
+        if (shm_warn_owner_died((MappingObject *)self->mapping, self->what_s) < 0) {
             shm_lock_release((MappingObject *)self->mapping, word);
             return -1;
         }
@@ -464,38 +434,11 @@ lock_acquire(LockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject
         if (r > 0)
             Py_RETURN_TRUE;
     }
-    PyObject *blocking_obj = nargs > 0 ? args[0] : NULL;
-    PyObject *timeout = nargs > 1 ? args[1] : Py_None;
-    if (nargs > 2) {
-        PyErr_SetString(PyExc_TypeError, "acquire(blocking=True, timeout=None)");
+    PyObject *blocking, *timeout;
+    if (shm_sync_parse_acquire(args, nargs, kwnames, "acquire()", &blocking, &timeout) < 0)
         return NULL;
-    }
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    for (Py_ssize_t i = 0; i < nkw; i++) {
-        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
-        if (PyUnicode_CompareWithASCIIString(key, "blocking") == 0 && blocking_obj == NULL)
-            blocking_obj = args[nargs + i];
-        else if (PyUnicode_CompareWithASCIIString(key, "timeout") == 0 && nargs < 2)
-            timeout = args[nargs + i];
-        else {
-            PyErr_Format(PyExc_TypeError, "acquire() got an unexpected or repeated "
-                         "argument %R", key);
-            return NULL;
-        }
-    }
-    int blocking = blocking_obj ? PyObject_IsTrue(blocking_obj) : 1;
-    if (blocking < 0)
-        return NULL;
-    int64_t deadline;
-    if (!blocking)
-        deadline = 0;
-    else if (timeout != Py_None && PyNumber_Check(timeout) &&
-             PyFloat_AsDouble(timeout) == -1.0) {
-        if (PyErr_Occurred())
-            return NULL; /* e.g. an int too large for a float */
-        deadline = SHM_FOREVER; /* threading.Lock's "no timeout" */
-    }
-    else if ((deadline = shm_deadline(timeout)) < 0)
+    int64_t deadline = shm_sync_deadline(blocking, timeout);
+    if (deadline < 0)
         return NULL;
     int r = slow_acquire(self, deadline);
     if (r < 0)
@@ -588,7 +531,7 @@ static PyGetSetDef lock_getset[] = {
 };
 
 static PyType_Slot lock_spec_slots[] = {
-    {Py_tp_dealloc, lock_dealloc},
+    {Py_tp_dealloc, shm_sync_handle_dealloc},
     {Py_tp_doc, "Lock(mapping, offset, what='shmkit lock')\n--\n\n"
                 "The crash-robust mutex on the u32 at offset."},
     {Py_tp_methods, lock_methods},

@@ -25,17 +25,8 @@
 #include <limits.h>
 #include <structmember.h>
 
-#define RW_LOCK 0
-#define RW_STATE 4
-#define RW_LEFT 8
-#define RW_TABLE 64
-
 typedef struct {
-    PyObject_HEAD
-    PyObject *mapping;
-    long long offset;
-    PyObject *what;
-    const char *what_s;
+    SHM_SYNC_HANDLE_HEAD
     int recovered;
     long read_holds;    /* read holds taken through this handle, not yet released */
 } RWObject;
@@ -45,20 +36,9 @@ typedef struct {
     RWObject *self;
     int recovered;  /* a writer died holding it (acquire_read) */
     int dead_readers;
+    int busy;       /* reap_readers found live read holds */
     uint32_t seq;
 } RW;
-
-static inline uint32_t *
-ru32(RW *r, uint64_t off)
-{
-    return shm_sync_u32(&r->view, off);
-}
-
-static inline uint64_t *
-rentry(RW *r, uint32_t slot)
-{
-    return shm_sync_entry(&r->view, RW_TABLE, slot);
-}
 
 static int
 rw_bind(RWObject *self, RW *r)
@@ -67,11 +47,9 @@ rw_bind(RWObject *self, RW *r)
         PyErr_SetString(PyExc_TypeError, "the RWLock was not initialised");
         return -1;
     }
-    MappingObject *m = (MappingObject *)self->mapping;
-    if (shm_sync_bind(&r->view, self->mapping, self->offset,
-                      RW_TABLE + 8 * (uint64_t)m->max_slots, 1) < 0)
+    if (shm_sync_bind(&r->view, self->mapping, self->offset, RW_TABLE, 1, self->what_s) < 0)
         return -1;
-    if (m->token == 0) {
+    if (r->view.m->token == 0) {
         PyErr_Format(shm_state_of(self->mapping)->ClosedError, "%s is closed or was opened readonly",
                      self->what_s);
         return -1;
@@ -87,11 +65,11 @@ rw_bind(RWObject *self, RW *r)
 static int
 count(RW *r, int delta)
 {
-    uint32_t slot = SHM_TOKEN_SLOT(r->view.m->token), gen = SHM_TOKEN_GEN(r->view.m->token);
-    uint64_t *e = rentry(r, slot);
+    uint32_t me = r->view.m->token;
+    uint64_t *e = SHM_SYNC_ENTRY(r, SHM_TOKEN_SLOT(me));
     uint64_t v = __atomic_load_n(e, __ATOMIC_ACQUIRE);
     for (;;) {
-        uint32_t n = SHM_SLOT_ENTRY_GEN(v) == gen ? SHM_SLOT_ENTRY_COUNT(v) : 0;
+        uint32_t n = shm_slot_entry_mine(v, me);
         if (delta < 0 && n == 0) {
             if (r->self->read_holds > 0)
                 PyErr_Format(shm_state_of(r->self->mapping)->CorruptError, "the read hold this process took on %s "
@@ -99,34 +77,41 @@ count(RW *r, int delta)
                              "generation %u, this one is %u): the segment is damaged; "
                              "check its data (shmkit info) or recreate it",
                              r->self->what_s, (unsigned)SHM_SLOT_ENTRY_COUNT(v),
-                             (unsigned)SHM_SLOT_ENTRY_GEN(v), (unsigned)gen);
+                             (unsigned)SHM_SLOT_ENTRY_GEN(v), (unsigned)SHM_TOKEN_GEN(me));
             else
                 PyErr_Format(PyExc_RuntimeError, "release_read() of %s without a "
                              "matching acquire_read()", r->self->what_s);
             return -1;
         }
-        uint64_t nv = (uint64_t)gen << 32 | (uint32_t)(n + (uint32_t)delta);
-        if (__atomic_compare_exchange_n(e, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE))
+        if (__atomic_compare_exchange_n(e, &v, shm_slot_entry_make(me, n + (uint32_t)delta), 0,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE))
             return 0;
     }
+}
+
+/* The state word, and whether a writer is in or waiting. */
+static inline uint32_t
+state(RW *r)
+{
+    return __atomic_load_n(SHM_SYNC_U32(r, RW_STATE), __ATOMIC_SEQ_CST);
 }
 
 static void
 readers_left(RW *r)
 {
-    if (__atomic_load_n(ru32(r, RW_STATE), __ATOMIC_SEQ_CST) & 1u) {
-        __atomic_add_fetch(ru32(r, RW_LEFT), 1, __ATOMIC_SEQ_CST);
-        shm_futex_wake(ru32(r, RW_LEFT), 1);
+    if (state(r) & RW_WRITER) {
+        __atomic_add_fetch(SHM_SYNC_U32(r, RW_LEFT), 1, __ATOMIC_SEQ_CST);
+        shm_futex_wake(SHM_SYNC_U32(r, RW_LEFT), 1);
     }
 }
 
 static void
 release_state(RW *r)
 {
-    uint32_t s = __atomic_exchange_n(ru32(r, RW_STATE), 0, __ATOMIC_SEQ_CST);
+    uint32_t s = __atomic_exchange_n(SHM_SYNC_U32(r, RW_STATE), 0, __ATOMIC_SEQ_CST);
     shm_crash_point("rw.write.state_cleared");
-    if (s & 2u)
-        shm_futex_wake(ru32(r, RW_STATE), INT_MAX);
+    if (s & RW_SLEEPERS)
+        shm_futex_wake(SHM_SYNC_U32(r, RW_STATE), INT_MAX);
 }
 
 /* ---- readers ---- */
@@ -135,8 +120,8 @@ static int
 rd_ready(void *ctx, uint32_t *sleep_on)
 {
     RW *r = ctx;
-    uint32_t s = __atomic_load_n(ru32(r, RW_STATE), __ATOMIC_SEQ_CST);
-    if (!(s & 1u))
+    uint32_t s = state(r);
+    if (!(s & RW_WRITER))
         return 1;
     *sleep_on = s;
     return 0;
@@ -145,8 +130,7 @@ rd_ready(void *ctx, uint32_t *sleep_on)
 static void
 rd_arm(void *ctx)
 {
-    RW *r = ctx;
-    __atomic_fetch_or(ru32(r, RW_STATE), 2u, __ATOMIC_SEQ_CST);
+    shm_rw_arm(((RW *)ctx)->view.b);
 }
 
 /* After a slice without news: did the writer die holding it? */
@@ -154,10 +138,10 @@ static int
 rd_check(void *ctx)
 {
     RW *r = ctx;
-    uint32_t owner = __atomic_load_n(ru32(r, RW_LOCK), __ATOMIC_ACQUIRE) & SHM_TOKEN_MASK;
+    uint32_t owner = __atomic_load_n(SHM_SYNC_U32(r, RW_LOCK), __ATOMIC_ACQUIRE) & SHM_TOKEN_MASK;
     if (owner == 0 || shm_token_alive(r->view.m, owner))
         return 0;
-    int got = shm_lock_acquire(r->view.m, ru32(r, RW_LOCK), 0);
+    int got = shm_lock_acquire(r->view.m, SHM_SYNC_U32(r, RW_LOCK), 0);
     if (got < 0)
         return -1;
     if (got == 0)
@@ -167,7 +151,7 @@ rd_check(void *ctx)
     if (got == 2)
         r->recovered = 1;
     release_state(r);
-    shm_lock_release(r->view.m, ru32(r, RW_LOCK));
+    shm_lock_release(r->view.m, SHM_SYNC_U32(r, RW_LOCK));
     return 0;
 }
 
@@ -178,17 +162,17 @@ acquire_read(RWObject *self, int64_t deadline)
     if (rw_bind(self, &r) < 0)
         return -1;
     for (;;) {
-        if (!(__atomic_load_n(ru32(&r, RW_STATE), __ATOMIC_SEQ_CST) & 1u)) {
+        if (!(state(&r) & RW_WRITER)) {
             if (count(&r, +1) < 0)
                 return -1;
             shm_crash_point("rw.read.counted");
-            if (!(__atomic_load_n(ru32(&r, RW_STATE), __ATOMIC_SEQ_CST) & 1u))
+            if (!(state(&r) & RW_WRITER))
                 break;
             count(&r, -1); /* a writer came in: step back and let it go first */
             shm_crash_point("rw.read.stepped_back");
             readers_left(&r);
         }
-        shm_wait w = {.m = r.view.m, .word = ru32(&r, RW_STATE), .ctx = &r, .ready = rd_ready,
+        shm_wait w = {.m = r.view.m, .word = SHM_SYNC_U32(&r, RW_STATE), .ctx = &r, .ready = rd_ready,
                       .arm = rd_arm, .check = rd_check, .spin_ns = SHM_WAIT_SPIN_NS,
                       .what = self->what_s};
         int got = shm_wait_until(&w, deadline);
@@ -205,51 +189,58 @@ acquire_read(RWObject *self, int64_t deadline)
             return -1;
         }
     }
+    self->read_holds++;
     return 1;
 }
 
 /* ---- writers ---- */
+
+/* Give the write hold up: clear the state, release the writers' mutex. */
+static void
+drop_write(RW *r)
+{
+    release_state(r);
+    shm_lock_release_journal(r->view.m, SHM_SYNC_U32(r, RW_LOCK), NULL);
+}
 
 /* Any live-looking read holds?  (No liveness check: that is wr_check's.) */
 static int
 readers_in(RW *r)
 {
     for (uint32_t slot = 0; slot < r->view.m->max_slots; slot++)
-        if (SHM_SLOT_ENTRY_COUNT(__atomic_load_n(rentry(r, slot), __ATOMIC_SEQ_CST)))
+        if (SHM_SLOT_ENTRY_COUNT(__atomic_load_n(SHM_SYNC_ENTRY(r, slot), __ATOMIC_SEQ_CST)))
             return 1;
     return 0;
 }
 
 /* Zero the holds of readers that are gone; returns whether live ones remain. */
 static int
+reap_visit(void *ctx, uint32_t slot, uint64_t *e, uint64_t v, int alive)
+{
+    RW *r = ctx;
+    if (!alive && __atomic_compare_exchange_n(e, &v, SHM_SLOT_ENTRY_CLEARED(v), 0,
+                                              __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
+        r->dead_readers = 1;
+        shm_crash_point("rw.write.reaped");
+    }
+    else
+        r->busy = 1;
+    return 0;
+}
+
+static int
 reap_readers(RW *r)
 {
-    int busy = 0;
-    for (uint32_t slot = 0; slot < r->view.m->max_slots; slot++) {
-        uint64_t *e = rentry(r, slot);
-        uint64_t v = __atomic_load_n(e, __ATOMIC_SEQ_CST);
-        if (SHM_SLOT_ENTRY_COUNT(v) == 0)
-            continue;
-        if (shm_token_alive(r->view.m, shm_slot_entry_token(v, slot))) {
-            busy = 1;
-            continue;
-        }
-        if (__atomic_compare_exchange_n(e, &v, v & ~0xFFFFFFFFull, 0, __ATOMIC_SEQ_CST,
-                                        __ATOMIC_RELAXED)) {
-            r->dead_readers = 1;
-            shm_crash_point("rw.write.reaped");
-        }
-        else
-            busy = 1;
-    }
-    return busy;
+    r->busy = 0;
+    shm_sync_scan(&r->view, reap_visit, r);
+    return r->busy;
 }
 
 static int
 wr_ready(void *ctx, uint32_t *sleep_on)
 {
     RW *r = ctx;
-    uint32_t seq = __atomic_load_n(ru32(r, RW_LEFT), __ATOMIC_SEQ_CST);
+    uint32_t seq = __atomic_load_n(SHM_SYNC_U32(r, RW_LEFT), __ATOMIC_SEQ_CST);
     if (seq != r->seq || !readers_in(r))
         return 1;
     *sleep_on = seq;
@@ -269,25 +260,23 @@ acquire_write(RWObject *self, int64_t deadline)
     RW r;
     if (rw_bind(self, &r) < 0)
         return -1;
-    int got = shm_lock_acquire(r.view.m, ru32(&r, RW_LOCK), deadline);
+    int got = shm_lock_acquire(r.view.m, SHM_SYNC_U32(&r, RW_LOCK), deadline);
     if (got <= 0)
         return got;
     int died = got == 2;
     shm_crash_point("rw.write.locked");
-    __atomic_fetch_or(ru32(&r, RW_STATE), 1u, __ATOMIC_SEQ_CST);
+    __atomic_fetch_or(SHM_SYNC_U32(&r, RW_STATE), RW_WRITER, __ATOMIC_SEQ_CST);
     shm_crash_point("rw.write.announced");
     for (;;) {
-        r.seq = __atomic_load_n(ru32(&r, RW_LEFT), __ATOMIC_SEQ_CST);
+        r.seq = __atomic_load_n(SHM_SYNC_U32(&r, RW_LEFT), __ATOMIC_SEQ_CST);
         if (!reap_readers(&r))
             break;
-        shm_wait w = {.m = r.view.m, .word = ru32(&r, RW_LEFT), .ctx = &r, .ready = wr_ready,
+        shm_wait w = {.m = r.view.m, .word = SHM_SYNC_U32(&r, RW_LEFT), .ctx = &r, .ready = wr_ready,
                       .check = wr_check, .spin_ns = SHM_WAIT_SPIN_NS, .what = self->what_s};
         int w_got = shm_wait_until(&w, deadline);
         if (w_got <= 0) { /* timeout, Ctrl-C, closed: leave no write hold behind */
-            if (r.view.m->token != 0) {
-                release_state(&r);
-                shm_lock_release_journal(r.view.m, ru32(&r, RW_LOCK), NULL);
-            }
+            if (r.view.m->token != 0)
+                drop_write(&r);
             return w_got;
         }
     }
@@ -301,8 +290,7 @@ acquire_write(RWObject *self, int64_t deadline)
                                    "write lock of %s: a reader died while holding it; its "
                                    "holds were dropped", self->what_s);
         if (bad < 0) {
-            release_state(&r);
-            shm_lock_release_journal(r.view.m, ru32(&r, RW_LOCK), NULL);
+            drop_write(&r);
             return -1;
         }
     }
@@ -315,12 +303,12 @@ release_write(RWObject *self)
     RW r;
     if (rw_bind(self, &r) < 0)
         return -1;
-    uint32_t v = __atomic_load_n(ru32(&r, RW_LOCK), __ATOMIC_ACQUIRE);
+    uint32_t v = __atomic_load_n(SHM_SYNC_U32(&r, RW_LOCK), __ATOMIC_ACQUIRE);
     if ((v & SHM_TOKEN_MASK) != r.view.m->token) {
         /* lock.c tells the two apart: CorruptError when this process took
          * the word and another store replaced it (the state is then no
          * longer ours to clear), RuntimeError when it never took it. */
-        if (shm_lock_release(r.view.m, ru32(&r, RW_LOCK)) < 0 &&
+        if (shm_lock_release(r.view.m, SHM_SYNC_U32(&r, RW_LOCK)) < 0 &&
             PyErr_ExceptionMatches(PyExc_RuntimeError) &&
             !PyErr_ExceptionMatches(shm_state_of(self->mapping)->CorruptError)) {
             PyErr_Clear();
@@ -330,7 +318,7 @@ release_write(RWObject *self)
         return -1;
     }
     release_state(&r);
-    return shm_lock_release(r.view.m, ru32(&r, RW_LOCK));
+    return shm_lock_release(r.view.m, SHM_SYNC_U32(&r, RW_LOCK));
 }
 
 /* ---- the Python type ---- */
@@ -338,40 +326,12 @@ release_write(RWObject *self)
 static int
 rw_init(RWObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"mapping", "offset", "what", NULL};
-    PyObject *mapping, *what = NULL;
-    long long offset;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&L|U", kwlist, shm_mapping_converter, &mapping,
-                                     &offset, &what))
+    if (shm_sync_handle_init((shm_sync_handle *)self, args, kwds, "rwlock", RW_TABLE, NULL,
+                             NULL) < 0)
         return -1;
-    if (shm_sync_span(mapping, offset,
-                      RW_TABLE + 8 * (uint64_t)((MappingObject *)mapping)->max_slots, 0) == NULL)
-        return -1;
-    what = what ? Py_NewRef(what) : PyUnicode_FromString("rwlock");
-    if (what == NULL)
-        return -1;
-    const char *s = PyUnicode_AsUTF8(what);
-    if (s == NULL) {
-        Py_DECREF(what);
-        return -1;
-    }
-    Py_XSETREF(self->mapping, Py_NewRef(mapping));
-    Py_XSETREF(self->what, what);
-    self->what_s = s;
-    self->offset = offset;
     self->recovered = 0;
     self->read_holds = 0;
     return 0;
-}
-
-static void
-rw_dealloc(RWObject *self)
-{
-    Py_XDECREF(self->mapping);
-    Py_XDECREF(self->what);
-    PyTypeObject *tp = Py_TYPE(self);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp); /* a heap type: its instances hold it */
 }
 
 static int64_t
@@ -389,30 +349,30 @@ timeout_deadline(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, con
     return shm_sync_deadline(NULL, timeout);
 }
 
+/* acquire_read() and acquire_write(): parse the timeout, call fn pinned. */
 static PyObject *
-py_acquire_read(RWObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+timed_acquire(RWObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+              const char *sig, int (*fn)(RWObject *, int64_t))
 {
-    int64_t deadline = timeout_deadline(args, nargs, kwnames, "acquire_read()");
+    int64_t deadline = timeout_deadline(args, nargs, kwnames, sig);
     if (deadline < 0 || self->mapping == NULL)
         return deadline < 0 ? NULL : (PyErr_SetString(PyExc_TypeError, "not initialised"), NULL);
     shm_pin(self->mapping);
-    int r = acquire_read(self, deadline);
+    int r = fn(self, deadline);
     shm_unpin(self->mapping);
-    if (r > 0)
-        self->read_holds++;
     return r < 0 ? NULL : PyBool_FromLong(r);
+}
+
+static PyObject *
+py_acquire_read(RWObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return timed_acquire(self, args, nargs, kwnames, "acquire_read()", acquire_read);
 }
 
 static PyObject *
 py_acquire_write(RWObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    int64_t deadline = timeout_deadline(args, nargs, kwnames, "acquire_write()");
-    if (deadline < 0 || self->mapping == NULL)
-        return deadline < 0 ? NULL : (PyErr_SetString(PyExc_TypeError, "not initialised"), NULL);
-    shm_pin(self->mapping);
-    int r = acquire_write(self, deadline);
-    shm_unpin(self->mapping);
-    return r < 0 ? NULL : PyBool_FromLong(r);
+    return timed_acquire(self, args, nargs, kwnames, "acquire_write()", acquire_write);
 }
 
 static PyObject *
@@ -479,7 +439,7 @@ static PyGetSetDef rw_getset[] = {
 };
 
 static PyType_Slot rw_spec_slots[] = {
-    {Py_tp_dealloc, rw_dealloc},
+    {Py_tp_dealloc, shm_sync_handle_dealloc},
     {Py_tp_doc, "RWLock(mapping, offset, what='rwlock')\n--\n\n"
                 "The reader/writer lock at offset (64 + 8 * max_slots zeroed bytes)."},
     {Py_tp_methods, rw_methods},

@@ -27,22 +27,8 @@
 #include <limits.h>
 #include <structmember.h>
 
-#define SEM_LOCK 0
-#define SEM_VALUE 4
-#define SEM_SEQ 8
-#define SEM_SLEEPERS 12
-#define SEM_MAX 16
-#define SEM_JOURNAL 32
-#define SEM_JCAP 4
-#define SEM_TABLE 128
-#define SEM_NO_MAX 0xFFFFFFFFu
-
 typedef struct {
-    PyObject_HEAD
-    PyObject *mapping;
-    long long offset;
-    PyObject *what;
-    const char *what_s;
+    SHM_SYNC_HANDLE_HEAD
     uint32_t maximum;   /* the stored maximum as this handle found it */
 } SemObject;
 
@@ -53,34 +39,15 @@ typedef struct {
     SemObject *self;
 } Sem;
 
-static inline uint32_t *
-u32at(Sem *s, uint64_t off)
-{
-    return shm_sync_u32(&s->view, off);
-}
-
-static inline uint64_t *
-entry(Sem *s, uint32_t slot)
-{
-    return shm_sync_entry(&s->view, SEM_TABLE, slot);
-}
-
-static uint64_t
-footprint(MappingObject *m)
-{
-    return SEM_TABLE + 8 * (uint64_t)m->max_slots;
-}
-
 /* Bind s to self's memory; -1 with an exception (closed, out of bounds). */
 static int
 bind(SemObject *self, Sem *s)
 {
-    MappingObject *m = (MappingObject *)self->mapping;
-    if (shm_sync_bind(&s->view, self->mapping, self->offset, footprint(m), 1) < 0)
+    if (shm_sync_bind(&s->view, self->mapping, self->offset, SEM_TABLE, 1, self->what_s) < 0)
         return -1;
     s->self = self;
-    shm_journal_bind(&s->jn, m, s->view.b, SEM_JOURNAL, SEM_JCAP, SEM_VALUE, footprint(m),
-                     self->what_s);
+    shm_journal_bind(&s->jn, s->view.m, s->view.b, SEM_JOURNAL, SEM_JCAP, SEM_VALUE,
+                     shm_sync_footprint(s->view.m, SEM_TABLE), self->what_s);
     return 0;
 }
 
@@ -89,17 +56,17 @@ bind(SemObject *self, Sem *s)
 static int64_t
 give_back(Sem *s, uint32_t slot, const char *step_value, const char *step_held)
 {
-    uint64_t v = __atomic_load_n(entry(s, slot), __ATOMIC_ACQUIRE);
+    uint64_t v = __atomic_load_n(SHM_SYNC_ENTRY(s, slot), __ATOMIC_ACQUIRE);
     int32_t held = (int32_t)SHM_SLOT_ENTRY_COUNT(v);
     if (held == 0)
         return 0;
-    int32_t value = (int32_t)__atomic_load_n(u32at(s, SEM_VALUE), __ATOMIC_RELAXED);
+    int32_t value = (int32_t)__atomic_load_n(SHM_SYNC_U32(s, SEM_VALUE), __ATOMIC_RELAXED);
     int64_t back = held > 0 ? held : 0;
     if ((int64_t)value + back > INT32_MAX)
         back = INT32_MAX - (int64_t)value; /* only a corrupt count gets here */
     shm_jset32(&s->jn, SEM_VALUE, (uint32_t)(value + (int32_t)back), 0);
     shm_crash_point(step_value);
-    shm_jset64(&s->jn, SEM_TABLE + 8 * (uint64_t)slot, v & ~0xFFFFFFFFull, 0);
+    shm_jset64(&s->jn, SEM_TABLE + 8 * (uint64_t)slot, SHM_SLOT_ENTRY_CLEARED(v), 0);
     shm_crash_point(step_held);
     if (shm_journal_commit(&s->jn) < 0)
         return -1;
@@ -109,28 +76,50 @@ give_back(Sem *s, uint32_t slot, const char *step_value, const char *step_held)
 static void
 announce(Sem *s, int64_t n)
 {
-    __atomic_add_fetch(u32at(s, SEM_SEQ), 1, __ATOMIC_SEQ_CST);
-    if (n > 0 && __atomic_load_n(u32at(s, SEM_SLEEPERS), __ATOMIC_SEQ_CST) != 0)
-        shm_futex_wake(u32at(s, SEM_SEQ), n > INT_MAX ? INT_MAX : (int)n);
+    __atomic_add_fetch(SHM_SYNC_U32(s, SEM_SEQ), 1, __ATOMIC_SEQ_CST);
+    if (n > 0 && __atomic_load_n(SHM_SYNC_U32(s, SEM_SLEEPERS), __ATOMIC_SEQ_CST) != 0)
+        shm_futex_wake(SHM_SYNC_U32(s, SEM_SEQ), n > INT_MAX ? INT_MAX : (int)n);
 }
 
 /* Give back the units of every attachment that is gone (lock held). */
+typedef struct {
+    Sem *s;
+    int64_t freed;
+} Reclaim;
+
+static int
+reclaim_visit(void *ctx, uint32_t slot, uint64_t *e, uint64_t v, int alive)
+{
+    Reclaim *rc = ctx;
+    if (alive)
+        return 0;
+    int64_t r = give_back(rc->s, slot, "sem.reclaim.value", "sem.reclaim.held");
+    if (r < 0)
+        return -1;
+    rc->freed += r;
+    return 0;
+}
+
 static int64_t
 reclaim_dead(Sem *s)
 {
-    int64_t freed = 0;
-    for (uint32_t slot = 0; slot < s->view.m->max_slots; slot++) {
-        uint64_t v = __atomic_load_n(entry(s, slot), __ATOMIC_ACQUIRE);
-        if (SHM_SLOT_ENTRY_COUNT(v) == 0)
-            continue;
-        if (shm_token_alive(s->view.m, shm_slot_entry_token(v, slot)))
-            continue;
-        int64_t r = give_back(s, slot, "sem.reclaim.value", "sem.reclaim.held");
-        if (r < 0)
-            return -1;
-        freed += r;
-    }
-    return freed;
+    Reclaim rc = {s, 0};
+    return shm_sync_scan(&s->view, reclaim_visit, &rc) < 0 ? -1 : rc.freed;
+}
+
+/* Wake as many waiters as the r units that came back.  0, or -1 if r is. */
+static int
+announce_back(Sem *s, int64_t r)
+{
+    if (r > 0)
+        announce(s, r);
+    return r < 0 ? -1 : 0;
+}
+
+static int
+reclaim_announce(Sem *s)
+{
+    return announce_back(s, reclaim_dead(s));
 }
 
 /* Our slot's entry may be a dead predecessor's: give its units back before
@@ -139,13 +128,10 @@ static int
 reclaim_own(Sem *s)
 {
     uint32_t slot = SHM_TOKEN_SLOT(s->view.m->token);
-    uint64_t v = __atomic_load_n(entry(s, slot), __ATOMIC_ACQUIRE);
+    uint64_t v = __atomic_load_n(SHM_SYNC_ENTRY(s, slot), __ATOMIC_ACQUIRE);
     if (SHM_SLOT_ENTRY_COUNT(v) == 0 || SHM_SLOT_ENTRY_GEN(v) == SHM_TOKEN_GEN(s->view.m->token))
         return 0;
-    int64_t r = give_back(s, slot, "sem.reclaim.value", "sem.reclaim.held");
-    if (r > 0)
-        announce(s, r);
-    return r < 0 ? -1 : 0;
+    return announce_back(s, give_back(s, slot, "sem.reclaim.value", "sem.reclaim.held"));
 }
 
 /* The maximum never changes after sem_format, and no release or acquire
@@ -155,7 +141,7 @@ reclaim_own(Sem *s)
 static int64_t
 sane_limit(Sem *s, int32_t value)
 {
-    uint32_t max = __atomic_load_n(u32at(s, SEM_MAX), __ATOMIC_RELAXED);
+    uint32_t max = __atomic_load_n(SHM_SYNC_U32(s, SEM_MAX), __ATOMIC_RELAXED);
     int64_t limit = max == SEM_NO_MAX || max > INT32_MAX ? INT32_MAX : (int64_t)max;
     if (max != s->self->maximum) {
         PyErr_Format(shm_state_of(s->self->mapping)->CorruptError, "%s: its maximum changed from %u to %u, which no "
@@ -174,24 +160,20 @@ sane_limit(Sem *s, int32_t value)
 static int
 repair(void *ctx, int owner_died)
 {
-    Sem *s = ctx;
-    int64_t r = reclaim_dead(s);
-    if (r > 0)
-        announce(s, r);
-    return r < 0 ? -1 : 0;
+    return reclaim_announce(ctx);
 }
 
 static int
 lock(Sem *s)
 {
-    int r = shm_lock_acquire_repair(s->view.m, u32at(s, SEM_LOCK), SHM_FOREVER, &s->jn, repair, s);
+    int r = shm_lock_acquire_repair(s->view.m, SHM_SYNC_U32(s, SEM_LOCK), SHM_FOREVER, &s->jn, repair, s);
     return r < 0 ? -1 : 0;
 }
 
 static void
 unlock(Sem *s)
 {
-    shm_lock_release_journal(s->view.m, u32at(s, SEM_LOCK), &s->jn);
+    shm_lock_release_journal(s->view.m, SHM_SYNC_U32(s, SEM_LOCK), &s->jn);
 }
 
 /* Add delta to our value and holds: one journaled update (lock held). */
@@ -200,12 +182,12 @@ update(Sem *s, int32_t value, int32_t held_delta, const char *step_value,
        const char *step_held)
 {
     uint32_t slot = SHM_TOKEN_SLOT(s->view.m->token);
-    uint64_t v = __atomic_load_n(entry(s, slot), __ATOMIC_RELAXED);
+    uint64_t v = __atomic_load_n(SHM_SYNC_ENTRY(s, slot), __ATOMIC_RELAXED);
     uint32_t held = SHM_SLOT_ENTRY_COUNT(v) + (uint32_t)held_delta;
     shm_jset32(&s->jn, SEM_VALUE, (uint32_t)value, 0);
     shm_crash_point(step_value);
-    shm_jset64(&s->jn, SEM_TABLE + 8 * (uint64_t)slot,
-               (uint64_t)SHM_TOKEN_GEN(s->view.m->token) << 32 | held, 0);
+    shm_jset64(&s->jn, SEM_TABLE + 8 * (uint64_t)slot, shm_slot_entry_make(s->view.m->token, held),
+               0);
     shm_crash_point(step_held);
     return shm_journal_commit(&s->jn);
 }
@@ -220,17 +202,17 @@ try_take(Sem *s, int check_dead)
     shm_crash_point("sem.acquire.locked");
     int r = reclaim_own(s);
     if (r == 0 &&
-        sane_limit(s, (int32_t)__atomic_load_n(u32at(s, SEM_VALUE), __ATOMIC_RELAXED)) < 0)
+        sane_limit(s, (int32_t)__atomic_load_n(SHM_SYNC_U32(s, SEM_VALUE), __ATOMIC_RELAXED)) < 0)
         r = -1;
     if (r == 0) {
-        int32_t value = (int32_t)__atomic_load_n(u32at(s, SEM_VALUE), __ATOMIC_RELAXED);
+        int32_t value = (int32_t)__atomic_load_n(SHM_SYNC_U32(s, SEM_VALUE), __ATOMIC_RELAXED);
         if (value <= 0 && check_dead) {
             int64_t freed = reclaim_dead(s);
             if (freed < 0)
                 r = -1;
             else if (freed > 0)
                 announce(s, freed - 1);
-            value = (int32_t)__atomic_load_n(u32at(s, SEM_VALUE), __ATOMIC_RELAXED);
+            value = (int32_t)__atomic_load_n(SHM_SYNC_U32(s, SEM_VALUE), __ATOMIC_RELAXED);
         }
         if (r == 0 && value > 0)
             r = update(s, value - 1, 1, "sem.acquire.value", "sem.acquire.held") < 0 ? -1 : 1;
@@ -244,16 +226,14 @@ try_take(Sem *s, int check_dead)
 typedef struct {
     Sem *s;
     uint32_t seq0;
-    int checked;
 } SemWait;
 
 static int
 sem_ready(void *ctx, uint32_t *sleep_on)
 {
     SemWait *w = ctx;
-    uint32_t seq = __atomic_load_n(u32at(w->s, SEM_SEQ), __ATOMIC_SEQ_CST);
-    if (seq != w->seq0 ||
-        (int32_t)__atomic_load_n(u32at(w->s, SEM_VALUE), __ATOMIC_SEQ_CST) > 0)
+    uint32_t seq = __atomic_load_n(SHM_SYNC_U32(w->s, SEM_SEQ), __ATOMIC_SEQ_CST);
+    if (seq != w->seq0 || shm_sem_free(w->s->view.b))
         return 1;
     *sleep_on = seq;
     return 0;
@@ -262,17 +242,13 @@ sem_ready(void *ctx, uint32_t *sleep_on)
 static void
 sem_arm(void *ctx)
 {
-    __atomic_add_fetch(u32at(((SemWait *)ctx)->s, SEM_SLEEPERS), 1, __ATOMIC_SEQ_CST);
+    shm_sem_arm(((SemWait *)ctx)->s->view.b);
 }
 
 static void
 sem_disarm(void *ctx)
 {
-    uint32_t *n = u32at(((SemWait *)ctx)->s, SEM_SLEEPERS);
-    uint32_t v = __atomic_load_n(n, __ATOMIC_RELAXED);
-    while (v != 0 && !__atomic_compare_exchange_n(n, &v, v - 1, 0, __ATOMIC_SEQ_CST,
-                                                  __ATOMIC_RELAXED))
-        ;
+    shm_sem_disarm(((SemWait *)ctx)->s->view.b);
 }
 
 /* After a slice without news: units of holders that died come back. */
@@ -282,11 +258,9 @@ sem_check(void *ctx)
     Sem *s = ((SemWait *)ctx)->s;
     if (lock(s) < 0)
         return -1;
-    int64_t r = reclaim_dead(s);
-    if (r > 0)
-        announce(s, r);
+    int r = reclaim_announce(s);
     unlock(s);
-    return r < 0 ? -1 : 0;
+    return r;
 }
 
 static int
@@ -297,15 +271,15 @@ sem_acquire(SemObject *self, int64_t deadline)
         return -1;
     int checked = 0;
     for (;;) {
-        uint32_t seq0 = __atomic_load_n(u32at(&s, SEM_SEQ), __ATOMIC_SEQ_CST);
+        uint32_t seq0 = __atomic_load_n(SHM_SYNC_U32(&s, SEM_SEQ), __ATOMIC_SEQ_CST);
         int r = try_take(&s, !checked);
         if (r != 0)
             return r;
         checked = 1;
         if (shm_now_ns() >= deadline)
             return 0;
-        SemWait sw = {&s, seq0, 0};
-        shm_wait w = {.m = s.view.m, .word = u32at(&s, SEM_SEQ), .ctx = &sw, .ready = sem_ready,
+        SemWait sw = {&s, seq0};
+        shm_wait w = {.m = s.view.m, .word = SHM_SYNC_U32(&s, SEM_SEQ), .ctx = &sw, .ready = sem_ready,
                       .arm = sem_arm, .disarm = sem_disarm, .check = sem_check,
                       .spin_ns = SHM_WAIT_SPIN_NS, .what = self->what_s};
         r = shm_wait_until(&w, deadline);
@@ -335,8 +309,8 @@ sem_release(SemObject *self, long long n)
         r = reclaim_own(&s);
     }
     if (r == 0) {
-        int32_t value = (int32_t)__atomic_load_n(u32at(&s, SEM_VALUE), __ATOMIC_RELAXED);
-        uint32_t max = __atomic_load_n(u32at(&s, SEM_MAX), __ATOMIC_RELAXED);
+        int32_t value = (int32_t)__atomic_load_n(SHM_SYNC_U32(&s, SEM_VALUE), __ATOMIC_RELAXED);
+        uint32_t max = __atomic_load_n(SHM_SYNC_U32(&s, SEM_MAX), __ATOMIC_RELAXED);
         int64_t limit = sane_limit(&s, value);
         if (limit < 0)
             r = -1; /* damage: CorruptError */
@@ -356,62 +330,16 @@ sem_release(SemObject *self, long long n)
                        "sem.release.held");
         if (r == 0) {
             shm_crash_point("sem.release.committed");
-            __atomic_add_fetch(u32at(&s, SEM_SEQ), 1, __ATOMIC_SEQ_CST);
+            __atomic_add_fetch(SHM_SYNC_U32(&s, SEM_SEQ), 1, __ATOMIC_SEQ_CST);
         }
     }
     if (locked)
         unlock(&s);
     shm_crash_point("sem.release.unlocked");
-    if (r == 0 && __atomic_load_n(u32at(&s, SEM_SLEEPERS), __ATOMIC_SEQ_CST) != 0)
-        shm_futex_wake(u32at(&s, SEM_SEQ), (int)n);
+    if (r == 0 && __atomic_load_n(SHM_SYNC_U32(&s, SEM_SLEEPERS), __ATOMIC_SEQ_CST) != 0)
+        shm_futex_wake(SHM_SYNC_U32(&s, SEM_SEQ), (int)n);
     shm_unpin(self->mapping);
     return r;
-}
-
-/* ---- shared argument helpers (sync.h) ---- */
-
-int64_t
-shm_sync_deadline(PyObject *blocking_obj, PyObject *timeout)
-{
-    int blocking = blocking_obj ? PyObject_IsTrue(blocking_obj) : 1;
-    if (blocking < 0)
-        return -1;
-    if (!blocking)
-        return 0;
-    if (timeout != NULL && timeout != Py_None && PyNumber_Check(timeout)) {
-        double t = PyFloat_AsDouble(timeout);
-        if (t == -1.0 && PyErr_Occurred())
-            return -1;
-        if (t == -1.0)
-            return SHM_FOREVER;
-    }
-    return shm_deadline(timeout);
-}
-
-int
-shm_sync_parse_acquire(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                       const char *sig, PyObject **blocking, PyObject **timeout)
-{
-    *blocking = nargs > 0 ? args[0] : NULL;
-    *timeout = nargs > 1 ? args[1] : Py_None;
-    if (nargs > 2) {
-        PyErr_Format(PyExc_TypeError, "%s takes at most 2 positional arguments", sig);
-        return -1;
-    }
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    for (Py_ssize_t i = 0; i < nkw; i++) {
-        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
-        if (PyUnicode_CompareWithASCIIString(key, "blocking") == 0 && nargs < 1)
-            *blocking = args[nargs + i];
-        else if (PyUnicode_CompareWithASCIIString(key, "timeout") == 0 && nargs < 2)
-            *timeout = args[nargs + i];
-        else {
-            PyErr_Format(PyExc_TypeError, "%s got an unexpected or repeated argument %R",
-                         sig, key);
-            return -1;
-        }
-    }
-    return 0;
 }
 
 /* ---- the Python type ---- */
@@ -419,44 +347,12 @@ shm_sync_parse_acquire(PyObject *const *args, Py_ssize_t nargs, PyObject *kwname
 static int
 sem_init(SemObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"mapping", "offset", "what", NULL};
-    PyObject *mapping, *what = NULL;
-    long long offset;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&L|U", kwlist, shm_mapping_converter, &mapping,
-                                     &offset, &what))
+    char *b;
+    if (shm_sync_handle_init((shm_sync_handle *)self, args, kwds, "semaphore", SEM_TABLE,
+                             "semaphore", &b) < 0)
         return -1;
-    if (offset < 0 || offset % 8 != 0) {
-        PyErr_Format(PyExc_ValueError, "a semaphore's offset must be a multiple of 8, "
-                     "not %lld", offset);
-        return -1;
-    }
-    char *b = shm_sync_span(mapping, offset, footprint((MappingObject *)mapping), 0);
-    if (b == NULL)
-        return -1;
-    what = what ? Py_NewRef(what) : PyUnicode_FromString("semaphore");
-    if (what == NULL)
-        return -1;
-    const char *s = PyUnicode_AsUTF8(what);
-    if (s == NULL) {
-        Py_DECREF(what);
-        return -1;
-    }
-    Py_XSETREF(self->mapping, Py_NewRef(mapping));
-    Py_XSETREF(self->what, what);
-    self->what_s = s;
-    self->offset = offset;
     self->maximum = __atomic_load_n((uint32_t *)(b + SEM_MAX), __ATOMIC_ACQUIRE);
     return 0;
-}
-
-static void
-sem_dealloc(SemObject *self)
-{
-    Py_XDECREF(self->mapping);
-    Py_XDECREF(self->what);
-    PyTypeObject *tp = Py_TYPE(self);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp); /* a heap type: its instances hold it */
 }
 
 static int
@@ -553,7 +449,7 @@ sem_get_held(SemObject *self, void *Py_UNUSED(c))
         return NULL;
     if (s.view.m->token == 0)
         return PyLong_FromLong(0);
-    uint64_t v = __atomic_load_n(entry(&s, SHM_TOKEN_SLOT(s.view.m->token)), __ATOMIC_ACQUIRE);
+    uint64_t v = __atomic_load_n(SHM_SYNC_ENTRY(&s, SHM_TOKEN_SLOT(s.view.m->token)), __ATOMIC_ACQUIRE);
     if (SHM_SLOT_ENTRY_GEN(v) != SHM_TOKEN_GEN(s.view.m->token))
         return PyLong_FromLong(0);
     return PyLong_FromLong((int32_t)SHM_SLOT_ENTRY_COUNT(v));
@@ -574,10 +470,10 @@ py_sem_format(PyObject *mod, PyObject *args)
                      "maximum=%lld", value, maximum);
         return NULL;
     }
-    char *b = shm_sync_span(mapping, offset, footprint(m), 1);
+    char *b = shm_sync_span(mapping, offset, shm_sync_footprint(m, SEM_TABLE), 1);
     if (b == NULL)
         return NULL;
-    memset(b + 4, 0, footprint(m) - 4);
+    memset(b + 4, 0, shm_sync_footprint(m, SEM_TABLE) - 4);
     __atomic_store_n((uint32_t *)(b + SEM_MAX), maximum < 0 ? SEM_NO_MAX : (uint32_t)maximum,
                      __ATOMIC_RELAXED);
     __atomic_store_n((uint32_t *)(b + SEM_VALUE), (uint32_t)value, __ATOMIC_RELEASE);
@@ -587,10 +483,7 @@ py_sem_format(PyObject *mod, PyObject *args)
 static PyObject *
 py_sem_footprint(PyObject *mod, PyObject *arg)
 {
-    long long n = PyLong_AsLongLong(arg);
-    if (n == -1 && PyErr_Occurred())
-        return NULL;
-    return PyLong_FromLongLong(SEM_TABLE + 8 * n);
+    return shm_sync_footprint_of(arg, SEM_TABLE);
 }
 
 static PyMethodDef sem_methods[] = {
@@ -618,7 +511,7 @@ static PyGetSetDef sem_getset[] = {
 };
 
 static PyType_Slot sem_spec_slots[] = {
-    {Py_tp_dealloc, sem_dealloc},
+    {Py_tp_dealloc, shm_sync_handle_dealloc},
     {Py_tp_doc, "Semaphore(mapping, offset, what='semaphore')\n--\n\n"
                 "The counting semaphore at offset (128 + 8 * max_slots bytes, made by "
                 "sem_format)."},

@@ -32,26 +32,33 @@ closed_meanwhile(shm_wait *w, uint32_t token)
     return 1;
 }
 
+/* The index of the first of ws[0..n) that is ready (vals[i] set for those
+ * tested before it), or -1. */
+static int
+first_ready(shm_wait *const *ws, int n, uint32_t *vals)
+{
+    for (int k = 0; k < n; k++)
+        if (ws[k]->ready(ws[k]->ctx, &vals[k]))
+            return k;
+    return -1;
+}
+
 /* Spin with the GIL held until one is ready or the spin ends.  Returns the
  * index of a ready one, or -1. */
 static int
-spin(shm_wait *const *ws, int n, int64_t spin_ns, int64_t deadline)
+spin(shm_wait *const *ws, int n, uint32_t *vals, int64_t spin_ns, int64_t deadline)
 {
-    uint32_t v;
-    for (int i = 0; i < n; i++)
-        if (ws[i]->ready(ws[i]->ctx, &v))
-            return i;
-    if (spin_ns <= 0)
-        return -1;
+    int k = first_ready(ws, n, vals);
+    if (k >= 0 || spin_ns <= 0)
+        return k;
     int64_t end = shm_now_ns() + spin_ns;
     if (end > deadline)
         end = deadline;
     do {
-        for (int k = 0; k < 16; k++) {
+        for (int i = 0; i < 16; i++) {
             cpu_relax();
-            for (int i = 0; i < n; i++)
-                if (ws[i]->ready(ws[i]->ctx, &v))
-                    return i;
+            if ((k = first_ready(ws, n, vals)) >= 0)
+                return k;
         }
     } while (shm_now_ns() < end);
     return -1;
@@ -90,6 +97,16 @@ sleep_on(shm_wait *const *ws, const uint32_t *vals, int n, int64_t deadline, int
                           slice < POLL_SLICE_NS ? slice : POLL_SLICE_NS);
 }
 
+/* Run every check(): 0, or -1 as soon as one raises. */
+static int
+check_all(shm_wait *const *ws, int n)
+{
+    for (int k = 0; k < n; k++)
+        if (ws[k]->check && ws[k]->check(ws[k]->ctx) < 0)
+            return -1;
+    return 0;
+}
+
 static int
 wait_many(shm_wait *const *ws, int n, int64_t deadline, int *which)
 {
@@ -101,7 +118,7 @@ wait_many(shm_wait *const *ws, int n, int64_t deadline, int *which)
         if (ws[i]->spin_ns > spin_ns)
             spin_ns = ws[i]->spin_ns;
     }
-    int k = spin(ws, n, shm_now_ns() >= deadline ? 0 : spin_ns, deadline);
+    int k = spin(ws, n, vals, shm_now_ns() >= deadline ? 0 : spin_ns, deadline);
     if (k >= 0) {
         *which = k;
         return 1;
@@ -114,10 +131,7 @@ wait_many(shm_wait *const *ws, int n, int64_t deadline, int *which)
     for (;;) {
         /* After arming: a waker that ran before we were counted changed
          * the state, and ready() sees it now. */
-        for (k = 0; k < n; k++)
-            if (ws[k]->ready(ws[k]->ctx, &vals[k]))
-                break;
-        if (k < n) {
+        if ((k = first_ready(ws, n, vals)) >= 0) {
             *which = k;
             result = 1;
             break;
@@ -125,18 +139,9 @@ wait_many(shm_wait *const *ws, int n, int64_t deadline, int *which)
         if (shm_now_ns() >= deadline) {
             /* Before reporting a timeout, ask once whether a dead peer is
              * what we waited for. */
-            for (k = 0; k < n; k++) {
-                if (ws[k]->check && ws[k]->check(ws[k]->ctx) < 0) {
-                    result = -1;
-                    break;
-                }
-            }
-            if (result < 0)
-                break;
-            for (k = 0; k < n; k++)
-                if (ws[k]->ready(ws[k]->ctx, &vals[k]))
-                    break;
-            if (k < n) {
+            if (check_all(ws, n) < 0)
+                result = -1;
+            else if ((k = first_ready(ws, n, vals)) >= 0) {
                 *which = k;
                 result = 1;
             }
@@ -162,14 +167,10 @@ wait_many(shm_wait *const *ws, int n, int64_t deadline, int *which)
         if (err == ETIMEDOUT && shm_now_ns() < deadline) {
             /* A whole slice without a wake-up: is the peer we wait for alive? */
             slice = SHM_WAIT_SLICE_NS;
-            for (k = 0; k < n; k++) {
-                if (ws[k]->check && ws[k]->check(ws[k]->ctx) < 0) {
-                    result = -1;
-                    break;
-                }
-            }
-            if (result < 0)
+            if (check_all(ws, n) < 0) {
+                result = -1;
                 break;
+            }
         }
     }
     for (int i = 0; i < n; i++)

@@ -30,9 +30,9 @@
  * is closed (before or during the wait) is reported ready, so that the
  * caller's next call on it raises ClosedError.
  *
- * The tests read the structures' words as their own waits do (ring.c,
- * event.c, lock.c, semaphore.c, rwlock.c); the sleeper accounting is the
- * same as theirs, so wakers never skip a wake-up this waiter needs.
+ * The tests and the sleeper accounting are the structures' own (sync.h's
+ * shm_event_arm, shm_lock_mark_waiters, shm_sem_free, shm_cond_granted...,
+ * ring.h's ring_sleeper), so wakers never skip a wake-up this waiter needs.
  *
  *   wait_ready(descs, timeout=None, spin=True) -> (ready, suspect)
  *       lists of indices into descs
@@ -42,17 +42,6 @@
 #include "wait.h"
 
 enum { W_EVENT = 1, W_LOCK, W_SEM, W_RW_READ, W_RING_DATA, W_RING_SPACE, W_WORD, W_COND };
-
-/* Offsets inside the structures, as their files define them. */
-#define SEM_VALUE 4
-#define SEM_SEQ 8
-#define SEM_SLEEPERS 12
-#define SEM_TABLE 128
-#define RW_LOCK 0
-#define RW_STATE 4
-#define COND_SEQ 4
-#define COND_GRANTED 12
-#define COND_TABLE 64
 
 
 typedef struct {
@@ -80,23 +69,21 @@ w_ready(void *ctx, uint32_t *sleep_on)
     uint32_t v = __atomic_load_n(w->word, __ATOMIC_SEQ_CST);
     switch (w->kind) {
     case W_EVENT:
-        if (v & 1u)
+        if (v & EVENT_FLAG)
             return 1;
         break;
     case W_LOCK:
         if (v == 0)
             return 1;
-        if (w->armed && !(v & SHM_LOCK_WAITERS) &&
-            __atomic_compare_exchange_n(w->word, &v, v | SHM_LOCK_WAITERS, 0,
-                                        __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
-            v |= SHM_LOCK_WAITERS;
+        if (w->armed)
+            v = shm_lock_mark_waiters(w->word, v);
         break;
     case W_SEM:
-        if ((int32_t)__atomic_load_n((uint32_t *)(w->b + SEM_VALUE), __ATOMIC_SEQ_CST) > 0)
+        if (shm_sem_free(w->b))
             return 1;
         break;
     case W_RW_READ:
-        if (!(v & 1u))
+        if (!(v & RW_WRITER))
             return 1;
         break;
     case W_RING_DATA:
@@ -111,9 +98,8 @@ w_ready(void *ctx, uint32_t *sleep_on)
         if (v != w->value)
             return 1;
         break;
-    case W_COND: /* condition.c's cond_ready */
-        if (v != w->value &&
-            __atomic_load_n((uint32_t *)(w->b + COND_GRANTED), __ATOMIC_ACQUIRE) > 0)
+    case W_COND:
+        if (shm_cond_granted(w->b, v, w->value))
             return 1;
         break;
     }
@@ -127,13 +113,13 @@ w_arm(void *ctx)
     Watch *w = ctx;
     switch (w->kind) {
     case W_EVENT:
-        __atomic_fetch_add(w->word, 2u, __ATOMIC_SEQ_CST);
+        shm_event_arm(w->word);
         break;
     case W_SEM:
-        __atomic_add_fetch((uint32_t *)(w->b + SEM_SLEEPERS), 1, __ATOMIC_SEQ_CST);
+        shm_sem_arm(w->b);
         break;
     case W_RW_READ:
-        __atomic_fetch_or(w->word, 2u, __ATOMIC_SEQ_CST);
+        shm_rw_arm(w->b);
         break;
     case W_RING_DATA:
     case W_RING_SPACE:
@@ -156,10 +142,10 @@ w_disarm(void *ctx)
     w->armed = 0;
     switch (w->kind) {
     case W_EVENT:
-        __atomic_fetch_sub(w->word, 2u, __ATOMIC_SEQ_CST);
+        shm_event_disarm(w->word);
         break;
     case W_SEM:
-        shm_sat_sub((uint32_t *)(w->b + SEM_SLEEPERS), 1);
+        shm_sem_disarm(w->b);
         break;
     case W_RING_DATA:
     case W_RING_SPACE:
@@ -177,6 +163,25 @@ dead(Watch *w, uint32_t token)
     return token != 0 && token != w->m->token && !shm_token_alive(w->m, token);
 }
 
+/* A semaphore's holder that is gone (shm_sync_scan's visit). */
+static int
+sem_dead_visit(void *ctx, uint32_t slot, uint64_t *e, uint64_t v, int alive)
+{
+    uint32_t token = shm_slot_entry_token(v, slot);
+    return !alive && token != 0 && token != ((Watch *)ctx)->m->token; /* dead() */
+}
+
+/* A record between `from` and `to` of the ring in state `kind` whose
+ * writer or reader is gone. */
+static int
+dead_record(Watch *w, uint64_t from, uint64_t to, uint32_t kind)
+{
+    if (from >= to || to - from > w->r->cap || ((from | to) & 7))
+        return 0;
+    uint32_t s = LOAD(&rec_at(w->r, from)->state);
+    return ST_KIND(s) == kind && dead(w, s);
+}
+
 static int
 w_check(void *ctx)
 {
@@ -191,14 +196,12 @@ w_check(void *ctx)
         w->suspect = dead(w, __atomic_load_n((uint32_t *)(w->b + RW_LOCK),
                                              __ATOMIC_ACQUIRE));
         break;
-    case W_SEM:
-        for (uint32_t slot = 0; slot < w->m->max_slots && !w->suspect; slot++) {
-            uint64_t v = __atomic_load_n((uint64_t *)(w->b + SEM_TABLE + 8 * (uint64_t)slot),
-                                         __ATOMIC_ACQUIRE);
-            if (SHM_SLOT_ENTRY_COUNT(v) != 0 && dead(w, shm_slot_entry_token(v, slot)))
-                w->suspect = 1;
-        }
+    case W_SEM: {
+        shm_sync_view v = {w->m, w->b, SEM_TABLE, NULL};
+        if (shm_sync_scan(&v, sem_dead_visit, w))
+            w->suspect = 1;
         break;
+    }
     case W_RING_DATA: {
         /* every sender gone (extra = 1: a receive that stops then), or a
          * record at read that a dead producer was writing */
@@ -207,23 +210,13 @@ w_check(void *ctx)
             w->suspect = 1;
             break;
         }
-        uint64_t rd = LOAD(&h->read), t = LOAD(&h->tail);
-        if (rd < t && t - rd <= w->r->cap && !((rd | t) & 7)) {
-            uint32_t s = LOAD(&rec_at(w->r, rd)->state);
-            if (ST_KIND(s) == ST_RESERVED && dead(w, s))
-                w->suspect = 1;
-        }
+        w->suspect = dead_record(w, LOAD(&h->read), LOAD(&h->tail), ST_RESERVED);
         break;
     }
     case W_RING_SPACE: {
         /* a record at head lent to a consumer that died */
         struct ring_hdr *h = w->r->h;
-        uint64_t hd = LOAD(&h->head), t = LOAD(&h->tail);
-        if (hd < t && t - hd <= w->r->cap && !((hd | t) & 7)) {
-            uint32_t s = LOAD(&rec_at(w->r, hd)->state);
-            if (ST_KIND(s) == ST_TAKEN && dead(w, s))
-                w->suspect = 1;
-        }
+        w->suspect = dead_record(w, LOAD(&h->head), LOAD(&h->tail), ST_TAKEN);
         break;
     }
     }
@@ -289,7 +282,7 @@ bind(Watch *w, PyObject *desc, Py_ssize_t i, PyTypeObject *ring_type)
         }
         uint64_t span = 4;
         if (kind == W_SEM)
-            span = SEM_TABLE + 8 * (uint64_t)w->m->max_slots;
+            span = shm_sync_footprint(w->m, SEM_TABLE);
         else if (kind == W_RW_READ)
             span = RW_STATE + 4;
         else if (kind == W_COND)
@@ -423,56 +416,14 @@ done:
 static char *
 cond_bind(PyObject *const *a, Py_ssize_t n, Py_ssize_t want, const char *sig)
 {
-    if (n != want) {
-        PyErr_Format(PyExc_TypeError, "expected %s", sig);
+    long long off;
+    if (shm_sync_args(a, n, want, want, sig, &off) < 0)
         return NULL;
-    }
     if (!shm_is_mapping(a[0])) {
         PyErr_SetString(PyExc_TypeError, "expected a shmkit Mapping");
         return NULL;
     }
-    long long off = PyLong_AsLongLong(a[1]);
-    if (off == -1 && PyErr_Occurred())
-        return NULL;
-    MappingObject *m = (MappingObject *)a[0];
-    return shm_sync_span(a[0], off, COND_TABLE + 8 * (uint64_t)m->max_slots, 1);
-}
-
-static int
-cond_held(MappingObject *m, char *b, const char *call)
-{
-    uint32_t v = __atomic_load_n((uint32_t *)b, __ATOMIC_ACQUIRE);
-    if (m->token == 0 || (v & SHM_TOKEN_MASK) != m->token) {
-        PyErr_Format(PyExc_RuntimeError, "%s() on a condition without holding it", call);
-        return 0;
-    }
-    return 1;
-}
-
-/* condition.c's count_me: add delta to our attachment's sleepers. */
-static void
-cond_count(MappingObject *m, char *b, int delta)
-{
-    uint32_t slot = SHM_TOKEN_SLOT(m->token);
-    uint64_t *e = (uint64_t *)(b + COND_TABLE + 8 * (uint64_t)slot);
-    uint64_t v = __atomic_load_n(e, __ATOMIC_RELAXED);
-    uint32_t n = SHM_SLOT_ENTRY_GEN(v) == SHM_TOKEN_GEN(m->token) ? SHM_SLOT_ENTRY_COUNT(v) : 0;
-    if (delta < 0 && n == 0)
-        return;
-    __atomic_store_n(e, (uint64_t)SHM_TOKEN_GEN(m->token) << 32 | (n + (uint32_t)delta),
-                     __ATOMIC_RELEASE);
-}
-
-/* condition.c's take_grant. */
-static int
-cond_grant(char *b, uint32_t seq0)
-{
-    uint32_t *granted = (uint32_t *)(b + COND_GRANTED);
-    uint32_t g = __atomic_load_n(granted, __ATOMIC_ACQUIRE);
-    if (g == 0 || __atomic_load_n((uint32_t *)(b + COND_SEQ), __ATOMIC_ACQUIRE) == seq0)
-        return 0;
-    __atomic_store_n(granted, g - 1, __ATOMIC_RELEASE);
-    return 1;
+    return shm_sync_span(a[0], off, shm_sync_footprint((MappingObject *)a[0], COND_TABLE), 1);
 }
 
 static PyObject *
@@ -486,12 +437,12 @@ py_cond_enter(PyObject *mod, PyObject *const *a, Py_ssize_t n)
         PyErr_SetString(PyExc_RuntimeError, "cond_enter(): no attach slot");
         return NULL;
     }
-    if (!cond_held(m, b, "wait"))
+    if (!shm_cond_held(m, b, "a condition", "wait"))
         return NULL;
-    cond_count(m, b, +1);
+    shm_cond_count(m, b, +1);
     uint32_t seq0 = __atomic_load_n((uint32_t *)(b + COND_SEQ), __ATOMIC_ACQUIRE);
     if (shm_lock_release(m, (uint32_t *)b) < 0) {
-        cond_count(m, b, -1);
+        shm_cond_count(m, b, -1);
         return NULL;
     }
     return PyLong_FromUnsignedLong(seq0);
@@ -507,11 +458,11 @@ py_cond_take(PyObject *mod, PyObject *const *a, Py_ssize_t n)
     if (PyErr_Occurred())
         return NULL;
     MappingObject *m = (MappingObject *)a[0];
-    if (!cond_held(m, b, "wait"))
+    if (!shm_cond_held(m, b, "a condition", "wait"))
         return NULL;
-    if (!cond_grant(b, (uint32_t)seq0))
+    if (!shm_cond_take_grant(b, (uint32_t)seq0))
         Py_RETURN_FALSE;
-    cond_count(m, b, -1);
+    shm_cond_count(m, b, -1);
     Py_RETURN_TRUE;
 }
 
@@ -526,10 +477,10 @@ py_cond_leave(PyObject *mod, PyObject *const *a, Py_ssize_t n)
     if (PyErr_Occurred() || take < 0)
         return NULL;
     MappingObject *m = (MappingObject *)a[0];
-    if (!cond_held(m, b, "wait"))
+    if (!shm_cond_held(m, b, "a condition", "wait"))
         return NULL;
-    int got = take && cond_grant(b, (uint32_t)seq0);
-    cond_count(m, b, -1);
+    int got = take && shm_cond_take_grant(b, (uint32_t)seq0);
+    shm_cond_count(m, b, -1);
     return PyBool_FromLong(got);
 }
 
