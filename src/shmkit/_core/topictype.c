@@ -366,22 +366,22 @@ Topic_stats(TopicObject *o, PyObject *Py_UNUSED(ignored))
         return NULL;
     topic_t *t = &o->t;
     struct topic_hdr *h = t->h;
-    uint64_t sq = TLOAD(&h->seq), tl = TLOAD(&h->tail), hd = TLOAD(&h->head);
+    uint64_t sq = LOAD(&h->seq), tl = LOAD(&h->tail), hd = LOAD(&h->head);
     PyObject *subs = PyList_New(0);
     PyObject *d = NULL;
     if (subs == NULL)
         goto out;
     for (uint32_t i = 0; i < t->max_subs; i++) {
         struct topic_sub *s = &t->subs[i];
-        uint32_t owner = TLOAD(&s->owner);
+        uint32_t owner = LOAD(&s->owner);
         if (owner == 0 || (owner & ~SHM_TOKEN_MASK) || !shm_token_alive(m, owner))
             continue;
-        uint64_t ss = TLOAD(&s->seq), lag = sq - ss;
+        uint64_t ss = LOAD(&s->seq), lag = sq - ss;
         PyObject *e = Py_BuildValue("{sIsIsKsKsKsK}", "index", i, "token", owner, "lag",
                                     (unsigned long long)(lag > sq ? 0 : lag), "received",
-                                    (unsigned long long)TLOAD(&s->received), "missed",
-                                    (unsigned long long)TLOAD(&s->missed), "joined",
-                                    (unsigned long long)TLOAD(&s->joined));
+                                    (unsigned long long)LOAD(&s->received), "missed",
+                                    (unsigned long long)LOAD(&s->missed), "joined",
+                                    (unsigned long long)LOAD(&s->joined));
         if (e == NULL || PyList_Append(subs, e) < 0) {
             Py_XDECREF(e);
             goto out;
@@ -393,8 +393,8 @@ Topic_stats(TopicObject *o, PyObject *Py_UNUSED(ignored))
                       (unsigned long long)sq, "history", (unsigned long long)t->history,
                       "overflow", t->overflow ? "overwrite" : "block", "max_subscribers",
                       t->max_subs, "subscribers", subs, "subscribers_waiting",
-                      TLOAD(&h->data_sleepers), "publishers_waiting",
-                      TLOAD(&h->space_sleepers));
+                      LOAD(&h->data_sleepers), "publishers_waiting",
+                      LOAD(&h->space_sleepers));
 out:
     Py_XDECREF(subs);
     shm_unpin((PyObject *)m);
@@ -437,7 +437,7 @@ Topic_get_published(TopicObject *o, void *Py_UNUSED(c))
     MappingObject *m = topic_enter(o, 0);
     if (m == NULL)
         return NULL;
-    uint64_t sq = TLOAD(&o->t.h->seq);
+    uint64_t sq = LOAD(&o->t.h->seq);
     shm_unpin((PyObject *)m);
     return PyLong_FromUnsignedLongLong(sq);
 }
@@ -529,7 +529,7 @@ sub_enter(SubObject *s, MappingObject **mp, int busy)
         return NULL;
     }
     struct topic_sub *e = &o->t.subs[s->idx];
-    if (TLOAD(&e->owner) != s->token) {
+    if (LOAD(&e->owner) != s->token) {
         PyErr_Format(TST(s)->ClosedError, "this subscriber of topic %R lost its place in the "
                      "subscriber table (the table was damaged); subscribe again", o->name);
         return NULL;
@@ -604,14 +604,14 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how)
                 out = make_tview(s, m, pos, len);
                 if (out == NULL && t->overflow == TOPIC_BLOCK) {
                     s->nlent--;
-                    topic_set_hold(t, e, sub_hold(s, TLOADR(&e->pos)));
+                    topic_set_hold(t, e, sub_hold(s, LOADR(&e->pos)));
                 }
                 goto done;
             }
             out = PyBytes_FromStringAndSize(NULL, len);
             if (out == NULL)
                 goto done;
-            if (len >= TOPIC_BIG_COPY) {
+            if (len >= BIG_COPY) {
                 Py_BEGIN_ALLOW_THREADS
                 memcpy(PyBytes_AS_STRING(out), src, len);
                 Py_END_ALLOW_THREADS
@@ -711,10 +711,10 @@ sub_counter(SubObject *s, int which)
         return NULL;
     uint64_t v;
     if (which == 0) {
-        uint64_t sq = TLOAD(&s->topic->t.h->seq), mine = TLOAD(&e->seq);
+        uint64_t sq = LOAD(&s->topic->t.h->seq), mine = LOAD(&e->seq);
         v = sq >= mine ? sq - mine : 0;
     } else {
-        v = which == 1 ? TLOAD(&e->received) : TLOAD(&e->missed);
+        v = which == 1 ? LOAD(&e->received) : LOAD(&e->missed);
     }
     sub_leave(s, m, 0);
     return PyLong_FromUnsignedLongLong(v);
@@ -849,8 +849,8 @@ tview_release_record(TViewObject *v)
                 memmove(&s->lent[i], &s->lent[i + 1], (s->nlent - i - 1) * sizeof(uint64_t));
                 s->nlent--;
                 struct topic_sub *e = &t->subs[s->idx];
-                if (TLOAD(&e->owner) == s->token)
-                    topic_set_hold(t, e, sub_hold(s, TLOADR(&e->pos)));
+                if (LOAD(&e->owner) == s->token)
+                    topic_set_hold(t, e, sub_hold(s, LOADR(&e->pos)));
                 shm_crash_point("topic.recv.released");
                 break;
             }
