@@ -109,30 +109,6 @@ rec_span(RingObject *r, uint64_t p, uint32_t st, uint64_t limit, const char *ove
     return total;
 }
 
-/* ---- handles, roles and sleepers ------------------------------------- */
-
-/* Check the handle is usable and pin its mapping for the call.  Returns
- * the mapping, or NULL with ClosedError-like ValueError set. */
-MappingObject *
-ring_enter_any(RingObject *r, int to_use)
-{
-    MappingObject *m = (MappingObject *)r->mapping;
-    if (m == NULL || m->base == NULL || m->closing || (to_use && m->token == 0)) {
-        if (m != NULL && m->base != NULL && !m->closing && m->readonly)
-            PyErr_Format(RING_ST(r)->ReadOnlyError, "channel %R was opened readonly=True; "
-                         "open it without readonly to send or receive", r->name);
-        else
-            PyErr_Format(RING_ST(r)->ClosedError, "channel %R is closed in this process; open "
-                         "it again to use it", r->name ? r->name : Py_None);
-        return NULL;
-    }
-    shm_pin((PyObject *)m);
-    return m;
-}
-
-
-
-
 /* ---- the role table and its sleeper counts ----------------------------- */
 
 void
@@ -620,13 +596,7 @@ void
 ring_fill(RingObject *r, uint64_t pos, const char *src, Py_ssize_t len)
 {
     rec_t *rec = rec_at(r, pos);
-    if (len >= BIG_COPY) {
-        Py_BEGIN_ALLOW_THREADS
-        memcpy(rec + 1, src, (size_t)len);
-        Py_END_ALLOW_THREADS
-    } else {
-        memcpy(rec + 1, src, (size_t)len);
-    }
+    ring_copy(rec + 1, src, (size_t)len);
     shm_crash_point("ring.fill.copied");
     STORE(&rec->state, ST_COMMITTED);
     shm_crash_point("ring.fill.committed");

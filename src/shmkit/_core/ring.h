@@ -8,6 +8,7 @@
 #include "journal.h" /* shm_lock_acquire_repair */
 #include <limits.h>
 #include <stddef.h>
+#include <string.h>
 
 #define RING_MAGIC 0x31474e52u /* "RNG1" */
 #define RING_FORMAT 1
@@ -103,6 +104,19 @@ static inline rec_t *rec_at(RingObject *r, uint64_t pos)
 {
     return (rec_t *)(r->data + (pos & ~7ull) % r->cap);
 }
+/* Copy a message in or out of a ring (ring.c, topic.c and their types):
+ * one this large (BIG_COPY) runs without the GIL. */
+static inline void
+ring_copy(void *dst, const void *src, size_t len)
+{
+    if (len >= BIG_COPY) {
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(dst, src, len);
+        Py_END_ALLOW_THREADS
+    } else {
+        memcpy(dst, src, len);
+    }
+}
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define LOADR(p) __atomic_load_n((p), __ATOMIC_RELAXED)
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
@@ -112,9 +126,6 @@ int ring_corrupt(RingObject *r, const char *what, unsigned long long a,
                  unsigned long long b);
 
 /* ---- handles ---- */
-MappingObject *ring_enter_any(RingObject *r, int to_use);
-/* For sending and receiving: a live, writable attachment. */
-static inline MappingObject *ring_enter(RingObject *r) { return ring_enter_any(r, 1); }
 static inline void ring_leave(MappingObject *m) { shm_unpin((PyObject *)m); }
 void ring_claim(RingObject *r, uint32_t me, uint64_t bits);
 

@@ -116,6 +116,36 @@ topic_bind(topic_t *t, shm_state *st, char *base, uint64_t avail, uint32_t seg_s
     return 0;
 }
 
+/* ---- records --------------------------------------------------------------- */
+
+/* The bytes the record at p spans (a SKIP record runs to the end of the
+ * ring), with its state in *st: 0 if the state is neither MSG nor SKIP or
+ * the record would overrun `limit`. */
+static inline uint64_t
+trec_span(const topic_t *t, uint64_t p, uint64_t limit, uint32_t *st)
+{
+    trec_t *r = trec_at(t, p);
+    uint32_t s = LOADR(&r->state);
+    uint64_t off = p % t->cap;
+    uint64_t total = s == TREC_SKIP ? t->cap - off : trec_total(LOADR(&r->len));
+    *st = s;
+    if ((s != TREC_SKIP && s != TREC_MSG) || total > t->cap - off || total > limit - p)
+        return 0;
+    return total;
+}
+
+/* Where a len-byte record published at tail tl goes: *skip bytes of SKIP
+ * record first if it does not fit before the end.  Returns the position
+ * head must reach first (no byte below it is overwritten). */
+static inline uint64_t
+trec_need(const topic_t *t, uint64_t tl, uint64_t len, uint64_t *skip)
+{
+    uint64_t total = trec_total(len), off = tl % t->cap;
+    *skip = off + total > t->cap ? t->cap - off : 0;
+    uint64_t end = tl + *skip + total;
+    return end > t->cap ? end - t->cap : 0;
+}
+
 /* ---- sleepers ------------------------------------------------------------ */
 
 /* The role table as ring.c's sleeper counting sees it. */
@@ -142,11 +172,9 @@ topic_fix_publishers(void *ctx, int owner_died)
     if (((jt | tl | hd) & 15) || jt > tl || tl - jt > t->cap || hd > tl || tl - hd > t->cap)
         return topic_corrupt(t, "bad publishers' journal", jt, tl);
     for (uint64_t p = jt; p < tl;) {
-        trec_t *r = trec_at(t, p);
-        uint32_t st = LOADR(&r->state), len = LOADR(&r->len);
-        uint64_t off = p % t->cap;
-        uint64_t total = st == TREC_SKIP ? t->cap - off : trec_total(len);
-        if ((st != TREC_SKIP && st != TREC_MSG) || total > t->cap - off || total > tl - p)
+        uint32_t st;
+        uint64_t total = trec_span(t, p, tl, &st);
+        if (total == 0)
             return topic_corrupt(t, "bad record after the journal's tail", st, p);
         n += st == TREC_MSG;
         p += total;
@@ -245,11 +273,9 @@ advance_head(topic_t *t, uint64_t hd, uint64_t need, uint64_t tl, uint64_t *out)
 {
     uint64_t q = hd;
     while (q < need) {
-        trec_t *r = trec_at(t, q);
-        uint32_t st = LOADR(&r->state), len = LOADR(&r->len);
-        uint64_t off = q % t->cap;
-        uint64_t total = st == TREC_SKIP ? t->cap - off : trec_total(len);
-        if ((st != TREC_SKIP && st != TREC_MSG) || total > t->cap - off || total > tl - q)
+        uint32_t st;
+        uint64_t total = trec_span(t, q, tl, &st);
+        if (total == 0)
             return topic_corrupt(t, "bad record between head and tail", st, q);
         q += total;
     }
@@ -286,10 +312,8 @@ topic_publish(topic_t *t, MappingObject *m, const char *src, uint64_t len, int64
         topic_unlock(m, t);
         return topic_corrupt(t, "head and tail out of order", hd, tl);
     }
-    uint64_t total = trec_total(len), off = tl % cap;
-    uint64_t skip = off + total > cap ? cap - off : 0;
-    uint64_t end = tl + skip + total;
-    uint64_t need = end > cap ? end - cap : 0;
+    uint64_t skip, need = trec_need(t, tl, len, &skip), total = trec_total(len);
+    uint64_t off = tl % cap;
     if (t->overflow == TOPIC_BLOCK) {
         uint64_t fl = LOADR(&h->floor);
         if (fl < need || fl > tl + skip) {
@@ -324,13 +348,7 @@ topic_publish(topic_t *t, MappingObject *m, const char *src, uint64_t len, int64
     STORER(&r->len, (uint32_t)len);
     STORER(&r->seq, sq);
     STORER(&r->state, TREC_MSG);
-    if (len >= BIG_COPY) {
-        Py_BEGIN_ALLOW_THREADS
-        memcpy(r + 1, src, (size_t)len);
-        Py_END_ALLOW_THREADS
-    } else {
-        memcpy(r + 1, src, (size_t)len);
-    }
+    ring_copy(r + 1, src, (size_t)len);
     shm_crash_point("topic.publish.copied");
     STORE(&h->seq, sq + 1);
     shm_crash_point("topic.publish.seq");
@@ -342,13 +360,11 @@ topic_publish(topic_t *t, MappingObject *m, const char *src, uint64_t len, int64
     if (q < nh || q > tl || (q & 15))
         q = nh;
     while (q < tl) {
-        trec_t *x = trec_at(t, q);
-        uint32_t st = LOADR(&x->state);
-        uint64_t xo = q % cap;
-        uint64_t span = st == TREC_SKIP ? cap - xo : trec_total(LOADR(&x->len));
-        if ((st != TREC_SKIP && st != TREC_MSG) || span > cap - xo || span > tl - q)
+        uint32_t st;
+        uint64_t span = trec_span(t, q, tl, &st);
+        if (span == 0)
             break; /* the next publisher's head walk reports it */
-        if (st == TREC_MSG && sq + 1 - LOADR(&x->seq) <= t->history)
+        if (st == TREC_MSG && sq + 1 - LOADR(&trec_at(t, q)->seq) <= t->history)
             break;
         q += span;
     }
@@ -387,10 +403,7 @@ space_ready(void *ctx, uint32_t *sleep_on)
     uint64_t tl = LOAD(&h->tail), hd = LOAD(&h->head);
     if (((tl | hd) & 15) || hd > tl)
         return 1; /* let the locked path name the damage */
-    uint64_t total = trec_total(c->len), off = tl % t->cap;
-    uint64_t skip = off + total > t->cap ? t->cap - off : 0;
-    uint64_t end = tl + skip + total;
-    uint64_t need = end > t->cap ? end - t->cap : 0;
+    uint64_t skip, need = trec_need(t, tl, c->len, &skip);
     return compute_floor(t, hd, tl, skip) >= need;
 }
 
@@ -505,13 +518,10 @@ topic_subscribe(topic_t *t, MappingObject *m, uint64_t want)
         want = t->history;
     uint64_t q = hist < hd ? hd : hist, first = sq;
     while (q < tl) {
-        trec_t *r = trec_at(t, q);
-        uint32_t st = LOADR(&r->state);
-        uint64_t off = q % t->cap;
-        uint64_t span = st == TREC_SKIP ? t->cap - off : trec_total(LOADR(&r->len));
-        uint64_t rs = LOADR(&r->seq);
-        if ((st != TREC_SKIP && st != TREC_MSG) || span > t->cap - off || span > tl - q ||
-            (st == TREC_MSG && rs >= sq)) {
+        uint32_t st;
+        uint64_t span = trec_span(t, q, tl, &st);
+        uint64_t rs = LOADR(&trec_at(t, q)->seq);
+        if (span == 0 || (st == TREC_MSG && rs >= sq)) {
             topic_unlock(m, t);
             return topic_corrupt(t, "bad record in the history", st, q);
         }
