@@ -202,13 +202,10 @@ ring_roles_fix(const ring_roles_t *rt, MappingObject *m)
         __atomic_compare_exchange_n(gw[1], &gs, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
 }
 
-/* Our role entry, claimed and announcing `bits`: one table write per
- * handle and role, remembered in role_token and role_bits. */
+/* ring_claim's first claim for a token and role bits. */
 void
-ring_claim(RingObject *r, uint32_t me, uint64_t bits)
+ring_claim_entry(RingObject *r, uint32_t me, uint64_t bits)
 {
-    if (r->role_token == me && (r->role_bits & bits) == bits)
-        return;
     if (SHM_TOKEN_SLOT(me) >= r->max_slots)
         return;
     ring_roles_t rt = ring_roles_of(r);

@@ -127,7 +127,15 @@ int ring_corrupt(RingObject *r, const char *what, unsigned long long a,
 
 /* ---- handles ---- */
 static inline void ring_leave(MappingObject *m) { shm_unpin((PyObject *)m); }
-void ring_claim(RingObject *r, uint32_t me, uint64_t bits);
+void ring_claim_entry(RingObject *r, uint32_t me, uint64_t bits);
+/* Our role entry, claimed and announcing `bits`: one table write per
+ * handle and role, remembered in role_token and role_bits. */
+static inline void
+ring_claim(RingObject *r, uint32_t me, uint64_t bits)
+{
+    if (r->role_token != me || (r->role_bits & bits) != bits)
+        ring_claim_entry(r, me, bits);
+}
 
 /* ---- the role table and its sleeper counts (the ring's and the topic's) ---- */
 /* Where one handle sees a role table: its entries and the two global sleeper
