@@ -744,6 +744,26 @@ def test_closing_the_topic_wakes_a_waiting_subscriber(name):
     assert not t.is_alive() and errors and isinstance(errors[0], ClosedError)
 
 
+def test_dead_sleepers_are_counted_out(name):
+    topic = Topic(name, capacity=4096)
+
+    def sleeper():
+        Topic.open(name).subscribe().recv()
+
+    pids = [_fork(sleeper) for _ in range(3)]
+    deadline = time.monotonic() + 10
+    while topic.statistics()["subscribers_waiting"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert topic.statistics()["subscribers_waiting"] == 3
+    for pid in pids:
+        _kill(pid)
+    sub = topic.subscribe()
+    with pytest.raises(Timeout):
+        sub.recv(timeout=0.3)  # a waiter takes the dead sleepers' counts off
+    assert topic.statistics()["subscribers_waiting"] == 0
+    topic.close()
+
+
 def test_a_forked_child_cannot_use_its_parents_subscriber(name):
     topic = Topic(name, capacity=4096)
     sub = topic.subscribe()

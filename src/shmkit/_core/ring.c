@@ -82,7 +82,6 @@
 
 #define SPIN_MIN_NS (2 * 1000LL)     /* every wait polls this long */
 #define SPIN_MAX_NS (50 * 1000LL)    /* and adapts its spin up to this */
-#define LOCK_GRACE_NS (200 * 1000 * 1000LL)
 
 int
 ring_corrupt(RingObject *r, const char *what, unsigned long long a, unsigned long long b)
@@ -110,81 +109,48 @@ rec_span(RingObject *r, uint64_t p, uint32_t st, uint64_t limit, const char *ove
     return total;
 }
 
-/* ---- handles, roles and sleepers ------------------------------------- */
+/* ---- the role table and its sleeper counts ----------------------------- */
 
-/* Check the handle is usable and pin its mapping for the call.  Returns
- * the mapping, or NULL with ClosedError-like ValueError set. */
-MappingObject *
-ring_enter_any(RingObject *r, int to_use)
-{
-    MappingObject *m = (MappingObject *)r->mapping;
-    if (m == NULL || m->base == NULL || m->closing || (to_use && m->token == 0)) {
-        if (m != NULL && m->base != NULL && !m->closing && m->readonly)
-            PyErr_Format(RING_ST(r)->ReadOnlyError, "channel %R was opened readonly=True; "
-                         "open it without readonly to send or receive", r->name);
-        else
-            PyErr_Format(RING_ST(r)->ClosedError, "channel %R is closed in this process; open "
-                         "it again to use it", r->name ? r->name : Py_None);
-        return NULL;
-    }
-    shm_pin((PyObject *)m);
-    return m;
-}
-
-
-
-
-/* Make our role entry ours (clearing what a dead former owner of the slot
- * left) and announce `bits`.  Cheap after the first call. */
 void
-ring_claim(RingObject *r, uint32_t me, uint64_t bits)
+ring_roles_claim(const ring_roles_t *rt, uint32_t me, uint64_t bits)
 {
-    if (r->role_token == me && (r->role_bits & bits) == bits)
+    uint32_t slot = SHM_TOKEN_SLOT(me), gen = SHM_TOKEN_GEN(me);
+    if (slot >= rt->max_slots)
         return;
-    uint32_t slot = SHM_TOKEN_SLOT(me);
-    if (slot >= r->max_slots)
-        return;
-    uint64_t *e = &r->roles[slot], v = LOAD(e);
+    uint64_t *e = &rt->roles[slot], v = LOAD(e);
     for (;;) {
-        uint64_t nv;
-        if (ROLE_GEN(v) == SHM_TOKEN_GEN(me))
-            nv = v | bits;
-        else
-            nv = ROLE_FOR(SHM_TOKEN_GEN(me)) | bits;
+        uint64_t nv = ROLE_GEN(v) == gen ? v | bits : ROLE_FOR(gen) | bits;
+        if (nv == v)
+            return;
         if (__atomic_compare_exchange_n(e, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
-            if (ROLE_GEN(v) != SHM_TOKEN_GEN(me)) {
+            if (ROLE_GEN(v) != gen) {
                 /* the slot's former owner died asleep: take its counts off */
                 uint32_t d = (uint32_t)(v & 0xFFFF), s = (uint32_t)((v >> 16) & 0xFFFF);
                 if (d)
-                    shm_sat_sub(&r->h->data_sleepers, d);
+                    shm_sat_sub(rt->sleepers[0], d);
                 if (s)
-                    shm_sat_sub(&r->h->space_sleepers, s);
+                    shm_sat_sub(rt->sleepers[1], s);
             }
-            break;
+            return;
         }
     }
-    if (r->role_token != me)
-        r->role_bits = 0;
-    r->role_token = me;
-    r->role_bits |= bits;
 }
 
-/* Count (delta = +1) or uncount (-1) one sleeper of ours, in the global
- * word and in our role entry.  Ordered so that a process killed between
- * the two leaves the global word too high (a spare wake-up, until a repair
- * finds no sleeper anywhere and clears it), never too low; a cleaner that
- * took our entry's counts off already fixed the global word. */
+/* Ordered so that a process killed between the two counts leaves the
+ * global word too high (a spare wake-up, until ring_roles_fix finds no
+ * sleeper anywhere and clears it), never too low; a cleaner that took our
+ * entry's counts off already fixed the global word. */
 void
-ring_sleeper(RingObject *r, uint32_t me, int space, int delta)
+ring_roles_sleeper(const ring_roles_t *rt, uint32_t me, int space, int delta)
 {
     uint32_t slot = SHM_TOKEN_SLOT(me);
-    uint32_t *g = space ? &r->h->space_sleepers : &r->h->data_sleepers;
+    uint32_t *g = rt->sleepers[space != 0];
     uint64_t unit = space ? ROLE_SPACE_SLEEPER : ROLE_DATA_SLEEPER;
-    if (slot >= r->max_slots)
+    if (slot >= rt->max_slots)
         return;
     if (delta > 0)
         __atomic_fetch_add(g, 1, __ATOMIC_SEQ_CST);
-    uint64_t *e = &r->roles[slot], v = LOAD(e);
+    uint64_t *e = &rt->roles[slot], v = LOAD(e);
     while (ROLE_GEN(v) == SHM_TOKEN_GEN(me)) {
         if (delta < 0 && (v & (unit * 0xFFFF)) == 0)
             return;
@@ -197,6 +163,64 @@ ring_sleeper(RingObject *r, uint32_t me, int space, int delta)
     }
     if (delta > 0)
         shm_sat_sub(g, 1); /* our entry is not ours: take the global count back */
+}
+
+void
+ring_roles_fix(const ring_roles_t *rt, MappingObject *m)
+{
+    uint32_t *gw[2] = {rt->sleepers[0], rt->sleepers[1]};
+    uint32_t gd = LOADR(gw[0]), gs = LOADR(gw[1]);
+    if (gd == 0 && gs == 0)
+        return;
+    uint64_t live_d = 0, live_s = 0;
+    for (uint32_t slot = 0; slot < rt->max_slots; slot++) {
+        uint64_t *e = &rt->roles[slot], v = LOAD(e);
+        if ((v & ROLE_SLEEPERS) == 0)
+            continue;
+        uint32_t tok = (ROLE_GEN(v) << 10) | slot;
+        if (slot == SHM_TOKEN_SLOT(m->token) || shm_token_alive(m, tok)) {
+            live_d += v & 0xFFFF;
+            live_s += (v >> 16) & 0xFFFF;
+            continue;
+        }
+        if (__atomic_compare_exchange_n(e, &v, v & ~ROLE_SLEEPERS, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_RELAXED)) {
+            uint32_t d = (uint32_t)(v & 0xFFFF), s = (uint32_t)((v >> 16) & 0xFFFF);
+            if (d)
+                shm_sat_sub(gw[0], d);
+            if (s)
+                shm_sat_sub(gw[1], s);
+        }
+    }
+    /* No sleeper counted anywhere: whatever the global words still say was
+     * left by a process killed between its two counts.  (A sleeper counted
+     * in the global word but not yet in its entry may lose its wake-up; it
+     * then wakes at the end of its slice.) */
+    if (live_d == 0 && (gd = LOADR(gw[0])) != 0)
+        __atomic_compare_exchange_n(gw[0], &gd, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
+    if (live_s == 0 && (gs = LOADR(gw[1])) != 0)
+        __atomic_compare_exchange_n(gw[1], &gs, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
+}
+
+/* ring_claim's first claim for a token and role bits. */
+void
+ring_claim_entry(RingObject *r, uint32_t me, uint64_t bits)
+{
+    if (SHM_TOKEN_SLOT(me) >= r->max_slots)
+        return;
+    ring_roles_t rt = ring_roles_of(r);
+    ring_roles_claim(&rt, me, bits);
+    if (r->role_token != me)
+        r->role_bits = 0;
+    r->role_token = me;
+    r->role_bits |= bits;
+}
+
+void
+ring_sleeper(RingObject *r, uint32_t me, int space, int delta)
+{
+    ring_roles_t rt = ring_roles_of(r);
+    ring_roles_sleeper(&rt, me, space, delta);
 }
 
 /* ---- the consumers' side (call with clock held) ----------------------- */
@@ -371,20 +395,13 @@ ring_lock_repair(void *ctx, int owner_died)
     return c->word == &c->r->h->clock ? ring_fix_consumers(c->r) : ring_fix_producers(c->r);
 }
 
-/* Take plock or clock through lock.c (which records the holding): the
- * uncontended case is shm_lock_try's one CAS; otherwise wait, at least a
- * grace period, and repair after a dead holder. */
+/* Take plock or clock (ring_lock_word), repairing after a dead holder. */
 int
 ring_lock(RingObject *r, MappingObject *m, uint32_t *word, uint32_t me, int64_t deadline)
 {
     (void)me;
-    int got = shm_lock_try(m, word);
-    if (got != 0)
-        return got < 0 ? -1 : 1;
-    int64_t grace = shm_now_ns() + LOCK_GRACE_NS;
     ring_lock_ctx ctx = {r, word};
-    got = shm_lock_acquire_repair(m, word, deadline > grace ? deadline : grace, NULL,
-                                  ring_lock_repair, &ctx);
+    int got = ring_lock_word(m, word, deadline, ring_lock_repair, &ctx);
     if (got == 0) {
         PyErr_Format(RING_ST(r)->Timeout, "channel %R: its %s lock stayed held by a live "
                      "process; try again", r->name ? r->name : Py_None,
@@ -576,13 +593,7 @@ void
 ring_fill(RingObject *r, uint64_t pos, const char *src, Py_ssize_t len)
 {
     rec_t *rec = rec_at(r, pos);
-    if (len >= BIG_COPY) {
-        Py_BEGIN_ALLOW_THREADS
-        memcpy(rec + 1, src, (size_t)len);
-        Py_END_ALLOW_THREADS
-    } else {
-        memcpy(rec + 1, src, (size_t)len);
-    }
+    ring_copy(rec + 1, src, (size_t)len);
     shm_crash_point("ring.fill.copied");
     STORE(&rec->state, ST_COMMITTED);
     shm_crash_point("ring.fill.committed");
@@ -798,40 +809,9 @@ ring_repair(RingObject *r, MappingObject *m)
         ring_unlock(m, &h->clock);
         return -1;
     }
-sleepers:
-    uint32_t gd = LOADR(&h->data_sleepers), gs = LOADR(&h->space_sleepers);
-    if (gd == 0 && gs == 0)
-        return 0;
-    uint64_t live_d = 0, live_s = 0;
-    for (uint32_t slot = 0; slot < r->max_slots; slot++) {
-        uint64_t *e = &r->roles[slot], v = LOAD(e);
-        if ((v & ROLE_SLEEPERS) == 0)
-            continue;
-        uint32_t tok = (ROLE_GEN(v) << 10) | slot;
-        if (slot == SHM_TOKEN_SLOT(me) || shm_token_alive(m, tok)) {
-            live_d += v & 0xFFFF;
-            live_s += (v >> 16) & 0xFFFF;
-            continue;
-        }
-        if (__atomic_compare_exchange_n(e, &v, v & ~ROLE_SLEEPERS, 0, __ATOMIC_SEQ_CST,
-                                        __ATOMIC_RELAXED)) {
-            uint32_t d = (uint32_t)(v & 0xFFFF), s = (uint32_t)((v >> 16) & 0xFFFF);
-            if (d)
-                shm_sat_sub(&h->data_sleepers, d);
-            if (s)
-                shm_sat_sub(&h->space_sleepers, s);
-        }
-    }
-    /* No sleeper counted anywhere: whatever the global words still say was
-     * left by a process killed between its two counts.  (A sleeper counted
-     * in the global word but not yet in its entry may lose its wake-up; it
-     * then wakes at the end of its slice.) */
-    if (live_d == 0 && (gd = LOADR(&h->data_sleepers)) != 0)
-        __atomic_compare_exchange_n(&h->data_sleepers, &gd, 0, 0, __ATOMIC_SEQ_CST,
-                                    __ATOMIC_RELAXED);
-    if (live_s == 0 && (gs = LOADR(&h->space_sleepers)) != 0)
-        __atomic_compare_exchange_n(&h->space_sleepers, &gs, 0, 0, __ATOMIC_SEQ_CST,
-                                    __ATOMIC_RELAXED);
+sleepers:;
+    ring_roles_t rt = ring_roles_of(r);
+    ring_roles_fix(&rt, m);
     return 0;
 }
 

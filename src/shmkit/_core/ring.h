@@ -5,8 +5,10 @@
 #define SHMKIT_RING_H
 
 #include "shmkit.h"
+#include "journal.h" /* shm_lock_acquire_repair */
 #include <limits.h>
 #include <stddef.h>
+#include <string.h>
 
 #define RING_MAGIC 0x31474e52u /* "RNG1" */
 #define RING_FORMAT 1
@@ -25,7 +27,8 @@
 #define ST_ABANDONED 0x80000003u
 #define ST_DONE 0x80000004u
 
-/* Role-table entry of one attach slot:
+/* Role-table entry of one attach slot (the topic, topic.h, keeps the same
+ * table at the same offset, without bits 32 and 33):
  *   bits 0-15 consumers of this attachment asleep, 16-31 producers asleep,
  *   bit 32 has sent, bit 33 has received, bits 40-59 attach generation. */
 #define ROLE_DATA_SLEEPER 1ull
@@ -101,6 +104,19 @@ static inline rec_t *rec_at(RingObject *r, uint64_t pos)
 {
     return (rec_t *)(r->data + (pos & ~7ull) % r->cap);
 }
+/* Copy a message in or out of a ring (ring.c, topic.c and their types):
+ * one this large (BIG_COPY) runs without the GIL. */
+static inline void
+ring_copy(void *dst, const void *src, size_t len)
+{
+    if (len >= BIG_COPY) {
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(dst, src, len);
+        Py_END_ALLOW_THREADS
+    } else {
+        memcpy(dst, src, len);
+    }
+}
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define LOADR(p) __atomic_load_n((p), __ATOMIC_RELAXED)
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
@@ -110,11 +126,42 @@ int ring_corrupt(RingObject *r, const char *what, unsigned long long a,
                  unsigned long long b);
 
 /* ---- handles ---- */
-MappingObject *ring_enter_any(RingObject *r, int to_use);
-/* For sending and receiving: a live, writable attachment. */
-static inline MappingObject *ring_enter(RingObject *r) { return ring_enter_any(r, 1); }
 static inline void ring_leave(MappingObject *m) { shm_unpin((PyObject *)m); }
-void ring_claim(RingObject *r, uint32_t me, uint64_t bits);
+void ring_claim_entry(RingObject *r, uint32_t me, uint64_t bits);
+/* Our role entry, claimed and announcing `bits`: one table write per
+ * handle and role, remembered in role_token and role_bits. */
+static inline void
+ring_claim(RingObject *r, uint32_t me, uint64_t bits)
+{
+    if (r->role_token != me || (r->role_bits & bits) != bits)
+        ring_claim_entry(r, me, bits);
+}
+
+/* ---- the role table and its sleeper counts (the ring's and the topic's) ---- */
+/* Where one handle sees a role table: its entries and the two global sleeper
+ * words it accounts for, sleepers[0] on the data side, [1] on the space side.
+ * Pointers into the handle's mapping; max_slots fixed when it was bound. */
+typedef struct {
+    uint64_t *roles;
+    uint32_t max_slots;
+    uint32_t *sleepers[2];
+} ring_roles_t;
+
+static inline ring_roles_t
+ring_roles_of(RingObject *r)
+{
+    return (ring_roles_t){r->roles, r->max_slots, {&r->h->data_sleepers, &r->h->space_sleepers}};
+}
+/* Make the entry of attachment `me` ours (taking off the sleeper counts a
+ * dead former owner of the slot left) and announce `bits` in it. */
+void ring_roles_claim(const ring_roles_t *rt, uint32_t me, uint64_t bits);
+/* Count (+1) or uncount (-1) one sleeper of attachment `me` on the data
+ * (space=0) or space (1) side, in the global word and in its claimed entry. */
+void ring_roles_sleeper(const ring_roles_t *rt, uint32_t me, int space, int delta);
+/* Take off the sleeper counts of dead attachments (m asks the kernel), and
+ * clear a global word that no live entry accounts for. */
+void ring_roles_fix(const ring_roles_t *rt, MappingObject *m);
+
 /* Wake everyone asleep on seq, if anyone is counted asleep.  The fence
  * pairs with the sleeper's count-then-recheck: one of us sees the other. */
 static inline void
@@ -142,13 +189,30 @@ void ring_take_lent(RingObject *r, take_t *tk, uint64_t pos, uint32_t len, uint3
 int ring_next(RingObject *r, take_t *tk, uint64_t *pos, uint32_t *len);
 int ring_reclaim(RingObject *r);
 int ring_lock(RingObject *r, MappingObject *m, uint32_t *word, uint32_t me, int64_t deadline);
+/* Take a ring's robust lock (the ring's plock or clock, the topic's plock)
+ * through lock.c, which records the holding: the uncontended case is
+ * shm_lock_try's one CAS; otherwise wait until the deadline, at least a
+ * grace period, and after a dead holder call repair(ctx, 1) to recount
+ * from the ring's journal.  1 taken, 0 still held by a live process (no
+ * exception set: the caller names the lock), -1 with an exception set. */
+#define LOCK_GRACE_NS (200 * 1000 * 1000LL)
+static inline int
+ring_lock_word(MappingObject *m, uint32_t *word, int64_t deadline,
+               shm_repair_fn repair, void *ctx)
+{
+    int got = shm_lock_try(m, word);
+    if (got != 0)
+        return got < 0 ? -1 : 1;
+    int64_t grace = shm_now_ns() + LOCK_GRACE_NS;
+    return shm_lock_acquire_repair(m, word, deadline > grace ? deadline : grace, NULL, repair,
+                                   ctx);
+}
 /* Lock-free hints for waiters (ring_wait, and waitset.c's wait on many):
  * is there a record to look at, is there room for a `total`-byte record?
  * Anything odd says yes, so that the checking call runs. */
 int ring_data_ready(RingObject *r);
 int ring_space_ready(RingObject *r, uint64_t total);
-/* Count (+1) or uncount (-1) one sleeper of attachment `me` on the data
- * (space=0) or space (1) side, in the global word and our role entry. */
+/* ring_roles_sleeper on this ring's role table. */
 void ring_sleeper(RingObject *r, uint32_t me, int space, int delta);
 /* Release a ring lock we hold (lock.c un-records the holding).  A word
  * that no longer shows our token (damage) has nothing to release; that

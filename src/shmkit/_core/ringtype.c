@@ -11,113 +11,31 @@
  */
 #include "ring.h"
 #include "journal.h"
+#include "msgtype.h"
 #include <string.h>
 
 
-typedef struct {
-    PyObject_HEAD
-    RingObject *ring;
-    PyObject *mapping;
-    rec_t *rec;
-    char *payload;
-    Py_ssize_t len;
-    uint32_t token;
-    Py_ssize_t exports;
-    int released;
-    PyObject *view;         /* the memoryview handed out by __enter__ */
-} RecordViewObject;
-
 /* ---- Python: argument helpers ----------------------------------------- */
 
-/* Parse (positional..., timeout=None) from a FASTCALL|KEYWORDS call. */
-static int
-parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-           Py_ssize_t npos, const char *const *names, PyObject **out)
+#define CHANNEL_HINT "encode it, or use shmkit.Queue for Python objects"
+
+/* For sending and receiving (to_use: a live, writable attachment), or for
+ * reading the ring's state. */
+static inline MappingObject *
+ring_enter_any(RingObject *r, int to_use)
 {
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    Py_ssize_t nall = 0;
-    while (names[nall])
-        nall++;
-    if (nargs > nall) {
-        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd arguments (%zd given)",
-                     fname, nall, nargs);
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < nall; i++)
-        out[i] = i < nargs ? args[i] : NULL;
-    for (Py_ssize_t k = 0; k < nkw; k++) {
-        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
-        Py_ssize_t i = 0;
-        for (; i < nall; i++)
-            if (PyUnicode_CompareWithASCIIString(key, names[i]) == 0)
-                break;
-        if (i == nall || out[i] != NULL) {
-            PyErr_Format(PyExc_TypeError, "%s() got an unexpected or repeated argument %R",
-                         fname, key);
-            return -1;
-        }
-        out[i] = args[nargs + k];
-    }
-    for (Py_ssize_t i = 0; i < npos; i++) {
-        if (out[i] == NULL) {
-            PyErr_Format(PyExc_TypeError, "%s() missing argument '%s'", fname, names[i]);
-            return -1;
-        }
-    }
-    return 0;
+    return msg_enter((PyObject *)r, r->mapping, r->name, to_use, "channel", "send or receive");
 }
 
-/* A bytes-like message: bytes without a buffer round-trip, else any
- * C-contiguous buffer.  Returns 0 and fills *b (release with release_msg). */
-static int
-get_msg(PyObject *o, Py_buffer *b)
-{
-    if (PyBytes_CheckExact(o)) {
-        b->obj = NULL;
-        b->buf = PyBytes_AS_STRING(o);
-        b->len = PyBytes_GET_SIZE(o);
-        return 0;
-    }
-    if (PyUnicode_Check(o) || !PyObject_CheckBuffer(o)) {
-        PyErr_Format(PyExc_TypeError, "a channel message must be bytes-like (bytes, "
-                     "bytearray, memoryview, numpy array), not %.100s; encode it, or use "
-                     "shmkit.Queue for Python objects", Py_TYPE(o)->tp_name);
-        return -1;
-    }
-    if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS) < 0) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_BufferError, "a channel message must be one contiguous block "
-                     "of memory; copy it first (numpy.ascontiguousarray)");
-        return -1;
-    }
-    return 0;
-}
-
-static inline void
-release_msg(Py_buffer *b)
-{
-    if (b->obj)
-        PyBuffer_Release(b);
-}
+static inline MappingObject *ring_enter(RingObject *r) { return ring_enter_any(r, 1); }
 
 static int
 check_size(RingObject *r, Py_ssize_t len)
 {
-    if ((uint64_t)len > UINT32_MAX - 16 || rec_total((uint64_t)len) > r->cap) {
-        PyErr_Format(RING_ST(r)->MessageTooLarge, "a message of %zd bytes does not fit in channel %R, "
-                     "which holds at most %llu bytes per message; create the channel with "
-                     "a larger capacity=", len, r->name,
-                     (unsigned long long)(r->cap - 8));
-        return -1;
-    }
+    if ((uint64_t)len > UINT32_MAX - 16 || rec_total((uint64_t)len) > r->cap)
+        return msg_too_large((PyObject *)r, "channel", r->name, len,
+                             (unsigned long long)(r->cap - 8));
     return 0;
-}
-
-static int
-deadline_of(PyObject *timeout, int64_t *deadline)
-{
-    *deadline = shm_deadline(timeout);
-    return *deadline < 0 ? -1 : 0;
 }
 
 /* ---- Python: sending -------------------------------------------------- */
@@ -133,9 +51,9 @@ ring_send(RingObject *r, MappingObject *m, Py_buffer *bufs, Py_ssize_t n,
     Py_ssize_t lens_small[64], *lens = lens_small, done = 0;
     int fruitless = 0;
     uint64_t pos_small[64], *pos = pos_small;
-    int64_t deadline = nowait ? 0 : SHM_FOREVER;
+    int64_t deadline;
     *err = 0;
-    if (!nowait && timeout != NULL && timeout != Py_None && deadline_of(timeout, &deadline) < 0) {
+    if (msg_deadline(timeout, nowait, &deadline) < 0) {
         *err = 1;
         return 0;
     }
@@ -192,21 +110,21 @@ static PyObject *
 send_impl(RingObject *r, PyObject *msg, PyObject *timeout, int nowait)
 {
     Py_buffer b;
-    if (get_msg(msg, &b) < 0)
+    if (msg_get(msg, &b, "channel", CHANNEL_HINT) < 0)
         return NULL;
     if (check_size(r, b.len) < 0) {
-        release_msg(&b);
+        msg_release(&b);
         return NULL;
     }
     MappingObject *m = ring_enter(r);
     if (m == NULL) {
-        release_msg(&b);
+        msg_release(&b);
         return NULL;
     }
     int err;
     ring_send(r, m, &b, 1, timeout, nowait, &err);
     ring_leave(m);
-    release_msg(&b);
+    msg_release(&b);
     if (err)
         return NULL;
     Py_RETURN_NONE;
@@ -217,7 +135,7 @@ Ring_send(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
 {
     static const char *const names[] = {"data", "timeout", NULL};
     PyObject *a[2];
-    if (parse_args("send", args, nargs, kw, 1, names, a) < 0)
+    if (msg_parse_args("send", args, nargs, kw, 1, names, a) < 0)
         return NULL;
     return send_impl(r, a[0], a[1], 0);
 }
@@ -233,7 +151,7 @@ Ring_send_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
 {
     static const char *const names[] = {"messages", "timeout", NULL};
     PyObject *a[2];
-    if (parse_args("send_many", args, nargs, kw, 1, names, a) < 0)
+    if (msg_parse_args("send_many", args, nargs, kw, 1, names, a) < 0)
         return NULL;
     PyObject *seq = PySequence_Fast(a[0], "send_many() needs an iterable of messages");
     if (seq == NULL)
@@ -248,7 +166,7 @@ Ring_send_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
         goto out;
     }
     for (; got < n; got++) {
-        if (get_msg(items[got], &bufs[got]) < 0)
+        if (msg_get(items[got], &bufs[got], "channel", CHANNEL_HINT) < 0)
             goto out;
         if (check_size(r, bufs[got].len) < 0) {
             PyErr_Format(RING_ST(r)->MessageTooLarge, "message %zd of send_many() has %zd bytes; "
@@ -265,7 +183,7 @@ Ring_send_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
     ring_leave(m);
 out:
     for (Py_ssize_t i = 0; i < got; i++)
-        release_msg(&bufs[i]);
+        msg_release(&bufs[i]);
     PyMem_Free(bufs);
     Py_DECREF(seq);
     if (err) {
@@ -326,10 +244,10 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
     struct ring_hdr *h = r->h;
     uint32_t me = m->token;
     ring_claim(r, me, ROLE_CONSUMER);
-    int64_t deadline = nowait ? 0 : SHM_FOREVER;
+    int64_t deadline;
     PyObject *out = NULL;
     int fruitless = 0;
-    if (!nowait && timeout != NULL && timeout != Py_None && deadline_of(timeout, &deadline) < 0) {
+    if (msg_deadline(timeout, nowait, &deadline) < 0) {
         ring_leave(m);
         return NULL;
     }
@@ -380,13 +298,7 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
             if (out != NULL) {
                 char *dst = how == R_INTO ? into->buf : PyBytes_AS_STRING(out);
                 const char *src = (const char *)(rec_at(r, pos) + 1);
-                if (len >= BIG_COPY) {
-                    Py_BEGIN_ALLOW_THREADS
-                    memcpy(dst, src, len);
-                    Py_END_ALLOW_THREADS
-                } else {
-                    memcpy(dst, src, len);
-                }
+                ring_copy(dst, src, len);
             }
             if (view_finish(r, m, rec_at(r, pos), me) < 0)
                 Py_CLEAR(out);
@@ -427,7 +339,7 @@ Ring_recv(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
     PyObject *a[2];
     if (nargs == 0 && kw == NULL)
         return recv_impl(r, NULL, 0, R_COPY, NULL, 0);
-    if (parse_args("recv", args, nargs, kw, 0, names, a) < 0)
+    if (msg_parse_args("recv", args, nargs, kw, 0, names, a) < 0)
         return NULL;
     int stop = a[1] ? PyObject_IsTrue(a[1]) : 0;
     if (stop < 0)
@@ -444,14 +356,11 @@ Ring_recv_nowait(RingObject *r, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Ring_take(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
 {
-    static const char *const names[] = {"timeout", "nowait", NULL};
-    PyObject *a[2];
-    if (parse_args("_take", args, nargs, kw, 0, names, a) < 0)
+    PyObject *timeout;
+    int nowait;
+    if (msg_take_args(args, nargs, kw, &timeout, &nowait) < 0)
         return NULL;
-    int nowait = a[1] ? PyObject_IsTrue(a[1]) : 0;
-    if (nowait < 0)
-        return NULL;
-    return recv_impl(r, a[0], nowait, R_VIEW, NULL, 0);
+    return recv_impl(r, timeout, nowait, R_VIEW, NULL, 0);
 }
 
 static PyObject *
@@ -460,7 +369,7 @@ Ring_recv_into(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
     static const char *const names[] = {"buffer", "timeout", NULL};
     PyObject *a[2];
     Py_buffer b;
-    if (parse_args("recv_into", args, nargs, kw, 1, names, a) < 0)
+    if (msg_parse_args("recv_into", args, nargs, kw, 1, names, a) < 0)
         return NULL;
     if (PyObject_GetBuffer(a[0], &b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
         PyErr_Clear();
@@ -479,7 +388,7 @@ Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
 {
     static const char *const names[] = {"max_n", "timeout", "stop_when_no_senders", NULL};
     PyObject *a[3];
-    if (parse_args("recv_many", args, nargs, kw, 0, names, a) < 0)
+    if (msg_parse_args("recv_many", args, nargs, kw, 0, names, a) < 0)
         return NULL;
     int stop = a[2] ? PyObject_IsTrue(a[2]) : 0;
     if (stop < 0)
@@ -502,9 +411,9 @@ Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
     struct ring_hdr *h = r->h;
     uint32_t me = m->token;
     ring_claim(r, me, ROLE_CONSUMER);
-    int64_t deadline = SHM_FOREVER;
+    int64_t deadline;
     int fruitless = 0;
-    int failed = a[1] != NULL && a[1] != Py_None && deadline_of(a[1], &deadline) < 0;
+    int failed = msg_deadline(a[1], 0, &deadline) < 0;
     while (!failed) {
         int k = T_EMPTY;
         take_t tk;
@@ -875,25 +784,6 @@ static PyType_Spec ring_spec = {
 
 /* ---- zero-copy views ---------------------------------------------------- */
 
-static PyObject *
-make_view(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_t me)
-{
-    RecordViewObject *v = PyObject_New(RecordViewObject, RING_ST(r)->RecordView);
-    if (v == NULL)
-        return NULL;
-    v->ring = (RingObject *)Py_NewRef(r);
-    v->mapping = (PyObject *)m;
-    shm_pin((PyObject *)m); /* our reference: the memory stays mapped while the view lives */
-    v->rec = rec_at(r, pos);
-    v->payload = (char *)(v->rec + 1);
-    v->len = len;
-    v->token = me;
-    v->exports = 0;
-    v->released = 0;
-    v->view = NULL;
-    return (PyObject *)v;
-}
-
 /* A lent record is finished: mark it DONE, then reclaim if we still can. */
 static int
 view_finish(RingObject *r, MappingObject *m, rec_t *rec, uint32_t token)
@@ -914,133 +804,40 @@ view_finish(RingObject *r, MappingObject *m, rec_t *rec, uint32_t token)
     return freed < 0 ? -1 : 0;
 }
 
+/* RecordView's give_back: finish the record (view_finish). */
 static int
-rv_release_record(RecordViewObject *v)
+rv_give_back(MsgViewObject *v, int Py_UNUSED(quiet))
 {
-    if (v->released)
-        return 0;
-    v->released = 1;
-    int r = view_finish(v->ring, (MappingObject *)v->mapping, v->rec, v->token);
-    shm_unpin(v->mapping);
-    v->mapping = NULL;
-    return r;
+    return view_finish((RingObject *)v->owner, (MappingObject *)v->mapping,
+                       (rec_t *)v->payload - 1, v->token);
 }
+
+static const msgview_ops rv_ops = {
+    .give_back = rv_give_back,
+    .exported = "an array or memoryview made from the message view is still alive; copy "
+                "what you need inside the with block (the message is freed when they are "
+                "all gone)",
+};
 
 static PyObject *
-rv_release(RecordViewObject *v, PyObject *Py_UNUSED(ignored))
+make_view(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_t me)
 {
-    if (v->view != NULL) {
-        PyObject *res = PyObject_CallMethod(v->view, "release", NULL);
-        if (res == NULL) {
-            if (PyErr_ExceptionMatches(PyExc_BufferError)) {
-                PyErr_Clear();
-                PyErr_SetString(PyExc_BufferError,
-                                "an array or memoryview made from the message view is "
-                                "still alive; copy what you need inside the with block "
-                                "(the message is freed when they are all gone)");
-            }
-            return NULL;
-        }
-        Py_DECREF(res);
-        Py_CLEAR(v->view);
-    }
-    if (v->exports > 0) {
-        PyErr_SetString(PyExc_BufferError, "the message view is still exported (an "
-                        "array or memoryview uses it); release those first");
-        return NULL;
-    }
-    if (rv_release_record(v) < 0)
-        return NULL;
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-rv_enter(RecordViewObject *v, PyObject *Py_UNUSED(ignored))
-{
-    if (v->released) {
-        PyErr_SetString(PyExc_ValueError, "the message view was already released");
-        return NULL;
-    }
-    if (v->view == NULL && (v->view = PyMemoryView_FromObject((PyObject *)v)) == NULL)
-        return NULL;
-    return Py_NewRef(v->view);
-}
-
-static PyObject *
-rv_exit(RecordViewObject *v, PyObject *const *args, Py_ssize_t nargs)
-{
-    PyObject *r = rv_release(v, NULL);
-    if (r == NULL)
-        return NULL;
-    Py_DECREF(r);
-    Py_RETURN_FALSE;
-}
-
-static int
-rv_getbuffer(RecordViewObject *v, Py_buffer *view, int flags)
-{
-    if (v->released) {
-        PyErr_SetString(PyExc_ValueError, "the message view was released");
-        return -1;
-    }
-    if (PyBuffer_FillInfo(view, (PyObject *)v, v->payload, v->len, 1, flags) < 0)
-        return -1;
-    v->exports++;
-    return 0;
-}
-
-static void
-rv_releasebuffer(RecordViewObject *v, Py_buffer *Py_UNUSED(view))
-{
-    v->exports--;
-}
-
-static void
-rv_dealloc(RecordViewObject *v)
-{
-    /* A view dropped while an exception unwinds the frame that held it
-     * runs here with that exception pending: set it aside, so that the
-     * release neither runs with it set nor replaces or clears it. */
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);
-    Py_CLEAR(v->view);
-    /* The error is reported against the channel, not v: the unraisable
-     * hook takes a reference to its object, and dropping it would run
-     * this dealloc a second time and free v twice. */
-    if (!v->released && rv_release_record(v) < 0)
-        PyErr_WriteUnraisable((PyObject *)v->ring);
-    Py_CLEAR(v->ring);
-    PyTypeObject *tp = Py_TYPE(v);
-    PyObject_Free(v);
-    Py_DECREF(tp); /* a heap type: its instances hold it */
-    PyErr_Restore(et, ev, tb);
-}
-
-static PyObject *
-rv_get_nbytes(RecordViewObject *v, void *Py_UNUSED(c))
-{
-    return PyLong_FromSsize_t(v->len);
+    return msgview_new(RING_ST(r)->RecordView, &rv_ops, (PyObject *)r, m,
+                       (char *)(rec_at(r, pos) + 1), len, pos, me);
 }
 
 static PyMethodDef rv_methods[] = {
-    {"release", (PyCFunction)rv_release, METH_NOARGS,
-     "release($self, /)\n--\n\nGive the message's memory back to the channel."},
-    {"__enter__", (PyCFunction)rv_enter, METH_NOARGS, "__enter__($self, /)\n--\n\n"
-     "The message as a read-only memoryview."},
-    {"__exit__", (PyCFunction)(void (*)(void))rv_exit, METH_FASTCALL, "__exit__($self, *exc_info)\n--\n\n"
-     "Release the message (as release())."},
+    MSGVIEW_METHODS("Give the message's memory back to the channel."),
     {NULL}
 };
 
 static PyGetSetDef rv_getset[] = {
-    {"nbytes", (getter)rv_get_nbytes, NULL, "the message's size in bytes", NULL},
+    MSGVIEW_NBYTES,
     {NULL}
 };
 
 static PyType_Slot rv_spec_slots[] = {
-    {Py_tp_dealloc, rv_dealloc},
-    {Py_bf_getbuffer, rv_getbuffer},
-    {Py_bf_releasebuffer, rv_releasebuffer},
+    MSGVIEW_SLOTS,
     {Py_tp_doc, "A received message lent in place (read-only).  Use it as a context "
                 "manager:\n``with ch.recv_view() as mv:`` gives a memoryview valid "
                 "inside the block."},
@@ -1051,7 +848,7 @@ static PyType_Slot rv_spec_slots[] = {
 
 static PyType_Spec rv_spec = {
     .name = "shmkit._core.RecordView",
-    .basicsize = sizeof(RecordViewObject),
+    .basicsize = sizeof(MsgViewObject),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
     .slots = rv_spec_slots,
 };

@@ -28,8 +28,6 @@
 #include <string.h>
 #include <time.h>
 
-#define LOCK_GRACE_NS (200 * 1000 * 1000LL)
-
 int
 topic_corrupt(const topic_t *t, const char *what, unsigned long long a, unsigned long long b)
 {
@@ -67,7 +65,7 @@ topic_format(char *base, uint64_t avail, uint32_t max_slots, uint64_t cap, uint6
     h->overflow = overflow;
     h->max_slots = max_slots;
     h->subs_off = (uint32_t)topic_subs_off(max_slots);
-    TSTORE(&h->magic, TOPIC_MAGIC);
+    STORE(&h->magic, TOPIC_MAGIC);
     return 0;
 }
 
@@ -82,11 +80,11 @@ topic_bind(topic_t *t, shm_state *st, char *base, uint64_t avail, uint32_t seg_s
     snprintf(t->what, sizeof t->what, "topic '%.140s'", name);
     if (avail < sizeof *h || ((uintptr_t)base & 63))
         return topic_corrupt(t, "no room for a topic header", avail, sizeof *h);
-    uint32_t magic = TLOAD(&h->magic), format = TLOAD(&h->format);
-    uint32_t max_slots = TLOAD(&h->max_slots), max_subs = TLOAD(&h->max_subs);
-    uint32_t overflow = TLOAD(&h->overflow), subs_off = TLOAD(&h->subs_off);
-    uint64_t cap = TLOAD(&h->cap), data_off = TLOAD(&h->data_off);
-    uint64_t history = TLOAD(&h->history);
+    uint32_t magic = LOAD(&h->magic), format = LOAD(&h->format);
+    uint32_t max_slots = LOAD(&h->max_slots), max_subs = LOAD(&h->max_subs);
+    uint32_t overflow = LOAD(&h->overflow), subs_off = LOAD(&h->subs_off);
+    uint64_t cap = LOAD(&h->cap), data_off = LOAD(&h->data_off);
+    uint64_t history = LOAD(&h->history);
     if (magic != TOPIC_MAGIC)
         return topic_corrupt(t, "bad topic magic", magic, TOPIC_MAGIC);
     if (format != TOPIC_FORMAT)
@@ -118,96 +116,43 @@ topic_bind(topic_t *t, shm_state *st, char *base, uint64_t avail, uint32_t seg_s
     return 0;
 }
 
+/* ---- records --------------------------------------------------------------- */
+
+/* The bytes the record at p spans (a SKIP record runs to the end of the
+ * ring), with its state in *st: 0 if the state is neither MSG nor SKIP or
+ * the record would overrun `limit`. */
+static inline uint64_t
+trec_span(const topic_t *t, uint64_t p, uint64_t limit, uint32_t *st)
+{
+    trec_t *r = trec_at(t, p);
+    uint32_t s = LOADR(&r->state);
+    uint64_t off = p % t->cap;
+    uint64_t total = s == TREC_SKIP ? t->cap - off : trec_total(LOADR(&r->len));
+    *st = s;
+    if ((s != TREC_SKIP && s != TREC_MSG) || total > t->cap - off || total > limit - p)
+        return 0;
+    return total;
+}
+
+/* Where a len-byte record published at tail tl goes: *skip bytes of SKIP
+ * record first if it does not fit before the end.  Returns the position
+ * head must reach first (no byte below it is overwritten). */
+static inline uint64_t
+trec_need(const topic_t *t, uint64_t tl, uint64_t len, uint64_t *skip)
+{
+    uint64_t total = trec_total(len), off = tl % t->cap;
+    *skip = off + total > t->cap ? t->cap - off : 0;
+    uint64_t end = tl + *skip + total;
+    return end > t->cap ? end - t->cap : 0;
+}
+
 /* ---- sleepers ------------------------------------------------------------ */
 
-/* Count (+1) or uncount (-1) one sleeper of attachment me: the global word
- * first and the role entry second when counting, the reverse when not, so a
- * death in between leaves the global word too high (a spare wake-up until
- * topic_fix_sleepers clears it), never too low. */
-static void
-topic_sleeper(topic_t *t, uint32_t me, int space, int delta)
+/* The role table as ring.c's sleeper counting sees it. */
+static inline ring_roles_t
+topic_roles(topic_t *t)
 {
-    uint32_t slot = SHM_TOKEN_SLOT(me);
-    uint32_t *g = space ? &t->h->space_sleepers : &t->h->data_sleepers;
-    uint64_t unit = space ? TROLE_SPACE : TROLE_DATA;
-    if (slot >= t->max_slots)
-        return;
-    if (delta > 0)
-        __atomic_fetch_add(g, 1, __ATOMIC_SEQ_CST);
-    uint64_t *e = &t->roles[slot], v = TLOAD(e);
-    for (;;) {
-        uint64_t nv;
-        if (TROLE_GEN(v) != SHM_TOKEN_GEN(me)) {
-            if (delta < 0)
-                return; /* cleared by a repair, which fixed the global word */
-            /* a dead former owner of the slot: take its counts off */
-            uint32_t d = (uint32_t)(v & 0xFFFF), s = (uint32_t)((v >> 16) & 0xFFFF);
-            nv = TROLE_FOR(SHM_TOKEN_GEN(me));
-            if (__atomic_compare_exchange_n(e, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
-                if (d)
-                    shm_sat_sub(&t->h->data_sleepers, d);
-                if (s)
-                    shm_sat_sub(&t->h->space_sleepers, s);
-                v = nv;
-            }
-            continue;
-        }
-        if (delta < 0 && (v & (unit * 0xFFFF)) == 0)
-            return;
-        nv = delta > 0 ? v + unit : v - unit;
-        if (__atomic_compare_exchange_n(e, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
-            if (delta < 0)
-                shm_sat_sub(g, 1);
-            return;
-        }
-    }
-}
-
-/* Take off the sleeper counts of dead attachments; clear a global word no
- * live entry accounts for. */
-static void
-topic_fix_sleepers(topic_t *t, MappingObject *m)
-{
-    struct topic_hdr *h = t->h;
-    uint32_t gd = TLOADR(&h->data_sleepers), gs = TLOADR(&h->space_sleepers);
-    if (gd == 0 && gs == 0)
-        return;
-    uint64_t live_d = 0, live_s = 0;
-    for (uint32_t slot = 0; slot < t->max_slots; slot++) {
-        uint64_t *e = &t->roles[slot], v = TLOAD(e);
-        if ((v & TROLE_SLEEPERS) == 0)
-            continue;
-        uint32_t tok = (TROLE_GEN(v) << 10) | slot;
-        if (slot == SHM_TOKEN_SLOT(m->token) || shm_token_alive(m, tok)) {
-            live_d += v & 0xFFFF;
-            live_s += (v >> 16) & 0xFFFF;
-            continue;
-        }
-        if (__atomic_compare_exchange_n(e, &v, v & ~TROLE_SLEEPERS, 0, __ATOMIC_SEQ_CST,
-                                        __ATOMIC_RELAXED)) {
-            uint32_t d = (uint32_t)(v & 0xFFFF), s = (uint32_t)((v >> 16) & 0xFFFF);
-            if (d)
-                shm_sat_sub(&h->data_sleepers, d);
-            if (s)
-                shm_sat_sub(&h->space_sleepers, s);
-        }
-    }
-    if (live_d == 0 && (gd = TLOADR(&h->data_sleepers)) != 0)
-        __atomic_compare_exchange_n(&h->data_sleepers, &gd, 0, 0, __ATOMIC_SEQ_CST,
-                                    __ATOMIC_RELAXED);
-    if (live_s == 0 && (gs = TLOADR(&h->space_sleepers)) != 0)
-        __atomic_compare_exchange_n(&h->space_sleepers, &gs, 0, 0, __ATOMIC_SEQ_CST,
-                                    __ATOMIC_RELAXED);
-}
-
-static inline void
-topic_wake(uint32_t *seq, uint32_t *sleepers)
-{
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (TLOADR(sleepers)) {
-        __atomic_fetch_add(seq, 1, __ATOMIC_SEQ_CST);
-        shm_futex_wake(seq, INT_MAX);
-    }
+    return (ring_roles_t){t->roles, t->max_slots, {&t->h->data_sleepers, &t->h->space_sleepers}};
 }
 
 /* ---- the publishers' lock ------------------------------------------------- */
@@ -222,38 +167,30 @@ topic_fix_publishers(void *ctx, int owner_died)
     struct topic_hdr *h = t->h;
     if (!owner_died)
         return 0;
-    struct topic_journal *j = &h->j[TLOADR(&h->jsel) & 1];
-    uint64_t tl = TLOADR(&h->tail), jt = TLOADR(&j->tail), hd = TLOADR(&h->head), n = 0;
+    struct topic_journal *j = &h->j[LOADR(&h->jsel) & 1];
+    uint64_t tl = LOADR(&h->tail), jt = LOADR(&j->tail), hd = LOADR(&h->head), n = 0;
     if (((jt | tl | hd) & 15) || jt > tl || tl - jt > t->cap || hd > tl || tl - hd > t->cap)
         return topic_corrupt(t, "bad publishers' journal", jt, tl);
     for (uint64_t p = jt; p < tl;) {
-        trec_t *r = trec_at(t, p);
-        uint32_t st = TLOADR(&r->state), len = TLOADR(&r->len);
-        uint64_t off = p % t->cap;
-        uint64_t total = st == TREC_SKIP ? t->cap - off : trec_total(len);
-        if ((st != TREC_SKIP && st != TREC_MSG) || total > t->cap - off || total > tl - p)
+        uint32_t st;
+        uint64_t total = trec_span(t, p, tl, &st);
+        if (total == 0)
             return topic_corrupt(t, "bad record after the journal's tail", st, p);
         n += st == TREC_MSG;
         p += total;
     }
-    TSTORE(&h->seq, TLOADR(&j->seq) + n);
+    STORE(&h->seq, LOADR(&j->seq) + n);
     shm_crash_point("topic.repair.counted");
-    uint64_t hist = TLOADR(&h->hist);
+    uint64_t hist = LOADR(&h->hist);
     if (hist < hd || hist > tl || (hist & 15))
-        TSTORE(&h->hist, hist > tl ? tl : hd);
+        STORE(&h->hist, hist > tl ? tl : hd);
     return 0;
 }
 
 static int
 topic_lock(topic_t *t, MappingObject *m, int64_t deadline)
 {
-    uint32_t *word = &t->h->plock;
-    int got = shm_lock_try(m, word);
-    if (got != 0)
-        return got < 0 ? -1 : 1;
-    int64_t grace = shm_now_ns() + LOCK_GRACE_NS;
-    got = shm_lock_acquire_repair(m, word, deadline > grace ? deadline : grace, NULL,
-                                  topic_fix_publishers, t);
+    int got = ring_lock_word(m, &t->h->plock, deadline, topic_fix_publishers, t);
     if (got == 0) {
         PyErr_Format(t->st->Timeout, "%s: its publishers' lock stayed held by a live "
                      "process; try again", t->what);
@@ -281,7 +218,7 @@ topic_reclaim(topic_t *t, MappingObject *m)
         return 0; /* liveness cannot be asked: never guess */
     for (uint32_t i = 0; i < t->max_subs; i++) {
         struct topic_sub *s = &t->subs[i];
-        uint32_t owner = TLOAD(&s->owner);
+        uint32_t owner = LOAD(&s->owner);
         if (owner == 0 || owner == m->token)
             continue;
         if ((owner & ~SHM_TOKEN_MASK) == 0 && shm_token_alive(m, owner))
@@ -292,7 +229,8 @@ topic_reclaim(topic_t *t, MappingObject *m)
             n++;
         }
     }
-    topic_fix_sleepers(t, m);
+    ring_roles_t rt = topic_roles(t);
+    ring_roles_fix(&rt, m);
     return n;
 }
 
@@ -307,7 +245,7 @@ eff_hold(topic_t *t, uint64_t hold, uint64_t hd, uint64_t tl, uint64_t skip)
     if (hold >= tl)
         return tl + skip;
     trec_t *r = trec_at(t, hold);
-    if (TLOAD(&r->state) == TREC_SKIP) {
+    if (LOAD(&r->state) == TREC_SKIP) {
         uint64_t next = hold + (t->cap - hold % t->cap);
         return next > tl ? tl : next;
     }
@@ -321,9 +259,9 @@ compute_floor(topic_t *t, uint64_t hd, uint64_t tl, uint64_t skip)
     uint64_t f = tl + skip;
     for (uint32_t i = 0; i < t->max_subs; i++) {
         struct topic_sub *s = &t->subs[i];
-        if (TLOAD(&s->owner) == 0)
+        if (LOAD(&s->owner) == 0)
             continue;
-        uint64_t e = eff_hold(t, TLOAD(&s->hold), hd, tl, skip);
+        uint64_t e = eff_hold(t, LOAD(&s->hold), hd, tl, skip);
         if (e < f)
             f = e;
     }
@@ -337,23 +275,21 @@ advance_head(topic_t *t, uint64_t hd, uint64_t need, uint64_t tl, uint64_t *out)
 {
     uint64_t q = hd;
     while (q < need) {
-        trec_t *r = trec_at(t, q);
-        uint32_t st = TLOADR(&r->state), len = TLOADR(&r->len);
-        uint64_t off = q % t->cap;
-        uint64_t total = st == TREC_SKIP ? t->cap - off : trec_total(len);
-        if ((st != TREC_SKIP && st != TREC_MSG) || total > t->cap - off || total > tl - q)
+        uint32_t st;
+        uint64_t total = trec_span(t, q, tl, &st);
+        if (total == 0)
             return topic_corrupt(t, "bad record between head and tail", st, q);
         q += total;
     }
     if (q != hd) {
-        TSTORE(&t->h->head, q);
+        STORE(&t->h->head, q);
         /* seqlock: a reader that still sees head at or below its record
          * after copying it read bytes nobody had started to overwrite */
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         shm_crash_point("topic.publish.head");
-        uint64_t hist = TLOADR(&t->h->hist);
+        uint64_t hist = LOADR(&t->h->hist);
         if (hist < q)
-            TSTORE(&t->h->hist, q);
+            STORE(&t->h->hist, q);
     }
     *out = q;
     return 0;
@@ -368,27 +304,25 @@ topic_publish(topic_t *t, MappingObject *m, const char *src, uint64_t len, int64
     const uint64_t cap = t->cap;
     if (topic_lock(t, m, deadline) < 0)
         return -1;
-    uint64_t tl = TLOADR(&h->tail), sq = TLOADR(&h->seq), hd = TLOADR(&h->head);
-    uint32_t sel = TLOADR(&h->jsel) & 1;
-    TSTORER(&h->j[sel ^ 1].tail, tl);
-    TSTORER(&h->j[sel ^ 1].seq, sq);
-    TSTORE(&h->jsel, sel ^ 1);
+    uint64_t tl = LOADR(&h->tail), sq = LOADR(&h->seq), hd = LOADR(&h->head);
+    uint32_t sel = LOADR(&h->jsel) & 1;
+    STORER(&h->j[sel ^ 1].tail, tl);
+    STORER(&h->j[sel ^ 1].seq, sq);
+    STORE(&h->jsel, sel ^ 1);
     shm_crash_point("topic.publish.journal");
     if (((tl | hd) & 15) || hd > tl || tl - hd > cap) {
         topic_unlock(m, t);
         return topic_corrupt(t, "head and tail out of order", hd, tl);
     }
-    uint64_t total = trec_total(len), off = tl % cap;
-    uint64_t skip = off + total > cap ? cap - off : 0;
-    uint64_t end = tl + skip + total;
-    uint64_t need = end > cap ? end - cap : 0;
+    uint64_t skip, need = trec_need(t, tl, len, &skip), total = trec_total(len);
+    uint64_t off = tl % cap;
     if (t->overflow == TOPIC_BLOCK) {
-        uint64_t fl = TLOADR(&h->floor);
+        uint64_t fl = LOADR(&h->floor);
         if (fl < need || fl > tl + skip) {
             fl = compute_floor(t, hd, tl, skip);
             if (fl < need && topic_reclaim(t, m) > 0)
                 fl = compute_floor(t, hd, tl, skip);
-            TSTORE(&h->floor, fl);
+            STORE(&h->floor, fl);
             if (fl < need) {
                 topic_unlock(m, t);
                 return 0;
@@ -401,133 +335,164 @@ topic_publish(topic_t *t, MappingObject *m, const char *src, uint64_t len, int64
             goto fail;
         hd = nh;
         trec_t *r = trec_at(t, tl);
-        TSTORER(&r->len, (uint32_t)(skip - 16));
-        TSTORER(&r->seq, 0);
-        TSTORE(&r->state, TREC_SKIP);
+        STORER(&r->len, (uint32_t)(skip - 16));
+        STORER(&r->seq, 0);
+        STORE(&r->state, TREC_SKIP);
         shm_crash_point("topic.publish.skip");
         tl += skip;
-        TSTORE(&h->tail, tl);
+        STORE(&h->tail, tl);
         shm_crash_point("topic.publish.skip_tail");
     }
     uint64_t nh;
     if (advance_head(t, hd, need, tl, &nh) < 0)
         goto fail;
     trec_t *r = trec_at(t, tl);
-    TSTORER(&r->len, (uint32_t)len);
-    TSTORER(&r->seq, sq);
-    TSTORER(&r->state, TREC_MSG);
-    if (len >= TOPIC_BIG_COPY) {
-        Py_BEGIN_ALLOW_THREADS
-        memcpy(r + 1, src, (size_t)len);
-        Py_END_ALLOW_THREADS
-    } else {
-        memcpy(r + 1, src, (size_t)len);
-    }
+    STORER(&r->len, (uint32_t)len);
+    STORER(&r->seq, sq);
+    STORER(&r->state, TREC_MSG);
+    ring_copy(r + 1, src, (size_t)len);
     shm_crash_point("topic.publish.copied");
-    TSTORE(&h->seq, sq + 1);
+    STORE(&h->seq, sq + 1);
     shm_crash_point("topic.publish.seq");
-    TSTORE(&h->tail, tl + total);
+    STORE(&h->tail, tl + total);
     shm_crash_point("topic.publish.tail");
     tl += total;
     /* the history window: keep the last `history` messages */
-    uint64_t q = TLOADR(&h->hist), q0 = q;
+    uint64_t q = LOADR(&h->hist), q0 = q;
     if (q < nh || q > tl || (q & 15))
         q = nh;
     while (q < tl) {
-        trec_t *x = trec_at(t, q);
-        uint32_t st = TLOADR(&x->state);
-        uint64_t xo = q % cap;
-        uint64_t span = st == TREC_SKIP ? cap - xo : trec_total(TLOADR(&x->len));
-        if ((st != TREC_SKIP && st != TREC_MSG) || span > cap - xo || span > tl - q)
+        uint32_t st;
+        uint64_t span = trec_span(t, q, tl, &st);
+        if (span == 0)
             break; /* the next publisher's head walk reports it */
-        if (st == TREC_MSG && sq + 1 - TLOADR(&x->seq) <= t->history)
+        if (st == TREC_MSG && sq + 1 - LOADR(&trec_at(t, q)->seq) <= t->history)
             break;
         q += span;
     }
     if (q != q0) {
-        TSTORE(&h->hist, q);
+        STORE(&h->hist, q);
         shm_crash_point("topic.publish.hist");
     }
     topic_unlock(m, t);
-    topic_wake(&h->data_seq, &h->data_sleepers);
+    ring_wake(&h->data_seq, &h->data_sleepers);
     return 1;
 fail:
     topic_unlock(m, t);
     return -1;
 }
 
-/* ---- waiting for room (block mode) ------------------------------------------ */
+/* ---- waiting ------------------------------------------------------------------ */
 
+/* A wait of topic_wait_space (space=1: room for a len-byte record) or
+ * topic_wait_data (space=0: a record at subscriber s's cursor), for wait.h. */
 typedef struct {
     topic_t *t;
     MappingObject *m;
+    struct topic_sub *s;
     uint64_t len;
     uint32_t me;
-} space_ctx;
+    int space;
+} topic_waiter;
 
 static int
 space_ready(void *ctx, uint32_t *sleep_on)
 {
-    space_ctx *c = ctx;
+    topic_waiter *c = ctx;
     topic_t *t = c->t;
     struct topic_hdr *h = t->h;
-    *sleep_on = TLOAD(&h->space_seq);
-    uint64_t tl = TLOAD(&h->tail), hd = TLOAD(&h->head);
+    *sleep_on = LOAD(&h->space_seq);
+    uint64_t tl = LOAD(&h->tail), hd = LOAD(&h->head);
     if (((tl | hd) & 15) || hd > tl)
         return 1; /* let the locked path name the damage */
-    uint64_t total = trec_total(c->len), off = tl % t->cap;
-    uint64_t skip = off + total > t->cap ? t->cap - off : 0;
-    uint64_t end = tl + skip + total;
-    uint64_t need = end > t->cap ? end - t->cap : 0;
+    uint64_t skip, need = trec_need(t, tl, c->len, &skip);
     return compute_floor(t, hd, tl, skip) >= need;
 }
 
-static void
-space_arm(void *ctx)
-{
-    space_ctx *c = ctx;
-    topic_sleeper(c->t, c->me, 1, +1);
-}
-
-static void
-space_disarm(void *ctx)
-{
-    space_ctx *c = ctx;
-    topic_sleeper(c->t, c->me, 1, -1);
-}
-
 static int
-space_check(void *ctx)
+data_ready(void *ctx, uint32_t *sleep_on)
 {
-    space_ctx *c = ctx;
-    topic_reclaim(c->t, c->m);
+    topic_waiter *c = ctx;
+    *sleep_on = LOAD(&c->t->h->data_seq);
+    return LOAD(&c->t->h->tail) != LOADR(&c->s->pos);
+}
+
+/* Count ourselves asleep, in an entry claimed first (a dead former owner's
+ * counts taken off), or uncount. */
+static void
+tw_arm(void *ctx)
+{
+    topic_waiter *c = ctx;
+    ring_roles_t rt = topic_roles(c->t);
+    ring_roles_claim(&rt, c->me, 0);
+    ring_roles_sleeper(&rt, c->me, c->space, +1);
+}
+
+static void
+tw_disarm(void *ctx)
+{
+    topic_waiter *c = ctx;
+    ring_roles_t rt = topic_roles(c->t);
+    ring_roles_sleeper(&rt, c->me, c->space, -1);
+}
+
+/* After a slice without news: publishers free dead subscribers' entries
+ * (which may hold the space), subscribers fix the sleeper counts. */
+static int
+tw_check(void *ctx)
+{
+    topic_waiter *c = ctx;
+    if (c->space) {
+        topic_reclaim(c->t, c->m);
+    } else {
+        ring_roles_t rt = topic_roles(c->t);
+        ring_roles_fix(&rt, c->m);
+    }
     return 0;
+}
+
+/* Wait through wait.h; the spin adapts as ring_wait's does.  1 ready, 0
+ * timeout, -1 with an exception set. */
+static int
+topic_wait(topic_waiter *c, int64_t deadline, int64_t *spin_ns)
+{
+    topic_t *t = c->t;
+    shm_wait w = {.m = c->m, .word = c->space ? &t->h->space_seq : &t->h->data_seq, .ctx = c,
+                  .ready = c->space ? space_ready : data_ready, .arm = tw_arm,
+                  .disarm = tw_disarm, .check = tw_check, .spin_ns = *spin_ns,
+                  .what = t->what};
+    int r = shm_wait_until(&w, deadline);
+    *spin_ns = w.slept ? *spin_ns / 2 : (*spin_ns * 2 + 1000 > 50000 ? 50000 : *spin_ns * 2 + 1000);
+    return r;
 }
 
 int
 topic_wait_space(topic_t *t, MappingObject *m, uint64_t len, int64_t deadline,
                  int64_t *spin_ns)
 {
-    space_ctx c = {t, m, len, m->token};
-    shm_wait w = {.m = m, .word = &t->h->space_seq, .ctx = &c, .ready = space_ready,
-                  .arm = space_arm, .disarm = space_disarm, .check = space_check,
-                  .spin_ns = *spin_ns, .what = t->what};
-    int r = shm_wait_until(&w, deadline);
-    *spin_ns = w.slept ? *spin_ns / 2 : (*spin_ns * 2 + 1000 > 50000 ? 50000 : *spin_ns * 2 + 1000);
-    return r;
+    topic_waiter c = {t, m, NULL, len, m->token, 1};
+    return topic_wait(&c, deadline, spin_ns);
+}
+
+int
+topic_wait_data(topic_t *t, MappingObject *m, struct topic_sub *s, int64_t deadline,
+                int64_t *spin_ns)
+{
+    topic_waiter c = {t, m, s, 0, m->token, 0};
+    return topic_wait(&c, deadline, spin_ns);
 }
 
 uint64_t
 topic_slowest(topic_t *t, MappingObject *m, uint32_t *idx)
 {
-    uint64_t worst = 0, sq = TLOAD(&t->h->seq);
+    uint64_t worst = 0, sq = LOAD(&t->h->seq);
     *idx = UINT32_MAX;
     for (uint32_t i = 0; i < t->max_subs; i++) {
         struct topic_sub *s = &t->subs[i];
-        uint32_t owner = TLOAD(&s->owner);
+        uint32_t owner = LOAD(&s->owner);
         if (owner == 0 || !shm_token_alive(m, owner))
             continue;
-        uint64_t lag = sq - TLOAD(&s->seq);
+        uint64_t lag = sq - LOAD(&s->seq);
         if (lag <= sq && (lag > worst || *idx == UINT32_MAX)) {
             worst = lag;
             *idx = i;
@@ -545,8 +510,8 @@ topic_subscribe(topic_t *t, MappingObject *m, uint64_t want)
     uint32_t me = m->token;
     if (topic_lock(t, m, SHM_FOREVER) < 0)
         return -1;
-    uint64_t tl = TLOADR(&h->tail), hd = TLOADR(&h->head), hist = TLOADR(&h->hist);
-    uint64_t sq = TLOADR(&h->seq);
+    uint64_t tl = LOADR(&h->tail), hd = LOADR(&h->head), hist = LOADR(&h->hist);
+    uint64_t sq = LOADR(&h->seq);
     if (((tl | hd | hist) & 15) || hd > tl || tl - hd > t->cap || hist > tl) {
         topic_unlock(m, t);
         return topic_corrupt(t, "head, history and tail out of order", hd, tl);
@@ -555,13 +520,10 @@ topic_subscribe(topic_t *t, MappingObject *m, uint64_t want)
         want = t->history;
     uint64_t q = hist < hd ? hd : hist, first = sq;
     while (q < tl) {
-        trec_t *r = trec_at(t, q);
-        uint32_t st = TLOADR(&r->state);
-        uint64_t off = q % t->cap;
-        uint64_t span = st == TREC_SKIP ? t->cap - off : trec_total(TLOADR(&r->len));
-        uint64_t rs = TLOADR(&r->seq);
-        if ((st != TREC_SKIP && st != TREC_MSG) || span > t->cap - off || span > tl - q ||
-            (st == TREC_MSG && rs >= sq)) {
+        uint32_t st;
+        uint64_t span = trec_span(t, q, tl, &st);
+        uint64_t rs = LOADR(&trec_at(t, q)->seq);
+        if (span == 0 || (st == TREC_MSG && rs >= sq)) {
             topic_unlock(m, t);
             return topic_corrupt(t, "bad record in the history", st, q);
         }
@@ -576,7 +538,7 @@ topic_subscribe(topic_t *t, MappingObject *m, uint64_t want)
         if (round == 1 && topic_reclaim(t, m) == 0)
             break;
         for (uint32_t i = 0; i < t->max_subs; i++) {
-            if (TLOAD(&t->subs[i].owner) == 0) {
+            if (LOAD(&t->subs[i].owner) == 0) {
                 idx = (long)i;
                 break;
             }
@@ -592,16 +554,16 @@ topic_subscribe(topic_t *t, MappingObject *m, uint64_t want)
     struct topic_sub *s = &t->subs[idx];
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    TSTORER(&s->pos, q);
-    TSTORER(&s->hold, q);
-    TSTORER(&s->seq, first);
-    TSTORER(&s->received, 0);
-    TSTORER(&s->missed, 0);
-    TSTORER(&s->joined, (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec);
-    TSTORE(&s->owner, me);
+    STORER(&s->pos, q);
+    STORER(&s->hold, q);
+    STORER(&s->seq, first);
+    STORER(&s->received, 0);
+    STORER(&s->missed, 0);
+    STORER(&s->joined, (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec);
+    STORE(&s->owner, me);
     shm_crash_point("topic.subscribe.claimed");
-    if (t->overflow == TOPIC_BLOCK && TLOADR(&h->floor) > q) {
-        TSTORE(&h->floor, q);
+    if (t->overflow == TOPIC_BLOCK && LOADR(&h->floor) > q) {
+        STORE(&h->floor, q);
         shm_crash_point("topic.subscribe.floor");
     }
     topic_unlock(m, t);
@@ -618,7 +580,7 @@ topic_unsubscribe(topic_t *t, uint32_t idx, uint32_t token)
                                     __ATOMIC_RELAXED)) {
         shm_crash_point("topic.unsubscribe.freed");
         if (t->overflow == TOPIC_BLOCK)
-            topic_wake(&t->h->space_seq, &t->h->space_sleepers);
+            ring_wake(&t->h->space_seq, &t->h->space_sleepers);
     }
 }
 
@@ -630,17 +592,17 @@ topic_next(topic_t *t, struct topic_sub *s, uint64_t *pos, uint32_t *len, uint64
     struct topic_hdr *h = t->h;
     const uint64_t cap = t->cap;
     for (;;) {
-        uint64_t p = TLOADR(&s->pos);
-        uint64_t hd = TLOAD(&h->head); /* head first: it never passes a later tail */
-        uint64_t tl = TLOAD(&h->tail);
+        uint64_t p = LOADR(&s->pos);
+        uint64_t hd = LOAD(&h->head); /* head first: it never passes a later tail */
+        uint64_t tl = LOAD(&h->tail);
         if ((p | hd | tl) & 15)
             return topic_corrupt(t, "misaligned position", p, tl);
         if (hd > tl)
             return topic_corrupt(t, "head beyond the tail", hd, tl);
         if (p < hd) { /* overwritten: go on from the oldest record still there */
-            TSTORE(&s->pos, hd);
-            if (TLOADR(&s->hold) < hd)
-                TSTORE(&s->hold, hd);
+            STORE(&s->pos, hd);
+            if (LOADR(&s->hold) < hd)
+                STORE(&s->hold, hd);
             shm_crash_point("topic.recv.jumped");
             continue;
         }
@@ -650,19 +612,19 @@ topic_next(topic_t *t, struct topic_sub *s, uint64_t *pos, uint32_t *len, uint64
             return TN_EMPTY;
         trec_t *r = trec_at(t, p);
         uint64_t off = p % cap;
-        uint32_t st = TLOAD(&r->state), n = TLOADR(&r->len);
-        uint64_t rs = TLOADR(&r->seq);
+        uint32_t st = LOAD(&r->state), n = LOADR(&r->len);
+        uint64_t rs = LOADR(&r->seq);
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        if (p < TLOADR(&h->head))
+        if (p < LOADR(&h->head))
             continue; /* overwritten while we read its header */
         if (st == TREC_SKIP) {
             uint64_t total = cap - off;
             if ((uint64_t)n + 16 != total || total > tl - p)
                 return topic_corrupt(t, "bad wrap marker", n, p);
-            int moved_hold = TLOADR(&s->hold) == p;
-            TSTORE(&s->pos, p + total);
+            int moved_hold = LOADR(&s->hold) == p;
+            STORE(&s->pos, p + total);
             if (moved_hold)
-                TSTORE(&s->hold, p + total);
+                STORE(&s->hold, p + total);
             continue;
         }
         if (st != TREC_MSG)
@@ -670,11 +632,11 @@ topic_next(topic_t *t, struct topic_sub *s, uint64_t *pos, uint32_t *len, uint64
         uint64_t total = trec_total(n);
         if (total > cap - off || total > tl - p)
             return topic_corrupt(t, "record length overruns the ring", n, p);
-        uint64_t want = TLOADR(&s->seq);
+        uint64_t want = LOADR(&s->seq);
         if (rs > want) {
             *missed = rs - want;
-            TSTORE(&s->missed, TLOADR(&s->missed) + *missed);
-            TSTORE(&s->seq, rs);
+            STORE(&s->missed, LOADR(&s->missed) + *missed);
+            STORE(&s->seq, rs);
             shm_crash_point("topic.recv.lost");
             return TN_LOST;
         }
@@ -691,76 +653,24 @@ int
 topic_still_there(topic_t *t, uint64_t pos)
 {
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    return pos >= TLOADR(&t->h->head);
+    return pos >= LOADR(&t->h->head);
 }
 
 void
 topic_set_hold(topic_t *t, struct topic_sub *s, uint64_t hold)
 {
-    TSTORE(&s->hold, hold);
+    STORE(&s->hold, hold);
     if (t->overflow == TOPIC_BLOCK)
-        topic_wake(&t->h->space_seq, &t->h->space_sleepers);
+        ring_wake(&t->h->space_seq, &t->h->space_sleepers);
 }
 
 void
 topic_advance(topic_t *t, struct topic_sub *s, uint64_t pos, uint32_t len, uint64_t hold)
 {
     uint64_t next = pos + trec_total(len);
-    TSTORE(&s->seq, TLOADR(&s->seq) + 1);
-    TSTORE(&s->received, TLOADR(&s->received) + 1);
-    TSTORE(&s->pos, next);
+    STORE(&s->seq, LOADR(&s->seq) + 1);
+    STORE(&s->received, LOADR(&s->received) + 1);
+    STORE(&s->pos, next);
     shm_crash_point("topic.recv.advanced");
     topic_set_hold(t, s, hold < next ? hold : next);
-}
-
-/* ---- waiting for data ------------------------------------------------------- */
-
-typedef struct {
-    topic_t *t;
-    MappingObject *m;
-    struct topic_sub *s;
-    uint32_t me;
-} data_ctx;
-
-static int
-data_ready(void *ctx, uint32_t *sleep_on)
-{
-    data_ctx *c = ctx;
-    *sleep_on = TLOAD(&c->t->h->data_seq);
-    return TLOAD(&c->t->h->tail) != TLOADR(&c->s->pos);
-}
-
-static void
-data_arm(void *ctx)
-{
-    data_ctx *c = ctx;
-    topic_sleeper(c->t, c->me, 0, +1);
-}
-
-static void
-data_disarm(void *ctx)
-{
-    data_ctx *c = ctx;
-    topic_sleeper(c->t, c->me, 0, -1);
-}
-
-static int
-data_check(void *ctx)
-{
-    data_ctx *c = ctx;
-    topic_fix_sleepers(c->t, c->m);
-    return 0;
-}
-
-int
-topic_wait_data(topic_t *t, MappingObject *m, struct topic_sub *s, int64_t deadline,
-                int64_t *spin_ns)
-{
-    data_ctx c = {t, m, s, m->token};
-    shm_wait w = {.m = m, .word = &t->h->data_seq, .ctx = &c, .ready = data_ready,
-                  .arm = data_arm, .disarm = data_disarm, .check = data_check,
-                  .spin_ns = *spin_ns, .what = t->what};
-    int r = shm_wait_until(&w, deadline);
-    *spin_ns = w.slept ? *spin_ns / 2 : (*spin_ns * 2 + 1000 > 50000 ? 50000 : *spin_ns * 2 + 1000);
-    return r;
 }

@@ -36,7 +36,7 @@
 #ifndef SHMKIT_TOPIC_H
 #define SHMKIT_TOPIC_H
 
-#include "shmkit.h"
+#include "ring.h" /* the role table, its sleeper counts, LOAD/STORE, ring_wake */
 #include <stddef.h>
 
 #define TOPIC_MAGIC 0x31435054u /* "TPC1" */
@@ -46,7 +46,6 @@
 #define TOPIC_MAX_SUBS 4096
 #define TOPIC_MAX_CAP (1ull << 46)
 #define TOPIC_MAX_HISTORY (1ull << 40)
-#define TOPIC_BIG_COPY (256 * 1024) /* copies this large run without the GIL */
 
 #define TOPIC_BLOCK 0
 #define TOPIC_OVERWRITE 1
@@ -54,13 +53,9 @@
 #define TREC_MSG 0x3147534Du  /* "MSG1" */
 #define TREC_SKIP 0x50494B53u /* "SKIP" */
 
-/* Role-table entry of one attach slot: bits 0-15 subscribers of this
- * attachment asleep, 16-31 publishers asleep, 40-59 the attach generation. */
-#define TROLE_DATA 1ull
-#define TROLE_SPACE (1ull << 16)
-#define TROLE_SLEEPERS 0xFFFFFFFFull
-#define TROLE_GEN(e) ((uint32_t)((e) >> 40) & 0xFFFFFu)
-#define TROLE_FOR(gen) ((uint64_t)(gen) << 40)
+/* The role table (ROLE_* in ring.h, without the producer and consumer
+ * bits): bits 0-15 subscribers of this attachment asleep, 16-31 publishers
+ * asleep, 40-59 the attach generation. */
 
 struct topic_journal { uint64_t tail, seq; };
 
@@ -136,11 +131,6 @@ typedef struct {
     shm_state *st;  /* the core's state: the exception classes it raises */
     char what[160]; /* "topic 'name'", for messages */
 } topic_t;
-
-#define TLOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
-#define TLOADR(p) __atomic_load_n((p), __ATOMIC_RELAXED)
-#define TSTORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
-#define TSTORER(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
 
 static inline uint64_t trec_total(uint64_t len) { return 16 + ((len + 15) & ~15ull); }
 static inline trec_t *trec_at(const topic_t *t, uint64_t pos)

@@ -9,11 +9,11 @@
  */
 #include "topic.h"
 #include "journal.h"
+#include "msgtype.h"
 #include <string.h>
 #include <structmember.h>
 
 #define LENT_MAX 64 /* views one subscriber may hold at once */
-#define SPIN_START (20 * 1000LL)
 
 /* The core's state (exception classes, types) from any object of these types. */
 #define TST(o) shm_state_of((PyObject *)(o))
@@ -38,98 +38,21 @@ typedef struct {
     PyObject *weakreflist;
 } SubObject;
 
-typedef struct {
-    PyObject_HEAD
-    SubObject *sub;
-    PyObject *mapping;
-    uint64_t pos;
-    char *payload;
-    Py_ssize_t len;
-    Py_ssize_t exports;
-    int released;
-    PyObject *view;
-} TViewObject;
 
 /* ---- helpers ------------------------------------------------------------ */
 
-static int
-parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-           Py_ssize_t npos, const char *const *names, PyObject **out)
-{
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, nall = 0;
-    while (names[nall])
-        nall++;
-    if (nargs > nall) {
-        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd arguments (%zd given)",
-                     fname, nall, nargs);
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < nall; i++)
-        out[i] = i < nargs ? args[i] : NULL;
-    for (Py_ssize_t k = 0; k < nkw; k++) {
-        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
-        Py_ssize_t i = 0;
-        for (; i < nall; i++)
-            if (PyUnicode_CompareWithASCIIString(key, names[i]) == 0)
-                break;
-        if (i == nall || out[i] != NULL) {
-            PyErr_Format(PyExc_TypeError, "%s() got an unexpected or repeated argument %R",
-                         fname, key);
-            return -1;
-        }
-        out[i] = args[nargs + k];
-    }
-    for (Py_ssize_t i = 0; i < npos; i++) {
-        if (out[i] == NULL) {
-            PyErr_Format(PyExc_TypeError, "%s() missing argument '%s'", fname, names[i]);
-            return -1;
-        }
-    }
-    return 0;
-}
-
-static int
-deadline_of(PyObject *timeout, int nowait, int64_t *deadline)
-{
-    if (nowait) {
-        *deadline = 0;
-        return 0;
-    }
-    if (timeout == NULL || timeout == Py_None) {
-        *deadline = SHM_FOREVER;
-        return 0;
-    }
-    *deadline = shm_deadline(timeout);
-    return *deadline < 0 ? -1 : 0;
-}
-
 /* The topic's mapping, pinned for the call, or NULL with an error set. */
-static MappingObject *
+static inline MappingObject *
 topic_enter(TopicObject *o, int to_use)
 {
-    MappingObject *m = (MappingObject *)o->mapping;
-    if (m == NULL || m->base == NULL || m->closing || (to_use && m->token == 0)) {
-        if (m != NULL && m->base != NULL && !m->closing && m->readonly)
-            PyErr_Format(TST(o)->ReadOnlyError, "topic %R was opened readonly=True; open it "
-                         "without readonly to publish or subscribe", o->name);
-        else
-            PyErr_Format(TST(o)->ClosedError, "topic %R is closed in this process; open it "
-                         "again to use it", o->name ? o->name : Py_None);
-        return NULL;
-    }
-    shm_pin((PyObject *)m);
-    return m;
+    return msg_enter((PyObject *)o, o->mapping, o->name, to_use, "topic",
+                     "publish or subscribe");
 }
 
+/* Raise MessagesLost(msg, missed); msg NULL: an error is already set. */
 static void
-raise_lost(shm_state *st, PyObject *name, uint64_t missed)
+raise_lost_msg(shm_state *st, PyObject *msg, uint64_t missed)
 {
-    PyObject *msg = PyUnicode_FromFormat(
-        "topic %R: %llu message%s %s this subscriber read %s; it goes on from the oldest "
-        "message still there (create the topic with a larger capacity, or "
-        "overflow=\"block\", to lose none)", name, (unsigned long long)missed,
-        missed == 1 ? "" : "s", missed == 1 ? "was overwritten before" : "were overwritten "
-        "before", missed == 1 ? "it" : "them");
     if (msg == NULL)
         return;
     PyObject *exc = PyObject_CallFunction(st->MessagesLost, "OK", msg,
@@ -141,36 +64,35 @@ raise_lost(shm_state *st, PyObject *name, uint64_t missed)
     Py_DECREF(exc);
 }
 
+static void
+raise_lost(shm_state *st, PyObject *name, uint64_t missed)
+{
+    raise_lost_msg(st, PyUnicode_FromFormat(
+        "topic %R: %llu message%s %s this subscriber read %s; it goes on from the oldest "
+        "message still there (create the topic with a larger capacity, or "
+        "overflow=\"block\", to lose none)", name, (unsigned long long)missed,
+        missed == 1 ? "" : "s", missed == 1 ? "was overwritten before" : "were overwritten "
+        "before", missed == 1 ? "it" : "them"), missed);
+}
+
 /* ---- Topic: publishing ----------------------------------------------------- */
 
 static PyObject *
 publish_impl(TopicObject *o, PyObject *msg, PyObject *timeout, int nowait)
 {
     Py_buffer b;
-    if (PyUnicode_Check(msg) || !PyObject_CheckBuffer(msg)) {
-        PyErr_Format(PyExc_TypeError, "a topic message must be bytes-like (bytes, "
-                     "bytearray, memoryview, numpy array), not %.100s; encode it first",
-                     Py_TYPE(msg)->tp_name);
+    if (msg_get(msg, &b, "topic", "encode it first") < 0)
         return NULL;
-    }
-    if (PyObject_GetBuffer(msg, &b, PyBUF_C_CONTIGUOUS) < 0) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_BufferError, "a topic message must be one contiguous block of "
-                     "memory; copy it first (numpy.ascontiguousarray)");
-        return NULL;
-    }
     int64_t deadline;
     MappingObject *m = NULL;
     PyObject *res = NULL;
-    if (deadline_of(timeout, nowait, &deadline) < 0)
+    if (msg_deadline(timeout, nowait, &deadline) < 0)
         goto out;
     if ((m = topic_enter(o, 1)) == NULL)
         goto out;
     topic_t *t = &o->t;
     if ((uint64_t)b.len > UINT32_MAX - 32 || trec_total((uint64_t)b.len) > t->cap) {
-        PyErr_Format(TST(o)->MessageTooLarge, "a message of %zd bytes does not fit in topic %R, "
-                     "which holds at most %llu bytes per message; create the topic with a "
-                     "larger capacity=", b.len, o->name, (unsigned long long)(t->cap - 16));
+        msg_too_large((PyObject *)o, "topic", o->name, b.len, (unsigned long long)(t->cap - 16));
         goto out;
     }
     int fruitless = 0;
@@ -198,21 +120,14 @@ publish_impl(TopicObject *o, PyObject *msg, PyObject *timeout, int nowait)
                              (unsigned long long)lag);
             goto out;
         }
-        if (++fruitless > 64) { /* looked ready but was not: bound the CPU burnt */
-            fruitless = 0;
-            Py_BEGIN_ALLOW_THREADS
-            struct timespec ts = {0, 1000 * 1000};
-            nanosleep(&ts, NULL);
-            Py_END_ALLOW_THREADS
-            if (PyErr_CheckSignals() < 0)
-                goto out;
-        }
+        if (ring_backoff(&fruitless) < 0) /* looked ready but was not */
+            goto out;
     }
     res = Py_NewRef(Py_None);
 out:
     if (m != NULL)
         shm_unpin((PyObject *)m);
-    PyBuffer_Release(&b);
+    msg_release(&b);
     return res;
 }
 
@@ -221,7 +136,7 @@ Topic_publish(TopicObject *o, PyObject *const *args, Py_ssize_t nargs, PyObject 
 {
     static const char *const names[] = {"data", "timeout", NULL};
     PyObject *a[2];
-    if (parse_args("publish", args, nargs, kw, 1, names, a) < 0)
+    if (msg_parse_args("publish", args, nargs, kw, 1, names, a) < 0)
         return NULL;
     return publish_impl(o, a[0], a[1], 0);
 }
@@ -239,7 +154,7 @@ Topic_subscribe(TopicObject *o, PyObject *const *args, Py_ssize_t nargs, PyObjec
 {
     static const char *const names[] = {"cls", "history", NULL};
     PyObject *a[2];
-    if (parse_args("_subscribe", args, nargs, kw, 1, names, a) < 0)
+    if (msg_parse_args("_subscribe", args, nargs, kw, 1, names, a) < 0)
         return NULL;
     if (!PyType_Check(a[0]) || !PyType_IsSubtype((PyTypeObject *)a[0], TST(o)->TopicSubscriber)) {
         PyErr_SetString(PyExc_TypeError, "_subscribe() needs a TopicSubscriber class");
@@ -280,7 +195,7 @@ Topic_subscribe(TopicObject *o, PyObject *const *args, Py_ssize_t nargs, PyObjec
     s->mapping = Py_NewRef((PyObject *)m);
     s->idx = (uint32_t)idx;
     s->token = m->token;
-    s->spin_ns = SPIN_START;
+    s->spin_ns = SPIN_START_NS;
     shm_unpin((PyObject *)m);
     return (PyObject *)s;
 }
@@ -330,7 +245,7 @@ Topic_bind(TopicObject *o, PyObject *args)
         topic_bind(&t, TST(o), base, (uint64_t)m->length - (uint64_t)off, m->max_slots, nm) < 0)
         return NULL;
     o->t = t;
-    o->spin_ns = SPIN_START;
+    o->spin_ns = SPIN_START_NS;
     Py_XSETREF(o->mapping, Py_NewRef(mapping));
     Py_RETURN_NONE;
 }
@@ -366,22 +281,22 @@ Topic_stats(TopicObject *o, PyObject *Py_UNUSED(ignored))
         return NULL;
     topic_t *t = &o->t;
     struct topic_hdr *h = t->h;
-    uint64_t sq = TLOAD(&h->seq), tl = TLOAD(&h->tail), hd = TLOAD(&h->head);
+    uint64_t sq = LOAD(&h->seq), tl = LOAD(&h->tail), hd = LOAD(&h->head);
     PyObject *subs = PyList_New(0);
     PyObject *d = NULL;
     if (subs == NULL)
         goto out;
     for (uint32_t i = 0; i < t->max_subs; i++) {
         struct topic_sub *s = &t->subs[i];
-        uint32_t owner = TLOAD(&s->owner);
+        uint32_t owner = LOAD(&s->owner);
         if (owner == 0 || (owner & ~SHM_TOKEN_MASK) || !shm_token_alive(m, owner))
             continue;
-        uint64_t ss = TLOAD(&s->seq), lag = sq - ss;
+        uint64_t ss = LOAD(&s->seq), lag = sq - ss;
         PyObject *e = Py_BuildValue("{sIsIsKsKsKsK}", "index", i, "token", owner, "lag",
                                     (unsigned long long)(lag > sq ? 0 : lag), "received",
-                                    (unsigned long long)TLOAD(&s->received), "missed",
-                                    (unsigned long long)TLOAD(&s->missed), "joined",
-                                    (unsigned long long)TLOAD(&s->joined));
+                                    (unsigned long long)LOAD(&s->received), "missed",
+                                    (unsigned long long)LOAD(&s->missed), "joined",
+                                    (unsigned long long)LOAD(&s->joined));
         if (e == NULL || PyList_Append(subs, e) < 0) {
             Py_XDECREF(e);
             goto out;
@@ -393,8 +308,8 @@ Topic_stats(TopicObject *o, PyObject *Py_UNUSED(ignored))
                       (unsigned long long)sq, "history", (unsigned long long)t->history,
                       "overflow", t->overflow ? "overwrite" : "block", "max_subscribers",
                       t->max_subs, "subscribers", subs, "subscribers_waiting",
-                      TLOAD(&h->data_sleepers), "publishers_waiting",
-                      TLOAD(&h->space_sleepers));
+                      LOAD(&h->data_sleepers), "publishers_waiting",
+                      LOAD(&h->space_sleepers));
 out:
     Py_XDECREF(subs);
     shm_unpin((PyObject *)m);
@@ -437,7 +352,7 @@ Topic_get_published(TopicObject *o, void *Py_UNUSED(c))
     MappingObject *m = topic_enter(o, 0);
     if (m == NULL)
         return NULL;
-    uint64_t sq = TLOAD(&o->t.h->seq);
+    uint64_t sq = LOAD(&o->t.h->seq);
     shm_unpin((PyObject *)m);
     return PyLong_FromUnsignedLongLong(sq);
 }
@@ -529,7 +444,7 @@ sub_enter(SubObject *s, MappingObject **mp, int busy)
         return NULL;
     }
     struct topic_sub *e = &o->t.subs[s->idx];
-    if (TLOAD(&e->owner) != s->token) {
+    if (LOAD(&e->owner) != s->token) {
         PyErr_Format(TST(s)->ClosedError, "this subscriber of topic %R lost its place in the "
                      "subscriber table (the table was damaged); subscribe again", o->name);
         return NULL;
@@ -570,7 +485,7 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how)
 {
     MappingObject *m;
     int64_t deadline;
-    if (deadline_of(timeout, nowait, &deadline) < 0)
+    if (msg_deadline(timeout, nowait, &deadline) < 0)
         return NULL;
     struct topic_sub *e = sub_enter(s, &m, 1);
     if (e == NULL)
@@ -604,20 +519,14 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how)
                 out = make_tview(s, m, pos, len);
                 if (out == NULL && t->overflow == TOPIC_BLOCK) {
                     s->nlent--;
-                    topic_set_hold(t, e, sub_hold(s, TLOADR(&e->pos)));
+                    topic_set_hold(t, e, sub_hold(s, LOADR(&e->pos)));
                 }
                 goto done;
             }
             out = PyBytes_FromStringAndSize(NULL, len);
             if (out == NULL)
                 goto done;
-            if (len >= TOPIC_BIG_COPY) {
-                Py_BEGIN_ALLOW_THREADS
-                memcpy(PyBytes_AS_STRING(out), src, len);
-                Py_END_ALLOW_THREADS
-            } else {
-                memcpy(PyBytes_AS_STRING(out), src, len);
-            }
+            ring_copy(PyBytes_AS_STRING(out), src, len);
             shm_crash_point("topic.recv.copied");
             if (!topic_still_there(t, pos)) {
                 Py_CLEAR(out); /* torn: the next look reports the loss */
@@ -649,7 +558,7 @@ Sub_recv(SubObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
 {
     static const char *const names[] = {"timeout", NULL};
     PyObject *a[1];
-    if (parse_args("recv", args, nargs, kw, 0, names, a) < 0)
+    if (msg_parse_args("recv", args, nargs, kw, 0, names, a) < 0)
         return NULL;
     return recv_impl(s, a[0], 0, HOW_COPY);
 }
@@ -663,14 +572,11 @@ Sub_recv_nowait(SubObject *s, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Sub_take(SubObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
 {
-    static const char *const names[] = {"timeout", "nowait", NULL};
-    PyObject *a[2];
-    if (parse_args("_take", args, nargs, kw, 0, names, a) < 0)
+    PyObject *timeout;
+    int nowait;
+    if (msg_take_args(args, nargs, kw, &timeout, &nowait) < 0)
         return NULL;
-    int nowait = a[1] ? PyObject_IsTrue(a[1]) : 0;
-    if (nowait < 0)
-        return NULL;
-    return recv_impl(s, a[0], nowait, HOW_VIEW);
+    return recv_impl(s, timeout, nowait, HOW_VIEW);
 }
 
 static void
@@ -711,10 +617,10 @@ sub_counter(SubObject *s, int which)
         return NULL;
     uint64_t v;
     if (which == 0) {
-        uint64_t sq = TLOAD(&s->topic->t.h->seq), mine = TLOAD(&e->seq);
+        uint64_t sq = LOAD(&s->topic->t.h->seq), mine = LOAD(&e->seq);
         v = sq >= mine ? sq - mine : 0;
     } else {
-        v = which == 1 ? TLOAD(&e->received) : TLOAD(&e->missed);
+        v = which == 1 ? LOAD(&e->received) : LOAD(&e->missed);
     }
     sub_leave(s, m, 0);
     return PyLong_FromUnsignedLongLong(v);
@@ -810,34 +716,13 @@ static PyType_Spec sub_spec = {
 
 /* ---- TopicView: a message lent in place ------------------------------------ */
 
-static PyObject *
-make_tview(SubObject *s, MappingObject *m, uint64_t pos, uint32_t len)
-{
-    TViewObject *v = PyObject_New(TViewObject, TST(s)->TopicView);
-    if (v == NULL)
-        return NULL;
-    v->sub = (SubObject *)Py_NewRef(s);
-    v->mapping = Py_NewRef((PyObject *)m);
-    shm_pin((PyObject *)m); /* the memory stays mapped while the view lives */
-    v->pos = pos;
-    v->payload = (char *)(trec_at(&s->topic->t, pos) + 1);
-    v->len = len;
-    v->exports = 0;
-    v->released = 0;
-    v->view = NULL;
-    return (PyObject *)v;
-}
-
 /* Give the record back: drop it from the subscriber's lent list and let
- * publishers reuse its space.  Returns 1 if the bytes were intact until
- * now (overwrite mode can reuse them while lent), 0 if not. */
+ * publishers reuse its space.  Raises MessagesLost (unless quiet) if its
+ * bytes were overwritten while lent (overflow="overwrite" reuses them). */
 static int
-tview_release_record(TViewObject *v)
+tv_give_back(MsgViewObject *v, int quiet)
 {
-    if (v->released)
-        return 1;
-    v->released = 1;
-    SubObject *s = v->sub;
+    SubObject *s = (SubObject *)v->owner;
     MappingObject *m = (MappingObject *)v->mapping;
     int intact = 1;
     if (!s->closed && s->topic->mapping == (PyObject *)m && m->base != NULL &&
@@ -849,150 +734,58 @@ tview_release_record(TViewObject *v)
                 memmove(&s->lent[i], &s->lent[i + 1], (s->nlent - i - 1) * sizeof(uint64_t));
                 s->nlent--;
                 struct topic_sub *e = &t->subs[s->idx];
-                if (TLOAD(&e->owner) == s->token)
-                    topic_set_hold(t, e, sub_hold(s, TLOADR(&e->pos)));
+                if (LOAD(&e->owner) == s->token)
+                    topic_set_hold(t, e, sub_hold(s, LOADR(&e->pos)));
                 shm_crash_point("topic.recv.released");
                 break;
             }
         }
     }
-    shm_unpin(v->mapping);
-    Py_CLEAR(v->mapping);
-    return intact;
+    if (intact || quiet)
+        return 0;
+    raise_lost_msg(TST(v), PyUnicode_FromFormat(
+        "topic %R: the message lent as a view was overwritten while it was held "
+        "(overflow=\"overwrite\" never waits); what was read from it may be torn: "
+        "copy it (recv) or release views sooner", s->topic ? s->topic->name : Py_None), 1);
+    return -1;
+}
+
+static const msgview_ops tv_ops = {
+    .give_back = tv_give_back,
+    .exported = "an array or memoryview made from the message view is still alive; copy "
+                "what you need inside the with block",
+};
+
+static PyObject *
+make_tview(SubObject *s, MappingObject *m, uint64_t pos, uint32_t len)
+{
+    return msgview_new(TST(s)->TopicView, &tv_ops, (PyObject *)s, m,
+                       (char *)(trec_at(&s->topic->t, pos) + 1), len, pos, s->token);
 }
 
 static PyObject *
-tv_release(TViewObject *v, PyObject *Py_UNUSED(ignored))
-{
-    if (v->view != NULL) {
-        PyObject *res = PyObject_CallMethod(v->view, "release", NULL);
-        if (res == NULL) {
-            if (PyErr_ExceptionMatches(PyExc_BufferError)) {
-                PyErr_Clear();
-                PyErr_SetString(PyExc_BufferError,
-                                "an array or memoryview made from the message view is "
-                                "still alive; copy what you need inside the with block");
-            }
-            return NULL;
-        }
-        Py_DECREF(res);
-        Py_CLEAR(v->view);
-    }
-    if (v->exports > 0) {
-        PyErr_SetString(PyExc_BufferError, "the message view is still exported (an "
-                        "array or memoryview uses it); release those first");
-        return NULL;
-    }
-    if (v->released)
-        Py_RETURN_NONE;
-    if (!tview_release_record(v)) {
-        PyObject *name = v->sub->topic ? v->sub->topic->name : Py_None;
-        PyObject *msg = PyUnicode_FromFormat(
-            "topic %R: the message lent as a view was overwritten while it was held "
-            "(overflow=\"overwrite\" never waits); what was read from it may be torn: "
-            "copy it (recv) or release views sooner", name);
-        if (msg != NULL) {
-            PyObject *exc = PyObject_CallFunction(TST(v)->MessagesLost, "OK", msg, 1ull);
-            Py_DECREF(msg);
-            if (exc != NULL) {
-                PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-                Py_DECREF(exc);
-            }
-        }
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-tv_enter(TViewObject *v, PyObject *Py_UNUSED(ignored))
-{
-    if (v->released) {
-        PyErr_SetString(PyExc_ValueError, "the message view was already released");
-        return NULL;
-    }
-    if (v->view == NULL && (v->view = PyMemoryView_FromObject((PyObject *)v)) == NULL)
-        return NULL;
-    return Py_NewRef(v->view);
-}
-
-static PyObject *
-tv_exit(TViewObject *v, PyObject *const *args, Py_ssize_t nargs)
-{
-    PyObject *r = tv_release(v, NULL);
-    if (r == NULL)
-        return NULL;
-    Py_DECREF(r);
-    Py_RETURN_FALSE;
-}
-
-static int
-tv_getbuffer(TViewObject *v, Py_buffer *view, int flags)
-{
-    if (v->released) {
-        PyErr_SetString(PyExc_ValueError, "the message view was released");
-        return -1;
-    }
-    if (PyBuffer_FillInfo(view, (PyObject *)v, v->payload, v->len, 1, flags) < 0)
-        return -1;
-    v->exports++;
-    return 0;
-}
-
-static void
-tv_releasebuffer(TViewObject *v, Py_buffer *Py_UNUSED(view))
-{
-    v->exports--;
-}
-
-static void
-tv_dealloc(TViewObject *v)
-{
-    Py_CLEAR(v->view);
-    if (!v->released)
-        tview_release_record(v);
-    Py_CLEAR(v->sub);
-    PyTypeObject *tp = Py_TYPE(v);
-    PyObject_Free(v);
-    Py_DECREF(tp); /* a heap type: its instances hold it */
-}
-
-static PyObject *
-tv_get_nbytes(TViewObject *v, void *Py_UNUSED(c))
-{
-    return PyLong_FromSsize_t(v->len);
-}
-
-static PyObject *
-tv_get_intact(TViewObject *v, void *Py_UNUSED(c))
+tv_get_intact(MsgViewObject *v, void *Py_UNUSED(c))
 {
     if (v->released)
         Py_RETURN_FALSE;
-    return PyBool_FromLong(topic_still_there(&v->sub->topic->t, v->pos));
+    return PyBool_FromLong(topic_still_there(&((SubObject *)v->owner)->topic->t, v->pos));
 }
 
 static PyMethodDef tv_methods[] = {
-    {"release", (PyCFunction)tv_release, METH_NOARGS,
-     "release($self, /)\n--\n\nGive the message's space back.  With overflow=\"overwrite\", raises\n"
-     "MessagesLost if it was overwritten while held."},
-    {"__enter__", (PyCFunction)tv_enter, METH_NOARGS, "__enter__($self, /)\n--\n\n"
-     "The message as a read-only memoryview."},
-    {"__exit__", (PyCFunction)(void (*)(void))tv_exit, METH_FASTCALL,
-     "__exit__($self, *exc_info)\n--\n\nRelease the message (as release())."},
+    MSGVIEW_METHODS("Give the message's space back.  With overflow=\"overwrite\", raises\n"
+                    "MessagesLost if it was overwritten while held."),
     {NULL}
 };
 
 static PyGetSetDef tv_getset[] = {
-    {"nbytes", (getter)tv_get_nbytes, NULL, "the message's size in bytes", NULL},
+    MSGVIEW_NBYTES,
     {"intact", (getter)tv_get_intact, NULL,
      "False once the message was overwritten (overflow=\"overwrite\" only)", NULL},
     {NULL}
 };
 
 static PyType_Slot tv_spec_slots[] = {
-    {Py_tp_dealloc, tv_dealloc},
-    {Py_bf_getbuffer, tv_getbuffer},
-    {Py_bf_releasebuffer, tv_releasebuffer},
+    MSGVIEW_SLOTS,
     {Py_tp_doc, "A topic message lent in place (read-only): ``with sub.recv_view() as mv:``."},
     {Py_tp_methods, tv_methods},
     {Py_tp_getset, tv_getset},
@@ -1001,7 +794,7 @@ static PyType_Slot tv_spec_slots[] = {
 
 static PyType_Spec tv_spec = {
     .name = "shmkit._core.TopicView",
-    .basicsize = sizeof(TViewObject),
+    .basicsize = sizeof(MsgViewObject),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
     .slots = tv_spec_slots,
 };

@@ -1,0 +1,179 @@
+/* msgtype.c - the error paths of msgtype.h's helpers, and the message view
+ * that RecordView (ringtype.c) and TopicView (topictype.c) are made of: a
+ * record lent in place, exported read-only through the buffer protocol and
+ * given back to its ring once by release(), __exit__ or dealloc, through
+ * its kind's give_back.
+ *
+ *   with ch.recv_view() as mv: ...      (mv: a read-only memoryview)
+ */
+#include "msgtype.h"
+
+int
+msg_not_bytes(PyObject *o, Py_buffer *b, const char *kind, const char *hint)
+{
+    if (PyUnicode_Check(o) || !PyObject_CheckBuffer(o)) {
+        PyErr_Format(PyExc_TypeError, "a %s message must be bytes-like (bytes, "
+                     "bytearray, memoryview, numpy array), not %.100s; %s", kind,
+                     Py_TYPE(o)->tp_name, hint);
+        return -1;
+    }
+    if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_BufferError, "a %s message must be one contiguous block "
+                     "of memory; copy it first (numpy.ascontiguousarray)", kind);
+        return -1;
+    }
+    return 0;
+}
+
+int
+msg_too_large(PyObject *self, const char *kind, PyObject *name, Py_ssize_t len,
+              unsigned long long most)
+{
+    PyErr_Format(shm_state_of(self)->MessageTooLarge, "a message of %zd bytes does not fit "
+                 "in %s %R, which holds at most %llu bytes per message; create the %s with "
+                 "a larger capacity=", len, kind, name, most, kind);
+    return -1;
+}
+
+MappingObject *
+msg_unusable(PyObject *self, MappingObject *m, PyObject *name, const char *kind,
+             const char *to_do)
+{
+    if (m != NULL && m->base != NULL && !m->closing && m->readonly)
+        PyErr_Format(shm_state_of(self)->ReadOnlyError, "%s %R was opened readonly=True; "
+                     "open it without readonly to %s", kind, name, to_do);
+    else
+        PyErr_Format(shm_state_of(self)->ClosedError, "%s %R is closed in this process; "
+                     "open it again to use it", kind, name ? name : Py_None);
+    return NULL;
+}
+
+/* ---- the message view ------------------------------------------------ */
+
+PyObject *
+msgview_new(PyTypeObject *tp, const msgview_ops *ops, PyObject *owner, MappingObject *m,
+            char *payload, Py_ssize_t len, uint64_t pos, uint32_t token)
+{
+    MsgViewObject *v = PyObject_New(MsgViewObject, tp);
+    if (v == NULL)
+        return NULL;
+    v->ops = ops;
+    v->owner = Py_NewRef(owner);
+    v->mapping = (PyObject *)m;
+    shm_pin((PyObject *)m); /* our reference: the memory stays mapped while the view lives */
+    v->payload = payload;
+    v->len = len;
+    v->exports = 0;
+    v->pos = pos;
+    v->token = token;
+    v->released = 0;
+    v->view = NULL;
+    return (PyObject *)v;
+}
+
+/* Give the record back, once.  Returns 0, or -1 with an exception set. */
+int
+msgview_give_back(MsgViewObject *v, int quiet)
+{
+    if (v->released)
+        return 0;
+    v->released = 1;
+    int r = v->ops->give_back(v, quiet);
+    shm_unpin(v->mapping);
+    v->mapping = NULL;
+    return r;
+}
+
+PyObject *
+msgview_release(MsgViewObject *v, PyObject *Py_UNUSED(ignored))
+{
+    if (v->view != NULL) {
+        PyObject *res = PyObject_CallMethod(v->view, "release", NULL);
+        if (res == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_BufferError)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_BufferError, v->ops->exported);
+            }
+            return NULL;
+        }
+        Py_DECREF(res);
+        Py_CLEAR(v->view);
+    }
+    if (v->exports > 0) {
+        PyErr_SetString(PyExc_BufferError, "the message view is still exported (an "
+                        "array or memoryview uses it); release those first");
+        return NULL;
+    }
+    if (msgview_give_back(v, 0) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+PyObject *
+msgview_enter(MsgViewObject *v, PyObject *Py_UNUSED(ignored))
+{
+    if (v->released) {
+        PyErr_SetString(PyExc_ValueError, "the message view was already released");
+        return NULL;
+    }
+    if (v->view == NULL && (v->view = PyMemoryView_FromObject((PyObject *)v)) == NULL)
+        return NULL;
+    return Py_NewRef(v->view);
+}
+
+PyObject *
+msgview_exit(MsgViewObject *v, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
+{
+    PyObject *r = msgview_release(v, NULL);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    Py_RETURN_FALSE;
+}
+
+PyObject *
+msgview_get_nbytes(MsgViewObject *v, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(v->len);
+}
+
+int
+msgview_getbuffer(MsgViewObject *v, Py_buffer *view, int flags)
+{
+    if (v->released) {
+        PyErr_SetString(PyExc_ValueError, "the message view was released");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)v, v->payload, v->len, 1, flags) < 0)
+        return -1;
+    v->exports++;
+    return 0;
+}
+
+void
+msgview_releasebuffer(MsgViewObject *v, Py_buffer *Py_UNUSED(view))
+{
+    v->exports--;
+}
+
+void
+msgview_dealloc(MsgViewObject *v)
+{
+    /* A view dropped while an exception unwinds the frame that held it
+     * runs here with that exception pending: set it aside, so that the
+     * give-back neither runs with it set nor replaces or clears it. */
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    Py_CLEAR(v->view);
+    /* The error is reported against the owner, not v: the unraisable hook
+     * takes a reference to its object, and dropping it would run this
+     * dealloc a second time and free v twice. */
+    if (!v->released && msgview_give_back(v, 1) < 0)
+        PyErr_WriteUnraisable(v->owner);
+    Py_CLEAR(v->owner);
+    PyTypeObject *tp = Py_TYPE(v);
+    PyObject_Free(v);
+    Py_DECREF(tp); /* a heap type: its instances hold it */
+    PyErr_Restore(et, ev, tb);
+}

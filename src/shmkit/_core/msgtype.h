@@ -1,0 +1,193 @@
+/* msgtype.h - what the Python faces of the channel's ring (ringtype.c) and
+ * the topic (topictype.c) share: argument parsing, taking a message's
+ * buffer, pinning the handle's mapping for a call, and the message view, a
+ * record lent in place (RecordView, TopicView).
+ *
+ * The helpers on the send and receive paths are static inline here, so
+ * that each caller compiles them in as before; msgtype.c holds the error
+ * paths and the view's methods. */
+#ifndef SHMKIT_MSGTYPE_H
+#define SHMKIT_MSGTYPE_H
+
+#include "shmkit.h"
+
+/* Parse (positional..., keywords...) from a FASTCALL|KEYWORDS call into
+ * out[] (NULL where not given); names ends with NULL, the first npos are
+ * required.  Returns 0, or -1 with TypeError set. */
+static inline int
+msg_parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+               Py_ssize_t npos, const char *const *names, PyObject **out)
+{
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, nall = 0;
+    while (names[nall])
+        nall++;
+    if (nargs > nall) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd arguments (%zd given)",
+                     fname, nall, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nall; i++)
+        out[i] = i < nargs ? args[i] : NULL;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        Py_ssize_t i = 0;
+        for (; i < nall; i++)
+            if (PyUnicode_CompareWithASCIIString(key, names[i]) == 0)
+                break;
+        if (i == nall || out[i] != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected or repeated argument %R",
+                         fname, key);
+            return -1;
+        }
+        out[i] = args[nargs + k];
+    }
+    for (Py_ssize_t i = 0; i < npos; i++) {
+        if (out[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() missing argument '%s'", fname, names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The arguments of _take(timeout=None, nowait=False).  Returns 0, or -1
+ * with an error set. */
+static inline int
+msg_take_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kw, PyObject **timeout,
+              int *nowait)
+{
+    static const char *const names[] = {"timeout", "nowait", NULL};
+    PyObject *a[2];
+    if (msg_parse_args("_take", args, nargs, kw, 0, names, a) < 0)
+        return -1;
+    *timeout = a[0];
+    *nowait = a[1] ? PyObject_IsTrue(a[1]) : 0;
+    return *nowait < 0 ? -1 : 0;
+}
+
+/* The deadline of a call: 0 for nowait, SHM_FOREVER for timeout None (or
+ * not given), else shm_deadline's.  Returns 0, or -1 with an error set. */
+static inline int
+msg_deadline(PyObject *timeout, int nowait, int64_t *deadline)
+{
+    if (nowait) {
+        *deadline = 0;
+        return 0;
+    }
+    if (timeout == NULL || timeout == Py_None) {
+        *deadline = SHM_FOREVER;
+        return 0;
+    }
+    *deadline = shm_deadline(timeout);
+    return *deadline < 0 ? -1 : 0;
+}
+
+/* A bytes-like message for a `kind` ("channel", "topic") ring: bytes
+ * without a buffer round-trip, else any C-contiguous buffer.  Returns 0
+ * and fills *b (release with msg_release), or -1: TypeError ending with
+ * `hint`, or BufferError. */
+int msg_not_bytes(PyObject *o, Py_buffer *b, const char *kind, const char *hint);
+static inline int
+msg_get(PyObject *o, Py_buffer *b, const char *kind, const char *hint)
+{
+    if (PyBytes_CheckExact(o)) {
+        b->obj = NULL;
+        b->buf = PyBytes_AS_STRING(o);
+        b->len = PyBytes_GET_SIZE(o);
+        return 0;
+    }
+    return msg_not_bytes(o, b, kind, hint);
+}
+
+static inline void
+msg_release(Py_buffer *b)
+{
+    if (b->obj)
+        PyBuffer_Release(b);
+}
+
+/* Raise MessageTooLarge for a len-byte message that a `kind` ring named
+ * `name` cannot hold (at most `most` bytes per message).  Returns -1. */
+int msg_too_large(PyObject *self, const char *kind, PyObject *name, Py_ssize_t len,
+                  unsigned long long most);
+
+/* The mapping of a ring's handle `self`, pinned for the call: NULL with
+ * ClosedError (or ReadOnlyError when to_use: sending or receiving needs a
+ * live, writable attachment) set when it cannot be used.  kind names the
+ * structure in the message, to_do what a readonly handle cannot do. */
+MappingObject *msg_unusable(PyObject *self, MappingObject *m, PyObject *name, const char *kind,
+                            const char *to_do);
+static inline MappingObject *
+msg_enter(PyObject *self, PyObject *mapping, PyObject *name, int to_use, const char *kind,
+          const char *to_do)
+{
+    MappingObject *m = (MappingObject *)mapping;
+    if (m == NULL || m->base == NULL || m->closing || (to_use && m->token == 0))
+        return msg_unusable(self, m, name, kind, to_do);
+    shm_pin(mapping);
+    return m;
+}
+
+/* ---- the message view ------------------------------------------------ */
+
+typedef struct MsgViewObject MsgViewObject;
+
+/* What a kind of view does that the other does not. */
+typedef struct {
+    /* Give the lent record back to its ring: called once, with v->mapping
+     * still pinned (msgview_give_back unpins it after).  quiet: from
+     * dealloc, where only a failure to give the record back is reported
+     * (unraisable), not news about what was read.  Returns 0, or -1 with
+     * an exception set. */
+    int (*give_back)(MsgViewObject *v, int quiet);
+    /* The BufferError message of release() while an array or memoryview
+     * made from the view is alive. */
+    const char *exported;
+} msgview_ops;
+
+/* A record lent in place.  payload points into the mapping, which stays
+ * pinned until the record is given back. */
+struct MsgViewObject {
+    PyObject_HEAD
+    const msgview_ops *ops;
+    PyObject *owner;   /* the Ring or TopicSubscriber that lent it */
+    PyObject *mapping; /* pinned while lent; NULL once given back */
+    char *payload;
+    Py_ssize_t len;
+    Py_ssize_t exports;
+    uint64_t pos;      /* the record's position in its ring */
+    uint32_t token;    /* the attachment that took it */
+    int released;
+    PyObject *view;    /* the memoryview handed out by __enter__ */
+};
+
+/* A new view of type tp (RecordView, TopicView) on the len payload bytes
+ * at payload, holding owner and a pin of m.  NULL with an error set. */
+PyObject *msgview_new(PyTypeObject *tp, const msgview_ops *ops, PyObject *owner,
+                      MappingObject *m, char *payload, Py_ssize_t len, uint64_t pos,
+                      uint32_t token);
+int msgview_give_back(MsgViewObject *v, int quiet);
+PyObject *msgview_release(MsgViewObject *v, PyObject *ignored);
+PyObject *msgview_enter(MsgViewObject *v, PyObject *ignored);
+PyObject *msgview_exit(MsgViewObject *v, PyObject *const *args, Py_ssize_t nargs);
+PyObject *msgview_get_nbytes(MsgViewObject *v, void *closure);
+int msgview_getbuffer(MsgViewObject *v, Py_buffer *view, int flags);
+void msgview_releasebuffer(MsgViewObject *v, Py_buffer *view);
+void msgview_dealloc(MsgViewObject *v);
+
+/* The entries every view type has, for its tables. */
+#define MSGVIEW_METHODS(release_doc)                                                      \
+    {"release", (PyCFunction)msgview_release, METH_NOARGS,                               \
+     "release($self, /)\n--\n\n" release_doc},                                            \
+    {"__enter__", (PyCFunction)msgview_enter, METH_NOARGS, "__enter__($self, /)\n--\n\n" \
+     "The message as a read-only memoryview."},                                           \
+    {"__exit__", (PyCFunction)(void (*)(void))msgview_exit, METH_FASTCALL,               \
+     "__exit__($self, *exc_info)\n--\n\nRelease the message (as release())."}
+#define MSGVIEW_NBYTES \
+    {"nbytes", (getter)msgview_get_nbytes, NULL, "the message's size in bytes", NULL}
+#define MSGVIEW_SLOTS                              \
+    {Py_tp_dealloc, msgview_dealloc},              \
+    {Py_bf_getbuffer, msgview_getbuffer},          \
+    {Py_bf_releasebuffer, msgview_releasebuffer}
+
+#endif
