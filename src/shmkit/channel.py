@@ -18,7 +18,8 @@ Large messages need not be copied out: ``with ch.recv_view() as mv:`` lends
 the message in place, and ``send`` takes any buffer (a numpy array) as is.
 
 :class:`Queue` carries Python objects (pickled, as ``multiprocessing``
-does) with the ``multiprocessing.Queue`` interface.
+does) with the ``multiprocessing.Queue`` interface; objects of any size:
+big buffers travel out of band, in a payload file mapped by the receiver.
 
 The hot path is C (``_core/ring.c``); the protocol, the crash analysis and
 the waiting strategy are described in docs/channel.md.
@@ -252,11 +253,30 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
     return _Outgoing(fd, path), token
 
 
-def _pack(obj: Any, queue_path: str, max_message: int,
-          name: str) -> tuple[bytes, _Outgoing | None]:
+class _BigBuffer(Exception):
+    """Raised by :func:`_in_band` at the first big buffer: pickle again, out of band."""
+
+
+def _in_band(pb: pickle.PickleBuffer) -> bool:
+    # The callback of the first, plain pickling (no closure to make per put).
+    try:
+        n = pb.raw().nbytes
+    except BufferError:
+        return True
+    if n >= OOB_THRESHOLD:
+        raise _BigBuffer
+    return True
+
+
+_dumps = pickle.dumps
+
+
+def _pack(obj: Any, queue_path: str, max_message: int, name: str,
+          data: bytes | None = None) -> tuple[bytes, _Outgoing | None]:
     """Pickle ``obj`` for the ring: ``(message, None)`` for a small object;
     for a big one, the out-of-band header and the payload file holding its
-    big buffers (one copy each, straight from the object's memory)."""
+    big buffers (one copy each, straight from the object's memory).
+    ``data``: ``obj`` already pickled in band, holding no big buffer."""
     bufs: list[memoryview] = []
 
     def out_of_band(pb: pickle.PickleBuffer) -> bool:
@@ -269,7 +289,8 @@ def _pack(obj: Any, queue_path: str, max_message: int,
         bufs.append(raw)
         return False
 
-    data = pickle.dumps(obj, 5, buffer_callback=out_of_band)
+    if data is None:
+        data = pickle.dumps(obj, 5, buffer_callback=out_of_band)
     if not bufs and len(data) < OOB_THRESHOLD and len(data) <= max_message:
         return data, None
     table_bytes = _OOB_HEAD.size + _OOB_BUF.size * len(bufs)
@@ -848,8 +869,11 @@ class Queue(SharedObject):
         the last process closes it.
     capacity:
         Bytes of ring (default 8 MiB); ``put`` also blocks while the pickled
-        objects waiting fill it.  When opening, a given capacity larger
-        than the queue's raises :class:`MismatchError`.
+        objects waiting fill it.  It does not bound an object's size:
+        buffers and pickles of ``OOB_THRESHOLD`` (256 KiB) or more go to a
+        payload file of their own beside the queue (docs/channel.md, "Big
+        objects").  When opening, a given capacity larger than the queue's
+        raises :class:`MismatchError`.
     on_destroy:
         Called (no arguments) once, in the process that removes the name.
 
@@ -865,7 +889,7 @@ class Queue(SharedObject):
     _what = "queue"
     _maxsize = 0
     _closed = True  # this handle's own flag: put/get check it without a property
-    _max_message_oob = 0  # the ring's max_message, read on the first put
+    _oob_limit = 0  # a pickle this long leaves the ring (see _take)
     _path = ""
 
     def __init__(self, maxsize: int = DEFAULT, *, name: str | None = None,
@@ -904,6 +928,8 @@ class Queue(SharedObject):
         self._maxsize = ch._seg.layout.get("max_items", 0)
         self._send, self._send_nowait = ch.send, ch.send_nowait
         self._recv, self._recv_nowait = ch.recv, ch.recv_nowait
+        self._path = ch._seg.path
+        self._oob_limit = min(OOB_THRESHOLD, ch.max_message + 1)
 
     @property
     def _seg(self) -> Segment | None:  # type: ignore[override]
@@ -919,9 +945,14 @@ class Queue(SharedObject):
         /dev/shm has no room for them (nothing is left behind)."""
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        data, out = self._pack(obj)
-        if out is not None:
-            return self._put_out_of_band(data, out, block, timeout)
+        try:
+            data = _dumps(obj, 5, buffer_callback=_in_band)
+        except _BigBuffer:
+            data = None
+        if data is None or len(data) >= self._oob_limit:
+            data, out = _pack(obj, self._path, self._oob_limit - 1, self.name, data)
+            if out is not None:
+                return self._put_out_of_band(data, out, block, timeout)
         if not block:
             self._send_nowait(data)
             return
@@ -931,11 +962,9 @@ class Queue(SharedObject):
             raise Full(f"queue {self.name!r} stayed full for {timeout} s") from None
 
     def _pack(self, obj: Any) -> tuple[bytes, _Outgoing | None]:
-        if self._max_message_oob == 0:
-            ch = self._live()
-            self._max_message_oob = ch.max_message
-            self._path = ch._seg.path
-        return _pack(obj, self._path, self._max_message_oob, self.name)
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        return _pack(obj, self._path, self._oob_limit - 1, self.name)
 
     def _put_out_of_band(self, data: bytes, out: _Outgoing, block: bool,
                          timeout: float | None) -> None:
