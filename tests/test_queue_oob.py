@@ -177,11 +177,13 @@ def test_beyond_dev_shm_gives_a_clear_error_and_leaves_nothing(queue):
 
 
 def _FakeBig(n: int):
-    """A buffer of ``n`` bytes without the memory: a sparse anonymous mapping
-    (its pages are never touched: the put refuses first)."""
+    """A buffer of ``n`` bytes without the memory: a read-only mapping of a
+    sparse file (its pages are never touched: the put refuses first)."""
     import mmap
-    return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                     | getattr(mmap, "MAP_NORESERVE", 0))
+    import tempfile
+    with tempfile.TemporaryFile() as f:
+        f.truncate(n)
+        return mmap.mmap(f.fileno(), n, prot=mmap.PROT_READ)
 
 
 def test_full_queue_removes_the_payload(name):
