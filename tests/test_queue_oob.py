@@ -154,7 +154,7 @@ def test_many_producers_and_consumers(queue, names):
 def test_pickle_bigger_than_the_ring_goes_out_of_band(name):
     with shmkit.Queue(name=name, capacity=4096) as q:
         try:
-            big = ["x" * 100] * 1000  # a 100 kB pickle, no buffers
+            big = [f"{i:0100d}" for i in range(1000)]  # a 100 kB pickle, no buffers
             q.put(big)
             assert q.get(timeout=5) == big
         finally:
