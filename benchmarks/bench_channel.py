@@ -528,3 +528,64 @@ def q_faster_fifo(n: int) -> float:
     for _ in range(n):
         q.put(OBJ)
     return _finish(p) - t0
+
+
+# -- Queue with a big numpy array ------------------------------------------------------
+
+BIG = 64 * MiB
+
+
+def _big_sink(ready, q, n, copy_out):
+    import numpy as np
+    out = np.empty(BIG, np.uint8) if copy_out else None
+    if out is not None:
+        out[:] = 0  # its pages mapped, as the hand-made receiver's
+    ready.set()
+    for _ in range(n):
+        a = q.get()
+        if out is not None:
+            np.copyto(out, a)
+        del a
+
+
+def _big_queue(q: Any, n: int, copy_out: bool = False) -> float:
+    src = _payload(BIG)
+    p = _peer(_big_sink, q, n, copy_out)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        q.put(src)
+    return _finish(p) - t0
+
+
+@workload("queue: 64 MiB numpy array one-way", unit="GB/s", system="shmkit.Queue",
+          bytes_per_op=BIG, n=4)
+def big_q_shmkit(n: int) -> float:
+    import shmkit
+    q = shmkit.Queue(4)
+    try:
+        return _big_queue(q, n)
+    finally:
+        q.close()
+
+
+@workload("queue: 64 MiB numpy array one-way",
+          system="shmkit.Queue (receiver copies the array out)", bytes_per_op=BIG, n=4)
+def big_q_shmkit_copy(n: int) -> float:
+    import shmkit
+    q = shmkit.Queue(4)
+    try:
+        return _big_queue(q, n, copy_out=True)
+    finally:
+        q.close()
+
+
+@workload("queue: 64 MiB numpy array one-way", system="multiprocessing.Queue",
+          bytes_per_op=BIG, n=4)
+def big_q_mp(n: int) -> float:
+    return _big_queue(FORK.Queue(4), n)
+
+
+@workload("queue: 64 MiB numpy array one-way", system="shared_memory + numpy (hand-made)",
+          bytes_per_op=BIG, n=4, reference=True)
+def big_q_hand_made(n: int) -> float:
+    return _hand_made(n, BIG)

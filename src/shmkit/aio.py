@@ -38,7 +38,6 @@ import asyncio
 import contextlib
 import enum
 import os
-import pickle
 import threading
 from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Final, Literal, NoReturn,
                     Sequence, TypeVar, cast)
@@ -498,9 +497,14 @@ class Queue(_channel.Queue):
         """Put ``obj``, awaiting room (``queue.Full`` when ``block`` is false or on timeout)."""
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        if not block:
-            return self._send_nowait(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
-        data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        data, out = self._pack(obj)
+        if not block or out is not None:
+            if out is not None:
+                if not block:
+                    self._put_out_of_band(data, out, False, None)
+                    return
+                return await self._put_big(data, out, timeout)
+            return self._send_nowait(data)
         ch = self._ch
 
         def expired() -> NoReturn:
@@ -510,12 +514,32 @@ class Queue(_channel.Queue):
                      lambda: _describe(ch, len(data)), timeout, expired,
                      lambda: _timed(self._send, data, _REPAIR_TIMEOUT))
 
+    async def _put_big(self, data: bytes, out: Any, timeout: float | None) -> None:
+        # The payload file goes with the message, or is removed if the
+        # message is refused (see Queue._put_out_of_band).
+        ch = self._ch
+
+        def expired() -> NoReturn:
+            raise Full(f"queue {self.name!r} stayed full for {timeout} s")
+
+        try:
+            await _until(lambda: _nowait(self._send_nowait, data),
+                         lambda: _describe(ch, len(data)), timeout, expired,
+                         lambda: _timed(self._send, data, _REPAIR_TIMEOUT))
+        except (Full, ChannelClosed, ValueError):
+            out.unsent()
+            raise
+        except BaseException:
+            out.sent()  # perhaps sent: `shmkit gc` removes it if no message names it
+            raise
+        out.sent()
+
     async def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Remove and return an object, awaiting one (``queue.Empty`` as for ``get``)."""
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         if not block:
-            return pickle.loads(self._recv_nowait())
+            return self._unpack(self._recv_nowait())
         ch = self._ch
 
         def expired() -> NoReturn:
@@ -524,17 +548,17 @@ class Queue(_channel.Queue):
         data = await _until(lambda: _nowait(self._recv_nowait), lambda: _describe(ch),
                             timeout, expired,
                             lambda: _timed(self._recv, _REPAIR_TIMEOUT))
-        return pickle.loads(data)
+        return self._unpack(data)
 
     def put_nowait(self, obj: Any) -> None:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        self._send_nowait(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
+        _channel.Queue.put(self, obj, False)
 
     def get_nowait(self) -> Any:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        return pickle.loads(self._recv_nowait())
+        return self._unpack(self._recv_nowait())
 
 
 # ---- locks and events ---------------------------------------------------------

@@ -18,7 +18,8 @@ Large messages need not be copied out: ``with ch.recv_view() as mv:`` lends
 the message in place, and ``send`` takes any buffer (a numpy array) as is.
 
 :class:`Queue` carries Python objects (pickled, as ``multiprocessing``
-does) with the ``multiprocessing.Queue`` interface.
+does) with the ``multiprocessing.Queue`` interface; objects of any size:
+big buffers travel out of band, in a payload file mapped by the receiver.
 
 The hot path is C (``_core/ring.c``); the protocol, the crash analysis and
 the waiting strategy are described in docs/channel.md.
@@ -26,21 +27,42 @@ the waiting strategy are described in docs/channel.md.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import re
+import secrets
+import stat
+import struct
+import time
 from typing import Any, Callable, Iterator
 
 from . import _core
 from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
 from .errors import (
     ChannelClosed,
+    CorruptError,
     Empty,
     FormatVersionError,
     Full,
+    MessageTooLarge,
+    NotFoundError,
+    OutOfSpaceError,
+    ShmkitError,
     SizeLimitError,
     Timeout,
+    WouldBlock,
 )
-from .segment import DEFAULT_MAX_ATTACH, Kind, Segment, SegmentInfo
+from .segment import (
+    DEFAULT_MAX_ATTACH,
+    PAGE,
+    SHM_DIR,
+    Kind,
+    Segment,
+    SegmentInfo,
+    _check_trust,
+    _limit_error,
+)
 
 __all__ = ["Channel", "Queue"]
 
@@ -55,6 +77,467 @@ _ROLES_OFF = _core.layouts["ring"]["roles"]  # ring header size: see _core/ring.
 
 def _ring_bytes(capacity: int, max_attach: int) -> int:
     return (_ROLES_OFF + 8 * max_attach + 63) // 64 * 64 + capacity
+
+
+# -- Queue: big buffers out of band ------------------------------------------------
+#
+# A Queue message in the ring is either a plain pickle (it starts with the
+# PROTO opcode 0x80) or, when the object holds big buffers, an out-of-band
+# header (it starts with a 0 byte, which no pickle does) naming a payload file
+# beside the queue's file that holds those buffers, and the pickle itself too
+# when it is big.  See docs/channel.md, "Big objects".
+#
+# Ring message of an out-of-band object (native byte order):
+#    0  magic       8  _OOB_MAGIC
+#    8  nbufs       u32  out-of-band buffers
+#   12  flags       u32  bit 0: the pickle is in the payload file
+#   16  size        u64  payload file bytes
+#   24  pickle_off  u64  offset of the pickle in the file (flag set)
+#   32  pickle_len  u64  pickle bytes
+#   40  token       16   the payload file's name suffix (hex)
+#   56  nbufs x (offset u64, length u64) of each buffer in the file
+#   ..  the pickle, when it is not in the file
+# Payload file "<queue file>~oob.<token>" (mode 0600):
+#    0  magic 8 _FILE_MAGIC, version u32, 4 spare, size u64, token 16
+#  4096 the buffers (and the pickle), each at a page boundary
+# Everything in both is checked before use: they come from shared memory.
+
+#: Buffers (numpy arrays, bytearrays, PickleBuffers) of at least this many
+#: bytes leave the ring, and so does a pickle of at least this many bytes.
+OOB_THRESHOLD = 256 << 10
+_OOB_MAGIC = b"\x00SHMOOB\x01"
+_FILE_MAGIC = b"\x89SHMOOB\x00"
+_OOB_VERSION = 1
+_OOB_HEAD = struct.Struct("=8sIIQQQ16s")
+_OOB_BUF = struct.Struct("=QQ")
+_FILE_HEAD = struct.Struct("=8sI4xQ16s")
+_OOB_SEP = "~oob."
+_TOKEN_RE = re.compile(rb"[0-9a-f]{16}")
+_IOV_MAX = 512
+_WRITE_MAX = 1 << 30  # bytes per pwritev call (Linux writes at most 2 GiB - 4 KiB)
+#: A payload no message in its queue's ring names, and that no sender holds,
+#: is removed by ``shmkit gc`` once its file is this old (seconds): a receiver
+#: opens the payload of a message it took at once, well within this time.
+PAYLOAD_GRACE = 60.0
+
+
+def _payload_prefix(queue_path: str) -> tuple[str, str]:
+    """``(directory, file name prefix)`` of a queue's payload files."""
+    return os.path.dirname(queue_path), os.path.basename(queue_path) + _OOB_SEP
+
+
+def _payload_files(queue_path: str) -> list[str]:
+    """Paths of the payload files of the queue at ``queue_path``."""
+    directory, prefix = _payload_prefix(queue_path)
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return []
+    return [os.path.join(directory, e) for e in entries
+            if e.startswith(prefix) and _TOKEN_RE.fullmatch(e[len(prefix):].encode())]
+
+
+def _remove_payloads(queue_path: str) -> int:
+    """Remove every payload file of a queue whose name is gone; returns how many."""
+    n = 0
+    for path in _payload_files(queue_path):
+        try:
+            os.unlink(path)
+            n += 1
+        except OSError:
+            pass  # gone meanwhile, or another user's (not ours to remove)
+    return n
+
+
+class _Outgoing:
+    """A payload file being sent: open and locked (byte 0) until the message
+    naming it is committed, so that ``shmkit gc`` leaves it alone meanwhile."""
+
+    __slots__ = ("fd", "path")
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd, self.path = fd, path
+
+    def sent(self) -> None:
+        """The message is in the ring: the receiver owns the file now."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def unsent(self) -> None:
+        """The ring refused the message: remove the file."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.sent()
+
+    def __del__(self) -> None:
+        # Not known to be unsent (an exception between the send and sent()):
+        # keep the file; gc removes it if no message names it.
+        if self.fd >= 0:
+            os.close(self.fd)
+
+
+def _write_all(fd: int, parts: list[tuple[int, Any]], what: str) -> None:
+    """Write each ``(offset, buffer)`` into ``fd``, contiguous runs in one pwritev."""
+    try:
+        for off, buf in parts:
+            view = memoryview(buf).cast("B")
+            done = 0
+            while done < view.nbytes:
+                chunk = view[done:done + _WRITE_MAX]
+                n = os.pwritev(fd, [chunk], off + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, "short write")
+                done += n
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutOfSpaceError(
+                f"no room to store {what} ({e.strerror}); free some (shmkit ls / "
+                "shmkit gc), or send smaller objects") from None
+        if e.errno == errno.EFBIG:
+            raise SizeLimitError(f"{what} is larger than a file may be here "
+                                 f"({e.strerror}); send smaller objects") from None
+        raise
+
+
+def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
+                    what: str) -> tuple[_Outgoing, bytes]:
+    """Write a payload file of ``size`` bytes; return it open and locked, and its token.
+
+    A sender killed at any point leaves nothing, a temporary file of a dead
+    process, or a complete file that no live process holds: ``shmkit gc``
+    removes the last two (the last only if no message names it).
+    """
+    directory, prefix = _payload_prefix(queue_path)
+    try:
+        vfs = os.statvfs(directory)
+        free = vfs.f_bavail * vfs.f_frsize
+    except OSError:
+        free = None
+    if free is not None and size > free:
+        raise OutOfSpaceError(
+            f"{what} needs {size} bytes of shared memory but {directory} has {free} free; "
+            "free some (shmkit ls / shmkit gc), enlarge it, or send smaller objects")
+    token = secrets.token_hex(8).encode()
+    path = os.path.join(directory, prefix + token.decode())
+    # Built under a hidden temporary name (as segments are: `shmkit gc` removes
+    # one whose creator died), locked, then linked into place whole.
+    tmp = os.path.join(directory, f".{prefix}{token.decode()}.{os.getpid()}."
+                                  f"{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        raise NotFoundError(f"directory {directory!r} does not exist") from None
+    except OSError as e:
+        raise _limit_error(e, f"store {what}") from None
+    try:
+        _core.ofd_lock(fd, 0, 1)
+        head = _FILE_HEAD.pack(_FILE_MAGIC, _OOB_VERSION, size, token)
+        _write_all(fd, [(0, head), *parts], what)
+        try:
+            os.link(tmp, path, follow_symlinks=False)
+        except OSError as e:
+            raise _limit_error(e, f"store {what}") from None
+        finally:
+            os.unlink(tmp)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return _Outgoing(fd, path), token
+
+
+class _BigBuffer(Exception):
+    """Raised by :func:`_in_band` at the first big buffer: pickle again, out of band."""
+
+
+def _in_band(pb: pickle.PickleBuffer) -> bool:
+    # The callback of the first, plain pickling (no closure to make per put).
+    try:
+        n = pb.raw().nbytes
+    except BufferError:
+        return True
+    if n >= OOB_THRESHOLD:
+        raise _BigBuffer
+    return True
+
+
+_dumps = pickle.dumps
+
+
+def _pack(obj: Any, queue_path: str, max_message: int, name: str,
+          data: bytes | None = None) -> tuple[bytes, _Outgoing | None]:
+    """Pickle ``obj`` for the ring: ``(message, None)`` for a small object;
+    for a big one, the out-of-band header and the payload file holding its
+    big buffers (one copy each, straight from the object's memory).
+    ``data``: ``obj`` already pickled in band, holding no big buffer."""
+    bufs: list[memoryview] = []
+
+    def out_of_band(pb: pickle.PickleBuffer) -> bool:
+        try:
+            raw = pb.raw()
+        except BufferError:
+            return True  # not contiguous: in band (pickle then says why it cannot)
+        if raw.nbytes < OOB_THRESHOLD:
+            return True
+        bufs.append(raw)
+        return False
+
+    if data is None:
+        data = pickle.dumps(obj, 5, buffer_callback=out_of_band)
+    if not bufs and len(data) < OOB_THRESHOLD and len(data) <= max_message:
+        return data, None
+    table_bytes = _OOB_HEAD.size + _OOB_BUF.size * len(bufs)
+    pickle_in_file = len(data) >= OOB_THRESHOLD or table_bytes + len(data) > max_message
+    parts: list[tuple[int, Any]] = []
+    table = []
+    off = PAGE
+    for b in bufs:
+        parts.append((off, b))
+        table.append(_OOB_BUF.pack(off, b.nbytes))
+        off = (off + b.nbytes + PAGE - 1) // PAGE * PAGE
+    poff = 0
+    if pickle_in_file:
+        poff = off
+        parts.append((off, data))
+        off += len(data)
+    size = off
+    what = f"an object of {size} bytes for queue {name!r}"
+    out, token = _create_payload(queue_path, size, parts, what)
+    head = _OOB_HEAD.pack(_OOB_MAGIC, len(bufs), 1 if pickle_in_file else 0, size, poff,
+                          len(data), token)
+    return b"".join([head, *table, b"" if pickle_in_file else data]), out
+
+
+def _lost(name: str, why: str) -> str:
+    return (f"queue {name!r}: the object just taken is lost: {why}. The queue goes on; "
+            "the next get() returns the next object")
+
+
+def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> Any:
+    """Rebuild an object from its ring message (see :func:`_pack`)."""
+    if not data.startswith(_OOB_MAGIC):
+        return pickle.loads(data)
+    if len(data) < _OOB_HEAD.size:
+        raise CorruptError(_lost(name, f"its message holds only {len(data)} bytes"))
+    _m, nbufs, flags, size, poff, plen, token = _OOB_HEAD.unpack_from(data)
+    table_end = _OOB_HEAD.size + _OOB_BUF.size * nbufs
+    if not _TOKEN_RE.fullmatch(token) or flags > 1 or size < PAGE or table_end > len(data):
+        raise CorruptError(_lost(name, "its out-of-band header is damaged"))
+    bufs = [_OOB_BUF.unpack_from(data, _OOB_HEAD.size + _OOB_BUF.size * i)
+            for i in range(nbufs)]
+    in_file = bool(flags & 1)
+    if in_file:
+        bufs_check = [*bufs, (poff, plen)]
+    else:
+        bufs_check = bufs
+        if len(data) - table_end != plen:
+            raise CorruptError(_lost(name, "its out-of-band header is damaged"))
+    for off, n in bufs_check:
+        if off < PAGE or off > size or n > size - off:
+            raise CorruptError(_lost(name, f"its message names bytes {off}..{off + n} of a "
+                                           f"{size}-byte payload"))
+    directory, prefix = _payload_prefix(queue_path)
+    path = os.path.join(directory, prefix + token.decode())
+    where = f"payload {os.path.basename(path)!r} of queue {name!r}"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise NotFoundError(_lost(name, f"its payload file {path} is gone (the queue was "
+                                        "removed, or `shmkit gc` found it orphaned)")) from None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENODEV):
+            raise CorruptError(_lost(name, f"{path} is not a regular file "
+                                           f"({e.strerror})")) from None
+        raise _limit_error(e, f"open {where}") from None
+    try:
+        st = os.fstat(fd)
+        try:
+            _check_trust(st, where, path, trust_uid)  # before reading a byte
+        except ShmkitError as e:
+            raise type(e)(_lost(name, str(e))) from None
+        mine = _same_file(path, st)
+        if st.st_size != size:
+            if mine:
+                os.unlink(path)
+            raise CorruptError(_lost(name, f"{path} holds {st.st_size} bytes, not the "
+                                           f"{size} its message names"))
+        head = os.pread(fd, _FILE_HEAD.size, 0)
+        if head != _FILE_HEAD.pack(_FILE_MAGIC, _OOB_VERSION, size, token):
+            if mine:
+                os.unlink(path)
+            raise CorruptError(_lost(name, f"{path} does not hold the payload its "
+                                           "message names (bad header)"))
+        try:
+            mem: Any = _core.Mapping(fd, size, size)
+        except OSError as e:
+            if e.errno != errno.ENOMEM:
+                raise
+            # No mapping left in this process (vm.max_map_count): copy out.
+            mem = bytearray(size)
+            if os.preadv(fd, [mem], 0) != size:
+                raise CorruptError(_lost(name, f"{path} was cut short while read")) from None
+        # The receiver owns it now: nobody else will ever open it.
+        if mine:
+            os.unlink(path)
+    finally:
+        os.close(fd)
+    view = memoryview(mem)
+    buffers = [view[off:off + n] for off, n in bufs]
+    blob = view[poff:poff + plen] if in_file else memoryview(data)[table_end:]
+    try:
+        obj = pickle.loads(blob, buffers=buffers)
+    finally:
+        del blob, buffers, view
+        if isinstance(mem, _core.Mapping):
+            mem.close()  # unmapped now, or when the object's last buffer goes
+    return obj
+
+
+def _same_file(path: str, st: os.stat_result) -> bool:
+    try:
+        here = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino)
+
+
+def orphan_payloads(dry_run: bool = False,
+                    match: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
+    """Find (and unless ``dry_run`` remove) orphaned Queue payload files in /dev/shm.
+
+    A payload file is orphaned when no sender holds it (the sender committed
+    its message, or died) and either its queue no longer exists, or no
+    message in its queue's ring names it and it is older than
+    :data:`PAYLOAD_GRACE` (its receiver died between taking the message and
+    opening the payload).  A payload a queued message names is never removed.
+    ``match(queue name)`` limits the search.  Only your own files (root:
+    everyone's).  Returns ``[{"name", "path", "reason", "removed"}]``.
+    """
+    from .segment import PREFIX
+
+    out: list[dict[str, Any]] = []
+    try:
+        entries = sorted(os.listdir(SHM_DIR))
+    except FileNotFoundError:
+        return out
+    rings: dict[str, bytes | None] = {}
+    euid = os.geteuid()
+    for entry in entries:
+        if not entry.startswith(PREFIX) or _OOB_SEP not in entry:
+            continue
+        qfile, _, token = entry.rpartition(_OOB_SEP)
+        qname = qfile[len(PREFIX):]
+        if not _TOKEN_RE.fullmatch(token.encode()) or (match is not None
+                                                        and not match(qname)):
+            continue
+        path = os.path.join(SHM_DIR, entry)
+        try:
+            reason = _orphan_reason(path, os.path.join(SHM_DIR, qfile), token.encode(),
+                                    rings, euid, dry_run)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            out.append({"name": entry, "path": path, "reason": "queue payload",
+                        "removed": False, "error": e.strerror or str(e)})
+            continue
+        if reason is not None:
+            out.append({"name": entry, "path": path, "reason": reason,
+                        "removed": not dry_run})
+    return out
+
+
+def _orphan_reason(path: str, qpath: str, token: bytes, rings: dict[str, bytes | None],
+                   euid: int, dry_run: bool) -> str | None:
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (euid != 0 and st.st_uid != euid):
+            return None
+        if not _core.ofd_lock(fd, 0, 1):
+            return None  # its sender is at work
+        if qpath not in rings:
+            rings[qpath] = _ring_bytes_of(qpath)
+        ring = rings[qpath]
+        if ring is None:
+            reason = "payload of a queue that no longer exists"
+        elif token in ring:
+            return None  # a message may still name it
+        elif time.time() - st.st_mtime < PAYLOAD_GRACE:
+            return None
+        else:
+            reason = ("queue payload no sender holds and no queued message names "
+                      "(its receiver died before opening it, or its sender before sending)")
+        if not _same_file(path, st):
+            return None
+        if not dry_run:
+            os.unlink(path)
+        return reason
+    finally:
+        os.close(fd)
+
+
+_RING_POS = struct.Struct("=QQ")
+
+
+def _queued_bytes(fd: int, file_size: int) -> bytes:
+    """The bytes of the messages queued in the ring of the queue file ``fd``:
+    from the consumers' head to the producers' tail, which cover every
+    message committed and not yet released.  Should the ring's numbers not
+    make sense, the whole file (conservative: more names are kept)."""
+    def whole() -> bytes:
+        return b"".join(os.pread(fd, min(1 << 24, file_size - off), off)
+                        for off in range(0, file_size, 1 << 24))
+
+    head = os.pread(fd, 32, 0)
+    if len(head) < 32:
+        return whole()
+    (hsize,) = struct.unpack_from("=Q", head, 24)
+    ring = os.pread(fd, _ROLES_OFF, hsize) if hsize < file_size else b""
+    lay = _core.layouts["ring"]
+    if len(ring) < _ROLES_OFF:
+        return whole()
+    cap, data_off = struct.unpack_from("=QQ", ring, lay["cap"])
+    (tail,) = struct.unpack_from("=Q", ring, lay["tail"])
+    (start,) = struct.unpack_from("=Q", ring, lay["head"])
+    base = hsize + data_off
+    if not (0 < cap and base + cap <= file_size and start <= tail and tail - start <= cap):
+        return whole()
+    a, n = start % cap, tail - start
+    first = os.pread(fd, min(n, cap - a), base + a)
+    rest = os.pread(fd, n - len(first), base) if n > len(first) else b""
+    return first + rest
+
+
+def _ring_bytes_of(qpath: str) -> bytes | None:
+    """The queued messages of the queue at ``qpath`` (None if there is no queue there).
+
+    Read after the payload's lock was taken: a message naming the payload was
+    committed before (its sender holds the lock until then), so it is either
+    in these bytes or already taken.
+    """
+    try:
+        fd = os.open(qpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        head = os.pread(fd, 16, 0)
+        if len(head) < 16 or struct.unpack_from("=I", head, 12)[0] != Kind.QUEUE:
+            # Not a queue (any more): keep payloads only if something else
+            # might be one of ours in the making (no magic yet).
+            return None if head[:1] == b"\x89" else b""
+        return _queued_bytes(fd, st.st_size)
+    finally:
+        os.close(fd)
 
 
 def _check_capacity(capacity: Any) -> int:
@@ -386,8 +869,11 @@ class Queue(SharedObject):
         the last process closes it.
     capacity:
         Bytes of ring (default 8 MiB); ``put`` also blocks while the pickled
-        objects waiting fill it.  When opening, a given capacity larger
-        than the queue's raises :class:`MismatchError`.
+        objects waiting fill it.  It does not bound an object's size:
+        buffers and pickles of ``OOB_THRESHOLD`` (256 KiB) or more go to a
+        payload file of their own beside the queue (docs/channel.md, "Big
+        objects").  When opening, a given capacity larger than the queue's
+        raises :class:`MismatchError`.
     on_destroy:
         Called (no arguments) once, in the process that removes the name.
 
@@ -403,6 +889,8 @@ class Queue(SharedObject):
     _what = "queue"
     _maxsize = 0
     _closed = True  # this handle's own flag: put/get check it without a property
+    _oob_limit = 0  # a pickle this long leaves the ring (see _take)
+    _path = ""
 
     def __init__(self, maxsize: int = DEFAULT, *, name: str | None = None,
                  capacity: int = DEFAULT, create: bool | None = None,
@@ -440,6 +928,8 @@ class Queue(SharedObject):
         self._maxsize = ch._seg.layout.get("max_items", 0)
         self._send, self._send_nowait = ch.send, ch.send_nowait
         self._recv, self._recv_nowait = ch.recv, ch.recv_nowait
+        self._path = ch._seg.path
+        self._oob_limit = min(OOB_THRESHOLD, ch.max_message + 1)
 
     @property
     def _seg(self) -> Segment | None:  # type: ignore[override]
@@ -447,10 +937,22 @@ class Queue(SharedObject):
 
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Put ``obj`` on the queue, waiting while it is full (``queue.Full`` when
-        ``block`` is false or ``timeout`` seconds pass)."""
+        ``block`` is false or ``timeout`` seconds pass).
+
+        Big buffers in ``obj`` (numpy arrays, bytearrays: see ``OOB_THRESHOLD``)
+        and big pickles go to a payload file, copied once; the ring carries
+        a small header naming it.  Raises :class:`OutOfSpaceError` when
+        /dev/shm has no room for them (nothing is left behind)."""
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        try:
+            data = _dumps(obj, 5, buffer_callback=_in_band)
+        except _BigBuffer:
+            data = None
+        if data is None or len(data) >= self._oob_limit:
+            data, out = _pack(obj, self._path, self._oob_limit - 1, self.name, data)
+            if out is not None:
+                return self._put_out_of_band(data, out, block, timeout)
         if not block:
             self._send_nowait(data)
             return
@@ -459,21 +961,61 @@ class Queue(SharedObject):
         except Timeout:
             raise Full(f"queue {self.name!r} stayed full for {timeout} s") from None
 
+    def _pack(self, obj: Any) -> tuple[bytes, _Outgoing | None]:
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        return _pack(obj, self._path, self._oob_limit - 1, self.name)
+
+    def _put_out_of_band(self, data: bytes, out: _Outgoing, block: bool,
+                         timeout: float | None) -> None:
+        try:
+            if not block:
+                self._send_nowait(data)
+            else:
+                self._send(data, timeout)
+        except (WouldBlock, Timeout, ChannelClosed, MessageTooLarge, ValueError) as e:
+            out.unsent()  # the core refused it: no message names the file
+            if isinstance(e, Timeout):
+                raise Full(f"queue {self.name!r} stayed full for {timeout} s") from None
+            raise
+        except BaseException:
+            # Perhaps sent (Ctrl-C right after the commit): keep the file;
+            # `shmkit gc` removes it if no message names it.
+            out.sent()
+            raise
+        out.sent()
+
+    def _unpack(self, data: bytes) -> Any:
+        if not data.startswith(_OOB_MAGIC):
+            return pickle.loads(data)
+        ch = self._live()
+        return _unpack(data, ch._seg.path, self.name, ch._seg._trust_uid)
+
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, False)``."""
         self.put(obj, False)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Remove and return an object, waiting while the queue is empty
-        (``queue.Empty`` when ``block`` is false or ``timeout`` seconds pass)."""
+        (``queue.Empty`` when ``block`` is false or ``timeout`` seconds pass).
+
+        Big buffers come back backed by their payload's shared memory (no
+        copy; numpy arrays are writable, as with ``multiprocessing``), held
+        while the object needs them.  A payload file that is missing, damaged
+        or not yours raises :class:`NotFoundError`, :class:`CorruptError` or
+        :class:`UntrustedError`: that object is lost, the queue goes on."""
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         if not block:
-            return pickle.loads(self._recv_nowait())
-        try:
-            return pickle.loads(self._recv(timeout))
-        except Timeout:
-            raise Empty(f"queue {self.name!r} stayed empty for {timeout} s") from None
+            data = self._recv_nowait()
+        else:
+            try:
+                data = self._recv(timeout)
+            except Timeout:
+                raise Empty(f"queue {self.name!r} stayed empty for {timeout} s") from None
+        if not data.startswith(_OOB_MAGIC):
+            return pickle.loads(data)
+        return self._unpack(data)
 
     def get_nowait(self) -> Any:
         """``get(False)``."""
@@ -500,6 +1042,18 @@ class Queue(SharedObject):
         if ch is not None and not ch.closed:
             ch.close()
             self._after_close(ch._seg)
+
+    def unlink(self) -> None:
+        """Remove the queue's name, and the payload files of the big objects
+        in it: a process that still holds the queue gets its small objects,
+        and :class:`NotFoundError` for each big one (lost)."""
+        super().unlink()
+
+    def _destroyed(self) -> None:
+        seg = self._seg
+        if seg is not None:
+            _remove_payloads(seg.path)
+        super()._destroyed()
 
     def join_thread(self) -> None:
         """Nothing to wait for: ``put`` has already placed the object."""

@@ -1146,6 +1146,9 @@ def collect_garbage(dry_run: bool = False, patterns: Sequence[str] | None = None
       gone (the last one died instead of closing);
     - half-created segments (their creator died before finishing);
     - hidden creation temp files (``.shmkit.*.tmp``) of dead creators;
+    - Queue payload files (``shmkit.<queue>~oob.*``) no sender holds whose
+      queue is gone, or that no queued message names (see
+      :func:`shmkit.channel.orphan_payloads`);
     - with ``orphans=True`` only, the persistent objects :func:`find_orphans`
       lists (nobody attached, creator dead).
 
@@ -1192,6 +1195,9 @@ def collect_garbage(dry_run: bool = False, patterns: Sequence[str] | None = None
             attempt(obj["name"], obj["path"],
                     f"orphan: persistent, nobody attached, its creator (pid "
                     f"{obj['creator_pid']}) is gone", _reap_orphan)
+    from .channel import orphan_payloads  # Queue payload files (docs/channel.md)
+
+    out.extend(orphan_payloads(dry_run, lambda q: _matches(q, patterns)))
     for name, path, pid in _temp_files():
         try:
             uid = os.lstat(path).st_uid

@@ -1,0 +1,421 @@
+"""Queue with big objects: buffers out of band, in payload files beside the queue.
+
+Real processes (spawn for hand-over, fork for the kill loops), real /dev/shm.
+"""
+
+from __future__ import annotations
+
+import glob
+import multiprocessing
+import os
+import pickle
+import random
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import shmkit
+from shmkit import channel
+from shmkit.errors import CorruptError, NotFoundError, OutOfSpaceError, UntrustedError
+
+from conftest import spawn
+
+FORK = multiprocessing.get_context("fork")
+MiB = 1 << 20
+
+
+def _payloads(q_or_name) -> list[str]:
+    name = q_or_name if isinstance(q_or_name, str) else q_or_name.name
+    return glob.glob(f"/dev/shm/shmkit.{glob.escape(name)}~oob.*")
+
+
+def _temps(name: str) -> list[str]:
+    return glob.glob(f"/dev/shm/.shmkit.{glob.escape(name)}~oob.*.tmp")
+
+
+def _array(seed: int, n: int = 64 * MiB) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, n, dtype=np.uint8)
+
+
+@pytest.fixture
+def queue(name):
+    q = shmkit.Queue(name=name)
+    yield q
+    try:
+        q.unlink()
+    except NotFoundError:
+        pass
+    q.close()
+    for p in _payloads(name) + _temps(name):
+        os.unlink(p)
+
+
+# -- across processes ------------------------------------------------------------------
+
+
+def _echo(q, back, n):
+    for _ in range(n):
+        back.put(q.get(timeout=60))
+
+
+def test_64mib_array_and_20mib_bytes_cross_a_default_queue(queue, names):
+    back = shmkit.Queue(name=names())
+    try:
+        a = _array(1)
+        b = os.urandom(20 * MiB)
+        p = spawn(_echo, queue, back, 2)
+        queue.put(a)
+        queue.put(b)
+        got_a = back.get(timeout=60)
+        got_b = back.get(timeout=60)
+        p.join(60)
+        assert p.exitcode == 0
+        assert isinstance(got_a, np.ndarray) and got_a.dtype == a.dtype
+        assert np.array_equal(got_a, a)
+        assert got_a.flags.writeable  # as multiprocessing.Queue gives them
+        got_a[0] ^= 1  # and private to this process
+        assert type(got_b) is bytes and got_b == b
+        assert queue.qsize() == 0 and back.qsize() == 0
+        del got_a
+        assert not _payloads(queue) and not _payloads(back)
+    finally:
+        back.unlink(); back.close()
+
+
+def test_small_objects_stay_in_the_ring(queue):
+    queue.put({"job": 1, "values": list(range(100))})
+    queue.put(np.arange(10))
+    assert not _payloads(queue)
+    assert queue.get(timeout=5) == {"job": 1, "values": list(range(100))}
+    assert queue.get(timeout=5).tolist() == list(range(10))
+
+
+def test_big_buffer_stays_mapped_while_the_object_lives(queue):
+    a = _array(2, 4 * MiB)
+    queue.put({"a": a, "ba": bytearray(a.tobytes())})
+    got = queue.get(timeout=5)
+    assert not _payloads(queue)  # the name went at once: nothing to leak
+    assert np.array_equal(got["a"], a) and got["ba"] == a.tobytes()
+    arr = got["a"]
+    del got
+    assert int(arr[:10].sum()) == int(a[:10].sum())  # still mapped
+
+
+def _producer(q, pid, n, sizes):
+    rng = random.Random(pid)
+    for i in range(n):
+        size = rng.choice(sizes)
+        q.put((pid, i, _array(pid * 1000 + i, size) if size else "small"), timeout=60)
+
+
+def test_mixed_small_and_big_keep_order(queue):
+    p = spawn(_producer, queue, 1, 40, [0, 0, 300 << 10, 2 * MiB])
+    got = [queue.get(timeout=60) for _ in range(40)]
+    p.join(60)
+    assert [g[1] for g in got] == list(range(40))
+    for pid, i, obj in got:
+        if not isinstance(obj, str):
+            assert np.array_equal(obj, _array(pid * 1000 + i, obj.size))
+
+
+def _consumer(q, out, stop_after):
+    n = 0
+    while n < stop_after:
+        pid, i, obj = q.get(timeout=60)
+        ok = isinstance(obj, str) or np.array_equal(obj, _array(pid * 1000 + i, obj.size))
+        out.put((pid, i, ok))
+        n += 1
+
+
+def test_many_producers_and_consumers(queue, names):
+    out = shmkit.Queue(name=names())
+    try:
+        n = 16  # even: the two consumers take 3 * n / 2 each
+        sizes = [0, 512 << 10, 3 * MiB]
+        producers = [spawn(_producer, queue, pid, n, sizes) for pid in (1, 2, 3)]
+        consumers = [spawn(_consumer, queue, out, 3 * n // 2) for _ in range(2)]
+        got = [out.get(timeout=120) for _ in range(3 * n)]
+        for p in producers + consumers:
+            p.join(60)
+            assert p.exitcode == 0
+        assert sorted((pid, i) for pid, i, _ in got) == [(p, i) for p in (1, 2, 3)
+                                                         for i in range(n)]
+        assert all(ok for _, _, ok in got)
+        assert not _payloads(queue)
+    finally:
+        out.unlink(); out.close()
+
+
+# -- sizes and limits -------------------------------------------------------------------
+
+
+def test_pickle_bigger_than_the_ring_goes_out_of_band(name):
+    with shmkit.Queue(name=name, capacity=4096) as q:
+        try:
+            big = [f"{i:0100d}" for i in range(1000)]  # a 100 kB pickle, no buffers
+            q.put(big)
+            assert q.get(timeout=5) == big
+        finally:
+            q.unlink()
+
+
+def test_beyond_dev_shm_gives_a_clear_error_and_leaves_nothing(queue):
+    free = os.statvfs("/dev/shm")
+    too_big = free.f_bavail * free.f_frsize + (1 << 30)
+    # A buffer that claims more than /dev/shm has: refused before a byte is written.
+    class Huge:
+        def __reduce_ex__(self, protocol):
+            return (bytes, (pickle.PickleBuffer(_FakeBig(too_big)),))
+
+    with pytest.raises(OutOfSpaceError, match="free"):
+        queue.put(Huge())
+    assert not _payloads(queue) and not _temps(queue.name)
+    queue.put("still works")
+    assert queue.get(timeout=5) == "still works"
+
+
+def _FakeBig(n: int):
+    """A buffer of ``n`` bytes without the memory: a read-only mapping of a
+    sparse file (its pages are never touched: the put refuses first)."""
+    import mmap
+    import tempfile
+    with tempfile.TemporaryFile() as f:
+        f.truncate(n)
+        return mmap.mmap(f.fileno(), n, prot=mmap.PROT_READ)
+
+
+def test_full_queue_removes_the_payload(name):
+    with shmkit.Queue(1, name=name) as q:
+        try:
+            q.put("first")
+            with pytest.raises(shmkit.Full):
+                q.put(_array(3, MiB), timeout=0.05)
+            with pytest.raises(shmkit.Full):
+                q.put_nowait(_array(3, MiB))
+            assert not _payloads(q) and not _temps(name)
+            assert q.qsize() == 1 and q.get(timeout=1) == "first"
+        finally:
+            q.unlink()
+
+
+# -- damaged, planted, missing payloads ----------------------------------------------------
+
+
+def _one_payload(q) -> str:
+    files = _payloads(q)
+    assert len(files) == 1
+    return files[0]
+
+
+def test_damaged_payload_is_refused_and_the_queue_goes_on(queue):
+    queue.put(_array(4, MiB))
+    queue.put("next")
+    path = _one_payload(queue)
+    with open(path, "r+b") as f:
+        f.write(b"garbage!")  # the header
+    with pytest.raises(CorruptError, match="lost"):
+        queue.get(timeout=5)
+    assert not os.path.exists(path)
+    assert queue.get(timeout=5) == "next"
+
+
+def test_truncated_payload_is_refused(queue):
+    queue.put(_array(4, MiB))
+    path = _one_payload(queue)
+    os.truncate(path, 8192)
+    with pytest.raises(CorruptError, match="holds 8192 bytes"):
+        queue.get(timeout=5)
+    queue.put("ok")
+    assert queue.get(timeout=5) == "ok"
+
+
+def test_planted_payload_is_refused(queue):
+    queue.put(_array(5, MiB))
+    path = _one_payload(queue)
+    os.unlink(path)
+    os.mkfifo(path, 0o600)  # not a regular file: never opened for reading
+    try:
+        with pytest.raises(UntrustedError, match="lost.*FIFO"):
+            queue.get(timeout=5)
+    finally:
+        os.unlink(path)
+    queue.put("ok")
+    assert queue.get(timeout=5) == "ok"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to plant another user's file")
+def test_payload_of_another_user_is_refused(queue):
+    queue.put(_array(5, MiB))
+    path = _one_payload(queue)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(UntrustedError, match="lost"):
+        queue.get(timeout=5)
+    os.unlink(path)
+
+
+def test_missing_payload_is_reported_lost(queue):
+    queue.put(_array(6, MiB))
+    os.unlink(_one_payload(queue))
+    with pytest.raises(NotFoundError, match="lost"):
+        queue.get(timeout=5)
+
+
+def test_corrupt_pickle_raises_as_before(queue):
+    queue._ch.send(b"\x80\x05not a pickle")
+    with pytest.raises(pickle.UnpicklingError):
+        queue.get(timeout=5)
+    queue._ch.send(b"\x00SHMOOB\x01short")
+    with pytest.raises(CorruptError, match="lost"):
+        queue.get(timeout=5)
+    queue.put("ok")
+    assert queue.get(timeout=5) == "ok"
+
+
+# -- removal and gc --------------------------------------------------------------------
+
+
+def test_unlink_removes_the_payloads(name):
+    q = shmkit.Queue(name=name)
+    for i in range(3):
+        q.put(_array(i, MiB))
+    assert len(_payloads(name)) == 3
+    q.unlink()
+    assert not _payloads(name)
+    q.close()
+
+
+def test_anonymous_queue_removes_its_payloads_when_last_closed():
+    q = shmkit.Queue()
+    q.put(_array(7, MiB))
+    qname = q.name
+    assert len(_payloads(qname)) == 1
+    q.close()
+    assert not _payloads(qname)
+
+
+def test_gc_removes_payloads_of_a_removed_queue_only(name, names):
+    q = shmkit.Queue(name=name)
+    other = shmkit.Queue(name=names())
+    try:
+        q.put(_array(8, MiB))
+        other.put(_array(9, MiB))
+        os.unlink(q.path)  # removed by name, as `shmkit rm` does
+        removed = channel.orphan_payloads()
+        assert [r["reason"] for r in removed] == ["payload of a queue that no longer exists"]
+        assert not _payloads(q) and len(_payloads(other)) == 1
+        assert np.array_equal(other.get(timeout=5), _array(9, MiB))
+    finally:
+        other.unlink(); other.close(); q.close()
+
+
+def test_gc_never_removes_a_queued_payload(queue, monkeypatch):
+    monkeypatch.setattr(channel, "PAYLOAD_GRACE", 0.0)
+    queue.put(_array(10, MiB))
+    assert channel.orphan_payloads() == []
+    assert np.array_equal(queue.get(timeout=5), _array(10, MiB))
+
+
+# -- crashes ---------------------------------------------------------------------------
+
+
+def _put_forever(qname, w, seed):
+    q = shmkit.Queue.open(qname)
+    i = 0
+    while True:
+        q.put((seed, i, _array(seed * 100000 + i, random.choice([300 << 10, MiB]))), timeout=60)
+        os.write(w, f"{seed},{i}\n".encode())  # committed
+        i += 1
+
+
+def _get_forever(qname, w):
+    q = shmkit.Queue.open(qname)
+    while True:
+        seed, i, a = q.get(timeout=60)
+        ok = np.array_equal(a, _array(seed * 100000 + i, a.size))
+        os.write(w, f"{seed},{i},{int(ok)}\n".encode())
+
+
+def _lines(r) -> list[list[int]]:
+    os.set_blocking(r, False)
+    data = b""
+    while True:
+        try:
+            chunk = os.read(r, 1 << 16)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return [[int(x) for x in line.split(",")] for line in data.decode().splitlines()]
+
+
+def _kill_loop(name: str, rounds: int, monkeypatch) -> None:
+    q = shmkit.Queue(name=name, maxsize=8)
+    rng = random.Random(rounds)
+    committed: set[tuple[int, int]] = set()
+    received: list[tuple[int, int]] = []
+    try:
+        # Producers killed at random moments of their puts.
+        r, w = os.pipe()
+        for seed in range(1, rounds + 1):
+            p = FORK.Process(target=_put_forever, args=(name, w, seed), daemon=True)
+            p.start()
+            time.sleep(rng.uniform(0.0, 0.05))
+            while q.qsize() >= 8:  # keep room so that it is killed mid-put, not asleep
+                seed_, i, a = q.get(timeout=10)
+                assert np.array_equal(a, _array(seed_ * 100000 + i, a.size))
+                received.append((seed_, i))
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(10)
+        committed |= {(s, i) for s, i in _lines(r)}
+        while q.qsize():
+            seed_, i, a = q.get(timeout=10)
+            assert np.array_equal(a, _array(seed_ * 100000 + i, a.size))
+            received.append((seed_, i))
+        assert len(received) == len(set(received)), "an object was delivered twice"
+        assert committed <= set(received), "a committed object was lost"
+        # at most the one object each producer was putting when it died, besides
+        assert len(set(received) - committed) <= rounds
+        # Consumers killed at random moments of their gets.
+        r2, w2 = os.pipe()
+        k = 0
+        while k < rounds * 3 or q.qsize():
+            while k < rounds * 3 and q.qsize() < 8:
+                q.put((7, k, _array(7 * 100000 + k, MiB)), timeout=10)
+                k += 1
+            p = FORK.Process(target=_get_forever, args=(name, w2), daemon=True)
+            p.start()
+            time.sleep(rng.uniform(0.0, 0.05))
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(10)
+        taken = _lines(r2)
+        assert all(ok for _, _, ok in taken)
+        ids = [(s, i) for s, i, _ in taken]
+        assert len(ids) == len(set(ids)), "an object was delivered twice"
+        # Orphans left by the kills: gc finds none a message still names, the
+        # queue's removal takes them all.
+        monkeypatch.setattr(channel, "PAYLOAD_GRACE", 0.0)
+        q.put((8, 0, _array(8 * 100000, MiB)))
+        channel.orphan_payloads(match=lambda n: n == name)
+        assert len(_payloads(q)) == 1, "gc removed a queued payload, or left an orphan"
+        assert np.array_equal(q.get(timeout=10)[2], _array(8 * 100000, MiB))
+        for fd in (r, w, r2, w2):
+            os.close(fd)
+    finally:
+        q.unlink()
+        q.close()
+    assert not _payloads(name), "payload files left after the queue was removed"
+    from shmkit.inspect import collect_garbage
+    collect_garbage(patterns=[f"{name}*"])
+    assert not _temps(name)
+
+
+def test_sigkill_producers_and_consumers(name, monkeypatch):
+    _kill_loop(name, 6, monkeypatch)
+
+
+@pytest.mark.stress
+def test_sigkill_producers_and_consumers_stress(name, monkeypatch):
+    _kill_loop(name, 60, monkeypatch)
