@@ -34,23 +34,9 @@
 
 #define READER_BYTE 1
 
-static int
-ofd_held(int fd, off_t start, off_t len)
-{
-    struct flock fl;
-    memset(&fl, 0, sizeof fl);
-    fl.l_type = F_WRLCK;
-    fl.l_whence = SEEK_SET;
-    fl.l_start = start;
-    fl.l_len = len;
-    if (fcntl(fd, F_OFD_GETLK, &fl) < 0)
-        return -1;
-    return fl.l_type != F_UNLCK;
-}
-
-/* Try an OFD lock without blocking: 1 taken, 0 busy, -1 errno set. */
-static int
-ofd_setlk(int fd, off_t start, off_t len, short type)
+/* A lock request of `type` on bytes [start, start + len) of the file. */
+static struct flock
+ofd_range(short type, off_t start, off_t len)
 {
     struct flock fl;
     memset(&fl, 0, sizeof fl);
@@ -58,15 +44,35 @@ ofd_setlk(int fd, off_t start, off_t len, short type)
     fl.l_whence = SEEK_SET;
     fl.l_start = start;
     fl.l_len = len;
+    return fl;
+}
+
+/* Does another open file hold a lock on the range?  1 yes, 0 no, -1 errno set. */
+static int
+ofd_held(int fd, off_t start, off_t len)
+{
+    struct flock fl = ofd_range(F_WRLCK, start, len);
+    if (fcntl(fd, F_OFD_GETLK, &fl) < 0)
+        return -1;
+    return fl.l_type != F_UNLCK;
+}
+
+/* Take (F_WRLCK, F_RDLCK) or drop (F_UNLCK) an OFD lock without blocking:
+ * 1 done, 0 busy, -1 errno set. */
+static int
+ofd_setlk(int fd, off_t start, off_t len, short type)
+{
+    struct flock fl = ofd_range(type, start, len);
     if (fcntl(fd, F_OFD_SETLK, &fl) < 0)
         return errno == EAGAIN || errno == EACCES ? 0 : -1;
     return 1;
 }
 
-/* The entry of slot, or NULL when the slot or the table lies outside the
- * mapping.  Bounds in unsigned arithmetic, from trusted fields only. */
-static struct shm_attach_entry *
-entry_at(MappingObject *m, uint32_t slot)
+/* The entry of slot, or NULL when the mapping is closed or the slot or the
+ * table lies outside it.  Bounds in unsigned arithmetic, from trusted
+ * fields only. */
+struct shm_attach_entry *
+shm_attach_entry_at(MappingObject *m, uint32_t slot)
 {
     if (m->base == NULL || slot >= m->max_slots || m->table_off < 0)
         return NULL;
@@ -86,7 +92,7 @@ shm_token_alive(MappingObject *m, uint32_t token)
         return 0; /* a token no attachment can have: treat as dead */
     if (m->fd < 0)
         return 1; /* detached: we cannot tell, and never steal a live lock */
-    struct shm_attach_entry *e = entry_at(m, slot);
+    struct shm_attach_entry *e = shm_attach_entry_at(m, slot);
     if (e == NULL)
         return 0;
     uint32_t gen = __atomic_load_n(&e->gen, __ATOMIC_ACQUIRE);
@@ -133,6 +139,31 @@ entry_dict(uint32_t slot, const struct shm_attach_entry *e, int alive)
                          "alive", alive ? Py_True : Py_False);
 }
 
+/* Append item (a new reference, or NULL after an error) to the list *out;
+ * on failure *out is cleared. */
+static void
+append_new(PyObject **out, PyObject *item)
+{
+    if (item == NULL || PyList_Append(*out, item) < 0)
+        Py_CLEAR(*out);
+    Py_XDECREF(item);
+}
+
+/* Read n entries from slot `first` on of the segment's file (the GIL is
+ * released meanwhile): bytes read, or -1 with OSError. */
+static ssize_t
+read_entries(int fd, uint32_t first, uint32_t n, void *buf)
+{
+    ssize_t got;
+    Py_BEGIN_ALLOW_THREADS
+    got = pread(fd, buf, (size_t)n * SHM_SLOT_SIZE,
+                SHM_HEADER_BYTES + (off_t)first * SHM_SLOT_SIZE);
+    Py_END_ALLOW_THREADS
+    if (got < 0)
+        PyErr_SetFromErrno(PyExc_OSError);
+    return got;
+}
+
 /* Is the owner of slot (whatever its generation) alive? */
 static int
 slot_alive(MappingObject *m, uint32_t slot)
@@ -169,7 +200,7 @@ py_attach_claim(PyObject *mod, PyObject *args)
     uint32_t n = m->max_slots;
     for (uint32_t k = 0; k < n; k++) {
         uint32_t slot = (start % n + k) % n;
-        struct shm_attach_entry *e = entry_at(m, slot);
+        struct shm_attach_entry *e = shm_attach_entry_at(m, slot);
         if (e == NULL) {
             PyErr_Format(shm_state_of((PyObject *)m)->CorruptError,
                          "attach slot %u lies outside the segment's %zd bytes", slot,
@@ -249,7 +280,7 @@ py_attach_entry(PyObject *mod, PyObject *args)
     MappingObject *m = arg_mapping(obj);
     if (m == NULL)
         return NULL;
-    struct shm_attach_entry *e = entry_at(m, slot);
+    struct shm_attach_entry *e = shm_attach_entry_at(m, slot);
     if (e == NULL)
         Py_RETURN_NONE;
     return entry_dict(slot, e, slot_alive(m, slot));
@@ -264,13 +295,9 @@ py_attachments(PyObject *mod, PyObject *obj)
     PyObject *out = PyList_New(0);
     uint32_t hwm = hwm_of(m);
     for (uint32_t slot = 0; out != NULL && slot < hwm; slot++) {
-        struct shm_attach_entry *e = entry_at(m, slot);
-        if (e == NULL || !slot_alive(m, slot))
-            continue;
-        PyObject *d = entry_dict(slot, e, 1);
-        if (d == NULL || PyList_Append(out, d) < 0)
-            Py_CLEAR(out);
-        Py_XDECREF(d);
+        struct shm_attach_entry *e = shm_attach_entry_at(m, slot);
+        if (e != NULL && slot_alive(m, slot))
+            append_new(&out, entry_dict(slot, e, 1));
     }
     return out;
 }
@@ -300,14 +327,11 @@ py_attach_table(PyObject *mod, PyObject *args)
         Py_DECREF(out);
         return PyErr_NoMemory();
     }
-    ssize_t got;
-    Py_BEGIN_ALLOW_THREADS
-    got = pread(fd, buf, bytes, SHM_HEADER_BYTES);
-    Py_END_ALLOW_THREADS
+    ssize_t got = read_entries(fd, 0, hwm, buf);
     if (got < 0) {
         PyMem_Free(buf);
         Py_DECREF(out);
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
     }
     for (uint32_t slot = 0; out != NULL && (size_t)(slot + 1) * SHM_SLOT_SIZE <= (size_t)got;
          slot++) {
@@ -315,10 +339,7 @@ py_attach_table(PyObject *mod, PyObject *args)
             continue;
         struct shm_attach_entry e;
         memcpy(&e, buf + (size_t)slot * SHM_SLOT_SIZE, sizeof e);
-        PyObject *d = entry_dict(slot, &e, 1);
-        if (d == NULL || PyList_Append(out, d) < 0)
-            Py_CLEAR(out);
-        Py_XDECREF(d);
+        append_new(&out, entry_dict(slot, &e, 1));
     }
     PyMem_Free(buf);
     return out;
@@ -334,12 +355,9 @@ py_attach_file_entry(PyObject *mod, PyObject *args)
     struct shm_attach_entry e;
     if (slot >= SHM_MAX_SLOTS)
         Py_RETURN_NONE;
-    ssize_t got;
-    Py_BEGIN_ALLOW_THREADS
-    got = pread(fd, &e, sizeof e, SHM_HEADER_BYTES + (off_t)slot * SHM_SLOT_SIZE);
-    Py_END_ALLOW_THREADS
+    ssize_t got = read_entries(fd, slot, 1, &e);
     if (got < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
     if ((size_t)got < sizeof e)
         Py_RETURN_NONE;
     int alive = ofd_held(fd, SHM_SLOT_LOCK_BASE + slot, 1);
@@ -359,7 +377,7 @@ py_token_owner_pid(PyObject *mod, PyObject *args)
     MappingObject *m = arg_mapping(obj);
     if (m == NULL)
         return NULL;
-    struct shm_attach_entry *e = token ? entry_at(m, SHM_TOKEN_SLOT(token)) : NULL;
+    struct shm_attach_entry *e = token ? shm_attach_entry_at(m, SHM_TOKEN_SLOT(token)) : NULL;
     if (e == NULL ||
         (__atomic_load_n(&e->gen, __ATOMIC_ACQUIRE) & 0xFFFFFu) != SHM_TOKEN_GEN(token) ||
         (alive_only && !shm_token_alive(m, token)))
@@ -389,12 +407,9 @@ py_slot_counts(PyObject *mod, PyObject *args)
         if (count == 0)
             continue;
         uint32_t token = ((uint32_t)(v >> 32) & 0xFFFFFu) << 10 | slot;
-        PyObject *t = Py_BuildValue("(IKKIO)", slot, (unsigned long long)off,
-                                    (unsigned long long)v, count,
-                                    shm_token_alive(m, token) ? Py_True : Py_False);
-        if (t == NULL || PyList_Append(out, t) < 0)
-            Py_CLEAR(out);
-        Py_XDECREF(t);
+        append_new(&out, Py_BuildValue("(IKKIO)", slot, (unsigned long long)off,
+                                       (unsigned long long)v, count,
+                                       shm_token_alive(m, token) ? Py_True : Py_False));
     }
     return out;
 }
@@ -406,18 +421,10 @@ py_ofd_lock(PyObject *mod, PyObject *args)
     long long start, len;
     if (!PyArg_ParseTuple(args, "iLL|p", &fd, &start, &len, &exclusive))
         return NULL;
-    struct flock fl;
-    memset(&fl, 0, sizeof fl);
-    fl.l_type = exclusive ? F_WRLCK : F_RDLCK;
-    fl.l_whence = SEEK_SET;
-    fl.l_start = start;
-    fl.l_len = len;
-    if (fcntl(fd, F_OFD_SETLK, &fl) < 0) {
-        if (errno == EAGAIN || errno == EACCES)
-            Py_RETURN_FALSE;
+    int got = ofd_setlk(fd, start, len, exclusive ? F_WRLCK : F_RDLCK);
+    if (got < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(got);
 }
 
 static PyObject *
@@ -427,13 +434,7 @@ py_ofd_unlock(PyObject *mod, PyObject *args)
     long long start, len;
     if (!PyArg_ParseTuple(args, "iLL", &fd, &start, &len))
         return NULL;
-    struct flock fl;
-    memset(&fl, 0, sizeof fl);
-    fl.l_type = F_UNLCK;
-    fl.l_whence = SEEK_SET;
-    fl.l_start = start;
-    fl.l_len = len;
-    if (fcntl(fd, F_OFD_SETLK, &fl) < 0)
+    if (ofd_setlk(fd, start, len, F_UNLCK) <= 0) /* busy (EAGAIN) is an error here */
         return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
 }

@@ -8,7 +8,7 @@
  * changed under a lock that is then released normally.  Policy (when to
  * compact, error wording, numpy views) stays in heap.py.  This file holds no
  * Python objects and calls no Python API: it works on an HCore (heap.h) and
- * records errors with h_fail(); its types, HeapCore and Pin, are in
+ * records errors with shm_fail(); its types, HeapCore and Pin, are in
  * heaptype.c, which parses arguments, takes the lock (lock.c: the wait
  * releases the GIL), makes the pins' memoryviews and raises the recorded
  * errors.
@@ -52,7 +52,6 @@
  *   _core.fault(k)                                # tests: SIGKILL at the k-th crash point
  */
 #include "heap.h"
-#include <stdarg.h>
 #include <sys/stat.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,20 +59,7 @@
 #define COPY_CHUNK (1u << 20)     /* bytes copied between progress records */
 #define NOGIL_BYTES (256u << 10)  /* copies this large run without the GIL */
 
-/* ---- errors and words ------------------------------------------------------- */
-
-__thread HError h_error;
-
-int
-h_fail(int code, const char *fmt, ...)
-{
-    va_list va;
-    va_start(va, fmt);
-    vsnprintf(h_error.msg, sizeof h_error.msg, fmt, va);
-    va_end(va);
-    h_error.code = code;
-    return -1;
-}
+/* ---- words ------------------------------------------------------------------ */
 
 static inline uint64_t *
 at64(Ctx *c, uint64_t off)
@@ -94,8 +80,27 @@ stat_add(Ctx *c, int which, uint64_t n)
     __atomic_fetch_add(at64(c, H_STAT + 8 * which), n, __ATOMIC_RELAXED);
 }
 
+/* End an operation: commit its journal, then count it in statistic `which`.
+ * 0, or -1 (the journal overflowed and was rolled back). */
+static int
+commit(Ctx *c, int which, uint64_t n)
+{
+    if (shm_journal_commit(&c->jn) < 0)
+        return -1;
+    stat_add(c, which, n);
+    return 0;
+}
+
+/* Give an operation up: undo what it journaled.  Returns -1. */
+static int
+undo(Ctx *c)
+{
+    shm_journal_rollback(&c->jn);
+    return -1;
+}
+
 /* Damage (the type names the heap and what to do). */
-#define corrupt(c, ...) ((void)(c), h_fail(HE_CORRUPT, __VA_ARGS__))
+#define corrupt(c, ...) ((void)(c), shm_fail(HE_CORRUPT, __VA_ARGS__))
 
 /* ---- block headers ------------------------------------------------------- */
 
@@ -441,7 +446,7 @@ static int
 stale(Ctx *c, uint32_t idx, uint32_t gen, const char *why)
 {
     (void)c;
-    return h_fail(HE_STALE, "Handle(index=%u, generation=%u) %s", idx, gen, why);
+    return shm_fail(HE_STALE, "Handle(index=%u, generation=%u) %s", idx, gen, why);
 }
 
 /* Check that (idx, gen) names a live block; returns its state word in *st. */
@@ -498,15 +503,15 @@ next_pinning_slot(Ctx *c, uint32_t s, uint32_t nslots)
     return nslots;
 }
 
-/* Live pins on entry idx, clearing records left by dead attachments.
- * Call with the lock held, after setting BUSY (the pinner's CAS then its
- * state load pair with our BUSY store then these loads). */
-static int64_t
-scan_pins(Ctx *c, uint32_t idx)
+/* Walk the pin records of every attach slot below nslots that has pinned,
+ * each loaded sequentially consistent: call seen(ctx, record) for each
+ * record a live attachment holds on entry `want` - 1 (on any entry when
+ * want is 0), and clear those of dead attachments when `reclaim`. */
+static void
+walk_pins(Ctx *c, uint32_t nslots, uint32_t want, int reclaim,
+          void (*seen)(void *ctx, uint64_t rec), void *ctx)
 {
     MappingObject *m = c->h->m;
-    int64_t live = 0;
-    uint32_t nslots = slots_in_use(c);
     for (uint32_t s = next_pinning_slot(c, 0, nslots); s < nslots;
          s = next_pinning_slot(c, s + 1, nslots)) {
         uint64_t t = pin_table(c, s);
@@ -514,17 +519,31 @@ scan_pins(Ctx *c, uint32_t idx)
         for (uint32_t k = 0; k < used; k++) {
             uint64_t *rec = at64(c, t + PIN_HEAD + 8ull * k);
             uint64_t v = __atomic_load_n(rec, __ATOMIC_SEQ_CST);
-            if ((uint32_t)v != idx + 1 || PIN_CNT(v) == 0)
+            if ((uint32_t)v == 0 || (want && (uint32_t)v != want) || PIN_CNT(v) == 0)
                 continue;
-            uint32_t token = PIN_GEN(v) << 10 | s;
-            if (shm_token_alive(m, token)) {
-                live += PIN_CNT(v);
-            } else if (__atomic_compare_exchange_n(rec, &v, 0, 0, __ATOMIC_SEQ_CST,
-                                                   __ATOMIC_RELAXED)) {
+            if (shm_token_alive(m, PIN_GEN(v) << 10 | s))
+                seen(ctx, v);
+            else if (reclaim && __atomic_compare_exchange_n(rec, &v, 0, 0, __ATOMIC_SEQ_CST,
+                                                            __ATOMIC_RELAXED))
                 stat_add(c, ST_RECLAIMED, PIN_CNT(v));
-            }
         }
     }
+}
+
+static void
+add_count(void *ctx, uint64_t rec)
+{
+    *(int64_t *)ctx += PIN_CNT(rec);
+}
+
+/* Live pins on entry idx, clearing records left by dead attachments.
+ * Call with the lock held, after setting BUSY (the pinner's CAS then its
+ * state load pair with our BUSY store then these loads). */
+static int64_t
+scan_pins(Ctx *c, uint32_t idx)
+{
+    int64_t live = 0;
+    walk_pins(c, slots_in_use(c), idx + 1, 1, add_count, &live);
     return live;
 }
 
@@ -550,10 +569,30 @@ claim(Ctx *c, uint32_t idx, uint64_t st, int64_t *pins)
 static int
 pinned_error(Ctx *c, uint32_t idx, uint32_t gen, int64_t pins, const char *what)
 {
-    return h_fail(HE_PINNED,
+    return shm_fail(HE_PINNED,
                   "cannot %s Handle(index=%u, generation=%u) of %s: it is pinned "
                   "(%lld pin%s held); leave the `with heap.pin(...)` blocks first",
                   what, idx, gen, c->h->what, (long long)pins, pins == 1 ? "" : "s");
+}
+
+/* Claim the live block of handle (idx, gen) for a change (its entry is
+ * marked BUSY through the journal) and read its header: 0 with the entry's
+ * state before in *st, its first unit in *unit and the header in *b; -1
+ * when it is pinned (HE_PINNED, nothing changed) or on error (undone). */
+static int
+claim_block(Ctx *c, uint32_t idx, uint32_t gen, const char *verb, uint64_t *st,
+            uint64_t *unit, Blk *b)
+{
+    int64_t pins;
+    if (check_handle(c, idx, gen, st) < 0)
+        return -1;
+    int r = claim(c, idx, *st, &pins);
+    if (r != 0)
+        return r > 0 ? pinned_error(c, idx, gen, pins, verb) : -1;
+    *unit = ld(c, entry_off(c, idx) + E_UNIT);
+    if (rd_blk(c, *unit, b) < 0)
+        return undo(c);
+    return 0;
 }
 
 /* ---- repair -------------------------------------------------------------- */
@@ -650,14 +689,12 @@ publish_move(Ctx *c)
         goto fail;
     shm_jset64(&c->jn, H_CURSOR, fu, 0);
     shm_jset64(&c->jn, H_MOVE + M_ACTIVE, 0, 0);
-    if (shm_journal_commit(&c->jn) < 0)
+    if (commit(c, ST_MOVES, 1) < 0)
         return -1;
-    stat_add(c, ST_MOVES, 1);
     stat_add(c, ST_MOVED, (uint64_t)size * UNIT);
     return 0;
 fail:
-    shm_journal_rollback(&c->jn);
-    return -1;
+    return undo(c);
 }
 
 /* Slide the used block at `src` down into the free block `dst` before it.
@@ -676,10 +713,8 @@ move(Ctx *c, uint32_t dst, Blk *fb, uint32_t src, Blk *bb)
     int r = claim(c, idx, st, NULL);
     if (r != 0)
         return r < 0 ? -1 : 0;
-    if (list_unlink(c, dst, fb->size) < 0) {
-        shm_journal_rollback(&c->jn);
-        return -1;
-    }
+    if (list_unlink(c, dst, fb->size) < 0)
+        return undo(c);
     shm_jset64(&c->jn, H_MOVE + M_IDX, idx, 0);
     shm_jset64(&c->jn, H_MOVE + M_SRC, src, 0);
     shm_jset64(&c->jn, H_MOVE + M_DST, dst, 0);
@@ -728,7 +763,7 @@ want_units(HCore *h, unsigned long long n, uint32_t *units)
 {
     unsigned long long u = (n + UNIT - 1) / UNIT + 1;
     if (n > (unsigned long long)MAX_UNITS * UNIT || u > h->max_units)
-        return h_fail(HE_FULL,
+        return shm_fail(HE_FULL,
                       "%llu bytes is more than %s can ever hold (its max_size is %llu "
                       "bytes of data area); create it with a larger max_size=", n,
                       h->what, (unsigned long long)h->max_units * UNIT);
@@ -788,15 +823,13 @@ h_alloc(Ctx *c, uint64_t n, int zero, uint32_t want, uint64_t *handle)
         gen = initial_gen(self, idx);
         shm_jset64(&c->jn, H_FRESH, fresh + 1, 0);
     } else {
-        return h_fail(HE_FULL,
+        return shm_fail(HE_FULL,
                       "all %u handles of %s are in use; free some blocks or create "
                       "the heap with a larger max_blocks=", self->max_blocks, self->what);
     }
     int64_t got = take_block(c, unit, &b, want, idx);
-    if (got < 0) {
-        shm_journal_rollback(&c->jn);
-        return -1;
-    }
+    if (got < 0)
+        return undo(c);
     uint64_t e = entry_off(c, idx);
     shm_jset64(&c->jn, e + E_UNIT, unit, 0);
     shm_jset64(&c->jn, e + E_NBYTES, n, 0);
@@ -806,9 +839,8 @@ h_alloc(Ctx *c, uint64_t n, int zero, uint32_t want, uint64_t *handle)
     shm_jadd64(&c->jn, H_USED_B, 1);
     if (zero)
         zero_bytes(c, c->p + blk_off(c, unit) + UNIT, n);
-    if (shm_journal_commit(&c->jn) < 0)
+    if (commit(c, ST_ALLOCS, 1) < 0)
         return -1;
-    stat_add(c, ST_ALLOCS, 1);
     *handle = (uint64_t)gen << 32 | idx;
     return 0;
 }
@@ -826,7 +858,7 @@ h_grow(Ctx *c, uint64_t n)
     if (want <= old)
         return 0;
     if (self->data_off + want * UNIT > self->plen)
-        return h_fail(HE_RUNTIME, "%s: its segment holds %llu bytes, too few "
+        return shm_fail(HE_RUNTIME, "%s: its segment holds %llu bytes, too few "
                       "for %llu bytes of data area; extend the segment first", self->what,
                       (unsigned long long)self->plen, (unsigned long long)n);
     /* the last block, walking from the compaction cursor (a block
@@ -862,37 +894,24 @@ h_grow(Ctx *c, uint64_t n)
 int
 h_free(Ctx *c, uint32_t idx, uint32_t gen)
 {
-    uint64_t st;
-    int64_t pins;
-    if (check_handle(c, idx, gen, &st) < 0)
-        return -1;
-    int r = claim(c, idx, st, &pins);
-    if (r != 0)
-        return r > 0 ? pinned_error(c, idx, gen, pins, "free") : -1;
-    uint64_t e = entry_off(c, idx);
-    uint64_t unit = ld(c, e + E_UNIT);
+    uint64_t st, unit;
     Blk b;
-    if (rd_blk(c, unit, &b) < 0)
-        goto fail;
+    if (claim_block(c, idx, gen, "free", &st, &unit, &b) < 0)
+        return -1;
+    uint64_t e = entry_off(c, idx);
     if (b.handle != idx + 1) {
         corrupt(c, "handle entry %u points at a block that is not its own", idx);
-        goto fail;
+        return undo(c);
     }
     uint32_t ngen = gen + 1 ? gen + 1 : 1;
     shm_jset64(&c->jn, e + E_STATE, (uint64_t)ngen << 32, 0);
     shm_jset64(&c->jn, e + E_LINK, ld(c, H_FREEH), 0);
     shm_jset64(&c->jn, H_FREEH, idx + 1, 0);
     if (release_block(c, (uint32_t)unit, b.size, b.prev) < 0)
-        goto fail;
+        return undo(c);
     shm_jadd64(&c->jn, H_USED_U, -(int64_t)b.size);
     shm_jadd64(&c->jn, H_USED_B, -1);
-    if (shm_journal_commit(&c->jn) < 0)
-        return -1;
-    stat_add(c, ST_FREES, 1);
-    return 0;
-fail:
-    shm_journal_rollback(&c->jn);
-    return -1;
+    return commit(c, ST_FREES, 1);
 }
 
 /* Resize the block to n bytes (want units): 0 done, or HR_SPLIT / HR_SHORT
@@ -901,18 +920,12 @@ int
 h_realloc(Ctx *c, uint32_t idx, uint32_t gen, uint64_t n, int zero, uint32_t want)
 {
     HCore *self = c->h;
-    uint64_t st;
-    int64_t pins;
-    if (check_handle(c, idx, gen, &st) < 0)
-        return -1;
-    int r = claim(c, idx, st, &pins);
-    if (r != 0)
-        return r > 0 ? pinned_error(c, idx, gen, pins, "resize") : -1;
-    uint64_t e = entry_off(c, idx);
-    uint64_t unit64 = ld(c, e + E_UNIT), old_n = ld(c, e + E_NBYTES);
+    uint64_t st, unit64;
     Blk b;
-    if (rd_blk(c, unit64, &b) < 0)
-        goto fail;
+    if (claim_block(c, idx, gen, "resize", &st, &unit64, &b) < 0)
+        return -1;
+    uint64_t e = entry_off(c, idx);
+    uint64_t old_n = ld(c, e + E_NBYTES);
     uint32_t unit = (uint32_t)unit64;
     if (b.handle != idx + 1 || old_n > ((uint64_t)b.size - 1) * UNIT) {
         corrupt(c, "handle entry %u and its block disagree", idx);
@@ -992,13 +1005,9 @@ h_realloc(Ctx *c, uint32_t idx, uint32_t gen, uint64_t n, int zero, uint32_t wan
     shm_jset64(&c->jn, e + E_UNIT, place, 0);
     shm_jset64(&c->jn, e + E_NBYTES, n, 0);
     shm_jset64(&c->jn, e + E_STATE, st, 0); /* clears BUSY */
-    if (shm_journal_commit(&c->jn) < 0)
-        return -1;
-    stat_add(c, ST_REALLOCS, 1);
-    return 0;
+    return commit(c, ST_REALLOCS, 1);
 fail:
-    shm_journal_rollback(&c->jn);
-    return -1;
+    return undo(c);
 }
 
 /* The size of a live block, without the lock: 0 with *n when the entry
@@ -1092,7 +1101,7 @@ h_pin_take(Ctx *c, uint32_t idx, uint32_t gen, uint32_t me, uint64_t **recp,
             rec = r;
     }
     if (!rec)
-        return h_fail(HE_RUNTIME, "this attachment of %s already holds "
+        return shm_fail(HE_RUNTIME, "this attachment of %s already holds "
                       "pins on %u blocks (max_pins); leave some `with heap.pin()` "
                       "blocks first", self->what, self->max_pins);
     st = __atomic_load_n(at64(c, e + E_STATE), __ATOMIC_SEQ_CST);
@@ -1243,33 +1252,31 @@ cmp_u32(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+typedef struct {
+    uint32_t *seen; /* room for every record of the slots walked */
+    size_t n;
+} Entries;
+
+static void
+add_entry(void *ctx, uint64_t rec)
+{
+    Entries *e = ctx;
+    e->seen[e->n++] = (uint32_t)rec;
+}
+
 /* Distinct entries pinned by live attachments; records of dead ones are
  * cleared when `reclaim`. */
 static int64_t
 count_pinned(Ctx *c, int reclaim)
 {
-    MappingObject *m = c->h->m;
     uint32_t nslots = slots_in_use(c);
-    size_t cap = (size_t)nslots * c->h->max_pins, n = 0;
-    uint32_t *seen = cap ? malloc(cap * sizeof *seen) : NULL;
-    if (cap && seen == NULL)
-        return h_fail(HE_NOMEM, "no memory to count the pins");
-    for (uint32_t s = next_pinning_slot(c, 0, nslots); s < nslots;
-         s = next_pinning_slot(c, s + 1, nslots)) {
-        uint64_t t = pin_table(c, s);
-        uint32_t used = pin_used(c, t);
-        for (uint32_t k = 0; k < used; k++) {
-            uint64_t *rec = at64(c, t + PIN_HEAD + 8ull * k);
-            uint64_t v = __atomic_load_n(rec, __ATOMIC_ACQUIRE);
-            if ((uint32_t)v == 0 || PIN_CNT(v) == 0)
-                continue;
-            if (shm_token_alive(m, PIN_GEN(v) << 10 | s))
-                seen[n++] = (uint32_t)v;
-            else if (reclaim && __atomic_compare_exchange_n(rec, &v, 0, 0, __ATOMIC_SEQ_CST,
-                                                            __ATOMIC_RELAXED))
-                stat_add(c, ST_RECLAIMED, PIN_CNT(v));
-        }
-    }
+    size_t cap = (size_t)nslots * c->h->max_pins;
+    Entries e = {cap ? malloc(cap * sizeof *e.seen) : NULL, 0};
+    if (cap && e.seen == NULL)
+        return shm_fail(HE_NOMEM, "no memory to count the pins");
+    walk_pins(c, nslots, 0, reclaim, add_entry, &e);
+    uint32_t *seen = e.seen;
+    size_t n = e.n;
     if (n > 1)
         qsort(seen, n, sizeof *seen, cmp_u32);
     int64_t distinct = 0;
@@ -1336,7 +1343,7 @@ h_verify(Ctx *c, HVerify *out)
                        self->max_blocks);
     seen = calloc(fresh ? fresh : 1, 1);
     if (seen == NULL)
-        return h_fail(HE_NOMEM, "no memory to verify the heap");
+        return shm_fail(HE_NOMEM, "no memory to verify the heap");
     uint64_t used_u = 0, used_b = 0, free_u = 0, free_b = 0, u = 0, prev = 0;
     int prev_free = 0, cursor_ok = cursor == 0 || cursor == self->units;
     while (u < self->units) {
@@ -1496,12 +1503,12 @@ geometry(uint64_t data_bytes, uint64_t max_blocks, uint64_t max_pins, uint64_t m
 {
     if (max_blocks < 1 || max_blocks > (1u << 30) || max_pins < 1 || max_pins > MAX_PINS ||
         max_slots < 1 || max_slots > SHM_MAX_SLOTS)
-        return h_fail(HE_VALUE, "need 1 <= max_blocks <= 2**30 and 1 <= max_pins <= "
+        return shm_fail(HE_VALUE, "need 1 <= max_blocks <= 2**30 and 1 <= max_pins <= "
                       "%u (got %llu, %llu)", MAX_PINS, (unsigned long long)max_blocks,
                       (unsigned long long)max_pins);
     uint64_t u = data_bytes / UNIT;
     if (u < MIN_UNITS || u > MAX_UNITS)
-        return h_fail(HE_VALUE, "a heap holds %u to %llu bytes of data, not %llu",
+        return shm_fail(HE_VALUE, "a heap holds %u to %llu bytes of data, not %llu",
                       MIN_UNITS * UNIT, (unsigned long long)MAX_UNITS * UNIT,
                       (unsigned long long)data_bytes);
     *pins_off = HDR_BYTES + max_blocks * ENTRY_BYTES;
@@ -1517,7 +1524,7 @@ initial_units(uint64_t data_bytes, uint64_t max_units, uint64_t *units)
 {
     uint64_t u = data_bytes / UNIT;
     if (u < MIN_UNITS || u > max_units)
-        return h_fail(HE_VALUE, "a heap starts with %u bytes of data area or more, "
+        return shm_fail(HE_VALUE, "a heap starts with %u bytes of data area or more, "
                       "and no more than its max_size (%llu), not %llu", MIN_UNITS * UNIT,
                       (unsigned long long)max_units * UNIT, (unsigned long long)data_bytes);
     *units = u;

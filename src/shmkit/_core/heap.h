@@ -1,6 +1,6 @@
 /* heap.h - the heap's shared layout and the declarations its two halves
  * share: heap.c holds the protocol (no Python objects, no Python API; errors
- * are recorded with h_fail) and heaptype.c the HeapCore and Pin types.
+ * are recorded with shm_fail, error.c) and heaptype.c the HeapCore and Pin types.
  *
  * Payload layout (offsets from the payload start; a "unit" is 16 bytes; a
  * "word" is a u64 and pairs of u32 fields are packed into words as
@@ -223,16 +223,11 @@ typedef struct {
 } Blk;
 
 /* ---- errors ------------------------------------------------------------------
- * A failing h_* function returns -1 after h_fail() recorded the error for
- * the calling thread; the type raises it (h_raise in heaptype.c).  The
- * core's shared modules it calls (journal.c) raise their own. */
+ * A failing h_* function returns -1 after shm_fail() (error.c) recorded one
+ * of these codes and a message for the calling thread; the type raises it
+ * (h_raise in heaptype.c).  The core's shared modules it calls (journal.c)
+ * raise their own. */
 enum { HE_NONE, HE_CORRUPT, HE_STALE, HE_PINNED, HE_FULL, HE_VALUE, HE_RUNTIME, HE_NOMEM };
-typedef struct {
-    int code;
-    char msg[400];
-} HError;
-extern __thread HError h_error;
-int h_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 static inline uint64_t ld(Ctx *c, uint64_t off)
 {

@@ -1,10 +1,10 @@
 /* heaptype.c - shmkit._core.HeapCore and shmkit.Pin: the heap as Python types.
  *
  * The protocol is heap.c (no Python objects there); this file parses
- * arguments, maps the payload (region), takes the heap's robust lock
+ * arguments, maps the payload (shm_span), takes the heap's robust lock
  * (lock.c; the wait releases the GIL), lets other threads run during long
  * copies, makes the pins' memoryviews and raises the errors heap.c records
- * (h_fail), naming the heap.  See heap.c for the protocol, the API summary
+ * (shm_fail), naming the heap.  See heap.c for the protocol, the API summary
  * and the crash analysis, and heap.h for the layout.
  */
 #include "heap.h"
@@ -31,9 +31,9 @@ h_raise(HeapObject *self)
 {
     if (PyErr_Occurred())
         return; /* raised by a shared module (journal.c, lock.c) */
-    const char *m = h_error.msg;
+    const char *m = shm_err.msg;
     shm_state *st = shm_state_of((PyObject *)self);
-    switch (h_error.code) {
+    switch (shm_err.code) {
     case HE_CORRUPT:
         PyErr_Format(st->CorruptError,
                      "heap %R is corrupt: %s; copy out what you still need and "
@@ -76,31 +76,12 @@ heap_gil(void *ts)
 
 /* ---- locking ------------------------------------------------------------- */
 
-/* The address of `len` bytes at `off` of the mapping.  (shm_addr checks
- * natural alignment, which suits words, not regions: check 8 bytes there,
- * then the length here.) */
-static char *
-region(PyObject *mapping, long long off, uint64_t len, int writable)
-{
-    char *p = shm_addr(mapping, off, 8, writable);
-    if (p == NULL)
-        return NULL;
-    MappingObject *m = (MappingObject *)mapping;
-    if (len > (uint64_t)m->length || (uint64_t)off > (uint64_t)m->length - len) {
-        PyErr_Format(shm_state_of(mapping)->CorruptError,
-                     "the heap's %llu bytes at offset %lld lie outside the segment's "
-                     "%zd bytes", (unsigned long long)len, off, m->length);
-        return NULL;
-    }
-    return p;
-}
-
 static int
 begin(HeapObject *self, Ctx *c, int writable)
 {
     c->h = &self->core;
     c->locked = 0;
-    c->p = region(self->mapping, self->core.hoff, self->core.plen, writable);
+    c->p = shm_span(self->mapping, self->core.hoff, self->core.plen, writable);
     if (c->p == NULL)
         return -1;
     /* a damaged size word is reported by lock() (which checks again);
@@ -164,10 +145,17 @@ lock(Ctx *c, int64_t deadline)
 /* ---- arguments ------------------------------------------------------------ */
 
 static int
+u64_arg(PyObject *o, unsigned long long *v)
+{
+    *v = PyLong_AsUnsignedLongLong(o);
+    return *v == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int
 parse_handle(PyObject *o, uint32_t *idx, uint32_t *gen)
 {
-    unsigned long long v = PyLong_AsUnsignedLongLong(o);
-    if (v == (unsigned long long)-1 && PyErr_Occurred())
+    unsigned long long v;
+    if (u64_arg(o, &v) < 0)
         return -1;
     *idx = (uint32_t)v;
     *gen = (uint32_t)(v >> 32);
@@ -180,6 +168,41 @@ get_deadline(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t i)
     return shm_deadline(nargs > i ? args[i] : NULL);
 }
 
+/* args[0] as a handle, once at least `need` arguments were given (else
+ * TypeError with the call's usage). */
+static int
+handle_arg(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t need, const char *usage,
+           uint32_t *idx, uint32_t *gen)
+{
+    if (nargs < need) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    return parse_handle(args[0], idx, gen);
+}
+
+/* What alloc() and realloc() return when h_alloc/h_realloc found no room. */
+static PyObject *
+no_room(int r)
+{
+    return PyLong_FromLong(r == HR_SPLIT ? ROOM_SPLIT : ROOM_SHORT);
+}
+
+/* The block of entry idx is being moved, freed or resized: wait for the
+ * lock's holder to finish (until deadline), then let go of the lock. */
+static int
+settle(HeapObject *self, Ctx *c, uint32_t idx, int64_t deadline)
+{
+    if (lock(c, deadline) < 0)
+        return -1;
+    if (h_pin_settled(c, idx) < 0) {
+        h_raise(self);
+        return -1;
+    }
+    unlock(c);
+    return 0;
+}
+
 /* ---- HeapCore methods ------------------------------------------------------- */
 
 /* alloc(nbytes, zero, timeout) -> handle int, or ROOM_SPLIT when the free
@@ -188,12 +211,12 @@ get_deadline(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t i)
 static PyObject *
 heap_alloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    unsigned long long n;
     if (nargs < 2) {
         PyErr_SetString(PyExc_TypeError, "alloc(nbytes, zero, timeout=None)");
         return NULL;
     }
-    unsigned long long n = PyLong_AsUnsignedLongLong(args[0]);
-    if (n == (unsigned long long)-1 && PyErr_Occurred())
+    if (u64_arg(args[0], &n) < 0)
         return NULL;
     int zero = PyObject_IsTrue(args[1]);
     int64_t deadline = get_deadline(args, nargs, 2);
@@ -203,7 +226,7 @@ heap_alloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (begin(self, &c, 1) < 0)
         return NULL;
     PyObject *result = NULL;
-    uint32_t want;
+    uint32_t want = 0;
     uint64_t handle = 0;
     if (want_units(&self->core, n, &want) < 0) {
         h_raise(self);
@@ -215,8 +238,7 @@ heap_alloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (r < 0)
         h_raise(self);
     else
-        result = r == 0 ? PyLong_FromUnsignedLongLong(handle)
-                        : PyLong_FromLong(r == HR_SPLIT ? ROOM_SPLIT : ROOM_SHORT);
+        result = r == 0 ? PyLong_FromUnsignedLongLong(handle) : no_room(r);
 out:
     end(&c);
     return result;
@@ -230,12 +252,12 @@ out:
 static PyObject *
 heap_grow(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    unsigned long long n;
     if (nargs < 1) {
         PyErr_SetString(PyExc_TypeError, "grow(data_bytes, timeout=None)");
         return NULL;
     }
-    unsigned long long n = PyLong_AsUnsignedLongLong(args[0]);
-    if (n == (unsigned long long)-1 && PyErr_Occurred())
+    if (u64_arg(args[0], &n) < 0)
         return NULL;
     int64_t deadline = get_deadline(args, nargs, 1);
     if (deadline < 0)
@@ -279,8 +301,8 @@ static PyObject *
 heap_free(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     uint32_t idx, gen;
-    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
-        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "free(handle, timeout=None)") : NULL;
+    if (handle_arg(args, nargs, 1, "free(handle, timeout=None)", &idx, &gen) < 0)
+        return NULL;
     int64_t deadline = get_deadline(args, nargs, 1);
     if (deadline < 0)
         return NULL;
@@ -305,14 +327,9 @@ static PyObject *
 heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     uint32_t idx, gen;
-    if (nargs < 3) {
-        PyErr_SetString(PyExc_TypeError, "realloc(handle, nbytes, zero, timeout=None)");
-        return NULL;
-    }
-    if (parse_handle(args[0], &idx, &gen) < 0)
-        return NULL;
-    unsigned long long n = PyLong_AsUnsignedLongLong(args[1]);
-    if (n == (unsigned long long)-1 && PyErr_Occurred())
+    unsigned long long n;
+    if (handle_arg(args, nargs, 3, "realloc(handle, nbytes, zero, timeout=None)", &idx,
+                   &gen) < 0 || u64_arg(args[1], &n) < 0)
         return NULL;
     int zero = PyObject_IsTrue(args[2]);
     int64_t deadline = get_deadline(args, nargs, 3);
@@ -322,7 +339,7 @@ heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (begin(self, &c, 1) < 0)
         return NULL;
     PyObject *result = NULL;
-    uint32_t want;
+    uint32_t want = 0;
     if (want_units(&self->core, n, &want) < 0) {
         h_raise(self);
         goto out;
@@ -333,7 +350,7 @@ heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (r < 0)
         h_raise(self);
     else
-        result = PyLong_FromLong(r == 0 ? 0 : r == HR_SPLIT ? ROOM_SPLIT : ROOM_SHORT);
+        result = r == 0 ? PyLong_FromLong(0) : no_room(r);
 out:
     end(&c);
     return result;
@@ -344,8 +361,8 @@ static PyObject *
 heap_size_of(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     uint32_t idx, gen;
-    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
-        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "size_of(handle)") : NULL;
+    if (handle_arg(args, nargs, 1, "size_of(handle)", &idx, &gen) < 0)
+        return NULL;
     Ctx c;
     if (begin(self, &c, 0) < 0)
         return NULL;
@@ -362,7 +379,7 @@ heap_size_of(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (tries > 1000 && self->core.m->token == 0) {
             /* read-only: no lock to wait on; let the change finish */
             if (tries > 1000 + 200000) {
-                h_fail(HE_CORRUPT, "handle entry %u stays marked busy", idx);
+                shm_fail(HE_CORRUPT, "handle entry %u stays marked busy", idx);
                 h_raise(self);
                 goto out;
             }
@@ -374,13 +391,8 @@ heap_size_of(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         } else if (tries > 1000) {
             /* a resize in progress: wait for it under the lock */
             int64_t deadline = get_deadline(args, nargs, 1);
-            if (deadline < 0 || lock(&c, deadline) < 0)
+            if (deadline < 0 || settle(self, &c, idx, deadline) < 0)
                 goto out;
-            if (h_pin_settled(&c, idx) < 0) {
-                h_raise(self);
-                goto out;
-            }
-            unlock(&c);
             tries = 0;
         }
     }
@@ -415,8 +427,8 @@ new_pin(HeapObject *heap, PyObject *value, PyObject *handle, long long off, uint
         PyErr_Format(PyExc_ValueError, "heap %R is closed", heap->name);
         return NULL;
     }
-    unsigned long long v = PyLong_AsUnsignedLongLong(value);
-    if (v == (unsigned long long)-1 && PyErr_Occurred())
+    unsigned long long v;
+    if (u64_arg(value, &v) < 0)
         return NULL;
     if ((uint64_t)off + n > (uint64_t)PyMemoryView_GET_BUFFER(heap->mv)->len) {
         /* the heap grew since the view was made: view the mapping anew (at
@@ -523,9 +535,7 @@ pin_dealloc(PinObject *self)
     PyErr_Restore(type, value, tb);
     Py_XDECREF(self->handle);
     Py_XDECREF(self->heap);
-    PyTypeObject *tp = Py_TYPE(self);
-    PyObject_Free(self);
-    Py_DECREF(tp); /* a heap type: its instances hold it */
+    shm_free_instance((PyObject *)self);
 }
 
 static PyMethodDef pin_methods[] = {
@@ -569,8 +579,8 @@ static PyObject *
 heap_pin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     uint32_t idx, gen;
-    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
-        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "pin(handle, timeout=None)") : NULL;
+    if (handle_arg(args, nargs, 1, "pin(handle, timeout=None)", &idx, &gen) < 0)
+        return NULL;
     uint32_t me = self->core.m->token;
     if (me == 0 || SHM_TOKEN_SLOT(me) >= self->core.max_slots) {
         PyErr_Format(shm_state_of((PyObject *)self)->ReadOnlyError,
@@ -584,7 +594,7 @@ heap_pin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *result = NULL;
     int64_t deadline = -2;
     for (;;) {
-        uint64_t *rec, off, n;
+        uint64_t *rec = NULL, off = 0, n = 0;
         int r = h_pin_take(&c, idx, gen, me, &rec, &off, &n);
         if (r < 0) {
             h_raise(self);
@@ -594,13 +604,8 @@ heap_pin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
             /* being moved, freed or resized: wait for the holder of the lock */
             if (deadline == -2 && (deadline = get_deadline(args, nargs, 1)) < 0)
                 goto out;
-            if (lock(&c, deadline) < 0)
+            if (settle(self, &c, idx, deadline) < 0)
                 goto out;
-            if (h_pin_settled(&c, idx) < 0) {
-                h_raise(self);
-                goto out;
-            }
-            unlock(&c);
             continue;
         }
         result = new_pin(self, args[0], nargs > 2 ? args[2] : Py_None,
@@ -636,8 +641,8 @@ static PyObject *
 heap_unpin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     uint32_t idx, gen;
-    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
-        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "unpin(handle)") : NULL;
+    if (handle_arg(args, nargs, 1, "unpin(handle)", &idx, &gen) < 0)
+        return NULL;
     int r = unpin_idx(self, idx, self->core.m->token);
     if (r < 0)
         return NULL;
@@ -687,7 +692,7 @@ heap_compact_step(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (begin(self, &c, 1) < 0)
         return NULL;
     PyObject *result = NULL;
-    HStep st;
+    HStep st = {0};
     if (lock(&c, deadline) < 0)
         goto out;
     if (h_compact_step(&c, restart, until, budget, &st) < 0)
@@ -779,7 +784,7 @@ heap_verify(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (begin(self, &c, 1) < 0)
         return NULL;
     PyObject *d = NULL;
-    HVerify v;
+    HVerify v = {0};
     if (lock(&c, deadline) < 0)
         goto out;
     if (h_verify(&c, &v) < 0) {
@@ -804,8 +809,8 @@ static PyObject *
 heap_where(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     uint32_t idx, gen;
-    if (nargs < 1 || parse_handle(args[0], &idx, &gen) < 0)
-        return nargs < 1 ? PyErr_Format(PyExc_TypeError, "where(handle)") : NULL;
+    if (handle_arg(args, nargs, 1, "where(handle)", &idx, &gen) < 0)
+        return NULL;
     Ctx c;
     if (begin(self, &c, 1) < 0)
         return NULL;
@@ -826,6 +831,14 @@ out:
 
 /* ---- construction ------------------------------------------------------- */
 
+/* After h_layout or h_format refused its arguments. */
+static PyObject *
+layout_error(void)
+{
+    PyErr_SetString(PyExc_ValueError, shm_err.msg);
+    return NULL;
+}
+
 static PyObject *
 heap_layout(PyObject *mod, PyObject *args)
 {
@@ -833,10 +846,8 @@ heap_layout(PyObject *mod, PyObject *args)
     uint64_t now, plen;
     if (!PyArg_ParseTuple(args, "KKKKK", &data, &most, &blocks, &pins, &slots))
         return NULL;
-    if (h_layout(data, most, blocks, pins, slots, &now, &plen) < 0) {
-        PyErr_SetString(PyExc_ValueError, h_error.msg);
-        return NULL;
-    }
+    if (h_layout(data, most, blocks, pins, slots, &now, &plen) < 0)
+        return layout_error();
     return Py_BuildValue("KK", (unsigned long long)now, (unsigned long long)plen);
 }
 
@@ -852,17 +863,13 @@ heap_format(PyObject *mod, PyObject *args)
     if (!PyArg_ParseTuple(args, "O&LKKKKKK", shm_mapping_converter, &mapping, &hoff, &data, &most,
                           &blocks, &pins, &slots, &salt))
         return NULL;
-    if (h_layout(data, most, blocks, pins, slots, &now, &plen) < 0) {
-        PyErr_SetString(PyExc_ValueError, h_error.msg);
-        return NULL;
-    }
-    char *p = region(mapping, hoff, now, 1);
+    if (h_layout(data, most, blocks, pins, slots, &now, &plen) < 0)
+        return layout_error();
+    char *p = shm_span(mapping, hoff, now, 1);
     if (p == NULL)
         return NULL;
-    if (h_format(p, data, most, blocks, pins, slots, salt) < 0) {
-        PyErr_SetString(PyExc_ValueError, h_error.msg);
-        return NULL;
-    }
+    if (h_format(p, data, most, blocks, pins, slots, salt) < 0)
+        return layout_error();
     Py_RETURN_NONE;
 }
 
@@ -888,9 +895,9 @@ heapobj_init(HeapObject *self, PyObject *args, PyObject *kwds)
     snprintf(h->what, sizeof h->what, "heap '%.80s'", nm ? nm : "?");
     h->plen = plen;
     char *p;
-    if (plen < HDR_BYTES || (p = region(mapping, hoff, plen, 0)) == NULL) {
+    if (plen < HDR_BYTES || (p = shm_span(mapping, hoff, plen, 0)) == NULL) {
         if (!PyErr_Occurred()) {
-            h_fail(HE_CORRUPT, "its payload is only %llu bytes", plen);
+            shm_fail(HE_CORRUPT, "its payload is only %llu bytes", plen);
             h_raise(self);
         }
         return -1;
@@ -903,7 +910,6 @@ heapobj_init(HeapObject *self, PyObject *args, PyObject *kwds)
     return self->mv ? 0 : -1;
 }
 
-/* close(): release the view of the mapping (views of pins live on). */
 /* close(): release the view of the mapping (views of pins live on). */
 static PyObject *
 heap_close(HeapObject *self, PyObject *Py_UNUSED(ignored))
@@ -926,9 +932,7 @@ heapobj_dealloc(HeapObject *self)
     Py_XDECREF(self->mv);
     Py_XDECREF(self->mapping);
     Py_XDECREF(self->name);
-    PyTypeObject *tp = Py_TYPE(self);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp); /* a heap type: its instances hold it */
+    shm_free_instance((PyObject *)self);
 }
 
 #define FAST(NAME, DOC) \

@@ -19,14 +19,8 @@ void
 shm_journal_bind(shm_journal *jn, MappingObject *m, char *base, uint64_t j_off,
                  uint32_t cap, uint64_t lo, uint64_t hi, const char *what)
 {
-    jn->m = m;
-    jn->base = base;
-    jn->j_off = j_off;
-    jn->cap = cap;
-    jn->lo = lo;
-    jn->hi = hi;
-    jn->what = what;
-    jn->overflow = 0;
+    *jn = (shm_journal){.m = m, .base = base, .j_off = j_off, .cap = cap, .lo = lo, .hi = hi,
+                        .what = what, .overflow = 0};
 }
 
 void
@@ -51,34 +45,35 @@ append(shm_journal *jn, uint64_t off, uint64_t old)
     return 0;
 }
 
+/* The step before a journaled store of val over old: 1 when the store is
+ * to be made now (the old value is recorded under `entry`), 0 when there
+ * is nothing to store (the same value: only the ordering a sequentially
+ * consistent store gives is kept) or the journal is full. */
+static inline int
+record(shm_journal *jn, uint64_t entry, uint64_t old, uint64_t val, int seq_cst)
+{
+    if (old == val) {
+        if (seq_cst)
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        return 0;
+    }
+    return append(jn, entry, old) == 0;
+}
+
 void
 shm_jset64(shm_journal *jn, uint64_t off, uint64_t val, int seq_cst)
 {
     uint64_t *w = (uint64_t *)(jn->base + off);
-    uint64_t old = __atomic_load_n(w, __ATOMIC_RELAXED);
-    if (old == val) {
-        if (seq_cst)
-            __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        return;
-    }
-    if (append(jn, off, old) < 0)
-        return;
-    __atomic_store_n(w, val, seq_cst ? __ATOMIC_SEQ_CST : __ATOMIC_RELEASE);
+    if (record(jn, off, __atomic_load_n(w, __ATOMIC_RELAXED), val, seq_cst))
+        __atomic_store_n(w, val, seq_cst ? __ATOMIC_SEQ_CST : __ATOMIC_RELEASE);
 }
 
 void
 shm_jset32(shm_journal *jn, uint64_t off, uint32_t val, int seq_cst)
 {
     uint32_t *w = (uint32_t *)(jn->base + off);
-    uint32_t old = __atomic_load_n(w, __ATOMIC_RELAXED);
-    if (old == val) {
-        if (seq_cst)
-            __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        return;
-    }
-    if (append(jn, off | SHM_JOURNAL_W32, old) < 0)
-        return;
-    __atomic_store_n(w, val, seq_cst ? __ATOMIC_SEQ_CST : __ATOMIC_RELEASE);
+    if (record(jn, off | SHM_JOURNAL_W32, __atomic_load_n(w, __ATOMIC_RELAXED), val, seq_cst))
+        __atomic_store_n(w, val, seq_cst ? __ATOMIC_SEQ_CST : __ATOMIC_RELEASE);
 }
 
 void

@@ -69,9 +69,7 @@ mapping_dealloc(MappingObject *self)
 {
     /* Exports hold a reference, so none can remain here. */
     mapping_unmap(self);
-    PyTypeObject *tp = Py_TYPE(self);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp); /* a heap type: its instances hold it */
+    shm_free_instance((PyObject *)self);
 }
 
 static PyObject *
@@ -260,6 +258,22 @@ shm_addr(PyObject *obj, long long off, Py_ssize_t size, int writable)
         return NULL;
     }
     return m->base + off;
+}
+
+void *
+shm_span(PyObject *obj, long long off, uint64_t size, int writable)
+{
+    char *p = shm_addr(obj, off, 8, writable);
+    if (p == NULL)
+        return NULL;
+    MappingObject *m = (MappingObject *)obj;
+    if (size > (uint64_t)m->length || (uint64_t)off > (uint64_t)m->length - size) {
+        PyErr_Format(shm_state_of(obj)->CorruptError,
+                     "offset %lld (+%llu bytes) is outside the segment's %zd bytes", off,
+                     (unsigned long long)size, m->length);
+        return NULL;
+    }
+    return p;
 }
 
 void

@@ -17,66 +17,71 @@ int shm_init_topic(PyObject *module);
 
 /* _core.layouts: {"segment": {...}, "attach_entry": {...}, "ring": {...}}, each
  * field's byte offset plus "format_version" and "bytes" (its length). */
-static int
-put(PyObject *d, const char *key, long long v)
-{
-    PyObject *o = PyLong_FromLongLong(v);
-    int r = o == NULL ? -1 : PyDict_SetItemString(d, key, o);
-    Py_XDECREF(o);
-    return r;
-}
+typedef struct {
+    const char *name;
+    long long v;
+} Field;
 
-#define OFF(d, type, field) put(d, #field, (long long)offsetof(type, field))
+#define OFF(type, field) {#field, (long long)offsetof(type, field)}
+
+static const Field segment_fields[] = {
+    {"format_version", SHM_SEGMENT_FORMAT}, {"bytes", SHM_HEADER_BYTES},
+    OFF(struct shm_segment_hdr, magic), OFF(struct shm_segment_hdr, version),
+    OFF(struct shm_segment_hdr, kind), OFF(struct shm_segment_hdr, flags),
+    OFF(struct shm_segment_hdr, max_slots), OFF(struct shm_segment_hdr, hdr_size),
+    OFF(struct shm_segment_hdr, size), OFF(struct shm_segment_hdr, max_size),
+    OFF(struct shm_segment_hdr, created), OFF(struct shm_segment_hdr, creator),
+    OFF(struct shm_segment_hdr, lock), OFF(struct shm_segment_hdr, resizes),
+    OFF(struct shm_segment_hdr, hwm), OFF(struct shm_segment_hdr, layout_len),
+    {"layout", SHM_LAYOUT_OFF}, {"attach_table", SHM_HEADER_BYTES}, {NULL, 0}};
+
+static const Field entry_fields[] = {
+    {"format_version", SHM_SEGMENT_FORMAT}, {"bytes", SHM_SLOT_SIZE},
+    OFF(struct shm_attach_entry, gen), OFF(struct shm_attach_entry, pid),
+    OFF(struct shm_attach_entry, attached), OFF(struct shm_attach_entry, comm), {NULL, 0}};
+
+static const Field ring_fields[] = {
+    {"format_version", RING_FORMAT}, {"bytes", RING_ROLES_OFF},
+    OFF(struct ring_hdr, magic), OFF(struct ring_hdr, format), OFF(struct ring_hdr, cap),
+    OFF(struct ring_hdr, data_off), OFF(struct ring_hdr, max_items),
+    OFF(struct ring_hdr, max_slots), OFF(struct ring_hdr, closed), OFF(struct ring_hdr, tail),
+    OFF(struct ring_hdr, reserved), OFF(struct ring_hdr, plock), OFF(struct ring_hdr, jp_sel),
+    OFF(struct ring_hdr, jp), OFF(struct ring_hdr, head), OFF(struct ring_hdr, read),
+    OFF(struct ring_hdr, received), OFF(struct ring_hdr, dropped), OFF(struct ring_hdr, clock),
+    OFF(struct ring_hdr, jr_sel), OFF(struct ring_hdr, data_seq),
+    OFF(struct ring_hdr, data_sleepers), OFF(struct ring_hdr, space_seq),
+    OFF(struct ring_hdr, space_sleepers), OFF(struct ring_hdr, jr),
+    {"roles", RING_ROLES_OFF}, {NULL, 0}};
+
+static const struct {
+    const char *name;
+    const Field *fields;
+} layout_list[] = {{"segment", segment_fields}, {"attach_entry", entry_fields}, {"ring", ring_fields}};
+
+/* {name: value} of a NULL-terminated list of fields. */
+static PyObject *
+fields_dict(const Field *f)
+{
+    PyObject *d = PyDict_New();
+    for (; d != NULL && f->name != NULL; f++) {
+        PyObject *o = PyLong_FromLongLong(f->v);
+        if (o == NULL || PyDict_SetItemString(d, f->name, o) < 0)
+            Py_CLEAR(d);
+        Py_XDECREF(o);
+    }
+    return d;
+}
 
 static PyObject *
 make_layouts(void)
 {
-    PyObject *all = PyDict_New(), *seg = PyDict_New(), *ent = PyDict_New(),
-             *ring = PyDict_New();
-    int bad = all == NULL || seg == NULL || ent == NULL || ring == NULL;
-    if (!bad) {
-        typedef struct shm_segment_hdr S;
-        bad = put(seg, "format_version", SHM_SEGMENT_FORMAT) < 0 ||
-              put(seg, "bytes", SHM_HEADER_BYTES) < 0 ||
-              OFF(seg, S, magic) < 0 || OFF(seg, S, version) < 0 || OFF(seg, S, kind) < 0 ||
-              OFF(seg, S, flags) < 0 || OFF(seg, S, max_slots) < 0 ||
-              OFF(seg, S, hdr_size) < 0 || OFF(seg, S, size) < 0 ||
-              OFF(seg, S, max_size) < 0 || OFF(seg, S, created) < 0 ||
-              OFF(seg, S, creator) < 0 || OFF(seg, S, lock) < 0 ||
-              OFF(seg, S, resizes) < 0 || OFF(seg, S, hwm) < 0 ||
-              OFF(seg, S, layout_len) < 0 || put(seg, "layout", SHM_LAYOUT_OFF) < 0 ||
-              put(seg, "attach_table", SHM_HEADER_BYTES) < 0;
+    PyObject *all = PyDict_New();
+    for (size_t i = 0; all != NULL && i < sizeof layout_list / sizeof layout_list[0]; i++) {
+        PyObject *d = fields_dict(layout_list[i].fields);
+        if (d == NULL || PyDict_SetItemString(all, layout_list[i].name, d) < 0)
+            Py_CLEAR(all);
+        Py_XDECREF(d);
     }
-    if (!bad) {
-        typedef struct shm_attach_entry E;
-        bad = put(ent, "format_version", SHM_SEGMENT_FORMAT) < 0 ||
-              put(ent, "bytes", SHM_SLOT_SIZE) < 0 || OFF(ent, E, gen) < 0 ||
-              OFF(ent, E, pid) < 0 || OFF(ent, E, attached) < 0 || OFF(ent, E, comm) < 0;
-    }
-    if (!bad) {
-        typedef struct ring_hdr R;
-        bad = put(ring, "format_version", RING_FORMAT) < 0 || put(ring, "bytes", RING_ROLES_OFF) < 0 ||
-              OFF(ring, R, magic) < 0 || OFF(ring, R, format) < 0 || OFF(ring, R, cap) < 0 ||
-              OFF(ring, R, data_off) < 0 || OFF(ring, R, max_items) < 0 ||
-              OFF(ring, R, max_slots) < 0 || OFF(ring, R, closed) < 0 ||
-              OFF(ring, R, tail) < 0 || OFF(ring, R, reserved) < 0 ||
-              OFF(ring, R, plock) < 0 || OFF(ring, R, jp_sel) < 0 || OFF(ring, R, jp) < 0 ||
-              OFF(ring, R, head) < 0 || OFF(ring, R, read) < 0 ||
-              OFF(ring, R, received) < 0 || OFF(ring, R, dropped) < 0 ||
-              OFF(ring, R, clock) < 0 || OFF(ring, R, jr_sel) < 0 ||
-              OFF(ring, R, data_seq) < 0 || OFF(ring, R, data_sleepers) < 0 ||
-              OFF(ring, R, space_seq) < 0 || OFF(ring, R, space_sleepers) < 0 ||
-              OFF(ring, R, jr) < 0 || put(ring, "roles", RING_ROLES_OFF) < 0;
-    }
-    if (!bad)
-        bad = PyDict_SetItemString(all, "segment", seg) < 0 ||
-              PyDict_SetItemString(all, "attach_entry", ent) < 0 ||
-              PyDict_SetItemString(all, "ring", ring) < 0;
-    Py_XDECREF(seg);
-    Py_XDECREF(ent);
-    Py_XDECREF(ring);
-    if (bad)
-        Py_CLEAR(all);
     return all;
 }
 
@@ -177,6 +182,13 @@ shm_add_type(PyObject *module, PyType_Spec *spec, PyTypeObject **slot)
     return PyModule_AddType(module, (PyTypeObject *)tp);
 }
 
+void
+shm_free_instance(PyObject *obj)
+{
+    PyTypeObject *tp = Py_TYPE(obj);
+    tp->tp_free(obj);
+    Py_DECREF(tp); /* a heap type: its instances hold it */
+}
 
 static int
 add_functions(PyObject *module, PyMethodDef *defs)

@@ -15,6 +15,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdarg.h>
 #include <stdint.h>
 
 /* ---- attach table (see docs/architecture.md) ----------------------------
@@ -85,6 +86,9 @@ static inline shm_state *shm_mod_state(PyObject *module)
 /* Create a type of the module from spec (bases may be NULL), add it to the
  * module under its short name and keep it in *slot. */
 int shm_add_type(PyObject *module, PyType_Spec *spec, PyTypeObject **slot);
+/* The last step of tp_dealloc for an instance of one of the core's (heap)
+ * types: free it, then drop the reference to its type that it held. */
+void shm_free_instance(PyObject *obj);
 /* 1 if obj is a Mapping of the core (by its dealloc: no state needed). */
 int shm_is_mapping(PyObject *obj);
 /* 0 if obj is a Mapping, else -1 with TypeError. */
@@ -95,6 +99,10 @@ int shm_mapping_converter(PyObject *obj, void *out);
 /* Return a pointer to `size` bytes at `off`, or NULL with an exception set
  * when the mapping is closed, the range is out of bounds or misaligned. */
 void *shm_addr(PyObject *mapping, long long off, Py_ssize_t size, int writable);
+
+/* The same for a region of `size` bytes at `off` (8-aligned, any length):
+ * CorruptError when it does not lie wholly inside the mapping. */
+void *shm_span(PyObject *mapping, long long off, uint64_t size, int writable);
 
 /* Hold the mapping across a blocking call: close() then defers the unmap, so
  * a thread asleep on a word never wakes up to an unmapped page.  Call both
@@ -138,7 +146,24 @@ int shm_futex_wake(uint32_t *word, int n);
  * the value changed, 0 on timeout, -1 with an exception set. */
 int shm_wait_change(MappingObject *m, uint32_t *word, uint32_t expected, int64_t deadline);
 
+/* ---- error.c -------------------------------------------------------------
+ * The protocols that call no Python API (table.c, heap.c) report a failure
+ * as a code of their own enum and a message, recorded per thread; the
+ * structure's Python type raises the matching exception from it. */
+typedef struct {
+    int code;
+    char msg[400];
+} shm_error;
+extern __thread shm_error shm_err;
+/* Record (code, message) for this thread; returns -1. */
+int shm_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int shm_vfail(int code, const char *fmt, va_list va);
+
 /* ---- attach.c ----------------------------------------------------------- */
+/* The attach-table entry of slot (layout.h), or NULL when the mapping is
+ * closed or the entry lies outside it. */
+struct shm_attach_entry;
+struct shm_attach_entry *shm_attach_entry_at(MappingObject *m, uint32_t slot);
 /* 1 if the attachment named by token is alive, 0 if dead. */
 int shm_token_alive(MappingObject *m, uint32_t token);
 

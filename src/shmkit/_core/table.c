@@ -4,7 +4,7 @@
  * batch journal, recovery, verification, compaction and the space
  * allocator underneath.  This file holds no Python objects and calls no
  * Python API: it works on a TCore (table.h) and reports errors with
- * t_fail() as a code and a message.  Its Python type, tabletype.c, parses
+ * shm_fail() as a code and a message.  Its Python type, tabletype.c, parses
  * arguments, encodes and decodes values, takes the writers' lock and runs
  * the readers' wait (both release the GIL), and turns those records into
  * exceptions.  Python (store.py) adds growth of the segment, numpy/pickle
@@ -72,6 +72,7 @@
  * shm_crash_point("table.<op>.<step>") (list in docs/store.md).
  */
 #include "table.h"
+#include "layout.h"
 #include "wait.h"
 #include <errno.h>
 #include <stdio.h>
@@ -80,7 +81,6 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#include <stdarg.h>
 #include <stdlib.h>
 
 
@@ -146,38 +146,8 @@ thash(const char *p, size_t n, uint64_t seed)
     return mix(a ^ H0 ^ n, b ^ H1);
 }
 
-/* ---- errors ---------------------------------------------------------------- */
-
-__thread TError t_error;
-
-int
-t_fail(int code, const char *fmt, ...)
-{
-    va_list va;
-    va_start(va, fmt);
-    vsnprintf(t_error.msg, sizeof t_error.msg, fmt, va);
-    va_end(va);
-    t_error.code = code;
-    return -1;
-}
-
 /* Damage found in shared memory (the type adds what to do about it). */
-#define corrupt(...) t_fail(TE_CORRUPT, __VA_ARGS__)
-
-/* Bytes of payload this process may touch. */
-uint64_t
-t_lim(TCore *t)
-{
-    return (uint64_t)t->m->length - t->poff;
-}
-
-int
-t_live(TCore *t)
-{
-    if (t->m == NULL || t->m->base == NULL)
-        return t_fail(TE_CLOSED, "the store is closed in this process; open it again");
-    return 0;
-}
+#define corrupt(...) shm_fail(TE_CORRUPT, __VA_ARGS__)
 
 /* Pick up growth made by other processes: the segment header's size word,
  * checked against the file, as Segment._sync_size does. */
@@ -225,41 +195,16 @@ t_enter(TCore *t)
 
 /* ---- reading records ------------------------------------------------------- */
 
-/* Read and bounds-check a record header at off (each field read once).
- * Returns 0 when plausible, -1 when not (no exception set). */
-int
-rec_read(const char *P, uint64_t end, uint64_t off, TRec *r)
-{
-    if (off < T_HEADER || (off & 15) || off > end - T_REC_HDR)
-        return -1;
-    const char *b = P + off;
-    uint64_t head = LDR((const uint64_t *)b);
-    r->size = head & ~(uint64_t)B_FLAGS;
-    r->hash = LDR((const uint64_t *)(b + 16));
-    r->klen = LDR((const uint32_t *)(b + 24));
-    r->ktype = LDR((const uint8_t *)(b + 28));
-    r->vtype = LDR((const uint8_t *)(b + 29));
-    r->vlen = LDR((const uint64_t *)(b + 32));
-    if (r->size > end - off || r->size < T_REC_HDR || r->klen > r->size - T_REC_HDR ||
-        r->vlen > r->size - T_REC_HDR - r->klen)
-        return -1;
-    return 0;
-}
-
 /* The pid of the attachment named by token (0 if unknown), from the
  * segment's attach table, and whether /proc says it is stopped. */
 uint32_t
 token_pid(TCore *t, uint32_t token, int *stopped)
 {
-    MappingObject *m = t->m;
-    uint32_t slot = SHM_TOKEN_SLOT(token), pid;
+    struct shm_attach_entry *e = token ? shm_attach_entry_at(t->m, SHM_TOKEN_SLOT(token)) : NULL;
     *stopped = 0;
-    if (token == 0 || slot >= m->max_slots)
+    if (e == NULL)
         return 0;
-    uint64_t off = (uint64_t)m->table_off + (uint64_t)slot * SHM_SLOT_SIZE;
-    if (m->table_off < 0 || off + 8 > (uint64_t)m->length)
-        return 0;
-    pid = __atomic_load_n((uint32_t *)(m->base + off + 4), __ATOMIC_RELAXED);
+    uint32_t pid = __atomic_load_n(&e->pid, __ATOMIC_RELAXED);
     if (pid == 0)
         return 0;
     char path[64], buf[512];
@@ -307,18 +252,6 @@ t_even_check(void *ctx)
 }
 
 /* ---- the lock-free lookup -------------------------------------------------- */
-
-int
-index_ok(const char *P, uint64_t end, uint64_t ix, uint64_t *nslots)
-{
-    if (ix < T_HEADER || (ix & 15) || ix > end - T_INDEX_HDR)
-        return 0;
-    uint64_t n = LDR(W64(P, ix + 16));
-    if (n < 8 || (n & (n - 1)) || n > (end - ix - T_INDEX_HDR) / 8)
-        return 0;
-    *nslots = n;
-    return 1;
-}
 
 /* Probe for k without the lock.  Sets *off and *rec on P_FOUND. */
 int
@@ -650,17 +583,17 @@ t_alloc_grow(TCore *t, uint64_t size, unsigned flags)
             continue;
         }
         if (t->grow == NULL) {
-            t_fail(TE_FULL, "the store is full");
+            shm_fail(TE_FULL, "the store is full");
             return (uint64_t)-1;
         }
         if (t->grow(t, size + T_MIN_BLOCK) < 0) {
-            t_error.code = TE_RAISED;
+            shm_err.code = TE_RAISED;
             return (uint64_t)-1;
         }
         if (t_live(t) < 0 || t_extend(t) < 0)
             return (uint64_t)-1;
     }
-    t_fail(TE_FULL, "the store could not grow enough");
+    shm_fail(TE_FULL, "the store could not grow enough");
     return (uint64_t)-1;
 }
 
@@ -709,7 +642,7 @@ ov_set(Overlay *o, uint64_t slot, uint64_t word)
         size_t cap = o->cap ? o->cap * 2 : 64;
         OvEntry *ne = calloc(cap, sizeof *ne), *old = o->e;
         if (ne == NULL)
-            return t_fail(TE_NOMEM, "no memory for the batch's index words");
+            return shm_fail(TE_NOMEM, "no memory for the batch's index words");
         size_t oc = o->cap;
         o->e = ne;
         o->cap = cap;
@@ -964,7 +897,7 @@ bit_clear(uint8_t *bm, uint64_t off)
  * each block apart: the index, a record the index named, a used block
  * nothing names, a free block; every mark must be met at a block start.
  * Between the two, `counted` sees the counts (verification checks them
- * there).  All return 0, or -1 with an error recorded (t_fail); the marks
+ * there).  All return 0, or -1 with an error recorded (shm_fail); the marks
  * are freed by the chain walk or on error. */
 
 typedef struct {
@@ -982,7 +915,7 @@ t_walk_index(uint64_t end, const TIndex *x, TMarks *mk, t_word_fn visit, void *c
     mk->count = mk->tombs = 0;
     mk->bm = calloc((size_t)(end >> 7) + 1, 1);
     if (mk->bm == NULL)
-        return t_fail(TE_NOMEM, "no memory for the index walk's marks");
+        return shm_fail(TE_NOMEM, "no memory for the index walk's marks");
     for (uint64_t i = 0; i < x->nslots; i++) {
         uint64_t w = LDR(&x->slots[i]);
         if (w == W_EMPTY)
@@ -1167,12 +1100,12 @@ view_hold(TCore *t)
 {
     uint32_t token = t->m->token, slot = SHM_TOKEN_SLOT(token), gen = SHM_TOKEN_GEN(token);
     if (t->readonly)
-        return t_fail(TE_READONLY,
+        return shm_fail(TE_READONLY,
                       "view() counts itself in the store's header, which a "
                       "readonly=True handle cannot write; use get_into() or get(), "
                       "or open the store writable");
     if (token == 0 || slot >= view_slots(t))
-        return t_fail(TE_VALUE,
+        return shm_fail(TE_VALUE,
                       "view() is available to the first %u attachments of a store and "
                       "this process holds attach slot %u; use get_into() or get()",
                       (unsigned)T_VIEW_SLOTS, (unsigned)slot);
@@ -1181,7 +1114,7 @@ view_hold(TCore *t)
         if ((old >> T_VIEW_BITS) != gen)
             nw = (gen << T_VIEW_BITS) | 1; /* a dead predecessor's count */
         else if ((old & T_VIEW_MAX) == T_VIEW_MAX)
-            return t_fail(TE_VALUE,
+            return shm_fail(TE_VALUE,
                           "this process already holds %u views of the store, the most "
                           "it can; release some first", (unsigned)T_VIEW_MAX);
         else
@@ -1422,7 +1355,7 @@ t_compact(TCore *t, uint64_t index_slots, uint64_t *moved)
     if (fx == NULL || ux == NULL) {
         free(fx);
         free(ux);
-        return t_fail(TE_NOMEM, "no memory to plan the compaction");
+        return shm_fail(TE_NOMEM, "no memory to plan the compaction");
     }
     size_t nf = 0, nu = 0, lo = 0;
     for (off = T_HEADER; off < end && nu <= nused && nf <= nfree; off += size) {
@@ -1830,7 +1763,7 @@ t_vacuum(TCore *t, uint64_t *new_end_out, uint64_t *moved)
     *new_end_out = new_end;
     return 0;
 fail:
-    if (t_error.code == TE_CORRUPT)
+    if (shm_err.code == TE_CORRUPT)
         t_mark_dirty(t); /* the caller holds the lock and unlocks without an error */
     return -1;
 }
@@ -1844,7 +1777,7 @@ t_format(TCore *t, uint64_t seed)
     uint64_t end = t_lim(t) & ~(uint64_t)15;
     uint64_t ibytes = (T_INDEX_HDR + 8 * T_MIN_SLOTS + 15) & ~(uint64_t)15;
     if (end < T_HEADER + ibytes + T_MIN_BLOCK)
-        return t_fail(TE_VALUE, "a store needs at least 8 KiB");
+        return shm_fail(TE_VALUE, "a store needs at least 8 KiB");
     memset(h, 0, sizeof *h);
     h->seed = seed;
     h->heap_start = T_HEADER;

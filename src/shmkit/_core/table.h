@@ -1,6 +1,6 @@
 /* table.h - the store's shared layout and the declarations its two halves
  * share: table.c holds the shared-memory protocol (no Python objects, no
- * Python API; errors are reported as a code and a message, see t_fail) and
+ * Python API; errors are reported as a code and a message, see shm_fail in error.c) and
  * tabletype.c the Table type (argument parsing, encoding of Python values,
  * the writers' lock and the readers' wait, which release the GIL).
  *
@@ -228,19 +228,14 @@ static inline unsigned long t_thread(void) { return (unsigned long)pthread_self(
 
 /* ---- errors ------------------------------------------------------------------
  * A t_* function that fails returns -1 (0 for t_enter, (uint64_t)-1 for an
- * offset) after t_fail() recorded what went wrong for the calling thread;
- * the type turns that record into an exception (t_raise in tabletype.c).
+ * offset) after shm_fail() (error.c) recorded one of these codes and a
+ * message for the calling thread; the type turns that record into an
+ * exception (t_raise in tabletype.c).
  * TE_RAISED: a callback of the type (the grow hook) already raised. */
 enum {
     TE_NONE, TE_RAISED, TE_CORRUPT, TE_NOMEM, TE_FULL, TE_READONLY, TE_CLOSED,
     TE_VALUE, TE_RUNTIME
 };
-typedef struct {
-    int code;
-    char msg[400];
-} TError;
-extern __thread TError t_error;
-int t_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* ---- records and keys ---- */
 typedef struct {
@@ -312,12 +307,59 @@ epoch_wake(THeader *h)
 }
 
 /* ---- entering, lock-free reading (table.c) ---- */
-uint64_t t_lim(TCore *t);
-int t_live(TCore *t);
+/* Every get calls these: inline, so the read path makes no calls of its own. */
+
+/* Bytes of payload this process may touch. */
+static inline uint64_t
+t_lim(TCore *t)
+{
+    return (uint64_t)t->m->length - t->poff;
+}
+
+static inline int
+t_live(TCore *t)
+{
+    if (__builtin_expect(t->m == NULL || t->m->base == NULL, 0))
+        return shm_fail(TE_CLOSED, "the store is closed in this process; open it again");
+    return 0;
+}
+
+/* Read and bounds-check a record header at off (each field read once).
+ * Returns 0 when plausible, -1 when not (no exception set). */
+static inline int
+rec_read(const char *P, uint64_t end, uint64_t off, TRec *r)
+{
+    if (off < T_HEADER || (off & 15) || off > end - T_REC_HDR)
+        return -1;
+    const char *b = P + off;
+    uint64_t head = LDR((const uint64_t *)b);
+    r->size = head & ~(uint64_t)B_FLAGS;
+    r->hash = LDR((const uint64_t *)(b + 16));
+    r->klen = LDR((const uint32_t *)(b + 24));
+    r->ktype = LDR((const uint8_t *)(b + 28));
+    r->vtype = LDR((const uint8_t *)(b + 29));
+    r->vlen = LDR((const uint64_t *)(b + 32));
+    if (r->size > end - off || r->size < T_REC_HDR || r->klen > r->size - T_REC_HDR ||
+        r->vlen > r->size - T_REC_HDR - r->klen)
+        return -1;
+    return 0;
+}
+
+/* Is there a plausible index at ix?  1 with *nslots, else 0. */
+static inline int
+index_ok(const char *P, uint64_t end, uint64_t ix, uint64_t *nslots)
+{
+    if (ix < T_HEADER || (ix & 15) || ix > end - T_INDEX_HDR)
+        return 0;
+    uint64_t n = LDR(W64(P, ix + 16));
+    if (n < 8 || (n & (n - 1)) || n > (end - ix - T_INDEX_HDR) / 8)
+        return 0;
+    *nslots = n;
+    return 1;
+}
+
 int t_sync(TCore *t);
 uint64_t t_enter(TCore *t);
-int rec_read(const char *P, uint64_t end, uint64_t off, TRec *r);
-int index_ok(const char *P, uint64_t end, uint64_t ix, uint64_t *nslots);
 int probe_ro(const char *P, uint64_t end, const TKey *k, uint64_t *off, TRec *rec);
 uint32_t token_pid(TCore *t, uint32_t token, int *stopped);
 

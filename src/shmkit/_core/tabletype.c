@@ -5,7 +5,7 @@
  * (calling the store's hooks for arrays and pickles), takes the writers'
  * robust lock and runs the readers' wait for a batch (both release the GIL,
  * through lock.c and wait.c), and turns the protocol's error records
- * (t_fail) into exceptions.  See table.c for the protocol and table.h for
+ * (shm_fail) into exceptions.  See table.c for the protocol and table.h for
  * the layout.
  */
 #include "table.h"
@@ -38,8 +38,8 @@ t_raise(TableObject *t)
 {
     if (PyErr_Occurred())
         return;
-    const char *m = t_error.msg;
-    switch (t_error.code) {
+    const char *m = shm_err.msg;
+    switch (shm_err.code) {
     case TE_CORRUPT:
         PyErr_Format(ST(t)->CorruptError,
                      "store is corrupt: %s; run verify() for a full report, copy out "
@@ -71,23 +71,27 @@ corrupt(TableObject *t, const char *fmt, ...)
 {
     va_list va;
     va_start(va, fmt);
-    vsnprintf(t_error.msg, sizeof t_error.msg, fmt, va);
+    shm_vfail(TE_CORRUPT, fmt, va);
     va_end(va);
-    t_error.code = TE_CORRUPT;
     t_raise(t);
     return -1;
 }
 
-/* The protocol's fallible entry points, raising on failure. */
-static int
-tt_live(TableObject *t)
+/* A protocol call's result, raising what it recorded when it failed:
+ * raising(t, t_live(&t->c)) < 0. */
+static inline int
+raising(TableObject *t, int r)
 {
-    int r = t_live(&t->c);
     if (r < 0)
         t_raise(t);
     return r;
 }
+#define tt_live(t) raising(t, t_live(&(t)->c))
+#define tt_sync(t) raising(t, t_sync(&(t)->c))
+#define tt_index(t, x) raising(t, t_index(&(t)->c, x))
+#define tt_view_hold(t) raising(t, view_hold(&(t)->c))
 
+/* t_enter, raising: the heap end, or 0 with an exception set. */
 static uint64_t
 tt_enter(TableObject *t)
 {
@@ -95,43 +99,6 @@ tt_enter(TableObject *t)
     if (end == 0)
         t_raise(t);
     return end;
-}
-
-static int
-tt_sync(TableObject *t)
-{
-    int r = t_sync(&t->c);
-    if (r < 0)
-        t_raise(t);
-    return r;
-}
-
-static int
-tt_index(TableObject *t, TIndex *x)
-{
-    int r = t_index(&t->c, x);
-    if (r < 0)
-        t_raise(t);
-    return r;
-}
-
-static int
-tt_probe_w(TableObject *t, TIndex *x, const TKey *k, uint64_t *slot, uint64_t *word,
-           int *from_ov)
-{
-    int r = probe_w(&t->c, x, k, slot, word, from_ov);
-    if (r < 0)
-        t_raise(t);
-    return r;
-}
-
-static int
-tt_view_hold(TableObject *t)
-{
-    int r = view_hold(&t->c);
-    if (r < 0)
-        t_raise(t);
-    return r;
 }
 
 /* ---- keys ------------------------------------------------------------------ */
@@ -581,6 +548,19 @@ t_repair(void *ctx, int owner_died)
     return r;
 }
 
+/* Release the lock word and unpin the mapping, keeping any exception that
+ * is pending (a release error is dropped: the lock was ours). */
+static void
+t_release(TableObject *t)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (t->c.m->base != NULL && shm_lock_release(t->c.m, &HDR(&t->c)->lock) < 0)
+        PyErr_Clear();
+    shm_unpin(t->mapping);
+    PyErr_Restore(et, ev, tb);
+}
+
 static int
 t_lock(TableObject *t)
 {
@@ -611,17 +591,20 @@ t_lock(TableObject *t)
     /* A writer's death was repaired above; t_locked_check repairs what a
      * live writer marked as damage or left half applied. */
     if (t_locked_check(&t->c) < 0) {
-        PyObject *et, *ev, *tb;
         t_raise(t);
         t_mark_damage(t);
-        PyErr_Fetch(&et, &ev, &tb);
         t->c.lock_depth = 0;
-        shm_lock_release(t->c.m, &HDR(&t->c)->lock);
-        shm_unpin(t->mapping);
-        PyErr_Restore(et, ev, tb);
+        t_release(t);
         return -1;
     }
     return 0;
+}
+
+/* Enter, then take the lock: 0, or -1 with an exception set. */
+static int
+t_enter_lock(TableObject *t)
+{
+    return tt_enter(t) == 0 || t_lock(t) < 0 ? -1 : 0;
 }
 
 static void
@@ -631,12 +614,7 @@ t_unlock(TableObject *t)
         t_mark_damage(t);
     if (--t->c.lock_depth > 0)
         return;
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);
-    if (t->c.m->base != NULL && shm_lock_release(t->c.m, &HDR(&t->c)->lock) < 0)
-        PyErr_Clear();
-    shm_unpin(t->mapping);
-    PyErr_Restore(et, ev, tb);
+    t_release(t);
 }
 
 
@@ -707,9 +685,7 @@ view_dealloc(ViewObject *v)
 {
     view_drop(v);
     Py_XDECREF(v->mapping);
-    PyTypeObject *tp = Py_TYPE(v);
-    tp->tp_free((PyObject *)v);
-    Py_DECREF(tp); /* a heap type: its instances hold it */
+    shm_free_instance((PyObject *)v);
 }
 
 static PyMethodDef view_methods[] = {
@@ -856,6 +832,17 @@ read_raw(TableObject *t, const char *P, uint64_t off, const TRec *r, int mode,
 
 static PyObject *finish_pickle(TableObject *t, PyObject *raw);
 
+/* The header of the record at off, read under the lock: 0, or -1 with
+ * CorruptError. */
+static int
+rec_locked(TableObject *t, uint64_t off, TRec *rec)
+{
+    if (rec_read(PAY(&t->c), t->c.end, off, rec) == 0)
+        return 0;
+    corrupt(t, "record at %llu is damaged", (unsigned long long)off);
+    return -1;
+}
+
 /* The value (or with nbytes, its size) of the record at off, read under
  * the lock: CorruptError when it cannot be decoded. */
 static PyObject *
@@ -864,10 +851,8 @@ value_locked(TableObject *t, uint64_t off, int nbytes)
     TRec rec;
     int race, post;
     char *P = PAY(&t->c);
-    if (rec_read(P, t->c.end, off, &rec) < 0) {
-        corrupt(t, "record at %llu is damaged", (unsigned long long)off);
+    if (rec_locked(t, off, &rec) < 0)
         return NULL;
-    }
     if (nbytes)
         return PyLong_FromUnsignedLongLong(rec.vlen);
     PyObject *o = val_decode(t, P, off, &rec, 0, 1, &race, &post);
@@ -887,7 +872,7 @@ lookup_locked(TableObject *t, const TKey *k, int mode, int *found, Py_buffer *in
     int fo;
     if (tt_index(t, &x) < 0)
         return NULL;
-    int r = tt_probe_w(t, &x, k, &slot, &w, &fo);
+    int r = raising(t, probe_w(&t->c, &x, k, &slot, &w, &fo));
     if (r < 0)
         return NULL;
     *found = r == P_FOUND;
@@ -896,10 +881,8 @@ lookup_locked(TableObject *t, const TKey *k, int mode, int *found, Py_buffer *in
     if (mode == M_INTO || mode == M_VIEW) {
         TRec rec;
         PyObject *out;
-        if (rec_read(PAY(&t->c), t->c.end, word_off(w), &rec) < 0) {
-            corrupt(t, "record at %llu is damaged", (unsigned long long)word_off(w));
+        if (rec_locked(t, word_off(w), &rec) < 0)
             return NULL;
-        }
         read_raw(t, PAY(&t->c), word_off(w), &rec, mode, into, 0, 1, held, &out);
         return out;
     }
@@ -1047,6 +1030,21 @@ t_lookup(TableObject *t, PyObject *key, int mode, int *found)
     return t_lookup_ex(t, key, mode, found, NULL);
 }
 
+/* A lookup's result o (a new reference, or NULL) and whether it found the
+ * key (read after the lookup: never pass both from one call).  When it is
+ * absent: dflt (a new reference to it), or KeyError(key) when dflt is NULL. */
+static inline PyObject *
+or_default(PyObject *o, int found, PyObject *key, PyObject *dflt)
+{
+    if (o == NULL || found)
+        return o;
+    Py_DECREF(o);
+    if (dflt != NULL)
+        return Py_NewRef(dflt);
+    PyErr_SetObject(PyExc_KeyError, key);
+    return NULL;
+}
+
 /* get_into(key, buffer) -> int */
 static PyObject *
 table_get_into(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
@@ -1067,12 +1065,7 @@ table_get_into(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
     int found = 0;
     PyObject *o = t_lookup_ex(t, args[0], M_INTO, &found, &b);
     PyBuffer_Release(&b);
-    if (o != NULL && !found) {
-        Py_DECREF(o);
-        PyErr_SetObject(PyExc_KeyError, args[0]);
-        return NULL;
-    }
-    return o;
+    return or_default(o, found, args[0], NULL);
 }
 
 /* _view(key) -> (TableView, vtype, array header bytes or None) */
@@ -1081,12 +1074,7 @@ table_view(TableObject *t, PyObject *key)
 {
     int found = 0;
     PyObject *o = t_lookup_ex(t, key, M_VIEW, &found, NULL);
-    if (o != NULL && !found) {
-        Py_DECREF(o);
-        PyErr_SetObject(PyExc_KeyError, key);
-        return NULL;
-    }
-    return o;
+    return or_default(o, found, key, NULL);
 }
 
 /* get_many(keys, default=<KeyError>) -> list */
@@ -1141,14 +1129,7 @@ table_get_many(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
         for (int j = 0; !err && j < m; j++) {
             int found = 0;
             PyObject *o = t_lookup_key(t, &ks[j], M_GET, &found, NULL);
-            if (o != NULL && !found) {
-                Py_DECREF(o);
-                o = NULL;
-                if (nargs == 2)
-                    o = Py_NewRef(args[1]);
-                else
-                    PyErr_SetObject(PyExc_KeyError, items[i0 + j]);
-            }
+            o = or_default(o, found, items[i0 + j], nargs == 2 ? args[1] : NULL);
             if (o == NULL)
                 err = 1;
             else
@@ -1173,12 +1154,7 @@ lookup_or_keyerror(TableObject *t, PyObject *key, int mode)
 {
     int found = 0;
     PyObject *o = t_lookup(t, key, mode, &found);
-    if (o != NULL && !found) {
-        Py_DECREF(o);
-        PyErr_SetObject(PyExc_KeyError, key);
-        return NULL;
-    }
-    return o;
+    return or_default(o, found, key, NULL);
 }
 
 static PyObject *
@@ -1207,11 +1183,7 @@ table_get(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
     }
     int found = 0;
     PyObject *o = t_lookup(t, args[0], M_GET, &found);
-    if (o != NULL && !found) {
-        Py_DECREF(o);
-        return Py_NewRef(nargs == 2 ? args[1] : Py_None);
-    }
-    return o;
+    return or_default(o, found, args[0], nargs == 2 ? args[1] : Py_None);
 }
 
 static PyObject *
@@ -1400,14 +1372,7 @@ table_pop(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
     }
     int found = 0;
     PyObject *o = t_delete(t, args[0], 1, &found);
-    if (o != NULL && !found) {
-        Py_DECREF(o);
-        if (nargs == 2)
-            return Py_NewRef(args[1]);
-        PyErr_SetObject(PyExc_KeyError, args[0]);
-        return NULL;
-    }
-    return o;
+    return or_default(o, found, args[0], nargs == 2 ? args[1] : NULL);
 }
 
 /* ---- batches ---------------------------------------------------------------- */
@@ -1415,7 +1380,7 @@ table_pop(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 table_batch_begin(TableObject *t, PyObject *Py_UNUSED(ignored))
 {
-    if (tt_enter(t) == 0 || t_lock(t) < 0)
+    if (t_enter_lock(t) < 0)
         return NULL;
     t->c.batch_depth++;
     Py_RETURN_NONE;
@@ -1449,7 +1414,7 @@ table_batch_end(TableObject *t, PyObject *arg)
 static PyObject *
 table_lock(TableObject *t, PyObject *Py_UNUSED(ignored))
 {
-    if (tt_enter(t) == 0 || t_lock(t) < 0)
+    if (t_enter_lock(t) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -1468,7 +1433,7 @@ table_unlock(TableObject *t, PyObject *Py_UNUSED(ignored))
 static PyObject *
 table_clear(TableObject *t, PyObject *Py_UNUSED(ignored))
 {
-    if (tt_enter(t) == 0 || t_lock(t) < 0)
+    if (t_enter_lock(t) < 0)
         return NULL;
     if (t_in_batch(&t->c) && t->c.batch_depth) {
         t_unlock(t);
@@ -1650,7 +1615,7 @@ static PyObject *
 table_verify(TableObject *t, PyObject *Py_UNUSED(ignored))
 {
     TWalk w;
-    if (tt_enter(t) == 0 || t_lock(t) < 0)
+    if (t_enter_lock(t) < 0)
         return NULL;
     int r;
     if (t_in_batch(&t->c)) {
@@ -1743,6 +1708,20 @@ table_grow(TCore *c, uint64_t need)
     return 0;
 }
 
+/* A timeout in seconds (None: forever) as nanoseconds, -1 for forever. */
+static int
+timeout_ns(PyObject *o, int64_t *ns)
+{
+    *ns = -1;
+    if (o == Py_None)
+        return 0;
+    double s = PyFloat_AsDouble(o);
+    if (s == -1.0 && PyErr_Occurred())
+        return -1;
+    *ns = s < 0 ? 0 : (int64_t)(s * 1e9);
+    return 0;
+}
+
 static PyObject *
 table_bind(TableObject *t, PyObject *args, PyObject *kwds)
 {
@@ -1763,20 +1742,9 @@ table_bind(TableObject *t, PyObject *args, PyObject *kwds)
                      "header is damaged; recreate the store", (long long)m->length);
         return NULL;
     }
-    int64_t tns = -1;
-    if (timeout != Py_None) {
-        double s = PyFloat_AsDouble(timeout);
-        if (s == -1.0 && PyErr_Occurred())
-            return NULL;
-        tns = s < 0 ? 0 : (int64_t)(s * 1e9);
-    }
-    int64_t rns = -1;
-    if (rtimeout != Py_None) {
-        double s = PyFloat_AsDouble(rtimeout);
-        if (s == -1.0 && PyErr_Occurred())
-            return NULL;
-        rns = s < 0 ? 0 : (int64_t)(s * 1e9);
-    }
+    int64_t tns, rns;
+    if (timeout_ns(timeout, &tns) < 0 || timeout_ns(rtimeout, &rns) < 0)
+        return NULL;
     Py_XSETREF(t->mapping, Py_NewRef(mapping));
     t->c.m = m;
     t->c.poff = poff;
@@ -1866,9 +1834,7 @@ table_dealloc(TableObject *t)
     Py_CLEAR(t->encode_hook);
     Py_CLEAR(t->decode_hook);
     Py_CLEAR(t->grow_hook);
-    PyTypeObject *tp = Py_TYPE(t);
-    tp->tp_free((PyObject *)t);
-    Py_DECREF(tp); /* a heap type: its instances hold it */
+    shm_free_instance((PyObject *)t);
 }
 
 static int
