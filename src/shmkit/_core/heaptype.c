@@ -205,6 +205,40 @@ settle(HeapObject *self, Ctx *c, uint32_t idx, int64_t deadline)
 
 /* ---- HeapCore methods ------------------------------------------------------- */
 
+/* The start of a change that needs n bytes: bound writable, n in units,
+ * the lock taken.  0, or -1 with an exception and nothing held. */
+static int
+begin_sized(HeapObject *self, Ctx *c, unsigned long long n, int64_t deadline, uint32_t *want)
+{
+    if (begin(self, c, 1) < 0)
+        return -1;
+    if (want_units(&self->core, n, want) < 0) {
+        h_raise(self);
+        end(c);
+        return -1;
+    }
+    if (lock(c, deadline) < 0) {
+        end(c);
+        return -1;
+    }
+    return 0;
+}
+
+/* Its end: r from the protocol (0 done, ROOM_* not done, <0 error) as the
+ * method's result, with `value` (a handle, or 0) when done. */
+static PyObject *
+end_sized(HeapObject *self, Ctx *c, int r, uint64_t value)
+{
+    PyObject *result = NULL;
+    if (r < 0)
+        h_raise(self);
+    else
+        result = r == 0 ? PyLong_FromUnsignedLongLong(value) : no_room(r);
+    end(c);
+    return result;
+}
+
+
 /* alloc(nbytes, zero, timeout) -> handle int, or ROOM_SPLIT when the free
  * space is enough but split up (the caller compacts), ROOM_SHORT when it is
  * not enough (the caller grows the heap). */
@@ -223,25 +257,11 @@ heap_alloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (zero < 0 || deadline < 0)
         return NULL;
     Ctx c;
-    if (begin(self, &c, 1) < 0)
-        return NULL;
-    PyObject *result = NULL;
     uint32_t want = 0;
     uint64_t handle = 0;
-    if (want_units(&self->core, n, &want) < 0) {
-        h_raise(self);
-        goto out;
-    }
-    if (lock(&c, deadline) < 0)
-        goto out;
-    int r = h_alloc(&c, n, zero, want, &handle);
-    if (r < 0)
-        h_raise(self);
-    else
-        result = r == 0 ? PyLong_FromUnsignedLongLong(handle) : no_room(r);
-out:
-    end(&c);
-    return result;
+    if (begin_sized(self, &c, n, deadline, &want) < 0)
+        return NULL;
+    return end_sized(self, &c, h_alloc(&c, n, zero, want, &handle), handle);
 }
 
 /* grow(data_bytes, timeout=None) -> data bytes now.  Extends the data area
@@ -336,24 +356,10 @@ heap_realloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (zero < 0 || deadline < 0)
         return NULL;
     Ctx c;
-    if (begin(self, &c, 1) < 0)
-        return NULL;
-    PyObject *result = NULL;
     uint32_t want = 0;
-    if (want_units(&self->core, n, &want) < 0) {
-        h_raise(self);
-        goto out;
-    }
-    if (lock(&c, deadline) < 0)
-        goto out;
-    int r = h_realloc(&c, idx, gen, n, zero, want);
-    if (r < 0)
-        h_raise(self);
-    else
-        result = r == 0 ? PyLong_FromLong(0) : no_room(r);
-out:
-    end(&c);
-    return result;
+    if (begin_sized(self, &c, n, deadline, &want) < 0)
+        return NULL;
+    return end_sized(self, &c, h_realloc(&c, idx, gen, n, zero, want), 0);
 }
 
 /* size_of(handle) -> int, without the lock unless the block is changing. */

@@ -470,7 +470,7 @@ py_sem_format(PyObject *mod, PyObject *args)
                      "maximum=%lld", value, maximum);
         return NULL;
     }
-    char *b = shm_sync_span(mapping, offset, shm_sync_footprint(m, SEM_TABLE), 1);
+    char *b = shm_span(mapping, offset, shm_sync_footprint(m, SEM_TABLE), 1);
     if (b == NULL)
         return NULL;
     memset(b + 4, 0, shm_sync_footprint(m, SEM_TABLE) - 4);

@@ -40,7 +40,7 @@ shm_sync_handle_init(shm_sync_handle *h, PyObject *args, PyObject *kwds,
         return -1;
     }
     else
-        p = shm_sync_span(mapping, offset, shm_sync_footprint((MappingObject *)mapping, table),
+        p = shm_span(mapping, offset, shm_sync_footprint((MappingObject *)mapping, table),
                           0);
     if (p == NULL)
         return -1;

@@ -77,24 +77,6 @@ shm_slot_entry_make(uint32_t token, uint32_t n)
 
 /* ---- the view of one object ---- */
 
-/* The `size` bytes at `off` of a mapping (8-aligned), or NULL with the
- * exception shm_addr raises (closed, readonly when writable, out of bounds). */
-static inline char *
-shm_sync_span(PyObject *mapping, long long off, uint64_t size, int writable)
-{
-    char *p = shm_addr(mapping, off, 8, writable);
-    if (p == NULL)
-        return NULL;
-    MappingObject *m = (MappingObject *)mapping;
-    if (size > (uint64_t)m->length || (uint64_t)off > (uint64_t)m->length - size) {
-        PyErr_Format(shm_state_of(mapping)->CorruptError,
-                     "offset %lld (+%llu bytes) is outside the segment's %zd bytes", off,
-                     (unsigned long long)size, m->length);
-        return NULL;
-    }
-    return p;
-}
-
 /* The bytes of an object whose per-slot table starts at `table`. */
 static inline uint64_t
 shm_sync_footprint(const MappingObject *m, uint64_t table)
@@ -113,13 +95,13 @@ typedef struct {
 } shm_sync_view;
 
 /* Bind v to the object at `off` of mapping whose table starts at `table`
- * (shm_sync_span's checks over its whole footprint).  0, or -1 with an
+ * (shm_span's checks over its whole footprint).  0, or -1 with an
  * exception set. */
 static inline int
 shm_sync_bind(shm_sync_view *v, PyObject *mapping, long long off, uint64_t table,
               int writable, const char *what)
 {
-    v->b = shm_sync_span(mapping, off, shm_sync_footprint((MappingObject *)mapping, table),
+    v->b = shm_span(mapping, off, shm_sync_footprint((MappingObject *)mapping, table),
                          writable);
     if (v->b == NULL)
         return -1;

@@ -288,7 +288,7 @@ bind(Watch *w, PyObject *desc, Py_ssize_t i, PyTypeObject *ring_type)
         else if (kind == W_COND)
             span = COND_GRANTED + 4;
         w->b = span == 4 ? shm_addr(target, off, 4, kind != W_WORD)
-                         : shm_sync_span(target, off, span, 1);
+                         : shm_span(target, off, span, 1);
         if (w->b == NULL)
             return -1;
         w->word = (uint32_t *)(w->b + (kind == W_SEM       ? SEM_SEQ
@@ -423,7 +423,7 @@ cond_bind(PyObject *const *a, Py_ssize_t n, Py_ssize_t want, const char *sig)
         PyErr_SetString(PyExc_TypeError, "expected a shmkit Mapping");
         return NULL;
     }
-    return shm_sync_span(a[0], off, shm_sync_footprint((MappingObject *)a[0], COND_TABLE), 1);
+    return shm_span(a[0], off, shm_sync_footprint((MappingObject *)a[0], COND_TABLE), 1);
 }
 
 static PyObject *
