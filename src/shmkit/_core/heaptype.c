@@ -261,7 +261,8 @@ heap_alloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     uint64_t handle = 0;
     if (begin_sized(self, &c, n, deadline, &want) < 0)
         return NULL;
-    return end_sized(self, &c, h_alloc(&c, n, zero, want, &handle), handle);
+    int r = h_alloc(&c, n, zero, want, &handle); /* before handle is read */
+    return end_sized(self, &c, r, handle);
 }
 
 /* grow(data_bytes, timeout=None) -> data bytes now.  Extends the data area
