@@ -1159,3 +1159,19 @@ def test_two_thousand_tasks_on_their_own_channels_use_few_threads(names):
     finally:
         for c in chans:
             c.close()
+
+
+@pytest.mark.parametrize("bad,error", [(float("nan"), ValueError), ("0.5", TypeError),
+                                       (True, TypeError)])
+def test_every_form_of_wait_checks_its_timeout_alike(name, bad, error):
+    """The sync and awaited waits, first-of and all-of, refuse the same timeouts."""
+    ev = shmkit.Event(name)
+    try:
+        for when in (shmkit.FIRST_COMPLETED, shmkit.ALL_COMPLETED):
+            with pytest.raises(error, match="timeout"):
+                shmkit.wait([ev], bad, return_when=when)
+            with pytest.raises(error, match="timeout"):
+                asyncio.run(shmkit.aio.wait([ev], bad, return_when=when))
+    finally:
+        ev.close()
+        ev.unlink()

@@ -651,3 +651,71 @@ def test_fork_gives_child_its_own_reply_channel_and_refuses_worker(svc_name):
         w.recv(timeout=60).reply(b"ok")
         t.join(60)
         svc.unlink()
+
+
+# ---- what a hostile or careless neighbour can send a worker -----------------
+
+
+def test_a_forged_reply_name_never_stops_the_worker(svc_name):
+    """A request naming `<service>.reply.<16 hex>` where something else than a
+    live reply channel stands (here an Event) is discarded; the worker goes on."""
+    import struct
+    with shmkit.Service(svc_name) as svc:
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.update(n=svc.serve(lambda d: d, timeout=5)))
+        t.start()
+        bogus = svc_name + ".reply." + "A" * 16
+        decoy = shmkit.Event(bogus)
+        raw = bogus.encode()
+        with shmkit.Channel(svc_name + ".requests", create=False) as hostile:
+            hostile.send(struct.pack("<BBHIQ", 1, 0, len(raw), 0, 1) + raw + b"x", 1)
+        with shmkit.Client(svc, wait_for_worker=10) as c:
+            assert c.call(b"legit", timeout=10) == b"legit"  # the same worker answers
+        t.join(30)
+        assert "n" in out, "serve() raised"
+        assert svc.statistics()["discarded"] >= 1
+        decoy.unlink()
+        decoy.close()
+        svc.unlink()
+
+
+def test_a_handler_result_that_is_no_reply_fails_that_call_only(svc_name):
+    with shmkit.Service(svc_name) as svc:
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.update(
+            n=svc.serve(lambda d: None if d == b"none" else d, timeout=5)))
+        t.start()
+        with shmkit.Client(svc, wait_for_worker=10) as c:
+            with pytest.raises(shmkit.RemoteError, match="bytes-like"):
+                c.call(b"none", timeout=10)
+            assert c.call(b"next", timeout=10) == b"next"
+        t.join(30)
+        assert out.get("n") == 2
+        svc.unlink()
+
+
+def test_a_reply_that_is_not_contiguous_is_refused_before_it_counts(svc_name):
+    import numpy as np
+    with shmkit.Service(svc_name) as svc:
+        def work():
+            with svc.worker() as w:
+                req = w.recv(timeout=10)
+                with pytest.raises(TypeError, match="contiguous"):
+                    req.reply(np.arange(10)[::2])
+                assert not req.answered
+                req.reply(b"fine")
+        t = threading.Thread(target=work)
+        t.start()
+        with shmkit.Client(svc, wait_for_worker=10) as c:
+            with pytest.raises(TypeError, match="contiguous"):
+                c.call(np.arange(10)[::2], timeout=1)
+            assert c.call(b"q", timeout=10) == b"fine"
+        t.join(30)
+        svc.unlink()
+
+
+@pytest.mark.parametrize("bad", [{"capacity": 0}, {"lifetime": "bogus"}])
+def test_a_service_that_fails_to_create_leaves_no_file(svc_name, bad):
+    with pytest.raises(ValueError):
+        shmkit.Service(svc_name, **bad)
+    assert _files(svc_name) == []

@@ -45,7 +45,7 @@ from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Final, Literal,
 from . import _core
 from . import channel as _channel
 from . import sync as _sync
-from .aio_wait import (ALL_COMPLETED, FIRST_COMPLETED, WaitArgumentError, _all_of,
+from .aio_wait import (ALL_COMPLETED, FIRST_COMPLETED, WaitArgumentError, _all_of, seconds,
                        _describe, _Desc, _ready_all)
 from .errors import ChannelClosed, Empty, Full, ShmkitError, Timeout, WouldBlock
 
@@ -271,7 +271,7 @@ async def _until(attempt: Callable[[], T | _Again], describe: Callable[[], _Desc
     r = attempt()
     if r is not _AGAIN:
         return r
-    deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
+    deadline = None if timeout is None else loop.time() + seconds(timeout)
     if timeout is None or timeout > 0:
         # A partner that answers within microseconds is caught here, without
         # the watcher's two thread hops; the loop is held up at most _SPIN.
@@ -358,7 +358,7 @@ class Channel(_channel.Channel):
         msgs = list(messages)
         sent = 0
         loop = _loop()
-        deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
+        deadline = None if timeout is None else loop.time() + seconds(timeout)
         try:
             while sent < len(msgs):
                 sent += _channel.Channel.send_many(self, msgs[sent:], 0)
@@ -704,7 +704,7 @@ class RWLock(_sync.RWLock):
                             timeout: float | None = None) -> bool:
         """Await the write hold; False if ``timeout`` passes first."""
         loop = _loop()
-        deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
+        deadline = None if timeout is None else loop.time() + seconds(timeout)
         pause = 0.001
         while True:
             left = None if deadline is None else max(0.0, deadline - loop.time())
@@ -809,7 +809,7 @@ class Condition(_sync.Condition):
             return True if _core.wait_ready([desc], 0, False)[0] else _AGAIN
 
         loop = _loop()
-        deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
+        deadline = None if timeout is None else loop.time() + seconds(timeout)
         try:
             while not notified:
                 left = None if deadline is None else deadline - loop.time()
@@ -844,7 +844,7 @@ class Condition(_sync.Condition):
                        timeout: float | None = None) -> Any:
         """Await until ``predicate()`` is true (holding the condition); returns its last value."""
         loop = _loop()
-        deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
+        deadline = None if timeout is None else loop.time() + seconds(timeout)
         result = predicate()
         while not result:
             if deadline is not None and loop.time() >= deadline:
@@ -885,7 +885,7 @@ async def wait(objects: Sequence[T], timeout: float | None = None, *,
         raise WaitArgumentError("shmkit.aio.wait(objects): need at least one object, got none")
     descs = [_describe(o) for o in objs]
     loop = _loop()
-    deadline = None if timeout is None else loop.time() + max(0.0, float(timeout))
+    deadline = None if timeout is None else loop.time() + seconds(timeout)
     suspects: set[int] = set()  # found with a dead holder: ready for the call that recovers
     while True:
         now = _ready_all(descs, suspects)

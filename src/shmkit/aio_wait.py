@@ -16,6 +16,7 @@ True
 
 from __future__ import annotations
 
+import numbers
 import time
 from typing import Final, Literal, Sequence, TypeVar
 
@@ -96,6 +97,18 @@ def _describe(obj: object, sending: int = 0, stop_when_no_senders: bool = False)
     return (kind, m, obj._base, 0)
 
 
+def seconds(timeout: float) -> float:
+    """A timeout as every wait takes it: a real number of seconds (not a bool,
+    not NaN); a negative one counts as 0."""
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds or None, not "
+                        f"{type(timeout).__name__}")
+    t = float(timeout)
+    if t != t:
+        raise ValueError("timeout must be a number of seconds, not NaN")
+    return max(0.0, t)
+
+
 def wait(objects: Sequence[T], timeout: float | None = None, *,
          return_when: Literal["FIRST_COMPLETED", "ALL_COMPLETED"] = FIRST_COMPLETED,
          ) -> list[T]:
@@ -160,12 +173,14 @@ def wait(objects: Sequence[T], timeout: float | None = None, *,
             f"shmkit.wait(objects): need 1 to {MAX_OBJECTS} objects, got {len(objs)}; "
             "split a larger set over several threads or use shmkit.aio.wait, which has "
             "no such limit per process")
+    if timeout is not None:
+        timeout = seconds(timeout)
     descs = [_describe(o) for o in objs]
     if not all_of:
         ready, suspect = _core.wait_ready(descs, timeout, True)
         chosen = set(ready) | set(suspect)
         return [o for i, o in enumerate(objs) if i in chosen]
-    deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
+    deadline = None if timeout is None else time.monotonic() + timeout
     suspects: set[int] = set()
     while True:
         now = _ready_all(descs, suspects)

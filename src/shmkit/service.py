@@ -58,6 +58,7 @@ from .errors import (
     NotFoundError,
     RemoteError,
     ServiceUnavailable,
+    ShmkitError,
     Timeout,
     WorkerDied,
 )
@@ -197,6 +198,11 @@ class Service(SharedObject):
                     raise
                 self._requests = None  # only looking: the header alone is described
         except BaseException:
+            if seg.created:  # a header without its request channel is no service
+                try:
+                    seg.unlink()
+                except ShmkitError:
+                    pass
             seg.close()
             raise
         self._seg = seg
@@ -337,13 +343,13 @@ class Service(SharedObject):
                 try:
                     arg = req.object() if req.pickled else req.data
                     result = handler(arg)
-                except Exception:
-                    req.fail(traceback.format_exc())
-                else:
                     if req.pickled:
                         req.reply_object(result)
                     else:
                         req.reply(result)
+                except Exception:  # the handler's, or a result that is no reply
+                    if not req.answered:
+                        req.fail(traceback.format_exc())
                 done += 1
         return done
 
@@ -468,6 +474,9 @@ class Request:
             raise TypeError(f"a reply must be bytes-like (bytes, bytearray, memoryview, "
                             f"a numpy array), not {type(data).__name__}; use "
                             "reply_object() to send a Python object") from None
+        if not view.c_contiguous:
+            raise TypeError("a reply must be one contiguous block of memory; copy it "
+                            "first (numpy.ascontiguousarray)")
         return self._send(_OK, view)
 
     def reply_object(self, obj: Any) -> bool:
@@ -625,8 +634,10 @@ class Worker:
                 self._drop(req._reply_to)
             try:
                 ch = Channel(req._reply_to, create=False)
-            except (NotFoundError, CorruptError, FormatVersionError, ValueError):
-                return False  # the caller is gone (its channel unlinked)
+            except (ShmkitError, ValueError):
+                # the caller is gone (its channel unlinked), or the name holds
+                # something that is not its live reply channel: never our problem
+                return False
             if len(self._cache) >= _MAX_CACHED:
                 self._drop(next(iter(self._cache)))
             cached = self._cache[req._reply_to] = (ch, req._token)
@@ -653,7 +664,7 @@ class Worker:
                 return True
             except Timeout:
                 return False  # the caller reads no replies: never wedge on it
-        except ClosedError:
+        except ShmkitError:  # closed, ended or damaged meanwhile: the reply is lost
             self._drop(req._reply_to)
             return False
 
@@ -857,6 +868,9 @@ class Client:
             raise TypeError(f"call() sends bytes-like data (bytes, bytearray, memoryview, "
                             f"a numpy array), not {type(data).__name__}; use "
                             "call_object() to send a Python object") from None
+        if not view.c_contiguous:
+            raise TypeError("call() sends one contiguous block of memory; copy it first "
+                            "(numpy.ascontiguousarray)")
         return self._call(view, 0, timeout)
 
     def call_object(self, obj: Any, timeout: float | None = None) -> Any:
