@@ -84,3 +84,29 @@ def run_python(code: str, *args: str, timeout: float = 60, check: bool = True,
     if check and proc.returncode != 0:
         raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def fork_call(fn: Callable[..., Any], *args: Any) -> int:
+    """Run fn(*args) in a forked child that exits 0, or 1 after printing what
+    it raised; returns the child's pid (for kill tests that SIGKILL it)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            fn(*args)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    return pid
+
+
+def kill_wait(pid: int) -> None:
+    """SIGKILL a child (gone already is fine) and reap it."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)

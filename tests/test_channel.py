@@ -35,6 +35,7 @@ from shmkit.errors import (
 )
 
 from conftest import SRC, run_python, spawn
+from conftest import fork_call as _fork, kill_wait as _kill
 
 # Ring header offsets (see _core/ring.c)
 TAIL, RESERVED, PLOCK = 64, 72, 80
@@ -540,27 +541,6 @@ def test_idle_receiver_sleeps(name):
 # -- crashes --------------------------------------------------------------------
 
 
-def _fork(fn, *args) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            fn(*args)
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-            code = 1
-        finally:
-            os._exit(code)
-    return pid
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    os.waitpid(pid, 0)
 
 
 def _crash_producer(ch, done, pid_slot, start, big):

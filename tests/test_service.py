@@ -18,6 +18,7 @@ from shmkit import _core
 from shmkit.service import _reap_replies
 
 from conftest import SPAWN, run_python, spawn
+from conftest import fork_call as _fork, kill_wait as _kill
 
 
 @pytest.fixture
@@ -289,25 +290,6 @@ def test_worker_recv_timeout_and_unanswered_request_failed(svc_name):
 # -- deaths ------------------------------------------------------------------------
 
 
-def _fork(fn: Any, *args: Any) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            fn(*args)
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    return pid
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    os.waitpid(pid, 0)
 
 
 def _hanging_worker(name: str) -> None:

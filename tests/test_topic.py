@@ -32,31 +32,11 @@ from shmkit.errors import (
 from shmkit.topic import Subscriber, Topic
 
 from conftest import spawn
+from conftest import fork_call as _fork, kill_wait as _kill
 
 L = _core.layouts["topic"]
 
 
-def _fork(fn, *args) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            fn(*args)
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-            code = 1
-        finally:
-            os._exit(code)
-    return pid
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    os.waitpid(pid, 0)
 
 
 def _wait(pid: int, timeout: float = 60) -> int:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from .errors import ClosedError
-from .segment import Kind, Segment, SegmentInfo, mismatch
+from .segment import Closing, Kind, Segment, SegmentInfo, mismatch
 
 __all__ = ["SharedObject", "DEFAULT", "mismatch", "attach_segment"]
 
@@ -68,7 +68,7 @@ def check_common(what: str, seg: Segment, *, lifetime: Any = DEFAULT,
         raise error
 
 
-class SharedObject:
+class SharedObject(Closing):
     """The handle side of every structure: it holds a private segment.
 
     Subclasses set ``_seg`` (or a ``_seg`` property), ``_what`` (a word for
@@ -178,18 +178,6 @@ class SharedObject:
         hook, self._on_destroy = self._on_destroy, None
         if hook is not None:
             hook()
-
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __reduce__(self) -> tuple[Any, ...]:
         seg = self._held()

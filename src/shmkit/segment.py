@@ -52,7 +52,7 @@ import struct
 import time
 import weakref
 from enum import IntEnum
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from . import _core
 from .errors import (
@@ -295,6 +295,30 @@ def mismatch(what: str, name: str, param: str, asked: Any, found: Any) -> Mismat
         f"{name}`) and create it again")
 
 
+_H = TypeVar("_H", bound="Closing")
+
+
+class Closing:
+    """What every handle does with ``with`` and at garbage collection: ``close()``."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _H) -> _H:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 class SegmentInfo(dict[str, Any]):
     """A plain dict describing a segment, as ``shmkit info --json`` prints it."""
 
@@ -303,7 +327,7 @@ class SegmentInfo(dict[str, Any]):
 _live: "dict[int, weakref.ref[Segment]]" = {}
 
 
-class Segment:
+class Segment(Closing):
     """A named region of shared memory with a self-describing header.
 
     ``Segment(name, size=n)`` opens ``name`` if it exists and creates it with
@@ -899,17 +923,6 @@ class Segment:
             raise NotFoundError(f"segment {self._name!r} was already removed") from None
         self._destroyed()
 
-    def __enter__(self) -> "Segment":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_reopen, (type(self), self._name, self._path, self._readonly, self._kind,

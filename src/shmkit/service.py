@@ -62,7 +62,7 @@ from .errors import (
     Timeout,
     WorkerDied,
 )
-from .segment import DEFAULT_MAX_ATTACH, Kind, Segment
+from .segment import DEFAULT_MAX_ATTACH, Closing, Kind, Segment
 
 __all__ = ["Service", "Client", "Worker", "Request"]
 
@@ -499,7 +499,7 @@ class Request:
                 f"{' answered' if self.answered else ''}>")
 
 
-class Worker:
+class Worker(Closing):
     """One worker of a :class:`Service`: takes requests and answers them.
 
     Made by ``service.worker()``; meant for one thread (start one worker per
@@ -696,33 +696,18 @@ class Worker:
         seg = self._seg
         if seg is None or seg.closed:
             return
-        if self._pid != _segment._pid:  # forked: the entry is the parent's, leave it
-            for name in list(self._cache):
-                self._drop(name)
-            seg.close()
-            return
+        mine = self._pid == _segment._pid  # forked: the entry is the parent's, leave it
         cur = self._current
         try:
-            if cur is not None and not cur.answered:
+            if mine and cur is not None and not cur.answered:
                 cur.fail("the worker stopped before answering")
         finally:
-            _core.store64(seg._mapping, self._entry + 8, 0)
-            _core.store64(seg._mapping, self._entry, 0)
+            if mine:
+                _core.store64(seg._mapping, self._entry + 8, 0)
+                _core.store64(seg._mapping, self._entry, 0)
             for name in list(self._cache):
                 self._drop(name)
             seg.close()
-
-    def __enter__(self) -> "Worker":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"token={self._token:#x}"
@@ -742,7 +727,7 @@ class _Line:
         self.next_id = random.getrandbits(63) | 1
 
 
-class Client:
+class Client(Closing):
     """The calling side of a :class:`Service`.
 
     ``Client(name)`` opens (or creates) the service by name;
@@ -984,18 +969,6 @@ class Client:
             line.ch.close()
         if self._own and self._service is not None:
             self._service.close()
-
-    def __enter__(self) -> "Client":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         if self._closed:
