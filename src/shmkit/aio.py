@@ -24,8 +24,9 @@ sleeps on all their futex words at once with the GIL released and, when
 one is ready, wakes every future waiting on it through
 ``loop.call_soon_threadsafe``; each coroutine retries, and waits again if
 another took the message or the lock first.  Awaits of the same object
-share one watched word; no thread is started per await, and an idle
-watcher wakes only for the liveness checks that find dead peers.
+share one watched word; no thread is started per await.  An idle watcher
+never wakes: one checker thread per process looks for dead peers among
+every watched object (see :data:`CHECK_EVERY`).
 
 Cancellation loses nothing: a message is only taken, and a lock only
 held, by the non-blocking call itself, which runs to completion between
@@ -39,6 +40,7 @@ import contextlib
 import enum
 import os
 import threading
+import time
 from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Final, Literal, NoReturn,
                     Sequence, TypeVar, cast)
 
@@ -56,13 +58,19 @@ if TYPE_CHECKING:
 
 __all__ = ["Channel", "Queue", "Event", "Mutex", "RWLock", "Semaphore", "Condition",
            "wait", "FIRST_COMPLETED", "ALL_COMPLETED", "MAX_WATCHERS", "TooManyWaitsError",
-           "NoEventLoopError", "watcher_count"]
+           "NoEventLoopError", "watcher_count", "CHECK_EVERY"]
 
 MAX_WATCHERS = 32
 """Watcher threads per process at most; each watches 127 distinct objects."""
 _PER_WATCHER = 127  # futex_waitv takes 128 words; one is the watcher's wake word
 _SPIN = 20e-6  # seconds a coroutine spins for its object before handing it to a watcher
 _REPAIR_TIMEOUT = 0.02  # a repairing call's wait: past the channel's first 5 ms slice
+CHECK_EVERY = 0.05
+"""Seconds between two looks for dead peers (a killed lock holder, a producer
+killed mid-message) among every awaited object, as often as a blocking call
+looks; with many objects the checker waits longer, so that it spends at
+most 1/:data:`_CHECK_SHARE` of a core."""
+_CHECK_SHARE = 200
 
 T = TypeVar("T")
 
@@ -169,24 +177,19 @@ class _Watcher:
                 seen = _core.load32(self.wake, 0)
             descs = [e.desc for e in entries]
             descs.append((_core.W_WORD, self.wake, 0, seen))
-            flags: Sequence[tuple[int, _Flag]]
-            try:
-                ready, suspect = _core.wait_ready(descs, None, False)
-                flags = [(i, _READY) for i in ready] + [(i, _SUSPECT) for i in suspect]
-            except BaseException as exc:  # a description went bad: tell its awaiters
-                flags = [(i, exc) for i in range(len(entries))]
-            fired: list[tuple[_Futures, _Flag]] = []
-            with hub.lock:
-                for i, flag in flags:
-                    if i >= len(entries):
-                        continue  # the wake word
-                    e = entries[i]
-                    if self.entries.get(e.key) is e:
-                        del self.entries[e.key]
-                        del hub.where[e.key]
-                        fired.append((e.futures, flag))
-            for futures, flag in fired:
-                _fire(futures, flag)
+            # Sleep until a word changes: no liveness slices (the hub's
+            # checker looks for dead peers without re-arming 128 words).
+            hub.settle(entries, _look(descs, None, False))
+
+
+def _look(descs: list[_Desc], timeout: float | None,
+          check: bool) -> Sequence[tuple[int, _Flag]]:
+    """(index, flag) for each of ``descs`` ready or suspect after a wait_ready."""
+    try:
+        ready, suspect = _core.wait_ready(descs, timeout, False, check)
+    except BaseException as exc:  # a description went bad: tell its awaiters
+        return [(i, exc) for i in range(len(descs))]
+    return [(i, _READY) for i in ready] + [(i, _SUSPECT) for i in suspect]
 
 
 class _Hub:
@@ -197,6 +200,47 @@ class _Hub:
         self.watchers: list[_Watcher] = []
         self.where: dict[_Key, _Entry] = {}
         self.stopped = False
+        self.watching = threading.Condition(self.lock)
+        self.checker: threading.Thread | None = None
+
+    def settle(self, entries: list[_Entry], flags: Sequence[tuple[int, _Flag]]) -> None:
+        """Stop watching the entries that ``flags`` names (indices past the
+        entries, such as a watcher's wake word, are skipped) and wake their
+        awaiters; a watcher that still sleeps on one of them looks again."""
+        fired: list[tuple[_Futures, _Flag]] = []
+        with self.lock:
+            for i, flag in flags:
+                if i >= len(entries):
+                    continue
+                e = entries[i]
+                if self.where.get(e.key) is e:
+                    del self.where[e.key]
+                    del e.watcher.entries[e.key]
+                    if threading.current_thread() is not e.watcher.thread:
+                        e.watcher.poke()
+                    fired.append((e.futures, flag))
+        for futures, flag in fired:
+            _fire(futures, flag)
+
+    def _check(self) -> None:
+        """The checker thread: every CHECK_EVERY seconds (longer with many
+        objects), one look at every watched object with timeout 0, which
+        runs each kind's liveness check: a dead holder or writer in the way
+        wakes its awaiters, whose repairing call makes progress."""
+        pause = CHECK_EVERY
+        while True:
+            with self.lock:
+                while not self.where and not self.stopped:
+                    self.watching.wait()
+                if self.stopped:
+                    return
+                self.watching.wait(pause)
+                batches = [list(w.entries.values()) for w in self.watchers if w.entries]
+            spent = time.thread_time()
+            for entries in batches:
+                self.settle(entries, _look([e.desc for e in entries], 0, True))
+            spent = time.thread_time() - spent
+            pause = max(CHECK_EVERY, spent * _CHECK_SHARE)
 
     def add(self, key: _Key, desc: _Desc, fut: asyncio.Future[int],
             loop: asyncio.AbstractEventLoop) -> None:
@@ -213,8 +257,14 @@ class _Hub:
                             "fewer objects at a time")
                     w = _Watcher(self)
                     self.watchers.append(w)
+                    if self.checker is None:
+                        self.checker = threading.Thread(target=self._check, daemon=True,
+                                                        name="shmkit-aio-checker")
+                        self.checker.start()
                 e = self.where[key] = w.entries[key] = _Entry(key, desc, w)
                 w.poke()
+                if len(self.where) == 1:
+                    self.watching.notify()
             e.futures[fut] = loop
 
     def discard(self, key: _Key, fut: asyncio.Future[int]) -> None:

@@ -54,7 +54,8 @@ shm_futex_wait(uint32_t *word, uint32_t expected, int64_t deadline, int64_t slic
     if (slice_ns > 0 && wait > slice_ns)
         wait = slice_ns;
     struct timespec ts = {wait / 1000000000LL, wait % 1000000000LL};
-    long r = syscall(SYS_futex, word, FUTEX_WAIT, expected, &ts, NULL, 0);
+    int forever = deadline == SHM_FOREVER && (slice_ns <= 0 || slice_ns == SHM_FOREVER);
+    long r = syscall(SYS_futex, word, FUTEX_WAIT, expected, forever ? NULL : &ts, NULL, 0);
     if (r == 0)
         return 0;
     if (errno == EAGAIN)

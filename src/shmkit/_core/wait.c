@@ -84,7 +84,8 @@ sleep_on(shm_wait *const *ws, const uint32_t *vals, int n, int64_t deadline, int
             e[i].reserved = 0;
         }
         struct timespec ts = {until / 1000000000LL, until % 1000000000LL};
-        long r = syscall(SYS_futex_waitv, e, (unsigned)n, 0, &ts, CLOCK_MONOTONIC);
+        long r = syscall(SYS_futex_waitv, e, (unsigned)n, 0,
+                         until == SHM_FOREVER ? NULL : &ts, CLOCK_MONOTONIC);
         if (r >= 0 || errno == EAGAIN)
             return 0;
         if (errno != ENOSYS)
@@ -111,12 +112,15 @@ static int
 wait_many(shm_wait *const *ws, int n, int64_t deadline, int *which)
 {
     uint32_t tokens[SHM_WAIT_MAX], vals[SHM_WAIT_MAX];
-    int64_t spin_ns = 0;
+    int64_t spin_ns = 0, check_ns = SHM_FOREVER;
     for (int i = 0; i < n; i++) {
         tokens[i] = ws[i]->m->token;
         ws[i]->slept = 0;
         if (ws[i]->spin_ns > spin_ns)
             spin_ns = ws[i]->spin_ns;
+        int64_t c = ws[i]->check_ns > 0 ? ws[i]->check_ns : SHM_WAIT_SLICE_NS;
+        if (c < check_ns)
+            check_ns = c;
     }
     int k = spin(ws, n, vals, shm_now_ns() >= deadline ? 0 : spin_ns, deadline);
     if (k >= 0) {
@@ -127,7 +131,9 @@ wait_many(shm_wait *const *ws, int n, int64_t deadline, int *which)
         if (ws[i]->arm)
             ws[i]->arm(ws[i]->ctx);
     int result = 0;
-    int64_t slice = SHM_WAIT_FIRST_SLICE_NS;
+    int64_t slice = check_ns < SHM_WAIT_FIRST_SLICE_NS ? check_ns : SHM_WAIT_FIRST_SLICE_NS;
+    if (check_ns == SHM_FOREVER)
+        slice = SHM_FOREVER;
     for (;;) {
         /* After arming: a waker that ran before we were counted changed
          * the state, and ready() sees it now. */
@@ -166,7 +172,7 @@ wait_many(shm_wait *const *ws, int n, int64_t deadline, int *which)
         }
         if (err == ETIMEDOUT && shm_now_ns() < deadline) {
             /* A whole slice without a wake-up: is the peer we wait for alive? */
-            slice = SHM_WAIT_SLICE_NS;
+            slice = check_ns;
             if (check_all(ws, n) < 0) {
                 result = -1;
                 break;

@@ -18,6 +18,9 @@
  *      and stop with ClosedError if the handle was closed meanwhile;
  *   4. after a slice without a wake-up, and once more before reporting a
  *      timeout: check() (is the holder alive? repair what the dead left);
+ *      a wait whose caller checks liveness elsewhere (check_ns =
+ *      SHM_FOREVER: the asyncio watchers, which sleep on up to 128 words
+ *      and would pay for re-arming them all) sleeps on until a wake-up;
  *   5. disarm() on every way out.
  *
  * ready() runs with or without the GIL and must not touch Python objects;
@@ -51,6 +54,8 @@ typedef struct shm_wait {
     void (*disarm)(void *ctx);       /* optional: and uncount us */
     int (*check)(void *ctx);         /* optional: liveness and repair; 0, or -1 set */
     int64_t spin_ns;      /* how long to spin before sleeping (0: do not spin) */
+    int64_t check_ns;     /* longest sleep between checks (0: SHM_WAIT_SLICE_NS;
+                           * SHM_FOREVER: none until the deadline) */
     const char *what;     /* "channel 'logs'": for the closed-meanwhile error */
     int slept;            /* out: 1 if the wait had to sleep (for adaptive spins) */
 } shm_wait;

@@ -34,8 +34,10 @@
  * shm_event_arm, shm_lock_mark_waiters, shm_sem_free, shm_cond_granted...,
  * ring.h's ring_sleeper), so wakers never skip a wake-up this waiter needs.
  *
- *   wait_ready(descs, timeout=None, spin=True) -> (ready, suspect)
- *       lists of indices into descs
+ *   wait_ready(descs, timeout=None, spin=True, check=True) -> (ready, suspect)
+ *       lists of indices into descs; check=False: no liveness checks
+ *       between slices (sleep until a wake-up or the timeout), for a caller
+ *       that checks the same objects with timeout=0 calls of its own
  */
 #include "ring.h"
 #include "sync.h"
@@ -305,11 +307,20 @@ bind(Watch *w, PyObject *desc, Py_ssize_t i, PyTypeObject *ring_type)
     return 0;
 }
 
+/* A channel handle without an attachment cannot count itself a sleeper, so
+ * no sender wakes it: only the slices look again. */
+static int
+unarmed(const Watch *w)
+{
+    return (w->kind == W_RING_DATA || w->kind == W_RING_SPACE) && w->me == 0;
+}
+
 static PyObject *
 py_wait_ready(PyObject *mod, PyObject *const *a, Py_ssize_t n)
 {
-    if (n < 1 || n > 3) {
-        PyErr_SetString(PyExc_TypeError, "expected wait_ready(descs, timeout=None, spin=True)");
+    if (n < 1 || n > 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "expected wait_ready(descs, timeout=None, spin=True, check=True)");
         return NULL;
     }
     PyObject *seq = PySequence_Fast(a[0], "wait_ready() needs a sequence of descriptions");
@@ -324,7 +335,8 @@ py_wait_ready(PyObject *mod, PyObject *const *a, Py_ssize_t n)
     }
     int64_t deadline = shm_deadline(n > 1 ? a[1] : NULL);
     int spin = n > 2 ? PyObject_IsTrue(a[2]) : 1;
-    if (deadline < 0 || spin < 0) {
+    int check = n > 3 ? PyObject_IsTrue(a[3]) : 1;
+    if (deadline < 0 || spin < 0 || check < 0) {
         Py_DECREF(seq);
         return NULL;
     }
@@ -347,6 +359,7 @@ py_wait_ready(PyObject *mod, PyObject *const *a, Py_ssize_t n)
         sw[live] = (shm_wait){.m = ws[i].m, .word = ws[i].word, .ctx = &ws[i],
                               .ready = w_ready, .arm = w_arm, .disarm = w_disarm,
                               .check = w_check, .spin_ns = spin ? SHM_WAIT_SPIN_NS : 0,
+                              .check_ns = check || unarmed(&ws[i]) ? 0 : SHM_FOREVER,
                               .what = "an object waited on"};
         ptr[live] = &sw[live];
         live++;
@@ -486,10 +499,11 @@ py_cond_leave(PyObject *mod, PyObject *const *a, Py_ssize_t n)
 
 static PyMethodDef waitset_methods[] = {
     {"wait_ready", (PyCFunction)(void (*)(void))py_wait_ready, METH_FASTCALL,
-     "wait_ready($module, descs, timeout=None, spin=True, /)\n--\n\n"
+     "wait_ready($module, descs, timeout=None, spin=True, check=True, /)\n--\n\n"
      "-> (ready, suspect).  Wait until any described object is ready; return the indices of those\n"
      "ready now and of those whose holder or writer died (a repairing call\n"
-     "makes progress).  Never consumes; closed handles count as ready."},
+     "makes progress).  Never consumes; closed handles count as ready.\n"
+     "check=False: look for dead holders only when the timeout passes."},
     {"cond_enter", (PyCFunction)(void (*)(void))py_cond_enter, METH_FASTCALL,
      "cond_enter($module, mapping, offset, /)\n--\n\n"
      "-> seq0: count us a sleeper, release the mutex"},
