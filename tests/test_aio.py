@@ -22,7 +22,7 @@ import pytest
 
 import shmkit
 import shmkit.aio as aio
-from conftest import SRC, spawn
+from conftest import SRC, run_python, spawn
 
 PROMPT = 5.0  # "promptly": seconds, on a shared and noisy machine
 
@@ -1175,3 +1175,296 @@ def test_every_form_of_wait_checks_its_timeout_alike(name, bad, error):
     finally:
         ev.close()
         ev.unlink()
+
+
+# ---- RWLock.acquire_write: the awaiting writer goes first, as the blocking one ----------
+
+def _writer_waiting(rw: shmkit.RWLock) -> bool:
+    return bool(rw.statistics()["writer_waiting_or_in"])  # the state's bit 0
+
+
+def _read_hand_over_hand(name: str, ready, stop) -> None:
+    """Hold a read lock at all times, taking the next hold before dropping the
+    last, so that the readers' count never falls to zero; only a refused hold
+    (a writer announced) lets it fall, and then the reader waits its turn."""
+    rw = shmkit.RWLock(name)
+    assert rw.acquire_read(timeout=60)
+    ready.set()
+    while not stop.is_set():
+        took = rw.acquire_read(timeout=0.002)
+        rw.release_read()
+        if not took:
+            assert rw.acquire_read(timeout=60)
+    rw.release_read()
+    rw.close()
+
+
+def _read_in_bursts(name: str, ready, stop) -> None:
+    rw = shmkit.RWLock(name)
+    rng = random.Random(os.getpid())
+    ready.set()
+    while not stop.is_set():
+        assert rw.acquire_read(timeout=60)
+        time.sleep(rng.random() * 0.002)
+        rw.release_read()
+        time.sleep(rng.random() * 0.001)
+    rw.close()
+
+
+def _hold_read(name: str, ready) -> None:
+    rw = shmkit.RWLock(name)
+    assert rw.acquire_read(timeout=60)
+    ready.set()
+    time.sleep(120)
+
+
+_TRY_READ = """
+import shmkit, sys
+rw = shmkit.RWLock(sys.argv[1])
+took = rw.acquire_read(timeout=float(sys.argv[2]))
+if took:
+    rw.release_read()
+print(took)
+"""
+
+_TRY_BOTH = """
+import shmkit, sys, warnings
+warnings.simplefilter("ignore", shmkit.OwnerDiedWarning)
+rw = shmkit.RWLock(sys.argv[1])
+wrote = rw.acquire_write(timeout=5)
+if wrote:
+    rw.release_write()
+read = rw.acquire_read(timeout=5)
+if read:
+    rw.release_read()
+print(wrote, read)
+"""
+
+
+def test_async_writer_is_not_starved_by_a_stream_of_readers(name):
+    from conftest import SPAWN
+
+    rw = aio.RWLock(name)
+    ready, stop = SPAWN.Event(), SPAWN.Event()
+    p = spawn(_read_hand_over_hand, name, ready, stop)
+    assert ready.wait(60)
+
+    async def main() -> None:
+        for _ in range(3):
+            assert p.pid in rw.statistics()["readers"]  # the stream is in
+            assert await rw.acquire_write(timeout=10)
+            assert rw.statistics()["readers"] == {}
+            rw.release_write()
+            await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(main())
+    finally:
+        stop.set()
+        p.join(60)
+    assert p.exitcode == 0
+    rw.close()
+
+
+def test_async_writer_holds_back_new_readers_while_it_waits(name):
+    rw = aio.RWLock(name)
+    mine = shmkit.RWLock(name)  # a read hold of this process: the writer waits for it
+
+    async def main() -> None:
+        assert mine.acquire_read(timeout=10)
+        t = asyncio.create_task(rw.acquire_write(timeout=60))
+        await asyncio.sleep(0.2)
+        assert not t.done() and _writer_waiting(rw)
+        refused = await asyncio.to_thread(run_python, _TRY_READ, name, "0")
+        assert refused.stdout.split() == ["False"]
+        assert not t.done()
+        mine.release_read()
+        assert await asyncio.wait_for(t, 60)
+        assert rw.statistics()["writer_pid"] == os.getpid()
+        rw.release_write()
+        took = await asyncio.to_thread(run_python, _TRY_READ, name, "0")
+        assert took.stdout.split() == ["True"]
+
+    asyncio.run(main())
+    mine.close()
+    rw.close()
+
+
+def _assert_no_write_left(rw: aio.RWLock) -> None:
+    assert not _writer_waiting(rw)
+    assert not rw._wlock.locked()
+    assert rw._m.held_count == 0
+
+
+def test_cancelled_async_write_acquires_leave_no_announcement(name):
+    from conftest import SPAWN
+
+    rw = aio.RWLock(name)
+    ready, stop = SPAWN.Event(), SPAWN.Event()
+    p = spawn(_read_in_bursts, name, ready, stop)
+    assert ready.wait(60)
+
+    async def main() -> tuple[int, int]:
+        rng = random.Random(5)
+        won = cancelled = 0
+        for i in range(200):
+            t = asyncio.create_task(rw.acquire_write(timeout=30))
+            await asyncio.sleep(rng.choice([0, rng.random() * 0.005]))
+            t.cancel()
+            try:
+                if await t:
+                    won += 1
+                    rw.release_write()
+            except asyncio.CancelledError:
+                cancelled += 1
+            _assert_no_write_left(rw)
+            if i % 50 == 49:  # other processes' writers and readers go on
+                both = await asyncio.to_thread(run_python, _TRY_BOTH, name)
+                assert both.stdout.split() == ["True", "True"]
+        return won, cancelled
+
+    try:
+        won, cancelled = asyncio.run(main())
+    finally:
+        stop.set()
+        p.join(60)
+    assert p.exitcode == 0  # the reader never waited 60 s
+    assert cancelled > 0
+    _assert_no_write_left(rw)
+    rw.close()
+
+
+def test_awaiting_writer_gets_the_lock_when_the_reader_is_killed(name):
+    from conftest import SPAWN
+
+    rw = aio.RWLock(name)
+    ready = SPAWN.Event()
+    p = spawn(_hold_read, name, ready)
+    assert ready.wait(60)
+
+    async def main() -> tuple[bool, bool, int]:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            t = asyncio.create_task(rw.acquire_write(timeout=60))
+            await asyncio.sleep(0.3)
+            assert not t.done() and _writer_waiting(rw)
+            p.kill()
+            got = await t
+            return got, rw.recovered, sum(issubclass(x.category, shmkit.OwnerDiedWarning)
+                                          and "reader died" in str(x.message) for x in w)
+
+    got, recovered, warned = asyncio.run(main())
+    p.join(30)
+    assert got and recovered and warned == 1
+    assert rw.statistics()["readers"] == {}
+    rw.release_write()
+    rw.close()
+
+
+def test_a_killed_async_writer_is_recovered(name):
+    from conftest import fork_call, kill_wait
+
+    rw = shmkit.RWLock(name)
+    assert rw.acquire_read(timeout=10)  # the child's writer announces itself, then waits
+
+    def child() -> None:
+        async def main() -> None:
+            await aio.RWLock(name).acquire_write(timeout=60)
+
+        asyncio.run(main())
+
+    pid = fork_call(child)
+    try:
+        end = time.monotonic() + 30
+        while not (_writer_waiting(rw) and rw.statistics()["writer_pid"] == pid):
+            assert time.monotonic() < end, "the child's writer never announced itself"
+            time.sleep(0.01)
+    finally:
+        kill_wait(pid)
+    rw.release_read()
+    with pytest.warns(shmkit.OwnerDiedWarning, match="writer died"):
+        assert rw.acquire_read(timeout=10)  # takes the dead writer's mutex over
+    assert rw.recovered
+    rw.release_read()
+    assert not _writer_waiting(rw)
+
+    async def main() -> bool:
+        return await aio.RWLock(name).acquire_write(timeout=10)
+
+    other = shmkit.RWLock(name)
+    assert asyncio.run(main())  # and a writer after it
+    other.close()
+    rw.close()
+
+
+@pytest.mark.parametrize("ending", ["taken", "timed out"])
+def test_async_write_acquire_killed_at_every_crash_point(name, ending):
+    from conftest import fork_call
+
+    rw = shmkit.RWLock(name)
+
+    def child(k: int) -> None:
+        warnings.simplefilter("ignore", shmkit.OwnerDiedWarning)
+
+        async def main() -> None:
+            lock = aio.RWLock(name)
+            shmkit._core.fault(k, "rw.write.")
+            if await lock.acquire_write(timeout=30 if ending == "taken" else 0.1):
+                lock.release_write()
+            shmkit._core.fault(0)
+
+        asyncio.run(main())
+
+    for k in range(1, 50):
+        assert rw.acquire_read(timeout=10)  # a reader in: the child's writer waits
+        release = threading.Timer(0.2 if ending == "taken" else 0.5, rw.release_read)
+        release.start()
+        pid = fork_call(child, k)
+        _, status = os.waitpid(pid, 0)
+        release.join()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", shmkit.OwnerDiedWarning)
+            assert rw.acquire_write(timeout=5), f"killed at point {k}"  # nobody holds it
+            rw.release_write()
+            assert rw.acquire_read(timeout=5)
+            rw.release_read()
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 0
+            break
+        assert os.WTERMSIG(status) == signal.SIGKILL
+    assert k >= 3  # locked, announced, and the state cleared on the way out
+    rw.close()
+
+
+def test_async_write_timeout_undoes_the_announcement(name):
+    from conftest import SPAWN
+
+    rw = aio.RWLock(name)
+    ready = SPAWN.Event()
+    p = spawn(_hold_read, name, ready)
+    assert ready.wait(60)
+    other = shmkit.RWLock(name)
+    got: list[bool] = []
+
+    async def main() -> None:
+        t = asyncio.create_task(rw.acquire_write(timeout=1.0))
+        await asyncio.sleep(0.3)
+        assert not t.done() and _writer_waiting(rw)
+        # a reader held back by the announcement, asleep until it is undone
+        reader = threading.Thread(target=lambda: got.append(other.acquire_read(timeout=60)))
+        reader.start()
+        assert await t is False
+        _assert_no_write_left(rw)
+        await asyncio.to_thread(reader.join, 30)
+        assert got == [True]  # woken by the undo, long before its 60 s
+        other.release_read()
+        assert await rw.acquire_read(timeout=0)
+        rw.release_read()
+
+    try:
+        asyncio.run(main())
+    finally:
+        p.kill()
+        p.join(30)
+    other.close()
+    rw.close()
