@@ -456,51 +456,47 @@ def test_more_distinct_objects_than_one_watcher_watches(names):
 
 # ---- dead peers, closing, several loops -------------------------------------------
 
-def test_killed_holder_of_an_awaited_mutex(name):
+def _await_across_a_kill(hold, name: str, start, waiting=lambda: True):
+    """Run ``hold(name, ready)`` in a spawned process; await ``start()`` while it
+    holds, check the await waits (and ``waiting()``), SIGKILL the holder.
+    Returns the await's result and the OwnerDiedWarnings it issued."""
     from conftest import SPAWN
 
-    m = aio.Mutex(name)
     ready = SPAWN.Event()
-    p = spawn(_hold_mutex, name, ready)
+    p = spawn(hold, name, ready)
     assert ready.wait(60)
 
-    async def main() -> tuple[bool, bool, int]:
+    async def main():
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            t = asyncio.create_task(m.acquire(timeout=60))
+            t = asyncio.create_task(start())
             await asyncio.sleep(0.3)
-            assert not t.done()
+            assert not t.done() and waiting()
             p.kill()
-            got = await t
-            return got, m.recovered, sum(issubclass(x.category, shmkit.OwnerDiedWarning)
-                                         for x in w)
+            return await t, [str(x.message) for x in w
+                             if issubclass(x.category, shmkit.OwnerDiedWarning)]
 
+    try:
+        return asyncio.run(main())
+    finally:
+        p.kill()
+        p.join(30)
+
+
+def test_killed_holder_of_an_awaited_mutex(name):
+    m = aio.Mutex(name)
     t0 = time.monotonic()
-    got, recovered, warned = asyncio.run(main())
-    p.join(30)
-    assert got and recovered and warned == 1
+    got, warned = _await_across_a_kill(_hold_mutex, name, lambda: m.acquire(timeout=60))
+    assert got and m.recovered and len(warned) == 1
     assert time.monotonic() - t0 < 0.3 + PROMPT
     m.release()
     m.close()
 
 
 def test_killed_holder_of_an_awaited_semaphore(name):
-    from conftest import SPAWN
-
     s = aio.Semaphore(name, value=1)
-    ready = SPAWN.Event()
-    p = spawn(_hold_semaphore, name, ready)
-    assert ready.wait(60)
-
-    async def main() -> bool:
-        t = asyncio.create_task(s.acquire(timeout=60))
-        await asyncio.sleep(0.3)
-        assert not t.done()
-        p.kill()
-        return await t
-
-    assert asyncio.run(main())
-    p.join(30)
+    got, _ = _await_across_a_kill(_hold_semaphore, name, lambda: s.acquire(timeout=60))
+    assert got
     s.release()
     s.close()
 
@@ -1335,27 +1331,10 @@ def test_cancelled_async_write_acquires_leave_no_announcement(name):
 
 
 def test_awaiting_writer_gets_the_lock_when_the_reader_is_killed(name):
-    from conftest import SPAWN
-
     rw = aio.RWLock(name)
-    ready = SPAWN.Event()
-    p = spawn(_hold_read, name, ready)
-    assert ready.wait(60)
-
-    async def main() -> tuple[bool, bool, int]:
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            t = asyncio.create_task(rw.acquire_write(timeout=60))
-            await asyncio.sleep(0.3)
-            assert not t.done() and _writer_waiting(rw)
-            p.kill()
-            got = await t
-            return got, rw.recovered, sum(issubclass(x.category, shmkit.OwnerDiedWarning)
-                                          and "reader died" in str(x.message) for x in w)
-
-    got, recovered, warned = asyncio.run(main())
-    p.join(30)
-    assert got and recovered and warned == 1
+    got, warned = _await_across_a_kill(_hold_read, name, lambda: rw.acquire_write(timeout=60),
+                                       lambda: _writer_waiting(rw))
+    assert got and rw.recovered and len(warned) == 1 and "reader died" in warned[0]
     assert rw.statistics()["readers"] == {}
     rw.release_write()
     rw.close()
