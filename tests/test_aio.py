@@ -1447,3 +1447,55 @@ def test_async_write_timeout_undoes_the_announcement(name):
         p.join(30)
     other.close()
     rw.close()
+
+
+_AWAIT_WRITE_THEN_STAY = """
+import asyncio, shmkit, shmkit.aio, sys, time
+async def main():
+    rw = shmkit.aio.RWLock(sys.argv[1])
+    t = asyncio.create_task(rw.acquire_write())
+    end = time.monotonic() + 30
+    while not rw.statistics()["writer_waiting_or_in"] and time.monotonic() < end:
+        await asyncio.sleep(0.01)
+    print("ready" if rw.statistics()["writer_waiting_or_in"] else "never", flush=True)
+    await t
+try:
+    asyncio.run(main())
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+sys.stdin.read()  # stay alive while the parent looks
+"""
+
+
+def test_ctrl_c_undoes_an_awaited_write_announcement(name):
+    rw = shmkit.RWLock(name)
+    assert rw.acquire_read(timeout=10)  # the child's writer announces itself, then waits
+    env = dict(os.environ, PYTHONPATH=SRC)
+    p = subprocess.Popen([sys.executable, "-c", _AWAIT_WRITE_THEN_STAY, name], env=env,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        assert rw.statistics()["writer_pid"] == p.pid
+        p.send_signal(signal.SIGINT)
+        assert p.stdout.readline().strip() == "interrupted"
+        # Undone by the live child itself, not recovered from a dead one.
+        assert p.poll() is None
+        assert not _writer_waiting(rw) and rw.statistics()["writer_pid"] is None
+        assert rw.acquire_read(timeout=0)  # a new reader goes in at once
+        rw.release_read()
+        rw.release_read()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing to recover
+            assert rw.acquire_write(timeout=5)
+        rw.release_write()
+    finally:
+        p.stdin.close()
+        try:
+            p.wait(30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert p.returncode == 0, p.stderr.read()
+    rw.close()
