@@ -22,7 +22,7 @@ import pytest
 
 import shmkit
 import shmkit.aio as aio
-from conftest import SRC, spawn
+from conftest import SRC, run_python, spawn
 
 PROMPT = 5.0  # "promptly": seconds, on a shared and noisy machine
 
@@ -498,51 +498,47 @@ def test_more_distinct_objects_than_one_watcher_watches(names):
 
 # ---- dead peers, closing, several loops -------------------------------------------
 
-def test_killed_holder_of_an_awaited_mutex(name):
+def _await_across_a_kill(hold, name: str, start, waiting=lambda: True):
+    """Run ``hold(name, ready)`` in a spawned process; await ``start()`` while it
+    holds, check the await waits (and ``waiting()``), SIGKILL the holder.
+    Returns the await's result and the OwnerDiedWarnings it issued."""
     from conftest import SPAWN
 
-    m = aio.Mutex(name)
     ready = SPAWN.Event()
-    p = spawn(_hold_mutex, name, ready)
+    p = spawn(hold, name, ready)
     assert ready.wait(60)
 
-    async def main() -> tuple[bool, bool, int]:
+    async def main():
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            t = asyncio.create_task(m.acquire(timeout=60))
+            t = asyncio.create_task(start())
             await asyncio.sleep(0.3)
-            assert not t.done()
+            assert not t.done() and waiting()
             p.kill()
-            got = await t
-            return got, m.recovered, sum(issubclass(x.category, shmkit.OwnerDiedWarning)
-                                         for x in w)
+            return await t, [str(x.message) for x in w
+                             if issubclass(x.category, shmkit.OwnerDiedWarning)]
 
+    try:
+        return asyncio.run(main())
+    finally:
+        p.kill()
+        p.join(30)
+
+
+def test_killed_holder_of_an_awaited_mutex(name):
+    m = aio.Mutex(name)
     t0 = time.monotonic()
-    got, recovered, warned = asyncio.run(main())
-    p.join(30)
-    assert got and recovered and warned == 1
+    got, warned = _await_across_a_kill(_hold_mutex, name, lambda: m.acquire(timeout=60))
+    assert got and m.recovered and len(warned) == 1
     assert time.monotonic() - t0 < 0.3 + PROMPT
     m.release()
     m.close()
 
 
 def test_killed_holder_of_an_awaited_semaphore(name):
-    from conftest import SPAWN
-
     s = aio.Semaphore(name, value=1)
-    ready = SPAWN.Event()
-    p = spawn(_hold_semaphore, name, ready)
-    assert ready.wait(60)
-
-    async def main() -> bool:
-        t = asyncio.create_task(s.acquire(timeout=60))
-        await asyncio.sleep(0.3)
-        assert not t.done()
-        p.kill()
-        return await t
-
-    assert asyncio.run(main())
-    p.join(30)
+    got, _ = _await_across_a_kill(_hold_semaphore, name, lambda: s.acquire(timeout=60))
+    assert got
     s.release()
     s.close()
 
@@ -1217,3 +1213,331 @@ def test_every_form_of_wait_checks_its_timeout_alike(name, bad, error):
     finally:
         ev.close()
         ev.unlink()
+
+
+# ---- RWLock.acquire_write: the awaiting writer goes first, as the blocking one ----------
+
+def _writer_waiting(rw: shmkit.RWLock) -> bool:
+    return bool(rw.statistics()["writer_waiting_or_in"])  # the state's bit 0
+
+
+def _read_hand_over_hand(name: str, ready, stop) -> None:
+    """Hold a read lock at all times, taking the next hold before dropping the
+    last, so that the readers' count never falls to zero; only a refused hold
+    (a writer announced) lets it fall, and then the reader waits its turn."""
+    rw = shmkit.RWLock(name)
+    assert rw.acquire_read(timeout=60)
+    ready.set()
+    while not stop.is_set():
+        took = rw.acquire_read(timeout=0.002)
+        rw.release_read()
+        if not took:
+            assert rw.acquire_read(timeout=60)
+    rw.release_read()
+    rw.close()
+
+
+def _read_in_bursts(name: str, ready, stop) -> None:
+    rw = shmkit.RWLock(name)
+    rng = random.Random(os.getpid())
+    ready.set()
+    while not stop.is_set():
+        assert rw.acquire_read(timeout=60)
+        time.sleep(rng.random() * 0.002)
+        rw.release_read()
+        time.sleep(rng.random() * 0.001)
+    rw.close()
+
+
+def _hold_read(name: str, ready) -> None:
+    rw = shmkit.RWLock(name)
+    assert rw.acquire_read(timeout=60)
+    ready.set()
+    time.sleep(120)
+
+
+_TRY_READ = """
+import shmkit, sys
+rw = shmkit.RWLock(sys.argv[1])
+took = rw.acquire_read(timeout=float(sys.argv[2]))
+if took:
+    rw.release_read()
+print(took)
+"""
+
+_TRY_BOTH = """
+import shmkit, sys, warnings
+warnings.simplefilter("ignore", shmkit.OwnerDiedWarning)
+rw = shmkit.RWLock(sys.argv[1])
+wrote = rw.acquire_write(timeout=5)
+if wrote:
+    rw.release_write()
+read = rw.acquire_read(timeout=5)
+if read:
+    rw.release_read()
+print(wrote, read)
+"""
+
+
+def test_async_writer_is_not_starved_by_a_stream_of_readers(name):
+    from conftest import SPAWN
+
+    rw = aio.RWLock(name)
+    ready, stop = SPAWN.Event(), SPAWN.Event()
+    p = spawn(_read_hand_over_hand, name, ready, stop)
+    assert ready.wait(60)
+
+    async def main() -> None:
+        for _ in range(3):
+            assert p.pid in rw.statistics()["readers"]  # the stream is in
+            assert await rw.acquire_write(timeout=10)
+            assert rw.statistics()["readers"] == {}
+            rw.release_write()
+            await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(main())
+    finally:
+        stop.set()
+        p.join(60)
+    assert p.exitcode == 0
+    rw.close()
+
+
+def test_async_writer_holds_back_new_readers_while_it_waits(name):
+    rw = aio.RWLock(name)
+    mine = shmkit.RWLock(name)  # a read hold of this process: the writer waits for it
+
+    async def main() -> None:
+        assert mine.acquire_read(timeout=10)
+        t = asyncio.create_task(rw.acquire_write(timeout=60))
+        await asyncio.sleep(0.2)
+        assert not t.done() and _writer_waiting(rw)
+        refused = await asyncio.to_thread(run_python, _TRY_READ, name, "0")
+        assert refused.stdout.split() == ["False"]
+        assert not t.done()
+        mine.release_read()
+        assert await asyncio.wait_for(t, 60)
+        assert rw.statistics()["writer_pid"] == os.getpid()
+        rw.release_write()
+        took = await asyncio.to_thread(run_python, _TRY_READ, name, "0")
+        assert took.stdout.split() == ["True"]
+
+    asyncio.run(main())
+    mine.close()
+    rw.close()
+
+
+def _assert_no_write_left(rw: aio.RWLock) -> None:
+    assert not _writer_waiting(rw)
+    assert not rw._wlock.locked()
+    assert rw._m.held_count == 0
+
+
+def test_cancelled_async_write_acquires_leave_no_announcement(name):
+    from conftest import SPAWN
+
+    rw = aio.RWLock(name)
+    ready, stop = SPAWN.Event(), SPAWN.Event()
+    p = spawn(_read_in_bursts, name, ready, stop)
+    assert ready.wait(60)
+
+    async def main() -> tuple[int, int]:
+        rng = random.Random(5)
+        won = cancelled = 0
+        for i in range(200):
+            t = asyncio.create_task(rw.acquire_write(timeout=30))
+            await asyncio.sleep(rng.choice([0, rng.random() * 0.005]))
+            t.cancel()
+            try:
+                if await t:
+                    won += 1
+                    rw.release_write()
+            except asyncio.CancelledError:
+                cancelled += 1
+            _assert_no_write_left(rw)
+            if i % 50 == 49:  # other processes' writers and readers go on
+                both = await asyncio.to_thread(run_python, _TRY_BOTH, name)
+                assert both.stdout.split() == ["True", "True"]
+        return won, cancelled
+
+    try:
+        won, cancelled = asyncio.run(main())
+    finally:
+        stop.set()
+        p.join(60)
+    assert p.exitcode == 0  # the reader never waited 60 s
+    assert cancelled > 0
+    _assert_no_write_left(rw)
+    rw.close()
+
+
+def test_awaiting_writer_gets_the_lock_when_the_reader_is_killed(name):
+    rw = aio.RWLock(name)
+    got, warned = _await_across_a_kill(_hold_read, name, lambda: rw.acquire_write(timeout=60),
+                                       lambda: _writer_waiting(rw))
+    assert got and rw.recovered and len(warned) == 1 and "reader died" in warned[0]
+    assert rw.statistics()["readers"] == {}
+    rw.release_write()
+    rw.close()
+
+
+def test_a_killed_async_writer_is_recovered(name):
+    from conftest import fork_call, kill_wait
+
+    rw = shmkit.RWLock(name)
+    assert rw.acquire_read(timeout=10)  # the child's writer announces itself, then waits
+
+    def child() -> None:
+        async def main() -> None:
+            await aio.RWLock(name).acquire_write(timeout=60)
+
+        asyncio.run(main())
+
+    pid = fork_call(child)
+    try:
+        end = time.monotonic() + 30
+        while not (_writer_waiting(rw) and rw.statistics()["writer_pid"] == pid):
+            assert time.monotonic() < end, "the child's writer never announced itself"
+            time.sleep(0.01)
+    finally:
+        kill_wait(pid)
+    rw.release_read()
+    with pytest.warns(shmkit.OwnerDiedWarning, match="writer died"):
+        assert rw.acquire_read(timeout=10)  # takes the dead writer's mutex over
+    assert rw.recovered
+    rw.release_read()
+    assert not _writer_waiting(rw)
+
+    async def main() -> bool:
+        return await aio.RWLock(name).acquire_write(timeout=10)
+
+    other = shmkit.RWLock(name)
+    assert asyncio.run(main())  # and a writer after it
+    other.close()
+    rw.close()
+
+
+@pytest.mark.parametrize("ending", ["taken", "timed out"])
+def test_async_write_acquire_killed_at_every_crash_point(name, ending):
+    from conftest import fork_call
+
+    rw = shmkit.RWLock(name)
+
+    def child(k: int) -> None:
+        warnings.simplefilter("ignore", shmkit.OwnerDiedWarning)
+
+        async def main() -> None:
+            lock = aio.RWLock(name)
+            shmkit._core.fault(k, "rw.write.")
+            if await lock.acquire_write(timeout=30 if ending == "taken" else 0.1):
+                lock.release_write()
+            shmkit._core.fault(0)
+
+        asyncio.run(main())
+
+    for k in range(1, 50):
+        assert rw.acquire_read(timeout=10)  # a reader in: the child's writer waits
+        release = threading.Timer(0.2 if ending == "taken" else 0.5, rw.release_read)
+        release.start()
+        pid = fork_call(child, k)
+        _, status = os.waitpid(pid, 0)
+        release.join()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", shmkit.OwnerDiedWarning)
+            assert rw.acquire_write(timeout=5), f"killed at point {k}"  # nobody holds it
+            rw.release_write()
+            assert rw.acquire_read(timeout=5)
+            rw.release_read()
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 0
+            break
+        assert os.WTERMSIG(status) == signal.SIGKILL
+    assert k >= 3  # locked, announced, and the state cleared on the way out
+    rw.close()
+
+
+def test_async_write_timeout_undoes_the_announcement(name):
+    from conftest import SPAWN
+
+    rw = aio.RWLock(name)
+    ready = SPAWN.Event()
+    p = spawn(_hold_read, name, ready)
+    assert ready.wait(60)
+    other = shmkit.RWLock(name)
+    got: list[bool] = []
+
+    async def main() -> None:
+        t = asyncio.create_task(rw.acquire_write(timeout=1.0))
+        await asyncio.sleep(0.3)
+        assert not t.done() and _writer_waiting(rw)
+        # a reader held back by the announcement, asleep until it is undone
+        reader = threading.Thread(target=lambda: got.append(other.acquire_read(timeout=60)))
+        reader.start()
+        assert await t is False
+        _assert_no_write_left(rw)
+        await asyncio.to_thread(reader.join, 30)
+        assert got == [True]  # woken by the undo, long before its 60 s
+        other.release_read()
+        assert await rw.acquire_read(timeout=0)
+        rw.release_read()
+
+    try:
+        asyncio.run(main())
+    finally:
+        p.kill()
+        p.join(30)
+    other.close()
+    rw.close()
+
+
+_AWAIT_WRITE_THEN_STAY = """
+import asyncio, shmkit, shmkit.aio, sys, time
+async def main():
+    rw = shmkit.aio.RWLock(sys.argv[1])
+    t = asyncio.create_task(rw.acquire_write())
+    end = time.monotonic() + 30
+    while not rw.statistics()["writer_waiting_or_in"] and time.monotonic() < end:
+        await asyncio.sleep(0.01)
+    print("ready" if rw.statistics()["writer_waiting_or_in"] else "never", flush=True)
+    await t
+try:
+    asyncio.run(main())
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+sys.stdin.read()  # stay alive while the parent looks
+"""
+
+
+def test_ctrl_c_undoes_an_awaited_write_announcement(name):
+    rw = shmkit.RWLock(name)
+    assert rw.acquire_read(timeout=10)  # the child's writer announces itself, then waits
+    env = dict(os.environ, PYTHONPATH=SRC)
+    p = subprocess.Popen([sys.executable, "-c", _AWAIT_WRITE_THEN_STAY, name], env=env,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        assert rw.statistics()["writer_pid"] == p.pid
+        p.send_signal(signal.SIGINT)
+        assert p.stdout.readline().strip() == "interrupted"
+        # Undone by the live child itself, not recovered from a dead one.
+        assert p.poll() is None
+        assert not _writer_waiting(rw) and rw.statistics()["writer_pid"] is None
+        assert rw.acquire_read(timeout=0)  # a new reader goes in at once
+        rw.release_read()
+        rw.release_read()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing to recover
+            assert rw.acquire_write(timeout=5)
+        rw.release_write()
+    finally:
+        p.stdin.close()
+        try:
+            p.wait(30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert p.returncode == 0, p.stderr.read()
+    rw.close()

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import os
 import threading
 import time
@@ -71,6 +72,7 @@ killed mid-message) among every awaited object, as often as a blocking call
 looks; with many objects the checker waits longer, so that it spends at
 most 1/:data:`_CHECK_SHARE` of a core."""
 _CHECK_SHARE = 200
+_write_tickets = itertools.count(1)  # RWLock.acquire_write: one per call
 
 T = TypeVar("T")
 
@@ -729,9 +731,13 @@ class RWLock(_sync.RWLock):
     """:class:`shmkit.RWLock` with coroutine ``acquire_read``/``acquire_write``
     and ``async with rw.read()`` / ``rw.write()``.
 
-    A coroutine awaiting the write lock does not hold back new readers while
-    it waits (the blocking call does): it retries when the writers' mutex is
-    free and, while readers are in, every few milliseconds (up to 50 ms).
+    Writer-preferring like the blocking lock: a coroutine awaiting the write
+    lock takes the writers' mutex and announces itself, so that new readers
+    (in any process) wait from then on, and then awaits the readers already
+    in.  A reader that dies holding the lock is counted out and a writer
+    that dies is recovered, as with the blocking calls (``recovered``,
+    :class:`shmkit.OwnerDiedWarning`).  A timeout or a cancellation undoes
+    the announcement: readers go on at once.
 
     >>> import asyncio, shmkit.aio
     >>> async def main():
@@ -752,34 +758,39 @@ class RWLock(_sync.RWLock):
 
     async def acquire_write(self,  # type: ignore[override]  # coroutine
                             timeout: float | None = None) -> bool:
-        """Await the write hold; False if ``timeout`` passes first."""
+        """Await the write hold; False if ``timeout`` passes first.
+
+        The blocking call's steps, one compiled call each (``_core/rwlock.c``):
+        await the writers' mutex and announce the writer, then await the
+        readers' leaving; on timeout or cancellation the announcement is
+        undone before this returns or raises.
+        """
         loop = _loop()
         deadline = None if timeout is None else loop.time() + seconds(timeout)
-        pause = 0.001
-        while True:
-            left = None if deadline is None else max(0.0, deadline - loop.time())
-            if not await self._wlock_free(left):
+        ticket = next(_write_tickets)  # names this call's announcement in the core
+        core = _core.RWLock
+
+        def begin() -> bool | _Again:
+            return True if core._write_begin(self, ticket) else _AGAIN
+
+        def finish() -> bool | _Again:
+            return True if core._write_finish(self, ticket) else _AGAIN
+
+        def readers_gone() -> _Desc:
+            if self._m.closed:
+                _describe(self)  # raises ClosedError
+            return (_core.W_RW_WRITE, self._m, self._base, 0)
+
+        try:
+            # A dead writer's mutex is reported suspect: begin() takes it over.
+            if not await _until(begin, lambda: _describe(self._wlock), timeout,
+                                lambda: False, begin):
                 return False
-            if _core.RWLock.acquire_write(self, 0):
-                return True
-            if deadline is not None and loop.time() >= deadline:
-                return False
-            # Readers are in; they wake nobody when they leave unless a
-            # writer is announced, which only the blocking call does.
-            await asyncio.sleep(pause if deadline is None
-                                else min(pause, max(0.0, deadline - loop.time())))
-            pause = min(pause * 2, 0.05)
-
-    async def _wlock_free(self, timeout: float | None) -> bool:
-        w = self._wlock
-
-        def attempt() -> bool | _Again:
-            return True if not w.locked() else _AGAIN
-
-        def repair() -> bool:  # a dead writer: let acquire_write take it over
-            return True
-
-        return await _until(attempt, lambda: _describe(w), timeout, lambda: False, repair)
+            left = None if deadline is None else deadline - loop.time()
+            # A dead reader is reported suspect: finish() drops its holds.
+            return await _until(finish, readers_gone, left, lambda: False, finish)
+        finally:
+            core._write_abandon(self, ticket)  # nothing once finish() returned True
 
     @contextlib.asynccontextmanager
     async def read(self,  # type: ignore[override]  # async context manager

@@ -14,11 +14,14 @@
  * whose attachment is gone is zeroed instead of waited for.  Each method is
  * one C call: Ctrl-C is seen only inside its waits, which undo what the call
  * did, so an interrupt never leaves this process holding a lock it does not
- * know about.
+ * know about.  A coroutine's acquire_write (aio.py) makes the same steps as
+ * three calls, with its awaits between them (see "the coroutine form" below).
  *
  *   RWLock(mapping, offset, what)   (Python subclasses it)
  *   .acquire_read(timeout=None) -> bool; .release_read()
  *   .acquire_write(timeout=None) -> bool; .release_write()
+ *   ._write_begin(ticket) -> bool; ._write_finish(ticket) -> bool;
+ *   ._write_abandon(ticket)
  *   .recovered, .writer_token
  */
 #include "sync.h"
@@ -29,6 +32,12 @@ typedef struct {
     SHM_SYNC_HANDLE_HEAD
     int recovered;
     long read_holds;    /* read holds taken through this handle, not yet released */
+    /* The coroutine form's write acquire between its calls: the ticket of
+     * the call that took the writers' mutex and announced itself (0: none),
+     * whether that mutex was a dead writer's, whether dead readers' holds
+     * were dropped since. */
+    unsigned long long w_ticket;
+    int w_died, w_dead_readers;
 } RWObject;
 
 typedef struct {
@@ -204,11 +213,11 @@ drop_write(RW *r)
 }
 
 /* Any live-looking read holds?  (No liveness check: that is wr_check's.) */
-static int
-readers_in(RW *r)
+int
+shm_rw_readers_in(const shm_sync_view *v)
 {
-    for (uint32_t slot = 0; slot < r->view.m->max_slots; slot++)
-        if (SHM_SLOT_ENTRY_COUNT(__atomic_load_n(SHM_SYNC_ENTRY(r, slot), __ATOMIC_SEQ_CST)))
+    for (uint32_t slot = 0; slot < v->m->max_slots; slot++)
+        if (SHM_SLOT_ENTRY_COUNT(__atomic_load_n(shm_sync_entry(v, slot), __ATOMIC_SEQ_CST)))
             return 1;
     return 0;
 }
@@ -241,7 +250,7 @@ wr_ready(void *ctx, uint32_t *sleep_on)
 {
     RW *r = ctx;
     uint32_t seq = __atomic_load_n(SHM_SYNC_U32(r, RW_LEFT), __ATOMIC_SEQ_CST);
-    if (seq != r->seq || !readers_in(r))
+    if (seq != r->seq || !shm_rw_readers_in(&r->view))
         return 1;
     *sleep_on = seq;
     return 0;
@@ -254,19 +263,53 @@ wr_check(void *ctx)
     return 0;
 }
 
+/* Take the writers' mutex by the deadline (a dead writer's is taken over)
+ * and announce a writer: new readers wait from now on.  1 taken, 2 taken
+ * from a dead writer, 0 timeout, -1 error. */
+static int
+lock_and_announce(RW *r, int64_t deadline)
+{
+    int got = shm_lock_acquire(r->view.m, SHM_SYNC_U32(r, RW_LOCK), deadline);
+    if (got <= 0)
+        return got;
+    shm_crash_point("rw.write.locked");
+    __atomic_fetch_or(SHM_SYNC_U32(r, RW_STATE), RW_WRITER, __ATOMIC_SEQ_CST);
+    shm_crash_point("rw.write.announced");
+    return got;
+}
+
+/* Every reader is out: the write hold is ours.  Set `recovered` and warn
+ * when the mutex was a dead writer's or dead readers' holds were dropped.
+ * 1, or -1 with the hold given up (the warning raised as an error). */
+static int
+write_taken(RWObject *self, RW *r, int died, int dead_readers)
+{
+    self->recovered = died || dead_readers;
+    if (!self->recovered)
+        return 1;
+    int bad;
+    if (died)
+        bad = shm_warn_owner_died((MappingObject *)self->mapping, self->what_s);
+    else
+        bad = PyErr_WarnFormat(shm_state_of(self->mapping)->OwnerDiedWarning, 1,
+                               "write lock of %s: a reader died while holding it; its "
+                               "holds were dropped", self->what_s);
+    if (bad < 0) {
+        drop_write(r);
+        return -1;
+    }
+    return 1;
+}
+
 static int
 acquire_write(RWObject *self, int64_t deadline)
 {
     RW r;
     if (rw_bind(self, &r) < 0)
         return -1;
-    int got = shm_lock_acquire(r.view.m, SHM_SYNC_U32(&r, RW_LOCK), deadline);
+    int got = lock_and_announce(&r, deadline);
     if (got <= 0)
         return got;
-    int died = got == 2;
-    shm_crash_point("rw.write.locked");
-    __atomic_fetch_or(SHM_SYNC_U32(&r, RW_STATE), RW_WRITER, __ATOMIC_SEQ_CST);
-    shm_crash_point("rw.write.announced");
     for (;;) {
         r.seq = __atomic_load_n(SHM_SYNC_U32(&r, RW_LEFT), __ATOMIC_SEQ_CST);
         if (!reap_readers(&r))
@@ -280,21 +323,7 @@ acquire_write(RWObject *self, int64_t deadline)
             return w_got;
         }
     }
-    self->recovered = died || r.dead_readers;
-    if (died || r.dead_readers) {
-        int bad;
-        if (died)
-            bad = shm_warn_owner_died((MappingObject *)self->mapping, self->what_s);
-        else
-            bad = PyErr_WarnFormat(shm_state_of(self->mapping)->OwnerDiedWarning, 1,
-                                   "write lock of %s: a reader died while holding it; its "
-                                   "holds were dropped", self->what_s);
-        if (bad < 0) {
-            drop_write(&r);
-            return -1;
-        }
-    }
-    return 1;
+    return write_taken(self, &r, got == 2, r.dead_readers);
 }
 
 static int
@@ -321,6 +350,120 @@ release_write(RWObject *self)
     return shm_lock_release(r.view.m, SHM_SYNC_U32(&r, RW_LOCK));
 }
 
+/* ---- the coroutine form of acquire_write, in three calls -------------------
+ *
+ * acquire_write above takes the mutex, announces itself and waits for the
+ * readers to leave inside one call.  A coroutine awaits between those steps,
+ * so its acquire_write (aio.py) is three calls, each one step of the same
+ * protocol on the same words, made under a ticket that names the await:
+ *
+ *   _write_begin(ticket) -> bool   take the writers' mutex without waiting (a
+ *                                  dead writer's is taken over) and announce
+ *                                  the writer; False when the mutex is held
+ *   (await W_RW_WRITE (waitset.c): no read holds left, or a dead reader's)
+ *   _write_finish(ticket) -> bool  drop the holds of dead readers; when no
+ *                                  reader is left the write hold is ours
+ *                                  (recovered and warnings as acquire_write);
+ *                                  False: readers are still in
+ *   _write_abandon(ticket)         on every other way out: if this ticket's
+ *                                  announcement stands, undo it (clear the
+ *                                  state, wake sleeping readers, release the
+ *                                  mutex), as acquire_write does on timeout
+ *
+ * Between two calls the words are as acquire_write leaves them between two
+ * of its steps, so a kill there is recovered as it is (the next reader or
+ * writer takes a dead writer's mutex over and clears its state).  The
+ * ticket lives in the handle from the call that announces, so that an
+ * abandon made after any interruption finds it, and a coroutine that never
+ * announced undoes nothing (another coroutine of this handle may have). */
+
+static int
+parse_ticket(PyObject *arg, unsigned long long *ticket)
+{
+    *ticket = PyLong_AsUnsignedLongLong(arg);
+    if (*ticket == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (*ticket == 0) {
+        PyErr_SetString(PyExc_ValueError, "a write ticket is a positive integer, not 0");
+        return -1;
+    }
+    return 0;
+}
+
+/* Does this attachment hold the writers' mutex? */
+static int
+write_mine(RW *r)
+{
+    uint32_t v = __atomic_load_n(SHM_SYNC_U32(r, RW_LOCK), __ATOMIC_ACQUIRE);
+    return (v & SHM_TOKEN_MASK) == r->view.m->token;
+}
+
+static PyObject *
+py_write_begin(RWObject *self, PyObject *arg)
+{
+    unsigned long long ticket;
+    RW r;
+    if (parse_ticket(arg, &ticket) < 0 || rw_bind(self, &r) < 0)
+        return NULL;
+    shm_pin(self->mapping);
+    int got = lock_and_announce(&r, 0);
+    shm_unpin(self->mapping);
+    if (got < 0)
+        return NULL;
+    if (got == 0)
+        Py_RETURN_FALSE;
+    self->w_ticket = ticket;
+    self->w_died = got == 2;
+    self->w_dead_readers = 0;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+py_write_finish(RWObject *self, PyObject *arg)
+{
+    unsigned long long ticket;
+    RW r;
+    if (parse_ticket(arg, &ticket) < 0 || rw_bind(self, &r) < 0)
+        return NULL;
+    if (self->w_ticket != ticket || !write_mine(&r)) {
+        if (self->w_ticket == ticket)
+            self->w_ticket = 0;
+        PyErr_Format(PyExc_RuntimeError, "acquire_write() of %s no longer holds the writers' "
+                     "mutex it took (was release_write() called while it waited?)",
+                     self->what_s);
+        return NULL;
+    }
+    int busy = reap_readers(&r);
+    self->w_dead_readers |= r.dead_readers;
+    if (busy)
+        Py_RETURN_FALSE;
+    self->w_ticket = 0;
+    if (write_taken(self, &r, self->w_died, self->w_dead_readers) < 0)
+        return NULL;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+py_write_abandon(RWObject *self, PyObject *arg)
+{
+    unsigned long long ticket;
+    if (parse_ticket(arg, &ticket) < 0)
+        return NULL;
+    if (self->w_ticket != ticket)
+        Py_RETURN_NONE; /* announced nothing, or finished */
+    self->w_ticket = 0;
+    RW r;
+    if (rw_bind(self, &r) < 0) {
+        /* Closed meanwhile: the attachment that holds the mutex is gone, and
+         * the next reader or writer takes it over. */
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    if (write_mine(&r))
+        drop_write(&r);
+    Py_RETURN_NONE;
+}
+
 /* ---- the Python type ---- */
 
 static int
@@ -331,6 +474,7 @@ rw_init(RWObject *self, PyObject *args, PyObject *kwds)
         return -1;
     self->recovered = 0;
     self->read_holds = 0;
+    self->w_ticket = 0;
     return 0;
 }
 
@@ -424,6 +568,18 @@ static PyMethodDef rw_methods[] = {
      "first."},
     {"release_write", (PyCFunction)py_release_write, METH_NOARGS,
      "release_write($self, /)\n--\n\nDrop the write hold."},
+    {"_write_begin", (PyCFunction)py_write_begin, METH_O,
+     "_write_begin($self, ticket, /)\n--\n\n"
+     "-> bool: take the writers' mutex without waiting and announce a writer\n"
+     "(the coroutine acquire_write's first step)."},
+    {"_write_finish", (PyCFunction)py_write_finish, METH_O,
+     "_write_finish($self, ticket, /)\n--\n\n"
+     "-> bool: drop dead readers' holds; True when no reader is left and the\n"
+     "write hold is ours, False while readers are in."},
+    {"_write_abandon", (PyCFunction)py_write_abandon, METH_O,
+     "_write_abandon($self, ticket, /)\n--\n\n"
+     "Undo the announcement this ticket made, if it stands (on timeout or\n"
+     "cancellation); nothing otherwise."},
     {NULL}
 };
 

@@ -188,6 +188,11 @@ shm_rw_arm(char *b)
     __atomic_fetch_or((uint32_t *)(b + RW_STATE), RW_SLEEPERS, __ATOMIC_SEQ_CST);
 }
 
+/* rwlock.c: any slot of the lock's table counts read holds (dead readers'
+ * too: dropping those is the writer's own step).  An announced writer waits
+ * for 0 on the readers-left word, which readers bump as they leave. */
+int shm_rw_readers_in(const shm_sync_view *v);
+
 /* condition.c: a grant was made since seq0 (seq is COND_SEQ's value now). */
 static inline int
 shm_cond_granted(const char *b, uint32_t seq, uint32_t seq0)

@@ -13,6 +13,8 @@
  *   W_RING_SPACE Ring, -, record bytes      a record of that size fits
  *   W_WORD       mapping, u32 word, value   the word no longer holds value
  *   W_COND       mapping, condition, seq0   notify() granted a wake-up since seq0
+ *   W_RW_WRITE   mapping, rwlock start      no read holds are left (for the
+ *                                           writer this process announced)
  *
  * and wait_ready() sleeps on all of their futex words at once through
  * shm_wait_any (wait.h): spin (when asked), count itself a sleeper as each
@@ -43,7 +45,8 @@
 #include "sync.h"
 #include "wait.h"
 
-enum { W_EVENT = 1, W_LOCK, W_SEM, W_RW_READ, W_RING_DATA, W_RING_SPACE, W_WORD, W_COND };
+enum { W_EVENT = 1, W_LOCK, W_SEM, W_RW_READ, W_RING_DATA, W_RING_SPACE, W_WORD, W_COND,
+       W_RW_WRITE };
 
 
 typedef struct {
@@ -52,7 +55,7 @@ typedef struct {
     MappingObject *m;
     RingObject *r;
     uint32_t *word;    /* the futex word */
-    char *b;           /* the structure's start (sem, rwlock) */
+    char *b;           /* the structure's start (sem, rwlock, condition) */
     uint64_t total;    /* W_RING_SPACE: record bytes */
     uint32_t value;    /* W_WORD: the value to wait away from */
     uint32_t me;       /* our token when the wait began */
@@ -102,6 +105,10 @@ w_ready(void *ctx, uint32_t *sleep_on)
         break;
     case W_COND:
         if (shm_cond_granted(w->b, v, w->value))
+            return 1;
+        break;
+    case W_RW_WRITE: /* v, the readers-left word, read before the scan */
+        if (!shm_rw_readers_in(&(shm_sync_view){w->m, w->b, RW_TABLE, NULL}))
             return 1;
         break;
     }
@@ -165,9 +172,10 @@ dead(Watch *w, uint32_t token)
     return token != 0 && token != w->m->token && !shm_token_alive(w->m, token);
 }
 
-/* A semaphore's holder that is gone (shm_sync_scan's visit). */
+/* A per-slot holder that is gone: a semaphore's units, a reader's holds
+ * (shm_sync_scan's visit). */
 static int
-sem_dead_visit(void *ctx, uint32_t slot, uint64_t *e, uint64_t v, int alive)
+holder_dead_visit(void *ctx, uint32_t slot, uint64_t *e, uint64_t v, int alive)
 {
     uint32_t token = shm_slot_entry_token(v, slot);
     return !alive && token != 0 && token != ((Watch *)ctx)->m->token; /* dead() */
@@ -198,9 +206,12 @@ w_check(void *ctx)
         w->suspect = dead(w, __atomic_load_n((uint32_t *)(w->b + RW_LOCK),
                                              __ATOMIC_ACQUIRE));
         break;
-    case W_SEM: {
-        shm_sync_view v = {w->m, w->b, SEM_TABLE, NULL};
-        if (shm_sync_scan(&v, sem_dead_visit, w))
+    case W_SEM:
+    case W_RW_WRITE: {
+        /* a dead holder of units, or a dead reader in the announced
+         * writer's way: the writer's next step drops its holds */
+        shm_sync_view v = {w->m, w->b, w->kind == W_SEM ? SEM_TABLE : RW_TABLE, NULL};
+        if (shm_sync_scan(&v, holder_dead_visit, w))
             w->suspect = 1;
         break;
     }
@@ -271,7 +282,7 @@ bind(Watch *w, PyObject *desc, Py_ssize_t i, PyTypeObject *ring_type)
         }
         struct ring_hdr *h = w->r->h;
         w->word = kind == W_RING_DATA ? &h->data_seq : &h->space_seq;
-    } else if (kind >= W_EVENT && kind <= W_COND) {
+    } else if (kind >= W_EVENT && kind <= W_RW_WRITE) {
         if (!shm_is_mapping(target)) {
             PyErr_Format(PyExc_TypeError, "wait_ready(): description %zd needs a mapping", i);
             return -1;
@@ -285,6 +296,8 @@ bind(Watch *w, PyObject *desc, Py_ssize_t i, PyTypeObject *ring_type)
         uint64_t span = 4;
         if (kind == W_SEM)
             span = shm_sync_footprint(w->m, SEM_TABLE);
+        else if (kind == W_RW_WRITE)
+            span = shm_sync_footprint(w->m, RW_TABLE);
         else if (kind == W_RW_READ)
             span = RW_STATE + 4;
         else if (kind == W_COND)
@@ -293,10 +306,11 @@ bind(Watch *w, PyObject *desc, Py_ssize_t i, PyTypeObject *ring_type)
                          : shm_span(target, off, span, 1);
         if (w->b == NULL)
             return -1;
-        w->word = (uint32_t *)(w->b + (kind == W_SEM       ? SEM_SEQ
-                                       : kind == W_RW_READ ? RW_STATE
-                                       : kind == W_COND    ? COND_SEQ
-                                                           : 0));
+        w->word = (uint32_t *)(w->b + (kind == W_SEM        ? SEM_SEQ
+                                       : kind == W_RW_READ  ? RW_STATE
+                                       : kind == W_RW_WRITE ? RW_LEFT
+                                       : kind == W_COND     ? COND_SEQ
+                                                            : 0));
         w->value = (uint32_t)extra;
     } else {
         PyErr_Format(PyExc_ValueError, "wait_ready(): description %zd has unknown kind %ld",
@@ -528,7 +542,8 @@ shm_init_waitset(PyObject *module)
                    PyModule_AddIntConstant(module, "W_RING_DATA", W_RING_DATA) < 0 ||
                    PyModule_AddIntConstant(module, "W_RING_SPACE", W_RING_SPACE) < 0 ||
                    PyModule_AddIntConstant(module, "W_WORD", W_WORD) < 0 ||
-                   PyModule_AddIntConstant(module, "W_COND", W_COND) < 0
+                   PyModule_AddIntConstant(module, "W_COND", W_COND) < 0 ||
+                   PyModule_AddIntConstant(module, "W_RW_WRITE", W_RW_WRITE) < 0
                ? -1
                : 0;
 }
