@@ -1541,3 +1541,37 @@ def test_ctrl_c_undoes_an_awaited_write_announcement(name):
                 p.wait()
     assert p.returncode == 0, p.stderr.read()
     rw.close()
+
+
+@pytest.mark.parametrize("kind", ["Mutex", "Semaphore", "RWLock"])
+def test_minus_one_means_no_timeout_for_every_awaited_lock(kind, name):
+    # As for the blocking calls (threading.Lock's convention): timeout=-1
+    # waits, here until another process lets go after 0.3 s.
+    import subprocess
+    import sys
+    obj = getattr(aio, kind)(name, **({"value": 1} if kind == "Semaphore" else {}))
+    take, give = {"Mutex": ("acquire", "release"), "Semaphore": ("acquire", "release"),
+                  "RWLock": ("acquire_read", "release_read")}[kind]
+    hold = (f"import shmkit, time, sys\n"
+            f"o = shmkit.{kind}.open(sys.argv[1])\n"
+            f"o.{take}(); print('held', flush=True); time.sleep(0.3); o.{give}()\n")
+    p = subprocess.Popen([sys.executable, "-c", hold, obj.name], stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "held\n"
+
+        async def main() -> bool:
+            if kind == "RWLock":
+                got = await obj.acquire_write(timeout=-1)
+                obj.release_write()
+            else:
+                got = await obj.acquire(timeout=-1)
+                obj.release()
+            return got
+
+        assert asyncio.run(main()) is True
+        assert p.wait(30) == 0
+    finally:
+        p.kill()
+        obj.close()
+        obj.unlink()

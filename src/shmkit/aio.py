@@ -357,6 +357,12 @@ async def _until(attempt: Callable[[], T | _Again], describe: Callable[[], _Desc
             return r
 
 
+def _lock_timeout(timeout: float | None) -> float | None:
+    """A lock's timeout as the blocking acquire reads it: -1 is
+    threading.Lock's "no timeout"; other negative values do not wait."""
+    return None if timeout is not None and timeout == -1 else timeout
+
+
 def _nowait(call: Callable[..., T], *args: Any) -> T | _Again:
     try:
         return call(*args)
@@ -667,8 +673,7 @@ class Mutex(_sync.Mutex):
         """Await the lock; False if ``timeout`` passes first (as ``acquire``)."""
         if not blocking:
             return _core.Lock.acquire(self, False)
-        if timeout is not None and timeout == -1:
-            timeout = None  # threading.Lock's "no timeout"
+        timeout = _lock_timeout(timeout)
         return await _until(_acquire_attempt(_core.Lock.acquire, self, False),
                             lambda: _describe(self), timeout, lambda: False)
 
@@ -714,7 +719,7 @@ class Semaphore(_sync.Semaphore):
         if not blocking:
             return _core.Semaphore.acquire(self, False)
         return await _until(_acquire_attempt(_core.Semaphore.acquire, self, False),
-                            lambda: _describe(self), timeout, lambda: False)
+                            lambda: _describe(self), _lock_timeout(timeout), lambda: False)
 
     async def __aenter__(self) -> "Semaphore":
         await self.acquire()
@@ -753,6 +758,7 @@ class RWLock(_sync.RWLock):
     async def acquire_read(self,  # type: ignore[override]  # coroutine
                            timeout: float | None = None) -> bool:
         """Await a read hold; False if ``timeout`` passes first."""
+        timeout = _lock_timeout(timeout)
         return await _until(_acquire_attempt(_core.RWLock.acquire_read, self, 0),
                             lambda: _describe(self), timeout, lambda: False)
 
@@ -766,6 +772,7 @@ class RWLock(_sync.RWLock):
         undone before this returns or raises.
         """
         loop = _loop()
+        timeout = _lock_timeout(timeout)
         deadline = None if timeout is None else loop.time() + seconds(timeout)
         ticket = next(_write_tickets)  # names this call's announcement in the core
         core = _core.RWLock
