@@ -13,8 +13,6 @@
 #include "sync.h"
 #include <limits.h>
 
-#define SPIN_NS (30 * 1000LL)
-
 /* Try to take the flag: 1 if observed (and consumed when auto_reset). */
 static inline int
 try_take(uint32_t *w, int auto_reset)
@@ -62,14 +60,16 @@ ev_disarm(void *ctx)
     shm_event_disarm(((EventWait *)ctx)->w);
 }
 
-/* Wait through wait.h: spin, count ourselves as a waiter, sleep in slices;
- * Ctrl-C and a close() by another thread end it. */
+/* Wait through wait.h: spin (adapting, per mapping: a set() answered within
+ * microseconds keeps it long, one from a descheduled peer shortens it),
+ * count ourselves as a waiter, sleep in slices; Ctrl-C and a close() by
+ * another thread end it. */
 static int
 event_wait(MappingObject *m, uint32_t *w, int64_t deadline, int auto_reset, const char *what)
 {
     EventWait e = {w, auto_reset};
     shm_wait sw = {.m = m, .word = w, .ctx = &e, .ready = ev_ready, .arm = ev_arm,
-                   .disarm = ev_disarm, .spin_ns = SPIN_NS, .what = what};
+                   .disarm = ev_disarm, .spin_adapt = &m->event_spin_ns, .what = what};
     return shm_wait_until(&sw, deadline);
 }
 

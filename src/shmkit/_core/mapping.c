@@ -10,6 +10,7 @@
  * view is released.  A dangling view is therefore impossible.
  */
 #include "shmkit.h"
+#include "wait.h"
 #include <sys/mman.h>
 #include <structmember.h>
 
@@ -50,6 +51,7 @@ mapping_init(MappingObject *self, PyObject *args, PyObject *kwds)
     self->token = 0;
     self->table_off = 0;
     self->max_slots = 0;
+    self->event_spin_ns = SHM_WAIT_SPIN_NS;
     return 0;
 }
 

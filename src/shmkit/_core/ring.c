@@ -80,8 +80,6 @@
 #include <string.h>
 #include <time.h>
 
-#define SPIN_MIN_NS (2 * 1000LL)     /* every wait polls this long */
-#define SPIN_MAX_NS (50 * 1000LL)    /* and adapts its spin up to this */
 
 int
 ring_corrupt(RingObject *r, const char *what, unsigned long long a, unsigned long long b)
@@ -704,11 +702,8 @@ rw_check(void *ctx)
 }
 
 /* Wait until a consumer (space=0) or a producer of a `total`-byte record
- * (space=1) has something to do, or the deadline passes, through wait.h.
- * Spinning pays when the peer answers within microseconds, and costs when
- * it needs our CPU to answer at all (more runnable processes than cores),
- * so the spin adapts: it doubles after a wait that it ended and halves
- * after one that had to sleep.  Returns 1 ready, 0 timeout, -1 with an
+ * (space=1) has something to do, or the deadline passes, through wait.h,
+ * with the handle's adaptive spin.  Returns 1 ready, 0 timeout, -1 with an
  * exception set (Ctrl-C, ClosedError when the handle was closed meanwhile). */
 int
 ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t total,
@@ -725,15 +720,10 @@ ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t tota
         else
             PyErr_Clear(); /* the generic words will do */
     }
-    int64_t spin = r->spin_ns < SPIN_MIN_NS ? SPIN_MIN_NS : r->spin_ns;
     shm_wait w = {.m = m, .word = space ? &r->h->space_seq : &r->h->data_seq, .ctx = &c,
                   .ready = rw_ready, .arm = rw_arm, .disarm = rw_disarm, .check = rw_check,
-                  .spin_ns = spin, .what = what};
-    int result = shm_wait_until(&w, deadline);
-    if (result == 1)
-        r->spin_ns = w.slept ? r->spin_ns / 2
-                             : (spin * 2 + 1000 > SPIN_MAX_NS ? SPIN_MAX_NS : spin * 2 + 1000);
-    return result;
+                  .spin_adapt = &r->spin_ns, .what = what};
+    return shm_wait_until(&w, deadline);
 }
 
 /* Clear up after dead peers: a record at read reserved by a dead producer

@@ -50,6 +50,7 @@ typedef struct {
     uint32_t token;      /* our lock-owner token; 0 when detached */
     Py_ssize_t table_off;/* byte offset of the attach table */
     uint32_t max_slots;
+    int64_t event_spin_ns; /* the adaptive spin of event waits (event.c, wait.h) */
     /* The lock words this attachment holds or is taking (lock.c): one u64
      * per thread and lock, changed with atomic operations only.  A word that
      * carries our token without being listed here was not locked by us: it

@@ -459,11 +459,9 @@ topic_wait(topic_waiter *c, int64_t deadline, int64_t *spin_ns)
     topic_t *t = c->t;
     shm_wait w = {.m = c->m, .word = c->space ? &t->h->space_seq : &t->h->data_seq, .ctx = c,
                   .ready = c->space ? space_ready : data_ready, .arm = tw_arm,
-                  .disarm = tw_disarm, .check = tw_check, .spin_ns = *spin_ns,
+                  .disarm = tw_disarm, .check = tw_check, .spin_adapt = spin_ns,
                   .what = t->what};
-    int r = shm_wait_until(&w, deadline);
-    *spin_ns = w.slept ? *spin_ns / 2 : (*spin_ns * 2 + 1000 > 50000 ? 50000 : *spin_ns * 2 + 1000);
-    return r;
+    return shm_wait_until(&w, deadline);
 }
 
 int

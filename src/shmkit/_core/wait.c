@@ -189,7 +189,17 @@ int
 shm_wait_until(shm_wait *w, int64_t deadline)
 {
     int which;
-    return wait_many(&w, 1, deadline, &which);
+    int64_t *adapt = w->spin_adapt;
+    if (adapt == NULL)
+        return wait_many(&w, 1, deadline, &which);
+    int64_t spin = *adapt < SHM_WAIT_SPIN_MIN_NS   ? SHM_WAIT_SPIN_MIN_NS
+                   : *adapt > SHM_WAIT_SPIN_MAX_NS ? SHM_WAIT_SPIN_MAX_NS
+                                                   : *adapt;
+    w->spin_ns = spin;
+    int r = wait_many(&w, 1, deadline, &which);
+    if (r == 1)
+        *adapt = w->slept ? spin / 2 : spin * 2 + 1000;
+    return r;
 }
 
 int

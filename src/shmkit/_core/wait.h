@@ -40,6 +40,8 @@
 #define SHM_WAIT_FIRST_SLICE_NS (1 * 1000 * 1000LL)  /* first sleep before a check */
 #define SHM_WAIT_SLICE_NS (50 * 1000 * 1000LL)       /* longest sleep between checks */
 #define SHM_WAIT_SPIN_NS (20 * 1000LL)               /* default spin before sleeping */
+#define SHM_WAIT_SPIN_MIN_NS (2 * 1000LL)            /* an adaptive spin: at least this */
+#define SHM_WAIT_SPIN_MAX_NS (50 * 1000LL)           /* and at most this */
 #define SHM_WAIT_MAX (128)                           /* words one shm_wait_any can watch */
 
 typedef struct shm_wait {
@@ -54,6 +56,13 @@ typedef struct shm_wait {
     void (*disarm)(void *ctx);       /* optional: and uncount us */
     int (*check)(void *ctx);         /* optional: liveness and repair; 0, or -1 set */
     int64_t spin_ns;      /* how long to spin before sleeping (0: do not spin) */
+    /* Optional: a handle's adaptive spin, used instead of spin_ns.  Spinning
+     * pays when the peer answers within microseconds and costs when it
+     * needs our CPU to answer at all (more runnable processes than cores),
+     * so shm_wait_until doubles it after a wait that the spin ended and
+     * halves it after one that had to sleep, within SHM_WAIT_SPIN_MIN_NS ..
+     * SHM_WAIT_SPIN_MAX_NS. */
+    int64_t *spin_adapt;
     int64_t check_ns;     /* longest sleep between checks (0: SHM_WAIT_SLICE_NS;
                            * SHM_FOREVER: none until the deadline) */
     const char *what;     /* "channel 'logs'": for the closed-meanwhile error */
