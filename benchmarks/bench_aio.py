@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import queue
 import secrets
 import socket
 import threading
@@ -298,7 +299,16 @@ def many_tasks_aio(n: int) -> dict:
     p = spawn.Process(target=_many_tasks_child, args=(n, out))
     p.start()
     try:
-        return out.get(timeout=600)
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                return out.get(timeout=1)
+            except queue.Empty:
+                if not p.is_alive():
+                    raise RuntimeError(f"the workload's process ended (exit code "
+                                       f"{p.exitcode}) without a result") from None
+                if time.monotonic() > deadline:
+                    raise
     finally:
         p.join(60)
         if p.exitcode is None:
