@@ -182,6 +182,50 @@ def rt_asyncio_sock(n: int) -> float:
         here.close()
 
 
+def _zmq_rep(ready, addr, n):
+    import zmq
+    ctx = zmq.Context()
+    rep = ctx.socket(zmq.REP)
+    rep.bind(addr)
+    ready.set()
+    for _ in range(n):
+        rep.send(rep.recv())
+    rep.close(linger=0)
+    ctx.term()
+
+
+@workload(GROUP, system="zmq.asyncio REQ/REP over ipc", requires=("zmq",), n=RT_N // 2)
+def rt_zmq_asyncio(n: int) -> float:
+    import tempfile
+
+    import zmq
+    import zmq.asyncio
+
+    with tempfile.TemporaryDirectory() as d:
+        addr = f"ipc://{d}/rep"
+        p = _peer(_zmq_rep, addr, n + 1)
+        ctx = zmq.asyncio.Context()
+        req = ctx.socket(zmq.REQ)
+        req.connect(addr)
+
+        async def run() -> float:
+            await req.send(MSG)
+            await req.recv()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                await req.send(MSG)
+                await req.recv()
+            return time.perf_counter() - t0
+
+        try:
+            dt = asyncio.run(run())
+            _finish(p)
+            return dt
+        finally:
+            req.close(linger=0)
+            ctx.term()
+
+
 # -- 10,000 tasks awaiting in one process -------------------------------------------
 #
 # Each task awaits recv on its own channel (10,000 channels, so 79 watcher
