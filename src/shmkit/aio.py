@@ -210,6 +210,7 @@ class _Hub:
         entries, such as a watcher's wake word, are skipped) and wake their
         awaiters; a watcher that still sleeps on one of them looks again."""
         fired: list[tuple[_Futures, _Flag]] = []
+        changed: set[_Watcher] = set()
         with self.lock:
             for i, flag in flags:
                 if i >= len(entries):
@@ -218,9 +219,11 @@ class _Hub:
                 if self.where.get(e.key) is e:
                     del self.where[e.key]
                     del e.watcher.entries[e.key]
-                    if threading.current_thread() is not e.watcher.thread:
-                        e.watcher.poke()
+                    changed.add(e.watcher)
                     fired.append((e.futures, flag))
+            for w in changed:  # one poke per watcher, none to the caller itself
+                if threading.current_thread() is not w.thread:
+                    w.poke()
         for futures, flag in fired:
             _fire(futures, flag)
 
