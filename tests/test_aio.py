@@ -1338,6 +1338,7 @@ def test_cancelled_async_write_acquires_leave_no_announcement(name):
     from conftest import SPAWN
 
     rw = aio.RWLock(name)
+    mine = shmkit.RWLock(name)  # a read hold of this process: the writer must wait
     ready, stop = SPAWN.Event(), SPAWN.Event()
     p = spawn(_read_in_bursts, name, ready, stop)
     assert ready.wait(60)
@@ -1346,15 +1347,21 @@ def test_cancelled_async_write_acquires_leave_no_announcement(name):
         rng = random.Random(5)
         won = cancelled = 0
         for i in range(200):
+            # Every fourth write waits behind a read of ours, so some cancels
+            # surely land mid-wait however the other reader is scheduled.
+            held = i % 4 == 0 and mine.acquire_read(timeout=10)
             t = asyncio.create_task(rw.acquire_write(timeout=30))
             await asyncio.sleep(rng.choice([0, rng.random() * 0.005]))
             t.cancel()
             try:
                 if await t:
+                    assert not held
                     won += 1
                     rw.release_write()
             except asyncio.CancelledError:
                 cancelled += 1
+            if held:
+                mine.release_read()
             _assert_no_write_left(rw)
             if i % 50 == 49:  # other processes' writers and readers go on
                 both = await asyncio.to_thread(run_python, _TRY_BOTH, name)
@@ -1367,8 +1374,9 @@ def test_cancelled_async_write_acquires_leave_no_announcement(name):
         stop.set()
         p.join(60)
     assert p.exitcode == 0  # the reader never waited 60 s
-    assert cancelled > 0
+    assert cancelled >= 50
     _assert_no_write_left(rw)
+    mine.close()
     rw.close()
 
 
