@@ -99,9 +99,20 @@ class NoEventLoopError(ShmkitError, RuntimeError):
     (under trio, for one): its waits are woken through the asyncio loop."""
 
 
+_here = threading.local()  # .loop: the asyncio loop last found running in this thread
+
+
 def _loop() -> asyncio.AbstractEventLoop:
+    # asyncio.get_running_loop() makes a getpid() system call on Python 3.11
+    # (its fork check); a loop that this thread found running and that still
+    # runs is this thread's loop, since a loop runs in one thread at a time
+    # (a forked child forgets it: _forget_hub).
+    loop: asyncio.AbstractEventLoop | None = getattr(_here, "loop", None)
+    if loop is not None and loop.is_running():
+        return loop
     try:
-        return asyncio.get_running_loop()
+        loop = _here.loop = asyncio.get_running_loop()
+        return loop
     except RuntimeError:
         raise NoEventLoopError(
             "shmkit.aio coroutines run under an asyncio event loop (asyncio.run, uvloop, "
@@ -298,9 +309,10 @@ def _hub() -> _Hub:
     return hub
 
 
-def _forget_hub() -> None:  # a forked child has none of the parent's threads
-    global _the_hub
+def _forget_hub() -> None:  # a forked child has none of the parent's threads or loops
+    global _the_hub, _here
     _the_hub = None
+    _here = threading.local()
 
 
 os.register_at_fork(after_in_child=_forget_hub)
@@ -408,6 +420,11 @@ class Channel(_channel.Channel):
     async def send(self, data: _Buffer,  # type: ignore[override]  # coroutine
                    timeout: float | None = None) -> None:
         """Send one message, awaiting room (raises like :meth:`shmkit.Channel.send`)."""
+        _loop()
+        try:  # the common case first, without building the waiting machinery
+            return _channel.Channel.send_nowait(self, data)
+        except WouldBlock:
+            pass
         await _until(lambda: _nowait(_channel.Channel.send_nowait, self, data),
                      lambda: _describe(self, max(memoryview(data).nbytes, 1)), timeout,
                      lambda: _channel.Channel.send(self, data, 0),
@@ -443,6 +460,13 @@ class Channel(_channel.Channel):
     async def recv(self, timeout: float | None = None,  # type: ignore[override]  # coroutine
                    stop_when_no_senders: bool = False) -> bytes:
         """Take the next message, awaiting one (raises like :meth:`shmkit.Channel.recv`)."""
+        _loop()
+        if not stop_when_no_senders:
+            try:  # the common case first, without building the waiting machinery
+                return _channel.Channel.recv_nowait(self)
+            except WouldBlock:
+                pass
+
         def attempt() -> bytes | _Again:
             if stop_when_no_senders:
                 return _timed(_channel.Channel.recv, self, 0, True)
@@ -566,6 +590,11 @@ class Queue(_channel.Queue):
                     return
                 return await self._put_big(data, out, timeout)
             return self._send_nowait(data)
+        _loop()
+        try:  # the common case first, without building the waiting machinery
+            return self._send_nowait(data)
+        except WouldBlock:
+            pass
         ch = self._ch
 
         def expired() -> NoReturn:
@@ -601,6 +630,11 @@ class Queue(_channel.Queue):
             raise ValueError(f"Queue {self!r} is closed")
         if not block:
             return self._unpack(self._recv_nowait())
+        _loop()
+        try:  # the common case first, without building the waiting machinery
+            return self._unpack(self._recv_nowait())
+        except WouldBlock:
+            pass
         ch = self._ch
 
         def expired() -> NoReturn:
