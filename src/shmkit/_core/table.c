@@ -344,6 +344,11 @@ t_alloc(TCore *t, uint64_t size, unsigned flags)
     THeader *h = HDR(t);
     uint64_t bsize;
     for (int b = bin_of(size); b < NBINS; b++) {
+        /* Most bins are empty: pass them four at a time. */
+        while (b + 4 < NBINS && (h->bins[b] | h->bins[b + 1] | h->bins[b + 2] | h->bins[b + 3]) == 0)
+            b += 4;
+        while (b < NBINS - 1 && h->bins[b] == 0)
+            b++;
         uint64_t *prev = &h->bins[b];
         for (int scan = 0; *prev && scan < 8; scan++) {
             uint64_t off = *prev;
