@@ -186,6 +186,44 @@ def test_threads_of_one_process_get_their_own_replies(svc_name):
     svc.close()
 
 
+def test_a_client_keeps_one_reply_channel_per_live_thread(svc_name):
+    # A pool that replaces its threads, or a thread per request: the reply
+    # channels of ended threads are released, not kept until close().
+    svc = shmkit.Service(svc_name)
+    out = SPAWN.Queue()
+    worker = spawn(_tagging_worker, svc_name, 3.0, out)
+    client = shmkit.Client(svc, wait_for_worker=30)
+    replies: list[bytes] = []
+    seen: list[int] = []
+
+    def one_call(i: int) -> None:
+        replies.append(client.call(str(i).encode(), timeout=60))
+        seen.append(len(_replies(svc_name)))
+
+    for i in range(40):  # one short-lived thread after another
+        t = threading.Thread(target=one_call, args=(i,))
+        t.start()
+        t.join()
+    assert [r.rpartition(b"|")[0] for r in replies] == [str(i).encode() for i in range(40)]
+    assert max(seen) <= 2  # its own, and the ended thread's before it made its own
+    called, long_lived = threading.Event(), threading.Event()
+    stay = threading.Thread(target=lambda: (client.call(b"stay", timeout=60), called.set(),
+                                            long_lived.wait(60)))
+    stay.start()
+    assert called.wait(60)
+    assert len(_replies(svc_name)) == 1  # the last ended thread's went when it came
+    one_call(99)  # this thread's first call: the live thread's channel stays
+    assert len(_replies(svc_name)) == 2
+    long_lived.set()
+    stay.join()
+    client.close()
+    assert _replies(svc_name) == []
+    out.get(timeout=60)
+    worker.join(60)
+    svc.unlink()
+    svc.close()
+
+
 def test_pickled_objects_and_handler_errors(svc_name):
     def handler(obj: Any) -> Any:
         if obj == "boom":

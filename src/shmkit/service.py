@@ -42,6 +42,7 @@ import struct
 import threading
 import time
 import traceback
+import weakref
 from typing import Any, Callable, Iterator
 
 from . import _core
@@ -717,7 +718,7 @@ class Worker(Closing):
 class _Line:
     """One thread's reply channel: its name as sent, its token, its ids."""
 
-    __slots__ = ("ch", "name", "token", "pid", "next_id")
+    __slots__ = ("ch", "name", "token", "pid", "next_id", "thread")
 
     def __init__(self, ch: Channel) -> None:
         self.ch = ch
@@ -725,6 +726,20 @@ class _Line:
         self.token = ch._seg._mapping.token  # type: ignore[union-attr]
         self.pid = _segment._pid
         self.next_id = random.getrandbits(63) | 1
+        self.thread = weakref.ref(threading.current_thread())
+
+    def orphaned(self) -> bool:
+        """Its thread has ended (or the line came from before a fork)."""
+        t = self.thread()
+        return self.pid != _segment._pid or t is None or not t.is_alive()
+
+    def release(self) -> None:
+        if self.pid == _segment._pid:
+            try:
+                self.ch.unlink()
+            except NotFoundError:
+                pass
+        self.ch.close()
 
 
 class Client(Closing):
@@ -733,7 +748,10 @@ class Client(Closing):
     ``Client(name)`` opens (or creates) the service by name;
     ``Client(service)`` uses an open handle.  Each thread that calls gets
     its own reply channel (made at its first call), so any number of
-    threads may call at once, each getting its own replies.
+    threads may call at once, each getting its own replies.  The channels
+    of threads that have ended are released when another thread makes its
+    first call, so a pool that replaces its threads keeps one reply
+    channel per live thread.
 
     Parameters
     ----------
@@ -812,7 +830,15 @@ class Client(Closing):
         line = _Line(ch)
         self._local.line = line
         with self._lock:
+            # Threads come and go (a pool, a thread per request): the lines
+            # of those that ended are released here, so that a client keeps
+            # one reply channel per live calling thread, not one per thread
+            # that ever called.
+            ended = [x for x in self._lines if x.orphaned()]
+            self._lines = [x for x in self._lines if not x.orphaned()]
             self._lines.append(line)
+        for x in ended:
+            x.release()
         return line
 
     def _check_workers(self, deadline: float | None) -> None:
@@ -961,12 +987,7 @@ class Client(Closing):
         with self._lock:
             lines, self._lines = self._lines, []
         for line in lines:
-            if line.pid == _segment._pid:
-                try:
-                    line.ch.unlink()
-                except NotFoundError:
-                    pass
-            line.ch.close()
+            line.release()
         if self._own and self._service is not None:
             self._service.close()
 
