@@ -913,6 +913,52 @@ def test_top_once_shows_rates_of_busy_objects(names: Any) -> None:
     assert child.exitcode == 0
 
 
+def _serve_until_killed(name: str, ready: Any) -> None:
+    import shmkit as sk
+
+    with sk.Service(name) as svc, svc.worker() as w:
+        ready.set()
+        for req in w:
+            req.reply(bytes(req.data).upper())
+
+
+def test_top_shows_a_services_workers_and_its_rate(name: str) -> None:
+    svc = shmkit.Service(name)
+    ready = SPAWN.Event()
+    worker = spawn(_serve_until_killed, name, ready)
+    calling = True
+    client = svc.client(wait_for_worker=30)
+
+    def call() -> None:
+        while calling:
+            assert client.call(b"x", timeout=30) == b"X"
+
+    caller = threading.Thread(target=call)
+    try:
+        assert ready.wait(60)
+        caller.start()
+        snap = json.loads(cli("top", "--once", "--json", "--interval", "0.5", name).stdout)
+        (obj,) = snap["objects"]
+        assert obj["kind"] == "service" and obj["counters"]["workers"] == 1, obj
+        assert obj["rates"]["served"] > 0 and obj["counters"]["served"] > 0, obj
+        row = next(line for line in cli("top", "--once", "--interval", "0.5",
+                                        name).stdout.splitlines() if name in line)
+        assert re.search(r"1 worker( \(1 busy\))?, [1-9][\d.,k]* served/s", row), row
+    finally:
+        calling = False
+        if caller.is_alive():
+            caller.join(60)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(60)
+    # The killed worker's entry stays in the table; top counts only the live.
+    snap = json.loads(cli("top", "--once", "--json", "--interval", "0.1", name).stdout)
+    assert snap["objects"][0]["counters"]["workers"] == 0
+    assert svc.statistics()["workers"] == 0
+    client.close()
+    svc.unlink()
+    svc.close()
+
+
 def test_top_reads_without_changing_anything(names: Any) -> None:
     ch, st, hp = names(), names(), names()
     with shmkit.Channel(ch, capacity=4096) as c:

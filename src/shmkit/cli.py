@@ -98,7 +98,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
                ("Report what was removed as JSON:", "shmkit gc --json"),
            )),
     "top": ("live activity of every object: messages per second and depth of channels "
-            "and queues, keys and bytes of stores, allocations of heaps, lock holders; "
+            "and queues, keys and bytes of stores, allocations of heaps, workers and "
+            "requests served of services, lock holders; "
             "refreshed until Ctrl-C (plain text snapshots when not on a terminal)",
             _examples(
                 ("Watch every object, refreshed every second:", "shmkit top"),

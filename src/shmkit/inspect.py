@@ -527,7 +527,8 @@ _HEAP_UNIT = 16
 #: Counters that only grow: ``top`` shows them per second.
 _CUMULATIVE = frozenset({
     "sent", "received", "dropped", "recycles", "growths", "batches", "allocs", "frees",
-    "moves", "moved_bytes", "compactions", "reallocs", "changes", "notifies", "published"})
+    "moves", "moved_bytes", "compactions", "reallocs", "changes", "notifies", "published",
+    "served", "discarded", "failed", "malformed"})
 #: Levels whose change per second ``top`` shows as well (a store keeps no
 #: operation counters: its keys and bytes moving are the activity).
 _LEVELS = frozenset({"keys", "used_bytes"})
@@ -550,7 +551,10 @@ def counters(summary: dict[str, Any]) -> dict[str, int]:
       ``compactions``, ``blocks``, ``used_bytes``;
     - semaphore: ``value``, ``changes`` (acquires and releases), ``waiting``;
       condition: ``notifies``, ``waiting``; event: ``set``, ``waiting``;
-      mutex: ``held``, ``waiters`` (a mutex counts no acquisitions).
+      mutex: ``held``, ``waiters`` (a mutex counts no acquisitions);
+    - service: ``served``, ``discarded``, ``failed``, ``malformed`` (since
+      creation), ``workers`` (live now), ``busy`` (handling a request now);
+      its requests waiting are the depth of its ``.requests`` channel.
 
     Returns ``{}`` for other kinds, for objects that are not healthy, and
     when what the file holds is not what the kind writes (numbers read from
@@ -670,11 +674,37 @@ def _condition_counters(fd: int, base: int) -> dict[str, int]:
     return {} if w is None else {"notifies": w[1], "waiting": w[2]}
 
 
+_SERVICE = struct.Struct("=IIQQQQ")  # 0: magic, format, served, discarded, failed, malformed
+_SERVICE_MAGIC = 0x31435653          # "SVC1" (shmkit/service.py)
+_SERVICE_TABLE = 64                  # one 16-byte entry per attach slot: token, request id
+_SEGMENT_HWM = _core.layouts["segment"]["hwm"]
+
+
+def _service_counters(fd: int, base: int) -> dict[str, int]:
+    h = _read(fd, _SERVICE, base)
+    hwm = _read(fd, struct.Struct("=I"), _SEGMENT_HWM)
+    if h is None or hwm is None or h[0] != _SERVICE_MAGIC:
+        return {}
+    _magic, _fmt, served, discarded, failed, malformed = h
+    table = os.pread(fd, 16 * min(hwm[0], _core.MAX_SLOTS), base + _SERVICE_TABLE)
+    workers = busy = 0
+    for token, rid in struct.iter_unpack("=QQ", table[:len(table) // 16 * 16]):
+        token &= 0xFFFFFFFF
+        if not token:
+            continue
+        entry = _core.attach_file_entry(fd, token & 0x3FF)  # as _holder_text reads a holder
+        if entry is not None and entry["gen"] == token >> 10 and entry["alive"]:
+            workers += 1
+            busy += rid != 0
+    return {"served": served, "discarded": discarded, "failed": failed,
+            "malformed": malformed, "workers": workers, "busy": busy}
+
+
 _COUNTER_READERS = {
     "channel": _ring_counters, "queue": _ring_counters, "store": _store_counters,
     "heap": _heap_counters, "mutex": _mutex_counters, "event": _event_counters,
     "semaphore": _semaphore_counters, "condition": _condition_counters,
-    "topic": _topic_counters,
+    "topic": _topic_counters, "service": _service_counters,
 }
 
 
@@ -765,6 +795,8 @@ def activity(summary: dict[str, Any], per_second: dict[str, float] | None = None
         return _heap_text(c, r)
     if kind == "topic":
         return _topic_text(c, r)
+    if kind == "service":
+        return _service_text(c, r)
     if kind not in ("mutex", "rwlock", "event", "semaphore", "condition"):
         return ""
     text = _sync_text(summary, kind)
@@ -828,6 +860,16 @@ def _topic_text(c: dict[str, int], r: dict[str, float]) -> str:
     return _join(_rate(r, "published", "published"),
                  f"{c['published']:,} published" if "published" not in r else "",
                  f"{_size(c['bytes_used'])} of {_size(c['capacity'])} in the ring")
+
+
+def _service_text(c: dict[str, int], r: dict[str, float]) -> str:
+    if not c:
+        return ""
+    workers = f"{c['workers']} worker{'' if c['workers'] == 1 else 's'}"
+    return _join(workers + (f" ({c['busy']} busy)" if c["busy"] else ""),
+                 _rate(r, "served", "served"),
+                 _rate(r, "failed", "failed") if r.get("failed") else "",
+                 _rate(r, "discarded", "discarded") if r.get("discarded") else "")
 
 
 def _store_text(c: dict[str, int], r: dict[str, float]) -> str:
