@@ -959,6 +959,41 @@ def test_top_shows_a_services_workers_and_its_rate(name: str) -> None:
     svc.close()
 
 
+def _serve_slowly(name: str, ready: Any) -> None:
+    import shmkit as sk
+
+    with sk.Service(name) as svc:
+        ready.set()
+        svc.serve(lambda data: (time.sleep(3), data)[1], timeout=2)
+
+
+def test_top_shows_a_services_pending_calls(name: str) -> None:
+    svc = shmkit.Service(name)
+    ready = SPAWN.Event()
+    worker = spawn(_serve_slowly, name, ready)
+    client = svc.client(wait_for_worker=30)
+    assert ready.wait(60)
+    callers = [threading.Thread(target=client.call, args=(b"x",), kwargs={"timeout": 60})
+               for _ in range(3)]
+    for t in callers:
+        t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while svc.statistics()["pending"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        snap = json.loads(cli("top", "--once", "--json", "--interval", "0.1", name).stdout)
+        c = snap["objects"][0]["counters"]
+        assert (c["workers"], c["busy"], c["pending"]) == (1, 1, 2), c
+        assert "1 worker (1 busy), 2 pending" in snap["objects"][0]["activity"]
+    finally:
+        for t in callers:
+            t.join(60)
+        worker.join(60)
+        client.close()
+        svc.unlink()
+        svc.close()
+
+
 def test_top_reads_without_changing_anything(names: Any) -> None:
     ch, st, hp = names(), names(), names()
     with shmkit.Channel(ch, capacity=4096) as c:

@@ -553,8 +553,8 @@ def counters(summary: dict[str, Any]) -> dict[str, int]:
       condition: ``notifies``, ``waiting``; event: ``set``, ``waiting``;
       mutex: ``held``, ``waiters`` (a mutex counts no acquisitions);
     - service: ``served``, ``discarded``, ``failed``, ``malformed`` (since
-      creation), ``workers`` (live now), ``busy`` (handling a request now);
-      its requests waiting are the depth of its ``.requests`` channel.
+      creation), ``workers`` (live now), ``busy`` (handling a request now),
+      ``pending`` (requests waiting: the depth of its ``.requests`` channel).
 
     Returns ``{}`` for other kinds, for objects that are not healthy, and
     when what the file holds is not what the kind writes (numbers read from
@@ -578,11 +578,19 @@ def counters(summary: dict[str, Any]) -> dict[str, int]:
         hsize = struct.unpack_from("=Q", raw, 24)[0]
         if not _HEADER_BYTES <= hsize < 1 << 40:
             return {}
-        return _COUNTER_READERS[kind](fd, hsize)
+        out = _COUNTER_READERS[kind](fd, hsize)
     except (OSError, struct.error):
         return {}
     finally:
         os.close(fd)
+    if kind == "service" and out:  # its calls waiting: the depth of its request channel
+        path = summary["path"] + ".requests"
+        try:
+            requests = counters(scan(path)) if os.path.exists(path) else {}
+        except ShmkitError:
+            requests = {}
+        out["pending"] = requests.get("depth", 0)
+    return out
 
 
 def _read(fd: int, layout: struct.Struct, off: int) -> tuple[int, ...] | None:
@@ -867,6 +875,7 @@ def _service_text(c: dict[str, int], r: dict[str, float]) -> str:
         return ""
     workers = f"{c['workers']} worker{'' if c['workers'] == 1 else 's'}"
     return _join(workers + (f" ({c['busy']} busy)" if c["busy"] else ""),
+                 f"{c['pending']:,} pending" if c.get("pending") else "",
                  _rate(r, "served", "served"),
                  _rate(r, "failed", "failed") if r.get("failed") else "",
                  _rate(r, "discarded", "discarded") if r.get("discarded") else "")
