@@ -994,6 +994,48 @@ def test_top_shows_a_services_pending_calls(name: str) -> None:
         svc.close()
 
 
+def _subscribe_and_wait(name: str, ready: Any) -> None:
+    from shmkit.topic import Topic
+
+    topic = Topic(name)
+    sub = topic.subscribe()
+    ready.set()
+    time.sleep(120)
+    sub.close()
+
+
+def test_top_shows_a_topics_subscribers_their_lag_and_losses(name: str) -> None:
+    from shmkit.topic import Topic
+
+    topic = Topic(name, capacity=4096, overflow="overwrite")
+    reader, idle = topic.subscribe(), topic.subscribe()
+    ready = SPAWN.Event()
+    other = spawn(_subscribe_and_wait, name, ready)
+    try:
+        assert ready.wait(60)
+        for _ in range(100):
+            topic.publish(b"x" * 40)
+        with pytest.raises(shmkit.MessagesLost):  # overwritten before it read them
+            reader.recv(timeout=5)
+        lost = reader.missed  # the idle one has not looked yet: its losses are not counted
+        c = json.loads(cli("top", "--once", "--json", "--interval", "0.1",
+                           name).stdout)["objects"][0]["counters"]
+        assert (c["published"], c["subscribers"], c["max_lag"]) == (100, 3, 100), c
+        assert c["missed"] == lost > 0, c
+        os.kill(other.pid, signal.SIGKILL)
+        other.join(60)
+        row = next(line for line in cli("top", "--once", "--interval", "0.1",
+                                        name).stdout.splitlines() if name in line)
+        assert f"2 subscribers, lag up to 100, {lost} missed" in row, row
+    finally:
+        if other.is_alive():
+            other.kill()
+        reader.close()
+        idle.close()
+        topic.unlink()
+        topic.close()
+
+
 def test_top_reads_without_changing_anything(names: Any) -> None:
     ch, st, hp = names(), names(), names()
     with shmkit.Channel(ch, capacity=4096) as c:

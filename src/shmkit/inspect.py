@@ -554,7 +554,10 @@ def counters(summary: dict[str, Any]) -> dict[str, int]:
       mutex: ``held``, ``waiters`` (a mutex counts no acquisitions);
     - service: ``served``, ``discarded``, ``failed``, ``malformed`` (since
       creation), ``workers`` (live now), ``busy`` (handling a request now),
-      ``pending`` (requests waiting: the depth of its ``.requests`` channel).
+      ``pending`` (requests waiting: the depth of its ``.requests`` channel);
+    - topic: ``published``, ``bytes_used``, ``capacity``, and of its live
+      subscribers: ``subscribers``, ``max_lag`` (messages the furthest
+      behind has yet to read), ``missed`` (lost to overwriting, in all).
 
     Returns ``{}`` for other kinds, for objects that are not healthy, and
     when what the file holds is not what the kind writes (numbers read from
@@ -617,14 +620,36 @@ _TOPIC_HEAD = struct.Struct("=Q")      # 192: head
 _TOPIC_MAGIC = 0x31435054
 
 
+_TOPIC_SUB = struct.Struct("=IIQQQQQQQ")  # owner, pad, pos, hold, seq, received, missed, ...
+
+
 def _topic_counters(fd: int, base: int) -> dict[str, int]:
     h = _read(fd, _TOPIC, base)
     head = _read(fd, _TOPIC_HEAD, base + 192)
-    if h is None or head is None or h[0] != _TOPIC_MAGIC:
+    table = _read(fd, struct.Struct("=I8xI"), base + 32)  # max_subs, subs_off
+    if h is None or head is None or table is None or h[0] != _TOPIC_MAGIC:
         return {}
     _magic, _fmt, cap, _data_off, _history, tail_pos, seq = h
-    return {"published": seq, "bytes_used": min(max(tail_pos - head[0], 0), cap),
-            "capacity": cap}
+    out = {"published": seq, "bytes_used": min(max(tail_pos - head[0], 0), cap),
+           "capacity": cap, "subscribers": 0, "max_lag": 0, "missed": 0}
+    max_subs, subs_off = table
+    raw = os.pread(fd, _TOPIC_SUB.size * min(max_subs, _core.MAX_SLOTS), base + subs_off)
+    for entry in struct.iter_unpack(_TOPIC_SUB.format, raw[:len(raw) // 64 * 64]):
+        owner, _pad, _pos, _hold, expected, _received, missed = entry[:7]
+        if not owner or not _token_alive(fd, owner):
+            continue
+        out["subscribers"] += 1
+        if expected <= seq:  # numbers from shared memory: a bad one counts no lag
+            out["max_lag"] = max(out["max_lag"], seq - expected)
+        out["missed"] += missed
+    return out
+
+
+def _token_alive(fd: int, token: int) -> bool:
+    """Whether attachment ``token`` (slot in the low 10 bits, generation
+    above) is the live holder of its slot in the file's attach table."""
+    entry = _core.attach_file_entry(fd, token & 0x3FF)
+    return entry is not None and entry["gen"] == token >> 10 and bool(entry["alive"])
 
 
 def _store_counters(fd: int, base: int) -> dict[str, int]:
@@ -698,10 +723,7 @@ def _service_counters(fd: int, base: int) -> dict[str, int]:
     workers = busy = 0
     for token, rid in struct.iter_unpack("=QQ", table[:len(table) // 16 * 16]):
         token &= 0xFFFFFFFF
-        if not token:
-            continue
-        entry = _core.attach_file_entry(fd, token & 0x3FF)  # as _holder_text reads a holder
-        if entry is not None and entry["gen"] == token >> 10 and entry["alive"]:
+        if token and _token_alive(fd, token):
             workers += 1
             busy += rid != 0
     return {"served": served, "discarded": discarded, "failed": failed,
@@ -865,8 +887,12 @@ def _ring_text(c: dict[str, int], r: dict[str, float]) -> str:
 def _topic_text(c: dict[str, int], r: dict[str, float]) -> str:
     if not c:
         return ""
+    subs = c.get("subscribers", 0)
     return _join(_rate(r, "published", "published"),
                  f"{c['published']:,} published" if "published" not in r else "",
+                 f"{subs} subscriber{'' if subs == 1 else 's'}",
+                 f"lag up to {c['max_lag']:,}" if c.get("max_lag") else "",
+                 f"{c['missed']:,} missed" if c.get("missed") else "",
                  f"{_size(c['bytes_used'])} of {_size(c['capacity'])} in the ring")
 
 
