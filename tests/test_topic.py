@@ -795,7 +795,8 @@ def test_layout_table_in_docs_matches_the_core():
 
 def test_ls_and_top_count_what_was_published(name):
     """`shmkit top` and `ls` read the counters with pread, at the offsets of
-    topic.h: 100 publishes of 64 B show as 100 published and 7.8 KiB in use."""
+    topic.h: 100 publishes of 64 B show as 100 published and 7.8 KiB in use,
+    and the subscriber that read none of them as 100 behind."""
     from shmkit import inspect
     t = Topic(name, capacity=1 << 16)
     sub = t.subscribe()
@@ -805,7 +806,9 @@ def test_ls_and_top_count_what_was_published(name):
         (row,) = inspect.sample([name])
         assert row["counters"]["published"] == 100
         assert row["counters"]["bytes_used"] == 100 * (16 + 64)
-        assert inspect.activity(row) == "100 published, 7.8 KiB of 64.0 KiB in the ring"
+        assert row["counters"]["subscribers"] == 1 and row["counters"]["max_lag"] == 100
+        assert inspect.activity(row) == ("100 published, 1 subscriber, lag up to 100, "
+                                         "7.8 KiB of 64.0 KiB in the ring")
     finally:
         sub.close()
         t.close()
