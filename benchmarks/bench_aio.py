@@ -1,10 +1,12 @@
-"""asyncio: a coroutine's round trip through shmkit.aio against the blocking call
-and against asyncio over a socket pair (the usual way an event loop talks to
-another process).
+"""asyncio: coroutines talking through shmkit.aio against the blocking call and
+against asyncio over sockets (the usual way an event loop talks to another
+process) and zmq.asyncio.
 
-Each workload forks an echo peer (blocking calls, outside the timing) and
-times ``n`` round trips of a 64-byte message made from a coroutine under
-``asyncio.run`` (the blocking shmkit row makes them from plain code).
+The round trips fork an echo peer that awaits too (outside the timing) and
+time ``n`` round trips of a 64-byte message made from a coroutine under
+``asyncio.run`` (the blocking shmkit row makes them from plain code, against a
+blocking peer).  The one-way rows time ``n`` 64-byte messages from the
+receiving coroutine's first message to its last.
 """
 
 from __future__ import annotations
@@ -68,6 +70,19 @@ def _shmkit_echo(ready, a, b, n):
         send(recv())
 
 
+def _shmkit_echo_aio(ready, a, b, n):
+    import shmkit.aio
+
+    async def run() -> None:
+        ca, cb = shmkit.aio.Channel.open(a), shmkit.aio.Channel.open(b)
+        ready.set()
+        recv, send = ca.recv, cb.send
+        for _ in range(n):
+            await send(await recv())
+
+    asyncio.run(run())
+
+
 @workload(GROUP, unit="µs round trip", system="shmkit.aio.Channel (await)", n=RT_N // 2)
 def rt_aio(n: int) -> float:
     import shmkit.aio
@@ -85,7 +100,7 @@ def rt_aio(n: int) -> float:
         return time.perf_counter() - t0
 
     try:
-        p = _peer(_shmkit_echo, a.name, b.name, n + 1)
+        p = _peer(_shmkit_echo_aio, a.name, b.name, n + 1)
         dt = asyncio.run(run())
         _finish(p)
         return dt
@@ -117,13 +132,15 @@ def rt_sync(n: int) -> float:
             c.close()
 
 
-def _socket_echo(ready, sock, n):
-    ready.set()
-    for _ in range(n):
-        data = b""
-        while len(data) < len(MSG):
-            data += sock.recv(len(MSG) - len(data))
-        sock.sendall(data)
+def _streams_echo(ready, sock, n):
+    async def run() -> None:
+        reader, writer = await asyncio.open_connection(sock=sock)
+        ready.set()
+        for _ in range(n):
+            writer.write(await reader.readexactly(len(MSG)))
+        writer.close()
+
+    asyncio.run(run())
 
 
 @workload(GROUP, system="asyncio streams over socketpair", reference=True, n=RT_N // 2)
@@ -142,7 +159,7 @@ def rt_asyncio_socketpair(n: int) -> float:
         writer.close()
         return dt
 
-    p = _peer(_socket_echo, there, n + 1)
+    p = _peer(_streams_echo, there, n + 1)
     there.close()
     try:
         dt = asyncio.run(run())
@@ -172,7 +189,7 @@ def rt_asyncio_sock(n: int) -> float:
             await trip()
         return time.perf_counter() - t0
 
-    p = _peer(_socket_echo, there, n + 1)
+    p = _peer(_streams_echo, there, n + 1)
     there.close()
     try:
         dt = asyncio.run(run())
@@ -184,14 +201,19 @@ def rt_asyncio_sock(n: int) -> float:
 
 def _zmq_rep(ready, addr, n):
     import zmq
-    ctx = zmq.Context()
-    rep = ctx.socket(zmq.REP)
-    rep.bind(addr)
-    ready.set()
-    for _ in range(n):
-        rep.send(rep.recv())
-    rep.close(linger=0)
-    ctx.term()
+    import zmq.asyncio
+
+    async def run() -> None:
+        ctx = zmq.asyncio.Context()
+        rep = ctx.socket(zmq.REP)
+        rep.bind(addr)
+        ready.set()
+        for _ in range(n):
+            await rep.send(await rep.recv())
+        rep.close(linger=0)
+        ctx.term()
+
+    asyncio.run(run())
 
 
 @workload(GROUP, system="zmq.asyncio REQ/REP over ipc", requires=("zmq",), n=RT_N // 2)
@@ -223,6 +245,175 @@ def rt_zmq_asyncio(n: int) -> float:
             return dt
         finally:
             req.close(linger=0)
+            ctx.term()
+
+
+# -- one way: a coroutine sends, a coroutine in another process receives ------------
+#
+# The receiver times from its first message to its last and hands the seconds
+# back through ``took``; asyncio streams carry length-prefixed frames (a 4-byte
+# length, then the payload), read with readexactly as a framed protocol is.
+
+ONE_WAY = "asyncio: 64 B one-way"
+OW_N = 200000
+OW_BATCH = 256
+
+
+def _ow_peer(target: Callable[..., Any], took: Any, *args: Any) -> Any:
+    return _peer(_ow_trampoline, target, took, *args)
+
+
+def _ow_trampoline(ready, target, took, *args):
+    async def run() -> None:
+        took.value = await target(ready, *args)
+
+    asyncio.run(run())
+
+
+def _ow_result(p: Any, took: Any) -> float:
+    _finish(p)
+    return took.value
+
+
+async def _shmkit_sink(ready, name, n, batched):
+    import shmkit.aio
+
+    ch = shmkit.aio.Channel.open(name)
+    ready.set()
+    await ch.recv()
+    t0 = time.perf_counter()
+    if batched:
+        got = 0
+        while got < n:
+            got += len(await ch.recv_many(OW_BATCH * 4))
+    else:
+        recv = ch.recv
+        for _ in range(n):
+            await recv()
+    return time.perf_counter() - t0
+
+
+def _shmkit_one_way(n: int, batched: bool) -> float:
+    import shmkit.aio
+
+    ch = shmkit.aio.Channel(_name(), capacity=1 << 20)
+    took = FORK.Value("d")
+
+    async def run() -> None:
+        if batched:
+            batch = [MSG] * OW_BATCH
+            await ch.send(MSG)
+            for _ in range(n // OW_BATCH):
+                await ch.send_many(batch)
+        else:
+            send = ch.send
+            for _ in range(n + 1):
+                await send(MSG)
+
+    try:
+        p = _ow_peer(_shmkit_sink, took, ch.name, n // OW_BATCH * OW_BATCH if batched else n,
+                     batched)
+        asyncio.run(run())
+        return _ow_result(p, took)
+    finally:
+        ch.unlink()
+        ch.close()
+
+
+@workload(ONE_WAY, unit="kops/s", system="shmkit.aio.Channel: await send / await recv",
+          n=OW_N)
+def ow_aio(n: int) -> float:
+    return _shmkit_one_way(n, False)
+
+
+@workload(ONE_WAY, unit="kops/s",
+          system=f"shmkit.aio.Channel: send_many / recv_many ({OW_BATCH} a batch)",
+          n=OW_N // OW_BATCH * OW_BATCH)
+def ow_aio_batched(n: int) -> float:
+    return _shmkit_one_way(n, True)
+
+
+async def _streams_sink(ready, sock, n):
+    reader, writer = await asyncio.open_connection(sock=sock)
+    ready.set()
+    frame = await reader.readexactly(4 + len(MSG))
+    assert frame[4:] == MSG
+    t0 = time.perf_counter()
+    for _ in range(n):
+        length = int.from_bytes(await reader.readexactly(4), "big")
+        await reader.readexactly(length)
+    dt = time.perf_counter() - t0
+    writer.close()
+    return dt
+
+
+@workload(ONE_WAY, unit="kops/s", system="asyncio streams over a socketpair, framed",
+          reference=True, n=OW_N)
+def ow_streams(n: int) -> float:
+    here, there = socket.socketpair()
+    took = FORK.Value("d")
+
+    async def run() -> None:
+        _, writer = await asyncio.open_connection(sock=here)
+        for i in range(n + 1):
+            writer.write(len(MSG).to_bytes(4, "big") + MSG)  # framed as each message is
+            if i % OW_BATCH == 0:
+                await writer.drain()
+        writer.close()
+        await writer.wait_closed()  # the last frames are written before the loop ends
+
+    try:
+        p = _ow_peer(_streams_sink, took, there, n)
+        there.close()
+        asyncio.run(run())
+        return _ow_result(p, took)
+    finally:
+        here.close()
+
+
+async def _zmq_sink(ready, addr, n):
+    import zmq
+    import zmq.asyncio
+
+    ctx = zmq.asyncio.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(addr)
+    ready.set()
+    await pull.recv()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        await pull.recv()
+    dt = time.perf_counter() - t0
+    pull.close(linger=0)
+    ctx.term()
+    return dt
+
+
+@workload(ONE_WAY, unit="kops/s", system="zmq.asyncio PUSH/PULL over ipc", requires=("zmq",),
+          n=OW_N)
+def ow_zmq(n: int) -> float:
+    import tempfile
+
+    import zmq
+    import zmq.asyncio
+
+    took = FORK.Value("d")
+    with tempfile.TemporaryDirectory() as d:
+        addr = f"ipc://{d}/pull"
+        p = _ow_peer(_zmq_sink, took, addr, n)
+        ctx = zmq.asyncio.Context()
+        push = ctx.socket(zmq.PUSH)
+        push.connect(addr)
+
+        async def run() -> None:
+            for _ in range(n + 1):
+                await push.send(MSG)
+
+        try:
+            asyncio.run(run())
+            return _ow_result(p, took)
+        finally:
+            push.close(linger=-1)  # deliver what is queued before the context ends
             ctx.term()
 
 
