@@ -1886,3 +1886,65 @@ def test_a_forked_child_makes_its_own_ring(names):
         a.close()
         ev.close()
         ev.unlink()
+
+
+_REFUSE_IO_URING = """
+import ctypes, ctypes.util, os, struct
+# a seccomp filter that fails io_uring_setup (425) with EPERM, as a container
+# runtime's default profile does
+libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+ops = [(0x20, 0, 0, 0),                      # load the syscall number
+       (0x15, 0, 1, 425),                    # io_uring_setup?
+       (0x06, 0, 0, 0x00050000 | 1),         # then fail with EPERM
+       (0x06, 0, 0, 0x7fff0000)]             # else allow
+prog = b"".join(struct.pack("HBBI", *op) for op in ops)
+buf = ctypes.create_string_buffer(prog)
+
+class Fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+fp = Fprog(len(ops), ctypes.addressof(buf))
+assert libc.prctl(38, 1, 0, 0, 0) == 0                  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(fp), 0, 0) == 0   # PR_SET_SECCOMP, FILTER
+"""
+
+
+def test_where_io_uring_is_refused_awaits_fall_back_to_threads(names):
+    ev = shmkit.Event(names())
+    code = _REFUSE_IO_URING + """
+import asyncio, errno, sys, threading
+import shmkit, shmkit.aio as aio
+try:
+    shmkit._core.Uring()
+except shmkit._core.UringUnavailableError as exc:
+    assert isinstance(exc, OSError) and isinstance(exc, shmkit.ShmkitError)
+    print("refused", errno.errorcode[exc.errno])
+
+async def main():
+    e = aio.Event.open(sys.argv[1])
+    threading.Timer(0.1, e.set).start()
+    return aio.waker(), await e.wait(timeout=30), aio.watcher_count()
+
+print(*asyncio.run(main()))
+"""
+    out = run_python(code, ev.name).stdout.split()
+    assert out == ["refused", "EPERM", "threads", "True", "1"]
+    # required, it is an error; a value it does not know, too
+    code = _REFUSE_IO_URING + """
+import asyncio, os, shmkit, shmkit.aio as aio
+
+async def main():
+    return await aio.Event(None).wait(timeout=0.01)
+
+for value, error in [("io_uring", shmkit._core.UringUnavailableError),
+                     ("uring", aio.WakerError)]:
+    os.environ["SHMKIT_AIO_WAKER"] = value
+    try:
+        asyncio.run(main())
+    except error as exc:
+        print(type(exc).__name__, "SHMKIT_AIO_WAKER" in str(exc) or "io_uring" in str(exc))
+"""
+    assert run_python(code).stdout.split() == ["UringUnavailableError", "True",
+                                               "WakerError", "True"]
+    ev.close()
+    ev.unlink()

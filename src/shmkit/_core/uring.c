@@ -105,7 +105,11 @@ unmap_ring(UringObject *u)
 static PyObject *
 unavailable(PyTypeObject *type, int err, const char *what)
 {
-    PyObject *exc = PyObject_GetAttrString((PyObject *)type, "Unavailable");
+    /* Uring is not subclassable: type is the module's own type */
+    PyObject *mod = PyType_GetModule(type);
+    if (mod == NULL)
+        return NULL;
+    PyObject *exc = PyObject_GetAttrString(mod, "UringUnavailableError");
     if (exc == NULL)
         return NULL;
     PyObject *msg = PyUnicode_FromFormat(
@@ -655,8 +659,7 @@ shm_init_uring(PyObject *module)
     if (exc == NULL)
         return -1;
     PyObject *tp = PyType_FromModuleAndSpec(module, &Uring_spec, NULL);
-    if (tp == NULL || PyObject_SetAttrString(tp, "Unavailable", exc) < 0 ||
-        PyModule_AddType(module, (PyTypeObject *)tp) < 0 ||
+    if (tp == NULL || PyModule_AddType(module, (PyTypeObject *)tp) < 0 ||
         PyModule_AddObjectRef(module, "UringUnavailableError", exc) < 0) {
         Py_XDECREF(tp);
         Py_DECREF(exc);
