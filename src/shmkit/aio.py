@@ -1184,8 +1184,8 @@ async def wait(objects: Sequence[T], timeout: float | None = None, *,
     consumes; when ``timeout`` passes first, the objects ready at the last
     check (``[]`` for FIRST_COMPLETED, perhaps some for ALL_COMPLETED); no
     limit of 128 objects.  ALL_COMPLETED watches one object that is not
-    ready at a time (every one has to be), so it takes one watcher entry
-    however many objects it is given.
+    ready at a time (every one has to be), so it takes one wait in flight
+    (or one watcher entry) however many objects it is given.
 
     >>> import asyncio, shmkit.aio
     >>> async def main():
