@@ -69,6 +69,30 @@ def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def _uring_works() -> bool:
+    try:
+        shmkit._core.Uring().close()
+        return True
+    except shmkit._core.UringUnavailableError:
+        return False
+
+
+@pytest.fixture(params=["io_uring", "threads"])
+def waker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with awaits woken through io_uring, then by watcher threads
+    (SHMKIT_AIO_WAKER, which spawned children inherit too)."""
+    if request.param == "io_uring" and not _uring_works():
+        pytest.skip("io_uring cannot wake awaits on this kernel")
+    monkeypatch.setenv("SHMKIT_AIO_WAKER", request.param)
+    return request.param
+
+
+@pytest.fixture
+def threads_waker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test is about the watcher threads themselves."""
+    monkeypatch.setenv("SHMKIT_AIO_WAKER", "threads")
+
+
 # ---- shmkit.wait --------------------------------------------------------------
 
 def test_wait_reports_what_another_process_made_ready(names):
@@ -187,7 +211,7 @@ def test_wait_finds_a_killed_holder_and_releases_the_gil(name):
 
 # ---- asyncio: the loop keeps running --------------------------------------------
 
-def test_asyncio_consumer_of_a_producer_process_keeps_the_loop_running(name):
+def test_asyncio_consumer_of_a_producer_process_keeps_the_loop_running(name, waker):
     n = 300
 
     async def main() -> tuple[list[int], int, int]:
@@ -320,7 +344,7 @@ def test_timeouts_and_results_match_the_blocking_calls(names):
     asyncio.run(main())
 
 
-def test_auto_reset_event_hands_each_set_to_one_coroutine(name):
+def test_auto_reset_event_hands_each_set_to_one_coroutine(name, waker):
     async def main() -> None:
         e = aio.Event(name, auto_reset=True)
         waits = [asyncio.create_task(e.wait(timeout=30)) for _ in range(5)]
@@ -343,7 +367,7 @@ def test_auto_reset_event_hands_each_set_to_one_coroutine(name):
 
 # ---- cancellation -------------------------------------------------------------
 
-def test_cancelled_receives_lose_no_message(name):
+def test_cancelled_receives_lose_no_message(name, waker):
     n = 3000
 
     async def main() -> tuple[list[int], int]:
@@ -370,7 +394,7 @@ def test_cancelled_receives_lose_no_message(name):
     assert cancelled > 0  # the test did cancel receives
 
 
-def test_cancelled_acquires_never_leave_a_lock_held(name):
+def test_cancelled_acquires_never_leave_a_lock_held(name, waker):
     async def main() -> int:
         m = aio.Mutex(name)
         other = shmkit.Mutex(name)  # a second handle, used from a thread
@@ -402,7 +426,7 @@ def test_cancelled_acquires_never_leave_a_lock_held(name):
 
 # ---- scale: many awaits, few threads, no busy waiting ----------------------------
 
-def test_ten_thousand_awaits_use_a_few_threads_and_no_cpu(names):
+def test_ten_thousand_awaits_use_a_few_threads_and_no_cpu(names, threads_waker):
     events = [aio.Event(names()) for _ in range(50)]
     before = _threads()
 
@@ -437,7 +461,7 @@ def _switches(tid: int) -> int:
     raise AssertionError("no voluntary_ctxt_switches line")
 
 
-def test_idle_watchers_never_wake_and_one_checker_looks_for_dead_peers(names):
+def test_idle_watchers_never_wake_and_one_checker_looks_for_dead_peers(names, threads_waker):
     # 300 channels: three watchers.  While nothing happens, a watcher sleeps
     # in one futex_waitv (re-arming 128 words for each liveness look would
     # cost ~2 us per word); the one checker thread makes those looks.
@@ -470,7 +494,7 @@ def test_idle_watchers_never_wake_and_one_checker_looks_for_dead_peers(names):
             c.close()
 
 
-def test_more_distinct_objects_than_one_watcher_watches(names):
+def test_more_distinct_objects_than_one_watcher_watches(names, threads_waker):
     events = [aio.Event(names()) for _ in range(300)]
     try:
         async def main() -> list:
@@ -525,7 +549,7 @@ def _await_across_a_kill(hold, name: str, start, waiting=lambda: True):
         p.join(30)
 
 
-def test_killed_holder_of_an_awaited_mutex(name):
+def test_killed_holder_of_an_awaited_mutex(name, waker):
     m = aio.Mutex(name)
     t0 = time.monotonic()
     got, warned = _await_across_a_kill(_hold_mutex, name, lambda: m.acquire(timeout=60))
@@ -535,7 +559,7 @@ def test_killed_holder_of_an_awaited_mutex(name):
     m.close()
 
 
-def test_killed_holder_of_an_awaited_semaphore(name):
+def test_killed_holder_of_an_awaited_semaphore(name, waker):
     s = aio.Semaphore(name, value=1)
     got, _ = _await_across_a_kill(_hold_semaphore, name, lambda: s.acquire(timeout=60))
     assert got
@@ -543,7 +567,7 @@ def test_killed_holder_of_an_awaited_semaphore(name):
     s.close()
 
 
-def test_closing_the_handle_while_awaiting_raises_closed_error(names):
+def test_closing_the_handle_while_awaiting_raises_closed_error(names, waker):
     async def main() -> None:
         ch = aio.Channel(names(), capacity=4096)
         e = aio.Event(names())
@@ -560,7 +584,7 @@ def test_closing_the_handle_while_awaiting_raises_closed_error(names):
     asyncio.run(main())
 
 
-def test_a_closed_loop_leaves_the_watchers_working(name):
+def test_a_closed_loop_leaves_the_watchers_working(name, threads_waker):
     ch = aio.Channel(name, capacity=4096)
     loop = asyncio.new_event_loop()
     task = loop.create_task(ch.recv(timeout=60))
@@ -578,7 +602,7 @@ def test_a_closed_loop_leaves_the_watchers_working(name):
     ch.close()
 
 
-def test_several_loops_in_several_threads(name):
+def test_several_loops_in_several_threads(name, waker):
     n, k = 400, 4
     got: list[list[int]] = [[] for _ in range(k)]
     ch = shmkit.Channel(name, capacity=4096)
@@ -694,7 +718,7 @@ def _produce_and_stay(name: str, n: int) -> None:
     time.sleep(120)  # killed here: it never closes its handle, nobody is woken
 
 
-def test_messages_stop_when_every_sender_has_gone(name):
+def test_messages_stop_when_every_sender_has_gone(name, waker):
     async def main() -> list[int]:
         ch = aio.Channel(name, capacity=4096)
         p = spawn(_produce_and_stay, name, 5)
@@ -746,7 +770,7 @@ def test_condition_wait_for_a_notify_from_another_process(names):
     asyncio.run(main())
 
 
-def test_cancelled_condition_waits_hold_the_lock_and_leave_no_count(name):
+def test_cancelled_condition_waits_hold_the_lock_and_leave_no_count(name, waker):
     async def main() -> None:
         c = aio.Condition(name)
         other = shmkit.Condition(name)
@@ -851,7 +875,7 @@ def _take_then_set(ch_name: str, ev_name: str) -> None:
     ev.close()
 
 
-def test_wait_all_waits_again_for_an_object_taken_meanwhile(names):
+def test_wait_all_waits_again_for_an_object_taken_meanwhile(names, waker):
     ch, ev = shmkit.Channel(names(), capacity=4096), shmkit.Event(names())
     try:
         ch.send(b"first")
@@ -924,7 +948,7 @@ def _set_events_in_turn(names_: list[str], step: float) -> None:
     os._exit(0)
 
 
-def test_aio_wait_all_keeps_the_loop_running(names):
+def test_aio_wait_all_keeps_the_loop_running(names, waker):
     import multiprocessing
 
     fork = multiprocessing.get_context("fork")
@@ -1025,7 +1049,7 @@ def _peer_of_every_kind(ch_name: str, ev_name: str, m_name: str, ready) -> None:
 async def _exercise(ch_name: str, ev_name: str, m_name: str) -> dict:
     """Each class's wait, woken by another process or thread, from a coroutine."""
     loop = asyncio.get_running_loop()
-    out: dict = {"loop": type(loop).__module__}
+    out: dict = {"loop": type(loop).__module__, "waker": aio.waker()}
     ch, ev, m = aio.Channel(ch_name), aio.Event(ev_name), aio.Mutex(m_name)
     out["mutex"] = await m.acquire(timeout=60)
     m.release()
@@ -1068,7 +1092,7 @@ def _run_under(runner: str, fn, *args):
 
 @pytest.mark.parametrize("runner", ["asyncio", "uvloop", "anyio-asyncio",
                                     "anyio-asyncio-uvloop"])
-def test_every_class_under_uvloop_and_anyio(names, runner):
+def test_every_class_under_uvloop_and_anyio(names, runner, waker):
     from conftest import SPAWN
 
     ch = shmkit.Channel(names(), capacity=4096)
@@ -1080,6 +1104,7 @@ def test_every_class_under_uvloop_and_anyio(names, runner):
         out = _run_under(runner, _exercise, ch.name, ev.name, m.name)
         p.join(30)
         assert out["loop"].startswith("uvloop" if "uvloop" in runner else "asyncio")
+        assert out["waker"] == waker
         assert out["messages"] == list(range(50))
         assert out["mutex"] and out["event"] and out["semaphore"] and out["all"]
         assert out["queue"] == {"n": 1}
@@ -1094,7 +1119,7 @@ def test_every_class_under_uvloop_and_anyio(names, runner):
 
 
 @pytest.mark.parametrize("use_uvloop", [False, True])
-def test_anyio_cancel_scopes_lose_no_message(name, use_uvloop):
+def test_anyio_cancel_scopes_lose_no_message(name, use_uvloop, waker):
     import anyio
 
     n = 2000
@@ -1163,7 +1188,7 @@ def _send_each_its_index(names_: list[str]) -> None:
         c.close()
 
 
-def test_two_thousand_tasks_on_their_own_channels_use_few_threads(names):
+def test_two_thousand_tasks_on_their_own_channels_use_few_threads(names, threads_waker):
     import math
     import resource
 
@@ -1334,7 +1359,7 @@ def _assert_no_write_left(rw: aio.RWLock) -> None:
     assert rw._m.held_count == 0
 
 
-def test_cancelled_async_write_acquires_leave_no_announcement(name):
+def test_cancelled_async_write_acquires_leave_no_announcement(name, waker):
     from conftest import SPAWN
 
     rw = aio.RWLock(name)
@@ -1380,7 +1405,7 @@ def test_cancelled_async_write_acquires_leave_no_announcement(name):
     rw.close()
 
 
-def test_awaiting_writer_gets_the_lock_when_the_reader_is_killed(name):
+def test_awaiting_writer_gets_the_lock_when_the_reader_is_killed(name, waker):
     rw = aio.RWLock(name)
     got, warned = _await_across_a_kill(_hold_read, name, lambda: rw.acquire_write(timeout=60),
                                        lambda: _writer_waiting(rw))
@@ -1583,3 +1608,343 @@ def test_minus_one_means_no_timeout_for_every_awaited_lock(kind, name):
         p.kill()
         obj.close()
         obj.unlink()
+
+
+# ---- io_uring: one wake per hop, nothing left behind ----------------------------
+
+def _echo_awaiting(a: str, b: str, n: int) -> None:
+    async def run() -> None:
+        ca, cb = aio.Channel.open(a), aio.Channel.open(b)
+        await cb.send(aio.waker().encode())
+        for _ in range(n):
+            await cb.send(await ca.recv(timeout=60), timeout=60)
+        ca.close()
+        cb.close()
+
+    asyncio.run(run())
+
+
+def test_round_trips_with_both_sides_awaiting(names, waker):
+    n = 2000
+    a, b = aio.Channel(names(), capacity=1 << 14), aio.Channel(names(), capacity=1 << 14)
+    p = spawn(_echo_awaiting, a.name, b.name, n)
+
+    async def main() -> tuple[str, str, list[bytes]]:
+        theirs = (await b.recv(timeout=60)).decode()
+        got = []
+        for i in range(n):
+            await a.send(i.to_bytes(4, "little") * 16, timeout=60)  # 64 B
+            got.append(await b.recv(timeout=60))
+        return aio.waker(), theirs, got
+
+    try:
+        ours, theirs, got = asyncio.run(main())
+        assert ours == theirs == waker
+        assert got == [i.to_bytes(4, "little") * 16 for i in range(n)]
+        p.join(30)
+        assert p.exitcode == 0
+        assert a.statistics()["receivers_waiting"] == b.statistics()["receivers_waiting"] == 0
+    finally:
+        p.kill()
+        a.close()
+        b.close()
+
+
+def _waiting_counts(ch: aio.Channel, ev: aio.Event, sem: aio.Semaphore) -> tuple[int, ...]:
+    return (ch.statistics()["receivers_waiting"], ev.statistics()["waiters"], sem.statistics()["waiters"])
+
+
+def test_a_cancelled_await_leaves_no_sleeper_counted(names, waker):
+    ch = aio.Channel(names(), capacity=4096)
+    ev, sem = aio.Event(names()), aio.Semaphore(names(), value=0)
+
+    async def main() -> tuple[tuple[int, ...], tuple[int, ...]]:
+        tasks = [asyncio.create_task(ch.recv(timeout=60)),
+                 asyncio.create_task(ev.wait(timeout=60)),
+                 asyncio.create_task(sem.acquire(timeout=60))]
+        await asyncio.sleep(0.3)
+        waiting = _waiting_counts(ch, ev, sem)  # counted, as blocking calls are
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return waiting, _waiting_counts(ch, ev, sem)
+
+    try:
+        waiting, after = asyncio.run(main())
+        assert waiting == (1, 1, 1)
+        if waker == "io_uring":
+            assert after == (0, 0, 0)  # the cancel took the wait out of flight at once
+        deadline = time.monotonic() + PROMPT  # the watcher threads let go soon after
+        while _waiting_counts(ch, ev, sem) != (0, 0, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _waiting_counts(ch, ev, sem) == (0, 0, 0)
+        assert ch._seg._mapping.exports == 0 and ev._m.exports == 0  # nothing pinned
+    finally:
+        for o in (ch, ev, sem):
+            o.close()
+        ev.unlink()
+        sem.unlink()
+
+
+def test_io_uring_awaits_start_no_thread_and_never_wake(names):
+    if not _uring_works():
+        pytest.skip("io_uring cannot wake awaits on this kernel")
+    n = 1000
+    chans = [aio.Channel(names(), capacity=64) for _ in range(n)]
+    before, watchers_before = _threads(), aio.watcher_count()  # earlier tests' watchers
+
+    async def main() -> tuple[int, int, int, float, int, int, list[bytes]]:
+        assert aio.waker() == "io_uring"
+        tasks = [asyncio.create_task(c.recv(timeout=60)) for c in chans]
+        await asyncio.sleep(0.5)
+        during = _threads()
+        waiting = sum(c.statistics()["receivers_waiting"] for c in chans)
+        hub = aio._hub()
+        checker = hub.checker.native_id if hub.checker is not None else None
+        me = threading.get_native_id()
+        switches0 = _switches(me)
+        looks0 = _switches(checker) if checker else 0
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        await asyncio.sleep(2.0)  # every task awaits: the loop sleeps in epoll
+        cpu = (time.process_time() - cpu0) / (time.monotonic() - wall0)
+        woke = _switches(me) - switches0
+        looks = _switches(checker) - looks0 if checker else 0
+        for i, c in enumerate(chans):
+            c.send_nowait(b"%d" % i)
+        return during, waiting, aio.watcher_count(), cpu, woke, looks, \
+            await asyncio.gather(*tasks)
+
+    try:
+        during, waiting, watchers, cpu, woke, looks, got = asyncio.run(main())
+        assert watchers == watchers_before  # no watcher thread started
+        assert during - before <= 1  # at most the checker that looks for dead peers
+        assert waiting == n  # each await counted a sleeper: senders wake it
+        assert woke <= 5, woke  # the loop's thread slept through (one timer wake)
+        assert looks >= 2  # the checker does look every CHECK_EVERY s or so
+        assert cpu < 0.25  # a busy wait would use a whole core
+        assert got == [b"%d" % i for i in range(n)]
+        assert sum(c.statistics()["receivers_waiting"] for c in chans) == 0
+    finally:
+        for c in chans:
+            c.close()
+
+
+def test_io_uring_awaits_are_not_limited_by_max_watchers(names, monkeypatch):
+    if not _uring_works():
+        pytest.skip("io_uring cannot wake awaits on this kernel")
+    monkeypatch.setattr(aio, "MAX_WATCHERS", 1)  # 127 objects, were threads watching
+    events = [aio.Event(names()) for _ in range(300)]
+    watchers = aio.watcher_count()  # earlier tests' watchers
+
+    async def main() -> list[bool]:
+        tasks = [asyncio.create_task(e.wait(timeout=60)) for e in events]
+        await asyncio.sleep(0.3)
+        assert aio.watcher_count() == watchers  # none started
+        for e in events[::-1]:
+            e.set()
+        return await asyncio.gather(*tasks)
+
+    try:
+        assert all(asyncio.run(main()))
+    finally:
+        for e in events:
+            e.close()
+            e.unlink()
+
+
+def test_a_hostile_description_raises_and_never_crashes(names):
+    if not _uring_works():
+        pytest.skip("io_uring cannot wake awaits on this kernel")
+    from shmkit import _core
+
+    ev, ch = shmkit.Event(names()), shmkit.Channel(names(), capacity=4096)
+    m, size = ev._m, ev._m.length
+    u = _core.Uring()
+    corrupt = shmkit.CorruptError  # what wait_ready raises for the same descriptions
+    bad = [((_core.W_EVENT, m, size, 0), corrupt),              # past the end
+           ((_core.W_EVENT, m, size - 2, 0), corrupt),          # straddles the end
+           ((_core.W_EVENT, m, 1 << 62, 0), corrupt),
+           ((_core.W_EVENT, m, -8, 0), corrupt),
+           ((_core.W_LOCK, m, 2, 0), corrupt),                  # misaligned
+           ((_core.W_SEM, m, size - 8, 0), corrupt),            # its table runs past the end
+           ((_core.W_COND, m, (1 << 64) - 8, 0), OverflowError),
+           ((99, m, 0, 0), ValueError),
+           ((_core.W_EVENT, "not a mapping", 0, 0), TypeError),
+           ((_core.W_RING_DATA, m, 0, 0), TypeError),           # a mapping, not a channel
+           ((_core.W_EVENT, m, 0), TypeError),
+           ("desc", TypeError)]
+    try:
+        for desc, error in bad:
+            with pytest.raises(error):
+                u.watch(desc, 1)
+            assert len(u) == 0 and m.exports == 0  # nothing in flight, nothing pinned
+        # and the ring still works
+        assert u.watch(_describe_ev(ev), 2) is False
+        with pytest.raises(ValueError, match="in flight"):
+            u.watch(_describe_ev(ev), 2)
+        assert len(u) == 1 and m.exports == 1 and ev.statistics()["waiters"] == 1
+        assert u.cancel(2) == [] and len(u) == 0 and m.exports == 0
+        assert ev.statistics()["waiters"] == 0
+        u.close()
+        with pytest.raises(ValueError, match="closed"):
+            u.watch(_describe_ev(ev), 3)
+    finally:
+        u.close()
+        ev.close()
+        ch.close()
+        ev.unlink()
+
+
+def _describe_ev(ev: shmkit.Event) -> tuple:
+    from shmkit.aio_wait import _describe
+    return _describe(ev)
+
+
+def test_a_loop_closed_or_dropped_with_awaits_in_flight_leaves_nothing_counted(name):
+    if not _uring_works():
+        pytest.skip("io_uring cannot wake awaits on this kernel")
+    import gc
+
+    ch = aio.Channel(name, capacity=4096)
+    mapping = ch._seg._mapping
+
+    def counted() -> tuple[int, int]:
+        return ch.statistics()["receivers_waiting"], mapping.exports
+
+    # closed without cancelling its tasks: the next ring made in this thread
+    # closes the closed loop's ring
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(ch.recv(timeout=60))
+    loop.run_until_complete(asyncio.sleep(0.2))
+    assert counted() == (1, 1)
+    loop.close()
+
+    async def nothing() -> None:
+        await aio.Event(None).wait(timeout=0)
+
+    asyncio.run(nothing())
+    assert counted() == (0, 0)
+    ch.send_nowait(b"one")  # the abandoned receive took nothing
+    del task, loop
+
+    # a thread that ends with its loop neither closed nor cancelled: the
+    # loop is garbage, and with it its ring
+    other = aio.Channel(None, capacity=4096)
+    seen: list[int] = []
+
+    def abandon() -> None:
+        lp = asyncio.new_event_loop()
+        t = lp.create_task(other.recv(timeout=60))
+        lp.run_until_complete(asyncio.sleep(0.2))
+        seen.append(other.statistics()["receivers_waiting"])
+        seen.append(other._seg._mapping.exports)
+        del t
+
+    th = threading.Thread(target=abandon)
+    th.start()
+    th.join()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            gc.collect()
+    assert seen == [1, 1]
+    assert other.statistics()["receivers_waiting"] == 0 and other._seg._mapping.exports == 0
+    other.close()
+    assert ch.recv_nowait() == b"one"
+    ch.close()
+
+
+def test_a_forked_child_makes_its_own_ring(names):
+    if not _uring_works():
+        pytest.skip("io_uring cannot wake awaits on this kernel")
+    a = aio.Channel(names(), capacity=4096)
+    ev = aio.Event(names())
+
+    async def main() -> bytes:
+        t = asyncio.create_task(a.recv(timeout=60))
+        await asyncio.sleep(0.2)  # in flight in this loop's ring
+        pid = os.fork()
+        if pid == 0:  # the child: its own loop, its own ring
+            code = 1
+            try:
+                async def child() -> bool:
+                    threading.Timer(0.1, ev.set).start()
+                    return await ev.wait(timeout=30) and aio.waker() == "io_uring"
+
+                code = 0 if asyncio.run(child()) else 2
+            finally:
+                os._exit(code)
+        _, status = await asyncio.get_running_loop().run_in_executor(None, os.waitpid, pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert a.statistics()["receivers_waiting"] == 1  # the child left ours alone
+        a.send_nowait(b"still woken")
+        return await t
+
+    try:
+        assert asyncio.run(main()) == b"still woken"
+    finally:
+        a.close()
+        ev.close()
+        ev.unlink()
+
+
+_REFUSE_IO_URING = """
+import ctypes, ctypes.util, os, struct
+# a seccomp filter that fails io_uring_setup (425) with EPERM, as a container
+# runtime's default profile does
+libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+ops = [(0x20, 0, 0, 0),                      # load the syscall number
+       (0x15, 0, 1, 425),                    # io_uring_setup?
+       (0x06, 0, 0, 0x00050000 | 1),         # then fail with EPERM
+       (0x06, 0, 0, 0x7fff0000)]             # else allow
+prog = b"".join(struct.pack("HBBI", *op) for op in ops)
+buf = ctypes.create_string_buffer(prog)
+
+class Fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+fp = Fprog(len(ops), ctypes.addressof(buf))
+assert libc.prctl(38, 1, 0, 0, 0) == 0                  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(fp), 0, 0) == 0   # PR_SET_SECCOMP, FILTER
+"""
+
+
+def test_where_io_uring_is_refused_awaits_fall_back_to_threads(names):
+    ev = shmkit.Event(names())
+    code = _REFUSE_IO_URING + """
+import asyncio, errno, sys, threading
+import shmkit, shmkit.aio as aio
+try:
+    shmkit._core.Uring()
+except shmkit._core.UringUnavailableError as exc:
+    assert isinstance(exc, OSError) and isinstance(exc, shmkit.ShmkitError)
+    print("refused", errno.errorcode[exc.errno])
+
+async def main():
+    e = aio.Event.open(sys.argv[1])
+    threading.Timer(0.1, e.set).start()
+    return aio.waker(), await e.wait(timeout=30), aio.watcher_count()
+
+print(*asyncio.run(main()))
+"""
+    out = run_python(code, ev.name).stdout.split()
+    assert out == ["refused", "EPERM", "threads", "True", "1"]
+    # required, it is an error; a value it does not know, too
+    code = _REFUSE_IO_URING + """
+import asyncio, os, shmkit, shmkit.aio as aio
+
+async def main():
+    return await aio.Event(None).wait(timeout=0.01)
+
+for value, error in [("io_uring", shmkit._core.UringUnavailableError),
+                     ("uring", aio.WakerError)]:
+    os.environ["SHMKIT_AIO_WAKER"] = value
+    try:
+        asyncio.run(main())
+    except error as exc:
+        print(type(exc).__name__, "SHMKIT_AIO_WAKER" in str(exc) or "io_uring" in str(exc))
+"""
+    assert run_python(code).stdout.split() == ["UringUnavailableError", "True",
+                                               "WakerError", "True"]
+    ev.close()
+    ev.unlink()

@@ -17,16 +17,22 @@ errors (``await ch.recv(timeout=1.0)`` raises :class:`shmkit.Timeout` like
 b'hi'
 
 How it waits: a coroutine first tries the non-blocking form of its call.
-If that would block, it registers the object's readiness description
-(:mod:`shmkit.aio_wait`) with a watcher thread and awaits a future.  One
-watcher thread per 127 distinct objects (at most :data:`MAX_WATCHERS`)
-sleeps on all their futex words at once with the GIL released and, when
-one is ready, wakes every future waiting on it through
-``loop.call_soon_threadsafe``; each coroutine retries, and waits again if
-another took the message or the lock first.  Awaits of the same object
-share one watched word; no thread is started per await.  An idle watcher
-never wakes: one checker thread per process looks for dead peers among
-every watched object (see :data:`CHECK_EVERY`).
+If that would block, it hands the object's readiness description
+(:mod:`shmkit.aio_wait`) to its event loop's io_uring (one per running
+loop, Linux 6.7+): the ring counts it a sleeper, as a blocking call does,
+and sleeps on the object's futex word with an ``IORING_OP_FUTEX_WAIT``.
+The waker's ``FUTEX_WAKE`` posts a completion, which makes the ring's fd
+(one of the loop's readers) readable: the loop itself is woken by the
+kernel, one wake-up per hop, with no thread in between and no spinning in
+the loop.  The coroutine retries, and waits again if another took the
+message or the lock first.  Where io_uring cannot be used (an older kernel,
+seccomp, ``io_uring_disabled``), or when the environment variable
+``SHMKIT_AIO_WAKER=threads`` asks for it, watcher threads wait instead: one
+per 127 distinct objects (at most :data:`MAX_WATCHERS`) sleeps on all
+their words at once and wakes the futures through
+``loop.call_soon_threadsafe``.  An idle await never wakes: one checker
+thread per process looks for dead peers among every awaited object (see
+:data:`CHECK_EVERY`).
 
 Cancellation loses nothing: a message is only taken, and a lock only
 held, by the non-blocking call itself, which runs to completion between
@@ -42,6 +48,7 @@ import itertools
 import os
 import threading
 import time
+import weakref
 from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Final, Literal, NoReturn,
                     Sequence, TypeVar, cast)
 
@@ -59,12 +66,14 @@ if TYPE_CHECKING:
 
 __all__ = ["Channel", "Queue", "Event", "Mutex", "RWLock", "Semaphore", "Condition",
            "wait", "FIRST_COMPLETED", "ALL_COMPLETED", "MAX_WATCHERS", "TooManyWaitsError",
-           "NoEventLoopError", "watcher_count", "CHECK_EVERY"]
+           "NoEventLoopError", "WakerError", "watcher_count", "waker", "CHECK_EVERY"]
 
 MAX_WATCHERS = 32
-"""Watcher threads per process at most; each watches 127 distinct objects."""
+"""Watcher threads per process at most, each watching 127 distinct objects:
+a limit of the watcher threads alone (``SHMKIT_AIO_WAKER=threads`` or no
+io_uring); awaits woken through io_uring have none."""
 _PER_WATCHER = 127  # futex_waitv takes 128 words; one is the watcher's wake word
-_SPIN = 20e-6  # seconds a coroutine spins for its object before handing it to a watcher
+_LOOK_AT_ONCE = 128  # descriptions per wait_ready call of the checker
 _REPAIR_TIMEOUT = 0.02  # a repairing call's wait: past the channel's first 5 ms slice
 CHECK_EVERY = 0.05
 """Seconds between two looks for dead peers (a killed lock holder, a producer
@@ -92,6 +101,11 @@ _Futures = dict[asyncio.Future[int], asyncio.AbstractEventLoop]  # awaiter: its 
 
 class TooManyWaitsError(ShmkitError, RuntimeError):
     """More distinct objects are awaited at once than the watchers can watch."""
+
+
+class WakerError(ShmkitError, ValueError):
+    """``SHMKIT_AIO_WAKER`` holds a value other than ``threads``, ``io_uring``
+    or nothing."""
 
 
 class NoEventLoopError(ShmkitError, RuntimeError):
@@ -215,6 +229,39 @@ class _Hub:
         self.stopped = False
         self.watching = threading.Condition(self.lock)
         self.checker: threading.Thread | None = None
+        # the event loops' rings (id -> weak reference), and whether the
+        # checker sleeps because nothing is awaited (a ring's first wait
+        # in flight then wakes it)
+        self.rings: dict[int, weakref.ref[_Ring]] = {}
+        self.checker_idle = False
+
+    def start_checker(self) -> None:
+        """Start the checker thread unless it runs (lock held)."""
+        if self.checker is None:
+            self.checker = threading.Thread(target=self._check, daemon=True,
+                                            name="shmkit-aio-checker")
+            self.checker.start()
+
+    def nudge(self) -> None:
+        """A ring has a wait in flight: the idle checker starts looking."""
+        with self.lock:
+            self.checker_idle = False
+            self.watching.notify()
+
+    def _rings(self) -> list[_Ring]:
+        """The live rings (lock held)."""
+        rings = []
+        for k, ref in list(self.rings.items()):
+            r = ref()
+            if r is None:
+                del self.rings[k]
+            else:
+                rings.append(r)
+        return rings
+
+    def _anything(self) -> bool:
+        """Is anything awaited at all (lock held)?"""
+        return bool(self.where) or any(r.waits for r in self._rings())
 
     def settle(self, entries: list[_Entry], flags: Sequence[tuple[int, _Flag]]) -> None:
         """Stop watching the entries that ``flags`` names (indices past the
@@ -240,21 +287,30 @@ class _Hub:
 
     def _check(self) -> None:
         """The checker thread: every CHECK_EVERY seconds (longer with many
-        objects), one look at every watched object with timeout 0, which
+        objects), one look at every awaited object with timeout 0, which
         runs each kind's liveness check: a dead holder or writer in the way
-        wakes its awaiters, whose repairing call makes progress."""
+        wakes its awaiters, whose repairing call makes progress.  It looks
+        at the watcher threads' entries and at the waits in flight in every
+        loop's ring; while nothing is awaited it sleeps."""
         pause = CHECK_EVERY
         while True:
             with self.lock:
-                while not self.where and not self.stopped:
+                # idle first, then look: a ring that adds a wait after the
+                # look finds checker_idle set and nudges
+                self.checker_idle = True
+                while not self._anything() and not self.stopped:
                     self.watching.wait()
+                self.checker_idle = False
                 if self.stopped:
                     return
                 self.watching.wait(pause)
                 batches = [list(w.entries.values()) for w in self.watchers if w.entries]
+                rings = self._rings()
             spent = time.thread_time()
             for entries in batches:
                 self.settle(entries, _look([e.desc for e in entries], 0, True))
+            while rings:  # none held while asleep: dropped loops are garbage
+                rings.pop().look()
             spent = time.thread_time() - spent
             pause = max(CHECK_EVERY, spent * _CHECK_SHARE)
 
@@ -273,10 +329,7 @@ class _Hub:
                             "fewer objects at a time")
                     w = _Watcher(self)
                     self.watchers.append(w)
-                    if self.checker is None:
-                        self.checker = threading.Thread(target=self._check, daemon=True,
-                                                        name="shmkit-aio-checker")
-                        self.checker.start()
+                    self.start_checker()
                 e = self.where[key] = w.entries[key] = _Entry(key, desc, w)
                 w.poke()
                 if len(self.where) == 1:
@@ -309,6 +362,138 @@ def _hub() -> _Hub:
     return hub
 
 
+# ---- io_uring: one ring per running loop -------------------------------------
+
+_WAKER_VAR = "SHMKIT_AIO_WAKER"
+_wait_ids = itertools.count(1)  # the keys of the waits in flight in the rings
+_refused: list[BaseException] = []  # why _core.Uring() failed in this process, once
+
+
+class _Ring:
+    """One event loop's io_uring (``_core.Uring``): the futex waits of the
+    awaits this loop runs, each counted a sleeper like a blocking call.  Its
+    fd is one of the loop's readers: a waker's FUTEX_WAKE posts a
+    completion, the loop wakes, and the reader callback reaps the
+    completions and settles their futures in the loop's own thread."""
+
+    __slots__ = ("uring", "loop", "hub", "fd", "waits", "descs", "__weakref__")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, hub: _Hub) -> None:
+        self.uring = _core.Uring()
+        self.loop, self.hub = loop, hub
+        # the waits in flight: key -> future, and key -> description, which
+        # the checker thread looks at (copied in one C call, no object made
+        # per wait: an idle look over 10,000 waits stays cheap)
+        self.waits: dict[int, asyncio.Future[int]] = {}
+        self.descs: dict[int, _Desc] = {}
+        self.fd = self.uring.fileno()
+        try:
+            loop.add_reader(self.fd, self.reap)
+        except BaseException:
+            self.uring.close()
+            raise
+
+    def reap(self) -> None:
+        """The ring's fd is readable: settle the futures of completed waits."""
+        self._ready(self.uring.reap())
+
+    def _ready(self, keys: list[int]) -> None:
+        waits, descs = self.waits, self.descs
+        for k in keys:
+            fut = waits.pop(k, None)
+            descs.pop(k, None)
+            if fut is not None and not fut.done():
+                fut.set_result(_READY)
+
+    def watch(self, desc: _Desc, fut: asyncio.Future[int]) -> int:
+        """0 when ``desc`` is ready now; else the key of its wait, now in
+        flight, whose completion settles ``fut``.  Raises what the
+        description's binding raises (ValueError, TypeError...)."""
+        k = next(_wait_ids)
+        if self.uring.watch(desc, k):
+            return 0
+        self.waits[k] = fut
+        self.descs[k] = desc
+        if self.hub.checker_idle:
+            self.hub.nudge()
+        return k
+
+    def cancel(self, k: int) -> None:
+        """Take wait ``k`` out of flight (uncounted and unpinned on return)."""
+        if self.waits.pop(k, None) is not None:
+            del self.descs[k]
+            self._ready(self.uring.cancel(k))
+
+    def look(self) -> None:
+        """(The checker thread.)  One liveness look at every wait in flight:
+        those ready or suspect (a dead peer in the way, a handle closed) are
+        flagged to their futures in the loop's thread."""
+        now = self.descs.copy()
+        keys, descs = list(now), list(now.values())
+        flags: list[tuple[int, _Flag]] = []
+        for at in range(0, len(descs), _LOOK_AT_ONCE):
+            flags += [(keys[at + i], f)
+                      for i, f in _look(descs[at:at + _LOOK_AT_ONCE], 0, True)]
+        if flags:
+            try:
+                self.loop.call_soon_threadsafe(self._flagged, flags)
+            except RuntimeError:
+                pass  # the loop was closed: its ring is closed with the next one made
+
+    def _flagged(self, flags: list[tuple[int, _Flag]]) -> None:
+        for k, flag in flags:
+            fut = self.waits.get(k)  # the awaiter cancels the wait when it resumes
+            if fut is not None:
+                _settle([fut], flag)
+
+    def close(self) -> None:
+        """Cancel every wait in flight (uncounted, unpinned) and close the ring."""
+        self.waits, self.descs = {}, {}
+        if not self.loop.is_closed():
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.fd)
+        self.uring.close()
+
+
+def _waker_setting() -> str:
+    v = os.environ.get(_WAKER_VAR, "")
+    if v not in ("", "threads", "io_uring"):
+        raise WakerError(f"{_WAKER_VAR}={v!r}: expected 'threads' (watcher threads), "
+                         "'io_uring' (io_uring, or an error where it cannot be used) or "
+                         "nothing (io_uring where it can be used, else threads)")
+    return v
+
+
+def _ring(loop: asyncio.AbstractEventLoop) -> _Ring | None:
+    """The running loop's ring, made on its first await; None for the
+    watcher threads (SHMKIT_AIO_WAKER=threads, or no io_uring here)."""
+    mine: tuple[asyncio.AbstractEventLoop, _Ring | None] | None = getattr(_here, "ring", None)
+    if mine is not None and mine[0] is loop:
+        return mine[1]
+    hub = _hub()
+    with hub.lock:
+        rings = hub._rings()
+    ring = next((r for r in rings if r.loop is loop and not r.uring.closed), None)
+    for r in rings:
+        if r.loop.is_closed() and not r.uring.closed:
+            r.close()  # a loop closed with waits in flight: uncount and unpin them
+    if ring is None:
+        setting = _waker_setting()
+        if setting == "io_uring" or (setting == "" and not _refused):
+            try:
+                ring = _Ring(loop, hub)
+            except _core.UringUnavailableError as exc:
+                if setting == "io_uring":
+                    raise
+                _refused.append(exc)
+        if ring is not None:
+            with hub.lock:
+                hub.rings[id(ring)] = weakref.ref(ring)
+                hub.start_checker()
+    _here.ring = (loop, ring)
+    return ring
+
+
 def _forget_hub() -> None:  # a forked child has none of the parent's threads or loops
     global _the_hub, _here
     _the_hub = None
@@ -319,9 +504,29 @@ os.register_at_fork(after_in_child=_forget_hub)
 
 
 def watcher_count() -> int:
-    """How many watcher threads this process runs (a diagnostic)."""
+    """How many watcher threads this process runs (a diagnostic): 0 while
+    every await is woken through io_uring.
+
+    >>> import shmkit.aio
+    >>> shmkit.aio.watcher_count() >= 0
+    True
+    """
     hub = _the_hub
     return 0 if hub is None else len(hub.watchers)
+
+
+def waker() -> Literal["io_uring", "threads"]:
+    """How the running loop's awaits are woken: ``"io_uring"`` (the loop's
+    own ring) or ``"threads"`` (watcher threads: ``SHMKIT_AIO_WAKER=threads``,
+    or io_uring cannot be used here).
+
+    >>> import asyncio, shmkit.aio
+    >>> async def main():
+    ...     return shmkit.aio.waker()
+    >>> asyncio.run(main()) in ("io_uring", "threads")
+    True
+    """
+    return "threads" if _ring(_loop()) is None else "io_uring"
 
 
 def _key(desc: _Desc) -> _Key:
@@ -333,28 +538,35 @@ async def _until(attempt: Callable[[], T | _Again], describe: Callable[[], _Desc
                  repair: Callable[[], T | _Again] | None = None) -> T:
     """Run ``attempt()`` until it returns something other than _AGAIN,
     awaiting readiness in between; ``expired()`` once the timeout passes
-    (after a last attempt); ``repair()`` once when a dead peer is in the way."""
+    (after a last attempt); ``repair()`` once when a dead peer is in the way.
+    Nothing spins in the loop: an await is woken by the kernel (io_uring)
+    or a watcher thread."""
     loop = _loop()
     r = attempt()
     if r is not _AGAIN:
         return r
     deadline = None if timeout is None else loop.time() + seconds(timeout)
-    if timeout is None or timeout > 0:
-        # A partner that answers within microseconds is caught here, without
-        # the watcher's two thread hops; the loop is held up at most _SPIN.
-        ready, suspect = _core.wait_ready([describe()], _SPIN, True)
-        if ready:
-            r = attempt()
-            if r is not _AGAIN:
-                return r
-    hub = _hub()
+    ring = _ring(loop)
+    hub = _hub() if ring is None else None
+    at_once = 0  # retries that found the object ready without waiting
     while True:
         if deadline is not None and loop.time() >= deadline:
             return expired()
         desc = describe()
-        key = _key(desc)
         fut: asyncio.Future[int] = loop.create_future()
-        hub.add(key, desc, fut, loop)
+        if ring is not None:
+            k = ring.watch(desc, fut)
+            if not k:  # ready now: retry at once (another may take it first)
+                at_once += 1
+                if at_once % 8 == 0:
+                    await asyncio.sleep(0)  # others' turn, should readiness keep lying
+                r = attempt()
+                if r is not _AGAIN:
+                    return r
+                continue
+        else:
+            key = _key(desc)
+            hub.add(key, desc, fut, loop)  # type: ignore[union-attr]
         timer = None
         if deadline is not None:
             timer = loop.call_at(deadline, _settle, [fut], _EXPIRED)
@@ -363,7 +575,10 @@ async def _until(attempt: Callable[[], T | _Again], describe: Callable[[], _Desc
         finally:
             if timer is not None:
                 timer.cancel()
-            hub.discard(key, fut)
+            if ring is not None:
+                ring.cancel(k)
+            else:
+                hub.discard(key, fut)  # type: ignore[union-attr]
         if flag == _SUSPECT and repair is not None:
             r = repair()
         else:
@@ -969,8 +1184,8 @@ async def wait(objects: Sequence[T], timeout: float | None = None, *,
     consumes; when ``timeout`` passes first, the objects ready at the last
     check (``[]`` for FIRST_COMPLETED, perhaps some for ALL_COMPLETED); no
     limit of 128 objects.  ALL_COMPLETED watches one object that is not
-    ready at a time (every one has to be), so it takes one watcher entry
-    however many objects it is given.
+    ready at a time (every one has to be), so it takes one wait in flight
+    (or one watcher entry) however many objects it is given.
 
     >>> import asyncio, shmkit.aio
     >>> async def main():
@@ -1001,15 +1216,23 @@ async def wait(objects: Sequence[T], timeout: float | None = None, *,
         waiting = [i for i in range(len(descs)) if i not in now]
         if all_of:
             waiting = waiting[:1]  # every one must be ready: one not ready will do
-        hub = _hub()
+        ring = _ring(loop)
+        hub = _hub() if ring is None else None
         fut: asyncio.Future[int] = loop.create_future()
-        added: list[_Key] = []
+        added: list[Any] = []  # ring keys, or the watchers' keys
         timer = None
         try:
             for i in waiting:
-                k = _key(descs[i])
-                hub.add(k, descs[i], fut, loop)
-                added.append(k)
+                if ring is not None:
+                    k = ring.watch(descs[i], fut)
+                    if not k:  # ready now: look at them all again
+                        _settle([fut], _READY)
+                        break
+                    added.append(k)
+                else:
+                    key = _key(descs[i])
+                    hub.add(key, descs[i], fut, loop)  # type: ignore[union-attr]
+                    added.append(key)
             if deadline is not None:
                 timer = loop.call_at(deadline, _settle, [fut], _EXPIRED)
             flag = await fut
@@ -1017,7 +1240,10 @@ async def wait(objects: Sequence[T], timeout: float | None = None, *,
             if timer is not None:
                 timer.cancel()
             for k in added:
-                hub.discard(k, fut)
+                if ring is not None:
+                    ring.cancel(k)
+                else:
+                    hub.discard(k, fut)  # type: ignore[union-attr]
         if flag == _SUSPECT and all_of:
             suspects.add(waiting[0])
     return [o for i, o in enumerate(objs) if i in now]

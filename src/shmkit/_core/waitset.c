@@ -41,31 +41,11 @@
  *       between slices (sleep until a wake-up or the timeout), for a caller
  *       that checks the same objects with timeout=0 calls of its own
  */
-#include "ring.h"
-#include "sync.h"
-#include "wait.h"
-
-enum { W_EVENT = 1, W_LOCK, W_SEM, W_RW_READ, W_RING_DATA, W_RING_SPACE, W_WORD, W_COND,
-       W_RW_WRITE };
-
-
-typedef struct {
-    int kind;
-    PyObject *pin;     /* the mapping pinned for the wait */
-    MappingObject *m;
-    RingObject *r;
-    uint32_t *word;    /* the futex word */
-    char *b;           /* the structure's start (sem, rwlock, condition) */
-    uint64_t total;    /* W_RING_SPACE: record bytes */
-    uint32_t value;    /* W_WORD: the value to wait away from */
-    uint32_t me;       /* our token when the wait began */
-    int armed, suspect, closed;
-    int slept;         /* the wait slept (and so may have taken a wake-up) */
-} Watch;
+#include "waitset.h"
 
 /* ---- the hooks ----------------------------------------------------------- */
 
-static int
+int
 w_ready(void *ctx, uint32_t *sleep_on)
 {
     Watch *w = ctx;
@@ -116,7 +96,7 @@ w_ready(void *ctx, uint32_t *sleep_on)
     return 0;
 }
 
-static void
+void
 w_arm(void *ctx)
 {
     Watch *w = ctx;
@@ -142,7 +122,7 @@ w_arm(void *ctx)
     w->armed = 1;
 }
 
-static void
+void
 w_disarm(void *ctx)
 {
     Watch *w = ctx;
@@ -192,7 +172,7 @@ dead_record(Watch *w, uint64_t from, uint64_t to, uint32_t kind)
     return ST_KIND(s) == kind && dead(w, s);
 }
 
-static int
+int
 w_check(void *ctx)
 {
     Watch *w = ctx;
@@ -238,19 +218,19 @@ w_check(void *ctx)
 
 /* ---- binding a description --------------------------------------------- */
 
-static int
-is_open(MappingObject *m)
+int
+watch_open(MappingObject *m)
 {
     return m->base != NULL && !m->closing;
 }
 
-static int
-bind(Watch *w, PyObject *desc, Py_ssize_t i, PyTypeObject *ring_type)
+int
+watch_bind(Watch *w, PyObject *desc, Py_ssize_t i, PyTypeObject *ring_type, const char *fn)
 {
     memset(w, 0, sizeof *w);
     if (!PyTuple_Check(desc) || PyTuple_GET_SIZE(desc) != 4) {
-        PyErr_Format(PyExc_TypeError, "wait_ready(): description %zd must be a tuple "
-                     "(kind, target, offset, extra)", i);
+        PyErr_Format(PyExc_TypeError, "%s: description %zd must be a tuple "
+                     "(kind, target, offset, extra)", fn, i);
         return -1;
     }
     long kind = PyLong_AsLong(PyTuple_GET_ITEM(desc, 0));
@@ -262,7 +242,7 @@ bind(Watch *w, PyObject *desc, Py_ssize_t i, PyTypeObject *ring_type)
     w->kind = (int)kind;
     if (kind == W_RING_DATA || kind == W_RING_SPACE) {
         if (!PyObject_TypeCheck(target, ring_type)) {
-            PyErr_Format(PyExc_TypeError, "wait_ready(): description %zd needs a channel", i);
+            PyErr_Format(PyExc_TypeError, "%s: description %zd needs a channel", fn, i);
             return -1;
         }
         w->r = (RingObject *)target;
@@ -276,7 +256,7 @@ bind(Watch *w, PyObject *desc, Py_ssize_t i, PyTypeObject *ring_type)
         w->value = kind == W_RING_DATA && extra != 0; /* stop when no senders */
         w->pin = w->r->mapping;
         w->m = (MappingObject *)w->pin;
-        if (!is_open(w->m)) {
+        if (!watch_open(w->m)) {
             w->closed = 1;
             return 0;
         }
@@ -284,12 +264,12 @@ bind(Watch *w, PyObject *desc, Py_ssize_t i, PyTypeObject *ring_type)
         w->word = kind == W_RING_DATA ? &h->data_seq : &h->space_seq;
     } else if (kind >= W_EVENT && kind <= W_RW_WRITE) {
         if (!shm_is_mapping(target)) {
-            PyErr_Format(PyExc_TypeError, "wait_ready(): description %zd needs a mapping", i);
+            PyErr_Format(PyExc_TypeError, "%s: description %zd needs a mapping", fn, i);
             return -1;
         }
         w->pin = target;
         w->m = (MappingObject *)target;
-        if (!is_open(w->m)) {
+        if (!watch_open(w->m)) {
             w->closed = 1;
             return 0;
         }
@@ -313,18 +293,25 @@ bind(Watch *w, PyObject *desc, Py_ssize_t i, PyTypeObject *ring_type)
                                                             : 0));
         w->value = (uint32_t)extra;
     } else {
-        PyErr_Format(PyExc_ValueError, "wait_ready(): description %zd has unknown kind %ld",
-                     i, kind);
+        PyErr_Format(PyExc_ValueError, "%s: description %zd has unknown kind %ld",
+                     fn, i, kind);
         return -1;
     }
     w->me = w->m->token;
     return 0;
 }
 
+int
+watch_gone(const Watch *w)
+{
+    return w->m->token != w->me || !watch_open(w->m) ||
+           (w->r != NULL && w->r->mapping != w->pin);
+}
+
 /* A channel handle without an attachment cannot count itself a sleeper, so
  * no sender wakes it: only the slices look again. */
-static int
-unarmed(const Watch *w)
+int
+watch_unarmed(const Watch *w)
 {
     return (w->kind == W_RING_DATA || w->kind == W_RING_SPACE) && w->me == 0;
 }
@@ -361,8 +348,8 @@ py_wait_ready(PyObject *mod, PyObject *const *a, Py_ssize_t n)
     int r = 0, which = -1;
     PyObject *ready = NULL, *suspect = NULL, *out = NULL;
     for (; bound < count; bound++) {
-        if (bind(&ws[bound], PySequence_Fast_GET_ITEM(seq, bound), bound,
-                 shm_mod_state(mod)->Ring) < 0)
+        if (watch_bind(&ws[bound], PySequence_Fast_GET_ITEM(seq, bound), bound,
+                       shm_mod_state(mod)->Ring, "wait_ready()") < 0)
             goto done;
         if (!ws[bound].closed)
             shm_pin(ws[bound].pin);
@@ -373,7 +360,7 @@ py_wait_ready(PyObject *mod, PyObject *const *a, Py_ssize_t n)
         sw[live] = (shm_wait){.m = ws[i].m, .word = ws[i].word, .ctx = &ws[i],
                               .ready = w_ready, .arm = w_arm, .disarm = w_disarm,
                               .check = w_check, .spin_ns = spin ? SHM_WAIT_SPIN_NS : 0,
-                              .check_ns = check || unarmed(&ws[i]) ? 0 : SHM_FOREVER,
+                              .check_ns = check || watch_unarmed(&ws[i]) ? 0 : SHM_FOREVER,
                               .what = "an object waited on"};
         ptr[live] = &sw[live];
         live++;
@@ -398,7 +385,7 @@ py_wait_ready(PyObject *mod, PyObject *const *a, Py_ssize_t n)
     for (Py_ssize_t i = 0; i < count; i++) {
         Watch *w = &ws[i];
         uint32_t v;
-        if (!w->closed && (w->m->token != w->me || !is_open(w->m)))
+        if (!w->closed && watch_gone(w))
             w->closed = 1;
         int yes = w->closed || w->suspect || w_ready(w, &v);
         if (!yes)
@@ -533,7 +520,7 @@ static PyMethodDef waitset_methods[] = {
 int
 shm_init_waitset(PyObject *module)
 {
-    if (PyModule_AddFunctions(module, waitset_methods) < 0)
+    if (PyModule_AddFunctions(module, waitset_methods) < 0 || shm_init_uring(module) < 0)
         return -1;
     return PyModule_AddIntConstant(module, "W_EVENT", W_EVENT) < 0 ||
                    PyModule_AddIntConstant(module, "W_LOCK", W_LOCK) < 0 ||
