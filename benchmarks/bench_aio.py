@@ -419,10 +419,11 @@ def ow_zmq(n: int) -> float:
 
 # -- 10,000 tasks awaiting in one process -------------------------------------------
 #
-# Each task awaits recv on its own channel (10,000 channels, so 79 watcher
-# threads: shmkit.aio.MAX_WATCHERS is raised for the run).  Reported beside the
-# time to wake them all (per task): the threads, the resident memory and the
-# CPU seconds the process burns in IDLE_S seconds while every task waits.
+# Each task awaits recv on its own channel: 10,000 futex waits in the loop's
+# io_uring, or, with SHMKIT_AIO_WAKER=threads, 79 watcher threads
+# (shmkit.aio.MAX_WATCHERS is raised for the run).  Reported beside the time
+# to wake them all (per task): the threads, the resident memory and the CPU
+# seconds the process burns in IDLE_S seconds while every task waits.
 
 TASKS = 10000
 IDLE_S = 10.0
@@ -487,11 +488,13 @@ def many_tasks(n: int, idle: float = IDLE_S) -> dict:
                 return int.from_bytes(await chans[i].recv(timeout=600), "little") == i
 
             tasks = [asyncio.create_task(one(i)) for i in range(n)]
-            hub = shmkit.aio._hub()
-            while len(hub.where) < n and not any(t.done() for t in tasks):
+            while not any(t.done() for t in tasks):  # until every task sleeps on its channel
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.5)  # every task is asleep on its channel by now
-            out = {"threads": threading.active_count(),
+                if all(c.statistics()["receivers_waiting"] for c in chans):
+                    break
+            await asyncio.sleep(0.5)
+            out = {"io_uring": float(shmkit.aio.waker() == "io_uring"),
+                   "threads": threading.active_count(),
                    "threads_proc": _proc_status("Threads"),
                    "watchers": shmkit.aio.watcher_count(),
                    "rss_mib": _proc_status("VmRSS") / 1024,
@@ -519,19 +522,31 @@ def many_tasks(n: int, idle: float = IDLE_S) -> dict:
             c.close()
 
 
-def _many_tasks_child(n: int, out: Any) -> None:
+def _many_tasks_child(n: int, out: Any, waker: str) -> None:
+    os.environ["SHMKIT_AIO_WAKER"] = waker  # read at the loop's first await
     out.put(many_tasks(n))
 
 
-@workload("asyncio: 10,000 tasks awaiting recv, one channel each", unit="µs/op",
-          system="shmkit.aio.Channel", n=TASKS)
+MANY = "asyncio: 10,000 tasks awaiting recv, one channel each"
+
+
+@workload(MANY, unit="µs/op", system="shmkit.aio.Channel (io_uring)", n=TASKS)
 def many_tasks_aio(n: int) -> dict:
+    return _many_tasks_in_a_process(n, "io_uring")
+
+
+@workload(MANY, unit="µs/op", system="shmkit.aio.Channel (SHMKIT_AIO_WAKER=threads)", n=TASKS)
+def many_tasks_aio_threads(n: int) -> dict:
+    return _many_tasks_in_a_process(n, "threads")
+
+
+def _many_tasks_in_a_process(n: int, waker: str) -> dict:
     # In a process of its own: the threads, memory and idle CPU counted are
     # the tasks' and watchers' alone, not the benchmark runner's (whose
     # progress display redraws ten times a second).
     spawn = multiprocessing.get_context("spawn")
     out = spawn.Queue()
-    p = spawn.Process(target=_many_tasks_child, args=(n, out))
+    p = spawn.Process(target=_many_tasks_child, args=(n, out, waker))
     p.start()
     try:
         deadline = time.monotonic() + 600
