@@ -533,40 +533,57 @@ def _key(desc: _Desc) -> _Key:
     return (desc[0], id(desc[1]), desc[2], desc[3])
 
 
+def _watch(ring: _Ring | None, loop: asyncio.AbstractEventLoop, desc: _Desc,
+           fut: asyncio.Future[int]) -> Any:
+    """Start a wait for ``desc`` whose readiness settles ``fut``, through the
+    loop's ring or else the watcher threads: its handle for :func:`_unwatch`,
+    or None when the ring found the object ready at once."""
+    if ring is not None:
+        return ring.watch(desc, fut) or None
+    key = _key(desc)
+    _hub().add(key, desc, fut, loop)
+    return key
+
+
+def _unwatch(ring: _Ring | None, handle: Any, fut: asyncio.Future[int]) -> None:
+    """End a wait that :func:`_watch` started (uncounted and unpinned on return)."""
+    if ring is not None:
+        ring.cancel(handle)
+    else:
+        _hub().discard(handle, fut)
+
+
 async def _until(attempt: Callable[[], T | _Again], describe: Callable[[], _Desc],
                  timeout: float | None, expired: Callable[[], T],
-                 repair: Callable[[], T | _Again] | None = None) -> T:
+                 repair: Callable[[], T | _Again] | None = None, *,
+                 tried: bool = False) -> T:
     """Run ``attempt()`` until it returns something other than _AGAIN,
     awaiting readiness in between; ``expired()`` once the timeout passes
     (after a last attempt); ``repair()`` once when a dead peer is in the way.
+    ``tried``: the caller's own first attempt just failed (skip it here).
     Nothing spins in the loop: an await is woken by the kernel (io_uring)
     or a watcher thread."""
     loop = _loop()
-    r = attempt()
-    if r is not _AGAIN:
-        return r
+    if not tried:
+        r = attempt()
+        if r is not _AGAIN:
+            return r
     deadline = None if timeout is None else loop.time() + seconds(timeout)
     ring = _ring(loop)
-    hub = _hub() if ring is None else None
     at_once = 0  # retries that found the object ready without waiting
     while True:
         if deadline is not None and loop.time() >= deadline:
             return expired()
-        desc = describe()
         fut: asyncio.Future[int] = loop.create_future()
-        if ring is not None:
-            k = ring.watch(desc, fut)
-            if not k:  # ready now: retry at once (another may take it first)
-                at_once += 1
-                if at_once % 8 == 0:
-                    await asyncio.sleep(0)  # others' turn, should readiness keep lying
-                r = attempt()
-                if r is not _AGAIN:
-                    return r
-                continue
-        else:
-            key = _key(desc)
-            hub.add(key, desc, fut, loop)  # type: ignore[union-attr]
+        handle = _watch(ring, loop, describe(), fut)
+        if handle is None:  # ready now: retry at once (another may take it first)
+            at_once += 1
+            if at_once % 8 == 0:
+                await asyncio.sleep(0)  # others' turn, should readiness keep lying
+            r = attempt()
+            if r is not _AGAIN:
+                return r
+            continue
         timer = None
         if deadline is not None:
             timer = loop.call_at(deadline, _settle, [fut], _EXPIRED)
@@ -575,10 +592,7 @@ async def _until(attempt: Callable[[], T | _Again], describe: Callable[[], _Desc
         finally:
             if timer is not None:
                 timer.cancel()
-            if ring is not None:
-                ring.cancel(k)
-            else:
-                hub.discard(key, fut)  # type: ignore[union-attr]
+            _unwatch(ring, handle, fut)
         if flag == _SUSPECT and repair is not None:
             r = repair()
         else:
@@ -643,7 +657,8 @@ class Channel(_channel.Channel):
         await _until(lambda: _nowait(_channel.Channel.send_nowait, self, data),
                      lambda: _describe(self, max(memoryview(data).nbytes, 1)), timeout,
                      lambda: _channel.Channel.send(self, data, 0),
-                     lambda: _timed(_channel.Channel.send, self, data, _REPAIR_TIMEOUT))
+                     lambda: _timed(_channel.Channel.send, self, data, _REPAIR_TIMEOUT),
+                     tried=True)
 
     async def send_many(self, messages: Sequence[_Buffer],  # type: ignore[override]  # coroutine
                         timeout: float | None = None) -> int:
@@ -690,7 +705,8 @@ class Channel(_channel.Channel):
         return await _until(attempt, lambda: _describe(self, 0, stop_when_no_senders), timeout,
                             lambda: _channel.Channel.recv(self, 0, stop_when_no_senders),
                             lambda: _timed(_channel.Channel.recv, self, _REPAIR_TIMEOUT,
-                                           stop_when_no_senders))
+                                           stop_when_no_senders),
+                            tried=not stop_when_no_senders)
 
     async def recv_many(self, max_n: int = 1024,  # type: ignore[override]  # coroutine
                         timeout: float | None = None,
@@ -817,7 +833,7 @@ class Queue(_channel.Queue):
 
         await _until(lambda: _nowait(self._send_nowait, data),
                      lambda: _describe(ch, len(data)), timeout, expired,
-                     lambda: _timed(self._send, data, _REPAIR_TIMEOUT))
+                     lambda: _timed(self._send, data, _REPAIR_TIMEOUT), tried=True)
 
     async def _put_big(self, data: bytes, out: Any, timeout: float | None) -> None:
         # The payload file goes with the message, or is removed if the
@@ -857,7 +873,7 @@ class Queue(_channel.Queue):
 
         data = await _until(lambda: _nowait(self._recv_nowait), lambda: _describe(ch),
                             timeout, expired,
-                            lambda: _timed(self._recv, _REPAIR_TIMEOUT))
+                            lambda: _timed(self._recv, _REPAIR_TIMEOUT), tried=True)
         return self._unpack(data)
 
     def put_nowait(self, obj: Any) -> None:
@@ -1217,33 +1233,24 @@ async def wait(objects: Sequence[T], timeout: float | None = None, *,
         if all_of:
             waiting = waiting[:1]  # every one must be ready: one not ready will do
         ring = _ring(loop)
-        hub = _hub() if ring is None else None
         fut: asyncio.Future[int] = loop.create_future()
-        added: list[Any] = []  # ring keys, or the watchers' keys
+        added: list[Any] = []  # the handles of the waits started
         timer = None
         try:
             for i in waiting:
-                if ring is not None:
-                    k = ring.watch(descs[i], fut)
-                    if not k:  # ready now: look at them all again
-                        _settle([fut], _READY)
-                        break
-                    added.append(k)
-                else:
-                    key = _key(descs[i])
-                    hub.add(key, descs[i], fut, loop)  # type: ignore[union-attr]
-                    added.append(key)
+                handle = _watch(ring, loop, descs[i], fut)
+                if handle is None:  # ready now: look at them all again
+                    _settle([fut], _READY)
+                    break
+                added.append(handle)
             if deadline is not None:
                 timer = loop.call_at(deadline, _settle, [fut], _EXPIRED)
             flag = await fut
         finally:
             if timer is not None:
                 timer.cancel()
-            for k in added:
-                if ring is not None:
-                    ring.cancel(k)
-                else:
-                    hub.discard(k, fut)  # type: ignore[union-attr]
+            for handle in added:
+                _unwatch(ring, handle, fut)
         if flag == _SUSPECT and all_of:
             suspects.add(waiting[0])
     return [o for i, o in enumerate(objs) if i in now]

@@ -834,9 +834,11 @@ class Client(Closing):
             # of those that ended are released here, so that a client keeps
             # one reply channel per live calling thread, not one per thread
             # that ever called.
-            ended = [x for x in self._lines if x.orphaned()]
-            self._lines = [x for x in self._lines if not x.orphaned()]
-            self._lines.append(line)
+            ended: list[_Line] = []
+            live = [line]
+            for x in self._lines:  # each asked once: a thread may end meanwhile
+                (ended if x.orphaned() else live).append(x)
+            self._lines = live
         for x in ended:
             x.release()
         return line

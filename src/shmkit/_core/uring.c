@@ -33,6 +33,7 @@
  * io_uring_enter runs), so one Uring is never used by two threads at once.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <linux/io_uring.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -67,7 +68,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     int fd;
-    pid_t pid;            /* the process that set it up */
+    unsigned forks;       /* fork_count when it was set up: another in a child */
     void *sq_ring, *cq_ring;
     size_t sq_len, cq_len;
     struct io_uring_sqe *sqes;
@@ -77,6 +78,23 @@ typedef struct {
     struct io_uring_cqe *cqes;
     PyObject *inflight;   /* key -> int (the UWatch's address) */
 } UringObject;
+
+/* Forks seen by this process, so that telling a parent's ring in a child
+ * costs no getpid() system call on every watch, reap and completion. */
+static unsigned fork_count;
+
+static void
+count_fork(void)
+{
+    fork_count++;
+}
+
+/* Set up by this process (not inherited through fork()). */
+static inline int
+mine(const UringObject *u)
+{
+    return u->forks == fork_count;
+}
 
 static long
 enter(int fd, unsigned submit, unsigned complete, unsigned flags)
@@ -126,6 +144,17 @@ unavailable(PyTypeObject *type, int err, const char *what)
     return NULL;
 }
 
+/* One of the ring's three shared areas, or NULL with the error set. */
+static void *
+map_part(PyTypeObject *type, int fd, size_t len, off_t off, const char *what)
+{
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, off);
+    if (p != MAP_FAILED)
+        return p;
+    unavailable(type, errno, what);
+    return NULL;
+}
+
 /* 1 if the kernel supports opcodes FUTEX_WAIT and ASYNC_CANCEL. */
 static int
 probe(int fd)
@@ -155,7 +184,7 @@ Uring_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     if (u == NULL)
         return NULL;
     u->fd = -1;
-    u->pid = getpid();
+    u->forks = fork_count;
     if ((u->inflight = PyDict_New()) == NULL)
         goto fail;
     struct io_uring_params p;
@@ -185,32 +214,18 @@ Uring_new(PyTypeObject *type, PyObject *args, PyObject *kw)
             u->sq_len = u->cq_len;
         u->cq_len = u->sq_len;
     }
-    void *sq = mmap(NULL, u->sq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-                    u->fd, IORING_OFF_SQ_RING);
-    if (sq == MAP_FAILED) {
-        unavailable(type, errno, "mmap of the submission ring");
+    if ((u->sq_ring = map_part(type, u->fd, u->sq_len, IORING_OFF_SQ_RING,
+                               "mmap of the submission ring")) == NULL)
         goto fail;
-    }
-    u->sq_ring = sq;
-    if (p.features & IORING_FEAT_SINGLE_MMAP) {
-        u->cq_ring = sq;
-    } else {
-        void *cq = mmap(NULL, u->cq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-                        u->fd, IORING_OFF_CQ_RING);
-        if (cq == MAP_FAILED) {
-            unavailable(type, errno, "mmap of the completion ring");
-            goto fail;
-        }
-        u->cq_ring = cq;
-    }
+    if (p.features & IORING_FEAT_SINGLE_MMAP)
+        u->cq_ring = u->sq_ring;
+    else if ((u->cq_ring = map_part(type, u->fd, u->cq_len, IORING_OFF_CQ_RING,
+                                    "mmap of the completion ring")) == NULL)
+        goto fail;
     u->sqes_len = p.sq_entries * sizeof(struct io_uring_sqe);
-    void *sqes = mmap(NULL, u->sqes_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-                      u->fd, IORING_OFF_SQES);
-    if (sqes == MAP_FAILED) {
-        unavailable(type, errno, "mmap of the submission entries");
+    if ((u->sqes = map_part(type, u->fd, u->sqes_len, IORING_OFF_SQES,
+                            "mmap of the submission entries")) == NULL)
         goto fail;
-    }
-    u->sqes = sqes;
     char *s = u->sq_ring, *c = u->cq_ring;
     u->sq_head = (unsigned *)(s + p.sq_off.head);
     u->sq_tail = (unsigned *)(s + p.sq_off.tail);
@@ -272,7 +287,7 @@ finish(UringObject *u, UWatch *uw, int res, PyObject *out, PyObject *graves)
 {
     Watch *w = &uw->w;
     int gone = watch_gone(w);
-    if (u->pid == getpid()) {
+    if (mine(u)) {
         w_disarm(w);
         uint32_t v;
         if (res == 0 && !gone && (w->kind == W_LOCK || w->kind == W_EVENT) && w_ready(w, &v))
@@ -347,7 +362,7 @@ await_completion(UringObject *u)
 static void
 cancel_all(UringObject *u, PyObject *graves)
 {
-    if (u->fd >= 0 && u->pid == getpid() && PyDict_GET_SIZE(u->inflight) > 0) {
+    if (u->fd >= 0 && mine(u) && PyDict_GET_SIZE(u->inflight) > 0) {
         struct io_uring_sqe e;
         memset(&e, 0, sizeof e);
         e.opcode = IORING_OP_ASYNC_CANCEL;
@@ -421,7 +436,7 @@ usable(UringObject *u)
         PyErr_SetString(PyExc_ValueError, "the Uring is closed");
         return 0;
     }
-    if (u->pid != getpid()) {
+    if (!mine(u)) {
         PyErr_SetString(PyExc_RuntimeError,
                         "this Uring belongs to the parent process; a forked child makes its own");
         return 0;
@@ -639,6 +654,14 @@ static PyType_Spec Uring_spec = {
 int
 shm_init_uring(PyObject *module)
 {
+    static int counting;
+    if (!counting) {
+        if (pthread_atfork(NULL, NULL, count_fork) != 0) {
+            PyErr_SetString(PyExc_RuntimeError, "pthread_atfork() failed");
+            return -1;
+        }
+        counting = 1;
+    }
     PyObject *errors = PyImport_ImportModule("shmkit.errors");
     if (errors == NULL)
         return -1;
