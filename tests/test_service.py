@@ -163,9 +163,14 @@ def test_threads_of_one_process_get_their_own_replies(svc_name):
     workers = [spawn(_tagging_worker, svc_name, 3.0, out) for _ in range(2)]
     client = shmkit.Client(svc, wait_for_worker=30)
     bad: list[Any] = []
+    # every thread is alive when each makes its first call, so none of their
+    # channels is released as an ended thread's
+    first = threading.Barrier(8)
 
     def run(t: int) -> None:
         for i in range(200):
+            if i == 1:
+                first.wait(60)
             req = f"{t}:{i}".encode()
             rep = client.call(req, timeout=60)
             if rep.rpartition(b"|")[0] != req:
