@@ -213,7 +213,7 @@ def _kinds() -> dict:
         yield "attachments", h.attachments
         yield "layout", lambda: h.layout
         yield "lock", lambda: h.lock.acquire(timeout=T) and h.lock.release()
-        yield "resize", lambda: h.resize(rng.choice([8192, 16384, 12288]))
+        yield "resize", lambda: h.resize(rng.choice([8192, 16384, 12288]), timeout=T)
 
     def mutex_ops(h, rng):
         yield "acquire", lambda: h.acquire(timeout=T) and h.release()

@@ -595,6 +595,54 @@ def test_info_names_a_stopped_lock_holder_and_waiters_time_out(name):
         child.wait()
 
 
+def _stopped_holding_segment_lock(kind: str, name: str) -> subprocess.Popen:
+    """A process that opens ``name`` as ``kind``, takes its segment's own lock
+    (as a resize or a heap growth does) and is then stopped."""
+    open_ = {"segment": f"shmkit.Segment({name!r})", "heap": f"shmkit.Heap({name!r})"}[kind]
+    seg = "h" if kind == "segment" else "h._seg"
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"import shmkit, sys\nh = {open_}\n{seg}.lock.acquire()\n"
+         "print('held', flush=True)\nsys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": SRC})
+    assert child.stdout.readline().strip() == "held"
+    os.kill(child.pid, signal.SIGSTOP)
+    return child
+
+
+@pytest.mark.parametrize("kind", ["segment", "heap"])
+def test_growing_beside_a_stopped_resizer_times_out_naming_it(name, kind):
+    if kind == "segment":
+        obj = shmkit.Segment(name, size=4096, max_size=1 << 20)
+    else:
+        obj = shmkit.Heap(name, size=1 << 16, max_size=1 << 24)
+    child = _stopped_holding_segment_lock(kind, name)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(shmkit.Timeout, match=f"held by pid {child.pid}"):
+            if kind == "segment":
+                obj.resize(8192, timeout=0.3)
+            else:  # a block larger than the data area: the heap must grow
+                obj.alloc(1 << 20, timeout=0.3)
+        assert time.monotonic() - t0 < 10
+        os.kill(child.pid, signal.SIGCONT)
+        child.kill()
+        child.wait()
+        # its holder gone, the lock is taken over and the growth goes through
+        if kind == "segment":
+            obj.resize(8192, timeout=5)
+            assert obj.size == 8192
+        else:
+            h = obj.alloc(1 << 20, timeout=5)
+            assert obj.size_of(h) == 1 << 20
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGCONT)
+            child.kill()
+            child.wait()
+        obj.close()
+
+
 # -- 11. orphans and races ----------------------------------------------------------------
 
 

@@ -445,7 +445,7 @@ class Heap(SharedObject):
             # a grower killed while extending leaves the segment's own lock to
             # be taken over; the heap repairs itself, so this is not news
             warnings.simplefilter("ignore", OwnerDiedWarning)
-            self._seg._grow_to(data_off + want)
+            self._seg._grow_to(data_off + want, _remaining(deadline))
         core.grow(want, _remaining(deadline))
 
     def _make_room(self, code: int, nbytes: int, tries: list[int],

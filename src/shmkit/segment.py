@@ -1137,13 +1137,17 @@ class Segment(Closing):
             arr.flags.writeable = False
         return arr
 
-    def resize(self, size: int) -> None:
+    def resize(self, size: int, timeout: float | None = None) -> None:
         """Grow or shrink the payload while other processes use it.
 
         Growth allocates the new pages now (raising :class:`OutOfSpaceError`
         instead of a later SIGBUS); shrinking gives the memory back with a
         hole punch, so stale views read zeros rather than faulting.  Other
-        processes see the new size on their next access.
+        processes see the new size on their next access.  A resize holds the
+        segment's lock: :class:`Timeout` after ``timeout`` seconds if another
+        process holds it that long (``None``: wait as long as it takes).
+
+            >>> seg.resize(2 * seg.size, timeout=1.0)  # doctest: +SKIP
         """
         if self._readonly:
             raise ReadOnlyError(f"segment {self._name!r} was opened readonly=True")
@@ -1152,16 +1156,30 @@ class Segment(Closing):
         if size > self._max_size:
             raise SizeLimitError(f"{size} bytes is beyond this segment's max_size "
                              f"{self._max_size}; create it with a larger max_size=")
-        with self.lock:
+        self._take_lock(timeout, "resize")
+        try:
             self._resize_locked(size)
+        finally:
+            self.lock.release()
 
-    def _grow_to(self, size: int) -> None:
+    def _grow_to(self, size: int, timeout: float | None = None) -> None:
         """Grow the payload to at least ``size`` bytes, never shrinking it: for a
         structure inside the segment that grows from several processes at once
         (the heap), where a plain ``resize`` from a stale size would shrink."""
-        with self.lock:
+        self._take_lock(timeout, "grow")
+        try:
             if size > self._sync_size():
                 self._resize_locked(size)
+        finally:
+            self.lock.release()
+
+    def _take_lock(self, timeout: float | None, what: str) -> None:
+        """Take the segment's lock for a resize, or raise Timeout naming its holder."""
+        if not self.lock.acquire(timeout=timeout):
+            pid = self.lock.holder_pid()
+            raise Timeout(f"could not {what} {self._name!r} within {timeout} s: its lock is "
+                          f"held by {'pid %d' % pid if pid else 'a process'} (a stopped "
+                          "process holds it until it runs again); try again later")
 
     def _resize_locked(self, size: int) -> None:
         old = self._sync_size()

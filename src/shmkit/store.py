@@ -141,8 +141,9 @@ def _check_timeout(what: str, value: Any) -> None:
                          f"limit), not {value!r}")
 
 
-def _grow(seg: Segment, need: int) -> None:
-    """Grow the store's segment by at least ``need`` bytes (geometrically)."""
+def _grow(seg: Segment, timeout: float | None, need: int) -> None:
+    """Grow the store's segment by at least ``need`` bytes (geometrically),
+    waiting at most ``timeout`` for the segment's lock."""
     old = seg.size
     want = old + need
     new = old * 2 if old < (1 << 30) else old + (old >> 2)
@@ -157,7 +158,7 @@ def _grow(seg: Segment, need: int) -> None:
         # A writer killed while resizing leaves the segment's own lock to be
         # taken over; the store repairs itself, so this is not news.
         warnings.simplefilter("ignore", OwnerDiedWarning)
-        seg.resize(new)
+        seg.resize(new, timeout)
 
 
 _live: "weakref.WeakValueDictionary[int, Store]" = weakref.WeakValueDictionary()
@@ -301,13 +302,14 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
             seg.close()
             raise
         self._seg = seg
+        self._timeout = timeout
         self._codec = "pickle" if have == "pickle" else None
         pick = self._codec == "pickle"
         if not given(read_timeout):
             read_timeout = timeout if timeout is not None else READ_TIMEOUT
         self._bind(seg._mapping, seg._hsize, readonly=seg.readonly, pickle=pick,
                    encode=_encode_pickle if pick else _encode_plain,
-                   decode=_decode, grow=functools.partial(_grow, seg), timeout=timeout,
+                   decode=_decode, grow=functools.partial(_grow, seg, timeout), timeout=timeout,
                    read_timeout=read_timeout)
         with _live_lock:
             _live[id(self)] = self
@@ -484,7 +486,7 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
             before = seg.size
             new_end, _moved = self._vacuum()
             if new_end < before:
-                seg.resize(new_end)
+                seg.resize(new_end, self._timeout)
             return before - seg.size
         finally:
             self._unlock()
