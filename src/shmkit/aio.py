@@ -1,7 +1,8 @@
 """shmkit for asyncio: the same objects, with coroutine methods.
 
 ``shmkit.aio.Channel``, ``Queue``, ``Event``, ``Mutex``, ``RWLock``,
-``Semaphore`` and ``Condition`` are the classes of :mod:`shmkit`, opened
+``Semaphore``, ``Condition``, ``Service``, ``Client`` and ``Worker`` are
+the classes of :mod:`shmkit`, opened
 the same way (by name, ``.at(...)``, passed to other processes), whose
 blocking methods are coroutines with the same arguments, results and
 errors (``await ch.recv(timeout=1.0)`` raises :class:`shmkit.Timeout` like
@@ -61,11 +62,12 @@ from .errors import ChannelClosed, Empty, Full, ShmkitError, Timeout, WouldBlock
 
 if TYPE_CHECKING:
     from ._core import RecordView
+    from .aio_service import Client, Service, Worker
     from .channel import _Buffer
     from .segment import Segment
 
 __all__ = ["Channel", "Queue", "Event", "Mutex", "RWLock", "Semaphore", "Condition",
-           "wait", "FIRST_COMPLETED", "ALL_COMPLETED", "MAX_WATCHERS", "TooManyWaitsError",
+           "Service", "Client", "Worker", "wait", "FIRST_COMPLETED", "ALL_COMPLETED", "MAX_WATCHERS", "TooManyWaitsError",
            "NoEventLoopError", "WakerError", "watcher_count", "waker", "CHECK_EVERY"]
 
 MAX_WATCHERS = 32
@@ -1254,3 +1256,11 @@ async def wait(objects: Sequence[T], timeout: float | None = None, *,
         if flag == _SUSPECT and all_of:
             suspects.add(waiting[0])
     return [o for i, o in enumerate(objs) if i in now]
+
+
+def __getattr__(name: str) -> Any:
+    # Request/response lives in its own module, built on this one's Channel.
+    if name in ("Service", "Client", "Worker"):
+        from . import aio_service
+        return getattr(aio_service, name)
+    raise AttributeError(f"module 'shmkit.aio' has no attribute {name!r}")

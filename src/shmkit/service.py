@@ -166,6 +166,7 @@ class Service(SharedObject):
     _what = "service"
     _requests: Channel | None = None
     _client: "Client | None" = None
+    _channel_class: type[Channel] = Channel  # shmkit.aio.Service: awaitable channels
 
     def __init__(self, name: str, capacity: int | _Default = DEFAULT, *,
                  create: bool | None = None, lifetime: str | _Default | None = DEFAULT,
@@ -191,7 +192,7 @@ class Service(SharedObject):
             if not seg.created:
                 check_common("service", seg, lifetime=lifetime, max_attach=max_attach)
             try:
-                self._requests = Channel(
+                self._requests = self._channel_class(
                     name + ".requests", capacity, create=False if readonly else None,
                     lifetime=lifetime, mode=mode, max_attach=max_attach, readonly=readonly)
             except NotFoundError:
@@ -226,7 +227,7 @@ class Service(SharedObject):
     def _adopt(self, seg: Segment, **state: Any) -> None:
         try:
             self._check(seg)
-            self._requests = Channel(seg.name + ".requests", create=False,
+            self._requests = self._channel_class(seg.name + ".requests", create=False,
                                      readonly=seg.readonly)
         except BaseException:
             seg.close()
@@ -324,33 +325,18 @@ class Service(SharedObject):
         ``KeyboardInterrupt`` (Ctrl-C) fails the request and propagates.
         Returns how many requests were answered.
         """
-        timeout = _check_timeout(timeout)
-        if max_requests is not None and (not isinstance(max_requests, int)
-                                         or isinstance(max_requests, bool)
-                                         or max_requests < 0):
-            raise ValueError(f"max_requests must be a non-negative int or None, "
-                             f"not {max_requests!r}")
-        if not callable(handler):
-            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+        timeout = _serve_args(handler, timeout, max_requests)
         done = 0
         with Worker(self) as w:
             while max_requests is None or done < max_requests:
                 try:
                     req = w.recv(timeout)
-                except Timeout:
-                    break
-                except ClosedError:
+                except (Timeout, ClosedError):
                     break
                 try:
-                    arg = req.object() if req.pickled else req.data
-                    result = handler(arg)
-                    if req.pickled:
-                        req.reply_object(result)
-                    else:
-                        req.reply(result)
-                except Exception:  # the handler's, or a result that is no reply
-                    if not req.answered:
-                        req.fail(traceback.format_exc())
+                    _answer(req, handler(req.object() if req.pickled else req.data))
+                except Exception:  # the handler's
+                    _failed(req)
                 done += 1
         return done
 
@@ -407,6 +393,49 @@ class Service(SharedObject):
         if self.closed:
             return "<shmkit.Service closed>"
         return f"<shmkit.Service {self.name!r}>"
+
+
+def _serve_args(handler: Any, timeout: Any, max_requests: Any) -> float | None:
+    """Check serve()'s arguments; returns the checked timeout."""
+    checked = _check_timeout(timeout)
+    if max_requests is not None and (not isinstance(max_requests, int)
+                                     or isinstance(max_requests, bool) or max_requests < 0):
+        raise ValueError(f"max_requests must be a non-negative int or None, "
+                         f"not {max_requests!r}")
+    if not callable(handler):
+        raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+    return checked
+
+
+def _answer(req: Request, result: Any) -> None:
+    """Reply to ``req`` with a handler's result (pickled if the call was)."""
+    try:
+        if req.pickled:
+            req.reply_object(result)
+        else:
+            req.reply(result)
+    except Exception:  # a result that is no reply
+        _failed(req)
+
+
+def _failed(req: Request) -> None:
+    """Fail ``req`` with the traceback of the exception being handled."""
+    if not req.answered:
+        req.fail(traceback.format_exc())
+
+
+def _request_bytes(data: Any) -> memoryview:
+    """``data`` as one contiguous block of memory, or TypeError saying what to use."""
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(f"call() sends bytes-like data (bytes, bytearray, memoryview, "
+                        f"a numpy array), not {type(data).__name__}; use "
+                        "call_object() to send a Python object") from None
+    if not view.c_contiguous:
+        raise TypeError("call() sends one contiguous block of memory; copy it first "
+                        "(numpy.ascontiguousarray)")
+    return view
 
 
 def _shm_path(name: str) -> str:
@@ -557,37 +586,54 @@ class Worker(Closing):
 
         A request taken before and not answered is failed first.
         """
+        seg, requests, timeout, deadline = self._start_recv(timeout)
+        while True:
+            try:
+                msg = requests.recv(self._step(deadline))
+            except Timeout:
+                self._check_deadline(seg, timeout, deadline)
+                continue
+            req = self._took(seg, msg)
+            if req is not None:
+                return req
+
+    def _start_recv(self, timeout: Any) -> tuple[Segment, Channel, float | None, float | None]:
         seg = self._held()
         timeout = _check_timeout(timeout)
         cur = self._current
         if cur is not None and not cur.answered:
             cur.fail("the worker took another request without answering this one")
-        deadline = None if timeout is None else time.monotonic() + timeout
         requests = self._requests
         if requests is None:
             raise ClosedError("the service handle of this worker is closed")
-        while True:
-            now = time.monotonic()
-            if now - self._swept >= _SWEEP_EVERY:
-                self._sweep(now)
-            wait = _SWEEP_EVERY if deadline is None else min(_SWEEP_EVERY, deadline - now)
-            try:
-                msg = requests.recv(max(wait, 0.0))
-            except Timeout:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise Timeout(f"no request for service {seg.name!r} within "
-                                  f"{timeout} s") from None
-                continue
-            # Record the id first (the parse comes after): the fewer steps
-            # between taking a request and recording it, the smaller the
-            # window in which a death goes unnoticed by its caller.
-            if len(msg) >= _REQ.size:
-                _core.store64(seg._mapping, self._entry + 8, _REQ.unpack_from(msg)[4])
-            req = self._parse(seg, msg)
-            if req is not None:
-                self._current = req
-                return req
-            _core.store64(seg._mapping, self._entry + 8, 0)
+        return seg, requests, timeout, None if timeout is None else time.monotonic() + timeout
+
+    def _step(self, deadline: float | None) -> float:
+        """How long the next wait for a request may take (sweeping first when due)."""
+        now = time.monotonic()
+        if now - self._swept >= _SWEEP_EVERY:
+            self._sweep(now)
+        return max(_SWEEP_EVERY if deadline is None else min(_SWEEP_EVERY, deadline - now),
+                   0.0)
+
+    def _check_deadline(self, seg: Segment, timeout: float | None,
+                        deadline: float | None) -> None:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise Timeout(f"no request for service {seg.name!r} within {timeout} s")
+
+    def _took(self, seg: Segment, msg: bytes) -> Request | None:
+        """Record and parse a request just received; None if it was malformed."""
+        # Record the id first (the parse comes after): the fewer steps
+        # between taking a request and recording it, the smaller the
+        # window in which a death goes unnoticed by its caller.
+        if len(msg) >= _REQ.size:
+            _core.store64(seg._mapping, self._entry + 8, _REQ.unpack_from(msg)[4])
+        req = self._parse(seg, msg)
+        if req is not None:
+            self._current = req
+            return req
+        _core.store64(seg._mapping, self._entry + 8, 0)
+        return None
 
     def __iter__(self) -> Iterator[Request]:
         """Requests, one after another, until this worker or its service closes."""
@@ -742,6 +788,30 @@ class _Line:
         self.ch.close()
 
 
+class _WorkersGone:
+    """Tells a waiting call when every worker has been gone for the client's
+    ``wait_for_worker`` seconds (its request stays queued for the next one)."""
+
+    __slots__ = ("client", "since")
+
+    def __init__(self, client: "Client") -> None:
+        self.client = client
+        self.since: float | None = None
+
+    def check(self) -> None:
+        client = self.client
+        if client._has_workers():
+            self.since = None
+            return
+        now = time.monotonic()
+        self.since = self.since or now
+        if now - self.since >= client._wait_for_worker:
+            client._verified = -1.0e9
+            raise ServiceUnavailable(
+                f"every worker of service {client._seg.name!r} left while the request "
+                "waited; it stays queued for the next worker, whose reply will be dropped")
+
+
 class Client(Closing):
     """The calling side of a :class:`Service`.
 
@@ -778,6 +848,7 @@ class Client(Closing):
     _service: Service | None = None
     _own = False
     _closed = True
+    _channel_class: type[Channel] = Channel  # of its reply channels
 
     def __init__(self, service: str | Service, *,
                  reply_capacity: int = DEFAULT_REPLY_CAPACITY,
@@ -826,7 +897,7 @@ class Client(Closing):
         if self._closed:
             raise ClosedError(f"client of service {self._seg.name!r} is closed")
         name = f"{self._seg.name}.reply.{os.urandom(8).hex()}"
-        ch = Channel(name, self._reply_capacity, create=True, lifetime="attached")
+        ch = self._channel_class(name, self._reply_capacity, create=True, lifetime="attached")
         line = _Line(ch)
         self._local.line = line
         with self._lock:
@@ -844,24 +915,36 @@ class Client(Closing):
         return line
 
     def _check_workers(self, deadline: float | None) -> None:
-        now = time.monotonic()
-        if now - self._verified < 0.1:
+        end = self._worker_wait_end(deadline)
+        if end is None:
             return
-        service = self._service
-        assert service is not None
-        end = now + self._wait_for_worker
-        if deadline is not None:
-            end = min(end, deadline)
         pause = 0.001
-        while not service._live_workers(self._seg):
+        while not self._has_workers():
             if time.monotonic() >= end:
-                raise ServiceUnavailable(
-                    f"service {self._seg.name!r} has no worker attached; start one "
-                    "(service.serve(handler)), or make the client with "
-                    "wait_for_worker=seconds to wait for one")
+                raise self._unavailable()
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
         self._verified = time.monotonic()
+
+    def _worker_wait_end(self, deadline: float | None) -> float | None:
+        """None when a live worker was seen just now, else until when a call
+        may wait for one to attach."""
+        now = time.monotonic()
+        if now - self._verified < 0.1:
+            return None
+        end = now + self._wait_for_worker
+        return end if deadline is None else min(end, deadline)
+
+    def _has_workers(self) -> bool:
+        service = self._service
+        assert service is not None
+        return service._live_workers(self._seg) > 0
+
+    def _unavailable(self) -> ServiceUnavailable:
+        return ServiceUnavailable(
+            f"service {self._seg.name!r} has no worker attached; start one "
+            "(service.serve(handler)), or make the client with "
+            "wait_for_worker=seconds to wait for one")
 
     def call(self, data: Any, timeout: float | None = None) -> bytes:
         """Send ``data`` (any bytes-like object) and return the reply's bytes.
@@ -875,16 +958,7 @@ class Client(Closing):
         Timeout: no reply within ``timeout`` seconds (a late reply is dropped).
         ClosedError: the client was closed.  TypeError: ``data`` is not bytes-like.
         """
-        try:
-            view = memoryview(data)
-        except TypeError:
-            raise TypeError(f"call() sends bytes-like data (bytes, bytearray, memoryview, "
-                            f"a numpy array), not {type(data).__name__}; use "
-                            "call_object() to send a Python object") from None
-        if not view.c_contiguous:
-            raise TypeError("call() sends one contiguous block of memory; copy it first "
-                            "(numpy.ascontiguousarray)")
-        return self._call(view, 0, timeout)
+        return self._call(_request_bytes(data), 0, timeout)
 
     def call_object(self, obj: Any, timeout: float | None = None) -> Any:
         """Send ``obj`` pickled and return the reply unpickled (the worker's
@@ -894,91 +968,114 @@ class Client(Closing):
         return pickle.loads(out)
 
     def _call(self, payload: Any, flags: int, timeout: Any) -> bytes:
+        timeout, deadline = self._start_call(timeout)
+        self._check_workers(deadline)
+        line, rid, msg = self._request(payload, flags)
+        try:
+            self._requests_channel().send(msg, timeout)
+        except Timeout:
+            raise self._requests_full(timeout) from None
+        return self._await(line, rid, timeout, deadline)
+
+    def _start_call(self, timeout: Any) -> tuple[float | None, float | None]:
         timeout = _check_timeout(timeout)
         if self._closed:
             raise ClosedError(f"client of service {self._seg.name!r} is closed")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._check_workers(deadline)
+        return timeout, None if timeout is None else time.monotonic() + timeout
+
+    def _request(self, payload: Any, flags: int) -> tuple[_Line, int, bytes]:
+        """This thread's reply line, a fresh request id, and the request message."""
         line = self._line()
         rid = line.next_id
         line.next_id = (rid + 1) & _RID_MASK or 1
         msg = b"".join((_REQ.pack(_VERSION, flags, len(line.name), line.token, rid),
                         line.name, payload))
+        return line, rid, msg
+
+    def _requests_channel(self) -> Channel:
         requests = self._requests
         assert requests is not None
-        try:
-            requests.send(msg, timeout)
-        except Timeout:
-            raise Timeout(f"the request channel of service {self._seg.name!r} stayed full "
-                          f"for {timeout} s: its workers do not keep up") from None
-        return self._await(line, rid, timeout, deadline)
+        return requests
+
+    def _requests_full(self, timeout: float | None) -> Timeout:
+        return Timeout(f"the request channel of service {self._seg.name!r} stayed full "
+                       f"for {timeout} s: its workers do not keep up")
 
     def _await(self, line: _Line, rid: int, timeout: float | None,
                deadline: float | None) -> bytes:
         ch = line.ch
         step = 0.02
-        no_worker_since: float | None = None
+        gone = _WorkersGone(self)
         while True:
             wait = step if deadline is None else min(step, deadline - time.monotonic())
             try:
                 msg = ch.recv(max(wait, 0.0))
             except Timeout:
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    raise Timeout(f"no reply from service {self._seg.name!r} within "
-                                  f"{timeout} s; a late reply will be dropped") from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise self._no_reply(timeout) from None
                 got = self._check_taker(line, rid)
                 if got is not None:
                     return got
-                service = self._service
-                assert service is not None
-                if service._live_workers(self._seg):
-                    no_worker_since = None
-                else:
-                    no_worker_since = no_worker_since or now
-                    if now - no_worker_since >= self._wait_for_worker:
-                        self._verified = -1.0e9
-                        raise ServiceUnavailable(
-                            f"every worker of service {self._seg.name!r} left while the "
-                            "request waited; it stays queued for the next worker, whose "
-                            "reply will be dropped")
+                gone.check()
                 step = min(step * 2, 0.2)
                 continue
             got = self._reply(msg, rid)
             if got is not None:
                 return got
 
-    def _reply(self, msg: bytes, rid: int) -> bytes | None:
+    def _no_reply(self, timeout: float | None) -> Timeout:
+        return Timeout(f"no reply from service {self._seg.name!r} within {timeout} s; "
+                       "a late reply will be dropped")
+
+    def _parse_reply(self, msg: bytes) -> tuple[int, bytes | RemoteError] | None:
+        """(request id, the reply's bytes or the RemoteError to raise), or None
+        for a message that is no reply of this version."""
         if len(msg) < _REP.size:
             return None
-        version, status, got = _REP.unpack_from(msg)
-        if version != _VERSION or got != rid:
-            return None  # a reply to an earlier call that timed out: dropped
+        version, status, rid = _REP.unpack_from(msg)
+        if version != _VERSION:
+            return None
         if status == _OK:
-            return msg[_REP.size:]
-        raise RemoteError(f"service {self._seg.name!r}: the worker's handler failed:\n"
-                          + msg[_REP.size:].decode("utf-8", "replace"))
+            return rid, msg[_REP.size:]
+        return rid, RemoteError(f"service {self._seg.name!r}: the worker's handler failed:\n"
+                                + msg[_REP.size:].decode("utf-8", "replace"))
 
-    def _check_taker(self, line: _Line, rid: int) -> bytes | None:
+    def _reply(self, msg: bytes, rid: int) -> bytes | None:
+        got = self._parse_reply(msg)
+        if got is None or got[0] != rid:
+            return None  # a reply to an earlier call that timed out: dropped
+        if isinstance(got[1], RemoteError):
+            raise got[1]
+        return got[1]
+
+    def _dead_takers(self, rids: Any) -> dict[int, WorkerDied]:
+        """Of the requests ``rids``, those that a worker took and died with."""
         service = self._service
         assert service is not None
         seg = self._seg
+        out = {}
         for _slot, token, held in service._entries(seg):
-            if held == rid and not _core.token_alive(seg._mapping, token & 0xFFFFFFFF):
-                # It may have answered just before dying.
-                while True:
-                    try:
-                        msg = line.ch.recv_nowait()
-                    except Exception:
-                        break
-                    got = self._reply(msg, rid)
-                    if got is not None:
-                        return got
+            if held in rids and not _core.token_alive(seg._mapping, token & 0xFFFFFFFF):
                 pid = _core.token_owner_pid(seg._mapping, token & 0xFFFFFFFF, False)
-                raise WorkerDied(f"the worker (pid {pid}) of service {seg.name!r} that took "
-                                 "the request died before answering it; the request may "
-                                 "have been partly carried out")
-        return None
+                out[held] = WorkerDied(
+                    f"the worker (pid {pid}) of service {seg.name!r} that took the request "
+                    "died before answering it; the request may have been partly carried out")
+        return out
+
+    def _check_taker(self, line: _Line, rid: int) -> bytes | None:
+        dead = self._dead_takers((rid,))
+        if not dead:
+            return None
+        # It may have answered just before dying.
+        while True:
+            try:
+                msg = line.ch.recv_nowait()
+            except Exception:
+                break
+            got = self._reply(msg, rid)
+            if got is not None:
+                return got
+        raise dead[rid]
 
     def close(self) -> None:
         """Unlink and release every reply channel of this client; calls
