@@ -111,13 +111,7 @@ class Service(_service.Service):
         return await self._own_client().call_object(obj, timeout)
 
     def _own_client(self) -> "Client":
-        client = self._client
-        if client is None:
-            with self._lock:
-                client = self._client
-                if client is None:
-                    client = self._client = Client(self)
-        return client
+        return cast(Client, super()._own_client())  # made by client(): awaitable
 
     async def __aenter__(self) -> "Service":
         return self
@@ -206,14 +200,14 @@ class _Dispatch:
         gone = _service._WorkersGone(self.client)
         try:
             while self.pending:
-                try:
-                    msg = await ch.recv(step)
-                except Timeout:
+                got = await ch.recv_many(len(self.pending), step)  # [] when step passed
+                if not got:
                     self._look(gone)
                     step = min(step * 2, 0.2)
                     continue
                 step = 0.02
-                self._deliver(msg)
+                for msg in got:
+                    self._deliver(msg)
         except asyncio.CancelledError:
             for fut in self.pending.values():
                 fut.cancel()
@@ -306,7 +300,9 @@ class Client(_service.Client):
 
     async def _acall(self, payload: Any, flags: int, timeout: Any) -> bytes:
         timeout, deadline = self._start_call(timeout)
-        await self._await_workers(deadline)
+        end = self._worker_wait_end(deadline)
+        if end is not None:
+            await self._await_workers(end)
         line, rid, msg = self._request(payload, flags)
         d: _Dispatch | None = getattr(self._dispatch, "d", None)
         if d is None or d.line is not line:
@@ -322,17 +318,21 @@ class Client(_service.Client):
             d.start(loop)
             if deadline is None:
                 return await fut
+            # a timer settling the future: cheaper than asyncio.wait_for's task
+            timer = loop.call_later(max(deadline - time.monotonic(), 0.0), self._expire, fut,
+                                    timeout)
             try:
-                return await asyncio.wait_for(fut, max(deadline - time.monotonic(), 0.0))
-            except asyncio.TimeoutError:
-                raise self._no_reply(timeout) from None
+                return await fut
+            finally:
+                timer.cancel()
         finally:
             d.pending.pop(rid, None)
 
-    async def _await_workers(self, deadline: float | None) -> None:
-        end = self._worker_wait_end(deadline)
-        if end is None:
-            return
+    def _expire(self, fut: asyncio.Future[bytes], timeout: float | None) -> None:
+        if not fut.done():
+            fut.set_exception(self._no_reply(timeout))
+
+    async def _await_workers(self, end: float) -> None:
         pause = 0.001
         while not self._has_workers():
             if time.monotonic() >= end:

@@ -355,7 +355,7 @@ class Service(SharedObject):
             with self._lock:
                 client = self._client
                 if client is None:
-                    client = self._client = Client(self)
+                    client = self._client = self.client()
         return client
 
     # -- lifetime -------------------------------------------------------------
