@@ -244,6 +244,129 @@ def test_same_code_runs_on_either_backend(any_ns: Any) -> None:
         e.close()
 
 
+def test_a_topic_runs_on_either_backend(any_ns: Any) -> None:
+    topic = any_ns.Topic("ticks", history=2, overflow="overwrite")
+    try:
+        for m in (b"a", b"b", b"c"):
+            topic.publish(m)
+        late = topic.subscribe()             # the last two, then what follows
+        fresh = topic.subscribe(history=0)   # only what follows
+        with pytest.raises(shmkit.SizeLimitError):
+            topic.subscribe(history=3)
+        topic.publish(b"d")
+        topic.publish_array(np.arange(3, dtype=np.uint8))
+        assert [late.recv(timeout=5) for _ in range(4)] == [b"b", b"c", b"d", b"\0\1\2"]
+        assert fresh.recv(timeout=5) == b"d"
+        assert fresh.recv_nowait() == b"\0\1\2"
+        with pytest.raises(shmkit.Empty):
+            fresh.recv_nowait()
+        with pytest.raises(shmkit.Timeout):
+            fresh.recv(timeout=0.05)
+        assert late.received == 4 and late.missed == 0 and late.lag == 0
+        assert topic.published == 5 and topic.history == 2
+        late.close()
+        with pytest.raises(shmkit.ClosedError):
+            late.recv(timeout=0)
+        fresh.close()
+    finally:
+        topic.close()
+        topic.unlink()
+
+
+def test_topic_fans_out_to_subscriber_processes_in_each_publishers_order(
+        server: Server, prefix: str) -> None:
+    subscriber = """
+        import sys, shmkit
+        topic = shmkit.connect(sys.argv[1], prefix=sys.argv[2]).Topic("fan")
+        sub = topic.subscribe()
+        print("subscribed", flush=True)
+        seen = {}
+        for _ in range(1000):
+            who, n = sub.recv(timeout=60).split(b":")
+            seen.setdefault(who, []).append(int(n))
+        ok = all(v == list(range(500)) for v in seen.values()) and len(seen) == 2
+        print("ok" if ok else f"bad {seen}", flush=True)
+    """
+    publisher = """
+        import sys, shmkit
+        topic = shmkit.connect(sys.argv[1], prefix=sys.argv[2]).Topic("fan")
+        for i in range(500):
+            topic.publish(sys.argv[3].encode() + b":%d" % i)
+    """
+    shmkit.connect(server.url, prefix=prefix).Topic("fan", maxlen=5000).close()
+    subs = [_program(subscriber, server.url, prefix) for _ in range(3)]
+    for p in subs:
+        assert _line(p) == "subscribed"
+    pubs = [_program(publisher, server.url, prefix, who) for who in ("p1", "p2")]
+    for p in pubs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    for p in subs:
+        assert _line(p, 120) == "ok"
+        assert p.wait(timeout=30) == 0
+
+
+def test_a_lagging_redis_subscriber_is_told_how_many_it_missed(ns: Any) -> None:
+    topic = ns.Topic("lag", maxlen=10)
+    sub = topic.subscribe()
+    topic.publish_many(b"%d" % i for i in range(25))
+    assert sub.lag == 25
+    with pytest.raises(shmkit.MessagesLost) as e:
+        sub.recv(timeout=5)
+    assert e.value.missed == 15 and "larger maxlen" in str(e.value)
+    assert sub.recv_many(100, timeout=5) == [b"%d" % i for i in range(15, 25)]
+    assert sub.missed == 15 and sub.received == 10 and sub.lag == 0
+    # a topic removed and made again: the subscriber starts over with it
+    topic.unlink()
+    topic2 = ns.Topic("lag", maxlen=10)
+    topic2.publish(b"new")
+    assert sub.recv(timeout=5) == b"new"
+
+
+def test_topic_parameters_are_honoured_or_refused(ns: Any) -> None:
+    with pytest.raises(shmkit.UnsupportedParameterError, match="overflow='block'"):
+        ns.Topic("t", overflow="block")
+    with pytest.raises(shmkit.UnsupportedParameterError, match="capacity"):
+        ns.Topic("t", capacity=1 << 20)
+    with pytest.raises(ValueError, match="maxlen=2 keeps fewer"):
+        ns.Topic("t", history=5, maxlen=2)
+    with pytest.raises(ValueError, match="history must be an int"):
+        ns.Topic("t", history=-1)
+    t = ns.Topic("t", history=3, maxlen=100)
+    with pytest.raises(shmkit.MismatchError, match="history"):
+        ns.Topic("t", history=4)
+    with pytest.raises(shmkit.MismatchError, match="maxlen"):
+        ns.Topic("t", maxlen=50)
+    assert ns.Topic("t").maxlen == 100
+    with pytest.raises(shmkit.WrongKindError):
+        ns.Channel("t")
+    ro = ns.Topic("t", readonly=True)
+    with pytest.raises(shmkit.ReadOnlyError):
+        ro.publish(b"x")
+    assert ro.statistics() == {"published": 0, "kept": 0, "history": 3, "maxlen": 100,
+                               "overflow": "overwrite"}
+    t.close()
+    with pytest.raises(shmkit.ClosedError):
+        t.publish(b"x")
+
+
+def test_a_waiting_redis_subscriber_lets_ctrl_c_through(server: Server, prefix: str) -> None:
+    code = """
+        import sys, shmkit
+        sub = shmkit.connect(sys.argv[1], prefix=sys.argv[2]).Topic("idle").subscribe()
+        print("waiting", flush=True)
+        try:
+            sub.recv()
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+    """
+    child = _program(code, server.url, prefix)
+    assert _line(child) == "waiting"
+    time.sleep(0.3)
+    child.send_signal(signal.SIGINT)
+    assert _line(child) == "interrupted"
+    assert child.wait(timeout=30) == 0
+
+
 def test_values_have_the_local_encoding(ns: Any, name: str) -> None:
     """The Redis hash value of each value is as long as the local store's record value."""
     values = [b"", b"xyz", "é", 0, -1, 1 << 63, -(1 << 200), 1.5, True, False, None,

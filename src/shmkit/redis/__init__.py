@@ -1,7 +1,7 @@
 """One program, two backends: shared memory on this machine, or a Redis server.
 
 ``shmkit.connect(url)`` returns a *namespace* whose ``Store``, ``Channel``,
-``Queue``, ``Mutex`` and ``Event`` methods open objects by name; code written
+``Queue``, ``Mutex``, ``Event`` and ``Topic`` methods open objects by name; code written
 against a namespace runs on either backend::
 
     import shmkit
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ..channel import Channel, Queue
     from ..store import Store
     from ..sync import Event, Mutex
+    from ..topic import Topic
 
 __all__ = ["connect", "LocalNamespace", "Namespace"]
 
@@ -61,6 +62,9 @@ class Namespace:
         raise NotImplementedError
 
     def Event(self, name: str, **kwargs: Any) -> Any:  # noqa: N802
+        raise NotImplementedError
+
+    def Topic(self, name: str, **kwargs: Any) -> Any:  # noqa: N802
         raise NotImplementedError
 
     def close(self) -> None:
@@ -121,6 +125,10 @@ class LocalNamespace(Namespace):
     def Event(self, name: str | None, **kwargs: Any) -> Event:  # noqa: N802
         from ..sync import Event
         return Event(self._name(name), **kwargs)
+
+    def Topic(self, name: str | None, **kwargs: Any) -> Topic:  # noqa: N802
+        from ..topic import Topic
+        return Topic(self._name(name), **kwargs)
 
     def __repr__(self) -> str:
         return f"<shmkit namespace local prefix={self.prefix!r}>"

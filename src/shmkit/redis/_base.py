@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from .mutex import Mutex
     from .queue import Queue
     from .store import Store
+    from .topic import Topic
 
 FORMAT = 1  # the layout of shmkit's Redis keys (meta hash "format" field)
 CHUNK = 1.0  # the longest single blocking Redis call, in seconds
@@ -246,6 +247,10 @@ class RedisNamespace(Namespace):
     def Event(self, name: str, **kwargs: Any) -> Event:  # noqa: N802
         from .event import Event
         return Event(self, name, **kwargs)
+
+    def Topic(self, name: str, **kwargs: Any) -> Topic:  # noqa: N802
+        from .topic import Topic
+        return Topic(self, name, **kwargs)
 
     # -- plumbing -------------------------------------------------------------
 

@@ -1,0 +1,371 @@
+"""A Topic on a Redis stream: every subscriber reads the whole stream from its own place.
+
+Publishing is one script call: it counts the message in the meta hash
+(``published``) and adds it to the stream ``<prefix>:<name>`` with the id
+``<n>-1``, where ``n`` is that count, trimming the stream to ``maxlen``
+entries.  The ids make every message's number visible to subscribers: a
+subscriber that has read up to number ``p`` reads ids above ``p-1`` next
+(XREAD, no consumer group: nothing is acknowledged, nothing is shared), and
+when the first entry it gets is numbered above ``p + 1``, the ones between
+were trimmed before it read them: it raises :class:`MessagesLost` with
+exactly that count, then goes on from the oldest entry still there, as a
+local topic with ``overflow="overwrite"`` does.
+
+>>> ns = shmkit.connect("redis://localhost:6379/0")       # doctest: +SKIP
+>>> topic = ns.Topic("ticks", history=10)                 # doctest: +SKIP
+>>> sub = topic.subscribe(); topic.publish(b"t1")         # doctest: +SKIP
+>>> sub.recv(timeout=1.0)                                 # doctest: +SKIP
+b't1'
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, cast
+
+from .._object import DEFAULT, _Default, given
+from ..errors import ClosedError, Empty, MessagesLost, ReadOnlyError, Timeout
+from ._base import RedisNamespace, RedisObject, deadline, guard_all, refuse, remaining
+from .channel import _as_bytes, MAX_MESSAGE
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = ["Topic", "Subscriber"]
+
+DEFAULT_MAXLEN = 10_000
+_READ_AT_ONCE = 256
+
+# KEYS[1] stream, KEYS[2] meta; ARGV[1] maxlen, ARGV[2..] messages.  Returns the
+# number of the last message added.
+_PUBLISH = """
+local n = #ARGV - 1
+local last = redis.call('hincrby', KEYS[2], 'published', n)
+for i = 1, n do
+  redis.call('xadd', KEYS[1], 'maxlen', ARGV[1], (last - n + i) .. '-1', 'd', ARGV[i + 1])
+end
+return last
+"""
+
+
+def _number(ident: bytes) -> int:
+    """A message's number: the first part of its stream id ``<n>-1``."""
+    return int(ident.split(b"-", 1)[0])
+
+
+@guard_all
+class Topic(RedisObject):
+    """A topic of byte messages on a Redis stream: every subscriber sees every message.
+
+    The interface of :class:`shmkit.Topic`: ``publish``, ``publish_nowait``,
+    ``publish_many``, ``publish_array``, ``subscribe(history=None)``,
+    ``published``, ``history``, ``statistics``.  Publishers never wait: the
+    stream keeps the last ``maxlen`` messages, and a subscriber that falls
+    further behind gets :class:`MessagesLost` (with ``.missed``), then the
+    oldest message still kept: the local ``overflow="overwrite"``.
+
+    Parameters
+    ----------
+    history:
+        Earlier messages a new subscriber receives, at most (default 0).
+    maxlen:
+        Messages the stream keeps (default 10,000, at least ``history``):
+        how far a subscriber may fall behind before it misses some.
+    overflow:
+        Only ``"overwrite"`` (the default here); ``"block"`` is refused,
+        since Redis cannot see which subscribers are alive to wait for them.
+    capacity:
+        Refused when given: a stream counts messages, not bytes (``maxlen=``).
+    create, readonly, on_destroy:
+        As for :class:`shmkit.Topic`.
+
+    Example
+    -------
+    >>> topic = ns.Topic("prices", history=1)           # doctest: +SKIP
+    >>> topic.publish(b"a"); topic.publish(b"b")        # doctest: +SKIP
+    >>> topic.subscribe().recv(timeout=1.0)             # doctest: +SKIP
+    b'b'
+    """
+
+    _kind = "topic"
+
+    def __init__(self, ns: RedisNamespace, name: str, capacity: int | _Default = DEFAULT, *,
+                 history: int | _Default = DEFAULT, maxlen: int | _Default = DEFAULT,
+                 overflow: str | _Default = DEFAULT, create: bool | None = None,
+                 readonly: bool = False, on_destroy: Callable[[], Any] | None = None,
+                 **local_only: Any) -> None:
+        super().__init__(ns, name)
+        refuse("Topic", name, dict(local_only, capacity=capacity))
+        if given(overflow) and overflow != "overwrite":
+            if overflow == "block":
+                raise self._unsupported_block(name)
+            raise ValueError(f"overflow must be \"block\" or \"overwrite\", not {overflow!r}")
+        hist = _count("history", history, 0) if given(history) else 0
+        most = _count("maxlen", maxlen, 1) if given(maxlen) else max(DEFAULT_MAXLEN, hist)
+        if most < hist:
+            raise ValueError(f"maxlen={most} keeps fewer messages than history={hist}; "
+                             "give a maxlen of at least the history")
+        meta = self._open_meta(create, {"history": hist, "maxlen": most, "published": 0})
+        if not self._created:
+            for what, asked, have in (("history", history, meta.get("history")),
+                                      ("maxlen", maxlen, meta.get("maxlen"))):
+                if given(asked) and str(asked) != have:
+                    raise self._mismatch("topic", name, what, asked, have)
+        self._history = int(meta["history"])
+        self._maxlen = int(meta["maxlen"])
+        self._readonly = bool(readonly)
+        self._on_destroy = on_destroy
+        self._publish = self._r.register_script(_PUBLISH)
+
+    @staticmethod
+    def _unsupported_block(name: str) -> Exception:
+        from ..errors import UnsupportedParameterError
+        return UnsupportedParameterError(
+            f"Topic {name!r} on Redis cannot honour overflow='block': the server cannot "
+            "tell which subscribers are alive to wait for them; leave overflow= out (the "
+            "stream keeps maxlen= messages, and a subscriber further behind is told how "
+            "many it missed)")
+
+    def _reopen_args(self) -> dict[str, Any]:
+        return {"readonly": self._readonly}
+
+    # -- publishing -----------------------------------------------------------
+
+    def _writable(self) -> None:
+        self._live()
+        if self._readonly:
+            raise ReadOnlyError(f"topic {self._name!r} was opened with readonly=True")
+
+    def publish(self, data: Buffer, timeout: float | None = None) -> None:
+        """Publish one bytes-like message (never waits: ``timeout`` is checked
+        and always met)."""
+        deadline(timeout)
+        self.publish_many([data])
+
+    def publish_nowait(self, data: Buffer) -> None:
+        """Publish one message (as :meth:`publish`: a Redis topic never waits)."""
+        self.publish_many([data])
+
+    def publish_many(self, messages: Iterable[Buffer]) -> int:
+        """Publish messages in order, in one script call per 1000; returns how many."""
+        self._writable()
+        msgs = [_as_bytes(m) for m in messages]
+        for m in msgs:
+            if len(m) > MAX_MESSAGE:
+                from ..errors import MessageTooLarge
+                raise MessageTooLarge(f"a message of {len(m)} bytes is larger than the "
+                                      f"{MAX_MESSAGE} bytes a Redis stream entry can hold")
+        for i in range(0, len(msgs), 1000):
+            self._publish(keys=[self._key, self._meta_key],
+                          args=[self._maxlen, *msgs[i:i + 1000]])
+        return len(msgs)
+
+    def publish_array(self, array: Any, timeout: float | None = None) -> None:
+        """Publish a numpy array's bytes (made C-contiguous first if need be)."""
+        import numpy as np
+        self.publish(np.ascontiguousarray(array).data, timeout)
+
+    # -- subscribing ----------------------------------------------------------
+
+    def subscribe(self, history: int | None = None) -> "Subscriber":
+        """A subscriber of every message published from now on, plus up to
+        ``history`` earlier ones still kept (default: the topic's ``history``)."""
+        self._live()
+        if history is None:
+            history = self._history
+        elif _count("history", history, 0) > self._history:
+            from ..errors import SizeLimitError
+            raise SizeLimitError(f"history={history} is beyond topic {self._name!r}'s "
+                                 f"history of {self._history} messages")
+        return Subscriber(self, max(0, self.published - history))
+
+    # -- state ----------------------------------------------------------------
+
+    @property
+    def published(self) -> int:
+        """Messages published so far (by every process)."""
+        self._live()
+        return int(self._r.hget(self._meta_key, "published") or 0)
+
+    @property
+    def history(self) -> int:
+        return self._history
+
+    @property
+    def maxlen(self) -> int:
+        return self._maxlen
+
+    @property
+    def overflow(self) -> str:
+        return "overwrite"
+
+    @property
+    def max_message(self) -> int:
+        return MAX_MESSAGE
+
+    def statistics(self) -> dict[str, Any]:
+        """``{"published", "kept", "history", "maxlen", "overflow"}``: ``kept`` is
+        how many messages the stream holds now.  (Subscribers are not listed:
+        Redis keeps no record of readers.)"""
+        self._live()
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hget(self._meta_key, "published")
+        pipe.xlen(self._key)
+        published, kept = pipe.execute()
+        return {"published": int(published or 0), "kept": int(kept), "history": self._history,
+                "maxlen": self._maxlen, "overflow": "overwrite"}
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return f"<shmkit.redis.Topic {self._name!r} closed>"
+        return f"<shmkit.redis.Topic {self._name!r} at {self._ns.url}>"
+
+
+def _count(what: str, value: Any, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{what} must be an int >= {lo}, not {value!r}")
+    return value
+
+
+@guard_all
+class Subscriber:
+    """One subscriber of a Redis :class:`Topic`: its own place in the stream.
+
+    ``recv(timeout=None)``, ``recv_nowait()``, ``recv_many``, ``messages()``,
+    iteration, ``received``, ``missed``, ``lag``, ``close()``.  It lives in
+    this process only: nothing about it is stored in Redis, so a subscriber
+    that dies leaves nothing behind.
+    """
+
+    def __init__(self, topic: Topic, start: int) -> None:
+        self._topic = topic
+        self._ns = topic._ns
+        self._r = topic._r
+        self._key = topic._key
+        self._pos = start  # the number of the last message read (or skipped)
+        self._buf: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._received = 0
+        self._missed = 0
+        self._closed = False
+        self._pid = os.getpid()
+
+    def _what_name(self) -> str:
+        return f"subscriber of topic {self._topic._name!r}"
+
+    def _live(self) -> None:
+        if self._closed or self._topic.closed:
+            raise ClosedError(f"this subscriber of topic {self._topic._name!r} is closed")
+
+    def _fill(self, block_ms: int | None) -> None:
+        """Read what follows our place (waiting up to ``block_ms``)."""
+        # bytes replies: see _base.as_bytes_or_none
+        got = cast("list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes] | None]]]]",
+                   self._r.xread({self._key: f"{self._pos}-1"}, count=_READ_AT_ONCE,
+                                 block=block_ms))
+        if got:
+            self._buf.extend((_number(i), f[b"d"]) for i, f in got[0][1] if f)
+        elif self._topic.published < self._pos:
+            # The count went back: the topic was removed and made again, or the
+            # server restarted without its data.  Start over from its beginning.
+            self._pos = 0
+
+    def _next(self, timeout: float | None, nowait: bool) -> bytes | None:
+        self._live()
+        if not self._buf:
+            end = deadline(timeout)
+            self._fill(None)
+            while not self._buf and not nowait:
+                wait = remaining(end)
+                if wait <= 0:
+                    break
+                self._fill(max(1, int(wait * 1000)))
+                self._live()
+        if not self._buf:
+            return None
+        n, data = self._buf[0]
+        if n > self._pos + 1:
+            missed = n - self._pos - 1
+            self._pos = n - 1
+            self._missed += missed
+            raise MessagesLost(
+                f"{missed} message{'s' if missed != 1 else ''} of topic "
+                f"{self._topic._name!r} {'was' if missed == 1 else 'were'} trimmed from the "
+                f"stream before this subscriber read {'it' if missed == 1 else 'them'} (it "
+                f"keeps {self._topic._maxlen}: read faster, or create the topic with a "
+                "larger maxlen=)", missed)
+        self._buf.popleft()
+        self._pos = n
+        self._received += 1
+        return data
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        """The next message; :class:`Timeout` after ``timeout`` seconds;
+        :class:`MessagesLost` (with ``.missed``) when some were trimmed first."""
+        got = self._next(timeout, False)
+        if got is None:
+            raise Timeout(f"nothing was published on topic {self._topic._name!r} within "
+                          f"{timeout} s")
+        return got
+
+    def recv_nowait(self) -> bytes:
+        """The next message if one is there, else :class:`Empty`."""
+        got = self._next(0, True)
+        if got is None:
+            raise Empty(f"nothing new on topic {self._topic._name!r}")
+        return got
+
+    def recv_many(self, max_n: int = 1024, timeout: float | None = None) -> list[bytes]:
+        """Up to ``max_n`` messages, waiting for the first; ``[]`` on timeout."""
+        if not isinstance(max_n, int) or isinstance(max_n, bool) or max_n < 1:
+            raise ValueError(f"max_n must be an int >= 1, not {max_n!r}")
+        first = self._next(timeout, False)
+        if first is None:
+            return []
+        out = [first]
+        while len(out) < max_n and self._buf and self._buf[0][0] == self._pos + 1:
+            out.append(self._next(0, True) or b"")
+        return out
+
+    def messages(self, timeout: float | None = None) -> Iterator[bytes]:
+        """Iterate over messages as they come (:class:`Timeout` after ``timeout``
+        seconds with none)."""
+        while True:
+            yield self.recv(timeout)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.messages()
+
+    @property
+    def received(self) -> int:
+        return self._received
+
+    @property
+    def missed(self) -> int:
+        return self._missed
+
+    @property
+    def lag(self) -> int:
+        """Messages published that this subscriber has not read yet."""
+        self._live()
+        return max(0, self._topic.published - self._pos)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop subscribing (nothing to release in Redis)."""
+        self._closed = True
+        self._buf.clear()
+
+    def __enter__(self) -> "Subscriber":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"at {self._pos}"
+        return f"<shmkit.redis.Subscriber of {self._topic._name!r} {state}>"
