@@ -690,9 +690,11 @@ def test_import_shmkit_does_not_need_redis() -> None:
 # -- the bridge ------------------------------------------------------------------
 
 
-def _bridge(direction: str, url: str, prefix: str, local: str, remote: str) -> subprocess.Popen:
+def _bridge(direction: str, url: str, prefix: str, local: str, remote: str,
+            topic: bool = False) -> subprocess.Popen:
+    kind = ["--topic"] if topic else ["--claim-idle", "1"]
     p = subprocess.Popen([sys.executable, "-m", "shmkit", "bridge", f"--{direction}", url,
-                          "--prefix", prefix, "--remote", remote, "--claim-idle", "1",
+                          "--prefix", prefix, "--remote", remote, *kind,
                           "--batch", "16", local],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     line: list[str] = []
@@ -765,6 +767,77 @@ def test_bridge_carries_messages_and_survives_kills(server: Server, prefix: str,
                 p.wait()
         a.close()
         b.close()
+
+
+def test_topic_bridges_carry_every_message_through_kills(server: Server, prefix: str,
+                                                         names: Any) -> None:
+    """local topic A -> bridge --topic --to -> Redis -> bridge --topic --from ->
+    local topic B, the --from bridge SIGKILLed twice mid-stream: a subscriber of
+    B gets every message, first arrivals in order, at most a batch again per kill."""
+    a_name, b_name = names(), names()
+    a = shmkit.Topic(a_name, capacity=1 << 20)
+    b = shmkit.Topic(b_name, capacity=1 << 20)
+    sub = b.subscribe()
+    r = redis.Redis(unix_socket_path=server.sock)
+    total, batch = 3000, 16
+    to = _bridge("to", server.url, prefix, a_name, "wire-t", topic=True)
+    frm = _bridge("from", server.url, prefix, b_name, "wire-t", topic=True)
+    received: list[int] = []
+
+    def wait_for(cond: Any, what: str) -> None:
+        end = time.monotonic() + 60
+        while not cond():
+            assert time.monotonic() < end, f"timed out waiting for {what}"
+            time.sleep(0.01)
+
+    def drain(until: int, timeout: float = 60) -> None:
+        end = time.monotonic() + timeout
+        while len(set(received)) < until and time.monotonic() < end:
+            try:
+                received.append(int(sub.recv(timeout=0.5)))
+            except shmkit.Timeout:
+                pass
+
+    try:
+        wait_for(lambda: len(a.statistics()["subscribers"]) == 1, "the --to bridge")
+        wait_for(lambda: list(r.scan_iter(f"{prefix}:wire-t:bridge:*")), "the --from bridge")
+        done = threading.Event()
+
+        def publish_all() -> None:
+            for i in range(total):
+                a.publish(b"%d" % i, timeout=60)
+                if i % 100 == 0:
+                    time.sleep(0.005)  # keep the stream going while the bridge dies
+            done.set()
+
+        threading.Thread(target=publish_all, daemon=True).start()
+        for until in (400, 1200):
+            drain(until)
+            assert _stop(frm, signal.SIGKILL) == -signal.SIGKILL
+            frm = _bridge("from", server.url, prefix, b_name, "wire-t", topic=True)
+        assert done.wait(120)
+        drain(total, timeout=120)
+        assert set(received) == set(range(total))  # nothing lost
+        first = list(dict.fromkeys(received))
+        assert first == sorted(first)  # the publisher's order kept
+        assert len(received) - total <= 2 * batch  # at most a batch again per kill
+        assert _stop(frm, signal.SIGINT) == 0 and _stop(to, signal.SIGINT) == 0
+    finally:
+        for p in (to, frm):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        sub.close()
+        a.close()
+        b.close()
+        r.close()
+
+
+def test_topic_bridge_refuses_claim_idle(server: Server, prefix: str, name: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "shmkit", "bridge", "--topic", "--to",
+                          server.url, "--claim-idle", "5", name],
+                         capture_output=True, text=True, timeout=60, env=_env())
+    assert out.returncode == 2 and "--claim-idle is for channels" in out.stderr
 
 
 def test_bridge_ctrl_c_stops_cleanly(server: Server, prefix: str, name: str) -> None:

@@ -1,4 +1,4 @@
-"""``shmkit bridge``: forward a local Channel or Queue to a Redis stream, or back.
+"""``shmkit bridge``: forward a local Channel, Queue or Topic to a Redis stream, or back.
 
 Processes on each machine keep talking through shared memory; one bridge per
 direction and machine carries the messages across::
@@ -24,6 +24,14 @@ Where duplicates and losses can occur (docs/redis.md has the whole table):
   kill).  Ctrl-C and SIGTERM are never in that window: they stop the bridge
   between two messages.
 
+Topics (``--topic``): ``--to`` subscribes to the local topic and publishes
+what it receives to the Redis topic, a batch at a time; ``--from`` subscribes
+to the Redis topic and publishes into the local one, and after each batch
+records in Redis how far it got (``<prefix>:<remote>:bridge:<host>:<name>``),
+so that a bridge restarted after a kill goes on from there: at most one
+batch is published twice, none is lost while Redis keeps it (``maxlen``).
+A ``--to`` bridge only sees what is published while it is subscribed.
+
 Stopping: Ctrl-C (SIGINT) or SIGTERM finish the message in hand and exit 0.
 """
 
@@ -39,8 +47,12 @@ from typing import TYPE_CHECKING, TypeVar
 if TYPE_CHECKING:
     from ..channel import Channel as LocalChannel
     from ..channel import Queue as LocalQueue
+    from ..topic import Subscriber as LocalSubscriber
+    from ..topic import Topic as LocalTopic
     from .channel import Channel as RedisChannel
     from .queue import Queue as RedisQueue
+    from .topic import Subscriber as RedisSubscriber
+    from .topic import Topic as RedisTopic
 
 __all__ = ["add_bridge_command", "cmd_bridge", "Bridge"]
 
@@ -56,14 +68,17 @@ examples:
     shmkit bridge --from redis://redis.example:6379/0 jobs
   A local Queue, another remote name and prefix:
     shmkit bridge --queue --from unix:///run/redis.sock --prefix app --remote work jobs
+  A local topic published to Redis, and on another machine received from it:
+    shmkit bridge --topic --to redis://redis.example:6379/0 ticks
+    shmkit bridge --topic --from redis://redis.example:6379/0 ticks
 """
 
 
 def add_bridge_command(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                        formatter: type[argparse.HelpFormatter]) -> argparse.ArgumentParser:
     """Declare ``shmkit bridge`` on the CLI's subparsers."""
-    purpose = ("forward a local Channel or Queue to a Redis stream (--to) or a Redis stream "
-               "into it (--from), until Ctrl-C")
+    purpose = ("forward a local Channel, Queue or Topic to a Redis stream (--to) or a Redis "
+               "stream into it (--from), until Ctrl-C")
     p = sub.add_parser("bridge", prog="shmkit bridge", help=purpose,
                        description=purpose[0].upper() + purpose[1:] + ".",
                        epilog=_EXAMPLES, formatter_class=formatter)
@@ -72,16 +87,20 @@ def add_bridge_command(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     way.add_argument("--to", metavar="URL", help="forward the local object to this Redis")
     way.add_argument("--from", dest="from_", metavar="URL",
                      help="forward from this Redis into the local object")
-    p.add_argument("name", metavar="NAME", help="the local Channel (or Queue) name")
-    p.add_argument("--queue", action="store_true",
-                   help="the local object is a Queue (its pickled objects go as they are)")
+    p.add_argument("name", metavar="NAME", help="the local Channel (or Queue, or Topic) name")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--queue", action="store_true",
+                      help="the local object is a Queue (its pickled objects go as they are)")
+    kind.add_argument("--topic", action="store_true",
+                      help="the local object is a Topic, and so is the Redis one (every "
+                           "subscriber on each side gets every message)")
     p.add_argument("--prefix", default="shmkit", help="the Redis key prefix (default shmkit)")
     p.add_argument("--remote", metavar="NAME", help="the Redis object's name (default NAME)")
-    p.add_argument("--claim-idle", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--claim-idle", type=float, default=None, metavar="SECONDS",
                    help="--from: seconds before another consumer takes over messages a "
                         "dead bridge had not acknowledged (default 30)")
     p.add_argument("--batch", type=int, default=256, metavar="N",
-                   help="--from: messages read from Redis per round trip (default 256)")
+                   help="messages carried per Redis round trip (default 256)")
     return p
 
 
@@ -89,8 +108,9 @@ class Bridge:
     """One direction of a bridge; ``run()`` until ``stop()`` (or a signal)."""
 
     def __init__(self, name: str, url: str, direction: str, *, queue: bool = False,
-                 prefix: str = "shmkit", remote: str | None = None, claim_idle: float = 30.0,
-                 batch: int = 256, log: Callable[[str], object] | None = None) -> None:
+                 topic: bool = False, prefix: str = "shmkit", remote: str | None = None,
+                 claim_idle: float = 30.0, batch: int = 256,
+                 log: Callable[[str], object] | None = None) -> None:
         import socket
 
         from .. import channel as _local
@@ -100,6 +120,8 @@ class Bridge:
             raise ValueError(f"direction must be 'to' or 'from', not {direction!r}")
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be an int >= 1, not {batch!r}")
+        if queue and topic:
+            raise ValueError("a bridge carries a Queue or a Topic, not both")
         self.direction = direction
         self.log: Callable[[str], object] = (
             log or (lambda text: print(text, file=sys.stderr, flush=True)))
@@ -109,7 +131,13 @@ class Bridge:
         remote = remote or name
         self.ns = connect(url, prefix=prefix)
         self._lq: LocalQueue | None = None
+        self._rq: RedisQueue | None = None
+        self._lt: LocalTopic | None = None
+        self._rt: RedisTopic | None = None
         self.local: LocalChannel
+        if topic:
+            self._topic_setup(name, remote, url, prefix, direction)
+            return
         if queue:
             self._lq = _local.Queue(name=name)
             if self._lq._ch is None:  # only before Queue() has opened it
@@ -119,7 +147,6 @@ class Bridge:
             self.local = _local.Channel(name)
         consumer = f"bridge:{socket.gethostname()}:{name}" if direction == "from" else None
         # a Redis URL: connect() returns a RedisNamespace, whose kinds are these
-        self._rq: RedisQueue | None = None
         self.remote: RedisChannel
         if queue:
             self._rq = self.ns.Queue(remote, claim_idle=claim_idle, consumer=consumer)
@@ -129,20 +156,35 @@ class Bridge:
         self.what = (f"local {'queue' if queue else 'channel'} {name!r} "
                      f"{'->' if direction == 'to' else '<-'} {url} {prefix}:{remote}")
 
+    def _topic_setup(self, name: str, remote: str, url: str, prefix: str,
+                     direction: str) -> None:
+        import socket
+
+        from ..topic import Topic
+        self._lt = Topic(name)
+        self._rt = self.ns.Topic(remote)
+        self._place = f"{self._rt._key}:bridge:{socket.gethostname()}:{name}"
+        self.what = (f"local topic {name!r} {'->' if direction == 'to' else '<-'} {url} "
+                     f"{prefix}:{remote}")
+
     def stop(self, *_: object) -> None:
         self.stopping = True
 
     def run(self) -> int:
         self.log(f"shmkit bridge: {self.what} (Ctrl-C stops)")
         try:
-            status = self._to() if self.direction == "to" else self._from()
+            if self._lt is not None:
+                status = self._topic_to() if self.direction == "to" else self._topic_from()
+            else:
+                status = self._to() if self.direction == "to" else self._from()
         finally:
             self.close()
         self.log(f"shmkit bridge: stopped; {self.forwarded} messages forwarded")
         return status
 
     def close(self) -> None:
-        for obj in (self._lq, self.local, self._rq, self.remote):
+        for obj in (self._lq, getattr(self, "local", None), self._rq,
+                    getattr(self, "remote", None), self._lt, self._rt):
             try:
                 if obj is not None:
                     obj.close()
@@ -234,12 +276,92 @@ class Bridge:
         return 0
 
 
+    def _topic_to(self) -> int:
+        from ..errors import BackendError, Empty, MessagesLost, Timeout
+        assert self._lt is not None and self._rt is not None
+        rt = self._rt
+        with self._lt.subscribe(history=0) as sub:
+            while not self.stopping:
+                batch: list[bytes] = []
+                try:
+                    batch.append(sub.recv(timeout=_POLL))
+                    while len(batch) < self._batch:
+                        batch.append(sub.recv_nowait())
+                except (Timeout, Empty):
+                    pass
+                except MessagesLost as e:
+                    self.log(f"shmkit bridge: {e.missed} local messages were overwritten "
+                             "before the bridge read them")
+                if not batch:
+                    continue
+                try:
+                    self._retrying("publish", lambda: rt.publish_many(batch))
+                except BackendError:  # stopped while Redis was away
+                    self.log(f"shmkit bridge: {len(batch)} messages not published")
+                    return 1
+                self.forwarded += len(batch)
+        return 0
+
+    def _topic_from(self) -> int:
+        from ..errors import BackendError, MessagesLost, Timeout
+        from .topic import Subscriber
+        assert self._lt is not None and self._rt is not None
+        lt, r, place = self._lt, self._rt._r, self._place
+        try:
+            kept = self._retrying("read the bridge's place", lambda: r.get(place))
+        except BackendError:
+            return 1
+        sub: RedisSubscriber
+        if kept is not None:
+            sub = Subscriber(self._rt, int(kept))
+        else:  # a first start: from now on, and a restart goes on from here
+            sub = self._rt.subscribe(history=0)
+            start = sub.position
+            try:
+                self._retrying("record the bridge's place",
+                               lambda: r.set(place, start, nx=True))
+            except BackendError:
+                return 1
+        while not self.stopping:
+            try:
+                msgs = self._retrying("receive", lambda: sub.recv_many(self._batch, _POLL))
+            except MessagesLost as e:
+                self.log(f"shmkit bridge: {e.missed} messages were trimmed from the stream "
+                         "before the bridge read them")
+                continue
+            except BackendError:
+                return 1
+            done = 0  # published locally; the batch's numbers are consecutive
+            for msg in msgs:
+                while not self.stopping:
+                    try:  # a local topic that makes publishers wait: keep looking at stop
+                        lt.publish(msg, timeout=_POLL)
+                        done += 1
+                        break
+                    except Timeout:
+                        continue
+                if self.stopping:
+                    break
+            self.forwarded += done
+            if msgs:
+                at = sub.position - (len(msgs) - done)
+                try:
+                    self._retrying("record the bridge's place", lambda: r.set(place, at))
+                except BackendError:
+                    return 1
+        return 0
+
+
 def cmd_bridge(args: argparse.Namespace) -> int:
     """Run ``shmkit bridge`` (see the module docstring)."""
     url = args.to if args.to is not None else args.from_
+    if args.topic and args.claim_idle is not None:
+        args.subparser.error("--claim-idle is for channels and queues: a topic's messages "
+                             "are not taken by one consumer")
     bridge = Bridge(args.name, url, "to" if args.to is not None else "from",
-                    queue=args.queue, prefix=args.prefix, remote=args.remote,
-                    claim_idle=args.claim_idle, batch=args.batch)
+                    queue=args.queue, topic=args.topic, prefix=args.prefix, remote=args.remote,
+                    claim_idle=30.0 if args.claim_idle is None else args.claim_idle,
+                    batch=args.batch)
     old = {sig: signal.signal(sig, bridge.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return bridge.run()

@@ -240,6 +240,8 @@ class Subscriber:
     """
 
     def __init__(self, topic: Topic, start: int) -> None:
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"start must be a message number >= 0, not {start!r}")
         self._topic = topic
         self._ns = topic._ns
         self._r = topic._r
@@ -336,6 +338,13 @@ class Subscriber:
 
     def __iter__(self) -> Iterator[bytes]:
         return self.messages()
+
+    @property
+    def position(self) -> int:
+        """The number of the last message this subscriber read (or was told it
+        missed): ``Subscriber(topic, position)`` in another process goes on
+        right after it (``shmkit bridge --topic --from`` keeps it in Redis)."""
+        return self._pos
 
     @property
     def received(self) -> int:
