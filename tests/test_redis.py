@@ -77,6 +77,85 @@ class Server:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _free_port() -> int:
+    """A loopback port that is free, and whose cluster bus port (+10000) is free too."""
+    import socket
+    while True:
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+        if port + 10000 >= 65536:
+            continue
+        with socket.socket() as b:
+            try:
+                b.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+class Cluster:
+    """Three redis-server nodes on loopback ports made into one Redis Cluster."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="shmkit-test-cluster-")
+        self.ports: list[int] = []
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        while len(self.ports) < 3:
+            port = _free_port()
+            if port not in self.ports:
+                self.ports.append(port)
+        for port in self.ports:
+            self.procs.append(subprocess.Popen(
+                [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1",
+                 "--cluster-enabled", "yes",
+                 "--cluster-config-file", os.path.join(self.dir, f"nodes-{port}.conf"),
+                 "--save", "", "--appendonly", "no", "--dir", self.dir],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        nodes = [redis.Redis(port=p) for p in self.ports]
+        end = time.monotonic() + 30
+        for node in nodes:
+            while True:
+                try:
+                    node.ping()
+                    break
+                except redis.exceptions.RedisError:
+                    if time.monotonic() > end:
+                        raise RuntimeError("a cluster node did not start")
+                    time.sleep(0.02)
+        subprocess.run([shutil.which("redis-cli") or "redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{p}" for p in self.ports), "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        while not all(n.cluster("info")["cluster_state"] == "ok" for n in nodes):
+            if time.monotonic() > end + 30:
+                raise RuntimeError("the cluster did not become ready")
+            time.sleep(0.05)
+        for node in nodes:
+            node.close()
+        self.url = f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def remove(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(timeout=30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli (Debian's redis-tools, installed with redis-server) is missing")
+    c = Cluster()
+    try:
+        c.start()
+        yield c
+    finally:
+        c.remove()
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     s = Server()
@@ -127,12 +206,15 @@ def _line(proc: subprocess.Popen, timeout: float = 60) -> str:
 # -- one test body, both backends ----------------------------------------------
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(params=["local", "redis", "cluster"])
 def any_ns(request: pytest.FixtureRequest, server: Server, prefix: str) -> Iterator[Any]:
     if request.param == "local":
         n = shmkit.connect("local", prefix=prefix)
-    else:
+    elif request.param == "redis":
         n = shmkit.connect(server.url, prefix=prefix)
+    else:
+        n = shmkit.connect(request.getfixturevalue("cluster").url, prefix=prefix)
+        assert n.cluster
     yield n
     n.close()
 
@@ -365,6 +447,46 @@ def test_a_waiting_redis_subscriber_lets_ctrl_c_through(server: Server, prefix: 
     child.send_signal(signal.SIGINT)
     assert _line(child) == "interrupted"
     assert child.wait(timeout=30) == 0
+
+
+def test_on_a_cluster_each_objects_keys_share_one_slot_and_processes_meet(
+        cluster: Cluster, prefix: str) -> None:
+    ns = shmkit.connect(cluster.url, prefix=prefix)
+    objs = [ns.Store("s"), ns.Channel("c"), ns.Mutex("m"), ns.Event("e", auto_reset=True),
+            ns.Topic("t")]
+    objs[0]["k"] = 1
+    objs[1].send(b"x")
+    with objs[2]:
+        pass
+    objs[3].set()
+    objs[4].publish(b"y")
+    for name in "scmet":
+        keys = list(ns.r.scan_iter(f"{prefix}:{{{name}}}*"))
+        assert len(keys) >= 2, (name, keys)  # its data and its meta, at least
+        assert len({ns.r.keyslot(k) for k in keys}) == 1, (name, keys)
+    code = """
+        import sys, shmkit
+        ns = shmkit.connect(sys.argv[1], prefix=sys.argv[2])
+        ch, m, e = ns.Channel("c"), ns.Mutex("m"), ns.Event("e", auto_reset=True)
+        assert e.wait(timeout=30)                # the token set before it started
+        with m:
+            print(ch.recv(timeout=30).decode(), m.fencing_token, flush=True)
+    """
+    child = _program(code, cluster.url, prefix)
+    assert child.wait(timeout=120) == 0, child.stderr.read()
+    got, fence = child.stdout.read().split()
+    assert got == "x" and int(fence) == objs[2].fencing_token + 1
+    for o in objs:
+        o.unlink()
+        o.close()
+    ns.close()
+
+
+def test_objects_made_with_the_older_key_layout_are_refused(ns: Any) -> None:
+    ns.r.hset(f"{ns.prefix}:old:meta", mapping={"kind": "store", "format": "1"})
+    with pytest.raises(shmkit.FormatVersionError, match="older shmkit .format 1"):
+        ns.Store("old")
+    assert not ns.r.exists(f"{ns.prefix}:{{old}}:meta")  # nothing made beside it
 
 
 def test_values_have_the_local_encoding(ns: Any, name: str) -> None:
@@ -633,7 +755,7 @@ def test_queue_pickles_like_the_local_queue(ns: Any) -> None:
     q = ns.Queue("q")
     obj = {"a": (1, 2.5, "x"), "b": None}
     q.put(obj)
-    (entry,) = ns.r.xrange(f"{ns.prefix}:q")[:1]
+    (entry,) = ns.r.xrange(ns.key("q"))[:1]
     assert entry[1][b"d"] == pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
     assert q.get(timeout=5) == obj
 
@@ -800,7 +922,7 @@ def test_topic_bridges_carry_every_message_through_kills(server: Server, prefix:
 
     try:
         wait_for(lambda: len(a.statistics()["subscribers"]) == 1, "the --to bridge")
-        wait_for(lambda: list(r.scan_iter(f"{prefix}:wire-t:bridge:*")), "the --from bridge")
+        wait_for(lambda: list(r.scan_iter(f"{prefix}:{{wire-t}}:bridge:*")), "the --from bridge")
         done = threading.Event()
 
         def publish_all() -> None:

@@ -146,10 +146,11 @@ def connect(url: str = "local", *, prefix: str | None = None,
     url:
         ``"local"`` for shared memory on this machine (the default), or a
         Redis URL: ``redis://host:6379/0``, ``rediss://...`` (TLS),
-        ``unix:///path/redis.sock?db=0``.
+        ``unix:///path/redis.sock?db=0``.  A node of a Redis Cluster is
+        recognised (``INFO cluster``) and the whole cluster used.
     prefix:
         Keeps the namespace's objects apart from others on the same backend:
-        Redis keys are ``<prefix>:<name>`` (default prefix ``"shmkit"``);
+        Redis keys are ``<prefix>:{<name>}...`` (default prefix ``"shmkit"``);
         local names are ``<prefix>.<name>`` (default: the names as given).
     socket_timeout:
         Redis only: seconds a command may take on the network before

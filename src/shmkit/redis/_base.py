@@ -1,10 +1,12 @@
 """The Redis namespace, the base of every Redis-backed object, and error translation.
 
 Every key of an object named ``n`` in a namespace with prefix ``p`` starts
-with ``p:n``: the data (a hash, a stream, a string), ``p:n:meta`` (a hash:
+with ``p:{n}``: the data (a hash, a stream, a string), ``p:{n}:meta`` (a hash:
 ``kind``, ``format`` and the parameters fixed at creation), and the kind's
-own extra keys (``:fence``, ``:wake``...).  One name holds one kind, as in
-shared memory: opening a Store's name as a Channel raises WrongKindError.
+own extra keys (``:fence``, ``:wake``...).  The braces are Redis Cluster's
+hash tag: every key of one object lives in one hash slot, so the scripts
+that touch several of them run on a cluster too.  One name holds one kind,
+as in shared memory: opening a Store's name as a Channel raises WrongKindError.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ if TYPE_CHECKING:
     from .store import Store
     from .topic import Topic
 
-FORMAT = 1  # the layout of shmkit's Redis keys (meta hash "format" field)
+FORMAT = 2  # the layout of shmkit's Redis keys (meta hash "format" field)
+# Format 1 named an object's keys p:n... without a hash tag.
 CHUNK = 1.0  # the longest single blocking Redis call, in seconds
 
 _HOST = socket.gethostname()
@@ -199,6 +202,7 @@ class RedisNamespace(Namespace):
 
     backend = "redis"
     prefix: str = "shmkit"  # always a str (connect(prefix=) or this default)
+    cluster = False  # the URL named a node of a Redis Cluster
 
     def __init__(self, url: str, *, prefix: str = "shmkit", socket_timeout: float = 10.0,
                  **client_options: Any) -> None:
@@ -209,21 +213,26 @@ class RedisNamespace(Namespace):
             raise ValueError(f"socket_timeout must be more than {CHUNK + 1} s (blocking "
                              f"calls wait up to {CHUNK} s at a time), not {socket_timeout!r}")
         try:
-            self.r: _redis.Redis = _redis.Redis.from_url(url, **self._options)
+            first: _redis.Redis = _redis.Redis.from_url(url, **self._options)
         except (ValueError, TypeError) as e:
             raise ValueError(f"cannot use Redis URL {url!r}: {e}") from e
-        if self.r.connection_pool.connection_kwargs.get("decode_responses"):
-            self.r.close()
+        if first.connection_pool.connection_kwargs.get("decode_responses"):
+            first.close()
             raise UnsupportedParameterError(
                 f"a namespace on {url} cannot honour decode_responses=True: shmkit encodes "
                 "keys and values itself and reads bytes back; leave decode_responses out "
                 "(of the keywords and of the URL)")
-        self._meta = self.r.register_script(_META)
         self._closed = False
+        self.r = first
         try:
-            self.r.ping()
+            self.cluster = first.info("cluster").get("cluster_enabled") == 1
+            if self.cluster:  # a node of a Redis Cluster: talk to the whole cluster
+                first.close()
+                self.r = cast("_redis.Redis", _redis.RedisCluster.from_url(url, **self._options))
+                self.r.ping()
         except (RedisError, OSError) as e:
             raise _translate(self, e, "connect") from e
+        self._meta = self.r.register_script(_META)
 
     # -- the kinds ------------------------------------------------------------
 
@@ -255,7 +264,9 @@ class RedisNamespace(Namespace):
     # -- plumbing -------------------------------------------------------------
 
     def key(self, name: str) -> str:
-        return f"{self.prefix}:{name}"
+        """The key of object ``name``: the others add a suffix to it; the braces
+        keep them all in one hash slot of a cluster."""
+        return f"{self.prefix}:{{{name}}}"
 
     def client_id(self) -> str:
         """``host:pid:random``: who holds a lease or consumes a stream."""
@@ -319,6 +330,16 @@ class RedisObject:
     def _open_meta(self, create: bool | None, fields: dict[str, Any]) -> dict[str, str]:
         """Create or open the meta hash; check kind and format.  Returns its fields."""
         mode = "either" if create is None else ("create" if create else "open")
+        old = f"{self._ns.prefix}:{self._name}:meta"
+        try:
+            made_before = self._r.exists(old)
+        except (RedisError, OSError) as e:
+            raise _translate(self._ns, e, f"open {self._what_name()}") from e
+        if made_before:
+            raise FormatVersionError(
+                f"{self._kind} {self._name!r} in {self._ns.url} was made by an older shmkit "
+                f"(format 1, keys {self._ns.prefix}:{self._name}...); this shmkit reads "
+                f"format {FORMAT}: use the shmkit that made it, or delete those keys")
         args: list[Any] = [mode, "kind", self._kind, "format", FORMAT]
         for k, v in fields.items():
             args += [k, v]

@@ -62,7 +62,7 @@ _T = TypeVar("_T")
 
 _EXAMPLES = """\
 examples:
-  Local channel 'jobs' to the Redis stream 'shmkit:jobs' (on the sending machine):
+  Local channel 'jobs' to the Redis stream 'shmkit:{jobs}' (on the sending machine):
     shmkit bridge --to redis://redis.example:6379/0 jobs
   And from that stream into local channel 'jobs' (on the receiving machine):
     shmkit bridge --from redis://redis.example:6379/0 jobs
@@ -154,7 +154,7 @@ class Bridge:
         else:
             self.remote = self.ns.Channel(remote, claim_idle=claim_idle, consumer=consumer)
         self.what = (f"local {'queue' if queue else 'channel'} {name!r} "
-                     f"{'->' if direction == 'to' else '<-'} {url} {prefix}:{remote}")
+                     f"{'->' if direction == 'to' else '<-'} {url} {prefix}:{{{remote}}}")
 
     def _topic_setup(self, name: str, remote: str, url: str, prefix: str,
                      direction: str) -> None:
@@ -165,7 +165,7 @@ class Bridge:
         self._rt = self.ns.Topic(remote)
         self._place = f"{self._rt._key}:bridge:{socket.gethostname()}:{name}"
         self.what = (f"local topic {name!r} {'->' if direction == 'to' else '<-'} {url} "
-                     f"{prefix}:{remote}")
+                     f"{prefix}:{{{remote}}}")
 
     def stop(self, *_: object) -> None:
         self.stopping = True

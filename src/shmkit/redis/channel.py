@@ -256,8 +256,15 @@ class Channel(RedisObject):
             self._ack_script(keys=[self._key], args=ids)
 
     def _read(self, count: int, block_ms: int | None, start: str = ">") -> list[bytes]:
-        pipe = self._r.pipeline(transaction=False)
         ids, self._unacked = self._unacked, []
+        if ids and self._ns.cluster:  # a cluster's pipelines carry no scripts: one more trip
+            try:
+                self._ack_script(keys=[self._key], args=ids)
+            except BaseException:
+                self._unacked = ids
+                raise
+            ids = []
+        pipe = self._r.pipeline(transaction=False)
         if ids:
             pipe.evalsha(self._ack_script.sha, 1, self._key, *ids)
         pipe.xreadgroup(GROUP, self._consumer, {self._key: start}, count=count,
