@@ -955,6 +955,38 @@ def test_topic_bridges_carry_every_message_through_kills(server: Server, prefix:
         r.close()
 
 
+def test_a_running_bridge_shows_in_top_and_a_second_one_is_refused(
+        server: Server, prefix: str, name: str) -> None:
+    import json
+    ch = shmkit.Channel(name, capacity=1 << 20)
+    remote = shmkit.connect(server.url, prefix=prefix).Channel("shown")
+    to = _bridge("to", server.url, prefix, name, "shown")
+    try:
+        for i in range(500):
+            ch.send(b"%d" % i)
+        assert [remote.recv(timeout=30) for _ in range(500)][-1] == b"499"
+        out = subprocess.run([sys.executable, "-m", "shmkit", "top", "--once", "--json",
+                              "--interval", "0.2", f"{name}*"],
+                             capture_output=True, text=True, timeout=60, env=_env())
+        objs = {o["name"]: o for o in json.loads(out.stdout)["objects"]}
+        status = objs[f"{name}.bridge-to"]
+        assert status["counters"]["pid"] == to.pid and status["counters"]["alive"] == 1
+        assert status["counters"]["forwarded"] == 500
+        assert f"bridge to Redis (pid {to.pid})" in status["activity"]
+        again = subprocess.run([sys.executable, "-m", "shmkit", "bridge", "--to", server.url,
+                                "--prefix", prefix, "--remote", "shown", name],
+                               capture_output=True, text=True, timeout=60, env=_env())
+        assert again.returncode == 1 and f"already runs as pid {to.pid}" in again.stderr
+        assert _stop(to, signal.SIGINT) == 0
+        assert not os.path.exists(f"/dev/shm/shmkit.{name}.bridge-to")  # removed with it
+    finally:
+        if to.poll() is None:
+            to.kill()
+            to.wait()
+        remote.close()
+        ch.close()
+
+
 def test_topic_bridge_refuses_claim_idle(server: Server, prefix: str, name: str) -> None:
     out = subprocess.run([sys.executable, "-m", "shmkit", "bridge", "--topic", "--to",
                           server.url, "--claim-idle", "5", name],

@@ -528,7 +528,7 @@ _HEAP_UNIT = 16
 _CUMULATIVE = frozenset({
     "sent", "received", "dropped", "recycles", "growths", "batches", "allocs", "frees",
     "moves", "moved_bytes", "compactions", "reallocs", "changes", "notifies", "published",
-    "served", "discarded", "failed", "malformed"})
+    "served", "discarded", "failed", "malformed", "forwarded"})
 #: Levels whose change per second ``top`` shows as well (a store keeps no
 #: operation counters: its keys and bytes moving are the activity).
 _LEVELS = frozenset({"keys", "used_bytes"})
@@ -567,6 +567,8 @@ def counters(summary: dict[str, Any]) -> dict[str, int]:
     {'sent': 120345, 'received': 120301, 'dropped': 0, 'depth': 44, ...}
     """
     kind = summary.get("kind")
+    if kind == "struct" and _is_bridge(summary):
+        kind = "bridge"
     if summary.get("state") not in ("ok", "stale") or kind not in _COUNTER_READERS:
         return {}
     try:
@@ -730,7 +732,29 @@ def _service_counters(fd: int, base: int) -> dict[str, int]:
             "malformed": malformed, "workers": workers, "busy": busy}
 
 
+def _is_bridge(summary: dict[str, Any]) -> bool:
+    """A ``shmkit bridge``'s status record (see shmkit/redis/bridge.py)."""
+    from .redis.bridge import STATUS_FIELDS, STATUS_SUFFIXES
+    dtype = (summary.get("layout") or {}).get("dtype")
+    n = len(STATUS_FIELDS)
+    return (str(summary.get("name", "")).endswith(STATUS_SUFFIXES) and isinstance(dtype, dict)
+            and dtype.get("names") == list(STATUS_FIELDS)
+            and dtype.get("formats") == ["<u8"] * n
+            and dtype.get("offsets") == [8 * i for i in range(n)])
+
+
+def _bridge_counters(fd: int, base: int) -> dict[str, int]:
+    from .redis.bridge import STATUS_FIELDS, STATUS_LAYOUT
+    got = _read(fd, STATUS_LAYOUT, base)
+    if got is None:
+        return {}
+    out = dict(zip(STATUS_FIELDS, got))
+    out["alive"] = int(out["pid"] > 0 and not _pid_gone(out["pid"]))
+    return out
+
+
 _COUNTER_READERS = {
+    "bridge": _bridge_counters,
     "channel": _ring_counters, "queue": _ring_counters, "store": _store_counters,
     "heap": _heap_counters, "mutex": _mutex_counters, "event": _event_counters,
     "semaphore": _semaphore_counters, "condition": _condition_counters,
@@ -811,9 +835,11 @@ def activity(summary: dict[str, Any], per_second: dict[str, float] | None = None
     kind, layout = summary.get("kind"), summary.get("layout") or {}
     if kind == "array":
         return f"{_dtype_text(layout.get('dtype'))} {tuple(layout.get('shape', ()))}"
+    c = summary.get("counters")
+    if kind == "struct" and _is_bridge(summary):
+        return _bridge_text(summary, counters(summary) if c is None else c, per_second or {})
     if kind == "struct":
         return _dtype_text(layout.get("dtype"))
-    c = summary.get("counters")
     if c is None:
         c = counters(summary)
     r = per_second or {}
@@ -894,6 +920,17 @@ def _topic_text(c: dict[str, int], r: dict[str, float]) -> str:
                  f"lag up to {c['max_lag']:,}" if c.get("max_lag") else "",
                  f"{c['missed']:,} missed" if c.get("missed") else "",
                  f"{_size(c['bytes_used'])} of {_size(c['capacity'])} in the ring")
+
+
+def _bridge_text(summary: dict[str, Any], c: dict[str, int], r: dict[str, float]) -> str:
+    if not c:
+        return ""
+    way = "to Redis" if str(summary.get("name", "")).endswith(".bridge-to") else "from Redis"
+    if not c.get("alive"):
+        return f"bridge {way}, pid {c['pid']} gone: {c['forwarded']:,} forwarded"
+    return _join(f"bridge {way} (pid {c['pid']})", _rate(r, "forwarded", "forwarded"),
+                 f"{c['forwarded']:,} forwarded" if "forwarded" not in r else "",
+                 f"lag {c['lag']:,}", f"{c['missed']:,} missed" if c.get("missed") else "")
 
 
 def _service_text(c: dict[str, int], r: dict[str, float]) -> str:

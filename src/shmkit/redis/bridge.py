@@ -38,11 +38,13 @@ Stopping: Ctrl-C (SIGINT) or SIGTERM finish the message in hand and exit 0.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import struct
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from ..channel import Channel as LocalChannel
@@ -57,6 +59,16 @@ if TYPE_CHECKING:
 __all__ = ["add_bridge_command", "cmd_bridge", "Bridge"]
 
 _POLL = 0.2  # seconds a wait lasts before the stop flag is looked at again
+_LAG_EVERY = 1.0  # seconds between two looks at how far behind the bridge is
+
+#: A running bridge's status, a local Struct named ``<name>.bridge-to`` or
+#: ``<name>.bridge-from`` (``shmkit top`` shows it): the bridge's pid,
+#: messages forwarded, messages waiting to be forwarded (``lag``: the local
+#: channel's depth or topic subscriber's lag for ``--to``, the Redis stream's
+#: for ``--from``), and messages lost to overwriting or trimming (``missed``).
+STATUS_FIELDS = ("pid", "forwarded", "lag", "missed")
+STATUS_LAYOUT = struct.Struct("<QQQQ")
+STATUS_SUFFIXES = (".bridge-to", ".bridge-from")
 
 _T = TypeVar("_T")
 
@@ -123,6 +135,8 @@ class Bridge:
         if queue and topic:
             raise ValueError("a bridge carries a Queue or a Topic, not both")
         self.direction = direction
+        self.name = name
+        self._status: Any = None
         self.log: Callable[[str], object] = (
             log or (lambda text: print(text, file=sys.stderr, flush=True)))
         self.stopping = False
@@ -170,7 +184,52 @@ class Bridge:
     def stop(self, *_: object) -> None:
         self.stopping = True
 
+    def _claim_status(self) -> None:
+        """Make (or take over) this bridge's status record; BusyError when a
+        live bridge of the same name and direction already runs."""
+        import numpy as np
+
+        from ..errors import BusyError
+        from ..inspect import _pid_gone
+        from ..records import Struct
+        dt = np.dtype([(f, "<u8") for f in STATUS_FIELDS])
+        self._status = Struct(f"{self.name}.bridge-{self.direction}", dt, lifetime="attached")
+        rec = self._status.record
+        with self._status.lock:
+            pid = int(rec["pid"])
+            busy = bool(pid) and pid != os.getpid() and not _pid_gone(pid)
+            if not busy:
+                rec["pid"], rec["forwarded"], rec["lag"], rec["missed"] = os.getpid(), 0, 0, 0
+        if busy:
+            self._status.close()
+            self._status = None
+            raise BusyError(f"a bridge of {self.name!r} ({self.direction}) already runs as "
+                            f"pid {pid}; stop it first (two would share one place)")
+        self._record = rec
+        self._lag_at = 0.0
+
+    def _count(self, forwarded: int = 0, missed: int = 0) -> None:
+        """Add to the status record's counters (what ``shmkit top`` reads)."""
+        self.forwarded += forwarded
+        rec = self._record
+        if forwarded:
+            rec["forwarded"] = self.forwarded
+        if missed:
+            rec["missed"] += missed
+
+    def _lag_due(self) -> bool:
+        now = time.monotonic()
+        if now - self._lag_at < _LAG_EVERY:
+            return False
+        self._lag_at = now
+        return True
+
     def run(self) -> int:
+        try:
+            self._claim_status()
+        except BaseException:
+            self.close()
+            raise
         self.log(f"shmkit bridge: {self.what} (Ctrl-C stops)")
         try:
             if self._lt is not None:
@@ -184,7 +243,7 @@ class Bridge:
 
     def close(self) -> None:
         for obj in (self._lq, getattr(self, "local", None), self._rq,
-                    getattr(self, "remote", None), self._lt, self._rt):
+                    getattr(self, "remote", None), self._lt, self._rt, self._status):
             try:
                 if obj is not None:
                     obj.close()
@@ -211,6 +270,8 @@ class Bridge:
     def _to(self) -> int:
         from ..errors import BackendError, ChannelClosed, Timeout
         while not self.stopping:
+            if self._lag_due():
+                self._record["lag"] = self.local.depth
             try:
                 view = self.local.recv_view(timeout=_POLL)
             except Timeout:
@@ -227,7 +288,7 @@ class Bridge:
                     data = bytes(mv)
                 else:
                     data = None
-                    self.forwarded += 1
+                    self._count(1)
             if data is not None:
                 self.local.send(data)
                 return 1
@@ -247,6 +308,11 @@ class Bridge:
         from ..errors import BackendError, ChannelClosed, Timeout
         rch = self.remote
         while not self.stopping:
+            if self._lag_due():
+                try:
+                    self._record["lag"] = rch.depth
+                except BackendError:
+                    pass  # the receive below retries and says so
             try:
                 # acknowledges the previous batch: every one of it was sent locally
                 msgs = self._retrying("receive", lambda: rch._take(self._batch, _POLL))
@@ -268,7 +334,7 @@ class Bridge:
                         break
                     except Timeout:
                         continue
-                self.forwarded += 1
+                self._count(1)
         try:
             self._retrying("acknowledge", rch.ack)
         except BackendError:
@@ -282,6 +348,8 @@ class Bridge:
         rt = self._rt
         with self._lt.subscribe(history=0) as sub:
             while not self.stopping:
+                if self._lag_due():
+                    self._record["lag"] = sub.lag
                 batch: list[bytes] = []
                 try:
                     batch.append(sub.recv(timeout=_POLL))
@@ -290,6 +358,7 @@ class Bridge:
                 except (Timeout, Empty):
                     pass
                 except MessagesLost as e:
+                    self._count(missed=e.missed)
                     self.log(f"shmkit bridge: {e.missed} local messages were overwritten "
                              "before the bridge read them")
                 if not batch:
@@ -299,7 +368,7 @@ class Bridge:
                 except BackendError:  # stopped while Redis was away
                     self.log(f"shmkit bridge: {len(batch)} messages not published")
                     return 1
-                self.forwarded += len(batch)
+                self._count(len(batch))
         return 0
 
     def _topic_from(self) -> int:
@@ -323,9 +392,15 @@ class Bridge:
             except BackendError:
                 return 1
         while not self.stopping:
+            if self._lag_due():
+                try:
+                    self._record["lag"] = sub.lag
+                except BackendError:
+                    pass  # the receive below retries and says so
             try:
                 msgs = self._retrying("receive", lambda: sub.recv_many(self._batch, _POLL))
             except MessagesLost as e:
+                self._count(missed=e.missed)
                 self.log(f"shmkit bridge: {e.missed} messages were trimmed from the stream "
                          "before the bridge read them")
                 continue
@@ -342,7 +417,7 @@ class Bridge:
                         continue
                 if self.stopping:
                     break
-            self.forwarded += done
+            self._count(done)
             if msgs:
                 at = sub.position - (len(msgs) - done)
                 try:
