@@ -6,8 +6,9 @@ direction and machine carries the messages across::
     machine A:  shmkit bridge --to   redis://r:6379/0 jobs   # local 'jobs' -> stream
     machine B:  shmkit bridge --from redis://r:6379/0 jobs   # stream -> local 'jobs'
 
-``--to`` takes each message in place from the local channel (``recv_view``),
-adds it to the stream (XADD), and only then releases it.  ``--from`` reads the
+``--to`` takes messages in place from the local channel (``recv_view``, up
+to ``--batch`` at a time, one by default), adds them to the stream (XADD),
+and only then releases them.  ``--from`` reads the
 stream as the consumer ``bridge:<host>:<name>``, sends each message into the
 local channel, and acknowledges it on Redis only after that send returned.
 
@@ -19,9 +20,9 @@ Where duplicates and losses can occur (docs/redis.md has the whole table):
   duplicate, never a loss.
 - ``--to`` killed after the XADD and before the view is released: the local
   channel reclaims the record as received; nothing is repeated.  Killed
-  between taking the view and the XADD: the local channel treats a view of a
-  killed process as received, so that one message is lost (at most one per
-  kill).  Ctrl-C and SIGTERM are never in that window: they stop the bridge
+  between taking the views and the XADD: the local channel treats a view of
+  a killed process as received, so those messages are lost (at most
+  ``--batch`` per kill, one by default).  Ctrl-C and SIGTERM are never in that window: they stop the bridge
   between two messages.
 
 Topics (``--topic``): ``--to`` subscribes to the local topic and publishes
@@ -38,6 +39,7 @@ Stopping: Ctrl-C (SIGINT) or SIGTERM finish the message in hand and exit 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import struct
@@ -111,8 +113,9 @@ def add_bridge_command(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--claim-idle", type=float, default=None, metavar="SECONDS",
                    help="--from: seconds before another consumer takes over messages a "
                         "dead bridge had not acknowledged (default 30)")
-    p.add_argument("--batch", type=int, default=256, metavar="N",
-                   help="messages carried per Redis round trip (default 256)")
+    p.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="messages carried per Redis round trip (default 256; 1 for a channel "
+                        "or queue --to: a bridge killed with a batch in hand loses it)")
     return p
 
 
@@ -268,37 +271,44 @@ class Bridge:
                 pause = min(pause * 2, 2.0)
 
     def _to(self) -> int:
-        from ..errors import BackendError, ChannelClosed, Timeout
+        from ..errors import BackendError, ChannelClosed, Empty, Timeout
         while not self.stopping:
             if self._lag_due():
                 self._record["lag"] = self.local.depth
             try:
-                view = self.local.recv_view(timeout=_POLL)
+                views = [self.local.recv_view(timeout=_POLL)]
+                while len(views) < self._batch:
+                    views.append(self.local.recv_view_nowait())
             except Timeout:
                 continue
+            except Empty:
+                pass
             except ChannelClosed:
                 self._retrying("close the stream", self.remote.close_sending)
                 self.log("shmkit bridge: the local channel was ended; the stream is ended too")
                 return 0
-            data: bytes | None
-            with view as mv:
+            with contextlib.ExitStack() as held:  # released once Redis has the messages
+                data = [bytes(held.enter_context(v)) for v in views]
                 try:
-                    self._retrying("send", lambda: self._send_remote(bytes(mv)))
-                except BackendError:  # stopped while Redis was away: give it back
-                    data = bytes(mv)
-                else:
-                    data = None
-                    self._count(1)
-            if data is not None:
-                self.local.send(data)
+                    self._retrying("send", lambda: self._send_remote(data))
+                    sent = True
+                except BackendError:  # stopped while Redis was away
+                    sent = False
+            if not sent:  # give them back
+                for d in data:
+                    self.local.send(d)
                 return 1
+            self._count(len(views))
         return 0
 
-    def _send_remote(self, data: bytes) -> None:
-        """Add one message to the stream, waiting while a remote Queue is full."""
+    def _send_remote(self, data: list[bytes]) -> None:
+        """Add messages to the stream in order, waiting while a remote Queue is full."""
         from ..errors import BackendError
-        pause = 0.001
-        while not self.remote._send_some([data]):
+        pause, sent = 0.001, 0
+        while True:
+            sent += self.remote._send_some(data[sent:sent + 1000])
+            if sent == len(data):
+                return
             if self.stopping:
                 raise BackendError("stopped while the remote queue was full")
             time.sleep(pause)
@@ -436,7 +446,8 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     bridge = Bridge(args.name, url, "to" if args.to is not None else "from",
                     queue=args.queue, topic=args.topic, prefix=args.prefix, remote=args.remote,
                     claim_idle=30.0 if args.claim_idle is None else args.claim_idle,
-                    batch=args.batch)
+                    batch=args.batch if args.batch is not None
+                    else 1 if args.to is not None and not args.topic else 256)
     old = {sig: signal.signal(sig, bridge.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return bridge.run()
