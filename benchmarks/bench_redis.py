@@ -270,3 +270,148 @@ def one_way_backend(n: int) -> float:
 @workload(ONE_WAY, system="shmkit.Channel (local)")
 def one_way_local(n: int) -> float:
     return _one_way("local", n)
+
+
+# -- shmkit bridge ----------------------------------------------------------------------
+
+BRIDGE = "redis: bridge, 64 B messages from a local Channel into a Redis stream"
+BRIDGE_RT = "redis: bridge, one 64 B message local -> Redis -> local (latency)"
+BRIDGE_N = 50_000
+
+
+def _bridge_proc(direction: str, local: str, remote: str, *extra: str) -> subprocess.Popen:
+    """A `shmkit bridge` process, returned once it has said it runs."""
+    import sys
+    p = subprocess.Popen([sys.executable, "-m", "shmkit", "bridge", f"--{direction}", _url(),
+                          "--prefix", "bench", "--remote", remote, *extra, local],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert p.stderr is not None
+    if "shmkit bridge:" not in p.stderr.readline():
+        p.kill()
+        raise RuntimeError("the bridge did not start")
+    return p
+
+
+def _end(p: subprocess.Popen) -> None:
+    p.terminate()
+    p.wait(30)
+
+
+@workload(BRIDGE, unit="kops/s", system="redis-py pipelined XADD, 256 a pipeline",
+          requires=REQ, reference=True, n=BRIDGE_N)
+def bridge_ref(n: int) -> float:
+    r = _client()
+    key = f"bench:xadd-{secrets.token_hex(4)}"
+    t0 = time.perf_counter()
+    for i in range(0, n, 256):
+        p = r.pipeline(transaction=False)
+        for _ in range(min(256, n - i)):
+            p.xadd(key, {"d": MSG})
+        p.execute()
+    dt = time.perf_counter() - t0
+    r.delete(key)
+    return dt
+
+
+def _bridge_rate(n: int, batch: str, topic: bool = False) -> float:
+    import shmkit
+    name = f"bb-{secrets.token_hex(4)}"
+    local = (shmkit.Topic(name, capacity=8 << 20) if topic
+             else shmkit.Channel(name, capacity=8 << 20))
+    extra = ["--batch", batch] + (["--topic"] if topic else [])
+    p = _bridge_proc("to", name, name, *extra)
+    r = _client()
+    key = _ns().key(name)
+    try:
+        if topic:  # the bridge subscribes once it runs: wait for it
+            while not local.statistics()["subscribers"]:
+                time.sleep(0.01)
+        send = local.publish if topic else local.send
+        t0 = time.perf_counter()
+        for _ in range(n):
+            send(MSG, 60)
+        while r.xlen(key) < n:  # every message crossed
+            time.sleep(0.001)
+        return time.perf_counter() - t0
+    finally:
+        _end(p)
+        r.delete(key, key + ":meta")
+        local.close()
+        shmkit.unlink(name)
+
+
+@workload(BRIDGE, system="shmkit bridge --to, one message a call", requires=REQ, n=BRIDGE_N // 5)
+def bridge_one(n: int) -> float:
+    return _bridge_rate(n, "1")
+
+
+@workload(BRIDGE, system="shmkit bridge --to --batch 256", requires=REQ, n=BRIDGE_N)
+def bridge_batched(n: int) -> float:
+    return _bridge_rate(n, "256")
+
+
+@workload(BRIDGE, system="shmkit bridge --topic --to (batches of 256)", requires=REQ,
+          n=BRIDGE_N)
+def bridge_topic(n: int) -> float:
+    return _bridge_rate(n, "256", topic=True)
+
+
+def _xread_echo(url: str, key: str, n: int, ready: Any) -> None:
+    import redis
+    r = redis.Redis.from_url(url)
+    last = "$"
+    ready.set()
+    for _ in range(n):
+        got = r.xread({key: last}, count=1, block=0)
+        last = got[0][1][0][0]
+        r.xadd(key + ":back", {"d": got[0][1][0][1][b"d"]})
+
+
+@workload(BRIDGE_RT, unit="µs round trip", system="redis-py XADD, XREAD in another process "
+          "and back", requires=REQ, reference=True, n=2000)
+def bridge_rt_ref(n: int) -> float:
+    r = _client()
+    key = f"bench:rt-{secrets.token_hex(4)}"
+    ready = SPAWN.Event()
+    p = SPAWN.Process(target=_xread_echo, args=(_url(), key, n, ready), daemon=True)
+    p.start()
+    try:
+        if not ready.wait(60):
+            raise RuntimeError("the echo process did not start")
+        time.sleep(0.2)  # its first XREAD is blocking
+        last = "0"
+        t0 = time.perf_counter()
+        for _ in range(n):
+            r.xadd(key, {"d": MSG})
+            got = r.xread({key + ":back": last}, count=1, block=0)
+            last = got[0][1][0][0]
+        return time.perf_counter() - t0
+    finally:
+        p.join(30)
+        r.delete(key, key + ":back")
+
+
+@workload(BRIDGE_RT, system="shmkit.Channel -> bridge --to -> Redis -> bridge --from -> "
+          "shmkit.Channel", requires=REQ, n=2000)
+def bridge_rt(n: int) -> float:
+    import shmkit
+    a_name, b_name = f"ba-{secrets.token_hex(4)}", f"bb-{secrets.token_hex(4)}"
+    wire = f"wire-{secrets.token_hex(4)}"
+    a, b = shmkit.Channel(a_name), shmkit.Channel(b_name)
+    to = _bridge_proc("to", a_name, wire)
+    frm = _bridge_proc("from", b_name, wire)
+    try:
+        a.send(MSG)
+        b.recv(timeout=60)  # both bridges carry messages
+        t0 = time.perf_counter()
+        for _ in range(n):
+            a.send(MSG)
+            b.recv(timeout=60)
+        return time.perf_counter() - t0
+    finally:
+        _end(to)
+        _end(frm)
+        _client().delete(*_client().keys(f"bench:{{{wire}}}*"))
+        for ch, name in ((a, a_name), (b, b_name)):
+            ch.close()
+            shmkit.unlink(name)
