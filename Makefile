@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CORE   := $(wildcard src/shmkit/_core/*.c src/shmkit/_core/*.h)
 SO     := src/shmkit/.core-built
 
-.PHONY: all build demo test stress bench bench-compare asan wheel wheel-test clean
+.PHONY: all build demo test stress asan-copy bench bench-compare asan wheel wheel-test clean
 
 all: build
 
@@ -34,8 +34,22 @@ test: build
 	$(BIN)/python -m mypy.stubtest shmkit --allowlist stubtest-allowlist.txt
 	$(BIN)/python -m pytest -q -m "not stress" tests
 
-stress: build
-	$(BIN)/python -m pytest -q -m stress tests -s
+# The long runs; then the core fuzzer's million cases per kind under
+# AddressSanitizer (tests/test_fuzz_core.py): its children import an ASan copy
+# of the package from build/asan, so the in-place build stays as it is.
+ASAN_PRELOAD = ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)"
+stress: build asan-copy
+	$(BIN)/python -m pytest -q -m stress tests -s --ignore=tests/test_fuzz_core.py
+	$(ASAN_PRELOAD) SHMKIT_TEST_PATH=$(CURDIR)/build/asan \
+		$(BIN)/python -m pytest -q -m stress -p no:cacheprovider tests/test_fuzz_core.py -s
+
+# The package with its core built with ASan and UBSan, in build/asan.
+asan-copy: $(STAMP) $(CORE)
+	rm -rf build/asan && mkdir -p build/asan
+	cp -r src/shmkit build/asan/shmkit
+	rm -f build/asan/shmkit/*.so build/asan/shmkit/.core-built
+	SHMKIT_ASAN=1 $(BIN)/python setup.py -q build_ext --build-lib build/asan \
+		--build-temp build/asan-tmp --force
 
 bench: build
 	$(BIN)/pip install -q -e '.[bench]' --no-build-isolation

@@ -315,8 +315,22 @@ sem_release(SemObject *self, long long n)
         if (limit < 0)
             r = -1; /* damage: CorruptError */
         else if ((int64_t)value + n > limit) {
-            /* a sane maximum: the caller released more than was acquired */
-            if (max == SEM_NO_MAX || max > INT32_MAX)
+            /* a sane maximum: the caller released more than was acquired,
+             * unless this process holds those n units: then no correct
+             * history leaves the value this high (a dead holder's damaged
+             * count, given back by a reclaim, raised it) */
+            uint32_t slot = SHM_TOKEN_SLOT(s.view.m->token);
+            uint64_t own = __atomic_load_n(SHM_SYNC_ENTRY(&s, slot), __ATOMIC_RELAXED);
+            int32_t held = SHM_SLOT_ENTRY_GEN(own) == SHM_TOKEN_GEN(s.view.m->token)
+                               ? (int32_t)SHM_SLOT_ENTRY_COUNT(own)
+                               : 0;
+            if ((int64_t)held >= n)
+                PyErr_Format(shm_state_of(self->mapping)->CorruptError,
+                             "%s holds value %d, and this process holds %d units: "
+                             "releasing %lld would pass its limit %lld, which no correct "
+                             "history reaches: its payload is damaged; recreate it",
+                             self->what_s, value, held, n, (long long)limit);
+            else if (max == SEM_NO_MAX || max > INT32_MAX)
                 PyErr_Format(PyExc_ValueError, "%s released beyond 2**31 - 1 units "
                              "(value %d, n %lld)", self->what_s, value, n);
             else
