@@ -11,7 +11,7 @@
 #include <string.h>
 
 #define RING_MAGIC 0x31474e52u /* "RNG1" */
-#define RING_FORMAT 1
+#define RING_FORMAT 2 /* 2: ABANDONED is counted when passed (loans) */
 #define RING_ROLES_OFF 512
 
 #define SPIN_START_NS (20 * 1000LL) /* a new handle's spin before sleeping */
@@ -232,6 +232,7 @@ ring_unlock(MappingObject *m, uint32_t *word)
 Py_ssize_t ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *lens,
                         Py_ssize_t n, uint64_t *pos, int64_t deadline);
 void ring_fill(RingObject *r, uint64_t pos, const char *src, Py_ssize_t len);
+int ring_settle(rec_t *rec, uint32_t me, int publish);
 
 /* ---- waiting ---- */
 int ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t total,
