@@ -486,28 +486,12 @@ Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
  * message went out or its space was given back.  A loan dropped unsettled
  * is abandoned; a sender killed inside one leaves RESERVED|token, which the
  * ring's dead-sender repair abandons. */
-enum { LOAN_OPEN = 0, LOAN_SENT = 1, LOAN_ABANDONED = 2 };
-
-typedef struct {
-    PyObject_HEAD
-    PyObject *owner;       /* the Ring */
-    PyObject *mapping;     /* pinned while open; NULL once settled */
-    struct ring_hdr *h;    /* pointers into the pinned mapping */
-    rec_t *rec;
-    Py_ssize_t len;
-    Py_ssize_t exports;
-    PyObject *view_ref;    /* weak reference to the memoryview of .buffer */
-    uint32_t token;        /* the attachment that reserved the record */
-    int state;
-    PyObject *weakrefs;
-} LoanObject;
-
 static const char *const loan_states[] = {"open", "sent", "abandoned"};
 
 static int
 loan_finished_error(LoanObject *l)
 {
-    PyErr_Format(RING_ST(l->owner)->ClosedError, "the loan was already %s; take a new one "
+    PyErr_Format(shm_state_of(l->owner)->ClosedError, "the loan was already %s; take a new one "
                  "with loan()", loan_states[l->state]);
     return -1;
 }
@@ -548,8 +532,8 @@ exported:
     return -1;
 }
 
-/* Send (publish=1) or abandon the loan.  quiet: from dealloc, where a
- * channel closed meanwhile is no news. */
+/* Send (publish=1) or abandon the loan through its kind's end().  quiet:
+ * from dealloc (no export can be left: each held a reference). */
 static int
 loan_settle(LoanObject *l, int publish, int quiet)
 {
@@ -557,12 +541,22 @@ loan_settle(LoanObject *l, int publish, int quiet)
         return loan_finished_error(l);
     if (!quiet && loan_unexport(l) < 0)
         return -1;
-    int ours = ring_settle(l->rec, l->token, publish);
+    if (l->ops->check != NULL && l->ops->check(l) < 0)
+        return -1;
     l->state = publish ? LOAN_SENT : LOAN_ABANDONED;
-    if (ours)
-        ring_wake(&l->h->data_seq, &l->h->data_sleepers);
+    int r = l->ops->end(l, publish);
     shm_unpin(l->mapping);
     l->mapping = NULL;
+    return r;
+}
+
+/* The channel's end of a loan: one store (ring_settle). */
+static int
+ring_loan_end(LoanObject *l, int publish)
+{
+    int ours = ring_settle(l->rec, l->token, publish);
+    if (ours)
+        ring_wake(&l->h->data_seq, &l->h->data_sleepers);
     if (!ours && publish) {
         l->state = LOAN_ABANDONED;
         PyErr_Format(RING_ST(l->owner)->ClosedError, "channel %R was closed in this process "
@@ -571,6 +565,41 @@ loan_settle(LoanObject *l, int publish, int quiet)
         return -1;
     }
     return 0;
+}
+
+static const loan_ops ring_loan_ops = {.end = ring_loan_end, .check = NULL};
+
+PyObject *
+loan_new(const loan_ops *ops, PyObject *owner)
+{
+    LoanObject *l = PyObject_New(LoanObject, shm_state_of(owner)->Loan);
+    if (l == NULL)
+        return NULL;
+    l->ops = ops;
+    l->owner = Py_NewRef(owner);
+    l->mapping = NULL;
+    l->h = NULL;
+    l->rec = NULL;
+    l->payload = NULL;
+    l->len = 0;
+    l->exports = 0;
+    l->view_ref = NULL;
+    l->token = 0;
+    l->state = LOAN_ABANDONED; /* until the caller made it open */
+    l->weakrefs = NULL;
+    memset(l->aux, 0, sizeof l->aux);
+    l->thread = 0;
+    return (PyObject *)l;
+}
+
+void
+loan_open(LoanObject *l, MappingObject *m, char *payload, Py_ssize_t len)
+{
+    l->mapping = (PyObject *)m;
+    shm_pin(l->mapping);
+    l->payload = payload;
+    l->len = len;
+    l->state = LOAN_OPEN;
 }
 
 static PyObject *
@@ -606,21 +635,13 @@ Ring_loan(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
         return NULL;
     uint32_t me = m->token;
     ring_claim(r, me, ROLE_PRODUCER);
-    LoanObject *l = PyObject_New(LoanObject, RING_ST(r)->Loan);
+    LoanObject *l = (LoanObject *)loan_new(&ring_loan_ops, (PyObject *)r);
     if (l == NULL) {
         ring_leave(m);
         return NULL;
     }
-    l->owner = Py_NewRef((PyObject *)r);
-    l->mapping = NULL;
     l->h = r->h;
-    l->rec = NULL;
-    l->len = len;
-    l->exports = 0;
-    l->view_ref = NULL;
     l->token = me;
-    l->state = LOAN_ABANDONED; /* until a record is reserved */
-    l->weakrefs = NULL;
     int fruitless = 0;
     for (;;) {
         uint64_t pos;
@@ -629,9 +650,7 @@ Ring_loan(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
             break;
         if (k == 1) { /* from here the object owns the record: dealloc abandons it */
             l->rec = rec_at(r, pos);
-            l->mapping = (PyObject *)m;
-            shm_pin(l->mapping);
-            l->state = LOAN_OPEN;
+            loan_open(l, m, (char *)(l->rec + 1), len);
             shm_crash_point("ring.loan.reserved");
             ring_leave(m);
             return (PyObject *)l;
@@ -705,7 +724,7 @@ loan_getbuffer(LoanObject *l, Py_buffer *view, int flags)
         loan_finished_error(l);
         return -1;
     }
-    if (PyBuffer_FillInfo(view, (PyObject *)l, (char *)(l->rec + 1), l->len, 0, flags) < 0)
+    if (PyBuffer_FillInfo(view, (PyObject *)l, l->payload, l->len, 0, flags) < 0)
         return -1;
     l->exports++;
     return 0;
@@ -757,7 +776,7 @@ Loan_ndarray(LoanObject *l, PyObject *const *args, Py_ssize_t nargs, PyObject *k
     if (a[2] != NULL && (offset = PyLong_AsSsize_t(a[2])) == -1 && PyErr_Occurred())
         return NULL;
     if (offset < 0 || offset > l->len) {
-        PyErr_Format(RING_ST(l->owner)->SizeLimitError, "ndarray() needs offset from 0 to "
+        PyErr_Format(shm_state_of(l->owner)->SizeLimitError, "ndarray() needs offset from 0 to "
                      "the loan's %zd bytes, not %zd", l->len, offset);
         return NULL;
     }
@@ -772,7 +791,7 @@ Loan_ndarray(LoanObject *l, PyObject *const *args, Py_ssize_t nargs, PyObject *k
         goto out;
     if (a[1] == NULL || a[1] == Py_None) {
         if (isz <= 0 || room % isz) {
-            PyErr_Format(RING_ST(l->owner)->SizeLimitError, "the loan's %zd bytes from "
+            PyErr_Format(shm_state_of(l->owner)->SizeLimitError, "the loan's %zd bytes from "
                          "offset %zd are not a whole number of %zd-byte items; give "
                          "shape=", room, offset, isz);
             goto out;
@@ -794,7 +813,7 @@ Loan_ndarray(LoanObject *l, PyObject *const *args, Py_ssize_t nargs, PyObject *k
         count *= d;
     }
     if (count < 0 || (isz > 0 && count > room / isz) || count * isz > room) {
-        PyErr_Format(RING_ST(l->owner)->SizeLimitError, "an array of shape %R and dtype %R "
+        PyErr_Format(shm_state_of(l->owner)->SizeLimitError, "an array of shape %R and dtype %R "
                      "does not fit in the loan's %zd bytes from offset %zd; loan as many "
                      "bytes as the array has", shape, dt, l->len, offset);
         goto out;
@@ -846,7 +865,7 @@ Loan_dealloc(LoanObject *l)
 
 static PyMethodDef loan_methods[] = {
     {"send", (PyCFunction)Loan_send, METH_NOARGS,
-     "send($self, /)\n--\n\nPublish the message (all nbytes of it) in one step.  Raises "
+     "send($self, /)\n--\n\nSend (publish) the message (all nbytes of it) in one step.  Raises "
      "BufferError while an\narray or memoryview made from the loan is alive, ClosedError "
      "once settled."},
     {"abandon", (PyCFunction)Loan_abandon, METH_NOARGS,
@@ -881,10 +900,10 @@ static PyType_Slot loan_spec_slots[] = {
     {Py_tp_dealloc, Loan_dealloc},
     {Py_bf_getbuffer, loan_getbuffer},
     {Py_bf_releasebuffer, loan_releasebuffer},
-    {Py_tp_doc, "Space reserved in a channel for one message, written in place.\n\n"
+    {Py_tp_doc, "Space reserved in a channel or topic for one message, written in place.\n\n"
                 "``with ch.loan(n) as loan:`` fills ``loan.buffer`` (a writable memoryview) "
                 "or\n``loan.ndarray(dtype, shape)``; leaving the block sends the message, an "
-                "exception\nabandons it.  See Channel.loan."},
+                "exception\nabandons it.  See Channel.loan and Topic.loan."},
     {Py_tp_methods, loan_methods},
     {Py_tp_getset, loan_getset},
     {Py_tp_members, loan_members},
