@@ -853,8 +853,13 @@ Loan_dealloc(LoanObject *l)
     PyErr_Fetch(&et, &ev, &tb);
     if (l->weakrefs != NULL)
         PyObject_ClearWeakRefs((PyObject *)l);
-    if (l->state == LOAN_OPEN)
-        loan_settle(l, 0, 1); /* no export is left: each held a reference */
+    if (l->state == LOAN_OPEN && loan_settle(l, 0, 1) < 0) {
+        /* freed in a thread other than a topic loan's: its lock is left to
+         * the next publisher, which takes it over as a dead holder's */
+        PyErr_WriteUnraisable(l->owner);
+        shm_unpin(l->mapping);
+        l->mapping = NULL;
+    }
     Py_CLEAR(l->view_ref);
     Py_CLEAR(l->owner);
     PyTypeObject *tp = Py_TYPE(l);
