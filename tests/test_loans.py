@@ -497,3 +497,223 @@ def test_ctrl_c_inside_a_loan_abandons_it(name):
         ch.recv_nowait()
     assert ch.statistics()["dropped"] == 1
     ch.close()
+
+
+# -- Topic loans ---------------------------------------------------------------------------
+
+
+def _topic_receiver(name: str, back: str, n: int) -> None:
+    from shmkit import Topic
+    with Topic.open(name) as t, t.subscribe(history=n) as sub, Channel.open(back) as out:
+        got = []
+        for _ in range(n):
+            with sub.recv_view(timeout=30) as mv:
+                got.append(bytes(mv[:4]) + b"%d" % len(mv))
+        out.send(b",".join(got), timeout=30)
+
+
+def test_topic_loan_round_trip_to_subscribers_in_other_processes(names):
+    from shmkit import Topic
+    name, back = names(), names()
+    topic = Topic(name, capacity=1 << 20, history=4)
+    out = Channel(back, capacity=4096)
+    with topic.loan(5, timeout=10) as loan:
+        loan.buffer[:] = b"bytes"
+    frame = np.arange(120 * 160, dtype=np.uint16).reshape(120, 160)
+    with topic.loan(frame.nbytes, timeout=10) as loan:
+        arr = loan.ndarray(np.uint16, frame.shape)
+        arr[...] = frame
+        del arr
+    with pytest.raises(ZeroDivisionError):
+        with topic.loan(7, timeout=10) as loan:
+            loan.buffer[:] = b"dropped"
+            1 / 0
+    topic.publish(b"last", timeout=10)
+    ps = [spawn(_topic_receiver, name, back, 3) for _ in range(2)]
+    want = b"byte5,\x00\x00\x01\x00%d,last4" % frame.nbytes
+    assert [out.recv(timeout=60), out.recv(timeout=60)] == [want, want]
+    for p in ps:
+        p.join(30)
+        assert p.exitcode == 0
+    assert topic.statistics()["published"] == 3
+    topic.close()
+    out.close()
+
+
+def test_topic_loan_misuse(name):
+    from shmkit import BusyError, Topic
+    topic = Topic(name, capacity=4096, overflow="block")
+    sub = topic.subscribe()
+    with pytest.raises(MessageTooLarge):
+        topic.loan(4096)
+    with pytest.raises(SizeLimitError):
+        topic.loan(-5)
+    with pytest.raises(TypeError):
+        topic.loan("5")
+    loan = topic.loan(3)
+    for again in (lambda: topic.publish(b"x"), lambda: topic.loan(1), topic.subscribe):
+        with pytest.raises(BusyError, match="open loan"):
+            again()
+    errors: list[BaseException] = []
+    t = threading.Thread(target=lambda: errors.append(
+        pytest.raises(BusyError, loan.send).value))
+    t.start()
+    t.join(10)
+    assert errors and "in that thread" in str(errors[0])
+    loan.buffer[:] = b"one"
+    loan.send()
+    with pytest.raises(ClosedError):
+        loan.send()
+    assert sub.recv(timeout=5) == b"one"
+    # a loan waits for room like publish, and times out naming the laggard
+    for i in range(20):
+        try:
+            topic.publish_nowait(b"%d" % i * 100)
+        except Exception:
+            break
+    with pytest.raises(Timeout, match="no room for a loan"):
+        topic.loan(1000, timeout=0.2)
+    with Topic.open(name, readonly=True) as ro:
+        with pytest.raises(ReadOnlyError):
+            ro.loan(1)
+    sub.close()
+    topic.close()
+    with pytest.raises(ClosedError):
+        topic.loan(1)
+
+
+def test_topic_loans_from_threads_wait_for_each_other(name):
+    from shmkit import Topic
+    topic = Topic(name, capacity=1 << 16, overflow="block")
+    sub = topic.subscribe()
+    n, threads = 200, 4
+    errors: list[BaseException] = []
+
+    def publisher(who: int) -> None:
+        try:
+            for seq in range(n):
+                with topic.loan(8, timeout=30) as loan:
+                    loan.buffer[:] = struct.pack("=II", who, seq)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=publisher, args=(w,)) for w in range(threads)]
+    for t in ts:
+        t.start()
+    got: dict[int, list[int]] = {w: [] for w in range(threads)}
+    for _ in range(n * threads):
+        who, seq = struct.unpack("=II", sub.recv(timeout=60))
+        got[who].append(seq)
+    for t in ts:
+        t.join(30)
+    assert not errors, errors
+    assert all(got[w] == list(range(n)) for w in range(threads))
+    topic.close()
+
+
+def _topic_loaner(name: str, who: int, n: int, die_at: int, wfd: int) -> None:
+    from shmkit import Topic
+    topic = Topic.open(name)
+    for seq in range(n):
+        with topic.loan(8 + PAYLOAD, timeout=30) as loan:
+            mv = loan.buffer
+            mv[:8] = struct.pack("=II", who, seq)
+            if seq == die_at:
+                mv[8:8 + PAYLOAD // 2] = _pattern(who, seq, PAYLOAD // 2)
+                os.write(wfd, b"D %d %d\n" % (who, seq))
+                os.kill(os.getpid(), signal.SIGKILL)
+            mv[8:] = _pattern(who, seq)
+            del mv
+        os.write(wfd, b"S %d %d\n" % (who, seq))
+    topic.close()
+
+
+def test_sigkill_inside_a_topic_loan_many_times(name):
+    """A publisher killed inside a loan dies holding the publishers' lock: the
+    next publisher takes it over and repairs from the journal.  The killed
+    message is never seen, the rest arrive once, in order, whole."""
+    from shmkit import Topic
+    topic = Topic(name, capacity=1 << 16, overflow="block")
+    sub = topic.subscribe()
+    rng = random.Random(3)
+    rounds, n = 30, 30
+    seen: dict[int, list[int]] = {}
+    for rnd in range(rounds):
+        r, w = os.pipe()
+        a, b = 2 * rnd + 1, 2 * rnd + 2
+        die_at = rng.randrange(n)
+        pids = [_fork(_topic_loaner, name, a, n, die_at, w),
+                _fork(_topic_loaner, name, b, n, -1, w)]
+        os.close(w)
+        for _ in range(die_at + n):
+            msg = sub.recv(timeout=30)
+            who, seq = struct.unpack_from("=II", msg)
+            assert msg[8:] == _pattern(who, seq), (who, seq)
+            seen.setdefault(who, []).append(seq)
+        statuses = [os.waitpid(p, 0)[1] for p in pids]
+        os.close(r)
+        assert os.WIFSIGNALED(statuses[0]) and os.WEXITSTATUS(statuses[1]) == 0
+        assert seen.get(a, []) == list(range(die_at)) and seen[b] == list(range(n))
+    with pytest.raises(Timeout):
+        sub.recv(timeout=0.3)
+    topic.publish(b"probe", timeout=5)
+    assert sub.recv(timeout=5) == b"probe"
+    topic.close()
+
+
+def _die_at_topic_loan_point(name: str, k: int, wfd: int) -> None:
+    from shmkit import Topic
+    topic = Topic.open(name)
+    _core.fault(k, "topic.")
+    for i in range(4):
+        try:
+            with topic.loan(3000 if i % 2 else 10, timeout=10) as loan:
+                mv = loan.buffer
+                mv[:8] = struct.pack("=II", k, i)
+                mv[8:] = bytes([i + 1]) * (len(mv) - 8)
+                del mv
+                if i == 2:
+                    raise LookupError
+            os.write(wfd, b"S %d\n" % i)
+        except LookupError:
+            pass
+    _core.fault(0)
+
+
+def test_killed_at_every_topic_loan_crash_point(name):
+    from shmkit import Topic
+    topic = Topic(name, capacity=16 << 10, overflow="block")
+    sub = topic.subscribe()
+    k = 0
+    while True:
+        k += 1
+        assert k < 300, "the child never completed"
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                _die_at_topic_loan_point(name, k, w)
+            finally:
+                os._exit(0)
+        os.close(w)
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(r, "rb") as f:
+            confirmed = {int(x.split()[1]) for x in f.read().split(b"\n") if x}
+        got = []
+        while True:
+            try:
+                m = sub.recv(timeout=0.05)
+            except Timeout:
+                break
+            who, i = struct.unpack_from("=II", m)
+            assert who == k and m[8:] == bytes([i + 1]) * (len(m) - 8), (k, who, i)
+            got.append(i)
+        assert 2 not in got and got == sorted(set(got)) and confirmed <= set(got), (k, got)
+        topic.publish(b"probe", timeout=5)  # the lock a dead loan held is taken over
+        assert sub.recv(timeout=5) == b"probe"
+        if not os.WIFSIGNALED(status):
+            assert got == [0, 1, 3]
+            break
+    assert k > 10
+    topic.close()
