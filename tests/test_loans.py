@@ -717,3 +717,17 @@ def test_killed_at_every_topic_loan_crash_point(name):
             break
     assert k > 10
     topic.close()
+
+
+def test_ring_format_1_is_refused(name):
+    """Format 2 counts an abandoned record when it is passed (so that a loan
+    is abandoned with one store); a format 1 ring counted it when marked, and
+    mixing the two would miscount, so it is refused."""
+    import shmkit
+    from shmkit.errors import FormatVersionError
+    seg = shmkit.Segment.__new__(shmkit.Segment)
+    seg._attach(name, None, size=8192, create=True, kind=shmkit.Kind.CHANNEL,
+                layout={"format": 1})
+    seg.close()
+    with pytest.raises(FormatVersionError, match="format 1"):
+        Channel.open(name)
