@@ -1,7 +1,7 @@
 import os
 from typing import Any, Callable, Iterator
 
-from ._core import TopicView
+from ._core import Loan, TopicView
 from ._object import SharedObject, _Default
 
 __all__ = ["Topic", "Subscriber"]
@@ -59,6 +59,7 @@ class Topic(SharedObject):
     # implemented in C (_core.Topic)
     def publish(self, data: _Buffer, timeout: float | None = None) -> None: ...
     def publish_nowait(self, data: _Buffer, /) -> None: ...
+    def loan(self, nbytes: int, timeout: float | None = None) -> Loan: ...
     @property
     def capacity(self) -> int: ...
     @property

@@ -97,10 +97,11 @@ make_layouts(void)
     X(StaleHandleError, "StaleHandleError") X(PinnedError, "PinnedError")         \
     X(HeapFullError, "HeapFullError") X(ChannelClosed, "_ChannelEnded")           \
     X(MessageTooLarge, "MessageTooLarge") X(Empty, "Empty") X(Full, "Full")        \
-    X(SendersGone, "SendersGone") X(MessagesLost, "MessagesLost")
+    X(SendersGone, "SendersGone") X(MessagesLost, "MessagesLost")                \
+    X(SizeLimitError, "SizeLimitError")
 
 #define TYPES(X)                                                                  \
-    X(Mapping) X(Lock) X(RWLock) X(Semaphore) X(Ring) X(RecordView) X(Table)      \
+    X(Mapping) X(Lock) X(RWLock) X(Semaphore) X(Ring) X(RecordView) X(Loan) X(Table)\
     X(View) X(HeapCore) X(Pin) X(Topic) X(TopicSubscriber) X(TopicView)
 
 static int

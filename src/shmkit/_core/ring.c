@@ -53,7 +53,10 @@
  * producer dead before tail moved leaves nothing; one dead after leaves a
  * RESERVED record whose token names it: a waiting consumer that sleeps a
  * slice without news asks the kernel (shm_token_alive) and, if the producer
- * is gone, marks the record ABANDONED and skips it.  Each holding of a lock
+ * is gone, marks the record ABANDONED; whichever consumer passes an
+ * ABANDONED record counts it in `dropped`.  A loan (Channel.loan) is a
+ * reservation whose payload the caller writes in place: its owner ends it
+ * with one store, COMMITTED or ABANDONED (ring_settle).  Each holding of a lock
  * first writes a journal of the counters it will change; the next holder
  * of a lock whose holder died recounts from the journal, finishes records
  * the dead consumer had copied and gives back one it had marked but not
@@ -331,8 +334,6 @@ ring_fix_consumers(RingObject *r)
                 taken++;
             p += total;
         }
-        if (rd < t && LOAD(&rec_at(r, rd)->state) == ST_ABANDONED)
-            dropped++; /* marked, not yet passed: the next holding passes it */
         STORE(&h->received, LOADR(&j->received) + taken);
         STORE(&h->dropped, LOADR(&j->dropped) + dropped);
         shm_crash_point("ring.repair.consumers.counted");
@@ -449,6 +450,8 @@ ring_next(RingObject *r, take_t *tk, uint64_t *pos, uint32_t *len)
             *len = n;
             return T_READY;
         }
+        if (st == ST_ABANDONED)
+            tk->dropped++; /* counted by the holding that passes it */
         ring_take_pass(h, tk, rd, total);
     }
 }
@@ -585,6 +588,23 @@ ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *len
     }
     ring_unlock(m, &h->plock);
     return k;
+}
+
+/* Publish (COMMITTED) or abandon (ABANDONED) a record reserved by token
+ * `me` whose payload was written in place (a loan): one store, as
+ * ring_fill's last.  It fails (returns 0) only if the record is no longer
+ * ours: our attachment was closed meanwhile and a waiter, finding the
+ * token dead, abandoned it.  A consumer counts an abandoned record in
+ * `dropped` when it passes it (ring_next), so no lock is needed here. */
+int
+ring_settle(rec_t *rec, uint32_t me, int publish)
+{
+    uint32_t want = ST_RESERVED | me;
+    int ok = __atomic_compare_exchange_n(&rec->state, &want,
+                                         publish ? ST_COMMITTED : ST_ABANDONED, 0,
+                                         __ATOMIC_RELEASE, __ATOMIC_RELAXED);
+    shm_crash_point(publish ? "ring.loan.sent" : "ring.loan.abandoned");
+    return ok;
 }
 
 void
@@ -766,10 +786,9 @@ ring_repair(RingObject *r, MappingObject *m)
                 ring_corrupt(r, "record length overruns the ring", LOADR(&rec->len), rd);
                 goto fail;
             }
+            /* ring_next passes (and counts) it on the next round */
             STORE(&rec->state, ST_ABANDONED);
             shm_crash_point("ring.repair.abandoned");
-            tk.dropped++;
-            ring_take_pass(h, &tk, rd, total);
             got_data = 1;
         }
         if ((freed = ring_take_end(r, &tk)) < 0)

@@ -11,7 +11,7 @@
 #include <string.h>
 
 #define RING_MAGIC 0x31474e52u /* "RNG1" */
-#define RING_FORMAT 1
+#define RING_FORMAT 2 /* 2: ABANDONED is counted when passed (loans) */
 #define RING_ROLES_OFF 512
 
 #define SPIN_START_NS (20 * 1000LL) /* a new handle's spin before sleeping */
@@ -232,6 +232,42 @@ ring_unlock(MappingObject *m, uint32_t *word)
 Py_ssize_t ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *lens,
                         Py_ssize_t n, uint64_t *pos, int64_t deadline);
 void ring_fill(RingObject *r, uint64_t pos, const char *src, Py_ssize_t len);
+int ring_settle(rec_t *rec, uint32_t me, int publish);
+
+/* ---- loans (ringtype.c): a message built in place, then sent or abandoned ---- */
+enum { LOAN_OPEN = 0, LOAN_SENT = 1, LOAN_ABANDONED = 2 };
+typedef struct LoanObject LoanObject;
+typedef struct {
+    /* Refuse to end the loan now (before anything changes): -1 with an
+     * exception set, else 0.  May be NULL. */
+    int (*check)(LoanObject *l);
+    /* Send (publish=1) or abandon: the protocol's last steps.  Called once,
+     * with the mapping still pinned.  0, or -1 with an exception set. */
+    int (*end)(LoanObject *l, int publish);
+} loan_ops;
+struct LoanObject {
+    PyObject_HEAD
+    const loan_ops *ops;
+    PyObject *owner;       /* the Ring or Topic */
+    PyObject *mapping;     /* pinned while open; NULL once ended */
+    char *payload;
+    Py_ssize_t len;
+    Py_ssize_t exports;    /* buffer exports alive */
+    PyObject *view_ref;    /* weak reference to the memoryview of .buffer */
+    int state;
+    PyObject *weakrefs;
+    /* the channel's: its header, the record, the attachment that reserved it */
+    struct ring_hdr *h;
+    rec_t *rec;
+    uint32_t token;
+    /* the topic's: its reservation, and the thread holding its lock */
+    uint64_t aux[3];
+    unsigned long thread;
+};
+/* A new loan of `owner` (not open: dealloc does nothing), and opening it
+ * over len bytes at payload, pinning m. */
+PyObject *loan_new(const loan_ops *ops, PyObject *owner);
+void loan_open(LoanObject *l, MappingObject *m, char *payload, Py_ssize_t len);
 
 /* ---- waiting ---- */
 int ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t total,

@@ -12,6 +12,7 @@
 #include "ring.h"
 #include "journal.h"
 #include "msgtype.h"
+#include <structmember.h>
 #include <string.h>
 
 
@@ -474,6 +475,453 @@ Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
     return list;
 }
 
+/* ---- Python: loans, a message built in place ---------------------------- */
+
+/* A loan is a reservation (ring_reserve) whose payload the caller writes in
+ * place instead of ring_fill's copy; send() or abandon() ends it with one
+ * store (ring_settle).  Its memory is exported writable through the buffer
+ * protocol; every export is counted, and the loan is settled only when none
+ * is left (a memoryview handed out by .buffer is released by the loan
+ * itself), so no array or memoryview can write into the ring after the
+ * message went out or its space was given back.  A loan dropped unsettled
+ * is abandoned; a sender killed inside one leaves RESERVED|token, which the
+ * ring's dead-sender repair abandons. */
+static const char *const loan_states[] = {"open", "sent", "abandoned"};
+
+static int
+loan_finished_error(LoanObject *l)
+{
+    PyErr_Format(shm_state_of(l->owner)->ClosedError, "the loan was already %s; take a new one "
+                 "with loan()", loan_states[l->state]);
+    return -1;
+}
+
+/* Release the memoryview handed out by .buffer and check that no other
+ * export is alive.  Returns 0, or -1 with BufferError set. */
+static int
+loan_unexport(LoanObject *l)
+{
+    PyObject *v = NULL;
+    if (l->view_ref != NULL) {
+        v = PyWeakref_GetObject(l->view_ref);
+        if (v == NULL)
+            return -1;
+        Py_INCREF(v);
+        if (v != Py_None) {
+            PyObject *res = PyObject_CallMethod(v, "release", NULL);
+            if (res == NULL) {
+                Py_DECREF(v);
+                if (!PyErr_ExceptionMatches(PyExc_BufferError))
+                    return -1;
+                PyErr_Clear();
+                goto exported;
+            }
+            Py_DECREF(res);
+        }
+        Py_DECREF(v);
+        Py_CLEAR(l->view_ref);
+    }
+    if (l->exports == 0)
+        return 0;
+exported:
+    PyErr_SetString(PyExc_BufferError,
+                    "an array or memoryview made from the loan is still alive; delete it "
+                    "(del arr) before the with block ends or send() is called: the "
+                    "message stays unsent until then, and is abandoned once the loan and "
+                    "every view of it are gone");
+    return -1;
+}
+
+/* Send (publish=1) or abandon the loan through its kind's end().  quiet:
+ * from dealloc (no export can be left: each held a reference). */
+static int
+loan_settle(LoanObject *l, int publish, int quiet)
+{
+    if (l->state != LOAN_OPEN)
+        return loan_finished_error(l);
+    if (!quiet && loan_unexport(l) < 0)
+        return -1;
+    if (l->ops->check != NULL && l->ops->check(l) < 0)
+        return -1;
+    l->state = publish ? LOAN_SENT : LOAN_ABANDONED;
+    int r = l->ops->end(l, publish);
+    shm_unpin(l->mapping);
+    l->mapping = NULL;
+    return r;
+}
+
+/* The channel's end of a loan: one store (ring_settle). */
+static int
+ring_loan_end(LoanObject *l, int publish)
+{
+    int ours = ring_settle(l->rec, l->token, publish);
+    if (ours)
+        ring_wake(&l->h->data_seq, &l->h->data_sleepers);
+    if (!ours && publish) {
+        l->state = LOAN_ABANDONED;
+        PyErr_Format(RING_ST(l->owner)->ClosedError, "channel %R was closed in this process "
+                     "while the loan was open, so the message was abandoned, not sent",
+                     ((RingObject *)l->owner)->name);
+        return -1;
+    }
+    return 0;
+}
+
+static const loan_ops ring_loan_ops = {.end = ring_loan_end, .check = NULL};
+
+PyObject *
+loan_new(const loan_ops *ops, PyObject *owner)
+{
+    LoanObject *l = PyObject_New(LoanObject, shm_state_of(owner)->Loan);
+    if (l == NULL)
+        return NULL;
+    l->ops = ops;
+    l->owner = Py_NewRef(owner);
+    l->mapping = NULL;
+    l->h = NULL;
+    l->rec = NULL;
+    l->payload = NULL;
+    l->len = 0;
+    l->exports = 0;
+    l->view_ref = NULL;
+    l->token = 0;
+    l->state = LOAN_ABANDONED; /* until the caller made it open */
+    l->weakrefs = NULL;
+    memset(l->aux, 0, sizeof l->aux);
+    l->thread = 0;
+    return (PyObject *)l;
+}
+
+void
+loan_open(LoanObject *l, MappingObject *m, char *payload, Py_ssize_t len)
+{
+    l->mapping = (PyObject *)m;
+    shm_pin(l->mapping);
+    l->payload = payload;
+    l->len = len;
+    l->state = LOAN_OPEN;
+}
+
+static PyObject *
+Ring_loan(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"nbytes", "timeout", NULL};
+    PyObject *a[2];
+    if (msg_parse_args("loan", args, nargs, kw, 1, names, a) < 0)
+        return NULL;
+    if (!PyLong_Check(a[0])) {
+        PyErr_Format(PyExc_TypeError, "loan() needs nbytes as an int, not %.100s",
+                     Py_TYPE(a[0])->tp_name);
+        return NULL;
+    }
+    int overflow = 0;
+    long long want = PyLong_AsLongLongAndOverflow(a[0], &overflow);
+    if (want == -1 && PyErr_Occurred())
+        return NULL;
+    if (overflow < 0 || (!overflow && want < 0)) {
+        PyErr_Format(RING_ST(r)->SizeLimitError, "loan() needs nbytes >= 0, not %R", a[0]);
+        return NULL;
+    }
+    if (overflow > 0 || want > PY_SSIZE_T_MAX)
+        want = PY_SSIZE_T_MAX;
+    Py_ssize_t len = (Py_ssize_t)want;
+    if (check_size(r, len) < 0)
+        return NULL;
+    int64_t deadline;
+    if (msg_deadline(a[1], 0, &deadline) < 0)
+        return NULL;
+    MappingObject *m = ring_enter(r);
+    if (m == NULL)
+        return NULL;
+    uint32_t me = m->token;
+    ring_claim(r, me, ROLE_PRODUCER);
+    LoanObject *l = (LoanObject *)loan_new(&ring_loan_ops, (PyObject *)r);
+    if (l == NULL) {
+        ring_leave(m);
+        return NULL;
+    }
+    l->h = r->h;
+    l->token = me;
+    int fruitless = 0;
+    for (;;) {
+        uint64_t pos;
+        Py_ssize_t k = ring_reserve(r, m, me, &len, 1, &pos, deadline);
+        if (k < 0)
+            break;
+        if (k == 1) { /* from here the object owns the record: dealloc abandons it */
+            l->rec = rec_at(r, pos);
+            loan_open(l, m, (char *)(l->rec + 1), len);
+            shm_crash_point("ring.loan.reserved");
+            ring_leave(m);
+            return (PyObject *)l;
+        }
+        int w = ring_wait(r, m, me, 1, rec_total((uint64_t)len), deadline, 0);
+        if (w < 0)
+            break;
+        if (w == 0) {
+            PyErr_Format(RING_ST(r)->Timeout, "channel %R had no room for a loan of %zd "
+                         "bytes within the timeout", r->name, len);
+            break;
+        }
+        if (ring_backoff(&fruitless) < 0)
+            break;
+    }
+    ring_leave(m);
+    Py_DECREF(l);
+    return NULL;
+}
+
+static PyObject *
+Loan_send(LoanObject *l, PyObject *Py_UNUSED(ignored))
+{
+    if (loan_settle(l, 1, 0) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Loan_abandon(LoanObject *l, PyObject *Py_UNUSED(ignored))
+{
+    if (loan_settle(l, 0, 0) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Loan_enter(LoanObject *l, PyObject *Py_UNUSED(ignored))
+{
+    if (l->state != LOAN_OPEN) {
+        loan_finished_error(l);
+        return NULL;
+    }
+    return Py_NewRef((PyObject *)l);
+}
+
+/* Leaving the with block: send, or abandon after an exception.  An abandon
+ * that finds exports alive (an array in the frame the exception unwinds)
+ * leaves the loan open, abandoned when it is freed; the caller's exception
+ * goes on. */
+static PyObject *
+Loan_exit(LoanObject *l, PyObject *const *args, Py_ssize_t nargs)
+{
+    int failed = nargs > 0 && args[0] != Py_None;
+    if (l->state != LOAN_OPEN)
+        Py_RETURN_FALSE; /* settled inside the block */
+    if (!failed) {
+        if (loan_settle(l, 1, 0) < 0)
+            return NULL;
+        Py_RETURN_FALSE;
+    }
+    if (loan_settle(l, 0, 0) < 0)
+        PyErr_Clear();
+    Py_RETURN_FALSE;
+}
+
+static int
+loan_getbuffer(LoanObject *l, Py_buffer *view, int flags)
+{
+    if (l->state != LOAN_OPEN) {
+        loan_finished_error(l);
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)l, l->payload, l->len, 0, flags) < 0)
+        return -1;
+    l->exports++;
+    return 0;
+}
+
+static void
+loan_releasebuffer(LoanObject *l, Py_buffer *Py_UNUSED(view))
+{
+    l->exports--;
+}
+
+static PyObject *
+Loan_get_buffer(LoanObject *l, void *Py_UNUSED(c))
+{
+    if (l->state != LOAN_OPEN) {
+        loan_finished_error(l);
+        return NULL;
+    }
+    if (l->view_ref != NULL) {
+        PyObject *v = PyWeakref_GetObject(l->view_ref);
+        if (v == NULL)
+            return NULL;
+        if (v != Py_None)
+            return Py_NewRef(v);
+        Py_CLEAR(l->view_ref);
+    }
+    PyObject *v = PyMemoryView_FromObject((PyObject *)l);
+    if (v == NULL)
+        return NULL;
+    if ((l->view_ref = PyWeakref_NewRef(v, NULL)) == NULL)
+        Py_CLEAR(v);
+    return v;
+}
+
+/* loan.ndarray(dtype="uint8", shape=None, offset=0): a numpy array over the
+ * loan's bytes from offset (all that is left when shape is None). */
+static PyObject *
+Loan_ndarray(LoanObject *l, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"dtype", "shape", "offset", NULL};
+    PyObject *a[3], *np = NULL, *dt = NULL, *shape = NULL, *out = NULL, *item = NULL;
+    if (msg_parse_args("ndarray", args, nargs, kw, 0, names, a) < 0)
+        return NULL;
+    if (l->state != LOAN_OPEN) {
+        loan_finished_error(l);
+        return NULL;
+    }
+    Py_ssize_t offset = 0;
+    if (a[2] != NULL && (offset = PyLong_AsSsize_t(a[2])) == -1 && PyErr_Occurred())
+        return NULL;
+    if (offset < 0 || offset > l->len) {
+        PyErr_Format(shm_state_of(l->owner)->SizeLimitError, "ndarray() needs offset from 0 to "
+                     "the loan's %zd bytes, not %zd", l->len, offset);
+        return NULL;
+    }
+    if ((np = PyImport_ImportModule("numpy")) == NULL)
+        return NULL;
+    dt = a[0] ? PyObject_CallMethod(np, "dtype", "O", a[0])
+              : PyObject_CallMethod(np, "dtype", "s", "uint8");
+    if (dt == NULL || (item = PyObject_GetAttrString(dt, "itemsize")) == NULL)
+        goto out;
+    Py_ssize_t isz = PyLong_AsSsize_t(item), room = l->len - offset, count = 1;
+    if (isz == -1 && PyErr_Occurred())
+        goto out;
+    if (a[1] == NULL || a[1] == Py_None) {
+        if (isz <= 0 || room % isz) {
+            PyErr_Format(shm_state_of(l->owner)->SizeLimitError, "the loan's %zd bytes from "
+                         "offset %zd are not a whole number of %zd-byte items; give "
+                         "shape=", room, offset, isz);
+            goto out;
+        }
+        shape = Py_BuildValue("(n)", room / isz);
+    } else {
+        shape = PyLong_Check(a[1]) ? PyTuple_Pack(1, a[1]) : PySequence_Tuple(a[1]);
+    }
+    if (shape == NULL)
+        goto out;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(shape); i++) {
+        Py_ssize_t d = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, i));
+        if (d == -1 && PyErr_Occurred())
+            goto out;
+        if (d < 0 || (d > 0 && count > PY_SSIZE_T_MAX / d)) {
+            count = -1;
+            break;
+        }
+        count *= d;
+    }
+    if (count < 0 || (isz > 0 && count > room / isz) || count * isz > room) {
+        PyErr_Format(shm_state_of(l->owner)->SizeLimitError, "an array of shape %R and dtype %R "
+                     "does not fit in the loan's %zd bytes from offset %zd; loan as many "
+                     "bytes as the array has", shape, dt, l->len, offset);
+        goto out;
+    }
+    /* frombuffer keeps its export of the loan while the array lives (an
+     * ndarray(buffer=) would not, and could outlive the loan unseen) */
+    PyObject *flat = PyObject_CallMethod(np, "frombuffer", "OOnn", (PyObject *)l, dt, count,
+                                         offset);
+    if (flat != NULL) {
+        out = PyObject_CallMethod(flat, "reshape", "O", shape);
+        Py_DECREF(flat);
+    }
+out:
+    Py_XDECREF(item);
+    Py_XDECREF(shape);
+    Py_XDECREF(dt);
+    Py_XDECREF(np);
+    return out;
+}
+
+static PyObject *
+Loan_get_nbytes(LoanObject *l, void *Py_UNUSED(c))
+{
+    return PyLong_FromSsize_t(l->len);
+}
+
+static PyObject *
+Loan_get_state(LoanObject *l, void *Py_UNUSED(c))
+{
+    return PyUnicode_FromString(loan_states[l->state]);
+}
+
+static void
+Loan_dealloc(LoanObject *l)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (l->weakrefs != NULL)
+        PyObject_ClearWeakRefs((PyObject *)l);
+    if (l->state == LOAN_OPEN && loan_settle(l, 0, 1) < 0) {
+        /* freed in a thread other than a topic loan's: its lock is left to
+         * the next publisher, which takes it over as a dead holder's */
+        PyErr_WriteUnraisable(l->owner);
+        shm_unpin(l->mapping);
+        l->mapping = NULL;
+    }
+    Py_CLEAR(l->view_ref);
+    Py_CLEAR(l->owner);
+    PyTypeObject *tp = Py_TYPE(l);
+    PyObject_Free(l);
+    Py_DECREF(tp);
+    PyErr_Restore(et, ev, tb);
+}
+
+static PyMethodDef loan_methods[] = {
+    {"send", (PyCFunction)Loan_send, METH_NOARGS,
+     "send($self, /)\n--\n\nSend (publish) the message (all nbytes of it) in one step.  Raises "
+     "BufferError while an\narray or memoryview made from the loan is alive, ClosedError "
+     "once settled."},
+    {"abandon", (PyCFunction)Loan_abandon, METH_NOARGS,
+     "abandon($self, /)\n--\n\nGive the space back unsent: no receiver ever sees the "
+     "message."},
+    {"ndarray", (PyCFunction)(void (*)(void))Loan_ndarray, METH_FASTCALL | METH_KEYWORDS,
+     "ndarray($self, /, dtype='uint8', shape=None, offset=0)\n--\n\n"
+     "A writable numpy array over the loan's bytes from offset (delete it before\n"
+     "the message is sent).\n\n>>> arr = loan.ndarray('uint8', (1080, 1920, 3))"},
+    {"__enter__", (PyCFunction)Loan_enter, METH_NOARGS, "__enter__($self, /)\n--\n\n"
+     "The loan itself."},
+    {"__exit__", (PyCFunction)(void (*)(void))Loan_exit, METH_FASTCALL,
+     "__exit__($self, *exc_info)\n--\n\nSend the message, or abandon it after an "
+     "exception."},
+    {NULL}
+};
+
+static PyGetSetDef loan_getset[] = {
+    {"nbytes", (getter)Loan_get_nbytes, NULL, "the message's size in bytes", NULL},
+    {"buffer", (getter)Loan_get_buffer, NULL,
+     "a writable memoryview of the message (released when the loan ends)", NULL},
+    {"state", (getter)Loan_get_state, NULL, "'open', 'sent' or 'abandoned'", NULL},
+    {NULL}
+};
+
+static PyMemberDef loan_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(LoanObject, weakrefs), READONLY},
+    {NULL}
+};
+
+static PyType_Slot loan_spec_slots[] = {
+    {Py_tp_dealloc, Loan_dealloc},
+    {Py_bf_getbuffer, loan_getbuffer},
+    {Py_bf_releasebuffer, loan_releasebuffer},
+    {Py_tp_doc, "Space reserved in a channel or topic for one message, written in place.\n\n"
+                "``with ch.loan(n) as loan:`` fills ``loan.buffer`` (a writable memoryview) "
+                "or\n``loan.ndarray(dtype, shape)``; leaving the block sends the message, an "
+                "exception\nabandons it.  See Channel.loan and Topic.loan."},
+    {Py_tp_methods, loan_methods},
+    {Py_tp_getset, loan_getset},
+    {Py_tp_members, loan_members},
+    {0, NULL},
+};
+
+static PyType_Spec loan_spec = {
+    .name = "shmkit._core.Loan",
+    .basicsize = sizeof(LoanObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = loan_spec_slots,
+};
+
 /* ---- Python: binding, closing, statistics ----------------------------- */
 
 static PyObject *
@@ -737,6 +1185,13 @@ static PyMethodDef Ring_methods[] = {
      "Take up to max_n messages "
      "that are ready, waiting for the first;\nreturns [] if the timeout passes first, "
      "raises ChannelClosed once closed and drained."},
+    {"loan", (PyCFunction)(void (*)(void))Ring_loan, FAST,
+     "loan($self, /, nbytes, timeout=None)\n--\n\n"
+     "loan(nbytes, timeout=None) -> Loan\n\nReserve room for one nbytes message and "
+     "build it in place; block while\nthe channel is full.  Leaving the with block sends "
+     "it in one step, an\nexception abandons it (receivers never see it), and so does "
+     "the sender's\ndeath.  Raises Timeout, ChannelClosed, MessageTooLarge.\n\n"
+     ">>> with ch.loan(5, timeout=1.0) as loan:\n...     loan.buffer[:] = b'hello'"},
     {"_take", (PyCFunction)(void (*)(void))Ring_take, FAST,
      "_take($self, /, timeout=None, nowait=False)\n--\n\n"
      "_take(timeout=None, nowait=False) -> RecordView (see Channel.recv_view)"},
@@ -860,7 +1315,8 @@ shm_init_ring(PyObject *module)
 {
     shm_state *st = shm_mod_state(module);
     if (shm_add_type(module, &ring_spec, &st->Ring) < 0 ||
-        shm_add_type(module, &rv_spec, &st->RecordView) < 0)
+        shm_add_type(module, &rv_spec, &st->RecordView) < 0 ||
+        shm_add_type(module, &loan_spec, &st->Loan) < 0)
         return -1;
     return PyModule_AddIntConstant(module, "RING_FORMAT", RING_FORMAT);
 }

@@ -70,9 +70,9 @@ typedef struct shm_state {
     PyObject *KeyExistsError, *UnsupportedTypeError, *ValueTooLargeError, *BusyError;
     PyObject *StaleHandleError, *PinnedError, *HeapFullError;
     PyObject *ChannelClosed, *MessageTooLarge, *Empty, *Full, *SendersGone;
-    PyObject *MessagesLost;
+    PyObject *MessagesLost, *SizeLimitError;
     /* the core's types */
-    PyTypeObject *Mapping, *Lock, *RWLock, *Semaphore, *Ring, *RecordView, *Table, *View,
+    PyTypeObject *Mapping, *Lock, *RWLock, *Semaphore, *Ring, *RecordView, *Loan, *Table, *View,
         *HeapCore, *Pin, *Topic, *TopicSubscriber, *TopicView;
 } shm_state;
 

@@ -298,7 +298,7 @@ advance_head(topic_t *t, uint64_t hd, uint64_t need, uint64_t tl, uint64_t *out)
 /* ---- publishing ------------------------------------------------------------ */
 
 int
-topic_publish(topic_t *t, MappingObject *m, const char *src, uint64_t len, int64_t deadline)
+topic_reserve(topic_t *t, MappingObject *m, uint64_t len, int64_t deadline, topic_resv *rv)
 {
     struct topic_hdr *h = t->h;
     const uint64_t cap = t->cap;
@@ -314,7 +314,7 @@ topic_publish(topic_t *t, MappingObject *m, const char *src, uint64_t len, int64
         topic_unlock(m, t);
         return topic_corrupt(t, "head and tail out of order", hd, tl);
     }
-    uint64_t skip, need = trec_need(t, tl, len, &skip), total = trec_total(len);
+    uint64_t skip, need = trec_need(t, tl, len, &skip);
     uint64_t off = tl % cap;
     if (t->overflow == TOPIC_BLOCK) {
         uint64_t fl = LOADR(&h->floor);
@@ -350,7 +350,35 @@ topic_publish(topic_t *t, MappingObject *m, const char *src, uint64_t len, int64
     STORER(&r->len, (uint32_t)len);
     STORER(&r->seq, sq);
     STORER(&r->state, TREC_MSG);
-    ring_copy(r + 1, src, (size_t)len);
+    rv->tail = tl;
+    rv->seq = sq;
+    rv->head = nh;
+    rv->len = len;
+    return 1;
+fail:
+    topic_unlock(m, t);
+    return -1;
+}
+
+void *
+topic_payload(topic_t *t, const topic_resv *rv)
+{
+    return trec_at(t, rv->tail) + 1;
+}
+
+/* Publish the record reserved (publish=1), or give the reservation up: tail
+ * and seq unchanged, so nothing was published (head may have passed
+ * records that publishing it would have overwritten).  Unlocks. */
+void
+topic_finish(topic_t *t, MappingObject *m, const topic_resv *rv, int publish)
+{
+    struct topic_hdr *h = t->h;
+    if (!publish) {
+        shm_crash_point("topic.loan.abandoned");
+        topic_unlock(m, t);
+        return;
+    }
+    uint64_t tl = rv->tail, sq = rv->seq, nh = rv->head, total = trec_total(rv->len);
     shm_crash_point("topic.publish.copied");
     STORE(&h->seq, sq + 1);
     shm_crash_point("topic.publish.seq");
@@ -376,10 +404,18 @@ topic_publish(topic_t *t, MappingObject *m, const char *src, uint64_t len, int64
     }
     topic_unlock(m, t);
     ring_wake(&h->data_seq, &h->data_sleepers);
+}
+
+int
+topic_publish(topic_t *t, MappingObject *m, const char *src, uint64_t len, int64_t deadline)
+{
+    topic_resv rv;
+    int k = topic_reserve(t, m, len, deadline, &rv);
+    if (k <= 0)
+        return k;
+    ring_copy(topic_payload(t, &rv), src, (size_t)len);
+    topic_finish(t, m, &rv, 1);
     return 1;
-fail:
-    topic_unlock(m, t);
-    return -1;
 }
 
 /* ---- waiting ------------------------------------------------------------------ */

@@ -156,6 +156,18 @@ int topic_format(char *base, uint64_t avail, uint32_t max_slots, uint64_t cap,
 int topic_bind(topic_t *t, shm_state *st, char *base, uint64_t avail, uint32_t seg_slots,
                const char *name);
 
+/* A publish split in two, for loans: topic_reserve takes plock and makes
+ * room, writes the record's header past the tail and returns 1 with plock
+ * held (0 no room, -1 error: unlocked); the caller writes the payload
+ * (topic_payload), then topic_finish publishes it (seq, tail, history) or
+ * gives it up, and unlocks. */
+typedef struct {
+    uint64_t tail, seq, head, len;
+} topic_resv;
+int topic_reserve(topic_t *t, MappingObject *m, uint64_t len, int64_t deadline,
+                  topic_resv *rv);
+void *topic_payload(topic_t *t, const topic_resv *rv);
+void topic_finish(topic_t *t, MappingObject *m, const topic_resv *rv, int publish);
 /* Publishing: 1 published, 0 no room (block mode: wait and retry), -1 error. */
 int topic_publish(topic_t *t, MappingObject *m, const char *src, uint64_t len,
                   int64_t deadline);

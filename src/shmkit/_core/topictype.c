@@ -24,6 +24,7 @@ typedef struct {
     topic_t t;
     int64_t spin_ns;
     PyObject *name;
+    unsigned long loan_thread; /* the thread holding an open loan (plock), or 0 */
 } TopicObject;
 
 typedef struct {
@@ -77,10 +78,26 @@ raise_lost(shm_state *st, PyObject *name, uint64_t missed)
 
 /* ---- Topic: publishing ----------------------------------------------------- */
 
+/* An open loan holds plock for its thread: that thread's next publish,
+ * loan or subscription on the handle would wait for itself.  -1 with
+ * BusyError set then. */
+static int
+topic_loan_busy(TopicObject *o, const char *what)
+{
+    if (o->loan_thread == 0 || o->loan_thread != PyThread_get_thread_ident())
+        return 0;
+    PyErr_Format(TST(o)->BusyError, "this thread has an open loan on topic %R, which holds "
+                 "the publishers' lock: send or abandon it before the next %s", o->name,
+                 what);
+    return -1;
+}
+
 static PyObject *
 publish_impl(TopicObject *o, PyObject *msg, PyObject *timeout, int nowait)
 {
     Py_buffer b;
+    if (topic_loan_busy(o, "publish") < 0)
+        return NULL;
     if (msg_get(msg, &b, "topic", "encode it first") < 0)
         return NULL;
     int64_t deadline;
@@ -147,6 +164,110 @@ Topic_publish_nowait(TopicObject *o, PyObject *msg)
     return publish_impl(o, msg, NULL, 1);
 }
 
+/* ---- Topic: loans ------------------------------------------------------------ */
+
+/* A topic loan holds plock from topic_reserve to topic_finish, so it is
+ * ended in the thread that took it (lock.c records the holding per
+ * thread). */
+static int
+topic_loan_check(LoanObject *l)
+{
+    if (l->thread == PyThread_get_thread_ident())
+        return 0;
+    PyErr_Format(shm_state_of(l->owner)->BusyError, "a topic loan holds the publishers' lock "
+                 "of topic %R for the thread that took it: send or abandon it in that thread",
+                 ((TopicObject *)l->owner)->name);
+    return -1;
+}
+
+static int
+topic_loan_end(LoanObject *l, int publish)
+{
+    TopicObject *o = (TopicObject *)l->owner;
+    topic_resv rv = {l->aux[0], l->aux[1], l->aux[2], (uint64_t)l->len};
+    o->loan_thread = 0;
+    topic_finish(&o->t, (MappingObject *)l->mapping, &rv, publish);
+    return 0;
+}
+
+static const loan_ops topic_loan_ops = {.check = topic_loan_check, .end = topic_loan_end};
+
+static PyObject *
+Topic_loan(TopicObject *o, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"nbytes", "timeout", NULL};
+    PyObject *a[2];
+    if (msg_parse_args("loan", args, nargs, kw, 1, names, a) < 0)
+        return NULL;
+    if (!PyLong_Check(a[0])) {
+        PyErr_Format(PyExc_TypeError, "loan() needs nbytes as an int, not %.100s",
+                     Py_TYPE(a[0])->tp_name);
+        return NULL;
+    }
+    int overflow = 0;
+    long long want = PyLong_AsLongLongAndOverflow(a[0], &overflow);
+    if (want == -1 && PyErr_Occurred())
+        return NULL;
+    if (overflow < 0 || (!overflow && want < 0)) {
+        PyErr_Format(TST(o)->SizeLimitError, "loan() needs nbytes >= 0, not %R", a[0]);
+        return NULL;
+    }
+    if (overflow > 0 || want > PY_SSIZE_T_MAX)
+        want = PY_SSIZE_T_MAX;
+    Py_ssize_t len = (Py_ssize_t)want;
+    int64_t deadline;
+    if (msg_deadline(a[1], 0, &deadline) < 0)
+        return NULL;
+    MappingObject *m = topic_enter(o, 1);
+    if (m == NULL)
+        return NULL;
+    topic_t *t = &o->t;
+    LoanObject *l = NULL;
+    if ((uint64_t)len > UINT32_MAX - 32 || trec_total((uint64_t)len) > t->cap) {
+        msg_too_large((PyObject *)o, "topic", o->name, len, (unsigned long long)(t->cap - 16));
+        goto out;
+    }
+    if (topic_loan_busy(o, "loan") < 0)
+        goto out;
+    if ((l = (LoanObject *)loan_new(&topic_loan_ops, (PyObject *)o)) == NULL)
+        goto out;
+    int fruitless = 0;
+    for (;;) {
+        topic_resv rv;
+        int k = topic_reserve(t, m, (uint64_t)len, deadline, &rv);
+        if (k < 0)
+            break;
+        if (k > 0) { /* plock held: from here the loan ends it (dealloc abandons) */
+            l->aux[0] = rv.tail;
+            l->aux[1] = rv.seq;
+            l->aux[2] = rv.head;
+            l->thread = PyThread_get_thread_ident();
+            o->loan_thread = l->thread;
+            loan_open(l, m, topic_payload(t, &rv), len);
+            shm_crash_point("topic.loan.reserved");
+            shm_unpin((PyObject *)m);
+            return (PyObject *)l;
+        }
+        int w = topic_wait_space(t, m, (uint64_t)len, deadline, &o->spin_ns);
+        if (w < 0)
+            break;
+        if (w == 0) {
+            uint32_t idx;
+            uint64_t lag = topic_slowest(t, m, &idx);
+            PyErr_Format(TST(o)->Timeout, "topic %R had no room for a loan of %zd bytes "
+                         "within the timeout: subscriber %u is %llu messages behind "
+                         "(overflow=\"block\")", o->name, len, idx, (unsigned long long)lag);
+            break;
+        }
+        if (ring_backoff(&fruitless) < 0)
+            break;
+    }
+out:
+    Py_XDECREF(l);
+    shm_unpin((PyObject *)m);
+    return NULL;
+}
+
 /* ---- Topic: subscribing, binding, statistics ----------------------------- */
 
 static PyObject *
@@ -184,7 +305,7 @@ Topic_subscribe(TopicObject *o, PyObject *const *args, Py_ssize_t nargs, PyObjec
         shm_unpin((PyObject *)m);
         return NULL;
     }
-    long idx = topic_subscribe(&o->t, m, want);
+    long idx = topic_loan_busy(o, "subscribe") < 0 ? -1 : topic_subscribe(&o->t, m, want);
     if (idx < 0) {
         s->closed = 1;
         Py_DECREF(s);
@@ -376,6 +497,13 @@ static PyMethodDef Topic_methods[] = {
     {"publish_nowait", (PyCFunction)Topic_publish_nowait, METH_O,
      "publish_nowait($self, data, /)\n--\n\nPublish, or raise Full (a WouldBlock) if a subscriber holds "
      "the space."},
+    {"loan", (PyCFunction)(void (*)(void))Topic_loan, FAST,
+     "loan($self, /, nbytes, timeout=None)\n--\n\n"
+     "loan(nbytes, timeout=None) -> Loan\n\nReserve room for one nbytes message and build "
+     "it in place, holding the\npublishers' lock; leaving the with block publishes it in "
+     "one step, an\nexception (or the publisher's death) abandons it.  End it in the same "
+     "thread.\nRaises Timeout, MessageTooLarge, BusyError.\n\n"
+     ">>> with topic.loan(5, timeout=1.0) as loan:\n...     loan.buffer[:] = b'hello'"},
     {"_subscribe", (PyCFunction)(void (*)(void))Topic_subscribe, FAST,
      "_subscribe($self, /, cls, history=None)\n--\n\n"
      "A new cursor of class cls (see Topic.subscribe)."},
