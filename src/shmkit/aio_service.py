@@ -120,7 +120,28 @@ class Service(_service.Service):
         self.close()
 
 
-class Worker(_service.Worker):
+class _OwnRequests:
+    """A worker or client of a blocking service's handle opens its own
+    awaitable handle of the request channel, closed with it."""
+
+    _own_requests: Channel | None = None
+
+    def close(self) -> None:
+        try:
+            super().close()  # type: ignore[misc]  # the service class's
+        finally:
+            own, self._own_requests = self._own_requests, None
+            if own is not None:
+                own.close()
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Worker(_OwnRequests, _service.Worker):
     """:class:`shmkit.Worker` with an awaitable :meth:`recv` and ``async for``.
 
     >>> # async for req in service.worker():  req.reply(req.data.upper())
@@ -162,19 +183,6 @@ class Worker(_service.Worker):
         except ClosedError:
             raise StopAsyncIteration from None
 
-    async def __aenter__(self) -> "Worker":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            own, self._own_requests = self._own_requests, None
-            if own is not None:
-                own.close()
 
 
 class _Dispatch:
@@ -255,7 +263,7 @@ class _Dispatch:
                 fut.set_exception(type(e)(str(e)))
 
 
-class Client(_service.Client):
+class Client(_OwnRequests, _service.Client):
     """:class:`shmkit.Client` with awaitable :meth:`call` and :meth:`call_object`.
 
     Any number of tasks may call through one client at once (see the
@@ -341,16 +349,3 @@ class Client(_service.Client):
             pause = min(pause * 2, 0.05)
         self._verified = time.monotonic()
 
-    async def __aenter__(self) -> "Client":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            own, self._own_requests = self._own_requests, None
-            if own is not None:
-                own.close()

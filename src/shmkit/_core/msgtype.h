@@ -82,6 +82,36 @@ msg_deadline(PyObject *timeout, int nowait, int64_t *deadline)
     return *deadline < 0 ? -1 : 0;
 }
 
+/* The arguments of loan(nbytes, timeout=None): nbytes an int >= 0
+ * (SizeLimitError otherwise; beyond Py_ssize_t it is clamped, for the
+ * size check to refuse) and the deadline.  Returns 0, or -1 with an error. */
+static inline int
+msg_loan_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kw, PyObject *size_error,
+              Py_ssize_t *len, int64_t *deadline)
+{
+    static const char *const names[] = {"nbytes", "timeout", NULL};
+    PyObject *a[2];
+    if (msg_parse_args("loan", args, nargs, kw, 1, names, a) < 0)
+        return -1;
+    if (!PyLong_Check(a[0])) {
+        PyErr_Format(PyExc_TypeError, "loan() needs nbytes as an int, not %.100s",
+                     Py_TYPE(a[0])->tp_name);
+        return -1;
+    }
+    int overflow = 0;
+    long long want = PyLong_AsLongLongAndOverflow(a[0], &overflow);
+    if (want == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow < 0 || (!overflow && want < 0)) {
+        PyErr_Format(size_error, "loan() needs nbytes >= 0, not %R", a[0]);
+        return -1;
+    }
+    if (overflow > 0 || want > PY_SSIZE_T_MAX)
+        want = PY_SSIZE_T_MAX;
+    *len = (Py_ssize_t)want;
+    return msg_deadline(a[1], 0, deadline);
+}
+
 /* A bytes-like message for a `kind` ("channel", "topic") ring: bytes
  * without a buffer round-trip, else any C-contiguous buffer.  Returns 0
  * and fills *b (release with msg_release), or -1: TypeError ending with

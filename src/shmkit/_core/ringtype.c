@@ -605,30 +605,11 @@ loan_open(LoanObject *l, MappingObject *m, char *payload, Py_ssize_t len)
 static PyObject *
 Ring_loan(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
 {
-    static const char *const names[] = {"nbytes", "timeout", NULL};
-    PyObject *a[2];
-    if (msg_parse_args("loan", args, nargs, kw, 1, names, a) < 0)
-        return NULL;
-    if (!PyLong_Check(a[0])) {
-        PyErr_Format(PyExc_TypeError, "loan() needs nbytes as an int, not %.100s",
-                     Py_TYPE(a[0])->tp_name);
-        return NULL;
-    }
-    int overflow = 0;
-    long long want = PyLong_AsLongLongAndOverflow(a[0], &overflow);
-    if (want == -1 && PyErr_Occurred())
-        return NULL;
-    if (overflow < 0 || (!overflow && want < 0)) {
-        PyErr_Format(RING_ST(r)->SizeLimitError, "loan() needs nbytes >= 0, not %R", a[0]);
-        return NULL;
-    }
-    if (overflow > 0 || want > PY_SSIZE_T_MAX)
-        want = PY_SSIZE_T_MAX;
-    Py_ssize_t len = (Py_ssize_t)want;
-    if (check_size(r, len) < 0)
-        return NULL;
+    Py_ssize_t len;
     int64_t deadline;
-    if (msg_deadline(a[1], 0, &deadline) < 0)
+    if (msg_loan_args(args, nargs, kw, RING_ST(r)->SizeLimitError, &len, &deadline) < 0)
+        return NULL;
+    if (check_size(r, len) < 0)
         return NULL;
     MappingObject *m = ring_enter(r);
     if (m == NULL)
