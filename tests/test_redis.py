@@ -1024,3 +1024,12 @@ def test_bridge_queue_objects_travel_pickled(server: Server, prefix: str, names:
             assert p.wait(timeout=60) == 0
         qa.close()
         qb.close()
+
+
+def test_the_two_machine_example_runs(server: Server) -> None:
+    example = os.path.join(os.path.dirname(SRC), "examples", "two_machines.py")
+    out = subprocess.run([sys.executable, example, "500"], capture_output=True, text=True,
+                         timeout=300, env=_env())
+    assert out.returncode == 0, out.stderr
+    assert "500 jobs and 500 prices crossed from A to B" in out.stdout
+    assert "every one once, in order" in out.stdout
