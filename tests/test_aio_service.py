@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import glob
 import os
-import secrets
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -18,25 +17,7 @@ import shmkit.aio as aio
 
 from conftest import SPAWN, spawn
 from conftest import fork_call as _fork, kill_wait as _kill
-
-
-@pytest.fixture
-def svc_name() -> Iterator[str]:
-    made = f"t-asvc-{secrets.token_hex(5)}"
-    yield made
-    for path in glob.glob(f"/dev/shm/shmkit.{made}*"):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
-
-def _wait_until(cond: Any, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+from test_service import _wait_until, svc_name  # noqa: F401  (a fixture, used by name)
 
 
 def _tagging_worker(name: str, idle: float) -> None:
