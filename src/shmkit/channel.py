@@ -269,6 +269,7 @@ def _in_band(pb: pickle.PickleBuffer) -> bool:
 
 
 _dumps = pickle.dumps
+_loads = pickle.loads
 
 
 def _pack(obj: Any, queue_path: str, max_message: int, name: str,
@@ -949,15 +950,24 @@ class Queue(SharedObject):
             data = _dumps(obj, 5, buffer_callback=_in_band)
         except _BigBuffer:
             data = None
-        if data is None or len(data) >= self._oob_limit:
-            data, out = _pack(obj, self._path, self._oob_limit - 1, self.name, data)
-            if out is not None:
-                return self._put_out_of_band(data, out, block, timeout)
-        if not block:
-            self._send_nowait(data)
-            return
+        else:
+            if len(data) < self._oob_limit:  # the usual case, in as few steps as it can be
+                try:
+                    if block:
+                        self._send(data, timeout)
+                    else:
+                        self._send_nowait(data)
+                    return
+                except Timeout:
+                    raise Full(f"queue {self.name!r} stayed full for {timeout} s") from None
+        data, out = _pack(obj, self._path, self._oob_limit - 1, self.name, data)
+        if out is not None:
+            return self._put_out_of_band(data, out, block, timeout)
         try:
-            self._send(data, timeout)
+            if block:
+                self._send(data, timeout)
+            else:
+                self._send_nowait(data)
         except Timeout:
             raise Full(f"queue {self.name!r} stayed full for {timeout} s") from None
 
@@ -1006,15 +1016,17 @@ class Queue(SharedObject):
         :class:`UntrustedError`: that object is lost, the queue goes on."""
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        if not block:
-            data = self._recv_nowait()
-        else:
-            try:
-                data = self._recv(timeout)
-            except Timeout:
-                raise Empty(f"queue {self.name!r} stayed empty for {timeout} s") from None
-        if not data or data[0]:  # as in _unpack: not bytes.startswith, which costs
-            return pickle.loads(data)  # a tenth of a small object's put and get
+        try:
+            data = self._recv(timeout) if block else self._recv_nowait()
+        except Timeout:
+            raise Empty(f"queue {self.name!r} stayed empty for {timeout} s") from None
+        try:
+            return _loads(data)
+        except pickle.UnpicklingError:
+            # an out-of-band header starts with 0, which no pickle does: trying
+            # the pickle first costs nothing on the usual path
+            if data[:1] != b"\0":
+                raise
         return self._unpack(data)
 
     def get_nowait(self) -> Any:

@@ -221,11 +221,7 @@ void ring_sleeper(RingObject *r, uint32_t me, int space, int delta);
 static inline void
 ring_unlock(MappingObject *m, uint32_t *word)
 {
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);
-    if (shm_lock_release(m, word) < 0)
-        PyErr_Clear();
-    PyErr_Restore(et, ev, tb);
+    shm_lock_release_journal(m, word, NULL);
 }
 
 /* ---- the producers' side ---- */
