@@ -25,8 +25,10 @@ the kind, seed, case, the damage, and the command that replays it.
 Kinds: every object with checks in the C core.  ``queue`` is a ring bound with
 an item limit (``max_items``), the path Queue(maxsize=...) takes; a Queue
 without maxsize is the ``channel`` ring at core level (its pickles are Python's
-and fuzz.py covers them).  Struct, Array and a raw Segment have no core checks
-beyond the segment header, which fuzz.py covers through the open path.
+and fuzz.py covers them).  Struct, Array and a raw Segment have no checks
+beyond the segment header and the attach table, which every open runs: for
+them each case opens a second handle by name over the damaged file (half the
+damage goes to every header field), uses it with timeout 0 and closes it.
 
     python tests/fuzz_core.py run KIND NAME SEED CASES [FIRST]   # run / replay
     FUZZ_TRACE=1 python tests/fuzz_core.py run ...               # print each case's damage
@@ -44,8 +46,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import fuzz  # noqa: E402  (its SRC honours SHMKIT_TEST_PATH)
 
-KINDS = ["mutex", "rwlock", "event", "semaphore", "condition", "channel", "queue", "store",
-         "heap", "topic"]
+KINDS = ["segment", "struct", "array", "mutex", "rwlock", "event", "semaphore", "condition",
+         "channel", "queue", "store", "heap", "topic"]
 CASE_SECONDS = float(os.environ.get("SHMKIT_CORE_FUZZ_CASE_SECONDS", "10"))
 # header fields the core itself reads (attach.c's hwm, the segment lock, the
 # slot count that bounds the attach table)
@@ -62,8 +64,13 @@ class CoreKind:
     ops(state, rng) -> (op, fn) pairs; unbind(state) after the ops."""
 
     def __init__(self, setup: Callable, bind: Callable, ops: Callable,
-                 unbind: Callable = lambda st: None) -> None:
+                 unbind: Callable = lambda st: None, allowed: Callable = lambda op: (),
+                 raw: bool = False) -> None:
         self.setup, self.bind, self.ops, self.unbind = setup, bind, ops, unbind
+        self.allowed = allowed  # op -> exception classes that are the caller's (IndexError)
+        # raw: the checks are the segment header's (opened by name each case), so
+        # damage goes to every header field, not only those the core reads
+        self.raw = raw
 
 
 def _kinds() -> dict:
@@ -415,7 +422,43 @@ def _kinds() -> dict:
             yield "grow", lambda: core.grow(min(rng.choice([0, 4096, 32 << 10, 64 << 10]),
                                                 core.capacity()[1]), 0)
 
+    # raw segment, struct, array ---------------------------------------------
+    # Their only checks are the segment header's and the attach table's, run by
+    # every open: each case opens a second handle by name over the damaged
+    # file (the whole Python and C open path), uses it with timeout 0, closes it.
+    def raw_bind(kind_name):
+        return lambda obj, seg: pub[kind_name].open(seg.name)
+
+    def raw_ops(h, rng):
+        if isinstance(h, shmkit.Segment):
+            yield "read", lambda: h.read(64, rng.randrange(0, 8192))
+            yield "write", lambda: h.write(b"x" * 16, rng.randrange(0, 8192))
+            yield "ndarray", lambda: h.ndarray("u8", None, 0).sum()
+            yield "layout", lambda: h.layout
+        elif isinstance(h, shmkit.Struct):
+            yield "read", lambda: (int(h.record["a"]), float(h.record["b"]))
+            yield "write", lambda: h.record.__setitem__("a", rng.randrange(100))
+        else:
+            yield "sum", lambda: h.array.sum()
+            yield "write", lambda: h.array.__setitem__(rng.randrange(100), 7)
+        yield "lock", lambda: h.lock.acquire(timeout=0) and h.lock.release()
+        if rng.random() < 0.1:  # a walk of the whole attach table: 0.1 ms
+            yield "info", h.info
+
+    def raw_unbind(h):
+        h.close()
+
+    def raw(kind_name, allowed=lambda op: ()):
+        return CoreKind(pub[kind_name].setup, raw_bind(kind_name), raw_ops, raw_unbind,
+                        allowed, raw=True)
+
+    # an offset past a (damaged, smaller) size is the caller's IndexError
+    seg_allowed = lambda op: IndexError if op in ("read", "write", "ndarray") else ()  # noqa
+
     return {
+        "segment": raw("segment", seg_allowed),
+        "struct": raw("struct"),
+        "array": raw("array"),
         "mutex": CoreKind(pub["mutex"].setup, mutex_bind, mutex_ops),
         "rwlock": CoreKind(pub["rwlock"].setup, rwlock_bind, rwlock_ops),
         "event": CoreKind(pub["event"].setup, event_bind, event_ops),
@@ -438,21 +481,24 @@ def _fields(kind_name: str, seg: Any) -> dict:
     return {**fuzz.header_fields(seg), **pub.fields(seg)}
 
 
-def exercise(kind: CoreKind, obj: Any, seg: Any, rng: random.Random) -> list:
-    """Bind the core object and run the operations; returns the unexpected errors."""
+def exercise(kind: CoreKind, obj: Any, seg: Any, rng: random.Random) -> tuple[list, bool]:
+    """Bind the core object and run the operations; returns the unexpected
+    errors and whether the damaged object could be bound at all."""
     from shmkit import ShmkitError
     bad: list = []
     try:
         state = kind.bind(obj, seg)
     except ShmkitError:
-        return bad
+        return bad, False
     except Exception as e:  # noqa: BLE001
-        return [f"bind: {type(e).__name__}: {e} {fuzz._where(e)}"]
+        return [f"bind: {type(e).__name__}: {e} {fuzz._where(e)}"], False
     try:
         for op, fn in kind.ops(state, rng):
             try:
                 fn()
             except (ShmkitError, KeyError):
+                pass
+            except kind.allowed(op):
                 pass
             except Exception as e:  # noqa: BLE001
                 bad.append(f"{op}: {type(e).__name__}: {e} {fuzz._where(e)}")
@@ -463,7 +509,7 @@ def exercise(kind: CoreKind, obj: Any, seg: Any, rng: random.Random) -> list:
             pass
         except Exception as e:  # noqa: BLE001
             bad.append(f"unbind: {type(e).__name__}: {e} {fuzz._where(e)}")
-    return bad
+    return bad, True
 
 
 def replay_command(kind_name: str, seed: int, case: int) -> str:
@@ -485,12 +531,14 @@ def run(kind_name: str, name: str, seed: int, cases: int, first: int = 0) -> int
     image = bytes(view[:total])
     lo = _core.layouts["segment"]["attach_table"]
     fields = _fields(kind_name, seg)
-    header = {k: v for k, v in fields.items() if k in CORE_HEADER or k.startswith("attach")}
+    header = {k: v for k, v in fields.items()
+              if kind.raw or k in CORE_HEADER or k.startswith("attach")}
+    to_header = 0.5 if kind.raw else 0.1
     inner = {k: (off - lo, w) for k, (off, w) in fields.items() if off >= lo}
     sub = view[lo:total]
     trace = bool(os.environ.get("FUZZ_TRACE"))
     fuzz.watchdog()
-    failures = 0
+    failures = bound = 0
     warnings.simplefilter("ignore")
     t0 = time.perf_counter()
     for case in range(first, first + cases):
@@ -498,14 +546,15 @@ def run(kind_name: str, name: str, seed: int, cases: int, first: int = 0) -> int
         view[:total] = image
         what = []
         for _ in range(crng.choice([1, 1, 2, 4])):
-            if crng.random() < 0.9:
+            if crng.random() >= to_header:
                 what.append(f"+{lo} " + fuzz.mutate(crng, sub, total - lo, inner))
             else:
                 what.append(fuzz.mutate(crng, view, total, header))
         if trace:
             print(f"case {case}: {what}", flush=True, file=sys.stderr)
         fuzz.watch(CASE_SECONDS)
-        bad = exercise(kind, obj, seg, crng)
+        bad, ok = exercise(kind, obj, seg, crng)
+        bound += ok
         fuzz.watch(0)
         if bad:
             failures += 1
@@ -520,8 +569,8 @@ def run(kind_name: str, name: str, seed: int, cases: int, first: int = 0) -> int
             end()
         except shmkit.ShmkitError:
             pass
-    print(f"done {kind_name}: {cases} cases, {failures} with unexpected errors "
-          f"({cases / max(elapsed, 1e-9):.0f} cases/s, {elapsed:.1f} s)", flush=True)
+    print(f"done {kind_name}: {cases} cases, {failures} with unexpected errors, {bound} "
+          f"bound ({cases / max(elapsed, 1e-9):.0f} cases/s, {elapsed:.1f} s)", flush=True)
     return failures
 
 
