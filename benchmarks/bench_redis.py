@@ -1,16 +1,22 @@
 """The Redis backend (shmkit.connect("redis://...")): what it costs over redis-py.
 
-Three benchmarks, each with three systems, against one redis-server on a unix
-socket (started here, as bench_store does):
+Benchmarks of three systems each, against one redis-server on a unix socket
+(started here, as bench_store does):
 
 * Store put and random get of 16-byte keys and 100-byte values: the backend's
   Store (HSET/HGET of the local encoding), redis-py's HSET/HGET on the same
   hash layout directly (the reference: the ratio is the backend's overhead),
   and the local shmkit.Store;
+* the same Store in atomic batches of 256 puts (``batch()`` against a
+  MULTI/EXEC pipeline) and in gets of 256 keys a call (``get_many`` against
+  HMGET);
 * Channel one-way, 64-byte messages, a receiver in a second process: the
   backend's Channel (XADD by a script; XREADGROUP with the previous XACK+XDEL
   pipelined), the same commands through redis-py directly, and the local
-  shmkit.Channel.
+  shmkit.Channel;
+* ``shmkit bridge``: 64-byte messages from a local Channel or Topic into a
+  Redis stream against redis-py's pipelined XADD, and one message's round trip
+  through two bridges against XADD/XREAD by hand.
 """
 from __future__ import annotations
 
@@ -151,6 +157,18 @@ def _filled() -> None:
     _once("filled", fill)
 
 
+def _local_store() -> Any:
+    """A local Store holding every key, for the whole run."""
+    import shmkit
+
+    def make() -> Any:
+        st = shmkit.Store(None, size=16 << 20)
+        for k in KEYS:
+            st[k] = VALUE
+        return st
+    return _once("local-store", make, lambda s: s.close())
+
+
 @workload(GET, unit="kops/s", system="redis-py HGET (direct)", requires=REQ, reference=True)
 def get_redis_py(n: int) -> float:
     _filled()
@@ -175,18 +193,94 @@ def get_backend(n: int) -> float:
 
 @workload(GET, system="shmkit.Store (local)")
 def get_local(n: int) -> float:
-    import shmkit
-
-    def make() -> Any:
-        st = shmkit.Store(None, size=16 << 20)
-        for k in KEYS:
-            st[k] = VALUE
-        return st
-    st = _once("local-store", make, lambda s: s.close())
+    st = _local_store()
     keys = _order(n)
     t0 = time.perf_counter()
     for k in keys:
         st[k]
+    return time.perf_counter() - t0
+
+
+# -- Store, batched ----------------------------------------------------------------------
+
+PUT_BATCH = "redis: Store put in atomic batches of 256, 16 B keys, 100 B values"
+GET_BATCH = "redis: Store get of 256 keys in one call, 16 B keys, 100 B values"
+BATCH = 256
+
+
+@workload(PUT_BATCH, unit="kops/s", system="redis-py MULTI/EXEC pipeline of 256 HSET",
+          requires=REQ, reference=True)
+def put_batch_redis_py(n: int) -> float:
+    r = _client()
+    r.delete("bench:direct")
+    keys = [b"\x03" + k for k in _cycle(n)]
+    value = b"\x01" + VALUE
+    t0 = time.perf_counter()
+    for i in range(0, n, BATCH):
+        p = r.pipeline(transaction=True)
+        for k in keys[i:i + BATCH]:
+            p.hset("bench:direct", k, value)
+        p.execute()
+    return time.perf_counter() - t0
+
+
+def _put_batches(st: Any, n: int) -> float:
+    keys = _cycle(n)
+    t0 = time.perf_counter()
+    for i in range(0, n, BATCH):
+        with st.batch():
+            for k in keys[i:i + BATCH]:
+                st[k] = VALUE
+    return time.perf_counter() - t0
+
+
+@workload(PUT_BATCH, system="shmkit Redis Store, with st.batch()", requires=REQ)
+def put_batch_backend(n: int) -> float:
+    st = _ns().Store("store")
+    st.clear()
+    return _put_batches(st, n)
+
+
+@workload(PUT_BATCH, system="shmkit.Store (local), with st.batch()")
+def put_batch_local(n: int) -> float:
+    import shmkit
+    st = shmkit.Store(None, size=16 << 20)
+    try:
+        return _put_batches(st, n)
+    finally:
+        st.close()
+
+
+@workload(GET_BATCH, unit="kops/s", system="redis-py HMGET of 256 fields", requires=REQ,
+          reference=True)
+def get_batch_redis_py(n: int) -> float:
+    _filled()
+    r = _client()
+    keys = [b"\x03" + k for k in _order(n)]
+    t0 = time.perf_counter()
+    for i in range(0, n, BATCH):
+        r.hmget("bench:direct-get", keys[i:i + BATCH])
+    return time.perf_counter() - t0
+
+
+@workload(GET_BATCH, system="shmkit Redis Store, get_many", requires=REQ)
+def get_batch_backend(n: int) -> float:
+    _filled()
+    st = _ns().Store("store-get")
+    keys = _order(n)
+    t0 = time.perf_counter()
+    for i in range(0, n, BATCH):
+        st.get_many(keys[i:i + BATCH])
+    return time.perf_counter() - t0
+
+
+@workload(GET_BATCH, system="shmkit.Store (local), get_many")
+def get_batch_local(n: int) -> float:
+    st = _local_store()
+    keys = _order(n)
+    t0 = time.perf_counter()
+    for i in range(0, n, BATCH):
+        st.get_many(keys[i:i + BATCH])
     return time.perf_counter() - t0
 
 

@@ -48,6 +48,7 @@ __all__ = ["Store", "encode_key", "decode_key", "encode_value", "decode_value"]
 
 KT_INT, KT_STR, KT_BYTES = 1, 2, 3
 VT_BYTES, VT_STR, VT_INT, VT_FLOAT, VT_FALSE, VT_TRUE, VT_NONE = 1, 2, 3, 4, 5, 6, 7
+_KT_BYTES_HEAD, _VT_BYTES_HEAD = bytes((KT_BYTES,)), bytes((VT_BYTES,))
 MAX_KEY = 1 << 20  # as the shared-memory store (table.h MAX_KEY)
 MAX_VALUE = (512 << 20) - 1  # Redis's largest string (proto-max-bulk-len), less the type byte
 _SCAN = 512
@@ -98,6 +99,8 @@ def _int_bytes(v: int) -> bytes:
 
 def encode_key(key: object) -> bytes:
     """The hash field of ``key``: its type byte and bytes, as the local store keeps them."""
+    if type(key) is bytes and len(key) <= MAX_KEY:  # the usual key, in one step
+        return _KT_BYTES_HEAD + key
     if isinstance(key, str):
         data = key.encode("utf-8")
         kt = KT_STR
@@ -395,11 +398,17 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         if len(default) > 1:
             raise TypeError(f"get_many() takes at most 2 arguments ({len(default) + 1} given)")
         keys = list(keys)
-        fields = [encode_key(k) for k in keys]
+        head = _KT_BYTES_HEAD  # encode_key's usual case, without a call per key
+        fields = [head + k if type(k) is bytes and len(k) <= MAX_KEY else encode_key(k)
+                  for k in keys]
         if not fields:
             return []
         # bytes or nil, as _base.as_bytes_or_none says
         raws = cast("list[bytes | None]", self._r.hmget(self._key, fields))
+        if self._batch is None and None not in raws:  # every key there: decode in one pass
+            pickled = self._pickled
+            return [r[1:] if r[:1] == _VT_BYTES_HEAD else decode_value(r, pickled)
+                    for r in cast("list[bytes]", raws)]
         out: list[Any] = []
         for key, field, raw in zip(keys, fields, raws):
             if self._batch is not None and field in self._overlay:
