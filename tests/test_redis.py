@@ -484,9 +484,10 @@ def test_on_a_cluster_each_objects_keys_share_one_slot_and_processes_meet(
 
 def test_objects_made_with_the_older_key_layout_are_refused(ns: Any) -> None:
     ns.r.hset(f"{ns.prefix}:old:meta", mapping={"kind": "store", "format": "1"})
-    with pytest.raises(shmkit.FormatVersionError, match="older shmkit .format 1"):
-        ns.Store("old")
-    assert not ns.r.exists(f"{ns.prefix}:{{old}}:meta")  # nothing made beside it
+    for create in (None, True, False):  # created and removed again, or not found
+        with pytest.raises(shmkit.FormatVersionError, match="older shmkit .format 1"):
+            ns.Store("old", create=create)
+        assert not ns.r.exists(f"{ns.prefix}:{{old}}:meta")  # nothing left beside it
 
 
 def test_values_have_the_local_encoding(ns: Any, name: str) -> None:

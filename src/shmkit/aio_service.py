@@ -34,7 +34,7 @@ import inspect
 import pickle
 import threading
 import time
-from typing import Any, Callable, cast
+from typing import Any, Callable, TypeVar, cast
 
 from . import service as _service
 from .aio import Channel
@@ -120,6 +120,9 @@ class Service(_service.Service):
         self.close()
 
 
+_Own = TypeVar("_Own", bound="_OwnRequests")
+
+
 class _OwnRequests:
     """A worker or client of a blocking service's handle opens its own
     awaitable handle of the request channel, closed with it."""
@@ -134,7 +137,7 @@ class _OwnRequests:
             if own is not None:
                 own.close()
 
-    async def __aenter__(self) -> Any:
+    async def __aenter__(self: _Own) -> _Own:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

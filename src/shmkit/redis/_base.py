@@ -330,16 +330,6 @@ class RedisObject:
     def _open_meta(self, create: bool | None, fields: dict[str, Any]) -> dict[str, str]:
         """Create or open the meta hash; check kind and format.  Returns its fields."""
         mode = "either" if create is None else ("create" if create else "open")
-        old = f"{self._ns.prefix}:{self._name}:meta"
-        try:
-            made_before = self._r.exists(old)
-        except (RedisError, OSError) as e:
-            raise _translate(self._ns, e, f"open {self._what_name()}") from e
-        if made_before:
-            raise FormatVersionError(
-                f"{self._kind} {self._name!r} in {self._ns.url} was made by an older shmkit "
-                f"(format 1, keys {self._ns.prefix}:{self._name}...); this shmkit reads "
-                f"format {FORMAT}: use the shmkit that made it, or delete those keys")
         args: list[Any] = [mode, "kind", self._kind, "format", FORMAT]
         for k, v in fields.items():
             args += [k, v]
@@ -348,6 +338,10 @@ class RedisObject:
         except (RedisError, OSError) as e:
             raise _translate(self._ns, e, f"open {self._what_name()}") from e
         status = got[0]
+        if status in (0, 1):
+            # Not found, or just created: under the format 1 layout it may exist
+            # (an open of a present object, the usual case, costs no lookup)
+            self._refuse_format_1(status == 1)
         if status == 0:
             raise NotFoundError(f"no {self._kind} {self._name!r} in {self._ns.url} (prefix "
                                 f"{self._ns.prefix!r}); create it (create=None or True)")
@@ -367,6 +361,22 @@ class RedisObject:
                 f"{self._kind} {self._name!r} has shmkit Redis format {meta.get('format')}; "
                 f"this shmkit reads format {FORMAT}; use the shmkit that made it, or unlink it")
         return meta
+
+    def _refuse_format_1(self, created: bool) -> None:
+        """FormatVersionError if format 1 keys of this name exist; a meta hash
+        just created beside them is removed first."""
+        old = f"{self._ns.prefix}:{self._name}:meta"
+        try:
+            if not self._r.exists(old):
+                return
+            if created:
+                self._r.delete(self._meta_key)
+        except (RedisError, OSError) as e:
+            raise _translate(self._ns, e, f"open {self._what_name()}") from e
+        raise FormatVersionError(
+            f"{self._kind} {self._name!r} in {self._ns.url} was made by an older shmkit "
+            f"(format 1, keys {self._ns.prefix}:{self._name}...); this shmkit reads "
+            f"format {FORMAT}: use the shmkit that made it, or delete those keys")
 
     @staticmethod
     def _mismatch(what: str, name: str, param: str, asked: Any, found: Any) -> Exception:
