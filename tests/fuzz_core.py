@@ -46,7 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import fuzz  # noqa: E402  (its SRC honours SHMKIT_TEST_PATH)
 
-KINDS = ["segment", "struct", "array", "mutex", "rwlock", "event", "semaphore", "condition",
+KINDS = ["segment", "struct", "array", "service", "mutex", "rwlock", "event", "semaphore", "condition",
          "channel", "queue", "store", "heap", "topic"]
 CASE_SECONDS = float(os.environ.get("SHMKIT_CORE_FUZZ_CASE_SECONDS", "10"))
 # header fields the core itself reads (attach.c's hwm, the segment lock, the
@@ -452,6 +452,25 @@ def _kinds() -> dict:
         return CoreKind(pub[kind_name].setup, raw_bind(kind_name), raw_ops, raw_unbind,
                         allowed, raw=True)
 
+    # service: its header segment (counters and the worker table); the request
+    # channel is the channel kind's
+    def service_setup(n):
+        svc = shmkit.Service(n, 1 << 16, create=True)
+        svc._fuzz_worker = svc.worker()  # an entry in use
+        return svc
+
+    def service_ops(h, rng):
+        yield "workers", h.workers
+        yield "statistics", h.statistics
+        if rng.random() < 0.1:  # a worker's start lists /dev/shm for dead callers' channels
+            def serve():
+                with h.worker() as w:
+                    w.recv(timeout=0)
+            yield "worker", serve
+
+    def service_unbind(h):
+        h.close()
+
     # an offset past a (damaged, smaller) size is the caller's IndexError
     seg_allowed = lambda op: IndexError if op in ("read", "write", "ndarray") else ()  # noqa
 
@@ -459,6 +478,8 @@ def _kinds() -> dict:
         "segment": raw("segment", seg_allowed),
         "struct": raw("struct"),
         "array": raw("array"),
+        "service": CoreKind(service_setup, lambda obj, seg: shmkit.Service.open(seg.name),
+                            service_ops, service_unbind, raw=True),
         "mutex": CoreKind(pub["mutex"].setup, mutex_bind, mutex_ops),
         "rwlock": CoreKind(pub["rwlock"].setup, rwlock_bind, rwlock_ops),
         "event": CoreKind(pub["event"].setup, event_bind, event_ops),
@@ -477,6 +498,14 @@ def _kinds() -> dict:
 
 def _fields(kind_name: str, seg: Any) -> dict:
     """fuzz.py's field tables for the kind: header and attach table, payload."""
+    if kind_name == "service":
+        from shmkit import service
+        h = seg._hsize
+        table = service._OFF_TABLE
+        entries = {f"worker{i}.{f}": (h + table + i * service._ENTRY + off, 8)
+                   for i in range(3) for f, off in (("token", 0), ("rid", 8))}
+        return {**fuzz.header_fields(seg), "svc.magic": (h, 4), "svc.format": (h + 4, 4),
+                **{f"svc.count{i}": (h + 8 * i, 8) for i in range(1, 5)}, **entries}
     pub = fuzz._kinds()[{"queue": "channel"}.get(kind_name, kind_name)]
     return {**fuzz.header_fields(seg), **pub.fields(seg)}
 
@@ -564,7 +593,8 @@ def run(kind_name: str, name: str, seed: int, cases: int, first: int = 0) -> int
     view[:total] = image
     sub.release()
     view.release()
-    for end in (obj.close, lambda: shmkit.unlink(name)):
+    for end in (obj.close, lambda: shmkit.unlink(name),
+                lambda: kind_name == "service" and shmkit.unlink(name + ".requests")):
         try:
             end()
         except shmkit.ShmkitError:
