@@ -1,4 +1,10 @@
-"""Opening a 1 GiB segment from another process and reading one byte.
+"""Opening shared memory by name from another process.
+
+* a 1 GiB segment, reading one byte: shmkit.Segment against
+  multiprocessing.shared_memory and a bare os.open + mmap (the reference);
+* every shmkit kind of 64 MiB (Segment, Array, Channel, Store, Heap), each
+  opened by name, touched once (a byte, an element, the depth, the length,
+  the capacity) and closed, against the same two anchors on a 64 MiB file.
 
 A long-lived spawned worker does the opens, so process start-up is not timed;
 each open is still the first in that worker for that mapping (nothing cached).
@@ -41,15 +47,55 @@ def _worker(conn, system: str, name: str) -> None:
                 shm.close()
             # The stdlib registers every attach for removal at exit; undo that once.
             resource_tracker.unregister("/" + name, "shared_memory")
+        elif system in _KIND_OPEN:
+            open_and_touch = _KIND_OPEN[system]
+            for _ in range(n):
+                open_and_touch(name)
         else:
-            path = name
+            path, size = name, os.path.getsize(name)
             for _ in range(n):
                 fd = os.open(path, os.O_RDWR)
-                m = mmap.mmap(fd, SIZE)
+                m = mmap.mmap(fd, size)
                 m[0]
                 m.close()
                 os.close(fd)
         conn.send(time.perf_counter() - t0)
+
+
+def _touch_segment(name: str) -> None:
+    import shmkit
+    with shmkit.Segment.open(name) as seg:
+        seg.buf[0]
+
+
+def _touch_array(name: str) -> None:
+    import shmkit
+    with shmkit.Array.open(name) as a:
+        a.array[0]
+
+
+def _touch_channel(name: str) -> None:
+    import shmkit
+    with shmkit.Channel.open(name) as ch:
+        ch.depth
+
+
+def _touch_store(name: str) -> None:
+    import shmkit
+    with shmkit.Store.open(name) as st:
+        len(st)
+
+
+def _touch_heap(name: str) -> None:
+    import shmkit
+    with shmkit.Heap.open(name) as h:
+        h.capacity
+
+
+# "kind:<Kind>" systems: open by name, touch once, close
+_KIND_OPEN = {"kind:Segment": _touch_segment, "kind:Array": _touch_array,
+              "kind:Channel": _touch_channel, "kind:Store": _touch_store,
+              "kind:Heap": _touch_heap}
 
 
 class _Worker:
@@ -72,12 +118,51 @@ class _Worker:
 
 
 _made: dict[str, tuple[object, _Worker]] = {}
+KIND_SIZE = 64 << 20
+
+
+def _make_kind(system: str) -> tuple[object, str]:
+    import numpy as np
+
+    import shmkit
+    name = f"bench-attach-{system[5:].lower()}-{os.getpid()}"
+    kind = system[5:]
+    if kind == "Segment":
+        obj: object = shmkit.Segment(name, size=KIND_SIZE, lifetime="attached")
+    elif kind == "Array":
+        obj = shmkit.Array(name, np.uint8, (KIND_SIZE,), lifetime="attached")
+    elif kind == "Channel":
+        obj = shmkit.Channel(name, capacity=KIND_SIZE, lifetime="attached")
+    elif kind == "Store":
+        obj = shmkit.Store(name, size=KIND_SIZE, lifetime="attached")
+    else:
+        obj = shmkit.Heap(name, size=KIND_SIZE, lifetime="attached")
+    return obj, name
 
 
 def _setup(system: str):
     if system in _made:
         return _made[system][1]
-    if system == "shmkit":
+    if system in _KIND_OPEN:
+        obj, name = _make_kind(system)
+    elif system in ("mp.shared_memory 64 MiB", "bare 64 MiB"):
+        size = KIND_SIZE
+        if system.startswith("mp."):
+            from multiprocessing import shared_memory
+            obj = shared_memory.SharedMemory(create=True, size=size)
+            name = obj.name
+            system_base = "mp.shared_memory"
+        else:
+            name = f"/dev/shm/bench-bare64-{os.getpid()}"
+            fd = os.open(name, os.O_CREAT | os.O_RDWR, 0o600)
+            os.posix_fallocate(fd, 0, size)
+            os.close(fd)
+            obj = name
+            system_base = "bare"
+        w = _Worker(system_base, name)
+        _made[system] = (obj, w)
+        return w
+    elif system == "shmkit":
         import shmkit
 
         obj = shmkit.Segment(f"bench-open-{os.getpid()}", size=SIZE, lifetime="attached")
@@ -101,9 +186,9 @@ def _setup(system: str):
 def _cleanup() -> None:
     for system, (obj, w) in list(_made.items()):
         w.stop()
-        if system == "shmkit":
+        if system == "shmkit" or system in _KIND_OPEN:
             obj.close()
-        elif system == "mp.shared_memory":
+        elif system.startswith("mp.shared_memory"):
             obj.close()
             obj.unlink()
         else:
@@ -165,3 +250,27 @@ def mp_queue_array(n: int) -> float:
           system="shmkit.Segment (open by name)", reference=True)
 def shmkit_segment_array(n: int) -> float:
     return _setup("shmkit").run(n)
+
+
+KINDS = "attach: open each kind of 64 MiB by name in another process, touch it, close"
+
+
+@workload(KINDS, unit="µs/op", system="bare os.open + mmap", reference=True)
+def kinds_bare(n: int) -> float:
+    return _setup("bare 64 MiB").run(n)
+
+
+@workload(KINDS, system="multiprocessing.shared_memory")
+def kinds_mp(n: int) -> float:
+    return _setup("mp.shared_memory 64 MiB").run(n)
+
+
+def _kind_workload(kind: str) -> None:
+    @workload(KINDS, system=f"shmkit.{kind}.open")
+    def run(n: int) -> float:
+        return _setup(f"kind:{kind}").run(n)
+    run.__name__ = f"kinds_{kind.lower()}"
+
+
+for _kind in ("Segment", "Array", "Channel", "Store", "Heap"):
+    _kind_workload(_kind)
