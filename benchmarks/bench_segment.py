@@ -140,45 +140,36 @@ def _make_kind(system: str) -> tuple[object, str]:
     return obj, name
 
 
+def _make_anchor(base: str, size: int) -> tuple[object, str]:
+    """A multiprocessing.shared_memory block or a bare /dev/shm file of ``size``."""
+    if base == "mp.shared_memory":
+        from multiprocessing import shared_memory
+        shm = shared_memory.SharedMemory(create=True, size=size)
+        return shm, shm.name
+    name = f"/dev/shm/bench-bare-{size >> 20}m-{os.getpid()}"
+    fd = os.open(name, os.O_CREAT | os.O_RDWR, 0o600)
+    os.posix_fallocate(fd, 0, size)
+    os.close(fd)
+    return name, name
+
+
 def _setup(system: str):
+    """The worker of ``system`` (made once): "shmkit" (1 GiB segment), "kind:<Kind>"
+    (64 MiB), or an anchor, "bare" or "mp.shared_memory", with " 64 MiB" for the small one."""
     if system in _made:
         return _made[system][1]
+    base = system
     if system in _KIND_OPEN:
         obj, name = _make_kind(system)
-    elif system in ("mp.shared_memory 64 MiB", "bare 64 MiB"):
-        size = KIND_SIZE
-        if system.startswith("mp."):
-            from multiprocessing import shared_memory
-            obj = shared_memory.SharedMemory(create=True, size=size)
-            name = obj.name
-            system_base = "mp.shared_memory"
-        else:
-            name = f"/dev/shm/bench-bare64-{os.getpid()}"
-            fd = os.open(name, os.O_CREAT | os.O_RDWR, 0o600)
-            os.posix_fallocate(fd, 0, size)
-            os.close(fd)
-            obj = name
-            system_base = "bare"
-        w = _Worker(system_base, name)
-        _made[system] = (obj, w)
-        return w
     elif system == "shmkit":
         import shmkit
 
         obj = shmkit.Segment(f"bench-open-{os.getpid()}", size=SIZE, lifetime="attached")
         name = obj.name
-    elif system == "mp.shared_memory":
-        from multiprocessing import shared_memory
-
-        obj = shared_memory.SharedMemory(create=True, size=SIZE)
-        name = obj.name
     else:
-        name = f"/dev/shm/bench-bare-{os.getpid()}"
-        fd = os.open(name, os.O_CREAT | os.O_RDWR, 0o600)
-        os.posix_fallocate(fd, 0, SIZE)
-        os.close(fd)
-        obj = name
-    w = _Worker(system, name)
+        base, _, small = system.partition(" ")
+        obj, name = _make_anchor(base, KIND_SIZE if small else SIZE)
+    w = _Worker(base, name)
     _made[system] = (obj, w)
     return w
 
