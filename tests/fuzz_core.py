@@ -59,6 +59,24 @@ Ops = Iterator[tuple[str, Callable[[], Any]]]
 # -- per kind: bind a core object over the mapping and run its operations --
 
 
+def _loan(obj: Any, rng: random.Random) -> None:
+    """A loan of a ring or topic: reserve, write in place, then send or abandon
+    (or, one time in ten, leave it to be dropped unsent)."""
+    loan = obj.loan(rng.choice([0, 1, 8, rng.randrange(300)]), timeout=0)
+    try:
+        buf = loan.buffer
+        with memoryview(buf) as mv:
+            mv[:8] = b"\xa5" * min(8, mv.nbytes)
+        del buf
+        r = rng.random()
+        if r < 0.6:
+            loan.send()
+        elif r < 0.9:
+            loan.abandon()
+    finally:
+        del loan
+
+
 class CoreKind:
     """setup(name) -> public object (fuzz.py's); bind(obj, seg) -> core state;
     ops(state, rng) -> (op, fn) pairs; unbind(state) after the ops."""
@@ -234,6 +252,7 @@ def _kinds() -> dict:
             finally:
                 v.release()
         yield "take", take
+        yield "loan", lambda: _loan(r, rng)
         yield "stats", r._stats
         yield "wait_ready", lambda: _core.wait_ready([(_core.W_RING_DATA, r, 0, 0),
                                                       (_core.W_RING_SPACE, r, 0, 64)], 0)
@@ -301,6 +320,7 @@ def _kinds() -> dict:
                     v.release()
         yield "recv", recv
         yield "take", take
+        yield "loan", lambda: _loan(t, rng)
         yield "stats", t._stats
         if subs and rng.random() < 0.3:
             yield "unsubscribe", lambda: subs.pop().close()
