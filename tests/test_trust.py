@@ -280,6 +280,39 @@ def test_gc_never_removes_a_live_object_whose_magic_was_zeroed(name):
         child.wait(30)
 
 
+def test_a_damaged_slot_count_never_lets_a_closer_remove_what_others_hold(name):
+    """An "attached" segment is removed by its last closer, which proves it is
+    last by locking every slot byte.  A header whose max_slots was lowered
+    (to a count that keeps the header's size, so that opens accept it) used
+    to narrow that lock: a closer then missed the holders above the count and
+    removed the name they still held.  (Found by the core fuzzer's segment
+    kind.)"""
+    import struct
+
+    from shmkit import segment as segment_mod
+
+    owner = shmkit.Segment(name, size=4096, lifetime="attached", max_attach=256)
+    size = segment_mod._header_size(256)
+    fewer = min(n for n in range(1, 257) if segment_mod._header_size(n) == size)
+    holders = [owner]
+    while holders[-1]._token & 0x3FF < fewer:  # slots are taken from pid % 256 upwards
+        holders.append(shmkit.Segment.open(name))
+    high = holders.pop()
+    for h in holders:
+        h.close()
+    with open(_path(name), "r+b") as f:  # max_slots: u32 at offset 20
+        f.seek(20)
+        f.write(struct.pack("<I", fewer))
+    try:
+        other = shmkit.Segment.open(name)
+        assert other._max_slots == fewer  # the damaged header was accepted
+        other.close()
+        assert os.path.exists(_path(name)), "a closer removed a segment still held"
+    finally:
+        high.close()
+    assert not os.path.exists(_path(name))  # the real last closer still removes it
+
+
 # -- 6. killed creators -------------------------------------------------------------
 
 

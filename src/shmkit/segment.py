@@ -94,6 +94,9 @@ _LAYOUT_MAX = _HEADER_BYTES - _LAYOUT_OFF
 _SLOT = _core.SLOT_SIZE
 _SLOT_LOCK_BASE = _core.SLOT_LOCK_BASE
 _READER_BYTE = 1  # shared lock held by readonly attachments
+# the reader byte and every slot byte there can be: locked whole, it proves that
+# nobody is attached, whatever a (perhaps damaged) header says of max_slots
+_ATTACH_SPAN = _SLOT_LOCK_BASE + _core.MAX_SLOTS - _READER_BYTE
 _FLAG_ATTACHED = 1
 
 DEFAULT_MAX_ATTACH = 256
@@ -752,7 +755,7 @@ class Segment(Closing):
         init lock first.
         """
         where = repr(self._name)
-        span = _SLOT_LOCK_BASE + _core.MAX_SLOTS - _READER_BYTE
+        span = _ATTACH_SPAN
         if _core.ofd_held(fd, _READER_BYTE, span):
             raise CorruptError(
                 f"{where} has no valid magic bytes, yet processes are attached to it: "
@@ -882,7 +885,9 @@ class Segment(Closing):
             except OSError:
                 return False
         try:
-            if _core.ofd_lock(fd, 1, _SLOT_LOCK_BASE + self._max_slots - 1):
+            # Every slot byte there can be, not the header's max_slots: a
+            # damaged (smaller) count would hide the holders above it.
+            if _core.ofd_lock(fd, _READER_BYTE, _ATTACH_SPAN):
                 try:
                     here = os.stat(self._path, follow_symlinks=False)
                     mine = os.fstat(self._fd)
