@@ -280,37 +280,77 @@ def test_gc_never_removes_a_live_object_whose_magic_was_zeroed(name):
         child.wait(30)
 
 
-def test_a_damaged_slot_count_never_lets_a_closer_remove_what_others_hold(name):
-    """An "attached" segment is removed by its last closer, which proves it is
-    last by locking every slot byte.  A header whose max_slots was lowered
-    (to a count that keeps the header's size, so that opens accept it) used
-    to narrow that lock: a closer then missed the holders above the count and
-    removed the name they still held.  (Found by the core fuzzer's segment
-    kind.)"""
+@pytest.mark.parametrize("kind", ["segment", "mutex"])
+def test_a_lowered_slot_count_is_refused_while_a_holder_is_above_it(name, kind):
+    """The header's max_slots, lowered to a count that keeps the header's
+    size (so the header check accepts it), used to make a new handle take
+    every holder above the count for dead: it stole a held Mutex ("its
+    previous holder died"), and as the last closer of an "attached" segment
+    it removed the name they held.  (Found by the core fuzzer's segment
+    kind.)  An open now refuses such a header, and a closer proves it is
+    last over every slot byte there can be."""
     import struct
 
     from shmkit import segment as segment_mod
 
-    owner = shmkit.Segment(name, size=4096, lifetime="attached", max_attach=256)
     size = segment_mod._header_size(256)
     fewer = min(n for n in range(1, 257) if segment_mod._header_size(n) == size)
-    holders = [owner]
-    while holders[-1]._token & 0x3FF < fewer:  # slots are taken from pid % 256 upwards
-        holders.append(shmkit.Segment.open(name))
+    if kind == "segment":
+        make, reopen = (lambda: shmkit.Segment(name, size=4096, lifetime="attached",
+                                               max_attach=256),
+                        lambda: shmkit.Segment.open(name))
+    else:
+        make, reopen = (lambda: shmkit.Mutex(name, max_attach=256),
+                        lambda: shmkit.Mutex.open(name))
+    holders = [make()]
+    seg_of = (lambda h: h) if kind == "segment" else (lambda h: h._seg)
+    while seg_of(holders[-1])._token & 0x3FF < fewer:  # slots go from pid % 256 upwards
+        holders.append(reopen())
     high = holders.pop()
     for h in holders:
         h.close()
+    if kind == "mutex":
+        assert high.acquire(timeout=1)
     with open(_path(name), "r+b") as f:  # max_slots: u32 at offset 20
         f.seek(20)
         f.write(struct.pack("<I", fewer))
     try:
-        other = shmkit.Segment.open(name)
-        assert other._max_slots == fewer  # the damaged header was accepted
-        other.close()
-        assert os.path.exists(_path(name)), "a closer removed a segment still held"
+        with pytest.raises(shmkit.CorruptError, match="header was damaged"):
+            reopen()
+        assert os.path.exists(_path(name))
+        if kind == "mutex":
+            assert high.locked()
+            high.release()
     finally:
         high.close()
-    assert not os.path.exists(_path(name))  # the real last closer still removes it
+    if kind == "segment":
+        assert not os.path.exists(_path(name))  # its real last closer still removes it
+    else:
+        shmkit.unlink(name)
+
+
+def test_a_closer_proves_it_is_last_over_every_slot_there_can_be(name):
+    """The closer's own check, without the open's: a handle that opened
+    before the count was lowered, closing after, still sees a holder above
+    it (it locks every slot byte, not the header's count)."""
+    import struct
+
+    from shmkit import segment as segment_mod
+
+    size = segment_mod._header_size(256)
+    fewer = min(n for n in range(1, 257) if segment_mod._header_size(n) == size)
+    holders = [shmkit.Segment(name, size=4096, lifetime="attached", max_attach=256)]
+    while holders[-1]._token & 0x3FF < fewer:
+        holders.append(shmkit.Segment.open(name))
+    high = holders.pop()
+    closer = holders.pop(0)
+    for h in holders:
+        h.close()
+    closer._max_slots = fewer  # as if it had opened the lowered header
+    closer.close()
+    assert os.path.exists(_path(name)), "a closer removed a segment still held"
+    high.close()
+    assert not os.path.exists(_path(name))
 
 
 # -- 6. killed creators -------------------------------------------------------------

@@ -248,6 +248,19 @@ def _map(fd: int, reserve: int, length: int, where: str, readonly: bool = False)
         raise
 
 
+def _check_slot_count(fd: int, max_slots: int, where: str) -> None:
+    """CorruptError if a live process holds an attach slot at or above the
+    header's ``max_slots``: the count was damaged (lowered to one that keeps
+    the header's size, which the header check cannot see), and this handle
+    would take those holders for dead and their locks for free."""
+    if max_slots < _core.MAX_SLOTS and _core.ofd_held(
+            fd, _SLOT_LOCK_BASE + max_slots, _core.MAX_SLOTS - max_slots):
+        raise CorruptError(
+            f"{where}'s header says it has {max_slots} attach slots, yet a live process "
+            "holds one beyond them: its header was damaged. Copy out what you need, then "
+            "remove it with `shmkit rm` and create it again")
+
+
 class _Header:
     """The fixed header fields, decoded and checked (everything is untrusted)."""
 
@@ -691,6 +704,7 @@ class Segment(Closing):
             st = os.fstat(fd)
             _check_trust(st, where, self._path, self._trust_uid)  # before reading a byte
             head = self._wait_ready(fd, may_create, st)
+            _check_slot_count(fd, head.max_slots, where)
             if head.kind != kind:
                 raise WrongKindError(
                     f"{self._name!r} is a {head.kind.name.lower()}, not a "
