@@ -704,7 +704,6 @@ class Segment(Closing):
             st = os.fstat(fd)
             _check_trust(st, where, self._path, self._trust_uid)  # before reading a byte
             head = self._wait_ready(fd, may_create, st)
-            _check_slot_count(fd, head.max_slots, where)
             if head.kind != kind:
                 raise WrongKindError(
                     f"{self._name!r} is a {head.kind.name.lower()}, not a "
@@ -820,6 +819,14 @@ class Segment(Closing):
         mapping.max_slots = max_slots
         self._closed = False
         self._claim_slot()
+        if head is not None:
+            # Only with our slot held: nobody can then hold every slot byte
+            # (gc, a last closer), so a byte held above the count is a holder.
+            try:
+                _check_slot_count(fd, max_slots, repr(self._name))
+            except CorruptError:
+                self._detach()
+                raise
         _live[id(self)] = weakref.ref(self)
 
     def _claim_slot(self) -> None:
