@@ -413,10 +413,11 @@ def _bridge_rate(n: int, batch: str, topic: bool = False) -> float:
     local = (shmkit.Topic(name, capacity=8 << 20) if topic
              else shmkit.Channel(name, capacity=8 << 20))
     extra = ["--batch", batch] + (["--topic"] if topic else [])
-    p = _bridge_proc("to", name, name, *extra)
     r = _client()
     key = _ns().key(name)
-    try:
+    p = None
+    try:  # the local object is removed even when the bridge does not start
+        p = _bridge_proc("to", name, name, *extra)
         if topic:  # the bridge subscribes once it runs: wait for it
             while not local.statistics()["subscribers"]:
                 time.sleep(0.01)
@@ -430,7 +431,8 @@ def _bridge_rate(n: int, batch: str, topic: bool = False) -> float:
             time.sleep(0.001)
         return time.perf_counter() - t0
     finally:
-        _end(p)
+        if p is not None:
+            _end(p)
         r.delete(key, key + ":meta")
         local.close()
         shmkit.unlink(name)
@@ -494,9 +496,10 @@ def bridge_rt(n: int) -> float:
     a_name, b_name = f"ba-{secrets.token_hex(4)}", f"bb-{secrets.token_hex(4)}"
     wire = f"wire-{secrets.token_hex(4)}"
     a, b = shmkit.Channel(a_name), shmkit.Channel(b_name)
-    to = _bridge_proc("to", a_name, wire)
-    frm = _bridge_proc("from", b_name, wire)
-    try:
+    bridges: list[subprocess.Popen] = []
+    try:  # the local channels are removed even when a bridge does not start
+        bridges.append(_bridge_proc("to", a_name, wire))
+        bridges.append(_bridge_proc("from", b_name, wire))
         a.send(MSG)
         b.recv(timeout=60)  # both bridges carry messages
         t0 = time.perf_counter()
@@ -505,8 +508,8 @@ def bridge_rt(n: int) -> float:
             b.recv(timeout=60)
         return time.perf_counter() - t0
     finally:
-        _end(to)
-        _end(frm)
+        for p in bridges:
+            _end(p)
         _client().delete(*_client().keys(f"bench:{{{wire}}}*"))
         for ch, name in ((a, a_name), (b, b_name)):
             ch.close()
