@@ -950,19 +950,10 @@ class Queue(SharedObject):
             data = _dumps(obj, 5, buffer_callback=_in_band)
         except _BigBuffer:
             data = None
-        else:
-            if len(data) < self._oob_limit:  # the usual case, in as few steps as it can be
-                try:
-                    if block:
-                        self._send(data, timeout)
-                    else:
-                        self._send_nowait(data)
-                    return
-                except Timeout:
-                    raise Full(f"queue {self.name!r} stayed full for {timeout} s") from None
-        data, out = _pack(obj, self._path, self._oob_limit - 1, self.name, data)
-        if out is not None:
-            return self._put_out_of_band(data, out, block, timeout)
+        if data is None or len(data) >= self._oob_limit:
+            data, out = _pack(obj, self._path, self._oob_limit - 1, self.name, data)
+            if out is not None:
+                return self._put_out_of_band(data, out, block, timeout)
         try:
             if block:
                 self._send(data, timeout)

@@ -43,6 +43,7 @@ from .errors import (
     ShmkitError,
 )
 from .segment import (
+    _ATTACH_SPAN,
     _FLAG_ATTACHED,
     _HEADER_BYTES,
     _READER_BYTE,
@@ -99,8 +100,6 @@ _WAITERS_BIT = 0x80000000
 _TMP_SUFFIX = ".tmp"
 _TMP_PREFIX = "." + PREFIX
 _TMP_GRACE = 60.0  # seconds: a temp file this old is no creator's work in progress
-# Every byte an attachment can lock: the read-only byte and all possible slots.
-_ATTACH_SPAN = (_READER_BYTE, _SLOT_BASE + _core.MAX_SLOTS - _READER_BYTE)
 
 
 def _anyone_attached(fd: int) -> bool:

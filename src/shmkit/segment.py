@@ -94,9 +94,10 @@ _LAYOUT_MAX = _HEADER_BYTES - _LAYOUT_OFF
 _SLOT = _core.SLOT_SIZE
 _SLOT_LOCK_BASE = _core.SLOT_LOCK_BASE
 _READER_BYTE = 1  # shared lock held by readonly attachments
-# the reader byte and every slot byte there can be: locked whole, it proves that
-# nobody is attached, whatever a (perhaps damaged) header says of max_slots
-_ATTACH_SPAN = _SLOT_LOCK_BASE + _core.MAX_SLOTS - _READER_BYTE
+# (start, length) of every byte an attachment can lock: the read-only byte and
+# all possible slots.  Locked whole, it proves that nobody is attached, whatever
+# a (perhaps damaged) header says of max_slots.
+_ATTACH_SPAN = (_READER_BYTE, _SLOT_LOCK_BASE + _core.MAX_SLOTS - _READER_BYTE)
 _FLAG_ATTACHED = 1
 
 DEFAULT_MAX_ATTACH = 256
@@ -768,8 +769,7 @@ class Segment(Closing):
         init lock first.
         """
         where = repr(self._name)
-        span = _ATTACH_SPAN
-        if _core.ofd_held(fd, _READER_BYTE, span):
+        if _core.ofd_held(fd, *_ATTACH_SPAN):
             raise CorruptError(
                 f"{where} has no valid magic bytes, yet processes are attached to it: "
                 "someone overwrote its header; its data can no longer be trusted. Copy "
@@ -782,9 +782,9 @@ class Segment(Closing):
         if not _core.ofd_lock(fd, _core.INIT_LOCK_BYTE, 1):
             return  # someone else is recovering or creating: wait for them
         # Hold every attach byte too: nobody can attach while we decide.
-        if not _core.ofd_lock(fd, _READER_BYTE, span) or os.pread(fd, 8, 0) == MAGIC:
+        if not _core.ofd_lock(fd, *_ATTACH_SPAN) or os.pread(fd, 8, 0) == MAGIC:
             # Someone attached, or it was published meanwhile: look again.
-            _core.ofd_unlock(fd, _READER_BYTE, span)
+            _core.ofd_unlock(fd, *_ATTACH_SPAN)
             _core.ofd_unlock(fd, _core.INIT_LOCK_BYTE, 1)
             return
         try:
@@ -908,7 +908,7 @@ class Segment(Closing):
         try:
             # Every slot byte there can be, not the header's max_slots: a
             # damaged (smaller) count would hide the holders above it.
-            if _core.ofd_lock(fd, _READER_BYTE, _ATTACH_SPAN):
+            if _core.ofd_lock(fd, *_ATTACH_SPAN):
                 try:
                     here = os.stat(self._path, follow_symlinks=False)
                     mine = os.fstat(self._fd)

@@ -398,9 +398,7 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         if len(default) > 1:
             raise TypeError(f"get_many() takes at most 2 arguments ({len(default) + 1} given)")
         keys = list(keys)
-        head = _KT_BYTES_HEAD  # encode_key's usual case, without a call per key
-        fields = [head + k if type(k) is bytes and len(k) <= MAX_KEY else encode_key(k)
-                  for k in keys]
+        fields = [encode_key(k) for k in keys]
         if not fields:
             return []
         # bytes or nil, as _base.as_bytes_or_none says
