@@ -421,3 +421,19 @@ def test_sigkill_producers_and_consumers(name, monkeypatch):
 @pytest.mark.stress
 def test_sigkill_producers_and_consumers_stress(name, monkeypatch):
     _kill_loop(name, 60, monkeypatch)
+
+
+@pytest.mark.parametrize("n", [100_000, 99_999, 131_072])
+def test_a_big_array_whose_bytes_end_mid_page_arrives_whole(name, n):
+    """A payload file is as long as its message says (page-rounded) even when
+    its last buffer ends mid-page: an 800,000-byte array used to arrive as
+    CorruptError ("holds 804096 bytes, not the 806912 its message names")."""
+    q = shmkit.Queue(name=name)
+    try:
+        a = np.arange(n, dtype=np.float64)
+        q.put(a)
+        b = q.get(timeout=5)
+        assert b.shape == a.shape and (b == a).all()
+    finally:
+        q.close()
+        q.unlink()

@@ -237,6 +237,9 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
         _core.ofd_lock(fd, 0, 1)
         head = _FILE_HEAD.pack(_FILE_MAGIC, _OOB_VERSION, size, token)
         _write_all(fd, [(0, head), *parts], what)
+        # the last buffer may end short of the page-rounded size the message
+        # names (and the receiver checks): the file is that size, whole
+        os.ftruncate(fd, size)
         try:
             os.link(tmp, path, follow_symlinks=False)
         except OSError as e:
