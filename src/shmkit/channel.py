@@ -660,7 +660,7 @@ class Channel(SharedObject, _core.Ring):
                lifetime: Any = DEFAULT, max_attach: Any = DEFAULT) -> None:
         what = self._kind.name.lower()
         try:
-            layout = seg.layout
+            layout = seg._layout
             fmt = layout.get("format")
             if fmt != FORMAT:
                 raise FormatVersionError(
@@ -929,7 +929,7 @@ class Queue(SharedObject):
     def _take(self, ch: Channel) -> None:
         self._ch = ch
         self._closed = False
-        self._maxsize = ch._seg.layout.get("max_items", 0)
+        self._maxsize = ch._seg._layout.get("max_items", 0)
         self._send, self._send_nowait = ch.send, ch.send_nowait
         self._recv, self._recv_nowait = ch.recv, ch.recv_nowait
         self._path = ch._seg.path

@@ -323,7 +323,7 @@ class Heap(SharedObject):
                max_blocks: int | None = None, max_pins: Any = DEFAULT,
                lifetime: Any = DEFAULT, max_attach: Any = DEFAULT) -> None:
         try:
-            stored = seg.layout
+            stored = seg._layout
             fmt = stored.get("format")
             if fmt != HEAP_FORMAT:
                 raise FormatVersionError(

@@ -105,7 +105,7 @@ def _as_dtype(t: Any) -> np.dtype:
 
 def _parse_layout(seg: Segment, asked: dict | None) -> tuple[np.dtype, tuple]:
     """Check the stored layout (untrusted) and compare it with the one asked for."""
-    stored = seg.layout
+    stored = seg._layout
     fmt = stored.get("format")
     if fmt != _FORMAT:
         raise FormatVersionError(

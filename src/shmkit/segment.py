@@ -105,7 +105,7 @@ DEFAULT_MAX_ATTACH = 256
 # max_size= is given; nothing is allocated.  Fixed-size kinds reserve exactly
 # their size, so tens of thousands of them fit in one process's 128 TiB.
 DEFAULT_RESERVE = 4 << 30
-_MAX_RESERVE = 1 << 46  # the largest max_size a header may claim (64 TiB)
+_MAX_RESERVE = _core.MAX_RESERVE  # the largest max_size a header may claim (64 TiB)
 _OPEN_WAIT = 10.0  # seconds to wait for a creator to finish initialising
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:@+-]{1,200}")
@@ -141,13 +141,22 @@ def _validate_name(name: str) -> str:
     return name
 
 
+_PATHS: dict[str, str] = {}  # names already validated, and their files
+
+
 def segment_path(name: str) -> str:
     """The file that backs the segment called ``name``.
 
     >>> segment_path("frames")
     '/dev/shm/shmkit.frames'
     """
-    return os.path.join(SHM_DIR, PREFIX + _validate_name(name))
+    path = _PATHS.get(name) if type(name) is str else None
+    if path is None:
+        path = os.path.join(SHM_DIR, PREFIX + _validate_name(name))
+        if len(_PATHS) >= 4096:
+            _PATHS.clear()
+        _PATHS[name] = path
+    return path
 
 
 def _resolve(name: str | None, path: str | os.PathLike[str] | None) -> tuple[str, str]:
@@ -249,30 +258,21 @@ def _map(fd: int, reserve: int, length: int, where: str, readonly: bool = False)
         raise
 
 
-def _check_slot_count(fd: int, max_slots: int, where: str) -> None:
-    """CorruptError if a live process holds an attach slot at or above the
-    header's ``max_slots``: the count was damaged (lowered to one that keeps
-    the header's size, which the header check cannot see), and this handle
-    would take those holders for dead and their locks for free."""
-    if max_slots < _core.MAX_SLOTS and _core.ofd_held(
-            fd, _SLOT_LOCK_BASE + max_slots, _core.MAX_SLOTS - max_slots):
-        raise CorruptError(
-            f"{where}'s header says it has {max_slots} attach slots, yet a live process "
-            "holds one beyond them: its header was damaged. Copy out what you need, then "
-            "remove it with `shmkit rm` and create it again")
-
-
 class _Header:
-    """The fixed header fields, decoded and checked (everything is untrusted)."""
+    """The fixed header fields, decoded and checked (everything is untrusted).
+
+    The checks themselves are the core's (``_core.header_problem``, the same
+    that ``_core.open_segment`` makes); this says what each failure means."""
 
     def __init__(self, raw: bytes, where: str, file_size: int) -> None:
         (magic, self.version, kind, self.flags, self.max_slots, self.header_size,
          self.size, self.max_size, self.created_ns, self.creator_pid, _lock,
          self.resizes, self.hwm, layout_len) = _HEADER.unpack_from(raw)
-        if magic != MAGIC:
+        problem = _core.header_problem(raw, file_size)
+        if problem == "magic":
             raise CorruptError(f"{where} is not a shmkit segment (bad magic {magic!r}); "
                                "remove it with `shmkit rm` if it is yours")
-        if self.version != FORMAT_VERSION:
+        if problem == "version":
             raise FormatVersionError(
                 f"{where} has data format version {self.version}; this shmkit reads "
                 f"version {FORMAT_VERSION}. Use the shmkit that made it, or remove it "
@@ -281,27 +281,45 @@ class _Header:
         if known is None:
             raise CorruptError(f"{where} has an unknown kind {kind}")
         self.kind: Kind = known
-        if not 1 <= self.max_slots <= _core.MAX_SLOTS:
-            raise CorruptError(f"{where} has an impossible attach-table size {self.max_slots}")
-        if self.header_size != _header_size(self.max_slots):
-            raise CorruptError(f"{where} has an inconsistent header size {self.header_size}")
-        if not (self.size <= self.max_size <= _MAX_RESERVE):
-            raise CorruptError(f"{where} has size {self.size} beyond its maximum {self.max_size}")
-        if file_size < self.header_size:
-            raise CorruptError(f"{where}'s file holds only {file_size} bytes, less than "
-                               f"its {self.header_size}-byte header")
-        if file_size - self.header_size < self.size:
-            raise CorruptError(f"{where} claims {self.size} bytes of payload but its file "
-                               f"holds only {file_size - self.header_size} after the header")
-        if layout_len > _LAYOUT_MAX:
-            raise CorruptError(f"{where} has a layout description of {layout_len} bytes")
-        text = raw[_LAYOUT_OFF:_LAYOUT_OFF + layout_len]
-        try:
-            self.layout = json.loads(text) if layout_len and text != b"{}" else {}
-        except ValueError:
-            raise CorruptError(f"{where} has an unreadable layout description") from None
-        if not isinstance(self.layout, dict):
-            raise CorruptError(f"{where} has a layout description that is not an object")
+        if problem is not None:
+            raise CorruptError(where + {
+                "slots": f" has an impossible attach-table size {self.max_slots}",
+                "header_size": f" has an inconsistent header size {self.header_size}",
+                "size": f" has size {self.size} beyond its maximum {self.max_size}",
+                "file_header": f"'s file holds only {file_size} bytes, less than its "
+                               f"{self.header_size}-byte header",
+                "file_payload": f" claims {self.size} bytes of payload but its file holds "
+                                f"only {file_size - self.header_size} after the header",
+                "layout_len": f" has a layout description of {layout_len} bytes",
+            }[problem])
+        self.layout_text = raw[_LAYOUT_OFF:_LAYOUT_OFF + layout_len]
+        self.layout = _decode_layout(self.layout_text, where)
+
+
+_LAYOUTS: dict[bytes, dict[str, Any]] = {}  # decoded layouts: objects of a kind share few
+
+
+def _layout_of(text: bytes, where: str) -> dict[str, Any]:
+    """The layout ``text`` describes, decoded once per distinct text; shared,
+    so never changed (``Segment.layout`` hands users their own copy)."""
+    layout = _LAYOUTS.get(text)
+    if layout is None:
+        layout = _decode_layout(text, where)
+        if len(_LAYOUTS) >= 4096:
+            _LAYOUTS.clear()
+        _LAYOUTS[text] = layout
+    return layout
+
+
+def _decode_layout(text: bytes, where: str) -> dict[str, Any]:
+    """The layout description (JSON) of a checked header."""
+    try:
+        layout = json.loads(text) if text and text != b"{}" else {}
+    except ValueError:
+        raise CorruptError(f"{where} has an unreadable layout description") from None
+    if not isinstance(layout, dict):
+        raise CorruptError(f"{where} has a layout description that is not an object")
+    return layout
 
 
 def mismatch(what: str, name: str, param: str, asked: Any, found: Any) -> MismatchError:
@@ -681,6 +699,26 @@ class Segment(Closing):
         self._detach()
 
     def _open_file(self, kind: Kind, may_create: bool = False) -> None:
+        # The common case, a published object that passes every check, in one
+        # call of the core; it returns None (leaving nothing open) for all
+        # else, which the steps below handle: they wait for a creator,
+        # recover a half-created file, or raise the error that fits.
+        got = _core.open_segment(os.fsencode(self._path), not self._readonly, kind,
+                                 -1 if self._trust_uid is None else self._trust_uid,
+                                 _pid, _process_name())
+        if got is not None:
+            fd, mapping, flags, max_slots, hsize, _size, max_size, created_ns, creator, \
+                text = got
+            self._keep(fd, mapping, hsize, flags, max_slots, max_size, created_ns, creator,
+                       text)
+            self._token = mapping.token
+            _live[id(self)] = weakref.ref(self)
+            try:
+                self._layout = _layout_of(text, repr(self._name))
+            except CorruptError:
+                self._detach()
+                raise
+            return
         where = repr(self._name)
         # Never read what is not a regular file: O_NONBLOCK makes opening a
         # FIFO return at once (a socket fails with ENXIO, a directory opened
@@ -798,49 +836,55 @@ class Segment(Closing):
 
     def _setup(self, fd: int, mapping: Any, header_size: int,
                head: "_Header | None" = None) -> None:
-        self._fd = fd
-        self._mapping = mapping
-        self._hsize = header_size
         if head is not None:
             # The header as it was checked: another process may change the
             # mapping's copy at any time, and the attach table and the
             # reservation were sized from these values.
-            flags, max_slots, max_size = head.flags, head.max_slots, head.max_size
-            created_ns, creator_pid = head.created_ns, head.creator_pid
+            self._keep(fd, mapping, header_size, head.flags, head.max_slots, head.max_size,
+                       head.created_ns, head.creator_pid, head.layout_text)
         else:  # just created by this process
-            (_m, _v, _k, flags, max_slots, _h, _s, max_size, created_ns, creator_pid, *_r
-             ) = _HEADER.unpack_from(mapping)
+            (_m, _v, _k, flags, max_slots, _h, _s, max_size, created_ns, creator_pid, *_r,
+             layout_len) = _HEADER.unpack_from(mapping)
+            self._keep(fd, mapping, header_size, flags, max_slots, max_size, created_ns,
+                       creator_pid, bytes(memoryview(mapping)[_LAYOUT_OFF:_LAYOUT_OFF
+                                                              + layout_len]))
+        self._layout = _layout_of(self._layout_text, repr(self._name))
+        mapping.table_off = _HEADER_BYTES
+        mapping.max_slots = self._max_slots
+        self._claim_slot()
+        _live[id(self)] = weakref.ref(self)
+
+    def _keep(self, fd: int, mapping: Any, header_size: int, flags: int, max_slots: int,
+              max_size: int, created_ns: int, creator_pid: int, layout_text: bytes) -> None:
+        """Hold the open file and mapping, and the header fields as checked."""
+        self._fd = fd
+        self._mapping = mapping
+        self._hsize = header_size
         self._flags = flags
         self._max_slots = max_slots
         self._max_size: int = max_size
         self._created_ns = created_ns
         self._creator_pid = creator_pid
-        mapping.table_off = _HEADER_BYTES
-        mapping.max_slots = max_slots
+        self._layout_text = layout_text
         self._closed = False
-        self._claim_slot()
-        if head is not None:
-            # Only with our slot held: nobody can then hold every slot byte
-            # (gc, a last closer), so a byte held above the count is a holder.
-            try:
-                _check_slot_count(fd, max_slots, repr(self._name))
-            except CorruptError:
-                self._detach()
-                raise
-        _live[id(self)] = weakref.ref(self)
 
     def _claim_slot(self) -> None:
         fd, n, m = self._fd, self._max_slots, self._mapping
         if self._readonly:
             # Fails only while a last closer holds every slot to remove it.
             for attempt in range(50):
-                if _core.attach_reader(m, fd):
+                got = _core.attach_reader(m, fd)
+                if got == -1:
+                    self._slot_count_damaged()
+                if got:
                     return
                 time.sleep(0.001)
             self._detach()
             raise BusyError(f"{self._name!r} is being removed; open it again")
         for attempt in range(50):
-            token = _core.attach_claim(m, fd, _pid % n, _process_name())
+            token = _core.attach_claim(m, fd, _pid, _process_name())
+            if token == -1:
+                self._slot_count_damaged()
             if token:
                 self._token = token
                 return
@@ -848,6 +892,17 @@ class Segment(Closing):
         self._detach()
         raise BusyError(f"all {n} attach slots of {self._name!r} are in use; close unused "
                         "handles, or create it with a larger max_attach=")
+
+    def _slot_count_damaged(self) -> None:
+        # The core found a live process holding an attach slot at or above the
+        # header's max_slots: the count was damaged (lowered to one that keeps
+        # the header's size, which the header check cannot see), and this
+        # handle would take those holders for dead and their locks for free.
+        self._detach()
+        raise CorruptError(
+            f"{self._name!r}'s header says it has {self._max_slots} attach slots, yet a "
+            "live process holds one beyond them: its header was damaged. Copy out what "
+            "you need, then remove it with `shmkit rm` and create it again")
 
     def _reattach_after_fork(self) -> None:
         # The child shares the parent's open file, and so its locks: take a
@@ -998,18 +1053,14 @@ class Segment(Closing):
 
     @property
     def layout(self) -> dict[str, Any]:
-        """The payload's layout description, as written by the creator."""
-        n = _core.load32(self._live_mapping(), 72)
-        if n > _LAYOUT_MAX:
-            raise CorruptError(f"{self._name!r} has a corrupt layout length {n}")
-        view = memoryview(self._mapping)
-        try:
-            layout: dict[str, Any] = json.loads(bytes(view[_LAYOUT_OFF:_LAYOUT_OFF + n]) or b"{}")
-            return layout
-        except ValueError:
-            raise CorruptError(f"{self._name!r} has an unreadable layout description") from None
-        finally:
-            view.release()
+        """The payload's layout description, as written by the creator (a new
+        dict each time).
+
+        >>> Segment(size=16).layout
+        {}
+        """
+        self._live_mapping()
+        return _decode_layout(self._layout_text, repr(self._name))
 
     @property
     def buf(self) -> memoryview:

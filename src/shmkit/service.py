@@ -213,7 +213,7 @@ class Service(SharedObject):
 
     @staticmethod
     def _check(seg: Segment) -> None:
-        fmt = seg.layout.get("format")
+        fmt = seg._layout.get("format")
         if fmt != FORMAT:
             raise FormatVersionError(
                 f"service {seg.name!r} has format {fmt}; this shmkit reads format {FORMAT}. "

@@ -274,7 +274,7 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
                size: int | None = None, max_size: int | None = None,
                lifetime: Any = DEFAULT, max_attach: Any = DEFAULT) -> None:
         try:
-            stored = seg.layout
+            stored = seg._layout
             if stored.get("format") != FORMAT:
                 raise FormatVersionError(
                     f"store {seg.name!r} has store format {stored.get('format')}; this "

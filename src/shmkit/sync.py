@@ -251,13 +251,13 @@ class Event(_Placed):
                                   kwargs)
         _check_param(seg, "event", "auto_reset",
                      None if auto_reset is None else bool(auto_reset),
-                     bool(seg.layout.get("auto_reset", False)))
+                     bool(seg._layout.get("auto_reset", False)))
         self._adopt(seg)
 
     def _adopt(self, seg: Segment) -> None:
         self._own_segment = True
         self._place(seg, 0)
-        self._auto = bool(seg.layout.get("auto_reset", False))
+        self._auto = bool(seg._layout.get("auto_reset", False))
 
     @classmethod
     def at(cls, segment: Segment, offset: int, auto_reset: bool = False) -> "Event":
@@ -421,8 +421,8 @@ class Semaphore(_core.Semaphore, _Placed):
         seg = self._named_segment(name, create, {"format": self._FORMAT, "value": initial,
                                                  "maximum": maximum}, init, kwargs)
         _check_format(seg, "semaphore", self._FORMAT)
-        _check_param(seg, "semaphore", "value", value, seg.layout.get("value"))
-        _check_param(seg, "semaphore", "maximum", maximum, seg.layout.get("maximum"))
+        _check_param(seg, "semaphore", "value", value, seg._layout.get("value"))
+        _check_param(seg, "semaphore", "maximum", maximum, seg._layout.get("maximum"))
         self._adopt(seg)
 
     @classmethod
@@ -474,7 +474,7 @@ class Semaphore(_core.Semaphore, _Placed):
 
 
 def _check_format(seg: Segment, what: str, expected: int) -> None:
-    fmt = seg.layout.get("format")
+    fmt = seg._layout.get("format")
     if fmt != expected:
         seg.close()
         raise FormatVersionError(

@@ -263,7 +263,7 @@ class Topic(SharedObject, _core.Topic):
         if not hasattr(self, "_subs"):
             self._subs = weakref.WeakSet()
         try:
-            layout = seg.layout
+            layout = seg._layout
             fmt = layout.get("format")
             if fmt != FORMAT:
                 raise FormatVersionError(

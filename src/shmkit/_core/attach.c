@@ -12,8 +12,9 @@
  * high-water mark raised.  The token and the file descriptor a Mapping
  * uses for liveness are set here only: Python cannot write them.
  *
- *   attach_claim(mapping, fd, start, comm) -> token (0: every slot busy)
- *   attach_reader(mapping, fd) -> bool        readonly: shared lock on byte 1
+ *   attach_claim(mapping, fd, start, comm) -> token (0: every slot busy,
+ *                                             -1: the slot count is damaged)
+ *   attach_reader(mapping, fd) -> bool | -1   readonly: shared lock on byte 1
  *   attach_detach(mapping)                    forget token and fd
  *   attach_entry(mapping, slot) -> dict       decoded entry with "alive"
  *   attachments(mapping) -> [dict]            live entries
@@ -175,6 +176,142 @@ slot_alive(MappingObject *m, uint32_t slot)
     return ofd_held(m->fd, SHM_SLOT_LOCK_BASE + slot, 1) > 0;
 }
 
+/* Does a live process hold an attach slot at or above the header's
+ * max_slots?  Then the count was damaged (lowered to one that keeps the
+ * header's size, which the header check cannot see), and this attachment
+ * would take those holders for dead and their locks for free.  Asked once
+ * our own slot (or reader byte) is held: nobody can then hold every slot
+ * byte at once (a last closer, `shmkit gc`), so a byte held is a holder.
+ * 1 damaged, 0 not, -1 errno set. */
+static int
+slot_count_damaged(int fd, uint32_t max_slots)
+{
+    if (max_slots >= SHM_MAX_SLOTS)
+        return 0;
+    return ofd_held(fd, SHM_SLOT_LOCK_BASE + max_slots, SHM_MAX_SLOTS - max_slots);
+}
+
+/* Forget the attachment of m (the caller drops the lock itself). */
+static void
+detach(MappingObject *m)
+{
+    m->token = 0;
+    m->fd = -1;
+    shm_lock_forget_all(m);
+}
+
+int
+shm_attach_claim(MappingObject *m, int fd, uint32_t start, const char *comm, size_t comm_len)
+{
+    if (m->token != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "this mapping is attached already");
+        return -1;
+    }
+    if (m->base == NULL || m->readonly || fd < 0 || m->max_slots == 0) {
+        PyErr_SetString(PyExc_ValueError, "attach_claim needs a writable mapping, its "
+                        "file descriptor and the attach table's size");
+        return -1;
+    }
+    uint32_t n = m->max_slots;
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t slot = (start % n + k) % n;
+        struct shm_attach_entry *e = shm_attach_entry_at(m, slot);
+        if (e == NULL) {
+            PyErr_Format(shm_state_of((PyObject *)m)->CorruptError,
+                         "attach slot %u lies outside the segment's %zd bytes", slot,
+                         m->length);
+            return -1;
+        }
+        int got = ofd_setlk(fd, SHM_SLOT_LOCK_BASE + slot, 1, F_WRLCK);
+        if (got < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        if (got == 0)
+            continue;
+        int damaged = slot_count_damaged(fd, n);
+        if (damaged != 0) {
+            int saved = errno;
+            ofd_setlk(fd, SHM_SLOT_LOCK_BASE + slot, 1, F_UNLCK);
+            if (damaged < 0) {
+                errno = saved;
+                PyErr_SetFromErrno(PyExc_OSError);
+                return -1;
+            }
+            return 2;
+        }
+        uint32_t gen = (__atomic_add_fetch(&e->gen, 1, __ATOMIC_SEQ_CST)) & 0xFFFFFu;
+        if (gen == 0) /* generation 0 would make token 0 possible */
+            gen = (__atomic_add_fetch(&e->gen, 1, __ATOMIC_SEQ_CST)) & 0xFFFFFu;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        __atomic_store_n(&e->pid, (uint32_t)getpid(), __ATOMIC_RELAXED);
+        __atomic_store_n(&e->attached,
+                         (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec,
+                         __ATOMIC_RELAXED);
+        memset(e->comm, 0, sizeof e->comm);
+        memcpy(e->comm, comm, comm_len < 16 ? comm_len : 16);
+        uint32_t *hwm = &((struct shm_segment_hdr *)m->base)->hwm;
+        uint32_t h = __atomic_load_n(hwm, __ATOMIC_ACQUIRE);
+        while (h <= slot &&
+               !__atomic_compare_exchange_n(hwm, &h, slot + 1, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_ACQUIRE))
+            ;
+        shm_lock_forget_all(m);
+        m->fd = fd;
+        m->token = (gen << 10) | slot;
+        return 1;
+    }
+    return 0;
+}
+
+int
+shm_attach_reader(MappingObject *m, int fd)
+{
+    if (m->base == NULL || fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "attach_reader needs a mapping and its file "
+                        "descriptor");
+        return -1;
+    }
+    int got = ofd_setlk(fd, READER_BYTE, 1, F_RDLCK);
+    if (got <= 0) {
+        if (got < 0)
+            PyErr_SetFromErrno(PyExc_OSError);
+        return got;
+    }
+    int damaged = slot_count_damaged(fd, m->max_slots);
+    if (damaged != 0) {
+        int saved = errno;
+        ofd_setlk(fd, READER_BYTE, 1, F_UNLCK);
+        if (damaged < 0) {
+            errno = saved;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        return 2;
+    }
+    shm_lock_forget_all(m);
+    m->fd = fd;
+    m->token = 0;
+    return 1;
+}
+
+/* attach_claim's and attach_reader's answer: -1 when the header's slot count
+ * was found damaged, else `ok` (the token, or True). */
+static PyObject *
+claim_result(int got, PyObject *ok)
+{
+    if (got < 0) {
+        Py_XDECREF(ok);
+        return NULL;
+    }
+    if (got == 2) {
+        Py_XDECREF(ok);
+        return PyLong_FromLong(-1);
+    }
+    return ok;
+}
+
 static PyObject *
 py_attach_claim(PyObject *mod, PyObject *args)
 {
@@ -188,53 +325,8 @@ py_attach_claim(PyObject *mod, PyObject *args)
     MappingObject *m = arg_mapping(obj);
     if (m == NULL)
         return NULL;
-    if (m->token != 0) {
-        PyErr_SetString(PyExc_RuntimeError, "this mapping is attached already");
-        return NULL;
-    }
-    if (m->readonly || fd < 0 || m->max_slots == 0) {
-        PyErr_SetString(PyExc_ValueError, "attach_claim needs a writable mapping, its "
-                        "file descriptor and the attach table's size");
-        return NULL;
-    }
-    uint32_t n = m->max_slots;
-    for (uint32_t k = 0; k < n; k++) {
-        uint32_t slot = (start % n + k) % n;
-        struct shm_attach_entry *e = shm_attach_entry_at(m, slot);
-        if (e == NULL) {
-            PyErr_Format(shm_state_of((PyObject *)m)->CorruptError,
-                         "attach slot %u lies outside the segment's %zd bytes", slot,
-                         m->length);
-            return NULL;
-        }
-        int got = ofd_setlk(fd, SHM_SLOT_LOCK_BASE + slot, 1, F_WRLCK);
-        if (got < 0)
-            return PyErr_SetFromErrno(PyExc_OSError);
-        if (got == 0)
-            continue;
-        uint32_t gen = (__atomic_add_fetch(&e->gen, 1, __ATOMIC_SEQ_CST)) & 0xFFFFFu;
-        if (gen == 0) /* generation 0 would make token 0 possible */
-            gen = (__atomic_add_fetch(&e->gen, 1, __ATOMIC_SEQ_CST)) & 0xFFFFFu;
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        __atomic_store_n(&e->pid, (uint32_t)getpid(), __ATOMIC_RELAXED);
-        __atomic_store_n(&e->attached,
-                         (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec,
-                         __ATOMIC_RELAXED);
-        memset(e->comm, 0, sizeof e->comm);
-        memcpy(e->comm, comm, comm_len < 16 ? (size_t)comm_len : 16);
-        uint32_t *hwm = &((struct shm_segment_hdr *)m->base)->hwm;
-        uint32_t h = __atomic_load_n(hwm, __ATOMIC_ACQUIRE);
-        while (h <= slot &&
-               !__atomic_compare_exchange_n(hwm, &h, slot + 1, 0, __ATOMIC_SEQ_CST,
-                                            __ATOMIC_ACQUIRE))
-            ;
-        shm_lock_forget_all(m);
-        m->fd = fd;
-        m->token = (gen << 10) | slot;
-        return PyLong_FromUnsignedLong(m->token);
-    }
-    return PyLong_FromLong(0);
+    int got = shm_attach_claim(m, fd, start, comm, (size_t)comm_len);
+    return claim_result(got, PyLong_FromUnsignedLong(got == 1 ? m->token : 0));
 }
 
 static PyObject *
@@ -247,15 +339,8 @@ py_attach_reader(PyObject *mod, PyObject *args)
     MappingObject *m = arg_mapping(obj);
     if (m == NULL)
         return NULL;
-    int got = ofd_setlk(fd, READER_BYTE, 1, F_RDLCK);
-    if (got < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    if (got) {
-        shm_lock_forget_all(m);
-        m->fd = fd;
-        m->token = 0;
-    }
-    return PyBool_FromLong(got);
+    int got = shm_attach_reader(m, fd);
+    return claim_result(got, PyBool_FromLong(got == 1));
 }
 
 static PyObject *
@@ -263,10 +348,7 @@ py_attach_detach(PyObject *mod, PyObject *obj)
 {
     if (shm_check_mapping(obj) < 0)
         return NULL;
-    MappingObject *m = (MappingObject *)obj;
-    m->token = 0;
-    m->fd = -1;
-    shm_lock_forget_all(m);
+    detach((MappingObject *)obj);
     Py_RETURN_NONE;
 }
 
@@ -482,10 +564,12 @@ PyMethodDef shm_attach_methods[] = {
     {"attach_claim", py_attach_claim, METH_VARARGS,
      "attach_claim($module, mapping, fd, start, comm, /)\n--\n\n"
      "attach_claim(mapping, fd, start, comm) -> int\n\nClaim a free attach slot "
-     "(trying from start), fill its entry and attach the mapping; 0 if none is free."},
+     "(trying from start), fill its entry and attach the mapping; 0 if none is free, "
+     "-1 (nothing claimed) if a live process holds a slot beyond the header's count."},
     {"attach_reader", py_attach_reader, METH_VARARGS,
      "attach_reader($module, mapping, fd, /)\n--\n\n"
-     "attach_reader(mapping, fd) -> bool\n\nAttach readonly: the shared lock on byte 1."},
+     "attach_reader(mapping, fd) -> bool | int\n\nAttach readonly: the shared lock on "
+     "byte 1; False if a closer holds it, -1 (not attached) as for attach_claim."},
     {"attach_detach", py_attach_detach, METH_O,
      "attach_detach($module, mapping, /)\n--\n\n"
      "Forget the mapping's token and file descriptor."},

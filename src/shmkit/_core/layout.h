@@ -15,6 +15,7 @@
 #define SHM_SEGMENT_FORMAT 1   /* segment.py FORMAT_VERSION */
 #define SHM_HEADER_BYTES 4096  /* the attach table starts here */
 #define SHM_LAYOUT_OFF 1024    /* layout JSON */
+#define SHM_MAX_RESERVE (1ull << 46) /* the largest max_size a header may claim: 64 TiB */
 
 /* The segment header (native byte order), at offset 0 of the file. */
 struct shm_segment_hdr {

@@ -14,25 +14,11 @@
 #include <sys/mman.h>
 #include <structmember.h>
 
+/* Map `reserve` bytes of fd into self (GIL held; released around mmap):
+ * 0, or -1 with OSError. */
 static int
-mapping_init(MappingObject *self, PyObject *args, PyObject *kwds)
+mapping_map(MappingObject *self, int fd, Py_ssize_t reserve, Py_ssize_t length, int readonly)
 {
-    static char *kwlist[] = {"fd", "reserve", "length", "readonly", NULL};
-    int fd, readonly = 0;
-    Py_ssize_t reserve, length;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inn|p", kwlist, &fd, &reserve,
-                                     &length, &readonly))
-        return -1;
-    if (self->base != NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "Mapping is already initialised");
-        return -1;
-    }
-    if (reserve <= 0 || length < 0 || length > reserve) {
-        PyErr_Format(PyExc_ValueError,
-                     "need 0 <= length (%zd) <= reserve (%zd) and reserve > 0",
-                     length, reserve);
-        return -1;
-    }
     int prot = readonly ? PROT_READ : PROT_READ | PROT_WRITE;
     void *p;
     Py_BEGIN_ALLOW_THREADS
@@ -53,6 +39,41 @@ mapping_init(MappingObject *self, PyObject *args, PyObject *kwds)
     self->max_slots = 0;
     self->event_spin_ns = SHM_WAIT_SPIN_NS;
     return 0;
+}
+
+static int
+mapping_init(MappingObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "reserve", "length", "readonly", NULL};
+    int fd, readonly = 0;
+    Py_ssize_t reserve, length;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inn|p", kwlist, &fd, &reserve,
+                                     &length, &readonly))
+        return -1;
+    if (self->base != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Mapping is already initialised");
+        return -1;
+    }
+    if (reserve <= 0 || length < 0 || length > reserve) {
+        PyErr_Format(PyExc_ValueError,
+                     "need 0 <= length (%zd) <= reserve (%zd) and reserve > 0",
+                     length, reserve);
+        return -1;
+    }
+    return mapping_map(self, fd, reserve, length, readonly);
+}
+
+MappingObject *
+shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssize_t length, int readonly)
+{
+    MappingObject *self = (MappingObject *)PyType_GenericNew(st->Mapping, NULL, NULL);
+    if (self == NULL)
+        return NULL;
+    if (mapping_map(self, fd, reserve, length, readonly) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return self;
 }
 
 static void

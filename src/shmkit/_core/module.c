@@ -7,6 +7,7 @@
 extern PyMethodDef shm_atomic_methods[];
 extern PyMethodDef shm_futex_methods[];
 extern PyMethodDef shm_attach_methods[];
+extern PyMethodDef shm_open_methods[];
 extern PyMethodDef shm_event_methods[];
 extern PyMethodDef shm_crash_methods[];
 int shm_init_table(PyObject *module);
@@ -210,12 +211,14 @@ core_exec(PyObject *m)
         add_functions(m, shm_atomic_methods) < 0 ||
         add_functions(m, shm_futex_methods) < 0 ||
         add_functions(m, shm_attach_methods) < 0 ||
+        add_functions(m, shm_open_methods) < 0 ||
         add_functions(m, shm_event_methods) < 0 ||
         add_functions(m, shm_crash_methods) < 0 ||
         PyModule_AddIntConstant(m, "SLOT_SIZE", SHM_SLOT_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "SLOT_LOCK_BASE", SHM_SLOT_LOCK_BASE) < 0 ||
         PyModule_AddIntConstant(m, "INIT_LOCK_BYTE", SHM_INIT_LOCK_BYTE) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_SLOTS", SHM_MAX_SLOTS) < 0)
+        PyModule_AddIntConstant(m, "MAX_SLOTS", SHM_MAX_SLOTS) < 0 ||
+        PyModule_AddObject(m, "MAX_RESERVE", PyLong_FromUnsignedLongLong(SHM_MAX_RESERVE)) < 0)
         return -1;
     PyObject *layouts = make_layouts();
     if (layouts == NULL || PyModule_AddObject(m, "layouts", layouts) < 0) {

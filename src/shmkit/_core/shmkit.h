@@ -96,6 +96,10 @@ int shm_is_mapping(PyObject *obj);
 int shm_check_mapping(PyObject *obj);
 /* PyArg "O&" converter: a Mapping, into a PyObject ** */
 int shm_mapping_converter(PyObject *obj, void *out);
+/* A new Mapping of `reserve` bytes of fd, `length` of them safe (the caller
+ * checked 0 <= length <= reserve, reserve > 0), or NULL with OSError. */
+MappingObject *shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssize_t length,
+                               int readonly);
 
 /* Return a pointer to `size` bytes at `off`, or NULL with an exception set
  * when the mapping is closed, the range is out of bounds or misaligned. */
@@ -167,6 +171,14 @@ struct shm_attach_entry;
 struct shm_attach_entry *shm_attach_entry_at(MappingObject *m, uint32_t slot);
 /* 1 if the attachment named by token is alive, 0 if dead. */
 int shm_token_alive(MappingObject *m, uint32_t token);
+/* Attach m (table_off and max_slots set) through fd: claim a free slot,
+ * trying from start (attach_claim), or, for a readonly mapping, the shared
+ * reader byte (attach_reader).  1 attached; 0 every slot busy (a closer
+ * holds them); 2 not attached because a live process holds a slot beyond
+ * max_slots (the header's count was damaged); -1 with an exception. */
+int shm_attach_claim(MappingObject *m, int fd, uint32_t start, const char *comm,
+                     size_t comm_len);
+int shm_attach_reader(MappingObject *m, int fd);
 
 /* ---- lock.c -------------------------------------------------------------
  * The robust mutex on one u32 word: 0 free, else owner token, bit 31 set

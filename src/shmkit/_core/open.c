@@ -1,0 +1,183 @@
+/* open.c - opening a published segment by name in one call.
+ *
+ *   header_problem(raw, file_size) -> str | None
+ *       The checks every segment header gets before anything is formed from
+ *       it (all fields untrusted, unsigned arithmetic): None when they pass,
+ *       else the name of the first field found wrong ("magic", "version",
+ *       "slots", "header_size", "size", "file_header", "file_payload",
+ *       "layout_len").  segment.py turns the name into its message.
+ *
+ *   open_segment(path, writable, kind, trust_uid, start, comm) -> tuple | None
+ *       Open, check, map and attach in one call: open without following a
+ *       symbolic link or blocking on a FIFO; refuse what is not a regular
+ *       file owned by this user, root or trust_uid (-1: nobody else); read
+ *       the header and check it as above, and its kind; map header_size +
+ *       max_size bytes; claim a slot (shm_attach_claim) or the reader byte;
+ *       make sure the name was not removed meanwhile (a last closer).
+ *       Returns (fd, mapping, flags, max_slots, header_size, size, max_size,
+ *       created_ns, creator_pid, layout bytes) with the mapping attached, or
+ *       None, having undone every step, for anything else: missing file, not
+ *       yet published, damaged, refused, busy, out of address space.  Then
+ *       segment.py takes its step-by-step path, which waits, recovers,
+ *       creates or raises the specific error with what to do.  Keeping the
+ *       uncommon cases there keeps each message in one place; opening an
+ *       existing object, the common case, costs one call.
+ */
+#include "shmkit.h"
+#include "layout.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static const char segment_magic[8] = "\x89SHMKIT";  /* and a NUL: 8 bytes */
+
+/* The header size of a table of max_slots slots: the attach table after the
+ * fixed header, rounded up to whole pages. */
+static uint64_t
+header_size_for(uint32_t max_slots)
+{
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    uint64_t n = SHM_HEADER_BYTES + (uint64_t)max_slots * SHM_SLOT_SIZE;
+    return (n + page - 1) / page * page;
+}
+
+/* NULL when the header passes, else the name of the first bad field. */
+static const char *
+header_problem(const struct shm_segment_hdr *h, uint64_t file_size)
+{
+    if (memcmp(h->magic, segment_magic, 8) != 0)
+        return "magic";
+    if (h->version != SHM_SEGMENT_FORMAT)
+        return "version";
+    if (h->max_slots < 1 || h->max_slots > SHM_MAX_SLOTS)
+        return "slots";
+    if (h->hdr_size != header_size_for(h->max_slots))
+        return "header_size";
+    if (h->size > h->max_size || h->max_size > SHM_MAX_RESERVE)
+        return "size";
+    if (file_size < h->hdr_size)
+        return "file_header";
+    if (file_size - h->hdr_size < h->size)
+        return "file_payload";
+    if (h->layout_len > SHM_HEADER_BYTES - SHM_LAYOUT_OFF)
+        return "layout_len";
+    return NULL;
+}
+
+static PyObject *
+py_header_problem(PyObject *mod, PyObject *args)
+{
+    Py_buffer raw;
+    unsigned long long file_size;
+    if (!PyArg_ParseTuple(args, "y*K", &raw, &file_size))
+        return NULL;
+    struct shm_segment_hdr h;
+    if (raw.len < (Py_ssize_t)sizeof h) {
+        PyBuffer_Release(&raw);
+        PyErr_Format(PyExc_ValueError, "a header is %zu bytes, not %zd", sizeof h, raw.len);
+        return NULL;
+    }
+    memcpy(&h, raw.buf, sizeof h);
+    PyBuffer_Release(&raw);
+    const char *problem = header_problem(&h, file_size);
+    if (problem == NULL)
+        Py_RETURN_NONE;
+    return PyUnicode_InternFromString(problem);
+}
+
+/* Is a file of this owner one we may read?  This user's, root's, or the
+ * owner the caller trusts (trust_uid, -1 for none). */
+static int
+trusted_owner(uid_t uid, long long trust_uid)
+{
+    return uid == geteuid() || uid == 0 || (trust_uid >= 0 && (long long)uid == trust_uid);
+}
+
+static PyObject *
+py_open_segment(PyObject *mod, PyObject *args)
+{
+    const char *path, *comm;
+    Py_ssize_t comm_len;
+    int writable;
+    unsigned int kind, start;
+    long long trust_uid;
+    if (!PyArg_ParseTuple(args, "ypILIy#", &path, &writable, &kind, &trust_uid, &start,
+                          &comm, &comm_len))
+        return NULL;
+    /* The whole header page: the fixed fields and the layout text. */
+    union {
+        struct shm_segment_hdr h;
+        char bytes[SHM_HEADER_BYTES];
+    } raw;
+    struct stat st;
+    ssize_t got = -1;
+    int fd;
+    Py_BEGIN_ALLOW_THREADS
+    /* O_NONBLOCK: a FIFO planted at the name must not hang the open. */
+    fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+        trusted_owner(st.st_uid, trust_uid))
+        got = pread(fd, raw.bytes, sizeof raw.bytes, 0); /* only now read a byte */
+    Py_END_ALLOW_THREADS
+    if (fd < 0)
+        Py_RETURN_NONE;
+    const struct shm_segment_hdr *h = &raw.h;
+    if (got != (ssize_t)sizeof raw.bytes || st.st_size < 0 ||
+        header_problem(h, (uint64_t)st.st_size) != NULL || h->kind != kind ||
+        h->hdr_size + h->max_size > (uint64_t)PY_SSIZE_T_MAX) {
+        close(fd);
+        Py_RETURN_NONE;
+    }
+    MappingObject *m = shm_mapping_new(shm_mod_state(mod), fd,
+                                       (Py_ssize_t)(h->hdr_size + h->max_size),
+                                       (Py_ssize_t)(h->hdr_size + h->size), !writable);
+    if (m == NULL) {
+        PyErr_Clear(); /* out of address space, or a limit: the slow path says which */
+        close(fd);
+        Py_RETURN_NONE;
+    }
+    m->table_off = SHM_HEADER_BYTES;
+    m->max_slots = h->max_slots;
+    int attached = writable ? shm_attach_claim(m, fd, start, comm, (size_t)comm_len)
+                            : shm_attach_reader(m, fd);
+    if (attached != 1) {
+        PyErr_Clear();
+        goto undo;
+    }
+    /* A last "attached" closer, or `shmkit gc`, may have removed the name
+     * between our open and our claim (nobody was attached then).  With the
+     * slot ours, neither can remove it any more. */
+    if (fstat(fd, &st) != 0 || st.st_nlink == 0) {
+        m->token = 0;
+        m->fd = -1;
+        shm_lock_forget_all(m);
+        goto undo; /* closing fd drops the slot's lock */
+    }
+    PyObject *out = Py_BuildValue(
+        "(iNIIKKKKIy#)", fd, (PyObject *)m, h->flags, h->max_slots,
+        (unsigned long long)h->hdr_size, (unsigned long long)h->size,
+        (unsigned long long)h->max_size, (unsigned long long)h->created, h->creator,
+        raw.bytes + SHM_LAYOUT_OFF, (Py_ssize_t)h->layout_len);
+    if (out == NULL)
+        close(fd); /* "N" took the mapping's reference even so */
+    return out;
+undo:
+    Py_DECREF(m); /* unmaps */
+    close(fd);
+    Py_RETURN_NONE;
+}
+
+PyMethodDef shm_open_methods[] = {
+    {"header_problem", py_header_problem, METH_VARARGS,
+     "header_problem($module, raw, file_size, /)\n--\n\n"
+     "header_problem(raw, file_size) -> str | None\n\nThe first field of a segment "
+     "header found wrong, by name, or None when every check passes."},
+    {"open_segment", py_open_segment, METH_VARARGS,
+     "open_segment($module, path, writable, kind, trust_uid, start, comm, /)\n--\n\n"
+     "open_segment(path, writable, kind, trust_uid, start, comm) -> tuple | None\n\n"
+     "Open, check, map and attach a published segment in one call; None (nothing "
+     "left open) when anything is out of the ordinary."},
+    {NULL}
+};

@@ -1,0 +1,287 @@
+"""Opening by name in one call of the core (``_core.open_segment``).
+
+An open of a published, healthy object of any kind is one call: open, checks,
+map, slot.  Anything out of the ordinary makes the call decline (None),
+leaving no descriptor, mapping or lock behind, and the step-by-step path
+raises the specific error.  These tests hold both halves: the one call is
+taken for every kind, and each refusal declines cleanly and still ends in the
+right exception.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+import numpy as np
+import pytest
+
+import shmkit
+from shmkit import _core
+from shmkit import segment as segment_mod
+from shmkit.segment import Kind
+
+
+NOBODY = 65534
+
+
+def _path(name: str) -> str:
+    return f"/dev/shm/shmkit.{name}"
+
+
+def _open(name: str, kind: Kind, *, writable: bool = True, trust: int = -1):
+    return _core.open_segment(os.fsencode(_path(name)), writable, int(kind), trust,
+                              os.getpid(), b"test")
+
+
+def _held_here(path: str) -> tuple[int, int]:
+    """(descriptors, mappings) of ``path`` in this process."""
+    fds = sum(1 for fd in os.listdir("/proc/self/fd")
+              if os.path.realpath(f"/proc/self/fd/{fd}") == path)
+    with open("/proc/self/maps") as f:
+        maps = sum(1 for line in f if line.rstrip().endswith(path))
+    return fds, maps
+
+
+def _slot_locks_held(path: str) -> bool:
+    """Does any open file hold an attach-slot or reader lock of ``path``?"""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return _core.ofd_held(fd, *segment_mod._ATTACH_SPAN)
+    finally:
+        os.close(fd)
+
+
+_MAKE = {
+    Kind.RAW: lambda n: shmkit.Segment(n, size=4096),
+    Kind.ARRAY: lambda n: shmkit.Array(n, np.float64, (16,)),
+    Kind.CHANNEL: lambda n: shmkit.Channel(n, capacity=4096),
+    Kind.QUEUE: lambda n: shmkit.Queue(name=n, capacity=4096),
+    Kind.STORE: lambda n: shmkit.Store(n, size=1 << 16),
+    Kind.HEAP: lambda n: shmkit.Heap(n, size=1 << 16),
+    Kind.MUTEX: lambda n: shmkit.Mutex(n),
+    Kind.EVENT: lambda n: shmkit.Event(n),
+    Kind.TOPIC: lambda n: shmkit.Topic(n, capacity=4096),
+}
+
+
+@pytest.mark.parametrize("kind", list(_MAKE), ids=lambda k: k.name.lower())
+@pytest.mark.parametrize("writable", [True, False], ids=["writable", "readonly"])
+def test_a_healthy_object_of_every_kind_opens_in_one_call(name, kind, writable):
+    made = _MAKE[kind](name)
+    try:
+        got = _open(name, kind, writable=writable)
+        assert got is not None, "the one-call open declined a healthy object"
+        fd, mapping, flags, max_slots, hsize, size, max_size, created, creator, text = got
+        try:
+            head = segment_mod._Header(os.pread(fd, 4096, 0), repr(name), os.fstat(fd).st_size)
+            assert (flags, max_slots, hsize, size, max_size, created, creator) == (
+                head.flags, head.max_slots, head.header_size, head.size, head.max_size,
+                head.created_ns, head.creator_pid)
+            assert text == head.layout_text
+            assert mapping.reserve == hsize + max_size and mapping.readonly == (not writable)
+            if writable:  # attached: its slot is claimed and named in the table
+                assert mapping.token and mapping.fd == fd
+                assert os.getpid() in [a["pid"] for a in _core.attachments(mapping)]
+            else:
+                assert mapping.token == 0 and mapping.fd == fd
+        finally:
+            _core.attach_detach(mapping)
+            mapping.close()
+            os.close(fd)
+    finally:
+        made.close()
+
+
+def _plant_file(name: str, data: bytes) -> None:
+    with open(_path(name), "wb") as f:
+        f.write(data)
+    os.chmod(_path(name), 0o600)
+
+
+def _damage(name: str, offset: int, data: bytes) -> None:
+    with open(_path(name), "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+# Each case: set up name (the segment `made` may stay open), then the open
+# must decline, and Segment.open must raise `error`.
+def _missing(name):
+    return None
+
+
+def _fifo(name):
+    os.mkfifo(_path(name), 0o600)
+
+
+def _directory(name):
+    os.mkdir(_path(name), 0o700)
+
+
+def _socket(name):
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(_path(name))
+    return s
+
+
+def _symlink(name):
+    shmkit.Segment(name + "-target", size=4096).close()
+    os.symlink(_path(name + "-target"), _path(name))
+
+
+def _not_shmkit(name):
+    _plant_file(name, b"hello" * 2000)
+
+
+def _unpublished(name):  # what a creator killed before publishing leaves
+    shmkit.Segment(name, size=4096).close()
+    _damage(name, 0, b"\0" * 8)
+
+
+def _short(name):
+    _plant_file(name, segment_mod.MAGIC + b"\0" * 100)
+
+
+def _header_field(offset, value):
+    def make(name):
+        shmkit.Segment(name, size=4096).close()
+        _damage(name, offset, value)
+    make.__name__ = f"_field_{offset}"
+    return make
+
+
+def _wrong_kind(name):
+    shmkit.Event(name).close()
+
+
+def _all_slots_busy(name):
+    seg = shmkit.Segment(name, size=4096, max_attach=1)
+    return seg
+
+
+def _slot_count_lowered(name):
+    size = segment_mod._header_size(256)
+    fewer = min(n for n in range(1, 257) if segment_mod._header_size(n) == size)
+    holders = [shmkit.Segment(name, size=4096, max_attach=256)]
+    while holders[-1]._token & 0x3FF < fewer:
+        holders.append(shmkit.Segment.open(name))
+    for h in holders[:-1]:
+        h.close()
+    _damage(name, 20, struct.pack("=I", fewer))
+    return holders[-1]
+
+
+def _unreadable_layout(name):
+    shmkit.Segment(name, size=4096).close()
+    _damage(name, 1024, b"{not json")
+    _damage(name, 72, struct.pack("=I", 9))
+
+
+_DECLINED = [
+    (_missing, shmkit.NotFoundError),
+    (_fifo, shmkit.UntrustedError),
+    (_directory, shmkit.UntrustedError),
+    (_socket, shmkit.UntrustedError),
+    (_symlink, shmkit.InvalidNameError),
+    (_not_shmkit, shmkit.CorruptError),
+    (_unpublished, shmkit.NotFoundError),
+    (_short, shmkit.CorruptError),
+    (_header_field(8, struct.pack("=I", 99)), shmkit.FormatVersionError),
+    (_header_field(20, struct.pack("=I", 0)), shmkit.CorruptError),         # max_slots
+    (_header_field(24, struct.pack("=Q", 1 << 63)), shmkit.CorruptError),   # hdr_size
+    (_header_field(32, struct.pack("=Q", 1 << 40)), shmkit.CorruptError),   # size
+    (_header_field(40, struct.pack("=Q", 2**64 - 1)), shmkit.CorruptError), # max_size
+    (_header_field(72, struct.pack("=I", 5000)), shmkit.CorruptError),      # layout_len
+    (_wrong_kind, shmkit.WrongKindError),
+    (_all_slots_busy, shmkit.BusyError),
+    (_slot_count_lowered, shmkit.CorruptError),
+]
+
+
+@pytest.mark.parametrize("setup, error", _DECLINED, ids=[c[0].__name__.strip("_")
+                                                         for c in _DECLINED])
+def test_the_one_call_declines_leaving_nothing_and_the_error_is_specific(name, setup, error):
+    path = _path(name)
+    keep = setup(name)
+    try:
+        before = _held_here(path)
+        locked = os.path.isfile(path) and _slot_locks_held(path)
+        busy = error is shmkit.BusyError  # every slot taken: only readers may attach
+        for writable in (True,) if busy else (True, False):
+            assert _open(name, Kind.RAW, writable=writable) is None
+            assert _held_here(path) == before, "a declined open left a descriptor or mapping"
+            if os.path.isfile(path):
+                assert _slot_locks_held(path) == locked, "a declined open left a lock"
+        if busy:
+            with pytest.raises(error):
+                shmkit.Segment.open(name)
+            shmkit.Segment.open(name, readonly=True).close()
+        else:
+            with pytest.raises(error):
+                shmkit.Segment.open(name)
+            with pytest.raises(error):
+                shmkit.Segment.open(name, readonly=True)
+    finally:
+        if keep is not None:
+            keep.close()
+        for p in (path, _path(name + "-target")):
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.rmdir(p)
+            elif os.path.lexists(p):
+                os.unlink(p)
+
+
+def test_an_unreadable_layout_is_refused_on_open_and_the_handle_let_go(name):
+    _unreadable_layout(name)
+    path = _path(name)
+    before = _held_here(path)
+    with pytest.raises(shmkit.CorruptError, match="unreadable layout"):
+        shmkit.Segment.open(name)
+    assert _held_here(path) == before
+    assert not _slot_locks_held(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a file of another user")
+def test_another_owners_file_is_declined_unless_trusted(name):
+    shmkit.Segment(name, size=4096).close()
+    os.chown(_path(name), NOBODY, NOBODY)
+    assert _open(name, Kind.RAW) is None
+    got = _open(name, Kind.RAW, trust=NOBODY)
+    assert got is not None
+    _core.attach_detach(got[1])
+    got[1].close()
+    os.close(got[0])
+    with pytest.raises(shmkit.UntrustedError):
+        shmkit.Segment.open(name)
+    shmkit.Segment.open(name, trust_owner=NOBODY).close()
+
+
+_OPEN = {
+    Kind.RAW: shmkit.Segment.open, Kind.ARRAY: shmkit.Array.open,
+    Kind.CHANNEL: shmkit.Channel.open, Kind.QUEUE: shmkit.Queue.open,
+    Kind.STORE: shmkit.Store.open, Kind.HEAP: shmkit.Heap.open,
+    Kind.MUTEX: shmkit.Mutex.open, Kind.EVENT: shmkit.Event.open,
+    Kind.TOPIC: shmkit.Topic.open,
+}
+
+
+@pytest.mark.parametrize("kind", list(_MAKE), ids=lambda k: k.name.lower())
+def test_opening_a_healthy_object_takes_the_one_call(name, kind, monkeypatch):
+    """Every kind's open() of a healthy object goes through the one call: the
+    step-by-step path (which reads the header with pread) is not reached."""
+    made = _MAKE[kind](name)
+
+    def step_by_step(*args, **kwargs):
+        raise AssertionError("the one-call open declined a healthy object")
+
+    monkeypatch.setattr(segment_mod.Segment, "_wait_ready", step_by_step)
+    try:
+        for readonly in (False, True):
+            handle = _OPEN[kind](name, readonly=readonly)
+            if kind == Kind.RAW:
+                assert handle.read(4) == b"\0" * 4
+            handle.close()
+    finally:
+        made.close()
