@@ -4,7 +4,9 @@
   multiprocessing.shared_memory and a bare os.open + mmap (the reference);
 * every shmkit kind of 64 MiB (Segment, Array, Channel, Store, Heap), each
   opened by name, touched once (a byte, an element, the depth, the length,
-  the capacity) and closed, against the same two anchors on a 64 MiB file.
+  the capacity) and closed, against the same two anchors on a 64 MiB file;
+  the Segment twice, with a growable kind's default 4 GiB reservation and
+  made with max_size=size, to show what the reservation costs.
 
 A long-lived spawned worker does the opens, so process start-up is not timed;
 each open is still the first in that worker for that mapping (nothing cached).
@@ -39,14 +41,15 @@ def _worker(conn, system: str, name: str) -> None:
                 seg.buf[0]
                 seg.close()
         elif system == "mp.shared_memory":
-            from multiprocessing import resource_tracker, shared_memory
+            from multiprocessing import shared_memory
 
+            # Each attach registers the name with the resource tracker, which
+            # this worker shares with its parent: the same entry as the
+            # creator's, which the creator's unlink() removes.
             for _ in range(n):
                 shm = shared_memory.SharedMemory(name)
                 shm.buf[0]
                 shm.close()
-            # The stdlib registers every attach for removal at exit; undo that once.
-            resource_tracker.unregister("/" + name, "shared_memory")
         elif system in _KIND_OPEN:
             open_and_touch = _KIND_OPEN[system]
             for _ in range(n):
@@ -93,7 +96,8 @@ def _touch_heap(name: str) -> None:
 
 
 # "kind:<Kind>" systems: open by name, touch once, close
-_KIND_OPEN = {"kind:Segment": _touch_segment, "kind:Array": _touch_array,
+_KIND_OPEN = {"kind:Segment": _touch_segment, "kind:Segment max_size": _touch_segment,
+              "kind:Array": _touch_array,
               "kind:Channel": _touch_channel, "kind:Store": _touch_store,
               "kind:Heap": _touch_heap}
 
@@ -125,10 +129,12 @@ def _make_kind(system: str) -> tuple[object, str]:
     import numpy as np
 
     import shmkit
-    name = f"bench-attach-{system[5:].lower()}-{os.getpid()}"
+    name = f"bench-attach-{system[5:].lower().replace(' ', '-')}-{os.getpid()}"
     kind = system[5:]
     if kind == "Segment":
         obj: object = shmkit.Segment(name, size=KIND_SIZE, lifetime="attached")
+    elif kind == "Segment max_size":
+        obj = shmkit.Segment(name, size=KIND_SIZE, max_size=KIND_SIZE, lifetime="attached")
     elif kind == "Array":
         obj = shmkit.Array(name, np.uint8, (KIND_SIZE,), lifetime="attached")
     elif kind == "Channel":
@@ -257,11 +263,14 @@ def kinds_mp(n: int) -> float:
 
 
 def _kind_workload(kind: str) -> None:
-    @workload(KINDS, system=f"shmkit.{kind}.open")
+    system = f"shmkit.{kind}.open"
+    if kind == "Segment max_size":  # growable kinds reserve 4 GiB unless told otherwise
+        system = "shmkit.Segment.open (made with max_size=size)"
+    @workload(KINDS, system=system)
     def run(n: int) -> float:
         return _setup(f"kind:{kind}").run(n)
-    run.__name__ = f"kinds_{kind.lower()}"
+    run.__name__ = f"kinds_{kind.lower().replace(' ', '_')}"
 
 
-for _kind in ("Segment", "Array", "Channel", "Store", "Heap"):
+for _kind in ("Segment", "Segment max_size", "Array", "Channel", "Store", "Heap"):
     _kind_workload(_kind)

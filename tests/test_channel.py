@@ -1114,3 +1114,61 @@ def test_receiver_waits_for_the_first_sender_and_wakes_when_the_last_goes(name):
         p.join(30)
     finally:
         ch.close()
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "never"
+
+
+def _vma_flags(address: int) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping that holds ``address``."""
+    fields: dict[str, str] = {}
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+    return fields
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="transparent huge pages are not "
+                    "in madvise mode here, so advice neither helps nor shows")
+@pytest.mark.parametrize("kind", ["channel", "topic"])
+def test_a_big_message_is_copied_out_into_memory_advised_onto_huge_pages(name, kind):
+    """recv() of a large message fills a new bytes object: advised onto huge
+    pages (as numpy advises its large arrays), the copy faults 512 times less
+    (docs/benchmarks.md has the figures).  Small messages are left alone."""
+    import ctypes
+
+    n = 8 << 20
+    data = bytes(range(256)) * (n // 256)
+    if kind == "channel":
+        obj = shmkit.Channel(name, capacity=3 * n)
+        send, sub = obj.send, obj
+    else:
+        obj = shmkit.Topic(name, capacity=3 * n)
+        sub = obj.subscribe()
+        send = obj.publish
+    try:
+        send(data)
+        send(b"small" * 1000)
+        got = sub.recv(timeout=5)
+        small = sub.recv(timeout=5)
+        assert got == data and small == b"small" * 1000
+        middle = ctypes.cast(ctypes.c_char_p(got), ctypes.c_void_p).value + n // 2
+        assert _vma_flags(middle).get("THPeligible") == "1"
+        start = ctypes.cast(ctypes.c_char_p(small), ctypes.c_void_p).value
+        assert _vma_flags(start).get("THPeligible") == "0"
+    finally:
+        if kind == "topic":
+            sub.close()
+        obj.close()

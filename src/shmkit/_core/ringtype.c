@@ -294,8 +294,7 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
                     view_finish_keep(r, m, rec_at(r, pos), me);
                 break;
             }
-            out = how == R_INTO ? PyLong_FromUnsignedLong(len)
-                                : PyBytes_FromStringAndSize(NULL, len);
+            out = how == R_INTO ? PyLong_FromUnsignedLong(len) : msg_new_bytes(len);
             if (out != NULL) {
                 char *dst = how == R_INTO ? into->buf : PyBytes_AS_STRING(out);
                 const char *src = (const char *)(rec_at(r, pos) + 1);

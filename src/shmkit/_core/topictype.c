@@ -632,7 +632,7 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how)
                 }
                 goto done;
             }
-            out = PyBytes_FromStringAndSize(NULL, len);
+            out = msg_new_bytes(len);
             if (out == NULL)
                 goto done;
             ring_copy(PyBytes_AS_STRING(out), src, len);
