@@ -252,12 +252,11 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         if max_size is not None and max_size > 1 << 44:
             raise ValueError("max_size cannot exceed 16 TiB")
         layout = {"format": FORMAT, "codec": (codec if given(codec) else None) or "none"}
-        seed = secrets.randbits(64)
 
-        def init(seg: Segment) -> None:
+        def init(seg: Segment) -> None:  # only when this call creates it
             table = _core.Table()
             table._bind(seg._mapping, seg._hsize)
-            table._format(seed)
+            table._format(secrets.randbits(64))
 
         extra = {k: v for k, v in (("lifetime", lifetime), ("max_attach", max_attach))
                  if given(v)}
