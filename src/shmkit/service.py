@@ -90,6 +90,7 @@ _OFF_HWM = _core.layouts["segment"]["hwm"]
 # Request: version u8, flags u8, reply-name length u16, client token u32,
 # request id u64; then the reply channel's name, then the payload.
 _REQ = struct.Struct("<BBHIQ")
+_REQ_SIZE = _REQ.size
 # Reply: version u8, status u8, 6 bytes unused, request id u64; then the payload.
 _REP = struct.Struct("<BB6xQ")
 _VERSION = 1
@@ -97,6 +98,7 @@ _F_PICKLE = 1
 _OK, _ERROR = 0, 1
 _RID_MASK = (1 << 63) - 1
 
+_FIRST_STEP = 0.02  # seconds a call waits for its reply before it first checks its worker
 _SWEEP_EVERY = 1.0  # seconds between a worker's checks of its cached reply channels
 _MAX_CACHED = 256   # reply channels a worker keeps open at most
 _FULL_WAIT = 0.05   # seconds a worker waits for room in a live caller's reply channel
@@ -475,7 +477,7 @@ class Request:
     __slots__ = ("data", "id", "pickled", "_worker", "_reply_to", "_token", "answered")
 
     def __init__(self, worker: "Worker", data: bytes, rid: int, pickled: bool,
-                 reply_to: str, token: int) -> None:
+                 reply_to: bytes, token: int) -> None:
         self.data = data
         self.id = rid
         self.pickled = pickled
@@ -498,6 +500,11 @@ class Request:
 
         >>> # inside a worker loop:  req.reply(b"done")
         """
+        if type(data) is bytes:  # (the common case: no view to make)
+            if self.answered:
+                raise self._answered()
+            self.answered = True
+            return self._worker._deliver(self, _OK, data)
         try:
             view = memoryview(data)
         except TypeError:
@@ -519,10 +526,13 @@ class Request:
 
     def _send(self, status: int, payload: Any) -> bool:
         if self.answered:
-            raise ClosedError(f"request {self.id:#x} was already answered; a request "
-                              "gets exactly one reply")
+            raise self._answered()
         self.answered = True
         return self._worker._deliver(self, status, payload)
+
+    def _answered(self) -> ClosedError:
+        return ClosedError(f"request {self.id:#x} was already answered; a request gets "
+                           "exactly one reply")
 
     def __repr__(self) -> str:
         return (f"<shmkit.Request id={self.id:#x} {len(self.data)} bytes"
@@ -566,15 +576,17 @@ class Worker(Closing):
         self._entry = seg._hsize + _OFF_TABLE + (self._token & 0x3FF) * _ENTRY
         _core.store64(m, self._entry + 8, 0)
         _core.store64(m, self._entry, self._token)
-        self._prefix = svc_seg.name + ".reply."
+        # the name every reply channel of this service has: the prefix, then 16 hex digits
+        self._prefix_bytes = (svc_seg.name + ".reply.").encode()
+        self._reply_len = len(self._prefix_bytes) + 16
         self._pid = _segment._pid
-        self._cache: dict[str, tuple[Channel, int]] = {}
+        self._cache: dict[bytes, tuple[Channel, int]] = {}  # by name, as requests carry it
         self._swept = time.monotonic()
         _reap_replies(svc_seg.name)  # channels of callers that died unanswered
 
     def _held(self) -> Segment:
         seg = self._seg
-        if seg is None or seg.closed:
+        if seg is None or seg._closed:
             raise ClosedError("this worker is closed; make another with service.worker()")
         if self._pid != _segment._pid:
             raise ClosedError("this worker belongs to the process that made it (this one "
@@ -599,7 +611,8 @@ class Worker(Closing):
 
     def _start_recv(self, timeout: Any) -> tuple[Segment, Channel, float | None, float | None]:
         seg = self._held()
-        timeout = _check_timeout(timeout)
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
         cur = self._current
         if cur is not None and not cur.answered:
             cur.fail("the worker took another request without answering this one")
@@ -623,16 +636,24 @@ class Worker(Closing):
 
     def _took(self, seg: Segment, msg: bytes) -> Request | None:
         """Record and parse a request just received; None if it was malformed."""
-        # Record the id first (the parse comes after): the fewer steps
-        # between taking a request and recording it, the smaller the
-        # window in which a death goes unnoticed by its caller.
-        if len(msg) >= _REQ.size:
-            _core.store64(seg._mapping, self._entry + 8, _REQ.unpack_from(msg)[4])
-        req = self._parse(seg, msg)
-        if req is not None:
-            self._current = req
-            return req
-        _core.store64(seg._mapping, self._entry + 8, 0)
+        n = len(msg)
+        if n >= _REQ_SIZE:
+            version, flags, nlen, token, rid = _REQ.unpack_from(msg)
+            # Record the id first (the checks come after): the fewer steps
+            # between taking a request and recording it, the smaller the
+            # window in which a death goes unnoticed by its caller.
+            _core.store64(seg._mapping, self._entry + 8, rid)
+            end = _REQ_SIZE + nlen
+            # A request may only name a reply channel of this service.
+            if (version == _VERSION and rid and end == _REQ_SIZE + self._reply_len
+                    and end <= n and msg.startswith(self._prefix_bytes, _REQ_SIZE)
+                    and msg[end - 16:end].isascii()):
+                req = Request(self, msg[end:], rid, bool(flags & _F_PICKLE),
+                              msg[_REQ_SIZE:end], token)
+                self._current = req
+                return req
+            _core.store64(seg._mapping, self._entry + 8, 0)
+        _core.add64(seg._mapping, seg._hsize + _OFF_MALFORMED, 1)
         return None
 
     def __iter__(self) -> Iterator[Request]:
@@ -643,28 +664,20 @@ class Worker(Closing):
             except ClosedError:
                 return
 
-    def _parse(self, seg: Segment, msg: bytes) -> Request | None:
-        n = len(msg)
-        if n >= _REQ.size:
-            version, flags, nlen, token, rid = _REQ.unpack_from(msg)
-            end = _REQ.size + nlen
-            if version == _VERSION and end <= n and rid:
-                try:
-                    reply_to = msg[_REQ.size:end].decode("ascii")
-                except UnicodeDecodeError:
-                    reply_to = ""
-                # A request may only name a reply channel of this service.
-                if reply_to.startswith(self._prefix) and len(reply_to) == len(self._prefix) + 16:
-                    return Request(self, msg[end:], rid, bool(flags & _F_PICKLE),
-                                   reply_to, token)
-        _core.add64(seg._mapping, seg._hsize + _OFF_MALFORMED, 1)
-        return None
-
     def _deliver(self, req: Request, status: int, payload: Any) -> bool:
         seg = self._held()
         m, base = seg._mapping, seg._hsize
         try:
-            ok = self._send_reply(req, _REP.pack(_VERSION, status, req.id), payload)
+            head = _REP.pack(_VERSION, status, req.id)
+            cached = self._cache.get(req._reply_to)
+            if cached is not None and cached[1] == req._token:
+                try:  # the common case: a known caller with room for the reply
+                    cached[0].send_nowait(b"".join((head, payload)))
+                    ok = True
+                except ShmkitError:  # full, too large, closed: see _send_reply
+                    ok = self._send_reply(req, head, payload)
+            else:
+                ok = self._send_reply(req, head, payload)
         finally:
             if self._current is req:
                 _core.store64(m, self._entry + 8, 0)
@@ -680,7 +693,7 @@ class Worker(Closing):
             if cached is not None:
                 self._drop(req._reply_to)
             try:
-                ch = Channel(req._reply_to, create=False)
+                ch = Channel(req._reply_to.decode("ascii"), create=False)
             except (ShmkitError, ValueError):
                 # the caller is gone (its channel unlinked), or the name holds
                 # something that is not its live reply channel: never our problem
@@ -715,7 +728,7 @@ class Worker(Closing):
             self._drop(req._reply_to)
             return False
 
-    def _drop(self, name: str) -> None:
+    def _drop(self, name: bytes) -> None:
         entry = self._cache.pop(name, None)
         if entry is not None:
             entry[0].close()  # the last holder of a dead caller's channel removes it
@@ -958,7 +971,7 @@ class Client(Closing):
         Timeout: no reply within ``timeout`` seconds (a late reply is dropped).
         ClosedError: the client was closed.  TypeError: ``data`` is not bytes-like.
         """
-        return self._call(_request_bytes(data), 0, timeout)
+        return self._call(data if type(data) is bytes else _request_bytes(data), 0, timeout)
 
     def call_object(self, obj: Any, timeout: float | None = None) -> Any:
         """Send ``obj`` pickled and return the reply unpickled (the worker's
@@ -969,16 +982,31 @@ class Client(Closing):
 
     def _call(self, payload: Any, flags: int, timeout: Any) -> bytes:
         timeout, deadline = self._start_call(timeout)
-        self._check_workers(deadline)
+        if time.monotonic() - self._verified >= 0.1:  # else a live worker was seen just now
+            self._check_workers(deadline)
         line, rid, msg = self._request(payload, flags)
+        requests = self._requests
+        assert requests is not None
         try:
-            self._requests_channel().send(msg, timeout)
+            requests.send(msg, timeout)
         except Timeout:
             raise self._requests_full(timeout) from None
-        return self._await(line, rid, timeout, deadline)
+        # The common case first: the reply is the next message, within the
+        # first step of the wait (_await does the rest).
+        step = _FIRST_STEP if deadline is None else min(_FIRST_STEP,
+                                                        deadline - time.monotonic())
+        try:
+            reply = line.ch.recv(step if step > 0.0 else 0.0)
+        except Timeout:
+            return self._await(line, rid, timeout, deadline)
+        if reply[:16] == _REP.pack(_VERSION, _OK, rid):  # (its 16-byte head)
+            return reply[16:]
+        got = self._reply(reply, rid)
+        return got if got is not None else self._await(line, rid, timeout, deadline)
 
     def _start_call(self, timeout: Any) -> tuple[float | None, float | None]:
-        timeout = _check_timeout(timeout)
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
         if self._closed:
             raise ClosedError(f"client of service {self._seg.name!r} is closed")
         return timeout, None if timeout is None else time.monotonic() + timeout
@@ -1003,25 +1031,28 @@ class Client(Closing):
 
     def _await(self, line: _Line, rid: int, timeout: float | None,
                deadline: float | None) -> bytes:
+        """The reply to request ``rid``, checking between waits that its worker
+        (and any worker) is still there."""
         ch = line.ch
-        step = 0.02
+        step = _FIRST_STEP
         gone = _WorkersGone(self)
         while True:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise self._no_reply(timeout)
+            got = self._check_taker(line, rid)
+            if got is not None:
+                return got
+            gone.check()
+            step = min(step * 2, 0.2)
             wait = step if deadline is None else min(step, deadline - time.monotonic())
             try:
                 msg = ch.recv(max(wait, 0.0))
             except Timeout:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise self._no_reply(timeout) from None
-                got = self._check_taker(line, rid)
-                if got is not None:
-                    return got
-                gone.check()
-                step = min(step * 2, 0.2)
                 continue
             got = self._reply(msg, rid)
             if got is not None:
                 return got
+            step = _FIRST_STEP / 2  # a late reply to an earlier call: wait afresh
 
     def _no_reply(self, timeout: float | None) -> Timeout:
         return Timeout(f"no reply from service {self._seg.name!r} within {timeout} s; "
