@@ -274,3 +274,105 @@ def _kind_workload(kind: str) -> None:
 
 for _kind in ("Segment", "Segment max_size", "Array", "Channel", "Store", "Heap"):
     _kind_workload(_kind)
+
+
+# -- scaling: opening 1 to 10,000 objects in one process -------------------------------------
+
+def _open_many(conn, names: list[str], paths: list[str]) -> None:
+    """In a fresh process: open every name (shmkit), then every file (bare), timing each."""
+    import mmap
+    import resource
+
+    import shmkit
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    shmkit.Channel.open(names[0]).close()  # first-use costs (imports, caches) untimed
+    with open(paths[0], "rb") as f:
+        mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ).close()
+    t0 = time.perf_counter()
+    chans = [shmkit.Channel.open(n) for n in names]
+    t1 = time.perf_counter()
+    for ch in chans:
+        ch.depth
+    t2 = time.perf_counter()
+    for ch in chans:
+        ch.close()
+    t3 = time.perf_counter()
+    maps = []
+    for p in paths:
+        fd = os.open(p, os.O_RDWR)
+        maps.append((fd, mmap.mmap(fd, os.fstat(fd).st_size)))
+    t4 = time.perf_counter()
+    for fd, m in maps:
+        m.close()
+        os.close(fd)
+    t5 = time.perf_counter()
+    conn.send((t1 - t0, t3 - t2, t4 - t3, t5 - t4))
+
+
+def scaling(counts: list[int], out: str = "docs/attach_scaling.png") -> list:
+    """Open ``count`` channels of 64 KiB by name in a fresh process, then close
+    them, at each count; bare open+mmap of the same files beside; plot the
+    cost per object."""
+    import shmkit
+
+    ctx = mp.get_context("spawn")
+    rows = []
+    for count in counts:
+        tag = f"bench-scale-{os.getpid()}"
+        made = [shmkit.Channel(f"{tag}-{i}", capacity=64 << 10) for i in range(count)]
+        try:
+            names = [c.name for c in made]
+            paths = [c.path for c in made]
+            for c in made:
+                c.close()
+            here, there = ctx.Pipe()
+            p = ctx.Process(target=_open_many, args=(there, names, paths))
+            p.start()
+            opened, closed, bare_open, bare_close = here.recv()
+            p.join(60)
+        finally:
+            for n in names:
+                shmkit.segment.unlink(n)
+        row = (count, opened / count * 1e6, closed / count * 1e6,
+               bare_open / count * 1e6, bare_close / count * 1e6)
+        rows.append(row)
+        print(f"{count:>7,} objects: Channel.open {row[1]:6.1f} µs, close {row[2]:5.1f} µs; "
+              f"bare open+mmap {row[3]:5.1f} µs, close {row[4]:5.1f} µs", flush=True)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'); no plot")
+        return rows
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    xs = [r[0] for r in rows]
+    for col, label in ((1, "shmkit.Channel.open"), (2, "shmkit close"),
+                       (3, "bare os.open + mmap"), (4, "bare close")):
+        ax.plot(xs, [r[col] for r in rows], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("objects opened in one process (channels of 64 KiB)")
+    ax.set_ylabel("µs per object")
+    ax.set_title("Opening by name: cost per object as a process holds more")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"saved {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Opening by name as a process holds more objects (plots "
+                    "docs/attach_scaling.png); the side-by-side benchmarks run "
+                    "with `python -m benchmarks --filter segment`.")
+    parser.add_argument("--scaling", type=int, nargs="*", metavar="COUNT",
+                        default=[1, 10, 100, 1000, 10000],
+                        help="numbers of objects to open (default: 1 10 100 1000 10000)")
+    scaling(parser.parse_args().scaling)
