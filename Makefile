@@ -51,7 +51,10 @@ asan-copy: $(STAMP) $(CORE)
 	SHMKIT_ASAN=1 $(BIN)/python setup.py -q build_ext --build-lib build/asan \
 		--build-temp build/asan-tmp --force
 
+# faster-fifo ships as source only: Cython must be there to build it, as
+# shmkit itself installs without build isolation.
 bench: build
+	$(BIN)/pip install -q 'cython>=3'
 	$(BIN)/pip install -q -e '.[bench]' --no-build-isolation
 	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; } \
 		|| echo "redis-server could not be installed: the Redis anchors will be skipped"
