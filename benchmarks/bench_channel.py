@@ -3,7 +3,10 @@
 Every workload runs a peer process (forked, so start-up is cheap and outside
 the timing), waits until it is ready, then times ``n`` operations:
 
-* round trip of a 64-byte message (ping-pong through two one-way paths);
+* round trip of a 64-byte message (ping-pong through two one-way paths),
+  with iceoryx2's publish/subscribe as an anchor where it is installed (its
+  Python binding does not block in receive: both of its sides poll);
+* the same round trip timed one by one, for its p50/p90/p99/p99.9 and mean;
 * one-way throughput of 64-byte messages, single calls and batched calls;
 * one-way throughput of 1 MiB and 64 MiB payloads in GB/s, copying and
   zero-copy, against a hand-made ``multiprocessing.shared_memory`` + numpy
@@ -178,6 +181,176 @@ def rt_posix_mq(n: int) -> float:
         dt = time.perf_counter() - t0
         _finish(p)
         return dt
+    finally:
+        for q in (qa, qb):
+            q.unlink(); q.close()
+
+
+def _iox_ports(a: str, b: str) -> tuple[Any, Any, Any]:
+    """An iceoryx2 node and two publish/subscribe services of 64-byte payloads."""
+    import ctypes
+
+    import iceoryx2 as iox2
+    iox2.set_log_level_from_env_or(iox2.LogLevel.Warn)
+    payload = ctypes.c_uint8 * 64
+    node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+    sa, sb = (node.service_builder(iox2.ServiceName.new(x)).publish_subscribe(payload)
+              .open_or_create() for x in (a, b))
+    return node, sa, sb
+
+
+def _iox_echo(ready, a: str, b: str) -> None:
+    """Send back every sample of service a on service b, polling (as the
+    binding's receive does not block), until a sample starting with 0."""
+    node, sa, sb = _iox_ports(a, b)
+    sub, pub = sa.subscriber_builder().create(), sb.publisher_builder().create()
+    ready.set()
+    receive = sub.receive
+    while True:
+        while (sample := receive()) is None:
+            pass
+        data = sample.payload().contents
+        stop = data[0] == 0
+        pub.loan_uninit().write_payload(data).send()
+        del sample
+        if stop:
+            return
+
+
+class _Iceoryx2:
+    """The calling side of an iceoryx2 round trip: ping on a, pong on b."""
+
+    def __init__(self) -> None:
+        import ctypes
+        self.a, self.b = f"bench/{_name()}/a", f"bench/{_name()}/b"
+        self.p = _peer(_iox_echo, self.a, self.b)
+        self.node, sa, sb = _iox_ports(self.a, self.b)
+        self.pub, self.sub = sa.publisher_builder().create(), sb.subscriber_builder().create()
+        self.msg = (ctypes.c_uint8 * 64)(*MSG)
+        # Until the two sides see each other, a sample may reach nobody: ping
+        # until a pong comes back, then drop any extra pongs.
+        deadline = time.monotonic() + 30
+        while not self._pong(0.01):
+            if time.monotonic() > deadline:
+                raise RuntimeError("iceoryx2 echo did not answer")
+        time.sleep(0.05)
+        while self.sub.receive() is not None:
+            pass
+
+    def _pong(self, wait: float) -> bool:
+        self.send()
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            if self.sub.receive() is not None:
+                return True
+        return False
+
+    def send(self) -> None:
+        self.pub.loan_uninit().write_payload(self.msg).send()
+
+    def recv(self) -> None:
+        receive = self.sub.receive
+        while (sample := receive()) is None:
+            pass
+        del sample
+
+    def close(self) -> None:
+        import ctypes
+        self.pub.loan_uninit().write_payload((ctypes.c_uint8 * 64)()).send()  # stop
+        _finish(self.p)
+
+
+@workload("channel: 64 B round trip", system="iceoryx2 publish/subscribe (both polling)",
+          requires=("iceoryx2",), n=RT_N)
+def rt_iceoryx2(n: int) -> float:
+    iox = _Iceoryx2()
+    try:
+        send, recv = iox.send, iox.recv
+        t0 = time.perf_counter()
+        for _ in range(n):
+            send()
+            recv()
+        return time.perf_counter() - t0
+    finally:
+        iox.close()
+
+
+# -- round-trip latency distribution --------------------------------------------------------
+
+LAT = "channel: 64 B round-trip latency, each timed (p50/p90/p99/p99.9 in notes)"
+
+
+def _percentiles(samples_ns: list[int]) -> dict:
+    """The run's seconds and its latency percentiles and mean, in µs."""
+    xs = sorted(samples_ns)
+    n = len(xs)
+
+    def at(q: float) -> float:
+        return xs[min(n - 1, int(q * n))] / 1e3
+
+    total = sum(xs)
+    return {"seconds": total / 1e9, "p50_us": at(0.50), "p90_us": at(0.90),
+            "p99_us": at(0.99), "p999_us": at(0.999), "mean_us": total / n / 1e3}
+
+
+def _timed_round_trips(n: int, send: Callable[[], Any], recv: Callable[[], Any]) -> dict:
+    clock = time.perf_counter_ns
+    samples = [0] * n
+    for i in range(n):
+        t = clock()
+        send()
+        recv()
+        samples[i] = clock() - t
+    return _percentiles(samples)
+
+
+@workload(LAT, unit="µs round trip", system="shmkit.Channel", n=4 * RT_N)
+def lat_shmkit(n: int) -> dict:
+    import shmkit
+    a, b = shmkit.Channel(_name(), capacity=1 << 16), shmkit.Channel(_name(), capacity=1 << 16)
+    try:
+        p = _peer(_shmkit_echo, a.name, b.name, n + 1)
+        send, recv = a.send, b.recv
+        send(MSG); recv()
+        out = _timed_round_trips(n, lambda: send(MSG), recv)
+        _finish(p)
+        return out
+    finally:
+        for c in (a, b):
+            c.unlink(); c.close()
+
+
+@workload(LAT, system="multiprocessing.Pipe", reference=True, n=RT_N)
+def lat_pipe(n: int) -> dict:
+    here, there = FORK.Pipe()
+    p = _peer(_pipe_echo, there, n + 1)
+    here.send_bytes(MSG); here.recv_bytes()
+    out = _timed_round_trips(n, lambda: here.send_bytes(MSG), here.recv_bytes)
+    _finish(p)
+    return out
+
+
+@workload(LAT, system="iceoryx2 publish/subscribe (both polling)", requires=("iceoryx2",),
+          n=RT_N)
+def lat_iceoryx2(n: int) -> dict:
+    iox = _Iceoryx2()
+    try:
+        return _timed_round_trips(n, iox.send, iox.recv)
+    finally:
+        iox.close()
+
+
+@workload(LAT, system="posix_ipc.MessageQueue", requires=("posix_ipc",), n=RT_N)
+def lat_posix_mq(n: int) -> dict:
+    import posix_ipc
+    qa = posix_ipc.MessageQueue("/" + _name(), posix_ipc.O_CREX, max_message_size=64)
+    qb = posix_ipc.MessageQueue("/" + _name(), posix_ipc.O_CREX, max_message_size=64)
+    try:
+        p = _peer(_mq_echo, qa.name, qb.name, n + 1)
+        qa.send(MSG); qb.receive()
+        out = _timed_round_trips(n, lambda: qa.send(MSG), qb.receive)
+        _finish(p)
+        return out
     finally:
         for q in (qa, qb):
             q.unlink(); q.close()
