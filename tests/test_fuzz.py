@@ -100,6 +100,54 @@ def test_a_held_lock_overwritten_by_damage_is_reported_as_corrupt_on_release(nam
         m.unlink()
 
 
+@pytest.mark.parametrize("how", ["condition", "mutex"])
+def test_a_lock_overwritten_while_held_is_corrupt_on_every_release(name, how):
+    """Found by the busy-mode fuzzer (condition, seed 100, case 1398): the
+    condition's lock word overwritten while a `with` block held it made
+    wait() report CorruptError (its release found the damage), and then the
+    block's own release raised RuntimeError ("does not hold"), hiding it.
+    Each release of the overwritten word now reports the damage; taking the
+    word again ends the episode."""
+    import struct
+
+    import shmkit
+    h = shmkit.Condition(name) if how == "condition" else shmkit.Mutex(name)
+    off = h._base if how == "mutex" else h._base + 0  # the mutex word comes first
+    view = memoryview(h._seg._mapping)
+    try:
+        with pytest.raises(shmkit.CorruptError, match="overwritten") as caught:
+            with h:
+                struct.pack_into("<I", view, off, 19424)  # another process's store
+                if how == "condition":
+                    h.wait(0.01)  # releases (and finds the damage) first
+        if how == "condition":  # wait() found it first, then the block's release
+            assert isinstance(caught.value.__context__, shmkit.CorruptError)
+            assert "overwritten" in str(caught.value.__context__)
+        # the release after a release that reported it reports it once more,
+        # then a release is the caller's error again
+        with pytest.raises(shmkit.CorruptError, match="overwritten"):
+            h.release()
+        with pytest.raises(RuntimeError, match="does not hold"):
+            h.release()
+        # Taking the word again ends an episode that no second release closed.
+        struct.pack_into("<I", view, off, 0)
+        assert h.acquire(timeout=1)
+        struct.pack_into("<I", view, off, 19424)
+        with pytest.raises(shmkit.CorruptError, match="overwritten"):
+            h.release()
+        struct.pack_into("<I", view, off, 0)
+        for _ in range(100):
+            with h:
+                pass
+        with pytest.raises(RuntimeError, match="does not hold"):
+            h.release()  # not the old episode's CorruptError
+        assert h._seg._mapping.held_count == 0
+    finally:
+        view.release()
+        h.close()
+        h.unlink()
+
+
 def test_header_changed_between_check_and_attach_is_not_reread(name, monkeypatch):
     """Found by the busy-mode fuzzer (mutex, seed 100): another process changing the
     header's max_slots between the open's check and its slot claim made the open
@@ -247,8 +295,10 @@ def test_rwlock_holds_overwritten_by_damage_are_reported_as_corrupt_on_release(n
         _core.store32(m, rw._base, 0)  # the writers' lock word, wiped
         with pytest.raises(shmkit.CorruptError, match="overwritten"):
             rw.release_write()
+        with pytest.raises(shmkit.CorruptError, match="overwritten"):
+            rw.release_write()  # again: the release of a `with` block around it
         with pytest.raises(RuntimeError, match="without holding it"):
-            rw.release_write()  # never taken: still the caller's error
+            rw.release_write()  # then: still the caller's error
         _core.store32(m, rw._base + 4, 0)  # what the damage left of the state
         assert rw.acquire_read(timeout=1)
         for slot in range(rw._seg._max_slots):  # every read count, wiped

@@ -45,12 +45,10 @@ cond_bind(Cond *c, PyObject *mapping, long long off, PyObject *what, int writabl
 int
 shm_cond_held(MappingObject *m, char *b, const char *what, const char *call)
 {
-    uint32_t v = __atomic_load_n((uint32_t *)(b + COND_LOCK), __ATOMIC_ACQUIRE);
-    if (m->token == 0 || (v & SHM_TOKEN_MASK) != m->token) {
+    int held = shm_lock_check_held(m, (uint32_t *)(b + COND_LOCK));
+    if (held == 0)
         PyErr_Format(PyExc_RuntimeError, "%s() on %s without holding it", call, what);
-        return 0;
-    }
-    return 1;
+    return held > 0;
 }
 
 void

@@ -48,6 +48,12 @@ cas(uint32_t *w, uint32_t expected, uint32_t desired)
 #define HELD_HOLDS 2u     /* holds it */
 #define HELD_WAITING 3u   /* waiting for it; will go back to TRYING to CAS */
 #define HELD_RELEASING 4u /* releasing it: the word may still carry our token */
+/* Held, then overwritten by someone else's store (damage), which a release
+ * reported.  Kept so that a second release of the word (a `with` block
+ * around a call that released and reported it) reports the damage again
+ * instead of blaming the caller; freed by that release, or when a thread of
+ * ours takes the word again.  Never counts as holding it. */
+#define HELD_DAMAGED 5u
 #define HELD_OFF(e) ((e) >> 3)
 #define HELD_STATE(e) ((unsigned)((e) & 7u))
 
@@ -98,7 +104,8 @@ held_by_other_thread(MappingObject *m, uint32_t *word, int self)
     uint64_t off = (uint64_t)((char *)word - m->base);
     for (int i = 0; i < SHM_HELD_MAX; i++) {
         uint64_t e = __atomic_load_n(&m->held[i], __ATOMIC_SEQ_CST);
-        if (i != self && e != 0 && HELD_OFF(e) == off && HELD_STATE(e) != HELD_WAITING)
+        if (i != self && e != 0 && HELD_OFF(e) == off && HELD_STATE(e) != HELD_WAITING &&
+            HELD_STATE(e) != HELD_DAMAGED)
             return 1;
     }
     return 0;
@@ -118,6 +125,33 @@ shm_lock_forget_all(MappingObject *m)
 {
     for (int i = 0; i < SHM_HELD_MAX; i++)
         __atomic_store_n(&m->held[i], 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&m->held_damaged, 0, __ATOMIC_RELAXED);
+}
+
+/* Free the DAMAGED entry of word, if there is one: 1 if there was. */
+static int
+held_undamage(MappingObject *m, uint32_t *word)
+{
+    uint64_t e = held_entry(m, word, HELD_DAMAGED);
+    for (int i = 0; i < SHM_HELD_MAX; i++) {
+        uint64_t x = e;
+        if (__atomic_load_n(&m->held[i], __ATOMIC_RELAXED) == e &&
+            __atomic_compare_exchange_n(&m->held[i], &x, 0, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_RELAXED)) {
+            __atomic_sub_fetch(&m->held_damaged, 1, __ATOMIC_RELAXED);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* The word is ours again: a damage reported on it before is over. */
+static inline void
+held_taken(MappingObject *m, int i, uint32_t *word)
+{
+    held_set(m, i, word, HELD_HOLDS);
+    if (__atomic_load_n(&m->held_damaged, __ATOMIC_RELAXED) != 0)
+        held_undamage(m, word);
 }
 
 static int
@@ -146,7 +180,7 @@ shm_lock_try(MappingObject *m, uint32_t *word)
         return -1;
     if (cas(word, 0, me)) {
         shm_crash_point("lock.acquire.taken");
-        held_set(m, i, word, HELD_HOLDS);
+        held_taken(m, i, word);
         return 1;
     }
     held_free(m, i);
@@ -172,7 +206,7 @@ shm_lock_acquire(MappingObject *m, uint32_t *word, int64_t deadline)
         r = acquire_slow(m, word, deadline, i);
     }
     if (r > 0)
-        held_set(m, i, word, HELD_HOLDS);
+        held_taken(m, i, word);
     else
         held_free(m, i);
     return r;
@@ -276,6 +310,33 @@ acquire_slow(MappingObject *m, uint32_t *word, int64_t deadline, int self)
     return r == 1 ? c.got : r;
 }
 
+static int
+overwritten(MappingObject *m, uint32_t v)
+{
+    PyErr_Format(shm_state_of((PyObject *)m)->CorruptError,
+                 "the lock this process held was overwritten (lock word 0x%x, expected "
+                 "this process's token 0x%x): the segment is damaged; check its data "
+                 "(shmkit info) or recreate it", (unsigned)v, (unsigned)m->token);
+    return -1;
+}
+
+int
+shm_lock_check_held(MappingObject *m, uint32_t *word)
+{
+    uint32_t v = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+    if (m->token != 0 && (v & SHM_TOKEN_MASK) == m->token)
+        return 1;
+    if (m->token != 0) {
+        uint64_t holds = held_entry(m, word, HELD_HOLDS), dmg = held_entry(m, word, HELD_DAMAGED);
+        for (int i = 0; i < SHM_HELD_MAX; i++) {
+            uint64_t e = __atomic_load_n(&m->held[i], __ATOMIC_RELAXED);
+            if (e == holds || e == dmg)
+                return overwritten(m, v);
+        }
+    }
+    return 0;
+}
+
 int
 shm_lock_release(MappingObject *m, uint32_t *word)
 {
@@ -284,17 +345,16 @@ shm_lock_release(MappingObject *m, uint32_t *word)
         /* This process took the word and someone else's store replaced it:
          * the segment is damaged, not the caller's bookkeeping. */
         uint64_t had = m->token == 0 ? 0 : held_entry(m, word, HELD_HOLDS);
-        for (int i = 0; i < SHM_HELD_MAX && had != 0; i++) {
+        int reported = 0;
+        for (int i = 0; i < SHM_HELD_MAX && had != 0 && !reported; i++) {
             if (__atomic_load_n(&m->held[i], __ATOMIC_RELAXED) == had) {
-                held_free(m, i);
-                PyErr_Format(shm_state_of((PyObject *)m)->CorruptError,
-                             "the lock this process held was overwritten (lock word 0x%x, "
-                             "expected this process's token 0x%x): the segment is damaged; "
-                             "check its data (shmkit info) or recreate it",
-                             (unsigned)v, (unsigned)m->token);
-                return -1;
+                __atomic_add_fetch(&m->held_damaged, 1, __ATOMIC_RELAXED);
+                held_set(m, i, word, HELD_DAMAGED);
+                reported = 1;
             }
         }
+        if (reported || (m->token != 0 && held_undamage(m, word)))
+            return overwritten(m, v);
         PyErr_SetString(PyExc_RuntimeError,
                         "release of a shmkit lock that this process does not hold");
         return -1;

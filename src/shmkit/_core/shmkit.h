@@ -56,6 +56,7 @@ typedef struct {
      * carries our token without being listed here was not locked by us: it
      * is damage, and is taken over instead of waited on forever. */
     uint64_t held[SHM_HELD_MAX];
+    int held_damaged;    /* entries of held[] in state DAMAGED (lock.c) */
 } MappingObject;
 
 /* ---- module state (module.c) -----------------------------------------------
@@ -189,8 +190,14 @@ int shm_lock_acquire(MappingObject *m, uint32_t *word, int64_t deadline);
 /* The fast path alone: 1 acquired (the word was free), 0 not free (nothing
  * changed), -1 error.  Records the holding like shm_lock_acquire. */
 int shm_lock_try(MappingObject *m, uint32_t *word);
-/* Returns 0, or -1 with RuntimeError when we do not hold it. */
+/* Returns 0, or -1 with RuntimeError when we do not hold it, or with
+ * CorruptError when we took it and another store replaced it (damage;
+ * reported again by the next release of the word, so that a `with` block
+ * around a call that released it does not blame the caller). */
 int shm_lock_release(MappingObject *m, uint32_t *word);
+/* Does this process hold word?  1 yes; 0 no (no exception set); -1 with
+ * CorruptError when it took the word and another store replaced it. */
+int shm_lock_check_held(MappingObject *m, uint32_t *word);
 /* Holdings recorded for this mapping (a diagnostic: Mapping.held_count). */
 int shm_lock_held_count(MappingObject *m);
 /* Forget every recorded holding (a new attachment, after fork). */

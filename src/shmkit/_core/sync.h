@@ -203,7 +203,8 @@ shm_cond_granted(const char *b, uint32_t seq, uint32_t seq0)
 
 /* condition.c, with the condition's mutex held (b: its start).  held: 1 when
  * this attachment holds the mutex, else 0 with RuntimeError naming call()
- * and what.  count: add delta to our attachment's sleepers.  take_grant:
+ * and what, or with CorruptError when it took the mutex and another store
+ * replaced its word.  count: add delta to our attachment's sleepers.  take_grant:
  * take a grant made since seq0, 1 if one was. */
 int shm_cond_held(MappingObject *m, char *b, const char *what, const char *call);
 void shm_cond_count(MappingObject *m, char *b, int delta);
