@@ -591,6 +591,11 @@ def _large(size: int, n: int | None) -> dict:
     def hand_made(n: int) -> float:
         return _hand_made(n, size)
 
+    @workload(title, system="shared_memory + numpy (hand-made, into a new np.empty each)",
+              bytes_per_op=size, n=n)
+    def hand_made_fresh(n: int) -> float:  # what recv() does: a new object per message
+        return _hand_made(n, size, fresh=True)
+
     @workload(title, system="numpy copy in one process", bytes_per_op=size, n=n,
               reference=True)
     def in_process(n: int) -> float:
@@ -605,7 +610,7 @@ def _large(size: int, n: int | None) -> dict:
     return locals()
 
 
-def _hand_sink(ready, shm_name, size, n, slots, full, empty):
+def _hand_sink(ready, shm_name, size, n, slots, full, empty, fresh):
     import numpy as np
     from multiprocessing import shared_memory
     shm = shared_memory.SharedMemory(shm_name)
@@ -618,15 +623,18 @@ def _hand_sink(ready, shm_name, size, n, slots, full, empty):
     ready.set()
     for i in range(slots, slots + n):
         full.acquire()
+        if fresh:
+            out = np.empty(size, np.uint8)
         np.copyto(out, ring[i % slots])
         empty.release()
     del ring
     shm.close()
 
 
-def _hand_made(n: int, size: int) -> float:
+def _hand_made(n: int, size: int, fresh: bool = False) -> float:
     """What people write by hand: a shared_memory block of slots, numpy copies in
-    and out, and two semaphores for full and empty slots."""
+    and out, and two semaphores for full and empty slots.  ``fresh``: the
+    receiver copies each message into a new array (else into one it reuses)."""
     import numpy as np
     from multiprocessing import shared_memory
     slots = 4
@@ -638,7 +646,7 @@ def _hand_made(n: int, size: int) -> float:
         for i in range(slots):
             np.copyto(ring[i], src)
             full.release()
-        p = _peer(_hand_sink, shm.name, size, n, slots, full, empty)
+        p = _peer(_hand_sink, shm.name, size, n, slots, full, empty, fresh)
         t0 = time.perf_counter()
         for i in range(slots, slots + n):
             empty.acquire()
