@@ -23,7 +23,8 @@ import multiprocessing
 import os
 import secrets
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from benchmarks.harness import workload
 
@@ -81,24 +82,34 @@ def _shmkit_echo(ready, a, b, n):
         send(recv())
 
 
-@workload("channel: 64 B round trip", unit="µs round trip", system="shmkit.Channel", n=RT_N)
-def rt_shmkit(n: int) -> float:
+@contextmanager
+def _shmkit_round_trips(n: int) -> Iterator[tuple[Callable[[], Any], Callable[[], Any]]]:
+    """(send, recv) of a warmed-up shmkit round trip through an echo process."""
     import shmkit
     a, b = shmkit.Channel(_name(), capacity=1 << 16), shmkit.Channel(_name(), capacity=1 << 16)
     try:
         p = _peer(_shmkit_echo, a.name, b.name, n + 1)
         send, recv = a.send, b.recv
         send(MSG); recv()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            send(MSG)
-            recv()
-        dt = time.perf_counter() - t0
+        yield (lambda: send(MSG)), recv
         _finish(p)
-        return dt
     finally:
         for c in (a, b):
             c.unlink(); c.close()
+
+
+def _loop(n: int, send: Callable[[], Any], recv: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        send()
+        recv()
+    return time.perf_counter() - t0
+
+
+@workload("channel: 64 B round trip", unit="µs round trip", system="shmkit.Channel", n=RT_N)
+def rt_shmkit(n: int) -> float:
+    with _shmkit_round_trips(n) as (send, recv):
+        return _loop(n, send, recv)
 
 
 def _pipe_echo(ready, conn, n):
@@ -107,18 +118,19 @@ def _pipe_echo(ready, conn, n):
         conn.send_bytes(conn.recv_bytes())
 
 
-@workload("channel: 64 B round trip", system="multiprocessing.Pipe", reference=True, n=RT_N)
-def rt_pipe(n: int) -> float:
+@contextmanager
+def _pipe_round_trips(n: int) -> Iterator[tuple[Callable[[], Any], Callable[[], Any]]]:
     here, there = FORK.Pipe()
     p = _peer(_pipe_echo, there, n + 1)
     here.send_bytes(MSG); here.recv_bytes()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        here.send_bytes(MSG)
-        here.recv_bytes()
-    dt = time.perf_counter() - t0
+    yield (lambda: here.send_bytes(MSG)), here.recv_bytes
     _finish(p)
-    return dt
+
+
+@workload("channel: 64 B round trip", system="multiprocessing.Pipe", reference=True, n=RT_N)
+def rt_pipe(n: int) -> float:
+    with _pipe_round_trips(n) as (send, recv):
+        return _loop(n, send, recv)
 
 
 def _queue_echo(ready, a, b, n):
@@ -165,25 +177,26 @@ def _mq_echo(ready, a, b, n):
         qb.send(qa.receive()[0])
 
 
-@workload("channel: 64 B round trip", system="posix_ipc.MessageQueue", requires=("posix_ipc",),
-          n=RT_N)
-def rt_posix_mq(n: int) -> float:
+@contextmanager
+def _mq_round_trips(n: int) -> Iterator[tuple[Callable[[], Any], Callable[[], Any]]]:
     import posix_ipc
     qa = posix_ipc.MessageQueue("/" + _name(), posix_ipc.O_CREX, max_message_size=64)
     qb = posix_ipc.MessageQueue("/" + _name(), posix_ipc.O_CREX, max_message_size=64)
     try:
         p = _peer(_mq_echo, qa.name, qb.name, n + 1)
         qa.send(MSG); qb.receive()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            qa.send(MSG)
-            qb.receive()
-        dt = time.perf_counter() - t0
+        yield (lambda: qa.send(MSG)), qb.receive
         _finish(p)
-        return dt
     finally:
         for q in (qa, qb):
             q.unlink(); q.close()
+
+
+@workload("channel: 64 B round trip", system="posix_ipc.MessageQueue", requires=("posix_ipc",),
+          n=RT_N)
+def rt_posix_mq(n: int) -> float:
+    with _mq_round_trips(n) as (send, recv):
+        return _loop(n, send, recv)
 
 
 def _iox_ports(a: str, b: str) -> tuple[Any, Any, Any]:
@@ -265,12 +278,7 @@ class _Iceoryx2:
 def rt_iceoryx2(n: int) -> float:
     iox = _Iceoryx2()
     try:
-        send, recv = iox.send, iox.recv
-        t0 = time.perf_counter()
-        for _ in range(n):
-            send()
-            recv()
-        return time.perf_counter() - t0
+        return _loop(n, iox.send, iox.recv)
     finally:
         iox.close()
 
@@ -306,28 +314,14 @@ def _timed_round_trips(n: int, send: Callable[[], Any], recv: Callable[[], Any])
 
 @workload(LAT, unit="µs round trip", system="shmkit.Channel", n=4 * RT_N)
 def lat_shmkit(n: int) -> dict:
-    import shmkit
-    a, b = shmkit.Channel(_name(), capacity=1 << 16), shmkit.Channel(_name(), capacity=1 << 16)
-    try:
-        p = _peer(_shmkit_echo, a.name, b.name, n + 1)
-        send, recv = a.send, b.recv
-        send(MSG); recv()
-        out = _timed_round_trips(n, lambda: send(MSG), recv)
-        _finish(p)
-        return out
-    finally:
-        for c in (a, b):
-            c.unlink(); c.close()
+    with _shmkit_round_trips(n) as (send, recv):
+        return _timed_round_trips(n, send, recv)
 
 
 @workload(LAT, system="multiprocessing.Pipe", reference=True, n=RT_N)
 def lat_pipe(n: int) -> dict:
-    here, there = FORK.Pipe()
-    p = _peer(_pipe_echo, there, n + 1)
-    here.send_bytes(MSG); here.recv_bytes()
-    out = _timed_round_trips(n, lambda: here.send_bytes(MSG), here.recv_bytes)
-    _finish(p)
-    return out
+    with _pipe_round_trips(n) as (send, recv):
+        return _timed_round_trips(n, send, recv)
 
 
 @workload(LAT, system="iceoryx2 publish/subscribe (both polling)", requires=("iceoryx2",),
@@ -342,18 +336,8 @@ def lat_iceoryx2(n: int) -> dict:
 
 @workload(LAT, system="posix_ipc.MessageQueue", requires=("posix_ipc",), n=RT_N)
 def lat_posix_mq(n: int) -> dict:
-    import posix_ipc
-    qa = posix_ipc.MessageQueue("/" + _name(), posix_ipc.O_CREX, max_message_size=64)
-    qb = posix_ipc.MessageQueue("/" + _name(), posix_ipc.O_CREX, max_message_size=64)
-    try:
-        p = _peer(_mq_echo, qa.name, qb.name, n + 1)
-        qa.send(MSG); qb.receive()
-        out = _timed_round_trips(n, lambda: qa.send(MSG), qb.receive)
-        _finish(p)
-        return out
-    finally:
-        for q in (qa, qb):
-            q.unlink(); q.close()
+    with _mq_round_trips(n) as (send, recv):
+        return _timed_round_trips(n, send, recv)
 
 
 # -- one-way throughput, 64-byte messages -----------------------------------------------

@@ -348,29 +348,12 @@ def scaling(counts: list[int], out: str = "docs/attach_scaling.png") -> list:
         rows.append(row)
         print(f"{count:>7,} objects: Channel.open {row[1]:6.1f} µs, close {row[2]:5.1f} µs; "
               f"bare open+mmap {row[3]:5.1f} µs, close {row[4]:5.1f} µs", flush=True)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'); no plot")
-        return rows
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    xs = [r[0] for r in rows]
-    for col, label in ((1, "shmkit.Channel.open"), (2, "shmkit close"),
-                       (3, "bare os.open + mmap"), (4, "bare close")):
-        ax.plot(xs, [r[col] for r in rows], marker="o", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("objects opened in one process (channels of 64 KiB)")
-    ax.set_ylabel("µs per object")
-    ax.set_title("Opening by name: cost per object as a process holds more")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    fig.savefig(out, dpi=110)
-    print(f"saved {out}")
+    from benchmarks.plot import save_plot
+    save_plot(rows, ((1, "shmkit.Channel.open"), (2, "shmkit close"),
+                     (3, "bare os.open + mmap"), (4, "bare close")),
+              xlabel="objects opened in one process (channels of 64 KiB)",
+              ylabel="µs per object",
+              title="Opening by name: cost per object as a process holds more", out=out)
     return rows
 
 

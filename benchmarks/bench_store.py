@@ -580,29 +580,12 @@ def scaling(sizes: list[int], out: str = "docs/store_scaling.png", ops: int = 20
         finally:
             st.close()
             st.unlink()
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'); no plot")
-        return rows
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    xs = [r[0] for r in rows]
-    for col, label in ((1, "Store put (insert)"), (2, "Store put (update)"),
-                       (3, "Store get"), (4, "dict get")):
-        ax.plot(xs, [r[col] for r in rows], marker="o", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("keys in the store (16 B keys, 100 B values)")
-    ax.set_ylabel("ns per operation (from Python)")
-    ax.set_title("shmkit.Store: cost per operation as the store grows")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    fig.savefig(out, dpi=110)
-    print(f"saved {out}")
+    from benchmarks.plot import save_plot
+    save_plot(rows, ((1, "Store put (insert)"), (2, "Store put (update)"), (3, "Store get"),
+                     (4, "dict get")),
+              xlabel="keys in the store (16 B keys, 100 B values)",
+              ylabel="ns per operation (from Python)",
+              title="shmkit.Store: cost per operation as the store grows", out=out)
     return rows
 
 
