@@ -754,3 +754,53 @@ def big_q_mp(n: int) -> float:
           bytes_per_op=BIG, n=4, reference=True)
 def big_q_hand_made(n: int) -> float:
     return _hand_made(n, BIG)
+
+
+# -- scaling: message sizes from 64 B to 64 MiB -------------------------------------------------
+
+def _pipe_one_way(n: int, size: int) -> float:
+    here, there = FORK.Pipe()
+    p = _peer(_pipe_sink, there, n, False)
+    data = MSG if size == 64 else _payload(size).tobytes()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        here.send_bytes(data)
+    return _finish(p) - t0
+
+
+def scaling(sizes: list[int], out: str = "docs/message_scaling.png") -> list:
+    """One-way GB/s at each message size: shmkit.Channel (copy in, recv_into a
+    reused buffer), the hand-made shared_memory + numpy copy, and
+    multiprocessing.Pipe; plot them."""
+    rows = []
+    for size in sizes:
+        n = max(16, min(200_000, (256 * MiB) // size))
+        capacity = max(1 << 20, 4 * (size + 64))
+        shm = _shmkit_one_way(n, size, capacity=capacity, into=size > 64)
+        hand = _hand_made(n, size)
+        pipe = _pipe_one_way(max(16, n // 8), size)
+        row = (size, n * size / shm / 1e9, n * size / hand / 1e9,
+               max(16, n // 8) * size / pipe / 1e9)
+        rows.append(row)
+        print(f"{size:>10,} B: shmkit.Channel {row[1]:7.3f} GB/s, hand-made {row[2]:7.3f} "
+              f"GB/s, Pipe {row[3]:7.3f} GB/s", flush=True)
+    from benchmarks.plot import save_plot
+    save_plot(rows, ((1, "shmkit.Channel (copy in, recv_into)"),
+                     (2, "shared_memory + numpy (hand-made)"), (3, "multiprocessing.Pipe")),
+              xlabel="message size (bytes)", ylabel="GB/s, one way",
+              title="One-way throughput as messages grow", out=out, logy=True)
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="One-way throughput from 64 B to 64 MiB messages (plots "
+                    "docs/message_scaling.png); the side-by-side benchmarks run with "
+                    "`python -m benchmarks --filter channel`.")
+    parser.add_argument("--scaling", type=int, nargs="*", metavar="BYTES",
+                        help="message sizes (default: 64 B, 1 KiB, 16 KiB, 256 KiB, 4 MiB, "
+                             "64 MiB)")
+    scaling(parser.parse_args().scaling or [64, 1 << 10, 16 << 10, 256 << 10, 4 << 20,
+                                            64 << 20])

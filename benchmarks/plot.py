@@ -7,9 +7,10 @@ from typing import Sequence
 
 
 def save_plot(rows: Sequence[Sequence[float]], series: Sequence[tuple[int, str]], *,
-              xlabel: str, ylabel: str, title: str, out: str) -> None:
+              xlabel: str, ylabel: str, title: str, out: str, logy: bool = False) -> None:
     """Plot columns of ``rows`` (``series``: (column, label)) against column 0,
-    on a log x axis, into ``out``; say so and do nothing without matplotlib."""
+    on a log x axis (and y, with ``logy``), into ``out``; say so and do
+    nothing without matplotlib."""
     try:
         import matplotlib
 
@@ -23,6 +24,8 @@ def save_plot(rows: Sequence[Sequence[float]], series: Sequence[tuple[int, str]]
     for col, label in series:
         ax.plot(xs, [r[col] for r in rows], marker="o", label=label)
     ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
