@@ -1426,3 +1426,29 @@ def test_crash_at_every_point_of_growth_leaves_heap_usable(names):
         heap.close()
         heap.unlink()
     assert kills == total
+
+
+def test_a_size_word_lowered_under_a_growing_heap_is_corrupt(name, monkeypatch):
+    """Found by the busy-mode fuzzer (heap, seed 100): the segment's size word
+    lowered by another process between the grower's extension of the segment
+    and the heap's own growth made alloc() raise RuntimeError ("extend the
+    segment first"), an internal error.  A heap's segment never shrinks and
+    its grower always extends it first, so that is damage: CorruptError."""
+    h = shmkit.Heap(name, size=64 << 10, max_size=4 << 20)
+    seg = h._seg
+    before = seg._sync_size()
+    real = type(seg)._grow_to
+
+    def grow_then_damage(self, size, timeout=None):
+        real(self, size, timeout)
+        view = memoryview(self._mapping)
+        struct.pack_into("=Q", view, 32, before)  # the header's size word
+        view.release()
+
+    monkeypatch.setattr(type(seg), "_grow_to", grow_then_damage)
+    try:
+        with pytest.raises(shmkit.CorruptError, match="size word was damaged"):
+            h.alloc(200 << 10, timeout=5)
+    finally:
+        monkeypatch.undo()
+        h.close()

@@ -848,7 +848,9 @@ h_alloc(Ctx *c, uint64_t n, int zero, uint32_t want, uint64_t *handle)
 /* Extend the data area to n bytes (a multiple of 16, at most max_size),
  * which the segment must already cover: the new units become a free block
  * at the end, merged with a free last block.  One journaled commit; a
- * no-op when the heap is already that large (another process grew it). */
+ * no-op when the heap is already that large (another process grew it).
+ * The caller extended the segment first and segments of heaps never
+ * shrink, so a segment too short for n is a damaged size word. */
 int
 h_grow(Ctx *c, uint64_t n)
 {
@@ -858,9 +860,9 @@ h_grow(Ctx *c, uint64_t n)
     if (want <= old)
         return 0;
     if (self->data_off + want * UNIT > self->plen)
-        return shm_fail(HE_RUNTIME, "%s: its segment holds %llu bytes, too few "
-                      "for %llu bytes of data area; extend the segment first", self->what,
-                      (unsigned long long)self->plen, (unsigned long long)n);
+        return corrupt(c, "its segment says it holds %llu bytes, too few for the %llu "
+                       "bytes of data area it was just extended for: its size word was "
+                       "damaged", (unsigned long long)self->plen, (unsigned long long)n);
     /* the last block, walking from the compaction cursor (a block
      * boundary, usually near the end; bounded: every block is >= 2 units) */
     uint64_t u = ld(c, H_CURSOR);
