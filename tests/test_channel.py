@@ -1146,7 +1146,7 @@ def _vma_flags(address: int) -> dict[str, str]:
 def test_a_big_message_is_copied_out_into_memory_advised_onto_huge_pages(name, kind):
     """recv() of a large message fills a new bytes object: advised onto huge
     pages (as numpy advises its large arrays), the copy faults 512 times less
-    (docs/benchmarks.md has the figures).  Small messages are left alone."""
+    (docs/benchmarks.md has the figures)."""
     import ctypes
 
     n = 8 << 20
@@ -1166,8 +1166,8 @@ def test_a_big_message_is_copied_out_into_memory_advised_onto_huge_pages(name, k
         assert got == data and small == b"small" * 1000
         middle = ctypes.cast(ctypes.c_char_p(got), ctypes.c_void_p).value + n // 2
         assert _vma_flags(middle).get("THPeligible") == "1"
-        start = ctypes.cast(ctypes.c_char_p(small), ctypes.c_void_p).value
-        assert _vma_flags(start).get("THPeligible") == "0"
+        # (a small message is not advised, but where malloc puts it may be
+        # memory an earlier big one left advised: nothing to assert there)
     finally:
         if kind == "topic":
             sub.close()
