@@ -339,13 +339,20 @@ def test_a_closer_proves_it_is_last_over_every_slot_there_can_be(name):
 
     size = segment_mod._header_size(256)
     fewer = min(n for n in range(1, 257) if segment_mod._header_size(n) == size)
+    def slot(h):
+        return h._token & 0x3FF
+
+    # slots go from pid % 256 upwards, wrapping: open until there is a
+    # handle below the lowered count (the closer) and one above it
     holders = [shmkit.Segment(name, size=4096, lifetime="attached", max_attach=256)]
-    while holders[-1]._token & 0x3FF < fewer:
+    while not (any(slot(h) >= fewer for h in holders)
+               and any(slot(h) < fewer for h in holders)):
         holders.append(shmkit.Segment.open(name))
-    high = holders.pop()
-    closer = holders.pop(0)
+    high = next(h for h in holders if slot(h) >= fewer)
+    closer = next(h for h in holders if slot(h) < fewer)
     for h in holders:
-        h.close()
+        if h is not high and h is not closer:
+            h.close()
     closer._max_slots = fewer  # as if it had opened the lowered header
     closer.close()
     assert os.path.exists(_path(name)), "a closer removed a segment still held"

@@ -174,8 +174,7 @@ def _align(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
-def _header_size(max_slots: int) -> int:
-    return _align(_HEADER_BYTES + max_slots * _SLOT, PAGE)
+_header_size = _core.header_size  # the fixed header and the attach table, in whole pages
 
 
 _pid = os.getpid()  # getpid() is a system call; the at-fork hook refreshes this
@@ -711,13 +710,7 @@ class Segment(Closing):
                 text = got
             self._keep(fd, mapping, hsize, flags, max_slots, max_size, created_ns, creator,
                        text)
-            self._token = mapping.token
-            _live[id(self)] = weakref.ref(self)
-            try:
-                self._layout = _layout_of(text, repr(self._name))
-            except CorruptError:
-                self._detach()
-                raise
+            self._attached()
             return
         where = repr(self._name)
         # Never read what is not a regular file: O_NONBLOCK makes opening a
@@ -848,11 +841,21 @@ class Segment(Closing):
             self._keep(fd, mapping, header_size, flags, max_slots, max_size, created_ns,
                        creator_pid, bytes(memoryview(mapping)[_LAYOUT_OFF:_LAYOUT_OFF
                                                               + layout_len]))
-        self._layout = _layout_of(self._layout_text, repr(self._name))
         mapping.table_off = _HEADER_BYTES
         mapping.max_slots = self._max_slots
         self._claim_slot()
+        self._attached()
+
+    def _attached(self) -> None:
+        """The handle holds its slot: known to the at-fork and at-exit hooks,
+        and its layout decoded (an unreadable one lets the slot go again)."""
+        self._token = self._mapping.token
         _live[id(self)] = weakref.ref(self)
+        try:
+            self._layout = _layout_of(self._layout_text, repr(self._name))
+        except CorruptError:
+            self._detach()
+            raise
 
     def _keep(self, fd: int, mapping: Any, header_size: int, flags: int, max_slots: int,
               max_size: int, created_ns: int, creator_pid: int, layout_text: bytes) -> None:
@@ -886,7 +889,6 @@ class Segment(Closing):
             if token == -1:
                 self._slot_count_damaged()
             if token:
-                self._token = token
                 return
             time.sleep(0.001)  # a closing process may hold every slot for a moment
         self._detach()
@@ -915,6 +917,7 @@ class Segment(Closing):
         self._fd = os.open(f"/proc/self/fd/{old}", flags)
         os.close(old)
         self._claim_slot()
+        self._token = self._mapping.token
 
     # -- lifetime ---------------------------------------------------------
 

@@ -501,10 +501,7 @@ class Request:
         >>> # inside a worker loop:  req.reply(b"done")
         """
         if type(data) is bytes:  # (the common case: no view to make)
-            if self.answered:
-                raise self._answered()
-            self.answered = True
-            return self._worker._deliver(self, _OK, data)
+            return self._send(_OK, data)
         try:
             view = memoryview(data)
         except TypeError:
@@ -526,13 +523,10 @@ class Request:
 
     def _send(self, status: int, payload: Any) -> bool:
         if self.answered:
-            raise self._answered()
+            raise ClosedError(f"request {self.id:#x} was already answered; a request "
+                              "gets exactly one reply")
         self.answered = True
         return self._worker._deliver(self, status, payload)
-
-    def _answered(self) -> ClosedError:
-        return ClosedError(f"request {self.id:#x} was already answered; a request gets "
-                           "exactly one reply")
 
     def __repr__(self) -> str:
         return (f"<shmkit.Request id={self.id:#x} {len(self.data)} bytes"
@@ -668,16 +662,7 @@ class Worker(Closing):
         seg = self._held()
         m, base = seg._mapping, seg._hsize
         try:
-            head = _REP.pack(_VERSION, status, req.id)
-            cached = self._cache.get(req._reply_to)
-            if cached is not None and cached[1] == req._token:
-                try:  # the common case: a known caller with room for the reply
-                    cached[0].send_nowait(b"".join((head, payload)))
-                    ok = True
-                except ShmkitError:  # full, too large, closed: see _send_reply
-                    ok = self._send_reply(req, head, payload)
-            else:
-                ok = self._send_reply(req, head, payload)
+            ok = self._send_reply(req, _REP.pack(_VERSION, status, req.id), payload)
         finally:
             if self._current is req:
                 _core.store64(m, self._entry + 8, 0)
@@ -991,18 +976,7 @@ class Client(Closing):
             requests.send(msg, timeout)
         except Timeout:
             raise self._requests_full(timeout) from None
-        # The common case first: the reply is the next message, within the
-        # first step of the wait (_await does the rest).
-        step = _FIRST_STEP if deadline is None else min(_FIRST_STEP,
-                                                        deadline - time.monotonic())
-        try:
-            reply = line.ch.recv(step if step > 0.0 else 0.0)
-        except Timeout:
-            return self._await(line, rid, timeout, deadline)
-        if reply[:16] == _REP.pack(_VERSION, _OK, rid):  # (its 16-byte head)
-            return reply[16:]
-        got = self._reply(reply, rid)
-        return got if got is not None else self._await(line, rid, timeout, deadline)
+        return self._await(line, rid, timeout, deadline)
 
     def _start_call(self, timeout: Any) -> tuple[float | None, float | None]:
         if timeout is not None:
@@ -1035,24 +1009,25 @@ class Client(Closing):
         (and any worker) is still there."""
         ch = line.ch
         step = _FIRST_STEP
-        gone = _WorkersGone(self)
+        gone: _WorkersGone | None = None  # made only once a wait runs out
         while True:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise self._no_reply(timeout)
-            got = self._check_taker(line, rid)
-            if got is not None:
-                return got
-            gone.check()
-            step = min(step * 2, 0.2)
             wait = step if deadline is None else min(step, deadline - time.monotonic())
             try:
-                msg = ch.recv(max(wait, 0.0))
+                msg = ch.recv(wait if wait > 0.0 else 0.0)
             except Timeout:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise self._no_reply(timeout) from None
+                got = self._check_taker(line, rid)
+                if got is not None:
+                    return got
+                if gone is None:
+                    gone = _WorkersGone(self)
+                gone.check()
+                step = min(step * 2, 0.2)
                 continue
             got = self._reply(msg, rid)
             if got is not None:
                 return got
-            step = _FIRST_STEP / 2  # a late reply to an earlier call: wait afresh
 
     def _no_reply(self, timeout: float | None) -> Timeout:
         return Timeout(f"no reply from service {self._seg.name!r} within {timeout} s; "
@@ -1072,6 +1047,8 @@ class Client(Closing):
                                 + msg[_REP.size:].decode("utf-8", "replace"))
 
     def _reply(self, msg: bytes, rid: int) -> bytes | None:
+        if msg[:_REP.size] == _REP.pack(_VERSION, _OK, rid):  # the usual answer
+            return msg[_REP.size:]
         got = self._parse_reply(msg)
         if got is None or got[0] != rid:
             return None  # a reply to an earlier call that timed out: dropped

@@ -191,13 +191,30 @@ slot_count_damaged(int fd, uint32_t max_slots)
     return ofd_held(fd, SHM_SLOT_LOCK_BASE + max_slots, SHM_MAX_SLOTS - max_slots);
 }
 
-/* Forget the attachment of m (the caller drops the lock itself). */
-static void
-detach(MappingObject *m)
+void
+shm_attach_detach(MappingObject *m)
 {
     m->token = 0;
     m->fd = -1;
     shm_lock_forget_all(m);
+}
+
+/* With the lock on `byte` just taken through fd: 1 when the header's slot
+ * count holds; else the lock is dropped again and 2 (a live holder above
+ * max_slots: the count was damaged) or -1 with OSError. */
+static int
+check_slot_count(int fd, uint32_t max_slots, off_t byte)
+{
+    int damaged = slot_count_damaged(fd, max_slots);
+    if (damaged == 0)
+        return 1;
+    int saved = errno;
+    ofd_setlk(fd, byte, 1, F_UNLCK);
+    if (damaged > 0)
+        return 2;
+    errno = saved;
+    PyErr_SetFromErrno(PyExc_OSError);
+    return -1;
 }
 
 int
@@ -229,17 +246,9 @@ shm_attach_claim(MappingObject *m, int fd, uint32_t start, const char *comm, siz
         }
         if (got == 0)
             continue;
-        int damaged = slot_count_damaged(fd, n);
-        if (damaged != 0) {
-            int saved = errno;
-            ofd_setlk(fd, SHM_SLOT_LOCK_BASE + slot, 1, F_UNLCK);
-            if (damaged < 0) {
-                errno = saved;
-                PyErr_SetFromErrno(PyExc_OSError);
-                return -1;
-            }
-            return 2;
-        }
+        int count = check_slot_count(fd, n, SHM_SLOT_LOCK_BASE + slot);
+        if (count != 1)
+            return count;
         uint32_t gen = (__atomic_add_fetch(&e->gen, 1, __ATOMIC_SEQ_CST)) & 0xFFFFFu;
         if (gen == 0) /* generation 0 would make token 0 possible */
             gen = (__atomic_add_fetch(&e->gen, 1, __ATOMIC_SEQ_CST)) & 0xFFFFFu;
@@ -279,37 +288,13 @@ shm_attach_reader(MappingObject *m, int fd)
             PyErr_SetFromErrno(PyExc_OSError);
         return got;
     }
-    int damaged = slot_count_damaged(fd, m->max_slots);
-    if (damaged != 0) {
-        int saved = errno;
-        ofd_setlk(fd, READER_BYTE, 1, F_UNLCK);
-        if (damaged < 0) {
-            errno = saved;
-            PyErr_SetFromErrno(PyExc_OSError);
-            return -1;
-        }
-        return 2;
-    }
+    int count = check_slot_count(fd, m->max_slots, READER_BYTE);
+    if (count != 1)
+        return count;
     shm_lock_forget_all(m);
     m->fd = fd;
     m->token = 0;
     return 1;
-}
-
-/* attach_claim's and attach_reader's answer: -1 when the header's slot count
- * was found damaged, else `ok` (the token, or True). */
-static PyObject *
-claim_result(int got, PyObject *ok)
-{
-    if (got < 0) {
-        Py_XDECREF(ok);
-        return NULL;
-    }
-    if (got == 2) {
-        Py_XDECREF(ok);
-        return PyLong_FromLong(-1);
-    }
-    return ok;
 }
 
 static PyObject *
@@ -326,7 +311,9 @@ py_attach_claim(PyObject *mod, PyObject *args)
     if (m == NULL)
         return NULL;
     int got = shm_attach_claim(m, fd, start, comm, (size_t)comm_len);
-    return claim_result(got, PyLong_FromUnsignedLong(got == 1 ? m->token : 0));
+    if (got < 0)
+        return NULL;
+    return PyLong_FromLong(got == 2 ? -1 : got == 1 ? (long)m->token : 0);
 }
 
 static PyObject *
@@ -340,7 +327,9 @@ py_attach_reader(PyObject *mod, PyObject *args)
     if (m == NULL)
         return NULL;
     int got = shm_attach_reader(m, fd);
-    return claim_result(got, PyBool_FromLong(got == 1));
+    if (got < 0)
+        return NULL;
+    return got == 2 ? PyLong_FromLong(-1) : PyBool_FromLong(got);
 }
 
 static PyObject *
@@ -348,7 +337,7 @@ py_attach_detach(PyObject *mod, PyObject *obj)
 {
     if (shm_check_mapping(obj) < 0)
         return NULL;
-    detach((MappingObject *)obj);
+    shm_attach_detach((MappingObject *)obj);
     Py_RETURN_NONE;
 }
 

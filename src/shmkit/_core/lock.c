@@ -128,21 +128,38 @@ shm_lock_forget_all(MappingObject *m)
     __atomic_store_n(&m->held_damaged, 0, __ATOMIC_RELAXED);
 }
 
+/* The index of an entry equal to e, or -1. */
+static int
+held_find(MappingObject *m, uint64_t e)
+{
+    for (int i = 0; i < SHM_HELD_MAX; i++)
+        if (__atomic_load_n(&m->held[i], __ATOMIC_RELAXED) == e)
+            return i;
+    return -1;
+}
+
+/* Change an entry from `from` to `to` with a CAS: its index, or -1 if none was. */
+static int
+held_swap(MappingObject *m, uint64_t from, uint64_t to)
+{
+    for (int i = 0; i < SHM_HELD_MAX; i++) {
+        uint64_t x = from;
+        if (__atomic_load_n(&m->held[i], __ATOMIC_RELAXED) == from &&
+            __atomic_compare_exchange_n(&m->held[i], &x, to, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_RELAXED))
+            return i;
+    }
+    return -1;
+}
+
 /* Free the DAMAGED entry of word, if there is one: 1 if there was. */
 static int
 held_undamage(MappingObject *m, uint32_t *word)
 {
-    uint64_t e = held_entry(m, word, HELD_DAMAGED);
-    for (int i = 0; i < SHM_HELD_MAX; i++) {
-        uint64_t x = e;
-        if (__atomic_load_n(&m->held[i], __ATOMIC_RELAXED) == e &&
-            __atomic_compare_exchange_n(&m->held[i], &x, 0, 0, __ATOMIC_SEQ_CST,
-                                        __ATOMIC_RELAXED)) {
-            __atomic_sub_fetch(&m->held_damaged, 1, __ATOMIC_RELAXED);
-            return 1;
-        }
-    }
-    return 0;
+    if (held_swap(m, held_entry(m, word, HELD_DAMAGED), 0) < 0)
+        return 0;
+    __atomic_sub_fetch(&m->held_damaged, 1, __ATOMIC_RELAXED);
+    return 1;
 }
 
 /* The word is ours again: a damage reported on it before is over. */
@@ -326,14 +343,9 @@ shm_lock_check_held(MappingObject *m, uint32_t *word)
     uint32_t v = __atomic_load_n(word, __ATOMIC_ACQUIRE);
     if (m->token != 0 && (v & SHM_TOKEN_MASK) == m->token)
         return 1;
-    if (m->token != 0) {
-        uint64_t holds = held_entry(m, word, HELD_HOLDS), dmg = held_entry(m, word, HELD_DAMAGED);
-        for (int i = 0; i < SHM_HELD_MAX; i++) {
-            uint64_t e = __atomic_load_n(&m->held[i], __ATOMIC_RELAXED);
-            if (e == holds || e == dmg)
-                return overwritten(m, v);
-        }
-    }
+    if (m->token != 0 && (held_find(m, held_entry(m, word, HELD_HOLDS)) >= 0 ||
+                          held_find(m, held_entry(m, word, HELD_DAMAGED)) >= 0))
+        return overwritten(m, v);
     return 0;
 }
 
@@ -344,32 +356,21 @@ shm_lock_release(MappingObject *m, uint32_t *word)
     if (m->token == 0 || (v & SHM_TOKEN_MASK) != m->token) {
         /* This process took the word and someone else's store replaced it:
          * the segment is damaged, not the caller's bookkeeping. */
-        uint64_t had = m->token == 0 ? 0 : held_entry(m, word, HELD_HOLDS);
-        int reported = 0;
-        for (int i = 0; i < SHM_HELD_MAX && had != 0 && !reported; i++) {
-            if (__atomic_load_n(&m->held[i], __ATOMIC_RELAXED) == had) {
-                __atomic_add_fetch(&m->held_damaged, 1, __ATOMIC_RELAXED);
-                held_set(m, i, word, HELD_DAMAGED);
-                reported = 1;
-            }
-        }
-        if (reported || (m->token != 0 && held_undamage(m, word)))
+        if (m->token != 0 && held_swap(m, held_entry(m, word, HELD_HOLDS),
+                                       held_entry(m, word, HELD_DAMAGED)) >= 0) {
+            __atomic_add_fetch(&m->held_damaged, 1, __ATOMIC_RELAXED);
             return overwritten(m, v);
+        }
+        if (m->token != 0 && held_undamage(m, word))
+            return overwritten(m, v); /* the release after the one that reported it */
         PyErr_SetString(PyExc_RuntimeError,
                         "release of a shmkit lock that this process does not hold");
         return -1;
     }
     /* Mark our entry RELEASING (another thread may take the word as soon as
      * it is free and list it as HOLDS: ours must not be mistaken for it). */
-    uint64_t holds = held_entry(m, word, HELD_HOLDS);
-    int mine = -1;
-    for (int i = 0; i < SHM_HELD_MAX && mine < 0; i++) {
-        uint64_t e = holds;
-        if (__atomic_load_n(&m->held[i], __ATOMIC_RELAXED) == holds &&
-            __atomic_compare_exchange_n(&m->held[i], &e, held_entry(m, word, HELD_RELEASING),
-                                        0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
-            mine = i;
-    }
+    int mine = held_swap(m, held_entry(m, word, HELD_HOLDS),
+                         held_entry(m, word, HELD_RELEASING));
     shm_crash_point("lock.release.marked");
     v = __atomic_exchange_n(word, 0, __ATOMIC_RELEASE);
     shm_crash_point("lock.release.cleared");

@@ -1,5 +1,8 @@
 /* open.c - opening a published segment by name in one call.
  *
+ *   header_size(max_slots) -> int
+ *       The header's size for that attach table (creators use it too).
+ *
  *   header_problem(raw, file_size) -> str | None
  *       The checks every segment header gets before anything is formed from
  *       it (all fields untrusted, unsigned arithmetic): None when they pass,
@@ -67,6 +70,19 @@ header_problem(const struct shm_segment_hdr *h, uint64_t file_size)
 }
 
 static PyObject *
+py_header_size(PyObject *mod, PyObject *arg)
+{
+    unsigned long n = PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    if (n < 1 || n > SHM_MAX_SLOTS) {
+        PyErr_Format(PyExc_ValueError, "max_slots must be 1..%d, not %lu", SHM_MAX_SLOTS, n);
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(header_size_for((uint32_t)n));
+}
+
+static PyObject *
 py_header_problem(PyObject *mod, PyObject *args)
 {
     Py_buffer raw;
@@ -124,9 +140,9 @@ py_open_segment(PyObject *mod, PyObject *args)
     if (fd < 0)
         Py_RETURN_NONE;
     const struct shm_segment_hdr *h = &raw.h;
-    if (got != (ssize_t)sizeof raw.bytes || st.st_size < 0 ||
-        header_problem(h, (uint64_t)st.st_size) != NULL || h->kind != kind ||
-        h->hdr_size + h->max_size > (uint64_t)PY_SSIZE_T_MAX) {
+    /* (header_problem bounds max_size, and so the reservation below) */
+    if (got != (ssize_t)sizeof raw.bytes || header_problem(h, (uint64_t)st.st_size) != NULL ||
+        h->kind != kind) {
         close(fd);
         Py_RETURN_NONE;
     }
@@ -150,9 +166,7 @@ py_open_segment(PyObject *mod, PyObject *args)
      * between our open and our claim (nobody was attached then).  With the
      * slot ours, neither can remove it any more. */
     if (fstat(fd, &st) != 0 || st.st_nlink == 0) {
-        m->token = 0;
-        m->fd = -1;
-        shm_lock_forget_all(m);
+        shm_attach_detach(m);
         goto undo; /* closing fd drops the slot's lock */
     }
     PyObject *out = Py_BuildValue(
@@ -170,6 +184,10 @@ undo:
 }
 
 PyMethodDef shm_open_methods[] = {
+    {"header_size", py_header_size, METH_O,
+     "header_size($module, max_slots, /)\n--\n\n"
+     "header_size(max_slots) -> int\n\nThe header's size for an attach table of "
+     "max_slots slots: the fixed header and the table, in whole pages."},
     {"header_problem", py_header_problem, METH_VARARGS,
      "header_problem($module, raw, file_size, /)\n--\n\n"
      "header_problem(raw, file_size) -> str | None\n\nThe first field of a segment "

@@ -180,6 +180,9 @@ int shm_token_alive(MappingObject *m, uint32_t token);
 int shm_attach_claim(MappingObject *m, int fd, uint32_t start, const char *comm,
                      size_t comm_len);
 int shm_attach_reader(MappingObject *m, int fd);
+/* Forget m's attachment (token and fd); the caller drops the lock, by
+ * closing the descriptor or unlocking. */
+void shm_attach_detach(MappingObject *m);
 
 /* ---- lock.c -------------------------------------------------------------
  * The robust mutex on one u32 word: 0 free, else owner token, bit 31 set
