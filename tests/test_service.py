@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import random
@@ -679,6 +680,45 @@ def test_fork_gives_child_its_own_reply_channel_and_refuses_worker(svc_name):
 
 
 # ---- what a hostile or careless neighbour can send a worker -----------------
+
+
+def _create_and_die_half_way(name: str) -> None:
+    """Create a channel and be killed between linking its file into place and
+    publishing it (inside the ring's initialisation)."""
+    def die(*_args: Any) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    _core.Ring._init_ring = die
+    shmkit.Channel(name, capacity=4096, lifetime="attached")
+
+
+def test_a_worker_reaps_reply_channels_their_creators_left_half_made(svc_name):
+    """A client killed while creating its reply channel leaves the file at its
+    name but unpublished, or a hidden temporary file; a worker removes both,
+    and leaves a temporary file whose creator is alive."""
+    svc = shmkit.Service(svc_name)
+    half = f"{svc_name}.reply.{secrets.token_hex(8)}"
+    pid = _fork(_create_and_die_half_way, half)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and _replies(svc_name) == [f"shmkit.{half}"]
+    dead_pid = _fork(lambda: None)
+    os.waitpid(dead_pid, 0)
+    tmp_dead = (f"/dev/shm/.shmkit.{svc_name}.reply.{secrets.token_hex(8)}."
+                f"{dead_pid}.{secrets.token_hex(4)}.tmp")
+    tmp_live = (f"/dev/shm/.shmkit.{svc_name}.reply.{secrets.token_hex(8)}."
+                f"{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    for path in (tmp_dead, tmp_live):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
+    try:
+        with svc.worker():
+            pass
+        assert _replies(svc_name) == []
+        assert not os.path.exists(tmp_dead) and os.path.exists(tmp_live)
+    finally:
+        for path in (tmp_dead, tmp_live):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        svc.close()
+        svc.unlink()
 
 
 def test_a_forged_reply_name_never_stops_the_worker(svc_name):

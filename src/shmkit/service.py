@@ -446,8 +446,9 @@ def _shm_path(name: str) -> str:
 
 
 def _reap_replies(service: str) -> int:
-    """Remove the reply channels of ``service`` that no live process holds."""
-    from .inspect import _reap_stale
+    """Remove the reply channels of ``service`` that no live process holds,
+    with those their creators left half-made (killed while creating them)."""
+    from .inspect import _TMP_SUFFIX, _reap_half_created, _reap_stale, _reap_temp
 
     prefix = os.path.basename(_shm_path(service + ".reply."))
     folder = os.path.dirname(_shm_path(service))
@@ -457,11 +458,16 @@ def _reap_replies(service: str) -> int:
     except OSError:
         return 0
     for entry in entries:
-        if entry.startswith(prefix):
-            try:
-                removed += _reap_stale(os.path.join(folder, entry), False)
-            except (OSError, ValueError, CorruptError):
-                pass
+        path = os.path.join(folder, entry)
+        try:
+            if entry.startswith(prefix):
+                removed += (_reap_stale(path, False) or _reap_half_created(path, False))
+            elif entry.startswith("." + prefix) and entry.endswith(_TMP_SUFFIX):
+                # ".<name>.<pid>.<random>.tmp": built by a creator, not yet linked
+                pid = entry.split(".")[-3]
+                removed += _reap_temp(path, int(pid) if pid.isdigit() else None, False)
+        except (OSError, ValueError, CorruptError):
+            pass
     return removed
 
 
