@@ -148,7 +148,8 @@ def plausible(rng: random.Random, total: int) -> int:
                            4096, 4097, 65536])
     if r < 0.65:
         return rng.choice([2**63, 2**64 - 1, 2**64 - 16, 2**40, 2**32, 2**32 - 1, 2**31,
-                           2**31 - 1, 2**63 - 1, 0x7FFFFFFF, 0x80000000])
+                           2**31 - 1, 2**63 - 1, 0x7FFFFFFF, 0x80000000,
+                           0x80000005, 0xC0000401, 0x00000401])  # record states
     if r < 0.8:
         return rng.randrange(0, 600)
     return rng.getrandbits(64)
@@ -279,7 +280,7 @@ def _kinds() -> dict:
             yield "send", lambda: h.send(rng.randbytes(rng.randrange(0, 300)), timeout=T)
         yield "recv", lambda: h.recv(timeout=T)
         yield "recv_nowait", h.recv_nowait
-        yield "recv_view", lambda: bytes(h.recv_view(timeout=T))
+        yield "recv_view", lambda: bytes(h.recv_view(timeout=T, redeliver=rng.random() < 0.5))
         yield "recv_array", lambda: h.recv_array("u1", timeout=T)
         yield "statistics", h.statistics
         yield "close_sending", h.close_sending if rng.random() < 0.1 else h.statistics

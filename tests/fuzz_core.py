@@ -241,7 +241,7 @@ def _kinds() -> dict:
         yield "recv_many", lambda: r.recv_many(rng.randrange(1, 6), timeout=0)
 
         def take():
-            v = r._take(timeout=0, nowait=rng.random() < 0.5)
+            v = r._take(timeout=0, nowait=rng.random() < 0.5, redeliver=rng.random() < 0.5)
             try:
                 bytes(memoryview(v)[:16]) if sys.version_info >= (3, 12) else v.nbytes
             finally:

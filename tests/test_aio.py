@@ -567,6 +567,27 @@ def test_killed_holder_of_an_awaited_semaphore(name, waker):
     s.close()
 
 
+def _hold_redeliver_view(name: str, ready) -> None:
+    ch = shmkit.Channel.open(name)
+    view = ch.recv_view(timeout=30, redeliver=True)
+    assert bytes(view) == b"work"
+    ready.set()
+    time.sleep(60)
+
+
+def test_an_awaited_receive_gets_a_killed_holders_redelivered_view(name, waker):
+    sender = shmkit.Channel(name, capacity=4096)
+    sender.send(b"work")
+    ch = aio.Channel.open(name)
+    t0 = time.monotonic()
+    got, _ = _await_across_a_kill(_hold_redeliver_view, name,
+                                  lambda: ch.recv(timeout=60))
+    assert got == b"work" and ch.statistics()["redelivered"] == 1
+    assert time.monotonic() - t0 < 0.3 + PROMPT
+    ch.close()
+    sender.close()
+
+
 def test_closing_the_handle_while_awaiting_raises_closed_error(names, waker):
     async def main() -> None:
         ch = aio.Channel(names(), capacity=4096)

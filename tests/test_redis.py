@@ -892,6 +892,54 @@ def test_bridge_carries_messages_and_survives_kills(server: Server, prefix: str,
         b.close()
 
 
+def test_a_killed_to_bridge_loses_none_of_the_views_it_held(server: Server, prefix: str,
+                                                            names: Any) -> None:
+    """A --to bridge SIGKILLed while it holds a batch of views it could not add
+    (Redis is down): the local channel gives them back and the next bridge
+    carries them, once Redis is back."""
+    a_name, b_name = names(), names()
+    a = shmkit.Channel(a_name, capacity=1 << 20)
+    b = shmkit.Channel(b_name, capacity=1 << 20)
+    to = _bridge("to", server.url, prefix, a_name, "held")
+    frm = _bridge("from", server.url, prefix, b_name, "held")
+    received: list[int] = []
+
+    def drain(until: int, timeout: float = 60) -> None:
+        end = time.monotonic() + timeout
+        while len(set(received)) < until and time.monotonic() < end:
+            received.extend(int(m) for m in b.recv_many(max_n=256, timeout=0.5))
+
+    try:
+        for i in range(100):
+            a.send(b"%d" % i)
+        drain(100)
+        server.stop()
+        for i in range(100, 150):
+            a.send(b"%d" % i)
+        end = time.monotonic() + 30  # the bridge takes a batch and retries it
+        while a.statistics()["received"] < 101 and time.monotonic() < end:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        held = a.statistics()["received"] - 100
+        assert 1 <= held <= 16, held
+        assert _stop(to, signal.SIGKILL) == -signal.SIGKILL
+        server.start()
+        to = _bridge("to", server.url, prefix, a_name, "held")
+        drain(150)
+        assert sorted(set(received)) == list(range(150))  # nothing lost
+        assert a.statistics()["redelivered"] == held
+        assert _stop(frm, signal.SIGINT) == 0 and _stop(to, signal.SIGINT) == 0
+    finally:
+        if server.proc is None:
+            server.start()
+        for p in (to, frm):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        a.close()
+        b.close()
+
+
 def test_topic_bridges_carry_every_message_through_kills(server: Server, prefix: str,
                                                          names: Any) -> None:
     """local topic A -> bridge --topic --to -> Redis -> bridge --topic --from ->

@@ -738,12 +738,13 @@ class Channel(_channel.Channel):
                                            _REPAIR_TIMEOUT))
 
     async def recv_view(self,  # type: ignore[override]  # coroutine
-                        timeout: float | None = None) -> RecordView:
+                        timeout: float | None = None, *,
+                        redeliver: bool = False) -> RecordView:
         """Take the next message without copying (see :meth:`shmkit.Channel.recv_view`)."""
-        return await _until(lambda: _nowait(self._take, None, True),
+        return await _until(lambda: _nowait(self._take, None, True, redeliver),
                             lambda: _describe(self), timeout,
-                            lambda: self._take(0),
-                            lambda: _timed(self._take, _REPAIR_TIMEOUT))
+                            lambda: self._take(0, False, redeliver),
+                            lambda: _timed(self._take, _REPAIR_TIMEOUT, False, redeliver))
 
     async def recv_array(self, dtype: Any = "uint8", shape: Any = None, *,
                          timeout: float | None = None, out: Any = None) -> Any:

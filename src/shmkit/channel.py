@@ -698,7 +698,7 @@ class Channel(SharedObject, _core.Ring):
 
     # -- receiving in place --------------------------------------------------
 
-    def recv_view(self, timeout: float | None = None) -> Any:
+    def recv_view(self, timeout: float | None = None, *, redeliver: bool = False) -> Any:
         """Take the next message without copying it: a context manager
         whose ``with`` value is a read-only memoryview of the message in
         shared memory, valid inside the block.
@@ -708,17 +708,26 @@ class Channel(SharedObject, _core.Ring):
         Arrays made from the view must be gone when the block ends (copy
         what you keep).  Raises like :meth:`recv`.
 
+        If this process dies (or closes this handle) while it holds the
+        view, the message is lost by default: it counts as received.  With
+        ``redeliver=True`` it goes back to the channel instead, once another
+        handle notices (on its first receive, when a receive waits, or when
+        a send finds the channel full), and is received again before newer
+        messages: at least once rather than at most once, for work that
+        must not be lost (``statistics()["redelivered"]`` counts them).  A
+        view released normally is finished either way.
+
         >>> with Channel(None, capacity=4096) as ch:
         ...     ch.send(b"big payload")
         ...     with ch.recv_view(timeout=1.0) as mv:
         ...         bytes(mv[:3])
         b'big'
         """
-        return self._take(timeout)
+        return self._take(timeout, False, redeliver)
 
-    def recv_view_nowait(self) -> Any:
+    def recv_view_nowait(self, *, redeliver: bool = False) -> Any:
         """:meth:`recv_view`, raising :class:`Empty` instead of waiting."""
-        return self._take(None, True)
+        return self._take(None, True, redeliver)
 
     def recv_array(self, dtype: Any = "uint8", shape: Any = None, *,
                    timeout: float | None = None, out: Any = None) -> Any:
@@ -821,10 +830,13 @@ class Channel(SharedObject, _core.Ring):
         """Counters and state of the channel, as every process sees them.
 
         ``{"capacity", "bytes_used", "depth", "sent", "received", "dropped",
-        "producers", "consumers", "closed", "receivers_waiting",
+        "redelivered", "producers", "consumers", "closed", "receivers_waiting",
         "senders_waiting", "max_items"}``: ``depth`` counts messages waiting;
         ``sent`` counts messages published or being written; ``dropped``
         those abandoned by senders that died while writing them;
+        ``redelivered`` those given back by receivers that died holding them
+        as ``recv_view(redeliver=True)`` views (``depth`` counts them again
+        until they are received);
         ``producers``/``consumers`` count live handles that have sent/received;
         ``closed`` is 1 once the channel was ended with ``close_sending()``.
         """
@@ -834,7 +846,7 @@ class Channel(SharedObject, _core.Ring):
     def _describe(self) -> dict:
         s = self._stats()
         keys = ("depth", "capacity", "producers", "consumers", "sent", "received",
-                "dropped", "closed", "bytes_used")
+                "dropped", "redelivered", "closed", "bytes_used")
         return {self._kind.name.lower(): {k: s[k] for k in keys}}
 
     def __repr__(self) -> str:

@@ -49,7 +49,8 @@ static const Field ring_fields[] = {
     OFF(struct ring_hdr, reserved), OFF(struct ring_hdr, plock), OFF(struct ring_hdr, jp_sel),
     OFF(struct ring_hdr, jp), OFF(struct ring_hdr, head), OFF(struct ring_hdr, read),
     OFF(struct ring_hdr, received), OFF(struct ring_hdr, dropped), OFF(struct ring_hdr, clock),
-    OFF(struct ring_hdr, jr_sel), OFF(struct ring_hdr, data_seq),
+    OFF(struct ring_hdr, jr_sel), OFF(struct ring_hdr, returned),
+    OFF(struct ring_hdr, redelivered), OFF(struct ring_hdr, data_seq),
     OFF(struct ring_hdr, data_sleepers), OFF(struct ring_hdr, space_seq),
     OFF(struct ring_hdr, space_sleepers), OFF(struct ring_hdr, jr),
     {"roles", RING_ROLES_OFF}, {NULL, 0}};

@@ -24,6 +24,8 @@
  *    152  dropped u64             messages abandoned by dead producers
  *    160  clock u32               consumers' robust lock
  *    164  jr_sel u32              which consumers' journal is in force
+ *    168  returned u32            at least the RETURNED records in [head, read)
+ *    176  redelivered u64         records given back by dead view holders so far
  *    192  data_seq u32, data_sleepers u32     consumers asleep wait here
  *    256  space_seq u32, space_sleepers u32   producers asleep wait here
  *    320  jr[2] {read, received, dropped}     consumers' journals
@@ -37,8 +39,10 @@
  *
  *     head <= read <= tail,   tail - head <= cap
  *
- *     [head, read)  taken records: DONE, SKIP, ABANDONED, or TAKEN by a
- *                   consumer that still holds a zero-copy view of it
+ *     [head, read)  taken records: DONE, SKIP, ABANDONED, TAKEN or LENT by
+ *                   a consumer that still holds a zero-copy view of it, or
+ *                   RETURNED (a LENT record whose holder died) waiting to be
+ *                   delivered again
  *     [read, tail)  records to deliver: RESERVED (being written), COMMITTED,
  *                   SKIP, ABANDONED
  *
@@ -60,8 +64,13 @@
  * first writes a journal of the counters it will change; the next holder
  * of a lock whose holder died recounts from the journal, finishes records
  * the dead consumer had copied and gives back one it had marked but not
- * passed.  A view holder's death leaves TAKEN|token at head; a waiter finds
- * the token dead and finishes the record.  Each step is one store, so a
+ * passed.  A view holder's death leaves TAKEN|token or LENT|token at head;
+ * a waiter finds the token dead and finishes a TAKEN record, or gives a LENT
+ * one back: it counts it in `returned` first and then marks it RETURNED, so
+ * `returned` is never below the records there are.  A consumer that finds
+ * `returned` non-zero takes the first RETURNED record after head before the
+ * one at read (copying it, DONE, or lending it again), then uncounts it; one
+ * that finds none sets `returned` to 0.  Each step is one store, so a
  * process killed at any instruction leaves a state the others can read.
  * docs/channel.md walks through every step.
  *
@@ -273,7 +282,7 @@ ring_reclaim_from(RingObject *r, uint64_t hd)
         return ring_corrupt(r, "head and read positions out of order", hd, rd);
     while (hd < rd) {
         uint32_t st = LOAD(&rec_at(r, hd)->state);
-        if (ST_KIND(st) == ST_TAKEN)
+        if (st_lent(st) || st == ST_RETURNED)
             break;
         if (st != ST_SKIP && st != ST_DONE && st != ST_ABANDONED)
             return ring_corrupt(r, "unexpected record state behind the read position", st, hd);
@@ -350,7 +359,7 @@ ring_fix_consumers(RingObject *r)
         }
         p += total;
     }
-    if (rd < t && ST_KIND(LOAD(&rec_at(r, rd)->state)) == ST_TAKEN)
+    if (rd < t && st_lent(LOAD(&rec_at(r, rd)->state)))
         STORE(&rec_at(r, rd)->state, ST_COMMITTED); /* lent, never passed: undo */
     return ring_reclaim(r) < 0 ? -1 : 0;
 }
@@ -413,10 +422,41 @@ ring_lock(RingObject *r, MappingObject *m, uint32_t *word, uint32_t me, int64_t 
 /* Find the next deliverable record at read, passing over SKIP and
  * ABANDONED records.  Returns T_READY with *pos and *len, T_EMPTY,
  * T_WRITING (a producer is still writing it), or -1 on error. */
+/* The first RETURNED record in [head, read): 1 with *pos and *len, 0 when
+ * there is none (and `returned` is set to 0, undoing the excess a killed
+ * counter left), -1 on error. */
+static int
+ring_returned(RingObject *r, uint64_t *pos, uint32_t *len)
+{
+    struct ring_hdr *h = r->h;
+    uint64_t hd = LOADR(&h->head), rd = LOADR(&h->read);
+    if (rd < hd || rd - hd > r->cap || ((hd | rd) & 7))
+        return ring_corrupt(r, "head and read positions out of order", hd, rd);
+    for (uint64_t p = hd; p < rd;) {
+        uint32_t st = LOAD(&rec_at(r, p)->state);
+        uint64_t total = rec_span(r, p, st, rd, "record overruns the read position");
+        if (total == 0)
+            return -1;
+        if (st == ST_RETURNED) {
+            *pos = p;
+            *len = LOADR(&rec_at(r, p)->len);
+            return 1;
+        }
+        p += total;
+    }
+    STORER(&h->returned, 0);
+    return 0;
+}
+
 int
 ring_next(RingObject *r, take_t *tk, uint64_t *pos, uint32_t *len)
 {
     struct ring_hdr *h = r->h;
+    if (LOADR(&h->returned) != 0) {
+        int k = ring_returned(r, pos, len);
+        if (k != 0)
+            return k < 0 ? -1 : T_READY;
+    }
     for (;;) {
         uint64_t rd = LOADR(&h->read), hd = LOADR(&h->head);
         if (rd >= r->tail_seen) {
@@ -457,9 +497,28 @@ ring_next(RingObject *r, take_t *tk, uint64_t *pos, uint32_t *len)
 }
 
 /* The record at pos was copied out: count it and pass it. */
+/* A RETURNED record (below read) was taken again: it was counted as
+ * received the first time, and read already passed it. */
+static int
+ring_retaken(struct ring_hdr *h, uint64_t pos)
+{
+    if (pos >= LOADR(&h->read))
+        return 0;
+    uint32_t n = LOADR(&h->returned);
+    STORER(&h->returned, n ? n - 1 : 0);
+    shm_crash_point("ring.retake.uncounted");
+    return 1;
+}
+
 void
 ring_take_copied(RingObject *r, take_t *tk, uint64_t pos, uint32_t len)
 {
+    if (pos < LOADR(&r->h->read)) {
+        STORE(&rec_at(r, pos)->state, ST_DONE);
+        shm_crash_point("ring.retake.copied");
+        ring_retaken(r->h, pos);
+        return;
+    }
     if (tk->head != pos) {
         STORE(&rec_at(r, pos)->state, ST_DONE);
         shm_crash_point("ring.take.copied");
@@ -468,12 +527,18 @@ ring_take_copied(RingObject *r, take_t *tk, uint64_t pos, uint32_t len)
     ring_take_pass(r->h, tk, pos, rec_total(len));
 }
 
-/* The record at pos is lent out as a view: mark it, count it, pass it. */
+/* The record at pos is lent out as a view: mark it, count it, pass it.
+ * With `redeliver` (and a token to name us by), it is marked LENT: if we die
+ * holding it, it goes back to the channel. */
 void
-ring_take_lent(RingObject *r, take_t *tk, uint64_t pos, uint32_t len, uint32_t me)
+ring_take_lent(RingObject *r, take_t *tk, uint64_t pos, uint32_t len, uint32_t me,
+               int redeliver)
 {
-    STORE(&rec_at(r, pos)->state, ST_TAKEN | me);
+    me &= SHM_TOKEN_MASK;
+    STORE(&rec_at(r, pos)->state, (redeliver && me != 0 ? ST_LENT : ST_TAKEN) | me);
     shm_crash_point("ring.lend.marked");
+    if (ring_retaken(r->h, pos))
+        return;
     tk->received++;
     STORE(&r->h->read, pos + rec_total(len));
     shm_crash_point("ring.lend.read");
@@ -540,7 +605,8 @@ ring_reserve(RingObject *r, MappingObject *m, uint32_t me, const Py_ssize_t *len
     }
     uint64_t room = UINT64_MAX;
     if (h->max_items) {
-        uint64_t queued = reserved - LOAD(&h->received) - LOAD(&h->dropped);
+        uint64_t queued = reserved - LOAD(&h->received) - LOAD(&h->dropped) +
+                          LOADR(&h->returned);
         if (queued > (1ull << 62)) {
             ring_unlock(m, &h->plock);
             return ring_corrupt(r, "more messages received than sent", reserved,
@@ -625,6 +691,8 @@ int
 ring_data_ready(RingObject *r)
 {
     struct ring_hdr *h = r->h;
+    if (LOAD(&h->returned) != 0)
+        return 1; /* a message given back by a dead holder */
     uint64_t rd = LOAD(&h->read), t = LOAD(&h->tail);
     if (rd == t)
         return LOAD(&h->closed) != 0; /* closed and drained: the caller stops */
@@ -646,7 +714,8 @@ ring_space_ready(RingObject *r, uint64_t total)
     if (r->cap - (t - hd) < need)
         return 0;
     if (h->max_items) {
-        uint64_t queued = LOAD(&h->reserved) - LOAD(&h->received) - LOAD(&h->dropped);
+        uint64_t queued = LOAD(&h->reserved) - LOAD(&h->received) - LOAD(&h->dropped) +
+                          LOADR(&h->returned);
         if (queued >= h->max_items && queued <= (1ull << 62))
             return 0;
     }
@@ -746,9 +815,58 @@ ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t tota
     return shm_wait_until(&w, deadline);
 }
 
+/* Give back or finish the records from head lent to dead consumers, up to
+ * the first one a live consumer holds: LENT ones go back to the channel
+ * (counted in `returned` before they are marked), TAKEN ones are finished.
+ * Sets *returned when one went back.  Returns -1 on error. */
+static int
+ring_fix_lent(RingObject *r, MappingObject *m, int *returned)
+{
+    struct ring_hdr *h = r->h;
+    uint64_t hd = LOADR(&h->head), rd = LOADR(&h->read);
+    uint32_t dead_token = 0, found = 0;
+    if (rd < hd || rd - hd > r->cap || ((hd | rd) & 7))
+        return ring_corrupt(r, "head and read positions out of order", hd, rd);
+    for (uint64_t p = hd; p < rd;) {
+        rec_t *rec = rec_at(r, p);
+        uint32_t st = LOAD(&rec->state), token = st & SHM_TOKEN_MASK;
+        uint64_t total = rec_span(r, p, st, rd, "record overruns the read position");
+        if (total == 0)
+            return -1;
+        p += total;
+        if (st == ST_RETURNED) {
+            found++;
+            continue;
+        }
+        if (!st_lent(st))
+            continue; /* finished: DONE, SKIP, ABANDONED (ring_reclaim checks them) */
+        if (token != dead_token) {
+            if (token == m->token || shm_token_alive(m, token))
+                break;
+            dead_token = token;
+        }
+        if (ST_KIND(st) == ST_TAKEN) {
+            STORE(&rec->state, ST_DONE);
+            shm_crash_point("ring.repair.finished");
+            continue;
+        }
+        STORER(&h->returned, LOADR(&h->returned) + 1);
+        shm_crash_point("ring.repair.counted");
+        STORE(&rec->state, ST_RETURNED);
+        shm_crash_point("ring.repair.returned");
+        STORER(&h->redelivered, LOADR(&h->redelivered) + 1);
+        found++;
+        *returned = 1;
+    }
+    if (found && LOADR(&h->returned) == 0)
+        STORER(&h->returned, found); /* damage lost the count: find them again */
+    return ring_reclaim(r);
+}
+
 /* Clear up after dead peers: a record at read reserved by a dead producer
- * is abandoned; records at head lent to dead consumers are finished; the
- * sleeper counts of dead attachments are taken off.  Returns -1 on error. */
+ * is abandoned; records from head lent to dead consumers are finished or
+ * given back (ring_fix_lent); the sleeper counts of dead attachments are
+ * taken off.  Returns -1 on error. */
 static int
 ring_repair(RingObject *r, MappingObject *m)
 {
@@ -761,7 +879,8 @@ ring_repair(RingObject *r, MappingObject *m)
     uint32_t st_h = hd < rd ? LOAD(&rec_at(r, hd)->state) : 0;
     int work = (ST_KIND(st_r) == ST_RESERVED &&
                 !shm_token_alive(m, st_r & SHM_TOKEN_MASK)) ||
-               (ST_KIND(st_h) == ST_TAKEN && !shm_token_alive(m, st_h & SHM_TOKEN_MASK));
+               (st_lent(st_h) && !shm_token_alive(m, st_h & SHM_TOKEN_MASK)) ||
+               (st_h == ST_RETURNED && LOADR(&h->returned) == 0);
     if (work) {
         int freed = 0, got_data = 0;
         take_t tk;
@@ -793,21 +912,10 @@ ring_repair(RingObject *r, MappingObject *m)
         }
         if ((freed = ring_take_end(r, &tk)) < 0)
             goto fail;
-        for (;;) { /* finish records lent to dead consumers */
-            hd = LOADR(&h->head);
-            if (hd >= LOADR(&h->read))
-                break;
-            rec_t *rec = rec_at(r, hd);
-            uint32_t st = LOAD(&rec->state);
-            if (ST_KIND(st) != ST_TAKEN || shm_token_alive(m, st & SHM_TOKEN_MASK))
-                break;
-            STORE(&rec->state, ST_DONE);
-            shm_crash_point("ring.repair.finished");
-            int k = ring_reclaim(r);
-            if (k < 0)
-                goto fail;
-            freed |= k;
-        }
+        int k = ring_fix_lent(r, m, &got_data);
+        if (k < 0)
+            goto fail;
+        freed |= k;
         ring_unlock(m, &h->clock);
         if (freed)
             ring_wake(&h->space_seq, &h->space_sleepers);
@@ -822,6 +930,19 @@ sleepers:;
     ring_roles_t rt = ring_roles_of(r);
     ring_roles_fix(&rt, m);
     return 0;
+}
+
+/* Claim our role entry as a consumer.  A handle's first receive also
+ * clears up after dead peers (ring_repair), so that a receiver started after
+ * one that died holding views gets their messages back before newer ones,
+ * without waiting first.  Returns -1 on error. */
+int
+ring_claim_consumer(RingObject *r, MappingObject *m, uint32_t me)
+{
+    if (r->role_token == me && (r->role_bits & ROLE_CONSUMER))
+        return 0;
+    ring_claim_entry(r, me, ROLE_CONSUMER);
+    return ring_repair(r, m);
 }
 
 /* After many rounds in which the ring looked ready but yielded nothing

@@ -11,7 +11,7 @@
 #include <string.h>
 
 #define RING_MAGIC 0x31474e52u /* "RNG1" */
-#define RING_FORMAT 2 /* 2: ABANDONED is counted when passed (loans) */
+#define RING_FORMAT 3 /* 2: ABANDONED is counted when passed (loans); 3: LENT, RETURNED */
 #define RING_ROLES_OFF 512
 
 #define SPIN_START_NS (20 * 1000LL) /* a new handle's spin before sleeping */
@@ -21,11 +21,21 @@
 #define ST_KIND(s) ((s) & 0xC0000000u)
 #define ST_RESERVED 0x40000000u /* | producer token: being written */
 #define ST_TAKEN 0xC0000000u    /* | consumer token: lent out as a view */
+#define ST_LENT 0x00000000u     /* | consumer token (never 0): lent out as a view
+                                   that goes back to the channel if its holder dies */
 #define ST_FIXED 0x80000000u
 #define ST_COMMITTED 0x80000001u
 #define ST_SKIP 0x80000002u
 #define ST_ABANDONED 0x80000003u
 #define ST_DONE 0x80000004u
+#define ST_RETURNED 0x80000005u /* a LENT record whose holder died: delivered again */
+
+/* Lent out as a view (TAKEN or LENT): the low 30 bits name the holder. */
+static inline int
+st_lent(uint32_t s)
+{
+    return ST_KIND(s) == ST_TAKEN || (ST_KIND(s) == ST_LENT && s != 0);
+}
 
 /* Role-table entry of one attach slot (the topic, topic.h, keeps the same
  * table at the same offset, without bits 32 and 33):
@@ -56,7 +66,10 @@ struct ring_hdr {
     char pad1[128 - 120];
     uint64_t head, read, received, dropped;
     uint32_t clock, jr_sel;
-    char pad2[192 - 168];
+    uint32_t returned;     /* at least the RETURNED records below read (clock) */
+    uint32_t pad2a;
+    uint64_t redelivered;  /* records given back by dead holders so far */
+    char pad2[192 - 184];
     uint32_t data_seq, data_sleepers;
     char pad3[256 - 200];
     uint32_t space_seq, space_sleepers;
@@ -68,6 +81,7 @@ _Static_assert(offsetof(struct ring_hdr, tail) == 64, "producers' line");
 _Static_assert(offsetof(struct ring_hdr, head) == 128, "consumers' line");
 _Static_assert(offsetof(struct ring_hdr, clock) == 160, "consumers' lock");
 _Static_assert(offsetof(struct ring_hdr, jp) == 88, "producers' journal");
+_Static_assert(offsetof(struct ring_hdr, returned) == 168, "returned records");
 _Static_assert(offsetof(struct ring_hdr, jr) == 320, "consumers' journal");
 _Static_assert(offsetof(struct ring_hdr, data_seq) == 192, "data wait line");
 _Static_assert(offsetof(struct ring_hdr, space_seq) == 256, "space wait line");
@@ -137,6 +151,8 @@ ring_claim(RingObject *r, uint32_t me, uint64_t bits)
         ring_claim_entry(r, me, bits);
 }
 
+int ring_claim_consumer(RingObject *r, MappingObject *m, uint32_t me);
+
 /* ---- the role table and its sleeper counts (the ring's and the topic's) ---- */
 /* Where one handle sees a role table: its entries and the two global sleeper
  * words it accounts for, sleepers[0] on the data side, [1] on the space side.
@@ -185,7 +201,8 @@ enum { T_EMPTY = 0, T_READY = 1, T_WRITING = 2 };
 void ring_take_begin(struct ring_hdr *h, take_t *tk);
 int ring_take_end(RingObject *r, take_t *tk);
 void ring_take_copied(RingObject *r, take_t *tk, uint64_t pos, uint32_t len);
-void ring_take_lent(RingObject *r, take_t *tk, uint64_t pos, uint32_t len, uint32_t me);
+void ring_take_lent(RingObject *r, take_t *tk, uint64_t pos, uint32_t len, uint32_t me,
+                    int redeliver);
 int ring_next(RingObject *r, take_t *tk, uint64_t *pos, uint32_t *len);
 int ring_reclaim(RingObject *r);
 int ring_lock(RingObject *r, MappingObject *m, uint32_t *word, uint32_t me, int64_t deadline);

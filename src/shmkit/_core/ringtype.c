@@ -237,18 +237,17 @@ senders_gone_error(RingObject *r)
 
 static PyObject *
 recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into,
-          int stop_no_senders)
+          int stop_no_senders, int redeliver)
 {
     MappingObject *m = ring_enter(r);
     if (m == NULL)
         return NULL;
     struct ring_hdr *h = r->h;
     uint32_t me = m->token;
-    ring_claim(r, me, ROLE_CONSUMER);
     int64_t deadline;
     PyObject *out = NULL;
     int fruitless = 0;
-    if (msg_deadline(timeout, nowait, &deadline) < 0) {
+    if (ring_claim_consumer(r, m, me) < 0 || msg_deadline(timeout, nowait, &deadline) < 0) {
         ring_leave(m);
         return NULL;
     }
@@ -269,7 +268,7 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
         }
         int lend = k == T_READY && (how != R_COPY || len >= BIG_COPY);
         if (lend) {
-            ring_take_lent(r, &tk, pos, len, me);
+            ring_take_lent(r, &tk, pos, len, me, how == R_VIEW && redeliver);
         } else if (k == T_READY) {
             out = PyBytes_FromStringAndSize((const char *)(rec_at(r, pos) + 1), len);
             if (out != NULL)
@@ -338,29 +337,33 @@ Ring_recv(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
     static const char *const names[] = {"timeout", "stop_when_no_senders", NULL};
     PyObject *a[2];
     if (nargs == 0 && kw == NULL)
-        return recv_impl(r, NULL, 0, R_COPY, NULL, 0);
+        return recv_impl(r, NULL, 0, R_COPY, NULL, 0, 0);
     if (msg_parse_args("recv", args, nargs, kw, 0, names, a) < 0)
         return NULL;
     int stop = a[1] ? PyObject_IsTrue(a[1]) : 0;
     if (stop < 0)
         return NULL;
-    return recv_impl(r, a[0], 0, R_COPY, NULL, stop);
+    return recv_impl(r, a[0], 0, R_COPY, NULL, stop, 0);
 }
 
 static PyObject *
 Ring_recv_nowait(RingObject *r, PyObject *Py_UNUSED(ignored))
 {
-    return recv_impl(r, NULL, 1, R_COPY, NULL, 0);
+    return recv_impl(r, NULL, 1, R_COPY, NULL, 0, 0);
 }
 
 static PyObject *
 Ring_take(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
 {
-    PyObject *timeout;
-    int nowait;
-    if (msg_take_args(args, nargs, kw, &timeout, &nowait) < 0)
+    static const char *const names[] = {"timeout", "nowait", "redeliver", NULL};
+    PyObject *a[3];
+    if (msg_parse_args("_take", args, nargs, kw, 0, names, a) < 0)
         return NULL;
-    return recv_impl(r, timeout, nowait, R_VIEW, NULL, 0);
+    int nowait = a[1] ? PyObject_IsTrue(a[1]) : 0;
+    int redeliver = a[2] ? PyObject_IsTrue(a[2]) : 0;
+    if (nowait < 0 || redeliver < 0)
+        return NULL;
+    return recv_impl(r, a[0], nowait, R_VIEW, NULL, 0, redeliver);
 }
 
 static PyObject *
@@ -378,7 +381,7 @@ Ring_recv_into(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
                      Py_TYPE(a[0])->tp_name);
         return NULL;
     }
-    PyObject *res = recv_impl(r, a[1], 0, R_INTO, &b, 0);
+    PyObject *res = recv_impl(r, a[1], 0, R_INTO, &b, 0, 0);
     PyBuffer_Release(&b);
     return res;
 }
@@ -410,10 +413,9 @@ Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
     }
     struct ring_hdr *h = r->h;
     uint32_t me = m->token;
-    ring_claim(r, me, ROLE_CONSUMER);
     int64_t deadline;
     int fruitless = 0;
-    int failed = msg_deadline(a[1], 0, &deadline) < 0;
+    int failed = ring_claim_consumer(r, m, me) < 0 || msg_deadline(a[1], 0, &deadline) < 0;
     while (!failed) {
         int k = T_EMPTY;
         take_t tk;
@@ -1070,14 +1072,14 @@ Ring_stats(RingObject *r, PyObject *Py_UNUSED(ignored))
     }
     uint64_t reserved = LOAD(&h->reserved), received = LOAD(&h->received);
     uint64_t dropped = LOAD(&h->dropped), t = LOAD(&h->tail), hd = LOAD(&h->head);
-    uint64_t depth = reserved - received - dropped;
+    uint64_t depth = reserved - received - dropped + LOAD(&h->returned);
     PyObject *d = Py_BuildValue(
-        "{sKsKsKsKsKsKsKslslsisIsI}", "capacity", (unsigned long long)r->cap,
+        "{sKsKsKsKsKsKsKsKslslsisIsI}", "capacity", (unsigned long long)r->cap,
         "bytes_used", (unsigned long long)(t - hd), "depth",
         (unsigned long long)(depth > reserved ? 0 : depth), "sent",
         (unsigned long long)(reserved - dropped), "received",
         (unsigned long long)received, "dropped", (unsigned long long)dropped,
-        "max_items", (unsigned long long)h->max_items, "producers", producers,
+        "redelivered", (unsigned long long)LOAD(&h->redelivered), "max_items", (unsigned long long)h->max_items, "producers", producers,
         "consumers", consumers, "closed", (int)LOAD(&h->closed), "receivers_waiting",
         LOAD(&h->data_sleepers), "senders_waiting", LOAD(&h->space_sleepers));
     ring_leave(m);
@@ -1104,7 +1106,7 @@ Ring_get_depth(RingObject *r, void *Py_UNUSED(c))
         return NULL;
     struct ring_hdr *h = r->h;
     uint64_t reserved = LOAD(&h->reserved), received = LOAD(&h->received);
-    uint64_t depth = reserved - received - LOAD(&h->dropped);
+    uint64_t depth = reserved - received - LOAD(&h->dropped) + LOAD(&h->returned);
     ring_leave(m);
     return PyLong_FromUnsignedLongLong(depth > reserved ? 0 : depth);
 }
@@ -1173,8 +1175,9 @@ static PyMethodDef Ring_methods[] = {
      "the sender's\ndeath.  Raises Timeout, ChannelClosed, MessageTooLarge.\n\n"
      ">>> with ch.loan(5, timeout=1.0) as loan:\n...     loan.buffer[:] = b'hello'"},
     {"_take", (PyCFunction)(void (*)(void))Ring_take, FAST,
-     "_take($self, /, timeout=None, nowait=False)\n--\n\n"
-     "_take(timeout=None, nowait=False) -> RecordView (see Channel.recv_view)"},
+     "_take($self, /, timeout=None, nowait=False, redeliver=False)\n--\n\n"
+     "_take(timeout=None, nowait=False, redeliver=False) -> RecordView (see "
+     "Channel.recv_view)"},
     {"_bind", (PyCFunction)Ring_bind, METH_VARARGS,
      "_bind($self, mapping, offset, name, /)\n--\n\n"
      "_bind(mapping, offset, name): attach this handle to the ring at offset"},
@@ -1223,9 +1226,11 @@ static PyType_Spec ring_spec = {
 static int
 view_finish(RingObject *r, MappingObject *m, rec_t *rec, uint32_t token)
 {
-    uint32_t taken = ST_TAKEN | token;
-    __atomic_compare_exchange_n(&rec->state, &taken, ST_DONE, 0, __ATOMIC_RELEASE,
-                                __ATOMIC_RELAXED);
+    uint32_t taken = ST_TAKEN | token, lent = ST_LENT | token;
+    if (!__atomic_compare_exchange_n(&rec->state, &taken, ST_DONE, 0, __ATOMIC_RELEASE,
+                                     __ATOMIC_RELAXED))
+        __atomic_compare_exchange_n(&rec->state, &lent, ST_DONE, 0, __ATOMIC_RELEASE,
+                                    __ATOMIC_RELAXED);
     shm_crash_point("ring.finish.done");
     if (m->token != token || m->base == NULL || r->mapping != (PyObject *)m)
         return 0; /* detached meanwhile: a later waiter reclaims it */

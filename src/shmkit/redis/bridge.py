@@ -6,9 +6,9 @@ direction and machine carries the messages across::
     machine A:  shmkit bridge --to   redis://r:6379/0 jobs   # local 'jobs' -> stream
     machine B:  shmkit bridge --from redis://r:6379/0 jobs   # stream -> local 'jobs'
 
-``--to`` takes messages in place from the local channel (``recv_view``, up
-to ``--batch`` at a time, one by default), adds them to the stream (XADD),
-and only then releases them.  ``--from`` reads the
+``--to`` takes messages in place from the local channel (``recv_view`` with
+``redeliver=True``, up to ``--batch`` at a time, one by default), adds them
+to the stream (XADD), and only then releases them.  ``--from`` reads the
 stream as the consumer ``bridge:<host>:<name>``, sends each message into the
 local channel, and acknowledges it on Redis only after that send returned.
 
@@ -18,12 +18,12 @@ Where duplicates and losses can occur (docs/redis.md has the whole table):
   message is delivered again when a bridge with the same consumer name starts
   (at once) or after ``--claim-idle`` seconds (any other consumer): a
   duplicate, never a loss.
-- ``--to`` killed after the XADD and before the view is released: the local
-  channel reclaims the record as received; nothing is repeated.  Killed
-  between taking the views and the XADD: the local channel treats a view of
-  a killed process as received, so those messages are lost (at most
-  ``--batch`` per kill, one by default).  Ctrl-C and SIGTERM are never in that window: they stop the bridge
-  between two messages.
+- ``--to`` killed while it holds views (before or after the XADD): the local
+  channel gives them back, and the next bridge (or any receiver of the
+  channel) takes them again, before newer messages: those already added are
+  added twice (at most ``--batch`` per kill, one by default), none is lost.
+  Ctrl-C and SIGTERM never cause that: they stop the bridge between two
+  batches.
 
 Topics (``--topic``): ``--to`` subscribes to the local topic and publishes
 what it receives to the Redis topic, a batch at a time; ``--from`` subscribes
@@ -276,9 +276,10 @@ class Bridge:
             if self._lag_due():
                 self._record["lag"] = self.local.depth
             try:
-                views = [self.local.recv_view(timeout=_POLL)]
+                # views of a killed bridge go back to the channel (redeliver)
+                views = [self.local.recv_view(timeout=_POLL, redeliver=True)]
                 while len(views) < self._batch:
-                    views.append(self.local.recv_view_nowait())
+                    views.append(self.local.recv_view_nowait(redeliver=True))
             except Timeout:
                 continue
             except Empty:

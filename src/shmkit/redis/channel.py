@@ -35,7 +35,8 @@ from ..errors import (
     ShmkitError,
     Timeout,
 )
-from ._base import CHUNK, RedisNamespace, RedisObject, deadline, guard_all, refuse, remaining
+from ._base import (CHUNK, RedisNamespace, RedisObject, deadline, guard_all, guarded, refuse,
+                    remaining)
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -173,6 +174,7 @@ class Channel(RedisObject):
 
     # -- sending --------------------------------------------------------------
 
+    @guarded  # the bridge calls it directly: a lost server is BackendError
     def _send_some(self, messages: list[bytes]) -> int:
         n = self._send_script(keys=[self._key, self._meta_key],
                               args=[self._maxsize, *messages])
@@ -316,6 +318,7 @@ class Channel(RedisObject):
             self._r.xack(self._key, GROUP, *got[2])
         return self._keep([e for e in entries if e is not None])
 
+    @guarded  # as _send_some
     def _take(self, count: int, timeout: float | None, nowait: bool = False) -> list[bytes]:
         self._check(False)
         if self._own_first:  # a reused consumer name: its own pending entries first
