@@ -998,6 +998,20 @@ def test_a_lock_word_damaged_to_hold_our_own_token_is_taken_over(name):
         m.close()
 
 
+@pytest.mark.parametrize("kind", ["Mutex", "Event", "RWLock", "Semaphore", "Condition"])
+def test_every_sync_handle_says_when_it_is_closed(kind, names):
+    cls = getattr(shmkit, kind)
+    h = cls(names())
+    assert h.closed is False
+    h.close()
+    assert h.closed is True
+    h.unlink()
+    with shmkit.Segment(names(), size=4096, lifetime="attached") as seg:
+        placed = cls.at(seg, 64)
+        assert placed.closed is False
+    assert placed.closed is True  # its segment was closed
+
+
 def test_locks_of_readonly_or_closed_handles_raise_the_specific_errors(name):
     m = shmkit.Mutex(name)
     ro = shmkit.Mutex.open(name, readonly=True)

@@ -304,7 +304,7 @@ def test_a_lowered_slot_count_is_refused_while_a_holder_is_above_it(name, kind):
                         lambda: shmkit.Mutex.open(name))
     holders = [make()]
     seg_of = (lambda h: h) if kind == "segment" else (lambda h: h._seg)
-    while seg_of(holders[-1])._token & 0x3FF < fewer:  # slots go from pid % 256 upwards
+    while seg_of(holders[-1])._token & 0x3FF < fewer:  # slots go upwards from where claims start
         holders.append(reopen())
     high = holders.pop()
     for h in holders:
@@ -342,7 +342,7 @@ def test_a_closer_proves_it_is_last_over_every_slot_there_can_be(name):
     def slot(h):
         return h._token & 0x3FF
 
-    # slots go from pid % 256 upwards, wrapping: open until there is a
+    # slots go upwards from where claims start, wrapping: open until there is a
     # handle below the lowered count (the closer) and one above it
     holders = [shmkit.Segment(name, size=4096, lifetime="attached", max_attach=256)]
     while not (any(slot(h) >= fewer for h in holders)

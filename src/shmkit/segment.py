@@ -178,6 +178,16 @@ _header_size = _core.header_size  # the fixed header and the attach table, in wh
 
 
 _pid = os.getpid()  # getpid() is a system call; the at-fork hook refreshes this
+_claims = 0  # attach slots this process claimed: where the next claim starts looking
+
+
+def _claim_start() -> int:
+    """Where this process's next slot claim starts: its pid (so processes
+    spread over the table), then one further each time (so many handles of one
+    object in one process do not each pass the slots the earlier ones took)."""
+    global _claims
+    _claims += 1
+    return _pid + _claims - 1
 _KINDS = {int(k): k for k in Kind}  # faster than Kind(n) on every open
 
 
@@ -704,7 +714,7 @@ class Segment(Closing):
         # recover a half-created file, or raise the error that fits.
         got = _core.open_segment(os.fsencode(self._path), not self._readonly, kind,
                                  -1 if self._trust_uid is None else self._trust_uid,
-                                 _pid, _process_name())
+                                 _claim_start(), _process_name())
         if got is not None:
             fd, mapping, flags, max_slots, hsize, _size, max_size, created_ns, creator, \
                 text = got
@@ -885,7 +895,7 @@ class Segment(Closing):
             self._detach()
             raise BusyError(f"{self._name!r} is being removed; open it again")
         for attempt in range(50):
-            token = _core.attach_claim(m, fd, _pid, _process_name())
+            token = _core.attach_claim(m, fd, _claim_start(), _process_name())
             if token == -1:
                 self._slot_count_damaged()
             if token:
@@ -1397,8 +1407,9 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _pid
+    global _pid, _claims
     _pid = os.getpid()
+    _claims = 0
     for ref in list(_live.values()):
         seg = ref()
         if seg is None:

@@ -119,6 +119,13 @@ class _Placed:
     def name(self) -> str:
         return self._seg.name
 
+    @property
+    def closed(self) -> bool:
+        """True once this handle was closed (for one placed with ``at()``:
+        once the segment holding it was)."""
+        seg = getattr(self, "_seg", None)
+        return seg is None or seg.closed
+
     def close(self) -> None:
         """Close this handle (and its segment if it has one of its own)."""
         if self._own_segment:
