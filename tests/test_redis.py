@@ -1054,6 +1054,36 @@ def test_bridge_ctrl_c_stops_cleanly(server: Server, prefix: str, name: str) -> 
     ch.close()
 
 
+def test_a_topic_bridge_waits_out_redis_going_away_while_it_records_its_place(
+        server: Server, prefix: str, name: str) -> None:
+    """The --from topic bridge keeps its place with plain Redis commands: with
+    the server gone they are retried like every other call (BackendError
+    once stopped), never an error that ends the bridge."""
+    from shmkit.errors import BackendError
+    from shmkit.redis.bridge import Bridge
+
+    lt = shmkit.Topic(name, capacity=1 << 16)
+    logged: list[str] = []
+    bridge = Bridge(name, server.url, "from", topic=True, prefix=prefix, remote="places",
+                    log=logged.append)
+    try:
+        server.stop()
+        stopper = threading.Timer(0.5, bridge.stop)
+        stopper.start()
+        assert bridge._rt is not None
+        key = bridge._place
+        with pytest.raises(BackendError, match="could not be reached"):
+            bridge._retrying("record the bridge's place",
+                             lambda: bridge._rt._r.set(key, 1))  # type: ignore[union-attr]
+        stopper.join()
+        assert any("retrying" in line for line in logged), logged
+    finally:
+        if server.proc is None:
+            server.start()
+        bridge.close()
+        lt.close()
+
+
 def test_bridge_queue_objects_travel_pickled(server: Server, prefix: str, names: Any) -> None:
     src, dst = names(), names()
     qa, qb = shmkit.Queue(name=src), shmkit.Queue(name=dst)

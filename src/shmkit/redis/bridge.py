@@ -255,12 +255,21 @@ class Bridge:
         self.ns.close()
 
     def _retrying(self, what: str, func: Callable[[], _T]) -> _T:
-        """``func()``, retried while the Redis server cannot be reached (until stop)."""
+        """``func()``, retried while the Redis server cannot be reached (until stop).
+
+        ``func`` may also call redis-py directly (the bridge's recorded place):
+        its errors count as the backend's."""
+        from redis.exceptions import RedisError
+
         from ..errors import BackendError
+        from ._base import _translate
         pause, said = 0.1, False
         while True:
             try:
-                return func()
+                try:
+                    return func()
+                except RedisError as raw:
+                    raise _translate(self.ns, raw, what) from raw
             except BackendError as e:
                 if not said:
                     self.log(f"shmkit bridge: {what}: {e}; retrying")
