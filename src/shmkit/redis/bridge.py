@@ -46,7 +46,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 if TYPE_CHECKING:
     from ..channel import Channel as LocalChannel
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from ..topic import Subscriber as LocalSubscriber
     from ..topic import Topic as LocalTopic
     from .channel import Channel as RedisChannel
+    from ._base import RedisNamespace
     from .queue import Queue as RedisQueue
     from .topic import Subscriber as RedisSubscriber
     from .topic import Topic as RedisTopic
@@ -269,7 +270,7 @@ class Bridge:
                 try:
                     return func()
                 except RedisError as raw:
-                    raise _translate(self.ns, raw, what) from raw
+                    raise _translate(cast("RedisNamespace", self.ns), raw, what) from raw
             except BackendError as e:
                 if not said:
                     self.log(f"shmkit bridge: {what}: {e}; retrying")
