@@ -792,6 +792,84 @@ def test_a_redelivered_view_can_go_back_again_and_a_released_one_never(name):
     ch.close()
 
 
+@pytest.mark.parametrize("ending", ["nowait", "closed", "no_senders", "holding_a_view"])
+def test_a_receive_that_finds_nothing_first_takes_back_dead_holders_views(names, ending):
+    """A handle that has received before (so its first-receive repair is
+    behind it) and would now report empty, closed or no senders, or that
+    holds a view of its own, still gets a dead holder's redeliver view."""
+    name = names()
+    ch = Channel(name, capacity=4096)
+    sender = Channel.open(name)
+    sender.send(b"mine")
+    sender.send(b"work")
+    mine = ch.recv_view(timeout=5)  # a live view of this process at head
+    assert bytes(mine) == b"mine"
+    if ending != "holding_a_view":
+        mine.release()
+    assert _killed_holding_views(name, 1, 0) == ["work"]
+    if ending == "nowait":
+        assert ch.recv_nowait() == b"work"
+    elif ending == "closed":
+        sender.close_sending()
+        assert list(ch) == [b"work"]  # then ChannelClosed ends the iteration
+    elif ending == "no_senders":
+        sender.close()
+        assert ch.recv(timeout=5, stop_when_no_senders=True) == b"work"
+        with pytest.raises(shmkit.SendersGone):
+            ch.recv(timeout=5, stop_when_no_senders=True)
+    else:
+        assert ch.recv(timeout=5) == b"work"
+        mine.release()
+    assert ch.statistics()["redelivered"] == 1 and ch.depth == 0
+    ch.close()
+    if not sender.closed:
+        sender.close()
+
+
+def test_a_returned_count_left_too_high_is_set_right(name):
+    # a consumer killed between taking a returned message again and lowering
+    # the count leaves it one too high: the next look finds none and clears it
+    ch = Channel(name, capacity=4096)
+    for m in (b"a", b"b", b"x"):
+        ch.send(m)
+    assert ch.recv(timeout=5) == b"a" and ch.recv(timeout=5) == b"b"
+    _core.store32(ch._seg._mapping, ch._seg._hsize + RETURNED, 1)
+    assert ch.depth == 2
+    assert ch.recv(timeout=5) == b"x"
+    with pytest.raises(Empty):
+        ch.recv_nowait()
+    assert _core.load32(ch._seg._mapping, ch._seg._hsize + RETURNED) == 0 and ch.depth == 0
+    ch.close()
+
+
+def test_a_returned_count_left_too_high_never_keeps_a_bounded_queue_full(name):
+    # no receiver runs: a sender waiting for room sets the count right itself
+    q = Queue(maxsize=3, name=name)
+    q.put(1)
+    q.put(2)
+    ring = q._ch
+    _core.store32(ring._seg._mapping, ring._seg._hsize + RETURNED, 1)
+    q.put(3, timeout=5)
+    assert _core.load32(ring._seg._mapping, ring._seg._hsize + RETURNED) == 0
+    assert [q.get(timeout=5) for _ in range(3)] == [1, 2, 3]
+    q.close()
+
+
+def test_a_damaged_returned_record_is_corrupt_not_a_crash(name):
+    ch = Channel(name, capacity=4096)
+    ch.send(b"a")
+    ch.send(b"b")
+    assert _killed_holding_views(name, 1, 0) == ["a"]
+    head = _u64(ch, HEAD)
+    rec = ch._seg._hsize + _u64(ch, 16) + head % ch.capacity  # data_off + offset
+    _core.store32(ch._seg._mapping, rec, 1 << 30)  # len far past the ring
+    _core.store32(ch._seg._mapping, rec + 4, 0x80000005)  # RETURNED
+    _core.store32(ch._seg._mapping, ch._seg._hsize + RETURNED, 1)
+    with pytest.raises(CorruptError):
+        ch.recv(timeout=1)
+    ch.close()
+
+
 def test_a_full_channel_keeps_a_dead_holders_redelivered_views(name):
     # a sender waiting for space returns them; they keep their space until
     # received, so nothing is overwritten and nothing is lost

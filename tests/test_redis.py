@@ -1054,6 +1054,25 @@ def test_bridge_ctrl_c_stops_cleanly(server: Server, prefix: str, name: str) -> 
     ch.close()
 
 
+def test_a_to_bridge_carries_what_it_took_before_the_channel_ended(
+        server: Server, prefix: str, name: str) -> None:
+    """Messages sent and then the channel ended before the bridge starts: its
+    first batch takes them all and then meets the end; it adds them before
+    it ends the stream."""
+    ch = shmkit.Channel(name, capacity=1 << 16)
+    for i in range(5):
+        ch.send(b"%d" % i)
+    ch.close_sending()
+    p = _bridge("to", server.url, prefix, name, "ending")
+    assert p.wait(timeout=60) == 0
+    remote = shmkit.connect(server.url, prefix=prefix).Channel("ending")
+    assert [remote.recv(timeout=10) for _ in range(5)] == [b"%d" % i for i in range(5)]
+    with pytest.raises(shmkit.ChannelClosed):
+        remote.recv(timeout=10)
+    remote.close()
+    ch.close()
+
+
 def test_a_topic_bridge_waits_out_redis_going_away_while_it_records_its_place(
         server: Server, prefix: str, name: str) -> None:
     """The --from topic bridge keeps its place with plain Redis commands: with

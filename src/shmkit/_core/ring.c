@@ -438,8 +438,11 @@ ring_returned(RingObject *r, uint64_t *pos, uint32_t *len)
         if (total == 0)
             return -1;
         if (st == ST_RETURNED) {
+            uint32_t n = LOADR(&rec_at(r, p)->len); /* rec_span read it once already */
+            if (rec_total(n) != total)
+                return ring_corrupt(r, "a returned record's length changed", n, p);
             *pos = p;
-            *len = LOADR(&rec_at(r, p)->len);
+            *len = n;
             return 1;
         }
         p += total;
@@ -815,36 +818,95 @@ ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t tota
     return shm_wait_until(&w, deadline);
 }
 
-/* Give back or finish the records from head lent to dead consumers, up to
- * the first one a live consumer holds: LENT ones go back to the channel
- * (counted in `returned` before they are marked), TAKEN ones are finished.
- * Sets *returned when one went back.  Returns -1 on error. */
+/* The liveness of the holders met in one walk: a few tokens remembered, so
+ * that a batch of one holder's views costs one question to the kernel. */
+typedef struct {
+    uint32_t token[8];
+    uint8_t alive[8];
+    int n;
+} token_cache;
+
 static int
-ring_fix_lent(RingObject *r, MappingObject *m, int *returned)
+holder_alive(token_cache *c, MappingObject *m, uint32_t token)
+{
+    if (token == m->token)
+        return 1;
+    for (int i = 0; i < c->n; i++)
+        if (c->token[i] == token)
+            return c->alive[i];
+    int alive = shm_token_alive(m, token) != 0;
+    if (c->n < 8) {
+        c->token[c->n] = token;
+        c->alive[c->n++] = (uint8_t)alive;
+    }
+    return alive;
+}
+
+/* Without the lock: is there work in [head, read) for ring_fix_lent?  A
+ * finished record at head that head did not pass (its releaser could not
+ * reclaim), a record lent to a dead holder, or a RETURNED one while
+ * `returned` is 0.  Records change under us: anything inconsistent says
+ * yes, and the repair looks again under the lock. */
+static int
+ring_lent_work(RingObject *r, MappingObject *m, token_cache *tc)
+{
+    struct ring_hdr *h = r->h;
+    uint64_t hd = LOAD(&h->head), rd = LOAD(&h->read);
+    if (hd == rd)
+        return 0;
+    if (rd < hd || rd - hd > r->cap || ((hd | rd) & 7))
+        return 1;
+    uint32_t returned = LOAD(&h->returned);
+    for (uint64_t p = hd; p < rd;) {
+        rec_t *rec = rec_at(r, p);
+        uint32_t st = LOAD(&rec->state), len = LOADR(&rec->len);
+        uint64_t off = p % r->cap, total = st == ST_SKIP ? r->cap - off : rec_total(len);
+        if (total > r->cap - off || total > rd - p)
+            return 1;
+        if (st_lent(st)) {
+            if (!holder_alive(tc, m, st & SHM_TOKEN_MASK))
+                return 1;
+        } else if (st == ST_RETURNED) {
+            if (returned == 0)
+                return 1;
+        } else if (p == hd) {
+            return 1;
+        }
+        p += total;
+    }
+    return 0;
+}
+
+int
+ring_views_need_repair(RingObject *r, MappingObject *m)
+{
+    token_cache tc = {.n = 0};
+    return ring_lent_work(r, m, &tc);
+}
+
+/* Under clock: give back or finish every record in [head, read) lent to a
+ * dead consumer: LENT ones go back to the channel (counted in `returned`
+ * before they are marked), TAKEN ones are finished; then move head.  Sets
+ * *returned when one went back.  Returns -1 on error. */
+static int
+ring_fix_lent(RingObject *r, MappingObject *m, token_cache *tc, int *returned)
 {
     struct ring_hdr *h = r->h;
     uint64_t hd = LOADR(&h->head), rd = LOADR(&h->read);
-    uint32_t dead_token = 0, found = 0;
+    uint32_t found = 0;
     if (rd < hd || rd - hd > r->cap || ((hd | rd) & 7))
         return ring_corrupt(r, "head and read positions out of order", hd, rd);
     for (uint64_t p = hd; p < rd;) {
         rec_t *rec = rec_at(r, p);
-        uint32_t st = LOAD(&rec->state), token = st & SHM_TOKEN_MASK;
+        uint32_t st = LOAD(&rec->state);
         uint64_t total = rec_span(r, p, st, rd, "record overruns the read position");
         if (total == 0)
             return -1;
         p += total;
-        if (st == ST_RETURNED) {
+        if (st == ST_RETURNED)
             found++;
-            continue;
-        }
-        if (!st_lent(st))
-            continue; /* finished: DONE, SKIP, ABANDONED (ring_reclaim checks them) */
-        if (token != dead_token) {
-            if (token == m->token || shm_token_alive(m, token))
-                break;
-            dead_token = token;
-        }
+        if (!st_lent(st) || holder_alive(tc, m, st & SHM_TOKEN_MASK))
+            continue; /* finished (ring_reclaim checks them), returned, or held */
         if (ST_KIND(st) == ST_TAKEN) {
             STORE(&rec->state, ST_DONE);
             shm_crash_point("ring.repair.finished");
@@ -863,10 +925,27 @@ ring_fix_lent(RingObject *r, MappingObject *m, int *returned)
     return ring_reclaim(r);
 }
 
+/* Under clock: a redeliver view this process took but could not hand out
+ * (no memory for the view object) goes back to the channel. */
+int
+ring_give_back(RingObject *r, uint64_t pos, uint32_t me)
+{
+    struct ring_hdr *h = r->h;
+    rec_t *rec = rec_at(r, pos);
+    if (LOAD(&rec->state) != (ST_LENT | (me & SHM_TOKEN_MASK)))
+        return 0;
+    STORER(&h->returned, LOADR(&h->returned) + 1);
+    shm_crash_point("ring.give_back.counted");
+    STORE(&rec->state, ST_RETURNED);
+    shm_crash_point("ring.give_back.returned");
+    return 1;
+}
+
 /* Clear up after dead peers: a record at read reserved by a dead producer
- * is abandoned; records from head lent to dead consumers are finished or
- * given back (ring_fix_lent); the sleeper counts of dead attachments are
- * taken off.  Returns -1 on error. */
+ * is abandoned; records lent to dead consumers are finished or given back
+ * (ring_fix_lent); a `returned` that a killed retaker left too high is set
+ * right; the sleeper counts of dead attachments are taken off.  Returns -1
+ * on error. */
 static int
 ring_repair(RingObject *r, MappingObject *m)
 {
@@ -874,13 +953,12 @@ ring_repair(RingObject *r, MappingObject *m)
     uint32_t me = m->token;
     if (me == 0 || m->fd < 0)
         return 0; /* liveness cannot be asked; never guess */
-    uint64_t rd = LOAD(&h->read), hd = LOAD(&h->head), t = LOAD(&h->tail);
+    uint64_t rd = LOAD(&h->read), t = LOAD(&h->tail);
     uint32_t st_r = rd < t ? LOAD(&rec_at(r, rd)->state) : 0;
-    uint32_t st_h = hd < rd ? LOAD(&rec_at(r, hd)->state) : 0;
+    token_cache tc = {.n = 0};
     int work = (ST_KIND(st_r) == ST_RESERVED &&
                 !shm_token_alive(m, st_r & SHM_TOKEN_MASK)) ||
-               (st_lent(st_h) && !shm_token_alive(m, st_h & SHM_TOKEN_MASK)) ||
-               (st_h == ST_RETURNED && LOADR(&h->returned) == 0);
+               LOAD(&h->returned) != 0 || ring_lent_work(r, m, &tc);
     if (work) {
         int freed = 0, got_data = 0;
         take_t tk;
@@ -912,7 +990,13 @@ ring_repair(RingObject *r, MappingObject *m)
         }
         if ((freed = ring_take_end(r, &tk)) < 0)
             goto fail;
-        int k = ring_fix_lent(r, m, &got_data);
+        if (LOADR(&h->returned) != 0) { /* set right a count a killed retaker left high */
+            uint64_t pos;
+            uint32_t len;
+            if (ring_returned(r, &pos, &len) < 0)
+                goto fail;
+        }
+        int k = ring_fix_lent(r, m, &tc, &got_data);
         if (k < 0)
             goto fail;
         freed |= k;
@@ -943,6 +1027,20 @@ ring_claim_consumer(RingObject *r, MappingObject *m, uint32_t me)
         return 0;
     ring_claim_entry(r, me, ROLE_CONSUMER);
     return ring_repair(r, m);
+}
+
+/* A receive found nothing to take and would report it (empty, closed, no
+ * senders) or start waiting: while records are out as views, first give back
+ * what dead holders hold.  Returns 1 when messages came back, 0, or -1. */
+int
+ring_repair_empty(RingObject *r, MappingObject *m)
+{
+    struct ring_hdr *h = r->h;
+    if (LOAD(&h->head) == LOAD(&h->read))
+        return 0;
+    if (ring_repair(r, m) < 0)
+        return -1;
+    return LOAD(&h->returned) != 0;
 }
 
 /* After many rounds in which the ring looked ready but yielded nothing

@@ -152,6 +152,13 @@ ring_claim(RingObject *r, uint32_t me, uint64_t bits)
 }
 
 int ring_claim_consumer(RingObject *r, MappingObject *m, uint32_t me);
+/* Before a receive reports the channel empty (or closed, or without
+ * senders): give back what dead holders of views hold (ring_repair). */
+int ring_repair_empty(RingObject *r, MappingObject *m);
+int ring_give_back(RingObject *r, uint64_t pos, uint32_t me);
+/* Lock-free hint for waiters: a record lent to a dead holder, or a finished
+ * one stuck at head, needs a repair (ring_repair's look at the views). */
+int ring_views_need_repair(RingObject *r, MappingObject *m);
 
 /* ---- the role table and its sleeper counts (the ring's and the topic's) ---- */
 /* Where one handle sees a role table: its entries and the two global sleeper

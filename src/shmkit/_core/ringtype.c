@@ -223,6 +223,29 @@ view_finish_keep(RingObject *r, MappingObject *m, rec_t *rec, uint32_t token)
     PyErr_Restore(et, ev, tb);
 }
 
+/* A record this call lent but cannot hand out (the call is failing): a
+ * redeliver view goes back to the channel, any other is finished. */
+static void
+lent_undo(RingObject *r, MappingObject *m, uint64_t pos, uint32_t me, int redeliver)
+{
+    if (!redeliver) {
+        view_finish_keep(r, m, rec_at(r, pos), me);
+        return;
+    }
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    struct ring_hdr *h = r->h;
+    if (ring_lock(r, m, &h->clock, me, SHM_FOREVER) < 0) {
+        PyErr_Clear(); /* a waiter's repair gives it back once we are gone */
+    } else {
+        int back = ring_give_back(r, pos, me);
+        ring_unlock(m, &h->clock);
+        if (back)
+            ring_wake(&h->data_seq, &h->data_sleepers);
+    }
+    PyErr_Restore(et, ev, tb);
+}
+
 /* Take one message: bytes (R_COPY), a RecordView (R_VIEW), or copied into
  * `into` (R_INTO, returning its length; a message that does not fit stays
  * in the channel).  Waits until the deadline; raises Empty (nowait),
@@ -246,7 +269,7 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
     uint32_t me = m->token;
     int64_t deadline;
     PyObject *out = NULL;
-    int fruitless = 0;
+    int fruitless = 0, looked_back = 0;
     if (ring_claim_consumer(r, m, me) < 0 || msg_deadline(timeout, nowait, &deadline) < 0) {
         ring_leave(m);
         return NULL;
@@ -267,8 +290,9 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
             k = -1;
         }
         int lend = k == T_READY && (how != R_COPY || len >= BIG_COPY);
+        int back = how == R_VIEW && redeliver;
         if (lend) {
-            ring_take_lent(r, &tk, pos, len, me, how == R_VIEW && redeliver);
+            ring_take_lent(r, &tk, pos, len, me, back);
         } else if (k == T_READY) {
             out = PyBytes_FromStringAndSize((const char *)(rec_at(r, pos) + 1), len);
             if (out != NULL)
@@ -283,14 +307,14 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
         if (freed < 0 || k < 0) {
             Py_CLEAR(out);
             if (lend)
-                view_finish_keep(r, m, rec_at(r, pos), me);
+                lent_undo(r, m, pos, me, back);
             break;
         }
         if (lend) {
             if (how == R_VIEW) {
                 out = make_view(r, m, pos, len, me);
                 if (out == NULL)
-                    view_finish_keep(r, m, rec_at(r, pos), me);
+                    lent_undo(r, m, pos, me, back);
                 break;
             }
             out = how == R_INTO ? PyLong_FromUnsignedLong(len) : msg_new_bytes(len);
@@ -305,6 +329,16 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
         }
         if (k == T_READY)
             break;
+        if (k == T_EMPTY && !looked_back) {
+            /* before saying empty, closed or no senders (or waiting): views
+             * of dead holders may be given back */
+            looked_back = 1;
+            int back_now = ring_repair_empty(r, m);
+            if (back_now < 0)
+                break;
+            if (back_now)
+                continue;
+        }
         if (closed && k == T_EMPTY) {
             PyErr_Format(RING_ST(r)->ChannelClosed, "channel %R is closed and drained", r->name);
             break;
@@ -414,7 +448,7 @@ Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
     struct ring_hdr *h = r->h;
     uint32_t me = m->token;
     int64_t deadline;
-    int fruitless = 0;
+    int fruitless = 0, looked_back = 0;
     int failed = ring_claim_consumer(r, m, me) < 0 || msg_deadline(a[1], 0, &deadline) < 0;
     while (!failed) {
         int k = T_EMPTY;
@@ -452,6 +486,16 @@ Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
         }
         if (PyList_GET_SIZE(list) > 0)
             break;
+        if (k == T_EMPTY && !looked_back) { /* as recv_impl */
+            looked_back = 1;
+            int back_now = ring_repair_empty(r, m);
+            if (back_now < 0) {
+                failed = 1;
+                break;
+            }
+            if (back_now)
+                continue;
+        }
         if (closed && k == T_EMPTY) {
             PyErr_Format(RING_ST(r)->ChannelClosed, "channel %R is closed and drained", r->name);
             failed = 1;

@@ -161,15 +161,15 @@ holder_dead_visit(void *ctx, uint32_t slot, uint64_t *e, uint64_t v, int alive)
     return !alive && token != 0 && token != ((Watch *)ctx)->m->token; /* dead() */
 }
 
-/* The record at `from` (before `to`) of the ring is being written (lent=0)
- * or is lent out as a view (lent=1), by a process that is gone. */
+/* The record at `from` (before `to`) of the ring is being written by a
+ * process that is gone. */
 static int
-dead_record(Watch *w, uint64_t from, uint64_t to, int lent)
+dead_writer(Watch *w, uint64_t from, uint64_t to)
 {
     if (from >= to || to - from > w->r->cap || ((from | to) & 7))
         return 0;
     uint32_t s = LOAD(&rec_at(w->r, from)->state);
-    return (lent ? st_lent(s) : ST_KIND(s) == ST_RESERVED) && dead(w, s);
+    return ST_KIND(s) == ST_RESERVED && dead(w, s);
 }
 
 int
@@ -203,15 +203,14 @@ w_check(void *ctx)
             w->suspect = 1;
             break;
         }
-        /* or a view at head whose dead holder may give its message back */
-        w->suspect = dead_record(w, LOAD(&h->read), LOAD(&h->tail), 0) ||
-                     dead_record(w, LOAD(&h->head), LOAD(&h->read), 1);
+        /* or views whose dead holders may give their messages back */
+        w->suspect = dead_writer(w, LOAD(&h->read), LOAD(&h->tail)) ||
+                     ring_views_need_repair(w->r, w->m);
         break;
     }
     case W_RING_SPACE: {
-        /* a record at head lent to a consumer that died */
-        struct ring_hdr *h = w->r->h;
-        w->suspect = dead_record(w, LOAD(&h->head), LOAD(&h->tail), 1);
+        /* records lent to consumers that died, holding head back */
+        w->suspect = ring_views_need_repair(w->r, w->m);
         break;
     }
     }

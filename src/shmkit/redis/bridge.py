@@ -285,9 +285,11 @@ class Bridge:
         while not self.stopping:
             if self._lag_due():
                 self._record["lag"] = self.local.depth
+            views: list[Any] = []
+            ended = False
             try:
                 # views of a killed bridge go back to the channel (redeliver)
-                views = [self.local.recv_view(timeout=_POLL, redeliver=True)]
+                views.append(self.local.recv_view(timeout=_POLL, redeliver=True))
                 while len(views) < self._batch:
                     views.append(self.local.recv_view_nowait(redeliver=True))
             except Timeout:
@@ -295,6 +297,8 @@ class Bridge:
             except Empty:
                 pass
             except ChannelClosed:
+                ended = True  # the views taken before it still go out first
+            if ended and not views:
                 self._retrying("close the stream", self.remote.close_sending)
                 self.log("shmkit bridge: the local channel was ended; the stream is ended too")
                 return 0
