@@ -1152,6 +1152,26 @@ def test_hostile_ring_header_is_refused_not_crashed_on(name, field_off, value):
 # ---- crash points in the ring (core) -----------------------------------------
 
 
+def _reporting_child(fn, *args):
+    """Fork a child running fn(*args, wfd), which reports lines on the pipe
+    wfd (an exception it raises is reported as "E ..."); returns the lines
+    and the child's wait status."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            fn(*args, w)
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            os.write(w, b"E %s\n" % repr(e).encode()[:500])
+        finally:
+            os._exit(1)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        return [line for line in f.read().split(b"\n") if line], status
+
+
 def _die_at_ring_point(name, k, me, wfd):
     """Send 4 numbered messages (one of 70 KiB, so that a record wraps), receive
     3, take one view, close nothing; report each confirmed step on the pipe; die
@@ -1191,21 +1211,8 @@ def test_killed_at_every_ring_crash_point(name):
     while True:
         k += 1
         assert k < 500, "the child never completed"
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            try:
-                _die_at_ring_point(name, k, k, w)
-            except BaseException as e:  # noqa: BLE001 - reported to the parent
-                os.write(w, b"E %s\n" % repr(e).encode()[:500])
-            finally:
-                os._exit(1)
-        os.close(w)
-        _, status = os.waitpid(pid, 0)
-        with os.fdopen(r, "rb") as f:
-            lines = f.read().split(b"\n")
-        for line in filter(None, lines):
+        lines, status = _reporting_child(_die_at_ring_point, name, k, k)
+        for line in lines:
             assert not line.startswith(b"E "), (k, line)
             kind, who, seq = line.split()
             if kind == b"S":
@@ -1271,21 +1278,8 @@ def test_killed_at_every_crash_point_of_a_redelivery(name):
             ch.send(m)
         sent += batch
         assert _killed_holding_views(name, 2, 0) == [batch[0].decode(), batch[1].decode()]
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            try:
-                _retake_and_die_at_ring_point(name, k, w)
-            except BaseException as e:  # noqa: BLE001 - reported to the parent
-                os.write(w, b"E %s\n" % repr(e).encode()[:500])
-            finally:
-                os._exit(1)
-        os.close(w)
-        _, status = os.waitpid(pid, 0)
-        with os.fdopen(r, "rb") as f:
-            lines = f.read().split(b"\n")
-        for line in filter(None, lines):
+        lines, status = _reporting_child(_retake_and_die_at_ring_point, name, k)
+        for line in lines:
             assert not line.startswith(b"E "), (k, line)
             msg = line.split()[1]
             delivered[msg] = delivered.get(msg, 0) + 1

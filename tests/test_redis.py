@@ -20,7 +20,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -833,6 +833,16 @@ def _stop(p: subprocess.Popen, sig: int) -> int:
     return p.wait(timeout=60)
 
 
+def _drainer(ch: shmkit.Channel, received: list[int]) -> Callable[..., None]:
+    """drain(until, timeout=60): receive numbered messages from ch into
+    received until `until` distinct ones arrived (or the timeout passes)."""
+    def drain(until: int, timeout: float = 60) -> None:
+        end = time.monotonic() + timeout
+        while len(set(received)) < until and time.monotonic() < end:
+            received.extend(int(m) for m in ch.recv_many(max_n=256, timeout=0.5))
+    return drain
+
+
 def test_bridge_carries_messages_and_survives_kills(server: Server, prefix: str,
                                                     names: Any) -> None:
     """local A -> bridge --to -> Redis -> bridge --from -> local B, both bridges
@@ -845,11 +855,7 @@ def test_bridge_carries_messages_and_survives_kills(server: Server, prefix: str,
     to = _bridge("to", server.url, prefix, a_name, "wire")
     frm = _bridge("from", server.url, prefix, b_name, "wire")
     received: list[int] = []
-
-    def drain(until: int, timeout: float = 60) -> None:
-        end = time.monotonic() + timeout
-        while len(set(received)) < until and time.monotonic() < end:
-            received.extend(int(m) for m in b.recv_many(max_n=256, timeout=0.5))
+    drain = _drainer(b, received)
 
     try:
         sender_done = threading.Event()
@@ -903,11 +909,7 @@ def test_a_killed_to_bridge_loses_none_of_the_views_it_held(server: Server, pref
     to = _bridge("to", server.url, prefix, a_name, "held")
     frm = _bridge("from", server.url, prefix, b_name, "held")
     received: list[int] = []
-
-    def drain(until: int, timeout: float = 60) -> None:
-        end = time.monotonic() + timeout
-        while len(set(received)) < until and time.monotonic() < end:
-            received.extend(int(m) for m in b.recv_many(max_n=256, timeout=0.5))
+    drain = _drainer(b, received)
 
     try:
         for i in range(100):
