@@ -86,6 +86,9 @@ class CoreKind:
         self.raw = raw
 
 
+_STORE_WRITES = ("setitem", "add", "batch", "vacuum", "clear")  # the ops that allocate
+
+
 def _kinds() -> dict:
     import shmkit
     from shmkit import _core
@@ -494,7 +497,11 @@ def _kinds() -> dict:
         "condition": CoreKind(pub["condition"].setup, cond_bind, cond_ops),
         "channel": CoreKind(pub["channel"].setup, ring_bind, ring_ops, ring_unbind),
         "queue": CoreKind(queue_setup, ring_bind, ring_ops, ring_unbind),
-        "store": CoreKind(pub["store"].setup, store_bind, store_ops),
+        # bound here without a grow hook: a write the allocator cannot place
+        # (the store full, or its free space made unusable by the damage) is
+        # MemoryError("the store is full"), where store.py would grow it
+        "store": CoreKind(pub["store"].setup, store_bind, store_ops,
+                          allowed=lambda op: MemoryError if op in _STORE_WRITES else ()),
         "heap": CoreKind(heap_setup, heap_bind, heap_ops, heap_unbind),
         "topic": CoreKind(pub["topic"].setup, topic_bind, topic_ops, topic_unbind),
     }
