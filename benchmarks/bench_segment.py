@@ -18,6 +18,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+from typing import Any
 
 from benchmarks.harness import workload
 
@@ -274,6 +275,55 @@ def _kind_workload(kind: str) -> None:
 
 for _kind in ("Segment", "Segment max_size", "Array", "Channel", "Store", "Heap"):
     _kind_workload(_kind)
+
+
+SAME = "attach: open one channel 600 times in one process, every handle kept"
+_SAME_HANDLES = 600
+
+
+def _same_object(n: int, open_one: Any, close_one: Any) -> float:
+    """n opens, in runs of up to 600 handles held at once (only the opens timed)."""
+    total, done = 0.0, 0
+    while done < n:
+        k = min(_SAME_HANDLES, n - done)
+        t0 = time.perf_counter()
+        handles = [open_one() for _ in range(k)]
+        total += time.perf_counter() - t0
+        for h in handles:
+            close_one(h)
+        done += k
+    return total
+
+
+@workload(SAME, unit="µs/op", system="bare os.open + mmap", reference=True)
+def same_bare(n: int) -> float:
+    import mmap
+
+    import shmkit
+    with shmkit.Channel(None, capacity=4096, max_attach=1024) as ch:
+        path = ch.path
+
+        def open_one() -> tuple[int, mmap.mmap]:
+            fd = os.open(path, os.O_RDWR)
+            return fd, mmap.mmap(fd, 0)
+
+        def close_one(h: tuple[int, mmap.mmap]) -> None:
+            h[1].close()
+            os.close(h[0])
+        return _same_object(n, open_one, close_one)
+
+
+@workload(SAME, system="shmkit.Channel.open (each claims its own attach slot)")
+def same_shmkit(n: int) -> float:
+    import secrets
+
+    import shmkit
+    name = f"bench-same-{secrets.token_hex(4)}"
+    with shmkit.Channel(name, capacity=4096, max_attach=1024):
+        try:
+            return _same_object(n, lambda: shmkit.Channel.open(name), lambda h: h.close())
+        finally:
+            shmkit.unlink(name)
 
 
 # -- scaling: opening 1 to 10,000 objects in one process -------------------------------------
