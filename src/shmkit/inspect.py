@@ -1153,6 +1153,17 @@ def _reap_half_created(path: str, dry_run: bool) -> bool:
         os.close(fd)
 
 
+def _temp_file(entry: str) -> tuple[str, int | None] | None:
+    """``(name, creator pid)`` of a hidden creation temp file's directory
+    entry (``.shmkit.<name>.<pid>.<random>.tmp``), or None for any other."""
+    if not (entry.startswith(_TMP_PREFIX) and entry.endswith(_TMP_SUFFIX)):
+        return None
+    parts = entry.split(".")  # "", "shmkit", name..., pid, random, "tmp"
+    pid = int(parts[-3]) if len(parts) >= 6 and parts[-3].isdigit() else None
+    name = ".".join(parts[2:-3]) if len(parts) >= 6 else entry
+    return name, pid
+
+
 def _temp_files() -> Iterator[tuple[str, str, int | None]]:
     """``(name, path, creator pid)`` of hidden creation temp files in /dev/shm."""
     try:
@@ -1160,11 +1171,9 @@ def _temp_files() -> Iterator[tuple[str, str, int | None]]:
     except FileNotFoundError:
         return
     for entry in entries:
-        if entry.startswith(_TMP_PREFIX) and entry.endswith(_TMP_SUFFIX):
-            parts = entry.split(".")  # "", "shmkit", name..., pid, random, "tmp"
-            pid = int(parts[-3]) if len(parts) >= 6 and parts[-3].isdigit() else None
-            name = ".".join(parts[2:-3]) if len(parts) >= 6 else entry
-            yield name, os.path.join(SHM_DIR, entry), pid
+        temp = _temp_file(entry)
+        if temp is not None:
+            yield temp[0], os.path.join(SHM_DIR, entry), temp[1]
 
 
 def _pid_gone(pid: int | None) -> bool:

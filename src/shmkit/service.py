@@ -448,7 +448,7 @@ def _shm_path(name: str) -> str:
 def _reap_replies(service: str) -> int:
     """Remove the reply channels of ``service`` that no live process holds,
     with those their creators left half-made (killed while creating them)."""
-    from .inspect import _TMP_SUFFIX, _reap_half_created, _reap_stale, _reap_temp
+    from .inspect import _reap_half_created, _reap_stale, _reap_temp, _temp_file
 
     prefix = os.path.basename(_shm_path(service + ".reply."))
     folder = os.path.dirname(_shm_path(service))
@@ -460,12 +460,11 @@ def _reap_replies(service: str) -> int:
     for entry in entries:
         path = os.path.join(folder, entry)
         try:
+            temp = _temp_file(entry)  # built by a creator, not yet linked
             if entry.startswith(prefix):
                 removed += (_reap_stale(path, False) or _reap_half_created(path, False))
-            elif entry.startswith("." + prefix) and entry.endswith(_TMP_SUFFIX):
-                # ".<name>.<pid>.<random>.tmp": built by a creator, not yet linked
-                pid = entry.split(".")[-3]
-                removed += _reap_temp(path, int(pid) if pid.isdigit() else None, False)
+            elif temp is not None and temp[0].startswith(service + ".reply."):
+                removed += _reap_temp(path, temp[1], False)
         except (OSError, ValueError, CorruptError):
             pass
     return removed
