@@ -35,6 +35,16 @@ def _temps(name: str) -> list[str]:
     return glob.glob(f"/dev/shm/.shmkit.{glob.escape(name)}~oob.*.tmp")
 
 
+def _states(q_or_name) -> list[int]:
+    """The state word of each payload file (pooled: free, sent, held)."""
+    out = []
+    for path in _payloads(q_or_name):
+        with open(path, "rb") as f:
+            f.seek(channel._STATE_OFF)
+            out.append(int.from_bytes(f.read(4), "little"))
+    return out
+
+
 def _array(seed: int, n: int = 64 * MiB) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, n, dtype=np.uint8)
 
@@ -79,7 +89,12 @@ def test_64mib_array_and_20mib_bytes_cross_a_default_queue(queue, names):
         assert type(got_b) is bytes and got_b == b
         assert queue.qsize() == 0 and back.qsize() == 0
         del got_a
-        assert not _payloads(queue) and not _payloads(back)
+        # the echo (gone) let its files go: this receiver removed them once done
+        assert not _payloads(back)
+        # this sender keeps its two, handed back by their receiver, for reuse
+        assert _states(queue) == [channel._FREE] * 2
+        queue.close()
+        assert not _payloads(queue)
     finally:
         back.unlink(); back.close()
 
@@ -92,15 +107,31 @@ def test_small_objects_stay_in_the_ring(queue):
     assert queue.get(timeout=5).tolist() == list(range(10))
 
 
-def test_big_buffer_stays_mapped_while_the_object_lives(queue):
-    a = _array(2, 4 * MiB)
-    queue.put({"a": a, "ba": bytearray(a.tobytes())})
-    got = queue.get(timeout=5)
-    assert not _payloads(queue)  # the name went at once: nothing to leak
-    assert np.array_equal(got["a"], a) and got["ba"] == a.tobytes()
-    arr = got["a"]
-    del got
-    assert int(arr[:10].sum()) == int(a[:10].sum())  # still mapped
+@pytest.mark.parametrize("pool", [0, channel.PAYLOAD_POOL])
+def test_big_buffer_stays_mapped_while_the_object_lives(name, pool):
+    with shmkit.Queue(name=name, payload_pool=pool) as queue:
+        try:
+            a = _array(2, 4 * MiB)
+            queue.put({"a": a, "ba": bytearray(a.tobytes())})
+            got = queue.get(timeout=5)
+            if not pool:
+                assert not _payloads(queue)  # the name went at once: nothing to leak
+            else:
+                assert _states(queue) == [channel._HELD]  # kept, and not reused meanwhile
+            assert np.array_equal(got["a"], a) and got["ba"] == a.tobytes()
+            arr = got["a"]
+            del got
+            assert int(arr[:10].sum()) == int(a[:10].sum())  # still mapped
+            if pool:
+                queue.put(_array(3, 4 * MiB))  # the held file is not rewritten ...
+                assert len(_payloads(queue)) == 2
+                assert np.array_equal(arr, a)
+                del arr  # ... and once the last view goes, it is free again
+                assert sorted(_states(queue)) == [channel._FREE, channel._SENT]
+                assert np.array_equal(queue.get(timeout=5), _array(3, 4 * MiB))
+        finally:
+            queue.unlink()
+    assert not _payloads(name)
 
 
 def _producer(q, pid, n, sizes):
@@ -194,7 +225,8 @@ def test_full_queue_removes_the_payload(name):
                 q.put(_array(3, MiB), timeout=0.05)
             with pytest.raises(shmkit.Full):
                 q.put_nowait(_array(3, MiB))
-            assert not _payloads(q) and not _temps(name)
+            # the one file the refused puts wrote is back in the pool, free
+            assert _states(q) == [channel._FREE] and not _temps(name)
             assert q.qsize() == 1 and q.get(timeout=1) == "first"
         finally:
             q.unlink()
@@ -302,6 +334,7 @@ def test_gc_removes_payloads_of_a_removed_queue_only(name, names):
         q.put(_array(8, MiB))
         other.put(_array(9, MiB))
         os.unlink(q.path)  # removed by name, as `shmkit rm` does
+        q.close()  # its sender lets its file go (a live sender's file is left alone)
         # only these two queues: other programs' payloads are not this test's to judge
         mine = (q.name, other.name)
         removed = channel.orphan_payloads(match=lambda n: n in mine)
@@ -380,12 +413,14 @@ def _kill_loop(name: str, rounds: int, monkeypatch) -> None:
         assert committed <= set(received), "a committed object was lost"
         # at most the one object each producer was putting when it died, besides
         assert len(set(received) - committed) <= rounds
-        # Consumers killed at random moments of their gets.
+        # Consumers killed at random moments of their gets (and while they
+        # hold pooled payloads: the sender never reuses those).
+        sender = shmkit.Queue.open(name)
         r2, w2 = os.pipe()
         k = 0
         while k < rounds * 3 or q.qsize():
             while k < rounds * 3 and q.qsize() < 8:
-                q.put((7, k, _array(7 * 100000 + k, MiB)), timeout=10)
+                sender.put((7, k, _array(7 * 100000 + k, MiB)), timeout=10)
                 k += 1
             p = FORK.Process(target=_get_forever, args=(name, w2), daemon=True)
             p.start()
@@ -398,6 +433,7 @@ def _kill_loop(name: str, rounds: int, monkeypatch) -> None:
         assert len(ids) == len(set(ids)), "an object was delivered twice"
         # Orphans left by the kills: gc finds none a message still names, the
         # queue's removal takes them all.
+        sender.close()  # removes the files it pooled but those still in flight
         monkeypatch.setattr(channel, "PAYLOAD_GRACE", 0.0)
         q.put((8, 0, _array(8 * 100000, MiB)))
         channel.orphan_payloads(match=lambda n: n == name)
@@ -437,3 +473,215 @@ def test_a_big_array_whose_bytes_end_mid_page_arrives_whole(name, n):
     finally:
         q.close()
         q.unlink()
+
+
+# -- the payload pool: files a sender keeps and rewrites in place ----------------------------
+
+
+def _hold_some(qname, n, hold_every, w):
+    """Take n arrays, keep every hold_every-th alive to the end, check them all."""
+    q = shmkit.Queue.open(qname)
+    kept = []
+    for i in range(n):
+        a = q.get(timeout=60)
+        assert a[0] == i % 251 and a[-1] == i % 251, f"array {i} holds {a[0]}..{a[-1]}"
+        if i % hold_every == 0:
+            kept.append((i, a))
+        del a
+    bad = [i for i, a in kept if not (a == i % 251).all()]
+    os.write(w, f"{len(kept)},{len(bad)}\n".encode())
+
+
+def test_a_pooled_payload_is_reused_but_never_while_its_receiver_holds_it(name):
+    r, w = os.pipe()
+    q = shmkit.Queue(4, name=name)
+    try:
+        p = FORK.Process(target=_hold_some, args=(name, 40, 3, w))
+        p.start()
+        seen = set()
+        for i in range(40):
+            q.put(np.full(MiB, i % 251, np.uint8), timeout=60)
+            seen |= set(_payloads(q))
+        p.join(60)
+        assert p.exitcode == 0
+        kept, bad = _lines(r)[0]
+        assert kept == 14 and bad == 0, "a held array was rewritten"
+        # at most 4 queued, 1 being taken and 1 being written at a time, plus
+        # the 14 held: reuse kept the file count well below one per object
+        assert len(seen) <= 4 + 2 + 14, len(seen)
+        # the receiver exited: whatever it still held was never handed back
+        q.close()
+        assert not _payloads(name), "the closed sender left pooled files"
+    finally:
+        os.close(r); os.close(w)
+        q.unlink()
+
+
+def _take_and_hold(qname, ready):
+    q = shmkit.Queue.open(qname)
+    a = q.get(timeout=60)
+    ready.set()
+    time.sleep(60)
+    del a
+
+
+def test_a_receiver_killed_holding_a_pooled_payload_blocks_nothing(name):
+    q = shmkit.Queue(name=name, payload_pool=4 * MiB)
+    try:
+        ready = FORK.Event()
+        q.put(np.full(MiB, 1, np.uint8))
+        p = FORK.Process(target=_take_and_hold, args=(name, ready), daemon=True)
+        p.start()
+        assert ready.wait(30)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(10)
+        assert _states(q) == [channel._HELD]  # never handed back
+        for i in range(12):  # the pool lets the dead receiver's file go for room
+            q.put(np.full(MiB, i, np.uint8))
+            assert np.array_equal(q.get(timeout=10), np.full(MiB, i, np.uint8))
+        assert sum(os.path.getsize(f) for f in _payloads(q)) <= 4 * MiB + 4 * PAGE
+        q.close()
+        assert not _payloads(name)
+    finally:
+        q.unlink()
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _put_and_wait(qname, n, w):
+    q = shmkit.Queue.open(qname)
+    for i in range(n):
+        q.put(np.full(MiB, i, np.uint8), timeout=30)
+    os.write(w, b"1\n")
+    time.sleep(60)
+
+
+def test_a_killed_senders_pooled_payloads_go_with_the_next_sender_or_gc(name, names,
+                                                                          monkeypatch):
+    monkeypatch.setattr(channel, "PAYLOAD_GRACE", 3600.0)  # no age rule: the state says it
+    r, w = os.pipe()
+    q = shmkit.Queue(name=name)
+    try:
+        for how in ("sweep", "gc"):
+            p = FORK.Process(target=_put_and_wait, args=(name, 3, w), daemon=True)
+            p.start()
+            for i in range(3):
+                assert np.array_equal(q.get(timeout=30), np.full(MiB, i, np.uint8))
+            os.read(r, 2)
+            # handed back to a live sender: kept
+            assert channel.orphan_payloads(match=lambda n: n == name) == []
+            # (in the second round, also this handle's own file from the first)
+            assert _states(q) == [channel._FREE] * (3 if how == "sweep" else 4)
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(10)
+            if how == "sweep":  # the next sender to start a pooled file removes them
+                q.put(np.full(MiB, 9, np.uint8))
+                assert _states(q) == [channel._SENT]
+                assert np.array_equal(q.get(timeout=10), np.full(MiB, 9, np.uint8))
+            else:
+                removed = channel.orphan_payloads(match=lambda n: n == name)
+                assert [x["reason"] for x in removed] == (
+                    ["pooled queue payload whose sender is gone"] * 3)
+                # this handle's own free file stays: it holds it
+                assert _states(q) == [channel._FREE]
+    finally:
+        os.close(r); os.close(w)
+        q.unlink(); q.close()
+    assert not _payloads(name)
+
+
+def test_a_sender_closing_with_objects_in_flight_leaves_them_to_their_receiver(name):
+    q = shmkit.Queue(name=name)
+    try:
+        sender = shmkit.Queue.open(name)
+        for i in range(3):
+            sender.put(np.full(MiB, i, np.uint8))
+        sender.close()
+        assert _states(q) == [channel._SENT] * 3  # named by queued messages: kept
+        got = [q.get(timeout=5) for _ in range(3)]
+        assert [int(a[0]) for a in got] == [0, 1, 2]
+        assert _states(q) == [channel._HELD] * 3
+        del got  # nobody will reuse them: the receiver removes them
+        assert not _payloads(q)
+    finally:
+        q.unlink(); q.close()
+
+
+def test_threads_sharing_one_handle_never_share_a_pooled_file(name):
+    import threading
+    q = shmkit.Queue(name=name)
+    out = shmkit.Queue.open(name)
+    try:
+        def put(t):
+            for i in range(30):
+                q.put((t, i, np.full(300 << 10, t * 50 + i, np.uint8)), timeout=30)
+        threads = [threading.Thread(target=put, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        got = []
+        for _ in range(120):
+            t, i, a = out.get(timeout=30)
+            assert (a == t * 50 + i).all(), (t, i)
+            got.append((t, i))
+        for t in threads:
+            t.join()
+        assert sorted(got) == [(t, i) for t in range(4) for i in range(30)]
+    finally:
+        out.close(); q.unlink(); q.close()
+    assert not _payloads(name)
+
+
+def _put_from_fork(q, n):
+    for i in range(n):
+        q.put(np.full(MiB, 100 + i, np.uint8), timeout=30)
+
+
+def test_a_forked_child_starts_its_own_pool(name):
+    q = shmkit.Queue(name=name)
+    try:
+        q.put(np.full(MiB, 1, np.uint8))
+        assert np.array_equal(q.get(timeout=5), np.full(MiB, 1, np.uint8))
+        mine = set(_payloads(q))
+        p = FORK.Process(target=_put_from_fork, args=(q, 3))
+        p.start(); p.join(30)
+        assert p.exitcode == 0
+        got = [int(q.get(timeout=5)[0]) for _ in range(3)]
+        assert got == [100, 101, 102]
+        assert set(_payloads(q)) == mine  # the child's went with their receiver
+        assert _states(q) == [channel._FREE]
+    finally:
+        q.unlink(); q.close()
+
+
+def test_a_payload_of_another_format_version_says_so(queue):
+    from shmkit.errors import FormatVersionError
+    queue.put(_array(5, MiB))
+    path = _one_payload(queue)
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write((1).to_bytes(4, "little"))
+    with pytest.raises(FormatVersionError, match="payload format 1.*same version on both"):
+        queue.get(timeout=5)
+    queue.put("next")
+    assert queue.get(timeout=5) == "next"
+
+
+def test_a_hostile_state_word_never_lets_a_held_payload_be_rewritten(queue):
+    queue.put(np.full(MiB, 7, np.uint8))
+    a = queue.get(timeout=5)
+    path = _one_payload(queue)
+    for word in (3, 0xFFFFFFFF, channel._SENT):  # not free: the sender leaves it
+        with open(path, "r+b") as f:
+            f.seek(channel._STATE_OFF)
+            f.write(word.to_bytes(4, "little"))
+        queue.put(np.full(MiB, 8, np.uint8))
+        assert np.array_equal(queue.get(timeout=5), np.full(MiB, 8, np.uint8))
+        assert (a == 7).all()
+    assert path in _payloads(queue)
+
+
+def test_payload_pool_must_be_a_byte_count(name):
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="payload_pool"):
+            shmkit.Queue(name=name, payload_pool=bad)

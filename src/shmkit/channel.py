@@ -34,7 +34,9 @@ import re
 import secrets
 import stat
 import struct
+import threading
 import time
+import weakref
 from typing import Any, Callable, Iterator
 
 from . import _core
@@ -90,7 +92,8 @@ def _ring_bytes(capacity: int, max_attach: int) -> int:
 # Ring message of an out-of-band object (native byte order):
 #    0  magic       8  _OOB_MAGIC
 #    8  nbufs       u32  out-of-band buffers
-#   12  flags       u32  bit 0: the pickle is in the payload file
+#   12  flags       u32  bit 0: the pickle is in the payload file;
+#                        bit 1: pooled, its sender keeps the name for reuse
 #   16  size        u64  payload file bytes
 #   24  pickle_off  u64  offset of the pickle in the file (flag set)
 #   32  pickle_len  u64  pickle bytes
@@ -99,6 +102,8 @@ def _ring_bytes(capacity: int, max_attach: int) -> int:
 #   ..  the pickle, when it is not in the file
 # Payload file "<queue file>~oob.<token>" (mode 0600):
 #    0  magic 8 _FILE_MAGIC, version u32, 4 spare, size u64, token 16
+#   64  state u32  of a pooled file: _FREE, _SENT (a message names it, or its
+#                  sender is writing it), _HELD (its receiver has it mapped)
 #  4096 the buffers (and the pickle), each at a page boundary
 # Everything in both is checked before use: they come from shared memory.
 
@@ -107,10 +112,11 @@ def _ring_bytes(capacity: int, max_attach: int) -> int:
 OOB_THRESHOLD = 256 << 10
 _OOB_MAGIC = b"\x00SHMOOB\x01"
 _FILE_MAGIC = b"\x89SHMOOB\x00"
-_OOB_VERSION = 1
+_OOB_VERSION = 2  # 2: the state word of pooled files
 _OOB_HEAD = struct.Struct("=8sIIQQQ16s")
 _OOB_BUF = struct.Struct("=QQ")
 _FILE_HEAD = struct.Struct("=8sI4xQ16s")
+_STATE = struct.Struct("=I")
 _OOB_SEP = "~oob."
 _TOKEN_RE = re.compile(rb"[0-9a-f]{16}")
 _IOV_MAX = 512
@@ -119,6 +125,14 @@ _WRITE_MAX = 1 << 30  # bytes per pwritev call (Linux writes at most 2 GiB - 4 K
 #: is removed by ``shmkit gc`` once its file is this old (seconds): a receiver
 #: opens the payload of a message it took at once, well within this time.
 PAYLOAD_GRACE = 60.0
+#: Bytes of payload files a sending Queue handle keeps mapped for reuse
+#: (``Queue(payload_pool=...)``): writing into a file whose pages exist and
+#: are mapped costs a copy; a new file costs a page allocation per 4 KiB too.
+PAYLOAD_POOL = 256 << 20
+_STATE_OFF = 64
+_FREE, _SENT, _HELD = 0, 1, 2
+_IN_FILE, _POOLED = 1, 2
+_COPY_CHUNK = 1 << 20  # bytes copied per step, so other threads get the GIL between
 
 
 def _payload_prefix(queue_path: str) -> tuple[str, str]:
@@ -235,7 +249,8 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
         raise _limit_error(e, f"store {what}") from None
     try:
         _core.ofd_lock(fd, 0, 1)
-        head = _FILE_HEAD.pack(_FILE_MAGIC, _OOB_VERSION, size, token)
+        head = _FILE_HEAD.pack(_FILE_MAGIC, _OOB_VERSION, size, token).ljust(
+            _STATE_OFF, b"\0") + _STATE.pack(_SENT)
         _write_all(fd, [(0, head), *parts], what)
         # the last buffer may end short of the page-rounded size the message
         # names (and the receiver checks): the file is that size, whole
@@ -254,6 +269,186 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
             pass
         raise
     return _Outgoing(fd, path), token
+
+
+class _PoolFile:
+    """One payload file of a pool: open (holding the lock on byte 0 that tells
+    ``shmkit gc`` and receivers a live sender keeps it) and mapped."""
+
+    __slots__ = ("fd", "path", "token", "size", "mem")
+
+    def __init__(self, fd: int, path: str, token: bytes, size: int) -> None:
+        self.fd, self.path, self.token, self.size = fd, path, token, size
+        self.mem = _core.Mapping(fd, size, size)
+
+    def state(self) -> int:
+        return _core.load32(self.mem, _STATE_OFF)
+
+    def drop(self, unlink: bool) -> None:
+        """Leave the pool; remove the name too when ``unlink`` (receivers that
+        mapped it keep their pages)."""
+        if unlink and _same_file(self.path, os.fstat(self.fd)):
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        self.mem.close()
+        os.close(self.fd)  # drops the lock
+
+
+class _PayloadPool:
+    """The payload files one sending handle keeps for reuse, up to ``limit`` bytes.
+
+    A pooled file's state word says who has it: ``_FREE`` (the sender may
+    reuse it), ``_SENT`` (the sender is writing it, or a message names it) or
+    ``_HELD`` (its receiver has it mapped).  The sender claims a free file
+    with a compare-and-swap, the receiver marks it held when it maps it and
+    free again once the last view of that mapping is gone (a weak reference
+    on the mapping), so bytes a receiver still sees are never rewritten.
+    The sender's lock on byte 0 lasts as long as the file is pooled: a
+    receiver that frees a file nobody holds removes it, and so does the next
+    sender that starts a file (``_sweep``), and ``shmkit gc``.
+    """
+
+    def __init__(self, queue_path: str, limit: int) -> None:
+        self.queue_path, self.limit = queue_path, limit
+        self.files: list[_PoolFile] = []
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+        self.swept = False
+
+    def take(self, size: int) -> _PoolFile | None:
+        """A free pooled file of ``size`` to ``2 * size`` bytes, now ``_SENT``."""
+        with self.lock:
+            for f in self.files:
+                if size <= f.size <= 2 * size and _core.cas32(f.mem, _STATE_OFF, _FREE, _SENT):
+                    if os.fstat(f.fd).st_nlink:
+                        os.utime(f.fd)  # its age is what gc's grace measures
+                        return f
+                    self.files.remove(f)  # removed by Queue.unlink(): forget it
+                    f.drop(False)
+                    return None
+        return None
+
+    def room(self, size: int) -> bool:
+        """Whether a new file of ``size`` bytes may join, after letting go of
+        files nobody will hand back soon: free ones, and held ones (their
+        receivers keep their own mappings)."""
+        if size > self.limit:
+            return False
+        with self.lock:
+            used = sum(f.size for f in self.files)
+            for f in list(self.files):
+                if used + size <= self.limit:
+                    break
+                st = f.state()
+                if (st == _FREE and _core.cas32(f.mem, _STATE_OFF, _FREE, _SENT)) or st == _HELD:
+                    self.files.remove(f)
+                    f.drop(True)
+                    used -= f.size
+            return used + size <= self.limit
+
+    def add(self, f: _PoolFile) -> None:
+        with self.lock:
+            self.files.append(f)
+
+    def close(self) -> None:
+        """Remove the names of files no message names; a file still in flight
+        is left to its receiver, which removes it once done (nobody holds it)."""
+        with self.lock:
+            files, self.files = self.files, []
+        if self.pid != os.getpid():  # a forked child's copy: the parent's files
+            for f in files:
+                os.close(f.fd)
+            return
+        for f in files:
+            if f.state() != _SENT:
+                f.drop(True)
+                continue
+            mem, fd = f.mem, f.fd
+            os.close(fd)  # the lock goes: its receiver will remove it ...
+            # ... unless it freed the file before it could see the lock gone
+            if _core.load32(mem, _STATE_OFF) == _FREE and os.path.exists(f.path):
+                try:
+                    os.unlink(f.path)
+                except FileNotFoundError:
+                    pass
+            mem.close()
+
+
+class _PooledOutgoing:
+    """A pooled payload file being sent (see :class:`_Outgoing`)."""
+
+    __slots__ = ("file",)
+
+    def __init__(self, f: _PoolFile) -> None:
+        self.file = f
+
+    def sent(self) -> None:
+        pass  # _SENT until its receiver hands it back
+
+    def unsent(self) -> None:
+        _core.store32(self.file.mem, _STATE_OFF, _FREE)
+
+
+def _sweep(queue_path: str) -> None:
+    """Remove the queue's free payload files that no sender holds any more
+    (left by a sender that exited without closing, or was killed)."""
+    for path in _payload_files(queue_path):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+                    and st.st_size >= PAGE and _core.ofd_lock(fd, 0, 1)
+                    and os.pread(fd, _STATE.size, _STATE_OFF) == _STATE.pack(_FREE)
+                    and _same_file(path, st)):
+                os.unlink(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _pooled_write(f: _PoolFile, parts: list[tuple[int, Any]]) -> None:
+    """Copy each ``(offset, buffer)`` into the mapped file ``f``."""
+    dst = memoryview(f.mem)
+    try:
+        for off, buf in parts:
+            src = memoryview(buf).cast("B")
+            for at in range(0, src.nbytes, _COPY_CHUNK):
+                piece = src[at:at + _COPY_CHUNK]
+                dst[off + at:off + at + piece.nbytes] = piece
+    finally:
+        dst.release()
+
+
+_releases: set[weakref.ref] = set()  # weak references waiting for their mapping to go
+
+
+def _hand_back(path: str, dev_ino: tuple[int, int]) -> Callable[[Any], None]:
+    """The callback that frees a pooled payload once the receiver's last view
+    of it is gone; it removes the file instead when no sender holds it."""
+    def release(ref: Any) -> None:
+        _releases.discard(ref)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return  # removed meanwhile: nothing to hand back
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != dev_ino:
+                return
+            os.pwrite(fd, _STATE.pack(_FREE), _STATE_OFF)
+            if _core.ofd_lock(fd, 0, 1) and _same_file(path, st):
+                os.unlink(path)  # its sender closed or died: nobody reuses it
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return release
 
 
 class _BigBuffer(Exception):
@@ -276,11 +471,13 @@ _loads = pickle.loads
 
 
 def _pack(obj: Any, queue_path: str, max_message: int, name: str,
-          data: bytes | None = None) -> tuple[bytes, _Outgoing | None]:
+          data: bytes | None = None, pool: _PayloadPool | None = None,
+          ) -> tuple[bytes, _Outgoing | _PooledOutgoing | None]:
     """Pickle ``obj`` for the ring: ``(message, None)`` for a small object;
     for a big one, the out-of-band header and the payload file holding its
     big buffers (one copy each, straight from the object's memory).
-    ``data``: ``obj`` already pickled in band, holding no big buffer."""
+    ``data``: ``obj`` already pickled in band, holding no big buffer.
+    ``pool``: the sending handle's payload pool, reused and filled if given."""
     bufs: list[memoryview] = []
 
     def out_of_band(pb: pickle.PickleBuffer) -> bool:
@@ -312,10 +509,33 @@ def _pack(obj: Any, queue_path: str, max_message: int, name: str,
         parts.append((off, data))
         off += len(data)
     size = off
-    what = f"an object of {size} bytes for queue {name!r}"
-    out, token = _create_payload(queue_path, size, parts, what)
-    head = _OOB_HEAD.pack(_OOB_MAGIC, len(bufs), 1 if pickle_in_file else 0, size, poff,
-                          len(data), token)
+    flags = _IN_FILE if pickle_in_file else 0
+    out: _Outgoing | _PooledOutgoing
+    f = pool.take(size) if pool is not None else None
+    if f is not None:
+        try:
+            _pooled_write(f, parts)
+        except BaseException:
+            _core.store32(f.mem, _STATE_OFF, _FREE)
+            raise
+        out, token, size, flags = _PooledOutgoing(f), f.token, f.size, flags | _POOLED
+    else:
+        what = f"an object of {size} bytes for queue {name!r}"
+        keep = pool is not None and pool.room(size)
+        if keep and not pool.swept:  # type: ignore[union-attr]
+            pool.swept = True  # type: ignore[union-attr]
+            _sweep(queue_path)
+        out, token = _create_payload(queue_path, size, parts, what)
+        if keep:
+            try:
+                f = _PoolFile(out.fd, out.path, token, size)
+            except OSError:
+                pass  # no mapping left: send it as a file of its own
+            else:
+                pool.add(f)  # type: ignore[union-attr]
+                out.fd = -1
+                out, flags = _PooledOutgoing(f), flags | _POOLED
+    head = _OOB_HEAD.pack(_OOB_MAGIC, len(bufs), flags, size, poff, len(data), token)
     return b"".join([head, *table, b"" if pickle_in_file else data]), out
 
 
@@ -332,11 +552,12 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
         raise CorruptError(_lost(name, f"its message holds only {len(data)} bytes"))
     _m, nbufs, flags, size, poff, plen, token = _OOB_HEAD.unpack_from(data)
     table_end = _OOB_HEAD.size + _OOB_BUF.size * nbufs
-    if not _TOKEN_RE.fullmatch(token) or flags > 1 or size < PAGE or table_end > len(data):
+    if (not _TOKEN_RE.fullmatch(token) or flags > (_IN_FILE | _POOLED) or size < PAGE
+            or table_end > len(data)):
         raise CorruptError(_lost(name, "its out-of-band header is damaged"))
     bufs = [_OOB_BUF.unpack_from(data, _OOB_HEAD.size + _OOB_BUF.size * i)
             for i in range(nbufs)]
-    in_file = bool(flags & 1)
+    in_file, pooled = bool(flags & _IN_FILE), bool(flags & _POOLED)
     if in_file:
         bufs_check = [*bufs, (poff, plen)]
     else:
@@ -376,6 +597,13 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
         if head != _FILE_HEAD.pack(_FILE_MAGIC, _OOB_VERSION, size, token):
             if mine:
                 os.unlink(path)
+            if head[:8] == _FILE_MAGIC and len(head) == _FILE_HEAD.size:
+                version = _FILE_HEAD.unpack(head)[1]
+                if version != _OOB_VERSION:
+                    raise FormatVersionError(_lost(
+                        name, f"{path} is payload format {version}, this shmkit reads "
+                              f"{_OOB_VERSION}: its sender runs another shmkit version; "
+                              "run the same version on both sides"))
             raise CorruptError(_lost(name, f"{path} does not hold the payload its "
                                            "message names (bad header)"))
         try:
@@ -387,8 +615,14 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
             mem = bytearray(size)
             if os.preadv(fd, [mem], 0) != size:
                 raise CorruptError(_lost(name, f"{path} was cut short while read")) from None
-        # The receiver owns it now: nobody else will ever open it.
-        if mine:
+        if pooled and isinstance(mem, _core.Mapping):
+            # Its sender keeps the name to reuse the file once this mapping goes.
+            _core.cas32(mem, _STATE_OFF, _SENT, _HELD)
+            _releases.add(weakref.ref(mem, _hand_back(path, (st.st_dev, st.st_ino))))
+        elif pooled:
+            _hand_back(path, (st.st_dev, st.st_ino))(None)  # copied out: free at once
+        elif mine:
+            # The receiver owns it now: nobody else will ever open it.
             os.unlink(path)
     finally:
         os.close(fd)
@@ -465,12 +699,17 @@ def _orphan_reason(path: str, qpath: str, token: bytes, rings: dict[str, bytes |
         if not stat.S_ISREG(st.st_mode) or (euid != 0 and st.st_uid != euid):
             return None
         if not _core.ofd_lock(fd, 0, 1):
-            return None  # its sender is at work
+            return None  # its sender is at work, or keeps it for reuse
         if qpath not in rings:
             rings[qpath] = _ring_bytes_of(qpath)
         ring = rings[qpath]
         if ring is None:
             reason = "payload of a queue that no longer exists"
+        elif (st.st_size >= PAGE
+              and os.pread(fd, _STATE.size, _STATE_OFF) == _STATE.pack(_FREE)):
+            # handed back by its receiver: only its sender would reuse it, and
+            # no sender holds it
+            reason = "pooled queue payload whose sender is gone"
         elif token in ring:
             return None  # a message may still name it
         elif time.time() - st.st_mtime < PAYLOAD_GRACE:
@@ -892,6 +1131,11 @@ class Queue(SharedObject):
         raises :class:`MismatchError`.
     on_destroy:
         Called (no arguments) once, in the process that removes the name.
+    payload_pool:
+        Bytes of payload files this handle keeps and reuses for big objects
+        (default ``PAYLOAD_POOL``, 256 MiB): a file its receiver is done
+        with is written again in place, a copy instead of fresh pages.  0:
+        every big object gets a file of its own, removed by its receiver.
 
     Example
     -------
@@ -907,17 +1151,25 @@ class Queue(SharedObject):
     _closed = True  # this handle's own flag: put/get check it without a property
     _oob_limit = 0  # a pickle this long leaves the ring (see _take)
     _path = ""
+    _pool: _PayloadPool | None = None
+    _pool_limit = PAYLOAD_POOL
 
     def __init__(self, maxsize: int = DEFAULT, *, name: str | None = None,
                  capacity: int = DEFAULT, create: bool | None = None,
                  ctx: Any = None, on_destroy: Callable[[], Any] | None = None,
-                 **kwargs: Any) -> None:
+                 payload_pool: int = DEFAULT, **kwargs: Any) -> None:
         if given(maxsize) and (not isinstance(maxsize, int) or isinstance(maxsize, bool)
                                or maxsize < 0):
             raise ValueError(f"maxsize must be a non-negative int, not {maxsize!r}")
         if given(maxsize) and maxsize > _MAX_QUEUE_ITEMS:
             raise SizeLimitError(f"maxsize={maxsize} is beyond the {_MAX_QUEUE_ITEMS} items "
                                  "a queue can count; use 0 for no limit")
+        if given(payload_pool):
+            if (not isinstance(payload_pool, int) or isinstance(payload_pool, bool)
+                    or payload_pool < 0):
+                raise ValueError(f"payload_pool must be a non-negative int (bytes), "
+                                 f"not {payload_pool!r}")
+            self._pool_limit = payload_pool
         ch = _QueueChannel.__new__(_QueueChannel)
         ch._open(name, capacity, create, kwargs.get("path"), kwargs.get("lifetime", DEFAULT),
                  kwargs.get("mode", 0o600), kwargs.get("max_attach", DEFAULT), maxsize,
@@ -966,7 +1218,8 @@ class Queue(SharedObject):
         except _BigBuffer:
             data = None
         if data is None or len(data) >= self._oob_limit:
-            data, out = _pack(obj, self._path, self._oob_limit - 1, self.name, data)
+            data, out = _pack(obj, self._path, self._oob_limit - 1, self.name, data,
+                              self._payload_pool())
             if out is not None:
                 return self._put_out_of_band(data, out, block, timeout)
         try:
@@ -977,12 +1230,27 @@ class Queue(SharedObject):
         except Timeout:
             raise Full(f"queue {self.name!r} stayed full for {timeout} s") from None
 
-    def _pack(self, obj: Any) -> tuple[bytes, _Outgoing | None]:
+    def _pack(self, obj: Any) -> tuple[bytes, _Outgoing | _PooledOutgoing | None]:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        return _pack(obj, self._path, self._oob_limit - 1, self.name)
+        return _pack(obj, self._path, self._oob_limit - 1, self.name, None,
+                     self._payload_pool())
 
-    def _put_out_of_band(self, data: bytes, out: _Outgoing, block: bool,
+    def _payload_pool(self) -> _PayloadPool | None:
+        """This handle's pool of payload files in this process (made at the
+        first big object; a forked child starts its own)."""
+        pool = self._pool
+        if pool is not None and pool.pid == os.getpid():
+            return pool
+        if self._pool_limit <= 0:
+            return None
+        if pool is not None:
+            pool.close()  # the parent's, inherited: only our copies of its files go
+        pool = self._pool = _PayloadPool(self._path, self._pool_limit)
+        weakref.finalize(self, pool.close)
+        return pool
+
+    def _put_out_of_band(self, data: bytes, out: _Outgoing | _PooledOutgoing, block: bool,
                          timeout: float | None) -> None:
         try:
             if not block:
@@ -1056,6 +1324,8 @@ class Queue(SharedObject):
         to flush.  Safe to call twice.
         """
         self._closed = True
+        if self._pool is not None:
+            self._pool.close()
         ch = self._ch
         if ch is not None and not ch.closed:
             ch.close()

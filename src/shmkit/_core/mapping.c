@@ -92,6 +92,9 @@ mapping_dealloc(MappingObject *self)
 {
     /* Exports hold a reference, so none can remain here. */
     mapping_unmap(self);
+    /* after the unmap: a callback may hand the file's pages to a writer */
+    if (self->weakreflist != NULL)
+        PyObject_ClearWeakRefs((PyObject *)self);
     shm_free_instance((PyObject *)self);
 }
 
@@ -187,6 +190,7 @@ static PyMemberDef mapping_members[] = {
      "byte offset of the attach table"},
     {"max_slots", T_UINT, offsetof(MappingObject, max_slots), 0,
      "number of attach-table slots"},
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(MappingObject, weakreflist), READONLY, NULL},
     {NULL}
 };
 

@@ -57,6 +57,9 @@ typedef struct {
      * is damage, and is taken over instead of waited on forever. */
     uint64_t held[SHM_HELD_MAX];
     int held_damaged;    /* entries of held[] in state DAMAGED (lock.c) */
+    /* Weak references: a Queue receiver learns this way that the last view
+     * of a reused payload file is gone (channel.py, "payload pool"). */
+    PyObject *weakreflist;
 } MappingObject;
 
 /* ---- module state (module.c) -----------------------------------------------
