@@ -850,7 +850,8 @@ class Queue(_channel.Queue):
             await _until(lambda: _nowait(self._send_nowait, data),
                          lambda: _describe(ch, len(data)), timeout, expired,
                          lambda: _timed(self._send, data, _REPAIR_TIMEOUT))
-        except (Full, ChannelClosed, ValueError):
+        except (Full, ChannelClosed, ValueError, asyncio.CancelledError):
+            # (cancelled only while awaiting room: no send was under way)
             out.unsent()
             raise
         except BaseException:
