@@ -1969,3 +1969,26 @@ for value, error in [("io_uring", shmkit._core.UringUnavailableError),
                                                "WakerError", "True"]
     ev.close()
     ev.unlink()
+
+
+def _await_briefly_and_exit(name: str) -> None:
+    async def run() -> None:
+        ch = aio.Channel.open(name)
+        with pytest.raises(shmkit.Timeout):
+            await ch.recv(timeout=0.05)
+
+    asyncio.run(run())
+
+
+def test_a_process_that_exits_after_awaiting_leaves_no_sleeper_counted(names, waker):
+    # The watcher thread, poked when the await gave up, may still be in its
+    # wait when the process exits: it must leave it (and uncount) first.
+    ch = shmkit.Channel(names())
+    try:
+        for _ in range(10):
+            p = spawn(_await_briefly_and_exit, ch.name)
+            p.join(30)
+            assert p.exitcode == 0
+            assert ch.statistics()["receivers_waiting"] == 0
+    finally:
+        ch.close()

@@ -43,6 +43,7 @@ two awaits.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import enum
 import itertools
@@ -362,6 +363,26 @@ def _hub() -> _Hub:
                 _the_hub = _Hub()
             hub = _the_hub
     return hub
+
+
+def _stop_watchers() -> None:
+    """At exit: let each watcher thread leave its wait before the interpreter
+    stops the daemon threads, so that no sleeper it counted on a shared
+    object (a channel's receivers_waiting) stays counted after we are gone."""
+    hub = _the_hub
+    if hub is None:
+        return
+    with hub.lock:
+        hub.stopped = True
+        for w in hub.watchers:
+            w.poke()
+        hub.watching.notify_all()
+        threads = [w.thread for w in hub.watchers]
+    for t in threads:
+        t.join(1.0)
+
+
+atexit.register(_stop_watchers)
 
 
 # ---- io_uring: one ring per running loop -------------------------------------
