@@ -27,6 +27,7 @@ the waiting strategy are described in docs/channel.md.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import pickle
@@ -425,30 +426,106 @@ def _pooled_write(f: _PoolFile, parts: list[tuple[int, Any]]) -> None:
         dst.release()
 
 
-_releases: set[weakref.ref] = set()  # weak references waiting for their mapping to go
-
-
-def _hand_back(path: str, dev_ino: tuple[int, int]) -> Callable[[Any], None]:
-    """The callback that frees a pooled payload once the receiver's last view
-    of it is gone; it removes the file instead when no sender holds it."""
-    def release(ref: Any) -> None:
-        _releases.discard(ref)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
-            return  # removed meanwhile: nothing to hand back
-        try:
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) != dev_ino:
-                return
+def _hand_back(path: str, dev_ino: tuple[int, int]) -> None:
+    """Free a pooled payload file this process copied out (no mapping
+    kept); remove it instead when no sender holds it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return  # removed meanwhile: nothing to hand back
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == dev_ino:
             os.pwrite(fd, _STATE.pack(_FREE), _STATE_OFF)
             if _core.ofd_lock(fd, 0, 1) and _same_file(path, st):
                 os.unlink(path)  # its sender closed or died: nobody reuses it
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _Received:
+    """Mappings of pooled payload files this process received, kept (up to
+    ``files`` of them and ``nbytes``) for the next object in the same file:
+    mapping a file again faults in each of its pages once more (about half a
+    microsecond per 4 KiB here), which is most of a big receive.
+
+    A mapping hands its file back (state free) by itself once the last view
+    of an object is released (``Mapping.store_when_idle``).  One that leaves
+    the cache is unmapped, and its file removed if it is free and no sender
+    holds it any more (its sender closed or died: nobody would reuse it).
+    """
+
+    def __init__(self, files: int, nbytes: int) -> None:
+        self.files, self.nbytes = files, nbytes
+        self.maps: dict[tuple[int, int], tuple[str, Any]] = {}  # oldest first
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+
+    def get(self, path: str, st: os.stat_result, size: int) -> Any:
+        """The kept mapping of this file if it is idle (no view alive), else None."""
+        key = (st.st_dev, st.st_ino)
+        with self.lock:
+            if self.pid != os.getpid():  # forked: the parent's are not ours
+                self.maps, self.pid = {}, os.getpid()
+            entry = self.maps.pop(key, None)
+            if entry is None:
+                return None
+            mem = entry[1]
+            if entry[0] != path or mem.closed or mem.exports or mem.length != size:
+                return None  # not reused: its own views keep it as long as needed
+            self.maps[key] = entry  # the most recent now
+            return mem
+
+    def put(self, path: str, st: os.stat_result, mem: Any) -> None:
+        gone = []
+        with self.lock:
+            self.maps[(st.st_dev, st.st_ino)] = (path, mem)
+            total = sum(m.length for _, m in self.maps.values())
+            for key, (p, m) in list(self.maps.items()):
+                if len(self.maps) <= self.files and total <= self.nbytes:
+                    break
+                if m is not mem and not m.exports:
+                    del self.maps[key]
+                    total -= m.length
+                    gone.append((p, key, m))
+        for p, key, m in gone:
+            self._forget(p, key, m)
+
+    def clear(self) -> None:
+        with self.lock:
+            maps, self.maps = self.maps, {}
+            mine = self.pid == os.getpid()
+        for key, (p, m) in maps.items():
+            if mine:
+                self._forget(p, key, m)
+
+    @staticmethod
+    def _forget(path: str, key: tuple[int, int], mem: Any) -> None:
+        free = not mem.closed and not mem.exports and (
+            _core.load32(mem, _STATE_OFF) == _FREE)
+        mem.close()
+        if not free:
+            return
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return
+        try:
+            st = os.fstat(fd)
+            if ((st.st_dev, st.st_ino) == key and _core.ofd_lock(fd, 0, 1)
+                    and os.pread(fd, _STATE.size, _STATE_OFF) == _STATE.pack(_FREE)
+                    and _same_file(path, st)):
+                os.unlink(path)
         except OSError:
             pass
         finally:
             os.close(fd)
-    return release
+
+
+_received = _Received(16, PAYLOAD_POOL)
+atexit.register(_received.clear)
 
 
 class _BigBuffer(Exception):
@@ -606,34 +683,43 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
                               "run the same version on both sides"))
             raise CorruptError(_lost(name, f"{path} does not hold the payload its "
                                            "message names (bad header)"))
-        try:
-            mem: Any = _core.Mapping(fd, size, size)
-        except OSError as e:
-            if e.errno != errno.ENOMEM:
-                raise
-            # No mapping left in this process (vm.max_map_count): copy out.
-            mem = bytearray(size)
-            if os.preadv(fd, [mem], 0) != size:
-                raise CorruptError(_lost(name, f"{path} was cut short while read")) from None
-        if pooled and isinstance(mem, _core.Mapping):
-            # Its sender keeps the name to reuse the file once this mapping goes.
-            _core.cas32(mem, _STATE_OFF, _SENT, _HELD)
-            _releases.add(weakref.ref(mem, _hand_back(path, (st.st_dev, st.st_ino))))
+        if pooled and not _core.ofd_held(fd, 0, 1):
+            pooled = False  # its sender closed or died: nobody reuses it, ours now
+        mem: Any = _received.get(path, st, size) if pooled else None
+        if mem is None:
+            try:
+                mem = _core.Mapping(fd, size, size)
+            except OSError as e:
+                if e.errno != errno.ENOMEM:
+                    raise
+                # No mapping left in this process (vm.max_map_count): copy out.
+                mem = bytearray(size)
+                if os.preadv(fd, [mem], 0) != size:
+                    raise CorruptError(_lost(name, f"{path} was cut short while read")) from None
+            else:
+                if pooled:
+                    _received.put(path, st, mem)
+        if pooled and not isinstance(mem, _core.Mapping):
+            _hand_back(path, (st.st_dev, st.st_ino))  # copied out: free at once
         elif pooled:
-            _hand_back(path, (st.st_dev, st.st_ino))(None)  # copied out: free at once
+            # Its sender keeps the name, to reuse the file once our views are gone.
+            _core.cas32(mem, _STATE_OFF, _SENT, _HELD)
         elif mine:
             # The receiver owns it now: nobody else will ever open it.
             os.unlink(path)
     finally:
         os.close(fd)
     view = memoryview(mem)
+    kept = pooled and isinstance(mem, _core.Mapping)
+    if kept:
+        mem.store_when_idle(_STATE_OFF, _FREE)  # once the views made here are all gone
     buffers = [view[off:off + n] for off, n in bufs]
     blob = view[poff:poff + plen] if in_file else memoryview(data)[table_end:]
     try:
         obj = pickle.loads(blob, buffers=buffers)
     finally:
         del blob, buffers, view
-        if isinstance(mem, _core.Mapping):
+        if isinstance(mem, _core.Mapping) and not kept:
             mem.close()  # unmapped now, or when the object's last buffer goes
     return obj
 

@@ -92,9 +92,6 @@ mapping_dealloc(MappingObject *self)
 {
     /* Exports hold a reference, so none can remain here. */
     mapping_unmap(self);
-    /* after the unmap: a callback may hand the file's pages to a writer */
-    if (self->weakreflist != NULL)
-        PyObject_ClearWeakRefs((PyObject *)self);
     shm_free_instance((PyObject *)self);
 }
 
@@ -146,8 +143,41 @@ static void
 mapping_releasebuffer(MappingObject *self, Py_buffer *Py_UNUSED(view))
 {
     self->exports--;
-    if (self->exports == 0 && self->closing)
+    if (self->exports != 0)
+        return;
+    /* No view is left to read the bytes: the armed store may tell a writer
+     * so.  The length may have been lowered since it was armed. */
+    if (self->idle_armed) {
+        self->idle_armed = 0;
+        if (self->base != NULL && self->idle_off <= self->length - 4)
+            __atomic_store_n((uint32_t *)(self->base + self->idle_off), self->idle_value,
+                             __ATOMIC_RELEASE);
+    }
+    if (self->closing)
         mapping_unmap(self);
+}
+
+static PyObject *
+mapping_store_when_idle(MappingObject *self, PyObject *args)
+{
+    Py_ssize_t off;
+    unsigned int value;
+    if (!PyArg_ParseTuple(args, "nI:store_when_idle", &off, &value))
+        return NULL;
+    if (self->base == NULL || self->closing) {
+        PyErr_SetString(PyExc_ValueError, "mapping is closed");
+        return NULL;
+    }
+    if (off < 0 || (off & 3) || self->length < 4 || off > self->length - 4) {
+        PyErr_Format(PyExc_ValueError,
+                     "offset %zd is not an aligned 4-byte word within the %zd bytes",
+                     off, self->length);
+        return NULL;
+    }
+    self->idle_off = off;
+    self->idle_value = (uint32_t)value;
+    self->idle_armed = 1;
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -167,6 +197,11 @@ static PyMethodDef mapping_methods[] = {
      "close($self, /)\n--\n\n"
      "close() -> bool\n\nUnmap now and return True, or, while views are still "
      "exported, return False and unmap when the last one is released."},
+    {"store_when_idle", (PyCFunction)mapping_store_when_idle, METH_VARARGS,
+     "store_when_idle($self, offset, value, /)\n--\n\n"
+     "Store the 32-bit value at offset (release order) once the last exported "
+     "view is released; once per call.  Views alive now count: call it after "
+     "making the views it is about."},
     {"set_length", (PyCFunction)mapping_set_length, METH_O,
      "set_length($self, n, /)\n--\n\n"
      "Set how many bytes are safe to touch (at most reserve). "
@@ -190,7 +225,6 @@ static PyMemberDef mapping_members[] = {
      "byte offset of the attach table"},
     {"max_slots", T_UINT, offsetof(MappingObject, max_slots), 0,
      "number of attach-table slots"},
-    {"__weaklistoffset__", T_PYSSIZET, offsetof(MappingObject, weakreflist), READONLY, NULL},
     {NULL}
 };
 
