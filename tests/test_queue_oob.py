@@ -525,7 +525,8 @@ def _take_and_hold(qname, ready):
     del a
 
 
-def test_a_receiver_killed_holding_a_pooled_payload_blocks_nothing(name):
+def test_a_receiver_killed_holding_a_pooled_payload_blocks_nothing(name, monkeypatch):
+    monkeypatch.setattr(channel, "_HELD_LONG", 0.0)  # held "long" at once
     q = shmkit.Queue(name=name, payload_pool=4 * MiB)
     try:
         ready = FORK.Event()
@@ -536,9 +537,11 @@ def test_a_receiver_killed_holding_a_pooled_payload_blocks_nothing(name):
         os.kill(p.pid, signal.SIGKILL)
         p.join(10)
         assert _states(q) == [channel._HELD]  # never handed back
+        [held] = _payloads(q)
         for i in range(12):  # the pool lets the dead receiver's file go for room
-            q.put(np.full(MiB, i, np.uint8))
-            assert np.array_equal(q.get(timeout=10), np.full(MiB, i, np.uint8))
+            q.put(np.full(7 * MiB // 2, i, np.uint8))  # with the held one: over 4 MiB
+            assert np.array_equal(q.get(timeout=10), np.full(7 * MiB // 2, i, np.uint8))
+        assert held not in _payloads(q)
         assert sum(os.path.getsize(f) for f in _payloads(q)) <= 4 * MiB + 4 * PAGE
         q.close()
         assert not _payloads(name)
@@ -689,7 +692,7 @@ def test_payload_pool_must_be_a_byte_count(name):
             shmkit.Queue(name=name, payload_pool=bad)
 
 
-def test_a_mapping_stores_its_armed_word_once_its_last_view_is_gone(tmp_path):
+def test_a_mapping_swaps_its_armed_word_once_its_last_view_is_gone(tmp_path):
     from shmkit import _core
     path = tmp_path / "f"
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
@@ -697,7 +700,7 @@ def test_a_mapping_stores_its_armed_word_once_its_last_view_is_gone(tmp_path):
         os.ftruncate(fd, PAGE)
         m = _core.Mapping(fd, PAGE, PAGE)
         view = memoryview(m)
-        m.store_when_idle(64, 7)
+        m.swap_when_idle(64, 0, 7)
         part = view[100:200]
         del view
         assert _core.load32(m, 64) == 0  # a view is still alive
@@ -707,14 +710,35 @@ def test_a_mapping_stores_its_armed_word_once_its_last_view_is_gone(tmp_path):
         with memoryview(m):
             pass
         assert _core.load32(m, 64) == 0  # once per arming
+        view = memoryview(m)
+        m.swap_when_idle(64, 5, 9)
+        del view
+        assert _core.load32(m, 64) == 0  # only from the expected value
         for bad in (-4, 2, PAGE - 2, PAGE):
             with pytest.raises(ValueError, match="aligned 4-byte word"):
-                m.store_when_idle(bad, 1)
+                m.swap_when_idle(bad, 0, 1)
         m.close()
         with pytest.raises(ValueError, match="closed"):
-            m.store_when_idle(64, 1)
+            m.swap_when_idle(64, 0, 1)
     finally:
         os.close(fd)
+
+
+def test_a_receiver_unmaps_what_its_sender_dropped(name):
+    q = shmkit.Queue(name=name)
+    try:
+        sender = shmkit.Queue.open(name)
+        sender.put(np.full(MiB, 1, np.uint8))
+        assert int(q.get(timeout=5)[0]) == 1  # and its last view goes at once
+        kept = [m for p, m in channel._received.maps.values() if name + "~oob." in p]
+        assert len(kept) == 1 and not kept[0].closed
+        sender.close()  # drops (and removes) its free file
+        assert not _payloads(q) and not kept[0].closed
+        q.put(np.full(MiB, 2, np.uint8))
+        assert int(q.get(timeout=5)[0]) == 2
+        assert kept[0].closed  # unmapped at this process's next big receive
+    finally:
+        q.unlink(); q.close()
 
 
 def _read_all(qname, n, w):

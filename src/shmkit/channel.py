@@ -104,7 +104,8 @@ def _ring_bytes(capacity: int, max_attach: int) -> int:
 # Payload file "<queue file>~oob.<token>" (mode 0600):
 #    0  magic 8 _FILE_MAGIC, version u32, 4 spare, size u64, token 16
 #   64  state u32  of a pooled file: _FREE, _SENT (a message names it, or its
-#                  sender is writing it), _HELD (its receiver has it mapped)
+#                  sender is writing it), _HELD (its receiver has it mapped),
+#                  _DROPPED (its sender let it go; receivers unmap it)
 #  4096 the buffers (and the pickle), each at a page boundary
 # Everything in both is checked before use: they come from shared memory.
 
@@ -131,8 +132,10 @@ PAYLOAD_GRACE = 60.0
 #: are mapped costs a copy; a new file costs a page allocation per 4 KiB too.
 PAYLOAD_POOL = 256 << 20
 _STATE_OFF = 64
-_FREE, _SENT, _HELD = 0, 1, 2
+_FREE, _SENT, _HELD, _DROPPED = 0, 1, 2, 3
 _IN_FILE, _POOLED = 1, 2
+_LET_GO = (struct.pack("=I", _FREE), struct.pack("=I", _DROPPED))  # no message names these
+_HELD_LONG = 1.0  # seconds: a pooled file held this long is let go when room is needed
 _COPY_CHUNK = 1 << 20  # bytes copied per step, so other threads get the GIL between
 
 
@@ -287,7 +290,8 @@ class _PoolFile:
 
     def drop(self, unlink: bool) -> None:
         """Leave the pool; remove the name too when ``unlink`` (receivers that
-        mapped it keep their pages)."""
+        mapped it keep their pages until their views go, then unmap it)."""
+        _core.store32(self.mem, _STATE_OFF, _DROPPED)
         if unlink and _same_file(self.path, os.fstat(self.fd)):
             try:
                 os.unlink(self.path)
@@ -301,11 +305,13 @@ class _PayloadPool:
     """The payload files one sending handle keeps for reuse, up to ``limit`` bytes.
 
     A pooled file's state word says who has it: ``_FREE`` (the sender may
-    reuse it), ``_SENT`` (the sender is writing it, or a message names it) or
-    ``_HELD`` (its receiver has it mapped).  The sender claims a free file
-    with a compare-and-swap, the receiver marks it held when it maps it and
-    free again once the last view of that mapping is gone (a weak reference
-    on the mapping), so bytes a receiver still sees are never rewritten.
+    reuse it), ``_SENT`` (the sender is writing it, or a message names it),
+    ``_HELD`` (its receiver has it mapped) or ``_DROPPED`` (the sender let it
+    go).  Every change is a compare-and-swap but the sender's drop: the
+    sender claims a free file, the receiver marks it held when it maps it
+    and free again once the last view of that mapping is gone
+    (``Mapping.swap_when_idle``), so bytes a receiver still sees are never
+    rewritten.
     The sender's lock on byte 0 lasts as long as the file is pooled: a
     receiver that frees a file nobody holds removes it, and so does the next
     sender that starts a file (``_sweep``), and ``shmkit gc``.
@@ -333,21 +339,26 @@ class _PayloadPool:
 
     def room(self, size: int) -> bool:
         """Whether a new file of ``size`` bytes may join, after letting go of
-        files nobody will hand back soon: free ones, and held ones (their
-        receivers keep their own mappings)."""
-        if size > self.limit:
+        files that did not fit (free ones) and of files held for over
+        ``_HELD_LONG`` seconds since they were sent (their receivers keep
+        their own mappings: a receiver that keeps an object, or died holding
+        it).  What counts is the bytes the files carry (their header pages
+        aside): a 256 MiB pool takes four 64 MiB arrays."""
+        need = size - PAGE
+        if need > self.limit:
             return False
         with self.lock:
-            used = sum(f.size for f in self.files)
+            used = sum(f.size - PAGE for f in self.files)
             for f in list(self.files):
-                if used + size <= self.limit:
+                if used + need <= self.limit:
                     break
                 st = f.state()
-                if (st == _FREE and _core.cas32(f.mem, _STATE_OFF, _FREE, _SENT)) or st == _HELD:
+                if ((st == _FREE and _core.cas32(f.mem, _STATE_OFF, _FREE, _SENT))
+                        or (st == _HELD and time.time() - os.fstat(f.fd).st_mtime > _HELD_LONG)):
                     self.files.remove(f)
                     f.drop(True)
-                    used -= f.size
-            return used + size <= self.limit
+                    used -= f.size - PAGE
+            return used + need <= self.limit
 
     def add(self, f: _PoolFile) -> None:
         with self.lock:
@@ -364,7 +375,7 @@ class _PayloadPool:
             return
         for f in files:
             if f.state() != _SENT:
-                f.drop(True)
+                f.drop(True)  # free, or held: its receiver has what it needs
                 continue
             mem, fd = f.mem, f.fd
             os.close(fd)  # the lock goes: its receiver will remove it ...
@@ -404,7 +415,7 @@ def _sweep(queue_path: str) -> None:
             st = os.fstat(fd)
             if (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
                     and st.st_size >= PAGE and _core.ofd_lock(fd, 0, 1)
-                    and os.pread(fd, _STATE.size, _STATE_OFF) == _STATE.pack(_FREE)
+                    and os.pread(fd, _STATE.size, _STATE_OFF) in _LET_GO
                     and _same_file(path, st)):
                 os.unlink(path)
         except OSError:
@@ -452,7 +463,8 @@ class _Received:
     microsecond per 4 KiB here), which is most of a big receive.
 
     A mapping hands its file back (state free) by itself once the last view
-    of an object is released (``Mapping.store_when_idle``).  One that leaves
+    of an object is released (``Mapping.swap_when_idle``), and unmaps itself
+    at this process's next big receive once its sender dropped it.  One that leaves
     the cache is unmapped, and its file removed if it is free and no sender
     holds it any more (its sender closed or died: nobody would reuse it).
     """
@@ -469,6 +481,7 @@ class _Received:
         with self.lock:
             if self.pid != os.getpid():  # forked: the parent's are not ours
                 self.maps, self.pid = {}, os.getpid()
+            self._unmap_dropped()
             entry = self.maps.pop(key, None)
             if entry is None:
                 return None
@@ -482,16 +495,24 @@ class _Received:
         gone = []
         with self.lock:
             self.maps[(st.st_dev, st.st_ino)] = (path, mem)
-            total = sum(m.length for _, m in self.maps.values())
+            total = sum(m.length - PAGE for _, m in self.maps.values())
             for key, (p, m) in list(self.maps.items()):
                 if len(self.maps) <= self.files and total <= self.nbytes:
                     break
                 if m is not mem and not m.exports:
                     del self.maps[key]
-                    total -= m.length
+                    total -= m.length - PAGE
                     gone.append((p, key, m))
         for p, key, m in gone:
             self._forget(p, key, m)
+
+    def _unmap_dropped(self) -> None:
+        """Unmap the idle mappings whose senders let their files go (lock held):
+        only this cache still kept their pages."""
+        for key, (_p, m) in list(self.maps.items()):
+            if m.closed or (not m.exports and _core.load32(m, _STATE_OFF) == _DROPPED):
+                del self.maps[key]
+                m.close()
 
     def clear(self) -> None:
         with self.lock:
@@ -712,7 +733,7 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
     view = memoryview(mem)
     kept = pooled and isinstance(mem, _core.Mapping)
     if kept:
-        mem.store_when_idle(_STATE_OFF, _FREE)  # once the views made here are all gone
+        mem.swap_when_idle(_STATE_OFF, _HELD, _FREE)  # once the views made here are gone
     buffers = [view[off:off + n] for off, n in bufs]
     blob = view[poff:poff + plen] if in_file else memoryview(data)[table_end:]
     try:
@@ -791,8 +812,7 @@ def _orphan_reason(path: str, qpath: str, token: bytes, rings: dict[str, bytes |
         ring = rings[qpath]
         if ring is None:
             reason = "payload of a queue that no longer exists"
-        elif (st.st_size >= PAGE
-              and os.pread(fd, _STATE.size, _STATE_OFF) == _STATE.pack(_FREE)):
+        elif st.st_size >= PAGE and os.pread(fd, _STATE.size, _STATE_OFF) in _LET_GO:
             # handed back by its receiver: only its sender would reuse it, and
             # no sender holds it
             reason = "pooled queue payload whose sender is gone"

@@ -145,24 +145,27 @@ mapping_releasebuffer(MappingObject *self, Py_buffer *Py_UNUSED(view))
     self->exports--;
     if (self->exports != 0)
         return;
-    /* No view is left to read the bytes: the armed store may tell a writer
+    /* No view is left to read the bytes: the armed swap may tell a writer
      * so.  The length may have been lowered since it was armed. */
     if (self->idle_armed) {
         self->idle_armed = 0;
-        if (self->base != NULL && self->idle_off <= self->length - 4)
-            __atomic_store_n((uint32_t *)(self->base + self->idle_off), self->idle_value,
-                             __ATOMIC_RELEASE);
+        if (self->base != NULL && self->idle_off <= self->length - 4) {
+            uint32_t expected = self->idle_expected;
+            __atomic_compare_exchange_n((uint32_t *)(self->base + self->idle_off), &expected,
+                                        self->idle_value, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_RELAXED);
+        }
     }
     if (self->closing)
         mapping_unmap(self);
 }
 
 static PyObject *
-mapping_store_when_idle(MappingObject *self, PyObject *args)
+mapping_swap_when_idle(MappingObject *self, PyObject *args)
 {
     Py_ssize_t off;
-    unsigned int value;
-    if (!PyArg_ParseTuple(args, "nI:store_when_idle", &off, &value))
+    unsigned int expected, value;
+    if (!PyArg_ParseTuple(args, "nII:swap_when_idle", &off, &expected, &value))
         return NULL;
     if (self->base == NULL || self->closing) {
         PyErr_SetString(PyExc_ValueError, "mapping is closed");
@@ -175,6 +178,7 @@ mapping_store_when_idle(MappingObject *self, PyObject *args)
         return NULL;
     }
     self->idle_off = off;
+    self->idle_expected = (uint32_t)expected;
     self->idle_value = (uint32_t)value;
     self->idle_armed = 1;
     Py_RETURN_NONE;
@@ -197,11 +201,12 @@ static PyMethodDef mapping_methods[] = {
      "close($self, /)\n--\n\n"
      "close() -> bool\n\nUnmap now and return True, or, while views are still "
      "exported, return False and unmap when the last one is released."},
-    {"store_when_idle", (PyCFunction)mapping_store_when_idle, METH_VARARGS,
-     "store_when_idle($self, offset, value, /)\n--\n\n"
-     "Store the 32-bit value at offset (release order) once the last exported "
-     "view is released; once per call.  Views alive now count: call it after "
-     "making the views it is about."},
+    {"swap_when_idle", (PyCFunction)mapping_swap_when_idle, METH_VARARGS,
+     "swap_when_idle($self, offset, expected, value, /)\n--\n\n"
+     "Once the last exported view is released, replace the 32-bit word at "
+     "offset by value if it still holds expected (one compare-and-swap); once "
+     "per call.  Views alive now count: call it after making the views it is "
+     "about."},
     {"set_length", (PyCFunction)mapping_set_length, METH_O,
      "set_length($self, n, /)\n--\n\n"
      "Set how many bytes are safe to touch (at most reserve). "

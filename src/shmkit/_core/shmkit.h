@@ -57,11 +57,12 @@ typedef struct {
      * is damage, and is taken over instead of waited on forever. */
     uint64_t held[SHM_HELD_MAX];
     int held_damaged;    /* entries of held[] in state DAMAGED (lock.c) */
-    /* store_when_idle(): one 32-bit store made when the last exported view
-     * is released (a Queue receiver hands a pooled payload file back this
-     * way: channel.py, "payload pool").  Armed while idle_armed. */
+    /* swap_when_idle(): one 32-bit compare-and-swap made when the last
+     * exported view is released (a Queue receiver hands a pooled payload
+     * file back this way: channel.py, "payload pool").  Armed while
+     * idle_armed. */
     Py_ssize_t idle_off;
-    uint32_t idle_value;
+    uint32_t idle_expected, idle_value;
     int idle_armed;
 } MappingObject;
 
