@@ -700,7 +700,7 @@ def q_faster_fifo(n: int) -> float:
 BIG = 64 * MiB
 
 
-WARM = 4  # objects through the queue before timing, as the hand-made fills its 4 slots
+WARM = 8  # objects through the queue before timing (its steady state), as the hand-made fills its slots
 
 
 def _big_sink(ready, q, n, copy_out, warmed):
@@ -734,7 +734,7 @@ def _big_queue(q: Any, n: int, copy_out: bool = False) -> float:
 
 
 @workload("queue: 64 MiB numpy array one-way", unit="GB/s", system="shmkit.Queue",
-          bytes_per_op=BIG, n=4)
+          bytes_per_op=BIG, n=8)
 def big_q_shmkit(n: int) -> float:
     import shmkit
     q = shmkit.Queue(4)
@@ -745,7 +745,7 @@ def big_q_shmkit(n: int) -> float:
 
 
 @workload("queue: 64 MiB numpy array one-way",
-          system="shmkit.Queue (receiver copies the array out)", bytes_per_op=BIG, n=4)
+          system="shmkit.Queue (receiver copies the array out)", bytes_per_op=BIG, n=8)
 def big_q_shmkit_copy(n: int) -> float:
     import shmkit
     q = shmkit.Queue(4)
@@ -756,13 +756,13 @@ def big_q_shmkit_copy(n: int) -> float:
 
 
 @workload("queue: 64 MiB numpy array one-way", system="multiprocessing.Queue",
-          bytes_per_op=BIG, n=4)
+          bytes_per_op=BIG, n=8)
 def big_q_mp(n: int) -> float:
     return _big_queue(FORK.Queue(4), n)
 
 
 @workload("queue: 64 MiB numpy array one-way", system="shared_memory + numpy (hand-made)",
-          bytes_per_op=BIG, n=4, reference=True)
+          bytes_per_op=BIG, n=8, reference=True)
 def big_q_hand_made(n: int) -> float:
     return _hand_made(n, BIG)
 
