@@ -755,6 +755,17 @@ def big_q_shmkit_copy(n: int) -> float:
         q.close()
 
 
+@workload("queue: 64 MiB numpy array one-way",
+          system="shmkit.Queue(payload_pool=0): a new file per object", bytes_per_op=BIG, n=8)
+def big_q_shmkit_no_pool(n: int) -> float:
+    import shmkit
+    q = shmkit.Queue(4, payload_pool=0)
+    try:
+        return _big_queue(q, n)
+    finally:
+        q.close()
+
+
 @workload("queue: 64 MiB numpy array one-way", system="multiprocessing.Queue",
           bytes_per_op=BIG, n=8)
 def big_q_mp(n: int) -> float:

@@ -699,6 +699,8 @@ def test_a_mapping_swaps_its_armed_word_once_its_last_view_is_gone(tmp_path):
     try:
         os.ftruncate(fd, PAGE)
         m = _core.Mapping(fd, PAGE, PAGE)
+        with pytest.raises(ValueError, match="no view is alive"):
+            m.swap_when_idle(64, 0, 7)
         view = memoryview(m)
         m.swap_when_idle(64, 0, 7)
         part = view[100:200]
@@ -714,14 +716,134 @@ def test_a_mapping_swaps_its_armed_word_once_its_last_view_is_gone(tmp_path):
         m.swap_when_idle(64, 5, 9)
         del view
         assert _core.load32(m, 64) == 0  # only from the expected value
+        view = memoryview(m)
         for bad in (-4, 2, PAGE - 2, PAGE):
             with pytest.raises(ValueError, match="aligned 4-byte word"):
                 m.swap_when_idle(bad, 0, 1)
+        # a fork after arming: the child holds views too, so nothing fires
+        m.swap_when_idle(64, 0, 3)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        del view
+        assert _core.load32(m, 64) == 0
         m.close()
         with pytest.raises(ValueError, match="closed"):
             m.swap_when_idle(64, 0, 1)
+        ro = _core.Mapping(fd, PAGE, PAGE, True)
+        with memoryview(ro):
+            with pytest.raises(ValueError, match="read-only"):
+                ro.swap_when_idle(64, 0, 1)
+        ro.close()
     finally:
         os.close(fd)
+
+
+def test_an_array_a_forked_child_inherited_is_never_rewritten(name):
+    q = shmkit.Queue(name=name)
+    try:
+        q.put(np.full(MiB, 1, np.uint8))
+        arr = q.get(timeout=5)
+        pid = os.fork()
+        if pid == 0:
+            del arr  # the child's copy of the views goes first
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert _states(q) == [channel._HELD]  # not handed back: a child may hold it
+        q.put(np.full(MiB, 2, np.uint8))
+        assert (arr == 1).all()
+        assert np.array_equal(q.get(timeout=5), np.full(MiB, 2, np.uint8))
+        assert (arr == 1).all()
+    finally:
+        q.unlink(); q.close()
+
+
+def _report_inherited(q, w):
+    pool = q._pool
+    os.write(w, f"{len(pool.files) if pool else 0}\n".encode())
+
+
+def test_a_forked_child_lets_go_of_the_senders_files(name):
+    r, w = os.pipe()
+    q = shmkit.Queue(name=name)
+    try:
+        q.put(np.full(MiB, 1, np.uint8))
+        p = FORK.Process(target=_report_inherited, args=(q, w))
+        p.start(); p.join(30)
+        assert _lines(r) == [[0]]  # no descriptor of ours (and so no lock) in the child
+        q.close()  # in flight: left to its receiver, which takes it as its own
+        other = shmkit.Queue.open(name)
+        assert int(other.get(timeout=5)[0]) == 1
+        other.close()
+        assert not _payloads(name)
+    finally:
+        os.close(r); os.close(w)
+        q.unlink()
+
+
+def test_threads_receiving_while_the_cache_evicts_lose_nothing(name, monkeypatch):
+    import threading
+    monkeypatch.setattr(channel._received, "files", 1)  # every new file evicts
+    q = shmkit.Queue(8, name=name)
+    errors: list[BaseException] = []
+    got: list[int] = []
+
+    def take():
+        try:
+            for _ in range(50):
+                a = q.get(timeout=30)
+                assert (a == a[0]).all()
+                got.append(int(a[0]))
+                del a
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=take) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for i in range(100):
+            q.put(np.full(300 << 10, i % 251, np.uint8), timeout=30)
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert sorted(got) == sorted(i % 251 for i in range(100))
+    finally:
+        q.unlink(); q.close()
+    assert not _payloads(name)
+
+
+def _put_then_wait(qname, w):
+    q = shmkit.Queue.open(qname)
+    q.put(np.full(MiB, 5, np.uint8))
+    os.write(w, b"1\n")
+    time.sleep(60)
+
+
+def test_a_killed_senders_file_is_unmapped_by_its_receiver_once_removed(name):
+    r, w = os.pipe()
+    q = shmkit.Queue(name=name)
+    try:
+        p = FORK.Process(target=_put_then_wait, args=(name, w), daemon=True)
+        p.start()
+        os.read(r, 2)
+        assert int(q.get(timeout=5)[0]) == 5  # handed back: kept mapped here
+        [path] = _payloads(q)
+        kept = [m for fp, m in channel._received.maps.values() if fp == path]
+        assert len(kept) == 1 and not kept[0].closed
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(10)
+        removed = channel.orphan_payloads(match=lambda n: n == name)
+        assert [x["path"] for x in removed] == [path]
+        small = shmkit.Queue.open(name, payload_pool=0)
+        small.put(np.full(MiB, 6, np.uint8))
+        assert int(q.get(timeout=5)[0]) == 6  # the next big receive ...
+        assert kept[0].closed  # ... let go of the removed file's pages
+        small.close()
+    finally:
+        os.close(r); os.close(w)
+        q.unlink(); q.close()
 
 
 def test_a_receiver_unmaps_what_its_sender_dropped(name):

@@ -378,8 +378,12 @@ def _stop_watchers() -> None:
             w.poke()
         hub.watching.notify_all()
         threads = [w.thread for w in hub.watchers]
+        if hub.checker is not None:
+            threads.append(hub.checker)
     for t in threads:
         t.join(1.0)
+    with hub.lock:  # an await in a later exit handler starts afresh
+        hub.watchers, hub.where, hub.checker, hub.stopped = [], {}, None, False
 
 
 atexit.register(_stop_watchers)

@@ -323,6 +323,17 @@ class _PayloadPool:
         self.lock = threading.Lock()
         self.pid = os.getpid()
         self.swept = False
+        _pools.add(self)
+
+    def forked(self) -> None:
+        """In a forked child: let go of the parent's files here (our copies of
+        its descriptors, which would keep its locks held, and of its mappings,
+        which would keep pages it drops)."""
+        self.lock = threading.Lock()
+        files, self.files = self.files, []
+        for f in files:
+            f.mem.close()
+            os.close(f.fd)
 
     def take(self, size: int) -> _PoolFile | None:
         """A free pooled file of ``size`` to ``2 * size`` bytes, now ``_SENT``."""
@@ -369,10 +380,6 @@ class _PayloadPool:
         is left to its receiver, which removes it once done (nobody holds it)."""
         with self.lock:
             files, self.files = self.files, []
-        if self.pid != os.getpid():  # a forked child's copy: the parent's files
-            for f in files:
-                os.close(f.fd)
-            return
         for f in files:
             if f.state() != _SENT:
                 f.drop(True)  # free, or held: its receiver has what it needs
@@ -413,11 +420,8 @@ def _sweep(queue_path: str) -> None:
             continue
         try:
             st = os.fstat(fd)
-            if (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
-                    and st.st_size >= PAGE and _core.ofd_lock(fd, 0, 1)
-                    and os.pread(fd, _STATE.size, _STATE_OFF) in _LET_GO
-                    and _same_file(path, st)):
-                os.unlink(path)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_size >= PAGE:
+                _remove_let_go(fd, path, st)
         except OSError:
             pass
         finally:
@@ -456,6 +460,19 @@ def _hand_back(path: str, dev_ino: tuple[int, int]) -> None:
         os.close(fd)
 
 
+def _remove_let_go(fd: int, path: str, st: os.stat_result) -> bool:
+    """Remove the pooled payload file open at ``fd`` if its state says no
+    message names it (free or dropped) and nobody holds its lock (taken
+    here); mark it dropped first, so receivers that keep a mapping of it
+    let go too."""
+    if (_core.ofd_lock(fd, 0, 1) and os.pread(fd, _STATE.size, _STATE_OFF) in _LET_GO
+            and _same_file(path, st)):
+        os.pwrite(fd, _STATE.pack(_DROPPED), _STATE_OFF)
+        os.unlink(path)
+        return True
+    return False
+
+
 class _Received:
     """Mappings of pooled payload files this process received, kept (up to
     ``files`` of them and ``nbytes``) for the next object in the same file:
@@ -463,48 +480,54 @@ class _Received:
     microsecond per 4 KiB here), which is most of a big receive.
 
     A mapping hands its file back (state free) by itself once the last view
-    of an object is released (``Mapping.swap_when_idle``), and unmaps itself
-    at this process's next big receive once its sender dropped it.  One that leaves
-    the cache is unmapped, and its file removed if it is free and no sender
-    holds it any more (its sender closed or died: nobody would reuse it).
+    of an object is released (``Mapping.swap_when_idle``), and is unmapped
+    at this process's next big receive once its sender dropped it.  One that
+    leaves the cache is unmapped, and its file removed if it is free and no
+    sender holds it any more (its sender closed or died: nobody reuses it).
+    A forked child starts with none (the parent's stay the parent's).
     """
 
     def __init__(self, files: int, nbytes: int) -> None:
         self.files, self.nbytes = files, nbytes
         self.maps: dict[tuple[int, int], tuple[str, Any]] = {}  # oldest first
         self.lock = threading.Lock()
-        self.pid = os.getpid()
 
-    def get(self, path: str, st: os.stat_result, size: int) -> Any:
-        """The kept mapping of this file if it is idle (no view alive), else None."""
+    def view(self, path: str, fd: int, st: os.stat_result, size: int) -> memoryview:
+        """A view of the whole file, through the kept mapping when it is idle,
+        else a new one that is kept.  The view is made under the lock, so no
+        other thread's eviction can unmap it in between.  OSError (ENOMEM:
+        no mapping left) as from ``Mapping``."""
         key = (st.st_dev, st.st_ino)
+        gone: list[tuple[str, tuple[int, int], Any]] = []
         with self.lock:
-            if self.pid != os.getpid():  # forked: the parent's are not ours
-                self.maps, self.pid = {}, os.getpid()
             self._unmap_dropped()
             entry = self.maps.pop(key, None)
+            if entry is not None:
+                mem = entry[1]
+                if entry[0] != path or mem.closed or mem.exports or mem.length != size:
+                    entry = None  # not reused: its own views keep it as long as needed
             if entry is None:
-                return None
-            mem = entry[1]
-            if entry[0] != path or mem.closed or mem.exports or mem.length != size:
-                return None  # not reused: its own views keep it as long as needed
+                mem = _core.Mapping(fd, size, size)
+                entry = (path, mem)
+            view = memoryview(mem)
             self.maps[key] = entry  # the most recent now
-            return mem
-
-    def put(self, path: str, st: os.stat_result, mem: Any) -> None:
-        gone = []
-        with self.lock:
-            self.maps[(st.st_dev, st.st_ino)] = (path, mem)
             total = sum(m.length - PAGE for _, m in self.maps.values())
-            for key, (p, m) in list(self.maps.items()):
+            for k, (p, m) in list(self.maps.items()):
                 if len(self.maps) <= self.files and total <= self.nbytes:
                     break
-                if m is not mem and not m.exports:
-                    del self.maps[key]
+                if not m.exports:
+                    del self.maps[k]
                     total -= m.length - PAGE
-                    gone.append((p, key, m))
-        for p, key, m in gone:
-            self._forget(p, key, m)
+                    gone.append((p, k, m))
+        for p, k, m in gone:
+            self._forget(p, k, m)
+        return view
+
+    def tidy(self) -> None:
+        """Unmap the idle mappings whose senders let their files go."""
+        if self.maps:
+            with self.lock:
+                self._unmap_dropped()
 
     def _unmap_dropped(self) -> None:
         """Unmap the idle mappings whose senders let their files go (lock held):
@@ -517,10 +540,15 @@ class _Received:
     def clear(self) -> None:
         with self.lock:
             maps, self.maps = self.maps, {}
-            mine = self.pid == os.getpid()
         for key, (p, m) in maps.items():
-            if mine:
-                self._forget(p, key, m)
+            self._forget(p, key, m)
+
+    def forked(self) -> None:
+        """In a forked child: the parent's mappings are not ours to keep."""
+        self.lock = threading.Lock()
+        maps, self.maps = self.maps, {}
+        for _p, m in maps.values():
+            m.close()  # unmapped now, or when the child's inherited views go
 
     @staticmethod
     def _forget(path: str, key: tuple[int, int], mem: Any) -> None:
@@ -535,10 +563,8 @@ class _Received:
             return
         try:
             st = os.fstat(fd)
-            if ((st.st_dev, st.st_ino) == key and _core.ofd_lock(fd, 0, 1)
-                    and os.pread(fd, _STATE.size, _STATE_OFF) == _STATE.pack(_FREE)
-                    and _same_file(path, st)):
-                os.unlink(path)
+            if (st.st_dev, st.st_ino) == key:
+                _remove_let_go(fd, path, st)
         except OSError:
             pass
         finally:
@@ -547,6 +573,16 @@ class _Received:
 
 _received = _Received(16, PAYLOAD_POOL)
 atexit.register(_received.clear)
+_pools: weakref.WeakSet[_PayloadPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_pools):
+        pool.forked()
+    _received.forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _BigBuffer(Exception):
@@ -630,8 +666,8 @@ def _pack(obj: Any, queue_path: str, max_message: int, name: str,
             except OSError:
                 pass  # no mapping left: send it as a file of its own
             else:
+                out.fd = -1  # the pool's now (never closed twice)
                 pool.add(f)  # type: ignore[union-attr]
-                out.fd = -1
                 out, flags = _PooledOutgoing(f), flags | _POOLED
     head = _OOB_HEAD.pack(_OOB_MAGIC, len(bufs), flags, size, poff, len(data), token)
     return b"".join([head, *table, b"" if pickle_in_file else data]), out
@@ -706,41 +742,61 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
                                            "message names (bad header)"))
         if pooled and not _core.ofd_held(fd, 0, 1):
             pooled = False  # its sender closed or died: nobody reuses it, ours now
-        mem: Any = _received.get(path, st, size) if pooled else None
-        if mem is None:
+        if not pooled:
+            _received.tidy()  # (a pooled receive tidies as it looks the file up)
+        view: memoryview | None = None
+        mem: Any = None
+        hand_back = False
+        if pooled:
             try:
+                view = _received.view(path, fd, st, size)
+            except OSError as e:
+                if e.errno != errno.ENOMEM:
+                    raise
+                hand_back = True  # copied out below: free at once
+            else:
+                mem = view.obj
+                if _core.cas32(mem, _STATE_OFF, _SENT, _HELD):
+                    # its sender keeps the name, to reuse the file once the
+                    # views made from this one are all gone
+                    mem.swap_when_idle(_STATE_OFF, _HELD, _FREE)
+                    try:
+                        os.utime(fd)  # held since now (what the sender's _HELD_LONG measures)
+                    except OSError:
+                        pass
+                else:
+                    # not in the state of a file just sent: its sender might
+                    # rewrite it under us, so copy it out instead
+                    view.release()
+                    view = None
+        if view is None:
+            try:
+                if hand_back or pooled:
+                    raise OSError(errno.ENOMEM, "copy out")
                 mem = _core.Mapping(fd, size, size)
             except OSError as e:
                 if e.errno != errno.ENOMEM:
                     raise
-                # No mapping left in this process (vm.max_map_count): copy out.
+                # No mapping left in this process (vm.max_map_count), or a
+                # pooled file in a state we cannot trust: copy out.
                 mem = bytearray(size)
                 if os.preadv(fd, [mem], 0) != size:
                     raise CorruptError(_lost(name, f"{path} was cut short while read")) from None
-            else:
-                if pooled:
-                    _received.put(path, st, mem)
-        if pooled and not isinstance(mem, _core.Mapping):
-            _hand_back(path, (st.st_dev, st.st_ino))  # copied out: free at once
-        elif pooled:
-            # Its sender keeps the name, to reuse the file once our views are gone.
-            _core.cas32(mem, _STATE_OFF, _SENT, _HELD)
-        elif mine:
-            # The receiver owns it now: nobody else will ever open it.
-            os.unlink(path)
+            view = memoryview(mem)
+            if hand_back:
+                _hand_back(path, (st.st_dev, st.st_ino))
+            elif mine and not pooled:
+                # The receiver owns it now: nobody else will ever open it.
+                os.unlink(path)
     finally:
         os.close(fd)
-    view = memoryview(mem)
-    kept = pooled and isinstance(mem, _core.Mapping)
-    if kept:
-        mem.swap_when_idle(_STATE_OFF, _HELD, _FREE)  # once the views made here are gone
     buffers = [view[off:off + n] for off, n in bufs]
     blob = view[poff:poff + plen] if in_file else memoryview(data)[table_end:]
     try:
         obj = pickle.loads(blob, buffers=buffers)
     finally:
         del blob, buffers, view
-        if isinstance(mem, _core.Mapping) and not kept:
+        if isinstance(mem, _core.Mapping) and not pooled:
             mem.close()  # unmapped now, or when the object's last buffer goes
     return obj
 
@@ -826,6 +882,8 @@ def _orphan_reason(path: str, qpath: str, token: bytes, rings: dict[str, bytes |
         if not _same_file(path, st):
             return None
         if not dry_run:
+            if st.st_size >= PAGE:  # receivers that keep a mapping of it let go
+                os.pwrite(fd, _STATE.pack(_DROPPED), _STATE_OFF)
             os.unlink(path)
         return reason
     finally:
@@ -1232,16 +1290,16 @@ class Queue(SharedObject):
         Bytes of ring (default 8 MiB); ``put`` also blocks while the pickled
         objects waiting fill it.  It does not bound an object's size:
         buffers and pickles of ``OOB_THRESHOLD`` (256 KiB) or more go to a
-        payload file of their own beside the queue (docs/channel.md, "Big
-        objects").  When opening, a given capacity larger than the queue's
+        payload file beside the queue (docs/channel.md, "Big objects").  When opening, a given capacity larger than the queue's
         raises :class:`MismatchError`.
     on_destroy:
         Called (no arguments) once, in the process that removes the name.
     payload_pool:
-        Bytes of payload files this handle keeps and reuses for big objects
-        (default ``PAYLOAD_POOL``, 256 MiB): a file its receiver is done
-        with is written again in place, a copy instead of fresh pages.  0:
-        every big object gets a file of its own, removed by its receiver.
+        Bytes of big objects whose payload files this handle keeps and
+        reuses (default ``PAYLOAD_POOL``, 256 MiB; in this process, not
+        passed to children): a file its receiver is done with is written
+        again in place, a copy instead of fresh pages.  0: every big object
+        gets a file of its own, removed by its receiver.
 
     Example
     -------
@@ -1351,7 +1409,7 @@ class Queue(SharedObject):
         if self._pool_limit <= 0:
             return None
         if pool is not None:
-            pool.close()  # the parent's, inherited: only our copies of its files go
+            pool.close()  # the parent's, inherited: emptied at the fork already
         pool = self._pool = _PayloadPool(self._path, self._pool_limit)
         weakref.finalize(self, pool.close)
         return pool

@@ -11,8 +11,21 @@
  */
 #include "shmkit.h"
 #include "wait.h"
+#include <pthread.h>
 #include <sys/mman.h>
 #include <structmember.h>
+
+/* Forks of this process so far (counted before each, so parent and child
+ * both see the new count).  A view made before a fork lives on in the
+ * child too, so an armed swap_when_idle() no longer knows when the last
+ * view anywhere is gone: it does not fire after a fork. */
+static unsigned long forks;
+
+static void
+count_fork(void)
+{
+    __atomic_add_fetch(&forks, 1, __ATOMIC_RELAXED);
+}
 
 /* Map `reserve` bytes of fd into self (GIL held; released around mmap):
  * 0, or -1 with OSError. */
@@ -149,7 +162,8 @@ mapping_releasebuffer(MappingObject *self, Py_buffer *Py_UNUSED(view))
      * so.  The length may have been lowered since it was armed. */
     if (self->idle_armed) {
         self->idle_armed = 0;
-        if (self->base != NULL && self->idle_off <= self->length - 4) {
+        if (self->base != NULL && self->idle_off <= self->length - 4 &&
+            self->idle_forks == __atomic_load_n(&forks, __ATOMIC_RELAXED)) {
             uint32_t expected = self->idle_expected;
             __atomic_compare_exchange_n((uint32_t *)(self->base + self->idle_off), &expected,
                                         self->idle_value, 0, __ATOMIC_ACQ_REL,
@@ -171,12 +185,22 @@ mapping_swap_when_idle(MappingObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "mapping is closed");
         return NULL;
     }
+    if (self->readonly) {
+        PyErr_SetString(PyExc_ValueError, "the mapping is read-only: nothing can be stored");
+        return NULL;
+    }
+    if (self->exports == 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "no view is alive: make the views first, then arm the swap");
+        return NULL;
+    }
     if (off < 0 || (off & 3) || self->length < 4 || off > self->length - 4) {
         PyErr_Format(PyExc_ValueError,
                      "offset %zd is not an aligned 4-byte word within the %zd bytes",
                      off, self->length);
         return NULL;
     }
+    self->idle_forks = __atomic_load_n(&forks, __ATOMIC_RELAXED);
     self->idle_off = off;
     self->idle_expected = (uint32_t)expected;
     self->idle_value = (uint32_t)value;
@@ -205,8 +229,8 @@ static PyMethodDef mapping_methods[] = {
      "swap_when_idle($self, offset, expected, value, /)\n--\n\n"
      "Once the last exported view is released, replace the 32-bit word at "
      "offset by value if it still holds expected (one compare-and-swap); once "
-     "per call.  Views alive now count: call it after making the views it is "
-     "about."},
+     "per call, replacing an earlier arming.  A view must be alive.  Nothing "
+     "happens if the process forks meanwhile (the child holds views too)."},
     {"set_length", (PyCFunction)mapping_set_length, METH_O,
      "set_length($self, n, /)\n--\n\n"
      "Set how many bytes are safe to touch (at most reserve). "
@@ -359,5 +383,13 @@ shm_unpin(PyObject *obj)
 int
 shm_init_mapping(PyObject *module)
 {
+    static int counting;
+    if (!counting) {
+        if (pthread_atfork(count_fork, NULL, NULL) != 0) {
+            PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
+            return -1;
+        }
+        counting = 1;
+    }
     return shm_add_type(module, &mapping_spec, &shm_mod_state(module)->Mapping);
 }

@@ -64,6 +64,7 @@ typedef struct {
     Py_ssize_t idle_off;
     uint32_t idle_expected, idle_value;
     int idle_armed;
+    unsigned long idle_forks; /* forks counted when armed: a fork since disarms */
 } MappingObject;
 
 /* ---- module state (module.c) -----------------------------------------------
