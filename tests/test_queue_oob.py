@@ -603,7 +603,8 @@ def test_a_sender_closing_with_objects_in_flight_leaves_them_to_their_receiver(n
         for i in range(3):
             sender.put(np.full(MiB, i, np.uint8))
         sender.close()
-        assert _states(q) == [channel._SENT] * 3  # named by queued messages: kept
+        # named by queued messages: kept, marked for their receiver to take
+        assert _states(q) == [channel._ORPHANED] * 3
         got = [q.get(timeout=5) for _ in range(3)]
         # nobody will reuse them: the receiver took them as its own, names and all
         assert not _payloads(q)
@@ -891,3 +892,59 @@ def test_a_receiver_maps_a_reused_payload_file_once(name):
     finally:
         os.close(r); os.close(w)
         q.unlink(); q.close()
+
+
+def test_gc_never_takes_a_queued_payload_for_a_pooled_one_let_go(queue, monkeypatch):
+    # An older shmkit's payload (format 1, zeros where the state word is) and
+    # a damaged state word read as "free": a queued message still names them.
+    monkeypatch.setattr(channel, "PAYLOAD_GRACE", 0.0)
+    sender = shmkit.Queue.open(queue.name, payload_pool=0)
+    sender.put(_array(11, MiB))
+    sender.put(_array(12, MiB))
+    sender.close()
+    first, second = sorted(_payloads(queue), key=os.path.getmtime)
+    with open(first, "r+b") as f:
+        f.seek(8)
+        f.write((1).to_bytes(4, "little"))  # format 1
+        f.seek(channel._STATE_OFF)
+        f.write(bytes(4))
+    with open(second, "r+b") as f:
+        f.seek(channel._STATE_OFF)
+        f.write(channel._STATE.pack(channel._FREE))
+    assert channel.orphan_payloads(match=lambda n: n == queue.name) == []
+    channel._sweep(queue.path)
+    assert len(_payloads(queue)) == 2
+    from shmkit.errors import FormatVersionError
+    with pytest.raises(FormatVersionError):
+        queue.get(timeout=5)
+    assert np.array_equal(queue.get(timeout=5), _array(12, MiB))
+
+
+def _take_raw_and_die(qname, w):
+    q = shmkit.Queue.open(qname)
+    q._recv(5)  # the ring message only: its receiver dies before the payload
+    os.write(w, b"1\n")
+    time.sleep(60)
+
+
+def test_a_pooled_file_whose_receiver_died_before_taking_it_is_let_go(name, monkeypatch):
+    q = shmkit.Queue(name=name, payload_pool=2 * MiB)
+    r, w = os.pipe()
+    try:
+        q.put(np.full(MiB, 1, np.uint8))
+        p = FORK.Process(target=_take_raw_and_die, args=(name, w), daemon=True)
+        p.start()
+        os.read(r, 2)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(10)
+        [lost] = _payloads(q)
+        assert _states(q) == [channel._SENT]
+        monkeypatch.setattr(channel, "PAYLOAD_GRACE", 0.0)  # long ago
+        for i in range(4):  # the pool needs its room: the lost one goes
+            q.put(np.full(3 * MiB // 2, i, np.uint8))
+            assert int(q.get(timeout=5)[0]) == i
+        assert lost not in _payloads(q)
+    finally:
+        os.close(r); os.close(w)
+        q.unlink(); q.close()
+    assert not _payloads(name)

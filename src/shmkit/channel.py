@@ -105,7 +105,9 @@ def _ring_bytes(capacity: int, max_attach: int) -> int:
 #    0  magic 8 _FILE_MAGIC, version u32, 4 spare, size u64, token 16
 #   64  state u32  of a pooled file: _FREE, _SENT (a message names it, or its
 #                  sender is writing it), _HELD (its receiver has it mapped),
-#                  _DROPPED (its sender let it go; receivers unmap it)
+#                  _DROPPED (its sender let it go; receivers unmap it),
+#                  _ORPHANED (its sender closed while a message names it:
+#                  its receiver takes it as its own)
 #  4096 the buffers (and the pickle), each at a page boundary
 # Everything in both is checked before use: they come from shared memory.
 
@@ -132,7 +134,7 @@ PAYLOAD_GRACE = 60.0
 #: are mapped costs a copy; a new file costs a page allocation per 4 KiB too.
 PAYLOAD_POOL = 256 << 20
 _STATE_OFF = 64
-_FREE, _SENT, _HELD, _DROPPED = 0, 1, 2, 3
+_FREE, _SENT, _HELD, _DROPPED, _ORPHANED = 0, 1, 2, 3, 4
 _IN_FILE, _POOLED = 1, 2
 _LET_GO = (struct.pack("=I", _FREE), struct.pack("=I", _DROPPED))  # no message names these
 _HELD_LONG = 1.0  # seconds: a pooled file held this long is let go when room is needed
@@ -350,11 +352,13 @@ class _PayloadPool:
 
     def room(self, size: int) -> bool:
         """Whether a new file of ``size`` bytes may join, after letting go of
-        files that did not fit (free ones) and of files held for over
-        ``_HELD_LONG`` seconds since they were sent (their receivers keep
-        their own mappings: a receiver that keeps an object, or died holding
-        it).  What counts is the bytes the files carry (their header pages
-        aside): a 256 MiB pool takes four 64 MiB arrays."""
+        files that did not fit (free ones), of files held for over
+        ``_HELD_LONG`` seconds since their receiver took them (it keeps its
+        own mapping: a receiver that keeps an object, or died holding it),
+        and of files that no queued message names and no receiver took
+        within ``PAYLOAD_GRACE`` (it died in between).  What counts is the
+        bytes the files carry (their header pages aside): a 256 MiB pool
+        takes four 64 MiB arrays."""
         need = size - PAGE
         if need > self.limit:
             return False
@@ -363,13 +367,21 @@ class _PayloadPool:
             for f in list(self.files):
                 if used + need <= self.limit:
                     break
-                st = f.state()
+                st, age = f.state(), time.time() - os.fstat(f.fd).st_mtime
                 if ((st == _FREE and _core.cas32(f.mem, _STATE_OFF, _FREE, _SENT))
-                        or (st == _HELD and time.time() - os.fstat(f.fd).st_mtime > _HELD_LONG)):
+                        or (st == _HELD and age > _HELD_LONG)
+                        or (st != _FREE and age > PAYLOAD_GRACE and self._unnamed(f))):
                     self.files.remove(f)
                     f.drop(True)
                     used -= f.size - PAGE
             return used + need <= self.limit
+
+    def _unnamed(self, f: _PoolFile) -> bool:
+        """Whether no queued message names ``f`` (sent, or in a state no live
+        receiver left it in, long ago): its receiver died before marking it
+        held, as gc's rule for unnamed payloads has it."""
+        ring = _ring_bytes_of(self.queue_path)
+        return ring is None or f.token not in ring
 
     def add(self, f: _PoolFile) -> None:
         with self.lock:
@@ -381,18 +393,13 @@ class _PayloadPool:
         with self.lock:
             files, self.files = self.files, []
         for f in files:
-            if f.state() != _SENT:
+            if _core.cas32(f.mem, _STATE_OFF, _SENT, _ORPHANED):
+                # a message names it: its receiver takes it as its own (its
+                # swap to held fails on this state), or gc once none does
+                f.mem.close()
+                os.close(f.fd)  # the lock goes with the last of the two
+            else:
                 f.drop(True)  # free, or held: its receiver has what it needs
-                continue
-            mem, fd = f.mem, f.fd
-            os.close(fd)  # the lock goes: its receiver will remove it ...
-            # ... unless it freed the file before it could see the lock gone
-            if _core.load32(mem, _STATE_OFF) == _FREE and os.path.exists(f.path):
-                try:
-                    os.unlink(f.path)
-                except FileNotFoundError:
-                    pass
-            mem.close()
 
 
 class _PooledOutgoing:
@@ -460,17 +467,35 @@ def _hand_back(path: str, dev_ino: tuple[int, int]) -> None:
         os.close(fd)
 
 
+def _is_pooled_format(fd: int) -> bool:
+    """Whether the payload file open at ``fd`` has the state word (format 2)."""
+    head = os.pread(fd, _FILE_HEAD.size, 0)
+    return (len(head) == _FILE_HEAD.size and head[:8] == _FILE_MAGIC
+            and _FILE_HEAD.unpack(head)[1] == _OOB_VERSION)
+
+
+def _let_go(fd: int) -> bool:
+    """Whether the payload file open at ``fd`` is a pooled file (format 2)
+    whose state says no message names it: free or dropped."""
+    return _is_pooled_format(fd) and os.pread(fd, _STATE.size, _STATE_OFF) in _LET_GO
+
+
 def _remove_let_go(fd: int, path: str, st: os.stat_result) -> bool:
-    """Remove the pooled payload file open at ``fd`` if its state says no
-    message names it (free or dropped) and nobody holds its lock (taken
-    here); mark it dropped first, so receivers that keep a mapping of it
-    let go too."""
-    if (_core.ofd_lock(fd, 0, 1) and os.pread(fd, _STATE.size, _STATE_OFF) in _LET_GO
-            and _same_file(path, st)):
-        os.pwrite(fd, _STATE.pack(_DROPPED), _STATE_OFF)
-        os.unlink(path)
-        return True
-    return False
+    """Remove the pooled payload file open at ``fd`` if no sender holds it
+    (its lock, taken here), its state says no message names it, and no
+    queued message does (read after the lock, as gc does: a damaged state
+    word must not cost a queued object); mark it dropped first, so that
+    receivers that keep a mapping of it let go too."""
+    if not (_core.ofd_lock(fd, 0, 1) and _let_go(fd)):
+        return False
+    directory, entry = os.path.split(path)
+    qfile, _, token = entry.rpartition(_OOB_SEP)
+    ring = _ring_bytes_of(os.path.join(directory, qfile))
+    if (ring is not None and token.encode() in ring) or not _same_file(path, st):
+        return False
+    os.pwrite(fd, _STATE.pack(_DROPPED), _STATE_OFF)
+    os.unlink(path)
+    return True
 
 
 class _Received:
@@ -533,7 +558,8 @@ class _Received:
         """Unmap the idle mappings whose senders let their files go (lock held):
         only this cache still kept their pages."""
         for key, (_p, m) in list(self.maps.items()):
-            if m.closed or (not m.exports and _core.load32(m, _STATE_OFF) == _DROPPED):
+            if m.closed or (not m.exports
+                            and _core.load32(m, _STATE_OFF) in (_DROPPED, _ORPHANED)):
                 del self.maps[key]
                 m.close()
 
@@ -765,10 +791,12 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
                     except OSError:
                         pass
                 else:
-                    # not in the state of a file just sent: its sender might
-                    # rewrite it under us, so copy it out instead
                     view.release()
                     view = None
+                    # its sender closed while this message was queued: ours
+                    # now.  Any other state is not that of a file just sent:
+                    # its sender might rewrite it under us, so copy it out.
+                    pooled = _core.load32(mem, _STATE_OFF) != _ORPHANED
         if view is None:
             try:
                 if hand_back or pooled:
@@ -815,7 +843,8 @@ def orphan_payloads(dry_run: bool = False,
 
     A payload file is orphaned when no sender holds it (the sender committed
     its message, or died) and either its queue no longer exists, or no
-    message in its queue's ring names it and it is older than
+    message in its queue's ring names it and it is either a pooled file its
+    receiver handed back (or its sender let go), or older than
     :data:`PAYLOAD_GRACE` (its receiver died between taking the message and
     opening the payload).  A payload a queued message names is never removed.
     ``match(queue name)`` limits the search.  Only your own files (root:
@@ -868,12 +897,12 @@ def _orphan_reason(path: str, qpath: str, token: bytes, rings: dict[str, bytes |
         ring = rings[qpath]
         if ring is None:
             reason = "payload of a queue that no longer exists"
-        elif st.st_size >= PAGE and os.pread(fd, _STATE.size, _STATE_OFF) in _LET_GO:
-            # handed back by its receiver: only its sender would reuse it, and
-            # no sender holds it
-            reason = "pooled queue payload whose sender is gone"
         elif token in ring:
             return None  # a message may still name it
+        elif _let_go(fd):
+            # handed back by its receiver, or let go: only its sender would
+            # reuse it, and no sender holds it (no age rule needed)
+            reason = "pooled queue payload whose sender is gone"
         elif time.time() - st.st_mtime < PAYLOAD_GRACE:
             return None
         else:
@@ -882,7 +911,7 @@ def _orphan_reason(path: str, qpath: str, token: bytes, rings: dict[str, bytes |
         if not _same_file(path, st):
             return None
         if not dry_run:
-            if st.st_size >= PAGE:  # receivers that keep a mapping of it let go
+            if _is_pooled_format(fd):  # receivers that keep a mapping of it let go
                 os.pwrite(fd, _STATE.pack(_DROPPED), _STATE_OFF)
             os.unlink(path)
         return reason
