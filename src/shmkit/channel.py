@@ -421,18 +421,26 @@ def _sweep(queue_path: str) -> None:
     """Remove the queue's free payload files that no sender holds any more
     (left by a sender that exited without closing, or was killed)."""
     for path in _payload_files(queue_path):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
-            continue
-        try:
-            st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_size >= PAGE:
-                _remove_let_go(fd, path, st)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        _remove_if_let_go(path)
+
+
+def _remove_if_let_go(path: str, key: tuple[int, int] | None = None) -> None:
+    """Open the payload file at ``path`` and remove it if it was let go (see
+    :func:`_remove_let_go`); ``key``: only if it is still that (device,
+    inode), else only a regular file of ours."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if ((st.st_dev, st.st_ino) == key if key is not None else
+                stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_size >= PAGE):
+            _remove_let_go(fd, path, st)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _pooled_write(f: _PoolFile, parts: list[tuple[int, Any]]) -> None:
@@ -581,20 +589,8 @@ class _Received:
         free = not mem.closed and not mem.exports and (
             _core.load32(mem, _STATE_OFF) == _FREE)
         mem.close()
-        if not free:
-            return
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
-            return
-        try:
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) == key:
-                _remove_let_go(fd, path, st)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        if free:
+            _remove_if_let_go(path, key)
 
 
 _received = _Received(16, PAYLOAD_POOL)
