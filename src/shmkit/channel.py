@@ -136,7 +136,7 @@ PAYLOAD_POOL = 256 << 20
 _STATE_OFF = 64
 _FREE, _SENT, _HELD, _DROPPED, _ORPHANED = 0, 1, 2, 3, 4
 _IN_FILE, _POOLED = 1, 2
-_LET_GO = (struct.pack("=I", _FREE), struct.pack("=I", _DROPPED))  # no message names these
+_LET_GO = (_STATE.pack(_FREE), _STATE.pack(_DROPPED))  # no message names these
 _HELD_LONG = 1.0  # seconds: a pooled file held this long is let go when room is needed
 _COPY_CHUNK = 1 << 20  # bytes copied per step, so other threads get the GIL between
 
@@ -323,7 +323,6 @@ class _PayloadPool:
         self.queue_path, self.limit = queue_path, limit
         self.files: list[_PoolFile] = []
         self.lock = threading.Lock()
-        self.pid = os.getpid()
         self.swept = False
         _pools.add(self)
 
@@ -424,18 +423,23 @@ def _sweep(queue_path: str) -> None:
         _remove_if_let_go(path)
 
 
-def _remove_if_let_go(path: str, key: tuple[int, int] | None = None) -> None:
+def _remove_if_let_go(path: str, key: tuple[int, int] | None = None,
+                      hand_back: bool = False) -> None:
     """Open the payload file at ``path`` and remove it if it was let go (see
     :func:`_remove_let_go`); ``key``: only if it is still that (device,
-    inode), else only a regular file of ours."""
+    inode), else only a regular file of ours.  ``hand_back``: mark it free
+    first (a receiver that copied the object out, keeping no mapping), so
+    that it stays for its sender to reuse, or goes if no sender holds it."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
-        return
+        return  # removed meanwhile: nothing to do
     try:
         st = os.fstat(fd)
         if ((st.st_dev, st.st_ino) == key if key is not None else
                 stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_size >= PAGE):
+            if hand_back:
+                os.pwrite(fd, _STATE.pack(_FREE), _STATE_OFF)
             _remove_let_go(fd, path, st)
     except OSError:
         pass
@@ -454,25 +458,6 @@ def _pooled_write(f: _PoolFile, parts: list[tuple[int, Any]]) -> None:
                 dst[off + at:off + at + piece.nbytes] = piece
     finally:
         dst.release()
-
-
-def _hand_back(path: str, dev_ino: tuple[int, int]) -> None:
-    """Free a pooled payload file this process copied out (no mapping
-    kept); remove it instead when no sender holds it."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return  # removed meanwhile: nothing to hand back
-    try:
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) == dev_ino:
-            os.pwrite(fd, _STATE.pack(_FREE), _STATE_OFF)
-            if _core.ofd_lock(fd, 0, 1) and _same_file(path, st):
-                os.unlink(path)  # its sender closed or died: nobody reuses it
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _is_pooled_format(fd: int) -> bool:
@@ -794,13 +779,14 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
                     # its sender might rewrite it under us, so copy it out.
                     pooled = _core.load32(mem, _STATE_OFF) != _ORPHANED
         if view is None:
-            try:
-                if hand_back or pooled:
-                    raise OSError(errno.ENOMEM, "copy out")
-                mem = _core.Mapping(fd, size, size)
-            except OSError as e:
-                if e.errno != errno.ENOMEM:
-                    raise
+            mem = None
+            if not (hand_back or pooled):  # (a pooled file we cannot trust: copied)
+                try:
+                    mem = _core.Mapping(fd, size, size)
+                except OSError as e:
+                    if e.errno != errno.ENOMEM:
+                        raise
+            if mem is None:
                 # No mapping left in this process (vm.max_map_count), or a
                 # pooled file in a state we cannot trust: copy out.
                 mem = bytearray(size)
@@ -808,7 +794,7 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
                     raise CorruptError(_lost(name, f"{path} was cut short while read")) from None
             view = memoryview(mem)
             if hand_back:
-                _hand_back(path, (st.st_dev, st.st_ino))
+                _remove_if_let_go(path, (st.st_dev, st.st_ino), hand_back=True)
             elif mine and not pooled:
                 # The receiver owns it now: nobody else will ever open it.
                 os.unlink(path)
@@ -1426,15 +1412,11 @@ class Queue(SharedObject):
                      self._payload_pool())
 
     def _payload_pool(self) -> _PayloadPool | None:
-        """This handle's pool of payload files in this process (made at the
-        first big object; a forked child starts its own)."""
+        """This handle's pool of payload files (made at the first big object;
+        a forked child's copy starts empty: ``_PayloadPool.forked``)."""
         pool = self._pool
-        if pool is not None and pool.pid == os.getpid():
+        if pool is not None or self._pool_limit <= 0:
             return pool
-        if self._pool_limit <= 0:
-            return None
-        if pool is not None:
-            pool.close()  # the parent's, inherited: emptied at the fork already
         pool = self._pool = _PayloadPool(self._path, self._pool_limit)
         weakref.finalize(self, pool.close)
         return pool
