@@ -4,7 +4,8 @@ Each workload forks its subscribers, waits until they have subscribed, then
 times ``n`` publishes until the last subscriber has received all ``n``:
 
 * 64-byte messages to 1 and to 4 subscribers (messages per second, as each
-  subscriber receives them), against pyzmq PUB/SUB over ``ipc://`` (if pyzmq
+  subscriber receives them), single calls and batched (``publish_many`` of
+  256, ``recv_many``), against pyzmq PUB/SUB over ``ipc://`` (if pyzmq
   is installed; high-water marks off, so it drops nothing) and against one
   ``multiprocessing.Queue`` per subscriber;
 * 6 MB frames to 4 subscribers that read them in place (``recv_view``),
@@ -27,6 +28,7 @@ FORK = multiprocessing.get_context("fork")
 MSG = b"m" * 64
 FRAME = 6_000_000
 N_SMALL = 100_000
+BATCH = 256
 N_FRAMES = 200
 
 
@@ -93,6 +95,34 @@ def _topic_fanout(k: int, n: int) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
             publish(MSG)
+        return _finish(ps) - t0
+    finally:
+        t.unlink()
+        t.close()
+
+
+def _topic_sub_many(ready, name, n):
+    import shmkit
+    t = shmkit.Topic.open(name)
+    sub = t.subscribe()
+    ready.set()
+    recv_many = sub.recv_many
+    got = 0
+    while got < n:
+        got += len(recv_many())
+
+
+def _topic_fanout_many(k: int, n: int) -> float:
+    """publish_many in batches of BATCH, each subscriber recv_many."""
+    import shmkit
+    t = shmkit.Topic(_name(), capacity=1 << 20)
+    try:
+        ps = _peers(k, _topic_sub_many, t.name, n)
+        batch = [MSG] * BATCH
+        publish_many = t.publish_many
+        t0 = time.perf_counter()
+        for i in range(0, n, BATCH):
+            publish_many(batch if n - i >= BATCH else batch[:n - i])
         return _finish(ps) - t0
     finally:
         t.unlink()
@@ -177,6 +207,8 @@ for _k in (1, 4):
     _bench = f"topic: 64 B fan-out to {_k} subscriber{'s' if _k > 1 else ''} (per subscriber)"
     workload(_bench, unit="Mops/s", system="shmkit.Topic", n=N_SMALL)(
         lambda n, k=_k: _topic_fanout(k, n))
+    workload(_bench, system=f"shmkit.Topic publish_many/recv_many ({BATCH} a batch)",
+             n=N_SMALL * 4)(lambda n, k=_k: _topic_fanout_many(k, n))
     workload(_bench, system="pyzmq PUB/SUB ipc", requires=("zmq",), n=N_SMALL)(
         lambda n, k=_k: _zmq_fanout(k, n))
     workload(_bench, system="mp.Queue per subscriber", reference=True, n=N_SMALL // 4)(

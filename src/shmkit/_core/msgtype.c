@@ -36,6 +36,21 @@ msg_too_large(PyObject *self, const char *kind, PyObject *name, Py_ssize_t len,
     return -1;
 }
 
+void
+msg_note_sent(Py_ssize_t sent)
+{
+    if (!PyErr_Occurred() || sent == 0)
+        return;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    PyObject *s = PyLong_FromSsize_t(sent);
+    if (ev && s && PyObject_SetAttrString(ev, "sent", s) < 0)
+        PyErr_Clear(); /* the batch's own error is the one to raise */
+    Py_XDECREF(s);
+    PyErr_Restore(et, ev, tb);
+}
+
 MappingObject *
 msg_unusable(PyObject *self, MappingObject *m, PyObject *name, const char *kind,
              const char *to_do)

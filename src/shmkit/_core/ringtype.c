@@ -188,16 +188,7 @@ out:
     PyMem_Free(bufs);
     Py_DECREF(seq);
     if (err) {
-        if (PyErr_Occurred() && sent) {
-            PyObject *et, *ev, *tb;
-            PyErr_Fetch(&et, &ev, &tb);
-            PyErr_NormalizeException(&et, &ev, &tb);
-            PyObject *s = PyLong_FromSsize_t(sent);
-            if (ev && s)
-                PyObject_SetAttrString(ev, "sent", s);
-            Py_XDECREF(s);
-            PyErr_Restore(et, ev, tb);
-        }
+        msg_note_sent(sent);
         return NULL;
     }
     return PyLong_FromSsize_t(sent);

@@ -284,8 +284,11 @@ advance_head(topic_t *t, uint64_t hd, uint64_t need, uint64_t tl, uint64_t *out)
     if (q != hd) {
         STORE(&t->h->head, q);
         /* seqlock: a reader that still sees head at or below its record
-         * after copying it read bytes nobody had started to overwrite */
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+         * after copying it (acquire fence, then head) read bytes nobody had
+         * started to overwrite.  Only the order of this store before the
+         * overwriting stores matters: a release fence (a compiler barrier
+         * on x86, whose stores stay in order), not a full one, per record. */
+        __atomic_thread_fence(__ATOMIC_RELEASE);
         shm_crash_point("topic.publish.head");
         uint64_t hist = LOADR(&t->h->hist);
         if (hist < q)
@@ -297,23 +300,36 @@ advance_head(topic_t *t, uint64_t hd, uint64_t need, uint64_t tl, uint64_t *out)
 
 /* ---- publishing ------------------------------------------------------------ */
 
-int
-topic_reserve(topic_t *t, MappingObject *m, uint64_t len, int64_t deadline, topic_resv *rv)
+/* Take plock and note where publishing starts in the journal (a dead
+ * publisher's repair recounts seq from there).  1, or -1 unlocked. */
+static int
+publish_begin(topic_t *t, MappingObject *m, int64_t deadline)
 {
     struct topic_hdr *h = t->h;
-    const uint64_t cap = t->cap;
     if (topic_lock(t, m, deadline) < 0)
         return -1;
-    uint64_t tl = LOADR(&h->tail), sq = LOADR(&h->seq), hd = LOADR(&h->head);
+    uint64_t tl = LOADR(&h->tail), sq = LOADR(&h->seq);
     uint32_t sel = LOADR(&h->jsel) & 1;
     STORER(&h->j[sel ^ 1].tail, tl);
     STORER(&h->j[sel ^ 1].seq, sq);
     STORE(&h->jsel, sel ^ 1);
     shm_crash_point("topic.publish.journal");
-    if (((tl | hd) & 15) || hd > tl || tl - hd > cap) {
-        topic_unlock(m, t);
+    return 1;
+}
+
+/* With plock held: make room for a len-byte record at tl (the tail, or
+ * past the records of a run not published yet), numbered sq, and write its
+ * header.  1 (rv filled), 0 no room (block mode), -1 corrupt; plock stays
+ * held in every case. */
+static int
+reserve_locked(topic_t *t, MappingObject *m, uint64_t tl, uint64_t sq, uint64_t len,
+               topic_resv *rv)
+{
+    struct topic_hdr *h = t->h;
+    const uint64_t cap = t->cap;
+    uint64_t hd = LOADR(&h->head);
+    if (((tl | hd) & 15) || hd > tl || tl - hd > cap)
         return topic_corrupt(t, "head and tail out of order", hd, tl);
-    }
     uint64_t skip, need = trec_need(t, tl, len, &skip);
     uint64_t off = tl % cap;
     if (t->overflow == TOPIC_BLOCK) {
@@ -323,16 +339,14 @@ topic_reserve(topic_t *t, MappingObject *m, uint64_t len, int64_t deadline, topi
             if (fl < need && topic_reclaim(t, m) > 0)
                 fl = compute_floor(t, hd, tl, skip);
             STORE(&h->floor, fl);
-            if (fl < need) {
-                topic_unlock(m, t);
+            if (fl < need)
                 return 0;
-            }
         }
     }
+    uint64_t nh;
     if (skip) {
-        uint64_t nh;
         if (advance_head(t, hd, tl > off ? tl - off : 0, tl, &nh) < 0)
-            goto fail;
+            return -1;
         hd = nh;
         trec_t *r = trec_at(t, tl);
         STORER(&r->len, (uint32_t)(skip - 16));
@@ -343,9 +357,8 @@ topic_reserve(topic_t *t, MappingObject *m, uint64_t len, int64_t deadline, topi
         STORE(&h->tail, tl);
         shm_crash_point("topic.publish.skip_tail");
     }
-    uint64_t nh;
     if (advance_head(t, hd, need, tl, &nh) < 0)
-        goto fail;
+        return -1;
     trec_t *r = trec_at(t, tl);
     STORER(&r->len, (uint32_t)len);
     STORER(&r->seq, sq);
@@ -355,9 +368,48 @@ topic_reserve(topic_t *t, MappingObject *m, uint64_t len, int64_t deadline, topi
     rv->head = nh;
     rv->len = len;
     return 1;
-fail:
-    topic_unlock(m, t);
-    return -1;
+}
+
+/* With plock held: publish the records written up to tl, the last of them
+ * numbered sq - 1 (seq, then tail), then move the history window; nh is
+ * head after the last one's reservation.  plock stays held. */
+static void
+publish_upto(topic_t *t, uint64_t tl, uint64_t sq, uint64_t nh)
+{
+    struct topic_hdr *h = t->h;
+    shm_crash_point("topic.publish.copied");
+    STORE(&h->seq, sq);
+    shm_crash_point("topic.publish.seq");
+    STORE(&h->tail, tl);
+    shm_crash_point("topic.publish.tail");
+    /* the history window: keep the last `history` messages */
+    uint64_t q = LOADR(&h->hist), q0 = q;
+    if (q < nh || q > tl || (q & 15))
+        q = nh;
+    while (q < tl) {
+        uint32_t st;
+        uint64_t span = trec_span(t, q, tl, &st);
+        if (span == 0)
+            break; /* the next publisher's head walk reports it */
+        if (st == TREC_MSG && sq - LOADR(&trec_at(t, q)->seq) <= t->history)
+            break;
+        q += span;
+    }
+    if (q != q0) {
+        STORE(&h->hist, q);
+        shm_crash_point("topic.publish.hist");
+    }
+}
+
+int
+topic_reserve(topic_t *t, MappingObject *m, uint64_t len, int64_t deadline, topic_resv *rv)
+{
+    if (publish_begin(t, m, deadline) < 0)
+        return -1;
+    int k = reserve_locked(t, m, LOADR(&t->h->tail), LOADR(&t->h->seq), len, rv);
+    if (k <= 0)
+        topic_unlock(m, t);
+    return k;
 }
 
 void *
@@ -372,38 +424,14 @@ topic_payload(topic_t *t, const topic_resv *rv)
 void
 topic_finish(topic_t *t, MappingObject *m, const topic_resv *rv, int publish)
 {
-    struct topic_hdr *h = t->h;
     if (!publish) {
         shm_crash_point("topic.loan.abandoned");
         topic_unlock(m, t);
         return;
     }
-    uint64_t tl = rv->tail, sq = rv->seq, nh = rv->head, total = trec_total(rv->len);
-    shm_crash_point("topic.publish.copied");
-    STORE(&h->seq, sq + 1);
-    shm_crash_point("topic.publish.seq");
-    STORE(&h->tail, tl + total);
-    shm_crash_point("topic.publish.tail");
-    tl += total;
-    /* the history window: keep the last `history` messages */
-    uint64_t q = LOADR(&h->hist), q0 = q;
-    if (q < nh || q > tl || (q & 15))
-        q = nh;
-    while (q < tl) {
-        uint32_t st;
-        uint64_t span = trec_span(t, q, tl, &st);
-        if (span == 0)
-            break; /* the next publisher's head walk reports it */
-        if (st == TREC_MSG && sq + 1 - LOADR(&trec_at(t, q)->seq) <= t->history)
-            break;
-        q += span;
-    }
-    if (q != q0) {
-        STORE(&h->hist, q);
-        shm_crash_point("topic.publish.hist");
-    }
+    publish_upto(t, rv->tail + trec_total(rv->len), rv->seq + 1, rv->head);
     topic_unlock(m, t);
-    ring_wake(&h->data_seq, &h->data_sleepers);
+    ring_wake(&t->h->data_seq, &t->h->data_sleepers);
 }
 
 int
@@ -416,6 +444,45 @@ topic_publish(topic_t *t, MappingObject *m, const char *src, uint64_t len, int64
     ring_copy(topic_payload(t, &rv), src, (size_t)len);
     topic_finish(t, m, &rv, 1);
     return 1;
+}
+
+Py_ssize_t
+topic_publish_run(topic_t *t, MappingObject *m, const Py_buffer *bufs, Py_ssize_t n,
+                  int64_t deadline)
+{
+    if (n <= 0)
+        return 0;
+    if (publish_begin(t, m, deadline) < 0)
+        return -1;
+    Py_ssize_t done = 0;
+    int k = 1;
+    /* the run's records are published together at its end (one store of
+     * tail, which subscribers poll), and a dead publisher's repair
+     * recounts them from the journal's tail, `start` */
+    const uint64_t start = LOADR(&t->h->tail);
+    uint64_t tl = start, sq = LOADR(&t->h->seq), nh = 0;
+    while (done < n) {
+        topic_resv rv;
+        uint64_t len = (uint64_t)bufs[done].len, ran = tl - start;
+        /* A run lets other publishers in every TOPIC_RUN_BYTES, and never
+         * overwrites its own records: the next record and its wrap marker
+         * (< one record) must fit in what the run has not written. */
+        if (done > 0 && (ran >= TOPIC_RUN_BYTES || ran + 2 * trec_total(len) > t->cap))
+            break;
+        if ((k = reserve_locked(t, m, tl, sq, len, &rv)) <= 0)
+            break;
+        ring_copy(topic_payload(t, &rv), bufs[done].buf, (size_t)len);
+        tl = rv.tail + trec_total(len);
+        sq = rv.seq + 1;
+        nh = rv.head;
+        done++;
+    }
+    if (done > 0)
+        publish_upto(t, tl, sq, nh);
+    topic_unlock(m, t);
+    if (done > 0)
+        ring_wake(&t->h->data_seq, &t->h->data_sleepers);
+    return k < 0 ? -1 : done;
 }
 
 /* ---- waiting ------------------------------------------------------------------ */
@@ -694,17 +761,57 @@ void
 topic_set_hold(topic_t *t, struct topic_sub *s, uint64_t hold)
 {
     STORE(&s->hold, hold);
-    if (t->overflow == TOPIC_BLOCK)
-        ring_wake(&t->h->space_seq, &t->h->space_sleepers);
+    topic_wake_publishers(t);
+}
+
+int
+topic_run(topic_t *t, struct topic_sub *s, uint64_t pos, uint32_t len, uint64_t *rpos,
+          uint32_t *rlen, int max)
+{
+    const uint64_t cap = t->cap;
+    uint64_t p = pos + trec_total(len), want = LOADR(&s->seq) + 1;
+    uint64_t tl = LOAD(&t->h->tail); /* once: the run reads no shared line per record */
+    int n = 1;
+    rpos[0] = pos;
+    rlen[0] = len;
+    while (n < max && p < tl && tl - p <= cap) {
+        trec_t *r = trec_at(t, p);
+        uint64_t off = p % cap;
+        uint32_t st = LOADR(&r->state), l = LOADR(&r->len);
+        if (st == TREC_SKIP) {
+            if ((uint64_t)l + 16 != cap - off || cap - off > tl - p)
+                break;
+            p += cap - off;
+            continue;
+        }
+        uint64_t total = trec_total(l);
+        if (st != TREC_MSG || total > cap - off || total > tl - p || LOADR(&r->seq) != want)
+            break;
+        rpos[n] = p;
+        rlen[n] = l;
+        n++;
+        want++;
+        p += total;
+    }
+    return n;
 }
 
 void
-topic_advance(topic_t *t, struct topic_sub *s, uint64_t pos, uint32_t len, uint64_t hold)
+topic_advance(topic_t *t, struct topic_sub *s, uint64_t next, uint64_t count, uint64_t hold,
+              int wake)
 {
-    uint64_t next = pos + trec_total(len);
-    STORE(&s->seq, LOADR(&s->seq) + 1);
-    STORE(&s->received, LOADR(&s->received) + 1);
+    STORE(&s->seq, LOADR(&s->seq) + count);
+    STORE(&s->received, LOADR(&s->received) + count);
     STORE(&s->pos, next);
     shm_crash_point("topic.recv.advanced");
-    topic_set_hold(t, s, hold < next ? hold : next);
+    STORE(&s->hold, hold < next ? hold : next);
+    if (wake)
+        topic_wake_publishers(t);
+}
+
+void
+topic_wake_publishers(topic_t *t)
+{
+    if (t->overflow == TOPIC_BLOCK)
+        ring_wake(&t->h->space_seq, &t->h->space_sleepers);
 }

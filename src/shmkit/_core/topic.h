@@ -171,6 +171,14 @@ void topic_finish(topic_t *t, MappingObject *m, const topic_resv *rv, int publis
 /* Publishing: 1 published, 0 no room (block mode: wait and retry), -1 error. */
 int topic_publish(topic_t *t, MappingObject *m, const char *src, uint64_t len,
                   int64_t deadline);
+/* Publish bufs[0..n) in order under one holding of plock (up to about
+ * TOPIC_RUN_BYTES of records), waking subscribers once.  Returns how many
+ * were published: fewer than n when the run's bytes ran out or there was
+ * no room for the next (block mode); -1 with an error set (the messages
+ * before it may have been published: a corrupt ring says so). */
+#define TOPIC_RUN_BYTES (256u * 1024)
+Py_ssize_t topic_publish_run(topic_t *t, MappingObject *m, const Py_buffer *bufs,
+                             Py_ssize_t n, int64_t deadline);
 /* Wait for room for a record of len bytes (block mode). 1, 0 timeout, -1 error. */
 int topic_wait_space(topic_t *t, MappingObject *m, uint64_t len, int64_t deadline,
                      int64_t *spin_ns);
@@ -190,10 +198,22 @@ int topic_next(topic_t *t, struct topic_sub *s, uint64_t *pos, uint32_t *len,
                uint64_t *missed);
 /* After copying the record at pos: 1 if it was not overwritten meanwhile. */
 int topic_still_there(topic_t *t, uint64_t pos);
-/* Move the cursor past the record at pos; hold is the oldest byte still in
- * use by this subscriber (pos's end when nothing is lent). */
-void topic_advance(topic_t *t, struct topic_sub *s, uint64_t pos, uint32_t len,
-                   uint64_t hold);
+/* After topic_next found the record at pos (len bytes): it and the records
+ * after it, as far as the tail seen now, up to max in all: positions and
+ * lengths into rpos/rlen.  Headers are read without the per-record
+ * overwrite check (a batch reads no shared line per record):
+ * topic_still_there(rpos[0]), after copying them all, checks them at once.
+ * A header that does not follow on ends the run; topic_next reports it on
+ * its next look.  Returns how many (>= 1). */
+int topic_run(topic_t *t, struct topic_sub *s, uint64_t pos, uint32_t len, uint64_t *rpos,
+              uint32_t *rlen, int max);
+/* Move the cursor to next, past count records; hold is the oldest byte
+ * still in use by this subscriber (next when nothing is lent).  wake=0
+ * leaves waking publishers waiting for room (block mode) to a later
+ * topic_wake_publishers, once for a batch. */
+void topic_advance(topic_t *t, struct topic_sub *s, uint64_t next, uint64_t count,
+                   uint64_t hold, int wake);
+void topic_wake_publishers(topic_t *t);
 void topic_set_hold(topic_t *t, struct topic_sub *s, uint64_t hold);
 int topic_wait_data(topic_t *t, MappingObject *m, struct topic_sub *s, int64_t deadline,
                     int64_t *spin_ns);

@@ -5,6 +5,7 @@
  *
  *   topic.publish(data, timeout=None)      sub.recv(timeout=None) -> bytes
  *   topic.publish_nowait(data)             sub.recv_nowait() -> bytes
+ *   topic.publish_many(msgs, timeout=None) sub.recv_many(max_n=1024, timeout=None)
  *   topic._subscribe(cls, history=None)    sub._take(timeout=None, nowait=False)
  */
 #include "topic.h"
@@ -14,6 +15,7 @@
 #include <structmember.h>
 
 #define LENT_MAX 64 /* views one subscriber may hold at once */
+#define RUN_MAX 256 /* messages recv_many copies per look at the tail */
 
 /* The core's state (exception classes, types) from any object of these types. */
 #define TST(o) shm_state_of((PyObject *)(o))
@@ -35,6 +37,7 @@ typedef struct {
     int closed, busy;
     uint32_t nlent;
     uint64_t lent[LENT_MAX]; /* positions of views not yet released, ascending */
+    uint64_t lost; /* a loss recv_many met after taking messages: the next call reports it */
     int64_t spin_ns;
     PyObject *weakreflist;
 } SubObject;
@@ -92,6 +95,51 @@ topic_loan_busy(TopicObject *o, const char *what)
     return -1;
 }
 
+/* MessageTooLarge unless a len-byte message fits the ring. */
+static int
+publish_fits(TopicObject *o, Py_ssize_t len)
+{
+    if ((uint64_t)len <= UINT32_MAX - 32 && trec_total((uint64_t)len) <= o->t.cap)
+        return 0;
+    return msg_too_large((PyObject *)o, "topic", o->name, len,
+                         (unsigned long long)(o->t.cap - 16));
+}
+
+/* Publish one message (it fits), waiting until the deadline while the
+ * slowest live subscriber holds the space.  0, or -1 with Full (nowait),
+ * Timeout or another error set. */
+static int
+publish_one(TopicObject *o, MappingObject *m, const Py_buffer *b, int64_t deadline, int nowait)
+{
+    topic_t *t = &o->t;
+    int fruitless = 0;
+    for (;;) {
+        int k = topic_publish(t, m, b->buf, (uint64_t)b->len, deadline);
+        if (k != 0)
+            return k > 0 ? 0 : -1;
+        int w = nowait ? 0 : topic_wait_space(t, m, (uint64_t)b->len, deadline, &o->spin_ns);
+        if (w < 0)
+            return -1;
+        if (w == 0) {
+            uint32_t idx;
+            uint64_t lag = topic_slowest(t, m, &idx);
+            if (nowait)
+                PyErr_Format(TST(o)->Full, "topic %R is full: subscriber %u is %llu messages "
+                             "behind (overflow=\"block\")", o->name, idx,
+                             (unsigned long long)lag);
+            else
+                PyErr_Format(TST(o)->Timeout, "topic %R stayed full for the timeout: "
+                             "subscriber %u is %llu messages behind and did not read "
+                             "(overflow=\"block\" waits for the slowest live subscriber; "
+                             "use overflow=\"overwrite\" not to wait)", o->name, idx,
+                             (unsigned long long)lag);
+            return -1;
+        }
+        if (ring_backoff(&fruitless) < 0) /* looked ready but was not */
+            return -1;
+    }
+}
+
 static PyObject *
 publish_impl(TopicObject *o, PyObject *msg, PyObject *timeout, int nowait)
 {
@@ -107,39 +155,8 @@ publish_impl(TopicObject *o, PyObject *msg, PyObject *timeout, int nowait)
         goto out;
     if ((m = topic_enter(o, 1)) == NULL)
         goto out;
-    topic_t *t = &o->t;
-    if ((uint64_t)b.len > UINT32_MAX - 32 || trec_total((uint64_t)b.len) > t->cap) {
-        msg_too_large((PyObject *)o, "topic", o->name, b.len, (unsigned long long)(t->cap - 16));
+    if (publish_fits(o, b.len) < 0 || publish_one(o, m, &b, deadline, nowait) < 0)
         goto out;
-    }
-    int fruitless = 0;
-    for (;;) {
-        int k = topic_publish(t, m, b.buf, (uint64_t)b.len, deadline);
-        if (k < 0)
-            goto out;
-        if (k > 0)
-            break;
-        int w = nowait ? 0 : topic_wait_space(t, m, (uint64_t)b.len, deadline, &o->spin_ns);
-        if (w < 0)
-            goto out;
-        if (w == 0) {
-            uint32_t idx;
-            uint64_t lag = topic_slowest(t, m, &idx);
-            if (nowait)
-                PyErr_Format(TST(o)->Full, "topic %R is full: subscriber %u is %llu messages "
-                             "behind (overflow=\"block\")", o->name, idx,
-                             (unsigned long long)lag);
-            else
-                PyErr_Format(TST(o)->Timeout, "topic %R stayed full for the timeout: "
-                             "subscriber %u is %llu messages behind and did not read "
-                             "(overflow=\"block\" waits for the slowest live subscriber; "
-                             "use overflow=\"overwrite\" not to wait)", o->name, idx,
-                             (unsigned long long)lag);
-            goto out;
-        }
-        if (ring_backoff(&fruitless) < 0) /* looked ready but was not */
-            goto out;
-    }
     res = Py_NewRef(Py_None);
 out:
     if (m != NULL)
@@ -162,6 +179,64 @@ static PyObject *
 Topic_publish_nowait(TopicObject *o, PyObject *msg)
 {
     return publish_impl(o, msg, NULL, 1);
+}
+
+/* Every message is checked before the first is published; the deadline
+ * covers the whole batch.  On an error, .sent on the exception says how
+ * many were published (in order: the first .sent of them). */
+static PyObject *
+Topic_publish_many(TopicObject *o, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"messages", "timeout", NULL};
+    PyObject *a[2];
+    int64_t deadline;
+    if (msg_parse_args("publish_many", args, nargs, kw, 1, names, a) < 0 ||
+        topic_loan_busy(o, "publish") < 0 || msg_deadline(a[1], 0, &deadline) < 0)
+        return NULL;
+    PyObject *seq = PySequence_Fast(a[0], "publish_many() needs an iterable of messages");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), got = 0, sent = 0;
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Py_buffer *bufs = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_buffer));
+    MappingObject *m = NULL;
+    int failed = 1;
+    if (bufs == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (; got < n; got++) {
+        if (msg_get(items[got], &bufs[got], "topic", "encode it first") < 0)
+            goto out;
+        if (publish_fits(o, bufs[got].len) < 0) {
+            got++; /* release this one too */
+            goto out;
+        }
+    }
+    if ((m = topic_enter(o, 1)) == NULL)
+        goto out;
+    while (sent < n) {
+        /* runs under one holding of the lock; when the next has no room,
+         * publish it alone as publish() would, waiting */
+        Py_ssize_t k = topic_publish_run(&o->t, m, bufs + sent, n - sent, deadline);
+        if (k == 0 && publish_one(o, m, &bufs[sent], deadline, 0) == 0)
+            k = 1;
+        if (k <= 0)
+            break;
+        sent += k;
+    }
+    shm_unpin((PyObject *)m);
+    failed = sent < n;
+out:
+    for (Py_ssize_t i = 0; i < got; i++)
+        msg_release(&bufs[i]);
+    PyMem_Free(bufs);
+    Py_DECREF(seq);
+    if (failed) {
+        msg_note_sent(sent);
+        return NULL;
+    }
+    return PyLong_FromSsize_t(sent);
 }
 
 /* ---- Topic: loans ------------------------------------------------------------ */
@@ -475,6 +550,12 @@ static PyMethodDef Topic_methods[] = {
      "publish($self, /, data, timeout=None)\n--\n\nCopy one bytes-like message in for every subscriber.\n"
      "With overflow=\"block\", wait while the slowest live subscriber holds the space\n"
      "(Timeout); with \"overwrite\", never wait.\n\n>>> topic.publish(b'tick', timeout=1.0)"},
+    {"publish_many", (PyCFunction)(void (*)(void))Topic_publish_many, FAST,
+     "publish_many($self, /, messages, timeout=None)\n--\n\n"
+     "publish_many(messages, timeout=None) -> int\n\nPublish bytes-like messages in order, "
+     "as publish() would one by one, in\none call: how many were published.  All are checked "
+     "first (MessageTooLarge\npublishes none); on Timeout the exception's .sent says how many "
+     "went.\n\n>>> topic.publish_many([b'a', b'b'], timeout=1.0)\n2"},
     {"publish_nowait", (PyCFunction)Topic_publish_nowait, METH_O,
      "publish_nowait($self, data, /)\n--\n\nPublish, or raise Full (a WouldBlock) if a subscriber holds "
      "the space."},
@@ -587,6 +668,19 @@ sub_hold(SubObject *s, uint64_t next)
 
 static PyObject *make_tview(SubObject *s, MappingObject *m, uint64_t pos, uint32_t len);
 
+/* Raise the loss a recv_many met after it had taken messages (it returned
+ * those): -1 with MessagesLost set, once; else 0. */
+static int
+sub_report_lost(SubObject *s)
+{
+    uint64_t missed = s->lost;
+    if (missed == 0)
+        return 0;
+    s->lost = 0;
+    raise_lost(TST(s), s->topic->name, missed);
+    return -1;
+}
+
 enum { HOW_COPY, HOW_VIEW };
 
 static PyObject *
@@ -602,6 +696,8 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how)
     TopicObject *o = s->topic;
     topic_t *t = &o->t;
     PyObject *out = NULL;
+    if (sub_report_lost(s) < 0)
+        goto done;
     if (how == HOW_VIEW && s->nlent >= LENT_MAX) {
         PyErr_Format(TST(s)->BusyError, "this subscriber of topic %R holds %d views; release some "
                      "first", o->name, LENT_MAX);
@@ -623,7 +719,7 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how)
                 if (t->overflow == TOPIC_BLOCK) {
                     s->lent[s->nlent++] = pos;
                 }
-                topic_advance(t, e, pos, len, sub_hold(s, pos + trec_total(len)));
+                topic_advance(t, e, pos + trec_total(len), 1, sub_hold(s, pos + trec_total(len)), 1);
                 shm_crash_point("topic.recv.lent");
                 out = make_tview(s, m, pos, len);
                 if (out == NULL && t->overflow == TOPIC_BLOCK) {
@@ -641,7 +737,7 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how)
                 Py_CLEAR(out); /* torn: the next look reports the loss */
                 continue;
             }
-            topic_advance(t, e, pos, len, sub_hold(s, pos + trec_total(len)));
+            topic_advance(t, e, pos + trec_total(len), 1, sub_hold(s, pos + trec_total(len)), 1);
             goto done;
         }
         if (nowait) {
@@ -676,6 +772,97 @@ static PyObject *
 Sub_recv_nowait(SubObject *s, PyObject *Py_UNUSED(ignored))
 {
     return recv_impl(s, NULL, 1, HOW_COPY);
+}
+
+/* Wait as recv() for the first message, then take those already there, up
+ * to max_n, without waiting.  A loss met after the first is left for the
+ * next call to raise, so that the messages taken are returned. */
+static PyObject *
+Sub_recv_many(SubObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"max_n", "timeout", NULL};
+    PyObject *a[2];
+    int64_t deadline;
+    Py_ssize_t max_n = 1024;
+    if (msg_parse_args("recv_many", args, nargs, kw, 0, names, a) < 0)
+        return NULL;
+    if (a[0] && (max_n = PyLong_AsSsize_t(a[0])) == -1 && PyErr_Occurred())
+        return NULL;
+    if (max_n < 1) {
+        PyErr_SetString(PyExc_ValueError, "recv_many() needs max_n >= 1");
+        return NULL;
+    }
+    if (msg_deadline(a[1], 0, &deadline) < 0)
+        return NULL;
+    MappingObject *m;
+    struct topic_sub *e = sub_enter(s, &m, 1);
+    if (e == NULL)
+        return NULL;
+    TopicObject *o = s->topic;
+    topic_t *t = &o->t;
+    PyObject *list = PyList_New(0);
+    if (list == NULL || sub_report_lost(s) < 0)
+        goto fail;
+    while (PyList_GET_SIZE(list) < max_n) {
+        uint64_t pos = 0, missed = 0;
+        uint32_t len = 0;
+        int k = topic_next(t, e, &pos, &len, &missed);
+        if (k < 0)
+            goto fail;
+        if (k == TN_LOST) {
+            if (PyList_GET_SIZE(list) > 0) {
+                s->lost = missed;
+                break;
+            }
+            raise_lost(TST(s), o->name, missed);
+            goto fail;
+        }
+        if (k == TN_READY) {
+            uint64_t rpos[RUN_MAX];
+            uint32_t rlen[RUN_MAX];
+            Py_ssize_t had = PyList_GET_SIZE(list), room = max_n - had;
+            int n = topic_run(t, e, pos, len, rpos, rlen, room < RUN_MAX ? (int)room : RUN_MAX);
+            for (int i = 0; i < n; i++) {
+                PyObject *b = msg_new_bytes(rlen[i]);
+                if (b == NULL || PyList_Append(list, b) < 0) {
+                    Py_XDECREF(b); /* none of the run taken: it stays for the next call */
+                    PyList_SetSlice(list, had, PY_SSIZE_T_MAX, NULL);
+                    goto fail;
+                }
+                Py_DECREF(b);
+                ring_copy(PyBytes_AS_STRING(b), (const char *)(trec_at(t, rpos[i]) + 1), rlen[i]);
+            }
+            shm_crash_point("topic.recv.copied");
+            if (!topic_still_there(t, rpos[0])) {
+                /* some were overwritten while copied: the next look reports the loss */
+                PyList_SetSlice(list, had, PY_SSIZE_T_MAX, NULL);
+                continue;
+            }
+            uint64_t next = rpos[n - 1] + trec_total(rlen[n - 1]);
+            topic_advance(t, e, next, (uint64_t)n, sub_hold(s, next), 0);
+            continue;
+        }
+        if (PyList_GET_SIZE(list) > 0)
+            break;
+        int w = topic_wait_data(t, m, e, deadline, &s->spin_ns);
+        if (w < 0)
+            goto fail;
+        if (w == 0)
+            break; /* [] on timeout, as Channel.recv_many */
+    }
+    topic_wake_publishers(t);
+    sub_leave(s, m, 1);
+    return list;
+fail:
+    if (list != NULL && PyList_GET_SIZE(list) > 0)
+        topic_wake_publishers(t);
+    sub_leave(s, m, 1);
+    if (list != NULL && PyList_GET_SIZE(list) > 0) {
+        PyErr_Clear(); /* messages already taken are delivered */
+        return list;
+    }
+    Py_XDECREF(list);
+    return NULL;
 }
 
 static PyObject *
@@ -781,6 +968,13 @@ static PyMethodDef Sub_methods[] = {
      ">>> sub.recv(timeout=1.0)\nb'tick'"},
     {"recv_nowait", (PyCFunction)Sub_recv_nowait, METH_NOARGS,
      "recv_nowait($self, /)\n--\n\nThe next message, or raise Empty (a WouldBlock)."},
+    {"recv_many", (PyCFunction)(void (*)(void))Sub_recv_many, FAST,
+     "recv_many($self, /, max_n=1024, timeout=None)\n--\n\n"
+     "recv_many(max_n=1024, timeout=None) -> list[bytes]\n\nWait as recv() for the next "
+     "message, then take the ones already published\nafter it, up to max_n, in one call; [] "
+     "on timeout.  Raises MessagesLost as\nrecv() does; a loss met after the first message is "
+     "raised by the next call,\nso the messages taken are never dropped.\n\n"
+     ">>> sub.recv_many(timeout=1.0)\n[b'a', b'b']"},
     {"_take", (PyCFunction)(void (*)(void))Sub_take, FAST,
      "_take($self, /, timeout=None, nowait=False)\n--\n\n"
      "The next message as a TopicView (see Subscriber.recv_view)."},

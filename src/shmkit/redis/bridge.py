@@ -368,7 +368,7 @@ class Bridge:
 
 
     def _topic_to(self) -> int:
-        from ..errors import BackendError, Empty, MessagesLost, Timeout
+        from ..errors import BackendError, MessagesLost
         assert self._lt is not None and self._rt is not None
         rt = self._rt
         with self._lt.subscribe(history=0) as sub:
@@ -377,11 +377,7 @@ class Bridge:
                     self._record["lag"] = sub.lag
                 batch: list[bytes] = []
                 try:
-                    batch.append(sub.recv(timeout=_POLL))
-                    while len(batch) < self._batch:
-                        batch.append(sub.recv_nowait())
-                except (Timeout, Empty):
-                    pass
+                    batch = sub.recv_many(self._batch, timeout=_POLL)
                 except MessagesLost as e:
                     self._count(missed=e.missed)
                     self.log(f"shmkit bridge: {e.missed} local messages were overwritten "

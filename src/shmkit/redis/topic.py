@@ -148,8 +148,10 @@ class Topic(RedisObject):
         """Publish one message (as :meth:`publish`: a Redis topic never waits)."""
         self.publish_many([data])
 
-    def publish_many(self, messages: Iterable[Buffer]) -> int:
-        """Publish messages in order, in one script call per 1000; returns how many."""
+    def publish_many(self, messages: Iterable[Buffer], timeout: float | None = None) -> int:
+        """Publish messages in order, in one script call per 1000; returns how
+        many (never waits: ``timeout`` is checked and always met)."""
+        deadline(timeout)
         self._writable()
         msgs = [_as_bytes(m) for m in messages]
         for m in msgs:
