@@ -301,11 +301,14 @@ def _kinds() -> dict:
         for _ in range(rng.randrange(1, 4)):
             yield "publish_nowait", lambda: t.publish_nowait(rng.randbytes(rng.randrange(300)))
         yield "publish", lambda: t.publish(rng.randbytes(rng.randrange(300)), timeout=0)
+        yield "publish_many", lambda: t.publish_many(
+            [rng.randbytes(rng.randrange(300)) for _ in range(rng.randrange(40))], timeout=0)
 
         def recv():
             for s in subs:
                 s.recv_nowait()
                 s.recv(timeout=0)
+                s.recv_many(rng.choice([1, 3, 1000]), timeout=0)
                 (s.lag, s.received, s.missed, s.index, s.closed)
 
         def take():

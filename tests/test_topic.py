@@ -289,6 +289,88 @@ def test_misuse_raises_specific_errors(name, names):
     ro.close()
 
 
+def test_batches_check_every_message_first_and_say_what_went(name):
+    with Topic(name, capacity=1024) as topic:
+        sub = topic.subscribe()
+        assert topic.publish_many([]) == 0 and sub.recv_many(timeout=0) == []
+        for bad, err in ([b"a", b"x" * 1009], MessageTooLarge), ([b"a", "text"], TypeError), \
+                ([b"a", np.arange(10)[::2]], BufferError), (b"ab", TypeError), (5, TypeError):
+            with pytest.raises(err):
+                topic.publish_many(bad)
+            assert topic.published == 0  # nothing of a refused batch went
+        assert topic.publish_many((bytearray(b"%d" % i) for i in range(3))) == 3
+        assert sub.recv_many() == [b"0", b"1", b"2"]
+        # block mode: the subscriber does not read, so the batch stops where room ends
+        with pytest.raises(Timeout) as e:
+            topic.publish_many([b"y" * 100] * 20, timeout=0.05)
+        went = e.value.sent
+        assert 0 < went < 20 and topic.published == 3 + went
+        assert sub.recv_many(max_n=2) == [b"y" * 100] * 2
+        assert len(sub.recv_many()) == went - 2 and sub.lag == 0
+        for bad_n in (0, -1):
+            with pytest.raises(ValueError, match="max_n"):
+                sub.recv_many(bad_n)
+        with pytest.raises(TypeError):
+            sub.recv_many("3")
+        with topic.loan(4, timeout=1):
+            with pytest.raises(BusyError, match="open loan"):
+                topic.publish_many([b"a"])
+        assert sub.recv_many(timeout=1) == [bytes(4)]
+        sub.close()
+        with pytest.raises(ClosedError):
+            sub.recv_many()
+    with pytest.raises(ClosedError):
+        topic.publish_many([b"a"])
+
+
+def _publish_numbers(name, n):
+    pad = b"." * 1000  # runs long enough to be overwritten while they are copied
+    with Topic.open(name) as topic:
+        for i in range(0, n, 50):
+            topic.publish_many([b"%09d" % j + pad for j in range(i, min(n, i + 50))])
+
+
+def test_recv_many_keeps_a_loss_for_the_next_call(name):
+    """Overwrite mode: a loss met after taking messages is raised by the next
+    call, with the exact count, and the messages taken are returned."""
+    with Topic(name, capacity=16384, overflow="overwrite") as topic:
+        sub = topic.subscribe()
+        topic.publish_many([b"%03d" % i for i in range(5)])
+        assert sub.recv_many(2) == [b"000", b"001"]
+        topic.publish_many([b"%03d" % i + b"." * 900 for i in range(5, 40)])
+        with pytest.raises(MessagesLost) as e:
+            sub.recv_many()
+        first = e.value.missed
+        rest = sub.recv_many()
+        assert first + len(rest) == 38 and sub.missed == first
+        assert [int(m[:3]) for m in rest] == list(range(40 - len(rest), 40))
+        # a publisher in another process overwrites while recv_many copies:
+        # losses found behind messages already taken add up exactly
+        n = 100_000
+        pid = _fork(_publish_numbers, name, n)
+        got = lost = calls = 0
+        last = -1
+        while True:
+            try:
+                ms = sub.recv_many(1000, timeout=0)
+            except MessagesLost as e:
+                lost += e.missed
+                continue
+            calls += 1
+            if not ms:
+                if pid and os.waitpid(pid, os.WNOHANG)[0]:
+                    pid = 0
+                if not pid and sub.lag == 0:
+                    break
+                continue
+            for m in ms:
+                assert int(m[:9]) > last
+                last = int(m[:9])
+            got += len(ms)
+        assert last == n - 1 and got + lost == n and sub.missed == first + lost
+        assert lost > 0
+
+
 def test_full_nowait_in_block_mode(name):
     with Topic(name, capacity=256) as topic, topic.subscribe():
         topic.publish_nowait(b"a" * 100)
