@@ -480,9 +480,12 @@ topic_publish_run(topic_t *t, MappingObject *m, const Py_buffer *bufs, Py_ssize_
     if (done > 0)
         publish_upto(t, tl, sq, nh);
     topic_unlock(m, t);
-    if (done > 0)
-        ring_wake(&t->h->data_seq, &t->h->data_sleepers);
-    return k < 0 ? -1 : done;
+    if (done == 0)
+        return k < 0 ? -1 : 0;
+    ring_wake(&t->h->data_seq, &t->h->data_sleepers);
+    if (k < 0)
+        PyErr_Clear(); /* what went is counted; the next run meets the damage again */
+    return done;
 }
 
 /* ---- waiting ------------------------------------------------------------------ */

@@ -174,8 +174,9 @@ int topic_publish(topic_t *t, MappingObject *m, const char *src, uint64_t len,
 /* Publish bufs[0..n) in order under one holding of plock (up to about
  * TOPIC_RUN_BYTES of records), waking subscribers once.  Returns how many
  * were published: fewer than n when the run's bytes ran out or there was
- * no room for the next (block mode); -1 with an error set (the messages
- * before it may have been published: a corrupt ring says so). */
+ * no room for the next (block mode) or damage stopped it (the next run
+ * meets the damage again and says so); -1 with an error set when none
+ * was published. */
 #define TOPIC_RUN_BYTES (256u * 1024)
 Py_ssize_t topic_publish_run(topic_t *t, MappingObject *m, const Py_buffer *bufs,
                              Py_ssize_t n, int64_t deadline);
