@@ -39,7 +39,7 @@ msg_too_large(PyObject *self, const char *kind, PyObject *name, Py_ssize_t len,
 void
 msg_note_sent(Py_ssize_t sent)
 {
-    if (!PyErr_Occurred() || sent == 0)
+    if (!PyErr_Occurred())
         return;
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);

@@ -167,8 +167,8 @@ msg_release(Py_buffer *b)
 int msg_too_large(PyObject *self, const char *kind, PyObject *name, Py_ssize_t len,
                   unsigned long long most);
 
-/* A batch call failed after `sent` of its messages went: say so on the
- * exception set (as its .sent attribute), when any went. */
+/* A batch call failed after `sent` of its messages went (0 too): say so
+ * on the exception set, as its .sent attribute. */
 void msg_note_sent(Py_ssize_t sent);
 
 /* The mapping of a ring's handle `self`, pinned for the call: NULL with

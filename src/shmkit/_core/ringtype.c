@@ -422,7 +422,8 @@ Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
     if (stop < 0)
         return NULL;
     Py_ssize_t max_n = 1024;
-    if (a[0] && (max_n = PyLong_AsSsize_t(a[0])) == -1 && PyErr_Occurred())
+    if (a[0] && (max_n = PyNumber_AsSsize_t(a[0], PyExc_OverflowError)) == -1 &&
+        PyErr_Occurred())
         return NULL;
     if (max_n < 1) {
         PyErr_SetString(PyExc_ValueError, "recv_many() needs max_n >= 1");

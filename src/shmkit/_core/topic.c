@@ -356,9 +356,21 @@ reserve_locked(topic_t *t, MappingObject *m, uint64_t tl, uint64_t sq, uint64_t 
         tl += skip;
         STORE(&h->tail, tl);
         shm_crash_point("topic.publish.skip_tail");
+        /* The record goes at the ring's start and may overwrite the journal's
+         * tail (a record over half the capacity, or a run's earlier ones): a
+         * repair must recount from here, where everything behind is whole. */
+        uint32_t sel = LOADR(&h->jsel) & 1;
+        STORER(&h->j[sel ^ 1].tail, tl);
+        STORER(&h->j[sel ^ 1].seq, sq);
+        STORE(&h->jsel, sel ^ 1);
+        shm_crash_point("topic.publish.skip_journal");
     }
     if (advance_head(t, hd, need, tl, &nh) < 0)
         return -1;
+    if (len >= BIG_COPY)
+        /* a copy this large may use non-temporal stores, which a release
+         * fence does not keep behind the store of head */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
     trec_t *r = trec_at(t, tl);
     STORER(&r->len, (uint32_t)len);
     STORER(&r->seq, sq);
@@ -477,6 +489,9 @@ topic_publish_run(topic_t *t, MappingObject *m, const Py_buffer *bufs, Py_ssize_
         nh = rv.head;
         done++;
     }
+    uint64_t marker = LOADR(&t->h->tail); /* past a wrap marker of a run cut short */
+    if (marker > tl && marker - tl < t->cap)
+        tl = marker;
     if (done > 0)
         publish_upto(t, tl, sq, nh);
     topic_unlock(m, t);
@@ -499,6 +514,7 @@ typedef struct {
     uint64_t len;
     uint32_t me;
     int space;
+    const int *closed; /* data waits: the subscriber's, set by a close from another thread */
 } topic_waiter;
 
 static int
@@ -520,7 +536,7 @@ data_ready(void *ctx, uint32_t *sleep_on)
 {
     topic_waiter *c = ctx;
     *sleep_on = LOAD(&c->t->h->data_seq);
-    return LOAD(&c->t->h->tail) != LOADR(&c->s->pos);
+    return LOAD(&c->t->h->tail) != LOADR(&c->s->pos) || __atomic_load_n(c->closed, __ATOMIC_RELAXED);
 }
 
 /* Count ourselves asleep, in an entry claimed first (a dead former owner's
@@ -574,15 +590,15 @@ int
 topic_wait_space(topic_t *t, MappingObject *m, uint64_t len, int64_t deadline,
                  int64_t *spin_ns)
 {
-    topic_waiter c = {t, m, NULL, len, m->token, 1};
+    topic_waiter c = {t, m, NULL, len, m->token, 1, NULL};
     return topic_wait(&c, deadline, spin_ns);
 }
 
 int
-topic_wait_data(topic_t *t, MappingObject *m, struct topic_sub *s, int64_t deadline,
-                int64_t *spin_ns)
+topic_wait_data(topic_t *t, MappingObject *m, struct topic_sub *s, const int *closed,
+                int64_t deadline, int64_t *spin_ns)
 {
-    topic_waiter c = {t, m, s, 0, m->token, 0};
+    topic_waiter c = {t, m, s, 0, m->token, 0, closed};
     return topic_wait(&c, deadline, spin_ns);
 }
 

@@ -216,7 +216,8 @@ void topic_advance(topic_t *t, struct topic_sub *s, uint64_t next, uint64_t coun
                    uint64_t hold, int wake);
 void topic_wake_publishers(topic_t *t);
 void topic_set_hold(topic_t *t, struct topic_sub *s, uint64_t hold);
-int topic_wait_data(topic_t *t, MappingObject *m, struct topic_sub *s, int64_t deadline,
-                    int64_t *spin_ns);
+/* closed: the subscriber's flag; a close from another thread ends the wait. */
+int topic_wait_data(topic_t *t, MappingObject *m, struct topic_sub *s, const int *closed,
+                    int64_t deadline, int64_t *spin_ns);
 
 #endif

@@ -196,6 +196,10 @@ Topic_publish_many(TopicObject *o, PyObject *const *args, Py_ssize_t nargs, PyOb
     PyObject *seq = PySequence_Fast(a[0], "publish_many() needs an iterable of messages");
     if (seq == NULL)
         return NULL;
+    if (topic_loan_busy(o, "publish") < 0) { /* a generator may have opened one */
+        Py_DECREF(seq);
+        return NULL;
+    }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), got = 0, sent = 0;
     PyObject **items = PySequence_Fast_ITEMS(seq);
     Py_buffer *bufs = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_buffer));
@@ -652,12 +656,29 @@ sub_enter(SubObject *s, MappingObject **mp, int busy)
     return e;
 }
 
+static void sub_unsubscribe(SubObject *s);
+
 static void
 sub_leave(SubObject *s, MappingObject *m, int busy)
 {
-    if (busy)
+    if (busy) {
         s->busy = 0;
+        if (s->closed) /* closed by another thread meanwhile: leave the table now */
+            sub_unsubscribe(s);
+    }
     shm_unpin((PyObject *)m);
+}
+
+/* After a wait or a copy without the GIL: ClosedError (-1) if another
+ * thread closed this subscriber meanwhile. */
+static int
+sub_still_open(SubObject *s)
+{
+    if (!s->closed)
+        return 0;
+    PyErr_Format(TST(s)->ClosedError, "this subscriber of topic %R was closed while it "
+                 "received", s->topic->name);
+    return -1;
 }
 
 static uint64_t
@@ -744,8 +765,8 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how)
             PyErr_Format(TST(s)->Empty, "no new message on topic %R", o->name);
             goto done;
         }
-        int w = topic_wait_data(t, m, e, deadline, &s->spin_ns);
-        if (w < 0)
+        int w = topic_wait_data(t, m, e, &s->closed, deadline, &s->spin_ns);
+        if (w < 0 || sub_still_open(s) < 0)
             goto done;
         if (w == 0) {
             PyErr_Format(TST(s)->Timeout, "no message arrived on topic %R within the "
@@ -786,7 +807,8 @@ Sub_recv_many(SubObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *k
     Py_ssize_t max_n = 1024;
     if (msg_parse_args("recv_many", args, nargs, kw, 0, names, a) < 0)
         return NULL;
-    if (a[0] && (max_n = PyLong_AsSsize_t(a[0])) == -1 && PyErr_Occurred())
+    if (a[0] && (max_n = PyNumber_AsSsize_t(a[0], PyExc_OverflowError)) == -1 &&
+        PyErr_Occurred())
         return NULL;
     if (max_n < 1) {
         PyErr_SetString(PyExc_ValueError, "recv_many() needs max_n >= 1");
@@ -844,8 +866,8 @@ Sub_recv_many(SubObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *k
         }
         if (PyList_GET_SIZE(list) > 0)
             break;
-        int w = topic_wait_data(t, m, e, deadline, &s->spin_ns);
-        if (w < 0)
+        int w = topic_wait_data(t, m, e, &s->closed, deadline, &s->spin_ns);
+        if (w < 0 || sub_still_open(s) < 0)
             goto fail;
         if (w == 0)
             break; /* [] on timeout, as Channel.recv_many */
@@ -876,17 +898,32 @@ Sub_take(SubObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
 }
 
 static void
-sub_close(SubObject *s)
+sub_unsubscribe(SubObject *s)
 {
-    if (s->closed)
-        return;
-    s->closed = 1;
     TopicObject *o = s->topic;
     MappingObject *m = (MappingObject *)s->mapping;
     if (o != NULL && m != NULL && o->mapping == (PyObject *)m && m->base != NULL &&
         m->token == s->token && s->token != 0)
         topic_unsubscribe(&o->t, s->idx, s->token);
     s->nlent = 0;
+}
+
+/* A receive running in another thread (busy) still uses the entry: it
+ * leaves the table when that receive ends (sub_leave); its wait ends now. */
+static void
+sub_close(SubObject *s)
+{
+    if (s->closed)
+        return;
+    __atomic_store_n(&s->closed, 1, __ATOMIC_RELAXED);
+    if (!s->busy) {
+        sub_unsubscribe(s);
+        return;
+    }
+    TopicObject *o = s->topic;
+    MappingObject *m = (MappingObject *)s->mapping;
+    if (o != NULL && m != NULL && o->mapping == (PyObject *)m && m->base != NULL)
+        ring_wake(&o->t.h->data_seq, &o->t.h->data_sleepers);
 }
 
 static PyObject *

@@ -1,6 +1,5 @@
 /* wait.c - the one way to wait (policy and contract in wait.h). */
 #include "wait.h"
-#include <sched.h>
 #include <errno.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -52,7 +51,7 @@ spin(shm_wait *const *ws, int n, uint32_t *vals, int64_t spin_ns, int64_t deadli
     int k = first_ready(ws, n, vals);
     if (k >= 0 || spin_ns <= 0)
         return k;
-    int64_t start = shm_now_ns(), end = start + spin_ns, now;
+    int64_t end = shm_now_ns() + spin_ns;
     if (end > deadline)
         end = deadline;
     do {
@@ -61,11 +60,7 @@ spin(shm_wait *const *ws, int n, uint32_t *vals, int64_t spin_ns, int64_t deadli
             if ((k = first_ready(ws, n, vals)) >= 0)
                 return k;
         }
-        now = shm_now_ns();
-        /* past the first microseconds, let a runnable peer on this CPU go first */
-        if (now - start > 2000)
-            sched_yield();
-    } while (now < end);
+    } while (shm_now_ns() < end);
     return -1;
 }
 
