@@ -11,9 +11,6 @@
  *   1. spin for spin_ns with the GIL held (a partner that answers within
  *      microseconds is caught without a system call; giving the GIL up for
  *      so short a time can cost a whole switch interval to get it back);
- *      past its first 2 us each round of polls yields the CPU, so that a
- *      runnable peer on it (the one that would answer, when processes
- *      outnumber cores) goes first;
  *   2. arm(), re-test ready() (closing the race with a waker that saw no
  *      sleeper), then sleep on the word with the GIL released, in slices:
  *      SHM_WAIT_FIRST_SLICE_NS first, then SHM_WAIT_SLICE_NS;
