@@ -37,6 +37,60 @@ msg_too_large(PyObject *self, const char *kind, PyObject *name, Py_ssize_t len,
 }
 
 void
+msg_batch_release(msg_batch *b)
+{
+    for (Py_ssize_t i = 0; i < b->n; i++)
+        msg_release(&b->bufs[i]);
+    PyMem_Free(b->bufs);
+    Py_CLEAR(b->seq);
+    b->bufs = NULL;
+    b->n = 0;
+}
+
+int
+msg_batch_get(msg_batch *b, PyObject *iterable, const char *fname, const char *kind,
+              const char *hint, PyObject *self, int (*fits)(PyObject *, Py_ssize_t))
+{
+    char what[64];
+    PyOS_snprintf(what, sizeof what, "%s() needs an iterable of messages", fname);
+    b->n = 0;
+    b->bufs = NULL;
+    if ((b->seq = PySequence_Fast(iterable, what)) == NULL) {
+        msg_note_sent(0);
+        return -1;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(b->seq);
+    PyObject **items = PySequence_Fast_ITEMS(b->seq);
+    if ((b->bufs = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_buffer))) == NULL) {
+        PyErr_NoMemory();
+        msg_batch_release(b);
+        msg_note_sent(0);
+        return -1;
+    }
+    for (; b->n < n; b->n++) {
+        if (msg_get(items[b->n], &b->bufs[b->n], kind, hint) < 0)
+            break;
+        if (fits(self, b->bufs[b->n].len) < 0) {
+            /* say which message, and that none went */
+            PyObject *et, *ev, *tb;
+            PyErr_Fetch(&et, &ev, &tb);
+            PyErr_NormalizeException(&et, &ev, &tb);
+            PyErr_Format(et, "%s() sent none: message %zd: %S", fname, b->n, ev);
+            Py_XDECREF(et);
+            Py_XDECREF(ev);
+            Py_XDECREF(tb);
+            b->n++; /* release this one too */
+            break;
+        }
+    }
+    if (b->n == n && !PyErr_Occurred())
+        return 0;
+    msg_batch_release(b);
+    msg_note_sent(0);
+    return -1;
+}
+
+void
 msg_note_sent(Py_ssize_t sent)
 {
     if (!PyErr_Occurred())

@@ -167,6 +167,20 @@ msg_release(Py_buffer *b)
 int msg_too_large(PyObject *self, const char *kind, PyObject *name, Py_ssize_t len,
                   unsigned long long most);
 
+/* The messages of a batch call (send_many, publish_many), each held as a
+ * buffer and checked by fits(self, len) (which raises, -1) before any is
+ * sent.  msg_batch_get: 0, or -1 with an error set (.sent = 0) and
+ * nothing held;
+ * msg_batch_release gives every buffer back. */
+typedef struct {
+    PyObject *seq;
+    Py_buffer *bufs;
+    Py_ssize_t n;
+} msg_batch;
+int msg_batch_get(msg_batch *b, PyObject *iterable, const char *fname, const char *kind,
+                  const char *hint, PyObject *self, int (*fits)(PyObject *, Py_ssize_t));
+void msg_batch_release(msg_batch *b);
+
 /* A batch call failed after `sent` of its messages went (0 too): say so
  * on the exception set, as its .sent attribute. */
 void msg_note_sent(Py_ssize_t sent);

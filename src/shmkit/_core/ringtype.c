@@ -147,46 +147,30 @@ Ring_send_nowait(RingObject *r, PyObject *msg)
     return send_impl(r, msg, NULL, 1);
 }
 
+static int
+batch_fits(PyObject *r, Py_ssize_t len)
+{
+    return check_size((RingObject *)r, len);
+}
+
 static PyObject *
 Ring_send_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
 {
     static const char *const names[] = {"messages", "timeout", NULL};
     PyObject *a[2];
-    if (msg_parse_args("send_many", args, nargs, kw, 1, names, a) < 0)
-        return NULL;
-    PyObject *seq = PySequence_Fast(a[0], "send_many() needs an iterable of messages");
-    if (seq == NULL)
-        return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), got = 0, sent = 0;
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    Py_buffer *bufs = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_buffer));
-    MappingObject *m = NULL;
+    msg_batch b;
+    if (msg_parse_args("send_many", args, nargs, kw, 1, names, a) < 0 ||
+        msg_batch_get(&b, a[0], "send_many", "channel", CHANNEL_HINT, (PyObject *)r,
+                      batch_fits) < 0)
+        return NULL; /* nothing sent */
+    Py_ssize_t sent = 0;
     int err = 1;
-    if (bufs == NULL) {
-        PyErr_NoMemory();
-        goto out;
+    MappingObject *m = ring_enter(r);
+    if (m != NULL) {
+        sent = ring_send(r, m, b.bufs, b.n, a[1], 0, &err);
+        ring_leave(m);
     }
-    for (; got < n; got++) {
-        if (msg_get(items[got], &bufs[got], "channel", CHANNEL_HINT) < 0)
-            goto out;
-        if (check_size(r, bufs[got].len) < 0) {
-            PyErr_Format(RING_ST(r)->MessageTooLarge, "message %zd of send_many() has %zd bytes; "
-                         "channel %R holds at most %llu bytes per message; nothing was "
-                         "sent", got, bufs[got].len, r->name,
-                         (unsigned long long)(r->cap - 8));
-            got++; /* release this one too */
-            goto out;
-        }
-    }
-    if ((m = ring_enter(r)) == NULL)
-        goto out;
-    sent = ring_send(r, m, bufs, n, a[1], 0, &err);
-    ring_leave(m);
-out:
-    for (Py_ssize_t i = 0; i < got; i++)
-        msg_release(&bufs[i]);
-    PyMem_Free(bufs);
-    Py_DECREF(seq);
+    msg_batch_release(&b);
     if (err) {
         msg_note_sent(sent);
         return NULL;

@@ -181,6 +181,12 @@ Topic_publish_nowait(TopicObject *o, PyObject *msg)
     return publish_impl(o, msg, NULL, 1);
 }
 
+static int
+batch_fits(PyObject *o, Py_ssize_t len)
+{
+    return publish_fits((TopicObject *)o, len);
+}
+
 /* Every message is checked before the first is published; the deadline
  * covers the whole batch.  On an error, .sent on the exception says how
  * many were published (in order: the first .sent of them). */
@@ -190,53 +196,30 @@ Topic_publish_many(TopicObject *o, PyObject *const *args, Py_ssize_t nargs, PyOb
     static const char *const names[] = {"messages", "timeout", NULL};
     PyObject *a[2];
     int64_t deadline;
+    msg_batch b;
     if (msg_parse_args("publish_many", args, nargs, kw, 1, names, a) < 0 ||
-        topic_loan_busy(o, "publish") < 0 || msg_deadline(a[1], 0, &deadline) < 0)
-        return NULL;
-    PyObject *seq = PySequence_Fast(a[0], "publish_many() needs an iterable of messages");
-    if (seq == NULL)
-        return NULL;
-    if (topic_loan_busy(o, "publish") < 0) { /* a generator may have opened one */
-        Py_DECREF(seq);
-        return NULL;
-    }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), got = 0, sent = 0;
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    Py_buffer *bufs = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_buffer));
+        topic_loan_busy(o, "publish") < 0 || msg_deadline(a[1], 0, &deadline) < 0 ||
+        msg_batch_get(&b, a[0], "publish_many", "topic", "encode it first", (PyObject *)o,
+                      batch_fits) < 0)
+        return NULL; /* nothing published */
+    Py_ssize_t sent = 0, n = b.n;
     MappingObject *m = NULL;
-    int failed = 1;
-    if (bufs == NULL) {
-        PyErr_NoMemory();
-        goto out;
-    }
-    for (; got < n; got++) {
-        if (msg_get(items[got], &bufs[got], "topic", "encode it first") < 0)
-            goto out;
-        if (publish_fits(o, bufs[got].len) < 0) {
-            got++; /* release this one too */
-            goto out;
+    /* a generator may have opened a loan meanwhile */
+    if (topic_loan_busy(o, "publish") == 0 && (m = topic_enter(o, 1)) != NULL) {
+        while (sent < n) {
+            /* runs under one holding of the lock; when the next has no room,
+             * publish it alone as publish() would, waiting */
+            Py_ssize_t k = topic_publish_run(&o->t, m, b.bufs + sent, n - sent, deadline);
+            if (k == 0 && publish_one(o, m, &b.bufs[sent], deadline, 0) == 0)
+                k = 1;
+            if (k <= 0)
+                break;
+            sent += k;
         }
+        shm_unpin((PyObject *)m);
     }
-    if ((m = topic_enter(o, 1)) == NULL)
-        goto out;
-    while (sent < n) {
-        /* runs under one holding of the lock; when the next has no room,
-         * publish it alone as publish() would, waiting */
-        Py_ssize_t k = topic_publish_run(&o->t, m, bufs + sent, n - sent, deadline);
-        if (k == 0 && publish_one(o, m, &bufs[sent], deadline, 0) == 0)
-            k = 1;
-        if (k <= 0)
-            break;
-        sent += k;
-    }
-    shm_unpin((PyObject *)m);
-    failed = sent < n;
-out:
-    for (Py_ssize_t i = 0; i < got; i++)
-        msg_release(&bufs[i]);
-    PyMem_Free(bufs);
-    Py_DECREF(seq);
-    if (failed) {
+    msg_batch_release(&b);
+    if (sent < n) {
         msg_note_sent(sent);
         return NULL;
     }
