@@ -129,7 +129,7 @@ def test_message_too_large(name):
         assert len(ch.recv()) == 1016
         with pytest.raises(MessageTooLarge, match="capacity="):
             ch.send(b"a" * 1017)
-        with pytest.raises(MessageTooLarge, match="send_many\(\) sent none: message 1"):
+        with pytest.raises(MessageTooLarge, match=r"send_many\(\) sent none: message 1"):
             ch.send_many([b"ok", b"a" * 5000])
         assert ch.statistics()["sent"] == 1  # nothing of the failed batch went
 
