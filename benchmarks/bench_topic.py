@@ -76,53 +76,40 @@ def _finish(ps: list) -> float:
 # -- 64 B fan-out ---------------------------------------------------------------------
 
 
-def _topic_sub(ready, name, n):
+def _topic_sub(ready, name, n, batch=False):
     import shmkit
     t = shmkit.Topic.open(name)
     sub = t.subscribe()
     ready.set()
+    if batch:
+        recv_many = sub.recv_many
+        got = 0
+        while got < n:
+            got += len(recv_many())
+        return
     recv = sub.recv
     for _ in range(n):
         recv()
 
 
-def _topic_fanout(k: int, n: int) -> float:
+def _topic_fanout(k: int, n: int, batch: int = 0) -> float:
+    """n messages to k subscribers: one publish each, or publish_many of
+    `batch` with every subscriber calling recv_many."""
     import shmkit
     t = shmkit.Topic(_name(), capacity=1 << 20)
     try:
-        ps = _peers(k, _topic_sub, t.name, n)
-        publish = t.publish
-        t0 = time.perf_counter()
-        for _ in range(n):
-            publish(MSG)
-        return _finish(ps) - t0
-    finally:
-        t.unlink()
-        t.close()
-
-
-def _topic_sub_many(ready, name, n):
-    import shmkit
-    t = shmkit.Topic.open(name)
-    sub = t.subscribe()
-    ready.set()
-    recv_many = sub.recv_many
-    got = 0
-    while got < n:
-        got += len(recv_many())
-
-
-def _topic_fanout_many(k: int, n: int) -> float:
-    """publish_many in batches of BATCH, each subscriber recv_many."""
-    import shmkit
-    t = shmkit.Topic(_name(), capacity=1 << 20)
-    try:
-        ps = _peers(k, _topic_sub_many, t.name, n)
-        batch = [MSG] * BATCH
-        publish_many = t.publish_many
-        t0 = time.perf_counter()
-        for i in range(0, n, BATCH):
-            publish_many(batch if n - i >= BATCH else batch[:n - i])
+        ps = _peers(k, _topic_sub, t.name, n, bool(batch))
+        if batch:
+            msgs = [MSG] * batch
+            publish_many = t.publish_many
+            t0 = time.perf_counter()
+            for i in range(0, n, batch):
+                publish_many(msgs if n - i >= batch else msgs[:n - i])
+        else:
+            publish = t.publish
+            t0 = time.perf_counter()
+            for _ in range(n):
+                publish(MSG)
         return _finish(ps) - t0
     finally:
         t.unlink()
@@ -208,7 +195,7 @@ for _k in (1, 4):
     workload(_bench, unit="Mops/s", system="shmkit.Topic", n=N_SMALL)(
         lambda n, k=_k: _topic_fanout(k, n))
     workload(_bench, system=f"shmkit.Topic publish_many/recv_many ({BATCH} a batch)",
-             n=N_SMALL * 4)(lambda n, k=_k: _topic_fanout_many(k, n))
+             n=N_SMALL * 4)(lambda n, k=_k: _topic_fanout(k, n, BATCH))
     workload(_bench, system="pyzmq PUB/SUB ipc", requires=("zmq",), n=N_SMALL)(
         lambda n, k=_k: _zmq_fanout(k, n))
     workload(_bench, system="mp.Queue per subscriber", reference=True, n=N_SMALL // 4)(
