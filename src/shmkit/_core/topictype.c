@@ -37,7 +37,7 @@ typedef struct {
     int closed, busy;
     uint32_t nlent;
     uint64_t lent[LENT_MAX]; /* positions of views not yet released, ascending */
-    uint64_t lost; /* a loss recv_many met after taking messages: the next call reports it */
+    uint64_t lost; /* losses met but not yet raised (see sub_report_lost) */
     int64_t spin_ns;
     PyObject *weakreflist;
 } SubObject;
@@ -672,16 +672,20 @@ sub_hold(SubObject *s, uint64_t next)
 
 static PyObject *make_tview(SubObject *s, MappingObject *m, uint64_t pos, uint32_t len);
 
-/* Raise the loss a recv_many met after it had taken messages (it returned
- * those): -1 with MessagesLost set, once; else 0. */
+/* Raise the losses counted in s->lost (met now, or by a recv_many that
+ * returned the messages it had taken first): -1 with MessagesLost set;
+ * else 0.  The count is cleared only once MessagesLost is raised: if
+ * making it fails (Ctrl-C inside its __init__, no memory), the next call
+ * reports it. */
 static int
 sub_report_lost(SubObject *s)
 {
     uint64_t missed = s->lost;
     if (missed == 0)
         return 0;
-    s->lost = 0;
     raise_lost(TST(s), s->topic->name, missed);
+    if (PyErr_ExceptionMatches(TST(s)->MessagesLost))
+        s->lost = 0;
     return -1;
 }
 
@@ -714,7 +718,8 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how)
         if (k < 0)
             goto done;
         if (k == TN_LOST) {
-            raise_lost(TST(s), o->name, missed);
+            s->lost += missed;
+            sub_report_lost(s);
             goto done;
         }
         if (k == TN_READY) {
@@ -815,11 +820,10 @@ Sub_recv_many(SubObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *k
         if (k < 0)
             goto fail;
         if (k == TN_LOST) {
-            if (PyList_GET_SIZE(list) > 0) {
-                s->lost = missed;
-                break;
-            }
-            raise_lost(TST(s), o->name, missed);
+            s->lost += missed;
+            if (PyList_GET_SIZE(list) > 0)
+                break; /* the messages taken go out now, the loss with the next call */
+            sub_report_lost(s);
             goto fail;
         }
         if (k == TN_READY) {
