@@ -300,19 +300,27 @@ advance_head(topic_t *t, uint64_t hd, uint64_t need, uint64_t tl, uint64_t *out)
 
 /* ---- publishing ------------------------------------------------------------ */
 
-/* Take plock and note where publishing starts in the journal (a dead
- * publisher's repair recounts seq from there).  1, or -1 unlocked. */
+/* With plock held: note in the journal that everything before tl is whole
+ * and numbered below sq (a dead publisher's repair recounts seq from
+ * there): into the slot not in force, then flip jsel. */
+static void
+journal_note(struct topic_hdr *h, uint64_t tl, uint64_t sq)
+{
+    uint32_t sel = LOADR(&h->jsel) & 1;
+    STORER(&h->j[sel ^ 1].tail, tl);
+    STORER(&h->j[sel ^ 1].seq, sq);
+    STORE(&h->jsel, sel ^ 1);
+}
+
+/* Take plock and note where publishing starts in the journal.  1, or -1
+ * unlocked. */
 static int
 publish_begin(topic_t *t, MappingObject *m, int64_t deadline)
 {
     struct topic_hdr *h = t->h;
     if (topic_lock(t, m, deadline) < 0)
         return -1;
-    uint64_t tl = LOADR(&h->tail), sq = LOADR(&h->seq);
-    uint32_t sel = LOADR(&h->jsel) & 1;
-    STORER(&h->j[sel ^ 1].tail, tl);
-    STORER(&h->j[sel ^ 1].seq, sq);
-    STORE(&h->jsel, sel ^ 1);
+    journal_note(h, LOADR(&h->tail), LOADR(&h->seq));
     shm_crash_point("topic.publish.journal");
     return 1;
 }
@@ -359,10 +367,7 @@ reserve_locked(topic_t *t, MappingObject *m, uint64_t tl, uint64_t sq, uint64_t 
         /* The record goes at the ring's start and may overwrite the journal's
          * tail (a record over half the capacity, or a run's earlier ones): a
          * repair must recount from here, where everything behind is whole. */
-        uint32_t sel = LOADR(&h->jsel) & 1;
-        STORER(&h->j[sel ^ 1].tail, tl);
-        STORER(&h->j[sel ^ 1].seq, sq);
-        STORE(&h->jsel, sel ^ 1);
+        journal_note(h, tl, sq);
         shm_crash_point("topic.publish.skip_journal");
     }
     if (advance_head(t, hd, need, tl, &nh) < 0)
