@@ -163,6 +163,79 @@ def test_mutex_basics(name):
         m.acquire()
 
 
+@pytest.mark.parametrize("kind", ["Mutex", "Semaphore"])
+def test_with_blocks_bind_like_methods(kind, names):
+    """`with` binds __enter__/__exit__ without a new method object per block
+    (special.c); the binding must still behave as a bound method does."""
+    import gc
+    import inspect
+    import weakref
+
+    cls = getattr(shmkit, kind)
+    name = names()
+    kw = {"value": 1} if kind == "Semaphore" else {}
+    watcher = cls(name, **kw)
+
+    def busy() -> bool:
+        return watcher.locked() if kind == "Mutex" else watcher.value == 0
+
+    # a handle made for the block alone lives until its __exit__ has run
+    with cls(name):
+        gc.collect()
+        assert busy()
+    assert not busy()
+    # an exception in the block: released, and the exception is not swallowed
+    with pytest.raises(KeyError):
+        with watcher:
+            raise KeyError("x")
+    assert not busy()
+    # unbound and bound calls, and their argument checks
+    cls.__enter__(watcher)
+    assert busy()
+    cls.__exit__(watcher, None, None, None)
+    assert not busy()
+    with pytest.raises(TypeError, match="doesn't apply"):
+        cls.__enter__(object())
+    with pytest.raises(TypeError, match="takes no arguments"):
+        watcher.__enter__(1)
+    with pytest.raises(TypeError, match="keyword"):
+        watcher.__exit__(exc=None)
+    assert str(inspect.signature(cls.__enter__)) == "(self, /)"
+    assert watcher.__exit__.__self__ is watcher and watcher.__exit__.__name__ == "__exit__"
+    # a bound method keeps its object, and one stored in its own object is a
+    # cycle that the collector frees (the handle's mapping with it)
+    other = cls(name)
+    exit_ = other.__exit__
+    other.__enter__()
+    del other
+    assert busy()
+    exit_(None, None, None)
+    assert not busy()
+    del exit_
+    cyclic = cls(name)
+    cyclic.own = cyclic.__enter__
+    gone = weakref.ref(cyclic)
+    del cyclic
+    gc.collect()
+    assert gone() is None
+    # many threads entering blocks at once: exclusion holds, nothing leaks
+    hits = [0]
+
+    def work() -> None:
+        for _ in range(2000):
+            with watcher:
+                v = hits[0]
+                hits[0] = v + 1
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert hits[0] == 8000 and not busy()
+    watcher.close()
+
+
 def _release_later(obj, delay: float, how: str = "release") -> threading.Thread:
     t = threading.Thread(target=lambda: (time.sleep(delay), getattr(obj, how)()))
     t.start()

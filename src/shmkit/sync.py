@@ -465,13 +465,6 @@ class Semaphore(_core.Semaphore, _Placed):
         if not self.acquire(False):
             raise WouldBlock(f"semaphore {self.name!r} has no free unit")
 
-    def __enter__(self) -> "Semaphore":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
     def statistics(self) -> dict[str, Any]:
         """``{"value", "waiters"}``: units free now, waiters that may be asleep."""
         return {"value": self.value, "waiters": self.waiters}

@@ -513,8 +513,13 @@ lock_acquire(LockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject
 }
 
 static PyObject *
-lock_enter(LockObject *self, PyObject *Py_UNUSED(ignored))
+lock_enter(PyObject *obj, PyObject *const *Py_UNUSED(args), Py_ssize_t nargs)
 {
+    LockObject *self = (LockObject *)obj;
+    if (nargs != 0) {
+        PyErr_Format(PyExc_TypeError, "__enter__() takes no arguments (%zd given)", nargs);
+        return NULL;
+    }
     int r = try_fast(self);
     if (r < 0 || (r == 0 && slow_acquire(self, SHM_FOREVER) < 0))
         return NULL;
@@ -532,10 +537,16 @@ lock_release(LockObject *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
-lock_exit(LockObject *self, PyObject *const *args, Py_ssize_t nargs)
+lock_exit(PyObject *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
 {
-    return lock_release(self, NULL);
+    return lock_release((LockObject *)self, NULL);
 }
+
+static const shm_special_def lock_specials[] = {
+    {"__enter__", lock_enter, "($self, /)", "Acquire the lock (as acquire())."},
+    {"__exit__", lock_exit, "($self, *exc_info)", "Release the lock."},
+    {NULL},
+};
 
 static PyObject *
 lock_locked(LockObject *self, PyObject *Py_UNUSED(ignored))
@@ -575,10 +586,6 @@ static PyMethodDef lock_methods[] = {
     {"release", (PyCFunction)lock_release, METH_NOARGS, "release($self, /)\n--\n\n"},
     {"locked", (PyCFunction)lock_locked, METH_NOARGS, "locked($self, /)\n--\n\n"
      "locked() -> bool"},
-    {"__enter__", (PyCFunction)lock_enter, METH_NOARGS, "__enter__($self, /)\n--\n\n"
-     "Acquire the lock (as acquire())."},
-    {"__exit__", (PyCFunction)(void (*)(void))lock_exit, METH_FASTCALL, "__exit__($self, *exc_info)\n--\n\n"
-     "Release the lock."},
     {NULL}
 };
 
@@ -618,5 +625,8 @@ static PyType_Spec lock_spec = {
 int
 shm_init_lock(PyObject *module)
 {
-    return shm_add_type(module, &lock_spec, &shm_mod_state(module)->Lock);
+    shm_state *st = shm_mod_state(module);
+    if (shm_add_type(module, &lock_spec, &st->Lock) < 0)
+        return -1;
+    return shm_add_specials(module, st->Lock, lock_specials);
 }

@@ -414,6 +414,38 @@ py_sem_release(SemObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* `with sem:` takes one unit for the block and gives it back after. */
+static PyObject *
+sem_enter(PyObject *obj, PyObject *const *Py_UNUSED(args), Py_ssize_t nargs)
+{
+    SemObject *self = (SemObject *)obj;
+    if (nargs != 0) {
+        PyErr_Format(PyExc_TypeError, "__enter__() takes no arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (ready_obj(self) < 0)
+        return NULL;
+    shm_pin(self->mapping);
+    int r = sem_acquire(self, SHM_FOREVER);
+    shm_unpin(self->mapping);
+    return r < 0 ? NULL : Py_NewRef(obj);
+}
+
+static PyObject *
+sem_exit(PyObject *obj, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
+{
+    SemObject *self = (SemObject *)obj;
+    if (ready_obj(self) < 0 || sem_release(self, 1) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static const shm_special_def sem_specials[] = {
+    {"__enter__", sem_enter, "($self, /)", "Take one unit (as acquire())."},
+    {"__exit__", sem_exit, "($self, *exc_info)", "Give the unit back."},
+    {NULL},
+};
+
 static PyObject *
 load_word(SemObject *self, uint64_t off)
 {
@@ -559,5 +591,8 @@ shm_init_semaphore(PyObject *module)
 {
     if (PyModule_AddFunctions(module, module_fns) < 0)
         return -1;
-    return shm_add_type(module, &sem_spec, &shm_mod_state(module)->Semaphore);
+    shm_state *st = shm_mod_state(module);
+    if (shm_add_type(module, &sem_spec, &st->Semaphore) < 0)
+        return -1;
+    return shm_add_specials(module, st->Semaphore, sem_specials);
 }

@@ -99,6 +99,16 @@ int shm_add_type(PyObject *module, PyType_Spec *spec, PyTypeObject **slot);
 /* The last step of tp_dealloc for an instance of one of the core's (heap)
  * types: free it, then drop the reference to its type that it held. */
 void shm_free_instance(PyObject *obj);
+/* __enter__ and __exit__ that bind without allocating (special.c).  fn gets
+ * the object and the call's positional arguments. */
+typedef struct {
+    const char *name;
+    PyObject *(*fn)(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+    const char *text_signature; /* for inspect.signature: "($self, /)" */
+    const char *doc;
+} shm_special_def;
+/* Put a descriptor for each of defs (ended by a NULL name) in tp's dict. */
+int shm_add_specials(PyObject *module, PyTypeObject *tp, const shm_special_def *defs);
 /* 1 if obj is a Mapping of the core (by its dealloc: no state needed). */
 int shm_is_mapping(PyObject *obj);
 /* 0 if obj is a Mapping, else -1 with TypeError. */

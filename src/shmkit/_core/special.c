@@ -1,0 +1,315 @@
+/* special.c - __enter__ and __exit__ that cost no allocation per with-block.
+ *
+ * CPython 3.11's `with` statement looks both methods up on the type and
+ * binds each to the object: for a method of a C type that is a new bound
+ * method per lookup, made, tracked by the cyclic collector and freed again,
+ * twice per block.  That doubled the cost of `with lock:` over
+ * acquire()/release().  A special descriptor binds to a Bound object taken
+ * from a small free list instead: what is left is the interpreter's two
+ * type lookups and the two calls.
+ *
+ * Bound holds a strong reference to its object, as a bound method does, so
+ * `with Mutex(name):` keeps the lock alive to its __exit__; it is tracked by
+ * the collector while in use, so a bound method stored in its own object's
+ * __dict__ is collected like any other cycle. */
+#include "shmkit.h"
+
+#include <stddef.h>
+#include <structmember.h>
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyTypeObject *owner; /* the type whose dict holds it */
+    PyTypeObject *bound_type;
+    const shm_special_def *def;
+} SpecialObject;
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *self;
+    const shm_special_def *def;
+} BoundObject;
+
+/* Bound objects given back, kept for the next binding (the GIL guards it). */
+#define BOUND_SPARE 16
+static BoundObject *bound_spare[BOUND_SPARE];
+static int bound_nspare;
+
+static int
+special_check_self(SpecialObject *d, PyObject *obj)
+{
+    if (PyObject_TypeCheck(obj, d->owner))
+        return 0;
+    PyErr_Format(PyExc_TypeError, "descriptor '%s' for '%s' objects doesn't apply to a '%s' object",
+                 d->def->name, d->owner->tp_name, Py_TYPE(obj)->tp_name);
+    return -1;
+}
+
+static PyObject *
+bound_vectorcall(BoundObject *b, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
+        PyErr_Format(PyExc_TypeError, "%s() takes no keyword arguments", b->def->name);
+        return NULL;
+    }
+    return b->def->fn(b->self, args, PyVectorcall_NARGS(nargsf));
+}
+
+/* Unbound: Lock.__exit__(lock, None, None, None). */
+static PyObject *
+special_vectorcall(SpecialObject *d, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (n < 1) {
+        PyErr_Format(PyExc_TypeError, "unbound method %s.%s() needs an argument",
+                     d->owner->tp_name, d->def->name);
+        return NULL;
+    }
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
+        PyErr_Format(PyExc_TypeError, "%s() takes no keyword arguments", d->def->name);
+        return NULL;
+    }
+    if (special_check_self(d, args[0]) < 0)
+        return NULL;
+    return d->def->fn(args[0], args + 1, n - 1);
+}
+
+static PyObject *
+special_get(SpecialObject *d, PyObject *obj, PyObject *Py_UNUSED(type))
+{
+    if (obj == NULL || obj == Py_None)
+        return Py_NewRef(d);
+    if (special_check_self(d, obj) < 0)
+        return NULL;
+    BoundObject *b;
+    if (bound_nspare > 0) {
+        b = bound_spare[--bound_nspare];
+        PyObject_Init((PyObject *)b, d->bound_type); /* holds the type again */
+    } else if ((b = PyObject_GC_New(BoundObject, d->bound_type)) == NULL) {
+        return NULL;
+    }
+    b->vectorcall = (vectorcallfunc)bound_vectorcall;
+    b->self = Py_NewRef(obj);
+    b->def = d->def;
+    PyObject_GC_Track(b);
+    return (PyObject *)b;
+}
+
+static void
+bound_dealloc(BoundObject *b)
+{
+    PyTypeObject *tp = Py_TYPE(b);
+    PyObject_GC_UnTrack(b);
+    Py_CLEAR(b->self);
+    if (bound_nspare < BOUND_SPARE)
+        bound_spare[bound_nspare++] = b;
+    else
+        tp->tp_free(b);
+    Py_DECREF(tp); /* a heap type: its instances hold it */
+}
+
+static int
+bound_traverse(BoundObject *b, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(b));
+    Py_VISIT(b->self);
+    return 0;
+}
+
+static int
+bound_clear(BoundObject *b)
+{
+    Py_CLEAR(b->self);
+    return 0;
+}
+
+static PyObject *
+bound_repr(BoundObject *b)
+{
+    if (b->self == NULL)
+        return PyUnicode_FromFormat("<bound method %s>", b->def->name);
+    return PyUnicode_FromFormat("<bound method %s of %R>", b->def->name, b->self);
+}
+
+static PyObject *
+bound_get_name(BoundObject *b, void *Py_UNUSED(c))
+{
+    return PyUnicode_FromString(b->def->name);
+}
+
+static PyObject *
+bound_get_doc(BoundObject *b, void *Py_UNUSED(c))
+{
+    return PyUnicode_FromString(b->def->doc);
+}
+
+static PyObject *
+bound_get_self(BoundObject *b, void *Py_UNUSED(c))
+{
+    return Py_NewRef(b->self ? b->self : Py_None);
+}
+
+static PyGetSetDef bound_getset[] = {
+    {"__name__", (getter)bound_get_name, NULL, NULL, NULL},
+    {"__doc__", (getter)bound_get_doc, NULL, NULL, NULL},
+    {"__self__", (getter)bound_get_self, NULL, NULL, NULL},
+    {NULL},
+};
+
+static PyMemberDef bound_members[] = {
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(BoundObject, vectorcall), READONLY},
+    {NULL},
+};
+
+static PyType_Slot bound_slots[] = {
+    {Py_tp_dealloc, bound_dealloc},
+    {Py_tp_traverse, bound_traverse},
+    {Py_tp_clear, bound_clear},
+    {Py_tp_repr, bound_repr},
+    {Py_tp_call, PyVectorcall_Call},
+    {Py_tp_getset, bound_getset},
+    {Py_tp_members, bound_members},
+    {0, NULL},
+};
+
+static PyType_Spec bound_spec = {
+    .name = "shmkit._core.bound_special",
+    .basicsize = sizeof(BoundObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+             Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = bound_slots,
+};
+
+/* ---- the descriptor ---- */
+
+static void
+special_dealloc(SpecialObject *d)
+{
+    PyTypeObject *tp = Py_TYPE(d);
+    PyObject_GC_UnTrack(d);
+    Py_CLEAR(d->owner);
+    Py_CLEAR(d->bound_type);
+    tp->tp_free(d);
+    Py_DECREF(tp);
+}
+
+static int
+special_traverse(SpecialObject *d, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(d));
+    Py_VISIT(d->owner);
+    Py_VISIT(d->bound_type);
+    return 0;
+}
+
+static int
+special_clear(SpecialObject *d)
+{
+    Py_CLEAR(d->owner);
+    Py_CLEAR(d->bound_type);
+    return 0;
+}
+
+static PyObject *
+special_repr(SpecialObject *d)
+{
+    return PyUnicode_FromFormat("<method '%s' of '%s' objects>", d->def->name,
+                                d->owner ? d->owner->tp_name : "?");
+}
+
+static PyObject *
+special_get_name(SpecialObject *d, void *Py_UNUSED(c))
+{
+    return PyUnicode_FromString(d->def->name);
+}
+
+static PyObject *
+special_get_qualname(SpecialObject *d, void *Py_UNUSED(c))
+{
+    return PyUnicode_FromFormat("%s.%s", d->owner ? _PyType_Name(d->owner) : "?",
+                                d->def->name);
+}
+
+static PyObject *
+special_get_doc(SpecialObject *d, void *Py_UNUSED(c))
+{
+    return PyUnicode_FromString(d->def->doc);
+}
+
+static PyObject *
+special_get_signature(SpecialObject *d, void *Py_UNUSED(c))
+{
+    return PyUnicode_FromString(d->def->text_signature);
+}
+
+static PyObject *
+special_get_objclass(SpecialObject *d, void *Py_UNUSED(c))
+{
+    return Py_NewRef(d->owner ? (PyObject *)d->owner : Py_None);
+}
+
+static PyGetSetDef special_getset[] = {
+    {"__name__", (getter)special_get_name, NULL, NULL, NULL},
+    {"__qualname__", (getter)special_get_qualname, NULL, NULL, NULL},
+    {"__doc__", (getter)special_get_doc, NULL, NULL, NULL},
+    {"__text_signature__", (getter)special_get_signature, NULL, NULL, NULL},
+    {"__objclass__", (getter)special_get_objclass, NULL, NULL, NULL},
+    {NULL},
+};
+
+static PyMemberDef special_members[] = {
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(SpecialObject, vectorcall), READONLY},
+    {NULL},
+};
+
+static PyType_Slot special_slots[] = {
+    {Py_tp_dealloc, special_dealloc},
+    {Py_tp_traverse, special_traverse},
+    {Py_tp_clear, special_clear},
+    {Py_tp_repr, special_repr},
+    {Py_tp_call, PyVectorcall_Call},
+    {Py_tp_descr_get, special_get},
+    {Py_tp_getset, special_getset},
+    {Py_tp_members, special_members},
+    {0, NULL},
+};
+
+static PyType_Spec special_spec = {
+    .name = "shmkit._core.special_method",
+    .basicsize = sizeof(SpecialObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+             Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = special_slots,
+};
+
+int
+shm_add_specials(PyObject *module, PyTypeObject *tp, const shm_special_def *defs)
+{
+    PyObject *special_type = PyType_FromModuleAndSpec(module, &special_spec, NULL);
+    PyObject *bound_type = PyType_FromModuleAndSpec(module, &bound_spec, NULL);
+    int ret = -1;
+    if (special_type == NULL || bound_type == NULL)
+        goto out;
+    for (const shm_special_def *def = defs; def->name != NULL; def++) {
+        SpecialObject *d = PyObject_GC_New(SpecialObject, (PyTypeObject *)special_type);
+        if (d == NULL)
+            goto out;
+        d->vectorcall = (vectorcallfunc)special_vectorcall;
+        d->owner = (PyTypeObject *)Py_NewRef(tp);
+        d->bound_type = (PyTypeObject *)Py_NewRef(bound_type);
+        d->def = def;
+        PyObject_GC_Track(d);
+        int r = PyDict_SetItemString(tp->tp_dict, def->name, (PyObject *)d);
+        Py_DECREF(d);
+        if (r < 0)
+            goto out;
+    }
+    PyType_Modified(tp);
+    ret = 0;
+out:
+    Py_XDECREF(special_type);
+    Py_XDECREF(bound_type);
+    return ret;
+}
