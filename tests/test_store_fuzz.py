@@ -30,7 +30,8 @@ SRC = os.environ.get("SHMKIT_TEST_PATH") or os.path.join(os.path.dirname(HERE), 
 # store-header fields (payload offsets; see the THeader comment in table.c)
 FIELDS = {"epoch": 0, "index": 8, "seed": 16, "heap_start": 24, "heap_end": 32,
           "lock": 64, "state": 68, "count": 72, "tombstones": 80, "used": 88,
-          "pending": 96, "top": 104, "journal": 112, "journal_n": 120}
+          "pending": 96, "top": 104, "journal": 112, "journal_n": 120,
+          "bin_hint0": 176, "bin_hint1": 184}
 BINS = 192  # bins[0] at 192, 104 words
 
 
@@ -244,6 +245,39 @@ def _run(name: str, seed: int, trials: int, timeout: float) -> None:
     assert proc.returncode == 0, out[-5000:]
     assert f"done {trials} trials, 0 with" in proc.stdout, out[-5000:]
     print(f"{trials} trials in {time.monotonic() - t0:.1f} s")
+
+
+@pytest.mark.parametrize("hint", [2**64 - 1, 0, 0x5555555555555555])
+def test_a_wrong_free_list_hint_costs_space_never_data(name, hint):
+    """The allocator's hint of non-empty free lists (bin_hint) is written by
+    every writer, so any process can set it wrong: every bit on, every bit
+    off, or bits at random.  Allocation must still hand out only free
+    blocks (every value reads back, verify() passes), and a recycle must
+    bring hidden free space back."""
+    sys.path.insert(0, SRC)
+    import shmkit
+    rng = random.Random(hint & 0xFFFF)
+    with shmkit.Store(name, size=256 << 10) as st:
+        want = {}
+        for i in range(3000):  # mixed sizes, updates and deletes fill the free lists
+            k = f"k{rng.randrange(600)}"
+            if rng.random() < 0.2 and k in want:
+                del st[k], want[k]
+            else:
+                want[k] = b"v" * rng.randrange(0, 700)
+                st[k] = want[k]
+        seg = st._seg
+        view = memoryview(seg._mapping)
+        for round_ in range(6):
+            struct.pack_into("<QQ", view, seg._hsize + FIELDS["bin_hint0"], hint, hint)
+            for i in range(2000):
+                k = f"k{rng.randrange(600)}"
+                want[k] = bytes([round_]) * rng.randrange(0, 700)
+                st[k] = want[k]
+            assert dict(st.items()) == want
+            st.verify()
+        view.release()
+        assert st.statistics()["recycles"] > 0
 
 
 @pytest.mark.parametrize("seed", [1, 2])

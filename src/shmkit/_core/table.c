@@ -298,6 +298,28 @@ bin_push(char *P, THeader *h, uint64_t off, uint64_t size)
     STR(W64(P, off + 8), h->bins[b]);
     STR(W64(P, off), size);
     h->bins[b] = off;
+    h->bin_hint[b >> 6] |= 1ull << (b & 63);
+}
+
+/* The first bin from b on whose hint bit is set, or NBINS or more. */
+static inline int
+bin_next(const THeader *h, int b)
+{
+    while (b < NBINS) {
+        uint64_t w = h->bin_hint[b >> 6] & (~0ull << (b & 63));
+        if (w)
+            return (b & ~63) + __builtin_ctzll(w);
+        b = (b & ~63) + 64;
+    }
+    return NBINS;
+}
+
+/* Empty every free list (a recycle or a compaction rebuilds them). */
+static inline void
+bins_clear(THeader *h)
+{
+    memset(h->bins, 0, sizeof h->bins);
+    memset(h->bin_hint, 0, sizeof h->bin_hint);
 }
 
 /* Cut a used block of `size` from the free block at off (of bsize bytes):
@@ -343,12 +365,11 @@ t_alloc(TCore *t, uint64_t size, unsigned flags)
     char *P = PAY(t);
     THeader *h = HDR(t);
     uint64_t bsize;
-    for (int b = bin_of(size); b < NBINS; b++) {
-        /* Most bins are empty: pass them four at a time. */
-        while (b + 4 < NBINS && (h->bins[b] | h->bins[b + 1] | h->bins[b + 2] | h->bins[b + 3]) == 0)
-            b += 4;
-        while (b < NBINS - 1 && h->bins[b] == 0)
-            b++;
+    for (int b = bin_next(h, bin_of(size)); b < NBINS; b = bin_next(h, b + 1)) {
+        if (h->bins[b] == 0) { /* a stale hint */
+            h->bin_hint[b >> 6] &= ~(1ull << (b & 63));
+            continue;
+        }
         uint64_t *prev = &h->bins[b];
         for (int scan = 0; *prev && scan < 8; scan++) {
             uint64_t off = *prev;
@@ -469,7 +490,7 @@ t_park(TCore *t)
         if (!(head & B_USED))
             free_bytes += size;
     }
-    memset(h->bins, 0, sizeof h->bins);
+    bins_clear(h);
     h->top = 0;
     h->pending = free_bytes;
     return 1;
@@ -492,7 +513,7 @@ t_recycle_ex(TCore *t, int trusted)
     if (t_views_busy(t))
         return t_park(t);
     shm_crash_point("table.recycle.epoch");
-    memset(h->bins, 0, sizeof h->bins);
+    bins_clear(h);
     h->top = 0;
     shm_crash_point("table.recycle.emptied");
     while (off < end) {
@@ -1373,7 +1394,7 @@ t_compact(TCore *t, uint64_t index_slots, uint64_t *moved)
         else if (!(head & B_USED) && nf < nfree)
             fx[nf++] = (Extent){off, off + size};
     }
-    memset(h->bins, 0, sizeof h->bins);
+    bins_clear(h);
     h->top = 0;
     int err = 0;
     if (index_slots) {

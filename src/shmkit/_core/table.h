@@ -101,7 +101,12 @@ typedef struct {
     uint64_t journal_n;
     /* line 2: statistics */
     uint64_t growths, index_growths, recycles, recoveries, vacuums, batches;
-    uint64_t _r2[2];
+    /* A hint of the free lists that may hold blocks (bit b: bins[b]), so an
+     * allocation does not read a hundred empty heads.  Set when a block is
+     * pushed, cleared when a search finds the list empty and with the lists.
+     * A wrong bit costs one look, or hides a list until the next recycle
+     * rebuilds them all; it never hands out a block. */
+    uint64_t bin_hint[2];
     /* free lists: exact sizes below 1040 bytes, then powers of two */
     uint64_t bins[NBINS];
     /* live views, per attach slot (format 2): (token generation << 12) | count.
@@ -161,7 +166,9 @@ T_AT(THeader, top, 104);
 T_AT(THeader, journal, 112);
 T_AT(THeader, journal_n, 120);
 T_AT(THeader, growths, 128);
+T_AT(THeader, bin_hint, 176);
 T_AT(THeader, bins, 192);
+_Static_assert(NBINS <= 128, "bin_hint has a bit per bin");
 T_AT(THeader, views, 1024);
 T_AT(TBlockHead, link, 8);
 T_AT(TRecordHead, hash, 16);
