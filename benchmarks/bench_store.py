@@ -157,6 +157,22 @@ def put_store(n: int) -> float:
         st.unlink()
 
 
+@workload(PUT, system="shmkit.Store, batch() of 1000 puts")
+def put_store_batched(n: int) -> float:
+    st = _new_store()
+    keys = _cycle(n)
+    try:
+        t0 = time.perf_counter()
+        for i in range(0, n, 1000):
+            with st.batch():
+                for k in keys[i:i + 1000]:
+                    st[k] = VALUE
+        return time.perf_counter() - t0
+    finally:
+        st.close()
+        st.unlink()
+
+
 @workload(PUT, system="py-lmdb, a transaction per put", requires=("lmdb",))
 def put_lmdb(n: int) -> float:
     env = _lmdb_env()

@@ -24,6 +24,14 @@ def _timed_loop(acquire, release, n: int) -> float:
     return time.perf_counter() - t0
 
 
+def _timed_with(lock, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        with lock:
+            pass
+    return time.perf_counter() - t0
+
+
 @workload(UNCONTENDED, unit="ns/op", system="shmkit.Mutex")
 def shmkit_mutex(n: int) -> float:
     import shmkit
@@ -42,14 +50,22 @@ def shmkit_mutex_with(n: int) -> float:
 
     m = shmkit.Mutex(None)
     try:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            with m:
-                pass
-        return time.perf_counter() - t0
+        return _timed_with(m, n)
     finally:
         m.close()
         m.unlink()
+
+
+@workload(UNCONTENDED, system="shmkit.Semaphore (with block)")
+def shmkit_semaphore_with(n: int) -> float:
+    import shmkit
+
+    s = shmkit.Semaphore(None, value=1)
+    try:
+        return _timed_with(s, n)
+    finally:
+        s.close()
+        s.unlink()
 
 
 @workload(UNCONTENDED, system="threading.Lock")
@@ -62,6 +78,16 @@ def threading_lock(n: int) -> float:
 def mp_lock(n: int) -> float:
     lock = mp.get_context("spawn").Lock()
     return _timed_loop(lock.acquire, lock.release, n)
+
+
+@workload(UNCONTENDED, system="threading.Lock (with block)")
+def threading_lock_with(n: int) -> float:
+    return _timed_with(threading.Lock(), n)
+
+
+@workload(UNCONTENDED, system="multiprocessing.Lock (with block)")
+def mp_lock_with(n: int) -> float:
+    return _timed_with(mp.get_context("spawn").Lock(), n)
 
 
 @workload(UNCONTENDED, system="posix_ipc.Semaphore", requires=("posix_ipc",))
