@@ -530,8 +530,16 @@ lock_enter(PyObject *obj, PyObject *const *Py_UNUSED(args), Py_ssize_t nargs)
 static PyObject *
 lock_release(LockObject *self, PyObject *Py_UNUSED(ignored))
 {
-    uint32_t *word = shm_addr(self->mapping, self->offset, 4, 1);
-    if (word == NULL || shm_lock_release((MappingObject *)self->mapping, word) < 0)
+    /* The checks of try_fast inline (the offset was checked aligned when the
+     * handle was made); shm_addr says what is wrong otherwise. */
+    MappingObject *m = (MappingObject *)self->mapping;
+    uint32_t *word;
+    if (m->base != NULL && !m->readonly && self->offset >= 0 &&
+        self->offset <= (long long)m->length - 4)
+        word = (uint32_t *)(m->base + self->offset);
+    else if ((word = shm_addr(self->mapping, self->offset, 4, 1)) == NULL)
+        return NULL;
+    if (shm_lock_release(m, word) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
