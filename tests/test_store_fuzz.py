@@ -280,6 +280,32 @@ def test_a_wrong_free_list_hint_costs_space_never_data(name, hint):
         assert st.statistics()["recycles"] > 0
 
 
+def test_a_store_at_its_max_size_finds_free_lists_its_hint_hides(name):
+    """A zero hint over full free lists (a store written by an older shmkit,
+    or a stray write) in a store that cannot grow: the allocation that finds
+    nothing rebuilds the hint from the list heads before it calls the store
+    full."""
+    sys.path.insert(0, SRC)
+    import shmkit
+    with shmkit.Store(name, size=256 << 10, max_size=256 << 10) as st:
+        n = 0
+        with pytest.raises(shmkit.ShmkitError):
+            while True:
+                st[f"k{n}"] = b"x" * 1000
+                n += 1
+        for j in range(0, n, 2):
+            del st[f"k{j}"]
+        st["trigger"] = b"y" * 1000  # recycles: the freed blocks go to the lists
+        assert st.statistics()["free_blocks"] >= n // 2 - 2
+        seg = st._seg
+        view = memoryview(seg._mapping)
+        struct.pack_into("<QQ", view, seg._hsize + FIELDS["bin_hint0"], 0, 0)
+        view.release()
+        for j in range(0, n - 2, 2):
+            st[f"n{j}"] = b"z" * 1000
+        st.verify()
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_damaged_store_never_crashes_hangs_or_raises_a_stray_error(name, seed):
     _run(name, seed, 1000, timeout=120)

@@ -202,6 +202,10 @@ def test_with_blocks_bind_like_methods(kind, names):
         watcher.__exit__(exc=None)
     assert str(inspect.signature(cls.__enter__)) == "(self, /)"
     assert watcher.__exit__.__self__ is watcher and watcher.__exit__.__name__ == "__exit__"
+    # equal and hashed as bound methods are (atexit.unregister relies on it)
+    assert watcher.__exit__ == watcher.__exit__ and watcher.__exit__ != watcher.__enter__
+    assert hash(watcher.__exit__) == hash(watcher.__exit__)
+    assert watcher.__exit__ != cls(name).__exit__
     # a bound method keeps its object, and one stored in its own object is a
     # cycle that the collector frees (the handle's mapping with it)
     other = cls(name)
@@ -234,6 +238,29 @@ def test_with_blocks_bind_like_methods(kind, names):
         t.join(60)
     assert hits[0] == 8000 and not busy()
     watcher.close()
+
+
+@pytest.mark.parametrize("kind", ["Mutex", "Semaphore"])
+def test_a_handle_that_was_never_initialised_raises_and_never_crashes(kind):
+    """``cls.__new__(cls)`` gives a handle without a mapping: every way of
+    taking or giving back the lock must raise TypeError, not touch memory."""
+    calls = ["with h: pass", "h.acquire()", "h.acquire(timeout=0.1)", "h.acquire(False)",
+             "h.release()", "h.__enter__()", "h.__exit__(None, None, None)",
+             f"shmkit.{kind}.__exit__(h, None, None, None)"]
+    code = f"""
+        import shmkit
+        for call in {calls!r}:
+            h = shmkit.{kind}.__new__(shmkit.{kind})
+            try:
+                exec(call)
+            except TypeError as e:
+                assert "initialised" in str(e), (call, e)
+            else:
+                raise AssertionError(call + " did not raise")
+        print("ok")
+    """
+    proc = run_python(code)
+    assert proc.stdout.strip() == "ok"
 
 
 def _release_later(obj, delay: float, how: str = "release") -> threading.Thread:

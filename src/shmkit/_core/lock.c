@@ -471,6 +471,8 @@ static inline int
 try_fast(LockObject *self)
 {
     MappingObject *m = (MappingObject *)self->mapping;
+    if (m == NULL)
+        return shm_check_mapping(NULL); /* never initialised: -1, TypeError */
     if (m->base == NULL || m->readonly || m->token == 0 ||
         self->offset > (long long)m->length - 4)
         return 0;
@@ -484,6 +486,8 @@ try_fast(LockObject *self)
 static int
 slow_acquire(LockObject *self, int64_t deadline)
 {
+    if (self->mapping == NULL)
+        return shm_check_mapping(NULL); /* never initialised: -1, TypeError */
     shm_pin(self->mapping);
     int r = do_acquire(self, deadline);
     shm_unpin(self->mapping);
@@ -534,7 +538,7 @@ lock_release(LockObject *self, PyObject *Py_UNUSED(ignored))
      * handle was made); shm_addr says what is wrong otherwise. */
     MappingObject *m = (MappingObject *)self->mapping;
     uint32_t *word;
-    if (m->base != NULL && !m->readonly && self->offset >= 0 &&
+    if (m != NULL && m->base != NULL && !m->readonly && self->offset >= 0 &&
         self->offset <= (long long)m->length - 4)
         word = (uint32_t *)(m->base + self->offset);
     else if ((word = shm_addr(self->mapping, self->offset, 4, 1)) == NULL)

@@ -302,6 +302,11 @@ shm_is_mapping(PyObject *obj)
 int
 shm_check_mapping(PyObject *obj)
 {
+    if (obj == NULL) { /* a handle made with __new__ and never initialised */
+        PyErr_SetString(PyExc_TypeError, "this shmkit object was never initialised: "
+                        "make it by calling its class, not its __new__");
+        return -1;
+    }
     if (shm_is_mapping(obj))
         return 0;
     PyErr_Format(PyExc_TypeError, "expected a shmkit Mapping, got %.100s",

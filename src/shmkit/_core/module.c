@@ -125,6 +125,8 @@ core_clear(PyObject *m)
 #define CLEAR_TYPE(T) Py_CLEAR(st->T);
     ERROR_CLASSES(CLEAR_EXC)
     TYPES(CLEAR_TYPE)
+    while (st->special_nspare > 0)
+        PyObject_GC_Del(st->special_spare[--st->special_nspare]);
     return 0;
 }
 

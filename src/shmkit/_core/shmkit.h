@@ -73,6 +73,7 @@ typedef struct {
  * of the module (PEP 573), and keeps both here.  C code reaches them from
  * the object it works on (shm_state_of: the object's type names the module)
  * or, in a module function, from the module (shm_mod_state). */
+#define SHM_SPECIAL_SPARE 16
 typedef struct shm_state {
     /* shmkit.errors */
     PyObject *OwnerDiedWarning, *CorruptError, *Timeout, *ReadOnlyError, *ClosedError;
@@ -83,6 +84,10 @@ typedef struct shm_state {
     /* the core's types */
     PyTypeObject *Mapping, *Lock, *RWLock, *Semaphore, *Ring, *RecordView, *Loan, *Table, *View,
         *HeapCore, *Pin, *Topic, *TopicSubscriber, *TopicView;
+    /* special.c: bound __enter__/__exit__ objects kept for reuse (per
+     * interpreter: objects must go back to the allocator that made them) */
+    PyObject *special_spare[SHM_SPECIAL_SPARE];
+    int special_nspare;
 } shm_state;
 
 extern struct PyModuleDef shm_module;

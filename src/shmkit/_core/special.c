@@ -32,16 +32,23 @@ typedef struct {
     const shm_special_def *def;
 } BoundObject;
 
-/* Bound objects given back, kept for the next binding (the GIL guards it). */
-#define BOUND_SPARE 16
-static BoundObject *bound_spare[BOUND_SPARE];
-static int bound_nspare;
+/* Bound objects given back are kept for the next binding in the module's
+ * state: one list per interpreter, each guarded by its GIL. */
+static shm_state *
+bound_state(PyTypeObject *bound_type)
+{
+    return (shm_state *)PyType_GetModuleState(bound_type);
+}
 
 static int
 special_check_self(SpecialObject *d, PyObject *obj)
 {
-    if (PyObject_TypeCheck(obj, d->owner))
+    if (d->owner != NULL && PyObject_TypeCheck(obj, d->owner))
         return 0;
+    if (d->owner == NULL) {
+        PyErr_Format(PyExc_TypeError, "descriptor '%s' is cleared", d->def->name);
+        return -1;
+    }
     PyErr_Format(PyExc_TypeError, "descriptor '%s' for '%s' objects doesn't apply to a '%s' object",
                  d->def->name, d->owner->tp_name, Py_TYPE(obj)->tp_name);
     return -1;
@@ -50,6 +57,10 @@ special_check_self(SpecialObject *d, PyObject *obj)
 static PyObject *
 bound_vectorcall(BoundObject *b, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
+    if (b->self == NULL) { /* cleared by the collector */
+        PyErr_Format(PyExc_ReferenceError, "%s(): its object is gone", b->def->name);
+        return NULL;
+    }
     if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
         PyErr_Format(PyExc_TypeError, "%s() takes no keyword arguments", b->def->name);
         return NULL;
@@ -83,9 +94,10 @@ special_get(SpecialObject *d, PyObject *obj, PyObject *Py_UNUSED(type))
         return Py_NewRef(d);
     if (special_check_self(d, obj) < 0)
         return NULL;
+    shm_state *st = bound_state(d->bound_type);
     BoundObject *b;
-    if (bound_nspare > 0) {
-        b = bound_spare[--bound_nspare];
+    if (st != NULL && st->special_nspare > 0) {
+        b = (BoundObject *)st->special_spare[--st->special_nspare];
         PyObject_Init((PyObject *)b, d->bound_type); /* holds the type again */
     } else if ((b = PyObject_GC_New(BoundObject, d->bound_type)) == NULL) {
         return NULL;
@@ -103,8 +115,9 @@ bound_dealloc(BoundObject *b)
     PyTypeObject *tp = Py_TYPE(b);
     PyObject_GC_UnTrack(b);
     Py_CLEAR(b->self);
-    if (bound_nspare < BOUND_SPARE)
-        bound_spare[bound_nspare++] = b;
+    shm_state *st = bound_state(tp);
+    if (st != NULL && st->special_nspare < SHM_SPECIAL_SPARE)
+        st->special_spare[st->special_nspare++] = (PyObject *)b;
     else
         tp->tp_free(b);
     Py_DECREF(tp); /* a heap type: its instances hold it */
@@ -131,6 +144,27 @@ bound_repr(BoundObject *b)
     if (b->self == NULL)
         return PyUnicode_FromFormat("<bound method %s>", b->def->name);
     return PyUnicode_FromFormat("<bound method %s of %R>", b->def->name, b->self);
+}
+
+static PyObject *
+bound_richcompare(PyObject *a, PyObject *o, int op)
+{
+    if ((op != Py_EQ && op != Py_NE) || !Py_IS_TYPE(o, Py_TYPE(a)))
+        Py_RETURN_NOTIMPLEMENTED;
+    BoundObject *x = (BoundObject *)a, *y = (BoundObject *)o;
+    int eq = x->self == y->self && x->def == y->def;
+    return PyBool_FromLong(op == Py_EQ ? eq : !eq);
+}
+
+static Py_hash_t
+bound_hash(BoundObject *b)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    Py_hash_t h = Py_HashPointer(b->self) ^ Py_HashPointer((void *)b->def);
+#else
+    Py_hash_t h = _Py_HashPointer(b->self) ^ _Py_HashPointer((void *)b->def);
+#endif
+    return h == -1 ? -2 : h;
 }
 
 static PyObject *
@@ -168,6 +202,8 @@ static PyType_Slot bound_slots[] = {
     {Py_tp_traverse, bound_traverse},
     {Py_tp_clear, bound_clear},
     {Py_tp_repr, bound_repr},
+    {Py_tp_richcompare, bound_richcompare},
+    {Py_tp_hash, bound_hash},
     {Py_tp_call, PyVectorcall_Call},
     {Py_tp_getset, bound_getset},
     {Py_tp_members, bound_members},

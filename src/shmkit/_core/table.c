@@ -314,6 +314,21 @@ bin_next(const THeader *h, int b)
     return NBINS;
 }
 
+/* Set the hint bit of every list that holds blocks; 1 if one was missing
+ * (lists filled by an older writer, or a hint written wrong). */
+static int
+bins_rehint(THeader *h)
+{
+    uint64_t hint[2] = {0, 0};
+    for (int b = 0; b < NBINS; b++)
+        if (h->bins[b] != 0)
+            hint[b >> 6] |= 1ull << (b & 63);
+    int missing = (hint[0] & ~h->bin_hint[0]) != 0 || (hint[1] & ~h->bin_hint[1]) != 0;
+    h->bin_hint[0] = hint[0];
+    h->bin_hint[1] = hint[1];
+    return missing;
+}
+
 /* Empty every free list (a recycle or a compaction rebuilds them). */
 static inline void
 bins_clear(THeader *h)
@@ -596,12 +611,17 @@ t_extend(TCore *t)
 static uint64_t
 t_alloc_grow(TCore *t, uint64_t size, unsigned flags)
 {
-    int recycled = 0;
+    int recycled = 0, rehinted = 0;
     for (int tries = 0; tries < 64; tries++) {
         uint64_t off = t_alloc(t, size, flags);
         if (off != 0)
             return off;
         THeader *h = HDR(t);
+        if (!rehinted) { /* before recycling or growing, trust no hint */
+            rehinted = 1;
+            if (bins_rehint(h))
+                continue;
+        }
         if (!recycled && h->pending >= size) {
             recycled = 1;
             if (t_recycle(t) < 0)
