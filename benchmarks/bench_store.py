@@ -143,34 +143,34 @@ def put_dict(n: int) -> float:
     return time.perf_counter() - t0
 
 
-@workload(PUT, system="shmkit.Store")
-def put_store(n: int) -> float:
+def _put_store(n: int, batch: int = 0) -> float:
+    """n puts into a new store, in batch() blocks of `batch` puts when batch > 0."""
     st = _new_store()
     keys = _cycle(n)
     try:
         t0 = time.perf_counter()
-        for k in keys:
-            st[k] = VALUE
+        if batch:
+            for i in range(0, n, batch):
+                with st.batch():
+                    for k in keys[i:i + batch]:
+                        st[k] = VALUE
+        else:
+            for k in keys:
+                st[k] = VALUE
         return time.perf_counter() - t0
     finally:
         st.close()
         st.unlink()
+
+
+@workload(PUT, system="shmkit.Store")
+def put_store(n: int) -> float:
+    return _put_store(n)
 
 
 @workload(PUT, system="shmkit.Store, batch() of 1000 puts")
 def put_store_batched(n: int) -> float:
-    st = _new_store()
-    keys = _cycle(n)
-    try:
-        t0 = time.perf_counter()
-        for i in range(0, n, 1000):
-            with st.batch():
-                for k in keys[i:i + 1000]:
-                    st[k] = VALUE
-        return time.perf_counter() - t0
-    finally:
-        st.close()
-        st.unlink()
+    return _put_store(n, 1000)
 
 
 @workload(PUT, system="py-lmdb, a transaction per put", requires=("lmdb",))

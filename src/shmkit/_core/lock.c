@@ -467,16 +467,26 @@ do_acquire(LockObject *self, int64_t deadline)
 /* The uncontended acquire: one CAS, with no pinning and no argument parsing.
  * Anything unusual (closed, readonly, detached, held) takes the slow path,
  * which reports it properly. */
+/* The lock word when the handle's mapping is open, writable and holds it
+ * (the offset was checked aligned when the handle was made); else NULL, and
+ * the caller takes the path that says what is wrong (shm_addr). */
+static inline uint32_t *
+word_fast(LockObject *self)
+{
+    MappingObject *m = (MappingObject *)self->mapping;
+    if (m == NULL || m->base == NULL || m->readonly || self->offset < 0 ||
+        self->offset > (long long)m->length - 4)
+        return NULL;
+    return (uint32_t *)(m->base + self->offset);
+}
+
 static inline int
 try_fast(LockObject *self)
 {
     MappingObject *m = (MappingObject *)self->mapping;
-    if (m == NULL)
-        return shm_check_mapping(NULL); /* never initialised: -1, TypeError */
-    if (m->base == NULL || m->readonly || m->token == 0 ||
-        self->offset > (long long)m->length - 4)
+    uint32_t *word = word_fast(self);
+    if (word == NULL || m->token == 0)
         return 0;
-    uint32_t *word = (uint32_t *)(m->base + self->offset);
     int r = shm_lock_try(m, word);
     if (r > 0)
         self->recovered = 0;
@@ -517,13 +527,9 @@ lock_acquire(LockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject
 }
 
 static PyObject *
-lock_enter(PyObject *obj, PyObject *const *Py_UNUSED(args), Py_ssize_t nargs)
+lock_enter(PyObject *obj, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
 {
     LockObject *self = (LockObject *)obj;
-    if (nargs != 0) {
-        PyErr_Format(PyExc_TypeError, "__enter__() takes no arguments (%zd given)", nargs);
-        return NULL;
-    }
     int r = try_fast(self);
     if (r < 0 || (r == 0 && slow_acquire(self, SHM_FOREVER) < 0))
         return NULL;
@@ -534,16 +540,10 @@ lock_enter(PyObject *obj, PyObject *const *Py_UNUSED(args), Py_ssize_t nargs)
 static PyObject *
 lock_release(LockObject *self, PyObject *Py_UNUSED(ignored))
 {
-    /* The checks of try_fast inline (the offset was checked aligned when the
-     * handle was made); shm_addr says what is wrong otherwise. */
-    MappingObject *m = (MappingObject *)self->mapping;
-    uint32_t *word;
-    if (m != NULL && m->base != NULL && !m->readonly && self->offset >= 0 &&
-        self->offset <= (long long)m->length - 4)
-        word = (uint32_t *)(m->base + self->offset);
-    else if ((word = shm_addr(self->mapping, self->offset, 4, 1)) == NULL)
+    uint32_t *word = word_fast(self);
+    if (word == NULL && (word = shm_addr(self->mapping, self->offset, 4, 1)) == NULL)
         return NULL;
-    if (shm_lock_release(m, word) < 0)
+    if (shm_lock_release((MappingObject *)self->mapping, word) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -555,8 +555,8 @@ lock_exit(PyObject *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED
 }
 
 static const shm_special_def lock_specials[] = {
-    {"__enter__", lock_enter, "($self, /)", "Acquire the lock (as acquire())."},
-    {"__exit__", lock_exit, "($self, *exc_info)", "Release the lock."},
+    {"__enter__", lock_enter, 0, "($self, /)", "Acquire the lock (as acquire())."},
+    {"__exit__", lock_exit, -1, "($self, *exc_info)", "Release the lock."},
     {NULL},
 };
 

@@ -104,7 +104,8 @@ make_layouts(void)
 
 #define TYPES(X)                                                                  \
     X(Mapping) X(Lock) X(RWLock) X(Semaphore) X(Ring) X(RecordView) X(Loan) X(Table)\
-    X(View) X(HeapCore) X(Pin) X(Topic) X(TopicSubscriber) X(TopicView)
+    X(View) X(HeapCore) X(Pin) X(Topic) X(TopicSubscriber) X(TopicView) X(Special)     \
+    X(BoundSpecial)
 
 static int
 core_traverse(PyObject *m, visitproc visit, void *arg)
@@ -207,7 +208,7 @@ core_exec(PyObject *m)
 {
     if (load_errors(shm_mod_state(m)) < 0)
         return -1;
-    if (shm_init_mapping(m) < 0 || shm_init_sigbus(m) < 0 ||
+    if (shm_init_mapping(m) < 0 || shm_init_sigbus(m) < 0 || shm_init_special(m) < 0 ||
         shm_init_lock(m) < 0 || shm_init_ring(m) < 0 ||
         shm_init_table(m) < 0 ||
         shm_init_heap(m) < 0 || shm_init_sync(m) < 0 ||

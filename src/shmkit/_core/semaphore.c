@@ -379,6 +379,17 @@ ready_obj(SemObject *self)
     return 0;
 }
 
+/* sem_acquire with the mapping pinned for the wait (another thread may
+ * close the handle meanwhile). */
+static int
+sem_acquire_pinned(SemObject *self, int64_t deadline)
+{
+    shm_pin(self->mapping);
+    int r = sem_acquire(self, deadline);
+    shm_unpin(self->mapping);
+    return r;
+}
+
 static PyObject *
 py_sem_acquire(SemObject *self, PyObject *const *args, Py_ssize_t nargs,
                PyObject *kwnames)
@@ -391,9 +402,7 @@ py_sem_acquire(SemObject *self, PyObject *const *args, Py_ssize_t nargs,
     int64_t deadline = shm_sync_deadline(blocking, timeout);
     if (deadline < 0)
         return NULL;
-    shm_pin(self->mapping);
-    int r = sem_acquire(self, deadline);
-    shm_unpin(self->mapping);
+    int r = sem_acquire_pinned(self, deadline);
     return r < 0 ? NULL : PyBool_FromLong(r);
 }
 
@@ -416,19 +425,12 @@ py_sem_release(SemObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* `with sem:` takes one unit for the block and gives it back after. */
 static PyObject *
-sem_enter(PyObject *obj, PyObject *const *Py_UNUSED(args), Py_ssize_t nargs)
+sem_enter(PyObject *obj, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
 {
     SemObject *self = (SemObject *)obj;
-    if (nargs != 0) {
-        PyErr_Format(PyExc_TypeError, "__enter__() takes no arguments (%zd given)", nargs);
+    if (ready_obj(self) < 0 || sem_acquire_pinned(self, SHM_FOREVER) < 0)
         return NULL;
-    }
-    if (ready_obj(self) < 0)
-        return NULL;
-    shm_pin(self->mapping);
-    int r = sem_acquire(self, SHM_FOREVER);
-    shm_unpin(self->mapping);
-    return r < 0 ? NULL : Py_NewRef(obj);
+    return Py_NewRef(obj);
 }
 
 static PyObject *
@@ -441,8 +443,8 @@ sem_exit(PyObject *obj, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(n
 }
 
 static const shm_special_def sem_specials[] = {
-    {"__enter__", sem_enter, "($self, /)", "Take one unit (as acquire())."},
-    {"__exit__", sem_exit, "($self, *exc_info)", "Give the unit back."},
+    {"__enter__", sem_enter, 0, "($self, /)", "Take one unit (as acquire())."},
+    {"__exit__", sem_exit, -1, "($self, *exc_info)", "Give the unit back."},
     {NULL},
 };
 

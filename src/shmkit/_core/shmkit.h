@@ -83,7 +83,7 @@ typedef struct shm_state {
     PyObject *MessagesLost, *SizeLimitError;
     /* the core's types */
     PyTypeObject *Mapping, *Lock, *RWLock, *Semaphore, *Ring, *RecordView, *Loan, *Table, *View,
-        *HeapCore, *Pin, *Topic, *TopicSubscriber, *TopicView;
+        *HeapCore, *Pin, *Topic, *TopicSubscriber, *TopicView, *Special, *BoundSpecial;
     /* special.c: bound __enter__/__exit__ objects kept for reuse (per
      * interpreter: objects must go back to the allocator that made them) */
     PyObject *special_spare[SHM_SPECIAL_SPARE];
@@ -105,13 +105,17 @@ int shm_add_type(PyObject *module, PyType_Spec *spec, PyTypeObject **slot);
  * types: free it, then drop the reference to its type that it held. */
 void shm_free_instance(PyObject *obj);
 /* __enter__ and __exit__ that bind without allocating (special.c).  fn gets
- * the object and the call's positional arguments. */
+ * the object and the call's positional arguments, at most max_args of them
+ * (-1: any number; keywords are refused). */
 typedef struct {
     const char *name;
     PyObject *(*fn)(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+    Py_ssize_t max_args;
     const char *text_signature; /* for inspect.signature: "($self, /)" */
     const char *doc;
 } shm_special_def;
+/* Make the descriptor and bound types (before any shm_add_specials). */
+int shm_init_special(PyObject *module);
 /* Put a descriptor for each of defs (ended by a NULL name) in tp's dict. */
 int shm_add_specials(PyObject *module, PyTypeObject *tp, const shm_special_def *defs);
 /* 1 if obj is a Mapping of the core (by its dealloc: no state needed). */

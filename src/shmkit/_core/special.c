@@ -21,8 +21,8 @@ typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     PyTypeObject *owner; /* the type whose dict holds it */
-    PyTypeObject *bound_type;
     const shm_special_def *def;
+    shm_state *st; /* its module's (the module outlives it: its type holds it) */
 } SpecialObject;
 
 typedef struct {
@@ -30,14 +30,29 @@ typedef struct {
     vectorcallfunc vectorcall;
     PyObject *self;
     const shm_special_def *def;
+    shm_state *st; /* where it goes back to when freed */
 } BoundObject;
 
-/* Bound objects given back are kept for the next binding in the module's
- * state: one list per interpreter, each guarded by its GIL. */
-static shm_state *
-bound_state(PyTypeObject *bound_type)
+/* Both types are the module's, and bound objects given back are kept for
+ * the next binding in its state: one list per interpreter, each guarded by
+ * its GIL.  Each object keeps a pointer to that state, so that a binding
+ * and a free do not look it up. */
+
+/* A call of def on self, bound or not: positional arguments only, at most
+ * def->max_args of them. */
+static PyObject *
+special_call(const shm_special_def *def, PyObject *self, PyObject *const *args,
+             Py_ssize_t nargs, PyObject *kwnames)
 {
-    return (shm_state *)PyType_GetModuleState(bound_type);
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
+        PyErr_Format(PyExc_TypeError, "%s() takes no keyword arguments", def->name);
+        return NULL;
+    }
+    if (def->max_args >= 0 && nargs > def->max_args) {
+        PyErr_Format(PyExc_TypeError, "%s() takes no arguments (%zd given)", def->name, nargs);
+        return NULL;
+    }
+    return def->fn(self, args, nargs);
 }
 
 static int
@@ -61,11 +76,7 @@ bound_vectorcall(BoundObject *b, PyObject *const *args, size_t nargsf, PyObject 
         PyErr_Format(PyExc_ReferenceError, "%s(): its object is gone", b->def->name);
         return NULL;
     }
-    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
-        PyErr_Format(PyExc_TypeError, "%s() takes no keyword arguments", b->def->name);
-        return NULL;
-    }
-    return b->def->fn(b->self, args, PyVectorcall_NARGS(nargsf));
+    return special_call(b->def, b->self, args, PyVectorcall_NARGS(nargsf), kwnames);
 }
 
 /* Unbound: Lock.__exit__(lock, None, None, None). */
@@ -78,13 +89,9 @@ special_vectorcall(SpecialObject *d, PyObject *const *args, size_t nargsf, PyObj
                      d->owner->tp_name, d->def->name);
         return NULL;
     }
-    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
-        PyErr_Format(PyExc_TypeError, "%s() takes no keyword arguments", d->def->name);
-        return NULL;
-    }
     if (special_check_self(d, args[0]) < 0)
         return NULL;
-    return d->def->fn(args[0], args + 1, n - 1);
+    return special_call(d->def, args[0], args + 1, n - 1, kwnames);
 }
 
 static PyObject *
@@ -94,17 +101,22 @@ special_get(SpecialObject *d, PyObject *obj, PyObject *Py_UNUSED(type))
         return Py_NewRef(d);
     if (special_check_self(d, obj) < 0)
         return NULL;
-    shm_state *st = bound_state(d->bound_type);
+    shm_state *st = d->st;
     BoundObject *b;
-    if (st != NULL && st->special_nspare > 0) {
+    if (st->BoundSpecial == NULL) { /* the module's state was cleared at exit */
+        PyErr_SetString(PyExc_RuntimeError, "shmkit._core is being torn down");
+        return NULL;
+    }
+    if (st->special_nspare > 0) {
         b = (BoundObject *)st->special_spare[--st->special_nspare];
-        PyObject_Init((PyObject *)b, d->bound_type); /* holds the type again */
-    } else if ((b = PyObject_GC_New(BoundObject, d->bound_type)) == NULL) {
+        PyObject_Init((PyObject *)b, st->BoundSpecial); /* holds the type again */
+    } else if ((b = PyObject_GC_New(BoundObject, st->BoundSpecial)) == NULL) {
         return NULL;
     }
     b->vectorcall = (vectorcallfunc)bound_vectorcall;
     b->self = Py_NewRef(obj);
     b->def = d->def;
+    b->st = st;
     PyObject_GC_Track(b);
     return (PyObject *)b;
 }
@@ -115,8 +127,8 @@ bound_dealloc(BoundObject *b)
     PyTypeObject *tp = Py_TYPE(b);
     PyObject_GC_UnTrack(b);
     Py_CLEAR(b->self);
-    shm_state *st = bound_state(tp);
-    if (st != NULL && st->special_nspare < SHM_SPECIAL_SPARE)
+    shm_state *st = b->st;
+    if (st->special_nspare < SHM_SPECIAL_SPARE)
         st->special_spare[st->special_nspare++] = (PyObject *)b;
     else
         tp->tp_free(b);
@@ -226,7 +238,6 @@ special_dealloc(SpecialObject *d)
     PyTypeObject *tp = Py_TYPE(d);
     PyObject_GC_UnTrack(d);
     Py_CLEAR(d->owner);
-    Py_CLEAR(d->bound_type);
     tp->tp_free(d);
     Py_DECREF(tp);
 }
@@ -236,7 +247,6 @@ special_traverse(SpecialObject *d, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(d));
     Py_VISIT(d->owner);
-    Py_VISIT(d->bound_type);
     return 0;
 }
 
@@ -244,7 +254,6 @@ static int
 special_clear(SpecialObject *d)
 {
     Py_CLEAR(d->owner);
-    Py_CLEAR(d->bound_type);
     return 0;
 }
 
@@ -321,31 +330,32 @@ static PyType_Spec special_spec = {
 };
 
 int
+shm_init_special(PyObject *module)
+{
+    shm_state *st = shm_mod_state(module);
+    st->Special = (PyTypeObject *)PyType_FromModuleAndSpec(module, &special_spec, NULL);
+    st->BoundSpecial = (PyTypeObject *)PyType_FromModuleAndSpec(module, &bound_spec, NULL);
+    return st->Special == NULL || st->BoundSpecial == NULL ? -1 : 0;
+}
+
+int
 shm_add_specials(PyObject *module, PyTypeObject *tp, const shm_special_def *defs)
 {
-    PyObject *special_type = PyType_FromModuleAndSpec(module, &special_spec, NULL);
-    PyObject *bound_type = PyType_FromModuleAndSpec(module, &bound_spec, NULL);
-    int ret = -1;
-    if (special_type == NULL || bound_type == NULL)
-        goto out;
+    shm_state *st = shm_mod_state(module);
     for (const shm_special_def *def = defs; def->name != NULL; def++) {
-        SpecialObject *d = PyObject_GC_New(SpecialObject, (PyTypeObject *)special_type);
+        SpecialObject *d = PyObject_GC_New(SpecialObject, st->Special);
         if (d == NULL)
-            goto out;
+            return -1;
         d->vectorcall = (vectorcallfunc)special_vectorcall;
         d->owner = (PyTypeObject *)Py_NewRef(tp);
-        d->bound_type = (PyTypeObject *)Py_NewRef(bound_type);
         d->def = def;
+        d->st = st;
         PyObject_GC_Track(d);
         int r = PyDict_SetItemString(tp->tp_dict, def->name, (PyObject *)d);
         Py_DECREF(d);
         if (r < 0)
-            goto out;
+            return -1;
     }
     PyType_Modified(tp);
-    ret = 0;
-out:
-    Py_XDECREF(special_type);
-    Py_XDECREF(bound_type);
-    return ret;
+    return 0;
 }
