@@ -20,7 +20,9 @@ flags = ["-std=gnu11", "-O2", "-g", "-fvisibility=hidden", "-Wall", "-Wextra", "
          "-Werror=implicit-function-declaration", "-Werror=incompatible-pointer-types"]
 link = []
 if os.environ.get("SHMKIT_ASAN"):
-    flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1"]
+    # SHM_CHECK_GIL: the lock registry's changes are checked to hold the GIL (lock.c).
+    flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1",
+              "-DSHM_CHECK_GIL"]
     link += ["-fsanitize=address,undefined"]
 else:
     flags += ["-flto=auto"]

@@ -576,6 +576,63 @@ def test_many_threads_of_one_process(names):
         o.close()
 
 
+def test_threads_churning_one_segments_lock_registry(name):
+    """The registry of held locks (one per segment in a process) is changed
+    with plain loads and stores, ordered by the GIL.  Eight threads take and
+    release eight locks of one segment, nested, blocking and non-blocking,
+    with the interpreter switching threads as often as it can: a registry
+    entry lost or overwritten would show as a lock taken over as damaged
+    (OwnerDiedWarning, a lost update) or an entry left behind."""
+    seg = shmkit.Segment(name, size=4096)
+    locks = [shmkit.Mutex.at(seg, 64 * i) for i in range(8)]
+    counts, totals, errors = [0] * 8, [0] * 8, []
+    guard = threading.Lock()
+
+    def work(seed):
+        rng = random.Random(seed)
+        mine = [0] * 8
+        try:
+            for _ in range(400):
+                held = []
+                for i in sorted(rng.sample(range(8), rng.randint(1, 3))):  # one order: no deadlock
+                    if rng.random() < 0.3:
+                        if not locks[i].acquire(blocking=False):
+                            continue
+                    else:
+                        locks[i].acquire()
+                    held.append(i)
+                for i in held:
+                    v = counts[i]
+                    if rng.random() < 0.1:
+                        time.sleep(0)
+                    counts[i] = v + 1
+                    mine[i] += 1
+                for i in reversed(held):
+                    locks[i].release()
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+        with guard:
+            totals[:] = [t + n for t, n in zip(totals, mine)]
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+    finally:
+        sys.setswitchinterval(old)
+    assert errors == []
+    assert counts == totals and sum(totals) > 8 * 400
+    assert seg._mapping.held_count == 0
+    assert all(not lk.locked() for lk in locks)
+    seg.close()
+
+
 # -- events and conditions across processes ----------------------------------------
 
 def _results(names, n):

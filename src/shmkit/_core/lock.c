@@ -32,9 +32,14 @@ cas(uint32_t *w, uint32_t expected, uint32_t desired)
 /* ---- the held registry ---------------------------------------------------
  * m->held[] records, per mapping, every lock word that a thread of this
  * process holds or is taking: one u64 per (thread, lock), 0 when free, else
- * (offset << 3) | state.  What protects it is atomics, not the GIL: an
- * entry is claimed by a CAS from 0, after which only its claiming thread
- * changes or frees it (plain atomic stores); other threads only read it.
+ * (offset << 3) | state.  It is private to this process, and what orders its
+ * changes is the GIL: every read and change of it happens with the GIL held
+ * (the core lets the GIL go only around sleeps and long copies, never inside
+ * these functions; an ASan build checks it, SHM_CHECK_GIL).  So a claim is a
+ * plain load and store, and a fast acquire and release cost the two locked
+ * instructions on the word alone.  (A free-threaded CPython turns the GIL
+ * back on for this module, which does not declare Py_mod_gil.)  The entries
+ * are still accessed as relaxed atomics, so that no access can tear.
  * Every path that takes a robust lock records it here first (TRYING), and
  * every release marks it RELEASING before the word is freed and clears it
  * after, so:
@@ -63,38 +68,56 @@ held_entry(MappingObject *m, uint32_t *word, unsigned state)
     return ((uint64_t)((char *)word - m->base) << 3) | state;
 }
 
+#ifdef SHM_CHECK_GIL
+#define HELD_UNDER_GIL()                                                            \
+    do {                                                                            \
+        if (!PyGILState_Check())                                                    \
+            Py_FatalError("shmkit: a lock's held registry changed without the GIL"); \
+    } while (0)
+#else
+#define HELD_UNDER_GIL() ((void)0)
+#endif
+
+static inline uint64_t
+held_get(MappingObject *m, int i)
+{
+    return __atomic_load_n(&m->held[i], __ATOMIC_RELAXED);
+}
+
+static inline void
+held_put(MappingObject *m, int i, uint64_t e)
+{
+    HELD_UNDER_GIL();
+    __atomic_store_n(&m->held[i], e, __ATOMIC_RELAXED);
+}
+
 /* Claim a free entry for word in state TRYING.  Returns its index, or -1
- * with RuntimeError when this process already holds SHM_HELD_MAX locks. */
+ * with RuntimeError when this process already holds SHM_HELD_MAX locks.
+ * The CAS on the word that follows orders the entry before it. */
 static int
 held_claim(MappingObject *m, uint32_t *word)
 {
-    uint64_t e = held_entry(m, word, HELD_TRYING);
     for (int i = 0; i < SHM_HELD_MAX; i++) {
-        uint64_t zero = 0;
-        if (__atomic_load_n(&m->held[i], __ATOMIC_RELAXED) == 0 &&
-            __atomic_compare_exchange_n(&m->held[i], &zero, e, 0, __ATOMIC_SEQ_CST,
-                                        __ATOMIC_RELAXED))
+        if (held_get(m, i) == 0) {
+            held_put(m, i, held_entry(m, word, HELD_TRYING));
             return i;
+        }
     }
     PyErr_Format(PyExc_RuntimeError, "this process holds or waits for %d shmkit locks of "
                  "one segment at once, the most it can; release some first", SHM_HELD_MAX);
     return -1;
 }
 
-/* TRYING and WAITING are stored sequentially consistent (a TRYING entry
- * must be visible before the CAS on the word that follows it); HOLDS,
- * stored after a successful CAS of the word, needs only release. */
 static inline void
 held_set(MappingObject *m, int i, uint32_t *word, unsigned state)
 {
-    __atomic_store_n(&m->held[i], held_entry(m, word, state),
-                     state == HELD_HOLDS ? __ATOMIC_RELEASE : __ATOMIC_SEQ_CST);
+    held_put(m, i, held_entry(m, word, state));
 }
 
 static inline void
 held_free(MappingObject *m, int i)
 {
-    __atomic_store_n(&m->held[i], 0, __ATOMIC_RELEASE);
+    held_put(m, i, 0);
 }
 
 /* Does a thread of ours other than entry `self` hold, take or release word? */
@@ -103,7 +126,7 @@ held_by_other_thread(MappingObject *m, uint32_t *word, int self)
 {
     uint64_t off = (uint64_t)((char *)word - m->base);
     for (int i = 0; i < SHM_HELD_MAX; i++) {
-        uint64_t e = __atomic_load_n(&m->held[i], __ATOMIC_SEQ_CST);
+        uint64_t e = held_get(m, i);
         if (i != self && e != 0 && HELD_OFF(e) == off && HELD_STATE(e) != HELD_WAITING &&
             HELD_STATE(e) != HELD_DAMAGED)
             return 1;
@@ -116,7 +139,7 @@ shm_lock_held_count(MappingObject *m)
 {
     int n = 0;
     for (int i = 0; i < SHM_HELD_MAX; i++)
-        n += HELD_STATE(__atomic_load_n(&m->held[i], __ATOMIC_RELAXED)) == HELD_HOLDS;
+        n += HELD_STATE(held_get(m, i)) == HELD_HOLDS;
     return n;
 }
 
@@ -124,8 +147,8 @@ void
 shm_lock_forget_all(MappingObject *m)
 {
     for (int i = 0; i < SHM_HELD_MAX; i++)
-        __atomic_store_n(&m->held[i], 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&m->held_damaged, 0, __ATOMIC_RELAXED);
+        held_put(m, i, 0);
+    m->held_damaged = 0;
 }
 
 /* The index of an entry equal to e, or -1. */
@@ -133,21 +156,21 @@ static int
 held_find(MappingObject *m, uint64_t e)
 {
     for (int i = 0; i < SHM_HELD_MAX; i++)
-        if (__atomic_load_n(&m->held[i], __ATOMIC_RELAXED) == e)
+        if (held_get(m, i) == e)
             return i;
     return -1;
 }
 
-/* Change an entry from `from` to `to` with a CAS: its index, or -1 if none was. */
+/* Change an entry from `from` to `to`: its index, or -1 if none was.  (Two
+ * racing releases of one word cannot both find it: the GIL orders them.) */
 static int
 held_swap(MappingObject *m, uint64_t from, uint64_t to)
 {
     for (int i = 0; i < SHM_HELD_MAX; i++) {
-        uint64_t x = from;
-        if (__atomic_load_n(&m->held[i], __ATOMIC_RELAXED) == from &&
-            __atomic_compare_exchange_n(&m->held[i], &x, to, 0, __ATOMIC_SEQ_CST,
-                                        __ATOMIC_RELAXED))
+        if (held_get(m, i) == from) {
+            held_put(m, i, to);
             return i;
+        }
     }
     return -1;
 }
@@ -158,7 +181,7 @@ held_undamage(MappingObject *m, uint32_t *word)
 {
     if (held_swap(m, held_entry(m, word, HELD_DAMAGED), 0) < 0)
         return 0;
-    __atomic_sub_fetch(&m->held_damaged, 1, __ATOMIC_RELAXED);
+    m->held_damaged--;
     return 1;
 }
 
@@ -167,7 +190,7 @@ static inline void
 held_taken(MappingObject *m, int i, uint32_t *word)
 {
     held_set(m, i, word, HELD_HOLDS);
-    if (__atomic_load_n(&m->held_damaged, __ATOMIC_RELAXED) != 0)
+    if (m->held_damaged != 0)
         held_undamage(m, word);
 }
 
@@ -358,7 +381,7 @@ shm_lock_release(MappingObject *m, uint32_t *word)
          * the segment is damaged, not the caller's bookkeeping. */
         if (m->token != 0 && held_swap(m, held_entry(m, word, HELD_HOLDS),
                                        held_entry(m, word, HELD_DAMAGED)) >= 0) {
-            __atomic_add_fetch(&m->held_damaged, 1, __ATOMIC_RELAXED);
+            m->held_damaged++;
             return overwritten(m, v);
         }
         if (m->token != 0 && held_undamage(m, word))

@@ -52,7 +52,7 @@ typedef struct {
     uint32_t max_slots;
     int64_t event_spin_ns; /* the adaptive spin of event waits (event.c, wait.h) */
     /* The lock words this attachment holds or is taking (lock.c): one u64
-     * per thread and lock, changed with atomic operations only.  A word that
+     * per thread and lock, changed only with the GIL held.  A word that
      * carries our token without being listed here was not locked by us: it
      * is damage, and is taken over instead of waited on forever. */
     uint64_t held[SHM_HELD_MAX];
