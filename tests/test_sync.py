@@ -686,6 +686,39 @@ def test_auto_reset_event_releases_one_waiter_per_set(names):
     out.close()
 
 
+def test_condition_wait_that_times_out_takes_the_mutex_back_from_another_thread(names):
+    """A wait() that times out while another thread of the same process
+    holds the mutex waits for it, as threading.Condition does: the lock word
+    carries the process's token, so it cannot tell that this thread lost it."""
+    c = shmkit.Condition(names())
+    events = []
+
+    def waiter():
+        with c:
+            events.append("A waits")
+            assert c.wait(0.1) is False
+            events.append("A back")
+        events.append("A out")
+
+    def holder():
+        while "A waits" not in events:
+            time.sleep(0.001)
+        time.sleep(0.03)  # A sleeps in wait(): the mutex is free
+        with c:
+            events.append("B in")
+            time.sleep(0.4)
+            events.append("B out")
+
+    threads = [threading.Thread(target=waiter), threading.Thread(target=holder)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert events == ["A waits", "B in", "B out", "A back", "A out"]
+    assert not c.lock.locked() and c._m.held_count == 0
+    c.close()
+
+
 def test_condition_notify_counts(names):
     cond = shmkit.Condition(names())
     out = _results(names, 3)
@@ -759,6 +792,47 @@ def test_dead_mutex_holder(name):
         assert m.acquire(timeout=1)
     assert not m.recovered
     m.release()
+    m.close()
+
+
+def test_a_dead_holders_forked_child_does_not_keep_its_lock(name):
+    """A holder forks a child that lives on without touching the lock, then
+    is killed.  The child's inherited mapping must not keep the parent's open
+    file (and its attach slot's lock) alive: the lock is taken over at once,
+    while the child still runs."""
+    m = shmkit.Mutex(name)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent("""
+            import os, signal, sys, time
+            import shmkit
+            m = shmkit.Mutex(sys.argv[1])
+            m.acquire()
+            child = os.fork()
+            if child == 0:
+                time.sleep(60)
+                os._exit(0)
+            print(child, flush=True)
+            sys.stdin.readline()
+            os.kill(os.getpid(), signal.SIGKILL)
+        """), name],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": SRC})
+    child = int(proc.stdout.readline())
+    try:
+        assert m.locked()
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(30) == -signal.SIGKILL
+        os.kill(child, 0)  # the child lives on
+        with pytest.warns(shmkit.OwnerDiedWarning, match="previous holder died"):
+            got, dt = _elapsed(m.acquire, timeout=10)
+        assert got and dt < PROMPT and m.recovered
+        os.kill(child, 0)
+        m.release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        proc.stdout.close()
+        proc.stdin.close()
     m.close()
 
 

@@ -918,13 +918,21 @@ class Segment(Closing):
 
     def _reattach_after_fork(self) -> None:
         # The child shares the parent's open file, and so its locks: take a
-        # fresh open file and slot so each process is known on its own.
+        # fresh open file and slot so each process is known on its own.  The
+        # mapping holds the open file too: map the same pages through the new
+        # one, or a dead parent would look alive while this child lives.
         if self._closed:
             return
         old = self._fd
         flags = (os.O_RDONLY if self._readonly else os.O_RDWR) | os.O_CLOEXEC
         _core.attach_detach(self._mapping)
         self._fd = os.open(f"/proc/self/fd/{old}", flags)
+        try:
+            self._mapping.remap_file(self._fd, old)
+        except OSError:
+            os.close(self._fd)
+            self._fd = old
+            raise
         os.close(old)
         self._claim_slot()
         self._token = self._mapping.token

@@ -119,17 +119,14 @@ cond_ready(void *ctx, uint32_t *sleep_on)
     return 0;
 }
 
-/* Does the mutex carry the token `me`? */
+/* Take the mutex back.  *held says whether this call now holds it, which
+ * the word cannot say: it carries the process's token, and another thread
+ * of ours may hold it.  -1 with an error set (held or not), else 0. */
 static int
-holds(Cond *c, uint32_t me)
-{
-    return (__atomic_load_n(SHM_SYNC_U32(c, COND_LOCK), __ATOMIC_ACQUIRE) & SHM_TOKEN_MASK) == me;
-}
-
-static int
-relock(Cond *c)
+relock(Cond *c, int *held)
 {
     int r = shm_lock_acquire(c->view.m, SHM_SYNC_U32(c, COND_LOCK), SHM_FOREVER);
+    *held = r > 0;
     if (r == 2 && shm_warn_owner_died(c->view.m, c->view.what) < 0)
         return -1; /* held: the caller's with-block releases it */
     return r < 0 ? -1 : 0;
@@ -147,7 +144,7 @@ cond_wait(Cond *c, int64_t deadline)
     if (shm_lock_release(c->view.m, SHM_SYNC_U32(c, COND_LOCK)) < 0)
         return -1;
     shm_crash_point("cond.wait.released");
-    int notified = 0, err = 0;
+    int notified = 0, err = 0, held = 0;
     for (;;) {
         CondWait cw = {c, seq0};
         shm_wait w = {.m = c->view.m, .word = SHM_SYNC_U32(c, COND_SEQ), .ctx = &cw, .ready = cond_ready,
@@ -157,7 +154,7 @@ cond_wait(Cond *c, int64_t deadline)
             err = r < 0;
             break;
         }
-        if (relock(c) < 0) {
+        if (relock(c, &held) < 0) {
             err = 1;
             break;
         }
@@ -167,6 +164,7 @@ cond_wait(Cond *c, int64_t deadline)
             break;
         }
         /* Another waiter took the last grant: sleep again. */
+        held = 0;
         if (shm_lock_release(c->view.m, SHM_SYNC_U32(c, COND_LOCK)) < 0) {
             err = 1;
             break;
@@ -177,13 +175,13 @@ cond_wait(Cond *c, int64_t deadline)
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     if (c->view.m->token == me && c->view.m->base != NULL) {
-        if (!holds(c, me) && relock(c) < 0) {
+        if (!held && relock(c, &held) < 0) {
             if (type == NULL)
                 PyErr_Fetch(&type, &value, &tb);
             else
                 PyErr_Clear();
         }
-        if (holds(c, me)) {
+        if (held) {
             /* A notify() that raced with our time-out counted us: take its
              * wake-up, so none is left for nobody. */
             if (!notified && !err && shm_cond_take_grant(c->view.b, seq0))

@@ -220,6 +220,32 @@ mapping_get_closed(MappingObject *self, void *Py_UNUSED(c))
     return PyBool_FromLong(self->base == NULL || self->closing);
 }
 
+/* After a fork: map the same file again, through the child's own open file
+ * (fd), over the same addresses.  The mapping inherited from the parent
+ * holds the parent's open file description, and with it the parent's OFD
+ * locks (its attach slot): were the parent to die, it would pass for alive,
+ * and its locks could not be taken over, for as long as the child lived.
+ * MAP_FIXED replaces the whole reservation in one step; views keep their
+ * addresses and see the same pages.  Runs in the forked child's only
+ * thread.  None, or OSError with the old file (old_fd) mapped back. */
+static PyObject *
+mapping_remap_file(MappingObject *self, PyObject *args)
+{
+    int fd, old_fd;
+    if (!PyArg_ParseTuple(args, "ii:remap_file", &fd, &old_fd))
+        return NULL;
+    if (self->base == NULL)
+        Py_RETURN_NONE; /* unmapped: it holds no file */
+    int prot = self->readonly ? PROT_READ : PROT_READ | PROT_WRITE;
+    int flags = MAP_SHARED | MAP_NORESERVE | MAP_FIXED;
+    if (mmap(self->base, (size_t)self->reserve, prot, flags, fd, 0) != MAP_FAILED)
+        Py_RETURN_NONE;
+    int err = errno;
+    (void)mmap(self->base, (size_t)self->reserve, prot, flags, old_fd, 0);
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
 static PyMethodDef mapping_methods[] = {
     {"close", (PyCFunction)mapping_close, METH_NOARGS,
      "close($self, /)\n--\n\n"
@@ -231,6 +257,12 @@ static PyMethodDef mapping_methods[] = {
      "offset by value if it still holds expected (one compare-and-swap); once "
      "per call, replacing an earlier arming.  A view must be alive.  Nothing "
      "happens if the process forks meanwhile (the child holds views too)."},
+    {"remap_file", (PyCFunction)mapping_remap_file, METH_VARARGS,
+     "remap_file($self, fd, old_fd, /)\n--\n\n"
+     "In a forked child: map the same file through fd (the child's own open "
+     "file) over the same addresses, so that the mapping no longer keeps the "
+     "parent's open file, and its locks, alive.  OSError if that fails (the "
+     "mapping through old_fd is restored)."},
     {"set_length", (PyCFunction)mapping_set_length, METH_O,
      "set_length($self, n, /)\n--\n\n"
      "Set how many bytes are safe to touch (at most reserve). "
