@@ -1260,6 +1260,20 @@ def test_locks_of_readonly_or_closed_handles_raise_the_specific_errors(name):
         m.locked()
 
 
+@pytest.mark.parametrize("keep_view", [False, True], ids=["unmapped", "still mapped"])
+def test_releasing_a_lock_of_a_closed_segment_says_it_is_closed(name, keep_view):
+    # A view keeps the memory mapped after close(): still ClosedError, not
+    # RuntimeError("... does not hold"), which blames the caller.
+    seg = shmkit.Segment(name, size=4096)
+    lock = shmkit.Mutex.at(seg, 0)
+    lock.acquire()
+    view = seg.buf[0:8] if keep_view else None
+    seg.close()
+    with pytest.raises(shmkit.ClosedError, match="closed"):
+        lock.release()
+    del view
+
+
 # -- Ctrl-C storms: an interrupt between any two steps leaves the state exact -----------
 
 _STORM = r"""

@@ -35,7 +35,8 @@ cas(uint32_t *w, uint32_t expected, uint32_t desired)
  * (offset << 3) | state.  It is private to this process, and what orders its
  * changes is the GIL: every read and change of it happens with the GIL held
  * (the core lets the GIL go only around sleeps and long copies, never inside
- * these functions; an ASan build checks it, SHM_CHECK_GIL).  So a claim is a
+ * these functions; an ASan build checks it, SHM_CHECK_GIL, though on 3.11
+ * PyGILState_Check cannot tell once a sub-interpreter exists).  So a claim is a
  * plain load and store, and a fast acquire and release cost the two locked
  * instructions on the word alone.  (A free-threaded CPython turns the GIL
  * back on for this module, which does not declare Py_mod_gil.)  The entries
@@ -376,15 +377,17 @@ int
 shm_lock_release(MappingObject *m, uint32_t *word)
 {
     uint32_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
-    if (m->token == 0 || (v & SHM_TOKEN_MASK) != m->token) {
+    if (m->token == 0) /* closed (still mapped while views live) or read-only */
+        return no_token(m);
+    if ((v & SHM_TOKEN_MASK) != m->token) {
         /* This process took the word and someone else's store replaced it:
          * the segment is damaged, not the caller's bookkeeping. */
-        if (m->token != 0 && held_swap(m, held_entry(m, word, HELD_HOLDS),
-                                       held_entry(m, word, HELD_DAMAGED)) >= 0) {
+        if (held_swap(m, held_entry(m, word, HELD_HOLDS),
+                      held_entry(m, word, HELD_DAMAGED)) >= 0) {
             m->held_damaged++;
             return overwritten(m, v);
         }
-        if (m->token != 0 && held_undamage(m, word))
+        if (held_undamage(m, word))
             return overwritten(m, v); /* the release after the one that reported it */
         PyErr_SetString(PyExc_RuntimeError,
                         "release of a shmkit lock that this process does not hold");

@@ -23,8 +23,9 @@
  *      and would pay for re-arming them all) sleeps on until a wake-up;
  *   5. disarm() on every way out.
  *
- * ready() runs with or without the GIL and must not touch Python objects;
- * check(), arm() and disarm() run with the GIL held.  The caller pins the
+ * Every callback runs with the GIL held (lock.c's ready() changes the
+ * registry of held locks, which the GIL orders); ready() must not touch
+ * Python objects.  The caller pins the
  * mapping (shm_pin) for the whole wait.
  *
  *   shm_wait w = {.m = m, .word = &h->seq, .ctx = r, .ready = data_ready,
