@@ -1260,6 +1260,24 @@ def test_locks_of_readonly_or_closed_handles_raise_the_specific_errors(name):
         m.locked()
 
 
+def test_holding_more_locks_of_one_segment_than_the_registry_keeps_is_refused(name):
+    # One entry per thread and lock: the 65th lock held at once is refused
+    # with a message that says why, and nothing is left taken.
+    seg = shmkit.Segment(name, size=8192)
+    locks = [shmkit.Mutex.at(seg, 64 * i) for i in range(65)]
+    for lock in locks[:64]:
+        assert lock.acquire(timeout=0)
+    with pytest.raises(RuntimeError, match="hold or wait for 64 shmkit locks of one segment"):
+        locks[64].acquire()
+    assert not locks[64].locked() and seg._mapping.held_count == 64
+    for lock in locks[:64]:
+        lock.release()
+    assert locks[64].acquire(timeout=0)
+    locks[64].release()
+    assert seg._mapping.held_count == 0
+    seg.close()
+
+
 @pytest.mark.parametrize("keep_view", [False, True], ids=["unmapped", "still mapped"])
 def test_releasing_a_lock_of_a_closed_segment_says_it_is_closed(name, keep_view):
     # A view keeps the memory mapped after close(): still ClosedError, not

@@ -104,8 +104,9 @@ held_claim(MappingObject *m, uint32_t *word)
             return i;
         }
     }
-    PyErr_Format(PyExc_RuntimeError, "this process holds or waits for %d shmkit locks of "
-                 "one segment at once, the most it can; release some first", SHM_HELD_MAX);
+    PyErr_Format(PyExc_RuntimeError, "threads of this process hold or wait for %d shmkit "
+                 "locks of one segment at once (one per thread and lock), the most it can; "
+                 "release some, or wait from fewer threads", SHM_HELD_MAX);
     return -1;
 }
 
