@@ -719,6 +719,51 @@ def test_condition_wait_that_times_out_takes_the_mutex_back_from_another_thread(
     c.close()
 
 
+def test_ctrl_c_while_a_wait_takes_the_mutex_back_from_another_thread(name):
+    """Ctrl-C (twice) while wait() waits to take the mutex back from another
+    thread of the process: wait() raises KeyboardInterrupt only once it holds
+    the mutex again, so its with-block releases its own hold, never the
+    other thread's (the word carries the process's token, not the thread's)."""
+    out = run_python(f"""
+        import signal, sys, threading, time
+        import shmkit
+        c = shmkit.Condition({name!r})
+        events, errors = [], []
+        main = threading.main_thread().ident
+
+        def holder():
+            try:
+                while "A waits" not in events:
+                    time.sleep(0.001)
+                time.sleep(0.03)
+                with c:
+                    events.append("B in")
+                    for _ in range(2):
+                        time.sleep(0.2)  # A's wait has timed out: it waits for the mutex
+                        signal.pthread_kill(main, signal.SIGINT)
+                    time.sleep(0.2)
+                    events.append("B out")
+            except BaseException as e:
+                errors.append(repr(e))
+
+        t = threading.Thread(target=holder)
+        t.start()
+        try:
+            with c:
+                events.append("A waits")
+                try:
+                    c.wait(0.05)
+                except KeyboardInterrupt:
+                    events.append("A interrupted, holding" if c.lock.locked() else "A lost it")
+        except BaseException as e:
+            errors.append(repr(e))
+        t.join(30)
+        print(events, errors, c.lock.locked())
+    """)
+    assert out.stdout.split("\n")[0] == (
+        "['A waits', 'B in', 'B out', 'A interrupted, holding'] [] False")
+
+
 def test_condition_notify_counts(names):
     cond = shmkit.Condition(names())
     out = _results(names, 3)
@@ -1282,13 +1327,18 @@ def test_holding_more_locks_of_one_segment_than_the_registry_keeps_is_refused(na
 def test_releasing_a_lock_of_a_closed_segment_says_it_is_closed(name, keep_view):
     # A view keeps the memory mapped after close(): still ClosedError, not
     # RuntimeError("... does not hold"), which blames the caller.
-    seg = shmkit.Segment(name, size=4096)
+    seg = shmkit.Segment(name, size=8192)
     lock = shmkit.Mutex.at(seg, 0)
+    cond = shmkit.Condition.at(seg, 64)
     lock.acquire()
+    cond.acquire()
     view = seg.buf[0:8] if keep_view else None
     seg.close()
     with pytest.raises(shmkit.ClosedError, match="closed"):
         lock.release()
+    for call in (cond.wait, cond.notify, cond.release):
+        with pytest.raises(shmkit.ClosedError, match="closed"):
+            call()
     del view
 
 

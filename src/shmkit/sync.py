@@ -557,6 +557,9 @@ class Condition(_Placed):
 
         ``notify(n)`` grants n wake-ups to the processes already waiting;
         each wait takes at most one, so no more than n waits return True.
+        It returns or raises holding the lock again; Ctrl-C while another
+        thread of this process holds it raises once this thread has it
+        back (a holder in another process lets it through at once).
         Raises :class:`ClosedError` if another thread closes the handle.
         """
         return _core.cond_wait(self._m, self._base, timeout, self._what)

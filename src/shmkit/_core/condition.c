@@ -132,6 +132,34 @@ relock(Cond *c, int *held)
     return r < 0 ? -1 : 0;
 }
 
+/* Take the mutex back on the way out of wait(), keeping the first error in
+ * exc[] (type, value, traceback).  An interruption (KeyboardInterrupt,
+ * SystemExit: what signal handlers raise) while another thread of this
+ * process holds the mutex is kept for later and the take-back goes on:
+ * raising without the mutex would let the caller's with-block release that
+ * thread's hold, since the word carries the process's token, not the
+ * thread's.  That thread runs, so it lets go.  A holder in another process,
+ * which may be stopped, lets the interruption through at once. */
+static void
+retake(Cond *c, uint32_t me, int *held, PyObject **exc)
+{
+    for (;;) {
+        int r = relock(c, held);
+        if (r == 0)
+            return;
+        int interrupted = PyErr_ExceptionMatches(PyExc_BaseException) &&
+                          !PyErr_ExceptionMatches(PyExc_Exception);
+        if (exc[0] == NULL)
+            PyErr_Fetch(&exc[0], &exc[1], &exc[2]);
+        else
+            PyErr_Clear();
+        if (*held || !interrupted || c->view.m->token != me || c->view.m->base == NULL ||
+            (__atomic_load_n(SHM_SYNC_U32(c, COND_LOCK), __ATOMIC_ACQUIRE) &
+             SHM_TOKEN_MASK) != me)
+            return;
+    }
+}
+
 static int
 cond_wait(Cond *c, int64_t deadline)
 {
@@ -172,15 +200,11 @@ cond_wait(Cond *c, int64_t deadline)
     }
     /* On every way out, hold the mutex again, as the caller's with-block
      * expects, and stop counting ourselves. */
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
+    PyObject *exc[3];
+    PyErr_Fetch(&exc[0], &exc[1], &exc[2]);
     if (c->view.m->token == me && c->view.m->base != NULL) {
-        if (!held && relock(c, &held) < 0) {
-            if (type == NULL)
-                PyErr_Fetch(&type, &value, &tb);
-            else
-                PyErr_Clear();
-        }
+        if (!held)
+            retake(c, me, &held, exc);
         if (held) {
             /* A notify() that raced with our time-out counted us: take its
              * wake-up, so none is left for nobody. */
@@ -190,7 +214,7 @@ cond_wait(Cond *c, int64_t deadline)
             shm_crash_point("cond.wait.uncounted");
         }
     }
-    PyErr_Restore(type, value, tb);
+    PyErr_Restore(exc[0], exc[1], exc[2]);
     if (PyErr_Occurred())
         return -1;
     return notified;

@@ -366,10 +366,12 @@ int
 shm_lock_check_held(MappingObject *m, uint32_t *word)
 {
     uint32_t v = __atomic_load_n(word, __ATOMIC_ACQUIRE);
-    if (m->token != 0 && (v & SHM_TOKEN_MASK) == m->token)
+    if (m->token == 0) /* closed (still mapped while views live) or read-only */
+        return no_token(m);
+    if ((v & SHM_TOKEN_MASK) == m->token)
         return 1;
-    if (m->token != 0 && (held_find(m, held_entry(m, word, HELD_HOLDS)) >= 0 ||
-                          held_find(m, held_entry(m, word, HELD_DAMAGED)) >= 0))
+    if (held_find(m, held_entry(m, word, HELD_HOLDS)) >= 0 ||
+        held_find(m, held_entry(m, word, HELD_DAMAGED)) >= 0)
         return overwritten(m, v);
     return 0;
 }

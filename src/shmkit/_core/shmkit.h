@@ -226,7 +226,8 @@ int shm_lock_try(MappingObject *m, uint32_t *word);
  * around a call that released it does not blame the caller). */
 int shm_lock_release(MappingObject *m, uint32_t *word);
 /* Does this process hold word?  1 yes; 0 no (no exception set); -1 with
- * CorruptError when it took the word and another store replaced it. */
+ * CorruptError when it took the word and another store replaced it, or
+ * ClosedError/ReadOnlyError when the mapping has no token. */
 int shm_lock_check_held(MappingObject *m, uint32_t *word);
 /* Holdings recorded for this mapping (a diagnostic: Mapping.held_count). */
 int shm_lock_held_count(MappingObject *m);
