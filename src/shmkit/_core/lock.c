@@ -493,9 +493,6 @@ do_acquire(LockObject *self, int64_t deadline)
     return r;
 }
 
-/* The uncontended acquire: one CAS, with no pinning and no argument parsing.
- * Anything unusual (closed, readonly, detached, held) takes the slow path,
- * which reports it properly. */
 /* The lock word when the handle's mapping is open, writable and holds it
  * (the offset was checked aligned when the handle was made); else NULL, and
  * the caller takes the path that says what is wrong (shm_addr). */
@@ -509,6 +506,9 @@ word_fast(LockObject *self)
     return (uint32_t *)(m->base + self->offset);
 }
 
+/* The uncontended acquire: one CAS, with no pinning and no argument parsing.
+ * Anything unusual (closed, readonly, detached, held) takes the slow path,
+ * which reports it properly. */
 static inline int
 try_fast(LockObject *self)
 {
