@@ -779,6 +779,52 @@ def test_batch_is_all_or_nothing_and_private_until_published(name):
         st.verify()
 
 
+def test_a_batchs_own_puts_are_read_back_by_every_kind_of_read(name):
+    # A batch writes each put's record at once and looks its index word up
+    # later, many together: every read inside the batch must still see the
+    # puts before it, in order, and a dropped batch must free their records.
+    with Store(name) as st:
+        for i in range(100):
+            st[i] = -i
+        used = st.statistics()["used_bytes"]
+        with st.batch():
+            for i in range(9000):  # more puts than are ever staged at once
+                st[i % 3000] = i  # updates, inserts, and the same key again
+            assert (st[0], st[2999], st[1500]) == (6000, 8999, 7500)
+            assert len(st) == 3000
+            st["new"] = "x"
+            assert "new" in st and st.get("new") == "x"
+            st["add"] = 1
+            with pytest.raises(KeyExistsError):
+                st.add("add", 2)
+            st["pop"] = 2
+            assert st.pop("pop") == 2 and "pop" not in st
+            st["gone"] = 3
+            del st["gone"]
+            st["seen"] = b"in place"
+            with st.view("seen") as v:
+                assert bytes(v) == b"in place"
+            st["keys"] = 4
+            assert {k for k in st if isinstance(k, str)} == {"new", "add", "seen", "keys"}
+            st["items"] = 5
+            assert dict(st.items())["items"] == 5
+            st["last"] = 6
+        expected = {i: 6000 + i for i in range(3000)}
+        expected.update(new="x", add=1, seen=b"in place", keys=4, items=5, last=6)
+        assert dict(st.items()) == expected
+        st.verify()
+        used = st.statistics()["used_bytes"]
+        with pytest.raises(RuntimeError):
+            with st.batch():
+                for i in range(10_000):
+                    st[f"dropped {i}"] = b"x" * 100
+                st[0] = "dropped too"
+                raise RuntimeError("drop it")
+        assert dict(st.items()) == expected
+        assert st.statistics()["used_bytes"] == used
+        st.verify()
+
+
 def _big_batches(name, ready, n, rounds):
     st = Store.open(name)
     ready.set()

@@ -447,6 +447,28 @@ t_free(TCore *t, uint64_t off)
     return 0;
 }
 
+/* Free a block that no reader can have seen (a batch's journal: readers
+ * never read it) straight onto its free list, so the next batch's journal
+ * reuses memory that is still in cache.  A later recycle merges it with its
+ * neighbours as usual. */
+static int
+t_free_unseen(TCore *t, uint64_t off)
+{
+    char *P = PAY(t);
+    THeader *h = HDR(t);
+    uint64_t size;
+    if (off < T_HEADER || (off & 15) || off > t->end - T_MIN_BLOCK)
+        return corrupt("a block to free at offset %llu lies outside the heap",
+                       (unsigned long long)off);
+    uint64_t head = LDR(W64(P, off));
+    size = head & ~(uint64_t)B_FLAGS;
+    if (!(head & B_USED) || size < T_MIN_BLOCK || size > t->end - off)
+        return corrupt("the block at offset %llu is damaged", (unsigned long long)off);
+    bin_push(P, h, off, size);
+    shm_crash_point("table.free.binned");
+    return 0;
+}
+
 /* ---- views: a per-attachment count that holds recycling off ----------------
  * A view (Store.view) hands out the bytes of a record in place, so the
  * record's space must not be reused while it is held.  Each attachment
@@ -511,6 +533,9 @@ t_park(TCore *t)
     return 1;
 }
 
+/* How far ahead of the recycle's walk the chain is fetched. */
+#define RECYCLE_AHEAD 2048
+
 /* Make pending space reusable: bump the epoch, then walk the chain,
  * merging runs of free blocks and rebuilding the free lists.  Returns 0, or
  * 1 when deferred because a live attachment holds views (with `trusted`,
@@ -531,7 +556,14 @@ t_recycle_ex(TCore *t, int trusted)
     bins_clear(h);
     h->top = 0;
     shm_crash_point("table.recycle.emptied");
+    /* Each header's address depends on the header before it: fetch the
+     * lines RECYCLE_AHEAD bytes ahead so the walk does not wait on each. */
+    uint64_t fetched = off;
     while (off < end) {
+        if (fetched < off)
+            fetched = off; /* a long free block was stepped over */
+        for (; fetched < end && fetched - off < RECYCLE_AHEAD; fetched += 64)
+            __builtin_prefetch(P + fetched);
         uint64_t head = LDR(W64(P, off)), size = head & ~(uint64_t)B_FLAGS;
         if (size < T_MIN_BLOCK || size > end - off || (head & 8)) {
             h->state |= ST_DIRTY;
@@ -660,20 +692,68 @@ t_index(TCore *t, TIndex *x)
     return 0;
 }
 
+static inline size_t
+ov_home(uint64_t slot, size_t cap)
+{
+    return (size_t)((slot * 0x9E3779B97F4A7C15ull) >> 20) & (cap - 1);
+}
+
 static inline OvEntry *
 ov_find(Overlay *o, uint64_t slot)
 {
     if (o->n == 0)
         return NULL;
-    size_t mask = o->cap - 1, i = (size_t)((slot * 0x9E3779B97F4A7C15ull) >> 20) & mask;
-    for (;;) {
-        OvEntry *e = &o->e[i];
-        if (e->slot == 0)
+    for (size_t mask = o->cap - 1, i = ov_home(slot, o->cap);; i = (i + 1) & mask) {
+        uint32_t p = o->pos[i];
+        if (p == 0)
             return NULL;
-        if (e->slot == slot + 1)
-            return e;
-        i = (i + 1) & mask;
+        if (o->e[p - 1].slot == slot)
+            return &o->e[p - 1];
     }
+}
+
+/* Make room for `want` entries, the table at half load at most. */
+static int
+ov_reserve(Overlay *o, size_t want)
+{
+    if (want * 2 <= o->cap)
+        return 0;
+    size_t cap = o->cap ? o->cap : 64;
+    while (cap < want * 2)
+        cap *= 2;
+    if (cap / 2 > UINT32_MAX - 1)
+        return shm_fail(TE_NOMEM, "a batch cannot change more than 2**31 index words");
+    OvEntry *e = realloc(o->e, cap / 2 * sizeof *e);
+    if (e == NULL)
+        return shm_fail(TE_NOMEM, "no memory for the batch's index words");
+    o->e = e;
+    uint32_t *pos = calloc(cap, sizeof *pos);
+    if (pos == NULL)
+        return shm_fail(TE_NOMEM, "no memory for the batch's index words");
+    for (size_t j = 0; j < o->n; j++) {
+        size_t i = ov_home(e[j].slot, cap);
+        while (pos[i])
+            i = (i + 1) & (cap - 1);
+        pos[i] = (uint32_t)j + 1;
+    }
+    free(o->pos);
+    o->pos = pos;
+    o->cap = cap;
+    return 0;
+}
+
+/* Add an entry for a slot the overlay does not hold yet. */
+static int
+ov_add(Overlay *o, uint64_t slot, uint64_t word)
+{
+    if (ov_reserve(o, o->n + 1) < 0)
+        return -1;
+    size_t i = ov_home(slot, o->cap);
+    while (o->pos[i])
+        i = (i + 1) & (o->cap - 1);
+    o->e[o->n] = (OvEntry){slot, word};
+    o->pos[i] = (uint32_t)++o->n;
+    return 0;
 }
 
 static int
@@ -684,34 +764,16 @@ ov_set(Overlay *o, uint64_t slot, uint64_t word)
         e->word = word;
         return 0;
     }
-    if ((o->n + 1) * 2 > o->cap) {
-        size_t cap = o->cap ? o->cap * 2 : 64;
-        OvEntry *ne = calloc(cap, sizeof *ne), *old = o->e;
-        if (ne == NULL)
-            return shm_fail(TE_NOMEM, "no memory for the batch's index words");
-        size_t oc = o->cap;
-        o->e = ne;
-        o->cap = cap;
-        o->n = 0;
-        for (size_t i = 0; i < oc; i++)
-            if (old[i].slot)
-                ov_set(o, old[i].slot - 1, old[i].word);
-        free(old);
-    }
-    size_t mask = o->cap - 1, i = (size_t)((slot * 0x9E3779B97F4A7C15ull) >> 20) & mask;
-    while (o->e[i].slot)
-        i = (i + 1) & mask;
-    o->e[i].slot = slot + 1;
-    o->e[i].word = word;
-    o->n++;
-    return 0;
+    return ov_add(o, slot, word);
 }
 
 void
 ov_clear(Overlay *o)
 {
     free(o->e);
+    free(o->pos);
     o->e = NULL;
+    o->pos = NULL;
     o->cap = o->n = 0;
     o->newslots = 0;
 }
@@ -825,10 +887,8 @@ t_rebuild(TCore *t, uint64_t nslots, uint64_t at)
     }
     if (t->ov.n) {
         Overlay old = t->ov, nov = {0};
-        for (size_t j = 0; j < old.cap; j++) {
-            if (!old.e[j].slot)
-                continue;
-            uint64_t s = old.e[j].slot - 1, w = old.e[j].word;
+        for (size_t j = 0; j < old.n; j++) {
+            uint64_t s = old.e[j].slot, w = old.e[j].word;
             uint64_t pub = LDR(&x.slots[s]), ns_i;
             TRec r;
             if (pub != W_EMPTY && pub != W_TOMB) {
@@ -1495,7 +1555,8 @@ int
 t_put_find(TCore *t, const TKey *k, TSlot *s)
 {
     TIndex x;
-    if (t_maybe_recycle(t) < 0 || t_reserve(t) < 0 || t_index(t, &x) < 0)
+    if (t_batch_resolve(t) < 0 || t_maybe_recycle(t) < 0 || t_reserve(t) < 0 ||
+        t_index(t, &x) < 0)
         return -1;
     return probe_w(t, &x, k, &s->slot, &s->old, &s->from_ov);
 }
@@ -1524,6 +1585,20 @@ t_put_write(TCore *t, const TKey *k, uint8_t vtype, uint64_t vlen, char **value)
     return off;
 }
 
+/* Put word w where probe_w found its key, in the open batch's words. */
+static int
+ov_publish(TCore *t, const TIndex *x, const TSlot *s, uint64_t w)
+{
+    int fresh = !s->from_ov && LDR(&x->slots[s->slot]) == W_EMPTY;
+    /* probe_w saw whether the overlay holds the slot: look it up only then */
+    if ((s->from_ov ? ov_set(&t->ov, s->slot, w) : ov_add(&t->ov, s->slot, w)) < 0)
+        return -1;
+    t->ov.newslots += fresh;
+    if (s->from_ov && s->old > W_TOMB)
+        t_free(t, word_off(s->old)); /* this batch's own, never published */
+    return 0;
+}
+
 int
 t_put_publish(TCore *t, const TSlot *s, uint64_t off, uint64_t hash)
 {
@@ -1536,14 +1611,10 @@ t_put_publish(TCore *t, const TSlot *s, uint64_t off, uint64_t hash)
     uint64_t w = rec_word(off, hash), old = s->old;
     shm_crash_point("table.put.written");
     if (t_in_batch(t)) {
-        int fresh = !s->from_ov && LDR(&x.slots[s->slot]) == W_EMPTY;
-        if (ov_set(&t->ov, s->slot, w) < 0) {
+        if (ov_publish(t, &x, s, w) < 0) {
             t_free(t, off);
             return -1;
         }
-        t->ov.newslots += fresh;
-        if (s->from_ov && old > W_TOMB)
-            t_free(t, word_off(old)); /* this batch's own, never published */
     } else {
         STA(&x.slots[s->slot], w); /* publish */
         shm_crash_point(old > W_TOMB ? "table.update.published" : "table.put.published");
@@ -1566,7 +1637,7 @@ int
 t_delete_find(TCore *t, const TKey *k, TSlot *s)
 {
     TIndex x;
-    if (t_index(t, &x) < 0)
+    if (t_batch_resolve(t) < 0 || t_index(t, &x) < 0)
         return -1;
     return probe_w(t, &x, k, &s->slot, &s->old, &s->from_ov);
 }
@@ -1601,14 +1672,113 @@ t_delete_publish(TCore *t, const TSlot *s)
 
 /* ---- batches (lock held) -------------------------------------------------------- */
 
+/* Staged puts probed together at most: bounds the private memory of a long
+ * batch, and a chunk this long already keeps the prefetches ahead. */
+#define STAGE_MAX 4096
+/* How far ahead of its probe a staged put's index word is prefetched; its
+ * record is prefetched half as far ahead, once that word is in cache. */
+#define PROBE_AHEAD 16
+void
+staged_clear(StagedPuts *sp)
+{
+    free(sp->e);
+    sp->e = NULL;
+    sp->n = sp->cap = 0;
+}
+
+/* Room for one more staged put (before its record is written, so that a
+ * failure leaves nothing to undo); resolves the staged ones when full. */
+int
+t_stage_room(TCore *t)
+{
+    StagedPuts *sp = &t->staged;
+    if (sp->n >= STAGE_MAX && t_batch_resolve(t) < 0)
+        return -1;
+    if (t_maybe_recycle(t) < 0)
+        return -1;
+    if (sp->n < sp->cap)
+        return 0;
+    size_t cap = sp->cap ? sp->cap * 2 : 256;
+    Staged *e = realloc(sp->e, cap * sizeof *e);
+    if (e == NULL)
+        return shm_fail(TE_NOMEM, "no memory for the batch's puts");
+    sp->e = e;
+    sp->cap = cap;
+    return 0;
+}
+
+/* Stage a put whose record (key k) was written at off; t_stage_room first. */
+void
+t_stage(TCore *t, uint64_t off, const TKey *k)
+{
+    Staged *e = &t->staged.e[t->staged.n++];
+    e->off = off;
+    e->hash = k->h;
+    e->klen = (uint32_t)k->n;
+    e->ktype = k->type;
+}
+
+/* Probe the index for every staged put, in order, and set their words in
+ * the batch's overlay, as t_put_find and t_put_publish would have one by
+ * one.  Each probe's index word is prefetched PROBE_AHEAD puts ahead, and
+ * the record it names half as far, so that the misses overlap.  On an
+ * error the puts not yet in the overlay stay staged (discarding the batch
+ * frees them).  0, or -1. */
+int
+t_batch_resolve(TCore *t)
+{
+    StagedPuts *sp = &t->staged;
+    size_t n = sp->n, i = 0;
+    if (n == 0)
+        return 0;
+    int r = ov_reserve(&t->ov, t->ov.n + n);
+    char *P = PAY(t);
+    THeader *h = HDR(t);
+    TIndex x;
+    if (r == 0 && (t_reserve(t) < 0 || t_index(t, &x) < 0))
+        r = -1;
+    for (; r == 0 && i < n; i++) {
+        /* t_reserve's test inline (it checks the counters when it runs) */
+        uint64_t words = LDR(&h->count) + LDR(&h->tombstones) + t->ov.newslots;
+        if ((words >= x.nslots || (words + 1) * 4 > x.nslots * 3) &&
+            (t_reserve(t) < 0 || t_index(t, &x) < 0)) {
+            r = -1;
+            break;
+        }
+        uint64_t end = t->end;
+        if (i + PROBE_AHEAD < n)
+            __builtin_prefetch(&x.slots[sp->e[i + PROBE_AHEAD].hash & x.mask]);
+        if (i + PROBE_AHEAD / 2 < n) {
+            uint64_t h2 = sp->e[i + PROBE_AHEAD / 2].hash;
+            uint64_t w = LDR(&x.slots[h2 & x.mask]);
+            if (w > W_TOMB && (w >> 40) == W_TAG(h2) && word_off(w) < end)
+                __builtin_prefetch(P + word_off(w));
+        }
+        const Staged *e = &sp->e[i];
+        TKey k = {.p = P + e->off + T_REC_HDR, .n = e->klen, .type = e->ktype, .h = e->hash};
+        TSlot s;
+        if (probe_w(t, &x, &k, &s.slot, &s.old, &s.from_ov) < 0 ||
+            ov_publish(t, &x, &s, rec_word(e->off, e->hash)) < 0) {
+            r = -1;
+            break;
+        }
+    }
+    sp->n = n - i;
+    memmove(sp->e, sp->e + i, sp->n * sizeof *sp->e);
+    return r;
+}
+
 /* Free what the open batch allocated and forget its words. */
 void
 t_batch_discard(TCore *t)
 {
-    for (size_t j = 0; j < t->ov.cap; j++)
-        if (t->ov.e[j].slot && t->ov.e[j].word > W_TOMB)
+    for (size_t j = 0; j < t->ov.n; j++)
+        if (t->ov.e[j].word > W_TOMB)
             t_free(t, word_off(t->ov.e[j].word));
     ov_clear(&t->ov);
+    for (size_t j = 0; j < t->staged.n; j++)
+        t_free(t, t->staged.e[j].off);
+    t->staged.n = 0;
 }
 
 /* Publish the batch: write its words to a journal block, mark it
@@ -1617,6 +1787,8 @@ int
 t_batch_commit(TCore *t)
 {
     Overlay *ov = &t->ov;
+    if (t_batch_resolve(t) < 0)
+        return -1;
     if (ov->n == 0)
         return 0;
     uint64_t n = ov->n;
@@ -1628,22 +1800,17 @@ t_batch_commit(TCore *t)
         return -1;
     char *P = PAY(t);
     THeader *h = HDR(t);
-    uint64_t *e = W64(P, j + T_JOURNAL_HDR), i = 0;
-    for (size_t s = 0; s < ov->cap; s++) {
-        if (ov->e[s].slot && ov->e[s].slot - 1 >= x.nslots) {
+    uint64_t *e = W64(P, j + T_JOURNAL_HDR);
+    for (size_t s = 0; s < n; s++) {
+        if (ov->e[s].slot >= x.nslots) {
             /* the index shrank under the batch: only damage does that */
-            t_free(t, j);
+            t_free_unseen(t, j);
             return corrupt("a batch's slot %llu lies beyond the index's %llu slots",
-                           (unsigned long long)(ov->e[s].slot - 1),
+                           (unsigned long long)ov->e[s].slot,
                            (unsigned long long)x.nslots);
         }
-    }
-    for (size_t s = 0; s < ov->cap; s++) {
-        if (!ov->e[s].slot)
-            continue;
-        e[2 * i] = ov->e[s].slot - 1;
-        e[2 * i + 1] = ov->e[s].word;
-        i++;
+        e[2 * s] = ov->e[s].slot;
+        e[2 * s + 1] = ov->e[s].word;
     }
     STR(W64(P, j + 16), n);
     STR(W64(P, j + 24), x.ix);
@@ -1658,10 +1825,8 @@ t_batch_commit(TCore *t)
     int bad = 0; /* a replaced word that damage made bad: finish, then report */
     /* The words come from the private overlay, not back from the journal,
      * which lies in shared memory where another process may damage it. */
-    for (size_t k = 0; k < ov->cap; k++) {
-        if (!ov->e[k].slot)
-            continue;
-        uint64_t s = ov->e[k].slot - 1, w = ov->e[k].word, pub = LDR(&x.slots[s]);
+    for (size_t k = 0; k < n; k++) {
+        uint64_t s = ov->e[k].slot, w = ov->e[k].word, pub = LDR(&x.slots[s]);
         STR(&x.slots[s], w);
         shm_crash_point("table.batch.word");
         if (pub > W_TOMB && t_free(t, word_off(pub)) < 0)
@@ -1677,7 +1842,7 @@ t_batch_commit(TCore *t)
     shm_crash_point("table.batch.counted");
     __atomic_store_n(&h->state, h->state & ~ST_COMMIT, __ATOMIC_RELEASE);
     shm_crash_point("table.batch.committed");
-    if (t_free(t, j) < 0)
+    if (t_free_unseen(t, j) < 0)
         bad = 1;
     h->batches++;
     ov_clear(ov);

@@ -198,16 +198,34 @@ _Static_assert(sizeof(TJournalHead) == T_JOURNAL_HDR, "journal header is 32 byte
 #define W64(P, off) ((uint64_t *)((P) + (off)))
 
 typedef struct {
-    uint64_t slot; /* slot + 1; 0 marks an unused entry */
+    uint64_t slot; /* the index word's number */
     uint64_t word;
 } OvEntry;
 
-/* A batch's index words, not yet published: slot -> word. */
+/* A batch's index words, not yet published: e[0..n) in the order they were
+ * first set (so a commit walks them densely), found by slot through the
+ * hash table pos[cap] of entry numbers + 1 (0: empty). */
 typedef struct {
-    OvEntry *e;
-    size_t cap, n;
+    OvEntry *e;        /* room for cap / 2 */
+    uint32_t *pos;
+    size_t n, cap;
     uint64_t newslots; /* entries whose published word is empty */
 } Overlay;
+
+/* A batch's put whose index word is not looked for yet.  A batch writes
+ * each record at once but probes the index for the staged puts together
+ * (at its next read, or when it is published), so that their cache misses
+ * overlap instead of following one another. */
+typedef struct {
+    uint64_t off, hash; /* the record (its key at off + T_REC_HDR), the key's hash */
+    uint32_t klen;
+    uint8_t ktype;
+} Staged;
+
+typedef struct {
+    Staged *e;
+    size_t n, cap;
+} StagedPuts;
 
 typedef struct TCore {
     MappingObject *m;     /* the segment's mapping (held by the type) */
@@ -221,6 +239,7 @@ typedef struct TCore {
     int batch_depth;
     uint64_t end;         /* heap_end as checked when the lock was taken */
     Overlay ov;
+    StagedPuts staged;    /* the open batch's puts not in ov yet (t_batch_resolve) */
     /* Grow the segment by at least `need` bytes (the type calls Python's
      * grow hook).  0, or -1 with the error already raised (TE_RAISED). */
     int (*grow)(struct TCore *t, uint64_t need);
@@ -390,7 +409,11 @@ int t_index(TCore *t, TIndex *x);
 uint64_t wword(TCore *t, TIndex *x, uint64_t i, int *from_ov);
 int probe_w(TCore *t, TIndex *x, const TKey *k, uint64_t *slot, uint64_t *word, int *from_ov);
 void ov_clear(Overlay *o);
+void staged_clear(StagedPuts *sp);
 int t_put_find(TCore *t, const TKey *k, TSlot *s);
+int t_stage_room(TCore *t);
+void t_stage(TCore *t, uint64_t off, const TKey *k);
+int t_batch_resolve(TCore *t);
 uint64_t t_put_write(TCore *t, const TKey *k, uint8_t vtype, uint64_t vlen, char **value);
 int t_put_publish(TCore *t, const TSlot *s, uint64_t off, uint64_t hash);
 int t_delete_find(TCore *t, const TKey *k, TSlot *s);

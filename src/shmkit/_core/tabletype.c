@@ -268,7 +268,12 @@ val_release(TVal *v)
 static int
 val_encode(TableObject *t, PyObject *o, TVal *v)
 {
-    memset(v, 0, sizeof *v);
+    /* field by field: a memset of the whole struct (its Py_buffer too)
+     * costs more than the rest of encoding a short value */
+    v->p = v->head = NULL;
+    v->n = v->hn = 0;
+    v->bigint = v->keep = NULL;
+    v->has_body = 0;
     PyTypeObject *tp = Py_TYPE(o);
     if (tp == &PyBytes_Type) {
         v->type = VT_BYTES;
@@ -870,7 +875,7 @@ lookup_locked(TableObject *t, const TKey *k, int mode, int *found, Py_buffer *in
     TIndex x;
     uint64_t slot, w;
     int fo;
-    if (tt_index(t, &x) < 0)
+    if (raising(t, t_batch_resolve(&t->c)) < 0 || tt_index(t, &x) < 0)
         return NULL;
     int r = raising(t, probe_w(&t->c, &x, k, &slot, &w, &fo));
     if (r < 0)
@@ -1211,12 +1216,10 @@ table_length(TableObject *t)
     if (t_in_batch(&t->c)) {
         /* count the batch's own changes */
         TIndex x;
-        if (tt_index(t, &x) < 0)
+        if (raising(t, t_batch_resolve(&t->c)) < 0 || tt_index(t, &x) < 0)
             return -1;
-        for (size_t j = 0; j < t->c.ov.cap; j++) {
-            if (!t->c.ov.e[j].slot)
-                continue;
-            uint64_t pub = LDR(&x.slots[t->c.ov.e[j].slot - 1]), w = t->c.ov.e[j].word;
+        for (size_t j = 0; j < t->c.ov.n; j++) {
+            uint64_t pub = LDR(&x.slots[t->c.ov.e[j].slot]), w = t->c.ov.e[j].word;
             n += (w > W_TOMB) - (pub > W_TOMB);
         }
     }
@@ -1252,8 +1255,11 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
     }
     if (t_lock(t) < 0)
         goto out;
+    /* A batch stages a plain put: its record now, its index word at the
+     * batch's next read or when it is published (t_batch_resolve). */
+    int staged = mode == W_SET && t_in_batch(&t->c);
     TSlot slot;
-    int r = t_put_find(&t->c, &k, &slot);
+    int r = staged ? t_stage_room(&t->c) : t_put_find(&t->c, &k, &slot);
     if (r < 0) {
         t_raise(t);
         goto unlock;
@@ -1278,7 +1284,9 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
         t_free(&t->c, off); /* never published */
         goto unlock;
     }
-    if (t_put_publish(&t->c, &slot, off, k.h) < 0) {
+    if (staged)
+        t_stage(&t->c, off, &k);
+    else if (t_put_publish(&t->c, &slot, off, k.h) < 0) {
         t_raise(t);
         goto unlock;
     }
@@ -1462,6 +1470,8 @@ static PyObject *
 scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
 {
     int locked = t_in_batch(&t->c);
+    if (locked && (tt_enter(t) == 0 || raising(t, t_batch_resolve(&t->c)) < 0))
+        return NULL;
     for (int attempt = 0; attempt < MAX_RETRIES; attempt++) {
         uint64_t end = tt_enter(t);
         if (end == 0)
@@ -1781,6 +1791,7 @@ table_after_fork(TableObject *t, PyObject *Py_UNUSED(ignored))
     t->c.lock_depth = 0;
     t->c.batch_depth = 0;
     ov_clear(&t->c.ov);
+    staged_clear(&t->c.staged);
     Py_RETURN_NONE;
 }
 
@@ -1830,6 +1841,7 @@ table_dealloc(TableObject *t)
         t_unlock(t);
     }
     ov_clear(&t->c.ov);
+    staged_clear(&t->c.staged);
     Py_CLEAR(t->mapping);
     Py_CLEAR(t->encode_hook);
     Py_CLEAR(t->decode_hook);
