@@ -371,7 +371,8 @@ def _kinds() -> dict:
             try:
                 for k in rng.sample(keys, 3):
                     tb[k] = k
-                tb.pop(rng.choice(keys), None)
+                if rng.random() < 0.5:  # a read probes the staged puts; else the commit does
+                    tb.pop(rng.choice(keys), None)
                 commit = rng.random() < 0.8
             finally:
                 tb._batch_end(commit)

@@ -179,6 +179,12 @@ def _exercise(st, keys: list, rng: random.Random) -> list:
             len(st)
             st.get(sample[18])
     op(batch)
+
+    def batch_of_puts():  # probed only by the commit
+        with st.batch():
+            for k in sample[34:40]:
+                st[k] = k * 2
+    op(batch_of_puts)
     op(st.statistics)
     op(st.info)
     op(st.verify)
