@@ -825,6 +825,37 @@ def test_a_batchs_own_puts_are_read_back_by_every_kind_of_read(name):
         st.verify()
 
 
+def test_a_key_put_where_the_batch_deleted_another_survives_the_index_growing(name):
+    # A batch deletes A, puts B into A's tombstone, then grows the index: the
+    # rebuild must give B a place by B's own hash, not A's place.
+    from shmkit import _core
+    with Store(name) as st:
+        st["A"] = b"a"
+
+        def home(key, nslots):
+            off, _ = st._locate(key)
+            return _core.load64(st._seg._mapping, off + 16) & (nslots - 1)
+
+        for i in range(100_000):  # a B whose run starts at A's slot now, but not at 128
+            b = f"B{i}"
+            st[b] = 0
+            fits = home(b, 64) == home("A", 64) and home(b, 128) != home("A", 128)
+            del st[b]
+            if fits:
+                break
+        st.vacuum()  # the tombstones go: the index has 64 words again
+        assert st.statistics()["index_slots"] == 64
+        with st.batch():
+            del st["A"]
+            st[b] = b"b"
+            for i in range(60):  # the index grows to 128 words
+                st[f"fill {i}"] = i
+        assert st.statistics()["index_slots"] >= 128
+        assert st.get(b) == b"b" and b in set(st.keys()) and "A" not in st
+        assert len(st) == 61
+        st.verify()
+
+
 def _big_batches(name, ready, n, rounds):
     st = Store.open(name)
     ready.set()

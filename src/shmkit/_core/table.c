@@ -886,37 +886,59 @@ t_rebuild(TCore *t, uint64_t nslots, uint64_t at)
         ns[at_i] = w;
     }
     if (t->ov.n) {
+        /* Carry the batch's words over by what they mean, not by slot: a
+         * word over a published record stays where that record now lies
+         * when it is the same key's; any other record in the batch (a new
+         * key, or another key put where the batch deleted one) gets a place
+         * of its own in the new index, by its own hash. */
         Overlay old = t->ov, nov = {0};
+        const char *bad = NULL;
+        int nomem = 0;
         for (size_t j = 0; j < old.n; j++) {
             uint64_t s = old.e[j].slot, w = old.e[j].word;
             uint64_t pub = LDR(&x.slots[s]), ns_i;
-            TRec r;
-            if (pub != W_EMPTY && pub != W_TOMB) {
-                /* it replaces or deletes a published record: same place */
-                if (rec_read(P, end, word_off(pub), &r) < 0)
-                    return corrupt("bad record during index rebuild");
+            TRec r, rw;
+            if (w > W_TOMB && rec_read(P, end, word_off(w), &rw) < 0) {
+                bad = "bad batch record during index rebuild";
+                break;
+            }
+            if (pub > W_TOMB) {
+                if (rec_read(P, end, word_off(pub), &r) < 0) {
+                    bad = "bad record during index rebuild";
+                    break;
+                }
                 uint64_t probes = 0;
                 ns_i = r.hash & mask;
                 while (ns[ns_i] != pub && ++probes <= nslots)
                     ns_i = (ns_i + 1) & mask;
-                if (ns[ns_i] != pub)
-                    return corrupt("a batch word lost its record during index rebuild");
-            } else if (w == W_TOMB || w == W_EMPTY) {
-                continue; /* a batch insert, deleted again in the batch */
-            } else {
-                if (rec_read(P, end, word_off(w), &r) < 0)
-                    return corrupt("bad batch record during index rebuild");
-                ns_i = place(ns, mask, r.hash, &nov);
-                if (ns_i == UINT64_MAX) {
-                    ov_clear(&nov);
-                    return corrupt("more records than the index can hold");
+                if (ns[ns_i] != pub) {
+                    bad = "a batch word lost its record during index rebuild";
+                    break;
                 }
-                nov.newslots++;
+                int same = w > W_TOMB && rw.hash == r.hash; /* same hash: same run */
+                if (ov_set(&nov, ns_i, same ? w : W_TOMB) < 0) {
+                    nomem = 1;
+                    break;
+                }
+                if (same || w <= W_TOMB)
+                    continue;
+            } else if (w <= W_TOMB) {
+                continue; /* a batch insert, deleted again in the batch */
+            }
+            ns_i = place(ns, mask, rw.hash, &nov);
+            if (ns_i == UINT64_MAX) {
+                bad = "more records than the index can hold";
+                break;
             }
             if (ov_set(&nov, ns_i, w) < 0) {
-                ov_clear(&nov);
-                return -1;
+                nomem = 1;
+                break;
             }
+            nov.newslots++;
+        }
+        if (bad || nomem) {
+            ov_clear(&nov);
+            return bad ? corrupt("%s", bad) : -1;
         }
         ov_clear(&t->ov);
         t->ov = nov;
