@@ -856,6 +856,80 @@ def test_a_key_put_where_the_batch_deleted_another_survives_the_index_growing(na
         st.verify()
 
 
+@pytest.mark.parametrize("staged", [255, 4096])
+def test_code_run_while_the_store_grows_cannot_use_it_mid_write(name, staged):
+    # The grow hook is Python code in the middle of a write: a finalizer the
+    # collector runs there must be refused, not find the write half made
+    # (255 staged puts: the put that grows and the finalizer's would take the
+    # staged array's last entry; 4,096: the finalizer's read would probe the
+    # puts the grow interrupted probing).
+    import gc
+    with Store(name, size=64 << 10) as st:
+        refused = []
+
+        class PutsWhenCollected:
+            def __del__(self):
+                try:
+                    st["from a finalizer"] = 1
+                except RuntimeError as e:
+                    refused.append(str(e))
+
+        thresholds = gc.get_threshold()
+        try:
+            with st.batch():
+                for i in range(staged):
+                    st[f"k{i}"] = i
+                garbage = PutsWhenCollected()
+                garbage.cycle = garbage
+                del garbage
+                gc.set_threshold(1)
+                st["grows"] = b"g" * (1 << 20)
+                gc.set_threshold(*thresholds)
+        finally:
+            gc.set_threshold(*thresholds)
+        gc.collect()
+        assert refused and "middle of a write on this thread" in refused[0]
+        assert "from a finalizer" not in st
+        assert len(st) == staged + 1 and st[f"k{staged - 1}"] == staged - 1
+        st.verify()
+        st["from a finalizer"] = 1  # after the write, it works
+        st.verify()
+
+
+class _WritesWhenUnpickled:
+    """A value whose unpickling writes to a store (pop() decodes mid-write)."""
+    store: Store | None = None
+    refused: list = []
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        try:
+            _WritesWhenUnpickled.store["written while unpickling"] = 1
+        except RuntimeError as e:
+            _WritesWhenUnpickled.refused.append(str(e))
+
+
+def test_code_run_while_pop_decodes_its_value_cannot_use_the_store(name):
+    with Store(name, codec="pickle") as st:
+        v = _WritesWhenUnpickled()
+        v.x = 1
+        st["k"] = v
+        _WritesWhenUnpickled.store, _WritesWhenUnpickled.refused = st, []
+        try:
+            got = st.pop("k")  # unpickled between finding the key and deleting it
+            assert isinstance(got, _WritesWhenUnpickled) and got.x == 1
+            assert "middle of a write" in _WritesWhenUnpickled.refused[0]
+            assert "k" not in st and "written while unpickling" not in st
+            got2 = st.get("k", None)
+            assert got2 is None
+            st["k"] = v
+            assert st["k"].x == 1  # a plain get may write: it is not mid-write
+            assert st["written while unpickling"] == 1
+        finally:
+            _WritesWhenUnpickled.store = None
+        st.verify()
+
+
 def _big_batches(name, ready, n, rounds):
     st = Store.open(name)
     ready.set()

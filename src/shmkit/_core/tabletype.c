@@ -27,6 +27,8 @@ typedef struct {
     PyObject *encode_hook; /* value -> (vtype, head, body) for other types */
     PyObject *decode_hook; /* (vtype, bytes) -> object or empty ndarray */
     PyObject *grow_hook;   /* need -> None: grows the segment */
+    int midway;            /* Python code runs inside a write: the grow hook, or
+                            * the decoding of the value pop() takes */
 } TableObject;
 
 /* ---- errors: the protocol's record as an exception ----------------------------- */
@@ -566,6 +568,23 @@ t_release(TableObject *t)
     PyErr_Restore(et, ev, tb);
 }
 
+/* The grow hook and pop()'s decoding of its value run Python code in the
+ * middle of a write, with the lock held: a finalizer or a signal handler
+ * that runs there must not start another operation on this handle from
+ * this thread, which would find the write (or the batch's words) half made.
+ * 1 with RuntimeError set. */
+static int
+t_reentered(TableObject *t)
+{
+    if (!t->midway || t->c.lock_depth <= 0 || t->c.lock_thread != t_thread())
+        return 0;
+    PyErr_SetString(PyExc_RuntimeError,
+                    "the store is in the middle of a write on this thread: code that "
+                    "runs inside it (a finalizer, a signal handler, while the store grows "
+                    "or pop() decodes) cannot use it; do that work after the write returns");
+    return 1;
+}
+
 static int
 t_lock(TableObject *t)
 {
@@ -577,6 +596,8 @@ t_lock(TableObject *t)
     }
     unsigned long me = t_thread();
     if (t->c.lock_depth > 0 && t->c.lock_thread == me) {
+        if (t_reentered(t))
+            return -1;
         t->c.lock_depth++;
         return 0;
     }
@@ -875,7 +896,7 @@ lookup_locked(TableObject *t, const TKey *k, int mode, int *found, Py_buffer *in
     TIndex x;
     uint64_t slot, w;
     int fo;
-    if (raising(t, t_batch_resolve(&t->c)) < 0 || tt_index(t, &x) < 0)
+    if (t_reentered(t) || raising(t, t_batch_resolve(&t->c)) < 0 || tt_index(t, &x) < 0)
         return NULL;
     int r = raising(t, probe_w(&t->c, &x, k, &slot, &w, &fo));
     if (r < 0)
@@ -1216,7 +1237,7 @@ table_length(TableObject *t)
     if (t_in_batch(&t->c)) {
         /* count the batch's own changes */
         TIndex x;
-        if (raising(t, t_batch_resolve(&t->c)) < 0 || tt_index(t, &x) < 0)
+        if (t_reentered(t) || raising(t, t_batch_resolve(&t->c)) < 0 || tt_index(t, &x) < 0)
             return -1;
         for (size_t j = 0; j < t->c.ov.n; j++) {
             uint64_t pub = LDR(&x.slots[t->c.ov.e[j].slot]), w = t->c.ov.e[j].word;
@@ -1327,7 +1348,10 @@ t_delete(TableObject *t, PyObject *key, int want_value, int *found)
         goto unlock;
     }
     if (want_value) {
-        if ((out = value_locked(t, word_off(slot.old), 0)) == NULL)
+        t->midway++;
+        out = value_locked(t, word_off(slot.old), 0);
+        t->midway--;
+        if (out == NULL)
             goto unlock;
     } else {
         out = Py_NewRef(Py_None);
@@ -1404,6 +1428,8 @@ table_batch_end(TableObject *t, PyObject *arg)
         PyErr_SetString(PyExc_RuntimeError, "no batch is open in this thread");
         return NULL;
     }
+    if (t_reentered(t))
+        return NULL;
     int r = 0;
     if (--t->c.batch_depth == 0 && tt_live(t) == 0) {
         if (commit)
@@ -1470,7 +1496,8 @@ static PyObject *
 scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
 {
     int locked = t_in_batch(&t->c);
-    if (locked && (tt_enter(t) == 0 || raising(t, t_batch_resolve(&t->c)) < 0))
+    if (locked &&
+        (t_reentered(t) || tt_enter(t) == 0 || raising(t, t_batch_resolve(&t->c)) < 0))
         return NULL;
     for (int attempt = 0; attempt < MAX_RETRIES; attempt++) {
         uint64_t end = tt_enter(t);
@@ -1711,7 +1738,9 @@ table_grow(TCore *c, uint64_t need)
         PyErr_SetString(PyExc_MemoryError, "the store is full");
         return -1;
     }
+    t->midway++;
     PyObject *r = PyObject_CallFunction(t->grow_hook, "K", (unsigned long long)need);
+    t->midway--;
     if (r == NULL)
         return -1;
     Py_DECREF(r);
