@@ -930,6 +930,27 @@ def test_code_run_while_pop_decodes_its_value_cannot_use_the_store(name):
         st.verify()
 
 
+def test_a_batch_of_inserts_over_many_tombstones_grows_the_index_enough(name):
+    # Inserts that reuse tombstones take no empty word, but the index a batch
+    # rebuilds must still hold them all (it was sized without them).
+    with Store(name) as st:
+        i = 0
+        while True:  # the index 70% full of keys ...
+            s = st.statistics()
+            if s["count"] >= 0.7 * s["index_slots"] and s["index_slots"] >= 4096:
+                break
+            st[i] = 0
+            i += 1
+        for k in range(i):  # ... then of tombstones
+            del st[k]
+        n = st.statistics()["index_slots"] // 2
+        with st.batch():
+            for j in range(n):
+                st[f"new {j}"] = j
+        assert len(st) == n and st[f"new {n - 1}"] == n - 1
+        st.verify()
+
+
 def _big_batches(name, ready, n, rounds):
     st = Store.open(name)
     ready.set()

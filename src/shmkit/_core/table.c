@@ -976,9 +976,16 @@ t_reserve(TCore *t)
     THeader *h = HDR(t);
     if (t_index(t, &x) < 0 || counts_ok(h, x.nslots) < 0)
         return -1;
-    uint64_t live = LDR(&h->count) + t->ov.newslots;
     if ((LDR(&h->count) + LDR(&h->tombstones) + t->ov.newslots + 1) * 4 <= x.nslots * 3)
         return 0;
+    /* The new index holds every published record and every key the open
+     * batch adds, whether its word takes an empty word (newslots) or a
+     * tombstone. */
+    uint64_t live = LDR(&h->count);
+    for (size_t j = 0; j < t->ov.n; j++) {
+        const OvEntry *e = &t->ov.e[j];
+        live += e->word > W_TOMB && (e->slot >= x.nslots || LDR(&x.slots[e->slot]) <= W_TOMB);
+    }
     uint64_t n = T_MIN_SLOTS;
     while (n < (live + 1) * 2)
         n *= 2;
