@@ -2,7 +2,10 @@
 
 Three benchmarks, each against the same competitors: put, random get, and get
 from a second process while the first keeps writing (with the reader's solo
-rate as an extra metric, ``vs_solo``).  A plain dict is the reference.
+rate as an extra metric, ``vs_solo``).  A plain dict is the reference.  A
+fourth, of shmkit alone, updates existing keys with single puts and with
+``batch()`` blocks, at 100,000 keys and at 1,000 (all in cache): what a
+batch saves, against single puts at 100,000 keys as the reference.
 
 Also a scaling run (not part of ``python -m benchmarks``)::
 
@@ -267,6 +270,61 @@ def put_redis_pipelined(n: int) -> float:
             p.set(k, VALUE)
         p.execute()
     return time.perf_counter() - t0
+
+
+# -- update: what a batch saves ----------------------------------------------------------
+
+UPDATE = "store: update existing keys, single puts against batch() of 1000"
+
+
+def _updated_store(nkeys: int) -> Any:
+    def make() -> Any:
+        st = _new_store()
+        for k in KEYS[:nkeys]:
+            st[k] = VALUE
+        return st
+
+    def close(st: Any) -> None:
+        st.close()
+        st.unlink()
+
+    return _once(f"update {nkeys}", make, close)
+
+
+def _update(n: int, nkeys: int, batch: int) -> float:
+    """n puts over the nkeys keys already stored, singly or in batch() blocks."""
+    st = _updated_store(nkeys)
+    keys = [KEYS[i % nkeys] for i in range(n)]
+    t0 = time.perf_counter()
+    if batch:
+        for i in range(0, n, batch):
+            with st.batch():
+                for k in keys[i:i + batch]:
+                    st[k] = VALUE
+    else:
+        for k in keys:
+            st[k] = VALUE
+    return time.perf_counter() - t0
+
+
+@workload(UPDATE, unit="ops/s", system="shmkit.Store, 100k keys", reference=True)
+def update_store(n: int) -> float:
+    return _update(n, N_KEYS, 0)
+
+
+@workload(UPDATE, system="shmkit.Store, batch() of 1000, 100k keys")
+def update_store_batched(n: int) -> float:
+    return _update(n, N_KEYS, 1000)
+
+
+@workload(UPDATE, system="shmkit.Store, 1k keys (in cache)")
+def update_store_cached(n: int) -> float:
+    return _update(n, 1000, 0)
+
+
+@workload(UPDATE, system="shmkit.Store, batch() of 1000, 1k keys (in cache)")
+def update_store_cached_batched(n: int) -> float:
+    return _update(n, 1000, 1000)
 
 
 # -- get ---------------------------------------------------------------------------------
