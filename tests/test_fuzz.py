@@ -403,6 +403,49 @@ def test_a_batch_replacing_an_index_word_damaged_meanwhile_is_corrupt(name):
     assert os.WEXITSTATUS(status) == 0, "the commit did not report the damaged word"
 
 
+def test_len_in_a_batch_over_an_index_damage_shrank_is_corrupt(name):
+    """len() inside a batch counts the batch's words against the published
+    index: an index whose slot count damage made smaller than the batch's
+    slots is CorruptError, not a read past the index.  Run in a forked
+    child: a wild read is a signal."""
+    import shmkit
+    from shmkit import _core
+    st = shmkit.Store(name)
+    try:
+        seg = st._seg
+        m, base = seg._mapping, seg._hsize
+        for i in range(20_000):
+            st[i] = b"v"
+        end = _core.load64(m, base + 32)
+        pid = os.fork()
+        if pid == 0:  # the child: 0 when len() reports the damage
+            code = 1
+            try:
+                with st.batch():
+                    for i in range(20_000):
+                        st[i] = b"w"
+                    assert st[0] == b"w"  # the batch's words now lie all over the index
+                    f = (end - 256) & ~15  # an 8-word index in the free tail
+                    _core.store64(m, base + f, 256 | 1 | 2)  # size | used | index
+                    _core.store64(m, base + f + 16, 8)
+                    _core.store64(m, base + 8, f)  # the header names it
+                    _core.store64(m, base + 72, 0)  # the counters fit it
+                    _core.store64(m, base + 80, 0)
+                    try:
+                        len(st)
+                    except shmkit.CorruptError as e:
+                        code = 0 if "beyond the index" in str(e) else 2
+            except BaseException:
+                pass
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status), f"the child died by signal {os.WTERMSIG(status)}"
+        assert os.WEXITSTATUS(status) == 0, "len() did not report the shrunk index"
+    finally:
+        st.close()
+
+
 def test_a_batch_over_an_index_shrunk_by_damage_is_corrupt(name):
     """A batch's slots are checked against the index it publishes into: an
     index whose slot count damage shrank under the batch is CorruptError, and

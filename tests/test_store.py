@@ -951,6 +951,43 @@ def test_a_batch_of_inserts_over_many_tombstones_grows_the_index_enough(name):
         st.verify()
 
 
+class _ForksWhenUnpickled:
+    """A value whose unpickling forks: the child starts mid-write (in pop())."""
+    store: Store | None = None
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                with _ForksWhenUnpickled.store.batch():
+                    _ForksWhenUnpickled.store["from the child"] = 1
+                code = 0
+            finally:
+                os._exit(code)
+        self.child = pid
+
+
+def test_a_child_forked_in_the_middle_of_a_write_can_write(name):
+    # The child of a fork made inside pop() holds none of its parent's write:
+    # its own batch must work and let go of the lock.
+    with Store(name, codec="pickle", timeout=10.0) as st:
+        v = _ForksWhenUnpickled()
+        v.x = 1  # some state, so that unpickling calls __setstate__
+        st["k"] = v
+        _ForksWhenUnpickled.store = st
+        try:
+            got = st.pop("k")
+        finally:
+            _ForksWhenUnpickled.store = None
+        _, status = os.waitpid(got.child, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert st["from the child"] == 1
+        st["after"] = 1  # the lock is free
+        st.verify()
+
+
 def _big_batches(name, ready, n, rounds):
     st = Store.open(name)
     ready.set()

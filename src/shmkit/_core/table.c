@@ -850,9 +850,9 @@ place(uint64_t *slots, uint64_t mask, uint64_t hash, Overlay *ov)
 
 /* Build a new index of nslots words from the published one and switch to
  * it with one release store; the old one becomes pending.  A batch's
- * unpublished words are carried over to their places in the new index.
- * With `low`, the new index goes at the lowest free offset that fits
- * (vacuum); otherwise anywhere. */
+ * unpublished words are carried over to their places in the new index
+ * (see below).  With `at`, the new index goes at that offset (vacuum puts
+ * it at the lowest free offset that fits); otherwise anywhere. */
 static int
 t_rebuild(TCore *t, uint64_t nslots, uint64_t at)
 {
@@ -895,8 +895,12 @@ t_rebuild(TCore *t, uint64_t nslots, uint64_t at)
         const char *bad = NULL;
         int nomem = 0;
         for (size_t j = 0; j < old.n; j++) {
-            uint64_t s = old.e[j].slot, w = old.e[j].word;
-            uint64_t pub = LDR(&x.slots[s]), ns_i;
+            uint64_t s = old.e[j].slot, w = old.e[j].word, ns_i;
+            if (s >= x.nslots) {
+                bad = "a batch's slot lies beyond the index (it shrank: damage)";
+                break;
+            }
+            uint64_t pub = LDR(&x.slots[s]);
             TRec r, rw;
             if (w > W_TOMB && rec_read(P, end, word_off(w), &rw) < 0) {
                 bad = "bad batch record during index rebuild";
@@ -954,7 +958,6 @@ t_rebuild(TCore *t, uint64_t nslots, uint64_t at)
     return 0;
 }
 
-/* Grow (or clean) the index before one more insertion if it would pass 3/4. */
 /* The key counters are derived data: check them against the index before
  * anything is sized by them (a wrong count must not hang or over-allocate). */
 static int
@@ -969,6 +972,7 @@ counts_ok(THeader *h, uint64_t nslots)
     return 0;
 }
 
+/* Grow (or clean) the index before one more insertion if it would pass 3/4. */
 static int
 t_reserve(TCore *t)
 {
@@ -979,8 +983,10 @@ t_reserve(TCore *t)
     if ((LDR(&h->count) + LDR(&h->tombstones) + t->ov.newslots + 1) * 4 <= x.nslots * 3)
         return 0;
     /* The new index holds every published record and every key the open
-     * batch adds, whether its word takes an empty word (newslots) or a
-     * tombstone. */
+     * batch puts into an empty word (newslots) or a tombstone.  A key put
+     * where the batch deleted another is not counted: the deleted record
+     * stays published until the commit, so the new index may fill sooner,
+     * and grows again then. */
     uint64_t live = LDR(&h->count);
     for (size_t j = 0; j < t->ov.n; j++) {
         const OvEntry *e = &t->ov.e[j];
@@ -1736,15 +1742,22 @@ t_stage_room(TCore *t)
     return 0;
 }
 
-/* Stage a put whose record (key k) was written at off; t_stage_room first. */
-void
+/* Stage a put whose record (key k) was written at off; t_stage_room first.
+ * Should the room be gone (nothing may stage in between), the record is
+ * freed and -1 returned. */
+int
 t_stage(TCore *t, uint64_t off, const TKey *k)
 {
+    if (t->staged.n >= t->staged.cap) {
+        t_free(t, off);
+        return shm_fail(TE_RUNTIME, "a put was staged between another's room and its entry");
+    }
     Staged *e = &t->staged.e[t->staged.n++];
     e->off = off;
     e->hash = k->h;
     e->klen = (uint32_t)k->n;
     e->ktype = k->type;
+    return 0;
 }
 
 /* Probe the index for every staged put, in order, and set their words in

@@ -412,7 +412,7 @@ void ov_clear(Overlay *o);
 void staged_clear(StagedPuts *sp);
 int t_put_find(TCore *t, const TKey *k, TSlot *s);
 int t_stage_room(TCore *t);
-void t_stage(TCore *t, uint64_t off, const TKey *k);
+int t_stage(TCore *t, uint64_t off, const TKey *k);
 int t_batch_resolve(TCore *t);
 uint64_t t_put_write(TCore *t, const TKey *k, uint8_t vtype, uint64_t vlen, char **value);
 int t_put_publish(TCore *t, const TSlot *s, uint64_t off, uint64_t hash);

@@ -1240,6 +1240,11 @@ table_length(TableObject *t)
         if (t_reentered(t) || raising(t, t_batch_resolve(&t->c)) < 0 || tt_index(t, &x) < 0)
             return -1;
         for (size_t j = 0; j < t->c.ov.n; j++) {
+            if (t->c.ov.e[j].slot >= x.nslots) { /* the index shrank: only damage does that */
+                corrupt(t, "a batch's slot %llu lies beyond the index's %llu slots",
+                        (unsigned long long)t->c.ov.e[j].slot, (unsigned long long)x.nslots);
+                return -1;
+            }
             uint64_t pub = LDR(&x.slots[t->c.ov.e[j].slot]), w = t->c.ov.e[j].word;
             n += (w > W_TOMB) - (pub > W_TOMB);
         }
@@ -1305,9 +1310,7 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
         t_free(&t->c, off); /* never published */
         goto unlock;
     }
-    if (staged)
-        t_stage(&t->c, off, &k);
-    else if (t_put_publish(&t->c, &slot, off, k.h) < 0) {
+    if (staged ? t_stage(&t->c, off, &k) : t_put_publish(&t->c, &slot, off, k.h)) {
         t_raise(t);
         goto unlock;
     }
@@ -1434,10 +1437,12 @@ table_batch_end(TableObject *t, PyObject *arg)
     if (--t->c.batch_depth == 0 && tt_live(t) == 0) {
         if (commit)
             r = t_batch_commit(&t->c);
+        t->midway++; /* raising may run Python code; the discard is not done yet */
         if (r < 0)
             t_raise(t);
         if (!commit || r < 0)
             t_batch_discard(&t->c);
+        t->midway--;
     }
     t_unlock(t);
     if (r < 0)
@@ -1460,6 +1465,8 @@ table_unlock(TableObject *t, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_RuntimeError, "the store's lock is not held by this thread");
         return NULL;
     }
+    if (t_reentered(t))
+        return NULL;
     t_unlock(t);
     Py_RETURN_NONE;
 }
@@ -1819,6 +1826,7 @@ table_after_fork(TableObject *t, PyObject *Py_UNUSED(ignored))
     /* The child holds none of its parent's locks or batches. */
     t->c.lock_depth = 0;
     t->c.batch_depth = 0;
+    t->midway = 0;
     ov_clear(&t->c.ov);
     staged_clear(&t->c.staged);
     Py_RETURN_NONE;
