@@ -146,21 +146,25 @@ def put_dict(n: int) -> float:
     return time.perf_counter() - t0
 
 
+def _timed_puts(st: Any, keys: list[bytes], batch: int) -> float:
+    """Seconds to put every key, in batch() blocks of `batch` puts when batch > 0."""
+    t0 = time.perf_counter()
+    if batch:
+        for i in range(0, len(keys), batch):
+            with st.batch():
+                for k in keys[i:i + batch]:
+                    st[k] = VALUE
+    else:
+        for k in keys:
+            st[k] = VALUE
+    return time.perf_counter() - t0
+
+
 def _put_store(n: int, batch: int = 0) -> float:
     """n puts into a new store, in batch() blocks of `batch` puts when batch > 0."""
     st = _new_store()
-    keys = _cycle(n)
     try:
-        t0 = time.perf_counter()
-        if batch:
-            for i in range(0, n, batch):
-                with st.batch():
-                    for k in keys[i:i + batch]:
-                        st[k] = VALUE
-        else:
-            for k in keys:
-                st[k] = VALUE
-        return time.perf_counter() - t0
+        return _timed_puts(st, _cycle(n), batch)
     finally:
         st.close()
         st.unlink()
@@ -293,18 +297,7 @@ def _updated_store(nkeys: int) -> Any:
 
 def _update(n: int, nkeys: int, batch: int) -> float:
     """n puts over the nkeys keys already stored, singly or in batch() blocks."""
-    st = _updated_store(nkeys)
-    keys = [KEYS[i % nkeys] for i in range(n)]
-    t0 = time.perf_counter()
-    if batch:
-        for i in range(0, n, batch):
-            with st.batch():
-                for k in keys[i:i + batch]:
-                    st[k] = VALUE
-    else:
-        for k in keys:
-            st[k] = VALUE
-    return time.perf_counter() - t0
+    return _timed_puts(_updated_store(nkeys), [KEYS[i % nkeys] for i in range(n)], batch)
 
 
 @workload(UPDATE, unit="ops/s", system="shmkit.Store, 100k keys", reference=True)
