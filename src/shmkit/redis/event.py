@@ -103,8 +103,8 @@ class Event(RedisObject):
                 if end is not None and time.monotonic() >= end:
                     return False
         # subscribe confirmations seen: the wait starts after one.  redis-py leaves
-        # Redis.pubsub() unannotated (it returns a PubSub)
-        ps: PubSub = self._r.pubsub()  # type: ignore[no-untyped-call]
+        # Redis.pubsub() unannotated in some releases (it returns a PubSub)
+        ps: PubSub = self._r.pubsub()  # type: ignore[no-untyped-call,unused-ignore]
         try:
             ps.subscribe(self._chan)
             while True:  # the subscription is confirmed before the flag is read
