@@ -448,22 +448,18 @@ t_free(TCore *t, uint64_t off)
 }
 
 /* Free a block that no reader can have seen (a batch's journal: readers
- * never read it) straight onto its free list, so the next batch's journal
- * reuses memory that is still in cache.  A later recycle merges it with its
- * neighbours as usual. */
+ * never read it) straight onto its free list instead of leaving it pending,
+ * so the next batch's journal reuses memory that is still in cache.  A
+ * later recycle merges it with its neighbours as usual. */
 static int
 t_free_unseen(TCore *t, uint64_t off)
 {
+    if (t_free(t, off) < 0)
+        return -1;
     char *P = PAY(t);
     THeader *h = HDR(t);
-    uint64_t size;
-    if (off < T_HEADER || (off & 15) || off > t->end - T_MIN_BLOCK)
-        return corrupt("a block to free at offset %llu lies outside the heap",
-                       (unsigned long long)off);
-    uint64_t head = LDR(W64(P, off));
-    size = head & ~(uint64_t)B_FLAGS;
-    if (!(head & B_USED) || size < T_MIN_BLOCK || size > t->end - off)
-        return corrupt("the block at offset %llu is damaged", (unsigned long long)off);
+    uint64_t size = LDR(W64(P, off)); /* t_free checked it and left it flagless */
+    h->pending -= size;
     bin_push(P, h, off, size);
     shm_crash_point("table.free.binned");
     return 0;
@@ -712,6 +708,20 @@ ov_find(Overlay *o, uint64_t slot)
     }
 }
 
+/* Every overlay slot lies inside index x: a smaller index under an open
+ * batch is damage, reported before any of its words is followed.  0, or
+ * -1 (CorruptError). */
+int
+ov_fits(const Overlay *o, const TIndex *x)
+{
+    for (size_t j = 0; j < o->n; j++)
+        if (o->e[j].slot >= x->nslots)
+            return corrupt("a batch's slot %llu lies beyond the index's %llu slots",
+                           (unsigned long long)o->e[j].slot,
+                           (unsigned long long)x->nslots);
+    return 0;
+}
+
 /* Make room for `want` entries, the table at half load at most. */
 static int
 ov_reserve(Overlay *o, size_t want)
@@ -894,12 +904,10 @@ t_rebuild(TCore *t, uint64_t nslots, uint64_t at)
         Overlay old = t->ov, nov = {0};
         const char *bad = NULL;
         int nomem = 0;
+        if (ov_fits(&old, &x) < 0)
+            return -1;
         for (size_t j = 0; j < old.n; j++) {
             uint64_t s = old.e[j].slot, w = old.e[j].word, ns_i;
-            if (s >= x.nslots) {
-                bad = "a batch's slot lies beyond the index (it shrank: damage)";
-                break;
-            }
             uint64_t pub = LDR(&x.slots[s]);
             TRec r, rw;
             if (w > W_TOMB && rec_read(P, end, word_off(w), &rw) < 0) {
@@ -972,6 +980,16 @@ counts_ok(THeader *h, uint64_t nslots)
     return 0;
 }
 
+/* Room in index x for one more word at 3/4 load at most.  (A sum past the
+ * index is no room, whatever damage made the counters say.) */
+static inline int
+index_has_room(TCore *t, const TIndex *x)
+{
+    THeader *h = HDR(t);
+    uint64_t words = LDR(&h->count) + LDR(&h->tombstones) + t->ov.newslots;
+    return words < x->nslots && (words + 1) * 4 <= x->nslots * 3;
+}
+
 /* Grow (or clean) the index before one more insertion if it would pass 3/4. */
 static int
 t_reserve(TCore *t)
@@ -980,7 +998,7 @@ t_reserve(TCore *t)
     THeader *h = HDR(t);
     if (t_index(t, &x) < 0 || counts_ok(h, x.nslots) < 0)
         return -1;
-    if ((LDR(&h->count) + LDR(&h->tombstones) + t->ov.newslots + 1) * 4 <= x.nslots * 3)
+    if (index_has_room(t, &x))
         return 0;
     /* The new index holds every published record and every key the open
      * batch puts into an empty word (newslots) or a tombstone.  A key put
@@ -1622,7 +1640,7 @@ t_put_write(TCore *t, const TKey *k, uint8_t vtype, uint64_t vlen, char **value)
 
 /* Put word w where probe_w found its key, in the open batch's words. */
 static int
-ov_publish(TCore *t, const TIndex *x, const TSlot *s, uint64_t w)
+ov_put_found(TCore *t, const TIndex *x, const TSlot *s, uint64_t w)
 {
     int fresh = !s->from_ov && LDR(&x->slots[s->slot]) == W_EMPTY;
     /* probe_w saw whether the overlay holds the slot: look it up only then */
@@ -1646,7 +1664,7 @@ t_put_publish(TCore *t, const TSlot *s, uint64_t off, uint64_t hash)
     uint64_t w = rec_word(off, hash), old = s->old;
     shm_crash_point("table.put.written");
     if (t_in_batch(t)) {
-        if (ov_publish(t, &x, s, w) < 0) {
+        if (ov_put_found(t, &x, s, w) < 0) {
             t_free(t, off);
             return -1;
         }
@@ -1775,15 +1793,12 @@ t_batch_resolve(TCore *t)
         return 0;
     int r = ov_reserve(&t->ov, t->ov.n + n);
     char *P = PAY(t);
-    THeader *h = HDR(t);
     TIndex x;
     if (r == 0 && (t_reserve(t) < 0 || t_index(t, &x) < 0))
         r = -1;
     for (; r == 0 && i < n; i++) {
-        /* t_reserve's test inline (it checks the counters when it runs) */
-        uint64_t words = LDR(&h->count) + LDR(&h->tombstones) + t->ov.newslots;
-        if ((words >= x.nslots || (words + 1) * 4 > x.nslots * 3) &&
-            (t_reserve(t) < 0 || t_index(t, &x) < 0)) {
+        /* t_reserve's own test first: it reloads the index only to grow it */
+        if (!index_has_room(t, &x) && (t_reserve(t) < 0 || t_index(t, &x) < 0)) {
             r = -1;
             break;
         }
@@ -1800,7 +1815,7 @@ t_batch_resolve(TCore *t)
         TKey k = {.p = P + e->off + T_REC_HDR, .n = e->klen, .type = e->ktype, .h = e->hash};
         TSlot s;
         if (probe_w(t, &x, &k, &s.slot, &s.old, &s.from_ov) < 0 ||
-            ov_publish(t, &x, &s, rec_word(e->off, e->hash)) < 0) {
+            ov_put_found(t, &x, &s, rec_word(e->off, e->hash)) < 0) {
             r = -1;
             break;
         }
@@ -1842,17 +1857,14 @@ t_batch_commit(TCore *t)
         return -1;
     char *P = PAY(t);
     THeader *h = HDR(t);
+    if (ov_fits(ov, &x) < 0) {
+        t_free_unseen(t, j);
+        return -1;
+    }
     uint64_t *e = W64(P, j + T_JOURNAL_HDR);
-    for (size_t s = 0; s < n; s++) {
-        if (ov->e[s].slot >= x.nslots) {
-            /* the index shrank under the batch: only damage does that */
-            t_free_unseen(t, j);
-            return corrupt("a batch's slot %llu lies beyond the index's %llu slots",
-                           (unsigned long long)ov->e[s].slot,
-                           (unsigned long long)x.nslots);
-        }
-        e[2 * s] = ov->e[s].slot;
-        e[2 * s + 1] = ov->e[s].word;
+    for (size_t k = 0; k < n; k++) {
+        e[2 * k] = ov->e[k].slot;
+        e[2 * k + 1] = ov->e[k].word;
     }
     STR(W64(P, j + 16), n);
     STR(W64(P, j + 24), x.ix);

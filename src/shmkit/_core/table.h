@@ -409,6 +409,7 @@ int t_index(TCore *t, TIndex *x);
 uint64_t wword(TCore *t, TIndex *x, uint64_t i, int *from_ov);
 int probe_w(TCore *t, TIndex *x, const TKey *k, uint64_t *slot, uint64_t *word, int *from_ov);
 void ov_clear(Overlay *o);
+int ov_fits(const Overlay *o, const TIndex *x);
 void staged_clear(StagedPuts *sp);
 int t_put_find(TCore *t, const TKey *k, TSlot *s);
 int t_stage_room(TCore *t);

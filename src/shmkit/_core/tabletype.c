@@ -585,6 +585,15 @@ t_reentered(TableObject *t)
     return 1;
 }
 
+/* Inside a batch, before its words are read: refuse nested use, probe the
+ * staged puts, and load the index into x.  0, or -1 with an exception set. */
+static int
+batch_words(TableObject *t, TIndex *x)
+{
+    return t_reentered(t) || raising(t, t_batch_resolve(&t->c)) < 0 || tt_index(t, x) < 0
+               ? -1 : 0;
+}
+
 static int
 t_lock(TableObject *t)
 {
@@ -896,7 +905,7 @@ lookup_locked(TableObject *t, const TKey *k, int mode, int *found, Py_buffer *in
     TIndex x;
     uint64_t slot, w;
     int fo;
-    if (t_reentered(t) || raising(t, t_batch_resolve(&t->c)) < 0 || tt_index(t, &x) < 0)
+    if (batch_words(t, &x) < 0)
         return NULL;
     int r = raising(t, probe_w(&t->c, &x, k, &slot, &w, &fo));
     if (r < 0)
@@ -1237,14 +1246,9 @@ table_length(TableObject *t)
     if (t_in_batch(&t->c)) {
         /* count the batch's own changes */
         TIndex x;
-        if (t_reentered(t) || raising(t, t_batch_resolve(&t->c)) < 0 || tt_index(t, &x) < 0)
+        if (batch_words(t, &x) < 0 || raising(t, ov_fits(&t->c.ov, &x)) < 0)
             return -1;
         for (size_t j = 0; j < t->c.ov.n; j++) {
-            if (t->c.ov.e[j].slot >= x.nslots) { /* the index shrank: only damage does that */
-                corrupt(t, "a batch's slot %llu lies beyond the index's %llu slots",
-                        (unsigned long long)t->c.ov.e[j].slot, (unsigned long long)x.nslots);
-                return -1;
-            }
             uint64_t pub = LDR(&x.slots[t->c.ov.e[j].slot]), w = t->c.ov.e[j].word;
             n += (w > W_TOMB) - (pub > W_TOMB);
         }
@@ -1503,8 +1507,8 @@ static PyObject *
 scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
 {
     int locked = t_in_batch(&t->c);
-    if (locked &&
-        (t_reentered(t) || tt_enter(t) == 0 || raising(t, t_batch_resolve(&t->c)) < 0))
+    TIndex bx;
+    if (locked && (tt_enter(t) == 0 || batch_words(t, &bx) < 0))
         return NULL;
     for (int attempt = 0; attempt < MAX_RETRIES; attempt++) {
         uint64_t end = tt_enter(t);
