@@ -394,8 +394,13 @@ t_alloc(TCore *t, uint64_t size, unsigned flags)
                 return (uint64_t)-1;
             }
             if (bsize == size || bsize >= size + T_MIN_BLOCK) {
-                *prev = LDR(W64(P, off + 8));
+                uint64_t next = LDR(W64(P, off + 8));
+                *prev = next;
                 shm_crash_point("table.alloc.unlinked");
+                /* The next put from this list reads the new head's link
+                 * and writes its record there: start fetching it now. */
+                if (prev == &h->bins[b] && next < t->end)
+                    __builtin_prefetch(P + next, 1);
                 carve(P, h, off, bsize, size, B_USED | flags, 1);
                 return off;
             }
