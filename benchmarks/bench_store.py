@@ -11,7 +11,8 @@ Also a scaling run (not part of ``python -m benchmarks``)::
 
     python -m benchmarks.bench_store --scaling 1000 10000 100000 1000000 10000000
 
-which times put and get from 1,000 to 10,000,000 keys and saves
+which times puts (inserts; updates singly and in ``batch()`` blocks) and gets
+from 1,000 to 10,000,000 keys and saves
 ``docs/store_scaling.png`` (matplotlib, in the ``bench`` extra).
 """
 from __future__ import annotations
@@ -611,7 +612,8 @@ def get2_manager(n: int) -> dict:
 # -- scaling: 1,000 to 10,000,000 keys -------------------------------------------------------
 
 def scaling(sizes: list[int], out: str = "docs/store_scaling.png", ops: int = 200_000) -> list:
-    """Time put (insert), put (update) and random get at each store size; plot them."""
+    """Time put (insert), put (update) singly and in batch() blocks of 1,000, and
+    random get at each store size; plot them."""
     import shmkit
 
     rows = []
@@ -625,10 +627,8 @@ def scaling(sizes: list[int], out: str = "docs/store_scaling.png", ops: int = 20
             insert = (time.perf_counter() - t0) / size
             rng = random.Random(5)
             sample = [keys[rng.randrange(size)] for _ in range(ops)]
-            t0 = time.perf_counter()
-            for k in sample:
-                st[k] = VALUE
-            update = (time.perf_counter() - t0) / ops
+            update = _timed_puts(st, sample, 0) / ops
+            batched = _timed_puts(st, sample, 1000) / ops
             t0 = time.perf_counter()
             for k in sample:
                 st[k]
@@ -640,15 +640,17 @@ def scaling(sizes: list[int], out: str = "docs/store_scaling.png", ops: int = 20
             dget = (time.perf_counter() - t0) / ops
             del d
             rows.append((size, insert * 1e9, update * 1e9, get * 1e9, dget * 1e9,
-                         st.allocated_bytes))
+                         st.allocated_bytes, batched * 1e9))
             print(f"{size:>11,} keys: insert {insert * 1e9:6.0f} ns, update "
-                  f"{update * 1e9:6.0f} ns, get {get * 1e9:6.0f} ns (dict {dget * 1e9:4.0f}"
-                  f" ns), {st.allocated_bytes / 2**20:8.1f} MiB", flush=True)
+                  f"{update * 1e9:6.0f} ns, in batch() {batched * 1e9:6.0f} ns "
+                  f"({update / batched:.2f}x), get {get * 1e9:6.0f} ns (dict "
+                  f"{dget * 1e9:4.0f} ns), {st.allocated_bytes / 2**20:8.1f} MiB", flush=True)
         finally:
             st.close()
             st.unlink()
     from benchmarks.plot import save_plot
-    save_plot(rows, ((1, "Store put (insert)"), (2, "Store put (update)"), (3, "Store get"),
+    save_plot(rows, ((1, "Store put (insert)"), (2, "Store put (update)"),
+                     (6, "Store put (update), batch() of 1000"), (3, "Store get"),
                      (4, "dict get")),
               xlabel="keys in the store (16 B keys, 100 B values)",
               ylabel="ns per operation (from Python)",
