@@ -457,7 +457,10 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         The store's write lock is held for the block, so keep it short;
         reads by other processes go on meanwhile and see the state before
         the batch until it is published.  If the block raises, its writes
-        are discarded.  Batches nest (the outer one publishes).
+        are discarded.  Batches nest: an inner block joins the outer one,
+        whose end publishes or discards every write of both, so an error
+        that an inner block raises and the outer block catches discards
+        nothing.
 
         >>> with Store(None) as st:
         ...     with st.batch():

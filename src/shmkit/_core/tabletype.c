@@ -27,8 +27,8 @@ typedef struct {
     PyObject *encode_hook; /* value -> (vtype, head, body) for other types */
     PyObject *decode_hook; /* (vtype, bytes) -> object or empty ndarray */
     PyObject *grow_hook;   /* need -> None: grows the segment */
-    int midway;            /* Python code runs inside a write: the grow hook, or
-                            * the decoding of the value pop() takes */
+    int midway;            /* Python code runs with the lock held in the middle of
+                            * an operation: the grow hook, decoding a value */
 } TableObject;
 
 /* ---- errors: the protocol's record as an exception ----------------------------- */
@@ -568,20 +568,22 @@ t_release(TableObject *t)
     PyErr_Restore(et, ev, tb);
 }
 
-/* The grow hook and pop()'s decoding of its value run Python code in the
- * middle of a write, with the lock held: a finalizer or a signal handler
- * that runs there must not start another operation on this handle from
- * this thread, which would find the write (or the batch's words) half made.
- * 1 with RuntimeError set. */
+/* The grow hook, and the decoding of a value read under the lock (pop(), a
+ * read in a batch), run Python code in the middle of an operation, with
+ * the lock held: a finalizer or a signal handler that runs there must not
+ * start another operation on this handle from this thread, which would
+ * find the write (or the batch's words) half made, or free the record or
+ * index the read is still reading.  1 with RuntimeError set. */
 static int
 t_reentered(TableObject *t)
 {
     if (!t->midway || t->c.lock_depth <= 0 || t->c.lock_thread != t_thread())
         return 0;
     PyErr_SetString(PyExc_RuntimeError,
-                    "the store is in the middle of a write on this thread: code that "
-                    "runs inside it (a finalizer, a signal handler, while the store grows "
-                    "or pop() decodes) cannot use it; do that work after the write returns");
+                    "the store is in the middle of an operation on this thread: code "
+                    "that runs inside it (a finalizer, a signal handler, while the store "
+                    "grows or decodes a value under its lock) cannot use it; do that "
+                    "work after the operation returns");
     return 1;
 }
 
@@ -890,7 +892,9 @@ value_locked(TableObject *t, uint64_t off, int nbytes)
         return NULL;
     if (nbytes)
         return PyLong_FromUnsignedLongLong(rec.vlen);
+    t->midway++; /* the array hook runs Python code while P points into the record */
     PyObject *o = val_decode(t, P, off, &rec, 0, 1, &race, &post);
+    t->midway--;
     if (o == NULL && race && !PyErr_Occurred())
         corrupt(t, "the record at %llu does not hold a valid value of type %d",
                 (unsigned long long)off, rec.vtype);
@@ -1355,7 +1359,7 @@ t_delete(TableObject *t, PyObject *key, int want_value, int *found)
         goto unlock;
     }
     if (want_value) {
-        t->midway++;
+        t->midway++; /* and unpickling, before the delete is published */
         out = value_locked(t, word_off(slot.old), 0);
         t->midway--;
         if (out == NULL)
@@ -1496,20 +1500,17 @@ table_clear(TableObject *t, PyObject *Py_UNUSED(ignored))
 
 /* ---- scanning (iteration) --------------------------------------------------- */
 
-/* _scan(index, start, max, what) -> (next, index, [entries], hashes, wrapped)
- * or None
+/* One call of _scan(index, start, max, what), which scan() below makes:
+ * -> (next, index, [entries], hashes, wrapped) or None
  * when `index` is no longer the current index (the caller restarts).
  * `index` is a token naming one index: its offset / 16 with index_gen above
  * bit 40, because a later index may be placed where an earlier one was.
  * what: 0 keys, 1 values, 2 (key, value) pairs.  Entries of one call are
  * read under one epoch, so each is a value that was stored at some moment. */
 static PyObject *
-scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
+scan_chunk(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what,
+           int locked)
 {
-    int locked = t_in_batch(&t->c);
-    TIndex bx;
-    if (locked && (tt_enter(t) == 0 || batch_words(t, &bx) < 0))
-        return NULL;
     for (int attempt = 0; attempt < MAX_RETRIES; attempt++) {
         uint64_t end = tt_enter(t);
         if (end == 0)
@@ -1632,6 +1633,22 @@ scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
     PyErr_SetString(ST(t)->BusyError,
                     "writers kept changing the store while it was being listed; retry");
     return NULL;
+}
+
+static PyObject *
+scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
+{
+    if (!t_in_batch(&t->c))
+        return scan_chunk(t, want_ix, start, maxn, what, 0);
+    TIndex bx;
+    if (tt_enter(t) == 0 || batch_words(t, &bx) < 0)
+        return NULL;
+    /* A chunk reads the batch's words through the index it loaded, while
+     * decoding and collecting may run Python code (hooks, the collector) */
+    t->midway++;
+    PyObject *o = scan_chunk(t, want_ix, start, maxn, what, 1);
+    t->midway--;
+    return o;
 }
 
 static PyObject *
