@@ -603,6 +603,51 @@ def test_file_backed_store_survives_and_flushes(tmp_path):
     os.unlink(path)
 
 
+def test_code_run_while_vacuum_cuts_the_segment_cannot_grow_it(name):
+    # vacuum() cuts the heap, then the segment: a finalizer that ran between
+    # the two and grew the store through the same handle had its record
+    # punched out by the cut (zeros read back, then CorruptError).
+    import gc
+    import sys
+
+    def cutting() -> bool:
+        f = sys._getframe()
+        while f is not None:
+            if f.f_code.co_name == "shrink" and f.f_code.co_filename.endswith("store.py"):
+                return True
+            f = f.f_back
+        return False
+
+    with Store(name, size=1 << 20) as st:
+        for i in range(200):
+            st[f"k{i}"] = b"x" * 4000
+        for i in range(0, 200, 2):
+            del st[f"k{i}"]
+        refused: list[str] = []
+
+        def callback(phase: str, info: dict) -> None:
+            if phase == "start" and not refused and cutting():
+                try:
+                    st["big"] = b"\xab" * (3 << 20)
+                except RuntimeError as e:
+                    refused.append(str(e))
+
+        thresholds = gc.get_threshold()
+        gc.callbacks.append(callback)
+        try:
+            gc.set_threshold(1)
+            assert st.vacuum() > 0
+        finally:
+            gc.set_threshold(*thresholds)
+            gc.callbacks.remove(callback)
+        assert refused and "middle of an operation on this thread" in refused[0]
+        assert "big" not in st and len(st) == 100 and st["k199"] == b"x" * 4000
+        st.verify()
+        st["big"] = b"\xab" * (3 << 20)  # after the vacuum, it works
+        assert st["big"] == b"\xab" * (3 << 20)
+        st.verify()
+
+
 def test_vacuum_gives_memory_back(name):
     with Store(name) as st:
         for i in range(60_000):
@@ -893,6 +938,22 @@ def test_code_run_while_the_store_grows_cannot_use_it_mid_write(name, staged):
         assert len(st) == staged + 1 and st[f"k{staged - 1}"] == staged - 1
         st.verify()
         st["from a finalizer"] = 1  # after the write, it works
+        st.verify()
+
+
+def test_the_lock_a_batch_holds_is_not_released_under_it(name):
+    # Releasing it left the batch open without the lock: its end then
+    # published unlocked and released the lock (and the mapping's pin) twice.
+    with Store(name) as st:
+        with st.batch():
+            st["a"] = 1
+            with pytest.raises(RuntimeError, match="held by a batch"):
+                st._unlock()
+            st["b"] = 2
+        with pytest.raises(RuntimeError, match="not held by this thread"):
+            st._unlock()
+        assert dict(st.items()) == {"a": 1, "b": 2}
+        st["c"] = 3  # the lock was released once, by the batch
         st.verify()
 
 

@@ -483,12 +483,15 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         the free tail is cut off and its pages are returned to the system.
         """
         seg = self._held()
+
+        def shrink(new_end: int) -> None:
+            if new_end < seg.size:
+                seg.resize(new_end, self._timeout)
+
         self._lock()
         try:
             before = seg.size
-            new_end, _moved = self._vacuum()
-            if new_end < before:
-                seg.resize(new_end, self._timeout)
+            self._vacuum(shrink)  # the cut, inside the operation
             return before - seg.size
         finally:
             self._unlock()

@@ -649,6 +649,8 @@ t_unlock(TableObject *t)
 {
     if (PyErr_Occurred())
         t_mark_damage(t);
+    if (t->c.lock_depth <= 0) /* never released (and unpinned) twice */
+        return;
     if (--t->c.lock_depth > 0)
         return;
     t_release(t);
@@ -1473,6 +1475,12 @@ table_unlock(TableObject *t, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_RuntimeError, "the store's lock is not held by this thread");
         return NULL;
     }
+    if (t->c.lock_depth <= t->c.batch_depth) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "the store's lock is held by a batch open on this thread; it is "
+                        "released when the batch's with-block ends");
+        return NULL;
+    }
     if (t_reentered(t))
         return NULL;
     t_unlock(t);
@@ -1738,8 +1746,13 @@ table_stats(TableObject *t, PyObject *Py_UNUSED(ignored))
 /* Compact the heap and cut off its free tail.  Lock held; the caller
  * shrinks the segment to the returned heap end before unlocking. */
 static PyObject *
-table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
+table_vacuum(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "_vacuum(shrink=None)");
+        return NULL;
+    }
+    PyObject *shrink = nargs ? args[0] : Py_None;
     if (tt_enter(t) == 0)
         return NULL;
     if (t->c.lock_depth <= 0 || t->c.lock_thread != t_thread() || t_in_batch(&t->c)) {
@@ -1750,6 +1763,16 @@ table_vacuum(TableObject *t, PyObject *Py_UNUSED(ignored))
     if (t_vacuum(&t->c, &new_end, &moved) < 0) {
         t_raise(t); /* the heap is marked for recovery: t_unlock sees no error */
         return NULL;
+    }
+    /* Cutting the segment to new_end is part of the same operation: code
+     * run in between must not grow the heap past it (see t_reentered). */
+    if (shrink != Py_None) {
+        t->midway++;
+        PyObject *r = PyObject_CallFunction(shrink, "K", (unsigned long long)new_end);
+        t->midway--;
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
     }
     return Py_BuildValue("KK", (unsigned long long)new_end, (unsigned long long)moved);
 }
@@ -1965,8 +1988,10 @@ static PyMethodDef table_methods[] = {
      "Check every invariant under the lock: a dict of totals, or CorruptError."},
     {"_stats", (PyCFunction)table_stats, METH_NOARGS, "_stats($self, /)\n--\n\n"
      "Counters of the store (a dict)."},
-    {"_vacuum", (PyCFunction)table_vacuum, METH_NOARGS, "_vacuum($self, /)\n--\n\n"
-     "Compact the heap (lock held): (new heap end, records moved)."},
+    {"_vacuum", (PyCFunction)(void (*)(void))table_vacuum, METH_FASTCALL,
+     "_vacuum($self, shrink=None, /)\n--\n\n"
+     "Compact the heap (lock held), then call shrink(new heap end) to cut the\n"
+     "segment: (new heap end, records moved)."},
     {"_flush", (PyCFunction)table_flush, METH_NOARGS, "_flush($self, /)\n--\n\n"
      "msync the mapping (a store on disk survives a crash of the machine)."},
     {"_after_fork", (PyCFunction)table_after_fork, METH_NOARGS, "_after_fork($self, /)\n--\n\n"
