@@ -10,6 +10,7 @@ import random
 import signal
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -954,6 +955,40 @@ def test_the_lock_a_batch_holds_is_not_released_under_it(name):
             st._unlock()
         assert dict(st.items()) == {"a": 1, "b": 2}
         st["c"] = 3  # the lock was released once, by the batch
+        st.verify()
+
+
+def test_an_array_read_from_a_deep_stack_is_not_reported_as_damage(name):
+    # Near the recursion limit, parsing an array's header raises
+    # RecursionError: that is the caller's stack, not a damaged record, so
+    # it must neither be CorruptError nor send the store to recovery.
+    import sys
+    with Store(name) as st:
+        st["a"] = np.arange(1000)
+
+        def at_depth(d: int, read: Callable[[], object]) -> object:
+            return at_depth(d - 1, read) if d > 0 else read()
+
+        def attempt(read: Callable[[], object]) -> BaseException | None:
+            try:
+                read()
+            except BaseException as e:  # noqa: BLE001 - what it raised is the point
+                return e
+            return None
+
+        seen = set()
+        limit = sys.getrecursionlimit()
+        for read in (lambda: st["a"], lambda: st.get_many(["a"]), lambda: list(st.values())):
+            for d in range(limit - 120, limit):
+                try:
+                    e = at_depth(d, lambda: attempt(read))
+                except RecursionError:
+                    continue
+                seen.add(type(e).__name__)
+                assert not isinstance(e, shmkit.CorruptError), e
+        assert "RecursionError" in seen  # some depth did reach the header's parse
+        assert st.statistics()["recoveries"] == 0
+        assert np.array_equal(st["a"], np.arange(1000))
         st.verify()
 
 

@@ -40,6 +40,7 @@ from typing import Any, Callable
 from . import _core
 from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
 from .errors import (
+    CorruptError,
     FormatVersionError,
     MismatchError,
     OutOfSpaceError,
@@ -116,7 +117,10 @@ def _decode(vtype: int, data: bytes, body_len: int = 0) -> Any:
         return pickle.loads(data)
     np = _np()
     try:
-        descr, shape = ast.literal_eval(data.decode("ascii"))
+        text = data.decode("ascii")
+        if _nesting(text) > _MAX_HEADER_NESTING:
+            raise ValueError("array header nests too deep")
+        descr, shape = ast.literal_eval(text)
         dtype = np.lib.format.descr_to_dtype(descr)
         shape = tuple(shape)
         count = 1
@@ -127,9 +131,30 @@ def _decode(vtype: int, data: bytes, body_len: int = 0) -> Any:
         if count * dtype.itemsize != body_len:
             raise ValueError("array header does not match its data")
         return np.empty(shape, dtype)
-    except Exception:
-        # the C side retries (a torn read) or reports CorruptError
+    except _HEADER_ERRORS:
+        # the C side retries (a torn read) or reports CorruptError.  Other
+        # errors (RecursionError from a deep caller, MemoryError) are not
+        # the header's and pass through as they are.
         raise ValueError("unreadable array header") from None
+
+
+# What parsing a header of wrong bytes raises, and how deep a header written
+# by _encode_array can nest (past it, ast would fail with RecursionError,
+# which must mean the caller's stack, never damage).
+_HEADER_ERRORS = (ValueError, TypeError, SyntaxError, KeyError, IndexError, AttributeError,
+                  OverflowError)
+_MAX_HEADER_NESTING = 64
+
+
+def _nesting(text: str) -> int:
+    depth = deepest = 0
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]}":
+            depth -= 1
+    return deepest
 
 
 def _check_timeout(what: str, value: Any) -> None:
@@ -579,6 +604,13 @@ class StoreView:
                     arr = empty
                     arr.flags.writeable = False
                 self.array = arr
+            except ValueError:
+                # the header was copied while the view held the record: damage
+                self.release()
+                raise CorruptError(f"store is corrupt: the array header of key {key!r} "
+                                   "cannot be read; run verify() for a full report, copy "
+                                   "out what still reads back and create the store "
+                                   "again") from None
             except BaseException:
                 self.release()
                 raise
