@@ -609,15 +609,6 @@ def test_code_run_while_vacuum_cuts_the_segment_cannot_grow_it(name):
     # the two and grew the store through the same handle had its record
     # punched out by the cut (zeros read back, then CorruptError).
     import gc
-    import sys
-
-    def cutting() -> bool:
-        f = sys._getframe()
-        while f is not None:
-            if f.f_code.co_name == "shrink" and f.f_code.co_filename.endswith("store.py"):
-                return True
-            f = f.f_back
-        return False
 
     with Store(name, size=1 << 20) as st:
         for i in range(200):
@@ -627,7 +618,7 @@ def test_code_run_while_vacuum_cuts_the_segment_cannot_grow_it(name):
         refused: list[str] = []
 
         def callback(phase: str, info: dict) -> None:
-            if phase == "start" and not refused and cutting():
+            if phase == "start" and not refused and _inside_store_function("shrink"):
                 try:
                     st["big"] = b"\xab" * (3 << 20)
                 except RuntimeError as e:
@@ -1017,11 +1008,12 @@ def test_an_inner_batch_joins_the_outer_one(name):
         st.verify()
 
 
-def _inside_the_decode_hook() -> bool:
+def _inside_store_function(function: str) -> bool:
+    """Whether store.py's `function` is on the calling thread's stack."""
     import sys
     f = sys._getframe()
     while f is not None:
-        if f.f_code.co_name == "_decode" and f.f_code.co_filename.endswith("store.py"):
+        if f.f_code.co_name == function and f.f_code.co_filename.endswith("store.py"):
             return True
         f = f.f_back
     return False
@@ -1041,7 +1033,7 @@ def test_code_run_while_a_batch_decodes_a_value_cannot_use_the_store(name, read)
         refused: list[str] = []
 
         def callback(phase: str, info: dict) -> None:
-            if phase != "start" or refused or not _inside_the_decode_hook():
+            if phase != "start" or refused or not _inside_store_function("_decode"):
                 return
             try:
                 for k in arrays:
