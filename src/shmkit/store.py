@@ -118,7 +118,7 @@ def _decode(vtype: int, data: bytes, body_len: int = 0) -> Any:
     np = _np()
     try:
         text = data.decode("ascii")
-        if _nesting(text) > _MAX_HEADER_NESTING:
+        if _nests_too_deep(text):
             raise ValueError("array header nests too deep")
         descr, shape = ast.literal_eval(text)
         dtype = np.lib.format.descr_to_dtype(descr)
@@ -146,15 +146,19 @@ _HEADER_ERRORS = (ValueError, TypeError, SyntaxError, KeyError, IndexError, Attr
 _MAX_HEADER_NESTING = 64
 
 
-def _nesting(text: str) -> int:
-    depth = deepest = 0
+def _nests_too_deep(text: str) -> bool:
+    """Whether the brackets of text nest deeper than _MAX_HEADER_NESTING."""
+    if text.count("(") + text.count("[") + text.count("{") <= _MAX_HEADER_NESTING:
+        return False  # the usual header: no deeper than it has openers
+    depth = 0
     for ch in text:
         if ch in "([{":
             depth += 1
-            deepest = max(deepest, depth)
+            if depth > _MAX_HEADER_NESTING:
+                return True
         elif ch in ")]}":
             depth -= 1
-    return deepest
+    return False
 
 
 def _check_timeout(what: str, value: Any) -> None:

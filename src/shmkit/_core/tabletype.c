@@ -587,6 +587,21 @@ t_reentered(TableObject *t)
     return 1;
 }
 
+/* Call a Python hook (the segment's grow or shrink) with n, in the middle of
+ * an operation: code it runs cannot use this handle (t_reentered).  0, or
+ * -1 with an exception set. */
+static int
+call_midway(TableObject *t, PyObject *hook, uint64_t n)
+{
+    t->midway++;
+    PyObject *r = PyObject_CallFunction(hook, "K", (unsigned long long)n);
+    t->midway--;
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 /* Inside a batch, before its words are read: refuse nested use, probe the
  * staged puts, and load the index into x.  0, or -1 with an exception set. */
 static int
@@ -1743,8 +1758,8 @@ table_stats(TableObject *t, PyObject *Py_UNUSED(ignored))
     return d;
 }
 
-/* Compact the heap and cut off its free tail.  Lock held; the caller
- * shrinks the segment to the returned heap end before unlocking. */
+/* Compact the heap and cut off its free tail, then have shrink(new heap
+ * end) cut the segment to it, inside the operation.  Lock held. */
 static PyObject *
 table_vacuum(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1766,14 +1781,8 @@ table_vacuum(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
     }
     /* Cutting the segment to new_end is part of the same operation: code
      * run in between must not grow the heap past it (see t_reentered). */
-    if (shrink != Py_None) {
-        t->midway++;
-        PyObject *r = PyObject_CallFunction(shrink, "K", (unsigned long long)new_end);
-        t->midway--;
-        if (r == NULL)
-            return NULL;
-        Py_DECREF(r);
-    }
+    if (shrink != Py_None && call_midway(t, shrink, new_end) < 0)
+        return NULL;
     return Py_BuildValue("KK", (unsigned long long)new_end, (unsigned long long)moved);
 }
 
@@ -1789,13 +1798,7 @@ table_grow(TCore *c, uint64_t need)
         PyErr_SetString(PyExc_MemoryError, "the store is full");
         return -1;
     }
-    t->midway++;
-    PyObject *r = PyObject_CallFunction(t->grow_hook, "K", (unsigned long long)need);
-    t->midway--;
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return 0;
+    return call_midway(t, t->grow_hook, need);
 }
 
 /* A timeout in seconds (None: forever) as nanoseconds, -1 for forever. */
