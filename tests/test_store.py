@@ -509,6 +509,40 @@ def test_damaged_array_header_is_corrupt_not_valueerror(name, header):
                 ro["arr"]
 
 
+@pytest.mark.parametrize("hostile", ["object dtype", "minus", "plus", "attribute", "calls",
+                                     "not", "deep"])
+def test_a_hostile_array_header_is_corrupt(name, hostile):
+    # Header bytes no writer produces: a dtype of objects would turn the
+    # record's bytes into object pointers (a crash); the others make ast
+    # fail with RecursionError or MemoryError, which must not pass for the
+    # reader's own.
+    with Store(name) as st:
+        st["arr"] = np.zeros(3, dtype=[("x" * 200_000, "<i8")])  # a long header
+        _, val = st._locate("arr")
+        view = st._seg.buf
+        off = val - st._seg._hsize
+        hn = int.from_bytes(view[off:off + 4], "little")
+        header = {"object dtype": "('|O', (3,))", "minus": "-" * (hn - 1) + "1",
+                  "plus": "1" + "+1" * ((hn - 1) // 2), "attribute": "x" + ".a" * ((hn - 1) // 2),
+                  "calls": "()" * (hn // 2), "not": "not " * ((hn - 1) // 4) + "1",
+                  "deep": "(" * (hn // 2) + ")" * (hn // 2)}[hostile]
+        view[off + 4:off + 4 + hn] = header.encode().ljust(hn, b" ")
+        del view
+        for op in (lambda: st["arr"], lambda: st.get_many(["arr"]), lambda: list(st.values()),
+                   lambda: st.view_array("arr").__enter__(), lambda: st.pop("arr")):
+            with pytest.raises(CorruptError):
+                op()
+
+
+def test_an_array_with_a_non_ascii_field_name_reads_back(name):
+    with Store(name) as st:
+        a = np.array([(1,), (2,), (3,)], dtype=[("é", "<i8")])
+        st["arr"] = a
+        assert st["arr"].dtype == a.dtype and np.array_equal(st["arr"], a)
+        with st.view_array("arr") as got:
+            assert np.array_equal(got, a)
+
+
 def test_store_closed_by_code_run_during_iteration_never_crashes(name):
     # the array hook runs Python code in the middle of a scan; closing the
     # store there used to unmap the memory the scan went on reading

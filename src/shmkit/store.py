@@ -30,6 +30,7 @@ import contextlib
 import functools
 import os
 import pickle
+import re
 import secrets
 import threading
 import warnings
@@ -117,11 +118,13 @@ def _decode(vtype: int, data: bytes, body_len: int = 0) -> Any:
         return pickle.loads(data)
     np = _np()
     try:
-        text = data.decode("ascii")
-        if _nests_too_deep(text):
-            raise ValueError("array header nests too deep")
+        text = data.decode("utf-8")  # repr() of non-ASCII field names, encoded
+        if not _is_header_literal(text):
+            raise ValueError("not the literal an array header is")
         descr, shape = ast.literal_eval(text)
         dtype = np.lib.format.descr_to_dtype(descr)
+        if dtype.hasobject:  # never written: its bytes would become object pointers
+            raise ValueError("an array header names a dtype that holds objects")
         shape = tuple(shape)
         count = 1
         for d in shape:
@@ -138,27 +141,36 @@ def _decode(vtype: int, data: bytes, body_len: int = 0) -> Any:
         raise ValueError("unreadable array header") from None
 
 
-# What parsing a header of wrong bytes raises, and how deep a header written
-# by _encode_array can nest (past it, ast would fail with RecursionError,
-# which must mean the caller's stack, never damage).
+# What parsing a header of wrong bytes raises.
 _HEADER_ERRORS = (ValueError, TypeError, SyntaxError, KeyError, IndexError, AttributeError,
                   OverflowError)
+# A header is repr((descr, shape)) (_encode_array): outside its string
+# literals, only brackets, commas, digits and spaces, nested a few levels,
+# and no bracket opens right after a value.  Anything else (operators,
+# names, calls, subscripts, deep nesting) is damage, checked
+# before ast parses it, so that ast's own RecursionError or MemoryError can
+# only mean the reader's stack or memory, never the header's bytes.
+_HEADER_STRINGS = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"', re.S)
+_HEADER_REST = re.compile(r"[0-9,()\[\] ]*")
+_HEADER_CHAINED = re.compile(r"[0-9)\]] *[(\[]")  # a call or subscript: a()()...
 _MAX_HEADER_NESTING = 64
 
 
-def _nests_too_deep(text: str) -> bool:
-    """Whether the brackets of text nest deeper than _MAX_HEADER_NESTING."""
-    if text.count("(") + text.count("[") + text.count("{") <= _MAX_HEADER_NESTING:
-        return False  # the usual header: no deeper than it has openers
+def _is_header_literal(text: str) -> bool:
+    rest = _HEADER_STRINGS.sub("", text)
+    if not _HEADER_REST.fullmatch(rest) or _HEADER_CHAINED.search(rest):
+        return False
+    if rest.count("(") + rest.count("[") <= _MAX_HEADER_NESTING:
+        return True  # the usual header: no deeper than it has openers
     depth = 0
-    for ch in text:
-        if ch in "([{":
+    for ch in rest:
+        if ch in "([":
             depth += 1
             if depth > _MAX_HEADER_NESTING:
-                return True
-        elif ch in ")]}":
+                return False
+        elif ch in ")]":
             depth -= 1
-    return False
+    return True
 
 
 def _check_timeout(what: str, value: Any) -> None:
