@@ -1486,6 +1486,36 @@ def test_fork_child_uses_the_store(name):
         assert st["child"] == 2
 
 
+@pytest.mark.parametrize("leaves", ["normally", "by raising"])
+def test_a_child_forked_inside_a_batch_is_told_the_batch_is_the_parents(name, leaves):
+    # The child holds none of the parent's batch: leaving the block says so,
+    # an error raised in it passes through as it is, and the parent's batch
+    # publishes untouched.
+    with Store(name, timeout=10.0) as st:
+        pid = -1
+        try:
+            with st.batch():
+                st["parent"] = 1
+                pid = os.fork()
+                if pid == 0 and leaves == "by raising":
+                    raise LookupError("the block's own error")
+                if pid > 0:
+                    _, status = os.waitpid(pid, 0)
+                    assert os.waitstatus_to_exitcode(status) == 0
+                    st["parent too"] = 2
+        except BaseException as e:
+            if pid != 0:
+                raise
+            expected = (LookupError if leaves == "by raising" else RuntimeError,
+                        "the block's own error" if leaves == "by raising" else "forked")
+            os._exit(0 if type(e) is expected[0] and expected[1] in str(e) else 3)
+        if pid == 0:  # pragma: no cover - the child left the block with no error
+            os._exit(5)
+        assert st["parent"] == 1 and st["parent too"] == 2
+        st["after"] = 3  # the lock is free
+        st.verify()
+
+
 def test_hash_is_stable_and_seeded():
     h = shmkit._core.table_hash
     assert h(b"abc", 1) == h(b"abc", 1)

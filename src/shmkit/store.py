@@ -501,7 +501,8 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         are discarded.  Batches nest: an inner block joins the outer one,
         whose end publishes or discards every write of both, so an error
         that an inner block raises and the outer block catches discards
-        nothing.
+        nothing.  A child forked inside the block holds none of the
+        parent's batch: leaving the block there raises ``RuntimeError``.
 
         >>> with Store(None) as st:
         ...     with st.batch():
@@ -509,12 +510,19 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         ...     sorted(st.items())
         [('a', 1), ('b', 2)]
         """
+        forks = _forks
         self._batch_begin()
         try:
             yield self
         except BaseException:
-            self._batch_end(False)
-            raise
+            if _forks == forks:
+                self._batch_end(False)
+            raise  # in a forked child, as it is: the batch is the parent's
+        if _forks != forks:
+            raise RuntimeError(
+                "this batch was opened before the process forked, and a forked child "
+                "holds none of its parent's batch (the parent's goes on): its writes in "
+                "the block were not part of it; open a batch in the child instead")
         self._batch_end(True)
 
     def vacuum(self) -> int:
@@ -675,7 +683,14 @@ def _unwrap(entry: Any, what: int) -> Any:
     return (key, pickle.loads(value[0])) if type(value) is tuple else entry
 
 
+# How many forks this process came through: a batch opened before one
+# belongs to the parent (batch()).
+_forks = 0
+
+
 def _after_fork_in_child() -> None:
+    global _forks
+    _forks += 1
     for st in list(_live.values()):
         st._after_fork()
 
