@@ -195,11 +195,15 @@ def _grow(seg: Segment, timeout: float | None, need: int) -> None:
             raise OutOfSpaceError(
                 f"store {seg.name!r} is full: it reached its max_size of {seg.max_size} "
                 "bytes; delete keys and vacuum(), or create it with a larger max_size=")
+    _resize(seg, new, timeout)
+
+
+def _resize(seg: Segment, size: int, timeout: float | None) -> None:
     with warnings.catch_warnings():
         # A writer killed while resizing leaves the segment's own lock to be
         # taken over; the store repairs itself, so this is not news.
         warnings.simplefilter("ignore", OwnerDiedWarning)
-        seg.resize(new, timeout)
+        seg.resize(size, timeout)
 
 
 _live: "weakref.WeakValueDictionary[int, Store]" = weakref.WeakValueDictionary()
@@ -372,9 +376,10 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
     def items(self) -> "_Items":  # type: ignore[override]
         """A view of ``(key, value)`` pairs; each pair was stored at some moment.
 
-        Iterating while other processes write never fails: keys present the
-        whole time are seen exactly once, keys added or removed meanwhile
-        may or may not be.
+        Iterating while other processes write never fails (a readonly
+        handle may raise :class:`BusyError` if writers keep changing a chunk
+        it reads): keys present the whole time are seen exactly once, keys
+        added or removed meanwhile may or may not be.
         """
         return _Items(self)
 
@@ -491,8 +496,7 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
 
     # -- store operations ---------------------------------------------------
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator["Store"]:
+    def batch(self) -> contextlib.AbstractContextManager["Store"]:
         """Group writes so other processes see all of them at once, or none.
 
         The store's write lock is held for the block, so keep it short;
@@ -510,20 +514,9 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         ...     sorted(st.items())
         [('a', 1), ('b', 2)]
         """
-        forks = _forks
-        self._batch_begin()
-        try:
-            yield self
-        except BaseException:
-            if _forks == forks:
-                self._batch_end(False)
-            raise  # in a forked child, as it is: the batch is the parent's
-        if _forks != forks:
-            raise RuntimeError(
-                "this batch was opened before the process forked, and a forked child "
-                "holds none of its parent's batch (the parent's goes on): its writes in "
-                "the block were not part of it; open a batch in the child instead")
-        self._batch_end(True)
+        # Opened and closed by the core's __enter__ and __exit__, so that a
+        # Ctrl-C cannot fall between opening the batch and guarding it.
+        return self._batch()  # type: ignore[no-any-return]
 
     def vacuum(self) -> int:
         """Compact the records and give free memory back; returns bytes released.
@@ -535,15 +528,11 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
 
         def shrink(new_end: int) -> None:
             if new_end < seg.size:
-                seg.resize(new_end, self._timeout)
+                _resize(seg, new_end, self._timeout)
 
-        self._lock()
-        try:
-            before = seg.size
-            self._vacuum(shrink)  # the cut, inside the operation
-            return before - seg.size
-        finally:
-            self._unlock()
+        before = seg.size
+        self._vacuum(shrink)  # lock, compact, cut the segment, unlock: one call
+        return before - seg.size
 
     def flush(self) -> None:
         """Make every write so far durable (msync, and fsync for a file path)."""
@@ -683,14 +672,7 @@ def _unwrap(entry: Any, what: int) -> Any:
     return (key, pickle.loads(value[0])) if type(value) is tuple else entry
 
 
-# How many forks this process came through: a batch opened before one
-# belongs to the parent (batch()).
-_forks = 0
-
-
 def _after_fork_in_child() -> None:
-    global _forks
-    _forks += 1
     for st in list(_live.values()):
         st._after_fork()
 

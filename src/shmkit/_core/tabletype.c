@@ -29,6 +29,8 @@ typedef struct {
     PyObject *grow_hook;   /* need -> None: grows the segment */
     int midway;            /* Python code runs with the lock held in the middle of
                             * an operation: the grow hook, decoding a value */
+    uint64_t forks;        /* forks this process came through since the handle
+                            * was made: a batch opened before one is the parent's */
 } TableObject;
 
 /* ---- errors: the protocol's record as an exception ----------------------------- */
@@ -1437,27 +1439,27 @@ table_pop(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
 
 /* ---- batches ---------------------------------------------------------------- */
 
-static PyObject *
-table_batch_begin(TableObject *t, PyObject *Py_UNUSED(ignored))
+/* Take the lock and open a batch (a nested one joins it): 0, or -1. */
+static int
+t_batch_begin(TableObject *t)
 {
     if (t_enter_lock(t) < 0)
-        return NULL;
+        return -1;
     t->c.batch_depth++;
-    Py_RETURN_NONE;
+    return 0;
 }
 
-static PyObject *
-table_batch_end(TableObject *t, PyObject *arg)
+/* Close the batch: publish its words when commit, else discard them; release
+ * the lock.  0, or -1 with an exception set. */
+static int
+t_batch_end(TableObject *t, int commit)
 {
-    int commit = PyObject_IsTrue(arg);
-    if (commit < 0)
-        return NULL;
     if (!t_in_batch(&t->c)) {
         PyErr_SetString(PyExc_RuntimeError, "no batch is open in this thread");
-        return NULL;
+        return -1;
     }
     if (t_reentered(t))
-        return NULL;
+        return -1;
     int r = 0;
     if (--t->c.batch_depth == 0 && tt_live(t) == 0) {
         if (commit)
@@ -1470,10 +1472,142 @@ table_batch_end(TableObject *t, PyObject *arg)
         t->midway--;
     }
     t_unlock(t);
-    if (r < 0)
+    return r < 0 ? -1 : 0;
+}
+
+static PyObject *
+table_batch_begin(TableObject *t, PyObject *Py_UNUSED(ignored))
+{
+    if (t_batch_begin(t) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
+
+static PyObject *
+table_batch_end(TableObject *t, PyObject *arg)
+{
+    int commit = PyObject_IsTrue(arg);
+    if (commit < 0 || t_batch_end(t, commit) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ---- the batch as a context manager ---------------------------------------- */
+
+/* `with st.batch():` opens the batch in __enter__ and closes it in __exit__,
+ * both in C: the with statement protects the block from the instruction
+ * after __enter__ returns, and a signal's handler (Ctrl-C) runs only at
+ * the interpreter's next check, inside the block.  A batch opened by
+ * Python code before a `try:` could be left open, with the lock held, by a
+ * KeyboardInterrupt raised between the two. */
+typedef struct {
+    PyObject_HEAD
+    TableObject *t;
+    uint64_t forks; /* t->forks at __enter__ */
+    int state;      /* 0 made, 1 entered, 2 exited */
+} BatchObject;
+
+static PyObject *
+table_batch(TableObject *t, PyObject *Py_UNUSED(ignored))
+{
+    BatchObject *b = PyObject_GC_New(BatchObject, ST(t)->TableBatch);
+    if (b == NULL)
+        return NULL;
+    b->t = (TableObject *)Py_NewRef(t);
+    b->forks = 0;
+    b->state = 0;
+    PyObject_GC_Track(b);
+    return (PyObject *)b;
+}
+
+static PyObject *
+batch_enter(PyObject *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
+{
+    BatchObject *b = (BatchObject *)self;
+    if (b->state != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "a batch() is entered once; call batch() again "
+                                            "for another block");
+        return NULL;
+    }
+    if (t_batch_begin(b->t) < 0)
+        return NULL;
+    b->state = 1;
+    b->forks = b->t->forks;
+    return Py_NewRef((PyObject *)b->t);
+}
+
+static PyObject *
+batch_exit(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    BatchObject *b = (BatchObject *)self;
+    int raised = nargs > 0 && args[0] != Py_None;
+    if (b->state != 1) {
+        PyErr_SetString(PyExc_RuntimeError, "this batch() is not open");
+        return NULL;
+    }
+    b->state = 2;
+    if (b->t->forks != b->forks) {
+        if (raised) /* the block's own error, as it is */
+            Py_RETURN_FALSE;
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this batch was opened before the process forked, and a forked "
+                        "child holds none of its parent's batch (the parent's goes on): "
+                        "its writes in the block were not part of it; open a batch in "
+                        "the child instead");
+        return NULL;
+    }
+    if (t_batch_end(b->t, !raised) < 0)
+        return NULL;
+    Py_RETURN_FALSE;
+}
+
+static void
+batch_dealloc(BatchObject *b)
+{
+    PyObject_GC_UnTrack(b);
+    /* Entered and never left (its __exit__ not called): discard, as the
+     * thread that opened it, so that the lock is not held by nothing. */
+    TableObject *t = b->t;
+    if (b->state == 1 && t != NULL && t->forks == b->forks && t_in_batch(&t->c) &&
+        t->c.m != NULL && t->c.m->base != NULL && !t->midway) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        if (t_batch_end(t, 0) < 0)
+            PyErr_WriteUnraisable((PyObject *)t);
+        PyErr_Restore(et, ev, tb);
+    }
+    Py_CLEAR(b->t);
+    shm_free_instance((PyObject *)b);
+}
+
+static int
+batch_traverse(BatchObject *b, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(b)); /* a heap type */
+    Py_VISIT(b->t);
+    return 0;
+}
+
+static const shm_special_def batch_specials[] = {
+    {"__enter__", batch_enter, 0, "($self, /)", "Take the lock and open the batch."},
+    {"__exit__", batch_exit, -1, "($self, *exc_info)",
+     "Publish the batch, or discard it when the block raised; release the lock."},
+    {NULL},
+};
+
+static PyType_Slot batch_spec_slots[] = {
+    {Py_tp_dealloc, batch_dealloc},
+    {Py_tp_traverse, batch_traverse},
+    {Py_tp_doc, "A batch of a store's writes, as a context manager (see Store.batch)."},
+    {0, NULL},
+};
+
+static PyType_Spec batch_spec = {
+    .name = "shmkit._core.TableBatch",
+    .basicsize = sizeof(BatchObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = batch_spec_slots,
+};
 
 static PyObject *
 table_lock(TableObject *t, PyObject *Py_UNUSED(ignored))
@@ -1529,10 +1663,12 @@ table_clear(TableObject *t, PyObject *Py_UNUSED(ignored))
  * `index` is a token naming one index: its offset / 16 with index_gen above
  * bit 40, because a later index may be placed where an earlier one was.
  * what: 0 keys, 1 values, 2 (key, value) pairs.  Entries of one call are
- * read under one epoch, so each is a value that was stored at some moment. */
+ * read under one epoch, so each is a value that was stored at some moment.
+ * Lock-free (locked 0), it sets *busy and returns NULL with no exception
+ * when writers kept changing the chunk through every retry. */
 static PyObject *
 scan_chunk(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what,
-           int locked)
+           int locked, int *busy)
 {
     for (int attempt = 0; attempt < MAX_RETRIES; attempt++) {
         uint64_t end = tt_enter(t);
@@ -1653,25 +1789,49 @@ scan_chunk(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int 
         Py_XDECREF(wrapped);
         return NULL;
     }
-    PyErr_SetString(ST(t)->BusyError,
-                    "writers kept changing the store while it was being listed; retry");
+    *busy = 1; /* no exception: scan() reads the chunk under the lock */
     return NULL;
+}
+
+/* A locked chunk: it reads the words through the index it loaded, while
+ * decoding and collecting may run Python code (hooks, the collector). */
+static PyObject *
+scan_chunk_locked(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
+{
+    int busy = 0; /* never set when locked: the epoch cannot change */
+    t->midway++;
+    PyObject *o = scan_chunk(t, want_ix, start, maxn, what, 1, &busy);
+    t->midway--;
+    return o;
 }
 
 static PyObject *
 scan(TableObject *t, uint64_t want_ix, uint64_t start, uint64_t maxn, int what)
 {
-    if (!t_in_batch(&t->c))
-        return scan_chunk(t, want_ix, start, maxn, what, 0);
+    if (!t_in_batch(&t->c)) {
+        int busy = 0;
+        PyObject *o = scan_chunk(t, want_ix, start, maxn, what, 0, &busy);
+        if (!busy)
+            return o;
+        /* Writers kept changing the chunk while it was read: read it under
+         * their lock, as a lookup does (which also repairs). */
+        if (t->c.readonly) {
+            PyErr_SetString(ST(t)->BusyError,
+                            "writers kept changing the store while it was being listed "
+                            "(this handle is readonly, so it cannot read under the "
+                            "writers' lock); retry, or open it writable");
+            return NULL;
+        }
+        if (t_enter_lock(t) < 0)
+            return NULL;
+        o = scan_chunk_locked(t, want_ix, start, maxn, what);
+        t_unlock(t);
+        return o;
+    }
     TIndex bx;
     if (tt_enter(t) == 0 || batch_words(t, &bx) < 0)
         return NULL;
-    /* A chunk reads the batch's words through the index it loaded, while
-     * decoding and collecting may run Python code (hooks, the collector) */
-    t->midway++;
-    PyObject *o = scan_chunk(t, want_ix, start, maxn, what, 1);
-    t->midway--;
-    return o;
+    return scan_chunk_locked(t, want_ix, start, maxn, what);
 }
 
 static PyObject *
@@ -1758,8 +1918,10 @@ table_stats(TableObject *t, PyObject *Py_UNUSED(ignored))
     return d;
 }
 
-/* Compact the heap and cut off its free tail, then have shrink(new heap
- * end) cut the segment to it, inside the operation.  Lock held. */
+/* Take the lock, compact the heap and cut off its free tail, then have
+ * shrink(new heap end) cut the segment to it, inside the operation; release
+ * the lock.  All in one call, so that no Ctrl-C between two Python
+ * statements leaves the lock held. */
 static PyObject *
 table_vacuum(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1770,20 +1932,23 @@ table_vacuum(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
     PyObject *shrink = nargs ? args[0] : Py_None;
     if (tt_enter(t) == 0)
         return NULL;
-    if (t->c.lock_depth <= 0 || t->c.lock_thread != t_thread() || t_in_batch(&t->c)) {
-        PyErr_SetString(PyExc_RuntimeError, "vacuum needs the lock, outside a batch");
+    if (t_in_batch(&t->c)) {
+        PyErr_SetString(PyExc_RuntimeError, "vacuum() cannot run inside a batch; call it "
+                                            "after the with block");
         return NULL;
     }
+    if (t_lock(t) < 0)
+        return NULL;
     uint64_t new_end, moved;
-    if (t_vacuum(&t->c, &new_end, &moved) < 0) {
-        t_raise(t); /* the heap is marked for recovery: t_unlock sees no error */
-        return NULL;
-    }
+    PyObject *out = NULL;
+    if (t_vacuum(&t->c, &new_end, &moved) < 0)
+        t_raise(t); /* the heap is marked for recovery */
     /* Cutting the segment to new_end is part of the same operation: code
      * run in between must not grow the heap past it (see t_reentered). */
-    if (shrink != Py_None && call_midway(t, shrink, new_end) < 0)
-        return NULL;
-    return Py_BuildValue("KK", (unsigned long long)new_end, (unsigned long long)moved);
+    else if (shrink == Py_None || call_midway(t, shrink, new_end) == 0)
+        out = Py_BuildValue("KK", (unsigned long long)new_end, (unsigned long long)moved);
+    t_unlock(t);
+    return out;
 }
 
 /* ---- setup -------------------------------------------------------------------- */
@@ -1874,6 +2039,7 @@ table_after_fork(TableObject *t, PyObject *Py_UNUSED(ignored))
     t->c.lock_depth = 0;
     t->c.batch_depth = 0;
     t->midway = 0;
+    t->forks++;
     ov_clear(&t->c.ov);
     staged_clear(&t->c.staged);
     Py_RETURN_NONE;
@@ -1979,6 +2145,8 @@ static PyMethodDef table_methods[] = {
      "Lay out an empty store over the whole payload (the creator only)."},
     {"_scan", (PyCFunction)(void (*)(void))table_scan, METH_FASTCALL, "_scan($self, index, start, max, what, /)\n--\n\n"
      "Up to max entries from index word start: (next, index, entries, hashes, wrapped), or None when the index changed."},
+    {"_batch", (PyCFunction)table_batch, METH_NOARGS, "_batch($self, /)\n--\n\n"
+     "A context manager: a batch of this store's writes (see Store.batch)."},
     {"_batch_begin", (PyCFunction)table_batch_begin, METH_NOARGS, "_batch_begin($self, /)\n--\n\n"
      "Take the lock and open a batch (nested batches join it)."},
     {"_batch_end", (PyCFunction)table_batch_end, METH_O, "_batch_end($self, commit, /)\n--\n\n"
@@ -1993,8 +2161,8 @@ static PyMethodDef table_methods[] = {
      "Counters of the store (a dict)."},
     {"_vacuum", (PyCFunction)(void (*)(void))table_vacuum, METH_FASTCALL,
      "_vacuum($self, shrink=None, /)\n--\n\n"
-     "Compact the heap (lock held), then call shrink(new heap end) to cut the\n"
-     "segment: (new heap end, records moved)."},
+     "Take the lock, compact the heap, call shrink(new heap end) to cut the\n"
+     "segment, release the lock: (new heap end, records moved)."},
     {"_flush", (PyCFunction)table_flush, METH_NOARGS, "_flush($self, /)\n--\n\n"
      "msync the mapping (a store on disk survives a crash of the machine)."},
     {"_after_fork", (PyCFunction)table_after_fork, METH_NOARGS, "_after_fork($self, /)\n--\n\n"
@@ -2053,6 +2221,9 @@ shm_init_table(PyObject *module)
     if (shm_add_type(module, &table_spec, &st->Table) < 0)
         return -1;
     if (shm_add_type(module, &view_spec, &st->View) < 0)
+        return -1;
+    if (shm_add_type(module, &batch_spec, &st->TableBatch) < 0 ||
+        shm_add_specials(module, st->TableBatch, batch_specials) < 0)
         return -1;
     return PyModule_AddFunctions(module, table_functions);
 }
