@@ -1611,6 +1611,30 @@ def test_a_child_forked_inside_a_batch_is_told_the_batch_is_the_parents(name, le
         st.verify()
 
 
+def test_a_batch_object_is_entered_once_and_discarded_when_dropped_open(name):
+    with Store(name, timeout=1.0) as st:
+        b = st.batch()
+        with b as same:
+            assert same is st
+            st["a"] = 1
+        with pytest.raises(RuntimeError, match="entered once"):
+            with b:
+                pass
+        with pytest.raises(RuntimeError, match="not open"):
+            b.__exit__(None, None, None)
+        b = st.batch()
+        b.__enter__()  # and never left: dropping it discards the batch
+        st["lost"] = 1
+        del b
+        assert "lost" not in st and st["a"] == 1
+        run_python(f"""
+            import shmkit
+            with shmkit.Store.open({name!r}, timeout=1.0) as st:
+                st["b"] = 2  # the lock was released
+        """)
+        st.verify()
+
+
 def test_hash_is_stable_and_seeded():
     h = shmkit._core.table_hash
     assert h(b"abc", 1) == h(b"abc", 1)
