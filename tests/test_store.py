@@ -543,6 +543,103 @@ def test_an_array_with_a_non_ascii_field_name_reads_back(name):
             assert np.array_equal(got, a)
 
 
+def _overwrite_array_header(st, key, header: bytes) -> None:
+    """Write header over the array header of st[key], padded with spaces to
+    its length (the record keeps its size)."""
+    _, val = st._locate(key)
+    view = st._seg.buf
+    off = val - st._seg._hsize
+    hn = int.from_bytes(view[off:off + 4], "little")
+    assert len(header) <= hn
+    view[off + 4:off + 4 + hn] = header.ljust(hn, b" ")
+    del view
+
+
+def _every_array_read(st, key):
+    return (lambda: st[key], lambda: st.get_many([key]), lambda: list(st.values()),
+            lambda: st.view_array(key).__enter__(), lambda: st.pop(key))
+
+
+@pytest.mark.parametrize("header", ["('|S0', (1000000000000,))", "('<U0', (1000000000000,))",
+                                    "('|S', (3,))", "('U', (10, 10))"])
+def test_an_unsized_string_dtype_in_a_header_is_corrupt_without_allocating(name, header):
+    # itemsize 0 matches an empty body for any count, and np.empty makes it
+    # S1/U1: 931 GiB asked, MemoryError, or gigabytes taken on every read.
+    with Store(name) as st:
+        st["arr"] = np.zeros(0, dtype=[("x" * 64, "<i8")])  # a long header, no data
+        _overwrite_array_header(st, "arr", header.encode())
+        for op in _every_array_read(st, "arr"):
+            with pytest.raises(CorruptError):
+                op()
+
+
+@pytest.mark.parametrize("pattern", ['"\\', "'", "(", "(1,", "'a',"])
+def test_a_long_crafted_header_is_refused_in_time_linear_in_its_length(name, pattern):
+    # A regular expression used to scan on from every unterminated quote:
+    # 32 KB of "\ took seconds per read, 1 MB about an hour, with the
+    # writers' lock held for the second parse.
+    with Store(name) as st:
+        st["arr"] = np.zeros(3, dtype=[("x" * (1 << 20), "<i8")])
+        _, val = st._locate("arr")
+        hn = int.from_bytes(st._seg.buf[val - st._seg._hsize:][:4], "little")
+        _overwrite_array_header(st, "arr", (pattern * (hn // len(pattern))).encode())
+        started = time.monotonic()
+        with pytest.raises(CorruptError):
+            st["arr"]
+        took = time.monotonic() - started
+        assert took < 30, f"reading a {hn}-byte crafted header took {took:.1f} s"
+
+
+def test_an_array_read_inside_another_array_read_parses_both(name):
+    # A gc callback that reads an array while another array's header is
+    # parsed: CPython 3.11's ast is not re-entrant (SystemError "AST
+    # constructor recursion depth mismatch" on every read).
+    import gc
+    with Store(name) as st:
+        st["a"] = np.arange(3)
+        st["b"] = np.zeros((2, 2), dtype=[("f", "<f4", (2,))])
+        seen = []
+
+        def callback(phase, info):
+            if phase == "start":
+                seen.append(st["b"].shape)
+        threshold = gc.get_threshold()
+        gc.callbacks.append(callback)
+        gc.set_threshold(1, 1, 1)
+        try:
+            got = [st["a"] for _ in range(500)]
+        finally:
+            gc.callbacks.remove(callback)
+            gc.set_threshold(*threshold)
+        assert seen and all(shape == (2, 2) for shape in seen)
+        assert all(np.array_equal(a, np.arange(3)) for a in got)
+
+
+_DTYPES = [np.dtype("<i4"), np.dtype(">f8"), np.dtype("<c16"), np.dtype("?"), np.dtype("U5"),
+           np.dtype("V7"), np.dtype("M8[ns]"), np.dtype("m8[D]"), np.dtype([]),
+           np.dtype([("a", "<i4"), ("b", "S3")]),
+           np.dtype([(("a title", "name"), "<i4"), ("x", "<f8", (2, 3))]),
+           np.dtype([("a", "u1"), ("b", "<i8")], align=True),
+           np.dtype([("it's \"quoted\" \\ \n\t é ☃ \x01 \U0001f600", "<i2")]),
+           np.dtype([("n", [("m", "<u2", (2,)), ("o", "V3")])])]
+
+
+@pytest.mark.parametrize("dtype", _DTYPES, ids=[str(i) for i in range(len(_DTYPES))])
+def test_every_kind_of_dtype_reads_back(name, dtype):
+    # np.dtype([]) has elements of no bytes: its view used to be CorruptError
+    rng = np.random.default_rng(5)
+    with Store(name) as st:
+        for shape in [(), (0,), (3,), (2, 3, 1), (1000, 0)]:
+            raw = rng.integers(0, 256, size=int(np.prod(shape)) * dtype.itemsize, dtype=np.uint8)
+            a = raw.view(dtype).reshape(shape) if dtype.itemsize else np.zeros(shape, dtype)
+            st["arr"] = a
+            got = st["arr"]
+            assert got.dtype == dtype and got.shape == a.shape
+            assert got.tobytes() == a.tobytes()
+            with st.view_array("arr") as v:
+                assert v.dtype == dtype and v.tobytes() == a.tobytes()
+
+
 def test_store_closed_by_code_run_during_iteration_never_crashes(name):
     # the array hook runs Python code in the middle of a scan; closing the
     # store there used to unmap the memory the scan went on reading

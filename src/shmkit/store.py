@@ -25,7 +25,6 @@ crash-safe (see docs/store.md for the design).  The C side is
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import functools
 import os
@@ -119,16 +118,18 @@ def _decode(vtype: int, data: bytes, body_len: int = 0) -> Any:
     np = _np()
     try:
         text = data.decode("utf-8")  # repr() of non-ASCII field names, encoded
-        if not _is_header_literal(text):
-            raise ValueError("not the literal an array header is")
-        descr, shape = ast.literal_eval(text)
+        descr, shape = _parse_header(text)
         dtype = np.lib.format.descr_to_dtype(descr)
         if dtype.hasobject:  # never written: its bytes would become object pointers
             raise ValueError("an array header names a dtype that holds objects")
+        if dtype.itemsize == 0 and dtype.kind in "SU":
+            # never written (numpy makes it S1/U1): np.empty would allocate
+            # for a count that the check below lets through against 0 bytes
+            raise ValueError("an array header names an unsized string dtype")
         shape = tuple(shape)
         count = 1
         for d in shape:
-            if not isinstance(d, int) or d < 0:
+            if not isinstance(d, int):
                 raise ValueError(d)
             count *= d
         if count * dtype.itemsize != body_len:
@@ -141,36 +142,74 @@ def _decode(vtype: int, data: bytes, body_len: int = 0) -> Any:
         raise ValueError("unreadable array header") from None
 
 
-# What parsing a header of wrong bytes raises.
-_HEADER_ERRORS = (ValueError, TypeError, SyntaxError, KeyError, IndexError, AttributeError,
-                  OverflowError)
-# A header is repr((descr, shape)) (_encode_array): outside its string
-# literals, only brackets, commas, digits and spaces, nested a few levels,
-# and no bracket opens right after a value.  Anything else (operators,
-# names, calls, subscripts, deep nesting) is damage, checked
-# before ast parses it, so that ast's own RecursionError or MemoryError can
-# only mean the reader's stack or memory, never the header's bytes.
-_HEADER_STRINGS = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"', re.S)
-_HEADER_REST = re.compile(r"[0-9,()\[\] ]*")
-_HEADER_CHAINED = re.compile(r"[0-9)\]] *[(\[]")  # a call or subscript: a()()...
+# What reading a header of wrong bytes raises.
+_HEADER_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
+# A header is repr((descr, shape)) (_encode_array): tuples and lists of str
+# literals and non-negative ints.  It is parsed here, in one pass with no
+# recursion, rather than by ast.literal_eval: hostile bytes then cost time
+# linear in their length and can raise only ValueError (never ast's
+# RecursionError or MemoryError, which must mean the reader's own), and a
+# parse is not broken by another one that a gc callback runs inside it
+# (ast's is not re-entrant in CPython 3.11).
+_HEADER_TOKEN = re.compile(r""" *(?:([(\[])|([)\]])|(,)|(0|[1-9][0-9]{0,29})(?![0-9])"""
+                           r"""|'((?:[^'\\\n]|\\.)*)'|"((?:[^"\\\n]|\\.)*)")""")
+_HEADER_ESCAPE = re.compile(r"\\(?:([\\'\"])|([nrt])|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})"
+                            r"|U([0-9a-fA-F]{8})|(.?))", re.S)
+_ESCAPED = {"n": "\n", "r": "\r", "t": "\t"}
 _MAX_HEADER_NESTING = 64
 
 
-def _is_header_literal(text: str) -> bool:
-    rest = _HEADER_STRINGS.sub("", text)
-    if not _HEADER_REST.fullmatch(rest) or _HEADER_CHAINED.search(rest):
-        return False
-    if rest.count("(") + rest.count("[") <= _MAX_HEADER_NESTING:
-        return True  # the usual header: no deeper than it has openers
-    depth = 0
-    for ch in rest:
-        if ch in "([":
-            depth += 1
-            if depth > _MAX_HEADER_NESTING:
-                return False
-        elif ch in ")]":
-            depth -= 1
-    return True
+def _unescape(m: re.Match[str]) -> str:
+    quote, letter, x2, u4, u8, other = m.groups()
+    if other is not None:
+        raise ValueError("an escape that repr() does not write")
+    if quote is not None:
+        return str(quote)
+    if letter is not None:
+        return _ESCAPED[letter]
+    return chr(int(x2 or u4 or u8, 16))  # ValueError beyond U+10FFFF
+
+
+def _parse_header(text: str) -> Any:
+    """The tuple repr((descr, shape)) wrote; ValueError for anything else."""
+    stack: list[tuple[list[Any], str, bool]] = []  # open: items, closer, saw a comma
+    items: list[Any] = []  # the top level: one value
+    pos, after_value = 0, False
+    while True:
+        m = _HEADER_TOKEN.match(text, pos)
+        if m is None:
+            if text[pos:].strip(" ") or stack or len(items) != 1:
+                raise ValueError("not the literal an array header is")
+            return items[0]
+        pos = m.end()
+        opener, closer, comma, digits, single, double = m.groups()
+        if opener:
+            if after_value or len(stack) >= _MAX_HEADER_NESTING:
+                raise ValueError("a bracket after a value, or nested too deep")
+            stack.append((items, ")" if opener == "(" else "]", False))
+            items, after_value = [], False
+        elif closer:
+            if not stack or stack[-1][1] != closer:
+                raise ValueError("a bracket closes what it did not open")
+            outer, _, saw_comma = stack.pop()
+            if closer == ")" and len(items) == 1 and not saw_comma:
+                raise ValueError("parentheses around one value, not a tuple")
+            outer.append(tuple(items) if closer == ")" else items)
+            items, after_value = outer, True
+        elif comma:
+            if not after_value or not stack:
+                raise ValueError("a comma where no value ends")
+            stack[-1] = (stack[-1][0], stack[-1][1], True)
+            after_value = False
+        else:
+            if after_value or (not stack and items):
+                raise ValueError("two values with no comma between")
+            if digits is not None:
+                items.append(int(digits))
+            else:
+                body = single if single is not None else double
+                items.append(_HEADER_ESCAPE.sub(_unescape, body) if "\\" in body else body)
+            after_value = True
 
 
 def _check_timeout(what: str, value: Any) -> None:
@@ -611,7 +650,7 @@ class StoreView:
             try:
                 empty = _decode(_VT_NDARRAY, head, len(self.memory))
                 np = _np()
-                if empty.size:
+                if empty.nbytes:  # not for no elements, or elements of no bytes
                     arr = np.frombuffer(raw, dtype=empty.dtype).reshape(empty.shape)
                 else:
                     arr = empty
