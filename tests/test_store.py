@@ -1578,8 +1578,8 @@ def _interrupted_at_random(op, rounds, seed):
     old = signal.signal(signal.SIGALRM, interrupt)
     try:
         for _ in range(rounds):
-            signal.setitimer(signal.ITIMER_REAL, rng.uniform(20e-6, 300e-6))
-            try:
+            try:  # the timer may fire as setitimer returns, on a busy machine
+                signal.setitimer(signal.ITIMER_REAL, rng.uniform(20e-6, 300e-6))
                 while True:
                     op()
             except KeyboardInterrupt:
