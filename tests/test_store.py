@@ -561,10 +561,13 @@ def _every_array_read(st, key):
 
 
 @pytest.mark.parametrize("header", ["('|S0', (1000000000000,))", "('<U0', (1000000000000,))",
-                                    "('|S', (3,))", "('U', (10, 10))"])
+                                    "('|S', (1000000000000,))", "('U', (1000000, 1000000))",
+                                    "('>U0', (1000000000000,))", "('|S0', (0, 1000000000000))",
+                                    "([('a', '|S0', (3,))], (1000000000000,))"])
 def test_an_unsized_string_dtype_in_a_header_is_corrupt_without_allocating(name, header):
     # itemsize 0 matches an empty body for any count, and np.empty makes it
     # S1/U1: 931 GiB asked, MemoryError, or gigabytes taken on every read.
+    # (numpy refuses S0 as the base of a subarray field.)
     with Store(name) as st:
         st["arr"] = np.zeros(0, dtype=[("x" * 64, "<i8")])  # a long header, no data
         _overwrite_array_header(st, "arr", header.encode())
@@ -573,13 +576,14 @@ def test_an_unsized_string_dtype_in_a_header_is_corrupt_without_allocating(name,
                 op()
 
 
-@pytest.mark.parametrize("pattern", ['"\\', "'", "(", "(1,", "'a',"])
+@pytest.mark.parametrize("pattern", ['"\\', "'", "(", "(1,", "'a',", "'\\\\", " "])
 def test_a_long_crafted_header_is_refused_in_time_linear_in_its_length(name, pattern):
     # A regular expression used to scan on from every unterminated quote:
-    # 32 KB of "\ took seconds per read, 1 MB about an hour, with the
-    # writers' lock held for the second parse.
+    # 32 KB of "\ took seconds per read, 256 KB minutes, 1 MB about an hour,
+    # with the writers' lock held for the second parse.  256 KB: long enough
+    # for a quadratic scan to overrun the bound on a fast machine too.
     with Store(name) as st:
-        st["arr"] = np.zeros(3, dtype=[("x" * (1 << 20), "<i8")])
+        st["arr"] = np.zeros(3, dtype=[("x" * (1 << 18), "<i8")])
         _, val = st._locate("arr")
         hn = int.from_bytes(st._seg.buf[val - st._seg._hsize:][:4], "little")
         _overwrite_array_header(st, "arr", (pattern * (hn // len(pattern))).encode())
@@ -588,6 +592,44 @@ def test_a_long_crafted_header_is_refused_in_time_linear_in_its_length(name, pat
             st["arr"]
         took = time.monotonic() - started
         assert took < 30, f"reading a {hn}-byte crafted header took {took:.1f} s"
+
+
+def test_an_array_of_unsized_string_fields_reads_back_without_allocating(name):
+    # numpy keeps S0 inside a structured dtype at no bytes (it makes only a
+    # bare S0 S1): a writer can store 10**12 such elements in 0 bytes.
+    a = np.zeros(10**12, dtype=[("a", "S0"), ("b", [("c", "<U0")])])
+    assert a.nbytes == 0
+    with Store(name) as st:
+        st["arr"] = a
+        for got in (st["arr"], st.get_many(["arr"])[0], next(iter(st.values()))):
+            assert got.dtype == a.dtype and got.shape == a.shape and got.nbytes == 0
+        with st.view_array("arr") as got:
+            assert got.dtype == a.dtype and got.shape == a.shape
+        assert st.pop("arr").shape == a.shape
+
+
+@pytest.mark.parametrize("header", [
+    "(('<i4', (3,)), (2,))",  # a subarray dtype: np.empty would make it shape (2, 3)
+    "([('a\x01', '<i4')], (6,))",  # control characters repr() escapes, here raw
+    "([('a\x00', '<i4')], (6,))", "([('a\x85', '<i4')], (6,))", "(['<i4', '\t'], (6,))",
+    "([('a\\a', '<i4')], (6,))",  # escapes repr() does not write
+    "([('a\\0', '<i4')], (6,))", "([('a\\N{EM DASH}', '<i4')], (6,))",
+    "([('a\\x4', '<i4')], (6,))", "([('a\\Uffffffff', '<i4')], (6,))",
+    "([('a\\\n', '<i4')], (6,))", "([(b'a', '<i4')], (6,))", "([(r'a', '<i4')], (6,))",
+    "(('<i4'), (6,))",  # parentheses that make no tuple
+    "('<i4', (6,)) ('<i4', (6,))", "('<i4', (+6,))", "('<i4', (06,))", "('<i4', (6.0,))",
+    "('<i4', (1_2,))", "('<i4', (0x6,))", "('<i4', (6,,))", "('<i4', (6,)))", "('<i4', (6,)",
+    "('<i4', (" + "0" * 29 + "6,))",
+])
+def test_a_header_that_is_not_what_a_writer_makes_is_corrupt(name, header):
+    # each of these is what ast.literal_eval would read, or a near miss of
+    # the literal: a header is exactly repr((descr, shape)) or damage
+    with Store(name) as st:
+        st["arr"] = np.zeros(6, dtype=[("x" * 64, "<i4")])  # 24 bytes of data
+        _overwrite_array_header(st, "arr", header.encode())
+        for op in _every_array_read(st, "arr"):
+            with pytest.raises(CorruptError):
+                op()
 
 
 def test_an_array_read_inside_another_array_read_parses_both(name):
@@ -621,7 +663,13 @@ _DTYPES = [np.dtype("<i4"), np.dtype(">f8"), np.dtype("<c16"), np.dtype("?"), np
            np.dtype([(("a title", "name"), "<i4"), ("x", "<f8", (2, 3))]),
            np.dtype([("a", "u1"), ("b", "<i8")], align=True),
            np.dtype([("it's \"quoted\" \\ \n\t é ☃ \x01 \U0001f600", "<i2")]),
-           np.dtype([("n", [("m", "<u2", (2,)), ("o", "V3")])])]
+           np.dtype([("n", [("m", "<u2", (2,)), ("o", "V3")])]),
+           np.dtype([("it's", "<i2"), ('"', "u1"), ("\x7f\x85\xa0\u2028\U000e0001\ud800\r", "<i2")]),
+           np.dtype(">U3"), np.dtype("S1"), np.dtype("M8"), np.dtype(">m8[100us]"), np.dtype("V0"),
+           np.dtype([("s", "S0"), ("z", "<i4", (0,)), ("t", "<f2")]),
+           np.dtype([("a", "u1"), ("n", [("b", "u1"), ("c", ">i8")], (2,))], align=True),
+           np.dtype({"names": ["a", "b"], "formats": ["u1", ">i4"], "offsets": [1, 7],
+                     "itemsize": 16})]  # gaps: padding fields named ''
 
 
 @pytest.mark.parametrize("dtype", _DTYPES, ids=[str(i) for i in range(len(_DTYPES))])

@@ -122,10 +122,13 @@ def _decode(vtype: int, data: bytes, body_len: int = 0) -> Any:
         dtype = np.lib.format.descr_to_dtype(descr)
         if dtype.hasobject:  # never written: its bytes would become object pointers
             raise ValueError("an array header names a dtype that holds objects")
-        if dtype.itemsize == 0 and dtype.kind in "SU":
-            # never written (numpy makes it S1/U1): np.empty would allocate
-            # for a count that the check below lets through against 0 bytes
+        if dtype.itemsize == 0 and np.empty(0, dtype).dtype.itemsize:
+            # an unsized string (S0, U0), never written since numpy makes it
+            # S1/U1: np.empty would allocate for a count that the check
+            # below lets through against 0 bytes
             raise ValueError("an array header names an unsized string dtype")
+        if dtype.subdtype is not None:  # never written: np.empty folds it into the shape
+            raise ValueError("an array header names a subarray dtype")
         shape = tuple(shape)
         count = 1
         for d in shape:
@@ -151,8 +154,13 @@ _HEADER_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, O
 # RecursionError or MemoryError, which must mean the reader's own), and a
 # parse is not broken by another one that a gc callback runs inside it
 # (ast's is not re-entrant in CPython 3.11).
-_HEADER_TOKEN = re.compile(r""" *(?:([(\[])|([)\]])|(,)|(0|[1-9][0-9]{0,29})(?![0-9])"""
-                           r"""|'((?:[^'\\\n]|\\.)*)'|"((?:[^"\\\n]|\\.)*)")""")
+# A str literal in single quotes: the characters repr() leaves as they are
+# (not the quote, a backslash or a control character), and backslash
+# escapes, checked by _unescape.  One way to match, so no backtracking
+# beyond its own length.
+_HEADER_STR = r"""'([^'\\\x00-\x1f\x7f-\x9f]*(?:\\.[^'\\\x00-\x1f\x7f-\x9f]*)*)'"""
+_HEADER_TOKEN = re.compile(r" *(?:([(\[])|([)\]])|(,)|(0|[1-9][0-9]{0,29})(?![0-9])|"
+                           + _HEADER_STR + "|" + _HEADER_STR.replace("'", '"') + ")")
 _HEADER_ESCAPE = re.compile(r"\\(?:([\\'\"])|([nrt])|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})"
                             r"|U([0-9a-fA-F]{8})|(.?))", re.S)
 _ESCAPED = {"n": "\n", "r": "\r", "t": "\t"}
@@ -167,7 +175,10 @@ def _unescape(m: re.Match[str]) -> str:
         return str(quote)
     if letter is not None:
         return _ESCAPED[letter]
-    return chr(int(x2 or u4 or u8, 16))  # ValueError beyond U+10FFFF
+    code = int(x2 or u4 or u8, 16)
+    if code > 0x10FFFF:  # past the last code point: chr() would raise OverflowError
+        raise ValueError("an escape beyond the last code point")
+    return chr(code)
 
 
 def _parse_header(text: str) -> Any:
