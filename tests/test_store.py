@@ -620,6 +620,11 @@ def test_an_array_of_unsized_string_fields_reads_back_without_allocating(name):
     "('<i4', (6,)) ('<i4', (6,))", "('<i4', (+6,))", "('<i4', (06,))", "('<i4', (6.0,))",
     "('<i4', (1_2,))", "('<i4', (0x6,))", "('<i4', (6,,))", "('<i4', (6,)))", "('<i4', (6,)",
     "('<i4', (" + "0" * 29 + "6,))",
+    # type strings dtype.str never is: numpy parses comma strings with ast
+    # (SyntaxError escaped), and 'a6' is deprecated (a warning, an error
+    # under -W error)
+    "('01', (24,))", "([('a', '|01')], (6,))", "('i4,(01)i4', (3,))",
+    "([('a', 'i4,i4')], (3,))", "('a24', (1,))", "('<i4 ', (6,))",
 ])
 def test_a_header_that_is_not_what_a_writer_makes_is_corrupt(name, header):
     # each of these is what ast.literal_eval would read, or a near miss of

@@ -119,6 +119,7 @@ def _decode(vtype: int, data: bytes, body_len: int = 0) -> Any:
     try:
         text = data.decode("utf-8")  # repr() of non-ASCII field names, encoded
         descr, shape = _parse_header(text)
+        _check_type_strings(descr)
         dtype = np.lib.format.descr_to_dtype(descr)
         if dtype.hasobject:  # never written: its bytes would become object pointers
             raise ValueError("an array header names a dtype that holds objects")
@@ -146,7 +147,8 @@ def _decode(vtype: int, data: bytes, body_len: int = 0) -> Any:
 
 
 # What reading a header of wrong bytes raises.
-_HEADER_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
+_HEADER_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
+                  SyntaxError)
 # A header is repr((descr, shape)) (_encode_array): tuples and lists of str
 # literals and non-negative ints.  It is parsed here, in one pass with no
 # recursion, rather than by ast.literal_eval: hostile bytes then cost time
@@ -156,15 +158,37 @@ _HEADER_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, O
 # (ast's is not re-entrant in CPython 3.11).
 # A str literal in single quotes: the characters repr() leaves as they are
 # (not the quote, a backslash or a control character), and backslash
-# escapes, checked by _unescape.  One way to match, so no backtracking
-# beyond its own length.
-_HEADER_STR = r"""'([^'\\\x00-\x1f\x7f-\x9f]*(?:\\.[^'\\\x00-\x1f\x7f-\x9f]*)*)'"""
+# escapes, checked by _unescape.  Possessive, so that the engine keeps no
+# backtracking state per escape (a long run of them cost 130 bytes a byte).
+_HEADER_STR = r"""'([^'\\\x00-\x1f\x7f-\x9f]*+(?:\\.[^'\\\x00-\x1f\x7f-\x9f]*+)*+)'"""
 _HEADER_TOKEN = re.compile(r" *(?:([(\[])|([)\]])|(,)|(0|[1-9][0-9]{0,29})(?![0-9])|"
                            + _HEADER_STR + "|" + _HEADER_STR.replace("'", '"') + ")")
 _HEADER_ESCAPE = re.compile(r"\\(?:([\\'\"])|([nrt])|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})"
                             r"|U([0-9a-fA-F]{8})|(.?))", re.S)
 _ESCAPED = {"n": "\n", "r": "\r", "t": "\t"}
 _MAX_HEADER_NESTING = 64
+# The type strings of a writer's descr: dtype.str, a byte order, a kind, a
+# size and a datetime unit ('<f8', '|S5', '<M8[100us]').  numpy parses
+# others ('i4,(2)f8', comma strings) with ast, which must not see hostile
+# bytes.
+_HEADER_TYPE = re.compile(r"[<>|=][a-zA-Z?][0-9]{0,9}(?:\[[0-9]{0,9}[a-zA-Z]{1,7}\])?")
+
+
+def _check_type_strings(descr: Any) -> None:
+    """ValueError unless every type in descr is a dtype.str (see _HEADER_TYPE)."""
+    todo = [descr]
+    while todo:
+        d = todo.pop()
+        if isinstance(d, str):
+            if not _HEADER_TYPE.fullmatch(d):
+                raise ValueError("an array header names a type no writer makes")
+        elif isinstance(d, list):  # fields: (name, type) or (name, type, shape)
+            for field in d:
+                if not isinstance(field, tuple) or not 2 <= len(field) <= 3:
+                    raise ValueError("an array header's field is not (name, type[, shape])")
+                todo.append(field[1])
+        else:
+            raise ValueError("an array header's type is neither a string nor fields")
 
 
 def _unescape(m: re.Match[str]) -> str:
