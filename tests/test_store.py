@@ -1773,6 +1773,22 @@ def test_a_batch_object_is_entered_once_and_discarded_when_dropped_open(name):
         with pytest.raises(RuntimeError, match="not open"):
             b.__exit__(None, None, None)
         b = st.batch()
+        b.__enter__()
+        st["c"] = 3
+        errors = []
+
+        def exit_here():
+            try:
+                b.__exit__(None, None, None)
+            except RuntimeError as e:
+                errors.append(e)
+        other = threading.Thread(target=exit_here)
+        other.start()
+        other.join()
+        assert len(errors) == 1 and "no batch is open in this thread" in str(errors[0])
+        b.__exit__(None, None, None)  # refused elsewhere, it still closes here
+        assert st["c"] == 3
+        b = st.batch()
         b.__enter__()  # and never left: dropping it discards the batch
         st["lost"] = 1
         del b

@@ -1450,16 +1450,17 @@ t_batch_begin(TableObject *t)
 }
 
 /* Close the batch: publish its words when commit, else discard them; release
- * the lock.  0, or -1 with an exception set. */
+ * the lock.  0; -1 with an exception set; -2 with an exception set when it
+ * refused and the batch is still open (another thread, or midway). */
 static int
 t_batch_end(TableObject *t, int commit)
 {
     if (!t_in_batch(&t->c)) {
         PyErr_SetString(PyExc_RuntimeError, "no batch is open in this thread");
-        return -1;
+        return -2;
     }
     if (t_reentered(t))
-        return -1;
+        return -2;
     int r = 0;
     if (--t->c.batch_depth == 0 && tt_live(t) == 0) {
         if (commit)
@@ -1556,7 +1557,12 @@ batch_exit(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                         "the child instead");
         return NULL;
     }
-    if (t_batch_end(b->t, !raised) < 0)
+    int r = t_batch_end(b->t, !raised);
+    if (r == -2) { /* refused: still open, for a later __exit__ or the dealloc */
+        b->state = 1;
+        return NULL;
+    }
+    if (r < 0)
         return NULL;
     Py_RETURN_FALSE;
 }
