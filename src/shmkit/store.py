@@ -146,7 +146,8 @@ def _decode(vtype: int, data: bytes, body_len: int = 0) -> Any:
         raise ValueError("unreadable array header") from None
 
 
-# What reading a header of wrong bytes raises.
+# What reading a header of wrong bytes raises (SyntaxError: numpy's own
+# parse of a type string, which _check_type_strings keeps it from).
 _HEADER_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
                   SyntaxError)
 # A header is repr((descr, shape)) (_encode_array): tuples and lists of str
@@ -196,7 +197,7 @@ def _unescape(m: re.Match[str]) -> str:
     if other is not None:
         raise ValueError("an escape that repr() does not write")
     if quote is not None:
-        return str(quote)
+        return quote
     if letter is not None:
         return _ESCAPED[letter]
     code = int(x2 or u4 or u8, 16)
@@ -207,7 +208,7 @@ def _unescape(m: re.Match[str]) -> str:
 
 def _parse_header(text: str) -> Any:
     """The tuple repr((descr, shape)) wrote; ValueError for anything else."""
-    stack: list[tuple[list[Any], str, bool]] = []  # open: items, closer, saw a comma
+    stack: list[list[Any]] = []  # each open bracket: [items, closer, saw a comma]
     items: list[Any] = []  # the top level: one value
     pos, after_value = 0, False
     while True:
@@ -221,7 +222,7 @@ def _parse_header(text: str) -> Any:
         if opener:
             if after_value or len(stack) >= _MAX_HEADER_NESTING:
                 raise ValueError("a bracket after a value, or nested too deep")
-            stack.append((items, ")" if opener == "(" else "]", False))
+            stack.append([items, ")" if opener == "(" else "]", False])
             items, after_value = [], False
         elif closer:
             if not stack or stack[-1][1] != closer:
@@ -234,7 +235,7 @@ def _parse_header(text: str) -> Any:
         elif comma:
             if not after_value or not stack:
                 raise ValueError("a comma where no value ends")
-            stack[-1] = (stack[-1][0], stack[-1][1], True)
+            stack[-1][2] = True
             after_value = False
         else:
             if after_value or (not stack and items):
