@@ -669,6 +669,7 @@ _DTYPES = [np.dtype("<i4"), np.dtype(">f8"), np.dtype("<c16"), np.dtype("?"), np
            np.dtype([("a", "u1"), ("b", "<i8")], align=True),
            np.dtype([("it's \"quoted\" \\ \n\t é ☃ \x01 \U0001f600", "<i2")]),
            np.dtype([("n", [("m", "<u2", (2,)), ("o", "V3")])]),
+           np.dtype([("b", ("i1", (2,)), (3,))]),
            np.dtype([("it's", "<i2"), ('"', "u1"), ("\x7f\x85\xa0\u2028\U000e0001\ud800\r", "<i2")]),
            np.dtype(">U3"), np.dtype("S1"), np.dtype("M8"), np.dtype(">m8[100us]"), np.dtype("V0"),
            np.dtype([("s", "S0"), ("z", "<i4", (0,)), ("t", "<f2")]),

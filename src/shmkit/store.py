@@ -188,6 +188,8 @@ def _check_type_strings(descr: Any) -> None:
                 if not isinstance(field, tuple) or not 2 <= len(field) <= 3:
                     raise ValueError("an array header's field is not (name, type[, shape])")
                 todo.append(field[1])
+        elif isinstance(d, tuple) and len(d) == 2:  # a subarray in a subarray field
+            todo.append(d[0])
         else:
             raise ValueError("an array header's type is neither a string nor fields")
 
