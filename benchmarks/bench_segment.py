@@ -6,9 +6,12 @@
   opened by name, touched once (a byte, an element, the depth, the length,
   the capacity) and closed, against the same two anchors on a 64 MiB file;
   the Segment twice, with a growable kind's default 4 GiB reservation and
-  made with max_size=size, to show what the reservation costs.
+  made with max_size=size, to show what the reservation costs;
+* a new Python program that imports what it needs, opens one object by name,
+  touches it and exits: what a short-lived process pays to attach.
 
-A long-lived spawned worker does the opens, so process start-up is not timed;
+Except in the last, a long-lived spawned worker does the opens, so process
+start-up is not timed;
 each open is still the first in that worker for that mapping (nothing cached).
 The worker times its own operations and reports the sum.
 """
@@ -275,6 +278,91 @@ def _kind_workload(kind: str) -> None:
 
 for _kind in ("Segment", "Segment max_size", "Array", "Channel", "Store", "Heap"):
     _kind_workload(_kind)
+
+
+PROGRAM = ("attach: start a Python program that opens one object of 64 MiB by name, "
+           "touches it and exits")
+
+# Each program, after `import sys`: open sys.argv[1], touch it once, close it.
+_PROGRAMS = {
+    "bare": "import mmap, os\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR); m = mmap.mmap(fd, 0); m[0]; m.close(); "
+            "os.close(fd)",
+    # Python 3.11 registers every attach with a resource tracker, which it
+    # starts, and which unlinks the segment when the program exits; a
+    # program that only attaches has to unregister it.
+    "mp.shared_memory": "from multiprocessing import resource_tracker, shared_memory\n"
+                        "shm = shared_memory.SharedMemory(sys.argv[1]); shm.buf[0]; "
+                        "resource_tracker.unregister(shm._name, 'shared_memory'); shm.close()",
+    "kind:Channel": "import shmkit\nwith shmkit.Channel.open(sys.argv[1]) as ch: ch.depth",
+    "kind:Store": "import shmkit\nwith shmkit.Store.open(sys.argv[1]) as st: len(st)",
+    "kind:Array": "import shmkit\nwith shmkit.Array.open(sys.argv[1]) as a: a.array[0]",
+}
+_program_objects: dict[str, tuple[object, str]] = {}
+
+
+def _run_programs(system: str, n: int) -> float:
+    """n runs of the program of ``system``, each a new interpreter as a user's
+    would be: with this tree's shmkit, and its compiled modules cached (the
+    calibration's runs write them) as an installed package has them."""
+    import subprocess
+    import sys
+
+    import shmkit
+    if system not in _program_objects:
+        if system.startswith("kind:"):
+            _program_objects[system] = _make_kind(system)
+        else:
+            _program_objects[system] = _make_anchor(system, KIND_SIZE)
+    name = _program_objects[system][1]
+    src = os.path.dirname(os.path.dirname(shmkit.__file__))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = src
+    cmd = [sys.executable, "-c", "import sys\n" + _PROGRAMS[system], name]
+    t0 = time.perf_counter()
+    for _ in range(n):
+        subprocess.run(cmd, env=env, check=True)
+    return time.perf_counter() - t0
+
+
+def _cleanup_programs() -> None:
+    for system, (obj, name) in _program_objects.items():
+        if system.startswith("kind:"):
+            obj.close()
+        elif system == "mp.shared_memory":
+            obj.close()
+            obj.unlink()
+        else:
+            os.unlink(name)
+    _program_objects.clear()
+
+
+atexit.register(_cleanup_programs)
+
+
+@workload(PROGRAM, unit="ms/op", system="bare os.open + mmap", reference=True)
+def program_bare(n: int) -> float:
+    return _run_programs("bare", n)
+
+
+@workload(PROGRAM, system="multiprocessing.shared_memory")
+def program_mp(n: int) -> float:
+    return _run_programs("mp.shared_memory", n)
+
+
+@workload(PROGRAM, system="shmkit.Channel.open")
+def program_channel(n: int) -> float:
+    return _run_programs("kind:Channel", n)
+
+
+@workload(PROGRAM, system="shmkit.Store.open")
+def program_store(n: int) -> float:
+    return _run_programs("kind:Store", n)
+
+
+@workload(PROGRAM, system="shmkit.Array.open (imports numpy)")
+def program_array(n: int) -> float:
+    return _run_programs("kind:Array", n)
 
 
 SAME = "attach: open one channel 600 times in one process, every handle kept"

@@ -400,3 +400,32 @@ def test_c_char_array_is_one_bytes_value_in_an_array_of_structs(name):
     with shmkit.Array(name, Tagged, 3) as same:  # the same ctypes type matches
         assert same[1]["tag"] == b"hello"
     a.close()
+
+
+def test_importing_shmkit_leaves_numpy_out_until_an_array_kind_is_named() -> None:
+    # numpy's import, and its BLAS threads, are paid only by processes that
+    # use Array or Struct; those names still behave as if imported eagerly.
+    proc = run_python("""
+        import pickle, sys, threading
+        import shmkit
+        assert "numpy" not in sys.modules, "import shmkit imported numpy"
+        assert threading.active_count() == 1
+        assert {"Array", "Struct"} <= set(dir(shmkit))
+        arr = shmkit.Array
+        assert "numpy" in sys.modules
+        assert arr is shmkit.Array and arr.__module__ == "shmkit"
+        assert shmkit.Struct.__module__ == "shmkit"
+        assert pickle.loads(pickle.dumps(shmkit.Array)) is arr
+        ns = {}
+        exec("from shmkit import *", ns)
+        assert ns["Array"] is arr and ns["Struct"] is shmkit.Struct
+        with shmkit.Array(None, "<i4", 3) as a:
+            a[:] = [1, 2, 3]
+            print(int(a.array.sum()))
+        try:
+            shmkit.NoSuchThing
+        except AttributeError as e:
+            print(e)
+    """)
+    assert proc.stdout.split("\n")[:2] == [
+        "6", "module 'shmkit' has no attribute 'NoSuchThing'"]

@@ -51,10 +51,14 @@ from .errors import (
     WouldBlock,
     WrongKindError,
 )
+from types import ModuleType as _ModuleType
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
 from .heap import Handle, Heap, HeapFullError, PinnedError, StaleHandleError
 from .channel import Channel, Queue
 from .errors import ChannelClosed, Empty, Full, MessageTooLarge, SendersGone
-from .records import Array, Struct
+if _TYPE_CHECKING:  # imported on first use: see __getattr__ below
+    from .records import Array, Struct
 from .segment import Kind, Segment, list_segments, unlink
 from .sync import Condition, Event, Mutex, RWLock, Semaphore
 from .store import Store
@@ -88,11 +92,37 @@ __all__ = [
     "RemoteError",
 ]
 
-for _name in __all__:
-    _obj = globals()[_name]
-    if hasattr(_obj, "__module__") and not isinstance(_obj, type(__builtins__)):
+
+def _as_ours(obj: object) -> None:
+    """Show a public object as shmkit's (shmkit.Store, not shmkit.store.Store)."""
+    if hasattr(obj, "__module__") and not isinstance(obj, _ModuleType):
         try:
-            _obj.__module__ = "shmkit"
+            obj.__module__ = "shmkit"
         except (AttributeError, TypeError):
             pass
-del _name, _obj
+
+
+# Importing numpy takes longer than the rest of shmkit together, and starts
+# its BLAS thread pool: processes that share no arrays (a logging client, a
+# web worker with a cache) never pay for it.  The numpy-backed kinds are
+# imported the first time they are named.
+_LAZY = frozenset({"Array", "Struct"})
+
+for _name in __all__:
+    if _name not in _LAZY:
+        _as_ours(globals()[_name])
+del _name
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'shmkit' has no attribute {name!r}")
+    from . import records
+    obj = getattr(records, name)
+    _as_ours(obj)
+    globals()[name] = obj
+    return obj
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY)

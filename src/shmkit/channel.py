@@ -32,7 +32,6 @@ import errno
 import os
 import pickle
 import re
-import secrets
 import stat
 import struct
 import threading
@@ -240,12 +239,12 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
         raise OutOfSpaceError(
             f"{what} needs {size} bytes of shared memory but {directory} has {free} free; "
             "free some (shmkit ls / shmkit gc), enlarge it, or send smaller objects")
-    token = secrets.token_hex(8).encode()
+    token = os.urandom(8).hex().encode()
     path = os.path.join(directory, prefix + token.decode())
     # Built under a hidden temporary name (as segments are: `shmkit gc` removes
     # one whose creator died), locked, then linked into place whole.
     tmp = os.path.join(directory, f".{prefix}{token.decode()}.{os.getpid()}."
-                                  f"{secrets.token_hex(4)}.tmp")
+                                  f"{os.urandom(4).hex()}.tmp")
     try:
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600)

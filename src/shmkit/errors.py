@@ -8,7 +8,6 @@ working.
 
 from __future__ import annotations
 
-import ast
 import queue as _queue
 from typing import Any
 
@@ -243,6 +242,7 @@ _ChannelEnded.__module__ = "shmkit"
 def _explain(msg: str) -> str:
     if msg.startswith("channel ") and msg.endswith(_SENT_AFTER_END):
         shown = msg[len("channel "):-len(_SENT_AFTER_END)]
+        import ast  # only here: importing it costs more than this module
         try:
             name = ast.literal_eval(shown)
         except (ValueError, SyntaxError):

@@ -32,7 +32,6 @@ described in ``_core/heap.c`` and ``docs/heap.md``.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 import warnings
 from typing import Any, Callable
@@ -294,7 +293,7 @@ class Heap(SharedObject):
             payload, top = _core.heap_layout(data, most, blocks, pins, slots)
             layout = {"format": HEAP_FORMAT, "data_bytes": data, "max_size": most,
                       "max_blocks": blocks, "max_pins": pins}
-            salt = secrets.randbits(32)
+            salt = int.from_bytes(os.urandom(4), "little")
 
             def init(seg: Segment) -> None:
                 _core.heap_format(seg._mapping, seg._hsize, data, most, blocks, pins, slots,

@@ -46,7 +46,6 @@ import json
 import os
 import pwd
 import re
-import secrets
 import stat
 import struct
 import time
@@ -166,7 +165,7 @@ def _resolve(name: str | None, path: str | os.PathLike[str] | None) -> tuple[str
             raise InvalidNameError(f"path {p!r} does not name a file")
         return (name or p), p
     if name is None:
-        name = "anon-" + secrets.token_hex(8)
+        name = "anon-" + os.urandom(8).hex()
     return name, segment_path(name)
 
 
@@ -637,7 +636,7 @@ class Segment(Closing):
         # link is the atomic "first creator wins", and openers never see a
         # file without its header and init lock.
         tmp = os.path.join(directory, f".{os.path.basename(self._path)}."
-                                      f"{os.getpid()}.{secrets.token_hex(4)}.tmp")
+                                      f"{os.getpid()}.{os.urandom(4).hex()}.tmp")
         try:
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW
                          | os.O_CLOEXEC, mode)

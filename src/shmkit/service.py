@@ -41,7 +41,6 @@ import random
 import struct
 import threading
 import time
-import traceback
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -423,6 +422,7 @@ def _answer(req: Request, result: Any) -> None:
 def _failed(req: Request) -> None:
     """Fail ``req`` with the traceback of the exception being handled."""
     if not req.answered:
+        import traceback  # only when a handler raises
         req.fail(traceback.format_exc())
 
 

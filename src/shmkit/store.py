@@ -30,7 +30,6 @@ import functools
 import os
 import pickle
 import re
-import secrets
 import threading
 import warnings
 import weakref
@@ -378,7 +377,7 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         def init(seg: Segment) -> None:  # only when this call creates it
             table = _core.Table()
             table._bind(seg._mapping, seg._hsize)
-            table._format(secrets.randbits(64))
+            table._format(int.from_bytes(os.urandom(8), "little"))
 
         extra = {k: v for k, v in (("lifetime", lifetime), ("max_attach", max_attach))
                  if given(v)}
