@@ -429,3 +429,35 @@ def test_importing_shmkit_leaves_numpy_out_until_an_array_kind_is_named() -> Non
     """)
     assert proc.stdout.split("\n")[:2] == [
         "6", "module 'shmkit' has no attribute 'NoSuchThing'"]
+
+
+@pytest.mark.parametrize("first_use", ["shmkit.Array", "seg.ndarray('u1')"])
+def test_a_fork_while_another_thread_imports_numpy_gives_a_child_that_can_use_it(
+        first_use: str) -> None:
+    # A child forked while a thread was inside numpy's import would inherit
+    # its import locks held by a thread it does not have, and hang at its
+    # first use of numpy; the fork waits for the import to end instead.
+    for delay in ("0", "0.002", "0.01", "0.03", "0.06"):
+        proc = run_python(f"""
+            import os, sys, threading, time
+            import shmkit
+            seg = shmkit.Segment(None, size=16)
+            threading.Thread(target=lambda: {first_use}).start()
+            time.sleep(float(sys.argv[1]))
+            pid = os.fork()
+            if pid == 0:
+                {first_use}
+                os._exit(0)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    print("exit", os.waitstatus_to_exitcode(status))
+                    break
+                time.sleep(0.01)
+            else:
+                os.kill(pid, 9)
+                print("the child hung")
+            seg.close(); seg.unlink()
+        """, delay, timeout=60)
+        assert proc.stdout.strip() == "exit 0", (delay, proc.stdout, proc.stderr)

@@ -52,12 +52,13 @@ from .errors import (
     WrongKindError,
 )
 from types import ModuleType as _ModuleType
-from typing import TYPE_CHECKING as _TYPE_CHECKING
+import typing as _typing
 
 from .heap import Handle, Heap, HeapFullError, PinnedError, StaleHandleError
 from .channel import Channel, Queue
 from .errors import ChannelClosed, Empty, Full, MessageTooLarge, SendersGone
-if _TYPE_CHECKING:  # imported on first use: see __getattr__ below
+from . import _lazy
+if _typing.TYPE_CHECKING:  # imported on first use: see __getattr__ below
     from .records import Array, Struct
 from .segment import Kind, Segment, list_segments, unlink
 from .sync import Condition, Event, Mutex, RWLock, Semaphore
@@ -105,7 +106,8 @@ def _as_ours(obj: object) -> None:
 # Importing numpy takes longer than the rest of shmkit together, and starts
 # its BLAS thread pool: processes that share no arrays (a logging client, a
 # web worker with a cache) never pay for it.  The numpy-backed kinds are
-# imported the first time they are named.
+# imported the first time they are named, under the fork guard of _lazy.py
+# (records.py shows them as shmkit's, however it was imported).
 _LAZY = frozenset({"Array", "Struct"})
 
 for _name in __all__:
@@ -113,15 +115,13 @@ for _name in __all__:
         _as_ours(globals()[_name])
 del _name
 
-
-def __getattr__(name: str) -> object:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'shmkit' has no attribute {name!r}")
-    from . import records
-    obj = getattr(records, name)
-    _as_ours(obj)
-    globals()[name] = obj
-    return obj
+if not _typing.TYPE_CHECKING:  # type checkers see the import above, and still report typos
+    def __getattr__(name: str) -> object:
+        if name not in _LAZY:
+            raise AttributeError(f"module 'shmkit' has no attribute {name!r}")
+        obj = getattr(_lazy.load("shmkit.records"), name)
+        globals()[name] = obj
+        return obj
 
 
 def __dir__() -> list[str]:

@@ -54,6 +54,7 @@ import weakref
 from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Final, Literal, NoReturn,
                     Sequence, TypeVar, cast)
 
+from ._lazy import numpy
 from . import _core
 from . import channel as _channel
 from . import sync as _sync
@@ -774,8 +775,7 @@ class Channel(_channel.Channel):
     async def recv_array(self, dtype: Any = "uint8", shape: Any = None, *,
                          timeout: float | None = None, out: Any = None) -> Any:
         """Receive a message as a numpy array (see :meth:`shmkit.Channel.recv_array`)."""
-        import numpy as np
-
+        np = numpy()
         if out is not None:
             if not (isinstance(out, np.ndarray) and out.flags.c_contiguous
                     and out.flags.writeable):

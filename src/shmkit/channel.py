@@ -39,6 +39,7 @@ import time
 import weakref
 from typing import Any, Callable, Iterator
 
+from ._lazy import numpy
 from . import _core
 from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
 from .errors import (
@@ -1155,8 +1156,7 @@ class Channel(SharedObject, _core.Ring):
         ...     ch.recv_array(np.int32, timeout=1.0).tolist()
         [0, 1, 2, 3]
         """
-        import numpy as np
-
+        np = numpy()
         if out is not None:
             if not (isinstance(out, np.ndarray) and out.flags.c_contiguous
                     and out.flags.writeable):

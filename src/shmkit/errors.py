@@ -11,6 +11,8 @@ from __future__ import annotations
 import queue as _queue
 from typing import Any
 
+from ._lazy import load
+
 __all__ = [
     "ShmkitError",
     "InvalidNameError",
@@ -242,9 +244,8 @@ _ChannelEnded.__module__ = "shmkit"
 def _explain(msg: str) -> str:
     if msg.startswith("channel ") and msg.endswith(_SENT_AFTER_END):
         shown = msg[len("channel "):-len(_SENT_AFTER_END)]
-        import ast  # only here: importing it costs more than this module
-        try:
-            name = ast.literal_eval(shown)
+        try:  # ast only here: importing it costs more than this module
+            name = load("ast").literal_eval(shown)
         except (ValueError, SyntaxError):
             name = shown
         return (f"channel {shown} was ended with close_sending(), possibly by an earlier "

@@ -36,6 +36,7 @@ import time
 import warnings
 from typing import Any, Callable
 
+from ._lazy import numpy
 from . import _core
 from .errors import (
     BusyError,
@@ -598,8 +599,7 @@ class Heap(SharedObject):
         ...     int(np.frombuffer(heap.read(h), np.int64).sum())
         28
         """
-        import numpy as np
-
+        np = numpy()
         dt = np.dtype(dtype)
         pin = self.pin(handle, timeout=timeout)
         try:

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import errno
 import fnmatch
-import importlib
 import os
 import stat
 import struct
 import time
 from typing import Any, Iterator, Sequence
 
+from ._lazy import load, numpy
 from . import _core
 from .errors import (
     CorruptError,
@@ -259,7 +259,7 @@ def _payload_format_problem(kind: Kind, layout: dict[str, Any]) -> str | None:
     if where is None:
         return None
     try:
-        expected = getattr(importlib.import_module(where[0]), where[1])
+        expected = getattr(load(where[0]), where[1])
     except (ImportError, AttributeError):
         return None
     got = layout.get("format")
@@ -303,7 +303,7 @@ def list_objects(patterns: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 def _import(spec: str) -> Any:
     module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return getattr(load(module), attr)
 
 
 def _open_readonly(kind: Kind, name: str, path: str) -> tuple[Any, str | None]:
@@ -1009,8 +1009,7 @@ def _holder_text(fd: int, word: int) -> str:
 def _dtype_text(layout: Any) -> str:
     if isinstance(layout, str):
         try:
-            import numpy as np
-
+            np = numpy()
             return str(np.dtype(layout))
         except (TypeError, ValueError):
             return layout

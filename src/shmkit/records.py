@@ -410,3 +410,8 @@ class Array(_Typed):
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"dtype={self._dtype} shape={self._shape}"
         return f"<shmkit.Array {self.name!r} {state}>"
+
+
+# shmkit.Array and shmkit.Struct, however this module was imported (the
+# package imports it on first use: see shmkit/__init__.py).
+Struct.__module__ = Array.__module__ = "shmkit"

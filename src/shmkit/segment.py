@@ -53,6 +53,7 @@ import weakref
 from enum import IntEnum
 from typing import Any, Callable, Iterator, TypeVar
 
+from ._lazy import numpy
 from . import _core
 from .errors import (
     BusyError,
@@ -1212,8 +1213,7 @@ class Segment(Closing):
         ...     a = s.ndarray("int64", (4,)); a[:] = 7; int(s.ndarray("int64").sum())
         28
         """
-        import numpy as np
-
+        np = numpy()
         dt = np.dtype(dtype)
         size = self._sync_size()
         if shape is None:

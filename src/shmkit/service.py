@@ -44,6 +44,7 @@ import time
 import weakref
 from typing import Any, Callable, Iterator
 
+from ._lazy import load
 from . import _core
 from . import segment as _segment
 from ._object import DEFAULT, SharedObject, _Default, attach_segment, check_common
@@ -422,8 +423,7 @@ def _answer(req: Request, result: Any) -> None:
 def _failed(req: Request) -> None:
     """Fail ``req`` with the traceback of the exception being handled."""
     if not req.answered:
-        import traceback  # only when a handler raises
-        req.fail(traceback.format_exc())
+        req.fail(load("traceback").format_exc())  # imported when a handler first raises
 
 
 def _request_bytes(data: Any) -> memoryview:

@@ -36,6 +36,7 @@ import weakref
 from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
 from typing import Any, Callable
 
+from ._lazy import numpy
 from . import _core
 from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
 from .errors import (
@@ -65,8 +66,7 @@ _SCAN = 512
 # -- value encoding for what C does not encode itself --------------------------
 
 def _np() -> Any:
-    import numpy
-    return numpy
+    return numpy()
 
 
 def _unsupported(value: Any) -> UnsupportedTypeError:

@@ -28,6 +28,7 @@ import os
 import weakref
 from typing import Any, Callable, Iterator
 
+from ._lazy import numpy
 from . import _core
 from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
 from .errors import (
@@ -116,8 +117,7 @@ class Subscriber(_core.TopicSubscriber):
         ...     sub.recv_array(np.int32, timeout=1.0).tolist()
         [0, 1, 2]
         """
-        import numpy as np
-
+        np = numpy()
         view = self._take(timeout)
         with view as mv:
             src = np.frombuffer(mv, dtype=dtype)
@@ -328,8 +328,7 @@ class Topic(SharedObject, _core.Topic):
         >>> with Topic(None, capacity=4096) as topic:
         ...     topic.publish_array(np.zeros(4))
         """
-        import numpy as np
-
+        np = numpy()
         self.publish(np.ascontiguousarray(array).data, timeout)
 
     def close(self) -> None:

@@ -48,6 +48,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from .._lazy import load, numpy
+
 if TYPE_CHECKING:
     from ..channel import Channel as LocalChannel
     from ..channel import Queue as LocalQueue
@@ -191,11 +193,10 @@ class Bridge:
     def _claim_status(self) -> None:
         """Make (or take over) this bridge's status record; BusyError when a
         live bridge of the same name and direction already runs."""
-        import numpy as np
-
         from ..errors import BusyError
         from ..inspect import _pid_gone
-        from ..records import Struct
+        np = numpy()
+        Struct = load("shmkit.records").Struct
         dt = np.dtype([(f, "<u8") for f in STATUS_FIELDS])
         self._status = Struct(f"{self.name}.bridge-{self.direction}", dt, lifetime="attached")
         rec = self._status.record

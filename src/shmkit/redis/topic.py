@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
+from .._lazy import numpy
 from .._object import DEFAULT, _Default, given
 from ..errors import ClosedError, Empty, MessagesLost, ReadOnlyError, Timeout
 from ._base import RedisNamespace, RedisObject, deadline, guard_all, refuse, remaining
@@ -166,7 +167,7 @@ class Topic(RedisObject):
 
     def publish_array(self, array: Any, timeout: float | None = None) -> None:
         """Publish a numpy array's bytes (made C-contiguous first if need be)."""
-        import numpy as np
+        np = numpy()
         self.publish(np.ascontiguousarray(array).data, timeout)
 
     # -- subscribing ----------------------------------------------------------
