@@ -461,3 +461,47 @@ def test_a_fork_while_another_thread_imports_numpy_gives_a_child_that_can_use_it
             seg.close(); seg.unlink()
         """, delay, timeout=60)
         assert proc.stdout.strip() == "exit 0", (delay, proc.stdout, proc.stderr)
+
+
+def test_ctrl_c_while_a_fork_waits_for_a_lazy_import_reaches_the_program(tmp_path) -> None:
+    # The fork waits for the import under way, and the KeyboardInterrupt
+    # raised meanwhile is not dropped (CPython drops a fork hook's exception).
+    (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(1.0)\nVALUE = 7\n")
+    proc = run_python("""
+        import os, signal, sys, threading, time
+        sys.path.insert(0, sys.argv[1])
+        from shmkit import _lazy
+        t = threading.Thread(target=_lazy.load, args=("slowmod",))
+        t.start()
+        while "slowmod" not in sys.modules:
+            time.sleep(0.001)
+        def ctrl_c(*a):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGALRM, ctrl_c)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        pid = None
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(_lazy.load("slowmod").VALUE)
+            time.sleep(5)
+            print("no KeyboardInterrupt")
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt")
+        t.join()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # the child's pid may be lost with the interrupt
+            try:
+                done, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if done:
+                print("child exit", os.waitstatus_to_exitcode(status))
+            time.sleep(0.01)
+        free = []  # from another thread: the lock is reentrant
+        other = threading.Thread(target=lambda: free.append(_lazy._lock.acquire(timeout=1)))
+        other.start(); other.join()
+        print("lock free", free[0])
+    """, str(tmp_path), timeout=60)
+    assert proc.stdout.split("\n")[:3] == ["KeyboardInterrupt", "child exit 7", "lock free True"], \
+        (proc.stdout, proc.stderr)
