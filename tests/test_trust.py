@@ -667,12 +667,59 @@ def test_info_names_a_stopped_lock_holder_and_waiters_time_out(name):
         m = shmkit.Mutex(name)
         try:
             assert m.acquire(timeout=0.2) is False  # a stopped holder is waited on, boundedly
+            with pytest.raises(shmkit.Timeout, match=rf"held by pid {child.pid}, which is "
+                                                     rf"stopped .*kill -CONT {child.pid}"):
+                with m.held(timeout=0.2):
+                    pass
         finally:
             m.close()
     finally:
         os.kill(child.pid, signal.SIGCONT)
         child.kill()
         child.wait()
+
+
+# kind: (how to make it, the operation each side makes, where the child stops:
+# a crash point reached with the structure's lock held)
+_FROZEN_OPS = {
+    "store": ("shmkit.Store({name!r}, timeout=0.3)", "obj['k'] = b'v'", "table.put."),
+    "channel": ("shmkit.Channel({name!r}, capacity=1 << 16)",
+                "obj.send(b'm', timeout=0.3)", "ring.reserve."),
+    "topic": ("shmkit.Topic({name!r}, capacity=1 << 16)",
+              "obj.publish(b'm', timeout=0.3)", "topic.publish."),
+    "heap": ("shmkit.Heap({name!r}, size=1 << 16)", "obj.alloc(64, timeout=0.3)",
+             "journal."),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_FROZEN_OPS))
+def test_a_peer_stopped_inside_an_operation_is_named_by_the_timeout_it_causes(name, kind):
+    make, op, point = _FROZEN_OPS[kind]
+    obj = eval(make.format(name=name))  # noqa: S307 - the table above
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"import shmkit, sys\nfrom shmkit import _core\n"
+         f"obj = {make.format(name=name)}\n_core.fault(1, {point!r}, stop=True)\n"
+         f"{op}\nprint('done', flush=True)\nsys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": SRC})
+    try:
+        deadline = time.monotonic() + 30
+        while not inspect.process_stopped(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert inspect.process_stopped(child.pid), "the child did not stop at " + point
+        t0 = time.monotonic()
+        with pytest.raises(shmkit.Timeout, match=rf"pid {child.pid}, which is stopped "
+                                                 rf".*kill -CONT {child.pid}.*resume or end"):
+            exec(op)  # noqa: S102 - the table above
+        assert time.monotonic() - t0 < 10
+        os.kill(child.pid, signal.SIGCONT)
+        assert child.stdout.readline().strip() == "done"  # its operation completes
+        exec(op)  # and ours goes through
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+        child.kill()
+        child.wait()
+        obj.close()
 
 
 def _stopped_holding_segment_lock(kind: str, name: str) -> subprocess.Popen:

@@ -1273,10 +1273,9 @@ class Segment(Closing):
     def _take_lock(self, timeout: float | None, what: str) -> None:
         """Take the segment's lock for a resize, or raise Timeout naming its holder."""
         if not self.lock.acquire(timeout=timeout):
-            pid = self.lock.holder_pid()
             raise Timeout(f"could not {what} {self._name!r} within {timeout} s: its lock is "
-                          f"held by {'pid %d' % pid if pid else 'a process'} (a stopped "
-                          "process holds it until it runs again); try again later")
+                          f"held by {self.lock._holder_phrase()} (a stopped process holds "
+                          "it until it runs again); try again, or resume or end that process")
 
     def _resize_locked(self, size: int) -> None:
         old = self._sync_size()

@@ -214,11 +214,18 @@ class Mutex(_core.Lock, _Placed):
     def held(self, timeout: float | None = None) -> Iterator["Mutex"]:
         """``with m.held(timeout=1.0):`` holds the lock, or raises :class:`Timeout`."""
         if not self.acquire(timeout=timeout):
-            raise Timeout(f"could not take mutex {self.name!r} within {timeout} s")
+            raise Timeout(f"could not take mutex {self.name!r} within {timeout} s: it is "
+                          f"held by {self._holder_phrase()}; try again, or resume or end "
+                          "that process")
         try:
             yield self
         finally:
             self.release()
+
+    def _holder_phrase(self) -> str:
+        """Who holds it, for a Timeout's message: "pid N", "pid N, which is
+        stopped (...)" or "another process"."""
+        return _core.holder_phrase(self._m, self.owner_token)
 
     def holder_pid(self) -> int | None:
         """The pid of the live holder, or None when free (or its holder died)."""

@@ -21,6 +21,7 @@
  *   attach_table(fd, hwm) -> [dict]           live entries, read from the file
  *   attach_file_entry(fd, slot) -> dict       one entry, read from the file
  *   token_owner_pid(mapping, token, alive=True) -> int | None
+ *   holder_phrase(mapping, word) -> str      a lock's holder, for a Timeout
  *   slot_counts(mapping, table) -> [(slot, off, word, count, alive)]
  *   token_alive(mapping, token) -> bool
  *   ofd_lock / ofd_unlock / ofd_held          the raw byte-range locks
@@ -437,6 +438,50 @@ py_attach_file_entry(PyObject *mod, PyObject *args)
     return entry_dict(slot, &e, alive);
 }
 
+uint32_t
+shm_token_pid(MappingObject *m, uint32_t token, int alive_only)
+{
+    struct shm_attach_entry *e = token ? shm_attach_entry_at(m, SHM_TOKEN_SLOT(token)) : NULL;
+    if (e == NULL ||
+        (__atomic_load_n(&e->gen, __ATOMIC_ACQUIRE) & 0xFFFFFu) != SHM_TOKEN_GEN(token) ||
+        (alive_only && !shm_token_alive(m, token)))
+        return 0;
+    return __atomic_load_n(&e->pid, __ATOMIC_RELAXED);
+}
+
+/* Is pid stopped (SIGSTOP, a debugger: state T or t in /proc/<pid>/stat)?
+ * The state follows the last ')' (the command name may hold any). */
+static int
+pid_stopped(uint32_t pid)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%u/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    char *rp = strrchr(buf, ')');
+    return rp != NULL && rp[1] == ' ' && (rp[2] == 'T' || rp[2] == 't');
+}
+
+const char *
+shm_holder_phrase(MappingObject *m, uint32_t word, char *buf, size_t n)
+{
+    uint32_t pid = shm_token_pid(m, word & SHM_TOKEN_MASK, 0);
+    if (pid == 0)
+        snprintf(buf, n, "another process");
+    else if (pid_stopped(pid))
+        snprintf(buf, n, "pid %u, which is stopped (SIGSTOP or a debugger: `kill -CONT %u` "
+                         "resumes it)", pid, pid);
+    else
+        snprintf(buf, n, "pid %u", pid);
+    return buf;
+}
+
 static PyObject *
 py_token_owner_pid(PyObject *mod, PyObject *args)
 {
@@ -448,12 +493,24 @@ py_token_owner_pid(PyObject *mod, PyObject *args)
     MappingObject *m = arg_mapping(obj);
     if (m == NULL)
         return NULL;
-    struct shm_attach_entry *e = token ? shm_attach_entry_at(m, SHM_TOKEN_SLOT(token)) : NULL;
-    if (e == NULL ||
-        (__atomic_load_n(&e->gen, __ATOMIC_ACQUIRE) & 0xFFFFFu) != SHM_TOKEN_GEN(token) ||
-        (alive_only && !shm_token_alive(m, token)))
+    uint32_t pid = shm_token_pid(m, token, alive_only);
+    if (pid == 0)
         Py_RETURN_NONE;
-    return PyLong_FromUnsignedLong(__atomic_load_n(&e->pid, __ATOMIC_RELAXED));
+    return PyLong_FromUnsignedLong(pid);
+}
+
+static PyObject *
+py_holder_phrase(PyObject *mod, PyObject *args)
+{
+    PyObject *obj;
+    unsigned int word;
+    if (!PyArg_ParseTuple(args, "OI", &obj, &word))
+        return NULL;
+    MappingObject *m = arg_mapping(obj);
+    if (m == NULL)
+        return NULL;
+    char buf[160];
+    return PyUnicode_FromString(shm_holder_phrase(m, word, buf, sizeof buf));
 }
 
 static PyObject *
@@ -578,6 +635,10 @@ PyMethodDef shm_attach_methods[] = {
     {"token_owner_pid", py_token_owner_pid, METH_VARARGS,
      "token_owner_pid($module, mapping, token, alive=True, /)\n--\n\n"
      "token_owner_pid(mapping, token, alive=True) -> int | None"},
+    {"holder_phrase", py_holder_phrase, METH_VARARGS,
+     "holder_phrase($module, mapping, word, /)\n--\n\n"
+     "Who holds the lock whose word (or owner token) this is, for a Timeout's\n"
+     "message: 'pid N', 'pid N, which is stopped (...)' or 'another process'."},
     {"slot_counts", py_slot_counts, METH_VARARGS,
      "slot_counts($module, mapping, table, /)\n--\n\n"
      "slot_counts(mapping, table) -> list[tuple]\n\n(slot, offset, word, count, alive) "

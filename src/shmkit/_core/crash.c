@@ -8,7 +8,9 @@
  * the n-th point reached from now whose name starts with prefix SIGKILLs
  * the process, so a test can kill a forked child at every boundary of an
  * operation in turn: k = 1, 2, ... until the operation completes.
- * _core.fault(0) disarms and says how many points were left.
+ * _core.fault(0) disarms and says how many points were left.  With
+ * stop=True the point SIGSTOPs the process instead, which carries on from
+ * there once continued: a peer frozen in the middle of an operation.
  */
 #include "journal.h"
 #include <signal.h>
@@ -17,6 +19,7 @@
 
 long shm_fault_countdown;
 static char fault_prefix[64];
+static int fault_stop;
 static const char *last_point = "";
 
 void
@@ -33,6 +36,10 @@ shm_crash_hit(const char *name)
         return;
     last_point = name;
     if (--shm_fault_countdown == 0) {
+        if (fault_stop) {
+            kill(getpid(), SIGSTOP);
+            return;
+        }
         kill(getpid(), SIGKILL);
         pause();
     }
@@ -41,10 +48,11 @@ shm_crash_hit(const char *name)
 static PyObject *
 py_fault(PyObject *mod, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"n", "prefix", NULL};
+    static char *kwlist[] = {"n", "prefix", "stop", NULL};
     long n;
     const char *prefix = "";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "l|s:fault", kwlist, &n, &prefix))
+    int stop = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "l|sp:fault", kwlist, &n, &prefix, &stop))
         return NULL;
     if (n < 0) {
         PyErr_SetString(PyExc_ValueError, "fault(n): n must be >= 0");
@@ -56,6 +64,7 @@ py_fault(PyObject *mod, PyObject *args, PyObject *kwds)
     }
     long left = shm_fault_countdown;
     strcpy(fault_prefix, prefix);
+    fault_stop = stop;
     shm_fault_countdown = n;
     return PyLong_FromLong(left);
 }
@@ -68,10 +77,10 @@ py_last_crash_point(PyObject *mod, PyObject *Py_UNUSED(ignored))
 
 PyMethodDef shm_crash_methods[] = {
     {"fault", (PyCFunction)(void (*)(void))py_fault, METH_VARARGS | METH_KEYWORDS,
-     "fault(n, prefix='')\n--\n\n"
+     "fault(n, prefix='', stop=False)\n--\n\n"
      "Tests only: SIGKILL this process at the n-th crash point reached from now\n"
-     "whose name starts with prefix; 0 disarms.  Returns the points that were\n"
-     "left of the previous countdown.\n\n"
+     "whose name starts with prefix (SIGSTOP it, with stop=True); 0 disarms.\n"
+     "Returns the points that were left of the previous countdown.\n\n"
      ">>> _core.fault(3, 'journal.')  # die at the third journal step"},
     {"last_crash_point", py_last_crash_point, METH_NOARGS,
      "last_crash_point()\n--\n\nThe name of the last armed crash point counted."},

@@ -128,9 +128,13 @@ lock(Ctx *c, int64_t deadline)
     if (r < 0)
         return -1;
     if (r == 0) {
+        char who[160];
         PyErr_Format(shm_state_of((PyObject *)OBJ(c))->Timeout,
-                     "could not lock heap %R before the timeout; another process holds "
-                     "it (a long compaction?)", OBJ(c)->name);
+                     "could not lock heap %R before the timeout: it is held by %s (a "
+                     "long compaction?); try again, or resume or end that process",
+                     OBJ(c)->name,
+                     shm_holder_phrase(m, __atomic_load_n((uint32_t *)(c->p + H_LOCK),
+                                                          __ATOMIC_RELAXED), who, sizeof who));
         return -1;
     }
     c->locked = 1;

@@ -195,32 +195,6 @@ t_enter(TCore *t)
 
 /* ---- reading records ------------------------------------------------------- */
 
-/* The pid of the attachment named by token (0 if unknown), from the
- * segment's attach table, and whether /proc says it is stopped. */
-uint32_t
-token_pid(TCore *t, uint32_t token, int *stopped)
-{
-    struct shm_attach_entry *e = token ? shm_attach_entry_at(t->m, SHM_TOKEN_SLOT(token)) : NULL;
-    *stopped = 0;
-    if (e == NULL)
-        return 0;
-    uint32_t pid = __atomic_load_n(&e->pid, __ATOMIC_RELAXED);
-    if (pid == 0)
-        return 0;
-    char path[64], buf[512];
-    snprintf(path, sizeof path, "/proc/%u/stat", pid);
-    FILE *f = fopen(path, "r");
-    if (f != NULL) {
-        size_t n = fread(buf, 1, sizeof buf - 1, f);
-        fclose(f);
-        buf[n] = 0;
-        char *rp = strrchr(buf, ')');
-        if (rp != NULL && rp[1] == ' ' && (rp[2] == 'T' || rp[2] == 't'))
-            *stopped = 1;
-    }
-    return pid;
-}
-
 /* The wait for an even epoch: ready once it is even, or once nobody alive
  * is publishing. */
 int

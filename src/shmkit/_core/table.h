@@ -387,7 +387,6 @@ index_ok(const char *P, uint64_t end, uint64_t ix, uint64_t *nslots)
 int t_sync(TCore *t);
 uint64_t t_enter(TCore *t);
 int probe_ro(const char *P, uint64_t end, const TKey *k, uint64_t *off, TRec *rec);
-uint32_t token_pid(TCore *t, uint32_t token, int *stopped);
 
 /* The wait for an even epoch (the type runs it through wait.h). */
 typedef struct {

@@ -413,24 +413,14 @@ t_wait_even(TableObject *t, uint64_t *e)
     if (r < 0)
         return -1;
     if (r == 0) {
-        uint32_t owner = LDA(&h->lock) & SHM_TOKEN_MASK;
-        int stopped = 0;
-        uint32_t pid = token_pid(&t->c, owner, &stopped);
-        char who[160];
-        if (pid)
-            snprintf(who, sizeof who, "its writer, pid %u,%s", pid,
-                     stopped ? " is stopped (/proc/<pid>/stat state T: SIGSTOP or a "
-                               "debugger; SIGCONT resumes it) and" : "");
-        else
-            snprintf(who, sizeof who, "its writer");
-        char secs[32];
+        char who[160], secs[32];
         snprintf(secs, sizeof secs, "%.3g", t->c.read_timeout_ns / 1e9);
         PyErr_Format(ST(t)->Timeout,
                      "a batch was being published for longer than the store's "
-                     "read_timeout (%s s): %s has held the store's lock since it "
-                     "began (it may be stopped or very slow); raise read_timeout=, or "
-                     "resume or kill that process",
-                     secs, who);
+                     "read_timeout (%s s): its writer, %s, has held the store's lock "
+                     "since it began (it may be stopped or very slow); raise "
+                     "read_timeout=, or resume or end that process",
+                     secs, shm_holder_phrase(t->c.m, LDA(&h->lock), who, sizeof who));
         return -1;
     }
     if (tt_live(t) < 0)
@@ -634,10 +624,16 @@ t_lock(TableObject *t)
     int r = shm_lock_acquire_repair(t->c.m, &HDR(&t->c)->lock, deadline, NULL, t_repair, t);
     if (r <= 0) {
         shm_unpin(t->mapping); /* after a failed repair the lock is released */
-        if (r == 0)
-            PyErr_SetString(ST(t)->Timeout,
-                            "another writer held the store's lock for longer than the "
-                            "store's timeout (a long batch?)");
+        if (r == 0) {
+            char who[160], secs[32];
+            snprintf(secs, sizeof secs, "%.3g", t->c.timeout_ns / 1e9);
+            PyErr_Format(ST(t)->Timeout,
+                         "another writer, %s, held the store's lock for longer than the "
+                         "store's timeout (%s s), in a batch or a long operation; raise "
+                         "timeout=, or resume or end that process",
+                         shm_holder_phrase(t->c.m, LDA(&HDR(&t->c)->lock), who, sizeof who),
+                         secs);
+        }
         return -1;
     }
     t->c.lock_depth = 1;
