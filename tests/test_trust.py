@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -720,6 +721,59 @@ def test_a_peer_stopped_inside_an_operation_is_named_by_the_timeout_it_causes(na
         child.kill()
         child.wait()
         obj.close()
+
+
+def test_a_timeout_names_a_holder_in_this_process_and_never_a_damaged_pid(name):
+    m = shmkit.Mutex(name)
+    try:
+        held, done = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with m:
+                held.set()
+                done.wait(30)
+        t = threading.Thread(target=hold)
+        t.start()
+        assert held.wait(30)
+        with pytest.raises(shmkit.Timeout, match=rf"this process \(pid {os.getpid()}\), "
+                                                 "through this same handle"):
+            with m.held(timeout=0.1):
+                pass
+        done.set()
+        t.join()
+        with pytest.raises(OverflowError):
+            shmkit._core.holder_phrase(m._m, 1 << 32)
+        with pytest.raises(OverflowError):
+            shmkit._core.holder_phrase(m._m, -1)
+        assert shmkit._core.holder_phrase(m._m, 0).startswith("no process now")
+    finally:
+        m.close()
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"import shmkit, sys\nm = shmkit.Mutex({name!r})\nm.acquire()\n"
+         "print('held', flush=True)\nsys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": SRC})
+    m = shmkit.Mutex(name)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(shmkit.Timeout, match=rf"held by pid {child.pid}; try again"):
+            with m.held(timeout=0.1):
+                pass
+        # A damaged entry: a pid past PID_MAX_LIMIT would read as -1 or a
+        # process group to kill(1); it is never printed.
+        slot = next(a["slot"] for a in m._seg.attachments() if a["pid"] == child.pid)
+        table = shmkit._core.layouts["segment"]["attach_table"]
+        entry = shmkit._core.layouts["attach_entry"]
+        for bad in (0xFFFFFFFF, 1 << 31, 4194305):
+            shmkit._core.store32(m._seg._mapping, table + slot * entry["bytes"] + entry["pid"],
+                                 bad)
+            with pytest.raises(shmkit.Timeout, match="held by another process; try again"):
+                with m.held(timeout=0.1):
+                    pass
+    finally:
+        child.kill()
+        child.wait()
+        m.close()
 
 
 def _stopped_holding_segment_lock(kind: str, name: str) -> subprocess.Popen:

@@ -1274,8 +1274,8 @@ class Segment(Closing):
         """Take the segment's lock for a resize, or raise Timeout naming its holder."""
         if not self.lock.acquire(timeout=timeout):
             raise Timeout(f"could not {what} {self._name!r} within {timeout} s: its lock is "
-                          f"held by {self.lock._holder_phrase()} (a stopped process holds "
-                          "it until it runs again); try again, or resume or end that process")
+                          f"held by {self.lock._holder_phrase()}; try again, or resume or "
+                          "end that process")
 
     def _resize_locked(self, size: int) -> None:
         old = self._sync_size()

@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, cast
 
 from . import _core
-from .errors import FormatVersionError, MismatchError, Timeout, WouldBlock
+from .errors import FormatVersionError, MismatchError, ShmkitError, Timeout, WouldBlock
 from .segment import _OFF_HWM, Kind, Segment
 
 __all__ = ["Mutex", "RWLock", "Event", "Semaphore", "Condition"]
@@ -225,7 +225,10 @@ class Mutex(_core.Lock, _Placed):
     def _holder_phrase(self) -> str:
         """Who holds it, for a Timeout's message: "pid N", "pid N, which is
         stopped (...)" or "another process"."""
-        return _core.holder_phrase(self._m, self.owner_token)
+        try:
+            return _core.holder_phrase(self._m, self.owner_token)
+        except ShmkitError:  # closed meanwhile by another thread: the Timeout stands
+            return "another process"
 
     def holder_pid(self) -> int | None:
         """The pid of the live holder, or None when free (or its holder died)."""

@@ -438,23 +438,50 @@ py_attach_file_entry(PyObject *mod, PyObject *args)
     return entry_dict(slot, &e, alive);
 }
 
+/* The highest pid Linux hands out (PID_MAX_LIMIT): a larger one read from
+ * an entry is damage, and printed it could read as a process group, or as
+ * -1, to kill(1). */
+#define SHM_PID_MAX 4194304u
+
+static int
+gen_matches(struct shm_attach_entry *e, uint32_t token)
+{
+    return (__atomic_load_n(&e->gen, __ATOMIC_ACQUIRE) & 0xFFFFFu) == SHM_TOKEN_GEN(token);
+}
+
+/* The entry a token names and its pid (checked as above), or NULL. */
+static struct shm_attach_entry *
+token_entry(MappingObject *m, uint32_t token, uint32_t *pid)
+{
+    struct shm_attach_entry *e = token ? shm_attach_entry_at(m, SHM_TOKEN_SLOT(token)) : NULL;
+    if (e == NULL || !gen_matches(e, token))
+        return NULL;
+    *pid = __atomic_load_n(&e->pid, __ATOMIC_RELAXED);
+    /* the slot may have passed to a new owner between the two loads */
+    if (*pid == 0 || *pid > SHM_PID_MAX || !gen_matches(e, token))
+        return NULL;
+    return e;
+}
+
 uint32_t
 shm_token_pid(MappingObject *m, uint32_t token, int alive_only)
 {
-    struct shm_attach_entry *e = token ? shm_attach_entry_at(m, SHM_TOKEN_SLOT(token)) : NULL;
-    if (e == NULL ||
-        (__atomic_load_n(&e->gen, __ATOMIC_ACQUIRE) & 0xFFFFFu) != SHM_TOKEN_GEN(token) ||
-        (alive_only && !shm_token_alive(m, token)))
+    uint32_t pid = 0;
+    if (token_entry(m, token, &pid) == NULL || (alive_only && !shm_token_alive(m, token)))
         return 0;
-    return __atomic_load_n(&e->pid, __ATOMIC_RELAXED);
+    return pid;
 }
 
-/* Is pid stopped (SIGSTOP, a debugger: state T or t in /proc/<pid>/stat)?
- * The state follows the last ')' (the command name may hold any). */
-static int
-pid_stopped(uint32_t pid)
+/* The state letter of pid in /proc/<pid>/stat, if its command name is the
+ * one its entry recorded (so that a pid reused by another program is never
+ * described); 0 when unknown.  The name lies between the first '(' and the
+ * last ')', and may hold any character. */
+static char
+pid_state(uint32_t pid, const struct shm_attach_entry *e)
 {
-    char path[64], buf[512];
+    char comm[sizeof e->comm + 1], path[64], buf[512];
+    memcpy(comm, e->comm, sizeof e->comm); /* shared bytes: copied, then ended */
+    comm[sizeof e->comm] = 0;
     snprintf(path, sizeof path, "/proc/%u/stat", pid);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
@@ -464,31 +491,69 @@ pid_stopped(uint32_t pid)
     if (n <= 0)
         return 0;
     buf[n] = 0;
-    char *rp = strrchr(buf, ')');
-    return rp != NULL && rp[1] == ' ' && (rp[2] == 'T' || rp[2] == 't');
+    char *lp = strchr(buf, '('), *rp = strrchr(buf, ')');
+    if (lp == NULL || rp == NULL || rp < lp || rp[1] != ' ' || comm[0] == 0)
+        return 0;
+    size_t len = (size_t)(rp - lp - 1);
+    if (len != strlen(comm) || memcmp(lp + 1, comm, len) != 0)
+        return 0;
+    return rp[2];
 }
 
 const char *
 shm_holder_phrase(MappingObject *m, uint32_t word, char *buf, size_t n)
 {
-    uint32_t pid = shm_token_pid(m, word & SHM_TOKEN_MASK, 0);
-    if (pid == 0)
+    uint32_t token = word & SHM_TOKEN_MASK, pid = 0;
+    long me = (long)getpid();
+    struct shm_attach_entry *e = token_entry(m, token, &pid);
+    if (token == 0)
+        snprintf(buf, n, "no process now (it was released just as the wait ended)");
+    else if (token == m->token)
+        snprintf(buf, n, "this process (pid %ld), through this same handle: another of its "
+                         "threads, or this thread itself (the lock is not reentrant)", me);
+    else if (e == NULL)
         snprintf(buf, n, "another process");
-    else if (pid_stopped(pid))
-        snprintf(buf, n, "pid %u, which is stopped (SIGSTOP or a debugger: `kill -CONT %u` "
-                         "resumes it)", pid, pid);
-    else
-        snprintf(buf, n, "pid %u", pid);
+    else if ((long)pid == me)
+        snprintf(buf, n, "this process (pid %ld), through another handle", me);
+    else if (!shm_token_alive(m, token))
+        snprintf(buf, n, "pid %u, which has exited (the next to take the lock recovers it)",
+                 pid);
+    else {
+        char state = pid_state(pid, e);
+        if (state == 'T')
+            snprintf(buf, n, "pid %u, which is stopped (SIGSTOP: `kill -CONT %u` resumes it)",
+                     pid, pid);
+        else if (state == 't')
+            snprintf(buf, n, "pid %u, which is stopped in a debugger (continue it there)", pid);
+        else
+            snprintf(buf, n, "pid %u", pid);
+    }
     return buf;
+}
+
+/* A Python int that must fit a lock word or a token (32 bits). */
+static int
+arg_u32(PyObject *o, uint32_t *out)
+{
+    unsigned long v = PyLong_AsUnsignedLong(o);
+    if (v == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    if (v > 0xFFFFFFFFul) {
+        PyErr_SetString(PyExc_OverflowError, "a lock word or token fits in 32 bits");
+        return -1;
+    }
+    *out = (uint32_t)v;
+    return 0;
 }
 
 static PyObject *
 py_token_owner_pid(PyObject *mod, PyObject *args)
 {
-    PyObject *obj;
-    unsigned int token;
+    PyObject *obj, *tok;
+    uint32_t token;
     int alive_only = 1;
-    if (!PyArg_ParseTuple(args, "OI|p", &obj, &token, &alive_only))
+    if (!PyArg_ParseTuple(args, "OO!|p", &obj, &PyLong_Type, &tok, &alive_only) ||
+        arg_u32(tok, &token) < 0)
         return NULL;
     MappingObject *m = arg_mapping(obj);
     if (m == NULL)
@@ -502,9 +567,9 @@ py_token_owner_pid(PyObject *mod, PyObject *args)
 static PyObject *
 py_holder_phrase(PyObject *mod, PyObject *args)
 {
-    PyObject *obj;
-    unsigned int word;
-    if (!PyArg_ParseTuple(args, "OI", &obj, &word))
+    PyObject *obj, *w;
+    uint32_t word;
+    if (!PyArg_ParseTuple(args, "OO!", &obj, &PyLong_Type, &w) || arg_u32(w, &word) < 0)
         return NULL;
     MappingObject *m = arg_mapping(obj);
     if (m == NULL)

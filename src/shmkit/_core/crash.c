@@ -37,7 +37,7 @@ shm_crash_hit(const char *name)
     last_point = name;
     if (--shm_fault_countdown == 0) {
         if (fault_stop) {
-            kill(getpid(), SIGSTOP);
+            raise(SIGSTOP); /* this thread, so that it stops here */
             return;
         }
         kill(getpid(), SIGKILL);

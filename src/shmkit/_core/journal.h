@@ -25,7 +25,7 @@
  *
  * Crash points.  shm_crash_point("name") is a no-op until a test arms it
  * with _core.fault(n, prefix): the n-th crash point whose name starts with
- * prefix then SIGKILLs the process.  Every journaled store and every commit
+ * prefix then SIGKILLs the process (or SIGSTOPs it, with stop=True).  Every journaled store and every commit
  * is one; structures add their own at each step boundary that matters.
  */
 #ifndef SHMKIT_JOURNAL_H

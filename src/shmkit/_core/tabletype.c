@@ -409,6 +409,7 @@ t_wait_even(TableObject *t, uint64_t *e)
                                               : shm_now_ns() + t->c.read_timeout_ns;
     shm_pin(t->mapping); /* we let other threads run: keep the memory mapped */
     int r = shm_wait_until(&w, deadline);
+    uint32_t held = LDA(&h->lock); /* for the message: read while still pinned */
     shm_unpin(t->mapping);
     if (r < 0)
         return -1;
@@ -417,10 +418,10 @@ t_wait_even(TableObject *t, uint64_t *e)
         snprintf(secs, sizeof secs, "%.3g", t->c.read_timeout_ns / 1e9);
         PyErr_Format(ST(t)->Timeout,
                      "a batch was being published for longer than the store's "
-                     "read_timeout (%s s): its writer, %s, has held the store's lock "
-                     "since it began (it may be stopped or very slow); raise "
-                     "read_timeout=, or resume or end that process",
-                     secs, shm_holder_phrase(t->c.m, LDA(&h->lock), who, sizeof who));
+                     "read_timeout (%s s): the store's lock is held by %s (it may be "
+                     "stopped or very slow); raise read_timeout=, or resume or end that "
+                     "process",
+                     secs, shm_holder_phrase(t->c.m, held, who, sizeof who));
         return -1;
     }
     if (tt_live(t) < 0)
@@ -623,16 +624,18 @@ t_lock(TableObject *t)
     shm_pin(t->mapping);
     int r = shm_lock_acquire_repair(t->c.m, &HDR(&t->c)->lock, deadline, NULL, t_repair, t);
     if (r <= 0) {
+        char who[160];
+        if (r == 0) /* named while still pinned */
+            shm_holder_phrase(t->c.m, LDA(&HDR(&t->c)->lock), who, sizeof who);
         shm_unpin(t->mapping); /* after a failed repair the lock is released */
         if (r == 0) {
-            char who[160], secs[32];
+            char secs[32];
             snprintf(secs, sizeof secs, "%.3g", t->c.timeout_ns / 1e9);
             PyErr_Format(ST(t)->Timeout,
-                         "another writer, %s, held the store's lock for longer than the "
-                         "store's timeout (%s s), in a batch or a long operation; raise "
+                         "the store's lock stayed held for longer than the store's timeout "
+                         "(%s s), by a batch or a long operation: it is held by %s; raise "
                          "timeout=, or resume or end that process",
-                         shm_holder_phrase(t->c.m, LDA(&HDR(&t->c)->lock), who, sizeof who),
-                         secs);
+                         secs, who);
         }
         return -1;
     }
