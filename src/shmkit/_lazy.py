@@ -76,7 +76,7 @@ def _after_fork_in_parent() -> None:
     _forking.held, _forking.interrupted = False, None
     if held:
         _lock.release()
-    if isinstance(interrupted, KeyboardInterrupt):
+    if isinstance(interrupted, KeyboardInterrupt) and not _deliver:  # one is enough
         _deliver.append(_thread.interrupt_main)  # Ctrl-C again, once the fork is made
     elif interrupted is not None:
         raise interrupted  # reported as CPython reports any fork hook's error
@@ -93,6 +93,7 @@ def _after_fork_in_child() -> None:
 # would raise the KeyboardInterrupt at once, inside the hook, where CPython
 # reports and drops it.  Called by sorted()'s key, no Python code runs until
 # fork() has returned to its caller, which the KeyboardInterrupt then reaches.
+# It holds one call at most (sorting two would compare their results).
 _deliver: list[Callable[[], object]] = []
 _hooked = False
 
