@@ -340,29 +340,19 @@ def _cleanup_programs() -> None:
 atexit.register(_cleanup_programs)
 
 
-@workload(PROGRAM, unit="ms/op", system="bare os.open + mmap", reference=True)
-def program_bare(n: int) -> float:
-    return _run_programs("bare", n)
+def _program_workload(system: str, label: str) -> None:
+    @workload(PROGRAM, unit="ms/op", system=label, reference=system == "bare")
+    def run(n: int) -> float:
+        return _run_programs(system, n)
+    run.__name__ = "program_" + system.replace("kind:", "").replace(".", "_").lower()
 
 
-@workload(PROGRAM, system="multiprocessing.shared_memory")
-def program_mp(n: int) -> float:
-    return _run_programs("mp.shared_memory", n)
-
-
-@workload(PROGRAM, system="shmkit.Channel.open")
-def program_channel(n: int) -> float:
-    return _run_programs("kind:Channel", n)
-
-
-@workload(PROGRAM, system="shmkit.Store.open")
-def program_store(n: int) -> float:
-    return _run_programs("kind:Store", n)
-
-
-@workload(PROGRAM, system="shmkit.Array.open (imports numpy)")
-def program_array(n: int) -> float:
-    return _run_programs("kind:Array", n)
+for _system, _label in (("bare", "bare os.open + mmap"),
+                        ("mp.shared_memory", "multiprocessing.shared_memory"),
+                        ("kind:Channel", "shmkit.Channel.open"),
+                        ("kind:Store", "shmkit.Store.open"),
+                        ("kind:Array", "shmkit.Array.open (imports numpy)")):
+    _program_workload(_system, _label)
 
 
 SAME = "attach: open one channel 600 times in one process, every handle kept"

@@ -51,7 +51,6 @@ from .errors import (
     WouldBlock,
     WrongKindError,
 )
-from types import ModuleType as _ModuleType
 import typing as _typing
 
 from .heap import Handle, Heap, HeapFullError, PinnedError, StaleHandleError
@@ -94,15 +93,6 @@ __all__ = [
 ]
 
 
-def _as_ours(obj: object) -> None:
-    """Show a public object as shmkit's (shmkit.Store, not shmkit.store.Store)."""
-    if hasattr(obj, "__module__") and not isinstance(obj, _ModuleType):
-        try:
-            obj.__module__ = "shmkit"
-        except (AttributeError, TypeError):
-            pass
-
-
 # Importing numpy takes longer than the rest of shmkit together, and starts
 # its BLAS thread pool: processes that share no arrays (a logging client, a
 # web worker with a cache) never pay for it.  The numpy-backed kinds are
@@ -110,10 +100,16 @@ def _as_ours(obj: object) -> None:
 # (records.py shows them as shmkit's, however it was imported).
 _LAZY = frozenset({"Array", "Struct"})
 
-for _name in __all__:
-    if _name not in _LAZY:
-        _as_ours(globals()[_name])
-del _name
+for _name in __all__:  # shmkit.Store, not shmkit.store.Store
+    if _name in _LAZY:
+        continue
+    _obj = globals()[_name]
+    if hasattr(_obj, "__module__") and not isinstance(_obj, type(__builtins__)):
+        try:
+            _obj.__module__ = "shmkit"
+        except (AttributeError, TypeError):
+            pass
+del _name, _obj
 
 if not _typing.TYPE_CHECKING:  # type checkers see the import above, and still report typos
     def __getattr__(name: str) -> object:

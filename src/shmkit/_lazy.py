@@ -34,8 +34,9 @@ def load(name: str) -> ModuleType:
     """The module ``name``, imported under the fork guard the first time."""
     module = _done.get(name)
     if module is None:
-        _guard_forks()
         with _lock:
+            if not _hooked:
+                _guard_forks()
             module = _done[name] = importlib.import_module(name)
     return module
 
@@ -46,7 +47,7 @@ def numpy() -> Any:
     >>> numpy().arange(3).tolist()
     [0, 1, 2]
     """
-    return _done.get("numpy") or load("numpy")
+    return load("numpy")
 
 
 # How long a fork waits for an import under way.  The wait is bounded because
@@ -99,17 +100,14 @@ _hooked = False
 
 
 def _guard_forks() -> None:
-    """Register the hooks, once, at the first lazy import rather than at
-    import time: hooks run before a fork in the reverse order of their
-    registration, so ours then wait before those of modules imported
-    earlier (logging's takes its lock, which an import may need)."""
+    """Register the hooks, once (with _lock held), at the first lazy import
+    rather than at import time: hooks run before a fork in the reverse order
+    of their registration, so ours then wait before those of modules
+    imported earlier (logging's takes its lock, which an import may need)."""
     global _hooked
-    with _lock:
-        if _hooked:
-            return
-        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                            after_in_child=_after_fork_in_child)
-        os.register_at_fork(after_in_parent=functools.partial(
-            sorted, _deliver, key=operator.methodcaller("__call__")))
-        os.register_at_fork(after_in_parent=_deliver.clear)
-        _hooked = True
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
+    os.register_at_fork(after_in_parent=functools.partial(
+        sorted, _deliver, key=operator.methodcaller("__call__")))
+    os.register_at_fork(after_in_parent=_deliver.clear)
+    _hooked = True

@@ -65,10 +65,6 @@ _SCAN = 512
 
 # -- value encoding for what C does not encode itself --------------------------
 
-def _np() -> Any:
-    return numpy()
-
-
 def _unsupported(value: Any) -> UnsupportedTypeError:
     return UnsupportedTypeError(
         f"cannot store a {type(value).__module__}.{type(value).__qualname__} value: a "
@@ -79,7 +75,7 @@ def _unsupported(value: Any) -> UnsupportedTypeError:
 
 
 def _encode_array(value: Any) -> tuple[int, bytes, Any] | None:
-    np = _np()
+    np = numpy()
     if type(value) is not np.ndarray:
         return None
     if value.dtype.hasobject:
@@ -114,7 +110,7 @@ def _encode_pickle(value: Any) -> tuple[int, bytes | None, Any]:
 def _decode(vtype: int, data: bytes, body_len: int = 0) -> Any:
     if vtype == _VT_PICKLE:
         return pickle.loads(data)
-    np = _np()
+    np = numpy()
     try:
         text = data.decode("utf-8")  # repr() of non-ASCII field names, encoded
         descr, shape = _parse_header(text)
@@ -686,7 +682,7 @@ class StoreView:
         if head is not None:
             try:
                 empty = _decode(_VT_NDARRAY, head, len(self.memory))
-                np = _np()
+                np = numpy()
                 if empty.nbytes:  # not for no elements, or elements of no bytes
                     arr = np.frombuffer(raw, dtype=empty.dtype).reshape(empty.shape)
                 else:

@@ -128,7 +128,7 @@ lock(Ctx *c, int64_t deadline)
     if (r < 0)
         return -1;
     if (r == 0) {
-        char who[160];
+        char who[SHM_HOLDER_PHRASE];
         PyErr_Format(shm_state_of((PyObject *)OBJ(c))->Timeout,
                      "could not lock heap %R before the timeout: it is held by %s (a "
                      "long compaction?); try again, or resume or end that process",

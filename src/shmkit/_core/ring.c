@@ -411,7 +411,7 @@ ring_lock(RingObject *r, MappingObject *m, uint32_t *word, uint32_t me, int64_t 
     ring_lock_ctx ctx = {r, word};
     int got = ring_lock_word(m, word, deadline, ring_lock_repair, &ctx);
     if (got == 0) {
-        char who[160];
+        char who[SHM_HOLDER_PHRASE];
         PyErr_Format(RING_ST(r)->Timeout, "channel %R: its %s lock stayed held by %s; try "
                      "again, or resume or end that process", r->name ? r->name : Py_None,
                      word == &r->h->clock ? "consumers'" : "producers'",

@@ -200,15 +200,13 @@ struct shm_attach_entry;
 struct shm_attach_entry *shm_attach_entry_at(MappingObject *m, uint32_t slot);
 /* 1 if the attachment named by token is alive, 0 if dead. */
 int shm_token_alive(MappingObject *m, uint32_t token);
-/* The pid of the attachment a lock-owner token names (0 when none, or when
- * alive_only and it is gone). */
-uint32_t shm_token_pid(MappingObject *m, uint32_t token, int alive_only);
 /* Names a lock's holder, from its lock word, for a Timeout message: "pid N",
  * "pid N, which is stopped (...)", "pid N, which has exited (...)", "this
  * process (...)", or "another process" when the word names no live entry.
  * A pid is printed only from an entry of the token's generation, at most
  * PID_MAX_LIMIT, and "stopped" only when /proc shows the entry's command
- * name.  Returns buf (160 bytes are enough). */
+ * name.  Returns buf, of SHM_HOLDER_PHRASE bytes (the longest phrase fits). */
+#define SHM_HOLDER_PHRASE 160
 const char *shm_holder_phrase(MappingObject *m, uint32_t word, char *buf, size_t n);
 /* Attach m (table_off and max_slots set) through fd: claim a free slot,
  * trying from start (attach_claim), or, for a readonly mapping, the shared

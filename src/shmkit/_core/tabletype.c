@@ -414,7 +414,7 @@ t_wait_even(TableObject *t, uint64_t *e)
     if (r < 0)
         return -1;
     if (r == 0) {
-        char who[160], secs[32];
+        char who[SHM_HOLDER_PHRASE], secs[32];
         snprintf(secs, sizeof secs, "%.3g", t->c.read_timeout_ns / 1e9);
         PyErr_Format(ST(t)->Timeout,
                      "a batch was being published for longer than the store's "
@@ -624,7 +624,7 @@ t_lock(TableObject *t)
     shm_pin(t->mapping);
     int r = shm_lock_acquire_repair(t->c.m, &HDR(&t->c)->lock, deadline, NULL, t_repair, t);
     if (r <= 0) {
-        char who[160];
+        char who[SHM_HOLDER_PHRASE];
         if (r == 0) /* named while still pinned */
             shm_holder_phrase(t->c.m, LDA(&HDR(&t->c)->lock), who, sizeof who);
         shm_unpin(t->mapping); /* after a failed repair the lock is released */

@@ -31,7 +31,8 @@ from ..errors import (
     UnsupportedTypeError,
     ValueTooLargeError,
 )
-from ..store import _VT_NDARRAY, _VT_PICKLE, _decode, _encode_pickle, _encode_plain, _np
+from .._lazy import numpy
+from ..store import _VT_NDARRAY, _VT_PICKLE, _decode, _encode_pickle, _encode_plain
 from ._base import (
     RedisNamespace,
     RedisObject,
@@ -188,7 +189,7 @@ def decode_value(data: bytes, pickled: bool) -> Any:
                 raise CorruptError("a Redis store array value has an unreadable "
                                    "header") from None
             if len(body):
-                np = _np()
+                np = numpy()
                 arr.reshape(-1).view(np.uint8)[:] = np.frombuffer(body, np.uint8)
             return arr
     if vt == _VT_PICKLE:
