@@ -498,10 +498,65 @@ def test_ctrl_c_while_a_fork_waits_for_a_lazy_import_reaches_the_program(tmp_pat
             if done:
                 print("child exit", os.waitstatus_to_exitcode(status))
             time.sleep(0.01)
-        free = []  # from another thread: the lock is reentrant
-        other = threading.Thread(target=lambda: free.append(_lazy._lock.acquire(timeout=1)))
-        other.start(); other.join()
-        print("lock free", free[0])
+        # The gate is open: another thread's first import goes through.
+        open(os.path.join(sys.argv[1], "othermod.py"), "w").write("VALUE = 1\\n")
+        other = threading.Thread(target=_lazy.load, args=("othermod",), daemon=True)
+        other.start(); other.join(10)
+        print("lock free", not other.is_alive())
     """, str(tmp_path), timeout=60)
     assert proc.stdout.split("\n")[:3] == ["KeyboardInterrupt", "child exit 7", "lock free True"], \
         (proc.stdout, proc.stderr)
+
+
+def test_ctrl_c_storm_around_forks_during_lazy_imports_leaves_the_gate_open(tmp_path) -> None:
+    # Interrupts every 20-300 us while the main thread forks and other threads
+    # import lazily: every child can import (none was forked inside an
+    # import), no Ctrl-C stops the gate working, and it stays open afterwards.
+    for i in range(12):
+        (tmp_path / f"slow{i}.py").write_text("import time\ntime.sleep(0.05)\n")
+    proc = run_python("""
+        import os, random, signal, sys, threading, time
+        sys.path.insert(0, sys.argv[1])
+        from shmkit import _lazy
+        def ctrl_c(*a):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGALRM, ctrl_c)
+        interrupts = 0
+        for i in range(12):
+            t = threading.Thread(target=_lazy.load, args=(f"slow{i}",), daemon=True)
+            t.start()
+            for _ in range(10):
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, random.uniform(20e-6, 300e-6))
+                    if os.fork() == 0:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+                        _lazy.load(f"slow{i}")
+                        os._exit(7)
+                    time.sleep(0.001)
+                except KeyboardInterrupt:
+                    interrupts += 1
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            t.join(30)
+        exits, deadline = [], time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                exits.append(os.waitstatus_to_exitcode(status))
+            else:
+                time.sleep(0.01)
+        else:
+            print("a child hung")
+        open(os.path.join(sys.argv[1], "othermod.py"), "w").write("VALUE = 1\\n")
+        other = threading.Thread(target=_lazy.load, args=("othermod",), daemon=True)
+        t0 = time.monotonic()
+        other.start(); other.join(10)
+        print("children:", len(exits) > 0, "all 7:", set(exits) <= {7})
+        print("gate open:", not other.is_alive() and time.monotonic() - t0 < 5)
+        print("interrupted:", interrupts > 0)
+    """, str(tmp_path), timeout=180)
+    lines = proc.stdout.split("\n")
+    assert lines[:3] == ["children: True all 7: True", "gate open: True",
+                         "interrupted: True"], (proc.stdout, proc.stderr)

@@ -764,7 +764,7 @@ def test_a_timeout_names_a_holder_in_this_process_and_never_a_damaged_pid(name):
         slot = next(a["slot"] for a in m._seg.attachments() if a["pid"] == child.pid)
         table = shmkit._core.layouts["segment"]["attach_table"]
         entry = shmkit._core.layouts["attach_entry"]
-        for bad in (0xFFFFFFFF, 1 << 31, 4194305):
+        for bad in (0xFFFFFFFF, 1 << 31, 4194304):
             shmkit._core.store32(m._seg._mapping, table + slot * entry["bytes"] + entry["pid"],
                                  bad)
             with pytest.raises(shmkit.Timeout, match="held by another process; try again"):

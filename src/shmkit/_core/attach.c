@@ -438,10 +438,10 @@ py_attach_file_entry(PyObject *mod, PyObject *args)
     return entry_dict(slot, &e, alive);
 }
 
-/* The highest pid Linux hands out (PID_MAX_LIMIT): a larger one read from
- * an entry is damage, and printed it could read as a process group, or as
- * -1, to kill(1). */
-#define SHM_PID_MAX 4194304u
+/* Linux hands out pids below pid_max, at most PID_MAX_LIMIT: a larger one
+ * read from an entry is damage, and printed it could read as a process
+ * group, or as -1, to kill(1). */
+#define SHM_PID_LIMIT 4194304u
 
 static int
 gen_matches(struct shm_attach_entry *e, uint32_t token)
@@ -458,7 +458,7 @@ token_entry(MappingObject *m, uint32_t token, uint32_t *pid)
         return NULL;
     *pid = __atomic_load_n(&e->pid, __ATOMIC_RELAXED);
     /* the slot may have passed to a new owner between the two loads */
-    if (*pid == 0 || *pid > SHM_PID_MAX || !gen_matches(e, token))
+    if (*pid == 0 || *pid >= SHM_PID_LIMIT || !gen_matches(e, token))
         return NULL;
     return e;
 }

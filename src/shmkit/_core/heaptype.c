@@ -130,8 +130,8 @@ lock(Ctx *c, int64_t deadline)
     if (r == 0) {
         char who[SHM_HOLDER_PHRASE];
         PyErr_Format(shm_state_of((PyObject *)OBJ(c))->Timeout,
-                     "could not lock heap %R before the timeout: it is held by %s (a "
-                     "long compaction?); try again, or resume or end that process",
+                     "could not lock heap %R before the timeout: it is held by %s, "
+                     "perhaps in a long compaction; try again, or resume or end that process",
                      OBJ(c)->name,
                      shm_holder_phrase(m, __atomic_load_n((uint32_t *)(c->p + H_LOCK),
                                                           __ATOMIC_RELAXED), who, sizeof who));
