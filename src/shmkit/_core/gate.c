@@ -36,18 +36,20 @@ static pthread_mutex_t gate = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
 static int hooked;             /* the fork hooks are registered */
 static __thread int fork_held; /* times this thread's before-fork hooks took the gate */
 
-/* Take the gate within ns, with the GIL released: 1 taken, 0 not. */
+/* Take the gate within ns, with the GIL released: 1 taken, 0 not.  On the
+ * monotonic clock: a wall clock stepped back (NTP, a user) must not stretch
+ * a fork's wait, or the time between an import's signal checks. */
 static int
 gate_take(int64_t ns)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts); /* what pthread_mutex_timedlock reads */
+    clock_gettime(CLOCK_MONOTONIC, &ts);
     int64_t t = (int64_t)ts.tv_nsec + ns;
     ts.tv_sec += (time_t)(t / 1000000000LL);
     ts.tv_nsec = (long)(t % 1000000000LL);
     int r;
     Py_BEGIN_ALLOW_THREADS
-    r = pthread_mutex_timedlock(&gate, &ts);
+    r = pthread_mutex_clocklock(&gate, CLOCK_MONOTONIC, &ts);
     Py_END_ALLOW_THREADS
     return r == 0;
 }
