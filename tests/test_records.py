@@ -560,3 +560,36 @@ def test_ctrl_c_storm_around_forks_during_lazy_imports_leaves_the_gate_open(tmp_
     lines = proc.stdout.split("\n")
     assert lines[:3] == ["children: True all 7: True", "gate open: True",
                          "interrupted: True"], (proc.stdout, proc.stderr)
+
+
+def test_a_fork_made_by_c_code_while_a_thread_imports_lazily_gives_a_child_with_an_open_gate(
+        tmp_path) -> None:
+    # libc's fork() called directly (as a C library may) runs no os.fork()
+    # hooks: the child's copy of the gate, held by a thread it has not, must
+    # still start free, or its first lazy import waits for good.
+    (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(1.0)\n")
+    (tmp_path / "othermod.py").write_text("VALUE = 7\n")
+    proc = run_python("""
+        import ctypes, os, sys, threading, time
+        sys.path.insert(0, sys.argv[1])
+        from shmkit import _lazy
+        _lazy.load("json")  # the hooks are registered
+        t = threading.Thread(target=_lazy.load, args=("slowmod",), daemon=True)
+        t.start()
+        while "slowmod" not in sys.modules:
+            time.sleep(0.001)
+        pid = ctypes.CDLL(None, use_errno=True).fork()
+        if pid == 0:
+            os._exit(_lazy.load("othermod").VALUE)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                print("exit", os.waitstatus_to_exitcode(status))
+                break
+            time.sleep(0.01)
+        else:
+            os.kill(pid, 9)
+            print("the child hung")
+    """, str(tmp_path), timeout=60)
+    assert proc.stdout.strip() == "exit 7", (proc.stdout, proc.stderr)

@@ -21,9 +21,15 @@
  *                                    (late, so that they run before those
  *                                    of modules imported earlier: logging's
  *                                    takes a lock an import may need)
- *   gate_before_fork(), gate_after_fork_in_parent(), gate_after_fork_in_child()
+ *   gate_before_fork(), gate_after_fork_in_parent()
+ *
+ * The child's gate is reset by a pthread_atfork handler, not a Python hook:
+ * it then runs for every fork, also one made by C code that bypasses
+ * os.fork() and its hooks (the gate copied held by a thread the child has
+ * not would stop its first lazy import for good).
  */
 #include "shmkit.h"
+#include <errno.h>
 #include <pthread.h>
 #include <time.h>
 
@@ -35,6 +41,16 @@
 static pthread_mutex_t gate = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
 static int hooked;             /* the fork hooks are registered */
 static __thread int fork_held; /* times this thread's before-fork hooks took the gate */
+
+/* In the child, whose only thread is the one that forked: a gate it held
+ * (for the fork, or for an import it forked inside) starts afresh, free. */
+static void
+gate_reset_in_child(void)
+{
+    static const pthread_mutex_t fresh = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
+    fork_held = 0;
+    memcpy(&gate, &fresh, sizeof gate);
+}
 
 /* Take the gate within ns, with the GIL released: 1 taken, 0 not.  On the
  * monotonic clock: a wall clock stepped back (NTP, a user) must not stretch
@@ -54,20 +70,29 @@ gate_take(int64_t ns)
     return r == 0;
 }
 
-/* os.register_at_fork(before=..., after_in_parent=..., after_in_child=...)
- * with this module's own hooks (C functions: no bytecode runs in them). */
+/* os.register_at_fork(before=..., after_in_parent=...) with this module's
+ * own hooks (C functions: no bytecode runs in them), and the child's reset. */
 static int
 register_hooks(PyObject *mod)
 {
+    static int reset_registered;
+    if (!reset_registered) {
+        int e = pthread_atfork(NULL, NULL, gate_reset_in_child);
+        if (e != 0) {
+            errno = e;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        reset_registered = 1;
+    }
     PyObject *os = PyImport_ImportModule("os"), *reg = NULL, *args = NULL, *kw = NULL,
              *r = NULL;
     if (os == NULL || (reg = PyObject_GetAttrString(os, "register_at_fork")) == NULL ||
         (args = PyTuple_New(0)) == NULL || (kw = PyDict_New()) == NULL)
         goto done;
     static const char *hooks[][2] = {{"before", "gate_before_fork"},
-                                     {"after_in_parent", "gate_after_fork_in_parent"},
-                                     {"after_in_child", "gate_after_fork_in_child"}};
-    for (size_t i = 0; i < 3; i++) {
+                                     {"after_in_parent", "gate_after_fork_in_parent"}};
+    for (size_t i = 0; i < 2; i++) {
         PyObject *f = PyObject_GetAttrString(mod, hooks[i][1]);
         if (f == NULL || PyDict_SetItemString(kw, hooks[i][0], f) < 0) {
             Py_XDECREF(f);
@@ -129,17 +154,6 @@ py_gate_after_fork_in_parent(PyObject *mod, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
-static PyObject *
-py_gate_after_fork_in_child(PyObject *mod, PyObject *Py_UNUSED(ignored))
-{
-    /* The child's only thread is the one that forked: a gate it held (for
-     * the fork, or for an import it forked inside) starts afresh, free. */
-    static const pthread_mutex_t fresh = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
-    fork_held = 0;
-    memcpy(&gate, &fresh, sizeof gate);
-    Py_RETURN_NONE;
-}
-
 PyMethodDef shm_gate_methods[] = {
     {"import_gated", py_import_gated, METH_O,
      "import_gated($module, name, /)\n--\n\n"
@@ -149,7 +163,5 @@ PyMethodDef shm_gate_methods[] = {
      "gate_before_fork($module, /)\n--\n\nA fork hook: wait for an import under way."},
     {"gate_after_fork_in_parent", py_gate_after_fork_in_parent, METH_NOARGS,
      "gate_after_fork_in_parent($module, /)\n--\n\nA fork hook: open the gate again."},
-    {"gate_after_fork_in_child", py_gate_after_fork_in_child, METH_NOARGS,
-     "gate_after_fork_in_child($module, /)\n--\n\nA fork hook: a fresh gate in the child."},
     {NULL, NULL, 0, NULL},
 };
