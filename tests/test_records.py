@@ -463,23 +463,33 @@ def test_a_fork_while_another_thread_imports_numpy_gives_a_child_that_can_use_it
         assert proc.stdout.strip() == "exit 0", (delay, proc.stdout, proc.stderr)
 
 
-def test_ctrl_c_while_a_fork_waits_for_a_lazy_import_reaches_the_program(tmp_path) -> None:
+@pytest.mark.parametrize("logging_imported", ["never", "before", "after"])
+def test_ctrl_c_while_a_fork_waits_for_a_lazy_import_reaches_the_program(
+        tmp_path, logging_imported: str) -> None:
     # The fork waits for the import under way, and the KeyboardInterrupt
-    # raised meanwhile is not dropped (CPython drops a fork hook's exception).
-    (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(1.0)\nVALUE = 7\n")
+    # raised meanwhile is not dropped (CPython drops a fork hook's exception):
+    # nor inside logging's fork hooks, Python code that takes and releases
+    # its lock, whichever was imported first.  The import itself uses
+    # logging, whose lock logging's before-fork hook holds once it has run.
+    (tmp_path / "slowmod.py").write_text(
+        "import sys, time\ntime.sleep(1.0)\n"
+        "if 'logging' in sys.modules:\n    sys.modules['logging'].getLogger('slowmod')\n"
+        "VALUE = 7\n")
     proc = run_python("""
         import os, signal, sys, threading, time
         sys.path.insert(0, sys.argv[1])
+        if sys.argv[2] == "before":
+            import logging
         from shmkit import _lazy
+        _lazy.load("json")  # the gate's fork hooks are registered
+        if sys.argv[2] == "after":
+            import logging
         t = threading.Thread(target=_lazy.load, args=("slowmod",))
         t.start()
         while "slowmod" not in sys.modules:
             time.sleep(0.001)
-        def ctrl_c(*a):
-            raise KeyboardInterrupt
-        signal.signal(signal.SIGALRM, ctrl_c)
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
-        pid = None
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        pid, t0 = None, time.monotonic()
         try:
             pid = os.fork()
             if pid == 0:
@@ -488,6 +498,7 @@ def test_ctrl_c_while_a_fork_waits_for_a_lazy_import_reaches_the_program(tmp_pat
             print("no KeyboardInterrupt")
         except KeyboardInterrupt:
             print("KeyboardInterrupt")
+        print("fork waited for the import only:", time.monotonic() - t0 < 3)
         t.join()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:  # the child's pid may be lost with the interrupt
@@ -498,14 +509,23 @@ def test_ctrl_c_while_a_fork_waits_for_a_lazy_import_reaches_the_program(tmp_pat
             if done:
                 print("child exit", os.waitstatus_to_exitcode(status))
             time.sleep(0.01)
+        else:
+            print("a child hung", flush=True)
+            os.killpg(0, signal.SIGKILL)  # its own session: the hung child too
         # The gate is open: another thread's first import goes through.
         open(os.path.join(sys.argv[1], "othermod.py"), "w").write("VALUE = 1\\n")
         other = threading.Thread(target=_lazy.load, args=("othermod",), daemon=True)
         other.start(); other.join(10)
         print("lock free", not other.is_alive())
-    """, str(tmp_path), timeout=60)
-    assert proc.stdout.split("\n")[:3] == ["KeyboardInterrupt", "child exit 7", "lock free True"], \
-        (proc.stdout, proc.stderr)
+        import logging
+        other = threading.Thread(target=logging.getLogger, args=("other",), daemon=True)
+        other.start(); other.join(10)
+        print("logging free", not other.is_alive())
+    """, str(tmp_path), logging_imported, timeout=60, check=False, start_new_session=True)
+    assert proc.stdout.split("\n")[:5] == [
+        "KeyboardInterrupt", "fork waited for the import only: True", "child exit 7",
+        "lock free True", "logging free True"], (proc.stdout, proc.stderr)
+    assert "Exception ignored" not in proc.stderr, proc.stderr
 
 
 def test_ctrl_c_storm_around_forks_during_lazy_imports_leaves_the_gate_open(tmp_path) -> None:
@@ -548,7 +568,8 @@ def test_ctrl_c_storm_around_forks_during_lazy_imports_leaves_the_gate_open(tmp_
             else:
                 time.sleep(0.01)
         else:
-            print("a child hung")
+            print("a child hung", flush=True)
+            os.killpg(0, signal.SIGKILL)  # its own session: the hung children too
         open(os.path.join(sys.argv[1], "othermod.py"), "w").write("VALUE = 1\\n")
         other = threading.Thread(target=_lazy.load, args=("othermod",), daemon=True)
         t0 = time.monotonic()
@@ -556,7 +577,7 @@ def test_ctrl_c_storm_around_forks_during_lazy_imports_leaves_the_gate_open(tmp_
         print("children:", len(exits) > 0, "all 7:", set(exits) <= {7})
         print("gate open:", not other.is_alive() and time.monotonic() - t0 < 5)
         print("interrupted:", interrupts > 0)
-    """, str(tmp_path), timeout=180)
+    """, str(tmp_path), timeout=180, check=False, start_new_session=True)
     lines = proc.stdout.split("\n")
     assert lines[:3] == ["children: True all 7: True", "gate open: True",
                          "interrupted: True"], (proc.stdout, proc.stderr)
@@ -578,7 +599,7 @@ def test_a_fork_made_by_c_code_while_a_thread_imports_lazily_gives_a_child_with_
         t.start()
         while "slowmod" not in sys.modules:
             time.sleep(0.001)
-        pid = ctypes.CDLL(None, use_errno=True).fork()
+        pid = ctypes.PyDLL(None).fork()  # keeps the GIL, which the child then has
         if pid == 0:
             os._exit(_lazy.load("othermod").VALUE)
         deadline = time.monotonic() + 20
@@ -593,3 +614,76 @@ def test_a_fork_made_by_c_code_while_a_thread_imports_lazily_gives_a_child_with_
             print("the child hung")
     """, str(tmp_path), timeout=60)
     assert proc.stdout.strip() == "exit 7", (proc.stdout, proc.stderr)
+
+
+def test_a_sub_interpreter_importing_lazily_first_leaves_the_main_interpreters_forks_gated(
+        tmp_path) -> None:
+    # os.register_at_fork keeps hooks per interpreter: the main interpreter
+    # registers its own even when a sub-interpreter passed the gate first.
+    pytest.importorskip("_xxsubinterpreters")
+    (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(0.6)\nVALUE = 7\n")
+    proc = run_python("""
+        import os, sys, threading, time
+        import _xxsubinterpreters as interpreters
+        sys.path.insert(0, sys.argv[1])
+        sub = interpreters.create()
+        interpreters.run_string(sub, "from shmkit import _lazy; _lazy.load('json')")
+        interpreters.destroy(sub)
+        from shmkit import _lazy
+        t = threading.Thread(target=_lazy.load, args=("slowmod",), daemon=True)
+        t.start()
+        while "slowmod" not in sys.modules:
+            time.sleep(0.001)
+        t0 = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(_lazy.load("slowmod").VALUE)
+        print("fork waited for the import:", time.monotonic() - t0 > 0.2)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                print("exit", os.waitstatus_to_exitcode(status))
+                break
+            time.sleep(0.01)
+        else:
+            os.kill(pid, 9)
+            print("the child hung")
+    """, str(tmp_path), timeout=60)
+    assert proc.stdout.split("\n")[:2] == ["fork waited for the import: True", "exit 7"], \
+        (proc.stdout, proc.stderr)
+
+
+def test_an_import_waiting_for_the_gate_behind_a_cycle_goes_on_after_a_bounded_wait(
+        tmp_path) -> None:
+    # Thread A holds the gate for x, whose import needs y's module lock;
+    # thread B holds y's lock, and y's top level waits for the gate.  Import
+    # locks see one another's cycles, not this one: B's wait is bounded, and
+    # both imports end.  At exit, a wait for a gate held by a frozen daemon
+    # thread ends too.
+    (tmp_path / "x.py").write_text("import time\ntime.sleep(0.2)\nimport y\n")
+    (tmp_path / "y.py").write_text(
+        "import time\ntime.sleep(0.1)\nfrom shmkit import _lazy\n_lazy.load('z')\n")
+    (tmp_path / "z.py").write_text("VALUE = 1\n")
+    (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(30)\n")
+    proc = run_python("""
+        import sys, threading, time
+        sys.path.insert(0, sys.argv[1])
+        from shmkit import _core, _lazy
+        a = threading.Thread(target=_lazy.load, args=("x",), daemon=True)
+        b = threading.Thread(target=__import__, args=("y",), daemon=True)
+        a.start(); time.sleep(0.05); b.start()
+        a.join(20); b.join(5)
+        print("both imported:", not a.is_alive() and not b.is_alive())
+        class AtExit:
+            def __del__(self):
+                try:
+                    _core.import_gated("z")
+                except ImportError:
+                    pass
+        keep = AtExit(); keep.self = keep  # collected as the interpreter ends
+        threading.Thread(target=_lazy.load, args=("slowmod",), daemon=True).start()
+        while "slowmod" not in sys.modules:
+            time.sleep(0.001)
+    """, str(tmp_path), timeout=60)
+    assert proc.stdout.split("\n")[:1] == ["both imported: True"], (proc.stdout, proc.stderr)

@@ -6,22 +6,29 @@
  * thread at that moment inherits them, held by a thread it does not have,
  * and its first use of the module waits for them forever.  So every such
  * import passes a gate that a fork also passes: a fork waits for an import
- * under way (at most GATE_FORK_WAIT_NS, in case a fork hook registered
- * later holds a lock the import needs), and no child starts inside one.
+ * under way, and no child starts inside one.
+ *
+ * Both waits end after GATE_WAIT_NS and go on without the gate, as they
+ * would have before anything was imported lazily: a fork hook registered
+ * after ours may hold a lock the import needs, and an import may wait for a
+ * thread or a module lock that itself waits for the gate (import locks see
+ * one another's cycles, not this one).  Neither happens with the modules
+ * shmkit imports this way; the bound keeps either from hanging for good.
  *
  * Every step is C.  Python fork hooks can be interrupted by a signal
  * handler (Ctrl-C) between two bytecodes, and CPython then forks anyway and
  * drops the exception: the gate was skipped, or left held for good.  Here a
- * signal that arrives while a fork waits stays pending, and reaches the
- * program when fork() has returned; an import's wait for the gate runs the
- * handlers between slices, with nothing held.
+ * signal that arrives while a fork waits stays pending.  A Ctrl-C is held
+ * back until the hooks registered before ours have run after the fork too:
+ * logging's take and release its lock in Python code, where it would be
+ * dropped (and the lock left held).  So that ours run around logging's,
+ * another pair is registered once logging is imported after the first.  An
+ * import's wait for the gate runs the handlers between slices, with
+ * nothing held.
  *
  *   import_gated(name) -> module     import name through the gate; the
- *                                    first call registers the fork hooks
- *                                    (late, so that they run before those
- *                                    of modules imported earlier: logging's
- *                                    takes a lock an import may need)
- *   gate_before_fork(), gate_after_fork_in_parent()
+ *                                    first call in an interpreter registers
+ *                                    the fork hooks
  *
  * The child's gate is reset by a pthread_atfork handler, not a Python hook:
  * it then runs for every fork, also one made by C code that bypasses
@@ -31,16 +38,25 @@
 #include "shmkit.h"
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <time.h>
 
-#define GATE_FORK_WAIT_NS 5000000000LL
+#define GATE_WAIT_NS 5000000000LL
 #define GATE_SLICE_NS 50000000LL
+
+#if PY_VERSION_HEX >= 0x030D0000
+#define gate_finalizing() Py_IsFinalizing()
+#else
+#define gate_finalizing() _Py_IsFinalizing()
+#endif
 
 /* Recursive: an import through the gate may import another through it,
  * and a thread may fork from inside one. */
 static pthread_mutex_t gate = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
-static int hooked;             /* the fork hooks are registered */
-static __thread int fork_held; /* times this thread's before-fork hooks took the gate */
+/* Per forking thread, from its before-fork hooks to its after-fork ones: */
+static __thread int fork_waited;    /* a hook has waited for the gate */
+static __thread int fork_held;      /* times the hooks took it */
+static __thread int interrupt_held; /* a Ctrl-C held back across the fork */
 
 /* In the child, whose only thread is the one that forked: a gate it held
  * (for the fork, or for an import it forked inside) starts afresh, free. */
@@ -48,7 +64,8 @@ static void
 gate_reset_in_child(void)
 {
     static const pthread_mutex_t fresh = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
-    fork_held = 0;
+    fork_waited = fork_held = 0;
+    interrupt_held = 0; /* the parent's, as CPython clears pending signals in a child */
     memcpy(&gate, &fresh, sizeof gate);
 }
 
@@ -70,11 +87,92 @@ gate_take(int64_t ns)
     return r == 0;
 }
 
-/* os.register_at_fork(before=..., after_in_parent=...) with this module's
- * own hooks (C functions: no bytecode runs in them), and the child's reset. */
+/* 1 if logging is imported (it registers its fork hooks then), 0 if not,
+ * -1 with an exception. */
 static int
-register_hooks(PyObject *mod)
+logging_imported(void)
 {
+    PyObject *name = PyUnicode_FromString("logging");
+    if (name == NULL)
+        return -1;
+    PyObject *m = PyImport_GetModule(name);
+    Py_DECREF(name);
+    if (m == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    Py_DECREF(m);
+    return 1;
+}
+
+static int register_pair(PyObject *mod);
+
+/* Once logging is imported after our only pair, a second pair after its
+ * hooks.  A failure leaves the hooks as they are (a hook must not raise). */
+static void
+follow_logging(PyObject *mod)
+{
+    shm_state *st = shm_mod_state(mod);
+    if (st->gate_hooks == 1 && !st->gate_after_logging &&
+        (logging_imported() != 1 || register_pair(mod) < 0))
+        PyErr_Clear();
+}
+
+/* The fork hooks: C functions with the module as self, so that no
+ * bytecode runs in them.  With two pairs registered, the newer runs first
+ * before a fork (it waits; the older takes the gate again at once) and
+ * last after it (it gives the Ctrl-C back). */
+static PyObject *
+hook_before(PyObject *mod, PyObject *Py_UNUSED(ignored))
+{
+    /* No signal checks while waiting: see the top of this file. */
+    fork_held += gate_take(fork_waited ? 0 : GATE_WAIT_NS);
+    fork_waited = 1;
+    /* A Ctrl-C that came meanwhile would be raised in the next Python
+     * hook: hold it back.  (Only the main thread's hooks run handlers.) */
+    if (PyOS_InterruptOccurred())
+        interrupt_held++;
+    follow_logging(mod); /* this fork's after-hooks include the new pair's */
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+hook_after_in_parent(PyObject *mod, int pair)
+{
+    fork_waited = 0;
+    if (fork_held > 0) { /* the fork is made: the gate may open before the last hook */
+        fork_held--;
+        pthread_mutex_unlock(&gate);
+    }
+    if (pair == shm_mod_state(mod)->gate_hooks - 1 && interrupt_held > 0) {
+        interrupt_held = 0; /* the other hooks have run */
+        PyErr_SetInterruptEx(SIGINT);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+after_0(PyObject *mod, PyObject *Py_UNUSED(ignored))
+{
+    return hook_after_in_parent(mod, 0);
+}
+static PyObject *
+after_1(PyObject *mod, PyObject *Py_UNUSED(ignored))
+{
+    return hook_after_in_parent(mod, 1);
+}
+
+static PyMethodDef hook_defs[2][2] = {
+    {{"gate_before_fork", hook_before, METH_NOARGS, NULL},
+     {"gate_after_fork_in_parent", after_0, METH_NOARGS, NULL}},
+    {{"gate_before_fork", hook_before, METH_NOARGS, NULL},
+     {"gate_after_fork_in_parent", after_1, METH_NOARGS, NULL}},
+};
+
+/* os.register_at_fork(before=..., after_in_parent=...) with the next pair;
+ * the first time, the child's reset too. */
+static int
+register_pair(PyObject *mod)
+{
+    shm_state *st = shm_mod_state(mod);
     static int reset_registered;
     if (!reset_registered) {
         int e = pthread_atfork(NULL, NULL, gate_reset_in_child);
@@ -85,27 +183,33 @@ register_hooks(PyObject *mod)
         }
         reset_registered = 1;
     }
+    int i = st->gate_hooks;
+    if (i >= 2)
+        return 0;
     PyObject *os = PyImport_ImportModule("os"), *reg = NULL, *args = NULL, *kw = NULL,
-             *r = NULL;
+             *before = NULL, *after = NULL, *r = NULL;
     if (os == NULL || (reg = PyObject_GetAttrString(os, "register_at_fork")) == NULL ||
-        (args = PyTuple_New(0)) == NULL || (kw = PyDict_New()) == NULL)
+        (args = PyTuple_New(0)) == NULL || (kw = PyDict_New()) == NULL ||
+        (before = PyCFunction_New(&hook_defs[i][0], mod)) == NULL ||
+        (after = PyCFunction_New(&hook_defs[i][1], mod)) == NULL ||
+        PyDict_SetItemString(kw, "before", before) < 0 ||
+        PyDict_SetItemString(kw, "after_in_parent", after) < 0)
         goto done;
-    static const char *hooks[][2] = {{"before", "gate_before_fork"},
-                                     {"after_in_parent", "gate_after_fork_in_parent"}};
-    for (size_t i = 0; i < 2; i++) {
-        PyObject *f = PyObject_GetAttrString(mod, hooks[i][1]);
-        if (f == NULL || PyDict_SetItemString(kw, hooks[i][0], f) < 0) {
-            Py_XDECREF(f);
-            goto done;
-        }
-        Py_DECREF(f);
-    }
+    int after_logging = logging_imported(); /* read before registering */
+    if (after_logging < 0)
+        goto done;
     r = PyObject_Call(reg, args, kw);
+    if (r != NULL) {
+        st->gate_hooks = i + 1;
+        st->gate_after_logging = after_logging;
+    }
 done:
     Py_XDECREF(os);
     Py_XDECREF(reg);
     Py_XDECREF(args);
     Py_XDECREF(kw);
+    Py_XDECREF(before);
+    Py_XDECREF(after);
     if (r == NULL)
         return -1;
     Py_DECREF(r);
@@ -120,38 +224,24 @@ py_import_gated(PyObject *mod, PyObject *name)
                      Py_TYPE(name)->tp_name);
         return NULL;
     }
-    /* Before the gate is first taken: a fork that happened between taking
-     * it and registering would copy it held into a child that never
-     * opens it.  (Registered twice by a race, the hooks still pair up.) */
-    if (!hooked) {
-        if (register_hooks(mod) < 0)
-            return NULL;
-        hooked = 1;
-    }
-    while (!gate_take(GATE_SLICE_NS))
+    /* Before the gate is first taken, once per interpreter (each keeps its
+     * own fork hooks); a second pair once logging is imported. */
+    shm_state *st = shm_mod_state(mod);
+    if (st->gate_hooks == 0 && register_pair(mod) < 0)
+        return NULL;
+    follow_logging(mod);
+    int taken = 0;
+    for (int64_t waited = 0; waited < GATE_WAIT_NS && !gate_finalizing();
+         waited += GATE_SLICE_NS) {
+        if ((taken = gate_take(GATE_SLICE_NS)))
+            break;
         if (PyErr_CheckSignals() < 0)
             return NULL; /* Ctrl-C while waiting: nothing is held */
-    PyObject *m = PyImport_Import(name);
-    pthread_mutex_unlock(&gate);
-    return m;
-}
-
-static PyObject *
-py_gate_before_fork(PyObject *mod, PyObject *Py_UNUSED(ignored))
-{
-    /* No signal checks while waiting: see the top of this file. */
-    fork_held += gate_take(GATE_FORK_WAIT_NS);
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-py_gate_after_fork_in_parent(PyObject *mod, PyObject *Py_UNUSED(ignored))
-{
-    if (fork_held > 0) {
-        fork_held--;
-        pthread_mutex_unlock(&gate);
     }
-    Py_RETURN_NONE;
+    PyObject *m = PyImport_Import(name);
+    if (taken)
+        pthread_mutex_unlock(&gate);
+    return m;
 }
 
 PyMethodDef shm_gate_methods[] = {
@@ -159,9 +249,5 @@ PyMethodDef shm_gate_methods[] = {
      "import_gated($module, name, /)\n--\n\n"
      "Import the module name so that no fork happens while it is imported\n"
      "(a fork waits for it, up to 5 s).  shmkit._lazy.load() calls it once per name."},
-    {"gate_before_fork", py_gate_before_fork, METH_NOARGS,
-     "gate_before_fork($module, /)\n--\n\nA fork hook: wait for an import under way."},
-    {"gate_after_fork_in_parent", py_gate_after_fork_in_parent, METH_NOARGS,
-     "gate_after_fork_in_parent($module, /)\n--\n\nA fork hook: open the gate again."},
     {NULL, NULL, 0, NULL},
 };

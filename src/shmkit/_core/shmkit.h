@@ -89,6 +89,9 @@ typedef struct shm_state {
      * interpreter: objects must go back to the allocator that made them) */
     PyObject *special_spare[SHM_SPECIAL_SPARE];
     int special_nspare;
+    /* gate.c: this interpreter's pairs of fork hooks registered (0-2), and
+     * whether logging's hooks come before the newest */
+    int gate_hooks, gate_after_logging;
 } shm_state;
 
 extern struct PyModuleDef shm_module;
