@@ -687,3 +687,65 @@ def test_an_import_waiting_for_the_gate_behind_a_cycle_goes_on_after_a_bounded_w
             time.sleep(0.001)
     """, str(tmp_path), timeout=60)
     assert proc.stdout.split("\n")[:1] == ["both imported: True"], (proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("logging_imported", ["before", "after"])
+def test_an_outside_ctrl_c_storm_around_forks_leaves_logging_usable(logging_imported: str) -> None:
+    # A Ctrl-C from outside (a terminal's) landing during fork() itself was
+    # raised in the first Python code after it: logging's after-fork hook,
+    # where CPython drops it and logging's lock stays held.  With the gate's
+    # hooks registered, it is held back until every hook has run.
+    proc = run_python("""
+        import os, signal, subprocess, sys, threading
+        ballast = bytearray(100 << 20)
+        for i in range(0, len(ballast), 4096):
+            ballast[i] = 1  # a fork() that takes a while
+        if sys.argv[1] == "before":
+            import logging
+        from shmkit import _lazy
+        _lazy.load("json")  # the gate's fork hooks are registered
+        if sys.argv[1] == "after":
+            import logging
+        armed = False
+        def ctrl_c(*a):
+            if armed:
+                raise KeyboardInterrupt
+        signal.signal(signal.SIGINT, ctrl_c)
+        sender = subprocess.Popen([sys.executable, "-c", (
+            "import os, random, sys, time\\n"
+            "while True:\\n"
+            "    time.sleep(random.uniform(0.0002, 0.004))\\n"
+            "    try: os.kill(int(sys.argv[1]), 2)\\n"
+            "    except ProcessLookupError: sys.exit()\\n"), str(os.getpid())])
+        interrupted = 0
+        for _ in range(60):
+            try:
+                armed = True
+                pid = os.fork()
+                armed = False
+                if pid == 0:
+                    os._exit(0)
+                os.waitpid(pid, 0)
+            except KeyboardInterrupt:
+                armed = False
+                interrupted += 1
+        sender.kill(); sender.wait()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        while True:
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+        usable = []
+        def take_and_give_back():
+            usable.append(logging._lock.acquire(timeout=5))
+            if usable[0]:
+                logging._lock.release()
+        t = threading.Thread(target=take_and_give_back)
+        t.start(); t.join()
+        print("interrupted:", interrupted > 0)
+        print("logging's lock usable:", usable == [True])
+    """, logging_imported, timeout=120)
+    assert proc.stdout.split("\n")[:2] == ["interrupted: True", "logging's lock usable: True"], \
+        (proc.stdout, proc.stderr)
+    assert "Exception ignored" not in proc.stderr, proc.stderr

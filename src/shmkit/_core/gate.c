@@ -9,22 +9,25 @@
  * under way, and no child starts inside one.
  *
  * Both waits end after GATE_WAIT_NS and go on without the gate, as they
- * would have before anything was imported lazily: a fork hook registered
- * after ours may hold a lock the import needs, and an import may wait for a
- * thread or a module lock that itself waits for the gate (import locks see
- * one another's cycles, not this one).  Neither happens with the modules
- * shmkit imports this way; the bound keeps either from hanging for good.
+ * would have before anything was imported lazily, when a cycle the import
+ * locks cannot see holds them: a fork hook registered after ours that
+ * holds a lock the import needs (logging's, when the module imported
+ * through the gate is the first to import logging and then uses it), or an
+ * import that waits for a thread or a module lock that itself waits for
+ * the gate.  The parent then goes on after 5 s; a child forked so may hang,
+ * as it could before.  None of the modules shmkit imports this way (numpy,
+ * shmkit.records, ast, traceback) imports logging or sets up such a cycle.
  *
  * Every step is C.  Python fork hooks can be interrupted by a signal
  * handler (Ctrl-C) between two bytecodes, and CPython then forks anyway and
  * drops the exception: the gate was skipped, or left held for good.  Here a
- * signal that arrives while a fork waits stays pending.  A Ctrl-C is held
- * back until the hooks registered before ours have run after the fork too:
- * logging's take and release its lock in Python code, where it would be
- * dropped (and the lock left held).  So that ours run around logging's,
- * another pair is registered once logging is imported after the first.  An
- * import's wait for the gate runs the handlers between slices, with
- * nothing held.
+ * signal that arrives while a fork waits stays pending.  A Ctrl-C in the
+ * main thread's fork, from its first hook to its last, is held back and
+ * raised again once the hooks have run: logging's are Python code, where
+ * it would be dropped (and logging's lock left held).  So that ours run
+ * first before a fork and last after it, another pair is registered once
+ * logging is imported after the first.  An import's wait for the gate runs
+ * the handlers between slices, with nothing held.
  *
  *   import_gated(name) -> module     import name through the gate; the
  *                                    first call in an interpreter registers
@@ -58,6 +61,52 @@ static __thread int fork_waited;    /* a hook has waited for the gate */
 static __thread int fork_held;      /* times the hooks took it */
 static __thread int interrupt_held; /* a Ctrl-C held back across the fork */
 
+/* While the main thread forks, from its first before-fork hook to its last
+ * after-fork one, SIGINT only sets sigint_seen: Python's handler would trip
+ * a flag that the next Python code raises, and logging's hooks are Python
+ * code that CPython runs around the fork (an outside Ctrl-C landing during
+ * fork() itself was raised in logging's release, which then left its lock
+ * held).  The old action is put back, and the signal raised again to it,
+ * once the hooks have run. */
+static volatile sig_atomic_t sigint_seen;
+static struct sigaction sigint_saved;
+static int sigint_swapped; /* only the main thread swaps */
+
+static void
+record_sigint(int sig)
+{
+    (void)sig;
+    sigint_seen = 1;
+}
+
+static void
+sigint_hold(void)
+{
+    if (sigint_swapped || !_PyOS_IsMainThread())
+        return;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = record_sigint;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigint_seen = 0;
+    if (sigaction(SIGINT, &sa, &sigint_saved) == 0)
+        sigint_swapped = 1;
+}
+
+static void
+sigint_release(void)
+{
+    if (!sigint_swapped || !_PyOS_IsMainThread()) /* another thread's fork */
+        return;
+    sigaction(SIGINT, &sigint_saved, NULL);
+    sigint_swapped = 0;
+    if (sigint_seen) {
+        sigint_seen = 0;
+        raise(SIGINT); /* to the action put back: Python's, SIG_IGN or SIG_DFL */
+    }
+}
+
 /* In the child, whose only thread is the one that forked: a gate it held
  * (for the fork, or for an import it forked inside) starts afresh, free. */
 static void
@@ -66,6 +115,10 @@ gate_reset_in_child(void)
     static const pthread_mutex_t fresh = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
     fork_waited = fork_held = 0;
     interrupt_held = 0; /* the parent's, as CPython clears pending signals in a child */
+    if (sigint_swapped) {
+        sigaction(SIGINT, &sigint_saved, NULL);
+        sigint_swapped = sigint_seen = 0;
+    }
     memcpy(&gate, &fresh, sizeof gate);
 }
 
@@ -123,8 +176,10 @@ follow_logging(PyObject *mod)
 static PyObject *
 hook_before(PyObject *mod, PyObject *Py_UNUSED(ignored))
 {
-    /* No signal checks while waiting: see the top of this file. */
-    fork_held += gate_take(fork_waited ? 0 : GATE_WAIT_NS);
+    sigint_hold();
+    /* No signal checks while waiting: see the top of this file.  None at
+     * exit either: a thread frozen there may hold the gate. */
+    fork_held += gate_take(fork_waited || gate_finalizing() ? 0 : GATE_WAIT_NS);
     fork_waited = 1;
     /* A Ctrl-C that came meanwhile would be raised in the next Python
      * hook: hold it back.  (Only the main thread's hooks run handlers.) */
@@ -142,9 +197,12 @@ hook_after_in_parent(PyObject *mod, int pair)
         fork_held--;
         pthread_mutex_unlock(&gate);
     }
-    if (pair == shm_mod_state(mod)->gate_hooks - 1 && interrupt_held > 0) {
-        interrupt_held = 0; /* the other hooks have run */
-        PyErr_SetInterruptEx(SIGINT);
+    if (pair == shm_mod_state(mod)->gate_hooks - 1) { /* the other hooks have run */
+        sigint_release();
+        if (interrupt_held > 0) {
+            interrupt_held = 0;
+            PyErr_SetInterruptEx(SIGINT);
+        }
     }
     Py_RETURN_NONE;
 }
