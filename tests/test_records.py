@@ -6,6 +6,7 @@ import ctypes
 import json
 import os
 import pickle
+import signal
 import struct
 import time
 
@@ -749,3 +750,79 @@ def test_an_outside_ctrl_c_storm_around_forks_leaves_logging_usable(logging_impo
     assert proc.stdout.split("\n")[:2] == ["interrupted: True", "logging's lock usable: True"], \
         (proc.stdout, proc.stderr)
     assert "Exception ignored" not in proc.stderr, proc.stderr
+
+
+def test_the_ctrl_c_hold_around_a_fork_leaves_sigints_action_as_the_program_set_it(
+        tmp_path) -> None:
+    # The main thread's fork swaps SIGINT's action for a recorder from the
+    # gate's first fork hook to its last.  An action a fork hook sets
+    # meanwhile stands; SIG_IGN is never swapped (children spawned by other
+    # threads meanwhile must inherit it); and a second pair of hooks
+    # registered while the after hooks run does not leave the recorder in.
+    (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(1.0)\n")
+    set_in_a_hook = run_python("""
+        import os, signal
+        os.register_at_fork(after_in_parent=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        from shmkit import _lazy
+        _lazy.load("json")
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        os.kill(os.getpid(), signal.SIGINT)
+        print("still alive")
+    """, check=False)
+    assert set_in_a_hook.returncode == -signal.SIGINT, (set_in_a_hook.stdout,
+                                                        set_in_a_hook.stderr)
+    ignored = run_python("""
+        import os, signal, subprocess, sys, threading, time
+        sys.path.insert(0, sys.argv[1])
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        from shmkit import _lazy
+        threading.Thread(target=_lazy.load, args=("slowmod",)).start()
+        while "slowmod" not in sys.modules:
+            time.sleep(0.001)
+        def spawn():
+            time.sleep(0.3)  # while the fork below waits
+            status = subprocess.run(["cat", "/proc/self/status"], capture_output=True,
+                                    text=True).stdout
+            mask = int(status.split("SigIgn:")[1].split()[0], 16)
+            print("child ignores SIGINT:", bool(mask & (1 << (signal.SIGINT - 1))))
+        spawner = threading.Thread(target=spawn)
+        spawner.start()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        spawner.join()
+    """, str(tmp_path))
+    assert ignored.stdout.strip() == "child ignores SIGINT: True", (ignored.stdout,
+                                                                    ignored.stderr)
+    registered_meanwhile = run_python("""
+        import os, signal, threading, time
+        go, done = threading.Event(), threading.Event()
+        def user_after():  # runs before the gate's after hook, and lets other threads in
+            go.set(); done.wait(5)
+        os.register_at_fork(after_in_parent=user_after)
+        from shmkit import _lazy
+        _lazy.load("json")
+        def second_pair():
+            go.wait()
+            import logging
+            _lazy.load("csv")  # registers the gate's second pair, after logging's
+            done.set()
+        threading.Thread(target=second_pair).start()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        for _ in range(2):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+                print("no KeyboardInterrupt")
+            except KeyboardInterrupt:
+                print("KeyboardInterrupt")
+    """)
+    assert registered_meanwhile.stdout.split("\n")[:2] == ["KeyboardInterrupt"] * 2, \
+        (registered_meanwhile.stdout, registered_meanwhile.stderr)

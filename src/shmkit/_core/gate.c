@@ -22,12 +22,14 @@
  * handler (Ctrl-C) between two bytecodes, and CPython then forks anyway and
  * drops the exception: the gate was skipped, or left held for good.  Here a
  * signal that arrives while a fork waits stays pending.  A Ctrl-C in the
- * main thread's fork, from its first hook to its last, is held back and
- * raised again once the hooks have run: logging's are Python code, where
- * it would be dropped (and logging's lock left held).  So that ours run
- * first before a fork and last after it, another pair is registered once
- * logging is imported after the first.  An import's wait for the gate runs
- * the handlers between slices, with nothing held.
+ * main thread's fork, from our first hook to our last, is held back and
+ * raised again once the hooks registered before ours have run: logging's
+ * are Python code, where it would be dropped (and logging's lock left
+ * held).  So that ours run first before a fork and last after it, another
+ * pair is registered once logging is imported after the first.  (A Python
+ * fork hook registered after ours still sees a Ctrl-C that lands in it, as
+ * it would without the gate.)  An import's wait for the gate runs the
+ * handlers between slices, with nothing held.
  *
  *   import_gated(name) -> module     import name through the gate; the
  *                                    first call in an interpreter registers
@@ -49,8 +51,18 @@
 
 #if PY_VERSION_HEX >= 0x030D0000
 #define gate_finalizing() Py_IsFinalizing()
+PyAPI_FUNC(int) _PyOS_IsMainThread(void); /* exported, no longer declared */
 #else
 #define gate_finalizing() _Py_IsFinalizing()
+#endif
+
+/* glibc before 2.30 has no clocklock: a deadline on the wall clock then. */
+#if defined(__GLIBC__) && !__GLIBC_PREREQ(2, 30)
+#define GATE_CLOCK CLOCK_REALTIME
+#define gate_lock_until(m, ts) pthread_mutex_timedlock((m), (ts))
+#else
+#define GATE_CLOCK CLOCK_MONOTONIC
+#define gate_lock_until(m, ts) pthread_mutex_clocklock((m), CLOCK_MONOTONIC, (ts))
 #endif
 
 /* Recursive: an import through the gate may import another through it,
@@ -61,16 +73,18 @@ static __thread int fork_waited;    /* a hook has waited for the gate */
 static __thread int fork_held;      /* times the hooks took it */
 static __thread int interrupt_held; /* a Ctrl-C held back across the fork */
 
-/* While the main thread forks, from its first before-fork hook to its last
+/* While the main thread forks, from our first before-fork hook to our last
  * after-fork one, SIGINT only sets sigint_seen: Python's handler would trip
  * a flag that the next Python code raises, and logging's hooks are Python
  * code that CPython runs around the fork (an outside Ctrl-C landing during
  * fork() itself was raised in logging's release, which then left its lock
  * held).  The old action is put back, and the signal raised again to it,
- * once the hooks have run. */
+ * in the after-fork hook of the newest pair this fork's before hooks saw
+ * (CPython runs the after hooks it listed when they began). */
 static volatile sig_atomic_t sigint_seen;
 static struct sigaction sigint_saved;
-static int sigint_swapped; /* only the main thread swaps */
+static int sigint_swapped;       /* only the main thread swaps */
+static int sigint_release_pair = -1; /* the pair whose after hook puts it back */
 
 static void
 record_sigint(int sig)
@@ -84,14 +98,21 @@ sigint_hold(void)
 {
     if (sigint_swapped || !_PyOS_IsMainThread())
         return;
+    /* Only a handler is swapped: SIG_IGN must reach children exec'd by other
+     * threads meanwhile (posix_spawn runs no fork handlers), and SIG_DFL
+     * holds nothing to give back. */
+    if (sigaction(SIGINT, NULL, &sigint_saved) != 0 || sigint_saved.sa_handler == SIG_IGN ||
+        sigint_saved.sa_handler == SIG_DFL)
+        return;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = record_sigint;
     sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
     sigint_seen = 0;
-    if (sigaction(SIGINT, &sa, &sigint_saved) == 0)
-        sigint_swapped = 1;
+    sigint_swapped = 1; /* before the swap: a child forked between the two restores */
+    if (sigaction(SIGINT, &sa, NULL) != 0)
+        sigint_swapped = 0;
 }
 
 static void
@@ -99,11 +120,15 @@ sigint_release(void)
 {
     if (!sigint_swapped || !_PyOS_IsMainThread()) /* another thread's fork */
         return;
-    sigaction(SIGINT, &sigint_saved, NULL);
+    /* Put back only our own: a hook may have set another action meanwhile
+     * (signal.signal), which stands. */
+    struct sigaction cur;
+    if (sigaction(SIGINT, NULL, &cur) == 0 && cur.sa_handler == record_sigint)
+        sigaction(SIGINT, &sigint_saved, NULL);
     sigint_swapped = 0;
     if (sigint_seen) {
         sigint_seen = 0;
-        raise(SIGINT); /* to the action put back: Python's, SIG_IGN or SIG_DFL */
+        raise(SIGINT); /* to the action now in place */
     }
 }
 
@@ -116,9 +141,12 @@ gate_reset_in_child(void)
     fork_waited = fork_held = 0;
     interrupt_held = 0; /* the parent's, as CPython clears pending signals in a child */
     if (sigint_swapped) {
-        sigaction(SIGINT, &sigint_saved, NULL);
+        struct sigaction cur;
+        if (sigaction(SIGINT, NULL, &cur) == 0 && cur.sa_handler == record_sigint)
+            sigaction(SIGINT, &sigint_saved, NULL);
         sigint_swapped = sigint_seen = 0;
     }
+    sigint_release_pair = -1;
     memcpy(&gate, &fresh, sizeof gate);
 }
 
@@ -129,13 +157,13 @@ static int
 gate_take(int64_t ns)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(GATE_CLOCK, &ts);
     int64_t t = (int64_t)ts.tv_nsec + ns;
     ts.tv_sec += (time_t)(t / 1000000000LL);
     ts.tv_nsec = (long)(t % 1000000000LL);
     int r;
     Py_BEGIN_ALLOW_THREADS
-    r = pthread_mutex_clocklock(&gate, CLOCK_MONOTONIC, &ts);
+    r = gate_lock_until(&gate, &ts);
     Py_END_ALLOW_THREADS
     return r == 0;
 }
@@ -186,6 +214,8 @@ hook_before(PyObject *mod, PyObject *Py_UNUSED(ignored))
     if (PyOS_InterruptOccurred())
         interrupt_held++;
     follow_logging(mod); /* this fork's after-hooks include the new pair's */
+    if (_PyOS_IsMainThread())
+        sigint_release_pair = shm_mod_state(mod)->gate_hooks - 1;
     Py_RETURN_NONE;
 }
 
@@ -197,7 +227,8 @@ hook_after_in_parent(PyObject *mod, int pair)
         fork_held--;
         pthread_mutex_unlock(&gate);
     }
-    if (pair == shm_mod_state(mod)->gate_hooks - 1) { /* the other hooks have run */
+    if (_PyOS_IsMainThread() && pair == sigint_release_pair) { /* the others have run */
+        sigint_release_pair = -1;
         sigint_release();
         if (interrupt_held > 0) {
             interrupt_held = 0;
