@@ -8,6 +8,7 @@ import os
 import pickle
 import signal
 import struct
+import textwrap
 import time
 
 import numpy as np
@@ -432,6 +433,22 @@ def test_importing_shmkit_leaves_numpy_out_until_an_array_kind_is_named() -> Non
         "6", "module 'shmkit' has no attribute 'NoSuchThing'"]
 
 
+# Prepended to a child program that forks: "exit N" once the child ends, or
+# "the child hung" (and it is killed) after 20 s.
+_CHILD_EXIT = """\
+import os as _os, time as _time
+def child_exit(pid):
+    deadline = _time.monotonic() + 20
+    while _time.monotonic() < deadline:
+        done, status = _os.waitpid(pid, _os.WNOHANG)
+        if done:
+            return f"exit {_os.waitstatus_to_exitcode(status)}"
+        _time.sleep(0.01)
+    _os.kill(pid, 9)
+    return "the child hung"
+"""
+
+
 @pytest.mark.parametrize("first_use", ["shmkit.Array", "seg.ndarray('u1')"])
 def test_a_fork_while_another_thread_imports_numpy_gives_a_child_that_can_use_it(
         first_use: str) -> None:
@@ -439,7 +456,7 @@ def test_a_fork_while_another_thread_imports_numpy_gives_a_child_that_can_use_it
     # its import locks held by a thread it does not have, and hang at its
     # first use of numpy; the fork waits for the import to end instead.
     for delay in ("0", "0.002", "0.01", "0.03", "0.06"):
-        proc = run_python(f"""
+        proc = run_python(_CHILD_EXIT + textwrap.dedent(f"""
             import os, sys, threading, time
             import shmkit
             seg = shmkit.Segment(None, size=16)
@@ -449,18 +466,9 @@ def test_a_fork_while_another_thread_imports_numpy_gives_a_child_that_can_use_it
             if pid == 0:
                 {first_use}
                 os._exit(0)
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    print("exit", os.waitstatus_to_exitcode(status))
-                    break
-                time.sleep(0.01)
-            else:
-                os.kill(pid, 9)
-                print("the child hung")
+            print(child_exit(pid))
             seg.close(); seg.unlink()
-        """, delay, timeout=60)
+        """), delay, timeout=60)
         assert proc.stdout.strip() == "exit 0", (delay, proc.stdout, proc.stderr)
 
 
@@ -591,7 +599,7 @@ def test_a_fork_made_by_c_code_while_a_thread_imports_lazily_gives_a_child_with_
     # still start free, or its first lazy import waits for good.
     (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(1.0)\n")
     (tmp_path / "othermod.py").write_text("VALUE = 7\n")
-    proc = run_python("""
+    proc = run_python(_CHILD_EXIT + textwrap.dedent("""
         import ctypes, os, sys, threading, time
         sys.path.insert(0, sys.argv[1])
         from shmkit import _lazy
@@ -603,17 +611,8 @@ def test_a_fork_made_by_c_code_while_a_thread_imports_lazily_gives_a_child_with_
         pid = ctypes.PyDLL(None).fork()  # keeps the GIL, which the child then has
         if pid == 0:
             os._exit(_lazy.load("othermod").VALUE)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                print("exit", os.waitstatus_to_exitcode(status))
-                break
-            time.sleep(0.01)
-        else:
-            os.kill(pid, 9)
-            print("the child hung")
-    """, str(tmp_path), timeout=60)
+        print(child_exit(pid))
+    """), str(tmp_path), timeout=60)
     assert proc.stdout.strip() == "exit 7", (proc.stdout, proc.stderr)
 
 
@@ -623,7 +622,7 @@ def test_a_sub_interpreter_importing_lazily_first_leaves_the_main_interpreters_f
     # registers its own even when a sub-interpreter passed the gate first.
     pytest.importorskip("_xxsubinterpreters")
     (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(0.6)\nVALUE = 7\n")
-    proc = run_python("""
+    proc = run_python(_CHILD_EXIT + textwrap.dedent("""
         import os, sys, threading, time
         import _xxsubinterpreters as interpreters
         sys.path.insert(0, sys.argv[1])
@@ -640,17 +639,8 @@ def test_a_sub_interpreter_importing_lazily_first_leaves_the_main_interpreters_f
         if pid == 0:
             os._exit(_lazy.load("slowmod").VALUE)
         print("fork waited for the import:", time.monotonic() - t0 > 0.2)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                print("exit", os.waitstatus_to_exitcode(status))
-                break
-            time.sleep(0.01)
-        else:
-            os.kill(pid, 9)
-            print("the child hung")
-    """, str(tmp_path), timeout=60)
+        print(child_exit(pid))
+    """), str(tmp_path), timeout=60)
     assert proc.stdout.split("\n")[:2] == ["fork waited for the import: True", "exit 7"], \
         (proc.stdout, proc.stderr)
 
