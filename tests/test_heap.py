@@ -198,6 +198,28 @@ def test_pinned_blocks_cannot_be_freed_or_resized(heap):
     heap.verify()
 
 
+def test_pins_are_counted_per_handle_and_only_a_pinning_handle_is_busy(heap):
+    h = heap.put(b"y" * 64)
+    other = Heap.open(heap.name)
+    try:
+        with heap.pin(h):
+            # the other handle has its own attach slot: it holds none of these
+            assert heap.pins_held() == 1 and other.pins_held() == 0
+            with other.pin(h), other.pin(h):
+                assert other.pins_held() == 2 and heap.pins_held() == 1
+                with pytest.raises(BusyError, match="2 pin"):
+                    other.close()
+            assert other.pins_held() == 0
+            other.close()  # its pins are gone: it closes though heap still pins
+            assert other.closed and heap.pins_held() == 1
+        fresh = Heap.open(heap.name)
+        assert fresh.pins_held() == 0
+        fresh.close()
+    finally:
+        other.close()
+    heap.verify()
+
+
 def test_realloc_keeps_content_and_handle(heap):
     a = heap.alloc(100)
     fill(heap, a)

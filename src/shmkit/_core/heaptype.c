@@ -19,6 +19,9 @@ typedef struct {
     PyObject *mapping;
     PyObject *name;
     PyObject *mv;       /* memoryview of the whole mapping; pins slice it */
+    int pinned;         /* a pin was ever asked through this object: only then
+                         * can its attachment hold one (pins_held() skips the
+                         * pin table, a page a fresh handle has not touched) */
 } HeapObject;
 
 /* The HeapObject an operation's Ctx belongs to. */
@@ -599,6 +602,7 @@ heap_pin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
                      "writable attachment", self->name);
         return NULL;
     }
+    self->pinned = 1; /* before any pin can exist */
     Ctx c;
     if (begin(self, &c, 1) < 0)
         return NULL;
@@ -668,7 +672,7 @@ static PyObject *
 heap_pins_held(HeapObject *self, PyObject *Py_UNUSED(ignored))
 {
     uint32_t me = self->core.m->token;
-    if (me == 0 || SHM_TOKEN_SLOT(me) >= self->core.max_slots)
+    if (!self->pinned || me == 0 || SHM_TOKEN_SLOT(me) >= self->core.max_slots)
         return PyLong_FromLong(0);
     Ctx c;
     if (begin(self, &c, 0) < 0)
