@@ -816,3 +816,85 @@ def test_the_ctrl_c_hold_around_a_fork_leaves_sigints_action_as_the_program_set_
     """)
     assert registered_meanwhile.stdout.split("\n")[:2] == ["KeyboardInterrupt"] * 2, \
         (registered_meanwhile.stdout, registered_meanwhile.stderr)
+
+
+def test_a_ctrl_c_held_across_a_fork_reaches_a_main_thread_that_blocks_sigint(
+        tmp_path) -> None:
+    # The main thread blocks SIGINT, so the kernel gives an outside Ctrl-C to
+    # another thread, whose handler trips the flag the main thread raises.  One
+    # that lands while a fork waits for a lazy import is held, then sent again
+    # to the process, not to the main thread (where it would stay pending).
+    (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(1.0)\n")
+    proc = run_python("""
+        import os, signal, sys, threading, time
+        sys.path.insert(0, sys.argv[1])
+        from shmkit import _lazy
+        _lazy.load("json")
+        stay = threading.Event()
+        threading.Thread(target=stay.wait, daemon=True).start()  # SIGINT not blocked there
+        threading.Thread(target=_lazy.load, args=("slowmod",)).start()
+        while "slowmod" not in sys.modules:
+            time.sleep(0.001)
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+            for _ in range(300):
+                time.sleep(0.01)
+            print("no KeyboardInterrupt")
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt")
+    """, str(tmp_path), timeout=60, check=False)
+    assert proc.stdout.strip() == "KeyboardInterrupt", (proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("held", ["held", "none"])
+def test_a_chaining_sigint_handler_installed_while_a_fork_waits_still_reaches_python(
+        tmp_path, held: str) -> None:
+    # faulthandler.register(chain=True), like many C libraries, keeps the
+    # action it finds and calls it after its own.  Installed while a fork
+    # holds SIGINT back, it finds the gate's recorder: every later Ctrl-C went
+    # to the recorder and was lost.  The recorder now passes such calls on to
+    # the action it displaced.
+    (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(1.0)\n")
+    proc = run_python("""
+        import faulthandler, os, signal, sys, threading, time
+        sys.path.insert(0, sys.argv[1])
+        from shmkit import _lazy
+        _lazy.load("json")
+        sink = open(os.devnull, "w")
+        threading.Thread(target=_lazy.load, args=("slowmod",)).start()
+        while "slowmod" not in sys.modules:
+            time.sleep(0.001)
+        threading.Timer(0.2, faulthandler.register, (signal.SIGINT,),
+                        {"file": sink, "chain": True}).start()
+        if sys.argv[2] == "held":  # and a Ctrl-C held across the fork
+            threading.Timer(0.4, os.kill, (os.getpid(), signal.SIGINT)).start()
+        def wait_for_it(send=False):
+            try:
+                if send:
+                    os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(300):
+                    time.sleep(0.01)
+                print("no KeyboardInterrupt")
+            except KeyboardInterrupt:
+                print("KeyboardInterrupt")
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+            if sys.argv[2] == "held":
+                wait_for_it()
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt")
+        for _ in range(2):
+            wait_for_it(send=True)
+        faulthandler.unregister(signal.SIGINT)  # puts back what it found: the recorder
+        wait_for_it(send=True)
+    """, str(tmp_path), held, timeout=60, check=False)
+    assert proc.stdout.split() == ["KeyboardInterrupt"] * (4 if held == "held" else 3), \
+        (proc.stdout, proc.stderr)

@@ -83,14 +83,35 @@ static __thread int interrupt_held; /* a Ctrl-C held back across the fork */
  * (CPython runs the after hooks it listed when they began). */
 static volatile sig_atomic_t sigint_seen;
 static struct sigaction sigint_saved;
-static int sigint_swapped;       /* only the main thread swaps */
+static volatile sig_atomic_t sigint_swapped; /* only the main thread swaps */
 static int sigint_release_pair = -1; /* the pair whose after hook puts it back */
 
+/* A handler installed while the recorder was SIGINT's action, and that
+ * chains to the action it found (faulthandler.register(chain=True), many C
+ * libraries), calls the recorder after the hold too.  It then forwards to
+ * what the recorder had displaced, as that handler would have chained to
+ * had it come a moment earlier.  Set once such a handler is seen. */
+static struct sigaction sigint_forward;
+static int sigint_forwarding; /* 0 none, 1 set, 2 calling it (atomic) */
+
 static void
-record_sigint(int sig)
+record_sigint(int sig, siginfo_t *info, void *ctx)
 {
-    (void)sig;
-    sigint_seen = 1;
+    if (sigint_swapped) {
+        sigint_seen = 1;
+        return;
+    }
+    /* Called by a chaining handler after the hold; never twice over (a
+     * forward target that chains back to us would loop: drop it there). */
+    int one = 1;
+    if (!__atomic_compare_exchange_n(&sigint_forwarding, &one, 2, 0, __ATOMIC_ACQUIRE,
+                                     __ATOMIC_RELAXED))
+        return;
+    if (sigint_forward.sa_flags & SA_SIGINFO)
+        sigint_forward.sa_sigaction(sig, info, ctx);
+    else if (sigint_forward.sa_handler != SIG_IGN && sigint_forward.sa_handler != SIG_DFL)
+        sigint_forward.sa_handler(sig);
+    __atomic_store_n(&sigint_forwarding, 1, __ATOMIC_RELEASE);
 }
 
 static void
@@ -106,8 +127,8 @@ sigint_hold(void)
         return;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
-    sa.sa_handler = record_sigint;
-    sa.sa_flags = SA_RESTART;
+    sa.sa_sigaction = record_sigint;
+    sa.sa_flags = SA_RESTART | SA_SIGINFO;
     sigemptyset(&sa.sa_mask);
     sigint_seen = 0;
     sigint_swapped = 1; /* before the swap: a child forked between the two restores */
@@ -123,12 +144,22 @@ sigint_release(void)
     /* Put back only our own: a hook may have set another action meanwhile
      * (signal.signal), which stands. */
     struct sigaction cur;
-    if (sigaction(SIGINT, NULL, &cur) == 0 && cur.sa_handler == record_sigint)
-        sigaction(SIGINT, &sigint_saved, NULL);
+    if (sigaction(SIGINT, NULL, &cur) == 0) {
+        if (cur.sa_sigaction == record_sigint) {
+            sigaction(SIGINT, &sigint_saved, NULL);
+        } else if (__atomic_load_n(&sigint_forwarding, __ATOMIC_RELAXED) == 0 &&
+                   sigint_saved.sa_sigaction != record_sigint) {
+            /* set during the hold: if it chains, it chains to the recorder */
+            sigint_forward = sigint_saved;
+            __atomic_store_n(&sigint_forwarding, 1, __ATOMIC_RELEASE);
+        }
+    }
     sigint_swapped = 0;
     if (sigint_seen) {
         sigint_seen = 0;
-        raise(SIGINT); /* to the action now in place */
+        /* To the process, as from outside: a main thread that blocks SIGINT
+         * leaves it to another thread, whose handler trips the flag. */
+        kill(getpid(), SIGINT);
     }
 }
 
@@ -142,7 +173,7 @@ gate_reset_in_child(void)
     interrupt_held = 0; /* the parent's, as CPython clears pending signals in a child */
     if (sigint_swapped) {
         struct sigaction cur;
-        if (sigaction(SIGINT, NULL, &cur) == 0 && cur.sa_handler == record_sigint)
+        if (sigaction(SIGINT, NULL, &cur) == 0 && cur.sa_sigaction == record_sigint)
             sigaction(SIGINT, &sigint_saved, NULL);
         sigint_swapped = sigint_seen = 0;
     }
