@@ -473,19 +473,24 @@ def test_a_fork_while_another_thread_imports_numpy_gives_a_child_that_can_use_it
 
 
 @pytest.mark.parametrize("logging_imported", ["never", "before", "after"])
+@pytest.mark.parametrize("fork", ["os.fork", "preexec_fn"])
 def test_ctrl_c_while_a_fork_waits_for_a_lazy_import_reaches_the_program(
-        tmp_path, logging_imported: str) -> None:
+        tmp_path, fork: str, logging_imported: str) -> None:
     # The fork waits for the import under way, and the KeyboardInterrupt
     # raised meanwhile is not dropped (CPython drops a fork hook's exception):
     # nor inside logging's fork hooks, Python code that takes and releases
     # its lock, whichever was imported first.  The import itself uses
     # logging, whose lock logging's before-fork hook holds once it has run.
+    # os.fork() waits before any fork hook runs, so it raises the interrupt
+    # with no child made; a fork with no such event (subprocess's, with
+    # preexec_fn) waits in the gate's before-fork hook, makes its child, and
+    # the interrupt is raised once the hooks have run.
     (tmp_path / "slowmod.py").write_text(
         "import sys, time\ntime.sleep(1.0)\n"
         "if 'logging' in sys.modules:\n    sys.modules['logging'].getLogger('slowmod')\n"
         "VALUE = 7\n")
     proc = run_python("""
-        import os, signal, sys, threading, time
+        import os, signal, subprocess, sys, threading, time
         sys.path.insert(0, sys.argv[1])
         if sys.argv[2] == "before":
             import logging
@@ -498,29 +503,33 @@ def test_ctrl_c_while_a_fork_waits_for_a_lazy_import_reaches_the_program(
         while "slowmod" not in sys.modules:
             time.sleep(0.001)
         threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
-        pid, t0 = None, time.monotonic()
+        t0 = time.monotonic()
         try:
-            pid = os.fork()
-            if pid == 0:
-                os._exit(_lazy.load("slowmod").VALUE)
+            if sys.argv[3] == "os.fork":
+                if os.fork() == 0:
+                    os._exit(_lazy.load("slowmod").VALUE)
+            else:
+                subprocess.Popen(["true"],
+                                 preexec_fn=lambda: os._exit(_lazy.load("slowmod").VALUE))
             time.sleep(5)
             print("no KeyboardInterrupt")
         except KeyboardInterrupt:
             print("KeyboardInterrupt")
         print("fork waited for the import only:", time.monotonic() - t0 < 3)
         t.join()
-        deadline = time.monotonic() + 20
+        children, deadline = [], time.monotonic() + 20
         while time.monotonic() < deadline:  # the child's pid may be lost with the interrupt
             try:
                 done, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if done:
-                print("child exit", os.waitstatus_to_exitcode(status))
+                children.append(os.waitstatus_to_exitcode(status))
             time.sleep(0.01)
         else:
             print("a child hung", flush=True)
             os.killpg(0, signal.SIGKILL)  # its own session: the hung child too
+        print("children exited", children)
         # The gate is open: another thread's first import goes through.
         open(os.path.join(sys.argv[1], "othermod.py"), "w").write("VALUE = 1\\n")
         other = threading.Thread(target=_lazy.load, args=("othermod",), daemon=True)
@@ -530,9 +539,11 @@ def test_ctrl_c_while_a_fork_waits_for_a_lazy_import_reaches_the_program(
         other = threading.Thread(target=logging.getLogger, args=("other",), daemon=True)
         other.start(); other.join(10)
         print("logging free", not other.is_alive())
-    """, str(tmp_path), logging_imported, timeout=60, check=False, start_new_session=True)
+    """, str(tmp_path), logging_imported, fork, timeout=60, check=False,
+                      start_new_session=True)
     assert proc.stdout.split("\n")[:5] == [
-        "KeyboardInterrupt", "fork waited for the import only: True", "child exit 7",
+        "KeyboardInterrupt", "fork waited for the import only: True",
+        "children exited " + ("[]" if fork == "os.fork" else "[7]"),
         "lock free True", "logging free True"], (proc.stdout, proc.stderr)
     assert "Exception ignored" not in proc.stderr, proc.stderr
 
@@ -898,3 +909,41 @@ def test_a_chaining_sigint_handler_installed_while_a_fork_waits_still_reaches_py
     """, str(tmp_path), held, timeout=60, check=False)
     assert proc.stdout.split() == ["KeyboardInterrupt"] * (4 if held == "held" else 3), \
         (proc.stdout, proc.stderr)
+
+
+def test_fork_hooks_registered_while_a_fork_waits_for_a_lazy_import_run_in_pairs(
+        tmp_path) -> None:
+    # A module imported by another thread while os.fork() waits for a lazy
+    # import registers its fork hooks then.  Were they registered once
+    # CPython had run the before-fork hooks, their after hooks would run
+    # alone: logging's released a lock it had not taken ("Exception
+    # ignored"), concurrent.futures' one that another thread held.  The wait
+    # comes before the hooks are listed, so both halves run.
+    (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(1.0)\n")
+    (tmp_path / "hookmod.py").write_text(
+        "import os\nCALLS = []\n"
+        "os.register_at_fork(before=lambda: CALLS.append('before'),\n"
+        "                    after_in_parent=lambda: CALLS.append('after'))\n")
+    proc = run_python("""
+        import os, sys, threading, time
+        sys.path.insert(0, sys.argv[1])
+        from shmkit import _lazy
+        _lazy.load("json")
+        assert "logging" not in sys.modules
+        threading.Thread(target=_lazy.load, args=("slowmod",)).start()
+        while "slowmod" not in sys.modules:
+            time.sleep(0.001)
+        def meanwhile():
+            time.sleep(0.2)
+            import hookmod, logging
+        importer = threading.Thread(target=meanwhile)
+        importer.start()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        importer.join()
+        print(sys.modules["hookmod"].CALLS)
+    """, str(tmp_path), timeout=60, check=False)
+    assert proc.stdout.strip() == "['before', 'after']", (proc.stdout, proc.stderr)
+    assert "Exception ignored" not in proc.stderr, proc.stderr

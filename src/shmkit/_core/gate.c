@@ -18,18 +18,27 @@
  * as it could before.  None of the modules shmkit imports this way (numpy,
  * shmkit.records, ast, traceback) imports logging or sets up such a cycle.
  *
+ * os.fork() waits first in its audit event, before CPython lists and runs
+ * the fork hooks (gate_audit below): a Ctrl-C meanwhile is raised by
+ * os.fork() with no child made, and hooks that other threads register
+ * meanwhile run in pairs.  The before-fork hook waits again only for an
+ * import that began since (a thread already waiting for the gate takes it
+ * as the audit hook lets go), and for forks that raise no such event
+ * (subprocess's, with preexec_fn).
+ *
  * Every step is C.  Python fork hooks can be interrupted by a signal
  * handler (Ctrl-C) between two bytecodes, and CPython then forks anyway and
  * drops the exception: the gate was skipped, or left held for good.  Here a
- * signal that arrives while a fork waits stays pending.  A Ctrl-C in the
- * main thread's fork, from our first hook to our last, is held back and
+ * signal that arrives while a fork hook waits stays pending.  A Ctrl-C in
+ * the main thread's fork, from our first hook to our last, is held back and
  * raised again once the hooks registered before ours have run: logging's
  * are Python code, where it would be dropped (and logging's lock left
  * held).  So that ours run first before a fork and last after it, another
  * pair is registered once logging is imported after the first.  (A Python
  * fork hook registered after ours still sees a Ctrl-C that lands in it, as
- * it would without the gate.)  An import's wait for the gate runs the
- * handlers between slices, with nothing held.
+ * it would without the gate, and one the before hook held while it
+ * waited.)  An import's wait for the gate, and os.fork()'s in its audit
+ * event, run the handlers between slices, with nothing held.
  *
  *   import_gated(name) -> module     import name through the gate; the
  *                                    first call in an interpreter registers
@@ -216,6 +225,7 @@ logging_imported(void)
 }
 
 static int register_pair(PyObject *mod);
+static int gate_audit(const char *event, PyObject *args, void *data);
 
 /* Once logging is imported after our only pair, a second pair after its
  * hooks.  A failure leaves the hooks as they are (a hook must not raise). */
@@ -302,6 +312,11 @@ register_pair(PyObject *mod)
             return -1;
         }
         reset_registered = 1;
+        /* Once per process: audit hooks are the runtime's, not an
+         * interpreter's.  If another audit hook refuses it, CPython says
+         * nothing; forks then wait in the before-fork hook alone. */
+        if (PySys_AddAuditHook(gate_audit, NULL) < 0)
+            PyErr_Clear();
     }
     int i = st->gate_hooks;
     if (i >= 2)
@@ -336,6 +351,44 @@ done:
     return 0;
 }
 
+/* Take the gate, with the GIL released in slices and signal handlers run
+ * between them, with nothing held: 1 taken, 0 not (after GATE_WAIT_NS, or
+ * at exit), -1 with the exception a handler raised. */
+static int
+gate_take_interruptible(void)
+{
+    for (int64_t waited = 0; waited < GATE_WAIT_NS && !gate_finalizing();
+         waited += GATE_SLICE_NS) {
+        if (gate_take(GATE_SLICE_NS))
+            return 1;
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* os.fork() raises its audit event before it lists and runs the fork hooks:
+ * the fork waits here for an import under way, as if it had been called a
+ * moment later.  Meanwhile other threads may register fork hooks (a module
+ * they import, such as logging or concurrent.futures): CPython lists them
+ * with the rest, so their after hooks never run without their before ones.
+ * And a Ctrl-C that comes while it waits is raised here, by os.fork(), with
+ * no child made.  The gate is let go at once: a hook after ours may still
+ * refuse the fork, and then no after-fork hook would release it.  The
+ * before-fork hook takes it (at once, unless an import began in between),
+ * and still waits for forks that raise no such event (subprocess with
+ * preexec_fn). */
+static int
+gate_audit(const char *event, PyObject *Py_UNUSED(args), void *Py_UNUSED(data))
+{
+    if (event[0] != 'o' || (strcmp(event, "os.fork") != 0 && strcmp(event, "os.forkpty") != 0))
+        return 0;
+    int taken = gate_take_interruptible();
+    if (taken > 0)
+        pthread_mutex_unlock(&gate);
+    return taken < 0 ? -1 : 0;
+}
+
 static PyObject *
 py_import_gated(PyObject *mod, PyObject *name)
 {
@@ -350,14 +403,9 @@ py_import_gated(PyObject *mod, PyObject *name)
     if (st->gate_hooks == 0 && register_pair(mod) < 0)
         return NULL;
     follow_logging(mod);
-    int taken = 0;
-    for (int64_t waited = 0; waited < GATE_WAIT_NS && !gate_finalizing();
-         waited += GATE_SLICE_NS) {
-        if ((taken = gate_take(GATE_SLICE_NS)))
-            break;
-        if (PyErr_CheckSignals() < 0)
-            return NULL; /* Ctrl-C while waiting: nothing is held */
-    }
+    int taken = gate_take_interruptible();
+    if (taken < 0)
+        return NULL; /* Ctrl-C while waiting: nothing is held */
     PyObject *m = PyImport_Import(name);
     if (taken)
         pthread_mutex_unlock(&gate);
