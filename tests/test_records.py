@@ -947,3 +947,70 @@ def test_fork_hooks_registered_while_a_fork_waits_for_a_lazy_import_run_in_pairs
     """, str(tmp_path), timeout=60, check=False)
     assert proc.stdout.strip() == "['before', 'after']", (proc.stdout, proc.stderr)
     assert "Exception ignored" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("delay", ["0", "0.001", "0.05"])
+def test_ctrl_c_while_a_fork_waits_reaches_a_program_with_a_later_fork_hook(
+        tmp_path, delay: str) -> None:
+    # A Python after-fork hook registered after the gate's raises, and CPython
+    # drops, any interrupt pending when it runs.  A fork that waits for an
+    # import raises a Ctrl-C that came meanwhile itself, before any hook: also
+    # one that lands as the import ends (here the import sends it), and when
+    # the import starts as the fork does (the importing thread queued for the
+    # gate while the fork had it).
+    (tmp_path / "slowmod.py").write_text(
+        "import os, signal, time\ntime.sleep(1.0)\nos.kill(os.getpid(), signal.SIGINT)\n")
+    proc = run_python("""
+        import os, signal, sys, threading, time
+        sys.path.insert(0, sys.argv[1])
+        from shmkit import _lazy
+        _lazy.load("json")
+        calls = []
+        os.register_at_fork(after_in_parent=lambda: calls.append(1))
+        threading.Thread(target=_lazy.load, args=("slowmod",)).start()
+        time.sleep(float(sys.argv[2]))
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+            time.sleep(3)
+            print("no KeyboardInterrupt")
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt")
+    """, str(tmp_path), delay, timeout=60, check=False)
+    assert proc.stdout.strip() == "KeyboardInterrupt", (proc.stdout, proc.stderr)
+    assert "Exception ignored" not in proc.stderr, proc.stderr
+
+
+def test_a_fork_refused_by_a_later_audit_hook_leaves_the_gate_to_others() -> None:
+    # os.fork() waits for the gate in its audit event; an audit hook after the
+    # gate's may still refuse the fork, and then no fork hook comes to take
+    # the gate or end the fork's claim on it: other threads' imports and
+    # later forks must go on at once.
+    proc = run_python("""
+        import os, sys, threading, time
+        from shmkit import _lazy
+        _lazy.load("json")
+        refusing = True
+        def refuse(event, args):
+            if event == "os.fork" and refusing:
+                raise PermissionError("no forks here")
+        sys.addaudithook(refuse)
+        try:
+            os.fork()
+        except PermissionError as e:
+            print("refused:", e)
+        t0 = time.monotonic()
+        other = threading.Thread(target=_lazy.load, args=("csv",))
+        other.start(); other.join()
+        print("another thread's import went on:", time.monotonic() - t0 < 1)
+        refusing = False
+        pid = os.fork()
+        if pid == 0:
+            os._exit(3)
+        print("child exit", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    """, timeout=60)
+    assert proc.stdout.split("\n")[:3] == [
+        "refused: no forks here", "another thread's import went on: True", "child exit 3"], \
+        (proc.stdout, proc.stderr)

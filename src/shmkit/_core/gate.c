@@ -21,10 +21,10 @@
  * os.fork() waits first in its audit event, before CPython lists and runs
  * the fork hooks (gate_audit below): a Ctrl-C meanwhile is raised by
  * os.fork() with no child made, and hooks that other threads register
- * meanwhile run in pairs.  The before-fork hook waits again only for an
- * import that began since (a thread already waiting for the gate takes it
- * as the audit hook lets go), and for forks that raise no such event
- * (subprocess's, with preexec_fn).
+ * meanwhile run in pairs.  Until the fork's hooks take the gate, an import
+ * that gets it gives it back (fork_intent_ns), so the before-fork hook
+ * waits only for forks that raise no such event (subprocess's, with
+ * preexec_fn), or for an import begun after 100 ms.
  *
  * Every step is C.  Python fork hooks can be interrupted by a signal
  * handler (Ctrl-C) between two bytecodes, and CPython then forks anyway and
@@ -81,6 +81,15 @@ static pthread_mutex_t gate = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
 static __thread int fork_waited;    /* a hook has waited for the gate */
 static __thread int fork_held;      /* times the hooks took it */
 static __thread int interrupt_held; /* a Ctrl-C held back across the fork */
+
+/* A fork that has waited in its audit event, until its before-fork hook
+ * takes the gate: an import in another thread that gets the gate meanwhile
+ * (it was queued behind the import the fork waited for) gives it back, so
+ * that the fork's hooks do not wait again.  Only for FORK_INTENT_NS: a
+ * later audit hook may refuse the fork, and then no before hook comes. */
+#define FORK_INTENT_NS 100000000LL
+static int64_t fork_intent_ns;   /* when it was set, 0 none (atomic) */
+static __thread int fork_intending; /* this thread set it */
 
 /* While the main thread forks, from our first before-fork hook to our last
  * after-fork one, SIGINT only sets sigint_seen: Python's handler would trip
@@ -179,6 +188,8 @@ gate_reset_in_child(void)
 {
     static const pthread_mutex_t fresh = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
     fork_waited = fork_held = 0;
+    fork_intent_ns = 0;
+    fork_intending = 0;
     interrupt_held = 0; /* the parent's, as CPython clears pending signals in a child */
     if (sigint_swapped) {
         struct sigaction cur;
@@ -250,6 +261,10 @@ hook_before(PyObject *mod, PyObject *Py_UNUSED(ignored))
      * exit either: a thread frozen there may hold the gate. */
     fork_held += gate_take(fork_waited || gate_finalizing() ? 0 : GATE_WAIT_NS);
     fork_waited = 1;
+    if (fork_intending) {
+        fork_intending = 0;
+        __atomic_store_n(&fork_intent_ns, 0, __ATOMIC_RELEASE);
+    }
     /* A Ctrl-C that came meanwhile would be raised in the next Python
      * hook: hold it back.  (Only the main thread's hooks run handlers.) */
     if (PyOS_InterruptOccurred())
@@ -354,15 +369,41 @@ done:
 /* Take the gate, with the GIL released in slices and signal handlers run
  * between them, with nothing held: 1 taken, 0 not (after GATE_WAIT_NS, or
  * at exit), -1 with the exception a handler raised. */
+static int64_t
+monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Another thread's fork has waited for the gate and its hooks have not
+ * yet taken it (see fork_intent_ns). */
+static int
+fork_intended(void)
+{
+    int64_t t = __atomic_load_n(&fork_intent_ns, __ATOMIC_ACQUIRE);
+    return t != 0 && !fork_intending && monotonic_ns() - t < FORK_INTENT_NS;
+}
+
 static int
 gate_take_interruptible(void)
 {
+    /* Free: taken without letting the GIL go, which would let a thread
+     * that is about to import queue up for the gate meanwhile. */
+    if (pthread_mutex_trylock(&gate) == 0)
+        return 1;
     for (int64_t waited = 0; waited < GATE_WAIT_NS && !gate_finalizing();
          waited += GATE_SLICE_NS) {
-        if (gate_take(GATE_SLICE_NS))
-            return 1;
-        if (PyErr_CheckSignals() < 0)
+        int taken = gate_take(GATE_SLICE_NS);
+        /* A Ctrl-C during the wait is raised now, before what waited */
+        if (PyErr_CheckSignals() < 0) {
+            if (taken)
+                pthread_mutex_unlock(&gate);
             return -1;
+        }
+        if (taken)
+            return 1;
     }
     return 0;
 }
@@ -373,19 +414,20 @@ gate_take_interruptible(void)
  * they import, such as logging or concurrent.futures): CPython lists them
  * with the rest, so their after hooks never run without their before ones.
  * And a Ctrl-C that comes while it waits is raised here, by os.fork(), with
- * no child made.  The gate is let go at once: a hook after ours may still
- * refuse the fork, and then no after-fork hook would release it.  The
- * before-fork hook takes it (at once, unless an import began in between),
- * and still waits for forks that raise no such event (subprocess with
- * preexec_fn). */
+ * no child made.  The gate is let go at once, with the fork's claim noted:
+ * a hook after ours may still refuse the fork, and then no after-fork hook
+ * would release it. */
 static int
 gate_audit(const char *event, PyObject *Py_UNUSED(args), void *Py_UNUSED(data))
 {
     if (event[0] != 'o' || (strcmp(event, "os.fork") != 0 && strcmp(event, "os.forkpty") != 0))
         return 0;
     int taken = gate_take_interruptible();
-    if (taken > 0)
+    if (taken > 0) {
+        fork_intending = 1;
+        __atomic_store_n(&fork_intent_ns, monotonic_ns(), __ATOMIC_RELEASE);
         pthread_mutex_unlock(&gate);
+    }
     return taken < 0 ? -1 : 0;
 }
 
@@ -404,6 +446,13 @@ py_import_gated(PyObject *mod, PyObject *name)
         return NULL;
     follow_logging(mod);
     int taken = gate_take_interruptible();
+    while (taken > 0 && fork_intended()) { /* let the fork's hooks have it */
+        pthread_mutex_unlock(&gate);
+        Py_BEGIN_ALLOW_THREADS
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+        Py_END_ALLOW_THREADS
+        taken = PyErr_CheckSignals() < 0 ? -1 : gate_take_interruptible();
+    }
     if (taken < 0)
         return NULL; /* Ctrl-C while waiting: nothing is held */
     PyObject *m = PyImport_Import(name);
