@@ -863,27 +863,24 @@ def test_a_ctrl_c_held_across_a_fork_reaches_a_main_thread_that_blocks_sigint(
 
 
 @pytest.mark.parametrize("held", ["held", "none"])
-def test_a_chaining_sigint_handler_installed_while_a_fork_waits_still_reaches_python(
-        tmp_path, held: str) -> None:
+def test_a_chaining_sigint_handler_installed_during_a_fork_still_reaches_python(
+        held: str) -> None:
     # faulthandler.register(chain=True), like many C libraries, keeps the
-    # action it finds and calls it after its own.  Installed while a fork
-    # holds SIGINT back, it finds the gate's recorder: every later Ctrl-C went
+    # action it finds and calls it after its own.  Installed while the main
+    # thread's fork holds SIGINT back (here by a fork hook that runs before
+    # the gate's last), it finds the gate's recorder: every later Ctrl-C went
     # to the recorder and was lost.  The recorder now passes such calls on to
-    # the action it displaced.
-    (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(1.0)\n")
+    # the action it displaced.  ("held": a Ctrl-C recorded in that hold too.)
     proc = run_python("""
-        import faulthandler, os, signal, sys, threading, time
-        sys.path.insert(0, sys.argv[1])
+        import faulthandler, os, signal, sys, time
+        sink = open(os.devnull, "w")
+        def install():
+            if sys.argv[1] == "held":
+                os.kill(os.getpid(), signal.SIGINT)
+            faulthandler.register(signal.SIGINT, file=sink, chain=True)
+        os.register_at_fork(after_in_parent=install)  # before the gate's: runs first
         from shmkit import _lazy
         _lazy.load("json")
-        sink = open(os.devnull, "w")
-        threading.Thread(target=_lazy.load, args=("slowmod",)).start()
-        while "slowmod" not in sys.modules:
-            time.sleep(0.001)
-        threading.Timer(0.2, faulthandler.register, (signal.SIGINT,),
-                        {"file": sink, "chain": True}).start()
-        if sys.argv[2] == "held":  # and a Ctrl-C held across the fork
-            threading.Timer(0.4, os.kill, (os.getpid(), signal.SIGINT)).start()
         def wait_for_it(send=False):
             try:
                 if send:
@@ -898,7 +895,7 @@ def test_a_chaining_sigint_handler_installed_while_a_fork_waits_still_reaches_py
             if pid == 0:
                 os._exit(0)
             os.waitpid(pid, 0)
-            if sys.argv[2] == "held":
+            if sys.argv[1] == "held":
                 wait_for_it()
         except KeyboardInterrupt:
             print("KeyboardInterrupt")
@@ -906,7 +903,7 @@ def test_a_chaining_sigint_handler_installed_while_a_fork_waits_still_reaches_py
             wait_for_it(send=True)
         faulthandler.unregister(signal.SIGINT)  # puts back what it found: the recorder
         wait_for_it(send=True)
-    """, str(tmp_path), held, timeout=60, check=False)
+    """, held, timeout=60, check=False)
     assert proc.stdout.split() == ["KeyboardInterrupt"] * (4 if held == "held" else 3), \
         (proc.stdout, proc.stderr)
 
