@@ -85,11 +85,14 @@ static __thread int interrupt_held; /* a Ctrl-C held back across the fork */
 /* A fork that has waited in its audit event, until its before-fork hook
  * takes the gate: an import in another thread that gets the gate meanwhile
  * (it was queued behind the import the fork waited for) gives it back, so
- * that the fork's hooks do not wait again.  Only for FORK_INTENT_NS: a
- * later audit hook may refuse the fork, and then no before hook comes. */
+ * that the fork's hooks do not wait again.  Only for FORK_INTENT_NS, and an
+ * import gives way for no longer in all: a later audit hook may refuse the
+ * fork, and then no before hook comes.  Once a thread's next fork finds its
+ * last one refused so, forks note no intent any more. */
 #define FORK_INTENT_NS 100000000LL
 static int64_t fork_intent_ns;   /* when it was set, 0 none (atomic) */
 static __thread int fork_intending; /* this thread set it */
+static int forks_refused;        /* a fork was refused after ours: no more intents */
 
 /* While the main thread forks, from our first before-fork hook to our last
  * after-fork one, SIGINT only sets sigint_seen: Python's handler would trip
@@ -106,30 +109,18 @@ static int sigint_release_pair = -1; /* the pair whose after hook puts it back *
 
 /* A handler installed while the recorder was SIGINT's action, and that
  * chains to the action it found (faulthandler.register(chain=True), many C
- * libraries), calls the recorder after the hold too.  It then forwards to
- * what the recorder had displaced, as that handler would have chained to
- * had it come a moment earlier.  Set once such a handler is seen. */
-static struct sigaction sigint_forward;
-static int sigint_forwarding; /* 0 none, 1 set, 2 calling it (atomic) */
-
+ * libraries), calls the recorder after the hold too, in this process and in
+ * a child forked meanwhile.  It then trips Python's own flag
+ * (PyErr_SetInterruptEx is async-signal-safe), as the Python handler that
+ * the recorder displaced would have; forwarding to the displaced action
+ * itself could loop back through a chaining handler to the recorder. */
 static void
-record_sigint(int sig, siginfo_t *info, void *ctx)
+record_sigint(int sig)
 {
-    if (sigint_swapped) {
+    if (sigint_swapped)
         sigint_seen = 1;
-        return;
-    }
-    /* Called by a chaining handler after the hold; never twice over (a
-     * forward target that chains back to us would loop: drop it there). */
-    int one = 1;
-    if (!__atomic_compare_exchange_n(&sigint_forwarding, &one, 2, 0, __ATOMIC_ACQUIRE,
-                                     __ATOMIC_RELAXED))
-        return;
-    if (sigint_forward.sa_flags & SA_SIGINFO)
-        sigint_forward.sa_sigaction(sig, info, ctx);
-    else if (sigint_forward.sa_handler != SIG_IGN && sigint_forward.sa_handler != SIG_DFL)
-        sigint_forward.sa_handler(sig);
-    __atomic_store_n(&sigint_forwarding, 1, __ATOMIC_RELEASE);
+    else
+        PyErr_SetInterruptEx(sig);
 }
 
 static void
@@ -145,8 +136,8 @@ sigint_hold(void)
         return;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = record_sigint;
-    sa.sa_flags = SA_RESTART | SA_SIGINFO;
+    sa.sa_handler = record_sigint;
+    sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
     sigint_seen = 0;
     sigint_swapped = 1; /* before the swap: a child forked between the two restores */
@@ -162,16 +153,8 @@ sigint_release(void)
     /* Put back only our own: a hook may have set another action meanwhile
      * (signal.signal), which stands. */
     struct sigaction cur;
-    if (sigaction(SIGINT, NULL, &cur) == 0) {
-        if (cur.sa_sigaction == record_sigint) {
-            sigaction(SIGINT, &sigint_saved, NULL);
-        } else if (__atomic_load_n(&sigint_forwarding, __ATOMIC_RELAXED) == 0 &&
-                   sigint_saved.sa_sigaction != record_sigint) {
-            /* set during the hold: if it chains, it chains to the recorder */
-            sigint_forward = sigint_saved;
-            __atomic_store_n(&sigint_forwarding, 1, __ATOMIC_RELEASE);
-        }
-    }
+    if (sigaction(SIGINT, NULL, &cur) == 0 && cur.sa_handler == record_sigint)
+        sigaction(SIGINT, &sigint_saved, NULL);
     sigint_swapped = 0;
     if (sigint_seen) {
         sigint_seen = 0;
@@ -193,7 +176,7 @@ gate_reset_in_child(void)
     interrupt_held = 0; /* the parent's, as CPython clears pending signals in a child */
     if (sigint_swapped) {
         struct sigaction cur;
-        if (sigaction(SIGINT, NULL, &cur) == 0 && cur.sa_sigaction == record_sigint)
+        if (sigaction(SIGINT, NULL, &cur) == 0 && cur.sa_handler == record_sigint)
             sigaction(SIGINT, &sigint_saved, NULL);
         sigint_swapped = sigint_seen = 0;
     }
@@ -396,13 +379,13 @@ gate_take_interruptible(void)
     for (int64_t waited = 0; waited < GATE_WAIT_NS && !gate_finalizing();
          waited += GATE_SLICE_NS) {
         int taken = gate_take(GATE_SLICE_NS);
-        /* A Ctrl-C during the wait is raised now, before what waited */
-        if (PyErr_CheckSignals() < 0) {
-            if (taken)
-                pthread_mutex_unlock(&gate);
-            return -1;
-        }
+        /* A Ctrl-C during the wait is raised now, before what waited, and
+         * handlers run with the gate free (one may wait for an import) */
         if (taken)
+            pthread_mutex_unlock(&gate);
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+        if (taken && pthread_mutex_trylock(&gate) == 0)
             return 1;
     }
     return 0;
@@ -422,10 +405,17 @@ gate_audit(const char *event, PyObject *Py_UNUSED(args), void *Py_UNUSED(data))
 {
     if (event[0] != 'o' || (strcmp(event, "os.fork") != 0 && strcmp(event, "os.forkpty") != 0))
         return 0;
+    if (fork_intending) { /* this thread's last fork never reached its hooks */
+        fork_intending = 0;
+        __atomic_store_n(&fork_intent_ns, 0, __ATOMIC_RELEASE);
+        forks_refused = 1; /* so imports no longer give way to forks */
+    }
     int taken = gate_take_interruptible();
     if (taken > 0) {
-        fork_intending = 1;
-        __atomic_store_n(&fork_intent_ns, monotonic_ns(), __ATOMIC_RELEASE);
+        if (!forks_refused) {
+            fork_intending = 1;
+            __atomic_store_n(&fork_intent_ns, monotonic_ns(), __ATOMIC_RELEASE);
+        }
         pthread_mutex_unlock(&gate);
     }
     return taken < 0 ? -1 : 0;
@@ -446,7 +436,9 @@ py_import_gated(PyObject *mod, PyObject *name)
         return NULL;
     follow_logging(mod);
     int taken = gate_take_interruptible();
-    while (taken > 0 && fork_intended()) { /* let the fork's hooks have it */
+    int64_t give_way_until = monotonic_ns() + FORK_INTENT_NS; /* forks refused in a row */
+    while (taken > 0 && fork_intended() && monotonic_ns() < give_way_until) {
+        /* let the fork's hooks have it */
         pthread_mutex_unlock(&gate);
         Py_BEGIN_ALLOW_THREADS
         nanosleep(&(struct timespec){0, 1000000}, NULL);
