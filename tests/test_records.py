@@ -1060,3 +1060,36 @@ def test_a_signal_handler_run_while_a_fork_waits_finds_the_gate_free(tmp_path) -
     """, str(tmp_path), timeout=60)
     assert proc.stdout.startswith("the handler's import went through: True"), \
         (proc.stdout, proc.stderr)
+
+
+def test_a_fork_waits_for_the_import_under_way_not_for_the_ones_queued_behind_it(
+        tmp_path) -> None:
+    # The gate is a plain mutex, not a fair one: a thread importing module
+    # after module took it again before the woken fork did, and forks beside
+    # three such threads waited up to 4 s (past 5 s they go on without the
+    # gate).  An import now gives way to a fork that waits.
+    for i in range(120):
+        (tmp_path / f"m{i}.py").write_text("import time\ntime.sleep(0.02)\n")
+    proc = run_python("""
+        import os, sys, threading, time
+        sys.path.insert(0, sys.argv[1])
+        from shmkit import _lazy
+        _lazy.load("json")
+        def importer(k):
+            for i in range(k, 120, 3):
+                _lazy.load(f"m{i}")
+        threads = [threading.Thread(target=importer, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        waits = []
+        while any(t.is_alive() for t in threads):
+            t0 = time.monotonic()
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            waits.append(time.monotonic() - t0)
+            os.waitpid(pid, 0)
+        print("longest fork wait under 0.5 s:", max(waits) < 0.5, len(waits), max(waits))
+    """, str(tmp_path), timeout=60)
+    assert proc.stdout.startswith("longest fork wait under 0.5 s: True"), (proc.stdout,
+                                                                           proc.stderr)

@@ -93,6 +93,8 @@ static __thread int interrupt_held; /* a Ctrl-C held back across the fork */
 static int64_t fork_intent_ns;   /* when it was set, 0 none (atomic) */
 static __thread int fork_intending; /* this thread set it */
 static int forks_refused;        /* a fork was refused after ours: no more intents */
+static int forks_waiting;        /* os.fork() calls waiting for the gate (atomic) */
+static __thread int fork_waiting_here; /* ... of them in this thread */
 
 /* While the main thread forks, from our first before-fork hook to our last
  * after-fork one, SIGINT only sets sigint_seen: Python's handler would trip
@@ -173,6 +175,7 @@ gate_reset_in_child(void)
     fork_waited = fork_held = 0;
     fork_intent_ns = 0;
     fork_intending = 0;
+    forks_waiting = fork_waiting_here; /* the child's only thread's own waits */
     interrupt_held = 0; /* the parent's, as CPython clears pending signals in a child */
     if (sigint_swapped) {
         struct sigaction cur;
@@ -360,11 +363,14 @@ monotonic_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-/* Another thread's fork has waited for the gate and its hooks have not
- * yet taken it (see fork_intent_ns). */
+/* Another thread's os.fork() waits for the gate, or has waited and its
+ * hooks have not yet taken it (see fork_intent_ns): an import gives way. */
 static int
 fork_intended(void)
 {
+    if (__atomic_load_n(&forks_waiting, __ATOMIC_ACQUIRE) > fork_waiting_here)
+        return 1; /* the gate is unfair: without this, imports one after another
+                   * in other threads could keep a fork waiting */
     int64_t t = __atomic_load_n(&fork_intent_ns, __ATOMIC_ACQUIRE);
     return t != 0 && !fork_intending && monotonic_ns() - t < FORK_INTENT_NS;
 }
@@ -410,7 +416,11 @@ gate_audit(const char *event, PyObject *Py_UNUSED(args), void *Py_UNUSED(data))
         __atomic_store_n(&fork_intent_ns, 0, __ATOMIC_RELEASE);
         forks_refused = 1; /* so imports no longer give way to forks */
     }
+    fork_waiting_here++;
+    __atomic_add_fetch(&forks_waiting, 1, __ATOMIC_RELEASE);
     int taken = gate_take_interruptible();
+    __atomic_sub_fetch(&forks_waiting, 1, __ATOMIC_RELEASE);
+    fork_waiting_here--;
     if (taken > 0) {
         if (!forks_refused) {
             fork_intending = 1;
