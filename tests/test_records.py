@@ -1093,3 +1093,32 @@ def test_a_fork_waits_for_the_import_under_way_not_for_the_ones_queued_behind_it
     """, str(tmp_path), timeout=60)
     assert proc.stdout.startswith("longest fork wait under 0.5 s: True"), (proc.stdout,
                                                                            proc.stderr)
+
+
+def test_imports_nested_in_a_lazy_import_do_not_give_way_to_a_waiting_fork(tmp_path) -> None:
+    # An import gives way to a fork that waits for the gate; one made inside
+    # another lazy import of the same thread holds the gate already, and
+    # giving way there only delayed it (100 ms each) and the fork with it.
+    for i in range(10):
+        (tmp_path / f"n{i}.py").write_text("VALUE = 1\n")
+    (tmp_path / "outer.py").write_text(
+        "import time\nfrom shmkit import _lazy\ntime.sleep(0.3)\n"
+        "for i in range(10):\n    _lazy.load(f'n{i}')\n")
+    proc = run_python("""
+        import os, sys, threading, time
+        sys.path.insert(0, sys.argv[1])
+        from shmkit import _lazy
+        _lazy.load("json")
+        t0 = time.monotonic()
+        threading.Thread(target=_lazy.load, args=("outer",)).start()
+        while "outer" not in sys.modules:
+            time.sleep(0.001)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("the fork waited for the import only:", time.monotonic() - t0 < 0.8,
+              time.monotonic() - t0)
+    """, str(tmp_path), timeout=60)
+    assert proc.stdout.startswith("the fork waited for the import only: True"), (proc.stdout,
+                                                                                proc.stderr)

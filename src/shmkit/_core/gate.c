@@ -95,6 +95,8 @@ static __thread int fork_intending; /* this thread set it */
 static int forks_refused;        /* a fork was refused after ours: no more intents */
 static int forks_waiting;        /* os.fork() calls waiting for the gate (atomic) */
 static __thread int fork_waiting_here; /* ... of them in this thread */
+static __thread int imports_here; /* gated imports under way in this thread: one
+                                   * inside another holds the gate already */
 
 /* While the main thread forks, from our first before-fork hook to our last
  * after-fork one, SIGINT only sets sigint_seen: Python's handler would trip
@@ -352,9 +354,6 @@ done:
     return 0;
 }
 
-/* Take the gate, with the GIL released in slices and signal handlers run
- * between them, with nothing held: 1 taken, 0 not (after GATE_WAIT_NS, or
- * at exit), -1 with the exception a handler raised. */
 static int64_t
 monotonic_ns(void)
 {
@@ -375,6 +374,9 @@ fork_intended(void)
     return t != 0 && !fork_intending && monotonic_ns() - t < FORK_INTENT_NS;
 }
 
+/* Take the gate, with the GIL released in slices and signal handlers run
+ * between them, with nothing held: 1 taken, 0 not (after GATE_WAIT_NS, or
+ * at exit), -1 with the exception a handler raised. */
 static int
 gate_take_interruptible(void)
 {
@@ -447,7 +449,7 @@ py_import_gated(PyObject *mod, PyObject *name)
     follow_logging(mod);
     int taken = gate_take_interruptible();
     int64_t give_way_until = monotonic_ns() + FORK_INTENT_NS; /* forks refused in a row */
-    while (taken > 0 && fork_intended() && monotonic_ns() < give_way_until) {
+    while (taken > 0 && !imports_here && fork_intended() && monotonic_ns() < give_way_until) {
         /* let the fork's hooks have it */
         pthread_mutex_unlock(&gate);
         Py_BEGIN_ALLOW_THREADS
@@ -457,7 +459,9 @@ py_import_gated(PyObject *mod, PyObject *name)
     }
     if (taken < 0)
         return NULL; /* Ctrl-C while waiting: nothing is held */
+    imports_here++;
     PyObject *m = PyImport_Import(name);
+    imports_here--;
     if (taken)
         pthread_mutex_unlock(&gate);
     return m;
