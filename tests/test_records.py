@@ -668,8 +668,9 @@ def test_an_import_waiting_for_the_gate_behind_a_cycle_goes_on_after_a_bounded_w
         "import time\ntime.sleep(0.1)\nfrom shmkit import _lazy\n_lazy.load('z')\n")
     (tmp_path / "z.py").write_text("VALUE = 1\n")
     (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(30)\n")
+    (tmp_path / "stuckmod.py").write_text("import time\ntime.sleep(30)\n")
     proc = run_python("""
-        import sys, threading, time
+        import os, sys, threading, time
         sys.path.insert(0, sys.argv[1])
         from shmkit import _core, _lazy
         a = threading.Thread(target=_lazy.load, args=("x",), daemon=True)
@@ -677,6 +678,18 @@ def test_an_import_waiting_for_the_gate_behind_a_cycle_goes_on_after_a_bounded_w
         a.start(); time.sleep(0.05); b.start()
         a.join(20); b.join(5)
         print("both imported:", not a.is_alive() and not b.is_alive())
+        # A fork beside an import that never ends waits 5 s once, not twice
+        # (in os.fork()'s audit event, then in its before-fork hook).
+        stuck = threading.Thread(target=_lazy.load, args=("stuckmod",), daemon=True)
+        stuck.start()
+        while "stuckmod" not in sys.modules:
+            time.sleep(0.001)
+        t0 = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("the fork waited once:", 4 < time.monotonic() - t0 < 8, time.monotonic() - t0)
         class AtExit:
             def __del__(self):
                 try:
@@ -688,7 +701,9 @@ def test_an_import_waiting_for_the_gate_behind_a_cycle_goes_on_after_a_bounded_w
         while "slowmod" not in sys.modules:
             time.sleep(0.001)
     """, str(tmp_path), timeout=60)
-    assert proc.stdout.split("\n")[:1] == ["both imported: True"], (proc.stdout, proc.stderr)
+    lines = proc.stdout.split("\n")
+    assert lines[0] == "both imported: True", (proc.stdout, proc.stderr)
+    assert lines[1].startswith("the fork waited once: True"), (proc.stdout, proc.stderr)
 
 
 @pytest.mark.parametrize("logging_imported", ["before", "after"])

@@ -21,10 +21,11 @@
  * os.fork() waits first in its audit event, before CPython lists and runs
  * the fork hooks (gate_audit below): a Ctrl-C meanwhile is raised by
  * os.fork() with no child made, and hooks that other threads register
- * meanwhile run in pairs.  Until the fork's hooks take the gate, an import
- * that gets it gives it back (fork_intent_ns), so the before-fork hook
- * waits only for forks that raise no such event (subprocess's, with
- * preexec_fn), or for an import begun after 100 ms.
+ * meanwhile run in pairs.  While the fork waits, and until its hooks take
+ * the gate, an import that gets it gives it back (forks_waiting,
+ * fork_intent_ns), so the before-fork hook waits only for forks that raise
+ * no such event (subprocess's, with preexec_fn), or for an import begun
+ * after 100 ms; not again once the audit's wait ran out.
  *
  * Every step is C.  Python fork hooks can be interrupted by a signal
  * handler (Ctrl-C) between two bytecodes, and CPython then forks anyway and
@@ -79,6 +80,7 @@ PyAPI_FUNC(int) _PyOS_IsMainThread(void); /* exported, no longer declared */
 static pthread_mutex_t gate = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
 /* Per forking thread, from its before-fork hooks to its after-fork ones: */
 static __thread int fork_waited;    /* a hook has waited for the gate */
+static __thread int audit_waited_out; /* this os.fork() waited its 5 s already */
 static __thread int fork_held;      /* times the hooks took it */
 static __thread int interrupt_held; /* a Ctrl-C held back across the fork */
 
@@ -121,10 +123,12 @@ static int sigint_release_pair = -1; /* the pair whose after hook puts it back *
 static void
 record_sigint(int sig)
 {
+    int saved_errno = errno;
     if (sigint_swapped)
         sigint_seen = 1;
-    else
+    else if (Py_IsInitialized() && !gate_finalizing()) /* put back at exit too */
         PyErr_SetInterruptEx(sig);
+    errno = saved_errno;
 }
 
 static void
@@ -226,6 +230,26 @@ logging_imported(void)
 static int register_pair(PyObject *mod);
 static int gate_audit(const char *event, PyObject *args, void *data);
 
+/* Interpreters whose fork hooks are registered (their ids): the audit hook
+ * is the runtime's, and only a fork whose hooks will take the gate may
+ * claim it.  Beyond the table's size forks make no claim: they still wait. */
+static int64_t hooked_ids[16];
+static int nhooked;
+
+static int
+interpreter_hooked(void)
+{
+    int64_t id = PyInterpreterState_GetID(PyInterpreterState_Get());
+    if (id < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    for (int i = 0; i < nhooked; i++)
+        if (hooked_ids[i] == id)
+            return 1;
+    return 0;
+}
+
 /* Once logging is imported after our only pair, a second pair after its
  * hooks.  A failure leaves the hooks as they are (a hook must not raise). */
 static void
@@ -247,8 +271,10 @@ hook_before(PyObject *mod, PyObject *Py_UNUSED(ignored))
     sigint_hold();
     /* No signal checks while waiting: see the top of this file.  None at
      * exit either: a thread frozen there may hold the gate. */
-    fork_held += gate_take(fork_waited || gate_finalizing() ? 0 : GATE_WAIT_NS);
+    fork_held += gate_take(fork_waited || audit_waited_out || gate_finalizing() ? 0
+                                                                                 : GATE_WAIT_NS);
     fork_waited = 1;
+    audit_waited_out = 0;
     if (fork_intending) {
         fork_intending = 0;
         __atomic_store_n(&fork_intent_ns, 0, __ATOMIC_RELEASE);
@@ -338,6 +364,11 @@ register_pair(PyObject *mod)
         goto done;
     r = PyObject_Call(reg, args, kw);
     if (r != NULL) {
+        int64_t id = PyInterpreterState_GetID(PyInterpreterState_Get());
+        if (id < 0)
+            PyErr_Clear();
+        else if (i == 0 && nhooked < (int)(sizeof hooked_ids / sizeof hooked_ids[0]))
+            hooked_ids[nhooked++] = id;
         st->gate_hooks = i + 1;
         st->gate_after_logging = after_logging;
     }
@@ -375,18 +406,17 @@ fork_intended(void)
 }
 
 /* Take the gate, with the GIL released in slices and signal handlers run
- * between them, with nothing held: 1 taken, 0 not (after GATE_WAIT_NS, or
- * at exit), -1 with the exception a handler raised. */
+ * between them, with nothing held: 1 taken, 0 not (by the deadline on the
+ * monotonic clock, or at exit), -1 with the exception a handler raised. */
 static int
-gate_take_interruptible(void)
+gate_take_interruptible(int64_t deadline)
 {
     /* Free: taken without letting the GIL go, which would let a thread
      * that is about to import queue up for the gate meanwhile. */
     if (pthread_mutex_trylock(&gate) == 0)
         return 1;
-    for (int64_t waited = 0; waited < GATE_WAIT_NS && !gate_finalizing();
-         waited += GATE_SLICE_NS) {
-        int taken = gate_take(GATE_SLICE_NS);
+    for (int64_t left; (left = deadline - monotonic_ns()) > 0 && !gate_finalizing();) {
+        int taken = gate_take(left < GATE_SLICE_NS ? left : GATE_SLICE_NS);
         /* A Ctrl-C during the wait is raised now, before what waited, and
          * handlers run with the gate free (one may wait for an import) */
         if (taken)
@@ -420,11 +450,12 @@ gate_audit(const char *event, PyObject *Py_UNUSED(args), void *Py_UNUSED(data))
     }
     fork_waiting_here++;
     __atomic_add_fetch(&forks_waiting, 1, __ATOMIC_RELEASE);
-    int taken = gate_take_interruptible();
+    int taken = gate_take_interruptible(monotonic_ns() + GATE_WAIT_NS);
     __atomic_sub_fetch(&forks_waiting, 1, __ATOMIC_RELEASE);
     fork_waiting_here--;
+    audit_waited_out = taken == 0; /* its hooks need not wait a second time */
     if (taken > 0) {
-        if (!forks_refused) {
+        if (!forks_refused && interpreter_hooked()) {
             fork_intending = 1;
             __atomic_store_n(&fork_intent_ns, monotonic_ns(), __ATOMIC_RELEASE);
         }
@@ -447,15 +478,17 @@ py_import_gated(PyObject *mod, PyObject *name)
     if (st->gate_hooks == 0 && register_pair(mod) < 0)
         return NULL;
     follow_logging(mod);
-    int taken = gate_take_interruptible();
+    int64_t deadline = monotonic_ns() + GATE_WAIT_NS;
+    int taken = gate_take_interruptible(deadline);
     int64_t give_way_until = monotonic_ns() + FORK_INTENT_NS; /* forks refused in a row */
-    while (taken > 0 && !imports_here && fork_intended() && monotonic_ns() < give_way_until) {
+    while (taken > 0 && !imports_here && fork_intended() && monotonic_ns() < give_way_until &&
+           !gate_finalizing()) {
         /* let the fork's hooks have it */
         pthread_mutex_unlock(&gate);
         Py_BEGIN_ALLOW_THREADS
         nanosleep(&(struct timespec){0, 1000000}, NULL);
         Py_END_ALLOW_THREADS
-        taken = PyErr_CheckSignals() < 0 ? -1 : gate_take_interruptible();
+        taken = PyErr_CheckSignals() < 0 ? -1 : gate_take_interruptible(deadline);
     }
     if (taken < 0)
         return NULL; /* Ctrl-C while waiting: nothing is held */
