@@ -449,6 +449,20 @@ def child_exit(pid):
 """
 
 
+# Prepended to a child program: importing(name) starts a thread that imports
+# name through the gate, and returns it once that import has begun.
+_IMPORTING = """\
+import sys as _sys, threading as _threading, time as _time
+def importing(name, daemon=False):
+    from shmkit import _lazy
+    thread = _threading.Thread(target=_lazy.load, args=(name,), daemon=daemon)
+    thread.start()
+    while name not in _sys.modules:
+        _time.sleep(0.001)
+    return thread
+"""
+
+
 @pytest.mark.parametrize("first_use", ["shmkit.Array", "seg.ndarray('u1')"])
 def test_a_fork_while_another_thread_imports_numpy_gives_a_child_that_can_use_it(
         first_use: str) -> None:
@@ -489,7 +503,7 @@ def test_ctrl_c_while_a_fork_waits_for_a_lazy_import_reaches_the_program(
         "import sys, time\ntime.sleep(1.0)\n"
         "if 'logging' in sys.modules:\n    sys.modules['logging'].getLogger('slowmod')\n"
         "VALUE = 7\n")
-    proc = run_python("""
+    proc = run_python(_IMPORTING + textwrap.dedent("""
         import os, signal, subprocess, sys, threading, time
         sys.path.insert(0, sys.argv[1])
         if sys.argv[2] == "before":
@@ -498,10 +512,7 @@ def test_ctrl_c_while_a_fork_waits_for_a_lazy_import_reaches_the_program(
         _lazy.load("json")  # the gate's fork hooks are registered
         if sys.argv[2] == "after":
             import logging
-        t = threading.Thread(target=_lazy.load, args=("slowmod",))
-        t.start()
-        while "slowmod" not in sys.modules:
-            time.sleep(0.001)
+        t = importing("slowmod")
         threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
         t0 = time.monotonic()
         try:
@@ -539,7 +550,7 @@ def test_ctrl_c_while_a_fork_waits_for_a_lazy_import_reaches_the_program(
         other = threading.Thread(target=logging.getLogger, args=("other",), daemon=True)
         other.start(); other.join(10)
         print("logging free", not other.is_alive())
-    """, str(tmp_path), logging_imported, fork, timeout=60, check=False,
+    """), str(tmp_path), logging_imported, fork, timeout=60, check=False,
                       start_new_session=True)
     assert proc.stdout.split("\n")[:5] == [
         "KeyboardInterrupt", "fork waited for the import only: True",
@@ -610,15 +621,12 @@ def test_a_fork_made_by_c_code_while_a_thread_imports_lazily_gives_a_child_with_
     # still start free, or its first lazy import waits for good.
     (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(1.0)\n")
     (tmp_path / "othermod.py").write_text("VALUE = 7\n")
-    proc = run_python(_CHILD_EXIT + textwrap.dedent("""
+    proc = run_python(_CHILD_EXIT + _IMPORTING + textwrap.dedent("""
         import ctypes, os, sys, threading, time
         sys.path.insert(0, sys.argv[1])
         from shmkit import _lazy
         _lazy.load("json")  # the hooks are registered
-        t = threading.Thread(target=_lazy.load, args=("slowmod",), daemon=True)
-        t.start()
-        while "slowmod" not in sys.modules:
-            time.sleep(0.001)
+        importing("slowmod", daemon=True)
         pid = ctypes.PyDLL(None).fork()  # keeps the GIL, which the child then has
         if pid == 0:
             os._exit(_lazy.load("othermod").VALUE)
@@ -633,7 +641,7 @@ def test_a_sub_interpreter_importing_lazily_first_leaves_the_main_interpreters_f
     # registers its own even when a sub-interpreter passed the gate first.
     pytest.importorskip("_xxsubinterpreters")
     (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(0.6)\nVALUE = 7\n")
-    proc = run_python(_CHILD_EXIT + textwrap.dedent("""
+    proc = run_python(_CHILD_EXIT + _IMPORTING + textwrap.dedent("""
         import os, sys, threading, time
         import _xxsubinterpreters as interpreters
         sys.path.insert(0, sys.argv[1])
@@ -641,10 +649,7 @@ def test_a_sub_interpreter_importing_lazily_first_leaves_the_main_interpreters_f
         interpreters.run_string(sub, "from shmkit import _lazy; _lazy.load('json')")
         interpreters.destroy(sub)
         from shmkit import _lazy
-        t = threading.Thread(target=_lazy.load, args=("slowmod",), daemon=True)
-        t.start()
-        while "slowmod" not in sys.modules:
-            time.sleep(0.001)
+        importing("slowmod", daemon=True)
         t0 = time.monotonic()
         pid = os.fork()
         if pid == 0:
@@ -669,7 +674,7 @@ def test_an_import_waiting_for_the_gate_behind_a_cycle_goes_on_after_a_bounded_w
     (tmp_path / "z.py").write_text("VALUE = 1\n")
     (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(30)\n")
     (tmp_path / "stuckmod.py").write_text("import time\ntime.sleep(30)\n")
-    proc = run_python("""
+    proc = run_python(_IMPORTING + textwrap.dedent("""
         import os, sys, threading, time
         sys.path.insert(0, sys.argv[1])
         from shmkit import _core, _lazy
@@ -680,10 +685,7 @@ def test_an_import_waiting_for_the_gate_behind_a_cycle_goes_on_after_a_bounded_w
         print("both imported:", not a.is_alive() and not b.is_alive())
         # A fork beside an import that never ends waits 5 s once, not twice
         # (in os.fork()'s audit event, then in its before-fork hook).
-        stuck = threading.Thread(target=_lazy.load, args=("stuckmod",), daemon=True)
-        stuck.start()
-        while "stuckmod" not in sys.modules:
-            time.sleep(0.001)
+        importing("stuckmod", daemon=True)
         t0 = time.monotonic()
         pid = os.fork()
         if pid == 0:
@@ -697,10 +699,8 @@ def test_an_import_waiting_for_the_gate_behind_a_cycle_goes_on_after_a_bounded_w
                 except ImportError:
                     pass
         keep = AtExit(); keep.self = keep  # collected as the interpreter ends
-        threading.Thread(target=_lazy.load, args=("slowmod",), daemon=True).start()
-        while "slowmod" not in sys.modules:
-            time.sleep(0.001)
-    """, str(tmp_path), timeout=60)
+        importing("slowmod", daemon=True)
+    """), str(tmp_path), timeout=60)
     lines = proc.stdout.split("\n")
     assert lines[0] == "both imported: True", (proc.stdout, proc.stderr)
     assert lines[1].startswith("the fork waited once: True"), (proc.stdout, proc.stderr)
@@ -790,14 +790,12 @@ def test_the_ctrl_c_hold_around_a_fork_leaves_sigints_action_as_the_program_set_
     """, check=False)
     assert set_in_a_hook.returncode == -signal.SIGINT, (set_in_a_hook.stdout,
                                                         set_in_a_hook.stderr)
-    ignored = run_python("""
+    ignored = run_python(_IMPORTING + textwrap.dedent("""
         import os, signal, subprocess, sys, threading, time
         sys.path.insert(0, sys.argv[1])
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         from shmkit import _lazy
-        threading.Thread(target=_lazy.load, args=("slowmod",)).start()
-        while "slowmod" not in sys.modules:
-            time.sleep(0.001)
+        importing("slowmod")
         def spawn():
             time.sleep(0.3)  # while the fork below waits
             status = subprocess.run(["cat", "/proc/self/status"], capture_output=True,
@@ -811,7 +809,7 @@ def test_the_ctrl_c_hold_around_a_fork_leaves_sigints_action_as_the_program_set_
             os._exit(0)
         os.waitpid(pid, 0)
         spawner.join()
-    """, str(tmp_path))
+    """), str(tmp_path))
     assert ignored.stdout.strip() == "child ignores SIGINT: True", (ignored.stdout,
                                                                     ignored.stderr)
     registered_meanwhile = run_python("""
@@ -851,16 +849,14 @@ def test_a_ctrl_c_held_across_a_fork_reaches_a_main_thread_that_blocks_sigint(
     # that lands while a fork waits for a lazy import is held, then sent again
     # to the process, not to the main thread (where it would stay pending).
     (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(1.0)\n")
-    proc = run_python("""
+    proc = run_python(_IMPORTING + textwrap.dedent("""
         import os, signal, sys, threading, time
         sys.path.insert(0, sys.argv[1])
         from shmkit import _lazy
         _lazy.load("json")
         stay = threading.Event()
         threading.Thread(target=stay.wait, daemon=True).start()  # SIGINT not blocked there
-        threading.Thread(target=_lazy.load, args=("slowmod",)).start()
-        while "slowmod" not in sys.modules:
-            time.sleep(0.001)
+        importing("slowmod")
         threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
@@ -873,7 +869,7 @@ def test_a_ctrl_c_held_across_a_fork_reaches_a_main_thread_that_blocks_sigint(
             print("no KeyboardInterrupt")
         except KeyboardInterrupt:
             print("KeyboardInterrupt")
-    """, str(tmp_path), timeout=60, check=False)
+    """), str(tmp_path), timeout=60, check=False)
     assert proc.stdout.strip() == "KeyboardInterrupt", (proc.stdout, proc.stderr)
 
 
@@ -941,15 +937,13 @@ def test_fork_hooks_registered_while_a_fork_waits_for_a_lazy_import_run_in_pairs
         "import os\nCALLS = []\n"
         "os.register_at_fork(before=lambda: CALLS.append('before'),\n"
         "                    after_in_parent=lambda: CALLS.append('after'))\n")
-    proc = run_python("""
+    proc = run_python(_IMPORTING + textwrap.dedent("""
         import os, sys, threading, time
         sys.path.insert(0, sys.argv[1])
         from shmkit import _lazy
         _lazy.load("json")
         assert "logging" not in sys.modules
-        threading.Thread(target=_lazy.load, args=("slowmod",)).start()
-        while "slowmod" not in sys.modules:
-            time.sleep(0.001)
+        importing("slowmod")
         def meanwhile():
             time.sleep(0.2)
             import hookmod, logging
@@ -961,7 +955,7 @@ def test_fork_hooks_registered_while_a_fork_waits_for_a_lazy_import_run_in_pairs
         os.waitpid(pid, 0)
         importer.join()
         print(sys.modules["hookmod"].CALLS)
-    """, str(tmp_path), timeout=60, check=False)
+    """), str(tmp_path), timeout=60, check=False)
     assert proc.stdout.strip() == "['before', 'after']", (proc.stdout, proc.stderr)
     assert "Exception ignored" not in proc.stderr, proc.stderr
 
@@ -1052,7 +1046,7 @@ def test_a_signal_handler_run_while_a_fork_waits_finds_the_gate_free(tmp_path) -
     # graceful shutdown, say) waited the full 5 s.
     (tmp_path / "slowmod.py").write_text(
         "import os, signal, time\ntime.sleep(0.5)\nos.kill(os.getpid(), signal.SIGUSR1)\n")
-    proc = run_python("""
+    proc = run_python(_IMPORTING + textwrap.dedent("""
         import os, signal, sys, threading, time
         sys.path.insert(0, sys.argv[1])
         from shmkit import _lazy
@@ -1064,15 +1058,13 @@ def test_a_signal_handler_run_while_a_fork_waits_finds_the_gate_free(tmp_path) -
             worker.start(); worker.join()
             took["t"] = time.monotonic() - t0
         signal.signal(signal.SIGUSR1, handler)
-        threading.Thread(target=_lazy.load, args=("slowmod",)).start()
-        while "slowmod" not in sys.modules:
-            time.sleep(0.001)
+        importing("slowmod")
         pid = os.fork()
         if pid == 0:
             os._exit(0)
         os.waitpid(pid, 0)
         print("the handler's import went through:", took.get("t", 9) < 1, took)
-    """, str(tmp_path), timeout=60)
+    """), str(tmp_path), timeout=60)
     assert proc.stdout.startswith("the handler's import went through: True"), \
         (proc.stdout, proc.stderr)
 
@@ -1119,21 +1111,19 @@ def test_imports_nested_in_a_lazy_import_do_not_give_way_to_a_waiting_fork(tmp_p
     (tmp_path / "outer.py").write_text(
         "import time\nfrom shmkit import _lazy\ntime.sleep(0.3)\n"
         "for i in range(10):\n    _lazy.load(f'n{i}')\n")
-    proc = run_python("""
+    proc = run_python(_IMPORTING + textwrap.dedent("""
         import os, sys, threading, time
         sys.path.insert(0, sys.argv[1])
         from shmkit import _lazy
         _lazy.load("json")
         t0 = time.monotonic()
-        threading.Thread(target=_lazy.load, args=("outer",)).start()
-        while "outer" not in sys.modules:
-            time.sleep(0.001)
+        importing("outer")
         pid = os.fork()
         if pid == 0:
             os._exit(0)
         os.waitpid(pid, 0)
         print("the fork waited for the import only:", time.monotonic() - t0 < 0.8,
               time.monotonic() - t0)
-    """, str(tmp_path), timeout=60)
+    """), str(tmp_path), timeout=60)
     assert proc.stdout.startswith("the fork waited for the import only: True"), (proc.stdout,
                                                                                 proc.stderr)

@@ -211,44 +211,47 @@ gate_take(int64_t ns)
     return r == 0;
 }
 
+/* The module `name` if this interpreter has imported it (a new reference),
+ * NULL if not; NULL with an exception on error. */
+static PyObject *
+imported(const char *name)
+{
+    PyObject *str = PyUnicode_FromString(name);
+    if (str == NULL)
+        return NULL;
+    PyObject *m = PyImport_GetModule(str);
+    Py_DECREF(str);
+    return m;
+}
+
 /* 1 if logging is imported (it registers its fork hooks then), 0 if not,
  * -1 with an exception. */
 static int
 logging_imported(void)
 {
-    PyObject *name = PyUnicode_FromString("logging");
-    if (name == NULL)
-        return -1;
-    PyObject *m = PyImport_GetModule(name);
-    Py_DECREF(name);
+    PyObject *m = imported("logging");
     if (m == NULL)
         return PyErr_Occurred() ? -1 : 0;
     Py_DECREF(m);
     return 1;
 }
 
-static int register_pair(PyObject *mod);
-static int gate_audit(const char *event, PyObject *args, void *data);
-
-/* Interpreters whose fork hooks are registered (their ids): the audit hook
- * is the runtime's, and only a fork whose hooks will take the gate may
- * claim it.  Beyond the table's size forks make no claim: they still wait. */
-static int64_t hooked_ids[16];
-static int nhooked;
-
+/* The gate's fork hooks are registered in this interpreter (the audit hook
+ * is the runtime's): only then will a fork's hooks take the gate, and only
+ * then may the fork claim it.  Read from this interpreter's module state. */
 static int
 interpreter_hooked(void)
 {
-    int64_t id = PyInterpreterState_GetID(PyInterpreterState_Get());
-    if (id < 0) {
-        PyErr_Clear();
-        return 0;
-    }
-    for (int i = 0; i < nhooked; i++)
-        if (hooked_ids[i] == id)
-            return 1;
-    return 0;
+    PyObject *m = imported("shmkit._core");
+    int hooked = m != NULL && PyModule_Check(m) && PyModule_GetDef(m) == &shm_module &&
+                 shm_mod_state(m)->gate_hooks > 0;
+    Py_XDECREF(m);
+    PyErr_Clear(); /* an audit hook that says 0 must leave no exception */
+    return hooked;
 }
+
+static int register_pair(PyObject *mod);
+static int gate_audit(const char *event, PyObject *args, void *data);
 
 /* Once logging is imported after our only pair, a second pair after its
  * hooks.  A failure leaves the hooks as they are (a hook must not raise). */
@@ -364,11 +367,6 @@ register_pair(PyObject *mod)
         goto done;
     r = PyObject_Call(reg, args, kw);
     if (r != NULL) {
-        int64_t id = PyInterpreterState_GetID(PyInterpreterState_Get());
-        if (id < 0)
-            PyErr_Clear();
-        else if (i == 0 && nhooked < (int)(sizeof hooked_ids / sizeof hooked_ids[0]))
-            hooked_ids[nhooked++] = id;
         st->gate_hooks = i + 1;
         st->gate_after_logging = after_logging;
     }
@@ -385,14 +383,6 @@ done:
     return 0;
 }
 
-static int64_t
-monotonic_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
 /* Another thread's os.fork() waits for the gate, or has waited and its
  * hooks have not yet taken it (see fork_intent_ns): an import gives way. */
 static int
@@ -402,7 +392,7 @@ fork_intended(void)
         return 1; /* the gate is unfair: without this, imports one after another
                    * in other threads could keep a fork waiting */
     int64_t t = __atomic_load_n(&fork_intent_ns, __ATOMIC_ACQUIRE);
-    return t != 0 && !fork_intending && monotonic_ns() - t < FORK_INTENT_NS;
+    return t != 0 && !fork_intending && shm_now_ns() - t < FORK_INTENT_NS;
 }
 
 /* Take the gate, with the GIL released in slices and signal handlers run
@@ -415,7 +405,7 @@ gate_take_interruptible(int64_t deadline)
      * that is about to import queue up for the gate meanwhile. */
     if (pthread_mutex_trylock(&gate) == 0)
         return 1;
-    for (int64_t left; (left = deadline - monotonic_ns()) > 0 && !gate_finalizing();) {
+    for (int64_t left; (left = deadline - shm_now_ns()) > 0 && !gate_finalizing();) {
         int taken = gate_take(left < GATE_SLICE_NS ? left : GATE_SLICE_NS);
         /* A Ctrl-C during the wait is raised now, before what waited, and
          * handlers run with the gate free (one may wait for an import) */
@@ -450,14 +440,14 @@ gate_audit(const char *event, PyObject *Py_UNUSED(args), void *Py_UNUSED(data))
     }
     fork_waiting_here++;
     __atomic_add_fetch(&forks_waiting, 1, __ATOMIC_RELEASE);
-    int taken = gate_take_interruptible(monotonic_ns() + GATE_WAIT_NS);
+    int taken = gate_take_interruptible(shm_now_ns() + GATE_WAIT_NS);
     __atomic_sub_fetch(&forks_waiting, 1, __ATOMIC_RELEASE);
     fork_waiting_here--;
     audit_waited_out = taken == 0; /* its hooks need not wait a second time */
     if (taken > 0) {
         if (!forks_refused && interpreter_hooked()) {
             fork_intending = 1;
-            __atomic_store_n(&fork_intent_ns, monotonic_ns(), __ATOMIC_RELEASE);
+            __atomic_store_n(&fork_intent_ns, shm_now_ns(), __ATOMIC_RELEASE);
         }
         pthread_mutex_unlock(&gate);
     }
@@ -478,10 +468,10 @@ py_import_gated(PyObject *mod, PyObject *name)
     if (st->gate_hooks == 0 && register_pair(mod) < 0)
         return NULL;
     follow_logging(mod);
-    int64_t deadline = monotonic_ns() + GATE_WAIT_NS;
+    int64_t deadline = shm_now_ns() + GATE_WAIT_NS;
     int taken = gate_take_interruptible(deadline);
-    int64_t give_way_until = monotonic_ns() + FORK_INTENT_NS; /* forks refused in a row */
-    while (taken > 0 && !imports_here && fork_intended() && monotonic_ns() < give_way_until &&
+    int64_t give_way_until = shm_now_ns() + FORK_INTENT_NS; /* forks refused in a row */
+    while (taken > 0 && !imports_here && fork_intended() && shm_now_ns() < give_way_until &&
            !gate_finalizing()) {
         /* let the fork's hooks have it */
         pthread_mutex_unlock(&gate);
