@@ -86,8 +86,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
                ("From a script: remove without asking, report as JSON what was removed:",
                 "shmkit rm --yes --json 'cache.*'"),
            )),
-    "gc": ("remove what crashed processes left behind (never a persistent object, never one "
-           "in use)", _examples(
+    "gc": ("remove what crashed processes left behind (never an object in use; persistent "
+           "ones only with --orphans)", _examples(
                ("List what would be removed, removing nothing:", "shmkit gc --dry-run"),
                ("Remove attached-lifetime objects whose processes all died, half-created "
                 "objects and stale temp files:", "shmkit gc"),
