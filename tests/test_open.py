@@ -285,3 +285,152 @@ def test_opening_a_healthy_object_takes_the_one_call(name, kind, monkeypatch):
             handle.close()
     finally:
         made.close()
+
+
+# -- where a large reservation is placed ------------------------------------------------
+
+_GIB = 1 << 30
+_MAP_FIXED_NOREPLACE = 0x100000
+
+
+def _placed(mapping) -> bool:
+    """Does the touched part of this reservation end at a 1 GiB boundary
+    (where the core puts a large reservation when it has a freed range)?"""
+    touched = -(-mapping.length // (2 << 20)) * (2 << 20)
+    return (mapping.address + touched) % _GIB == 0
+
+
+@pytest.mark.parametrize("kind", ["segment", "store", "heap"])
+def test_a_reopened_growable_object_is_placed_where_unmapping_it_is_cheap(name, kind):
+    """A growable object's 4 GiB reservation, opened again after a close, goes
+    where the freed one was, shifted so that its touched part ends at a 1 GiB
+    boundary (docs/benchmarks.md, "Opening each kind by name"); a fixed-size
+    object is left where the kernel puts it."""
+    make = {"segment": lambda: shmkit.Segment(name, size=1 << 20),
+            "store": lambda: shmkit.Store(name, size=1 << 20),
+            "heap": lambda: shmkit.Heap(name, size=1 << 20)}[kind]
+    reopen = {"segment": shmkit.Segment.open, "store": shmkit.Store.open,
+              "heap": shmkit.Heap.open}[kind]
+    made = make()
+    try:
+        reopen(name).close()
+        for i in range(3):
+            with reopen(name) as h:
+                m = (h._seg if kind != "segment" else h)._mapping
+                assert m.reserve >= 4 * _GIB
+                assert _placed(m), (hex(m.address), m.length)
+                if kind == "store":
+                    h[b"k%d" % i] = b"v%d" % i
+        if kind == "store":
+            assert dict(made.items()) == {b"k0": b"v0", b"k1": b"v1", b"k2": b"v2"}
+    finally:
+        made.close()
+
+
+def test_a_freed_range_taken_meanwhile_leaves_the_kernel_to_place_it(name):
+    """Something mapped where the next reservation would go: the open still
+    succeeds, elsewhere, and the data is whole."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    st = shmkit.Store(name, size=1 << 20)
+    try:
+        st[b"kept"] = b"x" * 100
+        with shmkit.Store.open(name) as h:
+            pass
+        with shmkit.Store.open(name) as h:
+            spot = h._seg._mapping.address
+            assert _placed(h._seg._mapping)
+        # the freed range is free again: take a page of it for something else
+        blocker = libc.mmap(spot + 4096 * 16, 4096, 0x1 | 0x2, 0x02 | 0x20 | _MAP_FIXED_NOREPLACE,
+                            -1, 0)
+        assert blocker == spot + 4096 * 16, ctypes.get_errno()
+        try:
+            with shmkit.Store.open(name) as h:
+                assert h._seg._mapping.address != spot
+                assert h[b"kept"] == b"x" * 100
+                h[b"new"] = b"y"
+            with shmkit.Store.open(name) as h:
+                assert h[b"new"] == b"y"
+        finally:
+            libc.munmap(blocker, 4096)
+    finally:
+        st.close()
+
+
+def test_threads_opening_and_closing_growable_objects_each_get_their_own_range(names):
+    """Eight threads reopening stores and heaps take and give back freed ranges
+    at once: every handle maps a range of its own, and nothing written is lost."""
+    import threading
+
+    stores = [shmkit.Store(names(), size=1 << 20) for _ in range(2)]
+    heaps = [shmkit.Heap(names(), size=1 << 20) for _ in range(2)]
+    errors: list[BaseException] = []
+    live: dict[int, int] = {}
+    guard = threading.Lock()
+
+    def claim(m) -> None:
+        with guard:
+            lo, hi = m.address, m.address + m.reserve
+            for a, b in live.items():
+                assert hi <= a or lo >= b, "two live handles share address space"
+            live[lo] = hi
+
+    def release(m) -> None:
+        with guard:
+            del live[m.address]
+
+    def work(t: int) -> None:
+        try:
+            for i in range(150):
+                if t % 2:
+                    with shmkit.Store.open(stores[t % 4 // 2].name) as h:
+                        claim(h._seg._mapping)
+                        h[b"%d-%d" % (t, i)] = b"%d" % i
+                        release(h._seg._mapping)
+                else:
+                    with shmkit.Heap.open(heaps[t % 4 // 2].name) as h:
+                        claim(h._seg._mapping)
+                        h.free(h.put(b"%d" % i))
+                        release(h._seg._mapping)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors, errors
+        for t in range(1, 8, 2):
+            st = stores[t % 4 // 2]
+            assert all(st[b"%d-%d" % (t, i)] == b"%d" % i for i in range(150))
+    finally:
+        for o in stores + heaps:
+            o.close()
+
+
+def test_a_child_forked_with_freed_ranges_noted_opens_and_writes(name):
+    st = shmkit.Store(name, size=1 << 20)
+    try:
+        shmkit.Store.open(name).close()  # a freed range noted, inherited by the child
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                with shmkit.Store.open(name) as h:
+                    h[b"child"] = b"ok"
+                    code = 0 if _placed(h._seg._mapping) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert st[b"child"] == b"ok"
+    finally:
+        st.close()

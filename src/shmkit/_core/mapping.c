@@ -27,15 +27,94 @@ count_fork(void)
     __atomic_add_fetch(&forks, 1, __ATOMIC_RELAXED);
 }
 
+/* Where a large reservation goes.  Unmapping a range makes the kernel walk
+ * the page-middle-directory entries of every 1 GiB region of it that has a
+ * page table, and the region where an object begins always has one: a
+ * 4 GiB reservation placed by the kernel cost 9.9 µs to unmap against 4.1
+ * for a 64 MiB mapping, and 4.5 when the range began 2 MiB below a 1 GiB
+ * boundary (benchmarks/reservation_cost.c).  Finding such a place costs
+ * system calls that eat the gain, so the process remembers the ranges its
+ * reservations freed and puts the next one there, shifted down so that its
+ * first `length` bytes (what gets touched) end at a 1 GiB boundary: the
+ * range reaches at most 1 GiB below the freed one, and MAP_FIXED_NOREPLACE
+ * leaves the kernel to choose when anything lives there now (as when a
+ * range is a little shorter than asked: lengths are kept in MiB).  One word
+ * per range, (address >> 12) << 19 | (length >> 20): taken and given back with
+ * atomic exchanges, so that threads, and a child forked mid-update, need no
+ * lock. */
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000 /* kernels before 4.17 take it as a hint */
+#endif
+#define SPOT_REGION (1ULL << 30)
+#define SPOT_MIN_SLACK (256ULL << 20) /* smaller reservations gain too little */
+#define SPOT_MAX_MIB ((1ULL << 19) - 1)
+#define N_SPOTS 8
+static uint64_t spots[N_SPOTS];
+static unsigned spot_next;
+
+static int
+placed_by_us(size_t reserve, size_t length)
+{
+    return reserve >= length + SPOT_MIN_SLACK && reserve >> 20 <= SPOT_MAX_MIB;
+}
+
+/* A start for `reserve` bytes with the first `length` of them just below a
+ * 1 GiB boundary, from a freed range large enough; 0 when none is kept. */
+static uintptr_t
+spot_take(size_t reserve, size_t length)
+{
+    uint64_t below = ((uint64_t)length + (2ULL << 20) - 1) & ~((2ULL << 20) - 1);
+    if (below == 0)
+        below = 2ULL << 20;
+    below %= SPOT_REGION;
+    for (int i = N_SPOTS - 1; i >= 0; i--) {
+        uint64_t w = __atomic_load_n(&spots[i], __ATOMIC_RELAXED);
+        if (w == 0 || (w & SPOT_MAX_MIB) < (uint64_t)reserve >> 20)
+            continue;
+        if (!__atomic_compare_exchange_n(&spots[i], &w, 0, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_RELAXED))
+            continue;
+        uint64_t freed = (w >> 19) << 12;
+        uint64_t start = ((freed + below + SPOT_REGION - 1) & ~(SPOT_REGION - 1)) - below;
+        if (start > freed)
+            start -= SPOT_REGION;
+        return start >= SPOT_REGION ? (uintptr_t)start : 0;
+    }
+    return 0;
+}
+
+static void
+spot_give(void *base, size_t reserve)
+{
+    uint64_t w = ((uint64_t)(uintptr_t)base >> 12) << 19 | (uint64_t)reserve >> 20;
+    if (((w >> 19) << 12) != (uint64_t)(uintptr_t)base)
+        return; /* an address wider than the word holds */
+    for (int i = 0; i < N_SPOTS; i++) {
+        uint64_t empty = 0;
+        if (__atomic_compare_exchange_n(&spots[i], &empty, w, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_RELAXED))
+            return;
+    }
+    unsigned i = __atomic_fetch_add(&spot_next, 1, __ATOMIC_RELAXED) % N_SPOTS;
+    __atomic_store_n(&spots[i], w, __ATOMIC_RELEASE);
+}
+
 /* Map `reserve` bytes of fd into self (GIL held; released around mmap):
  * 0, or -1 with OSError. */
 static int
 mapping_map(MappingObject *self, int fd, Py_ssize_t reserve, Py_ssize_t length, int readonly)
 {
     int prot = readonly ? PROT_READ : PROT_READ | PROT_WRITE;
-    void *p;
+    int flags = MAP_SHARED | MAP_NORESERVE;
+    uintptr_t spot = 0;
+    if (placed_by_us((size_t)reserve, (size_t)length))
+        spot = spot_take((size_t)reserve, (size_t)length);
+    void *p = MAP_FAILED;
     Py_BEGIN_ALLOW_THREADS
-    p = mmap(NULL, (size_t)reserve, prot, MAP_SHARED | MAP_NORESERVE, fd, 0);
+    if (spot != 0)
+        p = mmap((void *)spot, (size_t)reserve, prot, flags | MAP_FIXED_NOREPLACE, fd, 0);
+    if (p == MAP_FAILED)
+        p = mmap(NULL, (size_t)reserve, prot, flags, fd, 0);
     Py_END_ALLOW_THREADS
     if (p == MAP_FAILED) {
         PyErr_SetFromErrno(PyExc_OSError);
@@ -94,7 +173,9 @@ mapping_unmap(MappingObject *self)
 {
     if (self->base != NULL) {
         shm_sigbus_unregister(self->base);
-        munmap(self->base, (size_t)self->reserve);
+        if (munmap(self->base, (size_t)self->reserve) == 0 &&
+            placed_by_us((size_t)self->reserve, (size_t)self->length))
+            spot_give(self->base, (size_t)self->reserve);
         self->base = NULL;
         self->length = 0;
     }
