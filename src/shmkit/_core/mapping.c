@@ -34,20 +34,27 @@ count_fork(void)
  * for a 64 MiB mapping, and 4.5 when the range began 2 MiB below a 1 GiB
  * boundary (benchmarks/reservation_cost.c).  Finding such a place costs
  * system calls that eat the gain, so the process remembers the ranges its
- * reservations freed and puts the next one there, shifted down so that its
- * first `length` bytes (what gets touched) end at a 1 GiB boundary: the
- * range reaches at most 1 GiB below the freed one, and MAP_FIXED_NOREPLACE
- * leaves the kernel to choose when anything lives there now (as when a
- * range is a little shorter than asked: lengths are kept in MiB).  One word
- * per range, (address >> 12) << 19 | (length >> 20): taken and given back with
- * atomic exchanges, so that threads, and a child forked mid-update, need no
- * lock. */
+ * large reservations freed and puts the next one there.  A range the
+ * kernel chose is shifted down, by less than 1 GiB, so that the new
+ * reservation's first `length` bytes (what gets touched) end at a 1 GiB
+ * boundary; a range so shifted is reused only where it was, so that
+ * reservations never creep down the address space (towards the heap) one
+ * shift after another, and none goes below 4 GiB.  MAP_FIXED_NOREPLACE
+ * leaves the kernel to choose when anything lives there now, or when the
+ * range is a little shorter than asked (lengths are kept in whole MiB).
+ * One word per range, address >> 12 (45 bits), shifted (1), MiB (18):
+ * taken and given back with atomic exchanges, so that threads, and a child
+ * forked mid-update, need no lock. */
 #ifndef MAP_FIXED_NOREPLACE
 #define MAP_FIXED_NOREPLACE 0x100000 /* kernels before 4.17 take it as a hint */
 #endif
 #define SPOT_REGION (1ULL << 30)
+#define SPOT_FLOOR (1ULL << 32)       /* keep the low 4 GiB to whoever needs it */
 #define SPOT_MIN_SLACK (256ULL << 20) /* smaller reservations gain too little */
-#define SPOT_MAX_MIB ((1ULL << 19) - 1)
+#define SPOT_MIB_BITS 18
+#define SPOT_MAX_MIB ((1ULL << SPOT_MIB_BITS) - 1)
+#define SPOT_SHIFTED (1ULL << SPOT_MIB_BITS)
+#define SPOT_ADDR_SHIFT (SPOT_MIB_BITS + 1 - 12) /* (address >> 12) << (MIB_BITS + 1) */
 #define N_SPOTS 8
 static uint64_t spots[N_SPOTS];
 static unsigned spot_next;
@@ -58,15 +65,12 @@ placed_by_us(size_t reserve, size_t length)
     return reserve >= length + SPOT_MIN_SLACK && reserve >> 20 <= SPOT_MAX_MIB;
 }
 
-/* A start for `reserve` bytes with the first `length` of them just below a
- * 1 GiB boundary, from a freed range large enough; 0 when none is kept. */
+/* Where to try `reserve` bytes, from a freed range large enough (*shifted
+ * set when it is a shifted placement); 0 when no range is kept. */
 static uintptr_t
-spot_take(size_t reserve, size_t length)
+spot_take(size_t reserve, size_t length, int *shifted)
 {
-    uint64_t below = ((uint64_t)length + (2ULL << 20) - 1) & ~((2ULL << 20) - 1);
-    if (below == 0)
-        below = 2ULL << 20;
-    below %= SPOT_REGION;
+    uint64_t below = (((uint64_t)length + (2ULL << 20) - 1) & ~((2ULL << 20) - 1)) % SPOT_REGION;
     for (int i = N_SPOTS - 1; i >= 0; i--) {
         uint64_t w = __atomic_load_n(&spots[i], __ATOMIC_RELAXED);
         if (w == 0 || (w & SPOT_MAX_MIB) < (uint64_t)reserve >> 20)
@@ -74,21 +78,36 @@ spot_take(size_t reserve, size_t length)
         if (!__atomic_compare_exchange_n(&spots[i], &w, 0, 0, __ATOMIC_ACQ_REL,
                                          __ATOMIC_RELAXED))
             continue;
-        uint64_t freed = (w >> 19) << 12;
-        uint64_t start = ((freed + below + SPOT_REGION - 1) & ~(SPOT_REGION - 1)) - below;
-        if (start > freed)
-            start -= SPOT_REGION;
-        return start >= SPOT_REGION ? (uintptr_t)start : 0;
+        uint64_t freed = (w >> (SPOT_MIB_BITS + 1)) << 12;
+        if (w & SPOT_SHIFTED) {
+            *shifted = 1;
+            return (uintptr_t)freed; /* where it was: never further down */
+        }
+        /* the highest start at or below freed with start + below on a
+         * boundary: freed + below - (freed + below) % REGION, less one
+         * region if that is above freed; unsigned, so checked first */
+        uint64_t top = freed + below;
+        if (top < freed)
+            continue;
+        uint64_t start = top - top % SPOT_REGION;
+        if (start < below + SPOT_FLOOR)
+            continue;
+        start -= below;
+        *shifted = 1;
+        return (uintptr_t)start;
     }
     return 0;
 }
 
 static void
-spot_give(void *base, size_t reserve)
+spot_give(void *base, size_t reserve, int shifted)
 {
-    uint64_t w = ((uint64_t)(uintptr_t)base >> 12) << 19 | (uint64_t)reserve >> 20;
-    if (((w >> 19) << 12) != (uint64_t)(uintptr_t)base)
+    uint64_t addr = (uint64_t)(uintptr_t)base;
+    uint64_t w = (addr >> 12) << (SPOT_MIB_BITS + 1) | (uint64_t)reserve >> 20;
+    if (((w >> (SPOT_MIB_BITS + 1)) << 12) != addr)
         return; /* an address wider than the word holds */
+    if (shifted)
+        w |= SPOT_SHIFTED;
     for (int i = 0; i < N_SPOTS; i++) {
         uint64_t empty = 0;
         if (__atomic_compare_exchange_n(&spots[i], &empty, w, 0, __ATOMIC_ACQ_REL,
@@ -107,12 +126,15 @@ mapping_map(MappingObject *self, int fd, Py_ssize_t reserve, Py_ssize_t length, 
     int prot = readonly ? PROT_READ : PROT_READ | PROT_WRITE;
     int flags = MAP_SHARED | MAP_NORESERVE;
     uintptr_t spot = 0;
+    int shifted = 0;
     if (placed_by_us((size_t)reserve, (size_t)length))
-        spot = spot_take((size_t)reserve, (size_t)length);
+        spot = spot_take((size_t)reserve, (size_t)length, &shifted);
     void *p = MAP_FAILED;
     Py_BEGIN_ALLOW_THREADS
     if (spot != 0)
         p = mmap((void *)spot, (size_t)reserve, prot, flags | MAP_FIXED_NOREPLACE, fd, 0);
+    if (p == MAP_FAILED || (uintptr_t)p != spot)
+        shifted = 0; /* (an old kernel may take the address as a hint only) */
     if (p == MAP_FAILED)
         p = mmap(NULL, (size_t)reserve, prot, flags, fd, 0);
     Py_END_ALLOW_THREADS
@@ -126,6 +148,7 @@ mapping_map(MappingObject *self, int fd, Py_ssize_t reserve, Py_ssize_t length, 
     self->length = length;
     self->readonly = readonly;
     self->fd = fd;
+    self->shifted = shifted;
     self->token = 0;
     self->table_off = 0;
     self->max_slots = 0;
@@ -175,7 +198,7 @@ mapping_unmap(MappingObject *self)
         shm_sigbus_unregister(self->base);
         if (munmap(self->base, (size_t)self->reserve) == 0 &&
             placed_by_us((size_t)self->reserve, (size_t)self->length))
-            spot_give(self->base, (size_t)self->reserve);
+            spot_give(self->base, (size_t)self->reserve, self->shifted);
         self->base = NULL;
         self->length = 0;
     }
