@@ -34,17 +34,19 @@ count_fork(void)
  * for a 64 MiB mapping, and 4.5 when the range began 2 MiB below a 1 GiB
  * boundary (benchmarks/reservation_cost.c).  Finding such a place costs
  * system calls that eat the gain, so the process remembers the ranges its
- * large reservations freed and puts the next one there.  A range the
- * kernel chose is shifted down, by less than 1 GiB, so that the new
- * reservation's first `length` bytes (what gets touched) end at a 1 GiB
- * boundary; a range so shifted is reused only where it was, so that
- * reservations never creep down the address space (towards the heap) one
- * shift after another, and none goes below 4 GiB.  MAP_FIXED_NOREPLACE
- * leaves the kernel to choose when anything lives there now, or when the
- * range is a little shorter than asked (lengths are kept in whole MiB).
- * One word per range, address >> 12 (45 bits), shifted (1), MiB (18):
- * taken and given back with atomic exchanges, so that threads, and a child
- * forked mid-update, need no lock. */
+ * large reservations freed and puts the next one there, so that its first
+ * `length` bytes (what gets touched) end at a 1 GiB boundary, its anchor:
+ * below a range the kernel chose, the highest boundary that keeps the new
+ * start at or below it (less than 1 GiB down); below a range so placed,
+ * the same anchor again, whatever the new length.  So reservations never
+ * creep down the address space (towards the heap) one shift after
+ * another, and none goes below 4 GiB.  MAP_FIXED_NOREPLACE leaves the
+ * kernel to choose when anything lives there now, or when the range is a
+ * little shorter than asked (lengths are kept in whole MiB).  One word per
+ * range, address >> 12 (45 bits; the anchor for a placed one), placed (1),
+ * MiB (18), in a ring of eight, the newest tried first: taken and given
+ * back with atomic operations, so that threads, and a child forked
+ * mid-update, need no lock. */
 #ifndef MAP_FIXED_NOREPLACE
 #define MAP_FIXED_NOREPLACE 0x100000 /* kernels before 4.17 take it as a hint */
 #endif
@@ -53,8 +55,7 @@ count_fork(void)
 #define SPOT_MIN_SLACK (256ULL << 20) /* smaller reservations gain too little */
 #define SPOT_MIB_BITS 18
 #define SPOT_MAX_MIB ((1ULL << SPOT_MIB_BITS) - 1)
-#define SPOT_SHIFTED (1ULL << SPOT_MIB_BITS)
-#define SPOT_ADDR_SHIFT (SPOT_MIB_BITS + 1 - 12) /* (address >> 12) << (MIB_BITS + 1) */
+#define SPOT_PLACED (1ULL << SPOT_MIB_BITS)
 #define N_SPOTS 8
 static uint64_t spots[N_SPOTS];
 static unsigned spot_next;
@@ -65,56 +66,50 @@ placed_by_us(size_t reserve, size_t length)
     return reserve >= length + SPOT_MIN_SLACK && reserve >> 20 <= SPOT_MAX_MIB;
 }
 
-/* Where to try `reserve` bytes, from a freed range large enough (*shifted
- * set when it is a shifted placement); 0 when no range is kept. */
+/* Where to try `reserve` bytes, from a freed range large enough, and its
+ * anchor (*anchor); 0 when no range is kept. */
 static uintptr_t
-spot_take(size_t reserve, size_t length, int *shifted)
+spot_take(size_t reserve, size_t length, uintptr_t *anchor)
 {
     uint64_t below = (((uint64_t)length + (2ULL << 20) - 1) & ~((2ULL << 20) - 1)) % SPOT_REGION;
-    for (int i = N_SPOTS - 1; i >= 0; i--) {
+    unsigned newest = __atomic_load_n(&spot_next, __ATOMIC_ACQUIRE);
+    for (unsigned k = 1; k <= N_SPOTS; k++) { /* the latest freed first: still free */
+        unsigned i = (newest - k) % N_SPOTS;
         uint64_t w = __atomic_load_n(&spots[i], __ATOMIC_RELAXED);
         if (w == 0 || (w & SPOT_MAX_MIB) < (uint64_t)reserve >> 20)
             continue;
         if (!__atomic_compare_exchange_n(&spots[i], &w, 0, 0, __ATOMIC_ACQ_REL,
                                          __ATOMIC_RELAXED))
             continue;
-        uint64_t freed = (w >> (SPOT_MIB_BITS + 1)) << 12;
-        if (w & SPOT_SHIFTED) {
-            *shifted = 1;
-            return (uintptr_t)freed; /* where it was: never further down */
+        uint64_t at = (w >> (SPOT_MIB_BITS + 1)) << 12;
+        uint64_t bound = at; /* a placed range's anchor */
+        if (!(w & SPOT_PLACED)) {
+            /* the highest boundary with bound - below at or below the
+             * freed range's start; unsigned, so checked first */
+            uint64_t top = at + below;
+            if (top < at)
+                continue;
+            bound = top - top % SPOT_REGION;
         }
-        /* the highest start at or below freed with start + below on a
-         * boundary: freed + below - (freed + below) % REGION, less one
-         * region if that is above freed; unsigned, so checked first */
-        uint64_t top = freed + below;
-        if (top < freed)
+        if (bound % SPOT_REGION != 0 || bound < below + SPOT_FLOOR)
             continue;
-        uint64_t start = top - top % SPOT_REGION;
-        if (start < below + SPOT_FLOOR)
-            continue;
-        start -= below;
-        *shifted = 1;
-        return (uintptr_t)start;
+        *anchor = (uintptr_t)bound;
+        return (uintptr_t)(bound - below);
     }
     return 0;
 }
 
 static void
-spot_give(void *base, size_t reserve, int shifted)
+spot_give(void *base, size_t reserve, uintptr_t anchor)
 {
-    uint64_t addr = (uint64_t)(uintptr_t)base;
+    uint64_t addr = anchor != 0 ? (uint64_t)anchor : (uint64_t)(uintptr_t)base;
     uint64_t w = (addr >> 12) << (SPOT_MIB_BITS + 1) | (uint64_t)reserve >> 20;
     if (((w >> (SPOT_MIB_BITS + 1)) << 12) != addr)
         return; /* an address wider than the word holds */
-    if (shifted)
-        w |= SPOT_SHIFTED;
-    for (int i = 0; i < N_SPOTS; i++) {
-        uint64_t empty = 0;
-        if (__atomic_compare_exchange_n(&spots[i], &empty, w, 0, __ATOMIC_ACQ_REL,
-                                        __ATOMIC_RELAXED))
-            return;
-    }
-    unsigned i = __atomic_fetch_add(&spot_next, 1, __ATOMIC_RELAXED) % N_SPOTS;
+    if (anchor != 0)
+        w |= SPOT_PLACED;
+    /* a ring: the oldest range, the likeliest to be taken by now, goes */
+    unsigned i = __atomic_fetch_add(&spot_next, 1, __ATOMIC_ACQ_REL) % N_SPOTS;
     __atomic_store_n(&spots[i], w, __ATOMIC_RELEASE);
 }
 
@@ -125,16 +120,15 @@ mapping_map(MappingObject *self, int fd, Py_ssize_t reserve, Py_ssize_t length, 
 {
     int prot = readonly ? PROT_READ : PROT_READ | PROT_WRITE;
     int flags = MAP_SHARED | MAP_NORESERVE;
-    uintptr_t spot = 0;
-    int shifted = 0;
+    uintptr_t spot = 0, anchor = 0;
     if (placed_by_us((size_t)reserve, (size_t)length))
-        spot = spot_take((size_t)reserve, (size_t)length, &shifted);
+        spot = spot_take((size_t)reserve, (size_t)length, &anchor);
     void *p = MAP_FAILED;
     Py_BEGIN_ALLOW_THREADS
     if (spot != 0)
         p = mmap((void *)spot, (size_t)reserve, prot, flags | MAP_FIXED_NOREPLACE, fd, 0);
     if (p == MAP_FAILED || (uintptr_t)p != spot)
-        shifted = 0; /* (an old kernel may take the address as a hint only) */
+        anchor = 0; /* (an old kernel may take the address as a hint only) */
     if (p == MAP_FAILED)
         p = mmap(NULL, (size_t)reserve, prot, flags, fd, 0);
     Py_END_ALLOW_THREADS
@@ -148,7 +142,7 @@ mapping_map(MappingObject *self, int fd, Py_ssize_t reserve, Py_ssize_t length, 
     self->length = length;
     self->readonly = readonly;
     self->fd = fd;
-    self->shifted = shifted;
+    self->anchor = anchor;
     self->token = 0;
     self->table_off = 0;
     self->max_slots = 0;
@@ -198,7 +192,7 @@ mapping_unmap(MappingObject *self)
         shm_sigbus_unregister(self->base);
         if (munmap(self->base, (size_t)self->reserve) == 0 &&
             placed_by_us((size_t)self->reserve, (size_t)self->length))
-            spot_give(self->base, (size_t)self->reserve, self->shifted);
+            spot_give(self->base, (size_t)self->reserve, self->anchor);
         self->base = NULL;
         self->length = 0;
     }

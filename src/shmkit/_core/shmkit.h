@@ -47,7 +47,7 @@ typedef struct {
     int readonly;
     int closing;         /* close() asked for while buffers were exported */
     int fd;              /* the segment's file; -1 when detached */
-    int shifted;         /* placed from a freed range (mapping.c): not again */
+    uintptr_t anchor;    /* the 1 GiB boundary it was placed below (mapping.c), or 0 */
     uint32_t token;      /* our lock-owner token; 0 when detached */
     Py_ssize_t table_off;/* byte offset of the attach table */
     uint32_t max_slots;
