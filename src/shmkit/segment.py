@@ -870,6 +870,7 @@ class Segment(Closing):
     def _keep(self, fd: int, mapping: Any, header_size: int, flags: int, max_slots: int,
               max_size: int, created_ns: int, creator_pid: int, layout_text: bytes) -> None:
         """Hold the open file and mapping, and the header fields as checked."""
+        mapping.adopt_fd(fd)  # closed with the mapping, even if a Ctrl-C ends this handle here
         self._fd = fd
         self._mapping = mapping
         self._hsize = header_size
@@ -1003,11 +1004,11 @@ class Segment(Closing):
         self._closed = True
         _live.pop(id(self), None)
         if self._mapping is not None:
-            _core.attach_detach(self._mapping)
-            self._mapping.close()
-        if self._fd >= 0:
+            # one step in the core: a Ctrl-C cannot leave the file open
+            self._mapping.detach(self._fd)
+        elif self._fd >= 0:
             os.close(self._fd)
-            self._fd = -1
+        self._fd = -1
         self._token = 0
 
     def unlink(self) -> None:

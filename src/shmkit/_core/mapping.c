@@ -8,6 +8,12 @@
  * Views keep the mapping alive.  close() unmaps at once when no buffer is
  * exported; otherwise it returns False and the unmap happens when the last
  * view is released.  A dangling view is therefore impossible.
+ *
+ * A segment's mapping owns its open file (open_segment makes it so, and
+ * adopt_fd), closed when the mapping is freed or by detach(): a Ctrl-C
+ * between the Python steps of an open or a close, which used to leave the
+ * file open and with it the attach slot's lock, held for good, now only
+ * delays the close until the mapping goes.
  */
 #include "shmkit.h"
 #include "wait.h"
@@ -143,6 +149,8 @@ mapping_map(MappingObject *self, int fd, Py_ssize_t reserve, Py_ssize_t length, 
     self->readonly = readonly;
     self->fd = fd;
     self->anchor = anchor;
+    self->owns_fd = 0;
+    self->owned_fd = -1;
     self->token = 0;
     self->table_off = 0;
     self->max_slots = 0;
@@ -198,12 +206,45 @@ mapping_unmap(MappingObject *self)
     }
 }
 
+/* Close the file this mapping owns, if it is fd (any, for -1). */
+static void
+mapping_close_owned(MappingObject *self, int fd)
+{
+    if (self->owns_fd && (fd < 0 || fd == self->owned_fd)) {
+        self->owns_fd = 0;
+        close(self->owned_fd);
+        self->owned_fd = -1;
+    }
+}
+
 static void
 mapping_dealloc(MappingObject *self)
 {
     /* Exports hold a reference, so none can remain here. */
     mapping_unmap(self);
+    mapping_close_owned(self, -1);
     shm_free_instance((PyObject *)self);
+}
+
+void
+shm_mapping_own_fd(MappingObject *self, int fd)
+{
+    self->owns_fd = 1;
+    self->owned_fd = fd;
+}
+
+static PyObject *
+mapping_adopt_fd(MappingObject *self, PyObject *arg)
+{
+    int fd;
+    if (!PyArg_Parse(arg, "i", &fd))
+        return NULL;
+    if (fd < 0 || (self->owns_fd && self->owned_fd != fd)) {
+        PyErr_Format(PyExc_ValueError, "cannot adopt file descriptor %d", fd);
+        return NULL;
+    }
+    shm_mapping_own_fd(self, fd);
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -215,6 +256,23 @@ mapping_close(MappingObject *self, PyObject *Py_UNUSED(ignored))
     }
     mapping_unmap(self);
     Py_RETURN_TRUE;
+}
+
+/* A handle's close in one step, so that a Ctrl-C cannot split it: forget
+ * the attachment, close its file (fd; the slot's lock goes with it), and
+ * close the mapping. */
+static PyObject *
+mapping_detach(MappingObject *self, PyObject *arg)
+{
+    int fd;
+    if (!PyArg_Parse(arg, "i", &fd))
+        return NULL;
+    shm_attach_detach(self);
+    if (self->owns_fd && fd == self->owned_fd)
+        mapping_close_owned(self, fd);
+    else if (fd >= 0)
+        close(fd);
+    return mapping_close(self, NULL);
 }
 
 static PyObject *
@@ -336,8 +394,11 @@ mapping_remap_file(MappingObject *self, PyObject *args)
         Py_RETURN_NONE; /* unmapped: it holds no file */
     int prot = self->readonly ? PROT_READ : PROT_READ | PROT_WRITE;
     int flags = MAP_SHARED | MAP_NORESERVE | MAP_FIXED;
-    if (mmap(self->base, (size_t)self->reserve, prot, flags, fd, 0) != MAP_FAILED)
+    if (mmap(self->base, (size_t)self->reserve, prot, flags, fd, 0) != MAP_FAILED) {
+        if (self->owns_fd && self->owned_fd == old_fd)
+            self->owned_fd = fd; /* the caller closes old_fd */
         Py_RETURN_NONE;
+    }
     int err = errno;
     (void)mmap(self->base, (size_t)self->reserve, prot, flags, old_fd, 0);
     errno = err;
@@ -349,6 +410,13 @@ static PyMethodDef mapping_methods[] = {
      "close($self, /)\n--\n\n"
      "close() -> bool\n\nUnmap now and return True, or, while views are still "
      "exported, return False and unmap when the last one is released."},
+    {"detach", (PyCFunction)mapping_detach, METH_O,
+     "detach($self, fd, /)\n--\n\n"
+     "detach(fd) -> bool\n\nForget the attachment, close fd (its slot's lock goes "
+     "with it) and close the mapping, in one step; close()'s result."},
+    {"adopt_fd", (PyCFunction)mapping_adopt_fd, METH_O,
+     "adopt_fd($self, fd, /)\n--\n\n"
+     "Own fd: it is closed with the mapping (when freed, or by detach(fd))."},
     {"swap_when_idle", (PyCFunction)mapping_swap_when_idle, METH_VARARGS,
      "swap_when_idle($self, offset, expected, value, /)\n--\n\n"
      "Once the last exported view is released, replace the 32-bit word at "

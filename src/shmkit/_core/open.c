@@ -176,6 +176,8 @@ py_open_segment(PyObject *mod, PyObject *args)
         raw.bytes + SHM_LAYOUT_OFF, (Py_ssize_t)h->layout_len);
     if (out == NULL)
         close(fd); /* "N" took the mapping's reference even so */
+    else
+        shm_mapping_own_fd(m, fd); /* dropped before the handle holds it: closed */
     return out;
 undo:
     Py_DECREF(m); /* unmaps */
