@@ -259,8 +259,10 @@ mapping_close(MappingObject *self, PyObject *Py_UNUSED(ignored))
 }
 
 /* A handle's close in one step, so that a Ctrl-C cannot split it: forget
- * the attachment, close its file (fd; the slot's lock goes with it), and
- * close the mapping. */
+ * the attachment, close its file (fd, if this mapping owns it: a second
+ * detach, from a thread that raced the first, must not close a number the
+ * process may have reused meanwhile; the slot's lock goes with the file),
+ * and close the mapping. */
 static PyObject *
 mapping_detach(MappingObject *self, PyObject *arg)
 {
@@ -268,10 +270,8 @@ mapping_detach(MappingObject *self, PyObject *arg)
     if (!PyArg_Parse(arg, "i", &fd))
         return NULL;
     shm_attach_detach(self);
-    if (self->owns_fd && fd == self->owned_fd)
+    if (fd >= 0)
         mapping_close_owned(self, fd);
-    else if (fd >= 0)
-        close(fd);
     return mapping_close(self, NULL);
 }
 
@@ -412,8 +412,9 @@ static PyMethodDef mapping_methods[] = {
      "exported, return False and unmap when the last one is released."},
     {"detach", (PyCFunction)mapping_detach, METH_O,
      "detach($self, fd, /)\n--\n\n"
-     "detach(fd) -> bool\n\nForget the attachment, close fd (its slot's lock goes "
-     "with it) and close the mapping, in one step; close()'s result."},
+     "detach(fd) -> bool\n\nForget the attachment, close fd if this mapping owns it "
+     "(its slot's lock goes with it) and close the mapping, in one step; close()'s "
+     "result."},
     {"adopt_fd", (PyCFunction)mapping_adopt_fd, METH_O,
      "adopt_fd($self, fd, /)\n--\n\n"
      "Own fd: it is closed with the mapping (when freed, or by detach(fd))."},
