@@ -524,3 +524,62 @@ def test_ctrl_c_at_any_moment_of_opens_and_closes_leaves_no_file_or_slot_held(na
     finally:
         for st in stores:
             st.close()
+
+
+@pytest.mark.parametrize("readonly", [False, True], ids=["writable", "readonly"])
+def test_threads_closing_one_handle_at_once_close_nothing_else(readonly):
+    """Four threads close one handle of an "attached" object at once while
+    another thread keeps opening files of its own: one close does the work,
+    the others return, no error is raised, the name goes, and no descriptor
+    but the handle's is closed (the last-closer check used to close a
+    number another thread had reused)."""
+    import sys
+    import threading
+
+    canary = os.path.join(os.path.dirname(__file__), "conftest.py")
+    inode = os.stat(canary).st_ino
+    errors: list[BaseException] = []
+    broken = left = 0
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(300):
+            maker = shmkit.Segment(None, size=4096)
+            h = shmkit.Segment.open(maker.name, readonly=True) if readonly else maker
+            if readonly:
+                maker.close()
+            path, stop, opened = h.path, threading.Event(), []
+
+            def keep_opening() -> None:
+                while not stop.is_set():
+                    opened.append(os.open(canary, os.O_RDONLY))
+
+            def close() -> None:
+                try:
+                    h.close()
+                except BaseException as e:  # noqa: BLE001 - reported below
+                    errors.append(e)
+
+            opener = threading.Thread(target=keep_opening)
+            closers = [threading.Thread(target=close) for _ in range(4)]
+            opener.start()
+            for t in closers:
+                t.start()
+            for t in closers:
+                t.join()
+            stop.set()
+            opener.join()
+            for fd in opened:
+                try:
+                    broken += os.fstat(fd).st_ino != inode
+                    os.close(fd)
+                except OSError:
+                    broken += 1
+            if os.path.exists(path):
+                left += 1
+                os.unlink(path)
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors, errors[:3]
+    assert broken == 0, f"{broken} descriptors of another thread's were closed"
+    assert left == 0

@@ -267,6 +267,15 @@ def _map(fd: int, reserve: int, length: int, where: str, readonly: bool = False)
         raise
 
 
+def _let_go(fd: int, mapping: Any) -> None:
+    """Close the file and mapping of a handle that was not made after all."""
+    if mapping is None:
+        os.close(fd)
+    else:  # the mapping may own fd already: adopt_fd is a no-op then
+        mapping.adopt_fd(fd)
+        mapping.detach(fd)
+
+
 class _Header:
     """The fixed header fields, decoded and checked (everything is untrusted).
 
@@ -369,6 +378,8 @@ class SegmentInfo(dict[str, Any]):
 
 # Open segments of this process, for the at-fork hook (weak: never keeps one open).
 _live: "dict[int, weakref.ref[Segment]]" = {}
+# Handles being closed, by id: their close() in progress (Segment.close).
+_closing: dict[int, object] = {}
 
 
 class Segment(Closing):
@@ -540,6 +551,7 @@ class Segment(Closing):
             own = os.open(f"/proc/self/fd/{fd}", flags)
         finally:
             os.close(fd)
+        mapping = None
         try:
             st = os.fstat(own)
             _check_trust(st, repr(name), path, None)  # before reading a byte
@@ -550,8 +562,9 @@ class Segment(Closing):
                     f"{self._kind.name.lower()}; open it as {head.kind.name.title()}")
             mapping = _map(own, head.header_size + head.max_size,
                            head.header_size + head.size, repr(name), readonly=self._readonly)
+            mapping.adopt_fd(own)
         except BaseException:
-            os.close(own)
+            _let_go(own, mapping)
             raise
         self._setup(own, mapping, head.header_size, head)
         return self
@@ -659,6 +672,7 @@ class Segment(Closing):
                         "for less") from None
                 raise
             mapping = _map(fd, hsize + max_size, hsize + size, repr(self._name))
+            mapping.adopt_fd(fd)  # from here a Ctrl-C that drops it closes the file too
             flags = _FLAG_ATTACHED if lifetime == "attached" else 0
             head = _HEADER.pack(b"\0" * 8, FORMAT_VERSION, int(kind), flags, max_attach,
                                 hsize, size, max_size, time.time_ns(), os.getpid(), 0, 0,
@@ -676,9 +690,7 @@ class Segment(Closing):
             finally:
                 os.unlink(tmp)
         except BaseException:
-            if mapping is not None:
-                mapping.close()  # a traceback must not keep the file mapped
-            os.close(fd)
+            _let_go(fd, mapping)  # a traceback must not keep the file mapped
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
@@ -742,6 +754,7 @@ class Segment(Closing):
                 raise PermissionError(e.errno, f"no permission to open segment "
                                       f"{self._name!r}: {e.strerror}", self._path) from None
             raise _limit_error(e, f"open {where}") from None
+        mapping = None
         try:
             st = os.fstat(fd)
             _check_trust(st, where, self._path, self._trust_uid)  # before reading a byte
@@ -752,8 +765,9 @@ class Segment(Closing):
                     f"{kind.name.lower()}; open it as {head.kind.name.title()}")
             mapping = _map(fd, head.header_size + head.max_size, head.header_size + head.size,
                            where, readonly=self._readonly)
+            mapping.adopt_fd(fd)
         except BaseException:
-            os.close(fd)
+            _let_go(fd, mapping)
             raise
         self._setup(fd, mapping, head.header_size, head)
         # A last "attached" closer, or `shmkit gc`, may have removed it between
@@ -947,17 +961,26 @@ class Segment(Closing):
         unmapped after the last one goes.  With ``lifetime="attached"`` the
         last process to close removes the segment.
         """
-        if self._closed:
+        # One close at a time: another thread's, or a signal handler's made
+        # while this thread is inside one, returns at once (setdefault is
+        # atomic), instead of working on a descriptor being closed.
+        me = object()
+        if self._closed or _closing.setdefault(id(self), me) is not me:
             return
-        if self._flags & _FLAG_ATTACHED:
-            # Closing the descriptor (in _detach) drops our own lock; the
-            # "attached" lifetime drops it first, to test for others.
-            if self._readonly:
-                _core.ofd_unlock(self._fd, _READER_BYTE, 1)
-            elif self._token:
-                _core.ofd_unlock(self._fd, _SLOT_LOCK_BASE + (self._token & 0x3FF), 1)
-            self._removed_on_close = self._remove_if_last()
-        self._detach()
+        try:
+            if self._closed:  # closed by the one that held the claim just before
+                return
+            if self._flags & _FLAG_ATTACHED:
+                # Closing the descriptor (in _detach) drops our own lock; the
+                # "attached" lifetime drops it first, to test for others.
+                if self._readonly:
+                    _core.ofd_unlock(self._fd, _READER_BYTE, 1)
+                elif self._token:
+                    _core.ofd_unlock(self._fd, _SLOT_LOCK_BASE + (self._token & 0x3FF), 1)
+                self._removed_on_close = self._remove_if_last()
+            self._detach()
+        finally:
+            _closing.pop(id(self), None)
         if self._removed_on_close:
             self._destroyed()
 
@@ -973,7 +996,7 @@ class Segment(Closing):
     def _remove_if_last(self) -> bool:
         # Holding a write lock over the reader byte and every slot proves that
         # nobody else is attached, and nobody can attach while we hold it.
-        fd = self._fd
+        fd = handle_fd = self._fd
         if self._readonly:
             # A read-only file cannot take that lock: open the name for
             # writing just for the check (if we may; else `shmkit gc` will).
@@ -988,7 +1011,7 @@ class Segment(Closing):
             if _core.ofd_lock(fd, *_ATTACH_SPAN):
                 try:
                     here = os.stat(self._path, follow_symlinks=False)
-                    mine = os.fstat(self._fd)
+                    mine = os.fstat(handle_fd)
                     if (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
                         os.unlink(self._path)
                         self._removed = True
@@ -997,7 +1020,7 @@ class Segment(Closing):
                     pass
             return False
         finally:
-            if fd != self._fd:
+            if fd != handle_fd:  # the one opened above, never the handle's own
                 os.close(fd)
 
     def _detach(self) -> None:
