@@ -754,7 +754,7 @@ class Segment(Closing):
                 raise PermissionError(e.errno, f"no permission to open segment "
                                       f"{self._name!r}: {e.strerror}", self._path) from None
             raise _limit_error(e, f"open {where}") from None
-        mapping = None
+        made: Any = None
         try:
             st = os.fstat(fd)
             _check_trust(st, where, self._path, self._trust_uid)  # before reading a byte
@@ -763,13 +763,13 @@ class Segment(Closing):
                 raise WrongKindError(
                     f"{self._name!r} is a {head.kind.name.lower()}, not a "
                     f"{kind.name.lower()}; open it as {head.kind.name.title()}")
-            mapping = _map(fd, head.header_size + head.max_size, head.header_size + head.size,
-                           where, readonly=self._readonly)
-            mapping.adopt_fd(fd)
+            made = _map(fd, head.header_size + head.max_size, head.header_size + head.size,
+                        where, readonly=self._readonly)
+            made.adopt_fd(fd)
         except BaseException:
-            _let_go(fd, mapping)
+            _let_go(fd, made)
             raise
-        self._setup(fd, mapping, head.header_size, head)
+        self._setup(fd, made, head.header_size, head)
         # A last "attached" closer, or `shmkit gc`, may have removed it between
         # our open and our slot claim (nobody was attached then): start over.
         # Once the slot is ours, neither can remove it.
