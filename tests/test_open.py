@@ -10,11 +10,14 @@ right exception.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import socket
-import subprocess
 import struct
+import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -335,9 +338,6 @@ def test_a_reopened_growable_object_is_placed_where_unmapping_it_is_cheap(name, 
 def test_a_freed_range_taken_meanwhile_leaves_the_kernel_to_place_it(name):
     """Something mapped where the next reservation would go: the open still
     succeeds, elsewhere, and the data is whole."""
-    import ctypes
-    import ctypes.util
-
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
@@ -373,8 +373,6 @@ def test_a_freed_range_taken_meanwhile_leaves_the_kernel_to_place_it(name):
 def test_threads_opening_and_closing_growable_objects_each_get_their_own_range(names):
     """Eight threads reopening stores and heaps take and give back freed ranges
     at once: every handle maps a range of its own, and nothing written is lost."""
-    import threading
-
     stores = [shmkit.Store(names(), size=1 << 20) for _ in range(2)]
     heaps = [shmkit.Heap(names(), size=1 << 20) for _ in range(2)]
     errors: list[BaseException] = []
@@ -533,9 +531,6 @@ def test_threads_closing_one_handle_at_once_close_nothing_else(readonly):
     the others return, no error is raised, the name goes, and no descriptor
     but the handle's is closed (the last-closer check used to close a
     number another thread had reused)."""
-    import sys
-    import threading
-
     canary = os.path.join(os.path.dirname(__file__), "conftest.py")
     inode = os.stat(canary).st_ino
     errors: list[BaseException] = []

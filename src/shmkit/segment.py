@@ -257,7 +257,8 @@ def _limit_error(e: OSError, what: str) -> Exception:
 
 def _map(fd: int, reserve: int, length: int, where: str, readonly: bool = False) -> Any:
     try:
-        return _core.Mapping(fd, reserve, length, readonly=readonly)
+        # owning fd: a Ctrl-C that drops the mapping closes the file too
+        return _core.Mapping(fd, reserve, length, readonly=readonly, own=True)
     except OSError as e:
         if e.errno == errno.ENOMEM:
             raise OutOfSpaceError(
@@ -271,8 +272,7 @@ def _let_go(fd: int, mapping: Any) -> None:
     """Close the file and mapping of a handle that was not made after all."""
     if mapping is None:
         os.close(fd)
-    else:  # the mapping may own fd already: adopt_fd is a no-op then
-        mapping.adopt_fd(fd)
+    else:  # it owns fd (_map)
         mapping.detach(fd)
 
 
@@ -562,7 +562,6 @@ class Segment(Closing):
                     f"{self._kind.name.lower()}; open it as {head.kind.name.title()}")
             mapping = _map(own, head.header_size + head.max_size,
                            head.header_size + head.size, repr(name), readonly=self._readonly)
-            mapping.adopt_fd(own)
         except BaseException:
             _let_go(own, mapping)
             raise
@@ -672,7 +671,6 @@ class Segment(Closing):
                         "for less") from None
                 raise
             mapping = _map(fd, hsize + max_size, hsize + size, repr(self._name))
-            mapping.adopt_fd(fd)  # from here a Ctrl-C that drops it closes the file too
             flags = _FLAG_ATTACHED if lifetime == "attached" else 0
             head = _HEADER.pack(b"\0" * 8, FORMAT_VERSION, int(kind), flags, max_attach,
                                 hsize, size, max_size, time.time_ns(), os.getpid(), 0, 0,
@@ -765,7 +763,6 @@ class Segment(Closing):
                     f"{kind.name.lower()}; open it as {head.kind.name.title()}")
             made = _map(fd, head.header_size + head.max_size, head.header_size + head.size,
                         where, readonly=self._readonly)
-            made.adopt_fd(fd)
         except BaseException:
             _let_go(fd, made)
             raise
@@ -884,9 +881,8 @@ class Segment(Closing):
     def _keep(self, fd: int, mapping: Any, header_size: int, flags: int, max_slots: int,
               max_size: int, created_ns: int, creator_pid: int, layout_text: bytes) -> None:
         """Hold the open file and mapping, and the header fields as checked."""
-        mapping.adopt_fd(fd)  # closed with the mapping, even if a Ctrl-C ends this handle here
+        self._mapping = mapping  # first: it owns fd, which _detach closes through it
         self._fd = fd
-        self._mapping = mapping
         self._hsize = header_size
         self._flags = flags
         self._max_slots = max_slots
@@ -1027,10 +1023,9 @@ class Segment(Closing):
         self._closed = True
         _live.pop(id(self), None)
         if self._mapping is not None:
-            # one step in the core: a Ctrl-C cannot leave the file open
+            # one step in the core: a Ctrl-C cannot leave the file open (the
+            # mapping owns it: without a mapping there is no file to close)
             self._mapping.detach(self._fd)
-        elif self._fd >= 0:
-            os.close(self._fd)
         self._fd = -1
         self._token = 0
 

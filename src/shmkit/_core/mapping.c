@@ -9,8 +9,8 @@
  * exported; otherwise it returns False and the unmap happens when the last
  * view is released.  A dangling view is therefore impossible.
  *
- * A segment's mapping owns its open file (open_segment makes it so, and
- * adopt_fd), closed when the mapping is freed or by detach(): a Ctrl-C
+ * A segment's mapping owns its open file (open_segment, or Mapping(...,
+ * own=True)), closed when the mapping is freed or by detach(): a Ctrl-C
  * between the Python steps of an open or a close, which used to leave the
  * file open and with it the attach slot's lock, held for good, now only
  * delays the close until the mapping goes.
@@ -97,7 +97,7 @@ spot_take(size_t reserve, size_t length, uintptr_t *anchor)
                 continue;
             bound = top - top % SPOT_REGION;
         }
-        if (bound % SPOT_REGION != 0 || bound < below + SPOT_FLOOR)
+        if (bound < below + SPOT_FLOOR)
             continue;
         *anchor = (uintptr_t)bound;
         return (uintptr_t)(bound - below);
@@ -149,8 +149,6 @@ mapping_map(MappingObject *self, int fd, Py_ssize_t reserve, Py_ssize_t length, 
     self->readonly = readonly;
     self->fd = fd;
     self->anchor = anchor;
-    self->owns_fd = 0;
-    self->owned_fd = -1;
     self->token = 0;
     self->table_off = 0;
     self->max_slots = 0;
@@ -158,14 +156,23 @@ mapping_map(MappingObject *self, int fd, Py_ssize_t reserve, Py_ssize_t length, 
     return 0;
 }
 
+static PyObject *
+mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    MappingObject *self = (MappingObject *)PyType_GenericNew(type, args, kwds);
+    if (self != NULL)
+        self->owned_fd = -1; /* 0 would be a descriptor */
+    return (PyObject *)self;
+}
+
 static int
 mapping_init(MappingObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "reserve", "length", "readonly", NULL};
-    int fd, readonly = 0;
+    static char *kwlist[] = {"fd", "reserve", "length", "readonly", "own", NULL};
+    int fd, readonly = 0, own = 0;
     Py_ssize_t reserve, length;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inn|p", kwlist, &fd, &reserve,
-                                     &length, &readonly))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inn|pp", kwlist, &fd, &reserve,
+                                     &length, &readonly, &own))
         return -1;
     if (self->base != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Mapping is already initialised");
@@ -177,13 +184,17 @@ mapping_init(MappingObject *self, PyObject *args, PyObject *kwds)
                      length, reserve);
         return -1;
     }
-    return mapping_map(self, fd, reserve, length, readonly);
+    if (mapping_map(self, fd, reserve, length, readonly) < 0)
+        return -1;
+    if (own)
+        self->owned_fd = fd;
+    return 0;
 }
 
 MappingObject *
 shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssize_t length, int readonly)
 {
-    MappingObject *self = (MappingObject *)PyType_GenericNew(st->Mapping, NULL, NULL);
+    MappingObject *self = (MappingObject *)mapping_new(st->Mapping, NULL, NULL);
     if (self == NULL)
         return NULL;
     if (mapping_map(self, fd, reserve, length, readonly) < 0) {
@@ -210,8 +221,7 @@ mapping_unmap(MappingObject *self)
 static void
 mapping_close_owned(MappingObject *self, int fd)
 {
-    if (self->owns_fd && (fd < 0 || fd == self->owned_fd)) {
-        self->owns_fd = 0;
+    if (self->owned_fd >= 0 && (fd < 0 || fd == self->owned_fd)) {
         close(self->owned_fd);
         self->owned_fd = -1;
     }
@@ -224,27 +234,6 @@ mapping_dealloc(MappingObject *self)
     mapping_unmap(self);
     mapping_close_owned(self, -1);
     shm_free_instance((PyObject *)self);
-}
-
-void
-shm_mapping_own_fd(MappingObject *self, int fd)
-{
-    self->owns_fd = 1;
-    self->owned_fd = fd;
-}
-
-static PyObject *
-mapping_adopt_fd(MappingObject *self, PyObject *arg)
-{
-    int fd;
-    if (!PyArg_Parse(arg, "i", &fd))
-        return NULL;
-    if (fd < 0 || (self->owns_fd && self->owned_fd != fd)) {
-        PyErr_Format(PyExc_ValueError, "cannot adopt file descriptor %d", fd);
-        return NULL;
-    }
-    shm_mapping_own_fd(self, fd);
-    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -395,7 +384,7 @@ mapping_remap_file(MappingObject *self, PyObject *args)
     int prot = self->readonly ? PROT_READ : PROT_READ | PROT_WRITE;
     int flags = MAP_SHARED | MAP_NORESERVE | MAP_FIXED;
     if (mmap(self->base, (size_t)self->reserve, prot, flags, fd, 0) != MAP_FAILED) {
-        if (self->owns_fd && self->owned_fd == old_fd)
+        if (self->owned_fd >= 0 && self->owned_fd == old_fd)
             self->owned_fd = fd; /* the caller closes old_fd */
         Py_RETURN_NONE;
     }
@@ -415,9 +404,6 @@ static PyMethodDef mapping_methods[] = {
      "detach(fd) -> bool\n\nForget the attachment, close fd if this mapping owns it "
      "(its slot's lock goes with it) and close the mapping, in one step; close()'s "
      "result."},
-    {"adopt_fd", (PyCFunction)mapping_adopt_fd, METH_O,
-     "adopt_fd($self, fd, /)\n--\n\n"
-     "Own fd: it is closed with the mapping (when freed, or by detach(fd))."},
     {"swap_when_idle", (PyCFunction)mapping_swap_when_idle, METH_VARARGS,
      "swap_when_idle($self, offset, expected, value, /)\n--\n\n"
      "Once the last exported view is released, replace the 32-bit word at "
@@ -474,14 +460,15 @@ static PyType_Slot mapping_slots[] = {
     {Py_tp_dealloc, mapping_dealloc},
     {Py_bf_getbuffer, mapping_getbuffer},
     {Py_bf_releasebuffer, mapping_releasebuffer},
-    {Py_tp_doc, "Mapping(fd, reserve, length, readonly=False)\n--\n\n"
+    {Py_tp_doc, "Mapping(fd, reserve, length, readonly=False, own=False)\n--\n\n"
                 "A shared mapping of `reserve` bytes of which the first `length` "
-                "are exported as buffers."},
+                "are exported as buffers; with own=True it closes fd when freed "
+                "(or by detach(fd))."},
     {Py_tp_methods, mapping_methods},
     {Py_tp_members, mapping_members},
     {Py_tp_getset, mapping_getset},
     {Py_tp_init, mapping_init},
-    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_new, mapping_new},
     {0, NULL},
 };
 

@@ -177,7 +177,7 @@ py_open_segment(PyObject *mod, PyObject *args)
     if (out == NULL)
         close(fd); /* "N" took the mapping's reference even so */
     else
-        shm_mapping_own_fd(m, fd); /* dropped before the handle holds it: closed */
+        m->owned_fd = fd; /* dropped before a handle holds it: closed with it */
     return out;
 undo:
     Py_DECREF(m); /* unmaps */

@@ -48,8 +48,7 @@ typedef struct {
     int closing;         /* close() asked for while buffers were exported */
     int fd;              /* the segment's file; -1 when detached */
     uintptr_t anchor;    /* the 1 GiB boundary it was placed below (mapping.c), or 0 */
-    int owns_fd;         /* owned_fd is closed with the mapping (mapping.c) */
-    int owned_fd;
+    int owned_fd;        /* closed with the mapping (mapping.c); -1 none */
     uint32_t token;      /* our lock-owner token; 0 when detached */
     Py_ssize_t table_off;/* byte offset of the attach table */
     uint32_t max_slots;
@@ -133,7 +132,6 @@ int shm_check_mapping(PyObject *obj);
 int shm_mapping_converter(PyObject *obj, void *out);
 /* A new Mapping of `reserve` bytes of fd, `length` of them safe (the caller
  * checked 0 <= length <= reserve, reserve > 0), or NULL with OSError. */
-void shm_mapping_own_fd(MappingObject *m, int fd); /* closed with the mapping */
 MappingObject *shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssize_t length,
                                int readonly);
 
