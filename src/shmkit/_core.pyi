@@ -44,8 +44,8 @@ class Mapping:
     @property
     def truncated(self) -> bool:
         """True once a page faulted past the end of a file another process truncated."""
-    def __init__(self, fd: int, reserve: int, length: int, readonly: bool = False,
-                 own: bool = False) -> None: ...  # own: fd is closed with the mapping
+    def __init__(self, fd: int, reserve: int, length: int, readonly: bool = False) -> None: ...
+    def adopt_fd(self, fd: int, /) -> None: ...  # fd is closed with the mapping
     def close(self) -> bool: ...
     def detach(self, fd: int, /) -> bool: ...  # attachment, owned file and mapping, in one step
     def remap_file(self, fd: int, old_fd: int, /) -> None: ...

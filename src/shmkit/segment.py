@@ -257,8 +257,7 @@ def _limit_error(e: OSError, what: str) -> Exception:
 
 def _map(fd: int, reserve: int, length: int, where: str, readonly: bool = False) -> Any:
     try:
-        # owning fd: a Ctrl-C that drops the mapping closes the file too
-        return _core.Mapping(fd, reserve, length, readonly=readonly, own=True)
+        return _core.Mapping(fd, reserve, length, readonly=readonly)
     except OSError as e:
         if e.errno == errno.ENOMEM:
             raise OutOfSpaceError(
@@ -272,7 +271,8 @@ def _let_go(fd: int, mapping: Any) -> None:
     """Close the file and mapping of a handle that was not made after all."""
     if mapping is None:
         os.close(fd)
-    else:  # it owns fd (_map)
+    else:  # adopted already, or a Ctrl-C fell just before: adopt_fd is a no-op then
+        mapping.adopt_fd(fd)
         mapping.detach(fd)
 
 
@@ -378,8 +378,6 @@ class SegmentInfo(dict[str, Any]):
 
 # Open segments of this process, for the at-fork hook (weak: never keeps one open).
 _live: "dict[int, weakref.ref[Segment]]" = {}
-# Handles being closed, by id: their close() in progress (Segment.close).
-_closing: dict[int, object] = {}
 
 
 class Segment(Closing):
@@ -562,6 +560,7 @@ class Segment(Closing):
                     f"{self._kind.name.lower()}; open it as {head.kind.name.title()}")
             mapping = _map(own, head.header_size + head.max_size,
                            head.header_size + head.size, repr(name), readonly=self._readonly)
+            mapping.adopt_fd(own)  # held where the except finds it: now it may own
         except BaseException:
             _let_go(own, mapping)
             raise
@@ -671,6 +670,7 @@ class Segment(Closing):
                         "for less") from None
                 raise
             mapping = _map(fd, hsize + max_size, hsize + size, repr(self._name))
+            mapping.adopt_fd(fd)
             flags = _FLAG_ATTACHED if lifetime == "attached" else 0
             head = _HEADER.pack(b"\0" * 8, FORMAT_VERSION, int(kind), flags, max_attach,
                                 hsize, size, max_size, time.time_ns(), os.getpid(), 0, 0,
@@ -763,6 +763,7 @@ class Segment(Closing):
                     f"{kind.name.lower()}; open it as {head.kind.name.title()}")
             made = _map(fd, head.header_size + head.max_size, head.header_size + head.size,
                         where, readonly=self._readonly)
+            made.adopt_fd(fd)
         except BaseException:
             _let_go(fd, made)
             raise
@@ -960,10 +961,14 @@ class Segment(Closing):
         # One close at a time: another thread's, or a signal handler's made
         # while this thread is inside one, returns at once (setdefault is
         # atomic), instead of working on a descriptor being closed.
-        me = object()
-        if self._closed or _closing.setdefault(id(self), me) is not me:
+        if self._closed:
             return
+        me = object()
         try:
+            # on the handle itself: a claim a Ctrl-C strands stops only this
+            # handle's close (its mapping still closes the file when freed)
+            if self.__dict__.setdefault("_closer", me) is not me:
+                return
             if self._closed:  # closed by the one that held the claim just before
                 return
             if self._flags & _FLAG_ATTACHED:
@@ -976,7 +981,8 @@ class Segment(Closing):
                 self._removed_on_close = self._remove_if_last()
             self._detach()
         finally:
-            _closing.pop(id(self), None)
+            if self.__dict__.get("_closer") is me:
+                del self.__dict__["_closer"]
         if self._removed_on_close:
             self._destroyed()
 

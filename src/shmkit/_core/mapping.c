@@ -9,8 +9,8 @@
  * exported; otherwise it returns False and the unmap happens when the last
  * view is released.  A dangling view is therefore impossible.
  *
- * A segment's mapping owns its open file (open_segment, or Mapping(...,
- * own=True)), closed when the mapping is freed or by detach(): a Ctrl-C
+ * A segment's mapping owns its open file (open_segment, or adopt_fd once
+ * the caller holds it), closed when the mapping is freed or by detach(): a Ctrl-C
  * between the Python steps of an open or a close, which used to leave the
  * file open and with it the attach slot's lock, held for good, now only
  * delays the close until the mapping goes.
@@ -168,11 +168,11 @@ mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static int
 mapping_init(MappingObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "reserve", "length", "readonly", "own", NULL};
-    int fd, readonly = 0, own = 0;
+    static char *kwlist[] = {"fd", "reserve", "length", "readonly", NULL};
+    int fd, readonly = 0;
     Py_ssize_t reserve, length;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inn|pp", kwlist, &fd, &reserve,
-                                     &length, &readonly, &own))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inn|p", kwlist, &fd, &reserve,
+                                     &length, &readonly))
         return -1;
     if (self->base != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Mapping is already initialised");
@@ -184,11 +184,7 @@ mapping_init(MappingObject *self, PyObject *args, PyObject *kwds)
                      length, reserve);
         return -1;
     }
-    if (mapping_map(self, fd, reserve, length, readonly) < 0)
-        return -1;
-    if (own)
-        self->owned_fd = fd;
-    return 0;
+    return mapping_map(self, fd, reserve, length, readonly);
 }
 
 MappingObject *
@@ -234,6 +230,24 @@ mapping_dealloc(MappingObject *self)
     mapping_unmap(self);
     mapping_close_owned(self, -1);
     shm_free_instance((PyObject *)self);
+}
+
+/* Own fd from now on.  Called once the caller holds the mapping where its
+ * clean-up finds it: owned at construction, a Ctrl-C as the constructor
+ * returned would drop the mapping, closing fd, and the caller, which never
+ * saw the mapping, would close fd again. */
+static PyObject *
+mapping_adopt_fd(MappingObject *self, PyObject *arg)
+{
+    int fd;
+    if (!PyArg_Parse(arg, "i", &fd))
+        return NULL;
+    if (fd < 0 || (self->owned_fd >= 0 && self->owned_fd != fd)) {
+        PyErr_Format(PyExc_ValueError, "cannot adopt file descriptor %d", fd);
+        return NULL;
+    }
+    self->owned_fd = fd;
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -404,6 +418,9 @@ static PyMethodDef mapping_methods[] = {
      "detach(fd) -> bool\n\nForget the attachment, close fd if this mapping owns it "
      "(its slot's lock goes with it) and close the mapping, in one step; close()'s "
      "result."},
+    {"adopt_fd", (PyCFunction)mapping_adopt_fd, METH_O,
+     "adopt_fd($self, fd, /)\n--\n\n"
+     "Own fd: it is closed with the mapping (when freed, or by detach(fd))."},
     {"swap_when_idle", (PyCFunction)mapping_swap_when_idle, METH_VARARGS,
      "swap_when_idle($self, offset, expected, value, /)\n--\n\n"
      "Once the last exported view is released, replace the 32-bit word at "
@@ -460,10 +477,9 @@ static PyType_Slot mapping_slots[] = {
     {Py_tp_dealloc, mapping_dealloc},
     {Py_bf_getbuffer, mapping_getbuffer},
     {Py_bf_releasebuffer, mapping_releasebuffer},
-    {Py_tp_doc, "Mapping(fd, reserve, length, readonly=False, own=False)\n--\n\n"
+    {Py_tp_doc, "Mapping(fd, reserve, length, readonly=False)\n--\n\n"
                 "A shared mapping of `reserve` bytes of which the first `length` "
-                "are exported as buffers; with own=True it closes fd when freed "
-                "(or by detach(fd))."},
+                "are exported as buffers."},
     {Py_tp_methods, mapping_methods},
     {Py_tp_members, mapping_members},
     {Py_tp_getset, mapping_getset},
