@@ -19,6 +19,8 @@ import subprocess
 import sys
 import threading
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -522,6 +524,194 @@ def test_ctrl_c_at_any_moment_of_opens_and_closes_leaves_no_file_or_slot_held(na
     finally:
         for st in stores:
             st.close()
+
+
+_CREATE_STORM = r"""
+import collections, os, signal, sys, time, numpy as np, shmkit
+where = sys.argv[1]
+armed = False
+def handler(sig, frame):
+    if armed:
+        raise KeyboardInterrupt
+signal.signal(signal.SIGINT, handler)
+kid = os.fork()
+if kid == 0:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        os.kill(os.getppid(), signal.SIGINT)
+        time.sleep(0.0002)
+ints = n = 0
+t0 = time.monotonic()
+while time.monotonic() - t0 < 3:
+    h = r = None
+    try:
+        armed = True
+        path = f"{where}/o{n}"
+        if n % 4 == 0:
+            h = shmkit.Segment(path=path, size=4096, lifetime="attached")
+        elif n % 4 == 3:  # the last closer is read-only: it opens the name to check
+            h = shmkit.Segment(path=path, size=4096, lifetime="attached")
+            r = shmkit.Segment.open(path=path, readonly=True)
+            h.close()
+            h = r
+        elif n % 4 == 1:
+            h = shmkit.Array(path=path, dtype="f8", shape=(64,), lifetime="attached",
+                             init=lambda a: a.fill(1.5))
+        else:
+            h = shmkit.Store(path=path, size=1 << 16, lifetime="attached")
+        h.close()
+        armed = False
+    except KeyboardInterrupt:
+        armed = False
+        ints += 1
+    h = r = None
+    n += 1
+os.kill(kid, signal.SIGKILL)
+os.waitpid(kid, 0)
+import gc; gc.collect()
+held = sum(os.path.realpath(f"/proc/self/fd/{f}").startswith(where + "/")
+           for f in os.listdir("/proc/self/fd"))
+print(ints, n, held)
+"""
+
+
+def test_ctrl_c_at_any_moment_of_creation_leaves_no_file_name_or_descriptor(tmp_path):
+    """A Ctrl-C storm over a loop creating "attached" objects (a raw
+    segment, an Array with an init, a Store) and closing them (a read-only
+    handle last, for one in four): an
+    interrupted creation leaves no descriptor, no hidden temporary file and
+    no name, published or half-made.  The file has no name until it is
+    whole, the mapping owns it from the moment it exists, and an interrupt
+    after the link is undone by one call of the core."""
+    where = f"/dev/shm/shmkit-test-storm-{os.getpid()}-{os.urandom(3).hex()}"
+    os.mkdir(where)
+    try:
+        out = subprocess.run([sys.executable, "-c", _CREATE_STORM, where],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        interrupts, loops, held = map(int, out.stdout.split())
+        assert interrupts > 100 and loops > interrupts  # the storm reached the loop
+        assert held == 0, f"{held} descriptors of created objects left open"
+        left = sorted(os.listdir(where))
+        assert not left, f"{len(left)} of {loops} creations left files: {left[:5]}"
+    finally:
+        for f in os.listdir(where):
+            os.unlink(os.path.join(where, f))
+        os.rmdir(where)
+
+
+@pytest.mark.parametrize("nameless", [True, False], ids=["nameless", "hidden-name"])
+def test_creation_either_way_leaves_only_the_whole_object(nameless, names, monkeypatch):
+    """Both ways of building a new object, without a name (O_TMPFILE) or
+    under a hidden one (file systems without O_TMPFILE): the mode is exact
+    whatever the umask, an init that raises leaves nothing, eight threads
+    racing to create one name make exactly one object and run init once,
+    and no temporary file is left behind."""
+    monkeypatch.setattr(segment_mod, "_NAMELESS", nameless)
+    hidden = lambda: [f for f in os.listdir("/dev/shm") if f.endswith(".tmp")  # noqa: E731
+                      and f.startswith(".shmkit.") and str(os.getpid()) in f]
+    old = os.umask(0o077)
+    try:
+        with shmkit.Segment(names(), size=100, mode=0o640) as seg:
+            assert os.stat(seg.path).st_mode & 0o777 == 0o640
+            assert seg.created and seg.read(3) == b"\0\0\0"
+            seg.unlink()
+    finally:
+        os.umask(old)
+
+    failing = names()
+
+    def boom(rec: Any) -> None:
+        raise RuntimeError("init failed")
+
+    with pytest.raises(RuntimeError, match="init failed"):
+        shmkit.Struct(failing, np.dtype([("x", "i8")]), init=boom)
+    assert not os.path.exists(segment_mod.segment_path(failing))
+
+    racing, ran, made, errors = names(), [], [], []
+    go = threading.Barrier(8)
+
+    def init(rec: Any) -> None:
+        ran.append(1)
+        rec["x"] = 7
+
+    def create() -> None:
+        try:
+            go.wait()
+            s = shmkit.Struct(racing, np.dtype([("x", "i8")]), init=init)
+            made.append((s.created, int(s.record["x"])))
+            s.close()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=create) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors, errors
+        assert sorted(c for c, _ in made) == [False] * 7 + [True] and len(ran) == 1
+        assert all(x == 7 for _, x in made)
+    finally:
+        if os.path.exists(segment_mod.segment_path(racing)):
+            os.unlink(segment_mod.segment_path(racing))
+    assert not hidden(), hidden()
+
+
+_FORK_STORM = r"""
+import os, signal, sys, time, shmkit
+handles = [shmkit.Segment(None, size=4096) for _ in range(24)]
+parent = [h._token for h in handles]
+me, group = os.getpid(), os.getpgrp()
+hooks_done = False
+def handler(sig, frame):
+    # Raise only in a child still inside its at-fork hooks (shmkit's run
+    # first: this script registers its own after them, which ends it).
+    if os.getpid() != me and not hooks_done:
+        raise KeyboardInterrupt
+def end_of_hooks():
+    global hooks_done
+    hooks_done = True
+os.register_at_fork(after_in_child=end_of_hooks)
+signal.signal(signal.SIGINT, handler)
+sys.unraisablehook = lambda u: None  # interrupted hooks are reported so
+kid = os.fork()
+if kid == 0:  # the storm: SIGINT to the whole group, children being forked included
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while os.getppid() == me:
+        os.killpg(group, signal.SIGINT)
+        time.sleep(0.0002)
+    os._exit(0)
+shared = forks = 0
+t0 = time.monotonic()
+while time.monotonic() - t0 < 3:
+    child = os.fork()
+    if child == 0:
+        # every handle has its own slot in the child, or is closed: none
+        # still passes for the parent
+        bad = sum(not h.closed and h._token == t for h, t in zip(handles, parent))
+        os._exit(min(bad, 100))
+    _, status = os.waitpid(child, 0)
+    forks += 1
+    shared += os.waitstatus_to_exitcode(status)
+os.kill(kid, signal.SIGKILL)
+os.waitpid(kid, 0)
+print(forks, shared)
+"""
+
+
+def test_a_child_forked_in_a_ctrl_c_storm_has_its_own_slot_for_every_handle():
+    """A child forked while SIGINTs rain on it: the at-fork hook gives every
+    handle its own file and slot before any signal handler runs, so no
+    handle of the child passes for its parent (an interrupt in the middle of
+    the hook used to leave the remaining handles on the parent's slot)."""
+    out = subprocess.run([sys.executable, "-c", _FORK_STORM], capture_output=True,
+                         text=True, timeout=120, start_new_session=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    forks, shared = map(int, out.stdout.split())
+    assert forks > 50  # the storm did not stop the loop
+    assert shared == 0, f"{shared} handles still on the parent's slot after {forks} forks"
 
 
 @pytest.mark.parametrize("readonly", [False, True], ids=["writable", "readonly"])

@@ -57,6 +57,7 @@ from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Final, Literal,
 from ._lazy import numpy
 from . import _core
 from . import channel as _channel
+from . import segment as _segment
 from . import sync as _sync
 from .aio_wait import (ALL_COMPLETED, FIRST_COMPLETED, WaitArgumentError, _all_of, seconds,
                        _describe, _Desc, _ready_all)
@@ -528,7 +529,7 @@ def _forget_hub() -> None:  # a forked child has none of the parent's threads or
     _here = threading.local()
 
 
-os.register_at_fork(after_in_child=_forget_hub)
+_segment.at_fork_in_child(_forget_hub)
 
 
 def watcher_count() -> int:

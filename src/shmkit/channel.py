@@ -65,6 +65,7 @@ from .segment import (
     SegmentInfo,
     _check_trust,
     _limit_error,
+    at_fork_in_child,
 )
 
 __all__ = ["Channel", "Queue"]
@@ -589,7 +590,7 @@ def _after_fork_in_child() -> None:
     _received.forked()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+at_fork_in_child(_after_fork_in_child)
 
 
 class _BigBuffer(Exception):

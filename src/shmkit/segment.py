@@ -48,6 +48,7 @@ import pwd
 import re
 import stat
 import struct
+import sys
 import time
 import weakref
 from enum import IntEnum
@@ -168,6 +169,12 @@ def _resolve(name: str | None, path: str | os.PathLike[str] | None) -> tuple[str
     if name is None:
         name = "anon-" + os.urandom(8).hex()
     return name, segment_path(name)
+
+
+# Creators make the file without a name (O_TMPFILE) wherever the file system
+# allows; False takes the hidden-name way, the one for file systems without
+# it, everywhere (the tests use it to exercise that way on tmpfs).
+_NAMELESS = True
 
 
 def _align(n: int, to: int) -> int:
@@ -644,33 +651,36 @@ class Segment(Closing):
             raise ValueError(f"layout description too long ({len(layout_bytes)} bytes)")
         hsize = _header_size(max_attach)
         directory = os.path.dirname(self._path)
-        # Build it under a hidden temporary name, then link it into place: the
-        # link is the atomic "first creator wins", and openers never see a
-        # file without its header and init lock.
+        # Built in a file without a name (O_TMPFILE), under the init lock,
+        # then linked to its name: the link is the atomic "first creator
+        # wins"; the winner alone runs init, and openers wait for its magic.
+        # A creator interrupted or killed before the link leaves nothing (the
+        # mapping owns the file); after it, see the except below.  Where the
+        # file system lacks O_TMPFILE, a hidden name stands in.
         tmp = os.path.join(directory, f".{os.path.basename(self._path)}."
                                       f"{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        path = os.fsencode(self._path)
+        mapping: Any  # a buffer (the stub declares __buffer__ from 3.12 only)
         try:
-            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, mode)
-        except FileNotFoundError:
-            raise NotFoundError(f"directory {directory!r} does not exist") from None
+            fd, mapping, named = _core.create_file(os.fsencode(directory), os.fsencode(tmp),
+                                                   mode, hsize + size, hsize + max_size,
+                                                   _NAMELESS)
         except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise NotFoundError(f"directory {directory!r} does not exist") from None
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise OutOfSpaceError(
+                    f"not enough space in {directory} for {hsize + size} bytes "
+                    f"({e.strerror}); free some (shmkit ls / shmkit gc) or ask "
+                    "for less") from None
+            if e.errno == errno.ENOMEM:
+                raise OutOfSpaceError(
+                    f"no address space left to map {self._name!r} ({hsize + max_size} "
+                    "bytes reserved): too many objects are open in this process, or "
+                    "max_size= is too large; close some, or give growable objects a "
+                    "smaller max_size=") from None
             raise _limit_error(e, f"create {self._name!r}") from None
-        mapping = None
         try:
-            os.fchmod(fd, mode)
-            _core.ofd_lock(fd, _core.INIT_LOCK_BYTE, 1)
-            try:
-                os.posix_fallocate(fd, 0, hsize + size)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                    raise OutOfSpaceError(
-                        f"not enough space in {directory} for {hsize + size} bytes "
-                        f"({e.strerror}); free some (shmkit ls / shmkit gc) or ask "
-                        "for less") from None
-                raise
-            mapping = _map(fd, hsize + max_size, hsize + size, repr(self._name))
-            mapping.adopt_fd(fd)
             flags = _FLAG_ATTACHED if lifetime == "attached" else 0
             head = _HEADER.pack(b"\0" * 8, FORMAT_VERSION, int(kind), flags, max_attach,
                                 hsize, size, max_size, time.time_ns(), os.getpid(), 0, 0,
@@ -680,42 +690,42 @@ class Segment(Closing):
             view[_LAYOUT_OFF:_LAYOUT_OFF + len(layout_bytes)] = layout_bytes
             view.release()
             try:
-                os.link(tmp, self._path, follow_symlinks=False)
+                if named:
+                    os.link(tmp, self._path, follow_symlinks=False)
+                else:
+                    _core.link_file(fd, path)
             except FileExistsError:
                 raise
             except OSError as e:
                 raise _limit_error(e, f"create {self._name!r}") from None
-            finally:
-                os.unlink(tmp)
-        except BaseException:
-            _let_go(fd, mapping)  # a traceback must not keep the file mapped
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        # From here on the name is visible; openers wait for the magic.
-        self._setup(fd, mapping, hsize)
-        self._created = True
-        try:
+            # From here on the name is visible; openers wait for the magic.
+            self._setup(fd, mapping, hsize)
+            self._created = True
             if init is not None:
                 init(self)
+            view = memoryview(mapping)
+            view[:8] = MAGIC  # publish: the header and init are complete
+            view.release()
+            _core.ofd_unlock(fd, _core.INIT_LOCK_BYTE, 1)
         except BaseException:
-            self._abandon_creation()
+            # First, one call of the core (no handler runs inside it): remove
+            # the name if it names our file and nobody else holds it, so that
+            # it is not left half-created.  (A kill between the link and the
+            # magic does leave that: the next create-or-open, or `shmkit gc`,
+            # recovers it.)
+            _core.remove_if_last(mapping, path, False)
+            self._created = False
+            if self._mapping is mapping:
+                self._detach()
+            else:
+                _let_go(fd, mapping)  # a traceback must not keep the file mapped
             raise
-        view = memoryview(mapping)
-        view[:8] = MAGIC  # publish: the header and init are complete
-        view.release()
-        _core.ofd_unlock(fd, _core.INIT_LOCK_BYTE, 1)
-
-    def _abandon_creation(self) -> None:
-        # init raised: the half-made segment must not be mistaken for a good one.
-        try:
-            if os.stat(self._path).st_ino == os.fstat(self._fd).st_ino:
-                os.unlink(self._path)
-        except OSError:
-            pass
-        self._detach()
+        finally:
+            if named:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
 
     def _open_file(self, kind: Kind, may_create: bool = False) -> None:
         # The common case, a published object that passes every check, in one
@@ -931,21 +941,13 @@ class Segment(Closing):
     def _reattach_after_fork(self) -> None:
         # The child shares the parent's open file, and so its locks: take a
         # fresh open file and slot so each process is known on its own.  The
-        # mapping holds the open file too: map the same pages through the new
-        # one, or a dead parent would look alive while this child lives.
+        # mapping holds the open file too: the core maps the same pages
+        # through the new one and closes the inherited one, in one call, or a
+        # dead parent would look alive while this child lives.
         if self._closed:
             return
-        old = self._fd
-        flags = (os.O_RDONLY if self._readonly else os.O_RDWR) | os.O_CLOEXEC
         _core.attach_detach(self._mapping)
-        self._fd = os.open(f"/proc/self/fd/{old}", flags)
-        try:
-            self._mapping.remap_file(self._fd, old)
-        except OSError:
-            os.close(self._fd)
-            self._fd = old
-            raise
-        os.close(old)
+        self._fd = self._mapping.reopen_file(self._fd)
         self._claim_slot()
         self._token = self._mapping.token
 
@@ -996,34 +998,12 @@ class Segment(Closing):
             hook()
 
     def _remove_if_last(self) -> bool:
-        # Holding a write lock over the reader byte and every slot proves that
-        # nobody else is attached, and nobody can attach while we hold it.
-        fd = handle_fd = self._fd
-        if self._readonly:
-            # A read-only file cannot take that lock: open the name for
-            # writing just for the check (if we may; else `shmkit gc` will).
-            try:
-                fd = os.open(self._path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
-                             | os.O_NONBLOCK)
-            except OSError:
-                return False
-        try:
-            # Every slot byte there can be, not the header's max_slots: a
-            # damaged (smaller) count would hide the holders above it.
-            if _core.ofd_lock(fd, *_ATTACH_SPAN):
-                try:
-                    here = os.stat(self._path, follow_symlinks=False)
-                    mine = os.fstat(handle_fd)
-                    if (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
-                        os.unlink(self._path)
-                        self._removed = True
-                        return True
-                except FileNotFoundError:
-                    pass
-            return False
-        finally:
-            if fd != handle_fd:  # the one opened above, never the handle's own
-                os.close(fd)
+        # One call of the core (it may open the name for its check, and a
+        # Ctrl-C must not strand that descriptor).
+        if _core.remove_if_last(self._mapping, os.fsencode(self._path), self._readonly):
+            self._removed = True
+            return True
+        return False
 
     def _detach(self) -> None:
         self._closed = True
@@ -1437,26 +1417,46 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
             raise OSError(e, os.strerror(e))
 
 
+_child_hooks: list[Callable[[], None]] = []
+
+
+def at_fork_in_child(hook: Callable[[], None]) -> None:
+    """Run ``hook`` in a forked child after every handle has its own slot,
+    with signal handlers held back (``_core/fork.c``)."""
+    _child_hooks.append(hook)
+
+
 def _after_fork_in_child() -> None:
     global _pid, _claims
-    _pid = os.getpid()
-    _claims = 0
-    for ref in list(_live.values()):
-        seg = ref()
-        if seg is None:
-            continue
-        try:
-            seg._reattach_after_fork()
-        except Exception:
-            # Without its own slot this process would pass for its parent:
-            # close the handle here (its uses raise ClosedError) and go on
-            # with the others.
+    try:  # signals are held (fork_hold_signals, registered just before)
+        _pid = os.getpid()
+        _claims = 0
+        for ref in list(_live.values()):
+            seg = ref()
+            if seg is None:
+                continue
             try:
-                seg._detach()
+                seg._reattach_after_fork()
             except Exception:
-                seg._closed = True
+                # Without its own slot this process would pass for its
+                # parent: close the handle here (its uses raise ClosedError)
+                # and go on with the others.
+                try:
+                    seg._detach()
+                except Exception:
+                    seg._closed = True
+        for hook in _child_hooks:
+            try:
+                hook()
+            except Exception as e:  # reported, as CPython reports a failing fork hook
+                sys.stderr.write(f"shmkit: after-fork hook {hook.__qualname__} failed: {e!r}\n")
+    finally:
+        _core.fork_release_signals()
 
 
+# Two hooks with nothing between them: the C one blocks signals, so that no
+# handler can interrupt the Python one, which lets them through at its end.
+os.register_at_fork(after_in_child=_core.fork_hold_signals)
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 

@@ -47,7 +47,7 @@ from .errors import (
     OwnerDiedWarning,
     UnsupportedTypeError,
 )
-from .segment import PAGE, Kind, Segment, _align
+from .segment import PAGE, Kind, Segment, _align, at_fork_in_child
 
 __all__ = ["Store"]
 
@@ -749,4 +749,4 @@ def _after_fork_in_child() -> None:
         st._after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+at_fork_in_child(_after_fork_in_child)

@@ -25,12 +25,14 @@
  *   slot_counts(mapping, table) -> [(slot, off, word, count, alive)]
  *   token_alive(mapping, token) -> bool
  *   ofd_lock / ofd_unlock / ofd_held          the raw byte-range locks
+ *   remove_if_last(mapping, path, reopen) -> bool  the "attached" lifetime's end
  */
 #include "shmkit.h"
 #include "layout.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -647,6 +649,44 @@ py_ofd_held(PyObject *mod, PyObject *args)
     return PyBool_FromLong(r);
 }
 
+/* The last process to close an "attached" object removes its name.  Holding
+ * a write lock over the reader byte and every slot byte there can be (not
+ * the header's count, which damage could lower) proves nobody else is
+ * attached, and nobody can attach while it is held; the name is removed only
+ * if it still names the mapping's file.  A read-only handle cannot take a
+ * write lock: with `reopen` the name is opened for writing just for this (if
+ * we may not, `shmkit gc` removes it later).  One call, so that an interrupt
+ * cannot strand the descriptor opened for it; and through the descriptor the
+ * mapping owns, never a number that may have been closed and reused.  The
+ * caller has dropped its own slot's lock first; the lock taken here on the
+ * mapping's file goes when the mapping closes it. */
+static PyObject *
+py_remove_if_last(PyObject *mod, PyObject *args)
+{
+    PyObject *obj;
+    const char *path;
+    int reopen, removed = 0;
+    if (!PyArg_ParseTuple(args, "O&yp", shm_mapping_converter, &obj, &path, &reopen))
+        return NULL;
+    int fd = ((MappingObject *)obj)->owned_fd;
+    if (fd < 0)
+        Py_RETURN_FALSE; /* let go already: nothing of ours to test or remove */
+    Py_BEGIN_ALLOW_THREADS
+    int lock_fd = reopen ? open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK) : fd;
+    struct stat here, mine;
+    if (lock_fd >= 0) {
+        if (ofd_setlk(lock_fd, READER_BYTE,
+                      SHM_SLOT_LOCK_BASE + SHM_MAX_SLOTS - READER_BYTE, F_WRLCK) == 1 &&
+            lstat(path, &here) == 0 && fstat(fd, &mine) == 0 &&
+            here.st_ino == mine.st_ino && here.st_dev == mine.st_dev && unlink(path) == 0)
+            removed = 1;
+        if (lock_fd != fd)
+            close(lock_fd);
+    }
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(removed);
+}
+
 static PyObject *
 py_token_alive(PyObject *mod, PyObject *args)
 {
@@ -662,6 +702,12 @@ py_token_alive(PyObject *mod, PyObject *args)
 }
 
 PyMethodDef shm_attach_methods[] = {
+    {"remove_if_last", py_remove_if_last, METH_VARARGS,
+     "remove_if_last($module, mapping, path, reopen, /)\n--\n\n"
+     "remove_if_last(mapping, path, reopen) -> bool\n\nRemove the name if nobody else "
+     "is attached to the file the mapping owns and the name still names it; reopen: "
+     "take the lock through a descriptor opened for writing just for this (a read-only "
+     "handle)."},
     {"ofd_lock", py_ofd_lock, METH_VARARGS,
      "ofd_lock($module, fd, start, length, exclusive=True, /)\n--\n\n"
      "ofd_lock(fd, start, length, exclusive=True) -> bool\n\n"

@@ -17,7 +17,9 @@
  */
 #include "shmkit.h"
 #include "wait.h"
+#include <fcntl.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <sys/mman.h>
 #include <structmember.h>
 
@@ -379,33 +381,47 @@ mapping_get_closed(MappingObject *self, void *Py_UNUSED(c))
     return PyBool_FromLong(self->base == NULL || self->closing);
 }
 
-/* After a fork: map the same file again, through the child's own open file
- * (fd), over the same addresses.  The mapping inherited from the parent
- * holds the parent's open file description, and with it the parent's OFD
- * locks (its attach slot): were the parent to die, it would pass for alive,
- * and its locks could not be taken over, for as long as the child lived.
- * MAP_FIXED replaces the whole reservation in one step; views keep their
- * addresses and see the same pages.  Runs in the forked child's only
- * thread.  None, or OSError with the old file (old_fd) mapped back. */
+/* After a fork: open the file again, through /proc/self/fd/old_fd, for an
+ * open file of the child's own, and map it over the same addresses.  The
+ * mapping inherited from the parent holds the parent's open file
+ * description, and with it the parent's OFD locks (its attach slot): were
+ * the parent to die, it would pass for alive, and its locks could not be
+ * taken over, for as long as the child lived.  MAP_FIXED replaces the whole
+ * reservation in one step; views keep their addresses and see the same
+ * pages.  Then the mapping owns the new descriptor and closes the inherited
+ * one: one call, so that an interrupt cannot strand either.  Runs in the
+ * forked child's only thread.  The new descriptor, or OSError with old_fd
+ * still owned and mapped. */
 static PyObject *
-mapping_remap_file(MappingObject *self, PyObject *args)
+mapping_reopen_file(MappingObject *self, PyObject *arg)
 {
-    int fd, old_fd;
-    if (!PyArg_ParseTuple(args, "ii:remap_file", &fd, &old_fd))
+    int old_fd;
+    if (!PyArg_Parse(arg, "i", &old_fd))
         return NULL;
     if (self->base == NULL)
-        Py_RETURN_NONE; /* unmapped: it holds no file */
+        return PyLong_FromLong(old_fd); /* unmapped: nothing maps the file */
+    if (old_fd < 0 || self->owned_fd != old_fd) {
+        PyErr_Format(PyExc_ValueError, "reopen_file: the mapping does not own descriptor %d",
+                     old_fd);
+        return NULL;
+    }
+    char proc[64];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", old_fd);
+    int fd = open(proc, (self->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    if (fd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
     int prot = self->readonly ? PROT_READ : PROT_READ | PROT_WRITE;
     int flags = MAP_SHARED | MAP_NORESERVE | MAP_FIXED;
-    if (mmap(self->base, (size_t)self->reserve, prot, flags, fd, 0) != MAP_FAILED) {
-        if (self->owned_fd >= 0 && self->owned_fd == old_fd)
-            self->owned_fd = fd; /* the caller closes old_fd */
-        Py_RETURN_NONE;
+    if (mmap(self->base, (size_t)self->reserve, prot, flags, fd, 0) == MAP_FAILED) {
+        int err = errno;
+        (void)mmap(self->base, (size_t)self->reserve, prot, flags, old_fd, 0);
+        close(fd);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
     }
-    int err = errno;
-    (void)mmap(self->base, (size_t)self->reserve, prot, flags, old_fd, 0);
-    errno = err;
-    return PyErr_SetFromErrno(PyExc_OSError);
+    self->owned_fd = fd;
+    close(old_fd);
+    return PyLong_FromLong(fd);
 }
 
 static PyMethodDef mapping_methods[] = {
@@ -427,12 +443,13 @@ static PyMethodDef mapping_methods[] = {
      "offset by value if it still holds expected (one compare-and-swap); once "
      "per call, replacing an earlier arming.  A view must be alive.  Nothing "
      "happens if the process forks meanwhile (the child holds views too)."},
-    {"remap_file", (PyCFunction)mapping_remap_file, METH_VARARGS,
-     "remap_file($self, fd, old_fd, /)\n--\n\n"
-     "In a forked child: map the same file through fd (the child's own open "
-     "file) over the same addresses, so that the mapping no longer keeps the "
-     "parent's open file, and its locks, alive.  OSError if that fails (the "
-     "mapping through old_fd is restored)."},
+    {"reopen_file", (PyCFunction)mapping_reopen_file, METH_O,
+     "reopen_file($self, old_fd, /)\n--\n\n"
+     "reopen_file(old_fd) -> int\n\nIn a forked child: open the file of old_fd "
+     "again (the child's own open file), map it over the same addresses, own the "
+     "new descriptor and close old_fd, so that the mapping no longer keeps the "
+     "parent's open file, and its locks, alive.  OSError if that fails (old_fd "
+     "still owned and mapped)."},
     {"set_length", (PyCFunction)mapping_set_length, METH_O,
      "set_length($self, n, /)\n--\n\n"
      "Set how many bytes are safe to touch (at most reserve). "

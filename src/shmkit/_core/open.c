@@ -1,4 +1,5 @@
-/* open.c - opening a published segment by name in one call.
+/* open.c - creating a segment's file, and opening a published one by name,
+ * each in one call.
  *
  *   header_size(max_slots) -> int
  *       The header's size for that attach table (creators use it too).
@@ -25,11 +26,30 @@
  *       creates or raises the specific error with what to do.  Keeping the
  *       uncommon cases there keeps each message in one place; opening an
  *       existing object, the common case, costs one call.
+ *
+ *   create_file(directory, fallback, mode, length, reserve, nameless=True)
+ *           -> (fd, mapping, named)
+ *       A new file of `length` bytes, allocated (posix_fallocate: a full
+ *       /dev/shm fails here, not with a SIGBUS later), of exactly `mode`,
+ *       its init lock held (an OFD lock on byte 0), and mapped (`reserve`
+ *       bytes), the mapping owning the descriptor.  It has no name
+ *       (O_TMPFILE), so a creator interrupted or killed before it links the
+ *       file to its name leaves nothing.  Where the file system has no
+ *       O_TMPFILE it is made at the hidden name `fallback` instead (O_EXCL,
+ *       no symbolic link followed) and `named` is True: the caller links
+ *       that name and removes it (nameless=False takes that way at once).
+ *       Failures raise OSError with the errno, having left nothing.
+ *
+ *   link_file(fd, path)
+ *       Give the file of fd (made by create_file without a name) the name
+ *       path; FileExistsError if it is taken.  Through /proc/self/fd (no
+ *       privilege needed), or AT_EMPTY_PATH where /proc is not mounted.
  */
 #include "shmkit.h"
 #include "layout.h"
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -185,6 +205,97 @@ undo:
     Py_RETURN_NONE;
 }
 
+/* posix_fallocate, retried when a signal interrupts it (a large file takes a
+ * while) unless its handler raised: 0, or an errno with the error set for
+ * KeyboardInterrupt and the like (-1). */
+static int
+allocate(int fd, off_t length)
+{
+    for (;;) {
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        err = posix_fallocate(fd, 0, length);
+        Py_END_ALLOW_THREADS
+        if (err != EINTR)
+            return err;
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+    }
+}
+
+static PyObject *
+py_create_file(PyObject *mod, PyObject *args)
+{
+    const char *directory, *fallback;
+    unsigned int mode;
+    Py_ssize_t length, reserve;
+    int nameless = 1;
+    if (!PyArg_ParseTuple(args, "yyInn|p", &directory, &fallback, &mode, &length, &reserve,
+                          &nameless))
+        return NULL;
+    if (length <= 0 || reserve < length || mode > 07777) {
+        PyErr_SetString(PyExc_ValueError, "create_file: need 0 < length <= reserve, mode <= 0o7777");
+        return NULL;
+    }
+    int fd, named = 0, err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    fd = nameless ? open(directory, O_TMPFILE | O_RDWR | O_CLOEXEC, (mode_t)mode) : -1;
+    if (fd < 0 && (!nameless || errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
+        fd = open(fallback, O_CREAT | O_EXCL | O_RDWR | O_NOFOLLOW | O_CLOEXEC, (mode_t)mode);
+        named = fd >= 0;
+    }
+    struct flock init_lock = {.l_type = F_WRLCK, .l_whence = SEEK_SET,
+                              .l_start = SHM_INIT_LOCK_BYTE, .l_len = 1};
+    if (fd < 0 || fchmod(fd, (mode_t)mode) != 0 || /* exactly mode, whatever the umask */
+        fcntl(fd, F_OFD_SETLK, &init_lock) != 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    if (err == 0) {
+        err = allocate(fd, (off_t)length);
+        if (err < 0)
+            goto undo; /* a signal handler raised */
+    }
+    if (err != 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto undo;
+    }
+    MappingObject *m = shm_mapping_new(shm_mod_state(mod), fd, reserve, length, 0);
+    if (m == NULL)
+        goto undo;
+    PyObject *out = Py_BuildValue("(iNO)", fd, (PyObject *)m, named ? Py_True : Py_False);
+    if (out == NULL)
+        goto undo; /* "N" took the mapping's reference even so */
+    m->owned_fd = fd; /* from here, the descriptor goes with the mapping */
+    return out;
+undo:
+    if (fd >= 0) {
+        if (named)
+            unlink(fallback);
+        close(fd);
+    }
+    return NULL;
+}
+
+static PyObject *
+py_link_file(PyObject *mod, PyObject *args)
+{
+    int fd, rc;
+    const char *path;
+    if (!PyArg_ParseTuple(args, "iy", &fd, &path))
+        return NULL;
+    char proc[64];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+    Py_BEGIN_ALLOW_THREADS
+    rc = linkat(AT_FDCWD, proc, AT_FDCWD, path, AT_SYMLINK_FOLLOW);
+    if (rc != 0 && errno == ENOENT && access("/proc/self/fd", F_OK) != 0)
+        rc = linkat(fd, "", AT_FDCWD, path, AT_EMPTY_PATH);
+    Py_END_ALLOW_THREADS
+    if (rc != 0)
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    Py_RETURN_NONE;
+}
+
 PyMethodDef shm_open_methods[] = {
     {"header_size", py_header_size, METH_O,
      "header_size($module, max_slots, /)\n--\n\n"
@@ -199,5 +310,17 @@ PyMethodDef shm_open_methods[] = {
      "open_segment(path, writable, kind, trust_uid, start, comm) -> tuple | None\n\n"
      "Open, check, map and attach a published segment in one call; None (nothing "
      "left open) when anything is out of the ordinary."},
+    {"create_file", py_create_file, METH_VARARGS,
+     "create_file($module, directory, fallback, mode, length, reserve, nameless=True, /)"
+     "\n--\n\n"
+     "create_file(directory, fallback, mode, length, reserve, nameless=True) -> "
+     "(fd, mapping, named)\n\n"
+     "A new, allocated and mapped file without a name (O_TMPFILE; at the hidden name "
+     "fallback where the file system lacks it, and then named is True), its init lock "
+     "held, the mapping owning the descriptor."},
+    {"link_file", py_link_file, METH_VARARGS,
+     "link_file($module, fd, path, /)\n--\n\n"
+     "link_file(fd, path)\n\nName the file of fd (made without a name) path; "
+     "FileExistsError if the name is taken."},
     {NULL}
 };
