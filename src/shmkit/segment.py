@@ -1286,7 +1286,7 @@ class Segment(Closing):
         old = self._sync_size()
         if size > old:
             try:
-                os.posix_fallocate(self._fd, self._hsize + old, size - old)
+                _core.allocate(self._fd, self._hsize + old, size - old)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                     raise OutOfSpaceError(
@@ -1427,37 +1427,34 @@ def at_fork_in_child(hook: Callable[[], None]) -> None:
 
 
 def _after_fork_in_child() -> None:
+    # Runs with signals held back (see the registration below).
     global _pid, _claims
-    try:  # signals are held (fork_hold_signals, registered just before)
-        _pid = os.getpid()
-        _claims = 0
-        for ref in list(_live.values()):
-            seg = ref()
-            if seg is None:
-                continue
+    _pid = os.getpid()
+    _claims = 0
+    for ref in list(_live.values()):
+        seg = ref()
+        if seg is None:
+            continue
+        try:
+            seg._reattach_after_fork()
+        except Exception:
+            # Without its own slot this process would pass for its parent:
+            # close the handle here (its uses raise ClosedError) and go on
+            # with the others.
             try:
-                seg._reattach_after_fork()
+                seg._detach()
             except Exception:
-                # Without its own slot this process would pass for its
-                # parent: close the handle here (its uses raise ClosedError)
-                # and go on with the others.
-                try:
-                    seg._detach()
-                except Exception:
-                    seg._closed = True
-        for hook in _child_hooks:
-            try:
-                hook()
-            except Exception as e:  # reported, as CPython reports a failing fork hook
-                sys.stderr.write(f"shmkit: after-fork hook {hook.__qualname__} failed: {e!r}\n")
-    finally:
-        _core.fork_release_signals()
+                seg._closed = True
+    for hook in _child_hooks:
+        try:
+            hook()
+        except Exception as e:  # reported, as CPython reports a failing fork hook
+            sys.stderr.write(f"shmkit: after-fork hook {hook.__qualname__} failed: {e!r}\n")
 
 
-# Two hooks with nothing between them: the C one blocks signals, so that no
-# handler can interrupt the Python one, which lets them through at its end.
-os.register_at_fork(after_in_child=_core.fork_hold_signals)
-os.register_at_fork(after_in_child=_after_fork_in_child)
+# Called through C that blocks asynchronous signals around it (_core/fork.c):
+# a Ctrl-C cannot stop the work halfway, leaving handles on the parent's slot.
+os.register_at_fork(after_in_child=_core.signals_held(_after_fork_in_child))
 
 
 def _close_attached_at_exit() -> None:

@@ -30,7 +30,6 @@ import functools
 import os
 import pickle
 import re
-import threading
 import warnings
 import weakref
 from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
@@ -279,7 +278,6 @@ def _resize(seg: Segment, size: int, timeout: float | None) -> None:
 
 
 _live: "weakref.WeakValueDictionary[int, Store]" = weakref.WeakValueDictionary()
-_live_lock = threading.Lock()
 
 
 class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
@@ -427,8 +425,7 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
                    encode=_encode_pickle if pick else _encode_plain,
                    decode=_decode, grow=functools.partial(_grow, seg, timeout), timeout=timeout,
                    read_timeout=read_timeout)
-        with _live_lock:
-            _live[id(self)] = self
+        _live[id(self)] = self  # (its writes are safe from many threads)
 
     @classmethod
     def create(cls, name: str | None = None, **kwargs: Any) -> "Store":

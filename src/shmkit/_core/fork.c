@@ -5,15 +5,15 @@
  * belonged to the parent.  A Python signal handler (Ctrl-C) raising in the
  * middle would stop that work halfway, and CPython drops an exception raised
  * in a fork hook: the child would go on with handles that pass for its
- * parent's.  So a C hook, registered just before that Python hook (after-fork
- * hooks run in registration order, with no bytecode between two of them),
- * blocks every asynchronous signal, and the Python hook's last step lets them
- * through again: those that came meanwhile are delivered then, and raise in
- * the child's own code, after the hooks.
+ * parent's.  So the hook CPython calls is C: it blocks every asynchronous
+ * signal, calls the Python function, and restores the mask.  Signals that
+ * came meanwhile are delivered then, and Python raises them at the next
+ * bytecode: the child's own code, where os.fork() returns (or a fork hook
+ * registered after this one, as it would without it).  One callable, made
+ * and registered in one statement: an interrupted import cannot leave a
+ * hold registered without the release that ends it.
  *
- *   fork_hold_signals()     block them; one a handler was about to get
- *                           (it came before the block) is held back too
- *   fork_release_signals()  the mask as it was; a held Ctrl-C is raised
+ *   signals_held(func) -> callable   func(), with the signals held back
  *
  * The faults a bad access raises synchronously (SIGBUS, SIGSEGV, SIGILL,
  * SIGFPE, SIGTRAP) stay deliverable: blocked, they would kill the process.
@@ -21,56 +21,54 @@
 #include "shmkit.h"
 #include <signal.h>
 
-/* The child's only thread runs both hooks: no other thread reads these. */
-static sigset_t saved_mask;
-static int holding;
-static int interrupt_held;
-
 static PyObject *
-py_fork_hold_signals(PyObject *mod, PyObject *Py_UNUSED(ignored))
+call_held(PyObject *func, PyObject *Py_UNUSED(ignored))
 {
-    sigset_t all;
-    sigfillset(&all);
-    sigdelset(&all, SIGBUS);
-    sigdelset(&all, SIGSEGV);
-    sigdelset(&all, SIGILL);
-    sigdelset(&all, SIGFPE);
-    sigdelset(&all, SIGTRAP);
-    if (!holding && pthread_sigmask(SIG_BLOCK, &all, &saved_mask) == 0)
-        holding = 1;
+    sigset_t async, saved;
+    sigfillset(&async);
+    sigdelset(&async, SIGBUS);
+    sigdelset(&async, SIGSEGV);
+    sigdelset(&async, SIGILL);
+    sigdelset(&async, SIGFPE);
+    sigdelset(&async, SIGTRAP);
+    int blocked = pthread_sigmask(SIG_BLOCK, &async, &saved) == 0;
     /* A signal that came after CPython cleared the child's pending ones and
-     * before the block has tripped a flag the next bytecode would act on:
-     * run its handler here instead.  A KeyboardInterrupt is given back on
-     * release; another exception is dropped, as CPython drops any raised in
-     * a fork hook. */
+     * before the block has tripped a flag that func's first bytecode would
+     * act on: run its handler here instead.  A KeyboardInterrupt is given
+     * back once func has run; another exception is dropped, as CPython drops
+     * any raised in a fork hook. */
+    int interrupted = 0;
     if (PyErr_CheckSignals() < 0) {
-        interrupt_held = PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
+        interrupted = PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
         PyErr_Clear();
     }
-    Py_RETURN_NONE;
+    PyObject *result = PyObject_CallNoArgs(func);
+    if (blocked)
+        pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    if (interrupted)
+        PyErr_SetInterruptEx(SIGINT);
+    return result;
 }
 
+static PyMethodDef call_held_def = {
+    "call_with_signals_held", call_held, METH_NOARGS,
+    "Call the wrapped function with every asynchronous signal blocked."};
+
 static PyObject *
-py_fork_release_signals(PyObject *mod, PyObject *Py_UNUSED(ignored))
+py_signals_held(PyObject *mod, PyObject *func)
 {
-    if (holding) {
-        holding = 0;
-        pthread_sigmask(SIG_SETMASK, &saved_mask, NULL);
+    if (!PyCallable_Check(func)) {
+        PyErr_SetString(PyExc_TypeError, "signals_held needs a callable");
+        return NULL;
     }
-    if (interrupt_held) {
-        interrupt_held = 0;
-        PyErr_SetInterruptEx(SIGINT);
-    }
-    Py_RETURN_NONE;
+    return PyCFunction_New(&call_held_def, func);
 }
 
 PyMethodDef shm_fork_methods[] = {
-    {"fork_hold_signals", py_fork_hold_signals, METH_NOARGS,
-     "fork_hold_signals($module, /)\n--\n\n"
-     "In a forked child, before shmkit's after-fork work: block asynchronous "
-     "signals (fork_release_signals lets them through)."},
-    {"fork_release_signals", py_fork_release_signals, METH_NOARGS,
-     "fork_release_signals($module, /)\n--\n\n"
-     "The signal mask as before fork_hold_signals; a Ctrl-C it held back is raised."},
+    {"signals_held", py_signals_held, METH_O,
+     "signals_held($module, func, /)\n--\n\n"
+     "signals_held(func) -> callable\n\nA callable (C, so no bytecode runs before "
+     "the block) that calls func() with every asynchronous signal blocked and then "
+     "restores the mask; for os.register_at_fork(after_in_child=...)."},
     {NULL}
 };

@@ -40,6 +40,10 @@
  *       that name and removes it (nameless=False takes that way at once).
  *       Failures raise OSError with the errno, having left nothing.
  *
+ *   allocate(fd, offset, length)
+ *       posix_fallocate, finished in smaller pieces when signals keep
+ *       interrupting it (tmpfs undoes an interrupted call's work).
+ *
  *   link_file(fd, path)
  *       Give the file of fd (made by create_file without a name) the name
  *       path; FileExistsError if it is taken.  Through /proc/self/fd (no
@@ -205,22 +209,57 @@ undo:
     Py_RETURN_NONE;
 }
 
-/* posix_fallocate, retried when a signal interrupts it (a large file takes a
- * while) unless its handler raised: 0, or an errno with the error set for
- * KeyboardInterrupt and the like (-1). */
+/* posix_fallocate of [offset, offset + length), kept going when a signal
+ * interrupts it, unless its handler raised: 0, an errno, or -1 with the
+ * handler's exception set.  tmpfs undoes what an interrupted call had
+ * allocated, so a handler that runs more often than one call takes (a
+ * profiler's timer) would have it start over for ever: the rest goes in
+ * pieces, halved at each interruption, and each piece done is kept. */
 static int
-allocate(int fd, off_t length)
+allocate(int fd, off_t offset, off_t length)
 {
-    for (;;) {
+    const off_t least = 64 << 10;
+    off_t piece = length;
+    while (length > 0) {
+        off_t n = length < piece ? length : piece;
         int err;
         Py_BEGIN_ALLOW_THREADS
-        err = posix_fallocate(fd, 0, length);
+        err = posix_fallocate(fd, offset, n);
         Py_END_ALLOW_THREADS
+        if (err == 0) {
+            offset += n;
+            length -= n;
+            continue;
+        }
         if (err != EINTR)
             return err;
         if (PyErr_CheckSignals() < 0)
             return -1;
+        if (piece > least)
+            piece /= 2;
     }
+    return 0;
+}
+
+static PyObject *
+py_allocate(PyObject *mod, PyObject *args)
+{
+    int fd;
+    long long offset, length;
+    if (!PyArg_ParseTuple(args, "iLL", &fd, &offset, &length))
+        return NULL;
+    if (offset < 0 || length <= 0) {
+        PyErr_SetString(PyExc_ValueError, "allocate: need offset >= 0 and length > 0");
+        return NULL;
+    }
+    int err = allocate(fd, (off_t)offset, (off_t)length);
+    if (err < 0)
+        return NULL;
+    if (err > 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -251,7 +290,7 @@ py_create_file(PyObject *mod, PyObject *args)
         err = errno;
     Py_END_ALLOW_THREADS
     if (err == 0) {
-        err = allocate(fd, (off_t)length);
+        err = allocate(fd, 0, (off_t)length);
         if (err < 0)
             goto undo; /* a signal handler raised */
     }
@@ -318,6 +357,11 @@ PyMethodDef shm_open_methods[] = {
      "A new, allocated and mapped file without a name (O_TMPFILE; at the hidden name "
      "fallback where the file system lacks it, and then named is True), its init lock "
      "held, the mapping owning the descriptor."},
+    {"allocate", py_allocate, METH_VARARGS,
+     "allocate($module, fd, offset, length, /)\n--\n\n"
+     "allocate(fd, offset, length)\n\nposix_fallocate that a signal handler which "
+     "does not raise cannot keep from finishing (interrupted, it goes on in smaller "
+     "pieces); OSError with the errno."},
     {"link_file", py_link_file, METH_VARARGS,
      "link_file($module, fd, path, /)\n--\n\n"
      "link_file(fd, path)\n\nName the file of fd (made without a name) path; "
