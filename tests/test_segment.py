@@ -16,6 +16,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -384,6 +385,45 @@ def test_mode(name, names):
             assert stat.S_IMODE(os.stat(_path(other)).st_mode) == 0o640
     finally:
         os.umask(old)
+    # Beyond the permission bits (set-user-ID and the like, which an
+    # unprivileged creator would silently lose, or more than 32 bits, which
+    # the core once truncated), a mode is refused, and nothing is made.
+    for bad in (0o4600, 0o2770, 0o1777, 0o10000, -1, 2**32 + 0o600, 2**40, True, "0o600"):
+        bad_name = names()
+        with pytest.raises(ValueError, match="permission bits"):
+            shmkit.Segment(bad_name, size=8, mode=bad)
+        assert not os.path.exists(_path(bad_name))
+
+
+def test_create_errors_name_the_directory_and_what_to_do(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    with pytest.raises(shmkit.NotFoundError, match="does not exist.*another path"):
+        shmkit.Segment(path=plain / "seg", size=8)
+    with pytest.raises(shmkit.NotFoundError, match="does not exist"):
+        shmkit.Segment(path=tmp_path / "missing" / "seg", size=8)
+    # A directory this user may not write to (root's, opened by nobody).
+    top = tempfile.mkdtemp(dir="/dev/shm", prefix="shmkit-test-")
+    os.chmod(top, 0o755)
+    locked = os.path.join(top, "locked")
+    os.mkdir(locked, 0o755)
+    code = textwrap.dedent(f"""
+        import os, shmkit
+        os.setgid(65534); os.setuid(65534)
+        try:
+            shmkit.Segment(path={os.path.join(locked, "seg")!r}, size=8)
+        except PermissionError as e:
+            print("refused:", e)
+    """)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=dict(os.environ, PYTHONPATH=SRC), timeout=60)
+        assert "refused:" in out.stdout and "no permission to create" in out.stdout \
+            and locked in out.stdout, out.stdout + out.stderr
+        assert os.listdir(locked) == []
+    finally:
+        os.rmdir(locked)
+        os.rmdir(top)
 
 
 def test_symlink_at_the_name_is_refused(name, tmp_path):
@@ -816,6 +856,28 @@ def test_fork_child_reattaches_with_its_own_slot(name):
         s.close()
         m.close()
         m.unlink()
+
+
+def test_a_child_forked_while_a_thread_closes_a_handle_can_close_it():
+    """Another thread of the parent is inside close() when the process forks
+    (its one-close claim is taken, the handle not yet closed): that thread
+    does not exist in the child, whose handle gets its own slot and whose
+    close() closes it, and removes an "attached" object it holds last."""
+    seg = shmkit.Segment(None, size=64)
+    seg.__dict__["_closer"] = object()  # what a closing thread holds at that moment
+    try:
+        def child() -> None:
+            assert not seg.closed and seg._token
+            assert {a["pid"] for a in seg.attachments()} == {os.getpid(), os.getppid()}
+            seg.close()
+            assert seg.closed
+
+        assert _in_fork(child) == 0
+        assert {a["pid"] for a in seg.attachments()} == {os.getpid()}
+    finally:
+        del seg.__dict__["_closer"]
+        seg.close()
+    assert seg.closed and not os.path.exists(seg.path)
 
 
 def test_fork_with_no_free_slot_closes_only_that_handle(name):

@@ -409,7 +409,7 @@ class Segment(Closing):
     readonly:
         Map read-only; writes raise :class:`ReadOnlyError`.
     mode:
-        File permissions when creating (default 0o600: this user only).
+        File permissions when creating, 0..0o777 (default 0o600: this user only).
     lifetime:
         ``"persistent"`` (until ``unlink()``; the default for named segments)
         or ``"attached"`` (the default for ``name=None``): removed when the
@@ -614,6 +614,11 @@ class Segment(Closing):
                 raise ValueError(f"max_attach must be 1..{_core.MAX_SLOTS}, not {max_attach}")
             if readonly and create:
                 raise ValueError("cannot create a segment readonly=True")
+            if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:
+                # set-user-ID, set-group-ID and sticky bits mean nothing here,
+                # and an unprivileged creator would silently lose the first two
+                raise ValueError(f"mode must be permission bits 0..0o777, like 0o600, not "
+                                 f"{mode!r}")
         may_create = create is not False and size is not None and not readonly
         for _ in range(100):
             # Open first: creating builds a whole file (payload included)
@@ -666,11 +671,16 @@ class Segment(Closing):
                                                    mode, hsize + size, hsize + max_size,
                                                    _NAMELESS)
         except OSError as e:
-            if e.errno == errno.ENOENT:
-                raise NotFoundError(f"directory {directory!r} does not exist") from None
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise NotFoundError(f"directory {directory!r} does not exist "
+                                    f"({e.strerror}); create it, or give another path") from None
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise PermissionError(e.errno, f"no permission to create {self._name!r} in "
+                                      f"{directory} ({e.strerror}); choose a directory you "
+                                      "may write to", self._path) from None
             if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 raise OutOfSpaceError(
-                    f"not enough space in {directory} for {hsize + size} bytes "
+                    f"not enough space or inodes in {directory} for {hsize + size} bytes "
                     f"({e.strerror}); free some (shmkit ls / shmkit gc) or ask "
                     "for less") from None
             if e.errno == errno.ENOMEM:
@@ -752,6 +762,8 @@ class Segment(Closing):
         try:
             fd = os.open(self._path, flags)
         except OSError as e:
+            if e.errno == errno.ENOTDIR:  # a file where a directory should be: no segment
+                raise FileNotFoundError(e.errno, e.strerror, self._path) from None
             if e.errno == errno.ELOOP:
                 raise InvalidNameError(f"{self._path} is a symbolic link; refusing to "
                                        "follow it") from None
@@ -946,6 +958,9 @@ class Segment(Closing):
         # dead parent would look alive while this child lives.
         if self._closed:
             return
+        # A thread of the parent was closing it: that thread is not here,
+        # and its claim would make every close() in the child do nothing.
+        self.__dict__.pop("_closer", None)
         _core.attach_detach(self._mapping)
         self._fd = self._mapping.reopen_file(self._fd)
         self._claim_slot()
