@@ -600,6 +600,66 @@ def test_ctrl_c_at_any_moment_of_creation_leaves_no_file_name_or_descriptor(tmp_
         os.rmdir(where)
 
 
+_DESTROY_STORM = r"""
+import functools, os, signal, sys, time, shmkit
+where = sys.argv[1]
+armed = False
+def handler(sig, frame):
+    if armed:
+        raise KeyboardInterrupt
+signal.signal(signal.SIGINT, handler)
+sys.unraisablehook = id  # an interrupted __del__ reports so
+kid = os.fork()
+if kid == 0:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        os.kill(os.getppid(), signal.SIGINT)
+        time.sleep(0.0002)
+calls = []  # appended by a C callable: no bytecode for a signal to stop
+made = ints = 0
+t0 = time.monotonic()
+while time.monotonic() - t0 < 3:
+    s = shmkit.Struct(path=f"{where}/s{made}", type="i8", lifetime="attached",
+                      on_destroy=functools.partial(calls.append, made))
+    made += 1
+    try:
+        armed = True
+        s.close()
+        armed = False
+    except KeyboardInterrupt:
+        armed = False
+        ints += 1
+    s = None
+os.kill(kid, signal.SIGKILL)
+os.waitpid(kid, 0)
+import gc; gc.collect()
+removed = made - len(os.listdir(where))
+print(ints, removed, removed - len(set(calls)))
+"""
+
+
+def test_ctrl_c_as_the_last_closer_removes_the_name_still_runs_on_destroy(tmp_path):
+    """A Ctrl-C storm over the last close of "attached" objects: the core
+    notes the removal on the mapping, and close() runs on_destroy from a
+    finally, so an interrupt just after the name went no longer skips it (9
+    closes in 10 that were interrupted lost it before; now only a second
+    interrupt inside the finally can)."""
+    where = f"/dev/shm/shmkit-test-destroy-{os.getpid()}-{os.urandom(3).hex()}"
+    os.mkdir(where)
+    try:
+        out = subprocess.run([sys.executable, "-c", _DESTROY_STORM, where],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        interrupted, removed, lost = map(int, out.stdout.split())
+        assert interrupted > 100 and removed > interrupted
+        assert lost <= interrupted // 50, \
+            f"{lost} of {removed} removals ran no on_destroy ({interrupted} closes interrupted)"
+    finally:
+        for f in os.listdir(where):
+            os.unlink(os.path.join(where, f))
+        os.rmdir(where)
+
+
 @pytest.mark.parametrize("nameless", [True, False], ids=["nameless", "hidden-name"])
 def test_creation_either_way_leaves_only_the_whole_object(nameless, names, monkeypatch):
     """Both ways of building a new object, without a name (O_TMPFILE) or

@@ -29,6 +29,7 @@ class Mapping:
     length: int
     exports: int
     readonly: int
+    name_removed: int
     @property
     def fd(self) -> int: ...  # set by attach_claim / attach_reader only
     @property

@@ -152,8 +152,10 @@ class SharedObject(Closing):
         if seg is None or seg.closed:
             return
         self._release()
-        seg.close()
-        self._after_close(seg)
+        try:
+            seg.close()
+        finally:  # an interrupt in close() must not skip on_destroy
+            self._after_close(seg)
 
     def _release(self) -> None:
         """Let go of what the structure built over the mapping (before unmapping)."""

@@ -1235,10 +1235,12 @@ class Channel(SharedObject, _core.Ring):
         seg = self._seg
         if seg is None or seg.closed:
             return
-        seg.close()
-        self._wake_all()  # threads of ours asleep on it notice the close
-        self._unbind()
-        self._after_close(seg)
+        try:
+            seg.close()
+            self._wake_all()  # threads of ours asleep on it notice the close
+            self._unbind()
+        finally:  # an interrupt in close() must not skip on_destroy
+            self._after_close(seg)
 
     def statistics(self) -> dict:
         """Counters and state of the channel, as every process sees them.
@@ -1499,8 +1501,10 @@ class Queue(SharedObject):
             self._pool.close()
         ch = self._ch
         if ch is not None and not ch.closed:
-            ch.close()
-            self._after_close(ch._seg)
+            try:
+                ch.close()
+            finally:  # an interrupt in close() must not leave the payloads
+                self._after_close(ch._seg)
 
     def unlink(self) -> None:
         """Remove the queue's name, and the payload files of the big objects

@@ -995,13 +995,18 @@ class Segment(Closing):
                     _core.ofd_unlock(self._fd, _READER_BYTE, 1)
                 elif self._token:
                     _core.ofd_unlock(self._fd, _SLOT_LOCK_BASE + (self._token & 0x3FF), 1)
-                self._removed_on_close = self._remove_if_last()
+                self._remove_if_last()
             self._detach()
         finally:
-            if self.__dict__.get("_closer") is me:
-                del self.__dict__["_closer"]
-        if self._removed_on_close:
-            self._destroyed()
+            try:
+                if self.__dict__.get("_closer") is me:
+                    del self.__dict__["_closer"]
+            finally:
+                # From the mapping, where the core noted it: a Ctrl-C just after
+                # the removal must not skip the clean-up hook (it runs once).
+                if self._mapping is not None and self._mapping.name_removed:
+                    self._removed = self._removed_on_close = True
+                    self._destroyed()
 
     _removed_on_close = False  # True once close() removed the name (the last "attached")
     _on_destroy: Callable[[], Any] | None = None
@@ -1015,10 +1020,7 @@ class Segment(Closing):
     def _remove_if_last(self) -> bool:
         # One call of the core (it may open the name for its check, and a
         # Ctrl-C must not strand that descriptor).
-        if _core.remove_if_last(self._mapping, os.fsencode(self._path), self._readonly):
-            self._removed = True
-            return True
-        return False
+        return _core.remove_if_last(self._mapping, os.fsencode(self._path), self._readonly)
 
     def _detach(self) -> None:
         self._closed = True

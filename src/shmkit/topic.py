@@ -339,10 +339,12 @@ class Topic(SharedObject, _core.Topic):
             return
         for sub in list(self._subs):
             sub.close()
-        seg.close()
-        self._wake_all()  # threads of ours asleep on it notice the close
-        self._unbind()
-        self._after_close(seg)
+        try:
+            seg.close()
+            self._wake_all()  # threads of ours asleep on it notice the close
+            self._unbind()
+        finally:  # an interrupt in close() must not skip on_destroy
+            self._after_close(seg)
 
     def statistics(self) -> dict[str, Any]:
         """Counters and state, as every process sees them.

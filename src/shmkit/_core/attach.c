@@ -684,6 +684,8 @@ py_remove_if_last(PyObject *mod, PyObject *args)
             close(lock_fd);
     }
     Py_END_ALLOW_THREADS
+    if (removed) /* kept where a Ctrl-C as this returns cannot lose it */
+        ((MappingObject *)obj)->name_removed = 1;
     return PyBool_FromLong(removed);
 }
 

@@ -465,6 +465,8 @@ static PyMemberDef mapping_members[] = {
     {"exports", T_PYSSIZET, offsetof(MappingObject, exports), READONLY,
      "buffers exported and not yet released"},
     {"readonly", T_INT, offsetof(MappingObject, readonly), READONLY, NULL},
+    {"name_removed", T_INT, offsetof(MappingObject, name_removed), READONLY,
+     "remove_if_last removed the segment's name through this mapping"},
     {"fd", T_INT, offsetof(MappingObject, fd), READONLY,
      "the segment's file descriptor used for liveness (set by attach_claim)"},
     {"token", T_UINT, offsetof(MappingObject, token), READONLY,

@@ -49,6 +49,7 @@ typedef struct {
     int fd;              /* the segment's file; -1 when detached */
     uintptr_t anchor;    /* the 1 GiB boundary it was placed below (mapping.c), or 0 */
     int owned_fd;        /* closed with the mapping (mapping.c); -1 none */
+    int name_removed;    /* remove_if_last removed the name (attach.c) */
     uint32_t token;      /* our lock-owner token; 0 when detached */
     Py_ssize_t table_off;/* byte offset of the attach table */
     uint32_t max_slots;
