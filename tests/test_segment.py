@@ -880,6 +880,57 @@ def test_a_child_forked_while_a_thread_closes_a_handle_can_close_it():
     assert seg.closed and not os.path.exists(seg.path)
 
 
+_FORK_MID_CREATION = """
+import os, sys, threading, time, shmkit
+name = sys.argv[1]
+inside, go = threading.Event(), threading.Event()
+def init(seg):
+    inside.set()
+    go.wait()
+threading.Thread(target=lambda: shmkit.Struct(name, "i8", init=init), daemon=True).start()
+if not inside.wait(30):
+    sys.exit("the creation never reached its init")
+kid = os.fork()
+if kid == 0:  # a worker: lives on, and must hold nothing of the creation
+    held = [f for f in os.listdir("/proc/self/fd")
+            if os.path.realpath(f"/proc/self/fd/{f}").startswith("/dev/shm/")]
+    print("worker", len(held), flush=True)
+    time.sleep(120)
+    os._exit(0)
+print("forked", kid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_child_forked_mid_creation_holds_nothing_of_it(name):
+    """Another thread is inside a creation's init when the process forks a
+    long-lived worker, and then the creator is killed.  The worker let go of
+    the creation's file (it would keep the init lock held, so openers time
+    out, or hold a slot of the unpublished file, so it reads as damaged):
+    open() says half-created, and the next create-or-open recovers the name."""
+    proc = subprocess.Popen([sys.executable, "-c", _FORK_MID_CREATION, name],
+                            stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=SRC))
+    worker = None
+    try:
+        lines = sorted(proc.stdout.readline().split() for _ in range(2))
+        assert lines[0][0] == "forked", lines
+        worker = int(lines[0][1])
+        assert lines[1] == ["worker", "0"], lines  # no descriptor of the creation
+        proc.kill()
+        proc.wait(10)
+        with pytest.raises(shmkit.NotFoundError, match="half-created"):
+            shmkit.Segment.open(name)
+        with shmkit.Struct(name, "i8") as rec:
+            assert rec._seg.created
+            assert {a["pid"] for a in rec._seg.attachments()} == {os.getpid()}
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if worker is not None:
+            os.kill(worker, 9)
+
+
 def test_fork_with_no_free_slot_closes_only_that_handle(name):
     full = shmkit.Segment(name, size=8, max_attach=1)
     m = shmkit.Mutex(None)

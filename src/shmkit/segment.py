@@ -717,6 +717,7 @@ class Segment(Closing):
             view[:8] = MAGIC  # publish: the header and init are complete
             view.release()
             _core.ofd_unlock(fd, _core.INIT_LOCK_BYTE, 1)
+            mapping.end_creation()  # a child forked from now on keeps it
         except BaseException:
             # First, one call of the core (no handler runs inside it): remove
             # the name if it names our file and nobody else holds it, so that
@@ -957,6 +958,9 @@ class Segment(Closing):
         # through the new one and closes the inherited one, in one call, or a
         # dead parent would look alive while this child lives.
         if self._closed:
+            return
+        if self._mapping.abandoned:  # another thread of the parent was creating it
+            self._detach()
             return
         # A thread of the parent was closing it: that thread is not here,
         # and its claim would make every close() in the child do nothing.
@@ -1448,6 +1452,7 @@ def _after_fork_in_child() -> None:
     global _pid, _claims
     _pid = os.getpid()
     _claims = 0
+    _core.forget_creations()  # the parent's creations in progress are not ours
     for ref in list(_live.values()):
         seg = ref()
         if seg is None:

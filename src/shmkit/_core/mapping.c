@@ -202,6 +202,73 @@ shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssize_t length, in
     return self;
 }
 
+/* Creations in progress (open.c's create_file until end_creation): a child
+ * forked meanwhile (another thread of the parent was creating) must not keep
+ * the file open, mapped or attached: its open file description would keep
+ * the creator's init lock held after the creator died, and its slot would
+ * make the unpublished file look like a damaged live object.  Changed with
+ * the GIL held only.  Past CREATING_MAX at once, a creation is not listed. */
+#define CREATING_MAX 64
+static MappingObject *creating[CREATING_MAX];
+
+void
+shm_creating_add(MappingObject *m)
+{
+    for (int i = 0; i < CREATING_MAX; i++)
+        if (creating[i] == NULL) {
+            creating[i] = m;
+            m->creating = 1;
+            return;
+        }
+}
+
+static void
+creating_remove(MappingObject *m)
+{
+    if (!m->creating)
+        return;
+    for (int i = 0; i < CREATING_MAX; i++)
+        if (creating[i] == m)
+            creating[i] = NULL;
+    m->creating = 0;
+}
+
+/* In a forked child: each listed mapping lets go of the file.  Its range is
+ * mapped over with private zero pages (views held by the parent's creating
+ * thread, which the child does not have, keep valid addresses) and its
+ * descriptor closed, so that nothing in the child refers to the creator's
+ * open file; it is marked abandoned for segment.py to close the handle. */
+static PyObject *
+py_forget_creations(PyObject *mod, PyObject *Py_UNUSED(ignored))
+{
+    int n = 0;
+    for (int i = 0; i < CREATING_MAX; i++) {
+        MappingObject *m = creating[i];
+        if (m == NULL)
+            continue;
+        creating[i] = NULL;
+        m->creating = 0;
+        m->abandoned = 1;
+        if (m->base != NULL)
+            (void)mmap(m->base, (size_t)m->reserve, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+        if (m->owned_fd >= 0) {
+            close(m->owned_fd);
+            m->owned_fd = -1;
+        }
+        shm_attach_detach(m);
+        n++;
+    }
+    return PyLong_FromLong(n);
+}
+
+static PyObject *
+mapping_end_creation(MappingObject *self, PyObject *Py_UNUSED(ignored))
+{
+    creating_remove(self);
+    Py_RETURN_NONE;
+}
+
 static void
 mapping_unmap(MappingObject *self)
 {
@@ -229,6 +296,7 @@ static void
 mapping_dealloc(MappingObject *self)
 {
     /* Exports hold a reference, so none can remain here. */
+    creating_remove(self);
     mapping_unmap(self);
     mapping_close_owned(self, -1);
     shm_free_instance((PyObject *)self);
@@ -434,6 +502,10 @@ static PyMethodDef mapping_methods[] = {
      "detach(fd) -> bool\n\nForget the attachment, close fd if this mapping owns it "
      "(its slot's lock goes with it) and close the mapping, in one step; close()'s "
      "result."},
+    {"end_creation", (PyCFunction)mapping_end_creation, METH_NOARGS,
+     "end_creation($self, /)\n--\n\n"
+     "The creation this mapping was made for is published (or given up): a "
+     "child forked from now on keeps it like any other."},
     {"adopt_fd", (PyCFunction)mapping_adopt_fd, METH_O,
      "adopt_fd($self, fd, /)\n--\n\n"
      "Own fd: it is closed with the mapping (when freed, or by detach(fd))."},
@@ -467,6 +539,8 @@ static PyMemberDef mapping_members[] = {
     {"readonly", T_INT, offsetof(MappingObject, readonly), READONLY, NULL},
     {"name_removed", T_INT, offsetof(MappingObject, name_removed), READONLY,
      "remove_if_last removed the segment's name through this mapping"},
+    {"abandoned", T_INT, offsetof(MappingObject, abandoned), READONLY,
+     "a forked child let go of it while another thread was creating it"},
     {"fd", T_INT, offsetof(MappingObject, fd), READONLY,
      "the segment's file descriptor used for liveness (set by attach_claim)"},
     {"token", T_UINT, offsetof(MappingObject, token), READONLY,
@@ -605,6 +679,14 @@ shm_unpin(PyObject *obj)
     mapping_releasebuffer((MappingObject *)obj, NULL);
     Py_DECREF(obj);
 }
+
+PyMethodDef shm_mapping_methods[] = {
+    {"forget_creations", py_forget_creations, METH_NOARGS,
+     "forget_creations($module, /)\n--\n\n"
+     "forget_creations() -> int\n\nIn a forked child: let go of the files of "
+     "creations in progress (their mappings are marked abandoned); how many."},
+    {NULL}
+};
 
 int
 shm_init_mapping(PyObject *module)

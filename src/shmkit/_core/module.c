@@ -12,6 +12,7 @@ extern PyMethodDef shm_event_methods[];
 extern PyMethodDef shm_crash_methods[];
 extern PyMethodDef shm_gate_methods[];
 extern PyMethodDef shm_fork_methods[];
+extern PyMethodDef shm_mapping_methods[];
 int shm_init_table(PyObject *module);
 int shm_init_heap(PyObject *module);
 int shm_init_ring(PyObject *module);
@@ -222,6 +223,7 @@ core_exec(PyObject *m)
         add_functions(m, shm_crash_methods) < 0 ||
         add_functions(m, shm_gate_methods) < 0 ||
         add_functions(m, shm_fork_methods) < 0 ||
+        add_functions(m, shm_mapping_methods) < 0 ||
         PyModule_AddIntConstant(m, "SLOT_SIZE", SHM_SLOT_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "SLOT_LOCK_BASE", SHM_SLOT_LOCK_BASE) < 0 ||
         PyModule_AddIntConstant(m, "INIT_LOCK_BYTE", SHM_INIT_LOCK_BYTE) < 0 ||

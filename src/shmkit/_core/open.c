@@ -306,6 +306,7 @@ py_create_file(PyObject *mod, PyObject *args)
     if (out == NULL)
         goto undo; /* "N" took the mapping's reference even so */
     m->owned_fd = fd; /* from here, the descriptor goes with the mapping */
+    shm_creating_add(m);
     return out;
 undo:
     if (fd >= 0) {

@@ -50,6 +50,8 @@ typedef struct {
     uintptr_t anchor;    /* the 1 GiB boundary it was placed below (mapping.c), or 0 */
     int owned_fd;        /* closed with the mapping (mapping.c); -1 none */
     int name_removed;    /* remove_if_last removed the name (attach.c) */
+    int creating;        /* listed as a creation in progress (mapping.c) */
+    int abandoned;       /* a forked child let go of it mid-creation */
     uint32_t token;      /* our lock-owner token; 0 when detached */
     Py_ssize_t table_off;/* byte offset of the attach table */
     uint32_t max_slots;
@@ -133,6 +135,9 @@ int shm_check_mapping(PyObject *obj);
 int shm_mapping_converter(PyObject *obj, void *out);
 /* A new Mapping of `reserve` bytes of fd, `length` of them safe (the caller
  * checked 0 <= length <= reserve, reserve > 0), or NULL with OSError. */
+/* List m as a creation in progress until end_creation() (or its dealloc):
+ * a child forked meanwhile lets go of it (forget_creations). */
+void shm_creating_add(MappingObject *m);
 MappingObject *shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssize_t length,
                                int readonly);
 
