@@ -959,7 +959,10 @@ class Segment(Closing):
         # dead parent would look alive while this child lives.
         if self._closed:
             return
-        if self._mapping.abandoned:  # another thread of the parent was creating it
+        if self._mapping.abandoned or self._mapping.name_removed:
+            # Another thread of the parent was creating it, or closing it
+            # as its last holder (the name is gone; the clean-up is that
+            # thread's, in the parent): not the child's to keep.
             self._detach()
             return
         # A thread of the parent was closing it: that thread is not here,
@@ -1002,13 +1005,15 @@ class Segment(Closing):
                 self._remove_if_last()
             self._detach()
         finally:
+            mine = self.__dict__.get("_closer") is me
             try:
-                if self.__dict__.get("_closer") is me:
+                if mine:
                     del self.__dict__["_closer"]
             finally:
                 # From the mapping, where the core noted it: a Ctrl-C just after
-                # the removal must not skip the clean-up hook (it runs once).
-                if self._mapping is not None and self._mapping.name_removed:
+                # the removal must not skip the clean-up hook (it runs once, in
+                # the close that held the claim, once the handle is closed).
+                if mine and self._mapping is not None and self._mapping.name_removed:
                     self._removed = self._removed_on_close = True
                     self._destroyed()
 

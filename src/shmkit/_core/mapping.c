@@ -210,6 +210,7 @@ shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssize_t length, in
  * the GIL held only.  Past CREATING_MAX at once, a creation is not listed. */
 #define CREATING_MAX 64
 static MappingObject *creating[CREATING_MAX];
+static unsigned long creating_thread[CREATING_MAX]; /* whose creation it is */
 
 void
 shm_creating_add(MappingObject *m)
@@ -217,6 +218,7 @@ shm_creating_add(MappingObject *m)
     for (int i = 0; i < CREATING_MAX; i++)
         if (creating[i] == NULL) {
             creating[i] = m;
+            creating_thread[i] = PyThread_get_thread_ident();
             m->creating = 1;
             return;
         }
@@ -233,24 +235,30 @@ creating_remove(MappingObject *m)
     m->creating = 0;
 }
 
-/* In a forked child: each listed mapping lets go of the file.  Its range is
- * mapped over with private zero pages (views held by the parent's creating
- * thread, which the child does not have, keep valid addresses) and its
- * descriptor closed, so that nothing in the child refers to the creator's
- * open file; it is marked abandoned for segment.py to close the handle. */
+/* In a forked child: each mapping listed by another thread of the parent
+ * (which the child does not have) lets go of the file.  Its range is mapped
+ * over with private zero pages (views that thread held keep valid
+ * addresses; PROT_NONE where even that cannot be had) and its descriptor
+ * closed, so that nothing in the child refers to the creator's open file;
+ * it is marked abandoned for segment.py to close the handle.  A creation of
+ * the forking thread itself goes on in the child (an init that forks its
+ * workers: their writes must reach the file), as it did before. */
 static PyObject *
 py_forget_creations(PyObject *mod, PyObject *Py_UNUSED(ignored))
 {
     int n = 0;
+    unsigned long me = PyThread_get_thread_ident();
     for (int i = 0; i < CREATING_MAX; i++) {
         MappingObject *m = creating[i];
-        if (m == NULL)
+        if (m == NULL || creating_thread[i] == me)
             continue;
         creating[i] = NULL;
         m->creating = 0;
         m->abandoned = 1;
-        if (m->base != NULL)
-            (void)mmap(m->base, (size_t)m->reserve, PROT_READ | PROT_WRITE,
+        if (m->base != NULL &&
+            mmap(m->base, (size_t)m->reserve, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) == MAP_FAILED)
+            (void)mmap(m->base, (size_t)m->reserve, PROT_NONE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
         if (m->owned_fd >= 0) {
             close(m->owned_fd);
@@ -323,6 +331,7 @@ mapping_adopt_fd(MappingObject *self, PyObject *arg)
 static PyObject *
 mapping_close(MappingObject *self, PyObject *Py_UNUSED(ignored))
 {
+    creating_remove(self); /* a creation given up: no more to forget in a child */
     if (self->exports > 0) {
         self->closing = 1;
         Py_RETURN_FALSE;
