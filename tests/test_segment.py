@@ -21,6 +21,8 @@ import textwrap
 import threading
 import time
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -929,6 +931,25 @@ def test_a_child_forked_mid_creation_holds_nothing_of_it(name):
         proc.wait(10)
         if worker is not None:
             os.kill(worker, 9)
+
+
+def test_an_init_that_forks_its_workers_keeps_their_writes():
+    """The thread creating an object forks from inside init (workers that
+    fill it in parallel): that creation is the child's own thread's, so the
+    child keeps it, and the workers' writes reach the object."""
+    def init(arr: Any) -> None:
+        kids = []
+        for half in range(2):
+            pid = os.fork()
+            if pid == 0:
+                arr[half * 4:half * 4 + 4] = range(half * 4, half * 4 + 4)
+                os._exit(0)
+            kids.append(pid)
+        for pid in kids:
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+    with shmkit.Array(None, "int64", 8, init=init) as a:
+        assert a.array.tolist() == list(range(8))
 
 
 def test_fork_with_no_free_slot_closes_only_that_handle(name):
