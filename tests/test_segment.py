@@ -882,7 +882,7 @@ def test_a_child_forked_while_a_thread_closes_a_handle_can_close_it():
     assert seg.closed and not os.path.exists(seg.path)
 
 
-_FORK_MID_CREATION = """
+_FORK_MID_CREATION = r"""
 import os, sys, threading, time, shmkit
 name = sys.argv[1]
 inside, go = threading.Event(), threading.Event()
