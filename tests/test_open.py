@@ -724,16 +724,15 @@ import os, signal, sys, time, shmkit
 handles = [shmkit.Segment(None, size=4096) for _ in range(24)]
 parent = [h._token for h in handles]
 me, group = os.getpid(), os.getpgrp()
-hooks_done = False
+import functools, types
+hooks = types.SimpleNamespace(done=False)
 def handler(sig, frame):
     # Raise only in a child still inside its at-fork hooks (shmkit's run
     # first: this script registers its own after them, which ends it).
-    if os.getpid() != me and not hooks_done:
+    if os.getpid() != me and not hooks.done:
         raise KeyboardInterrupt
-def end_of_hooks():
-    global hooks_done
-    hooks_done = True
-os.register_at_fork(after_in_child=end_of_hooks)
+# C only (a partial of setattr): no bytecode in which a signal could stop it
+os.register_at_fork(after_in_child=functools.partial(setattr, hooks, "done", True))
 signal.signal(signal.SIGINT, handler)
 sys.unraisablehook = lambda u: None  # interrupted hooks are reported so
 kid = os.fork()
