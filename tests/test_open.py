@@ -468,20 +468,32 @@ def test_reservations_of_different_lengths_reopened_in_turn_do_not_creep_down(na
         large.close()
 
 
-_STORM = r"""
-import collections, os, signal, sys, time, shmkit
-names = sys.argv[1:]
+# The start of every storm script below: a forked sender sends SIGINT every
+# 0.2 ms; the handler raises KeyboardInterrupt only while `armed`.
+# end_storm() stops it and collects what the interrupts left unreferenced.
+_STORM_PRELUDE = r"""
+import collections, functools, gc, os, signal, sys, time, shmkit
 armed = False
 def handler(sig, frame):
     if armed:
         raise KeyboardInterrupt
 signal.signal(signal.SIGINT, handler)
+parent = os.getpid()
 kid = os.fork()
-if kid == 0:
+if kid == 0:  # (ends with its parent, whatever becomes of it)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    while True:
-        os.kill(os.getppid(), signal.SIGINT)
+    while os.getppid() == parent:
+        os.kill(parent, signal.SIGINT)
         time.sleep(0.0002)
+    os._exit(0)
+def end_storm():
+    os.kill(kid, signal.SIGKILL)
+    os.waitpid(kid, 0)
+    gc.collect()
+"""
+
+_STORM = _STORM_PRELUDE + r"""
+names = sys.argv[1:]
 ints = n = 0
 t0 = time.monotonic()
 while time.monotonic() - t0 < 3:
@@ -496,9 +508,7 @@ while time.monotonic() - t0 < 3:
         ints += 1
     h = None
     n += 1
-os.kill(kid, signal.SIGKILL)
-os.waitpid(kid, 0)
-import gc; gc.collect()
+end_storm()
 held = collections.Counter(os.path.basename(os.path.realpath(f"/proc/self/fd/{f}"))
                            for f in os.listdir("/proc/self/fd"))
 print(ints, sum(v for k, v in held.items() if k.startswith("shmkit.")))
@@ -526,20 +536,9 @@ def test_ctrl_c_at_any_moment_of_opens_and_closes_leaves_no_file_or_slot_held(na
             st.close()
 
 
-_CREATE_STORM = r"""
-import collections, os, signal, sys, time, numpy as np, shmkit
+_CREATE_STORM = _STORM_PRELUDE + r"""
+import numpy  # before the storm: an interrupted first import would break numpy here
 where = sys.argv[1]
-armed = False
-def handler(sig, frame):
-    if armed:
-        raise KeyboardInterrupt
-signal.signal(signal.SIGINT, handler)
-kid = os.fork()
-if kid == 0:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    while True:
-        os.kill(os.getppid(), signal.SIGINT)
-        time.sleep(0.0002)
 ints = n = 0
 t0 = time.monotonic()
 while time.monotonic() - t0 < 3:
@@ -566,9 +565,7 @@ while time.monotonic() - t0 < 3:
         ints += 1
     h = r = None
     n += 1
-os.kill(kid, signal.SIGKILL)
-os.waitpid(kid, 0)
-import gc; gc.collect()
+end_storm()
 held = sum(os.path.realpath(f"/proc/self/fd/{f}").startswith(where + "/")
            for f in os.listdir("/proc/self/fd"))
 print(ints, n, held)
@@ -600,21 +597,9 @@ def test_ctrl_c_at_any_moment_of_creation_leaves_no_file_name_or_descriptor(tmp_
         os.rmdir(where)
 
 
-_DESTROY_STORM = r"""
-import functools, os, signal, sys, time, shmkit
+_DESTROY_STORM = _STORM_PRELUDE + r"""
 where = sys.argv[1]
-armed = False
-def handler(sig, frame):
-    if armed:
-        raise KeyboardInterrupt
-signal.signal(signal.SIGINT, handler)
 sys.unraisablehook = id  # an interrupted __del__ reports so
-kid = os.fork()
-if kid == 0:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    while True:
-        os.kill(os.getppid(), signal.SIGINT)
-        time.sleep(0.0002)
 calls = []  # appended by a C callable: no bytecode for a signal to stop
 made = ints = 0
 t0 = time.monotonic()
@@ -630,9 +615,7 @@ while time.monotonic() - t0 < 3:
         armed = False
         ints += 1
     s = None
-os.kill(kid, signal.SIGKILL)
-os.waitpid(kid, 0)
-import gc; gc.collect()
+end_storm()
 removed = made - len(os.listdir(where))
 print(ints, removed, removed - len(set(calls)))
 """

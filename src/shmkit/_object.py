@@ -154,14 +154,18 @@ class SharedObject(Closing):
         self._release()
         try:
             seg.close()
+            self._segment_closed()
         finally:  # an interrupt in close() must not skip on_destroy
             self._after_close(seg)
 
     def _release(self) -> None:
         """Let go of what the structure built over the mapping (before unmapping)."""
 
+    def _segment_closed(self) -> None:
+        """What the structure does once its segment is closed in this process."""
+
     def _after_close(self, seg: Segment) -> None:
-        if seg._removed_on_close:
+        if seg._removed:
             self._destroyed()
 
     def unlink(self) -> None:

@@ -1232,15 +1232,11 @@ class Channel(SharedObject, _core.Ring):
         closes.  Safe to call twice.  To end the channel for everyone, use
         :meth:`close_sending`.
         """
-        seg = self._seg
-        if seg is None or seg.closed:
-            return
-        try:
-            seg.close()
-            self._wake_all()  # threads of ours asleep on it notice the close
-            self._unbind()
-        finally:  # an interrupt in close() must not skip on_destroy
-            self._after_close(seg)
+        super().close()
+
+    def _segment_closed(self) -> None:
+        self._wake_all()  # threads of ours asleep on it notice the close
+        self._unbind()
 
     def statistics(self) -> dict:
         """Counters and state of the channel, as every process sees them.

@@ -262,15 +262,19 @@ def _limit_error(e: OSError, what: str) -> Exception:
     return e
 
 
+def _no_address_space(where: str, reserve: int) -> OutOfSpaceError:
+    return OutOfSpaceError(
+        f"no address space left to map {where} ({reserve} bytes reserved): too "
+        "many objects are open in this process, or max_size= is too large; close "
+        "some, or give growable objects a smaller max_size=")
+
+
 def _map(fd: int, reserve: int, length: int, where: str, readonly: bool = False) -> Any:
     try:
         return _core.Mapping(fd, reserve, length, readonly=readonly)
     except OSError as e:
         if e.errno == errno.ENOMEM:
-            raise OutOfSpaceError(
-                f"no address space left to map {where} ({reserve} bytes reserved): too "
-                "many objects are open in this process, or max_size= is too large; close "
-                "some, or give growable objects a smaller max_size=") from None
+            raise _no_address_space(where, reserve) from None
         raise
 
 
@@ -684,11 +688,7 @@ class Segment(Closing):
                     f"({e.strerror}); free some (shmkit ls / shmkit gc) or ask "
                     "for less") from None
             if e.errno == errno.ENOMEM:
-                raise OutOfSpaceError(
-                    f"no address space left to map {self._name!r} ({hsize + max_size} "
-                    "bytes reserved): too many objects are open in this process, or "
-                    "max_size= is too large; close some, or give growable objects a "
-                    "smaller max_size=") from None
+                raise _no_address_space(repr(self._name), hsize + max_size) from None
             raise _limit_error(e, f"create {self._name!r}") from None
         try:
             flags = _FLAG_ATTACHED if lifetime == "attached" else 0
@@ -1002,7 +1002,9 @@ class Segment(Closing):
                     _core.ofd_unlock(self._fd, _READER_BYTE, 1)
                 elif self._token:
                     _core.ofd_unlock(self._fd, _SLOT_LOCK_BASE + (self._token & 0x3FF), 1)
-                self._remove_if_last()
+                # One call of the core (it may open the name for its check,
+                # and a Ctrl-C must not strand that descriptor).
+                _core.remove_if_last(self._mapping, os.fsencode(self._path), self._readonly)
             self._detach()
         finally:
             mine = self.__dict__.get("_closer") is me
@@ -1014,10 +1016,9 @@ class Segment(Closing):
                 # the removal must not skip the clean-up hook (it runs once, in
                 # the close that held the claim, once the handle is closed).
                 if mine and self._mapping is not None and self._mapping.name_removed:
-                    self._removed = self._removed_on_close = True
+                    self._removed = True
                     self._destroyed()
 
-    _removed_on_close = False  # True once close() removed the name (the last "attached")
     _on_destroy: Callable[[], Any] | None = None
 
     def _destroyed(self) -> None:
@@ -1025,11 +1026,6 @@ class Segment(Closing):
         hook, self._on_destroy = self._on_destroy, None
         if hook is not None:
             hook()
-
-    def _remove_if_last(self) -> bool:
-        # One call of the core (it may open the name for its check, and a
-        # Ctrl-C must not strand that descriptor).
-        return _core.remove_if_last(self._mapping, os.fsencode(self._path), self._readonly)
 
     def _detach(self) -> None:
         self._closed = True

@@ -334,17 +334,15 @@ class Topic(SharedObject, _core.Topic):
     def close(self) -> None:
         """Release this handle and close its subscribers; the topic carries on
         for the other processes.  Safe to call twice."""
-        seg = self._seg
-        if seg is None or seg.closed:
-            return
+        super().close()
+
+    def _release(self) -> None:
         for sub in list(self._subs):
             sub.close()
-        try:
-            seg.close()
-            self._wake_all()  # threads of ours asleep on it notice the close
-            self._unbind()
-        finally:  # an interrupt in close() must not skip on_destroy
-            self._after_close(seg)
+
+    def _segment_closed(self) -> None:
+        self._wake_all()  # threads of ours asleep on it notice the close
+        self._unbind()
 
     def statistics(self) -> dict[str, Any]:
         """Counters and state, as every process sees them.

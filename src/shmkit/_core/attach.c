@@ -61,10 +61,8 @@ ofd_held(int fd, off_t start, off_t len)
     return fl.l_type != F_UNLCK;
 }
 
-/* Take (F_WRLCK, F_RDLCK) or drop (F_UNLCK) an OFD lock without blocking:
- * 1 done, 0 busy, -1 errno set. */
-static int
-ofd_setlk(int fd, off_t start, off_t len, short type)
+int
+shm_ofd_setlk(int fd, off_t start, off_t len, short type)
 {
     struct flock fl = ofd_range(type, start, len);
     if (fcntl(fd, F_OFD_SETLK, &fl) < 0)
@@ -212,7 +210,7 @@ check_slot_count(int fd, uint32_t max_slots, off_t byte)
     if (damaged == 0)
         return 1;
     int saved = errno;
-    ofd_setlk(fd, byte, 1, F_UNLCK);
+    shm_ofd_setlk(fd, byte, 1, F_UNLCK);
     if (damaged > 0)
         return 2;
     errno = saved;
@@ -242,7 +240,7 @@ shm_attach_claim(MappingObject *m, int fd, uint32_t start, const char *comm, siz
                          m->length);
             return -1;
         }
-        int got = ofd_setlk(fd, SHM_SLOT_LOCK_BASE + slot, 1, F_WRLCK);
+        int got = shm_ofd_setlk(fd, SHM_SLOT_LOCK_BASE + slot, 1, F_WRLCK);
         if (got < 0) {
             PyErr_SetFromErrno(PyExc_OSError);
             return -1;
@@ -285,7 +283,7 @@ shm_attach_reader(MappingObject *m, int fd)
                         "descriptor");
         return -1;
     }
-    int got = ofd_setlk(fd, READER_BYTE, 1, F_RDLCK);
+    int got = shm_ofd_setlk(fd, READER_BYTE, 1, F_RDLCK);
     if (got <= 0) {
         if (got < 0)
             PyErr_SetFromErrno(PyExc_OSError);
@@ -618,7 +616,7 @@ py_ofd_lock(PyObject *mod, PyObject *args)
     long long start, len;
     if (!PyArg_ParseTuple(args, "iLL|p", &fd, &start, &len, &exclusive))
         return NULL;
-    int got = ofd_setlk(fd, start, len, exclusive ? F_WRLCK : F_RDLCK);
+    int got = shm_ofd_setlk(fd, start, len, exclusive ? F_WRLCK : F_RDLCK);
     if (got < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     return PyBool_FromLong(got);
@@ -631,7 +629,7 @@ py_ofd_unlock(PyObject *mod, PyObject *args)
     long long start, len;
     if (!PyArg_ParseTuple(args, "iLL", &fd, &start, &len))
         return NULL;
-    if (ofd_setlk(fd, start, len, F_UNLCK) <= 0) /* busy (EAGAIN) is an error here */
+    if (shm_ofd_setlk(fd, start, len, F_UNLCK) <= 0) /* busy (EAGAIN) is an error here */
         return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
 }
@@ -675,7 +673,7 @@ py_remove_if_last(PyObject *mod, PyObject *args)
     int lock_fd = reopen ? open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK) : fd;
     struct stat here, mine;
     if (lock_fd >= 0) {
-        if (ofd_setlk(lock_fd, READER_BYTE,
+        if (shm_ofd_setlk(lock_fd, READER_BYTE,
                       SHM_SLOT_LOCK_BASE + SHM_MAX_SLOTS - READER_BYTE, F_WRLCK) == 1 &&
             lstat(path, &here) == 0 && fstat(fd, &mine) == 0 &&
             here.st_ino == mine.st_ino && here.st_dev == mine.st_dev && unlink(path) == 0)

@@ -210,7 +210,6 @@ shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssize_t length, in
  * the GIL held only.  Past CREATING_MAX at once, a creation is not listed. */
 #define CREATING_MAX 64
 static MappingObject *creating[CREATING_MAX];
-static unsigned long creating_thread[CREATING_MAX]; /* whose creation it is */
 
 void
 shm_creating_add(MappingObject *m)
@@ -218,8 +217,7 @@ shm_creating_add(MappingObject *m)
     for (int i = 0; i < CREATING_MAX; i++)
         if (creating[i] == NULL) {
             creating[i] = m;
-            creating_thread[i] = PyThread_get_thread_ident();
-            m->creating = 1;
+            m->creator_thread = PyThread_get_thread_ident();
             return;
         }
 }
@@ -227,12 +225,12 @@ shm_creating_add(MappingObject *m)
 static void
 creating_remove(MappingObject *m)
 {
-    if (!m->creating)
+    if (m->creator_thread == 0)
         return;
     for (int i = 0; i < CREATING_MAX; i++)
         if (creating[i] == m)
             creating[i] = NULL;
-    m->creating = 0;
+    m->creator_thread = 0;
 }
 
 /* In a forked child: each mapping listed by another thread of the parent
@@ -246,14 +244,13 @@ creating_remove(MappingObject *m)
 static PyObject *
 py_forget_creations(PyObject *mod, PyObject *Py_UNUSED(ignored))
 {
-    int n = 0;
     unsigned long me = PyThread_get_thread_ident();
     for (int i = 0; i < CREATING_MAX; i++) {
         MappingObject *m = creating[i];
-        if (m == NULL || creating_thread[i] == me)
+        if (m == NULL || m->creator_thread == me)
             continue;
         creating[i] = NULL;
-        m->creating = 0;
+        m->creator_thread = 0;
         m->abandoned = 1;
         if (m->base != NULL &&
             mmap(m->base, (size_t)m->reserve, PROT_READ | PROT_WRITE,
@@ -265,9 +262,8 @@ py_forget_creations(PyObject *mod, PyObject *Py_UNUSED(ignored))
             m->owned_fd = -1;
         }
         shm_attach_detach(m);
-        n++;
     }
-    return PyLong_FromLong(n);
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -692,8 +688,8 @@ shm_unpin(PyObject *obj)
 PyMethodDef shm_mapping_methods[] = {
     {"forget_creations", py_forget_creations, METH_NOARGS,
      "forget_creations($module, /)\n--\n\n"
-     "forget_creations() -> int\n\nIn a forked child: let go of the files of "
-     "creations in progress (their mappings are marked abandoned); how many."},
+     "forget_creations()\n\nIn a forked child: let go of the files of other "
+     "threads' creations in progress (their mappings are marked abandoned)."},
     {NULL}
 };
 

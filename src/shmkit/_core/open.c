@@ -283,10 +283,8 @@ py_create_file(PyObject *mod, PyObject *args)
         fd = open(fallback, O_CREAT | O_EXCL | O_RDWR | O_NOFOLLOW | O_CLOEXEC, (mode_t)mode);
         named = fd >= 0;
     }
-    struct flock init_lock = {.l_type = F_WRLCK, .l_whence = SEEK_SET,
-                              .l_start = SHM_INIT_LOCK_BYTE, .l_len = 1};
     if (fd < 0 || fchmod(fd, (mode_t)mode) != 0 || /* exactly mode, whatever the umask */
-        fcntl(fd, F_OFD_SETLK, &init_lock) != 0)
+        shm_ofd_setlk(fd, SHM_INIT_LOCK_BYTE, 1, F_WRLCK) != 1) /* new: never busy */
         err = errno;
     Py_END_ALLOW_THREADS
     if (err == 0) {

@@ -50,7 +50,8 @@ typedef struct {
     uintptr_t anchor;    /* the 1 GiB boundary it was placed below (mapping.c), or 0 */
     int owned_fd;        /* closed with the mapping (mapping.c); -1 none */
     int name_removed;    /* remove_if_last removed the name (attach.c) */
-    int creating;        /* listed as a creation in progress (mapping.c) */
+    unsigned long creator_thread; /* listed as this thread's creation in progress
+                                   * (mapping.c); 0 when not listed */
     int abandoned;       /* a forked child let go of it mid-creation */
     uint32_t token;      /* our lock-owner token; 0 when detached */
     Py_ssize_t table_off;/* byte offset of the attach table */
@@ -135,11 +136,12 @@ int shm_check_mapping(PyObject *obj);
 int shm_mapping_converter(PyObject *obj, void *out);
 /* A new Mapping of `reserve` bytes of fd, `length` of them safe (the caller
  * checked 0 <= length <= reserve, reserve > 0), or NULL with OSError. */
-/* List m as a creation in progress until end_creation() (or its dealloc):
- * a child forked meanwhile lets go of it (forget_creations). */
-void shm_creating_add(MappingObject *m);
 MappingObject *shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssize_t length,
                                int readonly);
+/* List m as this thread's creation in progress until end_creation(), its
+ * close or its dealloc: a child forked meanwhile by another thread lets go
+ * of it (forget_creations). */
+void shm_creating_add(MappingObject *m);
 
 /* Return a pointer to `size` bytes at `off`, or NULL with an exception set
  * when the mapping is closed, the range is out of bounds or misaligned. */
@@ -205,6 +207,9 @@ int shm_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)
 int shm_vfail(int code, const char *fmt, va_list va);
 
 /* ---- attach.c ----------------------------------------------------------- */
+/* Take (F_WRLCK, F_RDLCK) or drop (F_UNLCK) an OFD lock on [start, start+len)
+ * without blocking: 1 done, 0 busy, -1 errno set. */
+int shm_ofd_setlk(int fd, off_t start, off_t len, short type);
 /* The attach-table entry of slot (layout.h), or NULL when the mapping is
  * closed or the entry lies outside it. */
 struct shm_attach_entry;
