@@ -110,3 +110,28 @@ def kill_wait(pid: int) -> None:
     except ProcessLookupError:
         pass
     os.waitpid(pid, 0)
+
+
+# The start of every Ctrl-C storm script: a forked sender sends SIGINT every
+# 0.2 ms; the handler raises KeyboardInterrupt only while `armed`.
+# end_storm() stops it and collects what the interrupts left unreferenced.
+STORM_PRELUDE = r"""
+import collections, functools, gc, os, signal, sys, time, shmkit
+armed = False
+def handler(sig, frame):
+    if armed:
+        raise KeyboardInterrupt
+signal.signal(signal.SIGINT, handler)
+parent = os.getpid()
+kid = os.fork()
+if kid == 0:  # (ends with its parent, whatever becomes of it)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while os.getppid() == parent:
+        os.kill(parent, signal.SIGINT)
+        time.sleep(0.0002)
+    os._exit(0)
+def end_storm():
+    os.kill(kid, signal.SIGKILL)
+    os.waitpid(kid, 0)
+    gc.collect()
+"""

@@ -29,6 +29,8 @@ from shmkit import _core
 from shmkit import segment as segment_mod
 from shmkit.segment import Kind
 
+from conftest import STORM_PRELUDE
+
 
 NOBODY = 65534
 
@@ -468,31 +470,7 @@ def test_reservations_of_different_lengths_reopened_in_turn_do_not_creep_down(na
         large.close()
 
 
-# The start of every storm script below: a forked sender sends SIGINT every
-# 0.2 ms; the handler raises KeyboardInterrupt only while `armed`.
-# end_storm() stops it and collects what the interrupts left unreferenced.
-_STORM_PRELUDE = r"""
-import collections, functools, gc, os, signal, sys, time, shmkit
-armed = False
-def handler(sig, frame):
-    if armed:
-        raise KeyboardInterrupt
-signal.signal(signal.SIGINT, handler)
-parent = os.getpid()
-kid = os.fork()
-if kid == 0:  # (ends with its parent, whatever becomes of it)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    while os.getppid() == parent:
-        os.kill(parent, signal.SIGINT)
-        time.sleep(0.0002)
-    os._exit(0)
-def end_storm():
-    os.kill(kid, signal.SIGKILL)
-    os.waitpid(kid, 0)
-    gc.collect()
-"""
-
-_STORM = _STORM_PRELUDE + r"""
+_STORM = STORM_PRELUDE + r"""
 names = sys.argv[1:]
 ints = n = 0
 t0 = time.monotonic()
@@ -536,7 +514,7 @@ def test_ctrl_c_at_any_moment_of_opens_and_closes_leaves_no_file_or_slot_held(na
             st.close()
 
 
-_CREATE_STORM = _STORM_PRELUDE + r"""
+_CREATE_STORM = STORM_PRELUDE + r"""
 import numpy  # before the storm: an interrupted first import would break numpy here
 where = sys.argv[1]
 ints = n = 0
@@ -597,7 +575,7 @@ def test_ctrl_c_at_any_moment_of_creation_leaves_no_file_name_or_descriptor(tmp_
         os.rmdir(where)
 
 
-_DESTROY_STORM = _STORM_PRELUDE + r"""
+_DESTROY_STORM = STORM_PRELUDE + r"""
 where = sys.argv[1]
 sys.unraisablehook = id  # an interrupted __del__ reports so
 calls = []  # appended by a C callable: no bytecode for a signal to stop

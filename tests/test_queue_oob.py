@@ -11,6 +11,8 @@ import os
 import pickle
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -20,7 +22,7 @@ import shmkit
 from shmkit import channel
 from shmkit.errors import CorruptError, NotFoundError, OutOfSpaceError, UntrustedError
 
-from conftest import spawn
+from conftest import STORM_PRELUDE, spawn
 
 FORK = multiprocessing.get_context("fork")
 MiB = 1 << 20
@@ -954,3 +956,60 @@ def test_a_pooled_file_whose_receiver_died_before_taking_it_is_let_go(name, monk
         os.close(r); os.close(w)
         q.unlink(); q.close()
     assert not _payloads(name)
+
+
+_PUT_STORM = STORM_PRELUDE + r"""
+import numpy  # before the storm: an interrupted first import would break numpy here
+where, pool = sys.argv[1], int(sys.argv[2])
+q = shmkit.Queue(path=where + "/q", payload_pool=pool)
+big = numpy.ones(300 << 10, dtype=numpy.uint8)  # beyond OOB_THRESHOLD: a payload file
+ints = n = 0
+t0 = time.monotonic()
+while time.monotonic() - t0 < 3:
+    try:
+        armed = True
+        q.put(big)
+        q.get(timeout=5)
+        armed = False
+    except KeyboardInterrupt:
+        armed = False
+        ints += 1
+    n += 1
+end_storm()
+queue_file = os.stat(where + "/q").st_ino
+held = 0  # descriptors of files in `where` but the queue's (by inode: a file made
+for f in os.listdir("/proc/self/fd"):  # without a name shows none in /proc)
+    try:
+        st = os.stat(f"/proc/self/fd/{f}")
+    except OSError:
+        continue
+    held += (os.path.realpath(f"/proc/self/fd/{f}").startswith(where + "/")
+             and st.st_ino != queue_file)
+print(ints, n, held, len(q._pool.files) if q._pool else 0)
+"""
+
+
+@pytest.mark.parametrize("pool", [0, 8 * MiB])
+def test_ctrl_c_at_any_moment_of_a_big_put_leaves_no_hidden_file_or_descriptor(tmp_path, pool):
+    """A Ctrl-C storm over puts and gets of a 300 KiB array: each put makes
+    its payload file as segments are made (no name until it is written, the
+    mapping owning its descriptor), so an interrupted put leaves no hidden
+    temporary file and no descriptor beyond the pool's own files.  Before,
+    the file was opened at a hidden name in Python, and an interrupt just
+    after the open left both."""
+    where = f"/dev/shm/shmkit-test-putstorm-{os.getpid()}-{os.urandom(3).hex()}"
+    os.mkdir(where)
+    try:
+        out = subprocess.run([sys.executable, "-c", _PUT_STORM, where, str(pool)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        interrupts, loops, held, pooled = map(int, out.stdout.split())
+        assert interrupts > 100 and loops > interrupts  # the storm reached the loop
+        assert held == pooled, f"{held - pooled} payload descriptors left open"
+        hidden = [f for f in os.listdir(where) if f.startswith(".")]
+        assert not hidden, f"{len(hidden)} hidden files left: {hidden[:5]}"
+    finally:
+        for f in os.listdir(where):
+            os.unlink(os.path.join(where, f))
+        os.rmdir(where)
+

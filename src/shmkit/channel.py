@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import io
 import os
 import pickle
 import re
@@ -65,8 +66,10 @@ from .segment import (
     SegmentInfo,
     _check_trust,
     _limit_error,
+    _no_address_space,
     at_fork_in_child,
 )
+from . import segment as _segment
 
 __all__ = ["Channel", "Queue"]
 
@@ -158,6 +161,13 @@ def _payload_files(queue_path: str) -> list[str]:
             if e.startswith(prefix) and _TOKEN_RE.fullmatch(e[len(prefix):].encode())]
 
 
+def _open_file(path: str, writable: bool = True) -> io.FileIO:
+    """Open ``path`` (no symbolic link followed, a FIFO not waited for) as a
+    file object that closes it when dropped.  The core opens it for FileIO,
+    which holds it before any Python runs: a Ctrl-C cannot leave it open."""
+    return io.FileIO(path, "r+b" if writable else "rb", opener=_core.opener)
+
+
 def _remove_payloads(queue_path: str) -> int:
     """Remove every payload file of a queue whose name is gone; returns how many."""
     n = 0
@@ -172,18 +182,17 @@ def _remove_payloads(queue_path: str) -> int:
 
 class _Outgoing:
     """A payload file being sent: open and locked (byte 0) until the message
-    naming it is committed, so that ``shmkit gc`` leaves it alone meanwhile."""
+    naming it is committed, so that ``shmkit gc`` leaves it alone meanwhile.
+    Its mapping owns the descriptor: dropped, it closes the file."""
 
-    __slots__ = ("fd", "path")
+    __slots__ = ("fd", "mem", "path")
 
-    def __init__(self, fd: int, path: str) -> None:
-        self.fd, self.path = fd, path
+    def __init__(self, fd: int, mem: Any, path: str) -> None:
+        self.fd, self.mem, self.path = fd, mem, path
 
     def sent(self) -> None:
         """The message is in the ring: the receiver owns the file now."""
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        self.mem.detach(self.fd)  # closes the file (a second call does nothing)
 
     def unsent(self) -> None:
         """The ring refused the message: remove the file."""
@@ -192,12 +201,6 @@ class _Outgoing:
         except FileNotFoundError:
             pass
         self.sent()
-
-    def __del__(self) -> None:
-        # Not known to be unsent (an exception between the send and sent()):
-        # keep the file; gc removes it if no message names it.
-        if self.fd >= 0:
-            os.close(self.fd)
 
 
 def _write_all(fd: int, parts: list[tuple[int, Any]], what: str) -> None:
@@ -243,39 +246,43 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
             "free some (shmkit ls / shmkit gc), enlarge it, or send smaller objects")
     token = os.urandom(8).hex().encode()
     path = os.path.join(directory, prefix + token.decode())
-    # Built under a hidden temporary name (as segments are: `shmkit gc` removes
-    # one whose creator died), locked, then linked into place whole.
+    # Made as segments are (`_core.create_file`: no name yet, its lock on
+    # byte 0 held, allocated, the mapping owning the descriptor), written,
+    # then linked into place whole.  Where the file system lacks O_TMPFILE, a
+    # hidden name stands in (`shmkit gc` removes one whose creator died).
     tmp = os.path.join(directory, f".{prefix}{token.decode()}.{os.getpid()}."
                                   f"{os.urandom(4).hex()}.tmp")
     try:
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
-    except FileNotFoundError:
+        fd, mem, named = _core.create_file(os.fsencode(directory), os.fsencode(tmp), 0o600,
+                                           size, size, _segment._NAMELESS)
+    except (FileNotFoundError, NotADirectoryError):
         raise NotFoundError(f"directory {directory!r} does not exist") from None
     except OSError as e:
+        if e.errno == errno.ENOMEM:
+            raise _no_address_space(what, size) from None
         raise _limit_error(e, f"store {what}") from None
     try:
-        _core.ofd_lock(fd, 0, 1)
         head = _FILE_HEAD.pack(_FILE_MAGIC, _OOB_VERSION, size, token).ljust(
             _STATE_OFF, b"\0") + _STATE.pack(_SENT)
         _write_all(fd, [(0, head), *parts], what)
-        # the last buffer may end short of the page-rounded size the message
-        # names (and the receiver checks): the file is that size, whole
-        os.ftruncate(fd, size)
         try:
-            os.link(tmp, path, follow_symlinks=False)
+            if named:
+                os.link(tmp, path, follow_symlinks=False)
+            else:
+                _core.link_file(fd, os.fsencode(path))
         except OSError as e:
             raise _limit_error(e, f"store {what}") from None
-        finally:
-            os.unlink(tmp)
+        mem.end_creation()
+        return _Outgoing(fd, mem, path), token
     except BaseException:
-        os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        mem.detach(fd)  # the file goes with it, unless linked: see above
         raise
-    return _Outgoing(fd, path), token
+    finally:
+        if named:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
 
 
 class _PoolFile:
@@ -284,9 +291,13 @@ class _PoolFile:
 
     __slots__ = ("fd", "path", "token", "size", "mem")
 
-    def __init__(self, fd: int, path: str, token: bytes, size: int) -> None:
-        self.fd, self.path, self.token, self.size = fd, path, token, size
-        self.mem = _core.Mapping(fd, size, size)
+    def __init__(self, out: _Outgoing, token: bytes, size: int) -> None:
+        self.fd, self.mem, self.path = out.fd, out.mem, out.path
+        self.token, self.size = token, size
+
+    def let_go(self) -> None:
+        """Unmap and close the file (its lock goes with it) in one step."""
+        self.mem.detach(self.fd)
 
     def state(self) -> int:
         return _core.load32(self.mem, _STATE_OFF)
@@ -300,8 +311,7 @@ class _PoolFile:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
-        self.mem.close()
-        os.close(self.fd)  # drops the lock
+        self.let_go()
 
 
 class _PayloadPool:
@@ -334,8 +344,7 @@ class _PayloadPool:
         self.lock = threading.Lock()
         files, self.files = self.files, []
         for f in files:
-            f.mem.close()
-            os.close(f.fd)
+            f.let_go()
 
     def take(self, size: int) -> _PoolFile | None:
         """A free pooled file of ``size`` to ``2 * size`` bytes, now ``_SENT``."""
@@ -396,8 +405,7 @@ class _PayloadPool:
             if _core.cas32(f.mem, _STATE_OFF, _SENT, _ORPHANED):
                 # a message names it: its receiver takes it as its own (its
                 # swap to held fails on this state), or gc once none does
-                f.mem.close()
-                os.close(f.fd)  # the lock goes with the last of the two
+                f.let_go()
             else:
                 f.drop(True)  # free, or held: its receiver has what it needs
 
@@ -432,20 +440,21 @@ def _remove_if_let_go(path: str, key: tuple[int, int] | None = None,
     first (a receiver that copied the object out, keeping no mapping), so
     that it stays for its sender to reuse, or goes if no sender holds it."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        file = _open_file(path)
     except OSError:
         return  # removed meanwhile: nothing to do
-    try:
-        st = os.fstat(fd)
-        if ((st.st_dev, st.st_ino) == key if key is not None else
-                stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_size >= PAGE):
-            if hand_back:
-                os.pwrite(fd, _STATE.pack(_FREE), _STATE_OFF)
-            _remove_let_go(fd, path, st)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with file:
+        try:
+            fd = file.fileno()
+            st = os.fstat(fd)
+            if ((st.st_dev, st.st_ino) == key if key is not None else
+                    stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+                    and st.st_size >= PAGE):
+                if hand_back:
+                    os.pwrite(fd, _STATE.pack(_FREE), _STATE_OFF)
+                _remove_let_go(fd, path, st)
+        except OSError:
+            pass
 
 
 def _pooled_write(f: _PoolFile, parts: list[tuple[int, Any]]) -> None:
@@ -669,14 +678,9 @@ def _pack(obj: Any, queue_path: str, max_message: int, name: str,
             _sweep(queue_path)
         out, token = _create_payload(queue_path, size, parts, what)
         if keep:
-            try:
-                f = _PoolFile(out.fd, out.path, token, size)
-            except OSError:
-                pass  # no mapping left: send it as a file of its own
-            else:
-                out.fd = -1  # the pool's now (never closed twice)
-                pool.add(f)  # type: ignore[union-attr]
-                out, flags = _PooledOutgoing(f), flags | _POOLED
+            f = _PoolFile(out, token, size)
+            pool.add(f)  # type: ignore[union-attr]
+            out, flags = _PooledOutgoing(f), flags | _POOLED
     head = _OOB_HEAD.pack(_OOB_MAGIC, len(bufs), flags, size, poff, len(data), token)
     return b"".join([head, *table, b"" if pickle_in_file else data]), out
 
@@ -714,7 +718,7 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
     path = os.path.join(directory, prefix + token.decode())
     where = f"payload {os.path.basename(path)!r} of queue {name!r}"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        file = _open_file(path)
     except FileNotFoundError:
         raise NotFoundError(_lost(name, f"its payload file {path} is gone (the queue was "
                                         "removed, or `shmkit gc` found it orphaned)")) from None
@@ -723,7 +727,8 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
             raise CorruptError(_lost(name, f"{path} is not a regular file "
                                            f"({e.strerror})")) from None
         raise _limit_error(e, f"open {where}") from None
-    try:
+    with file:
+        fd = file.fileno()
         st = os.fstat(fd)
         try:
             _check_trust(st, where, path, trust_uid)  # before reading a byte
@@ -799,8 +804,6 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
             elif mine and not pooled:
                 # The receiver owns it now: nobody else will ever open it.
                 os.unlink(path)
-    finally:
-        os.close(fd)
     buffers = [view[off:off + n] for off, n in bufs]
     blob = view[poff:poff + plen] if in_file else memoryview(data)[table_end:]
     try:
@@ -868,8 +871,8 @@ def orphan_payloads(dry_run: bool = False,
 
 def _orphan_reason(path: str, qpath: str, token: bytes, rings: dict[str, bytes | None],
                    euid: int, dry_run: bool) -> str | None:
-    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
+    with _open_file(path) as file:
+        fd = file.fileno()
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or (euid != 0 and st.st_uid != euid):
             return None
@@ -898,8 +901,6 @@ def _orphan_reason(path: str, qpath: str, token: bytes, rings: dict[str, bytes |
                 os.pwrite(fd, _STATE.pack(_DROPPED), _STATE_OFF)
             os.unlink(path)
         return reason
-    finally:
-        os.close(fd)
 
 
 _RING_POS = struct.Struct("=QQ")
@@ -942,10 +943,11 @@ def _ring_bytes_of(qpath: str) -> bytes | None:
     in these bytes or already taken.
     """
     try:
-        fd = os.open(qpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        file = _open_file(qpath, writable=False)
     except FileNotFoundError:
         return None
-    try:
+    with file:
+        fd = file.fileno()
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None
@@ -955,8 +957,6 @@ def _ring_bytes_of(qpath: str) -> bytes | None:
             # might be one of ours in the making (no magic yet).
             return None if head[:1] == b"\x89" else b""
         return _queued_bytes(fd, st.st_size)
-    finally:
-        os.close(fd)
 
 
 def _check_capacity(capacity: Any) -> int:

@@ -48,6 +48,12 @@
  *       Give the file of fd (made by create_file without a name) the name
  *       path; FileExistsError if it is taken.  Through /proc/self/fd (no
  *       privilege needed), or AT_EMPTY_PATH where /proc is not mounted.
+ *
+ *   opener(path, flags) -> fd
+ *       open(2) with O_NOFOLLOW, O_NONBLOCK and O_CLOEXEC added, as the
+ *       opener of io.FileIO: FileIO holds the descriptor as soon as this
+ *       returns, before any Python runs, so no Ctrl-C can fall between the
+ *       open and the object that closes it.
  */
 #include "shmkit.h"
 #include "layout.h"
@@ -334,6 +340,33 @@ py_link_file(PyObject *mod, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+py_opener(PyObject *mod, PyObject *args)
+{
+    PyObject *given, *path;
+    int flags, fd;
+    if (!PyArg_ParseTuple(args, "Oi", &given, &flags) ||
+        !PyUnicode_FSConverter(given, &path))
+        return NULL;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        /* O_NONBLOCK: a FIFO planted at the name must not hang the open. */
+        fd = open(PyBytes_AS_STRING(path), flags | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+        Py_END_ALLOW_THREADS
+        if (fd >= 0 || errno != EINTR || PyErr_CheckSignals() < 0)
+            break;
+    }
+    PyObject *out = NULL;
+    if (fd < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, given);
+    } else if ((out = PyLong_FromLong(fd)) == NULL) {
+        close(fd);
+    }
+    Py_DECREF(path);
+    return out;
+}
+
 PyMethodDef shm_open_methods[] = {
     {"header_size", py_header_size, METH_O,
      "header_size($module, max_slots, /)\n--\n\n"
@@ -365,5 +398,10 @@ PyMethodDef shm_open_methods[] = {
      "link_file($module, fd, path, /)\n--\n\n"
      "link_file(fd, path)\n\nName the file of fd (made without a name) path; "
      "FileExistsError if the name is taken."},
+    {"opener", py_opener, METH_VARARGS,
+     "opener($module, path, flags, /)\n--\n\n"
+     "opener(path, flags) -> int\n\nopen(2) with O_NOFOLLOW, O_NONBLOCK and O_CLOEXEC "
+     "added: the opener of an io.FileIO that holds the descriptor before any Python "
+     "runs."},
     {NULL}
 };
