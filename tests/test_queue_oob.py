@@ -1013,3 +1013,29 @@ def test_ctrl_c_at_any_moment_of_a_big_put_leaves_no_hidden_file_or_descriptor(t
             os.unlink(os.path.join(where, f))
         os.rmdir(where)
 
+
+
+@pytest.mark.parametrize("nameless", [True, False])
+@pytest.mark.parametrize("pool", [0, 8 * MiB])
+def test_a_payload_file_is_made_whole_with_or_without_o_tmpfile(name, monkeypatch,
+                                                                nameless, pool):
+    """Payload files are made as segments are: without a name where the file
+    system has O_TMPFILE, else under a hidden name that is removed once the
+    file is linked.  Either way the receiver gets the array whole, the file
+    is exactly the size its message names, and no hidden file remains."""
+    from shmkit import segment as segment_mod
+
+    monkeypatch.setattr(segment_mod, "_NAMELESS", nameless)
+    q = shmkit.Queue(name=name, payload_pool=pool)
+    try:
+        for seed in range(3):
+            a = _array(seed, 300 * 1024 + 5)  # ends mid-page
+            q.put(a)
+            sizes = [os.stat(p).st_size for p in _payloads(q)]
+            assert sizes and all(n >= 4096 + a.nbytes and n % 4096 == 0 for n in sizes)
+            assert not _temps(name)
+            np.testing.assert_array_equal(q.get(timeout=10), a)
+        assert not _temps(name)
+    finally:
+        q.unlink()
+        q.close()
