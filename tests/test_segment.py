@@ -952,6 +952,79 @@ def test_an_init_that_forks_its_workers_keeps_their_writes():
         assert a.array.tolist() == list(range(8))
 
 
+def _child_of_init(name: str, parent_closes_first: bool) -> tuple[str, bool, int]:
+    """Create a Struct whose init forks a child that returns from init; the
+    child reports what it saw.  Returns (the child's report, whether the
+    name exists at the end, the x read by a fresh opener or -1)."""
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+    path = segmod.segment_path(name)
+    kid = 0
+
+    def init(rec: Any) -> None:
+        nonlocal kid
+        rec["x"] = 41
+        kid = os.fork()
+        if kid == 0:
+            if parent_closes_first:
+                os.read(go_r, 1)
+            return
+        if not parent_closes_first:
+            assert os.waitstatus_to_exitcode(os.waitpid(kid, 0)[1]) == 0
+        rec["x"] = 42  # only now is the object ready
+
+    s = None
+    try:
+        s = shmkit.Struct(name, np.dtype([("x", "i8")]), init=init)
+    except BaseException as e:
+        if kid == 0:
+            os.write(w, f"raised {type(e).__name__}: {e}\n".encode())
+            os._exit(1)
+        raise
+    if kid == 0:  # the child, back from the constructor
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(8) == segmod.MAGIC
+            created = s.created
+            s.close()
+            os.write(w, f"created={created} published={magic}\n".encode())
+        finally:
+            os._exit(0)
+    assert s.created
+    s.close()
+    if parent_closes_first:
+        os.write(go_w, b"g")
+        assert os.waitstatus_to_exitcode(os.waitpid(kid, 0)[1]) == 0
+    report = os.read(r, 1000).decode().strip()
+    for fd in (r, w, go_r, go_w):
+        os.close(fd)
+    exists = os.path.exists(path)
+    x = -1
+    if exists:
+        with shmkit.Struct.open(name) as again:
+            x = int(again.record["x"])
+    return report, exists, x
+
+
+@pytest.mark.parametrize("parent_closes_first", [False, True])
+def test_a_child_returning_from_init_leaves_the_creation_to_its_parent(name,
+                                                                       parent_closes_first):
+    """A child forked inside init that returns from it (instead of exiting
+    there) keeps its handle as an opener's: it does not publish the object,
+    which its parent may still be filling, and does not remove the name,
+    which its parent may have published and closed.  Before, it went on
+    with the descriptor the fork hook had replaced: it wrote the magic,
+    its unlock failed (EBADF), and its clean-up removed the parent's name."""
+    try:
+        report, exists, x = _child_of_init(name, parent_closes_first)
+        # (published only by the parent: before the child looks, if it closed first)
+        assert report == f"created=False published={parent_closes_first}", report
+        assert exists and x == 42
+    finally:
+        if os.path.exists(segmod.segment_path(name)):
+            shmkit.unlink(name)
+
+
 def test_fork_with_no_free_slot_closes_only_that_handle(name):
     full = shmkit.Segment(name, size=8, max_attach=1)
     m = shmkit.Mutex(None)
@@ -1124,3 +1197,26 @@ def test_on_destroy_runs_at_the_last_close_of_an_attached_segment():
     again = shmkit.Segment(None, size=64, on_destroy=lambda: calls.append(2))
     again.close()
     assert calls == [2]
+
+
+def test_every_method_of_a_closed_segment_says_it_is_closed():
+    """A closed handle refuses every operation with ClosedError (never an
+    OSError about a descriptor it no longer has, which another file may
+    have taken meanwhile); close() again and its plain facts still work."""
+    s = shmkit.Segment(None, size=64)
+    s.close()
+    calls = {
+        "attachments": lambda: s.attachments(), "info": lambda: s.info(),
+        "ndarray": lambda: s.ndarray(), "read": lambda: s.read(1),
+        "readonly_attached": lambda: s.readonly_attached(),
+        "owner_pid": lambda: s.owner_pid(1), "resize": lambda: s.resize(128),
+        "write": lambda: s.write(b"x"), "write_some": lambda: s.write_some(b"x"),
+        "buf": lambda: s.buf, "layout": lambda: s.layout, "lock": lambda: s.lock,
+        "size": lambda: s.size,
+    }
+    for what, call in calls.items():
+        with pytest.raises(shmkit.ClosedError, match="closed"):
+            call()
+            pytest.fail(f"{what} worked on a closed handle")
+    s.close()
+    assert s.closed and s.name.startswith("anon-") and not s.readonly

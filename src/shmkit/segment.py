@@ -669,6 +669,7 @@ class Segment(Closing):
         tmp = os.path.join(directory, f".{os.path.basename(self._path)}."
                                       f"{os.getpid()}.{os.urandom(4).hex()}.tmp")
         path = os.fsencode(self._path)
+        creator = os.getpid()
         mapping: Any  # a buffer (the stub declares __buffer__ from 3.12 only)
         try:
             fd, mapping, named = _core.create_file(os.fsencode(directory), os.fsencode(tmp),
@@ -713,6 +714,14 @@ class Segment(Closing):
             self._created = True
             if init is not None:
                 init(self)
+                if os.getpid() != creator:
+                    # A child forked inside init: the creation is its
+                    # parent's, which publishes it.  The fork hook gave this
+                    # handle the child's own file (fd is stale here); keep it
+                    # as an opener's.
+                    self._created = False
+                    mapping.end_creation()
+                    return
             view = memoryview(mapping)
             view[:8] = MAGIC  # publish: the header and init are complete
             view.release()
@@ -723,8 +732,10 @@ class Segment(Closing):
             # the name if it names our file and nobody else holds it, so that
             # it is not left half-created.  (A kill between the link and the
             # magic does leave that: the next create-or-open, or `shmkit gc`,
-            # recovers it.)
-            _core.remove_if_last(mapping, path, False)
+            # recovers it.)  Not in a child forked inside init: the name is
+            # its parent's.
+            if os.getpid() == creator:
+                _core.remove_if_last(mapping, path, False)
             self._created = False
             if self._mapping is mapping:
                 self._detach()
@@ -1342,6 +1353,7 @@ class Segment(Closing):
 
     def readonly_attached(self) -> bool:
         """True if some other process has it open with ``readonly=True``."""
+        self._live_mapping()  # ClosedError, not EBADF, once closed
         return _core.ofd_held(self._fd, _READER_BYTE, 1)
 
     def owner_pid(self, token: int) -> int | None:
