@@ -952,13 +952,15 @@ def test_an_init_that_forks_its_workers_keeps_their_writes():
         assert a.array.tolist() == list(range(8))
 
 
-def _child_of_init(name: str, parent_closes_first: bool) -> tuple[str, bool, int]:
-    """Create a Struct whose init forks a child that returns from init; the
-    child reports what it saw.  Returns (the child's report, whether the
-    name exists at the end, the x read by a fresh opener or -1)."""
+def _child_of_init(name: str, order: str) -> tuple[str, bool, int]:
+    """Create a Struct whose init forks a child that returns from init;
+    ``order``: the parent finishes init after the child is gone ("waits"),
+    publishes and closes before the child returns ("closes first"), or
+    raises after the child is gone ("fails").  Returns (what the child's
+    constructor did, whether the name exists at the end, the x read by a
+    fresh opener or -1)."""
     r, w = os.pipe()
     go_r, go_w = os.pipe()
-    path = segmod.segment_path(name)
     kid = 0
 
     def init(rec: Any) -> None:
@@ -966,11 +968,13 @@ def _child_of_init(name: str, parent_closes_first: bool) -> tuple[str, bool, int
         rec["x"] = 41
         kid = os.fork()
         if kid == 0:
-            if parent_closes_first:
+            if order == "closes first":
                 os.read(go_r, 1)
             return
-        if not parent_closes_first:
+        if order != "closes first":
             assert os.waitstatus_to_exitcode(os.waitpid(kid, 0)[1]) == 0
+        if order == "fails":
+            raise RuntimeError("init failed")
         rec["x"] = 42  # only now is the object ready
 
     s = None
@@ -978,26 +982,25 @@ def _child_of_init(name: str, parent_closes_first: bool) -> tuple[str, bool, int
         s = shmkit.Struct(name, np.dtype([("x", "i8")]), init=init)
     except BaseException as e:
         if kid == 0:
-            os.write(w, f"raised {type(e).__name__}: {e}\n".encode())
-            os._exit(1)
-        raise
-    if kid == 0:  # the child, back from the constructor
-        try:
-            with open(path, "rb") as f:
-                magic = f.read(8) == segmod.MAGIC
-            created = s.created
-            s.close()
-            os.write(w, f"created={created} published={magic}\n".encode())
-        finally:
+            held = sum(os.path.realpath(f"/proc/self/fd/{f}").startswith("/dev/shm/")
+                       for f in os.listdir("/proc/self/fd"))
+            os.write(w, f"{type(e).__name__}, {held} held\n".encode())
             os._exit(0)
-    assert s.created
-    s.close()
-    if parent_closes_first:
+        if order != "fails":
+            raise
+    if kid == 0:  # the child, back from the constructor: must not happen
+        os.write(w, f"returned created={s.created}\n".encode())
+        os._exit(0)
+    if s is not None:
+        assert s.created
+        s.close()
+    if order == "closes first":
         os.write(go_w, b"g")
         assert os.waitstatus_to_exitcode(os.waitpid(kid, 0)[1]) == 0
     report = os.read(r, 1000).decode().strip()
     for fd in (r, w, go_r, go_w):
         os.close(fd)
+    path = segmod.segment_path(name)
     exists = os.path.exists(path)
     x = -1
     if exists:
@@ -1006,20 +1009,23 @@ def _child_of_init(name: str, parent_closes_first: bool) -> tuple[str, bool, int
     return report, exists, x
 
 
-@pytest.mark.parametrize("parent_closes_first", [False, True])
-def test_a_child_returning_from_init_leaves_the_creation_to_its_parent(name,
-                                                                       parent_closes_first):
-    """A child forked inside init that returns from it (instead of exiting
-    there) keeps its handle as an opener's: it does not publish the object,
-    which its parent may still be filling, and does not remove the name,
-    which its parent may have published and closed.  Before, it went on
-    with the descriptor the fork hook had replaced: it wrote the magic,
-    its unlock failed (EBADF), and its clean-up removed the parent's name."""
+@pytest.mark.parametrize("order", ["waits", "closes first", "fails"])
+def test_a_child_returning_from_init_leaves_the_creation_to_its_parent(name, order):
+    """A child forked inside init that returns from it (instead of ending
+    there) gets BusyError and lets go at once: it neither publishes the
+    object, which its parent may still be filling, nor removes the name,
+    which its parent may have published and closed, nor keeps a slot that
+    would stop its parent from removing a creation whose init failed.
+    Before, it went on with the descriptor the fork hook had replaced: it
+    wrote the magic, its unlock failed (EBADF), and its clean-up removed
+    the parent's name."""
     try:
-        report, exists, x = _child_of_init(name, parent_closes_first)
-        # (published only by the parent: before the child looks, if it closed first)
-        assert report == f"created=False published={parent_closes_first}", report
-        assert exists and x == 42
+        report, exists, x = _child_of_init(name, order)
+        assert report == "BusyError, 0 held", report
+        if order == "fails":
+            assert not exists
+        else:
+            assert exists and x == 42
     finally:
         if os.path.exists(segmod.segment_path(name)):
             shmkit.unlink(name)

@@ -66,7 +66,6 @@ from .segment import (
     SegmentInfo,
     _check_trust,
     _limit_error,
-    _no_address_space,
     at_fork_in_child,
 )
 from . import segment as _segment
@@ -183,16 +182,17 @@ def _remove_payloads(queue_path: str) -> int:
 class _Outgoing:
     """A payload file being sent: open and locked (byte 0) until the message
     naming it is committed, so that ``shmkit gc`` leaves it alone meanwhile.
-    Its mapping owns the descriptor: dropped, it closes the file."""
+    ``owner``, a mapping of its header page, owns the descriptor: dropped,
+    it closes the file."""
 
-    __slots__ = ("fd", "mem", "path")
+    __slots__ = ("fd", "owner", "path")
 
-    def __init__(self, fd: int, mem: Any, path: str) -> None:
-        self.fd, self.mem, self.path = fd, mem, path
+    def __init__(self, fd: int, owner: Any, path: str) -> None:
+        self.fd, self.owner, self.path = fd, owner, path
 
     def sent(self) -> None:
         """The message is in the ring: the receiver owns the file now."""
-        self.mem.detach(self.fd)  # closes the file (a second call does nothing)
+        self.owner.detach(self.fd)  # closes the file (a second call does nothing)
 
     def unsent(self) -> None:
         """The ring refused the message: remove the file."""
@@ -247,20 +247,19 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
     token = os.urandom(8).hex().encode()
     path = os.path.join(directory, prefix + token.decode())
     # Made as segments are (`_core.create_file`: no name yet, its lock on
-    # byte 0 held, the mapping owning the descriptor), written, then linked
-    # into place whole.  Only the header page is allocated first: the writes
-    # allocate the rest (allocating it all first cost 5% at 64 MiB).  Where the file system lacks O_TMPFILE, a
+    # byte 0 held, a mapping owning the descriptor), written, then linked
+    # into place whole.  Only the header page is allocated and mapped: the
+    # writes allocate the rest (allocating it all first cost 5% at 64 MiB),
+    # and an object's file needs no address space until a pool keeps it.  Where the file system lacks O_TMPFILE, a
     # hidden name stands in (`shmkit gc` removes one whose creator died).
     tmp = os.path.join(directory, f".{prefix}{token.decode()}.{os.getpid()}."
                                   f"{os.urandom(4).hex()}.tmp")
     try:
-        fd, mem, named = _core.create_file(os.fsencode(directory), os.fsencode(tmp), 0o600,
-                                           PAGE, size, _segment._NAMELESS)
+        fd, owner, named = _core.create_file(os.fsencode(directory), os.fsencode(tmp),
+                                             0o600, PAGE, PAGE, _segment._NAMELESS)
     except (FileNotFoundError, NotADirectoryError):
         raise NotFoundError(f"directory {directory!r} does not exist") from None
     except OSError as e:
-        if e.errno == errno.ENOMEM:
-            raise _no_address_space(what, size) from None
         raise _limit_error(e, f"store {what}") from None
     try:
         head = _FILE_HEAD.pack(_FILE_MAGIC, _OOB_VERSION, size, token).ljust(
@@ -269,7 +268,6 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
         # the last buffer may end short of the page-rounded size the message
         # names (and the receiver checks): the file is that size, whole
         os.ftruncate(fd, size)
-        mem.set_length(size)
         try:
             if named:
                 os.link(tmp, path, follow_symlinks=False)
@@ -277,10 +275,10 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
                 _core.link_file(fd, os.fsencode(path))
         except OSError as e:
             raise _limit_error(e, f"store {what}") from None
-        mem.end_creation()
-        return _Outgoing(fd, mem, path), token
+        owner.end_creation()
+        return _Outgoing(fd, owner, path), token
     except BaseException:
-        mem.detach(fd)  # the file goes with it, unless linked: see above
+        owner.detach(fd)  # the file goes with it, unless linked: see above
         raise
     finally:
         if named:
@@ -292,17 +290,21 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
 
 class _PoolFile:
     """One payload file of a pool: open (holding the lock on byte 0 that tells
-    ``shmkit gc`` and receivers a live sender keeps it) and mapped."""
+    ``shmkit gc`` and receivers a live sender keeps it) and mapped whole
+    (``mem``); ``owner``, its sender's mapping of the header page, owns the
+    descriptor."""
 
-    __slots__ = ("fd", "path", "token", "size", "mem")
+    __slots__ = ("fd", "owner", "path", "token", "size", "mem")
 
     def __init__(self, out: _Outgoing, token: bytes, size: int) -> None:
-        self.fd, self.mem, self.path = out.fd, out.mem, out.path
+        self.fd, self.owner, self.path = out.fd, out.owner, out.path
         self.token, self.size = token, size
+        self.mem = _core.Mapping(self.fd, size, size)
 
     def let_go(self) -> None:
-        """Unmap and close the file (its lock goes with it) in one step."""
-        self.mem.detach(self.fd)
+        """Unmap and close the file (its lock goes with it)."""
+        self.mem.close()
+        self.owner.detach(self.fd)
 
     def state(self) -> int:
         return _core.load32(self.mem, _STATE_OFF)
@@ -683,9 +685,13 @@ def _pack(obj: Any, queue_path: str, max_message: int, name: str,
             _sweep(queue_path)
         out, token = _create_payload(queue_path, size, parts, what)
         if keep:
-            f = _PoolFile(out, token, size)
-            pool.add(f)  # type: ignore[union-attr]
-            out, flags = _PooledOutgoing(f), flags | _POOLED
+            try:
+                f = _PoolFile(out, token, size)
+            except OSError:
+                pass  # no mapping left: send it as a file of its own
+            else:
+                pool.add(f)  # type: ignore[union-attr]
+                out, flags = _PooledOutgoing(f), flags | _POOLED
     head = _OOB_HEAD.pack(_OOB_MAGIC, len(bufs), flags, size, poff, len(data), token)
     return b"".join([head, *table, b"" if pickle_in_file else data]), out
 
@@ -949,7 +955,7 @@ def _ring_bytes_of(qpath: str) -> bytes | None:
     """
     try:
         file = _open_file(qpath, writable=False)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         return None
     with file:
         fd = file.fileno()

@@ -18,14 +18,15 @@ def orphan_payloads(dry_run: bool = False,
 
 class _Outgoing:
     fd: int
-    mem: Any
+    owner: Any
     path: str
-    def __init__(self, fd: int, mem: Any, path: str) -> None: ...
+    def __init__(self, fd: int, owner: Any, path: str) -> None: ...
     def sent(self) -> None: ...
     def unsent(self) -> None: ...
 
 class _PoolFile:
     fd: int
+    owner: Any
     path: str
     token: bytes
     size: int

@@ -716,12 +716,14 @@ class Segment(Closing):
                 init(self)
                 if os.getpid() != creator:
                     # A child forked inside init: the creation is its
-                    # parent's, which publishes it.  The fork hook gave this
-                    # handle the child's own file (fd is stale here); keep it
-                    # as an opener's.
-                    self._created = False
-                    mapping.end_creation()
-                    return
+                    # parent's, which alone publishes it, or removes it if
+                    # its init fails.  The child lets go at once (its slot
+                    # would keep the parent from removing a failed one).
+                    raise BusyError(
+                        f"{self._name!r} is being created by this process's parent, "
+                        "which forked it inside init=: the object is the parent's to "
+                        "finish. End the child inside init (os._exit), or open the "
+                        "object by name once the parent has created it")
             view = memoryview(mapping)
             view[:8] = MAGIC  # publish: the header and init are complete
             view.release()
