@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 import shmkit
+from shmkit import _core
 from shmkit import segment as segmod
 from conftest import SPAWN, SRC, run_python, spawn
 
@@ -902,6 +903,46 @@ if kid == 0:  # a worker: lives on, and must hold nothing of the creation
 os.write(1, b"forked %d\n" % kid)
 time.sleep(120)
 """
+
+
+def test_a_fork_while_another_thread_opens_a_new_file_leaves_the_child_nothing(tmp_path):
+    """The core lists a creation's file from the moment it is opened (with
+    the GIL held, before its allocation and mapping release it), so a child
+    forked by another thread at any point of create_file closes its copy.
+    Before, the file was listed only once mapped, and a thread waiting to
+    fork got the GIL exactly at create_file's first release: about 99% of
+    such children kept the creator's open file and its init lock."""
+    where = f"/dev/shm/shmkit-test-forkcreate-{os.getpid()}-{os.urandom(3).hex()}"
+    os.mkdir(where)
+    stop = threading.Event()
+
+    def creator() -> None:
+        while not stop.is_set():
+            fd, mapping, _named = _core.create_file(where.encode(), b"", 0o600, 4096, 4096)
+            mapping.detach(fd)
+
+    t = threading.Thread(target=creator)
+    t.start()
+    forks = held = 0
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2:
+            pid = os.fork()
+            if pid == 0:
+                n = 0
+                for f in os.listdir("/proc/self/fd"):
+                    with contextlib.suppress(OSError):
+                        n += os.readlink(f"/proc/self/fd/{f}").startswith(where + "/")
+                os._exit(min(n, 100))
+            held += os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0
+            forks += 1
+            time.sleep(0.002)
+    finally:
+        stop.set()
+        t.join()
+        os.rmdir(where)
+    assert forks > 50
+    assert held == 0, f"{held} of {forks} children kept a creation's file open"
 
 
 def test_a_child_forked_mid_creation_holds_nothing_of_it(name):

@@ -275,7 +275,9 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
                 _core.link_file(fd, os.fsencode(path))
         except OSError as e:
             raise _limit_error(e, f"store {what}") from None
-        owner.end_creation()
+        # Still listed as a creation until sent() (detach ends it): a child
+        # forked before then closes its copy (forget_creations), so that it
+        # keeps neither the lock nor the pages of a file it never sends.
         return _Outgoing(fd, owner, path), token
     except BaseException:
         owner.detach(fd)  # the file goes with it, unless linked: see above
@@ -300,6 +302,9 @@ class _PoolFile:
         self.fd, self.owner, self.path = out.fd, out.owner, out.path
         self.token, self.size = token, size
         self.mem = _core.Mapping(self.fd, size, size)
+        # kept for as long as the pool lasts: a forked child lets it go
+        # through the pool's forked(), not the short list of creations
+        self.owner.end_creation()
 
     def let_go(self) -> None:
         """Unmap and close the file (its lock goes with it)."""

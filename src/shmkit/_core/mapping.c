@@ -222,6 +222,33 @@ shm_creating_add(MappingObject *m)
         }
 }
 
+/* Files create_file has opened but not yet handed to a listed mapping: its
+ * allocation and mmap release the GIL, and a fork may come then.  Kept as
+ * fd + 1 (0: a free entry); changed with the GIL held only. */
+static struct {
+    int fd_plus_1;
+    unsigned long thread;
+} creating_fds[CREATING_MAX];
+
+int
+shm_creating_fd_add(int fd)
+{
+    for (int i = 0; i < CREATING_MAX; i++)
+        if (creating_fds[i].fd_plus_1 == 0) {
+            creating_fds[i].fd_plus_1 = fd + 1;
+            creating_fds[i].thread = PyThread_get_thread_ident();
+            return i;
+        }
+    return -1;
+}
+
+void
+shm_creating_fd_remove(int entry)
+{
+    if (entry >= 0 && entry < CREATING_MAX)
+        creating_fds[entry].fd_plus_1 = 0;
+}
+
 static void
 creating_remove(MappingObject *m)
 {
@@ -245,6 +272,11 @@ static PyObject *
 py_forget_creations(PyObject *mod, PyObject *Py_UNUSED(ignored))
 {
     unsigned long me = PyThread_get_thread_ident();
+    for (int i = 0; i < CREATING_MAX; i++)
+        if (creating_fds[i].fd_plus_1 != 0 && creating_fds[i].thread != me) {
+            close(creating_fds[i].fd_plus_1 - 1);
+            creating_fds[i].fd_plus_1 = 0;
+        }
     for (int i = 0; i < CREATING_MAX; i++) {
         MappingObject *m = creating[i];
         if (m == NULL || m->creator_thread == me)

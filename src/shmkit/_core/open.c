@@ -282,15 +282,23 @@ py_create_file(PyObject *mod, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "create_file: need 0 < length <= reserve, mode <= 0o7777");
         return NULL;
     }
-    int fd, named = 0, err = 0;
-    Py_BEGIN_ALLOW_THREADS
+    int fd, named = 0, err = 0, listed = -1;
+    /* Opened with the GIL held (it does not block) and listed at once, so
+     * that a fork from another thread, which needs the GIL, finds the file
+     * listed from its first moment and forget_creations closes it in the
+     * child. */
     fd = nameless ? open(directory, O_TMPFILE | O_RDWR | O_CLOEXEC, (mode_t)mode) : -1;
     if (fd < 0 && (!nameless || errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
         fd = open(fallback, O_CREAT | O_EXCL | O_RDWR | O_NOFOLLOW | O_CLOEXEC, (mode_t)mode);
         named = fd >= 0;
     }
-    if (fd < 0 || fchmod(fd, (mode_t)mode) != 0 || /* exactly mode, whatever the umask */
-        shm_ofd_setlk(fd, SHM_INIT_LOCK_BYTE, 1, F_WRLCK) != 1) /* new: never busy */
+    if (fd < 0)
+        err = errno;
+    else
+        listed = shm_creating_fd_add(fd);
+    Py_BEGIN_ALLOW_THREADS
+    if (fd >= 0 && (fchmod(fd, (mode_t)mode) != 0 || /* exactly mode, whatever the umask */
+                    shm_ofd_setlk(fd, SHM_INIT_LOCK_BYTE, 1, F_WRLCK) != 1)) /* new: never busy */
         err = errno;
     Py_END_ALLOW_THREADS
     if (err == 0) {
@@ -306,13 +314,17 @@ py_create_file(PyObject *mod, PyObject *args)
     MappingObject *m = shm_mapping_new(shm_mod_state(mod), fd, reserve, length, 0);
     if (m == NULL)
         goto undo;
-    PyObject *out = Py_BuildValue("(iNO)", fd, (PyObject *)m, named ? Py_True : Py_False);
-    if (out == NULL)
-        goto undo; /* "N" took the mapping's reference even so */
-    m->owned_fd = fd; /* from here, the descriptor goes with the mapping */
+    /* From here the descriptor goes with the mapping, listed in its stead
+     * (no GIL release between the two). */
+    shm_creating_fd_remove(listed);
+    m->owned_fd = fd;
     shm_creating_add(m);
+    PyObject *out = Py_BuildValue("(iNO)", fd, (PyObject *)m, named ? Py_True : Py_False);
+    if (out == NULL && named)
+        unlink(fallback); /* "N" took the mapping's reference even so: it closed fd */
     return out;
 undo:
+    shm_creating_fd_remove(listed);
     if (fd >= 0) {
         if (named)
             unlink(fallback);
