@@ -1039,3 +1039,52 @@ def test_a_payload_file_is_made_whole_with_or_without_o_tmpfile(name, monkeypatc
     finally:
         q.unlink()
         q.close()
+
+
+_AIO_FORK = r"""
+import asyncio, os, sys, numpy, shmkit, shmkit.aio
+async def main():
+    q = shmkit.aio.Queue(maxsize=1, payload_pool=int(sys.argv[1]))
+    await q.put(1)  # full: the puts below write their payloads and wait for room
+    tasks = [asyncio.create_task(q.put(numpy.ones(300 << 10, numpy.uint8))) for _ in range(3)]
+    await asyncio.sleep(0.2)
+    pid = os.fork()  # by the thread whose puts wait (a worker, as multiprocessing forks)
+    if pid == 0:  # count the files in /dev/shm it holds open or mapped, but the queue
+        queue_file = os.stat(f"/dev/shm/shmkit.{q.name}").st_ino
+        n = 0
+        for f in os.listdir("/proc/self/fd"):
+            try:
+                st = os.stat(f"/proc/self/fd/{f}")
+                n += (os.readlink(f"/proc/self/fd/{f}").startswith("/dev/shm/")
+                      and st.st_ino != queue_file)
+            except OSError:
+                pass
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                n += (len(fields) == 6 and fields[5].startswith("/dev/shm/")
+                      and int(fields[4]) != queue_file)
+        os._exit(min(n, 100))
+    held = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    for _ in range(4):
+        await q.get()
+    await asyncio.gather(*tasks)
+    q.close()
+    print(held)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("pool", [0, 8 * MiB])
+def test_a_child_forked_by_the_thread_whose_puts_wait_keeps_none_of_their_files(pool):
+    """Puts awaiting room hold payload files already written; a child forked
+    by that same thread (an asyncio loop starting a worker) lets go of them
+    all, as it does of another thread's creations: a payload is its sender's
+    to send, and a child holding one would pin its pages, and its lock, for
+    its whole life.  The rest of a worker's fork-inside-init exception (its
+    own creation goes on) is not for payloads."""
+    out = subprocess.run([sys.executable, "-c", _AIO_FORK, str(pool)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0"], "the child held payload files: " + out.stdout
+

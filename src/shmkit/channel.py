@@ -227,8 +227,10 @@ def _write_all(fd: int, parts: list[tuple[int, Any]], what: str) -> None:
 
 
 def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
-                    what: str) -> tuple[_Outgoing, bytes]:
+                    what: str, whole: bool) -> tuple[_Outgoing, bytes]:
     """Write a payload file of ``size`` bytes; return it open and locked, and its token.
+    ``whole``: map all of it, for a pool to keep (its ``owner.reserve`` is
+    then ``size``), unless there is no address space for that.
 
     A sender killed at any point leaves nothing, a temporary file of a dead
     process, or a complete file that no live process holds: ``shmkit gc``
@@ -247,20 +249,27 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
     token = os.urandom(8).hex().encode()
     path = os.path.join(directory, prefix + token.decode())
     # Made as segments are (`_core.create_file`: no name yet, its lock on
-    # byte 0 held, a mapping owning the descriptor), written, then linked
-    # into place whole.  Only the header page is allocated and mapped: the
-    # writes allocate the rest (allocating it all first cost 5% at 64 MiB),
-    # and an object's file needs no address space until a pool keeps it.  Where the file system lacks O_TMPFILE, a
-    # hidden name stands in (`shmkit gc` removes one whose creator died).
+    # byte 0 held, a mapping owning the descriptor, listed as private until
+    # sent, so that no forked child keeps it), written, then linked into
+    # place whole.  Only the header page is allocated: the writes allocate
+    # the rest (allocating it all first cost 5% at 64 MiB).  Only a file for
+    # the pool is mapped whole: an object's own needs no address space.
+    # Where the file system lacks O_TMPFILE, a hidden name stands in
+    # (`shmkit gc` removes one whose creator died).
     tmp = os.path.join(directory, f".{prefix}{token.decode()}.{os.getpid()}."
                                   f"{os.urandom(4).hex()}.tmp")
-    try:
-        fd, owner, named = _core.create_file(os.fsencode(directory), os.fsencode(tmp),
-                                             0o600, PAGE, PAGE, _segment._NAMELESS)
-    except (FileNotFoundError, NotADirectoryError):
-        raise NotFoundError(f"directory {directory!r} does not exist") from None
-    except OSError as e:
-        raise _limit_error(e, f"store {what}") from None
+    for reserve in (size, PAGE) if whole else (PAGE,):
+        try:
+            fd, owner, named = _core.create_file(os.fsencode(directory), os.fsencode(tmp),
+                                                 0o600, PAGE, reserve, _segment._NAMELESS,
+                                                 True)
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFoundError(f"directory {directory!r} does not exist") from None
+        except OSError as e:
+            if e.errno == errno.ENOMEM and reserve != PAGE:
+                continue  # no address space to keep it mapped: a file of its own
+            raise _limit_error(e, f"store {what}") from None
     try:
         head = _FILE_HEAD.pack(_FILE_MAGIC, _OOB_VERSION, size, token).ljust(
             _STATE_OFF, b"\0") + _STATE.pack(_SENT)
@@ -268,6 +277,8 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
         # the last buffer may end short of the page-rounded size the message
         # names (and the receiver checks): the file is that size, whole
         os.ftruncate(fd, size)
+        if owner.reserve == size:
+            owner.set_length(size)
         try:
             if named:
                 os.link(tmp, path, follow_symlinks=False)
@@ -275,9 +286,6 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
                 _core.link_file(fd, os.fsencode(path))
         except OSError as e:
             raise _limit_error(e, f"store {what}") from None
-        # Still listed as a creation until sent() (detach ends it): a child
-        # forked before then closes its copy (forget_creations), so that it
-        # keeps neither the lock nor the pages of a file it never sends.
         return _Outgoing(fd, owner, path), token
     except BaseException:
         owner.detach(fd)  # the file goes with it, unless linked: see above
@@ -292,24 +300,18 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
 
 class _PoolFile:
     """One payload file of a pool: open (holding the lock on byte 0 that tells
-    ``shmkit gc`` and receivers a live sender keeps it) and mapped whole
-    (``mem``); ``owner``, its sender's mapping of the header page, owns the
-    descriptor."""
+    ``shmkit gc`` and receivers a live sender keeps it) and mapped whole, the
+    mapping (``mem``, made with the file) owning the descriptor."""
 
-    __slots__ = ("fd", "owner", "path", "token", "size", "mem")
+    __slots__ = ("fd", "path", "token", "size", "mem")
 
     def __init__(self, out: _Outgoing, token: bytes, size: int) -> None:
-        self.fd, self.owner, self.path = out.fd, out.owner, out.path
+        self.fd, self.mem, self.path = out.fd, out.owner, out.path
         self.token, self.size = token, size
-        self.mem = _core.Mapping(self.fd, size, size)
-        # kept for as long as the pool lasts: a forked child lets it go
-        # through the pool's forked(), not the short list of creations
-        self.owner.end_creation()
 
     def let_go(self) -> None:
-        """Unmap and close the file (its lock goes with it)."""
-        self.mem.close()
-        self.owner.detach(self.fd)
+        """Unmap and close the file (its lock goes with it), in one step."""
+        self.mem.detach(self.fd)
 
     def state(self) -> int:
         return _core.load32(self.mem, _STATE_OFF)
@@ -688,15 +690,14 @@ def _pack(obj: Any, queue_path: str, max_message: int, name: str,
         if keep and not pool.swept:  # type: ignore[union-attr]
             pool.swept = True  # type: ignore[union-attr]
             _sweep(queue_path)
-        out, token = _create_payload(queue_path, size, parts, what)
-        if keep:
-            try:
-                f = _PoolFile(out, token, size)
-            except OSError:
-                pass  # no mapping left: send it as a file of its own
-            else:
-                pool.add(f)  # type: ignore[union-attr]
-                out, flags = _PooledOutgoing(f), flags | _POOLED
+        out, token = _create_payload(queue_path, size, parts, what, keep)
+        if keep and out.owner.reserve == size:  # (else no address space: its own)
+            f = _PoolFile(out, token, size)
+            pool.add(f)  # type: ignore[union-attr]
+            # listed until now, so that a child forked meanwhile let it go;
+            # from now on the pool's forked() does
+            f.mem.end_creation()
+            out, flags = _PooledOutgoing(f), flags | _POOLED
     head = _OOB_HEAD.pack(_OOB_MAGIC, len(bufs), flags, size, poff, len(data), token)
     return b"".join([head, *table, b"" if pickle_in_file else data]), out
 

@@ -26,7 +26,6 @@ class _Outgoing:
 
 class _PoolFile:
     fd: int
-    owner: Any
     path: str
     token: bytes
     size: int

@@ -124,7 +124,8 @@ spot_give(void *base, size_t reserve, uintptr_t anchor)
 /* Map `reserve` bytes of fd into self (GIL held; released around mmap):
  * 0, or -1 with OSError. */
 static int
-mapping_map(MappingObject *self, int fd, Py_ssize_t reserve, Py_ssize_t length, int readonly)
+mapping_map(MappingObject *self, int fd, Py_ssize_t reserve, Py_ssize_t length, int readonly,
+            int hold_gil)
 {
     int prot = readonly ? PROT_READ : PROT_READ | PROT_WRITE;
     int flags = MAP_SHARED | MAP_NORESERVE;
@@ -132,14 +133,17 @@ mapping_map(MappingObject *self, int fd, Py_ssize_t reserve, Py_ssize_t length, 
     if (placed_by_us((size_t)reserve, (size_t)length))
         spot = spot_take((size_t)reserve, (size_t)length, &anchor);
     void *p = MAP_FAILED;
-    Py_BEGIN_ALLOW_THREADS
+    PyThreadState *ts = hold_gil ? NULL : PyEval_SaveThread();
     if (spot != 0)
         p = mmap((void *)spot, (size_t)reserve, prot, flags | MAP_FIXED_NOREPLACE, fd, 0);
     if (p == MAP_FAILED || (uintptr_t)p != spot)
         anchor = 0; /* (an old kernel may take the address as a hint only) */
     if (p == MAP_FAILED)
         p = mmap(NULL, (size_t)reserve, prot, flags, fd, 0);
-    Py_END_ALLOW_THREADS
+    int err = errno;
+    if (ts != NULL)
+        PyEval_RestoreThread(ts);
+    errno = err;
     if (p == MAP_FAILED) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
@@ -186,16 +190,17 @@ mapping_init(MappingObject *self, PyObject *args, PyObject *kwds)
                      length, reserve);
         return -1;
     }
-    return mapping_map(self, fd, reserve, length, readonly);
+    return mapping_map(self, fd, reserve, length, readonly, 0);
 }
 
 MappingObject *
-shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssize_t length, int readonly)
+shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssize_t length, int readonly,
+                int hold_gil)
 {
     MappingObject *self = (MappingObject *)mapping_new(st->Mapping, NULL, NULL);
     if (self == NULL)
         return NULL;
-    if (mapping_map(self, fd, reserve, length, readonly) < 0) {
+    if (mapping_map(self, fd, reserve, length, readonly, hold_gil) < 0) {
         Py_DECREF(self);
         return NULL;
     }
@@ -206,25 +211,30 @@ shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssize_t length, in
  * forked meanwhile (another thread of the parent was creating) must not keep
  * the file open, mapped or attached: its open file description would keep
  * the creator's init lock held after the creator died, and its slot would
- * make the unpublished file look like a damaged live object.  Changed with
- * the GIL held only.  Past CREATING_MAX at once, a creation is not listed. */
-#define CREATING_MAX 64
-static MappingObject *creating[CREATING_MAX];
+ * make the unpublished file look like a damaged live object.  A list linked
+ * through the mappings (a Queue's payloads stay listed while they wait for
+ * room: any number); changed with the GIL held only. */
+static MappingObject *creating_head;
 
 void
-shm_creating_add(MappingObject *m)
+shm_creating_add(MappingObject *m, int private)
 {
-    for (int i = 0; i < CREATING_MAX; i++)
-        if (creating[i] == NULL) {
-            creating[i] = m;
-            m->creator_thread = PyThread_get_thread_ident();
-            return;
-        }
+    if (m->creator_thread != 0)
+        return;
+    m->creator_thread = PyThread_get_thread_ident();
+    m->creating_private = private;
+    m->creating_prev = NULL;
+    m->creating_next = creating_head;
+    if (creating_head != NULL)
+        creating_head->creating_prev = m;
+    creating_head = m;
 }
 
 /* Files create_file has opened but not yet handed to a listed mapping: its
- * allocation and mmap release the GIL, and a fork may come then.  Kept as
- * fd + 1 (0: a free entry); changed with the GIL held only. */
+ * allocation releases the GIL, and a fork may come then.  At most one per
+ * thread inside create_file; kept as fd + 1 (0: a free entry); changed with
+ * the GIL held only.  Past CREATING_MAX threads at once, one is not listed. */
+#define CREATING_MAX 64
 static struct {
     int fd_plus_1;
     unsigned long thread;
@@ -254,14 +264,19 @@ creating_remove(MappingObject *m)
 {
     if (m->creator_thread == 0)
         return;
-    for (int i = 0; i < CREATING_MAX; i++)
-        if (creating[i] == m)
-            creating[i] = NULL;
+    if (m->creating_prev != NULL)
+        m->creating_prev->creating_next = m->creating_next;
+    else
+        creating_head = m->creating_next;
+    if (m->creating_next != NULL)
+        m->creating_next->creating_prev = m->creating_prev;
+    m->creating_prev = m->creating_next = NULL;
     m->creator_thread = 0;
 }
 
 /* In a forked child: each mapping listed by another thread of the parent
- * (which the child does not have) lets go of the file.  Its range is mapped
+ * (which the child does not have), or listed as private (a Queue's payload,
+ * which only its sender may send), lets go of the file.  Its range is mapped
  * over with private zero pages (views that thread held keep valid
  * addresses; PROT_NONE where even that cannot be had) and its descriptor
  * closed, so that nothing in the child refers to the creator's open file;
@@ -277,12 +292,12 @@ py_forget_creations(PyObject *mod, PyObject *Py_UNUSED(ignored))
             close(creating_fds[i].fd_plus_1 - 1);
             creating_fds[i].fd_plus_1 = 0;
         }
-    for (int i = 0; i < CREATING_MAX; i++) {
-        MappingObject *m = creating[i];
-        if (m == NULL || m->creator_thread == me)
+    MappingObject *next;
+    for (MappingObject *m = creating_head; m != NULL; m = next) {
+        next = m->creating_next;
+        if (m->creator_thread == me && !m->creating_private)
             continue;
-        creating[i] = NULL;
-        m->creator_thread = 0;
+        creating_remove(m);
         m->abandoned = 1;
         if (m->base != NULL &&
             mmap(m->base, (size_t)m->reserve, PROT_READ | PROT_WRITE,

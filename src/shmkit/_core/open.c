@@ -27,8 +27,8 @@
  *       uncommon cases there keeps each message in one place; opening an
  *       existing object, the common case, costs one call.
  *
- *   create_file(directory, fallback, mode, length, reserve, nameless=True)
- *           -> (fd, mapping, named)
+ *   create_file(directory, fallback, mode, length, reserve, nameless=True,
+ *               private=False) -> (fd, mapping, named)
  *       A new file of `length` bytes, allocated (posix_fallocate: a full
  *       /dev/shm fails here, not with a SIGBUS later), of exactly `mode`,
  *       its init lock held (an OFD lock on byte 0), and mapped (`reserve`
@@ -38,6 +38,8 @@
  *       O_TMPFILE it is made at the hidden name `fallback` instead (O_EXCL,
  *       no symbolic link followed) and `named` is True: the caller links
  *       that name and removes it (nameless=False takes that way at once).
+ *       From its open until end_creation it is listed: a child forked by
+ *       another thread lets go of it (by any thread, if private).
  *       Failures raise OSError with the errno, having left nothing.
  *
  *   allocate(fd, offset, length)
@@ -178,7 +180,7 @@ py_open_segment(PyObject *mod, PyObject *args)
     }
     MappingObject *m = shm_mapping_new(shm_mod_state(mod), fd,
                                        (Py_ssize_t)(h->hdr_size + h->max_size),
-                                       (Py_ssize_t)(h->hdr_size + h->size), !writable);
+                                       (Py_ssize_t)(h->hdr_size + h->size), !writable, 0);
     if (m == NULL) {
         PyErr_Clear(); /* out of address space, or a limit: the slow path says which */
         close(fd);
@@ -274,9 +276,9 @@ py_create_file(PyObject *mod, PyObject *args)
     const char *directory, *fallback;
     unsigned int mode;
     Py_ssize_t length, reserve;
-    int nameless = 1;
-    if (!PyArg_ParseTuple(args, "yyInn|p", &directory, &fallback, &mode, &length, &reserve,
-                          &nameless))
+    int nameless = 1, private = 0;
+    if (!PyArg_ParseTuple(args, "yyInn|pp", &directory, &fallback, &mode, &length, &reserve,
+                          &nameless, &private))
         return NULL;
     if (length <= 0 || reserve < length || mode > 07777) {
         PyErr_SetString(PyExc_ValueError, "create_file: need 0 < length <= reserve, mode <= 0o7777");
@@ -311,14 +313,14 @@ py_create_file(PyObject *mod, PyObject *args)
         PyErr_SetFromErrno(PyExc_OSError);
         goto undo;
     }
-    MappingObject *m = shm_mapping_new(shm_mod_state(mod), fd, reserve, length, 0);
+    MappingObject *m = shm_mapping_new(shm_mod_state(mod), fd, reserve, length, 0, 1);
     if (m == NULL)
         goto undo;
     /* From here the descriptor goes with the mapping, listed in its stead
      * (no GIL release between the two). */
     shm_creating_fd_remove(listed);
     m->owned_fd = fd;
-    shm_creating_add(m);
+    shm_creating_add(m, private);
     PyObject *out = Py_BuildValue("(iNO)", fd, (PyObject *)m, named ? Py_True : Py_False);
     if (out == NULL && named)
         unlink(fallback); /* "N" took the mapping's reference even so: it closed fd */
@@ -394,9 +396,10 @@ PyMethodDef shm_open_methods[] = {
      "Open, check, map and attach a published segment in one call; None (nothing "
      "left open) when anything is out of the ordinary."},
     {"create_file", py_create_file, METH_VARARGS,
-     "create_file($module, directory, fallback, mode, length, reserve, nameless=True, /)"
-     "\n--\n\n"
-     "create_file(directory, fallback, mode, length, reserve, nameless=True) -> "
+     "create_file($module, directory, fallback, mode, length, reserve, nameless=True, "
+     "private=False, /)\n--\n\n"
+     "create_file(directory, fallback, mode, length, reserve, nameless=True, "
+     "private=False) -> "
      "(fd, mapping, named)\n\n"
      "A new, allocated and mapped file without a name (O_TMPFILE; at the hidden name "
      "fallback where the file system lacks it, and then named is True), its init lock "

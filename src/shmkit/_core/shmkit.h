@@ -38,7 +38,7 @@
 
 /* A process's view of one segment: the reserved mapping plus who we are in
  * its attach table.  Python's segment module creates and owns it. */
-typedef struct {
+typedef struct MappingObject {
     PyObject_HEAD
     char *base;          /* start of the reservation; NULL once unmapped */
     Py_ssize_t reserve;  /* bytes of address space reserved */
@@ -52,6 +52,8 @@ typedef struct {
     int name_removed;    /* remove_if_last removed the name (attach.c) */
     unsigned long creator_thread; /* listed as this thread's creation in progress
                                    * (mapping.c); 0 when not listed */
+    int creating_private; /* let go of in every forked child, even the creator's */
+    struct MappingObject *creating_prev, *creating_next; /* the list (mapping.c) */
     int abandoned;       /* a forked child let go of it mid-creation */
     uint32_t token;      /* our lock-owner token; 0 when detached */
     Py_ssize_t table_off;/* byte offset of the attach table */
@@ -135,13 +137,16 @@ int shm_check_mapping(PyObject *obj);
 /* PyArg "O&" converter: a Mapping, into a PyObject ** */
 int shm_mapping_converter(PyObject *obj, void *out);
 /* A new Mapping of `reserve` bytes of fd, `length` of them safe (the caller
- * checked 0 <= length <= reserve, reserve > 0), or NULL with OSError. */
+ * checked 0 <= length <= reserve, reserve > 0), or NULL with OSError.
+ * hold_gil: map without releasing the GIL (mmap of a reservation does not
+ * block), so that no fork of another thread falls between the mmap and
+ * what the caller lists. */
 MappingObject *shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssize_t length,
-                               int readonly);
+                               int readonly, int hold_gil);
 /* List m as this thread's creation in progress until end_creation(), its
- * close or its dealloc: a child forked meanwhile by another thread lets go
- * of it (forget_creations). */
-void shm_creating_add(MappingObject *m);
+ * close or its dealloc: a child forked meanwhile by another thread (by any
+ * thread, if private) lets go of it (forget_creations). */
+void shm_creating_add(MappingObject *m, int private);
 /* A file create_file opened, listed until its mapping is (-1: not listed). */
 int shm_creating_fd_add(int fd);
 void shm_creating_fd_remove(int entry);
