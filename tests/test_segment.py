@@ -947,7 +947,7 @@ def test_a_fork_while_another_thread_opens_a_new_file_leaves_the_child_nothing(r
         stop.set()
         t.join()
         os.rmdir(where)
-    assert forks > 50
+    assert forks >= 10  # (few under ASan: a fork copies its shadow memory)
     assert held == 0, f"{held} of {forks} children kept a creation's file open or mapped"
 
 
