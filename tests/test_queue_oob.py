@@ -12,6 +12,7 @@ import pickle
 import random
 import signal
 import subprocess
+import threading
 import sys
 import time
 
@@ -1088,3 +1089,67 @@ def test_a_child_forked_by_the_thread_whose_puts_wait_keeps_none_of_their_files(
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["0"], "the child held payload files: " + out.stdout
 
+
+
+def _holds(ino: int) -> int:
+    """How many descriptors and mappings of inode ``ino`` this process holds."""
+    n = 0
+    for f in os.listdir("/proc/self/fd"):
+        try:
+            n += os.stat(f"/proc/self/fd/{f}").st_ino == ino
+        except OSError:
+            pass
+    with open("/proc/self/maps") as maps:
+        n += sum(len(fields) == 6 and int(fields[4]) == ino
+                 for fields in (line.split(maxsplit=5) for line in maps))
+    return n
+
+
+@pytest.mark.parametrize("moment", ["dropping", "writing"])
+def test_a_child_forked_while_the_pool_drops_or_writes_a_file_keeps_none_of_it(
+        name, monkeypatch, moment):
+    """Another thread forks while a sender's pool lets go of a file (paused
+    in its unlink, where the GIL is released) or while a thread holds a view
+    of one to write it: the child keeps neither the descriptor nor a mapping
+    of that file.  Before, a file being dropped had already left the pool's
+    list, and a view the writer held kept the child's mapping for ever."""
+    q = shmkit.Queue(name=name, maxsize=4, payload_pool=(3 * MiB) + (512 << 10))
+    try:
+        q.put(np.ones(MiB, np.uint8))
+        got = q.get(timeout=10)
+        del got  # its view gone: one free pooled file of 1 MiB
+        victim = q._pool.files[0]
+        ino = os.fstat(victim.fd).st_ino
+        paused, forked = threading.Event(), threading.Event()
+        if moment == "dropping":
+            real_unlink = os.unlink
+
+            def unlink(path, *args, **kwargs):
+                if path == victim.path:
+                    paused.set()
+                    forked.wait(10)
+                return real_unlink(path, *args, **kwargs)
+
+            monkeypatch.setattr(os, "unlink", unlink)
+            # a 3 MiB object needs the room the free 1 MiB file takes: it is dropped
+            work = lambda: (q.put(np.ones(3 * MiB, np.uint8)), q.get(timeout=10))  # noqa: E731
+        else:
+            def work() -> None:
+                view = memoryview(victim.mem)  # as _pooled_write holds one
+                paused.set()
+                forked.wait(10)
+                view.release()
+        t = threading.Thread(target=work)
+        t.start()
+        assert paused.wait(10)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(min(_holds(ino), 100))
+        forked.set()
+        held = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        t.join(30)
+        assert held == 0, f"the child held {held} descriptors or mappings of the file"
+    finally:
+        monkeypatch.undo()
+        q.unlink()
+        q.close()

@@ -358,7 +358,9 @@ class _PayloadPool:
         self.lock = threading.Lock()
         files, self.files = self.files, []
         for f in files:
-            f.let_go()
+            # (not close(): a view a writing thread held, which the child
+            # does not have, would keep the file mapped for ever)
+            f.mem.abandon()
 
     def take(self, size: int) -> _PoolFile | None:
         """A free pooled file of ``size`` to ``2 * size`` bytes, now ``_SENT``."""
@@ -368,8 +370,8 @@ class _PayloadPool:
                     if os.fstat(f.fd).st_nlink:
                         os.utime(f.fd)  # its age is what gc's grace measures
                         return f
-                    self.files.remove(f)  # removed by Queue.unlink(): forget it
-                    f.drop(False)
+                    f.drop(False)  # removed by Queue.unlink(): forget it
+                    self.files.remove(f)
                     return None
         return None
 
@@ -394,8 +396,8 @@ class _PayloadPool:
                 if ((st == _FREE and _core.cas32(f.mem, _STATE_OFF, _FREE, _SENT))
                         or (st == _HELD and age > _HELD_LONG)
                         or (st != _FREE and age > PAYLOAD_GRACE and self._unnamed(f))):
+                    f.drop(True)  # still in the list: a child forked meanwhile lets it go
                     self.files.remove(f)
-                    f.drop(True)
                     used -= f.size - PAGE
             return used + need <= self.limit
 
@@ -413,15 +415,15 @@ class _PayloadPool:
     def close(self) -> None:
         """Remove the names of files no message names; a file still in flight
         is left to its receiver, which removes it once done (nobody holds it)."""
-        with self.lock:
-            files, self.files = self.files, []
-        for f in files:
-            if _core.cas32(f.mem, _STATE_OFF, _SENT, _ORPHANED):
-                # a message names it: its receiver takes it as its own (its
-                # swap to held fails on this state), or gc once none does
-                f.let_go()
-            else:
-                f.drop(True)  # free, or held: its receiver has what it needs
+        with self.lock:  # the files stay listed until let go (see forked)
+            for f in self.files:
+                if _core.cas32(f.mem, _STATE_OFF, _SENT, _ORPHANED):
+                    # a message names it: its receiver takes it as its own (its
+                    # swap to held fails on this state), or gc once none does
+                    f.let_go()
+                else:
+                    f.drop(True)  # free, or held: its receiver has what it needs
+            self.files = []
 
 
 class _PooledOutgoing:

@@ -274,6 +274,27 @@ creating_remove(MappingObject *m)
     m->creator_thread = 0;
 }
 
+/* In a forked child, let go of the file: private zero pages over the range
+ * (views the child holds, made by a thread it does not have, keep valid
+ * addresses; PROT_NONE where even that cannot be had), the descriptor
+ * closed, the attachment forgotten, so that nothing in the child refers to
+ * the parent's open file (its locks) or its pages. */
+static void
+mapping_abandon(MappingObject *m)
+{
+    m->abandoned = 1;
+    if (m->base != NULL &&
+        mmap(m->base, (size_t)m->reserve, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) == MAP_FAILED)
+        (void)mmap(m->base, (size_t)m->reserve, PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    if (m->owned_fd >= 0) {
+        close(m->owned_fd);
+        m->owned_fd = -1;
+    }
+    shm_attach_detach(m);
+}
+
 /* In a forked child: each mapping listed by another thread of the parent
  * (which the child does not have), or listed as private (a Queue's payload,
  * which only its sender may send), lets go of the file.  Its range is mapped
@@ -298,19 +319,21 @@ py_forget_creations(PyObject *mod, PyObject *Py_UNUSED(ignored))
         if (m->creator_thread == me && !m->creating_private)
             continue;
         creating_remove(m);
-        m->abandoned = 1;
-        if (m->base != NULL &&
-            mmap(m->base, (size_t)m->reserve, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) == MAP_FAILED)
-            (void)mmap(m->base, (size_t)m->reserve, PROT_NONE,
-                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
-        if (m->owned_fd >= 0) {
-            close(m->owned_fd);
-            m->owned_fd = -1;
-        }
-        shm_attach_detach(m);
+        mapping_abandon(m);
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *mapping_close(MappingObject *self, PyObject *Py_UNUSED(ignored));
+
+/* Mapping.abandon(): mapping_abandon, then close (unmapped now, or once the
+ * last view goes). */
+static PyObject *
+mapping_abandon_py(MappingObject *self, PyObject *Py_UNUSED(ignored))
+{
+    creating_remove(self);
+    mapping_abandon(self);
+    return mapping_close(self, NULL);
 }
 
 static PyObject *
@@ -554,6 +577,12 @@ static PyMethodDef mapping_methods[] = {
      "detach(fd) -> bool\n\nForget the attachment, close fd if this mapping owns it "
      "(its slot's lock goes with it) and close the mapping, in one step; close()'s "
      "result."},
+    {"abandon", (PyCFunction)mapping_abandon_py, METH_NOARGS,
+     "abandon($self, /)\n--\n\n"
+     "abandon() -> bool\n\nIn a forked child: map private zero pages over the range "
+     "(views made by a thread the child does not have stay valid), close the file "
+     "this mapping owns and forget the attachment, then close(), so that the child "
+     "keeps nothing of the parent's file."},
     {"end_creation", (PyCFunction)mapping_end_creation, METH_NOARGS,
      "end_creation($self, /)\n--\n\n"
      "The creation this mapping was made for is published (or given up): a "
