@@ -669,7 +669,7 @@ class Segment(Closing):
         tmp = os.path.join(directory, f".{os.path.basename(self._path)}."
                                       f"{os.getpid()}.{os.urandom(4).hex()}.tmp")
         path = os.fsencode(self._path)
-        creator = os.getpid()
+        creator = _pid
         mapping: Any  # a buffer (the stub declares __buffer__ from 3.12 only)
         try:
             fd, mapping, named = _core.create_file(os.fsencode(directory), os.fsencode(tmp),
@@ -714,7 +714,7 @@ class Segment(Closing):
             self._created = True
             if init is not None:
                 init(self)
-                if os.getpid() != creator:
+                if _pid != creator:
                     # A child forked inside init: the creation is its
                     # parent's, which alone publishes it, or removes it if
                     # its init fails.  The child lets go at once (its slot
@@ -735,8 +735,9 @@ class Segment(Closing):
             # it is not left half-created.  (A kill between the link and the
             # magic does leave that: the next create-or-open, or `shmkit gc`,
             # recovers it.)  Not in a child forked inside init: the name is
-            # its parent's.
-            if os.getpid() == creator:
+            # its parent's.  (`_pid`, not getpid(): a call before the core's
+            # would be a point where a second Ctrl-C lands first.)
+            if _pid == creator:
                 _core.remove_if_last(mapping, path, False)
             self._created = False
             if self._mapping is mapping:
