@@ -65,10 +65,12 @@ from .segment import (
     Segment,
     SegmentInfo,
     _check_trust,
+    _drop_temp,
     _limit_error,
+    _link_new,
+    _new_file,
     at_fork_in_child,
 )
-from . import segment as _segment
 
 __all__ = ["Channel", "Queue"]
 
@@ -248,28 +250,20 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
             "free some (shmkit ls / shmkit gc), enlarge it, or send smaller objects")
     token = os.urandom(8).hex().encode()
     path = os.path.join(directory, prefix + token.decode())
-    # Made as segments are (`_core.create_file`: no name yet, its lock on
-    # byte 0 held, a mapping owning the descriptor, listed as private until
-    # sent, so that no forked child keeps it), written, then linked into
-    # place whole.  Only the header page is allocated: the writes allocate
-    # the rest (allocating it all first cost 5% at 64 MiB).  Only a file for
-    # the pool is mapped whole: an object's own needs no address space.
-    # Where the file system lacks O_TMPFILE, a hidden name stands in
-    # (`shmkit gc` removes one whose creator died).
-    tmp = os.path.join(directory, f".{prefix}{token.decode()}.{os.getpid()}."
-                                  f"{os.urandom(4).hex()}.tmp")
-    for reserve in (size, PAGE) if whole else (PAGE,):
-        try:
-            fd, owner, named = _core.create_file(os.fsencode(directory), os.fsencode(tmp),
-                                                 0o600, PAGE, reserve, _segment._NAMELESS,
-                                                 True)
-            break
-        except (FileNotFoundError, NotADirectoryError):
-            raise NotFoundError(f"directory {directory!r} does not exist") from None
-        except OSError as e:
-            if e.errno == errno.ENOMEM and reserve != PAGE:
-                continue  # no address space to keep it mapped: a file of its own
-            raise _limit_error(e, f"store {what}") from None
+    # Made as segments are (`_new_file`: no name yet, its lock on byte 0
+    # held, a mapping owning the descriptor, listed as private until sent,
+    # so that no forked child keeps it), written, then linked into place
+    # whole.  Only the header page is allocated: the writes allocate the
+    # rest (allocating it all first cost 5% at 64 MiB).  Only a file for the
+    # pool is mapped whole: an object's own needs no address space.
+    try:
+        fd, owner, tmp = _new_file(path, what, 0o600, PAGE, size if whole else PAGE, True)
+    except OutOfSpaceError:
+        if not whole:
+            raise
+        # no address space to keep it mapped: a file of its own (or, out of
+        # room, the same error again)
+        fd, owner, tmp = _new_file(path, what, 0o600, PAGE, PAGE, True)
     try:
         head = _FILE_HEAD.pack(_FILE_MAGIC, _OOB_VERSION, size, token).ljust(
             _STATE_OFF, b"\0") + _STATE.pack(_SENT)
@@ -280,10 +274,7 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
         if owner.reserve == size:
             owner.set_length(size)
         try:
-            if named:
-                os.link(tmp, path, follow_symlinks=False)
-            else:
-                _core.link_file(fd, os.fsencode(path))
+            _link_new(fd, tmp, path)
         except OSError as e:
             raise _limit_error(e, f"store {what}") from None
         return _Outgoing(fd, owner, path), token
@@ -291,11 +282,7 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
         owner.detach(fd)  # the file goes with it, unless linked: see above
         raise
     finally:
-        if named:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+        _drop_temp(tmp)
 
 
 class _PoolFile:

@@ -269,6 +269,59 @@ def _no_address_space(where: str, reserve: int) -> OutOfSpaceError:
         "some, or give growable objects a smaller max_size=")
 
 
+def _new_file(path: str, what: str, mode: int, length: int, reserve: int,
+              private: bool = False) -> tuple[int, Any, str | None]:
+    """A new file for ``path``, made by one call of the core
+    (``_core.create_file``: no name yet, exactly ``mode``, its init lock held,
+    ``length`` bytes allocated, ``reserve`` mapped, the mapping owning the
+    descriptor and listed as a creation until ``end_creation``; ``private``:
+    no forked child keeps it), or the error that fits, naming ``what`` and
+    saying what to do.  Returns ``(fd, mapping, tmp)``: ``tmp`` is the hidden
+    name it was made under where the file system lacks O_TMPFILE, else None.
+    Give it its name with :func:`_link_new`, then :func:`_drop_temp`."""
+    directory = os.path.dirname(path)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}."
+                                  f"{os.urandom(4).hex()}.tmp")
+    try:
+        fd, mapping, named = _core.create_file(os.fsencode(directory), os.fsencode(tmp), mode,
+                                               length, reserve, _NAMELESS, private)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise NotFoundError(f"directory {directory!r} does not exist "
+                                f"({e.strerror}); create it, or give another path") from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise PermissionError(e.errno, f"no permission to create {what} in "
+                                  f"{directory} ({e.strerror}); choose a directory you "
+                                  "may write to", path) from None
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise OutOfSpaceError(
+                f"not enough space or inodes in {directory} for {length} bytes "
+                f"({e.strerror}); free some (shmkit ls / shmkit gc) or ask "
+                "for less") from None
+        if e.errno == errno.ENOMEM:
+            raise _no_address_space(what, reserve) from None
+        raise _limit_error(e, f"create {what}") from None
+    return fd, mapping, tmp if named else None
+
+
+def _link_new(fd: int, tmp: str | None, path: str) -> None:
+    """Give a file made by :func:`_new_file` its name: FileExistsError if
+    the name is taken."""
+    if tmp is not None:
+        os.link(tmp, path, follow_symlinks=False)
+    else:
+        _core.link_file(fd, os.fsencode(path))
+
+
+def _drop_temp(tmp: str | None) -> None:
+    """Remove the hidden name :func:`_new_file` made a file under, if any."""
+    if tmp is not None:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
 def _map(fd: int, reserve: int, length: int, where: str, readonly: bool = False) -> Any:
     try:
         return _core.Mapping(fd, reserve, length, readonly=readonly)
@@ -659,38 +712,16 @@ class Segment(Closing):
         if len(layout_bytes) > _LAYOUT_MAX:
             raise ValueError(f"layout description too long ({len(layout_bytes)} bytes)")
         hsize = _header_size(max_attach)
-        directory = os.path.dirname(self._path)
         # Built in a file without a name (O_TMPFILE), under the init lock,
         # then linked to its name: the link is the atomic "first creator
         # wins"; the winner alone runs init, and openers wait for its magic.
         # A creator interrupted or killed before the link leaves nothing (the
-        # mapping owns the file); after it, see the except below.  Where the
-        # file system lacks O_TMPFILE, a hidden name stands in.
-        tmp = os.path.join(directory, f".{os.path.basename(self._path)}."
-                                      f"{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        # mapping owns the file); after it, see the except below.
         path = os.fsencode(self._path)
         creator = _pid
         mapping: Any  # a buffer (the stub declares __buffer__ from 3.12 only)
-        try:
-            fd, mapping, named = _core.create_file(os.fsencode(directory), os.fsencode(tmp),
-                                                   mode, hsize + size, hsize + max_size,
-                                                   _NAMELESS)
-        except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                raise NotFoundError(f"directory {directory!r} does not exist "
-                                    f"({e.strerror}); create it, or give another path") from None
-            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise PermissionError(e.errno, f"no permission to create {self._name!r} in "
-                                      f"{directory} ({e.strerror}); choose a directory you "
-                                      "may write to", self._path) from None
-            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                raise OutOfSpaceError(
-                    f"not enough space or inodes in {directory} for {hsize + size} bytes "
-                    f"({e.strerror}); free some (shmkit ls / shmkit gc) or ask "
-                    "for less") from None
-            if e.errno == errno.ENOMEM:
-                raise _no_address_space(repr(self._name), hsize + max_size) from None
-            raise _limit_error(e, f"create {self._name!r}") from None
+        fd, mapping, tmp = _new_file(self._path, repr(self._name), mode, hsize + size,
+                                     hsize + max_size)
         try:
             flags = _FLAG_ATTACHED if lifetime == "attached" else 0
             head = _HEADER.pack(b"\0" * 8, FORMAT_VERSION, int(kind), flags, max_attach,
@@ -701,10 +732,7 @@ class Segment(Closing):
             view[_LAYOUT_OFF:_LAYOUT_OFF + len(layout_bytes)] = layout_bytes
             view.release()
             try:
-                if named:
-                    os.link(tmp, self._path, follow_symlinks=False)
-                else:
-                    _core.link_file(fd, path)
+                _link_new(fd, tmp, self._path)
             except FileExistsError:
                 raise
             except OSError as e:
@@ -746,11 +774,7 @@ class Segment(Closing):
                 _let_go(fd, mapping)  # a traceback must not keep the file mapped
             raise
         finally:
-            if named:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
+            _drop_temp(tmp)
 
     def _open_file(self, kind: Kind, may_create: bool = False) -> None:
         # The common case, a published object that passes every check, in one

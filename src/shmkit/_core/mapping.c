@@ -230,35 +230,6 @@ shm_creating_add(MappingObject *m, int private)
     creating_head = m;
 }
 
-/* Files create_file has opened but not yet handed to a listed mapping: its
- * allocation releases the GIL, and a fork may come then.  At most one per
- * thread inside create_file; kept as fd + 1 (0: a free entry); changed with
- * the GIL held only.  Past CREATING_MAX threads at once, one is not listed. */
-#define CREATING_MAX 64
-static struct {
-    int fd_plus_1;
-    unsigned long thread;
-} creating_fds[CREATING_MAX];
-
-int
-shm_creating_fd_add(int fd)
-{
-    for (int i = 0; i < CREATING_MAX; i++)
-        if (creating_fds[i].fd_plus_1 == 0) {
-            creating_fds[i].fd_plus_1 = fd + 1;
-            creating_fds[i].thread = PyThread_get_thread_ident();
-            return i;
-        }
-    return -1;
-}
-
-void
-shm_creating_fd_remove(int entry)
-{
-    if (entry >= 0 && entry < CREATING_MAX)
-        creating_fds[entry].fd_plus_1 = 0;
-}
-
 static void
 creating_remove(MappingObject *m)
 {
@@ -282,6 +253,7 @@ creating_remove(MappingObject *m)
 static void
 mapping_abandon(MappingObject *m)
 {
+    creating_remove(m);
     m->abandoned = 1;
     if (m->base != NULL &&
         mmap(m->base, (size_t)m->reserve, PROT_READ | PROT_WRITE,
@@ -297,29 +269,18 @@ mapping_abandon(MappingObject *m)
 
 /* In a forked child: each mapping listed by another thread of the parent
  * (which the child does not have), or listed as private (a Queue's payload,
- * which only its sender may send), lets go of the file.  Its range is mapped
- * over with private zero pages (views that thread held keep valid
- * addresses; PROT_NONE where even that cannot be had) and its descriptor
- * closed, so that nothing in the child refers to the creator's open file;
- * it is marked abandoned for segment.py to close the handle.  A creation of
- * the forking thread itself goes on in the child (an init that forks its
- * workers: their writes must reach the file), as it did before. */
+ * which only its sender may send), is abandoned (above; segment.py then
+ * closes the handle).  A creation of the forking thread itself goes on in
+ * the child: an init that forks its workers must see their writes. */
 static PyObject *
 py_forget_creations(PyObject *mod, PyObject *Py_UNUSED(ignored))
 {
     unsigned long me = PyThread_get_thread_ident();
-    for (int i = 0; i < CREATING_MAX; i++)
-        if (creating_fds[i].fd_plus_1 != 0 && creating_fds[i].thread != me) {
-            close(creating_fds[i].fd_plus_1 - 1);
-            creating_fds[i].fd_plus_1 = 0;
-        }
     MappingObject *next;
     for (MappingObject *m = creating_head; m != NULL; m = next) {
         next = m->creating_next;
-        if (m->creator_thread == me && !m->creating_private)
-            continue;
-        creating_remove(m);
-        mapping_abandon(m);
+        if (m->creator_thread != me || m->creating_private)
+            mapping_abandon(m); /* (unlists it) */
     }
     Py_RETURN_NONE;
 }
@@ -331,7 +292,6 @@ static PyObject *mapping_close(MappingObject *self, PyObject *Py_UNUSED(ignored)
 static PyObject *
 mapping_abandon_py(MappingObject *self, PyObject *Py_UNUSED(ignored))
 {
-    creating_remove(self);
     mapping_abandon(self);
     return mapping_close(self, NULL);
 }

@@ -284,49 +284,39 @@ py_create_file(PyObject *mod, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "create_file: need 0 < length <= reserve, mode <= 0o7777");
         return NULL;
     }
-    int fd, named = 0, err = 0, listed = -1;
-    /* Opened with the GIL held (it does not block) and listed at once, so
-     * that a fork from another thread, which needs the GIL, finds the file
-     * listed from its first moment and forget_creations closes it in the
-     * child. */
+    int fd, named = 0;
+    /* With the GIL held up to the listing (none of these calls blocks: the
+     * lock is new, the mapping a reservation), so that a fork from another
+     * thread, which needs the GIL, finds the file listed from its first
+     * moment: forget_creations then lets go of it in the child.  Only the
+     * allocation, which may take long, releases the GIL, once listed. */
     fd = nameless ? open(directory, O_TMPFILE | O_RDWR | O_CLOEXEC, (mode_t)mode) : -1;
     if (fd < 0 && (!nameless || errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
         fd = open(fallback, O_CREAT | O_EXCL | O_RDWR | O_NOFOLLOW | O_CLOEXEC, (mode_t)mode);
         named = fd >= 0;
     }
-    if (fd < 0)
-        err = errno;
-    else
-        listed = shm_creating_fd_add(fd);
-    Py_BEGIN_ALLOW_THREADS
-    if (fd >= 0 && (fchmod(fd, (mode_t)mode) != 0 || /* exactly mode, whatever the umask */
-                    shm_ofd_setlk(fd, SHM_INIT_LOCK_BYTE, 1, F_WRLCK) != 1)) /* new: never busy */
-        err = errno;
-    Py_END_ALLOW_THREADS
-    if (err == 0) {
-        err = allocate(fd, 0, (off_t)length);
-        if (err < 0)
-            goto undo; /* a signal handler raised */
-    }
-    if (err != 0) {
-        errno = err;
+    if (fd < 0 || fchmod(fd, (mode_t)mode) != 0 || /* exactly mode, whatever the umask */
+        shm_ofd_setlk(fd, SHM_INIT_LOCK_BYTE, 1, F_WRLCK) != 1) { /* new: never busy */
         PyErr_SetFromErrno(PyExc_OSError);
         goto undo;
     }
     MappingObject *m = shm_mapping_new(shm_mod_state(mod), fd, reserve, length, 0, 1);
     if (m == NULL)
         goto undo;
-    /* From here the descriptor goes with the mapping, listed in its stead
-     * (no GIL release between the two). */
-    shm_creating_fd_remove(listed);
-    m->owned_fd = fd;
+    m->owned_fd = fd; /* from here, the descriptor goes with the mapping */
     shm_creating_add(m, private);
-    PyObject *out = Py_BuildValue("(iNO)", fd, (PyObject *)m, named ? Py_True : Py_False);
+    int err = allocate(fd, 0, (off_t)length);
+    if (err > 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *out = err != 0 ? NULL
+                  : Py_BuildValue("(iOO)", fd, (PyObject *)m, named ? Py_True : Py_False);
+    Py_DECREF(m); /* on failure, its dealloc unmaps it and closes fd */
     if (out == NULL && named)
-        unlink(fallback); /* "N" took the mapping's reference even so: it closed fd */
+        unlink(fallback);
     return out;
 undo:
-    shm_creating_fd_remove(listed);
     if (fd >= 0) {
         if (named)
             unlink(fallback);

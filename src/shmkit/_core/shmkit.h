@@ -147,9 +147,6 @@ MappingObject *shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssi
  * close or its dealloc: a child forked meanwhile by another thread (by any
  * thread, if private) lets go of it (forget_creations). */
 void shm_creating_add(MappingObject *m, int private);
-/* A file create_file opened, listed until its mapping is (-1: not listed). */
-int shm_creating_fd_add(int fd);
-void shm_creating_fd_remove(int entry);
 
 /* Return a pointer to `size` bytes at `off`, or NULL with an exception set
  * when the mapping is closed, the range is out of bounds or misaligned. */
