@@ -1153,3 +1153,49 @@ def test_a_child_forked_while_the_pool_drops_or_writes_a_file_keeps_none_of_it(
         monkeypatch.undo()
         q.unlink()
         q.close()
+
+
+@pytest.mark.parametrize("where", ["put", "close"])
+def test_a_ctrl_c_as_the_pool_lets_a_file_go_leaves_the_handle_working(name, monkeypatch,
+                                                                       where):
+    """A Ctrl-C lands just after the pool let a file go, before the file
+    left its list (it stays listed until let go, for forks): later puts and
+    closes pass it over, and the close still removes every payload file.
+    Before, every later put and close raised ClosedError on that file."""
+    q = shmkit.Queue(name=name, capacity=1 << 16,
+                     payload_pool=MiB if where == "put" else 8 * MiB)
+    for n in ((900_000,) if where == "put" else (300_000, 700_000, 1_500_000)):
+        q.put(np.ones(n, np.uint8))
+        got = q.get(timeout=10)
+        del got  # its pooled file is free again
+    real_drop = channel._PoolFile.drop
+
+    class CtrlC(BaseException):
+        """Stands for the KeyboardInterrupt (pytest itself reacts to that one)."""
+
+    def drop_then_ctrl_c(self, unlink):
+        real_drop(self, unlink)
+        monkeypatch.setattr(channel._PoolFile, "drop", real_drop)
+        raise CtrlC  # as a SIGINT at the next bytecode
+
+    monkeypatch.setattr(channel._PoolFile, "drop", drop_then_ctrl_c)
+    try:
+        with pytest.raises(CtrlC):
+            if where == "put":
+                q.put(np.ones(300_000, np.uint8))  # no fit: the free 1 MiB file goes
+            else:
+                q.close()
+        if where == "put":
+            for _ in range(3):
+                a = np.arange(600_000, dtype=np.uint8)
+                q.put(a, timeout=10)
+                np.testing.assert_array_equal(q.get(timeout=10), a)
+        q.close()
+        assert not _payloads(name), _payloads(name)
+    finally:
+        monkeypatch.undo()
+        try:
+            q.close()  # (asserted above; before the fix it raised here too)
+        except shmkit.ClosedError:
+            pass
+        shmkit.unlink(name)

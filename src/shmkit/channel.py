@@ -349,10 +349,17 @@ class _PayloadPool:
             # does not have, would keep the file mapped for ever)
             f.mem.abandon()
 
+    def _pruned(self) -> list[_PoolFile]:
+        """``files`` (the lock held), without those already let go: a file
+        leaves the list only after it is let go (so that a child forked
+        meanwhile lets it go too), and a Ctrl-C may land between the two."""
+        self.files = [f for f in self.files if not f.mem.closed]
+        return self.files
+
     def take(self, size: int) -> _PoolFile | None:
         """A free pooled file of ``size`` to ``2 * size`` bytes, now ``_SENT``."""
         with self.lock:
-            for f in self.files:
+            for f in self._pruned():
                 if size <= f.size <= 2 * size and _core.cas32(f.mem, _STATE_OFF, _FREE, _SENT):
                     if os.fstat(f.fd).st_nlink:
                         os.utime(f.fd)  # its age is what gc's grace measures
@@ -375,7 +382,7 @@ class _PayloadPool:
         if need > self.limit:
             return False
         with self.lock:
-            used = sum(f.size - PAGE for f in self.files)
+            used = sum(f.size - PAGE for f in self._pruned())
             for f in list(self.files):
                 if used + need <= self.limit:
                     break
@@ -403,7 +410,7 @@ class _PayloadPool:
         """Remove the names of files no message names; a file still in flight
         is left to its receiver, which removes it once done (nobody holds it)."""
         with self.lock:  # the files stay listed until let go (see forked)
-            for f in self.files:
+            for f in self._pruned():
                 if _core.cas32(f.mem, _STATE_OFF, _SENT, _ORPHANED):
                     # a message names it: its receiver takes it as its own (its
                     # swap to held fails on this state), or gc once none does
