@@ -321,6 +321,14 @@ def test_unlink_removes_the_payloads(name):
     q.close()
 
 
+def test_shmkit_unlink_of_a_queue_removes_its_payloads_too(name):
+    with shmkit.Queue(name=name) as q:
+        q.put(_array(0, MiB))
+        assert len(_payloads(name)) == 1
+    shmkit.unlink(name)
+    assert not _payloads(name)
+
+
 def test_anonymous_queue_removes_its_payloads_when_last_closed():
     q = shmkit.Queue()
     q.put(_array(7, MiB))

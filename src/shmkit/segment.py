@@ -1548,8 +1548,13 @@ def list_segments() -> Iterator[tuple[str, str]]:
 
 
 def unlink(name: str) -> None:
-    """Remove the segment called ``name``; :class:`NotFoundError` if missing."""
+    """Remove the segment called ``name``; :class:`NotFoundError` if missing.
+    A Queue's payload files (its big objects) go with it, as with
+    ``Queue.unlink()``."""
+    path = segment_path(name)
     try:
-        os.unlink(segment_path(name))
+        os.unlink(path)
     except FileNotFoundError:
         raise NotFoundError(f"no segment named {name!r}") from None
+    from .channel import _remove_payloads  # (channel imports this module)
+    _remove_payloads(path)
