@@ -13,6 +13,7 @@ OOB_THRESHOLD: int
 PAYLOAD_GRACE: float
 PAYLOAD_POOL: int
 
+def _remove_payloads(queue_path: str) -> int: ...
 def orphan_payloads(dry_run: bool = False,
                     match: Callable[[str], bool] | None = None) -> list[dict[str, Any]]: ...
 
