@@ -539,6 +539,11 @@ def _large(size: int, n: int | None) -> dict:
     def into(n: int) -> float:
         return _shmkit_one_way(n, size, capacity=cap, into=True)
 
+    @workload(title, system="shmkit.Channel recv_into alone (message waiting, sender idle)",
+              bytes_per_op=size, n=n)
+    def into_alone(n: int) -> float:
+        return _recv_into_alone(n, size, cap)
+
     @workload(title, system="multiprocessing.Pipe", bytes_per_op=size, n=n)
     def pipe(n: int) -> float:
         here, there = FORK.Pipe()
@@ -592,6 +597,54 @@ def _large(size: int, n: int | None) -> dict:
         return time.perf_counter() - t0
 
     return locals()
+
+
+def _alone_sink(ready, name, go_name, ack_name, size, n, warm, spent):
+    import numpy as np
+
+    import shmkit
+    clock = time.perf_counter
+    with shmkit.Channel.open(name) as ch, shmkit.Channel.open(go_name) as go, \
+            shmkit.Channel.open(ack_name) as ack:
+        out = np.empty(size, np.uint8)
+        for _ in range(warm):  # a first lap: every page of the ring and buffer is mapped
+            ch.recv_into(out)
+        ready.set()
+        total = 0.0
+        for _ in range(n):
+            go.recv()  # the message is whole in the ring
+            t = clock()
+            ch.recv_into(out)
+            total += clock() - t
+            ack.send(b"")
+        spent.value = total
+
+
+def _recv_into_alone(n: int, size: int, capacity: int) -> float:
+    """The receiver's own time in recv_into(), summed: each message is already
+    whole in the ring when it is called, and the sender waits for its ack, so
+    the copy out has the memory bus to itself, as the in-process copy does.
+    (The rows beside it time the pipeline, whose two copies share the bus.)"""
+    import shmkit
+    spent = FORK.Value("d", 0.0)
+    with shmkit.Channel(_name(), capacity=capacity) as ch, \
+            shmkit.Channel(_name(), capacity=4096) as go, \
+            shmkit.Channel(_name(), capacity=4096) as ack:
+        try:
+            msg = _payload(size)
+            warm = capacity // (size + 8)
+            for _ in range(warm):
+                ch.send(msg)
+            p = _peer(_alone_sink, ch.name, go.name, ack.name, size, n, warm, spent)
+            for _ in range(n):
+                ch.send(msg)
+                go.send(b"")
+                ack.recv(timeout=30)
+            _finish(p)
+            return spent.value
+        finally:
+            for c in (ch, go, ack):
+                c.unlink()
 
 
 def _hand_sink(ready, shm_name, size, n, slots, full, empty, fresh):
