@@ -143,6 +143,18 @@ def _validate_name(name: str) -> str:
 
 
 _PATHS: dict[str, str] = {}  # names already validated, and their files
+_ENCODED: dict[str, bytes] = {}  # files' paths as the core takes them
+
+
+def _encoded(path: str) -> bytes:
+    """``os.fsencode(path)``, remembered: every open and close passes it."""
+    b = _ENCODED.get(path)
+    if b is None:
+        b = os.fsencode(path)
+        if len(_ENCODED) >= 4096:
+            _ENCODED.clear()
+        _ENCODED[path] = b
+    return b
 
 
 def segment_path(name: str) -> str:
@@ -582,6 +594,9 @@ class Segment(Closing):
         shmkit.errors.NotFoundError: ...
         """
         self = cls.__new__(cls)
+        if not kwargs:  # the usual call: nothing asked to check
+            self._attach(name, None, size=None, create=False)
+            return self
         asked = {k: kwargs.pop(k) for k in ("size", "mode", "lifetime", "max_size",
                                              "max_attach") if kwargs.get(k) is not None}
         self._attach(name, kwargs.pop("path", None), size=None, create=False, **kwargs)
@@ -781,7 +796,7 @@ class Segment(Closing):
         # call of the core; it returns None (leaving nothing open) for all
         # else, which the steps below handle: they wait for a creator,
         # recover a half-created file, or raise the error that fits.
-        got = _core.open_segment(os.fsencode(self._path), not self._readonly, kind,
+        got = _core.open_segment(_encoded(self._path), not self._readonly, kind,
                                  -1 if self._trust_uid is None else self._trust_uid,
                                  _claim_start(), _process_name())
         if got is not None:
@@ -1042,7 +1057,7 @@ class Segment(Closing):
                     _core.ofd_unlock(self._fd, _SLOT_LOCK_BASE + (self._token & 0x3FF), 1)
                 # One call of the core (it may open the name for its check,
                 # and a Ctrl-C must not strand that descriptor).
-                _core.remove_if_last(self._mapping, os.fsencode(self._path), self._readonly)
+                _core.remove_if_last(self._mapping, _encoded(self._path), self._readonly)
             self._detach()
         finally:
             mine = self.__dict__.get("_closer") is me
