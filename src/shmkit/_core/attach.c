@@ -230,6 +230,12 @@ shm_attach_claim(MappingObject *m, int fd, uint32_t start, const char *comm, siz
                         "file descriptor and the attach table's size");
         return -1;
     }
+    /* Read before writing: a read fault maps the pages around it as well
+     * (the kernel's fault-around: the header, the attach table and the
+     * payload's first pages), writable on a shared mapping; a write fault
+     * maps only its own page, and the next touch faults again. */
+    uint32_t *hwm = &((struct shm_segment_hdr *)m->base)->hwm;
+    (void)__atomic_load_n(hwm, __ATOMIC_RELAXED);
     uint32_t n = m->max_slots;
     for (uint32_t k = 0; k < n; k++) {
         uint32_t slot = (start % n + k) % n;
@@ -261,7 +267,6 @@ shm_attach_claim(MappingObject *m, int fd, uint32_t start, const char *comm, siz
                          __ATOMIC_RELAXED);
         memset(e->comm, 0, sizeof e->comm);
         memcpy(e->comm, comm, comm_len < 16 ? comm_len : 16);
-        uint32_t *hwm = &((struct shm_segment_hdr *)m->base)->hwm;
         uint32_t h = __atomic_load_n(hwm, __ATOMIC_ACQUIRE);
         while (h <= slot &&
                !__atomic_compare_exchange_n(hwm, &h, slot + 1, 0, __ATOMIC_SEQ_CST,
