@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import signal
+import socket
 import subprocess
 import threading
 import sys
@@ -266,16 +267,37 @@ def test_truncated_payload_is_refused(queue):
     assert queue.get(timeout=5) == "ok"
 
 
-def test_planted_payload_is_refused(queue):
+def _plant(kind: str, path: str) -> None:
+    if kind == "fifo":
+        os.mkfifo(path, 0o600)
+    elif kind == "directory":
+        os.mkdir(path)
+    elif kind == "symlink":
+        os.symlink("/etc/passwd", path)
+    else:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(path)
+        sock.close()
+
+
+@pytest.mark.parametrize("kind,says", [("fifo", "FIFO"), ("directory", "directory"),
+                                       ("symlink", "symbolic link|levels"),
+                                       ("socket", "socket|device or address")])
+def test_planted_payload_is_refused(queue, kind, says):
+    # Whatever is planted at a payload's name in place of its file, the
+    # receiver never reads it: the same error class as for a planted segment.
     queue.put(_array(5, MiB))
     path = _one_payload(queue)
     os.unlink(path)
-    os.mkfifo(path, 0o600)  # not a regular file: never opened for reading
+    _plant(kind, path)
     try:
-        with pytest.raises(UntrustedError, match="lost.*FIFO"):
+        with pytest.raises(UntrustedError, match=f"lost.*({says})"):
             queue.get(timeout=5)
     finally:
-        os.unlink(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.rmdir(path)
+        else:
+            os.unlink(path)
     queue.put("ok")
     assert queue.get(timeout=5) == "ok"
 

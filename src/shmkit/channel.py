@@ -55,6 +55,7 @@ from .errors import (
     ShmkitError,
     SizeLimitError,
     Timeout,
+    UntrustedError,
     WouldBlock,
 )
 from .segment import (
@@ -737,8 +738,9 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
                                         "removed, or `shmkit gc` found it orphaned)")) from None
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENODEV):
-            raise CorruptError(_lost(name, f"{path} is not a regular file "
-                                           f"({e.strerror})")) from None
+            # as a FIFO, which opens and which the owner check refuses
+            raise UntrustedError(_lost(name, f"{path} is not a regular file "
+                                             f"({e.strerror}); refusing to read it")) from None
         raise _limit_error(e, f"open {where}") from None
     with file:
         fd = file.fileno()
