@@ -622,6 +622,19 @@ def test_ctrl_c_as_the_last_closer_removes_the_name_still_runs_on_destroy(tmp_pa
 
 
 @pytest.mark.parametrize("nameless", [True, False], ids=["nameless", "hidden-name"])
+def test_a_file_name_of_255_bytes_is_created_either_way(nameless, tmp_path, monkeypatch):
+    """The hidden name a creation uses where there is no O_TMPFILE carries
+    the object's name for `shmkit gc`: cut short, it never makes a name the
+    file system's 255-byte limit allows fail with ENAMETOOLONG."""
+    monkeypatch.setattr(segment_mod, "_NAMELESS", nameless)
+    path = tmp_path / ("n" * 255)
+    with shmkit.Segment(path=path, size=64) as seg:
+        assert seg.created and seg.read(2) == b"\0\0"
+        seg.unlink()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("nameless", [True, False], ids=["nameless", "hidden-name"])
 def test_creation_either_way_leaves_only_the_whole_object(nameless, names, monkeypatch):
     """Both ways of building a new object, without a name (O_TMPFILE) or
     under a hidden one (file systems without O_TMPFILE): the mode is exact

@@ -281,6 +281,9 @@ def _no_address_space(where: str, reserve: int) -> OutOfSpaceError:
         "some, or give growable objects a smaller max_size=")
 
 
+_NAME_MAX = 255  # bytes in one directory entry's name (Linux file systems)
+
+
 def _new_file(path: str, what: str, mode: int, length: int, reserve: int,
               private: bool = False) -> tuple[int, Any, str | None]:
     """A new file for ``path``, made by one call of the core
@@ -291,9 +294,14 @@ def _new_file(path: str, what: str, mode: int, length: int, reserve: int,
     saying what to do.  Returns ``(fd, mapping, tmp)``: ``tmp`` is the hidden
     name it was made under where the file system lacks O_TMPFILE, else None.
     Give it its name with :func:`_link_new`, then :func:`_drop_temp`."""
-    directory = os.path.dirname(path)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}."
-                                  f"{os.urandom(4).hex()}.tmp")
+    directory, base = os.path.split(path)
+    suffix = f".{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    # The name in the hidden one only tells `shmkit gc` whose it was: cut
+    # short, so that a name near the file system's 255-byte limit still fits.
+    keep = _NAME_MAX - 1 - len(suffix)
+    while len(os.fsencode(base)) > keep:
+        base = base[:-1]
+    tmp = os.path.join(directory, f".{base}{suffix}")
     try:
         fd, mapping, named = _core.create_file(os.fsencode(directory), os.fsencode(tmp), mode,
                                                length, reserve, _NAMELESS, private)
