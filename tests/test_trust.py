@@ -643,6 +643,48 @@ sys.exit(3)
         child.wait()
 
 
+def test_an_open_racing_a_truncation_never_returns_a_cut_short_handle(name, tmp_path):
+    """A file cut short and restored over and over by another process while
+    it is opened: the truncation can land between the header check and the
+    slot claim, whose write then faults (the SIGBUS guard maps a private zero
+    page there, so the slot's entry is lost).  Such an open raises
+    CorruptError; it never hands back a handle whose mapping is already
+    marked truncated."""
+    seg = shmkit.Segment(name, size=1 << 16)
+    seg.buf[:4] = b"DATA"
+    seg.close()
+    copy = tmp_path / "whole"
+    copy.write_bytes(open(_path(name), "rb").read())
+    hostile = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import os, time
+            fd = os.open({_path(name)!r}, os.O_RDWR)
+            whole = open({str(copy)!r}, "rb").read()
+            end = time.monotonic() + 2.5
+            while time.monotonic() < end:
+                os.ftruncate(fd, 0); os.ftruncate(fd, len(whole)); os.pwrite(fd, whole, 0)
+            """)])
+    opened = refused = cut_short = 0
+    try:
+        time.sleep(0.2)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                o = shmkit.Segment.open(name)
+            except (shmkit.CorruptError, shmkit.NotFoundError):
+                refused += 1
+                continue
+            opened += 1
+            cut_short += o._mapping.truncated
+            o.close()
+    finally:
+        hostile.wait(30)
+    assert refused > 0 and opened > 0, (refused, opened)  # the race did happen
+    assert cut_short == 0, f"{cut_short} of {opened} opens returned a truncated mapping"
+    with shmkit.Segment.open(name) as seg:  # restored whole: opens as before
+        assert bytes(seg.buf[:4]) == b"DATA"
+
+
 # -- 8. frozen peers --------------------------------------------------------------------
 
 

@@ -950,6 +950,14 @@ class Segment(Closing):
         mapping.table_off = _HEADER_BYTES
         mapping.max_slots = self._max_slots
         self._claim_slot()
+        if mapping.truncated:
+            # cut short since its header was checked: the claim faulted, and
+            # the slot's entry went to the SIGBUS guard's private zero page
+            self._detach()
+            raise CorruptError(
+                f"{self._name!r}'s file was truncated by another process while it was "
+                "being opened; open it again, and if it stays short, copy out what you "
+                f"need, remove it (`shmkit rm {self._name}`) and create it again")
         self._attached()
 
     def _attached(self) -> None:

@@ -196,8 +196,11 @@ py_open_segment(PyObject *mod, PyObject *args)
     }
     /* A last "attached" closer, or `shmkit gc`, may have removed the name
      * between our open and our claim (nobody was attached then).  With the
-     * slot ours, neither can remove it any more. */
-    if (fstat(fd, &st) != 0 || st.st_nlink == 0) {
+     * slot ours, neither can remove it any more.  And a file cut short
+     * since it was checked faulted in the claim (the SIGBUS guard mapped a
+     * private zero page there, so the slot's entry went nowhere): the
+     * step-by-step path says what is wrong with it. */
+    if (fstat(fd, &st) != 0 || st.st_nlink == 0 || shm_sigbus_truncated(m->base)) {
         shm_attach_detach(m);
         goto undo; /* closing fd drops the slot's lock */
     }
