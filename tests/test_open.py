@@ -635,6 +635,21 @@ def test_a_file_name_of_255_bytes_is_created_either_way(nameless, tmp_path, monk
 
 
 @pytest.mark.parametrize("nameless", [True, False], ids=["nameless", "hidden-name"])
+def test_a_name_longer_than_the_file_system_allows_is_an_invalid_name(nameless, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setattr(segment_mod, "_NAMELESS", nameless)
+    long_name = str(tmp_path / ("n" * 256))
+    long_path = str(tmp_path) + ("/" + "d" * 200) * 25 + "/x"
+    for make in (lambda: shmkit.Segment(path=long_name, size=64),
+                 lambda: shmkit.Segment.open(path=long_name),
+                 lambda: shmkit.Store(path=long_name),
+                 lambda: shmkit.Segment(path=long_path, size=64)):
+        with pytest.raises(shmkit.InvalidNameError, match="longer than the file system"):
+            make()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("nameless", [True, False], ids=["nameless", "hidden-name"])
 def test_creation_either_way_leaves_only_the_whole_object(nameless, names, monkeypatch):
     """Both ways of building a new object, without a name (O_TMPFILE) or
     under a hidden one (file systems without O_TMPFILE): the mode is exact

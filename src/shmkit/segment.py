@@ -309,6 +309,8 @@ def _new_file(path: str, what: str, mode: int, length: int, reserve: int,
         if e.errno in (errno.ENOENT, errno.ENOTDIR):
             raise NotFoundError(f"directory {directory!r} does not exist "
                                 f"({e.strerror}); create it, or give another path") from None
+        if e.errno == errno.ENAMETOOLONG:
+            raise _too_long(path) from None
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise PermissionError(e.errno, f"no permission to create {what} in "
                                   f"{directory} ({e.strerror}); choose a directory you "
@@ -322,6 +324,13 @@ def _new_file(path: str, what: str, mode: int, length: int, reserve: int,
             raise _no_address_space(what, reserve) from None
         raise _limit_error(e, f"create {what}") from None
     return fd, mapping, tmp if named else None
+
+
+def _too_long(path: str) -> InvalidNameError:
+    shown = path if len(path) <= 120 else "..." + path[-100:]
+    return InvalidNameError(f"path {shown!r} ({len(os.fsencode(path))} bytes) is longer "
+                            "than the file system allows (255 bytes a name, 4096 a "
+                            "path); give a shorter one")
 
 
 def _link_new(fd: int, tmp: str | None, path: str) -> None:
@@ -829,6 +838,8 @@ class Segment(Closing):
             if e.errno == errno.ELOOP:
                 raise InvalidNameError(f"{self._path} is a symbolic link; refusing to "
                                        "follow it") from None
+            if e.errno == errno.ENAMETOOLONG:
+                raise _too_long(self._path) from None
             if e.errno in (errno.EISDIR, errno.ENXIO, errno.ENODEV):
                 raise UntrustedError(f"{where} ({self._path}) is not a regular file "
                                      f"({e.strerror}); refusing to open it") from None
