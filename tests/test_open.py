@@ -516,7 +516,9 @@ def test_ctrl_c_at_any_moment_of_opens_and_closes_leaves_no_file_or_slot_held(na
 
 _CREATE_STORM = STORM_PRELUDE + r"""
 import numpy  # before the storm: an interrupted first import would break numpy here
+import shmkit.segment
 where = sys.argv[1]
+shmkit.segment._NAMELESS = sys.argv[2] == "nameless"  # else as without O_TMPFILE
 ints = n = 0
 t0 = time.monotonic()
 while time.monotonic() - t0 < 3:
@@ -550,18 +552,21 @@ print(ints, n, held)
 """
 
 
-def test_ctrl_c_at_any_moment_of_creation_leaves_no_file_name_or_descriptor(tmp_path):
+@pytest.mark.parametrize("way", ["nameless", "hidden-name"])
+def test_ctrl_c_at_any_moment_of_creation_leaves_no_file_name_or_descriptor(tmp_path, way):
     """A Ctrl-C storm over a loop creating "attached" objects (a raw
     segment, an Array with an init, a Store) and closing them (a read-only
     handle last, for one in four): an
     interrupted creation leaves no descriptor, no hidden temporary file and
     no name, published or half-made.  The file has no name until it is
-    whole, the mapping owns it from the moment it exists, and an interrupt
-    after the link is undone by one call of the core."""
+    whole (or, without O_TMPFILE, a hidden one that the mapping owns, and
+    the core removes as it links the file), the mapping owns it from the
+    moment it exists, and an interrupt after the link is undone by one call
+    of the core."""
     where = f"/dev/shm/shmkit-test-storm-{os.getpid()}-{os.urandom(3).hex()}"
     os.mkdir(where)
     try:
-        out = subprocess.run([sys.executable, "-c", _CREATE_STORM, where],
+        out = subprocess.run([sys.executable, "-c", _CREATE_STORM, where, way],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         interrupts, loops, held = map(int, out.stdout.split())

@@ -66,7 +66,6 @@ from .segment import (
     Segment,
     SegmentInfo,
     _check_trust,
-    _drop_temp,
     _limit_error,
     _link_new,
     _new_file,
@@ -258,13 +257,13 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
     # rest (allocating it all first cost 5% at 64 MiB).  Only a file for the
     # pool is mapped whole: an object's own needs no address space.
     try:
-        fd, owner, tmp = _new_file(path, what, 0o600, PAGE, size if whole else PAGE, True)
+        fd, owner = _new_file(path, what, 0o600, PAGE, size if whole else PAGE, True)
     except OutOfSpaceError:
         if not whole:
             raise
         # no address space to keep it mapped: a file of its own (or, out of
         # room, the same error again)
-        fd, owner, tmp = _new_file(path, what, 0o600, PAGE, PAGE, True)
+        fd, owner = _new_file(path, what, 0o600, PAGE, PAGE, True)
     try:
         head = _FILE_HEAD.pack(_FILE_MAGIC, _OOB_VERSION, size, token).ljust(
             _STATE_OFF, b"\0") + _STATE.pack(_SENT)
@@ -275,15 +274,13 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
         if owner.reserve == size:
             owner.set_length(size)
         try:
-            _link_new(fd, tmp, path)
+            _link_new(fd, owner, path)
         except OSError as e:
             raise _limit_error(e, f"store {what}") from None
         return _Outgoing(fd, owner, path), token
     except BaseException:
-        owner.detach(fd)  # the file goes with it, unless linked: see above
+        owner.detach(fd)  # the file goes with it (and its hidden name), unless linked
         raise
-    finally:
-        _drop_temp(tmp)
 
 
 class _PoolFile:

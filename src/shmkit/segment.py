@@ -285,15 +285,16 @@ _NAME_MAX = 255  # bytes in one directory entry's name (Linux file systems)
 
 
 def _new_file(path: str, what: str, mode: int, length: int, reserve: int,
-              private: bool = False) -> tuple[int, Any, str | None]:
+              private: bool = False) -> tuple[int, Any]:
     """A new file for ``path``, made by one call of the core
     (``_core.create_file``: no name yet, exactly ``mode``, its init lock held,
     ``length`` bytes allocated, ``reserve`` mapped, the mapping owning the
     descriptor and listed as a creation until ``end_creation``; ``private``:
     no forked child keeps it), or the error that fits, naming ``what`` and
-    saying what to do.  Returns ``(fd, mapping, tmp)``: ``tmp`` is the hidden
-    name it was made under where the file system lacks O_TMPFILE, else None.
-    Give it its name with :func:`_link_new`, then :func:`_drop_temp`."""
+    saying what to do.  Returns ``(fd, mapping)``.  Where the file system
+    lacks O_TMPFILE the file is made under a hidden name, which the mapping
+    holds: removed when :func:`_link_new` gives the file its name, or when
+    the mapping lets the file go."""
     directory, base = os.path.split(path)
     suffix = f".{os.getpid()}.{os.urandom(4).hex()}.tmp"
     # The name in the hidden one only tells `shmkit gc` whose it was: cut
@@ -303,8 +304,8 @@ def _new_file(path: str, what: str, mode: int, length: int, reserve: int,
         base = base[:-1]
     tmp = os.path.join(directory, f".{base}{suffix}")
     try:
-        fd, mapping, named = _core.create_file(os.fsencode(directory), os.fsencode(tmp), mode,
-                                               length, reserve, _NAMELESS, private)
+        fd, mapping, _named = _core.create_file(os.fsencode(directory), os.fsencode(tmp),
+                                                mode, length, reserve, _NAMELESS, private)
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.ENOTDIR):
             raise NotFoundError(f"directory {directory!r} does not exist "
@@ -323,7 +324,7 @@ def _new_file(path: str, what: str, mode: int, length: int, reserve: int,
         if e.errno == errno.ENOMEM:
             raise _no_address_space(what, reserve) from None
         raise _limit_error(e, f"create {what}") from None
-    return fd, mapping, tmp if named else None
+    return fd, mapping
 
 
 def _too_long(path: str) -> InvalidNameError:
@@ -333,22 +334,11 @@ def _too_long(path: str) -> InvalidNameError:
                             "path); give a shorter one")
 
 
-def _link_new(fd: int, tmp: str | None, path: str) -> None:
-    """Give a file made by :func:`_new_file` its name: FileExistsError if
-    the name is taken."""
-    if tmp is not None:
-        os.link(tmp, path, follow_symlinks=False)
-    else:
-        _core.link_file(fd, os.fsencode(path))
-
-
-def _drop_temp(tmp: str | None) -> None:
-    """Remove the hidden name :func:`_new_file` made a file under, if any."""
-    if tmp is not None:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+def _link_new(fd: int, mapping: Any, path: str) -> None:
+    """Give a file made by :func:`_new_file` its name (and remove its hidden
+    one, if it has one, in the same call): FileExistsError if the name is
+    taken."""
+    _core.link_file(fd, os.fsencode(path), mapping)
 
 
 def _map(fd: int, reserve: int, length: int, where: str, readonly: bool = False) -> Any:
@@ -752,8 +742,8 @@ class Segment(Closing):
         path = os.fsencode(self._path)
         creator = _pid
         mapping: Any  # a buffer (the stub declares __buffer__ from 3.12 only)
-        fd, mapping, tmp = _new_file(self._path, repr(self._name), mode, hsize + size,
-                                     hsize + max_size)
+        fd, mapping = _new_file(self._path, repr(self._name), mode, hsize + size,
+                                hsize + max_size)
         try:
             flags = _FLAG_ATTACHED if lifetime == "attached" else 0
             head = _HEADER.pack(b"\0" * 8, FORMAT_VERSION, int(kind), flags, max_attach,
@@ -764,7 +754,7 @@ class Segment(Closing):
             view[_LAYOUT_OFF:_LAYOUT_OFF + len(layout_bytes)] = layout_bytes
             view.release()
             try:
-                _link_new(fd, tmp, self._path)
+                _link_new(fd, mapping, self._path)
             except FileExistsError:
                 raise
             except OSError as e:
@@ -805,8 +795,6 @@ class Segment(Closing):
             else:
                 _let_go(fd, mapping)  # a traceback must not keep the file mapped
             raise
-        finally:
-            _drop_temp(tmp)
 
     def _open_file(self, kind: Kind, may_create: bool = False) -> None:
         # The common case, a published object that passes every check, in one

@@ -245,6 +245,21 @@ creating_remove(MappingObject *m)
     m->creator_thread = 0;
 }
 
+/* Remove the hidden name a creation's file was made under (file systems
+ * without O_TMPFILE), if this process made it: once the file is linked under
+ * its own name, or let go of.  Owned by the mapping, so that no interrupt
+ * between two Python steps can leave it in the directory. */
+void
+shm_mapping_drop_temp(MappingObject *m)
+{
+    if (m->temp_name == NULL)
+        return;
+    if (m->temp_pid == getpid())
+        (void)unlink(m->temp_name);
+    PyMem_RawFree(m->temp_name);
+    m->temp_name = NULL;
+}
+
 /* In a forked child, let go of the file: private zero pages over the range
  * (views the child holds, made by a thread it does not have, keep valid
  * addresses; PROT_NONE where even that cannot be had), the descriptor
@@ -254,6 +269,7 @@ static void
 mapping_abandon(MappingObject *m)
 {
     creating_remove(m);
+    shm_mapping_drop_temp(m); /* (the parent's: only forgotten here) */
     m->abandoned = 1;
     if (m->base != NULL &&
         mmap(m->base, (size_t)m->reserve, PROT_READ | PROT_WRITE,
@@ -321,6 +337,7 @@ static void
 mapping_close_owned(MappingObject *self, int fd)
 {
     if (self->owned_fd >= 0 && (fd < 0 || fd == self->owned_fd)) {
+        shm_mapping_drop_temp(self);
         close(self->owned_fd);
         self->owned_fd = -1;
     }
@@ -331,6 +348,7 @@ mapping_dealloc(MappingObject *self)
 {
     /* Exports hold a reference, so none can remain here. */
     creating_remove(self);
+    shm_mapping_drop_temp(self);
     mapping_unmap(self);
     mapping_close_owned(self, -1);
     shm_free_instance((PyObject *)self);
@@ -358,6 +376,7 @@ static PyObject *
 mapping_close(MappingObject *self, PyObject *Py_UNUSED(ignored))
 {
     creating_remove(self); /* a creation given up: no more to forget in a child */
+    shm_mapping_drop_temp(self);
     if (self->exports > 0) {
         self->closing = 1;
         Py_RETURN_FALSE;

@@ -307,6 +307,17 @@ py_create_file(PyObject *mod, PyObject *args)
     if (m == NULL)
         goto undo;
     m->owned_fd = fd; /* from here, the descriptor goes with the mapping */
+    if (named) { /* and the hidden name too: removed when linked or let go of */
+        size_t n = strlen(fallback) + 1;
+        m->temp_name = PyMem_RawMalloc(n);
+        if (m->temp_name == NULL) {
+            Py_DECREF(m); /* closes fd */
+            unlink(fallback);
+            return PyErr_NoMemory();
+        }
+        memcpy(m->temp_name, fallback, n);
+        m->temp_pid = getpid();
+    }
     shm_creating_add(m, private);
     int err = allocate(fd, 0, (off_t)length);
     if (err > 0) {
@@ -315,9 +326,7 @@ py_create_file(PyObject *mod, PyObject *args)
     }
     PyObject *out = err != 0 ? NULL
                   : Py_BuildValue("(iOO)", fd, (PyObject *)m, named ? Py_True : Py_False);
-    Py_DECREF(m); /* on failure, its dealloc unmaps it and closes fd */
-    if (out == NULL && named)
-        unlink(fallback);
+    Py_DECREF(m); /* on failure, its dealloc unmaps it, removes the name, closes fd */
     return out;
 undo:
     if (fd >= 0) {
@@ -328,12 +337,16 @@ undo:
     return NULL;
 }
 
+/* Name the file of fd path (it was made without a name, or under the
+ * mapping's hidden one, which then goes in the same call: no interrupt can
+ * fall between the two and leave it). */
 static PyObject *
 py_link_file(PyObject *mod, PyObject *args)
 {
     int fd, rc;
     const char *path;
-    if (!PyArg_ParseTuple(args, "iy", &fd, &path))
+    PyObject *made;
+    if (!PyArg_ParseTuple(args, "iyO&", &fd, &path, shm_mapping_converter, &made))
         return NULL;
     char proc[64];
     snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
@@ -344,6 +357,7 @@ py_link_file(PyObject *mod, PyObject *args)
     Py_END_ALLOW_THREADS
     if (rc != 0)
         return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    shm_mapping_drop_temp((MappingObject *)made);
     Py_RETURN_NONE;
 }
 
@@ -403,9 +417,10 @@ PyMethodDef shm_open_methods[] = {
      "does not raise cannot keep from finishing (interrupted, it goes on in smaller "
      "pieces); OSError with the errno."},
     {"link_file", py_link_file, METH_VARARGS,
-     "link_file($module, fd, path, /)\n--\n\n"
-     "link_file(fd, path)\n\nName the file of fd (made without a name) path; "
-     "FileExistsError if the name is taken."},
+     "link_file($module, fd, path, mapping, /)\n--\n\n"
+     "link_file(fd, path, mapping)\n\nName the file of fd (made by create_file) "
+     "path, and remove the hidden name mapping holds it under, if any; FileExistsError "
+     "if the name is taken."},
     {"opener", py_opener, METH_VARARGS,
      "opener($module, path, flags, /)\n--\n\n"
      "opener(path, flags) -> int\n\nopen(2) with O_NOFOLLOW, O_NONBLOCK and O_CLOEXEC "

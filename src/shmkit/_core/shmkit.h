@@ -55,6 +55,10 @@ typedef struct MappingObject {
     int creating_private; /* let go of in every forked child, even the creator's */
     struct MappingObject *creating_prev, *creating_next; /* the list (mapping.c) */
     int abandoned;       /* a forked child let go of it mid-creation */
+    char *temp_name;     /* the hidden name its file was made under where the file
+                          * system lacks O_TMPFILE (open.c): removed when the file
+                          * is linked, or let go of; NULL otherwise */
+    pid_t temp_pid;      /* the process that made it: a forked child never removes it */
     uint32_t token;      /* our lock-owner token; 0 when detached */
     Py_ssize_t table_off;/* byte offset of the attach table */
     uint32_t max_slots;
@@ -147,6 +151,7 @@ MappingObject *shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssi
  * close or its dealloc: a child forked meanwhile by another thread (by any
  * thread, if private) lets go of it (forget_creations). */
 void shm_creating_add(MappingObject *m, int private);
+void shm_mapping_drop_temp(MappingObject *m); /* remove its hidden name, if ours */
 
 /* Return a pointer to `size` bytes at `off`, or NULL with an exception set
  * when the mapping is closed, the range is out of bounds or misaligned. */
