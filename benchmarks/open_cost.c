@@ -37,6 +37,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
+
 #define FILE_SIZE (64UL << 20)
 #define PAGE 4096
 #define CYCLES 20000
@@ -46,13 +48,6 @@ enum { CHECKS = 1, GUARD = 2, SLOT = 4, RECHECK = 8, WRITE = 16, WRITE_FIRST = 3
 
 static const char *path = "/dev/shm/open-cost-bench";
 
-static double
-now_us(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec * 1e6 + (double)t.tv_nsec / 1e3;
-}
 
 static long
 faults(void)
@@ -75,21 +70,17 @@ cycle(int steps)
     static char header[PAGE];
     struct stat st;
     int fd = open(path, O_RDWR | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0 || fstat(fd, &st) != 0) {
-        perror(path);
-        exit(1);
-    }
+    if (fd < 0 || fstat(fd, &st) != 0)
+        die(path);
     if (steps & CHECKS) {
         (void)geteuid();
         if (pread(fd, header, PAGE, 0) != PAGE)
-            exit(1);
+            die("pread");
     }
     volatile char *m = mmap(NULL, FILE_SIZE, PROT_READ | PROT_WRITE,
                             MAP_SHARED | MAP_NORESERVE, fd, 0);
-    if (m == MAP_FAILED) {
-        perror("mmap");
-        exit(1);
-    }
+    if (m == MAP_FAILED)
+        die("mmap");
     if (steps & GUARD) {
         struct sigaction sa;
         sigaction(SIGBUS, NULL, &sa);
@@ -142,10 +133,8 @@ int
 main(void)
 {
     int fd = open(path, O_CREAT | O_EXCL | O_RDWR, 0600);
-    if (fd < 0 || posix_fallocate(fd, 0, FILE_SIZE) != 0) {
-        perror(path);
-        return 1;
-    }
+    if (fd < 0 || posix_fallocate(fd, 0, FILE_SIZE) != 0)
+        die(path);
     close(fd);
     for (int i = 0; i < 2000; i++) /* warm up */
         cycle(0);

@@ -21,6 +21,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
+
 #define GIB (1UL << 30)
 #define MIB (1UL << 20)
 #define FILE_SIZE (64 * MIB)
@@ -29,20 +31,7 @@
 
 static int fd;
 
-static double
-now_us(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec * 1e6 + (double)t.tv_nsec / 1e3;
-}
 
-static void
-die(const char *what)
-{
-    perror(what);
-    exit(1);
-}
 
 static volatile char *
 map_file(void *hint, size_t len, int flags)

@@ -922,7 +922,7 @@ def test_a_fork_while_another_thread_opens_a_new_file_leaves_the_child_nothing(r
 
     def creator() -> None:
         while not stop.is_set():
-            fd, mapping, _named = _core.create_file(where.encode(), b"", 0o600, 4096, reserve)
+            fd, mapping = _core.create_file(where.encode(), b"", 0o600, 4096, reserve)
             mapping.detach(fd)
 
     t = threading.Thread(target=creator)

@@ -103,11 +103,6 @@ def _as_dtype(t: Any) -> np.dtype:
     return dt
 
 
-# Layouts already found valid, by kind and text: every open of an object of
-# a layout seen before skips decoding its dtype again.
-_PARSED: dict[tuple[Kind, bytes], tuple[np.dtype, tuple]] = {}
-
-
 def _parse_layout(seg: Segment, asked: dict | None) -> tuple[np.dtype, tuple]:
     """Check the stored layout (untrusted) and compare it with the one asked for."""
     stored = seg._layout
@@ -117,22 +112,16 @@ def _parse_layout(seg: Segment, asked: dict | None) -> tuple[np.dtype, tuple]:
             f"{seg.name!r} describes its records in layout format {fmt}; this "
             f"shmkit reads format {_FORMAT}. Use the shmkit that made it, or remove "
             "it with `shmkit rm`")
-    key = (seg.kind, seg._layout_text)
-    parsed = _PARSED.get(key)
-    if parsed is None:
-        try:
-            dtype = _dtype_from_layout(stored["dtype"])
-            shape = tuple(stored["shape"]) if seg.kind == Kind.ARRAY else ()
-            valid = not dtype.hasobject and all(type(d) is int and d >= 0 for d in shape)
-        except Exception:  # any malformed description, however it fails
-            valid = False
-        if not valid:
-            raise CorruptError(f"{seg.name!r} has an unreadable record layout "
-                               f"{str(stored)[:200]}; remove it with `shmkit rm`")
-        if len(_PARSED) >= 4096:
-            _PARSED.clear()
-        parsed = _PARSED[key] = (dtype, shape)
-    dtype, shape = parsed
+    array = seg.kind == Kind.ARRAY
+    try:
+        dtype = _dtype_from_layout(stored["dtype"])
+        shape = tuple(stored["shape"]) if array else ()
+        valid = not dtype.hasobject and all(type(d) is int and d >= 0 for d in shape)
+    except Exception:  # any malformed description, however it fails
+        valid = False
+    if not valid:
+        raise CorruptError(f"{seg.name!r} has an unreadable record layout "
+                           f"{str(stored)[:200]}; remove it with `shmkit rm`")
     need = dtype.itemsize
     for d in shape:
         need *= d

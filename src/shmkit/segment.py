@@ -143,18 +143,6 @@ def _validate_name(name: str) -> str:
 
 
 _PATHS: dict[str, str] = {}  # names already validated, and their files
-_ENCODED: dict[str, bytes] = {}  # files' paths as the core takes them
-
-
-def _encoded(path: str) -> bytes:
-    """``os.fsencode(path)``, remembered: every open and close passes it."""
-    b = _ENCODED.get(path)
-    if b is None:
-        b = os.fsencode(path)
-        if len(_ENCODED) >= 4096:
-            _ENCODED.clear()
-        _ENCODED[path] = b
-    return b
 
 
 def segment_path(name: str) -> str:
@@ -304,8 +292,8 @@ def _new_file(path: str, what: str, mode: int, length: int, reserve: int,
         base = base[:-1]
     tmp = os.path.join(directory, f".{base}{suffix}")
     try:
-        fd, mapping, _named = _core.create_file(os.fsencode(directory), os.fsencode(tmp),
-                                                mode, length, reserve, _NAMELESS, private)
+        fd, mapping = _core.create_file(os.fsencode(directory), os.fsencode(tmp), mode,
+                                        length, reserve, _NAMELESS, private)
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.ENOTDIR):
             raise NotFoundError(f"directory {directory!r} does not exist "
@@ -601,9 +589,6 @@ class Segment(Closing):
         shmkit.errors.NotFoundError: ...
         """
         self = cls.__new__(cls)
-        if not kwargs:  # the usual call: nothing asked to check
-            self._attach(name, None, size=None, create=False)
-            return self
         asked = {k: kwargs.pop(k) for k in ("size", "mode", "lifetime", "max_size",
                                              "max_attach") if kwargs.get(k) is not None}
         self._attach(name, kwargs.pop("path", None), size=None, create=False, **kwargs)
@@ -801,7 +786,7 @@ class Segment(Closing):
         # call of the core; it returns None (leaving nothing open) for all
         # else, which the steps below handle: they wait for a creator,
         # recover a half-created file, or raise the error that fits.
-        got = _core.open_segment(_encoded(self._path), not self._readonly, kind,
+        got = _core.open_segment(os.fsencode(self._path), not self._readonly, kind,
                                  -1 if self._trust_uid is None else self._trust_uid,
                                  _claim_start(), _process_name())
         if got is not None:
@@ -949,14 +934,6 @@ class Segment(Closing):
         mapping.table_off = _HEADER_BYTES
         mapping.max_slots = self._max_slots
         self._claim_slot()
-        if mapping.truncated:
-            # cut short since its header was checked: the claim faulted, and
-            # the slot's entry went to the SIGBUS guard's private zero page
-            self._detach()
-            raise CorruptError(
-                f"{self._name!r}'s file was truncated by another process while it was "
-                "being opened; open it again, and if it stays short, copy out what you "
-                f"need, remove it (`shmkit rm {self._name}`) and create it again")
         self._attached()
 
     def _attached(self) -> None:
@@ -1001,6 +978,15 @@ class Segment(Closing):
             token = _core.attach_claim(m, fd, _claim_start(), _process_name())
             if token == -1:
                 self._slot_count_damaged()
+            if token == -2:
+                # cut short since its header was checked: the claim's writes
+                # faulted onto the SIGBUS guard's private zero page
+                self._detach()
+                raise CorruptError(
+                    f"{self._name!r}'s file was truncated by another process while it "
+                    "was being opened; open it again, and if it stays short, copy out "
+                    f"what you need, remove it (`shmkit rm {self._name}`) and create it "
+                    "again")
             if token:
                 return
             time.sleep(0.001)  # a closing process may hold every slot for a moment
@@ -1072,7 +1058,7 @@ class Segment(Closing):
                     _core.ofd_unlock(self._fd, _SLOT_LOCK_BASE + (self._token & 0x3FF), 1)
                 # One call of the core (it may open the name for its check,
                 # and a Ctrl-C must not strand that descriptor).
-                _core.remove_if_last(self._mapping, _encoded(self._path), self._readonly)
+                _core.remove_if_last(self._mapping, os.fsencode(self._path), self._readonly)
             self._detach()
         finally:
             mine = self.__dict__.get("_closer") is me

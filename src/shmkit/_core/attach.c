@@ -13,7 +13,8 @@
  * uses for liveness are set here only: Python cannot write them.
  *
  *   attach_claim(mapping, fd, start, comm) -> token (0: every slot busy,
- *                                             -1: the slot count is damaged)
+ *                                             -1: the slot count is damaged,
+ *                                             -2: the file was cut short)
  *   attach_reader(mapping, fd) -> bool | -1   readonly: shared lock on byte 1
  *   attach_detach(mapping)                    forget token and fd
  *   attach_entry(mapping, slot) -> dict       decoded entry with "alive"
@@ -272,6 +273,13 @@ shm_attach_claim(MappingObject *m, int fd, uint32_t start, const char *comm, siz
                !__atomic_compare_exchange_n(hwm, &h, slot + 1, 0, __ATOMIC_SEQ_CST,
                                             __ATOMIC_ACQUIRE))
             ;
+        if (shm_sigbus_truncated(m->base)) {
+            /* The file was cut short since its header was checked: these
+             * writes faulted, and the SIGBUS guard took them on a private
+             * zero page, so the entry is not in the file.  Not attached. */
+            shm_ofd_setlk(fd, SHM_SLOT_LOCK_BASE + slot, 1, F_UNLCK);
+            return 3;
+        }
         shm_lock_forget_all(m);
         m->fd = fd;
         m->token = (gen << 10) | slot;
@@ -319,7 +327,7 @@ py_attach_claim(PyObject *mod, PyObject *args)
     int got = shm_attach_claim(m, fd, start, comm, (size_t)comm_len);
     if (got < 0)
         return NULL;
-    return PyLong_FromLong(got == 2 ? -1 : got == 1 ? (long)m->token : 0);
+    return PyLong_FromLong(got == 2 ? -1 : got == 3 ? -2 : got == 1 ? (long)m->token : 0);
 }
 
 static PyObject *
@@ -729,7 +737,8 @@ PyMethodDef shm_attach_methods[] = {
      "attach_claim($module, mapping, fd, start, comm, /)\n--\n\n"
      "attach_claim(mapping, fd, start, comm) -> int\n\nClaim a free attach slot "
      "(trying from start), fill its entry and attach the mapping; 0 if none is free, "
-     "-1 (nothing claimed) if a live process holds a slot beyond the header's count."},
+     "-1 (nothing claimed) if a live process holds a slot beyond the header's count, "
+     "-2 (nothing claimed) if the file was cut short under the claim."},
     {"attach_reader", py_attach_reader, METH_VARARGS,
      "attach_reader($module, mapping, fd, /)\n--\n\n"
      "attach_reader(mapping, fd) -> bool | int\n\nAttach readonly: the shared lock on "

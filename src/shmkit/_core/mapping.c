@@ -337,7 +337,6 @@ static void
 mapping_close_owned(MappingObject *self, int fd)
 {
     if (self->owned_fd >= 0 && (fd < 0 || fd == self->owned_fd)) {
-        shm_mapping_drop_temp(self);
         close(self->owned_fd);
         self->owned_fd = -1;
     }

@@ -28,7 +28,7 @@
  *       existing object, the common case, costs one call.
  *
  *   create_file(directory, fallback, mode, length, reserve, nameless=True,
- *               private=False) -> (fd, mapping, named)
+ *               private=False) -> (fd, mapping)
  *       A new file of `length` bytes, allocated (posix_fallocate: a full
  *       /dev/shm fails here, not with a SIGBUS later), of exactly `mode`,
  *       its init lock held (an OFD lock on byte 0), and mapped (`reserve`
@@ -36,8 +36,10 @@
  *       (O_TMPFILE), so a creator interrupted or killed before it links the
  *       file to its name leaves nothing.  Where the file system has no
  *       O_TMPFILE it is made at the hidden name `fallback` instead (O_EXCL,
- *       no symbolic link followed) and `named` is True: the caller links
- *       that name and removes it (nameless=False takes that way at once).
+ *       no symbolic link followed), a name the mapping holds: link_file
+ *       removes it as it links the file, and the mapping when it lets the
+ *       file go, in the process that made it (nameless=False takes that
+ *       way at once).
  *       From its open until end_creation it is listed: a child forked by
  *       another thread lets go of it (by any thread, if private).
  *       Failures raise OSError with the errno, having left nothing.
@@ -46,10 +48,11 @@
  *       posix_fallocate, finished in smaller pieces when signals keep
  *       interrupting it (tmpfs undoes an interrupted call's work).
  *
- *   link_file(fd, path)
- *       Give the file of fd (made by create_file without a name) the name
- *       path; FileExistsError if it is taken.  Through /proc/self/fd (no
- *       privilege needed), or AT_EMPTY_PATH where /proc is not mounted.
+ *   link_file(fd, path, mapping)
+ *       Give the file of fd (made by create_file) the name path, and remove
+ *       the hidden name the mapping holds, if any; FileExistsError if path
+ *       is taken.  Through /proc/self/fd (no privilege needed), or
+ *       AT_EMPTY_PATH where /proc is not mounted.
  *
  *   opener(path, flags) -> fd
  *       open(2) with O_NOFOLLOW, O_NONBLOCK and O_CLOEXEC added, as the
@@ -196,11 +199,8 @@ py_open_segment(PyObject *mod, PyObject *args)
     }
     /* A last "attached" closer, or `shmkit gc`, may have removed the name
      * between our open and our claim (nobody was attached then).  With the
-     * slot ours, neither can remove it any more.  And a file cut short
-     * since it was checked faulted in the claim (the SIGBUS guard mapped a
-     * private zero page there, so the slot's entry went nowhere): the
-     * step-by-step path says what is wrong with it. */
-    if (fstat(fd, &st) != 0 || st.st_nlink == 0 || shm_sigbus_truncated(m->base)) {
+     * slot ours, neither can remove it any more. */
+    if (fstat(fd, &st) != 0 || st.st_nlink == 0) {
         shm_attach_detach(m);
         goto undo; /* closing fd drops the slot's lock */
     }
@@ -324,8 +324,7 @@ py_create_file(PyObject *mod, PyObject *args)
         errno = err;
         PyErr_SetFromErrno(PyExc_OSError);
     }
-    PyObject *out = err != 0 ? NULL
-                  : Py_BuildValue("(iOO)", fd, (PyObject *)m, named ? Py_True : Py_False);
+    PyObject *out = err != 0 ? NULL : Py_BuildValue("(iO)", fd, (PyObject *)m);
     Py_DECREF(m); /* on failure, its dealloc unmaps it, removes the name, closes fd */
     return out;
 undo:
@@ -407,10 +406,11 @@ PyMethodDef shm_open_methods[] = {
      "private=False, /)\n--\n\n"
      "create_file(directory, fallback, mode, length, reserve, nameless=True, "
      "private=False) -> "
-     "(fd, mapping, named)\n\n"
+     "(fd, mapping)\n\n"
      "A new, allocated and mapped file without a name (O_TMPFILE; at the hidden name "
-     "fallback where the file system lacks it, and then named is True), its init lock "
-     "held, the mapping owning the descriptor."},
+     "fallback where the file system lacks it, which the mapping then holds and removes "
+     "when link_file links the file or the mapping lets it go), its init lock held, the "
+     "mapping owning the descriptor."},
     {"allocate", py_allocate, METH_VARARGS,
      "allocate($module, fd, offset, length, /)\n--\n\n"
      "allocate(fd, offset, length)\n\nposix_fallocate that a signal handler which "

@@ -238,7 +238,9 @@ const char *shm_holder_phrase(MappingObject *m, uint32_t word, char *buf, size_t
  * trying from start (attach_claim), or, for a readonly mapping, the shared
  * reader byte (attach_reader).  1 attached; 0 every slot busy (a closer
  * holds them); 2 not attached because a live process holds a slot beyond
- * max_slots (the header's count was damaged); -1 with an exception. */
+ * max_slots (the header's count was damaged); 3 (attach_claim) not attached
+ * because the file was cut short under the claim (its writes faulted onto
+ * the SIGBUS guard's zero page); -1 with an exception. */
 int shm_attach_claim(MappingObject *m, int fd, uint32_t start, const char *comm,
                      size_t comm_len);
 int shm_attach_reader(MappingObject *m, int fd);
