@@ -312,6 +312,24 @@ def test_payload_of_another_user_is_refused(queue):
     os.unlink(path)
 
 
+@pytest.mark.parametrize("nameless", [True, False], ids=["nameless", "hidden-name"])
+def test_a_payload_name_past_the_limit_is_an_invalid_name(nameless, tmp_path, monkeypatch):
+    # A payload's name is its queue's plus 21 bytes: a queue named near the
+    # 255-byte limit takes small objects, and refuses big ones clearly.
+    from shmkit import segment as segment_mod
+    monkeypatch.setattr(segment_mod, "_NAMELESS", nameless)
+    q = shmkit.Queue(path=tmp_path / ("q" * 240))
+    try:
+        with pytest.raises(shmkit.InvalidNameError, match="longer than the file system"):
+            q.put(_array(1, MiB))
+        q.put("small")
+        assert q.get(timeout=5) == "small"
+    finally:
+        q.close()
+        q.unlink()
+    assert os.listdir(tmp_path) == []
+
+
 def test_missing_payload_is_reported_lost(queue):
     queue.put(_array(6, MiB))
     os.unlink(_one_payload(queue))

@@ -325,8 +325,14 @@ def _too_long(path: str) -> InvalidNameError:
 def _link_new(fd: int, mapping: Any, path: str) -> None:
     """Give a file made by :func:`_new_file` its name (and remove its hidden
     one, if it has one, in the same call): FileExistsError if the name is
-    taken."""
-    _core.link_file(fd, os.fsencode(path), mapping)
+    taken, InvalidNameError if it is too long (a file made without a name
+    meets the limit only here)."""
+    try:
+        _core.link_file(fd, os.fsencode(path), mapping)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise _too_long(path) from None
+        raise
 
 
 def _map(fd: int, reserve: int, length: int, where: str, readonly: bool = False) -> Any:
