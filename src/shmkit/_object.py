@@ -60,10 +60,10 @@ def attach_segment(kind: Kind, name: str | None, path: Any, *, size: int | None,
 def check_common(what: str, seg: Segment, *, lifetime: Any = DEFAULT,
                  max_attach: Any = DEFAULT) -> None:
     """Refuse an explicit ``lifetime`` or ``max_attach`` the existing object lacks."""
-    if seg.created:
+    if seg.created or (lifetime is DEFAULT and max_attach is DEFAULT):
         return
-    error = seg._disagreement(what, lifetime=lifetime if given(lifetime) else None,
-                              max_attach=max_attach if given(max_attach) else None)
+    error = seg._disagreement(what, lifetime=None if lifetime is DEFAULT else lifetime,
+                              max_attach=None if max_attach is DEFAULT else max_attach)
     if error is not None:
         raise error
 

@@ -1062,11 +1062,12 @@ class Channel(SharedObject, _core.Ring):
     def _open(self, name: str | None, capacity: Any, create: bool | None, path: Any,
               lifetime: Any, mode: int, max_attach: Any, max_items: Any,
               readonly: bool = False, trust_owner: int | str | None = None) -> None:
+        # (`is DEFAULT` rather than given(): this runs on every open)
         default_cap = QUEUE_CAPACITY if self._kind == Kind.QUEUE else DEFAULT_CAPACITY
-        cap = _check_capacity(capacity if given(capacity) else default_cap)
-        items = max_items if given(max_items) else 0
-        slots = max_attach if given(max_attach) else DEFAULT_MAX_ATTACH
-        if lifetime is None or not given(lifetime):
+        cap = _check_capacity(default_cap if capacity is DEFAULT else capacity)
+        items = 0 if max_items is DEFAULT else max_items
+        slots = DEFAULT_MAX_ATTACH if max_attach is DEFAULT else max_attach
+        if lifetime is None or lifetime is DEFAULT:
             life = "attached" if name is None and path is None else "persistent"
         else:
             life = lifetime
@@ -1080,12 +1081,12 @@ class Channel(SharedObject, _core.Ring):
             create=False if readonly else create, mode=mode, readonly=readonly,
             lifetime=life, max_attach=slots, init=init, trust_owner=trust_owner,
             layout={"format": FORMAT, "capacity": cap, "max_items": items})
-        self._adopt(seg, capacity=cap if given(capacity) else DEFAULT, max_items=max_items,
+        self._adopt(seg, capacity=DEFAULT if capacity is DEFAULT else cap, max_items=max_items,
                     lifetime=lifetime, max_attach=max_attach)
 
     def _adopt(self, seg: Segment, capacity: Any = DEFAULT, max_items: Any = DEFAULT,
                lifetime: Any = DEFAULT, max_attach: Any = DEFAULT) -> None:
-        what = self._kind.name.lower()
+        what = self._what
         try:
             layout = seg._layout
             fmt = layout.get("format")
@@ -1097,10 +1098,10 @@ class Channel(SharedObject, _core.Ring):
             self._bind(seg._mapping, seg._hsize, seg.name)
             if not seg.created:
                 # An explicit parameter is honoured or refused, never ignored.
-                if given(capacity) and self.capacity < capacity:
+                if capacity is not DEFAULT and self.capacity < capacity:
                     raise mismatch(what, seg.name, "capacity", capacity, self.capacity)
                 have = layout.get("max_items", 0)
-                if given(max_items) and max_items != have:
+                if max_items is not DEFAULT and max_items != have:
                     raise mismatch(what, seg.name, "maxsize", max_items, have)
                 check_common(what, seg, lifetime=lifetime, max_attach=max_attach)
         except BaseException:
@@ -1556,3 +1557,4 @@ class Queue(SharedObject):
 
 class _QueueChannel(Channel):
     _kind = Kind.QUEUE
+    _what = "queue"

@@ -394,12 +394,13 @@ class _Header:
 _LAYOUTS: dict[bytes, dict[str, Any]] = {}  # decoded layouts: objects of a kind share few
 
 
-def _layout_of(text: bytes, where: str) -> dict[str, Any]:
-    """The layout ``text`` describes, decoded once per distinct text; shared,
-    so never changed (``Segment.layout`` hands users their own copy)."""
+def _layout_of(text: bytes, name: str) -> dict[str, Any]:
+    """The layout ``text`` of segment ``name`` describes, decoded once per
+    distinct text; shared, so never changed (``Segment.layout`` hands users
+    their own copy)."""
     layout = _LAYOUTS.get(text)
     if layout is None:
-        layout = _decode_layout(text, where)
+        layout = _decode_layout(text, repr(name))
         if len(_LAYOUTS) >= 4096:
             _LAYOUTS.clear()
         _LAYOUTS[text] = layout
@@ -443,10 +444,21 @@ class Closing:
         self.close()
 
     def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+        # CPython drops whatever __del__ raises, and nothing would close this
+        # handle again: a Ctrl-C landing inside close() (lost to the program
+        # either way) must not leave the close half done.
+        for _ in range(100):
+            try:
+                self.close()
+                return
+            except KeyboardInterrupt:
+                continue
+            except Exception:
+                return
+
+
+# What Segment.open checks against the existing segment, when given.
+_ASKED = ("size", "mode", "lifetime", "max_size", "max_attach")
 
 
 class SegmentInfo(dict[str, Any]):
@@ -595,10 +607,11 @@ class Segment(Closing):
         shmkit.errors.NotFoundError: ...
         """
         self = cls.__new__(cls)
-        asked = {k: kwargs.pop(k) for k in ("size", "mode", "lifetime", "max_size",
-                                             "max_attach") if kwargs.get(k) is not None}
+        asked = {k: kwargs.pop(k) for k in _ASKED if kwargs.get(k) is not None} \
+            if kwargs else None
         self._attach(name, kwargs.pop("path", None), size=None, create=False, **kwargs)
-        self._refuse_disagreeing(**asked)
+        if asked:
+            self._refuse_disagreeing(**asked)
         return self
 
     @classmethod
@@ -792,7 +805,7 @@ class Segment(Closing):
         # call of the core; it returns None (leaving nothing open) for all
         # else, which the steps below handle: they wait for a creator,
         # recover a half-created file, or raise the error that fits.
-        got = _core.open_segment(os.fsencode(self._path), not self._readonly, kind,
+        got = _core.open_segment(self._path, not self._readonly, kind,
                                  -1 if self._trust_uid is None else self._trust_uid,
                                  _claim_start(), _process_name())
         if got is not None:
@@ -948,7 +961,7 @@ class Segment(Closing):
         self._token = self._mapping.token
         _live[id(self)] = weakref.ref(self)
         try:
-            self._layout = _layout_of(self._layout_text, repr(self._name))
+            self._layout = _layout_of(self._layout_text, self._name)
         except CorruptError:
             self._detach()
             raise
@@ -1019,15 +1032,15 @@ class Segment(Closing):
         # dead parent would look alive while this child lives.
         if self._closed:
             return
+        if self._mapping.closed:  # a close() interrupted after its detach
+            self._detach()
+            return
         if self._mapping.abandoned or self._mapping.name_removed:
             # Another thread of the parent was creating it, or closing it
             # as its last holder (the name is gone; the clean-up is that
             # thread's, in the parent): not the child's to keep.
             self._detach()
             return
-        # A thread of the parent was closing it: that thread is not here,
-        # and its claim would make every close() in the child do nothing.
-        self.__dict__.pop("_closer", None)
         _core.attach_detach(self._mapping)
         self._fd = self._mapping.reopen_file(self._fd)
         self._claim_slot()
@@ -1042,58 +1055,43 @@ class Segment(Closing):
         unmapped after the last one goes.  With ``lifetime="attached"`` the
         last process to close removes the segment.
         """
-        # One close at a time: another thread's, or a signal handler's made
-        # while this thread is inside one, returns at once (setdefault is
-        # atomic), instead of working on a descriptor being closed.
         if self._closed:
             return
-        me = object()
         try:
-            # on the handle itself: a claim a Ctrl-C strands stops only this
-            # handle's close (its mapping still closes the file when freed)
-            if self.__dict__.setdefault("_closer", me) is not me:
-                return
-            if self._closed:  # closed by the one that held the claim just before
-                return
-            if self._flags & _FLAG_ATTACHED:
-                # Closing the descriptor (in _detach) drops our own lock; the
-                # "attached" lifetime drops it first, to test for others.
-                if self._readonly:
-                    _core.ofd_unlock(self._fd, _READER_BYTE, 1)
-                elif self._token:
-                    _core.ofd_unlock(self._fd, _SLOT_LOCK_BASE + (self._token & 0x3FF), 1)
-                # One call of the core (it may open the name for its check,
-                # and a Ctrl-C must not strand that descriptor).
-                _core.remove_if_last(self._mapping, os.fsencode(self._path), self._readonly)
-            self._detach()
+            # One call of the core, which takes the file for itself first: a
+            # close racing this one (another thread's, or a signal handler's
+            # made while this thread is inside one) finds nothing left to do,
+            # and one that a Ctrl-C interrupted can be called again.  It ends
+            # the "attached" lifetime too: our lock dropped, the name removed
+            # if nobody else holds it.
+            self._detach(self._path if self._flags & _FLAG_ATTACHED else None)
         finally:
-            mine = self.__dict__.get("_closer") is me
-            try:
-                if mine:
-                    del self.__dict__["_closer"]
-            finally:
-                # From the mapping, where the core noted it: a Ctrl-C just after
-                # the removal must not skip the clean-up hook (it runs once, in
-                # the close that held the claim, once the handle is closed).
-                if mine and self._mapping is not None and self._mapping.name_removed:
-                    self._removed = True
-                    self._destroyed()
+            # From the mapping, where the core noted it: a Ctrl-C just after
+            # the removal must not skip the clean-up hook (_destroyed runs it
+            # once, whichever close gets here first).
+            if self._mapping is not None and self._mapping.name_removed:
+                self._removed = True
+                self._destroyed()
 
     _on_destroy: Callable[[], Any] | None = None
 
     def _destroyed(self) -> None:
-        # The clean-up hook runs once, in the process that removed the name.
-        hook, self._on_destroy = self._on_destroy, None
+        # The clean-up hook runs once, in the process that removed the name
+        # (taken in one step: closes racing here run it once).
+        hook = self.__dict__.pop("_on_destroy", None)
         if hook is not None:
             hook()
 
-    def _detach(self) -> None:
+    def _detach(self, last_path: str | None = None) -> None:
+        # One step in the core: a Ctrl-C cannot leave the file open (the
+        # mapping owns it: without a mapping there is no file to close), nor,
+        # given ``last_path``, an "attached" object whose last holder let go.
+        # First, so that an interrupted close() can be called again; a second
+        # detach finds the file closed and does nothing.
+        if self._mapping is not None:
+            self._mapping.detach(self._fd, last_path)
         self._closed = True
         _live.pop(id(self), None)
-        if self._mapping is not None:
-            # one step in the core: a Ctrl-C cannot leave the file open (the
-            # mapping owns it: without a mapping there is no file to close)
-            self._mapping.detach(self._fd)
         self._fd = -1
         self._token = 0
 

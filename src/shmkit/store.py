@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 from ._lazy import numpy
 from . import _core
-from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
+from ._object import DEFAULT, SharedObject, attach_segment, check_common, mismatch
 from .errors import (
     CorruptError,
     FormatVersionError,
@@ -355,18 +355,19 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
                  max_attach: int = DEFAULT,
                  on_destroy: Callable[[], Any] | None = None,
                  trust_owner: int | str | None = None) -> None:
-        if given(codec) and codec not in (None, "pickle"):
+        # (`is DEFAULT` rather than given(): this runs on every open)
+        if codec is not DEFAULT and codec not in (None, "pickle"):
             raise ValueError(f"codec must be None or 'pickle', not {codec!r}")
         if size is not None and (not isinstance(size, int) or isinstance(size, bool)
                                  or size < _MIN_SIZE):
             raise ValueError(f"size must be an int of at least {_MIN_SIZE} bytes, "
                              f"not {size!r}")
-        if not given(read_timeout):
+        if read_timeout is DEFAULT:
             read_timeout = timeout if timeout is not None else READ_TIMEOUT
         _check_timeout("read_timeout", read_timeout)
         if max_size is not None and max_size > 1 << 44:
             raise ValueError("max_size cannot exceed 16 TiB")
-        layout = {"format": FORMAT, "codec": (codec if given(codec) else None) or "none"}
+        layout = {"format": FORMAT, "codec": (None if codec is DEFAULT else codec) or "none"}
 
         def init(seg: Segment) -> None:  # only when this call creates it
             table = _core.Table()
@@ -374,7 +375,7 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
             table._format(int.from_bytes(os.urandom(8), "little"))
 
         extra = {k: v for k, v in (("lifetime", lifetime), ("max_attach", max_attach))
-                 if given(v)}
+                 if v is not DEFAULT}
         seg = attach_segment(Kind.STORE, name, path,
                              size=(size or _DEFAULT_SIZE) if create is not False else None,
                              create=create, layout=layout, init=init, readonly=readonly,
@@ -400,7 +401,7 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
                                          f"{have!r}; use the shmkit that made it")
             if not seg.created:
                 # An explicit parameter is honoured or refused, never ignored.
-                if given(codec) and (codec or "none") != have:
+                if codec is not DEFAULT and (codec or "none") != have:
                     raise mismatch("store", seg.name, "codec", codec,
                                    None if have == "none" else have)
                 if max_size is not None and max_size != seg.max_size:
@@ -419,7 +420,7 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         self._timeout = timeout
         self._codec = "pickle" if have == "pickle" else None
         pick = self._codec == "pickle"
-        if not given(read_timeout):
+        if read_timeout is DEFAULT:
             read_timeout = timeout if timeout is not None else READ_TIMEOUT
         self._bind(seg._mapping, seg._hsize, readonly=seg.readonly, pickle=pick,
                    encode=_encode_pickle if pick else _encode_plain,

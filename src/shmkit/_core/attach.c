@@ -26,7 +26,10 @@
  *   slot_counts(mapping, table) -> [(slot, off, word, count, alive)]
  *   token_alive(mapping, token) -> bool
  *   ofd_lock / ofd_unlock / ofd_held          the raw byte-range locks
- *   remove_if_last(mapping, path, reopen) -> bool  the "attached" lifetime's end
+ *   remove_if_last(mapping, path, reopen) -> bool  remove the name if nobody else
+ *                                             is attached (a creation given up)
+ * and for mapping.detach (mapping.c), shm_attach_end: the "attached"
+ * lifetime's end, our own lock dropped and the name removed if we were last.
  */
 #include "shmkit.h"
 #include "layout.h"
@@ -671,18 +674,14 @@ py_ofd_held(PyObject *mod, PyObject *args)
  * mapping owns, never a number that may have been closed and reused.  The
  * caller has dropped its own slot's lock first; the lock taken here on the
  * mapping's file goes when the mapping closes it. */
-static PyObject *
-py_remove_if_last(PyObject *mod, PyObject *args)
+int
+shm_remove_if_last(MappingObject *m, int fd, const char *path, int reopen)
 {
-    PyObject *obj;
-    const char *path;
-    int reopen, removed = 0;
-    if (!PyArg_ParseTuple(args, "O&yp", shm_mapping_converter, &obj, &path, &reopen))
-        return NULL;
-    int fd = ((MappingObject *)obj)->owned_fd;
+    int removed = 0;
     if (fd < 0)
-        Py_RETURN_FALSE; /* let go already: nothing of ours to test or remove */
-    Py_BEGIN_ALLOW_THREADS
+        return 0; /* let go already: nothing of ours to test or remove */
+    /* With the GIL held (the calls are short and never block): no other
+     * thread's close, no signal handler and no fork comes between them. */
     int lock_fd = reopen ? open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK) : fd;
     struct stat here, mine;
     if (lock_fd >= 0) {
@@ -694,10 +693,32 @@ py_remove_if_last(PyObject *mod, PyObject *args)
         if (lock_fd != fd)
             close(lock_fd);
     }
-    Py_END_ALLOW_THREADS
     if (removed) /* kept where a Ctrl-C as this returns cannot lose it */
-        ((MappingObject *)obj)->name_removed = 1;
-    return PyBool_FromLong(removed);
+        m->name_removed = 1;
+    return removed;
+}
+
+void
+shm_attach_end(MappingObject *m, int fd, const char *path)
+{
+    /* Our own lock first: the test below must see only the others'. */
+    if (m->readonly)
+        shm_ofd_setlk(fd, READER_BYTE, 1, F_UNLCK);
+    else if (m->token != 0)
+        shm_ofd_setlk(fd, SHM_SLOT_LOCK_BASE + SHM_TOKEN_SLOT(m->token), 1, F_UNLCK);
+    shm_remove_if_last(m, fd, path, m->readonly);
+}
+
+static PyObject *
+py_remove_if_last(PyObject *mod, PyObject *args)
+{
+    PyObject *obj;
+    const char *path;
+    int reopen;
+    if (!PyArg_ParseTuple(args, "O&yp", shm_mapping_converter, &obj, &path, &reopen))
+        return NULL;
+    MappingObject *m = (MappingObject *)obj;
+    return PyBool_FromLong(shm_remove_if_last(m, m->owned_fd, path, reopen));
 }
 
 static PyObject *

@@ -384,17 +384,35 @@ mapping_close(MappingObject *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_TRUE;
 }
 
-/* A handle's close in one step, so that a Ctrl-C cannot split it: forget
- * the attachment, close its file (fd, if this mapping owns it: a second
- * detach, from a thread that raced the first, must not close a number the
- * process may have reused meanwhile; the slot's lock goes with the file),
- * and close the mapping. */
+static int
+path_or_none(PyObject *obj, void *out)
+{
+    if (obj == Py_None) {
+        *(PyObject **)out = NULL;
+        return 1;
+    }
+    return PyUnicode_FSConverter(obj, out);
+}
+
+/* A handle's close in one step, so that a Ctrl-C cannot split it: end the
+ * "attached" lifetime when given the path (drop our lock, remove the name if
+ * we were the last: shm_attach_end), forget the attachment, close its file
+ * (fd, if this mapping owns it: a second detach, from a thread that raced
+ * the first, must not close a number the process may have reused meanwhile;
+ * the slot's lock goes with the file), and close the mapping. */
 static PyObject *
-mapping_detach(MappingObject *self, PyObject *arg)
+mapping_detach(MappingObject *self, PyObject *args)
 {
     int fd;
-    if (!PyArg_Parse(arg, "i", &fd))
+    PyObject *path = NULL;
+    if (!PyArg_ParseTuple(args, "i|O&", &fd, path_or_none, &path))
         return NULL;
+    /* All with the GIL held: a close racing this one (another thread's, or
+     * a signal handler's) runs before or after it, and then finds nothing
+     * left to end or close. */
+    if (path != NULL && fd >= 0 && fd == self->owned_fd)
+        shm_attach_end(self, fd, PyBytes_AS_STRING(path));
+    Py_XDECREF(path);
     shm_attach_detach(self);
     if (fd >= 0)
         mapping_close_owned(self, fd);
@@ -550,9 +568,12 @@ static PyMethodDef mapping_methods[] = {
      "close($self, /)\n--\n\n"
      "close() -> bool\n\nUnmap now and return True, or, while views are still "
      "exported, return False and unmap when the last one is released."},
-    {"detach", (PyCFunction)mapping_detach, METH_O,
-     "detach($self, fd, /)\n--\n\n"
-     "detach(fd) -> bool\n\nForget the attachment, close fd if this mapping owns it "
+    {"detach", (PyCFunction)mapping_detach, METH_VARARGS,
+     "detach($self, fd, path=None, /)\n--\n\n"
+     "detach(fd, path=None) -> bool\n\nWith path (the \"attached\" lifetime): drop "
+     "this attachment's lock and remove path if it still names the file and nobody "
+     "else is attached (name_removed then says so).  Then forget the attachment, close "
+     "fd if this mapping owns it "
      "(its slot's lock goes with it) and close the mapping, in one step; close()'s "
      "result."},
     {"abandon", (PyCFunction)mapping_abandon_py, METH_NOARGS,

@@ -147,16 +147,9 @@ trusted_owner(uid_t uid, long long trust_uid)
 }
 
 static PyObject *
-py_open_segment(PyObject *mod, PyObject *args)
+open_segment_at(PyObject *mod, const char *path, int writable, unsigned int kind,
+                long long trust_uid, unsigned int start, const char *comm, Py_ssize_t comm_len)
 {
-    const char *path, *comm;
-    Py_ssize_t comm_len;
-    int writable;
-    unsigned int kind, start;
-    long long trust_uid;
-    if (!PyArg_ParseTuple(args, "ypILIy#", &path, &writable, &kind, &trust_uid, &start,
-                          &comm, &comm_len))
-        return NULL;
     /* The whole header page: the fixed fields and the layout text. */
     union {
         struct shm_segment_hdr h;
@@ -218,6 +211,24 @@ undo:
     Py_DECREF(m); /* unmaps */
     close(fd);
     Py_RETURN_NONE;
+}
+
+static PyObject *
+py_open_segment(PyObject *mod, PyObject *args)
+{
+    PyObject *path;
+    const char *comm;
+    Py_ssize_t comm_len;
+    int writable;
+    unsigned int kind, start;
+    long long trust_uid;
+    if (!PyArg_ParseTuple(args, "O&pILIy#", PyUnicode_FSConverter, &path, &writable, &kind,
+                          &trust_uid, &start, &comm, &comm_len))
+        return NULL;
+    PyObject *out = open_segment_at(mod, PyBytes_AS_STRING(path), writable, kind, trust_uid,
+                                    start, comm, comm_len);
+    Py_DECREF(path);
+    return out;
 }
 
 /* posix_fallocate of [offset, offset + length), kept going when a signal

@@ -220,6 +220,15 @@ int shm_vfail(int code, const char *fmt, va_list va);
 /* Take (F_WRLCK, F_RDLCK) or drop (F_UNLCK) an OFD lock on [start, start+len)
  * without blocking: 1 done, 0 busy, -1 errno set. */
 int shm_ofd_setlk(int fd, off_t start, off_t len, short type);
+/* The name at path, if it still names fd's file (m's) and no other open
+ * file holds an attach lock: removed (m->name_removed set), 1; else 0.
+ * reopen: take the test's lock through a descriptor opened for writing
+ * just for it (fd is open read-only). */
+int shm_remove_if_last(MappingObject *m, int fd, const char *path, int reopen);
+/* The "attached" lifetime's end for m's handle, whose file is fd: drop its
+ * own attach lock (the slot's, or a read-only handle's reader byte), then
+ * shm_remove_if_last. */
+void shm_attach_end(MappingObject *m, int fd, const char *path);
 /* The attach-table entry of slot (layout.h), or NULL when the mapping is
  * closed or the entry lies outside it. */
 struct shm_attach_entry;
