@@ -568,6 +568,36 @@ def test_a_pooled_payload_is_reused_but_never_while_its_receiver_holds_it(name):
         q.unlink()
 
 
+def _put_one_big(qname: str, done) -> None:
+    with shmkit.Queue.open(qname) as q:
+        q.put(_array(5, 4 * MiB), timeout=60)
+        done.wait(60)  # the sender's pool holds the file till it closes
+
+
+def test_closing_a_queue_unmaps_the_pooled_files_it_received(name):
+    """The receiver keeps its mapping of a pooled payload file for the next
+    object in it; closing its handle of the queue lets the idle ones go
+    (before, they stayed mapped until the process's next big receive)."""
+    q = shmkit.Queue(4, name=name)
+    done = FORK.Event()
+    p = FORK.Process(target=_put_one_big, args=(name, done))
+    p.start()
+    try:
+        assert np.array_equal(q.get(timeout=60), _array(5, 4 * MiB))  # then dropped
+
+        def mapped() -> list[str]:
+            with open("/proc/self/maps") as maps:
+                return [line for line in maps if f"{name}{channel._OOB_SEP}" in line]
+
+        assert mapped(), "the receiver keeps its mapping of the pooled file"
+        q.close()
+        assert not mapped(), "a closed queue left its pooled files mapped"
+    finally:
+        done.set()
+        p.join(60)
+        q.unlink()
+
+
 def _take_and_hold(qname, ready):
     q = shmkit.Queue.open(qname)
     a = q.get(timeout=60)
@@ -898,20 +928,32 @@ def test_a_killed_senders_file_is_unmapped_by_its_receiver_once_removed(name):
         q.unlink(); q.close()
 
 
+def _put_then_close(qname: str, taken) -> None:
+    sender = shmkit.Queue.open(qname)
+    sender.put(np.full(MiB, 1, np.uint8))
+    taken.wait(60)
+    sender.close()  # drops (and removes) its free file
+
+
 def test_a_receiver_unmaps_what_its_sender_dropped(name):
     q = shmkit.Queue(name=name)
+    taken = FORK.Event()
+    p = FORK.Process(target=_put_then_close, args=(name, taken))
+    p.start()
     try:
-        sender = shmkit.Queue.open(name)
-        sender.put(np.full(MiB, 1, np.uint8))
-        assert int(q.get(timeout=5)[0]) == 1  # and its last view goes at once
+        assert int(q.get(timeout=60)[0]) == 1  # and its last view goes at once
         kept = [m for p, m in channel._received.maps.values() if name + "~oob." in p]
         assert len(kept) == 1 and not kept[0].closed
-        sender.close()  # drops (and removes) its free file
+        taken.set()
+        p.join(60)
+        assert p.exitcode == 0
         assert not _payloads(q) and not kept[0].closed
         q.put(np.full(MiB, 2, np.uint8))
         assert int(q.get(timeout=5)[0]) == 2
         assert kept[0].closed  # unmapped at this process's next big receive
     finally:
+        taken.set()
+        p.join(60)
         q.unlink(); q.close()
 
 

@@ -517,7 +517,8 @@ class _Received:
 
     A mapping hands its file back (state free) by itself once the last view
     of an object is released (``Mapping.swap_when_idle``), and is unmapped
-    at this process's next big receive once its sender dropped it.  One that
+    at this process's next big receive once its sender dropped it, or when
+    a handle of its queue closes and no object uses it.  One that
     leaves the cache is unmapped, and its file removed if it is free and no
     sender holds it any more (its sender closed or died: nobody reuses it).
     A forked child starts with none (the parent's stay the parent's).
@@ -573,6 +574,19 @@ class _Received:
                             and _core.load32(m, _STATE_OFF) in (_DROPPED, _ORPHANED)):
                 del self.maps[key]
                 m.close()
+
+    def let_go_of(self, queue_path: str) -> None:
+        """Unmap the idle mappings of one queue's payload files: a handle of
+        it closed (one a received object still uses stays, and hands its
+        file back when the object goes)."""
+        prefix = queue_path + _OOB_SEP
+        with self.lock:
+            gone = [(p, k, m) for k, (p, m) in self.maps.items()
+                    if p.startswith(prefix) and not m.exports]
+            for _p, k, _m in gone:
+                del self.maps[k]
+        for p, k, m in gone:
+            self._forget(p, k, m)
 
     def clear(self) -> None:
         with self.lock:
@@ -1513,7 +1527,10 @@ class Queue(SharedObject):
             try:
                 ch.close()
             finally:  # an interrupt in close() must not leave the payloads
-                self._after_close(ch._seg)
+                try:
+                    self._after_close(ch._seg)
+                finally:
+                    _received.let_go_of(ch._seg.path)
 
     def unlink(self) -> None:
         """Remove the queue's name, and the payload files of the big objects
