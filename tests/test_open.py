@@ -632,7 +632,12 @@ sys.unraisablehook = id  # an interrupted __del__ reports so
 made = 0
 t0 = time.monotonic()
 while time.monotonic() - t0 < 3:
-    s = shmkit.Segment(path=f"{where}/s{made}", size=4096, lifetime="attached")
+    if made % 3 == 0:
+        s = shmkit.Segment(path=f"{where}/s{made}", size=4096, lifetime="attached")
+    elif made % 3 == 1:
+        s = shmkit.Store(path=f"{where}/s{made}", size=1 << 16, lifetime="attached")
+    else:
+        s = shmkit.Channel(path=f"{where}/s{made}", capacity=4096, lifetime="attached")
     made += 1
     try:
         armed = True
@@ -647,14 +652,15 @@ print(made, len(os.listdir(where)))
 
 
 def test_ctrl_c_as_a_dropped_handle_closes_itself_still_removes_an_attached_name(tmp_path):
-    """A Ctrl-C storm over the last handles of "attached" objects, each
-    closed by its __del__ as the program drops it.  CPython drops what
+    """A Ctrl-C storm over the last handles of "attached" objects (a raw
+    segment, a Store, a Channel), each closed by its __del__ as the program
+    drops it.  CPython drops what
     __del__ raises, so an interrupted close was never finished, and its
-    name stayed while the process lived (263 of 43,015 in one run before
-    __del__ finished the close).  Now the close is one call of the core,
-    and __del__ calls it again after an interrupt.  What is left is the
-    interpreter's check for signals as __del__ starts, before any code of
-    ours can catch it (0 to 2 in 44,000)."""
+    name stayed while the process lived (311 of 43,088 in one run).  Now the
+    close is one call of the core, and __del__ is the core's: it calls
+    close() again after an interrupt, and has no bytecode of its own for a
+    signal to stop (a __del__ in Python, retrying, still left 1 in 2,000 on
+    a loaded machine: the interpreter checks for signals as it starts)."""
     where = f"/dev/shm/shmkit-test-drop-{os.getpid()}-{os.urandom(3).hex()}"
     os.mkdir(where)
     try:
@@ -663,7 +669,7 @@ def test_ctrl_c_as_a_dropped_handle_closes_itself_still_removes_an_attached_name
         assert out.returncode == 0, out.stderr[-2000:]
         made, left = map(int, out.stdout.split())
         assert made > 1000
-        assert left <= made // 5000, f"{left} of {made} dropped handles left their name"
+        assert left == 0, f"{left} of {made} dropped handles left their name"
     finally:
         for f in os.listdir(where):
             os.unlink(os.path.join(where, f))

@@ -443,18 +443,12 @@ class Closing:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        # CPython drops whatever __del__ raises, and nothing would close this
-        # handle again: a Ctrl-C landing inside close() (lost to the program
-        # either way) must not leave the close half done.
-        for _ in range(100):
-            try:
-                self.close()
-                return
-            except KeyboardInterrupt:
-                continue
-            except Exception:
-                return
+    # CPython drops whatever __del__ raises, and nothing would close this
+    # handle again: a Ctrl-C landing inside close() (lost to the program
+    # either way) must not leave the close half done.  So __del__ is the
+    # core's, which calls close() again after an interrupt, with no bytecode
+    # of its own for a signal to stop.
+    __del__ = _core.close_at_del
 
 
 # What Segment.open checks against the existing segment, when given.

@@ -1,4 +1,5 @@
-/* fork.c - a forked child's after-fork work, safe from signal handlers.
+/* fork.c - calls that a Python signal handler cannot stop halfway: a forked
+ * child's after-fork work, and a handle's close from its __del__.
  *
  * In a child, shmkit's after-fork hook gives every handle an open file and
  * attach slot of its own (segment.py), and the other modules forget what
@@ -14,6 +15,16 @@
  * hold registered without the release that ends it.
  *
  *   signals_held(func) -> callable   func(), with the signals held back
+ *   close_at_del                       a handle's __del__: close(), called
+ *                                      again while a Ctrl-C stops it
+ *
+ * CPython drops an exception raised in __del__ too, and nothing would
+ * finish a close that a Ctrl-C stopped there: the handle's "attached" name
+ * would stay while the process lives.  A __del__ written in Python has a
+ * point where the interpreter checks for signals before any try of its own
+ * can catch them (as the function starts), and a retry loop has another
+ * (its jump back); this one is a method descriptor of C, so nothing but
+ * close() itself runs Python, and it is called again after each interrupt.
  *
  * The faults a bad access raises synchronously (SIGBUS, SIGSEGV, SIGILL,
  * SIGFPE, SIGTRAP) stay deliverable: blocked, they would kill the process.
@@ -64,7 +75,53 @@ py_signals_held(PyObject *mod, PyObject *func)
     return PyCFunction_New(&call_held_def, func);
 }
 
+/* close() again each time a KeyboardInterrupt stops it, at most 100 calls;
+ * another exception, or the 100th interrupt, is the result. */
+static PyObject *
+close_through_interrupts(PyObject *close)
+{
+    for (int tries = 1;; tries++) {
+        PyObject *result = PyObject_CallNoArgs(close);
+        if (result != NULL || tries == 100 || !PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+            return result;
+        PyErr_Clear();
+    }
+}
+
+/* A handle's __del__: its close() through interrupts; a close that fails
+ * otherwise is dropped, as a garbage-collected handle has nobody to tell. */
+static PyObject *
+close_at_del(PyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *close = PyObject_GetAttrString(self, "close");
+    PyObject *result = close == NULL ? NULL : close_through_interrupts(close);
+    Py_XDECREF(close);
+    if (result == NULL && PyErr_ExceptionMatches(PyExc_Exception)) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    return result;
+}
+
+static PyMethodDef close_at_del_def = {
+    "__del__", close_at_del, METH_NOARGS,
+    "__del__($self, /)\n--\n\nclose(), called again while a Ctrl-C stops it."};
+
+/* _core.close_at_del: a method descriptor (C from the first step, so no
+ * bytecode runs in it for a signal to stop) for a class's __del__. */
+int
+shm_init_fork(PyObject *module)
+{
+    PyObject *descr = PyDescr_NewMethod(&PyBaseObject_Type, &close_at_del_def);
+    if (descr == NULL || PyModule_AddObject(module, "close_at_del", descr) < 0) {
+        Py_XDECREF(descr);
+        return -1;
+    }
+    return 0;
+}
+
 PyMethodDef shm_fork_methods[] = {
+
     {"signals_held", py_signals_held, METH_O,
      "signals_held($module, func, /)\n--\n\n"
      "signals_held(func) -> callable\n\nA callable (C, so no bytecode runs before "

@@ -18,6 +18,7 @@ int shm_init_heap(PyObject *module);
 int shm_init_ring(PyObject *module);
 int shm_init_waitset(PyObject *module); /* waitset.c: after shm_init_ring */
 int shm_init_topic(PyObject *module);
+int shm_init_fork(PyObject *module);
 
 /* _core.layouts: {"segment": {...}, "attach_entry": {...}, "ring": {...}}, each
  * field's byte offset plus "format_version" and "bytes" (its length). */
@@ -214,7 +215,7 @@ core_exec(PyObject *m)
     if (shm_init_mapping(m) < 0 || shm_init_sigbus(m) < 0 || shm_init_special(m) < 0 ||
         shm_init_lock(m) < 0 || shm_init_ring(m) < 0 ||
         shm_init_table(m) < 0 ||
-        shm_init_heap(m) < 0 || shm_init_sync(m) < 0 ||
+        shm_init_heap(m) < 0 || shm_init_sync(m) < 0 || shm_init_fork(m) < 0 ||
         add_functions(m, shm_atomic_methods) < 0 ||
         add_functions(m, shm_futex_methods) < 0 ||
         add_functions(m, shm_attach_methods) < 0 ||
