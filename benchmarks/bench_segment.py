@@ -6,7 +6,9 @@
   opened by name, touched once (a byte, an element, the depth, the length,
   the capacity) and closed, against the same two anchors on a 64 MiB file;
   the Segment twice, with a growable kind's default 4 GiB reservation and
-  made with max_size=size, to show what the reservation costs;
+  made with max_size=size, to show what the reservation costs; and every
+  kind twice, made with the "attached" lifetime (its every close tests
+  whether it was the last) and with "persistent", a named object's default;
 * a new Python program that imports what it needs, opens one object by name,
   touches it and exits: what a short-lived process pays to attach.
 
@@ -99,11 +101,16 @@ def _touch_heap(name: str) -> None:
         h.capacity
 
 
-# "kind:<Kind>" systems: open by name, touch once, close
-_KIND_OPEN = {"kind:Segment": _touch_segment, "kind:Segment max_size": _touch_segment,
-              "kind:Array": _touch_array,
-              "kind:Channel": _touch_channel, "kind:Store": _touch_store,
-              "kind:Heap": _touch_heap}
+# "kind:<Kind>" systems: open by name, touch once, close.  Their objects have
+# the "attached" lifetime, whose last closer removes them, and whose every
+# close tests for that; "kind:<Kind> persistent" ones have the default
+# lifetime of a named object, whose close makes no such test.
+_TOUCH = {"Segment": _touch_segment, "Segment max_size": _touch_segment,
+          "Array": _touch_array, "Channel": _touch_channel, "Store": _touch_store,
+          "Heap": _touch_heap}
+_PERSISTENT = " persistent"
+_KIND_OPEN = {f"kind:{kind}{life}": touch for kind, touch in _TOUCH.items()
+              for life in ("", _PERSISTENT)}
 
 
 class _Worker:
@@ -135,18 +142,21 @@ def _make_kind(system: str) -> tuple[object, str]:
     import shmkit
     name = f"bench-attach-{system[5:].lower().replace(' ', '-')}-{os.getpid()}"
     kind = system[5:]
+    life = "attached"
+    if kind.endswith(_PERSISTENT):
+        kind, life = kind[:-len(_PERSISTENT)], "persistent"
     if kind == "Segment":
-        obj: object = shmkit.Segment(name, size=KIND_SIZE, lifetime="attached")
+        obj: object = shmkit.Segment(name, size=KIND_SIZE, lifetime=life)
     elif kind == "Segment max_size":
-        obj = shmkit.Segment(name, size=KIND_SIZE, max_size=KIND_SIZE, lifetime="attached")
+        obj = shmkit.Segment(name, size=KIND_SIZE, max_size=KIND_SIZE, lifetime=life)
     elif kind == "Array":
-        obj = shmkit.Array(name, np.uint8, (KIND_SIZE,), lifetime="attached")
+        obj = shmkit.Array(name, np.uint8, (KIND_SIZE,), lifetime=life)
     elif kind == "Channel":
-        obj = shmkit.Channel(name, capacity=KIND_SIZE, lifetime="attached")
+        obj = shmkit.Channel(name, capacity=KIND_SIZE, lifetime=life)
     elif kind == "Store":
-        obj = shmkit.Store(name, size=KIND_SIZE, lifetime="attached")
+        obj = shmkit.Store(name, size=KIND_SIZE, lifetime=life)
     else:
-        obj = shmkit.Heap(name, size=KIND_SIZE, lifetime="attached")
+        obj = shmkit.Heap(name, size=KIND_SIZE, lifetime=life)
     return obj, name
 
 
@@ -188,6 +198,8 @@ def _cleanup() -> None:
     for system, (obj, w) in list(_made.items()):
         w.stop()
         if system == "shmkit" or system in _KIND_OPEN:
+            if system.endswith(_PERSISTENT):
+                obj.unlink()
             obj.close()
         elif system.startswith("mp.shared_memory"):
             obj.close()
@@ -266,18 +278,21 @@ def kinds_mp(n: int) -> float:
     return _setup("mp.shared_memory 64 MiB").run(n)
 
 
-def _kind_workload(kind: str) -> None:
+def _kind_workload(kind: str, life: str) -> None:
     system = f"shmkit.{kind}.open"
     if kind == "Segment max_size":  # growable kinds reserve 4 GiB unless told otherwise
         system = "shmkit.Segment.open (made with max_size=size)"
+    if life:
+        system += ", lifetime persistent"
     @workload(KINDS, system=system)
     def run(n: int) -> float:
-        return _setup(f"kind:{kind}").run(n)
-    run.__name__ = f"kinds_{kind.lower().replace(' ', '_')}"
+        return _setup(f"kind:{kind}{life}").run(n)
+    run.__name__ = f"kinds_{kind.lower().replace(' ', '_')}{life.replace(' ', '_')}"
 
 
-for _kind in ("Segment", "Segment max_size", "Array", "Channel", "Store", "Heap"):
-    _kind_workload(_kind)
+for _life in ("", _PERSISTENT):
+    for _kind in _TOUCH:
+        _kind_workload(_kind, _life)
 
 
 PROGRAM = ("attach: start a Python program that opens one object of 64 MiB by name, "
