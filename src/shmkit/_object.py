@@ -20,6 +20,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from . import _core
 from .errors import ClosedError
 from .segment import Closing, Kind, Segment, SegmentInfo, mismatch
 
@@ -149,7 +150,13 @@ class SharedObject(Closing):
         twice.
         """
         seg = self._seg
-        if seg is None or seg.closed:
+        if seg is None:
+            return
+        if seg.closed:
+            # A close that a Ctrl-C stopped after the name went: the hook
+            # still runs, once (nothing else happens for a closed handle).
+            seg.close()
+            self._after_close(seg)
             return
         self._release()
         try:
@@ -181,9 +188,9 @@ class SharedObject(Closing):
         self._destroyed()
 
     def _destroyed(self) -> None:
-        hook, self._on_destroy = self._on_destroy, None
-        if hook is not None:
-            hook()
+        # taken and called in one step of the core: closes racing here run it
+        # once, and no Ctrl-C falls between taking it and calling it
+        _core.pop_and_call(self.__dict__, "_on_destroy")
 
     def __reduce__(self) -> tuple[Any, ...]:
         seg = self._held()

@@ -530,7 +530,6 @@ class Segment(Closing):
     _created = False
     _flags = 0
     _trust_uid: int | None = None
-    _removed = False  # this handle's close() removed the name (lifetime "attached")
     _lock_obj: Any = None  # the segment's Mutex, made on first use
 
     def __init__(self, name: str | None = None, size: int | None = None, *,
@@ -1049,32 +1048,39 @@ class Segment(Closing):
         unmapped after the last one goes.  With ``lifetime="attached"`` the
         last process to close removes the segment.
         """
-        if self._closed:
-            return
         try:
-            # One call of the core, which takes the file for itself first: a
-            # close racing this one (another thread's, or a signal handler's
-            # made while this thread is inside one) finds nothing left to do,
-            # and one that a Ctrl-C interrupted can be called again.  It ends
-            # the "attached" lifetime too: our lock dropped, the name removed
-            # if nobody else holds it.
-            self._detach(self._path if self._flags & _FLAG_ATTACHED else None)
+            if not self._closed:
+                # One call of the core, which runs no Python code: a close
+                # racing it (another thread's, or a signal handler's made
+                # while this thread is inside one) finds nothing left to do,
+                # and one that a Ctrl-C interrupted can be called again.  It
+                # ends the "attached" lifetime too: our lock dropped, the
+                # name removed if nobody else holds it (once, on the file it
+                # borrows: see Mapping.detach).
+                self._detach(self._path if self._flags & _FLAG_ATTACHED else None)
         finally:
-            # From the mapping, where the core noted it: a Ctrl-C just after
-            # the removal must not skip the clean-up hook (_destroyed runs it
-            # once, whichever close gets here first).
-            if self._mapping is not None and self._mapping.name_removed:
-                self._removed = True
+            # From the mapping, where the core noted it, and on every call: a
+            # Ctrl-C just after the removal, even inside this finally, must
+            # not skip the clean-up hook for good (the next close(), or the
+            # handle's __del__, runs it; _destroyed runs it once).
+            if self._removed:
                 self._destroyed()
+
+    @property
+    def _removed(self) -> bool:
+        """This handle's close() removed the name (lifetime "attached"), in
+        this process: a child forked meanwhile inherits the mark, and the
+        clean-up hook with it, which are its parent's."""
+        m = self._mapping
+        return m is not None and m.name_removed != 0 and m.removed_here
 
     _on_destroy: Callable[[], Any] | None = None
 
     def _destroyed(self) -> None:
         # The clean-up hook runs once, in the process that removed the name
-        # (taken in one step: closes racing here run it once).
-        hook = self.__dict__.pop("_on_destroy", None)
-        if hook is not None:
-            hook()
+        # (taken and called in one step of the core: closes racing here run
+        # it once, and no Ctrl-C falls between taking it and calling it).
+        _core.pop_and_call(self.__dict__, "_on_destroy")
 
     def _detach(self, last_path: str | None = None) -> None:
         # One step in the core: a Ctrl-C cannot leave the file open (the
@@ -1195,10 +1201,12 @@ class Segment(Closing):
         ours faulted past its end (see _core/sigbus.c), or, with ``look``,
         the file is now shorter than the header and payload."""
         m = self._live_mapping()
-        if m.truncated or (look and os.fstat(self._fd).st_size
+        # (the file's size through the mapping, which lends its descriptor:
+        # never a number another thread's close freed for reuse)
+        if m.truncated or (look and _core.file_sizes(m)[0]
                            < self._hsize + _core.load64(m, _OFF_SIZE)):
             raise CorruptError(
-                f"{self._name!r}'s file was truncated to {os.fstat(self._fd).st_size} bytes "
+                f"{self._name!r}'s file was truncated to {_core.file_sizes(m)[0]} bytes "
                 "by another process; its data can no longer be trusted; copy out what you "
                 "need and recreate it")
 
@@ -1209,7 +1217,7 @@ class Segment(Closing):
             self._check_truncated()
         end = self._hsize + size
         if end > m.length:
-            if size > self._max_size or end > os.fstat(self._fd).st_size:
+            if size > self._max_size or end > _core.file_sizes(m)[0]:
                 raise CorruptError(f"{self._name!r} claims {size} bytes, more than its "
                                    "file holds")
             m.set_length(end)
@@ -1360,7 +1368,9 @@ class Segment(Closing):
         old = self._sync_size()
         if size > old:
             try:
-                _core.allocate(self._fd, self._hsize + old, size - old)
+                # the mapping lends its file for the call: a close by another
+                # thread meanwhile cannot hand the number to some other file
+                _core.allocate(self._mapping, self._hsize + old, size - old)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                     raise OutOfSpaceError(
@@ -1371,7 +1381,7 @@ class Segment(Closing):
             start = _align(self._hsize + size, PAGE)
             end = self._hsize + old
             if end > start:
-                _punch_hole(self._fd, start, end - start)
+                _core.punch_hole(self._mapping, start, end - start)
             # The rest of the last page is kept: zero it so that growing
             # again shows zeros there too, never the old bytes.
             tail = min(start, end) - (self._hsize + size)
@@ -1413,7 +1423,7 @@ class Segment(Closing):
         info = SegmentInfo(
             name=self._name, path=self._path, kind=self._kind.name.lower(),
             size=self.size, max_size=self._max_size,
-            file_bytes=os.fstat(self._fd).st_blocks * 512,
+            file_bytes=_core.file_sizes(m)[1],
             format_version=FORMAT_VERSION,
             lifetime="attached" if self._flags & _FLAG_ATTACHED else "persistent",
             created=self._created_ns / 1e9, creator_pid=self._creator_pid,
@@ -1476,20 +1486,6 @@ def process_stopped(pid: int | None) -> bool:
     # follows the last ")".
     rest = stat_line[stat_line.rfind(b")") + 1:].split()
     return bool(rest) and rest[0] in (b"T", b"t")
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    """Give the pages of a byte range back to the system; they then read as zeros."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-    r = libc.fallocate(ctypes.c_int(fd), ctypes.c_int(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE),
-                       ctypes.c_long(offset), ctypes.c_long(length))
-    if r != 0:
-        e = ctypes.get_errno()
-        if e != errno.EOPNOTSUPP:  # a file system without holes keeps the pages
-            raise OSError(e, os.strerror(e))
 
 
 _child_hooks: list[Callable[[], None]] = []

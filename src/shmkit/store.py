@@ -608,7 +608,7 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         """Make every write so far durable (msync, and fsync for a file path)."""
         seg = self._held()
         self._flush()
-        os.fsync(seg._fd)
+        _core.sync_file(seg._mapping)
 
     def verify(self) -> dict:
         """Check every invariant of the store; raises CorruptError naming the first broken one.
@@ -625,7 +625,7 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         seg = self._held()
         stats = self._stats()
         stats["allocated_bytes"] = seg._hsize + seg.size
-        stats["file_bytes"] = os.fstat(seg._fd).st_blocks * 512
+        stats["file_bytes"] = _core.file_sizes(seg._mapping)[1]
         stats["codec"] = self._codec or "none"
         return stats
 

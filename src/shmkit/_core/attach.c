@@ -674,14 +674,17 @@ py_ofd_held(PyObject *mod, PyObject *args)
  * mapping owns, never a number that may have been closed and reused.  The
  * caller has dropped its own slot's lock first; the lock taken here on the
  * mapping's file goes when the mapping closes it. */
-int
-shm_remove_if_last(MappingObject *m, int fd, const char *path, int reopen)
+/* Remove the name at path if it still names fd's file (m's, borrowed by the
+ * caller) and no other open file holds an attach lock: 1 removed (noted in
+ * m->name_removed), else 0.  reopen: take the test's lock through a
+ * descriptor opened for writing just for it (fd is open read-only).  The
+ * GIL is let go: the unlink and the lock can wait on the file's inode lock
+ * (a fallocate growing the file, in any process). */
+static int
+remove_if_last(MappingObject *m, int fd, const char *path, int reopen)
 {
     int removed = 0;
-    if (fd < 0)
-        return 0; /* let go already: nothing of ours to test or remove */
-    /* With the GIL held (the calls are short and never block): no other
-     * thread's close, no signal handler and no fork comes between them. */
+    Py_BEGIN_ALLOW_THREADS
     int lock_fd = reopen ? open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK) : fd;
     struct stat here, mine;
     if (lock_fd >= 0) {
@@ -693,20 +696,33 @@ shm_remove_if_last(MappingObject *m, int fd, const char *path, int reopen)
         if (lock_fd != fd)
             close(lock_fd);
     }
+    Py_END_ALLOW_THREADS
     if (removed) /* kept where a Ctrl-C as this returns cannot lose it */
-        m->name_removed = 1;
+        m->name_removed = (int)getpid();
     return removed;
 }
 
 void
-shm_attach_end(MappingObject *m, int fd, const char *path)
+shm_attach_end(MappingObject *m, const char *path)
 {
+    /* Once: a close racing this one (another thread's, while the GIL is let
+     * go below) finds it under way and only closes.  The file is borrowed,
+     * so that close leaves it open until we are done with it. */
+    if (m->lifetime_ended || m->owned_fd < 0)
+        return;
+    int fd = shm_mapping_lend_fd(m);
+    if (fd < 0) {
+        PyErr_Clear();
+        return;
+    }
+    m->lifetime_ended = 1;
     /* Our own lock first: the test below must see only the others'. */
     if (m->readonly)
         shm_ofd_setlk(fd, READER_BYTE, 1, F_UNLCK);
     else if (m->token != 0)
         shm_ofd_setlk(fd, SHM_SLOT_LOCK_BASE + SHM_TOKEN_SLOT(m->token), 1, F_UNLCK);
-    shm_remove_if_last(m, fd, path, m->readonly);
+    remove_if_last(m, fd, path, m->readonly);
+    shm_mapping_return_fd(m);
 }
 
 static PyObject *
@@ -718,7 +734,12 @@ py_remove_if_last(PyObject *mod, PyObject *args)
     if (!PyArg_ParseTuple(args, "O&yp", shm_mapping_converter, &obj, &path, &reopen))
         return NULL;
     MappingObject *m = (MappingObject *)obj;
-    return PyBool_FromLong(shm_remove_if_last(m, m->owned_fd, path, reopen));
+    if (m->owned_fd < 0)
+        Py_RETURN_FALSE; /* let go already: nothing of ours to test or remove */
+    int fd = shm_mapping_lend_fd(m);
+    int removed = remove_if_last(m, fd, path, reopen);
+    shm_mapping_return_fd(m);
+    return PyBool_FromLong(removed);
 }
 
 static PyObject *

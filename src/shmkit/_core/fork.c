@@ -17,6 +17,8 @@
  *   signals_held(func) -> callable   func(), with the signals held back
  *   close_at_del                       a handle's __del__: close(), called
  *                                      again while a Ctrl-C stops it
+ *   pop_and_call(d, key)               d.pop(key)() if there is one: a hook
+ *                                      taken and called with no point between
  *
  * CPython drops an exception raised in __del__ too, and nothing would
  * finish a close that a Ctrl-C stopped there: the handle's "attached" name
@@ -120,7 +122,41 @@ shm_init_fork(PyObject *module)
     return 0;
 }
 
+/* The clean-up hook of a removed object (on_destroy) runs once: taken from
+ * the handle's __dict__ and called in one step, so that no Ctrl-C can fall
+ * between taking it and calling it, and lose it. */
+static PyObject *
+py_pop_and_call(PyObject *mod, PyObject *args)
+{
+    PyObject *dict, *key, *hook;
+    if (!PyArg_ParseTuple(args, "O!O", &PyDict_Type, &dict, &key))
+        return NULL;
+    if (!PyUnicode_CheckExact(key)) { /* (a str: no Python code runs in the lookup) */
+        PyErr_SetString(PyExc_TypeError, "pop_and_call: the key must be a str");
+        return NULL;
+    }
+    hook = PyDict_GetItemWithError(dict, key);
+    if (hook == NULL)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    Py_INCREF(hook);
+    if (PyDict_DelItem(dict, key) < 0) {
+        Py_DECREF(hook);
+        return NULL;
+    }
+    if (hook == Py_None) {
+        Py_DECREF(hook);
+        Py_RETURN_NONE;
+    }
+    PyObject *result = PyObject_CallNoArgs(hook);
+    Py_DECREF(hook);
+    return result;
+}
+
 PyMethodDef shm_fork_methods[] = {
+    {"pop_and_call", py_pop_and_call, METH_VARARGS,
+     "pop_and_call($module, d, key, /)\n--\n\n"
+     "pop_and_call(d, key)\n\nTake d[key] out of the dict and call it (nothing "
+     "if missing or None), with no point between for a signal to stop."},
 
     {"signals_held", py_signals_held, METH_O,
      "signals_held($module, func, /)\n--\n\n"

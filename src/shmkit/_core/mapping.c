@@ -167,7 +167,7 @@ mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     MappingObject *self = (MappingObject *)PyType_GenericNew(type, args, kwds);
     if (self != NULL)
-        self->owned_fd = -1; /* 0 would be a descriptor */
+        self->owned_fd = self->fd_unclosed = -1; /* 0 would be a descriptor */
     return (PyObject *)self;
 }
 
@@ -207,13 +207,78 @@ shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssize_t length, in
     return self;
 }
 
+/* The lists of mappings below are linked through two fields of each
+ * mapping (prev and next), and changed with the GIL held only. */
+#define LIST_PUSH(head, m, prev, next)                                                   \
+    do {                                                                                 \
+        (m)->prev = NULL;                                                                \
+        (m)->next = (head);                                                              \
+        if ((head) != NULL)                                                              \
+            (head)->prev = (m);                                                          \
+        (head) = (m);                                                                    \
+    } while (0)
+#define LIST_REMOVE(head, m, prev, next)                                                 \
+    do {                                                                                 \
+        if ((m)->prev != NULL)                                                           \
+            (m)->prev->next = (m)->next;                                                 \
+        else                                                                             \
+            (head) = (m)->next;                                                          \
+        if ((m)->next != NULL)                                                           \
+            (m)->next->prev = (m)->prev;                                                 \
+        (m)->prev = (m)->next = NULL;                                                    \
+    } while (0)
+
+/* The file lent out.  A call that lets the GIL go with the descriptor in
+ * hand (growing the file, punching a hole, fsync) borrows it: if another
+ * thread, or a signal handler, closed the handle meanwhile, the process
+ * could reuse the number at once for a file of its own, and the call would
+ * go on with that one (a punched hole zeroed another file's pages).  So a
+ * close while the file is lent leaves it open, as fd_unclosed, and the last
+ * return closes it.  Borrowing threads exist only in the process that
+ * borrowed: a forked child closes such files at once (forget_creations),
+ * and its own closes do not wait for lends of its parent's.  Mappings whose
+ * close waits are listed for that. */
+static MappingObject *unclosed_head;
+
+static void
+unclosed_close(MappingObject *m)
+{
+    if (m->fd_unclosed < 0)
+        return;
+    close(m->fd_unclosed);
+    m->fd_unclosed = -1;
+    LIST_REMOVE(unclosed_head, m, unclosed_prev, unclosed_next);
+}
+
+int
+shm_mapping_lend_fd(MappingObject *m)
+{
+    if (m->owned_fd < 0) {
+        PyErr_SetString(shm_state_of((PyObject *)m)->ClosedError,
+                        "the segment is closed in this process");
+        return -1;
+    }
+    pid_t me = getpid();
+    if (m->fd_lent > 0 && m->fd_lent_pid != me)
+        m->fd_lent = 0; /* lends of the parent's threads, which this child lacks */
+    m->fd_lent_pid = me;
+    m->fd_lent++;
+    return m->owned_fd;
+}
+
+void
+shm_mapping_return_fd(MappingObject *m)
+{
+    if (m->fd_lent > 0 && --m->fd_lent == 0)
+        unclosed_close(m);
+}
+
 /* Creations in progress (open.c's create_file until end_creation): a child
  * forked meanwhile (another thread of the parent was creating) must not keep
  * the file open, mapped or attached: its open file description would keep
  * the creator's init lock held after the creator died, and its slot would
- * make the unpublished file look like a damaged live object.  A list linked
- * through the mappings (a Queue's payloads stay listed while they wait for
- * room: any number); changed with the GIL held only. */
+ * make the unpublished file look like a damaged live object.  A list (a
+ * Queue's payloads stay listed while they wait for room: any number). */
 static MappingObject *creating_head;
 
 void
@@ -223,11 +288,7 @@ shm_creating_add(MappingObject *m, int private)
         return;
     m->creator_thread = PyThread_get_thread_ident();
     m->creating_private = private;
-    m->creating_prev = NULL;
-    m->creating_next = creating_head;
-    if (creating_head != NULL)
-        creating_head->creating_prev = m;
-    creating_head = m;
+    LIST_PUSH(creating_head, m, creating_prev, creating_next);
 }
 
 static void
@@ -235,13 +296,7 @@ creating_remove(MappingObject *m)
 {
     if (m->creator_thread == 0)
         return;
-    if (m->creating_prev != NULL)
-        m->creating_prev->creating_next = m->creating_next;
-    else
-        creating_head = m->creating_next;
-    if (m->creating_next != NULL)
-        m->creating_next->creating_prev = m->creating_prev;
-    m->creating_prev = m->creating_next = NULL;
+    LIST_REMOVE(creating_head, m, creating_prev, creating_next);
     m->creator_thread = 0;
 }
 
@@ -298,6 +353,11 @@ py_forget_creations(PyObject *mod, PyObject *Py_UNUSED(ignored))
         if (m->creator_thread != me || m->creating_private)
             mapping_abandon(m); /* (unlists it) */
     }
+    /* files whose close waited for a use by a thread the child lacks */
+    while (unclosed_head != NULL) {
+        unclosed_head->fd_lent = 0;
+        unclosed_close(unclosed_head); /* (unlists it) */
+    }
     Py_RETURN_NONE;
 }
 
@@ -332,14 +392,20 @@ mapping_unmap(MappingObject *self)
     }
 }
 
-/* Close the file this mapping owns, if it is fd (any, for -1). */
+/* Close the file this mapping owns, if it is fd (any, for -1): at once, or
+ * when the last use it is lent to ends. */
 static void
 mapping_close_owned(MappingObject *self, int fd)
 {
-    if (self->owned_fd >= 0 && (fd < 0 || fd == self->owned_fd)) {
+    if (self->owned_fd < 0 || (fd >= 0 && fd != self->owned_fd))
+        return;
+    if (self->fd_lent > 0 && self->fd_lent_pid == getpid() && self->fd_unclosed < 0) {
+        self->fd_unclosed = self->owned_fd;
+        LIST_PUSH(unclosed_head, self, unclosed_prev, unclosed_next);
+    } else {
         close(self->owned_fd);
-        self->owned_fd = -1;
     }
+    self->owned_fd = -1;
 }
 
 static void
@@ -349,7 +415,9 @@ mapping_dealloc(MappingObject *self)
     creating_remove(self);
     shm_mapping_drop_temp(self);
     mapping_unmap(self);
+    self->fd_lent = 0; /* (a borrower holds a reference: none is left here) */
     mapping_close_owned(self, -1);
+    unclosed_close(self);
     shm_free_instance((PyObject *)self);
 }
 
@@ -407,11 +475,12 @@ mapping_detach(MappingObject *self, PyObject *args)
     PyObject *path = NULL;
     if (!PyArg_ParseTuple(args, "i|O&", &fd, path_or_none, &path))
         return NULL;
-    /* All with the GIL held: a close racing this one (another thread's, or
-     * a signal handler's) runs before or after it, and then finds nothing
-     * left to end or close. */
+    /* No Python code runs inside: a signal handler's close runs before or
+     * after.  Another thread's close may run while the lifetime's end lets
+     * the GIL go: that end runs once, on the file it borrowed, which the
+     * other close leaves open until the end is done. */
     if (path != NULL && fd >= 0 && fd == self->owned_fd)
-        shm_attach_end(self, fd, PyBytes_AS_STRING(path));
+        shm_attach_end(self, PyBytes_AS_STRING(path));
     Py_XDECREF(path);
     shm_attach_detach(self);
     if (fd >= 0)
@@ -514,6 +583,14 @@ mapping_get_address(MappingObject *self, void *Py_UNUSED(c))
     return PyLong_FromVoidPtr(self->base);
 }
 
+/* The removal was this process's: its clean-up hook is this process's to
+ * run (a child forked meanwhile inherits the mark, and the hook, too). */
+static PyObject *
+mapping_get_removed_here(MappingObject *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->name_removed != 0 && self->name_removed == (int)getpid());
+}
+
 static PyObject *
 mapping_get_closed(MappingObject *self, void *Py_UNUSED(c))
 {
@@ -560,6 +637,8 @@ mapping_reopen_file(MappingObject *self, PyObject *arg)
     }
     self->owned_fd = fd;
     close(old_fd);
+    self->fd_lent = 0;         /* the parent's threads' uses: not the child's */
+    self->lifetime_ended = 0;  /* a parent's thread was closing: the child's own */
     return PyLong_FromLong(fd);
 }
 
@@ -618,7 +697,8 @@ static PyMemberDef mapping_members[] = {
      "buffers exported and not yet released"},
     {"readonly", T_INT, offsetof(MappingObject, readonly), READONLY, NULL},
     {"name_removed", T_INT, offsetof(MappingObject, name_removed), READONLY,
-     "remove_if_last removed the segment's name through this mapping"},
+     "the pid of the process that removed the segment's name through this mapping "
+     "(its parent's, in a forked child), or 0"},
     {"abandoned", T_INT, offsetof(MappingObject, abandoned), READONLY,
      "a forked child let go of it while another thread was creating it"},
     {"fd", T_INT, offsetof(MappingObject, fd), READONLY,
@@ -643,6 +723,8 @@ static PyGetSetDef mapping_getset[] = {
      "robust locks of this segment that threads of this process hold now", NULL},
     {"address", (getter)mapping_get_address, NULL, "base address (for diagnostics)", NULL},
     {"closed", (getter)mapping_get_closed, NULL, "True once close() was called", NULL},
+    {"removed_here", (getter)mapping_get_removed_here, NULL,
+     "True if this process removed the segment's name through this mapping", NULL},
     {NULL}
 };
 
@@ -764,7 +846,8 @@ PyMethodDef shm_mapping_methods[] = {
     {"forget_creations", py_forget_creations, METH_NOARGS,
      "forget_creations($module, /)\n--\n\n"
      "forget_creations()\n\nIn a forked child: let go of the files of other "
-     "threads' creations in progress (their mappings are marked abandoned)."},
+     "threads' creations in progress (their mappings are marked abandoned), and close "
+     "the files of closed handles that the parent's threads still had in use."},
     {NULL}
 };
 

@@ -44,9 +44,22 @@
  *       another thread lets go of it (by any thread, if private).
  *       Failures raise OSError with the errno, having left nothing.
  *
- *   allocate(fd, offset, length)
+ *   allocate(fd_or_mapping, offset, length)
  *       posix_fallocate, finished in smaller pieces when signals keep
- *       interrupting it (tmpfs undoes an interrupted call's work).
+ *       interrupting it (tmpfs undoes an interrupted call's work).  Given a
+ *       segment's mapping, on the file it owns, borrowed for the call.
+ *
+ *   punch_hole(mapping, offset, length)
+ *       Give the pages of a byte range of the mapping's file back to the
+ *       system (they read as zeros); nothing where the file system has no
+ *       holes.
+ *
+ *   sync_file(mapping)          fsync of the mapping's file
+ *   file_sizes(mapping) -> (size, allocated bytes)   fstat of it
+ *       The file borrowed for the call (shm_mapping_lend_fd): a close by
+ *       another thread meanwhile cannot hand its descriptor number to a file
+ *       the process opens next, and these calls to that file; ClosedError
+ *       once the handle is closed.
  *
  *   link_file(fd, path, mapping)
  *       Give the file of fd (made by create_file) the name path, and remove
@@ -263,18 +276,10 @@ allocate(int fd, off_t offset, off_t length)
     return 0;
 }
 
+/* None for 0; NULL with the exception set for -1, OSError for an errno. */
 static PyObject *
-py_allocate(PyObject *mod, PyObject *args)
+file_op_result(int err)
 {
-    int fd;
-    long long offset, length;
-    if (!PyArg_ParseTuple(args, "iLL", &fd, &offset, &length))
-        return NULL;
-    if (offset < 0 || length <= 0) {
-        PyErr_SetString(PyExc_ValueError, "allocate: need offset >= 0 and length > 0");
-        return NULL;
-    }
-    int err = allocate(fd, (off_t)offset, (off_t)length);
     if (err < 0)
         return NULL;
     if (err > 0) {
@@ -282,6 +287,104 @@ py_allocate(PyObject *mod, PyObject *args)
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *
+py_allocate(PyObject *mod, PyObject *args)
+{
+    PyObject *target;
+    long long offset, length;
+    if (!PyArg_ParseTuple(args, "OLL", &target, &offset, &length))
+        return NULL;
+    if (offset < 0 || length <= 0) {
+        PyErr_SetString(PyExc_ValueError, "allocate: need offset >= 0 and length > 0");
+        return NULL;
+    }
+    MappingObject *m = shm_is_mapping(target) ? (MappingObject *)target : NULL;
+    long fd = m != NULL ? shm_mapping_lend_fd(m) : PyLong_AsLong(target);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "allocate: not a file descriptor");
+        return NULL;
+    }
+    int err = allocate((int)fd, (off_t)offset, (off_t)length);
+    if (m != NULL)
+        shm_mapping_return_fd(m);
+    return file_op_result(err);
+}
+
+/* op on m's file, borrowed for the call, with the GIL let go: 0 or an
+ * errno; -1 with ClosedError when the handle was closed. */
+static int
+on_lent_file(MappingObject *m, int (*op)(int fd, off_t offset, off_t length), off_t offset,
+             off_t length)
+{
+    int fd = shm_mapping_lend_fd(m);
+    if (fd < 0)
+        return -1;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = op(fd, offset, length);
+    Py_END_ALLOW_THREADS
+    shm_mapping_return_fd(m);
+    return err;
+}
+
+static int
+punch(int fd, off_t offset, off_t length)
+{
+    if (fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offset, length) == 0)
+        return 0;
+    return errno == EOPNOTSUPP ? 0 : errno; /* a file system without holes keeps the pages */
+}
+
+static int
+sync_all(int fd, off_t offset, off_t length)
+{
+    return fsync(fd) == 0 ? 0 : errno;
+}
+
+static PyObject *
+py_punch_hole(PyObject *mod, PyObject *args)
+{
+    PyObject *obj;
+    long long offset, length;
+    if (!PyArg_ParseTuple(args, "O&LL", shm_mapping_converter, &obj, &offset, &length))
+        return NULL;
+    if (offset < 0 || length <= 0) {
+        PyErr_SetString(PyExc_ValueError, "punch_hole: need offset >= 0 and length > 0");
+        return NULL;
+    }
+    return file_op_result(on_lent_file((MappingObject *)obj, punch, (off_t)offset,
+                                       (off_t)length));
+}
+
+static PyObject *
+py_sync_file(PyObject *mod, PyObject *arg)
+{
+    PyObject *obj;
+    if (!shm_mapping_converter(arg, &obj))
+        return NULL;
+    return file_op_result(on_lent_file((MappingObject *)obj, sync_all, 0, 0));
+}
+
+static PyObject *
+py_file_sizes(PyObject *mod, PyObject *arg)
+{
+    PyObject *obj;
+    if (!shm_mapping_converter(arg, &obj))
+        return NULL;
+    MappingObject *m = (MappingObject *)obj;
+    int fd = shm_mapping_lend_fd(m); /* (the GIL stays held: lent for symmetry) */
+    if (fd < 0)
+        return NULL;
+    struct stat st;
+    int r = fstat(fd, &st);
+    shm_mapping_return_fd(m);
+    if (r != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return Py_BuildValue("(LL)", (long long)st.st_size, (long long)st.st_blocks * 512);
 }
 
 static PyObject *
@@ -423,10 +526,20 @@ PyMethodDef shm_open_methods[] = {
      "when link_file links the file or the mapping lets it go), its init lock held, the "
      "mapping owning the descriptor."},
     {"allocate", py_allocate, METH_VARARGS,
-     "allocate($module, fd, offset, length, /)\n--\n\n"
-     "allocate(fd, offset, length)\n\nposix_fallocate that a signal handler which "
+     "allocate($module, fd_or_mapping, offset, length, /)\n--\n\n"
+     "allocate(fd_or_mapping, offset, length)\n\nposix_fallocate (of a mapping's "
+     "file, borrowed for the call) that a signal handler which "
      "does not raise cannot keep from finishing (interrupted, it goes on in smaller "
      "pieces); OSError with the errno."},
+    {"punch_hole", py_punch_hole, METH_VARARGS,
+     "punch_hole($module, mapping, offset, length, /)\n--\n\n"
+     "punch_hole(mapping, offset, length)\n\nGive the pages of the range of the "
+     "mapping's file back to the system (they then read as zeros)."},
+    {"sync_file", py_sync_file, METH_O,
+     "sync_file($module, mapping, /)\n--\n\nfsync of the mapping's file."},
+    {"file_sizes", py_file_sizes, METH_O,
+     "file_sizes($module, mapping, /)\n--\n\n"
+     "file_sizes(mapping) -> (size, allocated bytes)\n\nfstat of the mapping's file."},
     {"link_file", py_link_file, METH_VARARGS,
      "link_file($module, fd, path, mapping, /)\n--\n\n"
      "link_file(fd, path, mapping)\n\nName the file of fd (made by create_file) "

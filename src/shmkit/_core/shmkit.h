@@ -49,7 +49,8 @@ typedef struct MappingObject {
     int fd;              /* the segment's file; -1 when detached */
     uintptr_t anchor;    /* the 1 GiB boundary it was placed below (mapping.c), or 0 */
     int owned_fd;        /* closed with the mapping (mapping.c); -1 none */
-    int name_removed;    /* remove_if_last removed the name (attach.c) */
+    int name_removed;    /* the pid of the process whose close removed the name
+                          * (attach.c; a forked child inherits it); 0 if none */
     unsigned long creator_thread; /* listed as this thread's creation in progress
                                    * (mapping.c); 0 when not listed */
     int creating_private; /* let go of in every forked child, even the creator's */
@@ -59,6 +60,14 @@ typedef struct MappingObject {
                           * system lacks O_TMPFILE (open.c): removed when the file
                           * is linked, or let go of; NULL otherwise */
     pid_t temp_pid;      /* the process that made it: a forked child never removes it */
+    /* Uses of owned_fd in progress that let the GIL go (mapping.c, "lent"):
+     * a close meanwhile leaves the file open, as fd_unclosed, until the
+     * last ends; such mappings are listed for a forked child to close. */
+    int fd_lent;
+    pid_t fd_lent_pid;   /* the process whose threads borrowed it */
+    int fd_unclosed;     /* -1 none */
+    int lifetime_ended;  /* shm_attach_end ran, or runs (attach.c) */
+    struct MappingObject *unclosed_prev, *unclosed_next;
     uint32_t token;      /* our lock-owner token; 0 when detached */
     Py_ssize_t table_off;/* byte offset of the attach table */
     uint32_t max_slots;
@@ -152,6 +161,11 @@ MappingObject *shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssi
  * thread, if private) lets go of it (forget_creations). */
 void shm_creating_add(MappingObject *m, int private);
 void shm_mapping_drop_temp(MappingObject *m); /* remove its hidden name, if ours */
+/* Borrow m's file for a call that lets the GIL go (GIL held): its
+ * descriptor, kept open until shm_mapping_return_fd however the handle is
+ * closed meanwhile; or -1 with ClosedError. */
+int shm_mapping_lend_fd(MappingObject *m);
+void shm_mapping_return_fd(MappingObject *m);
 
 /* Return a pointer to `size` bytes at `off`, or NULL with an exception set
  * when the mapping is closed, the range is out of bounds or misaligned. */
@@ -220,15 +234,12 @@ int shm_vfail(int code, const char *fmt, va_list va);
 /* Take (F_WRLCK, F_RDLCK) or drop (F_UNLCK) an OFD lock on [start, start+len)
  * without blocking: 1 done, 0 busy, -1 errno set. */
 int shm_ofd_setlk(int fd, off_t start, off_t len, short type);
-/* The name at path, if it still names fd's file (m's) and no other open
- * file holds an attach lock: removed (m->name_removed set), 1; else 0.
- * reopen: take the test's lock through a descriptor opened for writing
- * just for it (fd is open read-only). */
-int shm_remove_if_last(MappingObject *m, int fd, const char *path, int reopen);
-/* The "attached" lifetime's end for m's handle, whose file is fd: drop its
- * own attach lock (the slot's, or a read-only handle's reader byte), then
- * shm_remove_if_last. */
-void shm_attach_end(MappingObject *m, int fd, const char *path);
+/* The "attached" lifetime's end for m's handle (GIL held; attach.c): drop
+ * its own attach lock (the slot's, or a read-only handle's reader byte),
+ * then remove the name at path if it still names m's file and no other open
+ * file holds an attach lock (m->name_removed then set).  Once per mapping;
+ * nothing when m owns no file. */
+void shm_attach_end(MappingObject *m, const char *path);
 /* The attach-table entry of slot (layout.h), or NULL when the mapping is
  * closed or the entry lies outside it. */
 struct shm_attach_entry;
