@@ -495,7 +495,9 @@ mapping_set_length(MappingObject *self, PyObject *arg)
     if (n == -1 && PyErr_Occurred())
         return NULL;
     if (self->base == NULL) {
-        PyErr_SetString(PyExc_ValueError, "mapping is closed");
+        PyErr_SetString(shm_state_of((PyObject *)self)->ClosedError,
+                        "the segment is closed in this process (by another thread?); "
+                        "open it again");
         return NULL;
     }
     if (n < 0 || n > self->reserve) {
@@ -511,7 +513,9 @@ static int
 mapping_getbuffer(MappingObject *self, Py_buffer *view, int flags)
 {
     if (self->base == NULL || self->closing) {
-        PyErr_SetString(PyExc_ValueError, "mapping is closed");
+        PyErr_SetString(shm_state_of((PyObject *)self)->ClosedError,
+                        "the segment is closed in this process (by another thread?); "
+                        "open it again");
         return -1;
     }
     if (PyBuffer_FillInfo(view, (PyObject *)self, self->base, self->length,
@@ -551,7 +555,9 @@ mapping_swap_when_idle(MappingObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "nII:swap_when_idle", &off, &expected, &value))
         return NULL;
     if (self->base == NULL || self->closing) {
-        PyErr_SetString(PyExc_ValueError, "mapping is closed");
+        PyErr_SetString(shm_state_of((PyObject *)self)->ClosedError,
+                        "the segment is closed in this process (by another thread?); "
+                        "open it again");
         return NULL;
     }
     if (self->readonly) {
