@@ -993,6 +993,51 @@ def test_a_child_forked_while_threads_close_attached_handles_runs_each_hook_once
     assert rounds > 10
 
 
+def test_a_handle_used_by_threads_while_another_closes_it_raises_only_closed_error():
+    """Two threads use a handle (write, read, buf, size, info, attachments,
+    resize, its lock) while the main thread closes it: every call either
+    works or raises ClosedError, never a bare OSError (an fstat of the freed
+    descriptor) or ValueError (the closed mapping's buffer), as some did."""
+    ops = {
+        "write": lambda h: h.write(b"abcdefgh", offset=0),
+        "read": lambda h: h.read(8, offset=0),
+        "buf": lambda h: h.buf.release(),
+        "size": lambda h: h.size,
+        "info": lambda h: h.info(),
+        "attachments": lambda h: h.attachments(),
+        "resize": lambda h: h.resize(128 if h.size == 64 else 64),
+        "lock": lambda h: (h.lock.acquire(timeout=0.01), h.lock.release()),
+    }
+    raised: collections.Counter[str] = collections.Counter()
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3:
+            for name, op in ops.items():
+                h = shmkit.Segment(None, 64)
+                stop = threading.Event()
+
+                def use() -> None:
+                    try:
+                        while not stop.is_set():
+                            op(h)
+                    except Exception as e:
+                        raised[f"{name}: {type(e).__name__}"] += 1
+
+                threads = [threading.Thread(target=use) for _ in range(2)]
+                for t in threads:
+                    t.start()
+                time.sleep(0.001)
+                h.close()
+                stop.set()
+                for t in threads:
+                    t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert raised and all(k.endswith(": ClosedError") for k in raised), dict(raised)
+
+
 _FORK_MID_CREATION = r"""
 import os, sys, threading, time, shmkit
 name = sys.argv[1]
