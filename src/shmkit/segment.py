@@ -1405,7 +1405,7 @@ class Segment(Closing):
     def readonly_attached(self) -> bool:
         """True if some other process has it open with ``readonly=True``."""
         self._live_mapping()  # ClosedError, not EBADF, once closed
-        return _core.ofd_held(self._fd, _READER_BYTE, 1)
+        return _core.ofd_held(self._live_mapping(), _READER_BYTE, 1)
 
     def owner_pid(self, token: int) -> int | None:
         """The pid of the live attachment named by a lock-owner token."""

@@ -653,13 +653,23 @@ py_ofd_unlock(PyObject *mod, PyObject *args)
 static PyObject *
 py_ofd_held(PyObject *mod, PyObject *args)
 {
-    int fd;
+    PyObject *target;
     long long start, len;
-    if (!PyArg_ParseTuple(args, "iLL", &fd, &start, &len))
+    if (!PyArg_ParseTuple(args, "OLL", &target, &start, &len))
         return NULL;
-    int r = ofd_held(fd, start, len);
-    if (r < 0)
+    /* a handle's file through its mapping: never a number a close freed */
+    MappingObject *m = shm_is_mapping(target) ? (MappingObject *)target : NULL;
+    long fd = m != NULL ? shm_mapping_lend_fd(m) : PyLong_AsLong(target);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    int r = fd < 0 || fd > INT_MAX ? (errno = EBADF, -1) : ofd_held((int)fd, start, len);
+    int err = errno;
+    if (m != NULL)
+        shm_mapping_return_fd(m);
+    if (r < 0) {
+        errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
+    }
     return PyBool_FromLong(r);
 }
 
@@ -769,8 +779,8 @@ PyMethodDef shm_attach_methods[] = {
      "Try to take an OFD byte-range lock without blocking."},
     {"ofd_unlock", py_ofd_unlock, METH_VARARGS, "ofd_unlock($module, fd, start, length, /)\n--\n\n"},
     {"ofd_held", py_ofd_held, METH_VARARGS,
-     "ofd_held($module, fd, start, length, /)\n--\n\n"
-     "ofd_held(fd, start, length) -> bool\n\n"
+     "ofd_held($module, fd_or_mapping, start, length, /)\n--\n\n"
+     "ofd_held(fd_or_mapping, start, length) -> bool\n\n"
      "True if another open file holds a lock on any byte of the range."},
     {"token_alive", py_token_alive, METH_VARARGS,
      "token_alive($module, mapping, token, /)\n--\n\n"
