@@ -1523,14 +1523,17 @@ class Queue(SharedObject):
         if self._pool is not None:
             self._pool.close()
         ch = self._ch
-        if ch is not None and not ch.closed:
+        seg = None if ch is None else ch._seg
+        if seg is None:
+            return
+        try:
+            # (closed already: runs what a Ctrl-C left of an earlier close)
+            ch.close()
+        finally:  # an interrupt in close() must not leave the payloads
             try:
-                ch.close()
-            finally:  # an interrupt in close() must not leave the payloads
-                try:
-                    self._after_close(ch._seg)
-                finally:
-                    _received.let_go_of(ch._seg.path)
+                self._after_close(seg)
+            finally:
+                _received.let_go_of(seg.path)
 
     def unlink(self) -> None:
         """Remove the queue's name, and the payload files of the big objects

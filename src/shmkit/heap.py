@@ -706,13 +706,11 @@ class Heap(SharedObject):
         Safe to call twice.  With ``lifetime="attached"`` the last handle to
         close removes the heap (and runs ``on_destroy`` there).
         """
-        if self.closed:
-            return
         core = self._heapcore
-        if core is not None and not self._readonly and core.pins_held():
+        if not self.closed and core is not None and not self._readonly and core.pins_held():
             raise BusyError(f"heap {self.name!r}: this attachment still holds "
                             f"{core.pins_held()} pin(s); release them before close()")
-        super().close()
+        super().close()  # (closed: runs what a Ctrl-C left of an earlier close)
 
     def _release(self) -> None:
         core, self._heapcore = self._heapcore, None
