@@ -166,7 +166,8 @@ def _make_anchor(base: str, size: int) -> tuple[object, str]:
         from multiprocessing import shared_memory
         shm = shared_memory.SharedMemory(create=True, size=size)
         return shm, shm.name
-    name = f"/dev/shm/bench-bare-{size >> 20}m-{os.getpid()}"
+    # (each caller its own file: the attach groups each make one, and remove it)
+    name = f"/dev/shm/bench-bare-{size >> 20}m-{os.getpid()}-{os.urandom(3).hex()}"
     fd = os.open(name, os.O_CREAT | os.O_RDWR, 0o600)
     os.posix_fallocate(fd, 0, size)
     os.close(fd)
