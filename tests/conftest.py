@@ -60,6 +60,18 @@ def names() -> Iterator[Callable[[], str]]:
         _remove(n)
 
 
+@pytest.fixture
+def shm_dir() -> Iterator[str]:
+    """A directory of this test's own in /dev/shm (tmpfs, as segments are),
+    removed with what is left in it."""
+    where = f"/dev/shm/shmkit-test-dir-{os.getpid()}-{secrets.token_hex(3)}"
+    os.mkdir(where)
+    yield where
+    for f in os.listdir(where):
+        os.unlink(os.path.join(where, f))
+    os.rmdir(where)
+
+
 def _remove(name: str) -> None:
     try:
         os.unlink(f"/dev/shm/shmkit.{name}")

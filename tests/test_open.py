@@ -555,7 +555,7 @@ print(ints, n, held)
 
 
 @pytest.mark.parametrize("way", ["nameless", "hidden-name"])
-def test_ctrl_c_at_any_moment_of_creation_leaves_no_file_name_or_descriptor(tmp_path, way):
+def test_ctrl_c_at_any_moment_of_creation_leaves_no_file_name_or_descriptor(shm_dir, way):
     """A Ctrl-C storm over a loop creating "attached" objects (a raw
     segment, an Array with an init, a Store) and closing them (a read-only
     handle last, for one in four): an
@@ -565,21 +565,15 @@ def test_ctrl_c_at_any_moment_of_creation_leaves_no_file_name_or_descriptor(tmp_
     the core removes as it links the file), the mapping owns it from the
     moment it exists, and an interrupt after the link is undone by one call
     of the core."""
-    where = f"/dev/shm/shmkit-test-storm-{os.getpid()}-{os.urandom(3).hex()}"
-    os.mkdir(where)
-    try:
-        out = subprocess.run([sys.executable, "-c", _CREATE_STORM, where, way],
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-        interrupts, loops, held = map(int, out.stdout.split())
-        assert interrupts > 100 and loops > interrupts  # the storm reached the loop
-        assert held == 0, f"{held} descriptors of created objects left open"
-        left = sorted(os.listdir(where))
-        assert not left, f"{len(left)} of {loops} creations left files: {left[:5]}"
-    finally:
-        for f in os.listdir(where):
-            os.unlink(os.path.join(where, f))
-        os.rmdir(where)
+    where = shm_dir
+    out = subprocess.run([sys.executable, "-c", _CREATE_STORM, where, way],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    interrupts, loops, held = map(int, out.stdout.split())
+    assert interrupts > 100 and loops > interrupts  # the storm reached the loop
+    assert held == 0, f"{held} descriptors of created objects left open"
+    left = sorted(os.listdir(where))
+    assert not left, f"{len(left)} of {loops} creations left files: {left[:5]}"
 
 
 _DESTROY_STORM = STORM_PRELUDE + r"""
@@ -606,7 +600,7 @@ print(ints, removed, removed - len(set(calls)))
 """
 
 
-def test_ctrl_c_as_the_last_closer_removes_the_name_still_runs_on_destroy(tmp_path):
+def test_ctrl_c_as_the_last_closer_removes_the_name_still_runs_on_destroy(shm_dir):
     """A Ctrl-C storm over the last close of "attached" objects: the core
     notes the removal on the mapping, and close() runs on_destroy from a
     finally, so an interrupt just after the name went no longer skips it (9
@@ -614,20 +608,14 @@ def test_ctrl_c_as_the_last_closer_removes_the_name_still_runs_on_destroy(tmp_pa
     that finally no longer does either (1 in 39,128 before): every close()
     of a handle whose name went runs what is left of it, here the dropped
     handle's __del__, and the hook is taken and called in one step."""
-    where = f"/dev/shm/shmkit-test-destroy-{os.getpid()}-{os.urandom(3).hex()}"
-    os.mkdir(where)
-    try:
-        out = subprocess.run([sys.executable, "-c", _DESTROY_STORM, where],
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-        interrupted, removed, lost = map(int, out.stdout.split())
-        assert interrupted > 100 and removed > interrupted
-        assert lost == 0, \
-            f"{lost} of {removed} removals ran no on_destroy ({interrupted} closes interrupted)"
-    finally:
-        for f in os.listdir(where):
-            os.unlink(os.path.join(where, f))
-        os.rmdir(where)
+    where = shm_dir
+    out = subprocess.run([sys.executable, "-c", _DESTROY_STORM, where],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    interrupted, removed, lost = map(int, out.stdout.split())
+    assert interrupted > 100 and removed > interrupted
+    assert lost == 0, \
+        f"{lost} of {removed} removals ran no on_destroy ({interrupted} closes interrupted)"
 
 
 _ATTACHED_KINDS = {
@@ -720,7 +708,7 @@ print(made, len(os.listdir(where)))
 """
 
 
-def test_ctrl_c_as_a_dropped_handle_closes_itself_still_removes_an_attached_name(tmp_path):
+def test_ctrl_c_as_a_dropped_handle_closes_itself_still_removes_an_attached_name(shm_dir):
     """A Ctrl-C storm over the last handles of "attached" objects (a raw
     segment, a Store, a Channel), each closed by its __del__ as the program
     drops it.  CPython drops what
@@ -730,19 +718,13 @@ def test_ctrl_c_as_a_dropped_handle_closes_itself_still_removes_an_attached_name
     close() again after an interrupt, and has no bytecode of its own for a
     signal to stop (a __del__ in Python, retrying, still left 1 in 2,000 on
     a loaded machine: the interpreter checks for signals as it starts)."""
-    where = f"/dev/shm/shmkit-test-drop-{os.getpid()}-{os.urandom(3).hex()}"
-    os.mkdir(where)
-    try:
-        out = subprocess.run([sys.executable, "-c", _DROP_STORM, where],
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-        made, left = map(int, out.stdout.split())
-        assert made > 1000
-        assert left == 0, f"{left} of {made} dropped handles left their name"
-    finally:
-        for f in os.listdir(where):
-            os.unlink(os.path.join(where, f))
-        os.rmdir(where)
+    where = shm_dir
+    out = subprocess.run([sys.executable, "-c", _DROP_STORM, where],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    made, left = map(int, out.stdout.split())
+    assert made > 1000
+    assert left == 0, f"{left} of {made} dropped handles left their name"
 
 
 @pytest.mark.parametrize("nameless", [True, False], ids=["nameless", "hidden-name"])

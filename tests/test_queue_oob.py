@@ -1081,28 +1081,22 @@ print(ints, n, held, len(q._pool.files) if q._pool else 0)
 
 
 @pytest.mark.parametrize("pool", [0, 8 * MiB])
-def test_ctrl_c_at_any_moment_of_a_big_put_leaves_no_hidden_file_or_descriptor(tmp_path, pool):
+def test_ctrl_c_at_any_moment_of_a_big_put_leaves_no_hidden_file_or_descriptor(shm_dir, pool):
     """A Ctrl-C storm over puts and gets of a 300 KiB array: each put makes
     its payload file as segments are made (no name until it is written, the
     mapping owning its descriptor), so an interrupted put leaves no hidden
     temporary file and no descriptor beyond the pool's own files.  Before,
     the file was opened at a hidden name in Python, and an interrupt just
     after the open left both."""
-    where = f"/dev/shm/shmkit-test-putstorm-{os.getpid()}-{os.urandom(3).hex()}"
-    os.mkdir(where)
-    try:
-        out = subprocess.run([sys.executable, "-c", _PUT_STORM, where, str(pool)],
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-        interrupts, loops, held, pooled = map(int, out.stdout.split())
-        assert interrupts > 100 and loops > interrupts  # the storm reached the loop
-        assert held == pooled, f"{held - pooled} payload descriptors left open"
-        hidden = [f for f in os.listdir(where) if f.startswith(".")]
-        assert not hidden, f"{len(hidden)} hidden files left: {hidden[:5]}"
-    finally:
-        for f in os.listdir(where):
-            os.unlink(os.path.join(where, f))
-        os.rmdir(where)
+    where = shm_dir
+    out = subprocess.run([sys.executable, "-c", _PUT_STORM, where, str(pool)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    interrupts, loops, held, pooled = map(int, out.stdout.split())
+    assert interrupts > 100 and loops > interrupts  # the storm reached the loop
+    assert held == pooled, f"{held - pooled} payload descriptors left open"
+    hidden = [f for f in os.listdir(where) if f.startswith(".")]
+    assert not hidden, f"{len(hidden)} hidden files left: {hidden[:5]}"
 
 
 

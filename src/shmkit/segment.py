@@ -736,7 +736,6 @@ class Segment(Closing):
         # wins"; the winner alone runs init, and openers wait for its magic.
         # A creator interrupted or killed before the link leaves nothing (the
         # mapping owns the file); after it, see the except below.
-        path = os.fsencode(self._path)
         creator = _pid
         mapping: Any  # a buffer (the stub declares __buffer__ from 3.12 only)
         fd, mapping = _new_file(self._path, repr(self._name), mode, hsize + size,
@@ -777,15 +776,16 @@ class Segment(Closing):
             _core.ofd_unlock(fd, _core.INIT_LOCK_BYTE, 1)
             mapping.end_creation()  # a child forked from now on keeps it
         except BaseException:
-            # First, one call of the core (no handler runs inside it): remove
-            # the name if it names our file and nobody else holds it, so that
-            # it is not left half-created.  (A kill between the link and the
-            # magic does leave that: the next create-or-open, or `shmkit gc`,
-            # recovers it.)  Not in a child forked inside init: the name is
-            # its parent's.  (`_pid`, not getpid(): a call before the core's
-            # would be a point where a second Ctrl-C lands first.)
+            # First, one call of the core (no handler runs inside it), the
+            # same as an "attached" object's last close: remove the name if
+            # it names our file and nobody else holds it, so that it is not
+            # left half-created, and let the file go.  (A kill between the
+            # link and the magic does leave that: the next create-or-open, or
+            # `shmkit gc`, recovers it.)  Not in a child forked inside init:
+            # the name is its parent's.  (`_pid`, not getpid(): a call before
+            # the core's would be a point where a second Ctrl-C lands first.)
             if _pid == creator:
-                _core.remove_if_last(mapping, path, False)
+                mapping.detach(fd, self._path)
             self._created = False
             if self._mapping is mapping:
                 self._detach()
@@ -1072,7 +1072,7 @@ class Segment(Closing):
         this process: a child forked meanwhile inherits the mark, and the
         clean-up hook with it, which are its parent's."""
         m = self._mapping
-        return m is not None and m.name_removed != 0 and m.removed_here
+        return m is not None and m.removed_here
 
     _on_destroy: Callable[[], Any] | None = None
 

@@ -26,10 +26,9 @@
  *   slot_counts(mapping, table) -> [(slot, off, word, count, alive)]
  *   token_alive(mapping, token) -> bool
  *   ofd_lock / ofd_unlock / ofd_held          the raw byte-range locks
- *   remove_if_last(mapping, path, reopen) -> bool  remove the name if nobody else
- *                                             is attached (a creation given up)
  * and for mapping.detach (mapping.c), shm_attach_end: the "attached"
- * lifetime's end, our own lock dropped and the name removed if we were last.
+ * lifetime's end (and a creation given up), our own lock dropped and the
+ * name removed if we were last.
  */
 #include "shmkit.h"
 #include "layout.h"
@@ -677,23 +676,18 @@ py_ofd_held(PyObject *mod, PyObject *args)
  * a write lock over the reader byte and every slot byte there can be (not
  * the header's count, which damage could lower) proves nobody else is
  * attached, and nobody can attach while it is held; the name is removed only
- * if it still names the mapping's file.  A read-only handle cannot take a
- * write lock: with `reopen` the name is opened for writing just for this (if
- * we may not, `shmkit gc` removes it later).  One call, so that an interrupt
- * cannot strand the descriptor opened for it; and through the descriptor the
- * mapping owns, never a number that may have been closed and reused.  The
- * caller has dropped its own slot's lock first; the lock taken here on the
- * mapping's file goes when the mapping closes it. */
-/* Remove the name at path if it still names fd's file (m's, borrowed by the
- * caller) and no other open file holds an attach lock: 1 removed (noted in
- * m->name_removed), else 0.  reopen: take the test's lock through a
- * descriptor opened for writing just for it (fd is open read-only).  The
- * GIL is let go: the unlink and the lock can wait on the file's inode lock
- * (a fallocate growing the file, in any process). */
-static int
-remove_if_last(MappingObject *m, int fd, const char *path, int reopen)
+ * if it still names fd's file (m's, borrowed by the caller, which has dropped
+ * its own slot's lock first), and m->name_removed notes it.  A read-only
+ * handle cannot take a write lock: its name is opened for writing just for
+ * this (if we may not, `shmkit gc` removes it later).  One call, so that an
+ * interrupt cannot strand the descriptor opened for it.  The lock taken here
+ * goes when the mapping closes its file.  The GIL is let go: the unlink and
+ * the lock can wait on the file's inode lock (a fallocate growing the file,
+ * in any process). */
+static void
+remove_if_last(MappingObject *m, int fd, const char *path)
 {
-    int removed = 0;
+    int removed = 0, reopen = m->readonly;
     Py_BEGIN_ALLOW_THREADS
     int lock_fd = reopen ? open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK) : fd;
     struct stat here, mine;
@@ -709,7 +703,6 @@ remove_if_last(MappingObject *m, int fd, const char *path, int reopen)
     Py_END_ALLOW_THREADS
     if (removed) /* kept where a Ctrl-C as this returns cannot lose it */
         m->name_removed = (int)getpid();
-    return removed;
 }
 
 void
@@ -720,36 +713,15 @@ shm_attach_end(MappingObject *m, const char *path)
      * so that close leaves it open until we are done with it. */
     if (m->lifetime_ended || m->owned_fd < 0)
         return;
-    int fd = shm_mapping_lend_fd(m);
-    if (fd < 0) {
-        PyErr_Clear();
-        return;
-    }
+    int fd = shm_mapping_lend_fd(m); /* (cannot fail: the file is owned) */
     m->lifetime_ended = 1;
     /* Our own lock first: the test below must see only the others'. */
     if (m->readonly)
         shm_ofd_setlk(fd, READER_BYTE, 1, F_UNLCK);
     else if (m->token != 0)
         shm_ofd_setlk(fd, SHM_SLOT_LOCK_BASE + SHM_TOKEN_SLOT(m->token), 1, F_UNLCK);
-    remove_if_last(m, fd, path, m->readonly);
+    remove_if_last(m, fd, path);
     shm_mapping_return_fd(m);
-}
-
-static PyObject *
-py_remove_if_last(PyObject *mod, PyObject *args)
-{
-    PyObject *obj;
-    const char *path;
-    int reopen;
-    if (!PyArg_ParseTuple(args, "O&yp", shm_mapping_converter, &obj, &path, &reopen))
-        return NULL;
-    MappingObject *m = (MappingObject *)obj;
-    if (m->owned_fd < 0)
-        Py_RETURN_FALSE; /* let go already: nothing of ours to test or remove */
-    int fd = shm_mapping_lend_fd(m);
-    int removed = remove_if_last(m, fd, path, reopen);
-    shm_mapping_return_fd(m);
-    return PyBool_FromLong(removed);
 }
 
 static PyObject *
@@ -767,12 +739,6 @@ py_token_alive(PyObject *mod, PyObject *args)
 }
 
 PyMethodDef shm_attach_methods[] = {
-    {"remove_if_last", py_remove_if_last, METH_VARARGS,
-     "remove_if_last($module, mapping, path, reopen, /)\n--\n\n"
-     "remove_if_last(mapping, path, reopen) -> bool\n\nRemove the name if nobody else "
-     "is attached to the file the mapping owns and the name still names it; reopen: "
-     "take the lock through a descriptor opened for writing just for this (a read-only "
-     "handle)."},
     {"ofd_lock", py_ofd_lock, METH_VARARGS,
      "ofd_lock($module, fd, start, length, exclusive=True, /)\n--\n\n"
      "ofd_lock(fd, start, length, exclusive=True) -> bool\n\n"

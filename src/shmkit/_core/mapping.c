@@ -354,10 +354,8 @@ py_forget_creations(PyObject *mod, PyObject *Py_UNUSED(ignored))
             mapping_abandon(m); /* (unlists it) */
     }
     /* files whose close waited for a use by a thread the child lacks */
-    while (unclosed_head != NULL) {
-        unclosed_head->fd_lent = 0;
+    while (unclosed_head != NULL)
         unclosed_close(unclosed_head); /* (unlists it) */
-    }
     Py_RETURN_NONE;
 }
 
@@ -415,8 +413,7 @@ mapping_dealloc(MappingObject *self)
     creating_remove(self);
     shm_mapping_drop_temp(self);
     mapping_unmap(self);
-    self->fd_lent = 0; /* (a borrower holds a reference: none is left here) */
-    mapping_close_owned(self, -1);
+    mapping_close_owned(self, -1); /* (a borrower holds a reference: none lends it now) */
     unclosed_close(self);
     shm_free_instance((PyObject *)self);
 }
@@ -642,8 +639,7 @@ mapping_reopen_file(MappingObject *self, PyObject *arg)
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     self->owned_fd = fd;
-    close(old_fd);
-    self->fd_lent = 0;         /* the parent's threads' uses: not the child's */
+    close(old_fd);             /* (the parent's threads' lends of it: see lend_fd) */
     self->lifetime_ended = 0;  /* a parent's thread was closing: the child's own */
     return PyLong_FromLong(fd);
 }

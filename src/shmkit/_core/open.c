@@ -44,10 +44,10 @@
  *       another thread lets go of it (by any thread, if private).
  *       Failures raise OSError with the errno, having left nothing.
  *
- *   allocate(fd_or_mapping, offset, length)
- *       posix_fallocate, finished in smaller pieces when signals keep
- *       interrupting it (tmpfs undoes an interrupted call's work).  Given a
- *       segment's mapping, on the file it owns, borrowed for the call.
+ *   allocate(mapping, offset, length)
+ *       posix_fallocate of the mapping's file, finished in smaller pieces
+ *       when signals keep interrupting it (tmpfs undoes an interrupted
+ *       call's work).
  *
  *   punch_hole(mapping, offset, length)
  *       Give the pages of a byte range of the mapping's file back to the
@@ -56,7 +56,7 @@
  *
  *   sync_file(mapping)          fsync of the mapping's file
  *   file_sizes(mapping) -> (size, allocated bytes)   fstat of it
- *       The file borrowed for the call (shm_mapping_lend_fd): a close by
+ *       These, and allocate, borrow the file for the call (shm_mapping_lend_fd): a close by
  *       another thread meanwhile cannot hand its descriptor number to a file
  *       the process opens next, and these calls to that file; ClosedError
  *       once the handle is closed.
@@ -289,28 +289,25 @@ file_op_result(int err)
     Py_RETURN_NONE;
 }
 
+/* (allocate lets the GIL go itself, to run signal handlers between pieces:
+ * not an on_lent_file op) */
 static PyObject *
 py_allocate(PyObject *mod, PyObject *args)
 {
-    PyObject *target;
+    PyObject *obj;
     long long offset, length;
-    if (!PyArg_ParseTuple(args, "OLL", &target, &offset, &length))
+    if (!PyArg_ParseTuple(args, "O&LL", shm_mapping_converter, &obj, &offset, &length))
         return NULL;
     if (offset < 0 || length <= 0) {
         PyErr_SetString(PyExc_ValueError, "allocate: need offset >= 0 and length > 0");
         return NULL;
     }
-    MappingObject *m = shm_is_mapping(target) ? (MappingObject *)target : NULL;
-    long fd = m != NULL ? shm_mapping_lend_fd(m) : PyLong_AsLong(target);
-    if (fd == -1 && PyErr_Occurred())
+    MappingObject *m = (MappingObject *)obj;
+    int fd = shm_mapping_lend_fd(m);
+    if (fd < 0)
         return NULL;
-    if (fd < 0 || fd > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "allocate: not a file descriptor");
-        return NULL;
-    }
-    int err = allocate((int)fd, (off_t)offset, (off_t)length);
-    if (m != NULL)
-        shm_mapping_return_fd(m);
+    int err = allocate(fd, (off_t)offset, (off_t)length);
+    shm_mapping_return_fd(m);
     return file_op_result(err);
 }
 
@@ -376,7 +373,7 @@ py_file_sizes(PyObject *mod, PyObject *arg)
     if (!shm_mapping_converter(arg, &obj))
         return NULL;
     MappingObject *m = (MappingObject *)obj;
-    int fd = shm_mapping_lend_fd(m); /* (the GIL stays held: lent for symmetry) */
+    int fd = shm_mapping_lend_fd(m); /* (for its closed check: the GIL stays held) */
     if (fd < 0)
         return NULL;
     struct stat st;
@@ -526,9 +523,9 @@ PyMethodDef shm_open_methods[] = {
      "when link_file links the file or the mapping lets it go), its init lock held, the "
      "mapping owning the descriptor."},
     {"allocate", py_allocate, METH_VARARGS,
-     "allocate($module, fd_or_mapping, offset, length, /)\n--\n\n"
-     "allocate(fd_or_mapping, offset, length)\n\nposix_fallocate (of a mapping's "
-     "file, borrowed for the call) that a signal handler which "
+     "allocate($module, mapping, offset, length, /)\n--\n\n"
+     "allocate(mapping, offset, length)\n\nposix_fallocate of the mapping's "
+     "file (borrowed for the call) that a signal handler which "
      "does not raise cannot keep from finishing (interrupted, it goes on in smaller "
      "pieces); OSError with the errno."},
     {"punch_hole", py_punch_hole, METH_VARARGS,
