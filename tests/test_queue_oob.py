@@ -774,49 +774,67 @@ def test_payload_pool_must_be_a_byte_count(name):
             shmkit.Queue(name=name, payload_pool=bad)
 
 
-def test_a_mapping_swaps_its_armed_word_once_its_last_view_is_gone(tmp_path):
+def test_a_claimed_word_turns_idle_once_the_mappings_last_view_is_gone(tmp_path):
     from shmkit import _core
     path = tmp_path / "f"
+    other = tmp_path / "other"
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     try:
         os.ftruncate(fd, PAGE)
+        st = os.fstat(fd)
+        bpath = os.fsencode(path)
+
+        def claim(m, expected, held, idle, gone=99, where=bpath, dev=st.st_dev, ino=st.st_ino):
+            return m.claim_word(64, expected, held, idle, gone, where, dev, ino)
+
         m = _core.Mapping(fd, PAGE, PAGE)
-        with pytest.raises(ValueError, match="no view is alive"):
-            m.swap_when_idle(64, 0, 7)
+        assert claim(m, 0, 5, 7) == 0  # no view alive: idle at once
+        assert _core.load32(m, 64) == 7
+        _core.store32(m, 64, 0)
         view = memoryview(m)
-        m.swap_when_idle(64, 0, 7)
+        assert claim(m, 0, 5, 7) == 0
+        assert _core.load32(m, 64) == 5  # held while a view is alive
         part = view[100:200]
         del view
-        assert _core.load32(m, 64) == 0  # a view is still alive
+        assert _core.load32(m, 64) == 5
         del part
         assert _core.load32(m, 64) == 7
         _core.store32(m, 64, 0)
         with memoryview(m):
             pass
-        assert _core.load32(m, 64) == 0  # once per arming
+        assert _core.load32(m, 64) == 0  # once per claim
         view = memoryview(m)
-        m.swap_when_idle(64, 5, 9)
+        assert claim(m, 9, 5, 7) == 0  # only from the expected value
         del view
-        assert _core.load32(m, 64) == 0  # only from the expected value
+        assert _core.load32(m, 64) == 0 and path.exists()
+        # "gone": the file is the caller's, removed if the path still names it
+        _core.store32(m, 64, 4)
+        other.write_bytes(b"x")
+        assert claim(m, 1, 2, 3, gone=4, where=os.fsencode(other)) == 4
+        assert other.exists()  # another file at that path: left alone
+        assert claim(m, 1, 2, 3, gone=4) == 4
+        assert not path.exists() and _core.load32(m, 64) == 4
+        assert claim(m, 1, 2, 3, gone=4) == 4  # removed already: nothing to do
+        _core.store32(m, 64, 0)
         view = memoryview(m)
         for bad in (-4, 2, PAGE - 2, PAGE):
             with pytest.raises(ValueError, match="aligned 4-byte word"):
-                m.swap_when_idle(bad, 0, 1)
-        # a fork after arming: the child holds views too, so nothing fires
-        m.swap_when_idle(64, 0, 3)
+                m.claim_word(bad, 0, 1, 2, 3, bpath, 0, 0)
+        # a fork after the claim: the child holds views too, so nothing fires
+        assert claim(m, 0, 3, 4) == 0
         pid = os.fork()
         if pid == 0:
             os._exit(0)
         os.waitpid(pid, 0)
         del view
-        assert _core.load32(m, 64) == 0
+        assert _core.load32(m, 64) == 3
         m.close()
         with pytest.raises(ValueError, match="closed"):
-            m.swap_when_idle(64, 0, 1)
+            claim(m, 3, 1, 2)
         ro = _core.Mapping(fd, PAGE, PAGE, True)
         with memoryview(ro):
             with pytest.raises(ValueError, match="read-only"):
-                ro.swap_when_idle(64, 0, 1)
+                claim(ro, 0, 1, 2)
         ro.close()
     finally:
         os.close(fd)

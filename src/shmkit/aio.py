@@ -890,10 +890,10 @@ class Queue(_channel.Queue):
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         if not block:
-            return self._unpack(self._recv_nowait())
+            return self._get(_channel._loads, self._decode, None, True)
         _loop()
         try:  # the common case first, without building the waiting machinery
-            return self._unpack(self._recv_nowait())
+            return self._get(_channel._loads, self._decode, None, True)
         except WouldBlock:
             pass
         ch = self._ch
@@ -901,10 +901,11 @@ class Queue(_channel.Queue):
         def expired() -> NoReturn:
             raise Empty(f"queue {self.name!r} stayed empty for {timeout} s")
 
-        data = await _until(lambda: _nowait(self._recv_nowait), lambda: _describe(ch),
-                            timeout, expired,
-                            lambda: _timed(self._recv, _REPAIR_TIMEOUT), tried=True)
-        return self._unpack(data)
+        return await _until(lambda: _nowait(self._get, _channel._loads, self._decode, None,
+                                            True),
+                            lambda: _describe(ch), timeout, expired,
+                            lambda: _timed(self._get, _channel._loads, self._decode,
+                                           _REPAIR_TIMEOUT), tried=True)
 
     def put_nowait(self, obj: Any) -> None:
         if self._closed:
@@ -914,7 +915,7 @@ class Queue(_channel.Queue):
     def get_nowait(self) -> Any:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        return self._unpack(self._recv_nowait())
+        return self._get(_channel._loads, self._decode, None, True)
 
 
 # ---- locks and events ---------------------------------------------------------

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import functools
 import io
 import os
 import pickle
@@ -320,10 +321,10 @@ class _PayloadPool:
     reuse it), ``_SENT`` (the sender is writing it, or a message names it),
     ``_HELD`` (its receiver has it mapped) or ``_DROPPED`` (the sender let it
     go).  Every change is a compare-and-swap but the sender's drop: the
-    sender claims a free file, the receiver marks it held when it maps it
-    and free again once the last view of that mapping is gone
-    (``Mapping.swap_when_idle``), so bytes a receiver still sees are never
-    rewritten.
+    sender claims a free file, the receiver marks it held once the object
+    is its own, and free again once the last view of that mapping is gone
+    (``Mapping.claim_word``, one step), so bytes a receiver still sees are
+    never rewritten.
     The sender's lock on byte 0 lasts as long as the file is pooled: a
     receiver that frees a file nobody holds removes it, and so does the next
     sender that starts a file (``_sweep``), and ``shmkit gc``.
@@ -516,7 +517,7 @@ class _Received:
     microsecond per 4 KiB here), which is most of a big receive.
 
     A mapping hands its file back (state free) by itself once the last view
-    of an object is released (``Mapping.swap_when_idle``), and is unmapped
+    of an object is released (``Mapping.claim_word``), and is unmapped
     at this process's next big receive once its sender dropped it, or when
     a handle of its queue closes and no object uses it.  One that
     leaves the cache is unmapped, and its file removed if it is free and no
@@ -715,10 +716,21 @@ def _lost(name: str, why: str) -> str:
             "the next get() returns the next object")
 
 
-def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> Any:
-    """Rebuild an object from its ring message (see :func:`_pack`)."""
+def _unpack(queue_path: str, name: str, trust_uid: int | None,
+            data: bytes) -> tuple[Any, Callable[[], Any] | None]:
+    """Rebuild an object from its ring message (see :func:`_pack`), while the
+    message is still in the channel (``Ring._get``): ``(object, after)``.
+
+    Nothing another process sees changes here but for files found damaged
+    (their message is lost anyway): an interrupt here leaves the message,
+    and the file it names, as they were, for the channel to give out again.
+    What takes the file once the object is ours, ``after``, is a call of
+    the core that ``Ring._get`` makes right after the message is finished:
+    a pooled file is marked held (free once the object's views are gone),
+    and a file now only ours is removed.
+    """
     if not data.startswith(_OOB_MAGIC):
-        return pickle.loads(data)
+        return pickle.loads(data), None
     if len(data) < _OOB_HEAD.size:
         raise CorruptError(_lost(name, f"its message holds only {len(data)} bytes"))
     _m, nbufs, flags, size, poff, plen, token = _OOB_HEAD.unpack_from(data)
@@ -785,6 +797,7 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
             _received.tidy()  # (a pooled receive tidies as it looks the file up)
         view: memoryview | None = None
         mem: Any = None
+        after: Callable[[], Any] | None = None
         hand_back = False
         if pooled:
             try:
@@ -795,10 +808,17 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
                 hand_back = True  # copied out below: free at once
             else:
                 mem = view.obj
-                if _core.cas32(mem, _STATE_OFF, _SENT, _HELD):
-                    # its sender keeps the name, to reuse the file once the
-                    # views made from this one are all gone
-                    mem.swap_when_idle(_STATE_OFF, _HELD, _FREE)
+                state = _core.load32(mem, _STATE_OFF)
+                if state == _SENT:
+                    # Read as it is: its sender rewrites no file a message
+                    # names, and the message stays ours while we read.  Once
+                    # the object is ours, the file is held, and free again
+                    # (for its sender to reuse) when the views made from
+                    # this mapping are all gone; or ours to remove, if its
+                    # sender closed meanwhile.
+                    after = functools.partial(mem.claim_word, _STATE_OFF, _SENT, _HELD, _FREE,
+                                              _ORPHANED, os.fsencode(path), st.st_dev,
+                                              st.st_ino)
                     try:
                         os.utime(fd)  # held since now (what the sender's _HELD_LONG measures)
                     except OSError:
@@ -809,7 +829,7 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
                     # its sender closed while this message was queued: ours
                     # now.  Any other state is not that of a file just sent:
                     # its sender might rewrite it under us, so copy it out.
-                    pooled = _core.load32(mem, _STATE_OFF) != _ORPHANED
+                    pooled = state != _ORPHANED
         if view is None:
             mem = None
             if not (hand_back or pooled):  # (a pooled file we cannot trust: copied)
@@ -826,10 +846,12 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
                     raise CorruptError(_lost(name, f"{path} was cut short while read")) from None
             view = memoryview(mem)
             if hand_back:
+                # (the rare case of no address space left: a message given
+                # back after this finds its file gone, and is lost)
                 _remove_if_let_go(path, (st.st_dev, st.st_ino), hand_back=True)
             elif mine and not pooled:
-                # The receiver owns it now: nobody else will ever open it.
-                os.unlink(path)
+                # Ours once the object is: nobody else will ever open it.
+                after = functools.partial(os.unlink, path)
     buffers = [view[off:off + n] for off, n in bufs]
     blob = view[poff:poff + plen] if in_file else memoryview(data)[table_end:]
     try:
@@ -838,7 +860,7 @@ def _unpack(data: bytes, queue_path: str, name: str, trust_uid: int | None) -> A
         del blob, buffers, view
         if isinstance(mem, _core.Mapping) and not pooled:
             mem.close()  # unmapped now, or when the object's last buffer goes
-    return obj
+    return obj, after
 
 
 def _same_file(path: str, st: os.stat_result) -> bool:
@@ -1395,7 +1417,10 @@ class Queue(SharedObject):
         self._closed = False
         self._maxsize = ch._seg._layout.get("max_items", 0)
         self._send, self._send_nowait = ch.send, ch.send_nowait
-        self._recv, self._recv_nowait = ch.recv, ch.recv_nowait
+        self._get = ch._get
+        # (a partial of plain values: a bound method would tie the handle in a cycle)
+        self._decode = functools.partial(_unpack, ch._seg.path, ch._seg.name,
+                                         ch._seg._trust_uid)
         self._path = ch._seg.path
         self._oob_limit = min(OOB_THRESHOLD, ch.max_message + 1)
 
@@ -1465,12 +1490,6 @@ class Queue(SharedObject):
             raise
         out.sent()
 
-    def _unpack(self, data: bytes) -> Any:
-        if not data or data[0]:  # a pickle starts with PROTO (0x80), a header with 0
-            return pickle.loads(data)
-        ch = self._live()
-        return _unpack(data, ch._seg.path, self.name, ch._seg._trust_uid)
-
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, False)``."""
         self.put(obj, False)
@@ -1481,23 +1500,27 @@ class Queue(SharedObject):
 
         Big buffers come back backed by their payload's shared memory (no
         copy; numpy arrays are writable, as with ``multiprocessing``), held
-        while the object needs them.  A payload file that is missing, damaged
-        or not yours raises :class:`NotFoundError`, :class:`CorruptError` or
-        :class:`UntrustedError`: that object is lost, the queue goes on."""
+        while the object needs them.  The object is rebuilt while it is
+        still in the queue: a Ctrl-C meanwhile (or memory or descriptors
+        running out) leaves it there, next in line, and a process killed
+        meanwhile gives it back too.  A payload file that is missing,
+        damaged or not yours raises :class:`NotFoundError`,
+        :class:`CorruptError` or :class:`UntrustedError`, and so does an
+        object that does not unpickle (its error): that object is lost, the
+        queue goes on.
+
+        >>> q = Queue()
+        >>> q.put({"frame": 1})
+        >>> q.get(timeout=1.0)
+        {'frame': 1}
+        >>> q.close()
+        """
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         try:
-            data = self._recv(timeout) if block else self._recv_nowait()
+            return self._get(_loads, self._decode, timeout, not block)
         except Timeout:
             raise Empty(f"queue {self.name!r} stayed empty for {timeout} s") from None
-        try:
-            return _loads(data)
-        except pickle.UnpicklingError:
-            # an out-of-band header starts with 0, which no pickle does: trying
-            # the pickle first costs nothing on the usual path
-            if data[:1] != b"\0":
-                raise
-        return self._unpack(data)
 
     def get_nowait(self) -> Any:
         """``get(False)``."""

@@ -21,11 +21,12 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <structmember.h>
 
 /* Forks of this process so far (counted before each, so parent and child
  * both see the new count).  A view made before a fork lives on in the
- * child too, so an armed swap_when_idle() no longer knows when the last
+ * child too, so an armed claim_word() no longer knows when the last
  * view anywhere is gone: it does not fire after a fork. */
 static unsigned long forks;
 
@@ -544,12 +545,25 @@ mapping_releasebuffer(MappingObject *self, Py_buffer *Py_UNUSED(view))
         mapping_unmap(self);
 }
 
+/* claim_word(offset, expected, held, idle, gone, path, dev, ino), in one
+ * step (a Queue receiver's claim of a pooled payload file once the object
+ * is its own: no interrupt can fall between the parts, nor split them from
+ * the message's end).  If the 32-bit word at offset holds expected, it
+ * becomes held while views of the mapping are alive and idle once the last
+ * goes (at once if none is): the sender sees when the receiver is done.
+ * If it holds gone instead (the sender let the file go to its receiver),
+ * the file is the caller's alone: path is removed if it still names file
+ * (dev, ino).  Returns the word found.  After a fork, the child holds the
+ * views too: the armed swap no longer fires. */
 static PyObject *
-mapping_swap_when_idle(MappingObject *self, PyObject *args)
+mapping_claim_word(MappingObject *self, PyObject *args)
 {
     Py_ssize_t off;
-    unsigned int expected, value;
-    if (!PyArg_ParseTuple(args, "nII:swap_when_idle", &off, &expected, &value))
+    unsigned int expected, held, idle, gone;
+    const char *path;
+    unsigned long long dev, ino;
+    if (!PyArg_ParseTuple(args, "nIIIIyKK:claim_word", &off, &expected, &held, &idle, &gone,
+                          &path, &dev, &ino))
         return NULL;
     if (self->base == NULL || self->closing) {
         PyErr_SetString(shm_state_of((PyObject *)self)->ClosedError,
@@ -561,23 +575,30 @@ mapping_swap_when_idle(MappingObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "the mapping is read-only: nothing can be stored");
         return NULL;
     }
-    if (self->exports == 0) {
-        PyErr_SetString(PyExc_ValueError,
-                        "no view is alive: make the views first, then arm the swap");
-        return NULL;
-    }
     if (off < 0 || (off & 3) || self->length < 4 || off > self->length - 4) {
         PyErr_Format(PyExc_ValueError,
                      "offset %zd is not an aligned 4-byte word within the %zd bytes",
                      off, self->length);
         return NULL;
     }
-    self->idle_forks = __atomic_load_n(&forks, __ATOMIC_RELAXED);
-    self->idle_off = off;
-    self->idle_expected = (uint32_t)expected;
-    self->idle_value = (uint32_t)value;
-    self->idle_armed = 1;
-    Py_RETURN_NONE;
+    uint32_t *word = (uint32_t *)(self->base + off);
+    uint32_t found = (uint32_t)expected;
+    if (__atomic_compare_exchange_n(word, &found, self->exports > 0 ? held : idle, 0,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        if (self->exports > 0) {
+            self->idle_forks = __atomic_load_n(&forks, __ATOMIC_RELAXED);
+            self->idle_off = off;
+            self->idle_expected = (uint32_t)held;
+            self->idle_value = (uint32_t)idle;
+            self->idle_armed = 1;
+        }
+    } else if (found == (uint32_t)gone) {
+        struct stat st;
+        if (lstat(path, &st) == 0 && (unsigned long long)st.st_dev == dev &&
+            (unsigned long long)st.st_ino == ino)
+            (void)unlink(path); /* gone meanwhile (gc): nothing left to do */
+    }
+    return PyLong_FromUnsignedLong(found);
 }
 
 static PyObject *
@@ -670,12 +691,13 @@ static PyMethodDef mapping_methods[] = {
     {"adopt_fd", (PyCFunction)mapping_adopt_fd, METH_O,
      "adopt_fd($self, fd, /)\n--\n\n"
      "Own fd: it is closed with the mapping (when freed, or by detach(fd))."},
-    {"swap_when_idle", (PyCFunction)mapping_swap_when_idle, METH_VARARGS,
-     "swap_when_idle($self, offset, expected, value, /)\n--\n\n"
-     "Once the last exported view is released, replace the 32-bit word at "
-     "offset by value if it still holds expected (one compare-and-swap); once "
-     "per call, replacing an earlier arming.  A view must be alive.  Nothing "
-     "happens if the process forks meanwhile (the child holds views too)."},
+    {"claim_word", (PyCFunction)mapping_claim_word, METH_VARARGS,
+     "claim_word($self, offset, expected, held, idle, gone, path, dev, ino, /)\n--\n\n"
+     "In one step: if the 32-bit word at offset holds expected, make it held "
+     "while views of the mapping are alive and idle once the last is released "
+     "(at once if none is); if it holds gone instead, remove path if it still "
+     "names file (dev, ino).  Returns the word found.  After a fork the swap "
+     "to idle no longer fires (the child holds views too)."},
     {"reopen_file", (PyCFunction)mapping_reopen_file, METH_O,
      "reopen_file($self, old_fd, /)\n--\n\n"
      "reopen_file(old_fd) -> int\n\nIn a forked child: open the file of old_fd "

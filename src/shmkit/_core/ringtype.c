@@ -180,7 +180,7 @@ Ring_send_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
 
 /* ---- Python: receiving ------------------------------------------------ */
 
-enum { R_COPY, R_VIEW, R_INTO };
+enum { R_COPY, R_VIEW, R_INTO, R_DECODE };
 
 static PyObject *make_view(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len,
                            uint32_t me);
@@ -221,10 +221,106 @@ lent_undo(RingObject *r, MappingObject *m, uint64_t pos, uint32_t me, int redeli
     PyErr_Restore(et, ev, tb);
 }
 
-/* Take one message: bytes (R_COPY), a RecordView (R_VIEW), or copied into
+/* Did the decoding of a message fail for a reason of this moment, not of
+ * the message: an interrupt (KeyboardInterrupt, SystemExit: what is not an
+ * Exception), or memory or descriptors running out? */
+static int
+decode_stopped(void)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception) || PyErr_ExceptionMatches(PyExc_MemoryError))
+        return 1;
+    if (!PyErr_ExceptionMatches(PyExc_OSError))
+        return 0;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    PyObject *no = ev != NULL ? PyObject_GetAttrString(ev, "errno") : NULL;
+    long err = no != NULL && PyLong_Check(no) ? PyLong_AsLong(no) : 0;
+    Py_XDECREF(no);
+    PyErr_Clear(); /* (from the lookup: the decoding's error is put back) */
+    PyErr_Restore(et, ev, tb);
+    return err == EMFILE || err == ENFILE || err == ENOMEM;
+}
+
+/* Queue.get's step (R_DECODE): the message at pos, lent to us and marked to
+ * go back to the channel if we die, is copied out and decoded while it is
+ * still in the channel, and finished only once decoded.  decode[0] (loads)
+ * decodes a message that holds a pickle; decode[1] (unpack), one whose
+ * first byte is 0 (an out-of-band header), returning (object, after):
+ * after is None or a callable of the core (no Python code, so no interrupt
+ * can fall inside it), run right after the message is finished, such as
+ * the claim of its payload file.  A decoding that stopped for a reason of
+ * the moment (decode_stopped) gives the message back, first in line: a
+ * Ctrl-C never loses it.  Any other error is the message's: it is
+ * finished, and the error raised. */
+static PyObject *
+decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_t me,
+            PyObject *const *decode)
+{
+    rec_t *rec = rec_at(r, pos);
+    PyObject *obj = NULL, *after = NULL;
+    PyObject *data = msg_new_bytes(len);
+    if (data != NULL) {
+        ring_copy(PyBytes_AS_STRING(data), (const char *)(rec + 1), len);
+        int oob = len > 0 && PyBytes_AS_STRING(data)[0] == 0;
+        PyObject *res = PyObject_CallOneArg(decode[oob], data);
+        Py_DECREF(data);
+        if (!oob || res == NULL) {
+            obj = res;
+        } else if (PyTuple_CheckExact(res) && PyTuple_GET_SIZE(res) == 2) {
+            obj = Py_NewRef(PyTuple_GET_ITEM(res, 0));
+            after = Py_NewRef(PyTuple_GET_ITEM(res, 1));
+            Py_DECREF(res);
+        } else {
+            Py_DECREF(res);
+            PyErr_SetString(PyExc_TypeError, "unpack must return (object, after)");
+        }
+    }
+    /* A signal that came while the decoding ran C code only (pickle.loads
+     * of plain data runs no Python code, where handlers run) is handled
+     * here, while the message can still go back: past the finish below,
+     * its exception would land as this call returns, and lose the object. */
+    int signalled = 0;
+    if (obj != NULL && PyErr_CheckSignals() < 0) {
+        signalled = 1; /* (whatever its handler raised: not the message's fault) */
+        Py_CLEAR(obj);
+        Py_CLEAR(after);
+    }
+    /* Still attached through this handle?  (Code the decoding ran may have
+     * closed it; our token is then dead, and a repair gives the record
+     * back.) */
+    int ours = m->token == me && m->base != NULL && r->mapping == (PyObject *)m;
+    if (obj == NULL) {
+        if (!ours)
+            return NULL;
+        if (signalled || decode_stopped())
+            lent_undo(r, m, pos, me, 1);
+        else
+            view_finish_keep(r, m, rec, me);
+        return NULL;
+    }
+    /* The object is taken once the record is marked finished, which comes
+     * first; what may fail after it (taking the lock to free the record's
+     * space, which the next receive does anyway) must not lose it. */
+    if (view_finish(r, m, rec, me) < 0)
+        PyErr_Clear();
+    if (after != NULL) {
+        if (after != Py_None) {
+            PyObject *done = PyObject_CallNoArgs(after);
+            if (done == NULL)
+                PyErr_Clear(); /* housekeeping: the object is the caller's */
+            Py_XDECREF(done);
+        }
+        Py_DECREF(after);
+    }
+    return obj;
+}
+
+/* Take one message: bytes (R_COPY), a RecordView (R_VIEW), copied into
  * `into` (R_INTO, returning its length; a message that does not fit stays
- * in the channel).  Waits until the deadline; raises Empty (nowait),
- * Timeout, or ChannelClosed when the channel is closed and drained. */
+ * in the channel), or decoded (R_DECODE, with `decode`: see decode_lent).
+ * Waits until the deadline; raises Empty (nowait), Timeout, or
+ * ChannelClosed when the channel is closed and drained. */
 static int
 senders_gone_error(RingObject *r)
 {
@@ -235,7 +331,7 @@ senders_gone_error(RingObject *r)
 
 static PyObject *
 recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into,
-          int stop_no_senders, int redeliver)
+          int stop_no_senders, int redeliver, PyObject *const *decode)
 {
     MappingObject *m = ring_enter(r);
     if (m == NULL)
@@ -265,7 +361,7 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
             k = -1;
         }
         int lend = k == T_READY && (how != R_COPY || len >= BIG_COPY);
-        int back = how == R_VIEW && redeliver;
+        int back = (how == R_VIEW && redeliver) || how == R_DECODE;
         if (lend) {
             ring_take_lent(r, &tk, pos, len, me, back);
         } else if (k == T_READY) {
@@ -286,6 +382,10 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
             break;
         }
         if (lend) {
+            if (how == R_DECODE) {
+                out = decode_lent(r, m, pos, len, me, decode);
+                break;
+            }
             if (how == R_VIEW) {
                 out = make_view(r, m, pos, len, me);
                 if (out == NULL)
@@ -346,19 +446,19 @@ Ring_recv(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
     static const char *const names[] = {"timeout", "stop_when_no_senders", NULL};
     PyObject *a[2];
     if (nargs == 0 && kw == NULL)
-        return recv_impl(r, NULL, 0, R_COPY, NULL, 0, 0);
+        return recv_impl(r, NULL, 0, R_COPY, NULL, 0, 0, NULL);
     if (msg_parse_args("recv", args, nargs, kw, 0, names, a) < 0)
         return NULL;
     int stop = a[1] ? PyObject_IsTrue(a[1]) : 0;
     if (stop < 0)
         return NULL;
-    return recv_impl(r, a[0], 0, R_COPY, NULL, stop, 0);
+    return recv_impl(r, a[0], 0, R_COPY, NULL, stop, 0, NULL);
 }
 
 static PyObject *
 Ring_recv_nowait(RingObject *r, PyObject *Py_UNUSED(ignored))
 {
-    return recv_impl(r, NULL, 1, R_COPY, NULL, 0, 0);
+    return recv_impl(r, NULL, 1, R_COPY, NULL, 0, 0, NULL);
 }
 
 static PyObject *
@@ -372,7 +472,24 @@ Ring_take(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
     int redeliver = a[2] ? PyObject_IsTrue(a[2]) : 0;
     if (nowait < 0 || redeliver < 0)
         return NULL;
-    return recv_impl(r, a[0], nowait, R_VIEW, NULL, 0, redeliver);
+    return recv_impl(r, a[0], nowait, R_VIEW, NULL, 0, redeliver, NULL);
+}
+
+static PyObject *
+Ring_get(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"loads", "unpack", "timeout", "nowait", NULL};
+    PyObject *a[4];
+    if (msg_parse_args("_get", args, nargs, kw, 2, names, a) < 0)
+        return NULL;
+    if (!PyCallable_Check(a[0]) || !PyCallable_Check(a[1])) {
+        PyErr_SetString(PyExc_TypeError, "_get needs two callables, loads and unpack");
+        return NULL;
+    }
+    int nowait = a[3] ? PyObject_IsTrue(a[3]) : 0;
+    if (nowait < 0)
+        return NULL;
+    return recv_impl(r, a[2], nowait, R_DECODE, NULL, 0, 1, a);
 }
 
 static PyObject *
@@ -390,7 +507,7 @@ Ring_recv_into(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
                      Py_TYPE(a[0])->tp_name);
         return NULL;
     }
-    PyObject *res = recv_impl(r, a[1], 0, R_INTO, &b, 0, 0);
+    PyObject *res = recv_impl(r, a[1], 0, R_INTO, &b, 0, 0, NULL);
     PyBuffer_Release(&b);
     return res;
 }
@@ -1194,6 +1311,13 @@ static PyMethodDef Ring_methods[] = {
      "it in one step, an\nexception abandons it (receivers never see it), and so does "
      "the sender's\ndeath.  Raises Timeout, ChannelClosed, MessageTooLarge.\n\n"
      ">>> with ch.loan(5, timeout=1.0) as loan:\n...     loan.buffer[:] = b'hello'"},
+    {"_get", (PyCFunction)(void (*)(void))Ring_get, FAST,
+     "_get($self, /, loads, unpack, timeout=None, nowait=False)\n--\n\n"
+     "Take the next message and decode it while it stays in the channel: "
+     "loads(bytes) -> object for a pickle, unpack(bytes) -> (object, after) for "
+     "an out-of-band header; after() (a callable of the core, or None) runs once "
+     "the message is finished.  An interrupt, or memory or descriptors running "
+     "out, while decoding gives the message back, first in line."},
     {"_take", (PyCFunction)(void (*)(void))Ring_take, FAST,
      "_take($self, /, timeout=None, nowait=False, redeliver=False)\n--\n\n"
      "_take(timeout=None, nowait=False, redeliver=False) -> RecordView (see "

@@ -78,7 +78,7 @@ typedef struct MappingObject {
      * is damage, and is taken over instead of waited on forever. */
     uint64_t held[SHM_HELD_MAX];
     int held_damaged;    /* entries of held[] in state DAMAGED (lock.c) */
-    /* swap_when_idle(): one 32-bit compare-and-swap made when the last
+    /* claim_word(): one 32-bit compare-and-swap made when the last
      * exported view is released (a Queue receiver hands a pooled payload
      * file back this way: channel.py, "payload pool").  Armed while
      * idle_armed. */
