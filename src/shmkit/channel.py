@@ -856,6 +856,12 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None,
     blob = view[poff:poff + plen] if in_file else memoryview(data)[table_end:]
     try:
         obj = pickle.loads(blob, buffers=buffers)
+    except Exception as e:
+        # The object is lost (its message is finished): the core lets its
+        # file go as it would have once the object was taken.  (Set with no
+        # point in between where a signal handler runs.)
+        e._shmkit_after = after  # type: ignore[attr-defined]
+        raise
     finally:
         del blob, buffers, view
         if isinstance(mem, _core.Mapping) and not pooled:
@@ -1418,6 +1424,10 @@ class Queue(SharedObject):
         self._maxsize = ch._seg._layout.get("max_items", 0)
         self._send, self._send_nowait = ch.send, ch.send_nowait
         self._get = ch._get
+        # what the main thread took as get() returned, had an interrupt come
+        # then (see get): holds itself when empty
+        self._box: list[Any] = []
+        self._box.append(self._box)
         # (a partial of plain values: a bound method would tie the handle in a cycle)
         self._decode = functools.partial(_unpack, ch._seg.path, ch._seg.name,
                                          ch._seg._trust_uid)
@@ -1501,13 +1511,13 @@ class Queue(SharedObject):
         Big buffers come back backed by their payload's shared memory (no
         copy; numpy arrays are writable, as with ``multiprocessing``), held
         while the object needs them.  The object is rebuilt while it is
-        still in the queue: a Ctrl-C meanwhile (or memory or descriptors
-        running out) leaves it there, next in line, and a process killed
-        meanwhile gives it back too.  A payload file that is missing,
-        damaged or not yours raises :class:`NotFoundError`,
-        :class:`CorruptError` or :class:`UntrustedError`, and so does an
-        object that does not unpickle (its error): that object is lost, the
-        queue goes on.
+        still in the queue: a Ctrl-C meanwhile leaves it there, next in
+        line, and a process killed meanwhile gives it back too.  A payload
+        file that is missing, damaged or not yours raises
+        :class:`NotFoundError`, :class:`CorruptError` or
+        :class:`UntrustedError`, and an object that does not unpickle here
+        (memory running out included) raises its error: that object is
+        lost, the queue goes on.
 
         >>> q = Queue()
         >>> q.put({"frame": 1})
@@ -1517,10 +1527,16 @@ class Queue(SharedObject):
         """
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
+        box = self._box
         try:
-            return self._get(_loads, self._decode, timeout, not block)
+            obj = self._get(_loads, self._decode, timeout, not block, box)
         except Timeout:
             raise Empty(f"queue {self.name!r} stayed empty for {timeout} s") from None
+        # Emptied with no point between the call and here where a signal
+        # handler runs but the call's own end: an interrupt raised there
+        # leaves the object in the box, for the next get.
+        box[0] = box
+        return obj
 
     def get_nowait(self) -> Any:
         """``get(False)``."""

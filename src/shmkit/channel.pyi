@@ -14,6 +14,8 @@ PAYLOAD_GRACE: float
 PAYLOAD_POOL: int
 
 def _remove_payloads(queue_path: str) -> int: ...
+def _loads(data: Any, /, *, fix_imports: bool = True, encoding: str = "ASCII",
+           errors: str = "strict", buffers: Any = ()) -> Any: ...  # pickle.loads
 def orphan_payloads(dry_run: bool = False,
                     match: Callable[[str], bool] | None = None) -> list[dict[str, Any]]: ...
 
@@ -98,12 +100,14 @@ class Queue(SharedObject):
     _closed: bool
     _send: Callable[[_Buffer, float | None], None]
     _send_nowait: Callable[[_Buffer], None]
-    _recv: Callable[[float | None], bytes]
-    _recv_nowait: Callable[[], bytes]
+    # Ring._get of the channel, with the unpacker of this queue's big objects
+    # and the main thread's box (see Queue.get)
+    _get: Callable[..., Any]
+    _decode: Callable[[bytes], tuple[Any, Callable[[], Any] | None]]
+    _box: list[Any]
     def _pack(self, obj: Any) -> tuple[bytes, _Outgoing | _PooledOutgoing | None]: ...
     def _put_out_of_band(self, data: bytes, out: _Outgoing | _PooledOutgoing, block: bool,
                          timeout: float | None) -> None: ...
-    def _unpack(self, data: bytes) -> Any: ...
     def __init__(self, maxsize: int | _Default = ..., *, name: str | None = None,
                  capacity: int | _Default = ...,
                  create: bool | None = None, ctx: Any = None,

@@ -61,7 +61,6 @@
 
 #if PY_VERSION_HEX >= 0x030D0000
 #define gate_finalizing() Py_IsFinalizing()
-PyAPI_FUNC(int) _PyOS_IsMainThread(void); /* exported, no longer declared */
 #else
 #define gate_finalizing() _Py_IsFinalizing()
 #endif

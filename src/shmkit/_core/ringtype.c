@@ -221,25 +221,23 @@ lent_undo(RingObject *r, MappingObject *m, uint64_t pos, uint32_t me, int redeli
     PyErr_Restore(et, ev, tb);
 }
 
-/* Did the decoding of a message fail for a reason of this moment, not of
- * the message: an interrupt (KeyboardInterrupt, SystemExit: what is not an
- * Exception), or memory or descriptors running out? */
-static int
-decode_stopped(void)
+/* What a failed decoding leaves to do for its payload file: the callable
+ * its exception carries as _shmkit_after (see channel.py, _unpack), run
+ * once the message is finished, the decoding's exception kept. */
+static void
+after_failed_decode(void)
 {
-    if (!PyErr_ExceptionMatches(PyExc_Exception) || PyErr_ExceptionMatches(PyExc_MemoryError))
-        return 1;
-    if (!PyErr_ExceptionMatches(PyExc_OSError))
-        return 0;
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
     PyErr_NormalizeException(&et, &ev, &tb);
-    PyObject *no = ev != NULL ? PyObject_GetAttrString(ev, "errno") : NULL;
-    long err = no != NULL && PyLong_Check(no) ? PyLong_AsLong(no) : 0;
-    Py_XDECREF(no);
-    PyErr_Clear(); /* (from the lookup: the decoding's error is put back) */
+    PyObject *after = ev != NULL ? PyObject_GetAttrString(ev, "_shmkit_after") : NULL;
+    if (after != NULL && after != Py_None) {
+        PyObject *done = PyObject_CallNoArgs(after);
+        Py_XDECREF(done);
+    }
+    Py_XDECREF(after);
+    PyErr_Clear();
     PyErr_Restore(et, ev, tb);
-    return err == EMFILE || err == ENFILE || err == ENOMEM;
 }
 
 /* Queue.get's step (R_DECODE): the message at pos, lent to us and marked to
@@ -249,10 +247,10 @@ decode_stopped(void)
  * first byte is 0 (an out-of-band header), returning (object, after):
  * after is None or a callable of the core (no Python code, so no interrupt
  * can fall inside it), run right after the message is finished, such as
- * the claim of its payload file.  A decoding that stopped for a reason of
- * the moment (decode_stopped) gives the message back, first in line: a
- * Ctrl-C never loses it.  Any other error is the message's: it is
- * finished, and the error raised. */
+ * the claim of its payload file.  A decoding that an interrupt stopped
+ * gives the message back, first in line: a Ctrl-C never loses it.  Any
+ * other error is the message's: it is finished (its payload file let go:
+ * after_failed_decode), and the error raised. */
 static PyObject *
 decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_t me,
             PyObject *const *decode)
@@ -293,10 +291,17 @@ decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_
     if (obj == NULL) {
         if (!ours)
             return NULL;
-        if (signalled || decode_stopped())
+        /* Stopped by an interrupt (what is not an Exception: KeyboardInterrupt,
+         * SystemExit), or by whatever a signal handler raised just above:
+         * not the message's fault.  Anything else is, and would be again
+         * for the next receiver (memory running out included: an object
+         * too big for this process must not stop the queue). */
+        if (signalled || !PyErr_ExceptionMatches(PyExc_Exception)) {
             lent_undo(r, m, pos, me, 1);
-        else
+        } else {
             view_finish_keep(r, m, rec, me);
+            after_failed_decode();
+        }
         return NULL;
     }
     /* The object is taken once the record is marked finished, which comes
@@ -475,21 +480,43 @@ Ring_take(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
     return recv_impl(r, a[0], nowait, R_VIEW, NULL, 0, redeliver, NULL);
 }
 
+/* _get(loads, unpack, timeout=None, nowait=False, box=None): R_DECODE.
+ * box, a one-item list that holds itself when empty, keeps the object
+ * taken by the main thread (where Python raises what signal handlers
+ * raise) until the caller empties it, a step with no point where a handler
+ * runs: an exception raised as this call returns, after the message was
+ * finished, then leaves the object there, and the main thread's next call
+ * returns it first. */
 static PyObject *
 Ring_get(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
 {
-    static const char *const names[] = {"loads", "unpack", "timeout", "nowait", NULL};
-    PyObject *a[4];
+    static const char *const names[] = {"loads", "unpack", "timeout", "nowait", "box", NULL};
+    PyObject *a[5];
     if (msg_parse_args("_get", args, nargs, kw, 2, names, a) < 0)
         return NULL;
     if (!PyCallable_Check(a[0]) || !PyCallable_Check(a[1])) {
         PyErr_SetString(PyExc_TypeError, "_get needs two callables, loads and unpack");
         return NULL;
     }
+    PyObject *box = a[4] == Py_None ? NULL : a[4];
+    if (box != NULL && (!PyList_CheckExact(box) || PyList_GET_SIZE(box) != 1)) {
+        PyErr_SetString(PyExc_TypeError, "_get: box must be a list of one item");
+        return NULL;
+    }
+    if (box != NULL && !_PyOS_IsMainThread())
+        box = NULL;
+    if (box != NULL && PyList_GET_ITEM(box, 0) != box) { /* kept from the last call */
+        PyObject *kept = Py_NewRef(PyList_GET_ITEM(box, 0));
+        PyList_SetItem(box, 0, Py_NewRef(box));
+        return kept;
+    }
     int nowait = a[3] ? PyObject_IsTrue(a[3]) : 0;
     if (nowait < 0)
         return NULL;
-    return recv_impl(r, a[2], nowait, R_DECODE, NULL, 0, 1, a);
+    PyObject *obj = recv_impl(r, a[2], nowait, R_DECODE, NULL, 0, 1, a);
+    if (obj != NULL && box != NULL)
+        PyList_SetItem(box, 0, Py_NewRef(obj));
+    return obj;
 }
 
 static PyObject *
@@ -1312,12 +1339,15 @@ static PyMethodDef Ring_methods[] = {
      "the sender's\ndeath.  Raises Timeout, ChannelClosed, MessageTooLarge.\n\n"
      ">>> with ch.loan(5, timeout=1.0) as loan:\n...     loan.buffer[:] = b'hello'"},
     {"_get", (PyCFunction)(void (*)(void))Ring_get, FAST,
-     "_get($self, /, loads, unpack, timeout=None, nowait=False)\n--\n\n"
+     "_get($self, /, loads, unpack, timeout=None, nowait=False, box=None)\n--\n\n"
      "Take the next message and decode it while it stays in the channel: "
      "loads(bytes) -> object for a pickle, unpack(bytes) -> (object, after) for "
      "an out-of-band header; after() (a callable of the core, or None) runs once "
-     "the message is finished.  An interrupt, or memory or descriptors running "
-     "out, while decoding gives the message back, first in line."},
+     "the message is finished.  An interrupt while decoding gives the message "
+     "back, first in line.  box (a list "
+     "of one item, holding itself when empty) keeps the main thread's object "
+     "until the caller empties it: the next call returns one an exception "
+     "raised as this one returned left there."},
     {"_take", (PyCFunction)(void (*)(void))Ring_take, FAST,
      "_take($self, /, timeout=None, nowait=False, redeliver=False)\n--\n\n"
      "_take(timeout=None, nowait=False, redeliver=False) -> RecordView (see "

@@ -18,6 +18,10 @@
 #include <stdarg.h>
 #include <stdint.h>
 
+#if PY_VERSION_HEX >= 0x030D0000
+PyAPI_FUNC(int) _PyOS_IsMainThread(void); /* exported, no longer declared */
+#endif
+
 /* ---- attach table (see docs/architecture.md) ----------------------------
  * A process attached to a segment owns one slot of the segment's attach
  * table.  Ownership is an OFD byte-range lock on byte SHM_SLOT_LOCK_BASE+slot
@@ -30,6 +34,10 @@
 #define SHM_MAX_SLOTS 1024
 /* Locks of one segment that one process may hold (or wait for) at once. */
 #define SHM_HELD_MAX 64
+
+#if PY_VERSION_HEX >= 0x030D0000
+PyAPI_FUNC(int) _PyOS_IsMainThread(void); /* exported, no longer declared */
+#endif
 
 /* A lock-owner token: slot in the low 10 bits, generation in the next 20. */
 #define SHM_TOKEN_SLOT(t) ((uint32_t)(t) & 0x3FFu)
