@@ -1039,7 +1039,7 @@ def test_gc_never_takes_a_queued_payload_for_a_pooled_one_let_go(queue, monkeypa
 
 def _take_raw_and_die(qname, w):
     q = shmkit.Queue.open(qname)
-    q._recv(5)  # the ring message only: its receiver dies before the payload
+    q._ch.recv(5)  # the ring message only: its receiver dies before the payload
     os.write(w, b"1\n")
     time.sleep(60)
 
