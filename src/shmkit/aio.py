@@ -890,10 +890,10 @@ class Queue(_channel.Queue):
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         if not block:
-            return self._get(_channel._loads, self._decode, None, True)
+            return self._get_one()
         _loop()
         try:  # the common case first, without building the waiting machinery
-            return self._get(_channel._loads, self._decode, None, True)
+            return self._get_one()
         except WouldBlock:
             pass
         ch = self._ch
@@ -901,11 +901,9 @@ class Queue(_channel.Queue):
         def expired() -> NoReturn:
             raise Empty(f"queue {self.name!r} stayed empty for {timeout} s")
 
-        return await _until(lambda: _nowait(self._get, _channel._loads, self._decode, None,
-                                            True),
-                            lambda: _describe(ch), timeout, expired,
-                            lambda: _timed(self._get, _channel._loads, self._decode,
-                                           _REPAIR_TIMEOUT), tried=True)
+        return await _until(lambda: _nowait(self._get_one), lambda: _describe(ch), timeout,
+                            expired, lambda: _timed(self._get_one, _REPAIR_TIMEOUT, False),
+                            tried=True)
 
     def put_nowait(self, obj: Any) -> None:
         if self._closed:
@@ -915,7 +913,7 @@ class Queue(_channel.Queue):
     def get_nowait(self) -> Any:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        return self._get(_channel._loads, self._decode, None, True)
+        return self._get_one()
 
 
 # ---- locks and events ---------------------------------------------------------

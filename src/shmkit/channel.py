@@ -1538,6 +1538,11 @@ class Queue(SharedObject):
         box[0] = box
         return obj
 
+    def _get_one(self, timeout: float | None = None, nowait: bool = True) -> Any:
+        """The core's get without the box (for shmkit.aio, whose awaits
+        return the object through the event loop)."""
+        return self._get(_loads, self._decode, timeout, nowait)
+
     def get_nowait(self) -> Any:
         """``get(False)``."""
         return self.get(False)

@@ -221,9 +221,24 @@ lent_undo(RingObject *r, MappingObject *m, uint64_t pos, uint32_t me, int redeli
     PyErr_Restore(et, ev, tb);
 }
 
-/* What a failed decoding leaves to do for its payload file: the callable
- * its exception carries as _shmkit_after (see channel.py, _unpack), run
- * once the message is finished, the decoding's exception kept. */
+/* Run a decoding's `after` (None, or a call of the core) once its message
+ * is finished: housekeeping of the payload file, whose failure never
+ * changes the outcome.  The exception set, if any, is kept. */
+static void
+run_after(PyObject *after)
+{
+    if (after == NULL || after == Py_None)
+        return;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *done = PyObject_CallNoArgs(after);
+    Py_XDECREF(done);
+    PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
+}
+
+/* A failed decoding's `after`: the callable its exception carries as
+ * _shmkit_after (see channel.py, _unpack). */
 static void
 after_failed_decode(void)
 {
@@ -231,12 +246,9 @@ after_failed_decode(void)
     PyErr_Fetch(&et, &ev, &tb);
     PyErr_NormalizeException(&et, &ev, &tb);
     PyObject *after = ev != NULL ? PyObject_GetAttrString(ev, "_shmkit_after") : NULL;
-    if (after != NULL && after != Py_None) {
-        PyObject *done = PyObject_CallNoArgs(after);
-        Py_XDECREF(done);
-    }
-    Py_XDECREF(after);
     PyErr_Clear();
+    run_after(after);
+    Py_XDECREF(after);
     PyErr_Restore(et, ev, tb);
 }
 
@@ -309,15 +321,8 @@ decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_
      * space, which the next receive does anyway) must not lose it. */
     if (view_finish(r, m, rec, me) < 0)
         PyErr_Clear();
-    if (after != NULL) {
-        if (after != Py_None) {
-            PyObject *done = PyObject_CallNoArgs(after);
-            if (done == NULL)
-                PyErr_Clear(); /* housekeeping: the object is the caller's */
-            Py_XDECREF(done);
-        }
-        Py_DECREF(after);
-    }
+    run_after(after);
+    Py_XDECREF(after);
     return obj;
 }
 
