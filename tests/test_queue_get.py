@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import shmkit
+from shmkit import inspect
 
 from conftest import SRC, STORM_PRELUDE, spawn
 
@@ -165,6 +166,61 @@ def test_a_receiver_killed_or_frozen_while_rebuilding_leaves_the_object(name, bi
         q.unlink()
         q.close()
     assert not _payloads(q)
+
+
+def _interrupted_after_the_finish(q, out):
+    from shmkit import _core
+    _core.fault(1, "ring.finish.done", stop=True)  # stops once the message is finished
+    try:
+        q.get(timeout=60)
+        out.put("returned")
+    except KeyboardInterrupt:
+        got = [q._kept]
+        while q._kept or q.qsize():
+            got.append(q.get_nowait())
+        out.put(tuple(got))
+
+
+def test_an_interrupt_after_the_finish_keeps_the_object_for_the_next_get(name):
+    """A signal that comes after the message was finished is handled before
+    get returns, inside the call: the object is kept, and the handle's next
+    get returns it, before the next object in the queue."""
+    q = shmkit.Queue(name=name)
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    q.put("first")
+    q.put("second")
+    p = spawn(_interrupted_after_the_finish, q, out)
+    try:
+        deadline = time.monotonic() + 60
+        while not inspect.process_stopped(p.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert inspect.process_stopped(p.pid), "the receiver did not stop in its get"
+        os.kill(p.pid, signal.SIGINT)  # pending until it resumes, right after the finish
+        os.kill(p.pid, signal.SIGCONT)
+        assert out.get(timeout=60) == (1, "first", "second")
+        p.join(30)
+        assert q.qsize() == 0
+    finally:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGCONT)
+            p.kill()
+            p.join(10)
+        q.unlink()
+        q.close()
+
+
+def test_closing_a_queue_refuses_get_and_drops_nothing_else(name):
+    q = shmkit.Queue(name=name)
+    q.put("a")
+    get = q.get
+    q.close()
+    for call in (get, q.get, q.get_nowait, lambda: q._get_one(None, False)):
+        with pytest.raises(ValueError, match="is closed"):
+            call()
+    with shmkit.Queue.open(name) as again:
+        assert again.get(timeout=10) == "a"
+        again.unlink()
 
 
 _GET_STORM = STORM_PRELUDE + r"""

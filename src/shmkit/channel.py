@@ -1323,7 +1323,7 @@ class Channel(SharedObject, _core.Ring):
                 f" depth={self.depth}>")
 
 
-class Queue(SharedObject):
+class Queue(SharedObject, _core.QueueCore):
     """``multiprocessing.Queue`` over shared memory, for Python objects.
 
     Same interface: ``put(obj, block=True, timeout=None)``, ``get(block=True,
@@ -1423,14 +1423,10 @@ class Queue(SharedObject):
         self._closed = False
         self._maxsize = ch._seg._layout.get("max_items", 0)
         self._send, self._send_nowait = ch.send, ch.send_nowait
-        self._get = ch._get
-        # what the main thread took as get() returned, had an interrupt come
-        # then (see get): holds itself when empty
-        self._box: list[Any] = []
-        self._box.append(self._box)
-        # (a partial of plain values: a bound method would tie the handle in a cycle)
-        self._decode = functools.partial(_unpack, ch._seg.path, ch._seg.name,
-                                         ch._seg._trust_uid)
+        # get (the core's QueueCore) decodes big objects' headers with a
+        # partial of plain values: a bound method would tie the handle in a cycle
+        self._bind(ch, _loads, functools.partial(_unpack, ch._seg.path, ch._seg.name,
+                                                 ch._seg._trust_uid))
         self._path = ch._seg.path
         self._oob_limit = min(OOB_THRESHOLD, ch.max_message + 1)
 
@@ -1504,48 +1500,7 @@ class Queue(SharedObject):
         """``put(obj, False)``."""
         self.put(obj, False)
 
-    def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        """Remove and return an object, waiting while the queue is empty
-        (``queue.Empty`` when ``block`` is false or ``timeout`` seconds pass).
-
-        Big buffers come back backed by their payload's shared memory (no
-        copy; numpy arrays are writable, as with ``multiprocessing``), held
-        while the object needs them.  The object is rebuilt while it is
-        still in the queue: a Ctrl-C meanwhile leaves it there, next in
-        line, and a process killed meanwhile gives it back too.  A payload
-        file that is missing, damaged or not yours raises
-        :class:`NotFoundError`, :class:`CorruptError` or
-        :class:`UntrustedError`, and an object that does not unpickle here
-        (memory running out included) raises its error: that object is
-        lost, the queue goes on.
-
-        >>> q = Queue()
-        >>> q.put({"frame": 1})
-        >>> q.get(timeout=1.0)
-        {'frame': 1}
-        >>> q.close()
-        """
-        if self._closed:
-            raise ValueError(f"Queue {self!r} is closed")
-        box = self._box
-        try:
-            obj = self._get(_loads, self._decode, timeout, not block, box)
-        except Timeout:
-            raise Empty(f"queue {self.name!r} stayed empty for {timeout} s") from None
-        # Emptied with no point between the call and here where a signal
-        # handler runs but the call's own end: an interrupt raised there
-        # leaves the object in the box, for the next get.
-        box[0] = box
-        return obj
-
-    def _get_one(self, timeout: float | None = None, nowait: bool = True) -> Any:
-        """The core's get without the box (for shmkit.aio, whose awaits
-        return the object through the event loop)."""
-        return self._get(_loads, self._decode, timeout, nowait)
-
-    def get_nowait(self) -> Any:
-        """``get(False)``."""
-        return self.get(False)
+    # get, get_nowait: the core's (QueueCore, _core/queuetype.c)
 
     def qsize(self) -> int:
         """How many objects are queued (exact at the moment it is read)."""
@@ -1563,6 +1518,7 @@ class Queue(SharedObject):
         Objects already put stay in the queue; there is no feeder thread
         to flush.  Safe to call twice.
         """
+        self._unbind()
         self._closed = True
         if self._pool is not None:
             self._pool.close()

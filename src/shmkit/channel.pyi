@@ -100,12 +100,10 @@ class Queue(SharedObject):
     _closed: bool
     _send: Callable[[_Buffer, float | None], None]
     _send_nowait: Callable[[_Buffer], None]
-    # Ring._get of the channel, with the unpacker of this queue's big objects
-    # and the main thread's box (see Queue.get)
-    _get: Callable[..., Any]
-    _decode: Callable[[bytes], tuple[Any, Callable[[], Any] | None]]
-    _box: list[Any]
+    # get, get_nowait and shmkit.aio's _get_one are the core's (_core.QueueCore)
     def _get_one(self, timeout: float | None = None, nowait: bool = True) -> Any: ...
+    @property
+    def _kept(self) -> int: ...
     def _pack(self, obj: Any) -> tuple[bytes, _Outgoing | _PooledOutgoing | None]: ...
     def _put_out_of_band(self, data: bytes, out: _Outgoing | _PooledOutgoing, block: bool,
                          timeout: float | None) -> None: ...

@@ -16,6 +16,7 @@ extern PyMethodDef shm_mapping_methods[];
 int shm_init_table(PyObject *module);
 int shm_init_heap(PyObject *module);
 int shm_init_ring(PyObject *module);
+int shm_init_queue(PyObject *module); /* queuetype.c */
 int shm_init_waitset(PyObject *module); /* waitset.c: after shm_init_ring */
 int shm_init_topic(PyObject *module);
 int shm_init_fork(PyObject *module);
@@ -109,7 +110,7 @@ make_layouts(void)
 #define TYPES(X)                                                                  \
     X(Mapping) X(Lock) X(RWLock) X(Semaphore) X(Ring) X(RecordView) X(Loan) X(Table)\
     X(View) X(HeapCore) X(Pin) X(Topic) X(TopicSubscriber) X(TopicView) X(Special)     \
-    X(BoundSpecial) X(TableBatch)
+    X(BoundSpecial) X(TableBatch) X(QueueCore)
 
 static int
 core_traverse(PyObject *m, visitproc visit, void *arg)
@@ -213,7 +214,7 @@ core_exec(PyObject *m)
     if (load_errors(shm_mod_state(m)) < 0)
         return -1;
     if (shm_init_mapping(m) < 0 || shm_init_sigbus(m) < 0 || shm_init_special(m) < 0 ||
-        shm_init_lock(m) < 0 || shm_init_ring(m) < 0 ||
+        shm_init_lock(m) < 0 || shm_init_ring(m) < 0 || shm_init_queue(m) < 0 ||
         shm_init_table(m) < 0 ||
         shm_init_heap(m) < 0 || shm_init_sync(m) < 0 || shm_init_fork(m) < 0 ||
         add_functions(m, shm_atomic_methods) < 0 ||

@@ -294,6 +294,10 @@ int ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t 
               int64_t deadline, int stop_no_senders);
 /* Every attachment that ever sent is gone (closed or died), and something
  * was sent: a receiver that asked to stop then, stops. */
+/* Queue.get's receive (queuetype.c): the next message, decoded by
+ * decode[0] (a pickle) or decode[1] (a big object's header) while it stays
+ * in the channel, then finished (ringtype.c, decode_lent). */
+PyObject *ring_get_decoded(RingObject *r, PyObject *timeout, int nowait, PyObject *const *decode);
 int ring_senders_gone(RingObject *r, MappingObject *m);
 int ring_backoff(int *fruitless);
 

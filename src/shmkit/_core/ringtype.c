@@ -485,43 +485,11 @@ Ring_take(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
     return recv_impl(r, a[0], nowait, R_VIEW, NULL, 0, redeliver, NULL);
 }
 
-/* _get(loads, unpack, timeout=None, nowait=False, box=None): R_DECODE.
- * box, a one-item list that holds itself when empty, keeps the object
- * taken by the main thread (where Python raises what signal handlers
- * raise) until the caller empties it, a step with no point where a handler
- * runs: an exception raised as this call returns, after the message was
- * finished, then leaves the object there, and the main thread's next call
- * returns it first. */
-static PyObject *
-Ring_get(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+/* Queue.get's receive (queuetype.c): R_DECODE. */
+PyObject *
+ring_get_decoded(RingObject *r, PyObject *timeout, int nowait, PyObject *const *decode)
 {
-    static const char *const names[] = {"loads", "unpack", "timeout", "nowait", "box", NULL};
-    PyObject *a[5];
-    if (msg_parse_args("_get", args, nargs, kw, 2, names, a) < 0)
-        return NULL;
-    if (!PyCallable_Check(a[0]) || !PyCallable_Check(a[1])) {
-        PyErr_SetString(PyExc_TypeError, "_get needs two callables, loads and unpack");
-        return NULL;
-    }
-    PyObject *box = a[4] == Py_None ? NULL : a[4];
-    if (box != NULL && (!PyList_CheckExact(box) || PyList_GET_SIZE(box) != 1)) {
-        PyErr_SetString(PyExc_TypeError, "_get: box must be a list of one item");
-        return NULL;
-    }
-    if (box != NULL && !_PyOS_IsMainThread())
-        box = NULL;
-    if (box != NULL && PyList_GET_ITEM(box, 0) != box) { /* kept from the last call */
-        PyObject *kept = Py_NewRef(PyList_GET_ITEM(box, 0));
-        PyList_SetItem(box, 0, Py_NewRef(box));
-        return kept;
-    }
-    int nowait = a[3] ? PyObject_IsTrue(a[3]) : 0;
-    if (nowait < 0)
-        return NULL;
-    PyObject *obj = recv_impl(r, a[2], nowait, R_DECODE, NULL, 0, 1, a);
-    if (obj != NULL && box != NULL)
-        PyList_SetItem(box, 0, Py_NewRef(obj));
-    return obj;
+    return recv_impl(r, timeout, nowait, R_DECODE, NULL, 0, 1, decode);
 }
 
 static PyObject *
@@ -1343,16 +1311,6 @@ static PyMethodDef Ring_methods[] = {
      "it in one step, an\nexception abandons it (receivers never see it), and so does "
      "the sender's\ndeath.  Raises Timeout, ChannelClosed, MessageTooLarge.\n\n"
      ">>> with ch.loan(5, timeout=1.0) as loan:\n...     loan.buffer[:] = b'hello'"},
-    {"_get", (PyCFunction)(void (*)(void))Ring_get, FAST,
-     "_get($self, /, loads, unpack, timeout=None, nowait=False, box=None)\n--\n\n"
-     "Take the next message and decode it while it stays in the channel: "
-     "loads(bytes) -> object for a pickle, unpack(bytes) -> (object, after) for "
-     "an out-of-band header; after() (a callable of the core, or None) runs once "
-     "the message is finished.  An interrupt while decoding gives the message "
-     "back, first in line.  box (a list "
-     "of one item, holding itself when empty) keeps the main thread's object "
-     "until the caller empties it: the next call returns one an exception "
-     "raised as this one returned left there."},
     {"_take", (PyCFunction)(void (*)(void))Ring_take, FAST,
      "_take($self, /, timeout=None, nowait=False, redeliver=False)\n--\n\n"
      "_take(timeout=None, nowait=False, redeliver=False) -> RecordView (see "
