@@ -1363,10 +1363,11 @@ static PyType_Spec ring_spec = {
 static int
 view_finish(RingObject *r, MappingObject *m, rec_t *rec, uint32_t token)
 {
-    uint32_t taken = ST_TAKEN | token, lent = ST_LENT | token;
-    if (!__atomic_compare_exchange_n(&rec->state, &taken, ST_DONE, 0, __ATOMIC_RELEASE,
-                                     __ATOMIC_RELAXED))
-        __atomic_compare_exchange_n(&rec->state, &lent, ST_DONE, 0, __ATOMIC_RELEASE,
+    /* ours, taken or lent: one compare-and-swap from the state found (a
+     * repair may change it meanwhile; a failed one costs as much) */
+    uint32_t st = LOAD(&rec->state);
+    if (st == (ST_TAKEN | token) || st == (ST_LENT | token))
+        __atomic_compare_exchange_n(&rec->state, &st, ST_DONE, 0, __ATOMIC_RELEASE,
                                     __ATOMIC_RELAXED);
     shm_crash_point("ring.finish.done");
     if (m->token != token || m->base == NULL || r->mapping != (PyObject *)m)
