@@ -1423,8 +1423,8 @@ class Queue(SharedObject, _core.QueueCore):
         self._closed = False
         self._maxsize = ch._seg._layout.get("max_items", 0)
         self._send, self._send_nowait = ch.send, ch.send_nowait
-        # get (the core's QueueCore) decodes big objects' headers with a
-        # partial of plain values: a bound method would tie the handle in a cycle
+        # get (_get_boxed, the core's QueueCore) decodes big objects' headers with
+        # a partial of plain values: a bound method would tie the handle in a cycle
         self._bind(ch, _loads, functools.partial(_unpack, ch._seg.path, ch._seg.name,
                                                  ch._seg._trust_uid))
         self._path = ch._seg.path
@@ -1500,7 +1500,40 @@ class Queue(SharedObject, _core.QueueCore):
         """``put(obj, False)``."""
         self.put(obj, False)
 
-    # get, get_nowait: the core's (QueueCore, _core/queuetype.c)
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Remove and return an object, waiting while the queue is empty
+        (``queue.Empty`` when ``block`` is false or ``timeout`` seconds pass).
+
+        Big buffers come back backed by their payload's shared memory (no
+        copy; numpy arrays are writable, as with ``multiprocessing``), held
+        while the object needs them.  The object is rebuilt while it is
+        still in the queue: a Ctrl-C meanwhile leaves it there, next in
+        line, and a process killed meanwhile gives it back too.  A payload
+        file that is missing, damaged or not yours raises
+        :class:`NotFoundError`, :class:`CorruptError` or
+        :class:`UntrustedError`, and an object that does not unpickle here
+        (memory running out included) raises its error: that object is
+        lost, the queue goes on.
+
+        >>> q = Queue()
+        >>> q.put({"frame": 1})
+        >>> q.get(timeout=1.0)
+        {'frame': 1}
+        >>> q.close()
+        """
+        # The core's call (_core/queuetype.c) returns the object in a list,
+        # the main thread's box, emptied here with no point between the
+        # call and here where a signal handler runs but the call's own
+        # end: an interrupt raised there leaves the object in the box, and
+        # the next get returns it first.
+        box = self._get_boxed(block, timeout)
+        obj = box[0]
+        box[0] = None
+        return obj
+
+    def get_nowait(self) -> Any:
+        """``get(False)``."""
+        return self.get(False)
 
     def qsize(self) -> int:
         """How many objects are queued (exact at the moment it is read)."""
