@@ -295,3 +295,54 @@ def test_a_ctrl_c_storm_over_gets_loses_no_object(shm_dir, kind, n):
     assert lost <= 2 + interrupts // 100, f"{lost} objects lost to {interrupts} interrupts"
     left = [f for f in os.listdir(shm_dir) if f != "q"]
     assert len(left) <= lost, f"payload files left: {left[:5]}"
+
+
+def _get_inside(q):
+    return "outer", q.get(timeout=10)
+
+
+def _close_inside(q):
+    q.close()
+    return "closed inside"
+
+
+class _Calls:
+    """Unpickled by calling fn(q) (q: the receiving handle, set by the test)."""
+
+    q = None
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __reduce__(self):
+        return _call_with_queue, (self.fn,)
+
+
+def _call_with_queue(fn):
+    return fn(_Calls.q)
+
+
+def test_a_get_inside_a_get_and_a_changed_box_lose_nothing(name):
+    """A get made by the rebuild of another (its own object first), a close
+    made by one, and a box a caller emptied (replaced, not read past its
+    end) all leave every other object where it was."""
+    q = _Calls.q = shmkit.Queue(name=name)
+    try:
+        q.put(_Calls(_get_inside))
+        q.put("inner")
+        q.put("next")
+        assert q.get(timeout=10) == ("outer", "inner")
+        q._get_boxed().clear()  # "next", taken into a box then emptied by hand
+        q.put("after")
+        assert q.get(timeout=10) == "after" and not q._kept
+        q.put(_Calls(_close_inside))
+        q.put("left")
+        assert q.get(timeout=10) == "closed inside"
+        with pytest.raises(ValueError, match="is closed"):
+            q.get()
+        with shmkit.Queue.open(name) as again:
+            assert again.get(timeout=10) == "left"
+            again.unlink()
+    finally:
+        _Calls.q = None
+        q.close()

@@ -25,18 +25,46 @@ typedef struct {
     PyObject *box;       /* [object or None]: the main thread's (see above) */
 } QueueCoreObject;
 
-/* The main thread's box, or NULL on other threads. */
-static inline PyObject *
-main_box(QueueCoreObject *q)
+static PyObject *
+new_box(void)
 {
-    return q->box != NULL && _PyOS_IsMainThread() ? q->box : NULL;
+    PyObject *box = PyList_New(1);
+    if (box != NULL)
+        PyList_SET_ITEM(box, 0, Py_NewRef(Py_None));
+    return box;
 }
 
-/* The receive behind _get_boxed and _get_one, into box (if not NULL); with
- * empty_on_timeout (_get_boxed), a timeout raises Empty naming the queue. */
+/* The main thread's box (a new reference: a close by another thread or by
+ * the decoding may drop the handle's meanwhile), or NULL on other threads.
+ * A box that a caller changed (it is a plain list) is replaced. */
 static PyObject *
-queue_get(QueueCoreObject *q, PyObject *box, PyObject *timeout, int nowait,
-          int empty_on_timeout)
+main_box(QueueCoreObject *q)
+{
+    if (q->box == NULL || !_PyOS_IsMainThread())
+        return NULL;
+    if (PyList_GET_SIZE(q->box) != 1) {
+        PyObject *box = new_box();
+        if (box == NULL) {
+            PyErr_Clear(); /* this call goes without */
+            return NULL;
+        }
+        Py_SETREF(q->box, box);
+    }
+    return Py_NewRef(q->box);
+}
+
+/* The box's object (borrowed), or NULL if it holds none. */
+static inline PyObject *
+boxed(PyObject *box)
+{
+    PyObject *obj = box != NULL ? PyList_GET_ITEM(box, 0) : NULL;
+    return obj == Py_None ? NULL : obj;
+}
+
+/* The receive behind _get_boxed and _get_one; with empty_on_timeout
+ * (_get_boxed), a timeout raises Empty naming the queue. */
+static PyObject *
+queue_get(QueueCoreObject *q, PyObject *timeout, int nowait, int empty_on_timeout)
 {
     if (q->ring == NULL) {
         PyErr_Format(PyExc_ValueError, "Queue %R is closed", (PyObject *)q);
@@ -54,15 +82,14 @@ queue_get(QueueCoreObject *q, PyObject *box, PyObject *timeout, int nowait,
     Py_DECREF(decode[0]);
     Py_DECREF(decode[1]);
     Py_DECREF(ring);
-    if (obj != NULL && box != NULL)
-        PyList_SetItem(box, 0, Py_NewRef(obj)); /* (None before: see the callers) */
     return obj;
 }
 
-/* _get_boxed(block=True, timeout=None): Queue.get's call.  Returns the box, or
- * on another thread a new list, holding the object; the box holding one
- * already (kept from a call whose return was interrupted) is returned as
- * it is. */
+/* _get_boxed(block=True, timeout=None): Queue.get's call.  Returns the box,
+ * holding the object; on another thread, or if the box holds one already
+ * (a get that the decoding made, itself interrupted as it returned), a new
+ * list.  A box holding an object kept from a call whose return was
+ * interrupted is returned as it is. */
 static PyObject *
 QueueCore_get_boxed(QueueCoreObject *q, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
 {
@@ -75,17 +102,18 @@ QueueCore_get_boxed(QueueCoreObject *q, PyObject *const *args, Py_ssize_t nargs,
     if (block < 0)
         return NULL;
     PyObject *box = main_box(q);
-    if (box != NULL && PyList_GET_ITEM(box, 0) != Py_None)
-        return Py_NewRef(box);
-    PyObject *obj = queue_get(q, box, a[1], !block, 1);
+    if (boxed(box) != NULL)
+        return box;
+    PyObject *obj = queue_get(q, a[1], !block, 1);
+    if (obj != NULL && box != NULL && PyList_GET_SIZE(box) == 1 && boxed(box) == NULL) {
+        PyList_SetItem(box, 0, obj); /* (no Python code between here and the return) */
+        return box;
+    }
+    Py_XDECREF(box);
     if (obj == NULL)
         return NULL;
-    if (box != NULL) {
-        Py_DECREF(obj);
-        return Py_NewRef(box);
-    }
     PyObject *own = PyList_New(1);
-    if (own == NULL) { /* an interrupt or memory error here too loses it */
+    if (own == NULL) { /* no memory even for this: the object is lost */
         Py_DECREF(obj);
         return NULL;
     }
@@ -106,13 +134,15 @@ QueueCore_get_one(QueueCoreObject *q, PyObject *const *args, Py_ssize_t nargs, P
     int nowait = a[1] ? PyObject_IsTrue(a[1]) : 1;
     if (nowait < 0)
         return NULL;
-    PyObject *box = main_box(q);
-    if (box != NULL && PyList_GET_ITEM(box, 0) != Py_None) {
-        PyObject *kept = Py_NewRef(PyList_GET_ITEM(box, 0));
+    PyObject *box = main_box(q), *kept = boxed(box);
+    if (kept != NULL) {
+        Py_INCREF(kept);
         PyList_SetItem(box, 0, Py_NewRef(Py_None));
+        Py_DECREF(box);
         return kept;
     }
-    return queue_get(q, NULL, a[0], nowait, 0);
+    Py_XDECREF(box);
+    return queue_get(q, a[0], nowait, 0);
 }
 
 /* _bind(ring, loads, unpack): what get receives from and decodes with. */
@@ -132,10 +162,9 @@ QueueCore_bind(QueueCoreObject *q, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "_bind() needs two callables, loads and unpack");
         return NULL;
     }
-    PyObject *box = PyList_New(1);
+    PyObject *box = new_box();
     if (box == NULL)
         return NULL;
-    PyList_SET_ITEM(box, 0, Py_NewRef(Py_None));
     Py_XSETREF(q->box, box);
     Py_XSETREF(q->ring, Py_NewRef(args[0]));
     Py_XSETREF(q->decode[0], Py_NewRef(args[1]));
@@ -155,7 +184,8 @@ QueueCore_unbind(QueueCoreObject *q, PyObject *Py_UNUSED(ignored))
 static PyObject *
 QueueCore_get_kept(QueueCoreObject *q, void *Py_UNUSED(c))
 {
-    return PyBool_FromLong(q->box != NULL && PyList_GET_ITEM(q->box, 0) != Py_None);
+    return PyBool_FromLong(q->box != NULL && PyList_GET_SIZE(q->box) == 1 &&
+                           boxed(q->box) != NULL);
 }
 
 static int
