@@ -4,6 +4,7 @@ there for the next get (see docs/channel.md, "A Ctrl-C during get")."""
 from __future__ import annotations
 
 import ctypes
+import gc
 import multiprocessing
 import os
 import signal
@@ -346,3 +347,65 @@ def test_a_get_inside_a_get_and_a_changed_box_lose_nothing(name):
     finally:
         _Calls.q = None
         q.close()
+
+
+def test_an_object_kept_across_a_fork_stays_the_parents(name):
+    """The box holding an object (an interrupt came as get's call returned)
+    when the process forks: the parent's next get returns it, the child's
+    does not (it would be delivered twice)."""
+    q = shmkit.Queue(name=name)
+    try:
+        q.put("kept")
+        q.put("next")
+        assert q._get_boxed() == ["kept"] and q._kept  # left full, as by that interrupt
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.write(w, repr((q._kept, q.get(timeout=10))).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        os.waitpid(pid, 0)
+        with os.fdopen(r) as f:
+            assert f.read() == "(False, 'next')"
+        assert q.get(timeout=10) == "kept" and not q._kept
+    finally:
+        q.unlink()
+        q.close()
+
+
+class _HandlerError(Exception):
+    """What a signal handler raised."""
+
+
+@pytest.mark.parametrize("pool", [0, 8 * MiB])
+def test_what_a_handler_raises_in_a_big_objects_own_steps_gives_it_back(name, monkeypatch,
+                                                                        pool):
+    """A signal handler's exception (not an interrupt) raised in a step of
+    the unpacking of a big object's header, before its unpickling, is not
+    the object's fault: the message goes back, with its payload file."""
+    from shmkit import channel
+    q = shmkit.Queue(name=name, payload_pool=pool)
+    try:
+        q.put(np.arange(MiB // 8, dtype=np.int64))
+        q.put("next")
+        real = channel._check_trust
+
+        def raise_once(*args):
+            monkeypatch.setattr(channel, "_check_trust", real)
+            raise _HandlerError("from a signal handler")
+
+        monkeypatch.setattr(channel, "_check_trust", raise_once)
+        with pytest.raises(_HandlerError):
+            q.get(timeout=10)
+        got = q.get(timeout=10)
+        assert got[-1] == MiB // 8 - 1 and q.get(timeout=10) == "next"
+        del got
+        gc.collect()
+        if not pool:
+            assert not _payloads(q)
+    finally:
+        q.unlink()
+        q.close()
+    assert not _payloads(q)

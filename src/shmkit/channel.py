@@ -719,18 +719,31 @@ def _lost(name: str, why: str) -> str:
 def _unpack(queue_path: str, name: str, trust_uid: int | None,
             data: bytes) -> tuple[Any, Callable[[], Any] | None]:
     """Rebuild an object from its ring message (see :func:`_pack`), while the
-    message is still in the channel (``Ring._get``): ``(object, after)``.
+    message is still in the channel (``Queue.get``, the core's
+    ``decode_lent``): ``(object, after)``.
 
     Nothing another process sees changes here but for files found damaged
     (their message is lost anyway): an interrupt here leaves the message,
     and the file it names, as they were, for the channel to give out again.
     What takes the file once the object is ours, ``after``, is a call of
-    the core that ``Ring._get`` makes right after the message is finished:
-    a pooled file is marked held (free once the object's views are gone),
-    and a file now only ours is removed.
+    the core made right after the message is finished: a pooled file is
+    marked held (free once the object's views are gone), and a file now
+    only ours is removed.
+
+    An error is the message's fault, which finishes it (lost), when the
+    unpickling raised it (it carries ``_shmkit_after``, the file's
+    let-go: set with no point in between where a signal handler runs), or
+    when it is about the file (a :class:`ShmkitError`, an ``OSError``) or
+    a :class:`MemoryError` (an object too big for this process must not
+    stop the queue).  The core gives the message back on any other, which a
+    step of our own raised on the way (what a signal handler raised there).
     """
     if not data.startswith(_OOB_MAGIC):
-        return pickle.loads(data), None
+        try:
+            return pickle.loads(data), None
+        except Exception as e:
+            e._shmkit_after = None  # type: ignore[attr-defined]
+            raise
     if len(data) < _OOB_HEAD.size:
         raise CorruptError(_lost(name, f"its message holds only {len(data)} bytes"))
     _m, nbufs, flags, size, poff, plen, token = _OOB_HEAD.unpack_from(data)

@@ -105,7 +105,7 @@ make_layouts(void)
     X(HeapFullError, "HeapFullError") X(ChannelClosed, "_ChannelEnded")           \
     X(MessageTooLarge, "MessageTooLarge") X(Empty, "Empty") X(Full, "Full")        \
     X(SendersGone, "SendersGone") X(MessagesLost, "MessagesLost")                \
-    X(SizeLimitError, "SizeLimitError")
+    X(SizeLimitError, "SizeLimitError") X(ShmkitError, "ShmkitError")
 
 #define TYPES(X)                                                                  \
     X(Mapping) X(Lock) X(RWLock) X(Semaphore) X(Ring) X(RecordView) X(Loan) X(Table)\

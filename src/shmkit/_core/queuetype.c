@@ -18,11 +18,25 @@
 #include "msgtype.h"
 #include "ring.h"
 
+#include <pthread.h>
+
+/* Forks this process and its ancestors made (counted in the child): a box
+ * that holds an object across a fork is the parent's, which its next get
+ * returns; the child's must not return it too. */
+static unsigned long forks;
+
+static void
+count_fork(void)
+{
+    forks++;
+}
+
 typedef struct {
     PyObject_HEAD
     PyObject *ring;      /* the queue's channel (a Ring); NULL when not bound */
     PyObject *decode[2]; /* pickle.loads; the unpacker of a big object's header */
     PyObject *box;       /* [object or None]: the main thread's (see above) */
+    unsigned long box_forks; /* `forks` when the box was last looked at */
 } QueueCoreObject;
 
 static PyObject *
@@ -36,13 +50,15 @@ new_box(void)
 
 /* The main thread's box (a new reference: a close by another thread or by
  * the decoding may drop the handle's meanwhile), or NULL on other threads.
- * A box that a caller changed (it is a plain list) is replaced. */
+ * A box that a caller changed (it is a plain list), or one from before a
+ * fork (its object is the parent's), is replaced. */
 static PyObject *
 main_box(QueueCoreObject *q)
 {
     if (q->box == NULL || !_PyOS_IsMainThread())
         return NULL;
-    if (PyList_GET_SIZE(q->box) != 1) {
+    if (PyList_GET_SIZE(q->box) != 1 || q->box_forks != forks) {
+        q->box_forks = forks;
         PyObject *box = new_box();
         if (box == NULL) {
             PyErr_Clear(); /* this call goes without */
@@ -166,6 +182,7 @@ QueueCore_bind(QueueCoreObject *q, PyObject *const *args, Py_ssize_t nargs)
     if (box == NULL)
         return NULL;
     Py_XSETREF(q->box, box);
+    q->box_forks = forks;
     Py_XSETREF(q->ring, Py_NewRef(args[0]));
     Py_XSETREF(q->decode[0], Py_NewRef(args[1]));
     Py_XSETREF(q->decode[1], Py_NewRef(args[2]));
@@ -185,7 +202,7 @@ static PyObject *
 QueueCore_get_kept(QueueCoreObject *q, void *Py_UNUSED(c))
 {
     return PyBool_FromLong(q->box != NULL && PyList_GET_SIZE(q->box) == 1 &&
-                           boxed(q->box) != NULL);
+                           q->box_forks == forks && boxed(q->box) != NULL);
 }
 
 static int
@@ -263,5 +280,15 @@ static PyType_Spec queue_spec = {
 int
 shm_init_queue(PyObject *module)
 {
+    static int counting; /* once per process, whatever imports the module again */
+    if (!counting) {
+        int err = pthread_atfork(NULL, NULL, count_fork);
+        if (err != 0) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        counting = 1;
+    }
     return shm_add_type(module, &queue_spec, &shm_mod_state(module)->QueueCore);
 }

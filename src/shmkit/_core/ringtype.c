@@ -252,6 +252,28 @@ after_failed_decode(void)
     PyErr_Restore(et, ev, tb);
 }
 
+/* Is the Exception that unpack (a big object's header) raised the
+ * message's fault?  Yes if the unpickling raised it (it carries
+ * _shmkit_after), or if it is about the payload file (a ShmkitError, an
+ * OSError) or memory (an object too big for this process must not stop
+ * the queue).  Anything else came from a step of unpack's own on the way:
+ * what a signal handler raised there (see channel.py, _unpack). */
+static int
+unpack_at_fault(RingObject *r)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    int fault = 1;
+    if (ev != NULL && !PyErr_GivenExceptionMatches(ev, RING_ST(r)->ShmkitError) &&
+        !PyErr_GivenExceptionMatches(ev, PyExc_OSError) &&
+        !PyErr_GivenExceptionMatches(ev, PyExc_MemoryError)) {
+        fault = PyObject_HasAttrString(ev, "_shmkit_after"); /* (clears what it raises) */
+    }
+    PyErr_Restore(et, ev, tb);
+    return fault;
+}
+
 /* Queue.get's step (R_DECODE): the message at pos, lent to us and marked to
  * go back to the channel if we die, is copied out and decoded while it is
  * still in the channel, and finished only once decoded.  decode[0] (loads)
@@ -260,9 +282,10 @@ after_failed_decode(void)
  * after is None or a callable of the core (no Python code, so no interrupt
  * can fall inside it), run right after the message is finished, such as
  * the claim of its payload file.  A decoding that an interrupt stopped
- * gives the message back, first in line: a Ctrl-C never loses it.  Any
- * other error is the message's: it is finished (its payload file let go:
- * after_failed_decode), and the error raised. */
+ * gives the message back, first in line: a Ctrl-C never loses it, nor
+ * does what a signal handler raised in unpack's own steps (unpack_at_fault).
+ * Any other error is the message's: it is finished (its payload file let
+ * go: after_failed_decode), and the error raised. */
 static PyObject *
 decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_t me,
             PyObject *const *decode)
@@ -270,9 +293,10 @@ decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_
     rec_t *rec = rec_at(r, pos);
     PyObject *obj = NULL, *after = NULL;
     PyObject *data = msg_new_bytes(len);
+    int oob = 0;
     if (data != NULL) {
         ring_copy(PyBytes_AS_STRING(data), (const char *)(rec + 1), len);
-        int oob = len > 0 && PyBytes_AS_STRING(data)[0] == 0;
+        oob = len > 0 && PyBytes_AS_STRING(data)[0] == 0;
         PyObject *res = PyObject_CallOneArg(decode[oob], data);
         Py_DECREF(data);
         if (!oob || res == NULL) {
@@ -308,7 +332,8 @@ decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_
          * not the message's fault.  Anything else is, and would be again
          * for the next receiver (memory running out included: an object
          * too big for this process must not stop the queue). */
-        if (signalled || !PyErr_ExceptionMatches(PyExc_Exception)) {
+        if (signalled || !PyErr_ExceptionMatches(PyExc_Exception) ||
+            (oob && !unpack_at_fault(r))) {
             lent_undo(r, m, pos, me, 1);
         } else {
             view_finish_keep(r, m, rec, me);

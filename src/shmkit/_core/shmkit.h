@@ -109,7 +109,7 @@ typedef struct shm_state {
     PyObject *KeyExistsError, *UnsupportedTypeError, *ValueTooLargeError, *BusyError;
     PyObject *StaleHandleError, *PinnedError, *HeapFullError;
     PyObject *ChannelClosed, *MessageTooLarge, *Empty, *Full, *SendersGone;
-    PyObject *MessagesLost, *SizeLimitError;
+    PyObject *MessagesLost, *SizeLimitError, *ShmkitError;
     /* the core's types */
     PyTypeObject *Mapping, *Lock, *RWLock, *Semaphore, *Ring, *RecordView, *Loan, *Table, *View,
         *HeapCore, *Pin, *Topic, *TopicSubscriber, *TopicView, *Special, *BoundSpecial,
