@@ -409,3 +409,26 @@ def test_what_a_handler_raises_in_a_big_objects_own_steps_gives_it_back(name, mo
         q.unlink()
         q.close()
     assert not _payloads(q)
+
+
+def test_a_big_object_whose_own_steps_always_fail_is_given_up_after_three_tries(name,
+                                                                               monkeypatch):
+    """Such an error, again and again for one message, is the message's after
+    all: tried three times more, then lost, and the queue goes on."""
+    from shmkit import channel
+    q = shmkit.Queue(name=name, payload_pool=0)
+    try:
+        q.put(np.arange(MiB // 8, dtype=np.int64))
+        q.put("next")
+
+        def always(*args):
+            raise _HandlerError("every time")
+
+        monkeypatch.setattr(channel, "_check_trust", always)
+        for _ in range(4):
+            with pytest.raises(_HandlerError):
+                q.get(timeout=10)
+        assert q.get(timeout=10) == "next"
+    finally:
+        q.unlink()
+        q.close()

@@ -106,6 +106,8 @@ typedef struct {
     uint64_t head_seen;     /* a lower bound of head (producers) */
     uint64_t tail_seen;     /* a lower bound of tail (consumers) */
     int64_t spin_ns;        /* how long waits spin before sleeping (adaptive) */
+    uint64_t back_pos;      /* the message Queue.get last gave back for a non-interrupt */
+    int back_times;         /* (ringtype.c, unpack_at_fault): how often in a row */
     PyObject *name;
 } RingObject;
 

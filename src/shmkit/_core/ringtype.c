@@ -257,9 +257,12 @@ after_failed_decode(void)
  * _shmkit_after), or if it is about the payload file (a ShmkitError, an
  * OSError) or memory (an object too big for this process must not stop
  * the queue).  Anything else came from a step of unpack's own on the way:
- * what a signal handler raised there (see channel.py, _unpack). */
+ * what a signal handler raised there (see channel.py, _unpack), unless the
+ * same message failed so UNPACK_RETRIES times in a row here: then it is
+ * the message's too, which must not stop the queue either. */
+#define UNPACK_RETRIES 3
 static int
-unpack_at_fault(RingObject *r)
+unpack_at_fault(RingObject *r, uint64_t pos)
 {
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
@@ -267,10 +270,14 @@ unpack_at_fault(RingObject *r)
     int fault = 1;
     if (ev != NULL && !PyErr_GivenExceptionMatches(ev, RING_ST(r)->ShmkitError) &&
         !PyErr_GivenExceptionMatches(ev, PyExc_OSError) &&
-        !PyErr_GivenExceptionMatches(ev, PyExc_MemoryError)) {
+        !PyErr_GivenExceptionMatches(ev, PyExc_MemoryError))
         fault = PyObject_HasAttrString(ev, "_shmkit_after"); /* (clears what it raises) */
-    }
     PyErr_Restore(et, ev, tb);
+    if (!fault) {
+        r->back_times = r->back_pos == pos ? r->back_times + 1 : 1;
+        r->back_pos = pos;
+        fault = r->back_times > UNPACK_RETRIES;
+    }
     return fault;
 }
 
@@ -333,7 +340,7 @@ decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_
          * for the next receiver (memory running out included: an object
          * too big for this process must not stop the queue). */
         if (signalled || !PyErr_ExceptionMatches(PyExc_Exception) ||
-            (oob && !unpack_at_fault(r))) {
+            (oob && !unpack_at_fault(r, pos))) {
             lent_undo(r, m, pos, me, 1);
         } else {
             view_finish_keep(r, m, rec, me);
