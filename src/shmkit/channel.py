@@ -1541,7 +1541,9 @@ class Queue(SharedObject, _core.QueueCore):
         # the next get returns it first.
         box = self._get_boxed(block, timeout)
         obj = box[0]
-        box[0] = None
+        box[0] = box  # empty: it holds itself
+        if obj is box:  # taken by a get that a signal handler made as the call returned
+            return self.get(block, timeout)
         return obj
 
     def get_nowait(self) -> Any:

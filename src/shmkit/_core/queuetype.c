@@ -11,7 +11,9 @@
  * in the handle's box, a list of one item, and Queue.get empties the box in
  * Python with no point between the call and the emptying where a handler
  * runs: an interrupt raised as the call returns leaves the object in the
- * box, and the next call returns it first.  Only the main thread runs
+ * box, and the next call returns it first.  (A handler that itself gets
+ * from the queue takes the object, and the interrupted get, finding the
+ * box empty, gets the next one.)  Only the main thread runs
  * signal handlers, and only it uses the box (a thread switch may come as
  * the call returns, as a handler may); other threads' objects come back in
  * a list of their own. */
@@ -35,16 +37,17 @@ typedef struct {
     PyObject_HEAD
     PyObject *ring;      /* the queue's channel (a Ring); NULL when not bound */
     PyObject *decode[2]; /* pickle.loads; the unpacker of a big object's header */
-    PyObject *box;       /* [object or None]: the main thread's (see above) */
+    PyObject *box;       /* [object, or itself when empty]: the main thread's (see above) */
     unsigned long box_forks; /* `forks` when the box was last looked at */
 } QueueCoreObject;
 
+/* A box, empty: it holds itself (no object sent can be it). */
 static PyObject *
 new_box(void)
 {
     PyObject *box = PyList_New(1);
     if (box != NULL)
-        PyList_SET_ITEM(box, 0, Py_NewRef(Py_None));
+        PyList_SET_ITEM(box, 0, Py_NewRef(box));
     return box;
 }
 
@@ -57,16 +60,18 @@ main_box(QueueCoreObject *q)
 {
     if (q->box == NULL || !_PyOS_IsMainThread())
         return NULL;
-    if (PyList_GET_SIZE(q->box) != 1 || q->box_forks != forks) {
-        q->box_forks = forks;
-        PyObject *box = new_box();
-        if (box == NULL) {
-            PyErr_Clear(); /* this call goes without */
-            return NULL;
-        }
-        Py_SETREF(q->box, box);
+    if (PyList_GET_SIZE(q->box) == 1 && q->box_forks == forks)
+        return Py_NewRef(q->box);
+    PyObject *box = new_box();
+    if (box == NULL) {
+        PyErr_Clear(); /* this call goes without */
+        return NULL;
     }
-    return Py_NewRef(q->box);
+    PyObject *old = q->box;
+    q->box = Py_NewRef(box);
+    q->box_forks = forks;
+    Py_DECREF(old); /* last: what it frees may run code that closes the handle */
+    return box;
 }
 
 /* The box's object (borrowed), or NULL if it holds none. */
@@ -74,7 +79,7 @@ static inline PyObject *
 boxed(PyObject *box)
 {
     PyObject *obj = box != NULL ? PyList_GET_ITEM(box, 0) : NULL;
-    return obj == Py_None ? NULL : obj;
+    return obj == box ? NULL : obj;
 }
 
 /* The receive behind _get_boxed and _get_one; with empty_on_timeout
@@ -122,7 +127,7 @@ QueueCore_get_boxed(QueueCoreObject *q, PyObject *const *args, Py_ssize_t nargs,
         return box;
     PyObject *obj = queue_get(q, a[1], !block, 1);
     if (obj != NULL && box != NULL && PyList_GET_SIZE(box) == 1 && boxed(box) == NULL) {
-        PyList_SetItem(box, 0, obj); /* (no Python code between here and the return) */
+        PyList_SetItem(box, 0, obj); /* (drops the box's own reference to itself) */
         return box;
     }
     Py_XDECREF(box);
@@ -153,7 +158,7 @@ QueueCore_get_one(QueueCoreObject *q, PyObject *const *args, Py_ssize_t nargs, P
     PyObject *box = main_box(q), *kept = boxed(box);
     if (kept != NULL) {
         Py_INCREF(kept);
-        PyList_SetItem(box, 0, Py_NewRef(Py_None));
+        PyList_SetItem(box, 0, Py_NewRef(box));
         Py_DECREF(box);
         return kept;
     }

@@ -259,8 +259,9 @@ after_failed_decode(void)
  * the queue).  Anything else came from a step of unpack's own on the way:
  * what a signal handler raised there (see channel.py, _unpack), unless the
  * same message failed so UNPACK_RETRIES times in a row here: then it is
- * the message's too, which must not stop the queue either. */
-#define UNPACK_RETRIES 3
+ * the message's too, which must not stop the queue either (a storm of such
+ * signals fails one message 4 times in a row in a few thousand). */
+#define UNPACK_RETRIES 100
 static int
 unpack_at_fault(RingObject *r, uint64_t pos)
 {
