@@ -198,16 +198,12 @@ def _interrupt_main_thread(pid: int) -> None:
         raise OSError(ctypes.get_errno(), "tgkill")
 
 
-def test_an_interrupt_after_the_finish_keeps_the_object_for_the_next_get(name):
-    """A signal that comes after the message was finished is handled before
-    get returns, inside the call: the object is kept, and the handle's next
-    get returns it, before the next object in the queue."""
-    q = shmkit.Queue(name=name)
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    q.put("first")
-    q.put("second")
-    p = spawn(_interrupted_after_the_finish, q, out)
+def _interrupt_after_the_finish(q, receiver):
+    """Run receiver(q, out) in a spawned process, which stops in its get once
+    the message is finished (it arms that crash point); interrupt its main
+    thread there and resume it: what it put on out."""
+    out = multiprocessing.get_context("spawn").Queue()
+    p = spawn(receiver, q, out)
     try:
         deadline = time.monotonic() + 60
         while not inspect.process_stopped(p.pid) and time.monotonic() < deadline:
@@ -215,14 +211,28 @@ def test_an_interrupt_after_the_finish_keeps_the_object_for_the_next_get(name):
         assert inspect.process_stopped(p.pid), "the receiver did not stop in its get"
         _interrupt_main_thread(p.pid)  # pending until it resumes, right after the finish
         os.kill(p.pid, signal.SIGCONT)
-        assert out.get(timeout=60) == (True, "first", "second")
+        got = out.get(timeout=60)
         p.join(30)
-        assert q.qsize() == 0
+        return got
     finally:
         if p.is_alive():
             os.kill(p.pid, signal.SIGCONT)
             p.kill()
             p.join(10)
+
+
+def test_an_interrupt_after_the_finish_keeps_the_object_for_the_next_get(name):
+    """A signal that comes after the message was finished is raised as the
+    core's call returns, inside get: the object stays in the box, and the
+    handle's next get returns it, before the next object in the queue."""
+    q = shmkit.Queue(name=name)
+    try:
+        q.put("first")
+        q.put("second")
+        assert _interrupt_after_the_finish(q, _interrupted_after_the_finish) == (
+            True, "first", "second")
+        assert q.qsize() == 0
+    finally:
         q.unlink()
         q.close()
 
@@ -471,23 +481,10 @@ def test_a_signal_handler_that_gets_as_get_returns_takes_the_object_in_order(nam
     """A handler that gets from the queue, run as get's call returns, takes
     the object the call took; the interrupted get returns the next one."""
     q = shmkit.Queue(name=name)
-    out = multiprocessing.get_context("spawn").Queue()
-    q.put("first")
-    q.put("second")
-    p = spawn(_handler_gets, q, out)
     try:
-        deadline = time.monotonic() + 60
-        while not inspect.process_stopped(p.pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert inspect.process_stopped(p.pid), "the receiver did not stop in its get"
-        _interrupt_main_thread(p.pid)
-        os.kill(p.pid, signal.SIGCONT)
-        assert out.get(timeout=60) == (["first"], "second")
-        p.join(30)
+        q.put("first")
+        q.put("second")
+        assert _interrupt_after_the_finish(q, _handler_gets) == (["first"], "second")
     finally:
-        if p.is_alive():
-            os.kill(p.pid, signal.SIGCONT)
-            p.kill()
-            p.join(10)
         q.unlink()
         q.close()

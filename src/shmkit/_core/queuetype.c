@@ -22,7 +22,8 @@
 
 #include <pthread.h>
 
-/* Forks this process and its ancestors made (counted in the child): a box
+/* Forks this process and its ancestors made (counted in the child only,
+ * unlike mapping.c's count, which parent and child both see change): a box
  * that holds an object across a fork is the parent's, which its next get
  * returns; the child's must not return it too. */
 static unsigned long forks;
@@ -51,16 +52,23 @@ new_box(void)
     return box;
 }
 
+/* Is the handle's box one to use?  Not one a caller changed (it is a plain
+ * list), nor one from before a fork (its object is the parent's). */
+static inline int
+box_current(QueueCoreObject *q)
+{
+    return PyList_GET_SIZE(q->box) == 1 && q->box_forks == forks;
+}
+
 /* The main thread's box (a new reference: a close by another thread or by
  * the decoding may drop the handle's meanwhile), or NULL on other threads.
- * A box that a caller changed (it is a plain list), or one from before a
- * fork (its object is the parent's), is replaced. */
+ * One not current is replaced. */
 static PyObject *
 main_box(QueueCoreObject *q)
 {
     if (q->box == NULL || !_PyOS_IsMainThread())
         return NULL;
-    if (PyList_GET_SIZE(q->box) == 1 && q->box_forks == forks)
+    if (box_current(q))
         return Py_NewRef(q->box);
     PyObject *box = new_box();
     if (box == NULL) {
@@ -206,8 +214,7 @@ QueueCore_unbind(QueueCoreObject *q, PyObject *Py_UNUSED(ignored))
 static PyObject *
 QueueCore_get_kept(QueueCoreObject *q, void *Py_UNUSED(c))
 {
-    return PyBool_FromLong(q->box != NULL && PyList_GET_SIZE(q->box) == 1 &&
-                           q->box_forks == forks && boxed(q->box) != NULL);
+    return PyBool_FromLong(q->box != NULL && box_current(q) && boxed(q->box) != NULL);
 }
 
 static int

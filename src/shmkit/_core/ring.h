@@ -107,7 +107,7 @@ typedef struct {
     uint64_t tail_seen;     /* a lower bound of tail (consumers) */
     int64_t spin_ns;        /* how long waits spin before sleeping (adaptive) */
     uint64_t back_pos;      /* the message Queue.get last gave back for a non-interrupt */
-    int back_times;         /* (ringtype.c, unpack_at_fault): how often in a row */
+    int back_times;         /* how often in a row (ringtype.c, message_at_fault) */
     PyObject *name;
 } RingObject;
 
@@ -296,11 +296,11 @@ int ring_wait(RingObject *r, MappingObject *m, uint32_t me, int space, uint64_t 
               int64_t deadline, int stop_no_senders);
 /* Every attachment that ever sent is gone (closed or died), and something
  * was sent: a receiver that asked to stop then, stops. */
+int ring_senders_gone(RingObject *r, MappingObject *m);
+int ring_backoff(int *fruitless);
 /* Queue.get's receive (queuetype.c): the next message, decoded by
  * decode[0] (a pickle) or decode[1] (a big object's header) while it stays
  * in the channel, then finished (ringtype.c, decode_lent). */
 PyObject *ring_get_decoded(RingObject *r, PyObject *timeout, int nowait, PyObject *const *decode);
-int ring_senders_gone(RingObject *r, MappingObject *m);
-int ring_backoff(int *fruitless);
 
 #endif

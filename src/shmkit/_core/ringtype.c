@@ -237,42 +237,37 @@ run_after(PyObject *after)
     PyErr_Restore(et, ev, tb);
 }
 
-/* A failed decoding's `after`: the callable its exception carries as
- * _shmkit_after (see channel.py, _unpack). */
-static void
-after_failed_decode(void)
-{
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);
-    PyErr_NormalizeException(&et, &ev, &tb);
-    PyObject *after = ev != NULL ? PyObject_GetAttrString(ev, "_shmkit_after") : NULL;
-    PyErr_Clear();
-    run_after(after);
-    Py_XDECREF(after);
-    PyErr_Restore(et, ev, tb);
-}
-
-/* Is the Exception that unpack (a big object's header) raised the
- * message's fault?  Yes if the unpickling raised it (it carries
- * _shmkit_after), or if it is about the payload file (a ShmkitError, an
- * OSError) or memory (an object too big for this process must not stop
- * the queue).  Anything else came from a step of unpack's own on the way:
- * what a signal handler raised there (see channel.py, _unpack), unless the
- * same message failed so UNPACK_RETRIES times in a row here: then it is
- * the message's too, which must not stop the queue either (a storm of such
- * signals fails one message 4 times in a row in a few thousand). */
+/* Is the exception that stopped a decoding the message's fault, which
+ * finishes it (lost)?  Not if it is an interrupt (what is not an
+ * Exception: KeyboardInterrupt, SystemExit).  For a pickle, any other is.
+ * For a big object's header (oob, decoded by unpack), the unpickling's
+ * errors are (they carry _shmkit_after: *after, a new reference, is that
+ * let-go of the payload file), and so are those about the file (a
+ * ShmkitError, an OSError) or memory (an object too big for this process
+ * must not stop the queue).  Anything else came from a step of unpack's
+ * own on the way: what a signal handler raised there (see channel.py,
+ * _unpack), unless the same message failed so UNPACK_RETRIES times in a row
+ * here: then it is the message's too, which must not stop the queue either
+ * (a storm of such signals fails one message 4 times in a row in a few
+ * thousand).  The exception stays set. */
 #define UNPACK_RETRIES 100
 static int
-unpack_at_fault(RingObject *r, uint64_t pos)
+message_at_fault(RingObject *r, uint64_t pos, int oob, PyObject **after)
 {
+    *after = NULL;
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return 0;
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
     PyErr_NormalizeException(&et, &ev, &tb);
-    int fault = 1;
-    if (ev != NULL && !PyErr_GivenExceptionMatches(ev, RING_ST(r)->ShmkitError) &&
-        !PyErr_GivenExceptionMatches(ev, PyExc_OSError) &&
-        !PyErr_GivenExceptionMatches(ev, PyExc_MemoryError))
-        fault = PyObject_HasAttrString(ev, "_shmkit_after"); /* (clears what it raises) */
+    if (ev != NULL) {
+        *after = PyObject_GetAttrString(ev, "_shmkit_after");
+        PyErr_Clear(); /* (none carried) */
+    }
+    int fault = !oob || *after != NULL || ev == NULL ||
+                PyErr_GivenExceptionMatches(ev, RING_ST(r)->ShmkitError) ||
+                PyErr_GivenExceptionMatches(ev, PyExc_OSError) ||
+                PyErr_GivenExceptionMatches(ev, PyExc_MemoryError);
     PyErr_Restore(et, ev, tb);
     if (!fault) {
         r->back_times = r->back_pos == pos ? r->back_times + 1 : 1;
@@ -291,9 +286,9 @@ unpack_at_fault(RingObject *r, uint64_t pos)
  * can fall inside it), run right after the message is finished, such as
  * the claim of its payload file.  A decoding that an interrupt stopped
  * gives the message back, first in line: a Ctrl-C never loses it, nor
- * does what a signal handler raised in unpack's own steps (unpack_at_fault).
- * Any other error is the message's: it is finished (its payload file let
- * go: after_failed_decode), and the error raised. */
+ * does what a signal handler raised in unpack's own steps.  Any other error
+ * is the message's (message_at_fault): it is finished (its payload file
+ * let go), and the error raised. */
 static PyObject *
 decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_t me,
             PyObject *const *decode)
@@ -335,17 +330,17 @@ decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_
     if (obj == NULL) {
         if (!ours)
             return NULL;
-        /* Stopped by an interrupt (what is not an Exception: KeyboardInterrupt,
-         * SystemExit), or by whatever a signal handler raised just above:
-         * not the message's fault.  Anything else is, and would be again
-         * for the next receiver (memory running out included: an object
-         * too big for this process must not stop the queue). */
-        if (signalled || !PyErr_ExceptionMatches(PyExc_Exception) ||
-            (oob && !unpack_at_fault(r, pos))) {
+        /* Whatever a signal handler raised just above is not the message's
+         * fault; see message_at_fault for the rest.  The message's fault
+         * would be again for the next receiver: it is finished, and its
+         * payload file let go as if taken. */
+        PyObject *let_go = NULL;
+        if (signalled || !message_at_fault(r, pos, oob, &let_go)) {
             lent_undo(r, m, pos, me, 1);
         } else {
             view_finish_keep(r, m, rec, me);
-            after_failed_decode();
+            run_after(let_go);
+            Py_XDECREF(let_go);
         }
         return NULL;
     }

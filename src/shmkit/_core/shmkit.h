@@ -35,10 +35,6 @@ PyAPI_FUNC(int) _PyOS_IsMainThread(void); /* exported, no longer declared */
 /* Locks of one segment that one process may hold (or wait for) at once. */
 #define SHM_HELD_MAX 64
 
-#if PY_VERSION_HEX >= 0x030D0000
-PyAPI_FUNC(int) _PyOS_IsMainThread(void); /* exported, no longer declared */
-#endif
-
 /* A lock-owner token: slot in the low 10 bits, generation in the next 20. */
 #define SHM_TOKEN_SLOT(t) ((uint32_t)(t) & 0x3FFu)
 #define SHM_TOKEN_GEN(t) (((uint32_t)(t) >> 10) & 0xFFFFFu)
