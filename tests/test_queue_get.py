@@ -127,6 +127,62 @@ def test_an_object_that_cannot_be_rebuilt_is_lost_and_the_queue_goes_on(name, ki
         q.close()
 
 
+class _Frozen(Exception):
+    """An exception that refuses new attributes (as a frozen dataclass's)."""
+
+    def __setattr__(self, attr, value):
+        raise AttributeError(f"cannot set {attr!r}: frozen")
+
+
+class _Hiding(Exception):
+    """An exception that shows no attribute but Python's own."""
+
+    def __getattribute__(self, attr):
+        if not attr.startswith("__"):
+            raise AttributeError(attr)
+        return super().__getattribute__(attr)
+
+
+_ODD_ERRORS = {"frozen": _Frozen, "hiding": _Hiding}
+
+
+def _refuse_oddly(kind, arr):
+    raise _ODD_ERRORS[kind](f"{kind}: cannot be rebuilt here")
+
+
+class _RefusedOddly:
+    def __init__(self, kind, arr):
+        self.kind, self.arr = kind, arr
+
+    def __reduce__(self):
+        return _refuse_oddly, (self.kind, self.arr)
+
+
+@pytest.mark.parametrize("pool", [0, 8 * MiB])
+@pytest.mark.parametrize("kind", list(_ODD_ERRORS))
+def test_an_unpickling_error_of_any_class_loses_only_its_object_at_once(name, kind, pool):
+    """What the exception's class does with its attributes does not matter:
+    the object is lost at its first try, its payload file let go."""
+    q = shmkit.Queue(name=name, payload_pool=pool)
+    try:
+        q.put(_RefusedOddly(kind, np.ones(2 * MiB, np.uint8)))
+        q.put("after")
+        with pytest.raises(_ODD_ERRORS[kind], match="cannot be rebuilt"):
+            q.get(timeout=5)
+        assert q.get(timeout=5) == "after"  # not given back for a second try
+        if not pool:
+            assert not _payloads(q)
+        else:
+            from shmkit import channel
+            with open(os.path.join(os.path.dirname(q.path), _payloads(q)[0]), "rb") as f:
+                f.seek(channel._STATE_OFF)
+                assert int.from_bytes(f.read(4), "little") == channel._FREE
+    finally:
+        q.unlink()
+        q.close()
+    assert not _payloads(q)
+
+
 def _slow_receiver(q, inside, out):
     _slow.append(inside)
     out.put(q.get(timeout=60)[0])  # sleeps inside the first rebuild

@@ -716,8 +716,8 @@ def _lost(name: str, why: str) -> str:
             "the next get() returns the next object")
 
 
-def _unpack(queue_path: str, name: str, trust_uid: int | None,
-            data: bytes) -> tuple[Any, Callable[[], Any] | None]:
+def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
+            at_fault: list[Callable[[], Any] | None]) -> tuple[Any, Callable[[], Any] | None]:
     """Rebuild an object from its ring message (see :func:`_pack`), while the
     message is still in the channel (``Queue.get``, the core's
     ``decode_lent``): ``(object, after)``.
@@ -731,18 +731,20 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None,
     only ours is removed.
 
     An error is the message's fault, which finishes it (lost), when the
-    unpickling raised it (it carries ``_shmkit_after``, the file's
-    let-go: set with no point in between where a signal handler runs), or
-    when it is about the file (a :class:`ShmkitError`, an ``OSError``) or
-    a :class:`MemoryError` (an object too big for this process must not
-    stop the queue).  The core gives the message back on any other, which a
-    step of our own raised on the way (what a signal handler raised there).
+    unpickling raised it (``after``, the file's let-go, is then appended to
+    ``at_fault``, a list the core made for this call: with no point in
+    between where a signal handler runs, and no code of the exception's
+    own), or when it is about the file (a :class:`ShmkitError`, an
+    ``OSError``) or a :class:`MemoryError` (an object too big for this
+    process must not stop the queue).  The core gives the message back on
+    any other, which a step of our own raised on the way (what a signal
+    handler raised there).
     """
     if not data.startswith(_OOB_MAGIC):
         try:
             return pickle.loads(data), None
-        except Exception as e:
-            e._shmkit_after = None  # type: ignore[attr-defined]
+        except Exception:
+            at_fault.append(None)
             raise
     if len(data) < _OOB_HEAD.size:
         raise CorruptError(_lost(name, f"its message holds only {len(data)} bytes"))
@@ -869,11 +871,10 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None,
     blob = view[poff:poff + plen] if in_file else memoryview(data)[table_end:]
     try:
         obj = pickle.loads(blob, buffers=buffers)
-    except Exception as e:
+    except Exception:
         # The object is lost (its message is finished): the core lets its
-        # file go as it would have once the object was taken.  (Set with no
-        # point in between where a signal handler runs.)
-        e._shmkit_after = after  # type: ignore[attr-defined]
+        # file go as it would have once the object was taken.
+        at_fault.append(after)
         raise
     finally:
         del blob, buffers, view

@@ -259,7 +259,8 @@ static PyMethodDef QueueCore_methods[] = {
     {"_bind", (PyCFunction)(void (*)(void))QueueCore_bind, METH_FASTCALL,
      "_bind($self, ring, loads, unpack, /)\n--\n\n"
      "Receive from ring, decoding with loads (a pickle) or unpack (a big\n"
-     "object's header: returns (object, after))."},
+     "object's header, and a list to append after to if the unpickling fails:\n"
+     "returns (object, after))."},
     {"_unbind", (PyCFunction)QueueCore_unbind, METH_NOARGS,
      "_unbind($self, /)\n--\n\nget raises 'closed' from now on."},
     {NULL, NULL, 0, NULL},

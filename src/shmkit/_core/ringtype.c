@@ -240,51 +240,48 @@ run_after(PyObject *after)
 /* Is the exception that stopped a decoding the message's fault, which
  * finishes it (lost)?  Not if it is an interrupt (what is not an
  * Exception: KeyboardInterrupt, SystemExit).  For a pickle, any other is.
- * For a big object's header (oob, decoded by unpack), the unpickling's
- * errors are (they carry _shmkit_after: *after, a new reference, is that
- * let-go of the payload file), and so are those about the file (a
- * ShmkitError, an OSError) or memory (an object too big for this process
- * must not stop the queue).  Anything else came from a step of unpack's
- * own on the way: what a signal handler raised there (see channel.py,
- * _unpack), unless the same message failed so UNPACK_RETRIES times in a row
- * here: then it is the message's too, which must not stop the queue either
- * (a storm of such signals fails one message 4 times in a row in a few
- * thousand).  The exception stays set. */
+ * For a big object's header (decoded by unpack), the unpickling's errors
+ * are (unpack then has appended the payload file's let-go to at_fault, a
+ * list only this call holds: *after, a new reference, is that let-go), and
+ * so are those about the file (a ShmkitError, an OSError) or
+ * memory (an object too big for this process must not stop the queue).
+ * Anything else came from a step of unpack's own on the way: what a signal
+ * handler raised there (see channel.py, _unpack), unless the same message
+ * failed so UNPACK_RETRIES times in a row here: then it is the message's
+ * too, which must not stop the queue either (a storm of such signals fails
+ * one message 4 times in a row in a few thousand).  Runs no Python code:
+ * the exception, whatever its class does, is only matched by type.  The
+ * exception stays set. */
 #define UNPACK_RETRIES 100
 static int
-message_at_fault(RingObject *r, uint64_t pos, int oob, PyObject **after)
+message_at_fault(RingObject *r, uint64_t pos, PyObject *at_fault, PyObject **after)
 {
     *after = NULL;
     if (!PyErr_ExceptionMatches(PyExc_Exception))
         return 0;
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);
-    PyErr_NormalizeException(&et, &ev, &tb);
-    if (ev != NULL) {
-        *after = PyObject_GetAttrString(ev, "_shmkit_after");
-        PyErr_Clear(); /* (none carried) */
+    if (at_fault == NULL)
+        return 1; /* a pickle */
+    if (PyList_GET_SIZE(at_fault) > 0) {
+        *after = Py_NewRef(PyList_GET_ITEM(at_fault, 0));
+        return 1;
     }
-    int fault = !oob || *after != NULL || ev == NULL ||
-                PyErr_GivenExceptionMatches(ev, RING_ST(r)->ShmkitError) ||
-                PyErr_GivenExceptionMatches(ev, PyExc_OSError) ||
-                PyErr_GivenExceptionMatches(ev, PyExc_MemoryError);
-    PyErr_Restore(et, ev, tb);
-    if (!fault) {
-        r->back_times = r->back_pos == pos ? r->back_times + 1 : 1;
-        r->back_pos = pos;
-        fault = r->back_times > UNPACK_RETRIES;
-    }
-    return fault;
+    if (PyErr_ExceptionMatches(RING_ST(r)->ShmkitError) ||
+        PyErr_ExceptionMatches(PyExc_OSError) || PyErr_ExceptionMatches(PyExc_MemoryError))
+        return 1;
+    r->back_times = r->back_pos == pos ? r->back_times + 1 : 1;
+    r->back_pos = pos;
+    return r->back_times > UNPACK_RETRIES;
 }
 
 /* Queue.get's step (R_DECODE): the message at pos, lent to us and marked to
  * go back to the channel if we die, is copied out and decoded while it is
  * still in the channel, and finished only once decoded.  decode[0] (loads)
  * decodes a message that holds a pickle; decode[1] (unpack), one whose
- * first byte is 0 (an out-of-band header), returning (object, after):
- * after is None or a callable of the core (no Python code, so no interrupt
- * can fall inside it), run right after the message is finished, such as
- * the claim of its payload file.  A decoding that an interrupt stopped
+ * first byte is 0 (an out-of-band header), with a fresh list at_fault
+ * (see message_at_fault), returning (object, after): after is None or a
+ * callable of the core (no Python code, so no interrupt can fall inside
+ * it), run right after the message is finished, such as the claim of its
+ * payload file.  A decoding that an interrupt stopped
  * gives the message back, first in line: a Ctrl-C never loses it, nor
  * does what a signal handler raised in unpack's own steps.  Any other error
  * is the message's (message_at_fault): it is finished (its payload file
@@ -294,15 +291,19 @@ decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_
             PyObject *const *decode)
 {
     rec_t *rec = rec_at(r, pos);
-    PyObject *obj = NULL, *after = NULL;
+    PyObject *obj = NULL, *after = NULL, *at_fault = NULL;
     PyObject *data = msg_new_bytes(len);
-    int oob = 0;
     if (data != NULL) {
         ring_copy(PyBytes_AS_STRING(data), (const char *)(rec + 1), len);
-        oob = len > 0 && PyBytes_AS_STRING(data)[0] == 0;
-        PyObject *res = PyObject_CallOneArg(decode[oob], data);
+        PyObject *res = NULL;
+        if (len == 0 || PyBytes_AS_STRING(data)[0] != 0) {
+            res = PyObject_CallOneArg(decode[0], data);
+        } else if ((at_fault = PyList_New(0)) != NULL) {
+            PyObject *args[2] = {data, at_fault};
+            res = PyObject_Vectorcall(decode[1], args, 2, NULL);
+        }
         Py_DECREF(data);
-        if (!oob || res == NULL) {
+        if (at_fault == NULL || res == NULL) {
             obj = res;
         } else if (PyTuple_CheckExact(res) && PyTuple_GET_SIZE(res) == 2) {
             obj = Py_NewRef(PyTuple_GET_ITEM(res, 0));
@@ -328,22 +329,24 @@ decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_
      * back.) */
     int ours = m->token == me && m->base != NULL && r->mapping == (PyObject *)m;
     if (obj == NULL) {
-        if (!ours)
-            return NULL;
         /* Whatever a signal handler raised just above is not the message's
          * fault; see message_at_fault for the rest.  The message's fault
          * would be again for the next receiver: it is finished, and its
          * payload file let go as if taken. */
         PyObject *let_go = NULL;
-        if (signalled || !message_at_fault(r, pos, oob, &let_go)) {
+        if (!ours) {
+            /* (a repair gives it back) */
+        } else if (signalled || !message_at_fault(r, pos, at_fault, &let_go)) {
             lent_undo(r, m, pos, me, 1);
         } else {
             view_finish_keep(r, m, rec, me);
             run_after(let_go);
             Py_XDECREF(let_go);
         }
+        Py_XDECREF(at_fault);
         return NULL;
     }
+    Py_XDECREF(at_fault);
     /* The object is taken once the record is marked finished, which comes
      * first; what may fail after it (taking the lock to free the record's
      * space, which the next receive does anyway) must not lose it. */
