@@ -254,13 +254,16 @@ def _interrupt_main_thread(pid: int) -> None:
         raise OSError(ctypes.get_errno(), "tgkill")
 
 
-def _interrupt_after_the_finish(q, receiver):
+def _interrupt_after_the_finish(q, receiver, then=None):
     """Run receiver(q, out) in a spawned process, which stops in its get once
     the message is finished (it arms that crash point); interrupt its main
-    thread there and resume it: what it put on out."""
+    thread there and resume it: what it put on out.  then(out): what the
+    test does once the receiver runs."""
     out = multiprocessing.get_context("spawn").Queue()
     p = spawn(receiver, q, out)
     try:
+        if then is not None:
+            then(out)
         deadline = time.monotonic() + 60
         while not inspect.process_stopped(p.pid) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -293,12 +296,58 @@ def test_an_interrupt_after_the_finish_keeps_the_object_for_the_next_get(name):
         q.close()
 
 
+def _awaited_interrupted_after_the_finish(q, out):
+    import asyncio
+
+    import shmkit.aio
+    from shmkit import _core
+    aq = shmkit.aio.Queue.open(q.name)
+    loop = asyncio.new_event_loop()  # (not asyncio.run: its Ctrl-C cancels at an await)
+    task = loop.create_task(aq.get(timeout=60))
+    _core.fault(1, "ring.finish.done", stop=True)  # stops once the message is finished
+    if not aq.qsize():
+        loop.run_until_complete(asyncio.sleep(0.2))  # the get awaits the queue now
+        out.put("awaiting")
+    try:
+        loop.run_until_complete(task)
+        out.put("returned")
+    except KeyboardInterrupt:
+        got = [aq._kept]
+        while aq._kept or aq.qsize():
+            got.append(loop.run_until_complete(aq.get(timeout=10)))
+        out.put(tuple(got))
+
+
+@pytest.mark.parametrize("waits", [False, True])
+def test_an_interrupt_after_the_finish_keeps_the_object_for_the_next_awaited_get(name, waits):
+    """The same for shmkit.aio's get, whether it found the object at once or
+    awaited it: the core's call returns the box there too."""
+    q = shmkit.Queue(name=name)
+
+    def put_both(out=None):
+        if out is not None:
+            assert out.get(timeout=60) == "awaiting"
+        q.put("first")
+        q.put("second")
+
+    try:
+        if not waits:
+            put_both()
+        got = _interrupt_after_the_finish(q, _awaited_interrupted_after_the_finish,
+                                          put_both if waits else None)
+        assert got == (True, "first", "second")
+        assert q.qsize() == 0
+    finally:
+        q.unlink()
+        q.close()
+
+
 def test_closing_a_queue_refuses_get_and_drops_nothing_else(name):
     q = shmkit.Queue(name=name)
     q.put("a")
     get = q.get
     q.close()
-    for call in (get, q.get, q.get_nowait, lambda: q._get_one(None, False)):
+    for call in (get, q.get, q.get_nowait, q._get_boxed):
         with pytest.raises(ValueError, match="is closed"):
             call()
     with shmkit.Queue.open(name) as again:

@@ -889,21 +889,30 @@ class Queue(_channel.Queue):
         """Remove and return an object, awaiting one (``queue.Empty`` as for ``get``)."""
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
+        # The core's call returns the object in the main thread's box, as
+        # for the blocking get (shmkit.Queue.get): it reaches this frame
+        # with no await on the way, and is taken out of the box here.
         if not block:
-            return self._get_one()
-        _loop()
-        try:  # the common case first, without building the waiting machinery
-            return self._get_one()
-        except WouldBlock:
-            pass
-        ch = self._ch
+            box = self._get_boxed(False)
+        else:
+            _loop()
+            try:  # the common case first, without building the waiting machinery
+                box = self._get_boxed(False)
+            except WouldBlock:
+                ch = self._ch
 
-        def expired() -> NoReturn:
-            raise Empty(f"queue {self.name!r} stayed empty for {timeout} s")
+                def expired() -> NoReturn:
+                    raise Empty(f"queue {self.name!r} stayed empty for {timeout} s")
 
-        return await _until(lambda: _nowait(self._get_one), lambda: _describe(ch), timeout,
-                            expired, lambda: _timed(self._get_one, _REPAIR_TIMEOUT, False),
-                            tried=True)
+                box = await _until(lambda: _nowait(self._get_boxed, False),
+                                   lambda: _describe(ch), timeout, expired,
+                                   lambda: _nowait(self._get_boxed, True, _REPAIR_TIMEOUT),
+                                   tried=True)
+        obj = box[0]
+        box[0] = box  # empty: it holds itself
+        if obj is box:  # taken by a get that a signal handler made meanwhile
+            return await self.get(block, timeout)
+        return obj
 
     def put_nowait(self, obj: Any) -> None:
         if self._closed:
@@ -911,9 +920,7 @@ class Queue(_channel.Queue):
         _channel.Queue.put(self, obj, False)
 
     def get_nowait(self) -> Any:
-        if self._closed:
-            raise ValueError(f"Queue {self!r} is closed")
-        return self._get_one()
+        return _channel.Queue.get(self, False)  # (its own check of a closed queue)
 
 
 # ---- locks and events ---------------------------------------------------------

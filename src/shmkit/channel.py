@@ -1544,7 +1544,7 @@ class Queue(SharedObject, _core.QueueCore):
         obj = box[0]
         box[0] = box  # empty: it holds itself
         if obj is box:  # taken by a get that a signal handler made as the call returned
-            return self.get(block, timeout)
+            return Queue.get(self, block, timeout)  # (shmkit.aio's get is a coroutine)
         return obj
 
     def get_nowait(self) -> Any:

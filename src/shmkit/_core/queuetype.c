@@ -8,10 +8,10 @@
  * Python handles a signal that came during a call of C code as that call
  * returns, in the calling frame: whatever a handler raises there would
  * lose an object already finished.  So the main thread's object comes back
- * in the handle's box, a list of one item, and Queue.get empties the box in
- * Python with no point between the call and the emptying where a handler
- * runs: an interrupt raised as the call returns leaves the object in the
- * box, and the next call returns it first.  (A handler that itself gets
+ * in the handle's box, a list of one item, and Queue.get (and shmkit.aio's)
+ * empties the box in Python with no point between the call and the
+ * emptying where a handler runs: an interrupt raised as the call returns
+ * leaves the object in the box, and the next call returns it first.  (A handler that itself gets
  * from the queue takes the object, and the interrupted get, finding the
  * box empty, gets the next one.)  Only the main thread runs
  * signal handlers, and only it uses the box (a thread switch may come as
@@ -90,10 +90,9 @@ boxed(PyObject *box)
     return obj == box ? NULL : obj;
 }
 
-/* The receive behind _get_boxed and _get_one; with empty_on_timeout
- * (_get_boxed), a timeout raises Empty naming the queue. */
+/* The receive behind _get_boxed: a timeout raises Empty naming the queue. */
 static PyObject *
-queue_get(QueueCoreObject *q, PyObject *timeout, int nowait, int empty_on_timeout)
+queue_get(QueueCoreObject *q, PyObject *timeout, int nowait)
 {
     if (q->ring == NULL) {
         PyErr_Format(PyExc_ValueError, "Queue %R is closed", (PyObject *)q);
@@ -103,7 +102,7 @@ queue_get(QueueCoreObject *q, PyObject *timeout, int nowait, int empty_on_timeou
     PyObject *ring = Py_NewRef(q->ring);
     PyObject *decode[2] = {Py_NewRef(q->decode[0]), Py_NewRef(q->decode[1])};
     PyObject *obj = ring_get_decoded((RingObject *)ring, timeout, nowait, decode);
-    if (obj == NULL && empty_on_timeout && PyErr_ExceptionMatches(RING_ST(ring)->Timeout)) {
+    if (obj == NULL && PyErr_ExceptionMatches(RING_ST(ring)->Timeout)) {
         PyErr_Clear();
         PyErr_Format(RING_ST(ring)->Empty, "queue %R stayed empty for %S s",
                      ((RingObject *)ring)->name, timeout);
@@ -133,7 +132,7 @@ QueueCore_get_boxed(QueueCoreObject *q, PyObject *const *args, Py_ssize_t nargs,
     PyObject *box = main_box(q);
     if (boxed(box) != NULL)
         return box;
-    PyObject *obj = queue_get(q, a[1], !block, 1);
+    PyObject *obj = queue_get(q, a[1], !block);
     if (obj != NULL && box != NULL && PyList_GET_SIZE(box) == 1 && boxed(box) == NULL) {
         PyList_SetItem(box, 0, obj); /* (drops the box's own reference to itself) */
         return box;
@@ -148,30 +147,6 @@ QueueCore_get_boxed(QueueCoreObject *q, PyObject *const *args, Py_ssize_t nargs,
     }
     PyList_SET_ITEM(own, 0, obj);
     return own;
-}
-
-/* _get_one(timeout=None, nowait=True): get for shmkit.aio, whose awaits
- * return through the event loop: the object itself; Empty when nowait,
- * Timeout when the timeout passes.  A kept object comes first. */
-static PyObject *
-QueueCore_get_one(QueueCoreObject *q, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
-{
-    static const char *const names[] = {"timeout", "nowait", NULL};
-    PyObject *a[2];
-    if (msg_parse_args("_get_one", args, nargs, kw, 0, names, a) < 0)
-        return NULL;
-    int nowait = a[1] ? PyObject_IsTrue(a[1]) : 1;
-    if (nowait < 0)
-        return NULL;
-    PyObject *box = main_box(q), *kept = boxed(box);
-    if (kept != NULL) {
-        Py_INCREF(kept);
-        PyList_SetItem(box, 0, Py_NewRef(box));
-        Py_DECREF(box);
-        return kept;
-    }
-    Py_XDECREF(box);
-    return queue_get(q, a[0], nowait, 0);
 }
 
 /* _bind(ring, loads, unpack): what get receives from and decodes with. */
@@ -252,10 +227,6 @@ static PyMethodDef QueueCore_methods[] = {
      "_get_boxed($self, /, block=True, timeout=None)\n--\n\n"
      "Queue.get's call: a list holding the object (the main thread's box,\n"
      "which get empties).  Empty when block is false or the timeout passes."},
-    {"_get_one", (PyCFunction)(void (*)(void))QueueCore_get_one, FAST,
-     "_get_one($self, /, timeout=None, nowait=True)\n--\n\n"
-     "Queue.get for shmkit.aio: the object; Empty when nowait, Timeout when the\n"
-     "timeout passes."},
     {"_bind", (PyCFunction)(void (*)(void))QueueCore_bind, METH_FASTCALL,
      "_bind($self, ring, loads, unpack, /)\n--\n\n"
      "Receive from ring, decoding with loads (a pickle) or unpack (a big\n"
