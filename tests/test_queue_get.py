@@ -183,6 +183,81 @@ def test_an_unpickling_error_of_any_class_loses_only_its_object_at_once(name, ki
     assert not _payloads(q)
 
 
+class _Cancelled(BaseException):
+    """A library's own interrupt (as some use for cancellation)."""
+
+
+_INTERRUPTS = {"SystemExit": SystemExit, "BaseException": _Cancelled}
+
+
+def _interrupt_oddly(kind, arr):
+    raise _INTERRUPTS[kind]("every time")
+
+
+class _InterruptsOddly(_RefusedOddly):
+    def __reduce__(self):
+        return _interrupt_oddly, (self.kind, self.arr)
+
+
+@pytest.mark.parametrize("size", [None, 0, 8 * MiB])  # small; big, a file each; pooled
+@pytest.mark.parametrize("kind", list(_INTERRUPTS))
+def test_an_object_whose_rebuild_always_interrupts_is_given_up_after_a_hundred_tries(
+        name, kind, size):
+    """An interrupt other than a KeyboardInterrupt (SystemExit, a library's
+    own BaseException) gives the message back, as a signal handler's may;
+    raised for the same message every time, it is the message's after all:
+    lost after a hundred tries more (its file let go), and the queue goes on."""
+    q = shmkit.Queue(name=name, payload_pool=size or 0)
+    try:
+        q.put(_InterruptsOddly(kind, None if size is None else np.ones(2 * MiB, np.uint8)))
+        q.put("after")
+        for _ in range(101):
+            with pytest.raises(_INTERRUPTS[kind]):
+                q.get(timeout=5)
+        assert q.get(timeout=5) == "after"
+        if size == 0:
+            assert not _payloads(q)
+    finally:
+        q.unlink()
+        q.close()
+    assert not _payloads(q)
+
+
+_HANDLER_GETS_IN_THE_CACHE = r"""
+import faulthandler, signal, sys
+import numpy as np
+import shmkit
+from shmkit import channel
+faulthandler.dump_traceback_later(60, exit=True)
+q = shmkit.Queue(path=sys.argv[1])  # pooled payloads: their mappings are cached
+for i in range(2):
+    q.put(("big", i, np.full(2 << 20, i, np.uint8)))
+took = []
+signal.signal(signal.SIGUSR1, lambda *a: took.append(q.get(timeout=10)[1]))
+first = channel._received._unmap_dropped
+def unmap_dropped():  # the first call made under the cache's lock
+    channel._received._unmap_dropped = first
+    signal.raise_signal(signal.SIGUSR1)  # the handler runs here, the lock held
+    return first()
+channel._received._unmap_dropped = unmap_dropped
+got = q.get(timeout=10)[1]
+q.unlink()
+q.close()
+print(got, took)
+"""
+
+
+def test_a_signal_handler_that_gets_while_a_get_maps_a_payload(shm_dir):
+    """The cache of received payload mappings is held by a get while it
+    maps its payload: a signal handler's get, on the same thread, takes it
+    again (before, it waited on it for good)."""
+    out = subprocess.run([sys.executable, "-c", _HANDLER_GETS_IN_THE_CACHE, shm_dir + "/q"],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=SRC))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "[1]"]
+
+
 def _slow_receiver(q, inside, out):
     _slow.append(inside)
     out.put(q.get(timeout=60)[0])  # sleeps inside the first rebuild

@@ -528,7 +528,9 @@ class _Received:
     def __init__(self, files: int, nbytes: int) -> None:
         self.files, self.nbytes = files, nbytes
         self.maps: dict[tuple[int, int], tuple[str, Any]] = {}  # oldest first
-        self.lock = threading.Lock()
+        # re-entrant: a signal handler may get from a queue while this
+        # thread's get holds it (entries are then found gone: popped, not deleted)
+        self.lock = threading.RLock()
 
     def view(self, path: str, fd: int, st: os.stat_result, size: int) -> memoryview:
         """A view of the whole file, through the kept mapping when it is idle,
@@ -553,8 +555,7 @@ class _Received:
             for k, (p, m) in list(self.maps.items()):
                 if len(self.maps) <= self.files and total <= self.nbytes:
                     break
-                if not m.exports:
-                    del self.maps[k]
+                if not m.exports and self.maps.pop(k, None) is not None:
                     total -= m.length - PAGE
                     gone.append((p, k, m))
         for p, k, m in gone:
@@ -573,7 +574,7 @@ class _Received:
         for key, (_p, m) in list(self.maps.items()):
             if m.closed or (not m.exports
                             and _core.load32(m, _STATE_OFF) in (_DROPPED, _ORPHANED)):
-                del self.maps[key]
+                self.maps.pop(key, None)
                 m.close()
 
     def let_go_of(self, queue_path: str) -> None:
@@ -585,7 +586,7 @@ class _Received:
             gone = [(p, k, m) for k, (p, m) in self.maps.items()
                     if p.startswith(prefix) and not m.exports]
             for _p, k, _m in gone:
-                del self.maps[k]
+                self.maps.pop(k, None)
         for p, k, m in gone:
             self._forget(p, k, m)
 
@@ -597,7 +598,7 @@ class _Received:
 
     def forked(self) -> None:
         """In a forked child: the parent's mappings are not ours to keep."""
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         maps, self.maps = self.maps, {}
         for _p, m in maps.values():
             m.close()  # unmapped now, or when the child's inherited views go
@@ -730,20 +731,21 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
     marked held (free once the object's views are gone), and a file now
     only ours is removed.
 
-    An error is the message's fault, which finishes it (lost), when the
-    unpickling raised it (``after``, the file's let-go, is then appended to
-    ``at_fault``, a list the core made for this call: with no point in
+    An ``Exception`` is the message's fault, which finishes it (lost), when
+    the unpickling raised it (``after``, the file's let-go, is then appended
+    to ``at_fault``, a list the core made for this call: with no point in
     between where a signal handler runs, and no code of the exception's
     own), or when it is about the file (a :class:`ShmkitError`, an
     ``OSError``) or a :class:`MemoryError` (an object too big for this
     process must not stop the queue).  The core gives the message back on
     any other, which a step of our own raised on the way (what a signal
-    handler raised there).
+    handler raised there), and on an interrupt; a hundred times in a row at
+    most, but for a KeyboardInterrupt.
     """
     if not data.startswith(_OOB_MAGIC):
         try:
             return pickle.loads(data), None
-        except Exception:
+        except BaseException:
             at_fault.append(None)
             raise
     if len(data) < _OOB_HEAD.size:
@@ -871,9 +873,10 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
     blob = view[poff:poff + plen] if in_file else memoryview(data)[table_end:]
     try:
         obj = pickle.loads(blob, buffers=buffers)
-    except Exception:
-        # The object is lost (its message is finished): the core lets its
-        # file go as it would have once the object was taken.
+    except BaseException:
+        # Lost if it is the message's fault (the core's message_at_fault):
+        # the core then lets its file go as it would have once the object
+        # was taken.
         at_fault.append(after)
         raise
     finally:

@@ -238,39 +238,43 @@ run_after(PyObject *after)
 }
 
 /* Is the exception that stopped a decoding the message's fault, which
- * finishes it (lost)?  Not if it is an interrupt (what is not an
- * Exception: KeyboardInterrupt, SystemExit).  For a pickle, any other is.
- * For a big object's header (decoded by unpack), the unpickling's errors
- * are (unpack then has appended the payload file's let-go to at_fault, a
- * list only this call holds: *after, a new reference, is that let-go), and
- * so are those about the file (a ShmkitError, an OSError) or
- * memory (an object too big for this process must not stop the queue).
- * Anything else came from a step of unpack's own on the way: what a signal
- * handler raised there (see channel.py, _unpack), unless the same message
- * failed so UNPACK_RETRIES times in a row here: then it is the message's
- * too, which must not stop the queue either (a storm of such signals fails
- * one message 4 times in a row in a few thousand).  Runs no Python code:
- * the exception, whatever its class does, is only matched by type.  The
- * exception stays set. */
+ * finishes it (lost)?  Never a KeyboardInterrupt: a Ctrl-C gives it back,
+ * however often.  For a pickle, any other Exception is.  For a big
+ * object's header (decoded by unpack), the unpickling's errors are (unpack
+ * then has appended the payload file's let-go to at_fault, a list only
+ * this call holds), and so are those about the file (a ShmkitError, an
+ * OSError) or memory (an object too big for this process must not stop the
+ * queue).  Anything else came from a signal handler: an Exception from a
+ * step of unpack's own on the way (see channel.py, _unpack), or another
+ * interrupt (SystemExit...).  It gives the message back, unless the same
+ * message failed so UNPACK_RETRIES times in a row here: then it is the
+ * message's too, which must not stop the queue either (a storm of such
+ * signals fails one message 4 times in a row in a few thousand; a pickle
+ * whose rebuild raises SystemExit fails it every time).  *after, a new
+ * reference, is the let-go at_fault holds, if any, when it is the
+ * message's fault.  Runs no Python code: the exception, whatever its class
+ * does, is only matched by type.  The exception stays set. */
 #define UNPACK_RETRIES 100
 static int
 message_at_fault(RingObject *r, uint64_t pos, PyObject *at_fault, PyObject **after)
 {
     *after = NULL;
-    if (!PyErr_ExceptionMatches(PyExc_Exception))
+    if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
         return 0;
-    if (at_fault == NULL)
-        return 1; /* a pickle */
-    if (PyList_GET_SIZE(at_fault) > 0) {
-        *after = Py_NewRef(PyList_GET_ITEM(at_fault, 0));
-        return 1;
+    int fault = 0;
+    if (PyErr_ExceptionMatches(PyExc_Exception))
+        fault = at_fault == NULL || PyList_GET_SIZE(at_fault) > 0 ||
+                PyErr_ExceptionMatches(RING_ST(r)->ShmkitError) ||
+                PyErr_ExceptionMatches(PyExc_OSError) ||
+                PyErr_ExceptionMatches(PyExc_MemoryError);
+    if (!fault) {
+        r->back_times = r->back_pos == pos ? r->back_times + 1 : 1;
+        r->back_pos = pos;
+        fault = r->back_times > UNPACK_RETRIES;
     }
-    if (PyErr_ExceptionMatches(RING_ST(r)->ShmkitError) ||
-        PyErr_ExceptionMatches(PyExc_OSError) || PyErr_ExceptionMatches(PyExc_MemoryError))
-        return 1;
-    r->back_times = r->back_pos == pos ? r->back_times + 1 : 1;
-    r->back_pos = pos;
-    return r->back_times > UNPACK_RETRIES;
+    if (fault && at_fault != NULL && PyList_GET_SIZE(at_fault) > 0)
+        *after = Py_NewRef(PyList_GET_ITEM(at_fault, 0));
+    return fault;
 }
 
 /* Queue.get's step (R_DECODE): the message at pos, lent to us and marked to
@@ -281,11 +285,10 @@ message_at_fault(RingObject *r, uint64_t pos, PyObject *at_fault, PyObject **aft
  * (see message_at_fault), returning (object, after): after is None or a
  * callable of the core (no Python code, so no interrupt can fall inside
  * it), run right after the message is finished, such as the claim of its
- * payload file.  A decoding that an interrupt stopped
- * gives the message back, first in line: a Ctrl-C never loses it, nor
- * does what a signal handler raised in unpack's own steps.  Any other error
- * is the message's (message_at_fault): it is finished (its payload file
- * let go), and the error raised. */
+ * payload file.  A decoding that an interrupt stopped gives the message
+ * back, first in line: a Ctrl-C never loses it, nor does what a signal
+ * handler raised in unpack's own steps.  An error that is the message's
+ * (message_at_fault) finishes it (its payload file let go), and is raised. */
 static PyObject *
 decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_t me,
             PyObject *const *decode)
