@@ -56,6 +56,14 @@ def _payloads(q) -> list[str]:
     return [f for f in os.listdir(os.path.dirname(q.path)) if f.startswith(prefix)]
 
 
+def _assert_pooled_file_free(q) -> None:
+    """The queue's one pooled payload file is free again, for its sender's next object."""
+    from shmkit import channel
+    with open(os.path.join(os.path.dirname(q.path), _payloads(q)[0]), "rb") as f:
+        f.seek(channel._STATE_OFF)
+        assert int.from_bytes(f.read(4), "little") == channel._FREE
+
+
 KINDS = {"small": ({}, None), "big, pooled": ({}, 2 * MiB),
          "big, a file each": ({"payload_pool": 0}, 2 * MiB)}
 
@@ -118,10 +126,7 @@ def test_an_object_that_cannot_be_rebuilt_is_lost_and_the_queue_goes_on(name, ki
         if kwargs:  # a file each: removed
             assert not _payloads(q)
         elif nbytes:  # pooled: free again, for its sender's next object
-            from shmkit import channel
-            with open(os.path.join(os.path.dirname(q.path), _payloads(q)[0]), "rb") as f:
-                f.seek(channel._STATE_OFF)
-                assert int.from_bytes(f.read(4), "little") == channel._FREE
+            _assert_pooled_file_free(q)
     finally:
         q.unlink()
         q.close()
@@ -173,10 +178,7 @@ def test_an_unpickling_error_of_any_class_loses_only_its_object_at_once(name, ki
         if not pool:
             assert not _payloads(q)
         else:
-            from shmkit import channel
-            with open(os.path.join(os.path.dirname(q.path), _payloads(q)[0]), "rb") as f:
-                f.seek(channel._STATE_OFF)
-                assert int.from_bytes(f.read(4), "little") == channel._FREE
+            _assert_pooled_file_free(q)
     finally:
         q.unlink()
         q.close()

@@ -11,12 +11,12 @@
  * in the handle's box, a list of one item, and Queue.get (and shmkit.aio's)
  * empties the box in Python with no point between the call and the
  * emptying where a handler runs: an interrupt raised as the call returns
- * leaves the object in the box, and the next call returns it first.  (A handler that itself gets
- * from the queue takes the object, and the interrupted get, finding the
- * box empty, gets the next one.)  Only the main thread runs
- * signal handlers, and only it uses the box (a thread switch may come as
- * the call returns, as a handler may); other threads' objects come back in
- * a list of their own. */
+ * leaves the object in the box, and the next call returns it first.  (A
+ * handler that itself gets from the queue takes the object, and the
+ * interrupted get, finding the box empty, gets the next one.)  Only the
+ * main thread runs signal handlers, and only it uses the box (a thread
+ * switch may come as the call returns, as a handler may); other threads'
+ * objects come back in a list of their own. */
 #include "msgtype.h"
 #include "ring.h"
 
