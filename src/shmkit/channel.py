@@ -529,7 +529,8 @@ class _Received:
         self.files, self.nbytes = files, nbytes
         self.maps: dict[tuple[int, int], tuple[str, Any]] = {}  # oldest first
         # re-entrant: a signal handler may get from a queue while this
-        # thread's get holds it (entries are then found gone: popped, not deleted)
+        # thread's get holds it (so loops go over a copy, and entries may be
+        # found gone: popped, not deleted)
         self.lock = threading.RLock()
 
     def view(self, path: str, fd: int, st: os.stat_result, size: int) -> memoryview:
@@ -551,7 +552,7 @@ class _Received:
                 entry = (path, mem)
             view = memoryview(mem)
             self.maps[key] = entry  # the most recent now
-            total = sum(m.length - PAGE for _, m in self.maps.values())
+            total = sum(m.length - PAGE for _, m in list(self.maps.values()))
             for k, (p, m) in list(self.maps.items()):
                 if len(self.maps) <= self.files and total <= self.nbytes:
                     break
@@ -583,7 +584,7 @@ class _Received:
         file back when the object goes)."""
         prefix = queue_path + _OOB_SEP
         with self.lock:
-            gone = [(p, k, m) for k, (p, m) in self.maps.items()
+            gone = [(p, k, m) for k, (p, m) in list(self.maps.items())
                     if p.startswith(prefix) and not m.exports]
             for _p, k, _m in gone:
                 self.maps.pop(k, None)
