@@ -946,9 +946,8 @@ def test_a_child_forked_while_threads_close_attached_handles_runs_each_hook_once
     """The main thread forks while four others close the last handles of 24
     "attached" objects, for 2 s and 11 rounds at least.  Each object's
     on_destroy runs once in all, in the process whose close removed its
-    name: a child that inherits
-    a handle its parent's thread was closing, or had just closed, neither
-    runs the parent's hook again nor keeps its name."""
+    name: a child that inherits a handle its parent's thread was closing, or
+    had just closed, neither runs the parent's hook again nor keeps its name."""
     switch = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)
     try:
