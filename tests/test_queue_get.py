@@ -225,6 +225,61 @@ def test_an_object_whose_rebuild_always_interrupts_is_given_up_after_a_hundred_t
     assert not _payloads(q)
 
 
+# The queue that _interrupt_in_turn's inner get takes from, and the depth of gets.
+_in_turn: list = []
+
+
+def _interrupt_in_turn(tag, arr):
+    """Take the other poison (as a signal handler's get would), then fail."""
+    q, depth = _in_turn
+    if depth == 0:
+        _in_turn[1] = 1
+        try:
+            q.get(timeout=5)
+        except SystemExit:
+            pass
+        finally:
+            _in_turn[1] = 0
+    raise SystemExit(f"{tag}, every time")
+
+
+class _InterruptsInTurn:
+    def __init__(self, tag, arr):
+        self.tag, self.arr = tag, arr
+
+    def __reduce__(self):
+        return _interrupt_in_turn, (self.tag, self.arr)
+
+
+@pytest.mark.parametrize("size", [None, 0, 8 * MiB])  # small; big, a file each; pooled
+def test_two_objects_whose_rebuilds_interrupt_in_turn_are_both_given_up(name, size):
+    """Each rebuild of one poison takes the other from the same handle first:
+    the handle sees the two fail in turn, and still counts a hundred failures
+    for each (before, a count of the last message only never passed one)."""
+    q = shmkit.Queue(name=name, payload_pool=size or 0)
+    _in_turn[:] = [q, 0]
+    try:
+        for tag in ("x", "y"):
+            q.put(_InterruptsInTurn(tag, None if size is None else
+                                    np.ones(2 * MiB, np.uint8)))
+        q.put("after")
+        tries, got = 0, None
+        while tries < 300:
+            try:
+                got = q.get(timeout=5)
+                break
+            except SystemExit:
+                tries += 1
+        assert (tries, got) == (101, "after")
+        if size == 0:
+            assert not _payloads(q)
+    finally:
+        _in_turn.clear()
+        q.unlink()
+        q.close()
+    assert not _payloads(q)
+
+
 _HANDLER_GETS_IN_THE_CACHE = r"""
 import faulthandler, signal, sys
 import numpy as np

@@ -740,8 +740,8 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
     ``OSError``) or a :class:`MemoryError` (an object too big for this
     process must not stop the queue).  The core gives the message back on
     any other, which a step of our own raised on the way (what a signal
-    handler raised there), and on an interrupt; a hundred times in a row at
-    most, but for a KeyboardInterrupt.
+    handler raised there), and on an interrupt; a hundred times for one
+    message at most, but for a KeyboardInterrupt.
     """
     if not data.startswith(_OOB_MAGIC):
         try:

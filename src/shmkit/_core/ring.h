@@ -91,6 +91,10 @@ typedef struct {
     uint32_t len, state;
 } rec_t;
 
+/* How many messages a handle counts the failures of at once: those that a
+ * signal handler's get interleaves (see message_at_fault). */
+#define BACK_SLOTS 4
+
 /* A process's handle on one ring.  Pointers are into this process's
  * mapping, which never moves while `mapping` is referenced. */
 typedef struct {
@@ -106,8 +110,10 @@ typedef struct {
     uint64_t head_seen;     /* a lower bound of head (producers) */
     uint64_t tail_seen;     /* a lower bound of tail (consumers) */
     int64_t spin_ns;        /* how long waits spin before sleeping (adaptive) */
-    uint64_t back_pos;      /* the message Queue.get last gave back for a non-interrupt */
-    int back_times;         /* how often in a row (ringtype.c, message_at_fault) */
+    struct {                /* messages Queue.get gave back for a non-interrupt, */
+        uint64_t pos;       /* and how often (ringtype.c, message_at_fault); */
+        int times;          /* times 0: a free slot */
+    } back[BACK_SLOTS];
     PyObject *name;
 } RingObject;
 

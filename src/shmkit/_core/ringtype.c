@@ -247,14 +247,27 @@ run_after(PyObject *after)
  * queue).  Anything else came from a signal handler: an Exception from a
  * step of unpack's own on the way (see channel.py, _unpack), or another
  * interrupt (SystemExit...).  It gives the message back, unless the same
- * message failed so UNPACK_RETRIES times in a row here: then it is the
- * message's too, which must not stop the queue either (a storm of such
- * signals fails one message 4 times in a row in a few thousand; a pickle
- * whose rebuild raises SystemExit fails it every time).  *after, a new
+ * message failed so UNPACK_RETRIES times here: then it is the message's
+ * too, which must not stop the queue either (a storm of such signals fails
+ * one message 4 times in a row in a few thousand; a pickle whose rebuild
+ * raises SystemExit fails it every time).  The count is kept for each of
+ * the last BACK_SLOTS messages that failed so, not for the last alone: two
+ * such poisons, one taken by a handler's get inside the other's rebuild,
+ * fail in turn.  *after, a new
  * reference, is the let-go at_fault holds, if any, when it is the
  * message's fault.  Runs no Python code: the exception, whatever its class
  * does, is only matched by type.  The exception stays set. */
 #define UNPACK_RETRIES 100
+
+/* The message at pos is finished: its failures, if counted, need no slot. */
+static inline void
+back_forget(RingObject *r, uint64_t pos)
+{
+    for (int i = 0; i < BACK_SLOTS; i++)
+        if (r->back[i].pos == pos)
+            r->back[i].times = 0;
+}
+
 static int
 message_at_fault(RingObject *r, uint64_t pos, PyObject *at_fault, PyObject **after)
 {
@@ -268,10 +281,22 @@ message_at_fault(RingObject *r, uint64_t pos, PyObject *at_fault, PyObject **aft
                 PyErr_ExceptionMatches(PyExc_OSError) ||
                 PyErr_ExceptionMatches(PyExc_MemoryError);
     if (!fault) {
-        r->back_times = r->back_pos == pos ? r->back_times + 1 : 1;
-        r->back_pos = pos;
-        fault = r->back_times > UNPACK_RETRIES;
+        int i, least = 0; /* its slot, or the one of the fewest failures */
+        for (i = 0; i < BACK_SLOTS; i++) {
+            if (r->back[i].times > 0 && r->back[i].pos == pos)
+                break;
+            if (r->back[i].times < r->back[least].times)
+                least = i;
+        }
+        if (i == BACK_SLOTS) {
+            i = least;
+            r->back[i].pos = pos;
+            r->back[i].times = 0;
+        }
+        fault = ++r->back[i].times > UNPACK_RETRIES;
     }
+    if (fault)
+        back_forget(r, pos);
     if (fault && at_fault != NULL && PyList_GET_SIZE(at_fault) > 0)
         *after = Py_NewRef(PyList_GET_ITEM(at_fault, 0));
     return fault;
@@ -355,6 +380,7 @@ decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_
      * space, which the next receive does anyway) must not lose it. */
     if (view_finish(r, m, rec, me) < 0)
         PyErr_Clear();
+    back_forget(r, pos);
     run_after(after);
     Py_XDECREF(after);
     return obj;
