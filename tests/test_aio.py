@@ -7,6 +7,7 @@ a call returns within seconds), never speed; speed is benchmarks/bench_aio.py's.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import queue
 import random
@@ -392,6 +393,65 @@ def test_cancelled_receives_lose_no_message(name, waker):
     got, cancelled = asyncio.run(main())
     assert got == list(range(n))  # none lost, none twice, in order
     assert cancelled > 0  # the test did cancel receives
+
+
+_WAKE_UP_STEPS = {"io_uring": (aio._Ring.reap, aio._Ring._ready),
+                  "threads": (aio._settle_fired, aio._settle)}
+
+
+def test_an_interrupt_at_any_point_of_a_wake_up_leaves_no_await_stuck(name, waker):
+    """A Ctrl-C (here raised by a trace function, as a signal handler would
+    raise it) at each bytecode in turn of the loop's side of a wake-up (the
+    ring's reap and settling of its futures; the settling of what a watcher
+    thread fired): the awaited get it interrupted still returns its object,
+    woken there or by the checker's next look, and leaves nothing behind."""
+    codes = {f.__code__ for f in _WAKE_UP_STEPS[waker]}
+    q = aio.Queue(name=name)
+    try:
+        for at in itertools.count(1):
+            seen = [0]
+
+            def step(frame, event, arg):
+                if event == "opcode":
+                    seen[0] += 1
+                    if seen[0] == at:
+                        raise KeyboardInterrupt
+                return step
+
+            def calls(frame, event, arg):
+                if frame.f_code not in codes:
+                    return None
+                frame.f_trace_opcodes = True
+                return step
+
+            loop = asyncio.new_event_loop()
+            try:
+                task = loop.create_task(q.get(timeout=30))
+                loop.run_until_complete(asyncio.sleep(0.02))  # the get now awaits
+                ring, hub = aio._ring(loop), aio._hub()
+                assert len(ring.waits if ring is not None else hub.where) == 1
+                q.put_nowait(at)
+                sys.settrace(calls)
+                try:
+                    loop.run_until_complete(asyncio.wait({task}, timeout=10))
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    sys.settrace(None)
+                loop.run_until_complete(asyncio.wait({task}, timeout=10))
+                assert task.done() and task.result() == at, f"interrupted at {at}"
+                if ring is not None:
+                    assert not ring.waits and not ring.descs and not len(ring.uring)
+                else:
+                    assert not hub.where and not hub.fired
+            finally:
+                loop.close()
+            if seen[0] < at:  # no bytecode was left to interrupt
+                break
+        assert at > 10
+    finally:
+        q.unlink()
+        q.close()
 
 
 def test_cancelled_acquires_never_leave_a_lock_held(name, waker):

@@ -102,6 +102,9 @@ _READY, _SUSPECT, _EXPIRED = 1, 2, 3
 _Key = tuple[int, int, int, int]  # a description with its target replaced by id()
 _Flag = int | BaseException  # what a watcher hands a future: _READY, _SUSPECT or an error
 _Futures = dict[asyncio.Future[int], asyncio.AbstractEventLoop]  # awaiter: its loop
+# the futures a watcher fired, until their loop settled them (their entries
+# are gone from the hub by then): future -> (its loop, the flag)
+_Fired = dict[asyncio.Future[int], tuple[asyncio.AbstractEventLoop, _Flag]]
 
 
 class TooManyWaitsError(ShmkitError, RuntimeError):
@@ -161,15 +164,25 @@ def _settle(futures: list[asyncio.Future[int]], flag: _Flag) -> None:
                 f.set_result(flag)
 
 
-def _fire(futures: _Futures, flag: _Flag) -> None:
+def _fire(fired: _Fired, futures: _Futures, flag: _Flag) -> None:
     by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[int]]] = {}
     for fut, loop in futures.items():
         by_loop.setdefault(loop, []).append(fut)
     for loop, futs in by_loop.items():
         try:
-            loop.call_soon_threadsafe(_settle, futs, flag)
-        except RuntimeError:
-            pass  # the loop was closed: nobody awaits these any more
+            loop.call_soon_threadsafe(_settle_fired, fired, futs, flag)
+        except RuntimeError:  # the loop was closed: nobody awaits these any more
+            for fut in futs:
+                fired.pop(fut, None)
+
+
+def _settle_fired(fired: _Fired, futures: list[asyncio.Future[int]], flag: _Flag) -> None:
+    """(The loop's thread.)  Settle what a watcher fired, then forget it: a
+    Ctrl-C before the end leaves it in ``fired``, settled again by the
+    checker's next look."""
+    _settle(futures, flag)
+    for f in futures:
+        fired.pop(f, None)
 
 
 class _Watcher:
@@ -239,6 +252,7 @@ class _Hub:
         # in flight then wakes it)
         self.rings: dict[int, weakref.ref[_Ring]] = {}
         self.checker_idle = False
+        self.fired: _Fired = {}
 
     def start_checker(self) -> None:
         """Start the checker thread unless it runs (lock held)."""
@@ -266,7 +280,7 @@ class _Hub:
 
     def _anything(self) -> bool:
         """Is anything awaited at all (lock held)?"""
-        return bool(self.where) or any(r.waits for r in self._rings())
+        return bool(self.where or self.fired) or any(r.waits for r in self._rings())
 
     def settle(self, entries: list[_Entry], flags: Sequence[tuple[int, _Flag]]) -> None:
         """Stop watching the entries that ``flags`` names (indices past the
@@ -284,11 +298,30 @@ class _Hub:
                     del e.watcher.entries[e.key]
                     changed.add(e.watcher)
                     fired.append((e.futures, flag))
+                    for fut, loop in e.futures.items():
+                        self.fired[fut] = (loop, flag)
             for w in changed:  # one poke per watcher, none to the caller itself
                 if threading.current_thread() is not w.thread:
                     w.poke()
         for futures, flag in fired:
-            _fire(futures, flag)
+            _fire(self.fired, futures, flag)
+
+    def _fire_again(self, seen: set[asyncio.Future[int]]) -> set[asyncio.Future[int]]:
+        """(The checker.)  Fire again what was fired before the last look
+        (``seen``) and is still not settled: its loop's settling never ran
+        to its end (a Ctrl-C in it).  Returns what this look saw."""
+        again: dict[_Flag, _Futures] = {}
+        with self.lock:
+            now = set(self.fired)
+            for fut in now & seen:
+                loop, flag = self.fired[fut]
+                if fut.done():
+                    del self.fired[fut]
+                else:
+                    again.setdefault(flag, {})[fut] = loop
+        for flag, futures in again.items():
+            _fire(self.fired, futures, flag)
+        return now
 
     def _check(self) -> None:
         """The checker thread: every CHECK_EVERY seconds (longer with many
@@ -298,6 +331,7 @@ class _Hub:
         at the watcher threads' entries and at the waits in flight in every
         loop's ring; while nothing is awaited it sleeps."""
         pause = CHECK_EVERY
+        fired: set[asyncio.Future[int]] = set()
         while True:
             with self.lock:
                 # idle first, then look: a ring that adds a wait after the
@@ -316,6 +350,7 @@ class _Hub:
                 self.settle(entries, _look([e.desc for e in entries], 0, True))
             while rings:  # none held while asleep: dropped loops are garbage
                 rings.pop().look()
+            fired = self._fire_again(fired)
             spent = time.thread_time() - spent
             pause = max(CHECK_EVERY, spent * _CHECK_SHARE)
 
@@ -343,6 +378,7 @@ class _Hub:
 
     def discard(self, key: _Key, fut: asyncio.Future[int]) -> None:
         with self.lock:
+            self.fired.pop(fut, None)
             e = self.where.get(key)
             if e is None or e.futures.pop(fut, None) is None or e.futures:
                 return
@@ -427,12 +463,16 @@ class _Ring:
         self._ready(self.uring.reap())
 
     def _ready(self, keys: list[int]) -> None:
+        # Settled before it is forgotten: a Ctrl-C in between leaves a wait
+        # the awaiter ends as it resumes, never one nobody settles (the
+        # checker looks only at those still in self.descs).
         waits, descs = self.waits, self.descs
         for k in keys:
-            fut = waits.pop(k, None)
-            descs.pop(k, None)
+            fut = waits.get(k)
             if fut is not None and not fut.done():
                 fut.set_result(_READY)
+            descs.pop(k, None)
+            waits.pop(k, None)
 
     def watch(self, desc: _Desc, fut: asyncio.Future[int]) -> int:
         """0 when ``desc`` is ready now; else the key of its wait, now in
@@ -449,8 +489,8 @@ class _Ring:
 
     def cancel(self, k: int) -> None:
         """Take wait ``k`` out of flight (uncounted and unpinned on return)."""
+        self.descs.pop(k, None)
         if self.waits.pop(k, None) is not None:
-            del self.descs[k]
             self._ready(self.uring.cancel(k))
 
     def look(self) -> None:
