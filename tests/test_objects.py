@@ -528,3 +528,51 @@ def test_write_some_writes_what_fits(name):
         with shmkit.Segment.open(name, readonly=True) as ro:
             with pytest.raises(shmkit.ReadOnlyError):
                 ro.write_some(b"x")
+
+
+def _bool_timeouts() -> dict:
+    """Each kind's blocking calls, with timeout=True, on objects that would
+    have something to give (a bool read as one second was a slip's result)."""
+    q, ch = shmkit.Queue(), shmkit.Channel(None)
+    q.put(1)
+    ch.send(b"x")
+    m, rw, sem = shmkit.Mutex(None), shmkit.RWLock(None), shmkit.Semaphore(None, 1)
+    ev, cond = shmkit.Event(None), shmkit.Condition(None)
+    heap, topic = shmkit.Heap(None, size=1 << 20), shmkit.Topic(None)
+    seg = shmkit.Segment(None, size=4096, max_size=1 << 20)
+    cond.acquire()
+    calls = {
+        "Queue.get": lambda t: q.get(True, t), "Queue.put": lambda t: q.put(2, True, t),
+        "Channel.recv": lambda t: ch.recv(timeout=t),
+        "Channel.recv_many": lambda t: ch.recv_many(4, timeout=t),
+        "Channel.send": lambda t: ch.send(b"y", timeout=t),
+        "Channel.loan": lambda t: ch.loan(8, timeout=t),
+        "Mutex.acquire": lambda t: m.acquire(True, t),
+        "RWLock.acquire_write": lambda t: rw.acquire_write(timeout=t),
+        "Semaphore.acquire": lambda t: sem.acquire(True, t),
+        "Event.wait": lambda t: ev.wait(t), "Condition.wait": lambda t: cond.wait(t),
+        "Heap.alloc": lambda t: heap.alloc(8, timeout=t),
+        "Topic.publish": lambda t: topic.publish(b"x", timeout=t),
+        "Segment.resize": lambda t: seg.resize(8192, timeout=t),
+    }
+    untouched = lambda: (q.qsize(), ch.depth, m.locked(), sem.acquire(False) and  # noqa: E731
+                         (sem.release() or True), seg.size)
+    return {"calls": calls, "untouched": untouched,
+            "close": [q, ch, m, rw, sem, ev, cond, heap, topic, seg]}
+
+
+def test_a_bool_timeout_is_refused_by_every_blocking_call():
+    """timeout=True (``get(True, True)``) is a slip, refused with a TypeError
+    before anything is taken; before, it was read as one second."""
+    objs = _bool_timeouts()
+    try:
+        before = objs["untouched"]()
+        for what, call in objs["calls"].items():
+            for bad in (True, False):
+                with pytest.raises(TypeError, match="not bool"):
+                    call(bad)
+                    pytest.fail(f"{what} took a bool timeout")
+        assert objs["untouched"]() == before == (1, 1, False, True, 4096)
+    finally:
+        for o in objs["close"]:
+            o.close()

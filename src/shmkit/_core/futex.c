@@ -30,6 +30,10 @@ shm_deadline(PyObject *timeout)
 {
     if (timeout == NULL || timeout == Py_None)
         return SHM_FOREVER;
+    if (PyBool_Check(timeout)) { /* get(True, True): a slip, not one second */
+        PyErr_SetString(PyExc_TypeError, "timeout must be a number of seconds or None, not bool");
+        return -1;
+    }
     double t = PyFloat_AsDouble(timeout);
     if (t == -1.0 && PyErr_Occurred())
         return -1;
