@@ -454,6 +454,31 @@ def test_an_interrupt_at_any_point_of_a_wake_up_leaves_no_await_stuck(name, wake
         q.close()
 
 
+def test_a_wake_up_for_a_stopped_loop_is_fired_again_sparingly(name, threads_waker):
+    """What a watcher fired for a loop that does not run stays unsettled;
+    the checker fires it again 2, 4, 8... looks later, not at every look,
+    so the loop's queue of callbacks grows by a few, not by twenty a
+    second; once the loop runs, the await returns and nothing is left."""
+    ev = aio.Event(name)
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(ev.wait(30))
+        loop.run_until_complete(asyncio.sleep(0.02))  # the wait now awaits; the loop stops
+        hub = aio._hub()
+        assert len(hub.where) == 1
+        shmkit.Event(name).set()
+        time.sleep(1.0)  # 20 looks of the checker
+        queued = len(loop._ready)  # type: ignore[attr-defined]
+        assert 1 <= queued <= 6, queued
+        assert len(hub.fired) == 1 and not hub.where
+        loop.run_until_complete(asyncio.wait({task}, timeout=10))
+        assert task.result() is True and not hub.fired
+    finally:
+        loop.close()
+        ev.close()
+        ev.unlink()
+
+
 def test_cancelled_acquires_never_leave_a_lock_held(name, waker):
     async def main() -> int:
         m = aio.Mutex(name)

@@ -306,18 +306,22 @@ class _Hub:
         for futures, flag in fired:
             _fire(self.fired, futures, flag)
 
-    def _fire_again(self, seen: set[asyncio.Future[int]]) -> set[asyncio.Future[int]]:
-        """(The checker.)  Fire again what was fired before the last look
-        (``seen``) and is still not settled: its loop's settling never ran
-        to its end (a Ctrl-C in it).  Returns what this look saw."""
+    def _fire_again(self, looks: dict[asyncio.Future[int], int]
+                    ) -> dict[asyncio.Future[int], int]:
+        """(The checker.)  Fire again what is still not settled 2, 4, 8...
+        looks after it was fired: its loop's settling never ran to its end
+        (a Ctrl-C in it), or the loop is busy or stopped, whose queue of
+        callbacks must not grow by one a look.  ``looks``: how many looks
+        saw each fired future so far; returns this look's counts."""
         again: dict[_Flag, _Futures] = {}
+        now: dict[asyncio.Future[int], int] = {}
         with self.lock:
-            now = set(self.fired)
-            for fut in now & seen:
-                loop, flag = self.fired[fut]
+            for fut, (loop, flag) in list(self.fired.items()):
                 if fut.done():
                     del self.fired[fut]
-                else:
+                    continue
+                n = now[fut] = looks.get(fut, 0) + 1
+                if n > 1 and n & (n - 1) == 0:
                     again.setdefault(flag, {})[fut] = loop
         for flag, futures in again.items():
             _fire(self.fired, futures, flag)
@@ -331,7 +335,7 @@ class _Hub:
         at the watcher threads' entries and at the waits in flight in every
         loop's ring; while nothing is awaited it sleeps."""
         pause = CHECK_EVERY
-        fired: set[asyncio.Future[int]] = set()
+        fired: dict[asyncio.Future[int], int] = {}
         while True:
             with self.lock:
                 # idle first, then look: a ring that adds a wait after the
