@@ -317,8 +317,8 @@ class _Hub:
         now: dict[asyncio.Future[int], int] = {}
         with self.lock:
             for fut, (loop, flag) in list(self.fired.items()):
-                if fut.done():
-                    del self.fired[fut]
+                if fut.done():  # (its loop's thread may forget it meanwhile)
+                    self.fired.pop(fut, None)
                     continue
                 n = now[fut] = looks.get(fut, 0) + 1
                 if n > 1 and n & (n - 1) == 0:
