@@ -280,6 +280,57 @@ def test_two_objects_whose_rebuilds_interrupt_in_turn_are_both_given_up(name, si
     assert not _payloads(q)
 
 
+_failed_once: set = set()
+
+
+def _interrupt_once(tag):
+    if tag not in _failed_once:
+        _failed_once.add(tag)
+        raise SystemExit(f"{tag}, once")
+    return tag
+
+
+class _InterruptsOnce:
+    def __init__(self, tag):
+        self.tag = tag
+
+    def __reduce__(self):
+        return _interrupt_once, (self.tag,)
+
+
+def test_counts_of_messages_another_handle_took_do_not_keep_the_slots(name):
+    """Four messages fail once in one handle, then another handle takes
+    them: the first handle never finishes them, and its counts of them must
+    not hold its slots, or two poisons failing in turn there would evict
+    each other and never be given up."""
+    q = shmkit.Queue(name=name)
+    other = shmkit.Queue.open(name)
+    _in_turn[:] = [q, 0]
+    try:
+        for k in range(4):
+            q.put(_InterruptsOnce(f"once {k}"))
+            with pytest.raises(SystemExit):
+                q.get(timeout=5)
+            assert other.get(timeout=5) == f"once {k}"
+        for tag in ("x", "y"):
+            q.put(_InterruptsInTurn(tag, None))
+        q.put("after")
+        tries, got = 0, None
+        while tries < 300:
+            try:
+                got = q.get(timeout=5)
+                break
+            except SystemExit:
+                tries += 1
+        assert (tries, got) == (101, "after")
+    finally:
+        _in_turn.clear()
+        _failed_once.clear()
+        other.close()
+        q.unlink()
+        q.close()
+
+
 _HANDLER_GETS_IN_THE_CACHE = r"""
 import faulthandler, signal, sys
 import numpy as np

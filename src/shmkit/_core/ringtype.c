@@ -251,9 +251,9 @@ run_after(PyObject *after)
  * too, which must not stop the queue either (a storm of such signals fails
  * one message 4 times in a row in a few thousand; a pickle whose rebuild
  * raises SystemExit fails it every time).  The count is kept for each of
- * the last BACK_SLOTS messages that failed so, not for the last alone: two
- * such poisons, one taken by a handler's get inside the other's rebuild,
- * fail in turn.  *after, a new
+ * the last BACK_SLOTS messages that failed so and are still in the queue
+ * (back_stale), not for the last alone: two such poisons, one taken by a
+ * handler's get inside the other's rebuild, fail in turn.  *after, a new
  * reference, is the let-go at_fault holds, if any, when it is the
  * message's fault.  Runs no Python code: the exception, whatever its class
  * does, is only matched by type.  The exception stays set. */
@@ -266,6 +266,19 @@ back_forget(RingObject *r, uint64_t pos)
     for (int i = 0; i < BACK_SLOTS; i++)
         if (r->back[i].pos == pos)
             r->back[i].times = 0;
+}
+
+/* Is the message a slot counts no longer waiting to be taken again (freed,
+ * or finished through another handle, which never tells this one)?  A
+ * stale slot is free for the next message that fails. */
+static int
+back_stale(RingObject *r, uint64_t pos)
+{
+    struct ring_hdr *h = r->h;
+    if (pos < LOAD(&h->head) || pos >= LOAD(&h->read))
+        return 1;
+    uint32_t st = LOAD(&rec_at(r, pos)->state); /* (pos reduced modulo cap) */
+    return st != ST_RETURNED && !st_lent(st);
 }
 
 static int
@@ -281,10 +294,12 @@ message_at_fault(RingObject *r, uint64_t pos, PyObject *at_fault, PyObject **aft
                 PyErr_ExceptionMatches(PyExc_OSError) ||
                 PyErr_ExceptionMatches(PyExc_MemoryError);
     if (!fault) {
-        int i, least = 0; /* its slot, or the one of the fewest failures */
+        int i, least = 0; /* its slot, or a free one, or the one of the fewest failures */
         for (i = 0; i < BACK_SLOTS; i++) {
             if (r->back[i].times > 0 && r->back[i].pos == pos)
                 break;
+            if (r->back[i].times > 0 && back_stale(r, r->back[i].pos))
+                r->back[i].times = 0;
             if (r->back[i].times < r->back[least].times)
                 least = i;
         }
