@@ -7,6 +7,7 @@ a call returns within seconds), never speed; speed is benchmarks/bench_aio.py's.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import os
 import queue
@@ -18,6 +19,7 @@ import textwrap
 import threading
 import time
 import warnings
+import weakref
 
 import pytest
 
@@ -446,7 +448,7 @@ def test_an_interrupt_at_any_point_of_a_wake_up_leaves_no_await_stuck(name, wake
                     assert not ring.waits and not ring.descs and not len(ring.uring)
                 else:
                     assert not set(hub.where) - others
-                    assert not [f for f, (lp, _) in hub.fired.items() if lp is loop]
+                    assert not _fired_for(loop)
             finally:
                 loop.close()
             if seen[0] < at:  # no bytecode was left to interrupt
@@ -455,6 +457,12 @@ def test_an_interrupt_at_any_point_of_a_wake_up_leaves_no_await_stuck(name, wake
     finally:
         q.unlink()
         q.close()
+
+
+def _fired_for(loop: asyncio.AbstractEventLoop) -> list:
+    """What the watchers fired for ``loop`` and it has not settled yet."""
+    futs = [ref() for ref, _ in list(aio._hub().fired.values())]
+    return [f for f in futs if f is not None and f.get_loop() is loop]
 
 
 def test_a_wake_up_for_a_stopped_loop_is_fired_again_sparingly(name, threads_waker):
@@ -475,14 +483,43 @@ def test_a_wake_up_for_a_stopped_loop_is_fired_again_sparingly(name, threads_wak
         queued = len(loop._ready)  # type: ignore[attr-defined]
         assert 1 <= queued <= 6, queued
 
-        def mine() -> list:
-            return [f for f, (lp, _) in hub.fired.items() if lp is loop]
-
-        assert len(mine()) == 1 and not set(hub.where) - others
+        assert len(_fired_for(loop)) == 1 and not set(hub.where) - others
         loop.run_until_complete(asyncio.wait({task}, timeout=10))
-        assert task.result() is True and not mine()
+        assert task.result() is True and not _fired_for(loop)
     finally:
         loop.close()
+        ev.close()
+        ev.unlink()
+
+
+def test_a_loop_dropped_unclosed_with_a_fired_wake_up_is_freed(name, threads_waker):
+    """What the watchers fired is listed only weakly: a loop stopped with a
+    fired await, then dropped unclosed, goes with its garbage, and the
+    checker forgets the wake-up."""
+    ev = aio.Event(name)
+    try:
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(ev.wait(30))
+        loop.run_until_complete(asyncio.sleep(0.02))  # the wait now awaits; the loop stops
+        time.sleep(0.2)  # the checker's looks see it too
+        shmkit.Event(name).set()
+        deadline = time.monotonic() + 10
+        while not _fired_for(loop) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(_fired_for(loop)) == 1
+        gone = weakref.ref(loop)
+        fired = len(aio._hub().fired)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the unclosed loop, its pending task
+            del loop, task
+            aio._here.__dict__.clear()  # this thread's cache of its last loop
+            gc.collect()
+        assert gone() is None
+        deadline = time.monotonic() + 10
+        while len(aio._hub().fired) >= fired and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(aio._hub().fired) < fired  # the checker forgot it
+    finally:
         ev.close()
         ev.unlink()
 

@@ -103,8 +103,9 @@ _Key = tuple[int, int, int, int]  # a description with its target replaced by id
 _Flag = int | BaseException  # what a watcher hands a future: _READY, _SUSPECT or an error
 _Futures = dict[asyncio.Future[int], asyncio.AbstractEventLoop]  # awaiter: its loop
 # the futures a watcher fired, until their loop settled them (their entries
-# are gone from the hub by then): future -> (its loop, the flag)
-_Fired = dict[asyncio.Future[int], tuple[asyncio.AbstractEventLoop, _Flag]]
+# are gone from the hub by then): id(future) -> (a weak reference to it, the
+# flag); weak, so that a loop dropped unclosed with such a future goes
+_Fired = dict[int, tuple["weakref.ref[asyncio.Future[int]]", _Flag]]
 
 
 class TooManyWaitsError(ShmkitError, RuntimeError):
@@ -173,7 +174,7 @@ def _fire(fired: _Fired, futures: _Futures, flag: _Flag) -> None:
             loop.call_soon_threadsafe(_settle_fired, fired, futs, flag)
         except RuntimeError:  # the loop was closed: nobody awaits these any more
             for fut in futs:
-                fired.pop(fut, None)
+                fired.pop(id(fut), None)
 
 
 def _settle_fired(fired: _Fired, futures: list[asyncio.Future[int]], flag: _Flag) -> None:
@@ -182,7 +183,7 @@ def _settle_fired(fired: _Fired, futures: list[asyncio.Future[int]], flag: _Flag
     checker's next look."""
     _settle(futures, flag)
     for f in futures:
-        fired.pop(f, None)
+        fired.pop(id(f), None)
 
 
 class _Watcher:
@@ -225,6 +226,7 @@ class _Watcher:
             # Sleep until a word changes: no liveness slices (the hub's
             # checker looks for dead peers without re-arming 128 words).
             hub.settle(entries, _look(descs, None, False))
+            del entries, descs  # held while idle, they would keep loops alive
 
 
 def _look(descs: list[_Desc], timeout: float | None,
@@ -298,31 +300,31 @@ class _Hub:
                     del e.watcher.entries[e.key]
                     changed.add(e.watcher)
                     fired.append((e.futures, flag))
-                    for fut, loop in e.futures.items():
-                        self.fired[fut] = (loop, flag)
+                    for fut in e.futures:
+                        self.fired[id(fut)] = (weakref.ref(fut), flag)
             for w in changed:  # one poke per watcher, none to the caller itself
                 if threading.current_thread() is not w.thread:
                     w.poke()
         for futures, flag in fired:
             _fire(self.fired, futures, flag)
 
-    def _fire_again(self, looks: dict[asyncio.Future[int], int]
-                    ) -> dict[asyncio.Future[int], int]:
+    def _fire_again(self, looks: dict[int, int]) -> dict[int, int]:
         """(The checker.)  Fire again what is still not settled 2, 4, 8...
         looks after it was fired: its loop's settling never ran to its end
         (a Ctrl-C in it), or the loop is busy or stopped, whose queue of
         callbacks must not grow by one a look.  ``looks``: how many looks
-        saw each fired future so far; returns this look's counts."""
+        saw each fired future so far (by id); returns this look's counts."""
         again: dict[_Flag, _Futures] = {}
-        now: dict[asyncio.Future[int], int] = {}
-        with self.lock:
-            for fut, (loop, flag) in list(self.fired.items()):
-                if fut.done():  # (its loop's thread may forget it meanwhile)
-                    self.fired.pop(fut, None)
+        now: dict[int, int] = {}
+        with self.lock:  # (only the lock's holders add; a loop's thread may forget)
+            for k, (ref, flag) in list(self.fired.items()):
+                fut = ref()
+                if fut is None or fut.done():
+                    self.fired.pop(k, None)
                     continue
-                n = now[fut] = looks.get(fut, 0) + 1
+                n = now[k] = looks.get(k, 0) + 1
                 if n > 1 and n & (n - 1) == 0:
-                    again.setdefault(flag, {})[fut] = loop
+                    again.setdefault(flag, {})[fut] = fut.get_loop()
         for flag, futures in again.items():
             _fire(self.fired, futures, flag)
         return now
@@ -335,7 +337,7 @@ class _Hub:
         at the watcher threads' entries and at the waits in flight in every
         loop's ring; while nothing is awaited it sleeps."""
         pause = CHECK_EVERY
-        fired: dict[asyncio.Future[int], int] = {}
+        fired: dict[int, int] = {}
         while True:
             with self.lock:
                 # idle first, then look: a ring that adds a wait after the
@@ -350,9 +352,11 @@ class _Hub:
                 batches = [list(w.entries.values()) for w in self.watchers if w.entries]
                 rings = self._rings()
             spent = time.thread_time()
-            for entries in batches:
+            while batches:  # none held while asleep: dropped loops are garbage
+                entries = batches.pop()
                 self.settle(entries, _look([e.desc for e in entries], 0, True))
-            while rings:  # none held while asleep: dropped loops are garbage
+                del entries
+            while rings:
                 rings.pop().look()
             fired = self._fire_again(fired)
             spent = time.thread_time() - spent
@@ -382,7 +386,7 @@ class _Hub:
 
     def discard(self, key: _Key, fut: asyncio.Future[int]) -> None:
         with self.lock:
-            self.fired.pop(fut, None)
+            self.fired.pop(id(fut), None)
             e = self.where.get(key)
             if e is None or e.futures.pop(fut, None) is None or e.futures:
                 return
