@@ -1375,6 +1375,39 @@ def test_two_thousand_tasks_on_their_own_channels_use_few_threads(names, threads
             c.close()
 
 
+def test_a_bool_timeout_is_refused_before_anything_is_taken(names):
+    """The awaited calls refuse timeout=True as the blocking ones do, also
+    when they would not have had to wait, and leave everything as it was;
+    Condition.wait still holds the lock and counts no waiter."""
+    async def main() -> None:
+        q, ch = aio.Queue(), aio.Channel(None)
+        m, sem, ev = aio.Mutex(None), aio.Semaphore(None, 1), aio.Event(None)
+        rw, cond = aio.RWLock(None), aio.Condition(None)
+        try:
+            q.put_nowait(1)
+            ch.send_nowait(b"x")
+            ev.set()
+            calls = [lambda t: q.get(True, t), lambda t: q.put(2, True, t),
+                     lambda t: ch.recv(t), lambda t: ch.send(b"y", t),
+                     lambda t: ch.recv_many(4, t), lambda t: m.acquire(True, t),
+                     lambda t: sem.acquire(True, t), lambda t: ev.wait(t),
+                     lambda t: rw.acquire_read(t), lambda t: rw.acquire_write(t)]
+            for call in calls:
+                for bad in (True, False):
+                    with pytest.raises(TypeError, match="not bool"):
+                        await call(bad)
+            assert (q.qsize(), ch.depth, m.locked(), sem.value) == (1, 1, False, 1)
+            async with cond:
+                with pytest.raises(TypeError, match="not bool"):
+                    await cond.wait(True)
+                assert cond.lock.locked() and cond.statistics()["waiters"] == 0
+        finally:
+            for o in (q, ch, m, sem, ev, rw, cond):
+                o.close()
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("bad,error", [(float("nan"), ValueError), ("0.5", TypeError),
                                        (True, TypeError)])
 def test_every_form_of_wait_checks_its_timeout_alike(name, bad, error):

@@ -534,6 +534,7 @@ def _bool_timeouts() -> dict:
     """Each kind's blocking calls, with timeout=True, on objects that would
     have something to give (a bool read as one second was a slip's result)."""
     q, ch = shmkit.Queue(), shmkit.Channel(None)
+    big = shmkit.Queue(payload_pool=0)  # a file of its own per big object
     q.put(1)
     ch.send(b"x")
     m, rw, sem = shmkit.Mutex(None), shmkit.RWLock(None), shmkit.Semaphore(None, 1)
@@ -541,6 +542,7 @@ def _bool_timeouts() -> dict:
     heap, topic = shmkit.Heap(None, size=1 << 20), shmkit.Topic(None)
     seg = shmkit.Segment(None, size=4096, max_size=1 << 20)
     cond.acquire()
+    block = heap.alloc(8)
     calls = {
         "Queue.get": lambda t: q.get(True, t), "Queue.put": lambda t: q.put(2, True, t),
         "Channel.recv": lambda t: ch.recv(timeout=t),
@@ -551,19 +553,26 @@ def _bool_timeouts() -> dict:
         "RWLock.acquire_write": lambda t: rw.acquire_write(timeout=t),
         "Semaphore.acquire": lambda t: sem.acquire(True, t),
         "Event.wait": lambda t: ev.wait(t), "Condition.wait": lambda t: cond.wait(t),
+        "Queue.put, big": lambda t: big.put(np.ones(1 << 20, np.uint8), True, t),
+        "Condition.wait_for": lambda t: cond.wait_for(lambda: False, t),
         "Heap.alloc": lambda t: heap.alloc(8, timeout=t),
+        "Heap.pin": lambda t: heap.pin(block, timeout=t),
+        "Heap.compact": lambda t: heap.compact(timeout=t),
         "Topic.publish": lambda t: topic.publish(b"x", timeout=t),
         "Segment.resize": lambda t: seg.resize(8192, timeout=t),
     }
     untouched = lambda: (q.qsize(), ch.depth, m.locked(), sem.acquire(False) and  # noqa: E731
-                         (sem.release() or True), seg.size)
+                         (sem.release() or True), seg.size, big.qsize(),
+                         [f for f in os.listdir(os.path.dirname(big.path))
+                          if f.startswith(os.path.basename(big.path) + "~")])
     return {"calls": calls, "untouched": untouched,
-            "close": [q, ch, m, rw, sem, ev, cond, heap, topic, seg]}
+            "close": [q, ch, big, m, rw, sem, ev, cond, heap, topic, seg]}
 
 
 def test_a_bool_timeout_is_refused_by_every_blocking_call():
     """timeout=True (``get(True, True)``) is a slip, refused with a TypeError
-    before anything is taken; before, it was read as one second."""
+    before anything is taken, and a big object's payload file is not left
+    behind; before, it was read as one second."""
     objs = _bool_timeouts()
     try:
         before = objs["untouched"]()
@@ -572,7 +581,10 @@ def test_a_bool_timeout_is_refused_by_every_blocking_call():
                 with pytest.raises(TypeError, match="not bool"):
                     call(bad)
                     pytest.fail(f"{what} took a bool timeout")
-        assert objs["untouched"]() == before == (1, 1, False, True, 4096)
+        assert objs["untouched"]() == before == (1, 1, False, True, 4096, 0, [])
+        for bad in (True, False):  # the store's writers' timeout, kept for later calls
+            with pytest.raises(ValueError, match="timeout must be a number"):
+                shmkit.Store(None, timeout=bad)
     finally:
         for o in objs["close"]:
             o.close()

@@ -59,9 +59,10 @@ from . import _core
 from . import channel as _channel
 from . import segment as _segment
 from . import sync as _sync
-from .aio_wait import (ALL_COMPLETED, FIRST_COMPLETED, WaitArgumentError, _all_of, seconds,
+from .aio_wait import (ALL_COMPLETED, FIRST_COMPLETED, WaitArgumentError, _all_of,
                        _describe, _Desc, _ready_all)
 from .errors import ChannelClosed, Empty, Full, ShmkitError, Timeout, WouldBlock
+from .sync import seconds
 
 if TYPE_CHECKING:
     from ._core import RecordView
@@ -641,11 +642,12 @@ async def _until(attempt: Callable[[], T | _Again], describe: Callable[[], _Desc
     Nothing spins in the loop: an await is woken by the kernel (io_uring)
     or a watcher thread."""
     loop = _loop()
+    # (a bad timeout is refused before anything is taken, as by the blocking call)
+    deadline = None if timeout is None else loop.time() + seconds(timeout)
     if not tried:
         r = attempt()
         if r is not _AGAIN:
             return r
-    deadline = None if timeout is None else loop.time() + seconds(timeout)
     ring = _ring(loop)
     at_once = 0  # retries that found the object ready without waiting
     while True:
@@ -727,6 +729,8 @@ class Channel(_channel.Channel):
                    timeout: float | None = None) -> None:
         """Send one message, awaiting room (raises like :meth:`shmkit.Channel.send`)."""
         _loop()
+        if timeout is not None:
+            seconds(timeout)  # refused before anything is sent, as by the blocking call
         try:  # the common case first, without building the waiting machinery
             return _channel.Channel.send_nowait(self, data)
         except WouldBlock:
@@ -768,6 +772,8 @@ class Channel(_channel.Channel):
                    stop_when_no_senders: bool = False) -> bytes:
         """Take the next message, awaiting one (raises like :meth:`shmkit.Channel.recv`)."""
         _loop()
+        if timeout is not None:
+            seconds(timeout)  # refused before anything is taken, as by the blocking call
         if not stop_when_no_senders:
             try:  # the common case first, without building the waiting machinery
                 return _channel.Channel.recv_nowait(self)
@@ -899,6 +905,8 @@ class Queue(_channel.Queue):
                 return await self._put_big(data, out, timeout)
             return self._send_nowait(data)
         _loop()
+        if timeout is not None:
+            seconds(timeout)  # refused before anything is sent, as by the blocking call
         try:  # the common case first, without building the waiting machinery
             return self._send_nowait(data)
         except WouldBlock:
@@ -924,8 +932,9 @@ class Queue(_channel.Queue):
             await _until(lambda: _nowait(self._send_nowait, data),
                          lambda: _describe(ch, len(data)), timeout, expired,
                          lambda: _timed(self._send, data, _REPAIR_TIMEOUT))
-        except (Full, ChannelClosed, ValueError, asyncio.CancelledError):
-            # (cancelled only while awaiting room: no send was under way)
+        except (Full, ChannelClosed, ValueError, TypeError, asyncio.CancelledError):
+            # (cancelled only while awaiting room: no send was under way;
+            # TypeError, ValueError: a bad timeout, a closed handle)
             out.unsent()
             raise
         except BaseException:
@@ -944,6 +953,8 @@ class Queue(_channel.Queue):
             box = self._get_boxed(False)
         else:
             _loop()
+            if timeout is not None:
+                seconds(timeout)  # refused before anything is taken, as by the blocking call
             try:  # the common case first, without building the waiting machinery
                 box = self._get_boxed(False)
             except WouldBlock:
@@ -1221,15 +1232,15 @@ class Condition(_sync.Condition):
         CancelledError, as :meth:`asyncio.Condition.wait` does).
         """
         m, base = self._m, self._base
+        loop = _loop()  # (a bad timeout is refused before the lock is given up)
+        deadline = None if timeout is None else loop.time() + seconds(timeout)
+        holding = notified = cancelled = False
         seq0 = _core.cond_enter(m, base)  # RuntimeError unless we hold it
         desc: _Desc = (_core.W_COND, m, base, seq0)
-        holding = notified = cancelled = False
 
         def granted() -> bool | _Again:
             return True if _core.wait_ready([desc], 0, False)[0] else _AGAIN
 
-        loop = _loop()
-        deadline = None if timeout is None else loop.time() + seconds(timeout)
         try:
             while not notified:
                 left = None if deadline is None else deadline - loop.time()

@@ -16,14 +16,13 @@ True
 
 from __future__ import annotations
 
-import numbers
 import time
 from typing import Final, Literal, Sequence, TypeVar
 
 from . import _core
 from .channel import Channel, Queue
 from .errors import ClosedError, ShmkitError
-from .sync import Event, Mutex, RWLock, Semaphore
+from .sync import Event, Mutex, RWLock, Semaphore, seconds
 
 __all__ = ["wait", "MAX_OBJECTS", "FIRST_COMPLETED", "ALL_COMPLETED", "WaitArgumentError"]
 
@@ -95,18 +94,6 @@ def _describe(obj: object, sending: int = 0, stop_when_no_senders: bool = False)
     if m.closed:
         raise ClosedError(f"{obj!r} is closed in this process; open it again to wait on it")
     return (kind, m, obj._base, 0)
-
-
-def seconds(timeout: float) -> float:
-    """A timeout as every wait takes it: a real number of seconds (not a bool,
-    not NaN); a negative one counts as 0."""
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise TypeError(f"timeout must be a number of seconds or None, not "
-                        f"{type(timeout).__name__}")
-    t = float(timeout)
-    if t != t:
-        raise ValueError("timeout must be a number of seconds, not NaN")
-    return max(0.0, t)
 
 
 def wait(objects: Sequence[T], timeout: float | None = None, *,

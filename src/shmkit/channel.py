@@ -1502,7 +1502,8 @@ class Queue(SharedObject, _core.QueueCore):
                 self._send_nowait(data)
             else:
                 self._send(data, timeout)
-        except (WouldBlock, Timeout, ChannelClosed, MessageTooLarge, ValueError) as e:
+        except (WouldBlock, Timeout, ChannelClosed, MessageTooLarge, ValueError,
+                TypeError) as e:  # (TypeError, ValueError: a bad timeout, a closed handle)
             out.unsent()  # the core refused it: no message names the file
             if isinstance(e, Timeout):
                 raise Full(f"queue {self.name!r} stayed full for {timeout} s") from None

@@ -52,6 +52,7 @@ from .errors import (
 )
 from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
 from .segment import DEFAULT_MAX_ATTACH, DEFAULT_RESERVE, Kind, Segment
+from .sync import _deadline
 
 __all__ = ["Heap", "Handle", "Pin", "ArrayPin", "HeapFullError", "PinnedError",
            "StaleHandleError"]
@@ -489,7 +490,7 @@ class Heap(SharedObject):
             raise ValueError(f"nbytes must be >= 0, not {nbytes}")
         v = core.alloc(nbytes, zero, timeout)
         if v < 0:
-            deadline = None if timeout is None else time.monotonic() + timeout
+            deadline = _deadline(timeout)
             tries = [0, 0]
             while v < 0:
                 self._make_room(v, nbytes, tries, deadline)
@@ -555,7 +556,7 @@ class Heap(SharedObject):
             raise ValueError(f"nbytes must be >= 0, not {nbytes}")
         r = core.realloc(v, nbytes, zero, timeout)
         if r < 0:
-            deadline = None if timeout is None else time.monotonic() + timeout
+            deadline = _deadline(timeout)
             tries = [0, 0]
             while r < 0:
                 self._make_room(r, nbytes, tries, deadline)
@@ -647,7 +648,7 @@ class Heap(SharedObject):
         never stopped.  Returns ``{"moved_bytes", "moved_blocks",
         "pinned_skipped"}``.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         return self._compact_until(0, deadline)
 
     def statistics(self, *, timeout: float | None = None) -> dict:

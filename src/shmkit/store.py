@@ -362,6 +362,7 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
                                  or size < _MIN_SIZE):
             raise ValueError(f"size must be an int of at least {_MIN_SIZE} bytes, "
                              f"not {size!r}")
+        _check_timeout("timeout", timeout)
         if read_timeout is DEFAULT:
             read_timeout = timeout if timeout is not None else READ_TIMEOUT
         _check_timeout("read_timeout", read_timeout)

@@ -38,6 +38,7 @@ Ctrl-C or a kill between two Python bytecodes never leaves them half changed.
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from contextlib import contextmanager
@@ -53,12 +54,26 @@ _ALL = 0x7FFFFFFF
 _GEN_MASK = 0xFFFFF
 
 
+def seconds(timeout: float) -> float:
+    """A timeout as every wait takes it (the core's ``shm_deadline`` too): a
+    real number of seconds (not a bool, not NaN); a negative one counts as 0."""
+    if type(timeout) is float and timeout == timeout:  # the common case first
+        return timeout if timeout > 0.0 else 0.0
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds or None, not "
+                        f"{type(timeout).__name__}")
+    t = float(timeout)
+    if t != t:
+        raise ValueError("timeout must be a number of seconds, not NaN")
+    return max(0.0, t)
+
+
 def _deadline(timeout: float | None) -> float | None:
     # As in the C core and threading's waits: None waits forever, a negative
     # timeout (a deadline already passed) does not wait at all.
     if timeout is None:
         return None
-    return time.monotonic() + max(0.0, timeout)
+    return time.monotonic() + seconds(timeout)
 
 
 def _expired(deadline: float | None) -> bool:

@@ -25,22 +25,40 @@ shm_now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* A timeout's seconds, as every blocking call takes them: a real number,
+ * not a bool (get(True, True) is a slip, not one second) nor NaN. */
+static int
+timeout_seconds(PyObject *timeout, double *t)
+{
+    if (PyBool_Check(timeout)) {
+        PyErr_SetString(PyExc_TypeError, "timeout must be a number of seconds or None, not bool");
+        return -1;
+    }
+    *t = PyFloat_AsDouble(timeout);
+    if (*t == -1.0 && PyErr_Occurred())
+        return -1;
+    if (*t != *t) {
+        PyErr_SetString(PyExc_ValueError, "timeout must be a number of seconds, not NaN");
+        return -1;
+    }
+    return 0;
+}
+
+int
+shm_timeout_check(PyObject *timeout)
+{
+    double t;
+    return timeout == NULL || timeout == Py_None ? 0 : timeout_seconds(timeout, &t);
+}
+
 int64_t
 shm_deadline(PyObject *timeout)
 {
     if (timeout == NULL || timeout == Py_None)
         return SHM_FOREVER;
-    if (PyBool_Check(timeout)) { /* get(True, True): a slip, not one second */
-        PyErr_SetString(PyExc_TypeError, "timeout must be a number of seconds or None, not bool");
+    double t;
+    if (timeout_seconds(timeout, &t) < 0)
         return -1;
-    }
-    double t = PyFloat_AsDouble(timeout);
-    if (t == -1.0 && PyErr_Occurred())
-        return -1;
-    if (t != t) {
-        PyErr_SetString(PyExc_ValueError, "timeout must be a number, not NaN");
-        return -1;
-    }
     if (t < 0)
         t = 0; /* a negative timeout means "do not wait" */
     if (t > 1e9)

@@ -375,7 +375,8 @@ static PyObject *
 heap_size_of(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     uint32_t idx, gen;
-    if (handle_arg(args, nargs, 1, "size_of(handle)", &idx, &gen) < 0)
+    if (handle_arg(args, nargs, 1, "size_of(handle)", &idx, &gen) < 0 ||
+        (nargs > 1 && shm_timeout_check(args[1]) < 0)) /* (read only if it must wait) */
         return NULL;
     Ctx c;
     if (begin(self, &c, 0) < 0)
@@ -593,7 +594,8 @@ static PyObject *
 heap_pin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     uint32_t idx, gen;
-    if (handle_arg(args, nargs, 1, "pin(handle, timeout=None)", &idx, &gen) < 0)
+    if (handle_arg(args, nargs, 1, "pin(handle, timeout=None)", &idx, &gen) < 0 ||
+        (nargs > 1 && shm_timeout_check(args[1]) < 0)) /* (read only if it must wait) */
         return NULL;
     uint32_t me = self->core.m->token;
     if (me == 0 || SHM_TOKEN_SLOT(me) >= self->core.max_slots) {

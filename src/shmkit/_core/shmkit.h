@@ -209,6 +209,7 @@ shm_sat_sub(uint32_t *w, uint32_t n)
 }
 int64_t shm_now_ns(void);
 int64_t shm_deadline(PyObject *timeout); /* None -> forever; -1 on error */
+int shm_timeout_check(PyObject *timeout); /* shm_deadline's checks alone: 0, or -1 */
 
 /* Sleep while *word == expected, at most until min(deadline, now+slice_ns).
  * Call without the GIL.  Returns 0 when woken or the value changed,
