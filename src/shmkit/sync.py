@@ -55,8 +55,14 @@ _GEN_MASK = 0xFFFFF
 
 
 def seconds(timeout: float) -> float:
-    """A timeout as every wait takes it (the core's ``shm_deadline`` too): a
-    real number of seconds (not a bool, not NaN); a negative one counts as 0."""
+    """A timeout as every wait written in Python takes it: a real number of
+    seconds (not a bool, not NaN); a negative one counts as 0.  The core's
+    ``shm_deadline`` has the same rule (and also takes what only converts to
+    a float, such as a Decimal).
+
+    >>> seconds(2), seconds(-1.0)
+    (2.0, 0.0)
+    """
     if type(timeout) is float and timeout == timeout:  # the common case first
         return timeout if timeout > 0.0 else 0.0
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
