@@ -729,7 +729,7 @@ class Channel(_channel.Channel):
                    timeout: float | None = None) -> None:
         """Send one message, awaiting room (raises like :meth:`shmkit.Channel.send`)."""
         _loop()
-        if timeout is not None:
+        if timeout is not None and (type(timeout) is not float or timeout != timeout):
             seconds(timeout)  # refused before anything is sent, as by the blocking call
         try:  # the common case first, without building the waiting machinery
             return _channel.Channel.send_nowait(self, data)
@@ -772,7 +772,7 @@ class Channel(_channel.Channel):
                    stop_when_no_senders: bool = False) -> bytes:
         """Take the next message, awaiting one (raises like :meth:`shmkit.Channel.recv`)."""
         _loop()
-        if timeout is not None:
+        if timeout is not None and (type(timeout) is not float or timeout != timeout):
             seconds(timeout)  # refused before anything is taken, as by the blocking call
         if not stop_when_no_senders:
             try:  # the common case first, without building the waiting machinery
@@ -905,7 +905,7 @@ class Queue(_channel.Queue):
                 return await self._put_big(data, out, timeout)
             return self._send_nowait(data)
         _loop()
-        if timeout is not None:
+        if timeout is not None and (type(timeout) is not float or timeout != timeout):
             seconds(timeout)  # refused before anything is sent, as by the blocking call
         try:  # the common case first, without building the waiting machinery
             return self._send_nowait(data)
@@ -953,7 +953,7 @@ class Queue(_channel.Queue):
             box = self._get_boxed(False)
         else:
             _loop()
-            if timeout is not None:
+            if timeout is not None and (type(timeout) is not float or timeout != timeout):
                 seconds(timeout)  # refused before anything is taken, as by the blocking call
             try:  # the common case first, without building the waiting machinery
                 box = self._get_boxed(False)
