@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import shmkit
+import shmkit.aio
 from shmkit import _core
 from conftest import SPAWN, SRC, run_python, spawn
 
@@ -647,6 +648,19 @@ def _wait_until(pred, timeout=10.0, poll=0.01):
             return False
         time.sleep(poll)
     return True
+
+
+def test_an_event_in_a_with_block_is_closed_at_its_end(names):
+    """``with shmkit.Event(name) as ev:`` closes the handle, as for a Channel;
+    what was set stays set for the next handle."""
+    name = names()
+    with shmkit.Event(name) as ev:
+        ev.set()
+    assert ev.closed
+    with shmkit.aio.Event(name) as again:
+        assert again.is_set() and not again.closed
+        again.unlink()
+    assert again.closed
 
 
 def test_manual_event_wakes_every_waiter(names):

@@ -273,15 +273,28 @@ class Event(_Placed):
     event, leave ``auto_reset`` out to adopt its kind; passing a different
     one raises :class:`MismatchError`.
 
+    ``with Event(name) as e:`` closes the handle at the end of the block
+    (an event has nothing to hold, so ``with`` means what it means for a
+    Channel, not for a Mutex).
+
     Example
     -------
     >>> e = Event(None)
     >>> e.set(); e.wait(timeout=0.1)
     True
     >>> e.close(); e.unlink()
+    >>> with Event(None) as e:
+    ...     e.set(); e.is_set()
+    True
     """
 
     _kind = Kind.EVENT
+
+    def __enter__(self) -> "Event":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __init__(self, name: str | None = None, *, auto_reset: bool | None = None,
                  create: bool | None = None, **kwargs: Any) -> None:
