@@ -115,6 +115,31 @@ def fork_call(fn: Callable[..., Any], *args: Any) -> int:
     return pid
 
 
+def interrupt_at_bytecode(k: int, traced: Callable[[Any], bool]) -> list[int]:
+    """Trace the functions whose code objects ``traced`` accepts and raise
+    KeyboardInterrupt at their k-th bytecode, as a Ctrl-C arriving there
+    would (a signal handler runs between two bytecodes).  Returns the
+    counter of bytecodes seen; a count below k means none was left to
+    interrupt.  The caller ends it with ``sys.settrace(None)``."""
+    count = [0]
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            count[0] += 1
+            if count[0] == k:
+                raise KeyboardInterrupt
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if not traced(frame.f_code):
+            return None
+        frame.f_trace_opcodes = True
+        return local
+
+    sys.settrace(tracer)
+    return count
+
+
 def kill_wait(pid: int) -> None:
     """SIGKILL a child (gone already is fine) and reap it."""
     try:

@@ -25,7 +25,7 @@ import pytest
 
 import shmkit
 import shmkit.aio as aio
-from conftest import SRC, run_python, spawn
+from conftest import SRC, interrupt_at_bytecode, run_python, spawn
 
 PROMPT = 5.0  # "promptly": seconds, on a shared and noisy machine
 
@@ -411,21 +411,6 @@ def test_an_interrupt_at_any_point_of_a_wake_up_leaves_no_await_stuck(name, wake
     q = aio.Queue(name=name)
     try:
         for at in itertools.count(1):
-            seen = [0]
-
-            def step(frame, event, arg):
-                if event == "opcode":
-                    seen[0] += 1
-                    if seen[0] == at:
-                        raise KeyboardInterrupt
-                return step
-
-            def calls(frame, event, arg):
-                if frame.f_code not in codes:
-                    return None
-                frame.f_trace_opcodes = True
-                return step
-
             loop = asyncio.new_event_loop()
             hub = aio._hub()
             others = set(hub.where)  # (what earlier tests' closed loops left)
@@ -435,7 +420,7 @@ def test_an_interrupt_at_any_point_of_a_wake_up_leaves_no_await_stuck(name, wake
                 ring = aio._ring(loop)
                 assert len(ring.waits if ring is not None else set(hub.where) - others) == 1
                 q.put_nowait(at)
-                sys.settrace(calls)
+                seen = interrupt_at_bytecode(at, codes.__contains__)
                 try:
                     loop.run_until_complete(asyncio.wait({task}, timeout=10))
                 except KeyboardInterrupt:

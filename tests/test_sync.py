@@ -24,7 +24,7 @@ import pytest
 import shmkit
 import shmkit.aio
 from shmkit import _core
-from conftest import SPAWN, SRC, run_python, spawn
+from conftest import SPAWN, SRC, interrupt_at_bytecode, run_python, spawn
 
 PROMPT = 1.0  # seconds: "promptly" after a holder dies (it is ~1-50 ms)
 
@@ -1419,26 +1419,9 @@ def test_semaphore_survives_a_ctrl_c_storm(initial, names):
 
 
 def _interrupt_at_opcode(k: int) -> list:
-    """Trace shmkit's Python code and raise KeyboardInterrupt at its k-th bytecode,
-    as a Ctrl-C arriving between those two bytecodes would.  Returns the counter."""
-    count = [0]
+    """Raise KeyboardInterrupt at the k-th bytecode of shmkit's sync.py."""
     sync_py = os.path.join("shmkit", "sync.py")
-
-    def local(frame, event, arg):
-        if event == "opcode":
-            count[0] += 1
-            if count[0] == k:
-                raise KeyboardInterrupt
-        return local
-
-    def tracer(frame, event, arg):
-        if not frame.f_code.co_filename.endswith(sync_py):
-            return None
-        frame.f_trace_opcodes = True
-        return local
-
-    sys.settrace(tracer)
-    return count
+    return interrupt_at_bytecode(k, lambda code: code.co_filename.endswith(sync_py))
 
 
 @pytest.mark.parametrize("initial", [1, 3])

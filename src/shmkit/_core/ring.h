@@ -112,7 +112,7 @@ typedef struct {
     int64_t spin_ns;        /* how long waits spin before sleeping (adaptive) */
     struct {                /* messages Queue.get gave back for a non-interrupt, */
         uint64_t pos;       /* and how often (ringtype.c, message_at_fault); */
-        int times;          /* times 0: a free slot */
+        int times;          /* free: times 0, or its message finished (back_stale) */
     } back[BACK_SLOTS];
     PyObject *name;
 } RingObject;

@@ -259,18 +259,10 @@ run_after(PyObject *after)
  * does, is only matched by type.  The exception stays set. */
 #define UNPACK_RETRIES 100
 
-/* The message at pos is finished: its failures, if counted, need no slot. */
-static inline void
-back_forget(RingObject *r, uint64_t pos)
-{
-    for (int i = 0; i < BACK_SLOTS; i++)
-        if (r->back[i].pos == pos)
-            r->back[i].times = 0;
-}
-
 /* Is the message a slot counts no longer waiting to be taken again (freed,
- * or finished through another handle, which never tells this one)?  A
- * stale slot is free for the next message that fails. */
+ * or finished: delivered or dropped, through this handle or another)?  A
+ * stale slot is free for the next message that fails; so a get that
+ * finishes a message has nothing to forget. */
 static int
 back_stale(RingObject *r, uint64_t pos)
 {
@@ -310,8 +302,6 @@ message_at_fault(RingObject *r, uint64_t pos, PyObject *at_fault, PyObject **aft
         }
         fault = ++r->back[i].times > UNPACK_RETRIES;
     }
-    if (fault)
-        back_forget(r, pos);
     if (fault && at_fault != NULL && PyList_GET_SIZE(at_fault) > 0)
         *after = Py_NewRef(PyList_GET_ITEM(at_fault, 0));
     return fault;
@@ -395,7 +385,6 @@ decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_
      * space, which the next receive does anyway) must not lose it. */
     if (view_finish(r, m, rec, me) < 0)
         PyErr_Clear();
-    back_forget(r, pos);
     run_after(after);
     Py_XDECREF(after);
     return obj;
