@@ -21,6 +21,7 @@ import time
 import warnings
 import weakref
 
+import numpy as np
 import pytest
 
 import shmkit
@@ -1388,6 +1389,36 @@ def test_a_bool_timeout_is_refused_before_anything_is_taken(names):
                 assert cond.lock.locked() and cond.statistics()["waiters"] == 0
         finally:
             for o in (q, ch, m, sem, ev, rw, cond):
+                o.close()
+
+    asyncio.run(main())
+
+
+def test_an_awaited_call_that_does_not_block_refuses_a_timeout():
+    """As the blocking calls: ``await q.get(False, 5)`` is refused with a
+    ValueError before anything is taken; None, and a lock's -1, are taken."""
+    async def main() -> None:
+        q, big = aio.Queue(), aio.Queue(payload_pool=0)
+        m, sem, cond = aio.Mutex(None), aio.Semaphore(None, 1), aio.Condition(None)
+        try:
+            q.put_nowait(1)
+            calls = [lambda t: q.get(False, t), lambda t: q.put(2, False, t),
+                     lambda t: big.put(np.ones(1 << 20, np.uint8), False, t),
+                     lambda t: m.acquire(False, t), lambda t: sem.acquire(False, t),
+                     lambda t: cond.acquire(False, t)]
+            for call in calls:
+                for t in (5, 0, -0.5, True):
+                    with pytest.raises(ValueError, match="does not block takes no timeout"):
+                        await call(t)
+            files = [f for f in os.listdir(os.path.dirname(big.path))
+                     if f.startswith(os.path.basename(big.path) + "~")]
+            assert (q.qsize(), big.qsize(), files, m.locked(), sem.value) == (1, 0, [], False, 1)
+            assert await q.get(False, None) == 1
+            for lock in (m, sem, cond):
+                assert await lock.acquire(False, -1) is True
+                lock.release()
+        finally:
+            for o in (q, big, m, sem, cond):
                 o.close()
 
     asyncio.run(main())

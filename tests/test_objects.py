@@ -569,6 +569,83 @@ def _bool_timeouts() -> dict:
             "close": [q, ch, big, m, rw, sem, ev, cond, heap, topic, seg]}
 
 
+def test_a_timeout_given_to_a_call_that_does_not_block_is_refused():
+    """``get(False, 5)`` asks two things: it is refused with a ValueError
+    that says which to drop, as threading.Lock refuses it, before anything
+    is taken or a payload file made; None, and a lock's -1, are taken."""
+    q, big = shmkit.Queue(), shmkit.Queue(payload_pool=0)
+    m, sem, cond = shmkit.Mutex(None), shmkit.Semaphore(None, 1), shmkit.Condition(None)
+    rec = shmkit.Array(None, shape=(4,), dtype=np.int64)
+    try:
+        q.put(1)
+        calls = {"Queue.get": (lambda t: q.get(False, t), "block"),
+                 "Queue.put": (lambda t: q.put(2, False, t), "block"),
+                 "Queue.put, big": (lambda t: big.put(np.ones(1 << 20, np.uint8), False, t),
+                                    "block"),
+                 "Mutex.acquire": (lambda t: m.acquire(False, t), "blocking"),
+                 "Semaphore.acquire": (lambda t: sem.acquire(False, t), "blocking"),
+                 "Condition.acquire": (lambda t: cond.acquire(False, t), "blocking"),
+                 "Array.lock.acquire": (lambda t: rec.lock.acquire(False, t), "blocking")}
+        files = lambda: [f for f in os.listdir(os.path.dirname(big.path))  # noqa: E731
+                         if f.startswith(os.path.basename(big.path) + "~")]
+        for what, (call, flag) in calls.items():
+            for t in (5, 0, 0.25, -0.5, True, np.float64(1), "x"):
+                with pytest.raises(ValueError, match=f"with {flag}=False: a call that does not "
+                                                     f"block takes no timeout; pass {flag}=True"):
+                    call(t)
+                    pytest.fail(f"{what} ignored timeout={t!r}")
+        assert (q.qsize(), big.qsize(), files(), m.locked(), sem.value) == (1, 0, [], False, 1)
+        assert q.get(False, None) == 1 and q.qsize() == 0
+        for lock in (m, sem, cond, rec.lock):
+            assert lock.acquire(False, None) is True
+            lock.release()
+            assert lock.acquire(False, -1) is True
+            lock.release()
+    finally:
+        for o in (q, big, m, sem, cond, rec):
+            o.close()
+
+
+def test_every_timeout_follows_the_one_rule(name):
+    """The core's waits, those written in Python, the store's and the
+    service's timeouts take and refuse the same values: what converts to a
+    float, but no bool (numpy's included), no NaN, nothing else."""
+    from decimal import Decimal
+    from fractions import Fraction
+    ev, cond = shmkit.Event(None), shmkit.Condition(None)
+    svc = shmkit.Service(name)
+    values = [0, -1, 0.001, -0.5, float("-inf"), Decimal("0.001"), Fraction(1, 1000),
+              np.float32(0.001), np.int64(0), True, np.True_, float("nan"), "0.1", b"1", [1]]
+
+    def outcome(call):
+        try:
+            call()
+        except (shmkit.Timeout, shmkit.ServiceUnavailable):  # (no worker: none asked)
+            return "waited"
+        except (TypeError, ValueError) as e:
+            return type(e).__name__ + (" NaN" if "NaN" in str(e) else "")
+        return "waited"
+
+    def in_python_wait(t):
+        with cond:
+            return cond.wait_for(lambda: False, t)
+
+    surfaces = {"Event.wait (core)": lambda t: ev.wait(t),
+                "shmkit.wait (Python)": lambda t: shmkit.wait([ev], t),
+                "Condition.wait_for (Python)": in_python_wait,
+                "Store(read_timeout)": lambda t: shmkit.Store(None, read_timeout=t).close(),
+                "Service.call": lambda t: svc.call(b"x", timeout=t)}
+    try:
+        seen = {what: [outcome(lambda: call(t)) for t in values]
+                for what, call in surfaces.items()}
+        expected = ["waited"] * 9 + ["TypeError"] * 2 + ["ValueError NaN"] + ["TypeError"] * 3
+        assert seen == {what: expected for what in surfaces}
+    finally:
+        svc.unlink()
+        for o in (ev, cond, svc):
+            o.close()
+
+
 def test_a_bool_timeout_is_refused_by_every_blocking_call():
     """timeout=True (``get(True, True)``) is a slip, refused with a TypeError
     before anything is taken, and a big object's payload file is not left
@@ -577,14 +654,15 @@ def test_a_bool_timeout_is_refused_by_every_blocking_call():
     try:
         before = objs["untouched"]()
         for what, call in objs["calls"].items():
-            for bad in (True, False):
-                with pytest.raises(TypeError, match="not bool"):
+            for bad in (True, False, np.True_, np.False_):
+                with pytest.raises(TypeError, match="not (numpy\\.)?bool"):
                     call(bad)
                     pytest.fail(f"{what} took a bool timeout")
         assert objs["untouched"]() == before == (1, 1, False, True, 4096, 0, [])
-        for bad in (True, False):  # the store's writers' timeout, kept for later calls
-            with pytest.raises(ValueError, match="timeout must be a number"):
-                shmkit.Store(None, timeout=bad)
+        for bad in (True, np.False_):  # the store's timeouts, kept for later calls
+            for param in ("timeout", "read_timeout"):
+                with pytest.raises(TypeError, match=f"^{param} must be a number"):
+                    shmkit.Store(None, **{param: bad})
     finally:
         for o in objs["close"]:
             o.close()

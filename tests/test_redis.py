@@ -20,6 +20,8 @@ import tempfile
 import textwrap
 import threading
 import time
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -324,6 +326,44 @@ def test_same_code_runs_on_either_backend(any_ns: Any) -> None:
     finally:
         e.unlink()
         e.close()
+
+
+def test_timeouts_follow_one_rule_on_either_backend(any_ns: Any) -> None:
+    """A timeout given to a call that does not block is refused, not ignored;
+    a bool (numpy's too) is refused as a timeout; a negative one does not
+    wait; -1 is a lock's "no timeout"; what converts to a float is taken."""
+    ns = any_ns
+    q, m, e, empty = ns.Queue("q"), ns.Mutex("m"), ns.Event("e"), ns.Queue("empty")
+    try:
+        q.put("kept")
+        for t in (5, 0, 0.5, True, "x"):
+            for call in (lambda: q.get(False, t), lambda: q.put(1, False, t),
+                         lambda: m.acquire(False, t)):
+                with pytest.raises(ValueError, match="takes no timeout; pass block"):
+                    call()
+        assert q.qsize() == 1 and not m.locked()
+        for bad in (True, np.True_):
+            for call in (lambda: q.get(True, bad), lambda: m.acquire(True, bad),
+                         lambda: e.wait(bad)):
+                with pytest.raises(TypeError, match="not (numpy\\.)?bool"):
+                    call()
+        assert q.qsize() == 1 and not m.locked()
+        assert m.acquire(False, -1) and not m.acquire(False, None)
+        m.release()
+        assert m.acquire(True, -1)  # free: taken at once, "no timeout"
+        t0 = time.monotonic()
+        assert not m.acquire(True, -0.5) and e.wait(-3) is False
+        with pytest.raises(shmkit.Empty):
+            empty.get(True, -2)
+        assert time.monotonic() - t0 < 5
+        m.release()
+        assert q.get(True, Decimal("0.5")) == "kept"
+        assert m.acquire(True, Fraction(1, 2)) and e.wait(np.float32(0.01)) is False
+        m.release()
+    finally:
+        for o in (q, m, e, empty):
+            o.unlink()
+            o.close()
 
 
 def test_a_topic_runs_on_either_backend(any_ns: Any) -> None:

@@ -260,6 +260,8 @@ def test_a_killed_batch_writer_is_recovered_by_a_waiting_reader(name):
 
 
 def test_read_timeout_is_checked(name):
-    for bad in (-1, "1", float("nan"), True):
-        with pytest.raises(ValueError, match="read_timeout"):
+    """By the one timeout rule (as for every wait), before the store is made."""
+    for bad, error in (("1", TypeError), (float("nan"), ValueError), (True, TypeError)):
+        with pytest.raises(error, match="^read_timeout must be a number of seconds"):
             Store(name, read_timeout=bad)
+    assert not os.path.exists(shmkit.segment.segment_path(name))

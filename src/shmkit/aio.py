@@ -62,7 +62,7 @@ from . import sync as _sync
 from .aio_wait import (ALL_COMPLETED, FIRST_COMPLETED, WaitArgumentError, _all_of,
                        _describe, _Desc, _ready_all)
 from .errors import ChannelClosed, Empty, Full, ShmkitError, Timeout, WouldBlock
-from .sync import seconds
+from .sync import lock_timeout, seconds
 
 if TYPE_CHECKING:
     from ._core import RecordView
@@ -680,12 +680,6 @@ async def _until(attempt: Callable[[], T | _Again], describe: Callable[[], _Desc
             return r
 
 
-def _lock_timeout(timeout: float | None) -> float | None:
-    """A lock's timeout as the blocking acquire reads it: -1 is
-    threading.Lock's "no timeout"; other negative values do not wait."""
-    return None if timeout is not None and timeout == -1 else timeout
-
-
 def _nowait(call: Callable[..., T], *args: Any) -> T | _Again:
     try:
         return call(*args)
@@ -896,6 +890,8 @@ class Queue(_channel.Queue):
         """Put ``obj``, awaiting room (``queue.Full`` when ``block`` is false or on timeout)."""
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
+        if not block and timeout is not None:
+            _core.nowait_timeout_check(timeout, "put()", "block")
         data, out = self._pack(obj)
         if not block or out is not None:
             if out is not None:
@@ -950,7 +946,7 @@ class Queue(_channel.Queue):
         # for the blocking get (shmkit.Queue.get): it reaches this frame
         # with no await on the way, and is taken out of the box here.
         if not block:
-            box = self._get_boxed(False)
+            box = self._get_boxed(False, timeout)
         else:
             _loop()
             if timeout is not None and (type(timeout) is not float or timeout != timeout):
@@ -1035,8 +1031,8 @@ class Mutex(_sync.Mutex):
                       timeout: float | None = None) -> bool:
         """Await the lock; False if ``timeout`` passes first (as ``acquire``)."""
         if not blocking:
-            return _core.Lock.acquire(self, False)
-        timeout = _lock_timeout(timeout)
+            return _core.Lock.acquire(self, False, timeout)
+        timeout = lock_timeout(timeout)
         return await _until(_acquire_attempt(_core.Lock.acquire, self, False),
                             lambda: _describe(self), timeout, lambda: False)
 
@@ -1080,9 +1076,9 @@ class Semaphore(_sync.Semaphore):
                       timeout: float | None = None) -> bool:
         """Await a unit; False if ``timeout`` passes first."""
         if not blocking:
-            return _core.Semaphore.acquire(self, False)
+            return _core.Semaphore.acquire(self, False, timeout)
         return await _until(_acquire_attempt(_core.Semaphore.acquire, self, False),
-                            lambda: _describe(self), _lock_timeout(timeout), lambda: False)
+                            lambda: _describe(self), lock_timeout(timeout), lambda: False)
 
     async def __aenter__(self) -> "Semaphore":
         await self.acquire()
@@ -1121,7 +1117,7 @@ class RWLock(_sync.RWLock):
     async def acquire_read(self,  # type: ignore[override]  # coroutine
                            timeout: float | None = None) -> bool:
         """Await a read hold; False if ``timeout`` passes first."""
-        timeout = _lock_timeout(timeout)
+        timeout = lock_timeout(timeout)
         return await _until(_acquire_attempt(_core.RWLock.acquire_read, self, 0),
                             lambda: _describe(self), timeout, lambda: False)
 
@@ -1135,7 +1131,7 @@ class RWLock(_sync.RWLock):
         undone before this returns or raises.
         """
         loop = _loop()
-        timeout = _lock_timeout(timeout)
+        timeout = lock_timeout(timeout)
         deadline = None if timeout is None else loop.time() + seconds(timeout)
         ticket = next(_write_tickets)  # names this call's announcement in the core
         core = _core.RWLock

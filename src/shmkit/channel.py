@@ -1454,7 +1454,8 @@ class Queue(SharedObject, _core.QueueCore):
 
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Put ``obj`` on the queue, waiting while it is full (``queue.Full`` when
-        ``block`` is false or ``timeout`` seconds pass).
+        ``block`` is false or ``timeout`` seconds pass; a timeout with ``block``
+        false is refused with ValueError, as by ``threading.Lock``).
 
         Big buffers in ``obj`` (numpy arrays, bytearrays: see ``OOB_THRESHOLD``)
         and big pickles go to a payload file, copied once; the ring carries
@@ -1462,6 +1463,8 @@ class Queue(SharedObject, _core.QueueCore):
         /dev/shm has no room for them (nothing is left behind)."""
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
+        if not block and timeout is not None:
+            _core.nowait_timeout_check(timeout, "put()", "block")
         try:
             data = _dumps(obj, 5, buffer_callback=_in_band)
         except _BigBuffer:
@@ -1521,7 +1524,8 @@ class Queue(SharedObject, _core.QueueCore):
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Remove and return an object, waiting while the queue is empty
-        (``queue.Empty`` when ``block`` is false or ``timeout`` seconds pass).
+        (``queue.Empty`` when ``block`` is false or ``timeout`` seconds pass;
+        a timeout with ``block`` false is refused with ValueError).
 
         Big buffers come back backed by their payload's shared memory (no
         copy; numpy arrays are writable, as with ``multiprocessing``), held

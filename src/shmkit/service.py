@@ -64,6 +64,7 @@ from .errors import (
     WorkerDied,
 )
 from .segment import DEFAULT_MAX_ATTACH, Closing, Kind, Segment
+from .sync import seconds
 
 __all__ = ["Service", "Client", "Worker", "Request"]
 
@@ -119,11 +120,7 @@ def _check_name(name: Any) -> str:
 
 
 def _check_timeout(timeout: Any, what: str = "timeout") -> float | None:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
-        raise TypeError(f"{what} must be a number of seconds or None, not {timeout!r}")
-    return max(float(timeout), 0.0)
+    return None if timeout is None else seconds(timeout, what)
 
 
 class Service(SharedObject):

@@ -47,6 +47,7 @@ from .errors import (
     UnsupportedTypeError,
 )
 from .segment import PAGE, Kind, Segment, _align, at_fork_in_child
+from .sync import seconds
 
 __all__ = ["Store"]
 
@@ -245,12 +246,9 @@ def _parse_header(text: str) -> Any:
 
 
 def _check_timeout(what: str, value: Any) -> None:
-    if value is None:
-        return
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not value >= 0 or value == float("inf")):
-        raise ValueError(f"{what} must be a number of seconds >= 0 or None (no "
-                         f"limit), not {value!r}")
+    # refused before the segment is made; the core keeps it (tabletype.c)
+    if value is not None:
+        seconds(value, what)
 
 
 def _grow(seg: Segment, timeout: float | None, need: int) -> None:

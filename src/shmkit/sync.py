@@ -38,7 +38,6 @@ Ctrl-C or a kill between two Python bytecodes never leaves them half changed.
 
 from __future__ import annotations
 
-import numbers
 import os
 import time
 from contextlib import contextmanager
@@ -54,24 +53,24 @@ _ALL = 0x7FFFFFFF
 _GEN_MASK = 0xFFFFF
 
 
-def seconds(timeout: float) -> float:
-    """A timeout as every wait written in Python takes it: a real number of
-    seconds (not a bool, not NaN); a negative one counts as 0.  The core's
-    ``shm_deadline`` has the same rule (and also takes what only converts to
-    a float, such as a Decimal).
+def seconds(timeout: float, what: str = "timeout") -> float:
+    """A timeout as every wait written in Python takes it, by the core's rule
+    (``_core.seconds``): what converts to a float, as for ``time.sleep``,
+    but not a bool (numpy's included) nor NaN; a negative one counts as 0.
+    ``what`` names the parameter in the error.
 
     >>> seconds(2), seconds(-1.0)
     (2.0, 0.0)
     """
     if type(timeout) is float and timeout == timeout:  # the common case first
         return timeout if timeout > 0.0 else 0.0
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise TypeError(f"timeout must be a number of seconds or None, not "
-                        f"{type(timeout).__name__}")
-    t = float(timeout)
-    if t != t:
-        raise ValueError("timeout must be a number of seconds, not NaN")
-    return max(0.0, t)
+    return _core.seconds(timeout, what)
+
+
+def lock_timeout(timeout: float | None) -> float | None:
+    """A lock's timeout as the core's acquire reads it: -1 is threading.Lock's
+    "no timeout" (None); other negative values do not wait."""
+    return None if timeout is not None and timeout == -1 else timeout
 
 
 def _deadline(timeout: float | None) -> float | None:

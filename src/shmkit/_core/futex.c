@@ -8,11 +8,14 @@
  *
  *   futex_wait(mapping, offset, expected, timeout=None) -> bool
  *   futex_wake(mapping, offset, n=1) -> int
+ *   seconds(timeout, what='timeout') -> float   the timeout rule, for Python's waits
+ *   nowait_timeout_check(timeout, call, flag) -> None
  */
 #include "sync.h"
 #include <errno.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -25,20 +28,38 @@ shm_now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-/* A timeout's seconds, as every blocking call takes them: a real number,
- * not a bool (get(True, True) is a slip, not one second) nor NaN. */
+/* numpy's bool is no int subclass, so PyBool_Check misses it; its type's
+ * name ("numpy.bool", "numpy.bool_" before numpy 2) finds it without
+ * importing numpy. */
 static int
-timeout_seconds(PyObject *timeout, double *t)
+is_bool(PyObject *o)
 {
-    if (PyBool_Check(timeout)) {
-        PyErr_SetString(PyExc_TypeError, "timeout must be a number of seconds or None, not bool");
-        return -1;
+    if (PyBool_Check(o))
+        return 1;
+    const char *name = Py_TYPE(o)->tp_name;
+    return strcmp(name, "numpy.bool") == 0 || strcmp(name, "numpy.bool_") == 0;
+}
+
+/* A timeout's seconds, as every blocking call takes them (Python's waits
+ * through seconds() below): whatever converts to a float, as for time.sleep,
+ * but not a bool (get(True, True) is a slip, not one second) nor NaN. */
+static int
+timeout_seconds(PyObject *timeout, const char *what, double *t)
+{
+    if (!is_bool(timeout)) {
+        *t = PyFloat_AsDouble(timeout);
+        if (*t != -1.0 || !PyErr_Occurred())
+            goto got;
+        if (!PyErr_ExceptionMatches(PyExc_TypeError))
+            return -1; /* the number's own error (__float__ raising, say) */
+        PyErr_Clear();
     }
-    *t = PyFloat_AsDouble(timeout);
-    if (*t == -1.0 && PyErr_Occurred())
-        return -1;
+    PyErr_Format(PyExc_TypeError, "%s must be a number of seconds or None, not %s",
+                 what, Py_TYPE(timeout)->tp_name);
+    return -1;
+got:
     if (*t != *t) {
-        PyErr_SetString(PyExc_ValueError, "timeout must be a number of seconds, not NaN");
+        PyErr_Format(PyExc_ValueError, "%s must be a number of seconds, not NaN", what);
         return -1;
     }
     return 0;
@@ -48,7 +69,25 @@ int
 shm_timeout_check(PyObject *timeout)
 {
     double t;
-    return timeout == NULL || timeout == Py_None ? 0 : timeout_seconds(timeout, &t);
+    return timeout == NULL || timeout == Py_None ? 0 : timeout_seconds(timeout, "timeout", &t);
+}
+
+int
+shm_nowait_timeout_check(PyObject *timeout, const char *call, const char *flag)
+{
+    if (timeout == NULL || timeout == Py_None)
+        return 0;
+    if (!is_bool(timeout)) {
+        double t = PyFloat_AsDouble(timeout);
+        if (t == -1.0 && !PyErr_Occurred())
+            return 0; /* threading's "no timeout" */
+        PyErr_Clear();
+    }
+    PyErr_Format(PyExc_ValueError,
+                 "%s was given timeout=%R with %s=False: a call that does not block "
+                 "takes no timeout; pass %s=True to wait up to the timeout, or leave "
+                 "the timeout out", call, timeout, flag, flag);
+    return -1;
 }
 
 int64_t
@@ -56,14 +95,26 @@ shm_deadline(PyObject *timeout)
 {
     if (timeout == NULL || timeout == Py_None)
         return SHM_FOREVER;
+    int64_t ns;
+    if (shm_timeout_ns(timeout, "timeout", &ns) < 0)
+        return -1;
+    return ns < 0 ? SHM_FOREVER : shm_now_ns() + ns;
+}
+
+int
+shm_timeout_ns(PyObject *timeout, const char *what, int64_t *ns)
+{
+    *ns = -1;
+    if (timeout == NULL || timeout == Py_None)
+        return 0;
     double t;
-    if (timeout_seconds(timeout, &t) < 0)
+    if (timeout_seconds(timeout, what, &t) < 0)
         return -1;
     if (t < 0)
         t = 0; /* a negative timeout means "do not wait" */
-    if (t > 1e9)
-        return SHM_FOREVER;
-    return shm_now_ns() + (int64_t)(t * 1e9);
+    if (t <= 1e9) /* (beyond: for ever, and no overflow) */
+        *ns = (int64_t)(t * 1e9);
+    return 0;
 }
 
 int
@@ -157,7 +208,49 @@ py_futex_wake(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromLong(shm_futex_wake(word, n));
 }
 
+static PyObject *
+py_seconds(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *what = "timeout";
+    if (nargs < 1 || nargs > 2 || (nargs == 2 && !PyUnicode_Check(args[1]))) {
+        PyErr_SetString(PyExc_TypeError, "seconds(timeout, what='timeout') takes a timeout "
+                        "and the str naming it");
+        return NULL;
+    }
+    if (nargs == 2 && (what = PyUnicode_AsUTF8(args[1])) == NULL)
+        return NULL;
+    double t;
+    if (timeout_seconds(args[0], what, &t) < 0)
+        return NULL;
+    return PyFloat_FromDouble(t > 0 ? t : 0.0);
+}
+
+static PyObject *
+py_nowait_timeout_check(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyUnicode_Check(args[1]) || !PyUnicode_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "nowait_timeout_check(timeout, call, flag) takes "
+                        "a timeout and two str");
+        return NULL;
+    }
+    const char *call = PyUnicode_AsUTF8(args[1]), *flag = PyUnicode_AsUTF8(args[2]);
+    if (call == NULL || flag == NULL || shm_nowait_timeout_check(args[0], call, flag) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 PyMethodDef shm_futex_methods[] = {
+    {"seconds", (PyCFunction)(void (*)(void))py_seconds, METH_FASTCALL,
+     "seconds($module, timeout, what='timeout', /)\n--\n\n"
+     "seconds(timeout, what='timeout') -> float\n\n"
+     "A timeout's seconds by the rule of every blocking call: what converts to\n"
+     "a float, not a bool nor NaN; a negative one is 0.0."},
+    {"nowait_timeout_check", (PyCFunction)(void (*)(void))py_nowait_timeout_check,
+     METH_FASTCALL,
+     "nowait_timeout_check($module, timeout, call, flag, /)\n--\n\n"
+     "nowait_timeout_check(timeout, call, flag) -> None\n\n"
+     "Refuse (ValueError) a timeout other than None or -1 given to a call whose\n"
+     "flag (block, blocking) is false."},
     {"futex_wait", (PyCFunction)(void (*)(void))py_futex_wait, METH_FASTCALL,
      "futex_wait($module, mapping, offset, expected, timeout=None, /)\n--\n\n"
      "futex_wait(mapping, offset, expected, timeout=None) -> bool\n\n"

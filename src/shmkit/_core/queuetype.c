@@ -127,7 +127,7 @@ QueueCore_get_boxed(QueueCoreObject *q, PyObject *const *args, Py_ssize_t nargs,
         msg_parse_args("_get_boxed", args, nargs, kw, 0, names, a) < 0)
         return NULL;
     int block = a[0] ? PyObject_IsTrue(a[0]) : 1;
-    if (block < 0)
+    if (block < 0 || (!block && shm_nowait_timeout_check(a[1], "get()", "block") < 0))
         return NULL;
     PyObject *box = main_box(q);
     if (boxed(box) != NULL)

@@ -210,6 +210,12 @@ shm_sat_sub(uint32_t *w, uint32_t n)
 int64_t shm_now_ns(void);
 int64_t shm_deadline(PyObject *timeout); /* None -> forever; -1 on error */
 int shm_timeout_check(PyObject *timeout); /* shm_deadline's checks alone: 0, or -1 */
+/* A relative timeout in ns, -1 for None or beyond 10**9 s (for ever); the
+ * checks of shm_deadline, naming the parameter `what`: 0, or -1. */
+int shm_timeout_ns(PyObject *timeout, const char *what, int64_t *ns);
+/* A call whose flag (block, blocking) is false refuses a timeout other than
+ * None or -1 rather than ignore it: 0, or -1 with ValueError set. */
+int shm_nowait_timeout_check(PyObject *timeout, const char *call, const char *flag);
 
 /* Sleep while *word == expected, at most until min(deadline, now+slice_ns).
  * Call without the GIL.  Returns 0 when woken or the value changed,

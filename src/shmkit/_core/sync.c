@@ -90,7 +90,7 @@ shm_sync_deadline(PyObject *blocking_obj, PyObject *timeout)
     if (blocking < 0)
         return -1;
     if (!blocking)
-        return 0;
+        return shm_nowait_timeout_check(timeout, "acquire()", "blocking") < 0 ? -1 : 0;
     if (timeout != NULL && timeout != Py_None && PyNumber_Check(timeout)) {
         double t = PyFloat_AsDouble(timeout);
         if (t == -1.0 && PyErr_Occurred())

@@ -1971,20 +1971,6 @@ table_grow(TCore *c, uint64_t need)
     return call_midway(t, t->grow_hook, need);
 }
 
-/* A timeout in seconds (None: forever) as nanoseconds, -1 for forever. */
-static int
-timeout_ns(PyObject *o, int64_t *ns)
-{
-    *ns = -1;
-    if (o == Py_None)
-        return 0;
-    double s = PyFloat_AsDouble(o);
-    if (s == -1.0 && PyErr_Occurred())
-        return -1;
-    *ns = s < 0 ? 0 : (int64_t)(s * 1e9);
-    return 0;
-}
-
 static PyObject *
 table_bind(TableObject *t, PyObject *args, PyObject *kwds)
 {
@@ -2006,7 +1992,8 @@ table_bind(TableObject *t, PyObject *args, PyObject *kwds)
         return NULL;
     }
     int64_t tns, rns;
-    if (timeout_ns(timeout, &tns) < 0 || timeout_ns(rtimeout, &rns) < 0)
+    if (shm_timeout_ns(timeout, "timeout", &tns) < 0 ||
+        shm_timeout_ns(rtimeout, "read_timeout", &rns) < 0)
         return NULL;
     Py_XSETREF(t->mapping, Py_NewRef(mapping));
     t->c.m = m;

@@ -42,6 +42,7 @@ from ..errors import (
     WrongKindError,
 )
 from ..segment import _validate_name, mismatch
+from ..sync import seconds
 from . import Namespace
 
 if TYPE_CHECKING:
@@ -170,13 +171,13 @@ def guard_all(cls: _C) -> _C:
 
 
 def deadline(timeout: float | None) -> float | None:
+    """The monotonic time a wait of ``timeout`` ends at (None: never), by the
+    local objects' rule (:func:`shmkit.sync.seconds`): a negative timeout does
+    not wait, and one beyond 10**9 s waits for ever."""
     if timeout is None:
         return None
-    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-            or not timeout >= 0 or timeout == float("inf")):
-        raise ValueError(f"timeout must be a number of seconds >= 0 or None (no limit), "
-                         f"not {timeout!r}")
-    return time.monotonic() + timeout
+    t = seconds(timeout)
+    return None if t > 1e9 else time.monotonic() + t
 
 
 def remaining(end: float | None) -> float:

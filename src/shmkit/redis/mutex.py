@@ -23,7 +23,9 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from .. import _core
 from ..errors import LeaseLostError, Timeout, WouldBlock
+from ..sync import lock_timeout
 from ._base import (
     _HOST,
     RedisNamespace,
@@ -152,8 +154,8 @@ class Mutex(RedisObject):
         """
         self._live()
         if not blocking and timeout is not None:
-            raise ValueError("can't specify a timeout for a non-blocking call")
-        end = deadline(timeout)
+            _core.nowait_timeout_check(timeout, "acquire()", "blocking")
+        end = deadline(lock_timeout(timeout))
         while True:
             left_ms = self._try()
             if left_ms == 0:

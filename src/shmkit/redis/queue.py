@@ -16,6 +16,7 @@ import pickle
 from collections.abc import Callable
 from typing import Any
 
+from .. import _core
 from .._object import DEFAULT, _Default, given
 from ..errors import Empty, Full, Timeout
 from ._base import RedisNamespace, guard_all, refuse
@@ -107,6 +108,8 @@ class Queue:
         (``queue.Full`` when ``block`` is false or ``timeout`` seconds pass)."""
         if self._ch._closed:
             raise ValueError(f"Queue {self!r} is closed")
+        if not block and timeout is not None:
+            _core.nowait_timeout_check(timeout, "put()", "block")
         data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
         if not block:
             self._ch.send_nowait(data)
@@ -126,6 +129,8 @@ class Queue:
         if self._ch._closed:
             raise ValueError(f"Queue {self!r} is closed")
         if not block:
+            if timeout is not None:
+                _core.nowait_timeout_check(timeout, "get()", "block")
             return pickle.loads(self._ch.recv_nowait())
         try:
             return pickle.loads(self._ch.recv(timeout))
