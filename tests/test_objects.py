@@ -274,6 +274,42 @@ def test_store_and_records_parameters_are_honoured_or_refused(names):
     assert isinstance(ei.value, TypeError)  # as before
 
 
+OPENERS = {"mutex": lambda n, **kw: shmkit.Mutex(n, **kw),
+           "rwlock": lambda n, **kw: shmkit.RWLock(n, **kw),
+           "event": lambda n, **kw: shmkit.Event(n, **kw),
+           "semaphore": lambda n, **kw: shmkit.Semaphore(n, 1, **kw),
+           "condition": lambda n, **kw: shmkit.Condition(n, **kw),
+           "array": lambda n, **kw: shmkit.Array(n, "f4", 3, **kw),
+           "queue": lambda n, **kw: shmkit.Queue(name=n, **kw),
+           "channel": lambda n, **kw: shmkit.Channel(n, **kw),
+           "store": lambda n, **kw: shmkit.Store(n, **kw),
+           "heap": lambda n, **kw: shmkit.Heap(n, size=1 << 16, **kw),
+           "topic": lambda n, **kw: shmkit.Topic(n, **kw)}
+
+
+@pytest.mark.parametrize("kind", OPENERS)
+def test_every_kind_refuses_an_option_it_lacks_or_an_existing_object_disagrees_with(
+        kind, name):
+    """An existing object opened with another ``lifetime``, ``max_attach`` or
+    ``mode`` is refused, as a Segment is: before, a lock, an event, a
+    semaphore or a condition ignored all three, and every other kind the
+    mode.  An option a kind does not take raises the TypeError Python gives,
+    naming the kind, not an internal call; a Queue took any keyword at all."""
+    made = OPENERS[kind](name, lifetime="persistent")
+    try:
+        for option, value in (("lifetime", "attached"), ("max_attach", 8), ("mode", 0o644)):
+            with pytest.raises(shmkit.MismatchError, match=f"{kind} .* exists with {option}="):
+                OPENERS[kind](name, **{option: value})
+        OPENERS[kind](name, lifetime="persistent", max_attach=256, mode=0o600).close()
+        with pytest.raises(TypeError, match=r"^[A-Za-z]+(\.__init__)?\(\) got an unexpected "
+                                            r"keyword argument 'max_size_typo'"):
+            OPENERS[kind](name, max_size_typo=1)
+        from shmkit.inspect import scan  # nothing refused kept a handle
+        assert [a["pid"] for a in scan(name)["attached"]] == [os.getpid()]
+    finally:
+        made.close()
+
+
 # -- 3. one meaning per name -----------------------------------------------------------
 
 def _close_handle(name: str) -> None:

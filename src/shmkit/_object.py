@@ -17,8 +17,9 @@ by name.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, TypedDict
 
 from . import _core
 from .errors import ClosedError
@@ -49,22 +50,60 @@ def given(value: Any) -> bool:
 
 def attach_segment(kind: Kind, name: str | None, path: Any, *, size: int | None,
                    create: bool | None, layout: dict[str, Any] | None = None,
-                   init: Callable[[Segment], None] | None = None,
+                   init: Callable[[Segment], None] | None = None, mode: int | None = None,
                    **kwargs: Any) -> Segment:
-    """Create or open the segment a structure will hold."""
+    """Create or open the segment a structure will hold.  An explicit ``mode``
+    (None: not given, 0o600 when creating) that an existing one lacks is
+    refused, as by :class:`Segment`."""
     seg = Segment.__new__(Segment)
     seg._attach(name, path, size=size, create=create, kind=kind, layout=layout, init=init,
-                **kwargs)
+                mode=0o600 if mode is None else mode, **kwargs)
+    if mode is not None and not seg.created:
+        error = seg._disagreement(kind.name.lower(), mode=mode)
+        if error is not None:
+            seg.close()
+            raise error
     return seg
 
 
+class SegmentOptions(TypedDict, total=False):
+    """What a structure with few options of its own (an array, a record)
+    takes for its segment, as :class:`Segment` does."""
+
+    path: str | os.PathLike[str] | None
+    readonly: bool
+    mode: int | None
+    lifetime: str | None
+    max_attach: int | None
+    trust_owner: int | str | None
+
+
+class SyncOptions(SegmentOptions, total=False):
+    """What a lock, an event, a semaphore or a condition takes for its segment."""
+
+    on_destroy: Callable[[], Any] | None
+
+
+def segment_options(owner: str, kwargs: Mapping[str, object],
+                    allowed: type = SegmentOptions) -> dict[str, Any]:
+    """A copy of ``kwargs`` if each is a key of ``allowed`` (a TypedDict), else
+    the TypeError Python gives for an unexpected keyword, naming those it takes."""
+    for key in kwargs:
+        if key not in allowed.__annotations__:
+            raise TypeError(f"{owner}() got an unexpected keyword argument {key!r}; it takes "
+                            f"{', '.join(allowed.__annotations__)}")
+    return dict(kwargs)
+
+
 def check_common(what: str, seg: Segment, *, lifetime: Any = DEFAULT,
-                 max_attach: Any = DEFAULT) -> None:
-    """Refuse an explicit ``lifetime`` or ``max_attach`` the existing object lacks."""
-    if seg.created or (lifetime is DEFAULT and max_attach is DEFAULT):
+                 max_attach: Any = DEFAULT, mode: int | None = None) -> None:
+    """Refuse an explicit ``lifetime``, ``max_attach`` or ``mode`` (None: not
+    given) that the existing object lacks."""
+    if seg.created or (lifetime is DEFAULT and max_attach is DEFAULT and mode is None):
         return
     error = seg._disagreement(what, lifetime=None if lifetime is DEFAULT else lifetime,
-                              max_attach=None if max_attach is DEFAULT else max_attach)
+                              max_attach=None if max_attach is DEFAULT else max_attach,
+                              mode=mode)
     if error is not None:
         raise error
 

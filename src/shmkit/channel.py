@@ -1111,7 +1111,7 @@ class Channel(SharedObject, _core.Ring):
 
     def __init__(self, name: str | None = None, capacity: int = DEFAULT, *,
                  create: bool | None = None, path: str | os.PathLike[str] | None = None,
-                 lifetime: str | None = DEFAULT, mode: int = 0o600,
+                 lifetime: str | None = DEFAULT, mode: int | None = None,
                  max_attach: int = DEFAULT, readonly: bool = False,
                  on_destroy: Callable[[], Any] | None = None,
                  trust_owner: int | str | None = None) -> None:
@@ -1120,7 +1120,7 @@ class Channel(SharedObject, _core.Ring):
         self._on_destroy = on_destroy
 
     def _open(self, name: str | None, capacity: Any, create: bool | None, path: Any,
-              lifetime: Any, mode: int, max_attach: Any, max_items: Any,
+              lifetime: Any, mode: int | None, max_attach: Any, max_items: Any,
               readonly: bool = False, trust_owner: int | str | None = None) -> None:
         # (`is DEFAULT` rather than given(): this runs on every open)
         default_cap = QUEUE_CAPACITY if self._kind == Kind.QUEUE else DEFAULT_CAPACITY
@@ -1403,7 +1403,10 @@ class Queue(SharedObject, _core.QueueCore):
     def __init__(self, maxsize: int = DEFAULT, *, name: str | None = None,
                  capacity: int = DEFAULT, create: bool | None = None,
                  ctx: Any = None, on_destroy: Callable[[], Any] | None = None,
-                 payload_pool: int = DEFAULT, **kwargs: Any) -> None:
+                 payload_pool: int = DEFAULT, path: str | os.PathLike[str] | None = None,
+                 lifetime: str | None = DEFAULT, mode: int | None = None,
+                 max_attach: int = DEFAULT, readonly: bool = False,
+                 trust_owner: int | str | None = None) -> None:
         if given(maxsize) and (not isinstance(maxsize, int) or isinstance(maxsize, bool)
                                or maxsize < 0):
             raise ValueError(f"maxsize must be a non-negative int, not {maxsize!r}")
@@ -1417,9 +1420,8 @@ class Queue(SharedObject, _core.QueueCore):
                                  f"not {payload_pool!r}")
             self._pool_limit = payload_pool
         ch = _QueueChannel.__new__(_QueueChannel)
-        ch._open(name, capacity, create, kwargs.get("path"), kwargs.get("lifetime", DEFAULT),
-                 kwargs.get("mode", 0o600), kwargs.get("max_attach", DEFAULT), maxsize,
-                 kwargs.get("readonly", False), kwargs.get("trust_owner"))
+        ch._open(name, capacity, create, path, lifetime, mode, max_attach, maxsize, readonly,
+                 trust_owner)
         self._take(ch)
         self._on_destroy = on_destroy
 

@@ -49,7 +49,7 @@ _Buffer = bytes | bytearray | memoryview | Any  # any C-contiguous buffer
 class Channel(SharedObject):
     def __init__(self, name: str | None = None, capacity: int | _Default = ..., *,
                  create: bool | None = None, path: str | os.PathLike[str] | None = None,
-                 lifetime: str | _Default | None = ..., mode: int = 0o600,
+                 lifetime: str | _Default | None = ..., mode: int | None = None,
                  max_attach: int | _Default = ...,
                  readonly: bool = False, on_destroy: Callable[[], Any] | None = None,
                  trust_owner: int | str | None = None) -> None: ...
@@ -111,7 +111,11 @@ class Queue(SharedObject):
                  capacity: int | _Default = ...,
                  create: bool | None = None, ctx: Any = None,
                  on_destroy: Callable[[], Any] | None = None,
-                 payload_pool: int | _Default = ..., **kwargs: Any) -> None: ...
+                 payload_pool: int | _Default = ...,
+                 path: str | os.PathLike[str] | None = None,
+                 lifetime: str | _Default | None = ..., mode: int | None = None,
+                 max_attach: int | _Default = ..., readonly: bool = False,
+                 trust_owner: int | str | None = None) -> None: ...
     @classmethod
     def open(cls, name: str, **kwargs: Any) -> Queue: ...
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None: ...

@@ -257,7 +257,7 @@ class Heap(SharedObject):
     def __init__(self, name: str | None = None, size: int | None = None, *,
                  max_size: int | None = None, max_blocks: int | None = None, max_pins: int = DEFAULT,
                  create: bool | None = None, path: str | os.PathLike[str] | None = None,
-                 readonly: bool = False, mode: int = 0o600, lifetime: str = DEFAULT,
+                 readonly: bool = False, mode: int | None = None, lifetime: str = DEFAULT,
                  max_attach: int = DEFAULT,
                  on_destroy: Callable[[], Any] | None = None,
                  trust_owner: int | str | None = None) -> None:

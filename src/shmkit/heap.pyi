@@ -56,7 +56,7 @@ class Heap(SharedObject):
                  max_size: int | None = None, max_blocks: int | None = None,
                  max_pins: int | _Default = ...,
                  create: bool | None = None, path: str | os.PathLike[str] | None = None,
-                 readonly: bool = False, mode: int = 0o600, lifetime: str | _Default = ...,
+                 readonly: bool = False, mode: int | None = None, lifetime: str | _Default = ...,
                  max_attach: int | _Default = ...,
                  on_destroy: Callable[[], Any] | None = None,
                  trust_owner: int | str | None = None) -> None: ...

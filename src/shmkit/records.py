@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._object import DEFAULT, Lock, SharedObject, attach_segment, check_common
+from ._object import DEFAULT, Lock, SharedObject, attach_segment, check_common, segment_options
 from .errors import CorruptError, FormatVersionError, LayoutMismatchError, ReadOnlyError
 from .segment import Kind, Segment
 
@@ -263,6 +263,7 @@ class Struct(_Typed):
         elif create:
             raise TypeError("Struct.create needs a type")
         run = (lambda seg: init(_struct_view(seg, dt, ctype))) if init is not None else None
+        kwargs = segment_options("Struct", kwargs)
         lifetime, max_attach = kwargs.pop("lifetime", DEFAULT), kwargs.pop("max_attach", DEFAULT)
         extra = {k: v for k, v in (("lifetime", lifetime), ("max_attach", max_attach))
                  if v is not DEFAULT}
@@ -349,6 +350,7 @@ class Array(_Typed):
         elif create:
             raise TypeError("Array.create needs a dtype and a shape")
         run = (lambda seg: init(_array_view(seg, dt, shp))) if init is not None else None
+        kwargs = segment_options("Array", kwargs)
         lifetime, max_attach = kwargs.pop("lifetime", DEFAULT), kwargs.pop("max_attach", DEFAULT)
         extra = {k: v for k, v in (("lifetime", lifetime), ("max_attach", max_attach))
                  if v is not DEFAULT}

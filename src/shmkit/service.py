@@ -169,7 +169,7 @@ class Service(SharedObject):
 
     def __init__(self, name: str, capacity: int | _Default = DEFAULT, *,
                  create: bool | None = None, lifetime: str | _Default | None = DEFAULT,
-                 mode: int = 0o600, max_attach: int | _Default = DEFAULT,
+                 mode: int | None = None, max_attach: int | _Default = DEFAULT,
                  readonly: bool = False,
                  on_destroy: Callable[[], Any] | None = None) -> None:
         name = _check_name(name)

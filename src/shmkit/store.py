@@ -349,7 +349,7 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
                  readonly: bool = False, create: bool | None = None,
                  timeout: float | None = None,
                  read_timeout: float | None = DEFAULT, lifetime: str = DEFAULT,
-                 mode: int = 0o600, max_size: int | None = None,
+                 mode: int | None = None, max_size: int | None = None,
                  max_attach: int = DEFAULT,
                  on_destroy: Callable[[], Any] | None = None,
                  trust_owner: int | str | None = None) -> None:

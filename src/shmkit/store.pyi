@@ -25,7 +25,7 @@ class Store(SharedObject, MutableMapping[_Key, Any]):
                  codec: str | _Default | None = ...,
                  readonly: bool = False, create: bool | None = None,
                  timeout: float | None = None, read_timeout: float | _Default | None = ...,
-                 lifetime: str | _Default = ..., mode: int = 0o600,
+                 lifetime: str | _Default = ..., mode: int | None = None,
                  max_size: int | None = None, max_attach: int | _Default = ...,
                  on_destroy: Callable[[], Any] | None = None,
                  trust_owner: int | str | None = None) -> None: ...

@@ -41,11 +41,15 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, cast
 
 from . import _core
 from .errors import FormatVersionError, MismatchError, ShmkitError, Timeout, WouldBlock
-from .segment import _OFF_HWM, Kind, Segment
+from ._object import DEFAULT, SyncOptions, attach_segment, check_common, segment_options
+from .segment import _OFF_HWM, DEFAULT_MAX_ATTACH, Kind, Segment
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Mutex", "RWLock", "Event", "Semaphore", "Condition"]
 
@@ -117,12 +121,22 @@ class _Placed:
 
     @classmethod
     def _named_segment(cls, name: str | None, create: bool | None, layout: dict[str, Any],
-                       init: Callable[[Segment], None] | None, kwargs: dict[str, Any]) -> Segment:
-        seg = Segment.__new__(Segment)
-        max_attach = kwargs.get("max_attach", 256)
-        size = cls._footprint(max_attach) if create is not False else None
-        seg._attach(name, kwargs.pop("path", None), size=size, create=create,
-                    kind=cls._kind, layout=layout, init=init, **kwargs)
+                       init: Callable[[Segment], None] | None,
+                       kwargs: Mapping[str, object]) -> Segment:
+        opts = segment_options(cls.__name__, kwargs, SyncOptions)
+        lifetime, max_attach = opts.get("lifetime"), opts.get("max_attach")
+        slots = DEFAULT_MAX_ATTACH if max_attach is None else max_attach
+        opts["max_attach"] = slots
+        size = cls._footprint(slots) if create is not False else None
+        seg = attach_segment(cls._kind, name, opts.pop("path", None), size=size, create=create,
+                             layout=layout, init=init, **opts)
+        try:  # an explicit parameter is honoured or refused, never ignored
+            check_common(cls.__name__.lower(), seg,
+                         lifetime=DEFAULT if lifetime is None else lifetime,
+                         max_attach=DEFAULT if max_attach is None else max_attach)
+        except BaseException:
+            seg.close()
+            raise
         return seg
 
     @classmethod
@@ -194,7 +208,7 @@ class Mutex(_core.Lock, _Placed):
     _kind = Kind.MUTEX
 
     def __init__(self, name: str | None = None, *, create: bool | None = None,
-                 **kwargs: Any) -> None:
+                 **kwargs: Unpack[SyncOptions]) -> None:
         self._adopt(self._named_segment(name, create, {}, None, kwargs))
 
     def _adopt(self, seg: Segment) -> None:
@@ -296,7 +310,7 @@ class Event(_Placed):
         self.close()
 
     def __init__(self, name: str | None = None, *, auto_reset: bool | None = None,
-                 create: bool | None = None, **kwargs: Any) -> None:
+                 create: bool | None = None, **kwargs: Unpack[SyncOptions]) -> None:
         seg = self._named_segment(name, create, {"auto_reset": bool(auto_reset)}, None,
                                   kwargs)
         _check_param(seg, "event", "auto_reset",
@@ -370,7 +384,7 @@ class RWLock(_core.RWLock, _Placed):
     _kind = Kind.RWLOCK
 
     def __init__(self, name: str | None = None, *, create: bool | None = None,
-                 **kwargs: Any) -> None:
+                 **kwargs: Unpack[SyncOptions]) -> None:
         self._adopt(self._named_segment(name, create, {}, None, kwargs))
 
     @classmethod
@@ -457,7 +471,7 @@ class Semaphore(_core.Semaphore, _Placed):
 
     def __init__(self, name: str | None = None, value: int | None = None, *,
                  maximum: int | None = None, create: bool | None = None,
-                 **kwargs: Any) -> None:
+                 **kwargs: Unpack[SyncOptions]) -> None:
         initial = 1 if value is None else value
         if (not isinstance(initial, int) or not 0 <= initial < 2**31
                 or (maximum is not None and not initial <= maximum < 2**31)):
@@ -557,7 +571,7 @@ class Condition(_Placed):
     _FORMAT = 2  # version of the payload layout above
 
     def __init__(self, name: str | None = None, *, create: bool | None = None,
-                 **kwargs: Any) -> None:
+                 **kwargs: Unpack[SyncOptions]) -> None:
         self._adopt(self._named_segment(name, create, {"format": self._FORMAT}, None,
                                         kwargs))
 

@@ -218,7 +218,7 @@ class Topic(SharedObject, _core.Topic):
                  history: int = DEFAULT, overflow: str = DEFAULT,
                  max_subscribers: int = DEFAULT, create: bool | None = None,
                  path: str | os.PathLike[str] | None = None,
-                 lifetime: str | None = DEFAULT, mode: int = 0o600,
+                 lifetime: str | None = DEFAULT, mode: int | None = None,
                  max_attach: int = DEFAULT, readonly: bool = False,
                  on_destroy: Callable[[], Any] | None = None,
                  trust_owner: int | str | None = None) -> None:

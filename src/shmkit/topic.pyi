@@ -48,7 +48,7 @@ class Topic(SharedObject):
                  history: int | _Default = ..., overflow: str | _Default = ...,
                  max_subscribers: int | _Default = ..., create: bool | None = None,
                  path: str | os.PathLike[str] | None = None,
-                 lifetime: str | _Default | None = ..., mode: int = 0o600,
+                 lifetime: str | _Default | None = ..., mode: int | None = None,
                  max_attach: int | _Default = ..., readonly: bool = False,
                  on_destroy: Callable[[], Any] | None = None,
                  trust_owner: int | str | None = None) -> None: ...
