@@ -123,20 +123,20 @@ class _Placed:
     def _named_segment(cls, name: str | None, create: bool | None, layout: dict[str, Any],
                        init: Callable[[Segment], None] | None,
                        kwargs: Mapping[str, object]) -> Segment:
-        opts = segment_options(cls.__name__, kwargs, SyncOptions)
+        opts = segment_options(cls.__name__, kwargs, SyncOptions) if kwargs else {}
         lifetime, max_attach = opts.get("lifetime"), opts.get("max_attach")
         slots = DEFAULT_MAX_ATTACH if max_attach is None else max_attach
-        opts["max_attach"] = slots
         size = cls._footprint(slots) if create is not False else None
         seg = attach_segment(cls._kind, name, opts.pop("path", None), size=size, create=create,
                              layout=layout, init=init, **opts)
-        try:  # an explicit parameter is honoured or refused, never ignored
-            check_common(cls.__name__.lower(), seg,
-                         lifetime=DEFAULT if lifetime is None else lifetime,
-                         max_attach=DEFAULT if max_attach is None else max_attach)
-        except BaseException:
-            seg.close()
-            raise
+        if lifetime is not None or max_attach is not None:
+            try:  # an explicit parameter is honoured or refused, never ignored
+                check_common(cls._kind.name.lower(), seg,
+                             lifetime=DEFAULT if lifetime is None else lifetime,
+                             max_attach=DEFAULT if max_attach is None else max_attach)
+            except BaseException:
+                seg.close()
+                raise
         return seg
 
     @classmethod
