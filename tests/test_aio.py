@@ -1424,6 +1424,34 @@ def test_an_awaited_call_that_does_not_block_refuses_a_timeout():
     asyncio.run(main())
 
 
+def test_an_awaited_lock_reads_its_timeout_as_the_blocking_one(name):
+    """One rule for a lock's timeout, the core's: a value that only compares
+    equal to -1 is not threading's "no timeout" (the awaited acquire, which
+    compared in Python, waited for ever on it while the blocking one gave up)."""
+    class EqualToAll(float):
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        __hash__ = float.__hash__
+
+    m = shmkit.Mutex(name)
+    assert m.acquire()
+    try:
+        async def main() -> bool:
+            am = aio.Mutex(name)
+            try:
+                return await asyncio.wait_for(am.acquire(True, EqualToAll(0.05)), 20)
+            finally:
+                am.close()
+
+        assert m.acquire(True, EqualToAll(0.05)) is False
+        assert asyncio.run(main()) is False
+        assert shmkit.sync.lock_timeout(-1) is None and shmkit.sync.lock_timeout(-2) == 0.0
+    finally:
+        m.release()
+        m.close()
+
+
 @pytest.mark.parametrize("bad,error", [(float("nan"), ValueError), ("0.5", TypeError),
                                        (True, TypeError)])
 def test_every_form_of_wait_checks_its_timeout_alike(name, bad, error):

@@ -682,6 +682,80 @@ def test_every_timeout_follows_the_one_rule(name):
             o.close()
 
 
+def test_a_timeout_whose_conversion_closes_the_object_meets_a_closed_handle(names):
+    """A timeout's ``__float__`` is Python code, and may close the very object
+    it is a timeout for: each wait reads its timeout before it forms an
+    address in the segment (Event.wait and Condition.wait did it after, and
+    crashed the process)."""
+    out = run_python(f"""
+        import shmkit
+        makers = {{"Event.wait": (lambda n: shmkit.Event(n), lambda o, t: o.wait(t)),
+                   "Condition.wait": (lambda n: shmkit.Condition(n),
+                                      lambda o, t: (o.acquire(), o.wait(t))),
+                   "Mutex.acquire": (lambda n: shmkit.Mutex(n), lambda o, t: o.acquire(True, t)),
+                   "Semaphore.acquire": (lambda n: shmkit.Semaphore(n, 0),
+                                         lambda o, t: o.acquire(True, t)),
+                   "RWLock.acquire_write": (lambda n: shmkit.RWLock(n),
+                                            lambda o, t: o.acquire_write(t)),
+                   "Queue.get": (lambda n: shmkit.Queue(name=n), lambda o, t: o.get(True, t))}}
+        for (what, (make, wait)), name in zip(makers.items(), {[names() for _ in range(6)]!r}):
+            obj = make(name)
+            class Closing:
+                def __float__(self):
+                    obj.close()
+                    return 0.05
+            try:
+                wait(obj, Closing())
+                print(what, "returned")
+            except Exception as e:
+                print(what, type(e).__name__)
+            shmkit.unlink(name)
+        """)
+    lines = out.stdout.split("\n")[:-1]
+    assert len(lines) == 6 and all(line.endswith((" ClosedError", " ValueError")) for line in lines), \
+        out.stdout
+
+
+def test_a_store_keeps_its_timeouts_as_read_once_and_minus_one_does_not_wait(name):
+    """A Store's timeouts are read once, by the one rule: -1 does not wait
+    for the segment's lock when the store grows, as for any negative timeout
+    (it was threading's "no timeout" there, and waited for ever), and a
+    timeout whose value changes between two reads leaves no segment behind."""
+    class Flip:
+        reads = 0
+
+        def __float__(self) -> float:
+            Flip.reads += 1
+            return 1.0 if Flip.reads == 1 else float("nan")
+
+    with shmkit.Store(name, read_timeout=Flip()) as st:
+        st["k"] = 1
+        assert Flip.reads == 1 and st["k"] == 1
+    shmkit.unlink(name)
+    shmkit.Store(name, size=1 << 16).close()
+    ready = SPAWN.Event()
+    holder = spawn(_hold_segment_lock, name, ready, 3.0)
+    try:
+        assert ready.wait(60)
+        with shmkit.Store(name, timeout=-1) as st:
+            t0 = time.monotonic()
+            with pytest.raises(shmkit.Timeout, match="within 0"):
+                st["big"] = b"x" * (4 << 20)  # grows: needs the segment's lock
+            assert time.monotonic() - t0 < 2.0
+            assert "big" not in st
+    finally:
+        holder.join(30)
+    assert holder.exitcode == 0
+
+
+def _hold_segment_lock(name: str, ready, seconds: float) -> None:
+    st = shmkit.Store(name)
+    with st._seg.lock:  # what a growing writer takes
+        ready.set()
+        time.sleep(seconds)
+    st.close()
+
+
 def test_a_bool_timeout_is_refused_by_every_blocking_call():
     """timeout=True (``get(True, True)``) is a slip, refused with a TypeError
     before anything is taken, and a big object's payload file is not left

@@ -86,13 +86,14 @@ class SyncOptions(SegmentOptions, total=False):
 
 def segment_options(owner: str, kwargs: Mapping[str, object],
                     allowed: type = SegmentOptions) -> dict[str, Any]:
-    """A copy of ``kwargs`` if each is a key of ``allowed`` (a TypedDict), else
-    the TypeError Python gives for an unexpected keyword, naming those it takes."""
+    """``kwargs`` less those given as None (each option's "not given") if each
+    is a key of ``allowed`` (a TypedDict), else the TypeError Python gives for
+    an unexpected keyword, naming those it takes."""
     for key in kwargs:
         if key not in allowed.__annotations__:
             raise TypeError(f"{owner}() got an unexpected keyword argument {key!r}; it takes "
                             f"{', '.join(allowed.__annotations__)}")
-    return dict(kwargs)
+    return {key: value for key, value in kwargs.items() if value is not None}
 
 
 def check_common(what: str, seg: Segment, *, lifetime: Any = DEFAULT,

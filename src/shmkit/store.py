@@ -245,10 +245,11 @@ def _parse_header(text: str) -> Any:
             after_value = True
 
 
-def _check_timeout(what: str, value: Any) -> None:
-    # refused before the segment is made; the core keeps it (tabletype.c)
-    if value is not None:
-        seconds(value, what)
+def _check_timeout(what: str, value: Any) -> float | None:
+    # Refused before the segment is made, and read once: the core keeps the
+    # seconds (tabletype.c), and a negative one is 0 for the segment's lock
+    # too, where -1 would be threading's "no timeout".
+    return None if value is None else seconds(value, what)
 
 
 def _grow(seg: Segment, timeout: float | None, need: int) -> None:
@@ -360,10 +361,10 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
                                  or size < _MIN_SIZE):
             raise ValueError(f"size must be an int of at least {_MIN_SIZE} bytes, "
                              f"not {size!r}")
-        _check_timeout("timeout", timeout)
+        timeout = _check_timeout("timeout", timeout)
         if read_timeout is DEFAULT:
             read_timeout = timeout if timeout is not None else READ_TIMEOUT
-        _check_timeout("read_timeout", read_timeout)
+        read_timeout = _check_timeout("read_timeout", read_timeout)
         if max_size is not None and max_size > 1 << 44:
             raise ValueError("max_size cannot exceed 16 TiB")
         layout = {"format": FORMAT, "codec": (None if codec is DEFAULT else codec) or "none"}

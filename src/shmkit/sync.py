@@ -72,9 +72,10 @@ def seconds(timeout: float, what: str = "timeout") -> float:
 
 
 def lock_timeout(timeout: float | None) -> float | None:
-    """A lock's timeout as the core's acquire reads it: -1 is threading.Lock's
-    "no timeout" (None); other negative values do not wait."""
-    return None if timeout is not None and timeout == -1 else timeout
+    """A lock's timeout as the core's acquire reads it (``_core.lock_timeout``):
+    checked as by :func:`seconds`, -1 is threading.Lock's "no timeout" (None),
+    other negative values do not wait (0.0)."""
+    return None if timeout is None else _core.lock_timeout(timeout)
 
 
 def _deadline(timeout: float | None) -> float | None:

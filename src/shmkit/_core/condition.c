@@ -250,12 +250,12 @@ py_cond_wait(PyObject *mod, PyObject *const *a, Py_ssize_t n)
 {
     Cond c;
     long long off;
-    if (shm_sync_args(a, n, 2, 4, "cond_wait(mapping, offset, timeout=None, what=None)",
+    /* the timeout first: its __float__ may close the condition */
+    int64_t deadline = shm_deadline(n > 2 ? a[2] : NULL);
+    if (deadline < 0 ||
+        shm_sync_args(a, n, 2, 4, "cond_wait(mapping, offset, timeout=None, what=None)",
                       &off) < 0 ||
         cond_bind(&c, a[0], off, n > 3 ? a[3] : NULL, 1) < 0)
-        return NULL;
-    int64_t deadline = shm_deadline(n > 2 ? a[2] : NULL);
-    if (deadline < 0)
         return NULL;
     shm_pin(a[0]);
     int r = cond_wait(&c, deadline);

@@ -87,15 +87,17 @@ parse(PyObject *const *a, Py_ssize_t n, Py_ssize_t lo, Py_ssize_t hi, const char
 static PyObject *
 py_event_wait(PyObject *mod, PyObject *const *a, Py_ssize_t n)
 {
-    uint32_t *w;
-    if (parse(a, n, 2, 5, "event_wait(mapping, offset, timeout=None, auto_reset=False, "
-              "what=None)", &w, 1) < 0)
-        return NULL;
+    /* The arguments that may run Python code (a timeout's __float__ may
+     * close the event) are read before the word's address is formed. */
     int64_t deadline = shm_deadline(n > 2 ? a[2] : NULL);
     if (deadline < 0)
         return NULL;
     int auto_reset = n > 3 ? PyObject_IsTrue(a[3]) : 0;
     if (auto_reset < 0)
+        return NULL;
+    uint32_t *w;
+    if (parse(a, n, 2, 5, "event_wait(mapping, offset, timeout=None, auto_reset=False, "
+              "what=None)", &w, 1) < 0)
         return NULL;
     const char *what = "the event";
     if (n > 4 && a[4] != Py_None && (what = PyUnicode_AsUTF8(a[4])) == NULL)

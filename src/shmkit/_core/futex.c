@@ -9,6 +9,7 @@
  *   futex_wait(mapping, offset, expected, timeout=None) -> bool
  *   futex_wake(mapping, offset, n=1) -> int
  *   seconds(timeout, what='timeout') -> float   the timeout rule, for Python's waits
+ *   lock_timeout(timeout) -> float | None        the same for a lock (-1: no end)
  *   nowait_timeout_check(timeout, call, flag) -> None
  */
 #include "sync.h"
@@ -77,17 +78,28 @@ shm_nowait_timeout_check(PyObject *timeout, const char *call, const char *flag)
 {
     if (timeout == NULL || timeout == Py_None)
         return 0;
-    if (!is_bool(timeout)) {
-        double t = PyFloat_AsDouble(timeout);
-        if (t == -1.0 && !PyErr_Occurred())
+    if (!is_bool(timeout) && PyFloat_AsDouble(timeout) == -1.0) {
+        if (!PyErr_Occurred())
             return 0; /* threading's "no timeout" */
-        PyErr_Clear();
+        if (!PyErr_ExceptionMatches(PyExc_TypeError))
+            return -1; /* the number's own error (a Ctrl-C in its __float__, say) */
+        PyErr_Clear(); /* not a number: refused below */
     }
     PyErr_Format(PyExc_ValueError,
                  "%s was given timeout=%R with %s=False: a call that does not block "
                  "takes no timeout; pass %s=True to wait up to the timeout, or leave "
                  "the timeout out", call, timeout, flag, flag);
     return -1;
+}
+
+/* Seconds as nanoseconds: a negative timeout means "do not wait"; beyond
+ * 10**9 s, -1 (for ever, and no overflow). */
+static int64_t
+ns_of(double t)
+{
+    if (t < 0)
+        t = 0;
+    return t <= 1e9 ? (int64_t)(t * 1e9) : -1;
 }
 
 int64_t
@@ -101,6 +113,18 @@ shm_deadline(PyObject *timeout)
     return ns < 0 ? SHM_FOREVER : shm_now_ns() + ns;
 }
 
+int64_t
+shm_lock_deadline(PyObject *timeout)
+{
+    double t;
+    if (timeout == NULL || timeout == Py_None)
+        return SHM_FOREVER;
+    if (timeout_seconds(timeout, "timeout", &t) < 0)
+        return -1;
+    int64_t ns = t == -1.0 ? -1 : ns_of(t); /* -1: threading's "no timeout" */
+    return ns < 0 ? SHM_FOREVER : shm_now_ns() + ns;
+}
+
 int
 shm_timeout_ns(PyObject *timeout, const char *what, int64_t *ns)
 {
@@ -110,10 +134,7 @@ shm_timeout_ns(PyObject *timeout, const char *what, int64_t *ns)
     double t;
     if (timeout_seconds(timeout, what, &t) < 0)
         return -1;
-    if (t < 0)
-        t = 0; /* a negative timeout means "do not wait" */
-    if (t <= 1e9) /* (beyond: for ever, and no overflow) */
-        *ns = (int64_t)(t * 1e9);
+    *ns = ns_of(t);
     return 0;
 }
 
@@ -226,6 +247,19 @@ py_seconds(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
+py_lock_timeout(PyObject *Py_UNUSED(mod), PyObject *timeout)
+{
+    double t;
+    if (timeout == Py_None)
+        Py_RETURN_NONE;
+    if (timeout_seconds(timeout, "timeout", &t) < 0)
+        return NULL;
+    if (t == -1.0)
+        Py_RETURN_NONE;
+    return PyFloat_FromDouble(t > 0 ? t : 0.0);
+}
+
+static PyObject *
 py_nowait_timeout_check(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3 || !PyUnicode_Check(args[1]) || !PyUnicode_Check(args[2])) {
@@ -245,6 +279,11 @@ PyMethodDef shm_futex_methods[] = {
      "seconds(timeout, what='timeout') -> float\n\n"
      "A timeout's seconds by the rule of every blocking call: what converts to\n"
      "a float, not a bool nor NaN; a negative one is 0.0."},
+    {"lock_timeout", (PyCFunction)py_lock_timeout, METH_O,
+     "lock_timeout($module, timeout, /)\n--\n\n"
+     "lock_timeout(timeout) -> float | None\n\n"
+     "A lock's timeout by the rule of its acquire: as seconds(), but None for\n"
+     "-1, threading's \"no timeout\"."},
     {"nowait_timeout_check", (PyCFunction)(void (*)(void))py_nowait_timeout_check,
      METH_FASTCALL,
      "nowait_timeout_check($module, timeout, call, flag, /)\n--\n\n"

@@ -210,6 +210,8 @@ shm_sat_sub(uint32_t *w, uint32_t n)
 int64_t shm_now_ns(void);
 int64_t shm_deadline(PyObject *timeout); /* None -> forever; -1 on error */
 int shm_timeout_check(PyObject *timeout); /* shm_deadline's checks alone: 0, or -1 */
+/* A lock's deadline: as shm_deadline, but -1 is threading's "no timeout". */
+int64_t shm_lock_deadline(PyObject *timeout);
 /* A relative timeout in ns, -1 for None or beyond 10**9 s (for ever); the
  * checks of shm_deadline, naming the parameter `what`: 0, or -1. */
 int shm_timeout_ns(PyObject *timeout, const char *what, int64_t *ns);

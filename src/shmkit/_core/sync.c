@@ -91,14 +91,7 @@ shm_sync_deadline(PyObject *blocking_obj, PyObject *timeout)
         return -1;
     if (!blocking)
         return shm_nowait_timeout_check(timeout, "acquire()", "blocking") < 0 ? -1 : 0;
-    if (timeout != NULL && timeout != Py_None && PyNumber_Check(timeout)) {
-        double t = PyFloat_AsDouble(timeout);
-        if (t == -1.0 && PyErr_Occurred())
-            return -1;
-        if (t == -1.0)
-            return SHM_FOREVER;
-    }
-    return shm_deadline(timeout);
+    return shm_lock_deadline(timeout);
 }
 
 int
