@@ -310,6 +310,21 @@ def test_every_kind_refuses_an_option_it_lacks_or_an_existing_object_disagrees_w
         made.close()
 
 
+@pytest.mark.parametrize("kind", OPENERS)
+def test_every_kind_checks_max_attach_before_it_sizes_anything(kind, name):
+    """Each kind sizes its attachment table from ``max_attach`` before its
+    segment exists: a float, a bool or a str is refused there with the one
+    message, where some kinds opened (16.0) and others failed on the size
+    they computed from it; nothing is left behind."""
+    for bad in (16.0, True, "4"):
+        with pytest.raises(TypeError, match="^max_attach must be an int"):
+            OPENERS[kind](name, max_attach=bad)
+    with pytest.raises(ValueError, match="^max_attach must be 1..1024, not 0"):
+        OPENERS[kind](name, max_attach=0)
+    assert not os.path.exists(shmkit.segment.segment_path(name))
+    OPENERS[kind](name, max_attach=2).close()
+
+
 # -- 3. one meaning per name -----------------------------------------------------------
 
 def _close_handle(name: str) -> None:

@@ -71,6 +71,7 @@ from .segment import (
     _link_new,
     _new_file,
     at_fork_in_child,
+    check_max_attach,
 )
 
 __all__ = ["Channel", "Queue"]
@@ -1126,7 +1127,7 @@ class Channel(SharedObject, _core.Ring):
         default_cap = QUEUE_CAPACITY if self._kind == Kind.QUEUE else DEFAULT_CAPACITY
         cap = _check_capacity(default_cap if capacity is DEFAULT else capacity)
         items = 0 if max_items is DEFAULT else max_items
-        slots = DEFAULT_MAX_ATTACH if max_attach is DEFAULT else max_attach
+        slots = DEFAULT_MAX_ATTACH if max_attach is DEFAULT else check_max_attach(max_attach)
         if lifetime is None or lifetime is DEFAULT:
             life = "attached" if name is None and path is None else "persistent"
         else:

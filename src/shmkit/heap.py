@@ -51,7 +51,7 @@ from .errors import (
     StaleHandleError,
 )
 from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
-from .segment import DEFAULT_MAX_ATTACH, DEFAULT_RESERVE, Kind, Segment
+from .segment import DEFAULT_MAX_ATTACH, DEFAULT_RESERVE, Kind, Segment, check_max_attach
 from .sync import _deadline
 
 __all__ = ["Heap", "Handle", "Pin", "ArrayPin", "HeapFullError", "PinnedError",
@@ -278,7 +278,7 @@ class Heap(SharedObject):
             raise ValueError(f"max_blocks must be an int in 1..2**30, not {max_blocks!r}")
         if given(max_pins) and (not isinstance(max_pins, int) or not 1 <= max_pins <= 4096):
             raise ValueError(f"max_pins must be an int in 1..4096, not {max_pins!r}")
-        slots = max_attach if given(max_attach) else DEFAULT_MAX_ATTACH
+        slots = check_max_attach(max_attach) if given(max_attach) else DEFAULT_MAX_ATTACH
         top = None
         if data is not None and create is not False:
             if max_size is None:

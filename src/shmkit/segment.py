@@ -131,6 +131,17 @@ class Kind(IntEnum):
     SERVICE = 14
 
 
+def check_max_attach(max_attach: int) -> int:
+    """A given ``max_attach``: an int of 1.._core.MAX_SLOTS (every object's
+    attachment table is sized from it before its segment is made)."""
+    if not isinstance(max_attach, int) or isinstance(max_attach, bool):
+        raise TypeError(f"max_attach must be an int (how many handles may be attached at "
+                        f"once), not {type(max_attach).__name__}")
+    if not 1 <= max_attach <= _core.MAX_SLOTS:
+        raise ValueError(f"max_attach must be 1..{_core.MAX_SLOTS}, not {max_attach}")
+    return max_attach
+
+
 def _validate_name(name: str) -> str:
     if not isinstance(name, str):
         raise InvalidNameError(f"a segment name must be a str, not {type(name).__name__}")
@@ -686,8 +697,7 @@ class Segment(Closing):
             if max_size is not None and max_size > _MAX_RESERVE:
                 raise SizeLimitError(f"max_size={max_size} is beyond the {_MAX_RESERVE} "
                                      "bytes (64 TiB) of address space a segment can reserve")
-            if not 1 <= max_attach <= _core.MAX_SLOTS:
-                raise ValueError(f"max_attach must be 1..{_core.MAX_SLOTS}, not {max_attach}")
+            check_max_attach(max_attach)
             if readonly and create:
                 raise ValueError("cannot create a segment readonly=True")
             if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:

@@ -63,7 +63,7 @@ from .errors import (
     Timeout,
     WorkerDied,
 )
-from .segment import DEFAULT_MAX_ATTACH, Closing, Kind, Segment
+from .segment import DEFAULT_MAX_ATTACH, Closing, Kind, Segment, check_max_attach
 from .sync import seconds
 
 __all__ = ["Service", "Client", "Worker", "Request"]
@@ -173,7 +173,8 @@ class Service(SharedObject):
                  readonly: bool = False,
                  on_destroy: Callable[[], Any] | None = None) -> None:
         name = _check_name(name)
-        slots = DEFAULT_MAX_ATTACH if isinstance(max_attach, _Default) else max_attach
+        slots = DEFAULT_MAX_ATTACH if isinstance(max_attach, _Default) else \
+            check_max_attach(max_attach)
         life = "persistent" if isinstance(lifetime, _Default) or lifetime is None else lifetime
 
         def init(seg: Segment) -> None:

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, cast
 from . import _core
 from .errors import FormatVersionError, MismatchError, ShmkitError, Timeout, WouldBlock
 from ._object import DEFAULT, SyncOptions, attach_segment, check_common, segment_options
-from .segment import _OFF_HWM, DEFAULT_MAX_ATTACH, Kind, Segment
+from .segment import _OFF_HWM, DEFAULT_MAX_ATTACH, Kind, Segment, check_max_attach
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -126,7 +126,7 @@ class _Placed:
                        kwargs: Mapping[str, object]) -> Segment:
         opts = segment_options(cls.__name__, kwargs, SyncOptions) if kwargs else {}
         lifetime, max_attach = opts.get("lifetime"), opts.get("max_attach")
-        slots = DEFAULT_MAX_ATTACH if max_attach is None else max_attach
+        slots = DEFAULT_MAX_ATTACH if max_attach is None else check_max_attach(max_attach)
         size = cls._footprint(slots) if create is not False else None
         seg = attach_segment(cls._kind, name, opts.pop("path", None), size=size, create=create,
                              layout=layout, init=init, **opts)

@@ -39,7 +39,7 @@ from .errors import (
     SizeLimitError,
     Timeout,
 )
-from .segment import DEFAULT_MAX_ATTACH, Kind, Segment
+from .segment import DEFAULT_MAX_ATTACH, Kind, Segment, check_max_attach
 
 __all__ = ["Topic", "Subscriber"]
 
@@ -233,7 +233,7 @@ class Topic(SharedObject, _core.Topic):
         subs = _check_int("max_subscribers",
                           max_subscribers if given(max_subscribers) else DEFAULT_MAX_SUBSCRIBERS,
                           1, MAX_SUBSCRIBERS)
-        slots = max_attach if given(max_attach) else DEFAULT_MAX_ATTACH
+        slots = check_max_attach(max_attach) if given(max_attach) else DEFAULT_MAX_ATTACH
         if lifetime is None or not given(lifetime):
             life = "attached" if name is None and path is None else "persistent"
         else:
