@@ -18,7 +18,7 @@ import pytest
 import shmkit
 from shmkit import inspect
 
-from conftest import SRC, STORM_PRELUDE, spawn
+from conftest import SRC, STORM_PRELUDE, run_python, spawn
 
 MiB = 1 << 20
 
@@ -690,25 +690,30 @@ class _HandlerError(Exception):
     """What a signal handler raised."""
 
 
+@pytest.mark.parametrize("step", ["_check_trust", "_same_file"])
+@pytest.mark.parametrize("error", [_HandlerError, TimeoutError, shmkit.BusyError])
 @pytest.mark.parametrize("pool", [0, 8 * MiB])
-def test_what_a_handler_raises_in_a_big_objects_own_steps_gives_it_back(name, monkeypatch,
-                                                                        pool):
+def test_what_a_handler_raises_in_a_big_objects_own_steps_gives_it_back(
+        name, monkeypatch, pool, error, step):
     """A signal handler's exception (not an interrupt) raised in a step of
     the unpacking of a big object's header, before its unpickling, is not
-    the object's fault: the message goes back, with its payload file."""
+    the object's fault, whatever its class: the message goes back, with its
+    payload file.  A handler raising TimeoutError (an alarm's), an OSError,
+    or any ShmkitError lost the object: both classes counted as the file's
+    fault."""
     from shmkit import channel
     q = shmkit.Queue(name=name, payload_pool=pool)
     try:
         q.put(np.arange(MiB // 8, dtype=np.int64))
         q.put("next")
-        real = channel._check_trust
+        real = getattr(channel, step)
 
         def raise_once(*args):
-            monkeypatch.setattr(channel, "_check_trust", real)
-            raise _HandlerError("from a signal handler")
+            monkeypatch.setattr(channel, step, real)
+            raise error("from a signal handler")
 
-        monkeypatch.setattr(channel, "_check_trust", raise_once)
-        with pytest.raises(_HandlerError):
+        monkeypatch.setattr(channel, step, raise_once)
+        with pytest.raises(error):
             q.get(timeout=10)
         got = q.get(timeout=10)
         assert got[-1] == MiB // 8 - 1 and q.get(timeout=10) == "next"
@@ -720,6 +725,38 @@ def test_what_a_handler_raises_in_a_big_objects_own_steps_gives_it_back(name, mo
         q.unlink()
         q.close()
     assert not _payloads(q)
+
+
+def test_a_receiver_out_of_descriptors_gets_the_big_object_once_it_has_some(name):
+    """No descriptor left to open the payload file is this process's want, not
+    the file's fault: DescriptorLimitError says so, and the object stays
+    next in line (it was lost, as if the file were damaged)."""
+    out = run_python(f"""
+        import os, resource, numpy as np, shmkit
+        q = shmkit.Queue(name={name!r}, payload_pool=0)
+        q.put(np.arange(1 << 17))
+        q.put("next")
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        held = []
+        try:
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        try:
+            q.get(timeout=5)
+            print("got it with no descriptor left")
+        except shmkit.DescriptorLimitError as e:
+            print("refused:", "ulimit -n" in str(e))
+        for fd in held:
+            os.close(fd)
+        print("then", int(q.get(timeout=5)[-1]), q.get(timeout=5))
+        q.close()
+        q.unlink()
+        """)
+    assert out.stdout.split("\n")[:2] == ["refused: True", f"then {(1 << 17) - 1} next"], \
+        out.stdout
 
 
 def test_a_big_object_whose_own_steps_always_fail_is_given_up_after_a_hundred_tries(

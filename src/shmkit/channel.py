@@ -737,12 +737,14 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
     the unpickling raised it (``after``, the file's let-go, is then appended
     to ``at_fault``, a list the core made for this call: with no point in
     between where a signal handler runs, and no code of the exception's
-    own), or when it is about the file (a :class:`ShmkitError`, an
-    ``OSError``) or a :class:`MemoryError` (an object too big for this
-    process must not stop the queue).  The core gives the message back on
-    any other, which a step of our own raised on the way (what a signal
-    handler raised there), and on an interrupt; a hundred times for one
-    message at most, but for a KeyboardInterrupt.
+    own), when a check here found the file missing, damaged or not to be
+    trusted (``None`` is appended just before the verdict is raised), or
+    when it is a :class:`MemoryError` (an object too big for this process
+    must not stop the queue).  The core gives the message back on any
+    other: what a signal handler raised on the way (a ``TimeoutError`` from
+    an alarm's handler, a ``shmkit.Timeout``...), this process running out
+    of descriptors, an ``OSError`` of a step, and an interrupt; a hundred
+    times for one message at most, but for a KeyboardInterrupt.
     """
     if not data.startswith(_OOB_MAGIC):
         try:
@@ -751,11 +753,13 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
             at_fault.append(None)
             raise
     if len(data) < _OOB_HEAD.size:
+        at_fault.append(None)  # the file is at fault: lost
         raise CorruptError(_lost(name, f"its message holds only {len(data)} bytes"))
     _m, nbufs, flags, size, poff, plen, token = _OOB_HEAD.unpack_from(data)
     table_end = _OOB_HEAD.size + _OOB_BUF.size * nbufs
     if (not _TOKEN_RE.fullmatch(token) or flags > (_IN_FILE | _POOLED) or size < PAGE
             or table_end > len(data)):
+        at_fault.append(None)  # the file is at fault: lost
         raise CorruptError(_lost(name, "its out-of-band header is damaged"))
     bufs = [_OOB_BUF.unpack_from(data, _OOB_HEAD.size + _OOB_BUF.size * i)
             for i in range(nbufs)]
@@ -765,9 +769,11 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
     else:
         bufs_check = bufs
         if len(data) - table_end != plen:
+            at_fault.append(None)  # the file is at fault: lost
             raise CorruptError(_lost(name, "its out-of-band header is damaged"))
     for off, n in bufs_check:
         if off < PAGE or off > size or n > size - off:
+            at_fault.append(None)  # the file is at fault: lost
             raise CorruptError(_lost(name, f"its message names bytes {off}..{off + n} of a "
                                            f"{size}-byte payload"))
     directory, prefix = _payload_prefix(queue_path)
@@ -776,25 +782,34 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
     try:
         file = _open_file(path)
     except FileNotFoundError:
+        at_fault.append(None)  # the file is at fault: lost
         raise NotFoundError(_lost(name, f"its payload file {path} is gone (the queue was "
                                         "removed, or `shmkit gc` found it orphaned)")) from None
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENODEV):
             # as a FIFO, which opens and which the owner check refuses
+            at_fault.append(None)  # the file is at fault: lost
             raise UntrustedError(_lost(name, f"{path} is not a regular file "
                                              f"({e.strerror}); refusing to read it")) from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            at_fault.append(None)  # the file is at fault: lost
+            raise UntrustedError(_lost(name, f"{path} cannot be read here ({e.strerror}): "
+                                             "another user's file, or its mode forbids it")) from None
+        # this process's want (descriptors, memory): the message goes back
         raise _limit_error(e, f"open {where}") from None
     with file:
         fd = file.fileno()
         st = os.fstat(fd)
         try:
             _check_trust(st, where, path, trust_uid)  # before reading a byte
-        except ShmkitError as e:
-            raise type(e)(_lost(name, str(e))) from None
+        except UntrustedError as e:
+            at_fault.append(None)  # the file is at fault: lost
+            raise UntrustedError(_lost(name, str(e))) from None
         mine = _same_file(path, st)
         if st.st_size != size:
             if mine:
                 os.unlink(path)
+            at_fault.append(None)  # the file is at fault: lost
             raise CorruptError(_lost(name, f"{path} holds {st.st_size} bytes, not the "
                                            f"{size} its message names"))
         head = os.pread(fd, _FILE_HEAD.size, 0)
@@ -804,10 +819,12 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
             if head[:8] == _FILE_MAGIC and len(head) == _FILE_HEAD.size:
                 version = _FILE_HEAD.unpack(head)[1]
                 if version != _OOB_VERSION:
+                    at_fault.append(None)  # the file is at fault: lost
                     raise FormatVersionError(_lost(
                         name, f"{path} is payload format {version}, this shmkit reads "
                               f"{_OOB_VERSION}: its sender runs another shmkit version; "
                               "run the same version on both sides"))
+            at_fault.append(None)  # the file is at fault: lost
             raise CorruptError(_lost(name, f"{path} does not hold the payload its "
                                            "message names (bad header)"))
         if pooled and not _core.ofd_held(fd, 0, 1):
@@ -862,6 +879,7 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
                 # pooled file in a state we cannot trust: copy out.
                 mem = bytearray(size)
                 if os.preadv(fd, [mem], 0) != size:
+                    at_fault.append(None)  # the file is at fault: lost
                     raise CorruptError(_lost(name, f"{path} was cut short while read")) from None
             view = memoryview(mem)
             if hand_back:
@@ -1539,7 +1557,9 @@ class Queue(SharedObject, _core.QueueCore):
         :class:`NotFoundError`, :class:`CorruptError` or
         :class:`UntrustedError`, and an object that does not unpickle here
         (memory running out included) raises its error: that object is
-        lost, the queue goes on.
+        lost, the queue goes on.  No descriptor left to open its payload
+        (:class:`DescriptorLimitError`) leaves it next in line, as does
+        what a signal handler raises meanwhile.
 
         >>> q = Queue()
         >>> q.put({"frame": 1})

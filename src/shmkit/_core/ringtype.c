@@ -242,11 +242,14 @@ run_after(PyObject *after)
  * however often.  For a pickle, any other Exception is.  For a big
  * object's header (decoded by unpack), the unpickling's errors are (unpack
  * then has appended the payload file's let-go to at_fault, a list only
- * this call holds), and so are those about the file (a ShmkitError, an
- * OSError) or memory (an object too big for this process must not stop the
- * queue).  Anything else came from a signal handler: an Exception from a
- * step of unpack's own on the way (see channel.py, _unpack), or another
- * interrupt (SystemExit...).  It gives the message back, unless the same
+ * this call holds), and so are the verdicts of unpack's checks that the
+ * file is missing, damaged or not to be trusted (it appends None to
+ * at_fault just before it raises one: an exception's class does not tell,
+ * since a signal handler may raise any), and memory (an object too big for
+ * this process must not stop the queue).  Anything else came from a signal
+ * handler, an Exception raised on unpack's way (a TimeoutError of an alarm,
+ * say), this process running out of descriptors, or another interrupt
+ * (SystemExit...).  It gives the message back, unless the same
  * message failed so UNPACK_RETRIES times here: then it is the message's
  * too, which must not stop the queue either (a storm of such signals fails
  * one message 4 times in a row in a few thousand; a pickle whose rebuild
@@ -282,8 +285,6 @@ message_at_fault(RingObject *r, uint64_t pos, PyObject *at_fault, PyObject **aft
     int fault = 0;
     if (PyErr_ExceptionMatches(PyExc_Exception))
         fault = at_fault == NULL || PyList_GET_SIZE(at_fault) > 0 ||
-                PyErr_ExceptionMatches(RING_ST(r)->ShmkitError) ||
-                PyErr_ExceptionMatches(PyExc_OSError) ||
                 PyErr_ExceptionMatches(PyExc_MemoryError);
     if (!fault) {
         int i, least = 0; /* its slot, or a free one, or the one of the fewest failures */
