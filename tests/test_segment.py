@@ -1430,3 +1430,33 @@ def test_every_method_of_a_closed_segment_says_it_is_closed():
             pytest.fail(f"{what} worked on a closed handle")
     s.close()
     assert s.closed and s.name.startswith("anon-") and not s.readonly
+
+
+def test_info_beside_a_resize_never_reports_a_truncated_file(name, monkeypatch):
+    """``info()`` compares the file's length with the size the header holds.
+    It read the file's length first: a grow by another process (or thread)
+    in between, which extends the file and then stores the size, made a
+    whole file look cut short, a CorruptError for nothing.  The grow here
+    comes exactly in between, through another handle."""
+    seg = shmkit.Segment(name, size=4096, max_size=1 << 24)
+    other = shmkit.Segment(name)
+    real = _core.file_sizes
+    grows = [1 << 20, 1 << 22]
+
+    def length_then_a_grow(m: Any) -> Any:
+        sizes = real(m)
+        if grows:
+            monkeypatch.setattr(_core, "file_sizes", real)  # once
+            other.resize(grows.pop(0))  # after the length was read
+        return sizes
+
+    try:
+        monkeypatch.setattr(_core, "file_sizes", length_then_a_grow)
+        assert seg.info()["size"] == 1 << 20
+        other.resize(8192)  # a shrink keeps the file's length (holes)
+        monkeypatch.setattr(_core, "file_sizes", length_then_a_grow)
+        assert seg.info()["size"] == 1 << 22 and not grows
+    finally:
+        monkeypatch.setattr(_core, "file_sizes", real)
+        other.close()
+        seg.close()

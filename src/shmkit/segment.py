@@ -1211,10 +1211,14 @@ class Segment(Closing):
         ours faulted past its end (see _core/sigbus.c), or, with ``look``,
         the file is now shorter than the header and payload."""
         m = self._live_mapping()
-        # (the file's size through the mapping, which lends its descriptor:
-        # never a number another thread's close freed for reuse)
-        if m.truncated or (look and _core.file_sizes(m)[0]
-                           < self._hsize + _core.load64(m, _OFF_SIZE)):
+        # The size first, then the file's: a resize extends the file before
+        # it stores the new size (and a shrink punches holes, keeping the
+        # file's length), so a resize in between, by another thread or
+        # process, cannot make a whole file look short.  (The file's size
+        # through the mapping, which lends its descriptor: never a number
+        # another thread's close freed for reuse.)
+        if m.truncated or (look and self._hsize + _core.load64(m, _OFF_SIZE)
+                           > _core.file_sizes(m)[0]):
             raise CorruptError(
                 f"{self._name!r}'s file was truncated to {_core.file_sizes(m)[0]} bytes "
                 "by another process; its data can no longer be trusted; copy out what you "
