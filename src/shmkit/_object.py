@@ -97,14 +97,13 @@ def segment_options(owner: str, kwargs: Mapping[str, object],
 
 
 def check_common(what: str, seg: Segment, *, lifetime: Any = DEFAULT,
-                 max_attach: Any = DEFAULT, mode: int | None = None) -> None:
-    """Refuse an explicit ``lifetime``, ``max_attach`` or ``mode`` (None: not
-    given) that the existing object lacks."""
-    if seg.created or (lifetime is DEFAULT and max_attach is DEFAULT and mode is None):
+                 max_attach: Any = DEFAULT) -> None:
+    """Refuse an explicit ``lifetime`` or ``max_attach`` the existing object
+    lacks (its ``mode``: :func:`attach_segment`)."""
+    if seg.created or (lifetime is DEFAULT and max_attach is DEFAULT):
         return
     error = seg._disagreement(what, lifetime=None if lifetime is DEFAULT else lifetime,
-                              max_attach=None if max_attach is DEFAULT else max_attach,
-                              mode=mode)
+                              max_attach=None if max_attach is DEFAULT else max_attach)
     if error is not None:
         raise error
 

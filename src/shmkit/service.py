@@ -64,7 +64,7 @@ from .errors import (
     WorkerDied,
 )
 from .segment import DEFAULT_MAX_ATTACH, Closing, Kind, Segment, check_max_attach
-from .sync import seconds
+from .sync import optional_seconds
 
 __all__ = ["Service", "Client", "Worker", "Request"]
 
@@ -117,10 +117,6 @@ def _check_name(name: Any) -> str:
             f"service name {name[:40]!r}... has {len(name)} characters; a service name "
             f"has at most {MAX_NAME} (its channels' names add up to 23)")
     return name
-
-
-def _check_timeout(timeout: Any, what: str = "timeout") -> float | None:
-    return None if timeout is None else seconds(timeout, what)
 
 
 class Service(SharedObject):
@@ -397,7 +393,7 @@ class Service(SharedObject):
 
 def _serve_args(handler: Any, timeout: Any, max_requests: Any) -> float | None:
     """Check serve()'s arguments; returns the checked timeout."""
-    checked = _check_timeout(timeout)
+    checked = optional_seconds(timeout)
     if max_requests is not None and (not isinstance(max_requests, int)
                                      or isinstance(max_requests, bool) or max_requests < 0):
         raise ValueError(f"max_requests must be a non-negative int or None, "
@@ -609,7 +605,7 @@ class Worker(Closing):
     def _start_recv(self, timeout: Any) -> tuple[Segment, Channel, float | None, float | None]:
         seg = self._held()
         if timeout is not None:
-            timeout = _check_timeout(timeout)
+            timeout = optional_seconds(timeout)
         cur = self._current
         if cur is not None and not cur.answered:
             cur.fail("the worker took another request without answering this one")
@@ -858,7 +854,7 @@ class Client(Closing):
                 or reply_capacity < 64:
             raise ValueError(f"reply_capacity must be an int of at least 64 bytes, "
                              f"not {reply_capacity!r}")
-        wait = _check_timeout(wait_for_worker, "wait_for_worker")
+        wait = optional_seconds(wait_for_worker, "wait_for_worker")
         if isinstance(service, str):
             service = Service(service)
             self._own = True
@@ -983,7 +979,7 @@ class Client(Closing):
 
     def _start_call(self, timeout: Any) -> tuple[float | None, float | None]:
         if timeout is not None:
-            timeout = _check_timeout(timeout)
+            timeout = optional_seconds(timeout)
         if self._closed:
             raise ClosedError(f"client of service {self._seg.name!r} is closed")
         return timeout, None if timeout is None else time.monotonic() + timeout

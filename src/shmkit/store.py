@@ -47,7 +47,7 @@ from .errors import (
     UnsupportedTypeError,
 )
 from .segment import PAGE, Kind, Segment, _align, at_fork_in_child
-from .sync import seconds
+from .sync import optional_seconds
 
 __all__ = ["Store"]
 
@@ -245,13 +245,6 @@ def _parse_header(text: str) -> Any:
             after_value = True
 
 
-def _check_timeout(what: str, value: Any) -> float | None:
-    # Refused before the segment is made, and read once: the core keeps the
-    # seconds (tabletype.c), and a negative one is 0 for the segment's lock
-    # too, where -1 would be threading's "no timeout".
-    return None if value is None else seconds(value, what)
-
-
 def _grow(seg: Segment, timeout: float | None, need: int) -> None:
     """Grow the store's segment by at least ``need`` bytes (geometrically),
     waiting at most ``timeout`` for the segment's lock."""
@@ -361,10 +354,13 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
                                  or size < _MIN_SIZE):
             raise ValueError(f"size must be an int of at least {_MIN_SIZE} bytes, "
                              f"not {size!r}")
-        timeout = _check_timeout("timeout", timeout)
+        # Refused before the segment is made, and read once: the core keeps
+        # the seconds (tabletype.c), and a negative one is 0 for the
+        # segment's lock too, where -1 would be threading's "no timeout".
+        timeout = optional_seconds(timeout, "timeout")
         if read_timeout is DEFAULT:
             read_timeout = timeout if timeout is not None else READ_TIMEOUT
-        read_timeout = _check_timeout("read_timeout", read_timeout)
+        read_timeout = optional_seconds(read_timeout, "read_timeout")
         if max_size is not None and max_size > 1 << 44:
             raise ValueError("max_size cannot exceed 16 TiB")
         layout = {"format": FORMAT, "codec": (None if codec is DEFAULT else codec) or "none"}

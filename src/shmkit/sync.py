@@ -71,6 +71,11 @@ def seconds(timeout: float, what: str = "timeout") -> float:
     return _core.seconds(timeout, what)
 
 
+def optional_seconds(timeout: float | None, what: str = "timeout") -> float | None:
+    """:func:`seconds`, or None (no limit) for None: a timeout an object keeps."""
+    return None if timeout is None else seconds(timeout, what)
+
+
 def lock_timeout(timeout: float | None) -> float | None:
     """A lock's timeout as the core's acquire reads it (``_core.lock_timeout``):
     checked as by :func:`seconds`, -1 is threading.Lock's "no timeout" (None),
