@@ -727,6 +727,56 @@ def test_what_a_handler_raises_in_a_big_objects_own_steps_gives_it_back(
     assert not _payloads(q)
 
 
+_signals_left = [0]
+
+
+def _rebuild_signalled(tag, arr):
+    if _signals_left[0] > 0:
+        _signals_left[0] -= 1
+        signal.raise_signal(signal.SIGUSR1)  # its handler runs in this frame's next step
+    return tag, arr
+
+
+class _SignalledItem(_Item):
+    """Its rebuild is stopped by what a signal handler raises (as an alarm
+    coming during the rebuild would), a given number of times."""
+
+    def __reduce__(self):
+        return _rebuild_signalled, (self.tag, self.arr)
+
+
+@pytest.mark.parametrize("error", [TimeoutError, shmkit.CorruptError])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_what_a_handler_raises_inside_an_unpickling_gives_the_object_back(name, kind, error):
+    """A signal handler's exception raised while the unpickling runs Python
+    code (numpy's _frombuffer, a reconstructor) is not the object's fault:
+    the core and _unpack see a handler's frame on its way, and the object
+    stays next in line.  An alarm's TimeoutError there lost it (any
+    exception of an unpickling was the object's)."""
+    kw, n = KINDS[kind]
+    q = shmkit.Queue(name=name, **kw)
+
+    def handler(signum: int, frame: object) -> None:
+        raise error("from a signal handler")
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        q.put(_SignalledItem("it", None if n is None else np.arange(n // 8)))
+        q.put("next")
+        _signals_left[0] = 1
+        with pytest.raises(error, match="from a signal handler"):
+            q.get(timeout=10)
+        tag, arr = q.get(timeout=10)
+        assert tag == "it" and (arr is None if n is None else arr[-1] == n // 8 - 1)
+        assert q.get(timeout=10) == "next"
+        del arr
+    finally:
+        _signals_left[0] = 0
+        signal.signal(signal.SIGUSR1, old)
+        q.unlink()
+        q.close()
+
+
 def test_a_receiver_out_of_descriptors_gets_the_big_object_once_it_has_some(name):
     """No descriptor left to open the payload file is this process's want, not
     the file's fault: DescriptorLimitError says so, and the object stays

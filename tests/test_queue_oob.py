@@ -267,6 +267,36 @@ def test_truncated_payload_is_refused(queue):
     assert queue.get(timeout=5) == "ok"
 
 
+@pytest.mark.parametrize("damage", ["header", "length"])
+def test_a_damaged_payload_this_process_cannot_remove_is_lost_at_once(queue, monkeypatch,
+                                                                      damage):
+    """The receiver removes a damaged payload file that is its to remove; when
+    it may not (another user's, in the sticky /dev/shm), the verdict stands
+    all the same: lost at the first get, not given back a hundred times as
+    if the refused removal were a signal handler's error."""
+    queue.put(_array(5, MiB))
+    queue.put("next")
+    path = _one_payload(queue)
+    if damage == "header":
+        with open(path, "r+b") as f:
+            f.write(b"garbage!")
+    else:
+        os.truncate(path, 8192)
+    real = os.unlink
+
+    def refused(target, *args, **kwargs):
+        if target == path:
+            raise PermissionError(1, "Operation not permitted", target)
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(channel.os, "unlink", refused)
+    with pytest.raises(CorruptError, match="lost"):
+        queue.get(timeout=5)
+    assert queue.get(timeout=5) == "next"
+    monkeypatch.setattr(channel.os, "unlink", real)
+    os.unlink(path)  # (its owner's `shmkit gc` would)
+
+
 def _plant(kind: str, path: str) -> None:
     if kind == "fifo":
         os.mkfifo(path, 0o600)

@@ -1460,3 +1460,26 @@ def test_info_beside_a_resize_never_reports_a_truncated_file(name, monkeypatch):
         monkeypatch.setattr(_core, "file_sizes", real)
         other.close()
         seg.close()
+
+
+def test_scan_beside_a_resize_never_reports_a_corrupt_file(name, monkeypatch):
+    """``shmkit ls`` and ``shmkit info`` (inspect.scan) stat the file, then
+    read its header: the length they compare with the header's size is read
+    after the header, so a grow in between does not show a healthy segment
+    as corrupt ("claims N bytes of payload but its file holds only M")."""
+    from shmkit import inspect
+    seg = shmkit.Segment(name, size=4096, max_size=1 << 24)
+    other = shmkit.Segment(name)
+    real = inspect._read_header
+
+    def grown_after_the_stat(fd: int, st: os.stat_result, out: dict) -> None:
+        other.resize(1 << 20)
+        real(fd, st, out)
+
+    try:
+        monkeypatch.setattr(inspect, "_read_header", grown_after_the_stat)
+        found = inspect.scan(name)
+        assert (found["state"], found["size"]) == ("ok", 1 << 20)
+    finally:
+        other.close()
+        seg.close()

@@ -34,6 +34,7 @@ import io
 import os
 import pickle
 import re
+import signal
 import stat
 import struct
 import threading
@@ -451,7 +452,9 @@ def _remove_if_let_go(path: str, key: tuple[int, int] | None = None,
     that it stays for its sender to reuse, or goes if no sender holds it."""
     try:
         file = _open_file(path)
-    except OSError:
+    except OSError as e:
+        if _raised_by_a_signal_handler(e):  # (an alarm's TimeoutError is the caller's)
+            raise
         return  # removed meanwhile: nothing to do
     with file:
         try:
@@ -463,8 +466,9 @@ def _remove_if_let_go(path: str, key: tuple[int, int] | None = None,
                 if hand_back:
                     os.pwrite(fd, _STATE.pack(_FREE), _STATE_OFF)
                 _remove_let_go(fd, path, st)
-        except OSError:
-            pass
+        except OSError as e:
+            if _raised_by_a_signal_handler(e):
+                raise
 
 
 def _pooled_write(f: _PoolFile, parts: list[tuple[int, Any]]) -> None:
@@ -719,6 +723,46 @@ def _lost(name: str, why: str) -> str:
             "the next get() returns the next object")
 
 
+def _handler_code(handler: Any) -> Any:
+    """The code object a Python signal handler runs (None for the default
+    ones, which are C): a function's, a bound method's, a partial's, or a
+    callable object's ``__call__``'s."""
+    for _ in range(8):  # (a partial of a partial...)
+        if isinstance(handler, functools.partial):
+            handler = handler.func
+        elif hasattr(handler, "__func__"):
+            handler = handler.__func__
+        elif hasattr(handler, "__code__"):
+            return handler.__code__
+        elif callable(handler) and not isinstance(handler, type):
+            handler = getattr(type(handler), "__call__", None)
+        else:
+            return None
+    return None
+
+
+def _raised_by_a_signal_handler(exc: BaseException) -> bool:
+    """Whether a Python signal handler raised ``exc`` (or let it through):
+    one of the frames it passed on its way is a handler's.  Its class does
+    not tell: an alarm's handler may raise a TimeoutError, or any error a
+    rebuild could raise.  Asked only when a rebuild failed; a rebuild that
+    a handler stopped is not the object's fault, and gives it back."""
+    codes = set()
+    for signum in signal.valid_signals():
+        try:
+            code = _handler_code(signal.getsignal(signum))
+        except (ValueError, OSError):
+            continue
+        if code is not None:
+            codes.add(code)
+    tb = exc.__traceback__
+    while tb is not None and codes:
+        if tb.tb_frame.f_code in codes:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
             at_fault: list[Callable[[], Any] | None]) -> tuple[Any, Callable[[], Any] | None]:
     """Rebuild an object from its ring message (see :func:`_pack`), while the
@@ -735,9 +779,9 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
 
     An ``Exception`` is the message's fault, which finishes it (lost), when
     the unpickling raised it (``after``, the file's let-go, is then appended
-    to ``at_fault``, a list the core made for this call: with no point in
-    between where a signal handler runs, and no code of the exception's
-    own), when a check here found the file missing, damaged or not to be
+    to ``at_fault``, a list the core made for this call; not when a signal
+    handler raised it there: :func:`_raised_by_a_signal_handler`), when a
+    check here found the file missing, damaged or not to be
     trusted (``None`` is appended just before the verdict is raised), or
     when it is a :class:`MemoryError` (an object too big for this process
     must not stop the queue).  The core gives the message back on any
@@ -749,8 +793,9 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
     if not data.startswith(_OOB_MAGIC):
         try:
             return pickle.loads(data), None
-        except BaseException:
-            at_fault.append(None)
+        except BaseException as e:
+            if not _raised_by_a_signal_handler(e):
+                at_fault.append(None)
             raise
     if len(data) < _OOB_HEAD.size:
         at_fault.append(None)  # the file is at fault: lost
@@ -807,24 +852,23 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
             raise UntrustedError(_lost(name, str(e))) from None
         mine = _same_file(path, st)
         if st.st_size != size:
-            if mine:
-                os.unlink(path)
             at_fault.append(None)  # the file is at fault: lost
+            if mine:
+                _unlink_damaged(path)
             raise CorruptError(_lost(name, f"{path} holds {st.st_size} bytes, not the "
                                            f"{size} its message names"))
         head = os.pread(fd, _FILE_HEAD.size, 0)
         if head != _FILE_HEAD.pack(_FILE_MAGIC, _OOB_VERSION, size, token):
+            at_fault.append(None)  # the file is at fault: lost (whichever verdict)
             if mine:
-                os.unlink(path)
+                _unlink_damaged(path)
             if head[:8] == _FILE_MAGIC and len(head) == _FILE_HEAD.size:
                 version = _FILE_HEAD.unpack(head)[1]
                 if version != _OOB_VERSION:
-                    at_fault.append(None)  # the file is at fault: lost
                     raise FormatVersionError(_lost(
                         name, f"{path} is payload format {version}, this shmkit reads "
                               f"{_OOB_VERSION}: its sender runs another shmkit version; "
                               "run the same version on both sides"))
-            at_fault.append(None)  # the file is at fault: lost
             raise CorruptError(_lost(name, f"{path} does not hold the payload its "
                                            "message names (bad header)"))
         if pooled and not _core.ofd_held(fd, 0, 1):
@@ -857,8 +901,9 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
                                               st.st_ino)
                     try:
                         os.utime(fd)  # held since now (what the sender's _HELD_LONG measures)
-                    except OSError:
-                        pass
+                    except OSError as e:
+                        if _raised_by_a_signal_handler(e):  # the caller's, not ignored
+                            raise
                 else:
                     view.release()
                     view = None
@@ -893,17 +938,29 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
     blob = view[poff:poff + plen] if in_file else memoryview(data)[table_end:]
     try:
         obj = pickle.loads(blob, buffers=buffers)
-    except BaseException:
+    except BaseException as e:
         # Lost if it is the message's fault (the core's message_at_fault):
         # the core then lets its file go as it would have once the object
-        # was taken.
-        at_fault.append(after)
+        # was taken.  Not if a signal handler raised it, in Python code of
+        # the rebuild (numpy's _frombuffer) or as loads returned.
+        if not _raised_by_a_signal_handler(e):
+            at_fault.append(after)
         raise
     finally:
         del blob, buffers, view
         if isinstance(mem, _core.Mapping) and not pooled:
             mem.close()  # unmapped now, or when the object's last buffer goes
     return obj, after
+
+
+def _unlink_damaged(path: str) -> None:
+    """Remove a damaged payload file, if this process may: one it may not
+    (another user's, in a sticky /dev/shm) is left to its owner's `shmkit gc`;
+    the verdict on the message stands either way."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _same_file(path: str, st: os.stat_result) -> bool:
@@ -1465,7 +1522,8 @@ class Queue(SharedObject, _core.QueueCore):
         # get (_get_boxed, the core's QueueCore) decodes big objects' headers with
         # a partial of plain values: a bound method would tie the handle in a cycle
         self._bind(ch, _loads, functools.partial(_unpack, ch._seg.path, ch._seg.name,
-                                                 ch._seg._trust_uid))
+                                                 ch._seg._trust_uid),
+                   _raised_by_a_signal_handler)
         self._path = ch._seg.path
         self._oob_limit = min(OOB_THRESHOLD, ch.max_message + 1)
 

@@ -209,7 +209,10 @@ def _read_header(fd: int, st: os.stat_result, out: dict[str, Any]) -> None:
         return
     out["format_version"] = version = struct.unpack_from("=I", raw, 8)[0]
     try:
-        h = _Header(raw, "", st.st_size)
+        # The file's length read after the header: a resize extends the file
+        # before it stores the size, so one in between cannot make a whole
+        # file look short (Segment._check_truncated reads in this order too).
+        h = _Header(raw, "", os.fstat(fd).st_size)
     except FormatVersionError:
         out["state"] = f"format v{version}"
         return

@@ -37,7 +37,8 @@ count_fork(void)
 typedef struct {
     PyObject_HEAD
     PyObject *ring;      /* the queue's channel (a Ring); NULL when not bound */
-    PyObject *decode[2]; /* pickle.loads; the unpacker of a big object's header */
+    PyObject *decode[3]; /* pickle.loads; the unpacker of a big object's header;
+                            whether a signal handler raised an exception */
     PyObject *box;       /* [object, or itself when empty]: the main thread's (see above) */
     unsigned long box_forks; /* `forks` when the box was last looked at */
 } QueueCoreObject;
@@ -100,7 +101,8 @@ queue_get(QueueCoreObject *q, PyObject *timeout, int nowait)
     }
     /* held for the call: another thread may close the queue meanwhile */
     PyObject *ring = Py_NewRef(q->ring);
-    PyObject *decode[2] = {Py_NewRef(q->decode[0]), Py_NewRef(q->decode[1])};
+    PyObject *decode[3] = {Py_NewRef(q->decode[0]), Py_NewRef(q->decode[1]),
+                           Py_NewRef(q->decode[2])};
     PyObject *obj = ring_get_decoded((RingObject *)ring, timeout, nowait, decode);
     if (obj == NULL && PyErr_ExceptionMatches(RING_ST(ring)->Timeout)) {
         PyErr_Clear();
@@ -109,6 +111,7 @@ queue_get(QueueCoreObject *q, PyObject *timeout, int nowait)
     }
     Py_DECREF(decode[0]);
     Py_DECREF(decode[1]);
+    Py_DECREF(decode[2]);
     Py_DECREF(ring);
     return obj;
 }
@@ -149,12 +152,13 @@ QueueCore_get_boxed(QueueCoreObject *q, PyObject *const *args, Py_ssize_t nargs,
     return own;
 }
 
-/* _bind(ring, loads, unpack): what get receives from and decodes with. */
+/* _bind(ring, loads, unpack, by_a_handler): what get receives from and
+ * decodes with. */
 static PyObject *
 QueueCore_bind(QueueCoreObject *q, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "_bind() takes 3 arguments (%zd given)", nargs);
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "_bind() takes 4 arguments (%zd given)", nargs);
         return NULL;
     }
     if (!PyObject_TypeCheck(args[0], shm_state_of((PyObject *)q)->Ring)) {
@@ -162,8 +166,10 @@ QueueCore_bind(QueueCoreObject *q, PyObject *const *args, Py_ssize_t nargs)
                      Py_TYPE(args[0])->tp_name);
         return NULL;
     }
-    if (!PyCallable_Check(args[1]) || !PyCallable_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "_bind() needs two callables, loads and unpack");
+    if (!PyCallable_Check(args[1]) || !PyCallable_Check(args[2]) ||
+        !PyCallable_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "_bind() needs three callables, loads, unpack "
+                        "and by_a_handler");
         return NULL;
     }
     PyObject *box = new_box();
@@ -174,6 +180,7 @@ QueueCore_bind(QueueCoreObject *q, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(q->ring, Py_NewRef(args[0]));
     Py_XSETREF(q->decode[0], Py_NewRef(args[1]));
     Py_XSETREF(q->decode[1], Py_NewRef(args[2]));
+    Py_XSETREF(q->decode[2], Py_NewRef(args[3]));
     Py_RETURN_NONE;
 }
 
@@ -199,6 +206,7 @@ QueueCore_traverse(QueueCoreObject *q, visitproc visit, void *arg)
     Py_VISIT(q->ring);
     Py_VISIT(q->decode[0]);
     Py_VISIT(q->decode[1]);
+    Py_VISIT(q->decode[2]);
     Py_VISIT(q->box);
     return 0;
 }
@@ -209,6 +217,7 @@ QueueCore_clear(QueueCoreObject *q)
     Py_CLEAR(q->ring);
     Py_CLEAR(q->decode[0]);
     Py_CLEAR(q->decode[1]);
+    Py_CLEAR(q->decode[2]);
     Py_CLEAR(q->box);
     return 0;
 }
@@ -228,10 +237,11 @@ static PyMethodDef QueueCore_methods[] = {
      "Queue.get's call: a list holding the object (the main thread's box,\n"
      "which get empties).  Empty when block is false or the timeout passes."},
     {"_bind", (PyCFunction)(void (*)(void))QueueCore_bind, METH_FASTCALL,
-     "_bind($self, ring, loads, unpack, /)\n--\n\n"
+     "_bind($self, ring, loads, unpack, by_a_handler, /)\n--\n\n"
      "Receive from ring, decoding with loads (a pickle) or unpack (a big\n"
      "object's header, and a list to append after to if the unpickling fails:\n"
-     "returns (object, after))."},
+     "returns (object, after)); by_a_handler(exception) tells whether a\n"
+     "pickle's decoding was stopped by a signal handler's exception."},
     {"_unbind", (PyCFunction)QueueCore_unbind, METH_NOARGS,
      "_unbind($self, /)\n--\n\nget raises 'closed' from now on."},
     {NULL, NULL, 0, NULL},

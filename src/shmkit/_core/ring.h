@@ -306,7 +306,8 @@ int ring_senders_gone(RingObject *r, MappingObject *m);
 int ring_backoff(int *fruitless);
 /* Queue.get's receive (queuetype.c): the next message, decoded by
  * decode[0] (a pickle) or decode[1] (a big object's header) while it stays
- * in the channel, then finished (ringtype.c, decode_lent). */
+ * in the channel, then finished (ringtype.c, decode_lent); decode[2] tells
+ * a signal handler's exception from a pickle's own. */
 PyObject *ring_get_decoded(RingObject *r, PyObject *timeout, int nowait, PyObject *const *decode);
 
 #endif

@@ -249,8 +249,10 @@ run_after(PyObject *after)
  * this process must not stop the queue).  Anything else came from a signal
  * handler, an Exception raised on unpack's way (a TimeoutError of an alarm,
  * say), this process running out of descriptors, or another interrupt
- * (SystemExit...).  It gives the message back, unless the same
- * message failed so UNPACK_RETRIES times here: then it is the message's
+ * (SystemExit...), or a handler's exception that stopped a pickle's
+ * decoding (`handler`, raised_by_a_handler).  It gives the message back,
+ * unless the same message failed so UNPACK_RETRIES times here: then it is
+ * the message's
  * too, which must not stop the queue either (a storm of such signals fails
  * one message 4 times in a row in a few thousand; a pickle whose rebuild
  * raises SystemExit fails it every time).  The count is kept for each of
@@ -277,13 +279,14 @@ back_stale(RingObject *r, uint64_t pos)
 }
 
 static int
-message_at_fault(RingObject *r, uint64_t pos, PyObject *at_fault, PyObject **after)
+message_at_fault(RingObject *r, uint64_t pos, PyObject *at_fault, int handler,
+                 PyObject **after)
 {
     *after = NULL;
     if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
         return 0;
     int fault = 0;
-    if (PyErr_ExceptionMatches(PyExc_Exception))
+    if (PyErr_ExceptionMatches(PyExc_Exception) && !handler)
         fault = at_fault == NULL || PyList_GET_SIZE(at_fault) > 0 ||
                 PyErr_ExceptionMatches(PyExc_MemoryError);
     if (!fault) {
@@ -308,11 +311,45 @@ message_at_fault(RingObject *r, uint64_t pos, PyObject *at_fault, PyObject **aft
     return fault;
 }
 
+/* Did a signal handler raise the exception set, while the decoding ran
+ * Python code (numpy's _frombuffer, a __setstate__)?  Its class does not
+ * tell; `check` (channel.py, _raised_by_a_signal_handler) looks for a
+ * handler's frame on its way.  The exception is set again after; one the
+ * check raised (a handler that ran meanwhile) takes its place, and is a
+ * handler's too. */
+static int
+raised_by_a_handler(PyObject *check)
+{
+    if (check == NULL || check == Py_None || !PyErr_ExceptionMatches(PyExc_Exception))
+        return 0;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    if (tb != NULL && ev != NULL)
+        PyException_SetTraceback(ev, tb);
+    PyObject *res = PyObject_CallOneArg(check, ev != NULL ? ev : Py_None);
+    if (res == NULL) {
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+        return 1;
+    }
+    int yes = PyObject_IsTrue(res);
+    Py_DECREF(res);
+    if (yes < 0) {
+        PyErr_Clear();
+        yes = 0;
+    }
+    PyErr_Restore(et, ev, tb);
+    return yes;
+}
+
 /* Queue.get's step (R_DECODE): the message at pos, lent to us and marked to
  * go back to the channel if we die, is copied out and decoded while it is
  * still in the channel, and finished only once decoded.  decode[0] (loads)
- * decodes a message that holds a pickle; decode[1] (unpack), one whose
- * first byte is 0 (an out-of-band header), with a fresh list at_fault
+ * decodes a message that holds a pickle (decode[2], whether a signal
+ * handler raised what it raised); decode[1] (unpack), one whose first
+ * byte is 0 (an out-of-band header), with a fresh list at_fault
  * (see message_at_fault), returning (object, after): after is None or a
  * callable of the core (no Python code, so no interrupt can fall inside
  * it), run right after the message is finished, such as the claim of its
@@ -358,6 +395,11 @@ decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_
         Py_CLEAR(obj);
         Py_CLEAR(after);
     }
+    /* A pickle's decoding stopped by a handler's exception: counted, as
+     * unpack's own steps are (unpack tells for a big object).  Asked
+     * before `ours` is read: the check's code may close the handle. */
+    int handler = obj == NULL && !signalled && at_fault == NULL &&
+                  raised_by_a_handler(decode[2]);
     /* Still attached through this handle?  (Code the decoding ran may have
      * closed it; our token is then dead, and a repair gives the record
      * back.) */
@@ -370,7 +412,7 @@ decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_
         PyObject *let_go = NULL;
         if (!ours) {
             /* (a repair gives it back) */
-        } else if (signalled || !message_at_fault(r, pos, at_fault, &let_go)) {
+        } else if (signalled || !message_at_fault(r, pos, at_fault, handler, &let_go)) {
             lent_undo(r, m, pos, me, 1);
         } else {
             view_finish_keep(r, m, rec, me);
