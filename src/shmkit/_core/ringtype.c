@@ -278,7 +278,7 @@ back_stale(RingObject *r, uint64_t pos)
     return st != ST_RETURNED && !st_lent(st);
 }
 
-static int
+static __attribute__((cold, noinline)) int
 message_at_fault(RingObject *r, uint64_t pos, PyObject *at_fault, int handler,
                  PyObject **after)
 {
@@ -317,7 +317,7 @@ message_at_fault(RingObject *r, uint64_t pos, PyObject *at_fault, int handler,
  * handler's frame on its way.  The exception is set again after; one the
  * check raised (a handler that ran meanwhile) takes its place, and is a
  * handler's too. */
-static int
+static __attribute__((cold, noinline)) int
 raised_by_a_handler(PyObject *check)
 {
     if (check == NULL || check == Py_None || !PyErr_ExceptionMatches(PyExc_Exception))
