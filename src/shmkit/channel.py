@@ -39,6 +39,7 @@ import stat
 import struct
 import threading
 import time
+import types
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -728,17 +729,20 @@ def _handler_code(handler: Any) -> Any:
     ones, which are C): a function's, a bound method's, a partial's, or a
     callable object's ``__call__``'s."""
     for _ in range(8):  # (a partial of a partial...)
-        if isinstance(handler, functools.partial):
-            handler = handler.func
-        elif hasattr(handler, "__func__"):
-            handler = handler.__func__
-        elif hasattr(handler, "__code__"):
+        if isinstance(handler, types.FunctionType):
             return handler.__code__
-        elif callable(handler) and not isinstance(handler, type):
+        if isinstance(handler, types.MethodType):
+            handler = handler.__func__
+        elif isinstance(handler, functools.partial):
+            handler = handler.func
+        elif callable(handler) and not isinstance(handler, (type, types.BuiltinFunctionType)):
             handler = getattr(type(handler), "__call__", None)
         else:
-            return None
+            return None  # a builtin (the default handlers), SIG_DFL, SIG_IGN, None
     return None
+
+
+_TRACEBACK: Any = BaseException.__dict__["__traceback__"]
 
 
 def _raised_by_a_signal_handler(exc: BaseException) -> bool:
@@ -751,11 +755,13 @@ def _raised_by_a_signal_handler(exc: BaseException) -> bool:
     for signum in signal.valid_signals():
         try:
             code = _handler_code(signal.getsignal(signum))
-        except (ValueError, OSError):
+        except Exception:  # (a handler object whose attributes raise: not one of ours)
             continue
-        if code is not None:
+        if isinstance(code, types.CodeType):
             codes.add(code)
-    tb = exc.__traceback__
+    # (read through BaseException's own descriptor: the class's attribute
+    # lookup may do anything)
+    tb = _TRACEBACK.__get__(exc, BaseException) if isinstance(exc, BaseException) else None
     while tb is not None and codes:
         if tb.tb_frame.f_code in codes:
             return True
