@@ -206,6 +206,57 @@ def test_an_unpickling_error_of_any_class_loses_only_its_object_at_once(
     assert not _payloads(q)
 
 
+class _TracebackHidden(ValueError):
+    """Its traceback attribute raises; its class lookup raises too."""
+
+    @property
+    def __traceback__(self):  # type: ignore[override]
+        raise RuntimeError("no traceback here")
+
+
+def _refuse_hidden(arr):
+    raise _TracebackHidden("cannot be rebuilt here")
+
+
+class _RefusedHidden:
+    def __init__(self, arr):
+        self.arr = arr
+
+    def __reduce__(self):
+        return _refuse_hidden, (self.arr,)
+
+
+class _OddHandler:
+    """A callable handler whose attribute lookups raise."""
+
+    def __call__(self, signum: int, frame: object) -> None:
+        raise TimeoutError("never fired")
+
+    def __getattr__(self, name: str) -> object:
+        raise KeyError(name)
+
+
+@pytest.mark.parametrize("pool", [None, 0])
+def test_the_handler_check_runs_no_code_of_the_classes_it_looks_at(name, pool):
+    """Telling a handler's exception from an object's reads only what no
+    class can override: an error whose traceback attribute raises, under
+    a handler object whose attributes raise, is still the object's and is
+    lost at its first get (the check's own error took its place, and the
+    object was retried a hundred times)."""
+    old = signal.signal(signal.SIGUSR2, _OddHandler())
+    q = shmkit.Queue(name=name, payload_pool=0 if pool is None else pool)
+    try:
+        q.put(_RefusedHidden(None if pool is None else np.ones(2 * MiB, np.uint8)))
+        q.put("after")
+        with pytest.raises(_TracebackHidden, match="cannot be rebuilt"):
+            q.get(timeout=5)
+        assert q.get(timeout=5) == "after"
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+        q.unlink()
+        q.close()
+
+
 class _Cancelled(BaseException):
     """A library's own interrupt (as some use for cancellation)."""
 

@@ -27,6 +27,7 @@ the waiting strategy are described in docs/channel.md.
 
 from __future__ import annotations
 
+import _signal
 import atexit
 import errno
 import functools
@@ -34,7 +35,6 @@ import io
 import os
 import pickle
 import re
-import signal
 import stat
 import struct
 import threading
@@ -727,45 +727,58 @@ def _lost(name: str, why: str) -> str:
 def _handler_code(handler: Any) -> Any:
     """The code object a Python signal handler runs (None for the default
     ones, which are C): a function's, a bound method's, a partial's, or a
-    callable object's ``__call__``'s."""
-    for _ in range(8):  # (a partial of a partial...)
-        if isinstance(handler, types.FunctionType):
+    callable object's ``__call__``'s.  Only types and the classes' own
+    attributes are read, so none of the handler's own code runs here."""
+    for _ in range(8):  # (a partial of a bound method...)
+        kind = type(handler)
+        if kind is types.FunctionType:
             return handler.__code__
-        if isinstance(handler, types.MethodType):
+        if kind is types.MethodType:
             handler = handler.__func__
-        elif isinstance(handler, functools.partial):
+        elif kind is functools.partial:
             handler = handler.func
-        elif callable(handler) and not isinstance(handler, (type, types.BuiltinFunctionType)):
-            handler = getattr(type(handler), "__call__", None)
         else:
-            return None  # a builtin (the default handlers), SIG_DFL, SIG_IGN, None
+            call = None
+            for cls in _MRO.__get__(kind, type):
+                call = _CLASS_DICT.__get__(cls, type).get("__call__")
+                if call is not None:
+                    break
+            if type(call) is not types.FunctionType:
+                return None  # a builtin (the default handlers), SIG_DFL, SIG_IGN, None
+            handler = call
     return None
 
 
+# Read through their own descriptors: the attribute lookups of an exception's
+# or a handler's class may do anything (raise, loop, hide).
 _TRACEBACK: Any = BaseException.__dict__["__traceback__"]
+_CONTEXT: Any = BaseException.__dict__["__context__"]
+_MRO: Any = type.__dict__["__mro__"]
+_CLASS_DICT: Any = type.__dict__["__dict__"]
 
 
 def _raised_by_a_signal_handler(exc: BaseException) -> bool:
-    """Whether a Python signal handler raised ``exc`` (or let it through):
-    one of the frames it passed on its way is a handler's.  Its class does
-    not tell: an alarm's handler may raise a TimeoutError, or any error a
-    rebuild could raise.  Asked only when a rebuild failed; a rebuild that
-    a handler stopped is not the object's fault, and gives it back."""
+    """Whether a Python signal handler raised ``exc`` (or what it is the
+    context of): one of the frames on its way is a handler's.  Its class
+    does not tell: an alarm's handler may raise a TimeoutError, or any error
+    a rebuild could raise.  Asked only when a rebuild failed; a rebuild
+    that a handler stopped is not the object's fault, and gives it back.
+    Runs no code of the exception's or the handlers' classes, and catches
+    nothing: what a handler raises in here is the caller's."""
     codes = set()
-    for signum in signal.valid_signals():
-        try:
-            code = _handler_code(signal.getsignal(signum))
-        except Exception:  # (a handler object whose attributes raise: not one of ours)
-            continue
-        if isinstance(code, types.CodeType):
+    for signum in _signal.valid_signals():  # (the C module's: no Python frame)
+        code = _handler_code(_signal.getsignal(signum))
+        if code is not None:
             codes.add(code)
-    # (read through BaseException's own descriptor: the class's attribute
-    # lookup may do anything)
-    tb = _TRACEBACK.__get__(exc, BaseException) if isinstance(exc, BaseException) else None
-    while tb is not None and codes:
-        if tb.tb_frame.f_code in codes:
-            return True
-        tb = tb.tb_next
+    for _ in range(16):  # (an exception and what it was raised in)
+        if not codes or not isinstance(exc, BaseException):
+            return False
+        tb = _TRACEBACK.__get__(exc, BaseException)
+        while tb is not None:
+            if tb.tb_frame.f_code in codes:
+                return True
+            tb = tb.tb_next
+        exc = _CONTEXT.__get__(exc, BaseException)
     return False
 
 
@@ -832,11 +845,15 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
     where = f"payload {os.path.basename(path)!r} of queue {name!r}"
     try:
         file = _open_file(path)
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        if _raised_by_a_signal_handler(e):
+            raise  # (a handler's, not the file's: given back)
         at_fault.append(None)  # the file is at fault: lost
         raise NotFoundError(_lost(name, f"its payload file {path} is gone (the queue was "
                                         "removed, or `shmkit gc` found it orphaned)")) from None
     except OSError as e:
+        if _raised_by_a_signal_handler(e):
+            raise
         if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENODEV):
             # as a FIFO, which opens and which the owner check refuses
             at_fault.append(None)  # the file is at fault: lost
@@ -934,8 +951,12 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
                     raise CorruptError(_lost(name, f"{path} was cut short while read")) from None
             view = memoryview(mem)
             if hand_back:
-                # (the rare case of no address space left: a message given
-                # back after this finds its file gone, and is lost)
+                # (the rare case of no address space left.)  Its sender may
+                # reuse the file from now on: the message must not be given
+                # back after this, so whatever stops the rebuild now loses
+                # the object (an interrupt too, save a KeyboardInterrupt,
+                # which the core always gives back).
+                at_fault.append(None)
                 _remove_if_let_go(path, (st.st_dev, st.st_ino), hand_back=True)
             elif mine and not pooled:
                 # Ours once the object is: nobody else will ever open it.
