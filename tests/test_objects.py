@@ -10,6 +10,7 @@ the process that removes the name.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import os
 import pickle
@@ -274,16 +275,13 @@ def test_store_and_records_parameters_are_honoured_or_refused(names):
     assert isinstance(ei.value, TypeError)  # as before
 
 
-OPENERS = {"mutex": lambda n, **kw: shmkit.Mutex(n, **kw),
+# Every kind opened by name: the structures as `make` builds them, and the rest.
+OPENERS = {**{kind: functools.partial(make, kind) for kind in KINDS},
+           "mutex": lambda n, **kw: shmkit.Mutex(n, **kw),
            "rwlock": lambda n, **kw: shmkit.RWLock(n, **kw),
            "event": lambda n, **kw: shmkit.Event(n, **kw),
            "semaphore": lambda n, **kw: shmkit.Semaphore(n, 1, **kw),
            "condition": lambda n, **kw: shmkit.Condition(n, **kw),
-           "array": lambda n, **kw: shmkit.Array(n, "f4", 3, **kw),
-           "queue": lambda n, **kw: shmkit.Queue(name=n, **kw),
-           "channel": lambda n, **kw: shmkit.Channel(n, **kw),
-           "store": lambda n, **kw: shmkit.Store(n, **kw),
-           "heap": lambda n, **kw: shmkit.Heap(n, size=1 << 16, **kw),
            "topic": lambda n, **kw: shmkit.Topic(n, **kw)}
 
 

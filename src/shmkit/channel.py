@@ -817,14 +817,13 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
                 at_fault.append(None)
             raise
     if len(data) < _OOB_HEAD.size:
-        at_fault.append(None)  # the file is at fault: lost
-        raise CorruptError(_lost(name, f"its message holds only {len(data)} bytes"))
+        raise _lost_error(at_fault, CorruptError, name,
+                          f"its message holds only {len(data)} bytes")
     _m, nbufs, flags, size, poff, plen, token = _OOB_HEAD.unpack_from(data)
     table_end = _OOB_HEAD.size + _OOB_BUF.size * nbufs
     if (not _TOKEN_RE.fullmatch(token) or flags > (_IN_FILE | _POOLED) or size < PAGE
             or table_end > len(data)):
-        at_fault.append(None)  # the file is at fault: lost
-        raise CorruptError(_lost(name, "its out-of-band header is damaged"))
+        raise _lost_error(at_fault, CorruptError, name, "its out-of-band header is damaged")
     bufs = [_OOB_BUF.unpack_from(data, _OOB_HEAD.size + _OOB_BUF.size * i)
             for i in range(nbufs)]
     in_file, pooled = bool(flags & _IN_FILE), bool(flags & _POOLED)
@@ -833,36 +832,31 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
     else:
         bufs_check = bufs
         if len(data) - table_end != plen:
-            at_fault.append(None)  # the file is at fault: lost
-            raise CorruptError(_lost(name, "its out-of-band header is damaged"))
+            raise _lost_error(at_fault, CorruptError, name, "its out-of-band header is damaged")
     for off, n in bufs_check:
         if off < PAGE or off > size or n > size - off:
-            at_fault.append(None)  # the file is at fault: lost
-            raise CorruptError(_lost(name, f"its message names bytes {off}..{off + n} of a "
-                                           f"{size}-byte payload"))
+            raise _lost_error(at_fault, CorruptError, name, f"its message names bytes "
+                              f"{off}..{off + n} of a {size}-byte payload")
     directory, prefix = _payload_prefix(queue_path)
     path = os.path.join(directory, prefix + token.decode())
     where = f"payload {os.path.basename(path)!r} of queue {name!r}"
     try:
         file = _open_file(path)
-    except FileNotFoundError as e:
-        if _raised_by_a_signal_handler(e):
-            raise  # (a handler's, not the file's: given back)
-        at_fault.append(None)  # the file is at fault: lost
-        raise NotFoundError(_lost(name, f"its payload file {path} is gone (the queue was "
-                                        "removed, or `shmkit gc` found it orphaned)")) from None
     except OSError as e:
         if _raised_by_a_signal_handler(e):
-            raise
+            raise  # (a handler's, not the file's: given back)
+        if isinstance(e, FileNotFoundError):
+            raise _lost_error(at_fault, NotFoundError, name, f"its payload file {path} is gone "
+                              "(the queue was removed, or `shmkit gc` found it orphaned)"
+                              ) from None
         if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENODEV):
             # as a FIFO, which opens and which the owner check refuses
-            at_fault.append(None)  # the file is at fault: lost
-            raise UntrustedError(_lost(name, f"{path} is not a regular file "
-                                             f"({e.strerror}); refusing to read it")) from None
+            raise _lost_error(at_fault, UntrustedError, name, f"{path} is not a regular file "
+                              f"({e.strerror}); refusing to read it") from None
         if e.errno in (errno.EACCES, errno.EPERM):
-            at_fault.append(None)  # the file is at fault: lost
-            raise UntrustedError(_lost(name, f"{path} cannot be read here ({e.strerror}): "
-                                             "another user's file, or its mode forbids it")) from None
+            raise _lost_error(at_fault, UntrustedError, name, f"{path} cannot be read here "
+                              f"({e.strerror}): another user's file, or its mode forbids it"
+                              ) from None
         # this process's want (descriptors, memory): the message goes back
         raise _limit_error(e, f"open {where}") from None
     with file:
@@ -871,29 +865,27 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
         try:
             _check_trust(st, where, path, trust_uid)  # before reading a byte
         except UntrustedError as e:
-            at_fault.append(None)  # the file is at fault: lost
-            raise UntrustedError(_lost(name, str(e))) from None
+            raise _lost_error(at_fault, UntrustedError, name, str(e)) from None
         mine = _same_file(path, st)
         if st.st_size != size:
-            at_fault.append(None)  # the file is at fault: lost
             if mine:
                 _unlink_damaged(path)
-            raise CorruptError(_lost(name, f"{path} holds {st.st_size} bytes, not the "
-                                           f"{size} its message names"))
+            raise _lost_error(at_fault, CorruptError, name, f"{path} holds {st.st_size} "
+                              f"bytes, not the {size} its message names")
         head = os.pread(fd, _FILE_HEAD.size, 0)
         if head != _FILE_HEAD.pack(_FILE_MAGIC, _OOB_VERSION, size, token):
-            at_fault.append(None)  # the file is at fault: lost (whichever verdict)
             if mine:
                 _unlink_damaged(path)
             if head[:8] == _FILE_MAGIC and len(head) == _FILE_HEAD.size:
                 version = _FILE_HEAD.unpack(head)[1]
                 if version != _OOB_VERSION:
-                    raise FormatVersionError(_lost(
-                        name, f"{path} is payload format {version}, this shmkit reads "
-                              f"{_OOB_VERSION}: its sender runs another shmkit version; "
-                              "run the same version on both sides"))
-            raise CorruptError(_lost(name, f"{path} does not hold the payload its "
-                                           "message names (bad header)"))
+                    raise _lost_error(
+                        at_fault, FormatVersionError, name,
+                        f"{path} is payload format {version}, this shmkit reads "
+                        f"{_OOB_VERSION}: its sender runs another shmkit version; "
+                        "run the same version on both sides")
+            raise _lost_error(at_fault, CorruptError, name, f"{path} does not hold the "
+                              "payload its message names (bad header)")
         if pooled and not _core.ofd_held(fd, 0, 1):
             pooled = False  # its sender closed or died: nobody reuses it, ours now
         if not pooled:
@@ -947,8 +939,8 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
                 # pooled file in a state we cannot trust: copy out.
                 mem = bytearray(size)
                 if os.preadv(fd, [mem], 0) != size:
-                    at_fault.append(None)  # the file is at fault: lost
-                    raise CorruptError(_lost(name, f"{path} was cut short while read")) from None
+                    raise _lost_error(at_fault, CorruptError, name,
+                                      f"{path} was cut short while read") from None
             view = memoryview(mem)
             if hand_back:
                 # (the rare case of no address space left.)  Its sender may
@@ -983,11 +975,22 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
 def _unlink_damaged(path: str) -> None:
     """Remove a damaged payload file, if this process may: one it may not
     (another user's, in a sticky /dev/shm) is left to its owner's `shmkit gc`;
-    the verdict on the message stands either way."""
+    the verdict on the message stands either way (what a signal handler
+    raised meanwhile is the caller's, and gives the message back)."""
     try:
         os.unlink(path)
-    except OSError:
-        pass
+    except OSError as e:
+        if _raised_by_a_signal_handler(e):
+            raise
+
+
+def _lost_error(at_fault: list[Callable[[], Any] | None], cls: type[ShmkitError], name: str,
+                why: str) -> ShmkitError:
+    """The verdict of one of `_unpack`'s checks that the payload file is at
+    fault: the core is told first (``at_fault``), so that the message is
+    finished and the object lost, not given back, whatever comes after."""
+    at_fault.append(None)
+    return cls(_lost(name, why))
 
 
 def _same_file(path: str, st: os.stat_result) -> bool:

@@ -130,19 +130,16 @@ class _Placed:
                        init: Callable[[Segment], None] | None,
                        kwargs: Mapping[str, object]) -> Segment:
         opts = segment_options(cls.__name__, kwargs, SyncOptions) if kwargs else {}
-        lifetime, max_attach = opts.get("lifetime"), opts.get("max_attach")
-        slots = DEFAULT_MAX_ATTACH if max_attach is None else check_max_attach(max_attach)
+        lifetime, max_attach = opts.get("lifetime", DEFAULT), opts.get("max_attach", DEFAULT)
+        slots = DEFAULT_MAX_ATTACH if max_attach is DEFAULT else check_max_attach(max_attach)
         size = cls._footprint(slots) if create is not False else None
         seg = attach_segment(cls._kind, name, opts.pop("path", None), size=size, create=create,
                              layout=layout, init=init, **opts)
-        if lifetime is not None or max_attach is not None:
-            try:  # an explicit parameter is honoured or refused, never ignored
-                check_common(cls._kind.name.lower(), seg,
-                             lifetime=DEFAULT if lifetime is None else lifetime,
-                             max_attach=DEFAULT if max_attach is None else max_attach)
-            except BaseException:
-                seg.close()
-                raise
+        try:  # an explicit parameter is honoured or refused, never ignored
+            check_common(cls._kind.name.lower(), seg, lifetime=lifetime, max_attach=max_attach)
+        except BaseException:
+            seg.close()
+            raise
         return seg
 
     @classmethod

@@ -41,29 +41,38 @@ is_bool(PyObject *o)
     return strcmp(name, "numpy.bool") == 0 || strcmp(name, "numpy.bool_") == 0;
 }
 
+/* A timeout as a double: 0, or 1 when it is no number (a bool, or what
+ * does not convert to a float; nothing set), or -1 with the number's own
+ * error (its __float__ raising, a Ctrl-C in it). */
+static int
+float_of(PyObject *timeout, double *t)
+{
+    if (is_bool(timeout))
+        return 1;
+    *t = PyFloat_AsDouble(timeout);
+    if (*t != -1.0 || !PyErr_Occurred())
+        return 0;
+    if (!PyErr_ExceptionMatches(PyExc_TypeError))
+        return -1;
+    PyErr_Clear();
+    return 1;
+}
+
 /* A timeout's seconds, as every blocking call takes them (Python's waits
  * through seconds() below): whatever converts to a float, as for time.sleep,
  * but not a bool (get(True, True) is a slip, not one second) nor NaN. */
 static int
 timeout_seconds(PyObject *timeout, const char *what, double *t)
 {
-    if (!is_bool(timeout)) {
-        *t = PyFloat_AsDouble(timeout);
-        if (*t != -1.0 || !PyErr_Occurred())
-            goto got;
-        if (!PyErr_ExceptionMatches(PyExc_TypeError))
-            return -1; /* the number's own error (__float__ raising, say) */
-        PyErr_Clear();
-    }
-    PyErr_Format(PyExc_TypeError, "%s must be a number of seconds or None, not %s",
-                 what, Py_TYPE(timeout)->tp_name);
-    return -1;
-got:
-    if (*t != *t) {
+    int r = float_of(timeout, t);
+    if (r > 0)
+        PyErr_Format(PyExc_TypeError, "%s must be a number of seconds or None, not %s",
+                     what, Py_TYPE(timeout)->tp_name);
+    else if (r == 0 && *t != *t)
         PyErr_Format(PyExc_ValueError, "%s must be a number of seconds, not NaN", what);
-        return -1;
-    }
-    return 0;
+    else
+        return r;
+    return -1;
 }
 
 int
@@ -76,15 +85,14 @@ shm_timeout_check(PyObject *timeout)
 int
 shm_nowait_timeout_check(PyObject *timeout, const char *call, const char *flag)
 {
+    double t;
     if (timeout == NULL || timeout == Py_None)
         return 0;
-    if (!is_bool(timeout) && PyFloat_AsDouble(timeout) == -1.0) {
-        if (!PyErr_Occurred())
-            return 0; /* threading's "no timeout" */
-        if (!PyErr_ExceptionMatches(PyExc_TypeError))
-            return -1; /* the number's own error (a Ctrl-C in its __float__, say) */
-        PyErr_Clear(); /* not a number: refused below */
-    }
+    int r = float_of(timeout, &t);
+    if (r < 0)
+        return -1;
+    if (r == 0 && t == -1.0)
+        return 0; /* threading's "no timeout" */
     PyErr_Format(PyExc_ValueError,
                  "%s was given timeout=%R with %s=False: a call that does not block "
                  "takes no timeout; pass %s=True to wait up to the timeout, or leave "
@@ -102,27 +110,30 @@ ns_of(double t)
     return t <= 1e9 ? (int64_t)(t * 1e9) : -1;
 }
 
-int64_t
-shm_deadline(PyObject *timeout)
-{
-    if (timeout == NULL || timeout == Py_None)
-        return SHM_FOREVER;
-    int64_t ns;
-    if (shm_timeout_ns(timeout, "timeout", &ns) < 0)
-        return -1;
-    return ns < 0 ? SHM_FOREVER : shm_now_ns() + ns;
-}
-
-int64_t
-shm_lock_deadline(PyObject *timeout)
+/* The deadline of a timeout (None: for ever); for a lock (`lock`), -1 is
+ * threading's "no timeout" too. */
+static int64_t
+deadline_of(PyObject *timeout, int lock)
 {
     double t;
     if (timeout == NULL || timeout == Py_None)
         return SHM_FOREVER;
     if (timeout_seconds(timeout, "timeout", &t) < 0)
         return -1;
-    int64_t ns = t == -1.0 ? -1 : ns_of(t); /* -1: threading's "no timeout" */
+    int64_t ns = lock && t == -1.0 ? -1 : ns_of(t);
     return ns < 0 ? SHM_FOREVER : shm_now_ns() + ns;
+}
+
+int64_t
+shm_deadline(PyObject *timeout)
+{
+    return deadline_of(timeout, 0);
+}
+
+int64_t
+shm_lock_deadline(PyObject *timeout)
+{
+    return deadline_of(timeout, 1);
 }
 
 int

@@ -42,7 +42,7 @@ from ..errors import (
     WrongKindError,
 )
 from ..segment import _validate_name, mismatch
-from ..sync import seconds
+from ..sync import _deadline
 from . import Namespace
 
 if TYPE_CHECKING:
@@ -170,14 +170,8 @@ def guard_all(cls: _C) -> _C:
     return cls
 
 
-def deadline(timeout: float | None) -> float | None:
-    """The monotonic time a wait of ``timeout`` ends at (None: never), by the
-    local objects' rule (:func:`shmkit.sync.seconds`): a negative timeout does
-    not wait, and one beyond 10**9 s waits for ever."""
-    if timeout is None:
-        return None
-    t = seconds(timeout)
-    return None if t > 1e9 else time.monotonic() + t
+# When a wait of a timeout ends (None: never): the local objects' rule.
+deadline = _deadline
 
 
 def remaining(end: float | None) -> float:
