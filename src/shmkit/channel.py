@@ -867,25 +867,29 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
         except UntrustedError as e:
             raise _lost_error(at_fault, UntrustedError, name, str(e)) from None
         mine = _same_file(path, st)
+        # A damaged file is removed (if ours) once the core is told: the
+        # message is lost whatever comes during the removal.
         if st.st_size != size:
+            error = _lost_error(at_fault, CorruptError, name, f"{path} holds {st.st_size} "
+                                f"bytes, not the {size} its message names")
             if mine:
                 _unlink_damaged(path)
-            raise _lost_error(at_fault, CorruptError, name, f"{path} holds {st.st_size} "
-                              f"bytes, not the {size} its message names")
+            raise error
         head = os.pread(fd, _FILE_HEAD.size, 0)
         if head != _FILE_HEAD.pack(_FILE_MAGIC, _OOB_VERSION, size, token):
+            whole = head[:8] == _FILE_MAGIC and len(head) == _FILE_HEAD.size
+            version = _FILE_HEAD.unpack(head)[1] if whole else _OOB_VERSION
+            if version != _OOB_VERSION:
+                error = _lost_error(at_fault, FormatVersionError, name,
+                                    f"{path} is payload format {version}, this shmkit reads "
+                                    f"{_OOB_VERSION}: its sender runs another shmkit "
+                                    "version; run the same version on both sides")
+            else:
+                error = _lost_error(at_fault, CorruptError, name, f"{path} does not hold "
+                                    "the payload its message names (bad header)")
             if mine:
                 _unlink_damaged(path)
-            if head[:8] == _FILE_MAGIC and len(head) == _FILE_HEAD.size:
-                version = _FILE_HEAD.unpack(head)[1]
-                if version != _OOB_VERSION:
-                    raise _lost_error(
-                        at_fault, FormatVersionError, name,
-                        f"{path} is payload format {version}, this shmkit reads "
-                        f"{_OOB_VERSION}: its sender runs another shmkit version; "
-                        "run the same version on both sides")
-            raise _lost_error(at_fault, CorruptError, name, f"{path} does not hold the "
-                              "payload its message names (bad header)")
+            raise error
         if pooled and not _core.ofd_held(fd, 0, 1):
             pooled = False  # its sender closed or died: nobody reuses it, ours now
         if not pooled:
@@ -975,13 +979,11 @@ def _unpack(queue_path: str, name: str, trust_uid: int | None, data: bytes,
 def _unlink_damaged(path: str) -> None:
     """Remove a damaged payload file, if this process may: one it may not
     (another user's, in a sticky /dev/shm) is left to its owner's `shmkit gc`;
-    the verdict on the message stands either way (what a signal handler
-    raised meanwhile is the caller's, and gives the message back)."""
+    the verdict on the message stands either way."""
     try:
         os.unlink(path)
-    except OSError as e:
-        if _raised_by_a_signal_handler(e):
-            raise
+    except OSError:
+        pass
 
 
 def _lost_error(at_fault: list[Callable[[], Any] | None], cls: type[ShmkitError], name: str,
