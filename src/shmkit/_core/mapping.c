@@ -49,9 +49,13 @@ count_fork(void)
  * start at or below it (less than 1 GiB down); below a range so placed,
  * the same anchor again, whatever the new length.  So reservations never
  * creep down the address space (towards the heap) one shift after
- * another, and none goes below 4 GiB.  MAP_FIXED_NOREPLACE leaves the
- * kernel to choose when anything lives there now, or when the range is a
- * little shorter than asked (lengths are kept in whole MiB).  One word per
+ * another, and none goes below 4 GiB.  MAP_FIXED_NOREPLACE refuses when
+ * anything lives there now (thread stacks and allocators' arenas often sit
+ * just below a range the kernel chose), or when the range is a little
+ * shorter than asked (lengths are kept in whole MiB): the reservation is
+ * then placed inside 1 GiB more of address space that the kernel chooses,
+ * the rest given back, two calls more once, so that a range that missed
+ * is placed from its next use on rather than missing for good.  One word per
  * range, address >> 12 (45 bits; the anchor for a placed one), placed (1),
  * MiB (18), in a ring of eight, the newest tried first: taken and given
  * back with atomic operations, so that threads, and a child forked
@@ -75,12 +79,20 @@ placed_by_us(size_t reserve, size_t length)
     return reserve >= length + SPOT_MIN_SLACK && reserve >> 20 <= SPOT_MAX_MIB;
 }
 
+/* How far below its anchor a range begins: its touched part in whole
+ * 2 MiB pages, modulo the region. */
+static uint64_t
+touched_below(size_t length)
+{
+    return (((uint64_t)length + (2ULL << 20) - 1) & ~((2ULL << 20) - 1)) % SPOT_REGION;
+}
+
 /* Where to try `reserve` bytes, from a freed range large enough, and its
  * anchor (*anchor); 0 when no range is kept. */
 static uintptr_t
 spot_take(size_t reserve, size_t length, uintptr_t *anchor)
 {
-    uint64_t below = (((uint64_t)length + (2ULL << 20) - 1) & ~((2ULL << 20) - 1)) % SPOT_REGION;
+    uint64_t below = touched_below(length);
     unsigned newest = __atomic_load_n(&spot_next, __ATOMIC_ACQUIRE);
     for (unsigned k = 1; k <= N_SPOTS; k++) { /* the latest freed first: still free */
         unsigned i = (newest - k) % N_SPOTS;
@@ -106,6 +118,43 @@ spot_take(size_t reserve, size_t length, uintptr_t *anchor)
         return (uintptr_t)(bound - below);
     }
     return 0;
+}
+
+/* After a miss: `reserve` bytes of fd placed so that their first `length`
+ * end at a 1 GiB boundary (*anchor), inside reserve + 1 GiB of address
+ * space the kernel chose, the slack unmapped; MAP_FAILED (errno set) when
+ * the kernel has no such space or would put it below the floor. */
+static void *
+map_placed(int fd, size_t reserve, size_t length, int prot, int flags, uintptr_t *anchor)
+{
+    uint64_t below = touched_below(length);
+    size_t span = reserve + (size_t)SPOT_REGION;
+    if (span < reserve) {
+        errno = ENOMEM;
+        return MAP_FAILED;
+    }
+    void *room = mmap(NULL, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (room == MAP_FAILED)
+        return MAP_FAILED;
+    uint64_t lo = (uint64_t)(uintptr_t)room;
+    /* the lowest boundary at or above lo + below: the start is in [lo, lo + 1 GiB) */
+    uint64_t bound = (lo + below + SPOT_REGION - 1) & ~(SPOT_REGION - 1);
+    uint64_t start = bound - below;
+    void *p = MAP_FAILED;
+    if (bound >= below + SPOT_FLOOR) /* over our own reservation: replaces nothing else */
+        p = mmap((void *)(uintptr_t)start, reserve, prot, flags | MAP_FIXED, fd, 0);
+    if (p == MAP_FAILED) {
+        int err = errno;
+        munmap(room, span);
+        errno = bound >= below + SPOT_FLOOR ? err : ENOMEM;
+        return MAP_FAILED;
+    }
+    if (start > lo)
+        munmap(room, (size_t)(start - lo));
+    if (lo + span > start + reserve)
+        munmap((void *)(uintptr_t)(start + reserve), (size_t)(lo + span - start - reserve));
+    *anchor = (uintptr_t)bound;
+    return p;
 }
 
 static void
@@ -135,12 +184,17 @@ mapping_map(MappingObject *self, int fd, Py_ssize_t reserve, Py_ssize_t length, 
         spot = spot_take((size_t)reserve, (size_t)length, &anchor);
     void *p = MAP_FAILED;
     PyThreadState *ts = hold_gil ? NULL : PyEval_SaveThread();
-    if (spot != 0)
+    if (spot != 0) {
         p = mmap((void *)spot, (size_t)reserve, prot, flags | MAP_FIXED_NOREPLACE, fd, 0);
-    if (p == MAP_FAILED || (uintptr_t)p != spot)
-        anchor = 0; /* (an old kernel may take the address as a hint only) */
-    if (p == MAP_FAILED)
+        if (p != MAP_FAILED && (uintptr_t)p != spot)
+            anchor = 0; /* an old kernel took the address as a hint only */
+        else if (p == MAP_FAILED)
+            p = map_placed(fd, (size_t)reserve, (size_t)length, prot, flags, &anchor);
+    }
+    if (p == MAP_FAILED) {
+        anchor = 0;
         p = mmap(NULL, (size_t)reserve, prot, flags, fd, 0);
+    }
     int err = errno;
     if (ts != NULL)
         PyEval_RestoreThread(ts);
