@@ -14,7 +14,7 @@
  *   4. move head over the records that will be overwritten (release store,
  *      then a fence: a reader that sees head at or below its record after
  *      copying it read bytes nobody had started to overwrite);
- *   5. write header and payload, store seq + 1, then publish with tail;
+ *   5. write header and payload, publish with tail, then store seq + 1;
  *   6. move the history window (hist), unlock, wake sleepers.
  * Receiving needs no lock: a subscriber reads the record at its own
  * cursor, checks head again after copying (seqlock), and moves its cursor.
@@ -398,10 +398,14 @@ publish_upto(topic_t *t, uint64_t tl, uint64_t sq, uint64_t nh)
 {
     struct topic_hdr *h = t->h;
     shm_crash_point("topic.publish.copied");
-    STORE(&h->seq, sq);
-    shm_crash_point("topic.publish.seq");
+    /* tail first: it alone publishes, and seq counts only what was.  A
+     * publisher killed between the two leaves seq one short until the next
+     * one's repair recounts it; seq first left it one ahead, a message
+     * nobody could receive held every subscriber's lag at 1 meanwhile. */
     STORE(&h->tail, tl);
     shm_crash_point("topic.publish.tail");
+    STORE(&h->seq, sq);
+    shm_crash_point("topic.publish.seq");
     /* the history window: keep the last `history` messages */
     uint64_t q = LOADR(&h->hist), q0 = q;
     if (q < nh || q > tl || (q & 15))
