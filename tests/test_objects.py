@@ -658,13 +658,15 @@ def test_a_timeout_given_to_a_call_that_does_not_block_is_refused():
 def test_every_timeout_follows_the_one_rule(name):
     """The core's waits, those written in Python, the store's and the
     service's timeouts take and refuse the same values: what converts to a
-    float, but no bool (numpy's included), no NaN, nothing else."""
+    float, or an int too large for one, but no bool (numpy's, and its arrays
+    of bools, included), no NaN, nothing else."""
     from decimal import Decimal
     from fractions import Fraction
     ev, cond = shmkit.Event(None), shmkit.Condition(None)
     svc = shmkit.Service(name)
     values = [0, -1, 0.001, -0.5, float("-inf"), Decimal("0.001"), Fraction(1, 1000),
-              np.float32(0.001), np.int64(0), True, np.True_, float("nan"), "0.1", b"1", [1]]
+              np.float32(0.001), np.int64(0), -10**400, True, np.True_, np.array(True),
+              float("nan"), "0.1", b"1", [1]]
 
     def outcome(call):
         try:
@@ -687,8 +689,11 @@ def test_every_timeout_follows_the_one_rule(name):
     try:
         seen = {what: [outcome(lambda: call(t)) for t in values]
                 for what, call in surfaces.items()}
-        expected = ["waited"] * 9 + ["TypeError"] * 2 + ["ValueError NaN"] + ["TypeError"] * 3
+        expected = ["waited"] * 10 + ["TypeError"] * 3 + ["ValueError NaN"] + ["TypeError"] * 3
         assert seen == {what: expected for what in surfaces}
+        ev.set()  # an int beyond any float is as long as infinity, not an OverflowError
+        assert ev.wait(10**400) and shmkit.wait([ev], 10**400) == [ev]
+        shmkit.Store(None, timeout=10**400, read_timeout=10**400).close()
     finally:
         svc.unlink()
         for o in (ev, cond, svc):

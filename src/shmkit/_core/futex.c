@@ -15,6 +15,7 @@
 #include "sync.h"
 #include <errno.h>
 #include <linux/futex.h>
+#include <math.h>
 #include <sys/syscall.h>
 #include <string.h>
 #include <time.h>
@@ -38,7 +39,18 @@ is_bool(PyObject *o)
     if (PyBool_Check(o))
         return 1;
     const char *name = Py_TYPE(o)->tp_name;
-    return strcmp(name, "numpy.bool") == 0 || strcmp(name, "numpy.bool_") == 0;
+    if (strcmp(name, "numpy.bool") == 0 || strcmp(name, "numpy.bool_") == 0)
+        return 1;
+    if (strcmp(name, "numpy.ndarray") != 0)
+        return 0;
+    /* an array of bools (np.array(True)): numpy's own attributes, no code of ours */
+    PyObject *dtype = PyObject_GetAttrString(o, "dtype");
+    PyObject *kind = dtype != NULL ? PyObject_GetAttrString(dtype, "kind") : NULL;
+    int b = kind != NULL && PyUnicode_Check(kind) && PyUnicode_CompareWithASCIIString(kind, "b") == 0;
+    Py_XDECREF(kind);
+    Py_XDECREF(dtype);
+    PyErr_Clear();
+    return b;
 }
 
 /* A timeout as a double: 0, or 1 when it is no number (a bool, or what
@@ -52,6 +64,17 @@ float_of(PyObject *timeout, double *t)
     *t = PyFloat_AsDouble(timeout);
     if (*t != -1.0 || !PyErr_Occurred())
         return 0;
+    if (PyLong_CheckExact(timeout) && PyErr_ExceptionMatches(PyExc_OverflowError)) {
+        /* an int beyond any float: as far as infinity, on its side of 0 */
+        PyErr_Clear();
+        PyObject *zero = PyLong_FromLong(0);
+        int neg = zero != NULL ? PyObject_RichCompareBool(timeout, zero, Py_LT) : -1;
+        Py_XDECREF(zero);
+        if (neg < 0)
+            return -1;
+        *t = neg ? -HUGE_VAL : HUGE_VAL;
+        return 0;
+    }
     if (!PyErr_ExceptionMatches(PyExc_TypeError))
         return -1;
     PyErr_Clear();
