@@ -273,6 +273,11 @@ class _InterruptsOddly(_RefusedOddly):
         return _interrupt_oddly, (self.kind, self.arr)
 
 
+def _says_dropped(e: BaseException) -> bool:
+    """Does the error of a get say (a note) that its message is now dropped?"""
+    return any("is now dropped: that object is lost" in n for n in getattr(e, "__notes__", ()))
+
+
 @pytest.mark.parametrize("size", [None, 0, 8 * MiB])  # small; big, a file each; pooled
 @pytest.mark.parametrize("kind", list(_INTERRUPTS))
 def test_an_object_whose_rebuild_always_interrupts_is_given_up_after_a_hundred_tries(
@@ -285,9 +290,10 @@ def test_an_object_whose_rebuild_always_interrupts_is_given_up_after_a_hundred_t
     try:
         q.put(_InterruptsOddly(kind, None if size is None else np.ones(2 * MiB, np.uint8)))
         q.put("after")
-        for _ in range(101):
-            with pytest.raises(_INTERRUPTS[kind]):
+        for i in range(101):
+            with pytest.raises(_INTERRUPTS[kind]) as e:
                 q.get(timeout=5)
+            assert _says_dropped(e.value) == (i == 100 and sys.version_info >= (3, 11))
         assert q.get(timeout=5) == "after"
         if size == 0:
             assert not _payloads(q)
@@ -895,9 +901,10 @@ def test_a_big_object_whose_own_steps_always_fail_is_given_up_after_a_hundred_tr
             raise _HandlerError("every time")
 
         monkeypatch.setattr(channel, "_check_trust", always)
-        for _ in range(101):
-            with pytest.raises(_HandlerError):
+        for i in range(101):
+            with pytest.raises(_HandlerError) as e:
                 q.get(timeout=10)
+            assert _says_dropped(e.value) == (i == 100 and sys.version_info >= (3, 11))
         assert q.get(timeout=10) == "next"
     finally:
         q.unlink()

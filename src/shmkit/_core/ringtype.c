@@ -278,6 +278,29 @@ back_stale(RingObject *r, uint64_t pos)
     return st != ST_RETURNED && !st_lent(st);
 }
 
+/* Say on the exception set (a note, Python 3.11 on, through BaseException's
+ * own add_note) that its message was dropped after UNPACK_RETRIES: the
+ * error alone is the one that gave it back the times before. */
+static void
+note_dropped(void)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    PyObject *add = PyObject_GetAttrString(PyExc_BaseException, "add_note");
+    PyObject *done = add != NULL && ev != NULL
+        ? PyObject_CallFunction(add, "Os", ev, "its message failed so " Py_STRINGIFY(UNPACK_RETRIES)
+                                " times before, given back each time, and is now dropped: "
+                                "that object is lost")
+        : NULL;
+    Py_XDECREF(done);
+    Py_XDECREF(add);
+    PyErr_Clear();
+    if (tb != NULL && ev != NULL)
+        PyException_SetTraceback(ev, tb);
+    PyErr_Restore(et, ev, tb);
+}
+
 static __attribute__((cold, noinline)) int
 message_at_fault(RingObject *r, uint64_t pos, PyObject *at_fault, int handler,
                  PyObject **after)
@@ -305,6 +328,8 @@ message_at_fault(RingObject *r, uint64_t pos, PyObject *at_fault, int handler,
             r->back[i].times = 0;
         }
         fault = ++r->back[i].times > UNPACK_RETRIES;
+        if (fault)
+            note_dropped();
     }
     if (fault && at_fault != NULL && PyList_GET_SIZE(at_fault) > 0)
         *after = Py_NewRef(PyList_GET_ITEM(at_fault, 0));
