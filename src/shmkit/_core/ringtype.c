@@ -278,27 +278,41 @@ back_stale(RingObject *r, uint64_t pos)
     return st != ST_RETURNED && !st_lent(st);
 }
 
-/* Say on the exception set (a note, Python 3.11 on, through BaseException's
- * own add_note) that its message was dropped after UNPACK_RETRIES: the
- * error alone is the one that gave it back the times before. */
+/* Say on the exception set (a note in __notes__, as BaseException.add_note
+ * leaves one, Python 3.11 on) that its message was dropped after
+ * UNPACK_RETRIES: the error alone is the one that gave it back the times
+ * before.  Written into the instance's dict, so that no code of the
+ * exception's class runs (a __notes__ property, an add_note of its own). */
 static void
 note_dropped(void)
 {
+#if PY_VERSION_HEX >= 0x030B0000
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
     PyErr_NormalizeException(&et, &ev, &tb);
-    PyObject *add = PyObject_GetAttrString(PyExc_BaseException, "add_note");
-    PyObject *done = add != NULL && ev != NULL
-        ? PyObject_CallFunction(add, "Os", ev, "its message failed so " Py_STRINGIFY(UNPACK_RETRIES)
-                                " times before, given back each time, and is now dropped: "
-                                "that object is lost")
-        : NULL;
-    Py_XDECREF(done);
-    Py_XDECREF(add);
-    PyErr_Clear();
     if (tb != NULL && ev != NULL)
         PyException_SetTraceback(ev, tb);
+    PyObject *dict = ev != NULL && PyExceptionInstance_Check(ev) ? PyObject_GenericGetDict(ev, NULL)
+                                                                 : NULL;
+    PyObject *note = PyUnicode_FromString(
+        "its message failed so " Py_STRINGIFY(UNPACK_RETRIES) " times before, given back "
+        "each time, and is now dropped: that object is lost");
+    if (dict != NULL && PyDict_CheckExact(dict) && note != NULL) {
+        PyObject *notes = PyDict_GetItemString(dict, "__notes__"); /* borrowed */
+        if (notes == NULL) {
+            PyObject *fresh = PyList_New(0);
+            if (fresh != NULL && PyList_Append(fresh, note) == 0)
+                PyDict_SetItemString(dict, "__notes__", fresh);
+            Py_XDECREF(fresh);
+        } else if (PyList_CheckExact(notes)) {
+            PyList_Append(notes, note);
+        }
+    }
+    Py_XDECREF(note);
+    Py_XDECREF(dict);
+    PyErr_Clear();
     PyErr_Restore(et, ev, tb);
+#endif
 }
 
 static __attribute__((cold, noinline)) int
