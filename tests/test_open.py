@@ -381,6 +381,51 @@ def test_a_freed_range_taken_meanwhile_is_placed_elsewhere_from_then_on(name):
         st.close()
 
 
+def _reserved_nothing() -> set[str]:
+    """This process's large inaccessible anonymous ranges (a placement's room)."""
+    out = set()
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if fields[1] == "---p" and fields[4] == "0" and hi - lo >= 64 << 20:
+            out.add(fields[0])
+    return out
+
+
+@pytest.mark.parametrize("max_size", [1 << 32, 10**9, (1 << 30) + 12345])
+def test_a_placement_after_a_miss_leaves_no_address_space_behind(name, max_size):
+    """The room a reservation is placed in after a miss is given back whole,
+    whatever the reservation's length: one of header + max_size bytes, not
+    a whole number of pages, left up to 1 GiB of it mapped per open."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    st = shmkit.Store(name, size=1 << 20, max_size=max_size)
+    before = _reserved_nothing()
+    blockers = []
+    try:
+        st[b"kept"] = b"x"
+        for i in range(6):
+            with shmkit.Store.open(name) as h:
+                m = h._seg._mapping
+                assert h[b"kept"] == b"x"
+                spot = m.address
+            # take the freed range: the next open misses and is placed elsewhere
+            b = libc.mmap(spot + 4096 * 16, 4096, 0x1 | 0x2, 0x02 | 0x20 | _MAP_FIXED_NOREPLACE,
+                          -1, 0)
+            assert b == spot + 4096 * 16, ctypes.get_errno()
+            blockers.append(b)
+        with shmkit.Store.open(name) as h:
+            assert _placed(h._seg._mapping)
+        assert _reserved_nothing() <= before, sorted(_reserved_nothing() - before)
+    finally:
+        for b in blockers:
+            libc.munmap(b, 4096)
+        st.close()
+
+
 def test_threads_opening_and_closing_growable_objects_each_get_their_own_range(names):
     """Eight threads reopening stores and heaps take and give back freed ranges
     at once: every handle maps a range of its own, and nothing written is lost."""

@@ -23,6 +23,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <structmember.h>
+#include <unistd.h>
 
 /* Forks of this process so far (counted before each, so parent and child
  * both see the new count).  A view made before a fork lives on in the
@@ -149,10 +150,16 @@ map_placed(int fd, size_t reserve, size_t length, int prot, int flags, uintptr_t
         errno = bound >= below + SPOT_FLOOR ? err : ENOMEM;
         return MAP_FAILED;
     }
+    /* the kernel maps whole pages: the slack begins at the page after the
+     * reservation's last (a reserve of header + max_size need not be whole
+     * pages, and munmap refuses an address inside one) */
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    uint64_t end = start + ((reserve + page - 1) & ~(page - 1));
+    uint64_t room_end = lo + ((span + page - 1) & ~(page - 1));
     if (start > lo)
         munmap(room, (size_t)(start - lo));
-    if (lo + span > start + reserve)
-        munmap((void *)(uintptr_t)(start + reserve), (size_t)(lo + span - start - reserve));
+    if (room_end > end)
+        munmap((void *)(uintptr_t)end, (size_t)(room_end - end));
     *anchor = (uintptr_t)bound;
     return p;
 }
