@@ -700,6 +700,32 @@ def test_every_timeout_follows_the_one_rule(name):
             o.close()
 
 
+class _DtypeInterrupts(np.ndarray):
+    """An array whose dtype, read to tell an array of bools, raises a Ctrl-C."""
+
+    @property
+    def dtype(self):  # type: ignore[override]
+        raise KeyboardInterrupt
+
+
+def test_every_array_of_bools_is_refused_and_a_ctrl_c_in_its_dtype_goes_through():
+    """Arrays of bools of any ndarray class are refused as bools are (a
+    masked one was taken as 1 s), and an interrupt raised while the dtype is
+    read reaches the caller instead of being dropped."""
+    import numpy.ma as ma
+    ev = shmkit.Event(None)
+    try:
+        for t in (np.array(True), ma.array(True), np.array([[False]])):
+            with pytest.raises(TypeError, match="must be a number of seconds"):
+                ev.wait(t)
+        hostile = np.zeros(()).view(_DtypeInterrupts)
+        for call in (lambda: ev.wait(hostile), lambda: _core.seconds(hostile)):
+            with pytest.raises(KeyboardInterrupt):
+                call()
+    finally:
+        ev.close()
+
+
 def test_a_timeout_whose_conversion_closes_the_object_meets_a_closed_handle(names):
     """A timeout's ``__float__`` is Python code, and may close the very object
     it is a timeout for: each wait reads its timeout before it forms an

@@ -323,6 +323,45 @@ def test_an_object_whose_rebuild_always_interrupts_is_given_up_after_a_hundred_t
     assert not _payloads(q)
 
 
+_SHARED_INTERRUPT = SystemExit("one instance, raised by every rebuild")
+
+
+def _raise_the_shared_one(tag):
+    raise _SHARED_INTERRUPT
+
+
+class _RaisesTheSharedOne:
+    def __init__(self, tag):
+        self.tag = tag
+
+    def __reduce__(self):
+        return _raise_the_shared_one, (self.tag,)
+
+
+def test_one_exception_instance_raised_for_two_messages_says_dropped_only_when_one_is(name):
+    """A rebuild that raises one module-level instance every time: the note
+    left on it when the first message was dropped is gone from the second
+    message's failures until that one is dropped too."""
+    q = shmkit.Queue(name=name)
+    try:
+        q.put(_RaisesTheSharedOne("a"))
+        q.put(_RaisesTheSharedOne("b"))
+        q.put("after")
+        said = []
+        for _ in range(202):
+            with pytest.raises(SystemExit) as e:
+                q.get(timeout=5)
+            assert e.value is _SHARED_INTERRUPT
+            said.append(_says_dropped(e.value))
+        assert q.get(timeout=5) == "after"
+        dropped = [i for i, s in enumerate(said) if s]
+        assert dropped == ([100, 201] if sys.version_info >= (3, 11) else [])
+    finally:
+        _SHARED_INTERRUPT.__dict__.pop("__notes__", None)
+        q.unlink()
+        q.close()
+
+
 # The queue that _interrupt_in_turn's inner get takes from, and the depth of gets.
 _in_turn: list = []
 

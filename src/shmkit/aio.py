@@ -910,7 +910,7 @@ class Queue(_channel.Queue):
         ch = self._ch
 
         def expired() -> NoReturn:
-            raise Full(f"queue {self.name!r} stayed full for {timeout} s")
+            raise Full(f"queue {self.name!r} stayed full for {_core.shown_seconds(timeout)} s")
 
         await _until(lambda: _nowait(self._send_nowait, data),
                      lambda: _describe(ch, len(data)), timeout, expired,
@@ -922,7 +922,7 @@ class Queue(_channel.Queue):
         ch = self._ch
 
         def expired() -> NoReturn:
-            raise Full(f"queue {self.name!r} stayed full for {timeout} s")
+            raise Full(f"queue {self.name!r} stayed full for {_core.shown_seconds(timeout)} s")
 
         try:
             await _until(lambda: _nowait(self._send_nowait, data),
@@ -957,7 +957,8 @@ class Queue(_channel.Queue):
                 ch = self._ch
 
                 def expired() -> NoReturn:
-                    raise Empty(f"queue {self.name!r} stayed empty for {timeout} s")
+                    raise Empty(f"queue {self.name!r} stayed empty for "
+                                f"{_core.shown_seconds(timeout)} s")
 
                 box = await _until(lambda: _nowait(self._get_boxed, False),
                                    lambda: _describe(ch), timeout, expired,
@@ -1051,7 +1052,8 @@ class Mutex(_sync.Mutex):
                    timeout: float | None = None) -> AsyncIterator["Mutex"]:
         """``async with m.held(timeout=1.0):`` holds the lock, or raises Timeout."""
         if not await self.acquire(timeout=timeout):
-            raise Timeout(f"could not take mutex {self.name!r} within {timeout} s")
+            raise Timeout(f"could not take mutex {self.name!r} within "
+                          f"{_core.shown_seconds(timeout)} s")
         try:
             yield self
         finally:
@@ -1163,7 +1165,8 @@ class RWLock(_sync.RWLock):
                    timeout: float | None = None) -> AsyncIterator[None]:
         """``async with rw.read():`` a read hold for the block; Timeout if not in time."""
         if not await self.acquire_read(timeout):
-            raise Timeout(f"could not read-lock {self.name!r} within {timeout} s")
+            raise Timeout(f"could not read-lock {self.name!r} within "
+                          f"{_core.shown_seconds(timeout)} s")
         try:
             yield
         finally:
@@ -1174,7 +1177,8 @@ class RWLock(_sync.RWLock):
                     timeout: float | None = None) -> AsyncIterator[None]:
         """``async with rw.write():`` the write hold for the block; Timeout if not in time."""
         if not await self.acquire_write(timeout):
-            raise Timeout(f"could not write-lock {self.name!r} within {timeout} s")
+            raise Timeout(f"could not write-lock {self.name!r} within "
+                          f"{_core.shown_seconds(timeout)} s")
         try:
             yield
         finally:

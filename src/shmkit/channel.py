@@ -1591,7 +1591,8 @@ class Queue(SharedObject, _core.QueueCore):
             else:
                 self._send_nowait(data)
         except Timeout:
-            raise Full(f"queue {self.name!r} stayed full for {timeout} s") from None
+            raise Full(f"queue {self.name!r} stayed full for "
+                       f"{_core.shown_seconds(timeout)} s") from None
 
     def _pack(self, obj: Any) -> tuple[bytes, _Outgoing | _PooledOutgoing | None]:
         if self._closed:
@@ -1620,7 +1621,8 @@ class Queue(SharedObject, _core.QueueCore):
                 TypeError) as e:  # (TypeError, ValueError: a bad timeout, a closed handle)
             out.unsent()  # the core refused it: no message names the file
             if isinstance(e, Timeout):
-                raise Full(f"queue {self.name!r} stayed full for {timeout} s") from None
+                raise Full(f"queue {self.name!r} stayed full for "
+                           f"{_core.shown_seconds(timeout)} s") from None
             raise
         except BaseException:
             # Perhaps sent (Ctrl-C right after the commit): keep the file;

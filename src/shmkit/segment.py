@@ -1374,7 +1374,8 @@ class Segment(Closing):
     def _take_lock(self, timeout: float | None, what: str) -> None:
         """Take the segment's lock for a resize, or raise Timeout naming its holder."""
         if not self.lock.acquire(timeout=timeout):
-            raise Timeout(f"could not {what} {self._name!r} within {timeout} s: its lock is "
+            raise Timeout(f"could not {what} {self._name!r} within "
+                          f"{_core.shown_seconds(timeout)} s: its lock is "
                           f"held by {self.lock._holder_phrase()}; try again, or resume or "
                           "end that process")
 

@@ -625,7 +625,8 @@ class Worker(Closing):
     def _check_deadline(self, seg: Segment, timeout: float | None,
                         deadline: float | None) -> None:
         if deadline is not None and time.monotonic() >= deadline:
-            raise Timeout(f"no request for service {seg.name!r} within {timeout} s")
+            raise Timeout(f"no request for service {seg.name!r} within "
+                          f"{_core.shown_seconds(timeout)} s")
 
     def _took(self, seg: Segment, msg: bytes) -> Request | None:
         """Record and parse a request just received; None if it was malformed."""
@@ -1000,7 +1001,7 @@ class Client(Closing):
 
     def _requests_full(self, timeout: float | None) -> Timeout:
         return Timeout(f"the request channel of service {self._seg.name!r} stayed full "
-                       f"for {timeout} s: its workers do not keep up")
+                       f"for {_core.shown_seconds(timeout)} s: its workers do not keep up")
 
     def _await(self, line: _Line, rid: int, timeout: float | None,
                deadline: float | None) -> bytes:
@@ -1029,7 +1030,8 @@ class Client(Closing):
                 return got
 
     def _no_reply(self, timeout: float | None) -> Timeout:
-        return Timeout(f"no reply from service {self._seg.name!r} within {timeout} s; "
+        return Timeout(f"no reply from service {self._seg.name!r} within "
+                       f"{_core.shown_seconds(timeout)} s; "
                        "a late reply will be dropped")
 
     def _parse_reply(self, msg: bytes) -> tuple[int, bytes | RemoteError] | None:

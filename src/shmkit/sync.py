@@ -251,7 +251,8 @@ class Mutex(_core.Lock, _Placed):
     def held(self, timeout: float | None = None) -> Iterator["Mutex"]:
         """``with m.held(timeout=1.0):`` holds the lock, or raises :class:`Timeout`."""
         if not self.acquire(timeout=timeout):
-            raise Timeout(f"could not take mutex {self.name!r} within {timeout} s: it is "
+            raise Timeout(f"could not take mutex {self.name!r} within "
+                          f"{_core.shown_seconds(timeout)} s: it is "
                           f"held by {self._holder_phrase()}; try again, or resume or end "
                           "that process")
         try:
@@ -417,7 +418,8 @@ class RWLock(_core.RWLock, _Placed):
     def read(self, timeout: float | None = None) -> Iterator[None]:
         """``with rw.read():`` a read hold for the block; :class:`Timeout` if not in time."""
         if not self.acquire_read(timeout):
-            raise Timeout(f"could not read-lock {self.name!r} within {timeout} s")
+            raise Timeout(f"could not read-lock {self.name!r} within "
+                          f"{_core.shown_seconds(timeout)} s")
         try:
             yield
         finally:
@@ -427,7 +429,8 @@ class RWLock(_core.RWLock, _Placed):
     def write(self, timeout: float | None = None) -> Iterator[None]:
         """``with rw.write():`` the write hold for the block; :class:`Timeout` if not in time."""
         if not self.acquire_write(timeout):
-            raise Timeout(f"could not write-lock {self.name!r} within {timeout} s")
+            raise Timeout(f"could not write-lock {self.name!r} within "
+                          f"{_core.shown_seconds(timeout)} s")
         try:
             yield
         finally:

@@ -10,6 +10,7 @@
  *   futex_wake(mapping, offset, n=1) -> int
  *   seconds(timeout, what='timeout') -> float   the timeout rule, for Python's waits
  *   lock_timeout(timeout) -> float | None        the same for a lock (-1: no end)
+ *   shown_seconds(timeout) -> str                 a timeout as messages show it
  *   nowait_timeout_check(timeout, call, flag) -> None
  */
 #include "sync.h"
@@ -30,26 +31,43 @@ shm_now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-/* numpy's bool is no int subclass, so PyBool_Check misses it; its type's
- * name ("numpy.bool", "numpy.bool_" before numpy 2) finds it without
- * importing numpy. */
+/* Is o a bool: 1, 0, or -1 with the error of code it ran (an ndarray
+ * subclass's dtype).  numpy's bool is no int subclass, so PyBool_Check
+ * misses it; its type's name ("numpy.bool", "numpy.bool_" before numpy 2)
+ * finds it, and an array, of any ndarray class, whose dtype is of bools
+ * (np.array(True) converts to a float too) is found through numpy's own
+ * ndarray when numpy is imported: without it, o can be no array. */
 static int
 is_bool(PyObject *o)
 {
+    if (PyFloat_CheckExact(o) || PyLong_CheckExact(o))
+        return 0;
     if (PyBool_Check(o))
         return 1;
     const char *name = Py_TYPE(o)->tp_name;
     if (strcmp(name, "numpy.bool") == 0 || strcmp(name, "numpy.bool_") == 0)
         return 1;
-    if (strcmp(name, "numpy.ndarray") != 0)
+    static PyObject *numpy_name; /* (the GIL is held) */
+    if (numpy_name == NULL && (numpy_name = PyUnicode_InternFromString("numpy")) == NULL)
+        return -1;
+    PyObject *np = PyImport_GetModule(numpy_name); /* no import */
+    if (np == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *nd = PyObject_GetAttrString(np, "ndarray");
+    Py_DECREF(np);
+    if (nd == NULL)
+        return -1;
+    int array = PyType_Check(nd) && PyObject_TypeCheck(o, (PyTypeObject *)nd);
+    Py_DECREF(nd);
+    if (!array)
         return 0;
-    /* an array of bools (np.array(True)): numpy's own attributes, no code of ours */
     PyObject *dtype = PyObject_GetAttrString(o, "dtype");
     PyObject *kind = dtype != NULL ? PyObject_GetAttrString(dtype, "kind") : NULL;
-    int b = kind != NULL && PyUnicode_Check(kind) && PyUnicode_CompareWithASCIIString(kind, "b") == 0;
-    Py_XDECREF(kind);
     Py_XDECREF(dtype);
-    PyErr_Clear();
+    if (kind == NULL)
+        return -1;
+    int b = PyUnicode_Check(kind) && PyUnicode_CompareWithASCIIString(kind, "b") == 0;
+    Py_DECREF(kind);
     return b;
 }
 
@@ -59,26 +77,42 @@ is_bool(PyObject *o)
 static int
 float_of(PyObject *timeout, double *t)
 {
-    if (is_bool(timeout))
-        return 1;
+    int b = is_bool(timeout);
+    if (b != 0)
+        return b;
     *t = PyFloat_AsDouble(timeout);
     if (*t != -1.0 || !PyErr_Occurred())
         return 0;
-    if (PyLong_CheckExact(timeout) && PyErr_ExceptionMatches(PyExc_OverflowError)) {
-        /* an int beyond any float: as far as infinity, on its side of 0 */
+    if (PyLong_Check(timeout) && Py_TYPE(timeout)->tp_as_number->nb_float ==
+                                     PyLong_Type.tp_as_number->nb_float &&
+        PyErr_ExceptionMatches(PyExc_OverflowError)) {
+        /* an int beyond any float (int's own conversion said so): as far as
+         * infinity, on its side of 0 */
         PyErr_Clear();
-        PyObject *zero = PyLong_FromLong(0);
-        int neg = zero != NULL ? PyObject_RichCompareBool(timeout, zero, Py_LT) : -1;
-        Py_XDECREF(zero);
-        if (neg < 0)
-            return -1;
-        *t = neg ? -HUGE_VAL : HUGE_VAL;
+        *t = _PyLong_Sign(timeout) < 0 ? -HUGE_VAL : HUGE_VAL;
         return 0;
     }
     if (!PyErr_ExceptionMatches(PyExc_TypeError))
         return -1;
     PyErr_Clear();
     return 1;
+}
+
+PyObject *
+shm_timeout_shown(PyObject *timeout)
+{
+    double t;
+    int r = float_of(timeout, &t);
+    if (r < 0)
+        return NULL;
+    if (r > 0)
+        return PyObject_Repr(timeout);
+    char *s = PyOS_double_to_string(t, 'r', 0, 0, NULL);
+    if (s == NULL)
+        return NULL;
+    PyObject *out = PyUnicode_FromString(s);
+    PyMem_Free(s);
+    return out;
 }
 
 /* A timeout's seconds, as every blocking call takes them (Python's waits
@@ -116,10 +150,14 @@ shm_nowait_timeout_check(PyObject *timeout, const char *call, const char *flag)
         return -1;
     if (r == 0 && t == -1.0)
         return 0; /* threading's "no timeout" */
+    PyObject *shown = shm_timeout_shown(timeout);
+    if (shown == NULL)
+        return -1;
     PyErr_Format(PyExc_ValueError,
-                 "%s was given timeout=%R with %s=False: a call that does not block "
+                 "%s was given timeout=%U with %s=False: a call that does not block "
                  "takes no timeout; pass %s=True to wait up to the timeout, or leave "
-                 "the timeout out", call, timeout, flag, flag);
+                 "the timeout out", call, shown, flag, flag);
+    Py_DECREF(shown);
     return -1;
 }
 
@@ -307,7 +345,18 @@ py_nowait_timeout_check(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssiz
     Py_RETURN_NONE;
 }
 
+static PyObject *
+py_shown_seconds(PyObject *Py_UNUSED(mod), PyObject *timeout)
+{
+    return shm_timeout_shown(timeout);
+}
+
 PyMethodDef shm_futex_methods[] = {
+    {"shown_seconds", (PyCFunction)py_shown_seconds, METH_O,
+     "shown_seconds($module, timeout, /)\n--\n\n"
+     "shown_seconds(timeout) -> str\n\n"
+     "A timeout as an error message shows it: its seconds as a float's repr\n"
+     "(an int beyond any float as inf), or its repr when it is no number."},
     {"seconds", (PyCFunction)(void (*)(void))py_seconds, METH_FASTCALL,
      "seconds($module, timeout, what='timeout', /)\n--\n\n"
      "seconds(timeout, what='timeout') -> float\n\n"

@@ -106,8 +106,11 @@ queue_get(QueueCoreObject *q, PyObject *timeout, int nowait)
     PyObject *obj = ring_get_decoded((RingObject *)ring, timeout, nowait, decode);
     if (obj == NULL && PyErr_ExceptionMatches(RING_ST(ring)->Timeout)) {
         PyErr_Clear();
-        PyErr_Format(RING_ST(ring)->Empty, "queue %R stayed empty for %S s",
-                     ((RingObject *)ring)->name, timeout);
+        PyObject *shown = shm_timeout_shown(timeout);
+        if (shown != NULL)
+            PyErr_Format(RING_ST(ring)->Empty, "queue %R stayed empty for %U s",
+                         ((RingObject *)ring)->name, shown);
+        Py_XDECREF(shown);
     }
     Py_DECREF(decode[0]);
     Py_DECREF(decode[1]);

@@ -279,12 +279,14 @@ back_stale(RingObject *r, uint64_t pos)
 }
 
 /* Say on the exception set (a note in __notes__, as BaseException.add_note
- * leaves one, Python 3.11 on) that its message was dropped after
+ * leaves one, Python 3.11 on) whether its message is dropped after
  * UNPACK_RETRIES: the error alone is the one that gave it back the times
- * before.  Written into the instance's dict, so that no code of the
- * exception's class runs (a __notes__ property, an add_note of its own). */
+ * before.  One exception object raised again and again (a rebuild that
+ * raises a module's one instance) carries the note once, and only when its
+ * message is dropped.  Written into the instance's dict, so that no code
+ * of the exception's class runs (a __notes__ property, an add_note). */
 static void
-note_dropped(void)
+note_dropped(int dropped)
 {
 #if PY_VERSION_HEX >= 0x030B0000
     PyObject *et, *ev, *tb;
@@ -299,12 +301,21 @@ note_dropped(void)
         "each time, and is now dropped: that object is lost");
     if (dict != NULL && PyDict_CheckExact(dict) && note != NULL) {
         PyObject *notes = PyDict_GetItemString(dict, "__notes__"); /* borrowed */
-        if (notes == NULL) {
+        Py_ssize_t i = -1, n = notes != NULL && PyList_CheckExact(notes) ? PyList_GET_SIZE(notes)
+                                                                        : 0;
+        for (Py_ssize_t k = 0; k < n && i < 0; k++) {
+            PyObject *item = PyList_GET_ITEM(notes, k);
+            if (PyUnicode_CheckExact(item) && PyUnicode_Compare(item, note) == 0)
+                i = k;
+        }
+        if (!dropped && i >= 0) {
+            PyList_SetSlice(notes, i, i + 1, NULL);
+        } else if (dropped && i < 0 && notes == NULL) {
             PyObject *fresh = PyList_New(0);
             if (fresh != NULL && PyList_Append(fresh, note) == 0)
                 PyDict_SetItemString(dict, "__notes__", fresh);
             Py_XDECREF(fresh);
-        } else if (PyList_CheckExact(notes)) {
+        } else if (dropped && i < 0 && PyList_CheckExact(notes)) {
             PyList_Append(notes, note);
         }
     }
@@ -312,6 +323,8 @@ note_dropped(void)
     Py_XDECREF(dict);
     PyErr_Clear();
     PyErr_Restore(et, ev, tb);
+#else
+    (void)dropped;
 #endif
 }
 
@@ -342,8 +355,7 @@ message_at_fault(RingObject *r, uint64_t pos, PyObject *at_fault, int handler,
             r->back[i].times = 0;
         }
         fault = ++r->back[i].times > UNPACK_RETRIES;
-        if (fault)
-            note_dropped();
+        note_dropped(fault);
     }
     if (fault && at_fault != NULL && PyList_GET_SIZE(at_fault) > 0)
         *after = Py_NewRef(PyList_GET_ITEM(at_fault, 0));

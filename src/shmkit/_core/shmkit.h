@@ -218,6 +218,8 @@ int shm_timeout_ns(PyObject *timeout, const char *what, int64_t *ns);
 /* A call whose flag (block, blocking) is false refuses a timeout other than
  * None or -1 rather than ignore it: 0, or -1 with ValueError set. */
 int shm_nowait_timeout_check(PyObject *timeout, const char *call, const char *flag);
+/* A timeout as an error message shows it (a float's repr, or repr): a new str, or NULL */
+PyObject *shm_timeout_shown(PyObject *timeout);
 
 /* Sleep while *word == expected, at most until min(deadline, now+slice_ns).
  * Call without the GIL.  Returns 0 when woken or the value changed,

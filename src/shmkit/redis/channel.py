@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
+from .. import _core
 from .._object import DEFAULT, _Default, given
 from ..errors import (
     ChannelClosed,
@@ -210,7 +211,7 @@ class Channel(RedisObject):
         while True:
             if end is not None and time.monotonic() >= end:
                 raise Timeout(f"{self._kind} {self._name!r} stayed full ({self._maxsize} "
-                              f"messages) for {timeout} s")
+                              f"messages) for {_core.shown_seconds(timeout)} s")
             time.sleep(min(pause, remaining(end)))
             pause = min(pause * 2, 0.05)
             sent += self._send_some(msgs[sent:sent + _SEND_CHUNK])
@@ -362,7 +363,8 @@ class Channel(RedisObject):
         refuse("recv", self._name, {"stop_when_no_senders": stop_when_no_senders})
         got = self._take(1, timeout)
         if not got:
-            raise Timeout(f"nothing arrived on {self._kind} {self._name!r} within {timeout} s")
+            raise Timeout(f"nothing arrived on {self._kind} {self._name!r} within "
+                          f"{_core.shown_seconds(timeout)} s")
         return got[0]
 
     def recv_nowait(self) -> bytes:

@@ -197,7 +197,8 @@ class Mutex(RedisObject):
     def held(self, timeout: float | None = None) -> Iterator["Mutex"]:
         """``with m.held(timeout=1.0):`` holds the lock, or raises :class:`Timeout`."""
         if not self.acquire(timeout=timeout):
-            raise Timeout(f"could not take mutex {self._name!r} within {timeout} s")
+            raise Timeout(f"could not take mutex {self._name!r} within "
+                          f"{_core.shown_seconds(timeout)} s")
         try:
             yield self
         finally:

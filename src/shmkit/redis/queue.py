@@ -117,7 +117,8 @@ class Queue:
         try:
             self._ch.send(data, timeout)
         except Timeout:
-            raise Full(f"queue {self.name!r} stayed full for {timeout} s") from None
+            raise Full(f"queue {self.name!r} stayed full for "
+                       f"{_core.shown_seconds(timeout)} s") from None
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, False)``."""
@@ -135,7 +136,8 @@ class Queue:
         try:
             return pickle.loads(self._ch.recv(timeout))
         except Timeout:
-            raise Empty(f"queue {self.name!r} stayed empty for {timeout} s") from None
+            raise Empty(f"queue {self.name!r} stayed empty for "
+                        f"{_core.shown_seconds(timeout)} s") from None
 
     def get_nowait(self) -> Any:
         """``get(False)``."""

@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
+from .. import _core
 from .._lazy import numpy
 from .._object import DEFAULT, _Default, given
 from ..errors import ClosedError, Empty, MessagesLost, ReadOnlyError, Timeout
@@ -311,7 +312,7 @@ class Subscriber:
         got = self._next(timeout, False)
         if got is None:
             raise Timeout(f"nothing was published on topic {self._topic._name!r} within "
-                          f"{timeout} s")
+                          f"{_core.shown_seconds(timeout)} s")
         return got
 
     def recv_nowait(self) -> bytes:
