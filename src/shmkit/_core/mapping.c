@@ -121,6 +121,37 @@ spot_take(size_t reserve, size_t length, uintptr_t *anchor)
     return 0;
 }
 
+/* A fork waits for the placements under way (map_placed) to end: a child
+ * forked in the middle of one has no thread to finish it, and would keep
+ * its room, reserve + 1 GiB of address space, for life.  Placements share
+ * the lock; fork's prepare handler takes it alone, its parent and child
+ * handlers let go.  Only the misses take it. */
+#ifdef PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP
+/* (a fork waiting goes before placements that come after it) */
+static pthread_rwlock_t placing = PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP;
+#else
+static pthread_rwlock_t placing = PTHREAD_RWLOCK_INITIALIZER;
+#endif
+
+static void
+placing_hold(void)
+{
+    pthread_rwlock_wrlock(&placing);
+}
+
+static void
+placing_release(void)
+{
+    pthread_rwlock_unlock(&placing);
+}
+
+static void
+fork_prepare(void)
+{
+    count_fork();
+    placing_hold();
+}
+
 /* After a miss: `reserve` bytes of fd placed so that their first `length`
  * end at a 1 GiB boundary (*anchor), inside reserve + 1 GiB of address
  * space the kernel chose, the slack unmapped; MAP_FAILED (errno set) when
@@ -134,9 +165,14 @@ map_placed(int fd, size_t reserve, size_t length, int prot, int flags, uintptr_t
         errno = ENOMEM;
         return MAP_FAILED;
     }
+    pthread_rwlock_rdlock(&placing);
     void *room = mmap(NULL, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (room == MAP_FAILED)
+    if (room == MAP_FAILED) {
+        int err = errno;
+        pthread_rwlock_unlock(&placing);
+        errno = err;
         return MAP_FAILED;
+    }
     uint64_t lo = (uint64_t)(uintptr_t)room;
     /* the lowest boundary at or above lo + below: the start is in [lo, lo + 1 GiB) */
     uint64_t bound = (lo + below + SPOT_REGION - 1) & ~(SPOT_REGION - 1);
@@ -147,6 +183,7 @@ map_placed(int fd, size_t reserve, size_t length, int prot, int flags, uintptr_t
     if (p == MAP_FAILED) {
         int err = errno;
         munmap(room, span);
+        pthread_rwlock_unlock(&placing);
         errno = bound >= below + SPOT_FLOOR ? err : ENOMEM;
         return MAP_FAILED;
     }
@@ -160,6 +197,7 @@ map_placed(int fd, size_t reserve, size_t length, int prot, int flags, uintptr_t
         munmap(room, (size_t)(start - lo));
     if (room_end > end)
         munmap((void *)(uintptr_t)end, (size_t)(room_end - end));
+    pthread_rwlock_unlock(&placing);
     *anchor = (uintptr_t)bound;
     return p;
 }
@@ -941,7 +979,7 @@ shm_init_mapping(PyObject *module)
 {
     static int counting;
     if (!counting) {
-        if (pthread_atfork(count_fork, NULL, NULL) != 0) {
+        if (pthread_atfork(fork_prepare, placing_release, placing_release) != 0) {
             PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
             return -1;
         }
