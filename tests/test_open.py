@@ -304,6 +304,26 @@ _GIB = 1 << 30
 _MAP_FIXED_NOREPLACE = 0x100000
 
 
+@functools.cache
+def _libc() -> Any:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
+
+
+def _plant(at: int, prot: int = 0x1 | 0x2) -> bool:
+    """Map an anonymous page at ``at`` if nothing is there (something else
+    taking part of a freed range); did it go there?"""
+    return _libc().mmap(at, 4096, prot, 0x02 | 0x20 | _MAP_FIXED_NOREPLACE, -1, 0) == at
+
+
+def _unplant(at: int) -> None:
+    _libc().munmap(at, 4096)
+
+
 def _placed(mapping) -> bool:
     """Does the touched part of this reservation end at a 1 GiB boundary
     (where the core puts a large reservation when it has a freed range)?"""
@@ -347,11 +367,6 @@ def test_a_freed_range_taken_meanwhile_is_placed_elsewhere_from_then_on(name):
     are the opens after it; the data is whole.  (A range that missed was left
     to the kernel, and every shift below the kernel's choice could miss again:
     under ASan, whose mappings sit just below, no open was placed again.)"""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     st = shmkit.Store(name, size=1 << 20)
     try:
         st[b"kept"] = b"x" * 100
@@ -363,9 +378,8 @@ def test_a_freed_range_taken_meanwhile_is_placed_elsewhere_from_then_on(name):
         else:
             raise AssertionError("no reopened store was placed")
         # the freed range is free again: take a page of it for something else
-        blocker = libc.mmap(spot + 4096 * 16, 4096, 0x1 | 0x2, 0x02 | 0x20 | _MAP_FIXED_NOREPLACE,
-                            -1, 0)
-        assert blocker == spot + 4096 * 16, ctypes.get_errno()
+        blocker = spot + 4096 * 16
+        assert _plant(blocker), ctypes.get_errno()
         try:
             with shmkit.Store.open(name) as h:
                 m = h._seg._mapping
@@ -376,7 +390,7 @@ def test_a_freed_range_taken_meanwhile_is_placed_elsewhere_from_then_on(name):
                 assert h[b"new"] == b"y"
                 assert _placed(h._seg._mapping), hex(h._seg._mapping.address)
         finally:
-            libc.munmap(blocker, 4096)
+            _unplant(blocker)
     finally:
         st.close()
 
@@ -399,11 +413,6 @@ def test_a_placement_after_a_miss_leaves_no_address_space_behind(name, max_size)
     """The room a reservation is placed in after a miss is given back whole,
     whatever the reservation's length: one of header + max_size bytes, not
     a whole number of pages, left up to 1 GiB of it mapped per open."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     st = shmkit.Store(name, size=1 << 20, max_size=max_size)
     before = _reserved_nothing()
     blockers = []
@@ -415,16 +424,15 @@ def test_a_placement_after_a_miss_leaves_no_address_space_behind(name, max_size)
                 assert h[b"kept"] == b"x"
                 spot = m.address
             # take the freed range: the next open misses and is placed elsewhere
-            b = libc.mmap(spot + 4096 * 16, 4096, 0x1 | 0x2, 0x02 | 0x20 | _MAP_FIXED_NOREPLACE,
-                          -1, 0)
-            assert b == spot + 4096 * 16, ctypes.get_errno()
+            b = spot + 4096 * 16
+            assert _plant(b), ctypes.get_errno()
             blockers.append(b)
         with shmkit.Store.open(name) as h:
             assert _placed(h._seg._mapping)
         assert _reserved_nothing() <= before, sorted(_reserved_nothing() - before)
     finally:
         for b in blockers:
-            libc.munmap(b, 4096)
+            _unplant(b)
         st.close()
 
 
@@ -432,11 +440,6 @@ def test_a_child_forked_during_a_placement_keeps_none_of_its_room(name):
     """Forks while another thread's opens miss and are placed (each in an
     inaccessible room of reserve + 1 GiB): no child keeps such a room, which
     nothing in it would ever give back (before, about one child in 25 did)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     st = shmkit.Store(name, size=1 << 20)
     stop = threading.Event()
     blockers: list[int] = []
@@ -450,12 +453,11 @@ def test_a_child_forked_during_a_placement_keeps_none_of_its_room(name):
                     a = h._seg._mapping.address
                 # block the range just freed, so that the next open misses;
                 # free the older ones again, so that the address space lasts
-                b = libc.mmap(a + 65536, 4096, 0, 0x02 | 0x20 | _MAP_FIXED_NOREPLACE, -1, 0)
-                if b == a + 65536:
-                    blockers.append(b)
+                if _plant(a + 65536, prot=0):
+                    blockers.append(a + 65536)
                     misses[0] += 1
                 while len(blockers) > 2:
-                    libc.munmap(blockers.pop(0), 4096)
+                    _unplant(blockers.pop(0))
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -474,7 +476,7 @@ def test_a_child_forked_during_a_placement_keeps_none_of_its_room(name):
         stop.set()
         t.join()
         for b in blockers:
-            libc.munmap(b, 4096)
+            _unplant(b)
         st.close()
     assert not errors, errors
     assert misses[0] > 300  # the opens missed all along

@@ -330,12 +330,14 @@ def _raise_the_shared_one(tag):
     raise _SHARED_INTERRUPT
 
 
-class _RaisesTheSharedOne:
-    def __init__(self, tag):
-        self.tag = tag
+class _RebuiltBy:
+    """An object whose unpickling is ``rebuild(tag)`` (a function of this module)."""
+
+    def __init__(self, rebuild, tag):
+        self.rebuild, self.tag = rebuild, tag
 
     def __reduce__(self):
-        return _raise_the_shared_one, (self.tag,)
+        return self.rebuild, (self.tag,)
 
 
 def test_one_exception_instance_raised_for_two_messages_says_dropped_only_when_one_is(name):
@@ -344,8 +346,8 @@ def test_one_exception_instance_raised_for_two_messages_says_dropped_only_when_o
     message's failures until that one is dropped too."""
     q = shmkit.Queue(name=name)
     try:
-        q.put(_RaisesTheSharedOne("a"))
-        q.put(_RaisesTheSharedOne("b"))
+        q.put(_RebuiltBy(_raise_the_shared_one, "a"))
+        q.put(_RebuiltBy(_raise_the_shared_one, "b"))
         q.put("after")
         said = []
         for _ in range(202):
@@ -431,14 +433,6 @@ def _interrupt_once(tag):
     return tag
 
 
-class _InterruptsOnce:
-    def __init__(self, tag):
-        self.tag = tag
-
-    def __reduce__(self):
-        return _interrupt_once, (self.tag,)
-
-
 def test_counts_of_messages_another_handle_took_do_not_keep_the_slots(name):
     """Four messages fail once in one handle, then another handle takes
     them: the first handle never finishes them, and its counts of them must
@@ -449,7 +443,7 @@ def test_counts_of_messages_another_handle_took_do_not_keep_the_slots(name):
     _in_turn[:] = [q, 0]
     try:
         for k in range(4):
-            q.put(_InterruptsOnce(f"once {k}"))
+            q.put(_RebuiltBy(_interrupt_once, f"once {k}"))
             with pytest.raises(SystemExit):
                 q.get(timeout=5)
             assert other.get(timeout=5) == f"once {k}"

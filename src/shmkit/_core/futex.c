@@ -40,10 +40,10 @@ shm_now_ns(void)
 static int
 is_bool(PyObject *o)
 {
-    if (PyFloat_CheckExact(o) || PyLong_CheckExact(o))
+    if (PyFloat_Check(o)) /* numpy's float64 too: no array */
         return 0;
-    if (PyBool_Check(o))
-        return 1;
+    if (PyLong_Check(o))
+        return PyBool_Check(o);
     const char *name = Py_TYPE(o)->tp_name;
     if (strcmp(name, "numpy.bool") == 0 || strcmp(name, "numpy.bool_") == 0)
         return 1;
@@ -98,11 +98,10 @@ float_of(PyObject *timeout, double *t)
     return 1;
 }
 
-PyObject *
-shm_timeout_shown(PyObject *timeout)
+/* A timeout float_of read (r, t) as messages show it: a new str, or NULL. */
+static PyObject *
+shown_of(PyObject *timeout, int r, double t)
 {
-    double t;
-    int r = float_of(timeout, &t);
     if (r < 0)
         return NULL;
     if (r > 0)
@@ -113,6 +112,14 @@ shm_timeout_shown(PyObject *timeout)
     PyObject *out = PyUnicode_FromString(s);
     PyMem_Free(s);
     return out;
+}
+
+PyObject *
+shm_timeout_shown(PyObject *timeout)
+{
+    double t = 0;
+    int r = float_of(timeout, &t);
+    return shown_of(timeout, r, t);
 }
 
 /* A timeout's seconds, as every blocking call takes them (Python's waits
@@ -150,7 +157,7 @@ shm_nowait_timeout_check(PyObject *timeout, const char *call, const char *flag)
         return -1;
     if (r == 0 && t == -1.0)
         return 0; /* threading's "no timeout" */
-    PyObject *shown = shm_timeout_shown(timeout);
+    PyObject *shown = shown_of(timeout, r, t);
     if (shown == NULL)
         return -1;
     PyErr_Format(PyExc_ValueError,

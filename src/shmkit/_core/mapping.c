@@ -134,57 +134,38 @@ static pthread_rwlock_t placing = PTHREAD_RWLOCK_INITIALIZER;
 #endif
 
 static void
-placing_hold(void)
+fork_prepare(void)
 {
+    count_fork();
     pthread_rwlock_wrlock(&placing);
 }
 
 static void
-placing_release(void)
+fork_done(void)
 {
     pthread_rwlock_unlock(&placing);
 }
 
-static void
-fork_prepare(void)
-{
-    count_fork();
-    placing_hold();
-}
-
-/* After a miss: `reserve` bytes of fd placed so that their first `length`
- * end at a 1 GiB boundary (*anchor), inside reserve + 1 GiB of address
- * space the kernel chose, the slack unmapped; MAP_FAILED (errno set) when
- * the kernel has no such space or would put it below the floor. */
+/* map_placed's work, with the placements' lock shared. */
 static void *
-map_placed(int fd, size_t reserve, size_t length, int prot, int flags, uintptr_t *anchor)
+map_in_room(int fd, size_t reserve, size_t span, uint64_t below, int prot, int flags,
+            uintptr_t *anchor)
 {
-    uint64_t below = touched_below(length);
-    size_t span = reserve + (size_t)SPOT_REGION;
-    if (span < reserve) {
-        errno = ENOMEM;
-        return MAP_FAILED;
-    }
-    pthread_rwlock_rdlock(&placing);
     void *room = mmap(NULL, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (room == MAP_FAILED) {
-        int err = errno;
-        pthread_rwlock_unlock(&placing);
-        errno = err;
+    if (room == MAP_FAILED)
         return MAP_FAILED;
-    }
     uint64_t lo = (uint64_t)(uintptr_t)room;
     /* the lowest boundary at or above lo + below: the start is in [lo, lo + 1 GiB) */
     uint64_t bound = (lo + below + SPOT_REGION - 1) & ~(SPOT_REGION - 1);
     uint64_t start = bound - below;
     void *p = MAP_FAILED;
-    if (bound >= below + SPOT_FLOOR) /* over our own reservation: replaces nothing else */
+    errno = ENOMEM; /* (a room below the floor) */
+    if (bound >= below + SPOT_FLOOR) /* over our own room: replaces nothing else */
         p = mmap((void *)(uintptr_t)start, reserve, prot, flags | MAP_FIXED, fd, 0);
     if (p == MAP_FAILED) {
         int err = errno;
         munmap(room, span);
-        pthread_rwlock_unlock(&placing);
-        errno = bound >= below + SPOT_FLOOR ? err : ENOMEM;
+        errno = err;
         return MAP_FAILED;
     }
     /* the kernel maps whole pages: the slack begins at the page after the
@@ -197,8 +178,27 @@ map_placed(int fd, size_t reserve, size_t length, int prot, int flags, uintptr_t
         munmap(room, (size_t)(start - lo));
     if (room_end > end)
         munmap((void *)(uintptr_t)end, (size_t)(room_end - end));
-    pthread_rwlock_unlock(&placing);
     *anchor = (uintptr_t)bound;
+    return p;
+}
+
+/* After a miss: `reserve` bytes of fd placed so that their first `length`
+ * end at a 1 GiB boundary (*anchor), inside reserve + 1 GiB of address
+ * space the kernel chose, the slack unmapped; MAP_FAILED (errno set) when
+ * the kernel has no such space or would put it below the floor. */
+static void *
+map_placed(int fd, size_t reserve, size_t length, int prot, int flags, uintptr_t *anchor)
+{
+    size_t span = reserve + (size_t)SPOT_REGION;
+    if (span < reserve) {
+        errno = ENOMEM;
+        return MAP_FAILED;
+    }
+    pthread_rwlock_rdlock(&placing);
+    void *p = map_in_room(fd, reserve, span, touched_below(length), prot, flags, anchor);
+    int err = errno;
+    pthread_rwlock_unlock(&placing);
+    errno = err;
     return p;
 }
 
@@ -979,7 +979,7 @@ shm_init_mapping(PyObject *module)
 {
     static int counting;
     if (!counting) {
-        if (pthread_atfork(fork_prepare, placing_release, placing_release) != 0) {
+        if (pthread_atfork(fork_prepare, fork_done, fork_done) != 0) {
             PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
             return -1;
         }

@@ -294,12 +294,15 @@ note_dropped(int dropped)
     PyErr_NormalizeException(&et, &ev, &tb);
     if (tb != NULL && ev != NULL)
         PyException_SetTraceback(ev, tb);
-    PyObject *dict = ev != NULL && PyExceptionInstance_Check(ev) ? PyObject_GenericGetDict(ev, NULL)
-                                                                 : NULL;
-    PyObject *note = PyUnicode_FromString(
+    /* the instance's dict: made for a drop only, looked at if there is one */
+    PyObject *dict = NULL;
+    if (ev != NULL && PyExceptionInstance_Check(ev))
+        dict = dropped ? PyObject_GenericGetDict(ev, NULL)
+                       : Py_XNewRef(((PyBaseExceptionObject *)ev)->dict);
+    PyObject *note = dict != NULL && PyDict_CheckExact(dict) ? PyUnicode_FromString(
         "its message failed so " Py_STRINGIFY(UNPACK_RETRIES) " times before, given back "
-        "each time, and is now dropped: that object is lost");
-    if (dict != NULL && PyDict_CheckExact(dict) && note != NULL) {
+        "each time, and is now dropped: that object is lost") : NULL;
+    if (note != NULL) {
         PyObject *notes = PyDict_GetItemString(dict, "__notes__"); /* borrowed */
         Py_ssize_t i = -1, n = notes != NULL && PyList_CheckExact(notes) ? PyList_GET_SIZE(notes)
                                                                         : 0;
@@ -310,16 +313,18 @@ note_dropped(int dropped)
         }
         if (!dropped && i >= 0) {
             PyList_SetSlice(notes, i, i + 1, NULL);
-        } else if (dropped && i < 0 && notes == NULL) {
-            PyObject *fresh = PyList_New(0);
-            if (fresh != NULL && PyList_Append(fresh, note) == 0)
-                PyDict_SetItemString(dict, "__notes__", fresh);
-            Py_XDECREF(fresh);
-        } else if (dropped && i < 0 && PyList_CheckExact(notes)) {
+        } else if (dropped && i < 0 && notes != NULL && PyList_CheckExact(notes)) {
             PyList_Append(notes, note);
+        } else if (dropped && notes == NULL) {
+            PyObject *fresh = PyList_New(1);
+            if (fresh != NULL) {
+                PyList_SET_ITEM(fresh, 0, Py_NewRef(note));
+                PyDict_SetItemString(dict, "__notes__", fresh);
+                Py_DECREF(fresh);
+            }
         }
+        Py_DECREF(note);
     }
-    Py_XDECREF(note);
     Py_XDECREF(dict);
     PyErr_Clear();
     PyErr_Restore(et, ev, tb);
