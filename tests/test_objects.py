@@ -14,7 +14,9 @@ import functools
 import gc
 import os
 import pickle
+import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -724,6 +726,42 @@ def test_every_array_of_bools_is_refused_and_a_ctrl_c_in_its_dtype_goes_through(
                 call()
     finally:
         ev.close()
+
+
+class _ConvertsOnce:
+    """A timeout that converts to seconds once, and raises after."""
+
+    def __init__(self):
+        self.left = 1
+
+    def __float__(self):
+        if not self.left:
+            raise RuntimeError("converted twice")
+        self.left -= 1
+        return 0.05
+
+
+@pytest.mark.parametrize("stub", [None, types.ModuleType("numpy")])
+def test_a_blocked_or_stub_numpy_leaves_timeouts_as_they_are(monkeypatch, stub):
+    """With numpy blocked (None in sys.modules) or replaced by a module
+    without arrays, a timeout of any number still waits (the array check
+    raised AttributeError for every Decimal); the message after a wait
+    does not convert the timeout again, so one that converts once still
+    ends in Empty."""
+    from decimal import Decimal
+    from fractions import Fraction
+    ev, q = shmkit.Event(None), shmkit.Queue(name=None)
+    try:
+        monkeypatch.setitem(sys.modules, "numpy", stub)
+        assert ev.wait(Fraction(1, 50)) is False
+        with pytest.raises(shmkit.Empty, match="stayed empty for 0.02 s"):
+            q.get(timeout=Decimal("0.02"))
+        monkeypatch.undo()
+        with pytest.raises(shmkit.Empty):
+            q.get(timeout=_ConvertsOnce())
+    finally:
+        ev.close()
+        q.close()
 
 
 def test_a_timeout_whose_conversion_closes_the_object_meets_a_closed_handle(names):

@@ -15,11 +15,13 @@ import ctypes.util
 import functools
 import gc
 import os
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 
 from typing import Any
 
@@ -481,6 +483,39 @@ def test_a_child_forked_during_a_placement_keeps_none_of_its_room(name):
     assert not errors, errors
     assert misses[0] > 300  # the opens missed all along
     assert kept == 0, f"{kept} of 300 children kept a placement's room"
+
+
+def test_a_forked_child_forks_and_places_again(name):
+    """A fork holds the placements' lock; the child, whose only thread did
+    not take it, starts with a fresh one: its own forks and its opens that
+    miss go on (an unlock there counted as a reader's, and the child's next
+    fork, or its first open that missed, hung for good)."""
+    st = shmkit.Store(name, size=1 << 20)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for _ in range(3):  # each open misses the range the last one freed
+                    with shmkit.Store.open(name) as h:
+                        a = h._seg._mapping.address
+                    _plant(a + 65536, prot=0)
+                grandchild = os.fork()
+                if grandchild == 0:
+                    os._exit(0)
+                code = os.waitstatus_to_exitcode(os.waitpid(grandchild, 0)[1])
+            finally:
+                os._exit(code)
+        end = time.monotonic() + 60
+        while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < end:
+            time.sleep(0.02)
+        if not done[0]:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in its own fork or open")
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        st.close()
 
 
 def test_threads_opening_and_closing_growable_objects_each_get_their_own_range(names):

@@ -55,8 +55,12 @@ is_bool(PyObject *o)
         return PyErr_Occurred() ? -1 : 0;
     PyObject *nd = PyObject_GetAttrString(np, "ndarray");
     Py_DECREF(np);
-    if (nd == NULL)
-        return -1;
+    if (nd == NULL) { /* numpy blocked (None in sys.modules) or a stub: no arrays */
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
     int array = PyType_Check(nd) && PyObject_TypeCheck(o, (PyTypeObject *)nd);
     Py_DECREF(nd);
     if (!array)
@@ -98,10 +102,17 @@ float_of(PyObject *timeout, double *t)
     return 1;
 }
 
-/* A timeout float_of read (r, t) as messages show it: a new str, or NULL. */
+/* A timeout float_of read (r, t) as messages show it: a new str, or NULL.
+ * One whose conversion fails now (it worked when the call began) is shown
+ * by its type: the message is the call's outcome, not this error's; an
+ * interrupt goes through. */
 static PyObject *
 shown_of(PyObject *timeout, int r, double t)
 {
+    if (r < 0 && PyErr_ExceptionMatches(PyExc_Exception)) {
+        PyErr_Clear();
+        return PyUnicode_FromFormat("(a %s)", Py_TYPE(timeout)->tp_name);
+    }
     if (r < 0)
         return NULL;
     if (r > 0)

@@ -128,10 +128,11 @@ spot_take(size_t reserve, size_t length, uintptr_t *anchor)
  * handlers let go.  Only the misses take it. */
 #ifdef PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP
 /* (a fork waiting goes before placements that come after it) */
-static pthread_rwlock_t placing = PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP;
+#define PLACING_INITIALIZER PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP
 #else
-static pthread_rwlock_t placing = PTHREAD_RWLOCK_INITIALIZER;
+#define PLACING_INITIALIZER PTHREAD_RWLOCK_INITIALIZER
 #endif
+static pthread_rwlock_t placing = PLACING_INITIALIZER;
 
 static void
 fork_prepare(void)
@@ -141,9 +142,20 @@ fork_prepare(void)
 }
 
 static void
-fork_done(void)
+fork_parent(void)
 {
     pthread_rwlock_unlock(&placing);
+}
+
+/* The child's only thread is not the one that took the lock (glibc tells a
+ * writer by its thread id, and an unlock there counts as a reader's,
+ * leaving the lock held for good): it starts with a fresh lock, nothing
+ * placing in it. */
+static void
+fork_child(void)
+{
+    static const pthread_rwlock_t fresh = PLACING_INITIALIZER;
+    placing = fresh;
 }
 
 /* map_placed's work, with the placements' lock shared. */
@@ -979,7 +991,7 @@ shm_init_mapping(PyObject *module)
 {
     static int counting;
     if (!counting) {
-        if (pthread_atfork(fork_prepare, fork_done, fork_done) != 0) {
+        if (pthread_atfork(fork_prepare, fork_parent, fork_child) != 0) {
             PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
             return -1;
         }
