@@ -45,6 +45,18 @@ def test_calibration_aims_at_the_target_time():
     assert 0.01 < min(spin(n) for _ in range(3)) < 0.25  # real time, loose bounds
 
 
+def test_a_slow_first_call_does_not_set_n():
+    # As a workload whose first call imports a module or starts a worker.
+    calls: list[int] = []
+
+    def first_slow(n: int) -> float:
+        calls.append(n)
+        return n * 1e-4 + (0.5 if len(calls) == 1 else 0.0)
+
+    assert calibrate(Workload(first_slow, "b"), target=0.2) == pytest.approx(2000, rel=1e-6)
+    assert calls[:2] == [1, 1]
+
+
 def test_systems_interleave_and_ratios_use_the_reference():
     log: list[str] = []
     reg = Registry()
