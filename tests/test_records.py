@@ -367,6 +367,24 @@ class Tagged(ctypes.Structure):
                 ("grid", ctypes.c_char * 4 * 2)]
 
 
+def test_reopens_share_a_plain_dtype_but_a_renamed_field_stays_in_its_handle(name):
+    # A reopen reuses the dtype decoded for the same layout; a structured
+    # dtype, whose field names can be renamed in place, is each handle's own.
+    with shmkit.Array(name + "-plain", "f8", 4) as a, shmkit.Array.open(name + "-plain") as b:
+        assert b.dtype == np.dtype("f8") and b.shape == (4,)
+        with shmkit.Array.open(name + "-plain") as c:
+            assert c.dtype is b.dtype
+        a.unlink()
+    rec = np.dtype([("x", "<i4"), ("y", "<f8")])
+    with shmkit.Array(name, rec, 2) as a, shmkit.Array.open(name) as b:
+        b.dtype.names = ("p", "q")
+        with shmkit.Array.open(name) as c:
+            assert c.dtype.names == ("x", "y")
+            c[0] = (1, 2.5)
+            assert a[0]["x"] == 1 and a.dtype.names == ("x", "y")
+        a.unlink()
+
+
 def test_c_char_array_is_one_bytes_value_in_a_struct(name):
     # Before: c_char * 16 became 16 one-byte cells, and assigning b"hello"
     # through the numpy record stored b"hhhhhhhhhhhhhhhh".

@@ -261,6 +261,13 @@ def _grow(seg: Segment, timeout: float | None, need: int) -> None:
     _resize(seg, new, timeout)
 
 
+def _format(seg: Segment) -> None:
+    """Lay out an empty store (only in the call that creates it)."""
+    table = _core.Table()
+    table._bind(seg._mapping, seg._hsize)
+    table._format(int.from_bytes(os.urandom(8), "little"))
+
+
 def _resize(seg: Segment, size: int, timeout: float | None) -> None:
     with warnings.catch_warnings():
         # A writer killed while resizing leaves the segment's own lock to be
@@ -269,7 +276,15 @@ def _resize(seg: Segment, size: int, timeout: float | None) -> None:
         seg.resize(size, timeout)
 
 
-_live: "weakref.WeakValueDictionary[int, Store]" = weakref.WeakValueDictionary()
+# Every open store of this process, for the child's fork hook: keyed by the
+# id of its weak reference, whose callback removes it when a handle is dropped
+# unclosed, and close() removes it first.  (A WeakValueDictionary made and
+# dropped two Python-level objects per open, about 2 µs of an open by name.)
+_live: "dict[int, weakref.ref[Store]]" = {}
+
+
+def _forget(ref: "weakref.ref[Store]") -> None:
+    _live.pop(id(ref), None)
 
 
 class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
@@ -337,6 +352,7 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
 
     _what = "store"
     _codec: str | None = None
+    _live_key = 0
 
     def __init__(self, name: str | None = None, *, size: int | None = None,
                  path: str | os.PathLike[str] | None = None, codec: str | None = DEFAULT,
@@ -365,16 +381,14 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
             raise ValueError("max_size cannot exceed 16 TiB")
         layout = {"format": FORMAT, "codec": (None if codec is DEFAULT else codec) or "none"}
 
-        def init(seg: Segment) -> None:  # only when this call creates it
-            table = _core.Table()
-            table._bind(seg._mapping, seg._hsize)
-            table._format(int.from_bytes(os.urandom(8), "little"))
-
-        extra = {k: v for k, v in (("lifetime", lifetime), ("max_attach", max_attach))
-                 if v is not DEFAULT}
+        extra = {}
+        if lifetime is not DEFAULT:
+            extra["lifetime"] = lifetime
+        if max_attach is not DEFAULT:
+            extra["max_attach"] = max_attach
         seg = attach_segment(Kind.STORE, name, path,
                              size=(size or _DEFAULT_SIZE) if create is not False else None,
-                             create=create, layout=layout, init=init, readonly=readonly,
+                             create=create, layout=layout, init=_format, readonly=readonly,
                              mode=mode, max_size=max_size, trust_owner=trust_owner, **extra)
         self._on_destroy = on_destroy
         self._adopt(seg, codec=codec, timeout=timeout, read_timeout=read_timeout,
@@ -418,11 +432,16 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         pick = self._codec == "pickle"
         if read_timeout is DEFAULT:
             read_timeout = timeout if timeout is not None else READ_TIMEOUT
-        self._bind(seg._mapping, seg._hsize, readonly=seg.readonly, pickle=pick,
-                   encode=_encode_pickle if pick else _encode_plain,
-                   decode=_decode, grow=functools.partial(_grow, seg, timeout), timeout=timeout,
-                   read_timeout=read_timeout)
-        _live[id(self)] = self  # (its writes are safe from many threads)
+        # (positional: the core parses them faster than keywords)
+        self._bind(seg._mapping, seg._hsize, seg.readonly, pick,
+                   _encode_pickle if pick else _encode_plain, _decode,
+                   functools.partial(_grow, seg, timeout), timeout, read_timeout)
+        ref = weakref.ref(self, _forget)
+        self._live_key = id(ref)
+        _live[self._live_key] = ref  # (its writes are safe from many threads)
+
+    def _segment_closed(self) -> None:
+        _live.pop(self._live_key, None)
 
     @classmethod
     def create(cls, name: str | None = None, **kwargs: Any) -> "Store":
@@ -739,8 +758,10 @@ def _unwrap(entry: Any, what: int) -> Any:
 
 
 def _after_fork_in_child() -> None:
-    for st in list(_live.values()):
-        st._after_fork()
+    for ref in list(_live.values()):
+        st = ref()
+        if st is not None:
+            st._after_fork()
 
 
 at_fork_in_child(_after_fork_in_child)
