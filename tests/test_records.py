@@ -309,6 +309,15 @@ def _write_layout(name: str, layout) -> None:
     # nested 90 deep: 2**90 elements
     b'{"format": 2, "shape": [1], "dtype": ' + b'{"shape": [2], "subdtype": ' * 90
     + b'"<f8"' + b"}" * 91,
+    # no bytes a record, in numbers past what the size check sees
+    {"format": 2, "dtype": "|S0", "shape": [1 << 62]},
+    {"format": 2, "dtype": "|V0", "shape": [3]},
+    {"format": 2, "dtype": {"subdtype": "<f8", "shape": [0]}, "shape": [1 << 40]},
+    # more dimensions than numpy makes
+    {"format": 2, "dtype": "<f8", "shape": [1] * 65},
+    {"format": 2, "dtype": {"subdtype": "<f8", "shape": [1, 1]}, "shape": [1] * 63},
+    # nested past the JSON parser's depth
+    b'{"format": 2, "shape": [1], "dtype": ' + b"[" * 1400 + b"]" * 1400 + b"}",
 ])
 def test_hostile_layout_raises_corrupt_error(name, layout):
     shmkit.Array(name, "<f8", 3).close()
@@ -382,6 +391,48 @@ def test_reopens_share_a_plain_dtype_but_a_renamed_field_stays_in_its_handle(nam
             assert c.dtype.names == ("x", "y")
             c[0] = (1, 2.5)
             assert a[0]["x"] == 1 and a.dtype.names == ("x", "y")
+        a.unlink()
+
+
+def test_a_structured_element_of_a_sub_array_dtype_stays_in_its_handle(name):
+    # A sub-array whose element has fields: renaming them in one handle
+    # reaches neither another handle nor a later open.
+    point = np.dtype([("x", "<f8"), ("y", "<f8")])
+    with shmkit.Array(name, np.dtype((point, (2,))), 3) as a, shmkit.Array.open(name) as b:
+        b.dtype.base.names = ("p", "q")
+        with shmkit.Array.open(name) as c:
+            assert c.dtype.base.names == ("x", "y")
+            assert c.array["x"].shape == (3, 2)
+        assert a.dtype.base.names == ("x", "y")
+        a.unlink()
+
+
+@pytest.mark.parametrize("dtype", ["S0", "V0", "U0", np.dtype(("<f8", (0,))),
+                                   np.dtype([])])
+def test_a_dtype_of_no_bytes_is_refused_when_creating(name, dtype):
+    with pytest.raises(TypeError, match="itemsize 0"):
+        shmkit.Array(name, dtype, 3)
+    with pytest.raises(TypeError, match="itemsize 0"):
+        shmkit.Struct(name, dtype)
+    assert not os.path.exists(f"/dev/shm/shmkit.{name}")
+
+
+def test_an_empty_ctypes_record_is_still_a_struct(name):
+    class Empty(ctypes.Structure):
+        _fields_: list = []
+    with shmkit.Struct(name, Empty) as s, shmkit.Struct.open(name) as t:
+        assert isinstance(s.record, Empty) and t.dtype.itemsize == 0
+        s.unlink()
+
+
+def test_more_dimensions_than_numpy_makes_are_refused_when_creating(name):
+    from shmkit.records import _MAX_DIMS as most  # 64 with numpy 2, 32 before
+    with pytest.raises(ValueError, match=f"at most {most}"):
+        shmkit.Array(name, "<f8", (1,) * (most + 1))
+    with pytest.raises(ValueError, match=f"at most {most}"):
+        shmkit.Array(name, np.dtype(("<f8", (1, 1))), (1,) * (most - 1))
+    with shmkit.Array(name, "<f8", (1,) * most) as a:
+        assert a.array.ndim == most
         a.unlink()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -1796,6 +1797,81 @@ def test_the_fork_hook_forgets_closed_and_dropped_handles_and_still_finds_open_o
         assert st["in batch"] == 1
     assert len(live) == before
     del closed, other, st
+
+
+def _told_of_the_fork_inside_its_batch(st: Store) -> bool:
+    """Whether a child forked inside a batch of ``st`` is told the batch is
+    its parent's when it leaves the block."""
+    pid = -1
+    try:
+        with st.batch():
+            st["in batch"] = 1
+            pid = os.fork()
+            if pid > 0:
+                _, status = os.waitpid(pid, 0)
+                return os.waitstatus_to_exitcode(status) == 0
+    except BaseException as e:
+        if pid != 0:
+            raise
+        os._exit(0 if type(e) is RuntimeError and "forked" in str(e) else 3)
+    if pid == 0:  # the child left the parent's batch with no error
+        os._exit(5)
+    return False
+
+
+def test_a_store_opened_while_a_dropped_one_is_collected_is_still_reset_in_a_child():
+    # A store in a reference cycle is collected: its weak reference's
+    # callback, then its close from __del__, each remove its entry.  A store
+    # opened in between (here by another object's __del__ in the same pass)
+    # must keep its own.
+    opened: list[Store] = []
+
+    class OpensOne:
+        def __del__(self) -> None:
+            opened.append(Store(None, timeout=10.0))
+
+    try:
+        for _ in range(20):
+            opener = OpensOne()  # (made first: its __del__ runs first)
+            dropped = Store(None)
+            dropped.cycle, opener.store = opener, dropped
+            del dropped, opener
+            gc.collect()
+        assert len(opened) == 20
+        assert all(_told_of_the_fork_inside_its_batch(st) for st in opened)
+    finally:
+        for st in opened:
+            st.close()
+
+
+def test_two_threads_closing_one_store_leave_the_others_reset_in_a_child():
+    stop = threading.Event()
+    opened: list[Store] = []
+
+    def close_twice() -> None:
+        while not stop.is_set():
+            st = Store(None)
+            both = [threading.Thread(target=st.close) for _ in range(2)]
+            for t in both:
+                t.start()
+            for t in both:
+                t.join()
+
+    closer = threading.Thread(target=close_twice)
+    closer.start()
+    try:
+        for _ in range(300):
+            opened.append(Store(None, timeout=10.0))
+    finally:
+        stop.set()
+        closer.join()
+    try:
+        assert all(_told_of_the_fork_inside_its_batch(st) for st in opened[::10])
+        from shmkit import store as store_module
+        assert all(store_module._live.get(id(st._live_ref)) is st._live_ref for st in opened)
+    finally:
+        for st in opened:
+            st.close()
 
 
 def test_a_batch_object_is_entered_once_and_discarded_when_dropped_open(name):

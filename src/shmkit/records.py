@@ -103,10 +103,27 @@ def _as_dtype(t: Any) -> np.dtype:
     return dt
 
 
+def _no_bytes(t: Any) -> TypeError:
+    return TypeError(f"{t!r} has no bytes (itemsize 0), and numpy makes no array of it; "
+                     "give its size ('S10', 'U10', 'V8')")
+
+
+# numpy's limit on an array's dimensions (the dtype's own count with them)
+_MAX_DIMS = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
+
+
+def _fieldless(dt: np.dtype) -> bool:
+    """No fields anywhere in ``dt`` (a sub-array's element included): numpy
+    lets a structured dtype's field names be renamed in place."""
+    while dt.subdtype is not None:
+        dt = dt.subdtype[0]
+    return dt.names is None
+
+
 # Decoded record layouts, by kind and layout text: objects of one layout
 # share it, so a reopen builds no dtype (about 1 µs of an open by name).
-# Only dtypes without fields: a structured dtype's field names can be
-# renamed in place, which must not reach other handles.
+# Only dtypes without fields (_fieldless): a structured dtype's field names
+# can be renamed in place, which must not reach other handles.
 _RECORDS: dict[tuple[Kind, bytes], tuple[np.dtype, tuple]] = {}
 
 
@@ -127,13 +144,16 @@ def _records_of(seg: Segment) -> tuple[np.dtype, tuple]:
     try:
         dtype = _dtype_from_layout(stored["dtype"])
         shape = tuple(stored["shape"]) if key[0] == Kind.ARRAY else ()
-        valid = not dtype.hasobject and all(type(d) is int and d >= 0 for d in shape)
+        # (a Struct of no bytes is an empty ctypes record's)
+        valid = (not dtype.hasobject and (dtype.itemsize > 0 or key[0] != Kind.ARRAY)
+                 and len(shape) + dtype.ndim <= _MAX_DIMS
+                 and all(type(d) is int and d >= 0 for d in shape))
     except Exception:  # any malformed description, however it fails
         valid = False
     if not valid:
         raise CorruptError(f"{seg.name!r} has an unreadable record layout "
                            f"{str(stored)[:200]}; remove it with `shmkit rm`")
-    if dtype.names is None:
+    if _fieldless(dtype):
         if len(_RECORDS) >= 4096:
             _RECORDS.clear()
         _RECORDS[key] = dtype, shape
@@ -280,6 +300,8 @@ class Struct(_Typed):
         layout = size = dt = None
         if type is not None:
             dt = _as_dtype(type)
+            if dt.itemsize == 0 and ctype is None:  # (an empty ctypes record reads fine)
+                raise _no_bytes(type)
             layout = {"format": _FORMAT, "dtype": _dtype_layout(dt), "itemsize": dt.itemsize}
             size = dt.itemsize
         elif create:
@@ -362,11 +384,16 @@ class Array(_Typed):
         layout = size = dt = shp = None
         if dtype is not None:
             dt = _as_dtype(dtype)
+            if dt.itemsize == 0:
+                raise _no_bytes(dtype)
             if shape is None:
                 raise TypeError("Array needs a shape with its dtype")
             shp = (int(shape),) if np.isscalar(shape) else tuple(int(d) for d in shape)
             if any(d < 0 for d in shp):
                 raise ValueError(f"shape {shp} has a negative dimension")
+            if len(shp) + dt.ndim > _MAX_DIMS:
+                raise ValueError(f"shape {shp} and dtype {dt} make {len(shp) + dt.ndim} "
+                                 f"dimensions; numpy makes arrays of at most {_MAX_DIMS}")
             layout = {"format": _FORMAT, "dtype": _dtype_layout(dt), "shape": list(shp)}
             size = dt.itemsize * math.prod(shp)  # exact: numpy's int64 product wraps
         elif create:

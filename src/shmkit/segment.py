@@ -418,8 +418,33 @@ def _layout_of(text: bytes, name: str) -> dict[str, Any]:
     return layout
 
 
+# JSON strings (their brackets do not nest), and what is not a bracket.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_MAX_LAYOUT_DEPTH = 64  # a layout shmkit writes nests a few levels per nested record
+
+
+def _nesting(text: bytes) -> int:
+    """How deep the arrays and objects of the JSON ``text`` nest."""
+    depth = deepest = 0
+    for c in _JSON_STRING.sub(b"", text).translate(None, _NOT_BRACKETS):
+        if c in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
 def _decode_layout(text: bytes, where: str) -> dict[str, Any]:
     """The layout description (JSON) of a checked header."""
+    # Nesting is refused before the parser sees it: hostile bytes nested past
+    # its depth would raise RecursionError, which must mean the reader's own.
+    if (text.count(b"[") + text.count(b"{") > _MAX_LAYOUT_DEPTH
+            and _nesting(text) > _MAX_LAYOUT_DEPTH):
+        raise CorruptError(f"{where} has a layout description nested more than "
+                           f"{_MAX_LAYOUT_DEPTH} levels deep: it is damaged; remove it "
+                           "with `shmkit rm`")
     try:
         layout = json.loads(text) if text and text != b"{}" else {}
     except ValueError:

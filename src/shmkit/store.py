@@ -278,8 +278,11 @@ def _resize(seg: Segment, size: int, timeout: float | None) -> None:
 
 # Every open store of this process, for the child's fork hook: keyed by the
 # id of its weak reference, whose callback removes it when a handle is dropped
-# unclosed, and close() removes it first.  (A WeakValueDictionary made and
-# dropped two Python-level objects per open, about 2 µs of an open by name.)
+# unclosed, and close() removes it first.  The handle holds its reference, so
+# that no other can take that id while a close or a __del__ may still remove
+# it (a callback, then a close from __del__, or two threads' closes).  (A
+# WeakValueDictionary made and dropped two Python-level objects per open,
+# about 2 µs of an open by name.)
 _live: "dict[int, weakref.ref[Store]]" = {}
 
 
@@ -352,7 +355,7 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
 
     _what = "store"
     _codec: str | None = None
-    _live_key = 0
+    _live_ref: "weakref.ref[Store] | None" = None
 
     def __init__(self, name: str | None = None, *, size: int | None = None,
                  path: str | os.PathLike[str] | None = None, codec: str | None = DEFAULT,
@@ -436,12 +439,13 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         self._bind(seg._mapping, seg._hsize, seg.readonly, pick,
                    _encode_pickle if pick else _encode_plain, _decode,
                    functools.partial(_grow, seg, timeout), timeout, read_timeout)
-        ref = weakref.ref(self, _forget)
-        self._live_key = id(ref)
-        _live[self._live_key] = ref  # (its writes are safe from many threads)
+        self._live_ref = ref = weakref.ref(self, _forget)
+        _live[id(ref)] = ref  # (its writes are safe from many threads)
 
     def _segment_closed(self) -> None:
-        _live.pop(self._live_key, None)
+        ref = self._live_ref
+        if ref is not None:
+            _live.pop(id(ref), None)
 
     @classmethod
     def create(cls, name: str | None = None, **kwargs: Any) -> "Store":
