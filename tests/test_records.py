@@ -328,6 +328,17 @@ def test_hostile_layout_raises_corrupt_error(name, layout):
         shmkit.Array(name, "<f8", 3)
 
 
+def test_brackets_and_escaped_quotes_in_field_names_are_not_nesting(name):
+    # Over 64 brackets, all inside strings: the layout is shallow and opens.
+    odd = '["\\' * 40
+    rec = np.dtype([(odd, "<i4"), ("[" * 70, "<f8")])
+    with shmkit.Array(name, rec, 2) as a, shmkit.Array.open(name) as b:
+        assert b.dtype.names == (odd, "[" * 70)
+        b[1] = (7, 2.5)
+        assert a[1][odd] == 7
+        a.unlink()
+
+
 def test_other_record_format_version(name):
     shmkit.Struct(name, Point).close()
     layout = shmkit.Segment.__new__(shmkit.Segment)

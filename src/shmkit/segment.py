@@ -418,20 +418,30 @@ def _layout_of(text: bytes, name: str) -> dict[str, Any]:
     return layout
 
 
-# JSON strings (their brackets do not nest), and what is not a bracket.
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
-_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 _MAX_LAYOUT_DEPTH = 64  # a layout shmkit writes nests a few levels per nested record
+_OPENERS, _CLOSERS, _QUOTE, _ESCAPE = b"[{", b"]}", ord('"'), ord("\\")
 
 
 def _nesting(text: bytes) -> int:
-    """How deep the arrays and objects of the JSON ``text`` nest."""
+    """How deep the arrays and objects of the JSON ``text`` nest (brackets in
+    strings do not count).  One pass: hostile text costs time linear in its
+    length."""
     depth = deepest = 0
-    for c in _JSON_STRING.sub(b"", text).translate(None, _NOT_BRACKETS):
-        if c in b"[{":
+    in_string = escaped = False
+    for c in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == _ESCAPE:
+                escaped = True
+            elif c == _QUOTE:
+                in_string = False
+        elif c == _QUOTE:
+            in_string = True
+        elif c in _OPENERS:
             depth += 1
             deepest = max(deepest, depth)
-        else:
+        elif c in _CLOSERS:
             depth -= 1
     return deepest
 
