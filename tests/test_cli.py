@@ -1133,6 +1133,26 @@ def test_importing_on_another_platform_says_linux_only() -> None:
     assert "'darwin'" in proc.stdout and "3.15" in proc.stdout
 
 
+def test_importing_with_python_3_10_says_3_11_or_newer() -> None:
+    code = textwrap.dedent("""
+        import sys
+        sys.version_info = (3, 10, 13, "final", 0)
+        try:
+            import shmkit
+        except ImportError as e:
+            from shmkit.errors import ShmkitError
+            assert isinstance(e, ShmkitError), type(e).__mro__
+            assert "shmkit._core" not in sys.modules, "the C core was loaded"
+            print(type(e).__name__, e)
+        else:
+            raise SystemExit("imported by 3.10")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("UnsupportedPythonError shmkit needs CPython 3.11 or newer")
+
+
 def test_license_and_platform_metadata() -> None:
     if INSTALLED:
         from importlib.metadata import metadata
@@ -1147,6 +1167,7 @@ def test_license_and_platform_metadata() -> None:
     assert project["project"]["license"] == "MIT"
     assert project["project"]["license-files"] == ["LICENSE"]
     assert "Operating System :: POSIX :: Linux" in project["project"]["classifiers"]
+    assert project["project"]["requires-python"] == ">=3.11"
     with open(os.path.join(ROOT, "LICENSE")) as f:
         text = f.read()
     assert text.startswith("MIT License") and "Copyright (c) 2026 the shmkit authors" in text

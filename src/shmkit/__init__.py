@@ -10,7 +10,7 @@ message channels, request/response services, a growable key-value store and a he
 b'hi'
 """
 
-# -- platform: Linux only, checked before anything touches the C core --------
+# -- platform: Linux and CPython 3.11+, checked before anything touches the C core
 import sys as _sys
 
 if not _sys.platform.startswith("linux"):
@@ -24,6 +24,16 @@ if not _sys.platform.startswith("linux"):
         f"locks, futexes, MAP_NORESERVE and fallocate punch holes), not on "
         f"{_sys.platform!r}; share memory between processes there with "
         f"multiprocessing.shared_memory")
+if _sys.version_info < (3, 11):
+    from .errors import ShmkitError as _ShmkitError
+
+    class UnsupportedPythonError(_ShmkitError, ImportError):
+        """shmkit was imported by a Python older than 3.11."""
+
+    raise UnsupportedPythonError(
+        f"shmkit needs CPython 3.11 or newer (its parsers use possessive patterns, and "
+        f"3.10's support has ended), not {_sys.version.split()[0]}; run it with a newer "
+        f"Python")
 del _sys
 # -----------------------------------------------------------------------------
 
