@@ -313,11 +313,15 @@ def _write_layout(name: str, layout) -> None:
     {"format": 2, "dtype": "|S0", "shape": [1 << 62]},
     {"format": 2, "dtype": "|V0", "shape": [3]},
     {"format": 2, "dtype": {"subdtype": "<f8", "shape": [0]}, "shape": [1 << 40]},
-    # more dimensions than numpy makes
+    # more dimensions than numpy makes (a view is made in one first)
     {"format": 2, "dtype": "<f8", "shape": [1] * 65},
     {"format": 2, "dtype": {"subdtype": "<f8", "shape": [1, 1]}, "shape": [1] * 63},
-    # nested past the JSON parser's depth
+    {"format": 2, "dtype": {"subdtype": "|i1", "shape": [1] * 64}, "shape": []},
+    # nested past the JSON parser's depth, in UTF-8 and in UTF-16, which
+    # json.loads would take from bytes (its escaped quote is not one in UTF-8)
     b'{"format": 2, "shape": [1], "dtype": ' + b"[" * 1400 + b"]" * 1400 + b"}",
+    ('["\\"",' + "[" * 1400 + '"').encode("utf-16-le"),
+    b'{"format": 2, "shape": [1], "dtype": "<f8", "x": "\xff"}',  # not UTF-8
 ])
 def test_hostile_layout_raises_corrupt_error(name, layout):
     shmkit.Array(name, "<f8", 3).close()
@@ -419,8 +423,8 @@ def test_a_structured_element_of_a_sub_array_dtype_stays_in_its_handle(name):
 
 
 @pytest.mark.parametrize("dtype", ["S0", "V0", "U0", np.dtype(("<f8", (0,))),
-                                   np.dtype([])])
-def test_a_dtype_of_no_bytes_is_refused_when_creating(name, dtype):
+                                   ctypes.c_int * 0])
+def test_a_type_of_no_bytes_and_no_fields_is_refused_when_creating(name, dtype):
     with pytest.raises(TypeError, match="itemsize 0"):
         shmkit.Array(name, dtype, 3)
     with pytest.raises(TypeError, match="itemsize 0"):
@@ -428,11 +432,25 @@ def test_a_dtype_of_no_bytes_is_refused_when_creating(name, dtype):
     assert not os.path.exists(f"/dev/shm/shmkit.{name}")
 
 
-def test_an_empty_ctypes_record_is_still_a_struct(name):
-    class Empty(ctypes.Structure):
-        _fields_: list = []
-    with shmkit.Struct(name, Empty) as s, shmkit.Struct.open(name) as t:
-        assert isinstance(s.record, Empty) and t.dtype.itemsize == 0
+class _Empty(ctypes.Structure):
+    _fields_: list = []
+
+
+class _NoInts(ctypes.Structure):
+    _fields_ = [("a", ctypes.c_int * 0)]
+
+
+@pytest.mark.parametrize("dtype", [np.dtype([]), np.dtype([("a", [])]),
+                                   np.dtype([("a", "<f8", (0,))]), _Empty, _NoInts])
+def test_a_record_of_no_bytes_with_fields_is_still_made_and_opened(name, dtype):
+    # numpy makes arrays of records of no bytes (of no fields, too)
+    with shmkit.Array(name, dtype, 4) as a, shmkit.Array.open(name) as b:
+        assert a.array.shape == b.array.shape == (4,) and b.dtype.itemsize == 0
+        a.unlink()
+    with shmkit.Struct(name, dtype) as s, shmkit.Struct.open(name) as t:
+        assert t.dtype.itemsize == 0
+        if isinstance(dtype, type):
+            assert isinstance(s.record, dtype)
         s.unlink()
 
 
@@ -442,8 +460,29 @@ def test_more_dimensions_than_numpy_makes_are_refused_when_creating(name):
         shmkit.Array(name, "<f8", (1,) * (most + 1))
     with pytest.raises(ValueError, match=f"at most {most}"):
         shmkit.Array(name, np.dtype(("<f8", (1, 1))), (1,) * (most - 1))
+    # a view is made in one dimension first, whatever the shape
+    with pytest.raises(ValueError, match=f"at most {most}"):
+        shmkit.Array(name, np.dtype(("i1", (1,) * most)), ())
+    with pytest.raises(ValueError, match=f"at most {most}"):
+        shmkit.Struct(name, np.dtype(("i1", (1,) * most)))
     with shmkit.Array(name, "<f8", (1,) * most) as a:
         assert a.array.ndim == most
+        a.unlink()
+    with shmkit.Struct(name, np.dtype(("i1", (1,) * (most - 1)))) as s:
+        assert s.record.ndim == most - 1
+        s.unlink()
+
+
+def test_the_deepest_records_shmkit_writes_open_again(name):
+    # A record nested in a record as deep as the layout's 3 KB hold, in this
+    # process and in a new one.
+    dt = np.dtype("<f8")
+    for _ in range(55):
+        dt = np.dtype([("a", dt)])
+    with shmkit.Array(name, dt, 2) as a, shmkit.Array.open(name) as b:
+        assert b.dtype == dt
+        code = f"import shmkit\nwith shmkit.Array.open({name!r}) as c: print(c.dtype.itemsize == 8, c.shape)"
+        assert run_python(code).stdout.split() == ["True", "(2,)"]
         a.unlink()
 
 

@@ -103,9 +103,21 @@ def _as_dtype(t: Any) -> np.dtype:
     return dt
 
 
-def _no_bytes(t: Any) -> TypeError:
-    return TypeError(f"{t!r} has no bytes (itemsize 0), and numpy makes no array of it; "
-                     "give its size ('S10', 'U10', 'V8')")
+def _viewable(dt: np.dtype, shape: tuple) -> bool:
+    """Whether numpy makes a view of records of ``dt`` in ``shape``: not of an
+    unsized or empty type without fields ('S0', ('<f8', (0,)); a record of no
+    fields is fine), nor past its dimensions, counting the one a view is made
+    in first."""
+    return ((dt.itemsize > 0 or dt.names is not None)
+            and max(len(shape), 1) + dt.ndim <= _MAX_DIMS)
+
+
+def _unviewable(t: Any, dt: np.dtype, shape: tuple) -> Exception:
+    if dt.itemsize == 0 and dt.names is None:
+        return TypeError(f"{t!r} has no bytes (itemsize 0) and no fields, and numpy makes "
+                         "no array of it; give its size ('S10', 'U10', 'V8')")
+    return ValueError(f"shape {shape} and dtype {dt} make {max(len(shape), 1) + dt.ndim} "
+                      f"dimensions; numpy makes arrays of at most {_MAX_DIMS}")
 
 
 # numpy's limit on an array's dimensions (the dtype's own count with them)
@@ -144,10 +156,8 @@ def _records_of(seg: Segment) -> tuple[np.dtype, tuple]:
     try:
         dtype = _dtype_from_layout(stored["dtype"])
         shape = tuple(stored["shape"]) if key[0] == Kind.ARRAY else ()
-        # (a Struct of no bytes is an empty ctypes record's)
-        valid = (not dtype.hasobject and (dtype.itemsize > 0 or key[0] != Kind.ARRAY)
-                 and len(shape) + dtype.ndim <= _MAX_DIMS
-                 and all(type(d) is int and d >= 0 for d in shape))
+        valid = (not dtype.hasobject and all(type(d) is int and d >= 0 for d in shape)
+                 and _viewable(dtype, shape))
     except Exception:  # any malformed description, however it fails
         valid = False
     if not valid:
@@ -300,8 +310,8 @@ class Struct(_Typed):
         layout = size = dt = None
         if type is not None:
             dt = _as_dtype(type)
-            if dt.itemsize == 0 and ctype is None:  # (an empty ctypes record reads fine)
-                raise _no_bytes(type)
+            if not _viewable(dt, ()):
+                raise _unviewable(type, dt, ())
             layout = {"format": _FORMAT, "dtype": _dtype_layout(dt), "itemsize": dt.itemsize}
             size = dt.itemsize
         elif create:
@@ -384,16 +394,13 @@ class Array(_Typed):
         layout = size = dt = shp = None
         if dtype is not None:
             dt = _as_dtype(dtype)
-            if dt.itemsize == 0:
-                raise _no_bytes(dtype)
             if shape is None:
                 raise TypeError("Array needs a shape with its dtype")
             shp = (int(shape),) if np.isscalar(shape) else tuple(int(d) for d in shape)
             if any(d < 0 for d in shp):
                 raise ValueError(f"shape {shp} has a negative dimension")
-            if len(shp) + dt.ndim > _MAX_DIMS:
-                raise ValueError(f"shape {shp} and dtype {dt} make {len(shp) + dt.ndim} "
-                                 f"dimensions; numpy makes arrays of at most {_MAX_DIMS}")
+            if not _viewable(dt, shp):
+                raise _unviewable(dtype, dt, shp)
             layout = {"format": _FORMAT, "dtype": _dtype_layout(dt), "shape": list(shp)}
             size = dt.itemsize * math.prod(shp)  # exact: numpy's int64 product wraps
         elif create:

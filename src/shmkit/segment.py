@@ -418,11 +418,12 @@ def _layout_of(text: bytes, name: str) -> dict[str, Any]:
     return layout
 
 
-_MAX_LAYOUT_DEPTH = 64  # a layout shmkit writes nests a few levels per nested record
-_OPENERS, _CLOSERS, _QUOTE, _ESCAPE = b"[{", b"]}", ord('"'), ord("\\")
+# Above the deepest layout shmkit writes in its 3 KB (a record nested in a
+# record 55 times nests 111 levels), below what the JSON parser can take.
+_MAX_LAYOUT_DEPTH = 256
 
 
-def _nesting(text: bytes) -> int:
+def _nesting(text: str) -> int:
     """How deep the arrays and objects of the JSON ``text`` nest (brackets in
     strings do not count).  One pass: hostile text costs time linear in its
     length."""
@@ -432,31 +433,39 @@ def _nesting(text: bytes) -> int:
         if in_string:
             if escaped:
                 escaped = False
-            elif c == _ESCAPE:
+            elif c == "\\":
                 escaped = True
-            elif c == _QUOTE:
+            elif c == '"':
                 in_string = False
-        elif c == _QUOTE:
+        elif c == '"':
             in_string = True
-        elif c in _OPENERS:
+        elif c in "[{":
             depth += 1
             deepest = max(deepest, depth)
-        elif c in _CLOSERS:
+        elif c in "]}":
             depth -= 1
     return deepest
 
 
 def _decode_layout(text: bytes, where: str) -> dict[str, Any]:
     """The layout description (JSON) of a checked header."""
+    if not text or text == b"{}":
+        return {}
+    # UTF-8 as written, decoded here: json.loads would guess an encoding from
+    # bytes (UTF-16 too), which the nesting count must read the same way.
     # Nesting is refused before the parser sees it: hostile bytes nested past
     # its depth would raise RecursionError, which must mean the reader's own.
-    if (text.count(b"[") + text.count(b"{") > _MAX_LAYOUT_DEPTH
-            and _nesting(text) > _MAX_LAYOUT_DEPTH):
-        raise CorruptError(f"{where} has a layout description nested more than "
-                           f"{_MAX_LAYOUT_DEPTH} levels deep: it is damaged; remove it "
-                           "with `shmkit rm`")
     try:
-        layout = json.loads(text) if text and text != b"{}" else {}
+        chars = text.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptError(f"{where} has a layout description that is not UTF-8") from None
+    if (chars.count("[") + chars.count("{") > _MAX_LAYOUT_DEPTH
+            and _nesting(chars) > _MAX_LAYOUT_DEPTH):
+        raise CorruptError(f"{where} has a layout description nested more than "
+                           f"{_MAX_LAYOUT_DEPTH} levels deep, deeper than shmkit writes: "
+                           "it is damaged; remove it with `shmkit rm`")
+    try:
+        layout = json.loads(chars)
     except ValueError:
         raise CorruptError(f"{where} has an unreadable layout description") from None
     if not isinstance(layout, dict):
