@@ -313,7 +313,16 @@ def _write_layout(name: str, layout) -> None:
     {"format": 2, "dtype": "|S0", "shape": [1 << 62]},
     {"format": 2, "dtype": "|V0", "shape": [3]},
     {"format": 2, "dtype": {"subdtype": "<f8", "shape": [0]}, "shape": [1 << 40]},
-    # more dimensions than numpy makes (a view is made in one first)
+    # more than numpy counts, hidden from the size check by records of no
+    # bytes or a dimension of 0
+    {"format": 2, "dtype": {"names": [], "formats": [], "offsets": [], "itemsize": 0},
+     "shape": [10 ** 30]},
+    {"format": 2, "dtype": "<f8", "shape": [0, 10 ** 30]},
+    {"format": 2, "dtype": "<f8", "shape": [0, 1 << 62, 1 << 62]},
+    # more dimensions than numpy makes (a view is made in one first; a
+    # sub-array of sub-arrays adds each one's)
+    {"format": 2, "dtype": {"subdtype": {"subdtype": "|i1", "shape": [1] * 32},
+                            "shape": [1] * 32}, "shape": [1]},
     {"format": 2, "dtype": "<f8", "shape": [1] * 65},
     {"format": 2, "dtype": {"subdtype": "<f8", "shape": [1, 1]}, "shape": [1] * 63},
     {"format": 2, "dtype": {"subdtype": "|i1", "shape": [1] * 64}, "shape": []},
@@ -463,6 +472,9 @@ def test_more_dimensions_than_numpy_makes_are_refused_when_creating(name):
     # a view is made in one dimension first, whatever the shape
     with pytest.raises(ValueError, match=f"at most {most}"):
         shmkit.Array(name, np.dtype(("i1", (1,) * most)), ())
+    # numpy keeps a sub-array of sub-arrays apart: (c_int * 2) * 3 adds two
+    with pytest.raises(ValueError, match=f"at most {most}"):
+        shmkit.Array(name, (ctypes.c_int * 2) * 3, (1,) * (most - 1))
     with pytest.raises(ValueError, match=f"at most {most}"):
         shmkit.Struct(name, np.dtype(("i1", (1,) * most)))
     with shmkit.Array(name, "<f8", (1,) * most) as a:
@@ -471,6 +483,15 @@ def test_more_dimensions_than_numpy_makes_are_refused_when_creating(name):
     with shmkit.Struct(name, np.dtype(("i1", (1,) * (most - 1)))) as s:
         assert s.record.ndim == most - 1
         s.unlink()
+
+
+@pytest.mark.parametrize("dtype, shape", [(np.dtype([]), (10 ** 30,)),
+                                          (np.dtype([]), (1 << 40, 1 << 40)),
+                                          ("<f8", (1 << 63, 0)), ("<f8", (0, 1 << 60))])
+def test_a_shape_numpy_cannot_count_is_refused_even_of_no_bytes(name, dtype, shape):
+    with pytest.raises(ValueError, match="more than numpy can count"):
+        shmkit.Array(name, dtype, shape)
+    assert not os.path.exists(f"/dev/shm/shmkit.{name}")
 
 
 def test_the_deepest_records_shmkit_writes_open_again(name):

@@ -103,25 +103,9 @@ def _as_dtype(t: Any) -> np.dtype:
     return dt
 
 
-def _viewable(dt: np.dtype, shape: tuple) -> bool:
-    """Whether numpy makes a view of records of ``dt`` in ``shape``: not of an
-    unsized or empty type without fields ('S0', ('<f8', (0,)); a record of no
-    fields is fine), nor past its dimensions, counting the one a view is made
-    in first."""
-    return ((dt.itemsize > 0 or dt.names is not None)
-            and max(len(shape), 1) + dt.ndim <= _MAX_DIMS)
-
-
-def _unviewable(t: Any, dt: np.dtype, shape: tuple) -> Exception:
-    if dt.itemsize == 0 and dt.names is None:
-        return TypeError(f"{t!r} has no bytes (itemsize 0) and no fields, and numpy makes "
-                         "no array of it; give its size ('S10', 'U10', 'V8')")
-    return ValueError(f"shape {shape} and dtype {dt} make {max(len(shape), 1) + dt.ndim} "
-                      f"dimensions; numpy makes arrays of at most {_MAX_DIMS}")
-
-
 # numpy's limit on an array's dimensions (the dtype's own count with them)
 _MAX_DIMS = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
+_MAX_ELEMENTS = (1 << 63) - 1  # numpy's sizes are signed 64-bit
 
 
 def _fieldless(dt: np.dtype) -> bool:
@@ -130,6 +114,47 @@ def _fieldless(dt: np.dtype) -> bool:
     while dt.subdtype is not None:
         dt = dt.subdtype[0]
     return dt.names is None
+
+
+def _sub_dims(dt: np.dtype) -> int:
+    """The dimensions a view of ``dt`` adds: a sub-array's, each of a
+    sub-array of sub-arrays included (numpy keeps those apart)."""
+    n = 0
+    while dt.subdtype is not None:
+        dt, sub = dt.subdtype
+        n += len(sub)
+    return n
+
+
+def _viewable(dt: np.dtype, shape: tuple) -> bool:
+    """Whether numpy makes a view of records of ``dt`` in ``shape``: not of an
+    unsized or empty type without fields ('S0', ('<f8', (0,)); a record of no
+    fields is fine), nor past its dimensions (counting the one a view is made
+    in first), nor of more bytes than it can count, a record of no bytes and
+    a dimension of 0 counting as 1 (the size check against the segment does
+    not see them)."""
+    if dt.itemsize == 0 and dt.names is None:
+        return False
+    if max(len(shape), 1) + _sub_dims(dt) > _MAX_DIMS:
+        return False
+    count = max(dt.itemsize, 1)
+    for d in shape:
+        count *= d or 1
+        if count > _MAX_ELEMENTS:
+            return False
+    return True
+
+
+def _unviewable(t: Any, dt: np.dtype, shape: tuple) -> Exception:
+    if dt.itemsize == 0 and dt.names is None:
+        return TypeError(f"{t!r} has no bytes (itemsize 0) and no fields, and numpy makes "
+                         "no array of it; give its size ('S10', 'U10', 'V8')")
+    dims = max(len(shape), 1) + _sub_dims(dt)
+    if dims > _MAX_DIMS:
+        return ValueError(f"shape {shape} and dtype {dt} make {dims} dimensions; numpy "
+                          f"makes arrays of at most {_MAX_DIMS}")
+    return ValueError(f"shape {shape} of {dt} is more than numpy can count (2**63 bytes, "
+                      "a dimension of 0 or a record of no bytes counting as 1)")
 
 
 # Decoded record layouts, by kind and layout text: objects of one layout
