@@ -639,6 +639,52 @@ def test_hostile_headers_never_crash_ls_or_info(names: Any, holder: Any) -> None
     assert text.count("corrupt: ") >= 6
 
 
+def _set_layout(name: str, text: bytes) -> None:
+    fd = os.open(shm(name), os.O_RDWR)
+    try:
+        os.pwrite(fd, struct.pack("=I", len(text)), 72)
+        os.pwrite(fd, text, 1024)
+    finally:
+        os.close(fd)
+
+
+def test_layouts_of_the_wrong_types_or_lone_surrogates_never_stop_info_top_or_ls(
+        names: Any) -> None:
+    # Valid JSON another user wrote: one such object must not cost the
+    # listing of the others, nor print what no terminal can encode.
+    good = names()
+    shmkit.Array(good, "<f8", 4, lifetime="persistent").close()
+    hostile = {
+        "shape 5": b'{"format":2,"dtype":"<f8","shape":5}',
+        "shape null": b'{"format":2,"dtype":"<f8","shape":null}',
+        "names 5": b'{"format":2,"dtype":{"names":5},"shape":[4]}',
+        "surrogate name": b'{"format":2,"dtype":{"names":["\\ud800"],"formats":["<f8"],'
+                          b'"offsets":[0],"itemsize":8},"shape":[4]}',
+        "surrogate dtype": b'{"format":2,"dtype":"\\ud800","shape":[4]}',
+    }
+    made = {}
+    for label, text in hostile.items():
+        made[label] = names()
+        shmkit.Array(made[label], "<f8", 4, lifetime="persistent").close()
+        _set_layout(made[label], text)
+    for label in ("surrogate name", "surrogate dtype"):
+        with pytest.raises(shmkit.CorruptError, match="lone surrogate"):
+            shmkit.Array.open(made[label])
+    info = {o["name"]: o for o in cli_json("info", good, *made.values())}
+    assert info[good]["state"] == "ok"
+    assert info[made["surrogate name"]]["state"].startswith("corrupt: ")
+    assert good in cli("info", good, *made.values()).stdout
+    top = json.loads(cli("top", "--once", "--json", good, *made.values()).stdout)
+    shown = {o["name"]: o for o in top["objects"]}
+    assert shown[good]["activity"] == "float64 (4,)"
+    assert shown[made["shape 5"]]["activity"] == "unreadable shape"
+    assert shown[made["names 5"]]["activity"] == "record (4,)"
+    cli("top", "--once", good, *made.values())
+    cli("ls")
+    listed = {o["name"] for o in cli_json("ls")}
+    assert listed >= {good, *made.values()}
+
+
 def test_describing_is_invisible_to_a_closing_last_process(names: Any) -> None:
     # While info has an object open, the last attached-lifetime process closing
     # must still remove it (a read-only handle's lock on byte 1 would stop it).

@@ -331,6 +331,7 @@ def _write_layout(name: str, layout) -> None:
     b'{"format": 2, "shape": [1], "dtype": ' + b"[" * 1400 + b"]" * 1400 + b"}",
     ('["\\"",' + "[" * 1400 + '"').encode("utf-16-le"),
     b'{"format": 2, "shape": [1], "dtype": "<f8", "x": "\xff"}',  # not UTF-8
+    b'{"format": 2, "shape": [1], "dtype": "<f8", "x": "\\udc00"}',  # a lone surrogate
 ])
 def test_hostile_layout_raises_corrupt_error(name, layout):
     shmkit.Array(name, "<f8", 3).close()
@@ -349,6 +350,14 @@ def test_brackets_and_escaped_quotes_in_field_names_are_not_nesting(name):
         assert b.dtype.names == (odd, "[" * 70)
         b[1] = (7, 2.5)
         assert a[1][odd] == 7
+        a.unlink()
+
+
+def test_field_names_past_ascii_and_past_the_basic_plane_open_again(name):
+    # Written as escapes (a pair for U+1F600), read back as the same names.
+    rec = np.dtype([("é", "<i4"), ("\U0001F600", "<f8")])
+    with shmkit.Array(name, rec, 2) as a, shmkit.Array.open(name) as b:
+        assert b.dtype.names == ("é", "\U0001F600")
         a.unlink()
 
 

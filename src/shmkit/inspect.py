@@ -836,7 +836,10 @@ def activity(summary: dict[str, Any], per_second: dict[str, float] | None = None
         return ""
     kind, layout = summary.get("kind"), summary.get("layout") or {}
     if kind == "array":
-        return f"{_dtype_text(layout.get('dtype'))} {tuple(layout.get('shape', ()))}"
+        shape = layout.get("shape", [])
+        if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+            return "unreadable shape"  # (the layout is another's: any JSON)
+        return f"{_dtype_text(layout.get('dtype'))} {tuple(shape)}"
     c = summary.get("counters")
     if kind == "struct" and _is_bridge(summary):
         return _bridge_text(summary, counters(summary) if c is None else c, per_second or {})
@@ -1014,10 +1017,11 @@ def _dtype_text(layout: Any) -> str:
         try:
             np = numpy()
             return str(np.dtype(layout))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, SyntaxError):  # (numpy's own parse of comma strings)
             return layout
     if isinstance(layout, dict):
-        return f"record of {len(layout.get('names', []))} fields"
+        names = layout.get("names", [])
+        return f"record of {len(names)} fields" if isinstance(names, list) else "record"
     return ""
 
 

@@ -470,6 +470,15 @@ def _decode_layout(text: bytes, where: str) -> dict[str, Any]:
         raise CorruptError(f"{where} has an unreadable layout description") from None
     if not isinstance(layout, dict):
         raise CorruptError(f"{where} has a layout description that is not an object")
+    if "\\u" in chars:
+        # An escaped lone surrogate decodes to a str no one can print or
+        # encode (shmkit writes a pair for each character past U+FFFF).
+        try:
+            json.dumps(layout, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise CorruptError(f"{where} has a layout description with a lone surrogate "
+                               "escape, which shmkit never writes: it is damaged; remove it "
+                               "with `shmkit rm`") from None
     return layout
 
 
