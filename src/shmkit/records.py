@@ -26,7 +26,13 @@ from typing import Any, Callable
 import numpy as np
 
 from ._object import DEFAULT, Lock, SharedObject, attach_segment, check_common, segment_options
-from .errors import CorruptError, FormatVersionError, LayoutMismatchError, ReadOnlyError
+from .errors import (
+    CorruptError,
+    FormatVersionError,
+    LayoutMismatchError,
+    ReadOnlyError,
+    SizeLimitError,
+)
 from .segment import Kind, Segment
 
 __all__ = ["Struct", "Array"]
@@ -153,8 +159,8 @@ def _unviewable(t: Any, dt: np.dtype, shape: tuple) -> Exception:
     if dims > _MAX_DIMS:
         return ValueError(f"shape {shape} and dtype {dt} make {dims} dimensions; numpy "
                           f"makes arrays of at most {_MAX_DIMS}")
-    return ValueError(f"shape {shape} of {dt} is more than numpy can count (2**63 bytes, "
-                      "a dimension of 0 or a record of no bytes counting as 1)")
+    return SizeLimitError(f"shape {shape} of {dt} is more than numpy can count (2**63 "
+                          "bytes, a dimension of 0 or a record of no bytes counting as 1)")
 
 
 # Decoded record layouts, by kind and layout text: objects of one layout
