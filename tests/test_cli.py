@@ -685,6 +685,34 @@ def test_layouts_of_the_wrong_types_or_lone_surrogates_never_stop_info_top_or_ls
     assert listed >= {good, *made.values()}
 
 
+def test_a_long_state_never_squeezes_the_names_out_of_a_narrow_table(names: Any) -> None:
+    good, bad = names(), names()
+    for n in (good, bad):
+        shmkit.Array(n, "<f8", 4, lifetime="persistent").close()
+    _set_layout(bad, b"[1, 2]")  # "corrupt: ... a layout description that is not an object"
+    env = dict(_env(), COLUMNS="80")
+    for command in (["ls"], ["top", "--once"]):
+        proc = subprocess.run([sys.executable, "-m", "shmkit", *command, good, bad],
+                              capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert good in proc.stdout and bad in proc.stdout, proc.stdout
+
+
+def test_control_characters_another_user_wrote_reach_no_terminal(names: Any) -> None:
+    # A field name with an OSC title sequence, a screen clear and a C1 CSI:
+    # shown escaped, in the table and in info, never sent raw.
+    import numpy as np
+
+    n = names()
+    odd = "x\x1b]0;PWNED\x07\x1b[2J\x9b1m"
+    shmkit.Array(n, np.dtype([(odd, "<f8")]), 4, lifetime="persistent").close()
+    text = cli("info", n).stdout
+    assert "\\x1b]0;PWNED\\x07\\x1b[2J\\x9b1m" in text
+    for command in (["info", n], ["ls", n], ["top", "--once", n]):
+        out = cli(*command).stdout
+        assert not any(c in out for c in "\x1b\x07\x9b"), (command, out)
+
+
 def test_describing_is_invisible_to_a_closing_last_process(names: Any) -> None:
     # While info has an object open, the last attached-lifetime process closing
     # must still remove it (a read-only handle's lock on byte 1 would stop it).

@@ -242,6 +242,19 @@ def _count(text: str) -> int:
 # -- output helpers -----------------------------------------------------------
 
 
+# C0 and C1 controls and DEL as escapes: names, states, field names and
+# process names come from files another user may have written, and a
+# terminal acts on ESC sequences (titles, clearing, moving the cursor).
+# (Tabs and line ends do nothing more than move the cursor on.)
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))
+             if c not in (0x09, 0x0A)}
+
+
+def _shown(text: str) -> str:
+    """``text`` with its control characters escaped, for a terminal."""
+    return text.translate(_CONTROLS)
+
+
 def _console() -> Any:
     """A rich console for stdout: colours on a terminal, no markup or emoji codes in
     names (``a:smile:`` is a valid name), 160 columns when piped."""
@@ -255,7 +268,7 @@ def _console() -> Any:
 def _error(command: str | None, message: str) -> None:
     where = f"{PROG} {command}" if command else PROG
     text = " ".join(str(message).split())
-    print(f"{where}: {text}", file=sys.stderr)
+    print(f"{where}: {_shown(text)}", file=sys.stderr)
 
 
 def _print_json(value: Any) -> None:
@@ -329,7 +342,9 @@ def _objects_table(objects: list[dict[str, Any]], activity: bool = False,
 
     table = Table(title=title, title_justify="left", header_style="bold",
                   box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("NAME", overflow="fold")
+    # (a name is never squeezed out: a long state folds within its width)
+    longest = max((len(o["name"]) for o in objects), default=4)
+    table.add_column("NAME", overflow="fold", min_width=min(longest, 24))
     table.add_column("KIND", no_wrap=True)
     table.add_column("SIZE", justify="right", no_wrap=True)
     table.add_column("MEMORY", justify="right", no_wrap=True)
@@ -340,20 +355,20 @@ def _objects_table(objects: list[dict[str, Any]], activity: bool = False,
         table.add_column("ACTIVITY", overflow="fold", ratio=1)
     else:
         table.add_column("LIFETIME", overflow="fold")
-    table.add_column("STATE", no_wrap=True)  # the names fold, never the state
+    table.add_column("STATE", overflow="fold", max_width=40)
     total = 0
     for obj in objects:
         size = obj["size"]
         total += obj["file_bytes"] or 0
-        row = [Text(obj["name"], style="bold"), Text(obj["kind"] or "?"),
+        row = [Text(_shown(obj["name"]), style="bold"), Text(_shown(obj["kind"] or "?")),
                Text(_bytes(size) if size is not None else "?"),
                Text(_bytes(obj["file_bytes"]))]
         if not activity:
             row.append(Text(str(obj["creator_pid"] or "?")))
         row.append(Text(_pids(obj)))
-        row.append(Text(obj.get("activity", "")) if activity
-                   else Text(obj["lifetime"] or "?"))
-        row.append(Text(obj["state"], style=_state_style(obj["state"])))
+        row.append(Text(_shown(obj.get("activity", ""))) if activity
+                   else Text(_shown(obj["lifetime"] or "?")))
+        row.append(Text(_shown(obj["state"]), style=_state_style(obj["state"])))
         table.add_row(*row)
     n = len(objects)
     table.caption = f"{n} object{'s' if n != 1 else ''}, {_bytes(total)} of memory"
@@ -476,8 +491,9 @@ def _info_table(info: dict[str, Any]) -> Any:
     from rich.text import Text
 
     state = info["state"]
-    title = Text.assemble((info["name"], "bold"), "  ", (info["kind"] or "?", "cyan"), "  ",
-                          (state, _state_style(state)))
+    title = Text.assemble((_shown(info["name"]), "bold"), "  ",
+                          (_shown(info["kind"] or "?"), "cyan"), "  ",
+                          (_shown(state), _state_style(state)))
     table = Table(show_header=False, box=None, padding=(0, 2, 0, 1))
     table.add_column(style="dim", no_wrap=True)
     table.add_column(overflow="fold")
@@ -521,9 +537,10 @@ def _info_table(info: dict[str, Any]) -> Any:
         rows.append(("segment lock", _lock_text(info["lock"])))
     rows += _kind_rows(info)
     if info.get("detail_error"):
-        rows.append(("detail", Text(f"unavailable: {info['detail_error']}", style="red")))
+        rows.append(("detail", Text(_shown(f"unavailable: {info['detail_error']}"),
+                                    style="red")))
     for k, v in rows:
-        table.add_row(k, v if isinstance(v, Text) else Text(str(v)))
+        table.add_row(_shown(k), v if isinstance(v, Text) else Text(_shown(str(v))))
     return Group(title, table)
 
 
@@ -559,8 +576,8 @@ def _rm_table(objects: list[dict[str, Any]]) -> Any:
                             ("ATTACHED", "left")):
         table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for obj in objects:
-        table.add_row(Text(obj["name"], style="bold"),
-                      Text(obj["kind"] or obj["state"]),
+        table.add_row(Text(_shown(obj["name"]), style="bold"),
+                      Text(_shown(obj["kind"] or obj["state"])),
                       Text(_bytes(obj["size"]) if obj["size"] is not None
                            else _bytes(obj["file_bytes"])),
                       Text(_pids(obj)))
