@@ -1186,10 +1186,13 @@ def _human(n: int) -> str:
 # -- platform, license ------------------------------------------------------------
 
 
-def test_importing_on_another_platform_says_linux_only() -> None:
+def _import_refused(pretend: str) -> str:
+    """What ``import shmkit`` prints in a new interpreter after ``pretend``
+    (a line that makes it another system or Python): the ShmkitError it
+    raises, named, before the C core is loaded."""
     code = textwrap.dedent("""
         import sys
-        sys.platform = "darwin"
+        %s
         try:
             import shmkit
         except ImportError as e:
@@ -1198,33 +1201,23 @@ def test_importing_on_another_platform_says_linux_only() -> None:
             assert "shmkit._core" not in sys.modules, "the C core was loaded"
             print(type(e).__name__, e)
         else:
-            raise SystemExit("imported on darwin")
-    """)
+            raise SystemExit("imported")
+    """) % pretend
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, env=_env())
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("UnsupportedPlatformError shmkit runs on Linux only")
-    assert "'darwin'" in proc.stdout and "3.15" in proc.stdout
+    return proc.stdout
+
+
+def test_importing_on_another_platform_says_linux_only() -> None:
+    out = _import_refused('sys.platform = "darwin"')
+    assert out.startswith("UnsupportedPlatformError shmkit runs on Linux only")
+    assert "'darwin'" in out and "3.15" in out
 
 
 def test_importing_with_python_3_10_says_3_11_or_newer() -> None:
-    code = textwrap.dedent("""
-        import sys
-        sys.version_info = (3, 10, 13, "final", 0)
-        try:
-            import shmkit
-        except ImportError as e:
-            from shmkit.errors import ShmkitError
-            assert isinstance(e, ShmkitError), type(e).__mro__
-            assert "shmkit._core" not in sys.modules, "the C core was loaded"
-            print(type(e).__name__, e)
-        else:
-            raise SystemExit("imported by 3.10")
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, env=_env())
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("UnsupportedPythonError shmkit needs CPython 3.11 or newer")
+    out = _import_refused('sys.version_info = (3, 10, 13, "final", 0)')
+    assert out.startswith("UnsupportedPythonError shmkit needs CPython 3.11 or newer")
 
 
 def test_license_and_platform_metadata() -> None:

@@ -1763,42 +1763,6 @@ def test_a_child_forked_inside_a_batch_is_told_the_batch_is_the_parents(name, le
         st.verify()
 
 
-def test_the_fork_hook_forgets_closed_and_dropped_handles_and_still_finds_open_ones(name):
-    # The child's fork hook reaches every open store through a registry that
-    # close() and a dropped handle leave; a handle made where a dropped one's
-    # entry was (the same id) is still reached.
-    from shmkit import store as store_module
-    live = store_module._live
-    before = len(live)
-    with Store(name, timeout=10.0) as st:
-        assert len(live) == before + 1
-        for _ in range(200):
-            Store.open(name)  # dropped unclosed
-        closed = Store.open(name)
-        closed.close()
-        assert len(live) == before + 1
-        other = Store.open(name, timeout=10.0)
-        assert len(live) == before + 2
-        pid = -1
-        try:
-            with other.batch():
-                other["in batch"] = 1
-                pid = os.fork()
-                if pid > 0:
-                    _, status = os.waitpid(pid, 0)
-                    assert os.waitstatus_to_exitcode(status) == 0
-        except BaseException as e:
-            if pid != 0:
-                raise
-            os._exit(0 if type(e) is RuntimeError and "forked" in str(e) else 3)
-        if pid == 0:  # pragma: no cover - the child was not told
-            os._exit(5)
-        other.close()
-        assert st["in batch"] == 1
-    assert len(live) == before
-    del closed, other, st
-
-
 def _told_of_the_fork_inside_its_batch(st: Store) -> bool:
     """Whether a child forked inside a batch of ``st`` is told the batch is
     its parent's when it leaves the block."""
@@ -1817,6 +1781,29 @@ def _told_of_the_fork_inside_its_batch(st: Store) -> bool:
     if pid == 0:  # the child left the parent's batch with no error
         os._exit(5)
     return False
+
+
+def test_the_fork_hook_forgets_closed_and_dropped_handles_and_still_finds_open_ones(name):
+    # The child's fork hook reaches every open store through a registry that
+    # close() and a dropped handle leave; a handle made where a dropped one's
+    # entry was (the same id) is still reached.
+    from shmkit import store as store_module
+    live = store_module._live
+    before = len(live)
+    with Store(name, timeout=10.0) as st:
+        assert len(live) == before + 1
+        for _ in range(200):
+            Store.open(name)  # dropped unclosed
+        closed = Store.open(name)
+        closed.close()
+        assert len(live) == before + 1
+        other = Store.open(name, timeout=10.0)
+        assert len(live) == before + 2
+        assert _told_of_the_fork_inside_its_batch(other)
+        other.close()
+        assert st["in batch"] == 1
+    assert len(live) == before
+    del closed, other, st
 
 
 def test_a_store_opened_while_a_dropped_one_is_collected_is_still_reset_in_a_child():

@@ -255,6 +255,13 @@ def _shown(text: str) -> str:
     return text.translate(_CONTROLS)
 
 
+def _text(text: str, style: str = "") -> Any:
+    """A table cell of ``text``, its control characters escaped."""
+    from rich.text import Text
+
+    return Text(_shown(text), style=style)
+
+
 def _console() -> Any:
     """A rich console for stdout: colours on a terminal, no markup or emoji codes in
     names (``a:smile:`` is a valid name), 160 columns when piped."""
@@ -360,15 +367,15 @@ def _objects_table(objects: list[dict[str, Any]], activity: bool = False,
     for obj in objects:
         size = obj["size"]
         total += obj["file_bytes"] or 0
-        row = [Text(_shown(obj["name"]), style="bold"), Text(_shown(obj["kind"] or "?")),
+        row = [_text(obj["name"], "bold"), _text(obj["kind"] or "?"),
                Text(_bytes(size) if size is not None else "?"),
                Text(_bytes(obj["file_bytes"]))]
         if not activity:
             row.append(Text(str(obj["creator_pid"] or "?")))
         row.append(Text(_pids(obj)))
-        row.append(Text(_shown(obj.get("activity", ""))) if activity
-                   else Text(_shown(obj["lifetime"] or "?")))
-        row.append(Text(_shown(obj["state"]), style=_state_style(obj["state"])))
+        row.append(_text(obj.get("activity", "")) if activity
+                   else _text(obj["lifetime"] or "?"))
+        row.append(_text(obj["state"], _state_style(obj["state"])))
         table.add_row(*row)
     n = len(objects)
     table.caption = f"{n} object{'s' if n != 1 else ''}, {_bytes(total)} of memory"
@@ -537,10 +544,9 @@ def _info_table(info: dict[str, Any]) -> Any:
         rows.append(("segment lock", _lock_text(info["lock"])))
     rows += _kind_rows(info)
     if info.get("detail_error"):
-        rows.append(("detail", Text(_shown(f"unavailable: {info['detail_error']}"),
-                                    style="red")))
+        rows.append(("detail", _text(f"unavailable: {info['detail_error']}", "red")))
     for k, v in rows:
-        table.add_row(_shown(k), v if isinstance(v, Text) else Text(_shown(str(v))))
+        table.add_row(_shown(k), v if isinstance(v, Text) else _text(str(v)))
     return Group(title, table)
 
 
@@ -576,8 +582,8 @@ def _rm_table(objects: list[dict[str, Any]]) -> Any:
                             ("ATTACHED", "left")):
         table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for obj in objects:
-        table.add_row(Text(_shown(obj["name"]), style="bold"),
-                      Text(_shown(obj["kind"] or obj["state"])),
+        table.add_row(_text(obj["name"], "bold"),
+                      _text(obj["kind"] or obj["state"]),
                       Text(_bytes(obj["size"]) if obj["size"] is not None
                            else _bytes(obj["file_bytes"])),
                       Text(_pids(obj)))

@@ -50,7 +50,7 @@ from .errors import (
     ReadOnlyError,
     StaleHandleError,
 )
-from ._object import DEFAULT, SharedObject, attach_segment, check_common, mismatch
+from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
 from .segment import DEFAULT_MAX_ATTACH, DEFAULT_RESERVE, Kind, Segment, check_max_attach
 from .sync import _deadline
 
@@ -276,12 +276,9 @@ class Heap(SharedObject):
         if max_blocks is not None and (not isinstance(max_blocks, int)
                                        or not 1 <= max_blocks <= 1 << 30):
             raise ValueError(f"max_blocks must be an int in 1..2**30, not {max_blocks!r}")
-        # (`is not DEFAULT` rather than given(): this runs on every open)
-        if max_pins is not DEFAULT and (not isinstance(max_pins, int)
-                                        or not 1 <= max_pins <= 4096):
+        if given(max_pins) and (not isinstance(max_pins, int) or not 1 <= max_pins <= 4096):
             raise ValueError(f"max_pins must be an int in 1..4096, not {max_pins!r}")
-        slots = (DEFAULT_MAX_ATTACH if max_attach is DEFAULT
-                 else check_max_attach(max_attach))
+        slots = check_max_attach(max_attach) if given(max_attach) else DEFAULT_MAX_ATTACH
         top = None
         if data is not None and create is not False:
             if max_size is None:
@@ -294,7 +291,7 @@ class Heap(SharedObject):
             blocks = max_blocks
             if blocks is None:
                 blocks = min(max(data // 1024, most // 65536, 1024), 1 << 22)
-            pins = _DEFAULT_PINS if max_pins is DEFAULT else max_pins
+            pins = max_pins if given(max_pins) else _DEFAULT_PINS
             payload, top = _core.heap_layout(data, most, blocks, pins, slots)
             layout = {"format": HEAP_FORMAT, "data_bytes": data, "max_size": most,
                       "max_blocks": blocks, "max_pins": pins}
@@ -305,8 +302,10 @@ class Heap(SharedObject):
                                   salt)
         elif create:
             raise ValueError("creating a heap needs size=")
-        # None: "attached" for name=None, else persistent (the segment decides)
-        life: str | None = None if lifetime is DEFAULT else lifetime
+        if given(lifetime):
+            life: str | None = lifetime
+        else:
+            life = None  # "attached" for name=None, else persistent (the segment decides)
         seg = attach_segment(Kind.HEAP, name, path, size=payload, create=create,
                              readonly=readonly, mode=mode, lifetime=life,
                              max_size=top, max_attach=slots, layout=layout, init=init,
@@ -337,12 +336,11 @@ class Heap(SharedObject):
                 raise CorruptError(f"heap {seg.name!r} has an unreadable max_size {most!r}")
             if not seg.created:
                 # An explicit parameter is honoured or refused, never ignored.
-                if max_size is not None or max_blocks is not None or max_pins is not DEFAULT:
-                    asked_max = None if max_size is None else max_size // _UNIT * _UNIT
-                    for param, asked in (("max_size", asked_max), ("max_blocks", max_blocks),
-                                         ("max_pins", None if max_pins is DEFAULT else max_pins)):
-                        if asked is not None and stored.get(param) != asked:
-                            raise mismatch("heap", seg.name, param, asked, stored.get(param))
+                asked_max = None if max_size is None else max_size // _UNIT * _UNIT
+                for param, asked in (("max_size", asked_max), ("max_blocks", max_blocks),
+                                     ("max_pins", None if max_pins is DEFAULT else max_pins)):
+                    if asked is not None and stored.get(param) != asked:
+                        raise mismatch("heap", seg.name, param, asked, stored.get(param))
                 if size is not None and size > most:
                     raise MismatchError(
                         f"heap {seg.name!r} exists and can grow to max_size={most} bytes, "
@@ -710,7 +708,7 @@ class Heap(SharedObject):
         close removes the heap (and runs ``on_destroy`` there).
         """
         core = self._heapcore
-        if core is not None and not self._readonly and core.pins_held() and not self.closed:
+        if not self.closed and core is not None and not self._readonly and core.pins_held():
             raise BusyError(f"heap {self.name!r}: this attachment still holds "
                             f"{core.pins_held()} pin(s); release them before close()")
         super().close()  # (closed: runs what a Ctrl-C left of an earlier close)

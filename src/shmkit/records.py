@@ -114,59 +114,45 @@ _MAX_DIMS = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
 _MAX_ELEMENTS = (1 << 63) - 1  # numpy's sizes are signed 64-bit
 
 
-def _fieldless(dt: np.dtype) -> bool:
-    """No fields anywhere in ``dt`` (a sub-array's element included): numpy
-    lets a structured dtype's field names be renamed in place."""
-    while dt.subdtype is not None:
-        dt = dt.subdtype[0]
-    return dt.names is None
-
-
-def _sub_dims(dt: np.dtype) -> int:
-    """The dimensions a view of ``dt`` adds: a sub-array's, each of a
-    sub-array of sub-arrays included (numpy keeps those apart)."""
-    n = 0
+def _element(dt: np.dtype) -> tuple[np.dtype, int]:
+    """The record type under ``dt``'s sub-arrays, and the dimensions they add
+    to a view (each of a sub-array of sub-arrays: numpy keeps those apart)."""
+    dims = 0
     while dt.subdtype is not None:
         dt, sub = dt.subdtype
-        n += len(sub)
-    return n
+        dims += len(sub)
+    return dt, dims
 
 
-def _viewable(dt: np.dtype, shape: tuple) -> bool:
-    """Whether numpy makes a view of records of ``dt`` in ``shape``: not of an
-    unsized or empty type without fields ('S0', ('<f8', (0,)); a record of no
-    fields is fine), nor past its dimensions (counting the one a view is made
-    in first), nor of more bytes than it can count, a record of no bytes and
-    a dimension of 0 counting as 1 (the size check against the segment does
-    not see them)."""
+def _view_problem(dt: np.dtype, shape: tuple, t: Any = None) -> Exception | None:
+    """Why numpy makes no view of records of ``dt`` (given as ``t``) in
+    ``shape``, or None: an unsized or empty type without fields ('S0',
+    ('<f8', (0,)); a record of no fields is fine), more dimensions than it
+    makes (counting the one a view is made in first), or more bytes than it
+    counts, a record of no bytes and a dimension of 0 counting as 1 (the size
+    check against the segment does not see them)."""
     if dt.itemsize == 0 and dt.names is None:
-        return False
-    if max(len(shape), 1) + _sub_dims(dt) > _MAX_DIMS:
-        return False
+        return TypeError(f"{dt if t is None else t!r} has no bytes (itemsize 0) and no "
+                         "fields, and numpy makes no array of it; give its size ('S10', "
+                         "'U10', 'V8')")
+    dims = max(len(shape), 1) + _element(dt)[1]
+    if dims > _MAX_DIMS:
+        return ValueError(f"shape {shape} and dtype {dt} make {dims} dimensions; numpy "
+                          f"makes arrays of at most {_MAX_DIMS}")
     count = max(dt.itemsize, 1)
     for d in shape:
         count *= d or 1
         if count > _MAX_ELEMENTS:
-            return False
-    return True
-
-
-def _unviewable(t: Any, dt: np.dtype, shape: tuple) -> Exception:
-    if dt.itemsize == 0 and dt.names is None:
-        return TypeError(f"{t!r} has no bytes (itemsize 0) and no fields, and numpy makes "
-                         "no array of it; give its size ('S10', 'U10', 'V8')")
-    dims = max(len(shape), 1) + _sub_dims(dt)
-    if dims > _MAX_DIMS:
-        return ValueError(f"shape {shape} and dtype {dt} make {dims} dimensions; numpy "
-                          f"makes arrays of at most {_MAX_DIMS}")
-    return SizeLimitError(f"shape {shape} of {dt} is more than numpy can count (2**63 "
-                          "bytes, a dimension of 0 or a record of no bytes counting as 1)")
+            return SizeLimitError(f"shape {shape} of {dt} is more than numpy can count "
+                                  "(2**63 bytes, a dimension of 0 or a record of no bytes "
+                                  "counting as 1)")
+    return None
 
 
 # Decoded record layouts, by kind and layout text: objects of one layout
 # share it, so a reopen builds no dtype (about 1 µs of an open by name).
-# Only dtypes without fields (_fieldless): a structured dtype's field names
-# can be renamed in place, which must not reach other handles.
+# Only dtypes without fields, in their sub-arrays too: a structured dtype's
+# field names can be renamed in place, which must not reach other handles.
 _RECORDS: dict[tuple[Kind, bytes], tuple[np.dtype, tuple]] = {}
 
 
@@ -188,13 +174,13 @@ def _records_of(seg: Segment) -> tuple[np.dtype, tuple]:
         dtype = _dtype_from_layout(stored["dtype"])
         shape = tuple(stored["shape"]) if key[0] == Kind.ARRAY else ()
         valid = (not dtype.hasobject and all(type(d) is int and d >= 0 for d in shape)
-                 and _viewable(dtype, shape))
+                 and _view_problem(dtype, shape) is None)
     except Exception:  # any malformed description, however it fails
         valid = False
     if not valid:
         raise CorruptError(f"{seg.name!r} has an unreadable record layout "
                            f"{str(stored)[:200]}; remove it with `shmkit rm`")
-    if _fieldless(dtype):
+    if _element(dtype)[0].names is None:
         if len(_RECORDS) >= 4096:
             _RECORDS.clear()
         _RECORDS[key] = dtype, shape
@@ -210,10 +196,9 @@ def _parse_layout(seg: Segment, asked: dict | None) -> tuple[np.dtype, tuple]:
     if need > seg.size:
         raise CorruptError(f"{seg.name!r} describes {need} bytes of records but "
                            f"holds {seg.size}; remove it with `shmkit rm`")
-    stored = seg._layout
-    if asked is not None and not seg.created and stored != asked:
+    if asked is not None and not seg.created and seg._layout != asked:
         raise LayoutMismatchError(
-            f"{seg.name!r} holds {_describe(stored)}, but was opened with "
+            f"{seg.name!r} holds {_describe(seg._layout)}, but was opened with "
             f"{_describe(asked)}; open it with its own layout, or with no type "
             "to adopt it")
     return dtype, shape
@@ -341,8 +326,9 @@ class Struct(_Typed):
         layout = size = dt = None
         if type is not None:
             dt = _as_dtype(type)
-            if not _viewable(dt, ()):
-                raise _unviewable(type, dt, ())
+            problem = _view_problem(dt, (), type)
+            if problem is not None:
+                raise problem
             layout = {"format": _FORMAT, "dtype": _dtype_layout(dt), "itemsize": dt.itemsize}
             size = dt.itemsize
         elif create:
@@ -430,8 +416,9 @@ class Array(_Typed):
             shp = (int(shape),) if np.isscalar(shape) else tuple(int(d) for d in shape)
             if any(d < 0 for d in shp):
                 raise ValueError(f"shape {shp} has a negative dimension")
-            if not _viewable(dt, shp):
-                raise _unviewable(dtype, dt, shp)
+            problem = _view_problem(dt, shp, dtype)
+            if problem is not None:
+                raise problem
             layout = {"format": _FORMAT, "dtype": _dtype_layout(dt), "shape": list(shp)}
             size = dt.itemsize * math.prod(shp)  # exact: numpy's int64 product wraps
         elif create:
