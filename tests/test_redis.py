@@ -256,6 +256,12 @@ def test_same_code_runs_on_either_backend(any_ns: Any) -> None:
                 st["d"] = 4
                 raise RuntimeError("discard")
         assert "d" not in st
+        with pytest.raises(shmkit.UnsupportedTypeError):  # every pair or none
+            st.update({"d": 4, "e": [5]})
+        assert "d" not in st
+        st.update([("d", 4)], e=5)
+        assert st["d"] == 4 and st["e"] == 5
+        del st["d"], st["e"]
         assert sorted(k for k in st if isinstance(k, str)) == ["b", "big", "c", "f", "n"]
         assert dict(st.items())["c"] == 3
         assert st.get_many(["b", "c", "zz"], None) == [2, 3, None]

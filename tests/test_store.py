@@ -1194,6 +1194,242 @@ def test_an_inner_batch_joins_the_outer_one(name):
         st.verify()
 
 
+# -- update(): dict.update in one batch ------------------------------------------
+
+
+class _KeysAndItems:
+    """A mapping as dict.update reads one: keys() and [key]."""
+
+    def __init__(self, d: dict) -> None:
+        self.d = d
+
+    def keys(self):
+        return list(self.d)
+
+    def __getitem__(self, key):
+        return self.d[key]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (({"a": 1, 2: b"two"},), {}),
+    lambda: (([("a", 1), (2, b"two")],), {}),
+    lambda: (((pair for pair in [("a", 1), (b"k", 3.5)]),), {}),
+    lambda: (([["a", None]],), {"b": -(1 << 70)}),
+    lambda: ((_KeysAndItems({"a": 1, 3: "three"}),), {}),
+    lambda: ((), {"a": 1, "b": 2}),
+    lambda: ((), {}),
+    lambda: (({},), {"a": 1}),
+], ids=["dict", "pairs", "generator", "pairs and kwargs", "keys and getitem", "kwargs",
+        "nothing", "empty dict and kwargs"])
+def test_update_stores_what_dict_update_would(name, make):
+    with Store(name) as st:
+        st["a"] = 0
+        st["kept"] = 1
+        expected = {"a": 0, "kept": 1}
+        args, kwargs = make()
+        expected.update(*args, **kwargs)
+        args, kwargs = make()
+        st.update(*args, **kwargs)
+        assert dict(st.items()) == expected
+        st.verify()
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    ([("a", 1, 2)], ValueError, "element #0 has length 3; 2 is required"),
+    ([("a", 1), "abc"], ValueError, "element #1 has length 3"),
+    ([("a", 1), 5], TypeError, "element #1 to a sequence"),
+    (5, TypeError, "not iterable"),
+    ({"a": 1, "b": object()}, shmkit.UnsupportedTypeError, "cannot store"),
+    ({"a": 1, (1, 2): 2}, shmkit.UnsupportedTypeError, "tuple"),
+    (_KeysAndItems({"a": 1, "b": 2, "missing": 3}), KeyError, "missing"),
+])
+def test_update_refuses_what_dict_update_refuses_and_stores_none_of_its_pairs(name, bad,
+                                                                               error, message):
+    with Store(name) as st:
+        st["a"] = 0
+        if isinstance(bad, _KeysAndItems):
+            del bad.d["missing"]
+            bad.keys = lambda: ["a", "b", "missing"]
+        with pytest.raises(error, match=message):
+            st.update(bad)
+        with pytest.raises(TypeError):
+            st.update({}, {})
+        assert dict(st.items()) == {"a": 0}
+        assert st.statistics()["batches"] == 0
+        st["after"] = 1  # no batch left open, the lock free
+        st.verify()
+
+
+def test_update_of_a_readonly_or_closed_store_is_refused(name):
+    with Store(name) as st:
+        with Store.open(name, readonly=True) as ro:
+            with pytest.raises(ReadOnlyError):
+                ro.update({"a": 1})
+        st.close()
+        with pytest.raises(ClosedError):
+            st.update({"a": 1})
+
+
+def test_an_update_inside_a_batch_joins_it(name):
+    # The block's end decides: an error that leaves the block discards the
+    # update too; an update error the block catches keeps the pairs before it.
+    with Store(name) as st:
+        with pytest.raises(KeyError):
+            with st.batch():
+                st.update({"a": 1, "b": 2})
+                assert st["a"] == 1
+                raise KeyError("discard")
+        assert len(st) == 0
+        with st.batch():
+            with pytest.raises(UnsupportedTypeError):
+                st.update({"c": 3, "d": object()})
+            st["e"] = 5
+        assert dict(st.items()) == {"c": 3, "e": 5}
+        assert st.statistics()["batches"] == 1
+        st.verify()
+
+
+def _reader_of_whole_updates(name, last, ready, stop, result):
+    st = Store.open(name, readonly=True)
+    reads = torn = 0
+    while not stop.is_set():
+        first = st[0]
+        if st[last] < first:  # key 0 is written first: a later key lagging behind is torn
+            torn += 1
+        reads += 1
+        if reads == 100:
+            ready.set()
+    result.put((reads, torn))
+
+
+def test_another_process_sees_every_pair_of_an_update_or_none(name):
+    keys = 2000
+    with Store(name, size=1 << 20) as st:
+        st.update(dict.fromkeys(range(keys), 0))
+        ready, stop, result = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+        p = spawn(_reader_of_whole_updates, name, keys - 1, ready, stop, result)
+        try:
+            assert ready.wait(60)
+            for version in range(1, 301):
+                st.update(dict.fromkeys(range(keys), version))
+            stop.set()
+            reads, torn = result.get(timeout=60)
+        finally:
+            stop.set()
+            p.join(30)
+            p.kill()
+        assert reads > 1000 and torn == 0, f"{torn} of {reads} reads saw a torn update"
+        st.verify()
+
+
+def test_ctrl_c_at_any_moment_of_an_update_leaves_all_its_pairs_or_none(name):
+    # A dict's pairs are written by a C loop that runs no bytecode: it lets
+    # the signal's handler run every 1,024 pairs, and the KeyboardInterrupt
+    # discards the pairs written so far.
+    keys = 10_000
+    with Store(name, size=4 << 20, timeout=2.0) as st:
+        versions = [dict.fromkeys(range(keys), v) for v in (1, 2)]
+        st.update(versions[0])
+        calls = 0
+
+        def one():
+            nonlocal calls
+            calls += 1
+            st.update(versions[calls % 2])
+        rounds = 200
+        for _ in _interrupted_at_random(one, rounds, seed=11):
+            with pytest.raises(RuntimeError, match="no batch is open"):
+                st._batch_end(False)
+            assert len(set(st.get_many(range(keys)))) == 1
+        published = st.statistics()["batches"] - 1
+        discarded = calls - published
+        assert discarded >= rounds // 2, (
+            f"only {discarded} of {rounds} interrupts stopped an update before it published")
+        st.verify()
+        st["after"] = 1  # the lock is free
+
+
+def test_other_threads_run_and_write_during_a_long_update(name):
+    # The update gives the GIL to a thread that waits for it, every 1,024
+    # pairs; a thread's own update waits for the lock, then goes in.
+    with Store(name, size=128 << 20, timeout=60) as st:
+        big = {i: i for i in range(1_000_000)}
+        runs: list[float] = []  # when the spinner got the GIL back
+        stop = False
+
+        def spin():
+            last = 0.0
+            while not stop:
+                now = time.monotonic()
+                if now - last > 0.001:
+                    runs.append(now)
+                last = now
+        spinner = threading.Thread(target=spin)
+        writer = threading.Thread(target=lambda: st.update({"from a thread": 1}))
+        spinner.start()
+        try:
+            time.sleep(0.05)
+            writer.start()
+            t0 = time.monotonic()
+            st.update(big)
+            t1 = time.monotonic()
+        finally:
+            stop = True
+            spinner.join()
+            writer.join(60)
+        # (the spinner may also run once as the update returns, before t1 is read)
+        inside = [r for r in runs if t0 < r < t1 - 0.02]
+        assert inside, (
+            f"no other thread ran during the {t1 - t0:.3f} s update")
+        assert st["from a thread"] == 1 and len(st) == len(big) + 1
+        st.verify()
+
+
+class _AddsToItsDict:
+    def __init__(self, d: dict) -> None:
+        self.d = d
+
+    def __reduce__(self):
+        self.d["added while pickled"] = 1
+        return (int, (0,))
+
+
+def test_update_refuses_a_dict_that_changes_under_it(name):
+    with Store(name, codec="pickle") as st:
+        d: dict = {"a": 1}
+        d["b"] = _AddsToItsDict(d)
+        with pytest.raises(RuntimeError, match="changed size during update"):
+            st.update(d)
+        assert len(st) == 0
+        st.verify()
+
+
+def test_a_child_forked_during_an_update_is_told_and_the_parents_completes(name):
+    with Store(name, timeout=10.0) as st:
+        pid, codes = -1, []
+
+        def pairs():
+            nonlocal pid
+            for i in range(100):
+                if i == 50:
+                    pid = os.fork()
+                    if pid > 0:
+                        _, status = os.waitpid(pid, 0)
+                        codes.append(os.waitstatus_to_exitcode(status))
+                yield i, i
+        try:
+            st.update(pairs())
+        except BaseException as e:
+            if pid != 0:
+                raise
+            os._exit(0 if type(e) is RuntimeError and "forked during update" in str(e) else 3)
+        if pid == 0:  # the child's update went on with the parent's batch
+            os._exit(5)
+        assert codes == [0]
+        assert dict(st.items()) == {i: i for i in range(100)}
+        st.verify()
+
+
 def _inside_store_function(function: str) -> bool:
     """Whether store.py's `function` is on the calling thread's stack."""
     import sys

@@ -1475,6 +1475,175 @@ t_batch_end(TableObject *t, int commit)
     return r < 0 ? -1 : 0;
 }
 
+/* ---- update: many puts in one call, as one batch ----------------------------- */
+
+/* Every UPDATE_CHECK puts, update() lets a signal's handler run (a C loop
+ * over a dict runs no bytecode, where the interpreter would check) and
+ * gives the GIL to a thread that has waited for it. */
+enum { UPDATE_CHECK = 1024 };
+
+typedef struct {
+    Py_ssize_t done;
+    uint64_t forks; /* t->forks when the update began */
+} Update;
+
+/* One pair of an update: 0, or -1 with an exception set. */
+static int
+update_put(TableObject *t, Update *u, PyObject *k, PyObject *v)
+{
+    if (t->forks != u->forks) { /* a child forked by code the loop ran (an iterator) */
+        PyErr_SetString(PyExc_RuntimeError,
+                        "the process forked during update(): the child holds none of the "
+                        "parent's batch, and its update was not made");
+        return -1;
+    }
+    if (t_put(t, k, v, W_SET) < 0)
+        return -1;
+    if (++u->done % UPDATE_CHECK != 0)
+        return 0;
+    if (PyErr_CheckSignals() < 0)
+        return -1;
+    Py_BEGIN_ALLOW_THREADS
+    Py_END_ALLOW_THREADS
+    return 0;
+}
+
+/* The pairs of an exact dict.  The loop holds its own references, since a
+ * value's encoding (pickle) may run code that changes the dict. */
+static int
+update_from_dict(TableObject *t, Update *u, PyObject *d)
+{
+    Py_ssize_t pos = 0, size = PyDict_GET_SIZE(d);
+    PyObject *k, *v;
+    while (PyDict_Next(d, &pos, &k, &v)) {
+        Py_INCREF(k);
+        Py_INCREF(v);
+        int r = update_put(t, u, k, v);
+        Py_DECREF(k);
+        Py_DECREF(v);
+        if (r < 0)
+            return -1;
+        if (PyDict_GET_SIZE(d) != size) {
+            PyErr_SetString(PyExc_RuntimeError, "the dict changed size during update()");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* A mapping's keys() and [key], as dict.update reads one. */
+static int
+update_from_mapping(TableObject *t, Update *u, PyObject *m, PyObject *keys)
+{
+    PyObject *it = PyObject_GetIter(keys), *k;
+    if (it == NULL)
+        return -1;
+    int r = 0;
+    while (r == 0 && (k = PyIter_Next(it)) != NULL) {
+        PyObject *v = PyObject_GetItem(m, k);
+        r = v == NULL || update_put(t, u, k, v) < 0 ? -1 : 0;
+        Py_XDECREF(v);
+        Py_DECREF(k);
+    }
+    Py_DECREF(it);
+    return r < 0 || PyErr_Occurred() ? -1 : 0;
+}
+
+/* An iterable of (key, value) pairs, with dict.update's errors. */
+static int
+update_from_pairs(TableObject *t, Update *u, PyObject *pairs)
+{
+    PyObject *it = PyObject_GetIter(pairs), *item;
+    if (it == NULL)
+        return -1;
+    int r = 0;
+    for (Py_ssize_t i = 0; r == 0 && (item = PyIter_Next(it)) != NULL; i++) {
+        PyObject *pair = PySequence_Fast(item, "");
+        if (pair == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_TypeError))
+                PyErr_Format(PyExc_TypeError, "cannot convert update sequence element #%zd "
+                                              "to a sequence", i);
+            r = -1;
+        } else if (PySequence_Fast_GET_SIZE(pair) != 2) {
+            PyErr_Format(PyExc_ValueError, "update sequence element #%zd has length %zd; 2 "
+                                           "is required", i, PySequence_Fast_GET_SIZE(pair));
+            r = -1;
+        } else {
+            PyObject **kv = PySequence_Fast_ITEMS(pair);
+            r = update_put(t, u, kv[0], kv[1]);
+        }
+        Py_XDECREF(pair);
+        Py_DECREF(item);
+    }
+    Py_DECREF(it);
+    return r < 0 || PyErr_Occurred() ? -1 : 0;
+}
+
+/* update(other=(), /, **kwargs), as dict.update, in one batch: other
+ * processes see every pair or none, and an error discards the pairs this
+ * call wrote (inside an open batch() it joins that batch, whose end decides).
+ * The staged puts of a batch overlap their cache misses. */
+static PyObject *
+table_update(TableObject *t, PyObject *args, PyObject *kwds)
+{
+    PyObject *other = NULL;
+    if (!PyArg_UnpackTuple(args, "update", 0, 1, &other))
+        return NULL;
+    if (t_batch_begin(t) < 0)
+        return NULL;
+    Update u = {0, t->forks};
+    int r = 0;
+    if (other == NULL) {
+        /* nothing but the keywords */
+    } else if (PyDict_CheckExact(other)) {
+        r = update_from_dict(t, &u, other);
+    } else {
+        PyObject *keys = PyObject_GetAttrString(other, "keys");
+        if (keys == NULL && PyErr_ExceptionMatches(PyExc_AttributeError))
+            PyErr_Clear(); /* not a mapping: pairs */
+        if (keys == NULL && PyErr_Occurred()) {
+            r = -1;
+        } else if (keys != NULL) {
+            PyObject *ks = PyObject_CallNoArgs(keys);
+            r = ks == NULL ? -1 : update_from_mapping(t, &u, other, ks);
+            Py_XDECREF(ks);
+            Py_DECREF(keys);
+        } else {
+            r = update_from_pairs(t, &u, other);
+        }
+    }
+    if (r == 0 && kwds != NULL)
+        r = update_from_dict(t, &u, kwds);
+    if (t->forks != u.forks) { /* in a child: the batch and the lock are the parent's */
+        if (r == 0)
+            update_put(t, &u, NULL, NULL); /* raises */
+        return NULL;
+    }
+    if (r < 0) { /* raise the loop's error; one the discard raises has it as context */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyErr_NormalizeException(&et, &ev, &tb);
+        t_batch_end(t, 0);
+        if (PyErr_Occurred()) {
+            PyObject *et2, *ev2, *tb2;
+            PyErr_Fetch(&et2, &ev2, &tb2);
+            PyErr_NormalizeException(&et2, &ev2, &tb2);
+            if (tb != NULL)
+                PyException_SetTraceback(ev, tb);
+            PyException_SetContext(ev2, ev); /* steals ev */
+            Py_XDECREF(et);
+            Py_XDECREF(tb);
+            PyErr_Restore(et2, ev2, tb2);
+        } else {
+            PyErr_Restore(et, ev, tb);
+        }
+        return NULL;
+    }
+    if (t_batch_end(t, 1) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 table_batch_begin(TableObject *t, PyObject *Py_UNUSED(ignored))
 {
@@ -2121,6 +2290,9 @@ static PyMethodDef table_methods[] = {
     {"get_into", (PyCFunction)(void (*)(void))table_get_into, METH_FASTCALL,
      "get_into($self, key, buffer, /)\n--\n\n"
      "get_into(key, buffer) -> int\n\nCopy a bytes or array value into buffer."},
+    {"update", (PyCFunction)(void (*)(void))table_update, METH_VARARGS | METH_KEYWORDS,
+     "update($self, other=(), /, **kwargs)\n--\n\n"
+     "Store the pairs of a mapping or of an iterable of pairs, then kwargs, as one batch."},
     {"get_many", (PyCFunction)(void (*)(void))table_get_many, METH_FASTCALL,
      "get_many($self, keys, /, *default)\n--\n\n"
      "get_many(keys[, default]) -> list\n\nThe values of keys, in order."},

@@ -420,6 +420,12 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
                 out.append(decode_value(raw, self._pickled))
         return out
 
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """Store the pairs of ``other`` and then ``kwargs`` in one batch: as
+        :meth:`shmkit.Store.update`, every pair or none."""
+        with self.batch():
+            MutableMapping.update(self, other, **kwargs)
+
     def get_into(self, key: _Key, buffer: Buffer) -> int:
         """Copy a ``bytes`` or array value's bytes into ``buffer``; return their count.
 
