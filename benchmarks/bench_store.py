@@ -147,8 +147,15 @@ def put_dict(n: int) -> float:
     return time.perf_counter() - t0
 
 
-def _timed_puts(st: Any, keys: list[bytes], batch: int) -> float:
-    """Seconds to put every key, in batch() blocks of `batch` puts when batch > 0."""
+def _timed_puts(st: Any, keys: list[bytes], batch: int, update: bool = False) -> float:
+    """Seconds to put every key, in batch() blocks of `batch` puts when batch > 0,
+    or with update: in update() calls of `batch` pairs (dicts made before the clock)."""
+    if update:
+        chunks = [dict.fromkeys(keys[i:i + batch], VALUE) for i in range(0, len(keys), batch)]
+        t0 = time.perf_counter()
+        for chunk in chunks:
+            st.update(chunk)
+        return time.perf_counter() - t0
     t0 = time.perf_counter()
     if batch:
         for i in range(0, len(keys), batch):
@@ -161,11 +168,11 @@ def _timed_puts(st: Any, keys: list[bytes], batch: int) -> float:
     return time.perf_counter() - t0
 
 
-def _put_store(n: int, batch: int = 0) -> float:
-    """n puts into a new store, in batch() blocks of `batch` puts when batch > 0."""
+def _put_store(n: int, batch: int = 0, update: bool = False) -> float:
+    """n puts into a new store, in batch() blocks (or update() calls) of `batch` puts."""
     st = _new_store()
     try:
-        return _timed_puts(st, _cycle(n), batch)
+        return _timed_puts(st, _cycle(n), batch, update)
     finally:
         st.close()
         st.unlink()
@@ -179,6 +186,11 @@ def put_store(n: int) -> float:
 @workload(PUT, system="shmkit.Store, batch() of 1000 puts")
 def put_store_batched(n: int) -> float:
     return _put_store(n, 1000)
+
+
+@workload(PUT, system="shmkit.Store.update, 1000 pairs a call")
+def put_store_update(n: int) -> float:
+    return _put_store(n, 1000, update=True)
 
 
 @workload(PUT, system="py-lmdb, a transaction per put", requires=("lmdb",))
@@ -296,9 +308,11 @@ def _updated_store(nkeys: int) -> Any:
     return _once(f"update {nkeys}", make, close)
 
 
-def _update(n: int, nkeys: int, batch: int) -> float:
-    """n puts over the nkeys keys already stored, singly or in batch() blocks."""
-    return _timed_puts(_updated_store(nkeys), [KEYS[i % nkeys] for i in range(n)], batch)
+def _update(n: int, nkeys: int, batch: int, update: bool = False) -> float:
+    """n puts over the nkeys keys already stored, singly, in batch() blocks or in
+    update() calls."""
+    return _timed_puts(_updated_store(nkeys), [KEYS[i % nkeys] for i in range(n)], batch,
+                       update)
 
 
 @workload(UPDATE, unit="ops/s", system="shmkit.Store, 100k keys", reference=True)
@@ -311,6 +325,11 @@ def update_store_batched(n: int) -> float:
     return _update(n, N_KEYS, 1000)
 
 
+@workload(UPDATE, system="shmkit.Store.update of 1000 pairs, 100k keys")
+def update_store_update(n: int) -> float:
+    return _update(n, N_KEYS, 1000, update=True)
+
+
 @workload(UPDATE, system="shmkit.Store, 1k keys (in cache)")
 def update_store_cached(n: int) -> float:
     return _update(n, 1000, 0)
@@ -319,6 +338,11 @@ def update_store_cached(n: int) -> float:
 @workload(UPDATE, system="shmkit.Store, batch() of 1000, 1k keys (in cache)")
 def update_store_cached_batched(n: int) -> float:
     return _update(n, 1000, 1000)
+
+
+@workload(UPDATE, system="shmkit.Store.update of 1000 pairs, 1k keys (in cache)")
+def update_store_cached_update(n: int) -> float:
+    return _update(n, 1000, 1000, update=True)
 
 
 # -- get ---------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class CoreKind:
         self.raw = raw
 
 
-_STORE_WRITES = ("setitem", "add", "batch", "vacuum", "clear")  # the ops that allocate
+_STORE_WRITES = ("setitem", "add", "batch", "update", "vacuum", "clear")  # the ops that allocate
 
 
 def _kinds() -> dict:
@@ -377,6 +377,8 @@ def _kinds() -> dict:
             finally:
                 tb._batch_end(commit)
         yield "batch", batch
+        yield "update", lambda: tb.update({k: k for k in rng.sample(keys, 3)},
+                                          kw=b"u" * rng.randrange(100))
         yield "stats", tb._stats
         yield "verify", tb._verify
         def vacuum():  # Store.vacuum's steps

@@ -5,7 +5,7 @@ a few hundred keys of mixed types and keeps a copy of the whole mapping.  Each
 trial restores that copy, damages it (random bytes, random or plausible u64s at
 random offsets, chosen store-header fields, index words, record and block
 headers, the batch journal), then runs every operation: get/in/nbytes on every
-key, put, add, delete, pop, a batch, len, iteration, statistics, verify, vacuum.
+key, put, add, delete, pop, a batch, update, len, iteration, statistics, verify, vacuum.
 Every failure must be a ShmkitError (CorruptError mostly) or the KeyError of a
 key that is no longer found; anything else, a signal or a hang fails the test.
 
@@ -185,6 +185,8 @@ def _exercise(st, keys: list, rng: random.Random) -> list:
             for k in sample[34:40]:
                 st[k] = k * 2
     op(batch_of_puts)
+    op(lambda: st.update({k: k * 3 for k in sample[:6]}, fresh=b"kw"))  # one batch
+    op(st.update, [(k, None) for k in sample[6:9]])
     op(st.statistics)
     op(st.info)
     op(st.verify)
