@@ -685,6 +685,28 @@ def test_layouts_of_the_wrong_types_or_lone_surrogates_never_stop_info_top_or_ls
     assert listed >= {good, *made.values()}
 
 
+@pytest.mark.parametrize("text, why", [
+    (b'{"format":2.0,"dtype":"<f8","shape":[4]}', "format of 2.0"),
+    (b'{"format":true,"dtype":"<f8","shape":[4]}', "format of True"),
+    (b'{"format":2,"dtype":"<f8","shape":[4],"x":NaN}', "unreadable"),
+    (b'{"format":2,"dtype":"<f8","shape":[-Infinity]}', "unreadable"),
+])
+def test_a_layout_shmkit_never_writes_is_corrupt_to_open_and_to_ls(names: Any, text: bytes,
+                                                                  why: str) -> None:
+    # A format of 2.0 (or true) passed each kind's `format == 2` and opened,
+    # while ls called it corrupt; NaN reached `--json` as no strict JSON.
+    name = names()
+    shmkit.Array(name, "<f8", 4, lifetime="persistent").close()
+    _set_layout(name, text)
+    with pytest.raises(shmkit.CorruptError, match=why):
+        shmkit.Array.open(name)
+    for command in (["ls", "--json", name], ["info", "--json", name],
+                    ["top", "--once", "--json", name]):
+        out = cli(*command).stdout
+        json.loads(out, parse_constant=lambda word: pytest.fail(f"{word} in {command}"))
+        assert "corrupt: " in out, (command, out)
+
+
 def test_a_long_state_never_squeezes_the_names_out_of_a_narrow_table(names: Any) -> None:
     good, bad = names(), names()
     for n in (good, bad):
@@ -824,6 +846,27 @@ def test_rm_takes_patterns_lists_and_removes_with_yes(names: Any, holder: Any) -
         assert proc.stdout == ""
     finally:
         for n in (a, b, c):
+            if os.path.exists(shm(n)):
+                os.unlink(shm(n))
+
+
+def test_rm_of_a_service_removes_its_request_channel_and_only_that(names: Any) -> None:
+    # `shmkit rm NAME` of a service left NAME.requests behind; a NAME.requests
+    # that is not a channel is another object, and stays.
+    svc, other = names(), names()
+    try:
+        shmkit.Service(svc).close()
+        shmkit.Service(other).close()
+        os.unlink(shm(f"{other}.requests"))
+        shmkit.Store(f"{other}.requests", lifetime="persistent").close()
+        result = cli_json("rm", "--yes", svc, other)
+        assert [(r["name"], r["kind"], r["removed"]) for r in result] == [
+            (svc, "service", True), (other, "service", True),
+            (f"{svc}.requests", "channel", True)]
+        assert not os.path.exists(shm(svc)) and not os.path.exists(shm(f"{svc}.requests"))
+        assert os.path.exists(shm(f"{other}.requests"))  # a store: not the service's
+    finally:
+        for n in (svc, f"{svc}.requests", other, f"{other}.requests"):
             if os.path.exists(shm(n)):
                 os.unlink(shm(n))
 

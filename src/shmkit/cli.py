@@ -76,7 +76,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
                  ("Everything as JSON:", "shmkit info --json jobs"),
              )),
     "rm": ("remove objects by name or shell pattern, after listing them and asking "
-           "(processes attached keep their memory until they close it)",
+           "(processes attached keep their memory until they close it); a service "
+           "goes with its request channel",
            _examples(
                ("List the objects \"frames\" and \"stats\", then remove them if you say "
                 "yes:", "shmkit rm frames stats"),
@@ -610,6 +611,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     from .inspect import remove, select
 
     objects, problems = select(args.targets)
+    objects = _with_service_parts(objects)
     for _target, message in problems:
         _error("rm", message)
     results: list[dict[str, Any]] = [{"name": t, "removed": False, "error": m}
@@ -651,6 +653,9 @@ def cmd_rm(args: argparse.Namespace) -> int:
                         "readonly_attached": facts["readonly_attached"]})
         if console is not None:
             console.print(f"removed {facts['name']}")
+        if facts["kind"] == "service":  # as Service.unlink(): replies nobody holds
+            from .service import _reap_replies
+            _reap_replies(facts["name"])
         if pids or facts["readonly_attached"]:
             who = f"pid {', '.join(map(str, pids))}" if pids else ""
             if facts["readonly_attached"]:
@@ -660,6 +665,28 @@ def cmd_rm(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(results)
     return 1 if failed else 0
+
+
+def _with_service_parts(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The objects picked, and each service's request channel (NAME.requests)
+    that was not: a service is removed whole, as ``Service.unlink()`` does,
+    and the list the question shows names the channel too."""
+    from .inspect import scan
+
+    picked = {o["name"] for o in objects}
+    out = list(objects)
+    for obj in objects:
+        part = f"{obj['name']}.requests"
+        if obj.get("kind") != "service" or part in picked:
+            continue
+        try:
+            facts = scan(part)
+        except _ERRORS:
+            continue  # gone, or never made
+        if facts.get("kind") == "channel":
+            out.append(facts)
+            picked.add(part)
+    return out
 
 
 def cmd_gc(args: argparse.Namespace) -> int:

@@ -447,6 +447,12 @@ def _nesting(text: str) -> int:
     return deepest
 
 
+def _no_constant(word: str) -> Any:
+    """json's NaN, Infinity and -Infinity, which shmkit never writes (and
+    strict JSON, such as ``shmkit ls --json``, cannot carry)."""
+    raise ValueError(word)
+
+
 def _decode_layout(text: bytes, where: str) -> dict[str, Any]:
     """The layout description (JSON) of a checked header."""
     if not text or text == b"{}":
@@ -465,11 +471,16 @@ def _decode_layout(text: bytes, where: str) -> dict[str, Any]:
                            f"{_MAX_LAYOUT_DEPTH} levels deep, deeper than shmkit writes: "
                            "it is damaged; remove it with `shmkit rm`")
     try:
-        layout = json.loads(chars)
+        layout = json.loads(chars, parse_constant=_no_constant)
     except ValueError:
         raise CorruptError(f"{where} has an unreadable layout description") from None
     if not isinstance(layout, dict):
         raise CorruptError(f"{where} has a layout description that is not an object")
+    # Every kind compares its format with ==, where 2.0 and True pass too.
+    fmt = layout.get("format", 0)
+    if type(fmt) is not int:
+        raise CorruptError(f"{where} has a layout format of {fmt!r}, not a whole number as "
+                           "shmkit writes: it is damaged; remove it with `shmkit rm`")
     if "\\u" in chars:
         # An escaped lone surrogate decodes to a str no one can print or
         # encode (shmkit writes a pair for each character past U+FFFF).
