@@ -326,6 +326,14 @@ def _write_layout(name: str, layout) -> None:
     {"format": 2, "dtype": "<f8", "shape": [1] * 65},
     {"format": 2, "dtype": {"subdtype": "<f8", "shape": [1, 1]}, "shape": [1] * 63},
     {"format": 2, "dtype": {"subdtype": "|i1", "shape": [1] * 64}, "shape": []},
+    # ...counting those a field's sub-arrays add, and a field's inside a field's
+    {"format": 2, "dtype": {"names": ["a"], "offsets": [0], "itemsize": 1,
+                            "formats": [{"subdtype": "|i1", "shape": [1] * 64}]},
+     "shape": [1]},
+    {"format": 2, "dtype": {"names": ["r"], "offsets": [0], "itemsize": 1, "formats": [
+        {"subdtype": {"names": ["g"], "offsets": [0], "itemsize": 1,
+                      "formats": [{"subdtype": "|i1", "shape": [1] * 30}]},
+         "shape": [1] * 40}]}, "shape": [1]},
     # nested past the JSON parser's depth, in UTF-8 and in UTF-16, which
     # json.loads would take from bytes (its escaped quote is not one in UTF-8)
     b'{"format": 2, "shape": [1], "dtype": ' + b"[" * 1400 + b"]" * 1400 + b"}",
@@ -409,14 +417,23 @@ class Tagged(ctypes.Structure):
                 ("grid", ctypes.c_char * 4 * 2)]
 
 
-def test_reopens_share_a_plain_dtype_but_a_renamed_field_stays_in_its_handle(name):
-    # A reopen reuses the dtype decoded for the same layout; a structured
-    # dtype, whose field names can be renamed in place, is each handle's own.
+def test_reopens_reuse_a_plain_dtype_but_a_changed_one_stays_in_its_handle(name):
+    # A reopen reuses the dtype decoded for the same layout, as its own copy:
+    # one handle's dtype changed in place (a structured dtype's field names,
+    # any dtype's __setstate__) reaches neither another handle nor a later open.
     with shmkit.Array(name + "-plain", "f8", 4) as a, shmkit.Array.open(name + "-plain") as b:
         assert b.dtype == np.dtype("f8") and b.shape == (4,)
         with shmkit.Array.open(name + "-plain") as c:
-            assert c.dtype is b.dtype
+            assert c.dtype == b.dtype and c.dtype is not b.dtype
         a.unlink()
+    for dtype in ("S10", np.dtype(("<i2", (2, 2)))):
+        with shmkit.Array(name + "-s", dtype, 4) as a, shmkit.Array.open(name + "-s") as b:
+            with shmkit.Array.open(name + "-s") as c:
+                b.dtype.__setstate__((3, "|", None, None, None, 40, 1, 0))  # "S40"
+                assert c.dtype == a.dtype == np.dtype(dtype) and c.shape == (4,)
+                with shmkit.Array.open(name + "-s") as d:
+                    assert d.dtype == np.dtype(dtype)
+            a.unlink()
     rec = np.dtype([("x", "<i4"), ("y", "<f8")])
     with shmkit.Array(name, rec, 2) as a, shmkit.Array.open(name) as b:
         b.dtype.names = ("p", "q")
@@ -486,6 +503,15 @@ def test_more_dimensions_than_numpy_makes_are_refused_when_creating(name):
         shmkit.Array(name, (ctypes.c_int * 2) * 3, (1,) * (most - 1))
     with pytest.raises(ValueError, match=f"at most {most}"):
         shmkit.Struct(name, np.dtype(("i1", (1,) * most)))
+    # a field's view adds its sub-arrays (a["f"]), and a field's field's
+    with pytest.raises(ValueError, match=f"at most {most}"):
+        shmkit.Array(name, np.dtype([("f", "i1", (1,) * most)]), 1)
+    inner = np.dtype([("g", "i1", (1,) * 30)])
+    with pytest.raises(ValueError, match=f"at most {most}"):
+        shmkit.Struct(name, np.dtype([("f", inner, (1,) * (most - 30))]))
+    with shmkit.Array(name, np.dtype([("f", "i1", (1,) * (most - 1))]), 1) as a:
+        assert a.array["f"].ndim == most
+        a.unlink()
     with shmkit.Array(name, "<f8", (1,) * most) as a:
         assert a.array.ndim == most
         a.unlink()

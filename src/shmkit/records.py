@@ -124,6 +124,15 @@ def _element(dt: np.dtype) -> tuple[np.dtype, int]:
     return dt, dims
 
 
+def _deepest(dt: np.dtype) -> int:
+    """The most dimensions ``dt`` adds to a view of it or of any field in it
+    (``a["f"]["g"]`` adds the sub-arrays of the records and of each field)."""
+    element, dims = _element(dt)
+    if element.fields is None:
+        return dims
+    return dims + max((_deepest(f[0]) for f in element.fields.values()), default=0)
+
+
 def _view_problem(dt: np.dtype, shape: tuple, t: Any = None) -> Exception | None:
     """Why numpy makes no view of records of ``dt`` (given as ``t``) in
     ``shape``, or None: an unsized or empty type without fields ('S0',
@@ -135,10 +144,11 @@ def _view_problem(dt: np.dtype, shape: tuple, t: Any = None) -> Exception | None
         return TypeError(f"{dt if t is None else t!r} has no bytes (itemsize 0) and no "
                          "fields, and numpy makes no array of it; give its size ('S10', "
                          "'U10', 'V8')")
-    dims = max(len(shape), 1) + _element(dt)[1]
+    dims = max(len(shape), 1) + _deepest(dt)
     if dims > _MAX_DIMS:
-        return ValueError(f"shape {shape} and dtype {dt} make {dims} dimensions; numpy "
-                          f"makes arrays of at most {_MAX_DIMS}")
+        return ValueError(f"shape {shape} and dtype {dt} make {dims} dimensions (with the "
+                          "sub-arrays of its fields); numpy makes arrays of at most "
+                          f"{_MAX_DIMS}")
     count = max(dt.itemsize, 1)
     for d in shape:
         count *= d or 1
@@ -150,9 +160,11 @@ def _view_problem(dt: np.dtype, shape: tuple, t: Any = None) -> Exception | None
 
 
 # Decoded record layouts, by kind and layout text: objects of one layout
-# share it, so a reopen builds no dtype (about 1 µs of an open by name).
-# Only dtypes without fields, in their sub-arrays too: a structured dtype's
-# field names can be renamed in place, which must not reach other handles.
+# reuse it, so a reopen parses no layout (about 1 µs of an open by name);
+# each gets its own copy of the dtype (0.1 µs), whose state can be changed
+# in place (dtype.__setstate__). Only dtypes without fields, in their
+# sub-arrays too: a structured dtype's field names can be renamed in place,
+# which must not reach other handles.
 _RECORDS: dict[tuple[Kind, bytes], tuple[np.dtype, tuple]] = {}
 
 
@@ -161,8 +173,8 @@ def _records_of(seg: Segment) -> tuple[np.dtype, tuple]:
     distinct layout text."""
     key = (seg.kind, seg._layout_text)
     got = _RECORDS.get(key)
-    if got is not None:
-        return got
+    if got is not None:  # each handle its own dtype object: dtype.__setstate__ changes one
+        return got[0].newbyteorder(got[0].byteorder), got[1]
     stored = seg._layout
     fmt = stored.get("format")
     if fmt != _FORMAT:
@@ -183,7 +195,7 @@ def _records_of(seg: Segment) -> tuple[np.dtype, tuple]:
     if _element(dtype)[0].names is None:
         if len(_RECORDS) >= 4096:
             _RECORDS.clear()
-        _RECORDS[key] = dtype, shape
+        _RECORDS[key] = dtype.newbyteorder(dtype.byteorder), shape  # (an equal copy)
     return dtype, shape
 
 
