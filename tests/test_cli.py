@@ -735,6 +735,49 @@ def test_control_characters_another_user_wrote_reach_no_terminal(names: Any) -> 
         assert not any(c in out for c in "\x1b\x07\x9b"), (command, out)
 
 
+def test_gc_and_rm_escape_the_file_names_another_user_planted(names: Any) -> None:
+    # A creation temp file's name is any bytes another user chose (gc reads
+    # every user's as root): escape sequences and bytes that are not UTF-8.
+    base, gone = names(), dead_pid()
+    planted = [f"/dev/shm/.shmkit.{base}\x1b]0;PWNED\x07\x1b[2J\u202e.{gone}.0badf00d.tmp",
+               os.fsdecode(f"/dev/shm/.shmkit.{base}".encode() + b"\xff\xfe"
+                           + f".{gone}.0badf00e.tmp".encode())]
+    try:
+        for path in planted:
+            _write(path, bytes(4096))
+        proc = subprocess.run([sys.executable, "-m", "shmkit", "gc", "--dry-run", f"{base}*"],
+                              capture_output=True, timeout=60, env=_env())
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.count(b"would remove") == 2, proc.stdout
+        assert not any(c in proc.stdout for c in (b"\x1b", b"\x07", b"\xff", b"\xe2\x80\xae"))
+        assert b"\\x1b]0;PWNED\\x07\\x1b[2J\\u202e" in proc.stdout
+        assert b"\\xff\\xfe" in proc.stdout
+    finally:
+        for path in planted:
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def test_info_keeps_its_values_beside_a_long_or_invisible_field_name(names: Any) -> None:
+    # A 300-character field name squeezed every value out of an 100-column
+    # info; a line end in one started a row of its own, and bidi overrides
+    # and zero-width characters reached the terminal.
+    import numpy as np
+
+    n = names()
+    shmkit.Array(n, np.dtype([("f" + "W" * 300, "<f8"), ("spoof\nrow\u202e\u200b", "<i4")]),
+                 4, lifetime="persistent").close()
+    proc = subprocess.run([sys.executable, "-m", "shmkit", "info", n], capture_output=True,
+                          text=True, timeout=60, env=dict(_env(), COLUMNS="100"))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    row = {line.split()[0]: line.split()[1:] for line in lines if line.split()}
+    assert row["lifetime"] == ["persistent"] and row["size"][0] == "48", lines
+    assert "spoof\\x0arow\\u202e\\u200b" in proc.stdout
+    assert not any(line.lstrip().startswith("row") for line in lines)
+    assert not any(c in proc.stdout for c in "\u202e\u200b")
+
+
 def test_describing_is_invisible_to_a_closing_last_process(names: Any) -> None:
     # While info has an object open, the last attached-lifetime process closing
     # must still remove it (a read-only handle's lock on byte 1 would stop it).

@@ -243,17 +243,31 @@ def _count(text: str) -> int:
 # -- output helpers -----------------------------------------------------------
 
 
-# C0 and C1 controls and DEL as escapes: names, states, field names and
-# process names come from files another user may have written, and a
-# terminal acts on ESC sequences (titles, clearing, moving the cursor).
-# (Tabs and line ends do nothing more than move the cursor on.)
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))
-             if c not in (0x09, 0x0A)}
+# Names, states, field names and process names come from files another
+# user may have written, so what a terminal acts on is shown as escapes: C0
+# and C1 controls and DEL (ESC sequences set titles, clear, move the cursor;
+# a line end would start a row of its own), and the invisible characters
+# that reorder or hide text (bidi overrides and isolates, zero-width ones,
+# line and paragraph separators, the byte-order mark, the soft hyphen).
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROLS.update({c: f"\\u{c:04x}" for c in (
+    0xAD, 0x61C, 0x180E, *range(0x200B, 0x2010), *range(0x2028, 0x202F),
+    *range(0x2060, 0x2070), 0xFEFF, *range(0xFFF9, 0xFFFC))})
 
 
 def _shown(text: str) -> str:
-    """``text`` with its control characters escaped, for a terminal."""
+    """``text`` with its control and invisible characters escaped, for a
+    terminal; bytes of a file name that are not UTF-8 as ``\\xNN``."""
+    if not text.isascii():
+        text = text.encode("utf-8", "surrogateescape" if _escaped_bytes(text)
+                           else "backslashreplace").decode("utf-8", "backslashreplace")
     return text.translate(_CONTROLS)
+
+
+def _escaped_bytes(text: str) -> bool:
+    """Whether ``text`` holds only the surrogates os.listdir makes of bytes
+    that are not UTF-8 (U+DC80 to U+DCFF), and no other."""
+    return all(not "\ud800" <= c <= "\udfff" or "\udc80" <= c <= "\udcff" for c in text)
 
 
 def _text(text: str, style: str = "") -> Any:
@@ -503,8 +517,8 @@ def _info_table(info: dict[str, Any]) -> Any:
                           (_shown(info["kind"] or "?"), "cyan"), "  ",
                           (_shown(state), _state_style(state)))
     table = Table(show_header=False, box=None, padding=(0, 2, 0, 1))
-    table.add_column(style="dim", no_wrap=True)
-    table.add_column(overflow="fold")
+    table.add_column(style="dim", max_width=40, overflow="fold")  # a field's name may be long
+    table.add_column(overflow="fold", min_width=24)
     rows: list[tuple[str, Any]] = [("path", info["path"])]
     if state == "half-created":
         rows.append(("state", "its creator died before finishing it; `shmkit gc` or "
@@ -547,7 +561,7 @@ def _info_table(info: dict[str, Any]) -> Any:
     if info.get("detail_error"):
         rows.append(("detail", _text(f"unavailable: {info['detail_error']}", "red")))
     for k, v in rows:
-        table.add_row(_shown(k), v if isinstance(v, Text) else _text(str(v)))
+        table.add_row(_text(k), v if isinstance(v, Text) else _text(str(v)))
     return Group(title, table)
 
 
@@ -652,7 +666,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
                         "size": facts["size"], "removed": True, "still_attached": pids,
                         "readonly_attached": facts["readonly_attached"]})
         if console is not None:
-            console.print(f"removed {facts['name']}")
+            console.print(_text(f"removed {facts['name']}"))
         if facts["kind"] == "service":  # as Service.unlink(): replies nobody holds
             from .service import _reap_replies
             _reap_replies(facts["name"])
@@ -696,7 +710,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
                               orphans=args.orphans)
     errors = [r for r in results if r.get("error")]
     for r in errors:
-        _error("gc", f"could not remove {r['name']}: {r['error']}")
+        _error("gc", f"could not remove {r['name']}: {r['error']}")  # (_error escapes)
     if args.json:
         _print_json(results)
         return 1 if errors else 0
@@ -706,12 +720,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
         console.print("nothing to remove", style="dim")
     verb = "would remove" if args.dry_run else "removed"
     for r in done:
-        console.print(f"{verb} {r['name']}: {r['reason']}")
+        console.print(_text(f"{verb} {r['name']}: {r['reason']}"))
     if not args.orphans:
         for o in find_orphans(args.patterns):
-            console.print(f"orphan {o['name']}: {o['kind']}, {o['size']} bytes, created "
+            console.print(_text(f"orphan {o['name']}: {o['kind']}, {o['size']} bytes, created "
                           f"{o['age']:.0f} s ago by pid {o['creator_pid']} (gone), nobody "
-                          "attached; `shmkit gc --orphans` removes it", style="yellow")
+                          "attached; `shmkit gc --orphans` removes it", "yellow"))
     return 1 if errors else 0
 
 
