@@ -262,6 +262,13 @@ def test_same_code_runs_on_either_backend(any_ns: Any) -> None:
         st.update([("d", 4)], e=5)
         assert st["d"] == 4 and st["e"] == 5
         del st["d"], st["e"]
+
+        class OwnKeys(dict):  # type: ignore[type-arg]
+            def keys(self) -> Any:  # dict.update reads a dict's own pairs
+                return ["d"]
+        st.update(OwnKeys(d=4, e=5))
+        assert st["d"] == 4 and st["e"] == 5
+        del st["d"], st["e"]
         assert sorted(k for k in st if isinstance(k, str)) == ["b", "big", "c", "f", "n"]
         assert dict(st.items())["c"] == 3
         assert st.get_many(["b", "c", "zz"], None) == [2, 3, None]
@@ -605,6 +612,47 @@ def test_explicit_parameters_are_honoured_or_refused(ns: Any) -> None:
         shmkit.connect("http://example")
     q.close()
     ev.close()
+
+
+def test_a_redis_batch_is_its_threads_and_a_forked_child_is_told(ns: Any) -> None:
+    # As the shared-memory store's: another thread's write during a batch is
+    # its own (it was discarded with the batch), and reads the server.
+    st = ns.Store("s")
+    seen: list[Any] = []
+
+    def other_thread() -> None:
+        st["b"] = 2
+        seen.append(st.get("a"))
+    with pytest.raises(KeyError):
+        with st.batch():
+            st["a"] = 1
+            t = threading.Thread(target=other_thread)
+            t.start()
+            t.join()
+            raise KeyError("discard the batch")
+    assert seen == [None] and st["b"] == 2 and "a" not in st
+    pid = -1
+    try:
+        with st.batch():
+            st["parent"] = 1
+            pid = os.fork()
+            if pid > 0:
+                _, status = os.waitpid(pid, 0)
+                assert os.waitstatus_to_exitcode(status) == 0
+    except BaseException as e:
+        if pid != 0:
+            raise
+        os._exit(0 if type(e) is RuntimeError and "forked" in str(e) else 3)
+    if pid == 0:  # the child applied its copy of the parent's batch
+        os._exit(5)
+    assert st["parent"] == 1
+
+    def failing() -> Iterator[tuple[str, int]]:
+        yield "c", 3
+        raise ConnectionResetError("the caller's own socket")
+    with pytest.raises(ConnectionResetError, match="caller's own"):  # not BackendError
+        st.update(failing())
+    assert "c" not in st
 
 
 def test_store_readonly_and_batch_conflicts(ns: Any) -> None:

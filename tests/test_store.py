@@ -1210,7 +1210,28 @@ class _KeysAndItems:
         return self.d[key]
 
 
+class _OwnKeys(dict):
+    def keys(self):  # dict.update reads a dict's own pairs, not these
+        return ["a"]
+
+
+class _OwnGetitem(dict):
+    def __getitem__(self, key):
+        return 99
+
+
+class _OwnIter(dict):
+    def __iter__(self):  # ...unless its iteration is its own: then keys() and [key]
+        return iter(["a"])
+
+    def keys(self):
+        return ["a"]
+
+
 @pytest.mark.parametrize("make", [
+    lambda: ((_OwnKeys(a=1, b=2),), {}),
+    lambda: ((_OwnGetitem(a=1, b=2),), {}),
+    lambda: ((_OwnIter(a=1, b=2),), {}),
     lambda: (({"a": 1, 2: b"two"},), {}),
     lambda: (([("a", 1), (2, b"two")],), {}),
     lambda: (((pair for pair in [("a", 1), (b"k", 3.5)]),), {}),
@@ -1219,7 +1240,7 @@ class _KeysAndItems:
     lambda: ((), {"a": 1, "b": 2}),
     lambda: ((), {}),
     lambda: (({},), {"a": 1}),
-], ids=["dict", "pairs", "generator", "pairs and kwargs", "keys and getitem", "kwargs",
+], ids=["dict's keys()", "dict's [key]", "dict's iteration", "dict", "pairs", "generator", "pairs and kwargs", "keys and getitem", "kwargs",
         "nothing", "empty dict and kwargs"])
 def test_update_stores_what_dict_update_would(name, make):
     with Store(name) as st:
@@ -1404,25 +1425,40 @@ def test_update_refuses_a_dict_that_changes_under_it(name):
         st.verify()
 
 
-def test_a_child_forked_during_an_update_is_told_and_the_parents_completes(name):
-    with Store(name, timeout=10.0) as st:
+class _ForksWhenPickled:
+    def __init__(self, forked) -> None:
+        self.forked = forked
+
+    def __reduce__(self):
+        self.forked()
+        return (int, (50,))
+
+
+@pytest.mark.parametrize("where", ["iterator", "pickled value"])
+def test_a_child_forked_during_an_update_is_told_and_the_parents_completes(name, where):
+    # The child holds none of the parent's batch: it neither waits for the
+    # parent's lock (the parent waits for it here) nor writes a pair alone.
+    with Store(name, timeout=10.0, codec="pickle") as st:
         pid, codes = -1, []
 
-        def pairs():
+        def fork():
             nonlocal pid
+            pid = os.fork()
+            if pid > 0:
+                _, status = os.waitpid(pid, 0)
+                codes.append(os.waitstatus_to_exitcode(status))
+
+        def pairs():
             for i in range(100):
-                if i == 50:
-                    pid = os.fork()
-                    if pid > 0:
-                        _, status = os.waitpid(pid, 0)
-                        codes.append(os.waitstatus_to_exitcode(status))
-                yield i, i
+                if i == 50 and where == "iterator":
+                    fork()
+                yield i, (_ForksWhenPickled(fork) if i == 50 and where != "iterator" else i)
         try:
             st.update(pairs())
         except BaseException as e:
             if pid != 0:
                 raise
-            os._exit(0 if type(e) is RuntimeError and "forked during update" in str(e) else 3)
+            os._exit(0 if type(e) is RuntimeError and "forked" in str(e) else 3)
         if pid == 0:  # the child's update went on with the parent's batch
             os._exit(5)
         assert codes == [0]

@@ -539,14 +539,15 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
     def update(self, other: Any = (), /, **kwargs: Any) -> None:  # type: ignore[override]
         """Store the pairs of ``other`` and then ``kwargs``, as ``dict.update``, in one batch.
 
-        ``other`` is a mapping (its ``keys()`` and ``[key]``) or an iterable of
-        ``(key, value)`` pairs.  Other processes see every pair or none, as
-        with :meth:`batch`; an error (a value of an unsupported type, Ctrl-C,
-        a full store) discards the pairs this call wrote and raises.  Inside
-        an open ``batch()`` block the pairs join that batch, whose end
-        publishes or discards them.  The writers' lock is held for the call,
-        so split a very large update into chunks when other writers must not
-        wait that long.
+        ``other`` is a mapping (its ``keys()`` and ``[key]``; a ``dict``'s own
+        pairs) or an iterable of ``(key, value)`` pairs.  Other processes see
+        every pair or none, as with :meth:`batch`: an error (a value of an
+        unsupported type, Ctrl-C, a full store) discards the pairs this call
+        wrote and raises.  Inside an open ``batch()`` block the pairs join
+        that batch instead, as an inner block does: its end publishes or
+        discards them.  The writers' lock is held for the call, so split a
+        very large update into chunks when other writers must not wait that
+        long.
 
         >>> with Store(None) as st:
         ...     st.update({"a": 1, "b": 2}, c=3)

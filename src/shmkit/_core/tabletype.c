@@ -1289,6 +1289,11 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
         return -1;
     TKey k;
     TVal v;
+    /* Encoding may run Python code (pickle), which may fork: a child forked
+     * inside a batch holds none of it, and must not wait for its parent's
+     * lock to write the put alone. */
+    uint64_t forks = t->forks;
+    int batched = t_in_batch(&t->c);
     if (key_encode(t, key, &k) < 0)
         return -1;
     if (val_encode(t, value, &v) < 0) {
@@ -1296,6 +1301,13 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
         return -1;
     }
     int ret = -1;
+    if (batched && t->forks != forks) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "the process forked while a write inside a batch encoded its value: "
+                        "the child holds none of its parent's batch, and the write was not "
+                        "made; write in the child outside the batch");
+        goto out;
+    }
     uint64_t room = (uint64_t)t->c.m->reserve - t->c.poff - T_HEADER;
     uint64_t need = T_REC_HDR + (uint64_t)k.n + v.len;
     if (v.len > room || need > room) {
@@ -1508,8 +1520,9 @@ update_put(TableObject *t, Update *u, PyObject *k, PyObject *v)
     return 0;
 }
 
-/* The pairs of an exact dict.  The loop holds its own references, since a
- * value's encoding (pickle) may run code that changes the dict. */
+/* The pairs of a dict (one whose iteration is dict's: dict.update reads
+ * those so, whatever keys() says).  The loop holds its own references, since
+ * a value's encoding (pickle) may run code that changes the dict. */
 static int
 update_from_dict(TableObject *t, Update *u, PyObject *d)
 {
@@ -1595,8 +1608,8 @@ table_update(TableObject *t, PyObject *args, PyObject *kwds)
     int r = 0;
     if (other == NULL) {
         /* nothing but the keywords */
-    } else if (PyDict_CheckExact(other)) {
-        r = update_from_dict(t, &u, other);
+    } else if (PyDict_Check(other) && Py_TYPE(other)->tp_iter == PyDict_Type.tp_iter) {
+        r = update_from_dict(t, &u, other); /* as dict.update: a dict's own pairs */
     } else {
         PyObject *keys = PyObject_GetAttrString(other, "keys");
         if (keys == NULL && PyErr_ExceptionMatches(PyExc_AttributeError))

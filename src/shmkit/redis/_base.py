@@ -160,9 +160,13 @@ _GUARDED_DUNDERS = {"__getitem__", "__setitem__", "__delitem__", "__contains__",
 
 
 def guard_all(cls: _C) -> _C:
-    """Class decorator: every public method (and the mapping dunders) guarded."""
+    """Class decorator: every public method (and the mapping dunders) guarded,
+    but those the class names in ``_unguarded``: methods that run the caller's
+    code (iterators, mappings), whose OSError is theirs, and reach the server
+    only through guarded methods."""
+    skip = getattr(cls, "_unguarded", ())
     for key, value in list(vars(cls).items()):
-        if not callable(value) or isinstance(value, type):
+        if not callable(value) or isinstance(value, type) or key in skip:
             continue
         if key.startswith("_") and key not in _GUARDED_DUNDERS:
             continue

@@ -18,8 +18,10 @@ decoder functions.
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import struct
+import threading
 from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
 from typing import TYPE_CHECKING, Any, cast
 
@@ -200,6 +202,29 @@ def decode_value(data: bytes, pickled: bool) -> Any:
                        "which no shmkit writes")
 
 
+def update_pairs(other: Any, kwargs: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """The (key, value) pairs ``dict.update(other, **kwargs)`` would store, in
+    order, read as it reads them (and as :meth:`shmkit.Store.update` does)."""
+    if isinstance(other, dict) and type(other).__iter__ is dict.__iter__:
+        pairs = list(dict.items(other))  # dict's own pairs, whatever keys() says
+    elif hasattr(other, "keys"):
+        pairs = [(key, other[key]) for key in other.keys()]
+    else:
+        pairs = []
+        for i, item in enumerate(other):
+            try:
+                pair = list(item)
+            except TypeError:
+                raise TypeError(f"cannot convert update sequence element #{i} to a "
+                                "sequence") from None
+            if len(pair) != 2:
+                raise ValueError(f"update sequence element #{i} has length {len(pair)}; 2 "
+                                 "is required")
+            pairs.append((pair[0], pair[1]))
+    pairs.extend(kwargs.items())
+    return pairs
+
+
 @guard_all
 class Store(RedisObject, MutableMapping[_Key, Any]):
     """A dict-like store in a Redis hash, shared by every process that reaches the server.
@@ -235,6 +260,7 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
     """
 
     _kind = "store"
+    _unguarded = ("update",)  # the arguments' own OSError is theirs, not the server's
 
     def __init__(self, ns: RedisNamespace, name: str, *, codec: str | _Default | None = DEFAULT,
                  readonly: bool = False, create: bool | None = None,
@@ -253,10 +279,32 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         self._pickled = have == "pickle"
         self._readonly = bool(readonly)
         self._on_destroy = on_destroy
-        self._batch: list[bytes | str] | None = None  # op, field, value: see _BATCH
-        self._overlay: dict[bytes, bytes | None] = {}
+        # A batch is its thread's, as the shared-memory store's: another
+        # thread's writes go to the server meanwhile, and it reads the server.
+        self._local = threading.local()
         self._batch_script = self._r.register_script(_BATCH)
         self._pop_script = self._r.register_script(_POP)
+
+    @property
+    def _batch(self) -> list[bytes | str] | None:
+        """This thread's open batch: op, field, value, ... (see _BATCH); None outside one."""
+        return getattr(self._local, "batch", None)
+
+    @_batch.setter
+    def _batch(self, ops: list[bytes | str] | None) -> None:
+        self._local.batch = ops
+
+    @property
+    def _overlay(self) -> dict[bytes, bytes | None]:
+        """This thread's batch's writes by field (None: deleted)."""
+        overlay: dict[bytes, bytes | None] | None = getattr(self._local, "overlay", None)
+        if overlay is None:
+            overlay = self._local.overlay = {}
+        return overlay
+
+    @_overlay.setter
+    def _overlay(self, writes: dict[bytes, bytes | None]) -> None:
+        self._local.overlay = writes
 
     def _reopen_args(self) -> dict[str, Any]:
         return {"readonly": self._readonly}
@@ -423,8 +471,10 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """Store the pairs of ``other`` and then ``kwargs`` in one batch: as
         :meth:`shmkit.Store.update`, every pair or none."""
+        pairs = update_pairs(other, kwargs)  # read before anything is written
         with self.batch():
-            MutableMapping.update(self, other, **kwargs)
+            for key, value in pairs:
+                self[key] = value
 
     def get_into(self, key: _Key, buffer: Buffer) -> int:
         """Copy a ``bytes`` or array value's bytes into ``buffer``; return their count.
@@ -495,12 +545,18 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
             yield self
             return
         self._batch, self._overlay = [], {}
+        pid = os.getpid()
         try:
             yield self
         except BaseException:
             self._batch, self._overlay = None, {}
             raise
         ops, self._batch, self._overlay = self._batch, None, {}
+        if os.getpid() != pid:
+            raise RuntimeError("this batch was opened before the process forked, and a forked "
+                               "child holds none of its parent's batch (the parent's goes on): "
+                               "its writes in the block were not applied; open a batch in the "
+                               "child instead")
         if not ops:
             return
         try:
