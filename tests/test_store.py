@@ -1406,6 +1406,27 @@ def test_other_threads_run_and_write_during_a_long_update(name):
         st.verify()
 
 
+class _EmptiesItsPair:
+    def __init__(self, pair: list) -> None:
+        self.pair = pair
+
+    def __reduce__(self):
+        self.pair.clear()  # the key's last reference, if the update held none
+        self.filler = ["Z" * 279 + str(i) for i in range(200)]  # reuse its memory
+        return (int, (7,))
+
+
+def test_an_update_pair_emptied_while_its_value_is_encoded_stores_what_it_held(name):
+    with Store(name, codec="pickle") as st:
+        key = "".join(["key-"] * 70)  # made at run time: no constant keeps it alive
+        pair: list = [key, None]
+        pair[1] = _EmptiesItsPair(pair)
+        del key
+        st.update([pair])
+        assert list(st.keys()) == ["key-" * 70] and st["key-" * 70] == 7
+        st.verify()
+
+
 class _AddsToItsDict:
     def __init__(self, d: dict) -> None:
         self.d = d

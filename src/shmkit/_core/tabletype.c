@@ -1582,8 +1582,13 @@ update_from_pairs(TableObject *t, Update *u, PyObject *pairs)
                                            "is required", i, PySequence_Fast_GET_SIZE(pair));
             r = -1;
         } else {
-            PyObject **kv = PySequence_Fast_ITEMS(pair);
-            r = update_put(t, u, kv[0], kv[1]);
+            /* its own references: when the item is a list, PySequence_Fast
+             * hands back that list, which code the put runs may empty */
+            PyObject *k = Py_NewRef(PySequence_Fast_GET_ITEM(pair, 0));
+            PyObject *v = Py_NewRef(PySequence_Fast_GET_ITEM(pair, 1));
+            r = update_put(t, u, k, v);
+            Py_DECREF(k);
+            Py_DECREF(v);
         }
         Py_XDECREF(pair);
         Py_DECREF(item);
