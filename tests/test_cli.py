@@ -765,17 +765,19 @@ def test_info_keeps_its_values_beside_a_long_or_invisible_field_name(names: Any)
     import numpy as np
 
     n = names()
-    shmkit.Array(n, np.dtype([("f" + "W" * 300, "<f8"), ("spoof\nrow\u202e\u200b", "<i4")]),
+    shmkit.Array(n, np.dtype([("f" + "W" * 300, "<f8"), ("spoof\nrow\u202e\u200b", "<i4"),
+                              ("tag\U000e0041\\x1b", "<i4")]),  # a tag; a fake escape
                  4, lifetime="persistent").close()
     proc = subprocess.run([sys.executable, "-m", "shmkit", "info", n], capture_output=True,
                           text=True, timeout=60, env=dict(_env(), COLUMNS="100"))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     row = {line.split()[0]: line.split()[1:] for line in lines if line.split()}
-    assert row["lifetime"] == ["persistent"] and row["size"][0] == "48", lines
+    assert row["lifetime"] == ["persistent"] and row["size"][0] == "64", lines
+    assert "tag\\U000e0041\\\\x1b" in proc.stdout
     assert "spoof\\x0arow\\u202e\\u200b" in proc.stdout
     assert not any(line.lstrip().startswith("row") for line in lines)
-    assert not any(c in proc.stdout for c in "\u202e\u200b")
+    assert not any(c in proc.stdout for c in "\u202e\u200b\U000e0041")
 
 
 def test_describing_is_invisible_to_a_closing_last_process(names: Any) -> None:
@@ -908,6 +910,15 @@ def test_rm_of_a_service_removes_its_request_channel_and_only_that(names: Any) -
             (f"{svc}.requests", "channel", True)]
         assert not os.path.exists(shm(svc)) and not os.path.exists(shm(f"{svc}.requests"))
         assert os.path.exists(shm(f"{other}.requests"))  # a store: not the service's
+        # named twice (its channel by path too): removed once; by path: the file only
+        shmkit.Service(svc).close()
+        result = cli_json("rm", "--yes", svc, shm(f"{svc}.requests"))
+        assert [(r["kind"], r["removed"]) for r in result] == [("service", True),
+                                                              ("channel", True)]
+        shmkit.Service(svc).close()
+        result = cli_json("rm", "--yes", shm(svc))
+        assert [(r["kind"], r["removed"]) for r in result] == [("service", True)]
+        assert os.path.exists(shm(f"{svc}.requests"))
     finally:
         for n in (svc, f"{svc}.requests", other, f"{other}.requests"):
             if os.path.exists(shm(n)):

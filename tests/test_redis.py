@@ -636,16 +636,32 @@ def test_a_redis_batch_is_its_threads_and_a_forked_child_is_told(ns: Any) -> Non
         with st.batch():
             st["parent"] = 1
             pid = os.fork()
-            if pid > 0:
+            if pid == 0:
+                st["child"] = 2  # not into the parent's batch: to the server
+                if st.get("parent") is not None:
+                    os._exit(4)  # it read the parent's batch
+            else:
                 _, status = os.waitpid(pid, 0)
                 assert os.waitstatus_to_exitcode(status) == 0
+                assert st["child"] == 2 and st.get("parent") == 1  # (its own batch)
     except BaseException as e:
         if pid != 0:
             raise
         os._exit(0 if type(e) is RuntimeError and "forked" in str(e) else 3)
     if pid == 0:  # the child applied its copy of the parent's batch
         os._exit(5)
-    assert st["parent"] == 1
+    assert st["parent"] == 1 and st["child"] == 2
+
+    # a batch left in another thread than the one that opened it ends there
+    opened = st.batch()
+    opened.__enter__()
+    st["across threads"] = 1
+    t = threading.Thread(target=opened.__exit__, args=(None, None, None))
+    t.start()
+    t.join()
+    assert st._batch is None and st["across threads"] == 1
+    st["after"] = 1
+    assert ns.Store("s")["after"] == 1
 
     def failing() -> Iterator[tuple[str, int]]:
         yield "c", 3

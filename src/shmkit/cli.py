@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -77,7 +78,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
              )),
     "rm": ("remove objects by name or shell pattern, after listing them and asking "
            "(processes attached keep their memory until they close it); a service "
-           "goes with its request channel",
+           "named goes with its request channel",
            _examples(
                ("List the objects \"frames\" and \"stats\", then remove them if you say "
                 "yes:", "shmkit rm frames stats"),
@@ -244,30 +245,42 @@ def _count(text: str) -> int:
 
 
 # Names, states, field names and process names come from files another
-# user may have written, so what a terminal acts on is shown as escapes: C0
-# and C1 controls and DEL (ESC sequences set titles, clear, move the cursor;
-# a line end would start a row of its own), and the invisible characters
-# that reorder or hide text (bidi overrides and isolates, zero-width ones,
-# line and paragraph separators, the byte-order mark, the soft hyphen).
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
-_CONTROLS.update({c: f"\\u{c:04x}" for c in (
-    0xAD, 0x61C, 0x180E, *range(0x200B, 0x2010), *range(0x2028, 0x202F),
-    *range(0x2060, 0x2070), 0xFEFF, *range(0xFFF9, 0xFFFC))})
+# user may have written, so what a terminal acts on, and what would hide or
+# disguise text, is shown as an escape: C0 and C1 controls and DEL (ESC
+# sequences set titles, clear, move the cursor; a line end would start a
+# row of its own), format characters (bidi overrides and isolates,
+# zero-width ones, tags), line and paragraph separators, private-use and
+# unassigned code points, the Hangul fillers that print as blanks, bytes of
+# a file name that are not UTF-8 (as os.listdir's surrogates), and the
+# backslash itself, so that no name can imitate an escape.
+_HIDDEN_CATEGORIES = frozenset(("Cc", "Cf", "Zl", "Zp", "Co", "Cn", "Cs"))
+_FILLERS = frozenset("\u115f\u1160\u3164\uffa0")
 
 
 def _shown(text: str) -> str:
-    """``text`` with its control and invisible characters escaped, for a
-    terminal; bytes of a file name that are not UTF-8 as ``\\xNN``."""
-    if not text.isascii():
-        text = text.encode("utf-8", "surrogateescape" if _escaped_bytes(text)
-                           else "backslashreplace").decode("utf-8", "backslashreplace")
-    return text.translate(_CONTROLS)
+    """``text`` with its control and invisible characters escaped, for a terminal.
+
+    >>> _shown("a\\x1b[2J\\u202eb\\udcff\\\\")
+    'a\\\\x1b[2J\\\\u202eb\\\\xff\\\\\\\\'
+    """
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text
+    return "".join(map(_shown_char, text))
 
 
-def _escaped_bytes(text: str) -> bool:
-    """Whether ``text`` holds only the surrogates os.listdir makes of bytes
-    that are not UTF-8 (U+DC80 to U+DCFF), and no other."""
-    return all(not "\ud800" <= c <= "\udfff" or "\udc80" <= c <= "\udcff" for c in text)
+def _shown_char(c: str) -> str:
+    n = ord(c)
+    if c == "\\":
+        return "\\\\"
+    if n < 0x20 or 0x7F <= n < 0xA0:
+        return f"\\x{n:02x}"
+    if 0xDC80 <= n <= 0xDCFF:  # a byte that is not UTF-8, as os.listdir gives it
+        return f"\\x{n - 0xDC00:02x}"
+    if n < 0x7F:
+        return c
+    if unicodedata.category(c) in _HIDDEN_CATEGORIES or c in _FILLERS:
+        return f"\\u{n:04x}" if n <= 0xFFFF else f"\\U{n:08x}"
+    return c
 
 
 def _text(text: str, style: str = "") -> Any:
@@ -653,13 +666,21 @@ def cmd_rm(args: argparse.Namespace) -> int:
                 _print_json(results)
             return 1 if failed else 0
     console = None if args.json else _console()
+    not_removed: set[str] = set()
     for obj in objects:
+        service = obj.get("part_of")
+        if service in not_removed:  # a service's channel stays with the service
+            _error("rm", f"not removing {obj['name']}: its service {service} was not removed")
+            results.append({"name": obj["name"], "removed": False,
+                            "error": f"its service {service} was not removed"})
+            continue
         try:
             facts = remove(obj["name"])
         except _ERRORS as e:
             _error("rm", f"could not remove {obj['name']}: {_message(e)}")
             results.append({"name": obj["name"], "removed": False, "error": _message(e)})
             failed = True
+            not_removed.add(obj["name"])
             continue
         pids = sorted({a["pid"] for a in facts["attached"]})
         results.append({"name": facts["name"], "path": facts["path"], "kind": facts["kind"],
@@ -667,9 +688,6 @@ def cmd_rm(args: argparse.Namespace) -> int:
                         "readonly_attached": facts["readonly_attached"]})
         if console is not None:
             console.print(_text(f"removed {facts['name']}"))
-        if facts["kind"] == "service":  # as Service.unlink(): replies nobody holds
-            from .service import _reap_replies
-            _reap_replies(facts["name"])
         if pids or facts["readonly_attached"]:
             who = f"pid {', '.join(map(str, pids))}" if pids else ""
             if facts["readonly_attached"]:
@@ -682,24 +700,24 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def _with_service_parts(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The objects picked, and each service's request channel (NAME.requests)
-    that was not: a service is removed whole, as ``Service.unlink()`` does,
-    and the list the question shows names the channel too."""
+    """The objects picked, and the request channel (NAME.requests) of each
+    service picked by name, unless picked already: a service goes with it,
+    and the list the question shows names it.  (Reply channels stay: each
+    client's, removed by its close, or by ``shmkit gc`` once it is gone.)"""
     from .inspect import scan
 
-    picked = {o["name"] for o in objects}
+    picked = {o["path"] for o in objects}
     out = list(objects)
     for obj in objects:
-        part = f"{obj['name']}.requests"
-        if obj.get("kind") != "service" or part in picked:
+        if obj.get("kind") != "service" or "/" in obj["name"]:
             continue
         try:
-            facts = scan(part)
+            facts = scan(f"{obj['name']}.requests")
         except _ERRORS:
             continue  # gone, or never made
-        if facts.get("kind") == "channel":
-            out.append(facts)
-            picked.add(part)
+        if facts.get("kind") == "channel" and facts["path"] not in picked:
+            out.append(dict(facts, part_of=obj["name"]))
+            picked.add(facts["path"])
     return out
 
 

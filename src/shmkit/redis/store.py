@@ -281,30 +281,27 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         self._on_destroy = on_destroy
         # A batch is its thread's, as the shared-memory store's: another
         # thread's writes go to the server meanwhile, and it reads the server.
-        self._local = threading.local()
+        # By thread ident: (pid that opened it, ops, overlay); a child forked
+        # inside one holds none of it.
+        self._batches: dict[int, tuple[int, list[bytes | str], dict[bytes, bytes | None]]] = {}
         self._batch_script = self._r.register_script(_BATCH)
         self._pop_script = self._r.register_script(_POP)
+
+    def _open_batch(self) -> tuple[int, list[bytes | str], dict[bytes, bytes | None]] | None:
+        got = self._batches.get(threading.get_ident())
+        return got if got is not None and got[0] == os.getpid() else None
 
     @property
     def _batch(self) -> list[bytes | str] | None:
         """This thread's open batch: op, field, value, ... (see _BATCH); None outside one."""
-        return getattr(self._local, "batch", None)
-
-    @_batch.setter
-    def _batch(self, ops: list[bytes | str] | None) -> None:
-        self._local.batch = ops
+        got = self._open_batch()
+        return None if got is None else got[1]
 
     @property
     def _overlay(self) -> dict[bytes, bytes | None]:
-        """This thread's batch's writes by field (None: deleted)."""
-        overlay: dict[bytes, bytes | None] | None = getattr(self._local, "overlay", None)
-        if overlay is None:
-            overlay = self._local.overlay = {}
-        return overlay
-
-    @_overlay.setter
-    def _overlay(self, writes: dict[bytes, bytes | None]) -> None:
-        self._local.overlay = writes
+        """This thread's batch's writes by field (None: deleted); empty outside one."""
+        got = self._open_batch()
+        return {} if got is None else got[2]
 
     def _reopen_args(self) -> dict[str, Any]:
         return {"readonly": self._readonly}
@@ -340,7 +337,7 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         self._writable()
         field, data = encode_key(key), encode_value(value, self._pickled)
         if self._batch is not None:
-            self._batch += ["s", field, data]
+            self._batch.extend(("s", field, data))
             self._overlay[field] = data
             return
         self._r.hset(self._key, field, data)
@@ -352,7 +349,7 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         if self._batch is not None:
             if self._raw(field) is not None:
                 raise self._exists(key)
-            self._batch += ["a", field, data]
+            self._batch.extend(("a", field, data))
             self._overlay[field] = data
             return
         if not self._r.hsetnx(self._key, field, data):
@@ -368,7 +365,7 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         if self._batch is not None:
             if self._raw(field) is None:
                 raise KeyError(key)
-            self._batch += ["d", field, b""]
+            self._batch.extend(("d", field, b""))
             self._overlay[field] = None
             return
         if not self._r.hdel(self._key, field):
@@ -384,7 +381,7 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         if self._batch is not None:
             raw = self._raw(field)
             if raw is not None:
-                self._batch += ["d", field, b""]
+                self._batch.extend(("d", field, b""))
                 self._overlay[field] = None
         else:
             raw = self._pop_script(keys=[self._key], args=[field])
@@ -544,19 +541,18 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         if self._batch is not None:
             yield self
             return
-        self._batch, self._overlay = [], {}
-        pid = os.getpid()
+        me, pid = threading.get_ident(), os.getpid()
+        ops: list[bytes | str] = []
+        self._batches[me] = (pid, ops, {})
         try:
             yield self
-        except BaseException:
-            self._batch, self._overlay = None, {}
-            raise
-        ops, self._batch, self._overlay = self._batch, None, {}
+        finally:  # (in whichever thread leaves the block)
+            self._batches.pop(me, None)
         if os.getpid() != pid:
             raise RuntimeError("this batch was opened before the process forked, and a forked "
                                "child holds none of its parent's batch (the parent's goes on): "
-                               "its writes in the block were not applied; open a batch in the "
-                               "child instead")
+                               "its writes in the block went to the server one by one, not as "
+                               "part of it; open a batch in the child instead")
         if not ops:
             return
         try:
