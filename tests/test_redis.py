@@ -659,7 +659,7 @@ def test_a_redis_batch_is_its_threads_and_a_forked_child_is_told(ns: Any) -> Non
     t = threading.Thread(target=opened.__exit__, args=(None, None, None))
     t.start()
     t.join()
-    assert st._batch is None and st["across threads"] == 1
+    assert st._open_batch() is None and st["across threads"] == 1
     st["after"] = 1
     assert ns.Store("s")["after"] == 1
 

@@ -170,11 +170,22 @@ _RECORDS: dict[tuple[Kind, bytes], tuple[np.dtype, tuple]] = {}
 
 def _records_of(seg: Segment) -> tuple[np.dtype, tuple]:
     """The dtype and shape of the stored layout (untrusted), checked once per
-    distinct layout text."""
+    distinct layout text; the dtype is this handle's own copy, since
+    dtype.__setstate__ changes one in place."""
     key = (seg.kind, seg._layout_text)
     got = _RECORDS.get(key)
-    if got is not None:  # each handle its own dtype object: dtype.__setstate__ changes one
-        return got[0].newbyteorder(got[0].byteorder), got[1]
+    if got is None:
+        got = _checked_records(seg)
+        if _element(got[0])[0].names is None:
+            if len(_RECORDS) >= 4096:
+                _RECORDS.clear()
+            _RECORDS[key] = got
+    dtype, shape = got
+    return dtype.newbyteorder(dtype.byteorder), shape  # (an equal copy)
+
+
+def _checked_records(seg: Segment) -> tuple[np.dtype, tuple]:
+    """The dtype and shape the stored layout describes, or the error it earns."""
     stored = seg._layout
     fmt = stored.get("format")
     if fmt != _FORMAT:
@@ -184,7 +195,7 @@ def _records_of(seg: Segment) -> tuple[np.dtype, tuple]:
             "it with `shmkit rm`")
     try:
         dtype = _dtype_from_layout(stored["dtype"])
-        shape = tuple(stored["shape"]) if key[0] == Kind.ARRAY else ()
+        shape = tuple(stored["shape"]) if seg.kind == Kind.ARRAY else ()
         valid = (not dtype.hasobject and all(type(d) is int and d >= 0 for d in shape)
                  and _view_problem(dtype, shape) is None)
     except Exception:  # any malformed description, however it fails
@@ -192,10 +203,6 @@ def _records_of(seg: Segment) -> tuple[np.dtype, tuple]:
     if not valid:
         raise CorruptError(f"{seg.name!r} has an unreadable record layout "
                            f"{str(stored)[:200]}; remove it with `shmkit rm`")
-    if _element(dtype)[0].names is None:
-        if len(_RECORDS) >= 4096:
-            _RECORDS.clear()
-        _RECORDS[key] = dtype.newbyteorder(dtype.byteorder), shape  # (an equal copy)
     return dtype, shape
 
 

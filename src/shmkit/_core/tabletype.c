@@ -31,6 +31,8 @@ typedef struct {
                             * an operation: the grow hook, decoding a value */
     uint64_t forks;        /* forks this process came through since the handle
                             * was made: a batch opened before one is the parent's */
+    int forked_in_batch;   /* the last of them came inside a batch of the thread
+                            * that forked (the child's only thread) */
 } TableObject;
 
 /* ---- errors: the protocol's record as an exception ----------------------------- */
@@ -1293,7 +1295,6 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
      * inside a batch holds none of it, and must not wait for its parent's
      * lock to write the put alone. */
     uint64_t forks = t->forks;
-    int batched = t_in_batch(&t->c);
     if (key_encode(t, key, &k) < 0)
         return -1;
     if (val_encode(t, value, &v) < 0) {
@@ -1301,7 +1302,7 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
         return -1;
     }
     int ret = -1;
-    if (batched && t->forks != forks) {
+    if (t->forks != forks && t->forked_in_batch) {
         PyErr_SetString(PyExc_RuntimeError,
                         "the process forked while a write inside a batch encoded its value: "
                         "the child holds none of its parent's batch, and the write was not "
@@ -1499,17 +1500,24 @@ typedef struct {
     uint64_t forks; /* t->forks when the update began */
 } Update;
 
+/* -1 with RuntimeError set in a child forked by code the update ran (an
+ * iterator, a pickled value): the batch and the lock are its parent's. */
+static int
+update_forked(TableObject *t, const Update *u)
+{
+    if (t->forks == u->forks)
+        return 0;
+    PyErr_SetString(PyExc_RuntimeError,
+                    "the process forked during update(): the child holds none of the "
+                    "parent's batch, and its update was not made");
+    return -1;
+}
+
 /* One pair of an update: 0, or -1 with an exception set. */
 static int
 update_put(TableObject *t, Update *u, PyObject *k, PyObject *v)
 {
-    if (t->forks != u->forks) { /* a child forked by code the loop ran (an iterator) */
-        PyErr_SetString(PyExc_RuntimeError,
-                        "the process forked during update(): the child holds none of the "
-                        "parent's batch, and its update was not made");
-        return -1;
-    }
-    if (t_put(t, k, v, W_SET) < 0)
+    if (update_forked(t, u) < 0 || t_put(t, k, v, W_SET) < 0)
         return -1;
     if (++u->done % UPDATE_CHECK != 0)
         return 0;
@@ -1632,29 +1640,17 @@ table_update(TableObject *t, PyObject *args, PyObject *kwds)
     }
     if (r == 0 && kwds != NULL)
         r = update_from_dict(t, &u, kwds);
-    if (t->forks != u.forks) { /* in a child: the batch and the lock are the parent's */
+    if (t->forks != u.forks) { /* in a child: nothing here to end */
         if (r == 0)
-            update_put(t, &u, NULL, NULL); /* raises */
+            update_forked(t, &u);
         return NULL;
     }
-    if (r < 0) { /* raise the loop's error; one the discard raises has it as context */
+    if (r < 0) { /* discard, raising the loop's error (the discard's own is misuse) */
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb);
-        PyErr_NormalizeException(&et, &ev, &tb);
-        t_batch_end(t, 0);
-        if (PyErr_Occurred()) {
-            PyObject *et2, *ev2, *tb2;
-            PyErr_Fetch(&et2, &ev2, &tb2);
-            PyErr_NormalizeException(&et2, &ev2, &tb2);
-            if (tb != NULL)
-                PyException_SetTraceback(ev, tb);
-            PyException_SetContext(ev2, ev); /* steals ev */
-            Py_XDECREF(et);
-            Py_XDECREF(tb);
-            PyErr_Restore(et2, ev2, tb2);
-        } else {
-            PyErr_Restore(et, ev, tb);
-        }
+        if (t_batch_end(t, 0) < 0)
+            PyErr_Clear();
+        PyErr_Restore(et, ev, tb);
         return NULL;
     }
     if (t_batch_end(t, 1) < 0)
@@ -2215,6 +2211,7 @@ static PyObject *
 table_after_fork(TableObject *t, PyObject *Py_UNUSED(ignored))
 {
     /* The child holds none of its parent's locks or batches. */
+    t->forked_in_batch = t_in_batch(&t->c);
     t->c.lock_depth = 0;
     t->c.batch_depth = 0;
     t->midway = 0;

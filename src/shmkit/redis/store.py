@@ -225,6 +225,22 @@ def update_pairs(other: Any, kwargs: dict[str, Any]) -> list[tuple[Any, Any]]:
     return pairs
 
 
+class _Batch:
+    """One thread's open batch: its writes as the script takes them (op,
+    field, value, ...; see _BATCH) and by field (None: deleted)."""
+
+    __slots__ = ("pid", "ops", "overlay")
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()  # a forked child holds none of it
+        self.ops: list[bytes | str] = []
+        self.overlay: dict[bytes, bytes | None] = {}
+
+    def write(self, op: str, field: bytes, data: bytes | None) -> None:
+        self.ops += (op, field, b"" if data is None else data)
+        self.overlay[field] = data
+
+
 @guard_all
 class Store(RedisObject, MutableMapping[_Key, Any]):
     """A dict-like store in a Redis hash, shared by every process that reaches the server.
@@ -281,27 +297,14 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         self._on_destroy = on_destroy
         # A batch is its thread's, as the shared-memory store's: another
         # thread's writes go to the server meanwhile, and it reads the server.
-        # By thread ident: (pid that opened it, ops, overlay); a child forked
-        # inside one holds none of it.
-        self._batches: dict[int, tuple[int, list[bytes | str], dict[bytes, bytes | None]]] = {}
+        self._batches: dict[int, _Batch] = {}  # by thread ident
         self._batch_script = self._r.register_script(_BATCH)
         self._pop_script = self._r.register_script(_POP)
 
-    def _open_batch(self) -> tuple[int, list[bytes | str], dict[bytes, bytes | None]] | None:
-        got = self._batches.get(threading.get_ident())
-        return got if got is not None and got[0] == os.getpid() else None
-
-    @property
-    def _batch(self) -> list[bytes | str] | None:
-        """This thread's open batch: op, field, value, ... (see _BATCH); None outside one."""
-        got = self._open_batch()
-        return None if got is None else got[1]
-
-    @property
-    def _overlay(self) -> dict[bytes, bytes | None]:
-        """This thread's batch's writes by field (None: deleted); empty outside one."""
-        got = self._open_batch()
-        return {} if got is None else got[2]
+    def _open_batch(self) -> _Batch | None:
+        """This thread's open batch, or None (a forked child holds none of its parent's)."""
+        b = self._batches.get(threading.get_ident())
+        return b if b is not None and b.pid == os.getpid() else None
 
     def _reopen_args(self) -> dict[str, Any]:
         return {"readonly": self._readonly}
@@ -313,16 +316,17 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         if self._readonly:
             raise ReadOnlyError(f"store {self._name!r} was opened with readonly=True")
 
-    def _raw(self, field: bytes) -> bytes | None:
-        if self._batch is not None and field in self._overlay:
-            return self._overlay[field]
+    def _raw(self, field: bytes, b: _Batch | None) -> bytes | None:
+        """The stored bytes of ``field``, as batch ``b`` (if any) has them."""
+        if b is not None and field in b.overlay:
+            return b.overlay[field]
         return as_bytes_or_none(self._r.hget(self._key, field))
 
     # -- the mapping ----------------------------------------------------------
 
     def __getitem__(self, key: _Key) -> Any:
         self._live()
-        raw = self._raw(encode_key(key))
+        raw = self._raw(encode_key(key), self._open_batch())
         if raw is None:
             raise KeyError(key)
         return decode_value(raw, self._pickled)
@@ -330,15 +334,15 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
     def get(self, key: _Key, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default``."""
         self._live()
-        raw = self._raw(encode_key(key))
+        raw = self._raw(encode_key(key), self._open_batch())
         return default if raw is None else decode_value(raw, self._pickled)
 
     def __setitem__(self, key: _Key, value: Any) -> None:
         self._writable()
         field, data = encode_key(key), encode_value(value, self._pickled)
-        if self._batch is not None:
-            self._batch.extend(("s", field, data))
-            self._overlay[field] = data
+        b = self._open_batch()
+        if b is not None:
+            b.write("s", field, data)
             return
         self._r.hset(self._key, field, data)
 
@@ -346,11 +350,11 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         """Insert ``key``; :class:`KeyExistsError` (a KeyError) if it is already there."""
         self._writable()
         field, data = encode_key(key), encode_value(value, self._pickled)
-        if self._batch is not None:
-            if self._raw(field) is not None:
+        b = self._open_batch()
+        if b is not None:
+            if self._raw(field, b) is not None:
                 raise self._exists(key)
-            self._batch.extend(("a", field, data))
-            self._overlay[field] = data
+            b.write("a", field, data)
             return
         if not self._r.hsetnx(self._key, field, data):
             raise self._exists(key)
@@ -362,11 +366,11 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
     def __delitem__(self, key: _Key) -> None:
         self._writable()
         field = encode_key(key)
-        if self._batch is not None:
-            if self._raw(field) is None:
+        b = self._open_batch()
+        if b is not None:
+            if self._raw(field, b) is None:
                 raise KeyError(key)
-            self._batch.extend(("d", field, b""))
-            self._overlay[field] = None
+            b.write("d", field, None)
             return
         if not self._r.hdel(self._key, field):
             raise KeyError(key)
@@ -378,11 +382,11 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         self._writable()
         field = encode_key(key)
         raw: bytes | None
-        if self._batch is not None:
-            raw = self._raw(field)
+        b = self._open_batch()
+        if b is not None:
+            raw = self._raw(field, b)
             if raw is not None:
-                self._batch.extend(("d", field, b""))
-                self._overlay[field] = None
+                b.write("d", field, None)
         else:
             raw = self._pop_script(keys=[self._key], args=[field])
         if raw is None:
@@ -394,8 +398,9 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
     def __contains__(self, key: object) -> bool:
         self._live()
         field = encode_key(key)
-        if self._batch is not None and field in self._overlay:
-            return self._overlay[field] is not None
+        b = self._open_batch()
+        if b is not None and field in b.overlay:
+            return b.overlay[field] is not None
         return bool(self._r.hexists(self._key, field))
 
     def __len__(self) -> int:
@@ -449,14 +454,15 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
             return []
         # bytes or nil, as _base.as_bytes_or_none says
         raws = cast("list[bytes | None]", self._r.hmget(self._key, fields))
-        if self._batch is None and None not in raws:  # every key there: decode in one pass
+        b = self._open_batch()
+        if b is None and None not in raws:  # every key there: decode in one pass
             pickled = self._pickled
             return [r[1:] if r[:1] == _VT_BYTES_HEAD else decode_value(r, pickled)
                     for r in cast("list[bytes]", raws)]
         out: list[Any] = []
         for key, field, raw in zip(keys, fields, raws):
-            if self._batch is not None and field in self._overlay:
-                raw = self._overlay[field]
+            if b is not None and field in b.overlay:
+                raw = b.overlay[field]
             if raw is None:
                 if not default:
                     raise KeyError(key)
@@ -480,7 +486,7 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         when it is too small, UnsupportedTypeError for other value types.
         """
         self._live()
-        raw = self._raw(encode_key(key))
+        raw = self._raw(encode_key(key), self._open_batch())
         if raw is None:
             raise KeyError(key)
         vt = raw[0]
@@ -504,8 +510,9 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         """Bytes the value of ``key`` takes when encoded (KeyError if missing)."""
         self._live()
         field = encode_key(key)
-        if self._batch is not None and field in self._overlay:
-            raw = self._overlay[field]
+        b = self._open_batch()
+        if b is not None and field in b.overlay:
+            raw = b.overlay[field]
             if raw is None:
                 raise KeyError(key)
             return len(raw) - 1
@@ -517,7 +524,7 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
     def clear(self) -> None:
         """Remove every key (one DEL)."""
         self._writable()
-        if self._batch is not None:
+        if self._open_batch() is not None:
             for key in list(self):
                 del self[key]
             return
@@ -538,17 +545,17 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         If the block raises, its writes are discarded.  Batches nest.
         """
         self._writable()
-        if self._batch is not None:
+        if self._open_batch() is not None:
             yield self
             return
-        me, pid = threading.get_ident(), os.getpid()
-        ops: list[bytes | str] = []
-        self._batches[me] = (pid, ops, {})
+        me, b = threading.get_ident(), _Batch()
+        self._batches[me] = b
         try:
             yield self
         finally:  # (in whichever thread leaves the block)
             self._batches.pop(me, None)
-        if os.getpid() != pid:
+        ops = b.ops
+        if os.getpid() != b.pid:
             raise RuntimeError("this batch was opened before the process forked, and a forked "
                                "child holds none of its parent's batch (the parent's goes on): "
                                "its writes in the block went to the server one by one, not as "
