@@ -284,10 +284,8 @@ def _resize(seg: Segment, size: int, timeout: float | None) -> None:
 # WeakValueDictionary made and dropped two Python-level objects per open,
 # about 2 µs of an open by name.)
 _live: "dict[int, weakref.ref[Store]]" = {}
-
-
-def _forget(ref: "weakref.ref[Store]") -> None:
-    _live.pop(id(ref), None)
+# (C: a Ctrl-C cannot stop it at its first line, as it would a Python function)
+_forget = _core.forgetter(_live)
 
 
 class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]

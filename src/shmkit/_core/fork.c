@@ -16,9 +16,12 @@
  *
  *   signals_held(func) -> callable   func(), with the signals held back
  *   close_at_del                       a handle's __del__: close(), called
- *                                      again while a Ctrl-C stops it
+ *                                      again while a Ctrl-C stops it, and
+ *                                      the Ctrl-C raised once it is done
  *   pop_and_call(d, key)               d.pop(key)() if there is one: a hook
  *                                      taken and called with no point between
+ *   forgetter(registry) -> callable    a weak reference's callback that
+ *                                      removes registry[id(ref)]
  *
  * CPython drops an exception raised in __del__ too, and nothing would
  * finish a close that a Ctrl-C stopped there: the handle's "attached" name
@@ -77,31 +80,33 @@ py_signals_held(PyObject *mod, PyObject *func)
     return PyCFunction_New(&call_held_def, func);
 }
 
-/* close() again each time a KeyboardInterrupt stops it, at most 100 calls;
- * another exception, or the 100th interrupt, is the result. */
-static PyObject *
-close_through_interrupts(PyObject *close)
-{
-    for (int tries = 1;; tries++) {
-        PyObject *result = PyObject_CallNoArgs(close);
-        if (result != NULL || tries == 100 || !PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
-            return result;
-        PyErr_Clear();
-    }
-}
-
-/* A handle's __del__: its close() through interrupts; a close that fails
+/* A handle's __del__: close() again each time a KeyboardInterrupt stops it,
+ * at most 100 calls.  The interrupt is the user's, not the close's: once the
+ * close is done (or given up) it is armed again, so that Python raises it at
+ * the caller's next bytecode instead of losing it.  A close that fails
  * otherwise is dropped, as a garbage-collected handle has nobody to tell. */
 static PyObject *
 close_at_del(PyObject *self, PyObject *Py_UNUSED(ignored))
 {
     PyObject *close = PyObject_GetAttrString(self, "close");
-    PyObject *result = close == NULL ? NULL : close_through_interrupts(close);
-    Py_XDECREF(close);
-    if (result == NULL && PyErr_ExceptionMatches(PyExc_Exception)) {
+    PyObject *result = NULL;
+    int interrupted = 0;
+    for (int tries = 1; close != NULL; tries++) {
+        result = PyObject_CallNoArgs(close);
+        if (result != NULL || !PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+            break;
         PyErr_Clear();
-        Py_RETURN_NONE;
+        interrupted = 1;
+        if (tries == 100)
+            break;
     }
+    Py_XDECREF(close);
+    if (result == NULL && PyErr_Occurred() && PyErr_ExceptionMatches(PyExc_Exception))
+        PyErr_Clear();
+    if (interrupted)
+        PyErr_SetInterruptEx(SIGINT);
+    if (result == NULL && !PyErr_Occurred())
+        result = Py_NewRef(Py_None);
     return result;
 }
 
@@ -152,11 +157,47 @@ py_pop_and_call(PyObject *mod, PyObject *args)
     return result;
 }
 
+/* A weak reference's callback that removes the reference from a registry
+ * keyed by its id: C, so that a Ctrl-C cannot stop it before it starts (as
+ * it would a function of Python, whose exception CPython only reports) and
+ * leave the entry behind. */
+static PyObject *
+forget_ref(PyObject *registry, PyObject *ref)
+{
+    PyObject *key = PyLong_FromVoidPtr(ref);
+    if (key == NULL)
+        return NULL;
+    int found = PyDict_Contains(registry, key);
+    int failed = found < 0 || (found && PyDict_DelItem(registry, key) < 0);
+    Py_DECREF(key);
+    return failed ? NULL : Py_NewRef(Py_None);
+}
+
+static PyMethodDef forget_ref_def = {
+    "forget_ref", forget_ref, METH_O,
+    "Remove registry[id(ref)], if there is one."};
+
+static PyObject *
+py_forgetter(PyObject *mod, PyObject *registry)
+{
+    if (!PyDict_CheckExact(registry)) {
+        PyErr_SetString(PyExc_TypeError, "forgetter needs a dict");
+        return NULL;
+    }
+    return PyCFunction_New(&forget_ref_def, registry);
+}
+
 PyMethodDef shm_fork_methods[] = {
     {"pop_and_call", py_pop_and_call, METH_VARARGS,
      "pop_and_call($module, d, key, /)\n--\n\n"
      "pop_and_call(d, key)\n\nTake d[key] out of the dict and call it (nothing "
      "if missing or None), with no point between for a signal to stop."},
+
+    {"forgetter", py_forgetter, METH_O,
+     "forgetter($module, registry, /)\n--\n\n"
+     "forgetter(registry) -> callable\n\nA callable (C, so that no signal stops it "
+     "halfway) that removes registry[id(ref)] for the ref it is given: a weak "
+     "reference's callback for a registry of weak references keyed by their id."},
 
     {"signals_held", py_signals_held, METH_O,
      "signals_held($module, func, /)\n--\n\n"
