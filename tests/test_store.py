@@ -1637,6 +1637,74 @@ def test_a_child_forked_in_the_middle_of_a_write_can_write(name):
         st.verify()
 
 
+class _ForksAndGoesOnWhenUnpickled:
+    """A value whose unpickling forks, and whose child goes on with pop()."""
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.child = os.fork()
+
+
+def test_a_child_forked_while_pop_decodes_does_not_delete_too(name):
+    # The child of a fork made while pop() unpickles holds none of its
+    # parent's lock: it must not publish the delete that its parent does.
+    # (It did: the store then counted one key fewer than its index held,
+    # and verify() failed.)
+    with Store(name, codec="pickle", timeout=10.0) as st:
+        for i in range(20):
+            st[i] = i
+        v = _ForksAndGoesOnWhenUnpickled()
+        v.x = 1
+        st["k"] = v
+        parent = os.getpid()
+        try:
+            got = st.pop("k")
+        except BaseException as e:
+            if os.getpid() == parent:
+                raise
+            os._exit(0 if type(e) is RuntimeError and "forked" in str(e) else 3)
+        if os.getpid() != parent:  # the child's pop returned
+            os._exit(5)
+        _, status = os.waitpid(got.child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert "k" not in st and len(st) == 20
+        st.verify()
+        st["after"] = 1  # the lock is free
+        assert len(st) == 21
+        st.verify()
+
+
+def test_a_child_forked_while_the_store_grows_does_not_finish_the_write(name, monkeypatch):
+    # Growing runs Python code under the lock (a signal handler there may
+    # fork): the child holds none of its parent's lock or put, and is told,
+    # instead of writing the put alone while its parent writes it too.
+    from shmkit import store as store_module
+    resize, children = store_module._resize, []
+
+    def resize_then_fork(seg, size, timeout):
+        resize(seg, size, timeout)
+        if not children:
+            children.append(os.fork())
+
+    with Store(name, size=1 << 16, max_size=1 << 24, timeout=10.0) as st:
+        monkeypatch.setattr(store_module, "_resize", resize_then_fork)
+        parent = os.getpid()
+        try:
+            for i in range(2000):
+                st[i] = b"v" * 100
+        except BaseException as e:
+            if os.getpid() == parent:
+                raise
+            os._exit(0 if type(e) is RuntimeError and "forked" in str(e) else 3)
+        if os.getpid() != parent:  # the child's put went on
+            os._exit(5)
+        monkeypatch.setattr(store_module, "_resize", resize)
+        _, status = os.waitpid(children[0], 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert len(st) == 2000 and st[1999] == b"v" * 100
+        st.verify()
+
+
 def _big_batches(name, ready, n, rounds):
     st = Store.open(name)
     ready.set()

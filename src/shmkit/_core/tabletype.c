@@ -582,19 +582,36 @@ t_reentered(TableObject *t)
     return 1;
 }
 
+/* After Python code ran in the middle of a write, with the lock held: if it
+ * forked, this is the child, which holds none of its parent's lock or write
+ * and must not finish it (the parent does).  -1 with RuntimeError set, or 0. */
+static int
+t_forked_midway(TableObject *t, uint64_t forks, const char *what)
+{
+    if (t->forks == forks)
+        return 0;
+    PyErr_Format(PyExc_RuntimeError,
+                 "the process forked while %s ran Python code under the store's lock: "
+                 "the child holds none of its parent's write, which the parent finishes; "
+                 "fork outside the store's operations",
+                 what);
+    return -1;
+}
+
 /* Call a Python hook (the segment's grow or shrink) with n, in the middle of
  * an operation: code it runs cannot use this handle (t_reentered).  0, or
  * -1 with an exception set. */
 static int
 call_midway(TableObject *t, PyObject *hook, uint64_t n)
 {
+    uint64_t forks = t->forks;
     t->midway++;
     PyObject *r = PyObject_CallFunction(hook, "K", (unsigned long long)n);
     t->midway--;
     if (r == NULL)
         return -1;
     Py_DECREF(r);
-    return 0;
+    return t_forked_midway(t, forks, "resizing the store");
 }
 
 /* Inside a batch, before its words are read: refuse nested use, probe the
@@ -1390,9 +1407,12 @@ t_delete(TableObject *t, PyObject *key, int want_value, int *found)
         goto unlock;
     }
     if (want_value) {
+        uint64_t forks = t->forks;
         t->midway++; /* and unpickling, before the delete is published */
         out = value_locked(t, word_off(slot.old), 0);
         t->midway--;
+        if (out != NULL && t_forked_midway(t, forks, "pop() decoded the value") < 0)
+            Py_CLEAR(out);
         if (out == NULL)
             goto unlock;
     } else {
