@@ -225,6 +225,15 @@ def update_pairs(other: Any, kwargs: dict[str, Any]) -> list[tuple[Any, Any]]:
     return pairs
 
 
+def _not_forked(pid: int, what: str) -> None:
+    """Refuse to go on in a child forked by code that ``what`` ran (a pickled
+    value's ``__reduce__``, an iterator): it holds none of its parent's write."""
+    if os.getpid() != pid:
+        raise RuntimeError(f"the process forked while {what}: the child holds none of its "
+                           "parent's write, which the parent finishes, and the write was not "
+                           "made here; write in the child outside it")
+
+
 class _Batch:
     """One thread's open batch: its writes as the script takes them (op,
     field, value, ...; see _BATCH) and by field (None: deleted)."""
@@ -339,9 +348,10 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
 
     def __setitem__(self, key: _Key, value: Any) -> None:
         self._writable()
+        b = self._open_batch()  # (before encoding, which may run code that forks)
         field, data = encode_key(key), encode_value(value, self._pickled)
-        b = self._open_batch()
         if b is not None:
+            _not_forked(b.pid, "a write inside a batch encoded its value")
             b.write("s", field, data)
             return
         self._r.hset(self._key, field, data)
@@ -349,9 +359,10 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
     def add(self, key: _Key, value: Any) -> None:
         """Insert ``key``; :class:`KeyExistsError` (a KeyError) if it is already there."""
         self._writable()
+        b = self._open_batch()  # (before encoding, which may run code that forks)
         field, data = encode_key(key), encode_value(value, self._pickled)
-        b = self._open_batch()
         if b is not None:
+            _not_forked(b.pid, "a write inside a batch encoded its value")
             if self._raw(field, b) is not None:
                 raise self._exists(key)
             b.write("a", field, data)
@@ -474,7 +485,9 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """Store the pairs of ``other`` and then ``kwargs`` in one batch: as
         :meth:`shmkit.Store.update`, every pair or none."""
+        pid = os.getpid()
         pairs = update_pairs(other, kwargs)  # read before anything is written
+        _not_forked(pid, "update() read its pairs")
         with self.batch():
             for key, value in pairs:
                 self[key] = value
