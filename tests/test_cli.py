@@ -690,11 +690,14 @@ def test_layouts_of_the_wrong_types_or_lone_surrogates_never_stop_info_top_or_ls
     (b'{"format":true,"dtype":"<f8","shape":[4]}', "format of True"),
     (b'{"format":2,"dtype":"<f8","shape":[4],"x":NaN}', "unreadable"),
     (b'{"format":2,"dtype":"<f8","shape":[-Infinity]}', "unreadable"),
+    (b'{"format":2,"dtype":"<f8","shape":[4],"x":1e400}', "unreadable"),  # (an infinity)
+    (b'{"format":2,"dtype":"<f8","shape":[4],"x":-1e999}', "unreadable"),
 ])
 def test_a_layout_shmkit_never_writes_is_corrupt_to_open_and_to_ls(names: Any, text: bytes,
                                                                   why: str) -> None:
     # A format of 2.0 (or true) passed each kind's `format == 2` and opened,
-    # while ls called it corrupt; NaN reached `--json` as no strict JSON.
+    # while ls called it corrupt; NaN reached `--json` as no strict JSON, and
+    # so did 1e400 as Infinity.
     name = names()
     shmkit.Array(name, "<f8", 4, lifetime="persistent").close()
     _set_layout(name, text)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import atexit
 import errno
 import json
+import math
 import os
 import pwd
 import re
@@ -453,6 +454,15 @@ def _no_constant(word: str) -> Any:
     raise ValueError(word)
 
 
+def _finite(word: str) -> float:
+    """A number with a fraction or exponent, refused where it overflows to an
+    infinity (``1e400``): the constants above by another spelling."""
+    value = float(word)
+    if not math.isfinite(value):
+        raise ValueError(word)
+    return value
+
+
 def _decode_layout(text: bytes, where: str) -> dict[str, Any]:
     """The layout description (JSON) of a checked header."""
     if not text or text == b"{}":
@@ -471,7 +481,7 @@ def _decode_layout(text: bytes, where: str) -> dict[str, Any]:
                            f"{_MAX_LAYOUT_DEPTH} levels deep, deeper than shmkit writes: "
                            "it is damaged; remove it with `shmkit rm`")
     try:
-        layout = json.loads(chars, parse_constant=_no_constant)
+        layout = json.loads(chars, parse_constant=_no_constant, parse_float=_finite)
     except ValueError:
         raise CorruptError(f"{where} has an unreadable layout description") from None
     if not isinstance(layout, dict):
