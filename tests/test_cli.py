@@ -755,6 +755,9 @@ def test_gc_and_rm_escape_the_file_names_another_user_planted(names: Any) -> Non
         assert not any(c in proc.stdout for c in (b"\x1b", b"\x07", b"\xff", b"\xe2\x80\xae"))
         assert b"\\x1b]0;PWNED\\x07\\x1b[2J\\u202e" in proc.stdout
         assert b"\\xff\\xfe" in proc.stdout
+        # escaped once, in the name and in the reason (repr escaped it twice)
+        assert b"\\\\" not in proc.stdout, proc.stdout
+        assert proc.stdout.count(b"PWNED") == 2, proc.stdout  # the file and the object
     finally:
         for path in planted:
             if os.path.exists(path):

@@ -1332,6 +1332,6 @@ def collect_garbage(dry_run: bool = False, patterns: Sequence[str] | None = None
         except FileNotFoundError:
             continue
         if _matches(name, patterns) and _yours(uid):
-            attempt(os.path.basename(path), path, f"creation temp file of {name!r} left "
+            attempt(os.path.basename(path), path, f"creation temp file of '{name}' left "
                     "by a process that died", _reap_temp, pid)
     return out
