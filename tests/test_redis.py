@@ -614,6 +614,29 @@ def test_explicit_parameters_are_honoured_or_refused(ns: Any) -> None:
     ev.close()
 
 
+def test_clear_inside_a_batch_is_refused_by_both_stores(ns: Any) -> None:
+    # The Redis store's clear() in a batch deleted only the server's keys:
+    # the batch's own puts survived it, and a key the batch had deleted made
+    # it raise KeyError.  Both stores now refuse it, and the batch's other
+    # writes are kept or discarded by the block as always.
+    local = shmkit.Store(None)
+    try:
+        for st in (ns.Store("s"), local):
+            st["x"], st["y"] = 0, 5
+            with st.batch():
+                st["a"] = 1
+                del st["x"]
+                with pytest.raises(RuntimeError, match="before or after the with block"):
+                    st.clear()
+                st["b"] = 2
+            assert dict(st.items()) == {"y": 5, "a": 1, "b": 2}, type(st)
+            st.clear()
+            assert len(st) == 0
+    finally:
+        local.close()
+        local.unlink()
+
+
 class _ForksWhenPickled:
     def __init__(self, forked: Callable[[], None]) -> None:
         self.forked = forked

@@ -1851,7 +1851,9 @@ table_clear(TableObject *t, PyObject *Py_UNUSED(ignored))
         return NULL;
     if (t_in_batch(&t->c) && t->c.batch_depth) {
         t_unlock(t);
-        PyErr_SetString(PyExc_RuntimeError, "clear() inside a batch is not supported");
+        PyErr_SetString(PyExc_RuntimeError, "clear() cannot run inside a batch (it is not one "
+                                            "of the writes a batch stages); call it before "
+                                            "or after the with block");
         return NULL;
     }
     PyObject *ret = NULL;
@@ -2075,7 +2077,9 @@ table_verify(TableObject *t, PyObject *Py_UNUSED(ignored))
         return NULL;
     int r;
     if (t_in_batch(&t->c)) {
-        PyErr_SetString(PyExc_RuntimeError, "verify() inside a batch is not supported");
+        PyErr_SetString(PyExc_RuntimeError, "verify() cannot run inside a batch, whose writes "
+                                            "are not published yet; call it after the with "
+                                            "block");
         r = -1;
     } else if ((r = t_verify(&t->c, &w)) < 0) {
         t_raise(t);

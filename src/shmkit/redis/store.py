@@ -535,12 +535,11 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         return n - 1
 
     def clear(self) -> None:
-        """Remove every key (one DEL)."""
+        """Remove every key (one DEL); RuntimeError inside a batch, as the local store."""
         self._writable()
-        if self._open_batch() is not None:
-            for key in list(self):
-                del self[key]
-            return
+        if self._open_batch() is not None:  # (as the shared-memory store's)
+            raise RuntimeError("clear() cannot run inside a batch (it is not one of the writes "
+                               "a batch stages); call it before or after the with block")
         self._r.delete(self._key)
 
     # -- the store ------------------------------------------------------------
