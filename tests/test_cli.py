@@ -732,7 +732,7 @@ def test_control_characters_another_user_wrote_reach_no_terminal(names: Any) -> 
     odd = "x\x1b]0;PWNED\x07\x1b[2J\x9b1m"
     shmkit.Array(n, np.dtype([(odd, "<f8")]), 4, lifetime="persistent").close()
     text = cli("info", n).stdout
-    assert "\\x1b]0;PWNED\\x07\\x1b[2J\\x9b1m" in text
+    assert "\\x1b]0;PWNED\\x07\\x1b[2J\\u009b1m" in text  # (\x9b: a byte not UTF-8)
     for command in (["info", n], ["ls", n], ["top", "--once", n]):
         out = cli(*command).stdout
         assert not any(c in out for c in "\x1b\x07\x9b"), (command, out)

@@ -272,8 +272,10 @@ def _shown_char(c: str) -> str:
     n = ord(c)
     if c == "\\":
         return "\\\\"
-    if n < 0x20 or 0x7F <= n < 0xA0:
+    if n < 0x20 or n == 0x7F:
         return f"\\x{n:02x}"
+    if 0x80 <= n < 0xA0:  # C1 controls: \u, so that none looks like a byte that is not UTF-8
+        return f"\\u{n:04x}"
     if 0xDC80 <= n <= 0xDCFF:  # a byte that is not UTF-8, as os.listdir gives it
         return f"\\x{n - 0xDC00:02x}"
     if n < 0x7F:
