@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import multiprocessing
 import os
 import secrets
@@ -73,10 +74,14 @@ def shm_dir() -> Iterator[str]:
 
 
 def _remove(name: str) -> None:
-    try:
-        os.unlink(f"/dev/shm/shmkit.{name}")
-    except FileNotFoundError:
-        pass
+    """Remove the object ``name`` and those a test derived from it
+    (``name + "-s"``, a service's ``name.requests``): the tokens are all of
+    one length, so no other test's name starts with this one."""
+    for path in glob.glob(f"/dev/shm/shmkit.{glob.escape(name)}*"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def spawn(target: Callable[..., Any], *args: Any) -> multiprocessing.Process:

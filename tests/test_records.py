@@ -417,21 +417,23 @@ class Tagged(ctypes.Structure):
                 ("grid", ctypes.c_char * 4 * 2)]
 
 
-def test_reopens_reuse_a_plain_dtype_but_a_changed_one_stays_in_its_handle(name):
+def test_reopens_reuse_a_plain_dtype_but_a_changed_one_stays_in_its_handle(names):
     # A reopen reuses the dtype decoded for the same layout, as its own copy:
     # one handle's dtype changed in place (a structured dtype's field names,
     # any dtype's __setstate__) reaches neither another handle nor a later open.
-    with shmkit.Array(name + "-plain", "f8", 4) as a, shmkit.Array.open(name + "-plain") as b:
+    # (Each name from the fixture, which removes it even when an assert fails.)
+    plain, sized, name = names(), names(), names()
+    with shmkit.Array(plain, "f8", 4) as a, shmkit.Array.open(plain) as b:
         assert b.dtype == np.dtype("f8") and b.shape == (4,)
-        with shmkit.Array.open(name + "-plain") as c:
+        with shmkit.Array.open(plain) as c:
             assert c.dtype == b.dtype and c.dtype is not b.dtype
         a.unlink()
     for dtype in ("S10", np.dtype(("<i2", (2, 2)))):
-        with shmkit.Array(name + "-s", dtype, 4) as a, shmkit.Array.open(name + "-s") as b:
-            with shmkit.Array.open(name + "-s") as c:
+        with shmkit.Array(sized, dtype, 4) as a, shmkit.Array.open(sized) as b:
+            with shmkit.Array.open(sized) as c:
                 b.dtype.__setstate__((3, "|", None, None, None, 40, 1, 0))  # "S40"
                 assert c.dtype == a.dtype == np.dtype(dtype) and c.shape == (4,)
-                with shmkit.Array.open(name + "-s") as d:
+                with shmkit.Array.open(sized) as d:
                     assert d.dtype == np.dtype(dtype)
             a.unlink()
     rec = np.dtype([("x", "<i4"), ("y", "<f8")])
