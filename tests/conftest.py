@@ -177,3 +177,45 @@ def end_storm():
     os.waitpid(kid, 0)
     gc.collect()
 """
+
+
+class _ForksWhenPickled:
+    def __init__(self, forked: Callable[[], None]) -> None:
+        self.forked = forked
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self.forked()
+        return (int, (50,))
+
+
+def fork_during_update(st: Any, where: str,
+                       at_child_end: Callable[[], Any] = lambda: None) -> list[Any]:
+    """``st.update()`` of the pairs ``i: i`` for i < 100, whose 51st forks, in
+    the iterator (``where="iterator"``) or as its value is pickled.  The child
+    exits 0 when its update() raised RuntimeError saying it forked, 3 for
+    another error, 5 when it returned.  The parent, still inside the update,
+    waits for the child and notes ``(its exit code, at_child_end())``; the
+    notes are returned once the update is done."""
+    pid, seen = -1, []
+
+    def fork() -> None:
+        nonlocal pid
+        pid = os.fork()
+        if pid > 0:
+            _, status = os.waitpid(pid, 0)
+            seen.append((os.waitstatus_to_exitcode(status), at_child_end()))
+
+    def pairs() -> Iterator[tuple[int, Any]]:
+        for i in range(100):
+            if i == 50 and where == "iterator":
+                fork()
+            yield i, (_ForksWhenPickled(fork) if i == 50 and where != "iterator" else i)
+    try:
+        st.update(pairs())
+    except BaseException as e:
+        if pid != 0:
+            raise
+        os._exit(0 if type(e) is RuntimeError and "forked" in str(e) else 3)
+    if pid == 0:  # the child's update went on
+        os._exit(5)
+    return seen

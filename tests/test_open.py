@@ -778,6 +778,29 @@ _CLOSE_STEPS = ("close", "_after_close", "_destroyed", "_removed", "_detach", "_
                 "_segment_closed", "_remove_payloads")
 
 
+class _InterruptAt:
+    """A trace function that raises KeyboardInterrupt at the nth line run in
+    shmkit's functions named ``step`` (where a signal handler can raise, a
+    trace function can too); ``fired`` says where, "" while it has not."""
+
+    def __init__(self, step: str, nth: int) -> None:
+        self.step, self.nth, self.seen, self.fired = step, nth, 0, ""
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> Any:
+        code = frame.f_code
+        if code.co_name != self.step or "shmkit" not in code.co_filename:
+            return None
+        return self._line
+
+    def _line(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and not self.fired:
+            self.seen += 1
+            if self.seen == self.nth:
+                self.fired = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+                raise KeyboardInterrupt
+        return self._line
+
+
 @pytest.mark.parametrize("kind", sorted(_ATTACHED_KINDS))
 def test_a_ctrl_c_at_any_line_of_the_last_close_still_runs_on_destroy_once(kind, tmp_path):
     """A KeyboardInterrupt at each line of the last close of an "attached"
@@ -793,20 +816,7 @@ def test_a_ctrl_c_at_any_line_of_the_last_close_still_runs_on_destroy_once(kind,
             runs: list[int] = []
             path = tmp_path / "x"
             h = make(path, functools.partial(runs.append, 1))
-            seen, fired = [0], [""]
-
-            def trace(frame: Any, event: str, arg: Any) -> Any:
-                if frame.f_code.co_name != step or "shmkit" not in frame.f_code.co_filename:
-                    return None
-
-                def line(f: Any, ev: str, a: Any) -> Any:
-                    if ev == "line" and not fired[0]:
-                        seen[0] += 1
-                        if seen[0] == nth:
-                            fired[0] = f"{f.f_code.co_filename}:{f.f_lineno}"
-                            raise KeyboardInterrupt
-                    return line
-                return line
+            trace = _InterruptAt(step, nth)
 
             sys.settrace(trace)
             try:
@@ -818,8 +828,8 @@ def test_a_ctrl_c_at_any_line_of_the_last_close_still_runs_on_destroy_once(kind,
             h.close()
             h = None
             gc.collect()
-            assert not path.exists() and runs == [1], (step, nth, fired[0], runs)
-            if not fired[0]:
+            assert not path.exists() and runs == [1], (step, nth, trace.fired, runs)
+            if not trace.fired:
                 break
             points += 1
     assert points > 10
@@ -838,20 +848,7 @@ def test_a_ctrl_c_in_the_close_a_dropped_handle_makes_is_raised_after_it(kind, t
         for nth in range(1, 40):
             path = tmp_path / "x"
             h = make(path, None)
-            seen, fired = [0], [""]
-
-            def trace(frame: Any, event: str, arg: Any) -> Any:
-                if frame.f_code.co_name != step or "shmkit" not in frame.f_code.co_filename:
-                    return None
-
-                def line(f: Any, ev: str, a: Any) -> Any:
-                    if ev == "line" and not fired[0]:
-                        seen[0] += 1
-                        if seen[0] == nth:
-                            fired[0] = f"{f.f_code.co_filename}:{f.f_lineno}"
-                            raise KeyboardInterrupt
-                    return line
-                return line
+            trace = _InterruptAt(step, nth)
 
             raised = False
             sys.settrace(trace)
@@ -861,11 +858,11 @@ def test_a_ctrl_c_in_the_close_a_dropped_handle_makes_is_raised_after_it(kind, t
             except KeyboardInterrupt:
                 sys.settrace(None)
                 raised = True
-            if not fired[0]:
+            if not trace.fired:
                 assert not raised
                 break
-            assert raised, f"the Ctrl-C at {fired[0]} ({step}, line {nth}) was lost"
-            assert not path.exists(), (step, nth, fired[0])
+            assert raised, f"the Ctrl-C at {trace.fired} ({step}, line {nth}) was lost"
+            assert not path.exists(), (step, nth, trace.fired)
             points += 1
     assert points > 5
 

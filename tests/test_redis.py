@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import shmkit
-from conftest import SRC, run_python, spawn
+from conftest import SRC, fork_during_update, run_python, spawn
 
 REDIS_SERVER = shutil.which("redis-server")
 redis = pytest.importorskip("redis", reason="redis-py is in the test extra: "
@@ -637,44 +637,13 @@ def test_clear_inside_a_batch_is_refused_by_both_stores(ns: Any) -> None:
         local.unlink()
 
 
-class _ForksWhenPickled:
-    def __init__(self, forked: Callable[[], None]) -> None:
-        self.forked = forked
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        self.forked()
-        return (int, (50,))
-
-
 @pytest.mark.parametrize("where", ["iterator", "pickled value"])
 def test_a_child_forked_during_a_redis_update_writes_nothing(ns: Any, where: str) -> None:
     # As the shared-memory store's: the child holds none of its parent's
     # update, and is told at once instead of writing the pairs one by one
     # (it wrote the other 49 before the batch's end told it).
     st = ns.Store("s", codec="pickle")
-    pid, seen = -1, []
-
-    def fork() -> None:
-        nonlocal pid
-        pid = os.fork()
-        if pid > 0:
-            _, status = os.waitpid(pid, 0)
-            seen.append((os.waitstatus_to_exitcode(status), len(st)))  # (the server's count)
-
-    def pairs() -> Iterator[tuple[int, Any]]:
-        for i in range(100):
-            if i == 50 and where == "iterator":
-                fork()
-            yield i, (_ForksWhenPickled(fork) if i == 50 and where != "iterator" else i)
-    try:
-        st.update(pairs())
-    except BaseException as e:
-        if pid != 0:
-            raise
-        os._exit(0 if type(e) is RuntimeError and "forked" in str(e) else 3)
-    if pid == 0:  # the child's update went on
-        os._exit(5)
-    assert seen == [(0, 0)]
+    assert fork_during_update(st, where, at_child_end=st.__len__) == [(0, 0)]  # (the server's)
     assert dict(st.items()) == {i: i for i in range(100)}
 
 

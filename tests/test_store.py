@@ -34,7 +34,7 @@ from shmkit import (
     WrongKindError,
 )
 
-from conftest import SPAWN, run_python, spawn
+from conftest import SPAWN, fork_during_update, run_python, spawn
 
 
 def exact(a, b) -> bool:
@@ -1446,43 +1446,12 @@ def test_update_refuses_a_dict_that_changes_under_it(name):
         st.verify()
 
 
-class _ForksWhenPickled:
-    def __init__(self, forked) -> None:
-        self.forked = forked
-
-    def __reduce__(self):
-        self.forked()
-        return (int, (50,))
-
-
 @pytest.mark.parametrize("where", ["iterator", "pickled value"])
 def test_a_child_forked_during_an_update_is_told_and_the_parents_completes(name, where):
     # The child holds none of the parent's batch: it neither waits for the
     # parent's lock (the parent waits for it here) nor writes a pair alone.
     with Store(name, timeout=10.0, codec="pickle") as st:
-        pid, codes = -1, []
-
-        def fork():
-            nonlocal pid
-            pid = os.fork()
-            if pid > 0:
-                _, status = os.waitpid(pid, 0)
-                codes.append(os.waitstatus_to_exitcode(status))
-
-        def pairs():
-            for i in range(100):
-                if i == 50 and where == "iterator":
-                    fork()
-                yield i, (_ForksWhenPickled(fork) if i == 50 and where != "iterator" else i)
-        try:
-            st.update(pairs())
-        except BaseException as e:
-            if pid != 0:
-                raise
-            os._exit(0 if type(e) is RuntimeError and "forked" in str(e) else 3)
-        if pid == 0:  # the child's update went on with the parent's batch
-            os._exit(5)
-        assert codes == [0]
+        assert fork_during_update(st, where) == [(0, None)]
         assert dict(st.items()) == {i: i for i in range(100)}
         st.verify()
 
