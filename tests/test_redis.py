@@ -647,6 +647,49 @@ def test_a_child_forked_during_a_redis_update_writes_nothing(ns: Any, where: str
     assert dict(st.items()) == {i: i for i in range(100)}
 
 
+class _ForksWhenEncoded(str):
+    """A key whose encoding forks once; the parent waits for the child."""
+    children: list[int] = []
+
+    def encode(self, *args: Any, **kwargs: Any) -> bytes:  # type: ignore[override]
+        if not self.children:
+            self.children.append(os.fork())
+            if self.children[0] > 0:
+                _, status = os.waitpid(self.children[0], 0)
+                self.children.append(os.waitstatus_to_exitcode(status))
+        return str(self).encode(*args, **kwargs)
+
+
+@pytest.mark.parametrize("op", ["pop", "del", "set", "add"])
+def test_a_child_forked_by_a_key_inside_a_redis_batch_writes_nothing(ns: Any, op: str) -> None:
+    # A str key's encode() can fork: the child, which holds none of the
+    # batch, raises instead of writing to the server on its own (its pop
+    # removed the key there, and the parent's batch then failed, KeyError).
+    st = ns.Store("s")
+    st["k"] = 1
+    _ForksWhenEncoded.children = []
+    key = _ForksWhenEncoded("k" if op in ("pop", "del") else "new")
+    parent = os.getpid()
+    try:
+        with st.batch():
+            if op == "pop":
+                assert st.pop(key) == 1
+            elif op == "del":
+                del st[key]
+            elif op == "set":
+                st[key] = 2
+            else:
+                st.add(key, 2)
+    except BaseException as e:
+        if os.getpid() == parent:
+            raise
+        os._exit(0 if type(e) is RuntimeError and "forked" in str(e) else 3)
+    if os.getpid() != parent:  # the child's write went on
+        os._exit(5)
+    assert _ForksWhenEncoded.children[1:] == [0]
+    assert dict(st.items()) == ({} if op in ("pop", "del") else {"k": 1, "new": 2})
+
+
 def test_a_redis_batch_is_its_threads_and_a_forked_child_is_told(ns: Any) -> None:
     # As the shared-memory store's: another thread's write during a batch is
     # its own (it was discarded with the batch), and reads the server.

@@ -17,7 +17,8 @@
  *   signals_held(func) -> callable   func(), with the signals held back
  *   close_at_del                       a handle's __del__: close(), called
  *                                      again while a Ctrl-C stops it, and
- *                                      the Ctrl-C raised once it is done
+ *                                      the KeyboardInterrupt raised once
+ *                                      it is done
  *   pop_and_call(d, key)               d.pop(key)() if there is one: a hook
  *                                      taken and called with no point between
  *   forgetter(registry) -> callable    a weak reference's callback that
@@ -80,31 +81,49 @@ py_signals_held(PyObject *mod, PyObject *func)
     return PyCFunction_New(&call_held_def, func);
 }
 
+/* The KeyboardInterrupt that a __del__ caught while this thread was inside
+ * another one's close (a handle dropped by an on_destroy hook): the
+ * outermost raises it once its own close is done, so that it stops neither
+ * that close nor the hook.  (Per thread; changed with the GIL held.) */
+static _Thread_local int del_depth;
+static _Thread_local PyObject *del_interrupt;
+
 /* A handle's __del__: close() again each time a KeyboardInterrupt stops it,
  * at most 100 calls.  The interrupt is the user's, not the close's: once the
- * close is done (or given up) it is armed again, so that Python raises it at
- * the caller's next bytecode instead of losing it.  A close that fails
- * otherwise is dropped, as a garbage-collected handle has nobody to tell. */
+ * close is done (or given up) the same exception class is raised in this
+ * thread at the caller's next bytecode (an asynchronous exception: the
+ * signal's handler, which already ran, is not run again, and it is raised
+ * whatever the SIGINT handler is now).  A close that fails otherwise is
+ * dropped, as a garbage-collected handle has nobody to tell. */
 static PyObject *
 close_at_del(PyObject *self, PyObject *Py_UNUSED(ignored))
 {
     PyObject *close = PyObject_GetAttrString(self, "close");
-    PyObject *result = NULL;
-    int interrupted = 0;
+    PyObject *result = NULL, *interrupt = NULL;
+    del_depth++;
     for (int tries = 1; close != NULL; tries++) {
         result = PyObject_CallNoArgs(close);
         if (result != NULL || !PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
             break;
+        if (interrupt == NULL)
+            interrupt = Py_NewRef(PyErr_Occurred()); /* its class */
         PyErr_Clear();
-        interrupted = 1;
         if (tries == 100)
             break;
     }
+    del_depth--;
     Py_XDECREF(close);
     if (result == NULL && PyErr_Occurred() && PyErr_ExceptionMatches(PyExc_Exception))
         PyErr_Clear();
-    if (interrupted)
-        PyErr_SetInterruptEx(SIGINT);
+    if (interrupt != NULL && del_interrupt == NULL) {
+        del_interrupt = interrupt; /* the first one stands for them all */
+        interrupt = NULL;
+    }
+    Py_XDECREF(interrupt);
+    if (del_depth == 0 && del_interrupt != NULL) {
+        PyThreadState_SetAsyncExc(PyThread_get_thread_ident(), del_interrupt);
+        Py_CLEAR(del_interrupt);
+    }
     if (result == NULL && !PyErr_Occurred())
         result = Py_NewRef(Py_None);
     return result;

@@ -351,7 +351,7 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         b = self._open_batch()  # (before encoding, which may run code that forks)
         field, data = encode_key(key), encode_value(value, self._pickled)
         if b is not None:
-            _not_forked(b.pid, "a write inside a batch encoded its value")
+            _not_forked(b.pid, "a write inside a batch encoded its key or value")
             b.write("s", field, data)
             return
         self._r.hset(self._key, field, data)
@@ -362,7 +362,7 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         b = self._open_batch()  # (before encoding, which may run code that forks)
         field, data = encode_key(key), encode_value(value, self._pickled)
         if b is not None:
-            _not_forked(b.pid, "a write inside a batch encoded its value")
+            _not_forked(b.pid, "a write inside a batch encoded its key or value")
             if self._raw(field, b) is not None:
                 raise self._exists(key)
             b.write("a", field, data)
@@ -376,9 +376,10 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
 
     def __delitem__(self, key: _Key) -> None:
         self._writable()
+        b = self._open_batch()  # (before encoding, which may run code that forks)
         field = encode_key(key)
-        b = self._open_batch()
         if b is not None:
+            _not_forked(b.pid, "a delete inside a batch encoded its key")
             if self._raw(field, b) is None:
                 raise KeyError(key)
             b.write("d", field, None)
@@ -391,10 +392,11 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
     def pop(self, key: _Key, default: Any = _missing) -> Any:
         """Remove ``key`` and return its value, in one step (KeyError, or ``default``)."""
         self._writable()
+        b = self._open_batch()  # (before encoding, which may run code that forks)
         field = encode_key(key)
         raw: bytes | None
-        b = self._open_batch()
         if b is not None:
+            _not_forked(b.pid, "a pop() inside a batch encoded its key")
             raw = self._raw(field, b)
             if raw is not None:
                 b.write("d", field, None)
