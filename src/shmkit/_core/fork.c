@@ -17,8 +17,8 @@
  *   signals_held(func) -> callable   func(), with the signals held back
  *   close_at_del                       a handle's __del__: close(), called
  *                                      again while a Ctrl-C stops it, and
- *                                      the KeyboardInterrupt raised once
- *                                      it is done
+ *                                      the Ctrl-C given back once it is
+ *                                      done (with Python's own handler)
  *   pop_and_call(d, key)               d.pop(key)() if there is one: a hook
  *                                      taken and called with no point between
  *   forgetter(registry) -> callable    a weak reference's callback that
@@ -81,48 +81,94 @@ py_signals_held(PyObject *mod, PyObject *func)
     return PyCFunction_New(&call_held_def, func);
 }
 
-/* The KeyboardInterrupt that a __del__ caught while this thread was inside
- * another one's close (a handle dropped by an on_destroy hook): the
- * outermost raises it once its own close is done, so that it stops neither
- * that close nor the hook.  (Per thread; changed with the GIL held.) */
-static _Thread_local int del_depth;
-static _Thread_local PyObject *del_interrupt;
+/* Whether SIGINT's handler is still Python's own, default_int_handler,
+ * which does nothing but raise KeyboardInterrupt: only then can the
+ * interrupt be given back by tripping SIGINT again. */
+static int
+sigint_is_python_default(void)
+{
+    PyObject *signal = PyImport_ImportModule("signal");
+    if (signal == NULL)
+        return 0;
+    PyObject *now = PyObject_CallMethod(signal, "getsignal", "i", SIGINT);
+    PyObject *dflt = PyObject_GetAttrString(signal, "default_int_handler");
+    int same = now != NULL && now == dflt;
+    Py_XDECREF(now);
+    Py_XDECREF(dflt);
+    Py_DECREF(signal);
+    return same;
+}
 
-/* A handle's __del__: close() again each time a KeyboardInterrupt stops it,
- * at most 100 calls.  The interrupt is the user's, not the close's: once the
- * close is done (or given up) the same exception class is raised in this
- * thread at the caller's next bytecode (an asynchronous exception: the
- * signal's handler, which already ran, is not run again, and it is raised
- * whatever the SIGINT handler is now).  A close that fails otherwise is
- * dropped, as a garbage-collected handle has nobody to tell. */
+/* A KeyboardInterrupt that a __del__ caught while this thread was inside
+ * another one's close (a handle dropped by an on_destroy hook): the
+ * outermost gives it back once its own close is done, so that it stops
+ * neither that close nor the hook.  The pid keeps a child forked by the
+ * hook from giving back its parent's.  (Per thread, under the GIL.) */
+static _Thread_local int del_depth;
+static _Thread_local pid_t del_interrupted;
+
+/* A handle's __del__: close() again each time an exception stops it (a
+ * signal handler's: KeyboardInterrupt, SystemExit from sys.exit(), an
+ * alarm's TimeoutError; close() can always be called again), at most 100
+ * calls, so that the name and slot do not stay while the process lives.
+ * An Exception a close still raises is dropped, as a garbage-collected
+ * handle has nobody to tell; another one (SystemExit), CPython reports.
+ *
+ * CPython drops what __del__ raises, so a Ctrl-C is given back by tripping
+ * SIGINT again (PyErr_SetInterruptEx): the handler then raises at the
+ * caller's next check, as for any Ctrl-C, and shmkit's waits and os.fork()
+ * (which clears it in the child) see it as theirs.  That runs the handler a
+ * second time, so it is done only when the handler is Python's default one
+ * and the exception exactly KeyboardInterrupt, which the default raises; a
+ * handler of the program's own already ran and chose what the Ctrl-C does,
+ * and its exception stays dropped.  (Raising it as an asynchronous
+ * exception instead escapes the checks that blocking calls make, and a
+ * forked child inherits it.) */
 static PyObject *
 close_at_del(PyObject *self, PyObject *Py_UNUSED(ignored))
 {
     PyObject *close = PyObject_GetAttrString(self, "close");
-    PyObject *result = NULL, *interrupt = NULL;
+    PyObject *result = NULL;
+    PyObject *et = NULL, *ev = NULL, *tb = NULL; /* the first that is no Exception */
+    int interrupted = 0;
     del_depth++;
     for (int tries = 1; close != NULL; tries++) {
         result = PyObject_CallNoArgs(close);
-        if (result != NULL || !PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+        if (result != NULL || tries == 100)
             break;
-        if (interrupt == NULL)
-            interrupt = Py_NewRef(PyErr_Occurred()); /* its class */
-        PyErr_Clear();
-        if (tries == 100)
-            break;
+        if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+            interrupted |= PyErr_Occurred() == PyExc_KeyboardInterrupt;
+            PyErr_Clear();
+        } else if (et == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyErr_Fetch(&et, &ev, &tb);
+        } else {
+            PyErr_Clear();
+        }
     }
     del_depth--;
     Py_XDECREF(close);
-    if (result == NULL && PyErr_Occurred() && PyErr_ExceptionMatches(PyExc_Exception))
+    if (result == NULL && PyErr_ExceptionMatches(PyExc_Exception))
         PyErr_Clear();
-    if (interrupt != NULL && del_interrupt == NULL) {
-        del_interrupt = interrupt; /* the first one stands for them all */
-        interrupt = NULL;
+    if (et != NULL) { /* reported as CPython would have, the close done first */
+        PyObject *t2, *v2, *tb2;
+        PyErr_Fetch(&t2, &v2, &tb2);
+        PyErr_Restore(et, ev, tb);
+        PyErr_WriteUnraisable(self);
+        PyErr_Restore(t2, v2, tb2);
     }
-    Py_XDECREF(interrupt);
-    if (del_depth == 0 && del_interrupt != NULL) {
-        PyThreadState_SetAsyncExc(PyThread_get_thread_ident(), del_interrupt);
-        Py_CLEAR(del_interrupt);
+    if (interrupted)
+        del_interrupted = getpid();
+    if (del_depth == 0 && del_interrupted != 0) {
+        int mine = del_interrupted == getpid();
+        del_interrupted = 0;
+        if (mine) {
+            PyObject *t2, *v2, *tb2;
+            PyErr_Fetch(&t2, &v2, &tb2); /* (the lookup must not meet a pending error) */
+            if (sigint_is_python_default())
+                PyErr_SetInterruptEx(SIGINT);
+            PyErr_Clear();
+            PyErr_Restore(t2, v2, tb2);
+        }
     }
     if (result == NULL && !PyErr_Occurred())
         result = Py_NewRef(Py_None);
