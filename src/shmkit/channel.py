@@ -338,7 +338,8 @@ class _PayloadPool:
         self.files: list[_PoolFile] = []
         self.lock = threading.Lock()
         self.swept = False
-        _pools.add(self)
+        self.ref = ref = weakref.ref(self, _forget_pool)
+        _pools[id(ref)] = ref
 
     def forked(self) -> None:
         """In a forked child: let go of the parent's files here (our copies of
@@ -621,12 +622,18 @@ class _Received:
 
 _received = _Received(16, PAYLOAD_POOL)
 atexit.register(_received.clear)
-_pools: weakref.WeakSet[_PayloadPool] = weakref.WeakSet()
+# Every payload pool of this process, for the child's fork hook: keyed by
+# the id of its weak reference, whose callback (C: no line of Python for a
+# Ctrl-C to stop, as a WeakSet's would have) removes it when the pool goes.
+_pools: "dict[int, weakref.ref[_PayloadPool]]" = {}
+_forget_pool = _core.forgetter(_pools)
 
 
 def _after_fork_in_child() -> None:
-    for pool in list(_pools):
-        pool.forked()
+    for ref in list(_pools.values()):
+        pool = ref()
+        if pool is not None:
+            pool.forked()
     _received.forked()
 
 
@@ -1506,6 +1513,7 @@ class Queue(SharedObject, _core.QueueCore):
     _oob_limit = 0  # a pickle this long leaves the ring (see _take)
     _path = ""
     _pool: _PayloadPool | None = None
+    _pool_finalizer: "weakref.finalize[Any, Any] | None" = None
     _pool_limit = PAYLOAD_POOL
 
     def __init__(self, maxsize: int = DEFAULT, *, name: str | None = None,
@@ -1607,7 +1615,10 @@ class Queue(SharedObject, _core.QueueCore):
         if pool is not None or self._pool_limit <= 0:
             return pool
         pool = self._pool = _PayloadPool(self._path, self._pool_limit)
-        weakref.finalize(self, pool.close)
+        # (for a handle dropped unclosed; close() detaches it, so that no
+        # Python callback runs as a closed handle is freed, for a Ctrl-C that
+        # its __del__ gave back to land in and be dropped)
+        self._pool_finalizer = weakref.finalize(self, pool.close)
         return pool
 
     def _put_out_of_band(self, data: bytes, out: _Outgoing | _PooledOutgoing, block: bool,
@@ -1694,6 +1705,8 @@ class Queue(SharedObject, _core.QueueCore):
         self._unbind()
         self._closed = True
         if self._pool is not None:
+            if self._pool_finalizer is not None:
+                self._pool_finalizer.detach()
             self._pool.close()
         ch = self._ch
         seg = None if ch is None else ch._seg
