@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import multiprocessing
 import os
@@ -179,6 +180,23 @@ def end_storm():
 """
 
 
+@contextlib.contextmanager
+def child_told_it_forked() -> Iterator[None]:
+    """Run the block; a child forked inside it ends here: exit status 0 when
+    the block raised RuntimeError saying the process forked, 3 for another
+    error, 5 when the block went on to its end.  In the parent, errors pass
+    through."""
+    parent = os.getpid()
+    try:
+        yield
+    except BaseException as e:
+        if os.getpid() == parent:
+            raise
+        os._exit(0 if type(e) is RuntimeError and "forked" in str(e) else 3)
+    if os.getpid() != parent:  # the child's operation went on
+        os._exit(5)
+
+
 class _ForksWhenPickled:
     def __init__(self, forked: Callable[[], None]) -> None:
         self.forked = forked
@@ -210,12 +228,6 @@ def fork_during_update(st: Any, where: str,
             if i == 50 and where == "iterator":
                 fork()
             yield i, (_ForksWhenPickled(fork) if i == 50 and where != "iterator" else i)
-    try:
+    with child_told_it_forked():
         st.update(pairs())
-    except BaseException as e:
-        if pid != 0:
-            raise
-        os._exit(0 if type(e) is RuntimeError and "forked" in str(e) else 3)
-    if pid == 0:  # the child's update went on
-        os._exit(5)
     return seen

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import shmkit
-from conftest import SRC, fork_during_update, run_python, spawn
+from conftest import SRC, child_told_it_forked, fork_during_update, run_python, spawn
 
 REDIS_SERVER = shutil.which("redis-server")
 redis = pytest.importorskip("redis", reason="redis-py is in the test extra: "
@@ -669,23 +669,15 @@ def test_a_child_forked_by_a_key_inside_a_redis_batch_writes_nothing(ns: Any, op
     st["k"] = 1
     _ForksWhenEncoded.children = []
     key = _ForksWhenEncoded("k" if op in ("pop", "del") else "new")
-    parent = os.getpid()
-    try:
-        with st.batch():
-            if op == "pop":
-                assert st.pop(key) == 1
-            elif op == "del":
-                del st[key]
-            elif op == "set":
-                st[key] = 2
-            else:
-                st.add(key, 2)
-    except BaseException as e:
-        if os.getpid() == parent:
-            raise
-        os._exit(0 if type(e) is RuntimeError and "forked" in str(e) else 3)
-    if os.getpid() != parent:  # the child's write went on
-        os._exit(5)
+    with child_told_it_forked(), st.batch():
+        if op == "pop":
+            assert st.pop(key) == 1
+        elif op == "del":
+            del st[key]
+        elif op == "set":
+            st[key] = 2
+        else:
+            st.add(key, 2)
     assert _ForksWhenEncoded.children[1:] == [0]
     assert dict(st.items()) == ({} if op in ("pop", "del") else {"k": 1, "new": 2})
 

@@ -34,7 +34,7 @@ from shmkit import (
     WrongKindError,
 )
 
-from conftest import SPAWN, fork_during_update, run_python, spawn
+from conftest import SPAWN, child_told_it_forked, fork_during_update, run_python, spawn
 
 
 def exact(a, b) -> bool:
@@ -1625,15 +1625,8 @@ def test_a_child_forked_while_pop_decodes_does_not_delete_too(name):
         v = _ForksAndGoesOnWhenUnpickled()
         v.x = 1
         st["k"] = v
-        parent = os.getpid()
-        try:
+        with child_told_it_forked():
             got = st.pop("k")
-        except BaseException as e:
-            if os.getpid() == parent:
-                raise
-            os._exit(0 if type(e) is RuntimeError and "forked" in str(e) else 3)
-        if os.getpid() != parent:  # the child's pop returned
-            os._exit(5)
         _, status = os.waitpid(got.child, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert "k" not in st and len(st) == 20
@@ -1657,16 +1650,9 @@ def test_a_child_forked_while_the_store_grows_does_not_finish_the_write(name, mo
 
     with Store(name, size=1 << 16, max_size=1 << 24, timeout=10.0) as st:
         monkeypatch.setattr(store_module, "_resize", resize_then_fork)
-        parent = os.getpid()
-        try:
+        with child_told_it_forked():
             for i in range(2000):
                 st[i] = b"v" * 100
-        except BaseException as e:
-            if os.getpid() == parent:
-                raise
-            os._exit(0 if type(e) is RuntimeError and "forked" in str(e) else 3)
-        if os.getpid() != parent:  # the child's put went on
-            os._exit(5)
         monkeypatch.setattr(store_module, "_resize", resize)
         _, status = os.waitpid(children[0], 0)
         assert os.waitstatus_to_exitcode(status) == 0

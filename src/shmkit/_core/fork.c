@@ -16,9 +16,10 @@
  *
  *   signals_held(func) -> callable   func(), with the signals held back
  *   close_at_del                       a handle's __del__: close(), called
- *                                      again while a Ctrl-C stops it, and
- *                                      the Ctrl-C given back once it is
- *                                      done (with Python's own handler)
+ *                                      again while an exception (a Ctrl-C)
+ *                                      stops it, and the Ctrl-C given back
+ *                                      once it is done (to Python's own
+ *                                      handler)
  *   pop_and_call(d, key)               d.pop(key)() if there is one: a hook
  *                                      taken and called with no point between
  *   forgetter(registry) -> callable    a weak reference's callback that
@@ -104,8 +105,8 @@ sigint_is_python_default(void)
  * outermost gives it back once its own close is done, so that it stops
  * neither that close nor the hook.  The pid keeps a child forked by the
  * hook from giving back its parent's.  (Per thread, under the GIL.) */
-static _Thread_local int del_depth;
-static _Thread_local pid_t del_interrupted;
+static __thread int del_depth;
+static __thread pid_t del_interrupted;
 
 /* A handle's __del__: close() again each time an exception stops it (a
  * signal handler's: KeyboardInterrupt, SystemExit from sys.exit(), an
@@ -130,14 +131,14 @@ close_at_del(PyObject *self, PyObject *Py_UNUSED(ignored))
     PyObject *close = PyObject_GetAttrString(self, "close");
     PyObject *result = NULL;
     PyObject *et = NULL, *ev = NULL, *tb = NULL; /* the first that is no Exception */
-    int interrupted = 0;
     del_depth++;
     for (int tries = 1; close != NULL; tries++) {
         result = PyObject_CallNoArgs(close);
         if (result != NULL || tries == 100)
             break;
         if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
-            interrupted |= PyErr_Occurred() == PyExc_KeyboardInterrupt;
+            if (PyErr_Occurred() == PyExc_KeyboardInterrupt) /* what the default raises */
+                del_interrupted = getpid();
             PyErr_Clear();
         } else if (et == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
             PyErr_Fetch(&et, &ev, &tb);
@@ -156,8 +157,6 @@ close_at_del(PyObject *self, PyObject *Py_UNUSED(ignored))
         PyErr_WriteUnraisable(self);
         PyErr_Restore(t2, v2, tb2);
     }
-    if (interrupted)
-        del_interrupted = getpid();
     if (del_depth == 0 && del_interrupted != 0) {
         int mine = del_interrupted == getpid();
         del_interrupted = 0;

@@ -582,18 +582,20 @@ t_reentered(TableObject *t)
     return 1;
 }
 
-/* After Python code ran in the middle of a write, with the lock held: if it
- * forked, this is the child, which holds none of its parent's lock or write
- * and must not finish it (the parent does).  -1 with RuntimeError set, or 0. */
+/* After Python code ran in the middle of an operation (encoding a value in
+ * a batch, decoding one under the lock, the grow hook, update()'s loop): if
+ * it forked (t->forks moved on from `forks`), this is the child, which holds
+ * none of its parent's lock or batch and must not finish the operation (the
+ * parent does).  -1 with RuntimeError set, or 0. */
 static int
-t_forked_midway(TableObject *t, uint64_t forks, const char *what)
+t_forked_since(TableObject *t, uint64_t forks, const char *what)
 {
     if (t->forks == forks)
         return 0;
     PyErr_Format(PyExc_RuntimeError,
-                 "the process forked while %s ran Python code under the store's lock: "
-                 "the child holds none of its parent's write, which the parent finishes; "
-                 "fork outside the store's operations",
+                 "the process forked while %s: the child holds none of its parent's lock "
+                 "or batch, and the operation was not made here (the parent makes it); "
+                 "write in the child outside it",
                  what);
     return -1;
 }
@@ -611,7 +613,7 @@ call_midway(TableObject *t, PyObject *hook, uint64_t n)
     if (r == NULL)
         return -1;
     Py_DECREF(r);
-    return t_forked_midway(t, forks, "resizing the store");
+    return t_forked_since(t, forks, "the store grew its segment under its lock");
 }
 
 /* Inside a batch, before its words are read: refuse nested use, probe the
@@ -1319,13 +1321,9 @@ t_put(TableObject *t, PyObject *key, PyObject *value, int mode)
         return -1;
     }
     int ret = -1;
-    if (t->forks != forks && t->forked_in_batch) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "the process forked while a write inside a batch encoded its value: "
-                        "the child holds none of its parent's batch, and the write was not "
-                        "made; write in the child outside the batch");
+    if (t->forked_in_batch &&
+        t_forked_since(t, forks, "a write inside a batch encoded its value") < 0)
         goto out;
-    }
     uint64_t room = (uint64_t)t->c.m->reserve - t->c.poff - T_HEADER;
     uint64_t need = T_REC_HDR + (uint64_t)k.n + v.len;
     if (v.len > room || need > room) {
@@ -1411,7 +1409,8 @@ t_delete(TableObject *t, PyObject *key, int want_value, int *found)
         t->midway++; /* and unpickling, before the delete is published */
         out = value_locked(t, word_off(slot.old), 0);
         t->midway--;
-        if (out != NULL && t_forked_midway(t, forks, "pop() decoded the value") < 0)
+        if (out != NULL &&
+            t_forked_since(t, forks, "pop() decoded the value under the store's lock") < 0)
             Py_CLEAR(out);
         if (out == NULL)
             goto unlock;
@@ -1520,24 +1519,11 @@ typedef struct {
     uint64_t forks; /* t->forks when the update began */
 } Update;
 
-/* -1 with RuntimeError set in a child forked by code the update ran (an
- * iterator, a pickled value): the batch and the lock are its parent's. */
-static int
-update_forked(TableObject *t, const Update *u)
-{
-    if (t->forks == u->forks)
-        return 0;
-    PyErr_SetString(PyExc_RuntimeError,
-                    "the process forked during update(): the child holds none of the "
-                    "parent's batch, and its update was not made");
-    return -1;
-}
-
 /* One pair of an update: 0, or -1 with an exception set. */
 static int
 update_put(TableObject *t, Update *u, PyObject *k, PyObject *v)
 {
-    if (update_forked(t, u) < 0 || t_put(t, k, v, W_SET) < 0)
+    if (t_forked_since(t, u->forks, "update() ran") < 0 || t_put(t, k, v, W_SET) < 0)
         return -1;
     if (++u->done % UPDATE_CHECK != 0)
         return 0;
@@ -1662,7 +1648,7 @@ table_update(TableObject *t, PyObject *args, PyObject *kwds)
         r = update_from_dict(t, &u, kwds);
     if (t->forks != u.forks) { /* in a child: nothing here to end */
         if (r == 0)
-            update_forked(t, &u);
+            t_forked_since(t, u.forks, "update() ran");
         return NULL;
     }
     if (r < 0) { /* discard, raising the loop's error (the discard's own is misuse) */

@@ -246,6 +246,9 @@ class _Batch:
         self.overlay: dict[bytes, bytes | None] = {}
 
     def write(self, op: str, field: bytes, data: bytes | None) -> None:
+        # (a handle takes its batch before encoding, which may fork: a child
+        # must not write into its copy, nor to the server as if outside one)
+        _not_forked(self.pid, "a write inside a batch encoded its key or value")
         self.ops += (op, field, b"" if data is None else data)
         self.overlay[field] = data
 
@@ -351,7 +354,6 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         b = self._open_batch()  # (before encoding, which may run code that forks)
         field, data = encode_key(key), encode_value(value, self._pickled)
         if b is not None:
-            _not_forked(b.pid, "a write inside a batch encoded its key or value")
             b.write("s", field, data)
             return
         self._r.hset(self._key, field, data)
@@ -362,7 +364,6 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         b = self._open_batch()  # (before encoding, which may run code that forks)
         field, data = encode_key(key), encode_value(value, self._pickled)
         if b is not None:
-            _not_forked(b.pid, "a write inside a batch encoded its key or value")
             if self._raw(field, b) is not None:
                 raise self._exists(key)
             b.write("a", field, data)
@@ -379,7 +380,6 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         b = self._open_batch()  # (before encoding, which may run code that forks)
         field = encode_key(key)
         if b is not None:
-            _not_forked(b.pid, "a delete inside a batch encoded its key")
             if self._raw(field, b) is None:
                 raise KeyError(key)
             b.write("d", field, None)
@@ -396,7 +396,6 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         field = encode_key(key)
         raw: bytes | None
         if b is not None:
-            _not_forked(b.pid, "a pop() inside a batch encoded its key")
             raw = self._raw(field, b)
             if raw is not None:
                 b.write("d", field, None)
