@@ -1911,6 +1911,138 @@ def test_write_times_out_behind_a_long_batch(name):
         st.verify()
 
 
+def _put_in_a_batch(st: Store) -> None:
+    with st.batch():
+        st["b"] = 1
+
+
+_SECOND_HANDLE_WRITES = {
+    "set": lambda b: b.__setitem__("b", 1),
+    "add": lambda b: b.add("b", 1),
+    "del": lambda b: b.__delitem__("kept"),
+    "pop": lambda b: b.pop("kept"),
+    "update": lambda b: b.update({"b": 1, "c": 2}),
+    "batch": lambda b: _put_in_a_batch(b),
+    "clear": lambda b: b.clear(),
+}
+
+
+@pytest.mark.parametrize("op", sorted(_SECOND_HANDLE_WRITES))
+def test_a_second_handle_used_by_the_thread_in_a_batch_is_refused_at_once(name, op):
+    # The batch's lock can only be let go by this thread: waiting for it
+    # through another handle of the store would be waiting for ever (or, with
+    # a timeout, a Timeout that blames nobody else).
+    with Store(name) as a, Store.open(name, timeout=10.0) as b:
+        a["kept"] = 0
+        with a.batch():
+            a["in batch"] = 1
+            t0 = time.monotonic()
+            with pytest.raises(BusyError, match="another handle"):
+                _SECOND_HANDLE_WRITES[op](b)
+            assert time.monotonic() - t0 < 5
+            a["in batch too"] = 2
+        assert dict(b.items()) == {"kept": 0, "in batch": 1, "in batch too": 2}
+        _SECOND_HANDLE_WRITES[op](b)  # the lock is free again
+        a.verify()
+
+
+def test_a_second_handle_used_by_another_thread_waits_for_the_batch(name):
+    with Store(name) as a, Store.open(name, timeout=30.0) as b:
+        done: list[BaseException | None] = []
+
+        def write() -> None:
+            try:
+                b["from the thread"] = 1
+                done.append(None)
+            except BaseException as e:  # pragma: no cover - reported below
+                done.append(e)
+        with a.batch():
+            a["in batch"] = 1
+            th = threading.Thread(target=write)
+            th.start()
+            th.join(0.3)
+            assert th.is_alive() and not done  # it waits for this batch
+        th.join(30)
+        assert done == [None]
+        assert dict(a.items()) == {"in batch": 1, "from the thread": 1}
+
+
+class _WritesThroughAnotherHandle:
+    """A value whose unpickling writes through ``handle``."""
+
+    handle: Store | None = None
+
+    def __init__(self) -> None:
+        self.state = 1
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        assert _WritesThroughAnotherHandle.handle is not None
+        _WritesThroughAnotherHandle.handle["from setstate"] = 1
+
+
+def test_a_second_handle_used_while_pop_decodes_under_the_lock_is_refused(name):
+    with Store(name, codec="pickle") as a, Store.open(name, timeout=10.0) as b:
+        a["k"] = _WritesThroughAnotherHandle()
+        _WritesThroughAnotherHandle.handle = b
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(BusyError, match="another handle"):
+                a.pop("k")
+            assert time.monotonic() - t0 < 5
+        finally:
+            _WritesThroughAnotherHandle.handle = None
+        assert list(a.keys()) == ["k"]  # nothing was lost
+        a.verify()
+
+
+def test_a_child_forked_in_a_batch_holds_nothing_of_its_parents(names, monkeypatch):
+    # The list of handles that hold their lock is the parent's: a child starts
+    # with none, so it never walks to a handle it freed (which the debug
+    # allocator fills with a pattern that crashes the walk), nor takes the
+    # parent's batch for its own thread's.
+    monkeypatch.setenv("PYTHONMALLOC", "debug")
+    run_python("""
+        import gc, os, sys, time
+        from shmkit import Store
+        with Store(sys.argv[1]) as st, Store(sys.argv[2]) as other:
+            h = Store.open(sys.argv[1])
+            pid = -1
+            try:
+                with h.batch():
+                    h["parent"] = 1
+                    pid = os.fork()
+                    if pid > 0:
+                        time.sleep(0.3)
+            except RuntimeError as e:
+                if pid != 0:
+                    raise
+                code = 3
+                try:  # the child: free the handle its parent's batch listed
+                    told = "forked" in str(e)
+                    b = Store.open(sys.argv[1], timeout=30.0)  # not in h's memory
+                    h.close()
+                    del h, e
+                    gc.collect()
+                    with other.batch():
+                        other["child"] = 1
+                    b["child"] = 2  # waits for the parent's batch to end
+                    b.close()
+                    code = 0 if told else 4
+                finally:
+                    os._exit(code)
+            if pid == 0:
+                os._exit(5)
+            h.close()
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, status
+            assert st["parent"] == 1 and st["child"] == 2 and other["child"] == 1
+            st.verify()
+            st.unlink()
+            other.unlink()
+    """, names(), names())
+
+
 def test_odd_epoch_readers_time_out_while_the_writer_lives_and_repair_after(name):
     with Store(name, timeout=0.3) as st:
         st["kept"] = 1

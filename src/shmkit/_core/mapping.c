@@ -151,11 +151,20 @@ fork_parent(void)
  * writer by its thread id, and an unlock there counts as a reader's,
  * leaving the lock held for good): it starts with a fresh lock, nothing
  * placing in it. */
+static unsigned long child_generation;
+
 static void
 fork_child(void)
 {
     static const pthread_rwlock_t fresh = PLACING_INITIALIZER;
     placing = fresh;
+    child_generation++;
+}
+
+unsigned long
+shm_child_generation(void)
+{
+    return child_generation;
 }
 
 /* map_placed's work, with the placements' lock shared. */

@@ -170,6 +170,10 @@ void shm_mapping_drop_temp(MappingObject *m); /* remove its hidden name, if ours
  * closed meanwhile; or -1 with ClosedError. */
 int shm_mapping_lend_fd(MappingObject *m);
 void shm_mapping_return_fd(MappingObject *m);
+/* How many forks made this process a child so far (0 in the first process):
+ * what a process-wide list of the parent's holdings is stamped with, so
+ * that a child starts it empty. */
+unsigned long shm_child_generation(void);
 
 /* Return a pointer to `size` bytes at `off`, or NULL with an exception set
  * when the mapping is closed, the range is out of bounds or misaligned. */

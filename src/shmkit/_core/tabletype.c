@@ -14,12 +14,13 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 /* The module's state (its exception classes and types) from a handle. */
 #define ST(t) shm_state_of((PyObject *)(t))
 
-typedef struct {
+typedef struct TableObject {
     PyObject_HEAD
     TCore c;               /* the protocol's state (table.h) */
     PyObject *mapping;
@@ -33,6 +34,10 @@ typedef struct {
                             * was made: a batch opened before one is the parent's */
     int forked_in_batch;   /* the last of them came inside a batch of the thread
                             * that forked (the child's only thread) */
+    /* Listed among the handles whose lock is held (holders, below) while
+     * holder_gen is the list's generation; 0 when not listed. */
+    unsigned long holder_gen;
+    struct TableObject *holder_prev, *holder_next;
 } TableObject;
 
 /* ---- errors: the protocol's record as an exception ----------------------------- */
@@ -550,6 +555,92 @@ t_repair(void *ctx, int owner_died)
     return r;
 }
 
+/* ---- one thread, two handles -------------------------------------------------
+ * A thread that holds the lock through one handle (in a batch, or while that
+ * handle decodes a value or grows the store) and then writes through a
+ * second handle of the same store, opened separately in this process, would
+ * wait for itself for ever: nothing can end the first handle's holding
+ * until this thread returns.  The handles whose lock is held are listed, in
+ * an order the GIL keeps (as the lock's held registry), so that t_lock
+ * refuses such a write at once.  A forked child holds none of its parent's
+ * locks: each child starts the list empty, by its generation. */
+static TableObject *holders;
+static unsigned long holders_gen;
+
+/* The list's generation in this process (never 0), emptied in a new child. */
+static unsigned long
+holders_now(void)
+{
+    unsigned long gen = shm_child_generation() + 1;
+    if (holders_gen != gen) {
+        holders = NULL; /* the parent's: their handles may be gone here */
+        holders_gen = gen;
+    }
+    return gen;
+}
+
+static void
+holder_add(TableObject *t)
+{
+    t->holder_gen = holders_now();
+    t->holder_prev = NULL;
+    t->holder_next = holders;
+    if (holders != NULL)
+        holders->holder_prev = t;
+    holders = t;
+}
+
+static void
+holder_remove(TableObject *t)
+{
+    if (t->holder_gen != holders_now()) { /* unlisted, or listed by the parent */
+        t->holder_gen = 0;
+        return;
+    }
+    if (t->holder_prev != NULL)
+        t->holder_prev->holder_next = t->holder_next;
+    else
+        holders = t->holder_next;
+    if (t->holder_next != NULL)
+        t->holder_next->holder_prev = t->holder_prev;
+    t->holder_gen = 0;
+}
+
+/* Before t waits for its lock: BusyError (-1) when the holder is another
+ * handle of this process, held by this very thread.  The lock word names
+ * the holder's attachment; the file's identity tells two stores apart. */
+static int
+t_held_by_this_thread(TableObject *t, unsigned long me)
+{
+    holders_now();
+    if (holders == NULL)
+        return 0;
+    uint32_t v = LDA(&HDR(&t->c)->lock) & SHM_TOKEN_MASK;
+    struct stat mine, theirs;
+    int have_mine = 0;
+    for (TableObject *o = holders; o != NULL && v != 0; o = o->holder_next) {
+        MappingObject *om = o->c.m;
+        if (o == t || o->c.lock_depth <= 0 || o->c.lock_thread != me || om->token != v)
+            continue;
+        if (!have_mine) {
+            if (fstat(t->c.m->fd, &mine) < 0)
+                return 0; /* nothing to compare: wait as usual */
+            have_mine = 1;
+        }
+        if (fstat(om->fd, &theirs) == 0 && theirs.st_dev == mine.st_dev &&
+            theirs.st_ino == mine.st_ino) {
+            PyErr_SetString(ST(t)->BusyError,
+                            "this thread holds the store's lock through another handle "
+                            "of it (in that handle's batch, or while it decodes a value "
+                            "or grows the store), so this call would wait for itself for "
+                            "ever; use that handle inside its with block, or this one "
+                            "after the block");
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* Release the lock word and unpin the mapping, keeping any exception that
  * is pending (a release error is dropped: the lock was ours). */
 static void
@@ -557,6 +648,7 @@ t_release(TableObject *t)
 {
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
+    holder_remove(t);
     if (t->c.m->base != NULL && shm_lock_release(t->c.m, &HDR(&t->c)->lock) < 0)
         PyErr_Clear();
     shm_unpin(t->mapping);
@@ -641,6 +733,8 @@ t_lock(TableObject *t)
         t->c.lock_depth++;
         return 0;
     }
+    if (holders != NULL && t_held_by_this_thread(t, me) < 0)
+        return -1;
     int64_t deadline = t->c.timeout_ns < 0 ? SHM_FOREVER : shm_now_ns() + t->c.timeout_ns;
     shm_pin(t->mapping);
     int r = shm_lock_acquire_repair(t->c.m, &HDR(&t->c)->lock, deadline, NULL, t_repair, t);
@@ -662,6 +756,7 @@ t_lock(TableObject *t)
     }
     t->c.lock_depth = 1;
     t->c.lock_thread = me;
+    holder_add(t);
     /* A writer's death was repaired above; t_locked_check repairs what a
      * live writer marked as damage or left half applied. */
     if (t_locked_check(&t->c) < 0) {
@@ -2225,6 +2320,7 @@ table_after_fork(TableObject *t, PyObject *Py_UNUSED(ignored))
     t->c.lock_depth = 0;
     t->c.batch_depth = 0;
     t->midway = 0;
+    t->holder_gen = 0; /* the list is the parent's (holders_now) */
     t->forks++;
     ov_clear(&t->c.ov);
     staged_clear(&t->c.staged);
