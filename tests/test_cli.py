@@ -22,7 +22,7 @@ import shmkit
 from shmkit import inspect
 from shmkit.segment import MAGIC
 
-from conftest import INSTALLED, SOURCE_TREE, SPAWN, SRC, spawn
+from conftest import INSTALLED, SOURCE_TREE, SPAWN, SRC, set_layout, spawn
 
 ROOT = os.path.dirname(SOURCE_TREE)
 
@@ -639,15 +639,6 @@ def test_hostile_headers_never_crash_ls_or_info(names: Any, holder: Any) -> None
     assert text.count("corrupt: ") >= 6
 
 
-def _set_layout(name: str, text: bytes) -> None:
-    fd = os.open(shm(name), os.O_RDWR)
-    try:
-        os.pwrite(fd, struct.pack("=I", len(text)), 72)
-        os.pwrite(fd, text, 1024)
-    finally:
-        os.close(fd)
-
-
 def test_layouts_of_the_wrong_types_or_lone_surrogates_never_stop_info_top_or_ls(
         names: Any) -> None:
     # Valid JSON another user wrote: one such object must not cost the
@@ -666,7 +657,7 @@ def test_layouts_of_the_wrong_types_or_lone_surrogates_never_stop_info_top_or_ls
     for label, text in hostile.items():
         made[label] = names()
         shmkit.Array(made[label], "<f8", 4, lifetime="persistent").close()
-        _set_layout(made[label], text)
+        set_layout(made[label], text)
     for label in ("surrogate name", "surrogate dtype"):
         with pytest.raises(shmkit.CorruptError, match="lone surrogate"):
             shmkit.Array.open(made[label])
@@ -700,7 +691,7 @@ def test_a_layout_shmkit_never_writes_is_corrupt_to_open_and_to_ls(names: Any, t
     # so did 1e400 as Infinity.
     name = names()
     shmkit.Array(name, "<f8", 4, lifetime="persistent").close()
-    _set_layout(name, text)
+    set_layout(name, text)
     with pytest.raises(shmkit.CorruptError, match=why):
         shmkit.Array.open(name)
     for command in (["ls", "--json", name], ["info", "--json", name],
@@ -714,7 +705,7 @@ def test_a_long_state_never_squeezes_the_names_out_of_a_narrow_table(names: Any)
     good, bad = names(), names()
     for n in (good, bad):
         shmkit.Array(n, "<f8", 4, lifetime="persistent").close()
-    _set_layout(bad, b"[1, 2]")  # "corrupt: ... a layout description that is not an object"
+    set_layout(bad, b"[1, 2]")  # "corrupt: ... a layout description that is not an object"
     env = dict(_env(), COLUMNS="80")
     for command in (["ls"], ["top", "--once"]):
         proc = subprocess.run([sys.executable, "-m", "shmkit", *command, good, bad],

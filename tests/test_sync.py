@@ -24,7 +24,7 @@ import pytest
 import shmkit
 import shmkit.aio
 from shmkit import _core
-from conftest import SPAWN, SRC, interrupt_at_bytecode, run_python, spawn
+from conftest import SPAWN, SRC, interrupt_at_bytecode, run_python, set_layout, spawn
 
 PROMPT = 1.0  # seconds: "promptly" after a holder dies (it is ~1-50 ms)
 
@@ -1613,6 +1613,28 @@ def test_explicit_parameters_that_disagree_are_refused(names):
     assert adopted.value == 2 and adopted.maximum == 4
     for o in (ev, again, sem, adopted):
         o.close()
+
+
+def test_a_layout_another_user_rewrote_is_refused_not_believed(names):
+    # The layout text is a copy of what the creator asked for: an Event read
+    # auto_reset with bool() (so "no" meant True), and a Semaphore checked an
+    # explicit maximum against the layout's copy, not the maximum it enforces.
+    ev = shmkit.Event(names(), lifetime="persistent")
+    ev.close()
+    set_layout(ev.name, b'{"auto_reset": "no"}')
+    with pytest.raises(shmkit.CorruptError, match="auto_reset='no'.*shmkit rm"):
+        shmkit.Event(ev.name)
+    sem = shmkit.Semaphore(names(), value=2, maximum=4, lifetime="persistent")
+    sem.close()
+    set_layout(sem.name, b'{"format": 2, "value": 2, "maximum": 5}')
+    with pytest.raises(shmkit.MismatchError, match="maximum=4.*maximum=5"):
+        shmkit.Semaphore(sem.name, maximum=5)
+    kept = shmkit.Semaphore(sem.name, maximum=4)
+    assert kept.maximum == 4
+    kept.close()
+    set_layout(sem.name, b'{"format": 2, "value": 2.5, "maximum": 4}')
+    with pytest.raises(shmkit.CorruptError, match="value=2.5"):
+        shmkit.Semaphore(sem.name)
 
 
 def test_sync_objects_do_not_hand_out_their_segment(names):

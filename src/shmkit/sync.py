@@ -44,7 +44,14 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, cast
 
 from . import _core
-from .errors import FormatVersionError, MismatchError, ShmkitError, Timeout, WouldBlock
+from .errors import (
+    CorruptError,
+    FormatVersionError,
+    MismatchError,
+    ShmkitError,
+    Timeout,
+    WouldBlock,
+)
 from ._object import DEFAULT, SyncOptions, attach_segment, check_common, segment_options
 from .segment import _OFF_HWM, DEFAULT_MAX_ATTACH, Kind, Segment, check_max_attach
 
@@ -319,13 +326,13 @@ class Event(_Placed):
                                   kwargs)
         _check_param(seg, "event", "auto_reset",
                      None if auto_reset is None else bool(auto_reset),
-                     bool(seg._layout.get("auto_reset", False)))
+                     _layout_field(seg, "event", "auto_reset", bool, False))
         self._adopt(seg)
 
     def _adopt(self, seg: Segment) -> None:
         self._own_segment = True
         self._place(seg, 0)
-        self._auto = bool(seg._layout.get("auto_reset", False))
+        self._auto = _layout_field(seg, "event", "auto_reset", bool, False)
 
     @classmethod
     def at(cls, segment: Segment, offset: int, auto_reset: bool = False) -> "Event":
@@ -491,9 +498,11 @@ class Semaphore(_core.Semaphore, _Placed):
         seg = self._named_segment(name, create, {"format": self._FORMAT, "value": initial,
                                                  "maximum": maximum}, init, kwargs)
         _check_format(seg, "semaphore", self._FORMAT)
-        _check_param(seg, "semaphore", "value", value, seg._layout.get("value"))
-        _check_param(seg, "semaphore", "maximum", maximum, seg._layout.get("maximum"))
+        _check_param(seg, "semaphore", "value", value,
+                     _layout_field(seg, "semaphore", "value", int, None))
         self._adopt(seg)
+        # the maximum the semaphore keeps and enforces, not the layout's copy
+        _check_param(seg, "semaphore", "maximum", maximum, self.maximum)
 
     @classmethod
     def _footprint(cls, max_slots: int) -> int:
@@ -543,6 +552,20 @@ def _check_format(seg: Segment, what: str, expected: int) -> None:
         raise FormatVersionError(
             f"{what} {seg.name!r} has layout format {fmt}; this shmkit reads format "
             f"{expected}. Use the shmkit that made it, or remove it with `shmkit rm`")
+
+
+def _layout_field(seg: Segment, what: str, key: str, kind: type, default: Any) -> Any:
+    """The layout's ``key``, which shmkit writes as a ``kind`` (a bool, or an
+    int that is not one): anything else is damage, refused rather than read
+    as something the creator never asked for (``bool("no")`` is True)."""
+    value = seg._layout.get(key, default)
+    if value is not default and type(value) is not kind:
+        seg.close()
+        raise CorruptError(
+            f"{what} {seg.name!r} has {key}={value!r} in its layout, where shmkit writes "
+            f"a {kind.__name__}: it is damaged; remove it with `shmkit rm` and create it "
+            "again")
+    return value
 
 
 def _check_param(seg: Segment, what: str, param: str, given: Any, stored: Any) -> None:
