@@ -332,7 +332,7 @@ class Event(_Placed):
     def _adopt(self, seg: Segment) -> None:
         self._own_segment = True
         self._place(seg, 0)
-        self._auto = _layout_field(seg, "event", "auto_reset", bool, False)
+        self._auto: bool = _layout_field(seg, "event", "auto_reset", bool, False)
 
     @classmethod
     def at(cls, segment: Segment, offset: int, auto_reset: bool = False) -> "Event":
