@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import queue
@@ -34,7 +35,7 @@ from shmkit.errors import (
     WrongKindError,
 )
 
-from conftest import SRC, run_python, spawn
+from conftest import SRC, run_python, set_layout, spawn
 from conftest import fork_call as _fork, kill_wait as _kill
 
 # Ring header offsets (see _core/ring.c)
@@ -1052,6 +1053,24 @@ def test_queue_maxsize_shared_across_processes(name):
         q.put(3, timeout=0.05)
     assert q.get() == 1
     q.put(3)
+    q.close(); other.close()
+
+
+def test_queue_maxsize_is_the_rings_not_the_layouts_copy(name):
+    # The layout text is a copy another user could rewrite: an explicit
+    # maxsize was checked against it, and the adopted maxsize read from it,
+    # while the ring went on enforcing its own.
+    q = Queue(2, name=name)
+    layout = dict(q._ch._seg._layout, max_items=5)
+    set_layout(name, json.dumps(layout).encode())
+    with pytest.raises(shmkit.MismatchError, match="maxsize=2.*maxsize=5"):
+        Queue(5, name=name)
+    other = Queue(name=name)
+    assert other.maxsize == 2
+    other.put(1); other.put(2)
+    assert other.full()
+    with pytest.raises(queue.Full):
+        other.put(3, timeout=0.05)
     q.close(); other.close()
 
 

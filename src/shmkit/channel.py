@@ -1275,7 +1275,7 @@ class Channel(SharedObject, _core.Ring):
                 # An explicit parameter is honoured or refused, never ignored.
                 if capacity is not DEFAULT and self.capacity < capacity:
                     raise mismatch(what, seg.name, "capacity", capacity, self.capacity)
-                have = layout.get("max_items", 0)
+                have = self._max_items  # the ring's, not the layout's copy
                 if max_items is not DEFAULT and max_items != have:
                     raise mismatch(what, seg.name, "maxsize", max_items, have)
                 check_common(what, seg, lifetime=lifetime, max_attach=max_attach)
@@ -1557,7 +1557,7 @@ class Queue(SharedObject, _core.QueueCore):
     def _take(self, ch: Channel) -> None:
         self._ch = ch
         self._closed = False
-        self._maxsize = ch._seg._layout.get("max_items", 0)
+        self._maxsize = ch._max_items
         self._send, self._send_nowait = ch.send, ch.send_nowait
         # get (_get_boxed, the core's QueueCore) decodes big objects' headers with
         # a partial of plain values: a bound method would tie the handle in a cycle

@@ -1398,6 +1398,19 @@ Ring_get_max_message(RingObject *r, void *Py_UNUSED(c))
     return PyLong_FromUnsignedLongLong(r->cap ? r->cap - 8 : 0);
 }
 
+/* The most messages it queues (0: no limit), as the ring enforces it: what an
+ * explicit maxsize is checked against, not the layout text's copy. */
+static PyObject *
+Ring_get_max_items(RingObject *r, void *Py_UNUSED(c))
+{
+    MappingObject *m = ring_enter_any(r, 0);
+    if (m == NULL)
+        return NULL;
+    uint64_t n = LOAD(&r->h->max_items);
+    ring_leave(m);
+    return PyLong_FromUnsignedLongLong(n);
+}
+
 static PyObject *
 Ring_get_depth(RingObject *r, void *Py_UNUSED(c))
 {
@@ -1499,6 +1512,8 @@ static PyGetSetDef Ring_getset[] = {
     {"capacity", (getter)Ring_get_capacity, NULL, "bytes in the ring's data area", NULL},
     {"max_message", (getter)Ring_get_max_message, NULL, "largest message in bytes", NULL},
     {"depth", (getter)Ring_get_depth, NULL, "messages waiting to be received", NULL},
+    {"_max_items", (getter)Ring_get_max_items, NULL,
+     "the most messages queued at once, as the ring enforces it (0: no limit)", NULL},
     {"sending_closed", (getter)Ring_get_closed, NULL,
      "True once the channel was closed for sending", NULL},
     {NULL}
