@@ -1946,6 +1946,24 @@ def test_a_second_handle_used_by_the_thread_in_a_batch_is_refused_at_once(name, 
         a.verify()
 
 
+def test_a_second_handle_is_refused_after_the_holding_one_closed_in_its_batch(name):
+    # Closing the first handle inside its batch lets go of its file, not of
+    # the lock, which the block's end releases: the second handle must still
+    # know whose lock it is.
+    with Store(name) as keep, Store.open(name, timeout=10.0) as b:
+        a = Store.open(name)
+        with a.batch():
+            a["in batch"] = 1
+            a.close()
+            t0 = time.monotonic()
+            with pytest.raises(BusyError, match="another handle"):
+                b["b"] = 1
+            assert time.monotonic() - t0 < 5
+        b["b"] = 1  # the block's end released it
+        assert dict(keep.items()) == {"in batch": 1, "b": 1}
+        keep.verify()
+
+
 def test_a_second_handle_used_by_another_thread_waits_for_the_batch(name):
     with Store(name) as a, Store.open(name, timeout=30.0) as b:
         done: list[BaseException | None] = []
@@ -2039,6 +2057,47 @@ def test_a_child_forked_in_a_batch_holds_nothing_of_its_parents(names, monkeypat
             assert st["parent"] == 1 and st["child"] == 2 and other["child"] == 1
             st.verify()
             st.unlink()
+            other.unlink()
+    """, names(), names())
+
+
+def test_a_handle_freed_while_listed_as_holding_is_forgotten(names, monkeypatch):
+    # A handle whose holding was reset without a release (the fork hook's
+    # reset, called here in the parent) and then freed must leave the list:
+    # the debug allocator's pattern in freed memory crashes a walk through it.
+    monkeypatch.setenv("PYTHONMALLOC", "debug")
+    run_python("""
+        import gc, sys, threading
+        import shmkit
+        from shmkit import Store
+        first, second = sys.argv[1], sys.argv[2]
+        with Store(first) as keep, Store(second) as other:
+            b = Store.open(second, timeout=0.3)  # made first: not in a's memory
+            a = Store.open(first)
+            a._lock()
+            a._after_fork()
+            a.close()
+            del a
+            gc.collect()
+            held, done = threading.Event(), threading.Event()
+
+            def hold():
+                with other.batch():  # listed ahead of what is left of a
+                    held.set()
+                    done.wait(30)
+            t = threading.Thread(target=hold)
+            t.start()
+            assert held.wait(30)
+            try:
+                b["x"] = 2  # walks the whole list: another thread holds the lock
+            except shmkit.Timeout:
+                pass
+            else:
+                raise AssertionError("b's write did not wait for the batch")
+            done.set()
+            t.join()
+            b.close()
+            keep.unlink()
             other.unlink()
     """, names(), names())
 

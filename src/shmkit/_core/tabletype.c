@@ -37,6 +37,7 @@ typedef struct TableObject {
     /* Listed among the handles whose lock is held (holders, below) while
      * holder_gen is the list's generation; 0 when not listed. */
     unsigned long holder_gen;
+    uint32_t holder_token; /* its attachment's token when listed (kept if closed) */
     struct TableObject *holder_prev, *holder_next;
 } TableObject;
 
@@ -583,6 +584,7 @@ static void
 holder_add(TableObject *t)
 {
     t->holder_gen = holders_now();
+    t->holder_token = t->c.m->token;
     t->holder_prev = NULL;
     t->holder_next = holders;
     if (holders != NULL)
@@ -606,9 +608,23 @@ holder_remove(TableObject *t)
     t->holder_gen = 0;
 }
 
+/* Whether m maps the file `mine` describes; a handle closed while it held
+ * its lock has no file any more, but noted which it was (attach.c). */
+static int
+maps_file(MappingObject *m, const struct stat *mine)
+{
+    struct stat st;
+    if (m->fd >= 0)
+        return fstat(m->fd, &st) == 0 && st.st_dev == mine->st_dev &&
+               st.st_ino == mine->st_ino;
+    return m->detached_holding && m->detached_dev == mine->st_dev &&
+           m->detached_ino == mine->st_ino;
+}
+
 /* Before t waits for its lock: BusyError (-1) when the holder is another
- * handle of this process, held by this very thread.  The lock word names
- * the holder's attachment; the file's identity tells two stores apart. */
+ * handle of this process, held by this very thread (closed since, or not).
+ * The lock word names the holder's attachment; the file's identity tells
+ * two stores apart. */
 static int
 t_held_by_this_thread(TableObject *t, unsigned long me)
 {
@@ -616,19 +632,17 @@ t_held_by_this_thread(TableObject *t, unsigned long me)
     if (holders == NULL)
         return 0;
     uint32_t v = LDA(&HDR(&t->c)->lock) & SHM_TOKEN_MASK;
-    struct stat mine, theirs;
+    struct stat mine;
     int have_mine = 0;
     for (TableObject *o = holders; o != NULL && v != 0; o = o->holder_next) {
-        MappingObject *om = o->c.m;
-        if (o == t || o->c.lock_depth <= 0 || o->c.lock_thread != me || om->token != v)
+        if (o == t || o->c.lock_depth <= 0 || o->c.lock_thread != me || o->holder_token != v)
             continue;
         if (!have_mine) {
             if (fstat(t->c.m->fd, &mine) < 0)
                 return 0; /* nothing to compare: wait as usual */
             have_mine = 1;
         }
-        if (fstat(om->fd, &theirs) == 0 && theirs.st_dev == mine.st_dev &&
-            theirs.st_ino == mine.st_ino) {
+        if (maps_file(o->c.m, &mine)) {
             PyErr_SetString(ST(t)->BusyError,
                             "this thread holds the store's lock through another handle "
                             "of it (in that handle's batch, or while it decodes a value "
@@ -2320,7 +2334,7 @@ table_after_fork(TableObject *t, PyObject *Py_UNUSED(ignored))
     t->c.lock_depth = 0;
     t->c.batch_depth = 0;
     t->midway = 0;
-    t->holder_gen = 0; /* the list is the parent's (holders_now) */
+    holder_remove(t); /* (in a child, whose list starts empty, it only forgets it) */
     t->forks++;
     ov_clear(&t->c.ov);
     staged_clear(&t->c.staged);
@@ -2372,6 +2386,7 @@ table_dealloc(TableObject *t)
         t->c.lock_depth = 1;
         t_unlock(t);
     }
+    holder_remove(t); /* listed still if its lock was never released here */
     ov_clear(&t->c.ov);
     staged_clear(&t->c.staged);
     Py_CLEAR(t->mapping);
