@@ -918,6 +918,23 @@ def test_a_ctrl_c_in_a_handle_dropped_by_an_on_destroy_hook_lets_the_hook_finish
     assert not a_path.exists() and not b_path.exists()
 
 
+def test_a_ctrl_c_given_back_is_not_lost_in_a_topic_forgetting_its_subscriber(tmp_path):
+    """A dropped handle's __del__ gives a Ctrl-C back, and a subscriber freed
+    by the same drop is then forgotten by its topic: by a C callback, so the
+    KeyboardInterrupt is raised in the code that dropped them.  The topic's
+    WeakSet ran a Python callback there, where it was raised and dropped."""
+    with shmkit.Topic(None, capacity=4096) as topic:
+        path = tmp_path / "x"
+        # (a list drops its last item first: the segment, then the subscriber)
+        holder = [topic.subscribe(), shmkit.Segment(path=path, size=64, lifetime="attached")]
+        trace = _InterruptAt("close", 1, signal_it=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.settrace(trace)
+        assert _raises_in_dropper(holder.clear), f"the Ctrl-C at {trace.fired} was lost"
+        assert trace.fired and not path.exists()
+        assert not topic._subs
+
+
 def test_a_signal_handlers_exit_in_a_dropped_handles_close_still_finishes_it(tmp_path):
     """sys.exit() from a signal handler (or an alarm's TimeoutError) that
     lands in the close a dropped handle's __del__ makes: the close is called

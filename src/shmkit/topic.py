@@ -242,7 +242,7 @@ class Topic(SharedObject, _core.Topic):
         def init(seg: Segment) -> None:
             _core.Topic._init_topic(seg._mapping, seg._hsize, cap, hist, _OVERFLOW[ovf], subs)
 
-        self._subs: "weakref.WeakSet[Subscriber]" = weakref.WeakSet()
+        self._watch_subscribers()
         seg = attach_segment(
             Kind.TOPIC, name, path,
             size=_topic_bytes(cap, slots, subs) if create is not False and not readonly
@@ -261,7 +261,7 @@ class Topic(SharedObject, _core.Topic):
             overflow: Any = DEFAULT, max_subscribers: Any = DEFAULT,
             lifetime: Any = DEFAULT, max_attach: Any = DEFAULT) -> None:
         if not hasattr(self, "_subs"):
-            self._subs = weakref.WeakSet()
+            self._watch_subscribers()
         try:
             layout = seg._layout
             fmt = layout.get("format")
@@ -318,8 +318,17 @@ class Topic(SharedObject, _core.Topic):
         if history is not None:
             _check_int("history", history, 0, self.history, " messages (the topic's history)")
         sub = self._subscribe(Subscriber, history)
-        self._subs.add(sub)
+        ref = weakref.ref(sub, self._forget_sub)
+        self._subs[id(ref)] = ref
         return sub
+
+    def _watch_subscribers(self) -> None:
+        """The subscribers this handle closes with it, by weak reference: the
+        callback that forgets one is C (``_core.forgetter``), so that no line
+        of Python runs as a subscriber is freed, for a Ctrl-C to be lost in
+        (a ``WeakSet``'s callback is Python)."""
+        self._subs: dict[int, weakref.ref[Subscriber]] = {}
+        self._forget_sub = _core.forgetter(self._subs)
 
     def publish_array(self, array: Any, timeout: float | None = None) -> None:
         """Publish a numpy array's bytes (made C-contiguous first if need be).
@@ -337,8 +346,10 @@ class Topic(SharedObject, _core.Topic):
         super().close()
 
     def _release(self) -> None:
-        for sub in list(self._subs):
-            sub.close()
+        for ref in list(self._subs.values()):
+            sub = ref()
+            if sub is not None:
+                sub.close()
 
     def _segment_closed(self) -> None:
         self._wake_all()  # threads of ours asleep on it notice the close
