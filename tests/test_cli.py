@@ -1277,6 +1277,16 @@ def _human(n: int) -> str:
     return _bytes(n)
 
 
+def test_an_error_line_shows_a_line_end_in_a_name_escaped(capsys: Any) -> None:
+    # A planted file's name reaches gc's error line as it is: its line end
+    # was joined into a space, and the name then read as another one.
+    from shmkit.cli import _error
+
+    _error("gc", "could not remove .shmkit.a\nb.tmp: Permission denied\n")
+    err = capsys.readouterr().err
+    assert err == "shmkit gc: could not remove .shmkit.a\\x0ab.tmp: Permission denied\n"
+
+
 # -- platform, license ------------------------------------------------------------
 
 

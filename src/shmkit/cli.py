@@ -304,8 +304,8 @@ def _console() -> Any:
 
 def _error(command: str | None, message: str) -> None:
     where = f"{PROG} {command}" if command else PROG
-    text = " ".join(str(message).split())
-    print(f"{where}: {_shown(text)}", file=sys.stderr)
+    # one line: a line end (in a name, say) is shown escaped, as \x0a, not joined
+    print(f"{where}: {_shown(str(message).strip())}", file=sys.stderr)
 
 
 def _print_json(value: Any) -> None:
