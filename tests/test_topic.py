@@ -57,6 +57,32 @@ def _msg(who: int, seq: int, size: int = 0) -> bytes:
 # -- basics ---------------------------------------------------------------------------
 
 
+def test_a_topic_and_its_subscriber_in_a_cycle_are_collected(name):
+    # The subscriber's reference to its topic was invisible to the collector:
+    # `topic.sub = topic.subscribe()` kept the handle, its descriptor, its
+    # subscriber entry and an "attached" name for the process's life.
+    import gc
+    import weakref
+
+    fds = len(os.listdir("/proc/self/fd"))
+    with Topic(name, capacity=4096) as keep:
+        for _ in range(keep.max_subscribers + 4):  # more than the table holds
+            t = Topic.open(name)
+            t.sub = t.subscribe()
+            gone = weakref.ref(t)
+            del t
+            gc.collect()
+            assert gone() is None
+        assert keep.statistics()["subscribers"] == []
+    assert len(os.listdir("/proc/self/fd")) == fds
+    path = f"/dev/shm/shmkit.{name}-attached"
+    t = Topic(path=path, capacity=4096, lifetime="attached")
+    t.sub = t.subscribe()
+    del t
+    gc.collect()
+    assert not os.path.exists(path)  # its last handle went: the name too
+
+
 def test_every_subscriber_gets_every_message_in_order(name):
     with Topic(name, capacity=4096) as topic:
         assert topic.created and topic.capacity == 4096 and topic.max_message == 4080

@@ -967,6 +967,7 @@ Sub_get_topic_name(SubObject *s, void *Py_UNUSED(c))
 static void
 Sub_dealloc(SubObject *s)
 {
+    PyObject_GC_UnTrack(s);
     if (s->weakreflist != NULL)
         PyObject_ClearWeakRefs((PyObject *)s);
     sub_close(s);
@@ -975,6 +976,29 @@ Sub_dealloc(SubObject *s)
     PyTypeObject *tp = Py_TYPE(s);
     tp->tp_free((PyObject *)s);
     Py_DECREF(tp); /* a heap type: its instances hold it */
+}
+
+/* A subscriber refers to its topic handle, which a program may make refer
+ * back to it (`topic.sub = topic.subscribe()`): the collector must see that
+ * edge, or such a pair, its descriptor and its subscriber entry, live as
+ * long as the process. */
+static int
+Sub_traverse(SubObject *s, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(s)); /* a heap type */
+    Py_VISIT(s->topic);
+    Py_VISIT(s->mapping);
+    return 0;
+}
+
+/* Unreachable: leave the topic (as its dealloc would) before letting go. */
+static int
+Sub_clear(SubObject *s)
+{
+    sub_close(s);
+    Py_CLEAR(s->topic);
+    Py_CLEAR(s->mapping);
+    return 0;
 }
 
 static PyObject *
@@ -1025,6 +1049,8 @@ static PyMemberDef Sub_members[] = {
 
 static PyType_Slot sub_spec_slots[] = {
     {Py_tp_dealloc, Sub_dealloc},
+    {Py_tp_traverse, Sub_traverse},
+    {Py_tp_clear, Sub_clear},
     {Py_tp_doc, "A subscriber's cursor on a topic; shmkit.Subscriber builds on it.\n"
                 "Made by Topic.subscribe(), never directly."},
     {Py_tp_methods, Sub_methods},
@@ -1037,7 +1063,7 @@ static PyType_Slot sub_spec_slots[] = {
 static PyType_Spec sub_spec = {
     .name = "shmkit._core.TopicSubscriber",
     .basicsize = sizeof(SubObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .slots = sub_spec_slots,
 };
 
