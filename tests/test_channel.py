@@ -1074,6 +1074,62 @@ def test_queue_maxsize_is_the_rings_not_the_layouts_copy(name):
     q.close(); other.close()
 
 
+def _channel_view(path):
+    ch = Channel(path=path, capacity=4096, lifetime="attached")
+    ch.send(b"x")
+    ch.held = ch.recv_view(timeout=5)
+    return ch
+
+
+def _channel_loan(path):
+    ch = Channel(path=path, capacity=4096, lifetime="attached")
+    ch.held = ch.loan(5, timeout=5)
+    return ch
+
+
+def _topic_view(path):
+    topic = shmkit.Topic(path=path, capacity=4096, lifetime="attached")
+    sub = topic.subscribe()
+    topic.publish(b"x")
+    topic.held = sub.recv_view(timeout=5)
+    return topic
+
+
+def _topic_loan(path):
+    topic = shmkit.Topic(path=path, capacity=4096, lifetime="attached")
+    topic.held = topic.loan(5, timeout=5)
+    return topic
+
+
+def _view_entered(path):
+    ch = Channel(path=path, capacity=4096, lifetime="attached")
+    ch.send(b"x")
+    view = ch.recv_view(timeout=5)
+    ch.held = view.__enter__()  # its memoryview refers back to the view
+    return ch
+
+
+@pytest.mark.parametrize("make", [_channel_view, _channel_loan, _topic_view, _topic_loan,
+                                  _view_entered])
+def test_a_view_or_loan_stored_on_its_own_handle_is_collected(make, tmp_path):
+    # A view or loan refers to its handle, and its types were invisible to
+    # the collector: stored on that handle, the pair lived as long as the
+    # process (an attached name, its descriptor, the record or the space).
+    import gc
+    import weakref
+
+    path = tmp_path / "x"
+    gc.collect()  # what earlier tests left: its descriptors must not count
+    fds = len(os.listdir("/proc/self/fd"))
+    handle = make(path)
+    gone = weakref.ref(handle)
+    del handle
+    gc.collect()
+    assert gone() is None
+    assert not path.exists()
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 # -- the demo -------------------------------------------------------------------
 
 

@@ -124,7 +124,7 @@ PyObject *
 msgview_new(PyTypeObject *tp, const msgview_ops *ops, PyObject *owner, MappingObject *m,
             char *payload, Py_ssize_t len, uint64_t pos, uint32_t token)
 {
-    MsgViewObject *v = PyObject_New(MsgViewObject, tp);
+    MsgViewObject *v = PyObject_GC_New(MsgViewObject, tp);
     if (v == NULL)
         return NULL;
     v->ops = ops;
@@ -138,6 +138,7 @@ msgview_new(PyTypeObject *tp, const msgview_ops *ops, PyObject *owner, MappingOb
     v->token = token;
     v->released = 0;
     v->view = NULL;
+    PyObject_GC_Track(v);
     return (PyObject *)v;
 }
 
@@ -226,8 +227,12 @@ msgview_releasebuffer(MsgViewObject *v, Py_buffer *Py_UNUSED(view))
     v->exports--;
 }
 
-void
-msgview_dealloc(MsgViewObject *v)
+/* Give the record back, as a view that nobody can use any more does, and
+ * let go of what it refers to: for dealloc, and for the collector when the
+ * view is in a cycle (its memoryview, which refers back to it, or a handle
+ * it was stored on: `ch.view = ch.recv_view()`). */
+int
+msgview_clear(MsgViewObject *v)
 {
     /* A view dropped while an exception unwinds the frame that held it
      * runs here with that exception pending: set it aside, so that the
@@ -241,8 +246,25 @@ msgview_dealloc(MsgViewObject *v)
     if (!v->released && msgview_give_back(v, 1) < 0)
         PyErr_WriteUnraisable(v->owner);
     Py_CLEAR(v->owner);
-    PyTypeObject *tp = Py_TYPE(v);
-    PyObject_Free(v);
-    Py_DECREF(tp); /* a heap type: its instances hold it */
     PyErr_Restore(et, ev, tb);
+    return 0;
+}
+
+int
+msgview_traverse(MsgViewObject *v, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(v)); /* a heap type */
+    Py_VISIT(v->owner);
+    Py_VISIT(v->view);
+    return 0;
+}
+
+void
+msgview_dealloc(MsgViewObject *v)
+{
+    PyObject_GC_UnTrack(v);
+    msgview_clear(v);
+    PyTypeObject *tp = Py_TYPE(v);
+    PyObject_GC_Del(v);
+    Py_DECREF(tp); /* a heap type: its instances hold it */
 }

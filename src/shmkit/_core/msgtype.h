@@ -248,6 +248,8 @@ PyObject *msgview_get_nbytes(MsgViewObject *v, void *closure);
 int msgview_getbuffer(MsgViewObject *v, Py_buffer *view, int flags);
 void msgview_releasebuffer(MsgViewObject *v, Py_buffer *view);
 void msgview_dealloc(MsgViewObject *v);
+int msgview_traverse(MsgViewObject *v, visitproc visit, void *arg);
+int msgview_clear(MsgViewObject *v);
 
 /* The entries every view type has, for its tables. */
 #define MSGVIEW_METHODS(release_doc)                                                      \
@@ -261,6 +263,8 @@ void msgview_dealloc(MsgViewObject *v);
     {"nbytes", (getter)msgview_get_nbytes, NULL, "the message's size in bytes", NULL}
 #define MSGVIEW_SLOTS                              \
     {Py_tp_dealloc, msgview_dealloc},              \
+    {Py_tp_traverse, msgview_traverse},            \
+    {Py_tp_clear, msgview_clear},                  \
     {Py_bf_getbuffer, msgview_getbuffer},          \
     {Py_bf_releasebuffer, msgview_releasebuffer}
 

@@ -873,7 +873,7 @@ static const loan_ops ring_loan_ops = {.end = ring_loan_end, .check = NULL};
 PyObject *
 loan_new(const loan_ops *ops, PyObject *owner)
 {
-    LoanObject *l = PyObject_New(LoanObject, shm_state_of(owner)->Loan);
+    LoanObject *l = PyObject_GC_New(LoanObject, shm_state_of(owner)->Loan);
     if (l == NULL)
         return NULL;
     l->ops = ops;
@@ -890,6 +890,7 @@ loan_new(const loan_ops *ops, PyObject *owner)
     l->weakrefs = NULL;
     memset(l->aux, 0, sizeof l->aux);
     l->thread = 0;
+    PyObject_GC_Track(l);
     return (PyObject *)l;
 }
 
@@ -1128,13 +1129,14 @@ Loan_get_state(LoanObject *l, void *Py_UNUSED(c))
     return PyUnicode_FromString(loan_states[l->state]);
 }
 
-static void
-Loan_dealloc(LoanObject *l)
+/* Abandon the loan, as one nobody can use any more is, and let go of what
+ * it refers to: for dealloc, and for the collector when the loan is in a
+ * cycle (stored on its own handle: `ch.loan_ = ch.loan(n)`). */
+static int
+Loan_clear(LoanObject *l)
 {
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
-    if (l->weakrefs != NULL)
-        PyObject_ClearWeakRefs((PyObject *)l);
     if (l->state == LOAN_OPEN && loan_settle(l, 0, 1) < 0) {
         /* freed in a thread other than a topic loan's: its lock is left to
          * the next publisher, which takes it over as a dead holder's */
@@ -1144,8 +1146,30 @@ Loan_dealloc(LoanObject *l)
     }
     Py_CLEAR(l->view_ref);
     Py_CLEAR(l->owner);
+    PyErr_Restore(et, ev, tb);
+    return 0;
+}
+
+static int
+Loan_traverse(LoanObject *l, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(l)); /* a heap type */
+    Py_VISIT(l->owner);
+    Py_VISIT(l->view_ref);
+    return 0;
+}
+
+static void
+Loan_dealloc(LoanObject *l)
+{
+    PyObject_GC_UnTrack(l);
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (l->weakrefs != NULL)
+        PyObject_ClearWeakRefs((PyObject *)l);
+    Loan_clear(l);
     PyTypeObject *tp = Py_TYPE(l);
-    PyObject_Free(l);
+    PyObject_GC_Del(l);
     Py_DECREF(tp);
     PyErr_Restore(et, ev, tb);
 }
@@ -1185,6 +1209,8 @@ static PyMemberDef loan_members[] = {
 
 static PyType_Slot loan_spec_slots[] = {
     {Py_tp_dealloc, Loan_dealloc},
+    {Py_tp_traverse, Loan_traverse},
+    {Py_tp_clear, Loan_clear},
     {Py_bf_getbuffer, loan_getbuffer},
     {Py_bf_releasebuffer, loan_releasebuffer},
     {Py_tp_doc, "Space reserved in a channel or topic for one message, written in place.\n\n"
@@ -1200,7 +1226,7 @@ static PyType_Slot loan_spec_slots[] = {
 static PyType_Spec loan_spec = {
     .name = "shmkit._core.Loan",
     .basicsize = sizeof(LoanObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION | Py_TPFLAGS_HAVE_GC,
     .slots = loan_spec_slots,
 };
 
@@ -1605,7 +1631,7 @@ static PyType_Slot rv_spec_slots[] = {
 static PyType_Spec rv_spec = {
     .name = "shmkit._core.RecordView",
     .basicsize = sizeof(MsgViewObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION | Py_TPFLAGS_HAVE_GC,
     .slots = rv_spec_slots,
 };
 

@@ -1148,7 +1148,7 @@ static PyType_Slot tv_spec_slots[] = {
 static PyType_Spec tv_spec = {
     .name = "shmkit._core.TopicView",
     .basicsize = sizeof(MsgViewObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION | Py_TPFLAGS_HAVE_GC,
     .slots = tv_spec_slots,
 };
 
