@@ -1071,7 +1071,14 @@ def test_queue_maxsize_is_the_rings_not_the_layouts_copy(name):
     assert other.full()
     with pytest.raises(queue.Full):
         other.put(3, timeout=0.05)
+    # the ring's own word changed since (by a neighbour with write access):
+    # maxsize and full() say what put() now obeys
+    _set64(q._ch, _core.layouts["ring"]["max_items"], 3)
+    assert other.maxsize == 3 and not other.full()
+    other.put(3)
+    assert other.full()
     q.close(); other.close()
+    assert other.maxsize == 2  # (as it was when opened)
 
 
 def _channel_view(path):

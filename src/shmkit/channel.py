@@ -1694,7 +1694,9 @@ class Queue(SharedObject, _core.QueueCore):
         return self.qsize() == 0
 
     def full(self) -> bool:
-        return self._maxsize > 0 and self.qsize() >= self._maxsize
+        ch = self._live()
+        limit = ch._max_items  # read where the ring keeps it: what put() obeys
+        return limit > 0 and ch.depth >= limit
 
     def close(self) -> None:
         """This process will use the queue no more (other processes carry on).
@@ -1748,7 +1750,9 @@ class Queue(SharedObject, _core.QueueCore):
 
     @property
     def maxsize(self) -> int:
-        return self._maxsize
+        """The most objects queued at once (0: no limit), as the ring enforces
+        it; once closed, as it was when opened."""
+        return self._maxsize if self.closed else self._live()._max_items
 
     def _live(self) -> Channel:
         if self.closed:
