@@ -1282,9 +1282,11 @@ def test_an_error_line_shows_a_line_end_in_a_name_escaped(capsys: Any) -> None:
     # was joined into a space, and the name then read as another one.
     from shmkit.cli import _error
 
-    _error("gc", "could not remove .shmkit.a\nb.tmp: Permission denied\n")
+    _error("gc", "could not remove .shmkit.a\nb.tmp: Permission denied")
     err = capsys.readouterr().err
     assert err == "shmkit gc: could not remove .shmkit.a\\x0ab.tmp: Permission denied\n"
+    _error("info", "no segment at /tmp/x\n")  # a path ending in a line end
+    assert capsys.readouterr().err == "shmkit info: no segment at /tmp/x\\x0a\n"
 
 
 # -- platform, license ------------------------------------------------------------

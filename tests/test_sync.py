@@ -1000,10 +1000,17 @@ def test_bounded_semaphore(names):
     with pytest.raises(ValueError):
         sem.release()
     assert sem.value == 2
-    for bad in ({"value": -1}, {"value": 3, "maximum": 2}, {"value": 2 ** 31}):
-        with pytest.raises(ValueError):
+    for bad in ({"value": -1}, {"value": 3, "maximum": 2}, {"value": 2 ** 31},
+                {"maximum": False}, {"maximum": "2"}, {"value": True}, {"maximum": 2.0}):
+        with pytest.raises(ValueError, match="need 0 <= value <= maximum"):
             shmkit.Semaphore(names(), **bad)
     sem.close()
+    # a maximum of 0 starts with no unit, and can be asked for again when opened
+    # (the default value of 1 was checked against it there too)
+    none = shmkit.Semaphore(names(), maximum=0)
+    again = shmkit.Semaphore(none.name, maximum=0)
+    assert (none.value, again.maximum) == (0, 0)
+    none.close(); again.close()
 
 
 def test_dead_condition_holder(names):
@@ -1632,9 +1639,21 @@ def test_a_layout_another_user_rewrote_is_refused_not_believed(names):
     kept = shmkit.Semaphore(sem.name, maximum=4)
     assert kept.maximum == 4
     kept.close()
-    set_layout(sem.name, b'{"format": 2, "value": 2.5, "maximum": 4}')
-    with pytest.raises(shmkit.CorruptError, match="value=2.5"):
-        shmkit.Semaphore(sem.name)
+    for text, why in ((b'{"format": 2, "value": 2.5, "maximum": 4}', "value=2.5.*an int"),
+                      (b'{"format": 2, "value": null, "maximum": 4}', "value=None"),
+                      (b'{"format": 2, "maximum": 4}', "no value"),
+                      (b'{"format": 2, "value": 2, "value": 3, "maximum": 4}', "twice")):
+        set_layout(sem.name, text)
+        with pytest.raises(shmkit.CorruptError, match=why):
+            shmkit.Semaphore(sem.name)
+    for text, why in ((b'{"auto_reset": null}', "auto_reset=None"),
+                      (b'{"auto_reset": "no", "auto_reset": true}', "twice")):
+        set_layout(ev.name, text)
+        with pytest.raises(shmkit.CorruptError, match=why):
+            shmkit.Event(ev.name)
+    set_layout(ev.name, b'{}')  # (left out: a manual reset, as the default)
+    with shmkit.Event(ev.name) as adopted:
+        assert adopted.auto_reset is False
 
 
 def test_sync_objects_do_not_hand_out_their_segment(names):

@@ -304,8 +304,9 @@ def _console() -> Any:
 
 def _error(command: str | None, message: str) -> None:
     where = f"{PROG} {command}" if command else PROG
-    # one line: a line end (in a name, say) is shown escaped, as \x0a, not joined
-    print(f"{where}: {_shown(str(message).strip())}", file=sys.stderr)
+    # one line: a line end or a space at the end of a name is shown as it is
+    # (a line end escaped, as \x0a), neither joined nor stripped
+    print(f"{where}: {_shown(str(message))}", file=sys.stderr)
 
 
 def _print_json(value: Any) -> None:

@@ -463,6 +463,15 @@ def _finite(word: str) -> float:
     return value
 
 
+def _distinct_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object of the layout, whose keys shmkit writes once each: a key
+    given twice (which json would settle by keeping the last) is damage."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("a key given twice")
+    return obj
+
+
 def _decode_layout(text: bytes, where: str) -> dict[str, Any]:
     """The layout description (JSON) of a checked header."""
     if not text or text == b"{}":
@@ -481,9 +490,12 @@ def _decode_layout(text: bytes, where: str) -> dict[str, Any]:
                            f"{_MAX_LAYOUT_DEPTH} levels deep, deeper than shmkit writes: "
                            "it is damaged; remove it with `shmkit rm`")
     try:
-        layout = json.loads(chars, parse_constant=_no_constant, parse_float=_finite)
-    except ValueError:
-        raise CorruptError(f"{where} has an unreadable layout description") from None
+        layout = json.loads(chars, parse_constant=_no_constant, parse_float=_finite,
+                            object_pairs_hook=_distinct_keys)
+    except ValueError as e:
+        why = " (a key given twice)" if str(e) == "a key given twice" else ""
+        raise CorruptError(f"{where} has an unreadable layout description{why}; remove it "
+                           "with `shmkit rm`") from None
     if not isinstance(layout, dict):
         raise CorruptError(f"{where} has a layout description that is not an object")
     # Every kind compares its format with ==, where 2.0 and True pass too.

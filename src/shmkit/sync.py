@@ -485,9 +485,14 @@ class Semaphore(_core.Semaphore, _Placed):
     def __init__(self, name: str | None = None, value: int | None = None, *,
                  maximum: int | None = None, create: bool | None = None,
                  **kwargs: Unpack[SyncOptions]) -> None:
-        initial = 1 if value is None else value
-        if (not isinstance(initial, int) or not 0 <= initial < 2**31
-                or (maximum is not None and not initial <= maximum < 2**31)):
+        def whole(n: object) -> bool:
+            return isinstance(n, int) and not isinstance(n, bool)
+
+        # one unit at creation, or none where the maximum allows none
+        initial = value if value is not None else 0 if maximum == 0 else 1
+        if (not whole(initial) or not 0 <= initial < 2**31
+                or (maximum is not None
+                    and not (whole(maximum) and initial <= maximum < 2**31))):
             raise ValueError(f"Semaphore: need 0 <= value <= maximum < 2**31, got "
                              f"value={value!r} maximum={maximum!r}")
 
@@ -499,7 +504,7 @@ class Semaphore(_core.Semaphore, _Placed):
                                                  "maximum": maximum}, init, kwargs)
         _check_format(seg, "semaphore", self._FORMAT)
         _check_param(seg, "semaphore", "value", value,
-                     _layout_field(seg, "semaphore", "value", int, None))
+                     _layout_field(seg, "semaphore", "value", int))
         self._adopt(seg)
         # the maximum the semaphore keeps and enforces, not the layout's copy
         _check_param(seg, "semaphore", "maximum", maximum, self.maximum)
@@ -554,17 +559,26 @@ def _check_format(seg: Segment, what: str, expected: int) -> None:
             f"{expected}. Use the shmkit that made it, or remove it with `shmkit rm`")
 
 
-def _layout_field(seg: Segment, what: str, key: str, kind: type, default: Any) -> Any:
+_MISSING = object()
+
+
+def _layout_field(seg: Segment, what: str, key: str, kind: type, default: Any = _MISSING
+                  ) -> Any:
     """The layout's ``key``, which shmkit writes as a ``kind`` (a bool, or an
     int that is not one): anything else is damage, refused rather than read
-    as something the creator never asked for (``bool("no")`` is True)."""
-    value = seg._layout.get(key, default)
-    if value is not default and type(value) is not kind:
+    as something the creator never asked for (``bool("no")`` is True).  A
+    key left out reads as ``default``, or is damage when there is none."""
+    value = seg._layout.get(key, _MISSING)
+    if value is _MISSING and default is not _MISSING:
+        return default
+    if type(value) is not kind:
         seg.close()
+        found = "no " + key if value is _MISSING else f"{key}={value!r}"
+        article = "an" if kind.__name__[0] in "aeiou" else "a"
         raise CorruptError(
-            f"{what} {seg.name!r} has {key}={value!r} in its layout, where shmkit writes "
-            f"a {kind.__name__}: it is damaged; remove it with `shmkit rm` and create it "
-            "again")
+            f"{what} {seg.name!r} has {found} in its layout, where shmkit writes "
+            f"{article} {kind.__name__}: it is damaged; remove it with `shmkit rm` and "
+            "create it again")
     return value
 
 
