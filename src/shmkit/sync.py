@@ -465,7 +465,8 @@ class Semaphore(_core.Semaphore, _Placed):
     The whole protocol runs in the compiled core (``_core/semaphore.c``):
     Ctrl-C or a kill at any point leaves value and holds consistent.
 
-    Parameters: ``value`` (units free at creation) and ``maximum``; when the
+    Parameters: ``value`` (units free at creation: 1 by default, 0 when
+    ``maximum=0``) and ``maximum``; when the
     semaphore exists already, leave them out to adopt what it has, or pass
     them to insist (a different stored value raises :class:`MismatchError`).
 
