@@ -1752,7 +1752,10 @@ class Queue(SharedObject, _core.QueueCore):
     def maxsize(self) -> int:
         """The most objects queued at once (0: no limit), as the ring enforces
         it; once closed, as it was when opened."""
-        return self._maxsize if self.closed else self._live()._max_items
+        try:
+            return self._live()._max_items
+        except ValueError:  # closed (ClosedError is one too, in a race with close())
+            return self._maxsize
 
     def _live(self) -> Channel:
         if self.closed:
@@ -1762,7 +1765,7 @@ class Queue(SharedObject, _core.QueueCore):
     def __repr__(self) -> str:
         if self.closed:
             return "<shmkit.Queue closed>"
-        return f"<shmkit.Queue {self.name!r} maxsize={self._maxsize}>"
+        return f"<shmkit.Queue {self.name!r} maxsize={self.maxsize}>"
 
 
 class _QueueChannel(Channel):
