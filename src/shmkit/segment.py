@@ -463,12 +463,15 @@ def _finite(word: str) -> float:
     return value
 
 
+class _KeyGivenTwice(ValueError):
+    """A layout object names a key twice, which shmkit never writes (json
+    would settle it by keeping the last)."""
+
+
 def _distinct_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """An object of the layout, whose keys shmkit writes once each: a key
-    given twice (which json would settle by keeping the last) is damage."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        raise ValueError("a key given twice")
+        raise _KeyGivenTwice
     return obj
 
 
@@ -493,7 +496,7 @@ def _decode_layout(text: bytes, where: str) -> dict[str, Any]:
         layout = json.loads(chars, parse_constant=_no_constant, parse_float=_finite,
                             object_pairs_hook=_distinct_keys)
     except ValueError as e:
-        why = " (a key given twice)" if str(e) == "a key given twice" else ""
+        why = " (a key given twice)" if isinstance(e, _KeyGivenTwice) else ""
         raise CorruptError(f"{where} has an unreadable layout description{why}; remove it "
                            "with `shmkit rm`") from None
     if not isinstance(layout, dict):

@@ -486,14 +486,11 @@ class Semaphore(_core.Semaphore, _Placed):
     def __init__(self, name: str | None = None, value: int | None = None, *,
                  maximum: int | None = None, create: bool | None = None,
                  **kwargs: Unpack[SyncOptions]) -> None:
-        def whole(n: object) -> bool:
-            return isinstance(n, int) and not isinstance(n, bool)
-
         # one unit at creation, or none where the maximum allows none
         initial = value if value is not None else 0 if maximum == 0 else 1
-        if (not whole(initial) or not 0 <= initial < 2**31
+        if (not _whole(initial) or not 0 <= initial < 2**31
                 or (maximum is not None
-                    and not (whole(maximum) and initial <= maximum < 2**31))):
+                    and not (_whole(maximum) and initial <= maximum < 2**31))):
             raise ValueError(f"Semaphore: need 0 <= value <= maximum < 2**31, got "
                              f"value={value!r} maximum={maximum!r}")
 
@@ -561,6 +558,11 @@ def _check_format(seg: Segment, what: str, expected: int) -> None:
 
 
 _MISSING = object()
+
+
+def _whole(n: object) -> bool:
+    """An int that is not a bool (True is no count of units)."""
+    return isinstance(n, int) and not isinstance(n, bool)
 
 
 def _layout_field(seg: Segment, what: str, key: str, kind: type, default: Any = _MISSING

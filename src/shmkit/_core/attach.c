@@ -198,12 +198,6 @@ slot_count_damaged(int fd, uint32_t max_slots)
 void
 shm_attach_detach(MappingObject *m)
 {
-    struct stat st;
-    if (m->fd >= 0 && shm_lock_held_count(m) > 0 && fstat(m->fd, &st) == 0) {
-        m->detached_holding = 1; /* closed inside a lock it holds */
-        m->detached_dev = st.st_dev;
-        m->detached_ino = st.st_ino;
-    }
     m->token = 0;
     m->fd = -1;
     shm_lock_forget_all(m);

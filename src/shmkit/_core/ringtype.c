@@ -1163,15 +1163,12 @@ static void
 Loan_dealloc(LoanObject *l)
 {
     PyObject_GC_UnTrack(l);
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);
-    if (l->weakrefs != NULL)
+    if (l->weakrefs != NULL) /* (keeps an exception that is pending) */
         PyObject_ClearWeakRefs((PyObject *)l);
-    Loan_clear(l);
+    Loan_clear(l); /* (sets a pending exception aside itself) */
     PyTypeObject *tp = Py_TYPE(l);
     PyObject_GC_Del(l);
     Py_DECREF(tp);
-    PyErr_Restore(et, ev, tb);
 }
 
 static PyMethodDef loan_methods[] = {

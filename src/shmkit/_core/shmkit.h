@@ -82,12 +82,6 @@ typedef struct MappingObject {
      * is damage, and is taken over instead of waited on forever. */
     uint64_t held[SHM_HELD_MAX];
     int held_damaged;    /* entries of held[] in state DAMAGED (lock.c) */
-    /* The file's identity, noted when it was detached while a thread of
-     * ours held one of its locks: a word that still carries the old token
-     * is then told apart from another file's (tabletype.c). */
-    int detached_holding;
-    dev_t detached_dev;
-    ino_t detached_ino;
     /* claim_word(): one 32-bit compare-and-swap made when the last
      * exported view is released (a Queue receiver hands a pooled payload
      * file back this way: channel.py, "payload pool").  Armed while

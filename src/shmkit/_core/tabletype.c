@@ -14,7 +14,6 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 /* The module's state (its exception classes and types) from a handle. */
@@ -608,41 +607,19 @@ holder_remove(TableObject *t)
     t->holder_gen = 0;
 }
 
-/* Whether m maps the file `mine` describes; a handle closed while it held
- * its lock has no file any more, but noted which it was (attach.c). */
-static int
-maps_file(MappingObject *m, const struct stat *mine)
-{
-    struct stat st;
-    if (m->fd >= 0)
-        return fstat(m->fd, &st) == 0 && st.st_dev == mine->st_dev &&
-               st.st_ino == mine->st_ino;
-    return m->detached_holding && m->detached_dev == mine->st_dev &&
-           m->detached_ino == mine->st_ino;
-}
-
 /* Before t waits for its lock: BusyError (-1) when the holder is another
  * handle of this process, held by this very thread (closed since, or not).
- * The lock word names the holder's attachment; the file's identity tells
- * two stores apart. */
+ * The lock word names the holder's attachment (the token it was listed
+ * with), and the store's hash seed, random per store and kept by every
+ * handle of it, tells two stores apart. */
 static int
 t_held_by_this_thread(TableObject *t, unsigned long me)
 {
     holders_now();
-    if (holders == NULL)
-        return 0;
     uint32_t v = LDA(&HDR(&t->c)->lock) & SHM_TOKEN_MASK;
-    struct stat mine;
-    int have_mine = 0;
     for (TableObject *o = holders; o != NULL && v != 0; o = o->holder_next) {
-        if (o == t || o->c.lock_depth <= 0 || o->c.lock_thread != me || o->holder_token != v)
-            continue;
-        if (!have_mine) {
-            if (fstat(t->c.m->fd, &mine) < 0)
-                return 0; /* nothing to compare: wait as usual */
-            have_mine = 1;
-        }
-        if (maps_file(o->c.m, &mine)) {
+        /* (t itself is not listed as this thread's: t_lock re-entered it) */
+        if (o->c.lock_thread == me && o->holder_token == v && o->c.seed == t->c.seed) {
             PyErr_SetString(ST(t)->BusyError,
                             "this thread holds the store's lock through another handle "
                             "of it (in that handle's batch, or while it decodes a value "

@@ -964,15 +964,15 @@ Sub_get_topic_name(SubObject *s, void *Py_UNUSED(c))
     return Py_NewRef(s->topic->name);
 }
 
+static int Sub_clear(SubObject *s);
+
 static void
 Sub_dealloc(SubObject *s)
 {
     PyObject_GC_UnTrack(s);
     if (s->weakreflist != NULL)
         PyObject_ClearWeakRefs((PyObject *)s);
-    sub_close(s);
-    Py_CLEAR(s->topic);
-    Py_CLEAR(s->mapping);
+    Sub_clear(s);
     PyTypeObject *tp = Py_TYPE(s);
     tp->tp_free((PyObject *)s);
     Py_DECREF(tp); /* a heap type: its instances hold it */
@@ -991,7 +991,8 @@ Sub_traverse(SubObject *s, visitproc visit, void *arg)
     return 0;
 }
 
-/* Unreachable: leave the topic (as its dealloc would) before letting go. */
+/* Leave the topic, then let go: for dealloc, and for the collector when
+ * the subscriber is unreachable in a cycle. */
 static int
 Sub_clear(SubObject *s)
 {
