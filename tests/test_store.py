@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import threading
 import time
@@ -1962,6 +1963,22 @@ def test_a_second_handle_is_refused_after_the_holding_one_closed_in_its_batch(na
         b["b"] = 1  # the block's end released it
         assert dict(keep.items()) == {"in batch": 1, "b": 1}
         keep.verify()
+
+
+def test_a_copy_of_the_stores_file_is_not_taken_for_the_store(tmp_path):
+    # A copy made while this thread held the store's batch carries the same
+    # hash seed, the holder's token in its lock word and the holder's entry
+    # (this pid): its lock is nobody's, and is taken over as a dead holder's.
+    original, copy = tmp_path / "a.store", tmp_path / "b.store"
+    with Store(path=original) as a:
+        with a.batch():
+            a["in batch"] = 1
+            shutil.copyfile(original, copy)
+            with Store(path=copy, timeout=10.0) as b:
+                b["y"] = 2  # not BusyError: the copy's lock is not a's
+                assert b["y"] == 2
+                b.verify()
+        assert a["in batch"] == 1
 
 
 def test_a_second_handle_used_by_another_thread_waits_for_the_batch(name):

@@ -84,6 +84,45 @@ def test_a_topic_and_its_subscriber_in_a_cycle_are_collected(name):
     assert not os.path.exists(path)  # its last handle went: the name too
 
 
+def test_an_open_loan_collected_in_another_thread_is_abandoned(name):
+    # A cycle holding an open topic loan, collected by another thread: the
+    # collector's clear refused to end it there, then ran again from the
+    # dealloc on what it had cleared (a crash), and the topic stayed locked.
+    import gc
+    import sys
+
+    reports: list[object] = []
+    hook, sys.unraisablehook = sys.unraisablehook, reports.append
+    gc.disable()
+    try:
+        with Topic(name, capacity=1 << 14) as topic:
+            made, collected = threading.Event(), threading.Event()
+
+            def make_cycle() -> None:  # and stay alive while another thread collects
+                held = [topic.loan(16, timeout=5)]
+                held.append(held)
+                del held
+                made.set()
+                collected.wait(30)
+            maker = threading.Thread(target=make_cycle)
+            maker.start()
+            assert made.wait(30)
+            collector = threading.Thread(target=gc.collect)
+            collector.start()
+            collector.join()
+            collected.set()
+            maker.join()
+            topic.publish(b"after", timeout=5)  # the publishers' lock is free
+            assert topic.published == 1
+            pid = _fork(lambda: Topic.open(name).publish(b"other", timeout=5))
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0  # another process publishes
+    finally:
+        gc.enable()
+        sys.unraisablehook = hook
+    assert reports == []
+
+
 def test_every_subscriber_gets_every_message_in_order(name):
     with Topic(name, capacity=4096) as topic:
         assert topic.created and topic.capacity == 4096 and topic.max_message == 4080

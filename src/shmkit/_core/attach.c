@@ -478,10 +478,8 @@ token_entry(MappingObject *m, uint32_t token, uint32_t *pid)
     return e;
 }
 
-/* The pid of the attachment a lock-owner token names (0 when none, or when
- * alive_only and it is gone). */
-static uint32_t
-token_pid(MappingObject *m, uint32_t token, int alive_only)
+uint32_t
+shm_token_pid(MappingObject *m, uint32_t token, int alive_only)
 {
     uint32_t pid = 0;
     if (token_entry(m, token, &pid) == NULL || (alive_only && !shm_token_alive(m, token)))
@@ -575,7 +573,7 @@ py_token_owner_pid(PyObject *mod, PyObject *args)
     MappingObject *m = arg_mapping(obj);
     if (m == NULL)
         return NULL;
-    uint32_t pid = token_pid(m, token, alive_only);
+    uint32_t pid = shm_token_pid(m, token, alive_only);
     if (pid == 0)
         Py_RETURN_NONE;
     return PyLong_FromUnsignedLong(pid);

@@ -834,15 +834,15 @@ exported:
 }
 
 /* Send (publish=1) or abandon the loan through its kind's end().  quiet:
- * from dealloc (no export can be left: each held a reference). */
+ * from dealloc or the collector, in whatever thread: nobody can use the
+ * loan any more (an export left is garbage too), so it is abandoned with no
+ * check, and always ends (its state moves on, its mapping is unpinned). */
 static int
 loan_settle(LoanObject *l, int publish, int quiet)
 {
     if (l->state != LOAN_OPEN)
         return loan_finished_error(l);
-    if (!quiet && loan_unexport(l) < 0)
-        return -1;
-    if (l->ops->check != NULL && l->ops->check(l) < 0)
+    if (!quiet && ((l->ops->check != NULL && l->ops->check(l) < 0) || loan_unexport(l) < 0))
         return -1;
     l->state = publish ? LOAN_SENT : LOAN_ABANDONED;
     int r = l->ops->end(l, publish);
@@ -1137,13 +1137,8 @@ Loan_clear(LoanObject *l)
 {
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
-    if (l->state == LOAN_OPEN && loan_settle(l, 0, 1) < 0) {
-        /* freed in a thread other than a topic loan's: its lock is left to
-         * the next publisher, which takes it over as a dead holder's */
-        PyErr_WriteUnraisable(l->owner);
-        shm_unpin(l->mapping);
-        l->mapping = NULL;
-    }
+    if (l->state == LOAN_OPEN && loan_settle(l, 0, 1) < 0)
+        PyErr_WriteUnraisable(l->owner); /* abandoned all the same */
     Py_CLEAR(l->view_ref);
     Py_CLEAR(l->owner);
     PyErr_Restore(et, ev, tb);

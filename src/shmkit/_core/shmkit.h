@@ -265,6 +265,9 @@ struct shm_attach_entry;
 struct shm_attach_entry *shm_attach_entry_at(MappingObject *m, uint32_t slot);
 /* 1 if the attachment named by token is alive, 0 if dead. */
 int shm_token_alive(MappingObject *m, uint32_t token);
+/* The pid of the attachment a lock-owner token names in m's table (0 when
+ * none, or when alive_only and it is gone). */
+uint32_t shm_token_pid(MappingObject *m, uint32_t token, int alive_only);
 /* Names a lock's holder, from its lock word, for a Timeout message: "pid N",
  * "pid N, which is stopped (...)", "pid N, which has exited (...)", "this
  * process (...)", or "another process" when the word names no live entry.

@@ -609,9 +609,11 @@ holder_remove(TableObject *t)
 
 /* Before t waits for its lock: BusyError (-1) when the holder is another
  * handle of this process, held by this very thread (closed since, or not).
- * The lock word names the holder's attachment (the token it was listed
- * with), and the store's hash seed, random per store and kept by every
- * handle of it, tells two stores apart. */
+ * The lock word names the holder's attachment: a live one of this process
+ * in t's own attach table, listed with that token, of a store with the same
+ * hash seed (random per store, kept by every handle of it).  The seed alone
+ * would mix up a store with a copy of its file, whose attachments (and
+ * entries copied with it) may carry the same tokens. */
 static int
 t_held_by_this_thread(TableObject *t, unsigned long me)
 {
@@ -619,7 +621,8 @@ t_held_by_this_thread(TableObject *t, unsigned long me)
     uint32_t v = LDA(&HDR(&t->c)->lock) & SHM_TOKEN_MASK;
     for (TableObject *o = holders; o != NULL && v != 0; o = o->holder_next) {
         /* (t itself is not listed as this thread's: t_lock re-entered it) */
-        if (o->c.lock_thread == me && o->holder_token == v && o->c.seed == t->c.seed) {
+        if (o->c.lock_thread == me && o->holder_token == v && o->c.seed == t->c.seed &&
+            shm_token_pid(t->c.m, v, 1) == (uint32_t)getpid()) {
             PyErr_SetString(ST(t)->BusyError,
                             "this thread holds the store's lock through another handle "
                             "of it (in that handle's batch, or while it decodes a value "

@@ -228,9 +228,10 @@ Topic_publish_many(TopicObject *o, PyObject *const *args, Py_ssize_t nargs, PyOb
 
 /* ---- Topic: loans ------------------------------------------------------------ */
 
-/* A topic loan holds plock from topic_reserve to topic_finish, so it is
- * ended in the thread that took it (lock.c records the holding per
- * thread). */
+/* A topic loan holds plock from topic_reserve to topic_finish, so a live
+ * one is ended in the thread that took it, which the topic knows as its
+ * loan's (loan_thread).  One nobody can use any more (dealloc, the
+ * collector) is abandoned in whatever thread frees it (loan_settle). */
 static int
 topic_loan_check(LoanObject *l)
 {
