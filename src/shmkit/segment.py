@@ -1443,60 +1443,31 @@ class Segment(Closing):
         if size > self._max_size:
             raise SizeLimitError(f"{size} bytes is beyond this segment's max_size "
                              f"{self._max_size}; create it with a larger max_size=")
-        self._take_lock(timeout, "resize")
-        try:
-            self._resize_locked(size)
-        finally:
-            self.lock.release()
+        self._resize(size, timeout, "resize", grow_only=False)
 
     def _grow_to(self, size: int, timeout: float | None = None) -> None:
         """Grow the payload to at least ``size`` bytes, never shrinking it: for a
         structure inside the segment that grows from several processes at once
         (the heap), where a plain ``resize`` from a stale size would shrink."""
-        self._take_lock(timeout, "grow")
-        try:
-            if size > self._sync_size():
-                self._resize_locked(size)
-        finally:
-            self.lock.release()
+        self._resize(size, timeout, "grow", grow_only=True)
 
-    def _take_lock(self, timeout: float | None, what: str) -> None:
-        """Take the segment's lock for a resize, or raise Timeout naming its holder."""
-        if not self.lock.acquire(timeout=timeout):
+    def _resize(self, size: int, timeout: float | None, what: str, grow_only: bool) -> None:
+        # One call of the core takes the lock, resizes and lets it go: no
+        # Ctrl-C can land between the steps and leave the lock held.
+        try:
+            taken = _core.resize_payload(self._live_mapping(), self._hsize, self._max_size,
+                                         size, grow_only, timeout, f"lock of {self._name!r}")
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise OutOfSpaceError(
+                    f"no space to grow {self._name!r} to {size} bytes "
+                    f"({e.strerror}); free some or ask for less") from None
+            raise
+        if not taken:
             raise Timeout(f"could not {what} {self._name!r} within "
                           f"{_core.shown_seconds(timeout)} s: its lock is "
                           f"held by {self.lock._holder_phrase()}; try again, or resume or "
                           "end that process")
-
-    def _resize_locked(self, size: int) -> None:
-        old = self._sync_size()
-        if size > old:
-            try:
-                # the mapping lends its file for the call: a close by another
-                # thread meanwhile cannot hand the number to some other file
-                _core.allocate(self._mapping, self._hsize + old, size - old)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                    raise OutOfSpaceError(
-                        f"no space to grow {self._name!r} to {size} bytes "
-                        f"({e.strerror}); free some or ask for less") from None
-                raise
-        elif size < old:
-            start = _align(self._hsize + size, PAGE)
-            end = self._hsize + old
-            if end > start:
-                _core.punch_hole(self._mapping, start, end - start)
-            # The rest of the last page is kept: zero it so that growing
-            # again shows zeros there too, never the old bytes.
-            tail = min(start, end) - (self._hsize + size)
-            if tail > 0:
-                view = memoryview(self._mapping)
-                try:
-                    view[self._hsize + size:self._hsize + size + tail] = bytes(tail)
-                finally:
-                    view.release()
-        _core.store64(self._mapping, _OFF_SIZE, size)
-        _core.add32(self._mapping, _OFF_RESIZES, 1)
         self._sync_size()
 
     # -- introspection ----------------------------------------------------

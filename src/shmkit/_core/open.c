@@ -44,22 +44,26 @@
  *       another thread lets go of it (by any thread, if private).
  *       Failures raise OSError with the errno, having left nothing.
  *
- *   allocate(mapping, offset, length)
- *       posix_fallocate of the mapping's file, finished in smaller pieces
- *       when signals keep interrupting it (tmpfs undoes an interrupted
- *       call's work).
- *
- *   punch_hole(mapping, offset, length)
- *       Give the pages of a byte range of the mapping's file back to the
- *       system (they read as zeros); nothing where the file system has no
- *       holes.
+ *   resize_payload(mapping, header_size, max_size, size, grow_only, timeout,
+ *                  what) -> 0 | 1 | 2
+ *       The whole of a resize, under the segment's own lock: take the lock
+ *       (0 when the timeout passes first; 2 when its holder had died, with
+ *       OwnerDiedWarning naming `what`), check the header's size against
+ *       max_size and the file, then grow (posix_fallocate, finished in
+ *       smaller pieces when signals keep interrupting it: tmpfs undoes an
+ *       interrupted call's work) or shrink (the pages past the new size
+ *       given back to the system, the rest of the last page zeroed), store
+ *       the new size, count the resize and let the lock go.  grow_only
+ *       leaves a payload already that large as it is.  No Ctrl-C can fall
+ *       between taking the lock and letting it go; one that interrupts the
+ *       allocation leaves the size as it was.
  *
  *   sync_file(mapping)          fsync of the mapping's file
  *   file_sizes(mapping) -> (size, allocated bytes)   fstat of it
- *       These, and allocate, borrow the file for the call (shm_mapping_lend_fd): a close by
- *       another thread meanwhile cannot hand its descriptor number to a file
- *       the process opens next, and these calls to that file; ClosedError
- *       once the handle is closed.
+ *       These, and resize_payload, borrow the file for the call
+ *       (shm_mapping_lend_fd): a close by another thread meanwhile cannot
+ *       hand its descriptor number to a file the process opens next, and
+ *       these calls to that file; ClosedError once the handle is closed.
  *
  *   link_file(fd, path, mapping)
  *       Give the file of fd (made by create_file) the name path, and remove
@@ -75,6 +79,8 @@
  */
 #include "shmkit.h"
 #include "layout.h"
+#include "journal.h" /* shm_lock_release_journal */
+#include "sync.h"    /* shm_sync_deadline */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -276,39 +282,25 @@ allocate(int fd, off_t offset, off_t length)
     return 0;
 }
 
-/* None for 0; NULL with the exception set for -1, OSError for an errno. */
+/* 0 for 0; -1 with the exception set for -1 (set already) or an errno
+ * (OSError). */
+static int
+file_op_error(int err)
+{
+    if (err > 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return err == 0 ? 0 : -1;
+}
+
+/* None for 0; NULL with the exception set otherwise (file_op_error). */
 static PyObject *
 file_op_result(int err)
 {
-    if (err < 0)
+    if (file_op_error(err) < 0)
         return NULL;
-    if (err > 0) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
     Py_RETURN_NONE;
-}
-
-/* (allocate lets the GIL go itself, to run signal handlers between pieces:
- * not an on_lent_file op) */
-static PyObject *
-py_allocate(PyObject *mod, PyObject *args)
-{
-    PyObject *obj;
-    long long offset, length;
-    if (!PyArg_ParseTuple(args, "O&LL", shm_mapping_converter, &obj, &offset, &length))
-        return NULL;
-    if (offset < 0 || length <= 0) {
-        PyErr_SetString(PyExc_ValueError, "allocate: need offset >= 0 and length > 0");
-        return NULL;
-    }
-    MappingObject *m = (MappingObject *)obj;
-    int fd = shm_mapping_lend_fd(m);
-    if (fd < 0)
-        return NULL;
-    int err = allocate(fd, (off_t)offset, (off_t)length);
-    shm_mapping_return_fd(m);
-    return file_op_result(err);
 }
 
 /* op on m's file, borrowed for the call, with the GIL let go: 0 or an
@@ -342,19 +334,105 @@ sync_all(int fd, off_t offset, off_t length)
     return fsync(fd) == 0 ? 0 : errno;
 }
 
-static PyObject *
-py_punch_hole(PyObject *mod, PyObject *args)
+/* The file's size, through its borrowed descriptor: -1 with an exception. */
+static long long
+lent_file_size(MappingObject *m)
 {
-    PyObject *obj;
-    long long offset, length;
-    if (!PyArg_ParseTuple(args, "O&LL", shm_mapping_converter, &obj, &offset, &length))
+    int fd = shm_mapping_lend_fd(m);
+    if (fd < 0)
+        return -1;
+    struct stat st;
+    int r = fstat(fd, &st);
+    int err = errno;
+    shm_mapping_return_fd(m);
+    if (r < 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return (long long)st.st_size;
+}
+
+/* A resize with the segment's lock held (see resize_payload): 0, or -1 with
+ * an exception and the size as it was. */
+static int
+resize_locked(MappingObject *m, uint64_t hsize, uint64_t max_size, uint64_t size,
+              int grow_only)
+{
+    struct shm_segment_hdr *h = (struct shm_segment_hdr *)m->base;
+    uint64_t old = __atomic_load_n(&h->size, __ATOMIC_ACQUIRE);
+    if (grow_only && size <= old)
+        return 0;
+    long long file = lent_file_size(m);
+    if (file < 0)
+        return -1;
+    /* (hsize + max_size fits the mapping's reservation: checked by the caller) */
+    if (old > max_size || hsize + old > (uint64_t)file) {
+        PyErr_Format(shm_state_of((PyObject *)m)->CorruptError,
+                     "the segment claims %llu bytes, more than its file holds; remove it "
+                     "and make it again", (unsigned long long)old);
+        return -1;
+    }
+    if (size > old) {
+        int fd = shm_mapping_lend_fd(m);
+        if (fd < 0)
+            return -1;
+        int err = allocate(fd, (off_t)(hsize + old), (off_t)(size - old));
+        shm_mapping_return_fd(m);
+        if (file_op_error(err) < 0)
+            return -1;
+    } else if (size < old) {
+        const uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+        const uint64_t keep = hsize + size, end = hsize + old;
+        const uint64_t start = (keep + page - 1) / page * page;
+        if (end > start &&
+            file_op_error(on_lent_file(m, punch, (off_t)start, (off_t)(end - start))) < 0)
+            return -1;
+        /* The rest of the last page is kept: zeroed, so that growing again
+         * shows zeros there too, never the old bytes. */
+        memset(m->base + keep, 0, (size_t)((start < end ? start : end) - keep));
+    }
+    __atomic_store_n(&h->size, size, __ATOMIC_RELEASE);
+    __atomic_add_fetch(&h->resizes, 1, __ATOMIC_RELEASE);
+    return 0;
+}
+
+static PyObject *
+py_resize_payload(PyObject *mod, PyObject *args)
+{
+    PyObject *obj, *timeout;
+    long long hsize, max_size, size;
+    int grow_only;
+    const char *what;
+    if (!PyArg_ParseTuple(args, "O&LLLpOs", shm_mapping_converter, &obj, &hsize, &max_size,
+                          &size, &grow_only, &timeout, &what))
         return NULL;
-    if (offset < 0 || length <= 0) {
-        PyErr_SetString(PyExc_ValueError, "punch_hole: need offset >= 0 and length > 0");
+    MappingObject *m = (MappingObject *)obj;
+    if (hsize < (long long)sizeof(struct shm_segment_hdr) || max_size < 0 || size < 0 ||
+        size > max_size || (m->base != NULL && (uint64_t)hsize + (uint64_t)max_size >
+                                               (uint64_t)m->reserve)) {
+        PyErr_SetString(PyExc_ValueError, "resize_payload: need 0 <= size <= max_size, and "
+                        "the header and max_size within the mapping");
         return NULL;
     }
-    return file_op_result(on_lent_file((MappingObject *)obj, punch, (off_t)offset,
-                                       (off_t)length));
+    int64_t deadline = shm_sync_deadline(Py_True, timeout);
+    if (deadline < 0)
+        return NULL;
+    uint32_t *word = shm_addr(obj, offsetof(struct shm_segment_hdr, lock), 4, 1);
+    if (word == NULL)
+        return NULL;
+    shm_pin(obj); /* mapped until we are done, whatever another thread closes */
+    int r = shm_lock_acquire(m, word, deadline);
+    if (r > 0 && ((r == 2 && shm_warn_owner_died(m, what) < 0) ||
+                  resize_locked(m, (uint64_t)hsize, (uint64_t)max_size, (uint64_t)size,
+                                grow_only) < 0)) {
+        shm_lock_release_journal(m, word, NULL); /* keeps the exception */
+        r = -1;
+    } else if (r > 0 && shm_lock_release(m, word) < 0) {
+        r = -1;
+    }
+    shm_unpin(obj);
+    return r < 0 ? NULL : PyLong_FromLong(r);
 }
 
 static PyObject *
@@ -522,16 +600,12 @@ PyMethodDef shm_open_methods[] = {
      "fallback where the file system lacks it, which the mapping then holds and removes "
      "when link_file links the file or the mapping lets it go), its init lock held, the "
      "mapping owning the descriptor."},
-    {"allocate", py_allocate, METH_VARARGS,
-     "allocate($module, mapping, offset, length, /)\n--\n\n"
-     "allocate(mapping, offset, length)\n\nposix_fallocate of the mapping's "
-     "file (borrowed for the call) that a signal handler which "
-     "does not raise cannot keep from finishing (interrupted, it goes on in smaller "
-     "pieces); OSError with the errno."},
-    {"punch_hole", py_punch_hole, METH_VARARGS,
-     "punch_hole($module, mapping, offset, length, /)\n--\n\n"
-     "punch_hole(mapping, offset, length)\n\nGive the pages of the range of the "
-     "mapping's file back to the system (they then read as zeros)."},
+    {"resize_payload", py_resize_payload, METH_VARARGS,
+     "resize_payload($module, mapping, header_size, max_size, size, grow_only, timeout, "
+     "what, /)\n--\n\n"
+     "resize_payload(...) -> 0 | 1 | 2\n\nThe whole of a segment's resize under its own "
+     "lock, in one call: 0 when the lock stayed held past the timeout, 2 after taking it "
+     "over from a dead holder (OwnerDiedWarning naming what)."},
     {"sync_file", py_sync_file, METH_O,
      "sync_file($module, mapping, /)\n--\n\nfsync of the mapping's file."},
     {"file_sizes", py_file_sizes, METH_O,
