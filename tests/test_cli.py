@@ -631,8 +631,11 @@ def test_hostile_headers_never_crash_ls_or_info(names: Any, holder: Any) -> None
     for kind in shmkit.Kind:
         got = by_name[made[f"kind_{kind.name.lower()}"]]
         assert got["kind"] == kind.name.lower()
-        # ls is honest: a payload format the kind's class would refuse is shown.
-        assert got["state"] == "ok" or got["state"].startswith("format: "), got["state"]
+        # ls is honest: a payload format or a layout value the kind's class
+        # would refuse is shown (a Semaphore's open needs its initial value).
+        assert (got["state"] == "ok" or got["state"].startswith("format: ") or
+                (kind is shmkit.Kind.SEMAPHORE and got["state"].startswith(
+                    "corrupt: no value in its layout"))), got["state"]
     cli("ls", *made.values())
     cli("top", "--once")
     text = cli("info", *made.values()).stdout
@@ -699,6 +702,37 @@ def test_a_layout_shmkit_never_writes_is_corrupt_to_open_and_to_ls(names: Any, t
         out = cli(*command).stdout
         json.loads(out, parse_constant=lambda word: pytest.fail(f"{word} in {command}"))
         assert "corrupt: " in out, (command, out)
+
+
+@pytest.mark.parametrize("make, text, error, state", [
+    (lambda n: shmkit.Event(n, create=True), b'{"auto_reset": "no"}', shmkit.CorruptError,
+     "corrupt: auto_reset='no' in its layout"),
+    (lambda n: shmkit.Event(n, create=True), b'{"auto_reset": 1}', shmkit.CorruptError,
+     "corrupt: auto_reset=1 in its layout"),
+    (lambda n: shmkit.Semaphore(n, value=2, create=True),
+     b'{"format": 2, "value": null, "maximum": null}', shmkit.CorruptError,
+     "corrupt: value=None in its layout"),
+    (lambda n: shmkit.Semaphore(n, value=2, create=True), b'{"format": 2}',
+     shmkit.CorruptError, "corrupt: no value in its layout"),
+    (lambda n: shmkit.Semaphore(n, value=2, create=True), b'{"format": 9, "value": 2}',
+     shmkit.FormatVersionError, "format: semaphore format 9"),
+    (lambda n: shmkit.Condition(n, create=True), b'{"format": 9}',
+     shmkit.FormatVersionError, "format: condition format 9"),
+])
+def test_ls_shows_a_sync_objects_layout_its_open_refuses(names: Any, make: Any, text: bytes,
+                                                       error: type, state: str) -> None:
+    # ls read the header only, and called these "ok" while opening them
+    # raised: "ok" means the object can be opened.
+    name = names()
+    obj = make(name)
+    try:
+        set_layout(name, text)
+        with pytest.raises(error):
+            type(obj)(name, create=False)
+        [listed] = cli_json("ls", name)
+        assert listed["state"].startswith(state), listed["state"]
+    finally:
+        obj.close()
 
 
 def test_a_long_state_never_squeezes_the_names_out_of_a_narrow_table(names: Any) -> None:

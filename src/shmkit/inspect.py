@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import os
 import stat
 import struct
@@ -253,23 +254,29 @@ _PAYLOAD_FORMATS: dict[Kind, tuple[str, str]] = {
     Kind.SERVICE: ("shmkit.service", "FORMAT"),
     Kind.STRUCT: ("shmkit.records", "_FORMAT"),
     Kind.ARRAY: ("shmkit.records", "_FORMAT"),
+    Kind.SEMAPHORE: ("shmkit.sync", "Semaphore._FORMAT"),
+    Kind.CONDITION: ("shmkit.sync", "Condition._FORMAT"),
 }
 
 
 def _payload_format_problem(kind: Kind, layout: dict[str, Any]) -> str | None:
-    """The state to show if the kind's class would refuse the payload format."""
+    """The state to show if the kind's class would refuse the layout: its
+    payload format, or a field it reads (an Event's or a Semaphore's)."""
     where = _PAYLOAD_FORMATS.get(kind)
-    if where is None:
-        return None
-    try:
-        expected = getattr(load(where[0]), where[1])
-    except (ImportError, AttributeError):
-        return None
-    got = layout.get("format")
-    if not isinstance(got, int) or isinstance(got, bool):
-        return f"corrupt: its layout names no {kind.name.lower()} format"
-    if got != expected:
-        return f"format: {kind.name.lower()} format {got!r}, this shmkit reads {expected}"
+    if where is not None:
+        try:
+            expected: Any = functools.reduce(getattr, where[1].split("."), load(where[0]))
+        except (ImportError, AttributeError):
+            return None
+        got = layout.get("format")
+        if not isinstance(got, int) or isinstance(got, bool):
+            return f"corrupt: its layout names no {kind.name.lower()} format"
+        if got != expected:
+            return f"format: {kind.name.lower()} format {got!r}, this shmkit reads {expected}"
+    if kind in (Kind.EVENT, Kind.SEMAPHORE):
+        why: str | None = load("shmkit.sync").layout_problem(kind.name.lower(), layout)
+        if why is not None:
+            return "corrupt: " + why.removeprefix("has ")
     return None
 
 

@@ -571,18 +571,39 @@ def _layout_field(seg: Segment, what: str, key: str, kind: type, default: Any = 
     int that is not one): anything else is damage, refused rather than read
     as something the creator never asked for (``bool("no")`` is True).  A
     key left out reads as ``default``, or is damage when there is none."""
-    value = seg._layout.get(key, _MISSING)
-    if value is _MISSING and default is not _MISSING:
-        return default
-    if type(value) is not kind:
+    why = _field_problem(seg._layout, key, kind, default)
+    if why is not None:
         seg.close()
-        found = "no " + key if value is _MISSING else f"{key}={value!r}"
-        article = "an" if kind.__name__[0] in "aeiou" else "a"
-        raise CorruptError(
-            f"{what} {seg.name!r} has {found} in its layout, where shmkit writes "
-            f"{article} {kind.__name__}: it is damaged; remove it with `shmkit rm` and "
-            "create it again")
-    return value
+        raise CorruptError(f"{what} {seg.name!r} {why}: it is damaged; remove it with "
+                           "`shmkit rm` and create it again")
+    return seg._layout.get(key, default)
+
+
+def _field_problem(layout: dict[str, Any], key: str, kind: type, default: Any) -> str | None:
+    value = layout.get(key, _MISSING)
+    if type(value) is kind or (value is _MISSING and default is not _MISSING):
+        return None
+    found = "no " + key if value is _MISSING else f"{key}={value!r}"
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    return f"has {found} in its layout, where shmkit writes {article} {kind.__name__}"
+
+
+#: The layout fields each kind reads as it opens: (key, type, default when
+#: left out; _MISSING: required).
+_LAYOUT_FIELDS: dict[str, tuple[tuple[str, type, Any], ...]] = {
+    "event": (("auto_reset", bool, False),),
+    "semaphore": (("value", int, _MISSING),),
+}
+
+
+def layout_problem(kind: str, layout: dict[str, Any]) -> str | None:
+    """Why an open of a ``kind`` ("event", "semaphore") would refuse this
+    layout as damaged, or None: what ``shmkit ls`` shows for it."""
+    for key, type_, default in _LAYOUT_FIELDS.get(kind, ()):
+        why = _field_problem(layout, key, type_, default)
+        if why is not None:
+            return why
+    return None
 
 
 def _check_param(seg: Segment, what: str, param: str, given: Any, stored: Any) -> None:
