@@ -1965,6 +1965,59 @@ def test_a_second_handle_is_refused_after_the_holding_one_closed_in_its_batch(na
         keep.verify()
 
 
+def _in_thread_of_a_reused_identifier(first: Any, then: Any) -> Any:
+    """Run first() in a thread that ends, then then() in a new thread given
+    the same threading.get_ident() (glibc hands an ended thread's identifier
+    to the next); returns what then() returned or raised."""
+    idents: list[int] = []
+    out: list[Any] = []
+
+    def run(fn: Any) -> None:
+        idents.append(threading.get_ident())
+        try:
+            out.append(fn())
+        except BaseException as e:
+            out.append(e)
+
+    t = threading.Thread(target=run, args=(first,))
+    t.start()
+    t.join()
+    for _ in range(50):  # until the identifier is given again
+        t = threading.Thread(target=run, args=(then,))
+        t.start()
+        t.join(30)
+        if idents[-1] == idents[0]:
+            return out[-1]
+        out.pop()
+        idents.pop()
+    pytest.skip("no thread was given the ended thread's identifier again")
+
+
+def test_a_new_thread_never_passes_for_an_ended_one_that_left_its_batch_open(name):
+    # A thread that entered a batch and ended without leaving it: the next
+    # thread got its identifier and wrote inside that batch, as the batch's
+    # own thread.  It now waits for the lock as any other thread does.
+    with shmkit.Store(name, timeout=0.3) as st:
+        st["kept"] = 1
+        left: list[Any] = []
+
+        def open_batch() -> None:
+            b = st.batch()
+            b.__enter__()
+            st["staged"] = 2
+            left.append(b)
+
+        def write() -> str:
+            st["other"] = 3
+            return "wrote"
+
+        got = _in_thread_of_a_reused_identifier(open_batch, write)
+        assert isinstance(got, shmkit.Timeout), got
+        with pytest.raises(RuntimeError, match="no batch is open in this thread"):
+            left[0].__exit__(None, None, None)
+        assert st.get("other") is None and st.get("staged") is None and st["kept"] == 1
+
+
 def test_a_copy_of_the_stores_file_is_not_taken_for_the_store(tmp_path):
     # A copy made while this thread held the store's batch carries the same
     # hash seed, the holder's token in its lock word and the holder's entry

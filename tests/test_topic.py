@@ -123,6 +123,26 @@ def test_an_open_loan_collected_in_another_thread_is_abandoned(name):
     assert reports == []
 
 
+def test_a_loan_left_by_an_ended_thread_is_not_a_new_threads_with_its_identifier(name):
+    # The next thread got the ended thread's identifier, and with it the
+    # right to send the loan (or found itself refused a publish as if it
+    # held the loan).
+    from test_store import _in_thread_of_a_reused_identifier
+    with Topic(name, capacity=1 << 14) as topic:
+        left: list[Any] = []
+
+        def take() -> None:
+            left.append(topic.loan(8, timeout=5))
+
+        got = _in_thread_of_a_reused_identifier(take, lambda: left[0].send())
+        assert isinstance(got, shmkit.BusyError), got
+        assert "in that thread" in str(got)
+        assert topic.published == 0
+        left.clear()  # a loan nobody can use any more: abandoned as it goes
+        topic.publish(b"after", timeout=5)
+        assert topic.published == 1
+
+
 def test_every_subscriber_gets_every_message_in_order(name):
     with Topic(name, capacity=4096) as topic:
         assert topic.created and topic.capacity == 4096 and topic.max_message == 4080

@@ -167,6 +167,18 @@ shm_child_generation(void)
     return child_generation;
 }
 
+static __thread unsigned long thread_serial;
+static unsigned long thread_serials; /* the last given */
+
+unsigned long
+shm_thread_serial(void)
+{
+    unsigned long s = thread_serial;
+    if (s == 0)
+        s = thread_serial = __atomic_add_fetch(&thread_serials, 1, __ATOMIC_RELAXED);
+    return s;
+}
+
 /* map_placed's work, with the placements' lock shared. */
 static void *
 map_in_room(int fd, size_t reserve, size_t span, uint64_t below, int prot, int flags,

@@ -174,6 +174,13 @@ void shm_mapping_return_fd(MappingObject *m);
  * what a process-wide list of the parent's holdings is stamped with, so
  * that a child starts it empty. */
 unsigned long shm_child_generation(void);
+/* The calling thread's serial number: never 0, and never another thread's
+ * of this process.  What owns a store's lock, a batch or a topic loan is a
+ * thread; pthread_self() (PyThread_get_thread_ident) is given again to the
+ * next thread as soon as one ends, which would then pass for the ended
+ * thread and write inside its batch.  A forked child's thread keeps its
+ * number, as it keeps its pthread_self(). */
+unsigned long shm_thread_serial(void);
 
 /* Return a pointer to `size` bytes at `off`, or NULL with an exception set
  * when the mapping is closed, the range is out of bounds or misaligned. */

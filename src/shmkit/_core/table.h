@@ -248,9 +248,9 @@ typedef struct TCore {
 #define HDR(t) ((THeader *)((t)->m->base + (t)->poff))
 #define PAY(t) ((char *)(t)->m->base + (t)->poff)
 
-/* The calling thread, as the lock's owner (what PyThread_get_thread_ident
- * returns on POSIX). */
-static inline unsigned long t_thread(void) { return (unsigned long)pthread_self(); }
+/* The calling thread, as the lock's owner (shm_thread_serial: a new thread
+ * never passes for an ended one). */
+static inline unsigned long t_thread(void) { return shm_thread_serial(); }
 
 /* ---- errors ------------------------------------------------------------------
  * A t_* function that fails returns -1 (0 for t_enter, (uint64_t)-1 for an

@@ -87,7 +87,7 @@ raise_lost(shm_state *st, PyObject *name, uint64_t missed)
 static int
 topic_loan_busy(TopicObject *o, const char *what)
 {
-    if (o->loan_thread == 0 || o->loan_thread != PyThread_get_thread_ident())
+    if (o->loan_thread == 0 || o->loan_thread != shm_thread_serial())
         return 0;
     PyErr_Format(TST(o)->BusyError, "this thread has an open loan on topic %R, which holds "
                  "the publishers' lock: send or abandon it before the next %s", o->name,
@@ -235,7 +235,7 @@ Topic_publish_many(TopicObject *o, PyObject *const *args, Py_ssize_t nargs, PyOb
 static int
 topic_loan_check(LoanObject *l)
 {
-    if (l->thread == PyThread_get_thread_ident())
+    if (l->thread == shm_thread_serial())
         return 0;
     PyErr_Format(shm_state_of(l->owner)->BusyError, "a topic loan holds the publishers' lock "
                  "of topic %R for the thread that took it: send or abandon it in that thread",
@@ -285,7 +285,7 @@ Topic_loan(TopicObject *o, PyObject *const *args, Py_ssize_t nargs, PyObject *kw
             l->aux[0] = rv.tail;
             l->aux[1] = rv.seq;
             l->aux[2] = rv.head;
-            l->thread = PyThread_get_thread_ident();
+            l->thread = shm_thread_serial();
             o->loan_thread = l->thread;
             loan_open(l, m, topic_payload(t, &rv), len);
             shm_crash_point("topic.loan.reserved");
