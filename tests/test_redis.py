@@ -728,6 +728,29 @@ def test_a_redis_batch_is_its_threads_and_a_forked_child_is_told(ns: Any) -> Non
     t.start()
     t.join()
     assert st._open_batch() is None and st["across threads"] == 1
+
+
+def test_a_new_thread_never_joins_a_redis_batch_an_ended_thread_left_open(ns: Any) -> None:
+    # The next thread is given an ended thread's threading.get_ident(): it
+    # found that thread's open batch as its own and wrote into it.
+    from test_store import _in_thread_of_a_reused_identifier
+    st = ns.Store("s")
+    left: list[Any] = []
+
+    def open_batch() -> None:
+        b = st.batch()
+        b.__enter__()
+        st["staged"] = 1
+        left.append(b)
+
+    def write() -> Any:
+        st["other"] = 2  # to the server at once, as any other thread's write
+        return st.get("staged")
+
+    assert _in_thread_of_a_reused_identifier(open_batch, write) is None
+    assert st["other"] == 2 and "staged" not in st
+    left[0].__exit__(None, None, None)  # (from any thread, as above)
+    assert st["staged"] == 1 and st["other"] == 2
     st["after"] = 1
     assert ns.Store("s")["after"] == 1
 

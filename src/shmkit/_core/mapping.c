@@ -998,7 +998,18 @@ shm_unpin(PyObject *obj)
     Py_DECREF(obj);
 }
 
+static PyObject *
+py_thread_serial(PyObject *mod, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromUnsignedLong(shm_thread_serial());
+}
+
 PyMethodDef shm_mapping_methods[] = {
+    {"thread_serial", py_thread_serial, METH_NOARGS,
+     "thread_serial($module, /)\n--\n\n"
+     "thread_serial() -> int\n\nThe calling thread's serial number: never 0, and never "
+     "given to another thread of this process, unlike threading.get_ident(), which the "
+     "next thread is given once one ends."},
     {"forget_creations", py_forget_creations, METH_NOARGS,
      "forget_creations($module, /)\n--\n\n"
      "forget_creations()\n\nIn a forked child: let go of the files of other "

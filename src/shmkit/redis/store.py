@@ -21,10 +21,10 @@ import contextlib
 import os
 import pickle
 import struct
-import threading
 from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
 from typing import TYPE_CHECKING, Any, cast
 
+from .. import _core
 from .._object import DEFAULT, _Default, given
 from ..errors import (
     CorruptError,
@@ -309,13 +309,15 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         self._on_destroy = on_destroy
         # A batch is its thread's, as the shared-memory store's: another
         # thread's writes go to the server meanwhile, and it reads the server.
-        self._batches: dict[int, _Batch] = {}  # by thread ident
+        # (by _core.thread_serial(), which no later thread is given, unlike
+        # threading.get_ident(): a new thread never joins an ended one's batch)
+        self._batches: dict[int, _Batch] = {}
         self._batch_script = self._r.register_script(_BATCH)
         self._pop_script = self._r.register_script(_POP)
 
     def _open_batch(self) -> _Batch | None:
         """This thread's open batch, or None (a forked child holds none of its parent's)."""
-        b = self._batches.get(threading.get_ident())
+        b = self._batches.get(_core.thread_serial())
         return b if b is not None and b.pid == os.getpid() else None
 
     def _reopen_args(self) -> dict[str, Any]:
@@ -561,7 +563,7 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         if self._open_batch() is not None:
             yield self
             return
-        me, b = threading.get_ident(), _Batch()
+        me, b = _core.thread_serial(), _Batch()
         self._batches[me] = b
         try:
             yield self
