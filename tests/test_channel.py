@@ -1043,6 +1043,51 @@ def test_program_written_for_multiprocessing_queue(impl, tmp_path):
     assert out.stdout.strip() == "ok 1500"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches a child to another user")
+def test_a_queue_shared_with_another_user_shares_its_big_objects_too(name):
+    # A queue made with mode=0o666 for another user: its small objects
+    # reached that user, its big ones were lost (UntrustedError: "cannot be
+    # read here"), since their payload files were always made mode 0600.
+    from shmkit.channel import _payload_files
+    q = Queue(name=name, mode=0o666, create=True, payload_pool=0)
+    try:
+        q.put(np.arange(1 << 18))
+        q.put("small")
+        [payload] = _payload_files(q._path)
+        assert os.stat(payload).st_mode & 0o777 == 0o666
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                other = Queue.open(name)
+                got = other.get(timeout=10)
+                code = 0 if (np.array_equal(got, np.arange(1 << 18)) and
+                             other.get(timeout=10) == "small") else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        q.close()
+        shmkit.unlink(name)
+
+
+def test_shmkit_rm_removes_a_queues_payload_files_as_unlink_does(name):
+    from shmkit.channel import _payload_files
+    q = Queue(name=name, create=True)
+    q.put(np.arange(1 << 18))
+    path = q._path
+    q.close()
+    assert len(_payload_files(path)) == 1
+    proc = subprocess.run([sys.executable, "-m", "shmkit", "rm", "--yes", name],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": SRC})
+    assert proc.returncode == 0, proc.stderr
+    assert _payload_files(path) == []
+
+
 def test_queue_maxsize_shared_across_processes(name):
     q = Queue(2, name=name)
     other = Queue(name=name)  # opening adopts the creator's maxsize

@@ -233,10 +233,12 @@ def _write_all(fd: int, parts: list[tuple[int, Any]], what: str) -> None:
 
 
 def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
-                    what: str, whole: bool) -> tuple[_Outgoing, bytes]:
+                    what: str, whole: bool, mode: int) -> tuple[_Outgoing, bytes]:
     """Write a payload file of ``size`` bytes; return it open and locked, and its token.
     ``whole``: map all of it, for a pool to keep (its ``owner.reserve`` is
-    then ``size``), unless there is no address space for that.
+    then ``size``), unless there is no address space for that.  ``mode``:
+    the queue's own permission bits, so that whoever may read the queue may
+    read its payload files.
 
     A sender killed at any point leaves nothing, a temporary file of a dead
     process, or a complete file that no live process holds: ``shmkit gc``
@@ -261,13 +263,13 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
     # rest (allocating it all first cost 5% at 64 MiB).  Only a file for the
     # pool is mapped whole: an object's own needs no address space.
     try:
-        fd, owner = _new_file(path, what, 0o600, PAGE, size if whole else PAGE, True)
+        fd, owner = _new_file(path, what, mode, PAGE, size if whole else PAGE, True)
     except OutOfSpaceError:
         if not whole:
             raise
         # no address space to keep it mapped: a file of its own (or, out of
         # room, the same error again)
-        fd, owner = _new_file(path, what, 0o600, PAGE, PAGE, True)
+        fd, owner = _new_file(path, what, mode, PAGE, PAGE, True)
     try:
         head = _FILE_HEAD.pack(_FILE_MAGIC, _OOB_VERSION, size, token).ljust(
             _STATE_OFF, b"\0") + _STATE.pack(_SENT)
@@ -659,12 +661,13 @@ _dumps = pickle.dumps
 _loads = pickle.loads
 
 
-def _pack(obj: Any, queue_path: str, max_message: int, name: str,
+def _pack(obj: Any, queue_path: str, max_message: int, name: str, queue: Any,
           data: bytes | None = None, pool: _PayloadPool | None = None,
           ) -> tuple[bytes, _Outgoing | _PooledOutgoing | None]:
     """Pickle ``obj`` for the ring: ``(message, None)`` for a small object;
     for a big one, the out-of-band header and the payload file holding its
     big buffers (one copy each, straight from the object's memory).
+    ``queue``: the queue's mapping, whose file's mode a new payload file takes.
     ``data``: ``obj`` already pickled in band, holding no big buffer.
     ``pool``: the sending handle's payload pool, reused and filled if given."""
     bufs: list[memoryview] = []
@@ -714,7 +717,8 @@ def _pack(obj: Any, queue_path: str, max_message: int, name: str,
         if keep and not pool.swept:  # type: ignore[union-attr]
             pool.swept = True  # type: ignore[union-attr]
             _sweep(queue_path)
-        out, token = _create_payload(queue_path, size, parts, what, keep)
+        out, token = _create_payload(queue_path, size, parts, what, keep,
+                                     _core.file_mode(queue) & 0o777)
         if keep and out.owner.reserve == size:  # (else no address space: its own)
             f = _PoolFile(out, token, size)
             pool.add(f)  # type: ignore[union-attr]
@@ -1589,8 +1593,8 @@ class Queue(SharedObject, _core.QueueCore):
         except _BigBuffer:
             data = None
         if data is None or len(data) >= self._oob_limit:
-            data, out = _pack(obj, self._path, self._oob_limit - 1, self.name, data,
-                              self._payload_pool())
+            data, out = _pack(obj, self._path, self._oob_limit - 1, self.name,
+                              self._seg._mapping, data, self._payload_pool())
             if out is not None:
                 return self._put_out_of_band(data, out, block, timeout)
         try:
@@ -1605,8 +1609,8 @@ class Queue(SharedObject, _core.QueueCore):
     def _pack(self, obj: Any) -> tuple[bytes, _Outgoing | _PooledOutgoing | None]:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        return _pack(obj, self._path, self._oob_limit - 1, self.name, None,
-                     self._payload_pool())
+        return _pack(obj, self._path, self._oob_limit - 1, self.name, self._seg._mapping,
+                     None, self._payload_pool())
 
     def _payload_pool(self) -> _PayloadPool | None:
         """This handle's pool of payload files (made at the first big object;

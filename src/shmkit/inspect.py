@@ -1036,7 +1036,8 @@ def _dtype_text(layout: Any) -> str:
 
 
 def remove(target: str) -> dict[str, Any]:
-    """Remove one object's name (processes attached keep their mapping).
+    """Remove one object's name (processes attached keep their mapping), and
+    a Queue's payload files.
 
     Returns the :func:`scan` facts taken just before removal, so a caller can
     warn about processes still attached.  A file path must hold a shmkit
@@ -1054,6 +1055,8 @@ def remove(target: str) -> dict[str, Any]:
         os.unlink(path)
     except FileNotFoundError:
         raise NotFoundError(f"{target!r} was removed meanwhile ({path})") from None
+    # a Queue's payload files (its big objects) go with it, as with shmkit.unlink()
+    load("shmkit.channel")._remove_payloads(path)
     return facts
 
 

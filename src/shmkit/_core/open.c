@@ -60,6 +60,7 @@
  *
  *   sync_file(mapping)          fsync of the mapping's file
  *   file_sizes(mapping) -> (size, allocated bytes)   fstat of it
+ *   file_mode(mapping) -> int   its permission bits
  *       These, and resize_payload, borrow the file for the call
  *       (shm_mapping_lend_fd): a close by another thread meanwhile cannot
  *       hand its descriptor number to a file the process opens next, and
@@ -334,23 +335,22 @@ sync_all(int fd, off_t offset, off_t length)
     return fsync(fd) == 0 ? 0 : errno;
 }
 
-/* The file's size, through its borrowed descriptor: -1 with an exception. */
-static long long
-lent_file_size(MappingObject *m)
+/* fstat of m's file, through its borrowed descriptor: 0, or -1 with an
+ * exception (ClosedError once the handle is closed, OSError). */
+static int
+lent_fstat(MappingObject *m, struct stat *st)
 {
-    int fd = shm_mapping_lend_fd(m);
+    int fd = shm_mapping_lend_fd(m); /* (the GIL stays held: for its closed check) */
     if (fd < 0)
         return -1;
-    struct stat st;
-    int r = fstat(fd, &st);
+    int r = fstat(fd, st);
     int err = errno;
     shm_mapping_return_fd(m);
-    if (r < 0) {
-        errno = err;
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    return (long long)st.st_size;
+    if (r == 0)
+        return 0;
+    errno = err;
+    PyErr_SetFromErrno(PyExc_OSError);
+    return -1;
 }
 
 /* A resize with the segment's lock held (see resize_payload): 0, or -1 with
@@ -363,11 +363,11 @@ resize_locked(MappingObject *m, uint64_t hsize, uint64_t max_size, uint64_t size
     uint64_t old = __atomic_load_n(&h->size, __ATOMIC_ACQUIRE);
     if (grow_only && size <= old)
         return 0;
-    long long file = lent_file_size(m);
-    if (file < 0)
+    struct stat st;
+    if (lent_fstat(m, &st) < 0)
         return -1;
     /* (hsize + max_size fits the mapping's reservation: checked by the caller) */
-    if (old > max_size || hsize + old > (uint64_t)file) {
+    if (old > max_size || hsize + old > (uint64_t)st.st_size) {
         PyErr_Format(shm_state_of((PyObject *)m)->CorruptError,
                      "the segment claims %llu bytes, more than its file holds; remove it "
                      "and make it again", (unsigned long long)old);
@@ -450,16 +450,22 @@ py_file_sizes(PyObject *mod, PyObject *arg)
     PyObject *obj;
     if (!shm_mapping_converter(arg, &obj))
         return NULL;
-    MappingObject *m = (MappingObject *)obj;
-    int fd = shm_mapping_lend_fd(m); /* (for its closed check: the GIL stays held) */
-    if (fd < 0)
+    struct stat st;
+    if (lent_fstat((MappingObject *)obj, &st) < 0)
+        return NULL;
+    return Py_BuildValue("(LL)", (long long)st.st_size, (long long)st.st_blocks * 512);
+}
+
+static PyObject *
+py_file_mode(PyObject *mod, PyObject *arg)
+{
+    PyObject *obj;
+    if (!shm_mapping_converter(arg, &obj))
         return NULL;
     struct stat st;
-    int r = fstat(fd, &st);
-    shm_mapping_return_fd(m);
-    if (r != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    return Py_BuildValue("(LL)", (long long)st.st_size, (long long)st.st_blocks * 512);
+    if (lent_fstat((MappingObject *)obj, &st) < 0)
+        return NULL;
+    return PyLong_FromLong((long)(st.st_mode & 07777));
 }
 
 static PyObject *
@@ -611,6 +617,9 @@ PyMethodDef shm_open_methods[] = {
     {"file_sizes", py_file_sizes, METH_O,
      "file_sizes($module, mapping, /)\n--\n\n"
      "file_sizes(mapping) -> (size, allocated bytes)\n\nfstat of the mapping's file."},
+    {"file_mode", py_file_mode, METH_O,
+     "file_mode($module, mapping, /)\n--\n\n"
+     "file_mode(mapping) -> int\n\nThe permission bits of the mapping's file."},
     {"link_file", py_link_file, METH_VARARGS,
      "link_file($module, fd, path, mapping, /)\n--\n\n"
      "link_file(fd, path, mapping)\n\nName the file of fd (made by create_file) "
