@@ -10,6 +10,7 @@ import pickle
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
 from typing import Callable
@@ -35,7 +36,8 @@ from shmkit import (
     WrongKindError,
 )
 
-from conftest import SPAWN, child_told_it_forked, fork_during_update, run_python, spawn
+from conftest import (SPAWN, child_told_it_forked, fork_during_update, interrupt_at_bytecode,
+                      run_python, spawn)
 
 
 def exact(a, b) -> bool:
@@ -1963,6 +1965,38 @@ def test_a_second_handle_is_refused_after_the_holding_one_closed_in_its_batch(na
         b["b"] = 1  # the block's end released it
         assert dict(keep.items()) == {"in batch": 1, "b": 1}
         keep.verify()
+
+
+def test_a_ctrl_c_at_any_step_of_a_growth_never_leaves_room_the_store_cannot_use():
+    # A Ctrl-C in the grow hook after the segment grew, before the store's
+    # heap took the room: the next growth doubled the segment again from
+    # its new size, so a store whose growth reached max_size said "full"
+    # for good with half its memory unused.
+    import shmkit.store as store_module
+    store_py = store_module.__file__
+    value = b"v" * 100
+    for k in range(1, 2000):
+        with shmkit.Store(None, size=64 << 10, max_size=128 << 10) as st:
+            seen = interrupt_at_bytecode(k, lambda c: c.co_filename == store_py)
+            interrupted = None
+            try:
+                for i in range(500):  # ~80 KiB of records: more than 64 KiB holds
+                    interrupted = i
+                    st[f"key{i:05d}"] = value
+                interrupted = None
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+            for i in range(500):  # the rest, and again what may not have landed
+                st[f"key{i:05d}"] = value
+            assert len(st) == 500 and st.verify()["records"] == 500
+            if seen[0] < k:
+                assert interrupted is None
+                break
+    else:
+        raise AssertionError("the puts never ran to their end")
+    assert k > 3
 
 
 def _in_thread_of_a_reused_identifier(first: Any, then: Any) -> Any:

@@ -635,6 +635,15 @@ t_alloc_grow(TCore *t, uint64_t size, unsigned flags)
                 return (uint64_t)-1;
             continue;
         }
+        /* Room the segment has and the heap never took (the segment grew,
+         * and a Ctrl-C then ended the hook before the extension below):
+         * taken first, or each such growth would double the segment again,
+         * and one at max_size would leave the store "full" half empty. */
+        uint64_t end = t->end;
+        if (t_extend(t) < 0)
+            return (uint64_t)-1;
+        if (t->end > end)
+            continue;
         if (t->grow == NULL) {
             shm_fail(TE_FULL, "the store is full");
             return (uint64_t)-1;
