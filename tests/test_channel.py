@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -1086,6 +1087,80 @@ def test_shmkit_rm_removes_a_queues_payload_files_as_unlink_does(name):
                           env={**os.environ, "PYTHONPATH": SRC})
     assert proc.returncode == 0, proc.stderr
     assert _payload_files(path) == []
+
+
+def test_removing_an_object_never_removes_another_named_like_its_payload(tmp_path):
+    # A path= queue may be named like the payload file of an object beside
+    # it: shmkit rm of that object removed the queue's file.
+    other = Queue(path=str(tmp_path / "a~oob.0123456789abcdef"), create=True)
+    other.put("hello")
+    shmkit.Store(path=str(tmp_path / "a"), create=True, lifetime="persistent").close()
+    proc = subprocess.run([sys.executable, "-m", "shmkit", "rm", "--yes", str(tmp_path / "a")],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": SRC})
+    assert proc.returncode == 0, proc.stderr
+    assert os.listdir(tmp_path) == ["a~oob.0123456789abcdef"]
+    assert other.get(timeout=5) == "hello"
+    other.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches a child to another user")
+def test_a_queue_whose_mode_changed_still_hands_its_owner_its_big_objects(name):
+    # Payload files copied the queue file's mode: with the queue made
+    # read-only (0o400), its own user's big objects were lost.  (As a user
+    # that is not root, whom no mode stops.)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            q = Queue(name=name, create=True, payload_pool=0)
+            os.chmod(q._path, 0o400)
+            q.put(np.arange(1 << 18))
+            code = 0 if np.array_equal(q.get(timeout=5), np.arange(1 << 18)) else 2
+            q.close()
+        finally:
+            os._exit(code)
+    try:
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        shmkit.unlink(name)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches children to other users")
+def test_a_queue_given_to_a_group_gives_it_its_payload_files_too(name):
+    # A sender of the group wrote payload files of its own primary group,
+    # which the group's receivers could not open.
+    q = Queue(name=name, mode=0o660, create=True, payload_pool=0)
+    os.chown(q._path, -1, 65534)
+
+    def as_user(uid: int, gid: int, groups: list[int], fn: Callable[[], int]) -> int:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.setgroups(groups)
+                os.setgid(gid)
+                os.setuid(uid)
+                code = fn()
+            finally:
+                os._exit(code)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+    def send() -> int:
+        Queue.open(name).put(np.arange(1 << 18))
+        return 0
+
+    def receive() -> int:
+        got = Queue.open(name, trust_owner=65533).get(timeout=10)
+        return 0 if np.array_equal(got, np.arange(1 << 18)) else 2
+    try:
+        assert as_user(65533, 65533, [65534], send) == 0
+        assert as_user(65534, 65534, [], receive) == 0
+    finally:
+        q.close()
+        shmkit.unlink(name)
 
 
 def test_queue_maxsize_shared_across_processes(name):

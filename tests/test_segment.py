@@ -525,7 +525,7 @@ def test_shrink_then_stale_views_read_zeros():
 
 def test_resize_bad_arguments(name):
     with shmkit.Segment(name, size=10, max_size=8192) as s:
-        for bad in (-1, 1.5, "2"):
+        for bad in (-1, 1.5, "2", True):
             with pytest.raises(ValueError):
                 s.resize(bad)
         with pytest.raises(ValueError):

@@ -174,14 +174,21 @@ def _open_file(path: str, writable: bool = True) -> io.FileIO:
 
 
 def _remove_payloads(queue_path: str) -> int:
-    """Remove every payload file of a queue whose name is gone; returns how many."""
+    """Remove every payload file of a queue whose name is gone; returns how many.
+    A regular file at such a name is removed only if it is a payload file (its
+    magic): a ``path=`` object may be named like one (``a~oob.<16 hex>``
+    beside ``a``).  Anything else there (a FIFO, a symbolic link) was planted."""
     n = 0
     for path in _payload_files(queue_path):
         try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                with _open_file(path, writable=False) as file:
+                    if os.pread(file.fileno(), len(_FILE_MAGIC), 0) != _FILE_MAGIC:
+                        continue
             os.unlink(path)
             n += 1
         except OSError:
-            pass  # gone meanwhile, or another user's (not ours to remove)
+            pass  # gone meanwhile, unreadable, or another user's (not ours to remove)
     return n
 
 
@@ -233,12 +240,13 @@ def _write_all(fd: int, parts: list[tuple[int, Any]], what: str) -> None:
 
 
 def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
-                    what: str, whole: bool, mode: int) -> tuple[_Outgoing, bytes]:
+                    what: str, whole: bool, mode: int, group: int
+                    ) -> tuple[_Outgoing, bytes]:
     """Write a payload file of ``size`` bytes; return it open and locked, and its token.
     ``whole``: map all of it, for a pool to keep (its ``owner.reserve`` is
-    then ``size``), unless there is no address space for that.  ``mode``:
-    the queue's own permission bits, so that whoever may read the queue may
-    read its payload files.
+    then ``size``), unless there is no address space for that.  ``mode``
+    and ``group``: the queue file's, so that whoever may use the queue may
+    read its payload files (and its owner always may).
 
     A sender killed at any point leaves nothing, a temporary file of a dead
     process, or a complete file that no live process holds: ``shmkit gc``
@@ -271,6 +279,11 @@ def _create_payload(queue_path: str, size: int, parts: list[tuple[int, Any]],
         # room, the same error again)
         fd, owner = _new_file(path, what, mode, PAGE, PAGE, True)
     try:
+        if group != os.getegid():
+            try:  # the queue file's group, for a group it is shared with
+                os.fchown(fd, -1, group)
+            except PermissionError:
+                pass  # not one of this user's groups: the group cannot read it
         head = _FILE_HEAD.pack(_FILE_MAGIC, _OOB_VERSION, size, token).ljust(
             _STATE_OFF, b"\0") + _STATE.pack(_SENT)
         _write_all(fd, [(0, head), *parts], what)
@@ -667,7 +680,8 @@ def _pack(obj: Any, queue_path: str, max_message: int, name: str, queue: Any,
     """Pickle ``obj`` for the ring: ``(message, None)`` for a small object;
     for a big one, the out-of-band header and the payload file holding its
     big buffers (one copy each, straight from the object's memory).
-    ``queue``: the queue's mapping, whose file's mode a new payload file takes.
+    ``queue``: the queue's mapping, whose file's mode and group a new payload
+    file takes.
     ``data``: ``obj`` already pickled in band, holding no big buffer.
     ``pool``: the sending handle's payload pool, reused and filled if given."""
     bufs: list[memoryview] = []
@@ -717,8 +731,9 @@ def _pack(obj: Any, queue_path: str, max_message: int, name: str, queue: Any,
         if keep and not pool.swept:  # type: ignore[union-attr]
             pool.swept = True  # type: ignore[union-attr]
             _sweep(queue_path)
+        mode, group = _core.file_access(queue)
         out, token = _create_payload(queue_path, size, parts, what, keep,
-                                     _core.file_mode(queue) & 0o777)
+                                     mode & 0o777 | 0o600, group)
         if keep and out.owner.reserve == size:  # (else no address space: its own)
             f = _PoolFile(out, token, size)
             pool.add(f)  # type: ignore[union-attr]

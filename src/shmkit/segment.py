@@ -1438,7 +1438,7 @@ class Segment(Closing):
         """
         if self._readonly:
             raise ReadOnlyError(f"segment {self._name!r} was opened readonly=True")
-        if not isinstance(size, int) or size < 0:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ValueError(f"size must be a non-negative int, not {size!r}")
         if size > self._max_size:
             raise SizeLimitError(f"{size} bytes is beyond this segment's max_size "
@@ -1454,9 +1454,12 @@ class Segment(Closing):
     def _resize(self, size: int, timeout: float | None, what: str, grow_only: bool) -> None:
         # One call of the core takes the lock, resizes and lets it go: no
         # Ctrl-C can land between the steps and leave the lock held.
+        self._check_truncated(look=True)  # (the common case of what the core refuses)
         try:
             taken = _core.resize_payload(self._live_mapping(), self._hsize, self._max_size,
                                          size, grow_only, timeout, f"lock of {self._name!r}")
+        except CorruptError as e:
+            raise CorruptError(f"segment {self._name!r}: {e}") from None
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 raise OutOfSpaceError(

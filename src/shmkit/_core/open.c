@@ -60,7 +60,7 @@
  *
  *   sync_file(mapping)          fsync of the mapping's file
  *   file_sizes(mapping) -> (size, allocated bytes)   fstat of it
- *   file_mode(mapping) -> int   its permission bits
+ *   file_access(mapping) -> (permission bits, group id)   of it
  *       These, and resize_payload, borrow the file for the call
  *       (shm_mapping_lend_fd): a close by another thread meanwhile cannot
  *       hand its descriptor number to a file the process opens next, and
@@ -353,47 +353,77 @@ lent_fstat(MappingObject *m, struct stat *st)
     return -1;
 }
 
+/* Give back [from, to) of m's file (best effort: a failure leaves memory
+ * allocated, nothing wrong). */
+static void
+give_back(MappingObject *m, uint64_t from, uint64_t to)
+{
+    if (to > from && on_lent_file(m, punch, (off_t)from, (off_t)(to - from)) < 0)
+        PyErr_Clear();
+}
+
 /* A resize with the segment's lock held (see resize_payload): 0, or -1 with
- * an exception and the size as it was. */
+ * an exception and the size as it was.  Nothing past the payload is ever
+ * live, so whatever the file holds there (a resizer killed or failing part
+ * way through its allocation) is given back too. */
 static int
 resize_locked(MappingObject *m, uint64_t hsize, uint64_t max_size, uint64_t size,
               int grow_only)
 {
+    shm_state *state = shm_state_of((PyObject *)m);
     struct shm_segment_hdr *h = (struct shm_segment_hdr *)m->base;
+    if (shm_sigbus_truncated(m->base)) { /* what we read of it may be a stand-in page */
+        PyErr_SetString(state->CorruptError, "the segment's file was truncated by another "
+                        "process; nothing in it can be trusted: remove it and make it again");
+        return -1;
+    }
     uint64_t old = __atomic_load_n(&h->size, __ATOMIC_ACQUIRE);
     if (grow_only && size <= old)
         return 0;
     struct stat st;
     if (lent_fstat(m, &st) < 0)
         return -1;
+    const uint64_t file_end = (uint64_t)st.st_size;
     /* (hsize + max_size fits the mapping's reservation: checked by the caller) */
-    if (old > max_size || hsize + old > (uint64_t)st.st_size) {
-        PyErr_Format(shm_state_of((PyObject *)m)->CorruptError,
-                     "the segment claims %llu bytes, more than its file holds; remove it "
-                     "and make it again", (unsigned long long)old);
+    if (old > max_size || hsize + old > file_end) {
+        PyErr_Format(state->CorruptError,
+                     "its header claims %llu bytes, more than its %s (%llu bytes); remove "
+                     "it and make it again", (unsigned long long)old,
+                     old > max_size ? "max_size" : "file holds",
+                     (unsigned long long)(old > max_size ? max_size : file_end - hsize));
         return -1;
     }
+    const uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    const uint64_t keep = hsize + size, end = hsize + old;
+    const uint64_t keep_up = (keep + page - 1) / page * page;
     if (size > old) {
         int fd = shm_mapping_lend_fd(m);
         if (fd < 0)
             return -1;
-        int err = allocate(fd, (off_t)(hsize + old), (off_t)(size - old));
+        int err = allocate(fd, (off_t)end, (off_t)(size - old));
         shm_mapping_return_fd(m);
-        if (file_op_error(err) < 0)
-            return -1;
+        if (err != 0) { /* what the allocation got before it failed goes back */
+            PyObject *type, *value, *tb;
+            if (err < 0)
+                PyErr_Fetch(&type, &value, &tb);
+            give_back(m, (end + page - 1) / page * page, keep);
+            if (err < 0)
+                PyErr_Restore(type, value, tb);
+            return file_op_error(err);
+        }
     } else if (size < old) {
-        const uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
-        const uint64_t keep = hsize + size, end = hsize + old;
-        const uint64_t start = (keep + page - 1) / page * page;
-        if (end > start &&
-            file_op_error(on_lent_file(m, punch, (off_t)start, (off_t)(end - start))) < 0)
+        if (end > keep_up &&
+            file_op_error(on_lent_file(m, punch, (off_t)keep_up, (off_t)(end - keep_up))) < 0)
             return -1;
+        give_back(m, end > keep_up ? end : keep_up, file_end);
         /* The rest of the last page is kept: zeroed, so that growing again
          * shows zeros there too, never the old bytes. */
-        memset(m->base + keep, 0, (size_t)((start < end ? start : end) - keep));
+        memset(m->base + keep, 0, (size_t)((keep_up < end ? keep_up : end) - keep));
     }
     __atomic_store_n(&h->size, size, __ATOMIC_RELEASE);
     __atomic_add_fetch(&h->resizes, 1, __ATOMIC_RELEASE);
+    if (size > old)
+        give_back(m, keep_up, file_end); /* left past the old payload by a failed resize */
     return 0;
 }
 
@@ -408,11 +438,12 @@ py_resize_payload(PyObject *mod, PyObject *args)
                           &size, &grow_only, &timeout, &what))
         return NULL;
     MappingObject *m = (MappingObject *)obj;
-    if (hsize < (long long)sizeof(struct shm_segment_hdr) || max_size < 0 || size < 0 ||
+    if (hsize < SHM_HEADER_BYTES || hsize % sysconf(_SC_PAGESIZE) != 0 || max_size < 0 ||
+        size < 0 ||
         size > max_size || (m->base != NULL && (uint64_t)hsize + (uint64_t)max_size >
                                                (uint64_t)m->reserve)) {
-        PyErr_SetString(PyExc_ValueError, "resize_payload: need 0 <= size <= max_size, and "
-                        "the header and max_size within the mapping");
+        PyErr_SetString(PyExc_ValueError, "resize_payload: need 0 <= size <= max_size, a "
+                        "whole-page header, and the header and max_size within the mapping");
         return NULL;
     }
     int64_t deadline = shm_sync_deadline(Py_True, timeout);
@@ -457,7 +488,7 @@ py_file_sizes(PyObject *mod, PyObject *arg)
 }
 
 static PyObject *
-py_file_mode(PyObject *mod, PyObject *arg)
+py_file_access(PyObject *mod, PyObject *arg)
 {
     PyObject *obj;
     if (!shm_mapping_converter(arg, &obj))
@@ -465,7 +496,7 @@ py_file_mode(PyObject *mod, PyObject *arg)
     struct stat st;
     if (lent_fstat((MappingObject *)obj, &st) < 0)
         return NULL;
-    return PyLong_FromLong((long)(st.st_mode & 07777));
+    return Py_BuildValue("(lk)", (long)(st.st_mode & 07777), (unsigned long)st.st_gid);
 }
 
 static PyObject *
@@ -617,9 +648,9 @@ PyMethodDef shm_open_methods[] = {
     {"file_sizes", py_file_sizes, METH_O,
      "file_sizes($module, mapping, /)\n--\n\n"
      "file_sizes(mapping) -> (size, allocated bytes)\n\nfstat of the mapping's file."},
-    {"file_mode", py_file_mode, METH_O,
-     "file_mode($module, mapping, /)\n--\n\n"
-     "file_mode(mapping) -> int\n\nThe permission bits of the mapping's file."},
+    {"file_access", py_file_access, METH_O,
+     "file_access($module, mapping, /)\n--\n\n"
+     "file_access(mapping) -> (permission bits, group id)\n\nOf the mapping's file."},
     {"link_file", py_link_file, METH_VARARGS,
      "link_file($module, fd, path, mapping, /)\n--\n\n"
      "link_file(fd, path, mapping)\n\nName the file of fd (made by create_file) "
