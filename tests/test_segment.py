@@ -567,6 +567,24 @@ def test_a_ctrl_c_at_any_step_of_a_resize_leaves_the_lock_free_and_the_bytes_who
             assert k > 3  # it was interrupted at several points first
 
 
+@pytest.mark.parametrize("new_size", [3 * 4096, 100])
+def test_a_resize_gives_back_what_a_failed_one_left_past_the_payload(name, new_size):
+    # A resizer killed in its allocation (or one that ran out of room part
+    # way) leaves the file allocated past the payload: nothing lives there,
+    # and no later resize gave it back.
+    with shmkit.Segment(name, size=2 * 4096) as s:
+        s.write(b"k" * 100)
+        fd = os.open(s.path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, s._hsize + 2 * 4096, 8 << 20)  # as a dead resizer left it
+        finally:
+            os.close(fd)
+        assert _core.file_sizes(s._mapping)[1] > 8 << 20
+        s.resize(new_size)
+        assert _core.file_sizes(s._mapping)[1] < 1 << 20
+        assert s.size == new_size and s.read(100) == b"k" * 100
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """An 8 MiB tmpfs, so running out of space is quick and harmless."""
