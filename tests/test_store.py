@@ -2047,9 +2047,50 @@ def test_a_new_thread_never_passes_for_an_ended_one_that_left_its_batch_open(nam
 
         got = _in_thread_of_a_reused_identifier(open_batch, write)
         assert isinstance(got, shmkit.Timeout), got
-        with pytest.raises(RuntimeError, match="no batch is open in this thread"):
-            left[0].__exit__(None, None, None)
         assert st.get("other") is None and st.get("staged") is None and st["kept"] == 1
+        left.pop().__exit__(None, None, None)  # left here, it ends here: published
+        assert st["staged"] == 2
+        st["other"] = 3
+
+
+@pytest.mark.parametrize("how", ["closed", "freed"])
+def test_a_batch_whose_block_ends_in_another_thread_ends_there(name, how):
+    # A generator suspended inside `with st.batch():`, closed (or freed) by
+    # another thread: the block's exit there was refused, the batch stayed
+    # open with the lock held for the process's life, and the thread that
+    # opened it wrote into it afterwards, never to be published.
+    with shmkit.Store(name, timeout=2) as st:
+        def gen() -> Any:
+            with st.batch():
+                st["in generator"] = 1
+                yield
+
+        handed: list[Any] = []
+        opened, closed, wrote = threading.Event(), threading.Event(), threading.Event()
+
+        def opener() -> None:
+            handed.append(gen())  # (held by the list alone)
+            next(handed[0])
+            opened.set()
+            closed.wait(30)
+            st["opener after"] = 2  # not into the batch that was discarded
+            wrote.set()
+
+        t = threading.Thread(target=opener)
+        t.start()
+        assert opened.wait(30)
+        if how == "closed":
+            handed.pop().close()  # GeneratorExit through the block: discarded
+        else:
+            handed.clear()  # freed unclosed: discarded as it goes
+            gc.collect()
+        st["here"] = 3  # the lock is free at once
+        closed.set()
+        assert wrote.wait(30)
+        t.join()
+        assert "in generator" not in st and st["here"] == 3 and st["opener after"] == 2
+        with shmkit.Store.open(name) as other:  # published, for every handle
+            assert dict(other.items()) == {"here": 3, "opener after": 2}
 
 
 def test_a_copy_of_the_stores_file_is_not_taken_for_the_store(tmp_path):
@@ -2101,6 +2142,43 @@ class _WritesThroughAnotherHandle:
         self.__dict__.update(state)
         assert _WritesThroughAnotherHandle.handle is not None
         _WritesThroughAnotherHandle.handle["from setstate"] = 1
+
+
+class _EndsItsBatchElsewhere:
+    """A value whose unpickling has another thread leave ``batch``."""
+
+    batch: Any = None
+    errors: list[BaseException] = []
+
+    def __init__(self) -> None:
+        self.state = 1  # (some state, so that unpickling calls __setstate__)
+
+    def __setstate__(self, state: dict) -> None:
+        def leave() -> None:
+            try:
+                _EndsItsBatchElsewhere.batch.__exit__(None, None, None)
+            except RuntimeError as e:
+                _EndsItsBatchElsewhere.errors.append(e)
+        t = threading.Thread(target=leave)
+        t.start()
+        t.join()
+
+
+def test_another_thread_cannot_end_a_batch_whose_thread_is_mid_operation(name):
+    with Store(name, codec="pickle") as st:
+        st["k"] = _EndsItsBatchElsewhere()
+        b = _EndsItsBatchElsewhere.batch = st.batch()
+        try:
+            b.__enter__()
+            st["staged"] = 1
+            st.pop("k")  # its unpickling runs under the lock, in the batch
+        finally:
+            _EndsItsBatchElsewhere.batch = None
+        [error] = _EndsItsBatchElsewhere.errors
+        assert "in the middle of an operation" in str(error)
+        b.__exit__(None, None, None)  # still open: left here, published
+        assert dict(st.items()) == {"staged": 1}
+        st.verify()
 
 
 def test_a_second_handle_used_while_pop_decodes_under_the_lock_is_refused(name):
@@ -2496,9 +2574,9 @@ def test_a_batch_object_is_entered_once_and_discarded_when_dropped_open(name):
         other = threading.Thread(target=exit_here)
         other.start()
         other.join()
-        assert len(errors) == 1 and "no batch is open in this thread" in str(errors[0])
-        b.__exit__(None, None, None)  # refused elsewhere, it still closes here
-        assert st["c"] == 3
+        assert errors == [] and st["c"] == 3  # left in another thread, it ends there
+        with pytest.raises(RuntimeError, match="not open"):
+            b.__exit__(None, None, None)
         b = st.batch()
         b.__enter__()  # and never left: dropping it discards the batch
         st["lost"] = 1

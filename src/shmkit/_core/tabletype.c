@@ -1569,18 +1569,26 @@ t_batch_begin(TableObject *t)
     return 0;
 }
 
-/* Close the batch: publish its words when commit, else discard them; release
- * the lock.  0; -1 with an exception set; -2 with an exception set when it
- * refused and the batch is still open (another thread, or midway). */
+/* Close the batch that thread `owner` opened: publish its words when commit,
+ * else discard them; release the lock.  Another thread may close it (a
+ * generator's with-block closed there, a batch object freed there), as the
+ * GIL orders every change of the table's state, unless the owner is in the
+ * middle of an operation.  0; -1 with an exception set; -2 with an exception
+ * set when it refused and the batch is still open. */
 static int
-t_batch_end(TableObject *t, int commit)
+t_batch_end_as(TableObject *t, int commit, unsigned long owner)
 {
-    if (!t_in_batch(&t->c)) {
+    if (t->c.batch_depth <= 0 || t->c.lock_thread != owner) {
         PyErr_SetString(PyExc_RuntimeError, "no batch is open in this thread");
         return -2;
     }
-    if (t_reentered(t))
+    if (owner == t_thread() ? t_reentered(t) : t->midway > 0) {
+        if (owner != t_thread())
+            PyErr_SetString(PyExc_RuntimeError,
+                            "the thread that opened this batch is in the middle of an "
+                            "operation on the store; leave the batch after it returns");
         return -2;
+    }
     int r = 0;
     if (--t->c.batch_depth == 0 && tt_live(t) == 0) {
         if (commit)
@@ -1594,6 +1602,13 @@ t_batch_end(TableObject *t, int commit)
     }
     t_unlock(t);
     return r < 0 ? -1 : 0;
+}
+
+/* Close this thread's batch (t_batch_end_as). */
+static int
+t_batch_end(TableObject *t, int commit)
+{
+    return t_batch_end_as(t, commit, t_thread());
 }
 
 /* ---- update: many puts in one call, as one batch ----------------------------- */
@@ -1781,8 +1796,9 @@ table_batch_end(TableObject *t, PyObject *arg)
 typedef struct {
     PyObject_HEAD
     TableObject *t;
-    uint64_t forks; /* t->forks at __enter__ */
-    int state;      /* 0 made, 1 entered, 2 exited */
+    uint64_t forks;       /* t->forks at __enter__ */
+    unsigned long thread; /* t_thread() of the thread that entered it */
+    int state;            /* 0 made, 1 entered, 2 exited */
 } BatchObject;
 
 static PyObject *
@@ -1793,6 +1809,7 @@ table_batch(TableObject *t, PyObject *Py_UNUSED(ignored))
         return NULL;
     b->t = (TableObject *)Py_NewRef(t);
     b->forks = 0;
+    b->thread = 0;
     b->state = 0;
     PyObject_GC_Track(b);
     return (PyObject *)b;
@@ -1811,6 +1828,7 @@ batch_enter(PyObject *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUS
         return NULL;
     b->state = 1;
     b->forks = b->t->forks;
+    b->thread = t_thread();
     return Py_NewRef((PyObject *)b->t);
 }
 
@@ -1834,7 +1852,7 @@ batch_exit(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                         "the child instead");
         return NULL;
     }
-    int r = t_batch_end(b->t, !raised);
+    int r = t_batch_end_as(b->t, !raised, b->thread);
     if (r == -2) { /* refused: still open, for a later __exit__ or the dealloc */
         b->state = 1;
         return NULL;
@@ -1848,14 +1866,16 @@ static void
 batch_dealloc(BatchObject *b)
 {
     PyObject_GC_UnTrack(b);
-    /* Entered and never left (its __exit__ not called): discard, as the
-     * thread that opened it, so that the lock is not held by nothing. */
+    /* Entered and never left (its __exit__ not called), and nobody can leave
+     * it any more: discard it, in whatever thread frees it, so that the lock
+     * is not held by nothing. */
     TableObject *t = b->t;
-    if (b->state == 1 && t != NULL && t->forks == b->forks && t_in_batch(&t->c) &&
-        t->c.m != NULL && t->c.m->base != NULL && !t->midway) {
+    if (b->state == 1 && t != NULL && t->forks == b->forks && t->c.batch_depth > 0 &&
+        t->c.lock_thread == b->thread && t->c.m != NULL && t->c.m->base != NULL &&
+        !t->midway) {
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb);
-        if (t_batch_end(t, 0) < 0)
+        if (t_batch_end_as(t, 0, b->thread) < 0)
             PyErr_WriteUnraisable((PyObject *)t);
         PyErr_Restore(et, ev, tb);
     }
