@@ -2144,6 +2144,70 @@ class _WritesThroughAnotherHandle:
         _WritesThroughAnotherHandle.handle["from setstate"] = 1
 
 
+def test_a_batch_ends_elsewhere_only_when_its_thread_is_between_operations(name):
+    # Another thread could end a batch while its thread copied a big value
+    # out (get_into lets the GIL go for 64 KiB and more): the block was freed
+    # and could be taken by the next put mid-copy, and get_into returned a
+    # mix of both.  Nor may it end one with another batch, or the lock,
+    # taken inside it.
+    big = 64 << 20
+    first, second = b"B" * big, b"C" * big
+    refused_mid_copy = 0
+    with Store(name, size=100 << 20, max_size=100 << 20) as st:  # room for one value
+        for _ in range(3):
+            b = st.batch()
+            buf = bytearray(big)
+            copied: list[Any] = []
+            started = threading.Event()
+
+            def owner() -> None:
+                b.__enter__()
+                st["k"] = first
+                started.set()
+                try:
+                    copied.append(st.get_into("k", buf))
+                except KeyError:  # (the batch ended before the read began)
+                    copied.append(None)
+
+            t = threading.Thread(target=owner)
+            t.start()
+            assert started.wait(30)
+            time.sleep(0.001)  # into the copy (a few ms)
+            while True:  # ended once the owner is out of its read
+                try:
+                    b.__exit__(ValueError, ValueError("discard"), None)
+                    break
+                except RuntimeError as e:
+                    assert "in the middle of an operation" in str(e)
+                    refused_mid_copy += 1
+            st["other"] = second  # in the block the discarded value freed
+            t.join()
+            assert copied == [None] or (copied == [big] and buf.count(b"B"[0]) == big)
+            assert "k" not in st
+            del st["other"]
+        assert refused_mid_copy > 0
+
+        outer, inner = st.batch(), st.batch()
+        left: list[BaseException] = []
+        outer.__enter__()
+        st["outer"] = 1
+        inner.__enter__()
+        st["inner"] = 2
+
+        def leave_outer() -> None:
+            try:
+                outer.__exit__(ValueError, ValueError("discard"), None)
+            except RuntimeError as e:
+                left.append(e)
+        other = threading.Thread(target=leave_outer)
+        other.start()
+        other.join()
+        assert "another batch open inside it" in str(left[0])
+        inner.__exit__(None, None, None)
+        outer.__exit__(ValueError, ValueError("discard"), None)  # in its thread: discarded
+        assert "outer" not in st and "inner" not in st
+
+
 class _EndsItsBatchElsewhere:
     """A value whose unpickling has another thread leave ``batch``."""
 

@@ -28,7 +28,8 @@ typedef struct TableObject {
     PyObject *decode_hook; /* (vtype, bytes) -> object or empty ndarray */
     PyObject *grow_hook;   /* need -> None: grows the segment */
     int midway;            /* Python code runs with the lock held in the middle of
-                            * an operation: the grow hook, decoding a value */
+                            * an operation (the grow hook, decoding a value), or
+                            * a locked read's copy lets the GIL go */
     uint64_t forks;        /* forks this process came through since the handle
                             * was made: a batch opened before one is the parent's */
     int forked_in_batch;   /* the last of them came inside a batch of the thread
@@ -952,9 +953,11 @@ read_raw(TableObject *t, const char *P, uint64_t off, const TRec *r, int mode,
     if (mode == M_INTO) {
         if (dlen >= (64u << 10)) {
             shm_pin(t->mapping); /* other threads run: keep the memory mapped */
+            t->midway += locked; /* (no other thread may end our batch meanwhile) */
             Py_BEGIN_ALLOW_THREADS
             memcpy(into->buf, P + doff, (size_t)dlen);
             Py_END_ALLOW_THREADS
+            t->midway -= locked;
             shm_unpin(t->mapping);
             if (tt_live(t) < 0)
                 return 0;
@@ -1572,9 +1575,13 @@ t_batch_begin(TableObject *t)
 /* Close the batch that thread `owner` opened: publish its words when commit,
  * else discard them; release the lock.  Another thread may close it (a
  * generator's with-block closed there, a batch object freed there), as the
- * GIL orders every change of the table's state, unless the owner is in the
- * middle of an operation.  0; -1 with an exception set; -2 with an exception
- * set when it refused and the batch is still open. */
+ * GIL orders every change of the table's state, when the batch alone holds
+ * the lock (no batch nested in it, no lock taken inside it) and the owner is
+ * in no operation that lets the GIL go or runs Python code under the lock
+ * (midway): it then takes the lock over, so that the owner, from then on,
+ * waits for it as any other thread, and ends the batch as its own.  0; -1
+ * with an exception set; -2 with an exception set when it refused and the
+ * batch is still open. */
 static int
 t_batch_end_as(TableObject *t, int commit, unsigned long owner)
 {
@@ -1582,13 +1589,20 @@ t_batch_end_as(TableObject *t, int commit, unsigned long owner)
         PyErr_SetString(PyExc_RuntimeError, "no batch is open in this thread");
         return -2;
     }
-    if (owner == t_thread() ? t_reentered(t) : t->midway > 0) {
-        if (owner != t_thread())
-            PyErr_SetString(PyExc_RuntimeError,
-                            "the thread that opened this batch is in the middle of an "
-                            "operation on the store; leave the batch after it returns");
-        return -2;
+    if (owner != t_thread()) {
+        const char *why = t->midway > 0 ? "is in the middle of an operation on the store"
+                          : t->c.batch_depth > 1 ? "has another batch open inside it"
+                          : t->c.lock_depth > 1 ? "holds the store's lock inside it"
+                                                : NULL;
+        if (why != NULL) {
+            PyErr_Format(PyExc_RuntimeError, "the thread that opened this batch %s; leave "
+                         "the batch in that thread, or after that ends", why);
+            return -2;
+        }
+        t->c.lock_thread = t_thread(); /* taken over: ended below as ours */
     }
+    if (t_reentered(t))
+        return -2;
     int r = 0;
     if (--t->c.batch_depth == 0 && tt_live(t) == 0) {
         if (commit)
