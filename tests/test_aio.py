@@ -603,7 +603,10 @@ def test_idle_watchers_never_wake_and_one_checker_looks_for_dead_peers(names, th
         woke, looks, got = asyncio.run(main())
         assert len(woke) == 3
         assert max(woke) <= 1, woke  # a sleep in 50 ms liveness slices wakes ~40 times
-        assert looks >= 2  # the checker does look, every CHECK_EVERY s or so
+        # the checker does look: every CHECK_EVERY s, or, as 300 channels
+        # take a while to look at, every 200 times a look's CPU time (up to
+        # 2 s on a loaded machine)
+        assert looks >= 1
         assert got == [b"%d" % i for i in range(300)]
     finally:
         for c in chans:
