@@ -543,7 +543,10 @@ def test_a_ctrl_c_at_any_step_of_a_resize_leaves_the_lock_free_and_the_bytes_who
     the lock held, and another process's resize timed out naming this one.)"""
     segment_py = segmod.__file__
     pattern = bytes(range(256)) * 80
-    with shmkit.Segment(name, size=5 * 4096, max_size=1 << 20) as s:
+    gc.disable()  # (no collector callback, another library's, to take the interrupt)
+    with contextlib.ExitStack() as stack:
+        stack.callback(gc.enable)
+        s = stack.enter_context(shmkit.Segment(name, size=5 * 4096, max_size=1 << 20))
         for start, target in ((3 * 4096, 5 * 4096), (5 * 4096, 100)):
             for k in range(1, 5000):
                 s.resize(start)

@@ -1975,6 +1975,14 @@ def test_a_ctrl_c_at_any_step_of_a_growth_never_leaves_room_the_store_cannot_use
     import shmkit.store as store_module
     store_py = store_module.__file__
     value = b"v" * 100
+    gc.disable()  # (no collector callback, another library's, to take the interrupt)
+    try:
+        _grow_under_interrupts(store_py, value)
+    finally:
+        gc.enable()
+
+
+def _grow_under_interrupts(store_py: str, value: bytes) -> None:
     for k in range(1, 2000):
         with shmkit.Store(None, size=64 << 10, max_size=128 << 10) as st:
             seen = interrupt_at_bytecode(k, lambda c: c.co_filename == store_py)
@@ -2206,6 +2214,103 @@ def test_a_batch_ends_elsewhere_only_when_its_thread_is_between_operations(name)
         inner.__exit__(None, None, None)
         outer.__exit__(ValueError, ValueError("discard"), None)  # in its thread: discarded
         assert "outer" not in st and "inner" not in st
+
+
+def test_an_outer_block_that_ends_with_an_error_first_discards_the_whole_batch(name):
+    # Two generators' blocks, the second joining the first's batch: the
+    # first closed (an error: GeneratorExit) while the second was open only
+    # lowered the depth, and the second's end then published both blocks'
+    # writes, in its thread or another's.
+    with Store(name) as st, Store.open(name) as other:
+        def gen(key: str) -> Any:
+            with st.batch():
+                st[key] = 1
+                yield
+
+        for where in ("here", "another thread"):
+            g1, g2 = gen("g1"), gen("g2")
+            next(g1)
+            next(g2)
+            g1.close()
+            errors: list[BaseException] = []
+
+            def finish() -> None:
+                try:
+                    next(g2, None)
+                except RuntimeError as e:
+                    errors.append(e)
+            if where == "here":
+                finish()
+            else:
+                t = threading.Thread(target=finish)
+                t.start()
+                t.join()
+            assert "discarded" in str(errors[0]), where
+            assert "g1" not in other and "g2" not in other, where
+            st["after"] = 1  # the lock is free
+            del st["after"]
+
+
+def test_a_batch_freed_in_its_thread_under_a_nested_one_discards_it_all(name):
+    # The outer batch object freed by the collector while update()'s own
+    # batch was open inside it: its discard only lowered the depth, and the
+    # update's end published the outer batch's writes.
+    with Store(name) as st, Store.open(name) as other:
+        b = st.batch()
+        b.__enter__()
+        st["outer"] = 1
+        cycle: list[Any] = [b]
+        cycle.append(cycle)
+        del b, cycle
+
+        def pairs() -> Any:
+            yield "u", 1
+            gc.collect()
+            yield "v", 2
+        with pytest.raises(RuntimeError, match="discarded"):
+            st.update(pairs())
+        assert dict(other.items()) == {}
+        st["after"] = 1  # the lock is free
+        assert dict(other.items()) == {"after": 1}
+
+
+def test_a_child_forked_in_the_grow_hook_while_a_batch_commits_exits_cleanly(monkeypatch):
+    # The child came back into the commit with the batch's staged puts let
+    # go by the fork hook, and crashed moving them.
+    import shmkit.store as store_module
+    real = store_module._grow
+    armed = [False]
+
+    def grow(seg: Any, timeout: Any, need: int) -> None:
+        if armed[0]:
+            armed[0] = False
+            if os.fork() == 0:
+                try:
+                    real(seg, timeout, need)
+                finally:
+                    armed.append("child")
+                return
+        real(seg, timeout, need)
+    monkeypatch.setattr(store_module, "_grow", grow)
+    with Store(None, size=64 << 10) as st:
+        b = st.batch()
+        b.__enter__()
+        n = 0
+        while st.statistics()["largest_free"] > 16 * (n + 1) + 64:
+            st[f"k{n}"] = b"v" * 48
+            n += 1
+        armed[0] = True  # the commit's journal needs room: the hook forks
+        try:
+            b.__exit__(None, None, None)
+        except RuntimeError as e:
+            assert "child" in armed and "forked" in str(e)
+            os._exit(0)
+        if "child" in armed:
+            os._exit(3)  # the child must not finish the parent's commit
+        _, status = os.wait()
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert all(st[f"k{i}"] == b"v" * 48 for i in range(n))
+        st.verify()
 
 
 class _EndsItsBatchElsewhere:

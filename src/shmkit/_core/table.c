@@ -1808,6 +1808,8 @@ t_batch_resolve(TCore *t)
             break;
         }
     }
+    if (sp->n != n) /* let go meanwhile: a child forked in the grow hook holds none of it */
+        return r;
     sp->n = n - i;
     memmove(sp->e, sp->e + i, sp->n * sizeof *sp->e);
     return r;

@@ -27,6 +27,11 @@ typedef struct TableObject {
     PyObject *encode_hook; /* value -> (vtype, head, body) for other types */
     PyObject *decode_hook; /* (vtype, bytes) -> object or empty ndarray */
     PyObject *grow_hook;   /* need -> None: grows the segment */
+    uint64_t batch_gen;    /* outermost batches this handle opened, counted: a
+                            * batch object ends only the batch it entered */
+    int batch_doomed;      /* the batch's outermost block ended with an error while
+                            * a block nested in it was open: the batch's end
+                            * discards */
     int midway;            /* Python code runs with the lock held in the middle of
                             * an operation (the grow hook, decoding a value), or
                             * a locked read's copy lets the GIL go */
@@ -1568,7 +1573,10 @@ t_batch_begin(TableObject *t)
 {
     if (t_enter_lock(t) < 0)
         return -1;
-    t->c.batch_depth++;
+    if (t->c.batch_depth++ == 0) {
+        t->batch_gen++;
+        t->batch_doomed = 0;
+    }
     return 0;
 }
 
@@ -1583,7 +1591,7 @@ t_batch_begin(TableObject *t)
  * with an exception set; -2 with an exception set when it refused and the
  * batch is still open. */
 static int
-t_batch_end_as(TableObject *t, int commit, unsigned long owner)
+t_batch_end_as(TableObject *t, int commit, unsigned long owner, int outermost)
 {
     if (t->c.batch_depth <= 0 || t->c.lock_thread != owner) {
         PyErr_SetString(PyExc_RuntimeError, "no batch is open in this thread");
@@ -1604,15 +1612,29 @@ t_batch_end_as(TableObject *t, int commit, unsigned long owner)
     if (t_reentered(t))
         return -2;
     int r = 0;
+    /* The outermost block ended with an error before a block nested in it
+     * (a generator's, closed first): the blocks nested in it end later, and
+     * the batch's end then discards every write of them all. */
+    if (!commit && outermost && t->c.batch_depth > 1)
+        t->batch_doomed = 1;
     if (--t->c.batch_depth == 0 && tt_live(t) == 0) {
-        if (commit)
+        int doomed = t->batch_doomed;
+        t->batch_doomed = 0;
+        if (commit && !doomed)
             r = t_batch_commit(&t->c);
         t->midway++; /* raising may run Python code; the discard is not done yet */
         if (r < 0)
             t_raise(t);
-        if (!commit || r < 0)
+        if (!commit || doomed || r < 0)
             t_batch_discard(&t->c);
         t->midway--;
+        if (commit && doomed) {
+            PyErr_SetString(PyExc_RuntimeError,
+                            "the batch was discarded, with this block's writes: the "
+                            "with-block that opened it ended with an error while this "
+                            "one, nested in it, was still open");
+            r = -1;
+        }
     }
     t_unlock(t);
     return r < 0 ? -1 : 0;
@@ -1622,7 +1644,7 @@ t_batch_end_as(TableObject *t, int commit, unsigned long owner)
 static int
 t_batch_end(TableObject *t, int commit)
 {
-    return t_batch_end_as(t, commit, t_thread());
+    return t_batch_end_as(t, commit, t_thread(), 0);
 }
 
 /* ---- update: many puts in one call, as one batch ----------------------------- */
@@ -1811,7 +1833,9 @@ typedef struct {
     PyObject_HEAD
     TableObject *t;
     uint64_t forks;       /* t->forks at __enter__ */
+    uint64_t gen;         /* t->batch_gen at __enter__: the batch it is part of */
     unsigned long thread; /* t_thread() of the thread that entered it */
+    int outermost;        /* it opened the batch (others joined it) */
     int state;            /* 0 made, 1 entered, 2 exited */
 } BatchObject;
 
@@ -1823,7 +1847,9 @@ table_batch(TableObject *t, PyObject *Py_UNUSED(ignored))
         return NULL;
     b->t = (TableObject *)Py_NewRef(t);
     b->forks = 0;
+    b->gen = 0;
     b->thread = 0;
+    b->outermost = 0;
     b->state = 0;
     PyObject_GC_Track(b);
     return (PyObject *)b;
@@ -1842,7 +1868,9 @@ batch_enter(PyObject *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUS
         return NULL;
     b->state = 1;
     b->forks = b->t->forks;
+    b->gen = b->t->batch_gen;
     b->thread = t_thread();
+    b->outermost = b->t->c.batch_depth == 1;
     return Py_NewRef((PyObject *)b->t);
 }
 
@@ -1866,7 +1894,12 @@ batch_exit(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                         "the child instead");
         return NULL;
     }
-    int r = t_batch_end_as(b->t, !raised, b->thread);
+    if (b->gen != b->t->batch_gen || b->t->c.batch_depth <= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "this batch() already ended, with the batch it "
+                                            "was nested in");
+        return NULL;
+    }
+    int r = t_batch_end_as(b->t, !raised, b->thread, b->outermost);
     if (r == -2) { /* refused: still open, for a later __exit__ or the dealloc */
         b->state = 1;
         return NULL;
@@ -1884,12 +1917,12 @@ batch_dealloc(BatchObject *b)
      * it any more: discard it, in whatever thread frees it, so that the lock
      * is not held by nothing. */
     TableObject *t = b->t;
-    if (b->state == 1 && t != NULL && t->forks == b->forks && t->c.batch_depth > 0 &&
-        t->c.lock_thread == b->thread && t->c.m != NULL && t->c.m->base != NULL &&
-        !t->midway) {
+    if (b->state == 1 && t != NULL && t->forks == b->forks && b->gen == t->batch_gen &&
+        t->c.batch_depth > 0 && t->c.lock_thread == b->thread && t->c.m != NULL &&
+        t->c.m->base != NULL && !t->midway) {
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb);
-        if (t_batch_end_as(t, 0, b->thread) < 0)
+        if (t_batch_end_as(t, 0, b->thread, b->outermost) < 0)
             PyErr_WriteUnraisable((PyObject *)t);
         PyErr_Restore(et, ev, tb);
     }
@@ -2347,6 +2380,7 @@ table_after_fork(TableObject *t, PyObject *Py_UNUSED(ignored))
     t->forked_in_batch = t_in_batch(&t->c);
     t->c.lock_depth = 0;
     t->c.batch_depth = 0;
+    t->batch_doomed = 0;
     t->midway = 0;
     holder_remove(t); /* (in a child, whose list starts empty, it only forgets it) */
     t->forks++;
