@@ -133,6 +133,27 @@ def fork_call(fn: Callable[..., Any], *args: Any) -> int:
     return pid
 
 
+def as_user(fn: Callable[[], object], uid: int = 65534, gid: int = 65534,
+            groups: list[int] | None = None) -> int:
+    """Run ``fn()`` in a forked child that has become ``uid``/``gid`` (with
+    the supplementary ``groups``, if given); its exit status: 0 when ``fn``
+    returned, 1 (the error written to stderr) when it raised."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            if groups is not None:
+                os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+            fn()
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - reported through the status
+            os.write(2, f"child: {type(e).__name__}: {e}\n".encode())
+        os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
 def interrupt_at_bytecode(k: int, traced: Callable[[Any], bool]) -> list[int]:
     """Trace the functions whose code objects ``traced`` accepts and raise
     KeyboardInterrupt at their k-th bytecode, as a Ctrl-C arriving there

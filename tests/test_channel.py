@@ -14,7 +14,6 @@ import sys
 import textwrap
 import threading
 import time
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -36,7 +35,7 @@ from shmkit.errors import (
     WrongKindError,
 )
 
-from conftest import SRC, run_python, set_layout, spawn
+from conftest import SRC, as_user, run_python, set_layout, spawn
 from conftest import fork_call as _fork, kill_wait as _kill
 
 # Ring header offsets (see _core/ring.c)
@@ -1056,20 +1055,11 @@ def test_a_queue_shared_with_another_user_shares_its_big_objects_too(name):
         q.put("small")
         [payload] = _payload_files(q._path)
         assert os.stat(payload).st_mode & 0o777 == 0o666
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.setgid(65534)
-                os.setuid(65534)
-                other = Queue.open(name)
-                got = other.get(timeout=10)
-                code = 0 if (np.array_equal(got, np.arange(1 << 18)) and
-                             other.get(timeout=10) == "small") else 2
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+        def receive() -> None:
+            other = Queue.open(name)
+            assert np.array_equal(other.get(timeout=10), np.arange(1 << 18))
+            assert other.get(timeout=10) == "small"
+        assert as_user(receive) == 0
     finally:
         q.close()
         shmkit.unlink(name)
@@ -1109,21 +1099,14 @@ def test_a_queue_whose_mode_changed_still_hands_its_owner_its_big_objects(name):
     # Payload files copied the queue file's mode: with the queue made
     # read-only (0o400), its own user's big objects were lost.  (As a user
     # that is not root, whom no mode stops.)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            q = Queue(name=name, create=True, payload_pool=0)
-            os.chmod(q._path, 0o400)
-            q.put(np.arange(1 << 18))
-            code = 0 if np.array_equal(q.get(timeout=5), np.arange(1 << 18)) else 2
-            q.close()
-        finally:
-            os._exit(code)
+    def own_user() -> None:
+        q = Queue(name=name, create=True, payload_pool=0)
+        os.chmod(q._path, 0o400)
+        q.put(np.arange(1 << 18))
+        assert np.array_equal(q.get(timeout=5), np.arange(1 << 18))
+        q.close()
     try:
-        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert as_user(own_user) == 0
     finally:
         shmkit.unlink(name)
 
@@ -1135,29 +1118,15 @@ def test_a_queue_given_to_a_group_gives_it_its_payload_files_too(name):
     q = Queue(name=name, mode=0o660, create=True, payload_pool=0)
     os.chown(q._path, -1, 65534)
 
-    def as_user(uid: int, gid: int, groups: list[int], fn: Callable[[], int]) -> int:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.setgroups(groups)
-                os.setgid(gid)
-                os.setuid(uid)
-                code = fn()
-            finally:
-                os._exit(code)
-        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-
-    def send() -> int:
+    def send() -> None:
         Queue.open(name).put(np.arange(1 << 18))
-        return 0
 
-    def receive() -> int:
+    def receive() -> None:
         got = Queue.open(name, trust_owner=65533).get(timeout=10)
-        return 0 if np.array_equal(got, np.arange(1 << 18)) else 2
+        assert np.array_equal(got, np.arange(1 << 18))
     try:
-        assert as_user(65533, 65533, [65534], send) == 0
-        assert as_user(65534, 65534, [], receive) == 0
+        assert as_user(send, 65533, 65533, [65534]) == 0
+        assert as_user(receive, 65534, 65534, []) == 0
     finally:
         q.close()
         shmkit.unlink(name)

@@ -29,7 +29,7 @@ import shmkit
 from shmkit import inspect
 from shmkit.segment import MAGIC
 
-from conftest import SRC, run_python
+from conftest import SRC, as_user, run_python
 
 NOBODY = 65534
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
@@ -37,22 +37,6 @@ ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a
 
 def _path(name: str) -> str:
     return f"/dev/shm/shmkit.{name}"
-
-
-def _as_nobody(fn) -> int:
-    """Run ``fn()`` in a forked child that has become uid/gid 65534; its exit status."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            fn()
-            code = 0
-        except BaseException as e:  # noqa: BLE001 - reported through the status
-            os.write(2, f"child: {type(e).__name__}: {e}\n".encode())
-        os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def _leftovers(name: str) -> list[str]:
@@ -78,7 +62,7 @@ def test_queue_squatted_by_another_user_is_refused_before_unpickling(name):
         q.put(_Evil())
         q.close()
 
-    assert _as_nobody(squat) == 0
+    assert as_user(squat) == 0
     assert os.stat(_path(name)).st_uid == NOBODY
     with pytest.raises(shmkit.UntrustedError) as e:
         shmkit.Queue(name=name)
@@ -126,7 +110,7 @@ def test_forged_messages_between_ordinary_users_are_refused(name):
         ch.send(b"forged")
         ch.close()
 
-    assert _as_nobody(squat) == 0
+    assert as_user(squat) == 0
     pid = os.fork()
     if pid == 0:
         code = 3

@@ -1452,9 +1452,9 @@ class Segment(Closing):
         self._resize(size, timeout, "grow", grow_only=True)
 
     def _resize(self, size: int, timeout: float | None, what: str, grow_only: bool) -> None:
-        # One call of the core takes the lock, resizes and lets it go: no
-        # Ctrl-C can land between the steps and leave the lock held.
-        self._check_truncated(look=True)  # (the common case of what the core refuses)
+        # One call of the core takes the lock, checks the file (truncated,
+        # or shorter than the header's size), resizes and lets the lock go:
+        # no Ctrl-C can land between the steps and leave the lock held.
         try:
             taken = _core.resize_payload(self._live_mapping(), self._hsize, self._max_size,
                                          size, grow_only, timeout, f"lock of {self._name!r}")

@@ -475,14 +475,19 @@ py_sync_file(PyObject *mod, PyObject *arg)
     return file_op_result(on_lent_file((MappingObject *)obj, sync_all, 0, 0));
 }
 
+/* lent_fstat of the file of arg, a mapping: 0, or -1 with an exception. */
+static int
+arg_fstat(PyObject *arg, struct stat *st)
+{
+    PyObject *obj;
+    return shm_mapping_converter(arg, &obj) ? lent_fstat((MappingObject *)obj, st) : -1;
+}
+
 static PyObject *
 py_file_sizes(PyObject *mod, PyObject *arg)
 {
-    PyObject *obj;
-    if (!shm_mapping_converter(arg, &obj))
-        return NULL;
     struct stat st;
-    if (lent_fstat((MappingObject *)obj, &st) < 0)
+    if (arg_fstat(arg, &st) < 0)
         return NULL;
     return Py_BuildValue("(LL)", (long long)st.st_size, (long long)st.st_blocks * 512);
 }
@@ -490,11 +495,8 @@ py_file_sizes(PyObject *mod, PyObject *arg)
 static PyObject *
 py_file_access(PyObject *mod, PyObject *arg)
 {
-    PyObject *obj;
-    if (!shm_mapping_converter(arg, &obj))
-        return NULL;
     struct stat st;
-    if (lent_fstat((MappingObject *)obj, &st) < 0)
+    if (arg_fstat(arg, &st) < 0)
         return NULL;
     return Py_BuildValue("(lk)", (long)(st.st_mode & 07777), (unsigned long)st.st_gid);
 }
