@@ -570,6 +570,57 @@ def test_a_ctrl_c_at_any_step_of_a_resize_leaves_the_lock_free_and_the_bytes_who
             assert k > 3  # it was interrupted at several points first
 
 
+def test_a_thread_that_holds_the_segments_lock_resizes_under_it(name):
+    """``with seg.lock: seg.resize(n)`` waited for its own lock forever (with
+    the default timeout=None); the resize is now made under the lock, which
+    stays held to the end of the block.  A lock that another thread of the
+    process holds, or that another thread released for this one, makes the
+    resize wait for it as before."""
+    proc = run_python(f"""
+        import threading, shmkit
+
+        def in_thread(fn):
+            t = threading.Thread(target=fn)
+            t.start()
+            t.join()
+
+        with shmkit.Segment({name!r}, size=4096, max_size=1 << 20) as s:
+            with s.lock:
+                s.resize(8192)
+                s.write(b"x", offset=8191)
+                got = []
+                in_thread(lambda: got.append(s.lock.acquire(timeout=0.1)))
+                assert got == [False], "the lock was let go inside the block"
+                s.resize(100)
+                assert s.lock.locked() and s.size == 100
+            assert not s.lock.locked()
+
+            held, done = threading.Event(), threading.Event()
+            def hold():
+                with s.lock:
+                    held.set()
+                    done.wait()
+            t = threading.Thread(target=hold)
+            t.start()
+            held.wait()
+            try:
+                s.resize(4096, timeout=0.2)
+                raise AssertionError("resized while another thread held the lock")
+            except shmkit.Timeout:
+                pass
+            finally:
+                done.set()
+                t.join()
+
+            s.lock.acquire()
+            in_thread(s.lock.release)  # let go for this thread by another one
+            s.resize(4096, timeout=5)
+            assert not s.lock.locked() and s.size == 4096
+            print("ok")
+    """, timeout=60)
+    assert proc.stdout.split() == ["ok"]
+
+
 @pytest.mark.parametrize("new_size", [3 * 4096, 100])
 def test_a_resize_gives_back_what_a_failed_one_left_past_the_payload(name, new_size):
     # A resizer killed in its allocation (or one that ran out of room part

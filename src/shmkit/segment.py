@@ -1432,7 +1432,9 @@ class Segment(Closing):
         hole punch, so stale views read zeros rather than faulting.  Other
         processes see the new size on their next access.  A resize holds the
         segment's lock: :class:`Timeout` after ``timeout`` seconds if another
-        process holds it that long (``None``: wait as long as it takes).
+        process holds it that long (``None``: wait as long as it takes).  A
+        thread that holds the lock already (``with seg.lock:``) resizes under
+        it, and the lock stays held until its block ends.
 
             >>> seg.resize(2 * seg.size, timeout=1.0)  # doctest: +SKIP
         """

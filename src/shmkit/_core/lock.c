@@ -101,6 +101,7 @@ held_claim(MappingObject *m, uint32_t *word)
     for (int i = 0; i < SHM_HELD_MAX; i++) {
         if (held_get(m, i) == 0) {
             held_put(m, i, held_entry(m, word, HELD_TRYING));
+            m->held_thread[i] = shm_thread_serial();
             return i;
         }
     }
@@ -133,6 +134,19 @@ held_by_other_thread(MappingObject *m, uint32_t *word, int self)
             HELD_STATE(e) != HELD_DAMAGED)
             return 1;
     }
+    return 0;
+}
+
+int
+shm_lock_mine(MappingObject *m, uint32_t *word)
+{
+    if (m->token == 0 || (__atomic_load_n(word, __ATOMIC_RELAXED) & SHM_TOKEN_MASK) != m->token)
+        return 0;
+    uint64_t e = held_entry(m, word, HELD_HOLDS);
+    unsigned long me = shm_thread_serial();
+    for (int i = 0; i < SHM_HELD_MAX; i++)
+        if (held_get(m, i) == e && m->held_thread[i] == me)
+            return 1;
     return 0;
 }
 

@@ -167,16 +167,13 @@ shm_child_generation(void)
     return child_generation;
 }
 
-static __thread unsigned long thread_serial;
+__thread unsigned long shm_thread_serial_given __attribute__((tls_model("initial-exec")));
 static unsigned long thread_serials; /* the last given */
 
 unsigned long
-shm_thread_serial(void)
+shm_thread_serial_first(void)
 {
-    unsigned long s = thread_serial;
-    if (s == 0)
-        s = thread_serial = __atomic_add_fetch(&thread_serials, 1, __ATOMIC_RELAXED);
-    return s;
+    return shm_thread_serial_given = __atomic_add_fetch(&thread_serials, 1, __ATOMIC_RELAXED);
 }
 
 /* map_placed's work, with the placements' lock shared. */

@@ -53,7 +53,8 @@
  *       smaller pieces when signals keep interrupting it: tmpfs undoes an
  *       interrupted call's work) or shrink (the pages past the new size
  *       given back to the system, the rest of the last page zeroed), store
- *       the new size, count the resize and let the lock go.  grow_only
+ *       the new size, count the resize and let the lock go (a thread that
+ *       holds the lock already resizes under it and keeps it).  grow_only
  *       leaves a payload already that large as it is.  No Ctrl-C can fall
  *       between taking the lock and letting it go; one that interrupts the
  *       allocation leaves the size as it was.
@@ -453,13 +454,17 @@ py_resize_payload(PyObject *mod, PyObject *args)
     if (word == NULL)
         return NULL;
     shm_pin(obj); /* mapped until we are done, whatever another thread closes */
-    int r = shm_lock_acquire(m, word, deadline);
+    /* A thread that holds the lock already (`with seg.lock: seg.resize(n)`)
+     * resizes under it, and keeps it: waiting for it would be forever. */
+    int mine = shm_lock_mine(m, word);
+    int r = mine ? 1 : shm_lock_acquire(m, word, deadline);
     if (r > 0 && ((r == 2 && shm_warn_owner_died(m, what) < 0) ||
                   resize_locked(m, (uint64_t)hsize, (uint64_t)max_size, (uint64_t)size,
                                 grow_only) < 0)) {
-        shm_lock_release_journal(m, word, NULL); /* keeps the exception */
+        if (!mine)
+            shm_lock_release_journal(m, word, NULL); /* keeps the exception */
         r = -1;
-    } else if (r > 0 && shm_lock_release(m, word) < 0) {
+    } else if (r > 0 && !mine && shm_lock_release(m, word) < 0) {
         r = -1;
     }
     shm_unpin(obj);

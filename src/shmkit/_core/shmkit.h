@@ -81,6 +81,7 @@ typedef struct MappingObject {
      * carries our token without being listed here was not locked by us: it
      * is damage, and is taken over instead of waited on forever. */
     uint64_t held[SHM_HELD_MAX];
+    unsigned long held_thread[SHM_HELD_MAX]; /* each entry's thread (shm_thread_serial) */
     int held_damaged;    /* entries of held[] in state DAMAGED (lock.c) */
     /* claim_word(): one 32-bit compare-and-swap made when the last
      * exported view is released (a Queue receiver hands a pooled payload
@@ -180,7 +181,17 @@ unsigned long shm_child_generation(void);
  * next thread as soon as one ends, which would then pass for the ended
  * thread and write inside its batch.  A forked child's thread keeps its
  * number, as it keeps its pthread_self(). */
-unsigned long shm_thread_serial(void);
+extern __thread unsigned long shm_thread_serial_given
+    __attribute__((tls_model("initial-exec")));
+unsigned long shm_thread_serial_first(void);
+/* (initial-exec: one load through %fs, where the default model for a module
+ * loaded at run time calls __tls_get_addr on every use) */
+static inline unsigned long
+shm_thread_serial(void)
+{
+    unsigned long s = shm_thread_serial_given;
+    return s != 0 ? s : shm_thread_serial_first();
+}
 
 /* Return a pointer to `size` bytes at `off`, or NULL with an exception set
  * when the mapping is closed, the range is out of bounds or misaligned. */
@@ -315,6 +326,9 @@ int shm_lock_release(MappingObject *m, uint32_t *word);
  * CorruptError when it took the word and another store replaced it, or
  * ClosedError/ReadOnlyError when the mapping has no token. */
 int shm_lock_check_held(MappingObject *m, uint32_t *word);
+/* Does the calling thread hold word through m (took it, and no thread has
+ * released it since)?  1 or 0; never an exception.  GIL held. */
+int shm_lock_mine(MappingObject *m, uint32_t *word);
 /* Holdings recorded for this mapping (a diagnostic: Mapping.held_count). */
 int shm_lock_held_count(MappingObject *m);
 /* Forget every recorded holding (a new attachment, after fork). */
