@@ -24,6 +24,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import warnings
 
 from typing import Any
 
@@ -1045,6 +1046,38 @@ def test_a_resize_racing_another_threads_close_never_touches_another_file(tmp_pa
         sys.setswitchinterval(switch)
     assert rounds > 100
     assert set(errors) <= {"ClosedError"}, errors
+
+
+def test_a_resize_whose_handle_another_thread_closes_lets_the_lock_go(name):
+    """A handle closed by another thread while its resize allocates: the
+    resize ends whole, and its lock is let go.  (The close took the token,
+    so the release was refused: the word kept the closed attachment's token,
+    and the next resizer took the lock over from a "dead" holder, with an
+    OwnerDiedWarning about a live process.)"""
+    with shmkit.Segment(name, size=4096, max_size=1 << 30) as other:
+        landed = 0
+        for k in range(40):
+            seg = shmkit.Segment(name)
+            errors: list[BaseException] = []
+
+            def resize() -> None:
+                try:
+                    seg.resize(256 << 20 if k % 2 == 0 else 4096)
+                except BaseException as e:
+                    errors.append(e)
+
+            t = threading.Thread(target=resize)
+            t.start()
+            time.sleep(random.random() * 0.02)
+            seg.close()
+            t.join()
+            assert all(isinstance(e, shmkit.ClosedError) for e in errors), errors
+            landed += bool(errors)
+            assert not other.lock.locked(), f"round {k}: the closed handle's lock stayed held"
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                other.resize(4096 if k % 2 == 0 else 256 << 20, timeout=5)
+        assert landed > 0, "no close fell inside a resize"
 
 
 def test_a_child_forked_while_threads_close_attached_handles_runs_each_hook_once(tmp_path):

@@ -424,6 +424,19 @@ shm_lock_release(MappingObject *m, uint32_t *word)
     return 0;
 }
 
+void
+shm_lock_release_token(uint32_t *word, uint32_t token)
+{
+    uint32_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
+    while (token != 0 && (v & SHM_TOKEN_MASK) == token) {
+        if (__atomic_compare_exchange_n(word, &v, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
+            if (v & SHM_LOCK_WAITERS)
+                shm_futex_wake(word, 1);
+            return;
+        }
+    }
+}
+
 int
 shm_lock_acquire_repair(MappingObject *m, uint32_t *word, int64_t deadline,
                         shm_journal *jn, shm_repair_fn repair, void *ctx)

@@ -326,6 +326,12 @@ int shm_lock_release(MappingObject *m, uint32_t *word);
  * CorruptError when it took the word and another store replaced it, or
  * ClosedError/ReadOnlyError when the mapping has no token. */
 int shm_lock_check_held(MappingObject *m, uint32_t *word);
+/* Let go of word, held under `token` by a call through a handle that
+ * another thread closed meanwhile (the close took the token and the
+ * registry with it): only while the word still carries that token, which no
+ * other attachment can be given; no exception.  What the call did under the
+ * lock is whole, so the next holder must not take it for a dead one's. */
+void shm_lock_release_token(uint32_t *word, uint32_t token);
 /* Does the calling thread hold word through m (took it, and no thread has
  * released it since)?  1 or 0; never an exception.  GIL held. */
 int shm_lock_mine(MappingObject *m, uint32_t *word);
