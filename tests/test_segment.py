@@ -622,7 +622,7 @@ def test_a_thread_that_holds_the_segments_lock_resizes_under_it(name):
     assert proc.stdout.split() == ["ok"]
 
 
-@pytest.mark.parametrize("new_size", [3 * 4096, 100])
+@pytest.mark.parametrize("new_size", [3 * 4096, 2 * 4096, 100])
 def test_a_resize_gives_back_what_a_failed_one_left_past_the_payload(name, new_size):
     # A resizer killed in its allocation (or one that ran out of room part
     # way) leaves the file allocated past the payload: nothing lives there,

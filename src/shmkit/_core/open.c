@@ -423,7 +423,7 @@ resize_locked(MappingObject *m, uint64_t hsize, uint64_t max_size, uint64_t size
     }
     __atomic_store_n(&h->size, size, __ATOMIC_RELEASE);
     __atomic_add_fetch(&h->resizes, 1, __ATOMIC_RELEASE);
-    if (size > old)
+    if (size >= old) /* (a shrink gave it back above) */
         give_back(m, keep_up, file_end); /* left past the old payload by a failed resize */
     return 0;
 }
