@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
+import gc
 import glob
 import os
 import random
 import secrets
 import signal
+import sys
 import threading
 import time
 from typing import Any, Iterator
@@ -15,10 +19,13 @@ from typing import Any, Iterator
 import pytest
 
 import shmkit
+import shmkit.aio
 from shmkit import _core
+from shmkit import aio_service as aio_service_mod
+from shmkit import service as service_mod
 from shmkit.service import _reap_replies
 
-from conftest import SPAWN, run_python, spawn
+from conftest import SPAWN, interrupt_at_bytecode, run_python, spawn
 from conftest import fork_call as _fork, kill_wait as _kill
 
 
@@ -616,6 +623,79 @@ def test_stress_kill_clients_and_workers(svc_name):
     res = _kill_run(svc_name, 600, seed=2)
     print(res)
     assert res["died"] > 0
+
+
+def _outcome(client: shmkit.Client, data: bytes) -> Any:
+    try:
+        return client.call(data, timeout=20)
+    except (shmkit.RemoteError, shmkit.Timeout) as e:
+        return type(e).__name__
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited")
+@pytest.mark.parametrize("awaited, then", [(False, "serves"), (True, "serves"),
+                                           (False, "closes")])
+def test_a_ctrl_c_at_any_step_of_a_workers_take_and_reply_never_loses_the_call(svc_name,
+                                                                              awaited, then):
+    """A Ctrl-C at each bytecode of the worker's code while it takes a
+    request and replies, as a signal handler raising there would; the
+    worker then goes on serving, or closes and another worker serves.  The
+    call gets its reply, or RemoteError when the worker had handed the
+    request out and not answered it; it never waits for good.  (A Ctrl-C
+    between the take and the record of the request's id lost the request:
+    the caller waited as long as any worker lived.  One in the reply's
+    delivery marked it answered and sent nothing.)"""
+    files = {service_mod.__file__, aio_service_mod.__file__}
+    gc.disable()  # (no collector callback, another library's, to take the interrupt)
+    with contextlib.ExitStack() as stack:
+        stack.callback(gc.enable)
+        svc = stack.enter_context(shmkit.Service(svc_name))
+        client = stack.enter_context(shmkit.Client(svc_name))
+        workers: list[Any] = []
+        stack.callback(lambda: workers[-1].close())
+        workers.append(aio_service_mod.Worker(svc) if awaited else svc.worker())
+
+        def serve_one(timeout: float) -> None:
+            w = workers[-1]
+            if awaited:
+                async def one() -> None:
+                    req = await w.recv(timeout)
+                    req.reply(req.data.upper())
+                asyncio.run(one())
+            else:
+                req = w.recv(timeout)
+                req.reply(req.data.upper())
+
+        outcomes: collections.Counter[str] = collections.Counter()
+        for k in range(1, 20000):
+            data = b"r%d" % k
+            got: list[Any] = []
+            t = threading.Thread(target=lambda: got.append(_outcome(client, data)))
+            t.start()
+            _wait_until(lambda: svc._requests.depth > 0, what="the request queued")
+            seen = interrupt_at_bytecode(k, lambda c: c.co_filename in files)
+            try:
+                serve_one(5)
+                interrupted = False
+            except KeyboardInterrupt:
+                interrupted = True
+            finally:
+                sys.settrace(None)
+            if interrupted:  # serving goes on
+                if then == "closes":
+                    workers[-1].close()
+                    workers.append(svc.worker())
+                with contextlib.suppress(shmkit.Timeout):
+                    serve_one(0)
+            t.join(5)
+            assert not t.is_alive(), f"Ctrl-C at bytecode {k}: the call still waits"
+            assert got[0] in (data.upper(), "RemoteError"), f"bytecode {k}: {got[0]!r}"
+            outcomes["reply" if got[0] == data.upper() else "failed"] += 1
+            if seen[0] < k:  # ran to its end uninterrupted
+                break
+        else:
+            raise AssertionError("the worker's take and reply never ran to their end")
+        assert k > 20 and outcomes["reply"] > 10, (k, outcomes)
 
 
 def test_ctrl_c_interrupts_a_waiting_call(svc_name):

@@ -37,8 +37,10 @@ import time
 from typing import Any, Callable, TypeVar, cast
 
 from . import service as _service
-from .aio import Channel
+from .aio import _REPAIR_TIMEOUT, Channel, _nowait, _timed, _until
+from .aio_wait import _describe
 from .errors import ClosedError, RemoteError, ServiceUnavailable, ShmkitError, Timeout
+from .segment import Segment
 from .service import DEFAULT_REPLY_CAPACITY, Request
 
 __all__ = ["Service", "Client", "Worker"]
@@ -168,14 +170,26 @@ class Worker(_OwnRequests, _service.Worker):
         cancelled ``recv`` takes none."""
         seg, requests, timeout, deadline = self._start_recv(timeout)
         while True:
-            try:
-                msg = await cast(Channel, requests).recv(self._step(deadline))
-            except Timeout:
-                self._check_deadline(seg, timeout, deadline)
-                continue
+            msg = self._box[0]
+            if type(msg) is not bytes:  # (else taken before, and interrupted: handed out now)
+                try:
+                    msg = await self._take_awaited(cast(Channel, requests), seg,
+                                                   self._step(deadline))
+                except Timeout:
+                    self._check_deadline(seg, timeout, deadline)
+                    continue
             req = self._took(seg, msg)
             if req is not None:
                 return req
+
+    async def _take_awaited(self, requests: Channel, seg: Segment, timeout: float) -> bytes:
+        """The blocking worker's take (the request in the box, its id on
+        record, in one call of the core), awaited as Channel.recv awaits."""
+        take = self._take
+        return await _until(lambda: _nowait(take, requests, seg, None, True),
+                            lambda: _describe(requests, 0, False), timeout,
+                            lambda: take(requests, seg, 0.0, False),
+                            lambda: _timed(take, requests, seg, _REPAIR_TIMEOUT, False))
 
     def __aiter__(self) -> "Worker":
         return self

@@ -524,7 +524,10 @@ class Request:
         if self.answered:
             raise ClosedError(f"request {self.id:#x} was already answered; a request "
                               "gets exactly one reply")
-        self.answered = True
+        # Answered once the reply is sent: one interrupted on the way (Ctrl-C)
+        # leaves the request unanswered, for the worker's next recv() or
+        # close() to fail (a second reply to a call already answered is
+        # dropped by its client, which knows its calls by id).
         return self._worker._deliver(self, status, payload)
 
     def __repr__(self) -> str:
@@ -549,11 +552,16 @@ class Worker(Closing):
     """
 
     _seg: Segment | None = None
-    _current: Request | None = None
 
     def __init__(self, service: Service) -> None:
         if not isinstance(service, Service):
             raise TypeError(f"Worker needs a Service, not {type(service).__name__}")
+        # The request this worker holds: the message as the core took it
+        # (Channel._take_noted, which records its id in our entry in the
+        # same call), until recv() hands it out as a Request, which stays
+        # until it is answered.  One slot, changed by single stores, so a
+        # Ctrl-C at any point leaves the request either here or answered.
+        self._box: list[Any] = [None]
         svc_seg = service._held()
         if svc_seg.readonly:
             raise PermissionError(f"service {svc_seg.name!r} was opened readonly=True; "
@@ -593,14 +601,30 @@ class Worker(Closing):
         """
         seg, requests, timeout, deadline = self._start_recv(timeout)
         while True:
-            try:
-                msg = requests.recv(self._step(deadline))
-            except Timeout:
-                self._check_deadline(seg, timeout, deadline)
-                continue
+            msg = self._box[0]
+            if type(msg) is not bytes:  # (else taken before, and interrupted: handed out now)
+                try:
+                    msg = self._take(requests, seg, self._step(deadline), False)
+                except Timeout:
+                    self._check_deadline(seg, timeout, deadline)
+                    continue
             req = self._took(seg, msg)
             if req is not None:
                 return req
+
+    @property
+    def _current(self) -> Request | None:
+        cur = self._box[0]
+        return cur if type(cur) is Request else None
+
+    def _take(self, requests: Channel, seg: Segment, timeout: float | None,
+              nowait: bool) -> bytes:
+        try:
+            return requests._take_noted(timeout, nowait, seg._mapping, self._entry + 8,
+                                        self._box)
+        except ClosedError:
+            self._give_back(seg)  # taken as another thread closed this worker
+            raise
 
     def _start_recv(self, timeout: Any) -> tuple[Segment, Channel, float | None, float | None]:
         seg = self._held()
@@ -609,6 +633,8 @@ class Worker(Closing):
         cur = self._current
         if cur is not None and not cur.answered:
             cur.fail("the worker took another request without answering this one")
+        if self._box[0] is cur:  # answered, its delivery interrupted before the slot was freed
+            self._box[0] = None
         requests = self._requests
         if requests is None:
             raise ClosedError("the service handle of this worker is closed")
@@ -629,26 +655,49 @@ class Worker(Closing):
                           f"{_core.shown_seconds(timeout)} s")
 
     def _took(self, seg: Segment, msg: bytes) -> Request | None:
-        """Record and parse a request just received; None if it was malformed."""
+        """The request in the box as a Request, now this worker's current one
+        (its id is on record since the take); None if it was malformed."""
+        req = self._parse(msg)
+        if req is not None:
+            self._box[0] = req
+            return req
+        self._box[0] = None
+        _core.store64(seg._mapping, self._entry + 8, 0)
+        _core.add64(seg._mapping, seg._hsize + _OFF_MALFORMED, 1)
+        return None
+
+    def _parse(self, msg: bytes) -> Request | None:
         n = len(msg)
         if n >= _REQ_SIZE:
             version, flags, nlen, token, rid = _REQ.unpack_from(msg)
-            # Record the id first (the checks come after): the fewer steps
-            # between taking a request and recording it, the smaller the
-            # window in which a death goes unnoticed by its caller.
-            _core.store64(seg._mapping, self._entry + 8, rid)
             end = _REQ_SIZE + nlen
             # A request may only name a reply channel of this service.
             if (version == _VERSION and rid and end == _REQ_SIZE + self._reply_len
                     and end <= n and msg.startswith(self._prefix_bytes, _REQ_SIZE)
                     and msg[end - 16:end].isascii()):
-                req = Request(self, msg[end:], rid, bool(flags & _F_PICKLE),
-                              msg[_REQ_SIZE:end], token)
-                self._current = req
-                return req
-            _core.store64(seg._mapping, self._entry + 8, 0)
-        _core.add64(seg._mapping, seg._hsize + _OFF_MALFORMED, 1)
+                return Request(self, msg[end:], rid, bool(flags & _F_PICKLE),
+                               msg[_REQ_SIZE:end], token)
         return None
+
+    def _give_back(self, seg: Segment) -> None:
+        """A request taken and never handed out goes back to the channel for
+        another worker (none of it was carried out), or, with no room there,
+        is failed."""
+        msg = self._box[0]
+        if type(msg) is not bytes:
+            return
+        requests = self._requests
+        try:
+            if requests is None:
+                raise ClosedError("the service handle is closed")
+            requests.send_nowait(msg)
+        except (ShmkitError, ValueError):
+            req = self._parse(msg)
+            if req is not None:
+                self._send_reply(req, _REP.pack(_VERSION, _ERROR, req.id),
+                                 b"the worker that took the request stopped before "
+                                 b"starting it; it was not carried out")
+        self._box[0] = None
 
     def __iter__(self) -> Iterator[Request]:
         """Requests, one after another, until this worker or its service closes."""
@@ -661,12 +710,11 @@ class Worker(Closing):
     def _deliver(self, req: Request, status: int, payload: Any) -> bool:
         seg = self._held()
         m, base = seg._mapping, seg._hsize
-        try:
-            ok = self._send_reply(req, _REP.pack(_VERSION, status, req.id), payload)
-        finally:
-            if self._current is req:
-                _core.store64(m, self._entry + 8, 0)
-                self._current = None
+        ok = self._send_reply(req, _REP.pack(_VERSION, status, req.id), payload)
+        req.answered = True
+        if self._box[0] is req:
+            self._box[0] = None
+            _core.store64(m, self._entry + 8, 0)
         if status == _ERROR:
             _core.add64(m, base + _OFF_FAILED, 1)
         _core.add64(m, base + (_OFF_SERVED if ok else _OFF_DISCARDED), 1)
@@ -746,6 +794,8 @@ class Worker(Closing):
         try:
             if mine and cur is not None and not cur.answered:
                 cur.fail("the worker stopped before answering")
+            elif mine:
+                self._give_back(seg)
         finally:
             if mine:
                 _core.store64(seg._mapping, self._entry + 8, 0)

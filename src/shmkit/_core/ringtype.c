@@ -634,6 +634,52 @@ Ring_recv_nowait(RingObject *r, PyObject *Py_UNUSED(ignored))
     return recv_impl(r, NULL, 1, R_COPY, NULL, 0, 0, NULL);
 }
 
+/* _take_noted(timeout, nowait, mapping, offset, box): a service worker's
+ * take of a request (service.py, Worker.recv).  The next message, as
+ * recv() or recv_nowait() takes it, is put in box[0] (a list of one) and
+ * the u64 at its byte 8 (the request's id; 0 for a shorter message) stored
+ * at `offset` of `mapping` (the worker's entry), before this call returns:
+ * a Ctrl-C can then fall before the take or after both, never between
+ * them, so the request is never out of the channel with no worker holding
+ * it on record, and the worker keeps it to hand out or give back. */
+static PyObject *
+Ring_take_noted(RingObject *r, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "_take_noted() takes 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    int nowait = PyObject_IsTrue(args[1]);
+    if (nowait < 0)
+        return NULL;
+    long long off = PyLong_AsLongLong(args[3]);
+    if (off == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *box = args[4];
+    if (!PyList_CheckExact(box) || PyList_GET_SIZE(box) != 1) {
+        PyErr_SetString(PyExc_TypeError, "_take_noted() needs a list of one item as its box");
+        return NULL;
+    }
+    if (shm_addr(args[2], off, 8, 1) == NULL) /* refused before anything is taken */
+        return NULL;
+    PyObject *msg = recv_impl(r, nowait ? NULL : args[0], nowait, R_COPY, NULL, 0, 0, NULL);
+    if (msg == NULL)
+        return NULL;
+    uint64_t id = 0;
+    if (PyBytes_GET_SIZE(msg) >= 16)
+        memcpy(&id, PyBytes_AS_STRING(msg) + 8, 8);
+    Py_INCREF(msg);
+    PyList_SetItem(box, 0, msg); /* (steals one reference; the other is returned) */
+    /* Again after the wait: another thread may have closed the worker. */
+    uint64_t *word = shm_addr(args[2], off, 8, 1);
+    if (word == NULL) {
+        Py_DECREF(msg);
+        return NULL;
+    }
+    __atomic_store_n(word, id, __ATOMIC_RELEASE);
+    return msg;
+}
+
 static PyObject *
 Ring_take(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
 {
@@ -1489,6 +1535,10 @@ static PyMethodDef Ring_methods[] = {
      "buffer (a bytearray, a numpy array)\nand return its length.  A message larger than "
      "the buffer raises ValueError\nand stays in the channel.\n\n"
      ">>> n = ch.recv_into(buf, timeout=1.0)"},
+    {"_take_noted", (PyCFunction)(void (*)(void))Ring_take_noted, METH_FASTCALL,
+     "_take_noted($self, timeout, nowait, mapping, offset, box, /)\n--\n\n"
+     "A service worker's take of a request: the next message put in box[0] and its "
+     "id (the u64 at byte 8) stored at offset of mapping, in one call."},
     {"recv_nowait", (PyCFunction)Ring_recv_nowait, METH_NOARGS,
      "recv_nowait($self, /)\n--\n\n"
      "recv_nowait() -> bytes\n\nTake the next message or raise Empty (a WouldBlock)."},
