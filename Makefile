@@ -25,6 +25,10 @@ build: $(SO)
 demo: build
 	$(BIN)/shmkit demo
 
+# The suite runs on a worker per core (pytest-xdist), at most four: its tests
+# wait on processes more than they compute.  PARALLEL= runs it in one process.
+PARALLEL ?= -n auto --maxprocesses 4
+
 # Types first: the annotations and stubs (mypy --strict), then the stubs against
 # the compiled module (stubtest; stubtest-allowlist.txt lists what it cannot see).
 # tests/test_redis.py runs a real redis-server: installed with apt when missing.
@@ -32,7 +36,7 @@ test: build
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(BIN)/python -m mypy --strict src/shmkit
 	$(BIN)/python -m mypy.stubtest shmkit --allowlist stubtest-allowlist.txt
-	$(BIN)/python -m pytest -q -m "not stress" tests
+	$(BIN)/python -m pytest -q -m "not stress" $(PARALLEL) tests
 
 # The long runs; then the core fuzzer's million cases per kind under
 # AddressSanitizer (tests/test_fuzz_core.py): its children import an ASan copy
@@ -71,7 +75,7 @@ asan: $(STAMP)
 	rm -f $(SO)
 	SHMKIT_ASAN=1 $(BIN)/python setup.py -q build_ext --inplace --force
 	ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
-		$(BIN)/python -m pytest -q -m "not stress" -p no:cacheprovider tests; \
+		$(BIN)/python -m pytest -q -m "not stress" -p no:cacheprovider $(PARALLEL) tests; \
 	status=$$?; $(BIN)/python setup.py -q build_ext --inplace --force && touch $(SO); exit $$status
 
 # A binary wheel, repaired and tagged manylinux by auditwheel, in wheelhouse/.

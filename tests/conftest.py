@@ -28,6 +28,12 @@ SOURCE_TREE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 # source tree: SRC, which child processes get as PYTHONPATH, is then the directory
 # the installed shmkit was imported from.
 INSTALLED = os.environ.get("SHMKIT_TEST_INSTALLED") == "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist's workers set COLUMNS and LINES (80x24): the programs the
+    # tests run (shmkit ls, top) would lay their tables out for 80 columns,
+    # where a run in one process gives them the 160 of a pipe.
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
 if INSTALLED:
     import shmkit as _shmkit
 
