@@ -371,6 +371,48 @@ def test_lock_timeout(heap):
         assert time.monotonic() - t0 < 2
 
 
+def test_size_of_a_block_a_stopped_peer_is_moving_times_out_naming_it(name):
+    """A peer stopped (SIGSTOP) in the middle of moving a block in a
+    compaction: ``size_of`` of that block waits for the move within its
+    timeout and raises Timeout naming the stopped pid, through a writable
+    handle and a read-only one.  (It took no timeout and waited for good; a
+    read-only handle raised CorruptError, "stays marked busy", after some
+    26 s, about a heap that was whole.)"""
+    with Heap(name, size=8 << 20) as heap, Heap(name, readonly=True) as ro:
+        small = heap.alloc(64)
+        big = heap.put(b"m" * (2 << 20))
+        heap.free(small)  # the compaction moves `big` down into the gap
+        proc = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys; from shmkit import _core; from shmkit.heap import Heap\n"
+             f"h = Heap({name!r})\n"
+             "_core.fault(1, 'heap.move.copied', stop=True)\n"
+             "h.compact()\n"],
+            env=dict(os.environ, PYTHONPATH=SRC))
+        try:
+            deadline = time.monotonic() + 30
+            while True:  # until it stops inside the move
+                with open(f"/proc/{proc.pid}/stat") as f:
+                    if f.read().rpartition(")")[2].split()[0] == "T":
+                        break
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.01)
+            for handle in (heap, ro):
+                t0 = time.monotonic()
+                with pytest.raises(Timeout, match=f"pid {proc.pid}.*stopped"):
+                    handle.size_of(big, timeout=0.3)
+                assert time.monotonic() - t0 < 5
+            os.kill(proc.pid, signal.SIGCONT)
+            assert proc.wait(30) == 0
+            assert heap.size_of(big, timeout=5) == ro.size_of(big) == 2 << 20
+            assert heap.read(big) == b"m" * (2 << 20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.wait()
+
+
 class _held:
     """Hold the heap's internal lock from another thread of this process."""
 

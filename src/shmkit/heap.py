@@ -531,12 +531,19 @@ class Heap(SharedObject):
             self._value(handle)  # raises TypeError
         core.free(handle._value, timeout)
 
-    def size_of(self, handle: Handle) -> int:
-        """The size the block was allocated (or last resized) with."""
+    def size_of(self, handle: Handle, *, timeout: float | None = None) -> int:
+        """The size the block was allocated (or last resized) with.
+
+        Lock-free, unless the block is being moved or resized by another
+        process: then it waits for that change to end, :class:`Timeout`
+        after ``timeout`` seconds (``None``: as long as it takes).
+
+            >>> heap.size_of(h, timeout=1.0)  # doctest: +SKIP
+        """
         core = self._heapcore
         if core is None:
             raise ClosedError(f"heap {self.name!r} is closed in this process")
-        return core.size_of(self._value(handle))
+        return core.size_of(self._value(handle), timeout)
 
     def realloc(self, handle: Handle, nbytes: int, *, zero: bool = False,
                 timeout: float | None = None) -> Handle:

@@ -121,9 +121,13 @@ lock(Ctx *c, int64_t deadline)
 {
     MappingObject *m = c->h->m;
     if (m->token == 0) {
-        PyErr_Format(shm_state_of((PyObject *)OBJ(c))->ReadOnlyError,
-                     "heap %R is open read-only (or closed) here; open it without "
-                     "readonly=True to change it", OBJ(c)->name);
+        if (m->readonly)
+            PyErr_Format(shm_state_of((PyObject *)OBJ(c))->ReadOnlyError,
+                         "heap %R is open read-only here; open it without readonly=True "
+                         "to change it", OBJ(c)->name);
+        else /* closed by another thread since the call began */
+            PyErr_Format(shm_state_of((PyObject *)OBJ(c))->ClosedError,
+                         "heap %R is closed in this process", OBJ(c)->name);
         return -1;
     }
     int r = shm_lock_acquire_repair(m, (uint32_t *)(c->p + H_LOCK), deadline, NULL, NULL,
@@ -383,7 +387,9 @@ heap_size_of(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     PyObject *result = NULL;
     uint64_t n;
-    for (int tries = 0;; tries++) {
+    int64_t deadline = -2; /* read when a wait begins */
+    MappingObject *m = self->core.m;
+    for (int tries = 0, idle = 0;; tries++) {
         int r = h_size_read(&c, idx, gen, &n);
         if (r < 0) {
             h_raise(self);
@@ -391,25 +397,49 @@ heap_size_of(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         if (r == 0)
             break;
-        if (tries > 1000 && self->core.m->token == 0) {
-            /* read-only: no lock to wait on; let the change finish */
-            if (tries > 1000 + 200000) {
-                shm_fail(HE_CORRUPT, "handle entry %u stays marked busy", idx);
-                h_raise(self);
-                goto out;
-            }
-            Py_BEGIN_ALLOW_THREADS
-            usleep(50);
-            Py_END_ALLOW_THREADS
-            if (PyErr_CheckSignals() < 0)
-                goto out;
-        } else if (tries > 1000) {
-            /* a resize in progress: wait for it under the lock */
-            int64_t deadline = get_deadline(args, nargs, 1);
-            if (deadline < 0 || settle(self, &c, idx, deadline) < 0)
+        if (tries <= 1000)
+            continue;
+        if (deadline == -2 && (deadline = get_deadline(args, nargs, 1)) < 0)
+            goto out;
+        if (m->token != 0) {
+            /* a resize or a move in progress: wait for it under the lock */
+            if (settle(self, &c, idx, deadline) < 0)
                 goto out;
             tries = 0;
+            continue;
         }
+        /* Read-only: no lock to take, so watch it.  A live holder is
+         * changing the block: wait for it, within the timeout.  With the
+         * lock free, or its holder dead, the entry stays busy only if it
+         * was damaged (a dead holder's change is undone by the next
+         * writable handle to take the lock). */
+        uint32_t held = __atomic_load_n((uint32_t *)(c.p + H_LOCK), __ATOMIC_RELAXED);
+        int live = (held & SHM_TOKEN_MASK) != 0 && shm_token_alive(m, held & SHM_TOKEN_MASK);
+        if (!live && ++idle > 200000) {
+            if ((held & SHM_TOKEN_MASK) != 0)
+                PyErr_Format(shm_state_of((PyObject *)self)->BusyError,
+                             "heap %R: block %u was being changed by a process that died; "
+                             "the next call of a writable handle undoes that change, or "
+                             "`shmkit gc`", self->name, idx);
+            else {
+                shm_fail(HE_CORRUPT, "handle entry %u stays marked busy", idx);
+                h_raise(self);
+            }
+            goto out;
+        }
+        if (live && deadline != SHM_FOREVER && shm_now_ns() >= deadline) {
+            char who[SHM_HOLDER_PHRASE];
+            PyErr_Format(shm_state_of((PyObject *)self)->Timeout,
+                         "block %u of heap %R was still being changed at the timeout, "
+                         "by %s; try again, or resume or end that process", idx,
+                         self->name, shm_holder_phrase(m, held, who, sizeof who));
+            goto out;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        usleep(50);
+        Py_END_ALLOW_THREADS
+        if (PyErr_CheckSignals() < 0)
+            goto out;
     }
     result = PyLong_FromUnsignedLongLong(n);
 out:
