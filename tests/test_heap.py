@@ -371,6 +371,28 @@ def test_lock_timeout(heap):
         assert time.monotonic() - t0 < 2
 
 
+def test_sizes_offsets_and_limits_refuse_bools_and_sizes_past_any_heap(heap, names):
+    """True passed for 1 byte, and 2**64 raised a bare OverflowError; a
+    closed handle's pins_held() said 0."""
+    h = heap.put(b"abc")
+    for call in (lambda: heap.alloc(True), lambda: heap.realloc(h, True),
+                 lambda: heap.write(h, b"x", offset=True),
+                 lambda: heap.write(h, b"x", offset=1.5)):
+        with pytest.raises(TypeError):
+            call()
+    for call in (lambda: heap.alloc(2 ** 64), lambda: heap.realloc(h, 1 << 63)):
+        with pytest.raises(shmkit.SizeLimitError, match="more than any heap"):
+            call()
+    assert heap.alloc(np.uint8(3)) and heap.read(h) == b"abc"
+    for kw in ({"max_blocks": True}, {"max_pins": True}):
+        with pytest.raises(ValueError):
+            Heap(names(), size=4096, **kw)
+    other = Heap(names(), size=4096)
+    other.close()
+    with pytest.raises(ClosedError):
+        other.pins_held()
+
+
 def test_size_of_a_block_a_stopped_peer_is_moving_times_out_naming_it(name):
     """A peer stopped (SIGSTOP) in the middle of moving a block in a
     compaction: ``size_of`` of that block waits for the move within its

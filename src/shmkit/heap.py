@@ -48,6 +48,7 @@ from .errors import (
     OwnerDiedWarning,
     PinnedError,
     ReadOnlyError,
+    SizeLimitError,
     StaleHandleError,
 )
 from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
@@ -274,9 +275,11 @@ class Heap(SharedObject):
             raise ValueError(f"max_size must be an int in {2 * _UNIT}..{_MAX_DATA} bytes, "
                              f"not {max_size!r}")
         if max_blocks is not None and (not isinstance(max_blocks, int)
+                                       or isinstance(max_blocks, bool)
                                        or not 1 <= max_blocks <= 1 << 30):
             raise ValueError(f"max_blocks must be an int in 1..2**30, not {max_blocks!r}")
-        if given(max_pins) and (not isinstance(max_pins, int) or not 1 <= max_pins <= 4096):
+        if given(max_pins) and (not isinstance(max_pins, int) or isinstance(max_pins, bool)
+                                or not 1 <= max_pins <= 4096):
             raise ValueError(f"max_pins must be an int in 1..4096, not {max_pins!r}")
         slots = check_max_attach(max_attach) if given(max_attach) else DEFAULT_MAX_ATTACH
         top = None
@@ -484,10 +487,8 @@ class Heap(SharedObject):
         core = self._heapcore
         if core is None or self._readonly:
             core = self._core_rw()
-        if type(nbytes) is not int:
-            nbytes = _index(nbytes, "nbytes")
-        if nbytes < 0:
-            raise ValueError(f"nbytes must be >= 0, not {nbytes}")
+        if type(nbytes) is not int or not 0 <= nbytes < 1 << 63:
+            nbytes = _nbytes(nbytes)
         v = core.alloc(nbytes, zero, timeout)
         if v < 0:
             deadline = _deadline(timeout)
@@ -557,10 +558,8 @@ class Heap(SharedObject):
         """
         core = self._core_rw()
         v = self._value(handle)
-        if type(nbytes) is not int:
-            nbytes = _index(nbytes, "nbytes")
-        if nbytes < 0:
-            raise ValueError(f"nbytes must be >= 0, not {nbytes}")
+        if type(nbytes) is not int or not 0 <= nbytes < 1 << 63:
+            nbytes = _nbytes(nbytes)
         r = core.realloc(v, nbytes, zero, timeout)
         if r < 0:
             deadline = _deadline(timeout)
@@ -636,6 +635,10 @@ class Heap(SharedObject):
     def write(self, handle: Handle, data: Any, offset: int = 0, *,
               timeout: float | None = None) -> int:
         """Copy ``data`` into the block at ``offset``; returns its length."""
+        if type(offset) is not int:
+            if isinstance(offset, bool):
+                raise TypeError("offset must be an int, not bool")
+            offset = _index(offset, "offset")
         src = memoryview(data).cast("B")
         with self.pin(handle, timeout=timeout) as view:
             if offset < 0 or offset + src.nbytes > view.nbytes:
@@ -706,7 +709,9 @@ class Heap(SharedObject):
     def pins_held(self) -> int:
         """Pins this attachment holds now."""
         core = self._heapcore
-        return 0 if core is None else core.pins_held()
+        if core is None:
+            raise ClosedError(f"heap {self.name!r} is closed in this process")
+        return core.pins_held()
 
     def close(self) -> None:
         """Release this handle.  Raises :class:`BusyError` while it holds pins.
@@ -743,6 +748,19 @@ class Heap(SharedObject):
 
 def _block_bytes(nbytes: int) -> int:
     return max(2, -(-nbytes // _UNIT) + 1) * _UNIT
+
+
+def _nbytes(v: Any) -> int:
+    """A block's size as alloc() and realloc() take it: an int (or what
+    converts like one, as numpy's integers), not a bool, 0 to 2**63 - 1."""
+    if isinstance(v, bool):
+        raise TypeError("nbytes must be an int, not bool")
+    v = _index(v, "nbytes")
+    if v < 0:
+        raise ValueError(f"nbytes must be >= 0, not {v}")
+    if v >= 1 << 63:
+        raise SizeLimitError(f"nbytes {v} is more than any heap can hold; ask for less")
+    return v
 
 
 def _index(v: Any, what: str) -> int:
