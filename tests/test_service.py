@@ -11,6 +11,7 @@ import os
 import random
 import secrets
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -25,7 +26,7 @@ from shmkit import aio_service as aio_service_mod
 from shmkit import service as service_mod
 from shmkit.service import _reap_replies
 
-from conftest import SPAWN, interrupt_at_bytecode, run_python, spawn
+from conftest import SPAWN, SRC, interrupt_at_bytecode, run_python, spawn
 from conftest import fork_call as _fork, kill_wait as _kill
 
 
@@ -696,6 +697,30 @@ def test_a_ctrl_c_at_any_step_of_a_workers_take_and_reply_never_loses_the_call(s
         else:
             raise AssertionError("the worker's take and reply never ran to their end")
         assert k > 20 and outcomes["reply"] > 10, (k, outcomes)
+
+
+def test_a_calls_timeout_names_the_stopped_worker_that_took_it(svc_name):
+    """The Timeout of a call whose worker stopped (SIGSTOP) with it names that
+    worker and its state, and one nobody took says it is still queued."""
+    with shmkit.Client(svc_name) as client:
+        proc = subprocess.Popen(
+            [sys.executable, "-c",
+             "import os, signal, shmkit\n"
+             f"with shmkit.Service({svc_name!r}) as svc, svc.worker() as w:\n"
+             "    req = w.recv(timeout=30)\n"
+             "    os.kill(os.getpid(), signal.SIGSTOP)\n"
+             "    req.reply(req.data.upper())\n"],
+            env=dict(os.environ, PYTHONPATH=SRC))
+        try:
+            _wait_until(lambda: client._has_workers(), what="the worker")
+            with pytest.raises(shmkit.Timeout,
+                               match=f"taken by the worker pid {proc.pid}, which is stopped"):
+                client.call(b"a", timeout=1.0)
+            with pytest.raises(shmkit.Timeout, match="still queued"):
+                client.call(b"b", timeout=0.3)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+            assert proc.wait(30) == 0
 
 
 def test_ctrl_c_interrupts_a_waiting_call(svc_name):

@@ -345,7 +345,7 @@ class Client(_OwnRequests, _service.Client):
                 return await fut
             # a timer settling the future: cheaper than asyncio.wait_for's task
             timer = loop.call_later(max(deadline - time.monotonic(), 0.0), self._expire, fut,
-                                    timeout)
+                                    timeout, rid)
             try:
                 return await fut
             finally:
@@ -353,9 +353,9 @@ class Client(_OwnRequests, _service.Client):
         finally:
             d.pending.pop(rid, None)
 
-    def _expire(self, fut: asyncio.Future[bytes], timeout: float | None) -> None:
+    def _expire(self, fut: asyncio.Future[bytes], timeout: float | None, rid: int) -> None:
         if not fut.done():
-            fut.set_exception(self._no_reply(timeout))
+            fut.set_exception(self._no_reply(timeout, rid))
 
     async def _await_workers(self, end: float) -> None:
         pause = 0.001

@@ -1066,7 +1066,7 @@ class Client(Closing):
                 msg = ch.recv(wait if wait > 0.0 else 0.0)
             except Timeout:
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise self._no_reply(timeout) from None
+                    raise self._no_reply(timeout, rid) from None
                 got = self._check_taker(line, rid)
                 if got is not None:
                     return got
@@ -1079,10 +1079,25 @@ class Client(Closing):
             if got is not None:
                 return got
 
-    def _no_reply(self, timeout: float | None) -> Timeout:
+    def _no_reply(self, timeout: float | None, rid: int) -> Timeout:
         return Timeout(f"no reply from service {self._seg.name!r} within "
-                       f"{_core.shown_seconds(timeout)} s; "
+                       f"{_core.shown_seconds(timeout)} s{self._taker_phrase(rid)}; "
                        "a late reply will be dropped")
+
+    def _taker_phrase(self, rid: int) -> str:
+        """Who holds request ``rid``, for a Timeout: ", taken by pid N (which is
+        stopped ...)", or "" when no live worker has it on record (queued)."""
+        service, seg = self._service, self._seg
+        if service is None or seg is None or seg.closed:
+            return ""
+        try:
+            for _slot, token, held in service._entries(seg):
+                if held == rid and _core.token_alive(seg._mapping, token & 0xFFFFFFFF):
+                    who = _core.holder_phrase(seg._mapping, token & 0xFFFFFFFF)
+                    return f", taken by the worker {who}"
+        except ShmkitError:  # closed meanwhile: the Timeout stands as it is
+            pass
+        return ", still queued (no live worker has taken it)"
 
     def _parse_reply(self, msg: bytes) -> tuple[int, bytes | RemoteError] | None:
         """(request id, the reply's bytes or the RemoteError to raise), or None
