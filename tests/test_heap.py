@@ -393,13 +393,16 @@ def test_sizes_offsets_and_limits_refuse_bools_and_sizes_past_any_heap(heap, nam
         other.pins_held()
 
 
-def test_size_of_a_block_a_stopped_peer_is_moving_times_out_naming_it(name):
+@pytest.mark.parametrize("then", ["resumed", "killed"])
+def test_size_of_a_block_a_stopped_peer_is_moving_times_out_naming_it(name, then):
     """A peer stopped (SIGSTOP) in the middle of moving a block in a
     compaction: ``size_of`` of that block waits for the move within its
     timeout and raises Timeout naming the stopped pid, through a writable
-    handle and a read-only one.  (It took no timeout and waited for good; a
-    read-only handle raised CorruptError, "stays marked busy", after some
-    26 s, about a heap that was whole.)"""
+    handle and a read-only one; once the peer is killed, the read-only
+    handle's Timeout comes as promptly, and the writable handle repairs the
+    move.  (It took no timeout and waited for good; a read-only handle
+    raised CorruptError, "stays marked busy", after some 26 s, about a heap
+    that was whole.)"""
     with Heap(name, size=8 << 20) as heap, Heap(name, readonly=True) as ro:
         small = heap.alloc(64)
         big = heap.put(b"m" * (2 << 20))
@@ -424,8 +427,16 @@ def test_size_of_a_block_a_stopped_peer_is_moving_times_out_naming_it(name):
                 with pytest.raises(Timeout, match=f"pid {proc.pid}.*stopped"):
                     handle.size_of(big, timeout=0.3)
                 assert time.monotonic() - t0 < 5
-            os.kill(proc.pid, signal.SIGCONT)
-            assert proc.wait(30) == 0
+            if then == "killed":
+                proc.kill()
+                proc.wait(30)
+                t0 = time.monotonic()
+                with pytest.raises(Timeout, match="a dead process holding its lock"):
+                    ro.size_of(big, timeout=0.3)
+                assert time.monotonic() - t0 < 5
+            else:
+                os.kill(proc.pid, signal.SIGCONT)
+                assert proc.wait(30) == 0
             assert heap.size_of(big, timeout=5) == ro.size_of(big) == 2 << 20
             assert heap.read(big) == b"m" * (2 << 20)
         finally:

@@ -699,6 +699,81 @@ def test_a_ctrl_c_at_any_step_of_a_workers_take_and_reply_never_loses_the_call(s
         assert k > 20 and outcomes["reply"] > 10, (k, outcomes)
 
 
+@pytest.mark.parametrize("holding", ["taken", "handed out"])
+def test_a_ctrl_c_at_any_step_of_a_workers_close_never_loses_the_call(svc_name, holding):
+    """A Ctrl-C at each bytecode of a worker's close() while it holds a
+    request it took and never handed out (given back to the channel) or one
+    it handed out (failed): the close ends whole, the Ctrl-C is raised after
+    it, and the call gets its reply from another worker, or RemoteError.
+    (The entry was cleared whatever the close had done before the Ctrl-C:
+    the request was on record nowhere, and its caller waited for good.)"""
+    files = {service_mod.__file__}
+    gc.disable()
+    with contextlib.ExitStack() as stack:
+        stack.callback(gc.enable)
+        svc = stack.enter_context(shmkit.Service(svc_name))
+        client = stack.enter_context(shmkit.Client(svc_name))
+        spare = stack.enter_context(svc.worker())
+        for k in range(1, 5000):
+            w = svc.worker()
+            data = b"c%d" % k
+            got: list[Any] = []
+            t = threading.Thread(target=lambda: got.append(_outcome(client, data)))
+            t.start()
+            _wait_until(lambda: svc._requests.depth > 0, what="the request queued")
+            if holding == "taken":  # as a Ctrl-C right after the take leaves it
+                w._take(svc._requests, w._seg, 5, False)
+            else:
+                w.recv(timeout=5)
+            seen = interrupt_at_bytecode(k, lambda c: c.co_filename in files)
+            try:
+                w.close()
+                interrupted = False
+            except KeyboardInterrupt:
+                interrupted = True
+            finally:
+                sys.settrace(None)
+            assert w.closed, f"Ctrl-C at bytecode {k}: the close was left half done"
+            with contextlib.suppress(shmkit.Timeout):
+                req = spare.recv(timeout=0)
+                req.reply(req.data.upper())
+            t.join(5)
+            assert not t.is_alive(), f"Ctrl-C at bytecode {k}: the call still waits"
+            want = data.upper() if holding == "taken" else "RemoteError"
+            assert got[0] == want, f"bytecode {k}: {got[0]!r}"
+            if seen[0] < k:
+                assert not interrupted
+                break
+        else:
+            raise AssertionError("the close never ran to its end")
+        assert k > 10
+
+
+def test_a_request_given_back_by_another_threads_close_is_never_handed_out_too(svc_name):
+    """A worker closed by another thread between its take of a request and
+    handing it out: the close gives the request back, and the take's thread
+    gets ClosedError instead of the request (it ran twice: there and in the
+    worker that took it back)."""
+    with shmkit.Service(svc_name) as svc, shmkit.Client(svc_name) as client, \
+            svc.worker() as spare:
+        w = svc.worker()
+        got: list[Any] = []
+        t = threading.Thread(target=lambda: got.append(_outcome(client, b"once")))
+        t.start()
+        _wait_until(lambda: svc._requests.depth > 0, what="the request queued")
+        msg = w._take(svc._requests, w._seg, 5, False)
+        w.close()  # as another thread would, between the take and the hand-out
+        with pytest.raises(shmkit.ClosedError):
+            w._took(w._seg, msg)
+        req = spare.recv(timeout=5)
+        assert req.data == b"once"
+        req.reply(b"ONCE")
+        t.join(10)
+        assert got == [b"ONCE"]
+        with pytest.raises(shmkit.Timeout):
+            spare.recv(timeout=0.1)
+
+
 def test_a_calls_timeout_names_the_stopped_worker_that_took_it(svc_name):
     """The Timeout of a call whose worker stopped (SIGSTOP) with it names that
     worker and its state, and one nobody took says it is still queued."""

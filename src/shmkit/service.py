@@ -623,7 +623,7 @@ class Worker(Closing):
             return requests._take_noted(timeout, nowait, seg._mapping, self._entry + 8,
                                         self._box)
         except ClosedError:
-            self._give_back(seg)  # taken as another thread closed this worker
+            self._give_back()  # taken as another thread closed this worker
             raise
 
     def _start_recv(self, timeout: Any) -> tuple[Segment, Channel, float | None, float | None]:
@@ -658,10 +658,12 @@ class Worker(Closing):
         """The request in the box as a Request, now this worker's current one
         (its id is on record since the take); None if it was malformed."""
         req = self._parse(msg)
+        # Handed out only if still here: another thread's close() may have
+        # given it back (one step of the core, so exactly one of them has it).
+        if not _core.swap_if(self._box, msg, req):
+            raise ClosedError("this worker was closed; make another with service.worker()")
         if req is not None:
-            self._box[0] = req
             return req
-        self._box[0] = None
         _core.store64(seg._mapping, self._entry + 8, 0)
         _core.add64(seg._mapping, seg._hsize + _OFF_MALFORMED, 1)
         return None
@@ -679,10 +681,12 @@ class Worker(Closing):
                                msg[_REQ_SIZE:end], token)
         return None
 
-    def _give_back(self, seg: Segment) -> None:
+    def _give_back(self) -> None:
         """A request taken and never handed out goes back to the channel for
         another worker (none of it was carried out), or, with no room there,
-        is failed."""
+        is failed.  Either can be done again after an interrupt: the send
+        back and the box's emptying are one call of the core, and a second
+        failure reply to a call is dropped by its client."""
         msg = self._box[0]
         if type(msg) is not bytes:
             return
@@ -690,14 +694,16 @@ class Worker(Closing):
         try:
             if requests is None:
                 raise ClosedError("the service handle is closed")
-            requests.send_nowait(msg)
+            requests._give_back(self._box)  # (claims the box first: see _took)
+            return
         except (ShmkitError, ValueError):
-            req = self._parse(msg)
-            if req is not None:
-                self._send_reply(req, _REP.pack(_VERSION, _ERROR, req.id),
-                                 b"the worker that took the request stopped before "
-                                 b"starting it; it was not carried out")
-        self._box[0] = None
+            pass
+        req = self._parse(msg)
+        if req is not None:  # (again after a Ctrl-C: its client drops a second one)
+            self._send_reply(req, _REP.pack(_VERSION, _ERROR, req.id),
+                             b"the worker that took the request stopped before "
+                             b"starting it; it was not carried out")
+        _core.swap_if(self._box, msg, None)
 
     def __iter__(self) -> Iterator[Request]:
         """Requests, one after another, until this worker or its service closes."""
@@ -783,26 +789,33 @@ class Worker(Closing):
     def closed(self) -> bool:
         return self._seg is None or self._seg.closed
 
-    def close(self) -> None:
-        """Leave the service: a request still unanswered is failed, the
-        worker's entry is cleared, and its reply channels are released."""
+    # close() is the core's: _close() again each time a Ctrl-C stops it, so
+    # that no request is left neither answered, given back nor on record.
+    close = _core.close_to_the_end
+
+    def _close(self) -> None:
+        """Leave the service: a request still unanswered is failed, one taken
+        and never handed out given back, the worker's entry is cleared, and
+        its reply channels are released.  Each step can be done again."""
         seg = self._seg
         if seg is None or seg.closed:
             return
+        if seg._mapping is None or seg._mapping.closed:
+            seg.close()  # a close interrupted after its detach: only that is left
+            return
         mine = self._pid == _segment._pid  # forked: the entry is the parent's, leave it
-        cur = self._current
-        try:
-            if mine and cur is not None and not cur.answered:
+        if mine:
+            cur = self._current
+            if cur is not None and not cur.answered:
                 cur.fail("the worker stopped before answering")
-            elif mine:
-                self._give_back(seg)
-        finally:
-            if mine:
-                _core.store64(seg._mapping, self._entry + 8, 0)
-                _core.store64(seg._mapping, self._entry, 0)
-            for name in list(self._cache):
-                self._drop(name)
-            seg.close()
+            self._give_back()
+            if self._box[0] is not None and self._box[0] is cur:
+                self._box[0] = None  # answered: its delivery was interrupted before this
+            _core.store64(seg._mapping, self._entry + 8, 0)
+            _core.store64(seg._mapping, self._entry, 0)
+        for name in list(self._cache):
+            self._drop(name)
+        seg.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"token={self._token:#x}"

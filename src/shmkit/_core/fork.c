@@ -15,11 +15,15 @@
  * hold registered without the release that ends it.
  *
  *   signals_held(func) -> callable   func(), with the signals held back
+ *   close_to_the_end                   a close(): self._close(), called again
+ *                                      while a Ctrl-C stops it, then the
+ *                                      Ctrl-C raised
  *   close_at_del                       a handle's __del__: close(), called
  *                                      again while an exception (a Ctrl-C)
  *                                      stops it, and the Ctrl-C given back
  *                                      once it is done (to Python's own
  *                                      handler)
+ *   swap_if(box, expected, new)        box[0] replaced if it is `expected`
  *   pop_and_call(d, key)               d.pop(key)() if there is one: a hook
  *                                      taken and called with no point between
  *   forgetter(registry) -> callable    a weak reference's callback that
@@ -178,13 +182,56 @@ static PyMethodDef close_at_del_def = {
     "__del__", close_at_del, METH_NOARGS,
     "__del__($self, /)\n--\n\nclose(), called again while a Ctrl-C stops it."};
 
-/* _core.close_at_del: a method descriptor (C from the first step, so no
- * bytecode runs in it for a signal to stop) for a class's __del__. */
+/* A close that must end whole, for a class's close(): self._close() again
+ * each time a KeyboardInterrupt stops it (at most 100 calls; _close can
+ * always be called again), then the first of them raised, as the Ctrl-C
+ * it was.  Any other exception ends it as it is. */
+static PyObject *
+close_to_the_end(PyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *close = PyObject_GetAttrString(self, "_close");
+    if (close == NULL)
+        return NULL;
+    PyObject *result = NULL, *et = NULL, *ev = NULL, *tb = NULL;
+    for (int tries = 1;; tries++) {
+        result = PyObject_CallNoArgs(close);
+        if (result != NULL || tries == 100 || !PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+            break;
+        if (et == NULL)
+            PyErr_Fetch(&et, &ev, &tb);
+        else
+            PyErr_Clear();
+    }
+    Py_DECREF(close);
+    if (et != NULL) {
+        if (result == NULL) { /* the interrupt first; what ended it is dropped */
+            PyErr_Clear();
+        } else {
+            Py_CLEAR(result);
+        }
+        PyErr_Restore(et, ev, tb);
+    }
+    return result;
+}
+
+static PyMethodDef close_to_the_end_def = {
+    "close", close_to_the_end, METH_NOARGS,
+    "close($self, /)\n--\n\nself._close(), called again while a Ctrl-C stops it; the "
+    "Ctrl-C raised once it is done."};
+
+/* _core.close_at_del and _core.close_to_the_end: method descriptors (C
+ * from the first step, so no bytecode runs in them for a signal to stop)
+ * for a class's __del__ and close. */
 int
 shm_init_fork(PyObject *module)
 {
     PyObject *descr = PyDescr_NewMethod(&PyBaseObject_Type, &close_at_del_def);
     if (descr == NULL || PyModule_AddObject(module, "close_at_del", descr) < 0) {
+        Py_XDECREF(descr);
+        return -1;
+    }
+    descr = PyDescr_NewMethod(&PyBaseObject_Type, &close_to_the_end_def);
+    if (descr == NULL || PyModule_AddObject(module, "close_to_the_end", descr) < 0) {
         Py_XDECREF(descr);
         return -1;
     }
@@ -251,7 +298,30 @@ py_forgetter(PyObject *mod, PyObject *registry)
     return PyCFunction_New(&forget_ref_def, registry);
 }
 
+/* swap_if(box, expected, new) -> bool: box[0] = new if box[0] is expected,
+ * in one step (a list of one, as a service worker's request slot: its take
+ * is handed out by one thread while another thread's close may give it
+ * back, and exactly one of them must get it; a lock would stay held after
+ * a Ctrl-C landing just as it was taken). */
+static PyObject *
+py_swap_if(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyList_CheckExact(args[0]) || PyList_GET_SIZE(args[0]) != 1) {
+        PyErr_SetString(PyExc_TypeError, "swap_if(box, expected, new) needs a list of one");
+        return NULL;
+    }
+    PyObject *was = PyList_GET_ITEM(args[0], 0);
+    if (was != args[1])
+        Py_RETURN_FALSE;
+    PyList_SET_ITEM(args[0], 0, Py_NewRef(args[2]));
+    Py_DECREF(was);
+    Py_RETURN_TRUE;
+}
+
 PyMethodDef shm_fork_methods[] = {
+    {"swap_if", (PyCFunction)(void (*)(void))py_swap_if, METH_FASTCALL,
+     "swap_if($module, box, expected, new, /)\n--\n\n"
+     "box[0] = new if box[0] is expected (a list of one), in one step; whether it was."},
     {"pop_and_call", py_pop_and_call, METH_VARARGS,
      "pop_and_call($module, d, key, /)\n--\n\n"
      "pop_and_call(d, key)\n\nTake d[key] out of the dict and call it (nothing "

@@ -427,12 +427,19 @@ heap_size_of(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
             goto out;
         }
-        if (live && deadline != SHM_FOREVER && shm_now_ns() >= deadline) {
+        if (deadline != SHM_FOREVER && shm_now_ns() >= deadline) {
             char who[SHM_HOLDER_PHRASE];
-            PyErr_Format(shm_state_of((PyObject *)self)->Timeout,
-                         "block %u of heap %R was still being changed at the timeout, "
-                         "by %s; try again, or resume or end that process", idx,
-                         self->name, shm_holder_phrase(m, held, who, sizeof who));
+            if (live)
+                PyErr_Format(shm_state_of((PyObject *)self)->Timeout,
+                             "block %u of heap %R was still being changed at the timeout, "
+                             "by %s; try again, or resume or end that process", idx,
+                             self->name, shm_holder_phrase(m, held, who, sizeof who));
+            else /* (damage is told only after the bounded look above) */
+                PyErr_Format(shm_state_of((PyObject *)self)->Timeout,
+                             "block %u of heap %R was still marked as being changed at the "
+                             "timeout, with %s holding its lock; a writable handle's next "
+                             "call repairs a change its maker died in", idx, self->name,
+                             (held & SHM_TOKEN_MASK) != 0 ? "a dead process" : "nobody");
             goto out;
         }
         Py_BEGIN_ALLOW_THREADS

@@ -669,15 +669,58 @@ Ring_take_noted(RingObject *r, PyObject *const *args, Py_ssize_t nargs)
     if (PyBytes_GET_SIZE(msg) >= 16)
         memcpy(&id, PyBytes_AS_STRING(msg) + 8, 8);
     Py_INCREF(msg);
-    PyList_SetItem(box, 0, msg); /* (steals one reference; the other is returned) */
+    if (!PyList_CheckExact(box) || PyList_GET_SIZE(box) != 1) {
+        /* another thread changed the box meanwhile: the message goes back */
+        PyObject *sent = send_impl(r, msg, NULL, 1);
+        Py_XDECREF(sent);
+        Py_DECREF(msg);
+        Py_DECREF(msg);
+        if (sent != NULL)
+            PyErr_SetString(PyExc_RuntimeError, "_take_noted(): the box was changed while "
+                            "the call waited; the message was sent back");
+        return NULL;
+    }
+    /* (the box takes one reference, the caller the other; what it held
+     * goes once the id is stored, since freeing it may run code) */
+    PyObject *was = PyList_GET_ITEM(box, 0);
+    PyList_SET_ITEM(box, 0, msg);
     /* Again after the wait: another thread may have closed the worker. */
     uint64_t *word = shm_addr(args[2], off, 8, 1);
+    if (word != NULL)
+        __atomic_store_n(word, id, __ATOMIC_RELEASE);
+    Py_XDECREF(was);
     if (word == NULL) {
         Py_DECREF(msg);
         return NULL;
     }
-    __atomic_store_n(word, id, __ATOMIC_RELEASE);
     return msg;
+}
+
+/* _give_back(box): box[0], a message that _take_noted took, sent back on
+ * the channel without waiting, and the box emptied, in one call: a worker
+ * that closes with a request it never handed out returns it to the other
+ * workers; a Ctrl-C can fall before or after, never between (which would
+ * queue it twice, or lose it).  Raises as send_nowait, the box unchanged. */
+static PyObject *
+Ring_give_back(RingObject *r, PyObject *box)
+{
+    if (!PyList_CheckExact(box) || PyList_GET_SIZE(box) != 1 ||
+        !PyBytes_CheckExact(PyList_GET_ITEM(box, 0))) {
+        PyErr_SetString(PyExc_TypeError, "_give_back() needs a list holding one bytes");
+        return NULL;
+    }
+    /* Claimed first (the box's reference taken over): a hand-out in another
+     * thread while the send lets the GIL go finds the box empty. */
+    PyObject *msg = PyList_GET_ITEM(box, 0);
+    PyList_SET_ITEM(box, 0, Py_NewRef(Py_None));
+    PyObject *sent = send_impl(r, msg, NULL, 1);
+    if (sent == NULL && PyList_GET_ITEM(box, 0) == Py_None) {
+        PyList_SET_ITEM(box, 0, msg); /* not sent: kept */
+        Py_DECREF(Py_None);
+        return NULL;
+    }
+    Py_DECREF(msg);
+    return sent;
 }
 
 static PyObject *
@@ -1539,6 +1582,9 @@ static PyMethodDef Ring_methods[] = {
      "_take_noted($self, timeout, nowait, mapping, offset, box, /)\n--\n\n"
      "A service worker's take of a request: the next message put in box[0] and its "
      "id (the u64 at byte 8) stored at offset of mapping, in one call."},
+    {"_give_back", (PyCFunction)Ring_give_back, METH_O,
+     "_give_back($self, box, /)\n--\n\nbox[0] sent back without waiting and the box "
+     "emptied, in one call (a service worker's untaken-out request)."},
     {"recv_nowait", (PyCFunction)Ring_recv_nowait, METH_NOARGS,
      "recv_nowait($self, /)\n--\n\n"
      "recv_nowait() -> bytes\n\nTake the next message or raise Empty (a WouldBlock)."},
