@@ -23,6 +23,7 @@ import shmkit
 import shmkit.aio
 from shmkit import _core
 from shmkit import aio_service as aio_service_mod
+from shmkit import segment as segment_mod
 from shmkit import service as service_mod
 from shmkit.service import _reap_replies
 
@@ -747,6 +748,48 @@ def test_a_ctrl_c_at_any_step_of_a_workers_close_never_loses_the_call(svc_name, 
         else:
             raise AssertionError("the close never ran to its end")
         assert k > 10
+
+
+def test_a_ctrl_c_at_any_step_of_serve_leaves_no_worker_holding_a_request(svc_name):
+    """serve() for one request under a Ctrl-C at each bytecode of the
+    service's and the handles' code (the collector off, as between two of
+    its runs): no worker is left holding the request, and the call gets its
+    reply or RemoteError.  (One landing in the with-block's __exit__, before
+    its close(), left the worker open with the request on record until the
+    collector found it, and the caller waiting meanwhile.)"""
+    files = {service_mod.__file__, segment_mod.__file__}
+    gc.disable()
+    with contextlib.ExitStack() as stack:
+        stack.callback(gc.enable)
+        svc = stack.enter_context(shmkit.Service(svc_name))
+        client = stack.enter_context(shmkit.Client(svc_name))
+        spare = stack.enter_context(svc.worker())
+        for k in range(1, 5000):
+            data = b"s%d" % k
+            got: list[Any] = []
+            t = threading.Thread(target=lambda: got.append(_outcome(client, data)))
+            t.start()
+            _wait_until(lambda: svc._requests.depth > 0, what="the request queued")
+            seen = interrupt_at_bytecode(k, lambda c: c.co_filename in files)
+            try:
+                svc.serve(lambda d: d.upper(), timeout=5, max_requests=1)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+            with contextlib.suppress(shmkit.Timeout):
+                req = spare.recv(timeout=0)
+                req.reply(req.data.upper())
+            t.join(5)
+            assert not t.is_alive(), f"Ctrl-C at bytecode {k}: the call still waits"
+            assert got[0] in (data.upper(), "RemoteError"), f"bytecode {k}: {got[0]!r}"
+            assert [w for w in svc.workers() if w["alive"]] == [
+                {"pid": os.getpid(), "alive": True, "busy": False}], f"bytecode {k}"
+            if seen[0] < k:
+                break
+        else:
+            raise AssertionError("serve() never ran to its end")
+        assert k > 20
 
 
 def test_a_request_given_back_by_another_threads_close_is_never_handed_out_too(svc_name):

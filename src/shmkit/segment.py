@@ -540,8 +540,9 @@ class Closing:
     def __enter__(self: _H) -> _H:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    # self.close(), from the core: a Python __exit__ has bytecodes before the
+    # call where a Ctrl-C would leave the handle open for the collector.
+    __exit__ = _core.close_on_exit
 
     # CPython drops whatever __del__ raises, and nothing would close this
     # handle again: a Ctrl-C landing inside close() (lost to the program

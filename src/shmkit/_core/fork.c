@@ -15,6 +15,7 @@
  * hold registered without the release that ends it.
  *
  *   signals_held(func) -> callable   func(), with the signals held back
+ *   close_on_exit                      a handle's __exit__: self.close()
  *   close_to_the_end                   a close(): self._close(), called again
  *                                      while a Ctrl-C stops it, then the
  *                                      Ctrl-C raised
@@ -214,6 +215,23 @@ close_to_the_end(PyObject *self, PyObject *Py_UNUSED(ignored))
     return result;
 }
 
+/* A handle's __exit__: self.close(), with no bytecode of its own before
+ * the call for a Ctrl-C to stop (one landing there left a with-block's
+ * handle open, to be closed only by the collector). */
+static PyObject *
+close_on_exit(PyObject *self, PyObject *Py_UNUSED(args))
+{
+    PyObject *r = PyObject_CallMethod(self, "close", NULL);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef close_on_exit_def = {
+    "__exit__", close_on_exit, METH_VARARGS,
+    "__exit__($self, /, *exc)\n--\n\nself.close()."};
+
 static PyMethodDef close_to_the_end_def = {
     "close", close_to_the_end, METH_NOARGS,
     "close($self, /)\n--\n\nself._close(), called again while a Ctrl-C stops it; the "
@@ -232,6 +250,11 @@ shm_init_fork(PyObject *module)
     }
     descr = PyDescr_NewMethod(&PyBaseObject_Type, &close_to_the_end_def);
     if (descr == NULL || PyModule_AddObject(module, "close_to_the_end", descr) < 0) {
+        Py_XDECREF(descr);
+        return -1;
+    }
+    descr = PyDescr_NewMethod(&PyBaseObject_Type, &close_on_exit_def);
+    if (descr == NULL || PyModule_AddObject(module, "close_on_exit", descr) < 0) {
         Py_XDECREF(descr);
         return -1;
     }
