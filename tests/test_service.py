@@ -627,6 +627,19 @@ def test_stress_kill_clients_and_workers(svc_name):
     assert res["died"] > 0
 
 
+@contextlib.contextmanager
+def _own_sigint_handler() -> Iterator[None]:
+    """A SIGINT handler of the program's own for the block: an interrupt
+    injected into a close that a __del__ runs is given back by tripping
+    SIGINT again when the handler is Python's default, which would then
+    raise at some later line of the test."""
+    was = signal.signal(signal.SIGINT, lambda *a: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, was)
+
+
 def _outcome(client: shmkit.Client, data: bytes) -> Any:
     try:
         return client.call(data, timeout=20)
@@ -651,6 +664,7 @@ def test_a_ctrl_c_at_any_step_of_a_workers_take_and_reply_never_loses_the_call(s
     gc.disable()  # (no collector callback, another library's, to take the interrupt)
     with contextlib.ExitStack() as stack:
         stack.callback(gc.enable)
+        stack.enter_context(_own_sigint_handler())
         svc = stack.enter_context(shmkit.Service(svc_name))
         client = stack.enter_context(shmkit.Client(svc_name))
         workers: list[Any] = []
@@ -712,6 +726,7 @@ def test_a_ctrl_c_at_any_step_of_a_workers_close_never_loses_the_call(svc_name, 
     gc.disable()
     with contextlib.ExitStack() as stack:
         stack.callback(gc.enable)
+        stack.enter_context(_own_sigint_handler())
         svc = stack.enter_context(shmkit.Service(svc_name))
         client = stack.enter_context(shmkit.Client(svc_name))
         spare = stack.enter_context(svc.worker())
@@ -761,10 +776,11 @@ def test_a_ctrl_c_at_any_step_of_serve_leaves_no_worker_holding_a_request(svc_na
     gc.disable()
     with contextlib.ExitStack() as stack:
         stack.callback(gc.enable)
+        stack.enter_context(_own_sigint_handler())
         svc = stack.enter_context(shmkit.Service(svc_name))
         client = stack.enter_context(shmkit.Client(svc_name))
         spare = stack.enter_context(svc.worker())
-        for k in range(1, 5000):
+        for k in range(1, 20000):
             data = b"s%d" % k
             got: list[Any] = []
             t = threading.Thread(target=lambda: got.append(_outcome(client, data)))
