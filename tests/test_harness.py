@@ -42,7 +42,8 @@ def test_calibration_aims_at_the_target_time():
     assert calibrate(Workload(made_up(5.0), "b"), target=0.2) == 1  # slower than the target
     assert calibrate(Workload(made_up(1.0), "b", n=7)) == 7  # the workload fixes n
     n = calibrate(Workload(spin, "b"), target=0.05)
-    assert 0.01 < min(spin(n) for _ in range(3)) < 0.25  # real time, loose bounds
+    # real time, loose bounds: a loaded machine slows the calibration or the runs
+    assert 0.001 < min(spin(n) for _ in range(3)) < 0.25
 
 
 def test_a_slow_first_call_does_not_set_n():
