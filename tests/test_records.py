@@ -796,7 +796,10 @@ def test_a_fork_made_by_c_code_while_a_thread_imports_lazily_gives_a_child_with_
     # libc's fork() called directly (as a C library may) runs no os.fork()
     # hooks: the child's copy of the gate, held by a thread it has not, must
     # still start free, or its first lazy import waits for good.
-    (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(1.0)\n")
+    # (forked once the import sleeps in the module's body: a fork inside
+    # importlib's own steps would leave the child CPython's import locks
+    # held by a thread it has not, which no os.fork() hook reset)
+    (tmp_path / "slowmod.py").write_text("import time\nSLEEPING = True\ntime.sleep(1.0)\n")
     (tmp_path / "othermod.py").write_text("VALUE = 7\n")
     proc = run_python(_CHILD_EXIT + _IMPORTING + textwrap.dedent("""
         import ctypes, os, sys, threading, time
@@ -804,6 +807,8 @@ def test_a_fork_made_by_c_code_while_a_thread_imports_lazily_gives_a_child_with_
         from shmkit import _lazy
         _lazy.load("json")  # the hooks are registered
         importing("slowmod", daemon=True)
+        while not getattr(sys.modules["slowmod"], "SLEEPING", False):
+            time.sleep(0.001)
         pid = ctypes.PyDLL(None).fork()  # keeps the GIL, which the child then has
         if pid == 0:
             os._exit(_lazy.load("othermod").VALUE)
