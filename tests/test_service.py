@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -628,16 +628,23 @@ def test_stress_kill_clients_and_workers(svc_name):
 
 
 @contextlib.contextmanager
-def _own_sigint_handler() -> Iterator[None]:
-    """A SIGINT handler of the program's own for the block: an interrupt
+def _interrupt_rig(svc_name: str) -> Iterator[tuple[contextlib.ExitStack, Any, Any]]:
+    """A service and a client of it for Ctrl-C-at-every-bytecode runs: the
+    collector off (no collector callback, another library's, to take the
+    interrupt), and a SIGINT handler of the program's own (an interrupt
     injected into a close that a __del__ runs is given back by tripping
     SIGINT again when the handler is Python's default, which would then
-    raise at some later line of the test."""
+    raise at some later line of the test)."""
+    gc.disable()
     was = signal.signal(signal.SIGINT, lambda *a: None)
     try:
-        yield
+        with contextlib.ExitStack() as stack:
+            svc = stack.enter_context(shmkit.Service(svc_name))
+            client = stack.enter_context(shmkit.Client(svc_name))
+            yield stack, svc, client
     finally:
         signal.signal(signal.SIGINT, was)
+        gc.enable()
 
 
 def _outcome(client: shmkit.Client, data: bytes) -> Any:
@@ -645,6 +652,41 @@ def _outcome(client: shmkit.Client, data: bytes) -> Any:
         return client.call(data, timeout=20)
     except shmkit.ShmkitError as e:  # (anything but RemoteError fails the test, named)
         return type(e).__name__
+
+
+def _queued_call(svc: Any, client: Any, data: bytes) -> tuple[threading.Thread, list[Any]]:
+    """A call of ``data`` from another thread, once its request is queued;
+    its outcome lands in the list."""
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(_outcome(client, data)))
+    t.start()
+    _wait_until(lambda: svc._requests.depth > 0, what="the request queued")
+    return t, got
+
+
+def _interrupted_at(k: int, files: set[str], fn: Callable[[], Any]) -> tuple[bool, int]:
+    """fn() with a KeyboardInterrupt at the k-th bytecode of ``files``:
+    (whether it was interrupted, the bytecodes seen)."""
+    seen = interrupt_at_bytecode(k, lambda c: c.co_filename in files)
+    try:
+        fn()
+        return False, seen[0]
+    except KeyboardInterrupt:
+        return True, seen[0]
+    finally:
+        sys.settrace(None)
+
+
+def _serve_one(w: Any, timeout: float) -> None:
+    """One request answered with its data in capitals (Timeout if none comes)."""
+    req = w.recv(timeout)
+    req.reply(req.data.upper())
+
+
+def _call_outcome(t: threading.Thread, got: list[Any], k: int) -> Any:
+    t.join(5)
+    assert not t.is_alive(), f"Ctrl-C at bytecode {k}: the call still waits"
+    return got[0]
 
 
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited")
@@ -661,12 +703,7 @@ def test_a_ctrl_c_at_any_step_of_a_workers_take_and_reply_never_loses_the_call(s
     the caller waited as long as any worker lived.  One in the reply's
     delivery marked it answered and sent nothing.)"""
     files = {service_mod.__file__, aio_service_mod.__file__}
-    gc.disable()  # (no collector callback, another library's, to take the interrupt)
-    with contextlib.ExitStack() as stack:
-        stack.callback(gc.enable)
-        stack.enter_context(_own_sigint_handler())
-        svc = stack.enter_context(shmkit.Service(svc_name))
-        client = stack.enter_context(shmkit.Client(svc_name))
+    with _interrupt_rig(svc_name) as (stack, svc, client):
         workers: list[Any] = []
         stack.callback(lambda: workers[-1].close())
         workers.append(aio_service_mod.Worker(svc) if awaited else svc.worker())
@@ -679,35 +716,23 @@ def test_a_ctrl_c_at_any_step_of_a_workers_take_and_reply_never_loses_the_call(s
                     req.reply(req.data.upper())
                 asyncio.run(one())
             else:
-                req = w.recv(timeout)
-                req.reply(req.data.upper())
+                _serve_one(w, timeout)
 
         outcomes: collections.Counter[str] = collections.Counter()
         for k in range(1, 20000):
             data = b"r%d" % k
-            got: list[Any] = []
-            t = threading.Thread(target=lambda: got.append(_outcome(client, data)))
-            t.start()
-            _wait_until(lambda: svc._requests.depth > 0, what="the request queued")
-            seen = interrupt_at_bytecode(k, lambda c: c.co_filename in files)
-            try:
-                serve_one(5)
-                interrupted = False
-            except KeyboardInterrupt:
-                interrupted = True
-            finally:
-                sys.settrace(None)
+            t, got = _queued_call(svc, client, data)
+            interrupted, seen = _interrupted_at(k, files, lambda: serve_one(5))
             if interrupted:  # serving goes on
                 if then == "closes":  # (the next one first: never no worker at all)
                     workers.append(svc.worker())
                     workers[-2].close()
                 with contextlib.suppress(shmkit.Timeout):
                     serve_one(0)
-            t.join(5)
-            assert not t.is_alive(), f"Ctrl-C at bytecode {k}: the call still waits"
-            assert got[0] in (data.upper(), "RemoteError"), f"bytecode {k}: {got[0]!r}"
-            outcomes["reply" if got[0] == data.upper() else "failed"] += 1
-            if seen[0] < k:  # ran to its end uninterrupted
+            outcome = _call_outcome(t, got, k)
+            assert outcome in (data.upper(), "RemoteError"), f"bytecode {k}: {outcome!r}"
+            outcomes["reply" if outcome == data.upper() else "failed"] += 1
+            if seen < k:  # ran to its end uninterrupted
                 break
         else:
             raise AssertionError("the worker's take and reply never ran to their end")
@@ -722,42 +747,24 @@ def test_a_ctrl_c_at_any_step_of_a_workers_close_never_loses_the_call(svc_name, 
     it, and the call gets its reply from another worker, or RemoteError.
     (The entry was cleared whatever the close had done before the Ctrl-C:
     the request was on record nowhere, and its caller waited for good.)"""
-    files = {service_mod.__file__}
-    gc.disable()
-    with contextlib.ExitStack() as stack:
-        stack.callback(gc.enable)
-        stack.enter_context(_own_sigint_handler())
-        svc = stack.enter_context(shmkit.Service(svc_name))
-        client = stack.enter_context(shmkit.Client(svc_name))
+    with _interrupt_rig(svc_name) as (stack, svc, client):
         spare = stack.enter_context(svc.worker())
         for k in range(1, 5000):
             w = svc.worker()
             data = b"c%d" % k
-            got: list[Any] = []
-            t = threading.Thread(target=lambda: got.append(_outcome(client, data)))
-            t.start()
-            _wait_until(lambda: svc._requests.depth > 0, what="the request queued")
+            t, got = _queued_call(svc, client, data)
             if holding == "taken":  # as a Ctrl-C right after the take leaves it
                 w._take(svc._requests, w._seg, 5, False)
             else:
                 w.recv(timeout=5)
-            seen = interrupt_at_bytecode(k, lambda c: c.co_filename in files)
-            try:
-                w.close()
-                interrupted = False
-            except KeyboardInterrupt:
-                interrupted = True
-            finally:
-                sys.settrace(None)
+            interrupted, seen = _interrupted_at(k, {service_mod.__file__}, w.close)
             assert w.closed, f"Ctrl-C at bytecode {k}: the close was left half done"
             with contextlib.suppress(shmkit.Timeout):
-                req = spare.recv(timeout=0)
-                req.reply(req.data.upper())
-            t.join(5)
-            assert not t.is_alive(), f"Ctrl-C at bytecode {k}: the call still waits"
+                _serve_one(spare, 0)
             want = data.upper() if holding == "taken" else "RemoteError"
-            assert got[0] == want, f"bytecode {k}: {got[0]!r}"
-            if seen[0] < k:
+            outcome = _call_outcome(t, got, k)
+            assert outcome == want, f"bytecode {k}: {outcome!r}"
+            if seen < k:
                 assert not interrupted
                 break
         else:
@@ -773,35 +780,20 @@ def test_a_ctrl_c_at_any_step_of_serve_leaves_no_worker_holding_a_request(svc_na
     its close(), left the worker open with the request on record until the
     collector found it, and the caller waiting meanwhile.)"""
     files = {service_mod.__file__, segment_mod.__file__}
-    gc.disable()
-    with contextlib.ExitStack() as stack:
-        stack.callback(gc.enable)
-        stack.enter_context(_own_sigint_handler())
-        svc = stack.enter_context(shmkit.Service(svc_name))
-        client = stack.enter_context(shmkit.Client(svc_name))
+    with _interrupt_rig(svc_name) as (stack, svc, client):
         spare = stack.enter_context(svc.worker())
         for k in range(1, 20000):
             data = b"s%d" % k
-            got: list[Any] = []
-            t = threading.Thread(target=lambda: got.append(_outcome(client, data)))
-            t.start()
-            _wait_until(lambda: svc._requests.depth > 0, what="the request queued")
-            seen = interrupt_at_bytecode(k, lambda c: c.co_filename in files)
-            try:
-                svc.serve(lambda d: d.upper(), timeout=5, max_requests=1)
-            except KeyboardInterrupt:
-                pass
-            finally:
-                sys.settrace(None)
+            t, got = _queued_call(svc, client, data)
+            _, seen = _interrupted_at(
+                k, files, lambda: svc.serve(lambda d: d.upper(), timeout=5, max_requests=1))
             with contextlib.suppress(shmkit.Timeout):
-                req = spare.recv(timeout=0)
-                req.reply(req.data.upper())
-            t.join(5)
-            assert not t.is_alive(), f"Ctrl-C at bytecode {k}: the call still waits"
-            assert got[0] in (data.upper(), "RemoteError"), f"bytecode {k}: {got[0]!r}"
+                _serve_one(spare, 0)
+            outcome = _call_outcome(t, got, k)
+            assert outcome in (data.upper(), "RemoteError"), f"bytecode {k}: {outcome!r}"
             assert [w for w in svc.workers() if w["alive"]] == [
                 {"pid": os.getpid(), "alive": True, "busy": False}], f"bytecode {k}"
-            if seen[0] < k:
+            if seen < k:
                 break
         else:
             raise AssertionError("serve() never ran to its end")

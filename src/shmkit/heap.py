@@ -636,8 +636,6 @@ class Heap(SharedObject):
               timeout: float | None = None) -> int:
         """Copy ``data`` into the block at ``offset``; returns its length."""
         if type(offset) is not int:
-            if isinstance(offset, bool):
-                raise TypeError("offset must be an int, not bool")
             offset = _index(offset, "offset")
         src = memoryview(data).cast("B")
         with self.pin(handle, timeout=timeout) as view:
@@ -753,8 +751,6 @@ def _block_bytes(nbytes: int) -> int:
 def _nbytes(v: Any) -> int:
     """A block's size as alloc() and realloc() take it: an int (or what
     converts like one, as numpy's integers), not a bool, 0 to 2**63 - 1."""
-    if isinstance(v, bool):
-        raise TypeError("nbytes must be an int, not bool")
     v = _index(v, "nbytes")
     if v < 0:
         raise ValueError(f"nbytes must be >= 0, not {v}")
@@ -764,6 +760,9 @@ def _nbytes(v: Any) -> int:
 
 
 def _index(v: Any, what: str) -> int:
+    """An int argument (or what converts like one), never a bool."""
+    if isinstance(v, bool):
+        raise TypeError(f"{what} must be an int, not bool")
     try:
         return v.__index__()
     except AttributeError:

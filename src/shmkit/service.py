@@ -617,6 +617,16 @@ class Worker(Closing):
         cur = self._box[0]
         return cur if type(cur) is Request else None
 
+    def _settle_current(self, why: str) -> None:
+        """Fail the request handed out and not answered (which frees the slot),
+        or free the slot of one answered whose delivery a Ctrl-C stopped
+        before it could."""
+        cur = self._current
+        if cur is not None and not cur.answered:
+            cur.fail(why)
+        elif cur is not None:
+            self._box[0] = None
+
     def _take(self, requests: Channel, seg: Segment, timeout: float | None,
               nowait: bool) -> bytes:
         try:
@@ -630,11 +640,7 @@ class Worker(Closing):
         seg = self._held()
         if timeout is not None:
             timeout = optional_seconds(timeout)
-        cur = self._current
-        if cur is not None and not cur.answered:
-            cur.fail("the worker took another request without answering this one")
-        if self._box[0] is cur:  # answered, its delivery interrupted before the slot was freed
-            self._box[0] = None
+        self._settle_current("the worker took another request without answering this one")
         requests = self._requests
         if requests is None:
             raise ClosedError("the service handle of this worker is closed")
@@ -700,6 +706,7 @@ class Worker(Closing):
             pass
         req = self._parse(msg)
         if req is not None:  # (again after a Ctrl-C: its client drops a second one)
+            # (not req.fail(): the worker may be closed already, see _take)
             self._send_reply(req, _REP.pack(_VERSION, _ERROR, req.id),
                              b"the worker that took the request stopped before "
                              b"starting it; it was not carried out")
@@ -805,12 +812,8 @@ class Worker(Closing):
             return
         mine = self._pid == _segment._pid  # forked: the entry is the parent's, leave it
         if mine:
-            cur = self._current
-            if cur is not None and not cur.answered:
-                cur.fail("the worker stopped before answering")
+            self._settle_current("the worker stopped before answering")
             self._give_back()
-            if self._box[0] is not None and self._box[0] is cur:
-                self._box[0] = None  # answered: its delivery was interrupted before this
             _core.store64(seg._mapping, self._entry + 8, 0)
             _core.store64(seg._mapping, self._entry, 0)
         for name in list(self._cache):

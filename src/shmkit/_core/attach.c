@@ -198,6 +198,8 @@ slot_count_damaged(int fd, uint32_t max_slots)
 void
 shm_attach_detach(MappingObject *m)
 {
+    /* (a forked child's inherited token is its parent's, never its own) */
+    m->closed_token = m->token_pid == getpid() ? m->token : 0;
     m->token = 0;
     m->fd = -1;
     shm_lock_forget_all(m);
@@ -285,6 +287,8 @@ shm_attach_claim(MappingObject *m, int fd, uint32_t start, const char *comm, siz
         shm_lock_forget_all(m);
         m->fd = fd;
         m->token = (gen << 10) | slot;
+        m->token_pid = getpid();
+        m->closed_token = 0;
         return 1;
     }
     return 0;

@@ -390,12 +390,33 @@ shm_lock_check_held(MappingObject *m, uint32_t *word)
     return 0;
 }
 
+/* Let go of word while it carries `token` (not 0), which no other
+ * attachment can have been given since. */
+static void
+release_token(uint32_t *word, uint32_t token)
+{
+    uint32_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
+    while (token != 0 && (v & SHM_TOKEN_MASK) == token) {
+        if (__atomic_compare_exchange_n(word, &v, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
+            if (v & SHM_LOCK_WAITERS)
+                shm_futex_wake(word, 1);
+            return;
+        }
+    }
+}
+
 int
 shm_lock_release(MappingObject *m, uint32_t *word)
 {
     uint32_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
-    if (m->token == 0) /* closed (still mapped while views live) or read-only */
+    if (m->token == 0) { /* closed (still mapped while views live) or read-only */
+        /* A lock a call took before another thread closed the handle: the
+         * close took the registry with it, so it goes by the token it was
+         * taken under, and the next holder does not take it for a dead
+         * one's; the caller still learns that the handle is closed. */
+        release_token(word, m->closed_token);
         return no_token(m);
+    }
     if ((v & SHM_TOKEN_MASK) != m->token) {
         /* This process took the word and someone else's store replaced it:
          * the segment is damaged, not the caller's bookkeeping. */
@@ -422,19 +443,6 @@ shm_lock_release(MappingObject *m, uint32_t *word)
     if (mine >= 0)
         held_free(m, mine);
     return 0;
-}
-
-void
-shm_lock_release_token(uint32_t *word, uint32_t token)
-{
-    uint32_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
-    while (token != 0 && (v & SHM_TOKEN_MASK) == token) {
-        if (__atomic_compare_exchange_n(word, &v, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
-            if (v & SHM_LOCK_WAITERS)
-                shm_futex_wake(word, 1);
-            return;
-        }
-    }
 }
 
 int

@@ -457,19 +457,16 @@ py_resize_payload(PyObject *mod, PyObject *args)
     /* A thread that holds the lock already (`with seg.lock: seg.resize(n)`)
      * resizes under it, and keeps it: waiting for it would be forever. */
     int mine = shm_lock_mine(m, word);
-    uint32_t token = m->token;
-    int took = mine ? 0 : shm_lock_acquire(m, word, deadline);
-    int r = mine ? 1 : took;
+    int r = mine ? 1 : shm_lock_acquire(m, word, deadline);
     if (r > 0 && ((r == 2 && shm_warn_owner_died(m, what) < 0) ||
                   resize_locked(m, (uint64_t)hsize, (uint64_t)max_size, (uint64_t)size,
-                                grow_only) < 0))
+                                grow_only) < 0)) {
+        if (!mine)
+            shm_lock_release_journal(m, word, NULL); /* keeps the exception */
         r = -1;
-    if (took > 0 && m->token != token) /* closed by another thread meanwhile */
-        shm_lock_release_token(word, token);
-    else if (took > 0 && r < 0)
-        shm_lock_release_journal(m, word, NULL); /* keeps the exception */
-    else if (took > 0 && shm_lock_release(m, word) < 0)
-        r = -1;
+    } else if (r > 0 && !mine && shm_lock_release(m, word) < 0) {
+        r = -1; /* (closed by another thread meanwhile: the lock is let go) */
+    }
     shm_unpin(obj);
     return r < 0 ? NULL : PyLong_FromLong(r);
 }

@@ -73,6 +73,11 @@ typedef struct MappingObject {
     int lifetime_ended;  /* shm_attach_end ran, or runs (attach.c) */
     struct MappingObject *unclosed_prev, *unclosed_next;
     uint32_t token;      /* our lock-owner token; 0 when detached */
+    /* The token this process's close let go of (0 if none): a lock that a
+     * call took under it before another thread closed the handle is let go
+     * by it when that call releases (lock.c). */
+    uint32_t closed_token;
+    pid_t token_pid;     /* the process that claimed the token */
     Py_ssize_t table_off;/* byte offset of the attach table */
     uint32_t max_slots;
     int64_t event_spin_ns; /* the adaptive spin of event waits (event.c, wait.h) */
@@ -326,12 +331,6 @@ int shm_lock_release(MappingObject *m, uint32_t *word);
  * CorruptError when it took the word and another store replaced it, or
  * ClosedError/ReadOnlyError when the mapping has no token. */
 int shm_lock_check_held(MappingObject *m, uint32_t *word);
-/* Let go of word, held under `token` by a call through a handle that
- * another thread closed meanwhile (the close took the token and the
- * registry with it): only while the word still carries that token, which no
- * other attachment can be given; no exception.  What the call did under the
- * lock is whole, so the next holder must not take it for a dead one's. */
-void shm_lock_release_token(uint32_t *word, uint32_t token);
 /* Does the calling thread hold word through m (took it, and no thread has
  * released it since)?  1 or 0; never an exception.  GIL held. */
 int shm_lock_mine(MappingObject *m, uint32_t *word);
