@@ -376,6 +376,53 @@ def test_worker_killed_mid_request_raises_worker_died(svc_name):
         svc.unlink()
 
 
+def test_a_worker_that_takes_the_slot_of_one_that_died_with_a_request_fails_its_call(svc_name):
+    """A worker killed holding a request, whose attach slot (and so its entry in
+    the worker table) a new worker takes before the caller looked: the caller
+    learns of the death all the same (the new worker tells it), where it waited
+    for good, the other workers alive, its request in nobody's entry."""
+    with shmkit.Service(svc_name, max_attach=12) as svc:
+        taker = subprocess.Popen(
+            [sys.executable, "-c",
+             "import time, shmkit\n"
+             f"with shmkit.Service({svc_name!r}) as svc, svc.worker() as w:\n"
+             "    req = w.recv(timeout=60)\n"
+             "    time.sleep(3600)\n"],
+            env=dict(os.environ, PYTHONPATH=SRC))
+        caller = subprocess.Popen(
+            [sys.executable, "-c",
+             "import shmkit\n"
+             f"with shmkit.Client({svc_name!r}, wait_for_worker=60) as c:\n"
+             "    try:\n"
+             "        c.call(b'x', timeout=None)\n"
+             "    except shmkit.WorkerDied as e:\n"
+             "        print('WorkerDied', e)\n"],
+            env=dict(os.environ, PYTHONPATH=SRC), stdout=subprocess.PIPE, text=True)
+        workers: list[Any] = []
+        try:
+            _wait_until(lambda: svc.statistics()["busy"] == 1, what="the worker to take it")
+            [slot] = [s for s, _token, rid in svc._entries(svc._seg) if rid]
+            os.kill(caller.pid, signal.SIGSTOP)  # so that it cannot look meanwhile
+            taker.kill()
+            taker.wait(30)
+            while not any(w._token & 0x3FF == slot for w in workers):
+                workers.append(svc.worker())  # (each takes a free slot)
+            os.kill(caller.pid, signal.SIGCONT)
+            out, _ = caller.communicate(timeout=30)
+            assert out.startswith("WorkerDied"), out
+            assert "died before answering" in out
+            assert svc.statistics()["abandoned"] == 0
+        finally:
+            for p in (taker, caller):
+                if p.poll() is None:
+                    os.kill(p.pid, signal.SIGCONT)
+                    p.kill()
+                    p.wait(30)
+            for w in workers:
+                w.close()
+        svc.unlink()
+
+
 def _client_then_wait(name: str, ready: Any) -> None:
     with shmkit.Client(name, wait_for_worker=60) as client:
         ready.set()
@@ -513,17 +560,34 @@ def test_malformed_requests_are_dropped_and_counted(svc_name):
     with shmkit.Service(svc_name) as svc, svc.worker() as w:
         raw = shmkit.Channel.open(svc_name + ".requests")
         raw.send(b"junk")
-        raw.send(b"\x01\x00\xff\xff" + bytes(12))  # name length past the end
-        # a reply channel outside the service is refused
         import struct
-        name = b"other.reply.0000000000000000"
+        raw.send(struct.pack("<BB2xIQQ", 2, 0, 1, 5, 7)[:-1])  # one byte short
+        raw.send(struct.pack("<BB2xIQQ", 2, 0, 1, 0, 7) + b"p")  # request id 0
+        # a request of format 1, which named its reply channel
+        name = f"{svc_name}.reply.{7:016x}".encode()
         raw.send(struct.pack("<BBHIQ", 1, 0, len(name), 1, 5) + name + b"p")
         raw.close()
         with pytest.raises(shmkit.Timeout):
             w.recv(timeout=0.2)
-        assert svc.statistics()["malformed"] == 3
+        assert svc.statistics()["malformed"] == 4
         svc.unlink()
 
+
+
+def test_a_service_of_the_format_before_is_refused_saying_what_to_do(svc_name):
+    """Format 1 had 16-byte worker entries and requests that named their reply
+    channel: a service made by it is refused, not misread."""
+    import json
+    from conftest import set_layout
+    with shmkit.Service(svc_name) as svc:
+        layout = json.dumps({"format": 1, "requests": svc_name + ".requests"}).encode()
+        set_layout(svc_name, layout)
+        with pytest.raises(shmkit.FormatVersionError, match=r"format 1; this shmkit reads "
+                           r"format 2.*shmkit rm"):
+            shmkit.Service(svc_name)
+        with pytest.raises(shmkit.FormatVersionError):
+            shmkit.Client(svc_name)
+        svc.unlink()
 
 # -- kill loops ---------------------------------------------------------------------
 
@@ -953,18 +1017,18 @@ def test_a_worker_reaps_reply_channels_their_creators_left_half_made(svc_name):
 
 
 def test_a_forged_reply_name_never_stops_the_worker(svc_name):
-    """A request naming `<service>.reply.<16 hex>` where something else than a
-    live reply channel stands (here an Event) is discarded; the worker goes on."""
+    """A request whose reply channel id names `<service>.reply.<16 hex>` where
+    something else than a live reply channel stands (here an Event) is
+    discarded; the worker goes on."""
     import struct
     with shmkit.Service(svc_name) as svc:
         out: dict = {}
         t = threading.Thread(target=lambda: out.update(n=svc.serve(lambda d: d, timeout=5)))
         t.start()
-        bogus = svc_name + ".reply." + "A" * 16
+        bogus = svc_name + ".reply." + "a" * 16
         decoy = shmkit.Event(bogus)
-        raw = bogus.encode()
         with shmkit.Channel(svc_name + ".requests", create=False) as hostile:
-            hostile.send(struct.pack("<BBHIQ", 1, 0, len(raw), 0, 1) + raw + b"x", 1)
+            hostile.send(struct.pack("<BB2xIQQ", 2, 0, 0, 1, int("a" * 16, 16)) + b"x", 1)
         with shmkit.Client(svc, wait_for_worker=10) as c:
             assert c.call(b"legit", timeout=10) == b"legit"  # the same worker answers
         t.join(30)

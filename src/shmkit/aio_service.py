@@ -39,7 +39,7 @@ from typing import Any, Callable, TypeVar, cast
 from . import service as _service
 from .aio import _REPAIR_TIMEOUT, Channel, _nowait, _timed, _until
 from .aio_wait import _describe
-from .errors import ClosedError, RemoteError, ServiceUnavailable, ShmkitError, Timeout
+from .errors import ClosedError, ServiceUnavailable, ShmkitError, Timeout
 from .segment import Segment
 from .service import DEFAULT_REPLY_CAPACITY, Request
 
@@ -250,7 +250,7 @@ class _Dispatch:
         fut = self.pending.get(got[0])
         if fut is None or fut.done():
             return  # a reply to a call that timed out or was cancelled: dropped
-        if isinstance(got[1], RemoteError):
+        if isinstance(got[1], ShmkitError):
             fut.set_exception(got[1])
         else:
             fut.set_result(got[1])

@@ -311,7 +311,8 @@ class ServiceUnavailable(ShmkitError, ConnectionRefusedError):
 class WorkerDied(ShmkitError, ConnectionAbortedError):
     """The worker that took a call's request died before answering it (the
     kernel counted its attachment out).  The request may have been partly
-    carried out; the message names the worker's pid."""
+    carried out; the message names the worker's pid (or that of the worker
+    that took its place and told of it)."""
 
 
 class RemoteError(ShmkitError, RuntimeError):

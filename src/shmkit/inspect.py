@@ -719,20 +719,20 @@ def _condition_counters(fd: int, base: int) -> dict[str, int]:
 
 
 _SERVICE = struct.Struct("=IIQQQQ")  # 0: magic, format, served, discarded, failed, malformed
-_SERVICE_MAGIC = 0x31435653          # "SVC1" (shmkit/service.py)
-_SERVICE_TABLE = 64                  # one 16-byte entry per attach slot: token, request id
 _SEGMENT_HWM = _core.layouts["segment"]["hwm"]
 
 
 def _service_counters(fd: int, base: int) -> dict[str, int]:
+    from .service import _ENTRY, _MAGIC, _OFF_TABLE, FORMAT  # (the worker table's layout)
+
     h = _read(fd, _SERVICE, base)
     hwm = _read(fd, struct.Struct("=I"), _SEGMENT_HWM)
-    if h is None or hwm is None or h[0] != _SERVICE_MAGIC:
+    if h is None or hwm is None or h[0] != _MAGIC or h[1] != FORMAT:
         return {}
     _magic, _fmt, served, discarded, failed, malformed = h
-    table = os.pread(fd, 16 * min(hwm[0], _core.MAX_SLOTS), base + _SERVICE_TABLE)
+    table = os.pread(fd, _ENTRY * min(hwm[0], _core.MAX_SLOTS), base + _OFF_TABLE)
     workers = busy = 0
-    for token, rid in struct.iter_unpack("=QQ", table[:len(table) // 16 * 16]):
+    for token, rid, _reply in struct.iter_unpack("=QQQ", table[:len(table) // _ENTRY * _ENTRY]):
         token &= 0xFFFFFFFF
         if token and _token_alive(fd, token):
             workers += 1

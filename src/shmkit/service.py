@@ -18,8 +18,9 @@ What a service is made of (all listed by ``shmkit ls``):
 
 ``<name>``
     the service header (kind ``service``): a table of the workers, each
-    entry the worker's kernel-backed attachment token and the id of the
-    request it is handling, and the served/discarded/failed counters;
+    entry the worker's kernel-backed attachment token and the ids of the
+    request it is handling and of that request's reply channel, and the
+    served/discarded/failed counters;
 ``<name>.requests``
     the request :class:`~shmkit.Channel` every worker receives from;
 ``<name>.reply.<16 hex digits>``
@@ -27,10 +28,11 @@ What a service is made of (all listed by ``shmkit ls``):
     unlinked by the client's ``close()``, and removed by the workers (or
     ``shmkit gc``) when its client died.
 
-A request carries its reply channel's name, the client's attachment token
-on it and a random 63-bit request id; the reply carries the id back, so a
-reply that arrives after its call timed out is recognised and dropped,
-never handed to the next call.  See docs/service.md.
+A request carries its reply channel's 64-bit id (the 16 hex digits of its
+name), the client's attachment token on it and a 63-bit request id; the
+reply carries the request id back, so a reply that arrives after its call
+timed out is recognised and dropped, never handed to the next call.  See
+docs/service.md.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ from .sync import optional_seconds
 
 __all__ = ["Service", "Client", "Worker", "Request"]
 
-FORMAT = 1
+FORMAT = 2
 DEFAULT_REPLY_CAPACITY = 1 << 20
 #: Longest service name: its channels' names add at most 23 characters.
 MAX_NAME = 200 - len(".reply.") - 16
@@ -79,24 +81,28 @@ MAX_NAME = 200 - len(".reply.") - 16
 #  16  discarded   replies dropped: caller gone, or its reply channel full
 #  24  failed      requests answered with an error (the handler raised)
 #  32  malformed   requests dropped because they could not be parsed
-#  64  workers: one 16-byte entry per attach slot of the header segment:
+#  64  workers: one 24-byte entry per attach slot of the header segment:
 #      token u64 (the worker's attachment token; 0: no worker), rid u64
-#      (the request it is handling; 0: none)
+#      (the request it is handling; 0: none), reply u64 (that request's
+#      reply channel id, so that a worker that takes the slot of one that
+#      died holding a request can tell its caller)
 _MAGIC = 0x31435653
 _OFF_SERVED, _OFF_DISCARDED, _OFF_FAILED, _OFF_MALFORMED = 8, 16, 24, 32
 _OFF_TABLE = 64
-_ENTRY = 16
+_ENTRY = 24
 _OFF_HWM = _core.layouts["segment"]["hwm"]
 
-# Request: version u8, flags u8, reply-name length u16, client token u32,
-# request id u64; then the reply channel's name, then the payload.
-_REQ = struct.Struct("<BBHIQ")
+# Request: version u8, flags u8, 2 bytes unused, client token u32, request
+# id u64, reply channel id u64 (its name: the service's, ".reply.", the id
+# in 16 hex digits); then the payload.  The ids are where the worker's
+# entry takes them (Channel._take_noted).
+_REQ = struct.Struct("<BB2xIQQ")
 _REQ_SIZE = _REQ.size
 # Reply: version u8, status u8, 6 bytes unused, request id u64; then the payload.
 _REP = struct.Struct("<BB6xQ")
-_VERSION = 1
+_VERSION = 2
 _F_PICKLE = 1
-_OK, _ERROR = 0, 1
+_OK, _ERROR, _DIED = 0, 1, 2  # _DIED: its worker died (told by the one in its slot)
 _RID_MASK = (1 << 63) - 1
 
 _FIRST_STEP = 0.02  # seconds a call waits for its reply before it first checks its worker
@@ -476,12 +482,12 @@ class Request:
     __slots__ = ("data", "id", "pickled", "_worker", "_reply_to", "_token", "answered")
 
     def __init__(self, worker: "Worker", data: bytes, rid: int, pickled: bool,
-                 reply_to: bytes, token: int) -> None:
+                 reply_to: int, token: int) -> None:
         self.data = data
         self.id = rid
         self.pickled = pickled
         self._worker = worker
-        self._reply_to = reply_to
+        self._reply_to = reply_to  # the reply channel's id
         self._token = token
         self.answered = False
 
@@ -575,15 +581,33 @@ class Worker(Closing):
         m = seg._mapping
         self._token = m.token
         self._entry = seg._hsize + _OFF_TABLE + (self._token & 0x3FF) * _ENTRY
+        # the name every reply channel of this service has: the prefix, then 16 hex digits
+        self._prefix = svc_seg.name + ".reply."
+        self._pid = _segment._pid
+        self._cache: dict[int, tuple[Channel, int]] = {}  # by reply channel id
+        self._tell_the_caller_of_a_dead_worker(seg)
         _core.store64(m, self._entry + 8, 0)
         _core.store64(m, self._entry, self._token)
-        # the name every reply channel of this service has: the prefix, then 16 hex digits
-        self._prefix_bytes = (svc_seg.name + ".reply.").encode()
-        self._reply_len = len(self._prefix_bytes) + 16
-        self._pid = _segment._pid
-        self._cache: dict[bytes, tuple[Channel, int]] = {}  # by name, as requests carry it
         self._swept = time.monotonic()
         _reap_replies(svc_seg.name)  # channels of callers that died unanswered
+
+    def _tell_the_caller_of_a_dead_worker(self, seg: Segment) -> None:
+        """Our entry, a worker's that died holding a request (its slot is
+        ours now): tell that request's caller, before the entry that says so
+        is ours.  Its caller would otherwise find the id in no entry, and,
+        the other workers alive, wait for good.  (Again after a Ctrl-C: the
+        entry is cleared only after; the caller drops a second notice.)"""
+        m = seg._mapping
+        rid = _core.load64(m, self._entry + 8)
+        if _core.load64(m, self._entry) == 0 or rid == 0:
+            return
+        reply = _core.load64(m, self._entry + 16)
+        text = (f"the worker of service {seg.name!r} that took the request "
+                "died before answering it (the worker that took its place, pid "
+                f"{os.getpid()}, found it); the request may have been partly carried out")
+        req = Request(self, b"", rid, False, reply, 0)
+        self._send_reply(req, _REP.pack(_VERSION, _DIED, rid), text.encode())
+        self._drop(reply)
 
     def _held(self) -> Segment:
         seg = self._seg
@@ -675,16 +699,12 @@ class Worker(Closing):
         return None
 
     def _parse(self, msg: bytes) -> Request | None:
-        n = len(msg)
-        if n >= _REQ_SIZE:
-            version, flags, nlen, token, rid = _REQ.unpack_from(msg)
-            end = _REQ_SIZE + nlen
-            # A request may only name a reply channel of this service.
-            if (version == _VERSION and rid and end == _REQ_SIZE + self._reply_len
-                    and end <= n and msg.startswith(self._prefix_bytes, _REQ_SIZE)
-                    and msg[end - 16:end].isascii()):
-                return Request(self, msg[end:], rid, bool(flags & _F_PICKLE),
-                               msg[_REQ_SIZE:end], token)
+        # (a request names only a reply channel of this service: its id)
+        if len(msg) >= _REQ_SIZE:
+            version, flags, token, rid, reply = _REQ.unpack_from(msg)
+            if version == _VERSION and rid:
+                return Request(self, msg[_REQ_SIZE:], rid, bool(flags & _F_PICKLE), reply,
+                               token)
         return None
 
     def _give_back(self) -> None:
@@ -739,7 +759,7 @@ class Worker(Closing):
             if cached is not None:
                 self._drop(req._reply_to)
             try:
-                ch = Channel(req._reply_to.decode("ascii"), create=False)
+                ch = Channel(f"{self._prefix}{req._reply_to:016x}", create=False)
             except (ShmkitError, ValueError):
                 # the caller is gone (its channel unlinked), or the name holds
                 # something that is not its live reply channel: never our problem
@@ -774,18 +794,18 @@ class Worker(Closing):
             self._drop(req._reply_to)
             return False
 
-    def _drop(self, name: bytes) -> None:
-        entry = self._cache.pop(name, None)
+    def _drop(self, reply: int) -> None:
+        entry = self._cache.pop(reply, None)
         if entry is not None:
             entry[0].close()  # the last holder of a dead caller's channel removes it
 
     def _sweep(self, now: float) -> None:
         """Close cached reply channels whose caller closed or died."""
         self._swept = now
-        for name, (ch, token) in list(self._cache.items()):
+        for reply, (ch, token) in list(self._cache.items()):
             seg = ch._seg
             if seg is None or seg.closed or not _core.token_alive(seg._mapping, token):
-                self._drop(name)
+                self._drop(reply)
 
     def statistics(self) -> dict[str, int]:
         """The service's statistics (see :meth:`Service.statistics`)."""
@@ -816,8 +836,8 @@ class Worker(Closing):
             self._give_back()
             _core.store64(seg._mapping, self._entry + 8, 0)
             _core.store64(seg._mapping, self._entry, 0)
-        for name in list(self._cache):
-            self._drop(name)
+        for reply in list(self._cache):
+            self._drop(reply)
         seg.close()
 
     def __repr__(self) -> str:
@@ -828,11 +848,11 @@ class Worker(Closing):
 class _Line:
     """One thread's reply channel: its name as sent, its token, its ids."""
 
-    __slots__ = ("ch", "name", "token", "pid", "next_id", "thread")
+    __slots__ = ("ch", "id", "token", "pid", "next_id", "thread")
 
-    def __init__(self, ch: Channel) -> None:
+    def __init__(self, ch: Channel, reply_id: int) -> None:
         self.ch = ch
-        self.name = ch.name.encode("ascii")
+        self.id = reply_id  # the 16 hex digits that end its name
         self.token = ch._seg._mapping.token  # type: ignore[union-attr]
         self.pid = _segment._pid
         self.next_id = random.getrandbits(63) | 1
@@ -960,9 +980,10 @@ class Client(Closing):
             return line
         if self._closed:
             raise ClosedError(f"client of service {self._seg.name!r} is closed")
-        name = f"{self._seg.name}.reply.{os.urandom(8).hex()}"
+        reply_id = int.from_bytes(os.urandom(8), "big")
+        name = f"{self._seg.name}.reply.{reply_id:016x}"
         ch = self._channel_class(name, self._reply_capacity, create=True, lifetime="attached")
-        line = _Line(ch)
+        line = _Line(ch, reply_id)
         self._local.line = line
         with self._lock:
             # Threads come and go (a pool, a thread per request): the lines
@@ -1056,8 +1077,7 @@ class Client(Closing):
         line = self._line()
         rid = line.next_id
         line.next_id = (rid + 1) & _RID_MASK or 1
-        msg = b"".join((_REQ.pack(_VERSION, flags, len(line.name), line.token, rid),
-                        line.name, payload))
+        msg = b"".join((_REQ.pack(_VERSION, flags, line.token, rid, line.id), payload))
         return line, rid, msg
 
     def _requests_channel(self) -> Channel:
@@ -1115,8 +1135,8 @@ class Client(Closing):
             pass
         return ", still queued (no live worker has taken it)"
 
-    def _parse_reply(self, msg: bytes) -> tuple[int, bytes | RemoteError] | None:
-        """(request id, the reply's bytes or the RemoteError to raise), or None
+    def _parse_reply(self, msg: bytes) -> tuple[int, bytes | ShmkitError] | None:
+        """(request id, the reply's bytes or the error to raise), or None
         for a message that is no reply of this version."""
         if len(msg) < _REP.size:
             return None
@@ -1125,8 +1145,11 @@ class Client(Closing):
             return None
         if status == _OK:
             return rid, msg[_REP.size:]
+        text = msg[_REP.size:].decode("utf-8", "replace")
+        if status == _DIED:
+            return rid, WorkerDied(text)
         return rid, RemoteError(f"service {self._seg.name!r}: the worker's handler failed:\n"
-                                + msg[_REP.size:].decode("utf-8", "replace"))
+                                + text)
 
     def _reply(self, msg: bytes, rid: int) -> bytes | None:
         if msg[:_REP.size] == _REP.pack(_VERSION, _OK, rid):  # the usual answer
@@ -1134,7 +1157,7 @@ class Client(Closing):
         got = self._parse_reply(msg)
         if got is None or got[0] != rid:
             return None  # a reply to an earlier call that timed out: dropped
-        if isinstance(got[1], RemoteError):
+        if isinstance(got[1], ShmkitError):
             raise got[1]
         return got[1]
 

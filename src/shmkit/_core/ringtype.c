@@ -637,8 +637,9 @@ Ring_recv_nowait(RingObject *r, PyObject *Py_UNUSED(ignored))
 /* _take_noted(timeout, nowait, mapping, offset, box): a service worker's
  * take of a request (service.py, Worker.recv).  The next message, as
  * recv() or recv_nowait() takes it, is put in box[0] (a list of one) and
- * the u64 at its byte 8 (the request's id; 0 for a shorter message) stored
- * at `offset` of `mapping` (the worker's entry), before this call returns:
+ * its u64s at bytes 8 and 16 (the request's id and its reply channel's;
+ * 0 where the message is shorter) stored at `offset` and `offset + 8` of
+ * `mapping` (the worker's entry), the id last, before this call returns:
  * a Ctrl-C can then fall before the take or after both, never between
  * them, so the request is never out of the channel with no worker holding
  * it on record, and the worker keeps it to hand out or give back. */
@@ -660,14 +661,18 @@ Ring_take_noted(RingObject *r, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "_take_noted() needs a list of one item as its box");
         return NULL;
     }
-    if (shm_addr(args[2], off, 8, 1) == NULL) /* refused before anything is taken */
+    /* refused before anything is taken */
+    if (shm_addr(args[2], off, 8, 1) == NULL || shm_addr(args[2], off + 8, 8, 1) == NULL)
         return NULL;
     PyObject *msg = recv_impl(r, nowait ? NULL : args[0], nowait, R_COPY, NULL, 0, 0, NULL);
     if (msg == NULL)
         return NULL;
-    uint64_t id = 0;
-    if (PyBytes_GET_SIZE(msg) >= 16)
-        memcpy(&id, PyBytes_AS_STRING(msg) + 8, 8);
+    uint64_t note[2] = {0, 0}; /* the request's id, its reply channel's */
+    Py_ssize_t have = PyBytes_GET_SIZE(msg) - 8;
+    if (have > 0)
+        memcpy(note, PyBytes_AS_STRING(msg) + 8, have < 16 ? (size_t)have : 16);
+    if (have < 8)
+        note[0] = 0; /* no whole id: none */
     Py_INCREF(msg);
     if (!PyList_CheckExact(box) || PyList_GET_SIZE(box) != 1) {
         /* another thread changed the box meanwhile: the message goes back */
@@ -686,10 +691,13 @@ Ring_take_noted(RingObject *r, PyObject *const *args, Py_ssize_t nargs)
     PyList_SET_ITEM(box, 0, msg);
     /* Again after the wait: another thread may have closed the worker. */
     uint64_t *word = shm_addr(args[2], off, 8, 1);
-    if (word != NULL)
-        __atomic_store_n(word, id, __ATOMIC_RELEASE);
+    uint64_t *reply = word != NULL ? shm_addr(args[2], off + 8, 8, 1) : NULL;
+    if (reply != NULL) { /* the id last: whoever reads it finds its channel */
+        __atomic_store_n(reply, note[1], __ATOMIC_RELAXED);
+        __atomic_store_n(word, note[0], __ATOMIC_RELEASE);
+    }
     Py_XDECREF(was);
-    if (word == NULL) {
+    if (reply == NULL) {
         Py_DECREF(msg);
         return NULL;
     }
@@ -1581,7 +1589,8 @@ static PyMethodDef Ring_methods[] = {
     {"_take_noted", (PyCFunction)(void (*)(void))Ring_take_noted, METH_FASTCALL,
      "_take_noted($self, timeout, nowait, mapping, offset, box, /)\n--\n\n"
      "A service worker's take of a request: the next message put in box[0] and its "
-     "id (the u64 at byte 8) stored at offset of mapping, in one call."},
+     "id and reply channel's\n(the u64s at bytes 8 and 16) stored at offset and offset + 8 "
+     "of mapping, in one call."},
     {"_give_back", (PyCFunction)Ring_give_back, METH_O,
      "_give_back($self, box, /)\n--\n\nbox[0] sent back without waiting and the box "
      "emptied, in one call (a service worker's untaken-out request)."},
