@@ -61,7 +61,7 @@ from . import segment as _segment
 from . import sync as _sync
 from .aio_wait import (ALL_COMPLETED, FIRST_COMPLETED, WaitArgumentError, _all_of,
                        _describe, _Desc, _ready_all)
-from .errors import ChannelClosed, Empty, Full, ShmkitError, Timeout, WouldBlock
+from .errors import _timed_out, ChannelClosed, Empty, Full, ShmkitError, Timeout, WouldBlock
 from .sync import lock_timeout, seconds
 
 if TYPE_CHECKING:
@@ -692,7 +692,9 @@ def _timed(call: Callable[..., T], *args: Any) -> T | _Again:
     the structure's own repair of what a dead peer left."""
     try:
         return call(*args)
-    except Timeout:
+    except Timeout as e:
+        if not e._deadline:  # (a signal handler's own)
+            raise
         return _AGAIN
 
 
@@ -745,7 +747,9 @@ class Channel(_channel.Channel):
         try:
             while sent < len(msgs):
                 sent += _channel.Channel.send_many(self, msgs[sent:], 0)
-        except Timeout:
+        except Timeout as e:
+            if not e._deadline:  # (a signal handler's own)
+                raise
             pass
         while sent < len(msgs):
             left = None if deadline is None else deadline - loop.time()
@@ -758,7 +762,9 @@ class Channel(_channel.Channel):
             try:
                 if sent < len(msgs):
                     sent += _channel.Channel.send_many(self, msgs[sent:], 0)
-            except Timeout:
+            except Timeout as e:
+                if not e._deadline:  # (a signal handler's own)
+                    raise
                 pass
         return sent
 
@@ -1052,8 +1058,8 @@ class Mutex(_sync.Mutex):
                    timeout: float | None = None) -> AsyncIterator["Mutex"]:
         """``async with m.held(timeout=1.0):`` holds the lock, or raises Timeout."""
         if not await self.acquire(timeout=timeout):
-            raise Timeout(f"could not take mutex {self.name!r} within "
-                          f"{_core.shown_seconds(timeout)} s")
+            raise _timed_out(f"could not take mutex {self.name!r} within "
+                             f"{_core.shown_seconds(timeout)} s")
         try:
             yield self
         finally:
@@ -1165,8 +1171,8 @@ class RWLock(_sync.RWLock):
                    timeout: float | None = None) -> AsyncIterator[None]:
         """``async with rw.read():`` a read hold for the block; Timeout if not in time."""
         if not await self.acquire_read(timeout):
-            raise Timeout(f"could not read-lock {self.name!r} within "
-                          f"{_core.shown_seconds(timeout)} s")
+            raise _timed_out(f"could not read-lock {self.name!r} within "
+                             f"{_core.shown_seconds(timeout)} s")
         try:
             yield
         finally:
@@ -1177,8 +1183,8 @@ class RWLock(_sync.RWLock):
                     timeout: float | None = None) -> AsyncIterator[None]:
         """``async with rw.write():`` the write hold for the block; Timeout if not in time."""
         if not await self.acquire_write(timeout):
-            raise Timeout(f"could not write-lock {self.name!r} within "
-                          f"{_core.shown_seconds(timeout)} s")
+            raise _timed_out(f"could not write-lock {self.name!r} within "
+                             f"{_core.shown_seconds(timeout)} s")
         try:
             yield
         finally:

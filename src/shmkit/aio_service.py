@@ -91,7 +91,11 @@ class Service(_service.Service):
             while max_requests is None or done < max_requests:
                 try:
                     req = await w.recv(timeout)
-                except (Timeout, ClosedError):
+                except ClosedError:
+                    break
+                except Timeout as e:
+                    if not e._deadline:  # (a signal handler's own)
+                        raise
                     break
                 try:
                     result = handler(req.object() if req.pickled else req.data)
@@ -175,7 +179,9 @@ class Worker(_OwnRequests, _service.Worker):
                 try:
                     msg = await self._take_awaited(cast(Channel, requests), seg,
                                                    self._step(deadline))
-                except Timeout:
+                except Timeout as e:
+                    if not e._deadline:  # (a signal handler's own)
+                        raise
                     self._check_deadline(seg, timeout, deadline)
                     continue
             req = self._took(seg, msg)
@@ -338,7 +344,9 @@ class Client(_OwnRequests, _service.Client):
         try:
             try:
                 await cast(Channel, self._requests_channel()).send(msg, timeout)
-            except Timeout:
+            except Timeout as e:
+                if not e._deadline:  # (a signal handler's own)
+                    raise
                 raise self._requests_full(timeout) from None
             d.start(loop)
             if deadline is None:

@@ -1617,7 +1617,9 @@ class Queue(SharedObject, _core.QueueCore):
                 self._send(data, timeout)
             else:
                 self._send_nowait(data)
-        except Timeout:
+        except Timeout as e:
+            if not e._deadline:  # (a signal handler's own)
+                raise
             raise Full(f"queue {self.name!r} stayed full for "
                        f"{_core.shown_seconds(timeout)} s") from None
 
@@ -1650,7 +1652,7 @@ class Queue(SharedObject, _core.QueueCore):
         except (WouldBlock, Timeout, ChannelClosed, MessageTooLarge, ValueError,
                 TypeError) as e:  # (TypeError, ValueError: a bad timeout, a closed handle)
             out.unsent()  # the core refused it: no message names the file
-            if isinstance(e, Timeout):
+            if isinstance(e, Timeout) and e._deadline:  # (not a signal handler's)
                 raise Full(f"queue {self.name!r} stayed full for "
                            f"{_core.shown_seconds(timeout)} s") from None
             raise

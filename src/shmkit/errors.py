@@ -138,6 +138,20 @@ class BusyError(ShmkitError):
 class Timeout(ShmkitError, TimeoutError):
     """A blocking call's timeout passed before it could complete."""
 
+    # True on a Timeout that shmkit raised because a call's own deadline
+    # passed (the core marks its own, Python code makes them with
+    # _timed_out): only those are turned into Empty, Full, another wait
+    # slice or the end of a loop.  One that a signal handler raised during a
+    # wait goes through as it is, as any other exception of the handler's.
+    _deadline = False
+
+
+def _timed_out(message: str) -> Timeout:
+    """A :class:`Timeout` for a deadline that passed in shmkit's own call."""
+    e = Timeout(message)
+    e._deadline = True
+    return e
+
 
 class WouldBlock(ShmkitError):
     """A ``*_nowait`` call would have had to wait."""

@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from ._lazy import numpy
 from . import _core
 from .errors import (
+    _timed_out,
     BusyError,
     ClosedError,
     CorruptError,
@@ -70,7 +71,6 @@ from .errors import (
     OutOfSpaceError,
     ReadOnlyError,
     SizeLimitError,
-    Timeout,
     UntrustedError,
     WrongKindError,
 )
@@ -984,8 +984,8 @@ class Segment(Closing):
                     raise FileNotFoundError(self._path)
                 self._half_created(fd, may_recover)  # raises, or recovers and waits
             if time.monotonic() > deadline:
-                raise Timeout(f"{where} is still being created after {_OPEN_WAIT} s "
-                              "(its creator holds the init lock; see `shmkit info`)")
+                raise _timed_out(f"{where} is still being created after {_OPEN_WAIT} s "
+                                 "(its creator holds the init lock; see `shmkit info`)")
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
             st = None
@@ -1470,10 +1470,10 @@ class Segment(Closing):
                     f"({e.strerror}); free some or ask for less") from None
             raise
         if not taken:
-            raise Timeout(f"could not {what} {self._name!r} within "
-                          f"{_core.shown_seconds(timeout)} s: its lock is "
-                          f"held by {self.lock._holder_phrase()}; try again, or resume or "
-                          "end that process")
+            raise _timed_out(f"could not {what} {self._name!r} within "
+                             f"{_core.shown_seconds(timeout)} s: its lock is "
+                             f"held by {self.lock._holder_phrase()}; try again, or resume or "
+                             "end that process")
         self._sync_size()
 
     # -- introspection ----------------------------------------------------

@@ -52,6 +52,7 @@ from . import segment as _segment
 from ._object import DEFAULT, SharedObject, _Default, attach_segment, check_common
 from .channel import DEFAULT_CAPACITY, Channel
 from .errors import (
+    _timed_out,
     ClosedError,
     CorruptError,
     FormatVersionError,
@@ -333,7 +334,11 @@ class Service(SharedObject):
             while max_requests is None or done < max_requests:
                 try:
                     req = w.recv(timeout)
-                except (Timeout, ClosedError):
+                except ClosedError:
+                    break
+                except Timeout as e:
+                    if not e._deadline:  # (a signal handler's own)
+                        raise
                     break
                 try:
                     _answer(req, handler(req.object() if req.pickled else req.data))
@@ -629,7 +634,9 @@ class Worker(Closing):
             if type(msg) is not bytes:  # (else taken before, and interrupted: handed out now)
                 try:
                     msg = self._take(requests, seg, self._step(deadline), False)
-                except Timeout:
+                except Timeout as e:
+                    if not e._deadline:  # (a signal handler's own)
+                        raise
                     self._check_deadline(seg, timeout, deadline)
                     continue
             req = self._took(seg, msg)
@@ -681,8 +688,8 @@ class Worker(Closing):
     def _check_deadline(self, seg: Segment, timeout: float | None,
                         deadline: float | None) -> None:
         if deadline is not None and time.monotonic() >= deadline:
-            raise Timeout(f"no request for service {seg.name!r} within "
-                          f"{_core.shown_seconds(timeout)} s")
+            raise _timed_out(f"no request for service {seg.name!r} within "
+                             f"{_core.shown_seconds(timeout)} s")
 
     def _took(self, seg: Segment, msg: bytes) -> Request | None:
         """The request in the box as a Request, now this worker's current one
@@ -788,7 +795,9 @@ class Worker(Closing):
             try:
                 ch.send(message, _FULL_WAIT)
                 return True
-            except Timeout:
+            except Timeout as e:
+                if not e._deadline:  # (a signal handler's own)
+                    raise
                 return False  # the caller reads no replies: never wedge on it
         except ShmkitError:  # closed, ended or damaged meanwhile: the reply is lost
             self._drop(req._reply_to)
@@ -1061,7 +1070,9 @@ class Client(Closing):
         assert requests is not None
         try:
             requests.send(msg, timeout)
-        except Timeout:
+        except Timeout as e:
+            if not e._deadline:  # (a signal handler's own)
+                raise
             raise self._requests_full(timeout) from None
         return self._await(line, rid, timeout, deadline)
 
@@ -1086,8 +1097,8 @@ class Client(Closing):
         return requests
 
     def _requests_full(self, timeout: float | None) -> Timeout:
-        return Timeout(f"the request channel of service {self._seg.name!r} stayed full "
-                       f"for {_core.shown_seconds(timeout)} s: its workers do not keep up")
+        return _timed_out(f"the request channel of service {self._seg.name!r} stayed full "
+                          f"for {_core.shown_seconds(timeout)} s: its workers do not keep up")
 
     def _await(self, line: _Line, rid: int, timeout: float | None,
                deadline: float | None) -> bytes:
@@ -1100,7 +1111,9 @@ class Client(Closing):
             wait = step if deadline is None else min(step, deadline - time.monotonic())
             try:
                 msg = ch.recv(wait if wait > 0.0 else 0.0)
-            except Timeout:
+            except Timeout as e:
+                if not e._deadline:  # (a signal handler's own)
+                    raise
                 if deadline is not None and time.monotonic() >= deadline:
                     raise self._no_reply(timeout, rid) from None
                 got = self._check_taker(line, rid)
@@ -1116,9 +1129,9 @@ class Client(Closing):
                 return got
 
     def _no_reply(self, timeout: float | None, rid: int) -> Timeout:
-        return Timeout(f"no reply from service {self._seg.name!r} within "
-                       f"{_core.shown_seconds(timeout)} s{self._taker_phrase(rid)}; "
-                       "a late reply will be dropped")
+        return _timed_out(f"no reply from service {self._seg.name!r} within "
+                          f"{_core.shown_seconds(timeout)} s{self._taker_phrase(rid)}; "
+                          "a late reply will be dropped")
 
     def _taker_phrase(self, rid: int) -> str:
         """Who holds request ``rid``, for a Timeout: ", taken by pid N (which is

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, cast
 
 from . import _core
 from .errors import (
+    _timed_out,
     CorruptError,
     FormatVersionError,
     MismatchError,
@@ -258,10 +259,10 @@ class Mutex(_core.Lock, _Placed):
     def held(self, timeout: float | None = None) -> Iterator["Mutex"]:
         """``with m.held(timeout=1.0):`` holds the lock, or raises :class:`Timeout`."""
         if not self.acquire(timeout=timeout):
-            raise Timeout(f"could not take mutex {self.name!r} within "
-                          f"{_core.shown_seconds(timeout)} s: it is "
-                          f"held by {self._holder_phrase()}; try again, or resume or end "
-                          "that process")
+            raise _timed_out(f"could not take mutex {self.name!r} within "
+                             f"{_core.shown_seconds(timeout)} s: it is "
+                             f"held by {self._holder_phrase()}; try again, or resume or end "
+                             "that process")
         try:
             yield self
         finally:
@@ -425,8 +426,8 @@ class RWLock(_core.RWLock, _Placed):
     def read(self, timeout: float | None = None) -> Iterator[None]:
         """``with rw.read():`` a read hold for the block; :class:`Timeout` if not in time."""
         if not self.acquire_read(timeout):
-            raise Timeout(f"could not read-lock {self.name!r} within "
-                          f"{_core.shown_seconds(timeout)} s")
+            raise _timed_out(f"could not read-lock {self.name!r} within "
+                             f"{_core.shown_seconds(timeout)} s")
         try:
             yield
         finally:
@@ -436,8 +437,8 @@ class RWLock(_core.RWLock, _Placed):
     def write(self, timeout: float | None = None) -> Iterator[None]:
         """``with rw.write():`` the write hold for the block; :class:`Timeout` if not in time."""
         if not self.acquire_write(timeout):
-            raise Timeout(f"could not write-lock {self.name!r} within "
-                          f"{_core.shown_seconds(timeout)} s")
+            raise _timed_out(f"could not write-lock {self.name!r} within "
+                             f"{_core.shown_seconds(timeout)} s")
         try:
             yield
         finally:

@@ -140,7 +140,9 @@ class Subscriber(_core.TopicSubscriber):
         while True:
             try:
                 yield self.recv(timeout)
-            except Timeout:
+            except Timeout as e:
+                if not e._deadline:  # (a signal handler's own)
+                    raise
                 return
 
     def __enter__(self) -> "Subscriber":

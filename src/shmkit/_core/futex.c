@@ -14,6 +14,7 @@
  *   nowait_timeout_check(timeout, call, flag) -> None
  */
 #include "sync.h"
+#include <stdarg.h>
 #include <errno.h>
 #include <linux/futex.h>
 #include <math.h>
@@ -131,6 +132,49 @@ shm_timeout_shown(PyObject *timeout)
     double t = 0;
     int r = float_of(timeout, &t);
     return shown_of(timeout, r, t);
+}
+
+/* The mark a Timeout of shmkit's own deadline carries (errors.py: the
+ * class says False), so that the layers that turn it into another outcome
+ * (Queue's Empty and Full, a worker's next wait slice, the end of an
+ * iteration) let through a Timeout that a signal handler raised during
+ * the wait, as they let through any other exception of the handler's.
+ * (Only on the way out of a timed-out wait: the name is made each time.) */
+#define DEADLINE_MARK "_deadline"
+
+PyObject *
+shm_deadline_passed(PyObject *type, const char *fmt, ...)
+{
+    va_list va;
+    va_start(va, fmt);
+    PyErr_FormatV(type, fmt, va);
+    va_end(va);
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (v != NULL && PyObject_SetAttrString(v, DEADLINE_MARK, Py_True) < 0) {
+        Py_XDECREF(t);
+        Py_XDECREF(v);
+        Py_XDECREF(tb);
+        return NULL; /* (the error making the mark failed with: memory) */
+    }
+    PyErr_Restore(t, v, tb);
+    return NULL;
+}
+
+int
+shm_deadline_error(PyObject *type)
+{
+    if (!PyErr_ExceptionMatches(type))
+        return 0;
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    PyObject *got = v != NULL ? PyObject_GetAttrString(v, DEADLINE_MARK) : NULL;
+    int yes = got == Py_True;
+    Py_XDECREF(got);
+    PyErr_Restore(t, v, tb); /* (replaces any error of the look itself) */
+    return yes;
 }
 
 /* A timeout's seconds, as every blocking call takes them (Python's waits

@@ -136,7 +136,7 @@ lock(Ctx *c, int64_t deadline)
         return -1;
     if (r == 0) {
         char who[SHM_HOLDER_PHRASE];
-        PyErr_Format(shm_state_of((PyObject *)OBJ(c))->Timeout,
+        shm_deadline_passed(shm_state_of((PyObject *)OBJ(c))->Timeout,
                      "could not lock heap %R before the timeout: it is held by %s, "
                      "perhaps in a long compaction; try again, or resume or end that process",
                      OBJ(c)->name,
@@ -430,12 +430,12 @@ heap_size_of(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (deadline != SHM_FOREVER && shm_now_ns() >= deadline) {
             char who[SHM_HOLDER_PHRASE];
             if (live)
-                PyErr_Format(shm_state_of((PyObject *)self)->Timeout,
+                shm_deadline_passed(shm_state_of((PyObject *)self)->Timeout,
                              "block %u of heap %R was still being changed at the timeout, "
                              "by %s; try again, or resume or end that process", idx,
                              self->name, shm_holder_phrase(m, held, who, sizeof who));
             else /* (damage is told only after the bounded look above) */
-                PyErr_Format(shm_state_of((PyObject *)self)->Timeout,
+                shm_deadline_passed(shm_state_of((PyObject *)self)->Timeout,
                              "block %u of heap %R was still marked as being changed at the "
                              "timeout, with %s holding its lock; a writable handle's next "
                              "call repairs a change its maker died in", idx, self->name,

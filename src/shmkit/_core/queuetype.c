@@ -91,7 +91,8 @@ boxed(PyObject *box)
     return obj == box ? NULL : obj;
 }
 
-/* The receive behind _get_boxed: a timeout raises Empty naming the queue. */
+/* The receive behind _get_boxed: its timeout raises Empty naming the queue
+ * (a Timeout that a signal handler raised meanwhile goes through as it is). */
 static PyObject *
 queue_get(QueueCoreObject *q, PyObject *timeout, int nowait)
 {
@@ -104,7 +105,7 @@ queue_get(QueueCoreObject *q, PyObject *timeout, int nowait)
     PyObject *decode[3] = {Py_NewRef(q->decode[0]), Py_NewRef(q->decode[1]),
                            Py_NewRef(q->decode[2])};
     PyObject *obj = ring_get_decoded((RingObject *)ring, timeout, nowait, decode);
-    if (obj == NULL && PyErr_ExceptionMatches(RING_ST(ring)->Timeout)) {
+    if (obj == NULL && shm_deadline_error(RING_ST(ring)->Timeout)) {
         PyErr_Clear();
         PyObject *shown = shm_timeout_shown(timeout);
         if (shown != NULL)

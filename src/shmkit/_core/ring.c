@@ -412,7 +412,7 @@ ring_lock(RingObject *r, MappingObject *m, uint32_t *word, uint32_t me, int64_t 
     int got = ring_lock_word(m, word, deadline, ring_lock_repair, &ctx);
     if (got == 0) {
         char who[SHM_HOLDER_PHRASE];
-        PyErr_Format(RING_ST(r)->Timeout, "channel %R: its %s lock stayed held by %s; try "
+        shm_deadline_passed(RING_ST(r)->Timeout, "channel %R: its %s lock stayed held by %s; try "
                      "again, or resume or end that process", r->name ? r->name : Py_None,
                      word == &r->h->clock ? "consumers'" : "producers'",
                      shm_holder_phrase(m, __atomic_load_n(word, __ATOMIC_RELAXED), who,

@@ -88,7 +88,7 @@ ring_send(RingObject *r, MappingObject *m, Py_buffer *bufs, Py_ssize_t n,
                 if (nowait)
                     PyErr_Format(RING_ST(r)->Full, "channel %R is full", r->name);
                 else
-                    PyErr_Format(RING_ST(r)->Timeout, "channel %R stayed full for the "
+                    shm_deadline_passed(RING_ST(r)->Timeout, "channel %R stayed full for the "
                                  "timeout; %zd of %zd messages were sent", r->name, done, n);
                 goto fail;
             }
@@ -602,7 +602,7 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
             if (nowait)
                 PyErr_Format(RING_ST(r)->Empty, "channel %R is empty", r->name);
             else
-                PyErr_Format(RING_ST(r)->Timeout, "no message arrived on channel %R "
+                shm_deadline_passed(RING_ST(r)->Timeout, "no message arrived on channel %R "
                              "within the timeout", r->name);
             break;
         }
@@ -1039,7 +1039,7 @@ Ring_loan(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
         if (w < 0)
             break;
         if (w == 0) {
-            PyErr_Format(RING_ST(r)->Timeout, "channel %R had no room for a loan of %zd "
+            shm_deadline_passed(RING_ST(r)->Timeout, "channel %R had no room for a loan of %zd "
                          "bytes within the timeout", r->name, len);
             break;
         }

@@ -247,6 +247,12 @@ int shm_timeout_ns(PyObject *timeout, const char *what, int64_t *ns);
 int shm_nowait_timeout_check(PyObject *timeout, const char *call, const char *flag);
 /* A timeout as an error message shows it (a float's repr, or repr): a new str, or NULL */
 PyObject *shm_timeout_shown(PyObject *timeout);
+/* Raise `type` (the module's Timeout) for a deadline that passed in this
+ * call, marked as such (its `_deadline` is True): NULL.  shm_deadline_error:
+ * is the exception set one so marked (a Timeout that a signal handler
+ * raised during the wait is not)?  1 or 0, the exception kept. */
+PyObject *shm_deadline_passed(PyObject *type, const char *fmt, ...);
+int shm_deadline_error(PyObject *type);
 
 /* Sleep while *word == expected, at most until min(deadline, now+slice_ns).
  * Call without the GIL.  Returns 0 when woken or the value changed,

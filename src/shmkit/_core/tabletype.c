@@ -429,7 +429,7 @@ t_wait_even(TableObject *t, uint64_t *e)
     if (r == 0) {
         char who[SHM_HOLDER_PHRASE], secs[32];
         snprintf(secs, sizeof secs, "%.3g", t->c.read_timeout_ns / 1e9);
-        PyErr_Format(ST(t)->Timeout,
+        shm_deadline_passed(ST(t)->Timeout,
                      "a batch was being published for longer than the store's "
                      "read_timeout (%s s): the store's lock is held by %s (it may be "
                      "stopped or very slow); raise read_timeout=, or resume or end that "
@@ -746,7 +746,7 @@ t_lock(TableObject *t)
         if (r == 0) {
             char secs[32];
             snprintf(secs, sizeof secs, "%.3g", t->c.timeout_ns / 1e9);
-            PyErr_Format(ST(t)->Timeout,
+            shm_deadline_passed(ST(t)->Timeout,
                          "the store's lock stayed held for longer than the store's timeout "
                          "(%s s), by a batch or a long operation: it is held by %s; raise "
                          "timeout=, or resume or end that process",

@@ -193,7 +193,7 @@ topic_lock(topic_t *t, MappingObject *m, int64_t deadline)
     int got = ring_lock_word(m, &t->h->plock, deadline, topic_fix_publishers, t);
     if (got == 0) {
         char who[SHM_HOLDER_PHRASE];
-        PyErr_Format(t->st->Timeout, "%s: its publishers' lock stayed held by %s; try "
+        shm_deadline_passed(t->st->Timeout, "%s: its publishers' lock stayed held by %s; try "
                      "again, or resume or end that process", t->what,
                      shm_holder_phrase(m, __atomic_load_n(&t->h->plock, __ATOMIC_RELAXED),
                                        who, sizeof who));

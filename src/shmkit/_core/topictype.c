@@ -128,7 +128,7 @@ publish_one(TopicObject *o, MappingObject *m, const Py_buffer *b, int64_t deadli
                              "behind (overflow=\"block\")", o->name, idx,
                              (unsigned long long)lag);
             else
-                PyErr_Format(TST(o)->Timeout, "topic %R stayed full for the timeout: "
+                shm_deadline_passed(TST(o)->Timeout, "topic %R stayed full for the timeout: "
                              "subscriber %u is %llu messages behind and did not read "
                              "(overflow=\"block\" waits for the slowest live subscriber; "
                              "use overflow=\"overwrite\" not to wait)", o->name, idx,
@@ -298,7 +298,7 @@ Topic_loan(TopicObject *o, PyObject *const *args, Py_ssize_t nargs, PyObject *kw
         if (w == 0) {
             uint32_t idx;
             uint64_t lag = topic_slowest(t, m, &idx);
-            PyErr_Format(TST(o)->Timeout, "topic %R had no room for a loan of %zd bytes "
+            shm_deadline_passed(TST(o)->Timeout, "topic %R had no room for a loan of %zd bytes "
                          "within the timeout: subscriber %u is %llu messages behind "
                          "(overflow=\"block\")", o->name, len, idx, (unsigned long long)lag);
             break;
@@ -758,7 +758,7 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how)
         if (w < 0 || sub_still_open(s) < 0)
             goto done;
         if (w == 0) {
-            PyErr_Format(TST(s)->Timeout, "no message arrived on topic %R within the "
+            shm_deadline_passed(TST(s)->Timeout, "no message arrived on topic %R within the "
                          "timeout", o->name);
             goto done;
         }

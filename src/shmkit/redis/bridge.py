@@ -293,7 +293,9 @@ class Bridge:
                 views.append(self.local.recv_view(timeout=_POLL, redeliver=True))
                 while len(views) < self._batch:
                     views.append(self.local.recv_view_nowait(redeliver=True))
-            except Timeout:
+            except Timeout as e:
+                if not e._deadline:  # (a signal handler's own)
+                    raise
                 continue
             except Empty:
                 pass
@@ -358,7 +360,9 @@ class Bridge:
                     try:
                         self.local.send(msg, timeout=_POLL)
                         break
-                    except Timeout:
+                    except Timeout as e:
+                        if not e._deadline:  # (a signal handler's own)
+                            raise
                         continue
                 self._count(1)
         try:
@@ -435,7 +439,9 @@ class Bridge:
                         lt.publish(msg, timeout=_POLL)
                         done += 1
                         break
-                    except Timeout:
+                    except Timeout as e:
+                        if not e._deadline:  # (a signal handler's own)
+                            raise
                         continue
                 if self.stopping:
                     break

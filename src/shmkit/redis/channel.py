@@ -28,13 +28,13 @@ from redis.exceptions import NoScriptError, ResponseError
 from .. import _core
 from .._object import DEFAULT, _Default, given
 from ..errors import (
+    _timed_out,
     ChannelClosed,
     Empty,
     Full,
     MessageTooLarge,
     ReadOnlyError,
     ShmkitError,
-    Timeout,
 )
 from ._base import (CHUNK, RedisNamespace, RedisObject, deadline, guard_all, guarded, refuse,
                     remaining)
@@ -210,8 +210,8 @@ class Channel(RedisObject):
         sent, pause = 0, 0.001
         while True:
             if end is not None and time.monotonic() >= end:
-                raise Timeout(f"{self._kind} {self._name!r} stayed full ({self._maxsize} "
-                              f"messages) for {_core.shown_seconds(timeout)} s")
+                raise _timed_out(f"{self._kind} {self._name!r} stayed full ({self._maxsize} "
+                                 f"messages) for {_core.shown_seconds(timeout)} s")
             time.sleep(min(pause, remaining(end)))
             pause = min(pause * 2, 0.05)
             sent += self._send_some(msgs[sent:sent + _SEND_CHUNK])
@@ -363,8 +363,8 @@ class Channel(RedisObject):
         refuse("recv", self._name, {"stop_when_no_senders": stop_when_no_senders})
         got = self._take(1, timeout)
         if not got:
-            raise Timeout(f"nothing arrived on {self._kind} {self._name!r} within "
-                          f"{_core.shown_seconds(timeout)} s")
+            raise _timed_out(f"nothing arrived on {self._kind} {self._name!r} within "
+                             f"{_core.shown_seconds(timeout)} s")
         return got[0]
 
     def recv_nowait(self) -> bytes:

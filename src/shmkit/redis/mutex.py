@@ -24,7 +24,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from .. import _core
-from ..errors import LeaseLostError, Timeout, WouldBlock
+from ..errors import _timed_out, LeaseLostError, WouldBlock
 from ..sync import lock_timeout
 from ._base import (
     _HOST,
@@ -197,8 +197,8 @@ class Mutex(RedisObject):
     def held(self, timeout: float | None = None) -> Iterator["Mutex"]:
         """``with m.held(timeout=1.0):`` holds the lock, or raises :class:`Timeout`."""
         if not self.acquire(timeout=timeout):
-            raise Timeout(f"could not take mutex {self._name!r} within "
-                          f"{_core.shown_seconds(timeout)} s")
+            raise _timed_out(f"could not take mutex {self._name!r} within "
+                             f"{_core.shown_seconds(timeout)} s")
         try:
             yield self
         finally:

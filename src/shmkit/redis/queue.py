@@ -116,7 +116,9 @@ class Queue:
             return
         try:
             self._ch.send(data, timeout)
-        except Timeout:
+        except Timeout as e:
+            if not e._deadline:  # (a signal handler's own)
+                raise
             raise Full(f"queue {self.name!r} stayed full for "
                        f"{_core.shown_seconds(timeout)} s") from None
 
@@ -135,7 +137,9 @@ class Queue:
             return pickle.loads(self._ch.recv_nowait())
         try:
             return pickle.loads(self._ch.recv(timeout))
-        except Timeout:
+        except Timeout as e:
+            if not e._deadline:  # (a signal handler's own)
+                raise
             raise Empty(f"queue {self.name!r} stayed empty for "
                         f"{_core.shown_seconds(timeout)} s") from None
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .. import _core
 from .._lazy import numpy
 from .._object import DEFAULT, _Default, given
-from ..errors import ClosedError, Empty, MessagesLost, ReadOnlyError, Timeout
+from ..errors import _timed_out, ClosedError, Empty, MessagesLost, ReadOnlyError
 from ._base import RedisNamespace, RedisObject, deadline, guard_all, refuse, remaining
 from .channel import _as_bytes, MAX_MESSAGE
 
@@ -311,8 +311,8 @@ class Subscriber:
         :class:`MessagesLost` (with ``.missed``) when some were trimmed first."""
         got = self._next(timeout, False)
         if got is None:
-            raise Timeout(f"nothing was published on topic {self._topic._name!r} within "
-                          f"{_core.shown_seconds(timeout)} s")
+            raise _timed_out(f"nothing was published on topic {self._topic._name!r} within "
+                             f"{_core.shown_seconds(timeout)} s")
         return got
 
     def recv_nowait(self) -> bytes:
