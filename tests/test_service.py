@@ -27,7 +27,7 @@ from shmkit import segment as segment_mod
 from shmkit import service as service_mod
 from shmkit.service import _reap_replies
 
-from conftest import SPAWN, SRC, interrupt_at_bytecode, run_python, spawn
+from conftest import SPAWN, SRC, as_user, interrupt_at_bytecode, run_python, spawn
 from conftest import fork_call as _fork, kill_wait as _kill
 
 
@@ -752,6 +752,143 @@ def _call_outcome(t: threading.Thread, got: list[Any], k: int) -> Any:
     assert not t.is_alive(), f"Ctrl-C at bytecode {k}: the call still waits"
     return got[0]
 
+
+
+def test_a_ctrl_c_at_any_step_of_a_new_workers_start_never_loses_the_news_of_a_dead_one(
+        svc_name):
+    """The entry of a worker that died holding a request, in the one free
+    slot: a worker made there tells the caller, and one interrupted at any
+    bytecode of its making leaves the entry as it was, for the next worker
+    there to tell (its close cleared it, the caller waited for good)."""
+    files = {service_mod.__file__, segment_mod.__file__, shmkit.channel.__file__,
+             shmkit._object.__file__}
+    with shmkit.Service(svc_name, max_attach=4) as base, _interrupt_rig(svc_name) as (
+            _stack, svc, client):
+        line = client._line()
+        w0 = svc.worker()  # (the 4th slot: base, svc, client, w0)
+        entry, dead = w0._entry, w0._token
+        w0.close()
+        m = svc._seg._mapping
+
+        def notices(rid: int) -> int:
+            n = 0
+            while True:
+                try:
+                    got = client._parse_reply(line.ch.recv_nowait())
+                except shmkit.Empty:
+                    return n
+                if got is not None and got[0] == rid:
+                    assert isinstance(got[1], shmkit.WorkerDied), got
+                    n += 1
+
+        k = 0
+        while True:
+            k += 1
+            rid = 1000 + k
+            _core.store64(m, entry, dead)
+            _core.store64(m, entry + 16, line.id)
+            _core.store64(m, entry + 8, rid)
+            made: list[Any] = []
+            interrupted, seen = _interrupted_at(k, files, lambda: made.append(svc.worker()))
+            if interrupted:
+                gc.collect()  # the half-made worker's close, as its __del__ runs it
+                if _core.load64(m, entry) == dead:
+                    assert _core.load64(m, entry + 8) == rid, f"bytecode {k}"
+                made.append(svc.worker())  # the next worker in that slot
+            assert made[-1]._entry == entry
+            made[-1].close()
+            assert notices(rid) >= 1, f"Ctrl-C at bytecode {k}: the caller was never told"
+            assert _core.load64(m, entry) == 0
+            if not interrupted:
+                break
+        assert k > 300, k  # (the whole making was walked)
+        svc.unlink()
+
+
+def _plant_dead_entries(svc: Any, rid: int, reply: int) -> list[int]:
+    """Every free slot's worker entry as a worker left it that died holding
+    request ``rid`` of reply channel ``reply``; the entries' offsets."""
+    seg = svc._seg
+    m, used = seg._mapping, {slot for slot, _t, _r in svc._entries(seg)}
+    held = {e["slot"] for e in seg.attachments()}
+    out = []
+    for slot in range(seg._max_slots):
+        if slot in used or slot in held:
+            continue
+        entry = seg._hsize + service_mod._OFF_TABLE + slot * service_mod._ENTRY
+        _core.store64(m, entry, (0xFFFFF << 10) | slot)  # (a generation long gone)
+        _core.store64(m, entry + 16, reply)
+        _core.store64(m, entry + 8, rid)
+        out.append(entry)
+    return out
+
+
+def test_news_of_a_dead_worker_that_finds_its_callers_channel_full_is_counted_discarded(
+        svc_name):
+    with shmkit.Service(svc_name, max_attach=4) as svc, svc.client(reply_capacity=4096) as c:
+        line = c._line()
+        while True:
+            try:
+                line.ch.send_nowait(b"x" * 512)
+            except shmkit.Full:
+                break
+        _plant_dead_entries(svc, 55, line.id)
+        before = svc.statistics()["discarded"]
+        with svc.worker():
+            pass
+        assert svc.statistics()["discarded"] == before + 1
+        svc.unlink()
+
+
+def test_a_reply_channel_the_worker_may_not_open_is_discarded_never_raised(svc_name):
+    """A reply channel id naming a file this user may not open (another
+    user's, mode 0600), in a request and in a dead worker's entry: the reply
+    and the news are discarded; neither the worker's start nor serve()
+    raises (a PermissionError went through both)."""
+    import struct
+    with shmkit.Service(svc_name, mode=0o666) as svc:
+        locked = shmkit.Channel(f"{svc_name}.reply.{0xABC:016x}", 4096, create=True,
+                                mode=0o600)
+        _plant_dead_entries(svc, 77, 0xABC)
+        with shmkit.Channel(svc_name + ".requests", create=False) as raw:
+            raw.send(struct.pack("<BB2xIQQ", 2, 0, 1, 5, 0xABC) + b"x")
+
+        def serve() -> None:
+            with shmkit.Service(svc_name) as s:
+                assert s.serve(lambda d: d, timeout=0.5) == 1
+
+        assert as_user(serve) == 0
+        assert svc.statistics()["discarded"] == 2  # the news and the reply
+        locked.unlink()
+        locked.close()
+        svc.unlink()
+
+
+def test_a_reply_channel_name_linked_to_another_channel_gets_nothing(svc_name):
+    """Hard links under reply channels' names, to the service's own request
+    channel (whose echoed reply named the link again: the worker answered
+    itself for ever) and to another caller's reply channel, in requests and
+    in a dead worker's entry: nothing is written through them."""
+    import struct
+    with shmkit.Service(svc_name) as svc, svc.client() as other:
+        victim = other._line()
+        to_requests, to_victim = 0x1111, 0x2222
+        for target, rid in ((f"{svc_name}.requests", to_requests),
+                            (victim.ch.name, to_victim)):
+            os.link(f"/dev/shm/shmkit.{target}", f"/dev/shm/shmkit.{svc_name}.reply.{rid:016x}")
+        _plant_dead_entries(svc, 99, to_victim)
+        with shmkit.Channel(svc_name + ".requests", create=False) as raw:
+            for reply in (to_requests, to_victim):
+                # (echoed, the reply's bytes 16..24 would name the link again)
+                raw.send(struct.pack("<BB2xIQQ", 2, 0, 1, 5, reply)
+                         + struct.pack("<Q", to_requests) * 8)
+        n = svc.serve(lambda d: d, timeout=0.5)
+        assert n == 2, n  # the two requests, and no reply of its own taken for one
+        assert svc._requests.depth == 0
+        with pytest.raises(shmkit.Empty):
+            victim.ch.recv_nowait()
+        assert svc.statistics()["discarded"] == 3  # two replies and the news
+        svc.unlink()
 
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited")
 @pytest.mark.parametrize("awaited, then", [(False, "serves"), (True, "serves"),

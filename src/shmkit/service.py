@@ -601,7 +601,10 @@ class Worker(Closing):
         ours now): tell that request's caller, before the entry that says so
         is ours.  Its caller would otherwise find the id in no entry, and,
         the other workers alive, wait for good.  (Again after a Ctrl-C: the
-        entry is cleared only after; the caller drops a second notice.)"""
+        entry is cleared only once it is ours, by the stores that follow,
+        never by the close of a worker interrupted before them; the caller
+        drops a second notice.)  A caller whose reply channel stays full is
+        waited for as for a reply (``_FULL_WAIT``), then counted discarded."""
         m = seg._mapping
         rid = _core.load64(m, self._entry + 8)
         if _core.load64(m, self._entry) == 0 or rid == 0:
@@ -610,8 +613,9 @@ class Worker(Closing):
         text = (f"the worker of service {seg.name!r} that took the request "
                 "died before answering it (the worker that took its place, pid "
                 f"{os.getpid()}, found it); the request may have been partly carried out")
-        req = Request(self, b"", rid, False, reply, 0)
-        self._send_reply(req, _REP.pack(_VERSION, _DIED, rid), text.encode())
+        req = Request(self, b"", rid, False, reply, 0)  # (token 0: the caller's is unknown)
+        if not self._send_reply(req, _REP.pack(_VERSION, _DIED, rid), text.encode()):
+            _core.add64(m, seg._hsize + _OFF_DISCARDED, 1)
         self._drop(reply)
 
     def _held(self) -> Segment:
@@ -767,9 +771,16 @@ class Worker(Closing):
                 self._drop(req._reply_to)
             try:
                 ch = Channel(f"{self._prefix}{req._reply_to:016x}", create=False)
-            except (ShmkitError, ValueError):
+            except (ShmkitError, ValueError, OSError):
                 # the caller is gone (its channel unlinked), or the name holds
-                # something that is not its live reply channel: never our problem
+                # something that is not its live reply channel (one this
+                # user may not open included): never our problem
+                return False
+            if os.fstat(ch._seg._fd).st_nlink != 1:  # type: ignore[union-attr]
+                # A second name of one file (a hard link made under a reply
+                # channel's name, to our request channel or another
+                # service's reply channel): a reply channel has one.
+                ch.close()
                 return False
             if len(self._cache) >= _MAX_CACHED:
                 self._drop(next(iter(self._cache)))
@@ -789,7 +800,8 @@ class Worker(Closing):
                 pass
             return False
         except Full:
-            if not _core.token_alive(ch._seg._mapping, token):  # type: ignore[union-attr]
+            if token and not _core.token_alive(ch._seg._mapping,  # type: ignore[union-attr]
+                                               token):
                 self._drop(req._reply_to)
                 return False
             try:
@@ -839,7 +851,11 @@ class Worker(Closing):
         if seg._mapping is None or seg._mapping.closed:
             seg.close()  # a close interrupted after its detach: only that is left
             return
-        mine = self._pid == _segment._pid  # forked: the entry is the parent's, leave it
+        # Forked: the entry is the parent's.  Not ours yet (a Ctrl-C in
+        # __init__ before its stores): it may still tell of a dead worker's
+        # request, for the next worker in this slot to pass on.  Leave it.
+        mine = (self._pid == _segment._pid
+                and _core.load64(seg._mapping, self._entry) == self._token)
         if mine:
             self._settle_current("the worker stopped before answering")
             self._give_back()
