@@ -143,6 +143,47 @@ def test_a_worker_killed_mid_request_fails_that_call_only(svc_name):
         svc.unlink()
 
 
+def test_a_call_whose_worker_died_fails_while_other_replies_keep_coming(svc_name):
+    """The reply reader looks for dead workers every 0.2 s even while the
+    other calls' replies keep it busy (it looked only after 20 ms without a
+    reply: the call waited as long as the others went on)."""
+    with shmkit.Service(svc_name) as svc:
+        pid = _fork(_hanging_worker, svc_name)
+        quick = threading.Thread(target=lambda: svc.serve(lambda d: d, timeout=2.0))
+
+        async def main() -> tuple[Any, float, int]:
+            async with aio.Client(svc_name, wait_for_worker=60) as client:
+                task = asyncio.create_task(client.call(b"hang", timeout=None))
+                while svc.statistics()["busy"] != 1:
+                    await asyncio.sleep(0.01)
+                quick.start()
+                answered, stop = [0], asyncio.Event()
+
+                async def loop() -> None:
+                    while not task.done() and not stop.is_set():
+                        await client.call(b"q", timeout=30)
+                        answered[0] += 1
+
+                loops = [asyncio.create_task(loop()) for _ in range(8)]
+                while answered[0] < 100:
+                    await asyncio.sleep(0.01)
+                _kill(pid)
+                t0 = time.monotonic()
+                done, _ = await asyncio.wait([task], timeout=20)
+                took = time.monotonic() - t0
+                stop.set()
+                await asyncio.gather(*loops)
+                if not done:
+                    task.cancel()
+                return (task.exception() if done else None), took, answered[0]
+
+        err, took, answered = asyncio.run(main())
+        quick.join(30)
+        assert isinstance(err, shmkit.WorkerDied), (err, answered)
+        assert took < 20
+        svc.unlink()
+
+
 def test_no_worker_raises_at_once_and_wait_for_worker_waits(svc_name):
     with aio.Service(svc_name) as svc:
         async def main() -> bytes:

@@ -208,9 +208,14 @@ class Worker(_OwnRequests, _service.Worker):
 
 
 
+_LOOK_EVERY = 0.2  # seconds between a reply reader's looks for dead workers, at most
+
+
 class _Dispatch:
     """One thread's reply channel of a client, read by one task that hands
-    each reply to the pending call with its request id."""
+    each reply to the pending call with its request id, and looks for the
+    workers of its pending calls that died (after each quiet step, and at
+    least every ``_LOOK_EVERY`` seconds)."""
 
     __slots__ = ("client", "line", "pending", "task")
 
@@ -229,16 +234,22 @@ class _Dispatch:
         ch = cast(Channel, self.line.ch)
         step = 0.02
         gone = _service._WorkersGone(self.client)
+        looked = time.monotonic()
         try:
             while self.pending:
                 got = await ch.recv_many(len(self.pending), step)  # [] when step passed
                 if not got:
                     self._look(gone)
-                    step = min(step * 2, 0.2)
+                    looked = time.monotonic()
+                    step = min(step * 2, _LOOK_EVERY)
                     continue
                 step = 0.02
                 for msg in got:
                     self._deliver(msg)
+                # (the other calls' replies may never leave it quiet)
+                if self.pending and time.monotonic() - looked >= _LOOK_EVERY:
+                    self._look(gone)
+                    looked = time.monotonic()
         except asyncio.CancelledError:
             for fut in self.pending.values():
                 fut.cancel()
