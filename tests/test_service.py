@@ -820,7 +820,16 @@ def _plant_dead_entries(svc: Any, rid: int, reply: int) -> list[int]:
         _core.store64(m, entry + 16, reply)
         _core.store64(m, entry + 8, rid)
         out.append(entry)
+    _core.store32(m, service_mod._OFF_HWM, seg._max_slots)  # (as their claims raised it)
     return out
+
+
+def test_a_dead_taker_whose_pid_is_no_longer_known_is_named_without_one(svc_name):
+    with shmkit.Service(svc_name, max_attach=4) as svc, svc.client() as client:
+        _plant_dead_entries(svc, 66, client._line().id)
+        err = client._dead_takers((66,))[66]
+        assert "None" not in str(err) and str(err).startswith("the worker of service"), err
+        svc.unlink()
 
 
 def test_news_of_a_dead_worker_that_finds_its_callers_channel_full_is_counted_discarded(

@@ -1199,9 +1199,10 @@ class Client(Closing):
         for _slot, token, held in service._entries(seg):
             if held in rids and not _core.token_alive(seg._mapping, token & 0xFFFFFFFF):
                 pid = _core.token_owner_pid(seg._mapping, token & 0xFFFFFFFF, False)
+                who = f"the worker (pid {pid})" if pid else "the worker"  # (slot since reused)
                 out[held] = WorkerDied(
-                    f"the worker (pid {pid}) of service {seg.name!r} that took the request "
-                    "died before answering it; the request may have been partly carried out")
+                    f"{who} of service {seg.name!r} that took the request died before "
+                    "answering it; the request may have been partly carried out")
         return out
 
     def _check_taker(self, line: _Line, rid: int) -> bytes | None:
