@@ -458,6 +458,15 @@ def test_reply_to_a_dead_client_is_discarded(svc_name):
         svc.unlink()
 
 
+def _fill(ch: shmkit.Channel, message: bytes) -> None:
+    """Send ``message`` until the channel is full."""
+    while True:
+        try:
+            ch.send_nowait(message)
+        except shmkit.Full:
+            return
+
+
 def test_full_reply_channel_never_wedges_the_worker(svc_name):
     with shmkit.Service(svc_name) as svc:
         w = svc.worker()
@@ -466,11 +475,7 @@ def test_full_reply_channel_never_wedges_the_worker(svc_name):
             with pytest.raises(shmkit.Timeout):
                 client.call(b"q", timeout=0.1)
             line = client._line()
-            while True:
-                try:
-                    line.ch.send_nowait(b"j" * 500)
-                except shmkit.Full:
-                    break
+            _fill(line.ch, b"j" * 500)
             req = w.recv(timeout=60)
             t0 = time.monotonic()
             assert req.reply(b"r" * 500) is False  # dropped after a short wait
@@ -836,11 +841,7 @@ def test_news_of_a_dead_worker_that_finds_its_callers_channel_full_is_counted_di
         svc_name):
     with shmkit.Service(svc_name, max_attach=4) as svc, svc.client(reply_capacity=4096) as c:
         line = c._line()
-        while True:
-            try:
-                line.ch.send_nowait(b"x" * 512)
-            except shmkit.Full:
-                break
+        _fill(line.ch, b"x" * 512)
         _plant_dead_entries(svc, 55, line.id)
         before = svc.statistics()["discarded"]
         with svc.worker():

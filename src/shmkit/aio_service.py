@@ -238,18 +238,15 @@ class _Dispatch:
         try:
             while self.pending:
                 got = await ch.recv_many(len(self.pending), step)  # [] when step passed
-                if not got:
-                    self._look(gone)
-                    looked = time.monotonic()
-                    step = min(step * 2, _LOOK_EVERY)
-                    continue
-                step = 0.02
+                step = 0.02 if got else min(step * 2, _LOOK_EVERY)
                 for msg in got:
                     self._deliver(msg)
-                # (the other calls' replies may never leave it quiet)
-                if self.pending and time.monotonic() - looked >= _LOOK_EVERY:
+                # after a quiet step, and also while the other calls' replies
+                # never leave it quiet
+                now = time.monotonic()
+                if self.pending and (not got or now - looked >= _LOOK_EVERY):
                     self._look(gone)
-                    looked = time.monotonic()
+                    looked = now
         except asyncio.CancelledError:
             for fut in self.pending.values():
                 fut.cancel()

@@ -723,7 +723,7 @@ _SEGMENT_HWM = _core.layouts["segment"]["hwm"]
 
 
 def _service_counters(fd: int, base: int) -> dict[str, int]:
-    from .service import _ENTRY, _MAGIC, _OFF_TABLE, FORMAT  # (the worker table's layout)
+    from .service import _ENTRY, _ENTRY_LAYOUT, _MAGIC, _OFF_TABLE, FORMAT  # (its layout)
 
     h = _read(fd, _SERVICE, base)
     hwm = _read(fd, struct.Struct("=I"), _SEGMENT_HWM)
@@ -732,7 +732,7 @@ def _service_counters(fd: int, base: int) -> dict[str, int]:
     _magic, _fmt, served, discarded, failed, malformed = h
     table = os.pread(fd, _ENTRY * min(hwm[0], _core.MAX_SLOTS), base + _OFF_TABLE)
     workers = busy = 0
-    for token, rid, _reply in struct.iter_unpack("=QQQ", table[:len(table) // _ENTRY * _ENTRY]):
+    for token, rid, _reply in _ENTRY_LAYOUT.iter_unpack(table[:len(table) // _ENTRY * _ENTRY]):
         token &= 0xFFFFFFFF
         if token and _token_alive(fd, token):
             workers += 1

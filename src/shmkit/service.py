@@ -90,7 +90,8 @@ MAX_NAME = 200 - len(".reply.") - 16
 _MAGIC = 0x31435653
 _OFF_SERVED, _OFF_DISCARDED, _OFF_FAILED, _OFF_MALFORMED = 8, 16, 24, 32
 _OFF_TABLE = 64
-_ENTRY = 24
+_ENTRY_LAYOUT = struct.Struct("=QQQ")  # token, rid, reply (see above)
+_ENTRY = _ENTRY_LAYOUT.size
 _OFF_HWM = _core.layouts["segment"]["hwm"]
 
 # Request: version u8, flags u8, 2 bytes unused, client token u32, request
@@ -613,8 +614,7 @@ class Worker(Closing):
         text = (f"the worker of service {seg.name!r} that took the request "
                 "died before answering it (the worker that took its place, pid "
                 f"{os.getpid()}, found it); the request may have been partly carried out")
-        req = Request(self, b"", rid, False, reply, 0)  # (token 0: the caller's is unknown)
-        if not self._send_reply(req, _REP.pack(_VERSION, _DIED, rid), text.encode()):
+        if not self._send_reply(reply, 0, rid, _DIED, text.encode()):
             _core.add64(m, seg._hsize + _OFF_DISCARDED, 1)
         self._drop(reply)
 
@@ -738,7 +738,7 @@ class Worker(Closing):
         req = self._parse(msg)
         if req is not None:  # (again after a Ctrl-C: its client drops a second one)
             # (not req.fail(): the worker may be closed already, see _take)
-            self._send_reply(req, _REP.pack(_VERSION, _ERROR, req.id),
+            self._send_reply(req._reply_to, req._token, req.id, _ERROR,
                              b"the worker that took the request stopped before "
                              b"starting it; it was not carried out")
         _core.swap_if(self._box, msg, None)
@@ -754,7 +754,7 @@ class Worker(Closing):
     def _deliver(self, req: Request, status: int, payload: Any) -> bool:
         seg = self._held()
         m, base = seg._mapping, seg._hsize
-        ok = self._send_reply(req, _REP.pack(_VERSION, status, req.id), payload)
+        ok = self._send_reply(req._reply_to, req._token, req.id, status, payload)
         req.answered = True
         if self._box[0] is req:
             self._box[0] = None
@@ -764,13 +764,16 @@ class Worker(Closing):
         _core.add64(m, base + (_OFF_SERVED if ok else _OFF_DISCARDED), 1)
         return ok
 
-    def _send_reply(self, req: Request, head: bytes, payload: Any) -> bool:
-        cached = self._cache.get(req._reply_to)
-        if cached is None or cached[1] != req._token:
+    def _send_reply(self, reply: int, caller: int, rid: int, status: int, payload: Any) -> bool:
+        """Send the reply to request ``rid`` (``status``, ``payload``) to reply
+        channel ``reply`` of the caller whose token is ``caller`` (0: not
+        known).  False if it was dropped."""
+        cached = self._cache.get(reply)
+        if cached is None or cached[1] != caller:
             if cached is not None:
-                self._drop(req._reply_to)
+                self._drop(reply)
             try:
-                ch = Channel(f"{self._prefix}{req._reply_to:016x}", create=False)
+                ch = Channel(f"{self._prefix}{reply:016x}", create=False)
             except (ShmkitError, ValueError, OSError):
                 # the caller is gone (its channel unlinked), or the name holds
                 # something that is not its live reply channel (one this
@@ -784,8 +787,9 @@ class Worker(Closing):
                 return False
             if len(self._cache) >= _MAX_CACHED:
                 self._drop(next(iter(self._cache)))
-            cached = self._cache[req._reply_to] = (ch, req._token)
+            cached = self._cache[reply] = (ch, caller)
         ch, token = cached
+        head = _REP.pack(_VERSION, status, rid)
         message = b"".join((head, payload))
         try:
             ch.send_nowait(message)
@@ -795,14 +799,14 @@ class Worker(Closing):
                     f"caller's reply channel holds ({ch.max_message - len(head)} bytes); "
                     "make the client with a larger reply_capacity=").encode()
             try:
-                ch.send_nowait(_REP.pack(_VERSION, _ERROR, req.id) + text)
+                ch.send_nowait(_REP.pack(_VERSION, _ERROR, rid) + text)
             except (Full, MessageTooLarge):
                 pass
             return False
         except Full:
             if token and not _core.token_alive(ch._seg._mapping,  # type: ignore[union-attr]
                                                token):
-                self._drop(req._reply_to)
+                self._drop(reply)
                 return False
             try:
                 ch.send(message, _FULL_WAIT)
@@ -812,7 +816,7 @@ class Worker(Closing):
                     raise
                 return False  # the caller reads no replies: never wedge on it
         except ShmkitError:  # closed, ended or damaged meanwhile: the reply is lost
-            self._drop(req._reply_to)
+            self._drop(reply)
             return False
 
     def _drop(self, reply: int) -> None:
@@ -871,7 +875,8 @@ class Worker(Closing):
 
 
 class _Line:
-    """One thread's reply channel: its name as sent, its token, its ids."""
+    """One thread's reply channel: its id as requests carry it, its token,
+    the next request id."""
 
     __slots__ = ("ch", "id", "token", "pid", "next_id", "thread")
 
