@@ -622,6 +622,45 @@ def test_a_thread_that_holds_the_segments_lock_resizes_under_it(name):
     assert proc.stdout.split() == ["ok"]
 
 
+def test_a_resize_through_another_handle_of_a_lock_this_thread_holds_is_refused(name):
+    """``with a.lock: b.resize(n)``, a and b two handles of one segment in one
+    thread, waited for itself (for ever with timeout=None): the lock word
+    carries a's token, which b's resize took for another holder.  It is now
+    BusyError at once.  Another thread's resize through b still waits for the
+    block, and a lock of another segment held meanwhile changes nothing."""
+    proc = run_python(f"""
+        import threading, time, shmkit
+
+        a = shmkit.Segment({name!r}, size=4096, max_size=1 << 20)
+        b = shmkit.Segment({name!r})
+        other = shmkit.Segment({name + "-other"!r}, size=4096)
+        with a.lock:
+            t0 = time.monotonic()
+            try:
+                b.resize(8192)  # timeout=None: for ever before
+                raise AssertionError("resized through b under a's lock")
+            except shmkit.BusyError as e:
+                assert "another handle" in str(e), e
+            assert time.monotonic() - t0 < 5
+            assert a.lock.locked() and b.size == 4096
+            got = []
+            t = threading.Thread(target=lambda: got.append(b.resize(8192, timeout=30)))
+            t.start()
+            time.sleep(0.3)
+            assert t.is_alive() and not got, "another thread resized inside the block"
+        t.join(30)
+        assert got == [None] and b.size == a.size == 8192
+        with other.lock:
+            b.resize(4096, timeout=5)  # another file's lock held by this thread
+        with b.lock:
+            b.resize(100, timeout=5)  # b's own lock: under it, as before
+        assert a.size == 100 and not a.lock.locked()
+        other.unlink(); a.unlink(); b.close()
+        print("ok")
+    """, timeout=60)
+    assert proc.stdout.split() == ["ok"]
+
+
 @pytest.mark.parametrize("new_size", [3 * 4096, 2 * 4096, 100])
 def test_a_resize_gives_back_what_a_failed_one_left_past_the_payload(name, new_size):
     # A resizer killed in its allocation (or one that ran out of room part

@@ -1435,7 +1435,8 @@ class Segment(Closing):
         segment's lock: :class:`Timeout` after ``timeout`` seconds if another
         process holds it that long (``None``: wait as long as it takes).  A
         thread that holds the lock already (``with seg.lock:``) resizes under
-        it, and the lock stays held until its block ends.
+        it, and the lock stays held until its block ends; one that holds it
+        through another handle of the segment gets :class:`BusyError`.
 
             >>> seg.resize(2 * seg.size, timeout=1.0)  # doctest: +SKIP
         """

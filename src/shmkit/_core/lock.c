@@ -18,6 +18,7 @@
  */
 #include "sync.h"
 #include <errno.h>
+#include <sys/stat.h>
 #include <structmember.h>
 
 #define SPIN_NS (10 * 1000LL) /* spin this long before sleeping */
@@ -147,6 +148,37 @@ shm_lock_mine(MappingObject *m, uint32_t *word)
     for (int i = 0; i < SHM_HELD_MAX; i++)
         if (held_get(m, i) == e && m->held_thread[i] == me)
             return 1;
+    return 0;
+}
+
+/* Is o the file of m?  Both are live (fd >= 0); fstat of an fd is cheap
+ * and asked only for a mapping already found holding a word with our
+ * thread, m's word's token and offset. */
+static int
+same_file(MappingObject *m, MappingObject *o)
+{
+    struct stat a, b;
+    return m->fd >= 0 && o->fd >= 0 && fstat(m->fd, &a) == 0 && fstat(o->fd, &b) == 0 &&
+           a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
+int
+shm_lock_mine_elsewhere(MappingObject *m, uint32_t *word)
+{
+    uint32_t v = __atomic_load_n(word, __ATOMIC_RELAXED) & SHM_TOKEN_MASK;
+    if (v == 0 || v == m->token)
+        return 0;
+    /* The holder's entry names the word by its offset, the same in every
+     * mapping of the file; the token alone would match many files' slots. */
+    uint64_t e = ((uint64_t)((char *)word - m->base) << 3) | HELD_HOLDS;
+    unsigned long me = shm_thread_serial();
+    for (MappingObject *o = shm_mappings_live(); o != NULL; o = o->live_next) {
+        if (o == m || o->token != v)
+            continue;
+        for (int i = 0; i < SHM_HELD_MAX; i++)
+            if (held_get(o, i) == e && o->held_thread[i] == me && same_file(m, o))
+                return 1;
+    }
     return 0;
 }
 

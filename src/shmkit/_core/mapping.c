@@ -292,12 +292,45 @@ mapping_map(MappingObject *self, int fd, Py_ssize_t reserve, Py_ssize_t length, 
     return 0;
 }
 
+/* The lists of mappings are linked through two fields of each
+ * mapping (prev and next), and changed with the GIL held only. */
+#define LIST_PUSH(head, m, prev, next)                                                   \
+    do {                                                                                 \
+        (m)->prev = NULL;                                                                \
+        (m)->next = (head);                                                              \
+        if ((head) != NULL)                                                              \
+            (head)->prev = (m);                                                          \
+        (head) = (m);                                                                    \
+    } while (0)
+#define LIST_REMOVE(head, m, prev, next)                                                 \
+    do {                                                                                 \
+        if ((m)->prev != NULL)                                                           \
+            (m)->prev->next = (m)->next;                                                 \
+        else                                                                             \
+            (head) = (m)->next;                                                          \
+        if ((m)->next != NULL)                                                           \
+            (m)->next->prev = (m)->prev;                                                 \
+        (m)->prev = (m)->next = NULL;                                                    \
+    } while (0)
+
+/* Every live mapping, from its creation to its dealloc: lock.c asks which
+ * other handle of this process holds a lock (shm_lock_mine_elsewhere). */
+static MappingObject *live_head;
+
+MappingObject *
+shm_mappings_live(void)
+{
+    return live_head;
+}
+
 static PyObject *
 mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     MappingObject *self = (MappingObject *)PyType_GenericNew(type, args, kwds);
-    if (self != NULL)
+    if (self != NULL) {
         self->owned_fd = self->fd_unclosed = -1; /* 0 would be a descriptor */
+        LIST_PUSH(live_head, self, live_prev, live_next);
+    }
     return (PyObject *)self;
 }
 
@@ -336,27 +369,6 @@ shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssize_t length, in
     }
     return self;
 }
-
-/* The lists of mappings below are linked through two fields of each
- * mapping (prev and next), and changed with the GIL held only. */
-#define LIST_PUSH(head, m, prev, next)                                                   \
-    do {                                                                                 \
-        (m)->prev = NULL;                                                                \
-        (m)->next = (head);                                                              \
-        if ((head) != NULL)                                                              \
-            (head)->prev = (m);                                                          \
-        (head) = (m);                                                                    \
-    } while (0)
-#define LIST_REMOVE(head, m, prev, next)                                                 \
-    do {                                                                                 \
-        if ((m)->prev != NULL)                                                           \
-            (m)->prev->next = (m)->next;                                                 \
-        else                                                                             \
-            (head) = (m)->next;                                                          \
-        if ((m)->next != NULL)                                                           \
-            (m)->next->prev = (m)->prev;                                                 \
-        (m)->prev = (m)->next = NULL;                                                    \
-    } while (0)
 
 /* The file lent out.  A call that lets the GIL go with the descriptor in
  * hand (growing the file, punching a hole, fsync) borrows it: if another
@@ -545,6 +557,7 @@ mapping_dealloc(MappingObject *self)
     mapping_unmap(self);
     mapping_close_owned(self, -1); /* (a borrower holds a reference: none lends it now) */
     unclosed_close(self);
+    LIST_REMOVE(live_head, self, live_prev, live_next);
     shm_free_instance((PyObject *)self);
 }
 

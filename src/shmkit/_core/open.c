@@ -457,6 +457,17 @@ py_resize_payload(PyObject *mod, PyObject *args)
     /* A thread that holds the lock already (`with seg.lock: seg.resize(n)`)
      * resizes under it, and keeps it: waiting for it would be forever. */
     int mine = shm_lock_mine(m, word);
+    if (!mine && shm_lock_mine_elsewhere(m, word)) {
+        /* ... and through another handle of the segment, waiting would be
+         * for ever just the same: only this thread can end that block. */
+        PyErr_Format(shm_state_of(obj)->BusyError,
+                     "this thread holds the %s through another handle of the segment "
+                     "(in a `with other.lock:` block), so this call would wait for "
+                     "itself for ever; resize through that handle, or after its block",
+                     what);
+        shm_unpin(obj);
+        return NULL;
+    }
     int r = mine ? 1 : shm_lock_acquire(m, word, deadline);
     if (r > 0 && ((r == 2 && shm_warn_owner_died(m, what) < 0) ||
                   resize_locked(m, (uint64_t)hsize, (uint64_t)max_size, (uint64_t)size,

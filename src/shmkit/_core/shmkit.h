@@ -72,6 +72,7 @@ typedef struct MappingObject {
     int fd_unclosed;     /* -1 none */
     int lifetime_ended;  /* shm_attach_end ran, or runs (attach.c) */
     struct MappingObject *unclosed_prev, *unclosed_next;
+    struct MappingObject *live_prev, *live_next; /* every live mapping (mapping.c) */
     uint32_t token;      /* our lock-owner token; 0 when detached */
     /* The token this process's close let go of (0 if none): a lock that a
      * call took under it before another thread closed the handle is let go
@@ -171,6 +172,8 @@ MappingObject *shm_mapping_new(shm_state *st, int fd, Py_ssize_t reserve, Py_ssi
  * thread, if private) lets go of it (forget_creations). */
 void shm_creating_add(MappingObject *m, int private);
 void shm_mapping_drop_temp(MappingObject *m); /* remove its hidden name, if ours */
+/* The first of every live mapping of this process (then m->live_next). */
+MappingObject *shm_mappings_live(void);
 /* Borrow m's file for a call that lets the GIL go (GIL held): its
  * descriptor, kept open until shm_mapping_return_fd however the handle is
  * closed meanwhile; or -1 with ClosedError. */
@@ -340,6 +343,11 @@ int shm_lock_check_held(MappingObject *m, uint32_t *word);
 /* Does the calling thread hold word through m (took it, and no thread has
  * released it since)?  1 or 0; never an exception.  GIL held. */
 int shm_lock_mine(MappingObject *m, uint32_t *word);
+/* Does the calling thread hold word through another mapping of this
+ * process of the same file (another handle of the object)?  1 or 0; never
+ * an exception.  GIL held.  A call that takes the lock on the caller's
+ * behalf asks it before waiting, which would be for itself. */
+int shm_lock_mine_elsewhere(MappingObject *m, uint32_t *word);
 /* Holdings recorded for this mapping (a diagnostic: Mapping.held_count). */
 int shm_lock_held_count(MappingObject *m);
 /* Forget every recorded holding (a new attachment, after fork). */
