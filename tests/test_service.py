@@ -874,6 +874,46 @@ def test_a_reply_channel_the_worker_may_not_open_is_discarded_never_raised(svc_n
         svc.unlink()
 
 
+def test_a_file_held_as_if_being_made_under_a_reply_name_never_stalls_a_worker(svc_name):
+    """A zero-filled file under a reply channel's name whose init lock is held,
+    as a creator at work holds it, named by a request and by a dead worker's
+    entry.  A reply channel is made before any request names it, so the
+    worker gives up on it at once; it waited 10 s for each (the open's wait
+    for a creator), per request and per new worker."""
+    import struct
+    with shmkit.Service(svc_name, max_attach=4) as svc, svc.client() as client:
+        fake = 0xF00D
+        path = f"/dev/shm/shmkit.{svc_name}.reply.{fake:016x}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, 1 << 16)
+            assert _core.ofd_lock(fd, _core.INIT_LOCK_BYTE, 1)
+            _plant_dead_entries(svc, 88, fake)
+            t0 = time.monotonic()
+            with svc.worker() as w:
+                started = time.monotonic() - t0
+                with shmkit.Channel(svc_name + ".requests", create=False) as raw:
+                    for _ in range(3):
+                        raw.send(struct.pack("<BB2xIQQ", 2, 0, 1, 5, fake) + b"x")
+                got: list[Any] = []
+                t = threading.Thread(target=lambda: got.append(client.call(b"ok", timeout=60)))
+                t.start()
+                t0 = time.monotonic()
+                while t.is_alive() and time.monotonic() - t0 < 60:
+                    with contextlib.suppress(shmkit.Timeout):
+                        req = w.recv(0.5)
+                        req.reply(req.data)
+                answered = time.monotonic() - t0
+                t.join()
+            assert got == [b"ok"]
+            assert started < 5 and answered < 5, (started, answered)  # 10 s, and 30 s
+            assert svc.statistics()["discarded"] == 4  # the news and three replies
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        svc.unlink()
+
+
 def test_a_reply_channel_name_linked_to_another_channel_gets_nothing(svc_name):
     """Hard links under reply channels' names, to the service's own request
     channel (whose echoed reply named the link again: the worker answered

@@ -1253,9 +1253,21 @@ class Channel(SharedObject, _core.Ring):
                    readonly, trust_owner)
         self._on_destroy = on_destroy
 
+    @classmethod
+    def _open_made(cls, name: str) -> "Channel":
+        """Open ``name``, a channel that must be made in full already (a
+        service's reply channel, made before the request that names it): a
+        file still being made under that name, or held as if it were, is
+        refused at once (Timeout) instead of waited for."""
+        self = cls.__new__(cls)
+        self._open(name, DEFAULT, False, None, DEFAULT, None, DEFAULT, DEFAULT,
+                   ready_wait=0.0)
+        return self
+
     def _open(self, name: str | None, capacity: Any, create: bool | None, path: Any,
               lifetime: Any, mode: int | None, max_attach: Any, max_items: Any,
-              readonly: bool = False, trust_owner: int | str | None = None) -> None:
+              readonly: bool = False, trust_owner: int | str | None = None,
+              ready_wait: float | None = None) -> None:
         # (`is DEFAULT` rather than given(): this runs on every open)
         default_cap = QUEUE_CAPACITY if self._kind == Kind.QUEUE else DEFAULT_CAPACITY
         cap = _check_capacity(default_cap if capacity is DEFAULT else capacity)
@@ -1274,7 +1286,8 @@ class Channel(SharedObject, _core.Ring):
             size=_ring_bytes(cap, slots) if create is not False and not readonly else None,
             create=False if readonly else create, mode=mode, readonly=readonly,
             lifetime=life, max_attach=slots, init=init, trust_owner=trust_owner,
-            layout={"format": FORMAT, "capacity": cap, "max_items": items})
+            layout={"format": FORMAT, "capacity": cap, "max_items": items},
+            ready_wait=ready_wait)
         self._adopt(seg, capacity=DEFAULT if capacity is DEFAULT else cap, max_items=max_items,
                     lifetime=lifetime, max_attach=max_attach)
 

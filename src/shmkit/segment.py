@@ -632,6 +632,7 @@ class Segment(Closing):
     _flags = 0
     _trust_uid: int | None = None
     _lock_obj: Any = None  # the segment's Mutex, made on first use
+    _ready_wait = _OPEN_WAIT  # seconds an open waits for a creator to finish
 
     def __init__(self, name: str | None = None, size: int | None = None, *,
                  path: str | os.PathLike[str] | None = None, readonly: bool = False,
@@ -757,9 +758,12 @@ class Segment(Closing):
                 max_attach: int = DEFAULT_MAX_ATTACH, layout: dict[str, Any] | None = None,
                 init: Callable[["Segment"], None] | None = None,
                 kind: Kind | None = None, trust_owner: int | str | None = None,
-                on_destroy: Callable[[], Any] | None = None) -> None:
+                on_destroy: Callable[[], Any] | None = None,
+                ready_wait: float | None = None) -> None:
         if on_destroy is not None:
             self._on_destroy = on_destroy
+        if ready_wait is not None:
+            self._ready_wait = ready_wait
         kind = self._kind = kind or self._kind
         if name is None and path is None and create is False:
             raise InvalidNameError("open() needs a name or a path")
@@ -958,7 +962,7 @@ class Segment(Closing):
     def _wait_ready(self, fd: int, may_recover: bool = False,
                     st: os.stat_result | None = None) -> _Header:
         where = repr(self._name)
-        deadline = time.monotonic() + _OPEN_WAIT
+        deadline = time.monotonic() + self._ready_wait
         pause = 0.0005
         while True:
             st = st or os.fstat(fd)
@@ -983,8 +987,8 @@ class Segment(Closing):
                 if os.fstat(fd).st_nlink == 0:  # its creator's init failed: start over
                     raise FileNotFoundError(self._path)
                 self._half_created(fd, may_recover)  # raises, or recovers and waits
-            if time.monotonic() > deadline:
-                raise _timed_out(f"{where} is still being created after {_OPEN_WAIT} s "
+            if time.monotonic() >= deadline:
+                raise _timed_out(f"{where} is still being created after {self._ready_wait} s "
                                  "(its creator holds the init lock; see `shmkit info`)")
             time.sleep(pause)
             pause = min(pause * 2, 0.02)

@@ -773,11 +773,12 @@ class Worker(Closing):
             if cached is not None:
                 self._drop(reply)
             try:
-                ch = Channel(f"{self._prefix}{reply:016x}", create=False)
+                ch = Channel._open_made(f"{self._prefix}{reply:016x}")
             except (ShmkitError, ValueError, OSError):
                 # the caller is gone (its channel unlinked), or the name holds
                 # something that is not its live reply channel (one this
-                # user may not open included): never our problem
+                # user may not open, or a file still "being made", included):
+                # never our problem, nor a reason to wait
                 return False
             if os.fstat(ch._seg._fd).st_nlink != 1:  # type: ignore[union-attr]
                 # A second name of one file (a hard link made under a reply
