@@ -478,9 +478,9 @@ def test_full_reply_channel_never_wedges_the_worker(svc_name):
             _fill(line.ch, b"j" * 500)
             req = w.recv(timeout=60)
             t0 = time.monotonic()
-            assert req.reply(b"r" * 500) is False  # dropped after a short wait
-            assert time.monotonic() - t0 < 30
-            assert svc.statistics()["discarded"] == 1
+            assert req.reply(b"r" * 500) is True  # kept for the caller after a short wait
+            assert time.monotonic() - t0 < 30 and w._kept_n == 1
+            assert svc.statistics()["discarded"] == 0
             # a reply larger than the caller's channel: the caller is told why
             res: list[Any] = []
             t = threading.Thread(target=lambda: res.append(
@@ -489,6 +489,12 @@ def test_full_reply_channel_never_wedges_the_worker(svc_name):
             w.recv(timeout=60).reply(b"x" * 10000)
             t.join(60)
             assert "reply_capacity" in str(res[0].value)
+            # the first caller reads at last: the kept reply goes at the worker's next look
+            assert set(line.ch.recv_many(100)) == {b"j" * 500}
+            _ignore_timeout(w.recv, 0.05)
+            assert line.ch.recv_nowait()[16:] == b"r" * 500
+            stats = svc.statistics()
+            assert (stats["served"], stats["discarded"], w._kept_n) == (1, 1, 0), stats
         w.close()
         svc.unlink()
 
@@ -837,16 +843,145 @@ def test_a_dead_taker_whose_pid_is_no_longer_known_is_named_without_one(svc_name
         svc.unlink()
 
 
-def test_news_of_a_dead_worker_that_finds_its_callers_channel_full_is_counted_discarded(
+_SLOW_READER = """
+import asyncio, os, signal, sys, time, shmkit, shmkit.aio
+
+async def main(name, n, how):
+    async with shmkit.aio.Client(name, reply_capacity=4096) as c:  # (about 12 replies)
+        calls = [asyncio.ensure_future(c.call(b"x" * 300)) for _ in range(n)]
+        await asyncio.sleep(0.2)  # (every request sent)
+        print("sent", flush=True)
+        if how == "blocked":
+            time.sleep(2)  # the event loop blocked: no reply read meanwhile
+        else:
+            os.kill(os.getpid(), signal.SIGSTOP)  # until the worker answered them all
+        got = await asyncio.gather(*calls, return_exceptions=True)
+        print(sum(g == b"X" * 300 for g in got), sum(isinstance(g, shmkit.ReplyLost)
+                                                     for g in got), flush=True)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+"""
+
+
+def _serve_a_slow_reader(svc: Any, how: str, n: int = 50) -> tuple[str, Any]:
+    """Answer ``n`` calls of a caller that reads no replies meanwhile (its
+    event loop blocked, or the process stopped) then reads them; what it
+    printed (replies, ReplyLost), and the worker."""
+    with svc.worker() as w:
+        p = subprocess.Popen([sys.executable, "-c", _SLOW_READER, svc.name, str(n), how],
+                             env=dict(os.environ, PYTHONPATH=SRC), stdout=subprocess.PIPE,
+                             text=True)
+        try:
+            assert p.stdout.readline().strip() == "sent"
+            served, t0, stopped = 0, time.monotonic(), how == "stopped"
+            while p.poll() is None and time.monotonic() - t0 < 60:
+                if served == n and stopped:
+                    assert w._kept, "no reply was kept"
+                    os.kill(p.pid, signal.SIGCONT)
+                    stopped = False
+                with contextlib.suppress(shmkit.Timeout):
+                    req = w.recv(0.1)
+                    req.reply(req.data.upper())
+                    served += 1
+            out, _ = p.communicate(timeout=10)
+            assert served == n
+            return out.strip(), (w._kept, w._kept_n, w._kept_bytes)
+        finally:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                p.kill()
+                p.wait(30)
+
+
+@pytest.mark.parametrize("how", ["blocked", "stopped"])
+def test_replies_to_a_caller_that_reads_none_for_a_while_reach_it_later(svc_name, how):
+    """A caller with 50 calls in flight and room for about 12 replies reads
+    none for a while (its event loop blocked 2 s, or the process stopped
+    until every request was answered).  The replies that found its channel
+    full are kept by the worker and sent as room comes: every call gets its
+    reply.  (They were dropped after 50 ms each: 38 calls then waited for
+    good, with timeout=None.)"""
+    with shmkit.Service(svc_name) as svc:
+        out, kept = _serve_a_slow_reader(svc, how)
+        assert out == "50 0", out
+        assert kept == ({}, 0, 0)
+        stats = svc.statistics()
+        assert (stats["served"], stats["discarded"]) == (50, 0), stats
+        svc.unlink()
+
+
+def test_replies_past_what_a_worker_keeps_make_their_calls_raise_reply_lost(svc_name,
+                                                                            monkeypatch):
+    """Past the bytes a worker keeps for callers that read none, a reply is
+    dropped and a short notice kept in its place: its call raises ReplyLost
+    (the request was carried out) instead of waiting on."""
+    monkeypatch.setattr(service_mod, "_KEEP_BYTES", 1500)  # (four replies)
+    with shmkit.Service(svc_name) as svc:
+        out, kept = _serve_a_slow_reader(svc, "blocked")
+        got, lost = map(int, out.split())
+        assert got + lost == 50 and lost >= 30, out
+        assert kept == ({}, 0, 0)
+        stats = svc.statistics()
+        assert (stats["served"], stats["discarded"]) == (got, lost), stats
+        svc.unlink()
+
+
+def test_replies_kept_for_a_caller_that_dies_are_let_go(svc_name):
+    """The replies kept for a caller killed before it read them are dropped
+    (counted discarded) at the worker's next look, not kept for ever."""
+    with shmkit.Service(svc_name) as svc, svc.worker() as w:
+        p = subprocess.Popen([sys.executable, "-c", _SLOW_READER, svc_name, "30", "stopped"],
+                             env=dict(os.environ, PYTHONPATH=SRC), stdout=subprocess.PIPE,
+                             text=True)
+        try:
+            assert p.stdout.readline().strip() == "sent"
+            for _ in range(30):
+                _serve_one(w, 10)
+            assert w._kept_n > 0
+        finally:
+            p.kill()
+            p.wait(30)
+        kept = w._kept_n
+        _wait_until(lambda: (_ignore_timeout(w.recv, 0.05), not w._kept)[1],
+                    what="the kept replies to go")
+        assert (w._kept_n, w._kept_bytes) == (0, 0)
+        stats = svc.statistics()
+        assert stats["discarded"] == kept and stats["served"] == 30 - kept, stats
+        svc.unlink()
+
+
+def _ignore_timeout(fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except shmkit.Timeout:
+        return None
+
+
+def test_news_of_a_dead_worker_that_finds_its_callers_channel_full_reaches_it_later(
         svc_name):
+    """The news of a dead worker for a caller whose reply channel is full is
+    kept, like a reply, and sent once the caller has read: it raises
+    WorkerDied.  A worker that closes first counts it discarded."""
     with shmkit.Service(svc_name, max_attach=4) as svc, svc.client(reply_capacity=4096) as c:
         line = c._line()
-        _fill(line.ch, b"x" * 512)
-        _plant_dead_entries(svc, 55, line.id)
-        before = svc.statistics()["discarded"]
-        with svc.worker():
-            pass
-        assert svc.statistics()["discarded"] == before + 1
+        for reads in (True, False):
+            _fill(line.ch, b"x" * 512)
+            _fill(line.ch, b"x")  # (the space left at the ring's end too)
+            _plant_dead_entries(svc, 55, line.id)
+            before = svc.statistics()["discarded"]
+            with svc.worker() as w:
+                assert w._kept_n == 1  # the news, kept
+                if reads:
+                    with contextlib.suppress(shmkit.Empty):
+                        while True:
+                            line.ch.recv_nowait()
+                    _ignore_timeout(w.recv, 0.05)  # the worker's next look sends it
+                    rid, err = c._parse_reply(line.ch.recv_nowait())
+                    assert rid == 55 and isinstance(err, shmkit.WorkerDied), err
+            assert svc.statistics()["discarded"] == before + (not reads)
+            with contextlib.suppress(shmkit.Empty):
+                while True:
+                    line.ch.recv_nowait()
         svc.unlink()
 
 
@@ -988,6 +1123,69 @@ def test_a_ctrl_c_at_any_step_of_a_workers_take_and_reply_never_loses_the_call(s
         else:
             raise AssertionError("the worker's take and reply never ran to their end")
         assert k > 20 and outcomes["reply"] > 10, (k, outcomes)
+
+
+def test_a_ctrl_c_at_any_step_of_keeping_and_sending_a_reply_never_loses_it(svc_name,
+                                                                           monkeypatch):
+    """A Ctrl-C at each bytecode of the worker's code while it answers a
+    caller whose reply channel is full (so the reply is kept), and then, the
+    caller having read, sends what it kept.  The caller gets its reply, or
+    RemoteError for a request whose answer the Ctrl-C stopped; never
+    nothing."""
+    import struct
+    monkeypatch.setattr(service_mod, "_FULL_WAIT", 0.001)
+    monkeypatch.setattr(service_mod, "_PAY_EVERY", 0.0)
+    with _interrupt_rig(svc_name) as (stack, svc, _client):
+        client = stack.enter_context(svc.client(reply_capacity=4096))
+        w = svc.worker()
+        stack.callback(w.close)
+        line = client._line()
+        raw = stack.enter_context(shmkit.Channel(svc_name + ".requests", create=False))
+        outcomes: collections.Counter[str] = collections.Counter()
+
+        def replies(rid: int) -> list[Any]:
+            """Read the caller's channel to its end: what came for ``rid``."""
+            out = []
+            while msgs := line.ch.recv_many(1000, timeout=0):
+                for msg in msgs:
+                    got = client._parse_reply(msg)
+                    if got is not None and got[0] == rid:
+                        out.append(got[1])
+            return out
+
+        for k in range(1, 20000):
+            rid = 1000 + k
+            raw.send(struct.pack("<BB2xIQQ", 2, 0, line.token, rid, line.id) + b"r%d" % k)
+            _fill(line.ch, b"j" * 500)
+            _fill(line.ch, b"j")
+
+            def answer_then_send_kept() -> None:
+                _serve_one(w, 5)
+                got.extend(replies(rid))  # (the caller reads: room for what was kept)
+                _ignore_timeout(w.recv, 0.001)
+
+            got: list[Any] = []
+            interrupted, seen = _interrupted_at(k, {service_mod.__file__},
+                                                answer_then_send_kept)
+            end = time.monotonic() + 5
+            while not got and time.monotonic() < end:  # serving goes on
+                got.extend(replies(rid))
+                with contextlib.suppress(shmkit.Timeout):
+                    _serve_one(w, 0.001)
+            assert got, f"Ctrl-C at bytecode {k}: no reply ever came"
+            first = got[0]
+            assert first == b"R%d" % k or isinstance(first, shmkit.RemoteError), \
+                f"bytecode {k}: {first!r}"
+            outcomes["reply" if first == b"R%d" % k else "failed"] += 1
+            with contextlib.suppress(shmkit.Timeout):
+                _serve_one(w, 0.001)  # (settle a request left in hand)
+            replies(0)
+            if seen < k:  # ran to its end uninterrupted
+                break
+        else:
+            raise AssertionError("the worker's answer never ran to its end")
+        assert k > 20 and outcomes["reply"] > 10, (k, outcomes)
+        assert w._kept_n == 0 and not w._kept
 
 
 @pytest.mark.parametrize("holding", ["taken", "handed out"])

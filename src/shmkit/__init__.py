@@ -78,7 +78,7 @@ from .redis import connect  # shmkit.connect("local" | "redis://..."); redis-py 
 from .topic import Subscriber, Topic
 from .errors import MessagesLost
 from .service import Client, Request, Service, Worker
-from .errors import RemoteError, ServiceUnavailable, WorkerDied
+from .errors import RemoteError, ReplyLost, ServiceUnavailable, WorkerDied
 from . import inspect  # shmkit.inspect: list, describe and clean up objects (not in __all__)
 
 __version__ = "0.1.0"
@@ -99,7 +99,7 @@ __all__ = [
     "connect", "BackendError", "LeaseLostError", "UnsupportedParameterError",
     "Topic", "Subscriber", "MessagesLost",
     "Service", "Client", "Worker", "Request", "ServiceUnavailable", "WorkerDied",
-    "RemoteError",
+    "RemoteError", "ReplyLost",
 ]
 
 

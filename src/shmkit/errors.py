@@ -55,6 +55,7 @@ __all__ = [
     "ServiceUnavailable",
     "WorkerDied",
     "RemoteError",
+    "ReplyLost",
 ]
 
 
@@ -332,3 +333,11 @@ class WorkerDied(ShmkitError, ConnectionAbortedError):
 class RemoteError(ShmkitError, RuntimeError):
     """The worker's handler raised while answering the call (or the worker
     failed the request): the message holds the worker's traceback."""
+
+
+class ReplyLost(ShmkitError, ConnectionAbortedError):
+    """The worker answered the call, but its reply never reached the caller:
+    the caller's reply channel stayed full (the process was stopped, or its
+    event loop blocked, with many replies due) for longer than the worker
+    could keep the reply for it.  The request was carried out.  Read
+    replies sooner, or make the client with a larger ``reply_capacity=``."""

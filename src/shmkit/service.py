@@ -37,6 +37,7 @@ docs/service.md.
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import random
@@ -61,6 +62,7 @@ from .errors import (
     MessageTooLarge,
     NotFoundError,
     RemoteError,
+    ReplyLost,
     ServiceUnavailable,
     ShmkitError,
     Timeout,
@@ -105,12 +107,19 @@ _REP = struct.Struct("<BB6xQ")
 _VERSION = 2
 _F_PICKLE = 1
 _OK, _ERROR, _DIED = 0, 1, 2  # _DIED: its worker died (told by the one in its slot)
+_LOST = 3  # the reply could not be kept for a caller whose channel stayed full
 _RID_MASK = (1 << 63) - 1
 
 _FIRST_STEP = 0.02  # seconds a call waits for its reply before it first checks its worker
 _SWEEP_EVERY = 1.0  # seconds between a worker's checks of its cached reply channels
 _MAX_CACHED = 256   # reply channels a worker keeps open at most
 _FULL_WAIT = 0.05   # seconds a worker waits for room in a live caller's reply channel
+# Replies a worker keeps for live callers whose channel stayed full (a stopped
+# process, a blocked event loop), sent once there is room: at most this many
+# bytes and replies a worker, tried again every _PAY_EVERY seconds.
+_KEEP_BYTES = 64 << 20
+_KEEP_MAX = 65536
+_PAY_EVERY = 0.02
 
 
 def _service_bytes(max_attach: int) -> int:
@@ -281,7 +290,8 @@ class Service(SharedObject):
         """``{"workers", "busy", "pending", "served", "discarded", "failed",
         "malformed", "abandoned"}``: live workers, those handling a request,
         requests waiting in the request channel, replies handed over, replies
-        dropped (caller gone or its reply channel full), requests answered
+        dropped (caller gone, or past what a worker keeps for callers whose
+        reply channel is full), requests answered
         with an error, requests that could not be parsed, and requests that
         workers which died were handling."""
         seg = self._held()
@@ -591,6 +601,12 @@ class Worker(Closing):
         self._prefix = svc_seg.name + ".reply."
         self._pid = _segment._pid
         self._cache: dict[int, tuple[Channel, int]] = {}  # by reply channel id
+        # Replies kept for callers whose channel stayed full, by reply channel
+        # id: (the caller's token, [(message, counter when sent, counter when
+        # dropped)]), sent in order as room comes (_pay).
+        self._kept: dict[int, tuple[int, collections.deque[tuple[bytes, int, int]]]] = {}
+        self._kept_bytes = self._kept_n = 0
+        self._paid = 0.0
         self._tell_the_caller_of_a_dead_worker(seg)
         _core.store64(m, self._entry + 8, 0)
         _core.store64(m, self._entry, self._token)
@@ -604,8 +620,8 @@ class Worker(Closing):
         the other workers alive, wait for good.  (Again after a Ctrl-C: the
         entry is cleared only once it is ours, by the stores that follow,
         never by the close of a worker interrupted before them; the caller
-        drops a second notice.)  A caller whose reply channel stays full is
-        waited for as for a reply (``_FULL_WAIT``), then counted discarded."""
+        drops a second notice.)  A caller whose reply channel stays full
+        gets it later, as it would a reply (``_keep``)."""
         m = seg._mapping
         rid = _core.load64(m, self._entry + 8)
         if _core.load64(m, self._entry) == 0 or rid == 0:
@@ -614,9 +630,10 @@ class Worker(Closing):
         text = (f"the worker of service {seg.name!r} that took the request "
                 "died before answering it (the worker that took its place, pid "
                 f"{os.getpid()}, found it); the request may have been partly carried out")
-        if not self._send_reply(reply, 0, rid, _DIED, text.encode()):
+        if self._send_reply(reply, 0, rid, _DIED, text.encode()) is False:
             _core.add64(m, seg._hsize + _OFF_DISCARDED, 1)
-        self._drop(reply)
+        if reply not in self._kept:
+            self._drop(reply)
 
     def _held(self) -> Segment:
         seg = self._seg
@@ -686,8 +703,12 @@ class Worker(Closing):
         now = time.monotonic()
         if now - self._swept >= _SWEEP_EVERY:
             self._sweep(now)
-        return max(_SWEEP_EVERY if deadline is None else min(_SWEEP_EVERY, deadline - now),
-                   0.0)
+        step = _SWEEP_EVERY
+        if self._kept:  # (replies wait for room: look again soon)
+            if now - self._paid >= _PAY_EVERY:
+                self._pay(now)
+            step = _PAY_EVERY
+        return max(step if deadline is None else min(step, deadline - now), 0.0)
 
     def _check_deadline(self, seg: Segment, timeout: float | None,
                         deadline: float | None) -> None:
@@ -761,47 +782,43 @@ class Worker(Closing):
             _core.store64(m, self._entry + 8, 0)
         if status == _ERROR:
             _core.add64(m, base + _OFF_FAILED, 1)
-        _core.add64(m, base + (_OFF_SERVED if ok else _OFF_DISCARDED), 1)
-        return ok
+        if ok is not None:  # (a kept reply is counted when it is sent or dropped)
+            _core.add64(m, base + (_OFF_SERVED if ok else _OFF_DISCARDED), 1)
+        return ok is not False
 
-    def _send_reply(self, reply: int, caller: int, rid: int, status: int, payload: Any) -> bool:
+    def _send_reply(self, reply: int, caller: int, rid: int, status: int,
+                    payload: Any) -> bool | None:
         """Send the reply to request ``rid`` (``status``, ``payload``) to reply
         channel ``reply`` of the caller whose token is ``caller`` (0: not
-        known).  False if it was dropped."""
-        cached = self._cache.get(reply)
-        if cached is None or cached[1] != caller:
-            if cached is not None:
-                self._drop(reply)
-            try:
-                ch = Channel._open_made(f"{self._prefix}{reply:016x}")
-            except (ShmkitError, ValueError, OSError):
-                # the caller is gone (its channel unlinked), or the name holds
-                # something that is not its live reply channel (one this
-                # user may not open, or a file still "being made", included):
-                # never our problem, nor a reason to wait
+        known).  True if sent, False if dropped, None if kept to be sent
+        once the caller's channel has room (``_keep``)."""
+        got = self._cache.get(reply)
+        if got is None or got[1] != caller:  # (else the usual case: open already)
+            got = self._channel(reply, caller)
+            if got is None:
                 return False
-            if os.fstat(ch._seg._fd).st_nlink != 1:  # type: ignore[union-attr]
-                # A second name of one file (a hard link made under a reply
-                # channel's name, to our request channel or another
-                # service's reply channel): a reply channel has one.
-                ch.close()
-                return False
-            if len(self._cache) >= _MAX_CACHED:
-                self._drop(next(iter(self._cache)))
-            cached = self._cache[reply] = (ch, caller)
-        ch, token = cached
+        ch, token = got
         head = _REP.pack(_VERSION, status, rid)
         message = b"".join((head, payload))
         try:
+            if reply in self._kept:  # (behind the replies kept for it: no wait again)
+                if len(message) > ch.max_message:
+                    raise MessageTooLarge
+                return self._keep(reply, token, rid, message, status)
             ch.send_nowait(message)
             return True
         except MessageTooLarge:
             text = (f"the reply of {len(message) - len(head)} bytes is larger than the "
                     f"caller's reply channel holds ({ch.max_message - len(head)} bytes); "
                     "make the client with a larger reply_capacity=").encode()
+            notice = _REP.pack(_VERSION, _ERROR, rid) + text
             try:
-                ch.send_nowait(_REP.pack(_VERSION, _ERROR, rid) + text)
-            except (Full, MessageTooLarge):
+                if reply in self._kept:
+                    raise Full
+                ch.send_nowait(notice)
+            except Full:
+                self._keep(reply, token, rid, notice, _ERROR, counted=True)
+            except ShmkitError:
                 pass
             return False
         except Full:
@@ -815,10 +832,135 @@ class Worker(Closing):
             except Timeout as e:
                 if not e._deadline:  # (a signal handler's own)
                     raise
-                return False  # the caller reads no replies: never wedge on it
+            # The caller reads no replies now (stopped, or its event loop
+            # blocked): never wedge on it, nor lose its reply.
+            return self._keep(reply, token, rid, message, status)
         except ShmkitError:  # closed, ended or damaged meanwhile: the reply is lost
             self._drop(reply)
             return False
+
+    def _channel(self, reply: int, caller: int) -> tuple[Channel, int] | None:
+        """Reply channel ``reply`` and its caller's token, open (and cached);
+        None if the name holds no live reply channel of this service."""
+        cached = self._cache.get(reply)
+        if cached is None or cached[1] != caller:
+            if cached is not None:
+                self._drop(reply)
+            try:
+                ch = Channel._open_made(f"{self._prefix}{reply:016x}")
+            except (ShmkitError, ValueError, OSError):
+                # the caller is gone (its channel unlinked), or the name holds
+                # something that is not its live reply channel (one this
+                # user may not open, or a file still "being made", included):
+                # never our problem, nor a reason to wait
+                return None
+            if os.fstat(ch._seg._fd).st_nlink != 1:  # type: ignore[union-attr]
+                # A second name of one file (a hard link made under a reply
+                # channel's name, to our request channel or another
+                # service's reply channel): a reply channel has one.
+                ch.close()
+                return None
+            if len(self._cache) >= _MAX_CACHED:
+                self._drop(next(iter(self._cache)))
+            cached = self._cache[reply] = (ch, caller)
+        return cached
+
+    def _keep(self, reply: int, token: int, rid: int, message: bytes, status: int,
+              counted: bool = False) -> bool | None:
+        """Keep ``message`` (of ``status``; ``counted``: a notice whose reply
+        was counted already) for a live caller whose reply channel stayed
+        full, to send once it has room (``_pay``): None.  A reply past
+        ``_KEEP_BYTES`` is dropped and a short notice kept instead, so that
+        its call raises ReplyLost rather than wait on: False.  Past
+        ``_KEEP_MAX`` messages, or with no caller alive: False, dropped."""
+        if not token:  # (the news of a dead worker: its caller made the channel)
+            token = self._maker_token(reply)
+        if not token or self._kept_n >= _KEEP_MAX:
+            return False
+        if counted:
+            sent = dropped = 0
+        else:
+            sent, dropped = (0, _OFF_DISCARDED) if status == _DIED else (_OFF_SERVED,
+                                                                        _OFF_DISCARDED)
+        kept = True
+        if sent and self._kept_bytes + len(message) > _KEEP_BYTES:
+            message = _REP.pack(_VERSION, _LOST, rid) + (
+                f"the reply to this call was dropped: this caller's reply channel "
+                f"stayed full while its worker (pid {os.getpid()}) kept "
+                f"{self._kept_n} other replies for callers that read none; the "
+                "request was carried out. Read replies sooner, or make the client "
+                "with a larger reply_capacity=").encode()
+            sent, dropped, kept = 0, 0, False
+        entry = self._kept.get(reply)
+        if entry is None:
+            entry = self._kept[reply] = (token, collections.deque())
+        # (counted first, uncounted after: a Ctrl-C between leaves the counts
+        # high, never low, until nothing is kept)
+        self._kept_bytes += len(message)
+        self._kept_n += 1
+        entry[1].append((message, sent, dropped))
+        return None if kept else False
+
+    def _maker_token(self, reply: int) -> int:
+        """The token of a live attachment of the process that made reply
+        channel ``reply`` (its caller), or 0."""
+        cached = self._cache.get(reply)
+        seg = cached[0]._seg if cached is not None else None
+        if seg is None or seg.closed:
+            return 0
+        for e in _core.attachments(seg._mapping):
+            if e["alive"] and e["pid"] == seg._creator_pid:
+                return int(e["slot"] | (e["gen"] & 0xFFFFF) << 10)
+        return 0
+
+    def _pay(self, now: float) -> None:
+        """Send the kept replies, in order, as far as their channels have room;
+        forget those of callers that died (counted discarded)."""
+        self._paid = now
+        seg = self._held()
+        m, base = seg._mapping, seg._hsize
+        for reply in list(self._kept):
+            token, queue = self._kept[reply]
+            got = self._channel(reply, token)
+            if got is None:  # (its caller is gone)
+                self._forget_kept(reply)
+                continue
+            ch = got[0]
+            while queue:
+                message, sent, _dropped = queue[0]
+                try:
+                    ch.send_nowait(message)
+                except Full:
+                    if not _core.token_alive(ch._seg._mapping, token):  # type: ignore
+                        self._forget_kept(reply)
+                    break
+                except (ShmkitError, ValueError):
+                    self._forget_kept(reply)
+                    break
+                # (sent first, taken off after: a Ctrl-C between the two sends
+                # it twice, and its caller drops the second)
+                queue.popleft()
+                self._kept_bytes -= len(message)
+                self._kept_n -= 1
+                if sent:
+                    _core.add64(m, base + sent, 1)
+            if not queue:
+                self._kept.pop(reply, None)
+        if not self._kept:
+            self._kept_bytes = self._kept_n = 0
+
+    def _forget_kept(self, reply: int) -> None:
+        """Drop the replies kept for ``reply``, whose caller is gone."""
+        entry = self._kept.pop(reply, None)
+        if entry is None:
+            return
+        seg = self._seg
+        for message, _sent, dropped in entry[1]:
+            self._kept_bytes -= len(message)
+            self._kept_n -= 1
+            if dropped and seg is not None and not seg.closed:
+                _core.add64(seg._mapping, seg._hsize + dropped, 1)
+        self._drop(reply)
 
     def _drop(self, reply: int) -> None:
         entry = self._cache.pop(reply, None)
@@ -866,6 +1008,10 @@ class Worker(Closing):
             self._give_back()
             _core.store64(seg._mapping, self._entry + 8, 0)
             _core.store64(seg._mapping, self._entry, 0)
+            if self._kept:  # (a last try; the rest are lost with this worker)
+                self._pay(time.monotonic())
+                for reply in list(self._kept):
+                    self._forget_kept(reply)
         for reply in list(self._cache):
             self._drop(reply)
         seg.close()
@@ -1071,6 +1217,8 @@ class Client(Closing):
         WorkerDied: the worker handling the request died (raised as soon as
             the caller notices, within about 0.2 s of the death).
         RemoteError: the worker's handler raised; the message holds its traceback.
+        ReplyLost: the request was carried out, but its reply found this
+            thread's reply channel full for longer than the worker could keep it.
         Timeout: no reply within ``timeout`` seconds (a late reply is dropped).
         ClosedError: the client was closed.  TypeError: ``data`` is not bytes-like.
         """
@@ -1183,6 +1331,8 @@ class Client(Closing):
         text = msg[_REP.size:].decode("utf-8", "replace")
         if status == _DIED:
             return rid, WorkerDied(text)
+        if status == _LOST:
+            return rid, ReplyLost(f"service {self._seg.name!r}: {text}")
         return rid, RemoteError(f"service {self._seg.name!r}: the worker's handler failed:\n"
                                 + text)
 
