@@ -690,6 +690,89 @@ def _kill_run(svc_name: str, cycles: int, seed: int, workers: int = 3,
         counts.close()
 
 
+def _stop_client(name: str, counts_name: str, me: int) -> None:
+    """Calls in flight 48 at a time through one asyncio client whose reply
+    channel holds about 12 replies; each outcome counted, and the rounds
+    this client finished (word 8 + me)."""
+    import shmkit.aio
+    counts = shmkit.Segment.open(counts_name)
+    m, base = counts._mapping, counts._hsize
+    tag = f"{os.getpid()}.{random.getrandbits(32)}"
+
+    async def run() -> None:
+        async with shmkit.aio.Client(name, wait_for_worker=5, reply_capacity=4096) as client:
+            i = 0
+            while True:
+                reqs = [f"{tag}.{i + k}.".encode().ljust(300, b"x") for k in range(48)]
+                i += 48
+                got = await asyncio.gather(*(client.call(r, timeout=30) for r in reqs),
+                                           return_exceptions=True)
+                for req, rep in zip(reqs, got):
+                    if isinstance(rep, bytes):
+                        what = _OK if rep.rpartition(b"|")[0] == req else _BAD
+                    elif isinstance(rep, shmkit.Timeout):
+                        what = _TIMEOUT
+                    else:
+                        what = _OTHER
+                    _core.add64(m, base + 8 * what, 1)
+                _core.add64(m, base + 8 * (8 + me), 1)
+
+    asyncio.run(run())
+
+
+def _stop_run(svc_name: str, cycles: int, seed: int) -> list[int]:
+    """Two workers, two callers with many calls in flight; one caller at a
+    time is stopped (SIGSTOP) for 50 to 400 ms, so that its reply channel
+    fills, then continued.  Every call must get its own reply."""
+    rnd = random.Random(seed)
+    counts_name = svc_name + "-counts"
+    counts = shmkit.Segment(counts_name, size=128)
+    svc = shmkit.Service(svc_name, capacity=256 << 10)
+    ws = [_fork(_kill_worker, svc_name) for _ in range(2)]
+    cs = [_fork(_stop_client, svc_name, counts_name, me) for me in range(2)]
+
+    def rounds() -> list[int]:
+        return [_core.load64(counts._mapping, counts._hsize + 8 * (8 + me)) for me in range(2)]
+
+    try:
+        _wait_until(lambda: _core.load64(counts._mapping, counts._hsize) > 0,
+                    what="a first reply")
+        for _ in range(cycles):
+            pid = rnd.choice(cs)
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(rnd.uniform(0.05, 0.4))
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(rnd.uniform(0.0, 0.1))
+        # each caller finishes two more rounds: none waits for a reply that never comes
+        after = [n + 2 for n in rounds()]
+        _wait_until(lambda: all(n >= a for n, a in zip(rounds(), after)), timeout=20,
+                    what="every caller's calls to be answered")
+        got = [_core.load64(counts._mapping, counts._hsize + 8 * k) for k in range(6)]
+        assert got[_BAD] == 0, f"a reply reached the wrong call: {got}"
+        assert got[_TIMEOUT] == 0 and got[_OTHER] == 0, f"calls left unanswered: {got}"
+        assert got[_OK] > 0, got
+        return got
+    finally:
+        for pid in ws + cs:
+            _kill(pid)
+        svc.unlink()
+        svc.close()
+        counts.unlink()
+        counts.close()
+
+
+def test_callers_stopped_and_continued_at_random_get_every_reply(svc_name):
+    """(Before, each stop dropped the replies past the channel's room after
+    50 ms, and their calls timed out.)"""
+    got = _stop_run(svc_name, 12, seed=3)
+    assert got[_OK] >= 2 * 48
+
+
+@pytest.mark.stress
+def test_stress_callers_stopped_and_continued_at_random(svc_name):
+    print(_stop_run(svc_name, 400, seed=4))
+
+
 def test_kill_clients_and_workers_at_random(svc_name):
     res = _kill_run(svc_name, 30, seed=1)
     assert res["workers"] + res["clients"] == 30

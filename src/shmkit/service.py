@@ -1008,10 +1008,10 @@ class Worker(Closing):
             self._give_back()
             _core.store64(seg._mapping, self._entry + 8, 0)
             _core.store64(seg._mapping, self._entry, 0)
-            if self._kept:  # (a last try; the rest are lost with this worker)
-                self._pay(time.monotonic())
-                for reply in list(self._kept):
-                    self._forget_kept(reply)
+        if self._kept and self._pid == _segment._pid:
+            self._pay(time.monotonic())  # (a last try; the rest go with this worker)
+            for reply in list(self._kept):
+                self._forget_kept(reply)
         for reply in list(self._cache):
             self._drop(reply)
         seg.close()
