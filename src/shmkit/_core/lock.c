@@ -173,8 +173,8 @@ shm_lock_mine_elsewhere(MappingObject *m, uint32_t *word)
     uint64_t e = ((uint64_t)((char *)word - m->base) << 3) | HELD_HOLDS;
     unsigned long me = shm_thread_serial();
     for (MappingObject *o = shm_mappings_live(); o != NULL; o = o->live_next) {
-        if (o == m || o->token != v)
-            continue;
+        if (o == m || o->token != v || o->token_pid != getpid())
+            continue; /* (a token a forked child never claimed is its parent's) */
         for (int i = 0; i < SHM_HELD_MAX; i++)
             if (held_get(o, i) == e && o->held_thread[i] == me && same_file(m, o))
                 return 1;
