@@ -11,6 +11,7 @@ import os
 import random
 import secrets
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -478,7 +479,7 @@ def test_full_reply_channel_never_wedges_the_worker(svc_name):
             _fill(line.ch, b"j" * 500)
             req = w.recv(timeout=60)
             t0 = time.monotonic()
-            assert req.reply(b"r" * 500) is True  # kept for the caller after a short wait
+            assert req.reply(b"r" * 500) is True  # kept for the caller, at once
             assert time.monotonic() - t0 < 30 and w._kept_n == 1
             assert svc.statistics()["discarded"] == 0
             # a reply larger than the caller's channel: the caller is told why
@@ -1009,6 +1010,201 @@ def test_replies_past_what_a_worker_keeps_make_their_calls_raise_reply_lost(svc_
         svc.unlink()
 
 
+def test_the_news_for_a_caller_in_the_workers_own_process_names_the_callers_attachment(
+        svc_name, monkeypatch):
+    """The news of a dead worker, kept for a caller whose channel is full,
+    needs the caller's token.  In the caller's own process other workers'
+    handles of its channel have its pid too; the caller's is the one its
+    process claimed first.  (The first in slot order was taken: here another
+    worker's, which then looked dead, and the news was dropped.)"""
+    import struct
+    with shmkit.Service(svc_name, max_attach=4) as svc:
+        c = svc.client(reply_capacity=4096)
+        while c._line().token & 0x3FF == 0:  # (the caller's slot must not be the first)
+            c = svc.client(reply_capacity=4096)
+        line = c._line()
+        with svc.worker() as w1, shmkit.Channel(svc_name + ".requests", create=False) as raw:
+            raw.send(struct.pack("<BB2xIQQ", 2, 0, line.token, 7, line.id) + b"x")
+            # the next handle of the caller's channel in this process takes slot 0
+            probe = shmkit.Channel(line.ch.name, create=False)
+            monkeypatch.setattr(segment_mod, "_claims", segment_mod._claims
+                                - (probe._seg._mapping.token & 0x3FF) - 1)
+            probe.close()
+            _serve_one(w1, 5)  # (w1 holds the caller's channel now, in slot 0)
+            assert w1._cache[line.id][0]._seg._mapping.token & 0x3FF == 0
+            assert line.ch.recv_nowait()[16:] == b"X"
+            _fill(line.ch, b"j" * 500)
+            _fill(line.ch, b"j")
+            _plant_dead_entries(svc, 55, line.id)
+            with svc.worker() as w2:
+                assert w2._kept[line.id].token == line.token
+                with contextlib.suppress(shmkit.Empty):
+                    while True:
+                        line.ch.recv_nowait()
+                _ignore_timeout(w2.recv, 0.05)
+                rid, err = c._parse_reply(line.ch.recv_nowait())
+                assert rid == 55 and isinstance(err, shmkit.WorkerDied), err
+        c.close()
+        svc.unlink()
+
+
+def _stuck_line(svc_name: str, svc: Any, c: Any, w: Any) -> Any:
+    """The client's reply line, full, and one reply (b"A", to request 11) kept for it."""
+    import struct
+    line = c._line()
+    with shmkit.Channel(svc_name + ".requests", create=False) as raw:
+        raw.send(struct.pack("<BB2xIQQ", 2, 0, line.token, 11, line.id) + b"a")
+    _fill(line.ch, b"j" * 500)
+    _fill(line.ch, b"j")
+    _serve_one(w, 5)
+    assert w._kept_n == 1
+    return line
+
+
+def test_a_reply_for_a_channel_with_replies_kept_sends_them_first_when_there_is_room(
+        svc_name, monkeypatch):
+    """A reply for a caller with replies kept for it, once its channel has
+    room again, sends those and itself at once (it was kept behind them until
+    the worker's next recv, a handler's time later)."""
+    import struct
+    monkeypatch.setattr(service_mod, "_PAY_EVERY", 3600.0)  # (no look in recv meanwhile)
+    with shmkit.Service(svc_name) as svc, svc.client(reply_capacity=4096) as c, \
+            svc.worker() as w:
+        line = _stuck_line(svc_name, svc, c, w)
+        with shmkit.Channel(svc_name + ".requests", create=False) as raw:
+            raw.send(struct.pack("<BB2xIQQ", 2, 0, line.token, 12, line.id) + b"b")
+        req = w.recv(5)
+        assert set(line.ch.recv_many(100)) <= {b"j" * 500, b"j"}  # the caller reads
+        assert req.reply(b"B") is True
+        got = [c._parse_reply(m) for m in line.ch.recv_many(100, timeout=0)]
+        assert got == [(11, b"A"), (12, b"B")] and w._kept_n == 0
+        svc.unlink()
+
+
+def test_a_channel_with_replies_kept_stays_open_however_many_others_come(svc_name,
+                                                                         monkeypatch):
+    """The worker's cache of reply channels never lets go of one with replies
+    kept for it (its next look would have taken the channel for gone, or
+    opened it again and again)."""
+    monkeypatch.setattr(service_mod, "_MAX_CACHED", 2)
+    monkeypatch.setattr(service_mod, "_KEEP_CHANNELS", 1)
+    with shmkit.Service(svc_name) as svc, svc.client(reply_capacity=4096) as c, \
+            svc.worker() as w:
+        line = _stuck_line(svc_name, svc, c, w)
+        others = [svc.client() for _ in range(3)]
+        for other in others:
+            t = threading.Thread(target=lambda: other.call(b"o", timeout=30))
+            t.start()
+            _serve_one(w, 30)
+            t.join(30)
+        assert line.id in w._cache and w._kept_n == 1
+        assert set(line.ch.recv_many(100)) <= {b"j" * 500, b"j"}  # the caller reads
+        _ignore_timeout(w.recv, 0.05)
+        assert c._parse_reply(line.ch.recv_nowait()) == (11, b"A")
+        for other in others:
+            other.close()
+        svc.unlink()
+
+
+def test_a_file_of_another_format_under_a_reply_name_never_stops_a_worker_starting(svc_name):
+    """A file under a reply channel's name holding shmkit's magic and another
+    format version (a newer shmkit's channel, or a planted file): a new
+    worker's sweep of dead callers' channels leaves it; it raised
+    FormatVersionError out of Worker(), and no worker could start."""
+    with shmkit.Service(svc_name) as svc:
+        planted = f"{svc_name}.reply.{0xBAD:016x}"
+        shmkit.Segment(planted, 4096).close()
+        fd = os.open(f"/dev/shm/shmkit.{planted}", os.O_RDWR)
+        os.pwrite(fd, struct.pack("=I", 99), 8)  # (the header's format version)
+        os.close(fd)
+        try:
+            with svc.worker() as w, svc.client() as c:
+                t = threading.Thread(target=lambda: c.call(b"x", timeout=30))
+                t.start()
+                _serve_one(w, 30)
+                t.join(30)
+            assert svc.statistics()["served"] == 1
+        finally:
+            os.unlink(f"/dev/shm/shmkit.{planted}")
+        svc.unlink()
+
+
+class _CountedSleeps:
+    """A stand-in for a module's ``time`` that counts its sleeps."""
+
+    def __init__(self) -> None:
+        self.sleeps = 0
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        time.sleep(seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def test_a_reply_channel_whose_attach_slots_are_all_held_is_never_waited_for(svc_name,
+                                                                            monkeypatch):
+    """A channel under a reply name made with one attach slot, which its
+    maker holds: the worker's open gives up at once, each request (it
+    slept 50 times 1 ms per request, as an open waits for a closer that
+    holds every slot)."""
+    import struct
+    with shmkit.Service(svc_name) as svc, svc.worker() as w:
+        held = shmkit.Channel(f"{svc_name}.reply.{0xF11:016x}", 4096, max_attach=1)
+        with shmkit.Channel(svc_name + ".requests", create=False) as raw:
+            for _ in range(5):
+                raw.send(struct.pack("<BB2xIQQ", 2, 0, 1, 5, 0xF11) + b"x")
+        counted = _CountedSleeps()
+        monkeypatch.setattr(segment_mod, "time", counted)
+        for _ in range(5):
+            _serve_one(w, 30)
+        assert counted.sleeps == 0 and svc.statistics()["discarded"] == 5
+        held.unlink()
+        held.close()
+        svc.unlink()
+
+
+def test_a_caller_that_reads_slower_than_replies_come_never_makes_the_worker_wait(svc_name):
+    """A caller whose reply channel is full and who reads one message every
+    30 ms: forty replies to it are kept and sent as room comes, and the
+    worker goes on at once (each waited for the caller's next read, which
+    came before the 50 ms it waited at most)."""
+    import struct
+    with shmkit.Service(svc_name) as svc, svc.client(reply_capacity=4096) as c, \
+            svc.worker() as w:
+        line = c._line()
+        with shmkit.Channel(svc_name + ".requests", create=False) as raw:
+            for rid in range(1, 41):
+                raw.send(struct.pack("<BB2xIQQ", 2, 0, line.token, rid, line.id) + b"r")
+        _fill(line.ch, b"j" * 17)  # (a reply's size: each read makes room for one)
+        stop, got = threading.Event(), []
+
+        def read_slowly() -> None:
+            while not stop.wait(0.03):
+                with contextlib.suppress(shmkit.Empty):
+                    got.append(c._parse_reply(line.ch.recv_nowait()))
+
+        reader = threading.Thread(target=read_slowly)
+        reader.start()
+        try:
+            t0 = time.monotonic()
+            for _ in range(40):
+                _serve_one(w, 30)
+            took = time.monotonic() - t0
+            _wait_until(lambda: (_ignore_timeout(w.recv, 0.01), not w._kept)[1],
+                        what="every kept reply to go")
+        finally:
+            stop.set()
+            reader.join()
+        with contextlib.suppress(shmkit.Empty):
+            while True:
+                got.append(c._parse_reply(line.ch.recv_nowait()))
+        assert [g for g in got if g is not None] == [(rid, b"R") for rid in range(1, 41)]
+        assert took < 0.6, took  # (1.2 s and more: each reply waited for a read)
+        svc.unlink()
+
+
 def test_replies_kept_for_a_caller_that_dies_are_let_go(svc_name):
     """The replies kept for a caller killed before it read them are dropped
     (counted discarded) at the worker's next look, not kept for ever."""
@@ -1216,7 +1412,6 @@ def test_a_ctrl_c_at_any_step_of_keeping_and_sending_a_reply_never_loses_it(svc_
     RemoteError for a request whose answer the Ctrl-C stopped; never
     nothing."""
     import struct
-    monkeypatch.setattr(service_mod, "_FULL_WAIT", 0.001)
     monkeypatch.setattr(service_mod, "_PAY_EVERY", 0.0)
     with _interrupt_rig(svc_name) as (stack, svc, _client):
         client = stack.enter_context(svc.client(reply_capacity=4096))

@@ -1256,9 +1256,11 @@ class Channel(SharedObject, _core.Ring):
     @classmethod
     def _open_made(cls, name: str) -> "Channel":
         """Open ``name``, a channel that must be made in full already (a
-        service's reply channel, made before the request that names it): a
-        file still being made under that name, or held as if it were, is
-        refused at once (Timeout) instead of waited for."""
+        service's reply channel, made before the request that names it),
+        waiting for nobody: a file still being made under that name, or held
+        as if it were, is refused at once (Timeout), and a channel whose
+        attach slots are all held (a closer holds them all as it removes
+        it) at once too (BusyError)."""
         self = cls.__new__(cls)
         self._open(name, DEFAULT, False, None, DEFAULT, None, DEFAULT, DEFAULT,
                    ready_wait=0.0)

@@ -337,7 +337,8 @@ class RemoteError(ShmkitError, RuntimeError):
 
 class ReplyLost(ShmkitError, ConnectionAbortedError):
     """The worker answered the call, but its reply never reached the caller:
-    the caller's reply channel stayed full (the process was stopped, or its
-    event loop blocked, with many replies due) for longer than the worker
-    could keep the reply for it.  The request was carried out.  Read
-    replies sooner, or make the client with a larger ``reply_capacity=``."""
+    the caller's reply channel was full (the process was stopped, or its
+    event loop blocked, with many replies due) while the worker already kept
+    as many undelivered replies as it may.  The request was answered (the
+    reply may have been an error).  Read replies sooner, or make the client
+    with a larger ``reply_capacity=``."""

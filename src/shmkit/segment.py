@@ -632,7 +632,7 @@ class Segment(Closing):
     _flags = 0
     _trust_uid: int | None = None
     _lock_obj: Any = None  # the segment's Mutex, made on first use
-    _ready_wait = _OPEN_WAIT  # seconds an open waits for a creator to finish
+    _ready_wait = _OPEN_WAIT  # seconds an open waits for a creator (0: and no closer)
 
     def __init__(self, name: str | None = None, size: int | None = None, *,
                  path: str | os.PathLike[str] | None = None, readonly: bool = False,
@@ -1090,7 +1090,8 @@ class Segment(Closing):
                 time.sleep(0.001)
             self._detach()
             raise BusyError(f"{self._name!r} is being removed; open it again")
-        for attempt in range(50):
+        attempts = 50 if self._ready_wait else 1
+        for attempt in range(attempts):
             token = _core.attach_claim(m, fd, _claim_start(), _process_name())
             if token == -1:
                 self._slot_count_damaged()
@@ -1105,7 +1106,8 @@ class Segment(Closing):
                     "again")
             if token:
                 return
-            time.sleep(0.001)  # a closing process may hold every slot for a moment
+            if attempt < attempts - 1:
+                time.sleep(0.001)  # a closing process may hold every slot for a moment
         self._detach()
         raise BusyError(f"all {n} attach slots of {self._name!r} are in use; close unused "
                         "handles, or create it with a larger max_attach=")

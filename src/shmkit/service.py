@@ -67,6 +67,7 @@ from .errors import (
     ShmkitError,
     Timeout,
     WorkerDied,
+    WrongKindError,
 )
 from .segment import DEFAULT_MAX_ATTACH, Closing, Kind, Segment, check_max_attach
 from .sync import optional_seconds
@@ -113,12 +114,19 @@ _RID_MASK = (1 << 63) - 1
 _FIRST_STEP = 0.02  # seconds a call waits for its reply before it first checks its worker
 _SWEEP_EVERY = 1.0  # seconds between a worker's checks of its cached reply channels
 _MAX_CACHED = 256   # reply channels a worker keeps open at most
-_FULL_WAIT = 0.05   # seconds a worker waits for room in a live caller's reply channel
-# Replies a worker keeps for live callers whose channel stayed full (a stopped
-# process, a blocked event loop), sent once there is room: at most this many
-# bytes and replies a worker, tried again every _PAY_EVERY seconds.
+# Replies a worker keeps for live callers whose reply channel is full (a
+# stopped process, a blocked event loop, a slow reader), sent once there is
+# room, tried again every _PAY_EVERY seconds.  At most, a worker: _KEEP_BYTES
+# and _KEEP_MAX messages, for _KEEP_CHANNELS channels (which stay open: half
+# the cache); a channel: _KEEP_CHANNEL_BYTES and _KEEP_CHANNEL_MAX replies,
+# past which a reply is a short notice (ReplyLost), up to twice as many
+# messages in all (so that one caller, a hostile one included, cannot take
+# a worker's whole keep).
 _KEEP_BYTES = 64 << 20
 _KEEP_MAX = 65536
+_KEEP_CHANNELS = _MAX_CACHED // 2
+_KEEP_CHANNEL_BYTES = 16 << 20
+_KEEP_CHANNEL_MAX = 4096
 _PAY_EVERY = 0.02
 
 
@@ -481,8 +489,8 @@ def _reap_replies(service: str) -> int:
                 removed += (_reap_stale(path, False) or _reap_half_created(path, False))
             elif temp is not None and temp[0].startswith(service + ".reply."):
                 removed += _reap_temp(path, temp[1], False)
-        except (OSError, ValueError, CorruptError):
-            pass
+        except (OSError, ValueError, ShmkitError):
+            pass  # (not ours to judge: a file planted there, another shmkit's channel)
     return removed
 
 
@@ -517,7 +525,10 @@ class Request:
 
     def reply(self, data: Any) -> bool:
         """Send ``data`` (bytes-like) to the caller.  Returns False if the
-        caller is gone (the reply is discarded, and counted), True otherwise.
+        reply is discarded (and counted): the caller is gone, the reply is
+        larger than its reply channel, or the channel is full and the worker
+        keeps as many replies as it may.  True otherwise (sent, or kept to be
+        sent once the caller's channel has room).
 
         >>> # inside a worker loop:  req.reply(b"done")
         """
@@ -555,6 +566,19 @@ class Request:
     def __repr__(self) -> str:
         return (f"<shmkit.Request id={self.id:#x} {len(self.data)} bytes"
                 f"{' answered' if self.answered else ''}>")
+
+
+class _Kept:
+    """The replies a worker keeps for one caller's reply channel: the caller's
+    token, ``(message, counter when sent, counter when dropped)`` in order,
+    and their bytes."""
+
+    __slots__ = ("token", "queue", "nbytes")
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+        self.queue: collections.deque[tuple[bytes, int, int]] = collections.deque()
+        self.nbytes = 0
 
 
 class Worker(Closing):
@@ -602,9 +626,8 @@ class Worker(Closing):
         self._pid = _segment._pid
         self._cache: dict[int, tuple[Channel, int]] = {}  # by reply channel id
         # Replies kept for callers whose channel stayed full, by reply channel
-        # id: (the caller's token, [(message, counter when sent, counter when
-        # dropped)]), sent in order as room comes (_pay).
-        self._kept: dict[int, tuple[int, collections.deque[tuple[bytes, int, int]]]] = {}
+        # id, sent in order as room comes (_pay).
+        self._kept: dict[int, _Kept] = {}
         self._kept_bytes = self._kept_n = 0
         self._paid = 0.0
         self._tell_the_caller_of_a_dead_worker(seg)
@@ -699,7 +722,8 @@ class Worker(Closing):
         return seg, requests, timeout, None if timeout is None else time.monotonic() + timeout
 
     def _step(self, deadline: float | None) -> float:
-        """How long the next wait for a request may take (sweeping first when due)."""
+        """How long the next wait for a request may take (sweeping first, and
+        sending kept replies, when due)."""
         now = time.monotonic()
         if now - self._swept >= _SWEEP_EVERY:
             self._sweep(now)
@@ -759,9 +783,15 @@ class Worker(Closing):
         req = self._parse(msg)
         if req is not None:  # (again after a Ctrl-C: its client drops a second one)
             # (not req.fail(): the worker may be closed already, see _take)
-            self._send_reply(req._reply_to, req._token, req.id, _ERROR,
-                             b"the worker that took the request stopped before "
-                             b"starting it; it was not carried out")
+            ok = self._send_reply(req._reply_to, req._token, req.id, _ERROR,
+                                  b"the worker that took the request stopped before "
+                                  b"starting it; it was not carried out")
+            seg = self._seg
+            if seg is not None and not seg.closed:  # (counted as _deliver counts)
+                _core.add64(seg._mapping, seg._hsize + _OFF_FAILED, 1)
+                if ok is not None:
+                    _core.add64(seg._mapping,
+                                seg._hsize + (_OFF_SERVED if ok else _OFF_DISCARDED), 1)
         _core.swap_if(self._box, msg, None)
 
     def __iter__(self) -> Iterator[Request]:
@@ -801,7 +831,9 @@ class Worker(Closing):
         head = _REP.pack(_VERSION, status, rid)
         message = b"".join((head, payload))
         try:
-            if reply in self._kept:  # (behind the replies kept for it: no wait again)
+            # Replies kept for it go first: this one is kept behind them
+            # (at once, no wait again) unless they all went now.
+            if reply in self._kept and not self._pay_channel(reply):
                 if len(message) > ch.max_message:
                     raise MessageTooLarge
                 return self._keep(reply, token, rid, message, status)
@@ -826,14 +858,8 @@ class Worker(Closing):
                                                token):
                 self._drop(reply)
                 return False
-            try:
-                ch.send(message, _FULL_WAIT)
-                return True
-            except Timeout as e:
-                if not e._deadline:  # (a signal handler's own)
-                    raise
-            # The caller reads no replies now (stopped, or its event loop
-            # blocked): never wedge on it, nor lose its reply.
+            # The caller reads no replies now (stopped, its event loop
+            # blocked, or slower than us): never wait for it, nor lose its reply.
             return self._keep(reply, token, rid, message, status)
         except ShmkitError:  # closed, ended or damaged meanwhile: the reply is lost
             self._drop(reply)
@@ -841,125 +867,181 @@ class Worker(Closing):
 
     def _channel(self, reply: int, caller: int) -> tuple[Channel, int] | None:
         """Reply channel ``reply`` and its caller's token, open (and cached);
-        None if the name holds no live reply channel of this service."""
+        None if the name holds no live reply channel of this service, or it
+        cannot be opened now."""
         cached = self._cache.get(reply)
-        if cached is None or cached[1] != caller:
-            if cached is not None:
-                self._drop(reply)
-            try:
-                ch = Channel._open_made(f"{self._prefix}{reply:016x}")
-            except (ShmkitError, ValueError, OSError):
-                # the caller is gone (its channel unlinked), or the name holds
-                # something that is not its live reply channel (one this
-                # user may not open, or a file still "being made", included):
-                # never our problem, nor a reason to wait
-                return None
-            if os.fstat(ch._seg._fd).st_nlink != 1:  # type: ignore[union-attr]
-                # A second name of one file (a hard link made under a reply
-                # channel's name, to our request channel or another
-                # service's reply channel): a reply channel has one.
-                ch.close()
-                return None
-            if len(self._cache) >= _MAX_CACHED:
-                self._drop(next(iter(self._cache)))
-            cached = self._cache[reply] = (ch, caller)
+        if cached is not None and cached[1] == caller:
+            return cached
+        if cached is not None:
+            self._drop(reply)
+        try:
+            ch = self._open_reply(reply)
+        except (ShmkitError, ValueError, OSError):
+            return None
+        if ch is None:
+            return None
+        if len(self._cache) >= _MAX_CACHED:  # (never one with replies kept for it)
+            self._drop(next(r for r in self._cache if r not in self._kept))
+        cached = self._cache[reply] = (ch, caller)
         return cached
+
+    def _open_reply(self, reply: int) -> Channel | None:
+        """Open reply channel ``reply``: None if the name holds a second name
+        of a file; raises as an open does if it holds no channel, or one
+        this user may not open, or a file still "being made" (a reply
+        channel is made before any request names it: no reason to wait)."""
+        ch = Channel._open_made(f"{self._prefix}{reply:016x}")
+        if os.fstat(ch._seg._fd).st_nlink != 1:  # type: ignore[union-attr]
+            # A second name of one file (a hard link made under a reply
+            # channel's name, to our request channel or another service's
+            # reply channel): a reply channel has one.
+            ch.close()
+            return None
+        return ch
 
     def _keep(self, reply: int, token: int, rid: int, message: bytes, status: int,
               counted: bool = False) -> bool | None:
         """Keep ``message`` (of ``status``; ``counted``: a notice whose reply
         was counted already) for a live caller whose reply channel stayed
-        full, to send once it has room (``_pay``): None.  A reply past
-        ``_KEEP_BYTES`` is dropped and a short notice kept instead, so that
-        its call raises ReplyLost rather than wait on: False.  Past
-        ``_KEEP_MAX`` messages, or with no caller alive: False, dropped."""
+        full, to send once it has room (``_pay``): None.  A reply past the
+        bytes kept (``_KEEP_BYTES``, ``_KEEP_CHANNEL_BYTES`` for its channel)
+        or its channel's ``_KEEP_CHANNEL_MAX`` replies is dropped and a short
+        notice kept instead, so that its call raises ReplyLost rather than
+        wait on: False.  With no token of the caller known, past
+        ``_KEEP_MAX`` messages, ``_KEEP_CHANNELS`` channels or twice
+        ``_KEEP_CHANNEL_MAX`` messages for its channel: False, dropped."""
         if not token:  # (the news of a dead worker: its caller made the channel)
             token = self._maker_token(reply)
-        if not token or self._kept_n >= _KEEP_MAX:
+            cached = self._cache.get(reply)
+            if token and cached is not None:
+                self._cache[reply] = (cached[0], token)
+        kept = self._kept.get(reply)
+        if not token or self._kept_n >= _KEEP_MAX or (
+                len(self._kept) >= _KEEP_CHANNELS if kept is None
+                else len(kept.queue) >= 2 * _KEEP_CHANNEL_MAX):
             return False
         if counted:
             sent = dropped = 0
         else:
             sent, dropped = (0, _OFF_DISCARDED) if status == _DIED else (_OFF_SERVED,
                                                                         _OFF_DISCARDED)
-        kept = True
-        if sent and self._kept_bytes + len(message) > _KEEP_BYTES:
+        answered = True
+        if sent and (self._kept_bytes + len(message) > _KEEP_BYTES or (
+                kept is not None and (kept.nbytes + len(message) > _KEEP_CHANNEL_BYTES
+                                      or len(kept.queue) >= _KEEP_CHANNEL_MAX))):
             message = _REP.pack(_VERSION, _LOST, rid) + (
                 f"the reply to this call was dropped: this caller's reply channel "
-                f"stayed full while its worker (pid {os.getpid()}) kept "
-                f"{self._kept_n} other replies for callers that read none; the "
-                "request was carried out. Read replies sooner, or make the client "
-                "with a larger reply_capacity=").encode()
-            sent, dropped, kept = 0, 0, False
-        entry = self._kept.get(reply)
-        if entry is None:
-            entry = self._kept[reply] = (token, collections.deque())
+                f"stayed full while its worker (pid {os.getpid()}) kept as many "
+                "replies for callers that read none as it may; the request was "
+                "answered. Read replies sooner, or make the client with a larger "
+                "reply_capacity=").encode()
+            sent, dropped, answered = 0, 0, False
+        if kept is None:
+            kept = self._kept[reply] = _Kept(token)
         # (counted first, uncounted after: a Ctrl-C between leaves the counts
         # high, never low, until nothing is kept)
         self._kept_bytes += len(message)
         self._kept_n += 1
-        entry[1].append((message, sent, dropped))
-        return None if kept else False
+        kept.nbytes += len(message)
+        kept.queue.append((message, sent, dropped))
+        return None if answered else False
 
     def _maker_token(self, reply: int) -> int:
-        """The token of a live attachment of the process that made reply
-        channel ``reply`` (its caller), or 0."""
+        """The token of the attachment of reply channel ``reply`` that the
+        process that made it (its caller) claimed first, if it lives; else 0."""
         cached = self._cache.get(reply)
         seg = cached[0]._seg if cached is not None else None
         if seg is None or seg.closed:
             return 0
+        own = seg._mapping.token & 0x3FF  # (a worker of the caller's process has its pid)
+        first = None
         for e in _core.attachments(seg._mapping):
-            if e["alive"] and e["pid"] == seg._creator_pid:
-                return int(e["slot"] | (e["gen"] & 0xFFFFF) << 10)
-        return 0
+            if e["alive"] and e["pid"] == seg._creator_pid and e["slot"] != own and (
+                    first is None or e["attached"] < first["attached"]):
+                first = e
+        return 0 if first is None else int(first["slot"] | (first["gen"] & 0xFFFFF) << 10)
 
     def _pay(self, now: float) -> None:
         """Send the kept replies, in order, as far as their channels have room;
         forget those of callers that died (counted discarded)."""
         self._paid = now
-        seg = self._held()
-        m, base = seg._mapping, seg._hsize
         for reply in list(self._kept):
-            token, queue = self._kept[reply]
-            got = self._channel(reply, token)
-            if got is None:  # (its caller is gone)
-                self._forget_kept(reply)
-                continue
-            ch = got[0]
-            while queue:
-                message, sent, _dropped = queue[0]
-                try:
-                    ch.send_nowait(message)
-                except Full:
-                    if not _core.token_alive(ch._seg._mapping, token):  # type: ignore
-                        self._forget_kept(reply)
-                    break
-                except (ShmkitError, ValueError):
-                    self._forget_kept(reply)
-                    break
-                # (sent first, taken off after: a Ctrl-C between the two sends
-                # it twice, and its caller drops the second)
-                queue.popleft()
-                self._kept_bytes -= len(message)
-                self._kept_n -= 1
-                if sent:
-                    _core.add64(m, base + sent, 1)
-            if not queue:
-                self._kept.pop(reply, None)
+            self._pay_channel(reply)
         if not self._kept:
             self._kept_bytes = self._kept_n = 0
 
+    def _pay_channel(self, reply: int) -> bool:
+        """Send what is kept for reply channel ``reply`` as far as it has room;
+        True once nothing is kept for it."""
+        kept = self._kept.get(reply)
+        if kept is None:
+            return True
+        got = self._cache.get(reply)
+        if got is None or got[1] != kept.token:  # (closed meanwhile: open it again)
+            if got is not None:
+                self._drop(reply)
+            try:
+                ch = self._open_reply(reply)
+            except (NotFoundError, FileNotFoundError, WrongKindError, CorruptError,
+                    FormatVersionError, PermissionError, ValueError):
+                ch = None  # gone, or no reply channel now
+            except (ShmkitError, OSError):
+                return False  # (out of descriptors, slots...: again at the next look)
+            if ch is None:
+                self._forget_kept(reply)
+                return True
+            got = self._cache[reply] = (ch, kept.token)
+        ch = got[0]
+        seg = self._held()
+        m, base = seg._mapping, seg._hsize
+        while kept.queue:
+            try:
+                item = kept.queue[0]
+            except IndexError:  # (emptied by another thread's close)
+                break
+            message, sent, _dropped = item
+            try:
+                ch.send_nowait(message)
+            except Full:
+                if not _core.token_alive(ch._seg._mapping, kept.token):  # type: ignore
+                    self._forget_kept(reply)
+                    return True
+                return False
+            except (ShmkitError, ValueError):  # closed or damaged meanwhile
+                self._forget_kept(reply)
+                return True
+            # (sent, then taken off: a Ctrl-C between the two sends it twice,
+            # and its caller drops the second; not taken off if another
+            # thread's close took it meanwhile)
+            if kept.queue and kept.queue[0] is item:
+                kept.queue.popleft()
+            kept.nbytes -= len(message)
+            self._kept_bytes -= len(message)
+            self._kept_n -= 1
+            if sent:
+                _core.add64(m, base + sent, 1)
+        if self._kept.get(reply) is kept:
+            del self._kept[reply]
+        return True
+
     def _forget_kept(self, reply: int) -> None:
-        """Drop the replies kept for ``reply``, whose caller is gone."""
-        entry = self._kept.pop(reply, None)
-        if entry is None:
+        """Drop the replies kept for ``reply``, whose caller is gone (each
+        counted discarded, the news of a dead worker included)."""
+        kept = self._kept.get(reply)
+        if kept is None:
             return
         seg = self._seg
-        for message, _sent, dropped in entry[1]:
+        while kept.queue:
+            try:
+                message, _sent, dropped = kept.queue.popleft()
+            except IndexError:
+                break
             self._kept_bytes -= len(message)
             self._kept_n -= 1
             if dropped and seg is not None and not seg.closed:
                 _core.add64(seg._mapping, seg._hsize + dropped, 1)
+        if self._kept.get(reply) is kept:
+            del self._kept[reply]
         self._drop(reply)
 
     def _drop(self, reply: int) -> None:
@@ -968,11 +1050,13 @@ class Worker(Closing):
             entry[0].close()  # the last holder of a dead caller's channel removes it
 
     def _sweep(self, now: float) -> None:
-        """Close cached reply channels whose caller closed or died."""
+        """Close cached reply channels whose caller closed or died, and drop
+        what was kept for them."""
         self._swept = now
         for reply, (ch, token) in list(self._cache.items()):
             seg = ch._seg
             if seg is None or seg.closed or not _core.token_alive(seg._mapping, token):
+                self._forget_kept(reply)
                 self._drop(reply)
 
     def statistics(self) -> dict[str, int]:
