@@ -992,8 +992,8 @@ class Worker(Closing):
                 return True
             got = self._cache[reply] = (ch, kept.token)
         ch = got[0]
-        seg = self._held()
-        m, base = seg._mapping, seg._hsize
+        seg = self._seg  # (closed by another thread meanwhile: counted by nobody)
+        m = seg._mapping if seg is not None and not seg.closed else None
         while kept.queue:
             try:
                 item = kept.queue[0]
@@ -1018,8 +1018,8 @@ class Worker(Closing):
             kept.nbytes -= len(message)
             self._kept_bytes -= len(message)
             self._kept_n -= 1
-            if sent:
-                _core.add64(m, base + sent, 1)
+            if sent and m is not None:
+                _core.add64(m, seg._hsize + sent, 1)  # type: ignore[union-attr]
         if self._kept.get(reply) is kept:
             del self._kept[reply]
         return True
