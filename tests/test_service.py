@@ -1048,16 +1048,17 @@ def test_the_news_for_a_caller_in_the_workers_own_process_names_the_callers_atta
         svc.unlink()
 
 
-def _stuck_line(svc_name: str, svc: Any, c: Any, w: Any) -> Any:
-    """The client's reply line, full, and one reply (b"A", to request 11) kept for it."""
-    import struct
+def _stuck_line(svc_name: str, svc: Any, c: Any, w: Any, kept: int = 1) -> Any:
+    """The client's reply line, full, and the reply b"A" to its request 11
+    kept for it (``kept`` replies kept more than before, at all)."""
     line = c._line()
     with shmkit.Channel(svc_name + ".requests", create=False) as raw:
         raw.send(struct.pack("<BB2xIQQ", 2, 0, line.token, 11, line.id) + b"a")
     _fill(line.ch, b"j" * 500)
     _fill(line.ch, b"j")
+    before = w._kept_n
     _serve_one(w, 5)
-    assert w._kept_n == 1
+    assert w._kept_n == before + kept
     return line
 
 
@@ -1202,6 +1203,43 @@ def test_a_caller_that_reads_slower_than_replies_come_never_makes_the_worker_wai
                 got.append(c._parse_reply(line.ch.recv_nowait()))
         assert [g for g in got if g is not None] == [(rid, b"R") for rid in range(1, 41)]
         assert took < 0.6, took  # (1.2 s and more: each reply waited for a read)
+        svc.unlink()
+
+
+def test_a_reply_past_every_bound_of_the_keep_still_makes_its_call_raise(svc_name,
+                                                                         monkeypatch):
+    """Past the channels a worker keeps replies for, and past the messages
+    it keeps for one channel, a reply is dropped and only its call's id
+    kept: the call raises ReplyLost once its caller reads again (it was
+    dropped without a word, and the call waited for good)."""
+    monkeypatch.setattr(service_mod, "_KEEP_CHANNELS", 1)
+    monkeypatch.setattr(service_mod, "_KEEP_CHANNEL_MAX", 1)
+    monkeypatch.setattr(service_mod, "_SWEEP_EVERY", 0.0)
+    with shmkit.Service(svc_name) as svc, svc.client(reply_capacity=4096) as c1, \
+            svc.client(reply_capacity=4096) as c2, svc.worker() as w:
+        line1 = _stuck_line(svc_name, svc, c1, w)  # (one reply kept for it: the limit)
+        line2 = _stuck_line(svc_name, svc, c2, w, kept=0)  # (no channel left to keep for)
+        with shmkit.Channel(svc_name + ".requests", create=False) as raw:
+            for rid in (12, 13, 14):  # (a notice kept in its place, then nothing kept)
+                raw.send(struct.pack("<BB2xIQQ", 2, 0, line1.token, rid, line1.id) + b"x")
+        for _ in range(3):
+            _serve_one(w, 5)
+        assert w._kept_n == 2 and w._owed_n == 3
+        got: dict[Any, list[Any]] = {1: [], 2: []}
+        end = time.monotonic() + 30
+        while (len(got[1]) < 4 or len(got[2]) < 1) and time.monotonic() < end:
+            for k, (c, line) in {1: (c1, line1), 2: (c2, line2)}.items():
+                for msg in line.ch.recv_many(100, timeout=0):
+                    if (parsed := c._parse_reply(msg)) is not None:
+                        got[k].append(parsed)
+            _ignore_timeout(w.recv, 0.01)  # (each look sends what it keeps, and tells)
+        by_rid = {rid: r for rid, r in got[1]}
+        assert by_rid[11] == b"A" and isinstance(by_rid[12], shmkit.ReplyLost) \
+            and isinstance(by_rid[13], shmkit.ReplyLost) \
+            and isinstance(by_rid[14], shmkit.ReplyLost), got
+        [(rid, err)] = got[2]
+        assert rid == 11 and isinstance(err, shmkit.ReplyLost), got
+        assert w._owed_n == 0 and not w._owed and not w._kept
         svc.unlink()
 
 

@@ -128,6 +128,12 @@ _KEEP_CHANNELS = _MAX_CACHED // 2
 _KEEP_CHANNEL_BYTES = 16 << 20
 _KEEP_CHANNEL_MAX = 4096
 _PAY_EVERY = 0.02
+_REOPEN_TRIES = 100  # looks at a kept channel that cannot be opened, then dropped
+# Past those bounds a reply is dropped and only its call's id kept (8 bytes),
+# to tell the caller (ReplyLost) at the sweeps, opening at most _OWED_OPENS of
+# those channels a sweep, up to _OWED_MAX ids a worker.
+_OWED_MAX = 1 << 18
+_OWED_OPENS = 64
 
 
 def _service_bytes(max_attach: int) -> int:
@@ -571,14 +577,15 @@ class Request:
 class _Kept:
     """The replies a worker keeps for one caller's reply channel: the caller's
     token, ``(message, counter when sent, counter when dropped)`` in order,
-    and their bytes."""
+    their bytes, and the looks since it could last be opened."""
 
-    __slots__ = ("token", "queue", "nbytes")
+    __slots__ = ("token", "queue", "nbytes", "fails")
 
     def __init__(self, token: int) -> None:
         self.token = token
         self.queue: collections.deque[tuple[bytes, int, int]] = collections.deque()
         self.nbytes = 0
+        self.fails = 0
 
 
 class Worker(Closing):
@@ -630,6 +637,10 @@ class Worker(Closing):
         self._kept: dict[int, _Kept] = {}
         self._kept_bytes = self._kept_n = 0
         self._paid = 0.0
+        # Past the keep's bounds: by reply channel id, (the caller's token,
+        # [(request id, status)]) whose calls are told at the sweeps (_tell_owed).
+        self._owed: dict[int, tuple[int, collections.deque[tuple[int, int]]]] = {}
+        self._owed_n = 0
         self._tell_the_caller_of_a_dead_worker(seg)
         _core.store64(m, self._entry + 8, 0)
         _core.store64(m, self._entry, self._token)
@@ -833,10 +844,16 @@ class Worker(Closing):
         try:
             # Replies kept for it go first: this one is kept behind them
             # (at once, no wait again) unless they all went now.
-            if reply in self._kept and not self._pay_channel(reply):
-                if len(message) > ch.max_message:
-                    raise MessageTooLarge
-                return self._keep(reply, token, rid, message, status)
+            if reply in self._kept:
+                if not self._pay_channel(reply):
+                    if len(message) > ch.max_message:
+                        raise MessageTooLarge
+                    return self._keep(reply, token, rid, message, status)
+                if self._cache.get(reply) is not got:  # (paying opened it again)
+                    got = self._channel(reply, caller)
+                    if got is None:
+                        return False
+                    ch, token = got
             ch.send_nowait(message)
             return True
         except MessageTooLarge:
@@ -907,18 +924,21 @@ class Worker(Closing):
         bytes kept (``_KEEP_BYTES``, ``_KEEP_CHANNEL_BYTES`` for its channel)
         or its channel's ``_KEEP_CHANNEL_MAX`` replies is dropped and a short
         notice kept instead, so that its call raises ReplyLost rather than
-        wait on: False.  With no token of the caller known, past
-        ``_KEEP_MAX`` messages, ``_KEEP_CHANNELS`` channels or twice
-        ``_KEEP_CHANNEL_MAX`` messages for its channel: False, dropped."""
+        wait on: False.  Past ``_KEEP_MAX`` messages, ``_KEEP_CHANNELS``
+        channels or twice ``_KEEP_CHANNEL_MAX`` messages for its channel,
+        False: dropped, its call told at the sweeps (``_owe``).  With no
+        token of the caller known: False, dropped."""
         if not token:  # (the news of a dead worker: its caller made the channel)
             token = self._maker_token(reply)
             cached = self._cache.get(reply)
             if token and cached is not None:
                 self._cache[reply] = (cached[0], token)
+        if not token:
+            return False
         kept = self._kept.get(reply)
-        if not token or self._kept_n >= _KEEP_MAX or (
-                len(self._kept) >= _KEEP_CHANNELS if kept is None
-                else len(kept.queue) >= 2 * _KEEP_CHANNEL_MAX):
+        if self._kept_n >= _KEEP_MAX or (len(self._kept) >= _KEEP_CHANNELS if kept is None
+                                         else len(kept.queue) >= 2 * _KEEP_CHANNEL_MAX):
+            self._owe(reply, token, rid, _DIED if status == _DIED else _LOST)
             return False
         if counted:
             sent = dropped = 0
@@ -986,10 +1006,16 @@ class Worker(Closing):
                     FormatVersionError, PermissionError, ValueError):
                 ch = None  # gone, or no reply channel now
             except (ShmkitError, OSError):
-                return False  # (out of descriptors, slots...: again at the next look)
+                # (out of descriptors, slots...: again at the next look, for a while)
+                kept.fails += 1
+                if kept.fails >= _REOPEN_TRIES:
+                    self._forget_kept(reply)
+                    return True
+                return False
             if ch is None:
                 self._forget_kept(reply)
                 return True
+            kept.fails = 0
             got = self._cache[reply] = (ch, kept.token)
         ch = got[0]
         seg = self._seg  # (closed by another thread meanwhile: counted by nobody)
@@ -1051,13 +1077,66 @@ class Worker(Closing):
 
     def _sweep(self, now: float) -> None:
         """Close cached reply channels whose caller closed or died, and drop
-        what was kept for them."""
+        what was kept for them; tell the calls whose replies were dropped."""
         self._swept = now
         for reply, (ch, token) in list(self._cache.items()):
             seg = ch._seg
             if seg is None or seg.closed or not _core.token_alive(seg._mapping, token):
                 self._forget_kept(reply)
                 self._drop(reply)
+        if self._owed:
+            self._tell_owed()
+
+    def _owe(self, reply: int, token: int, rid: int, status: int) -> None:
+        """Remember to tell call ``rid`` of reply channel ``reply`` that its
+        reply was dropped (status _LOST), or its worker died (_DIED)."""
+        if self._owed_n >= _OWED_MAX:
+            return  # (past every bound: its call waits for its timeout)
+        entry = self._owed.get(reply)
+        if entry is None or entry[0] != token:
+            if entry is not None:  # (another token for it: a hostile request's)
+                self._owed_n -= len(entry[1])
+            entry = self._owed[reply] = (token, collections.deque())
+        self._owed_n += 1
+        entry[1].append((rid, status))
+
+    def _tell_owed(self) -> None:
+        """Send the owed notices, as far as there is room, for at most
+        ``_OWED_OPENS`` channels (the rest at the next sweeps); forget those
+        of callers gone.  A channel not cached is opened for it and closed.
+        (Each notice is taken off once sent: a Ctrl-C between the two sends
+        it twice, and its caller drops the second.)"""
+        name = self._prefix[:-len(".reply.")]
+        for reply in list(self._owed)[:_OWED_OPENS]:
+            token, rids = self._owed[reply]
+            gone, ch = False, None
+            try:
+                cached = self._cache.get(reply)
+                ch = cached[0] if cached is not None else self._open_reply(reply)
+                if ch is None:
+                    raise NotFoundError("no reply channel of ours")
+                while rids:
+                    rid, status = rids[0]
+                    what = ("its worker died" if status == _DIED else
+                            "its worker kept as many replies for callers that read none "
+                            "as it may, and dropped this one; the request was answered")
+                    ch.send_nowait(_REP.pack(_VERSION, status, rid) + (
+                        f"service {name!r}, pid {os.getpid()}: while this caller's "
+                        f"reply channel was full, {what}").encode())
+                    rids.popleft()
+                    self._owed_n -= 1
+            except Full:  # (again at the next sweep, if its caller lives)
+                gone = not _core.token_alive(ch._seg._mapping, token)  # type: ignore
+            except (ShmkitError, ValueError, OSError):
+                gone = True  # no reply channel of ours: nobody to tell
+            finally:
+                if ch is not None and reply not in self._cache:
+                    ch.close()
+            if gone or not rids:
+                self._owed.pop(reply, None)
+                self._owed_n -= len(rids)
+            else:
+                self._owed[reply] = self._owed.pop(reply)  # (to the end of the line)
 
     def statistics(self) -> dict[str, int]:
         """The service's statistics (see :meth:`Service.statistics`)."""
@@ -1092,10 +1171,12 @@ class Worker(Closing):
             self._give_back()
             _core.store64(seg._mapping, self._entry + 8, 0)
             _core.store64(seg._mapping, self._entry, 0)
-        if self._kept and self._pid == _segment._pid:
+        if (self._kept or self._owed) and self._pid == _segment._pid:
             self._pay(time.monotonic())  # (a last try; the rest go with this worker)
             for reply in list(self._kept):
                 self._forget_kept(reply)
+            self._tell_owed()
+            self._owed.clear()
         for reply in list(self._cache):
             self._drop(reply)
         seg.close()
