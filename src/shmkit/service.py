@@ -738,12 +738,12 @@ class Worker(Closing):
         now = time.monotonic()
         if now - self._swept >= _SWEEP_EVERY:
             self._sweep(now)
-        step = _SWEEP_EVERY
-        if self._kept:  # (replies wait for room: look again soon)
-            if now - self._paid >= _PAY_EVERY:
-                self._pay(now)
-            step = _PAY_EVERY
-        return max(step if deadline is None else min(step, deadline - now), 0.0)
+        if not self._kept:
+            return max(_SWEEP_EVERY if deadline is None else min(_SWEEP_EVERY, deadline - now),
+                       0.0)
+        if now - self._paid >= _PAY_EVERY:  # (replies wait for room: look again soon)
+            self._pay(now)
+        return max(_PAY_EVERY if deadline is None else min(_PAY_EVERY, deadline - now), 0.0)
 
     def _check_deadline(self, seg: Segment, timeout: float | None,
                         deadline: float | None) -> None:
@@ -823,9 +823,10 @@ class Worker(Closing):
             _core.store64(m, self._entry + 8, 0)
         if status == _ERROR:
             _core.add64(m, base + _OFF_FAILED, 1)
-        if ok is not None:  # (a kept reply is counted when it is sent or dropped)
-            _core.add64(m, base + (_OFF_SERVED if ok else _OFF_DISCARDED), 1)
-        return ok is not False
+        if ok is None:  # (kept: counted when it is sent or dropped)
+            return True
+        _core.add64(m, base + (_OFF_SERVED if ok else _OFF_DISCARDED), 1)
+        return ok
 
     def _send_reply(self, reply: int, caller: int, rid: int, status: int,
                     payload: Any) -> bool | None:
@@ -844,7 +845,7 @@ class Worker(Closing):
         try:
             # Replies kept for it go first: this one is kept behind them
             # (at once, no wait again) unless they all went now.
-            if reply in self._kept:
+            if self._kept and reply in self._kept:
                 if not self._pay_channel(reply):
                     if len(message) > ch.max_message:
                         raise MessageTooLarge
