@@ -947,6 +947,13 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
 """
 
 
+def _until_stopped(pid: int) -> None:
+    """Wait until child ``pid`` has stopped itself (SIGSTOP): until then it
+    may still read, and a SIGCONT sent before would be lost."""
+    _pid, status = os.waitpid(pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), status
+
+
 def _serve_a_slow_reader(svc: Any, how: str, n: int = 50) -> tuple[str, Any]:
     """Answer ``n`` calls of a caller that reads no replies meanwhile (its
     event loop blocked, or the process stopped) then reads them; what it
@@ -957,6 +964,8 @@ def _serve_a_slow_reader(svc: Any, how: str, n: int = 50) -> tuple[str, Any]:
                              text=True)
         try:
             assert p.stdout.readline().strip() == "sent"
+            if how == "stopped":
+                _until_stopped(p.pid)
             served, t0, stopped = 0, time.monotonic(), how == "stopped"
             while p.poll() is None and time.monotonic() - t0 < 60:
                 if served == n and stopped:
@@ -1252,6 +1261,7 @@ def test_replies_kept_for_a_caller_that_dies_are_let_go(svc_name):
                              text=True)
         try:
             assert p.stdout.readline().strip() == "sent"
+            _until_stopped(p.pid)
             for _ in range(30):
                 _serve_one(w, 10)
             assert w._kept_n > 0
