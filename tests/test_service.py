@@ -639,16 +639,39 @@ def _kill_client(name: str, counts_name: str) -> None:
             _core.add64(m, base + 8 * what, 1)
 
 
+@contextlib.contextmanager
+def _forked_rig(svc_name: str, counts_size: int,
+                capacity: int) -> Iterator[tuple[Any, Any, list[int], list[int]]]:
+    """A service, a segment of outcome counters (``<svc_name>-counts``), and
+    two lists for the pids of forked workers and clients, which are all
+    killed at the end, the names removed."""
+    counts = shmkit.Segment(svc_name + "-counts", size=counts_size)
+    svc = shmkit.Service(svc_name, capacity=capacity)
+    ws: list[int] = []
+    cs: list[int] = []
+    try:
+        yield svc, counts, ws, cs
+    finally:
+        for pid in ws + cs:
+            _kill(pid)
+        svc.unlink()
+        svc.close()
+        counts.unlink()
+        counts.close()
+
+
+def _counted(counts: Any) -> list[int]:
+    return [_core.load64(counts._mapping, counts._hsize + 8 * k) for k in range(6)]
+
+
 def _kill_run(svc_name: str, cycles: int, seed: int, workers: int = 3,
               clients: int = 3) -> dict[str, int]:
     rnd = random.Random(seed)
-    counts_name = svc_name + "-counts"
-    counts = shmkit.Segment(counts_name, size=64)
-    svc = shmkit.Service(svc_name, capacity=64 << 10)
-    ws = [_fork(_kill_worker, svc_name) for _ in range(workers)]
-    cs = [_fork(_kill_client, svc_name, counts_name) for _ in range(clients)]
-    kills = {"workers": 0, "clients": 0}
-    try:
+    with _forked_rig(svc_name, 64, 64 << 10) as (svc, counts, ws, cs):
+        counts_name = counts.name
+        ws.extend(_fork(_kill_worker, svc_name) for _ in range(workers))
+        cs.extend(_fork(_kill_client, svc_name, counts_name) for _ in range(clients))
+        kills = {"workers": 0, "clients": 0}
         for _ in range(cycles):
             time.sleep(rnd.uniform(0.005, 0.03))
             if rnd.random() < 0.5:
@@ -662,8 +685,8 @@ def _kill_run(svc_name: str, cycles: int, seed: int, workers: int = 3,
         time.sleep(0.2)
         for pid in cs:
             _kill(pid)
-        cs = []
-        got = [_core.load64(counts._mapping, counts._hsize + 8 * k) for k in range(6)]
+        cs.clear()
+        got = _counted(counts)
         assert got[_BAD] == 0, f"a reply reached the wrong call: {got}"
         assert got[_OTHER] == 0, f"an unexpected error: {got}"
         assert got[_OK] > 0, got
@@ -676,19 +699,12 @@ def _kill_run(svc_name: str, cycles: int, seed: int, workers: int = 3,
         time.sleep(1.5)  # a sweep by every live worker
         for pid in ws:
             _kill(pid)
-        ws = []
+        ws.clear()
         with svc.worker():  # a new worker reaps the reply channels nobody holds
             pass
         assert _replies(svc_name) == []
         return {"ok": got[_OK], "died": got[_DIED], "timeout": got[_TIMEOUT],
                 "unavailable": got[_UNAVAIL], **kills}
-    finally:
-        for pid in ws + cs:
-            _kill(pid)
-        svc.unlink()
-        svc.close()
-        counts.unlink()
-        counts.close()
 
 
 def _stop_client(name: str, counts_name: str, me: int) -> None:
@@ -726,16 +742,14 @@ def _stop_run(svc_name: str, cycles: int, seed: int) -> list[int]:
     time is stopped (SIGSTOP) for 50 to 400 ms, so that its reply channel
     fills, then continued.  Every call must get its own reply."""
     rnd = random.Random(seed)
-    counts_name = svc_name + "-counts"
-    counts = shmkit.Segment(counts_name, size=128)
-    svc = shmkit.Service(svc_name, capacity=256 << 10)
-    ws = [_fork(_kill_worker, svc_name) for _ in range(2)]
-    cs = [_fork(_stop_client, svc_name, counts_name, me) for me in range(2)]
+    with _forked_rig(svc_name, 128, 256 << 10) as (svc, counts, ws, cs):
+        ws.extend(_fork(_kill_worker, svc_name) for _ in range(2))
+        cs.extend(_fork(_stop_client, svc_name, counts.name, me) for me in range(2))
 
-    def rounds() -> list[int]:
-        return [_core.load64(counts._mapping, counts._hsize + 8 * (8 + me)) for me in range(2)]
+        def rounds() -> list[int]:
+            return [_core.load64(counts._mapping, counts._hsize + 8 * (8 + me))
+                    for me in range(2)]
 
-    try:
         _wait_until(lambda: _core.load64(counts._mapping, counts._hsize) > 0,
                     what="a first reply")
         for _ in range(cycles):
@@ -748,18 +762,11 @@ def _stop_run(svc_name: str, cycles: int, seed: int) -> list[int]:
         after = [n + 2 for n in rounds()]
         _wait_until(lambda: all(n >= a for n, a in zip(rounds(), after)), timeout=20,
                     what="every caller's calls to be answered")
-        got = [_core.load64(counts._mapping, counts._hsize + 8 * k) for k in range(6)]
+        got = _counted(counts)
         assert got[_BAD] == 0, f"a reply reached the wrong call: {got}"
         assert got[_TIMEOUT] == 0 and got[_OTHER] == 0, f"calls left unanswered: {got}"
         assert got[_OK] > 0, got
         return got
-    finally:
-        for pid in ws + cs:
-            _kill(pid)
-        svc.unlink()
-        svc.close()
-        counts.unlink()
-        counts.close()
 
 
 def test_callers_stopped_and_continued_at_random_get_every_reply(svc_name):

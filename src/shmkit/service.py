@@ -128,6 +128,9 @@ _KEEP_CHANNELS = _MAX_CACHED // 2
 _KEEP_CHANNEL_BYTES = 16 << 20
 _KEEP_CHANNEL_MAX = 4096
 _PAY_EVERY = 0.02
+# what an open of a reply channel raises when the name holds none of ours
+_GONE = (NotFoundError, FileNotFoundError, WrongKindError, CorruptError, FormatVersionError,
+         PermissionError, ValueError)
 _REOPEN_TRIES = 100  # looks at a kept channel that cannot be opened, then dropped
 # Past those bounds a reply is dropped and only its call's id kept (8 bytes),
 # to tell the caller (ReplyLost) at the sweeps, opening at most _OWED_OPENS of
@@ -635,7 +638,6 @@ class Worker(Closing):
         # Replies kept for callers whose channel stayed full, by reply channel
         # id, sent in order as room comes (_pay).
         self._kept: dict[int, _Kept] = {}
-        self._kept_bytes = self._kept_n = 0
         self._paid = 0.0
         # Past the keep's bounds: by reply channel id, (the caller's token,
         # [(request id, status)]) whose calls are told at the sweeps (_tell_owed).
@@ -664,10 +666,28 @@ class Worker(Closing):
         text = (f"the worker of service {seg.name!r} that took the request "
                 "died before answering it (the worker that took its place, pid "
                 f"{os.getpid()}, found it); the request may have been partly carried out")
-        if self._send_reply(reply, 0, rid, _DIED, text.encode()) is False:
+        # Its caller's token (for the liveness tests of a full channel) is that
+        # of the attachment the process that made the channel claimed first.
+        try:
+            got = self._channel(reply, 0)
+        except (ShmkitError, ValueError, OSError):
+            got = None
+        token = self._maker_token(got[0]) if got is not None else 0
+        if token:
+            self._cache[reply] = (got[0], token)  # type: ignore[index]
+        if not token or self._send_reply(reply, token, rid, _DIED, text.encode()) is False:
             _core.add64(m, seg._hsize + _OFF_DISCARDED, 1)
         if reply not in self._kept:
             self._drop(reply)
+
+    @property
+    def _kept_n(self) -> int:
+        """Messages kept, for every channel (at most _KEEP_CHANNELS of them)."""
+        return sum(len(k.queue) for k in self._kept.values())
+
+    @property
+    def _kept_bytes(self) -> int:
+        return sum(k.nbytes for k in self._kept.values())
 
     def _held(self) -> Segment:
         seg = self._seg
@@ -836,9 +856,10 @@ class Worker(Closing):
         once the caller's channel has room (``_keep``)."""
         got = self._cache.get(reply)
         if got is None or got[1] != caller:  # (else the usual case: open already)
-            got = self._channel(reply, caller)
-            if got is None:
-                return False
+            try:
+                got = self._channel(reply, caller)
+            except (ShmkitError, ValueError, OSError):
+                return False  # the caller is gone, or the name holds no reply channel
         ch, token = got
         head = _REP.pack(_VERSION, status, rid)
         message = b"".join((head, payload))
@@ -851,10 +872,10 @@ class Worker(Closing):
                         raise MessageTooLarge
                     return self._keep(reply, token, rid, message, status)
                 if self._cache.get(reply) is not got:  # (paying opened it again)
-                    got = self._channel(reply, caller)
-                    if got is None:
+                    try:
+                        ch, token = self._channel(reply, caller)
+                    except (ShmkitError, ValueError, OSError):
                         return False
-                    ch, token = got
             ch.send_nowait(message)
             return True
         except MessageTooLarge:
@@ -863,13 +884,14 @@ class Worker(Closing):
                     "make the client with a larger reply_capacity=").encode()
             notice = _REP.pack(_VERSION, _ERROR, rid) + text
             try:
-                if reply in self._kept:
-                    raise Full
-                ch.send_nowait(notice)
+                if reply not in self._kept:
+                    ch.send_nowait(notice)
+                    return False
             except Full:
-                self._keep(reply, token, rid, notice, _ERROR, counted=True)
-            except ShmkitError:
                 pass
+            except ShmkitError:
+                return False
+            self._keep(reply, token, rid, notice, _ERROR, counted=True)
             return False
         except Full:
             if token and not _core.token_alive(ch._seg._mapping,  # type: ignore[union-attr]
@@ -883,38 +905,34 @@ class Worker(Closing):
             self._drop(reply)
             return False
 
-    def _channel(self, reply: int, caller: int) -> tuple[Channel, int] | None:
-        """Reply channel ``reply`` and its caller's token, open (and cached);
-        None if the name holds no live reply channel of this service, or it
-        cannot be opened now."""
+    def _channel(self, reply: int, caller: int) -> tuple[Channel, int]:
+        """Reply channel ``reply`` and its caller's token, open (and cached).
+        Raises as ``_open_reply`` does: ``_GONE`` if the name holds no reply
+        channel of this service (or a caller's no longer), anything else if
+        it cannot be opened now."""
         cached = self._cache.get(reply)
         if cached is not None and cached[1] == caller:
             return cached
         if cached is not None:
             self._drop(reply)
-        try:
-            ch = self._open_reply(reply)
-        except (ShmkitError, ValueError, OSError):
-            return None
-        if ch is None:
-            return None
+        ch = self._open_reply(reply)
         if len(self._cache) >= _MAX_CACHED:  # (never one with replies kept for it)
             self._drop(next(r for r in self._cache if r not in self._kept))
         cached = self._cache[reply] = (ch, caller)
         return cached
 
-    def _open_reply(self, reply: int) -> Channel | None:
-        """Open reply channel ``reply``: None if the name holds a second name
-        of a file; raises as an open does if it holds no channel, or one
-        this user may not open, or a file still "being made" (a reply
-        channel is made before any request names it: no reason to wait)."""
+    def _open_reply(self, reply: int) -> Channel:
+        """Open reply channel ``reply``; raises as an open does if the name
+        holds no channel, or one this user may not open, or a file still
+        "being made" (a reply channel is made before any request names it:
+        no reason to wait), and NotFoundError for a second name of a file."""
         ch = Channel._open_made(f"{self._prefix}{reply:016x}")
         if os.fstat(ch._seg._fd).st_nlink != 1:  # type: ignore[union-attr]
             # A second name of one file (a hard link made under a reply
             # channel's name, to our request channel or another service's
             # reply channel): a reply channel has one.
             ch.close()
-            return None
+            raise NotFoundError(f"{self._prefix}{reply:016x} is a second name of a file")
         return ch
 
     def _keep(self, reply: int, token: int, rid: int, message: bytes, status: int,
@@ -929,16 +947,11 @@ class Worker(Closing):
         channels or twice ``_KEEP_CHANNEL_MAX`` messages for its channel,
         False: dropped, its call told at the sweeps (``_owe``).  With no
         token of the caller known: False, dropped."""
-        if not token:  # (the news of a dead worker: its caller made the channel)
-            token = self._maker_token(reply)
-            cached = self._cache.get(reply)
-            if token and cached is not None:
-                self._cache[reply] = (cached[0], token)
-        if not token:
+        if not token:  # (no caller known: nobody to keep it for)
             return False
         kept = self._kept.get(reply)
-        if self._kept_n >= _KEEP_MAX or (len(self._kept) >= _KEEP_CHANNELS if kept is None
-                                         else len(kept.queue) >= 2 * _KEEP_CHANNEL_MAX):
+        if (len(self._kept) >= _KEEP_CHANNELS if kept is None
+                else len(kept.queue) >= 2 * _KEEP_CHANNEL_MAX) or self._kept_n >= _KEEP_MAX:
             self._owe(reply, token, rid, _DIED if status == _DIED else _LOST)
             return False
         if counted:
@@ -950,28 +963,31 @@ class Worker(Closing):
         if sent and (self._kept_bytes + len(message) > _KEEP_BYTES or (
                 kept is not None and (kept.nbytes + len(message) > _KEEP_CHANNEL_BYTES
                                       or len(kept.queue) >= _KEEP_CHANNEL_MAX))):
-            message = _REP.pack(_VERSION, _LOST, rid) + (
-                f"the reply to this call was dropped: this caller's reply channel "
-                f"stayed full while its worker (pid {os.getpid()}) kept as many "
-                "replies for callers that read none as it may; the request was "
-                "answered. Read replies sooner, or make the client with a larger "
-                "reply_capacity=").encode()
+            message = self._notice(_LOST, rid)
             sent, dropped, answered = 0, 0, False
         if kept is None:
             kept = self._kept[reply] = _Kept(token)
-        # (counted first, uncounted after: a Ctrl-C between leaves the counts
-        # high, never low, until nothing is kept)
-        self._kept_bytes += len(message)
-        self._kept_n += 1
-        kept.nbytes += len(message)
+        kept.nbytes += len(message)  # (first: a Ctrl-C before the append leaves it high)
         kept.queue.append((message, sent, dropped))
         return None if answered else False
 
-    def _maker_token(self, reply: int) -> int:
-        """The token of the attachment of reply channel ``reply`` that the
+    def _notice(self, status: int, rid: int) -> bytes:
+        """The short reply telling call ``rid`` that its reply was dropped
+        (_LOST: ReplyLost) or its worker died (_DIED), while its caller's
+        reply channel was full."""
+        what = ("its worker died" if status == _DIED else
+                f"its worker (pid {os.getpid()}) kept as many replies for callers "
+                "that read none as it may, and dropped this one; the request was "
+                "answered. Read replies sooner, or make the client with a larger "
+                "reply_capacity=")
+        return _REP.pack(_VERSION, status, rid) + (
+            f"while this caller's reply channel was full, {what}").encode()
+
+    @staticmethod
+    def _maker_token(ch: Channel) -> int:
+        """The token of the attachment of reply channel ``ch`` that the
         process that made it (its caller) claimed first, if it lives; else 0."""
-        cached = self._cache.get(reply)
-        seg = cached[0]._seg if cached is not None else None
+        seg = ch._seg
         if seg is None or seg.closed:
             return 0
         own = seg._mapping.token & 0x3FF  # (a worker of the caller's process has its pid)
@@ -988,8 +1004,6 @@ class Worker(Closing):
         self._paid = now
         for reply in list(self._kept):
             self._pay_channel(reply)
-        if not self._kept:
-            self._kept_bytes = self._kept_n = 0
 
     def _pay_channel(self, reply: int) -> bool:
         """Send what is kept for reply channel ``reply`` as far as it has room;
@@ -997,28 +1011,19 @@ class Worker(Closing):
         kept = self._kept.get(reply)
         if kept is None:
             return True
-        got = self._cache.get(reply)
-        if got is None or got[1] != kept.token:  # (closed meanwhile: open it again)
-            if got is not None:
-                self._drop(reply)
-            try:
-                ch = self._open_reply(reply)
-            except (NotFoundError, FileNotFoundError, WrongKindError, CorruptError,
-                    FormatVersionError, PermissionError, ValueError):
-                ch = None  # gone, or no reply channel now
-            except (ShmkitError, OSError):
-                # (out of descriptors, slots...: again at the next look, for a while)
-                kept.fails += 1
-                if kept.fails >= _REOPEN_TRIES:
-                    self._forget_kept(reply)
-                    return True
-                return False
-            if ch is None:
+        try:
+            ch = self._channel(reply, kept.token)[0]  # (open again if closed meanwhile)
+        except _GONE:
+            self._forget_kept(reply)
+            return True
+        except (ShmkitError, OSError):
+            # (out of descriptors, slots...: again at the next look, for a while)
+            kept.fails += 1
+            if kept.fails >= _REOPEN_TRIES:
                 self._forget_kept(reply)
                 return True
-            kept.fails = 0
-            got = self._cache[reply] = (ch, kept.token)
-        ch = got[0]
+            return False
+        kept.fails = 0
         seg = self._seg  # (closed by another thread meanwhile: counted by nobody)
         m = seg._mapping if seg is not None and not seg.closed else None
         while kept.queue:
@@ -1042,9 +1047,7 @@ class Worker(Closing):
             # thread's close took it meanwhile)
             if kept.queue and kept.queue[0] is item:
                 kept.queue.popleft()
-            kept.nbytes -= len(message)
-            self._kept_bytes -= len(message)
-            self._kept_n -= 1
+                kept.nbytes -= len(message)
             if sent and m is not None:
                 _core.add64(m, seg._hsize + sent, 1)  # type: ignore[union-attr]
         if self._kept.get(reply) is kept:
@@ -1063,8 +1066,7 @@ class Worker(Closing):
                 message, _sent, dropped = kept.queue.popleft()
             except IndexError:
                 break
-            self._kept_bytes -= len(message)
-            self._kept_n -= 1
+            kept.nbytes -= len(message)
             if dropped and seg is not None and not seg.closed:
                 _core.add64(seg._mapping, seg._hsize + dropped, 1)
         if self._kept.get(reply) is kept:
@@ -1107,23 +1109,15 @@ class Worker(Closing):
         of callers gone.  A channel not cached is opened for it and closed.
         (Each notice is taken off once sent: a Ctrl-C between the two sends
         it twice, and its caller drops the second.)"""
-        name = self._prefix[:-len(".reply.")]
         for reply in list(self._owed)[:_OWED_OPENS]:
             token, rids = self._owed[reply]
             gone, ch = False, None
             try:
                 cached = self._cache.get(reply)
                 ch = cached[0] if cached is not None else self._open_reply(reply)
-                if ch is None:
-                    raise NotFoundError("no reply channel of ours")
                 while rids:
                     rid, status = rids[0]
-                    what = ("its worker died" if status == _DIED else
-                            "its worker kept as many replies for callers that read none "
-                            "as it may, and dropped this one; the request was answered")
-                    ch.send_nowait(_REP.pack(_VERSION, status, rid) + (
-                        f"service {name!r}, pid {os.getpid()}: while this caller's "
-                        f"reply channel was full, {what}").encode())
+                    ch.send_nowait(self._notice(status, rid))
                     rids.popleft()
                     self._owed_n -= 1
             except Full:  # (again at the next sweep, if its caller lives)
