@@ -974,14 +974,13 @@ class Worker(Closing):
     def _notice(self, status: int, rid: int) -> bytes:
         """The short reply telling call ``rid`` that its reply was dropped
         (_LOST: ReplyLost) or its worker died (_DIED), while its caller's
-        reply channel was full."""
+        reply channel was full: short, so that many fit in that channel."""
         what = ("its worker died" if status == _DIED else
-                f"its worker (pid {os.getpid()}) kept as many replies for callers "
-                "that read none as it may, and dropped this one; the request was "
-                "answered. Read replies sooner, or make the client with a larger "
-                "reply_capacity=")
+                "its worker kept as many replies for callers that read none as it "
+                "may, and dropped this one; the request was answered")
         return _REP.pack(_VERSION, status, rid) + (
-            f"while this caller's reply channel was full, {what}").encode()
+            f"service {self._prefix[:-len('.reply.')]!r}, pid {os.getpid()}: while this "
+            f"caller's reply channel was full, {what}").encode()
 
     @staticmethod
     def _maker_token(ch: Channel) -> int:
