@@ -261,6 +261,69 @@ def test_pickled_objects_and_handler_errors(svc_name):
         shmkit.Service(svc_name).unlink()
 
 
+class _PlantsAFile:
+    """An object whose unpickling creates a file: proof that it was unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("awaiting", [False, True], ids=["blocking", "aio"])
+def test_a_service_served_for_bytes_only_never_unpickles_a_request(svc_name, tmp_path,
+                                                                    awaiting):
+    """serve(objects=False): a call_object() request is failed unread, so a
+    caller cannot run code in the worker through pickle; bytes still work."""
+    planted = tmp_path / "unpickled"
+    serve = "svc.serve(lambda d: d.upper(), timeout=30, max_requests=3, objects=False)"
+    kind, serve = (("shmkit.aio.Service", f"asyncio.run({serve})") if awaiting else
+                   ("shmkit.Service", serve))
+    proc = subprocess.Popen(
+        [sys.executable, "-c",
+         "import asyncio, shmkit, shmkit.aio\n"
+         f"with {kind}({svc_name!r}) as svc:\n"
+         f"    print({serve})\n"],
+        env=dict(os.environ, PYTHONPATH=SRC), stdout=subprocess.PIPE)
+    try:
+        with shmkit.Client(svc_name, wait_for_worker=30) as client:
+            assert client.call(b"abc", timeout=30) == b"ABC"
+            with pytest.raises(shmkit.RemoteError, match=rf"service '{svc_name}' serves "
+                               r"bytes only \(serve\(objects=False\)\).*call\(\), not "
+                               r"call_object\(\)"):
+                client.call_object(_PlantsAFile(str(planted)), timeout=30)
+            assert client.call(b"def", timeout=30) == b"DEF"  # still serving
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and out.strip() == b"3"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not planted.exists()
+    with shmkit.Service(svc_name) as svc:
+        assert svc.statistics()["failed"] == 1 and svc.statistics()["served"] == 3
+        with pytest.raises(TypeError, match="objects must be True or False, not 0"):
+            svc.serve(lambda d: d, timeout=0, objects=0)  # type: ignore[arg-type]
+        svc.unlink()
+
+
+def test_a_served_object_request_is_unpickled_by_default(svc_name, tmp_path):
+    """The counterpart of serving bytes only: by default a worker unpickles what
+    the caller sent, code included (the caller is trusted as the worker's user)."""
+    planted = tmp_path / "unpickled"
+    with shmkit.Service(svc_name) as svc:
+        t = threading.Thread(target=svc.serve, args=(lambda obj: type(obj).__name__,),
+                             kwargs={"timeout": 30, "max_requests": 1})
+        t.start()
+        with svc.client(wait_for_worker=30) as client:
+            assert client.call_object(_PlantsAFile(str(planted)), timeout=30) == \
+                "TextIOWrapper"
+        t.join(30)
+        svc.unlink()
+    assert planted.exists()
+
+
 # -- no worker, timeouts -------------------------------------------------------------
 
 

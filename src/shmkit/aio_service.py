@@ -78,14 +78,15 @@ class Service(_service.Service):
         return Client(self, reply_capacity=reply_capacity, wait_for_worker=wait_for_worker)
 
     async def serve(self, handler: Callable[[Any], Any], *,  # type: ignore[override]  # coroutine
-                    timeout: float | None = None, max_requests: int | None = None) -> int:
+                    timeout: float | None = None, max_requests: int | None = None,
+                    objects: bool = True) -> int:
         """Answer requests until ``timeout`` seconds pass without one,
         ``max_requests`` were answered, or this handle is closed; returns how
         many were answered.  ``handler`` is a function or a coroutine
         function; otherwise as :meth:`shmkit.Service.serve`.  Requests are
         answered one at a time: run several ``serve()`` tasks to overlap
         them.  A cancelled ``serve()`` fails the request in hand."""
-        timeout = _service._serve_args(handler, timeout, max_requests)
+        timeout = _service._serve_args(handler, timeout, max_requests, objects)
         done = 0
         with Worker(self) as w:
             while max_requests is None or done < max_requests:
@@ -97,6 +98,10 @@ class Service(_service.Service):
                     if not e._deadline:  # (a signal handler's own)
                         raise
                     break
+                if req.pickled and not objects:
+                    _service._refuse_object(req)
+                    done += 1
+                    continue
                 try:
                     result = handler(req.object() if req.pickled else req.data)
                     if inspect.isawaitable(result):

@@ -344,19 +344,24 @@ class Service(SharedObject):
         return Client(self, reply_capacity=reply_capacity, wait_for_worker=wait_for_worker)
 
     def serve(self, handler: Callable[[Any], Any], *, timeout: float | None = None,
-              max_requests: int | None = None) -> int:
+              max_requests: int | None = None, objects: bool = True) -> int:
         """Answer requests with ``handler`` until ``timeout`` seconds pass
         without one, ``max_requests`` were answered, or this handle is closed.
 
         ``handler(data)`` gets the request's bytes and returns the reply
         (any bytes-like object); a request sent with :meth:`Client.call_object`
-        is unpickled first and the handler's result pickled back.  If the
+        is unpickled first and the handler's result pickled back.  Unpickling
+        runs code the caller chose: with ``objects=False`` such a request is
+        never unpickled and its caller gets a :class:`RemoteError` (serve
+        that way when users you do not trust as yourself may call).  If the
         handler raises an ``Exception``, the caller gets a
         :class:`RemoteError` with the traceback and serving goes on;
         ``KeyboardInterrupt`` (Ctrl-C) fails the request and propagates.
         Returns how many requests were answered.
+
+        >>> svc.serve(lambda data: data.upper(), objects=False)  # doctest: +SKIP
         """
-        timeout = _serve_args(handler, timeout, max_requests)
+        timeout = _serve_args(handler, timeout, max_requests, objects)
         done = 0
         with Worker(self) as w:
             while max_requests is None or done < max_requests:
@@ -368,10 +373,13 @@ class Service(SharedObject):
                     if not e._deadline:  # (a signal handler's own)
                         raise
                     break
-                try:
-                    _answer(req, handler(req.object() if req.pickled else req.data))
-                except Exception:  # the handler's
-                    _failed(req)
+                if req.pickled and not objects:
+                    _refuse_object(req)
+                else:
+                    try:
+                        _answer(req, handler(req.object() if req.pickled else req.data))
+                    except Exception:  # the handler's
+                        _failed(req)
                 done += 1
         return done
 
@@ -430,9 +438,12 @@ class Service(SharedObject):
         return f"<shmkit.Service {self.name!r}>"
 
 
-def _serve_args(handler: Any, timeout: Any, max_requests: Any) -> float | None:
+def _serve_args(handler: Any, timeout: Any, max_requests: Any,
+                objects: Any) -> float | None:
     """Check serve()'s arguments; returns the checked timeout."""
     checked = optional_seconds(timeout)
+    if not isinstance(objects, bool):
+        raise TypeError(f"objects must be True or False, not {objects!r}")
     if max_requests is not None and (not isinstance(max_requests, int)
                                      or isinstance(max_requests, bool) or max_requests < 0):
         raise ValueError(f"max_requests must be a non-negative int or None, "
@@ -451,6 +462,13 @@ def _answer(req: Request, result: Any) -> None:
             req.reply(result)
     except Exception:  # a result that is no reply
         _failed(req)
+
+
+def _refuse_object(req: Request) -> None:
+    """Fail a call_object() request unread, for a serve(objects=False)."""
+    req.fail(f"service {req._worker._name!r} serves bytes only "
+             "(serve(objects=False)), so it never unpickles a request: "
+             "send bytes with call(), not call_object()")
 
 
 def _failed(req: Request) -> None:
@@ -631,6 +649,7 @@ class Worker(Closing):
         m = seg._mapping
         self._token = m.token
         self._entry = seg._hsize + _OFF_TABLE + (self._token & 0x3FF) * _ENTRY
+        self._name = svc_seg.name
         # the name every reply channel of this service has: the prefix, then 16 hex digits
         self._prefix = svc_seg.name + ".reply."
         self._pid = _segment._pid
@@ -979,7 +998,7 @@ class Worker(Closing):
                 "its worker kept as many replies for callers that read none as it "
                 "may, and dropped this one; the request was answered")
         return _REP.pack(_VERSION, status, rid) + (
-            f"service {self._prefix[:-len('.reply.')]!r}, pid {os.getpid()}: while this "
+            f"service {self._name!r}, pid {os.getpid()}: while this "
             f"caller's reply channel was full, {what}").encode()
 
     @staticmethod
@@ -1464,7 +1483,8 @@ class Client(Closing):
 
     def _taker_phrase(self, rid: int) -> str:
         """Who holds request ``rid``, for a Timeout: ", taken by pid N (which is
-        stopped ...)", or "" when no live worker has it on record (queued)."""
+        stopped ...)", or what else may have become of it when no live worker
+        has it on record ("" once this handle is closed)."""
         service, seg = self._service, self._seg
         if service is None or seg is None or seg.closed:
             return ""
@@ -1475,7 +1495,8 @@ class Client(Closing):
                     return f", taken by the worker {who}"
         except ShmkitError:  # closed meanwhile: the Timeout stands as it is
             pass
-        return ", still queued (no live worker has taken it)"
+        return (", held by no live worker: still queued, or answered by a worker that "
+                "ended before the reply found room in the reply channel")
 
     def _parse_reply(self, msg: bytes) -> tuple[int, bytes | ShmkitError] | None:
         """(request id, the reply's bytes or the error to raise), or None
