@@ -289,8 +289,8 @@ def test_a_service_served_for_bytes_only_never_unpickles_a_request(svc_name, tmp
     try:
         with shmkit.Client(svc_name, wait_for_worker=30) as client:
             assert client.call(b"abc", timeout=30) == b"ABC"
-            with pytest.raises(shmkit.RemoteError, match=rf"service '{svc_name}' serves "
-                               r"bytes only \(serve\(objects=False\)\).*call\(\), not "
+            with pytest.raises(shmkit.RemoteError, match=rf"service '{svc_name}': the worker failed "
+                               r"the request:\nthis service serves bytes only \(serve\(objects=False\)\).*call\(\), not "
                                r"call_object\(\)"):
                 client.call_object(_PlantsAFile(str(planted)), timeout=30)
             assert client.call(b"def", timeout=30) == b"DEF"  # still serving

@@ -466,9 +466,8 @@ def _answer(req: Request, result: Any) -> None:
 
 def _refuse_object(req: Request) -> None:
     """Fail a call_object() request unread, for a serve(objects=False)."""
-    req.fail(f"service {req._worker._name!r} serves bytes only "
-             "(serve(objects=False)), so it never unpickles a request: "
-             "send bytes with call(), not call_object()")
+    req.fail("this service serves bytes only (serve(objects=False)), so it never "
+             "unpickles a request: send bytes with call(), not call_object()")
 
 
 def _failed(req: Request) -> None:
@@ -1513,7 +1512,7 @@ class Client(Closing):
             return rid, WorkerDied(text)
         if status == _LOST:
             return rid, ReplyLost(f"service {self._seg.name!r}: {text}")
-        return rid, RemoteError(f"service {self._seg.name!r}: the worker's handler failed:\n"
+        return rid, RemoteError(f"service {self._seg.name!r}: the worker failed the request:\n"
                                 + text)
 
     def _reply(self, msg: bytes, rid: int) -> bytes | None:
