@@ -761,6 +761,27 @@ def test_views_taken_with_redeliver_go_back_when_their_holder_dies(name):
     ch.close()
 
 
+def test_the_depth_counts_a_dead_holders_redelivered_views_before_any_receive(name):
+    """A view lent with redeliver=True to a consumer that died is queued again
+    (the next receive gets it), so depth counts it at once: before, it was
+    missing from depth until some receive had given it back."""
+    ch = Channel(name, capacity=1 << 16)
+    for i in range(6):
+        ch.send(b"m%d" % i)
+    assert _killed_holding_views(name, 2, 1) == ["m0", "m1", "m2"]
+    # m0 and m1 go back; m2 (a plain view) was its holder's to lose
+    assert ch.depth == 5 and ch.statistics()["depth"] == 5
+    assert ch.statistics()["redelivered"] == 0  # counted, not given back yet
+    got = [ch.recv(timeout=5) for _ in range(5)]
+    assert got == [b"m0", b"m1", b"m3", b"m4", b"m5"]
+    assert ch.depth == 0 and ch.statistics()["redelivered"] == 2
+    # a live holder's redeliver view is not queued
+    ch.send(b"held")
+    with ch.recv_view(timeout=5, redeliver=True) as mv:
+        assert bytes(mv) == b"held" and ch.depth == 0
+    ch.close()
+
+
 def test_a_waiting_receiver_gets_a_dead_holders_redelivered_view(names):
     name = names()
     ch = Channel(name, capacity=4096)

@@ -519,7 +519,7 @@ def _slow_receiver(q, inside, out):
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
 def test_a_receiver_killed_or_frozen_while_rebuilding_leaves_the_object(name, big, how):
     """Killed inside the rebuild: the object goes to the next receiver,
-    before newer ones.  Frozen there: it stays the frozen receiver's, which
+    before newer ones, and is counted queued at once.  Frozen there: it stays the frozen receiver's, which
     gets it once resumed, and the others go on with the next objects."""
     q = shmkit.Queue(name=name)
     ctx = multiprocessing.get_context("spawn")
@@ -533,10 +533,12 @@ def test_a_receiver_killed_or_frozen_while_rebuilding_leaves_the_object(name, bi
         if how == "SIGKILL":
             os.kill(p.pid, signal.SIGKILL)
             p.join(30)
+            assert q.qsize() == 2  # the dead receiver's is queued again, before any get
             got = [q.get(timeout=30)[0], q.get(timeout=30)[0]]
             assert got == ["first", "second"]
         else:
             os.kill(p.pid, signal.SIGSTOP)
+            assert q.qsize() == 1  # the frozen receiver's is still its own
             assert q.get(timeout=30)[0] == "second"
             with pytest.raises(shmkit.Empty):
                 q.get(timeout=0.2)

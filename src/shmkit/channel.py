@@ -1723,7 +1723,9 @@ class Queue(SharedObject, _core.QueueCore):
         return self.get(False)
 
     def qsize(self) -> int:
-        """How many objects are queued (exact at the moment it is read)."""
+        """How many objects are queued (exact at the moment it is read; an
+        object a receiver killed inside its ``get()`` was taking counts, since
+        the next ``get()`` takes it)."""
         return self._live().depth
 
     def empty(self) -> bool:

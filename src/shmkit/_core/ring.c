@@ -887,6 +887,44 @@ ring_views_need_repair(RingObject *r, MappingObject *m)
     return ring_lent_work(r, m, &tc);
 }
 
+/* Without the lock: how many records in [head, read) are lent to consumers
+ * that died.  Each goes back to the channel at the next receive
+ * (ring_fix_lent), so it is queued already, though no receive has counted
+ * it in `returned` yet.  Records change under us: anything inconsistent
+ * counts none. */
+static uint64_t
+ring_lent_to_dead(RingObject *r, MappingObject *m)
+{
+    struct ring_hdr *h = r->h;
+    uint64_t hd = LOAD(&h->head), rd = LOAD(&h->read), n = 0;
+    if (hd == rd || rd < hd || rd - hd > r->cap || ((hd | rd) & 7) || m->fd < 0)
+        return 0;
+    token_cache tc = {.n = 0};
+    for (uint64_t p = hd; p < rd;) {
+        rec_t *rec = rec_at(r, p);
+        uint32_t st = LOAD(&rec->state), len = LOADR(&rec->len);
+        uint64_t off = p % r->cap, total = st == ST_SKIP ? r->cap - off : rec_total(len);
+        if (total > r->cap - off || total > rd - p)
+            return 0;
+        if (ST_KIND(st) == ST_LENT && st != 0 && !holder_alive(&tc, m, st & SHM_TOKEN_MASK))
+            n++;
+        p += total;
+    }
+    return n;
+}
+
+uint64_t
+ring_depth(RingObject *r, MappingObject *m)
+{
+    struct ring_hdr *h = r->h;
+    uint64_t reserved = LOAD(&h->reserved), received = LOAD(&h->received);
+    uint64_t depth = reserved - received - LOAD(&h->dropped) + LOAD(&h->returned);
+    if (depth > reserved)
+        return 0; /* read while the counters moved, or damaged */
+    uint64_t lost = ring_lent_to_dead(r, m);
+    return lost > reserved - depth ? depth : depth + lost;
+}
+
 /* Under clock: give back or finish every record in [head, read) lent to a
  * dead consumer: LENT ones go back to the channel (counted in `returned`
  * before they are marked), TAKEN ones are finished; then move head.  Sets

@@ -167,6 +167,9 @@ int ring_give_back(RingObject *r, uint64_t pos, uint32_t me);
 /* Lock-free hint for waiters: a record lent to a dead holder, or a finished
  * one stuck at head, needs a repair (ring_repair's look at the views). */
 int ring_views_need_repair(RingObject *r, MappingObject *m);
+/* Messages waiting to be received, counting those lent to consumers that
+ * died, which the next receive gives back (lock-free read). */
+uint64_t ring_depth(RingObject *r, MappingObject *m);
 
 /* ---- the role table and its sleeper counts (the ring's and the topic's) ---- */
 /* Where one handle sees a role table: its entries and the two global sleeper

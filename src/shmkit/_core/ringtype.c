@@ -1487,11 +1487,10 @@ Ring_stats(RingObject *r, PyObject *Py_UNUSED(ignored))
     }
     uint64_t reserved = LOAD(&h->reserved), received = LOAD(&h->received);
     uint64_t dropped = LOAD(&h->dropped), t = LOAD(&h->tail), hd = LOAD(&h->head);
-    uint64_t depth = reserved - received - dropped + LOAD(&h->returned);
+    uint64_t depth = ring_depth(r, m);
     PyObject *d = Py_BuildValue(
         "{sKsKsKsKsKsKsKsKslslsisIsI}", "capacity", (unsigned long long)r->cap,
-        "bytes_used", (unsigned long long)(t - hd), "depth",
-        (unsigned long long)(depth > reserved ? 0 : depth), "sent",
+        "bytes_used", (unsigned long long)(t - hd), "depth", (unsigned long long)depth, "sent",
         (unsigned long long)(reserved - dropped), "received",
         (unsigned long long)received, "dropped", (unsigned long long)dropped,
         "redelivered", (unsigned long long)LOAD(&h->redelivered), "max_items", (unsigned long long)h->max_items, "producers", producers,
@@ -1532,11 +1531,9 @@ Ring_get_depth(RingObject *r, void *Py_UNUSED(c))
     MappingObject *m = ring_enter_any(r, 0);
     if (m == NULL)
         return NULL;
-    struct ring_hdr *h = r->h;
-    uint64_t reserved = LOAD(&h->reserved), received = LOAD(&h->received);
-    uint64_t depth = reserved - received - LOAD(&h->dropped) + LOAD(&h->returned);
+    uint64_t depth = ring_depth(r, m);
     ring_leave(m);
-    return PyLong_FromUnsignedLongLong(depth > reserved ? 0 : depth);
+    return PyLong_FromUnsignedLongLong(depth);
 }
 
 static PyObject *
@@ -1634,7 +1631,9 @@ static PyMethodDef Ring_methods[] = {
 static PyGetSetDef Ring_getset[] = {
     {"capacity", (getter)Ring_get_capacity, NULL, "bytes in the ring's data area", NULL},
     {"max_message", (getter)Ring_get_max_message, NULL, "largest message in bytes", NULL},
-    {"depth", (getter)Ring_get_depth, NULL, "messages waiting to be received", NULL},
+    {"depth", (getter)Ring_get_depth, NULL,
+     "messages waiting to be received, with views lent (redeliver=True) to "
+     "consumers that died, which the next receive gets", NULL},
     {"_max_items", (getter)Ring_get_max_items, NULL,
      "the most messages queued at once, as the ring enforces it (0: no limit)", NULL},
     {"sending_closed", (getter)Ring_get_closed, NULL,
