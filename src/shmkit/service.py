@@ -131,6 +131,8 @@ _PAY_EVERY = 0.02
 # what an open of a reply channel raises when the name holds none of ours
 _GONE = (NotFoundError, FileNotFoundError, WrongKindError, CorruptError, FormatVersionError,
          PermissionError, ValueError)
+# anything an open of a reply channel raises (_GONE, or out of descriptors, slots...)
+_UNOPENED = (ShmkitError, ValueError, OSError)
 _REOPEN_TRIES = 100  # looks at a kept channel that cannot be opened, then dropped
 # Past those bounds a reply is dropped and only its call's id kept (8 bytes),
 # to tell the caller (ReplyLost) at the sweeps, opening at most _OWED_OPENS of
@@ -650,7 +652,7 @@ class Worker(Closing):
         self._entry = seg._hsize + _OFF_TABLE + (self._token & 0x3FF) * _ENTRY
         self._name = svc_seg.name
         # the name every reply channel of this service has: the prefix, then 16 hex digits
-        self._prefix = svc_seg.name + ".reply."
+        self._prefix = self._name + ".reply."
         self._pid = _segment._pid
         self._cache: dict[int, tuple[Channel, int]] = {}  # by reply channel id
         # Replies kept for callers whose channel stayed full, by reply channel
@@ -688,7 +690,7 @@ class Worker(Closing):
         # of the attachment the process that made the channel claimed first.
         try:
             got = self._channel(reply, 0)
-        except (ShmkitError, ValueError, OSError):
+        except _UNOPENED:
             got = None
         token = self._maker_token(got[0]) if got is not None else 0
         if token:
@@ -776,12 +778,12 @@ class Worker(Closing):
         now = time.monotonic()
         if now - self._swept >= _SWEEP_EVERY:
             self._sweep(now)
-        if not self._kept:
-            return max(_SWEEP_EVERY if deadline is None else min(_SWEEP_EVERY, deadline - now),
-                       0.0)
-        if now - self._paid >= _PAY_EVERY:  # (replies wait for room: look again soon)
-            self._pay(now)
-        return max(_PAY_EVERY if deadline is None else min(_PAY_EVERY, deadline - now), 0.0)
+        step = _SWEEP_EVERY
+        if self._kept:  # (replies wait for room: look again soon)
+            if now - self._paid >= _PAY_EVERY:
+                self._pay(now)
+            step = _PAY_EVERY
+        return max(step if deadline is None else min(step, deadline - now), 0.0)
 
     def _check_deadline(self, seg: Segment, timeout: float | None,
                         deadline: float | None) -> None:
@@ -876,7 +878,7 @@ class Worker(Closing):
         if got is None or got[1] != caller:  # (else the usual case: open already)
             try:
                 got = self._channel(reply, caller)
-            except (ShmkitError, ValueError, OSError):
+            except _UNOPENED:
                 return False  # the caller is gone, or the name holds no reply channel
         ch, token = got
         head = _REP.pack(_VERSION, status, rid)
@@ -892,7 +894,7 @@ class Worker(Closing):
                 if self._cache.get(reply) is not got:  # (paying opened it again)
                     try:
                         ch, token = self._channel(reply, caller)
-                    except (ShmkitError, ValueError, OSError):
+                    except _UNOPENED:
                         return False
             ch.send_nowait(message)
             return True
@@ -1033,7 +1035,7 @@ class Worker(Closing):
         except _GONE:
             self._forget_kept(reply)
             return True
-        except (ShmkitError, OSError):
+        except _UNOPENED:
             # (out of descriptors, slots...: again at the next look, for a while)
             kept.fails += 1
             if kept.fails >= _REOPEN_TRIES:
@@ -1139,7 +1141,7 @@ class Worker(Closing):
                     self._owed_n -= 1
             except Full:  # (again at the next sweep, if its caller lives)
                 gone = not _core.token_alive(ch._seg._mapping, token)  # type: ignore
-            except (ShmkitError, ValueError, OSError):
+            except _UNOPENED:
                 gone = True  # no reply channel of ours: nobody to tell
             finally:
                 if ch is not None and reply not in self._cache:

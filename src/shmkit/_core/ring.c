@@ -104,19 +104,34 @@ ring_corrupt(RingObject *r, const char *what, unsigned long long a, unsigned lon
 }
 
 /* The bytes the record at position p (in state st) spans, a skip marker
- * running to the end of the ring, checked to end by `limit`: 0, with
- * CorruptError set, if it would overrun (a real span is at least 8). */
+ * running to the end of the ring, checked to end by `limit`: 0 if it would
+ * overrun (a real span is at least 8).  The lock-free looks take an
+ * overrun for a record changing under them. */
+static uint64_t
+rec_extent(RingObject *r, uint64_t p, uint32_t st, uint64_t limit)
+{
+    uint64_t off = p % r->cap;
+    uint64_t total = st == ST_SKIP ? r->cap - off : rec_total(LOADR(&rec_at(r, p)->len));
+    return total > r->cap - off || total > limit - p ? 0 : total;
+}
+
+/* rec_extent, with CorruptError set when it is 0 (under the lock nothing
+ * changes: an overrun is damage). */
 static uint64_t
 rec_span(RingObject *r, uint64_t p, uint32_t st, uint64_t limit, const char *overrun)
 {
-    uint64_t off = p % r->cap;
-    uint32_t len = LOADR(&rec_at(r, p)->len);
-    uint64_t total = st == ST_SKIP ? r->cap - off : rec_total(len);
-    if (total > r->cap - off || total > limit - p) {
-        ring_corrupt(r, overrun, len, p);
-        return 0;
-    }
+    uint64_t total = rec_extent(r, p, st, limit);
+    if (total == 0)
+        ring_corrupt(r, overrun, LOADR(&rec_at(r, p)->len), p);
     return total;
+}
+
+/* Whether [head, read), the records taken and not yet passed by head, is
+ * out of order: read behind head, further than the ring, or unaligned. */
+static inline int
+taken_span_bad(RingObject *r, uint64_t hd, uint64_t rd)
+{
+    return rd < hd || rd - hd > r->cap || ((hd | rd) & 7);
 }
 
 /* ---- the role table and its sleeper counts ----------------------------- */
@@ -433,7 +448,7 @@ ring_returned(RingObject *r, uint64_t *pos, uint32_t *len)
 {
     struct ring_hdr *h = r->h;
     uint64_t hd = LOADR(&h->head), rd = LOADR(&h->read);
-    if (rd < hd || rd - hd > r->cap || ((hd | rd) & 7))
+    if (taken_span_bad(r, hd, rd))
         return ring_corrupt(r, "head and read positions out of order", hd, rd);
     for (uint64_t p = hd; p < rd;) {
         uint32_t st = LOAD(&rec_at(r, p)->state);
@@ -857,14 +872,13 @@ ring_lent_work(RingObject *r, MappingObject *m, token_cache *tc)
     uint64_t hd = LOAD(&h->head), rd = LOAD(&h->read);
     if (hd == rd)
         return 0;
-    if (rd < hd || rd - hd > r->cap || ((hd | rd) & 7))
+    if (taken_span_bad(r, hd, rd))
         return 1;
     uint32_t returned = LOAD(&h->returned);
     for (uint64_t p = hd; p < rd;) {
-        rec_t *rec = rec_at(r, p);
-        uint32_t st = LOAD(&rec->state), len = LOADR(&rec->len);
-        uint64_t off = p % r->cap, total = st == ST_SKIP ? r->cap - off : rec_total(len);
-        if (total > r->cap - off || total > rd - p)
+        uint32_t st = LOAD(&rec_at(r, p)->state);
+        uint64_t total = rec_extent(r, p, st, rd);
+        if (total == 0)
             return 1;
         if (st_lent(st)) {
             if (!holder_alive(tc, m, st & SHM_TOKEN_MASK))
@@ -897,14 +911,13 @@ ring_lent_to_dead(RingObject *r, MappingObject *m)
 {
     struct ring_hdr *h = r->h;
     uint64_t hd = LOAD(&h->head), rd = LOAD(&h->read), n = 0;
-    if (hd == rd || rd < hd || rd - hd > r->cap || ((hd | rd) & 7) || m->fd < 0)
+    if (hd == rd || taken_span_bad(r, hd, rd) || m->fd < 0)
         return 0;
     token_cache tc = {.n = 0};
     for (uint64_t p = hd; p < rd;) {
-        rec_t *rec = rec_at(r, p);
-        uint32_t st = LOAD(&rec->state), len = LOADR(&rec->len);
-        uint64_t off = p % r->cap, total = st == ST_SKIP ? r->cap - off : rec_total(len);
-        if (total > r->cap - off || total > rd - p)
+        uint32_t st = LOAD(&rec_at(r, p)->state);
+        uint64_t total = rec_extent(r, p, st, rd);
+        if (total == 0)
             return 0;
         if (ST_KIND(st) == ST_LENT && st != 0 && !holder_alive(&tc, m, st & SHM_TOKEN_MASK))
             n++;
@@ -935,7 +948,7 @@ ring_fix_lent(RingObject *r, MappingObject *m, token_cache *tc, int *returned)
     struct ring_hdr *h = r->h;
     uint64_t hd = LOADR(&h->head), rd = LOADR(&h->read);
     uint32_t found = 0;
-    if (rd < hd || rd - hd > r->cap || ((hd | rd) & 7))
+    if (taken_span_bad(r, hd, rd))
         return ring_corrupt(r, "head and read positions out of order", hd, rd);
     for (uint64_t p = hd; p < rd;) {
         rec_t *rec = rec_at(r, p);
