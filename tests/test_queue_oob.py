@@ -24,7 +24,7 @@ import shmkit
 from shmkit import channel
 from shmkit.errors import CorruptError, NotFoundError, OutOfSpaceError, UntrustedError
 
-from conftest import STORM_PRELUDE, spawn
+from conftest import SRC, STORM_PRELUDE, spawn
 
 FORK = multiprocessing.get_context("fork")
 MiB = 1 << 20
@@ -424,6 +424,47 @@ def test_gc_removes_payloads_of_a_removed_queue_only(name, names):
         assert np.array_equal(other.get(timeout=5), _array(9, MiB))
     finally:
         other.unlink(); other.close(); q.close()
+
+
+@pytest.mark.parametrize("kind", ["Segment", "Queue"])
+def test_gc_never_removes_an_object_named_like_a_payload_of_a_missing_queue(name, kind):
+    # A path= object may be named "<name>~oob.<16 hex>" in /dev/shm with no
+    # queue <name>: gc took every unlocked regular file at such a name for
+    # the payload of a removed queue and unlinked it, live and persistent.
+    path = f"/dev/shm/shmkit.{name}~oob.0123456789abcdef"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"""if 1:
+            import sys, shmkit
+            if {kind!r} == "Segment":
+                o = shmkit.Segment(path={path!r}, size=4096, lifetime="persistent")
+                o.write(b"kept", offset=0)
+            else:
+                o = shmkit.Queue(path={path!r}, lifetime="persistent")
+                o.put("kept")
+            print("ready", flush=True)
+            sys.stdin.read()
+        """], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": SRC})
+    try:
+        assert holder.stdout.readline() == "ready\n"
+        assert channel.orphan_payloads(match=lambda n: n == name) == []
+        proc = subprocess.run([sys.executable, "-m", "shmkit", "gc", f"{name}*"],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": SRC})
+        assert proc.returncode == 0 and "removed" not in proc.stdout, proc
+        assert os.path.exists(path)
+        if kind == "Segment":
+            with shmkit.Segment.open(path=path) as seg:
+                assert seg.read(4, offset=0) == b"kept"
+        else:
+            q = shmkit.Queue.open(path=path)  # (by path alone, as Segment.open)
+            assert q.get(timeout=5) == "kept"
+            q.close()
+    finally:
+        holder.kill()
+        holder.wait()
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 def test_gc_never_removes_a_queued_payload(queue, monkeypatch):

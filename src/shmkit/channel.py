@@ -173,17 +173,27 @@ def _open_file(path: str, writable: bool = True) -> io.FileIO:
     return io.FileIO(path, "r+b" if writable else "rb", opener=_core.opener)
 
 
+def _is_payload_of(fd: int, path: str) -> bool:
+    """Whether the file open at ``fd`` is the payload file named ``path``: its
+    magic, and the token its name ends with.  A ``path=`` object may be named
+    like one (``a~oob.<16 hex>`` beside ``a``); a sender links only whole
+    files, so a payload file always has both."""
+    head = os.pread(fd, _FILE_HEAD.size, 0)
+    return (len(head) == _FILE_HEAD.size and head[:8] == _FILE_MAGIC
+            and _FILE_HEAD.unpack(head)[3] == path[-16:].encode())
+
+
 def _remove_payloads(queue_path: str) -> int:
     """Remove every payload file of a queue whose name is gone; returns how many.
-    A regular file at such a name is removed only if it is a payload file (its
-    magic): a ``path=`` object may be named like one (``a~oob.<16 hex>``
-    beside ``a``).  Anything else there (a FIFO, a symbolic link) was planted."""
+    A regular file at such a name is removed only if it is a payload file
+    (``_is_payload_of``).  Anything else there (a FIFO, a symbolic link) was
+    planted."""
     n = 0
     for path in _payload_files(queue_path):
         try:
             if stat.S_ISREG(os.lstat(path).st_mode):
                 with _open_file(path, writable=False) as file:
-                    if os.pread(file.fileno(), len(_FILE_MAGIC), 0) != _FILE_MAGIC:
+                    if not _is_payload_of(file.fileno(), path):
                         continue
             os.unlink(path)
             n += 1
@@ -1084,6 +1094,8 @@ def _orphan_reason(path: str, qpath: str, token: bytes, rings: dict[str, bytes |
             return None
         if not _core.ofd_lock(fd, 0, 1):
             return None  # its sender is at work, or keeps it for reuse
+        if not _is_payload_of(fd, path):
+            return None  # an object of its own (path=), named like a payload
         if qpath not in rings:
             rings[qpath] = _ring_bytes_of(qpath)
         ring = rings[qpath]
@@ -1326,7 +1338,7 @@ class Channel(SharedObject, _core.Ring):
         return cls(name, capacity, create=True, **kwargs)
 
     @classmethod
-    def open(cls, name: str, **kwargs: Any) -> "Channel":
+    def open(cls, name: str | None = None, **kwargs: Any) -> "Channel":
         """Open an existing channel; :class:`NotFoundError` if there is none.
 
         ``Channel.open(name, readonly=True)`` only looks (what ``shmkit info`` needs).
@@ -1576,7 +1588,7 @@ class Queue(SharedObject, _core.QueueCore):
         self._on_destroy = on_destroy
 
     @classmethod
-    def open(cls, name: str, **kwargs: Any) -> "Queue":
+    def open(cls, name: str | None = None, **kwargs: Any) -> "Queue":
         """Open an existing queue by name; :class:`NotFoundError` if there is none.
 
         ``Queue.open(name, readonly=True)`` only looks: ``qsize()``, ``info()``.
