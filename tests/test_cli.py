@@ -850,6 +850,27 @@ def test_links_and_fifos_are_listed_never_followed_or_opened(names: Any,
     assert not os.path.lexists(shm(link)) and target.exists()  # the link, not its target
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="plants the files as another user")
+def test_files_named_dot_and_dot_dot_stop_no_listing(name: str, holder: Any) -> None:
+    # Any local user may make /dev/shm/shmkit.. and shmkit... (names "." and
+    # ".."): ls, gc and top then failed for everyone on the name they cannot
+    # open, listing nothing and cleaning nothing.
+    holder(f"s = shmkit.Segment({name!r}, size=64)")
+    planted = [shm("."), shm("..")]
+    try:
+        for path in planted:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+            os.chown(path, 65534, 65534)
+        assert name in [o["name"] for o in cli_json("ls")]
+        assert name in [o["name"] for o in inspect.list_objects()]
+        assert name in cli("top", "--once").stdout
+        cli_json("gc", "--dry-run")
+        assert all(os.path.exists(p) for p in planted)  # not shmkit's to judge
+    finally:
+        for path in planted:
+            os.unlink(path)
+
+
 class Careless(shmkit.Segment):
     """A kind's class whose open() drops readonly=True (attaches read-write)."""
 

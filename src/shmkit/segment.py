@@ -143,10 +143,15 @@ def check_max_attach(max_attach: int) -> int:
     return max_attach
 
 
+def _is_valid_name(name: str) -> bool:
+    """Whether ``name`` can name a segment (``.`` and ``..`` name no file)."""
+    return name not in (".", "..") and _NAME_RE.fullmatch(name) is not None
+
+
 def _validate_name(name: str) -> str:
     if not isinstance(name, str):
         raise InvalidNameError(f"a segment name must be a str, not {type(name).__name__}")
-    if name in (".", "..") or not _NAME_RE.fullmatch(name):
+    if not _is_valid_name(name):
         raise InvalidNameError(
             f"invalid segment name {name!r}: use 1 to 200 characters from "
             "A-Z a-z 0-9 and _ . : @ + - (no '/', no '..'), or pass path= for a file"
@@ -1641,7 +1646,7 @@ def list_segments() -> Iterator[tuple[str, str]]:
     for entry in entries:
         if entry.startswith(PREFIX):  # creation temp files start with "."
             name = entry[len(PREFIX):]
-            if _NAME_RE.fullmatch(name):
+            if _is_valid_name(name):  # (anyone may make "shmkit.." there)
                 yield name, os.path.join(SHM_DIR, entry)
 
 
