@@ -1210,3 +1210,35 @@ def test_threads_closing_one_handle_at_once_close_nothing_else(readonly):
     assert not errors, errors[:3]
     assert broken == 0, f"{broken} descriptors of another thread's were closed"
     assert left == 0
+
+
+_MADE_AT_A_PATH = {
+    "Segment": lambda p: shmkit.Segment(path=p, size=4096),
+    "Store": lambda p: shmkit.Store(path=p, create=True),
+    "Heap": lambda p: shmkit.Heap(path=p, size=1 << 16, create=True),
+    "Channel": lambda p: shmkit.Channel(path=p, create=True),
+    "Queue": lambda p: shmkit.Queue(path=p, create=True),
+    "Mutex": lambda p: shmkit.Mutex(path=p, create=True),
+    "RWLock": lambda p: shmkit.RWLock(path=p, create=True),
+    "Event": lambda p: shmkit.Event(path=p, create=True),
+    "Semaphore": lambda p: shmkit.Semaphore(path=p, create=True),
+    "Condition": lambda p: shmkit.Condition(path=p, create=True),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_MADE_AT_A_PATH))
+def test_every_kind_opens_by_path_alone(tmp_path, kind):
+    # Channel.open, Queue.open and the locks' open took a name as a required
+    # argument, so open(path=...) raised TypeError where Segment.open worked.
+    path = str(tmp_path / "obj")
+    cls = getattr(shmkit, kind)
+    made = _MADE_AT_A_PATH[kind](path)
+    try:
+        again = cls.open(path=path)
+        assert again.name == made.name == path
+        again.close()
+        with pytest.raises(shmkit.InvalidNameError, match="needs a name or a path"):
+            cls.open()
+    finally:
+        made.unlink()
+        made.close()

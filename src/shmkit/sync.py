@@ -156,7 +156,7 @@ class _Placed:
         return cast(Any, cls)(name, *args, create=True, **kwargs)
 
     @classmethod
-    def open(cls, name: str, **kwargs: Any) -> Any:
+    def open(cls, name: str | None = None, **kwargs: Any) -> Any:
         """Open it by name; :class:`NotFoundError` if there is none."""
         return cast(Any, cls)(name, create=False, **kwargs)
 
