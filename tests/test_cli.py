@@ -373,6 +373,33 @@ def test_rm_removes_reports_missing_and_carries_on(names: Any, holder: Any) -> N
     assert "invalid segment name" in cli("rm", "-y", "bad name!", rc=1).stderr
 
 
+def test_removing_objects_that_are_not_queues_never_lists_dev_shm(names: Any,
+                                                                   monkeypatch: Any) -> None:
+    # Each removal looked for Queue payload files by listing the whole of
+    # /dev/shm, whatever the kind: `shmkit rm` of 8,000 objects took 11 s,
+    # of 20,000 two minutes.  Only a queue has payload files.
+    made = [names() for _ in range(6)]
+    for n in made[:3]:
+        shmkit.Segment(n, size=64).close()
+    for n in made[3:]:
+        shmkit.Store(n, create=True, lifetime="persistent").close()
+    queue = shmkit.Queue(name=names())
+    queue.put(bytes(1 << 20))  # one payload file
+    listed: list[str] = []
+    real = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda d=".": listed.append(str(d)) or real(d))
+    for n in made[:3]:
+        inspect.remove(n)
+    for n in made[3:]:
+        shmkit.unlink(n)
+    assert listed == [] and not any(os.path.exists(shm(n)) for n in made)
+    path = queue.path
+    inspect.remove(queue.name)  # a queue's payloads still go with it
+    queue.close()
+    assert listed and not [e for e in real("/dev/shm")
+                           if e.startswith(os.path.basename(path) + "~oob.")]
+
+
 def test_rm_by_path_refuses_a_file_that_is_not_a_segment(tmp_path: Any, holder: Any) -> None:
     seg = str(tmp_path / "seg.shm")
     holder(f"s = shmkit.Segment(path={seg!r}, size=10); s.close()")

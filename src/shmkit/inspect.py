@@ -1055,8 +1055,11 @@ def remove(target: str) -> dict[str, Any]:
         os.unlink(path)
     except FileNotFoundError:
         raise NotFoundError(f"{target!r} was removed meanwhile ({path})") from None
-    # a Queue's payload files (its big objects) go with it, as with shmkit.unlink()
-    load("shmkit.channel")._remove_payloads(path)
+    # a Queue's payload files (its big objects) go with it, as with shmkit.unlink();
+    # only a queue has them (or a file whose header could not say), and looking
+    # lists the whole of /dev/shm: once per object removed would be quadratic
+    if facts["kind"] in (None, "queue"):
+        load("shmkit.channel")._remove_payloads(path)
     return facts
 
 

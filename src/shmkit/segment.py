@@ -1655,9 +1655,30 @@ def unlink(name: str) -> None:
     A Queue's payload files (its big objects) go with it, as with
     ``Queue.unlink()``."""
     path = segment_path(name)
+    queue = _may_be_a_queue(path)
     try:
         os.unlink(path)
     except FileNotFoundError:
         raise NotFoundError(f"no segment named {name!r}") from None
-    from .channel import _remove_payloads  # (channel imports this module)
-    _remove_payloads(path)
+    if queue:
+        from .channel import _remove_payloads  # (channel imports this module)
+        _remove_payloads(path)
+
+
+def _may_be_a_queue(path: str) -> bool:
+    """Whether the file at ``path`` may be a Queue's: its header says so, or
+    cannot say.  Only a queue has payload files, and looking for them lists
+    the whole of /dev/shm: removing many objects one by one would list it
+    once per object."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return True
+    try:
+        head = os.pread(fd, _HDR["kind"] + 4, 0)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return (len(head) < _HDR["kind"] + 4 or head[:8] != MAGIC
+            or struct.unpack_from("=I", head, _HDR["kind"])[0] == Kind.QUEUE)
