@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -574,6 +575,30 @@ def test_demo_runs_senders_and_a_receiver_to_a_summary() -> None:
     proc = cli("demo", "--senders", "2", "--records", "500", "--quiet")
     assert "1,000 from 2 senders" in proc.stdout, proc.stdout
     assert "every sender's records arrived once, in order" in proc.stdout
+
+
+def test_ctrl_c_in_a_terminal_ends_the_demo_without_tracebacks() -> None:
+    # A terminal's Ctrl-C reaches every program of the demo's process group:
+    # each sender printed a KeyboardInterrupt traceback.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmkit", "demo", "--senders", "2", "--records", "100000000",
+         "--quiet"], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=_env())
+    try:
+        deadline = time.monotonic() + 30
+        while not glob.glob(f"/dev/shm/shmkit.demo-logs-{proc.pid}-*"):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(1.0)  # the senders are sending
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert "interrupted" in out
+    assert not glob.glob(f"/dev/shm/shmkit.demo-logs-{proc.pid}-*")
 
 
 def test_bench_outside_a_checkout_says_how_to_get_them(tmp_path: Any) -> None:
