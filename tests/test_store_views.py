@@ -265,3 +265,27 @@ def test_read_timeout_is_checked(name):
         with pytest.raises(error, match="^read_timeout must be a number of seconds"):
             Store(name, read_timeout=bad)
     assert not os.path.exists(shmkit.segment.segment_path(name))
+
+
+def test_a_store_closed_while_a_view_is_out_refuses_every_call_and_keeps_the_view(name):
+    # The view keeps the mapping: reads through the closed handle went on
+    # working, and view() blamed its attach slot (ValueError) instead of
+    # the close.
+    st = Store(name, create=True)
+    st["a"] = b"x" * 100
+    held = st.view("a")
+    view = held.__enter__()
+    st.close()
+    calls = {
+        "get": lambda: st.get("a"), "put": lambda: st.__setitem__("b", b"y"),
+        "del": lambda: st.__delitem__("a"), "len": lambda: len(st), "iter": lambda: list(st),
+        "get_many": lambda: st.get_many(["a"]), "update": lambda: st.update({"c": 1}),
+        "view": lambda: st.view("a").__enter__(), "contains": lambda: "a" in st,
+    }
+    for what, call in calls.items():
+        with pytest.raises(shmkit.ClosedError, match="closed"):
+            call()
+    assert bytes(view) == b"x" * 100  # the view still reads what it held
+    held.__exit__(None, None, None)
+    with Store.open(name) as again:
+        assert again["a"] == b"x" * 100 and "b" not in again and "c" not in again

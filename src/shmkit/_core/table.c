@@ -1251,7 +1251,9 @@ view_hold(TCore *t)
                       "view() counts itself in the store's header, which a "
                       "readonly=True handle cannot write; use get_into() or get(), "
                       "or open the store writable");
-    if (token == 0 || slot >= view_slots(t))
+    if (token == 0) /* detached by a close in another thread, still mapped for its pins */
+        return shm_fail(TE_CLOSED, "the store is closed in this process; open it again");
+    if (slot >= view_slots(t))
         return shm_fail(TE_VALUE,
                       "view() is available to the first %u attachments of a store and "
                       "this process holds attach slot %u; use get_into() or get()",

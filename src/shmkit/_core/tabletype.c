@@ -112,6 +112,13 @@ raising(TableObject *t, int r)
 static uint64_t
 tt_enter(TableObject *t)
 {
+    /* Closed while views were out, which keep it mapped: refused as closed
+     * (a batch open meanwhile still ends, t_batch_end_as) */
+    if (__builtin_expect(t->c.m != NULL && t->c.m->closing, 0)) {
+        shm_fail(TE_CLOSED, "the store is closed in this process; open it again");
+        t_raise(t);
+        return 0;
+    }
     uint64_t end = t_enter(&t->c);
     if (end == 0)
         t_raise(t);
@@ -1617,7 +1624,9 @@ t_batch_end_as(TableObject *t, int commit, unsigned long owner, int outermost)
      * the batch's end then discards every write of them all. */
     if (!commit && outermost && t->c.batch_depth > 1)
         t->batch_doomed = 1;
-    if (--t->c.batch_depth == 0 && tt_live(t) == 0) {
+    if (--t->c.batch_depth == 0 && tt_live(t) < 0)
+        r = -1; /* unmapped meanwhile: ClosedError, raised */
+    else if (t->c.batch_depth == 0) {
         int doomed = t->batch_doomed;
         t->batch_doomed = 0;
         if (commit && !doomed)
