@@ -313,19 +313,20 @@ def _header(version: int = 1, kind: int = 1, max_slots: int = 4, size: int = 0) 
 
 
 def test_half_created_and_corrupt_segments_are_listed(names: Any, holder: Any) -> None:
-    half, creating, garbage, badkind, future, short = (names() for _ in range(6))
+    half, creating, garbage, badkind, future, short, cut = (names() for _ in range(7))
     _write(shm(half), bytes(8192))                      # the creator died before the magic
     _write(shm(garbage), os.urandom(8192))
     _write(shm(badkind), _header(kind=99))
     _write(shm(future), _header(version=7))
     _write(shm(short), MAGIC + bytes(100))
+    _write(shm(cut), _header()[:4200])                  # a whole header page, cut short
     _write(shm(creating), bytes(8192))
     holder(f"""
         from shmkit import _core  # a creator still at work: it holds the init lock
         fd = os.open({shm(creating)!r}, os.O_RDWR)
         assert _core.ofd_lock(fd, 0, 1)
     """)
-    todo = [half, creating, garbage, badkind, future, short]
+    todo = [half, creating, garbage, badkind, future, short, cut]
     states = {o["name"]: o["state"] for o in cli_json("ls", *todo)}
     assert states[half] == "half-created"
     assert states[creating] == "creating"
@@ -333,6 +334,7 @@ def test_half_created_and_corrupt_segments_are_listed(names: Any, holder: Any) -
     assert states[badkind] == "corrupt: an unknown kind 99"
     assert states[future] == "format v7"
     assert states[short].startswith("corrupt: the file is")
+    assert states[cut] == "corrupt: the file holds only 4200 bytes, less than its 8192-byte header"
 
     table = cli("ls").stdout
     assert "half-created" in table and "format v7" in table
@@ -347,8 +349,8 @@ def test_half_created_and_corrupt_segments_are_listed(names: Any, holder: Any) -
     assert removed == [half]
     assert not os.path.exists(shm(half))
     assert all(os.path.exists(shm(n)) for n in todo if n != half)
-    cli("rm", "--yes", garbage, badkind, future, short)
-    assert not any(os.path.exists(shm(n)) for n in (garbage, badkind, future, short))
+    cli("rm", "--yes", garbage, badkind, future, short, cut)
+    assert not any(os.path.exists(shm(n)) for n in (garbage, badkind, future, short, cut))
 
 
 # -- rm -----------------------------------------------------------------------

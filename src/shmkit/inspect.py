@@ -218,8 +218,12 @@ def _read_header(fd: int, st: os.stat_result, out: dict[str, Any]) -> None:
         out["state"] = f"format v{version}"
         return
     except CorruptError as e:
-        reason = str(e).strip()
-        out["state"] = "corrupt: " + (reason[4:] if reason.startswith("has ") else reason)
+        reason = str(e).strip()  # its texts start after the segment's name, here ""
+        if reason.startswith("has "):
+            reason = reason[4:]
+        elif reason.startswith("'s "):
+            reason = "the" + reason[2:]
+        out["state"] = "corrupt: " + reason
         return
     out.update(
         kind=h.kind.name.lower(), size=h.size, max_size=h.max_size,
