@@ -1662,3 +1662,48 @@ def test_scan_beside_a_resize_never_reports_a_corrupt_file(name, monkeypatch):
     finally:
         other.close()
         seg.close()
+
+
+def test_a_max_size_below_the_size_is_refused_not_raised_to_it(name):
+    # max_size= below size= was raised to the size without a word.
+    for make in (lambda: shmkit.Segment(name, 4096, max_size=10),
+                 lambda: shmkit.Store(name, size=1 << 20, max_size=20000)):
+        with pytest.raises(ValueError, match=r"max_size=\d+ is below size=\d+"):
+            make()
+        assert not os.path.exists(f"/dev/shm/shmkit.{name}")
+    with pytest.raises(ValueError, match="at least 16384 bytes"):
+        shmkit.Store(name, max_size=2000)
+    with shmkit.Store(name, max_size=20000) as st:  # the default size fits under it
+        assert st._seg.max_size == 20000
+        st.unlink()
+
+
+@pytest.mark.parametrize("given, error, text", [
+    ({"mode": "abc"}, ValueError, "mode must be permission bits"),
+    ({"mode": 0o4777}, ValueError, "mode must be permission bits"),
+    ({"size": "x"}, ValueError, "size must be a non-negative int"),
+    ({"size": -1}, ValueError, "size must be a non-negative int"),
+    ({"max_size": "x"}, ValueError, "max_size must be a non-negative int"),
+    ({"size": 1 << 50}, shmkit.SizeLimitError, "beyond"),
+    ({"max_attach": "3"}, TypeError, "max_attach must be an int"),
+])
+def test_an_open_refuses_a_value_no_segment_can_have_as_a_creation_does(name, given, error,
+                                                                      text):
+    # On open these were only compared with the segment's own: a str raised
+    # Python's TypeError from the comparison, size=-1 was taken as agreeing.
+    with shmkit.Segment(name, 4096):
+        fds = len(os.listdir(f"/proc/{os.getpid()}/fd"))
+        for call in (lambda: shmkit.Segment.open(name, **given),
+                     lambda: shmkit.Segment(name, **{"size": 4096, **given})):
+            with pytest.raises(error, match=text):
+                call()
+        assert len(os.listdir(f"/proc/{os.getpid()}/fd")) == fds  # no handle left open
+
+
+def test_a_regular_file_that_cannot_be_read_is_refused_as_no_segment():
+    # /proc/self/mem is a regular file of ours that no read at offset 0
+    # reaches: the open raised a bare OSError (EIO).
+    for call in (lambda: shmkit.Segment.open(path="/proc/self/mem"),
+                 lambda: shmkit.Store.open(path="/proc/self/mem")):
+        with pytest.raises(shmkit.CorruptError, match="cannot be read as a segment"):
+            call()

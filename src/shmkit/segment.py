@@ -143,6 +143,31 @@ def check_max_attach(max_attach: int) -> int:
     return max_attach
 
 
+def _check_numbers(size: int | None = None, max_size: int | None = None,
+                   mode: int | None = None, max_attach: int | None = None) -> None:
+    """Refuse a given size, max_size, mode or max_attach that no segment can
+    have (None: not given), when creating and when comparing on open."""
+    for what, n in (("size", size), ("max_size", max_size)):
+        if n is None:
+            continue
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"{what} must be a non-negative int, not {n!r}")
+        if n > _MAX_RESERVE:
+            raise SizeLimitError(f"{what}={n} is beyond the {_MAX_RESERVE} bytes (64 TiB) "
+                                 "of address space a segment can map; ask for less")
+    if max_size is not None and size is not None and max_size < size:
+        raise ValueError(f"max_size={max_size} is below size={size}: max_size is the most "
+                         "the size may grow to; give at least the size, or leave max_size "
+                         "out")
+    if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool)
+                             or not 0 <= mode <= 0o777):
+        # set-user-ID, set-group-ID and sticky bits mean nothing here, and an
+        # unprivileged creator would silently lose the first two
+        raise ValueError(f"mode must be permission bits 0..0o777, like 0o600, not {mode!r}")
+    if max_attach is not None:
+        check_max_attach(max_attach)
+
+
 def _is_valid_name(name: str) -> bool:
     """Whether ``name`` can name a segment (``.`` and ``..`` name no file)."""
     return name not in (".", "..") and _NAME_RE.fullmatch(name) is not None
@@ -709,6 +734,8 @@ class Segment(Closing):
         self = cls.__new__(cls)
         asked = {k: kwargs.pop(k) for k in _ASKED if kwargs.get(k) is not None} \
             if kwargs else None
+        if asked:  # compared after the open: refused first if no segment can have it
+            _check_numbers(**{k: v for k, v in asked.items() if k != "lifetime"})
         self._attach(name, kwargs.pop("path", None), size=None, create=False, **kwargs)
         if asked:
             self._refuse_disagreeing(**asked)
@@ -781,29 +808,11 @@ class Segment(Closing):
         self._lock_obj = None
         if lifetime not in ("persistent", "attached"):
             raise ValueError(f"lifetime must be 'persistent' or 'attached', not {lifetime!r}")
-        if create is not False:
-            if size is None:
-                if create:
-                    raise ValueError("create() needs size=")
-            elif not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise ValueError(f"size must be a non-negative int, not {size!r}")
-            elif size > _MAX_RESERVE:
-                raise SizeLimitError(f"size={size} is beyond the {_MAX_RESERVE} bytes "
-                                     "(64 TiB) a segment can map; ask for less")
-            if max_size is not None and (not isinstance(max_size, int)
-                                         or isinstance(max_size, bool) or max_size < 0):
-                raise ValueError(f"max_size must be a non-negative int, not {max_size!r}")
-            if max_size is not None and max_size > _MAX_RESERVE:
-                raise SizeLimitError(f"max_size={max_size} is beyond the {_MAX_RESERVE} "
-                                     "bytes (64 TiB) of address space a segment can reserve")
-            check_max_attach(max_attach)
-            if readonly and create:
-                raise ValueError("cannot create a segment readonly=True")
-            if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:
-                # set-user-ID, set-group-ID and sticky bits mean nothing here,
-                # and an unprivileged creator would silently lose the first two
-                raise ValueError(f"mode must be permission bits 0..0o777, like 0o600, not "
-                                 f"{mode!r}")
+        if size is None and create:
+            raise ValueError("create() needs size=")
+        _check_numbers(size=size, max_size=max_size, mode=mode, max_attach=max_attach)
+        if readonly and create:
+            raise ValueError("cannot create a segment readonly=True")
         may_create = create is not False and size is not None and not readonly
         for _ in range(100):
             # Open first: creating builds a whole file (payload included)
@@ -971,7 +980,14 @@ class Segment(Closing):
         pause = 0.0005
         while True:
             st = st or os.fstat(fd)
-            raw = os.pread(fd, _HEADER_BYTES, 0)
+            try:
+                raw = os.pread(fd, _HEADER_BYTES, 0)
+            except OSError as e:  # a file of /proc, say: regular, ours, and no segment
+                if e.errno in (errno.EINTR, errno.ENOMEM):
+                    raise
+                raise CorruptError(f"{where}'s file cannot be read as a segment "
+                                   f"({e.strerror}): it is not a shmkit segment; check the "
+                                   "name or path") from None
             if raw[:8] == MAGIC:
                 if len(raw) < _HEADER_BYTES:
                     raise CorruptError(

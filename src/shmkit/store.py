@@ -46,7 +46,7 @@ from .errors import (
     OwnerDiedWarning,
     UnsupportedTypeError,
 )
-from .segment import PAGE, Kind, Segment, _align, at_fork_in_child
+from .segment import PAGE, Kind, Segment, _align, _check_numbers, at_fork_in_child
 from .sync import optional_seconds
 
 __all__ = ["Store"]
@@ -378,8 +378,15 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         if read_timeout is DEFAULT:
             read_timeout = timeout if timeout is not None else READ_TIMEOUT
         read_timeout = optional_seconds(read_timeout, "read_timeout")
-        if max_size is not None and max_size > 1 << 44:
-            raise ValueError("max_size cannot exceed 16 TiB")
+        default_size = _DEFAULT_SIZE
+        if max_size is not None:
+            _check_numbers(max_size=max_size)
+            if max_size > 1 << 44:
+                raise ValueError("max_size cannot exceed 16 TiB")
+            if max_size < _MIN_SIZE:
+                raise ValueError(f"max_size must be at least {_MIN_SIZE} bytes, a store's "
+                                 f"smallest size, not {max_size!r}")
+            default_size = min(max_size, _DEFAULT_SIZE)  # (a larger size= is refused)
         layout = {"format": FORMAT, "codec": (None if codec is DEFAULT else codec) or "none"}
 
         extra = {}
@@ -388,7 +395,7 @@ class Store(SharedObject, _core.Table, MutableMapping):  # type: ignore[misc]
         if max_attach is not DEFAULT:
             extra["max_attach"] = max_attach
         seg = attach_segment(Kind.STORE, name, path,
-                             size=(size or _DEFAULT_SIZE) if create is not False else None,
+                             size=(size or default_size) if create is not False else None,
                              create=create, layout=layout, init=_format, readonly=readonly,
                              mode=mode, max_size=max_size, trust_owner=trust_owner, **extra)
         self._on_destroy = on_destroy
