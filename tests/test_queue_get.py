@@ -677,7 +677,7 @@ def test_closing_a_queue_refuses_get_and_drops_nothing_else(name):
     get = q.get
     q.close()
     for call in (get, q.get, q.get_nowait, q._get_boxed):
-        with pytest.raises(ValueError, match="is closed"):
+        with pytest.raises(shmkit.ClosedError, match="is closed"):  # (a ValueError)
             call()
     with shmkit.Queue.open(name) as again:
         assert again.get(timeout=10) == "a"
@@ -783,7 +783,7 @@ def test_a_get_inside_a_get_and_a_changed_box_lose_nothing(name):
         q.put(_Calls(_close_inside))
         q.put("left")
         assert q.get(timeout=10) == "closed inside"
-        with pytest.raises(ValueError, match="is closed"):
+        with pytest.raises(shmkit.ClosedError, match="is closed"):  # (a ValueError)
             q.get()
         with shmkit.Queue.open(name) as again:
             assert again.get(timeout=10) == "left"
@@ -983,7 +983,7 @@ def test_a_changed_box_whose_contents_close_the_queue_as_it_goes(name):
     box = q._get_boxed()  # "a", left in the box
     box.append(_ClosesOnDel(q))
     del box
-    with pytest.raises(ValueError, match="is closed"):
+    with pytest.raises(shmkit.ClosedError, match="is closed"):  # (a ValueError)
         q.get(timeout=10)
     with shmkit.Queue.open(name) as again:
         assert again.get(timeout=10) == "b"

@@ -48,6 +48,7 @@ from . import _core
 from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
 from .errors import (
     ChannelClosed,
+    ClosedError,
     CorruptError,
     Empty,
     FormatVersionError,
@@ -1627,7 +1628,7 @@ class Queue(SharedObject, _core.QueueCore):
         a small header naming it.  Raises :class:`OutOfSpaceError` when
         /dev/shm has no room for them (nothing is left behind)."""
         if self._closed:
-            raise ValueError(f"Queue {self!r} is closed")
+            raise ClosedError(f"Queue {self!r} is closed in this process; open it again")
         if not block and timeout is not None:
             _core.nowait_timeout_check(timeout, "put()", "block")
         try:
@@ -1652,7 +1653,7 @@ class Queue(SharedObject, _core.QueueCore):
 
     def _pack(self, obj: Any) -> tuple[bytes, _Outgoing | _PooledOutgoing | None]:
         if self._closed:
-            raise ValueError(f"Queue {self!r} is closed")
+            raise ClosedError(f"Queue {self!r} is closed in this process; open it again")
         return _pack(obj, self._path, self._oob_limit - 1, self.name, self._seg._mapping,
                      None, self._payload_pool())
 
@@ -1804,12 +1805,12 @@ class Queue(SharedObject, _core.QueueCore):
         it; once closed, as it was when opened."""
         try:
             return self._live()._max_items
-        except ValueError:  # closed (ClosedError is one too, in a race with close())
+        except ValueError:  # closed: ClosedError, a ValueError as multiprocessing raises
             return self._maxsize
 
     def _live(self) -> Channel:
         if self.closed:
-            raise ValueError(f"Queue {self!r} is closed")
+            raise ClosedError(f"Queue {self!r} is closed in this process; open it again")
         return self._ch  # type: ignore[return-value]
 
     def __repr__(self) -> str:

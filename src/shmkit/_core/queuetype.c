@@ -97,7 +97,8 @@ static PyObject *
 queue_get(QueueCoreObject *q, PyObject *timeout, int nowait)
 {
     if (q->ring == NULL) {
-        PyErr_Format(PyExc_ValueError, "Queue %R is closed", (PyObject *)q);
+        PyErr_Format(shm_state_of((PyObject *)q)->ClosedError,
+                     "Queue %R is closed in this process; open it again", (PyObject *)q);
         return NULL;
     }
     /* held for the call: another thread may close the queue meanwhile */
