@@ -1707,3 +1707,15 @@ def test_a_regular_file_that_cannot_be_read_is_refused_as_no_segment():
                  lambda: shmkit.Store.open(path="/proc/self/mem")):
         with pytest.raises(shmkit.CorruptError, match="cannot be read as a segment"):
             call()
+
+
+@pytest.mark.parametrize("create", [1, 0, "x"])
+def test_create_takes_true_false_or_none_only(name, create):
+    # create=1 was taken as "not True": it opened an existing object where
+    # create-only was meant.
+    with shmkit.Store(name, create=True):
+        for call in (lambda: shmkit.Store(name, create=create),
+                     lambda: shmkit.Queue(name=name, create=create),
+                     lambda: shmkit.Channel(name, create=create)):
+            with pytest.raises(TypeError, match="create must be True"):
+                call()

@@ -808,6 +808,10 @@ class Segment(Closing):
         self._lock_obj = None
         if lifetime not in ("persistent", "attached"):
             raise ValueError(f"lifetime must be 'persistent' or 'attached', not {lifetime!r}")
+        if create is not None and create is not True and create is not False:
+            # (create=1 read as "not True" opened an existing object)
+            raise TypeError(f"create must be True (create only), False (open only) or None "
+                            f"(either), not {create!r}")
         if size is None and create:
             raise ValueError("create() needs size=")
         _check_numbers(size=size, max_size=max_size, mode=mode, max_attach=max_attach)

@@ -528,9 +528,10 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
         ring_take_begin(h, &tk);
         int k = ring_next(r, &tk, &pos, &len);
         if (k == T_READY && how == R_INTO && (Py_ssize_t)len > into->len) {
-            PyErr_Format(PyExc_ValueError, "the next message on channel %R has %u bytes, "
-                         "more than the buffer's %zd; it stays in the channel", r->name,
-                         len, into->len);
+            PyErr_Format(shm_state_of((PyObject *)r)->MessageTooLarge,
+                         "the next message on channel %R has %u bytes, more than the "
+                         "buffer's %zd; it stays in the channel: receive it into a larger "
+                         "buffer, or with recv()", r->name, len, into->len);
             k = -1;
         }
         int lend = k == T_READY && (how != R_COPY || len >= BIG_COPY);
@@ -783,6 +784,11 @@ Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
     if (stop < 0)
         return NULL;
     Py_ssize_t max_n = 1024;
+    if (a[0] && PyBool_Check(a[0])) { /* an int, but never meant as a count */
+        PyErr_SetString(PyExc_TypeError, "recv_many(max_n): max_n is how many messages "
+                                         "to take at most, an int, not a bool");
+        return NULL;
+    }
     if (a[0] && (max_n = PyNumber_AsSsize_t(a[0], PyExc_OverflowError)) == -1 &&
         PyErr_Occurred())
         return NULL;
