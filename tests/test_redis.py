@@ -1334,3 +1334,55 @@ def test_the_two_machine_example_runs(server: Server) -> None:
     assert out.returncode == 0, out.stderr
     assert "500 jobs and 500 prices crossed from A to B" in out.stdout
     assert "every one once, in order" in out.stdout
+
+
+def test_a_from_bridge_leaves_pending_what_its_ended_local_channel_refused(
+        server: Server, prefix: str, name: str) -> None:
+    """The local channel was ended: the bridge stops (exit 1) and every message
+    it could not send stays pending on Redis; a bridge into the channel made
+    again delivers them all."""
+    ch = shmkit.Channel(name, capacity=1 << 16)
+    ch.close_sending()
+    ns = shmkit.connect(server.url, prefix=prefix)
+    rc = ns.Channel("held")
+    rc.send_many([b"m%d" % i for i in range(5)])
+    p = _bridge("from", server.url, prefix, name, "held")
+    assert p.wait(timeout=60) == 1
+    assert rc.statistics()["depth"] == 5
+    assert "5 messages stay pending on Redis" in p.stderr.read()
+    ch.close()
+    ch.unlink()
+    ch = shmkit.Channel(name, capacity=1 << 16)
+    p = _bridge("from", server.url, prefix, name, "held")
+    try:
+        assert [ch.recv(timeout=10) for _ in range(5)] == [b"m%d" % i for i in range(5)]
+    finally:
+        assert _stop(p, signal.SIGINT) == 0
+    assert rc.statistics()["depth"] == 0
+    ch.close()
+    ns.close()
+
+
+def test_a_from_bridge_sets_aside_a_message_too_large_for_its_local_channel(
+        server: Server, prefix: str, name: str) -> None:
+    """One message larger than the local channel can hold goes to the stream
+    <key>:rejected with the reason, the bridge says so and carries the others."""
+    ch = shmkit.Channel(name, capacity=4096)
+    ns = shmkit.connect(server.url, prefix=prefix)
+    rc = ns.Channel("big")
+    rc.send_many([b"a", b"x" * 10_000, b"b"])
+    p = _bridge("from", server.url, prefix, name, "big")
+    try:
+        assert [ch.recv(timeout=10) for _ in range(2)] == [b"a", b"b"]
+    finally:
+        assert _stop(p, signal.SIGINT) == 0
+    err = p.stderr.read()
+    assert "10000 bytes" in err and ":rejected" in err, err
+    rejected = ns.r.xrange(ns.key("big") + ":rejected")
+    assert len(rejected) == 1 and rejected[0][1][b"d"] == b"x" * 10_000
+    assert b"10000 bytes" in rejected[0][1][b"why"]
+    assert rc.statistics()["depth"] == 0
+    rc.unlink()
+    assert not ns.r.exists(ns.key("big") + ":rejected")
+    ch.close()
+    ns.close()

@@ -10,7 +10,10 @@ direction and machine carries the messages across::
 ``redeliver=True``, up to ``--batch`` at a time, one by default), adds them
 to the stream (XADD), and only then releases them.  ``--from`` reads the
 stream as the consumer ``bridge:<host>:<name>``, sends each message into the
-local channel, and acknowledges it on Redis only after that send returned.
+local channel, and acknowledges it on Redis only after that send returned;
+a message the local channel can never hold (or an entry shmkit did not
+write) is moved to the stream ``<key>:rejected`` with a warning, and a local
+channel that was ended stops the bridge (exit 1) with the rest left pending.
 
 Where duplicates and losses can occur (docs/redis.md has the whole table):
 
@@ -333,7 +336,7 @@ class Bridge:
             pause = min(pause * 2, 0.05)
 
     def _from(self) -> int:
-        from ..errors import BackendError, ChannelClosed, Timeout
+        from ..errors import BackendError, ChannelClosed, CorruptError, Timeout
         rch = self.remote
         while not self.stopping:
             if self._lag_due():
@@ -342,35 +345,69 @@ class Bridge:
                 except BackendError:
                     pass  # the receive below retries and says so
             try:
-                # acknowledges the previous batch: every one of it was sent locally
+                # acknowledges the previous batch: every one of it was handed on
                 msgs = self._retrying("receive", lambda: rch._take(self._batch, _POLL))
             except ChannelClosed:
                 self.local.close_sending()
                 self.log("shmkit bridge: the stream was ended; the local channel is ended too")
                 return 0
+            except CorruptError as e:  # set aside already: the bridge goes on
+                self.log(f"shmkit bridge: warning: {e}")
+                continue
             except BackendError:
                 return 1
-            for i, msg in enumerate(msgs):
-                while True:
-                    if self.stopping:
-                        # the unsent ones stay pending for this consumer name
-                        rch._unacked = rch._unacked[:len(rch._unacked) - len(msgs) + i]
-                        self._retrying("acknowledge", rch.ack)
-                        return 0
-                    try:
-                        self.local.send(msg, timeout=_POLL)
+            # the batch's ids, in order: the last ones this handle received
+            ids = rch._unacked[len(rch._unacked) - len(msgs):]
+            done = 0  # messages handed on (sent, or set aside)
+            try:
+                for msg in msgs:
+                    if not self._hand_on(msg, ids[done]):
                         break
-                    except Timeout as e:
-                        if not e._deadline:  # (a signal handler's own)
-                            raise
-                        continue
-                self._count(1)
+                    done += 1
+            except ChannelClosed:
+                self._keep_pending(ids[done:])
+                self._retrying("acknowledge", rch.ack)
+                self.log(f"shmkit bridge: the local channel {self.name!r} was ended "
+                         f"(close_sending()); {len(msgs) - done} messages stay pending on "
+                         "Redis for the next bridge: unlink the local channel, create it "
+                         "again and start the bridge again")
+                return 1
+            except BaseException:
+                self._keep_pending(ids[done:])  # close() acknowledges only those handed on
+                raise
+            if done < len(msgs):  # stopped: the others stay pending for this consumer name
+                self._keep_pending(ids[done:])
+                self._retrying("acknowledge", rch.ack)
+                return 0
         try:
             self._retrying("acknowledge", rch.ack)
         except BackendError:
             return 1
         return 0
 
+    def _keep_pending(self, ids: list[bytes]) -> None:
+        """Leave these received messages unacknowledged: they were not handed on."""
+        left = set(ids)
+        self.remote._unacked = [i for i in self.remote._unacked if i not in left]
+
+    def _hand_on(self, msg: bytes, ident: bytes) -> bool:
+        """Send one message into the local channel; False if stopped first.  A
+        message the local channel can never hold is set aside on Redis."""
+        from ..errors import MessageTooLarge, Timeout
+        while not self.stopping:
+            try:
+                self.local.send(msg, timeout=_POLL)
+                self._count(1)
+                return True
+            except Timeout as e:
+                if not e._deadline:  # (a signal handler's own)
+                    raise
+            except MessageTooLarge as e:
+                why = f"is {len(msg)} bytes, more than local channel {self.name!r} holds"
+                err = self._retrying("set aside", lambda: self.remote._reject(ident, why))
+                self.log(f"shmkit bridge: warning: {err} ({e})")
+                return True
+        return False
 
     def _topic_to(self) -> int:
         from ..errors import BackendError, MessagesLost

@@ -30,6 +30,7 @@ from .._object import DEFAULT, _Default, given
 from ..errors import (
     _timed_out,
     ChannelClosed,
+    CorruptError,
     Empty,
     Full,
     MessageTooLarge,
@@ -74,6 +75,25 @@ _ACK = """
 if #ARGV == 0 then return 0 end
 redis.call('xack', KEYS[1], 'shmkit', unpack(ARGV))
 return redis.call('xdel', KEYS[1], unpack(ARGV))
+"""
+
+#: The suffix of a channel's stream of set-aside entries: what a receiver could
+#: not hand on (another program's entry, a message too large for a bridge's
+#: local channel), kept there until someone deletes it.
+REJECTED = ":rejected"
+
+# KEYS[1] stream, KEYS[2] its rejected stream; ARGV[1] id, ARGV[2] why.  Copies
+# the entry (its fields as they are) with the reason, then acknowledges and
+# removes it: one step, so it is in one of the two streams at every moment.
+_REJECT = """
+local fields = {'why', ARGV[2], 'id', ARGV[1]}
+local e = redis.call('xrange', KEYS[1], ARGV[1], ARGV[1])
+if e[1] then
+  for _, v in ipairs(e[1][2]) do fields[#fields + 1] = v end
+end
+redis.call('xadd', KEYS[2], '*', unpack(fields))
+redis.call('xack', KEYS[1], 'shmkit', ARGV[1])
+return redis.call('xdel', KEYS[1], ARGV[1])
 """
 
 
@@ -123,6 +143,7 @@ class Channel(RedisObject):
 
     _kind = "channel"
     _maxsize = 0
+    _extra_keys = (REJECTED,)
 
     def __init__(self, ns: RedisNamespace, name: str, capacity: int | _Default = DEFAULT, *,
                  create: bool | None = None, claim_idle: float = CLAIM_IDLE,
@@ -151,6 +172,8 @@ class Channel(RedisObject):
         self._last_claim = 0.0
         self._send_script = self._r.register_script(_SEND)
         self._ack_script = self._r.register_script(_ACK)
+        self._reject_script = self._r.register_script(_REJECT)
+        self._corrupt: CorruptError | None = None  # raised by the next receive
         self._ensure_group()
         return meta
 
@@ -298,11 +321,30 @@ class Channel(RedisObject):
             if not fields:  # deleted while pending: acknowledge it away
                 dead.append(ident)
                 continue
+            data = fields.get(b"d")
+            if not isinstance(data, bytes):  # another program's entry: set it aside
+                self._corrupt = self._reject(ident, "has no 'd' field")
+                continue
             self._unacked.append(ident)
-            out.append(fields[b"d"])
+            out.append(data)
         if dead:
             self._r.xack(self._key, GROUP, *dead)
+        if not out and self._corrupt is not None:
+            e, self._corrupt = self._corrupt, None
+            raise e
         return out
+
+    def _reject(self, ident: bytes, why: str) -> CorruptError:
+        """Move entry ``ident`` to the rejected stream (acknowledged and removed
+        here); returns the error that tells of it."""
+        rejected = self._key + REJECTED
+        self._reject_script(keys=[self._key, rejected], args=[ident, why])
+        if ident in self._unacked:
+            self._unacked.remove(ident)
+        return CorruptError(
+            f"{self._kind} {self._name!r}: stream entry {ident.decode()} {why}, so it "
+            f"cannot be delivered; it was moved to the stream {rejected!r} (read it "
+            "there with XRANGE, delete that key when done) and the next messages follow")
 
     def _claim(self, count: int) -> list[bytes]:
         self._last_claim = time.monotonic()
@@ -322,6 +364,9 @@ class Channel(RedisObject):
     @guarded  # as _send_some
     def _take(self, count: int, timeout: float | None, nowait: bool = False) -> list[bytes]:
         self._check(False)
+        if self._corrupt is not None:  # set aside by the last receive, which had others
+            e, self._corrupt = self._corrupt, None
+            raise e
         if self._own_first:  # a reused consumer name: its own pending entries first
             got = self._read(count, None, start="0")
             if got:
