@@ -1011,6 +1011,22 @@ def test_import_shmkit_does_not_need_redis() -> None:
     assert "pip install 'shmkit[redis]'" in out.stdout
 
 
+def test_recv_into_hands_back_a_message_it_cannot_write(ns: Any) -> None:
+    """A read-only buffer is refused before receiving, and a buffer too small
+    hands the message back: the next receive of the handle gets it, at once."""
+    ch = ns.Channel("into", claim_idle=30)
+    ch.send(b"hello")
+    with pytest.raises(TypeError):  # (before it received: nothing is lost)
+        ch.recv_into(b"xxxxxxxxxx", timeout=1)
+    with pytest.raises(shmkit.MessageTooLarge):
+        ch.recv_into(bytearray(2), timeout=1)
+    buf = bytearray(10)
+    assert ch.recv_into(buf, timeout=1) == 5 and bytes(buf[:5]) == b"hello"
+    ch.send(b"next")
+    assert ch.recv(timeout=1) == b"next"
+    ch.close()
+    assert ns.Channel("into").statistics()["depth"] == 0
+
 # -- the bridge ------------------------------------------------------------------
 
 

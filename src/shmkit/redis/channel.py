@@ -36,6 +36,7 @@ from ..errors import (
     MessageTooLarge,
     ReadOnlyError,
     ShmkitError,
+    UnsupportedTypeError,
 )
 from ._base import (CHUNK, RedisNamespace, RedisObject, deadline, guard_all, guarded, refuse,
                     remaining)
@@ -283,7 +284,10 @@ class Channel(RedisObject):
 
     def _read(self, count: int, block_ms: int | None, start: str = ">") -> list[bytes]:
         ids, self._unacked = self._unacked, []
-        if ids and self._ns.cluster:  # a cluster's pipelines carry no scripts: one more trip
+        # a cluster's pipelines carry no scripts, and a read of our own pending
+        # entries must not see these again (a missing script would be loaded
+        # after the read): one more trip
+        if ids and (self._ns.cluster or start != ">"):
             try:
                 self._ack_script(keys=[self._key], args=ids)
             except BaseException:
@@ -429,15 +433,28 @@ class Channel(RedisObject):
 
     def recv_into(self, buffer: Buffer, timeout: float | None = None) -> int:
         """Receive into a writable buffer; returns the message's length.  A message
-        larger than the buffer raises :class:`MessageTooLarge` and is left
-        unacknowledged (delivered again after ``claim_idle``)."""
-        out = memoryview(buffer).cast("B")
+        larger than the buffer raises :class:`MessageTooLarge` and is handed back
+        unacknowledged: this handle's next receive gets it again (another handle
+        after ``claim_idle``)."""
+        try:
+            out = memoryview(buffer).cast("B")
+        except TypeError as e:
+            raise UnsupportedTypeError(f"recv_into() needs a writable, contiguous buffer "
+                                       f"(bytearray, memoryview, numpy array): {e}") from e
+        if out.readonly:  # checked before receiving: the message would be lost
+            raise UnsupportedTypeError(
+                "recv_into() needs a writable, contiguous buffer (bytearray, memoryview, "
+                f"numpy array), not a read-only {type(buffer).__name__}")
         msg = self.recv(timeout)
-        if len(msg) > len(out):
-            self._unacked.pop()
-            raise MessageTooLarge(f"a message of {len(msg)} bytes does not fit the buffer's "
-                                  f"{len(out)}; it will be delivered again")
-        out[:len(msg)] = msg
+        try:
+            if len(msg) > len(out):
+                raise MessageTooLarge(f"a message of {len(msg)} bytes does not fit the "
+                                      f"buffer's {len(out)}; it will be delivered again")
+            out[:len(msg)] = msg
+        except BaseException:
+            self._unacked.pop()  # handed back: not acknowledged, and read again first
+            self._own_first = True
+            raise
         return len(msg)
 
     def messages(self, *, timeout: float | None = None,
