@@ -1027,6 +1027,35 @@ def test_recv_into_hands_back_a_message_it_cannot_write(ns: Any) -> None:
     ch.close()
     assert ns.Channel("into").statistics()["depth"] == 0
 
+def test_a_subscriber_starts_over_on_a_topic_made_again_or_lost_in_a_restart(
+        prefix: str) -> None:
+    """The topic unlinked and made again, or the server restarted without its
+    data, and more published on the new stream than the subscriber had read
+    on the old: it gets the new stream from its first message."""
+    s = Server()
+    s.start()
+    try:
+        ns = shmkit.connect(s.url, prefix=prefix)
+        t = ns.Topic("reset")
+        sub = t.subscribe()
+        t.publish_many([b"old%d" % i for i in range(5)])
+        assert sub.recv_many(10, timeout=1) == [b"old%d" % i for i in range(5)]
+        t.unlink()
+        again = ns.Topic("reset")
+        again.publish_many([b"new%d" % i for i in range(7)])
+        assert sub.recv_many(10, timeout=1) == [b"new%d" % i for i in range(7)]
+        s.stop()
+        s.start()  # without persistence: the topic is gone
+        with pytest.raises((shmkit.errors.BackendError, shmkit.Empty)):
+            sub.recv_nowait()  # (the connection broken by the restart, or retried)
+        other = shmkit.connect(s.url, prefix=prefix)
+        other.Topic("reset").publish_many([b"third%d" % i for i in range(9)])
+        assert sub.recv_many(10, timeout=1) == [b"third%d" % i for i in range(9)]
+        other.close()
+        ns.close()
+    finally:
+        s.remove()
+
 # -- the bridge ------------------------------------------------------------------
 
 
@@ -1401,4 +1430,53 @@ def test_a_from_bridge_sets_aside_a_message_too_large_for_its_local_channel(
     rc.unlink()
     assert not ns.r.exists(ns.key("big") + ":rejected")
     ch.close()
+    ns.close()
+
+
+def test_a_topic_from_bridge_starts_over_on_a_remote_topic_made_again(
+        server: Server, prefix: str, name: str) -> None:
+    """The place a --topic --from bridge recorded belongs to its stream: on a
+    topic made again it starts at the new stream's first message; a place
+    that is not one a bridge wrote is replaced, with a warning naming it."""
+    lt = shmkit.Topic(name, capacity=1 << 16)
+    lsub = lt.subscribe()
+    ns = shmkit.connect(server.url, prefix=prefix)
+    rt = ns.Topic("again")
+    def place() -> list[Any]:  # the place's key, once the bridge subscribed
+        end = time.monotonic() + 30
+        while not (found := list(ns.r.scan_iter(f"{prefix}:*:bridge:*"))):
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        return found
+
+    p = _bridge("from", server.url, prefix, name, "again", topic=True)
+    try:
+        place()
+        rt.publish_many([b"old%d" % i for i in range(5)])
+        assert [lsub.recv(timeout=10) for _ in range(5)] == [b"old%d" % i for i in range(5)]
+    finally:
+        assert _stop(p, signal.SIGINT) == 0
+    rt.unlink()
+    rt = ns.Topic("again")
+    rt.publish_many([b"new%d" % i for i in range(7)])
+    p = _bridge("from", server.url, prefix, name, "again", topic=True)
+    try:
+        assert [lsub.recv(timeout=10) for _ in range(7)] == [b"new%d" % i for i in range(7)]
+    finally:
+        assert _stop(p, signal.SIGINT) == 0
+    key, = place()
+    ns.r.set(key, b"\xffgarbage")
+    p = _bridge("from", server.url, prefix, name, "again", topic=True)
+    try:
+        end = time.monotonic() + 30
+        while ns.r.get(key) == b"\xffgarbage":  # until the bridge recorded its own
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        rt.publish(b"after")
+        assert lsub.recv(timeout=10) == b"after"
+    finally:
+        assert _stop(p, signal.SIGINT) == 0
+    assert "garbage" in p.stderr.read()
+    lsub.close()
+    lt.close()
     ns.close()

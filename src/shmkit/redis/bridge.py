@@ -434,24 +434,40 @@ class Bridge:
                 self._count(len(batch))
         return 0
 
+    def _parse_place(self, kept: bytes | None) -> tuple[int, bytes | None] | None:
+        """The recorded place, or None: none yet, or not one a bridge wrote (then
+        it is replaced, with a warning naming it, as on a first start)."""
+        if kept is None:
+            return None
+        try:
+            return _place_value(kept)
+        except (ValueError, UnicodeDecodeError):
+            self.log(f"shmkit bridge: warning: the place recorded at {self._place!r} is "
+                     f"{kept[:40]!r}, not one a bridge writes; starting from the newest "
+                     "message, as a first start does (and recording the place again)")
+            return None
+
     def _topic_from(self) -> int:
         from ..errors import BackendError, MessagesLost, Timeout
+        from ._base import as_bytes_or_none
         from .topic import Subscriber
         assert self._lt is not None and self._rt is not None
         lt, r, place = self._lt, self._rt._r, self._place
         try:
-            kept = self._retrying("read the bridge's place", lambda: r.get(place))
+            kept = self._retrying("read the bridge's place",
+                                  lambda: as_bytes_or_none(r.get(place)))
         except BackendError:
             return 1
         sub: RedisSubscriber
-        if kept is not None:
-            sub = Subscriber(self._rt, int(kept))
+        found = self._parse_place(kept)
+        if found is not None:  # a subscriber of another stream starts over at its first
+            sub = Subscriber(self._rt, found[0], _stream=found[1])
         else:  # a first start: from now on, and a restart goes on from here
             sub = self._rt.subscribe(history=0)
-            start = sub.position
+            start = f"{sub.position}:{sub._stream.decode()}"
             try:
                 self._retrying("record the bridge's place",
-                               lambda: r.set(place, start, nx=True))
+                               lambda: r.set(place, start, nx=kept is None))
             except BackendError:
                 return 1
         while not self.stopping:
@@ -484,12 +500,22 @@ class Bridge:
                     break
             self._count(done)
             if msgs:
-                at = sub.position - (len(msgs) - done)
+                at = f"{sub.position - (len(msgs) - done)}:{sub._stream.decode()}"
                 try:
                     self._retrying("record the bridge's place", lambda: r.set(place, at))
                 except BackendError:
                     return 1
         return 0
+
+
+def _place_value(raw: bytes) -> tuple[int, bytes | None]:
+    """A recorded place ``<number>:<stream stamp>`` (a bare number: an older bridge's,
+    in the topic's stream of now); ValueError if it is neither."""
+    number, colon, stamp = raw.partition(b":")
+    pos = int(number.decode("ascii"))
+    if pos < 0 or not (stamp.isalnum() or not stamp):
+        raise ValueError(raw)
+    return pos, stamp if colon else None
 
 
 def cmd_bridge(args: argparse.Namespace) -> int:

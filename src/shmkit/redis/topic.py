@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import os
+import secrets
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -29,7 +30,8 @@ from .. import _core
 from .._lazy import numpy
 from .._object import DEFAULT, _Default, given
 from ..errors import _timed_out, ClosedError, Empty, MessagesLost, ReadOnlyError
-from ._base import RedisNamespace, RedisObject, deadline, guard_all, refuse, remaining
+from ._base import (RedisNamespace, RedisObject, as_bytes_or_none, deadline, guard_all,
+                    refuse, remaining)
 from .channel import _as_bytes, MAX_MESSAGE
 
 if TYPE_CHECKING:
@@ -109,7 +111,10 @@ class Topic(RedisObject):
         if most < hist:
             raise ValueError(f"maxlen={most} keeps fewer messages than history={hist}; "
                              "give a maxlen of at least the history")
-        meta = self._open_meta(create, {"history": hist, "maxlen": most, "published": 0})
+        # "stream": this stream's own stamp, so that a subscriber tells a topic made
+        # again (or lost by a server restart) from the one it read
+        meta = self._open_meta(create, {"history": hist, "maxlen": most, "published": 0,
+                                        "stream": secrets.token_hex(8)})
         if not self._created:
             for what, asked, have in (("history", history, meta.get("history")),
                                       ("maxlen", maxlen, meta.get("maxlen"))):
@@ -183,7 +188,10 @@ class Topic(RedisObject):
             from ..errors import SizeLimitError
             raise SizeLimitError(f"history={history} is beyond topic {self._name!r}'s "
                                  f"history of {self._history} messages")
-        return Subscriber(self, max(0, self.published - history))
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hmget(self._meta_key, "published", "stream")
+        (published, stream), = pipe.execute()
+        return Subscriber(self, max(0, int(published or 0) - history), _stream=stream or b"")
 
     # -- state ----------------------------------------------------------------
 
@@ -243,9 +251,13 @@ class Subscriber:
     that dies leaves nothing behind.
     """
 
-    def __init__(self, topic: Topic, start: int) -> None:
+    def __init__(self, topic: Topic, start: int, *, _stream: bytes | None = None) -> None:
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
             raise ValueError(f"start must be a message number >= 0, not {start!r}")
+        # the stamp of the stream that ``start`` counts in (default: the topic's now)
+        if _stream is None:
+            _stream = as_bytes_or_none(topic._r.hget(topic._meta_key, "stream")) or b""
+        self._stream = _stream
         self._topic = topic
         self._ns = topic._ns
         self._r = topic._r
@@ -267,15 +279,21 @@ class Subscriber:
     def _fill(self, block_ms: int | None) -> None:
         """Read what follows our place (waiting up to ``block_ms``)."""
         # bytes replies: see _base.as_bytes_or_none
-        got = cast("list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes] | None]]]]",
-                   self._r.xread({self._key: f"{self._pos}-1"}, count=_READ_AT_ONCE,
-                                 block=block_ms))
+        pipe = self._r.pipeline(transaction=False)
+        pipe.xread({self._key: f"{self._pos}-1"}, count=_READ_AT_ONCE, block=block_ms)
+        pipe.hmget(self._topic._meta_key, "stream", "published")  # after the read
+        got, (stream, published) = cast(
+            "tuple[list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes] | None]]]], "
+            "tuple[bytes | None, bytes | None]]", pipe.execute())
+        if (stream or b"") != self._stream or int(published or 0) < self._pos:
+            # Another stream: the topic was removed and made again, or the server
+            # restarted without its data.  What this read got may come from either:
+            # start over from the new stream's beginning.
+            self._stream = stream or b""
+            self._pos = 0
+            return
         if got:
             self._buf.extend((_number(i), f[b"d"]) for i, f in got[0][1] if f)
-        elif self._topic.published < self._pos:
-            # The count went back: the topic was removed and made again, or the
-            # server restarted without its data.  Start over from its beginning.
-            self._pos = 0
 
     def _next(self, timeout: float | None, nowait: bool) -> bytes | None:
         self._live()
