@@ -1056,6 +1056,17 @@ def test_a_subscriber_starts_over_on_a_topic_made_again_or_lost_in_a_restart(
     finally:
         s.remove()
 
+def test_ack_of_many_messages_at_once(ns: Any) -> None:
+    """20,000 messages received and then acknowledged in one call: all of them."""
+    ch = ns.Channel("many")
+    ch.send_many([b"%d" % i for i in range(20_000)])
+    got: list[bytes] = []
+    while len(got) < 20_000:
+        got += ch.recv_many(max_n=20_000, timeout=1)
+    ch.ack()
+    assert ch.statistics()["pending"] == 0 and ch.statistics()["depth"] == 0
+    ch.close()
+
 # -- the bridge ------------------------------------------------------------------
 
 

@@ -71,11 +71,16 @@ for i = 2, n + 1 do redis.call('xadd', KEYS[1], '*', 'd', ARGV[i]) end
 return n
 """
 
-# KEYS[1] stream; ARGV ids: acknowledge and remove, in one step
+# KEYS[1] stream; ARGV ids: acknowledge and remove, in one step (500 ids per
+# call: unpack() of them all would overflow Lua's stack beyond a few thousand)
 _ACK = """
-if #ARGV == 0 then return 0 end
-redis.call('xack', KEYS[1], 'shmkit', unpack(ARGV))
-return redis.call('xdel', KEYS[1], unpack(ARGV))
+local n = 0
+for i = 1, #ARGV, 500 do
+  local j = math.min(i + 499, #ARGV)
+  redis.call('xack', KEYS[1], 'shmkit', unpack(ARGV, i, j))
+  n = n + redis.call('xdel', KEYS[1], unpack(ARGV, i, j))
+end
+return n
 """
 
 #: The suffix of a channel's stream of set-aside entries: what a receiver could
