@@ -1067,6 +1067,34 @@ def test_ack_of_many_messages_at_once(ns: Any) -> None:
     assert ch.statistics()["pending"] == 0 and ch.statistics()["depth"] == 0
     ch.close()
 
+def test_a_forked_child_cannot_release_its_parents_redis_mutex(ns: Any) -> None:
+    """As with the local Mutex, a forked child does not hold its parent's lock:
+    its release() raises RuntimeError and the parent still holds it; and a
+    closed handle's locked(), statistics() and holder_pid() raise ClosedError."""
+    m = ns.Mutex("forked")
+    assert m.acquire(timeout=5)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: say what release() did, and leave at once
+        try:
+            m.release()
+            os.write(w, b"released")
+        except RuntimeError as e:
+            os.write(w, str(e).encode()[:200])
+        finally:
+            os._exit(0)
+    os.close(w)
+    told = os.read(r, 300)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert told.startswith(b"release of a shmkit lock that this process does not hold"), told
+    assert m.locked() and m.holder_pid() == os.getpid()
+    m.release()  # still its own: no LeaseLostError
+    m.close()
+    for call in (m.locked, m.statistics, m.holder_pid):
+        with pytest.raises(shmkit.ClosedError):
+            call()
+
 # -- the bridge ------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ storage the lock guards, and have it refuse a smaller token than it has seen.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -116,6 +117,7 @@ class Mutex(RedisObject):
         self._lease_ms = max(50, int(lease * 1000))
         self._on_destroy = on_destroy
         self._holder: str | None = None
+        self._holder_pid = 0  # the process that took it: a forked child does not hold it
         self._token: int | None = None
         self._recovered = False
         self._lost = threading.Event()
@@ -141,6 +143,7 @@ class Mutex(RedisObject):
         if token == 0:
             return max(int(extra), 1) if int(extra) > 0 else 1
         self._holder, self._token, self._recovered = holder, int(token), bool(extra)
+        self._holder_pid = os.getpid()
         self._since = time.monotonic()
         self._lost.clear()
         self._start_renewer(holder)
@@ -182,6 +185,10 @@ class Mutex(RedisObject):
         holder = self._holder
         if holder is None:
             raise RuntimeError(f"mutex {self._name!r} is not held by this handle")
+        if self._holder_pid != os.getpid():  # as the local Mutex: the holder is the parent
+            raise RuntimeError(f"release of a shmkit lock that this process does not hold "
+                               f"(mutex {self._name!r} is held by pid {self._holder_pid}, "
+                               "which forked this process); release it there")
         self._stop_renewer()
         self._holder = None
         held = time.monotonic() - self._since
@@ -268,10 +275,12 @@ class Mutex(RedisObject):
 
     def locked(self) -> bool:
         """True while anyone holds the lease."""
+        self._live()
         return bool(self._r.exists(self._keys[0]))
 
     def holder_pid(self) -> int | None:
         """The pid of the holder if it runs on this host, else None (free, or remote)."""
+        self._live()
         raw = as_bytes_or_none(self._r.get(self._keys[0]))
         if raw is None:
             return None
@@ -282,6 +291,7 @@ class Mutex(RedisObject):
 
     def statistics(self) -> dict[str, Any]:
         """``{"locked", "holder", "lease_left_ms", "fencing_token", "recovered"}``."""
+        self._live()
         pipe = self._r.pipeline(transaction=False)
         pipe.get(self._keys[0])
         pipe.pttl(self._keys[0])
@@ -297,7 +307,7 @@ class Mutex(RedisObject):
         if self._closed:
             return
         try:
-            if self._holder is not None:
+            if self._holder is not None and self._holder_pid == os.getpid():
                 try:
                     self.release()
                 except LeaseLostError:
