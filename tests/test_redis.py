@@ -1095,6 +1095,32 @@ def test_a_forked_child_cannot_release_its_parents_redis_mutex(ns: Any) -> None:
         with pytest.raises(shmkit.ClosedError):
             call()
 
+def test_a_handle_left_open_after_unlink_cannot_remake_a_meta_of_no_kind(ns: Any) -> None:
+    """A Topic publish or a Channel close_sending through a handle whose object
+    another handle unlinked raises NotFoundError saying so, and writes nothing:
+    the name stays free for every kind."""
+    for make, write in ((ns.Topic, lambda t: t.publish(b"x")),
+                        (ns.Channel, lambda c: c.close_sending())):
+        a, stale = make("gone"), make("gone")
+        a.unlink()
+        with pytest.raises(shmkit.NotFoundError, match="was removed"):
+            write(stale)
+        assert ns.r.keys(f"{ns.prefix}:*") == []
+        st = ns.Store("gone")  # the name is free
+        st["k"] = 1
+        st.unlink()
+        stale.close()
+
+
+def test_a_readonly_redis_channel_cannot_end_it(ns: Any) -> None:
+    ch, ro = ns.Channel("ro"), ns.Channel("ro", readonly=True)
+    with pytest.raises(shmkit.ReadOnlyError):
+        ro.close_sending()
+    assert not ch.sending_closed
+    ch.send(b"still open")
+    ch.close()
+    ro.close()
+
 # -- the bridge ------------------------------------------------------------------
 
 

@@ -381,6 +381,13 @@ class RedisObject:
     def _mismatch(what: str, name: str, param: str, asked: Any, found: Any) -> Exception:
         return mismatch(what, name, param, asked, found)
 
+    def _removed(self) -> NotFoundError:
+        """The error of a write through a handle whose object is gone from Redis."""
+        return NotFoundError(
+            f"{self._kind} {self._name!r} was removed from {self._ns.url} (unlink() by "
+            "another handle, or a server restart without persistence) after this handle "
+            "opened it; nothing was written: open it again to make it anew")
+
     def _live(self) -> None:
         if self._closed:
             raise ClosedError(f"{self._kind} {self._name!r} was closed in this process")

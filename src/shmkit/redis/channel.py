@@ -103,6 +103,15 @@ return redis.call('xdel', KEYS[1], ARGV[1])
 """
 
 
+# KEYS[1] meta: end the channel, if it still exists (1; else 0: a handle left
+# open after unlink() would make a meta of no kind)
+_CLOSE_SENDING = """
+if redis.call('exists', KEYS[1]) == 0 then return 0 end
+redis.call('hset', KEYS[1], 'closed', '1')
+return 1
+"""
+
+
 def _as_bytes(data: Buffer) -> bytes:
     if type(data) is bytes:
         return data
@@ -271,7 +280,11 @@ class Channel(RedisObject):
         """End the channel for every process: sends raise :class:`ChannelClosed`;
         receivers get what was sent, then ChannelClosed."""
         self._live()
-        self._r.hset(self._meta_key, "closed", "1")
+        if self._readonly:
+            raise ReadOnlyError(f"{self._kind} {self._name!r} was opened with readonly=True; "
+                                "open it without readonly to end it")
+        if not self._r.eval(_CLOSE_SENDING, 1, self._meta_key):
+            raise self._removed()
 
     @property
     def sending_closed(self) -> bool:

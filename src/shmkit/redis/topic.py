@@ -43,8 +43,10 @@ DEFAULT_MAXLEN = 10_000
 _READ_AT_ONCE = 256
 
 # KEYS[1] stream, KEYS[2] meta; ARGV[1] maxlen, ARGV[2..] messages.  Returns the
-# number of the last message added.
+# number of the last message added, or -1 when the meta is gone (a handle
+# left open after unlink(): writing would make a meta of no kind).
 _PUBLISH = """
+if redis.call('exists', KEYS[2]) == 0 then return -1 end
 local n = #ARGV - 1
 local last = redis.call('hincrby', KEYS[2], 'published', n)
 for i = 1, n do
@@ -167,8 +169,9 @@ class Topic(RedisObject):
                 raise MessageTooLarge(f"a message of {len(m)} bytes is larger than the "
                                       f"{MAX_MESSAGE} bytes a Redis stream entry can hold")
         for i in range(0, len(msgs), 1000):
-            self._publish(keys=[self._key, self._meta_key],
-                          args=[self._maxlen, *msgs[i:i + 1000]])
+            if self._publish(keys=[self._key, self._meta_key],
+                             args=[self._maxlen, *msgs[i:i + 1000]]) == -1:
+                raise self._removed()
         return len(msgs)
 
     def publish_array(self, array: Any, timeout: float | None = None) -> None:
