@@ -1121,6 +1121,24 @@ def test_a_readonly_redis_channel_cannot_end_it(ns: Any) -> None:
     ch.close()
     ro.close()
 
+def test_a_redis_subscriber_receives_in_one_thread_at_a_time(ns: Any) -> None:
+    """As locally: a second thread's receive on a subscriber another thread is
+    receiving with raises BusyError, and nothing is duplicated or lost."""
+    t = ns.Topic("busy")
+    sub = t.subscribe()
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(sub.recv(timeout=10)))
+    waiter.start()
+    time.sleep(0.5)  # the waiter is in its blocking read
+    for call in (sub.recv_nowait, lambda: sub.recv(timeout=0.1), lambda: sub.recv_many(5, 0.1)):
+        with pytest.raises(shmkit.BusyError, match="give each thread its own subscriber"):
+            call()
+    t.publish_many([b"a", b"b"])
+    waiter.join(10)
+    assert got == [b"a"] and sub.recv_many(5, timeout=1) == [b"b"]
+    assert sub.missed == 0
+    t.close()
+
 # -- the bridge ------------------------------------------------------------------
 
 

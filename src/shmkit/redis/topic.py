@@ -21,15 +21,17 @@ b't1'
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import _core
 from .._lazy import numpy
 from .._object import DEFAULT, _Default, given
-from ..errors import _timed_out, ClosedError, Empty, MessagesLost, ReadOnlyError
+from ..errors import _timed_out, BusyError, ClosedError, Empty, MessagesLost, ReadOnlyError
 from ._base import (RedisNamespace, RedisObject, as_bytes_or_none, deadline, guard_all,
                     refuse, remaining)
 from .channel import _as_bytes, MAX_MESSAGE
@@ -271,6 +273,7 @@ class Subscriber:
         self._missed = 0
         self._closed = False
         self._pid = os.getpid()
+        self._busy = threading.Lock()  # one receive at a time: it moves the place
 
     def _what_name(self) -> str:
         return f"subscriber of topic {self._topic._name!r}"
@@ -330,7 +333,8 @@ class Subscriber:
     def recv(self, timeout: float | None = None) -> bytes:
         """The next message; :class:`Timeout` after ``timeout`` seconds;
         :class:`MessagesLost` (with ``.missed``) when some were trimmed first."""
-        got = self._next(timeout, False)
+        with self._receiving():
+            got = self._next(timeout, False)
         if got is None:
             raise _timed_out(f"nothing was published on topic {self._topic._name!r} within "
                              f"{_core.shown_seconds(timeout)} s")
@@ -338,7 +342,8 @@ class Subscriber:
 
     def recv_nowait(self) -> bytes:
         """The next message if one is there, else :class:`Empty`."""
-        got = self._next(0, True)
+        with self._receiving():
+            got = self._next(0, True)
         if got is None:
             raise Empty(f"nothing new on topic {self._topic._name!r}")
         return got
@@ -347,13 +352,26 @@ class Subscriber:
         """Up to ``max_n`` messages, waiting for the first; ``[]`` on timeout."""
         if not isinstance(max_n, int) or isinstance(max_n, bool) or max_n < 1:
             raise ValueError(f"max_n must be an int >= 1, not {max_n!r}")
-        first = self._next(timeout, False)
-        if first is None:
-            return []
-        out = [first]
-        while len(out) < max_n and self._buf and self._buf[0][0] == self._pos + 1:
-            out.append(self._next(0, True) or b"")
-        return out
+        with self._receiving():
+            first = self._next(timeout, False)
+            if first is None:
+                return []
+            out = [first]
+            while len(out) < max_n and self._buf and self._buf[0][0] == self._pos + 1:
+                out.append(self._next(0, True) or b"")
+            return out
+
+    @contextlib.contextmanager
+    def _receiving(self) -> Iterator[None]:
+        """Hold this subscriber for one receive; BusyError if another thread does."""
+        if not self._busy.acquire(blocking=False):
+            raise BusyError(f"this subscriber of topic {self._topic._name!r} is receiving in "
+                            "another thread; give each thread its own subscriber "
+                            "(topic.subscribe())")
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     def messages(self, timeout: float | None = None) -> Iterator[bytes]:
         """Iterate over messages as they come (:class:`Timeout` after ``timeout``
