@@ -1139,6 +1139,15 @@ def test_a_redis_subscriber_receives_in_one_thread_at_a_time(ns: Any) -> None:
     assert sub.missed == 0
     t.close()
 
+def test_a_prefixed_local_namespace_refuses_names_the_classes_refuse() -> None:
+    ns = shmkit.connect("local", prefix=f"t-{secrets.token_hex(6)}")
+    for bad in ("", 5, "a/b", ".."):
+        with pytest.raises(shmkit.InvalidNameError):
+            shmkit.Store(bad)  # type: ignore[arg-type]
+        with pytest.raises(shmkit.InvalidNameError):
+            ns.Store(bad)
+    ns.close()
+
 # -- the bridge ------------------------------------------------------------------
 
 

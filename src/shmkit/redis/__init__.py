@@ -102,6 +102,7 @@ class LocalNamespace(Namespace):
     def _name(self, name: str | None) -> str | None:
         if name is None or self.prefix is None:
             return name
+        _validate_name(name)  # alone: "" or 5 would make a valid "<prefix>.<name>"
         return f"{self.prefix}.{name}"
 
     def Store(self, name: str | None, **kwargs: Any) -> Store:  # noqa: N802
