@@ -14,6 +14,7 @@ import pickle
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -1148,6 +1149,59 @@ def test_a_prefixed_local_namespace_refuses_names_the_classes_refuse() -> None:
             ns.Store(bad)
     ns.close()
 
+def test_foreign_data_under_an_objects_keys_raises_corrupt_or_wrong_kind(ns: Any) -> None:
+    """Keys another program wrote raise the local error classes, saying what to
+    do, and a receive goes on past a foreign stream entry (a Channel's is
+    moved to <key>:rejected, a Topic's passed over)."""
+    r, key = ns.r, ns.key
+    ch = ns.Channel("ch")
+    ch.send(b"a")
+    r.xadd(key("ch"), {"x": "foreign"})
+    ch.send(b"b")
+    assert ch.recv_many(10, timeout=1) == [b"a", b"b"]  # then the news of the other
+    with pytest.raises(shmkit.CorruptError, match="moved to the stream"):
+        ch.recv(timeout=1)
+    ch.send(b"c")
+    assert ch.recv(timeout=1) == b"c"
+    assert r.xrange(key("ch") + ":rejected")[0][1][b"x"] == b"foreign"
+
+    t = ns.Topic("t")
+    sub = t.subscribe()
+    t.publish(b"1")
+    r.xadd(key("t"), {"x": "foreign"}, id="2-1")
+    r.hincrby(key("t") + ":meta", "published", 1)
+    t.publish(b"3")
+    assert sub.recv_many(10, timeout=1) == [b"1"]
+    with pytest.raises(shmkit.CorruptError, match="passed over"):
+        sub.recv(timeout=1)
+    assert sub.recv(timeout=1) == b"3" and sub.missed == 0
+
+    r.set(key("str"), "x")
+    r.hset(key("str") + ":meta", mapping={"kind": "channel", "format": 2})
+    with pytest.raises(shmkit.WrongKindError):
+        ns.Channel("str")
+    r.hset(key("tm") + ":meta", mapping={"kind": "topic", "format": 2})
+    with pytest.raises(shmkit.CorruptError, match="history"):
+        ns.Topic("tm")
+    r.hset(key("qm") + ":meta", mapping={"kind": "queue", "format": 2, "maxsize": "abc"})
+    with pytest.raises(shmkit.CorruptError, match="maxsize"):
+        ns.Queue("qm")
+    r.hset(key("u8") + ":meta", mapping={"kind": "store", "format": 2, "x": b"\xff"})
+    with pytest.raises(shmkit.CorruptError, match="UTF-8"):
+        ns.Store("u8")
+    q = ns.Queue("q")
+    q._ch.send(b"not a pickle")
+    q.put(1)
+    with pytest.raises(shmkit.CorruptError, match="not a pickle"):
+        q.get(timeout=1)
+    assert q.get(timeout=1) == 1
+    m = ns.Mutex("m")
+    r.set(key("m"), f"{socket.gethostname()}:abc:x")
+    r.set(key("m") + ":fence", "zz")
+    for call in (m.holder_pid, m.statistics):
+        with pytest.raises(shmkit.CorruptError, match="another program"):
+            call()
+
 # -- the bridge ------------------------------------------------------------------
 
 
@@ -1572,3 +1626,37 @@ def test_a_topic_from_bridge_starts_over_on_a_remote_topic_made_again(
     lsub.close()
     lt.close()
     ns.close()
+
+
+def test_a_from_bridge_goes_on_past_foreign_stream_entries(
+        server: Server, prefix: str, names: Any) -> None:
+    """An entry shmkit did not write, in a channel's stream or a topic's, is
+    logged as a warning naming it, and the bridge carries the messages after it."""
+    ch_name, topic_name = names(), names()
+    ch = shmkit.Channel(ch_name, capacity=1 << 16)
+    lt = shmkit.Topic(topic_name, capacity=1 << 16)
+    lsub = lt.subscribe()
+    ns = shmkit.connect(server.url, prefix=prefix)
+    rc, rt = ns.Channel("fc"), ns.Topic("ft")
+    rc.send(b"a")
+    ns.r.xadd(ns.key("fc"), {"x": "foreign"})
+    rc.send(b"b")
+    pc = _bridge("from", server.url, prefix, ch_name, "fc")
+    pt = _bridge("from", server.url, prefix, topic_name, "ft", topic=True)
+    try:
+        assert [ch.recv(timeout=10) for _ in range(2)] == [b"a", b"b"]
+        end = time.monotonic() + 30
+        while not list(ns.r.scan_iter(f"{prefix}:*:bridge:*")):  # subscribed
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        ns.r.xadd(ns.key("ft"), {"x": "foreign"}, id="1-1")
+        ns.r.hincrby(ns.key("ft") + ":meta", "published", 1)
+        rt.publish(b"after")
+        assert lsub.recv(timeout=10) == b"after"
+    finally:
+        assert _stop(pc, signal.SIGINT) == 0
+        assert _stop(pt, signal.SIGINT) == 0
+    assert "warning" in pc.stderr.read() and "warning" in pt.stderr.read()
+    lsub.close()
+    for obj in (ch, lt, ns):
+        obj.close()

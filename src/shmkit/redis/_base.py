@@ -33,6 +33,7 @@ from .._object import DEFAULT, given
 from ..errors import (
     BackendError,
     ClosedError,
+    CorruptError,
     ExistsError,
     FormatVersionError,
     InvalidNameError,
@@ -351,7 +352,10 @@ class RedisObject:
             self._created = True
             return {k: str(v) for k, v in fields.items()}
         raw = got[1]
-        meta = {raw[i].decode(): raw[i + 1].decode() for i in range(0, len(raw), 2)}
+        try:
+            meta = {raw[i].decode(): raw[i + 1].decode() for i in range(0, len(raw), 2)}
+        except UnicodeDecodeError:
+            raise self._corrupt_meta("a field", "bytes that are not UTF-8") from None
         if meta.get("kind") != self._kind:
             raise WrongKindError(f"{self._ns.key(self._name)!r} in {self._ns.url} holds kind "
                                  f"{meta.get('kind')!r}, not a {self._kind!r}; use another name")
@@ -380,6 +384,14 @@ class RedisObject:
     @staticmethod
     def _mismatch(what: str, name: str, param: str, asked: Any, found: Any) -> Exception:
         return mismatch(what, name, param, asked, found)
+
+    def _corrupt_meta(self, field: str, value: object) -> CorruptError:
+        """The error of a meta hash that no shmkit wrote (another program's keys)."""
+        return CorruptError(
+            f"{self._kind} {self._name!r}: the meta hash {self._meta_key!r} in "
+            f"{self._ns.url} has {field} = {value!r:.60}, which no shmkit writes; another "
+            "program uses these keys: use another name (or prefix), or delete its keys "
+            f"({self._key}*) if they are stale")
 
     def _removed(self) -> NotFoundError:
         """The error of a write through a handle whose object is gone from Redis."""

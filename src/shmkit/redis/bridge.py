@@ -448,7 +448,7 @@ class Bridge:
             return None
 
     def _topic_from(self) -> int:
-        from ..errors import BackendError, MessagesLost, Timeout
+        from ..errors import BackendError, CorruptError, MessagesLost, Timeout
         from ._base import as_bytes_or_none
         from .topic import Subscriber
         assert self._lt is not None and self._rt is not None
@@ -482,6 +482,9 @@ class Bridge:
                 self._count(missed=e.missed)
                 self.log(f"shmkit bridge: {e.missed} messages were trimmed from the stream "
                          "before the bridge read them")
+                continue
+            except CorruptError as e:  # passed over: the bridge goes on
+                self.log(f"shmkit bridge: warning: {e}")
                 continue
             except BackendError:
                 return 1

@@ -37,6 +37,7 @@ from ..errors import (
     ReadOnlyError,
     ShmkitError,
     UnsupportedTypeError,
+    WrongKindError,
 )
 from ._base import (CHUNK, RedisNamespace, RedisObject, deadline, guard_all, guarded, refuse,
                     remaining)
@@ -199,6 +200,11 @@ class Channel(RedisObject):
         try:
             self._r.xgroup_create(self._key, GROUP, id="0", mkstream=True)
         except ResponseError as e:
+            if "WRONGTYPE" in str(e):
+                raise WrongKindError(
+                    f"{self._ns.key(self._name)!r} in {self._ns.url} is a Redis key of another "
+                    f"type than the stream a {self._kind} needs (another program's, or "
+                    "another kind's): use another name, or delete that key") from None
             if "BUSYGROUP" not in str(e):
                 raise
 

@@ -25,7 +25,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from .. import _core
-from ..errors import _timed_out, LeaseLostError, WouldBlock
+from ..errors import _timed_out, CorruptError, LeaseLostError, WouldBlock
 from ..sync import lock_timeout
 from ._base import (
     _HOST,
@@ -284,10 +284,13 @@ class Mutex(RedisObject):
         raw = as_bytes_or_none(self._r.get(self._keys[0]))
         if raw is None:
             return None
-        host, _, rest = raw.decode().partition(":")
+        host, _, rest = raw.decode(errors="replace").partition(":")
         if host != _HOST:
             return None
-        return int(rest.partition(":")[0])
+        try:
+            return int(rest.partition(":")[0])
+        except ValueError:
+            raise self._foreign_holder(raw) from None
 
     def statistics(self) -> dict[str, Any]:
         """``{"locked", "holder", "lease_left_ms", "fencing_token", "recovered"}``."""
@@ -297,10 +300,19 @@ class Mutex(RedisObject):
         pipe.pttl(self._keys[0])
         pipe.get(self._keys[1])
         holder, pttl, fence = pipe.execute()
-        return {"locked": holder is not None,
-                "holder": holder.decode() if holder else None,
-                "lease_left_ms": max(int(pttl), 0) if holder else 0,
-                "fencing_token": int(fence or 0), "recovered": self._recovered}
+        try:
+            return {"locked": holder is not None,
+                    "holder": holder.decode() if holder else None,
+                    "lease_left_ms": max(int(pttl), 0) if holder else 0,
+                    "fencing_token": int(fence or 0), "recovered": self._recovered}
+        except (UnicodeDecodeError, ValueError):
+            raise self._foreign_holder((holder or b"") + b" / " + (fence or b"")) from None
+
+    def _foreign_holder(self, raw: bytes) -> CorruptError:
+        return CorruptError(
+            f"mutex {self._name!r}: the lock keys {self._key!r} hold {raw[:60]!r}, which no "
+            "shmkit writes (a holder is host:pid:random, the fencing counter an integer); "
+            "another program uses these keys: use another name, or delete them")
 
     def close(self) -> None:
         """Release this handle; a lock it holds is released first."""

@@ -73,7 +73,10 @@ class Queue:
             raise ValueError(f"claim_idle must be a number of seconds > 0, not {claim_idle!r}")
         meta = ch._setup(create, {"maxsize": maxsize if given(maxsize) else 0}, claim_idle,
                          consumer, readonly, on_destroy)
-        have = int(meta.get("maxsize", 0))
+        try:
+            have = int(meta.get("maxsize", 0))
+        except ValueError:
+            raise ch._corrupt_meta("maxsize", meta.get("maxsize")) from None
         if given(maxsize) and maxsize != have:
             raise ch._mismatch("queue", name, "maxsize", maxsize, have)
         ch._maxsize = have
@@ -122,6 +125,14 @@ class Queue:
             raise Full(f"queue {self.name!r} stayed full for "
                        f"{_core.shown_seconds(timeout)} s") from None
 
+    def _loads(self, data: bytes) -> Any:
+        """Unpickle a message just received; one that is no pickle is set aside."""
+        try:
+            return pickle.loads(data)
+        except Exception as e:
+            raise self._ch._reject(self._ch._unacked[-1], f"is not a pickle ({e!r:.100})"
+                                   ) from e
+
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, False)``."""
         self.put(obj, False)
@@ -134,9 +145,9 @@ class Queue:
         if not block:
             if timeout is not None:
                 _core.nowait_timeout_check(timeout, "get()", "block")
-            return pickle.loads(self._ch.recv_nowait())
+            return self._loads(self._ch.recv_nowait())
         try:
-            return pickle.loads(self._ch.recv(timeout))
+            return self._loads(self._ch.recv(timeout))
         except Timeout as e:
             if not e._deadline:  # (a signal handler's own)
                 raise

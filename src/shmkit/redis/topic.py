@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .. import _core
 from .._lazy import numpy
 from .._object import DEFAULT, _Default, given
-from ..errors import _timed_out, BusyError, ClosedError, Empty, MessagesLost, ReadOnlyError
+from ..errors import _timed_out, BusyError, ClosedError, CorruptError, Empty, MessagesLost, ReadOnlyError
 from ._base import (RedisNamespace, RedisObject, as_bytes_or_none, deadline, guard_all,
                     refuse, remaining)
 from .channel import _as_bytes, MAX_MESSAGE
@@ -43,6 +43,7 @@ __all__ = ["Topic", "Subscriber"]
 
 DEFAULT_MAXLEN = 10_000
 _READ_AT_ONCE = 256
+_MAX_SEQ = (1 << 64) - 1  # the largest second part of a stream id
 
 # KEYS[1] stream, KEYS[2] meta; ARGV[1] maxlen, ARGV[2..] messages.  Returns the
 # number of the last message added, or -1 when the meta is gone (a handle
@@ -124,8 +125,12 @@ class Topic(RedisObject):
                                       ("maxlen", maxlen, meta.get("maxlen"))):
                 if given(asked) and str(asked) != have:
                     raise self._mismatch("topic", name, what, asked, have)
-        self._history = int(meta["history"])
-        self._maxlen = int(meta["maxlen"])
+        try:
+            self._history = int(meta["history"])
+            self._maxlen = int(meta["maxlen"])
+        except (KeyError, ValueError) as e:
+            field = e.args[0] if isinstance(e, KeyError) else "history or maxlen"
+            raise self._corrupt_meta(str(field), meta.get(str(field))) from None
         self._readonly = bool(readonly)
         self._on_destroy = on_destroy
         self._publish = self._r.register_script(_PUBLISH)
@@ -268,7 +273,8 @@ class Subscriber:
         self._r = topic._r
         self._key = topic._key
         self._pos = start  # the number of the last message read (or skipped)
-        self._buf: collections.deque[tuple[int, bytes]] = collections.deque()
+        # (number, message or None for an entry shmkit did not write, id)
+        self._buf: collections.deque[tuple[int, bytes | None, bytes]] = collections.deque()
         self._received = 0
         self._missed = 0
         self._closed = False
@@ -286,7 +292,9 @@ class Subscriber:
         """Read what follows our place (waiting up to ``block_ms``)."""
         # bytes replies: see _base.as_bytes_or_none
         pipe = self._r.pipeline(transaction=False)
-        pipe.xread({self._key: f"{self._pos}-1"}, count=_READ_AT_ONCE, block=block_ms)
+        # every id of a number above ours (ours are <n>-1; others may be written)
+        pipe.xread({self._key: f"{self._pos}-{_MAX_SEQ}"}, count=_READ_AT_ONCE,
+                   block=block_ms)
         pipe.hmget(self._topic._meta_key, "stream", "published")  # after the read
         got, (stream, published) = cast(
             "tuple[list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes] | None]]]], "
@@ -298,8 +306,14 @@ class Subscriber:
             self._stream = stream or b""
             self._pos = 0
             return
-        if got:
-            self._buf.extend((_number(i), f[b"d"]) for i, f in got[0][1] if f)
+        for ident, fields in got[0][1] if got else ():
+            number = _number(ident)
+            if self._buf and number <= self._buf[-1][0]:
+                continue  # another program's entry with a number already seen
+            data = fields.get(b"d") if fields else None
+            if not ident.endswith(b"-1"):
+                data = None  # another program's entry: its number is passed over
+            self._buf.append((number, data, ident))
 
     def _next(self, timeout: float | None, nowait: bool) -> bytes | None:
         self._live()
@@ -314,7 +328,7 @@ class Subscriber:
                 self._live()
         if not self._buf:
             return None
-        n, data = self._buf[0]
+        n, data, ident = self._buf[0]
         if n > self._pos + 1:
             missed = n - self._pos - 1
             self._pos = n - 1
@@ -327,6 +341,12 @@ class Subscriber:
                 "larger maxlen=)", missed)
         self._buf.popleft()
         self._pos = n
+        if data is None:
+            raise CorruptError(
+                f"topic {self._topic._name!r}: stream entry {ident.decode()} is not one "
+                f"shmkit publishes (id <number>-1, field 'd'): another program writes to "
+                f"{self._key!r}; it was passed over, the next receive goes on (use "
+                "another name or prefix)")
         self._received += 1
         return data
 
@@ -357,7 +377,8 @@ class Subscriber:
             if first is None:
                 return []
             out = [first]
-            while len(out) < max_n and self._buf and self._buf[0][0] == self._pos + 1:
+            while (len(out) < max_n and self._buf and self._buf[0][0] == self._pos + 1
+                   and self._buf[0][1] is not None):  # (a foreign entry: the next call's)
                 out.append(self._next(0, True) or b"")
             return out
 
