@@ -4,7 +4,7 @@ Publishing is one script call: it counts the message in the meta hash
 (``published``) and adds it to the stream ``<prefix>:<name>`` with the id
 ``<n>-1``, where ``n`` is that count, trimming the stream to ``maxlen``
 entries.  The ids make every message's number visible to subscribers: a
-subscriber that has read up to number ``p`` reads ids above ``p-1`` next
+subscriber that has read up to number ``p`` reads ids numbered above ``p`` next
 (XREAD, no consumer group: nothing is acknowledged, nothing is shared), and
 when the first entry it gets is numbered above ``p + 1``, the ones between
 were trimmed before it read them: it raises :class:`MessagesLost` with
