@@ -1202,6 +1202,49 @@ def test_foreign_data_under_an_objects_keys_raises_corrupt_or_wrong_kind(ns: Any
         with pytest.raises(shmkit.CorruptError, match="another program"):
             call()
 
+
+def _drain(it: Iterator[Any]) -> tuple[list[Any], list[str]]:
+    """What an iterator gives, stepping past the CorruptErrors it raises (their texts)."""
+    got: list[Any] = []
+    errors: list[str] = []
+    while True:
+        try:
+            got.append(next(it))
+        except StopIteration:
+            return got, errors
+        except shmkit.CorruptError as e:
+            errors.append(str(e))
+
+
+def test_a_redis_store_field_no_shmkit_writes_raises_corrupt_and_iteration_goes_on(
+        ns: Any) -> None:
+    """An empty field, a str key that is not UTF-8, an unknown key type, an int
+    key in bytes shmkit does not write: CorruptError naming the field and how
+    to delete it, from the step that meets it; the next step goes on."""
+    st = ns.Store("s")
+    st.update({"a": 1, 7: 2, b"b": 3})
+    foreign = [b"", b"\x02\xff\xfe", b"\x09abc", b"\x01\x05", b"\x02" + b"k" * ((1 << 20) + 1)]
+    for field in foreign:
+        ns.r.hset(ns.key("s"), field, b"\x01v")
+    with pytest.raises(shmkit.CorruptError, match="HDEL"):
+        list(st)
+    keys, errors = _drain(iter(st))
+    assert sorted(keys, key=repr) == sorted(["a", 7, b"b"], key=repr)
+    assert len(errors) == len(foreign)
+    for field in foreign:
+        assert sum(f"{field!r:.80}" in e for e in errors) >= 1, (field, errors)
+    assert all("store 's'" in e and "HDEL" in e for e in errors)
+    pairs, errors = _drain(iter(st.items()))
+    assert sorted(pairs, key=repr) == sorted([("a", 1), (7, 2), (b"b", 3)], key=repr)
+    assert len(errors) == len(foreign)
+    values, errors = _drain(iter(st.values()))
+    assert sorted(values, key=repr) == sorted([1, 2, 3, b"v", b"v", b"v", b"v", b"v"],
+                                              key=repr) and not errors
+    for field in foreign:
+        ns.r.hdel(ns.key("s"), field)
+    assert sorted(st, key=repr) == sorted(["a", 7, b"b"], key=repr)
+
+
 # -- the bridge ------------------------------------------------------------------
 
 

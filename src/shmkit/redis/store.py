@@ -22,7 +22,7 @@ import os
 import pickle
 import struct
 from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .. import _core
 from .._object import DEFAULT, _Default, given
@@ -126,14 +126,29 @@ def encode_key(key: object) -> bytes:
 
 
 def decode_key(field: bytes) -> _Key:
+    """The key of hash field ``field``; CorruptError for a field no shmkit writes."""
+    if not field:
+        raise CorruptError("an empty field, with no key-type byte (no shmkit writes one)")
     kt, data = field[0], field[1:]
-    if kt == KT_STR:
-        return data.decode("utf-8")
+    if len(data) > MAX_KEY:  # (encode_key refuses such a key: it could not be named)
+        raise CorruptError(f"a key of {len(data)} bytes, beyond the limit of {MAX_KEY} "
+                           "(no shmkit writes one)")
     if kt == KT_BYTES:
         return data
+    if kt == KT_STR:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptError("a str key whose bytes are not UTF-8 (no shmkit writes "
+                               "one)") from None
     if kt == KT_INT:
-        return int.from_bytes(data, "little", signed=True)
-    raise CorruptError(f"a Redis store field has key type {kt}, which no shmkit writes")
+        v = int.from_bytes(data, "little", signed=True)
+        # only the bytes encode_key gives: any other would not be found by its key
+        if len(data) != 8 and _int_bytes(v) != data:
+            raise CorruptError(f"an int key of {len(data)} bytes, not as shmkit writes "
+                               f"{v} (8 bytes, or the fewest beyond 64 bits)")
+        return v
+    raise CorruptError(f"a key of type {kt}, which no shmkit writes")
 
 
 def encode_value(value: Any, pickled: bool) -> bytes:
@@ -336,6 +351,18 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
             return b.overlay[field]
         return as_bytes_or_none(self._r.hget(self._key, field))
 
+    def _key_of(self, field: bytes) -> _Key:
+        """The key of ``field``; CorruptError naming the field if no shmkit wrote it."""
+        try:
+            return decode_key(field)
+        except CorruptError as e:
+            # (it names no key the API takes: the field is deleted in Redis itself)
+            raise CorruptError(
+                f"store {self._name!r}: the field {field!r:.80} of the hash {self._key!r} "
+                f"in {self._ns.url} is {e}: another program wrote it; delete that field "
+                f"(HDEL {self._key} <field>), or use another name or prefix. An iteration "
+                "that raised this goes on with the other keys at its next step") from None
+
     # -- the mapping ----------------------------------------------------------
 
     def __getitem__(self, key: _Key) -> Any:
@@ -438,16 +465,16 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
                 return
 
     def __iter__(self) -> Iterator[_Key]:
-        for field, _raw in self._scan():
-            yield decode_key(field)
+        """The keys (HSCAN).  A field no shmkit wrote raises CorruptError naming
+        it, and the iterator's next step goes on with the others."""
+        return _Entries(self._scan(), lambda field, _raw: self._key_of(field))
 
     def _pairs(self) -> Iterator[tuple[_Key, Any]]:
-        for field, raw in self._scan():
-            yield decode_key(field), decode_value(raw, self._pickled)
+        return _Entries(self._scan(), lambda field, raw: (self._key_of(field),
+                                                          decode_value(raw, self._pickled)))
 
     def _values(self) -> Iterator[Any]:
-        for _field, raw in self._scan():
-            yield decode_value(raw, self._pickled)
+        return _Entries(self._scan(), lambda _field, raw: decode_value(raw, self._pickled))
 
     def items(self) -> _Items:
         """``(key, value)`` pairs (HSCAN: keys present throughout come exactly once)."""
@@ -635,6 +662,29 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
 
     def __eq__(self, other: object) -> bool:
         return self is other
+
+
+_T = TypeVar("_T")
+
+
+class _Entries(Iterator[_T]):
+    """Entries of a store decoded one by one from its HSCAN.  Not a generator:
+    a field or value no shmkit wrote raises CorruptError from one step, and
+    the next step goes on with the other entries (as a Channel's next receive
+    goes on past an entry another program added)."""
+
+    __slots__ = ("_scan", "_decode")
+
+    def __init__(self, scan: Iterator[tuple[bytes, bytes]],
+                 decode: Callable[[bytes, bytes], _T]) -> None:
+        self._scan, self._decode = scan, decode
+
+    def __iter__(self) -> _Entries[_T]:
+        return self
+
+    def __next__(self) -> _T:
+        field, raw = next(self._scan)
+        return self._decode(field, raw)
 
 
 class _Items(ItemsView[_Key, Any]):
