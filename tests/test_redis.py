@@ -1245,6 +1245,46 @@ def test_a_redis_store_field_no_shmkit_writes_raises_corrupt_and_iteration_goes_
     assert sorted(st, key=repr) == sorted(["a", 7, b"b"], key=repr)
 
 
+def test_a_redis_store_value_no_shmkit_writes_raises_corrupt_naming_its_key(ns: Any) -> None:
+    """A value another program wrote (a str that is not UTF-8, an int in other
+    bytes, an unknown type, an array whose header does not fit, a pickle that
+    does not load) raises CorruptError naming the key and what to do, from
+    every read; iteration steps past it; pop() of it removes it."""
+    st = ns.Store("v")
+    st["a"] = 1
+    st["arr"] = np.arange(4, dtype=np.int64)
+    arr = ns.r.hget(ns.key("v"), b"\x02arr")
+    foreign = {"s": b"\x02\xff\xfe", "i0": b"\x03", "i3": b"\x03\x01\x02\x03", "e": b"",
+               "t": b"\xc8xyz", "hn": b"\x08" + (0xffffffff).to_bytes(4, "little") + b"x",
+               "h": b"\x08\x01", "long": arr + b"extra", "short": arr[:-3],
+               "p": b"\x09" + pickle.dumps(1)}
+    for k, raw in foreign.items():
+        ns.r.hset(ns.key("v"), b"\x02" + k.encode(), raw)
+    for k in foreign:
+        for call in (lambda: st[k], lambda: st.get(k), lambda: st.get_many(["a", k])):
+            with pytest.raises(shmkit.CorruptError, match=f"key '{k}' .*delete the key"):
+                call()
+    pairs, errors = _drain(iter(st.items()))
+    assert [p for p in pairs if p[0] == "a"] == [("a", 1)] and len(pairs) == 2
+    assert len(errors) == len(foreign)
+    values, errors = _drain(iter(st.values()))
+    assert len(values) == 2 and len(errors) == len(foreign)
+    assert all(any(f"key '{k}'" in e for e in errors) for k in foreign)
+    with st.batch():
+        with pytest.raises(shmkit.CorruptError, match="key 's'"):
+            st.pop("s")
+    assert "s" in st
+    with pytest.raises(shmkit.CorruptError, match="key 's'.*removed"):
+        st.pop("s")
+    assert "s" not in st
+
+    pk = ns.Store("pk", codec="pickle")
+    ns.r.hset(ns.key("pk"), b"\x02g", b"\x09garbage")
+    with pytest.raises(shmkit.CorruptError, match="key 'g'.*does not load") as info:
+        pk["g"]
+    assert info.value.__cause__ is not None
+
+
 # -- the bridge ------------------------------------------------------------------
 
 

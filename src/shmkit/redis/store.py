@@ -183,38 +183,64 @@ def encode_value(value: Any, pickled: bool) -> bytes:
 
 
 def decode_value(data: bytes, pickled: bool) -> Any:
+    """The value of hash value ``data``; CorruptError for one no shmkit writes."""
     if not data:
-        raise CorruptError("a Redis store value is empty: no shmkit writes that")
+        raise CorruptError("empty, with no value-type byte (no shmkit writes one)")
     vt = data[0]
     if vt == VT_BYTES:
         return data[1:]
     if vt == VT_STR:
-        return data[1:].decode("utf-8")
+        try:
+            return data[1:].decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptError("a str value whose bytes are not UTF-8 (no shmkit writes "
+                               "one)") from None
     if vt == VT_INT:
-        return int.from_bytes(data[1:], "little", signed=True)
+        v = int.from_bytes(data[1:], "little", signed=True)
+        if len(data) != 9 and _int_bytes(v) != data[1:]:  # (b"\x03" alone would read as 0)
+            raise CorruptError(f"an int value of {len(data) - 1} bytes, not as shmkit writes "
+                               f"{v} (8 bytes, or the fewest beyond 64 bits)")
+        return v
     if vt == VT_FLOAT and len(data) == 9:
         return _F64.unpack_from(data, 1)[0]
     if vt in (VT_FALSE, VT_TRUE, VT_NONE) and len(data) == 1:
         return None if vt == VT_NONE else vt == VT_TRUE
-    if vt == _VT_NDARRAY and len(data) >= 5:
-        (hn,) = _U32.unpack_from(data, 1)
-        if hn <= len(data) - 5:
-            body = memoryview(data)[5 + hn:]
-            try:
-                arr = _decode(_VT_NDARRAY, data[5:5 + hn], len(body))
-            except ValueError:
-                raise CorruptError("a Redis store array value has an unreadable "
-                                   "header") from None
-            if len(body):
-                np = numpy()
-                arr.reshape(-1).view(np.uint8)[:] = np.frombuffer(body, np.uint8)
-            return arr
+    if vt == _VT_NDARRAY:
+        arr, body = _array(data)
+        if len(body):
+            np = numpy()
+            arr.reshape(-1).view(np.uint8)[:] = np.frombuffer(body, np.uint8)
+        return arr
     if vt == _VT_PICKLE:
         if not pickled:
-            raise CorruptError("a pickled value in a store opened without codec='pickle'")
-        return pickle.loads(data[1:])
-    raise CorruptError(f"a Redis store value of type {vt} and {len(data) - 1} bytes, "
-                       "which no shmkit writes")
+            raise CorruptError("a pickled value, in a store opened without codec='pickle' "
+                               "(no shmkit writes one there)")
+        try:
+            return pickle.loads(data[1:])
+        except Exception as e:  # (as a Queue's entry that is no pickle)
+            raise CorruptError(f"a pickle that does not load here ({e!r:.100}; a class "
+                               "this process cannot import, or bytes no shmkit "
+                               "wrote)") from e
+    raise CorruptError(f"of value type {vt} and {len(data) - 1} bytes (no shmkit writes "
+                       "one)")
+
+
+def _array(data: bytes) -> tuple[Any, memoryview]:
+    """An array value's empty array (from its header) and its data bytes, which
+    the header's shape and dtype are checked to fill exactly."""
+    if len(data) < 5:
+        raise CorruptError(f"an array value of {len(data) - 1} bytes, too short for its "
+                           "header length (no shmkit writes one)")
+    (hn,) = _U32.unpack_from(data, 1)
+    if hn > len(data) - 5:
+        raise CorruptError(f"an array value whose header of {hn} bytes is longer than "
+                           f"its {len(data) - 5} bytes (no shmkit writes one)")
+    body = memoryview(data)[5 + hn:]
+    try:
+        return _decode(_VT_NDARRAY, data[5:5 + hn], len(body)), body
+    except ValueError:
+        raise CorruptError("an array value whose header is unreadable or does not match "
+                           f"its {len(body)} bytes of data (no shmkit writes one)") from None
 
 
 def update_pairs(other: Any, kwargs: dict[str, Any]) -> list[tuple[Any, Any]]:
@@ -363,6 +389,33 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
                 f"(HDEL {self._key} <field>), or use another name or prefix. An iteration "
                 "that raised this goes on with the other keys at its next step") from None
 
+    def _value_of(self, key: object, raw: bytes, removed: bool = False) -> Any:
+        """The value ``raw`` of ``key``; CorruptError naming the key if no shmkit
+        wrote it (``removed``: pop() took it out)."""
+        try:
+            return decode_value(raw, self._pickled)
+        except CorruptError as e:
+            raise self._corrupt_value(f"key {key!r:.80}", e, removed) from e.__cause__
+
+    def _field_value(self, field: bytes, raw: bytes) -> Any:
+        """As _value_of, for values(), which decodes a field's key only to name it."""
+        try:
+            return decode_value(raw, self._pickled)
+        except CorruptError as e:
+            try:
+                what = f"key {decode_key(field)!r:.80}"
+            except CorruptError:
+                what = f"the field {field!r:.80}"
+            raise self._corrupt_value(what, e, False) from e.__cause__
+
+    def _corrupt_value(self, what: str, e: CorruptError, removed: bool) -> CorruptError:
+        fix = ("it was removed from the store" if removed else
+               "delete the key or write it again (or use another name or prefix). An "
+               "iteration that raised this goes on with the other keys at its next step")
+        return CorruptError(f"store {self._name!r}: the value of {what} in the hash "
+                            f"{self._key!r} in {self._ns.url} is {e}: another program wrote "
+                            f"it; {fix}")
+
     # -- the mapping ----------------------------------------------------------
 
     def __getitem__(self, key: _Key) -> Any:
@@ -370,13 +423,13 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         raw = self._raw(encode_key(key), self._open_batch())
         if raw is None:
             raise KeyError(key)
-        return decode_value(raw, self._pickled)
+        return self._value_of(key, raw)
 
     def get(self, key: _Key, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default``."""
         self._live()
         raw = self._raw(encode_key(key), self._open_batch())
-        return default if raw is None else decode_value(raw, self._pickled)
+        return default if raw is None else self._value_of(key, raw)
 
     def __setitem__(self, key: _Key, value: Any) -> None:
         self._writable()
@@ -427,14 +480,17 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         if b is not None:
             raw = self._raw(field, b)
             if raw is not None:
+                # decoded first: a value no shmkit wrote stays, and nothing is staged
+                value = self._value_of(key, raw)
                 b.write("d", field, None)
+                return value
         else:
             raw = self._pop_script(keys=[self._key], args=[field])
         if raw is None:
             if default is self._missing:
                 raise KeyError(key)
             return default
-        return decode_value(raw, self._pickled)
+        return self._value_of(key, raw, removed=True)
 
     def __contains__(self, key: object) -> bool:
         self._live()
@@ -470,11 +526,13 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         return _Entries(self._scan(), lambda field, _raw: self._key_of(field))
 
     def _pairs(self) -> Iterator[tuple[_Key, Any]]:
-        return _Entries(self._scan(), lambda field, raw: (self._key_of(field),
-                                                          decode_value(raw, self._pickled)))
+        def pair(field: bytes, raw: bytes) -> tuple[_Key, Any]:
+            key = self._key_of(field)
+            return key, self._value_of(key, raw)
+        return _Entries(self._scan(), pair)
 
     def _values(self) -> Iterator[Any]:
-        return _Entries(self._scan(), lambda _field, raw: decode_value(raw, self._pickled))
+        return _Entries(self._scan(), self._field_value)
 
     def items(self) -> _Items:
         """``(key, value)`` pairs (HSCAN: keys present throughout come exactly once)."""
@@ -498,8 +556,9 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         b = self._open_batch()
         if b is None and None not in raws:  # every key there: decode in one pass
             pickled = self._pickled
-            return [r[1:] if r[:1] == _VT_BYTES_HEAD else decode_value(r, pickled)
-                    for r in cast("list[bytes]", raws)]
+            with contextlib.suppress(CorruptError):  # (the loop below names the key)
+                return [r[1:] if r[:1] == _VT_BYTES_HEAD else decode_value(r, pickled)
+                        for r in cast("list[bytes]", raws)]
         out: list[Any] = []
         for key, field, raw in zip(keys, fields, raws):
             if b is not None and field in b.overlay:
@@ -509,7 +568,7 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
                     raise KeyError(key)
                 out.append(default[0])
             else:
-                out.append(decode_value(raw, self._pickled))
+                out.append(self._value_of(key, raw))
         return out
 
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
