@@ -1285,6 +1285,28 @@ def test_a_redis_store_value_no_shmkit_writes_raises_corrupt_naming_its_key(ns: 
     assert info.value.__cause__ is not None
 
 
+def test_redis_get_into_of_a_value_no_shmkit_writes_raises_corrupt(ns: Any) -> None:
+    """get_into() checks an array value's header as get() does (it returned 0,
+    or copied bytes the header does not describe), and refuses an empty value
+    or an unknown type as get() does, naming the key; a good one is copied."""
+    st = ns.Store("gi")
+    st["arr"] = np.arange(4, dtype=np.int64)
+    arr = ns.r.hget(ns.key("gi"), b"\x02arr")
+    foreign = {"hn": b"\x08" + (0xffffffff).to_bytes(4, "little") + b"x", "h": b"\x08\x01",
+               "long": arr + b"extra", "short": arr[:-3], "junk": b"\x08\x04\x00\x00\x00junkzz",
+               "e": b"", "t": b"\xc8xyz"}
+    for k, raw in foreign.items():
+        ns.r.hset(ns.key("gi"), b"\x02" + k.encode(), raw)
+        with pytest.raises(shmkit.CorruptError, match=f"key '{k}' .*delete the key"):
+            st.get(k)
+        buf = bytearray(b"\xaa" * 64)
+        with pytest.raises(shmkit.CorruptError, match=f"key '{k}' .*delete the key"):
+            st.get_into(k, buf)
+        assert buf == b"\xaa" * 64
+    out = np.zeros(4, np.int64)
+    assert st.get_into("arr", out) == 32 and out.tolist() == [0, 1, 2, 3]
+
+
 # -- the bridge ------------------------------------------------------------------
 
 

@@ -185,7 +185,7 @@ def encode_value(value: Any, pickled: bool) -> bytes:
 def decode_value(data: bytes, pickled: bool) -> Any:
     """The value of hash value ``data``; CorruptError for one no shmkit writes."""
     if not data:
-        raise CorruptError("empty, with no value-type byte (no shmkit writes one)")
+        raise _unknown_value(data)
     vt = data[0]
     if vt == VT_BYTES:
         return data[1:]
@@ -221,8 +221,15 @@ def decode_value(data: bytes, pickled: bool) -> Any:
             raise CorruptError(f"a pickle that does not load here ({e!r:.100}; a class "
                                "this process cannot import, or bytes no shmkit "
                                "wrote)") from e
-    raise CorruptError(f"of value type {vt} and {len(data) - 1} bytes (no shmkit writes "
-                       "one)")
+    raise _unknown_value(data)
+
+
+def _unknown_value(data: bytes) -> CorruptError:
+    """The error of a value with no type byte, or one that does not fit its bytes."""
+    if not data:
+        return CorruptError("empty, with no value-type byte (no shmkit writes one)")
+    return CorruptError(f"of value type {data[0]} and {len(data) - 1} bytes (no shmkit "
+                        "writes one)")
 
 
 def _array(data: bytes) -> tuple[Any, memoryview]:
@@ -591,11 +598,16 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         raw = self._raw(encode_key(key), self._open_batch())
         if raw is None:
             raise KeyError(key)
-        vt = raw[0]
+        vt = raw[0] if raw else 0
         if vt == VT_BYTES:
             body = memoryview(raw)[1:]
-        elif vt == _VT_NDARRAY and len(raw) >= 5:
-            body = memoryview(raw)[5 + _U32.unpack_from(raw, 1)[0]:]
+        elif vt == _VT_NDARRAY:
+            try:  # the header is checked as get() checks it: the data must fit it
+                body = _array(raw)[1]
+            except CorruptError as e:
+                raise self._corrupt_value(f"key {key!r:.80}", e, False) from None
+        elif vt not in _VALUE_BYTES:  # (empty, or a type no shmkit writes: as get() says)
+            raise self._corrupt_value(f"key {key!r:.80}", _unknown_value(raw), False)
         else:
             raise UnsupportedTypeError(f"get_into(): the value of {key!r} is not bytes or a "
                                        "numpy array; get() it")
