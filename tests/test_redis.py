@@ -1307,6 +1307,26 @@ def test_redis_get_into_of_a_value_no_shmkit_writes_raises_corrupt(ns: Any) -> N
     assert st.get_into("arr", out) == 32 and out.tolist() == [0, 1, 2, 3]
 
 
+def test_redis_store_nbytes_of_an_empty_value_and_a_foreign_codec_raise_corrupt(
+        ns: Any) -> None:
+    """nbytes() of a present empty value raises CorruptError (not KeyError, while
+    `in` says the key is there); a meta hash whose codec no shmkit writes
+    raises CorruptError saying what to do."""
+    st = ns.Store("nb")
+    ns.r.hset(ns.key("nb"), b"\x02e", b"")
+    assert "e" in st
+    with pytest.raises(shmkit.CorruptError, match="key 'e' .*delete the key"):
+        st.nbytes("e")
+    with pytest.raises(KeyError):
+        st.nbytes("missing")
+    for codec in (None, "zstd"):
+        ns.r.delete(ns.key("cm") + ":meta")
+        ns.r.hset(ns.key("cm") + ":meta", mapping={"kind": "store", "format": 2,
+                                                   **({"codec": codec} if codec else {})})
+        with pytest.raises(shmkit.CorruptError, match="codec.*delete its keys"):
+            ns.Store("cm")
+
+
 # -- the bridge ------------------------------------------------------------------
 
 

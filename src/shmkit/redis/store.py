@@ -348,7 +348,7 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         meta = self._open_meta(create, {"codec": (codec if given(codec) else None) or "none"})
         have = meta.get("codec")
         if have not in ("none", "pickle"):
-            raise CorruptError(f"store {name!r} has an unknown codec {have!r}")
+            raise self._corrupt_meta("codec", have)
         if given(codec) and (codec or "none") != have:
             raise self._mismatch("store", name, "codec", codec,
                                  None if have == "none" else have)
@@ -631,7 +631,9 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
                 raise KeyError(key)
             return len(raw) - 1
         n = int(self._r.hstrlen(self._key, field))
-        if n == 0:
+        if n == 0:  # missing, or an empty value (no shmkit writes one: it has no type byte)
+            if self._r.hexists(self._key, field):
+                raise self._corrupt_value(f"key {key!r:.80}", _unknown_value(b""), False)
             raise KeyError(key)
         return n - 1
 
