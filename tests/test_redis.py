@@ -1234,6 +1234,7 @@ def test_a_redis_store_field_no_shmkit_writes_raises_corrupt_and_iteration_goes_
     for field in foreign:
         assert sum(f"{field!r:.80}" in e for e in errors) >= 1, (field, errors)
     assert all("store 's'" in e and "HDEL" in e for e in errors)
+    assert _drain(iter(st.keys()))[1] == errors
     pairs, errors = _drain(iter(st.items()))
     assert sorted(pairs, key=repr) == sorted([("a", 1), (7, 2), (b"b", 3)], key=repr)
     assert len(errors) == len(foreign)

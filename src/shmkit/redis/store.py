@@ -21,7 +21,15 @@ import contextlib
 import os
 import pickle
 import struct
-from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterable,
+    Iterator,
+    KeysView,
+    MutableMapping,
+    ValuesView,
+)
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .. import _core
@@ -541,6 +549,9 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
     def _values(self) -> Iterator[Any]:
         return _Entries(self._scan(), self._field_value)
 
+    def keys(self) -> _Keys:
+        return _Keys(self)
+
     def items(self) -> _Items:
         """``(key, value)`` pairs (HSCAN: keys present throughout come exactly once)."""
         return _Items(self)
@@ -758,6 +769,13 @@ class _Entries(Iterator[_T]):
     def __next__(self) -> _T:
         field, raw = next(self._scan)
         return self._decode(field, raw)
+
+
+class _Keys(KeysView[_Key]):
+    _mapping: Store
+
+    def __iter__(self) -> Iterator[_Key]:
+        return iter(self._mapping)  # (KeysView's own, a generator, ends at a CorruptError)
 
 
 class _Items(ItemsView[_Key, Any]):
