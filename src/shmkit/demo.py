@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -66,19 +67,27 @@ def run(senders: int = 4, records: int = 20000, quiet: bool = False) -> int:
     env = _env()
     ch = Channel(name, capacity=CAPACITY)
     procs: list[subprocess.Popen[bytes]] = []
+    listening = False
     try:
         cmd = [sys.executable, str(example_path("log_receiver.py")), "--name", name,
                "--senders", str(senders), "--expect", str(senders * records)]
-        receiver = subprocess.Popen(cmd + (["--quiet"] if quiet else []), env=env)
+        # Each program in a session of its own: a terminal's Ctrl-C reaches
+        # this one alone, which hands it on to a receiver that listens (it
+        # prints what came) and stops the rest, whatever they were doing
+        # (importing, say, where a Ctrl-C would print a traceback).
+        receiver = subprocess.Popen(cmd + (["--quiet"] if quiet else []), env=env,
+                                    start_new_session=True)
         procs.append(receiver)
         ready_by = time.monotonic() + 15  # senders start once the receiver listens
         while (ch.statistics()["consumers"] == 0 and receiver.poll() is None
                and time.monotonic() < ready_by):
             time.sleep(0.01)
+        listening = ch.statistics()["consumers"] > 0
         for i in range(senders):
             procs.append(subprocess.Popen(
                 [sys.executable, str(example_path("log_sender.py")), "--name", name,
-                 "--id", str(i), "--records", str(records), "--rate", str(RATE)], env=env))
+                 "--id", str(i), "--records", str(records), "--rate", str(RATE)], env=env,
+                start_new_session=True))
         deadline = time.monotonic() + _TIMEOUT
         failed = 0
         for p in procs[1:]:
@@ -91,6 +100,14 @@ def run(senders: int = 4, records: int = 20000, quiet: bool = False) -> int:
         print(f"shmkit demo: still running after {_TIMEOUT:.0f} s; stopping it",
               file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if listening and receiver.poll() is None:
+            receiver.send_signal(signal.SIGINT)
+            try:
+                receiver.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        raise
     finally:
         for p in procs:
             if p.poll() is None:
