@@ -24,7 +24,7 @@ import shmkit
 from shmkit import channel
 from shmkit.errors import CorruptError, NotFoundError, OutOfSpaceError, UntrustedError
 
-from conftest import SRC, STORM_PRELUDE, spawn
+from conftest import SRC, STORM_PRELUDE, as_user, spawn
 
 FORK = multiprocessing.get_context("fork")
 MiB = 1 << 20
@@ -465,6 +465,35 @@ def test_gc_never_removes_an_object_named_like_a_payload_of_a_missing_queue(name
         holder.wait()
         if os.path.exists(path):
             os.unlink(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs gc as another user")
+def test_another_users_payload_or_a_directory_at_a_payload_name_never_fails_gc(name, names):
+    # gc opened every file at a payload name before looking at its owner and
+    # type: another user's queued payload (mode 0600) or a directory planted
+    # there made every plain `shmkit gc` (and --dry-run) exit 1.
+    q = shmkit.Queue(name=name)
+    planted = f"/dev/shm/shmkit.{names()}~oob.0123456789abcdef"
+    try:
+        q.put(_array(11, MiB))  # a payload file of root's, which a queued message names
+        os.mkdir(planted)
+        os.chown(planted, 65534, 65534)
+        mine = (name, os.path.basename(planted)[len("shmkit."):].partition("~oob.")[0])
+
+        def as_nobody() -> None:
+            assert channel.orphan_payloads(match=lambda n: n in mine) == []
+            from shmkit import cli
+            assert cli.main(["gc", "--dry-run", *mine]) == 0
+
+        from shmkit import cli
+        assert cli.main(["gc", "--dry-run", *mine]) == 0  # (and its imports made, which
+        assert as_user(as_nobody) == 0                    # nobody may not read in /root)
+        assert channel.orphan_payloads(match=lambda n: n in mine) == []  # root's own look
+        assert len(_payloads(q)) == 1 and os.path.isdir(planted)
+        assert np.array_equal(q.get(timeout=5), _array(11, MiB))
+    finally:
+        os.rmdir(planted)
+        q.close()
 
 
 def test_gc_never_removes_a_queued_payload(queue, monkeypatch):

@@ -1088,7 +1088,19 @@ def orphan_payloads(dry_run: bool = False,
 
 def _orphan_reason(path: str, qpath: str, token: bytes, rings: dict[str, bytes | None],
                    euid: int, dry_run: bool) -> str | None:
-    with _open_file(path) as file:
+    # Anything but a regular file of ours (root: anyone's) is not ours to
+    # judge, and is looked at before it is opened: another user's payload
+    # (mode 0600) or a directory there must not make gc fail for everyone.
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode) or (euid != 0 and st.st_uid != euid):
+        return None
+    try:
+        file = _open_file(path)
+    except OSError as e:
+        if e.errno in (errno.EISDIR, errno.ELOOP, errno.ENXIO):
+            return None  # swapped for a directory, a link or a FIFO meanwhile
+        raise
+    with file:
         fd = file.fileno()
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or (euid != 0 and st.st_uid != euid):
