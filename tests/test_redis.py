@@ -342,6 +342,17 @@ def test_same_code_runs_on_either_backend(any_ns: Any) -> None:
         e.close()
 
 
+def test_a_closed_queue_raises_closed_error_on_either_backend(any_ns: Any) -> None:
+    # The Redis Queue raised a plain ValueError where the local one raises
+    # ClosedError (itself a ValueError, as multiprocessing's).
+    q = any_ns.Queue("closed-q")
+    q.put(1)
+    q.close()
+    for call in (lambda: q.put(2), q.get, q.get_nowait, q.qsize):
+        with pytest.raises(shmkit.ClosedError, match="is closed"):
+            call()
+
+
 def test_timeouts_follow_one_rule_on_either_backend(any_ns: Any) -> None:
     """A timeout given to a call that does not block is refused, not ignored;
     a bool (numpy's too) is refused as a timeout; a negative one does not

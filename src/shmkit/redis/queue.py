@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import _core
 from .._object import DEFAULT, _Default, given
-from ..errors import Empty, Full, Timeout
+from ..errors import ClosedError, Empty, Full, Timeout
 from ._base import RedisNamespace, guard_all, refuse
 from .channel import CLAIM_IDLE, Channel
 
@@ -110,7 +110,7 @@ class Queue:
         """Put ``obj`` (pickled), waiting while ``maxsize`` objects are queued
         (``queue.Full`` when ``block`` is false or ``timeout`` seconds pass)."""
         if self._ch._closed:
-            raise ValueError(f"Queue {self!r} is closed")
+            raise ClosedError(f"Queue {self!r} is closed in this process; open it again")
         if not block and timeout is not None:
             _core.nowait_timeout_check(timeout, "put()", "block")
         data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
@@ -141,7 +141,7 @@ class Queue:
         """Remove and return an object (``queue.Empty`` when ``block`` is false or
         ``timeout`` seconds pass).  The previous one is acknowledged."""
         if self._ch._closed:
-            raise ValueError(f"Queue {self!r} is closed")
+            raise ClosedError(f"Queue {self!r} is closed in this process; open it again")
         if not block:
             if timeout is not None:
                 _core.nowait_timeout_check(timeout, "get()", "block")
@@ -165,7 +165,7 @@ class Queue:
     def qsize(self) -> int:
         """Objects not yet acknowledged."""
         if self._ch._closed:
-            raise ValueError(f"Queue {self!r} is closed")
+            raise ClosedError(f"Queue {self!r} is closed in this process; open it again")
         return self._ch.depth
 
     def empty(self) -> bool:
