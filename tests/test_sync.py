@@ -1760,3 +1760,102 @@ def test_condition_killed_at_every_crash_point(names):
 
     assert _fork_until_done("cond.", child, check) >= 2
     cond.close()
+
+
+_WITH_HOLDS = {
+    "condition": lambda m, c, rw: c,
+    "mutex.held": lambda m, c, rw: m.held(timeout=5),
+    "rwlock.read": lambda m, c, rw: rw.read(timeout=5),
+    "rwlock.write": lambda m, c, rw: rw.write(timeout=5),
+}
+
+
+@pytest.mark.parametrize("form", sorted(_WITH_HOLDS))
+def test_a_ctrl_c_at_any_bytecode_of_a_with_hold_leaves_nothing_held(names, form):
+    # `with cond:`, `with m.held():`, `with rw.read():` and `with rw.write():`
+    # were written in Python (an __enter__ that acquired and returned, a
+    # generator's contextmanager): a Ctrl-C between the hold and the block
+    # left the lock held, with no __exit__ to come.
+    import contextlib
+    m, c, rw = shmkit.Mutex(names()), shmkit.Condition(names()), shmkit.RWLock(names())
+    ours = (os.path.join("shmkit", "sync.py"), os.path.abspath(contextlib.__file__))
+    try:
+        for k in range(1, 1000):
+            count = interrupt_at_bytecode(k, lambda code: code.co_filename.endswith(ours))
+            try:
+                with _WITH_HOLDS[form](m, c, rw):
+                    pass
+                done = count[0] < k  # nothing left to interrupt
+            except KeyboardInterrupt:
+                done = False
+            finally:
+                sys.settrace(None)
+            st = rw.statistics()
+            assert not (m.locked() or c.locked() or st["readers"] or st["writer_pid"]), (k, st)
+            if done:
+                break
+        else:
+            pytest.fail("still interrupting after 1,000 bytecodes")
+        with _WITH_HOLDS[form](m, c, rw):  # and the form still holds
+            assert m.locked() or c.locked() or rw.statistics()["readers"] or \
+                rw.statistics()["writer_pid"]
+    finally:
+        for o in (m, c, rw):
+            o.close()
+            o.unlink()
+
+
+@pytest.mark.parametrize("kind", ["Mutex", "Semaphore"])
+def test_the_repr_of_a_closed_lock_never_raises(kind):
+    # repr() read the lock's word, so a closed handle's raised ClosedError
+    # (in logging, tracebacks, and shmkit.wait's own "is closed" message).
+    obj = getattr(shmkit, kind)(None)
+    obj.close()
+    assert repr(obj).endswith(" closed>")
+    with pytest.raises(shmkit.ClosedError, match=r"closed> is closed in this process"):
+        shmkit.wait([obj], 0)
+
+
+def test_a_forked_childs_release_read_of_its_parents_hold_is_no_damage(name):
+    # The handle's count of read holds went to the child with the fork, so
+    # the child's release_read() said the segment was damaged (CorruptError)
+    # instead of that it holds none.
+    rw = shmkit.RWLock(name)
+    assert rw.acquire_read(timeout=5)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            rw.release_read()
+        except RuntimeError as e:
+            code = 0 if "forked child holds none" in str(e) else 2
+        except BaseException:
+            code = 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0, status
+    assert rw.statistics()["readers"] == {os.getpid(): 1}  # the parent's hold stands
+    rw.release_read()
+    assert rw.statistics()["readers"] == {}
+    rw.close()
+    rw.unlink()
+
+
+def test_counts_and_flags_refuse_a_bool_or_a_stand_in(name):
+    # release(True) and notify(True) were taken as 1, auto_reset="no" made an
+    # auto-reset event; Semaphore(value=True) was already refused.
+    s = shmkit.Semaphore(None, value=2)
+    c = shmkit.Condition(None)
+    try:
+        with pytest.raises(TypeError, match="not a bool"):
+            s.release(True)
+        with c, pytest.raises(TypeError, match="not a bool"):
+            c.notify(True)
+        with pytest.raises(TypeError, match="auto_reset must be True, False or None"):
+            shmkit.Event(name, auto_reset="no")
+        assert not os.path.exists(f"/dev/shm/shmkit.{name}")
+        assert s.value == 2
+    finally:
+        for o in (s, c):
+            o.close()

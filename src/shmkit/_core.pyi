@@ -3,7 +3,7 @@
 from collections.abc import Callable, Iterable
 import sys
 from types import ModuleType
-from typing import Any, Self, TypeVar, final
+from typing import Any, Generic, Self, TypeVar, final
 
 from typing_extensions import Buffer, disjoint_base
 
@@ -80,6 +80,19 @@ class Lock:
     def locked(self) -> bool: ...
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc: object) -> None: ...
+
+_H = TypeVar("_H")
+
+@final
+class Hold(Generic[_H]):
+    """A with-block hold taken and let go in C (made by :func:`hold`)."""
+
+    def __enter__(self) -> _H: ...
+    def __exit__(self, *exc: object) -> bool: ...
+
+def hold(acquire: Callable[..., Any], args: tuple[Any, ...], release: Callable[..., Any],
+         release_args: tuple[Any, ...], on_timeout: Callable[[], BaseException],
+         result: _H, /) -> Hold[_H]: ...
 
 @disjoint_base
 class Semaphore:

@@ -40,8 +40,7 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, cast
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping, cast
 
 from . import _core
 from .errors import (
@@ -255,18 +254,19 @@ class Mutex(_core.Lock, _Placed):
         if not self.acquire(False):
             raise WouldBlock(f"{self.name!r} is held")
 
-    @contextmanager
-    def held(self, timeout: float | None = None) -> Iterator["Mutex"]:
-        """``with m.held(timeout=1.0):`` holds the lock, or raises :class:`Timeout`."""
-        if not self.acquire(timeout=timeout):
-            raise _timed_out(f"could not take mutex {self.name!r} within "
-                             f"{_core.shown_seconds(timeout)} s: it is "
-                             f"held by {self._holder_phrase()}; try again, or resume or end "
-                             "that process")
-        try:
-            yield self
-        finally:
-            self.release()
+    def held(self, timeout: float | None = None) -> ContextManager["Mutex"]:
+        """``with m.held(timeout=1.0):`` holds the lock, or raises :class:`Timeout`.
+
+        Taken and let go in the core (``_core.hold``): a Ctrl-C never lands
+        between the hold and the block."""
+        return _core.hold(_core.Lock.acquire, (self, True, timeout), _core.Lock.release,
+                          (self,), lambda: self._held_timeout(timeout), self)
+
+    def _held_timeout(self, timeout: float | None) -> Timeout:
+        return _timed_out(f"could not take mutex {self.name!r} within "
+                          f"{_core.shown_seconds(timeout)} s: it is "
+                          f"held by {self._holder_phrase()}; try again, or resume or end "
+                          "that process")
 
     def _holder_phrase(self) -> str:
         """Who holds it, for a Timeout's message: "pid N", "pid N, which is
@@ -285,7 +285,9 @@ class Mutex(_core.Lock, _Placed):
         return {"locked": self.locked(), "holder_pid": self.holder_pid(),
                 "waiters": self.has_waiters, "recovered": self.recovered}
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # (never raises: logging, tracebacks and debuggers call it)
+        if self.closed:
+            return f"<shmkit.Mutex {self.name!r} closed>"
         return f"<shmkit.Mutex {self.name!r} locked={self.locked()}>"
 
 
@@ -323,6 +325,10 @@ class Event(_Placed):
 
     def __init__(self, name: str | None = None, *, auto_reset: bool | None = None,
                  create: bool | None = None, **kwargs: Unpack[SyncOptions]) -> None:
+        if auto_reset is not None and not isinstance(auto_reset, bool):
+            # ("no" would be true: an auto-reset event nobody asked for)
+            raise TypeError(f"auto_reset must be True, False or None (adopt the existing "
+                            f"event's), not {auto_reset!r}")
         seg = self._named_segment(name, create, {"auto_reset": bool(auto_reset)}, None,
                                   kwargs)
         _check_param(seg, "event", "auto_reset",
@@ -422,27 +428,22 @@ class RWLock(_core.RWLock, _Placed):
     def _entry(self, slot: int) -> int:
         return self._base + 64 + 8 * slot
 
-    @contextmanager
-    def read(self, timeout: float | None = None) -> Iterator[None]:
+    # Both holds are taken and let go in the core (_core.hold): a Ctrl-C
+    # never lands between the hold and the block.
+    def read(self, timeout: float | None = None) -> ContextManager[None]:
         """``with rw.read():`` a read hold for the block; :class:`Timeout` if not in time."""
-        if not self.acquire_read(timeout):
-            raise _timed_out(f"could not read-lock {self.name!r} within "
-                             f"{_core.shown_seconds(timeout)} s")
-        try:
-            yield
-        finally:
-            self.release_read()
+        return _core.hold(_core.RWLock.acquire_read, (self, timeout), _core.RWLock.release_read,
+                          (self,), lambda: self._hold_timeout("read", timeout), None)
 
-    @contextmanager
-    def write(self, timeout: float | None = None) -> Iterator[None]:
+    def write(self, timeout: float | None = None) -> ContextManager[None]:
         """``with rw.write():`` the write hold for the block; :class:`Timeout` if not in time."""
-        if not self.acquire_write(timeout):
-            raise _timed_out(f"could not write-lock {self.name!r} within "
-                             f"{_core.shown_seconds(timeout)} s")
-        try:
-            yield
-        finally:
-            self.release_write()
+        return _core.hold(_core.RWLock.acquire_write, (self, timeout),
+                          _core.RWLock.release_write, (self,),
+                          lambda: self._hold_timeout("write", timeout), None)
+
+    def _hold_timeout(self, how: str, timeout: float | None) -> Timeout:
+        return _timed_out(f"could not {how}-lock {self.name!r} within "
+                          f"{_core.shown_seconds(timeout)} s")
 
     def statistics(self) -> dict[str, Any]:
         m = self._m
@@ -545,7 +546,9 @@ class Semaphore(_core.Semaphore, _Placed):
         """``{"value", "waiters"}``: units free now, waiters that may be asleep."""
         return {"value": self.value, "waiters": self.waiters}
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # (never raises, as Mutex's)
+        if self.closed:
+            return f"<shmkit.Semaphore {self.name!r} closed>"
         return f"<shmkit.Semaphore {self.name!r} value={self.value}>"
 
 
@@ -617,7 +620,7 @@ def _check_param(seg: Segment, what: str, param: str, given: Any, stored: Any) -
             "`shmkit rm`")
 
 
-class Condition(_Placed):
+class Condition(_core.Lock, _Placed):
     """A condition variable with its own robust mutex, shared by name.
 
     Use it as :class:`threading.Condition`: hold it (``with cond:``), then
@@ -656,6 +659,10 @@ class Condition(_Placed):
         self._place(seg, offset)
         self._what = f"condition {seg.name!r}"
         self.lock = Mutex._embedded(seg, offset, self._what)
+        # The condition is its lock too (the word at its offset): acquire,
+        # release and `with cond:` are the core's, so a Ctrl-C never lands
+        # between taking the lock and the block.
+        _core.Lock.__init__(self, self._m, self._base, self._what)
 
     @classmethod
     def at(cls, segment: Segment, offset: int) -> "Condition":
@@ -663,19 +670,6 @@ class Condition(_Placed):
         obj = cls.__new__(cls)
         obj._setup(segment, offset)
         return obj
-
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        return self.lock.acquire(blocking, -1 if timeout is None else timeout)
-
-    def release(self) -> None:
-        self.lock.release()
-
-    def __enter__(self) -> "Condition":
-        self.lock.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.lock.release()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Release the lock, sleep until notified, re-take it; False on timeout.

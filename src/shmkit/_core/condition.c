@@ -268,6 +268,11 @@ py_cond_notify(PyObject *mod, PyObject *const *a, Py_ssize_t n)
 {
     Cond c;
     long long off, k;
+    if (n >= 3 && PyBool_Check(a[2])) { /* an int, never meant as a count */
+        PyErr_SetString(PyExc_TypeError, "notify(n): n is how many waiters to wake, an "
+                                         "int, not a bool");
+        return NULL;
+    }
     if (shm_sync_args(a, n, 3, 4, "cond_notify(mapping, offset, n, what=None)", &off) < 0 ||
         ((k = PyLong_AsLongLong(a[2])) == -1 && PyErr_Occurred()) ||
         cond_bind(&c, a[0], off, n > 3 ? a[3] : NULL, 1) < 0)

@@ -110,7 +110,7 @@ make_layouts(void)
 #define TYPES(X)                                                                  \
     X(Mapping) X(Lock) X(RWLock) X(Semaphore) X(Ring) X(RecordView) X(Loan) X(Table)\
     X(View) X(HeapCore) X(Pin) X(Topic) X(TopicSubscriber) X(TopicView) X(Special)     \
-    X(BoundSpecial) X(TableBatch) X(QueueCore)
+    X(BoundSpecial) X(TableBatch) X(QueueCore) X(Hold)
 
 static int
 core_traverse(PyObject *m, visitproc visit, void *arg)

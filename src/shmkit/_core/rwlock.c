@@ -32,6 +32,8 @@ typedef struct {
     SHM_SYNC_HANDLE_HEAD
     int recovered;
     long read_holds;    /* read holds taken through this handle, not yet released */
+    uint32_t holds_token; /* the attachment they were taken under (a forked
+                           * child's handle has another, and none of them) */
     /* The coroutine form's write acquire between its calls: the ticket of
      * the call that took the writers' mutex and announced itself (0: none),
      * whether that mutex was a dead writer's, whether dead readers' holds
@@ -80,7 +82,7 @@ count(RW *r, int delta)
     for (;;) {
         uint32_t n = shm_slot_entry_mine(v, me);
         if (delta < 0 && n == 0) {
-            if (r->self->read_holds > 0)
+            if (r->self->read_holds > 0 && r->self->holds_token == me)
                 PyErr_Format(shm_state_of(r->self->mapping)->CorruptError, "the read hold this process took on %s "
                              "was overwritten (its entry shows %u holds of attachment "
                              "generation %u, this one is %u): the segment is damaged; "
@@ -89,7 +91,8 @@ count(RW *r, int delta)
                              (unsigned)SHM_SLOT_ENTRY_GEN(v), (unsigned)SHM_TOKEN_GEN(me));
             else
                 PyErr_Format(PyExc_RuntimeError, "release_read() of %s without a "
-                             "matching acquire_read()", r->self->what_s);
+                             "matching acquire_read() in this process (a forked child "
+                             "holds none of its parent's read holds)", r->self->what_s);
             return -1;
         }
         if (__atomic_compare_exchange_n(e, &v, shm_slot_entry_make(me, n + (uint32_t)delta), 0,
@@ -197,6 +200,10 @@ acquire_read(RWObject *self, int64_t deadline)
             readers_left(&r);
             return -1;
         }
+    }
+    if (self->holds_token != r.view.m->token) { /* a forked child's first */
+        self->holds_token = r.view.m->token;
+        self->read_holds = 0;
     }
     self->read_holds++;
     return 1;
@@ -474,6 +481,7 @@ rw_init(RWObject *self, PyObject *args, PyObject *kwds)
         return -1;
     self->recovered = 0;
     self->read_holds = 0;
+    self->holds_token = 0;
     self->w_ticket = 0;
     return 0;
 }
@@ -526,7 +534,7 @@ py_release_read(RWObject *self, PyObject *Py_UNUSED(ignored))
     if (rw_bind(self, &r) < 0)
         return NULL;
     int n = count(&r, -1);
-    if (self->read_holds > 0)
+    if (self->read_holds > 0 && self->holds_token == r.view.m->token)
         self->read_holds--; /* released, or lost to damage (CorruptError) */
     if (n < 0)
         return NULL;

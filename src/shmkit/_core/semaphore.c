@@ -416,6 +416,11 @@ py_sem_release(SemObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "release(n=1)");
         return NULL;
     }
+    if (nargs == 1 && PyBool_Check(args[0])) { /* an int, never meant as a count */
+        PyErr_SetString(PyExc_TypeError, "release(n): n is how many units to give back, "
+                                         "an int, not a bool");
+        return NULL;
+    }
     if (nargs == 1 && (n = PyLong_AsLongLong(args[0])) == -1 && PyErr_Occurred())
         return NULL;
     if (sem_release(self, n) < 0)

@@ -116,7 +116,7 @@ typedef struct shm_state {
     /* the core's types */
     PyTypeObject *Mapping, *Lock, *RWLock, *Semaphore, *Ring, *RecordView, *Loan, *Table, *View,
         *HeapCore, *Pin, *Topic, *TopicSubscriber, *TopicView, *Special, *BoundSpecial,
-        *TableBatch, *QueueCore;
+        *TableBatch, *QueueCore, *Hold;
     /* special.c: bound __enter__/__exit__ objects kept for reuse (per
      * interpreter: objects must go back to the allocator that made them) */
     PyObject *special_spare[SHM_SPECIAL_SPARE];

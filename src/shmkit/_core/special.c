@@ -329,13 +329,164 @@ static PyType_Spec special_spec = {
     .slots = special_slots,
 };
 
+/* ---- a hold for one with-block, taken and let go in C ----
+ *
+ * hold(acquire, args, release, release_args, on_timeout, result): `with` it
+ * calls acquire(*args); true: the block runs holding it (__enter__ returns
+ * result) and __exit__ calls release(*release_args) once; false: __enter__
+ * raises what on_timeout() returns.  A with-block written in Python (a generator's
+ * contextmanager, an __enter__ that calls acquire() and returns) runs
+ * bytecode between the hold and the block, where a Ctrl-C raised by a
+ * signal handler leaves it held with no __exit__ to come.  Here nothing runs
+ * between acquire returning and the block: acquire and release must be the
+ * core's own methods. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *acquire, *args, *release, *release_args, *on_timeout, *result;
+    int state; /* 0 made, 1 held, 2 done */
+} HoldObject;
+
+static PyObject *
+hold_enter(PyObject *self, PyObject *const *Py_UNUSED(a), Py_ssize_t Py_UNUSED(n))
+{
+    HoldObject *h = (HoldObject *)self;
+    if (h->state != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "this hold was entered already; ask for another");
+        return NULL;
+    }
+    PyObject *r = PyObject_Call(h->acquire, h->args, NULL);
+    if (r == NULL)
+        return NULL;
+    int got = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    if (got < 0)
+        return NULL;
+    if (!got) {
+        h->state = 2;
+        PyObject *e = PyObject_CallNoArgs(h->on_timeout);
+        if (e != NULL) {
+            PyErr_SetObject((PyObject *)Py_TYPE(e), e);
+            Py_DECREF(e);
+        }
+        return NULL;
+    }
+    h->state = 1;
+    return Py_NewRef(h->result);
+}
+
+static PyObject *
+hold_exit(PyObject *self, PyObject *const *Py_UNUSED(a), Py_ssize_t Py_UNUSED(n))
+{
+    HoldObject *h = (HoldObject *)self;
+    if (h->state != 1)
+        Py_RETURN_FALSE;
+    h->state = 2;
+    PyObject *r = PyObject_Call(h->release, h->release_args, NULL);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    Py_RETURN_FALSE;
+}
+
+static const shm_special_def hold_specials[] = {
+    {"__enter__", hold_enter, 0, "($self, /)", "Take the hold (or raise on timeout)."},
+    {"__exit__", hold_exit, -1, "($self, *exc_info)", "Let the hold go."},
+    {NULL},
+};
+
+static int
+hold_traverse(HoldObject *h, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(h));
+    Py_VISIT(h->acquire);
+    Py_VISIT(h->args);
+    Py_VISIT(h->release);
+    Py_VISIT(h->release_args);
+    Py_VISIT(h->on_timeout);
+    Py_VISIT(h->result);
+    return 0;
+}
+
+static int
+hold_clear(HoldObject *h)
+{
+    Py_CLEAR(h->acquire);
+    Py_CLEAR(h->args);
+    Py_CLEAR(h->release);
+    Py_CLEAR(h->release_args);
+    Py_CLEAR(h->on_timeout);
+    Py_CLEAR(h->result);
+    return 0;
+}
+
+static void
+hold_dealloc(HoldObject *h)
+{
+    PyTypeObject *tp = Py_TYPE(h);
+    PyObject_GC_UnTrack(h);
+    hold_clear(h);
+    tp->tp_free(h);
+    Py_DECREF(tp);
+}
+
+static PyType_Slot hold_slots[] = {
+    {Py_tp_dealloc, hold_dealloc},
+    {Py_tp_traverse, hold_traverse},
+    {Py_tp_clear, hold_clear},
+    {0, NULL},
+};
+
+static PyType_Spec hold_spec = {
+    .name = "shmkit._core.Hold",
+    .basicsize = sizeof(HoldObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = hold_slots,
+};
+
+static PyObject *
+py_hold(PyObject *mod, PyObject *const *a, Py_ssize_t n)
+{
+    if (n != 6 || !PyTuple_Check(a[1]) || !PyTuple_Check(a[3])) {
+        PyErr_SetString(PyExc_TypeError, "hold(acquire, args: tuple, release, "
+                                         "release_args: tuple, on_timeout, result)");
+        return NULL;
+    }
+    HoldObject *h = PyObject_GC_New(HoldObject, shm_mod_state(mod)->Hold);
+    if (h == NULL)
+        return NULL;
+    h->acquire = Py_NewRef(a[0]);
+    h->args = Py_NewRef(a[1]);
+    h->release = Py_NewRef(a[2]);
+    h->release_args = Py_NewRef(a[3]);
+    h->on_timeout = Py_NewRef(a[4]);
+    h->result = Py_NewRef(a[5]);
+    h->state = 0;
+    PyObject_GC_Track(h);
+    return (PyObject *)h;
+}
+
+static PyMethodDef hold_fns[] = {
+    {"hold", (PyCFunction)(void (*)(void))py_hold, METH_FASTCALL,
+     "hold($module, acquire, args, release, release_args, on_timeout, result, /)\n--\n\n"
+     "A with-block hold taken and let go in C: acquire(*args), else raise\n"
+     "on_timeout(); __enter__ returns result; __exit__ calls release(*release_args)."},
+    {NULL},
+};
+
 int
 shm_init_special(PyObject *module)
 {
     shm_state *st = shm_mod_state(module);
     st->Special = (PyTypeObject *)PyType_FromModuleAndSpec(module, &special_spec, NULL);
     st->BoundSpecial = (PyTypeObject *)PyType_FromModuleAndSpec(module, &bound_spec, NULL);
-    return st->Special == NULL || st->BoundSpecial == NULL ? -1 : 0;
+    if (st->Special == NULL || st->BoundSpecial == NULL)
+        return -1;
+    st->Hold = (PyTypeObject *)PyType_FromModuleAndSpec(module, &hold_spec, NULL);
+    if (st->Hold == NULL || shm_add_specials(module, st->Hold, hold_specials) < 0 ||
+        PyModule_AddObjectRef(module, "Hold", (PyObject *)st->Hold) < 0)
+        return -1;
+    return PyModule_AddFunctions(module, hold_fns);
 }
 
 int
