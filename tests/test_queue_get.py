@@ -1010,3 +1010,27 @@ def test_a_signal_handler_that_gets_as_get_returns_takes_the_object_in_order(nam
     finally:
         q.unlink()
         q.close()
+
+
+def test_an_object_left_in_the_box_counts_and_makes_the_queue_ready(name):
+    # An object a Ctrl-C left in the box (as the get returned it) is the next
+    # get's, but qsize() said 0, empty() True, and shmkit.wait([q]) slept.
+    import asyncio
+    import shmkit.aio
+    q = shmkit.Queue(name=name)
+    try:
+        q.put("kept")
+        box = q._get_boxed()  # taken into the box; nobody emptied it
+        assert box == ["kept"] and q._kept
+        assert q.qsize() == 1 and not q.empty()
+        t0 = time.monotonic()
+        assert shmkit.wait([q], 5.0) == [q]
+        assert shmkit.wait([q], 5.0, return_when=shmkit.ALL_COMPLETED) == [q]
+        assert asyncio.run(shmkit.aio.wait([q], 5.0)) == [q]
+        assert time.monotonic() - t0 < 4.0  # none of them slept its timeout
+        del box
+        assert q.get_nowait() == "kept"
+        assert q.qsize() == 0 and q.empty() and shmkit.wait([q], 0.05) == []
+    finally:
+        q.close()
+        q.unlink()

@@ -60,7 +60,7 @@ from . import channel as _channel
 from . import segment as _segment
 from . import sync as _sync
 from .aio_wait import (ALL_COMPLETED, FIRST_COMPLETED, WaitArgumentError, _all_of,
-                       _describe, _Desc, _ready_all)
+                       _describe, _Desc, _kept, _ready_all)
 from .errors import _timed_out, ChannelClosed, ClosedError, Empty, Full, ShmkitError, Timeout, WouldBlock
 from .sync import lock_timeout, seconds
 
@@ -1323,7 +1323,9 @@ async def wait(objects: Sequence[T], timeout: float | None = None, *,
     descs = [_describe(o) for o in objs]
     loop = _loop()
     deadline = None if timeout is None else loop.time() + seconds(timeout)
-    suspects: set[int] = set()  # found with a dead holder: ready for the call that recovers
+    # found with a dead holder (ready for the call that recovers), or a queue
+    # whose box keeps an object
+    suspects = _kept(objs)
     while True:
         now = _ready_all(descs, suspects)
         if len(now) == len(descs) or (now and not all_of):

@@ -163,12 +163,13 @@ def wait(objects: Sequence[T], timeout: float | None = None, *,
     if timeout is not None:
         timeout = seconds(timeout)
     descs = [_describe(o) for o in objs]
+    kept = _kept(objs)
     if not all_of:
-        ready, suspect = _core.wait_ready(descs, timeout, True)
-        chosen = set(ready) | set(suspect)
+        ready, suspect = _core.wait_ready(descs, 0 if kept else timeout, True)
+        chosen = set(ready) | set(suspect) | kept
         return [o for i, o in enumerate(objs) if i in chosen]
     deadline = None if timeout is None else time.monotonic() + timeout
-    suspects: set[int] = set()
+    suspects = kept
     while True:
         now = _ready_all(descs, suspects)
         if len(now) == len(descs):
@@ -182,6 +183,12 @@ def wait(objects: Sequence[T], timeout: float | None = None, *,
         ready, suspect = _core.wait_ready([descs[i] for i in waiting], left, True)
         suspects.update(waiting[k] for k in suspect)
     return [o for i, o in enumerate(objs) if i in now]
+
+
+def _kept(objs: Sequence[object]) -> set[int]:
+    """The indices of the queues whose box keeps an object (a Ctrl-C came as
+    a get returned it): ready, though their ring may be empty."""
+    return {i for i, o in enumerate(objs) if isinstance(o, Queue) and o._kept}
 
 
 def _ready_all(descs: Sequence[_Desc], suspects: set[int]) -> set[int]:

@@ -1750,8 +1750,9 @@ class Queue(SharedObject, _core.QueueCore):
     def qsize(self) -> int:
         """How many objects are queued (exact at the moment it is read; an
         object a receiver killed inside its ``get()`` was taking counts, since
-        the next ``get()`` takes it)."""
-        return self._live().depth
+        the next ``get()`` takes it, and so does one a Ctrl-C left in this
+        handle's box for its next ``get()``)."""
+        return self._live().depth + self._kept
 
     def empty(self) -> bool:
         return self.qsize() == 0
