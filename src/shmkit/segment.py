@@ -814,7 +814,10 @@ class Segment(Closing):
                             f"(either), not {create!r}")
         if size is None and create:
             raise ValueError("create() needs size=")
-        _check_numbers(size=size, max_size=max_size, mode=mode, max_attach=max_attach)
+        if (size is not None or max_size is not None or type(mode) is not int
+                or mode != 0o600 or type(max_attach) is not int
+                or max_attach != DEFAULT_MAX_ATTACH):  # (an open's defaults: nothing to check)
+            _check_numbers(size=size, max_size=max_size, mode=mode, max_attach=max_attach)
         if readonly and create:
             raise ValueError("cannot create a segment readonly=True")
         may_create = create is not False and size is not None and not readonly

@@ -108,17 +108,22 @@ raising(TableObject *t, int r)
 #define tt_index(t, x) raising(t, t_index(&(t)->c, x))
 #define tt_view_hold(t) raising(t, view_hold(&(t)->c))
 
+static __attribute__((noinline, cold)) uint64_t
+tt_closed(TableObject *t)
+{
+    shm_fail(TE_CLOSED, "the store is closed in this process; open it again");
+    t_raise(t);
+    return 0;
+}
+
 /* t_enter, raising: the heap end, or 0 with an exception set. */
-static uint64_t
+static inline uint64_t
 tt_enter(TableObject *t)
 {
     /* Closed while views were out, which keep it mapped: refused as closed
      * (a batch open meanwhile still ends, t_batch_end_as) */
-    if (__builtin_expect(t->c.m != NULL && t->c.m->closing, 0)) {
-        shm_fail(TE_CLOSED, "the store is closed in this process; open it again");
-        t_raise(t);
-        return 0;
-    }
+    if (__builtin_expect(t->c.m != NULL && t->c.m->closing, 0))
+        return tt_closed(t);
     uint64_t end = t_enter(&t->c);
     if (end == 0)
         t_raise(t);
