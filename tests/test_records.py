@@ -200,6 +200,33 @@ def test_array_init_that_raises_leaves_nothing(name):
     a.close()
 
 
+def test_numpys_copy_argument_is_honoured_as_another_process_sees(name):
+    """``np.array(a, copy=True)`` is a private copy (numpy 2 copies nothing
+    after ``__array__``, which handed back the shared memory itself: writes
+    to the "copy" reached every process); ``copy=False`` that needs a
+    conversion raises ValueError instead of copying; ``copy=None`` views."""
+    a = shmkit.Array(name, "int32", (4,))
+    a[:] = [1, 2, 3, 4]
+    mine = np.array(a, copy=True)
+    mine[0] = 99
+    also_mine = np.array(a, dtype=np.int64, copy=True)
+    also_mine[1] = 99
+    shared = np.asarray(a)
+    assert np.shares_memory(shared, a.array) and shared.dtype == np.int32
+    assert np.shares_memory(np.asarray(a, dtype="int32", copy=False), a.array)
+    shared[3] = 40
+    with pytest.raises(ValueError, match="copy=False"):
+        np.asarray(a, dtype=np.float64, copy=False)
+    assert np.asarray(a, dtype=np.float64).tolist() == [1.0, 2.0, 3.0, 40.0]
+    run_python(f"""
+        import shmkit
+        a = shmkit.Array.open({name!r})
+        assert a.array.tolist() == [1, 2, 3, 40], a.array.tolist()
+        a.close()
+    """)
+    a.close()
+
+
 def test_array_layout_mismatch(name):
     a = shmkit.Array(name, "int32", (2, 3))
     for dtype, shape in (("int64", (2, 3)), ("int32", (3, 2)), ("int32", 6),

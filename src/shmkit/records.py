@@ -487,8 +487,25 @@ class Array(_Typed):
         return self._shape
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """numpy's protocol (numpy 2 trusts the result and copies nothing
+        more): ``copy=True`` a private copy, ``copy=None`` the shared memory
+        itself when ``dtype`` needs no conversion, ``copy=False`` the shared
+        memory or ValueError.
+
+        >>> a = Array(None, "int32", 2)
+        >>> b = np.array(a, copy=True); b[0] = 5; int(a[0])
+        0
+        >>> a.close(); a.unlink()
+        """
         arr = self._view()
-        return arr if dtype is None else arr.astype(dtype)
+        if copy:
+            return arr.astype(arr.dtype if dtype is None else dtype, copy=True)
+        out = arr if dtype is None else arr.astype(dtype, copy=False)
+        if copy is not None and out is not arr:
+            raise ValueError(f"array {self.name!r} holds {arr.dtype}; a {np.dtype(dtype)} "
+                             "array of it needs a copy, which copy=False refuses: give "
+                             "copy=None, or the array's own dtype")
+        return out
 
     def __getitem__(self, key: Any) -> Any:
         return self._view()[key]
