@@ -1057,6 +1057,63 @@ def test_blocked_recv_and_publish_let_ctrl_c_through(name):
         assert p.communicate(timeout=10)[0].strip() == "interrupted", call
 
 
+@pytest.mark.parametrize("then", ["resumed", "killed"])
+def test_subscribe_while_a_stopped_peer_holds_the_lock_times_out_naming_it(name, then):
+    """A publisher stopped (SIGSTOP) inside a loan holds the publishers'
+    lock: ``subscribe(timeout=)`` raises Timeout within its timeout naming
+    the stopped pid (it took no timeout and waited for good), while what
+    takes no lock (a subscriber's close, ``lag``, ``statistics()``) goes on;
+    resumed, the loan is published and subscribing works again; killed, the
+    next subscribe takes the lock over."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import SRC
+    with Topic(name, capacity=4096) as t:
+        early, spare = t.subscribe(), t.subscribe()
+        code = f"""
+            import os, signal, shmkit
+            t = shmkit.Topic.open({name!r})
+            with t.loan(4) as loan:
+                loan.buffer[:] = b"late"
+                print("loaned", flush=True)
+                os.kill(os.getpid(), signal.SIGSTOP)
+        """
+        p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
+                             stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": SRC})
+        try:
+            assert p.stdout.readline().strip() == "loaned"
+            _pid, status = os.waitpid(p.pid, os.WUNTRACED)  # until it is stopped
+            assert os.WIFSTOPPED(status), status
+            for timeout in (0.3, 0):
+                t0 = time.monotonic()
+                with pytest.raises(Timeout, match=f"pid {p.pid}, which is stopped"):
+                    t.subscribe(timeout=timeout)
+                assert time.monotonic() - t0 < 5
+            t0 = time.monotonic()
+            assert early.lag == 0 and len(t.statistics()["subscribers"]) == 2
+            spare.close()
+            assert len(t.statistics()["subscribers"]) == 1
+            assert time.monotonic() - t0 < 5
+            if then == "resumed":
+                os.kill(p.pid, signal.SIGCONT)
+                assert p.wait(30) == 0
+                assert early.recv(timeout=5) == b"late"
+            else:
+                p.kill()
+                p.wait(30)
+            with t.subscribe(timeout=10) as late:
+                t.publish(b"next", timeout=5)
+                assert late.recv(timeout=5) == b"next"
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
+            p.stdout.close()
+
+
 def test_closing_the_topic_wakes_a_waiting_subscriber(name):
     topic = Topic(name, capacity=4096)
     sub = topic.subscribe()

@@ -302,24 +302,29 @@ class Topic(SharedObject, _core.Topic):
         """Open an existing topic; :class:`NotFoundError` if there is none."""
         return cls(name, create=False, **kwargs)
 
-    def subscribe(self, history: int | None = None) -> Subscriber:
+    def subscribe(self, history: int | None = None, *,
+                  timeout: float | None = None) -> Subscriber:
         """A new subscriber: it receives every message published from now on,
         plus up to ``history`` earlier ones still kept (default: the topic's
         ``history``; at most that).
 
-        Raises :class:`BusyError` when ``max_subscribers`` live subscribers
-        exist already (entries of dead processes are freed first), and
-        :class:`SizeLimitError` for a ``history`` beyond the topic's.
+        Subscribing takes the publishers' lock for a moment; ``timeout``
+        bounds the wait for it (``None``: as long as it takes), then
+        :class:`Timeout` names the process holding it (a publisher inside
+        a loan, or one stopped with SIGSTOP).  Raises :class:`BusyError`
+        when ``max_subscribers`` live subscribers exist already (entries
+        of dead processes are freed first), and :class:`SizeLimitError` for
+        a ``history`` beyond the topic's.
 
         >>> with Topic(None, capacity=4096) as topic:
-        ...     sub = topic.subscribe()
+        ...     sub = topic.subscribe(timeout=1.0)
         ...     topic.publish(b"x"); sub.recv(timeout=1.0)
         b'x'
         """
         self._held()
         if history is not None:
             _check_int("history", history, 0, self.history, " messages (the topic's history)")
-        sub = self._subscribe(Subscriber, history)
+        sub = self._subscribe(Subscriber, history, timeout)
         ref = weakref.ref(sub, self._forget_sub)
         self._subs[id(ref)] = ref
         return sub

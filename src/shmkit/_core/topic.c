@@ -636,11 +636,11 @@ topic_slowest(topic_t *t, MappingObject *m, uint32_t *idx)
 /* ---- subscribing ------------------------------------------------------------ */
 
 long
-topic_subscribe(topic_t *t, MappingObject *m, uint64_t want)
+topic_subscribe(topic_t *t, MappingObject *m, uint64_t want, int64_t deadline)
 {
     struct topic_hdr *h = t->h;
     uint32_t me = m->token;
-    if (topic_lock(t, m, SHM_FOREVER) < 0)
+    if (topic_lock(t, m, deadline) < 0)
         return -1;
     uint64_t tl = LOADR(&h->tail), hd = LOADR(&h->head), hist = LOADR(&h->hist);
     uint64_t sq = LOADR(&h->seq);

@@ -186,9 +186,11 @@ int topic_wait_space(topic_t *t, MappingObject *m, uint64_t len, int64_t deadlin
 /* The most messages the slowest live subscriber is behind, and its pid. */
 uint64_t topic_slowest(topic_t *t, MappingObject *m, uint32_t *pid);
 
-/* Subscribing: claims an entry under plock.  want: messages of history to
- * deliver (at most the topic's).  Returns the entry index, or -1. */
-long topic_subscribe(topic_t *t, MappingObject *m, uint64_t want);
+/* Subscribing: claims an entry under plock, waited for until deadline
+ * (Timeout naming its holder: a loan's, or a stopped publisher's).  want:
+ * messages of history to deliver (at most the topic's).  Returns the entry
+ * index, or -1. */
+long topic_subscribe(topic_t *t, MappingObject *m, uint64_t want, int64_t deadline);
 void topic_unsubscribe(topic_t *t, uint32_t idx, uint32_t token);
 /* Free entries whose owner's attachment is dead.  Returns how many. */
 int topic_reclaim(topic_t *t, MappingObject *m);

@@ -6,7 +6,8 @@
  *   topic.publish(data, timeout=None)      sub.recv(timeout=None) -> bytes
  *   topic.publish_nowait(data)             sub.recv_nowait() -> bytes
  *   topic.publish_many(msgs, timeout=None) sub.recv_many(max_n=1024, timeout=None)
- *   topic._subscribe(cls, history=None)    sub._take(timeout=None, nowait=False)
+ *   topic._subscribe(cls, history=None, timeout=None)
+ *                                          sub._take(timeout=None, nowait=False)
  */
 #include "topic.h"
 #include "journal.h"
@@ -317,9 +318,11 @@ out:
 static PyObject *
 Topic_subscribe(TopicObject *o, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
 {
-    static const char *const names[] = {"cls", "history", NULL};
-    PyObject *a[2];
-    if (msg_parse_args("_subscribe", args, nargs, kw, 1, names, a) < 0)
+    static const char *const names[] = {"cls", "history", "timeout", NULL};
+    PyObject *a[3];
+    int64_t deadline;
+    if (msg_parse_args("_subscribe", args, nargs, kw, 1, names, a) < 0 ||
+        msg_deadline(a[2], 0, &deadline) < 0)
         return NULL;
     if (!PyType_Check(a[0]) || !PyType_IsSubtype((PyTypeObject *)a[0], TST(o)->TopicSubscriber)) {
         PyErr_SetString(PyExc_TypeError, "_subscribe() needs a TopicSubscriber class");
@@ -349,7 +352,7 @@ Topic_subscribe(TopicObject *o, PyObject *const *args, Py_ssize_t nargs, PyObjec
         shm_unpin((PyObject *)m);
         return NULL;
     }
-    long idx = topic_loan_busy(o, "subscribe") < 0 ? -1 : topic_subscribe(&o->t, m, want);
+    long idx = topic_loan_busy(o, "subscribe") < 0 ? -1 : topic_subscribe(&o->t, m, want, deadline);
     if (idx < 0) {
         s->closed = 1;
         Py_DECREF(s);
