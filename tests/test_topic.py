@@ -21,6 +21,7 @@ from shmkit.errors import (
     Empty,
     FormatVersionError,
     Full,
+    LayoutMismatchError,
     MessagesLost,
     MessageTooLarge,
     MismatchError,
@@ -31,7 +32,7 @@ from shmkit.errors import (
 )
 from shmkit.topic import Subscriber, Topic
 
-from conftest import spawn
+from conftest import run_python, spawn
 from conftest import fork_call as _fork, kill_wait as _kill
 
 L = _core.layouts["topic"]
@@ -214,6 +215,38 @@ def test_views_arrays_and_iteration(name):
         assert list(sub.messages(timeout=0.05)) == []
         topic.publish(b"z")
         assert list(sub.messages(timeout=0.05)) == [b"z"]
+
+
+@pytest.mark.parametrize("overflow", ["block", "overwrite"])
+def test_recv_array_that_does_not_fit_leaves_the_message_unread(name, overflow):
+    """recv_array with a dtype or shape a message does not fit raises
+    LayoutMismatchError (a ValueError) and the message stays the next one
+    (it was taken first, so numpy's ValueError lost it); a shape with a
+    dimension below -1 is refused before anything is taken (numpy read
+    (-2, 3) as (-1, 3))."""
+    with Topic(name, capacity=4096, overflow=overflow) as topic, topic.subscribe() as sub:
+        run_python(f"""
+            import numpy as np, shmkit
+            with shmkit.Topic.open({name!r}) as t:
+                t.publish(b"abcde", timeout=10)
+                t.publish(np.arange(6, dtype=np.int32), timeout=10)
+        """)
+        with pytest.raises(LayoutMismatchError, match="5 bytes.*left unread"):
+            sub.recv_array(np.int32, timeout=5)
+        assert sub.lag == 2 and sub.received == 0
+        assert sub.recv(timeout=5) == b"abcde"
+        for dtype, shape in ((np.int32, (4, 4)), (np.int32, (-1, 4)), (np.int64, (2,)),
+                             ("V5", None)):
+            with pytest.raises(LayoutMismatchError, match="24 bytes"):
+                sub.recv_array(dtype, shape, timeout=5)
+        for shape in ((-2, 3), (-1, -1), -6):
+            with pytest.raises(ValueError, match="-1"):
+                sub.recv_array(np.int32, shape, timeout=5)
+        assert sub.lag == 1
+        a = sub.recv_array(np.int32, (2, -1), timeout=5)
+        assert a.shape == (2, 3) and a.tolist() == [[0, 1, 2], [3, 4, 5]]
+        with pytest.raises(Empty):
+            sub.recv_nowait()
 
 
 def test_views_pin_their_space_in_block_mode(name):

@@ -695,8 +695,12 @@ sub_report_lost(SubObject *s)
 
 enum { HOW_COPY, HOW_VIEW };
 
+/* fit (or NULL): the sizes a message must have to be taken, fit[0] a
+ * multiple of (0: any), fit[1] exactly (UINT64_MAX: any).  A message that
+ * does not fit is left unread and its length returned, an int, for the
+ * caller to say why (recv_array: an array of it would not fit). */
 static PyObject *
-recv_impl(SubObject *s, PyObject *timeout, int nowait, int how)
+recv_impl(SubObject *s, PyObject *timeout, int nowait, int how, const uint64_t *fit)
 {
     MappingObject *m;
     int64_t deadline;
@@ -728,6 +732,11 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how)
         }
         if (k == TN_READY) {
             const char *src = (const char *)(trec_at(t, pos) + 1);
+            if (fit != NULL && ((fit[0] != 0 && len % fit[0] != 0) ||
+                                (fit[1] != UINT64_MAX && len != fit[1]))) {
+                out = PyLong_FromUnsignedLong(len);
+                goto done;
+            }
             if (how == HOW_VIEW) {
                 if (t->overflow == TOPIC_BLOCK) {
                     s->lent[s->nlent++] = pos;
@@ -778,13 +787,13 @@ Sub_recv(SubObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
     PyObject *a[1];
     if (msg_parse_args("recv", args, nargs, kw, 0, names, a) < 0)
         return NULL;
-    return recv_impl(s, a[0], 0, HOW_COPY);
+    return recv_impl(s, a[0], 0, HOW_COPY, NULL);
 }
 
 static PyObject *
 Sub_recv_nowait(SubObject *s, PyObject *Py_UNUSED(ignored))
 {
-    return recv_impl(s, NULL, 1, HOW_COPY);
+    return recv_impl(s, NULL, 1, HOW_COPY, NULL);
 }
 
 /* Wait as recv() for the first message, then take those already there, up
@@ -885,7 +894,31 @@ Sub_take(SubObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
     int nowait;
     if (msg_take_args(args, nargs, kw, &timeout, &nowait) < 0)
         return NULL;
-    return recv_impl(s, timeout, nowait, HOW_VIEW);
+    return recv_impl(s, timeout, nowait, HOW_VIEW, NULL);
+}
+
+/* _take_sized(timeout, unit, nbytes): _take, for a message whose length is
+ * a multiple of unit (0: any) and, unless nbytes is None, nbytes exactly;
+ * another is left unread and its length returned (recv_array). */
+static PyObject *
+Sub_take_sized(SubObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"timeout", "unit", "nbytes", NULL};
+    PyObject *a[3];
+    uint64_t fit[2] = {0, UINT64_MAX};
+    if (msg_parse_args("_take_sized", args, nargs, kw, 3, names, a) < 0)
+        return NULL;
+    unsigned long long v = PyLong_AsUnsignedLongLong(a[1]);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    fit[0] = v;
+    if (a[2] != Py_None) {
+        v = PyLong_AsUnsignedLongLong(a[2]);
+        if (v == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+        fit[1] = v;
+    }
+    return recv_impl(s, a[0], 0, HOW_VIEW, fit);
 }
 
 static void
@@ -1031,6 +1064,10 @@ static PyMethodDef Sub_methods[] = {
     {"_take", (PyCFunction)(void (*)(void))Sub_take, FAST,
      "_take($self, /, timeout=None, nowait=False)\n--\n\n"
      "The next message as a TopicView (see Subscriber.recv_view)."},
+    {"_take_sized", (PyCFunction)(void (*)(void))Sub_take_sized, FAST,
+     "_take_sized($self, /, timeout, unit, nbytes)\n--\n\n"
+     "_take, for a message of a multiple of unit bytes (0: any) and of nbytes\n"
+     "(None: any); another is left unread and its length returned."},
     {"close", (PyCFunction)Sub_close, METH_NOARGS,
      "close($self, /)\n--\n\nLeave the topic: publishers stop keeping messages for this subscriber."},
     {NULL}
