@@ -558,7 +558,7 @@ static PyMethodDef Topic_methods[] = {
      "thread.\nRaises Timeout, MessageTooLarge, BusyError.\n\n"
      ">>> with topic.loan(5, timeout=1.0) as loan:\n...     loan.buffer[:] = b'hello'"},
     {"_subscribe", (PyCFunction)(void (*)(void))Topic_subscribe, FAST,
-     "_subscribe($self, /, cls, history=None)\n--\n\n"
+     "_subscribe($self, /, cls, history=None, timeout=None)\n--\n\n"
      "A new cursor of class cls (see Topic.subscribe)."},
     {"_bind", (PyCFunction)Topic_bind, METH_VARARGS,
      "_bind($self, mapping, offset, name, /)\n--\n\n"
