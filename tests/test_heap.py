@@ -138,6 +138,31 @@ def test_stale_and_forged_handles_never_reach_data(heap, names):
     heap.verify()
 
 
+def test_pin_array_refuses_a_negative_dimension(name):
+    """A negative dimension in pin_array's shape raises ValueError, before
+    any pin (numpy read (-2,) as "what is left", so pin_array(h, "u1", (-2,))
+    gave the whole block and (4, -1) a (4, 4) array); the block another
+    process wrote stays as it was."""
+    with Heap(name, size=1 << 16) as heap:
+        proc = run_python(f"""
+            import shmkit
+            with shmkit.Heap.open({name!r}) as heap:
+                print(int(heap.put(bytes(range(16)))))
+        """)
+        h = Handle.from_int(int(proc.stdout))
+        for shape in ((-2,), -16, (4, -1), (-1,), (-3, -1), (2, np.int64(-8))):
+            with pytest.raises(ValueError, match="negative dimension"):
+                heap.pin_array(h, "u1", shape)
+            assert heap.pins_held() == 0
+        with pytest.raises(TypeError, match="not bool"):
+            heap.pin_array(h, "u1", True)
+        with heap.pin_array(h, "u1", (4, 4)) as a:
+            assert a.tolist()[3] == [12, 13, 14, 15]
+        with heap.pin_array(h, "u1", np.int64(3)) as a:
+            assert a.tolist() == [0, 1, 2]
+        heap.free(h)
+
+
 def test_pin_views_and_numpy_without_copy(heap):
     h = heap.alloc(8 * 12)
     with heap.pin_array(h, np.float64, (3, 4)) as a:

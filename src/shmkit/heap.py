@@ -596,7 +596,9 @@ class Heap(SharedObject):
         """Pin the block and view it as a numpy array, without copying.
 
         ``shape`` defaults to as many items of ``dtype`` as fit after
-        ``offset``.  ``with heap.pin_array(h, "float64", (3, 4)) as a:``
+        ``offset``; given, its dimensions are ints of at least 0 (no -1:
+        the array may cover less than the block, so none is implied).
+        ``with heap.pin_array(h, "float64", (3, 4)) as a:``
 
         >>> import numpy as np
         >>> with Heap(None, size=4096) as heap:
@@ -608,13 +610,21 @@ class Heap(SharedObject):
         """
         np = numpy()
         dt = np.dtype(dtype)
+        if shape is not None:
+            # numpy reads any negative dimension as -1, "what is left": refused
+            # before the pin, as a shape that cannot be
+            if hasattr(shape, "__iter__"):
+                shape = tuple(_index(d, "a dimension of shape") for d in shape)
+            else:
+                shape = (_index(shape, "shape"),)
+            if any(d < 0 for d in shape):
+                raise ValueError(f"shape {shape} has a negative dimension; give each "
+                                 "dimension as an int of at least 0")
         pin = self.pin(handle, timeout=timeout)
         try:
             n = pin.view.nbytes
             if shape is None:
                 shape = ((n - offset) // dt.itemsize,) if n > offset else (0,)
-            elif isinstance(shape, int):
-                shape = (shape,)
             count = 1
             for d in shape:
                 count *= d
