@@ -35,7 +35,7 @@ from shmkit.errors import (
 )
 from shmkit.heap import ArrayPin, Handle, Heap
 
-from conftest import SPAWN, SRC, run_python, spawn
+from conftest import SPAWN, SRC, interrupt_at_bytecode, run_python, spawn
 
 
 def pattern(h: Handle, n: int, start: int = 0) -> bytes:
@@ -136,6 +136,57 @@ def test_stale_and_forged_handles_never_reach_data(heap, names):
         heap.free(a)  # double free
     assert heap.read(b) == b"b" * 32
     heap.verify()
+
+
+def test_a_ctrl_c_at_any_step_of_put_leaves_no_block_made_and_unfilled(name):
+    """A Ctrl-C at each bytecode of heap.py while put() runs, as a signal
+    handler raising there would: the block was made holding the data (only
+    the handle's return was cut short, as alloc's can be) or not at all, and
+    another process finds the heap whole.  (put allocated, then pinned and
+    copied in a try block after it: a Ctrl-C as alloc returned left a block
+    of stale bytes that nothing would free.)"""
+    import shmkit.heap as heapmod
+    heap_py = heapmod.__file__
+    data = bytes(range(256)) * 4
+    gc.disable()  # (no collector callback to take the interrupt)
+    try:
+        with Heap(name, size=1 << 16) as heap:
+            keep = heap.put(b"k" * 64)
+            for k in range(1, 2000):
+                # the next block takes this one's entry (generation + 1) and bytes: zeros
+                probe = heap.put(bytes(len(data)))
+                heap.free(probe)
+                blocks = heap.statistics()["blocks"]
+                seen = interrupt_at_bytecode(k, lambda c: c.co_filename == heap_py)
+                h = None
+                try:
+                    h = heap.put(data)
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    sys.settrace(None)
+                assert heap.pins_held() == 0
+                now = heap.statistics()["blocks"]
+                assert now in (blocks, blocks + 1), f"Ctrl-C at bytecode {k}: {now} blocks"
+                if now > blocks:
+                    if h is None:  # made; its handle's return was interrupted
+                        h = Handle(probe.index, probe.generation + 1)
+                    assert heap.read(h) == data, f"Ctrl-C at bytecode {k}: a block unfilled"
+                    heap.free(h)
+                if seen[0] < k:  # the put ran to its end uninterrupted
+                    break
+            else:
+                raise AssertionError("the put never ran to its end")
+            assert k > 3  # it was interrupted at several points first
+            run_python(f"""
+                import shmkit
+                with shmkit.Heap.open({name!r}) as heap:
+                    heap.verify()
+                    assert heap.statistics()["blocks"] == 1, heap.statistics()
+            """)
+            heap.free(keep)
+    finally:
+        gc.enable()
 
 
 def test_pin_array_refuses_a_negative_dimension(name):

@@ -501,23 +501,30 @@ class Heap(SharedObject):
     def put(self, data: Any, *, timeout: float | None = None) -> Handle:
         """Allocate a block holding a copy of ``data`` (any bytes-like object).
 
+        The block is made and filled in one step of the core, under the
+        heap's lock: a Ctrl-C or a death leaves it whole or not made.
+        ``timeout`` bounds the wait for the lock, as for :meth:`alloc`.
+
         >>> with Heap(None, size=4096) as heap:
         ...     heap.read(heap.put(b"abc"))
         b'abc'
         """
+        core = self._heapcore
+        if core is None or self._readonly:
+            core = self._core_rw()
         src = memoryview(data).cast("B")
-        h = self.alloc(src.nbytes, timeout=timeout)
-        try:
-            with self.pin(h, timeout=timeout) as view:
-                if view.nbytes != src.nbytes:  # another process's store changed it
-                    raise CorruptError(f"heap {self.name!r}: the block just allocated for "
-                                       f"{src.nbytes} bytes now says {view.nbytes}: the "
-                                       "heap is damaged; check it with verify()")
-                view[:] = src
-        except BaseException:
-            self.free(h)
-            raise
-        return h
+        # one core call allocates and copies in (under the lock), so no
+        # Ctrl-C between two steps leaves a block made but unfilled, or
+        # made and owned by nobody; only the handle's return remains, as
+        # alloc's (and os.open's)
+        v = core.put(src, timeout)
+        if v < 0:
+            deadline = _deadline(timeout)
+            tries = [0, 0]
+            while v < 0:
+                self._make_room(v, src.nbytes, tries, deadline)
+                v = core.put(src, _remaining(deadline))
+        return _handle(v)
 
     def free(self, handle: Handle, *, timeout: float | None = None) -> None:
         """Free the block; its handle (and every copy of it) goes stale.

@@ -45,6 +45,7 @@
  *               max_pins, max_slots, salt)        (the creator, before publishing)
  *   core = HeapCore(mapping, payload_offset, payload_length, name)
  *   v = core.alloc(100, False, None)              # handle as an int; -1 split up, -2 short
+ *   v = core.put(data, None)                      # alloc and copy in, in one step; as alloc
  *   with core.pin(v, None, handle) as view: ...   # a Pin; lock-free
  *   core.free(v, None); core.realloc(v, n, zero, timeout) -> 0, -1 split up, -2 short
  *   core.grow(data_bytes, timeout)                # after the segment was extended
@@ -790,12 +791,14 @@ zero_bytes(Ctx *c, char *p, uint64_t n)
     copy_bytes(c, p, NULL, n);
 }
 
-/* Allocate n bytes (want units): 0 with the handle (gen << 32 | idx) in
- * *handle, HR_SPLIT when the free space is enough but split up (the caller
- * compacts), HR_SHORT when it is not enough (the caller grows the heap), or
- * -1. */
+/* Allocate n bytes (want units), cleared if zero, or holding a copy of
+ * src's n bytes (put: the block is made with its bytes, so that no Ctrl-C
+ * between two Python calls leaves one made and unfilled, nor unowned):
+ * 0 with the handle (gen << 32 | idx) in *handle, HR_SPLIT when the free
+ * space is enough but split up (the caller compacts), HR_SHORT when it is
+ * not enough (the caller grows the heap), or -1. */
 int
-h_alloc(Ctx *c, uint64_t n, int zero, uint32_t want, uint64_t *handle)
+h_alloc(Ctx *c, uint64_t n, int zero, const char *src, uint32_t want, uint64_t *handle)
 {
     HCore *self = c->h;
     uint32_t idx, gen, unit;
@@ -837,7 +840,10 @@ h_alloc(Ctx *c, uint64_t n, int zero, uint32_t want, uint64_t *handle)
     shm_jset64(&c->jn, e + E_STATE, (uint64_t)gen << 32 | F_LIVE, 0);
     shm_jadd64(&c->jn, H_USED_U, got);
     shm_jadd64(&c->jn, H_USED_B, 1);
-    if (zero)
+    /* before the commit: a death meanwhile undoes the allocation */
+    if (src != NULL)
+        copy_bytes(c, c->p + blk_off(c, unit) + UNIT, src, n);
+    else if (zero)
         zero_bytes(c, c->p + blk_off(c, unit) + UNIT, n);
     if (commit(c, ST_ALLOCS, 1) < 0)
         return -1;

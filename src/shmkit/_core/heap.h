@@ -244,7 +244,7 @@ int locked_repair(Ctx *c, int owner_died);
 int want_units(HCore *h, unsigned long long n, uint32_t *units);
 int check_handle(Ctx *c, uint32_t idx, uint32_t gen, uint64_t *st);
 enum { HR_SPLIT = 1, HR_SHORT = 2 }; /* no room (see ROOM_SPLIT, ROOM_SHORT) */
-int h_alloc(Ctx *c, uint64_t n, int zero, uint32_t want, uint64_t *handle);
+int h_alloc(Ctx *c, uint64_t n, int zero, const char *src, uint32_t want, uint64_t *handle);
 int h_grow(Ctx *c, uint64_t n);
 int h_free(Ctx *c, uint32_t idx, uint32_t gen);
 int h_realloc(Ctx *c, uint32_t idx, uint32_t gen, uint64_t n, int zero, uint32_t want);

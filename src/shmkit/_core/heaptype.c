@@ -272,8 +272,37 @@ heap_alloc(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     uint64_t handle = 0;
     if (begin_sized(self, &c, n, deadline, &want) < 0)
         return NULL;
-    int r = h_alloc(&c, n, zero, want, &handle); /* before handle is read */
+    int r = h_alloc(&c, n, zero, NULL, want, &handle); /* before handle is read */
     return end_sized(self, &c, r, handle);
+}
+
+/* put(data, timeout=None) -> handle int, or ROOM_SPLIT / ROOM_SHORT as
+ * alloc: a block holding a copy of data's bytes (any C-contiguous buffer),
+ * allocated and filled in one call under the lock, so no Ctrl-C between
+ * two Python steps can leave a block made and unfilled or unowned. */
+static PyObject *
+heap_put(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "put(data, timeout=None)");
+        return NULL;
+    }
+    int64_t deadline = get_deadline(args, nargs, 1);
+    if (deadline < 0)
+        return NULL;
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[0], &b, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    Ctx c;
+    uint32_t want = 0;
+    uint64_t handle = 0;
+    PyObject *result = NULL;
+    if (begin_sized(self, &c, (unsigned long long)b.len, deadline, &want) == 0) {
+        int r = h_alloc(&c, (uint64_t)b.len, 0, b.buf, want, &handle);
+        result = end_sized(self, &c, r, handle);
+    }
+    PyBuffer_Release(&b);
+    return result;
 }
 
 /* grow(data_bytes, timeout=None) -> data bytes now.  Extends the data area
@@ -995,6 +1024,9 @@ heapobj_dealloc(HeapObject *self)
 static PyMethodDef heapobj_methods[] = {
     FAST(alloc, "alloc($self, nbytes, zero, timeout=None, /)\n--\n\n"
      "alloc(nbytes, zero, timeout=None) -> handle, or -1 split up, -2 short"),
+    FAST(put, "put($self, data, timeout=None, /)\n--\n\n"
+     "put(data, timeout=None) -> handle of a block holding a copy of data, or -1 split\n"
+     "up, -2 short"),
     FAST(free, "free($self, value, timeout=None, /)\n--\n\n"),
     FAST(realloc, "realloc($self, value, nbytes, zero, timeout=None, /)\n--\n\n"
      "realloc(handle, nbytes, zero, timeout=None) -> 0, or -1 split up, "
