@@ -475,6 +475,24 @@ def _publish_numbers(name, n):
             topic.publish_many([b"%09d" % j + pad for j in range(i, min(n, i + 50))])
 
 
+def test_recv_many_refuses_a_bool_for_max_n(name):
+    """recv_many(True) raises TypeError, as a bool given for a count or a
+    timeout elsewhere does (it took True as max_n=1), and takes nothing."""
+    with Topic(name, capacity=4096) as topic, topic.subscribe() as sub:
+        run_python(f"""
+            import shmkit
+            with shmkit.Topic.open({name!r}) as t:
+                t.publish_many([b"a", b"b"], timeout=10)
+        """)
+        for flag in (True, False, np.True_):
+            with pytest.raises(TypeError, match="max_n"):
+                sub.recv_many(flag, timeout=5)
+            with pytest.raises(TypeError, match="max_n"):
+                sub.recv_many(max_n=flag, timeout=5)
+        assert sub.lag == 2
+        assert sub.recv_many(2, timeout=5) == [b"a", b"b"]
+
+
 def test_recv_many_keeps_a_loss_for_the_next_call(name):
     """Overwrite mode: a loss met after taking messages is raised by the next
     call, with the exact count, and the messages taken are returned."""

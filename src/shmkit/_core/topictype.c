@@ -808,6 +808,12 @@ Sub_recv_many(SubObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *k
     Py_ssize_t max_n = 1024;
     if (msg_parse_args("recv_many", args, nargs, kw, 0, names, a) < 0)
         return NULL;
+    if (a[0] && (PyBool_Check(a[0]) || !PyIndex_Check(a[0]))) {
+        /* recv_many(True) is a slip, not max_n=1 */
+        PyErr_Format(PyExc_TypeError, "max_n must be an int, not %.100s",
+                     Py_TYPE(a[0])->tp_name);
+        return NULL;
+    }
     if (a[0] && (max_n = PyNumber_AsSsize_t(a[0], PyExc_OverflowError)) == -1 &&
         PyErr_Occurred())
         return NULL;
