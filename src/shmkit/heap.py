@@ -619,7 +619,7 @@ class Heap(SharedObject):
         dt = np.dtype(dtype)
         if shape is not None:
             # numpy reads any negative dimension as -1, "what is left": refused
-            # before the pin, as a shape that cannot be
+            # before pinning, as is a dimension that is no int
             if hasattr(shape, "__iter__"):
                 shape = tuple(_index(d, "a dimension of shape") for d in shape)
             else:

@@ -88,7 +88,7 @@ def _array_fit(np: Any, dt: Any, shape: Any) -> tuple[int, int | None]:
     if any(d < -1 for d in dims) or dims.count(-1) > 1:
         raise ValueError(f"shape {shape}: give dimensions of at least 0, one of which may "
                          "be -1 (set by the message's size)")
-    if len(dims) + dt.ndim > 16:  # numpy's limit (32 or 64): its own words
+    if len(dims) + dt.ndim > 16:  # beyond numpy's limit (32 or 64): its ValueError
         np.empty((0,) * len(dims), dt)
     # frombuffer makes items of dt's base type (a sub-array dtype adds its
     # dimensions), which the shape counts: whole dt items, and whole rows
@@ -96,7 +96,7 @@ def _array_fit(np: Any, dt: Any, shape: Any) -> tuple[int, int | None]:
     known = math.prod(d for d in dims if d != -1) * base
     if known >= 1 << 32:
         raise SizeLimitError(f"shape {shape} of {dt} is {known} bytes or more, beyond any "
-                             "topic message (at most 2**32 bytes); give a smaller shape")
+                             "topic message (under 2**32 bytes); give a smaller shape")
     if -1 not in dims:
         if known % dt.itemsize:
             raise ValueError(f"shape {shape} of {dt} is {known} bytes, not a whole number "
