@@ -1625,3 +1625,16 @@ def test_a_size_word_lowered_under_a_growing_heap_is_corrupt(name, monkeypatch):
     finally:
         monkeypatch.undo()
         h.close()
+
+
+def test_a_closed_heap_raises_closed_error_from_pin(name):
+    # A pin through a closed handle raised a plain ValueError where every
+    # other call (and every other kind) raises ClosedError.
+    heap = Heap(name, size=1 << 16, create=True)
+    h = heap.alloc(16)
+    heap.close()
+    with pytest.raises(shmkit.ClosedError, match="is closed in this process"):
+        heap.pin(h)
+    with Heap.open(name) as again:
+        again.free(h)
+        again.unlink()

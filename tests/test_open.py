@@ -1223,12 +1223,13 @@ _MADE_AT_A_PATH = {
     "Event": lambda p: shmkit.Event(path=p, create=True),
     "Semaphore": lambda p: shmkit.Semaphore(path=p, create=True),
     "Condition": lambda p: shmkit.Condition(path=p, create=True),
+    "Topic": lambda p: shmkit.Topic(path=p, create=True),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(_MADE_AT_A_PATH))
 def test_every_kind_opens_by_path_alone(tmp_path, kind):
-    # Channel.open, Queue.open and the locks' open took a name as a required
+    # Channel.open, Queue.open, Topic.open and the locks' open took a name as a required
     # argument, so open(path=...) raised TypeError where Segment.open worked.
     path = str(tmp_path / "obj")
     cls = getattr(shmkit, kind)

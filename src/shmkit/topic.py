@@ -353,7 +353,7 @@ class Topic(SharedObject, _core.Topic):
         return cls(name, capacity, create=True, **kwargs)
 
     @classmethod
-    def open(cls, name: str, **kwargs: Any) -> "Topic":
+    def open(cls, name: str | None = None, **kwargs: Any) -> "Topic":
         """Open an existing topic; :class:`NotFoundError` if there is none."""
         return cls(name, create=False, **kwargs)
 

@@ -505,7 +505,8 @@ new_pin(HeapObject *heap, PyObject *value, PyObject *handle, long long off, uint
         uint32_t token)
 {
     if (heap->mv == NULL) {
-        PyErr_Format(PyExc_ValueError, "heap %R is closed", heap->name);
+        PyErr_Format(shm_state_of((PyObject *)heap)->ClosedError,
+                     "heap %R is closed in this process; open it again", heap->name);
         return NULL;
     }
     unsigned long long v;
