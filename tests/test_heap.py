@@ -1627,12 +1627,15 @@ def test_a_size_word_lowered_under_a_growing_heap_is_corrupt(name, monkeypatch):
         h.close()
 
 
-def test_a_closed_heap_raises_closed_error_from_pin(name):
-    # A pin through a closed handle raised a plain ValueError where every
-    # other call (and every other kind) raises ClosedError.
+def test_a_pin_that_a_close_overtook_raises_closed_error(name):
+    # A pin whose call had the handle's core when another thread closed the
+    # heap raised a plain ValueError where every other call raises ClosedError.
     heap = Heap(name, size=1 << 16, create=True)
     h = heap.alloc(16)
+    core = heap._heapcore  # as pin() holds it, in a thread the close overtakes
     heap.close()
+    with pytest.raises(shmkit.ClosedError, match="is closed in this process"):
+        core.pin(h._value, None, h)
     with pytest.raises(shmkit.ClosedError, match="is closed in this process"):
         heap.pin(h)
     with Heap.open(name) as again:

@@ -665,10 +665,15 @@ heap_pin(HeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         (nargs > 1 && shm_timeout_check(args[1]) < 0)) /* (read only if it must wait) */
         return NULL;
     uint32_t me = self->core.m->token;
+    if (me == 0 && (self->core.m->base == NULL || self->core.m->closing)) {
+        PyErr_Format(shm_state_of((PyObject *)self)->ClosedError,
+                     "heap %R is closed in this process; open it again", self->name);
+        return NULL;
+    }
     if (me == 0 || SHM_TOKEN_SLOT(me) >= self->core.max_slots) {
         PyErr_Format(shm_state_of((PyObject *)self)->ReadOnlyError,
-                     "heap %R is open read-only (or closed) here; pinning needs a "
-                     "writable attachment", self->name);
+                     "heap %R is open read-only here; pinning needs a writable "
+                     "attachment", self->name);
         return NULL;
     }
     self->pinned = 1; /* before any pin can exist */
