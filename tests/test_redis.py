@@ -345,12 +345,17 @@ def test_same_code_runs_on_either_backend(any_ns: Any) -> None:
 def test_a_closed_queue_raises_closed_error_on_either_backend(any_ns: Any) -> None:
     # The Redis Queue raised a plain ValueError where the local one raises
     # ClosedError (itself a ValueError, as multiprocessing's).
-    q = any_ns.Queue("closed-q")
-    q.put(1)
-    q.close()
-    for call in (lambda: q.put(2), q.get, q.get_nowait, q.qsize):
-        with pytest.raises(shmkit.ClosedError, match="is closed"):
-            call()
+    q, keep = any_ns.Queue("closed-q"), any_ns.Queue("closed-q")
+    try:
+        q.put(1)
+        q.close()
+        for call in (lambda: q.put(2), q.get, q.get_nowait, q.qsize):
+            with pytest.raises(shmkit.ClosedError, match="is closed"):
+                call()
+        assert keep.get(timeout=5) == 1  # the other handle goes on
+    finally:
+        keep.unlink()
+        keep.close()
 
 
 def test_timeouts_follow_one_rule_on_either_backend(any_ns: Any) -> None:
