@@ -402,7 +402,9 @@ def test_a_topic_runs_on_either_backend(any_ns: Any) -> None:
         for m in (b"a", b"b", b"c"):
             topic.publish(m)
         late = topic.subscribe()             # the last two, then what follows
-        fresh = topic.subscribe(history=0)   # only what follows
+        fresh = topic.subscribe(history=0, timeout=5.0)   # only what follows
+        with pytest.raises(ValueError, match="NaN"):  # the same signature and checks
+            topic.subscribe(timeout=float("nan"))
         with pytest.raises(shmkit.SizeLimitError):
             topic.subscribe(history=3)
         topic.publish(b"d")

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import _core
+from ..sync import optional_seconds
 from .._lazy import numpy
 from .._object import DEFAULT, _Default, given
 from ..errors import _timed_out, BusyError, ClosedError, CorruptError, Empty, MessagesLost, ReadOnlyError
@@ -188,9 +189,16 @@ class Topic(RedisObject):
 
     # -- subscribing ----------------------------------------------------------
 
-    def subscribe(self, history: int | None = None) -> "Subscriber":
+    def subscribe(self, history: int | None = None, *,
+                  timeout: float | None = None) -> "Subscriber":
         """A subscriber of every message published from now on, plus up to
-        ``history`` earlier ones still kept (default: the topic's ``history``)."""
+        ``history`` earlier ones still kept (default: the topic's ``history``).
+
+        ``timeout`` is the local topic's (a bound on its wait for the
+        publishers' lock), checked the same way: a Redis subscribe takes no
+        lock, so it never waits for one; its round trip is bounded by the
+        connection's ``socket_timeout``."""
+        optional_seconds(timeout)
         self._live()
         if history is None:
             history = self._history
