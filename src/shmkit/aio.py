@@ -895,7 +895,7 @@ class Queue(_channel.Queue):
                   timeout: float | None = None) -> None:
         """Put ``obj``, awaiting room (``queue.Full`` when ``block`` is false or on timeout)."""
         if self._closed:
-            raise ClosedError(f"Queue {self!r} is closed in this process; open it again")
+            raise self._closed_error()
         if not block and timeout is not None:
             _core.nowait_timeout_check(timeout, "put()", "block")
         data, out = self._pack(obj)
@@ -947,7 +947,7 @@ class Queue(_channel.Queue):
     async def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Remove and return an object, awaiting one (``queue.Empty`` as for ``get``)."""
         if self._closed:
-            raise ClosedError(f"Queue {self!r} is closed in this process; open it again")
+            raise self._closed_error()
         # The core's call returns the object in the main thread's box, as
         # for the blocking get (shmkit.Queue.get): it reaches this frame
         # with no await on the way, and is taken out of the box here.
@@ -978,7 +978,7 @@ class Queue(_channel.Queue):
 
     def put_nowait(self, obj: Any) -> None:
         if self._closed:
-            raise ClosedError(f"Queue {self!r} is closed in this process; open it again")
+            raise self._closed_error()
         _channel.Queue.put(self, obj, False)
 
     def get_nowait(self) -> Any:

@@ -1089,10 +1089,13 @@ def orphan_payloads(dry_run: bool = False,
 def _orphan_reason(path: str, qpath: str, token: bytes, rings: dict[str, bytes | None],
                    euid: int, dry_run: bool) -> str | None:
     # Anything but a regular file of ours (root: anyone's) is not ours to
-    # judge, and is looked at before it is opened: another user's payload
-    # (mode 0600) or a directory there must not make gc fail for everyone.
-    st = os.lstat(path)
-    if not stat.S_ISREG(st.st_mode) or (euid != 0 and st.st_uid != euid):
+    # judge, and is looked at before it is opened (and again once open, for
+    # a swap): another user's payload (mode 0600) or a directory there must
+    # not make gc fail for everyone.
+    def ours(st: os.stat_result) -> bool:
+        return stat.S_ISREG(st.st_mode) and (euid == 0 or st.st_uid == euid)
+
+    if not ours(os.lstat(path)):
         return None
     try:
         file = _open_file(path)
@@ -1103,7 +1106,7 @@ def _orphan_reason(path: str, qpath: str, token: bytes, rings: dict[str, bytes |
     with file:
         fd = file.fileno()
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or (euid != 0 and st.st_uid != euid):
+        if not ours(st):
             return None
         if not _core.ofd_lock(fd, 0, 1):
             return None  # its sender is at work, or keeps it for reuse
@@ -1640,7 +1643,7 @@ class Queue(SharedObject, _core.QueueCore):
         a small header naming it.  Raises :class:`OutOfSpaceError` when
         /dev/shm has no room for them (nothing is left behind)."""
         if self._closed:
-            raise ClosedError(f"Queue {self!r} is closed in this process; open it again")
+            raise self._closed_error()
         if not block and timeout is not None:
             _core.nowait_timeout_check(timeout, "put()", "block")
         try:
@@ -1665,7 +1668,7 @@ class Queue(SharedObject, _core.QueueCore):
 
     def _pack(self, obj: Any) -> tuple[bytes, _Outgoing | _PooledOutgoing | None]:
         if self._closed:
-            raise ClosedError(f"Queue {self!r} is closed in this process; open it again")
+            raise self._closed_error()
         return _pack(obj, self._path, self._oob_limit - 1, self.name, self._seg._mapping,
                      None, self._payload_pool())
 
@@ -1823,8 +1826,11 @@ class Queue(SharedObject, _core.QueueCore):
 
     def _live(self) -> Channel:
         if self.closed:
-            raise ClosedError(f"Queue {self!r} is closed in this process; open it again")
+            raise self._closed_error()
         return self._ch  # type: ignore[return-value]
+
+    def _closed_error(self) -> ClosedError:
+        return ClosedError(f"Queue {self!r} is closed in this process; open it again")
 
     def __repr__(self) -> str:
         if self.closed:

@@ -1,6 +1,7 @@
 import os
 from typing import Any, Callable, Iterable, Iterator
 
+from .errors import ClosedError
 from ._core import Loan, RecordView
 from ._object import SharedObject, _Default
 
@@ -105,6 +106,7 @@ class Queue(SharedObject):
     # this handle's channel and its bound calls, used by shmkit.aio, shmkit.wait and shmkit bridge --queue
     _ch: Channel | None
     _closed: bool
+    def _closed_error(self) -> ClosedError: ...
     _send: Callable[[_Buffer, float | None], None]
     _send_nowait: Callable[[_Buffer], None]
     # the core's (_core.QueueCore): get's call, and shmkit.aio's

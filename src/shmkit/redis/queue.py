@@ -110,7 +110,7 @@ class Queue:
         """Put ``obj`` (pickled), waiting while ``maxsize`` objects are queued
         (``queue.Full`` when ``block`` is false or ``timeout`` seconds pass)."""
         if self._ch._closed:
-            raise ClosedError(f"Queue {self!r} is closed in this process; open it again")
+            raise self._closed_error()
         if not block and timeout is not None:
             _core.nowait_timeout_check(timeout, "put()", "block")
         data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
@@ -141,7 +141,7 @@ class Queue:
         """Remove and return an object (``queue.Empty`` when ``block`` is false or
         ``timeout`` seconds pass).  The previous one is acknowledged."""
         if self._ch._closed:
-            raise ClosedError(f"Queue {self!r} is closed in this process; open it again")
+            raise self._closed_error()
         if not block:
             if timeout is not None:
                 _core.nowait_timeout_check(timeout, "get()", "block")
@@ -165,7 +165,7 @@ class Queue:
     def qsize(self) -> int:
         """Objects not yet acknowledged."""
         if self._ch._closed:
-            raise ClosedError(f"Queue {self!r} is closed in this process; open it again")
+            raise self._closed_error()
         return self._ch.depth
 
     def empty(self) -> bool:
@@ -173,6 +173,9 @@ class Queue:
 
     def full(self) -> bool:
         return self.maxsize > 0 and self.qsize() >= self.maxsize
+
+    def _closed_error(self) -> ClosedError:
+        return ClosedError(f"Queue {self!r} is closed in this process; open it again")
 
     def close(self) -> None:
         """Acknowledge what was got and release this handle (the queue stays)."""
