@@ -964,6 +964,95 @@ def test_stress_kill_cycles(names):
                   big=True, seed=seed)
 
 
+# -- a signal handler raising as a receive returns -------------------------------
+
+
+class _Interrupt(Exception):
+    """What the test's SIGUSR1 handler raises, as Ctrl-C's raises KeyboardInterrupt."""
+
+
+@pytest.fixture
+def raising_handler():
+    def handler(signum, frame):
+        raise _Interrupt
+    old = signal.signal(signal.SIGUSR1, handler)
+    yield
+    _core.fault(0)
+    signal.signal(signal.SIGUSR1, old)
+
+
+def _take(ch: Channel, how: str) -> object:
+    if how == "recv":
+        return ch.recv(timeout=1.0)
+    if how == "recv_nowait":
+        return ch.recv_nowait()
+    if how == "recv_many":
+        return ch.recv_many(2, timeout=1.0)
+    if how == "recv_into":
+        return ch.recv_into(bytearray(16), timeout=1.0)
+    with ch.recv_view(timeout=1.0) as mv:
+        return bytes(mv)
+
+
+@pytest.mark.parametrize("how", ["recv", "recv_nowait", "recv_many", "recv_into", "recv_view"])
+@pytest.mark.parametrize("then", ["recv", "recv_many", "recv_into", "recv_view"])
+def test_a_signal_handler_raising_as_a_receive_takes_messages_loses_none(
+        name, raising_handler, how, then):
+    """A signal comes while a receive is taking messages (sent by another
+    process): its handler's exception (Ctrl-C's KeyboardInterrupt) reaches the
+    caller, and what the receive took stays with the handle, counted by depth
+    and ready for shmkit.wait, for the next receive of any kind."""
+    with Channel(name, capacity=4096) as ch:
+        run_python(f"""
+            from shmkit import Channel
+            with Channel({name!r}) as ch:
+                for m in (b"m0", b"m1", b"m2"):
+                    ch.send(m)
+            """)
+        _core.fault(1, "ring.take.counters", signal=signal.SIGUSR1)
+        with pytest.raises(_Interrupt):
+            _take(ch, how)
+        _core.fault(0)
+        assert ch.depth == 3
+        assert shmkit.wait([ch], timeout=0) == [ch]
+        got: list[bytes] = []
+        while len(got) < 3:
+            if then == "recv_many":
+                got += ch.recv_many(3, timeout=1.0)
+            elif then == "recv_into":
+                buf = bytearray(16)
+                got.append(bytes(buf[:ch.recv_into(buf, timeout=1.0)]))
+            else:
+                got.append(_take(ch, then))  # type: ignore[arg-type]
+        assert got == [b"m0", b"m1", b"m2"]
+        assert ch.depth == 0 and ch._kept == 0
+
+
+def test_messages_kept_across_an_interrupt_stay_with_the_parent_of_a_fork(name, raising_handler):
+    """A forked child does not receive what its parent's handle kept (the parent
+    returns it); a recv_into buffer too small leaves a kept message kept."""
+    with Channel(name, capacity=4096) as ch:
+        ch.send(b"kept-by-parent")
+        ch.send(b"next")
+        _core.fault(1, "ring.take.counters", signal=signal.SIGUSR1)
+        with pytest.raises(_Interrupt):
+            ch.recv(timeout=1.0)
+        _core.fault(0)
+        assert ch._kept == 1
+
+        def child() -> None:
+            assert ch._kept == 0
+            assert ch.recv_nowait() == b"next"
+        pid = _fork(child)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        with pytest.raises(MessageTooLarge):
+            ch.recv_into(bytearray(4))
+        assert ch.recv_nowait() == b"kept-by-parent"
+        with pytest.raises(Empty):
+            ch.recv_nowait()
+
+
 # -- Queue ----------------------------------------------------------------------
 
 

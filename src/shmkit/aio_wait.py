@@ -186,9 +186,10 @@ def wait(objects: Sequence[T], timeout: float | None = None, *,
 
 
 def _kept(objs: Sequence[object]) -> set[int]:
-    """The indices of the queues whose box keeps an object (a Ctrl-C came as
-    a get returned it): ready, though their ring may be empty."""
-    return {i for i, o in enumerate(objs) if isinstance(o, Queue) and o._kept}
+    """The indices of the queues and channels whose handle keeps what a
+    receive took as a Ctrl-C came (a queue's box, a channel's kept
+    messages): ready, though their ring may be empty."""
+    return {i for i, o in enumerate(objs) if isinstance(o, (Queue, Channel)) and o._kept}
 
 
 def _ready_all(descs: Sequence[_Desc], suspects: set[int]) -> set[int]:

@@ -10,7 +10,9 @@
  * operation in turn: k = 1, 2, ... until the operation completes.
  * _core.fault(0) disarms and says how many points were left.  With
  * stop=True the point SIGSTOPs the process instead, which carries on from
- * there once continued: a peer frozen in the middle of an operation.
+ * there once continued: a peer frozen in the middle of an operation.  With
+ * signal=N it sends signal N to its own thread and carries on: a Ctrl-C
+ * that comes at that step, whose Python handler runs at the next check.
  */
 #include "journal.h"
 #include <signal.h>
@@ -20,6 +22,7 @@
 long shm_fault_countdown;
 static char fault_prefix[64];
 static int fault_stop;
+static int fault_signal;
 static const char *last_point = "";
 
 void
@@ -36,8 +39,8 @@ shm_crash_hit(const char *name)
         return;
     last_point = name;
     if (--shm_fault_countdown == 0) {
-        if (fault_stop) {
-            raise(SIGSTOP); /* this thread, so that it stops here */
+        if (fault_stop || fault_signal) {
+            raise(fault_stop ? SIGSTOP : fault_signal); /* this thread, so that it comes here */
             return;
         }
         kill(getpid(), SIGKILL);
@@ -48,12 +51,18 @@ shm_crash_hit(const char *name)
 static PyObject *
 py_fault(PyObject *mod, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"n", "prefix", "stop", NULL};
+    static char *kwlist[] = {"n", "prefix", "stop", "signal", NULL};
     long n;
     const char *prefix = "";
-    int stop = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "l|sp:fault", kwlist, &n, &prefix, &stop))
+    int stop = 0, sig = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "l|spi:fault", kwlist, &n, &prefix, &stop,
+                                     &sig))
         return NULL;
+    if (sig < 0 || sig >= NSIG || sig == SIGKILL || sig == SIGSTOP || (stop && sig)) {
+        PyErr_SetString(PyExc_ValueError, "fault(signal=N): N must be a catchable signal, "
+                        "and not given with stop=True");
+        return NULL;
+    }
     if (n < 0) {
         PyErr_SetString(PyExc_ValueError, "fault(n): n must be >= 0");
         return NULL;
@@ -65,6 +74,7 @@ py_fault(PyObject *mod, PyObject *args, PyObject *kwds)
     long left = shm_fault_countdown;
     strcpy(fault_prefix, prefix);
     fault_stop = stop;
+    fault_signal = sig;
     shm_fault_countdown = n;
     return PyLong_FromLong(left);
 }
@@ -77,9 +87,10 @@ py_last_crash_point(PyObject *mod, PyObject *Py_UNUSED(ignored))
 
 PyMethodDef shm_crash_methods[] = {
     {"fault", (PyCFunction)(void (*)(void))py_fault, METH_VARARGS | METH_KEYWORDS,
-     "fault(n, prefix='', stop=False)\n--\n\n"
+     "fault(n, prefix='', stop=False, signal=0)\n--\n\n"
      "Tests only: SIGKILL this process at the n-th crash point reached from now\n"
-     "whose name starts with prefix (SIGSTOP it, with stop=True); 0 disarms.\n"
+     "whose name starts with prefix (SIGSTOP it, with stop=True; send its thread\n"
+     "signal N and carry on, with signal=N); 0 disarms.\n"
      "Returns the points that were left of the previous countdown.\n\n"
      ">>> _core.fault(3, 'journal.')  # die at the third journal step"},
     {"last_crash_point", py_last_crash_point, METH_NOARGS,

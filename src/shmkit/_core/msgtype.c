@@ -118,6 +118,65 @@ msg_unusable(PyObject *self, MappingObject *m, PyObject *name, const char *kind,
     return NULL;
 }
 
+/* ---- messages kept across an interrupt (msgtype.h) -------------------- */
+
+/* A signal handler raised: keep out's messages (its exception stays set). */
+PyObject *
+msg_keep(msg_kept_t *k, PyObject *out, const Py_buffer *into)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *msgs = out;
+    if (into != NULL) /* (the buffer may be put to other use meanwhile) */
+        msgs = PyBytes_FromStringAndSize(into->buf, PyLong_AsSsize_t(out));
+    int failed = msgs == NULL;
+    if (!failed && msg_kept_count(k) == 0 && k->list == NULL) {
+        failed = (k->list = PyList_New(0)) == NULL;
+        k->gen = shm_child_generation();
+    }
+    if (!failed)
+        failed = PyList_CheckExact(msgs)
+                     ? PyList_SetSlice(k->list, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, msgs)
+                     : PyList_Append(k->list, msgs);
+    if (failed) /* no memory: lost, as they were before this list */
+        PyErr_Clear();
+    if (msgs != out)
+        Py_XDECREF(msgs);
+    Py_DECREF(out);
+    PyErr_Restore(et, ev, tb);
+    return NULL;
+}
+
+static int kept_view_back(MsgViewObject *Py_UNUSED(v), int Py_UNUSED(quiet)) { return 0; }
+
+static const msgview_ops kept_view_ops = {
+    .give_back = kept_view_back,
+    .exported = "an array or memoryview made from the message view is still alive; copy "
+                "what you need inside the with block",
+};
+
+PyObject *
+msg_kept_give(msg_kept_t *k, PyTypeObject *view_type, MappingObject *m)
+{
+    PyObject *msg = PyList_GET_ITEM(k->list, 0);
+    PyObject *out = view_type == NULL
+                        ? Py_NewRef(msg)
+                        : msgview_new(view_type, &kept_view_ops, msg, m, PyBytes_AS_STRING(msg),
+                                      PyBytes_GET_SIZE(msg), 0, 0);
+    if (out != NULL && PySequence_DelItem(k->list, 0) < 0)
+        Py_CLEAR(out);
+    return out;
+}
+
+PyObject *
+msg_kept_take(msg_kept_t *k, Py_ssize_t n)
+{
+    PyObject *first = PyList_GetSlice(k->list, 0, n);
+    if (first != NULL && PyList_SetSlice(k->list, 0, n, NULL) < 0)
+        Py_CLEAR(first);
+    return first;
+}
+
 /* ---- the message view ------------------------------------------------ */
 
 PyObject *

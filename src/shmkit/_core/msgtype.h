@@ -202,6 +202,48 @@ msg_enter(PyObject *self, PyObject *mapping, PyObject *name, int to_use, const c
     return m;
 }
 
+/* ---- messages kept across an interrupt --------------------------------
+ *
+ * Python runs a signal's handler (Ctrl-C's KeyboardInterrupt) as a call of C
+ * returns, in the caller, before the result is stored: a message taken then
+ * would be dropped with the result.  So a receive that copies messages out
+ * asks for signals as its last step (msg_keep_if_interrupted), and if a
+ * handler raises, what it took goes to the handle's kept list instead of its
+ * caller; the next receive through the handle, in any thread, returns it
+ * first.  A receive that lends a view checks before it takes, and gives the
+ * record back.  What remains is a signal that comes in the few instructions
+ * between that last check and the interpreter's own.  A forked child
+ * forgets its parent's (gen); a handle's close drops them. */
+typedef struct {
+    PyObject *list;    /* the messages (bytes), in order; NULL when none yet */
+    unsigned long gen; /* shm_child_generation() when list was made */
+} msg_kept_t;
+
+/* How many messages are kept (dropping a forked parent's first). */
+static inline Py_ssize_t
+msg_kept_count(msg_kept_t *k)
+{
+    if (k->list != NULL && k->gen != shm_child_generation())
+        Py_CLEAR(k->list); /* the parent's: it returns them itself */
+    return k->list == NULL ? 0 : PyList_GET_SIZE(k->list);
+}
+
+/* The last step of a receive that took `out` (a message's bytes, a list of
+ * them, or, for a receive into a buffer, its length, the bytes being at
+ * `into`): out, or NULL with the handler's exception set and them kept. */
+PyObject *msg_keep(msg_kept_t *k, PyObject *out, const Py_buffer *into);
+static inline PyObject *
+msg_keep_if_interrupted(msg_kept_t *k, PyObject *out, const Py_buffer *into)
+{
+    return PyErr_CheckSignals() == 0 ? out : msg_keep(k, out, into);
+}
+
+/* The first n kept messages (at most), a new list, taken off. */
+PyObject *msg_kept_take(msg_kept_t *k, Py_ssize_t n);
+/* The first kept message (there is one), taken off: its bytes, or with
+ * view_type, a view of them (holding them; m pinned while it lives). */
+PyObject *msg_kept_give(msg_kept_t *k, PyTypeObject *view_type, MappingObject *m);
+
 /* ---- the message view ------------------------------------------------ */
 
 typedef struct MsgViewObject MsgViewObject;

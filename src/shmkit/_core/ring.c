@@ -979,14 +979,16 @@ ring_fix_lent(RingObject *r, MappingObject *m, token_cache *tc, int *returned)
     return ring_reclaim(r);
 }
 
-/* Under clock: a redeliver view this process took but could not hand out
- * (no memory for the view object) goes back to the channel. */
+/* Under clock: a view this process took but could not hand out (no memory
+ * for the view object, or a signal handler raised first) goes back to the
+ * channel. */
 int
 ring_give_back(RingObject *r, uint64_t pos, uint32_t me)
 {
     struct ring_hdr *h = r->h;
     rec_t *rec = rec_at(r, pos);
-    if (LOAD(&rec->state) != (ST_LENT | (me & SHM_TOKEN_MASK)))
+    uint32_t st = LOAD(&rec->state);
+    if (st != (ST_LENT | (me & SHM_TOKEN_MASK)) && st != (ST_TAKEN | (me & SHM_TOKEN_MASK)))
         return 0;
     STORER(&h->returned, LOADR(&h->returned) + 1);
     shm_crash_point("ring.give_back.counted");

@@ -6,6 +6,7 @@
 
 #include "shmkit.h"
 #include "journal.h" /* shm_lock_acquire_repair */
+#include "msgtype.h"  /* msg_kept_t */
 #include <limits.h>
 #include <stddef.h>
 #include <string.h>
@@ -115,6 +116,8 @@ typedef struct {
         int times;          /* free: times 0, or its message finished (back_stale) */
     } back[BACK_SLOTS];
     PyObject *name;
+    msg_kept_t kept;        /* messages taken as a signal handler raised: the
+                             * next receive's (msgtype.h) */
 } RingObject;
 
 

@@ -489,6 +489,36 @@ decode_lent(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_
     return obj;
 }
 
+static int
+message_too_large(RingObject *r, Py_ssize_t len, Py_ssize_t room)
+{
+    PyErr_Format(shm_state_of((PyObject *)r)->MessageTooLarge,
+                 "the next message on channel %R has %zd bytes, more than the buffer's %zd; "
+                 "it stays in the channel: receive it into a larger buffer, or with recv()",
+                 r->name, len, room);
+    return -1;
+}
+
+/* The first message this handle kept across an interrupt (msgtype.h), as a
+ * receive of kind `how` returns it (recv_impl's), and taken off the list; a
+ * recv_into buffer too small leaves it. */
+static PyObject *
+kept_give(RingObject *r, MappingObject *m, int how, Py_buffer *into)
+{
+    if (how != R_INTO)
+        return msg_kept_give(&r->kept, how == R_VIEW ? RING_ST(r)->RecordView : NULL, m);
+    PyObject *msg = PyList_GET_ITEM(r->kept.list, 0);
+    Py_ssize_t len = PyBytes_GET_SIZE(msg);
+    if (len > into->len)
+        return message_too_large(r, len, into->len), NULL;
+    memcpy(into->buf, PyBytes_AS_STRING(msg), (size_t)len);
+    PyObject *taken = msg_kept_give(&r->kept, NULL, m);
+    if (taken == NULL)
+        return NULL;
+    Py_DECREF(taken);
+    return PyLong_FromSsize_t(len);
+}
+
 /* Take one message: bytes (R_COPY), a RecordView (R_VIEW), copied into
  * `into` (R_INTO, returning its length; a message that does not fit stays
  * in the channel), or decoded (R_DECODE, with `decode`: see decode_lent).
@@ -509,6 +539,11 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
     MappingObject *m = ring_enter(r);
     if (m == NULL)
         return NULL;
+    if (r->kept.list != NULL && how != R_DECODE && msg_kept_count(&r->kept) > 0) {
+        PyObject *out = kept_give(r, m, how, into);
+        ring_leave(m);
+        return out;
+    }
     struct ring_hdr *h = r->h;
     uint32_t me = m->token;
     int64_t deadline;
@@ -527,13 +562,8 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
             break;
         ring_take_begin(h, &tk);
         int k = ring_next(r, &tk, &pos, &len);
-        if (k == T_READY && how == R_INTO && (Py_ssize_t)len > into->len) {
-            PyErr_Format(shm_state_of((PyObject *)r)->MessageTooLarge,
-                         "the next message on channel %R has %u bytes, more than the "
-                         "buffer's %zd; it stays in the channel: receive it into a larger "
-                         "buffer, or with recv()", r->name, len, into->len);
-            k = -1;
-        }
+        if (k == T_READY && how == R_INTO && (Py_ssize_t)len > into->len)
+            k = message_too_large(r, len, into->len);
         int lend = k == T_READY && (how != R_COPY || len >= BIG_COPY);
         int back = (how == R_VIEW && redeliver) || how == R_DECODE;
         if (lend) {
@@ -561,9 +591,11 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
                 break;
             }
             if (how == R_VIEW) {
-                out = make_view(r, m, pos, len, me);
+                /* a signal handler that raises first: the view goes back */
+                int signalled = PyErr_CheckSignals() < 0;
+                out = signalled ? NULL : make_view(r, m, pos, len, me);
                 if (out == NULL)
-                    lent_undo(r, m, pos, me, back);
+                    lent_undo(r, m, pos, me, back || signalled);
                 break;
             }
             out = how == R_INTO ? PyLong_FromUnsignedLong(len) : msg_new_bytes(len);
@@ -611,6 +643,8 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
             break;
     }
     ring_leave(m);
+    if (out != NULL && (how == R_COPY || how == R_INTO))
+        return msg_keep_if_interrupted(&r->kept, out, how == R_INTO ? into : NULL);
     return out;
 }
 
@@ -796,12 +830,17 @@ Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
         PyErr_SetString(PyExc_ValueError, "recv_many() needs max_n >= 1");
         return NULL;
     }
-    PyObject *list = PyList_New(0);
-    if (list == NULL)
-        return NULL;
     MappingObject *m = ring_enter(r);
-    if (m == NULL) {
-        Py_DECREF(list);
+    if (m == NULL)
+        return NULL;
+    if (r->kept.list != NULL && msg_kept_count(&r->kept) > 0) { /* those first, and no more */
+        PyObject *first = msg_kept_take(&r->kept, max_n);
+        ring_leave(m);
+        return first;
+    }
+    PyObject *list = PyList_New(0);
+    if (list == NULL) {
+        ring_leave(m);
         return NULL;
     }
     struct ring_hdr *h = r->h;
@@ -876,7 +915,7 @@ Ring_recv_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
         return NULL;
     }
     PyErr_Clear(); /* messages already taken are delivered */
-    return list;
+    return msg_keep_if_interrupted(&r->kept, list, NULL);
 }
 
 /* ---- Python: loans, a message built in place ---------------------------- */
@@ -1415,6 +1454,7 @@ Ring_bind(RingObject *r, PyObject *args)
         return NULL;
     }
     Py_XSETREF(r->mapping, Py_NewRef(mapping));
+    Py_CLEAR(r->kept.list);
     r->h = h;
     r->roles = (uint64_t *)((char *)h + RING_ROLES_OFF);
     r->data = (char *)h + data_off;
@@ -1432,6 +1472,7 @@ static PyObject *
 Ring_unbind(RingObject *r, PyObject *Py_UNUSED(ignored))
 {
     Py_CLEAR(r->mapping);
+    Py_CLEAR(r->kept.list);
     Py_RETURN_NONE;
 }
 
@@ -1532,12 +1573,18 @@ Ring_get_max_items(RingObject *r, void *Py_UNUSED(c))
 }
 
 static PyObject *
+Ring_get_kept(RingObject *r, void *Py_UNUSED(c))
+{
+    return PyLong_FromSsize_t(msg_kept_count(&r->kept));
+}
+
+static PyObject *
 Ring_get_depth(RingObject *r, void *Py_UNUSED(c))
 {
     MappingObject *m = ring_enter_any(r, 0);
     if (m == NULL)
         return NULL;
-    uint64_t depth = ring_depth(r, m);
+    uint64_t depth = ring_depth(r, m) + (uint64_t)msg_kept_count(&r->kept);
     ring_leave(m);
     return PyLong_FromUnsignedLongLong(depth);
 }
@@ -1556,6 +1603,7 @@ Ring_dealloc(RingObject *r)
 {
     Py_CLEAR(r->mapping);
     Py_CLEAR(r->name);
+    Py_CLEAR(r->kept.list);
     PyTypeObject *tp = Py_TYPE(r);
     tp->tp_free((PyObject *)r);
     Py_DECREF(tp); /* a heap type: its instances hold it */
@@ -1639,7 +1687,11 @@ static PyGetSetDef Ring_getset[] = {
     {"max_message", (getter)Ring_get_max_message, NULL, "largest message in bytes", NULL},
     {"depth", (getter)Ring_get_depth, NULL,
      "messages waiting to be received, with views lent (redeliver=True) to "
-     "consumers that died, which the next receive gets", NULL},
+     "consumers that died, which the next receive gets, and messages this handle "
+     "kept across an interrupt", NULL},
+    {"_kept", (getter)Ring_get_kept, NULL,
+     "messages this handle took as a signal handler raised: its next receives' own",
+     NULL},
     {"_max_items", (getter)Ring_get_max_items, NULL,
      "the most messages queued at once, as the ring enforces it (0: no limit)", NULL},
     {"sending_closed", (getter)Ring_get_closed, NULL,

@@ -40,6 +40,8 @@ typedef struct {
     uint64_t lent[LENT_MAX]; /* positions of views not yet released, ascending */
     uint64_t lost; /* losses met but not yet raised (see sub_report_lost) */
     int64_t spin_ns;
+    msg_kept_t kept; /* messages taken as a signal handler raised: the next
+                      * receive's (msgtype.h) */
     PyObject *weakreflist;
 } SubObject;
 
@@ -719,6 +721,15 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how, const uint64_t *
                      "first", o->name, LENT_MAX);
         goto done;
     }
+    if (s->kept.list != NULL && msg_kept_count(&s->kept) > 0) {
+        uint64_t len = (uint64_t)PyBytes_GET_SIZE(PyList_GET_ITEM(s->kept.list, 0));
+        if (fit != NULL && ((fit[0] != 0 && len % fit[0] != 0) ||
+                            (fit[1] != UINT64_MAX && len != fit[1])))
+            out = PyLong_FromUnsignedLongLong(len); /* (as below) */
+        else
+            out = msg_kept_give(&s->kept, how == HOW_VIEW ? TST(s)->TopicView : NULL, m);
+        goto done;
+    }
     for (;;) {
         uint64_t pos = 0, missed = 0;
         uint32_t len = 0;
@@ -738,6 +749,8 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how, const uint64_t *
                 goto done;
             }
             if (how == HOW_VIEW) {
+                if (PyErr_CheckSignals() < 0)
+                    goto done; /* a handler raised: nothing taken */
                 if (t->overflow == TOPIC_BLOCK) {
                     s->lent[s->nlent++] = pos;
                 }
@@ -760,7 +773,8 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how, const uint64_t *
                 continue;
             }
             topic_advance(t, e, pos + trec_total(len), 1, sub_hold(s, pos + trec_total(len)), 1);
-            goto done;
+            sub_leave(s, m, 1);
+            return msg_keep_if_interrupted(&s->kept, out, NULL);
         }
         if (nowait) {
             PyErr_Format(TST(s)->Empty, "no new message on topic %R", o->name);
@@ -829,6 +843,11 @@ Sub_recv_many(SubObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *k
         return NULL;
     TopicObject *o = s->topic;
     topic_t *t = &o->t;
+    if (s->kept.list != NULL && msg_kept_count(&s->kept) > 0) { /* those first, and no more */
+        PyObject *first = msg_kept_take(&s->kept, max_n);
+        sub_leave(s, m, 1);
+        return first;
+    }
     PyObject *list = PyList_New(0);
     if (list == NULL || sub_report_lost(s) < 0)
         goto fail;
@@ -880,14 +899,14 @@ Sub_recv_many(SubObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *k
     }
     topic_wake_publishers(t);
     sub_leave(s, m, 1);
-    return list;
+    return msg_keep_if_interrupted(&s->kept, list, NULL);
 fail:
     if (list != NULL && PyList_GET_SIZE(list) > 0)
         topic_wake_publishers(t);
     sub_leave(s, m, 1);
     if (list != NULL && PyList_GET_SIZE(list) > 0) {
         PyErr_Clear(); /* messages already taken are delivered */
-        return list;
+        return msg_keep_if_interrupted(&s->kept, list, NULL);
     }
     Py_XDECREF(list);
     return NULL;
@@ -960,6 +979,7 @@ static PyObject *
 Sub_close(SubObject *s, PyObject *Py_UNUSED(ignored))
 {
     sub_close(s);
+    Py_CLEAR(s->kept.list);
     Py_RETURN_NONE;
 }
 
@@ -990,6 +1010,7 @@ sub_counter(SubObject *s, int which)
 }
 
 static PyObject *Sub_get_lag(SubObject *s, void *c) { (void)c; return sub_counter(s, 0); }
+static PyObject *Sub_get_kept(SubObject *s, void *c) { (void)c; return PyLong_FromSsize_t(msg_kept_count(&s->kept)); }
 static PyObject *Sub_get_received(SubObject *s, void *c) { (void)c; return sub_counter(s, 1); }
 static PyObject *Sub_get_missed(SubObject *s, void *c) { (void)c; return sub_counter(s, 2); }
 
@@ -1031,6 +1052,7 @@ Sub_traverse(SubObject *s, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(s)); /* a heap type */
     Py_VISIT(s->topic);
     Py_VISIT(s->mapping);
+    Py_VISIT(s->kept.list);
     return 0;
 }
 
@@ -1042,6 +1064,7 @@ Sub_clear(SubObject *s)
     sub_close(s);
     Py_CLEAR(s->topic);
     Py_CLEAR(s->mapping);
+    Py_CLEAR(s->kept.list);
     return 0;
 }
 
@@ -1083,6 +1106,8 @@ static PyGetSetDef Sub_getset[] = {
     {"closed", (getter)Sub_get_closed, NULL, "True once closed (or its topic handle is)",
      NULL},
     {"lag", (getter)Sub_get_lag, NULL, "messages published that it has not read yet", NULL},
+    {"_kept", (getter)Sub_get_kept, NULL,
+     "messages it took as a signal handler raised: its next receives' own", NULL},
     {"received", (getter)Sub_get_received, NULL, "messages it received", NULL},
     {"missed", (getter)Sub_get_missed, NULL, "messages it lost to overwriting", NULL},
     {"index", (getter)Sub_get_index, NULL, "its entry in the subscriber table", NULL},
