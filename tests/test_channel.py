@@ -186,6 +186,63 @@ def test_close_sending_wakes_blocked_receiver(name):
     ch.close()
 
 
+@pytest.mark.parametrize("then", ["resumed", "killed"])
+def test_close_sending_while_a_stopped_sender_holds_the_lock_times_out_naming_it(name, then):
+    """A sender stopped (SIGSTOP) inside ``loan()`` while it reserves room
+    holds the senders' lock: ``close_sending(timeout=)`` raises Timeout
+    within its timeout naming the stopped pid (it took no timeout and waited
+    for good), on the asyncio class too, and leaves the channel open;
+    resumed, the loan is sent; killed, the next send takes the lock over
+    and the dead sender's reservation is dropped; then ending works.  What was sent
+    before is received either way."""
+    import shmkit.aio
+    with Channel(name, capacity=4096) as ch, shmkit.aio.Channel.open(name) as ach:
+        ch.send_many([b"a", b"b"])
+        code = f"""
+            import shmkit
+            from shmkit import _core
+            ch = shmkit.Channel.open({name!r})
+            print("ready", flush=True)
+            _core.fault(1, "ring.reserve.header", stop=True)  # stops holding the lock
+            with ch.loan(4) as loan:
+                loan.buffer[:] = b"late"
+        """
+        p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
+                             stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": SRC})
+        try:
+            assert p.stdout.readline().strip() == "ready"
+            _pid, status = os.waitpid(p.pid, os.WUNTRACED)  # until it is stopped
+            assert os.WIFSTOPPED(status), status
+            for handle, timeout in ((ch, 0.5), (ach, 0)):
+                t0 = time.monotonic()
+                with pytest.raises(Timeout, match=f"pid {p.pid}, which is stopped") as ei:
+                    handle.close_sending(timeout=timeout)
+                assert time.monotonic() - t0 < 5
+                assert f"kill -CONT {p.pid}" in str(ei.value) and "producers'" in str(ei.value)
+            with pytest.raises(ValueError, match="NaN"):
+                ch.close_sending(timeout=float("nan"))
+            assert ch.statistics()["closed"] == 0
+            if then == "resumed":
+                os.kill(p.pid, signal.SIGCONT)
+                assert p.wait(30) == 0
+            else:
+                p.kill()
+                p.wait(30)
+            ch.send(b"more", timeout=5)  # the lock is free (or taken over) again
+            ach.close_sending(timeout=10)
+            with pytest.raises(ChannelClosed):
+                ch.send(b"after", timeout=5)
+            got = [b"a", b"b"] + ([b"late"] if then == "resumed" else []) + [b"more"]
+            assert list(ch.messages(timeout=5)) == got
+            assert ch.statistics()["closed"] == 1
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
+            p.stdout.close()
+
+
 def test_create_open_and_kinds(name, names):
     with pytest.raises(NotFoundError):
         Channel.open(name)

@@ -291,7 +291,9 @@ def test_same_code_runs_on_either_backend(any_ns: Any) -> None:
             ch.recv_nowait()
         assert ch.recv_many(max_n=10, timeout=0.05) == []
         ch.send(b"last")
-        ch.close_sending()
+        with pytest.raises(ValueError, match="NaN"):  # the same signature and checks
+            ch.close_sending(timeout=float("nan"))
+        ch.close_sending(timeout=5.0)
         with pytest.raises(shmkit.ChannelClosed):
             ch.send(b"late")
         assert list(ch) == [b"last"]

@@ -1457,7 +1457,7 @@ class Channel(SharedObject, _core.Ring):
             except ChannelClosed:
                 return
 
-    def close_sending(self) -> None:
+    def close_sending(self, *, timeout: float | None = None) -> None:
         """End the channel for every process: no more sends, anywhere.
 
         Later sends (in any process, and in later runs that open the same
@@ -1466,13 +1466,20 @@ class Channel(SharedObject, _core.Ring):
         stays open (call :meth:`close` to release it).  Ending cannot be
         undone: unlink the name and create the channel again.
 
+        Ending takes the senders' lock for a moment, as a send does;
+        ``timeout`` bounds the wait for it (``None``, the default: as long
+        as it takes, as for ``send()``), then :class:`Timeout` names the
+        process holding it (a sender stopped with SIGSTOP, or in a debugger,
+        while it reserved room) and the channel is left as it was.  A
+        sender that died holding it is taken over, not waited for.
+
         >>> with Channel(None, capacity=4096) as ch:
-        ...     ch.send(b"last"); ch.close_sending()
+        ...     ch.send(b"last"); ch.close_sending(timeout=5.0)
         ...     list(ch)
         [b'last']
         """
         self._held()
-        self._close_sending()
+        self._close_sending(timeout)
 
     def close(self) -> None:
         """Release this handle; the channel carries on for the other processes.

@@ -1485,15 +1485,24 @@ wake_all(struct ring_hdr *h)
     shm_futex_wake(&h->space_seq, INT_MAX);
 }
 
+/* _close_sending(timeout=None): the wait for plock ends at the deadline in
+ * ring_lock's Timeout naming the holder (a sender stopped while reserving
+ * holds it); None waits as long as it takes, as a send does. */
 static PyObject *
-Ring_close_sending(RingObject *r, PyObject *Py_UNUSED(ignored))
+Ring_close_sending(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
 {
+    static const char *const names[] = {"timeout", NULL};
+    PyObject *a[1];
+    int64_t deadline;
+    if (msg_parse_args("_close_sending", args, nargs, kw, 0, names, a) < 0 ||
+        msg_deadline(a[0], 0, &deadline) < 0)
+        return NULL;
     MappingObject *m = ring_enter(r);
     if (m == NULL)
         return NULL;
     struct ring_hdr *h = r->h;
     /* under plock, so that no send reserves after a receiver saw "closed" */
-    if (ring_lock(r, m, &h->plock, m->token, SHM_FOREVER) < 0) {
+    if (ring_lock(r, m, &h->plock, m->token, deadline) < 0) {
         ring_leave(m);
         return NULL;
     }
@@ -1673,9 +1682,10 @@ static PyMethodDef Ring_methods[] = {
     {"_init_ring", (PyCFunction)Ring_init_ring, METH_VARARGS | METH_STATIC,
      "_init_ring(mapping, offset, capacity, max_items, /)\n--\n\n"
      "_init_ring(mapping, offset, capacity, max_items) -> data offset (creator only)"},
-    {"_close_sending", (PyCFunction)Ring_close_sending, METH_NOARGS,
-     "_close_sending($self, /)\n--\n\n"
-     "_close_sending(): set the closed flag and wake every waiter"},
+    {"_close_sending", (PyCFunction)(void (*)(void))Ring_close_sending, FAST,
+     "_close_sending($self, /, timeout=None)\n--\n\n"
+     "_close_sending(timeout=None): set the closed flag under the producers' lock "
+     "(waited for\nuntil timeout, then Timeout naming its holder) and wake every waiter"},
     {"_wake_all", (PyCFunction)Ring_wake_all, METH_NOARGS, "_wake_all($self, /)\n--\n\n"},
     {"_stats", (PyCFunction)Ring_stats, METH_NOARGS, "_stats($self, /)\n--\n\n"
      "_stats() -> dict"},

@@ -27,6 +27,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from .. import _core
 from .._object import DEFAULT, _Default, given
+from ..sync import optional_seconds
 from ..errors import (
     _timed_out,
     ChannelClosed,
@@ -282,9 +283,15 @@ class Channel(RedisObject):
                 sent += self._wait_room(msgs[sent:sent + _SEND_CHUNK], end, timeout)
         return sent
 
-    def close_sending(self) -> None:
+    def close_sending(self, *, timeout: float | None = None) -> None:
         """End the channel for every process: sends raise :class:`ChannelClosed`;
-        receivers get what was sent, then ChannelClosed."""
+        receivers get what was sent, then ChannelClosed.
+
+        ``timeout`` is the local channel's (a bound on its wait for the
+        senders' lock), checked the same way: ending a Redis channel is one
+        script, which takes no lock and so waits for none; its round trip
+        is bounded by the connection's ``socket_timeout``."""
+        optional_seconds(timeout)
         self._live()
         if self._readonly:
             raise ReadOnlyError(f"{self._kind} {self._name!r} was opened with readonly=True; "
