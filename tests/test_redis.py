@@ -1223,6 +1223,38 @@ def test_foreign_data_under_an_objects_keys_raises_corrupt_or_wrong_kind(ns: Any
             call()
 
 
+def test_a_redis_store_on_a_key_of_another_redis_type_is_refused_at_open(ns: Any) -> None:
+    """A Store whose key another program made as a list, a string or a stream
+    raises WrongKindError when opened, naming the type and what to do (it
+    opened, and each read or write then raised a BackendError); the foreign
+    key is left as it was, and no meta hash is left beside it."""
+    r, key = ns.r, ns.key
+    r.rpush(key("lst"), "a", "b")
+    r.set(key("str"), "x")
+    r.xadd(key("stm"), {"f": "v"})
+    for name, shown in (("lst", "list"), ("str", "string"), ("stm", "stream")):
+        for create in (None, True):
+            with pytest.raises(shmkit.WrongKindError,
+                               match=f"is a Redis {shown}, not the hash a store") as ei:
+                ns.Store(name, create=create)
+            assert "use another name" in str(ei.value) and f"DEL {key(name)}" in str(ei.value)
+            assert not r.exists(key(name) + ":meta")
+    assert r.lrange(key("lst"), 0, -1) == [b"a", b"b"] and r.get(key("str")) == b"x"
+    # a store of ours whose hash was replaced: refused, its meta kept
+    st = ns.Store("st")
+    st["k"] = 1
+    r.delete(key("st"))
+    r.set(key("st"), "foreign")
+    with pytest.raises(shmkit.WrongKindError, match="is a Redis string"):
+        ns.Store("st", create=False)
+    assert r.exists(key("st") + ":meta")
+    r.delete(key("st"), key("lst"))
+    assert ns.Store("st", create=False).get("k") is None  # removed: it opens again
+    fresh = ns.Store("lst")
+    fresh["k"] = 2
+    assert fresh["k"] == 2
+
+
 def _drain(it: Iterator[Any]) -> tuple[list[Any], list[str]]:
     """What an iterator gives, stepping past the CorruptErrors it raises (their texts)."""
     got: list[Any] = []

@@ -32,6 +32,8 @@ from collections.abc import (
 )
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from redis.exceptions import RedisError
+
 from .. import _core
 from .._object import DEFAULT, _Default, given
 from ..errors import (
@@ -40,12 +42,14 @@ from ..errors import (
     ReadOnlyError,
     UnsupportedTypeError,
     ValueTooLargeError,
+    WrongKindError,
 )
 from .._lazy import numpy
 from ..store import _VT_NDARRAY, _VT_PICKLE, _decode, _encode_pickle, _encode_plain
 from ._base import (
     RedisNamespace,
     RedisObject,
+    _translate,
     as_bytes_or_none,
     guard_all,
     guarded,
@@ -361,6 +365,7 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
             raise self._mismatch("store", name, "codec", codec,
                                  None if have == "none" else have)
         self._pickled = have == "pickle"
+        self._refuse_foreign_key()
         self._readonly = bool(readonly)
         self._on_destroy = on_destroy
         # A batch is its thread's, as the shared-memory store's: another
@@ -370,6 +375,24 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         self._batches: dict[int, _Batch] = {}
         self._batch_script = self._r.register_script(_BATCH)
         self._pop_script = self._r.register_script(_POP)
+
+    def _refuse_foreign_key(self) -> None:
+        """WrongKindError if the store's key holds something other than a hash
+        (another program's list or string, say): every read and write would
+        fail on it.  A meta hash this open just made beside it is removed."""
+        try:
+            have = cast("bytes", self._r.type(self._key))  # (bytes: see as_bytes_or_none)
+            if have in (b"hash", b"none"):
+                return
+            if self._created:
+                self._r.delete(self._meta_key)
+        except (RedisError, OSError) as e:
+            raise _translate(self._ns, e, f"open {self._what_name()}") from e
+        raise WrongKindError(
+            f"{self._key!r} in {self._ns.url} is a Redis {have.decode(errors='replace')}, "
+            "not the hash a store keeps its keys in (another program's key, or one made by "
+            f"hand): use another name (or prefix), or delete that key (DEL {self._key}) if it "
+            "is stale")
 
     def _open_batch(self) -> _Batch | None:
         """This thread's open batch, or None (a forked child holds none of its parent's)."""
