@@ -398,6 +398,42 @@ def test_timeouts_follow_one_rule_on_either_backend(any_ns: Any) -> None:
             o.close()
 
 
+def test_a_str_key_utf8_cannot_encode_is_refused_alike_on_either_backend(
+        any_ns: Any) -> None:
+    """A str key with a lone surrogate raises the same InvalidKeyError (a
+    ValueError, caused by the codec's UnicodeEncodeError, which each backend
+    raised bare) with the same message, from each call that takes a key;
+    nothing is stored."""
+    st = any_ns.Store("surrogate")
+    try:
+        st["keep"] = 1
+        texts = set()
+        for call in (lambda: st.__setitem__("a\udc80", 1), lambda: st["a\udc80"],
+                     lambda: "a\udc80" in st, lambda: st.get_many(["keep", "a\udc80"], None),
+                     lambda: st.add("a\udc80", 1), lambda: st.pop("a\udc80", None),
+                     lambda: st.update({"b": 1, "a\udc80": 2})):
+            with pytest.raises(shmkit.InvalidKeyError) as ei:
+                call()
+            assert isinstance(ei.value, ValueError)
+            assert isinstance(ei.value.__cause__, UnicodeEncodeError)
+            texts.add(str(ei.value))
+        assert texts == {
+            "store key 'a\\udc80' cannot be stored: its character '\\udc80' at position 1 is "
+            "a lone surrogate, which UTF-8 cannot encode; pass the key as bytes "
+            "(os.fsencode(key) undoes os.fsdecode; key.encode('utf-8', 'surrogatepass') "
+            "takes any), or use another key"}
+        with st.batch():
+            with pytest.raises(shmkit.InvalidKeyError):
+                st["a\udc80"] = 1
+            st["in-batch"] = 2
+        assert dict(st.items()) == {"keep": 1, "in-batch": 2}
+        st[os.fsencode("a\udcff")] = 3  # the key as os.fsencode gives it
+        assert st[b"a\xff"] == 3
+    finally:
+        st.unlink()
+        st.close()
+
+
 def test_a_topic_runs_on_either_backend(any_ns: Any) -> None:
     topic = any_ns.Topic("ticks", history=2, overflow="overwrite")
     try:

@@ -209,6 +209,37 @@ def test_unsupported_key_types(name, key):
         assert dict(st.items()) == {"keep": 1}
 
 
+@pytest.mark.parametrize("key", ["\udc80", "name-\ud800-x", "\ud83d\ude00"])
+def test_a_str_key_utf8_cannot_encode_is_refused_as_a_bad_key(name, key):
+    """A str key with a lone surrogate (as os.fsdecode makes of bytes that are
+    not UTF-8) raises InvalidKeyError, a ValueError naming the key, the
+    character and the way out, caused by the codec's UnicodeEncodeError (it
+    raised that bare, from deep inside), from every call that takes a key;
+    nothing is stored, and the same key as bytes is an ordinary key."""
+    with Store(name) as st:
+        st["keep"] = 1
+        calls = [lambda: st.__setitem__(key, 1), lambda: st[key], lambda: st.get(key),
+                 lambda: key in st, lambda: st.get_many(["keep", key], None),
+                 lambda: st.add(key, 1), lambda: st.pop(key, None),
+                 lambda: st.__delitem__(key), lambda: st.nbytes(key),
+                 lambda: st.update({"a": 1, key: 2})]
+        for call in calls:
+            with pytest.raises(shmkit.InvalidKeyError, match="lone surrogate") as ei:
+                call()
+            assert isinstance(ei.value, ValueError)
+            assert isinstance(ei.value.__cause__, UnicodeEncodeError)
+            assert repr(key)[:20] in str(ei.value) and "surrogatepass" in str(ei.value)
+        with st.batch():
+            with pytest.raises(shmkit.InvalidKeyError):
+                st[key] = 1
+            st["in-batch"] = 2
+        assert dict(st.items()) == {"keep": 1, "in-batch": 2}
+        raw = key.encode("utf-8", "surrogatepass")
+        st[raw] = 3
+        assert st[raw] == 3
+        st.verify()
+
+
 class Thing:
     def __init__(self, x):
         self.x = x

@@ -37,6 +37,7 @@ __all__ = [
     "KeyExistsError",
     "UnsupportedTypeError",
     "ValueTooLargeError",
+    "InvalidKeyError",
     # heap
     "StaleHandleError",
     "PinnedError",
@@ -182,6 +183,13 @@ class UnsupportedTypeError(ShmkitError, TypeError):
 
 class ValueTooLargeError(ShmkitError, ValueError):
     """A key or value larger than the store can ever hold (see ``max_size``)."""
+
+
+class InvalidKeyError(ShmkitError, ValueError):
+    """A str key that no store can hold: a key is stored as its UTF-8 bytes,
+    and a lone surrogate (as ``os.fsdecode`` makes of bytes that are not
+    UTF-8) has none.  It replaces the codec's ``UnicodeEncodeError``, its
+    cause, and is a ``ValueError`` as that is."""
 
 
 # --- heap ---

@@ -101,6 +101,7 @@ make_layouts(void)
     X(ClosedError, "ClosedError") X(KeyExistsError, "KeyExistsError")             \
     X(UnsupportedTypeError, "UnsupportedTypeError")                               \
     X(ValueTooLargeError, "ValueTooLargeError") X(BusyError, "BusyError")         \
+    X(InvalidKeyError, "InvalidKeyError")                                         \
     X(StaleHandleError, "StaleHandleError") X(PinnedError, "PinnedError")         \
     X(HeapFullError, "HeapFullError") X(ChannelClosed, "_ChannelEnded")           \
     X(MessageTooLarge, "MessageTooLarge") X(Empty, "Empty") X(Full, "Full")        \

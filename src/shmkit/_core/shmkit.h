@@ -110,6 +110,7 @@ typedef struct shm_state {
     /* shmkit.errors */
     PyObject *OwnerDiedWarning, *CorruptError, *Timeout, *ReadOnlyError, *ClosedError;
     PyObject *KeyExistsError, *UnsupportedTypeError, *ValueTooLargeError, *BusyError;
+    PyObject *InvalidKeyError;
     PyObject *StaleHandleError, *PinnedError, *HeapFullError;
     PyObject *ChannelClosed, *MessageTooLarge, *Empty, *Full, *SendersGone;
     PyObject *MessagesLost, *SizeLimitError, *ShmkitError;

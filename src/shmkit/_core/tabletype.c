@@ -214,6 +214,51 @@ key_release(TKey *k)
     }
 }
 
+/* A str key UTF-8 cannot encode (a lone surrogate): the codec's
+ * UnicodeEncodeError becomes the cause of the store's InvalidKeyError.
+ * Reached only once the encoding failed, so ordinary keys pay nothing;
+ * any other error (MemoryError) passes through. */
+static int
+key_unencodable(TableObject *t, PyObject *o)
+{
+    if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError))
+        return -1;
+    PyObject *type, *cause, *tb;
+    PyErr_Fetch(&type, &cause, &tb);
+    PyErr_NormalizeException(&type, &cause, &tb);
+    if (tb != NULL)
+        PyException_SetTraceback(cause, tb);
+    Py_ssize_t at = 0;
+    if (PyUnicodeEncodeError_GetStart(cause, &at) < 0 || at < 0 ||
+        at >= PyUnicode_GET_LENGTH(o)) {
+        PyErr_Clear();
+        at = 0;
+    }
+    PyObject *ch = PyUnicode_Substring(o, at, at + 1);
+    if (ch == NULL) {
+        Py_XDECREF(type);
+        Py_XDECREF(cause);
+        Py_XDECREF(tb);
+        return -1;
+    }
+    PyErr_Format(ST(t)->InvalidKeyError,
+                 "store key %.80R cannot be stored: its character %R at position %zd is a "
+                 "lone surrogate, which UTF-8 cannot encode; pass the key as bytes "
+                 "(os.fsencode(key) undoes os.fsdecode; key.encode('utf-8', 'surrogatepass') "
+                 "takes any), or use another key", o, ch, at);
+    Py_DECREF(ch);
+    PyObject *etype, *err, *etb;
+    PyErr_Fetch(&etype, &err, &etb);
+    PyErr_NormalizeException(&etype, &err, &etb);
+    Py_INCREF(cause);
+    PyException_SetContext(err, cause); /* both steal a reference */
+    PyException_SetCause(err, cause);
+    PyErr_Restore(etype, err, etb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return -1;
+}
+
 static int
 key_encode(TableObject *t, PyObject *o, TKey *k)
 {
@@ -221,7 +266,7 @@ key_encode(TableObject *t, PyObject *o, TKey *k)
     if (PyUnicode_Check(o)) {
         k->p = PyUnicode_AsUTF8AndSize(o, &k->n);
         if (k->p == NULL)
-            return -1;
+            return key_unencodable(t, o);
         k->type = KT_STR;
     } else if (PyBytes_Check(o)) {
         k->p = PyBytes_AS_STRING(o);

@@ -38,6 +38,7 @@ from .. import _core
 from .._object import DEFAULT, _Default, given
 from ..errors import (
     CorruptError,
+    InvalidKeyError,
     KeyExistsError,
     ReadOnlyError,
     UnsupportedTypeError,
@@ -117,7 +118,10 @@ def encode_key(key: object) -> bytes:
     if type(key) is bytes and len(key) <= MAX_KEY:  # the usual key, in one step
         return _KT_BYTES_HEAD + key
     if isinstance(key, str):
-        data = key.encode("utf-8")
+        try:
+            data = key.encode("utf-8")
+        except UnicodeEncodeError as e:  # (only here: ordinary keys pay nothing)
+            raise _unencodable(key, e) from e
         kt = KT_STR
     elif isinstance(key, bytes):
         data = bytes(key)
@@ -135,6 +139,16 @@ def encode_key(key: object) -> bytes:
                                  f"limit of {MAX_KEY} bytes; use a shorter key (a digest "
                                  "of it, say)")
     return bytes((kt,)) + data
+
+
+def _unencodable(key: str, e: UnicodeEncodeError) -> InvalidKeyError:
+    """The error of a str key UTF-8 cannot encode, as the local store words it."""
+    at = e.start if 0 <= e.start < len(key) else 0
+    return InvalidKeyError(
+        f"store key {key!r:.80} cannot be stored: its character {key[at]!r} at position "
+        f"{at} is a lone surrogate, which UTF-8 cannot encode; pass the key as bytes "
+        "(os.fsencode(key) undoes os.fsdecode; key.encode('utf-8', 'surrogatepass') takes "
+        "any), or use another key")
 
 
 def decode_key(field: bytes) -> _Key:
