@@ -236,6 +236,39 @@ def test_hostile_sizes_and_arguments(name):
     ch.close()
 
 
+def test_a_bool_size_is_refused_by_every_loan(names):
+    """loan(True) is a slip, not a loan of 1 byte (it was one): every loan
+    (Channel, asyncio Channel, Topic) refuses a bool size with TypeError
+    naming nbytes, and reserves nothing; a receiver in another process gets
+    only the message of the real loan that follows."""
+    import asyncio
+
+    import shmkit.aio as aio
+    from shmkit import Topic
+    cname, tname = names(), names()
+    with Channel(cname, capacity=4096) as ch, aio.Channel(cname) as ach, \
+            Topic(tname, capacity=4096, history=4) as topic:
+        for loan in (ch.loan, ach.loan, topic.loan):
+            for bad in (True, False):
+                with pytest.raises(TypeError, match="nbytes.*not a bool"):
+                    loan(bad)
+                with pytest.raises(TypeError, match="nbytes.*not a bool"):
+                    loan(nbytes=bad, timeout=1)
+        assert ch.statistics()["depth"] == 0 and topic.statistics()["published"] == 0
+        with ch.loan(2, timeout=5) as lo:
+            lo.buffer[:] = b"ch"
+        with topic.loan(2, timeout=5) as lo:
+            lo.buffer[:] = b"tp"
+        got = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+            import shmkit
+            with shmkit.Channel.open({cname!r}) as ch, shmkit.Topic.open({tname!r}) as t, \\
+                    t.subscribe(history=4) as sub:
+                print(ch.recv_many(10, timeout=30), sub.recv_many(10, timeout=30))
+        """)], capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": SRC})
+        assert got.stdout.split() == ["[b'ch']", "[b'tp']"], got.stderr
+        assert asyncio.run(ach.recv_many(10, timeout=0.05)) == []
+
+
 def test_full_closed_readonly_and_after_close(name):
     ch = Channel(name, capacity=64)  # room for one 48-byte message
     held = ch.loan(48)

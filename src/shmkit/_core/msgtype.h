@@ -124,6 +124,11 @@ msg_loan_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kw, PyObject *s
                      Py_TYPE(a[0])->tp_name);
         return -1;
     }
+    if (PyBool_Check(a[0])) { /* an int, but never meant as a size: loan(True) is a slip */
+        PyErr_SetString(PyExc_TypeError, "loan(nbytes): nbytes is the message's size in "
+                                         "bytes, an int, not a bool");
+        return -1;
+    }
     int overflow = 0;
     long long want = PyLong_AsLongLongAndOverflow(a[0], &overflow);
     if (want == -1 && PyErr_Occurred())
