@@ -24,12 +24,11 @@ and what happens when a process dies at any point.
 
 from __future__ import annotations
 
-import math
-import operator
 import os
 import weakref
 from typing import Any, Callable, Iterator
 
+from ._arrays import array_fit, misfit
 from ._lazy import numpy
 from . import _core
 from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
@@ -37,7 +36,6 @@ from .errors import (
     BusyError,
     Empty,
     FormatVersionError,
-    LayoutMismatchError,
     MessagesLost,
     SizeLimitError,
     Timeout,
@@ -69,43 +67,6 @@ def _check_int(what: str, value: Any, lo: int, hi: int, unit: str = "") -> int:
         raise SizeLimitError(f"{what}={value} is beyond the limit of {hi}{unit}; "
                              f"give at most {hi}")
     return value
-
-
-def _array_fit(np: Any, dt: Any, shape: Any) -> tuple[int, int | None]:
-    """The bytes a message must be a multiple of, and exactly (None: any),
-    for recv_array to make an array of ``dt`` in ``shape`` of it: checked
-    by the core before the message is taken, so that one that does not fit
-    stays unread.  A shape no message fits is refused here."""
-    if dt.itemsize == 0 or dt.hasobject:
-        raise TypeError(f"numpy makes no array of a message's bytes in dtype {dt} "
-                        "(no bytes, or Python objects); give a sized dtype ('u1', 'S10', 'V8')")
-    if shape is None:
-        return dt.itemsize, None
-    try:
-        dims = (operator.index(shape),)
-    except TypeError:
-        dims = tuple(operator.index(d) for d in shape)
-    if any(d < -1 for d in dims) or dims.count(-1) > 1:
-        raise ValueError(f"shape {shape}: give dimensions of at least 0, one of which may "
-                         "be -1 (set by the message's size)")
-    if len(dims) + dt.ndim > 16:  # beyond numpy's limit (32 or 64): its ValueError
-        np.empty((0,) * len(dims), dt)
-    # frombuffer makes items of dt's base type (a sub-array dtype adds its
-    # dimensions), which the shape counts: whole dt items, and whole rows
-    base = dt.base.itemsize if dt.subdtype is not None else dt.itemsize
-    known = math.prod(d for d in dims if d != -1) * base
-    if known >= 1 << 32:
-        raise SizeLimitError(f"shape {shape} of {dt} is {known} bytes or more, beyond any "
-                             "topic message (under 2**32 bytes); give a smaller shape")
-    if -1 not in dims:
-        if known % dt.itemsize:
-            raise ValueError(f"shape {shape} of {dt} is {known} bytes, not a whole number "
-                             f"of its {dt.itemsize}-byte items")
-        return 0, known
-    if known == 0:
-        raise ValueError(f"shape {shape}: a dimension of 0 leaves -1 unknowable; give "
-                         "every dimension")
-    return math.lcm(known, dt.itemsize), None
 
 
 class Subscriber(_core.TopicSubscriber):
@@ -165,15 +126,10 @@ class Subscriber(_core.TopicSubscriber):
         """
         np = numpy()
         dt = np.dtype(dtype)
-        unit, nbytes = _array_fit(np, dt, shape)
+        unit, nbytes = array_fit(np, dt, shape, "topic")
         view = self._take_sized(timeout, unit, nbytes)
         if type(view) is int:
-            raise LayoutMismatchError(
-                f"topic {self.topic_name!r}: the next message has {view} bytes, and an array "
-                f"of {dt}" + ("" if shape is None else f" in shape {shape}") + " needs "
-                + (f"{nbytes}" if nbytes is not None else f"a multiple of {unit}")
-                + "; it was left unread: receive it with recv(), or recv_array() with a "
-                "dtype and shape that fit it")
+            raise misfit("topic", self.topic_name, view, dt, shape, unit, nbytes)
         with view as mv:
             src = np.frombuffer(mv, dtype=dtype)
             try:

@@ -143,6 +143,33 @@ msg_loan_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kw, PyObject *s
     return msg_deadline(a[1], 0, deadline);
 }
 
+/* The sizes of _take_sized(timeout, unit, nbytes) (recv_array): fit[0] the
+ * multiple a message's length must be (0: any), fit[1] its length exactly
+ * (UINT64_MAX: any, for nbytes None).  Returns 0, or -1 with an error set. */
+static inline int
+msg_fit_args(PyObject *unit, PyObject *nbytes, uint64_t fit[2])
+{
+    unsigned long long v = PyLong_AsUnsignedLongLong(unit);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    fit[0] = v;
+    fit[1] = UINT64_MAX;
+    if (nbytes != Py_None) {
+        v = PyLong_AsUnsignedLongLong(nbytes);
+        if (v == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+        fit[1] = v;
+    }
+    return 0;
+}
+
+/* Does a message of len bytes fit (see msg_fit_args)? */
+static inline int
+msg_fits(const uint64_t fit[2], uint64_t len)
+{
+    return (fit[0] == 0 || len % fit[0] == 0) && (fit[1] == UINT64_MAX || len == fit[1]);
+}
+
 /* A bytes-like message for a `kind` ("channel", "topic") ring: bytes
  * without a buffer round-trip, else any C-contiguous buffer.  Returns 0
  * and fills *b (release with msg_release), or -1: TypeError ending with

@@ -743,8 +743,7 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how, const uint64_t *
         }
         if (k == TN_READY) {
             const char *src = (const char *)(trec_at(t, pos) + 1);
-            if (fit != NULL && ((fit[0] != 0 && len % fit[0] != 0) ||
-                                (fit[1] != UINT64_MAX && len != fit[1]))) {
+            if (fit != NULL && !msg_fits(fit, len)) {
                 out = PyLong_FromUnsignedLong(len);
                 goto done;
             }
@@ -930,19 +929,10 @@ Sub_take_sized(SubObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *
 {
     static const char *const names[] = {"timeout", "unit", "nbytes", NULL};
     PyObject *a[3];
-    uint64_t fit[2] = {0, UINT64_MAX};
-    if (msg_parse_args("_take_sized", args, nargs, kw, 3, names, a) < 0)
+    uint64_t fit[2];
+    if (msg_parse_args("_take_sized", args, nargs, kw, 3, names, a) < 0 ||
+        msg_fit_args(a[1], a[2], fit) < 0)
         return NULL;
-    unsigned long long v = PyLong_AsUnsignedLongLong(a[1]);
-    if (v == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    fit[0] = v;
-    if (a[2] != Py_None) {
-        v = PyLong_AsUnsignedLongLong(a[2]);
-        if (v == (unsigned long long)-1 && PyErr_Occurred())
-            return NULL;
-        fit[1] = v;
-    }
     return recv_impl(s, a[0], 0, HOW_VIEW, fit);
 }
 

@@ -1,0 +1,66 @@
+"""A message as a numpy array (Channel and Subscriber ``recv_array``).
+
+The core checks the message's length against what the array needs before
+it takes the message (``_take_sized``), so that one that does not fit stays
+unread, the next message, and :class:`LayoutMismatchError` says so.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+from .errors import LayoutMismatchError, SizeLimitError
+
+
+def array_fit(np: Any, dt: Any, shape: Any, what: str) -> tuple[int, int | None]:
+    """The bytes a message must be a multiple of, and exactly (None: any),
+    for recv_array to make an array of ``dt`` in ``shape`` of it.  A shape
+    no message fits is refused here; ``what`` ("channel", "topic") names
+    the messages in that error."""
+    if dt.itemsize == 0 or dt.hasobject:
+        raise TypeError(f"numpy makes no array of a message's bytes in dtype {dt} "
+                        "(no bytes, or Python objects); give a sized dtype ('u1', 'S10', 'V8')")
+    if shape is None:
+        return dt.itemsize, None
+    dims: tuple[int, ...]
+    try:
+        dims = (operator.index(shape),)
+    except TypeError:
+        dims = tuple(operator.index(d) for d in shape)
+    if any(d < -1 for d in dims) or dims.count(-1) > 1:
+        raise ValueError(f"shape {shape}: give dimensions of at least 0, one of which may "
+                         "be -1 (set by the message's size)")
+    if len(dims) + dt.ndim > 16:  # beyond numpy's limit (32 or 64): its ValueError
+        np.empty((0,) * len(dims), dt)
+    # frombuffer makes items of dt's base type (a sub-array dtype adds its
+    # dimensions), which the shape counts: whole dt items, and whole rows
+    base = dt.base.itemsize if dt.subdtype is not None else dt.itemsize
+    known = math.prod(d for d in dims if d != -1) * base
+    if known >= 1 << 32:
+        raise SizeLimitError(f"shape {shape} of {dt} is {known} bytes or more, beyond any "
+                             f"{what} message (under 2**32 bytes); give a smaller shape")
+    if -1 not in dims:
+        if known % dt.itemsize:
+            raise ValueError(f"shape {shape} of {dt} is {known} bytes, not a whole number "
+                             f"of its {dt.itemsize}-byte items")
+        return 0, known
+    if known == 0:
+        raise ValueError(f"shape {shape}: a dimension of 0 leaves -1 unknowable; give "
+                         "every dimension")
+    return math.lcm(known, dt.itemsize), None
+
+
+def misfit(what: str, name: str | None, length: int, dt: Any, shape: Any, unit: int,
+           nbytes: int | None, out: bool = False) -> LayoutMismatchError:
+    """The error for a message of ``length`` bytes, left unread, that no
+    array of ``dt`` in ``shape`` fits (its terms ``unit`` and ``nbytes``,
+    as array_fit gave them); ``out``: that array is recv_array's out=."""
+    return LayoutMismatchError(
+        f"{what} {name!r}: the next message has {length} bytes, and "
+        + ("out=, " if out else "") + f"an array of {dt}"
+        + ("" if shape is None else f" in shape {shape}") + ("," if out else "") + " needs "
+        + (f"{nbytes}" if nbytes is not None else f"a multiple of {unit}")
+        + "; it was left unread: receive it with recv(), or recv_array() with "
+        + ("an out= of its size" if out else "a dtype and shape that fit it"))
