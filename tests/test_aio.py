@@ -307,6 +307,38 @@ def test_other_receive_forms(name):
     asyncio.run(main())
 
 
+def test_recv_array_that_does_not_fit_leaves_the_message_unread(name):
+    """The awaited recv_array refuses a message that its dtype, shape or
+    out= does not fit as the blocking one does (LayoutMismatchError), also
+    one it awaited from another process, and leaves it the next message
+    (it was taken, then numpy's ValueError or out='s lost it)."""
+    async def main() -> None:
+        ch = aio.Channel(name, capacity=4096)
+        p = spawn(_send_later, name, 0.2, b"abcde")
+        with pytest.raises(shmkit.LayoutMismatchError, match="5 bytes.*left unread"):
+            await ch.recv_array(np.int32, timeout=30)
+        p.join(30)
+        for out in (np.zeros(2, np.int32), np.zeros(6, np.uint8)):
+            with pytest.raises(shmkit.LayoutMismatchError, match="5 bytes.*left unread"):
+                await ch.recv_array(out=out, timeout=30)
+            assert not out.any()
+        with pytest.raises(ValueError, match="-1"):
+            await ch.recv_array(np.uint8, (-2, 5), timeout=30)
+        assert ch.depth == 1
+        assert (await ch.recv_array("S5", timeout=30)).tolist() == [b"abcde"]
+        ch.send_nowait(np.arange(4, dtype=np.int16))
+        with pytest.raises(shmkit.LayoutMismatchError, match="8 bytes"):
+            await ch.recv_array(np.int16, (3,), timeout=30)
+        out = np.empty((2, 2), np.int16)
+        assert await ch.recv_array(out=out, timeout=30) is out
+        assert out.tolist() == [[0, 1], [2, 3]]
+        with pytest.raises(shmkit.Timeout, match="no message arrived"):
+            await ch.recv_array(np.int16, timeout=0.05)
+        ch.close()
+
+    asyncio.run(main())
+
+
 def test_timeouts_and_results_match_the_blocking_calls(names):
     async def main() -> None:
         m, e = aio.Mutex(names()), aio.Event(names())

@@ -28,6 +28,7 @@ from shmkit.errors import (
     ExistsError,
     FormatVersionError,
     Full,
+    LayoutMismatchError,
     MessageTooLarge,
     NotFoundError,
     Timeout,
@@ -97,6 +98,58 @@ def test_empty_message_and_buffers(name):
             ch.send("text")
         with pytest.raises(BufferError, match="contiguous"):
             ch.send(np.arange(10)[::2])
+
+
+def test_recv_array_that_does_not_fit_leaves_the_message_unread(name):
+    """recv_array with a dtype, shape or out= that a message does not fit
+    raises LayoutMismatchError (a ValueError) and the message stays the next
+    one: it was taken first, so numpy's ValueError (or out='s, for a smaller
+    message) lost it.  Another process then receives it whole; a dtype of
+    Python objects, or a shape with a dimension below -1, is refused before
+    anything is taken."""
+    with Channel(name, capacity=4096) as ch:
+        run_python(f"""
+            import numpy as np, shmkit
+            with shmkit.Channel.open({name!r}) as ch:
+                ch.send(b"abcde", timeout=10)
+                ch.send(np.arange(6, dtype=np.int32), timeout=10)
+        """)
+        with pytest.raises(LayoutMismatchError, match="5 bytes.*left unread"):
+            ch.recv_array(np.int32, timeout=5)
+        assert ch.statistics()["depth"] == 2
+        assert ch.recv(timeout=5) == b"abcde"
+        for dtype, shape in ((np.int32, (4, 4)), (np.int32, (-1, 4)), (np.int64, (2,)),
+                             ("V5", None), (np.uint8, 23)):
+            with pytest.raises(LayoutMismatchError, match="24 bytes"):
+                ch.recv_array(dtype, shape, timeout=5)
+        for out in (np.zeros(5, np.int32), np.zeros((2, 2), np.int64), np.zeros(7, np.int32)):
+            with pytest.raises(LayoutMismatchError, match="24 bytes.*left unread"):
+                ch.recv_array(out=out, timeout=5)
+            assert not out.any()  # nothing written either
+        for shape in ((-2, 3), (-1, -1), -6):
+            with pytest.raises(ValueError, match="-1"):
+                ch.recv_array(np.int32, shape, timeout=5)
+        for dtype in (object, [("a", "i4"), ("o", "O")]):
+            with pytest.raises(TypeError, match="Python objects"):
+                ch.recv_array(dtype, timeout=5)
+            with pytest.raises(TypeError, match="Python objects"):
+                ch.recv_array(out=np.empty(3, dtype), timeout=5)
+        assert ch.statistics()["depth"] == 1
+        got = run_python(f"""
+            import numpy as np, shmkit
+            with shmkit.Channel.open({name!r}) as ch:
+                print(ch.recv_array(np.int32, (2, -1), timeout=10).tolist())
+        """).stdout
+        assert got.strip() == "[[0, 1, 2], [3, 4, 5]]"
+        ch.send(np.arange(6, dtype=np.int32))
+        with pytest.raises(LayoutMismatchError, match="left unread"):
+            ch.recv_array(out=np.empty(2, np.int32), timeout=5)
+        out = np.empty((3, 2), np.int32)
+        assert ch.recv_array(out=out, timeout=5) is out and out.ravel().tolist() == list(range(6))
+        ch.send(b"")  # an empty message is an array of none
+        assert ch.recv_array(np.int64, timeout=5).shape == (0,)
+        with pytest.raises(Empty):
+            ch.recv_nowait()
 
 
 def test_nowait_and_timeouts(name):

@@ -54,7 +54,6 @@ import weakref
 from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Final, Literal, NoReturn,
                     Sequence, TypeVar, cast)
 
-from ._lazy import numpy
 from . import _core
 from . import channel as _channel
 from . import segment as _segment
@@ -829,24 +828,14 @@ class Channel(_channel.Channel):
 
     async def recv_array(self, dtype: Any = "uint8", shape: Any = None, *,
                          timeout: float | None = None, out: Any = None) -> Any:
-        """Receive a message as a numpy array (see :meth:`shmkit.Channel.recv_array`)."""
-        np = numpy()
-        if out is not None:
-            if not (isinstance(out, np.ndarray) and out.flags.c_contiguous
-                    and out.flags.writeable):
-                raise ValueError("out= must be a writable, C-contiguous numpy array")
-            n = await self.recv_into(out, timeout)
-            if n != out.nbytes:
-                raise ValueError(f"the message held {n} bytes but out= has {out.nbytes}; "
-                                 "its bytes are at the start of out")
-            return out
-        with await self.recv_view(timeout) as mv:
-            src = np.frombuffer(mv, dtype=dtype)
-            try:
-                result = (src.reshape(shape) if shape is not None else src).copy()
-            finally:
-                del src
-        return result
+        """Receive a message as a numpy array (see :meth:`shmkit.Channel.recv_array`);
+        one that the array does not fit raises LayoutMismatchError and stays."""
+        np, dt, unit, nbytes = self._array_terms(dtype, shape, out)
+        view = await _until(lambda: _timed(self._take_sized, 0, unit, nbytes),
+                            lambda: _describe(self), timeout,
+                            lambda: self._take_sized(0, unit, nbytes),
+                            lambda: _timed(self._take_sized, _REPAIR_TIMEOUT, unit, nbytes))
+        return self._array_of(np, view, dt, shape, unit, nbytes, out)
 
     def __iter__(self) -> NoReturn:
         raise TypeError("iterate over a shmkit.aio.Channel with `async for`")

@@ -43,6 +43,7 @@ import types
 import weakref
 from typing import Any, Callable, Iterator
 
+from ._arrays import array_fit, misfit
 from ._lazy import numpy
 from . import _core
 from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
@@ -1398,8 +1399,12 @@ class Channel(SharedObject, _core.Ring):
                    timeout: float | None = None, out: Any = None) -> Any:
         """Receive a message as a numpy array (one copy, straight from the ring).
 
-        ``out=`` (a writable C-contiguous array) receives the bytes in place
-        and must be exactly the message's size.
+        ``shape`` (default: one dimension) may have one dimension of -1,
+        which the message's size sets.  ``out=`` (a writable C-contiguous
+        array) receives the bytes in place instead, and must be exactly the
+        message's size.  A message that no array of ``dtype`` and ``shape``
+        (or ``out``) fits exactly raises :class:`LayoutMismatchError` and
+        stays in the channel: the next receive gets it.
 
         >>> import numpy as np
         >>> with Channel(None, capacity=4096) as ch:
@@ -1407,23 +1412,44 @@ class Channel(SharedObject, _core.Ring):
         ...     ch.recv_array(np.int32, timeout=1.0).tolist()
         [0, 1, 2, 3]
         """
+        np, dt, unit, nbytes = self._array_terms(dtype, shape, out)
+        return self._array_of(np, self._take_sized(timeout, unit, nbytes), dt, shape, unit,
+                              nbytes, out)
+
+    def _array_terms(self, dtype: Any, shape: Any, out: Any) -> tuple[Any, Any, int, int | None]:
+        """numpy, the dtype, and the sizes a message must have for recv_array
+        (see array_fit); what no message fits is refused here, before
+        anything is taken."""
         np = numpy()
-        if out is not None:
-            if not (isinstance(out, np.ndarray) and out.flags.c_contiguous
-                    and out.flags.writeable):
-                raise ValueError("out= must be a writable, C-contiguous numpy array")
-            n = self.recv_into(out, timeout)
-            if n != out.nbytes:
-                raise ValueError(f"the message held {n} bytes but out= has {out.nbytes}; "
-                                 "its bytes are at the start of out")
-            return out
-        with self._take(timeout) as mv:
-            src = np.frombuffer(mv, dtype=dtype)
+        if out is None:
+            dt = np.dtype(dtype)
+            unit, nbytes = array_fit(np, dt, shape, "channel")
+            return np, dt, unit, nbytes
+        if not (isinstance(out, np.ndarray) and out.flags.c_contiguous
+                and out.flags.writeable):
+            raise ValueError("out= must be a writable, C-contiguous numpy array")
+        if out.dtype.hasobject:  # (recv_into would have written bytes over its pointers)
+            raise TypeError(f"numpy makes no array of a message's bytes in dtype {out.dtype} "
+                            "(Python objects); give an out= of a sized dtype")
+        return np, out.dtype, 0, out.nbytes
+
+    def _array_of(self, np: Any, view: Any, dt: Any, shape: Any, unit: int,
+                  nbytes: int | None, out: Any) -> Any:
+        """recv_array's result from what _take_sized returned: the message's
+        view, or its length if it did not fit (it was left in the channel)."""
+        if type(view) is int:
+            raise misfit("channel", self.name, view, dt, shape if out is None else out.shape,
+                         unit, nbytes, out is not None)
+        with view as mv:
+            src = np.frombuffer(mv, dtype=dt if out is None else np.uint8)
             try:
-                result = (src.reshape(shape) if shape is not None else src).copy()
+                if out is None:
+                    return (src.reshape(shape) if shape is not None else src).copy()
+                if out.nbytes:
+                    out.reshape(-1).view(np.uint8)[...] = src
+                return out
             finally:
                 del src
-        return result
 
     # -- iteration and ending --------------------------------------------------
 

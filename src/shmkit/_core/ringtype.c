@@ -180,7 +180,21 @@ Ring_send_many(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
 
 /* ---- Python: receiving ------------------------------------------------ */
 
-enum { R_COPY, R_VIEW, R_INTO, R_DECODE };
+/* The sized takes last: the hot path asks `how >= R_INTO` once. */
+enum { R_COPY, R_VIEW, R_DECODE, R_INTO, R_FIT };
+
+/* A sized take's terms: R_INTO copies the message into `into` if it has
+ * room; R_FIT lends it as a view (as R_VIEW, not redelivered) if its
+ * length fits `fit` (msg_fits).  Either leaves one that does not in the
+ * channel, next in line. */
+typedef struct {
+    Py_buffer *into;
+    uint64_t fit[2];
+} sized_t;
+
+/* recv_impl's own outcome of ring_next (beside ring.h's T_*): an R_FIT
+ * message that does not fit, left where it is. */
+enum { T_MISFIT = T_WRITING + 1 };
 
 static PyObject *make_view(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len,
                            uint32_t me);
@@ -500,18 +514,20 @@ message_too_large(RingObject *r, Py_ssize_t len, Py_ssize_t room)
 }
 
 /* The first message this handle kept across an interrupt (msgtype.h), as a
- * receive of kind `how` returns it (recv_impl's), and taken off the list; a
- * recv_into buffer too small leaves it. */
+ * receive of kind `how` returns it (recv_impl's), and taken off the list;
+ * one that does not fit a sized take stays, as in the channel. */
 static PyObject *
-kept_give(RingObject *r, MappingObject *m, int how, Py_buffer *into)
+kept_give(RingObject *r, MappingObject *m, int how, const sized_t *sz)
 {
-    if (how != R_INTO)
-        return msg_kept_give(&r->kept, how == R_VIEW ? RING_ST(r)->RecordView : NULL, m);
     PyObject *msg = PyList_GET_ITEM(r->kept.list, 0);
     Py_ssize_t len = PyBytes_GET_SIZE(msg);
-    if (len > into->len)
-        return message_too_large(r, len, into->len), NULL;
-    memcpy(into->buf, PyBytes_AS_STRING(msg), (size_t)len);
+    if (how == R_FIT && !msg_fits(sz->fit, (uint64_t)len))
+        return PyLong_FromSsize_t(len);
+    if (how != R_INTO)
+        return msg_kept_give(&r->kept, how == R_COPY ? NULL : RING_ST(r)->RecordView, m);
+    if (len > sz->into->len)
+        return message_too_large(r, len, sz->into->len), NULL;
+    memcpy(sz->into->buf, PyBytes_AS_STRING(msg), (size_t)len);
     PyObject *taken = msg_kept_give(&r->kept, NULL, m);
     if (taken == NULL)
         return NULL;
@@ -520,8 +536,10 @@ kept_give(RingObject *r, MappingObject *m, int how, Py_buffer *into)
 }
 
 /* Take one message: bytes (R_COPY), a RecordView (R_VIEW), copied into
- * `into` (R_INTO, returning its length; a message that does not fit stays
- * in the channel), or decoded (R_DECODE, with `decode`: see decode_lent).
+ * sz->into (R_INTO, returning its length; a message that does not fit stays
+ * in the channel), a RecordView of one that fits sz->fit (R_FIT; another
+ * stays in the channel and its length is returned, an int, for recv_array
+ * to say why), or decoded (R_DECODE, with `decode`: see decode_lent).
  * Waits until the deadline; raises Empty (nowait), Timeout, or
  * ChannelClosed when the channel is closed and drained. */
 static int
@@ -533,14 +551,14 @@ senders_gone_error(RingObject *r)
 }
 
 static PyObject *
-recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into,
+recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, const sized_t *sz,
           int stop_no_senders, int redeliver, PyObject *const *decode)
 {
     MappingObject *m = ring_enter(r);
     if (m == NULL)
         return NULL;
     if (r->kept.list != NULL && how != R_DECODE && msg_kept_count(&r->kept) > 0) {
-        PyObject *out = kept_give(r, m, how, into);
+        PyObject *out = kept_give(r, m, how, sz);
         ring_leave(m);
         return out;
     }
@@ -562,8 +580,14 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
             break;
         ring_take_begin(h, &tk);
         int k = ring_next(r, &tk, &pos, &len);
-        if (k == T_READY && how == R_INTO && (Py_ssize_t)len > into->len)
-            k = message_too_large(r, len, into->len);
+        /* a sized take looks at the length here, under the lock and before
+         * anything is taken, so that a message that does not fit stays */
+        if (k == T_READY && how >= R_INTO) {
+            if (how == R_INTO && (uint64_t)len > (uint64_t)sz->into->len)
+                k = message_too_large(r, len, sz->into->len);
+            else if (how == R_FIT && !msg_fits(sz->fit, len))
+                k = T_MISFIT;
+        }
         int lend = k == T_READY && (how != R_COPY || len >= BIG_COPY);
         int back = (how == R_VIEW && redeliver) || how == R_DECODE;
         if (lend) {
@@ -590,7 +614,7 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
                 out = decode_lent(r, m, pos, len, me, decode);
                 break;
             }
-            if (how == R_VIEW) {
+            if (how == R_VIEW || how == R_FIT) {
                 /* a signal handler that raises first: the view goes back */
                 int signalled = PyErr_CheckSignals() < 0;
                 out = signalled ? NULL : make_view(r, m, pos, len, me);
@@ -600,7 +624,7 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
             }
             out = how == R_INTO ? PyLong_FromUnsignedLong(len) : msg_new_bytes(len);
             if (out != NULL) {
-                char *dst = how == R_INTO ? into->buf : PyBytes_AS_STRING(out);
+                char *dst = how == R_INTO ? sz->into->buf : PyBytes_AS_STRING(out);
                 const char *src = (const char *)(rec_at(r, pos) + 1);
                 ring_copy(dst, src, len);
             }
@@ -610,6 +634,10 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
         }
         if (k == T_READY)
             break;
+        if (k == T_MISFIT) {
+            out = PyLong_FromUnsignedLong(len);
+            break;
+        }
         if (k == T_EMPTY && !looked_back) {
             /* before saying empty, closed or no senders (or waiting): views
              * of dead holders may be given back */
@@ -644,7 +672,7 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, Py_buffer *into
     }
     ring_leave(m);
     if (out != NULL && (how == R_COPY || how == R_INTO))
-        return msg_keep_if_interrupted(&r->kept, out, how == R_INTO ? into : NULL);
+        return msg_keep_if_interrupted(&r->kept, out, how == R_INTO ? sz->into : NULL);
     return out;
 }
 
@@ -780,6 +808,22 @@ Ring_take(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
     return recv_impl(r, a[0], nowait, R_VIEW, NULL, 0, redeliver, NULL);
 }
 
+/* _take_sized(timeout, unit, nbytes): _take, for a message whose length is
+ * a multiple of unit (0: any) and, unless nbytes is None, nbytes exactly;
+ * another is left in the channel, next in line, and its length returned
+ * (recv_array). */
+static PyObject *
+Ring_take_sized(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
+{
+    static const char *const names[] = {"timeout", "unit", "nbytes", NULL};
+    PyObject *a[3];
+    sized_t sz = {.into = NULL};
+    if (msg_parse_args("_take_sized", args, nargs, kw, 3, names, a) < 0 ||
+        msg_fit_args(a[1], a[2], sz.fit) < 0)
+        return NULL;
+    return recv_impl(r, a[0], 0, R_FIT, &sz, 0, 0, NULL);
+}
+
 /* Queue.get's receive (queuetype.c): R_DECODE. */
 PyObject *
 ring_get_decoded(RingObject *r, PyObject *timeout, int nowait, PyObject *const *decode)
@@ -802,7 +846,8 @@ Ring_recv_into(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
                      Py_TYPE(a[0])->tp_name);
         return NULL;
     }
-    PyObject *res = recv_impl(r, a[1], 0, R_INTO, &b, 0, 0, NULL);
+    sized_t sz = {.into = &b};
+    PyObject *res = recv_impl(r, a[1], 0, R_INTO, &sz, 0, 0, NULL);
     PyBuffer_Release(&b);
     return res;
 }
@@ -1674,6 +1719,10 @@ static PyMethodDef Ring_methods[] = {
      "_take($self, /, timeout=None, nowait=False, redeliver=False)\n--\n\n"
      "_take(timeout=None, nowait=False, redeliver=False) -> RecordView (see "
      "Channel.recv_view)"},
+    {"_take_sized", (PyCFunction)(void (*)(void))Ring_take_sized, FAST,
+     "_take_sized($self, /, timeout, unit, nbytes)\n--\n\n"
+     "_take, for a message of a multiple of unit bytes (0: any) and of nbytes\n"
+     "(None: any); another is left in the channel and its length returned"},
     {"_bind", (PyCFunction)Ring_bind, METH_VARARGS,
      "_bind($self, mapping, offset, name, /)\n--\n\n"
      "_bind(mapping, offset, name): attach this handle to the ring at offset"},

@@ -723,8 +723,7 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how, const uint64_t *
     }
     if (s->kept.list != NULL && msg_kept_count(&s->kept) > 0) {
         uint64_t len = (uint64_t)PyBytes_GET_SIZE(PyList_GET_ITEM(s->kept.list, 0));
-        if (fit != NULL && ((fit[0] != 0 && len % fit[0] != 0) ||
-                            (fit[1] != UINT64_MAX && len != fit[1])))
+        if (fit != NULL && !msg_fits(fit, len))
             out = PyLong_FromUnsignedLongLong(len); /* (as below) */
         else
             out = msg_kept_give(&s->kept, how == HOW_VIEW ? TST(s)->TopicView : NULL, m);
