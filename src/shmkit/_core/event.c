@@ -84,6 +84,17 @@ parse(PyObject *const *a, Py_ssize_t n, Py_ssize_t lo, Py_ssize_t hi, const char
     return *w == NULL ? -1 : 0;
 }
 
+/* Raise the flag and wake (one waiter for an auto-reset event, else all)
+ * if anyone may be asleep. */
+static void
+event_raise(uint32_t *w, int auto_reset)
+{
+    uint32_t old = __atomic_fetch_or(w, EVENT_FLAG, __ATOMIC_SEQ_CST);
+    shm_crash_point("event.set.flagged");
+    if (old >= EVENT_WAITER)
+        shm_futex_wake(w, auto_reset ? 1 : INT_MAX);
+}
+
 static PyObject *
 py_event_wait(PyObject *mod, PyObject *const *a, Py_ssize_t n)
 {
@@ -104,6 +115,17 @@ py_event_wait(PyObject *mod, PyObject *const *a, Py_ssize_t n)
         return NULL;
     shm_pin(a[0]);
     int r = event_wait((MappingObject *)a[0], w, deadline, auto_reset, what);
+    if (r == 1 && auto_reset) {
+        /* A signal handler that raises now (Ctrl-C) would do it as this call
+         * returns, and the set consumed would be lost with the result: it is
+         * asked for here instead, and the set given back for the next wait.
+         * (The mapping is pinned: code the handler runs cannot unmap w.) */
+        shm_crash_point("event.wait.taken");
+        if (PyErr_CheckSignals() < 0) {
+            event_raise(w, 1);
+            r = -1;
+        }
+    }
     shm_unpin(a[0]);
     return r < 0 ? NULL : PyBool_FromLong(r);
 }
@@ -117,10 +139,7 @@ py_event_set(PyObject *mod, PyObject *const *a, Py_ssize_t n)
     int auto_reset = n > 2 ? PyObject_IsTrue(a[2]) : 0;
     if (auto_reset < 0)
         return NULL;
-    uint32_t old = __atomic_fetch_or(w, EVENT_FLAG, __ATOMIC_SEQ_CST);
-    shm_crash_point("event.set.flagged");
-    if (old >= EVENT_WAITER)
-        shm_futex_wake(w, auto_reset ? 1 : INT_MAX);
+    event_raise(w, auto_reset);
     Py_RETURN_NONE;
 }
 
