@@ -36,7 +36,7 @@ from shmkit.errors import (
     WrongKindError,
 )
 
-from conftest import SRC, as_user, run_python, set_layout, spawn
+from conftest import SRC, as_user, interrupt_at_bytecode, run_python, set_layout, spawn
 from conftest import fork_call as _fork, kill_wait as _kill
 
 # Ring header offsets (see _core/ring.c)
@@ -1165,6 +1165,158 @@ def test_messages_kept_across_an_interrupt_stay_with_the_parent_of_a_fork(name, 
         assert ch.recv_nowait() == b"kept-by-parent"
         with pytest.raises(Empty):
             ch.recv_nowait()
+
+
+def test_recv_array_in_a_shape_of_no_items_numpy_refuses_takes_nothing(name):
+    """A shape with a dimension of 0 fits an empty message, but numpy makes no
+    array of some (a dimension, or a product of them, beyond its index type):
+    its ValueError comes before the take, and the message stays."""
+    with Channel(name, capacity=4096) as ch:
+        ch.send(b"")
+        for shape in ((2**64, 0), (0, 2**63), (2**40, 2**40, 0)):
+            with pytest.raises(ValueError):
+                ch.recv_array(np.uint8, shape, timeout=5)
+            assert ch.depth == 1
+        assert ch.recv_array(np.uint8, (0, 2**40), timeout=5).shape == (0, 2**40)
+
+
+def test_recv_array_interrupted_as_it_makes_the_array_keeps_the_message(name):
+    """A Ctrl-C at any bytecode of recv_array's making of the array, once the
+    message is taken, leaves the message kept for the next receive."""
+    with Channel(name, capacity=4096) as ch:
+        k = 0
+        while True:
+            k += 1
+            ch.send(np.arange(6, dtype=np.int32))
+            seen = [0]
+            try:
+                seen = interrupt_at_bytecode(k, lambda c: c is Channel._array_of.__code__)
+                got = ch.recv_array(np.int32, (2, 3), timeout=1.0)
+            except KeyboardInterrupt:
+                sys.settrace(None)
+                assert ch.depth == 1, k
+                got = ch.recv_array(np.int32, (2, 3), timeout=1.0)
+            finally:
+                sys.settrace(None)
+            assert got.tolist() == [[0, 1, 2], [3, 4, 5]], k
+            assert ch.depth == 0, k
+            if seen[0] < k:
+                break
+        assert k > 5
+
+
+def test_a_receive_interrupted_while_freeing_the_space_of_a_copied_message_keeps_it(name):
+    """recv_into copies a message out, marks it finished, then takes the
+    consumers' lock to free its space.  A Ctrl-C while another receiver holds
+    that lock ends the wait: the message, already taken, is kept for the next
+    receive (it was lost)."""
+    with Channel(name, capacity=4096) as ch:
+        ch.send_many([b"first-msg", b"second-msg"])
+        a = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import signal, sys
+            from shmkit import Channel, _core
+            class Interrupt(Exception): pass
+            def handler(*a): raise Interrupt
+            signal.signal(signal.SIGUSR1, handler)
+            ch = Channel.open({name!r}); buf = bytearray(64)
+            print("ready", flush=True)
+            _core.fault(1, "ring.finish.done", stop=True)  # stops once it is finished
+            try:
+                n = ch.recv_into(buf, timeout=10)
+                print("got", bytes(buf[:n]), flush=True)
+            except Interrupt:
+                print("interrupted", ch._kept, flush=True)
+            _core.fault(0)
+            sys.stdin.readline()
+            print("next", ch.recv(timeout=5), flush=True)
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=SRC))
+        b = None
+        try:
+            assert a.stdout.readline().strip() == "ready"
+            os.waitpid(a.pid, os.WUNTRACED)
+            b = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+                from shmkit import Channel, _core
+                ch = Channel.open({name!r})
+                _core.fault(1, "ring.take.counters", stop=True)  # stops holding the lock
+                print(ch.recv(timeout=10), flush=True)
+            """)], stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=SRC))
+            os.waitpid(b.pid, os.WUNTRACED)
+            os.kill(a.pid, signal.SIGUSR1)
+            os.kill(a.pid, signal.SIGCONT)
+            assert a.stdout.readline().strip() == "interrupted 1"
+            os.kill(b.pid, signal.SIGCONT)
+            assert b.stdout.readline().strip() == "b'second-msg'"
+            a.stdin.write("\n")
+            a.stdin.flush()
+            assert a.stdout.readline().strip() == "next b'first-msg'"
+            assert a.wait(10) == 0 and b.wait(10) == 0
+        finally:
+            for p in (a, b):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+
+def test_kept_messages_taken_by_two_threads_go_to_one_each(name, raising_handler):
+    """Two threads of one handle take kept messages while collections (run
+    inside the view's allocation) let the GIL go: each message goes to one
+    thread, once, and none is lost."""
+    import gc
+    ch = Channel(name, capacity=1 << 16)
+    slow = [False]
+
+    def pause(phase: str, info: object) -> None:
+        if slow[0] and phase == "start":
+            time.sleep(0.002)  # a finalizer that lets the GIL go
+    got2: list[bytes] = []
+    stop = [False]
+
+    def other() -> None:
+        while not stop[0]:
+            try:
+                got2.append(ch.recv_nowait())
+                time.sleep(0.01)
+            except Empty:
+                time.sleep(0.0001)
+    gc.callbacks.append(pause)
+    threshold = gc.get_threshold()
+    th = threading.Thread(target=other)
+    th.start()
+    got1: list[bytes] = []
+    try:
+        for r in range(20):
+            ch.send_many([b"r%03d-%d" % (r, i) for i in range(3)])
+            _core.fault(1, "ring.take.counters", signal=signal.SIGUSR1)
+            try:
+                ch.recv_many(3, timeout=1)
+            except _Interrupt:
+                pass
+            _core.fault(0)
+            gc.set_threshold(1)
+            slow[0] = True
+            try:
+                with ch.recv_view_nowait() as mv:
+                    got1.append(bytes(mv))
+            except Empty:
+                pass
+            finally:
+                slow[0] = False
+                gc.set_threshold(*threshold)
+            time.sleep(0.05)
+    finally:
+        stop[0] = True
+        th.join()
+        gc.callbacks.remove(pause)
+        gc.set_threshold(*threshold)
+    while True:
+        try:
+            got1.append(ch.recv_nowait())
+        except Empty:
+            break
+    ch.close()
+    every = sorted(got1 + got2)
+    assert every == sorted(b"r%03d-%d" % (r, i) for r in range(20) for i in range(3))
 
 
 # -- Queue ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import struct
+import sys
 import threading
 import time
 
@@ -32,7 +33,7 @@ from shmkit.errors import (
 )
 from shmkit.topic import Subscriber, Topic
 
-from conftest import run_python, spawn
+from conftest import interrupt_at_bytecode, run_python, spawn
 from conftest import fork_call as _fork, kill_wait as _kill
 
 L = _core.layouts["topic"]
@@ -380,7 +381,9 @@ def test_a_signal_handler_raising_as_a_subscriber_copies_messages_loses_none(nam
                 if then == "recv_many":
                     got += sub.recv_many(3, timeout=1.0)
                 elif then == "recv_view":
-                    with sub.recv_view(timeout=1.0) as mv:
+                    view = sub.recv_view(timeout=1.0)
+                    assert view.intact
+                    with view as mv:
                         got.append(bytes(mv))
                 elif then == "recv_array":
                     with pytest.raises(LayoutMismatchError):  # a misfit leaves it first
@@ -393,6 +396,31 @@ def test_a_signal_handler_raising_as_a_subscriber_copies_messages_loses_none(nam
     finally:
         _core.fault(0)
         signal.signal(signal.SIGUSR1, old)
+
+
+def test_recv_array_interrupted_as_it_makes_the_array_keeps_the_message(name):
+    """A Ctrl-C at any bytecode of a subscriber's making of the array, once the
+    message is taken, leaves the message kept for the next receive."""
+    from shmkit.topic import _copy_of
+    with Topic(name, capacity=1 << 14) as topic, topic.subscribe() as sub:
+        k = 0
+        while True:
+            k += 1
+            topic.publish(np.arange(6, dtype=np.int32))
+            seen = [0]
+            try:
+                seen = interrupt_at_bytecode(k, lambda c: c is _copy_of.__code__)
+                got = sub.recv_array(np.int32, (2, 3), timeout=1.0)
+            except KeyboardInterrupt:
+                sys.settrace(None)
+                assert sub._kept == 1, k
+                got = sub.recv_array(np.int32, (2, 3), timeout=1.0)
+            finally:
+                sys.settrace(None)
+            assert got.tolist() == [[0, 1, 2], [3, 4, 5]], k
+            if seen[0] < k:
+                break
+        assert k > 3
 
 
 # -- misuse -----------------------------------------------------------------------------

@@ -34,6 +34,10 @@ def array_fit(np: Any, dt: Any, shape: Any, what: str) -> tuple[int, int | None]
                          "be -1 (set by the message's size)")
     if len(dims) + dt.ndim > 16:  # beyond numpy's limit (32 or 64): its ValueError
         np.empty((0,) * len(dims), dt)
+    if 0 in dims and -1 not in dims:
+        # no items, but numpy still refuses a dimension beyond its index type,
+        # or a product of them that is: its ValueError, before the take
+        np.empty(dims, dt)
     # frombuffer makes items of dt's base type (a sub-array dtype adds its
     # dimensions), which the shape counts: whole dt items, and whole rows
     base = dt.base.itemsize if dt.subdtype is not None else dt.itemsize

@@ -835,7 +835,11 @@ class Channel(_channel.Channel):
                             lambda: _describe(self), timeout,
                             lambda: self._take_sized(0, unit, nbytes),
                             lambda: _timed(self._take_sized, _REPAIR_TIMEOUT, unit, nbytes))
-        return self._array_of(np, view, dt, shape, unit, nbytes, out)
+        try:
+            return self._array_of(np, view, dt, shape, unit, nbytes, out)
+        except BaseException:
+            self._keep(view)  # (as Channel.recv_array)
+            raise
 
     def __iter__(self) -> NoReturn:
         raise TypeError("iterate over a shmkit.aio.Channel with `async for`")

@@ -1413,8 +1413,14 @@ class Channel(SharedObject, _core.Ring):
         [0, 1, 2, 3]
         """
         np, dt, unit, nbytes = self._array_terms(dtype, shape, out)
-        return self._array_of(np, self._take_sized(timeout, unit, nbytes), dt, shape, unit,
-                              nbytes, out)
+        view = self._take_sized(timeout, unit, nbytes)
+        try:
+            return self._array_of(np, view, dt, shape, unit, nbytes, out)
+        except BaseException:
+            # the array was not made (no memory, a Ctrl-C): the message is
+            # kept for the next receive, in one call of the core
+            self._keep(view)
+            raise
 
     def _array_terms(self, dtype: Any, shape: Any, out: Any) -> tuple[Any, Any, int, int | None]:
         """numpy, the dtype, and the sizes a message must have for recv_array
@@ -1440,16 +1446,14 @@ class Channel(SharedObject, _core.Ring):
         if type(view) is int:
             raise misfit("channel", self.name, view, dt, shape if out is None else out.shape,
                          unit, nbytes, out is not None)
-        with view as mv:
-            src = np.frombuffer(mv, dtype=dt if out is None else np.uint8)
-            try:
-                if out is None:
-                    return (src.reshape(shape) if shape is not None else src).copy()
-                if out.nbytes:
-                    out.reshape(-1).view(np.uint8)[...] = src
-                return out
-            finally:
-                del src
+        # The view is let go as the caller's frame ends, not here: a failure
+        # (a Ctrl-C) before then leaves it for the caller to keep (_keep).
+        src = np.frombuffer(view, dtype=dt if out is None else np.uint8)
+        if out is None:
+            return (src.reshape(shape) if shape is not None else src).copy()
+        if out.nbytes:
+            out.reshape(-1).view(np.uint8)[...] = src
+        return out
 
     # -- iteration and ending --------------------------------------------------
 

@@ -69,6 +69,13 @@ def _check_int(what: str, value: Any, lo: int, hi: int, unit: str = "") -> int:
     return value
 
 
+def _copy_of(np: Any, view: Any, dt: Any, shape: Any) -> Any:
+    """An array of the view's message; the view is let go as the caller's
+    frame ends, so that a failure before then leaves it to keep."""
+    src = np.frombuffer(view, dtype=dt)
+    return (src.reshape(shape) if shape is not None else src).copy()
+
+
 class Subscriber(_core.TopicSubscriber):
     """One subscriber's cursor on a :class:`Topic` (made by ``topic.subscribe()``).
 
@@ -130,13 +137,13 @@ class Subscriber(_core.TopicSubscriber):
         view = self._take_sized(timeout, unit, nbytes)
         if type(view) is int:
             raise misfit("topic", self.topic_name, view, dt, shape, unit, nbytes)
-        with view as mv:
-            src = np.frombuffer(mv, dtype=dtype)
-            try:
-                result = (src.reshape(shape) if shape is not None else src).copy()
-            finally:
-                del src
-        return result
+        try:
+            return _copy_of(np, view, dt, shape)
+        except BaseException:
+            # the array was not made (no memory, a Ctrl-C): the message is
+            # kept for the next receive, in one call of the core
+            self._keep(view)
+            raise
 
     def __iter__(self) -> Iterator[bytes]:
         return self

@@ -155,26 +155,71 @@ static const msgview_ops kept_view_ops = {
                 "what you need inside the with block",
 };
 
+/* Both take what they return off the list before anything that allocates
+ * (a collection there may run a finalizer that lets the GIL go, and another
+ * thread's receive take from the list meanwhile). */
 PyObject *
 msg_kept_give(msg_kept_t *k, PyTypeObject *view_type, MappingObject *m)
 {
-    PyObject *msg = PyList_GET_ITEM(k->list, 0);
-    PyObject *out = view_type == NULL
-                        ? Py_NewRef(msg)
-                        : msgview_new(view_type, &kept_view_ops, msg, m, PyBytes_AS_STRING(msg),
-                                      PyBytes_GET_SIZE(msg), 0, 0);
-    if (out != NULL && PySequence_DelItem(k->list, 0) < 0)
-        Py_CLEAR(out);
+    PyObject *msg = Py_NewRef(PyList_GET_ITEM(k->list, 0));
+    if (PySequence_DelItem(k->list, 0) < 0) {
+        Py_DECREF(msg);
+        return NULL;
+    }
+    if (view_type == NULL)
+        return msg;
+    PyObject *out = msgview_new(view_type, &kept_view_ops, msg, m, PyBytes_AS_STRING(msg),
+                                PyBytes_GET_SIZE(msg), 0, 0);
+    if (out == NULL) /* kept again, first in line */
+        msg_kept_front(k, msg);
+    Py_DECREF(msg);
     return out;
 }
 
 PyObject *
 msg_kept_take(msg_kept_t *k, Py_ssize_t n)
 {
-    PyObject *first = PyList_GetSlice(k->list, 0, n);
-    if (first != NULL && PyList_SetSlice(k->list, 0, n, NULL) < 0)
+    PyObject *all = k->list; /* the list itself, which no other receive sees now */
+    k->list = NULL;
+    PyObject *first = PyList_GetSlice(all, 0, n);
+    if (first != NULL && PyList_SetSlice(all, 0, n, NULL) < 0)
         Py_CLEAR(first);
+    msg_kept_front(k, all); /* the rest (or all, on failure) before any kept meanwhile */
+    Py_DECREF(all);
     return first;
+}
+
+/* Put msgs (a message's bytes, or a list of them) back in front of what is
+ * kept; with no memory they are lost, as they were before this list. */
+void
+msg_kept_front(msg_kept_t *k, PyObject *msgs)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (k->list == NULL && (k->list = PyList_New(0)) != NULL)
+        k->gen = shm_child_generation();
+    if (k->list == NULL ||
+        (PyList_CheckExact(msgs) ? PyList_SetSlice(k->list, 0, 0, msgs)
+                                 : PyList_Insert(k->list, 0, msgs)) < 0)
+        PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
+}
+
+/* A view's message kept, first in line (recv_array's, whose array making
+ * failed or was interrupted once the message was taken); a released view
+ * has nothing left to keep. */
+void
+msg_kept_view(msg_kept_t *k, MsgViewObject *v)
+{
+    if (v->released || v->mapping == NULL)
+        return;
+    PyObject *b = PyBytes_FromStringAndSize(v->payload, v->len);
+    if (b == NULL) {
+        PyErr_Clear(); /* no memory: lost, as it was before */
+        return;
+    }
+    msg_kept_front(k, b);
+    Py_DECREF(b);
 }
 
 /* ---- the message view ------------------------------------------------ */

@@ -623,13 +623,17 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, const sized_t *
                 break;
             }
             out = how == R_INTO ? PyLong_FromUnsignedLong(len) : msg_new_bytes(len);
-            if (out != NULL) {
-                char *dst = how == R_INTO ? sz->into->buf : PyBytes_AS_STRING(out);
-                const char *src = (const char *)(rec_at(r, pos) + 1);
-                ring_copy(dst, src, len);
+            if (out == NULL) { /* no memory: the message goes back, first in line */
+                lent_undo(r, m, pos, me, 1);
+                break;
             }
+            char *dst = how == R_INTO ? sz->into->buf : PyBytes_AS_STRING(out);
+            ring_copy(dst, (const char *)(rec_at(r, pos) + 1), len);
+            /* Finished first, then its space freed under the consumers' lock,
+             * a wait that a signal handler's exception can end: the message,
+             * taken, is then kept for the next receive. */
             if (view_finish(r, m, rec_at(r, pos), me) < 0)
-                Py_CLEAR(out);
+                out = msg_keep(&r->kept, out, how == R_INTO ? sz->into : NULL);
             break;
         }
         if (k == T_READY)
@@ -806,6 +810,18 @@ Ring_take(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
     if (nowait < 0 || redeliver < 0)
         return NULL;
     return recv_impl(r, a[0], nowait, R_VIEW, NULL, 0, redeliver, NULL);
+}
+
+/* _keep(view): recv_array's when making the array of a view _take_sized
+ * returned failed or was interrupted: the message is kept for the next
+ * receive, first in line (msgtype.h).  Anything but a RecordView: nothing.
+ * One call of the core, which no signal handler stops halfway. */
+static PyObject *
+Ring_keep(RingObject *r, PyObject *view)
+{
+    if (Py_IS_TYPE(view, RING_ST(r)->RecordView))
+        msg_kept_view(&r->kept, (MsgViewObject *)view);
+    Py_RETURN_NONE;
 }
 
 /* _take_sized(timeout, unit, nbytes): _take, for a message whose length is
@@ -1588,7 +1604,7 @@ Ring_stats(RingObject *r, PyObject *Py_UNUSED(ignored))
     }
     uint64_t reserved = LOAD(&h->reserved), received = LOAD(&h->received);
     uint64_t dropped = LOAD(&h->dropped), t = LOAD(&h->tail), hd = LOAD(&h->head);
-    uint64_t depth = ring_depth(r, m);
+    uint64_t depth = ring_depth(r, m) + (uint64_t)msg_kept_count(&r->kept);
     PyObject *d = Py_BuildValue(
         "{sKsKsKsKsKsKsKsKslslsisIsI}", "capacity", (unsigned long long)r->cap,
         "bytes_used", (unsigned long long)(t - hd), "depth", (unsigned long long)depth, "sent",
@@ -1665,6 +1681,9 @@ Ring_dealloc(RingObject *r)
 
 #define FAST (METH_FASTCALL | METH_KEYWORDS)
 static PyMethodDef Ring_methods[] = {
+    {"_keep", (PyCFunction)Ring_keep, METH_O,
+     "_keep($self, view, /)\n--\n\n"
+     "Keep a view's message for the next receive (recv_array's, when its array failed)."},
     {"send", (PyCFunction)(void (*)(void))Ring_send, FAST,
      "send($self, /, data, timeout=None)\n--\n\n"
      "Copy one bytes-like message in; block while the channel "

@@ -1064,7 +1064,23 @@ Sub_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     return NULL;
 }
 
+/* _keep(view): as the Ring's (ringtype.c), for recv_array; a view of a
+ * message overwritten meanwhile (overflow="overwrite") is not kept: it is
+ * lost, as its release reports. */
+static int tv_intact(MsgViewObject *v);
+
+static PyObject *
+Sub_keep(SubObject *s, PyObject *view)
+{
+    if (Py_IS_TYPE(view, TST(s)->TopicView) && tv_intact((MsgViewObject *)view))
+        msg_kept_view(&s->kept, (MsgViewObject *)view);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Sub_methods[] = {
+    {"_keep", (PyCFunction)Sub_keep, METH_O,
+     "_keep($self, view, /)\n--\n\n"
+     "Keep a view's message for the next receive (recv_array's, when its array failed)."},
     {"recv", (PyCFunction)(void (*)(void))Sub_recv, FAST,
      "recv($self, /, timeout=None)\n--\n\nThe next message; wait until one is published.\n"
      "Raises Timeout, or MessagesLost (with .missed) when messages were overwritten before\n"
@@ -1178,12 +1194,20 @@ make_tview(SubObject *s, MappingObject *m, uint64_t pos, uint32_t len)
                        (char *)(trec_at(&s->topic->t, pos) + 1), len, pos, s->token);
 }
 
+static int
+tv_intact(MsgViewObject *v)
+{
+    if (v->released)
+        return 0;
+    if (v->ops != &tv_ops) /* a view of a kept message: its bytes are the handle's own */
+        return 1;
+    return topic_still_there(&((SubObject *)v->owner)->topic->t, v->pos);
+}
+
 static PyObject *
 tv_get_intact(MsgViewObject *v, void *Py_UNUSED(c))
 {
-    if (v->released)
-        Py_RETURN_FALSE;
-    return PyBool_FromLong(topic_still_there(&((SubObject *)v->owner)->topic->t, v->pos));
+    return PyBool_FromLong(tv_intact(v));
 }
 
 static PyMethodDef tv_methods[] = {
