@@ -423,6 +423,62 @@ def test_recv_array_interrupted_as_it_makes_the_array_keeps_the_message(name):
         assert k > 3
 
 
+def test_messages_kept_across_an_interrupt_come_before_a_loss_met_after_them(name):
+    """recv_many takes a run of messages, then finds the rest overwritten: it
+    returns the run and leaves the loss for the next call.  A Ctrl-C as it
+    returns keeps the run; the next receives return it first, then raise
+    MessagesLost, in the order the topic had them."""
+    import subprocess
+    import textwrap
+    from conftest import SRC
+    with Topic(name, capacity=1 << 15, overflow="overwrite") as topic:
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import signal, sys
+            from shmkit import Topic, _core
+            from shmkit.errors import MessagesLost
+            class Interrupt(Exception): pass
+            def handler(*a): raise Interrupt
+            signal.signal(signal.SIGUSR1, handler)
+            with Topic.open({name!r}) as topic, topic.subscribe() as sub:
+                print("ready", flush=True)
+                sys.stdin.readline()
+                _core.fault(2, "topic.recv.copied", stop=True)  # the second run, copied
+                try:
+                    sub.recv_many(10000, timeout=5)
+                    print("no interrupt", flush=True)
+                except Interrupt:
+                    pass
+                _core.fault(0)
+                print(sub._kept, sub.recv(timeout=1), flush=True)
+                try:
+                    while True:
+                        sub.recv(timeout=1)
+                except MessagesLost:
+                    print("lost after", sub._kept, flush=True)
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=SRC))
+        try:
+            assert child.stdout is not None and child.stdin is not None
+            assert child.stdout.readline().strip() == "ready"
+            for i in range(600):
+                topic.publish(b"%016d" % i)
+            child.stdin.write("\n")
+            child.stdin.flush()
+            os.waitpid(child.pid, os.WUNTRACED)  # stopped, its first run taken
+            for i in range(4000):  # laps it
+                topic.publish(b"x" * 16)
+            os.kill(child.pid, signal.SIGUSR1)
+            os.kill(child.pid, signal.SIGCONT)
+            kept, first = child.stdout.readline().strip().split(maxsplit=1)
+            assert int(kept) > 1 and first == "b'0000000000000000'"
+            assert child.stdout.readline().strip() == "lost after 0"
+            assert child.wait(10) == 0
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
 # -- misuse -----------------------------------------------------------------------------
 
 

@@ -714,19 +714,21 @@ recv_impl(SubObject *s, PyObject *timeout, int nowait, int how, const uint64_t *
     TopicObject *o = s->topic;
     topic_t *t = &o->t;
     PyObject *out = NULL;
-    if (sub_report_lost(s) < 0)
-        goto done;
-    if (how == HOW_VIEW && s->nlent >= LENT_MAX) {
-        PyErr_Format(TST(s)->BusyError, "this subscriber of topic %R holds %d views; release some "
-                     "first", o->name, LENT_MAX);
-        goto done;
-    }
+    /* Kept messages first: they came before any loss met since (as
+     * recv_many's), and a view of one holds no place in the ring. */
     if (s->kept.list != NULL && msg_kept_count(&s->kept) > 0) {
         uint64_t len = (uint64_t)PyBytes_GET_SIZE(PyList_GET_ITEM(s->kept.list, 0));
         if (fit != NULL && !msg_fits(fit, len))
             out = PyLong_FromUnsignedLongLong(len); /* (as below) */
         else
             out = msg_kept_give(&s->kept, how == HOW_VIEW ? TST(s)->TopicView : NULL, m);
+        goto done;
+    }
+    if (sub_report_lost(s) < 0)
+        goto done;
+    if (how == HOW_VIEW && s->nlent >= LENT_MAX) {
+        PyErr_Format(TST(s)->BusyError, "this subscriber of topic %R holds %d views; release some "
+                     "first", o->name, LENT_MAX);
         goto done;
     }
     for (;;) {
