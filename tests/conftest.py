@@ -274,3 +274,22 @@ def fork_during_update(st: Any, where: str,
     with child_told_it_forked():
         st.update(pairs())
     return seen
+
+
+class Interrupt(Exception):
+    """What a test's SIGUSR1 handler raises, as Ctrl-C's raises KeyboardInterrupt."""
+
+
+@pytest.fixture
+def raising_handler() -> Iterator[None]:
+    """SIGUSR1's handler raises Interrupt while the test runs: with
+    ``_core.fault(k, prefix, signal=signal.SIGUSR1)``, a Ctrl-C that comes at
+    a chosen step of the core.  The fault is disarmed afterwards."""
+    from shmkit import _core
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupt
+    old = signal.signal(signal.SIGUSR1, handler)
+    yield
+    _core.fault(0)
+    signal.signal(signal.SIGUSR1, old)

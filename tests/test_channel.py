@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import shmkit
-from shmkit import _core
+from shmkit import _arrays, _core
 from shmkit.channel import Channel, Queue
 from shmkit.errors import (
     ChannelClosed,
@@ -36,7 +36,8 @@ from shmkit.errors import (
     WrongKindError,
 )
 
-from conftest import SRC, as_user, interrupt_at_bytecode, run_python, set_layout, spawn
+from conftest import (SRC, Interrupt, as_user, interrupt_at_bytecode, run_python, set_layout,
+                      spawn)
 from conftest import fork_call as _fork, kill_wait as _kill
 
 # Ring header offsets (see _core/ring.c)
@@ -1077,20 +1078,6 @@ def test_stress_kill_cycles(names):
 # -- a signal handler raising as a receive returns -------------------------------
 
 
-class _Interrupt(Exception):
-    """What the test's SIGUSR1 handler raises, as Ctrl-C's raises KeyboardInterrupt."""
-
-
-@pytest.fixture
-def raising_handler():
-    def handler(signum, frame):
-        raise _Interrupt
-    old = signal.signal(signal.SIGUSR1, handler)
-    yield
-    _core.fault(0)
-    signal.signal(signal.SIGUSR1, old)
-
-
 def _take(ch: Channel, how: str) -> object:
     if how == "recv":
         return ch.recv(timeout=1.0)
@@ -1120,7 +1107,7 @@ def test_a_signal_handler_raising_as_a_receive_takes_messages_loses_none(
                     ch.send(m)
             """)
         _core.fault(1, "ring.take.counters", signal=signal.SIGUSR1)
-        with pytest.raises(_Interrupt):
+        with pytest.raises(Interrupt):
             _take(ch, how)
         _core.fault(0)
         assert ch.depth == 3
@@ -1149,7 +1136,7 @@ def test_messages_kept_across_an_interrupt_stay_with_the_parent_of_a_fork(name, 
         ch.send(b"kept-by-parent")
         ch.send(b"next")
         _core.fault(1, "ring.take.counters", signal=signal.SIGUSR1)
-        with pytest.raises(_Interrupt):
+        with pytest.raises(Interrupt):
             ch.recv(timeout=1.0)
         _core.fault(0)
         assert ch._kept == 1
@@ -1190,7 +1177,7 @@ def test_recv_array_interrupted_as_it_makes_the_array_keeps_the_message(name):
             ch.send(np.arange(6, dtype=np.int32))
             seen = [0]
             try:
-                seen = interrupt_at_bytecode(k, lambda c: c is Channel._array_of.__code__)
+                seen = interrupt_at_bytecode(k, lambda c: c is _arrays.array_of.__code__)
                 got = ch.recv_array(np.int32, (2, 3), timeout=1.0)
             except KeyboardInterrupt:
                 sys.settrace(None)
@@ -1290,7 +1277,7 @@ def test_kept_messages_taken_by_two_threads_go_to_one_each(name, raising_handler
             _core.fault(1, "ring.take.counters", signal=signal.SIGUSR1)
             try:
                 ch.recv_many(3, timeout=1)
-            except _Interrupt:
+            except Interrupt:
                 pass
             _core.fault(0)
             gc.set_threshold(1)

@@ -24,7 +24,8 @@ import pytest
 import shmkit
 import shmkit.aio
 from shmkit import _core
-from conftest import SPAWN, SRC, interrupt_at_bytecode, run_python, set_layout, spawn
+from conftest import (SPAWN, SRC, Interrupt, interrupt_at_bytecode, run_python, set_layout,
+                      spawn)
 
 PROMPT = 1.0  # seconds: "promptly" after a holder dies (it is ~1-50 ms)
 
@@ -681,35 +682,25 @@ def test_manual_event_wakes_every_waiter(names):
     out.close()
 
 
-class _Interrupt(Exception):
-    """What the test's SIGUSR1 handler raises, as Ctrl-C's raises KeyboardInterrupt."""
-
-
-def test_a_signal_handler_raising_as_an_auto_reset_wait_takes_the_set_gives_it_back(names):
+def test_a_signal_handler_raising_as_an_auto_reset_wait_takes_the_set_gives_it_back(
+        names, raising_handler):
     """A signal comes as an auto-reset wait consumes a set made by another
     process: the handler's exception (Ctrl-C's KeyboardInterrupt) reaches the
     caller and the set goes back to the event, for the next wait."""
-    def handler(signum, frame):
-        raise _Interrupt
-    old = signal.signal(signal.SIGUSR1, handler)
-    try:
-        with shmkit.Event(names(), auto_reset=True) as ev:
-            run_python(f"""
-                import shmkit
-                with shmkit.Event({ev.name!r}) as ev:
-                    ev.set()
-                """)
-            _core.fault(1, "event.wait.taken", signal=signal.SIGUSR1)
-            with pytest.raises(_Interrupt):
-                ev.wait(1.0)
-            _core.fault(0)
-            assert ev.is_set()
-            assert shmkit.wait([ev], timeout=0) == [ev]
-            assert ev.wait(0) and not ev.wait(0)  # one set, one wait
-            ev.unlink()
-    finally:
+    with shmkit.Event(names(), auto_reset=True) as ev:
+        run_python(f"""
+            import shmkit
+            with shmkit.Event({ev.name!r}) as ev:
+                ev.set()
+            """)
+        _core.fault(1, "event.wait.taken", signal=signal.SIGUSR1)
+        with pytest.raises(Interrupt):
+            ev.wait(1.0)
         _core.fault(0)
-        signal.signal(signal.SIGUSR1, old)
+        assert ev.is_set()
+        assert shmkit.wait([ev], timeout=0) == [ev]
+        assert ev.wait(0) and not ev.wait(0)  # one set, one wait
+        ev.unlink()
 
 
 def test_auto_reset_event_releases_one_waiter_per_set(names):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import shmkit
-from shmkit import _core
+from shmkit import _arrays, _core
 from shmkit.errors import (
     BusyError,
     ClosedError,
@@ -33,7 +33,7 @@ from shmkit.errors import (
 )
 from shmkit.topic import Subscriber, Topic
 
-from conftest import interrupt_at_bytecode, run_python, spawn
+from conftest import Interrupt, interrupt_at_bytecode, run_python, spawn
 from conftest import fork_call as _fork, kill_wait as _kill
 
 L = _core.layouts["topic"]
@@ -347,61 +347,50 @@ def test_one_subscriber_is_not_shared_between_threads(name):
         assert errors and "another thread" in str(errors[0])
 
 
-class _Interrupt(Exception):
-    """What the test's SIGUSR1 handler raises, as Ctrl-C's raises KeyboardInterrupt."""
-
-
 @pytest.mark.parametrize("how", ["recv", "recv_nowait", "recv_many"])
 @pytest.mark.parametrize("then", ["recv", "recv_many", "recv_view", "recv_array"])
-def test_a_signal_handler_raising_as_a_subscriber_copies_messages_loses_none(name, how, then):
+def test_a_signal_handler_raising_as_a_subscriber_copies_messages_loses_none(
+        name, raising_handler, how, then):
     """A signal comes as a subscriber takes messages (published by another
     process): its handler's exception reaches the caller, and what it took
     stays with the subscriber for its next receive of any kind."""
-    def handler(signum, frame):
-        raise _Interrupt
-    old = signal.signal(signal.SIGUSR1, handler)
-    try:
-        with Topic(name, capacity=1 << 14) as topic, topic.subscribe() as sub:
-            run_python(f"""
-                from shmkit import Topic
-                with Topic({name!r}) as t:
-                    for m in (b"m0", b"m1", b"m2"):
-                        t.publish(m)
-                """)
-            _core.fault(1, "topic.recv.copied", signal=signal.SIGUSR1)
-            with pytest.raises(_Interrupt):
-                if how == "recv_many":
-                    sub.recv_many(2, timeout=1.0)
-                else:
-                    sub.recv(timeout=1.0) if how == "recv" else sub.recv_nowait()
-            _core.fault(0)
-            assert sub._kept == (2 if how == "recv_many" else 1)
-            got: list[bytes] = []
-            while len(got) < 3:
-                if then == "recv_many":
-                    got += sub.recv_many(3, timeout=1.0)
-                elif then == "recv_view":
-                    view = sub.recv_view(timeout=1.0)
-                    assert view.intact
-                    with view as mv:
-                        got.append(bytes(mv))
-                elif then == "recv_array":
-                    with pytest.raises(LayoutMismatchError):  # a misfit leaves it first
-                        sub.recv_array(np.uint32, timeout=1.0)
-                    got.append(sub.recv_array(np.uint8, timeout=1.0).tobytes())
-                else:
-                    got.append(sub.recv(timeout=1.0))
-            assert got == [b"m0", b"m1", b"m2"]
-            assert sub._kept == 0 and sub.lag == 0
-    finally:
+    with Topic(name, capacity=1 << 14) as topic, topic.subscribe() as sub:
+        run_python(f"""
+            from shmkit import Topic
+            with Topic({name!r}) as t:
+                for m in (b"m0", b"m1", b"m2"):
+                    t.publish(m)
+            """)
+        _core.fault(1, "topic.recv.copied", signal=signal.SIGUSR1)
+        with pytest.raises(Interrupt):
+            if how == "recv_many":
+                sub.recv_many(2, timeout=1.0)
+            else:
+                sub.recv(timeout=1.0) if how == "recv" else sub.recv_nowait()
         _core.fault(0)
-        signal.signal(signal.SIGUSR1, old)
+        assert sub._kept == (2 if how == "recv_many" else 1)
+        got: list[bytes] = []
+        while len(got) < 3:
+            if then == "recv_many":
+                got += sub.recv_many(3, timeout=1.0)
+            elif then == "recv_view":
+                view = sub.recv_view(timeout=1.0)
+                assert view.intact
+                with view as mv:
+                    got.append(bytes(mv))
+            elif then == "recv_array":
+                with pytest.raises(LayoutMismatchError):  # a misfit leaves it first
+                    sub.recv_array(np.uint32, timeout=1.0)
+                got.append(sub.recv_array(np.uint8, timeout=1.0).tobytes())
+            else:
+                got.append(sub.recv(timeout=1.0))
+        assert got == [b"m0", b"m1", b"m2"]
+        assert sub._kept == 0 and sub.lag == 0
 
 
 def test_recv_array_interrupted_as_it_makes_the_array_keeps_the_message(name):
     """A Ctrl-C at any bytecode of a subscriber's making of the array, once the
     message is taken, leaves the message kept for the next receive."""
-    from shmkit.topic import _copy_of
     with Topic(name, capacity=1 << 14) as topic, topic.subscribe() as sub:
         k = 0
         while True:
@@ -409,7 +398,7 @@ def test_recv_array_interrupted_as_it_makes_the_array_keeps_the_message(name):
             topic.publish(np.arange(6, dtype=np.int32))
             seen = [0]
             try:
-                seen = interrupt_at_bytecode(k, lambda c: c is _copy_of.__code__)
+                seen = interrupt_at_bytecode(k, lambda c: c is _arrays.array_of.__code__)
                 got = sub.recv_array(np.int32, (2, 3), timeout=1.0)
             except KeyboardInterrupt:
                 sys.settrace(None)

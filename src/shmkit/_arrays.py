@@ -11,7 +11,27 @@ import math
 import operator
 from typing import Any
 
+from ._lazy import numpy
 from .errors import LayoutMismatchError, SizeLimitError
+
+
+def array_terms(dtype: Any, shape: Any, out: Any, what: str
+                ) -> tuple[Any, Any, int, int | None]:
+    """numpy, the dtype, and the sizes a message must have (see array_fit)
+    for recv_array's array of ``dtype`` in ``shape``, or ``out``; what no
+    message fits is refused here, before anything is taken."""
+    np = numpy()
+    if out is None:
+        dt = np.dtype(dtype)
+        unit, nbytes = array_fit(np, dt, shape, what)
+        return np, dt, unit, nbytes
+    if not (isinstance(out, np.ndarray) and out.flags.c_contiguous
+            and out.flags.writeable):
+        raise ValueError("out= must be a writable, C-contiguous numpy array")
+    if out.dtype.hasobject:  # (recv_into would have written bytes over its pointers)
+        raise TypeError(f"numpy makes no array of a message's bytes in dtype {out.dtype} "
+                        "(Python objects); give an out= of a sized dtype")
+    return np, out.dtype, 0, out.nbytes
 
 
 def array_fit(np: Any, dt: Any, shape: Any, what: str) -> tuple[int, int | None]:
@@ -68,3 +88,20 @@ def misfit(what: str, name: str | None, length: int, dt: Any, shape: Any, unit: 
         + (f"{nbytes}" if nbytes is not None else f"a multiple of {unit}")
         + "; it was left unread: receive it with recv(), or recv_array() with "
         + ("an out= of its size" if out else "a dtype and shape that fit it"))
+
+
+def array_of(what: str, name: str | None, np: Any, view: Any, dt: Any, shape: Any,
+             unit: int, nbytes: int | None, out: Any = None) -> Any:
+    """recv_array's result from what ``_take_sized`` returned: the message's
+    view, or its length if it did not fit (it was left unread).  The view is
+    let go as the caller's frame ends, not here: a failure (no memory, a
+    Ctrl-C) before then leaves it for the caller to keep (``_keep``)."""
+    if type(view) is int:
+        raise misfit(what, name, view, dt, shape if out is None else out.shape, unit, nbytes,
+                     out is not None)
+    src = np.frombuffer(view, dtype=dt if out is None else np.uint8)
+    if out is None:
+        return (src.reshape(shape) if shape is not None else src).copy()
+    if out.nbytes:
+        out.reshape(-1).view(np.uint8)[...] = src
+    return out

@@ -54,6 +54,7 @@ import weakref
 from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Final, Literal, NoReturn,
                     Sequence, TypeVar, cast)
 
+from ._arrays import array_of, array_terms
 from . import _core
 from . import channel as _channel
 from . import segment as _segment
@@ -830,13 +831,13 @@ class Channel(_channel.Channel):
                          timeout: float | None = None, out: Any = None) -> Any:
         """Receive a message as a numpy array (see :meth:`shmkit.Channel.recv_array`);
         one that the array does not fit raises LayoutMismatchError and stays."""
-        np, dt, unit, nbytes = self._array_terms(dtype, shape, out)
+        np, dt, unit, nbytes = array_terms(dtype, shape, out, "channel")
         view = await _until(lambda: _timed(self._take_sized, 0, unit, nbytes),
                             lambda: _describe(self), timeout,
                             lambda: self._take_sized(0, unit, nbytes),
                             lambda: _timed(self._take_sized, _REPAIR_TIMEOUT, unit, nbytes))
         try:
-            return self._array_of(np, view, dt, shape, unit, nbytes, out)
+            return array_of("channel", self.name, np, view, dt, shape, unit, nbytes, out)
         except BaseException:
             self._keep(view)  # (as Channel.recv_array)
             raise

@@ -43,8 +43,7 @@ import types
 import weakref
 from typing import Any, Callable, Iterator
 
-from ._arrays import array_fit, misfit
-from ._lazy import numpy
+from ._arrays import array_of, array_terms
 from . import _core
 from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
 from .errors import (
@@ -1412,48 +1411,15 @@ class Channel(SharedObject, _core.Ring):
         ...     ch.recv_array(np.int32, timeout=1.0).tolist()
         [0, 1, 2, 3]
         """
-        np, dt, unit, nbytes = self._array_terms(dtype, shape, out)
+        np, dt, unit, nbytes = array_terms(dtype, shape, out, "channel")
         view = self._take_sized(timeout, unit, nbytes)
         try:
-            return self._array_of(np, view, dt, shape, unit, nbytes, out)
+            return array_of("channel", self.name, np, view, dt, shape, unit, nbytes, out)
         except BaseException:
             # the array was not made (no memory, a Ctrl-C): the message is
             # kept for the next receive, in one call of the core
             self._keep(view)
             raise
-
-    def _array_terms(self, dtype: Any, shape: Any, out: Any) -> tuple[Any, Any, int, int | None]:
-        """numpy, the dtype, and the sizes a message must have for recv_array
-        (see array_fit); what no message fits is refused here, before
-        anything is taken."""
-        np = numpy()
-        if out is None:
-            dt = np.dtype(dtype)
-            unit, nbytes = array_fit(np, dt, shape, "channel")
-            return np, dt, unit, nbytes
-        if not (isinstance(out, np.ndarray) and out.flags.c_contiguous
-                and out.flags.writeable):
-            raise ValueError("out= must be a writable, C-contiguous numpy array")
-        if out.dtype.hasobject:  # (recv_into would have written bytes over its pointers)
-            raise TypeError(f"numpy makes no array of a message's bytes in dtype {out.dtype} "
-                            "(Python objects); give an out= of a sized dtype")
-        return np, out.dtype, 0, out.nbytes
-
-    def _array_of(self, np: Any, view: Any, dt: Any, shape: Any, unit: int,
-                  nbytes: int | None, out: Any) -> Any:
-        """recv_array's result from what _take_sized returned: the message's
-        view, or its length if it did not fit (it was left in the channel)."""
-        if type(view) is int:
-            raise misfit("channel", self.name, view, dt, shape if out is None else out.shape,
-                         unit, nbytes, out is not None)
-        # The view is let go as the caller's frame ends, not here: a failure
-        # (a Ctrl-C) before then leaves it for the caller to keep (_keep).
-        src = np.frombuffer(view, dtype=dt if out is None else np.uint8)
-        if out is None:
-            return (src.reshape(shape) if shape is not None else src).copy()
-        if out.nbytes:
-            out.reshape(-1).view(np.uint8)[...] = src
-        return out
 
     # -- iteration and ending --------------------------------------------------
 

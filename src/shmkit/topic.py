@@ -28,7 +28,7 @@ import os
 import weakref
 from typing import Any, Callable, Iterator
 
-from ._arrays import array_fit, misfit
+from ._arrays import array_of, array_terms
 from ._lazy import numpy
 from . import _core
 from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
@@ -67,13 +67,6 @@ def _check_int(what: str, value: Any, lo: int, hi: int, unit: str = "") -> int:
         raise SizeLimitError(f"{what}={value} is beyond the limit of {hi}{unit}; "
                              f"give at most {hi}")
     return value
-
-
-def _copy_of(np: Any, view: Any, dt: Any, shape: Any) -> Any:
-    """An array of the view's message; the view is let go as the caller's
-    frame ends, so that a failure before then leaves it to keep."""
-    src = np.frombuffer(view, dtype=dt)
-    return (src.reshape(shape) if shape is not None else src).copy()
 
 
 class Subscriber(_core.TopicSubscriber):
@@ -131,14 +124,10 @@ class Subscriber(_core.TopicSubscriber):
         ...     sub.recv_array(np.int32, timeout=1.0).tolist()
         [0, 1, 2]
         """
-        np = numpy()
-        dt = np.dtype(dtype)
-        unit, nbytes = array_fit(np, dt, shape, "topic")
+        np, dt, unit, nbytes = array_terms(dtype, shape, None, "topic")
         view = self._take_sized(timeout, unit, nbytes)
-        if type(view) is int:
-            raise misfit("topic", self.topic_name, view, dt, shape, unit, nbytes)
         try:
-            return _copy_of(np, view, dt, shape)
+            return array_of("topic", self.topic_name, np, view, dt, shape, unit, nbytes)
         except BaseException:
             # the array was not made (no memory, a Ctrl-C): the message is
             # kept for the next receive, in one call of the core

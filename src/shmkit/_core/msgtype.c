@@ -124,26 +124,20 @@ msg_unusable(PyObject *self, MappingObject *m, PyObject *name, const char *kind,
 PyObject *
 msg_keep(msg_kept_t *k, PyObject *out, const Py_buffer *into)
 {
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);
-    PyObject *msgs = out;
-    if (into != NULL) /* (the buffer may be put to other use meanwhile) */
-        msgs = PyBytes_FromStringAndSize(into->buf, PyLong_AsSsize_t(out));
-    int failed = msgs == NULL;
-    if (!failed && msg_kept_count(k) == 0 && k->list == NULL) {
-        failed = (k->list = PyList_New(0)) == NULL;
-        k->gen = shm_child_generation();
+    if (into == NULL) {
+        msg_kept_put(k, out, 0);
+    } else { /* (the buffer may be put to other use meanwhile) */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyObject *msg = PyBytes_FromStringAndSize(into->buf, PyLong_AsSsize_t(out));
+        if (msg == NULL)
+            PyErr_Clear(); /* no memory: lost, as it was before this list */
+        PyErr_Restore(et, ev, tb);
+        if (msg != NULL)
+            msg_kept_put(k, msg, 0);
+        Py_XDECREF(msg);
     }
-    if (!failed)
-        failed = PyList_CheckExact(msgs)
-                     ? PyList_SetSlice(k->list, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, msgs)
-                     : PyList_Append(k->list, msgs);
-    if (failed) /* no memory: lost, as they were before this list */
-        PyErr_Clear();
-    if (msgs != out)
-        Py_XDECREF(msgs);
     Py_DECREF(out);
-    PyErr_Restore(et, ev, tb);
     return NULL;
 }
 
@@ -171,7 +165,7 @@ msg_kept_give(msg_kept_t *k, PyTypeObject *view_type, MappingObject *m)
     PyObject *out = msgview_new(view_type, &kept_view_ops, msg, m, PyBytes_AS_STRING(msg),
                                 PyBytes_GET_SIZE(msg), 0, 0);
     if (out == NULL) /* kept again, first in line */
-        msg_kept_front(k, msg);
+        msg_kept_put(k, msg, 1);
     Py_DECREF(msg);
     return out;
 }
@@ -184,23 +178,25 @@ msg_kept_take(msg_kept_t *k, Py_ssize_t n)
     PyObject *first = PyList_GetSlice(all, 0, n);
     if (first != NULL && PyList_SetSlice(all, 0, n, NULL) < 0)
         Py_CLEAR(first);
-    msg_kept_front(k, all); /* the rest (or all, on failure) before any kept meanwhile */
+    msg_kept_put(k, all, 1); /* the rest (or all, on failure) before any kept meanwhile */
     Py_DECREF(all);
     return first;
 }
 
-/* Put msgs (a message's bytes, or a list of them) back in front of what is
- * kept; with no memory they are lost, as they were before this list. */
+/* Put msgs (a message's bytes, or a list of them) in the kept list, at its
+ * end or in front; with no memory they are lost, as they were before this
+ * list.  The exception set, if any, stays. */
 void
-msg_kept_front(msg_kept_t *k, PyObject *msgs)
+msg_kept_put(msg_kept_t *k, PyObject *msgs, int in_front)
 {
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
+    Py_ssize_t at = in_front ? 0 : msg_kept_count(k); /* (a forked parent's list dropped) */
     if (k->list == NULL && (k->list = PyList_New(0)) != NULL)
         k->gen = shm_child_generation();
     if (k->list == NULL ||
-        (PyList_CheckExact(msgs) ? PyList_SetSlice(k->list, 0, 0, msgs)
-                                 : PyList_Insert(k->list, 0, msgs)) < 0)
+        (PyList_CheckExact(msgs) ? PyList_SetSlice(k->list, at, at, msgs)
+                                 : PyList_Insert(k->list, at, msgs)) < 0)
         PyErr_Clear();
     PyErr_Restore(et, ev, tb);
 }
@@ -218,7 +214,7 @@ msg_kept_view(msg_kept_t *k, MsgViewObject *v)
         PyErr_Clear(); /* no memory: lost, as it was before */
         return;
     }
-    msg_kept_front(k, b);
+    msg_kept_put(k, b, 1);
     Py_DECREF(b);
 }
 

@@ -275,9 +275,10 @@ PyObject *msg_kept_take(msg_kept_t *k, Py_ssize_t n);
 /* The first kept message (there is one), taken off: its bytes, or with
  * view_type, a view of them (holding them; m pinned while it lives). */
 PyObject *msg_kept_give(msg_kept_t *k, PyTypeObject *view_type, MappingObject *m);
-/* Put msgs (a message's bytes, or a list of them) back in front of those
- * kept: a receive that took them but cannot return them. */
-void msg_kept_front(msg_kept_t *k, PyObject *msgs);
+/* Put msgs (a message's bytes, or a list of them) in the kept list: at its
+ * end (a receive a handler interrupted), or in front (one that took them
+ * off but cannot return them). */
+void msg_kept_put(msg_kept_t *k, PyObject *msgs, int in_front);
 typedef struct MsgViewObject MsgViewObject;
 /* A view's message kept, first in line (recv_array's, whose array making
  * failed or was interrupted); nothing for a released view. */

@@ -513,20 +513,33 @@ message_too_large(RingObject *r, Py_ssize_t len, Py_ssize_t room)
     return -1;
 }
 
+/* May a sized take (how >= R_INTO, its terms sz) have a message of len
+ * bytes?  T_READY; T_MISFIT for R_FIT's other lengths; -1 with
+ * MessageTooLarge for more than R_INTO's buffer holds.  Either refusal
+ * leaves the message where it is. */
+static int
+sized_fit(RingObject *r, int how, const sized_t *sz, uint64_t len)
+{
+    if (how == R_INTO && len > (uint64_t)sz->into->len)
+        return message_too_large(r, (Py_ssize_t)len, sz->into->len);
+    if (how == R_FIT && !msg_fits(sz->fit, len))
+        return T_MISFIT;
+    return T_READY;
+}
+
 /* The first message this handle kept across an interrupt (msgtype.h), as a
  * receive of kind `how` returns it (recv_impl's), and taken off the list;
- * one that does not fit a sized take stays, as in the channel. */
+ * one that a sized take refuses stays, as in the channel. */
 static PyObject *
 kept_give(RingObject *r, MappingObject *m, int how, const sized_t *sz)
 {
     PyObject *msg = PyList_GET_ITEM(r->kept.list, 0);
     Py_ssize_t len = PyBytes_GET_SIZE(msg);
-    if (how == R_FIT && !msg_fits(sz->fit, (uint64_t)len))
-        return PyLong_FromSsize_t(len);
+    int k = how >= R_INTO ? sized_fit(r, how, sz, (uint64_t)len) : T_READY;
+    if (k != T_READY)
+        return k == T_MISFIT ? PyLong_FromSsize_t(len) : NULL;
     if (how != R_INTO)
         return msg_kept_give(&r->kept, how == R_COPY ? NULL : RING_ST(r)->RecordView, m);
-    if (len > sz->into->len)
-        return message_too_large(r, len, sz->into->len), NULL;
     memcpy(sz->into->buf, PyBytes_AS_STRING(msg), (size_t)len);
     PyObject *taken = msg_kept_give(&r->kept, NULL, m);
     if (taken == NULL)
@@ -582,12 +595,8 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, const sized_t *
         int k = ring_next(r, &tk, &pos, &len);
         /* a sized take looks at the length here, under the lock and before
          * anything is taken, so that a message that does not fit stays */
-        if (k == T_READY && how >= R_INTO) {
-            if (how == R_INTO && (uint64_t)len > (uint64_t)sz->into->len)
-                k = message_too_large(r, len, sz->into->len);
-            else if (how == R_FIT && !msg_fits(sz->fit, len))
-                k = T_MISFIT;
-        }
+        if (k == T_READY && how >= R_INTO)
+            k = sized_fit(r, how, sz, len);
         int lend = k == T_READY && (how != R_COPY || len >= BIG_COPY);
         int back = (how == R_VIEW && redeliver) || how == R_DECODE;
         if (lend) {
