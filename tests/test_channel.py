@@ -1245,6 +1245,87 @@ def test_a_receive_interrupted_while_freeing_the_space_of_a_copied_message_keeps
                     p.wait()
 
 
+@pytest.mark.parametrize("how", ["recv", "recv_nowait", "recv_many", "recv_into", "recv_view",
+                                 "recv_array"])
+def test_a_receive_of_kept_messages_that_a_signal_handler_interrupts_keeps_them(
+        name, raising_handler, how):
+    """A receive that returns kept messages asks for signals last, as every
+    receive does: an interrupt there leaves them kept, in order."""
+    with Channel(name, capacity=4096) as ch:
+        ch.send_many([b"m0", b"m1", b"m2"])
+        _core.fault(1, "ring.take.counters", signal=signal.SIGUSR1)
+        with pytest.raises(Interrupt):
+            ch.recv_many(3, timeout=1.0)
+        _core.fault(1, "kept.", signal=signal.SIGUSR1)
+        with pytest.raises(Interrupt):
+            if how == "recv_array":
+                ch.recv_array(np.uint8, timeout=1.0)
+            else:
+                _take(ch, how)
+        _core.fault(0)
+        assert ch._kept == 3
+        assert ch.recv_many(5) == [b"m0", b"m1", b"m2"]
+
+
+def test_a_view_interrupted_twice_while_a_peer_holds_the_consumers_lock_is_kept(name):
+    """recv_view takes a message and a signal's handler raises before the view
+    is made; a peer consumer stopped holding the consumers' lock makes the
+    record's finishing wait, and a second signal ends that wait.  The message
+    is kept for the next receive and the channel's space flows (the record
+    stayed taken by nobody, the message lost and the ring jammed)."""
+    with Channel(name, capacity=1 << 14) as ch:
+        for i in range(10):
+            ch.send(b"m%d" % i)
+        peer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from shmkit import Channel, _core
+            ch = Channel.open({name!r})
+            print("ready", flush=True)
+            sys.stdin.readline()
+            _core.fault(1, "ring.take", stop=True)  # stops holding the lock
+            print(ch.recv_nowait(), flush=True)
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=SRC))
+
+        class First(Exception):
+            pass
+
+        class Second(Exception):
+            pass
+
+        def first(signum: int, frame: object) -> None:
+            assert peer.stdin is not None
+            peer.stdin.write("go\n")
+            peer.stdin.flush()
+            os.waitpid(peer.pid, os.WUNTRACED)
+            signal.setitimer(signal.ITIMER_REAL, 0.5)
+            raise First
+
+        def second(signum: int, frame: object) -> None:
+            raise Second
+        old = signal.signal(signal.SIGUSR1, first), signal.signal(signal.SIGALRM, second)
+        try:
+            assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
+            _core.fault(1, "ring.lend", signal=signal.SIGUSR1)
+            with pytest.raises(First):
+                ch.recv_view_nowait()
+            _core.fault(0)
+            assert ch._kept == 1
+        finally:
+            _core.fault(0)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGUSR1, old[0])
+            signal.signal(signal.SIGALRM, old[1])
+            os.kill(peer.pid, signal.SIGCONT)
+        assert peer.stdout.readline().strip() == "b'm1'"
+        assert peer.wait(10) == 0
+        assert ch.recv_many(20) == [b"m0"]
+        assert ch.recv_many(20) == [b"m%d" % i for i in range(2, 10)]
+        for _ in range(100):  # more than the ring holds: its space is freed
+            ch.send(b"x" * 1000, timeout=5)
+            assert ch.recv_nowait() == b"x" * 1000
+
+
 def test_kept_messages_taken_by_two_threads_go_to_one_each(name, raising_handler):
     """Two threads of one handle take kept messages while collections (run
     inside the view's allocation) let the GIL go: each message goes to one

@@ -388,6 +388,33 @@ def test_a_signal_handler_raising_as_a_subscriber_copies_messages_loses_none(
         assert sub._kept == 0 and sub.lag == 0
 
 
+@pytest.mark.parametrize("how", ["recv", "recv_nowait", "recv_many", "recv_view", "recv_array"])
+def test_a_receive_of_kept_messages_that_a_signal_handler_interrupts_keeps_them(
+        name, raising_handler, how):
+    """A subscriber's receive that returns kept messages asks for signals
+    last, as every receive does: an interrupt there leaves them kept."""
+    with Topic(name, capacity=1 << 14) as topic, topic.subscribe() as sub:
+        for m in (b"m0", b"m1", b"m2"):
+            topic.publish(m)
+        _core.fault(1, "topic.recv.copied", signal=signal.SIGUSR1)
+        with pytest.raises(Interrupt):
+            sub.recv_many(3, timeout=1.0)
+        _core.fault(1, "kept.", signal=signal.SIGUSR1)
+        with pytest.raises(Interrupt):
+            if how == "recv_view":
+                with sub.recv_view(timeout=1.0):
+                    pass
+            elif how == "recv_array":
+                sub.recv_array(np.uint8, timeout=1.0)
+            elif how == "recv_many":
+                sub.recv_many(2, timeout=1.0)
+            else:
+                sub.recv(timeout=1.0) if how == "recv" else sub.recv_nowait()
+        _core.fault(0)
+        assert sub._kept == 3
+        assert sub.recv_many(5) == [b"m0", b"m1", b"m2"]
+
+
 def test_recv_array_interrupted_as_it_makes_the_array_keeps_the_message(name):
     """A Ctrl-C at any bytecode of a subscriber's making of the array, once the
     message is taken, leaves the message kept for the next receive."""

@@ -7,6 +7,7 @@
  *   with ch.recv_view() as mv: ...      (mv: a read-only memoryview)
  */
 #include "msgtype.h"
+#include "journal.h" /* shm_crash_point */
 
 int
 msg_not_bytes(PyObject *o, Py_buffer *b, const char *kind, const char *hint)
@@ -151,7 +152,9 @@ static const msgview_ops kept_view_ops = {
 
 /* Both take what they return off the list before anything that allocates
  * (a collection there may run a finalizer that lets the GIL go, and another
- * thread's receive take from the list meanwhile). */
+ * thread's receive take from the list meanwhile), and ask for signals as
+ * their last step, as every receive does: a handler that raises puts what
+ * they took back in front, for the next receive. */
 PyObject *
 msg_kept_give(msg_kept_t *k, PyTypeObject *view_type, MappingObject *m)
 {
@@ -160,12 +163,16 @@ msg_kept_give(msg_kept_t *k, PyTypeObject *view_type, MappingObject *m)
         Py_DECREF(msg);
         return NULL;
     }
-    if (view_type == NULL)
-        return msg;
-    PyObject *out = msgview_new(view_type, &kept_view_ops, msg, m, PyBytes_AS_STRING(msg),
-                                PyBytes_GET_SIZE(msg), 0, 0);
-    if (out == NULL) /* kept again, first in line */
+    PyObject *out = view_type == NULL
+                        ? Py_NewRef(msg)
+                        : msgview_new(view_type, &kept_view_ops, msg, m, PyBytes_AS_STRING(msg),
+                                      PyBytes_GET_SIZE(msg), 0, 0);
+    shm_crash_point("kept.give");
+    if (out == NULL || PyErr_CheckSignals() < 0) { /* kept again, first in line */
+        Py_XDECREF(out);
+        out = NULL;
         msg_kept_put(k, msg, 1);
+    }
     Py_DECREF(msg);
     return out;
 }
@@ -177,9 +184,14 @@ msg_kept_take(msg_kept_t *k, Py_ssize_t n)
     k->list = NULL;
     PyObject *first = PyList_GetSlice(all, 0, n);
     if (first != NULL && PyList_SetSlice(all, 0, n, NULL) < 0)
-        Py_CLEAR(first);
-    msg_kept_put(k, all, 1); /* the rest (or all, on failure) before any kept meanwhile */
+        Py_CLEAR(first); /* (all as it was) */
+    msg_kept_put(k, all, 1); /* the rest before any kept meanwhile */
     Py_DECREF(all);
+    shm_crash_point("kept.take");
+    if (first != NULL && PyErr_CheckSignals() < 0) {
+        msg_kept_put(k, first, 1);
+        Py_CLEAR(first);
+    }
     return first;
 }
 

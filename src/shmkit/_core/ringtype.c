@@ -224,8 +224,16 @@ lent_undo(RingObject *r, MappingObject *m, uint64_t pos, uint32_t me, int redeli
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
     struct ring_hdr *h = r->h;
+    rec_t *rec = rec_at(r, pos);
     if (ring_lock(r, m, &h->clock, me, SHM_FOREVER) < 0) {
-        PyErr_Clear(); /* a waiter's repair gives it back once we are gone */
+        PyErr_Clear();
+        /* (a signal's handler ended the wait) A redeliver view is given back
+         * by a waiter's repair once we are gone; a record taken otherwise,
+         * which no repair gives back, is finished rather than left to hold
+         * the channel's space while this handle lives. */
+        if (LOAD(&rec->state) == (ST_TAKEN | (me & SHM_TOKEN_MASK)) &&
+            view_finish(r, m, rec, me) < 0)
+            PyErr_Clear();
     } else {
         int back = ring_give_back(r, pos, me);
         ring_unlock(m, &h->clock);
@@ -233,6 +241,26 @@ lent_undo(RingObject *r, MappingObject *m, uint64_t pos, uint32_t me, int redeli
             ring_wake(&h->data_seq, &h->data_sleepers);
     }
     PyErr_Restore(et, ev, tb);
+}
+
+/* A record this call took but cannot hand out, as a signal's handler
+ * raised: its bytes kept for the next receive (msgtype.h) and the record
+ * finished.  0 (nothing done) with no memory for the bytes. */
+static int
+keep_record(RingObject *r, MappingObject *m, uint64_t pos, uint32_t len, uint32_t me)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *msg = PyBytes_FromStringAndSize((const char *)(rec_at(r, pos) + 1), len);
+    if (msg == NULL)
+        PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
+    if (msg == NULL)
+        return 0;
+    msg_kept_put(&r->kept, msg, 1);
+    Py_DECREF(msg);
+    view_finish_keep(r, m, rec_at(r, pos), me);
+    return 1;
 }
 
 /* Run a decoding's `after` (None, or a call of the core) once its message
@@ -624,8 +652,13 @@ recv_impl(RingObject *r, PyObject *timeout, int nowait, int how, const sized_t *
                 break;
             }
             if (how == R_VIEW || how == R_FIT) {
-                /* a signal handler that raises first: the view goes back */
+                /* A signal handler that raises first: a redeliver view goes
+                 * back to the channel; another's bytes are kept for the next
+                 * receive and its record finished, with no wait for the
+                 * consumers' lock (which a second signal would end). */
                 int signalled = PyErr_CheckSignals() < 0;
+                if (signalled && !back && keep_record(r, m, pos, len, me))
+                    break;
                 out = signalled ? NULL : make_view(r, m, pos, len, me);
                 if (out == NULL)
                     lent_undo(r, m, pos, me, back || signalled);
