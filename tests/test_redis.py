@@ -434,6 +434,35 @@ def test_a_str_key_utf8_cannot_encode_is_refused_alike_on_either_backend(
         st.close()
 
 
+def test_a_buffer_of_python_objects_is_refused_by_every_copy_into_on_either_backend(
+        any_ns: Any) -> None:
+    """recv_into and get_into copy raw bytes: into a numpy array of objects
+    (or with an object field) they would overwrite its references, and the
+    process crashed when the array was next read or freed.  Each refuses it
+    before taking anything: the message stays next, the value stays stored,
+    and the array keeps its objects."""
+    ch, st = any_ns.Channel("objects-ch"), any_ns.Store("objects-st")
+    try:
+        ch.send(b"\x01" * 24)
+        st["v"] = b"\x01" * 24
+        plain = np.zeros(3, dtype=[("Obj", "i8")])  # a field name holding the letter O
+        for target in (np.array([object(), "s", 3], dtype=object),
+                       np.zeros(2, dtype=[("n", "i8"), ("o", "O")])):
+            before = target.copy()
+            for call in (lambda: ch.recv_into(target, timeout=1),
+                         lambda: st.get_into("v", target)):
+                with pytest.raises(TypeError, match="of Python objects") as ei:
+                    call()
+                assert "bytes or numbers" in str(ei.value)
+            assert all(a is b or a == b for a, b in zip(before.tolist(), target.tolist()))
+        assert st.get_into("v", plain) == 24
+        assert ch.recv_into(plain, timeout=1) == 24 and plain.tobytes() == b"\x01" * 24
+    finally:
+        for obj in (ch, st):
+            obj.unlink()
+            obj.close()
+
+
 def test_a_topic_runs_on_either_backend(any_ns: Any) -> None:
     topic = any_ns.Topic("ticks", history=2, overflow="overwrite")
     try:

@@ -946,6 +946,44 @@ shm_mapping_converter(PyObject *obj, void *out)
     return 1;
 }
 
+/* Does a PEP 3118 format hold Python object references ('O')?  Field names,
+ * between colons, are skipped: a name may contain the letter. */
+static int
+format_has_objects(const char *f)
+{
+    for (; f != NULL && *f; f++) {
+        if (*f == ':') {
+            const char *end = strchr(f + 1, ':');
+            if (end == NULL)
+                return 0;
+            f = end;
+        }
+        else if (*f == 'O')
+            return 1;
+    }
+    return 0;
+}
+
+int
+shm_writable_bytes(PyObject *o, Py_buffer *b, const char *call)
+{
+    if (PyObject_GetBuffer(o, b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s needs a writable, contiguous buffer (bytearray, "
+                     "memoryview, numpy array), not %.100s", call, Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    if (format_has_objects(b->format)) {
+        PyErr_Format(PyExc_TypeError, "%s cannot write into a %.100s of Python objects "
+                     "(format %.40s): bytes written over its object references would "
+                     "crash the process; pass a buffer of bytes or numbers", call,
+                     Py_TYPE(o)->tp_name, b->format);
+        PyBuffer_Release(b);
+        return -1;
+    }
+    return 0;
+}
+
 void *
 shm_addr(PyObject *obj, long long off, Py_ssize_t size, int writable)
 {
@@ -1014,7 +1052,29 @@ py_thread_serial(PyObject *mod, PyObject *Py_UNUSED(ignored))
     return PyLong_FromUnsignedLong(shm_thread_serial());
 }
 
+static PyObject *
+py_check_writable_bytes(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyUnicode_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "check_writable_bytes(buffer, call) takes a "
+                        "buffer and a str");
+        return NULL;
+    }
+    const char *call = PyUnicode_AsUTF8(args[1]);
+    Py_buffer b;
+    if (call == NULL || shm_writable_bytes(args[0], &b, call) < 0)
+        return NULL;
+    PyBuffer_Release(&b);
+    Py_RETURN_NONE;
+}
+
 PyMethodDef shm_mapping_methods[] = {
+    {"check_writable_bytes", (PyCFunction)(void (*)(void))py_check_writable_bytes,
+     METH_FASTCALL,
+     "check_writable_bytes($module, buffer, call, /)\n--\n\n"
+     "check_writable_bytes(buffer, call) -> None\n\n"
+     "Refuse (TypeError naming call) a buffer raw bytes may not be copied into: not\n"
+     "writable, not contiguous, or of Python objects (a numpy object array)."},
     {"thread_serial", py_thread_serial, METH_NOARGS,
      "thread_serial($module, /)\n--\n\n"
      "thread_serial() -> int\n\nThe calling thread's serial number: never 0, and never "

@@ -897,13 +897,8 @@ Ring_recv_into(RingObject *r, PyObject *const *args, Py_ssize_t nargs, PyObject 
     Py_buffer b;
     if (msg_parse_args("recv_into", args, nargs, kw, 1, names, a) < 0)
         return NULL;
-    if (PyObject_GetBuffer(a[0], &b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "recv_into() needs a writable, contiguous buffer "
-                     "(bytearray, memoryview, numpy array), not %.100s",
-                     Py_TYPE(a[0])->tp_name);
+    if (shm_writable_bytes(a[0], &b, "recv_into()") < 0)
         return NULL;
-    }
     sized_t sz = {.into = &b};
     PyObject *res = recv_impl(r, a[1], 0, R_INTO, &sz, 0, 0, NULL);
     PyBuffer_Release(&b);

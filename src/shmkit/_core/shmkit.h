@@ -161,6 +161,11 @@ int shm_is_mapping(PyObject *obj);
 int shm_check_mapping(PyObject *obj);
 /* PyArg "O&" converter: a Mapping, into a PyObject ** */
 int shm_mapping_converter(PyObject *obj, void *out);
+/* A writable C-contiguous buffer of o that raw bytes may be copied into:
+ * 0, or -1 with TypeError naming call when o has none, or when its items are
+ * Python objects (a numpy object array), whose references bytes would
+ * overwrite. */
+int shm_writable_bytes(PyObject *o, Py_buffer *b, const char *call);
 /* A new Mapping of `reserve` bytes of fd, `length` of them safe (the caller
  * checked 0 <= length <= reserve, reserve > 0), or NULL with OSError.
  * hold_gil: map without releasing the GIL (mmap of a reservation does not

@@ -1286,14 +1286,8 @@ table_get_into(TableObject *t, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_buffer b;
-    if (PyObject_GetBuffer(args[1], &b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError,
-                     "get_into(): buffer must be a writable C-contiguous buffer "
-                     "(bytearray, numpy array, memoryview), not %.100s",
-                     Py_TYPE(args[1])->tp_name);
+    if (shm_writable_bytes(args[1], &b, "get_into()") < 0)
         return NULL;
-    }
     int found = 0;
     PyObject *o = t_lookup_ex(t, args[0], M_INTO, &found, &b);
     PyBuffer_Release(&b);

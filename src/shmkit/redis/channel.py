@@ -467,15 +467,11 @@ class Channel(RedisObject):
         larger than the buffer raises :class:`MessageTooLarge` and is handed back
         unacknowledged: this handle's next receive gets it again (another handle
         after ``claim_idle``)."""
-        try:
-            out = memoryview(buffer).cast("B")
+        try:  # checked before receiving: the message would be lost
+            _core.check_writable_bytes(buffer, "recv_into()")
         except TypeError as e:
-            raise UnsupportedTypeError(f"recv_into() needs a writable, contiguous buffer "
-                                       f"(bytearray, memoryview, numpy array): {e}") from e
-        if out.readonly:  # checked before receiving: the message would be lost
-            raise UnsupportedTypeError(
-                "recv_into() needs a writable, contiguous buffer (bytearray, memoryview, "
-                f"numpy array), not a read-only {type(buffer).__name__}")
+            raise UnsupportedTypeError(str(e)) from None
+        out = memoryview(buffer).cast("B")
         msg = self.recv(timeout)
         try:
             if len(msg) > len(out):

@@ -643,6 +643,7 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         when it is too small, UnsupportedTypeError for other value types.
         """
         self._live()
+        _core.check_writable_bytes(buffer, "get_into()")
         raw = self._raw(encode_key(key), self._open_batch())
         if raw is None:
             raise KeyError(key)
@@ -660,8 +661,6 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
             raise UnsupportedTypeError(f"get_into(): the value of {key!r} is not bytes or a "
                                        "numpy array; get() it")
         out = memoryview(buffer).cast("B")
-        if out.readonly:
-            raise TypeError("get_into() needs a writable buffer")
         if len(body) > len(out):
             raise ValueTooLargeError(f"the value of {key!r} has {len(body)} bytes, more than "
                                      f"the buffer's {len(out)}; pass a larger buffer")
