@@ -1167,6 +1167,28 @@ def test_recv_array_in_a_shape_of_no_items_numpy_refuses_takes_nothing(name):
         assert ch.recv_array(np.uint8, (0, 2**40), timeout=5).shape == (0, 2**40)
 
 
+def test_recv_array_refuses_a_dtype_or_shape_that_is_not_outs(name):
+    """A dtype or shape given with out= was ignored (the bytes went into out
+    as they came); now it must be out's own, or ValueError before the take.
+    out= alone, or with its own dtype and shape (-1 matching any one
+    dimension), receives as before."""
+    with Channel(name, capacity=4096) as ch:
+        ch.send(np.arange(4, dtype=np.int32))
+        out = np.zeros(4, np.int32)
+        for given in ({"dtype": np.float32}, {"dtype": "u1"}, {"shape": (2, 2)},
+                      {"shape": 5}, {"dtype": np.int32, "shape": (4, 1)}):
+            with pytest.raises(ValueError, match="disagrees with out=") as ei:
+                ch.recv_array(out=out, timeout=5, **given)
+            assert not isinstance(ei.value, shmkit.LayoutMismatchError)
+            assert ch.depth == 1 and not out.any()
+        assert ch.recv_array(np.int32, (-1,), out=out, timeout=5) is out
+        assert out.tolist() == [0, 1, 2, 3]
+        ch.send(b"ab")
+        assert ch.recv_array(out=np.zeros((1, 2), "u1"), timeout=5).tolist() == [[97, 98]]
+        ch.send(b"ab")
+        assert ch.recv_array(timeout=5).dtype == np.uint8
+
+
 def test_recv_array_interrupted_as_it_makes_the_array_keeps_the_message(name):
     """A Ctrl-C at any bytecode of recv_array's making of the array, once the
     message is taken, leaves the message kept for the next receive."""

@@ -12,17 +12,19 @@ import operator
 from typing import Any
 
 from ._lazy import numpy
+from ._object import DEFAULT
 from .errors import LayoutMismatchError, SizeLimitError
 
 
 def array_terms(dtype: Any, shape: Any, out: Any, what: str
                 ) -> tuple[Any, Any, int, int | None]:
     """numpy, the dtype, and the sizes a message must have (see array_fit)
-    for recv_array's array of ``dtype`` in ``shape``, or ``out``; what no
-    message fits is refused here, before anything is taken."""
+    for recv_array's array of ``dtype`` (uint8 when DEFAULT) in ``shape``,
+    or ``out``; what no message fits is refused here, before anything is
+    taken, and so are a dtype or shape given with ``out`` that are not its."""
     np = numpy()
     if out is None:
-        dt = np.dtype(dtype)
+        dt = np.dtype("uint8" if dtype is DEFAULT else dtype)
         unit, nbytes = array_fit(np, dt, shape, what)
         return np, dt, unit, nbytes
     if not (isinstance(out, np.ndarray) and out.flags.c_contiguous
@@ -31,7 +33,19 @@ def array_terms(dtype: Any, shape: Any, out: Any, what: str
     if out.dtype.hasobject:  # (recv_into would have written bytes over its pointers)
         raise TypeError(f"numpy makes no array of a message's bytes in dtype {out.dtype} "
                         "(Python objects); give an out= of a sized dtype")
+    if dtype is not DEFAULT and np.dtype(dtype) != out.dtype:
+        raise ValueError(f"dtype {np.dtype(dtype)} disagrees with out=, an array of "
+                         f"{out.dtype}: give out= alone (its dtype is used), or its dtype")
+    if shape is not None and not _same_shape(shape, out.shape):
+        raise ValueError(f"shape {shape} disagrees with out=, of shape {out.shape}: give "
+                         "out= alone (its shape is used), or its shape")
     return np, out.dtype, 0, out.nbytes
+
+
+def _same_shape(shape: Any, have: tuple[int, ...]) -> bool:
+    """Is ``shape`` (-1 matching any one dimension) ``have``?"""
+    dims = _dims(shape)
+    return len(dims) == len(have) and all(d in (-1, h) for d, h in zip(dims, have))
 
 
 def array_fit(np: Any, dt: Any, shape: Any, what: str) -> tuple[int, int | None]:
@@ -44,11 +58,7 @@ def array_fit(np: Any, dt: Any, shape: Any, what: str) -> tuple[int, int | None]
                         "(no bytes, or Python objects); give a sized dtype ('u1', 'S10', 'V8')")
     if shape is None:
         return dt.itemsize, None
-    dims: tuple[int, ...]
-    try:
-        dims = (operator.index(shape),)
-    except TypeError:
-        dims = tuple(operator.index(d) for d in shape)
+    dims = _dims(shape)
     if any(d < -1 for d in dims) or dims.count(-1) > 1:
         raise ValueError(f"shape {shape}: give dimensions of at least 0, one of which may "
                          "be -1 (set by the message's size)")
@@ -74,6 +84,14 @@ def array_fit(np: Any, dt: Any, shape: Any, what: str) -> tuple[int, int | None]
         raise ValueError(f"shape {shape}: a dimension of 0 leaves -1 unknowable; give "
                          "every dimension")
     return math.lcm(known, dt.itemsize), None
+
+
+def _dims(shape: Any) -> tuple[int, ...]:
+    """A shape's dimensions: an int, or a sequence of them."""
+    try:
+        return (operator.index(shape),)
+    except TypeError:
+        return tuple(operator.index(d) for d in shape)
 
 
 def misfit(what: str, name: str | None, length: int, dt: Any, shape: Any, unit: int,

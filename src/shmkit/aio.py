@@ -56,6 +56,7 @@ from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Final, Literal,
 
 from ._arrays import array_of, array_terms
 from . import _core
+from ._object import DEFAULT
 from . import channel as _channel
 from . import segment as _segment
 from . import sync as _sync
@@ -827,7 +828,7 @@ class Channel(_channel.Channel):
                             lambda: self._take(0, False, redeliver),
                             lambda: _timed(self._take, _REPAIR_TIMEOUT, False, redeliver))
 
-    async def recv_array(self, dtype: Any = "uint8", shape: Any = None, *,
+    async def recv_array(self, dtype: Any = DEFAULT, shape: Any = None, *,
                          timeout: float | None = None, out: Any = None) -> Any:
         """Receive a message as a numpy array (see :meth:`shmkit.Channel.recv_array`);
         one that the array does not fit raises LayoutMismatchError and stays."""

@@ -1394,14 +1394,15 @@ class Channel(SharedObject, _core.Ring):
         """:meth:`recv_view`, raising :class:`Empty` instead of waiting."""
         return self._take(None, True, redeliver)
 
-    def recv_array(self, dtype: Any = "uint8", shape: Any = None, *,
+    def recv_array(self, dtype: Any = DEFAULT, shape: Any = None, *,
                    timeout: float | None = None, out: Any = None) -> Any:
         """Receive a message as a numpy array (one copy, straight from the ring).
 
-        ``shape`` (default: one dimension) may have one dimension of -1,
-        which the message's size sets.  ``out=`` (a writable C-contiguous
-        array) receives the bytes in place instead, and must be exactly the
-        message's size.  A message that no array of ``dtype`` and ``shape``
+        ``dtype`` defaults to uint8.  ``shape`` (default: one dimension) may
+        have one dimension of -1, which the message's size sets.  ``out=``
+        (a writable C-contiguous array) receives the bytes in place instead,
+        and must be exactly the message's size; a ``dtype`` or ``shape``
+        given with it must be its own (ValueError otherwise).  A message that no array of ``dtype`` and ``shape``
         (or ``out``) fits exactly raises :class:`LayoutMismatchError` and
         stays in the channel: the next receive gets it.
 
