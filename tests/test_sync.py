@@ -703,6 +703,46 @@ def test_a_signal_handler_raising_as_an_auto_reset_wait_takes_the_set_gives_it_b
         ev.unlink()
 
 
+_PLAIN_ACQUIRES = [("Mutex", "acquire", ()), ("Mutex", "acquire", (True, 1.0)),
+                   ("Condition", "acquire", ()), ("Semaphore", "acquire", ()),
+                   ("Semaphore", "acquire", (True, 1.0)), ("RWLock", "acquire_read", ()),
+                   ("RWLock", "acquire_write", (1.0,))]
+
+
+@pytest.mark.parametrize("kind, call, args", _PLAIN_ACQUIRES)
+def test_a_signal_handler_raising_as_a_plain_acquire_returns_leaves_nothing_held(
+        names, raising_handler, kind, call, args):
+    """A signal comes as a plain acquire() returns, the hold taken: the
+    handler's exception (Ctrl-C's KeyboardInterrupt) reaches the caller,
+    which never saw the acquire succeed and so releases nothing.  The hold
+    is given back first: another process takes the object at once, and so
+    does this handle.  (It stayed held by a live process, for good.)"""
+    obj = getattr(shmkit, kind)(names(), **({"value": 1} if kind == "Semaphore" else {}))
+    try:
+        _core.fault(1, "sync.acquired", signal=signal.SIGUSR1)
+        with pytest.raises(Interrupt):
+            getattr(obj, call)(*args)
+        _core.fault(0)
+        take, give = (("acquire_write(0)", "release_write()") if kind == "RWLock"
+                      else ("acquire(False)", "release()"))
+        out = run_python(f"""
+            import shmkit
+            x = shmkit.{kind}({obj.name!r})
+            got = x.{take}
+            print(got)
+            if got:
+                x.{give}
+            x.close()
+            """)
+        assert out.stdout.split() == ["True"]
+        assert getattr(obj, call)(*args)
+        getattr(obj, "release_read" if call == "acquire_read" else
+                "release_write" if call == "acquire_write" else "release")()
+    finally:
+        obj.unlink()
+        obj.close()
+
+
 def test_auto_reset_event_releases_one_waiter_per_set(names):
     ev = shmkit.Event(names(), auto_reset=True)
     assert shmkit.Event(ev.name).auto_reset  # adopted by whoever opens it

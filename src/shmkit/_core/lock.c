@@ -600,11 +600,21 @@ slow_acquire(LockObject *self, int64_t deadline)
     return r;
 }
 
+static PyObject *lock_release(LockObject *self, PyObject *Py_UNUSED(ignored));
+
+static int
+release_held(PyObject *self)
+{
+    PyObject *r = lock_release((LockObject *)self, NULL);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
 static PyObject *
 lock_acquire(LockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     if (nargs == 0 && kwnames == NULL) {
-        int r = try_fast(self);
+        int r = shm_sync_acquired((PyObject *)self, try_fast(self), release_held);
         if (r < 0)
             return NULL;
         if (r > 0)
@@ -616,7 +626,7 @@ lock_acquire(LockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject
     int64_t deadline = shm_sync_deadline(blocking, timeout);
     if (deadline < 0)
         return NULL;
-    int r = slow_acquire(self, deadline);
+    int r = shm_sync_acquired((PyObject *)self, slow_acquire(self, deadline), release_held);
     if (r < 0)
         return NULL;
     return PyBool_FromLong(r);

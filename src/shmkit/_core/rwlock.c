@@ -501,10 +501,27 @@ timeout_deadline(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, con
     return shm_sync_deadline(NULL, timeout);
 }
 
-/* acquire_read() and acquire_write(): parse the timeout, call fn pinned. */
+static PyObject *py_release_read(RWObject *self, PyObject *Py_UNUSED(ignored));
+
+static int
+release_read_held(PyObject *self)
+{
+    PyObject *r = py_release_read((RWObject *)self, NULL);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+static int
+release_write_held(PyObject *self)
+{
+    return release_write((RWObject *)self);
+}
+
+/* acquire_read() and acquire_write(): parse the timeout, call fn pinned;
+ * a signal's handler that raises as it returns gets the hold released. */
 static PyObject *
 timed_acquire(RWObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-              const char *sig, int (*fn)(RWObject *, int64_t))
+              const char *sig, int (*fn)(RWObject *, int64_t), int (*release)(PyObject *))
 {
     int64_t deadline = timeout_deadline(args, nargs, kwnames, sig);
     if (deadline < 0 || self->mapping == NULL)
@@ -512,19 +529,22 @@ timed_acquire(RWObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject 
     shm_pin(self->mapping);
     int r = fn(self, deadline);
     shm_unpin(self->mapping);
+    r = shm_sync_acquired((PyObject *)self, r, release);
     return r < 0 ? NULL : PyBool_FromLong(r);
 }
 
 static PyObject *
 py_acquire_read(RWObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return timed_acquire(self, args, nargs, kwnames, "acquire_read()", acquire_read);
+    return timed_acquire(self, args, nargs, kwnames, "acquire_read()", acquire_read,
+                         release_read_held);
 }
 
 static PyObject *
 py_acquire_write(RWObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return timed_acquire(self, args, nargs, kwnames, "acquire_write()", acquire_write);
+    return timed_acquire(self, args, nargs, kwnames, "acquire_write()", acquire_write,
+                         release_write_held);
 }
 
 static PyObject *

@@ -390,6 +390,12 @@ sem_acquire_pinned(SemObject *self, int64_t deadline)
     return r;
 }
 
+static int
+release_unit(PyObject *self)
+{
+    return sem_release((SemObject *)self, 1);
+}
+
 static PyObject *
 py_sem_acquire(SemObject *self, PyObject *const *args, Py_ssize_t nargs,
                PyObject *kwnames)
@@ -402,7 +408,8 @@ py_sem_acquire(SemObject *self, PyObject *const *args, Py_ssize_t nargs,
     int64_t deadline = shm_sync_deadline(blocking, timeout);
     if (deadline < 0)
         return NULL;
-    int r = sem_acquire_pinned(self, deadline);
+    int r = shm_sync_acquired((PyObject *)self, sem_acquire_pinned(self, deadline),
+                              release_unit);
     return r < 0 ? NULL : PyBool_FromLong(r);
 }
 

@@ -81,6 +81,22 @@ shm_sync_footprint_of(PyObject *max_slots, uint64_t table)
     return PyLong_FromLongLong((long long)table + 8 * n);
 }
 
+int
+shm_sync_acquired(PyObject *self, int held, int (*release)(PyObject *self))
+{
+    if (held <= 0)
+        return held;
+    shm_crash_point("sync.acquired");
+    if (PyErr_CheckSignals() == 0)
+        return held;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (release(self) < 0)
+        PyErr_Clear(); /* (a damaged word, reported by the next acquire) */
+    PyErr_Restore(et, ev, tb);
+    return -1;
+}
+
 /* ---- arguments ---- */
 
 int64_t

@@ -240,6 +240,15 @@ void shm_sync_handle_dealloc(PyObject *self);
  * starts at `table`, for max_slots attach slots. */
 PyObject *shm_sync_footprint_of(PyObject *max_slots, uint64_t table);
 
+/* A plain acquire's last step, once the hold is taken (held != 0): ask for
+ * signals.  Python runs a handler as a C call returns, in the caller,
+ * before the result is stored, so a KeyboardInterrupt raised there would
+ * leave the hold taken with no one to release it.  A handler that raises
+ * gets the hold given back first, by release(self); then -1.  Else held.
+ * (`with` needs none of this: a raise after __enter__ is inside the block,
+ * and __exit__ releases.) */
+int shm_sync_acquired(PyObject *self, int held, int (*release)(PyObject *self));
+
 /* Deadline from acquire(blocking=True, timeout=None) arguments: nowait is 0,
  * None and -1 (threading.Lock's "forever") are SHM_FOREVER.  -1 on error. */
 int64_t shm_sync_deadline(PyObject *blocking, PyObject *timeout);
