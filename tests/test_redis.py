@@ -434,6 +434,47 @@ def test_a_str_key_utf8_cannot_encode_is_refused_alike_on_either_backend(
         st.close()
 
 
+def test_a_str_value_utf8_cannot_encode_is_pickled_or_refused_alike_on_either_backend(
+        any_ns: Any) -> None:
+    """A str value with a lone surrogate raised the codec's bare
+    UnicodeEncodeError.  A store with codec="pickle" now pickles it (it comes
+    back equal); any other raises InvalidValueError (a ValueError, the
+    codec's error its cause) with the same message on each backend, from
+    each call that stores a value, and stores nothing."""
+    plain, pickled = any_ns.Store("surrogate-plain"), any_ns.Store("surrogate-pickled",
+                                                                   codec="pickle")
+    try:
+        plain["keep"] = "kept"
+        texts = set()
+        for call in (lambda: plain.__setitem__("k", "a\udc80"), lambda: plain.add("k", "a\udc80"),
+                     lambda: plain.update({"k2": 1, "k": "a\udc80"}),
+                     lambda: plain.setdefault("k", "a\udc80")):
+            with pytest.raises(shmkit.InvalidValueError) as ei:
+                call()
+            assert isinstance(ei.value, ValueError)
+            assert isinstance(ei.value.__cause__, UnicodeEncodeError)
+            texts.add(str(ei.value))
+        assert texts == {
+            "str value 'a\\udc80' cannot be stored: its character '\\udc80' at position 1 is "
+            "a lone surrogate, which UTF-8 cannot encode; store it as bytes (os.fsencode(value) "
+            "undoes os.fsdecode; value.encode('utf-8', 'surrogatepass') takes any), or create "
+            "the store with codec='pickle', which pickles such a str"}
+        with plain.batch():
+            with pytest.raises(shmkit.InvalidValueError):
+                plain["k"] = "a\udc80"
+            plain["in-batch"] = "x"
+        assert dict(plain.items()) == {"keep": "kept", "in-batch": "x"}
+        pickled["k"] = "a\udc80b"
+        pickled.update({"u": "\ud800"})
+        assert pickled["k"] == "a\udc80b" and pickled.get_many(["u"]) == ["\ud800"]
+        pickled["k"] = "plain text"  # an encodable str is stored as text, as before
+        assert pickled["k"] == "plain text"
+    finally:
+        for st in (plain, pickled):
+            st.unlink()
+            st.close()
+
+
 def test_a_buffer_of_python_objects_is_refused_by_every_copy_into_on_either_backend(
         any_ns: Any) -> None:
     """recv_into and get_into copy raw bytes: into a numpy array of objects

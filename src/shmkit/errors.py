@@ -192,6 +192,13 @@ class InvalidKeyError(ShmkitError, ValueError):
     cause, and is a ``ValueError`` as that is."""
 
 
+class InvalidValueError(ShmkitError, ValueError):
+    """A str value a store without ``codec="pickle"`` cannot hold: a str is
+    stored as its UTF-8 bytes, which a lone surrogate has none of (a store
+    with ``codec="pickle"`` pickles such a str).  The codec's
+    ``UnicodeEncodeError`` is its cause."""
+
+
 # --- heap ---
 
 

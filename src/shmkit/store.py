@@ -41,6 +41,7 @@ from ._object import DEFAULT, SharedObject, attach_segment, check_common, mismat
 from .errors import (
     CorruptError,
     FormatVersionError,
+    InvalidValueError,
     MismatchError,
     OutOfSpaceError,
     OwnerDiedWarning,
@@ -86,7 +87,29 @@ def _encode_array(value: Any) -> tuple[int, bytes, Any] | None:
     return (_VT_NDARRAY, head, body)
 
 
+def _unencodable_str(value: str) -> InvalidValueError:
+    """The error for a str value UTF-8 cannot encode (a lone surrogate), in a
+    store without codec="pickle"; the codec's error is its cause."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        err = InvalidValueError(
+            f"str value {value!r:.80} cannot be stored: its character "
+            f"{value[e.start]!r} at position {e.start} is a lone surrogate, which UTF-8 "
+            "cannot encode; store it as bytes (os.fsencode(value) undoes os.fsdecode; "
+            "value.encode('utf-8', 'surrogatepass') takes any), or create the store with "
+            "codec='pickle', which pickles such a str")
+        err.__cause__ = e
+        return err
+    raise AssertionError("an encodable str")  # (only called once encoding failed)
+
+
 def _encode_plain(value: Any) -> tuple[int, bytes | None, Any]:
+    """A value the core does not encode itself, in a store without
+    codec="pickle": a numpy array (also a str that UTF-8 cannot encode,
+    which is refused)."""
+    if type(value) is str:
+        raise _unencodable_str(value)
     mod = type(value).__module__
     if mod == "numpy":
         enc = _encode_array(value)
@@ -96,6 +119,9 @@ def _encode_plain(value: Any) -> tuple[int, bytes | None, Any]:
 
 
 def _encode_pickle(value: Any) -> tuple[int, bytes | None, Any]:
+    """A value the core does not encode itself, in a store with
+    codec="pickle": a numpy array as the plain store has it, anything else
+    (a str UTF-8 cannot encode too) pickled."""
     if type(value).__module__ == "numpy":
         enc = _encode_array(value)
         if enc is not None:

@@ -353,11 +353,10 @@ val_encode(TableObject *t, PyObject *o, TVal *v)
         v->type = VT_BYTES;
         v->p = PyBytes_AS_STRING(o);
         v->n = PyBytes_GET_SIZE(o);
-    } else if (tp == &PyUnicode_Type) {
+    } else if (tp == &PyUnicode_Type && (v->p = PyUnicode_AsUTF8AndSize(o, &v->n)) != NULL) {
         v->type = VT_STR;
-        v->p = PyUnicode_AsUTF8AndSize(o, &v->n);
-        if (v->p == NULL)
-            return -1;
+    } else if (tp == &PyUnicode_Type && !PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+        return -1; /* (no memory) */
     } else if (o == Py_True || o == Py_False) {
         v->type = o == Py_True ? VT_TRUE : VT_FALSE;
     } else if (o == Py_None) {
@@ -381,6 +380,9 @@ val_encode(TableObject *t, PyObject *o, TVal *v)
         v->p = v->small;
         v->n = 8;
     } else {
+        /* (also a str UTF-8 cannot encode: the hook pickles it, or refuses it
+         * with InvalidValueError) */
+        PyErr_Clear();
         if (t->encode_hook == NULL || t->encode_hook == Py_None) {
             PyErr_Format(ST(t)->UnsupportedTypeError,
                          "cannot store a %.100s value", tp->tp_name);

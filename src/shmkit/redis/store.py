@@ -181,10 +181,16 @@ def encode_value(value: Any, pickled: bool) -> bytes:
     """The hash value of ``value``: its VT_* byte and the record's value bytes."""
     t = type(value)
     out: bytes
+    text = None
+    if t is str:
+        try:
+            text = value.encode("utf-8")
+        except UnicodeEncodeError:  # (a lone surrogate: pickled, or refused, as locally)
+            pass
     if t is bytes:
         out = _VALUE_BYTES[VT_BYTES] + value
-    elif t is str:
-        out = _VALUE_BYTES[VT_STR] + value.encode("utf-8")
+    elif text is not None:
+        out = _VALUE_BYTES[VT_STR] + text
     elif value is True:
         return _VALUE_BYTES[VT_TRUE]
     elif value is False:
