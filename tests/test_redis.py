@@ -481,14 +481,17 @@ def test_a_buffer_of_python_objects_is_refused_by_every_copy_into_on_either_back
     (or with an object field) they would overwrite its references, and the
     process crashed when the array was next read or freed.  Each refuses it
     before taking anything: the message stays next, the value stays stored,
-    and the array keeps its objects."""
+    and the array keeps its objects.  numpy gives no buffer format for a
+    datetime64: its dtype says whether it holds objects, so a datetime
+    array is written into and one with an object field beside is not."""
     ch, st = any_ns.Channel("objects-ch"), any_ns.Store("objects-st")
     try:
         ch.send(b"\x01" * 24)
         st["v"] = b"\x01" * 24
         plain = np.zeros(3, dtype=[("Obj", "i8")])  # a field name holding the letter O
         for target in (np.array([object(), "s", 3], dtype=object),
-                       np.zeros(2, dtype=[("n", "i8"), ("o", "O")])):
+                       np.zeros(2, dtype=[("n", "i8"), ("o", "O")]),
+                       np.zeros(2, dtype=[("t", "M8[s]"), ("o", "O")])):
             before = target.copy()
             for call in (lambda: ch.recv_into(target, timeout=1),
                          lambda: st.get_into("v", target)):
@@ -498,6 +501,9 @@ def test_a_buffer_of_python_objects_is_refused_by_every_copy_into_on_either_back
             assert all(a is b or a == b for a, b in zip(before.tolist(), target.tolist()))
         assert st.get_into("v", plain) == 24
         assert ch.recv_into(plain, timeout=1) == 24 and plain.tobytes() == b"\x01" * 24
+        times = np.zeros(3, "M8[s]")
+        ch.send(b"\x01" * 24)
+        assert st.get_into("v", times) == 24 and ch.recv_into(times, timeout=1) == 24
     finally:
         for obj in (ch, st):
             obj.unlink()

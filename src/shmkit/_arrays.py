@@ -1,4 +1,5 @@
-"""A message as a numpy array (Channel and Subscriber ``recv_array``).
+"""A message as a numpy array (Channel and Subscriber ``recv_array``), and a
+buffer to copy one into (the Redis backend's ``recv_into`` and ``get_into``).
 
 The core checks the message's length against what the array needs before
 it takes the message (``_take_sized``), so that one that does not fit stays
@@ -11,6 +12,7 @@ import math
 import operator
 from typing import Any
 
+from . import _core
 from ._lazy import numpy
 from ._object import DEFAULT
 from .errors import LayoutMismatchError, SizeLimitError
@@ -46,6 +48,17 @@ def _same_shape(shape: Any, have: tuple[int, ...]) -> bool:
     """Is ``shape`` (-1 matching any one dimension) ``have``?"""
     dims = _dims(shape)
     return len(dims) == len(have) and all(d in (-1, h) for d, h in zip(dims, have))
+
+
+def writable_bytes(buffer: Any, call: str) -> memoryview:
+    """``buffer`` as a writable memoryview of bytes, for a copy into it;
+    TypeError naming ``call`` for a buffer raw bytes may not be written to
+    (read-only, not contiguous, of Python objects: the core's check)."""
+    _core.check_writable_bytes(buffer, call)
+    try:
+        return memoryview(buffer).cast("B")
+    except ValueError:  # numpy gives no format for a datetime64: view its bytes
+        return memoryview(buffer.reshape(-1).view(numpy().uint8))
 
 
 def array_fit(np: Any, dt: Any, shape: Any, what: str) -> tuple[int, int | None]:

@@ -964,21 +964,42 @@ format_has_objects(const char *f)
     return 0;
 }
 
+/* For an exporter that gives no format (numpy, for a dtype PEP 3118 cannot
+ * spell: datetime64, or a structure holding one): does o.dtype.hasobject
+ * say it holds Python objects?  Any failure to tell is a no. */
+static int
+dtype_has_objects(PyObject *o)
+{
+    PyObject *dt = PyObject_GetAttrString(o, "dtype");
+    PyObject *has = dt == NULL ? NULL : PyObject_GetAttrString(dt, "hasobject");
+    int r = has == NULL ? 0 : PyObject_IsTrue(has);
+    Py_XDECREF(dt);
+    Py_XDECREF(has);
+    PyErr_Clear();
+    return r > 0;
+}
+
 int
 shm_writable_bytes(PyObject *o, Py_buffer *b, const char *call)
 {
-    if (PyObject_GetBuffer(o, b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+    int objects;
+    if (PyObject_GetBuffer(o, b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0)
+        objects = format_has_objects(b->format);
+    else {
         PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s needs a writable, contiguous buffer (bytearray, "
-                     "memoryview, numpy array), not %.100s", call, Py_TYPE(o)->tp_name);
-        return -1;
+        if (PyObject_GetBuffer(o, b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s needs a writable, contiguous buffer (bytearray, "
+                         "memoryview, numpy array), not %.100s", call, Py_TYPE(o)->tp_name);
+            return -1;
+        }
+        objects = dtype_has_objects(o);
     }
-    if (format_has_objects(b->format)) {
-        PyErr_Format(PyExc_TypeError, "%s cannot write into a %.100s of Python objects "
-                     "(format %.40s): bytes written over its object references would "
-                     "crash the process; pass a buffer of bytes or numbers", call,
-                     Py_TYPE(o)->tp_name, b->format);
+    if (objects) {
         PyBuffer_Release(b);
+        PyErr_Format(PyExc_TypeError, "%s cannot write into a %.100s of Python objects: "
+                     "bytes written over its object references would crash the process; "
+                     "pass a buffer of bytes or numbers", call, Py_TYPE(o)->tp_name);
         return -1;
     }
     return 0;

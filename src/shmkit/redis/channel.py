@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import NoScriptError, ResponseError
 
 from .. import _core
+from .._arrays import writable_bytes
 from .._object import DEFAULT, _Default, given
 from ..sync import optional_seconds
 from ..errors import (
@@ -468,10 +469,9 @@ class Channel(RedisObject):
         unacknowledged: this handle's next receive gets it again (another handle
         after ``claim_idle``)."""
         try:  # checked before receiving: the message would be lost
-            _core.check_writable_bytes(buffer, "recv_into()")
+            out = writable_bytes(buffer, "recv_into()")
         except TypeError as e:
             raise UnsupportedTypeError(str(e)) from None
-        out = memoryview(buffer).cast("B")
         msg = self.recv(timeout)
         try:
             if len(msg) > len(out):

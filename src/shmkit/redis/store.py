@@ -45,6 +45,7 @@ from ..errors import (
     ValueTooLargeError,
     WrongKindError,
 )
+from .._arrays import writable_bytes
 from .._lazy import numpy
 from ..store import _VT_NDARRAY, _VT_PICKLE, _decode, _encode_pickle, _encode_plain
 from ._base import (
@@ -649,7 +650,7 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         when it is too small, UnsupportedTypeError for other value types.
         """
         self._live()
-        _core.check_writable_bytes(buffer, "get_into()")
+        out = writable_bytes(buffer, "get_into()")
         raw = self._raw(encode_key(key), self._open_batch())
         if raw is None:
             raise KeyError(key)
@@ -666,7 +667,6 @@ class Store(RedisObject, MutableMapping[_Key, Any]):
         else:
             raise UnsupportedTypeError(f"get_into(): the value of {key!r} is not bytes or a "
                                        "numpy array; get() it")
-        out = memoryview(buffer).cast("B")
         if len(body) > len(out):
             raise ValueTooLargeError(f"the value of {key!r} has {len(body)} bytes, more than "
                                      f"the buffer's {len(out)}; pass a larger buffer")
