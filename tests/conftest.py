@@ -293,3 +293,22 @@ def raising_handler() -> Iterator[None]:
     yield
     _core.fault(0)
     signal.signal(signal.SIGUSR1, old)
+
+
+def kept_through_two_interrupts(handle: Any, take_point: str,
+                                receive: Callable[[], Any]) -> None:
+    """``handle`` (a Channel or Subscriber, with the raising_handler
+    fixture) has m0, m1, m2 to receive.  recv_many(3), interrupted at
+    ``take_point`` as it takes them, keeps all three; ``receive``,
+    interrupted as it returns kept messages, keeps them too: all three come
+    next, in order."""
+    from shmkit import _core
+    _core.fault(1, take_point, signal=signal.SIGUSR1)
+    with pytest.raises(Interrupt):
+        handle.recv_many(3, timeout=1.0)
+    _core.fault(1, "kept.", signal=signal.SIGUSR1)
+    with pytest.raises(Interrupt):
+        receive()
+    _core.fault(0)
+    assert handle._kept == 3
+    assert handle.recv_many(5) == [b"m0", b"m1", b"m2"]

@@ -36,8 +36,8 @@ from shmkit.errors import (
     WrongKindError,
 )
 
-from conftest import (SRC, Interrupt, as_user, interrupt_at_bytecode, run_python, set_layout,
-                      spawn)
+from conftest import (SRC, Interrupt, as_user, interrupt_at_bytecode, kept_through_two_interrupts,
+                      run_python, set_layout, spawn)
 from conftest import fork_call as _fork, kill_wait as _kill
 
 # Ring header offsets (see _core/ring.c)
@@ -1275,18 +1275,10 @@ def test_a_receive_of_kept_messages_that_a_signal_handler_interrupts_keeps_them(
     receive does: an interrupt there leaves them kept, in order."""
     with Channel(name, capacity=4096) as ch:
         ch.send_many([b"m0", b"m1", b"m2"])
-        _core.fault(1, "ring.take.counters", signal=signal.SIGUSR1)
-        with pytest.raises(Interrupt):
-            ch.recv_many(3, timeout=1.0)
-        _core.fault(1, "kept.", signal=signal.SIGUSR1)
-        with pytest.raises(Interrupt):
-            if how == "recv_array":
-                ch.recv_array(np.uint8, timeout=1.0)
-            else:
-                _take(ch, how)
-        _core.fault(0)
-        assert ch._kept == 3
-        assert ch.recv_many(5) == [b"m0", b"m1", b"m2"]
+        kept_through_two_interrupts(
+            ch, "ring.take.counters",
+            lambda: ch.recv_array(np.uint8, timeout=1.0) if how == "recv_array"
+            else _take(ch, how))
 
 
 def test_a_view_interrupted_twice_while_a_peer_holds_the_consumers_lock_is_kept(name):

@@ -398,6 +398,16 @@ def test_timeouts_follow_one_rule_on_either_backend(any_ns: Any) -> None:
             o.close()
 
 
+def _refused_for_a_surrogate(call: Callable[[], Any], error: type) -> str:
+    """call raises error, a ValueError whose cause is the codec's
+    UnicodeEncodeError; its message."""
+    with pytest.raises(error) as ei:
+        call()
+    assert isinstance(ei.value, ValueError)
+    assert isinstance(ei.value.__cause__, UnicodeEncodeError)
+    return str(ei.value)
+
+
 def test_a_str_key_utf8_cannot_encode_is_refused_alike_on_either_backend(
         any_ns: Any) -> None:
     """A str key with a lone surrogate raises the same InvalidKeyError (a
@@ -412,11 +422,7 @@ def test_a_str_key_utf8_cannot_encode_is_refused_alike_on_either_backend(
                      lambda: "a\udc80" in st, lambda: st.get_many(["keep", "a\udc80"], None),
                      lambda: st.add("a\udc80", 1), lambda: st.pop("a\udc80", None),
                      lambda: st.update({"b": 1, "a\udc80": 2})):
-            with pytest.raises(shmkit.InvalidKeyError) as ei:
-                call()
-            assert isinstance(ei.value, ValueError)
-            assert isinstance(ei.value.__cause__, UnicodeEncodeError)
-            texts.add(str(ei.value))
+            texts.add(_refused_for_a_surrogate(call, shmkit.InvalidKeyError))
         assert texts == {
             "store key 'a\\udc80' cannot be stored: its character '\\udc80' at position 1 is "
             "a lone surrogate, which UTF-8 cannot encode; pass the key as bytes "
@@ -449,11 +455,7 @@ def test_a_str_value_utf8_cannot_encode_is_pickled_or_refused_alike_on_either_ba
         for call in (lambda: plain.__setitem__("k", "a\udc80"), lambda: plain.add("k", "a\udc80"),
                      lambda: plain.update({"k2": 1, "k": "a\udc80"}),
                      lambda: plain.setdefault("k", "a\udc80")):
-            with pytest.raises(shmkit.InvalidValueError) as ei:
-                call()
-            assert isinstance(ei.value, ValueError)
-            assert isinstance(ei.value.__cause__, UnicodeEncodeError)
-            texts.add(str(ei.value))
+            texts.add(_refused_for_a_surrogate(call, shmkit.InvalidValueError))
         assert texts == {
             "str value 'a\\udc80' cannot be stored: its character '\\udc80' at position 1 is "
             "a lone surrogate, which UTF-8 cannot encode; store it as bytes (os.fsencode(value) "

@@ -9,6 +9,7 @@ import struct
 import sys
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,7 +34,8 @@ from shmkit.errors import (
 )
 from shmkit.topic import Subscriber, Topic
 
-from conftest import Interrupt, interrupt_at_bytecode, run_python, spawn
+from conftest import (Interrupt, interrupt_at_bytecode, kept_through_two_interrupts,
+                      run_python, spawn)
 from conftest import fork_call as _fork, kill_wait as _kill
 
 L = _core.layouts["topic"]
@@ -347,6 +349,20 @@ def test_one_subscriber_is_not_shared_between_threads(name):
         assert errors and "another thread" in str(errors[0])
 
 
+def _take(sub: Any, how: str) -> object:
+    """One receive of the subscriber, of the kind ``how`` names."""
+    if how == "recv":
+        return sub.recv(timeout=1.0)
+    if how == "recv_nowait":
+        return sub.recv_nowait()
+    if how == "recv_many":
+        return sub.recv_many(2, timeout=1.0)
+    if how == "recv_array":
+        return sub.recv_array(np.uint8, timeout=1.0)
+    with sub.recv_view(timeout=1.0) as mv:
+        return bytes(mv)
+
+
 @pytest.mark.parametrize("how", ["recv", "recv_nowait", "recv_many"])
 @pytest.mark.parametrize("then", ["recv", "recv_many", "recv_view", "recv_array"])
 def test_a_signal_handler_raising_as_a_subscriber_copies_messages_loses_none(
@@ -363,10 +379,7 @@ def test_a_signal_handler_raising_as_a_subscriber_copies_messages_loses_none(
             """)
         _core.fault(1, "topic.recv.copied", signal=signal.SIGUSR1)
         with pytest.raises(Interrupt):
-            if how == "recv_many":
-                sub.recv_many(2, timeout=1.0)
-            else:
-                sub.recv(timeout=1.0) if how == "recv" else sub.recv_nowait()
+            _take(sub, how)
         _core.fault(0)
         assert sub._kept == (2 if how == "recv_many" else 1)
         got: list[bytes] = []
@@ -396,23 +409,7 @@ def test_a_receive_of_kept_messages_that_a_signal_handler_interrupts_keeps_them(
     with Topic(name, capacity=1 << 14) as topic, topic.subscribe() as sub:
         for m in (b"m0", b"m1", b"m2"):
             topic.publish(m)
-        _core.fault(1, "topic.recv.copied", signal=signal.SIGUSR1)
-        with pytest.raises(Interrupt):
-            sub.recv_many(3, timeout=1.0)
-        _core.fault(1, "kept.", signal=signal.SIGUSR1)
-        with pytest.raises(Interrupt):
-            if how == "recv_view":
-                with sub.recv_view(timeout=1.0):
-                    pass
-            elif how == "recv_array":
-                sub.recv_array(np.uint8, timeout=1.0)
-            elif how == "recv_many":
-                sub.recv_many(2, timeout=1.0)
-            else:
-                sub.recv(timeout=1.0) if how == "recv" else sub.recv_nowait()
-        _core.fault(0)
-        assert sub._kept == 3
-        assert sub.recv_many(5) == [b"m0", b"m1", b"m2"]
+        kept_through_two_interrupts(sub, "topic.recv.copied", lambda: _take(sub, how))
 
 
 def test_recv_array_interrupted_as_it_makes_the_array_keeps_the_message(name):

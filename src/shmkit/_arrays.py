@@ -121,6 +121,21 @@ def misfit(what: str, name: str | None, length: int, dt: Any, shape: Any, unit: 
         + ("an out= of its size" if out else "a dtype and shape that fit it"))
 
 
+def received_array(handle: Any, what: str, name: str | None, dtype: Any, shape: Any,
+                   timeout: float | None, out: Any = None) -> Any:
+    """recv_array of a Channel or a Subscriber (``handle``, whose messages
+    ``what`` names): the next message as an array, or into ``out``."""
+    np, dt, unit, nbytes = array_terms(dtype, shape, out, what)
+    view = handle._take_sized(timeout, unit, nbytes)
+    try:
+        return array_of(what, name, np, view, dt, shape, unit, nbytes, out)
+    except BaseException:
+        # the array was not made (no memory, a Ctrl-C): the message is kept
+        # for the next receive, in one call of the core
+        handle._keep(view)
+        raise
+
+
 def array_of(what: str, name: str | None, np: Any, view: Any, dt: Any, shape: Any,
              unit: int, nbytes: int | None, out: Any = None) -> Any:
     """recv_array's result from what ``_take_sized`` returned: the message's

@@ -840,7 +840,7 @@ class Channel(_channel.Channel):
         try:
             return array_of("channel", self.name, np, view, dt, shape, unit, nbytes, out)
         except BaseException:
-            self._keep(view)  # (as Channel.recv_array)
+            self._keep(view)  # (as _arrays.received_array)
             raise
 
     def __iter__(self) -> NoReturn:

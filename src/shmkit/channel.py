@@ -43,7 +43,7 @@ import types
 import weakref
 from typing import Any, Callable, Iterator
 
-from ._arrays import array_of, array_terms
+from ._arrays import received_array
 from . import _core
 from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
 from .errors import (
@@ -1412,15 +1412,7 @@ class Channel(SharedObject, _core.Ring):
         ...     ch.recv_array(np.int32, timeout=1.0).tolist()
         [0, 1, 2, 3]
         """
-        np, dt, unit, nbytes = array_terms(dtype, shape, out, "channel")
-        view = self._take_sized(timeout, unit, nbytes)
-        try:
-            return array_of("channel", self.name, np, view, dt, shape, unit, nbytes, out)
-        except BaseException:
-            # the array was not made (no memory, a Ctrl-C): the message is
-            # kept for the next receive, in one call of the core
-            self._keep(view)
-            raise
+        return received_array(self, "channel", self.name, dtype, shape, timeout, out)
 
     # -- iteration and ending --------------------------------------------------
 

@@ -28,7 +28,7 @@ import os
 import weakref
 from typing import Any, Callable, Iterator
 
-from ._arrays import array_of, array_terms
+from ._arrays import received_array
 from ._lazy import numpy
 from . import _core
 from ._object import DEFAULT, SharedObject, attach_segment, check_common, given, mismatch
@@ -124,15 +124,7 @@ class Subscriber(_core.TopicSubscriber):
         ...     sub.recv_array(np.int32, timeout=1.0).tolist()
         [0, 1, 2]
         """
-        np, dt, unit, nbytes = array_terms(dtype, shape, None, "topic")
-        view = self._take_sized(timeout, unit, nbytes)
-        try:
-            return array_of("topic", self.topic_name, np, view, dt, shape, unit, nbytes)
-        except BaseException:
-            # the array was not made (no memory, a Ctrl-C): the message is
-            # kept for the next receive, in one call of the core
-            self._keep(view)
-            raise
+        return received_array(self, "topic", self.topic_name, dtype, shape, timeout)
 
     def __iter__(self) -> Iterator[bytes]:
         return self

@@ -600,21 +600,13 @@ slow_acquire(LockObject *self, int64_t deadline)
     return r;
 }
 
-static PyObject *lock_release(LockObject *self, PyObject *Py_UNUSED(ignored));
-
-static int
-release_held(PyObject *self)
-{
-    PyObject *r = lock_release((LockObject *)self, NULL);
-    Py_XDECREF(r);
-    return r == NULL ? -1 : 0;
-}
+static PyObject *lock_release(PyObject *obj, PyObject *Py_UNUSED(ignored));
 
 static PyObject *
 lock_acquire(LockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     if (nargs == 0 && kwnames == NULL) {
-        int r = shm_sync_acquired((PyObject *)self, try_fast(self), release_held);
+        int r = shm_sync_acquired((PyObject *)self, try_fast(self), lock_release);
         if (r < 0)
             return NULL;
         if (r > 0)
@@ -626,7 +618,7 @@ lock_acquire(LockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject
     int64_t deadline = shm_sync_deadline(blocking, timeout);
     if (deadline < 0)
         return NULL;
-    int r = shm_sync_acquired((PyObject *)self, slow_acquire(self, deadline), release_held);
+    int r = shm_sync_acquired((PyObject *)self, slow_acquire(self, deadline), lock_release);
     if (r < 0)
         return NULL;
     return PyBool_FromLong(r);
@@ -644,8 +636,9 @@ lock_enter(PyObject *obj, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED
 }
 
 static PyObject *
-lock_release(LockObject *self, PyObject *Py_UNUSED(ignored))
+lock_release(PyObject *obj, PyObject *Py_UNUSED(ignored))
 {
+    LockObject *self = (LockObject *)obj;
     uint32_t *word = word_fast(self);
     if (word == NULL && (word = shm_addr(self->mapping, self->offset, 4, 1)) == NULL)
         return NULL;
@@ -657,7 +650,7 @@ lock_release(LockObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 lock_exit(PyObject *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
 {
-    return lock_release((LockObject *)self, NULL);
+    return lock_release(self, NULL);
 }
 
 static const shm_special_def lock_specials[] = {
@@ -701,7 +694,7 @@ static PyMethodDef lock_methods[] = {
      "acquire(blocking=True, timeout=None) -> bool\n\n"
      "Take the lock; False if the timeout passed first.  If its holder died,\n"
      "the lock is taken over, OwnerDiedWarning is issued and .recovered is True."},
-    {"release", (PyCFunction)lock_release, METH_NOARGS, "release($self, /)\n--\n\n"},
+    {"release", lock_release, METH_NOARGS, "release($self, /)\n--\n\n"},
     {"locked", (PyCFunction)lock_locked, METH_NOARGS, "locked($self, /)\n--\n\n"
      "locked() -> bool"},
     {NULL}

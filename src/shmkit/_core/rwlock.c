@@ -501,27 +501,14 @@ timeout_deadline(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, con
     return shm_sync_deadline(NULL, timeout);
 }
 
-static PyObject *py_release_read(RWObject *self, PyObject *Py_UNUSED(ignored));
-
-static int
-release_read_held(PyObject *self)
-{
-    PyObject *r = py_release_read((RWObject *)self, NULL);
-    Py_XDECREF(r);
-    return r == NULL ? -1 : 0;
-}
-
-static int
-release_write_held(PyObject *self)
-{
-    return release_write((RWObject *)self);
-}
+static PyObject *py_release_read(PyObject *obj, PyObject *Py_UNUSED(ignored));
+static PyObject *py_release_write(PyObject *obj, PyObject *Py_UNUSED(ignored));
 
 /* acquire_read() and acquire_write(): parse the timeout, call fn pinned;
  * a signal's handler that raises as it returns gets the hold released. */
 static PyObject *
 timed_acquire(RWObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-              const char *sig, int (*fn)(RWObject *, int64_t), int (*release)(PyObject *))
+              const char *sig, int (*fn)(RWObject *, int64_t), PyCFunction release)
 {
     int64_t deadline = timeout_deadline(args, nargs, kwnames, sig);
     if (deadline < 0 || self->mapping == NULL)
@@ -537,19 +524,20 @@ static PyObject *
 py_acquire_read(RWObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     return timed_acquire(self, args, nargs, kwnames, "acquire_read()", acquire_read,
-                         release_read_held);
+                         py_release_read);
 }
 
 static PyObject *
 py_acquire_write(RWObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     return timed_acquire(self, args, nargs, kwnames, "acquire_write()", acquire_write,
-                         release_write_held);
+                         py_release_write);
 }
 
 static PyObject *
-py_release_read(RWObject *self, PyObject *Py_UNUSED(ignored))
+py_release_read(PyObject *obj, PyObject *Py_UNUSED(ignored))
 {
+    RWObject *self = (RWObject *)obj;
     RW r;
     if (rw_bind(self, &r) < 0)
         return NULL;
@@ -564,9 +552,9 @@ py_release_read(RWObject *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
-py_release_write(RWObject *self, PyObject *Py_UNUSED(ignored))
+py_release_write(PyObject *obj, PyObject *Py_UNUSED(ignored))
 {
-    if (release_write(self) < 0)
+    if (release_write((RWObject *)obj) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -587,14 +575,14 @@ static PyMethodDef rw_methods[] = {
      METH_FASTCALL | METH_KEYWORDS,
      "acquire_read($self, /, timeout=None)\n--\n\n"
      "acquire_read(timeout=None) -> bool\n\nTake a read hold; False if timeout passes first."},
-    {"release_read", (PyCFunction)py_release_read, METH_NOARGS,
+    {"release_read", py_release_read, METH_NOARGS,
      "release_read($self, /)\n--\n\nDrop one read hold of this process."},
     {"acquire_write", (PyCFunction)(void (*)(void))py_acquire_write,
      METH_FASTCALL | METH_KEYWORDS,
      "acquire_write($self, /, timeout=None)\n--\n\n"
      "acquire_write(timeout=None) -> bool\n\nTake the write hold; False if timeout passes "
      "first."},
-    {"release_write", (PyCFunction)py_release_write, METH_NOARGS,
+    {"release_write", py_release_write, METH_NOARGS,
      "release_write($self, /)\n--\n\nDrop the write hold."},
     {"_write_begin", (PyCFunction)py_write_begin, METH_O,
      "_write_begin($self, ticket, /)\n--\n\n"

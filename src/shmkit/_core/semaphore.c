@@ -390,10 +390,13 @@ sem_acquire_pinned(SemObject *self, int64_t deadline)
     return r;
 }
 
-static int
-release_unit(PyObject *self)
+/* release() of one unit, as a method without arguments (shm_sync_acquired) */
+static PyObject *
+release_unit(PyObject *self, PyObject *Py_UNUSED(ignored))
 {
-    return sem_release((SemObject *)self, 1);
+    if (sem_release((SemObject *)self, 1) < 0)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 static PyObject *

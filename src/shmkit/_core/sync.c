@@ -82,7 +82,7 @@ shm_sync_footprint_of(PyObject *max_slots, uint64_t table)
 }
 
 int
-shm_sync_acquired(PyObject *self, int held, int (*release)(PyObject *self))
+shm_sync_acquired(PyObject *self, int held, PyCFunction release)
 {
     if (held <= 0)
         return held;
@@ -91,8 +91,10 @@ shm_sync_acquired(PyObject *self, int held, int (*release)(PyObject *self))
         return held;
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
-    if (release(self) < 0)
+    PyObject *done = release(self, NULL);
+    if (done == NULL)
         PyErr_Clear(); /* (a damaged word, reported by the next acquire) */
+    Py_XDECREF(done);
     PyErr_Restore(et, ev, tb);
     return -1;
 }

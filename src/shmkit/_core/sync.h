@@ -244,10 +244,10 @@ PyObject *shm_sync_footprint_of(PyObject *max_slots, uint64_t table);
  * signals.  Python runs a handler as a C call returns, in the caller,
  * before the result is stored, so a KeyboardInterrupt raised there would
  * leave the hold taken with no one to release it.  A handler that raises
- * gets the hold given back first, by release(self); then -1.  Else held.
- * (`with` needs none of this: a raise after __enter__ is inside the block,
- * and __exit__ releases.) */
-int shm_sync_acquired(PyObject *self, int held, int (*release)(PyObject *self));
+ * gets the hold given back first, by the type's own release method,
+ * release(self, NULL); then -1.  Else held.  (`with` needs none of this: a
+ * raise after __enter__ is inside the block, and __exit__ releases.) */
+int shm_sync_acquired(PyObject *self, int held, PyCFunction release);
 
 /* Deadline from acquire(blocking=True, timeout=None) arguments: nowait is 0,
  * None and -1 (threading.Lock's "forever") are SHM_FOREVER.  -1 on error. */
